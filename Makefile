@@ -1,0 +1,49 @@
+# NovaCron's set-up lives here. The README's two commands:
+#   make demo   coordinator + two agents + a real guest live-migrated between them
+#   make test   the whole test suite (lint, types, unit, property, integration, e2e)
+# Both install what they need first; re-running is quick when nothing changed.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMPS := build/stamps
+PYTEST_ARGS ?=
+
+# Sources whose change means the package must be rebuilt.
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd native/*.h)
+
+# Extra things the suite and the demo need (guest image, npm packages); later
+# sections append to these.
+TEST_ASSETS :=
+DEMO_ASSETS :=
+
+.PHONY: demo test lint typecheck system-deps venv clean
+
+$(STAMPS)/system-deps: tools/system-packages.txt tools/install-system-deps
+	tools/install-system-deps tools/system-packages.txt
+	@mkdir -p $(STAMPS) && touch $@
+
+system-deps: $(STAMPS)/system-deps
+
+$(STAMPS)/venv: $(BUILD_INPUTS) $(STAMPS)/system-deps
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip setuptools wheel "Cython>=3.0.8" "numpy>=1.26"
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	@mkdir -p $(STAMPS) && touch $@
+
+venv: $(STAMPS)/venv
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+typecheck: venv
+	PYTHON=$(PY) tools/typecheck
+
+test: venv lint typecheck $(TEST_ASSETS)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv $(DEMO_ASSETS)
+	$(VENV)/bin/novacron demo
+
+clean:
+	rm -rf build $(VENV) *.egg-info native/*.c native/*.so

@@ -1,0 +1,1 @@
+"""The per-host agent: runs VMs under QEMU and live-migrates them."""

@@ -1,0 +1,23 @@
+"""Settings of ``novacron-agent`` (TOML file, ``NOVACRON_AGENT_*`` env, flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_PREFIX = "NOVACRON_AGENT"
+DEFAULT_CONFIG = Path("/etc/novacron/agent.toml")
+
+
+@dataclass
+class AgentConfig:
+    host: str = "127.0.0.1"  # address of the HTTP API
+    port: int = 7700
+    data_port: int = 7701  # agent-to-agent migration channel (TCP)
+    state_dir: Path = Path("/var/lib/novacron/agent")
+    token: str = ""  # bearer token required on the HTTP API
+    cluster_secret: str = ""  # authenticates agent-to-agent channels
+    name: str = ""  # host name reported to the coordinator (default: hostname)
+    coordinator_url: str = ""  # register and heartbeat here when set
+    coordinator_token: str = ""
+    log_level: str = "info"

@@ -1,0 +1,1 @@
+"""The coordinator: fleet state, REST API, scheduler, classifier, MCP bridge."""

@@ -1,0 +1,1 @@
+"""Bundled models (the ONNX task classifier) and the data they were trained on."""

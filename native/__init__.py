@@ -1,0 +1,1 @@
+"""Cython kernels of the transfer path (dirty tracking, dedup, page-stream codec)."""

@@ -1,0 +1,1 @@
+"""The ``novacron`` command line: one module per command group."""

@@ -1,0 +1,54 @@
+"""``novacron bench NAME``: the one entry point for every benchmark.
+
+Benchmarks are the modules of ``novacron.bench`` (except helpers whose name
+starts with ``_`` and ``report``); each exposes ``DESCRIPTION``,
+``add_arguments(parser)`` and ``run(args) -> Report``. They are imported only
+when chosen, so the CLI stays quick to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import novacron.bench
+
+
+def available() -> list[str]:
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(novacron.bench.__path__)
+        if not m.name.startswith("_") and m.name != "report"
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    names = available()
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark and print figures beside a reference",
+        description="Benchmarks: " + (", ".join(names) or "(none installed)")
+        + ". Run 'novacron bench NAME --help' for a benchmark's options.",
+    )
+    p.add_argument("name", metavar="NAME", help="one of: " + ", ".join(names))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = available()
+    if args.name not in names:
+        print(f"novacron bench: unknown benchmark {args.name!r}; choose from: {', '.join(names)}",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"novacron.bench.{args.name}")
+    parser = argparse.ArgumentParser(prog=f"novacron bench {args.name}", description=module.DESCRIPTION)
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    module.add_arguments(parser)
+    bench_args = parser.parse_args(args.rest)
+    bench_args.settings = args.settings
+    report = module.run(bench_args)
+    report.print(json_output=bench_args.json)
+    return 0

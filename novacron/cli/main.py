@@ -1,0 +1,76 @@
+"""Entry point of the ``novacron`` CLI.
+
+Each command group lives in its own module under ``novacron.cli`` and exposes
+``register(subparsers)``; the handler it sets as ``func`` returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+from novacron import __version__, config, logs
+
+# Command-group modules, in the order their commands appear in --help.
+COMMAND_MODULES = [
+    "novacron.cli.bench",
+]
+
+
+@dataclass
+class CliConfig:
+    """Where the CLI finds the coordinator (file: ~/.config/novacron/cli.toml)."""
+
+    server: str = "http://127.0.0.1:7800"
+    token: str = ""
+    log_level: str = "warning"
+
+
+ENV_PREFIX = "NOVACRON"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="novacron",
+        description="Drive a NovaCron fleet: hosts, VMs, live migration, placement, tasks.",
+    )
+    parser.add_argument("--version", action="version", version=f"novacron {__version__}")
+    parser.add_argument("--config", help="TOML config file (default ~/.config/novacron/cli.toml)")
+    parser.add_argument("--server", dest="cfg__server", help="coordinator URL ($NOVACRON_SERVER)")
+    parser.add_argument("--token", dest="cfg__token", help="API token ($NOVACRON_TOKEN)")
+    parser.add_argument("--log-level", dest="cfg__log_level", help="log level (default warning)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> CliConfig:
+    from pathlib import Path
+
+    default = Path.home() / ".config" / "novacron" / "cli.toml"
+    return config.load_or_exit(
+        CliConfig, args, prog="novacron", env_prefix=ENV_PREFIX, default_path=default
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    args.settings = load_config(args)
+    logs.setup(args.settings.log_level, fmt="text")
+    logs.register_secret(args.settings.token)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

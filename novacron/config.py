@@ -1,0 +1,231 @@
+"""Layered configuration: dataclass schema <- TOML file <- environment <- flags.
+
+Every daemon and the CLI describe their settings as (nested) dataclasses. A
+bad value anywhere produces one :class:`ConfigError` line that names the
+source (file, environment variable or flag), the key and the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source, self.key, self.problem = source, key, problem
+        super().__init__(f"{source}: key '{key}': {problem}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+
+
+def _coerce(tp: Any, value: Any, *, from_text: bool) -> Any:
+    """Convert ``value`` to ``tp``; raise ValueError with a readable reason."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) != len(typing.get_args(tp))
+        if optional and (value is None or (from_text and value == "")):
+            return None
+        return _coerce(args[0], value, from_text=from_text)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (str,)
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        return [_coerce(item, v, from_text=from_text) for v in value]
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip(), 0)
+            except ValueError:
+                pass
+        raise ValueError(f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)) and str(value):
+            return Path(value).expanduser()
+        raise ValueError(f"expected a path, got {value!r}")
+    raise ValueError(f"unsupported setting type {tp!r}")
+
+
+def _leaves(cls: type, prefix: tuple[str, ...] = ()) -> typing.Iterator[tuple[tuple[str, ...], Any]]:
+    for name, tp in _field_types(cls).items():
+        if _is_section(tp):
+            yield from _leaves(tp, (*prefix, name))
+        else:
+            yield (*prefix, name), tp
+
+
+def _build(cls: type[T], values: dict[str, Any]) -> T:
+    kwargs = {}
+    for name, tp in _field_types(cls).items():
+        if _is_section(tp):
+            kwargs[name] = _build(tp, values.get(name, {}))
+        elif name in values:
+            kwargs[name] = values[name]
+    return cls(**kwargs)
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _from_file(cls: type, path: Path) -> dict[str, Any]:
+    source = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(source, "-", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(source, "-", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "-", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "-", f"invalid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+
+    def walk(section_cls: type, data: dict[str, Any], prefix: tuple[str, ...]) -> None:
+        hints = _field_types(section_cls)
+        for key, value in data.items():
+            dotted = ".".join((*prefix, key))
+            if key not in hints:
+                known = ", ".join(sorted(hints))
+                raise ConfigError(source, dotted, f"unknown key (known here: {known})")
+            tp = hints[key]
+            if _is_section(tp):
+                if not isinstance(value, dict):
+                    raise ConfigError(source, dotted, "expected a [section] table")
+                walk(tp, value, (*prefix, key))
+                continue
+            try:
+                _set(out, (*prefix, key), _coerce(tp, value, from_text=False))
+            except ValueError as exc:
+                raise ConfigError(source, dotted, str(exc)) from None
+
+    walk(cls, raw, ())
+    return out
+
+
+def env_name(prefix: str, path: tuple[str, ...]) -> str:
+    return "_".join((prefix, *path)).upper().replace("-", "_")
+
+
+def flag_name(path: tuple[str, ...]) -> str:
+    return "--" + "-".join(path).replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--section-key`` flag per setting; unset flags stay ``None``."""
+    group = parser.add_argument_group("settings (override the config file and environment)")
+    for path, _tp in _leaves(cls):
+        dest = "cfg__" + "__".join(path)
+        group.add_argument(flag_name(path), dest=dest, default=None, metavar=path[-1].upper())
+
+
+def load(
+    cls: type[T],
+    *,
+    path: Path | None = None,
+    env_prefix: str,
+    args: argparse.Namespace | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> T:
+    """Build ``cls`` from defaults, then the TOML file, environment and flags."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = _from_file(cls, path) if path is not None else {}
+    for leaf, tp in _leaves(cls):
+        name = env_name(env_prefix, leaf)
+        if name in environ:
+            try:
+                _set(values, leaf, _coerce(tp, environ[name], from_text=True))
+            except ValueError as exc:
+                raise ConfigError(f"environment {name}", ".".join(leaf), str(exc)) from None
+        if args is not None:
+            raw = getattr(args, "cfg__" + "__".join(leaf), None)
+            if raw is not None:
+                try:
+                    _set(values, leaf, _coerce(tp, raw, from_text=True))
+                except ValueError as exc:
+                    raise ConfigError(f"flag {flag_name(leaf)}", ".".join(leaf), str(exc)) from None
+    try:
+        return _build(cls, values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(path or "settings"), "-", str(exc)) from None
+
+
+def config_path(args: argparse.Namespace, env_prefix: str, default: Path | None = None) -> Path | None:
+    """The config file: ``--config``, else ``$PREFIX_CONFIG``, else ``default`` if it exists."""
+    if getattr(args, "config", None):
+        return Path(args.config)
+    env = os.environ.get(f"{env_prefix.upper()}_CONFIG")
+    if env:
+        return Path(env)
+    if default is not None and default.exists():
+        return default
+    return None
+
+
+def load_or_exit(
+    cls: type[T],
+    args: argparse.Namespace,
+    *,
+    prog: str,
+    env_prefix: str,
+    default_path: Path | None = None,
+) -> T:
+    """``load`` for entry points: a bad config prints one line and exits 2."""
+    try:
+        return load(cls, path=config_path(args, env_prefix, default_path), env_prefix=env_prefix, args=args)
+    except ConfigError as exc:
+        raise SystemExit(f"{prog}: config error: {exc}") from None
