@@ -16,6 +16,11 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd nat
 # sections append to these.
 TEST_ASSETS :=
 DEMO_ASSETS :=
+# (appends must come before the test/demo rules: prerequisites expand when read)
+TEST_ASSETS += guest
+DEMO_ASSETS += guest
+TEST_ASSETS += claude-flow
+DEMO_ASSETS += claude-flow
 
 .PHONY: demo test lint typecheck system-deps venv clean
 
@@ -47,3 +52,15 @@ demo: venv $(DEMO_ASSETS)
 
 clean:
 	rm -rf build $(VENV) *.egg-info native/*.c native/*.so
+
+# The test guest (kernel from linux-image-amd64, busybox initramfs, our workload),
+# cached under ${XDG_CACHE_HOME:-~/.cache}/novacron/guest/; a no-op when cached.
+.PHONY: guest
+guest: venv
+	$(PY) -m novacron.agent.guest build
+
+# claude-flow MCP server for the MCP bridge (pinned by coordinator/mcp/node/package-lock.json;
+# cached under ~/.cache/novacron/claude-flow/<hash>, so re-runs are instant).
+.PHONY: claude-flow
+claude-flow:
+	@coordinator/mcp/node/install >/dev/null

@@ -92,6 +92,7 @@ setup(
         "novacron.native": ["*.pyx", "*.pxd", "*.h"],
         "novacron.models": ["*.onnx", "*.json", "*.jsonl"],
         "novacron": ["py.typed"],
+        "novacron.agent.guest": ["workload.c", "init.sh"],
     },
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 ENV_PREFIX = "NOVACRON_AGENT"
 DEFAULT_CONFIG = Path("/etc/novacron/agent.toml")
@@ -21,3 +22,11 @@ class AgentConfig:
     coordinator_url: str = ""  # register and heartbeat here when set
     coordinator_token: str = ""
     log_level: str = "info"
+    # auto: boot-probe KVM (a /dev/kvm that exists may still hang guests);
+    # tcg: never use KVM; kvm: trust KVM without probing
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    # where the KVM probe's answer is cached (empty: ~/.cache/novacron/accel-probe.json)
+    accel_cache: str = ""
+    # on exit, "keep" leaves VMs running for the next agent to adopt; "stop" powers them off
+    vms_on_exit: Literal["keep", "stop"] = "keep"
+    qemu_binary: str = "qemu-system-x86_64"

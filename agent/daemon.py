@@ -1,39 +1,98 @@
-"""Agent process lifecycle: build the HTTP API and serve until signalled."""
+"""Agent process lifecycle: state dir, VM manager, the HTTP API; serve until signalled."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import json
 import logging
+import os
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
+from novacron.agent.api import setup_routes
+from novacron.agent.api.common import auth_middleware, error_middleware
+from novacron.agent.appkeys import ACCEL, CONFIG, VMS
 from novacron.agent.config import AgentConfig
+from novacron.agent.vm.accel import AccelDetector, AccelInfo
+from novacron.agent.vm.manager import VMManager
 
 log = logging.getLogger("novacron.agent")
 
+ENDPOINT_FILE = "endpoint.json"  # written once listening: the real port (port = 0 picks one)
 
-def build_app(cfg: AgentConfig) -> web.Application:
-    app = web.Application()
 
-    async def health(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+class ForcedAccel(AccelDetector):
+    """Config said kvm or tcg: skip the probe and report what was configured."""
 
-    app.router.add_get("/v1/health", health)
+    def __init__(self, use_kvm: bool) -> None:
+        super().__init__()
+        present = Path("/dev/kvm").exists()
+        self._info = AccelInfo(present, use_kvm, f"accel = {'kvm' if use_kvm else 'tcg'} in the agent config")
+
+
+def default_accel_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "novacron" / "accel-probe.json"
+
+
+def make_accel(cfg: AgentConfig) -> AccelDetector:
+    if cfg.accel != "auto":
+        return ForcedAccel(cfg.accel == "kvm")
+    return AccelDetector(cache_file=Path(cfg.accel_cache) if cfg.accel_cache else default_accel_cache())
+
+
+def build_app(cfg: AgentConfig, vms: VMManager, accel: AccelDetector) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware(cfg.token)])
+    app[CONFIG] = cfg
+    app[VMS] = vms
+    app[ACCEL] = accel
+    modules = setup_routes(app)
+    log.debug("routes registered", extra={"modules": modules})
     return app
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"novacron-agent: another agent is using the state dir {state_dir}") from None
+    return fd
 
 
 async def serve(cfg: AgentConfig) -> None:
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    runner = web.AppRunner(build_app(cfg))
+    lock_fd = _lock_state_dir(cfg.state_dir)
+    accel = make_accel(cfg)
+    vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary)
+    await vms.load()
+    probe = asyncio.create_task(accel.detect(), name="accel probe")  # warm the answer for /v1/host
+    runner = web.AppRunner(build_app(cfg, vms, accel), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, cfg.host, cfg.port).start()
-    log.info("agent listening", extra={"host": cfg.host, "port": cfg.port})
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else cfg.port
+    endpoint = cfg.state_dir / ENDPOINT_FILE
+    endpoint.write_text(json.dumps({"host": cfg.host, "port": port, "data_port": cfg.data_port, "pid": os.getpid()}))
+    log.info("agent listening", extra={"host": cfg.host, "port": port, "state_dir": str(cfg.state_dir)})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        log.info("agent shutting down", extra={"vms_on_exit": cfg.vms_on_exit})
     finally:
+        probe.cancel()
+        with contextlib.suppress(BaseException):
+            await probe
         await runner.cleanup()
+        await vms.shutdown(stop_vms=cfg.vms_on_exit == "stop")
+        with contextlib.suppress(OSError):
+            endpoint.unlink()
+        os.close(lock_fd)

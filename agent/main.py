@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load_or_exit(
         AgentConfig, args, prog="novacron-agent", env_prefix=ENV_PREFIX, default_path=DEFAULT_CONFIG
     )
+    if not cfg.token:
+        raise SystemExit(
+            "novacron-agent: config error: settings: key 'token': required "
+            f"(set it in the config file or ${ENV_PREFIX}_TOKEN)"
+        )
     logs.setup(cfg.log_level)
     logs.register_secret(cfg.token)
     logs.register_secret(cfg.cluster_secret)

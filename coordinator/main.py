@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(cfg.log_level)
     logs.register_secret(cfg.admin_token)
     logs.register_secret(cfg.agent_token)
-    from novacron.coordinator.service import serve
+    from novacron.coordinator.service import ConfigProblem, check_config, serve
 
+    try:
+        check_config(cfg)
+    except ConfigProblem as exc:
+        raise SystemExit(f"novacron-coordinator: config error: {exc}") from None
     try:
         asyncio.run(serve(cfg))
     except KeyboardInterrupt:

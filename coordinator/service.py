@@ -3,32 +3,103 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from novacron import __version__
+from novacron.coordinator.agent_client import AgentClient
+from novacron.coordinator.api import load_route_modules
+from novacron.coordinator.api.auth import make_auth_middleware
+from novacron.coordinator.api.errors import error_middleware
+from novacron.coordinator.api.health import OPENAPI_DOC
+from novacron.coordinator.api.keys import AGENTS, CONFIG, EVENTS, MIGRATIONS, PLACER, STORE
+from novacron.coordinator.api.openapi import add_routes, build_document
 from novacron.coordinator.config import CoordinatorConfig
+from novacron.coordinator.events import EventHub
+from novacron.coordinator.migrations import MigrationManager
+from novacron.coordinator.placement import Placer, most_free_memory
+from novacron.coordinator.store import Store, open_store
 
 log = logging.getLogger("novacron.coordinator")
 
 
-def build_app(cfg: CoordinatorConfig) -> web.Application:
-    app = web.Application()
+class ConfigProblem(Exception):
+    pass
 
-    async def health(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
-    app.router.add_get("/api/v1/health", health)
+def check_config(cfg: CoordinatorConfig) -> None:
+    if not cfg.admin_token:
+        raise ConfigProblem("admin_token is required (NOVACRON_COORDINATOR_ADMIN_TOKEN)")
+    if not cfg.agent_token:
+        raise ConfigProblem("agent_token is required (NOVACRON_COORDINATOR_AGENT_TOKEN)")
+    if cfg.admin_token == cfg.agent_token:
+        raise ConfigProblem("admin_token and agent_token must differ")
+    if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:
+        raise ConfigProblem("heartbeat_timeout_s must be larger than heartbeat_interval_s")
+    if cfg.max_body_bytes < 1024:
+        raise ConfigProblem("max_body_bytes must be at least 1024")
+
+
+def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
+              placer: Placer | None = None) -> web.Application:
+    modules = load_route_modules()
+    tables = [m.routes for m in modules]
+    roles = {(r.method, r.full_path): r.auth for t in tables for r in t.routes}
+    app = web.Application(
+        middlewares=[error_middleware, make_auth_middleware(roles)],
+        client_max_size=cfg.max_body_bytes,
+    )
+    app[CONFIG] = cfg
+    app[STORE] = store or open_store(cfg)
+    app[AGENTS] = AgentClient(cfg.agent_timeout_s)
+    app[EVENTS] = EventHub()
+    app[PLACER] = placer or most_free_memory
+    app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS])
+    app[OPENAPI_DOC] = build_document(tables, version=__version__)
+    add_routes(app, tables)
+    app.cleanup_ctx.append(_core_services)  # first: later contexts see an open store
+    for module in modules:
+        setup = getattr(module, "setup", None)
+        if setup is not None:
+            setup(app)
     return app
+
+
+async def _core_services(app: web.Application) -> AsyncIterator[None]:
+    await app[STORE].open()
+    await app[AGENTS].start()
+    await app[MIGRATIONS].resume_all()
+    try:
+        yield
+    finally:
+        await app[MIGRATIONS].close()
+        await app[AGENTS].close()
+        await app[STORE].close()
+
+
+def write_listen_file(cfg: CoordinatorConfig, url: str) -> None:
+    """Tell whoever started us (tests, the demo) where we listen when port was 0."""
+    path = cfg.data_dir / "listen.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    tmp.replace(path)
 
 
 async def serve(cfg: CoordinatorConfig) -> None:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    runner = web.AppRunner(build_app(cfg))
+    runner = web.AppRunner(build_app(cfg), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, cfg.host, cfg.port).start()
-    log.info("coordinator listening", extra={"host": cfg.host, "port": cfg.port})
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else cfg.port
+    url = f"http://{cfg.host}:{port}"
+    write_listen_file(cfg, url)
+    log.info("coordinator listening", extra={"url": url, "data_dir": str(cfg.data_dir)})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -37,3 +108,4 @@ async def serve(cfg: CoordinatorConfig) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+        (cfg.data_dir / "listen.json").unlink(missing_ok=True)

@@ -16,6 +16,8 @@ from novacron import __version__, config, logs
 # Command-group modules, in the order their commands appear in --help.
 COMMAND_MODULES = [
     "novacron.cli.bench",
+    "novacron.cli.fleet",
+    "novacron.cli.mcp",
 ]
 
 

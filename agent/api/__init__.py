@@ -1,0 +1,42 @@
+"""The agent's HTTP API, one route module per area.
+
+Each module in ROUTE_MODULES exposes ``setup(app: web.Application) -> None``
+that adds its routes; shared objects are on the app under the keys in
+``novacron.agent.appkeys`` (CONFIG, VMS, ACCEL). Authentication and JSON
+error replies are handled by the daemon's middlewares for every module.
+
+``novacron.agent.api.migrations`` (the migration engine's routes) is listed
+already; until that file exists it is skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from aiohttp import web
+
+log = logging.getLogger("novacron.agent.api")
+
+ROUTE_MODULES = [
+    "novacron.agent.api.host",
+    "novacron.agent.api.vms",
+    "novacron.agent.api.migrations",
+]
+OPTIONAL_MODULES = {"novacron.agent.api.migrations"}
+
+
+def setup_routes(app: web.Application) -> list[str]:
+    """Register every route module's routes; returns the modules used."""
+    used = []
+    for name in ROUTE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if name in OPTIONAL_MODULES and exc.name == name:
+                log.info("route module not present", extra={"module": name})
+                continue
+            raise
+        module.setup(app)
+        used.append(name)
+    return used

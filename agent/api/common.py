@@ -1,0 +1,78 @@
+"""Shared pieces of the agent API: JSON errors, body parsing, auth, error mapping."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from novacron.agent.qmp import QMPClosedError, QMPError, QMPTimeoutError
+from novacron.agent.vm.errors import VMError
+from novacron.agent.vm.spec import SpecError
+
+log = logging.getLogger("novacron.agent.api")
+
+PUBLIC_PATHS = frozenset({"/v1/health"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 naming what is wrong."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    if not raw:
+        raise web.HTTPBadRequest(text=json.dumps({"error": "request body: expected a JSON object"}),
+                                 content_type="application/json")  # fmt: skip
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"request body: invalid JSON ({exc})"}),
+                                 content_type="application/json") from None  # fmt: skip
+    if not isinstance(doc, dict):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "request body: expected a JSON object"}),
+                                 content_type="application/json")  # fmt: skip
+    return doc
+
+
+def auth_middleware(token: str) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not token or not hmac.compare_digest(given, expected):
+                log.warning("request refused: bad token", extra={"path": request.path, "remote": request.remote})
+                return json_error(401, "missing or invalid bearer token")
+        return await handler(request)
+
+    return check_token
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes ``{"error": ...}`` with a fitting status."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason)
+    except SpecError as exc:
+        return json_error(400, str(exc))
+    except VMError as exc:
+        return json_error(exc.status, str(exc))
+    except QMPTimeoutError as exc:
+        return json_error(504, f"QEMU did not answer: {exc}")
+    except (QMPError, QMPClosedError) as exc:
+        return json_error(502, f"QEMU refused: {exc}")

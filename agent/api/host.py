@@ -1,0 +1,53 @@
+"""``/v1/health`` and ``/v1/host``: who this agent is and what the host offers."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from novacron import __version__
+from novacron.agent.appkeys import ACCEL, CONFIG, VMS
+
+
+def host_name(configured: str) -> str:
+    return configured or socket.gethostname()
+
+
+def meminfo() -> dict[str, int]:
+    """MemTotal and MemAvailable in bytes (from /proc/meminfo)."""
+    out: dict[str, int] = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemAvailable"):
+            out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "name": host_name(request.app[CONFIG].name)})
+
+
+async def host(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    accel = await request.app[ACCEL].detect()
+    mem = meminfo()
+    return web.json_response(
+        {
+            "name": host_name(cfg.name),
+            "cpus": os.cpu_count() or 1,
+            "memory_bytes": mem.get("MemTotal", 0),
+            "memory_available_bytes": mem.get("MemAvailable", 0),
+            "accel": accel.to_dict(),
+            "vms": [vm.name for vm in request.app[VMS].list()],
+            "data_port": cfg.data_port,
+            "version": __version__,
+        }
+    )
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/host", host)

@@ -1,0 +1,117 @@
+"""Migration routes of the agent API and the hooks that run the migration
+manager (and its data-channel server on ``data_port``) with the daemon.
+
+    POST /v1/migrations               {"vm", "target": {"url", "token"}, "options": {...}} -> 202
+    GET  /v1/migrations               -> {"migrations": [status, ...]}
+    GET  /v1/migrations/{id}          -> status (phase, round, metrics, error)
+    POST /v1/migrations/{id}/cancel   -> status
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from novacron.agent.appkeys import CONFIG, VMS
+from novacron.agent.config import AgentConfig
+from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
+from novacron.agent.migration.qemu_port import QemuDestFactory, clean_stale_incoming, source_vm
+from novacron.agent.migration.vmport import SourceVM
+from novacron.agent.vm.errors import VMError
+from novacron.agent.vm.manager import VMManager
+
+log = logging.getLogger("novacron.agent.migration")
+
+MANAGER_KEY = web.AppKey("novacron_migrations", MigrationManager)
+MAX_BODY = 64 * 1024
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def setup(app: web.Application) -> None:
+    """Attach the migration manager (config and VMs from the app) and its routes."""
+    attach(app, app[CONFIG], app[VMS])
+
+
+def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationManager:
+
+    async def get_source(name: str) -> SourceVM:
+        return await source_vm(vms, name)
+
+    manager = MigrationManager(
+        cluster_secret=cfg.cluster_secret,
+        source_vm=get_source,
+        dest_factory=QemuDestFactory(vms),
+        data_host=cfg.host,
+        data_port=cfg.data_port,
+    )
+    app[MANAGER_KEY] = manager
+
+    async def on_startup(_app: web.Application) -> None:
+        clean_stale_incoming(cfg.state_dir)
+        port = await manager.start()
+        if cfg.data_port == 0:
+            cfg.data_port = port  # so /v1/host reports the port actually bound
+
+    async def on_cleanup(_app: web.Application) -> None:
+        await manager.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    add_routes(app)
+    return manager
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/migrations", create)
+    app.router.add_get("/v1/migrations", list_all)
+    app.router.add_get("/v1/migrations/{id}", get_one)
+    app.router.add_post("/v1/migrations/{id}/cancel", cancel)
+
+
+async def _body(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise MigrationRequestError(f"request body larger than {MAX_BODY} bytes", 413)
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise MigrationRequestError(f"request body larger than {MAX_BODY} bytes", 413)
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        raise MigrationRequestError("request body is not valid JSON") from None
+
+
+async def create(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER_KEY]
+    try:
+        status = await manager.start_migration(await _body(request))
+    except MigrationRequestError as exc:
+        return _error(exc.status, str(exc))
+    except VMError as exc:
+        return _error(exc.status, str(exc))
+    return web.json_response(status.to_dict(), status=202)
+
+
+async def list_all(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER_KEY]
+    return web.json_response({"migrations": [s.to_dict() for s in manager.list()]})
+
+
+async def get_one(request: web.Request) -> web.Response:
+    status = request.app[MANAGER_KEY].get(request.match_info["id"])
+    if status is None:
+        return _error(404, f"no migration {request.match_info['id']!r}")
+    return web.json_response(status.to_dict())
+
+
+async def cancel(request: web.Request) -> web.Response:
+    try:
+        status = request.app[MANAGER_KEY].cancel(request.match_info["id"])
+    except MigrationRequestError as exc:
+        return _error(exc.status, str(exc))
+    return web.json_response(status.to_dict())

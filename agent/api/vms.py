@@ -1,0 +1,76 @@
+"""``/v1/vms``: create, list, inspect, start/stop/pause/resume, delete; the serial console."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from novacron.agent.api.common import json_error, read_json_object
+from novacron.agent.appkeys import VMS
+
+ACTIONS = ("start", "stop", "pause", "resume")
+MAX_CONSOLE_INPUT = 1024
+MAX_CONSOLE_OUTPUT = 1024 * 1024
+
+
+async def list_vms(request: web.Request) -> web.Response:
+    return web.json_response({"vms": [vm.status() for vm in request.app[VMS].list()]})
+
+
+async def create_vm(request: web.Request) -> web.Response:
+    doc = await read_json_object(request)
+    vm = await request.app[VMS].create(doc)
+    return web.json_response(vm.status(), status=201)
+
+
+async def get_vm(request: web.Request) -> web.Response:
+    return web.json_response(request.app[VMS].get(request.match_info["name"]).status())
+
+
+async def vm_action(request: web.Request) -> web.Response:
+    name, action = request.match_info["name"], request.match_info["action"]
+    manager = request.app[VMS]
+    if action not in ACTIONS:
+        manager.get(name)  # an unknown VM is the more useful 404
+        return json_error(404, f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
+    vm = await getattr(manager, action)(name)
+    return web.json_response(vm.status())
+
+
+async def delete_vm(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await request.app[VMS].delete(name)
+    return web.json_response({"deleted": name})
+
+
+async def console_write(request: web.Request) -> web.Response:
+    """Type ``{"text": ...}`` on the guest's serial console."""
+    vm = request.app[VMS].get(request.match_info["name"])
+    doc = await read_json_object(request)
+    text = doc.get("text")
+    if not isinstance(text, str) or not text or len(text) > MAX_CONSOLE_INPUT:
+        return json_error(400, f"text: expected a non-empty string of at most {MAX_CONSOLE_INPUT} characters")
+    await vm.send_serial(text)
+    return web.json_response({"sent": len(text)})
+
+
+async def console_read(request: web.Request) -> web.Response:
+    """The serial log from byte ``offset`` (at most 1 MiB per call)."""
+    vm = request.app[VMS].get(request.match_info["name"])
+    try:
+        offset = int(request.query.get("offset", "0"))
+        if offset < 0:
+            raise ValueError
+    except ValueError:
+        return json_error(400, "offset: expected a non-negative integer")
+    data = vm.read_serial(offset)[:MAX_CONSOLE_OUTPUT]
+    return web.json_response({"offset": offset, "next_offset": offset + len(data), "text": data.decode(errors="replace")})
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/v1/vms", list_vms)
+    app.router.add_post("/v1/vms", create_vm)
+    app.router.add_get("/v1/vms/{name}", get_vm)
+    app.router.add_delete("/v1/vms/{name}", delete_vm)
+    app.router.add_get("/v1/vms/{name}/console", console_read)
+    app.router.add_post("/v1/vms/{name}/console", console_write)
+    app.router.add_post("/v1/vms/{name}/{action}", vm_action)

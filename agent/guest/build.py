@@ -1,0 +1,236 @@
+"""Build the test guest once and cache it, keyed by everything that goes in.
+
+Inputs: the Debian kernel package that ``linux-image-amd64`` currently points
+at (fetched with ``apt-get download``, unpacked with ``dpkg -x``), the static
+busybox from ``busybox-static``, our workload (``workload.c``, compiled static
+with gcc here) and ``init.sh``. Output, under
+``${XDG_CACHE_HOME:-~/.cache}/novacron/guest/<key>/``: ``vmlinuz`` and
+``initrd.img`` (gzip'd newc cpio).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from novacron.agent.guest import cpio
+
+log = logging.getLogger("novacron.agent.guest")
+
+# Bump when the build steps change in a way the inputs below do not capture.
+BUILDER_VERSION = "1"
+META_PACKAGE = "linux-image-amd64"
+BUSYBOX = Path("/bin/busybox")
+BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3"
+
+
+class GuestBuildError(RuntimeError):
+    """The guest could not be built; the message says which step and why."""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+    cmdline: str  # default workload settings; see workload_cmdline() for others
+
+    def workload_cmdline(self, mem_mb: int = 32, rate_mb: int = 4, verify_s: int = 4) -> str:
+        """Kernel command line that runs the workload with these settings."""
+        return (
+            f"{BASE_CMDLINE} novacron.mem_mb={int(mem_mb)} novacron.rate_mb={int(rate_mb)} "
+            f"novacron.verify_s={int(verify_s)}"
+        )
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "novacron" / "guest"
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> str:
+    try:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        raise GuestBuildError(f"{argv[0]} not found (see tools/system-packages.txt)") from None
+    except subprocess.TimeoutExpired:
+        raise GuestBuildError(f"{' '.join(argv)} timed out") from None
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise GuestBuildError(f"{' '.join(argv)} failed: {' | '.join(detail)}")
+    return done.stdout
+
+
+def _source(name: str) -> bytes:
+    return resources.files("novacron.agent.guest").joinpath(name).read_bytes()
+
+
+def resolve_kernel_package() -> tuple[str, str]:
+    """(package, version) that ``linux-image-amd64`` depends on right now."""
+    out = _run(["apt-cache", "depends", META_PACKAGE])
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in out.splitlines()
+        if line.strip().startswith("Depends:") and "linux-image-" in line
+    ]
+    if not names:
+        raise GuestBuildError(f"apt-cache depends {META_PACKAGE}: no linux-image-* dependency")
+    pkg = names[0]
+    show = _run(["apt-cache", "show", "--no-all-versions", pkg])
+    for line in show.splitlines():
+        if line.startswith("Version:"):
+            return pkg, line.split(":", 1)[1].strip()
+    raise GuestBuildError(f"apt-cache show {pkg}: no Version")
+
+
+def _is_static_elf(data: bytes) -> bool:
+    """True for an ELF64 executable without a PT_INTERP (dynamic loader) header."""
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        return False
+    phoff = int.from_bytes(data[32:40], "little")
+    phentsize = int.from_bytes(data[54:56], "little")
+    phnum = int.from_bytes(data[56:58], "little")
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if int.from_bytes(data[off : off + 4], "little") == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def _gcc_version() -> str:
+    return _run(["gcc", "-dumpfullversion"]).strip()
+
+
+def build_key(kernel_pkg: str, kernel_ver: str) -> str:
+    digest = hashlib.sha256()
+    for part in (
+        BUILDER_VERSION.encode(),
+        kernel_pkg.encode(),
+        kernel_ver.encode(),
+        hashlib.sha256(BUSYBOX.read_bytes()).digest(),
+        _source("workload.c"),
+        _source("init.sh"),
+        _gcc_version().encode(),
+    ):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:16]
+
+
+def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path) -> bytes:
+    debs.mkdir(parents=True, exist_ok=True)
+    deb = debs / f"{pkg}_{version.replace(':', '%3a')}_amd64.deb"
+    if not deb.exists():
+        log.info("downloading kernel package", extra={"package": pkg, "version": version})
+        fetch_dir = Path(tempfile.mkdtemp(dir=debs))
+        try:
+            _run(["apt-get", "download", "-q", f"{pkg}={version}"], cwd=fetch_dir)
+            got = list(fetch_dir.glob("*.deb"))
+            if len(got) != 1:
+                raise GuestBuildError(f"apt-get download {pkg}: expected one .deb, got {got}")
+            os.replace(got[0], deb)
+        finally:
+            shutil.rmtree(fetch_dir, ignore_errors=True)
+    unpacked = work / "kernel"
+    _run(["dpkg", "-x", str(deb), str(unpacked)])
+    images = sorted((unpacked / "boot").glob("vmlinuz-*"))
+    if not images:
+        raise GuestBuildError(f"{deb.name} holds no boot/vmlinuz-*")
+    return images[0].read_bytes()
+
+
+def compile_workload(work: Path) -> Path:
+    """Compile workload.c (static, so it runs as-is in the initramfs) into ``work``."""
+    src = work / "workload.c"
+    src.write_bytes(_source("workload.c"))
+    out = work / "workload"
+    _run(["gcc", "-O2", "-static", "-s", "-Wall", "-Werror", "-o", str(out), str(src)])
+    return out
+
+
+def _initramfs(busybox: bytes, workload: bytes) -> bytes:
+    entries = [
+        cpio.directory("bin"),
+        cpio.directory("dev"),
+        cpio.chardev("dev/console", 5, 1),
+        cpio.chardev("dev/ttyS0", 4, 64),
+        cpio.chardev("dev/null", 1, 3, 0o666),
+        cpio.directory("proc"),
+        cpio.directory("sys"),
+        cpio.directory("tmp", 0o1777),
+        cpio.directory("root", 0o700),
+        cpio.file("bin/busybox", busybox, 0o755),
+        cpio.symlink("bin/sh", "busybox"),
+        cpio.file("bin/workload", workload, 0o755),
+        cpio.file("init", _source("init.sh"), 0o755),
+    ]
+    return gzip.compress(cpio.archive(entries), compresslevel=6, mtime=0)
+
+
+def _image(folder: Path) -> GuestImage:
+    return GuestImage(
+        kernel=folder / "vmlinuz",
+        initrd=folder / "initrd.img",
+        cmdline=(folder / "cmdline").read_text().strip(),
+    )
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / n).is_file() for n in ("vmlinuz", "initrd.img", "cmdline", "manifest.json"))
+
+
+def _latest_cached(root: Path) -> Path | None:
+    done = [d for d in root.glob("*") if d.is_dir() and _complete(d)]
+    return max(done, key=lambda d: d.stat().st_mtime) if done else None
+
+
+def ensure_guest(root: Path | None = None) -> GuestImage:
+    """The cached guest for the current inputs, building it first if needed.
+
+    Safe to call from several processes at once (a file lock serialises the
+    build). Without apt (no package index) the newest cached build is used.
+    """
+    root = root or cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        pkg, version = resolve_kernel_package()
+    except GuestBuildError:
+        cached = _latest_cached(root)
+        if cached is None:
+            raise
+        return _image(cached)
+    key = build_key(pkg, version)
+    folder = root / key
+    if _complete(folder):
+        return _image(folder)
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(folder):
+            return _image(folder)
+        busybox = BUSYBOX.read_bytes()
+        if not _is_static_elf(busybox):
+            raise GuestBuildError(f"{BUSYBOX} is not statically linked (install busybox-static)")
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            work = Path(tmp)
+            kernel = _fetch_kernel(pkg, version, root / "debs", work)
+            workload = compile_workload(work).read_bytes()
+            stage = work / "out"
+            stage.mkdir()
+            (stage / "vmlinuz").write_bytes(kernel)
+            (stage / "initrd.img").write_bytes(_initramfs(busybox, workload))
+            (stage / "cmdline").write_text(GuestImage(Path(), Path(), "").workload_cmdline() + "\n")
+            manifest = {"key": key, "kernel_package": pkg, "kernel_version": version}
+            (stage / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(stage, folder)
+        log.info("guest built", extra={"dir": str(folder), "kernel": f"{pkg} {version}"})
+    return _image(folder)

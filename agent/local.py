@@ -1,0 +1,213 @@
+"""Real ``novacron-agent`` processes on loopback, for tests, the demo and benchmarks.
+
+    async with LocalAgent(name="a") as agent:
+        agent.url, agent.token, agent.data_port, agent.state_dir
+
+Each agent gets a temp state dir, a random token and cluster secret (or the
+ones given, e.g. a shared secret for two agents that must migrate between each
+other), an API port chosen by the kernel and, unless given, a free data port.
+``stop()`` ends the agent and every QEMU it started; ``kill()`` SIGKILLs the
+agent alone (fault tests) and leaves the clean-up to ``stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from novacron.agent.daemon import ENDPOINT_FILE
+
+START_TIMEOUT_S = 60.0  # the first start on a host may probe KVM (a few seconds)
+STOP_TIMEOUT_S = 20.0
+
+
+class LocalAgentError(RuntimeError):
+    pass
+
+
+def _agent_command() -> list[str]:
+    script = Path(sys.executable).parent / "novacron-agent"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "novacron.agent.main"]
+
+
+def _proc_cwd(pid: int) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
+
+
+class LocalAgent:
+    def __init__(
+        self,
+        name: str = "",
+        *,
+        token: str | None = None,
+        cluster_secret: str | None = None,
+        state_dir: Path | None = None,
+        data_port: int = 0,
+        accel: str = "auto",
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name or f"agent-{secrets.token_hex(3)}"
+        self.token = token or secrets.token_urlsafe(24)
+        self.cluster_secret = cluster_secret or secrets.token_urlsafe(32)
+        self._own_state_dir = state_dir is None
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix=f"nc-{self.name}-"))
+        self._requested_data_port = data_port
+        self.data_port = data_port
+        self.accel = accel
+        self.settings = dict(settings or {})  # extra NOVACRON_AGENT_* settings, e.g. {"log_level": "debug"}
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.state_dir / "agent.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NOVACRON")}
+        values = {
+            "host": "127.0.0.1",
+            "port": "0",
+            "data_port": str(self._requested_data_port),
+            "state_dir": str(self.state_dir),
+            "token": self.token,
+            "cluster_secret": self.cluster_secret,
+            "name": self.name,
+            "vms_on_exit": "stop",
+            "accel": self.accel,
+            **self.settings,
+        }
+        env.update({f"NOVACRON_AGENT_{k.upper()}": v for k, v in values.items()})
+        return env
+
+    async def start(self, timeout: float = START_TIMEOUT_S) -> LocalAgent:
+        if self.proc is not None and self.proc.poll() is None:
+            raise LocalAgentError(f"agent {self.name} is running already")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        empty_config = self.state_dir / "agent.toml"
+        empty_config.write_text("# settings come from NOVACRON_AGENT_* (LocalAgent)\n")
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / ENDPOINT_FILE).unlink()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*_agent_command(), "--config", str(empty_config)],
+                env=self._env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+        try:
+            await self._wait_ready(timeout)
+        except BaseException:
+            await self.stop(remove=False)
+            raise
+        return self
+
+    async def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        endpoint = self.state_dir / ENDPOINT_FILE
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while True:
+                if self.proc.poll() is not None:
+                    raise LocalAgentError(f"agent {self.name} exited ({self.proc.returncode}): {self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise LocalAgentError(f"agent {self.name} not ready in {timeout:.0f}s: {self.log_tail()}")
+                info = self._read_endpoint(endpoint)
+                if info is not None:
+                    self.port, self.data_port = int(info["port"]), int(info["data_port"])
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        async with session.get(f"{self.url}/v1/health") as resp:
+                            if resp.status == 200:
+                                return
+                await asyncio.sleep(0.05)
+
+    def _read_endpoint(self, path: Path) -> dict[str, Any] | None:
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(info, dict) or self.proc is None or info.get("pid") != self.proc.pid:
+            return None
+        return info
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL the agent only (its QEMUs live on until stop())."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    async def stop(self, timeout: float = STOP_TIMEOUT_S, *, remove: bool = True) -> None:
+        """Stop the agent (it powers its VMs off), kill any QEMU left, remove a temp state dir."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        self.kill_leftover_qemus()
+        if remove and self._own_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def qemu_pids(self) -> list[int]:
+        """QEMU processes running in one of this agent's VM folders."""
+        root = self.state_dir.resolve()
+        pids = []
+        for meta in [*self.state_dir.glob("*/*/vm.json"), *self.state_dir.glob("*/*/incoming.json")]:
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                pid = json.loads(meta.read_text())["pid"]
+                cwd = _proc_cwd(int(pid)) if pid else None
+                if cwd is not None and cwd.is_relative_to(root) and int(pid) not in pids:
+                    pids.append(int(pid))
+        return pids
+
+    def kill_leftover_qemus(self) -> None:
+        for pid in self.qemu_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    async def request(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> tuple[int, Any]:
+        """One authenticated API call; returns (status, decoded JSON body)."""
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.request(method, self.url + path, json=body, headers=self.headers) as resp,
+        ):
+            return resp.status, await resp.json(content_type=None)
+
+    async def __aenter__(self) -> LocalAgent:
+        return await self.start()
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,209 @@
+"""The receiving side: driven by the source over an authenticated channel.
+
+Nothing is built before a valid ``prepare`` arrives on an authenticated
+channel. From then on, anything other than a clean switchover (abort, channel
+loss, bad frame, timeout) destroys the destination machine, its RAM file and
+its VM directory, so a failed migration leaves nothing behind here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
+from novacron.agent.migration import protocol
+from novacron.agent.migration.digest import ram_digest
+from novacron.agent.migration.native_compat import Counters, FrameError, PageStreamReceiver
+from novacron.agent.migration.status import MigrationStatus
+from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM
+
+log = logging.getLogger("novacron.agent.migration")
+
+IDLE_TIMEOUT = 60.0  # longest silence from the source before we give up
+
+
+class DestAborted(Exception):
+    pass
+
+
+async def receive_migration(
+    channel: Channel,
+    factory: DestFactory,
+    register: Callable[[MigrationStatus], None],
+    *,
+    idle_timeout: float = IDLE_TIMEOUT,
+) -> MigrationStatus | None:
+    """Serve one incoming migration on ``channel``; returns its final status."""
+    try:
+        rec = await channel.recv(timeout=idle_timeout)
+        if rec.kind != CTRL or rec.op != "prepare" or rec.ctrl is None:
+            raise ProtocolError("first message must be 'prepare'")
+        mid, vm_name, spec, ram_size, want_digest = protocol.check_prepare(rec.ctrl)
+    except (ChannelClosed, ProtocolError) as exc:
+        log.warning("incoming migration rejected", extra={"peer": channel.peer(), "reason": str(exc)})
+        with contextlib.suppress(Exception):
+            await channel.send_ctrl({"op": "error", "reason": str(exc)}, timeout=2)
+        return None
+    status = MigrationStatus(id=mid, vm=vm_name, role="destination", peer=channel.peer())
+    status.pages_total = ram_size // protocol.PAGE
+    register(status)
+    incoming = _Incoming(channel, status, want_digest, idle_timeout)
+    try:
+        dest = await factory.prepare(spec, ram_size, mid)
+    except AdmissionError as exc:
+        status.fail(f"admission refused: {exc}")
+        with contextlib.suppress(Exception):
+            await channel.send_ctrl({"op": "error", "reason": status.error}, timeout=2)
+        return status
+    await incoming.run(dest, ram_size)
+    return status
+
+
+class _Incoming:
+    def __init__(self, ch: Channel, status: MigrationStatus, want_digest: bool, idle: float):
+        self.ch = ch
+        self.status = status
+        self.want_digest = want_digest
+        self.idle = idle
+        self.counters = Counters()
+        self.device_writer: asyncio.StreamWriter | None = None
+        self.committed = False
+
+    async def run(self, dest: DestVM, ram_size: int) -> None:
+        st = self.status
+        tmp = tempfile.mkdtemp(prefix="ncmig-")
+        sock = str(Path(tmp) / "dst.sock")
+        mm: mmap.mmap | None = None
+        try:
+            fd = os.open(dest.ram_path, os.O_RDWR)
+            try:
+                mm = mmap.mmap(fd, ram_size, access=mmap.ACCESS_WRITE)
+            finally:
+                os.close(fd)
+            receiver = PageStreamReceiver(self.ch.page_key_in, mm, counters=self.counters)
+            await dest.listen_device_state(f"unix:{sock}")
+            await self.ch.send_ctrl({"op": "prepared"})
+            st.set_phase("precopy")
+            await self._loop(dest, receiver, mm, sock)
+        except BaseException as exc:
+            reason = _reason(exc)
+            if self.committed:
+                log.warning("source vanished after switchover; the VM runs here",
+                            extra={"migration": st.id, "reason": reason})
+            else:
+                log.warning("incoming migration failed; destroying destination VM",
+                            extra={"migration": st.id, "reason": reason})
+                with contextlib.suppress(Exception):
+                    await self.ch.send_ctrl({"op": "error", "reason": reason}, timeout=2)
+                await self._close_device()
+                if mm is not None:
+                    with contextlib.suppress(BufferError):
+                        mm.close()
+                    mm = None
+                try:
+                    await dest.destroy()
+                except Exception as dexc:
+                    reason += f"; cleaning up the destination failed: {dexc}"
+                st.fail(reason, cancelled=isinstance(exc, DestAborted) and "cancel" in reason)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            await self._close_device()
+            if mm is not None:
+                with contextlib.suppress(BufferError):
+                    mm.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            st.native = self.counters.as_dict()
+
+    async def _loop(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str) -> None:
+        st = self.status
+        while True:
+            rec = await self.ch.recv(timeout=self.idle)
+            if rec.kind != CTRL:
+                assert rec.frame is not None
+                try:
+                    opened = await asyncio.to_thread(receiver.open, rec.frame)
+                except FrameError as exc:
+                    raise ProtocolError(f"bad page frame: {type(exc).__name__}: {exc}") from None
+                st.bytes_wire += len(rec.frame) + 5
+                if opened.blob is not None:
+                    tag, data = opened.blob
+                    if tag != protocol.TAG_DEVICE_STATE or self.device_writer is None:
+                        raise ProtocolError("unexpected blob frame")
+                    self.device_writer.write(data)
+                    await asyncio.wait_for(self.device_writer.drain(), 60)
+                    st.device_state_bytes += len(data)
+                else:
+                    st.pages_sent += opened.pages
+                    st.bytes_raw += opened.pages * protocol.PAGE
+                continue
+            assert rec.ctrl is not None
+            op = rec.op
+            if op == "round_end":
+                st.round = protocol.check_int(rec.ctrl, "round", 1, 100_000)
+            elif op == "device_begin":
+                st.set_phase("stopcopy")
+                self.device_writer = await _connect_unix(sock, timeout=30)
+            elif op == "device_end":
+                await self._close_device()
+                await dest.wait_device_state_loaded(timeout=60)
+                msg: dict[str, object] = {"op": "ready"}
+                if self.want_digest:
+                    st.digest_destination = await asyncio.to_thread(ram_digest, mm)
+                    msg["digest"] = st.digest_destination
+                await self.ch.send_ctrl(msg)
+            elif op == "go":
+                self.committed = True
+                st.set_phase("commit")
+                await dest.resume()
+                await dest.adopt()
+                await self.ch.send_ctrl({"op": "resumed"})
+                # Wait (bounded) for the source's 'done'; the VM is ours either way.
+                with contextlib.suppress(ChannelClosed, ProtocolError):
+                    await self.ch.recv(timeout=30)
+                st.set_phase("completed")
+                return
+            elif op == "abort":
+                raise DestAborted(f"source aborted: {protocol.reason_of(rec.ctrl)}")
+            else:
+                raise ProtocolError(f"unexpected control message {op!r}")
+
+    async def _close_device(self) -> None:
+        w, self.device_writer = self.device_writer, None
+        if w is not None:
+            w.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w.wait_closed(), 5)
+
+
+async def _connect_unix(path: str, timeout: float) -> asyncio.StreamWriter:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_unix_connection(path)
+            return writer
+        except (FileNotFoundError, ConnectionRefusedError):
+            if loop.time() > deadline:
+                raise ProtocolError(f"destination VM did not listen for device state on {path}") from None
+            await asyncio.sleep(0.02)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, ProtocolError):
+        return f"protocol error: {exc}"
+    if isinstance(exc, ChannelClosed):
+        return f"channel to source lost: {exc}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

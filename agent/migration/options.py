@@ -1,0 +1,59 @@
+"""Migration options as given in ``POST /v1/migrations`` (validated, with defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class MigrationOptions:
+    bandwidth_mbps: float = 0.0  # MB/s cap on page data (0 = unlimited)
+    downtime_ms: float = 300.0  # budget for the stop-and-copy pause (QEMU's default)
+    max_rounds: int = 30  # pre-copy rounds before forcing stop-and-copy
+    compression_level: int = 1  # zstd level of page frames
+    test_digest: bool = False  # BLAKE3 both RAMs at switchover and compare
+    batch_pages: int = 4096  # pages encoded per batch (bounds memory and limiter granularity)
+    timeout_s: float = 600.0  # whole migration
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> MigrationOptions:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ValueError("options must be an object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ValueError(f"unknown option(s): {', '.join(unknown)}")
+        opts = cls()
+        for key, value in raw.items():
+            default = getattr(opts, key)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"option {key!r} must be true or false")
+            elif isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"option {key!r} must be an integer")
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"option {key!r} must be a number")
+            setattr(opts, key, value)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        if not 0 <= self.bandwidth_mbps <= 1e6:
+            raise ValueError("option 'bandwidth_mbps' must be between 0 (unlimited) and 1e6")
+        if not 1 <= self.downtime_ms <= 60_000:
+            raise ValueError("option 'downtime_ms' must be between 1 and 60000")
+        if not 1 <= self.max_rounds <= 1000:
+            raise ValueError("option 'max_rounds' must be between 1 and 1000")
+        if not 1 <= self.compression_level <= 19:
+            raise ValueError("option 'compression_level' must be between 1 and 19")
+        if not 64 <= self.batch_pages <= 65536:
+            raise ValueError("option 'batch_pages' must be between 64 and 65536")
+        if not 1 <= self.timeout_s <= 86_400:
+            raise ValueError("option 'timeout_s' must be between 1 and 86400")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,57 @@
+"""Control messages of the migration protocol and their validation.
+
+Source -> destination: ``prepare``, ``round_end``, ``device_begin``,
+``device_end``, ``go``, ``done``, ``abort``. Destination -> source:
+``prepared``, ``ready``, ``resumed``, ``error``. Page data and device state
+travel as native page-stream frames between them. Every field read from the
+peer is checked here, so a malformed message becomes one clear ProtocolError.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from novacron.agent.channel.records import ProtocolError
+
+TAG_DEVICE_STATE = 1  # blob frames carrying QEMU's migration stream
+PAGE = 4096
+MAX_RAM = 1 << 40  # 1 TiB: anything larger is a garbled message, not a VM
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _field(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = msg.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ProtocolError(f"'{msg.get('op')}' message: field {key!r} missing or of wrong type")
+    return value
+
+
+def check_prepare(msg: dict[str, Any]) -> tuple[str, str, dict[str, Any], int, bool]:
+    mid = _field(msg, "id", str)
+    if not ID_RE.match(mid):
+        raise ProtocolError("'prepare' message: bad migration id")
+    vm = _field(msg, "vm", str)
+    if not NAME_RE.match(vm):
+        raise ProtocolError("'prepare' message: bad VM name")
+    spec = _field(msg, "spec", dict)
+    ram = _field(msg, "ram_size", int)
+    if ram <= 0 or ram % PAGE or ram > MAX_RAM:
+        raise ProtocolError("'prepare' message: ram_size must be a positive multiple of 4096")
+    digest = msg.get("test_digest", False)
+    if not isinstance(digest, bool):
+        raise ProtocolError("'prepare' message: test_digest must be a boolean")
+    return mid, vm, spec, ram, digest
+
+
+def check_int(msg: dict[str, Any], key: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    value = _field(msg, key, int)
+    if not lo <= value <= hi:
+        raise ProtocolError(f"'{msg.get('op')}' message: {key} out of range")
+    return int(value)
+
+
+def reason_of(msg: dict[str, Any]) -> str:
+    value = msg.get("reason")
+    return value[:500] if isinstance(value, str) and value else "no reason given"

@@ -1,0 +1,239 @@
+"""The migration engine's view of QEMU VMs run by ``novacron.agent.vm``.
+
+Source: pause/resume through the VM, device state through QEMU's own
+migration with ``x-ignore-shared`` (RAM is in the shared file we already
+copied, so QEMU sends only device state). Destination: an identical machine
+started with ``-incoming defer`` under ``<state_dir>/incoming/<name>/`` so the
+runtime never mistakes a half-migrated VM for one of its own; on commit the
+folder is renamed into ``vms/`` and the VM registered. A destination agent
+that died mid-migration leaves an ``incoming/`` folder which
+``clean_stale_incoming`` removes (killing its QEMU) at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from novacron.agent.migration.vmport import AdmissionError
+from novacron.agent.qmp import QMPClient, QMPError
+from novacron.agent.vm.accel import AccelUnavailable
+from novacron.agent.vm.errors import VMConflict, VMError
+from novacron.agent.vm.machine import VM
+from novacron.agent.vm.manager import VMManager
+from novacron.agent.vm.qemu_args import VMPaths
+from novacron.agent.vm.ramfile import MIB
+from novacron.agent.vm.spec import SpecError, parse_spec
+
+log = logging.getLogger("novacron.agent.migration")
+
+IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+POLL_S = 0.005  # query-migrate poll while the guest is paused: latency is downtime
+
+
+def _qmp(vm: VM) -> QMPClient:
+    if vm.qmp is None:
+        raise VMConflict(f"VM {vm.name} has no QMP connection (state {vm.state})")
+    return vm.qmp
+
+
+async def _wait_migrate(vm: VM, timeout: float, want: str = "completed") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        info = await _qmp(vm).execute("query-migrate", timeout=10)
+        state = (info or {}).get("status")
+        if state == want:
+            return
+        if state in ("failed", "cancelled"):
+            raise RuntimeError(f"QEMU migration {state}: {info.get('error-desc', 'no detail')}")
+        if loop.time() > deadline:
+            raise TimeoutError(f"QEMU migration still {state!r} after {timeout:g}s")
+        await asyncio.sleep(POLL_S)
+
+
+class QemuSource:
+    def __init__(self, vms: VMManager, vm: VM) -> None:
+        self.vms = vms
+        self.vm = vm
+        self.name = vm.name
+        self.ram_path = vm.ram_path
+        self.ram_size = vm.spec.memory_mb * MIB
+
+    def spec(self) -> dict[str, Any]:
+        doc = {k: v for k, v in self.vm.spec.to_dict().items() if v not in ("", None)}
+        doc["accel"] = self.vm.accel  # the destination must run the same accelerator
+        return doc
+
+    async def pause(self) -> None:
+        await _qmp(self.vm).execute("stop", timeout=10)
+        self.vm.state = "paused"
+
+    async def resume(self) -> None:
+        await _qmp(self.vm).execute("cont", timeout=10)
+        self.vm.state = "running"
+        self.vm.migrating = False
+
+    async def send_device_state(self, uri: str) -> None:
+        qmp = _qmp(self.vm)
+        await qmp.execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
+        await qmp.execute("migrate", {"uri": uri}, timeout=10)
+
+    async def wait_device_state_sent(self, timeout: float) -> None:
+        await _wait_migrate(self.vm, timeout)
+
+    async def cancel_device_state(self) -> None:
+        with contextlib.suppress(QMPError):
+            await _qmp(self.vm).execute("migrate_cancel", timeout=10)
+
+    async def stay(self) -> None:
+        self.vm.migrating = False
+
+    async def release(self) -> None:
+        vm = self.vm
+        vm.migrating = False
+        await vm.stop()
+        shutil.rmtree(vm.paths.dir, ignore_errors=True)
+        self.vms.forget(vm.name)
+        log.info("source VM released after migration", extra={"vm": vm.name})
+
+
+async def source_vm(vms: VMManager, name: str) -> QemuSource:
+    """The VM ``name`` as a migration source (it must be running)."""
+    vm = vms.get(name)
+    if vm.state != "running" or vm.migrating:
+        raise VMConflict(f"VM {name} is {vm.status()['state']}; only a running VM can migrate")
+    vm.migrating = True
+    return QemuSource(vms, vm)
+
+
+class QemuDest:
+    def __init__(self, vms: VMManager, vm: VM) -> None:
+        self.vms = vms
+        self.vm = vm
+        self.name = vm.name
+        self.ram_path = vm.ram_path
+
+    async def listen_device_state(self, uri: str) -> None:
+        await _qmp(self.vm).execute("migrate-incoming", {"uri": uri}, timeout=10)
+
+    async def wait_device_state_loaded(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            status = (await _qmp(self.vm).execute("query-status", timeout=10)).get("status")
+            if status == "paused":
+                return
+            if status not in ("inmigrate", "prelaunch"):
+                raise RuntimeError(f"destination QEMU is {status!r} after loading device state")
+            if loop.time() > deadline:
+                raise TimeoutError(f"destination QEMU still {status!r} after {timeout:g}s")
+            await asyncio.sleep(POLL_S)
+
+    async def resume(self) -> None:
+        qmp = _qmp(self.vm)
+        await qmp.execute("cont", timeout=10)
+        status = await qmp.execute("query-status", timeout=10)
+        if not status.get("running"):
+            raise RuntimeError(f"destination guest not running after cont ({status.get('status')})")
+        self.vm.state = "running"
+        self.vm.incoming = False
+
+    async def destroy(self) -> None:
+        vm = self.vm
+        await vm.stop()
+        shutil.rmtree(vm.paths.dir, ignore_errors=True)
+        log.info("destination VM destroyed", extra={"vm": vm.name})
+
+    async def adopt(self) -> None:
+        vm = self.vm
+        final = self.vms.paths(vm.name)
+        if final.dir.exists():
+            raise VMConflict(f"{final.dir} appeared during the migration")
+        # QEMU keeps its mapped RAM, open logs and bound sockets across the rename
+        os.rename(vm.paths.dir, final.dir)
+        vm.paths = final
+        vm.migrating = False
+        vm.save()
+        self.vms.register(vm)
+        log.info("migrated VM adopted", extra={"vm": vm.name, "pid": vm.pid})
+
+
+class QemuDestFactory:
+    def __init__(self, vms: VMManager) -> None:
+        self.vms = vms
+        self.incoming_dir = vms.state_dir / "incoming"
+
+    async def prepare(self, spec_doc: dict[str, Any], ram_size: int, migration_id: str) -> QemuDest:
+        try:
+            spec = parse_spec({k: v for k, v in spec_doc.items() if k != "start"})
+        except SpecError as exc:
+            raise AdmissionError(f"bad VM spec: {exc}") from None
+        if spec.memory_mb * MIB != ram_size:
+            raise AdmissionError("VM spec memory does not match the RAM size sent")
+        if spec.name in self.vms.vms or self.vms.paths(spec.name).dir.exists():
+            raise AdmissionError(f"a VM named {spec.name!r} exists here already")
+        info = await self.vms.accel.detect()
+        try:
+            accel = info.resolve(spec.accel)
+        except AccelUnavailable as exc:
+            raise AdmissionError(str(exc)) from None
+        paths = VMPaths(self.incoming_dir / spec.name)
+        try:
+            paths.dir.mkdir(parents=True)
+        except FileExistsError:
+            raise AdmissionError(f"VM {spec.name!r} is already being migrated here") from None
+        vm = VM(spec, accel, paths, qemu=self.vms.qemu)
+        vm.migrating = True
+        try:
+            await vm.start(incoming=True)
+            await _qmp(vm).execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
+        except VMError as exc:
+            await _discard(vm)
+            raise AdmissionError(str(exc)) from None
+        except BaseException:
+            await _discard(vm)
+            raise
+        (paths.dir / "incoming.json").write_text(json.dumps({"migration": migration_id, "pid": vm.pid}))
+        return QemuDest(self.vms, vm)
+
+
+async def _discard(vm: VM) -> None:
+    with contextlib.suppress(Exception):
+        await vm.stop()
+    shutil.rmtree(vm.paths.dir, ignore_errors=True)
+
+
+def clean_stale_incoming(state_dir: Path) -> list[str]:
+    """Remove half-received VMs an earlier (killed) agent left; returns their names."""
+    root = state_dir / "incoming"
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    for d in sorted(root.iterdir()):
+        pid = None
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            pid = int(json.loads((d / "vm.json").read_text())["pid"])
+        if pid and _is_qemu_in(pid, d):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+        log.warning("removed a half-received VM left by an earlier agent",
+                    extra={"vm": d.name, "pid": pid})
+    return removed
+
+
+def _is_qemu_in(pid: int, folder: Path) -> bool:
+    """Only kill a process that really is the QEMU of ``folder`` (pids get reused)."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")).resolve() == folder.resolve()
+    except OSError:
+        return False

@@ -1,0 +1,374 @@
+"""The sending side of a live migration: prepare -> precopy -> stopcopy -> commit.
+
+Guest RAM is read straight from the VM's shared RAM file; QEMU only pauses,
+resumes and hands over device state. Any failure before the destination has
+confirmed that the guest runs there rolls back: the source resumes and the
+destination is told to destroy what it built (and does so by itself when the
+channel breaks). Post-copy would branch off in ``_precopy`` when the round
+limit is hit without convergence (see ``_on_no_convergence``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
+from novacron.agent.migration import protocol
+from novacron.agent.migration.digest import ram_digest
+from novacron.agent.migration.native_compat import (
+    Counters,
+    FingerprintTracker,
+    PageStreamSender,
+    TokenBucket,
+    bitmap_count,
+    bitmap_indices,
+)
+from novacron.agent.migration.options import MigrationOptions
+from novacron.agent.migration.status import MigrationStatus
+from novacron.agent.migration.vmport import SourceVM
+
+log = logging.getLogger("novacron.agent.migration")
+
+DEVICE_CHUNK = 256 * 1024
+
+
+class MigrationFailed(Exception):
+    pass
+
+
+class SourceMigration:
+    def __init__(
+        self,
+        vm: SourceVM,
+        channel: Channel,
+        status: MigrationStatus,
+        opts: MigrationOptions,
+    ) -> None:
+        self.vm = vm
+        self.ch = channel
+        self.status = status
+        self.opts = opts
+        self.cancel_event = asyncio.Event()
+        self._inbox: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._paused = False
+        self._device_started = False
+        self._go_sent = False
+        self._t_pause = 0.0
+        self.counters = Counters()
+        self._mm: mmap.mmap | None = None
+        self._tmp: str | None = None
+
+    # -- public ----------------------------------------------------------
+    async def run(self) -> MigrationStatus:
+        st = self.status
+        log.info("migration starting", extra={"migration": st.id, "vm": st.vm, "peer": st.peer})
+        self._reader = asyncio.create_task(self._read_loop())
+        try:
+            async with asyncio.timeout(self.opts.timeout_s):
+                await self._prepare()
+                await self._precopy()
+                await self._stopcopy()
+                await self._switchover()
+            await self._commit()
+        except BaseException as exc:
+            reason = _reason(exc, self.opts.timeout_s)
+            cancelled = isinstance(exc, asyncio.CancelledError) or self.cancel_event.is_set()
+            await self._rollback(reason, cancelled=cancelled)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._cleanup()
+        return st
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    # -- helpers ---------------------------------------------------------
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                rec = await self.ch.recv(timeout=self.opts.timeout_s)
+                if rec.kind != CTRL or rec.ctrl is None:
+                    raise ProtocolError("destination sent a frame; only control messages expected")
+                await self._inbox.put(rec.ctrl)
+        except (ChannelClosed, ProtocolError) as exc:
+            await self._inbox.put(exc)
+
+    def _check_inbox(self) -> None:
+        """Fail fast if the destination reported an error or the channel broke."""
+        if self.cancel_event.is_set():
+            raise MigrationFailed("cancelled")
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, BaseException):
+                raise MigrationFailed(f"channel to destination lost: {item}")
+            if item.get("op") == "error":
+                raise MigrationFailed(f"destination failed: {protocol.reason_of(item)}")
+            raise ProtocolError(f"unexpected {item.get('op')!r} from destination")
+
+    async def _expect(self, op: str, timeout: float) -> dict[str, Any]:
+        cancel = asyncio.create_task(self.cancel_event.wait())
+        get = asyncio.create_task(self._inbox.get())
+        try:
+            done, _ = await asyncio.wait({cancel, get}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancel.cancel()
+            if not get.done():
+                get.cancel()
+        if get not in done:
+            if cancel in done:
+                raise MigrationFailed("cancelled")
+            raise MigrationFailed(f"destination did not answer {op!r} within {timeout:g}s")
+        item = get.result()
+        if isinstance(item, BaseException):
+            raise MigrationFailed(f"channel to destination lost: {item}")
+        if item.get("op") == "error":
+            raise MigrationFailed(f"destination failed: {protocol.reason_of(item)}")
+        if item.get("op") != op:
+            raise ProtocolError(f"expected {op!r} from destination, got {item.get('op')!r}")
+        return item
+
+    # -- phases ----------------------------------------------------------
+    async def _prepare(self) -> None:
+        st = self.status
+        st.set_phase("prepare")
+        size = self.vm.ram_size
+        st.pages_total = size // protocol.PAGE
+        fd = os.open(self.vm.ram_path, os.O_RDONLY)
+        try:
+            self._mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        await self.ch.send_ctrl({
+            "op": "prepare", "id": st.id, "vm": self.vm.name, "spec": self.vm.spec(),
+            "ram_size": size, "test_digest": self.opts.test_digest,
+        })
+        await self._expect("prepared", timeout=120)
+
+    async def _precopy(self) -> None:
+        st, opts = self.status, self.opts
+        st.set_phase("precopy")
+        assert self._mm is not None
+        self.tracker = FingerprintTracker(self._mm, os.urandom(32))
+        self.sender = PageStreamSender(
+            self.ch.page_key_out, self._mm, level=opts.compression_level, counters=self.counters
+        )
+        self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
+        scan = await asyncio.to_thread(self.tracker.scan)
+        last_scan = time.monotonic()
+        budget_s = opts.downtime_ms / 1000.0
+        while True:
+            st.round += 1
+            t0, wire0 = time.monotonic(), st.bytes_wire
+            sent = await self._send_pages(scan.dirty, scan.zero)
+            await self.ch.send_ctrl({"op": "round_end", "round": st.round})
+            elapsed = max(time.monotonic() - t0, 1e-6)
+            wire = st.bytes_wire - wire0
+            if wire > 0:
+                st.bandwidth_bytes_s = wire / elapsed
+            scan = await asyncio.to_thread(self.tracker.scan)
+            now = time.monotonic()
+            dirty = bitmap_count(scan.dirty)
+            st.dirty_pages_last_round = dirty
+            st.dirty_rate_pages_s = dirty / max(now - last_scan, 1e-6)
+            last_scan = now
+            per_page = wire / sent if sent else protocol.PAGE
+            bw = st.bandwidth_bytes_s or (opts.bandwidth_mbps * 1e6) or 1e9
+            estimate_s = dirty * per_page / bw
+            st.rounds.append({
+                "round": st.round, "pages_sent": sent, "wire_bytes": wire,
+                "seconds": round(elapsed, 4), "dirty_after": dirty,
+                "estimated_stop_s": round(estimate_s, 4),
+            })
+            log.info("pre-copy round", extra={"migration": st.id, **st.rounds[-1]})
+            if estimate_s <= budget_s:
+                st.converged = True
+                break
+            if st.round >= opts.max_rounds:
+                st.converged = False
+                self._on_no_convergence()
+                break
+        self._final_scan = scan
+
+    def _on_no_convergence(self) -> None:
+        """Seam for post-copy / auto-converge: today we accept a longer pause."""
+        log.warning("pre-copy did not converge; forcing stop-and-copy",
+                    extra={"migration": self.status.id, "rounds": self.status.round})
+
+    async def _send_pages(self, dirty: np.ndarray, zero: np.ndarray | None) -> int:
+        """Encode and send ``dirty`` pages, pipelining encode with sending."""
+        st = self.status
+        indices = bitmap_indices(dirty)
+        if len(indices) == 0:
+            return 0
+        batches = [indices[i : i + self.opts.batch_pages]
+                   for i in range(0, len(indices), self.opts.batch_pages)]
+        pending = asyncio.create_task(asyncio.to_thread(self.sender.encode, batches[0], zero))
+        try:
+            for i in range(len(batches)):
+                frames = await pending
+                if i + 1 < len(batches):
+                    pending = asyncio.create_task(
+                        asyncio.to_thread(self.sender.encode, batches[i + 1], zero))
+                self._check_inbox()
+                for frame in frames:
+                    await self.bucket.acquire(len(frame))
+                    self.ch.write_frame(frame)
+                    st.bytes_wire += len(frame) + 5
+                    await self.ch.drain()
+                st.pages_sent += len(batches[i])
+                st.bytes_raw += len(batches[i]) * protocol.PAGE
+                self._sync_counters()
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+        return len(indices)
+
+    def _sync_counters(self) -> None:
+        c = self.counters.as_dict()
+        self.status.native = c
+        self.status.pages_zero = int(c.get("pages_zero", 0))
+        self.status.pages_dedup = int(c.get("pages_dedup", 0))
+
+    async def _stopcopy(self) -> None:
+        st = self.status
+        st.set_phase("stopcopy")
+        self._check_inbox()
+        self._t_pause = time.monotonic()
+        await self.vm.pause()
+        self._paused = True
+        st.round += 1
+        scan = await asyncio.to_thread(self.tracker.scan)
+        # pages dirtied before the last pre-copy scan were not sent yet either
+        final = np.bitwise_or(scan.dirty, self._final_scan.dirty)
+        sent = await self._send_pages(final, scan.zero)
+        st.rounds.append({"round": st.round, "pages_sent": sent, "stop_and_copy": True})
+        await self.ch.send_ctrl({"op": "round_end", "round": st.round})
+        await self._relay_device_state()
+        if self.opts.test_digest:
+            assert self._mm is not None
+            st.digest_source = await asyncio.to_thread(ram_digest, self._mm)
+        ready = await self._expect("ready", timeout=120)
+        if self.opts.test_digest:
+            theirs = ready.get("digest")
+            st.digest_destination = theirs if isinstance(theirs, str) else None
+            if theirs != st.digest_source:
+                raise MigrationFailed("RAM digest mismatch at switchover "
+                                      f"(source {st.digest_source}, destination {theirs})")
+
+    async def _relay_device_state(self) -> None:
+        """Carry QEMU's own migration stream (device state only, thanks to
+        x-ignore-shared) from a local unix socket over the encrypted channel."""
+        st = self.status
+        self._tmp = tempfile.mkdtemp(prefix="ncmig-")
+        path = str(Path(self._tmp) / "src.sock")
+        conn: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue(1)
+
+        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await conn.put((r, w))
+
+        server = await asyncio.start_unix_server(on_conn, path=path)
+        try:
+            await self.ch.send_ctrl({"op": "device_begin"})
+            self._device_started = True
+            await self.vm.send_device_state(f"unix:{path}")
+            async with asyncio.timeout(60):
+                reader, writer = await conn.get()
+            try:
+                while True:
+                    chunk = await asyncio.wait_for(reader.read(DEVICE_CHUNK), 60)
+                    if not chunk:
+                        break
+                    frame = self.sender.seal_blob(protocol.TAG_DEVICE_STATE, chunk)
+                    self.ch.write_frame(frame)
+                    st.device_state_bytes += len(chunk)
+                    st.bytes_wire += len(frame) + 5
+                    await self.ch.drain()
+                    self._check_inbox()
+            finally:
+                writer.close()
+            await self.ch.send_ctrl({"op": "device_end", "bytes": st.device_state_bytes})
+            await self.vm.wait_device_state_sent(timeout=60)
+        finally:
+            server.close()
+
+    async def _switchover(self) -> None:
+        await self.ch.send_ctrl({"op": "go"})
+        self._go_sent = True
+        await self._expect("resumed", timeout=60)
+        self.status.downtime_ms = (time.monotonic() - self._t_pause) * 1000.0
+
+    async def _commit(self) -> None:
+        st = self.status
+        st.set_phase("commit")
+        try:
+            await self.vm.release()
+        except Exception as exc:  # the guest already runs at the destination
+            log.error("releasing source VM after commit failed",
+                      extra={"migration": st.id, "error": str(exc)})
+        with contextlib.suppress(ChannelClosed, OSError):
+            await self.ch.send_ctrl({"op": "done"}, timeout=5)
+        self._sync_counters()
+        st.set_phase("completed")
+        log.info("migration completed", extra={"migration": st.id, **st.metrics()})
+
+    async def _rollback(self, reason: str, *, cancelled: bool) -> None:
+        st = self.status
+        log.warning("migration failed; rolling back",
+                    extra={"migration": st.id, "phase": st.phase, "reason": reason})
+        if self._go_sent:
+            # The destination may already run the guest: resuming here could
+            # run it twice. Stay paused and report; an operator decides.
+            st.fail(f"{reason} (after switchover was ordered; source left paused)")
+            return
+        with contextlib.suppress(Exception):
+            await self.ch.send_ctrl({"op": "abort", "reason": reason}, timeout=2)
+        if self._device_started:
+            with contextlib.suppress(Exception):
+                await self.vm.cancel_device_state()
+        if self._paused:
+            try:
+                await self.vm.resume()
+                self._paused = False
+            except Exception as exc:
+                reason += f"; resuming the source failed: {exc}"
+        with contextlib.suppress(Exception):
+            await self.vm.stay()
+        self._sync_counters()
+        st.fail(reason, cancelled=cancelled)
+
+    def _cleanup(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _reason(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, TimeoutError):
+        return f"migration exceeded its timeout of {timeout:g}s"
+    if isinstance(exc, ProtocolError):
+        return f"protocol error: {exc}"
+    if isinstance(exc, ChannelClosed):
+        return f"channel to destination lost: {exc}"
+    return str(exc) or type(exc).__name__

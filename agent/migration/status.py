@@ -1,0 +1,108 @@
+"""Live status and metrics of one migration (what ``GET /v1/migrations/{id}`` shows)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+PHASES = ("prepare", "precopy", "stopcopy", "commit", "completed", "failed", "cancelled")
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class MigrationStatus:
+    id: str
+    vm: str
+    role: str  # "source" or "destination"
+    peer: str = ""
+    phase: str = "prepare"
+    round: int = 0
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    # counters
+    pages_total: int = 0
+    pages_sent: int = 0
+    pages_zero: int = 0
+    pages_dedup: int = 0
+    bytes_raw: int = 0
+    bytes_wire: int = 0
+    device_state_bytes: int = 0
+    dirty_pages_last_round: int = 0
+    dirty_rate_pages_s: float = 0.0
+    bandwidth_bytes_s: float = 0.0
+    downtime_ms: float | None = None
+    converged: bool | None = None
+    digest_source: str | None = None
+    digest_destination: str | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    native: dict[str, Any] = field(default_factory=dict)
+    _t0: float = field(default_factory=time.monotonic)
+    _t_end: float | None = None
+
+    def set_phase(self, phase: str) -> None:
+        assert phase in PHASES, phase
+        self.phase = phase
+        if phase in TERMINAL:
+            self.finished = time.time()
+            self._t_end = time.monotonic()
+
+    def fail(self, reason: str, *, cancelled: bool = False) -> None:
+        self.error = reason
+        self.set_phase("cancelled" if cancelled else "failed")
+
+    @property
+    def done(self) -> bool:
+        return self.phase in TERMINAL
+
+    @property
+    def total_s(self) -> float:
+        end = self._t_end if self._t_end is not None else time.monotonic()
+        return end - self._t0
+
+    def metrics(self) -> dict[str, Any]:
+        ratio = (self.bytes_raw / self.bytes_wire) if self.bytes_wire else None
+        considered = self.pages_sent + self.pages_zero + self.pages_dedup
+        return {
+            "pages": self.pages_total,
+            "pages_sent": self.pages_sent,
+            "pages_zero": self.pages_zero,
+            "pages_dedup": self.pages_dedup,
+            "bytes_raw": self.bytes_raw,
+            "bytes_wire": self.bytes_wire,
+            "device_state_bytes": self.device_state_bytes,
+            "dirty_pages_last_round": self.dirty_pages_last_round,
+            "dirty_rate_pages_s": round(self.dirty_rate_pages_s, 1),
+            "bandwidth_bytes_s": round(self.bandwidth_bytes_s, 1),
+            "compression_ratio": round(ratio, 3) if ratio else None,
+            "dedup_ratio": round(self.pages_dedup / considered, 4) if considered else None,
+            "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 2),
+            "total_s": round(self.total_s, 3),
+            "converged": self.converged,
+            "native": self.native,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "id": self.id,
+            "vm": self.vm,
+            "role": self.role,
+            "peer": self.peer,
+            "phase": self.phase,
+            "round": self.round,
+            "error": self.error,
+            "started": self.started,
+            "finished": self.finished,
+            "options": self.options,
+            "metrics": self.metrics(),
+            "rounds": self.rounds[-50:],
+        }
+        if self.digest_source or self.digest_destination:
+            doc["digest"] = {
+                "source": self.digest_source,
+                "destination": self.digest_destination,
+                "equal": self.digest_source == self.digest_destination,
+            }
+        return doc

@@ -1,0 +1,78 @@
+"""What the migration engine needs from a VM, on each side.
+
+The engine moves guest RAM itself (it maps the RAM file) and asks the
+hypervisor only to pause, resume and hand over device state. These protocols
+are the seam between the engine and the VM runtime (QEMU via QMP in
+``qemu_port``; plain files in the memory-only tests).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class SourceVM(Protocol):
+    name: str
+    ram_path: Path
+    ram_size: int
+
+    def spec(self) -> dict[str, Any]:
+        """The VM spec the destination needs to start an identical machine."""
+        ...
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def send_device_state(self, uri: str) -> None:
+        """Start the hypervisor's own migration of device state (RAM excluded) to ``uri``."""
+        ...
+
+    async def wait_device_state_sent(self, timeout: float) -> None:
+        """Return when the device-state migration completed; raise if it failed."""
+        ...
+
+    async def cancel_device_state(self) -> None: ...
+
+    async def release(self) -> None:
+        """After commit: stop the source machine and remove its files."""
+        ...
+
+    async def stay(self) -> None:
+        """The migration failed or never started: the VM is ordinary here again."""
+        ...
+
+
+class DestVM(Protocol):
+    name: str
+    ram_path: Path
+
+    async def listen_device_state(self, uri: str) -> None:
+        """Make the paused destination accept device state on ``uri`` (unix socket)."""
+        ...
+
+    async def wait_device_state_loaded(self, timeout: float) -> None: ...
+
+    async def resume(self) -> None:
+        """Start the guest and return once it is confirmed running."""
+        ...
+
+    async def destroy(self) -> None:
+        """Kill the destination machine and remove its RAM file and VM directory."""
+        ...
+
+    async def adopt(self) -> None:
+        """After commit: the VM is ours now (register with the runtime)."""
+        ...
+
+
+class DestFactory(Protocol):
+    async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str) -> DestVM:
+        """Admit the VM: check capacity, create and preallocate its RAM file, start the
+        machine paused waiting for incoming device state. Raises ``AdmissionError``."""
+        ...
+
+
+class AdmissionError(Exception):
+    """The destination cannot take the VM (name taken, no space, bad spec)."""

@@ -1,0 +1,381 @@
+"""One VM: its QEMU process, QMP connection, state and supervisor.
+
+States: ``stopped`` -> ``running`` <-> ``paused``; any live state -> ``crashed``
+when QEMU exits without being asked to. ``migrating`` is reported while a
+migration engine holds the VM (``vm.migrating = True``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, open_unix
+from novacron.agent.vm.errors import VMConflict, VMStartError
+from novacron.agent.vm.qemu_args import QEMU_BINARY, VMPaths, qemu_argv
+from novacron.agent.vm.ramfile import MIB, prepare_ram_file, remove_ram_file
+from novacron.agent.vm.spec import VMSpec
+
+log = logging.getLogger("novacron.agent.vm")
+
+STOPPED, RUNNING, PAUSED, CRASHED = "stopped", "running", "paused", "crashed"
+LIVE = (RUNNING, PAUSED)
+QMP_CONNECT_TIMEOUT_S = 15.0
+STOP_GRACE_S = 5.0
+
+ExitListener = Callable[["VM"], None]
+
+
+class VM:
+    def __init__(self, spec: VMSpec, accel: str, paths: VMPaths, qemu: str = QEMU_BINARY) -> None:
+        self.spec = spec
+        self.accel = accel
+        self.paths = paths
+        self.qemu = qemu
+        self.state = STOPPED
+        self.migrating = False  # set by the migration engine while it owns the VM
+        self.pid: int | None = None
+        self.qmp: QMPClient | None = None
+        self.exit_code: int | None = None
+        self.error = ""
+        self.started_at: float | None = None
+        self.incoming = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._event_task: asyncio.Task[None] | None = None
+        self._expect_exit = False
+        self._exited = asyncio.Event()
+        self._exited.set()
+        self._listeners: list[ExitListener] = []
+        self.lock = asyncio.Lock()  # serialises lifecycle operations
+
+    # ----- facts -----------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def ram_path(self) -> Path:
+        return self.paths.ram
+
+    @property
+    def serial_log(self) -> Path:
+        return self.paths.serial_log
+
+    @property
+    def alive(self) -> bool:
+        return self.state in LIVE
+
+    def argv(self, *, incoming: bool = False, paused: bool = False) -> list[str]:
+        return qemu_argv(self.spec, self.accel, self.paths, incoming=incoming, paused=paused, qemu=self.qemu)
+
+    def status(self) -> dict[str, Any]:
+        state = "migrating" if self.migrating and self.alive else self.state
+        return {
+            "name": self.name,
+            "state": state,
+            "pid": self.pid,
+            "accel": self.accel,
+            "memory_mb": self.spec.memory_mb,
+            "vcpus": self.spec.vcpus,
+            "ram_path": str(self.ram_path),
+            "serial_log": str(self.serial_log),
+            "qmp_socket": str(self.paths.qmp),
+            "started_at": self.started_at,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "spec": self.spec.to_dict(),
+        }
+
+    # ----- persistence -----------------------------------------------------
+    def save(self) -> None:
+        """Record spec and state so a restarted agent finds this VM."""
+        doc = {"spec": self.spec.to_dict(), "accel": self.accel, "state": self.state, "pid": self.pid,
+               "started_at": self.started_at, "error": self.error}  # fmt: skip
+        tmp = self.paths.meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.paths.meta)
+
+    def add_exit_listener(self, fn: ExitListener) -> None:
+        self._listeners.append(fn)
+
+    def remove_exit_listener(self, fn: ExitListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
+    # ----- lifecycle -------------------------------------------------------
+    async def start(self, *, paused: bool = False, incoming: bool = False) -> None:
+        """Create the RAM file and launch QEMU; ``incoming`` waits for a migration
+        (``-incoming defer``), ``paused`` leaves the vCPUs stopped."""
+        if self.alive:
+            raise VMConflict(f"VM {self.name} is already {self.state}")
+        self.paths.dir.mkdir(parents=True, exist_ok=True)
+        await prepare_ram_file(self.ram_path, self.spec.memory_mb * MIB)
+        for sock in (self.paths.qmp, self.paths.serial_sock):
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        argv = self.argv(incoming=incoming, paused=paused)
+        with self.paths.qemu_log.open("ab") as qemu_log:
+            qemu_log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
+            qemu_log.flush()
+            try:
+                # Popen, not asyncio's subprocess: its transport kills the child when
+                # the loop closes, and VMs must outlive an agent restart.
+                proc = subprocess.Popen(
+                    argv, cwd=self.paths.dir, stdin=subprocess.DEVNULL,
+                    stdout=qemu_log, stderr=qemu_log, start_new_session=True,
+                )  # fmt: skip
+            except OSError as exc:
+                remove_ram_file(self.ram_path)
+                raise VMStartError(f"cannot run {self.qemu}: {exc}") from None
+        self._proc, self.pid = proc, proc.pid
+        self._expect_exit = False
+        self._exited.clear()
+        self.exit_code, self.error = None, ""
+        self.incoming = incoming
+        pidfd = os.pidfd_open(proc.pid)
+        self._supervisor = asyncio.create_task(self._supervise_pidfd(pidfd, proc), name=f"vm {self.name} supervisor")
+        try:
+            qmp = await self._connect_qmp()
+        except Exception as exc:
+            await self._kill_and_wait()
+            detail = self._qemu_log_tail()
+            remove_ram_file(self.ram_path)
+            self.state = STOPPED
+            raise VMStartError(f"QEMU for {self.name} did not start: {detail or exc}") from None
+        self._attach(qmp)
+        self.state = PAUSED if (paused or incoming) else RUNNING
+        self.started_at = time.time()
+        self.save()
+        log.info("vm started", extra={"vm": self.name, "pid": self.pid, "accel": self.accel, "incoming": incoming})
+
+    async def _connect_qmp(self) -> QMPClient:
+        connect = asyncio.create_task(QMPClient.connect(str(self.paths.qmp), timeout=QMP_CONNECT_TIMEOUT_S))
+        exited = asyncio.create_task(self._exited.wait())
+        try:
+            await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if not connect.done():
+            connect.cancel()
+            with contextlib.suppress(BaseException):
+                await connect
+            raise VMStartError("QEMU exited during start-up")
+        return connect.result()
+
+    def _attach(self, qmp: QMPClient) -> None:
+        self.qmp = qmp
+        self._event_task = asyncio.create_task(self._follow_events(qmp), name=f"vm {self.name} events")
+
+    async def adopt(self, pid: int, state: str) -> bool:
+        """Take over a QEMU left running by an earlier agent; False if it is gone."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        try:
+            qmp = await QMPClient.connect(str(self.paths.qmp), timeout=3.0)
+            status = await qmp.execute("query-status", timeout=5.0)
+        except (OSError, TimeoutError, QMPError):
+            os.close(pidfd)
+            return False
+        self.pid = pid
+        self._expect_exit = False
+        self._exited.clear()
+        self._attach(qmp)
+        self.state = RUNNING if status.get("running") else PAUSED
+        self._supervisor = asyncio.create_task(self._supervise_pidfd(pidfd), name=f"vm {self.name} supervisor")
+        log.info("vm adopted", extra={"vm": self.name, "pid": pid, "state": self.state, "was": state})
+        return True
+
+    async def _follow_events(self, qmp: QMPClient) -> None:
+        sub = qmp.subscribe(["STOP", "RESUME", "SHUTDOWN"])
+        try:
+            while True:
+                event = await sub.get()
+                name = event.get("event")
+                if name == "STOP" and self.state == RUNNING:
+                    self.state = PAUSED
+                elif name == "RESUME" and self.state == PAUSED:
+                    self.state = RUNNING
+                    self.incoming = False
+                elif name == "SHUTDOWN":
+                    # a guest power-off or a requested quit is an orderly exit
+                    self._expect_exit = True
+                    continue
+                else:
+                    continue
+                with contextlib.suppress(OSError):
+                    self.save()
+        except QMPClosedError:
+            pass
+        finally:
+            qmp.unsubscribe(sub)
+
+    async def _supervise_pidfd(self, pidfd: int, child: subprocess.Popen[bytes] | None = None) -> None:
+        """Wait for QEMU to exit (a pidfd turns readable), then record how it went.
+        For an adopted QEMU (not our child) the exit code is unknown."""
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def on_readable() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        loop.add_reader(pidfd, on_readable)
+        try:
+            await gone
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        await self._on_exit(child.wait() if child is not None else None)
+
+    async def _on_exit(self, code: int | None) -> None:
+        self.exit_code = code
+        was = self.state
+        if self.qmp is not None:
+            await self.qmp.close()
+        if self._event_task is not None:
+            self._event_task.cancel()
+        if self._expect_exit:
+            self.state = STOPPED
+            log.info("vm stopped", extra={"vm": self.name, "exit_code": code})
+        else:
+            self.state = CRASHED
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            self.error = f"QEMU exited unexpectedly ({how}) while {was}"
+            tail = self._qemu_log_tail()
+            if tail:
+                self.error += f": {tail}"
+            log.error("vm crashed", extra={"vm": self.name, "pid": self.pid, "exit_code": code, "error": self.error})
+        self.pid = None
+        self.qmp = None
+        self.migrating = False
+        if self.state == STOPPED:
+            remove_ram_file(self.ram_path)  # crashed VMs keep theirs for inspection
+        with contextlib.suppress(OSError):
+            self.save()
+        self._exited.set()
+        for fn in list(self._listeners):
+            try:
+                fn(self)
+            except Exception:
+                log.exception("vm exit listener failed", extra={"vm": self.name})
+
+    def _qemu_log_tail(self, limit: int = 400) -> str:
+        try:
+            text = self.paths.qemu_log.read_text(errors="replace")
+        except OSError:
+            return ""
+        lines = [ln for ln in text.splitlines() if ln and not ln.startswith("--- ")]
+        return " | ".join(lines[-3:])[-limit:]
+
+    async def wait_exit(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _kill_and_wait(self) -> None:
+        self._expect_exit = True
+        self._signal(signal.SIGKILL)
+        await self.wait_exit(10.0)
+
+    def _signal(self, sig: int) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    async def stop(self) -> None:
+        """Power off: QMP quit, then SIGTERM, then SIGKILL. The RAM file is removed."""
+        if not self.alive:
+            if self.state == CRASHED:
+                remove_ram_file(self.ram_path)
+                self.state = STOPPED
+                self.save()
+            return
+        self._expect_exit = True
+        if self.qmp is not None:
+            with contextlib.suppress(QMPError, QMPClosedError, TimeoutError):
+                await self.qmp.execute("quit", timeout=STOP_GRACE_S)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if await self.wait_exit(STOP_GRACE_S):
+                return
+            log.warning("vm did not exit, signalling", extra={"vm": self.name, "signal": sig.name})
+            self._signal(sig)
+        await self.wait_exit(STOP_GRACE_S)
+
+    async def kill(self) -> None:
+        """SIGKILL QEMU without marking it expected (fault injection; shows as crashed)."""
+        self._signal(signal.SIGKILL)
+        await self.wait_exit(10.0)
+
+    async def pause(self) -> None:
+        await self._qmp_op("stop", {RUNNING}, PAUSED)
+
+    async def resume(self) -> None:
+        await self._qmp_op("cont", {PAUSED}, RUNNING)
+
+    async def _qmp_op(self, command: str, allowed: set[str], result: str) -> None:
+        if self.state == result:
+            return
+        if self.state not in allowed or self.qmp is None:
+            raise VMConflict(f"VM {self.name} is {self.state}; cannot {command}")
+        if self.incoming:
+            raise VMConflict(f"VM {self.name} is waiting for an incoming migration")
+        await self.qmp.execute(command, timeout=10.0)
+        self.state = result
+        self.save()
+
+    # ----- serial console --------------------------------------------------
+    async def send_serial(self, text: str, timeout: float = 5.0) -> None:
+        """Type ``text`` on the guest's serial console (e.g. ``"verify\\n"``)."""
+        if not self.alive:
+            raise VMConflict(f"VM {self.name} is {self.state}")
+        _reader, writer = await asyncio.wait_for(open_unix(str(self.paths.serial_sock)), timeout)
+        try:
+            writer.write(text.encode())
+            await writer.drain()
+            await asyncio.sleep(0.05)  # let QEMU drain the socket before we hang up
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def read_serial(self, offset: int = 0) -> bytes:
+        try:
+            with self.serial_log.open("rb") as f:
+                f.seek(offset)
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
+    async def wait_serial(self, pattern: str, timeout: float, offset: int = 0) -> re.Match[str]:
+        """Wait until the serial log (from ``offset``) matches ``pattern``."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = rx.search(self.read_serial(offset).decode(errors="replace"))
+            if match:
+                return match
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{pattern!r} not on {self.name}'s serial console within {timeout}s")
+            await asyncio.sleep(0.2)
+
+
+def load_meta(path: Path) -> dict[str, Any]:
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or "spec" not in doc:
+        raise ValueError(f"{path}: not a VM record")
+    return doc

@@ -1,0 +1,107 @@
+"""The QEMU command line for a VM, built from its spec alone.
+
+A migration destination must run the *identical* machine: same machine type,
+CPU model, memory backend layout and devices; only the RAM file, the socket
+and log paths and ``-incoming`` differ. Everything guest-visible here therefore
+comes from the spec and the accelerator, never from the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from novacron.agent.vm.spec import VMSpec
+
+QEMU_BINARY = "qemu-system-x86_64"
+MACHINE_TYPE = "pc"
+RAM_BACKEND_ID = "ram0"
+SERIAL_ID = "serial0"
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    """Where one VM's files live (``<state_dir>/vms/<name>/``)."""
+
+    dir: Path
+
+    @property
+    def ram(self) -> Path:
+        return self.dir / "ram"
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def serial_sock(self) -> Path:
+        return self.dir / "serial.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.dir / "serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "vm.json"
+
+
+def cpu_model(accel: str) -> str:
+    # a fixed model under TCG so source and destination agree regardless of host
+    return "host" if accel == "kvm" else "qemu64"
+
+
+def machine_args(spec: VMSpec, accel: str, ram_path: Path) -> list[str]:
+    """The guest-visible machine; identical on a migration's two ends but for ``ram_path``."""
+    args = [
+        "-machine", f"{MACHINE_TYPE},accel={accel},memory-backend={RAM_BACKEND_ID}",
+        "-cpu", cpu_model(accel),
+        "-smp", str(spec.vcpus),
+        "-m", f"{spec.memory_mb}M",
+        "-object",
+        f"memory-backend-file,id={RAM_BACKEND_ID},size={spec.memory_mb}M,mem-path={ram_path},share=on",
+    ]  # fmt: skip
+    if spec.kernel:
+        args += ["-kernel", spec.kernel]
+        if spec.initrd:
+            args += ["-initrd", spec.initrd]
+        if spec.cmdline:
+            args += ["-append", spec.cmdline]
+    else:
+        args += ["-drive", f"file={spec.disk},format={spec.disk_format},if=virtio,cache=none"]
+    return args
+
+
+def qemu_argv(
+    spec: VMSpec,
+    accel: str,
+    paths: VMPaths,
+    *,
+    incoming: bool = False,
+    paused: bool = False,
+    qemu: str = QEMU_BINARY,
+) -> list[str]:
+    """Full argv. ``incoming`` adds ``-incoming defer`` (a migration destination);
+    ``paused`` adds ``-S`` (vCPUs wait for QMP ``cont``).
+
+    Socket paths are relative: QEMU runs with ``cwd=paths.dir`` because unix
+    socket paths are limited to 107 bytes and state dirs can be deep.
+    """
+    argv = [
+        qemu, "-name", f"guest={spec.name}", "-nodefaults", "-no-user-config", "-display", "none",
+        *machine_args(spec, accel, paths.ram),
+        "-chardev",
+        f"socket,id={SERIAL_ID},path={paths.serial_sock.name},server=on,wait=off,"
+        f"logfile={paths.serial_log},logappend=on",
+        "-serial", f"chardev:{SERIAL_ID}",
+        "-qmp", f"unix:{paths.qmp.name},server=on,wait=off",
+    ]  # fmt: skip
+    if paused or incoming:
+        argv.append("-S")
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv

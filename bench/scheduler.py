@@ -1,0 +1,103 @@
+"""``novacron bench scheduler``: placement policies replayed on an Azure-like trace."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import numpy as np
+
+from novacron.bench.report import Report
+from novacron.coordinator.scheduler.simulate import POLICIES, SimResult, simulate
+from novacron.coordinator.scheduler.trace import make_arrivals, make_background, make_hosts
+
+DESCRIPTION = (
+    "Replay a synthetic VM trace (Azure 2017 size mix, arrivals, lifetimes) on 1,000 and "
+    "10,000 hosts with first-fit, best-fit, spread and NovaCron's multi-objective scheduler "
+    "(plus its learned policy); best-fit is the reference for the ratios."
+)
+REFERENCE = "best-fit"
+TRACE_HOURS = 12.0
+P99_TARGET_MS = 5.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hosts", type=int, nargs="+", default=[1000, 10000], metavar="N",
+                        help="fleet sizes to run (default: 1000 10000)")
+    parser.add_argument("--arrivals", type=int, default=0, metavar="K",
+                        help="VM arrivals per fleet size (default: 12 per host, at most 8000)")
+    parser.add_argument("--seed", type=int, default=2017)
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
+                        help="policies to compare (best-fit is always run as the reference)")
+
+
+def _arrivals_for(hosts: int, asked: int) -> int:
+    return asked if asked > 0 else min(12 * hosts, 8000)
+
+
+def _row(r: SimResult, ref: SimResult) -> dict[str, Any]:
+    return {
+        "hosts_peak": r.hosts_peak, "hosts_end": r.hosts_end, "power_ons": r.power_ons,
+        "cost_usd": round(r.cost, 2), "mean_util": round(r.mean_util, 4),
+        "peak_util": round(r.peak_util, 4), "rejections": r.rejections, "placed": r.placed,
+        "mean_region_rtt_ms": round(r.mean_latency_ms, 2),
+        "p50_ms": round(r.p(50), 4), "p99_ms": round(r.p(99), 4),
+        "hosts_vs_ref": round(r.hosts_peak / ref.hosts_peak, 4) if ref.hosts_peak else None,
+        "cost_vs_ref": round(r.cost / ref.cost, 4) if ref.cost else None,
+        **({"arms": r.policy_arms} if r.policy_arms else {}),
+    }
+
+
+def run(args: argparse.Namespace) -> Report:
+    for n in args.hosts:
+        if not 10 <= n <= 100_000:
+            raise SystemExit("novacron bench scheduler: --hosts must be between 10 and 100000")
+    if args.arrivals < 0:
+        raise SystemExit("novacron bench scheduler: --arrivals must be >= 0")
+    policies = [REFERENCE, *[p for p in args.policies if p != REFERENCE]]
+    report = Report("scheduler")
+    report.data = {"reference": REFERENCE, "trace_hours": TRACE_HOURS, "runs": {}}
+    for n in args.hosts:
+        rng = np.random.default_rng(args.seed + n)
+        hosts = make_hosts(n, rng)
+        background = make_background(hosts, rng)
+        count = _arrivals_for(n, args.arrivals)
+        arrivals = make_arrivals(count, count / TRACE_HOURS, rng)
+        t0 = time.perf_counter()
+        results = {p: simulate(hosts, background, arrivals, p) for p in policies}
+        elapsed = time.perf_counter() - t0
+        ref = results[REFERENCE]
+        table = report.table(
+            f"{n:,} hosts, {len(background):,} VMs running at start, {count:,} arrivals over "
+            f"{TRACE_HOURS:.0f} h ({elapsed:.1f} s)",
+            ["policy", "hosts used (peak)", "x best-fit", "cost $", "x best-fit", "power-ons",
+             "util mean", "util peak", "rejected", "region RTT ms", "p50 ms", "p99 ms"])
+        rows: dict[str, Any] = {}
+        for p in policies:
+            r = results[p]
+            row = rows[p] = _row(r, ref)
+            table.add(p, r.hosts_peak, row["hosts_vs_ref"], r.cost, row["cost_vs_ref"], r.power_ons,
+                      f"{r.mean_util:.1%}", f"{r.peak_util:.1%}", r.rejections,
+                      r.mean_latency_ms, r.p(50), r.p(99))
+        report.data["runs"][str(n)] = {"background_vms": len(background), "arrivals": count,
+                                       "policies": rows}
+        for name in ("ours", "ours+learned"):
+            if name not in results:
+                continue
+            r = results[name]
+            fewer = r.hosts_peak <= ref.hosts_peak
+            report.notes.append(
+                f"{n:,} hosts, {name}: peak hosts {r.hosts_peak} vs best-fit {ref.hosts_peak} "
+                f"({'no more' if fewer else 'MORE'} than best-fit), cost x{r.cost / ref.cost:.3f}, "
+                f"rejections {r.rejections} vs {ref.rejections}, "
+                f"p99 {r.p(99):.2f} ms ({'within' if r.p(99) <= P99_TARGET_MS else 'ABOVE'} "
+                f"the {P99_TARGET_MS:.0f} ms target)")
+        if "ours+learned" in results:
+            r = results["ours+learned"]
+            beats = (r.hosts_peak, r.rejections, r.cost) < (ref.hosts_peak, ref.rejections, ref.cost) \
+                and r.hosts_peak <= ref.hosts_peak and r.rejections <= ref.rejections
+            report.notes.append(f"{n:,} hosts: the learned policy {'beats' if beats else 'does NOT beat'} "
+                                "best-fit on (hosts, rejections, cost) in this run.")
+            report.data["runs"][str(n)]["learned_beats_best_fit"] = beats
+    return report

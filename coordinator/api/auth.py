@@ -1,0 +1,57 @@
+"""Bearer-token auth, decided per route by its declared ``auth`` role.
+
+``admin`` routes take the admin token; ``agent`` routes (register, heartbeat)
+take the agent token; ``public`` (health) takes none. Tokens are compared in
+constant time and never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from novacron.coordinator.api.errors import error_response
+from novacron.coordinator.api.keys import CONFIG
+from novacron.coordinator.api.openapi import API_PREFIX
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def token_ok(given: str, expected: str) -> bool:
+    if not expected:
+        return False  # an unset token never authenticates anyone
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def make_auth_middleware(roles: dict[tuple[str, str], str]) -> Middleware:
+    """``roles`` maps (method, resource canonical path) to the route's auth role."""
+
+    @web.middleware
+    async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        canonical = resource.canonical if resource is not None else request.path
+        role = roles.get((request.method, canonical))
+        if role is None and request.method == "HEAD":
+            role = roles.get(("GET", canonical))
+        if role is None:
+            # Unknown routes under the API still need a token, so they reveal nothing.
+            role = "admin" if request.path.startswith(API_PREFIX) else "public"
+        if role != "public":
+            cfg = request.app[CONFIG]
+            token = bearer(request)
+            if token is None:
+                return error_response(401, "missing 'Authorization: Bearer <token>' header")
+            expected = cfg.agent_token if role == "agent" else cfg.admin_token
+            if not token_ok(token, expected):
+                return error_response(401, f"invalid token for this route (needs the {role} token)")
+        return await handler(request)
+
+    return auth_middleware

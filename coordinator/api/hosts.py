@@ -1,0 +1,142 @@
+"""Hosts: agents register and heartbeat (agent token); operators list and remove them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from novacron.coordinator.api import schemas
+from novacron.coordinator.api.errors import ApiError
+from novacron.coordinator.api.keys import CONFIG, STORE
+from novacron.coordinator.api.openapi import RouteTable, json_body
+from novacron.coordinator.models import HOST_UP, Host
+
+log = logging.getLogger("novacron.coordinator.hosts")
+routes = RouteTable("hosts", "Hypervisor hosts and their agents")
+
+_COUNT = {"type": "integer", "minimum": 0, "maximum": 2**62}
+_USAGE: dict[str, Any] = {
+    "memory_available_bytes": _COUNT,
+    "vms": {"type": "array", "maxItems": 10000, "items": schemas.NAME},
+    "load": {"type": "number", "minimum": 0, "maximum": 1e6},
+}
+
+REGISTER: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "url", "token", "cpus", "memory_bytes", "memory_available_bytes"],
+    "properties": {
+        "name": schemas.NAME,
+        "url": {"type": "string", "pattern": "^https?://[^\\s/]+(/\\S*)?$", "maxLength": 2048},
+        "token": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "cpus": {"type": "integer", "minimum": 1, "maximum": 65536},
+        "memory_bytes": _COUNT,
+        "accel": {"type": "object", "maxProperties": 32},
+        "data_port": {"type": ["integer", "null"], "minimum": 0, "maximum": 65535},
+        "version": {"type": "string", "maxLength": 64},
+        **_USAGE,
+    },
+}
+
+HEARTBEAT: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["memory_available_bytes"],
+    "properties": dict(_USAGE),
+}
+
+REGISTERED: dict[str, Any] = {
+    "type": "object", "required": ["host", "heartbeat_interval_s"],
+    "properties": {"host": schemas.HOST, "heartbeat_interval_s": {"type": "number"}},
+}
+
+
+@routes.post("/hosts/register", "Register (or re-register) an agent's host", auth="agent",
+             request=REGISTER, response=REGISTERED)
+async def register(request: web.Request) -> web.Response:
+    body = json_body(request)
+    if body["memory_available_bytes"] > body["memory_bytes"]:
+        raise ApiError(400, "body.memory_available_bytes: larger than memory_bytes")
+    store, cfg = request.app[STORE], request.app[CONFIG]
+    now = time.time()
+    old = await store.get_host(body["name"])
+    host = Host(**body, state=HOST_UP, last_heartbeat=now,
+                registered_at=old.registered_at if old else now)
+    await store.put_host(host)
+    log.info("host registered", extra={"host": host.name, "url": host.url, "cpus": host.cpus})
+    return web.json_response({"host": host.public(),
+                              "heartbeat_interval_s": cfg.heartbeat_interval_s})
+
+
+@routes.post("/hosts/{name}/heartbeat", "Report usage; keeps the host up", auth="agent",
+             request=HEARTBEAT, response=REGISTERED)
+async def heartbeat(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    host = await request.app[STORE].heartbeat(name, json_body(request), time.time())
+    if host is None:
+        raise ApiError(404, f"host {name!r} is not registered; register first")
+    return web.json_response({"host": host.public(),
+                              "heartbeat_interval_s": request.app[CONFIG].heartbeat_interval_s})
+
+
+@routes.get("/hosts", "List hosts", response=schemas.list_of("hosts", schemas.HOST))
+async def list_hosts(request: web.Request) -> web.Response:
+    hosts = await request.app[STORE].list_hosts()
+    return web.json_response({"hosts": [h.public() for h in hosts]})
+
+
+@routes.get("/hosts/{name}", "One host", response=schemas.HOST)
+async def get_host(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    host = await request.app[STORE].get_host(name)
+    if host is None:
+        raise ApiError(404, f"no host named {name!r}")
+    return web.json_response(host.public())
+
+
+@routes.delete("/hosts/{name}", "Forget a host that runs no VMs",
+               response={"type": "object", "required": ["deleted"]}, errors=(409,))
+async def delete_host(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    store = request.app[STORE]
+    if await store.get_host(name) is None:
+        raise ApiError(404, f"no host named {name!r}")
+    vms = await store.list_vms(host=name)
+    if vms:
+        raise ApiError(409, f"host {name!r} still runs {len(vms)} VM(s): "
+                       + ", ".join(v.name for v in vms[:5]))
+    await store.delete_host(name)
+    return web.json_response({"deleted": name})
+
+
+async def _monitor(app: web.Application) -> AsyncIterator[None]:
+    """Mark hosts down when their heartbeats stop."""
+    cfg, store = app[CONFIG], app[STORE]
+
+    async def loop() -> None:
+        period = max(0.05, cfg.heartbeat_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                down = await store.mark_down(time.time() - cfg.heartbeat_timeout_s)
+            except Exception:
+                log.exception("heartbeat check failed")
+                continue
+            for name in down:
+                log.warning("host missed heartbeats; marked down", extra={"host": name})
+
+    task = asyncio.create_task(loop(), name="heartbeat-monitor")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def setup(app: web.Application) -> None:
+    app.cleanup_ctx.append(_monitor)

@@ -1,0 +1,114 @@
+"""Live migrations: start, follow (polling or SSE), cancel, history."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from novacron.coordinator.api import schemas
+from novacron.coordinator.api.errors import ApiError
+from novacron.coordinator.api.keys import CONFIG, EVENTS, MIGRATIONS, STORE
+from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
+from novacron.coordinator.migrations import topic
+
+routes = RouteTable("migrations", "Live migrations between hosts")
+
+START: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["vm", "target"],
+    "properties": {
+        "vm": schemas.NAME,
+        "target": schemas.NAME,
+        "options": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "bandwidth_mbps": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e6},
+                "downtime_ms": {"type": "number", "exclusiveMinimum": 0, "maximum": 600000},
+                "max_rounds": {"type": "integer", "minimum": 1, "maximum": 1000},
+                "compress": {"type": "boolean"},
+                "dedup": {"type": "boolean"},
+                "postcopy": {"type": "boolean"},
+                "zstd_level": {"type": "integer", "minimum": -7, "maximum": 22},
+            },
+        },
+    },
+}
+
+# How long one SSE stream may stay open without news before a keep-alive comment.
+KEEPALIVE_S = 15.0
+
+
+@routes.post("/migrations", "Start a live migration of a VM to a host", request=START,
+             response=schemas.MIGRATION, status=202, errors=(404, 409, 502))
+async def start(request: web.Request) -> web.Response:
+    body = json_body(request)
+    mig = await request.app[MIGRATIONS].start(body["vm"], body["target"], body.get("options", {}))
+    return web.json_response(mig.public(), status=202)
+
+
+@routes.get("/migrations", "Migration history, newest first",
+            query={"vm": schemas.NAME, "limit": {"type": "integer", "minimum": 1, "maximum": 1000}},
+            response=schemas.list_of("migrations", schemas.MIGRATION))
+async def history(request: web.Request) -> web.Response:
+    q = query_params(request)
+    migs = await request.app[STORE].list_migrations(vm=q.get("vm"), limit=q.get("limit", 100))
+    return web.json_response({"migrations": [m.public() for m in migs]})
+
+
+@routes.get("/migrations/{id}", "One migration's progress and metrics",
+            response=schemas.MIGRATION)
+async def get_migration(request: web.Request) -> web.Response:
+    mig_id = request.match_info["id"]
+    mig = await request.app[STORE].get_migration(mig_id)
+    if mig is None:
+        raise ApiError(404, f"no migration {mig_id!r}")
+    return web.json_response(mig.public())
+
+
+@routes.post("/migrations/{id}/cancel", "Cancel a running migration (the VM stays on its source)",
+             response=schemas.MIGRATION, status=202, errors=(409, 502))
+async def cancel(request: web.Request) -> web.Response:
+    mig = await request.app[MIGRATIONS].cancel(request.match_info["id"])
+    return web.json_response(mig.public(), status=202)
+
+
+@routes.get("/migrations/{id}/events",
+            "Server-sent events: the migration's state now, then each change until it ends",
+            content_type="text/event-stream")
+async def events(request: web.Request) -> web.StreamResponse:
+    mig_id = request.match_info["id"]
+    store = request.app[STORE]
+    # Subscribe before reading, so no change between the read and the stream is missed.
+    with request.app[EVENTS].subscribe(topic(mig_id)) as sub:
+        mig = await store.get_migration(mig_id)
+        if mig is None:
+            raise ApiError(404, f"no migration {mig_id!r}")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        await _send(resp, mig.public())
+        deadline = time.time() + request.app[CONFIG].migration_timeout_s
+        done = mig.done
+        while not done and time.time() < deadline:
+            event = await sub.get(KEEPALIVE_S)
+            if event is None:
+                # Nothing new: re-read in case the migration ended while we were not subscribed.
+                fresh = await store.get_migration(mig_id)
+                if fresh is not None and fresh.done:
+                    event = fresh.public()
+                else:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+            await _send(resp, event)
+            done = event.get("phase") in ("completed", "failed", "cancelled")
+        await resp.write_eof()
+        return resp
+
+
+async def _send(resp: web.StreamResponse, doc: dict[str, Any]) -> None:
+    await resp.write(f"event: migration\ndata: {json.dumps(doc)}\n\n".encode())

@@ -1,0 +1,57 @@
+"""JSON schemas of the coordinator's records, shared by route modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from novacron.coordinator.api.openapi import NAME_SCHEMA
+
+NULLABLE_STR: dict[str, Any] = {"type": ["string", "null"]}
+
+HOST: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "url", "state", "cpus", "memory_bytes", "memory_available_bytes"],
+    "properties": {
+        "name": {"type": "string"}, "url": {"type": "string"},
+        "state": {"enum": ["up", "down"]},
+        "cpus": {"type": "integer"}, "memory_bytes": {"type": "integer"},
+        "memory_available_bytes": {"type": "integer"},
+        "accel": {"type": "object"}, "data_port": {"type": ["integer", "null"]},
+        "version": {"type": "string"}, "vms": {"type": "array", "items": {"type": "string"}},
+        "load": {"type": ["number", "null"]},
+        "registered_at": {"type": "number"}, "last_heartbeat": {"type": "number"},
+    },
+}
+
+VM: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "host", "state", "spec"],
+    "properties": {
+        "name": {"type": "string"}, "host": {"type": "string"}, "state": {"type": "string"},
+        "spec": {"type": "object"}, "error": NULLABLE_STR,
+        "created_at": {"type": "number"}, "updated_at": {"type": "number"},
+        "agent": {"type": ["object", "null"]},
+    },
+}
+
+MIGRATION: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "vm", "source", "target", "phase"],
+    "properties": {
+        "id": {"type": "string"}, "vm": {"type": "string"},
+        "source": {"type": "string"}, "target": {"type": "string"},
+        "phase": {"type": "string"}, "round": {"type": "integer"},
+        "options": {"type": "object"}, "metrics": {"type": "object"}, "error": NULLABLE_STR,
+        "agent_migration_id": NULLABLE_STR,
+        "created_at": {"type": "number"}, "updated_at": {"type": "number"},
+        "finished_at": {"type": ["number", "null"]},
+    },
+}
+
+
+def list_of(key: str, item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": [key],
+            "properties": {key: {"type": "array", "items": item}}}
+
+
+NAME = NAME_SCHEMA

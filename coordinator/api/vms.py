@@ -1,0 +1,165 @@
+"""VMs: placed on a host, then created and started through that host's agent."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from novacron.coordinator.agent_client import AgentError
+from novacron.coordinator.api import schemas
+from novacron.coordinator.api.errors import ApiError
+from novacron.coordinator.api.keys import AGENTS, PLACER, STORE
+from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
+from novacron.coordinator.models import HOST_UP, VM, Host
+
+log = logging.getLogger("novacron.coordinator.vms")
+routes = RouteTable("vms", "Virtual machines")
+
+_PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
+CREATE: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "vcpus", "memory_mb"],
+    "properties": {
+        "name": schemas.NAME,
+        "vcpus": {"type": "integer", "minimum": 1, "maximum": 256},
+        "memory_mb": {"type": "integer", "minimum": 16, "maximum": 4 * 1024 * 1024},
+        "kernel": _PATH,
+        "initrd": _PATH,
+        "cmdline": {"type": "string", "maxLength": 4096},
+        "disk": _PATH,
+        "accel": {"enum": ["kvm", "tcg", "auto"]},
+        "host": {**schemas.NAME, "description": "pin to this host instead of placing"},
+    },
+    "oneOf": [
+        {"required": ["kernel"], "not": {"required": ["disk"]}},
+        {"required": ["disk"], "not": {"anyOf": [
+            {"required": ["kernel"]}, {"required": ["initrd"]}, {"required": ["cmdline"]}]}},
+    ],
+}
+
+
+async def _vm_and_host(request: web.Request) -> tuple[VM, Host]:
+    name = request.match_info["name"]
+    store = request.app[STORE]
+    vm = await store.get_vm(name)
+    if vm is None:
+        raise ApiError(404, f"no VM named {name!r}")
+    host = await store.get_host(vm.host)
+    if host is None:
+        raise ApiError(409, f"VM {name!r} is on host {vm.host!r}, which is no longer registered")
+    return vm, host
+
+
+def _agent_failure(exc: AgentError, doing: str) -> ApiError:
+    # The agent's own 4xx (e.g. a kernel path it cannot read) is the client's problem: 409;
+    # an unreachable or failing agent is a gateway failure: 502.
+    status = 409 if 400 <= exc.status < 500 else 502
+    return ApiError(status, f"{doing}: {exc}")
+
+
+@routes.post("/vms", "Create a VM: place it, then start it on the chosen host's agent",
+             request=CREATE, response=schemas.VM, status=201, errors=(404, 409, 502))
+async def create_vm(request: web.Request) -> web.Response:
+    body: dict[str, Any] = dict(json_body(request))
+    store, agents = request.app[STORE], request.app[AGENTS]
+    if await store.get_vm(body["name"]) is not None:
+        raise ApiError(409, f"a VM named {body['name']!r} already exists")
+    pinned = body.pop("host", None)
+    hosts = await store.list_hosts()
+    if pinned is not None:
+        hosts = [h for h in hosts if h.name == pinned]
+        if not hosts:
+            raise ApiError(404, f"no host named {pinned!r}")
+        if hosts[0].state != HOST_UP:
+            raise ApiError(409, f"host {pinned!r} is down")
+    host = await request.app[PLACER](body, hosts, await store.list_vms())
+    if host is None:
+        raise ApiError(409, f"no up host has {body['vcpus']} vCPUs and {body['memory_mb']} MiB "
+                       "free for this VM")
+    now = time.time()
+    vm = VM(name=body["name"], host=host.name, spec=body, state="creating",
+            created_at=now, updated_at=now)
+    await store.put_vm(vm)  # reserves the name and the capacity while the agent works
+    try:
+        status = await agents.call(host.name, host.url, host.token, "POST", "/v1/vms", body,
+                                   timeout_s=120)
+    except AgentError as exc:
+        await store.delete_vm(vm.name)
+        raise _agent_failure(exc, f"starting the VM on {host.name}") from None
+    vm.state = str(status.get("state", "running")) if isinstance(status, dict) else "running"
+    vm.updated_at = time.time()
+    await store.put_vm(vm)
+    log.info("vm created", extra={"vm": vm.name, "host": host.name, "state": vm.state})
+    return web.json_response(vm.public(), status=201)
+
+
+@routes.get("/vms", "List VMs", query={"host": schemas.NAME},
+            response=schemas.list_of("vms", schemas.VM))
+async def list_vms(request: web.Request) -> web.Response:
+    vms = await request.app[STORE].list_vms(host=query_params(request).get("host"))
+    return web.json_response({"vms": [v.public() for v in vms]})
+
+
+@routes.get("/vms/{name}", "One VM, with its agent's live status when reachable",
+            response=schemas.VM, errors=(409,))
+async def get_vm(request: web.Request) -> web.Response:
+    vm, host = await _vm_and_host(request)
+    doc = vm.public()
+    doc["agent"] = None
+    try:
+        status = await request.app[AGENTS].call(host.name, host.url, host.token, "GET",
+                                                f"/v1/vms/{vm.name}", timeout_s=3)
+        if isinstance(status, dict):
+            doc["agent"] = status
+    except AgentError as exc:
+        doc["agent_error"] = exc.message
+    return web.json_response(doc)
+
+
+async def _action(request: web.Request, action: str, new_state: str) -> web.Response:
+    vm, host = await _vm_and_host(request)
+    if vm.state in ("migrating", "creating"):
+        raise ApiError(409, f"VM {vm.name!r} is {vm.state}; try again when it is done")
+    try:
+        status = await request.app[AGENTS].call(host.name, host.url, host.token, "POST",
+                                                f"/v1/vms/{vm.name}/{action}", timeout_s=60)
+    except AgentError as exc:
+        raise _agent_failure(exc, f"{action} on {host.name}") from None
+    vm.state = str(status.get("state", new_state)) if isinstance(status, dict) else new_state
+    vm.updated_at = time.time()
+    await request.app[STORE].put_vm(vm)
+    return web.json_response(vm.public())
+
+
+@routes.post("/vms/{name}/stop", "Stop a VM", response=schemas.VM, errors=(409, 502))
+async def stop_vm(request: web.Request) -> web.Response:
+    return await _action(request, "stop", "stopped")
+
+
+@routes.post("/vms/{name}/start", "Start a stopped VM", response=schemas.VM, errors=(409, 502))
+async def start_vm(request: web.Request) -> web.Response:
+    return await _action(request, "start", "running")
+
+
+@routes.delete("/vms/{name}", "Delete a VM (stops it on its agent first)",
+               query={"force": {"type": "boolean"}},
+               response={"type": "object", "required": ["deleted"]}, errors=(409, 502))
+async def delete_vm(request: web.Request) -> web.Response:
+    vm, host = await _vm_and_host(request)
+    if vm.state == "migrating":
+        raise ApiError(409, f"VM {vm.name!r} is migrating; cancel the migration first")
+    try:
+        await request.app[AGENTS].call(host.name, host.url, host.token, "DELETE",
+                                       f"/v1/vms/{vm.name}", timeout_s=60)
+    except AgentError as exc:
+        # force=true forgets a VM whose host is gone for good.
+        if exc.status != 404 and not query_params(request).get("force"):
+            raise _agent_failure(exc, f"deleting on {host.name} (force=true to forget it)") \
+                from None
+    await request.app[STORE].delete_vm(vm.name)
+    log.info("vm deleted", extra={"vm": vm.name, "host": host.name})
+    return web.json_response({"deleted": vm.name})

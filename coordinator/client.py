@@ -1,0 +1,122 @@
+"""Async client of the coordinator's REST API (used by the CLI, the demo and benchmarks)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+
+class ApiClientError(Exception):
+    """The coordinator answered an error (``status``) or could not be reached (0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{message} (HTTP {status})" if status else message)
+        self.status, self.message = status, message
+
+
+class CoordinatorClient:
+    def __init__(self, server: str, token: str, *, timeout_s: float = 150.0) -> None:
+        self.server = server.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> CoordinatorClient:
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        )
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use 'async with CoordinatorClient(...)'")
+        return self._session
+
+    async def request(self, method: str, path: str, body: Any = None,
+                      token: str | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        try:
+            async with self.session.request(
+                method, f"{self.server}/api/v1{path}", json=body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            ) as resp:
+                try:
+                    doc = await resp.json(content_type=None)
+                except ValueError:
+                    doc = None
+                if resp.status >= 400:
+                    msg = doc.get("error") if isinstance(doc, dict) else None
+                    raise ApiClientError(resp.status, str(msg or resp.reason))
+                return doc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiClientError(0, f"cannot reach the coordinator at {self.server}: "
+                                 f"{type(exc).__name__}: {exc}") from None
+
+    async def health(self) -> dict[str, Any]:
+        return dict(await self.request("GET", "/health"))
+
+    async def hosts(self) -> list[dict[str, Any]]:
+        return list((await self.request("GET", "/hosts"))["hosts"])
+
+    async def vms(self) -> list[dict[str, Any]]:
+        return list((await self.request("GET", "/vms"))["vms"])
+
+    async def vm(self, name: str) -> dict[str, Any]:
+        return dict(await self.request("GET", f"/vms/{name}"))
+
+    async def create_vm(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return dict(await self.request("POST", "/vms", spec))
+
+    async def delete_vm(self, name: str) -> dict[str, Any]:
+        return dict(await self.request("DELETE", f"/vms/{name}"))
+
+    async def migrate(self, vm: str, target: str,
+                      options: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"vm": vm, "target": target}
+        if options:
+            body["options"] = options
+        return dict(await self.request("POST", "/migrations", body))
+
+    async def migration(self, mig_id: str) -> dict[str, Any]:
+        return dict(await self.request("GET", f"/migrations/{mig_id}"))
+
+    async def cancel_migration(self, mig_id: str) -> dict[str, Any]:
+        return dict(await self.request("POST", f"/migrations/{mig_id}/cancel"))
+
+    async def register_host(self, body: dict[str, Any], agent_token: str) -> dict[str, Any]:
+        return dict(await self.request("POST", "/hosts/register", body, token=agent_token))
+
+    async def heartbeat(self, name: str, body: dict[str, Any], agent_token: str) -> dict[str, Any]:
+        return dict(await self.request("POST", f"/hosts/{name}/heartbeat", body,
+                                       token=agent_token))
+
+    async def migration_events(self, mig_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The migration's state now and each change until it ends (server-sent events)."""
+        url = f"{self.server}/api/v1/migrations/{mig_id}/events"
+        try:
+            async with self.session.get(url) as resp:
+                if resp.status >= 400:
+                    doc = await resp.json(content_type=None)
+                    raise ApiClientError(resp.status, str(doc.get("error", resp.reason)))
+                data: list[str] = []
+                async for raw in resp.content:
+                    line = raw.decode().rstrip("\r\n")
+                    if line.startswith("data:"):
+                        data.append(line[5:].lstrip())
+                    elif not line and data:
+                        yield json.loads("\n".join(data))
+                        data = []
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiClientError(0, f"progress stream broke: {type(exc).__name__}: {exc}") \
+                from None

@@ -1,0 +1,80 @@
+"""The agent side of registration: register with the coordinator, then heartbeat.
+
+An agent (or anything speaking for one) runs ``CoordinatorLink.run()``: it
+registers with ``POST /api/v1/hosts/register`` (agent token), heartbeats at the
+interval the coordinator answers, re-registers when the coordinator has
+forgotten the host (404), and backs off while the coordinator is unreachable.
+
+``host_info()`` returns the agent's ``GET /v1/host`` document; the link adds
+the agent's own API URL and token, which the coordinator needs to drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from novacron.coordinator.client import ApiClientError, CoordinatorClient
+
+log = logging.getLogger("novacron.coordinator.link")
+
+REGISTER_FIELDS = ("name", "cpus", "memory_bytes", "memory_available_bytes", "accel",
+                   "data_port", "version", "vms")
+HEARTBEAT_FIELDS = ("memory_available_bytes", "vms", "load")
+
+
+class CoordinatorLink:
+    def __init__(self, coordinator_url: str, coordinator_token: str, agent_url: str,
+                 agent_token: str, host_info: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self.coordinator_url, self.coordinator_token = coordinator_url, coordinator_token
+        self.agent_url, self.agent_token = agent_url, agent_token
+        self.host_info = host_info
+        self.interval_s = 5.0
+        self.registered = asyncio.Event()
+        self.beats = 0
+
+    async def register(self, client: CoordinatorClient) -> None:
+        info = await self.host_info()
+        body = {k: info[k] for k in REGISTER_FIELDS if info.get(k) is not None}
+        body.update(url=self.agent_url, token=self.agent_token)
+        reply = await client.register_host(body, self.coordinator_token)
+        self.interval_s = float(reply.get("heartbeat_interval_s", self.interval_s))
+        self.registered.set()
+        log.info("registered with the coordinator",
+                 extra={"coordinator": self.coordinator_url, "host": body["name"]})
+
+    async def heartbeat(self, client: CoordinatorClient) -> None:
+        info = await self.host_info()
+        body = {k: info[k] for k in HEARTBEAT_FIELDS if info.get(k) is not None}
+        try:
+            reply = await client.heartbeat(str(info["name"]), body, self.coordinator_token)
+        except ApiClientError as exc:
+            if exc.status == 404:  # the coordinator lost us (new database): register again
+                await self.register(client)
+                return
+            raise
+        self.interval_s = float(reply.get("heartbeat_interval_s", self.interval_s))
+        self.beats += 1
+
+    async def run(self) -> None:
+        """Register, then heartbeat until cancelled."""
+        backoff = 0.5
+        async with CoordinatorClient(self.coordinator_url, self.coordinator_token,
+                                     timeout_s=10) as client:
+            while True:
+                try:
+                    if not self.registered.is_set():
+                        await self.register(client)
+                    else:
+                        await self.heartbeat(client)
+                    backoff = 0.5
+                    await asyncio.sleep(self.interval_s)
+                except ApiClientError as exc:
+                    log.warning("coordinator link failed; retrying",
+                                extra={"error": exc.message, "status": exc.status})
+                    if exc.status in (400, 401):
+                        self.registered.clear()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)

@@ -1,0 +1,212 @@
+"""Migration orchestration: ask the source agent to migrate, follow it, record it.
+
+The agents move the memory; the coordinator starts the move, polls the source
+agent's status, stores each change, publishes it to SSE subscribers, and on
+completion moves the VM's record to the target host. Unfinished migrations are
+picked up again after a coordinator restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import Any
+
+from novacron.coordinator.agent_client import AgentClient, AgentError
+from novacron.coordinator.api.errors import ApiError
+from novacron.coordinator.config import CoordinatorConfig
+from novacron.coordinator.events import EventHub
+from novacron.coordinator.models import HOST_UP, Migration
+from novacron.coordinator.store import Store
+
+log = logging.getLogger("novacron.coordinator.migrations")
+
+# Consecutive failed polls of the source agent before a migration is declared lost.
+MAX_POLL_FAILURES = 40
+
+
+def topic(mig_id: str) -> str:
+    return f"migration:{mig_id}"
+
+
+class MigrationManager:
+    def __init__(self, cfg: CoordinatorConfig, store: Store, agents: AgentClient,
+                 events: EventHub) -> None:
+        self.cfg, self.store, self.agents, self.events = cfg, store, agents, events
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()
+
+    async def start(self, vm_name: str, target: str, options: dict[str, Any]) -> Migration:
+        async with self._lock:  # one check-then-start at a time: no two migrations of one VM
+            vm = await self.store.get_vm(vm_name)
+            if vm is None:
+                raise ApiError(404, f"no VM named {vm_name!r}")
+            if vm.state != "running":
+                raise ApiError(409, f"VM {vm_name!r} is {vm.state}, not running")
+            if vm.host == target:
+                raise ApiError(409, f"VM {vm_name!r} is already on host {target!r}")
+            src = await self.store.get_host(vm.host)
+            dst = await self.store.get_host(target)
+            if dst is None:
+                raise ApiError(404, f"no host named {target!r}")
+            if dst.state != HOST_UP:
+                raise ApiError(409, f"target host {target!r} is down")
+            if src is None or src.state != HOST_UP:
+                raise ApiError(409, f"source host {vm.host!r} is down")
+            for other in await self.store.active_migrations():
+                if other.vm == vm_name:
+                    raise ApiError(409, f"VM {vm_name!r} is already migrating ({other.id})")
+            now = time.time()
+            mig = Migration(id="m-" + secrets.token_hex(6), vm=vm_name, source=src.name,
+                            target=dst.name, options=options, created_at=now, updated_at=now)
+            await self.store.put_migration(mig)
+            vm.state, vm.updated_at = "migrating", now
+            await self.store.put_vm(vm)
+        request = {"vm": vm_name, "target": {"url": dst.url, "token": dst.token},
+                   "options": options}
+        try:
+            reply = await self.agents.call(src.name, src.url, src.token, "POST", "/v1/migrations",
+                                           request)
+        except AgentError as exc:
+            await self._finish(mig, "failed", error=f"source agent refused: {exc.message}")
+            raise ApiError(502, f"source agent {src.name!r} refused the migration: "
+                           f"{exc.message}") from None
+        mig.agent_migration_id = str(reply.get("id")) if isinstance(reply, dict) else None
+        if not mig.agent_migration_id:
+            await self._finish(mig, "failed", error="source agent returned no migration id")
+            raise ApiError(502, "source agent returned no migration id")
+        self._apply(mig, reply)
+        await self._save(mig)
+        log.info("migration started", extra={"migration": mig.id, "vm": vm_name,
+                                             "source": src.name, "target": dst.name})
+        self._follow(mig)
+        return mig
+
+    async def cancel(self, mig_id: str) -> Migration:
+        mig = await self.store.get_migration(mig_id)
+        if mig is None:
+            raise ApiError(404, f"no migration {mig_id!r}")
+        if mig.done:
+            raise ApiError(409, f"migration {mig_id} already {mig.phase}")
+        src = await self.store.get_host(mig.source)
+        if src is None or mig.agent_migration_id is None:
+            await self._finish(mig, "cancelled", error="cancelled before the agent started it")
+            return mig
+        try:
+            await self.agents.call(src.name, src.url, src.token, "POST",
+                                   f"/v1/migrations/{mig.agent_migration_id}/cancel")
+        except AgentError as exc:
+            raise ApiError(409 if 400 <= exc.status < 500 else 502,
+                           f"source agent could not cancel: {exc.message}") from None
+        return mig
+
+    async def resume_all(self) -> None:
+        """After a restart: follow every migration that was still running."""
+        for mig in await self.store.active_migrations():
+            if mig.agent_migration_id is None:
+                await self._finish(mig, "failed", error="coordinator stopped before the agent "
+                                   "accepted the migration")
+            else:
+                self._follow(mig)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- following -----------------------------------------------------------------------
+
+    def _follow(self, mig: Migration) -> None:
+        task = asyncio.create_task(self._poll(mig), name=f"follow-{mig.id}")
+        self._tasks[mig.id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(mig.id, None))
+
+    def _apply(self, mig: Migration, status: Any) -> bool:
+        """Copy the agent's status into ``mig``; True if anything changed."""
+        if not isinstance(status, dict):
+            return False
+        before = (mig.phase, mig.round, mig.metrics, mig.error)
+        phase = status.get("phase")
+        if isinstance(phase, str) and phase:
+            mig.phase = phase
+        if isinstance(status.get("round"), int):
+            mig.round = status["round"]
+        if isinstance(status.get("metrics"), dict):
+            mig.metrics = status["metrics"]
+        if status.get("error"):
+            mig.error = str(status["error"])
+        return before != (mig.phase, mig.round, mig.metrics, mig.error)
+
+    async def _poll(self, mig: Migration) -> None:
+        failures = 0
+        deadline = mig.created_at + self.cfg.migration_timeout_s
+        try:
+            while not mig.done:
+                if time.time() > deadline:
+                    await self._finish(mig, "failed", error="migration timed out")
+                    return
+                src = await self.store.get_host(mig.source)
+                if src is None:
+                    await self._finish(mig, "failed", error=f"source host {mig.source} removed")
+                    return
+                try:
+                    status = await self.agents.call(
+                        src.name, src.url, src.token, "GET",
+                        f"/v1/migrations/{mig.agent_migration_id}", timeout_s=10)
+                    failures = 0
+                except AgentError as exc:
+                    failures += 1
+                    if exc.status == 404 or failures >= MAX_POLL_FAILURES:
+                        await self._finish(mig, "failed",
+                                           error=f"lost track on the source agent: {exc.message}")
+                        return
+                    await asyncio.sleep(self.cfg.poll_interval_s)
+                    continue
+                if self._apply(mig, status):
+                    if mig.done:
+                        await self._finish(mig, mig.phase, error=mig.error)
+                        return
+                    await self._save(mig)
+                await asyncio.sleep(self.cfg.poll_interval_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("following migration failed", extra={"migration": mig.id})
+            await self._finish(mig, "failed", error="coordinator error while following")
+
+    async def _save(self, mig: Migration) -> None:
+        mig.updated_at = time.time()
+        await self.store.put_migration(mig)
+        self.events.publish(topic(mig.id), mig.public())
+
+    async def _finish(self, mig: Migration, phase: str, error: str | None = None) -> None:
+        mig.phase = phase
+        mig.error = error if phase != "completed" else None
+        mig.finished_at = time.time()
+        vm = await self.store.get_vm(mig.vm)
+        if vm is not None:
+            if phase == "completed":
+                vm.host = mig.target
+            vm.state = "running"
+            # The source resumes on any failure before commit; ask the agent to be sure.
+            host = await self.store.get_host(vm.host)
+            if host is not None:
+                try:
+                    status = await self.agents.call(host.name, host.url, host.token, "GET",
+                                                    f"/v1/vms/{vm.name}", timeout_s=5)
+                    if isinstance(status, dict) and isinstance(status.get("state"), str):
+                        vm.state = status["state"]
+                except AgentError as exc:
+                    log.warning("cannot read VM state after migration",
+                                extra={"vm": vm.name, "host": host.name, "error": exc.message})
+            vm.updated_at = time.time()
+            await self.store.put_vm(vm)
+        await self._save(mig)
+        log.info("migration finished", extra={"migration": mig.id, "phase": phase,
+                                              "error": mig.error})

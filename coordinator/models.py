@@ -1,0 +1,71 @@
+"""The coordinator's records: what the store persists and the API returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+HOST_UP, HOST_DOWN = "up", "down"
+MIGRATION_TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass
+class Host:
+    name: str
+    url: str  # the agent's HTTP API
+    token: str  # the agent's API token: stored so the coordinator can drive it, never returned
+    cpus: int
+    memory_bytes: int
+    memory_available_bytes: int
+    state: str = HOST_UP
+    accel: dict[str, Any] = field(default_factory=dict)
+    data_port: int | None = None
+    version: str = ""
+    vms: list[str] = field(default_factory=list)
+    load: float | None = None
+    registered_at: float = 0.0
+    last_heartbeat: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        del doc["token"]
+        return doc
+
+
+@dataclass
+class VM:
+    name: str
+    host: str
+    spec: dict[str, Any]
+    state: str = "creating"  # creating|running|paused|stopped|crashed|migrating|failed
+    error: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Migration:
+    id: str
+    vm: str
+    source: str
+    target: str
+    phase: str = "pending"  # pending|prepare|precopy|stopcopy|commit|completed|failed|cancelled
+    round: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    agent_migration_id: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.phase in MIGRATION_TERMINAL
+
+    def public(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,1 @@
+"""Placement scheduler (filled in below)."""

@@ -1,0 +1,79 @@
+"""The three placement objectives, computed for a set of candidate hosts.
+
+All are minimised, and all describe the host *after* the VM lands on it:
+
+* cost ($/h): the host's whole hourly price if it is empty now (placing the
+  VM powers it on), plus the VM's share of the price (its dominant fraction
+  of the host's offered CPU or memory).
+* performance (0..2): contention, how far the busier of CPU and memory goes
+  past the priority's comfort level (high 70 %, normal 85 %, low 95 %),
+  scaled to 0..1; plus fragmentation, the larger of the CPU and memory
+  fractions left free. Small leftovers mean tight packing; a large leftover
+  in only one resource is stranded capacity, which this also punishes.
+* latency (ms): round-trip from the host to the VM's user region (0 when the
+  VM names no region).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from novacron.coordinator.scheduler.fleet import F64, FleetState
+from novacron.coordinator.scheduler.model import VMRequest, Weights
+
+COMFORT = {"high": 0.70, "normal": 0.85, "low": 0.95}
+# Latency is normalised against this round-trip (and capped at 1) when weighed.
+LATENCY_SCALE_MS = 200.0
+PERF_SCALE = 2.0
+
+
+@dataclass
+class Objectives:
+    hosts: npt.NDArray[np.int64]  # fleet slots these rows describe
+    cost: F64
+    performance: F64
+    latency: F64
+    power_on: npt.NDArray[np.bool_]
+    util_after: F64
+
+    def matrix(self) -> F64:
+        return np.column_stack([self.cost, self.performance, self.latency])
+
+
+def evaluate(fleet: FleetState, req: VMRequest, hosts: npt.NDArray[np.int64]) -> Objectives:
+    cpu_cap = fleet.cpu_cap[hosts]
+    mem_cap = fleet.mem_cap[hosts]
+    cpu_after = (fleet.cpu_used[hosts] + req.vcpus) / cpu_cap
+    mem_after = (fleet.mem_used[hosts] + req.memory_mib) / mem_cap
+    price = fleet.cost[hosts]
+    power_on = fleet.vm_count[hosts] == 0
+    share = np.maximum(req.vcpus / cpu_cap, req.memory_mib / mem_cap)
+    cost = np.where(power_on, price, 0.0) + price * share
+
+    util_after = np.maximum(cpu_after, mem_after)
+    comfort = COMFORT[req.priority]
+    contention = np.clip((util_after - comfort) / (1.0 - comfort), 0.0, 1.0)
+    fragmentation = np.clip(1.0 - np.minimum(cpu_after, mem_after), 0.0, 1.0)
+    performance = contention + fragmentation
+
+    col = fleet.region_column(req.region)
+    if req.region is None:
+        latency = np.zeros(hosts.size)
+    elif col is None:
+        from novacron.coordinator.scheduler.fleet import UNKNOWN_LATENCY_MS
+
+        latency = np.full(hosts.size, UNKNOWN_LATENCY_MS)
+    else:
+        latency = fleet.latency[hosts, col]
+    return Objectives(hosts, cost, performance, latency, power_on, util_after)
+
+
+def weighted_score(obj: Objectives, weights: Weights, max_cost: float) -> F64:
+    """One number per host (lower is better) from the normalised objectives."""
+    wc, wp, wl = weights.as_tuple()
+    cost_n = obj.cost / max_cost if max_cost > 0 else np.zeros_like(obj.cost)
+    lat_n = np.minimum(obj.latency / LATENCY_SCALE_MS, 1.0)
+    return wc * cost_n + wp * (obj.performance / PERF_SCALE) + wl * lat_n

@@ -1,0 +1,128 @@
+"""Persistence behind one small async interface, so handlers never see SQL.
+
+``Store`` is what handlers use (``request.app[STORE]``, see
+``novacron.coordinator.api.keys``). ``open_store(cfg)`` returns the SQLite
+implementation (``sqlite.SQLiteStore``: one file, ``<data_dir>/coordinator.db``).
+A PostgreSQL implementation would subclass ``Store`` and be chosen in
+``open_store``; handlers would not change.
+
+How a feature (scheduler, classifier, MCP bridge ...) persists its own data:
+
+1. Preferred: the document methods. Any JSON-serialisable dict under
+   (collection, key), e.g.::
+
+       store = request.app[STORE]
+       await store.put_doc("scheduler.decisions", vm_name, {"host": "h1", "score": 0.7})
+       doc = await store.get_doc("scheduler.decisions", vm_name)      # None if absent
+       docs = await store.list_docs("scheduler.decisions")             # [(key, doc)], by key
+       await store.delete_doc("scheduler.decisions", vm_name)
+
+   Prefix collections with your feature name. This works on every backend.
+
+2. When you need real tables (SQLite only, for now): register numbered SQL
+   migrations for your component at import time of your route module::
+
+       from novacron.coordinator.store import schema
+       schema.register("scheduler", [
+           "CREATE TABLE scheduler_runs (id INTEGER PRIMARY KEY, at REAL, data TEXT)",  # v1
+           "CREATE INDEX scheduler_runs_at ON scheduler_runs (at)",                        # v2
+       ])
+
+   Each component's versions are recorded in ``schema_version(component,
+   version)``; never edit a released step, append a new one. Run queries with
+   ``await store.execute(sql, params)`` / ``await store.query(sql, params)``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from novacron.coordinator.config import CoordinatorConfig
+from novacron.coordinator.models import VM, Host, Migration
+
+
+class Store(abc.ABC):
+    """Async storage of hosts, VMs, migrations and feature documents."""
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # hosts
+    @abc.abstractmethod
+    async def put_host(self, host: Host) -> None: ...
+
+    @abc.abstractmethod
+    async def get_host(self, name: str) -> Host | None: ...
+
+    @abc.abstractmethod
+    async def list_hosts(self) -> list[Host]: ...
+
+    @abc.abstractmethod
+    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> Host | None:
+        """Merge ``fields`` into the host, mark it up; None if it is not registered."""
+
+    @abc.abstractmethod
+    async def mark_down(self, older_than: float) -> list[str]:
+        """Mark hosts whose last heartbeat is before ``older_than`` down; return their names."""
+
+    @abc.abstractmethod
+    async def delete_host(self, name: str) -> bool: ...
+
+    # VMs
+    @abc.abstractmethod
+    async def put_vm(self, vm: VM) -> None: ...
+
+    @abc.abstractmethod
+    async def get_vm(self, name: str) -> VM | None: ...
+
+    @abc.abstractmethod
+    async def list_vms(self, host: str | None = None) -> list[VM]: ...
+
+    @abc.abstractmethod
+    async def delete_vm(self, name: str) -> bool: ...
+
+    # migrations
+    @abc.abstractmethod
+    async def put_migration(self, mig: Migration) -> None: ...
+
+    @abc.abstractmethod
+    async def get_migration(self, mig_id: str) -> Migration | None: ...
+
+    @abc.abstractmethod
+    async def list_migrations(self, vm: str | None = None, limit: int = 100) -> list[Migration]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    async def active_migrations(self) -> list[Migration]: ...
+
+    # feature documents
+    @abc.abstractmethod
+    async def put_doc(self, collection: str, key: str, doc: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def get_doc(self, collection: str, key: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def list_docs(self, collection: str) -> list[tuple[str, dict[str, Any]]]: ...
+
+    @abc.abstractmethod
+    async def delete_doc(self, collection: str, key: str) -> bool: ...
+
+    # raw SQL for features with registered migrations (backend specific)
+    @abc.abstractmethod
+    async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        """Run one statement in its own transaction; return the affected row count."""
+
+    @abc.abstractmethod
+    async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
+
+
+def open_store(cfg: CoordinatorConfig) -> Store:
+    """The configured backend (not yet opened: ``await store.open()``)."""
+    from novacron.coordinator.store.sqlite import SQLiteStore
+
+    return SQLiteStore(cfg.data_dir / "coordinator.db")

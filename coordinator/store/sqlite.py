@@ -1,0 +1,271 @@
+"""SQLite storage: one file, one connection, one worker thread.
+
+sqlite3 blocks, so every call runs on a single dedicated thread (which also
+serialises writers). WAL with synchronous=NORMAL: a committed transaction
+survives a crash or kill of the coordinator; only a power cut can lose the last
+few commits, which heartbeats refresh anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from novacron.coordinator.models import HOST_DOWN, HOST_UP, MIGRATION_TERMINAL, VM, Host, Migration
+from novacron.coordinator.store import Store, schema
+
+log = logging.getLogger("novacron.coordinator.store")
+T = TypeVar("T")
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None or self._pool is None:
+            raise RuntimeError("store is not open")
+        conn = self._conn
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, conn)
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            return conn
+
+        self._conn = await asyncio.get_running_loop().run_in_executor(self._pool, connect)
+        applied = await self._run(_migrate)
+        if applied:
+            log.info("schema migrated", extra={"path": str(self.path), "applied": applied})
+
+    async def close(self) -> None:
+        if self._conn is not None and self._pool is not None:
+            await self._run(lambda c: c.close())
+            self._pool.shutdown(wait=True)
+        self._conn = None
+        self._pool = None
+
+    async def schema_versions(self) -> dict[str, int]:
+        rows = await self.query("SELECT component, MAX(version) FROM schema_version GROUP BY component")
+        return {str(c): int(v) for c, v in rows}
+
+    # -- hosts ---------------------------------------------------------------------------
+
+    async def put_host(self, host: Host) -> None:
+        data = json.dumps(_asdict(host))
+        await self._run(lambda c: _tx(c, [(
+            "INSERT INTO hosts (name, state, last_heartbeat, data) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET state=excluded.state, "
+            "last_heartbeat=excluded.last_heartbeat, data=excluded.data",
+            (host.name, host.state, host.last_heartbeat, data))]))
+
+    async def get_host(self, name: str) -> Host | None:
+        rows = await self.query("SELECT data FROM hosts WHERE name = ?", (name,))
+        return Host(**json.loads(rows[0][0])) if rows else None
+
+    async def list_hosts(self) -> list[Host]:
+        rows = await self.query("SELECT data FROM hosts ORDER BY name")
+        return [Host(**json.loads(r[0])) for r in rows]
+
+    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> Host | None:
+        def work(c: sqlite3.Connection) -> Host | None:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                row = c.execute("SELECT data FROM hosts WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    c.execute("ROLLBACK")
+                    return None
+                doc = json.loads(row[0])
+                doc.update(fields)
+                doc["state"] = HOST_UP
+                doc["last_heartbeat"] = now
+                c.execute("UPDATE hosts SET state = ?, last_heartbeat = ?, data = ? WHERE name = ?",
+                          (HOST_UP, now, json.dumps(doc), name))
+                c.execute("COMMIT")
+                return Host(**doc)
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+
+        return await self._run(work)
+
+    async def mark_down(self, older_than: float) -> list[str]:
+        def work(c: sqlite3.Connection) -> list[str]:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                rows = c.execute(
+                    "SELECT name, data FROM hosts WHERE state = ? AND last_heartbeat < ?",
+                    (HOST_UP, older_than)).fetchall()
+                for name, data in rows:
+                    doc = json.loads(data)
+                    doc["state"] = HOST_DOWN
+                    c.execute("UPDATE hosts SET state = ?, data = ? WHERE name = ?",
+                              (HOST_DOWN, json.dumps(doc), name))
+                c.execute("COMMIT")
+                return [r[0] for r in rows]
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+
+        return await self._run(work)
+
+    async def delete_host(self, name: str) -> bool:
+        return await self.execute("DELETE FROM hosts WHERE name = ?", (name,)) > 0
+
+    # -- VMs -----------------------------------------------------------------------------
+
+    async def put_vm(self, vm: VM) -> None:
+        data = json.dumps(_asdict(vm))
+        await self._run(lambda c: _tx(c, [(
+            "INSERT INTO vms (name, host, data) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
+            "SET host=excluded.host, data=excluded.data", (vm.name, vm.host, data))]))
+
+    async def get_vm(self, name: str) -> VM | None:
+        rows = await self.query("SELECT data FROM vms WHERE name = ?", (name,))
+        return VM(**json.loads(rows[0][0])) if rows else None
+
+    async def list_vms(self, host: str | None = None) -> list[VM]:
+        if host is None:
+            rows = await self.query("SELECT data FROM vms ORDER BY name")
+        else:
+            rows = await self.query("SELECT data FROM vms WHERE host = ? ORDER BY name", (host,))
+        return [VM(**json.loads(r[0])) for r in rows]
+
+    async def delete_vm(self, name: str) -> bool:
+        return await self.execute("DELETE FROM vms WHERE name = ?", (name,)) > 0
+
+    # -- migrations ----------------------------------------------------------------------
+
+    async def put_migration(self, mig: Migration) -> None:
+        data = json.dumps(_asdict(mig))
+        await self._run(lambda c: _tx(c, [(
+            "INSERT INTO migrations (id, vm, phase, created_at, data) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET phase=excluded.phase, data=excluded.data",
+            (mig.id, mig.vm, mig.phase, mig.created_at, data))]))
+
+    async def get_migration(self, mig_id: str) -> Migration | None:
+        rows = await self.query("SELECT data FROM migrations WHERE id = ?", (mig_id,))
+        return Migration(**json.loads(rows[0][0])) if rows else None
+
+    async def list_migrations(self, vm: str | None = None, limit: int = 100) -> list[Migration]:
+        if vm is None:
+            rows = await self.query(
+                "SELECT data FROM migrations ORDER BY created_at DESC, id LIMIT ?", (limit,))
+        else:
+            rows = await self.query(
+                "SELECT data FROM migrations WHERE vm = ? ORDER BY created_at DESC, id LIMIT ?",
+                (vm, limit))
+        return [Migration(**json.loads(r[0])) for r in rows]
+
+    async def active_migrations(self) -> list[Migration]:
+        marks = ",".join("?" * len(MIGRATION_TERMINAL))
+        rows = await self.query(
+            f"SELECT data FROM migrations WHERE phase NOT IN ({marks}) ORDER BY created_at",
+            tuple(sorted(MIGRATION_TERMINAL)))
+        return [Migration(**json.loads(r[0])) for r in rows]
+
+    # -- documents -----------------------------------------------------------------------
+
+    async def put_doc(self, collection: str, key: str, doc: dict[str, Any]) -> None:
+        data = json.dumps(doc)
+        await self._run(lambda c: _tx(c, [(
+            "INSERT INTO documents (collection, key, data, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(collection, key) DO UPDATE SET data=excluded.data, "
+            "updated_at=excluded.updated_at", (collection, key, data, time.time()))]))
+
+    async def get_doc(self, collection: str, key: str) -> dict[str, Any] | None:
+        rows = await self.query(
+            "SELECT data FROM documents WHERE collection = ? AND key = ?", (collection, key))
+        return json.loads(rows[0][0]) if rows else None
+
+    async def list_docs(self, collection: str) -> list[tuple[str, dict[str, Any]]]:
+        rows = await self.query(
+            "SELECT key, data FROM documents WHERE collection = ? ORDER BY key", (collection,))
+        return [(str(k), json.loads(d)) for k, d in rows]
+
+    async def delete_doc(self, collection: str, key: str) -> bool:
+        return await self.execute(
+            "DELETE FROM documents WHERE collection = ? AND key = ?", (collection, key)) > 0
+
+    # -- raw -----------------------------------------------------------------------------
+
+    async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        return await self._run(lambda c: _tx(c, [(sql, params)]))
+
+    async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return await self._run(lambda c: c.execute(sql, params).fetchall())
+
+
+def _asdict(record: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(record)
+
+
+def _tx(conn: sqlite3.Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> int:
+    """Run statements in one transaction; return the total affected row count."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        count = 0
+        for sql, params in statements:
+            count += conn.execute(sql, params).rowcount
+        conn.execute("COMMIT")
+        return count
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _migrate(conn: sqlite3.Connection) -> list[str]:
+    """Bring every registered component to its latest version; return what was applied."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (component TEXT NOT NULL, "
+        "version INTEGER NOT NULL, applied_at REAL NOT NULL, PRIMARY KEY (component, version))")
+    applied: list[str] = []
+    for component, steps in schema.MIGRATIONS.items():
+        row = conn.execute(
+            "SELECT MAX(version) FROM schema_version WHERE component = ?", (component,)).fetchone()
+        current = int(row[0] or 0)
+        if current > len(steps):
+            raise RuntimeError(
+                f"database schema of {component!r} is version {current}, newer than this "
+                f"coordinator knows ({len(steps)}); upgrade the coordinator")
+        for version in range(current + 1, len(steps) + 1):
+            # executescript commits on its own, so the step and its record go in one script.
+            try:
+                conn.executescript(
+                    "BEGIN IMMEDIATE;\n" + steps[version - 1].strip().rstrip(";") + ";\n"
+                    f"INSERT INTO schema_version VALUES ('{_sql_ident(component)}', {version}, "
+                    f"{time.time()});\nCOMMIT;")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            applied.append(f"{component}:{version}")
+    return applied
+
+
+def _sql_ident(name: str) -> str:
+    if not name.replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"bad schema component name {name!r}")
+    return name

@@ -1,0 +1,643 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Hot loops of the transfer path. Each releases the GIL and works on buffers
+in place (mmap, numpy, bytes); the Python modules beside this file hold the
+logic and call in here for anything that touches every page."""
+
+from libc.stdint cimport uint8_t, int32_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.string cimport memcpy, memset, memcmp
+from libc.stdlib cimport malloc, free
+import os
+
+cdef extern from "nc_hash.h" nogil:
+    ctypedef struct nc_fp_key:
+        pass
+    void nc_fp_key_init(nc_fp_key *k, const unsigned char *key, size_t keylen)
+    uint64_t nc_fp_page(const nc_fp_key *k, const unsigned char *page, uint64_t *nonzero)
+    uint64_t nc_fp_scan(const nc_fp_key *k, const unsigned char *mem, uint64_t first,
+                        uint64_t last, uint64_t *fps, unsigned char *dirty,
+                        unsigned char *zero, uint64_t *nzero)
+    int nc_page_is_zero(const unsigned char *page)
+    void nc_blake3_page(const unsigned char *page, unsigned char *out)
+    uint64_t nc_mix64(uint64_t h)
+    uint64_t nc_load64(const unsigned char *p)
+
+DEF PAGE = 4096
+
+cdef enum:
+    # Page kinds in plans and on the wire; REF_CACHE is plan-only (a page in
+    # the receiver's cache) and travels as a REF whose source is SRC_CACHE.
+    KIND_DATA = 0
+    KIND_ZERO = 1
+    KIND_REF = 2
+    KIND_REF_CACHE = 3
+    RECORD_SIZE = 16   # u64 first page, u32 count, u8 kind, 3 zero bytes
+    REF_SIZE = 40      # u64 source page (or SRC_CACHE), 32-byte BLAKE3 digest
+    PLAIN_HEADER = 16  # u32 records, u32 refs, u32 data pages, u32 pages
+    # Receiver error codes (mapped to exceptions in stream.py).
+    ERR_MALFORMED = 1
+    ERR_RANGE = 2
+    ERR_DEDUP_MISS = 3
+
+cdef uint64_t SRC_CACHE = 0xFFFFFFFFFFFFFFFFULL
+
+# Python-visible copies of the wire constants.
+PY_KIND_DATA = KIND_DATA
+PY_KIND_ZERO = KIND_ZERO
+PY_KIND_REF = KIND_REF
+PY_KIND_REF_CACHE = KIND_REF_CACHE
+PY_RECORD_SIZE = RECORD_SIZE
+PY_REF_SIZE = REF_SIZE
+PY_PLAIN_HEADER = PLAIN_HEADER
+PY_ERR_MALFORMED = ERR_MALFORMED
+PY_ERR_RANGE = ERR_RANGE
+PY_ERR_DEDUP_MISS = ERR_DEDUP_MISS
+CACHE_VALUE = 1 << 62
+
+
+cdef inline uint32_t rd32(const unsigned char *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline void wr32(unsigned char *p, uint32_t v) noexcept nogil:
+    memcpy(p, &v, 4)
+
+
+cdef inline void wr64(unsigned char *p, uint64_t v) noexcept nogil:
+    memcpy(p, &v, 8)
+
+
+# --------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------
+
+cdef class Fingerprinter:
+    """Keyed 64-bit page fingerprints (key: at least 16 bytes of secret)."""
+    cdef nc_fp_key key
+    cdef readonly uint64_t zero_fp
+
+    def __cinit__(self, bytes key):
+        if len(key) < 16:
+            raise ValueError("fingerprint key must be at least 16 bytes")
+        nc_fp_key_init(&self.key, <const unsigned char *>key, len(key))
+        cdef unsigned char zero[PAGE]
+        cdef uint64_t nz
+        memset(zero, 0, PAGE)
+        self.zero_fp = nc_fp_page(&self.key, zero, &nz)
+
+    def page(self, const unsigned char[::1] page):
+        """Fingerprint of one page (tests and tools)."""
+        if page.shape[0] != PAGE:
+            raise ValueError("a page is 4096 bytes")
+        cdef uint64_t nz
+        return nc_fp_page(&self.key, &page[0], &nz)
+
+    def scan(self, const unsigned char[::1] mem, uint64_t first, uint64_t last,
+             uint64_t[::1] fps, unsigned char[::1] dirty, unsigned char[::1] zero):
+        """Scan pages [first, last) (first a multiple of 8); returns (dirty, zero) counts."""
+        cdef uint64_t npages = mem.shape[0] // PAGE
+        if first % 8 or first > last or last > npages or fps.shape[0] < last:
+            raise ValueError("bad scan range")
+        if <uint64_t>dirty.shape[0] * 8 < last or <uint64_t>zero.shape[0] * 8 < last:
+            raise ValueError("bitmap too small")
+        cdef uint64_t nd = 0, nz = 0
+        if last > first:
+            with nogil:
+                nd = nc_fp_scan(&self.key, &mem[0], first, last, &fps[0], &dirty[0],
+                                &zero[0], &nz)
+        return nd, nz
+
+
+# --------------------------------------------------------------------------
+# BLAKE3 and zero checks over a list of pages
+# --------------------------------------------------------------------------
+
+def blake3_page(const unsigned char[::1] page):
+    """BLAKE3-256 of exactly one 4 KiB page."""
+    if page.shape[0] != PAGE:
+        raise ValueError("a page is 4096 bytes")
+    cdef unsigned char out[32]
+    with nogil:
+        nc_blake3_page(&page[0], out)
+    return bytes(out[:32])
+
+
+def classify_pages(const unsigned char[::1] mem, const uint64_t[::1] pages, Py_ssize_t a,
+                   Py_ssize_t b, uint8_t[::1] kinds, uint8_t[:, ::1] digests, bint hash_pages):
+    """For pages[a:b] whose kind is not already ZERO: mark all-zero pages ZERO and,
+    if hash_pages, store the BLAKE3 digest of every other page. Returns zero count."""
+    cdef uint64_t npages = mem.shape[0] // PAGE
+    cdef Py_ssize_t i
+    cdef uint64_t p
+    cdef Py_ssize_t zeros = 0
+    if a < 0 or b > pages.shape[0] or a > b or kinds.shape[0] < b:
+        raise ValueError("bad range")
+    if hash_pages and (digests.shape[0] < b or digests.shape[1] != 32):
+        raise ValueError("digest array too small")
+    for i in range(a, b):
+        if pages[i] >= npages:
+            raise ValueError(f"page {pages[i]} is outside memory of {npages} pages")
+    with nogil:
+        for i in range(a, b):
+            if kinds[i] == KIND_ZERO:
+                zeros += 1
+                continue
+            p = pages[i]
+            if nc_page_is_zero(&mem[p * PAGE]):
+                kinds[i] = KIND_ZERO
+                zeros += 1
+            elif hash_pages:
+                nc_blake3_page(&mem[p * PAGE], &digests[i, 0])
+    return zeros
+
+
+# --------------------------------------------------------------------------
+# Digest table: open addressing, digest -> int64, keyed slot hash so a guest
+# cannot line its pages up in one probe chain.
+# --------------------------------------------------------------------------
+
+DEF EMPTY = -1
+DEF TOMB = -2
+
+cdef class DigestTable:
+    """Maps 32-byte digests to non-negative int64 values, in numpy-free C arrays.
+
+    Grows by doubling up to ``max_entries``; past that, ``put`` refuses new
+    digests (returns -1) so memory stays bounded."""
+    cdef unsigned char *keys
+    cdef int64_t *vals
+    cdef uint64_t cap
+    cdef uint64_t used      # live entries
+    cdef uint64_t tombs
+    cdef readonly uint64_t max_entries
+    cdef uint64_t k0, k1
+    cdef int32_t *rev       # page -> slot map kept in step when slots move
+    cdef uint64_t rev_len
+    cdef object rev_owner
+
+    def __cinit__(self, uint64_t max_entries=1 << 24, uint64_t initial=1024):
+        seed = os.urandom(16)
+        self.k0 = int.from_bytes(seed[:8], "little")
+        self.k1 = int.from_bytes(seed[8:], "little")
+        self.max_entries = max(max_entries, 16)
+        self.cap = 16
+        while self.cap < initial * 2:
+            self.cap <<= 1
+        self._alloc(self.cap)
+
+    cdef _alloc(self, uint64_t cap):
+        self.keys = <unsigned char *>malloc(cap * 32)
+        self.vals = <int64_t *>malloc(cap * 8)
+        if self.keys == NULL or self.vals == NULL:
+            raise MemoryError()
+        cdef uint64_t i
+        for i in range(cap):
+            self.vals[i] = EMPTY
+        self.used = 0
+        self.tombs = 0
+
+    def __dealloc__(self):
+        free(self.keys)
+        free(self.vals)
+
+    def set_reverse(self, int32_t[::1] page_slots):
+        """Keep page_slots[value] equal to the slot of each entry whose value
+        indexes it, across rehashes (the sender's page -> slot map)."""
+        self.rev_owner = page_slots
+        self.rev = &page_slots[0] if page_slots.shape[0] else NULL
+        self.rev_len = page_slots.shape[0]
+
+    def __len__(self):
+        return self.used
+
+    @property
+    def nbytes(self):
+        return self.cap * 40
+
+    cdef inline uint64_t _slot0(self, const unsigned char *d) noexcept nogil:
+        return nc_mix64(nc_load64(d) ^ self.k0) ^ nc_mix64(nc_load64(d + 8) ^ self.k1)
+
+    cdef int64_t find(self, const unsigned char *d) noexcept nogil:
+        """Slot of d, or -1."""
+        cdef uint64_t mask = self.cap - 1
+        cdef uint64_t s = self._slot0(d) & mask
+        cdef int64_t v
+        while True:
+            v = self.vals[s]
+            if v == EMPTY:
+                return -1
+            if v != TOMB and memcmp(self.keys + s * 32, d, 32) == 0:
+                return <int64_t>s
+            s = (s + 1) & mask
+
+    cdef int64_t value_at(self, int64_t slot) noexcept nogil:
+        return self.vals[slot]
+
+    cdef void remove_slot(self, int64_t slot) noexcept nogil:
+        if self.vals[slot] >= 0:
+            self.vals[slot] = TOMB
+            self.used -= 1
+            self.tombs += 1
+
+    cdef int _grow(self) noexcept nogil:
+        """Rehash into a table twice as big (or same size to drop tombstones)."""
+        cdef uint64_t old_cap = self.cap
+        cdef unsigned char *old_keys = self.keys
+        cdef int64_t *old_vals = self.vals
+        cdef uint64_t new_cap = old_cap
+        if (self.used + 1) * 2 > old_cap:
+            new_cap = old_cap * 2
+        cdef unsigned char *nk = <unsigned char *>malloc(new_cap * 32)
+        cdef int64_t *nv = <int64_t *>malloc(new_cap * 8)
+        if nk == NULL or nv == NULL:
+            free(nk)
+            free(nv)
+            return -1
+        cdef uint64_t i, s, mask = new_cap - 1
+        for i in range(new_cap):
+            nv[i] = EMPTY
+        self.keys = nk
+        self.vals = nv
+        self.cap = new_cap
+        self.tombs = 0
+        for i in range(old_cap):
+            if old_vals[i] >= 0:
+                s = self._slot0(old_keys + i * 32) & mask
+                while nv[s] != EMPTY:
+                    s = (s + 1) & mask
+                memcpy(nk + s * 32, old_keys + i * 32, 32)
+                nv[s] = old_vals[i]
+                if <uint64_t>old_vals[i] < self.rev_len:
+                    self.rev[old_vals[i]] = <int32_t>s
+        free(old_keys)
+        free(old_vals)
+        return 0
+
+    cdef int64_t insert(self, const unsigned char *d, int64_t value) noexcept nogil:
+        """Set d -> value (value >= 0); returns the slot, or -1 when full."""
+        cdef int64_t found = self.find(d)
+        if found >= 0:
+            self.vals[found] = value
+            return found
+        if self.used >= self.max_entries:
+            return -1
+        if (self.used + self.tombs + 1) * 4 > self.cap * 3:
+            if self._grow() != 0:
+                return -1
+        cdef uint64_t mask = self.cap - 1
+        cdef uint64_t s = self._slot0(d) & mask
+        while self.vals[s] >= 0:
+            s = (s + 1) & mask
+        if self.vals[s] == TOMB:
+            self.tombs -= 1
+        memcpy(self.keys + s * 32, d, 32)
+        self.vals[s] = value
+        self.used += 1
+        return <int64_t>s
+
+    def get(self, const unsigned char[::1] digest):
+        """Value stored for digest, or None."""
+        if digest.shape[0] != 32:
+            raise ValueError("a digest is 32 bytes")
+        cdef int64_t s = self.find(&digest[0])
+        return None if s < 0 else self.vals[s]
+
+    def put(self, const unsigned char[::1] digest, int64_t value):
+        """Store digest -> value (>= 0); False when the table is full."""
+        if digest.shape[0] != 32 or value < 0:
+            raise ValueError("a digest is 32 bytes and values are >= 0")
+        return self.insert(&digest[0], value) >= 0
+
+    def put_many(self, const uint8_t[:, ::1] digests, const int64_t[::1] values,
+                 bint overwrite=True):
+        """Store many digests (with overwrite=False, only absent ones); returns
+        how many were stored."""
+        if digests.shape[1] != 32 or values.shape[0] < digests.shape[0]:
+            raise ValueError("digests must be (n, 32) with n values")
+        cdef Py_ssize_t i, n = 0
+        with nogil:
+            for i in range(digests.shape[0]):
+                if values[i] < 0 or (not overwrite and self.find(&digests[i, 0]) >= 0):
+                    continue
+                if self.insert(&digests[i, 0], values[i]) >= 0:
+                    n += 1
+        return n
+
+    def discard(self, const unsigned char[::1] digest):
+        if digest.shape[0] != 32:
+            raise ValueError("a digest is 32 bytes")
+        cdef int64_t s = self.find(&digest[0])
+        if s >= 0:
+            self.remove_slot(s)
+
+    def digests(self):
+        """All stored digests as bytes (n*32), in slot order."""
+        out = bytearray(self.used * 32)
+        cdef unsigned char[::1] o = out
+        cdef uint64_t i, n = 0
+        for i in range(self.cap):
+            if self.vals[i] >= 0:
+                memcpy(&o[n * 32], self.keys + i * 32, 32)
+                n += 1
+        return bytes(out)
+
+
+# --------------------------------------------------------------------------
+# Sender: dedup plan (sequential) and frame payload assembly (parallel)
+# --------------------------------------------------------------------------
+
+def plan(const uint64_t[::1] pages, uint8_t[::1] kinds, const uint8_t[:, ::1] digests,
+         DigestTable table, int32_t[::1] slot_of_page, int64_t[::1] srcs,
+         uint32_t frame_pages, uint32_t frame_zero_pages, bint dedup):
+    """Decide how each page travels and where frames end.
+
+    kinds come in as DATA or ZERO; DATA pages whose digest the table knows
+    become REF (value >= 0: a page the receiver already holds) or REF_CACHE
+    (value == cache marker). Index changes are deferred to the end of each
+    frame because the receiver reads every reference of a frame before it
+    writes any page of it. Returns the list of frame end offsets."""
+    cdef Py_ssize_t n = pages.shape[0], i, j, start = 0
+    cdef uint32_t in_frame = 0, zeros_in_frame = 0
+    cdef int64_t slot, v, p
+    cdef int64_t CACHE = (<int64_t>1) << 62
+    ends = []
+    if kinds.shape[0] < n or srcs.shape[0] < n:
+        raise ValueError("plan arrays too small")
+    if dedup and (digests.shape[0] < n or slot_of_page.shape[0] == 0):
+        raise ValueError("dedup needs digests and a page map")
+    for i in range(n):
+        if dedup and pages[i] >= <uint64_t>slot_of_page.shape[0]:
+            raise ValueError("page map smaller than memory")
+    cdef Py_ssize_t cut
+    while start < n:
+        cut = n
+        with nogil:
+            in_frame = 0
+            zeros_in_frame = 0
+            for i in range(start, n):
+                srcs[i] = -1
+                if kinds[i] == KIND_ZERO:
+                    zeros_in_frame += 1
+                else:
+                    if dedup:
+                        slot = table.find(&digests[i, 0])
+                        if slot >= 0:
+                            v = table.value_at(slot)
+                            if v == CACHE:
+                                kinds[i] = KIND_REF_CACHE
+                            else:
+                                kinds[i] = KIND_REF
+                                srcs[i] = v
+                    in_frame += 1
+                if in_frame >= frame_pages or zeros_in_frame >= frame_zero_pages:
+                    cut = i + 1
+                    break
+            if dedup:
+                # commit this frame's index changes
+                for j in range(start, cut):
+                    p = <int64_t>pages[j]
+                    slot = slot_of_page[p]
+                    if slot >= 0:
+                        if table.value_at(slot) == p:
+                            table.remove_slot(slot)
+                        slot_of_page[p] = -1
+                    if kinds[j] == KIND_DATA:
+                        slot = table.insert(&digests[j, 0], p)
+                        if slot >= 0:
+                            slot_of_page[p] = <int32_t>slot
+        ends.append(cut)
+        start = cut
+    return ends
+
+
+
+def build_payload(const unsigned char[::1] mem, const uint64_t[::1] pages,
+                  const uint8_t[::1] kinds, const int64_t[::1] srcs,
+                  const uint8_t[:, ::1] digests, Py_ssize_t a, Py_ssize_t b):
+    """Plaintext of one frame for planned pages[a:b]: run-length records, then
+    references, then the data pages copied straight from mem."""
+    cdef Py_ssize_t i, nrec = 0, nref = 0, ndata = 0
+    cdef uint8_t k, wk, prevk = 255
+    cdef uint64_t prevp = 0
+    cdef uint64_t npages = mem.shape[0] // PAGE
+    if a < 0 or b > pages.shape[0] or a > b:
+        raise ValueError("bad range")
+    for i in range(a, b):
+        if pages[i] >= npages:
+            raise ValueError("page outside memory")
+    with nogil:
+        for i in range(a, b):
+            k = kinds[i]
+            wk = KIND_REF if k == KIND_REF_CACHE else k
+            if wk == KIND_DATA:
+                ndata += 1
+            elif wk == KIND_REF:
+                nref += 1
+            if not (wk == prevk and pages[i] == prevp + 1):
+                nrec += 1
+            prevk = wk
+            prevp = pages[i]
+    cdef Py_ssize_t size = PLAIN_HEADER + nrec * RECORD_SIZE + nref * REF_SIZE + ndata * PAGE
+    out = bytearray(size)
+    cdef unsigned char[::1] o = out
+    cdef unsigned char *base = &o[0]
+    cdef unsigned char *rec = base + PLAIN_HEADER
+    cdef unsigned char *ref = rec + nrec * RECORD_SIZE
+    cdef unsigned char *dat = ref + nref * REF_SIZE
+    cdef unsigned char *cur = NULL
+    cdef uint32_t count = 0
+    with nogil:
+        wr32(base, <uint32_t>nrec)
+        wr32(base + 4, <uint32_t>nref)
+        wr32(base + 8, <uint32_t>ndata)
+        wr32(base + 12, <uint32_t>(b - a))
+        prevk = 255
+        for i in range(a, b):
+            k = kinds[i]
+            wk = KIND_REF if k == KIND_REF_CACHE else k
+            if wk == prevk and pages[i] == prevp + 1:
+                count += 1
+                wr32(cur + 8, count)
+            else:
+                cur = rec
+                rec += RECORD_SIZE
+                count = 1
+                wr64(cur, pages[i])
+                wr32(cur + 8, 1)
+                cur[12] = wk
+                cur[13] = 0
+                cur[14] = 0
+                cur[15] = 0
+            prevk = wk
+            prevp = pages[i]
+            if wk == KIND_DATA:
+                memcpy(dat, &mem[pages[i] * PAGE], PAGE)
+                dat += PAGE
+            elif wk == KIND_REF:
+                wr64(ref, SRC_CACHE if k == KIND_REF_CACHE else <uint64_t>srcs[i])
+                memcpy(ref + 8, &digests[i, 0], 32)
+                ref += REF_SIZE
+    return out
+
+
+# --------------------------------------------------------------------------
+# Receiver: validate a whole frame, then write it
+# --------------------------------------------------------------------------
+
+cdef class CacheView:
+    """Read-only page sources of a receiver-side page cache, for apply_payload."""
+    cdef public DigestTable table
+    cdef list views
+    cdef uint64_t *bases
+    cdef uint64_t *npages
+    cdef Py_ssize_t n
+
+    def __cinit__(self, DigestTable table, list buffers):
+        self.table = table
+        self.views = []
+        self.n = len(buffers)
+        self.bases = <uint64_t *>malloc(max(self.n, 1) * 8)
+        self.npages = <uint64_t *>malloc(max(self.n, 1) * 8)
+        if self.bases == NULL or self.npages == NULL:
+            raise MemoryError()
+        cdef const unsigned char[::1] v
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            v = buffers[i]
+            self.views.append(v)
+            self.bases[i] = <uint64_t><uintptr_t>&v[0] if v.shape[0] else 0
+            self.npages[i] = v.shape[0] // PAGE
+
+    def __dealloc__(self):
+        free(self.bases)
+        free(self.npages)
+
+    cdef const unsigned char *locate(self, const unsigned char *digest) noexcept nogil:
+        cdef int64_t slot = self.table.find(digest)
+        if slot < 0:
+            return NULL
+        cdef int64_t v = self.table.value_at(slot)
+        cdef uint64_t buf = (<uint64_t>v) >> 40
+        cdef uint64_t page = (<uint64_t>v) & ((1ULL << 40) - 1)
+        if buf >= <uint64_t>self.n or page >= self.npages[buf]:
+            return NULL
+        return <const unsigned char *><uintptr_t>(self.bases[buf] + page * PAGE)
+
+
+def index_pages(const unsigned char[::1] buf, DigestTable table, uint64_t buf_no):
+    """Add every non-zero page of buf to table as (buf_no << 40 | page); returns count."""
+    cdef uint64_t npages = buf.shape[0] // PAGE, p, n = 0
+    cdef unsigned char d[32]
+    with nogil:
+        for p in range(npages):
+            if nc_page_is_zero(&buf[p * PAGE]):
+                continue
+            nc_blake3_page(&buf[p * PAGE], d)
+            if table.find(d) < 0 and table.insert(d, <int64_t>((buf_no << 40) | p)) >= 0:
+                n += 1
+    return n
+
+
+def apply_payload(const unsigned char[::1] plain, unsigned char[::1] mem, CacheView cache):
+    """Check a frame's plaintext completely, then write its pages into mem.
+
+    Returns (error code, pages written, detail). On any error nothing is written.
+    References are read (and their digests verified) before any write."""
+    cdef Py_ssize_t size = plain.shape[0]
+    if size < PLAIN_HEADER:
+        return ERR_MALFORMED, 0, "payload shorter than its header"
+    cdef const unsigned char *base = &plain[0]
+    cdef uint64_t nrec = rd32(base), nref = rd32(base + 4), ndata = rd32(base + 8)
+    cdef uint64_t total = rd32(base + 12)
+    if <uint64_t>size != PLAIN_HEADER + nrec * RECORD_SIZE + nref * REF_SIZE + ndata * PAGE:
+        return ERR_MALFORMED, 0, "payload size does not match its counts"
+    cdef uint64_t npages = mem.shape[0] // PAGE
+    cdef const unsigned char *rec = base + PLAIN_HEADER
+    cdef const unsigned char *ref = rec + nrec * RECORD_SIZE
+    cdef const unsigned char *dat = ref + nref * REF_SIZE
+    cdef unsigned char *dst = &mem[0] if mem.shape[0] else NULL
+    cdef uint64_t i, j, first, count, src, sum_data = 0, sum_ref = 0, sum_all = 0
+    cdef uint8_t kind
+    # pass 1: structure and ranges
+    for i in range(nrec):
+        first = nc_load64(rec + i * RECORD_SIZE)
+        count = rd32(rec + i * RECORD_SIZE + 8)
+        kind = rec[i * RECORD_SIZE + 12]
+        if kind > KIND_REF or count == 0 or rec[i * RECORD_SIZE + 13] or \
+                rec[i * RECORD_SIZE + 14] or rec[i * RECORD_SIZE + 15]:
+            return ERR_MALFORMED, 0, f"record {i} is malformed"
+        if first >= npages or count > npages - first:
+            return ERR_RANGE, 0, f"record {i} reaches past memory ({npages} pages)"
+        sum_all += count
+        if kind == KIND_DATA:
+            sum_data += count
+        elif kind == KIND_REF:
+            sum_ref += count
+    if sum_data != ndata or sum_ref != nref or sum_all != total:
+        return ERR_MALFORMED, 0, "record counts do not add up"
+    for j in range(nref):
+        src = nc_load64(ref + j * REF_SIZE)
+        if src != SRC_CACHE and src >= npages:
+            return ERR_RANGE, 0, f"reference {j} points past memory"
+    # pass 2: resolve every reference into scratch and verify its digest
+    cdef unsigned char *scratch = NULL
+    cdef const unsigned char *source
+    cdef unsigned char d[32]
+    cdef int missing = 0
+    cdef uint64_t bad = 0
+    cdef bint have_cache = cache is not None
+    if nref:
+        scratch = <unsigned char *>malloc(nref * PAGE)
+        if scratch == NULL:
+            raise MemoryError()
+    with nogil:
+        for j in range(nref):
+            src = nc_load64(ref + j * REF_SIZE)
+            if src == SRC_CACHE:
+                source = cache.locate(ref + j * REF_SIZE + 8) if have_cache else NULL
+                if source == NULL:
+                    missing = 1
+                    bad = j
+                    break
+            else:
+                source = dst + src * PAGE
+            memcpy(scratch + j * PAGE, source, PAGE)
+            nc_blake3_page(scratch + j * PAGE, d)
+            if memcmp(d, ref + j * REF_SIZE + 8, 32) != 0:
+                missing = 2
+                bad = j
+                break
+    if missing:
+        free(scratch)
+        if missing == 1:
+            return ERR_DEDUP_MISS, 0, f"reference {bad}: page not in the receiver's cache"
+        return ERR_DEDUP_MISS, 0, f"reference {bad}: digest does not match the source page"
+    # pass 3: write
+    cdef uint64_t r = 0
+    with nogil:
+        for i in range(nrec):
+            first = nc_load64(rec + i * RECORD_SIZE)
+            count = rd32(rec + i * RECORD_SIZE + 8)
+            kind = rec[i * RECORD_SIZE + 12]
+            if kind == KIND_DATA:
+                memcpy(dst + first * PAGE, dat, count * PAGE)
+                dat += count * PAGE
+            elif kind == KIND_ZERO:
+                memset(dst + first * PAGE, 0, count * PAGE)
+            else:
+                for j in range(count):
+                    memcpy(dst + (first + j) * PAGE, scratch + r * PAGE, PAGE)
+                    r += 1
+    free(scratch)
+    return 0, total, ""
+
+
+def copy_into(const unsigned char[::1] src, unsigned char[::1] dst, int threads=1):
+    """memcpy of src into dst (the benchmark's reference), GIL released."""
+    if dst.shape[0] < src.shape[0]:
+        raise ValueError("destination too small")
+    if src.shape[0] == 0:
+        return
+    with nogil:
+        memcpy(&dst[0], &src[0], src.shape[0])

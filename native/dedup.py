@@ -1,0 +1,167 @@
+"""Page dedup by BLAKE3 digest: the sender's index of pages the receiver holds,
+and the receiver's page cache built from local files."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from novacron.native import _kernels
+from novacron.native.tracking import page_buffer
+
+PAGE_SIZE = 4096
+DIGEST_SIZE = 32
+_ENTRY_BYTES = 107  # 40-byte slot at <= 75 % load, worst case right after a doubling
+_MB = 1 << 20
+
+
+def page_digest(page: Any) -> bytes:
+    """BLAKE3-256 of one 4 KiB page (same as ``blake3.blake3(page).digest()``)."""
+    return bytes(_kernels.blake3_page(page))
+
+
+def memory_budget(guest_bytes: int) -> int:
+    """What tracking plus dedup may cost the agent: 1 % of guest RAM + 64 MB."""
+    return guest_bytes // 100 + 64 * _MB
+
+
+class DedupIndex:
+    """Sender side: digest -> where the receiver already holds that content.
+
+    Two sources: pages sent earlier in this migration (the sender's encode
+    records them itself, and forgets a page when it is overwritten) and
+    pages in the receiver's page cache (``add_remote(digests)``, from
+    ``PageCache.digests()`` shipped over by the engine). ``max_entries``
+    bounds memory; by default it is sized on first use so that tracking plus
+    dedup stay within 1 % of guest RAM + 64 MB.
+    """
+
+    def __init__(self, max_entries: int | None = None) -> None:
+        if max_entries is not None and max_entries < 16:
+            raise ValueError("max_entries must be at least 16")
+        self._max = max_entries
+        self._table: _kernels.DigestTable | None = None
+        self.page_slots: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
+        self._pending_remote: list[bytes] = []
+
+    def attach(self, npages: int) -> None:
+        """Size the index for a guest of ``npages`` pages (the sender calls this)."""
+        if self._table is not None:
+            if npages != self.page_slots.size:
+                raise ValueError("this DedupIndex already serves a guest of another size")
+            return
+        if self._max is None:
+            budget = memory_budget(npages * PAGE_SIZE) - 12 * npages  # fingerprints + page map
+            self._max = max(16, min(2 * npages + 1024, budget // _ENTRY_BYTES))
+        self._table = _kernels.DigestTable(self._max, min(self._max, 4096))
+        self.page_slots = np.full(npages, -1, dtype=np.int32)
+        self._table.set_reverse(self.page_slots)
+        for blob in self._pending_remote:
+            self._add_remote(blob)
+        self._pending_remote.clear()
+
+    @property
+    def table(self) -> _kernels.DigestTable:
+        if self._table is None:
+            raise RuntimeError("DedupIndex is not attached to a sender yet")
+        return self._table
+
+    def add_remote(self, digests: bytes | npt.NDArray[np.uint8]) -> int:
+        """Record digests of pages in the receiver's cache (n*32 bytes or an (n, 32)
+        array). Returns how many were new (0 until attached; they are kept)."""
+        blob = np.asarray(digests, dtype=np.uint8).tobytes() if not isinstance(digests, bytes) \
+            else digests
+        if len(blob) % DIGEST_SIZE:
+            raise ValueError(f"digest list must be a multiple of {DIGEST_SIZE} bytes")
+        if self._table is None:
+            self._pending_remote.append(blob)
+            return 0
+        return self._add_remote(blob)
+
+    def _add_remote(self, blob: bytes) -> int:
+        assert self._table is not None
+        arr = np.frombuffer(blob, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+        values = np.full(arr.shape[0], _kernels.CACHE_VALUE, dtype=np.int64)
+        return int(self._table.put_many(arr, values, False))
+
+    def forget_remote(self, digest: bytes) -> None:
+        """Stop referring to a cached page (e.g. after the receiver reported a DedupMiss)."""
+        if self._table is not None and self._table.get(digest) == _kernels.CACHE_VALUE:
+            self._table.discard(digest)
+
+    def __len__(self) -> int:
+        return 0 if self._table is None else len(self._table)
+
+    @property
+    def memory_bytes(self) -> int:
+        table = 0 if self._table is None else int(self._table.nbytes)
+        return table + int(self.page_slots.nbytes)
+
+
+class PageCache:
+    """Receiver side: pages of local files (e.g. other VMs' RAM files booted from
+    the same image) indexed by BLAKE3 digest, so references can be resolved.
+
+    Files are mapped read-only and may change under us; every page taken from
+    the cache is re-hashed before use, so a stale entry yields DedupMiss, never
+    wrong memory.
+    """
+
+    def __init__(self, max_entries: int = 1 << 22) -> None:
+        self.table = _kernels.DigestTable(max_entries, 4096)
+        self._buffers: list[Any] = []
+        self._maps: list[mmap.mmap] = []
+        self._view: _kernels.CacheView | None = None
+
+    def add_file(self, path: str | os.PathLike[str]) -> int:
+        """Index every non-zero page of a file; returns how many new digests it added."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < PAGE_SIZE:
+                return 0
+            m = mmap.mmap(f.fileno(), size - size % PAGE_SIZE, access=mmap.ACCESS_READ)
+        self._maps.append(m)
+        return self.add_buffer(m)
+
+    def add_buffer(self, buf: Any) -> int:
+        """Index a buffer's pages (it must stay valid while the cache lives)."""
+        view = page_buffer(buf)
+        n = int(_kernels.index_pages(view, self.table, len(self._buffers)))
+        self._buffers.append(view)
+        self._view = None
+        return n
+
+    def digests(self) -> bytes:
+        """All cached digests, 32 bytes each, for the sender's ``DedupIndex.add_remote``."""
+        return bytes(self.table.digests())
+
+    def lookup(self, digest: bytes) -> bytes | None:
+        """The cached page with this digest (verified), or None."""
+        value = self.table.get(digest)
+        if value is None:
+            return None
+        buf, page = value >> 40, value & ((1 << 40) - 1)
+        data = bytes(self._buffers[buf][page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
+        return data if page_digest(data) == digest else None
+
+    def view(self) -> _kernels.CacheView:
+        if self._view is None:
+            self._view = _kernels.CacheView(self.table, list(self._buffers))
+        return self._view
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def close(self) -> None:
+        self._view = None
+        self._buffers.clear()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # a view is still exported; the GC will close it
+                pass
+        self._maps.clear()

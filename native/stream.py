@@ -1,0 +1,396 @@
+"""The page stream: records of (page, kind) packed into frames, zstd-compressed
+unless incompressible, sealed with AES-256-GCM, written by the receiver
+straight into guest memory.
+
+Frame = 40-byte header (authenticated, not encrypted) + ciphertext + 16-byte tag::
+
+    magic "NCPF" | version u8 | kind u8 | flags u8 | reserved u8 | key id 8 |
+    stream id 4 | sequence u64 | body length u32 | raw length u32 | blob tag u32
+
+All integers little-endian. The nonce is stream id + sequence (big-endian), so
+it never repeats for one sender; the key id (derived from the key) lets the
+receiver tell a wrong key from tampering. The plaintext of a page frame is
+a 16-byte count header, run-length records (first page, count, kind), the
+dedup references (source page or "cache", BLAKE3 digest) and the data pages.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+import numpy as np
+import numpy.typing as npt
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from novacron.native import _kernels
+from novacron.native._pool import check_threads, pool
+from novacron.native.counters import Counters
+from novacron.native.dedup import DedupIndex, PageCache
+from novacron.native.tracking import page_buffer
+
+PAGE_SIZE = 4096
+MAGIC = b"NCPF"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBB8s4sQIII")
+HEADER_SIZE = HEADER.size  # 40
+TAG_SIZE = 16
+KIND_PAGES = 1
+KIND_BLOB = 2
+FLAG_ZSTD = 1
+MAX_BODY = 64 << 20  # receivers refuse larger frames before allocating anything
+MAX_RAW = 64 << 20
+_ZERO_PAGES_PER_FRAME = 1 << 16
+_SAMPLE = 4096  # bytes per compressibility probe slice
+_KEY_ID_CONTEXT = "novacron 2026 page-stream key id"
+
+
+class FrameError(ValueError):
+    """A frame was rejected; nothing was written to guest memory."""
+
+
+class FrameTruncated(FrameError):
+    """Fewer bytes than the header announces."""
+
+
+class FrameMalformed(FrameError):
+    """Not a NovaCron frame, an unknown version, or contents that do not parse."""
+
+
+class FrameWrongKey(FrameError):
+    """Sealed under another key than the receiver's."""
+
+
+class FrameTampered(FrameError):
+    """Authentication failed: header or body changed in transit."""
+
+
+class FrameReplayed(FrameError):
+    """An authentic frame seen before (sequence already consumed, or another stream)."""
+
+
+class FrameReordered(FrameError):
+    """An authentic frame that arrived ahead of its turn (a frame is missing)."""
+
+
+class DedupMiss(FrameError):
+    """A reference to a page the receiver does not hold, or whose digest no longer matches."""
+
+
+@dataclass
+class Opened:
+    pages: int  # pages written into guest memory
+    blob: tuple[int, bytes] | None  # (tag, data) for blob frames
+    seq: int
+
+
+def key_id(key: bytes) -> bytes:
+    """8 bytes naming a key without revealing it."""
+    return blake3.blake3(key, derive_key_context=_KEY_ID_CONTEXT).digest(length=8)
+
+
+def _check_key(key: bytes) -> bytes:
+    if not isinstance(key, bytes | bytearray) or len(key) != 32:
+        raise ValueError("page-stream key must be 32 bytes (AES-256)")
+    return bytes(key)
+
+
+def frame_length(header: bytes | bytearray | memoryview) -> int:
+    """Total length of the frame that starts with ``header`` (>= HEADER_SIZE bytes)."""
+    if len(header) < HEADER_SIZE:
+        raise FrameTruncated(f"header needs {HEADER_SIZE} bytes, got {len(header)}")
+    magic, version, *_rest, body_len, _raw, _tag = HEADER.unpack_from(header)
+    if magic != MAGIC:
+        raise FrameMalformed("not a NovaCron page-stream frame (bad magic)")
+    if version != VERSION:
+        raise FrameMalformed(f"unsupported frame version {version}")
+    if body_len < TAG_SIZE or body_len > MAX_BODY + TAG_SIZE:
+        raise FrameMalformed(f"frame body length {body_len} out of bounds")
+    return HEADER_SIZE + int(body_len)
+
+
+def _nonce(stream: bytes, seq: int) -> bytes:
+    return stream + seq.to_bytes(8, "big")
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # zstandard objects are not thread-safe: one per worker thread and level.
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "zc", None)
+    if cache is None:
+        cache = _local.zc = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "zd", None)
+    if d is None:
+        d = _local.zd = zstandard.ZstdDecompressor()
+    return d
+
+
+def compress_or_skip(plain: bytes | bytearray, level: int) -> tuple[int, bytes | bytearray]:
+    """(flags, body): zstd when it pays, the plaintext itself when the frame is
+    incompressible. A few spread-out slices are test-compressed first so random
+    data costs only a probe."""
+    n = len(plain)
+    if n < 256:
+        return 0, plain
+    c = _compressor(level)
+    if n > 8 * _SAMPLE:
+        view = memoryview(plain)
+        step = (n - _SAMPLE) // 3
+        probe = b"".join(view[i * step:i * step + _SAMPLE] for i in range(4))
+        if len(c.compress(probe)) > 0.92 * len(probe):
+            return 0, plain
+    packed = c.compress(plain)
+    if len(packed) >= n:
+        return 0, plain
+    return FLAG_ZSTD, packed
+
+
+class PageStreamSender:
+    """Turns guest pages into sealed frames, one direction of one migration.
+
+    ``mem`` is the source guest RAM (read-only mmap is fine); page data is read
+    at ``encode`` time. With ``dedup``, pages the receiver already holds
+    (sent earlier, or in its page cache) go as 40-byte references. ``threads``
+    workers hash and compress without the GIL; encryption runs in the caller's
+    thread, in sequence order.
+    """
+
+    def __init__(self, key: bytes, mem: Any, *, dedup: DedupIndex | None = None,
+                 level: int = 1, threads: int = 2, counters: Counters | None = None,
+                 frame_pages: int = 256) -> None:
+        import os
+
+        self._key = _check_key(key)
+        self._aead = AESGCM(self._key)
+        self._key_id = key_id(self._key)
+        self._stream = os.urandom(4)
+        self._seq = 0
+        self._mem = page_buffer(mem)
+        self.npages = self._mem.nbytes // PAGE_SIZE
+        if not -7 <= level <= 22:
+            raise ValueError(f"zstd level must be from -7 to 22, got {level}")
+        if not 1 <= frame_pages <= 4096:
+            raise ValueError(f"frame_pages must be from 1 to 4096, got {frame_pages}")
+        self.level = level
+        self.threads = check_threads(threads)
+        self.frame_pages = frame_pages
+        self.counters = counters if counters is not None else Counters()
+        self.dedup = dedup
+        if dedup is not None:
+            dedup.attach(self.npages)
+
+    @property
+    def next_seq(self) -> int:
+        return self._seq
+
+    def _seal(self, kind: int, flags: int, raw_len: int, body: bytes | bytearray,
+              tag: int) -> bytes:
+        seq = self._seq
+        self._seq += 1
+        header = HEADER.pack(MAGIC, VERSION, kind, flags, 0, self._key_id, self._stream, seq,
+                             len(body) + TAG_SIZE, raw_len, tag)
+        t0 = time.perf_counter()
+        sealed = self._aead.encrypt(_nonce(self._stream, seq), bytes(body), header)
+        frame = header + sealed
+        c = self.counters
+        c.seconds_encrypt += time.perf_counter() - t0
+        c.frames += 1
+        c.bytes_compressed += len(body)
+        c.bytes_wire += len(frame)
+        return frame
+
+    def seal_blob(self, tag: int, data: bytes) -> bytes:
+        """One sealed frame carrying opaque bytes (control messages, device state)."""
+        if not 0 <= tag < 1 << 32:
+            raise ValueError("blob tag must fit in 32 bits")
+        if len(data) > MAX_RAW:
+            raise ValueError(f"blob of {len(data)} bytes exceeds {MAX_RAW}; split it")
+        t0 = time.perf_counter()
+        flags, body = compress_or_skip(data, self.level)
+        self.counters.seconds_compress += time.perf_counter() - t0
+        return self._seal(KIND_BLOB, flags, len(data), body, tag)
+
+    def encode(self, pages: npt.ArrayLike, zero: npt.NDArray[np.uint8] | None = None
+               ) -> list[bytes]:
+        """Sealed frames carrying the given pages (indices, in the order given).
+
+        ``zero`` is an optional bitmap of pages already known to be zero (from
+        ``ScanResult.zero``); they are not read again. Call with batches of a
+        few thousand pages to bound memory: the frames are returned together.
+        """
+        return list(self.iter_encode(pages, zero))
+
+    def iter_encode(self, pages: npt.ArrayLike, zero: npt.NDArray[np.uint8] | None = None
+                    ) -> Iterator[bytes]:
+        """Like ``encode`` but yields frames as they are sealed (consume them all)."""
+        idx = np.ascontiguousarray(np.asarray(pages).reshape(-1), dtype=np.uint64)
+        n = idx.size
+        if n == 0:
+            return
+        if int(idx.max()) >= self.npages:
+            raise ValueError(f"page index {int(idx.max())} outside guest memory of "
+                             f"{self.npages} pages")
+        kinds = np.zeros(n, dtype=np.uint8)
+        if zero is not None:
+            zbits = np.unpackbits(np.asarray(zero, dtype=np.uint8), bitorder="little")
+            if zbits.size < self.npages:
+                raise ValueError("zero bitmap is smaller than guest memory")
+            kinds[zbits[idx.astype(np.int64)] == 1] = _kernels.PY_KIND_ZERO
+        dedup = self.dedup is not None
+        digests = np.empty((n if dedup else 0, 32), dtype=np.uint8)
+        c = self.counters
+
+        t0 = time.perf_counter()
+        parts = self.threads if n >= 256 * self.threads else 1
+        step = (n + parts - 1) // parts
+        if parts == 1:
+            zeros = _kernels.classify_pages(self._mem, idx, 0, n, kinds, digests, dedup)
+        else:
+            ex = pool(self.threads)
+            futs = [ex.submit(_kernels.classify_pages, self._mem, idx, a, min(n, a + step),
+                              kinds, digests, dedup) for a in range(0, n, step)]
+            zeros = sum(f.result() for f in futs)
+        c.seconds_hash += time.perf_counter() - t0
+
+        srcs = np.empty(n, dtype=np.int64)
+        if dedup:
+            assert self.dedup is not None
+            ends = _kernels.plan(idx, kinds, digests, self.dedup.table, self.dedup.page_slots,
+                                 srcs, self.frame_pages, _ZERO_PAGES_PER_FRAME, True)
+        else:
+            ends = _kernels.plan(idx, kinds, digests, None, np.zeros(0, dtype=np.int32), srcs,
+                                 self.frame_pages, _ZERO_PAGES_PER_FRAME, False)
+        refs = int(np.count_nonzero(kinds >= _kernels.PY_KIND_REF))
+        c.pages_sent += n
+        c.pages_dedup += refs
+        c.pages_zero_sent += int(zeros)
+        c.bytes_raw += n * PAGE_SIZE
+        ranges = list(zip([0, *ends[:-1]], ends, strict=True))
+
+        def payload(r: tuple[int, int]) -> tuple[int, int, bytes | bytearray, float]:
+            t = time.perf_counter()
+            plain = _kernels.build_payload(self._mem, idx, kinds, srcs, digests, r[0], r[1])
+            flags, body = compress_or_skip(plain, self.level)
+            return flags, len(plain), body, time.perf_counter() - t
+
+        if self.threads == 1 or len(ranges) == 1:
+            results: Iterator[tuple[int, int, bytes | bytearray, float]] = map(payload, ranges)
+        else:
+            results = pool(self.threads).map(payload, ranges)
+        for flags, raw_len, body, secs in results:
+            c.seconds_compress += secs
+            if raw_len > MAX_RAW:  # cannot happen with frame_pages <= 4096; keep receivers safe
+                raise RuntimeError("frame payload exceeds the protocol limit")
+            yield self._seal(KIND_PAGES, flags, raw_len, body, 0)
+
+
+_ERRORS: dict[int, type[FrameError]] = {
+    _kernels.PY_ERR_MALFORMED: FrameMalformed,
+    _kernels.PY_ERR_RANGE: FrameMalformed,
+    _kernels.PY_ERR_DEDUP_MISS: DedupMiss,
+}
+
+
+class PageStreamReceiver:
+    """Checks, opens and applies frames from one PageStreamSender, in order.
+
+    ``mem`` is the destination guest RAM as a writable buffer (mmap opened
+    read-write). ``cache`` resolves references to pages of local files. Any
+    rejected frame raises a FrameError subclass and writes nothing; the
+    expected sequence number does not move, so the next authentic frame in
+    order is still accepted.
+    """
+
+    def __init__(self, key: bytes, mem: Any, *, cache: PageCache | None = None,
+                 counters: Counters | None = None) -> None:
+        self._key = _check_key(key)
+        self._aead = AESGCM(self._key)
+        self._key_id = key_id(self._key)
+        self._mem = page_buffer(mem, writable=True)
+        self.npages = self._mem.nbytes // PAGE_SIZE
+        self.cache = cache
+        self.counters = counters if counters is not None else Counters()
+        self._stream: bytes | None = None
+        self._expect = 0
+
+    @property
+    def next_seq(self) -> int:
+        return self._expect
+
+    def open(self, frame: bytes | bytearray | memoryview) -> Opened:
+        t0 = time.perf_counter()
+        total = frame_length(frame)
+        if len(frame) < total:
+            raise FrameTruncated(f"frame announces {total} bytes, got {len(frame)}")
+        if len(frame) > total:
+            raise FrameMalformed(f"{len(frame) - total} stray bytes after the frame")
+        (_magic, _version, kind, flags, reserved, kid, stream, seq, _body_len, raw_len,
+         tag) = HEADER.unpack_from(frame)
+        if kid != self._key_id:
+            raise FrameWrongKey("frame was sealed with a different key")
+        view = memoryview(frame)
+        header = bytes(view[:HEADER_SIZE])
+        try:
+            plain: bytes = self._aead.decrypt(_nonce(stream, seq), view[HEADER_SIZE:], header)
+        except InvalidTag:
+            raise FrameTampered(f"frame {seq} failed authentication") from None
+        if self._stream is None:
+            if seq != 0:
+                raise FrameReordered(f"stream starts at frame {seq}, expected 0")
+        elif stream != self._stream:
+            raise FrameReplayed("frame belongs to another stream")
+        if seq < self._expect:
+            raise FrameReplayed(f"frame {seq} already received (expecting {self._expect})")
+        if seq > self._expect:
+            raise FrameReordered(f"frame {seq} arrived before frame {self._expect}")
+        if kind not in (KIND_PAGES, KIND_BLOB) or flags & ~FLAG_ZSTD or reserved:
+            raise FrameMalformed(f"unknown frame kind {kind} / flags {flags}")
+        if raw_len > MAX_RAW:
+            raise FrameMalformed(f"raw length {raw_len} exceeds {MAX_RAW}")
+        if flags & FLAG_ZSTD:
+            try:
+                plain = _decompressor().decompress(plain, max_output_size=raw_len)
+            except zstandard.ZstdError as exc:
+                raise FrameMalformed(f"frame {seq} does not decompress: {exc}") from None
+        if len(plain) != raw_len:
+            raise FrameMalformed(f"frame {seq} holds {len(plain)} bytes, header says {raw_len}")
+        c = self.counters
+        if kind == KIND_BLOB:
+            self._accept(stream)
+            c.frames += 1
+            c.bytes_wire += len(frame)
+            c.seconds_decode += time.perf_counter() - t0
+            return Opened(0, (tag, plain), seq)
+        err, written, detail = _kernels.apply_payload(
+            plain, self._mem, None if self.cache is None else self.cache.view())
+        if err:
+            raise _ERRORS[err](f"frame {seq}: {detail}")
+        self._accept(stream)
+        c.frames += 1
+        c.pages_sent += written
+        c.pages_dedup += int.from_bytes(plain[4:8], "little")
+        c.bytes_raw += written * PAGE_SIZE
+        c.bytes_compressed += len(view) - HEADER_SIZE - TAG_SIZE
+        c.bytes_wire += len(frame)
+        c.seconds_decode += time.perf_counter() - t0
+        return Opened(int(written), None, seq)
+
+    def _accept(self, stream: bytes) -> None:
+        self._stream = stream
+        self._expect += 1

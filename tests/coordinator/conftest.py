@@ -1,0 +1,90 @@
+"""Coordinator test fixtures: a real coordinator on loopback, fake agents beside it."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from novacron.coordinator.config import CoordinatorConfig
+from novacron.coordinator.service import build_app
+from tests.coordinator.fake_agent import FakeAgent
+
+
+def make_cfg(data_dir: Path, **overrides: Any) -> CoordinatorConfig:
+    values: dict[str, Any] = {
+        "data_dir": data_dir, "admin_token": "admin-" + secrets.token_hex(8),
+        "agent_token": "agent-" + secrets.token_hex(8), "poll_interval_s": 0.02,
+        "heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 30.0, "max_body_bytes": 16 * 1024,
+    }
+    values.update(overrides)
+    return CoordinatorConfig(**values)
+
+
+@dataclass
+class Coordinator:
+    cfg: CoordinatorConfig
+    server: TestServer
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.cfg.admin_token}"}
+
+    async def call(self, method: str, path: str, *, token: str | None = None,
+                   **kw: Any) -> tuple[int, Any]:
+        headers = {**self.headers(token), **kw.pop("headers", {})}
+        async with self.session.request(method, self.url + "/api/v1" + path,
+                                        headers=headers, **kw) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+async def start_coordinator(cfg: CoordinatorConfig) -> Coordinator:
+    server = TestServer(build_app(cfg), host="127.0.0.1")
+    await server.start_server()
+    return Coordinator(cfg, server, aiohttp.ClientSession())
+
+
+async def stop_coordinator(c: Coordinator) -> None:
+    await c.session.close()
+    await c.server.close()
+
+
+@pytest.fixture
+async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
+    c = await start_coordinator(make_cfg(tmp_path / "coord"))
+    try:
+        yield c
+    finally:
+        await stop_coordinator(c)
+
+
+@pytest.fixture
+async def agents(coordinator: Coordinator) -> AsyncIterator[list[FakeAgent]]:
+    """Two fake agents, registered with the coordinator, able to migrate to each other."""
+    fakes = [FakeAgent("alpha", "tok-a-" + secrets.token_hex(4), memory_bytes=8 << 30),
+             FakeAgent("beta", "tok-b-" + secrets.token_hex(4), memory_bytes=4 << 30)]
+    servers = []
+    try:
+        for fake in fakes:
+            server = TestServer(fake.app(), host="127.0.0.1")
+            await server.start_server()
+            servers.append(server)
+            fake.url = str(server.make_url("")).rstrip("/")
+        for fake in fakes:
+            fake.peers = {other.url: other for other in fakes if other is not fake}
+            await fake.register_with(coordinator.session, coordinator.url,
+                                     coordinator.cfg.agent_token)
+        yield fakes
+    finally:
+        for server in servers:
+            await server.close()

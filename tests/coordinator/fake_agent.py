@@ -1,0 +1,155 @@
+"""A small stand-in speaking the agent HTTP contract, for coordinator tests only.
+
+It keeps VMs in memory and walks a migration through the real phase names one
+step per status poll, so the coordinator's orchestration, persistence and SSE
+can be tested without QEMU. The demo and its e2e test use real agents.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from aiohttp import ClientSession, web
+
+PHASES = ["prepare", "precopy", "precopy", "precopy", "stopcopy", "commit", "completed"]
+
+
+class FakeAgent:
+    def __init__(self, name: str, token: str, memory_bytes: int = 8 << 30) -> None:
+        self.name, self.token, self.memory_bytes = name, token, memory_bytes
+        self.vms: dict[str, dict[str, Any]] = {}
+        self.migrations: dict[str, dict[str, Any]] = {}
+        self.fail_next_create: str | None = None
+        self.hold_migrations = False  # keep migrations in precopy until released
+        self.calls: list[tuple[str, str]] = []
+        self._ids = itertools.count(1)
+        self.peers: dict[str, FakeAgent] = {}  # url -> agent, to hand VMs over on commit
+        self.server: Any = None
+        self.url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        r = app.router
+        r.add_get("/v1/health", self.health)
+        r.add_get("/v1/host", self.host)
+        r.add_get("/v1/vms", self.list_vms)
+        r.add_post("/v1/vms", self.create_vm)
+        r.add_get("/v1/vms/{name}", self.get_vm)
+        r.add_post("/v1/vms/{name}/{action}", self.vm_action)
+        r.add_delete("/v1/vms/{name}", self.delete_vm)
+        r.add_post("/v1/migrations", self.start_migration)
+        r.add_get("/v1/migrations/{id}", self.get_migration)
+        r.add_post("/v1/migrations/{id}/cancel", self.cancel_migration)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.calls.append((request.method, request.path))
+        if request.path != "/v1/health" and \
+                request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response({"error": "bad token"}, status=401)
+        resp: web.StreamResponse = await handler(request)
+        return resp
+
+    def used(self) -> int:
+        return sum(v["memory_mb"] << 20 for v in self.vms.values())
+
+    def registration(self) -> dict[str, Any]:
+        return {"name": self.name, "url": self.url, "token": self.token, "cpus": 8,
+                "memory_bytes": self.memory_bytes,
+                "memory_available_bytes": self.memory_bytes - self.used(),
+                "accel": {"kvm_present": False, "kvm_usable": False, "default": "tcg"},
+                "data_port": 1234, "version": "fake", "vms": sorted(self.vms)}
+
+    async def health(self, _r: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "name": self.name})
+
+    async def host(self, _r: web.Request) -> web.Response:
+        return web.json_response(self.registration())
+
+    async def list_vms(self, _r: web.Request) -> web.Response:
+        return web.json_response({"vms": list(self.vms.values())})
+
+    async def create_vm(self, r: web.Request) -> web.Response:
+        spec = await r.json()
+        if self.fail_next_create:
+            msg, self.fail_next_create = self.fail_next_create, None
+            return web.json_response({"error": msg}, status=400)
+        if spec["name"] in self.vms:
+            return web.json_response({"error": "exists"}, status=409)
+        vm = {**spec, "state": "running", "pid": 4242, "accel": "tcg"}
+        self.vms[spec["name"]] = vm
+        return web.json_response(vm, status=201)
+
+    async def get_vm(self, r: web.Request) -> web.Response:
+        vm = self.vms.get(r.match_info["name"])
+        if vm is None:
+            return web.json_response({"error": "no such vm"}, status=404)
+        return web.json_response(vm)
+
+    async def vm_action(self, r: web.Request) -> web.Response:
+        vm = self.vms.get(r.match_info["name"])
+        if vm is None:
+            return web.json_response({"error": "no such vm"}, status=404)
+        states = {"stop": "stopped", "start": "running", "pause": "paused", "resume": "running"}
+        vm["state"] = states[r.match_info["action"]]
+        return web.json_response(vm)
+
+    async def delete_vm(self, r: web.Request) -> web.Response:
+        if self.vms.pop(r.match_info["name"], None) is None:
+            return web.json_response({"error": "no such vm"}, status=404)
+        return web.json_response({"deleted": r.match_info["name"]})
+
+    async def start_migration(self, r: web.Request) -> web.Response:
+        body = await r.json()
+        if body["vm"] not in self.vms:
+            return web.json_response({"error": "no such vm"}, status=404)
+        target = self.peers.get(body["target"]["url"])
+        if target is None or body["target"]["token"] != target.token:
+            return web.json_response({"error": "target unreachable or bad token"}, status=400)
+        mig_id = f"a{next(self._ids)}"
+        self.migrations[mig_id] = {"id": mig_id, "vm": body["vm"], "phase": "prepare", "round": 0,
+                                   "step": 0, "target": target, "options": body["options"],
+                                   "metrics": {}, "error": None}
+        self.vms[body["vm"]]["state"] = "migrating"
+        return web.json_response(self._public(mig_id), status=202)
+
+    def _public(self, mig_id: str) -> dict[str, Any]:
+        m = self.migrations[mig_id]
+        return {k: v for k, v in m.items() if k not in ("target", "step")}
+
+    async def get_migration(self, r: web.Request) -> web.Response:
+        mig_id = r.match_info["id"]
+        m = self.migrations.get(mig_id)
+        if m is None:
+            return web.json_response({"error": "no such migration"}, status=404)
+        if m["phase"] not in ("completed", "cancelled", "failed") and not (
+                self.hold_migrations and m["phase"] == "precopy"):
+            m["step"] += 1
+            m["phase"] = PHASES[min(m["step"], len(PHASES) - 1)]
+            if m["phase"] == "precopy":
+                m["round"] += 1
+            m["metrics"] = {"pages": 65536, "bytes_raw": 4096 * 1000 * m["step"],
+                            "bytes_wire": 1000 * m["step"], "downtime_ms": 0, "total_s": 0.1}
+            if m["phase"] == "completed":
+                m["metrics"]["downtime_ms"] = 12.5
+                vm = self.vms.pop(m["vm"])
+                vm["state"] = "running"
+                m["target"].vms[m["vm"]] = vm
+        return web.json_response(self._public(mig_id))
+
+    async def cancel_migration(self, r: web.Request) -> web.Response:
+        m = self.migrations.get(r.match_info["id"])
+        if m is None:
+            return web.json_response({"error": "no such migration"}, status=404)
+        if m["phase"] in ("completed", "cancelled", "failed"):
+            return web.json_response({"error": f"already {m['phase']}"}, status=409)
+        m["phase"] = "cancelled"
+        self.vms[m["vm"]]["state"] = "running"
+        return web.json_response(self._public(r.match_info["id"]), status=202)
+
+    async def register_with(self, session: ClientSession, coordinator: str, agent_token: str) -> None:
+        async with session.post(f"{coordinator}/api/v1/hosts/register", json=self.registration(),
+                                headers={"Authorization": f"Bearer {agent_token}"}) as resp:
+            assert resp.status == 200, await resp.text()

@@ -1,0 +1,93 @@
+"""The ``novacron`` fleet commands against a real coordinator subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from novacron.coordinator.client import CoordinatorClient
+from novacron.coordinator.local import LocalCoordinator
+from tests.coordinator.fake_agent import FakeAgent
+from tests.coordinator.test_api import vm_spec
+
+pytestmark = [pytest.mark.e2e]
+
+
+async def cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "novacron.cli.main", *argv, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[tuple[LocalCoordinator, dict[str, str]]]:
+    fakes = [FakeAgent("alpha", "tok-alpha-1"), FakeAgent("beta", "tok-beta-1", 4 << 30)]
+    servers = []
+    async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord:
+        try:
+            for fake in fakes:
+                server = TestServer(fake.app(), host="127.0.0.1")
+                await server.start_server()
+                servers.append(server)
+                fake.url = str(server.make_url("")).rstrip("/")
+            async with CoordinatorClient(coord.url, coord.admin_token) as client:
+                for fake in fakes:
+                    fake.peers = {o.url: o for o in fakes if o is not fake}
+                    await client.register_host(fake.registration(), coord.agent_token)
+                await client.create_vm(vm_spec("web"))
+            env = {k: v for k, v in os.environ.items() if not k.startswith("NOVACRON")}
+            env.update(NOVACRON_SERVER=coord.url, NOVACRON_TOKEN=coord.admin_token,
+                       HOME=str(tmp_path), COLUMNS="120")
+            yield coord, env
+        finally:
+            for server in servers:
+                await server.close()
+
+
+async def test_hosts_vms_and_migrate(fleet: tuple[LocalCoordinator, dict[str, str]]) -> None:
+    coord, env = fleet
+    code, out, err = await cli(env, "hosts", "--json")
+    assert code == 0, err
+    assert [h["name"] for h in json.loads(out)] == ["alpha", "beta"]
+    code, out, _ = await cli(env, "hosts")
+    assert code == 0 and "alpha" in out and "up" in out
+    code, out, _ = await cli(env, "vms", "--json")
+    assert code == 0 and json.loads(out)[0]["host"] == "alpha"
+    code, out, err = await cli(env, "migrate", "web", "--to", "beta", "--downtime-ms", "30")
+    assert code == 0, out + err
+    assert "Migration" in out and "downtime_ms" in out and "completed" in out
+    code, out, _ = await cli(env, "vms", "--json")
+    assert json.loads(out)[0]["host"] == "beta"
+    code, out, err = await cli(env, "migrate", "web", "--to", "alpha", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["phase"] == "completed" and doc["target"] == "alpha"
+    code, out, _ = await cli(env, "migrations", "--json", "--vm", "web")
+    assert [m["target"] for m in json.loads(out)] == ["alpha", "beta"]
+    assert coord.admin_token not in out
+
+
+async def test_errors_are_one_line_and_nonzero(
+        fleet: tuple[LocalCoordinator, dict[str, str]]) -> None:
+    coord, env = fleet
+    code, _out, err = await cli({**env, "NOVACRON_TOKEN": "wrong"}, "hosts")
+    assert code == 1 and "invalid token" in err and "Traceback" not in err
+    code, _out, err = await cli(env, "migrate", "nope", "--to", "beta")
+    assert code == 1 and "no VM named 'nope'" in err
+    code, _out, err = await cli({**env, "NOVACRON_SERVER": "http://127.0.0.1:9"}, "vms")
+    assert code == 1 and "cannot reach the coordinator" in err
+    assert coord.admin_token not in err

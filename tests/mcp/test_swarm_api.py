@@ -1,0 +1,121 @@
+"""The coordinator's swarm API and bridge health, with the real claude-flow behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from novacron import config
+from novacron.coordinator.service import build_app
+from tests.coordinator.conftest import Coordinator, make_cfg, start_coordinator, stop_coordinator
+
+pytestmark = [pytest.mark.e2e]
+
+PLAN = {
+    "topology": "hierarchical", "strategy": "specialized", "max_agents": 4,
+    "agents": [{"type": "coder"}, {"type": "tester"}],
+    "tasks": [{"description": "write the migration dashboard", "type": "feature",
+               "priority": "high"},
+              {"description": "test the migration dashboard"}],
+}
+
+
+@pytest.fixture
+async def coord(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                claude_flow_argv: list[str]) -> AsyncIterator[Coordinator]:
+    monkeypatch.setenv("NOVACRON_MCP_PING_INTERVAL_S", "0.3")
+    monkeypatch.setenv("NOVACRON_MCP_CALL_TIMEOUT_S", "20")
+    c = await start_coordinator(make_cfg(tmp_path / "coord"))
+    try:
+        yield c
+    finally:
+        await stop_coordinator(c)
+
+
+async def _wait_for(c: Coordinator, check: Any, timeout: float = 15.0) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        status, health = await c.call("GET", "/mcp/health")
+        assert status == 200
+        if check(health):
+            return health
+        assert asyncio.get_running_loop().time() < deadline, health
+        await asyncio.sleep(0.1)
+
+
+async def test_swarm_lifecycle_and_health(coord: Coordinator) -> None:
+    status, health = await coord.call("GET", "/mcp/health")
+    assert status == 200 and health["enabled"] and health["status"] == "idle"
+
+    status, swarm = await coord.call("POST", "/swarms", json={
+        "description": "build and test the migration dashboard", "plan": PLAN})
+    assert status == 201, swarm
+    assert len(swarm["agents"]) == 2 and len(swarm["tasks"]) == 2
+    assert swarm["plan"] == PLAN and swarm["status"] == "running"
+    sid = swarm["id"]
+
+    status, listed = await coord.call("GET", "/swarms")
+    assert [s["id"] for s in listed["swarms"]] == [sid]
+
+    status, one = await coord.call("GET", f"/swarms/{sid}")
+    assert status == 200
+    assert one["live"]["swarmId"] == sid and one["live"]["agentCount"] >= 2
+    assert [t["taskId"] for t in one["task_states"]] == swarm["tasks"]
+    assert {t["status"] for t in one["task_states"]} == {"in_progress"}
+
+    # the health loop pings on its own once the bridge is in use
+    health = await _wait_for(coord, lambda h: h["last_ping_ms"] is not None)
+    assert health["status"] == "ok" and health["dialect"] == "v3"
+    assert health["active"] == {"swarm": 1, "agent": 2, "task": 2}
+
+    # kill claude-flow: the health check notices and restarts it without any API call
+    os.killpg(health["pid"], signal.SIGKILL)
+    health = await _wait_for(coord, lambda h: h["restarts"] >= 1 and h["status"] == "ok"
+                             and h["pid"] not in (None, health["pid"]))
+    status, again = await coord.call("GET", f"/swarms/{sid}")
+    assert status == 200 and again["live"]["swarmId"] == sid
+
+    status, doc = await coord.call("GET", "/openapi.json")
+    for path in ("/api/v1/swarms", "/api/v1/swarms/{id}", "/api/v1/mcp/health"):
+        assert path in doc["paths"]
+
+
+async def test_bad_requests_change_nothing(coord: Coordinator) -> None:
+    bad_bodies: list[Any] = [
+        {},
+        {"description": ""},
+        {"description": "x", "plan": {**PLAN, "topology": "blob"}},
+        {"description": "x", "plan": {**PLAN, "agents": []}},
+        {"description": "x", "plan": {**PLAN, "agents": [{"type": "a b"}]}},
+        {"description": "x", "extra": 1},
+    ]
+    for body in bad_bodies:
+        status, doc = await coord.call("POST", "/swarms", json=body)
+        assert status == 400, (body, doc)
+        assert doc["error"].startswith("body")
+    # no plan and no classifier: a clear refusal, not a guess
+    status, doc = await coord.call("POST", "/swarms", json={"description": "do things"})
+    assert status == 503 and "plan" in doc["error"]
+    status, doc = await coord.call("GET", "/swarms/swarm-unknown")
+    assert status == 404
+    status, doc = await coord.call("GET", "/swarms", token="wrong")
+    assert status == 401
+    assert (await coord.call("GET", "/swarms"))[1] == {"swarms": []}
+    status, health = await coord.call("GET", "/mcp/health")
+    assert health["status"] == "idle" and health["pid"] is None  # nothing was started
+
+
+def test_bad_bridge_settings_stop_the_coordinator(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOVACRON_MCP_ATTEMPTS", "0")
+    with pytest.raises(config.ConfigError, match="attempts"):
+        build_app(make_cfg(tmp_path))
+    monkeypatch.setenv("NOVACRON_MCP_ATTEMPTS", "three")
+    with pytest.raises(config.ConfigError, match="NOVACRON_MCP_ATTEMPTS"):
+        build_app(make_cfg(tmp_path))

@@ -1,0 +1,202 @@
+"""File-backed stand-ins for a VM, for engine tests that need no QEMU.
+
+The "guest" is a RAM file plus a thread dirtying random pages while it runs;
+its "device state" is a blob pushed through the same unix-socket hand-over
+QEMU uses. Everything the engine does to RAM (scan, encode, encrypt, relay)
+is the real code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import mmap
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from novacron.agent.migration.vmport import AdmissionError
+
+PAGE = 4096
+
+
+class MemSourceVM:
+    def __init__(self, root: Path, name: str, pages: int, dirty_pages_per_s: float = 0.0,
+                 seed: int = 1) -> None:
+        self.name = name
+        self.dir = root / name
+        self.dir.mkdir(parents=True)
+        self.ram_path = self.dir / "ram"
+        self.ram_size = pages * PAGE
+        rng = np.random.default_rng(seed)
+        data = np.zeros(self.ram_size, np.uint8)
+        # a realistic mix: some zero pages, some duplicate pages, some random pages
+        view = data.reshape(pages, PAGE)
+        view[: pages // 2] = rng.integers(0, 256, size=(pages // 2, PAGE), dtype=np.uint8)
+        view[pages // 2 : 3 * pages // 4] = 7
+        self.ram_path.write_bytes(data.tobytes())
+        fd = os.open(self.ram_path, os.O_RDWR)
+        self.mm = mmap.mmap(fd, self.ram_size)
+        os.close(fd)
+        self.device_state = rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+        self.rate = dirty_pages_per_s
+        self._running = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._dirty, daemon=True)
+        self._send: asyncio.Task[None] | None = None
+        self.paused_count = 0
+        self.resumed_count = 0
+        self.released = False
+        self.stayed = False
+        self.dirtied = 0
+        self.paused = False
+        if dirty_pages_per_s > 0:
+            self._running.set()
+            self._thread.start()
+
+    def _dirty(self) -> None:
+        rng = np.random.default_rng(99)
+        npages = self.ram_size // PAGE
+        while not self._stop.is_set():
+            if not self._running.wait(0.05):
+                continue
+            with self._lock:
+                if not self._running.is_set():
+                    continue
+                for p in rng.integers(0, npages, 32):
+                    off = int(p) * PAGE
+                    self.mm[off : off + 8] = rng.integers(0, 2**63, dtype=np.int64).tobytes()
+                self.dirtied += 32
+            # the workload's pace: 32 pages per step at the configured rate
+            self._stop.wait(32 / self.rate if self.rate else 0.05)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "vcpus": 1, "memory_mb": self.ram_size >> 20}
+
+    async def pause(self) -> None:
+        self.paused = True
+        self._running.clear()
+        with self._lock:  # wait for a write in flight
+            self.paused_count += 1
+
+    async def resume(self) -> None:
+        self.resumed_count += 1
+        self.paused = False
+        if self.rate > 0:
+            self._running.set()
+
+    @property
+    def running(self) -> bool:
+        return not self.paused and not self.released
+
+    async def send_device_state(self, uri: str) -> None:
+        path = uri.removeprefix("unix:")
+
+        async def push() -> None:
+            _, w = await asyncio.open_unix_connection(path)
+            for i in range(0, len(self.device_state), 65536):
+                w.write(self.device_state[i : i + 65536])
+                await w.drain()
+            w.close()
+            await w.wait_closed()
+
+        self._send = asyncio.create_task(push())
+
+    async def wait_device_state_sent(self, timeout: float) -> None:
+        assert self._send is not None
+        await asyncio.wait_for(self._send, timeout)
+
+    async def cancel_device_state(self) -> None:
+        if self._send is not None:
+            self._send.cancel()
+
+    async def stay(self) -> None:
+        self.stayed = True
+
+    async def release(self) -> None:
+        self.released = True
+        self.close()
+        shutil.rmtree(self.dir)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._running.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        with contextlib.suppress(BufferError, ValueError):
+            self.mm.close()
+
+
+class MemDestVM:
+    def __init__(self, name: str, vm_dir: Path, ram_path: Path) -> None:
+        self.name = name
+        self.dir = vm_dir
+        self.ram_path = ram_path
+        self.device_state = bytearray()
+        self._server: asyncio.AbstractServer | None = None
+        self._loaded = asyncio.Event()
+        self.running = False
+        self.adopted = False
+        self.destroyed = False
+
+    async def listen_device_state(self, uri: str) -> None:
+        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while chunk := await r.read(65536):
+                self.device_state += chunk
+            w.close()
+            self._loaded.set()
+
+        self._server = await asyncio.start_unix_server(on_conn, path=uri.removeprefix("unix:"))
+
+    async def wait_device_state_loaded(self, timeout: float) -> None:
+        await asyncio.wait_for(self._loaded.wait(), timeout)
+
+    async def resume(self) -> None:
+        self.running = True
+
+    async def destroy(self) -> None:
+        self.destroyed = True
+        if self._server is not None:
+            self._server.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def adopt(self) -> None:
+        self.adopted = True
+        if self._server is not None:
+            self._server.close()
+
+
+class MemDestFactory:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.vms: dict[str, MemDestVM] = {}
+        self.prepared = 0
+
+    async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str) -> MemDestVM:
+        name = str(spec.get("name"))
+        vm_dir = self.root / name
+        try:
+            vm_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise AdmissionError(f"VM {name!r} already exists here") from None
+        ram = vm_dir / "ram"
+        fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, ram_size)
+        except OSError as exc:
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                raise AdmissionError(f"out of space for the {ram_size} byte RAM file") from None
+            raise AdmissionError(str(exc)) from None
+        finally:
+            os.close(fd)
+        self.prepared += 1
+        vm = MemDestVM(name, vm_dir, ram)
+        self.vms[name] = vm
+        return vm

@@ -1,0 +1,163 @@
+"""The agent-to-agent channel: mutual authentication, key agreement, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+
+import pytest
+
+from novacron.agent.channel import AuthError, Channel, ChannelServer, ProtocolError, connect
+from novacron.agent.channel.handshake import CLIENT_HELLO, MAGIC
+from novacron.agent.channel.records import CTRL, FRAME, HEADER, MAX_FRAME
+
+SECRET = "cluster-secret-for-tests"
+
+
+class Recorder:
+    """A handler that records every authenticated channel it is given."""
+
+    def __init__(self) -> None:
+        self.channels: list[Channel] = []
+        self.messages: list[dict[str, object]] = []
+        self.errors: list[Exception] = []
+
+    async def __call__(self, ch: Channel) -> None:
+        self.channels.append(ch)
+        try:
+            while True:
+                rec = await ch.recv(timeout=5)
+                if rec.ctrl is not None:
+                    self.messages.append(rec.ctrl)
+                    await ch.send_ctrl({"op": "echo", "got": rec.ctrl})
+        except Exception as exc:
+            self.errors.append(exc)
+
+
+@pytest.fixture
+async def server():
+    rec = Recorder()
+    srv = ChannelServer(SECRET, rec, handshake_timeout=2)
+    await srv.start()
+    yield srv, rec
+    await srv.close()
+
+
+async def test_authenticated_round_trip_and_distinct_keys(server) -> None:
+    srv, rec = server
+    ch = await connect("127.0.0.1", srv.port, SECRET)
+    await ch.send_ctrl({"op": "hello", "n": 1})
+    reply = await ch.recv(timeout=5)
+    assert reply.ctrl == {"op": "echo", "got": {"op": "hello", "n": 1}}
+    server_side = rec.channels[0]
+    # both ends derived the same four keys, each distinct, and a fresh set per connection
+    k = ch.keys
+    assert k == server_side.keys
+    assert len({k.ctrl_c2s, k.ctrl_s2c, k.pages_c2s, k.pages_s2c}) == 4
+    assert ch.page_key_out == server_side.page_key_in
+    ch2 = await connect("127.0.0.1", srv.port, SECRET)
+    assert ch2.keys.pages_c2s != k.pages_c2s
+    assert "pages" not in repr(k) and k.pages_c2s.hex() not in repr(k)
+    await ch.close()
+    await ch2.close()
+
+
+async def test_wrong_secret_refused_before_handler(server) -> None:
+    srv, rec = server
+    with pytest.raises(AuthError, match="authentication"):
+        await connect("127.0.0.1", srv.port, "not-the-cluster-secret")
+    await asyncio.sleep(0)  # let the server's connection task finish
+    assert rec.channels == []
+
+
+async def test_forged_client_proof_refused(server) -> None:
+    """A peer that completes the hello but cannot prove the secret gets nothing."""
+    srv, rec = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(MAGIC + os.urandom(CLIENT_HELLO - len(MAGIC)))
+    await writer.drain()
+    await reader.readexactly(len(MAGIC) + 96)
+    writer.write(os.urandom(32))
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(1), 5) == b""  # closed, no verdict
+    writer.close()
+    for _ in range(100):
+        if srv.refused:
+            break
+        await asyncio.sleep(0.01)
+    assert srv.refused == 1 and rec.channels == []
+
+
+async def test_garbage_and_silent_peers_refused(server) -> None:
+    srv, rec = server
+    r1, w1 = await asyncio.open_connection("127.0.0.1", srv.port)
+    w1.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 100)
+    await w1.drain()
+    assert await asyncio.wait_for(r1.read(100), 5) == b""
+    r2, w2 = await asyncio.open_connection("127.0.0.1", srv.port)  # says nothing
+    assert await asyncio.wait_for(r2.read(100), 5) == b""  # handshake timeout (2 s)
+    w1.close()
+    w2.close()
+    assert rec.channels == [] and srv.refused == 2
+
+
+async def test_bad_records_rejected(server) -> None:
+    srv, rec = server
+    ch = await connect("127.0.0.1", srv.port, SECRET)
+    # a control record sealed with the wrong key fails authentication at the peer
+    ch.writer.write(HEADER.pack(CTRL, 40) + os.urandom(40))
+    await ch.writer.drain()
+    await asyncio.sleep(0.2)
+    assert rec.errors and isinstance(rec.errors[-1], ProtocolError)
+    assert "authentication" in str(rec.errors[-1])
+    # oversized frame header: refused without reading (or allocating) the body
+    ch2 = await connect("127.0.0.1", srv.port, SECRET)
+    ch2.writer.write(HEADER.pack(FRAME, MAX_FRAME + 1))
+    await ch2.writer.drain()
+    await asyncio.sleep(0.2)
+    assert "frame record" in str(rec.errors[-1])
+    ch3 = await connect("127.0.0.1", srv.port, SECRET)
+    ch3.writer.write(struct.pack(">BI", 9, 10) + b"0123456789")
+    await ch3.writer.drain()
+    await asyncio.sleep(0.2)
+    assert "unknown record kind" in str(rec.errors[-1])
+    assert rec.messages == []
+    for c in (ch, ch2, ch3):
+        await c.close()
+
+
+async def test_replayed_control_record_rejected(server) -> None:
+    srv, rec = server
+    ch = await connect("127.0.0.1", srv.port, SECRET)
+    sent: list[bytes] = []
+    orig = ch.writer.write
+
+    def capture(data: bytes) -> None:
+        sent.append(bytes(data))
+        orig(data)
+
+    ch.writer.write = capture  # type: ignore[method-assign]
+    await ch.send_ctrl({"op": "one"})
+    await ch.recv(timeout=5)
+    orig(b"".join(sent))  # the same record again
+    await ch.writer.drain()
+    await asyncio.sleep(0.2)
+    assert rec.messages == [{"op": "one"}]
+    assert isinstance(rec.errors[-1], ProtocolError)
+    await ch.close()
+
+
+async def test_connect_refused_port_is_clear() -> None:
+    srv = ChannelServer(SECRET, Recorder())
+    port = await srv.start()
+    await srv.close()
+    with pytest.raises(AuthError, match="cannot connect"):
+        await connect("127.0.0.1", port, SECRET, timeout=2)
+
+
+def test_short_secret_rejected() -> None:
+    from novacron.agent.channel.handshake import _secret_bytes
+
+    with pytest.raises(ValueError):
+        _secret_bytes("short")

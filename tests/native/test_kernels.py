@@ -1,0 +1,103 @@
+"""Hash kernels and dirty tracking against independent references."""
+
+from __future__ import annotations
+
+import os
+
+import blake3
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import novacron.native as N
+from novacron.native import _kernels
+
+PAGE = N.PAGE_SIZE
+
+
+@given(st.binary(min_size=PAGE, max_size=PAGE))
+@settings(max_examples=60, deadline=None)
+def test_blake3_page_matches_the_blake3_package(page: bytes) -> None:
+    assert N.page_digest(page) == blake3.blake3(page).digest()
+
+
+def test_blake3_page_of_structured_pages() -> None:
+    for page in (bytes(PAGE), b"\xff" * PAGE, bytes(range(256)) * 16):
+        assert N.page_digest(page) == blake3.blake3(page).digest()
+    with pytest.raises(ValueError):
+        N.page_digest(b"short")
+
+
+def test_fingerprint_depends_on_key_and_content() -> None:
+    page = os.urandom(PAGE)
+    a, b = _kernels.Fingerprinter(b"k" * 32), _kernels.Fingerprinter(b"j" * 32)
+    assert a.page(page) == a.page(bytes(page))
+    assert a.page(page) != b.page(page)
+    flipped = bytearray(page)
+    flipped[PAGE - 1] ^= 0x80
+    assert a.page(bytes(flipped)) != a.page(page)
+    with pytest.raises(ValueError):
+        _kernels.Fingerprinter(b"short")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tracker_reports_changed_and_zero_pages(threads: int) -> None:
+    npages = 9000  # big enough to split over threads, not a multiple of 8
+    mem = bytearray(npages * PAGE)
+    rng = np.random.default_rng(7)
+    touched = sorted(set(rng.integers(0, npages, 500).tolist()))
+    for p in touched:
+        mem[p * PAGE + 17] = 1
+    tr = N.FingerprintTracker(mem, os.urandom(32), threads=threads)
+    first = tr.scan()
+    assert N.bitmap_indices(first.dirty).tolist() == touched
+    assert first.zero_count == npages - len(touched)
+    assert N.bitmap_count(first.zero) == npages - len(touched)
+    assert tr.scan().dirty_count == 0
+    # a change at the very end of a page, a page zeroed, a new page
+    mem[touched[0] * PAGE + PAGE - 1] = 9
+    mem[touched[1] * PAGE + 17] = 0
+    mem[(npages - 1) * PAGE] = 5
+    third = tr.scan()
+    want = sorted({touched[0], touched[1], npages - 1})
+    assert N.bitmap_indices(third.dirty).tolist() == want
+    zero_now = set(N.bitmap_indices(third.zero).tolist())
+    assert touched[1] in zero_now and npages - 1 not in zero_now
+
+
+def test_tracker_rejects_bad_memory() -> None:
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        N.FingerprintTracker(bytearray(PAGE + 1), os.urandom(32))
+    with pytest.raises(TypeError):
+        N.FingerprintTracker(12, os.urandom(32))
+    with pytest.raises(ValueError, match="16 bytes"):
+        N.FingerprintTracker(bytearray(PAGE), b"k")
+
+
+@given(st.sets(st.integers(0, 199)), st.sets(st.integers(0, 199)))
+def test_bitmap_helpers_match_sets(a: set[int], b: set[int]) -> None:
+    ba, bb = N.bitmap_from_indices(sorted(a), 200), N.bitmap_from_indices(sorted(b), 200)
+    assert N.bitmap_count(ba) == len(a)
+    assert N.bitmap_indices(ba).tolist() == sorted(a)
+    assert N.bitmap_indices(N.bitmap_or(ba, bb)).tolist() == sorted(a | b)
+    assert N.bitmap_indices(N.bitmap_andnot(ba, bb)).tolist() == sorted(a - b)
+    runs = list(N.bitmap_runs(ba))
+    assert sorted(p for s, n in runs for p in range(s, s + n)) == sorted(a)
+    assert all(s + n not in a and s - 1 not in a for s, n in runs)
+
+
+def test_soft_dirty_probe_is_consistent() -> None:
+    if not N.soft_dirty_supported():
+        with pytest.raises(N.SoftDirtyUnsupported, match="soft-dirty"):
+            N.SoftDirtyTracker(os.getpid(), 0, PAGE)
+        return
+    import ctypes
+    import mmap
+
+    buf = mmap.mmap(-1, 8 * PAGE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    tr = N.SoftDirtyTracker(os.getpid(), addr, 8 * PAGE)
+    tr.clear()
+    buf[3 * PAGE] = 1
+    assert 3 in N.bitmap_indices(tr.read()).tolist()

@@ -1,0 +1,213 @@
+"""The sealed page stream: bit-exact round trips and every rejection class."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import novacron.native as N
+
+PAGE = N.PAGE_SIZE
+NPAGES = 64
+KEY = bytes(range(32))
+
+
+def make_memory(kinds: list[int], seed: int) -> np.ndarray:
+    """Pages of four kinds: 0 zero, 1 random, 2 text, 3 copy of an earlier page."""
+    rng = np.random.default_rng(seed)
+    mem = np.zeros(len(kinds) * PAGE, dtype=np.uint8)
+    for i, k in enumerate(kinds):
+        page = mem[i * PAGE:(i + 1) * PAGE]
+        if k == 1:
+            page[:] = rng.integers(0, 256, PAGE, dtype=np.uint8)
+        elif k == 2:
+            line = f"page {i} line of text {seed}\n".encode()
+            page[:] = np.frombuffer((line * (PAGE // len(line) + 1))[:PAGE], dtype=np.uint8)
+        elif k == 3 and i:
+            src = int(rng.integers(0, i))
+            page[:] = mem[src * PAGE:(src + 1) * PAGE]
+    return mem
+
+
+page_kinds = st.lists(st.integers(0, 3), min_size=NPAGES, max_size=NPAGES)
+
+
+@given(kinds=page_kinds, seed=st.integers(0, 2**16),
+       pages=st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=80),
+       dedup=st.booleans(), threads=st.sampled_from([1, 2]),
+       frame_pages=st.sampled_from([1, 3, 16, 256]), use_zero_map=st.booleans())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_pages_round_trip_bit_exact(kinds: list[int], seed: int, pages: list[int],
+                                        dedup: bool, threads: int, frame_pages: int,
+                                        use_zero_map: bool) -> None:
+    src = make_memory(kinds, seed)
+    dst = np.frombuffer(bytearray(os.urandom(NPAGES * PAGE)), dtype=np.uint8).copy()
+    expect = dst.copy()
+    sender = N.PageStreamSender(KEY, src, dedup=N.DedupIndex() if dedup else None,
+                                threads=threads, frame_pages=frame_pages)
+    receiver = N.PageStreamReceiver(KEY, dst)
+    zero = None
+    if use_zero_map:
+        zero = N.FingerprintTracker(src, os.urandom(32), threads=1).scan().zero
+    # two rounds, the second after the source changed, so references to pages
+    # sent earlier (and since overwritten) are exercised
+    for round_ in range(2):
+        for p in pages:
+            expect[p * PAGE:(p + 1) * PAGE] = src[p * PAGE:(p + 1) * PAGE]
+        written = sum(receiver.open(f).pages for f in sender.encode(pages, zero))
+        assert written == len(pages)
+        assert np.array_equal(dst, expect)
+        if round_ == 0:
+            src[: PAGE * 4] = np.roll(src[: PAGE * 4], PAGE)  # move pages around
+            zero = None
+
+
+def test_dedup_sends_references_and_cache_pages() -> None:
+    kinds = [1] * 16 + [0] * 48
+    src = make_memory(kinds, 3)
+    src[20 * PAGE:36 * PAGE] = src[0:16 * PAGE]  # 16 duplicate pages
+    other_vm = bytearray(src[:8 * PAGE].tobytes())  # receiver already has 8 of them
+    cache = N.PageCache()
+    assert cache.add_buffer(other_vm) == 8
+    index = N.DedupIndex()
+    index.add_remote(cache.digests())
+    sender = N.PageStreamSender(KEY, src, dedup=index, frame_pages=8)
+    dst = np.zeros_like(src)
+    receiver = N.PageStreamReceiver(KEY, dst, cache=cache)
+    for f in sender.encode(np.arange(NPAGES)):
+        receiver.open(f)
+    assert np.array_equal(dst, src)
+    # 8 pages from the cache, and pages 20..35 refer to the earlier frames
+    assert sender.counters.pages_dedup == 24
+    assert receiver.counters.pages_dedup == 24
+    assert sender.counters.bytes_wire < 10 * PAGE
+
+
+def test_stale_cache_page_is_a_dedup_miss_and_writes_nothing() -> None:
+    src = make_memory([1] * 4, 5)
+    other_vm = bytearray(src.tobytes())
+    cache = N.PageCache()
+    cache.add_buffer(other_vm)
+    index = N.DedupIndex()
+    index.add_remote(cache.digests())
+    sender = N.PageStreamSender(KEY, src, dedup=index)
+    frames = sender.encode([0, 1, 2, 3])
+    other_vm[2 * PAGE] ^= 1  # that VM wrote to the page after we indexed it
+    dst = np.zeros_like(src)
+    receiver = N.PageStreamReceiver(KEY, dst, cache=cache)
+    with pytest.raises(N.DedupMiss, match="digest"):
+        receiver.open(frames[0])
+    assert not dst.any()
+    # a receiver without that cache cannot resolve the references at all
+    with pytest.raises(N.DedupMiss, match="cache"):
+        N.PageStreamReceiver(KEY, dst).open(frames[0])
+    assert not dst.any()
+
+
+def sealed_frames(n_pages: int = 24) -> tuple[np.ndarray, list[bytes]]:
+    src = make_memory([1, 2, 0, 3] * (n_pages // 4), 9)
+    sender = N.PageStreamSender(KEY, src, frame_pages=4, threads=1)
+    return src, sender.encode(np.arange(n_pages))
+
+
+@given(data=st.data())
+@settings(max_examples=80, deadline=None)
+def test_tampered_frames_are_rejected_without_writing(data: st.DataObject) -> None:
+    src, frames = sealed_frames()
+    frame = bytearray(frames[0])
+    length_field = range(32, 36)  # body length: decides how many bytes are read
+    pos = data.draw(st.integers(0, len(frame) - 1).filter(lambda i: i not in length_field))
+    frame[pos] ^= data.draw(st.integers(1, 255))
+    dst = np.zeros_like(src)
+    receiver = N.PageStreamReceiver(KEY, dst)
+    if pos < 5:
+        expected: type[N.FrameError] = N.FrameMalformed  # magic, version
+    elif 8 <= pos < 16:
+        expected = N.FrameWrongKey  # key id
+    else:
+        expected = N.FrameTampered
+    with pytest.raises(expected):
+        receiver.open(bytes(frame))
+    assert not dst.any()
+    assert receiver.open(frames[0]).pages > 0  # the stream goes on from the same place
+
+
+def test_truncated_reordered_replayed_wrong_key_malformed() -> None:
+    src, frames = sealed_frames()
+    dst = np.zeros_like(src)
+    receiver = N.PageStreamReceiver(KEY, dst)
+    for cut in (0, 10, N.HEADER_SIZE, len(frames[0]) - 1):
+        with pytest.raises(N.FrameTruncated):
+            receiver.open(frames[0][:cut])
+    with pytest.raises(N.FrameMalformed, match="stray"):
+        receiver.open(frames[0] + b"x")
+    with pytest.raises(N.FrameReordered):
+        receiver.open(frames[1])
+    with pytest.raises(N.FrameWrongKey):
+        N.PageStreamReceiver(os.urandom(32), dst).open(frames[0])
+    with pytest.raises(N.FrameMalformed):
+        receiver.open(b"GET / HTTP/1.1\r\n" + bytes(40))
+    assert not dst.any()
+    receiver.open(frames[0])
+    before = dst.copy()
+    with pytest.raises(N.FrameReplayed):
+        receiver.open(frames[0])
+    with pytest.raises(N.FrameReordered):
+        receiver.open(frames[2])
+    # a frame of another stream under the same key is a replay from elsewhere
+    other = N.PageStreamSender(KEY, src, threads=1).encode([0])[0]
+    with pytest.raises(N.FrameReplayed, match="another stream"):
+        receiver.open(other)
+    assert np.array_equal(dst, before)
+    for f in frames[1:]:
+        receiver.open(f)
+    assert np.array_equal(dst, src)
+
+
+def test_frame_length_and_blobs() -> None:
+    src = make_memory([1, 0], 1)
+    sender = N.PageStreamSender(KEY, src)
+    blob = sender.seal_blob(42, b"device state" * 1000)
+    assert N.frame_length(blob[:N.HEADER_SIZE]) == len(blob)
+    assert len(blob) < 2000  # compressible blob was compressed
+    receiver = N.PageStreamReceiver(KEY, bytearray(2 * PAGE))
+    opened = receiver.open(blob)
+    assert opened.blob == (42, b"device state" * 1000) and opened.pages == 0
+    raw = sender.seal_blob(1, os.urandom(100_000))
+    assert len(raw) == N.HEADER_SIZE + 100_000 + 16  # incompressible: sent as is
+    assert receiver.open(raw).blob is not None
+
+
+def test_bad_arguments_are_refused() -> None:
+    src = bytearray(4 * PAGE)
+    with pytest.raises(ValueError, match="32 bytes"):
+        N.PageStreamSender(b"short", src)
+    with pytest.raises(ValueError, match="outside"):
+        N.PageStreamSender(KEY, src).encode([4])
+    with pytest.raises(ValueError, match="writable"):
+        N.PageStreamReceiver(KEY, bytes(4 * PAGE))
+    with pytest.raises(ValueError, match="frame_pages"):
+        N.PageStreamSender(KEY, src, frame_pages=0)
+    with pytest.raises(ValueError, match="threads"):
+        N.PageStreamSender(KEY, src, threads=0)
+    # a frame whose records point past the receiver's memory is malformed
+    big = bytearray(64 * PAGE)
+    big[63 * PAGE] = 1
+    frame = N.PageStreamSender(KEY, big).encode([63])[0]
+    small = bytearray(4 * PAGE)
+    with pytest.raises(N.FrameMalformed, match="past memory"):
+        N.PageStreamReceiver(KEY, small).open(frame)
+    assert not any(small)
+
+
+def test_header_layout_is_stable() -> None:
+    _src, frames = sealed_frames(4)
+    magic, version, kind, _flags, _res, _kid, _stream, seq, body, _raw, _tag = struct.unpack(
+        "<4sBBBB8s4sQIII", frames[0][:40])
+    assert (magic, version, kind, seq) == (b"NCPF", 1, 1, 0)
+    assert body == len(frames[0]) - 40
