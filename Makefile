@@ -62,5 +62,5 @@ guest: venv
 # claude-flow MCP server for the MCP bridge (pinned by coordinator/mcp/node/package-lock.json;
 # cached under ~/.cache/novacron/claude-flow/<hash>, so re-runs are instant).
 .PHONY: claude-flow
-claude-flow:
+claude-flow: $(STAMPS)/system-deps
 	@coordinator/mcp/node/install >/dev/null

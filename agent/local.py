@@ -122,7 +122,7 @@ class LocalAgent:
         try:
             await self._wait_ready(timeout)
         except BaseException:
-            await self.stop(remove=False)
+            await self.stop()  # the error message carries the log's tail
             raise
         return self
 

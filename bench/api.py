@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -64,19 +66,32 @@ async def _drive(session: aiohttp.ClientSession, jobs: list[tuple[str, str, Any,
 
 
 async def _raw_sqlite(path: Path, agents: int, rounds: int) -> float:
+    """sqlite3 alone: one UPDATE + COMMIT per heartbeat on the coordinator's schema."""
     store = SQLiteStore(path)
     await store.open()
     try:
         for i in range(agents):
             await store.put_host(Host(f"h{i}", "http://127.0.0.1:1", "t", 4, 8 << 30, 8 << 30))
+    finally:
+        await store.close()
+
+    def work() -> float:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        doc = json.dumps({"memory_available_bytes": 4 << 30, "load": 0.5})
         start = time.perf_counter()
         for _ in range(rounds):
             for i in range(agents):
-                await store.heartbeat(f"h{i}", {"memory_available_bytes": 4 << 30, "load": 0.5},
-                                      time.time())
-        return agents * rounds / (time.perf_counter() - start)
-    finally:
-        await store.close()
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("UPDATE hosts SET state = 'up', last_heartbeat = ?, data = ? "
+                             "WHERE name = ?", (time.time(), doc, f"h{i}"))
+                conn.execute("COMMIT")
+        elapsed = time.perf_counter() - start
+        conn.close()
+        return agents * rounds / elapsed
+
+    return await asyncio.to_thread(work)
 
 
 async def _run(args: argparse.Namespace) -> Report:
@@ -120,12 +135,12 @@ async def _run(args: argparse.Namespace) -> Report:
     report = Report("api")
     t = report.table(f"Heartbeat ingestion: {args.agents} agents × {args.rounds} heartbeats, "
                      f"{args.concurrency} in flight",
-                     ["what", "requests/s", "p50 ms", "p99 ms", "ratio to heartbeat"])
-    t.add("heartbeat (auth + validate + SQLite commit)", hb_rate,
+                     ["what", "per s", "p50 ms", "p99 ms", "× heartbeat"])
+    t.add("heartbeat: auth, schema, SQLite commit", hb_rate,
           _pct(hb_lat, 0.5) * 1e3, _pct(hb_lat, 0.99) * 1e3, 1.0)
-    t.add("reference: GET /health (same server, no auth/storage)", he_rate,
+    t.add("ref: GET /health (no auth, no storage)", he_rate,
           _pct(he_lat, 0.5) * 1e3, _pct(he_lat, 0.99) * 1e3, he_rate / hb_rate)
-    t.add("reference: raw SQLite heartbeat update, in-process", raw_rate, None, None,
+    t.add("ref: sqlite3 UPDATE+COMMIT, no HTTP", raw_rate, None, None,
           raw_rate / hb_rate)
     t.add("registration", args.agents / reg_s, None, None, args.agents / reg_s / hb_rate)
     report.data = {

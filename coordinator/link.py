@@ -71,10 +71,13 @@ class CoordinatorLink:
                         await self.heartbeat(client)
                     backoff = 0.5
                     await asyncio.sleep(self.interval_s)
-                except ApiClientError as exc:
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the link outlives any one failure (agent or coordinator)
+                    status = exc.status if isinstance(exc, ApiClientError) else 0
                     log.warning("coordinator link failed; retrying",
-                                extra={"error": exc.message, "status": exc.status})
-                    if exc.status in (400, 401):
+                                extra={"error": str(exc), "status": status})
+                    if status in (400, 401):
                         self.registered.clear()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)

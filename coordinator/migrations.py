@@ -200,8 +200,10 @@ class MigrationManager:
                 try:
                     status = await self.agents.call(host.name, host.url, host.token, "GET",
                                                     f"/v1/vms/{vm.name}", timeout_s=5)
-                    if isinstance(status, dict) and isinstance(status.get("state"), str):
-                        vm.state = status["state"]
+                    state = status.get("state") if isinstance(status, dict) else None
+                    # "migrating" can linger for a moment on the agent; the move is over.
+                    if isinstance(state, str) and state != "migrating":
+                        vm.state = state
                 except AgentError as exc:
                     log.warning("cannot read VM state after migration",
                                 extra={"vm": vm.name, "host": host.name, "error": exc.message})

@@ -7,12 +7,13 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from novacron import __version__
-from novacron.coordinator.agent_client import AgentClient
+from novacron.coordinator.agent_client import AgentClient, AgentError
 from novacron.coordinator.api import load_route_modules
 from novacron.coordinator.api.auth import make_auth_middleware
 from novacron.coordinator.api.errors import error_middleware
@@ -74,12 +75,37 @@ async def _core_services(app: web.Application) -> AsyncIterator[None]:
     await app[STORE].open()
     await app[AGENTS].start()
     await app[MIGRATIONS].resume_all()
+    await settle_unfinished_creates(app)
     try:
         yield
     finally:
         await app[MIGRATIONS].close()
         await app[AGENTS].close()
         await app[STORE].close()
+
+
+async def settle_unfinished_creates(app: web.Application) -> None:
+    """VMs left 'creating' by a stop mid-request: keep what the agent has, drop the rest."""
+    store, agents = app[STORE], app[AGENTS]
+    for vm in await store.list_vms():
+        if vm.state != "creating":
+            continue
+        host = await store.get_host(vm.host)
+        if host is None:
+            await store.delete_vm(vm.name)
+            continue
+        try:
+            status = await agents.call(host.name, host.url, host.token, "GET",
+                                       f"/v1/vms/{vm.name}", timeout_s=5)
+        except AgentError as exc:
+            if exc.status == 404:
+                await store.delete_vm(vm.name)
+                log.info("dropped a VM whose create never reached its agent",
+                         extra={"vm": vm.name, "host": host.name})
+            continue  # agent unreachable: decide later (the record keeps its reservation)
+        vm.state = str(status.get("state", "running")) if isinstance(status, dict) else "running"
+        vm.updated_at = time.time()
+        await store.put_vm(vm)
 
 
 def write_listen_file(cfg: CoordinatorConfig, url: str) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -209,9 +209,9 @@ SECURITY_CRITICAL = _lexicon(
 SECURITY = _lexicon(r"secur\w*", r"encrypt\w*", r"tokens?", r"passwords?", r"xss", r"csrf",
                     r"injection", r"vulnerab\w*", r"cve", r"mfa", r"2fa", r"tls", r"mtls",
                     r"certificates?", r"secrets?", r"keys?", r"audit\w*")
-PERFORMANCE = re.compile(
-    r"\blatency\b|\bp9\d\b|\bthroughput\b|requests per second|\bperformance\b|\bbottleneck\w*|"
-    r"\bprofil\w*|\b\d+\s*ms\b|\bcapacity\b|\bload test\w*|\bslow\b|\bfaster\b|\bspeed\b"
+PERFORMANCE = _lexicon(
+    r"latency", r"p9\d", r"throughput", r"requests per second", r"performance", r"bottleneck\w*",
+    r"profil\w*", r"\d+\s*ms", r"capacity", r"load test\w*", r"slow", r"faster", r"speed",
 )
 LIVE_MIGRATION = re.compile(
     r"live[- ]migrat\w*|pre-copy|post-copy|dirty (?:page|rate)\w*|userfaultfd|auto-converge|"
@@ -267,6 +267,8 @@ BIG_VERB_START = re.compile(
 class Doc:
     text: str          # lower-cased, whitespace-normalised
     words: list[str]   # surface tokens
+    # Matches per pattern, shared by the features that look at the same lexicon.
+    memo: dict[object, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -278,12 +280,11 @@ class ScopeFeature:
 
 
 def _hits(pattern: re.Pattern[str], doc: Doc) -> tuple[str, ...]:
-    seen: list[str] = []
-    for m in pattern.finditer(doc.text):
-        term = m.group(0).strip()
-        if term not in seen:
-            seen.append(term)
-    return tuple(seen)
+    found = doc.memo.get(pattern)
+    if found is None:
+        found = tuple(dict.fromkeys(pattern.findall(doc.text)))
+        doc.memo[pattern] = found
+    return found
 
 
 def _count(pattern: re.Pattern[str]) -> Callable[[Doc], tuple[float, tuple[str, ...]]]:
@@ -303,7 +304,11 @@ def _present(pattern: re.Pattern[str]) -> Callable[[Doc], tuple[float, tuple[str
 
 
 def _component_kinds(doc: Doc) -> tuple[str, ...]:
-    return tuple(kind for kind, pat in COMPONENT_KINDS.items() if pat.search(doc.text))
+    kinds = doc.memo.get("kinds")
+    if kinds is None:
+        kinds = tuple(kind for kind, pat in COMPONENT_KINDS.items() if _hits(pat, doc))
+        doc.memo["kinds"] = kinds
+    return kinds
 
 
 def _component_kind_count(doc: Doc) -> tuple[float, tuple[str, ...]]:
@@ -324,7 +329,7 @@ def _single_component(doc: Doc) -> tuple[float, tuple[str, ...]]:
 def _component_mentions(doc: Doc) -> tuple[float, tuple[str, ...]]:
     hits: list[str] = []
     for pat in COMPONENT_KINDS.values():
-        hits.extend(m.group(0) for m in pat.finditer(doc.text))
+        hits.extend(_hits(pat, doc))
     return math.log1p(len(hits)), tuple(dict.fromkeys(hits))
 
 
@@ -446,7 +451,7 @@ SCOPE_FEATURES: tuple[ScopeFeature, ...] = (
                  _integration_external),
     ScopeFeature("small_edit_cues", "describes a small, local edit ({terms})", _count(SMALL_EDIT)),
     ScopeFeature("config_value_cues", "changes a setting or value ({terms})", _count(CONFIG_VALUE)),
-    ScopeFeature("small_edit_in_one_place", "a cosmetic or config edit in one place ({terms})",
+    ScopeFeature("small_edit_in_one_place", "is a cosmetic or config edit in one place ({terms})",
                  _small_edit_narrow),
     ScopeFeature("from_to_value", "changes a value from one thing to another ({terms})", _from_to),
     ScopeFeature("log_line", "is about a log line or debug output ({terms})", _present(LOG_LINE)),
@@ -467,7 +472,7 @@ SCOPE_FEATURES: tuple[ScopeFeature, ...] = (
                  _count(DISTRIBUTED)),
     ScopeFeature("multi_region", "is multi-region, global or cross-site ({terms})",
                  _count(MULTI_REGION)),
-    ScopeFeature("distributed_not_cosmetic", "distributed or multi-region work that is not a "
+    ScopeFeature("distributed_not_cosmetic", "is distributed or multi-region work, not a "
                  "cosmetic edit ({terms})", _distributed_not_small),
     ScopeFeature("scale_numbers", "quotes large-scale numbers ({terms})", _count(SCALE_NUMBER)),
     ScopeFeature("big_counts", "counts many systems, hosts or teams ({terms})", _count(BIG_COUNT)),
@@ -502,7 +507,7 @@ SCOPE_FEATURES: tuple[ScopeFeature, ...] = (
                  _count(PLURAL_SYSTEMS)),
     ScopeFeature("with_clauses", "lists extra requirements ({terms})", _count(WITH_CLAUSE)),
     ScopeFeature("new_word", "asks for something new ({terms})", _count(NEW_WORD)),
-    ScopeFeature("log_word_count", "description length ({terms})", _log_words),
+    ScopeFeature("log_word_count", "is a long description ({terms})", _log_words),
     ScopeFeature("short_description", "is a short description ({terms})", _short),
     ScopeFeature("long_description", "is a long description ({terms})", _long),
     ScopeFeature("comma_count", "has a list of parts ({terms})", _char_count(",")),
@@ -512,9 +517,9 @@ SCOPE_FEATURES: tuple[ScopeFeature, ...] = (
     ScopeFeature("numbers", "quotes numbers ({terms})", _numbers),
     ScopeFeature("version_number", "names a version or a dotted value ({terms})", _version),
     ScopeFeature("quoted_text", "quotes literal text ({terms})", _quoted),
-    ScopeFeature("security_and_scale", "security work at organisation scale ({terms})",
+    ScopeFeature("security_and_scale", "is security work at organisation scale ({terms})",
                  _both(_count(SECURITY), _count(SCALE_WORDS))),
-    ScopeFeature("performance_at_scale", "performance work at scale ({terms})",
+    ScopeFeature("performance_at_scale", "is performance work at scale ({terms})",
                  _both(_count(PERFORMANCE), _count(SCALE_NUMBER))),
 )
 

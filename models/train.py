@@ -38,7 +38,7 @@ SEED = 7
 FOLDS = 5
 MIN_DF = 2
 C_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)
-SCOPE_WEIGHT_GRID = (0.25, 0.5, 1.0)
+SCOPE_WEIGHT_GRID = (0.15, 0.25, 0.5)
 ECE_BINS = 10
 
 
@@ -49,6 +49,13 @@ class Trained:
     temperature: float
     hyper: dict[str, float]
     cv_accuracy: float
+
+
+def _matrix(fz: Featurizer, texts: list[str]) -> Any:
+    """Sparse: the solver is ~10x faster on CSR than on the mostly-zero dense array."""
+    from scipy import sparse
+
+    return sparse.csr_matrix(fz.transform(texts))
 
 
 def _make_featurizer(texts: list[str], scope_weight: float) -> Featurizer:
@@ -74,8 +81,8 @@ def _oof_logits(texts: list[str], y: np.ndarray, c: float, scope_weight: float) 
     folds = StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=SEED)
     for fit_idx, val_idx in folds.split(np.zeros(len(y)), y):
         fz = _make_featurizer([texts[i] for i in fit_idx], scope_weight)
-        model = _logreg(c).fit(fz.transform([texts[i] for i in fit_idx]), y[fit_idx])
-        out[val_idx] = model.decision_function(fz.transform([texts[i] for i in val_idx]))
+        model = _logreg(c).fit(_matrix(fz, [texts[i] for i in fit_idx]), y[fit_idx])
+        out[val_idx] = model.decision_function(_matrix(fz, [texts[i] for i in val_idx]))
     return out
 
 
@@ -143,7 +150,7 @@ def train(examples: list[dataset.Example], hyper: dict[str, float]) -> Trained:
     oof = _oof_logits(texts, y, c, sw)
     temperature = fit_temperature(oof, y)
     featurizer = _make_featurizer(texts, sw)
-    model = _logreg(c).fit(featurizer.transform(texts), y)
+    model = _logreg(c).fit(_matrix(featurizer, texts), y)
     # Fold the temperature into the weights: the exported graph is then calibrated.
     model.coef_ = model.coef_ / temperature
     model.intercept_ = model.intercept_ / temperature

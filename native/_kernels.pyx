@@ -18,6 +18,7 @@ cdef extern from "nc_hash.h" nogil:
                         unsigned char *zero, uint64_t *nzero)
     int nc_page_is_zero(const unsigned char *page)
     void nc_blake3_page(const unsigned char *page, unsigned char *out)
+    void nc_blake3_4pages(const unsigned char **pages, unsigned char **out)
     uint64_t nc_mix64(uint64_t h)
     uint64_t nc_load64(const unsigned char *p)
 
@@ -123,32 +124,87 @@ def blake3_page(const unsigned char[::1] page):
     return bytes(out[:32])
 
 
+def blake3_pages4(const unsigned char[::1] a, const unsigned char[::1] b,
+                  const unsigned char[::1] c, const unsigned char[::1] d):
+    """BLAKE3-256 of four pages at once (the vector kernel; tests and tools)."""
+    if a.shape[0] != PAGE or b.shape[0] != PAGE or c.shape[0] != PAGE or d.shape[0] != PAGE:
+        raise ValueError("a page is 4096 bytes")
+    cdef const unsigned char *srcs[4]
+    cdef unsigned char *outs[4]
+    cdef unsigned char res[4][32]
+    srcs[0], srcs[1], srcs[2], srcs[3] = &a[0], &b[0], &c[0], &d[0]
+    for q in range(4):
+        outs[q] = res[q]
+    with nogil:
+        nc_blake3_4pages(srcs, outs)
+    return [bytes(res[q][:32]) for q in range(4)]
+
+
 def classify_pages(const unsigned char[::1] mem, const uint64_t[::1] pages, Py_ssize_t a,
-                   Py_ssize_t b, uint8_t[::1] kinds, uint8_t[:, ::1] digests, bint hash_pages):
+                   Py_ssize_t b, uint8_t[::1] kinds, uint8_t[:, ::1] digests, bint hash_pages,
+                   uint8_t[:, ::1] staging=None, Fingerprinter fper=None,
+                   uint64_t[::1] fps_out=None):
     """For pages[a:b] whose kind is not already ZERO: mark all-zero pages ZERO and,
-    if hash_pages, store the BLAKE3 digest of every other page. Returns zero count."""
+    if hash_pages, store the BLAKE3 digest of every other page. Returns zero count.
+
+    With ``staging`` (one 4 KiB row per page), each non-zero page is first copied
+    there and the copy is hashed, so the digest matches the bytes that will be
+    sent even while the guest keeps writing (build_payload then reads the copy).
+    With ``fper``, fps_out[i] receives the fingerprint of exactly those bytes (the
+    zero-page fingerprint for zero pages), for the tracker's next comparison."""
     cdef uint64_t npages = mem.shape[0] // PAGE
     cdef Py_ssize_t i
-    cdef uint64_t p
+    cdef uint64_t p, nz
     cdef Py_ssize_t zeros = 0
+    cdef bint staged = staging is not None
+    cdef bint fingerprint = fper is not None
     if a < 0 or b > pages.shape[0] or a > b or kinds.shape[0] < b:
         raise ValueError("bad range")
     if hash_pages and (digests.shape[0] < b or digests.shape[1] != 32):
         raise ValueError("digest array too small")
+    if staged and (staging.shape[0] < b or staging.shape[1] != PAGE):
+        raise ValueError("staging area too small")
+    if fingerprint and (fps_out is None or fps_out.shape[0] < b):
+        raise ValueError("fingerprint output too small")
     for i in range(a, b):
         if pages[i] >= npages:
             raise ValueError(f"page {pages[i]} is outside memory of {npages} pages")
+    cdef const unsigned char *srcs[4]
+    cdef const unsigned char *src
+    cdef unsigned char *outs[4]
+    cdef unsigned char spare[4][32]
+    cdef int queued = 0, q
+    cdef uint64_t zero_fp = fper.zero_fp if fingerprint else 0
+    cdef nc_fp_key *key = &fper.key if fingerprint else NULL
     with nogil:
         for i in range(a, b):
+            if kinds[i] != KIND_ZERO:
+                p = pages[i]
+                if nc_page_is_zero(&mem[p * PAGE]):
+                    kinds[i] = KIND_ZERO
             if kinds[i] == KIND_ZERO:
                 zeros += 1
+                if fingerprint:
+                    fps_out[i] = zero_fp
                 continue
-            p = pages[i]
-            if nc_page_is_zero(&mem[p * PAGE]):
-                kinds[i] = KIND_ZERO
-                zeros += 1
-            elif hash_pages:
-                nc_blake3_page(&mem[p * PAGE], &digests[i, 0])
+            src = &mem[p * PAGE]
+            if staged:
+                memcpy(&staging[i, 0], src, PAGE)
+                src = &staging[i, 0]
+            if fingerprint:
+                fps_out[i] = nc_fp_page(key, src, &nz)
+            if hash_pages:
+                srcs[queued] = src
+                outs[queued] = &digests[i, 0]
+                queued += 1
+                if queued == 4:
+                    nc_blake3_4pages(srcs, outs)
+                    queued = 0
+        if queued:
+            for q in range(queued, 4):
+                srcs[q] = srcs[0]
+                outs[q] = spare[q]
+            nc_blake3_4pages(srcs, outs)
     return zeros
 
 
@@ -414,9 +470,14 @@ def plan(const uint64_t[::1] pages, uint8_t[::1] kinds, const uint8_t[:, ::1] di
 
 def build_payload(const unsigned char[::1] mem, const uint64_t[::1] pages,
                   const uint8_t[::1] kinds, const int64_t[::1] srcs,
-                  const uint8_t[:, ::1] digests, Py_ssize_t a, Py_ssize_t b):
+                  const uint8_t[:, ::1] digests, Py_ssize_t a, Py_ssize_t b,
+                  const uint8_t[:, ::1] staging=None):
     """Plaintext of one frame for planned pages[a:b]: run-length records, then
-    references, then the data pages copied straight from mem."""
+    references, then the data pages copied straight from mem (or from the
+    staging copies classify_pages hashed)."""
+    cdef bint staged = staging is not None
+    if staged and (staging.shape[0] < b or staging.shape[1] != PAGE):
+        raise ValueError("staging area too small")
     cdef Py_ssize_t i, nrec = 0, nref = 0, ndata = 0
     cdef uint8_t k, wk, prevk = 255
     cdef uint64_t prevp = 0
@@ -472,7 +533,7 @@ def build_payload(const unsigned char[::1] mem, const uint64_t[::1] pages,
             prevk = wk
             prevp = pages[i]
             if wk == KIND_DATA:
-                memcpy(dat, &mem[pages[i] * PAGE], PAGE)
+                memcpy(dat, &staging[i, 0] if staged else &mem[pages[i] * PAGE], PAGE)
                 dat += PAGE
             elif wk == KIND_REF:
                 wr64(ref, SRC_CACHE if k == KIND_REF_CACHE else <uint64_t>srcs[i])

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from novacron.native import _kernels
+import novacron.native._kernels as _kernels
 from novacron.native.tracking import page_buffer
 
 PAGE_SIZE = 4096

@@ -13,8 +13,10 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define NC_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#define NC_MULTIVERSION_WIDE __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define NC_MULTIVERSION
+#define NC_MULTIVERSION_WIDE
 #endif
 
 static inline uint64_t nc_load64(const unsigned char *p) {
@@ -234,6 +236,72 @@ static void nc_blake3_page(const unsigned char *page, unsigned char out[32]) {
     memcpy(block + 8, right, 32);
     nc_b3_compress1(NC_B3_IV, block, NC_B3_PARENT | NC_B3_ROOT, root);
     memcpy(out, root, 32); /* little-endian words */
+}
+
+/* Four pages at once: 16 lanes (page-major, then chunk). The 64 chunk blocks
+ * run in all lanes, the 8 inner parents in lanes 0-7, the 4 roots in 0-3; on
+ * AVX-512 one vector holds all 16 lanes (and rotations are one instruction),
+ * elsewhere GCC splits the vectors. */
+typedef uint32_t nc_u32x16 __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) void
+nc_b3_compress16(nc_u32x16 cv[8], nc_u32x16 m[16], nc_u32x16 counter, uint32_t flags) {
+    nc_u32x16 v[16], t[16];
+    for (int i = 0; i < 8; i++) v[i] = cv[i];
+    for (int i = 0; i < 4; i++) v[8 + i] = (nc_u32x16){} + NC_B3_IV[i];
+    v[12] = counter;
+    v[13] = (nc_u32x16){};
+    v[14] = (nc_u32x16){} + 64u;
+    v[15] = (nc_u32x16){} + flags;
+    for (int r = 0; r < 7; r++) {
+        NC_B3_ROUND(v, m);
+        if (r < 6) {
+            for (int i = 0; i < 16; i++) t[i] = m[NC_B3_PERM[i]];
+            for (int i = 0; i < 16; i++) m[i] = t[i];
+        }
+    }
+    for (int i = 0; i < 8; i++) cv[i] = v[i] ^ v[i + 8];
+}
+
+NC_MULTIVERSION_WIDE
+static void nc_blake3_4pages(const unsigned char *const pages[4], unsigned char *const out[4]) {
+    nc_u32x16 cv[8], m[16];
+    nc_u32x16 counter;
+    for (int l = 0; l < 16; l++) counter[l] = (uint32_t)(l & 3);
+    for (int i = 0; i < 8; i++) cv[i] = (nc_u32x16){} + NC_B3_IV[i];
+    for (int b = 0; b < 16; b++) {
+        for (int i = 0; i < 16; i++)
+            for (int l = 0; l < 16; l++)
+                m[i][l] = nc_load32(pages[l >> 2] + (l & 3) * 1024 + b * 64 + 4 * i);
+        uint32_t flags = (b == 0 ? NC_B3_CHUNK_START : 0) | (b == 15 ? NC_B3_CHUNK_END : 0);
+        nc_b3_compress16(cv, m, counter, flags);
+    }
+    /* inner parents: lane l = page l>>1, left (chunks 0,1) or right (2,3) half */
+    nc_u32x16 par[8];
+    for (int l = 0; l < 16; l++) {
+        int src = ((l >> 1) & 3) * 4 + (l & 1) * 2;
+        for (int i = 0; i < 8; i++) {
+            m[i][l] = cv[i][src];
+            m[8 + i][l] = cv[i][src + 1];
+        }
+    }
+    for (int i = 0; i < 8; i++) par[i] = (nc_u32x16){} + NC_B3_IV[i];
+    nc_b3_compress16(par, m, (nc_u32x16){}, NC_B3_PARENT);
+    /* roots: lane l = page l (lanes 4-15 repeat the work and are ignored) */
+    for (int l = 0; l < 16; l++) {
+        int src = (l & 3) * 2;
+        for (int i = 0; i < 8; i++) {
+            m[i][l] = par[i][src];
+            m[8 + i][l] = par[i][src + 1];
+        }
+    }
+    for (int i = 0; i < 8; i++) cv[i] = (nc_u32x16){} + NC_B3_IV[i];
+    nc_b3_compress16(cv, m, (nc_u32x16){}, NC_B3_PARENT | NC_B3_ROOT);
+    for (int p = 0; p < 4; p++) {
+        uint32_t w[8];
+        for (int i = 0; i < 8; i++) w[i] = cv[i][p];
+        memcpy(out[p], w, 32);
+    }
 }
 
 #endif /* NC_HASH_H */

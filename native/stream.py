@@ -19,7 +19,9 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +32,11 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from novacron.native import _kernels
+import novacron.native._kernels as _kernels
 from novacron.native._pool import check_threads, pool
 from novacron.native.counters import Counters
 from novacron.native.dedup import DedupIndex, PageCache
-from novacron.native.tracking import page_buffer
+from novacron.native.tracking import FingerprintTracker, page_buffer
 
 PAGE_SIZE = 4096
 MAGIC = b"NCPF"
@@ -48,6 +50,7 @@ FLAG_ZSTD = 1
 MAX_BODY = 64 << 20  # receivers refuse larger frames before allocating anything
 MAX_RAW = 64 << 20
 _ZERO_PAGES_PER_FRAME = 1 << 16
+_CHUNK_PAGES = 4096  # pages classified and planned at a time (16 MiB staging with dedup)
 _SAMPLE = 4096  # bytes per compressibility probe slice
 _KEY_ID_CONTEXT = "novacron 2026 page-stream key id"
 
@@ -169,11 +172,16 @@ class PageStreamSender:
     (sent earlier, or in its page cache) go as 40-byte references. ``threads``
     workers hash and compress without the GIL; encryption runs in the caller's
     thread, in sequence order.
+
+    Pass the round's ``tracker`` when the guest runs during the transfer: the
+    sender then stores the fingerprint of the bytes it actually sent, so a page
+    that changed after the scan and changed back before the next one is still
+    seen as dirty (without it, that rare A->B->A case leaves B at the receiver).
     """
 
     def __init__(self, key: bytes, mem: Any, *, dedup: DedupIndex | None = None,
                  level: int = 1, threads: int = 2, counters: Counters | None = None,
-                 frame_pages: int = 256) -> None:
+                 frame_pages: int = 256, tracker: FingerprintTracker | None = None) -> None:
         import os
 
         self._key = _check_key(key)
@@ -192,8 +200,17 @@ class PageStreamSender:
         self.frame_pages = frame_pages
         self.counters = counters if counters is not None else Counters()
         self.dedup = dedup
+        self._staging: npt.NDArray[np.uint8] | None = None
+        if tracker is not None and tracker.npages != self.npages:
+            raise ValueError("tracker and sender must cover the same guest memory")
+        self.tracker = tracker
         if dedup is not None:
             dedup.attach(self.npages)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Sender-side buffers kept between calls (the staging area)."""
+        return 0 if self._staging is None else int(self._staging.nbytes)
 
     @property
     def next_seq(self) -> int:
@@ -206,7 +223,7 @@ class PageStreamSender:
         header = HEADER.pack(MAGIC, VERSION, kind, flags, 0, self._key_id, self._stream, seq,
                              len(body) + TAG_SIZE, raw_len, tag)
         t0 = time.perf_counter()
-        sealed = self._aead.encrypt(_nonce(self._stream, seq), bytes(body), header)
+        sealed = self._aead.encrypt(_nonce(self._stream, seq), body, header)
         frame = header + sealed
         c = self.counters
         c.seconds_encrypt += time.perf_counter() - t0
@@ -240,52 +257,72 @@ class PageStreamSender:
                     ) -> Iterator[bytes]:
         """Like ``encode`` but yields frames as they are sealed (consume them all)."""
         idx = np.ascontiguousarray(np.asarray(pages).reshape(-1), dtype=np.uint64)
-        n = idx.size
-        if n == 0:
+        if idx.size == 0:
             return
         if int(idx.max()) >= self.npages:
             raise ValueError(f"page index {int(idx.max())} outside guest memory of "
                              f"{self.npages} pages")
-        kinds = np.zeros(n, dtype=np.uint8)
+        zbits = None
         if zero is not None:
             zbits = np.unpackbits(np.asarray(zero, dtype=np.uint8), bitorder="little")
             if zbits.size < self.npages:
                 raise ValueError("zero bitmap is smaller than guest memory")
+        # Bounded chunks. Every non-zero page is staged (copied once, then hashed
+        # and fingerprinted) so digests and the tracker's fingerprints describe
+        # exactly the bytes sent, however the guest writes meanwhile; the 16 MiB
+        # staging area is reused chunk after chunk.
+        for a in range(0, idx.size, _CHUNK_PAGES):
+            yield from self._encode_chunk(idx[a:a + _CHUNK_PAGES], zbits)
+
+    def _encode_chunk(self, idx: npt.NDArray[np.uint64], zbits: npt.NDArray[np.uint8] | None
+                      ) -> Iterator[bytes]:
+        n = idx.size
+        kinds = np.zeros(n, dtype=np.uint8)
+        if zbits is not None:
             kinds[zbits[idx.astype(np.int64)] == 1] = _kernels.PY_KIND_ZERO
         dedup = self.dedup is not None
         digests = np.empty((n if dedup else 0, 32), dtype=np.uint8)
+        if self._staging is None:
+            self._staging = np.empty((_CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
+        staging = self._staging
+        tracker = self.tracker
+        fper = None if tracker is None else tracker.fingerprinter
+        fps = None if tracker is None else np.empty(n, dtype=np.uint64)
         c = self.counters
 
         t0 = time.perf_counter()
         parts = self.threads if n >= 256 * self.threads else 1
         step = (n + parts - 1) // parts
         if parts == 1:
-            zeros = _kernels.classify_pages(self._mem, idx, 0, n, kinds, digests, dedup)
+            zeros = _kernels.classify_pages(self._mem, idx, 0, n, kinds, digests, dedup, staging,
+                                            fper, fps)
         else:
             ex = pool(self.threads)
             futs = [ex.submit(_kernels.classify_pages, self._mem, idx, a, min(n, a + step),
-                              kinds, digests, dedup) for a in range(0, n, step)]
+                              kinds, digests, dedup, staging, fper, fps)
+                    for a in range(0, n, step)]
             zeros = sum(f.result() for f in futs)
+        if tracker is not None and fps is not None:
+            tracker.record_sent(idx, fps)
         c.seconds_hash += time.perf_counter() - t0
 
         srcs = np.empty(n, dtype=np.int64)
-        if dedup:
-            assert self.dedup is not None
+        if self.dedup is not None:
             ends = _kernels.plan(idx, kinds, digests, self.dedup.table, self.dedup.page_slots,
                                  srcs, self.frame_pages, _ZERO_PAGES_PER_FRAME, True)
         else:
             ends = _kernels.plan(idx, kinds, digests, None, np.zeros(0, dtype=np.int32), srcs,
                                  self.frame_pages, _ZERO_PAGES_PER_FRAME, False)
-        refs = int(np.count_nonzero(kinds >= _kernels.PY_KIND_REF))
         c.pages_sent += n
-        c.pages_dedup += refs
+        c.pages_dedup += int(np.count_nonzero(kinds >= _kernels.PY_KIND_REF))
         c.pages_zero_sent += int(zeros)
         c.bytes_raw += n * PAGE_SIZE
         ranges = list(zip([0, *ends[:-1]], ends, strict=True))
 
         def payload(r: tuple[int, int]) -> tuple[int, int, bytes | bytearray, float]:
             t = time.perf_counter()
-            plain = _kernels.build_payload(self._mem, idx, kinds, srcs, digests, r[0], r[1])
+            plain = _kernels.build_payload(self._mem, idx, kinds, srcs, digests, r[0], r[1],
+                                           staging)
             flags, body = compress_or_skip(plain, self.level)
             return flags, len(plain), body, time.perf_counter() - t
 
@@ -298,6 +335,33 @@ class PageStreamSender:
             if raw_len > MAX_RAW:  # cannot happen with frame_pages <= 4096; keep receivers safe
                 raise RuntimeError("frame payload exceeds the protocol limit")
             yield self._seal(KIND_PAGES, flags, raw_len, body, 0)
+
+
+@dataclass
+class _Authentic:
+    """A frame whose header and body passed authentication and sequencing."""
+
+    kind: int
+    flags: int
+    raw_len: int
+    tag: int
+    seq: int
+    stream: bytes
+    body: bytes
+    wire_len: int
+
+
+def _inflate(auth: _Authentic) -> bytes:
+    plain = auth.body
+    if auth.flags & FLAG_ZSTD:
+        try:
+            plain = _decompressor().decompress(plain, max_output_size=auth.raw_len)
+        except zstandard.ZstdError as exc:
+            raise FrameMalformed(f"frame {auth.seq} does not decompress: {exc}") from None
+    if len(plain) != auth.raw_len:
+        raise FrameMalformed(f"frame {auth.seq} holds {len(plain)} bytes, header says "
+                             f"{auth.raw_len}")
+    return plain
 
 
 _ERRORS: dict[int, type[FrameError]] = {
@@ -334,7 +398,49 @@ class PageStreamReceiver:
         return self._expect
 
     def open(self, frame: bytes | bytearray | memoryview) -> Opened:
+        """Check, decrypt, decompress and apply one frame (the next in sequence)."""
         t0 = time.perf_counter()
+        auth = self._authenticate(frame, self._expect, self._stream)
+        return self._apply(auth, _inflate(auth), t0)
+
+    def open_many(self, frames: Iterable[bytes | bytearray | memoryview], threads: int = 2
+                  ) -> list[Opened]:
+        """Open consecutive frames, decompressing on ``threads`` workers while this
+        thread authenticates ahead and applies in order. Stops at the first bad
+        frame and raises (frames before it stay applied, nothing of it is)."""
+        check_threads(threads)
+        if threads == 1:
+            return [self.open(f) for f in frames]
+        ex = pool(threads)
+        window: deque[tuple[_Authentic, Future[bytes], float]] = deque()
+        out: list[Opened] = []
+        expect, stream = self._expect, self._stream
+        rejected: FrameError | None = None
+        try:
+            for frame in frames:
+                t0 = time.perf_counter()
+                try:
+                    auth = self._authenticate(frame, expect, stream)
+                except FrameError as exc:
+                    rejected = exc  # apply the good frames ahead of it first
+                    break
+                expect, stream = expect + 1, auth.stream
+                window.append((auth, ex.submit(_inflate, auth), time.perf_counter() - t0))
+                if len(window) > 2 * threads:
+                    a, fut, secs = window.popleft()
+                    out.append(self._apply(a, fut.result(), time.perf_counter() - secs))
+            while window:
+                a, fut, secs = window.popleft()
+                out.append(self._apply(a, fut.result(), time.perf_counter() - secs))
+        finally:
+            for _a, fut, _s in window:
+                fut.cancel()
+        if rejected is not None:
+            raise rejected
+        return out
+
+    def _authenticate(self, frame: bytes | bytearray | memoryview, expect: int,
+                      expect_stream: bytes | None) -> _Authentic:
         total = frame_length(frame)
         if len(frame) < total:
             raise FrameTruncated(f"frame announces {total} bytes, got {len(frame)}")
@@ -347,49 +453,45 @@ class PageStreamReceiver:
         view = memoryview(frame)
         header = bytes(view[:HEADER_SIZE])
         try:
-            plain: bytes = self._aead.decrypt(_nonce(stream, seq), view[HEADER_SIZE:], header)
+            body: bytes = self._aead.decrypt(_nonce(stream, seq), view[HEADER_SIZE:], header)
         except InvalidTag:
             raise FrameTampered(f"frame {seq} failed authentication") from None
-        if self._stream is None:
+        if expect_stream is None:
             if seq != 0:
                 raise FrameReordered(f"stream starts at frame {seq}, expected 0")
-        elif stream != self._stream:
+        elif stream != expect_stream:
             raise FrameReplayed("frame belongs to another stream")
-        if seq < self._expect:
-            raise FrameReplayed(f"frame {seq} already received (expecting {self._expect})")
-        if seq > self._expect:
-            raise FrameReordered(f"frame {seq} arrived before frame {self._expect}")
+        if seq < expect:
+            raise FrameReplayed(f"frame {seq} already received (expecting {expect})")
+        if seq > expect:
+            raise FrameReordered(f"frame {seq} arrived before frame {expect}")
         if kind not in (KIND_PAGES, KIND_BLOB) or flags & ~FLAG_ZSTD or reserved:
             raise FrameMalformed(f"unknown frame kind {kind} / flags {flags}")
         if raw_len > MAX_RAW:
             raise FrameMalformed(f"raw length {raw_len} exceeds {MAX_RAW}")
-        if flags & FLAG_ZSTD:
-            try:
-                plain = _decompressor().decompress(plain, max_output_size=raw_len)
-            except zstandard.ZstdError as exc:
-                raise FrameMalformed(f"frame {seq} does not decompress: {exc}") from None
-        if len(plain) != raw_len:
-            raise FrameMalformed(f"frame {seq} holds {len(plain)} bytes, header says {raw_len}")
+        return _Authentic(kind, flags, raw_len, tag, seq, stream, body, len(frame))
+
+    def _apply(self, auth: _Authentic, plain: bytes, t0: float) -> Opened:
         c = self.counters
-        if kind == KIND_BLOB:
-            self._accept(stream)
+        if auth.kind == KIND_BLOB:
+            self._accept(auth.stream)
             c.frames += 1
-            c.bytes_wire += len(frame)
+            c.bytes_wire += auth.wire_len
             c.seconds_decode += time.perf_counter() - t0
-            return Opened(0, (tag, plain), seq)
+            return Opened(0, (auth.tag, plain), auth.seq)
         err, written, detail = _kernels.apply_payload(
             plain, self._mem, None if self.cache is None else self.cache.view())
         if err:
-            raise _ERRORS[err](f"frame {seq}: {detail}")
-        self._accept(stream)
+            raise _ERRORS[err](f"frame {auth.seq}: {detail}")
+        self._accept(auth.stream)
         c.frames += 1
         c.pages_sent += written
         c.pages_dedup += int.from_bytes(plain[4:8], "little")
         c.bytes_raw += written * PAGE_SIZE
-        c.bytes_compressed += len(view) - HEADER_SIZE - TAG_SIZE
-        c.bytes_wire += len(frame)
+        c.bytes_compressed += len(auth.body)
+        c.bytes_wire += auth.wire_len
         c.seconds_decode += time.perf_counter() - t0
-        return Opened(int(written), None, seq)
+        return Opened(int(written), None, auth.seq)
 
     def _accept(self, stream: bytes) -> None:
         self._stream = stream

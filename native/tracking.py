@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from novacron.native import _kernels
+import novacron.native._kernels as _kernels
 from novacron.native._pool import check_threads, pool
 from novacron.native.bitmap import Bitmap, bitmap_new
 from novacron.native.counters import Counters
@@ -94,6 +95,15 @@ class FingerprintTracker:
             c.pages_zero += nz
             c.seconds_scan += seconds
         return ScanResult(dirty, zero, nd, nz, seconds)
+
+    @property
+    def fingerprinter(self) -> _kernels.Fingerprinter:
+        return self._fp
+
+    def record_sent(self, pages: npt.NDArray[np.uint64], fps: npt.NDArray[np.uint64]) -> None:
+        """Store the fingerprints of the bytes actually sent for ``pages`` (the sender
+        calls this), so the next scan compares against what the receiver holds."""
+        self._fps[pages.astype(np.int64)] = fps
 
     def forget(self) -> None:
         """Make the next scan report every non-zero page again (e.g. after a failed round)."""

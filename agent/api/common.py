@@ -76,3 +76,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(504, f"QEMU did not answer: {exc}")
     except (QMPError, QMPClosedError) as exc:
         return json_error(502, f"QEMU refused: {exc}")
+    except Exception as exc:
+        log.exception("request failed", extra={"path": request.path, "method": request.method})
+        return json_error(500, f"internal error: {type(exc).__name__}")

@@ -6,10 +6,11 @@ does the same from the shell and prints the paths.
 """
 
 from novacron.agent.guest.build import (
+    MIN_MEMORY_MB,
     GuestBuildError,
     GuestImage,
     cache_root,
     ensure_guest,
 )
 
-__all__ = ["GuestBuildError", "GuestImage", "cache_root", "ensure_guest"]
+__all__ = ["MIN_MEMORY_MB", "GuestBuildError", "GuestImage", "cache_root", "ensure_guest"]

@@ -32,6 +32,9 @@ BUILDER_VERSION = "1"
 META_PACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3"
+# Debian's kernel does not get past decompression in 64 MiB, and the workload
+# needs its working set on top of ~60 MiB for the kernel: give VMs at least this.
+MIN_MEMORY_MB = 128
 
 
 class GuestBuildError(RuntimeError):
@@ -45,7 +48,10 @@ class GuestImage:
     cmdline: str  # default workload settings; see workload_cmdline() for others
 
     def workload_cmdline(self, mem_mb: int = 32, rate_mb: int = 4, verify_s: int = 4) -> str:
-        """Kernel command line that runs the workload with these settings."""
+        """Kernel command line that runs the workload with these settings: a
+        ``mem_mb`` working set, ``rate_mb`` MB/s rewritten, a background check of
+        every page each ``verify_s`` s. The VM needs ``MIN_MEMORY_MB`` + ``mem_mb``
+        - 32 MiB or more (the default cmdline fits a 128 MiB VM)."""
         return (
             f"{BASE_CMDLINE} novacron.mem_mb={int(mem_mb)} novacron.rate_mb={int(rate_mb)} "
             f"novacron.verify_s={int(verify_s)}"

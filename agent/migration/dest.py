@@ -21,9 +21,9 @@ from pathlib import Path
 from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
-from novacron.agent.migration.native_compat import Counters, FrameError, PageStreamReceiver
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM
+from novacron.native import Counters, FrameError, PageStreamReceiver
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -88,10 +88,12 @@ class _Incoming:
                 mm = mmap.mmap(fd, ram_size, access=mmap.ACCESS_WRITE)
             finally:
                 os.close(fd)
-            receiver = PageStreamReceiver(self.ch.page_key_in, mm, counters=self.counters)
+            receiver: PageStreamReceiver | None = PageStreamReceiver(
+                self.ch.page_key_in, mm, counters=self.counters)
             await dest.listen_device_state(f"unix:{sock}")
             await self.ch.send_ctrl({"op": "prepared"})
             st.set_phase("precopy")
+            assert receiver is not None
             await self._loop(dest, receiver, mm, sock)
         except BaseException as exc:
             reason = _reason(exc)
@@ -104,6 +106,7 @@ class _Incoming:
                 with contextlib.suppress(Exception):
                     await self.ch.send_ctrl({"op": "error", "reason": reason}, timeout=2)
                 await self._close_device()
+                receiver = None  # drop its view of the mapping so it can be unmapped
                 if mm is not None:
                     with contextlib.suppress(BufferError):
                         mm.close()
@@ -117,6 +120,7 @@ class _Incoming:
                 raise
         finally:
             await self._close_device()
+            receiver = None
             if mm is not None:
                 with contextlib.suppress(BufferError):
                     mm.close()

@@ -26,17 +26,18 @@ import numpy as np
 from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
-from novacron.agent.migration.native_compat import (
+from novacron.agent.migration.options import MigrationOptions
+from novacron.agent.migration.status import MigrationStatus
+from novacron.agent.migration.vmport import SourceVM
+from novacron.native import (
     Counters,
+    DedupIndex,
     FingerprintTracker,
     PageStreamSender,
     TokenBucket,
     bitmap_count,
     bitmap_indices,
 )
-from novacron.agent.migration.options import MigrationOptions
-from novacron.agent.migration.status import MigrationStatus
-from novacron.agent.migration.vmport import SourceVM
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -69,6 +70,8 @@ class SourceMigration:
         self.counters = Counters()
         self._mm: mmap.mmap | None = None
         self._tmp: str | None = None
+        self.tracker: FingerprintTracker | None = None
+        self.sender: PageStreamSender | None = None
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -162,12 +165,13 @@ class SourceMigration:
         st, opts = self.status, self.opts
         st.set_phase("precopy")
         assert self._mm is not None
-        self.tracker = FingerprintTracker(self._mm, os.urandom(32))
+        tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
         self.sender = PageStreamSender(
-            self.ch.page_key_out, self._mm, level=opts.compression_level, counters=self.counters
+            self.ch.page_key_out, self._mm, level=opts.compression_level, counters=self.counters,
+            dedup=DedupIndex() if opts.dedup else None,
         )
         self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
-        scan = await asyncio.to_thread(self.tracker.scan)
+        scan = await asyncio.to_thread(tracker.scan)
         last_scan = time.monotonic()
         budget_s = opts.downtime_ms / 1000.0
         while True:
@@ -179,7 +183,7 @@ class SourceMigration:
             wire = st.bytes_wire - wire0
             if wire > 0:
                 st.bandwidth_bytes_s = wire / elapsed
-            scan = await asyncio.to_thread(self.tracker.scan)
+            scan = await asyncio.to_thread(tracker.scan)
             now = time.monotonic()
             dirty = bitmap_count(scan.dirty)
             st.dirty_pages_last_round = dirty
@@ -210,19 +214,20 @@ class SourceMigration:
 
     async def _send_pages(self, dirty: np.ndarray, zero: np.ndarray | None) -> int:
         """Encode and send ``dirty`` pages, pipelining encode with sending."""
-        st = self.status
+        st, sender = self.status, self.sender
+        assert sender is not None
         indices = bitmap_indices(dirty)
         if len(indices) == 0:
             return 0
         batches = [indices[i : i + self.opts.batch_pages]
                    for i in range(0, len(indices), self.opts.batch_pages)]
-        pending = asyncio.create_task(asyncio.to_thread(self.sender.encode, batches[0], zero))
+        pending = asyncio.create_task(asyncio.to_thread(sender.encode, batches[0], zero))
         try:
             for i in range(len(batches)):
                 frames = await pending
                 if i + 1 < len(batches):
                     pending = asyncio.create_task(
-                        asyncio.to_thread(self.sender.encode, batches[i + 1], zero))
+                        asyncio.to_thread(sender.encode, batches[i + 1], zero))
                 self._check_inbox()
                 for frame in frames:
                     await self.bucket.acquire(len(frame))
@@ -242,7 +247,7 @@ class SourceMigration:
     def _sync_counters(self) -> None:
         c = self.counters.as_dict()
         self.status.native = c
-        self.status.pages_zero = int(c.get("pages_zero", 0))
+        self.status.pages_zero = int(c.get("pages_zero_sent", c.get("pages_zero", 0)))
         self.status.pages_dedup = int(c.get("pages_dedup", 0))
 
     async def _stopcopy(self) -> None:
@@ -253,6 +258,7 @@ class SourceMigration:
         await self.vm.pause()
         self._paused = True
         st.round += 1
+        assert self.tracker is not None
         scan = await asyncio.to_thread(self.tracker.scan)
         # pages dirtied before the last pre-copy scan were not sent yet either
         final = np.bitwise_or(scan.dirty, self._final_scan.dirty)
@@ -274,7 +280,8 @@ class SourceMigration:
     async def _relay_device_state(self) -> None:
         """Carry QEMU's own migration stream (device state only, thanks to
         x-ignore-shared) from a local unix socket over the encrypted channel."""
-        st = self.status
+        st, sender = self.status, self.sender
+        assert sender is not None
         self._tmp = tempfile.mkdtemp(prefix="ncmig-")
         path = str(Path(self._tmp) / "src.sock")
         conn: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue(1)
@@ -294,7 +301,7 @@ class SourceMigration:
                     chunk = await asyncio.wait_for(reader.read(DEVICE_CHUNK), 60)
                     if not chunk:
                         break
-                    frame = self.sender.seal_blob(protocol.TAG_DEVICE_STATE, chunk)
+                    frame = sender.seal_blob(protocol.TAG_DEVICE_STATE, chunk)
                     self.ch.write_frame(frame)
                     st.device_state_bytes += len(chunk)
                     st.bytes_wire += len(frame) + 5
@@ -355,6 +362,9 @@ class SourceMigration:
     def _cleanup(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+        # drop the views the tracker and sender hold so the mapping really goes
+        self.tracker = None
+        self.sender = None
         if self._mm is not None:
             with contextlib.suppress(BufferError):
                 self._mm.close()

@@ -64,7 +64,6 @@ class MigrationStatus:
 
     def metrics(self) -> dict[str, Any]:
         ratio = (self.bytes_raw / self.bytes_wire) if self.bytes_wire else None
-        considered = self.pages_sent + self.pages_zero + self.pages_dedup
         return {
             "pages": self.pages_total,
             "pages_sent": self.pages_sent,
@@ -77,7 +76,7 @@ class MigrationStatus:
             "dirty_rate_pages_s": round(self.dirty_rate_pages_s, 1),
             "bandwidth_bytes_s": round(self.bandwidth_bytes_s, 1),
             "compression_ratio": round(ratio, 3) if ratio else None,
-            "dedup_ratio": round(self.pages_dedup / considered, 4) if considered else None,
+            "dedup_ratio": round(self.pages_dedup / self.pages_sent, 4) if self.pages_sent else None,
             "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 2),
             "total_s": round(self.total_s, 3),
             "converged": self.converged,

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,11 +81,15 @@ async def probe_kvm_boot(
             "-append", "earlyprintk=ttyS0 console=ttyS0 panic=-1 rdinit=/none root=/dev/none",
             "-serial", f"file:{log_path}",
         ]  # fmt: skip
+        err_path = Path(tmp) / "stderr"
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
+            # stderr to a file, not a pipe: a pipe inherited by a grandchild would
+            # keep wait() from returning after the kill
+            with err_path.open("wb") as err_file:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=err_file, start_new_session=True,
+                )  # fmt: skip
         except OSError as exc:
             return False, f"cannot run {qemu}: {exc}"
         loop = asyncio.get_running_loop()
@@ -95,13 +100,14 @@ async def probe_kvm_boot(
                     if b"Linux version" in log_path.read_bytes():
                         return True, f"a kernel booted under {accel}"
                 if proc.returncode is not None:
-                    err = (await proc.stderr.read()).decode(errors="replace").strip() if proc.stderr else ""
+                    err = err_path.read_text(errors="replace").strip()
                     return False, f"qemu -accel {accel} exited ({proc.returncode}): {err[-200:]}"
                 await asyncio.sleep(0.1)
             return False, f"a kernel booted under {accel} printed nothing in {timeout:.0f}s (nested KVM hang?)"
         finally:
             if proc.returncode is None:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the whole group, should it have forked
             await proc.wait()
 
 

@@ -252,8 +252,13 @@ class VM:
             log.info("vm stopped", extra={"vm": self.name, "exit_code": code})
         else:
             self.state = CRASHED
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            self.error = f"QEMU exited unexpectedly ({how}) while {was}"
+            if code is None:
+                how = ""
+            elif code < 0:
+                how = f" (killed by signal {-code})"
+            else:
+                how = f" (exit code {code})"
+            self.error = f"QEMU exited unexpectedly{how} while {was}"
             tail = self._qemu_log_tail()
             if tail:
                 self.error += f": {tail}"
@@ -279,6 +284,18 @@ class VM:
             return ""
         lines = [ln for ln in text.splitlines() if ln and not ln.startswith("--- ")]
         return " | ".join(lines[-3:])[-limit:]
+
+    async def detach(self) -> None:
+        """Stop supervising and drop QMP, leaving QEMU running (agent exit with
+        ``vms_on_exit = keep``; the next agent adopts it)."""
+        for task in (self._supervisor, self._event_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.qmp is not None:
+            await self.qmp.close()
+            self.qmp = None
 
     async def wait_exit(self, timeout: float | None = None) -> bool:
         try:

@@ -71,11 +71,12 @@ class VMManager:
         spec = parse_spec(doc)
         if start is None:
             start = bool(doc.get("start", True)) if isinstance(doc, dict) else True
-        info = await self.accel.detect()
-        try:
-            accel = info.resolve(spec.accel)
-        except AccelUnavailable as exc:
-            raise SpecError(str(exc)) from None
+        accel = "tcg"
+        if spec.accel != "tcg":  # TCG always works: no need to wait for the KVM probe
+            try:
+                accel = (await self.accel.detect()).resolve(spec.accel)
+            except AccelUnavailable as exc:
+                raise SpecError(str(exc)) from None
         async with self._lock:
             if spec.name in self.vms:
                 raise VMConflict(f"a VM named {spec.name!r} exists already")
@@ -146,8 +147,7 @@ class VMManager:
         """Agent exit: either stop every VM or leave them running for the next agent."""
         if not stop_vms:
             for vm in self.vms.values():
-                if vm.qmp is not None:
-                    await vm.qmp.close()
+                await vm.detach()
             return
         results = await asyncio.gather(*(vm.stop() for vm in self.vms.values()), return_exceptions=True)
         for vm, res in zip(self.vms.values(), results, strict=True):

@@ -72,7 +72,7 @@ def machine_args(spec: VMSpec, accel: str, ram_path: Path) -> list[str]:
         if spec.cmdline:
             args += ["-append", spec.cmdline]
     else:
-        args += ["-drive", f"file={spec.disk},format={spec.disk_format},if=virtio,cache=none"]
+        args += ["-drive", f"file={spec.disk},format={spec.disk_format},if=virtio"]
     return args
 
 

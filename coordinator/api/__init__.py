@@ -72,6 +72,7 @@ ROUTE_MODULES = [
     "novacron.coordinator.api.vms",
     "novacron.coordinator.api.migrations",
     "novacron.coordinator.api.swarms",
+    "novacron.coordinator.api.tasks",
 ]
 
 

@@ -1,4 +1,20 @@
-"""Hosts: agents register and heartbeat (agent token); operators list and remove them."""
+"""Hosts: agents register and heartbeat (agent token); operators list and remove them.
+
+The agent's side of the contract (``novacron.coordinator.link.CoordinatorLink``
+implements it; an agent can run one with its ``GET /v1/host`` document):
+
+- ``POST /api/v1/hosts/register`` with ``Authorization: Bearer <agent_token>``
+  and ``{"name", "url" (the agent's API base URL), "token" (the agent's API
+  token, so the coordinator can drive it), "cpus", "memory_bytes",
+  "memory_available_bytes", optional "accel", "data_port", "version", "vms",
+  "load"}`` -> ``{"host": {...}, "heartbeat_interval_s"}``. Re-registering
+  replaces the record. Unknown fields are refused (400).
+- ``POST /api/v1/hosts/{name}/heartbeat`` with ``{"memory_available_bytes",
+  optional "vms", "load"}`` -> ``{"state": "up", "heartbeat_interval_s"}``;
+  404 means the coordinator does not know the host: register again.
+- A host silent for ``heartbeat_timeout_s`` is marked ``down``; no VM is placed
+  on or migrated to it until it heartbeats again.
+"""
 
 from __future__ import annotations
 
@@ -74,14 +90,21 @@ async def register(request: web.Request) -> web.Response:
                               "heartbeat_interval_s": cfg.heartbeat_interval_s})
 
 
+HEARTBEAT_REPLY: dict[str, Any] = {
+    "type": "object", "required": ["state", "heartbeat_interval_s"],
+    "properties": {"state": {"const": "up"}, "heartbeat_interval_s": {"type": "number"}},
+}
+
+
 @routes.post("/hosts/{name}/heartbeat", "Report usage; keeps the host up", auth="agent",
-             request=HEARTBEAT, response=REGISTERED)
+             request=HEARTBEAT, response=HEARTBEAT_REPLY)
 async def heartbeat(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     host = await request.app[STORE].heartbeat(name, json_body(request), time.time())
     if host is None:
         raise ApiError(404, f"host {name!r} is not registered; register first")
-    return web.json_response({"host": host.public(),
+    # Small on purpose: heartbeats are the hot path; GET /hosts/{name} has the full record.
+    return web.json_response({"state": host.state,
                               "heartbeat_interval_s": request.app[CONFIG].heartbeat_interval_s})
 
 

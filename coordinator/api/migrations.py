@@ -26,14 +26,17 @@ START: dict[str, Any] = {
         "options": {
             "type": "object",
             "additionalProperties": False,
+            # The source agent's MigrationOptions (agent/migration/options.py), same bounds.
             "properties": {
-                "bandwidth_mbps": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e6},
-                "downtime_ms": {"type": "number", "exclusiveMinimum": 0, "maximum": 600000},
+                "bandwidth_mbps": {"type": "number", "minimum": 0, "maximum": 1e6,
+                                   "description": "MB/s cap on page data, 0 = unlimited"},
+                "downtime_ms": {"type": "number", "minimum": 1, "maximum": 60000},
                 "max_rounds": {"type": "integer", "minimum": 1, "maximum": 1000},
-                "compress": {"type": "boolean"},
+                "compression_level": {"type": "integer", "minimum": 1, "maximum": 19},
                 "dedup": {"type": "boolean"},
-                "postcopy": {"type": "boolean"},
-                "zstd_level": {"type": "integer", "minimum": -7, "maximum": 22},
+                "test_digest": {"type": "boolean"},
+                "batch_pages": {"type": "integer", "minimum": 64, "maximum": 65536},
+                "timeout_s": {"type": "number", "minimum": 1, "maximum": 86400},
             },
         },
     },
@@ -91,22 +94,25 @@ async def events(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        await _send(resp, mig.public())
-        deadline = time.time() + request.app[CONFIG].migration_timeout_s
-        done = mig.done
-        while not done and time.time() < deadline:
-            event = await sub.get(KEEPALIVE_S)
-            if event is None:
-                # Nothing new: re-read in case the migration ended while we were not subscribed.
-                fresh = await store.get_migration(mig_id)
-                if fresh is not None and fresh.done:
-                    event = fresh.public()
-                else:
-                    await resp.write(b": keep-alive\n\n")
-                    continue
-            await _send(resp, event)
-            done = event.get("phase") in ("completed", "failed", "cancelled")
-        await resp.write_eof()
+        try:
+            await _send(resp, mig.public())
+            deadline = time.time() + request.app[CONFIG].migration_timeout_s
+            done = mig.done
+            while not done and time.time() < deadline:
+                event = await sub.get(KEEPALIVE_S)
+                if event is None:
+                    # Nothing new: re-read in case it ended while we were not subscribed.
+                    fresh = await store.get_migration(mig_id)
+                    if fresh is not None and fresh.done:
+                        event = fresh.public()
+                    else:
+                        await resp.write(b": keep-alive\n\n")
+                        continue
+                await _send(resp, event)
+                done = event.get("phase") in ("completed", "failed", "cancelled")
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away; nothing to tell it
         return resp
 
 

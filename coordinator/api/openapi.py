@@ -34,9 +34,9 @@ API_PREFIX = "/api/v1"
 Auth = Literal["public", "admin", "agent"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_BODY_KEY: web.RequestKey[Any] = web.RequestKey("novacron_body", object)
+_BODY_KEY: web.RequestKey[Any] = web.RequestKey("novacron_body")
 _QUERY_KEY: web.RequestKey[dict[str, Any]] = web.RequestKey("novacron_query", dict)
-_ROUTE_KEY: web.RequestKey[Route] = web.RequestKey("novacron_route", object)
+_ROUTE_KEY: web.RequestKey[Route] = web.RequestKey("novacron_route")
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -18,6 +19,9 @@ from novacron.coordinator.models import HOST_UP, VM, Host
 log = logging.getLogger("novacron.coordinator.vms")
 routes = RouteTable("vms", "Virtual machines")
 
+# Serialises placement decisions (see create_vm).
+PLACEMENT_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("placement_lock", asyncio.Lock)
+
 _PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
 CREATE: dict[str, Any] = {
     "type": "object",
@@ -25,17 +29,20 @@ CREATE: dict[str, Any] = {
     "required": ["name", "vcpus", "memory_mb"],
     "properties": {
         "name": schemas.NAME,
-        "vcpus": {"type": "integer", "minimum": 1, "maximum": 256},
-        "memory_mb": {"type": "integer", "minimum": 16, "maximum": 4 * 1024 * 1024},
+        "vcpus": {"type": "integer", "minimum": 1, "maximum": 64},
+        "memory_mb": {"type": "integer", "minimum": 16, "maximum": 1024 * 1024},
         "kernel": _PATH,
         "initrd": _PATH,
         "cmdline": {"type": "string", "maxLength": 4096},
         "disk": _PATH,
+        "disk_format": {"enum": ["raw", "qcow2"]},
         "accel": {"enum": ["kvm", "tcg", "auto"]},
+        "start": {"type": "boolean", "description": "start it (default true)"},
         "host": {**schemas.NAME, "description": "pin to this host instead of placing"},
     },
     "oneOf": [
-        {"required": ["kernel"], "not": {"required": ["disk"]}},
+        {"required": ["kernel"], "not": {"anyOf": [
+            {"required": ["disk"]}, {"required": ["disk_format"]}]}},
         {"required": ["disk"], "not": {"anyOf": [
             {"required": ["kernel"]}, {"required": ["initrd"]}, {"required": ["cmdline"]}]}},
     ],
@@ -66,24 +73,27 @@ def _agent_failure(exc: AgentError, doing: str) -> ApiError:
 async def create_vm(request: web.Request) -> web.Response:
     body: dict[str, Any] = dict(json_body(request))
     store, agents = request.app[STORE], request.app[AGENTS]
-    if await store.get_vm(body["name"]) is not None:
-        raise ApiError(409, f"a VM named {body['name']!r} already exists")
     pinned = body.pop("host", None)
-    hosts = await store.list_hosts()
-    if pinned is not None:
-        hosts = [h for h in hosts if h.name == pinned]
-        if not hosts:
-            raise ApiError(404, f"no host named {pinned!r}")
-        if hosts[0].state != HOST_UP:
-            raise ApiError(409, f"host {pinned!r} is down")
-    host = await request.app[PLACER](body, hosts, await store.list_vms())
-    if host is None:
-        raise ApiError(409, f"no up host has {body['vcpus']} vCPUs and {body['memory_mb']} MiB "
-                       "free for this VM")
-    now = time.time()
-    vm = VM(name=body["name"], host=host.name, spec=body, state="creating",
-            created_at=now, updated_at=now)
-    await store.put_vm(vm)  # reserves the name and the capacity while the agent works
+    # Name check, placement and reservation happen under one lock, so two concurrent
+    # requests can neither take the same name nor the same free memory.
+    async with request.app[PLACEMENT_LOCK]:
+        if await store.get_vm(body["name"]) is not None:
+            raise ApiError(409, f"a VM named {body['name']!r} already exists")
+        hosts = await store.list_hosts()
+        if pinned is not None:
+            hosts = [h for h in hosts if h.name == pinned]
+            if not hosts:
+                raise ApiError(404, f"no host named {pinned!r}")
+            if hosts[0].state != HOST_UP:
+                raise ApiError(409, f"host {pinned!r} is down")
+        host = await request.app[PLACER](body, hosts, await store.list_vms())
+        if host is None:
+            raise ApiError(409, f"no up host has {body['vcpus']} vCPUs and {body['memory_mb']} "
+                           "MiB free for this VM")
+        now = time.time()
+        vm = VM(name=body["name"], host=host.name, spec=body, state="creating",
+                created_at=now, updated_at=now)
+        await store.put_vm(vm)  # reserves the name and the capacity while the agent works
     try:
         status = await agents.call(host.name, host.url, host.token, "POST", "/v1/vms", body,
                                    timeout_s=120)
@@ -149,6 +159,12 @@ async def start_vm(request: web.Request) -> web.Response:
                query={"force": {"type": "boolean"}},
                response={"type": "object", "required": ["deleted"]}, errors=(409, 502))
 async def delete_vm(request: web.Request) -> web.Response:
+    force = bool(query_params(request).get("force"))
+    name = request.match_info["name"]
+    vm = await request.app[STORE].get_vm(name)
+    if vm is not None and force and await request.app[STORE].get_host(vm.host) is None:
+        await request.app[STORE].delete_vm(name)  # its host is gone for good: just forget it
+        return web.json_response({"deleted": name})
     vm, host = await _vm_and_host(request)
     if vm.state == "migrating":
         raise ApiError(409, f"VM {vm.name!r} is migrating; cancel the migration first")
@@ -157,9 +173,13 @@ async def delete_vm(request: web.Request) -> web.Response:
                                        f"/v1/vms/{vm.name}", timeout_s=60)
     except AgentError as exc:
         # force=true forgets a VM whose host is gone for good.
-        if exc.status != 404 and not query_params(request).get("force"):
+        if exc.status != 404 and not force:
             raise _agent_failure(exc, f"deleting on {host.name} (force=true to forget it)") \
                 from None
     await request.app[STORE].delete_vm(vm.name)
     log.info("vm deleted", extra={"vm": vm.name, "host": host.name})
     return web.json_response({"deleted": vm.name})
+
+
+def setup(app: web.Application) -> None:
+    app[PLACEMENT_LOCK] = asyncio.Lock()

@@ -104,9 +104,58 @@ def parse_tool_result(tool: str, raw: Any) -> Any:
     return payload
 
 
-def _child_env() -> dict[str, str]:
+def clear_stale_locks(workdir: Path, limit: int = 100) -> list[Path]:
+    """Remove claude-flow lock files whose owner process is gone.
+
+    claude-flow guards its state with ``{"pid": ...}`` lock files that it only
+    treats as stale after 30 s; a server killed while holding one would make
+    its replacement fail every call until then. The workdir is ours alone, so a
+    lock whose pid is not running is certainly left over.
+    """
+    removed: list[Path] = []
+    root = workdir / ".claude-flow"
+    if not root.is_dir():
+        return removed
+    for n, lock in enumerate(root.rglob("*.lock")):
+        if n >= limit:
+            break
+        try:
+            owner = json.loads(lock.read_text(encoding="utf-8")).get("pid")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(owner, int) or owner <= 0 or _running(owner):
+            continue
+        with contextlib.suppress(OSError):
+            lock.unlink()
+            removed.append(lock)
+    if removed:
+        log.info("removed stale claude-flow locks", extra={"locks": [str(p) for p in removed]})
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers signal 0 but holds nothing.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def child_env() -> dict[str, str]:
+    """Environment for claude-flow processes."""
     # The coordinator's own settings (tokens among them) are none of the child's business.
-    return {k: v for k, v in os.environ.items() if not k.startswith("NOVACRON")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOVACRON")}
+    # claude-flow checks the registry for updates on start and may install them: a pinned,
+    # offline server must do neither.
+    env["CLAUDE_FLOW_AUTO_UPDATE"] = "false"
+    return env
 
 
 class ClaudeFlowClient:
@@ -187,14 +236,20 @@ class ClaudeFlowClient:
                 log.warning("restarting mcp server", extra={"restarts": self.health_state.restarts})
             self._session = None
             self.health_state.status = "starting"
-            argv = list(self.settings.command) if self.settings.command else default_command()
-            session = StdioSession(argv, cwd=self.settings.workdir, env=_child_env(),
-                                   max_line=self.settings.max_line)
-            await session.start(self.settings.start_timeout)
             try:
-                tools = await self._list_tools(session)
-            except BaseException:
-                await session.close(grace=0.5)
+                argv = list(self.settings.command) if self.settings.command else default_command()
+                clear_stale_locks(self.settings.workdir)
+                session = StdioSession(argv, cwd=self.settings.workdir, env=child_env(),
+                                       max_line=self.settings.max_line)
+                await session.start(self.settings.start_timeout)
+                try:
+                    tools = await self._list_tools(session)
+                except BaseException:
+                    await session.close(grace=0.5)
+                    raise
+            except (McpError, OSError) as exc:
+                self.health_state.status = "down"
+                self.health_state.last_error = f"start: {exc}"
                 raise
             self._install_tools(tools)
             self._session = session
@@ -258,10 +313,10 @@ class ClaudeFlowClient:
             except TransportError as exc:
                 last = exc
                 self.health_state.last_error = f"{what}: {exc}"
-                session = self._session
-                if session is not None and (isinstance(exc, CallTimeout) or not session.alive):
+                current = self._session
+                if current is not None and (isinstance(exc, CallTimeout) or not current.alive):
                     # A server that stopped answering is as good as dead: start afresh.
-                    await session.close(grace=0.5)
+                    await current.close(grace=0.5)
                     self.health_state.status = "down"
                 if attempt == self.settings.attempts:
                     break

@@ -12,6 +12,7 @@ unknown session id is 404 so the client starts over; ``DELETE`` ends one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -36,7 +37,6 @@ from novacron.coordinator.mcp.tools import build_tools
 log = logging.getLogger("novacron.coordinator.mcp.http")
 
 MCP_PATH = "/mcp"
-MAX_BODY = 1 << 20
 MAX_SESSIONS = 1024
 SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
@@ -85,14 +85,12 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
     if not any(a in accept for a in ("application/json", "text/event-stream", "*/*")):
         return _json(406, error_response(None, INVALID_REQUEST,
                                          "Accept must allow application/json or text/event-stream"))
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return _json(413, error_response(None, INVALID_REQUEST, f"body over {MAX_BODY} bytes"))
     try:
-        raw = await request.content.read(MAX_BODY + 1)
+        raw = await request.read()  # bounded by the app's client_max_size
+    except web.HTTPRequestEntityTooLarge:
+        return _json(413, error_response(None, INVALID_REQUEST, "request body too large"))
     except (ConnectionError, asyncio.IncompleteReadError):
         return _json(400, error_response(None, PARSE_ERROR, "body could not be read"))
-    if len(raw) > MAX_BODY:
-        return _json(413, error_response(None, INVALID_REQUEST, f"body over {MAX_BODY} bytes"))
     try:
         msg = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -125,7 +123,7 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
         while len(sessions) > MAX_SESSIONS:
             sessions.popitem(last=False)
         extra[SESSION_HEADER] = session
-    elif session in sessions:
+    elif session is not None and session in sessions:
         sessions.move_to_end(session)
 
     params = msg.get("params")
@@ -153,17 +151,26 @@ async def _answer_sse(request: web.Request, server: McpProtocol, msg: dict[str, 
     await resp.prepare(request)
     counter = 0
 
+    gone = False
+
     async def send(event: dict[str, Any]) -> None:
-        nonlocal counter
+        nonlocal counter, gone
+        if gone:
+            return  # the client left; the tool still finishes (a migration is not abandoned)
         counter += 1
         data = json.dumps(event, separators=(",", ":"))
-        await resp.write(f"id: {counter}\nevent: message\ndata: {data}\n\n".encode())
+        try:
+            await resp.write(f"id: {counter}\nevent: message\ndata: {data}\n\n".encode())
+        except (ConnectionError, RuntimeError):
+            gone = True
 
     answer = await server.handle(msg, notify=send, header_version=header_version,
                                  header_method=request.headers.get(METHOD_HEADER))
     if answer is not None:
         await send(answer)
-    await resp.write_eof()
+    if not gone:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await resp.write_eof()
     return resp
 
 

@@ -61,6 +61,7 @@ class StdioSession:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._answering: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()
         self._dead: str | None = None
 
@@ -200,7 +201,9 @@ class StdioSession:
         if "method" in msg:
             method = msg.get("method")
             if "id" in msg:
-                asyncio.get_running_loop().create_task(self._answer_server_request(msg))
+                task = asyncio.get_running_loop().create_task(self._answer_server_request(msg))
+                self._answering.add(task)  # keep a reference until it is done
+                task.add_done_callback(self._answering.discard)
             elif isinstance(method, str) and self.on_notification is not None:
                 params = msg.get("params")
                 self.on_notification(method, params if isinstance(params, dict) else {})

@@ -52,6 +52,8 @@ class FleetState:
         cap = 16
         self._cpu_cap = np.zeros(cap)
         self._mem_cap = np.zeros(cap)
+        self._cpu_phys = np.zeros(cap)  # physical, before overcommit
+        self._mem_phys = np.zeros(cap)
         self._cpu_used = np.zeros(cap)
         self._mem_used = np.zeros(cap)
         self._cost = np.zeros(cap)
@@ -77,6 +79,14 @@ class FleetState:
     @property
     def mem_cap(self) -> F64:
         return self._mem_cap[: self._n]
+
+    @property
+    def cpu_phys(self) -> F64:
+        return self._cpu_phys[: self._n]
+
+    @property
+    def mem_phys(self) -> F64:
+        return self._mem_phys[: self._n]
 
     @property
     def cpu_used(self) -> F64:
@@ -120,6 +130,7 @@ class FleetState:
             return out
 
         self._cpu_cap, self._mem_cap = grown(self._cpu_cap), grown(self._mem_cap)
+        self._cpu_phys, self._mem_phys = grown(self._cpu_phys), grown(self._mem_phys)
         self._cpu_used, self._mem_used = grown(self._cpu_used), grown(self._mem_used)
         self._cost, self._zone = grown(self._cost), grown(self._zone)
         self._vm_count, self._enabled = grown(self._vm_count), grown(self._enabled, False)
@@ -154,6 +165,8 @@ class FleetState:
             self.zones.append(h.zone)
         self._cpu_cap[i] = h.vcpus * h.cpu_overcommit
         self._mem_cap[i] = h.memory_mib * h.mem_overcommit
+        self._cpu_phys[i] = h.vcpus
+        self._mem_phys[i] = h.memory_mib
         self._cost[i] = h.cost_per_hour
         self._zone[i] = z
         self._enabled[i] = h.enabled

@@ -5,11 +5,12 @@ All are minimised, and all describe the host *after* the VM lands on it:
 * cost ($/h): the host's whole hourly price if it is empty now (placing the
   VM powers it on), plus the VM's share of the price (its dominant fraction
   of the host's offered CPU or memory).
-* performance (0..2): contention, how far the busier of CPU and memory goes
-  past the priority's comfort level (high 70 %, normal 85 %, low 95 %),
-  scaled to 0..1; plus fragmentation, the larger of the CPU and memory
-  fractions left free. Small leftovers mean tight packing; a large leftover
-  in only one resource is stranded capacity, which this also punishes.
+* performance (0..2): contention, how far the busier of CPU and memory is
+  allocated past the priority's comfort level of the *physical* host (high
+  80 %, normal 100 %, low 150 %: only overcommitted hosts can pass 100 %,
+  and that is where vCPUs wait for cores), capped at 1; plus fragmentation, the mean of the CPU and memory
+  fractions left free: scattered small leftovers are what later large VMs
+  cannot use, so the fullest host that fits is preferred (best-fit's rule).
 * latency (ms): round-trip from the host to the VM's user region (0 when the
   VM names no region).
 """
@@ -24,7 +25,7 @@ import numpy.typing as npt
 from novacron.coordinator.scheduler.fleet import F64, FleetState
 from novacron.coordinator.scheduler.model import VMRequest, Weights
 
-COMFORT = {"high": 0.70, "normal": 0.85, "low": 0.95}
+COMFORT = {"high": 0.8, "normal": 1.0, "low": 1.5}
 # Latency is normalised against this round-trip (and capped at 1) when weighed.
 LATENCY_SCALE_MS = 200.0
 PERF_SCALE = 2.0
@@ -54,9 +55,10 @@ def evaluate(fleet: FleetState, req: VMRequest, hosts: npt.NDArray[np.int64]) ->
     cost = np.where(power_on, price, 0.0) + price * share
 
     util_after = np.maximum(cpu_after, mem_after)
-    comfort = COMFORT[req.priority]
-    contention = np.clip((util_after - comfort) / (1.0 - comfort), 0.0, 1.0)
-    fragmentation = np.clip(1.0 - np.minimum(cpu_after, mem_after), 0.0, 1.0)
+    phys_after = np.maximum((fleet.cpu_used[hosts] + req.vcpus) / fleet.cpu_phys[hosts],
+                            (fleet.mem_used[hosts] + req.memory_mib) / fleet.mem_phys[hosts])
+    contention = np.clip(phys_after - COMFORT[req.priority], 0.0, 1.0)
+    fragmentation = np.clip(1.0 - 0.5 * (cpu_after + mem_after), 0.0, 1.0)
     performance = contention + fragmentation
 
     col = fleet.region_column(req.region)

@@ -9,8 +9,10 @@ few commits, which heartbeats refresh anyway.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -30,6 +32,8 @@ class SQLiteStore(Store):
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._hb_pending: list[tuple[str, dict[str, Any], float, asyncio.Future[Host | None]]] = []
+        self._hb_flusher: asyncio.Task[None] | None = None
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -40,7 +44,10 @@ class SQLiteStore(Store):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, conn)
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The database holds the agents' API tokens: only our user may read it.
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.touch(mode=0o600, exist_ok=True)
+        os.chmod(self.path, 0o600)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
 
         def connect() -> sqlite3.Connection:
@@ -56,6 +63,8 @@ class SQLiteStore(Store):
             log.info("schema migrated", extra={"path": str(self.path), "applied": applied})
 
     async def close(self) -> None:
+        if self._hb_flusher is not None and not self._hb_flusher.done():
+            await asyncio.wait([self._hb_flusher])  # let pending heartbeats commit
         if self._conn is not None and self._pool is not None:
             await self._run(lambda c: c.close())
             self._pool.shutdown(wait=True)
@@ -85,27 +94,34 @@ class SQLiteStore(Store):
         return [Host(**json.loads(r[0])) for r in rows]
 
     async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> Host | None:
-        def work(c: sqlite3.Connection) -> Host | None:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                row = c.execute("SELECT data FROM hosts WHERE name = ?", (name,)).fetchone()
-                if row is None:
-                    c.execute("ROLLBACK")
-                    return None
-                doc = json.loads(row[0])
-                doc.update(fields)
-                doc["state"] = HOST_UP
-                doc["last_heartbeat"] = now
-                c.execute("UPDATE hosts SET state = ?, last_heartbeat = ?, data = ? WHERE name = ?",
-                          (HOST_UP, now, json.dumps(doc), name))
-                c.execute("COMMIT")
-                return Host(**doc)
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
+        # Group commit: heartbeats that arrive while a batch is being written go into the
+        # next batch, one transaction each. Every caller still returns only after its
+        # heartbeat is committed.
+        fut: asyncio.Future[Host | None] = asyncio.get_running_loop().create_future()
+        self._hb_pending.append((name, fields, now, fut))
+        if self._hb_flusher is None or self._hb_flusher.done():
+            self._hb_flusher = asyncio.create_task(self._flush_heartbeats(), name="hb-flush")
+        return await fut
 
-        return await self._run(work)
+    async def _flush_heartbeats(self) -> None:
+        while self._hb_pending:
+            batch, self._hb_pending = self._hb_pending, []
+            items = [(n, f, t) for n, f, t, _ in batch]
+            try:
+                results = await self._run(functools.partial(_heartbeat_batch, items=items))
+            except BaseException as exc:
+                for *_, fut in batch:
+                    if not fut.done():
+                        if isinstance(exc, asyncio.CancelledError):
+                            fut.cancel()
+                        else:
+                            fut.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (*_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
 
     async def mark_down(self, older_than: float) -> list[str]:
         def work(c: sqlite3.Connection) -> list[str]:
@@ -219,6 +235,32 @@ def _asdict(record: Any) -> dict[str, Any]:
     import dataclasses
 
     return dataclasses.asdict(record)
+
+
+def _heartbeat_batch(conn: sqlite3.Connection,
+                     items: list[tuple[str, dict[str, Any], float]]) -> list[Host | None]:
+    """Apply heartbeats in one transaction; None for hosts that are not registered."""
+    out: list[Host | None] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for name, fields, now in items:
+            row = conn.execute("SELECT data FROM hosts WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                out.append(None)
+                continue
+            doc = json.loads(row[0])
+            doc.update(fields)
+            doc["state"] = HOST_UP
+            doc["last_heartbeat"] = now
+            conn.execute("UPDATE hosts SET state = ?, last_heartbeat = ?, data = ? WHERE name = ?",
+                         (HOST_UP, now, json.dumps(doc), name))
+            out.append(Host(**doc))
+        conn.execute("COMMIT")
+        return out
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _tx(conn: sqlite3.Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> int:

@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "progress bar, then the metrics. Ctrl-C cancels the migration.")
     p.add_argument("vm", metavar="VM")
     p.add_argument("--to", required=True, metavar="HOST", dest="target")
-    p.add_argument("--bandwidth-mbps", type=float, help="bandwidth limit of the transfer")
-    p.add_argument("--downtime-ms", type=float, help="downtime budget of stop-and-copy")
+    p.add_argument("--bandwidth-mbps", type=float, help="cap on page data in MB/s (0 = unlimited)")
+    p.add_argument("--downtime-ms", type=float, help="pause budget of stop-and-copy in ms")
     p.add_argument("--max-rounds", type=int, help="pre-copy round limit")
     p.add_argument("--no-wait", action="store_true", help="start it and return at once")
     p.add_argument("--json", action="store_true", help="print the final migration as JSON")
@@ -140,11 +140,15 @@ def _fmt_metric(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key.endswith("bytes_s"):
+            return human_bytes(value) + "/s"
+        if key.endswith("pages_s"):
+            return f"{value:,.0f} pages/s"
         if key.startswith("bytes") or key.endswith("_bytes"):
             return human_bytes(value)
         if key.endswith("_ms"):
             return f"{value:.1f} ms"
-        if key.endswith("_s"):
+        if key.endswith("_s") or key.startswith("seconds"):
             return f"{value:.2f} s"
         if key.endswith("ratio"):
             return f"{value:.2f}x"
@@ -161,7 +165,8 @@ def metrics_table(mig: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     table.add_row("rounds", str(mig.get("round", 0)))
     for key, value in sorted(mig.get("metrics", {}).items()):
-        table.add_row(key, _fmt_metric(key, value))
+        if not isinstance(value, (dict, list)):  # nested detail is in --json
+            table.add_row(key, _fmt_metric(key, value))
     if mig.get("error"):
         table.add_row("error", str(mig["error"]))
     return table

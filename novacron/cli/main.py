@@ -17,7 +17,9 @@ from novacron import __version__, config, logs
 COMMAND_MODULES = [
     "novacron.cli.bench",
     "novacron.cli.fleet",
+    "novacron.cli.demo",
     "novacron.cli.mcp",
+    "novacron.cli.task",
 ]
 
 

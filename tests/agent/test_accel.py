@@ -13,8 +13,8 @@ from novacron.agent.vm.accel import AccelDetector, AccelInfo, AccelUnavailable, 
 
 # Shell stand-ins for qemu-system-x86_64. Each records that it ran.
 FAKE = {
-    "boots": 'for a; do [ "$prev" = -serial ] && echo "Linux version 6.1" > "${a#file:}"; prev=$a; done; sleep 30',
-    "hangs": "sleep 30",
+    "boots": 'for a; do [ "$prev" = -serial ] && echo "Linux version 6.1" > "${a#file:}"; prev=$a; done; exec sleep 30',
+    "hangs": "exec sleep 30",
     "fails": 'echo "Could not access KVM kernel module: Permission denied" >&2; exit 1',
 }
 

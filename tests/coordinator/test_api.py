@@ -51,8 +51,9 @@ async def test_agent_routes_take_only_the_agent_token(
     status, doc = await coordinator.call("POST", "/hosts/alpha/heartbeat",
                                          json={"memory_available_bytes": 1 << 30, "load": 0.5},
                                          token=coordinator.cfg.agent_token)
-    assert status == 200 and doc["host"]["memory_available_bytes"] == 1 << 30
-    assert doc["host"]["load"] == 0.5
+    assert status == 200 and doc == {"state": "up", "heartbeat_interval_s": 1.0}
+    status, doc = await coordinator.call("GET", "/hosts/alpha")
+    assert doc["memory_available_bytes"] == 1 << 30 and doc["load"] == 0.5
 
 
 async def test_hosts_are_listed_without_their_tokens(
@@ -153,6 +154,18 @@ async def test_no_capacity_is_409_and_agent_refusal_leaves_no_record(
     assert (await coordinator.call("GET", "/vms"))[1] == {"vms": []}
 
 
+async def test_concurrent_creates_never_share_a_name_or_overbook(
+        coordinator: Coordinator, agents: list[FakeAgent]) -> None:
+    # alpha has 8 GiB and beta 4 GiB: twelve 1 GiB VMs fit, the rest must be refused.
+    specs = [vm_spec(f"c{i % 16}", 1024) for i in range(20)]  # 4 names asked for twice
+    results = await asyncio.gather(*(coordinator.call("POST", "/vms", json=s) for s in specs))
+    created = [doc for status, doc in results if status == 201]
+    assert all(status in (201, 409) for status, _ in results)
+    assert len({v["name"] for v in created}) == len(created) == 12
+    for fake in agents:
+        assert sum(v["memory_mb"] for v in fake.vms.values()) << 20 <= fake.memory_bytes
+
+
 async def test_unreachable_agent_is_502(coordinator: Coordinator, agents: list[FakeAgent]) -> None:
     reg = {**agents[1].registration(), "name": "gone", "url": "http://127.0.0.1:9",
            "memory_bytes": 64 << 30, "memory_available_bytes": 64 << 30}
@@ -163,6 +176,40 @@ async def test_unreachable_agent_is_502(coordinator: Coordinator, agents: list[F
     assert status == 502 and "unreachable" in doc["error"]
     status, doc = await coordinator.call("DELETE", "/hosts/gone")
     assert status == 200
+
+
+async def test_hosts_with_vms_are_kept_and_orphans_can_be_forgotten(
+        coordinator: Coordinator, agents: list[FakeAgent]) -> None:
+    assert (await coordinator.call("POST", "/vms", json=vm_spec("v1", host="beta")))[0] == 201
+    status, doc = await coordinator.call("DELETE", "/hosts/beta")
+    assert status == 409 and "v1" in doc["error"]
+    # The host dies for good: an operator removes the VM record, then the host.
+    reg = {**agents[1].registration(), "url": "http://127.0.0.1:9"}
+    await coordinator.call("POST", "/hosts/register", json=reg, token=coordinator.cfg.agent_token)
+    status, doc = await coordinator.call("DELETE", "/vms/v1")
+    assert status == 502 and "force=true" in doc["error"]
+    status, doc = await coordinator.call("DELETE", "/vms/v1?force=true")
+    assert status == 200
+    status, doc = await coordinator.call("DELETE", "/hosts/beta")
+    assert status == 200
+    assert [h["name"] for h in (await coordinator.call("GET", "/hosts"))[1]["hosts"]] == ["alpha"]
+
+
+async def test_sse_client_that_leaves_early_does_no_harm(
+        coordinator: Coordinator, agents: list[FakeAgent], caplog: pytest.LogCaptureFixture) -> None:
+    agents[0].hold_migrations = True
+    assert (await coordinator.call("POST", "/vms", json=vm_spec("s1")))[0] == 201
+    _, mig = await coordinator.call("POST", "/migrations", json={"vm": "s1", "target": "beta"})
+    async with coordinator.session.get(f"{coordinator.url}/api/v1/migrations/{mig['id']}/events",
+                                       headers=coordinator.headers()) as resp:
+        await resp.content.readline()  # the first event, then hang up
+    agents[0].hold_migrations = False
+    for _ in range(200):  # bounded: the follower finishes it
+        await asyncio.sleep(0.02)
+        if (await coordinator.call("GET", f"/migrations/{mig['id']}"))[1]["phase"] == "completed":
+            break
+    assert (await coordinator.call("GET", f"/migrations/{mig['id']}"))[1]["phase"] == "completed"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_host_missing_heartbeats_is_marked_down(tmp_path: Any) -> None:
@@ -186,7 +233,8 @@ async def test_host_missing_heartbeats_is_marked_down(tmp_path: Any) -> None:
         status, doc = await c.call("POST", "/hosts/solo/heartbeat",
                                    json={"memory_available_bytes": 1 << 30},
                                    token=c.cfg.agent_token)
-        assert status == 200 and doc["host"]["state"] == "up"
+        assert status == 200 and doc["state"] == "up"
+        assert (await c.call("GET", "/hosts/solo"))[1]["state"] == "up"
     finally:
         await stop_coordinator(c)
 
@@ -228,7 +276,7 @@ async def test_migration_streams_progress_and_moves_the_vm(
     # A finished migration's stream replays the final state and ends.
     events = await asyncio.wait_for(read_sse(coordinator, mig["id"]), 5)
     assert [e["phase"] for e in events] == ["completed"]
-    status, doc = await coordinator.call("POST", f"/migrations/{mig['id']}/cancel")
+    status, _doc = await coordinator.call("POST", f"/migrations/{mig['id']}/cancel")
     assert status == 409
 
 

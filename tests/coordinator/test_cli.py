@@ -91,3 +91,78 @@ async def test_errors_are_one_line_and_nonzero(
     code, _out, err = await cli({**env, "NOVACRON_SERVER": "http://127.0.0.1:9"}, "vms")
     assert code == 1 and "cannot reach the coordinator" in err
     assert coord.admin_token not in err
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({}, "admin_token is required"),
+    ({"NOVACRON_COORDINATOR_ADMIN_TOKEN": "same-token", "NOVACRON_COORDINATOR_AGENT_TOKEN":
+      "same-token"}, "must differ"),
+    ({"NOVACRON_COORDINATOR_ADMIN_TOKEN": "a-token", "NOVACRON_COORDINATOR_AGENT_TOKEN": "b-token",
+      "NOVACRON_COORDINATOR_HEARTBEAT_TIMEOUT_S": "1"}, "heartbeat_timeout_s"),
+    ({"NOVACRON_COORDINATOR_PORT": "x"}, "expected an integer"),
+])
+def test_coordinator_refuses_bad_config(tmp_path: Path, script_env: dict[str, str],
+                                        env: dict[str, str], needle: str) -> None:
+    import subprocess
+
+    full = {**script_env, "NOVACRON_COORDINATOR_DATA_DIR": str(tmp_path), "HOME": str(tmp_path),
+            **env}
+    proc = subprocess.run(["novacron-coordinator", "--port", "0"], env=full, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "coordinator.db").exists()  # nothing was created
+
+
+async def test_ctrl_c_during_migrate_cancels_it(tmp_path: Path) -> None:
+    import signal
+
+    fakes = [FakeAgent("alpha", "tok-alpha-2"), FakeAgent("beta", "tok-beta-2", 4 << 30)]
+    fakes[0].hold_migrations = True
+    servers = []
+    async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord:
+        try:
+            for fake in fakes:
+                server = TestServer(fake.app(), host="127.0.0.1")
+                await server.start_server()
+                servers.append(server)
+                fake.url = str(server.make_url("")).rstrip("/")
+            async with CoordinatorClient(coord.url, coord.admin_token) as client:
+                for fake in fakes:
+                    fake.peers = {o.url: o for o in fakes if o is not fake}
+                    await client.register_host(fake.registration(), coord.agent_token)
+                await client.create_vm(vm_spec("web"))
+                env = {k: v for k, v in os.environ.items() if not k.startswith("NOVACRON")}
+                env.update(NOVACRON_SERVER=coord.url, NOVACRON_TOKEN=coord.admin_token,
+                           HOME=str(tmp_path))
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "novacron.cli.main", "migrate", "web", "--to", "beta",
+                    env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                try:
+                    mig = None
+                    for _ in range(200):  # bounded: until the migration is underway
+                        migs = await client.request("GET", "/migrations")
+                        if migs["migrations"] and migs["migrations"][0]["phase"] == "precopy":
+                            mig = migs["migrations"][0]
+                            break
+                        await asyncio.sleep(0.05)
+                    assert mig is not None
+                    await asyncio.sleep(0.5)  # the CLI is following the stream by now
+                    proc.send_signal(signal.SIGINT)
+                    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+                finally:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+                assert proc.returncode == 130, out.decode()
+                assert "cancelling" in out.decode()
+                for _ in range(100):
+                    final = await client.migration(mig["id"])
+                    if final["phase"] == "cancelled":
+                        break
+                    await asyncio.sleep(0.05)
+                assert final["phase"] == "cancelled"
+                assert (await client.vm("web"))["host"] == "alpha"
+        finally:
+            for server in servers:
+                await server.close()

@@ -22,6 +22,7 @@ async def test_schema_versions_are_recorded_and_applied_once(tmp_path: Path) -> 
     versions = await store.schema_versions()
     assert versions["core"] == len(schema.MIGRATIONS["core"])
     await store.put_host(Host("h", "http://x", "t", 1, 10, 5))
+    assert (tmp_path / "c.db").stat().st_mode & 0o077 == 0  # holds agent tokens: owner only
     await store.close()
     await store.open()  # second open: no step re-run (a re-run CREATE TABLE would raise)
     assert await store.schema_versions() == versions
@@ -72,6 +73,29 @@ async def test_failed_step_leaves_the_schema_unchanged(
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "b1" not in tables
     assert conn.execute("SELECT COUNT(*) FROM schema_version WHERE component='broken'").fetchone()[0] == 0
+    conn.close()
+
+
+async def test_concurrent_heartbeats_are_batched_and_all_committed(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "c.db")
+    await store.open()
+    try:
+        for i in range(20):
+            await store.put_host(Host(f"h{i}", "http://x", "t", 1, 1 << 30, 1 << 30))
+        results = await asyncio.gather(*(
+            store.heartbeat(f"h{i % 25}", {"memory_available_bytes": i, "load": float(i)}, 100.0 + i)
+            for i in range(200)))
+        assert [r is None for r in results] == [i % 25 >= 20 for i in range(200)]
+        for i in range(20):
+            host = await store.get_host(f"h{i}")
+            assert host is not None
+            last = max(j for j in range(200) if j % 25 == i)  # the newest heartbeat wins
+            assert (host.memory_available_bytes, host.last_heartbeat) == (last, 100.0 + last)
+    finally:
+        await store.close()
+    # Committed: a fresh connection sees them.
+    conn = sqlite3.connect(tmp_path / "c.db")
+    assert conn.execute("SELECT COUNT(*) FROM hosts WHERE last_heartbeat >= 100").fetchone()[0] == 20
     conn.close()
 
 
@@ -132,3 +156,35 @@ async def test_restart_loses_nothing_and_resumes_migrations(tmp_path: Path) -> N
         await stop_coordinator(c)
         for server in servers:
             await server.close()
+
+
+async def test_restart_settles_vms_left_creating(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestServer
+
+    cfg = make_cfg(tmp_path / "coord")
+    fake = FakeAgent("alpha", "tok-alpha")
+    server = TestServer(fake.app(), host="127.0.0.1")
+    await server.start_server()
+    fake.url = str(server.make_url("")).rstrip("/")
+    try:
+        c = await start_coordinator(cfg)
+        try:
+            await fake.register_with(c.session, c.url, cfg.agent_token)
+            assert (await c.call("POST", "/vms", json=vm_spec("made")))[0] == 201
+        finally:
+            await stop_coordinator(c)
+        # As if the coordinator died while agents were still working on two creates:
+        # the agent finished "made"; "lost" never reached it.
+        store = SQLiteStore(cfg.data_dir / "coordinator.db")
+        await store.open()
+        for name in ("made", "lost"):
+            await store.put_vm(VM(name, "alpha", vm_spec(name), "creating", None, 1.0, 1.0))
+        await store.close()
+        c = await start_coordinator(cfg)
+        try:
+            _status, doc = await c.call("GET", "/vms")
+            assert [(v["name"], v["state"]) for v in doc["vms"]] == [("made", "running")]
+        finally:
+            await stop_coordinator(c)
+    finally:
+        await server.close()

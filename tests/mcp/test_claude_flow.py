@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from novacron.coordinator.mcp.client import ClaudeFlowClient, ClientSettings
+from novacron.coordinator.mcp.client import ClaudeFlowClient, ClientSettings, clear_stale_locks
 from novacron.coordinator.mcp.errors import ArgumentError, RpcError, ToolError, TransportError
 from novacron.coordinator.mcp.registry import BridgeRegistry
 from novacron.coordinator.store.sqlite import SQLiteStore
@@ -92,13 +94,18 @@ async def test_killed_server_recovers_mid_session(claude_flow: ClaudeFlowClient)
     assert first_pid is not None
 
     os.killpg(first_pid, signal.SIGKILL)  # the server and anything it started
+    # Killed while holding its state lock (this happens for real when a call is in flight):
+    # claude-flow would refuse every call of its successor for 30 s unless the bridge clears it.
+    lock = c.settings.workdir / ".claude-flow" / "policy" / "state.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(json.dumps({"pid": first_pid, "acquiredAt": int(time.time() * 1000)}))
     # The very next call finds the session dead, restarts and re-initializes, and succeeds.
     status = await c.swarm_status(swarm["swarmId"])
     assert status["swarmId"] == swarm["swarmId"]  # claude-flow's own state survived in workdir
     assert c.pid is not None and c.pid != first_pid
     assert c.health()["restarts"] == 1 and c.health()["status"] == "ok"
     await asyncio.sleep(0.1)
-    assert _gone(first_pid)
+    assert _gone(first_pid) and not lock.exists()
 
     # A call in flight when the server dies is retried on a fresh server.
     second_pid = c.pid
@@ -177,3 +184,21 @@ async def test_registry_persists_in_the_coordinator_store(claude_flow_argv: list
         assert (await registry.get("agent", agent["agentId"]) or {})["type"] == "tester"
     finally:
         await reopened.close()
+
+
+def test_only_locks_of_dead_owners_are_cleared(tmp_path: Path) -> None:
+    policy = tmp_path / ".claude-flow" / "policy"
+    policy.mkdir(parents=True)
+    mine = policy / "live.lock"
+    mine.write_text(json.dumps({"pid": os.getpid()}))
+    garbage = policy / "garbage.lock"
+    garbage.write_text("not json")
+    dead_pid = os.fork()
+    if dead_pid == 0:
+        os._exit(0)
+    os.waitpid(dead_pid, 0)
+    stale = policy / "state.lock"
+    stale.write_text(json.dumps({"pid": dead_pid, "acquiredAt": 1}))
+    assert clear_stale_locks(tmp_path) == [stale]
+    assert mine.exists() and garbage.exists() and not stale.exists()
+    assert clear_stale_locks(tmp_path / "elsewhere") == []

@@ -135,6 +135,9 @@ async def test_http_auth_and_bad_requests(coordinator: Coordinator) -> None:  # 
         async with http.post(url, data=b"{not json", headers={
                 **auth, "Content-Type": "application/json"}) as resp:
             assert resp.status == 400 and (await resp.json())["error"]["code"] == -32700
+        huge = {**init, "params": {**init["params"], "pad": "x" * 100_000}}
+        async with http.post(url, json=huge, headers=auth) as resp:
+            assert resp.status == 413 and (await resp.json())["error"]["code"] == -32600
         async with http.post(url, json=[init], headers=auth) as resp:
             assert resp.status == 400 and (await resp.json())["error"]["code"] == -32600
         async with http.post(url, json=init, headers={**auth, "Origin": "http://evil.example"}) as resp:
@@ -177,3 +180,29 @@ async def test_stdio_transport(coordinator: Coordinator,  # noqa: F811
         await _exercise(client, agents)
         vms = await client.call_tool("list_vms", {"host": "alpha"})
         assert _payload(vms) == {"vms": []}
+        # progress notifications travel back over stdio too (SSE from /mcp, lines on stdout)
+        status, _vm = await coordinator.call("POST", "/vms", json=vm_spec("db"))
+        assert status == 201
+        seen: list[float] = []
+
+        async def on_progress(done: float, _total: float | None, _msg: str | None) -> None:
+            seen.append(done)
+
+        moved = await client.call_tool("migrate_vm", {"vm": "db", "target": "beta"},
+                                       progress_callback=on_progress)
+        assert not moved.is_error and _payload(moved)["phase"] == "completed"
+        assert len(seen) >= 3 and seen == sorted(seen)
+
+    wrong = StdioServerParameters(command=params.command, args=params.args,
+                                  env={**(params.env or {}), "NOVACRON_TOKEN": "wrong-token"})
+    with pytest.raises(BaseException) as refused:
+        async with Client(wrong, mode="legacy"):
+            pass
+    assert "HTTP 401" in _messages(refused.value)
+
+
+def _messages(exc: BaseException) -> str:
+    """Every message inside an exception (group), for checking what a client was told."""
+    if isinstance(exc, BaseExceptionGroup):
+        return " | ".join(_messages(e) for e in exc.exceptions)
+    return str(exc)

@@ -72,7 +72,7 @@ async def test_busy_vm_migrates_and_ram_matches(tmp_path: Path, dest: Dest) -> N
     assert d.phase == "completed" and d.digest_destination == st.digest_source
     m = st.metrics()
     assert m["downtime_ms"] is not None and m["downtime_ms"] > 0
-    assert m["pages_zero"] == 0 or m["pages_zero"] > 0  # reported
+    assert m["pages_dedup"] > 0  # the repeated pages travel as references
     # a quarter of RAM is zero and a quarter is one repeated page: zstd squeezes those
     assert m["compression_ratio"] > 1.2
     assert st.round >= 2 and len(st.rounds) == st.round

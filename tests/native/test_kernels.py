@@ -29,6 +29,26 @@ def test_blake3_page_of_structured_pages() -> None:
         N.page_digest(b"short")
 
 
+@given(st.lists(st.sampled_from(["zero", "random", "known"]), min_size=1, max_size=11))
+@settings(max_examples=40, deadline=None)
+def test_classify_pages_hashes_four_at_a_time_like_blake3(layout: list[str]) -> None:
+    mem = bytearray(len(layout) * PAGE)
+    for i, kind in enumerate(layout):
+        if kind != "zero":
+            mem[i * PAGE:(i + 1) * PAGE] = os.urandom(PAGE)
+    pages = np.arange(len(layout), dtype=np.uint64)[::-1].copy()  # any order
+    kinds = np.zeros(len(layout), dtype=np.uint8)
+    kinds[[j for j, p in enumerate(pages.tolist()) if layout[p] == "known"]] = 1  # caller says zero
+    digests = np.zeros((len(layout), 32), dtype=np.uint8)
+    _kernels.classify_pages(memoryview(mem), pages, 0, len(layout), kinds, digests, True)
+    for j, p in enumerate(pages.tolist()):
+        if layout[p] == "random":
+            assert kinds[j] == 0
+            assert bytes(digests[j]) == blake3.blake3(mem[p * PAGE:(p + 1) * PAGE]).digest()
+        else:
+            assert kinds[j] == 1
+
+
 def test_fingerprint_depends_on_key_and_content() -> None:
     page = os.urandom(PAGE)
     a, b = _kernels.Fingerprinter(b"k" * 32), _kernels.Fingerprinter(b"j" * 32)

@@ -1,0 +1,127 @@
+"""Task classification and swarm planning: ``POST /tasks/classify`` and ``POST /tasks/plan``.
+
+Both take one description (``{"text": ...}``) or a batch
+(``{"tasks": [{"text": ...}, ...]}``) and answer ``{"results": [...]}`` in the
+same order. An empty description is a 400, one longer than
+``MAX_TEXT_CHARS`` a 413; nothing is classified when any item is bad.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from novacron.coordinator.api import keys
+from novacron.coordinator.api.errors import ApiError
+from novacron.coordinator.api.openapi import RouteTable, json_body
+from novacron.coordinator.classifier.model import MAX_BATCH, MAX_TEXT_CHARS, InvalidTask
+from novacron.coordinator.classifier.service import TaskService
+
+log = logging.getLogger("novacron.coordinator.api.tasks")
+
+routes = RouteTable("tasks", "Task-complexity classification and swarm plans")
+
+# Other features (the MCP tools, POST /swarms) look the service up as keys.CLASSIFIER.
+CLASSIFIER: web.AppKey[TaskService] = getattr(keys, "CLASSIFIER", None) or web.AppKey(
+    "classifier", TaskService)
+
+_TEXT: dict[str, Any] = {
+    "type": "string",
+    "description": f"the task in plain language (1..{MAX_TEXT_CHARS} characters)",
+}
+REQUEST: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "text": _TEXT,
+        "tasks": {
+            "type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+            "items": {"type": "object", "additionalProperties": False, "required": ["text"],
+                      "properties": {"text": _TEXT}},
+        },
+    },
+    "oneOf": [{"required": ["text"]}, {"required": ["tasks"]}],
+}
+PREDICTION: dict[str, Any] = {
+    "type": "object",
+    "required": ["label", "confidence", "probabilities", "reasons"],
+    "properties": {
+        "label": {"enum": ["simple", "medium", "complex", "very-complex"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+        "reasons": {"type": "array", "items": {"type": "string"}},
+    },
+}
+PLAN: dict[str, Any] = {
+    "type": "object",
+    "required": ["label", "confidence", "topology", "strategy", "max_agents", "agents", "tasks",
+                 "estimated_duration"],
+    "properties": {
+        "label": {"type": "string"}, "confidence": {"type": "number"},
+        "topology": {"type": "string"}, "strategy": {"type": "string"},
+        "max_agents": {"type": "integer"}, "agent_count": {"type": "integer"},
+        "agents": {"type": "array", "items": {"type": "object"}},
+        "team": {"type": "array", "items": {"type": "object"}},
+        "tasks": {"type": "array", "items": {"type": "object"}},
+        "estimated_duration": {"type": "object"},
+        "reasons": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+def _results(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": ["results"],
+            "properties": {"results": {"type": "array", "items": items}}}
+
+
+def _texts(body: dict[str, Any]) -> list[str]:
+    texts = [body["text"]] if "text" in body else [t["text"] for t in body["tasks"]]
+    for i, text in enumerate(texts):
+        where = "text" if "text" in body else f"tasks[{i}].text"
+        if not text.strip():
+            raise ApiError(400, f"{where}: empty task description")
+        if len(text) > MAX_TEXT_CHARS:
+            raise ApiError(413, f"{where}: task description too long ({len(text)} characters, "
+                                f"at most {MAX_TEXT_CHARS})")
+    return texts
+
+
+def _service(request: web.Request) -> TaskService:
+    service = request.app.get(CLASSIFIER)
+    if service is None:
+        raise ApiError(503, "the task classifier is not loaded on this coordinator")
+    return service
+
+
+@routes.post("/tasks/classify", "Classify task descriptions: label, calibrated confidence, "
+             "reasons", request=REQUEST, response=_results(PREDICTION), errors=(413, 503))
+async def classify(request: web.Request) -> web.Response:
+    texts = _texts(json_body(request))
+    try:
+        results = _service(request).classify_many(texts)
+    except InvalidTask as exc:
+        raise ApiError(400, str(exc)) from None
+    log.info("tasks classified", extra={"count": len(results),
+                                        "labels": [r["label"] for r in results][:16]})
+    return web.json_response({"results": results})
+
+
+@routes.post("/tasks/plan", "Plan an agent swarm for task descriptions: topology, agents, "
+             "estimated duration", request=REQUEST, response=_results(PLAN), errors=(413, 503))
+async def plan(request: web.Request) -> web.Response:
+    texts = _texts(json_body(request))
+    try:
+        results = _service(request).plan_many(texts)
+    except InvalidTask as exc:
+        raise ApiError(400, str(exc)) from None
+    log.info("tasks planned", extra={"count": len(results)})
+    return web.json_response({"results": results})
+
+
+def setup(app: web.Application) -> None:
+    app[CLASSIFIER] = TaskService()
+    if getattr(keys, "CLASSIFIER", None) is None:
+        # Until keys.py declares it, publish ours where the MCP tools and /swarms look.
+        setattr(keys, "CLASSIFIER", CLASSIFIER)  # noqa: B010

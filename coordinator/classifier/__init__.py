@@ -1,0 +1,9 @@
+"""Task-complexity classification and swarm planning, served with onnxruntime.
+
+| module | what |
+| --- | --- |
+| ``model`` | loads the bundled ONNX model, predicts label + calibrated confidence |
+| ``reasons`` | turns feature contributions into readable reasons |
+| ``planner`` | the swarm-plan rules (``PLAN_RULES``) and how they are applied |
+| ``service`` | ``TaskService``: classify/plan on dicts, used by the API, MCP and CLI |
+"""

@@ -1,0 +1,143 @@
+"""The served ONNX model: agreement with the training pipeline, calibration, reasons, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from novacron.coordinator.classifier.model import (
+    MAX_BATCH,
+    MAX_TEXT_CHARS,
+    InvalidTask,
+    TaskClassifier,
+    default_classifier,
+)
+from novacron.models import dataset, train
+
+
+@pytest.fixture(scope="module")
+def clf() -> TaskClassifier:
+    return default_classifier()
+
+
+@pytest.fixture(scope="module")
+def retrained() -> train.Trained:
+    """The training pipeline re-run with the recorded hyper-parameters (scikit-learn)."""
+    meta = json.loads((dataset.MODELS_DIR / train.META_FILE).read_text())
+    hyper = {k: meta["hyperparameters"][k] for k in ("C", "scope_weight")}
+    return train.train(dataset.load(), hyper)
+
+
+def _test_split() -> tuple[list[str], np.ndarray]:
+    rows = [e for e in dataset.load() if e.split == "test"]
+    return [e.text for e in rows], np.array([dataset.LABELS.index(e.label) for e in rows])
+
+
+@pytest.mark.slow
+def test_exported_onnx_matches_scikit_learn(retrained: train.Trained) -> None:
+    texts, _ = _test_split()
+    x = retrained.featurizer.transform(texts)
+    expected = retrained.model.predict_proba(x)
+    session = ort.InferenceSession(train.to_onnx(retrained), providers=["CPUExecutionProvider"])
+    got = session.run(["probabilities"], {"features": x})[0]
+    assert np.abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_bundled_model_has_not_drifted_from_training(retrained: train.Trained,
+                                                     clf: TaskClassifier) -> None:
+    """Retraining from the bundled data gives the bundled model's probabilities."""
+    texts, _ = _test_split()
+    expected = retrained.model.predict_proba(retrained.featurizer.transform(texts))
+    got = np.array([[p.probabilities[lab] for lab in dataset.LABELS]
+                    for p in clf.classify_batch(texts)])
+    assert np.abs(got - expected).max() < 1e-4
+    assert retrained.featurizer.vocabulary == clf.featurizer.vocabulary
+
+
+def test_metadata_weights_reproduce_the_graph(clf: TaskClassifier) -> None:
+    """The weights kept for reasons are the graph's weights (softmax of the same logits)."""
+    texts, _ = _test_split()
+    x = clf.featurizer.transform(texts[:40])
+    coef = np.asarray(clf.meta["coef"])
+    logits = x @ coef.T + np.asarray(clf.meta["intercept"])
+    assert np.abs(train.softmax(logits) - clf.probabilities(x)).max() < 1e-4
+
+
+def test_held_out_accuracy_and_calibration(clf: TaskClassifier) -> None:
+    texts, y = _test_split()
+    preds = clf.classify_batch(texts)
+    probs = np.array([[p.probabilities[lab] for lab in clf.labels] for p in preds])
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert all(p.confidence == pytest.approx(max(p.probabilities.values())) for p in preds)
+    assert (probs.argmax(axis=1) == y).mean() >= 0.9
+    assert train.expected_calibration_error(probs, y) < 0.1
+
+
+def test_temperature_scaling_fits_a_known_temperature() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 4000)
+    true_logits = rng.normal(0, 1.5, (4000, 4))
+    true_logits[np.arange(4000), y] += 2.0
+    # Sample labels from softmax(true_logits) and hand over logits made 3x too sharp.
+    p = train.softmax(true_logits)
+    sampled = np.array([rng.choice(4, p=row) for row in p])
+    t = train.fit_temperature(true_logits * 3.0, sampled)
+    assert 2.5 < t < 3.5
+
+
+def test_reasons_name_what_pushed_the_decision(clf: TaskClassifier) -> None:
+    pred = clf.classify("Integrate Stripe payments into checkout with webhooks and an order "
+                        "status page")
+    assert pred.label == "complex"
+    assert pred.reasons and any("stripe" in r for r in pred.reasons)
+    assert all(r.rsplit("+", 1)[-1].replace(".", "").isdigit() for r in pred.reasons)
+    typo = clf.classify("Fix the typo in the sharding section of the docs")
+    assert typo.label == "simple"
+    assert any("typo" in r for r in typo.reasons)
+    assert clf.classify("Add a GET endpoint for invoices", reasons=0).reasons == []
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    ("Bump the version of requests to 2.32.3 in requirements.txt", "simple"),
+    ("Add server-side validation of the phone number field on the profile form", "medium"),
+    ("Add single sign-on with Okta for the admin portal and the API", "complex"),
+    ("Replicate the metadata store across three regions with automatic failover", "very-complex"),
+])
+def test_clear_cases_written_outside_the_dataset(clf: TaskClassifier, text: str,
+                                                 label: str) -> None:
+    assert text not in {e.text for e in dataset.load()}
+    assert clf.classify(text).label == label
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ("", "empty"), ("   \n\t", "empty"), ("x" * (MAX_TEXT_CHARS + 1), "too long"),
+    (None, "expected a string"), (42, "expected a string"),
+])
+def test_bad_text_is_refused_clearly(clf: TaskClassifier, bad: object, message: str) -> None:
+    with pytest.raises(InvalidTask, match=message):
+        clf.classify(bad)  # type: ignore[arg-type]
+
+
+def test_bad_batches_are_refused_whole(clf: TaskClassifier) -> None:
+    with pytest.raises(InvalidTask, match="no task"):
+        clf.classify_batch([])
+    with pytest.raises(InvalidTask, match="too many"):
+        clf.classify_batch(["fix a typo"] * (MAX_BATCH + 1))
+    with pytest.raises(InvalidTask, match=r"tasks\[1\]"):
+        clf.classify_batch(["fix a typo", " "])
+
+
+def test_metadata_for_other_features_is_rejected() -> None:
+    from importlib import resources
+
+    pkg = resources.files("novacron.models")
+    model = pkg.joinpath("task_classifier.onnx").read_bytes()
+    meta = json.loads(pkg.joinpath("task_classifier.json").read_text())
+    with pytest.raises(ValueError, match="other scope features"):
+        TaskClassifier(model, {**meta, "scope_features": meta["scope_features"][:-1]})
+    with pytest.raises(ValueError, match="format"):
+        TaskClassifier(model, {**meta, "format": 99})
