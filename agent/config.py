@@ -21,6 +21,8 @@ class AgentConfig:
     name: str = ""  # host name reported to the coordinator (default: hostname)
     coordinator_url: str = ""  # register and heartbeat here when set
     coordinator_token: str = ""
+    # the API URL the coordinator should use for this agent (default http://<host>:<port>)
+    advertise_url: str = ""
     log_level: str = "info"
     # auto: boot-probe KVM (a /dev/kvm that exists may still hang guests);
     # tcg: never use KVM; kvm: trust KVM without probing

@@ -9,12 +9,15 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from novacron.agent.api import setup_routes
 from novacron.agent.api.common import auth_middleware, error_middleware
+from novacron.agent.api.host import host_document
 from novacron.agent.appkeys import ACCEL, CONFIG, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.vm.accel import AccelDetector, AccelInfo
@@ -55,6 +58,26 @@ def build_app(cfg: AgentConfig, vms: VMManager, accel: AccelDetector) -> web.App
     return app
 
 
+def advertised_url(cfg: AgentConfig, port: int) -> str:
+    if cfg.advertise_url:
+        return cfg.advertise_url.rstrip("/")
+    host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def start_coordinator_link(cfg: AgentConfig, app: web.Application, port: int) -> asyncio.Task[None] | None:
+    """Register with the coordinator and heartbeat, when one is configured."""
+    if not cfg.coordinator_url:
+        return None
+    from novacron.coordinator.link import CoordinatorLink
+
+    async def info() -> dict[str, Any]:
+        return await host_document(app)
+
+    link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info)
+    return asyncio.create_task(link.run(), name="coordinator link")
+
+
 def _lock_state_dir(state_dir: Path) -> int:
     fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -80,6 +103,7 @@ async def serve(cfg: AgentConfig) -> None:
     endpoint = cfg.state_dir / ENDPOINT_FILE
     endpoint.write_text(json.dumps({"host": cfg.host, "port": port, "data_port": cfg.data_port, "pid": os.getpid()}))
     log.info("agent listening", extra={"host": cfg.host, "port": port, "state_dir": str(cfg.state_dir)})
+    link = start_coordinator_link(cfg, runner.app, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -88,6 +112,10 @@ async def serve(cfg: AgentConfig) -> None:
         await stop.wait()
         log.info("agent shutting down", extra={"vms_on_exit": cfg.vms_on_exit})
     finally:
+        if link is not None:
+            link.cancel()
+            with contextlib.suppress(BaseException):
+                await link
         probe.cancel()
         with contextlib.suppress(BaseException):
             await probe

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -193,10 +194,18 @@ class LocalAgent:
                     pids.append(int(pid))
         return pids
 
-    def kill_leftover_qemus(self) -> None:
+    def kill_leftover_qemus(self, timeout: float = 10.0) -> None:
+        """SIGKILL them and wait (bounded) until they are really gone."""
+        pidfds = []
         for pid in self.qemu_pids():
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(OSError):
+                pidfds.append(os.pidfd_open(pid))
                 os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        for fd in pidfds:
+            with contextlib.suppress(OSError):
+                select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            os.close(fd)
 
     async def request(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> tuple[int, Any]:
         """One authenticated API call; returns (status, decoded JSON body)."""

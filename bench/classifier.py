@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> Report:
     cm = confusion(y, pred)
     c = report.table("Confusion matrix of the ONNX classifier (rows: true, columns: predicted)",
                      ["true \\ predicted", *labels])
-    for lab, row in zip(labels, cm, strict=True):
-        c.add(lab, *row)
+    for lab, counts in zip(labels, cm, strict=True):
+        c.add(lab, *counts)
     lat = report.table(f"Latency per call, in process ({len(full)} calls)",
                        ["path", "p50 ms", "p99 ms", "mean ms", "p99 vs bare ONNX"])
     lat.add("classify(text): features + ONNX + reasons", p50, p99, mean, f"{p99 / o99:.1f}x")

@@ -147,7 +147,8 @@ CONFIG_VALUE = _lexicon(
 )
 FROM_TO = re.compile(r"\bfrom\s+\S+(?:\s+\S+)?\s+to\s+\S+|->|\binstead of\b")
 LOG_LINE = _lexicon(r"log line", r"log message", r"log level", r"print\w*", r"console\.log",
-                    r"debug", r"log the", r"add a log")
+                    r"debug", r"log the", r"add a log", r"debug log", r"log statement",
+                    r"log entry", r"logs? when", r"log a")
 LOCAL_SCOPE = _lexicon(r"one line", r"one file", r"a single", r"one place", r"in one", r"one",
                        r"small", r"quick", r"minor", r"trivial", r"just", r"only", r"leftover",
                        r"stray", r"unused", r"missing", r"obsolete", r"duplicate")

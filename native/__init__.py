@@ -19,10 +19,14 @@ GIL and read/write guest memory buffers in place. Public API (stable):
 - ``PageCache()``: receiver-side; ``add_file(path)``, ``add_buffer(buf)``,
   ``digests()``, ``lookup(digest)``, ``close()``.
 - ``PageStreamSender(key32, mem, *, dedup=None, level=1, threads=2,
-  counters=None, frame_pages=256)``: ``encode(pages, zero=None)`` -> list of
-  sealed frames (``iter_encode`` yields them); ``seal_blob(tag, data)``.
+  counters=None, frame_pages=256, tracker=None)``: ``encode(pages, zero=None)``
+  -> list of sealed frames (``iter_encode`` yields them); ``seal_blob(tag,
+  data)``. Pass ``tracker=`` (the FingerprintTracker of the same memory) while
+  the guest runs: the sender then records the fingerprint of the bytes it sent,
+  so a page changed after the scan is always found dirty again.
 - ``PageStreamReceiver(key32, mem_writable, *, cache=None, counters=None)``:
-  ``open(frame)`` -> ``Opened(pages, blob, seq)``; raises a ``FrameError``
+  ``open(frame)`` -> ``Opened(pages, blob, seq)``, ``open_many(frames,
+  threads=2)`` (decompresses in parallel, applies in order); raises a ``FrameError``
   subclass (``FrameTruncated``, ``FrameReordered``, ``FrameReplayed``,
   ``FrameTampered``, ``FrameWrongKey``, ``FrameMalformed``, ``DedupMiss``)
   and writes nothing on any error.

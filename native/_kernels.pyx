@@ -6,6 +6,7 @@ logic and call in here for anything that touches every page."""
 from libc.stdint cimport uint8_t, int32_t, uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset, memcmp
 from libc.stdlib cimport malloc, free
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 import os
 
 cdef extern from "nc_hash.h" nogil:
@@ -500,7 +501,9 @@ def build_payload(const unsigned char[::1] mem, const uint64_t[::1] pages,
             prevk = wk
             prevp = pages[i]
     cdef Py_ssize_t size = PLAIN_HEADER + nrec * RECORD_SIZE + nref * REF_SIZE + ndata * PAGE
-    out = bytearray(size)
+    # uninitialised: every byte is written below, and zero-filling 1 MiB with
+    # the GIL held would stall the other workers
+    out = PyByteArray_FromStringAndSize(NULL, size)
     cdef unsigned char[::1] o = out
     cdef unsigned char *base = &o[0]
     cdef unsigned char *rec = base + PLAIN_HEADER

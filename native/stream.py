@@ -16,6 +16,7 @@ dedup references (source page or "cache", BLAKE3 digest) and the data pages.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -182,8 +183,6 @@ class PageStreamSender:
     def __init__(self, key: bytes, mem: Any, *, dedup: DedupIndex | None = None,
                  level: int = 1, threads: int = 2, counters: Counters | None = None,
                  frame_pages: int = 256, tracker: FingerprintTracker | None = None) -> None:
-        import os
-
         self._key = _check_key(key)
         self._aead = AESGCM(self._key)
         self._key_id = key_id(self._key)
@@ -206,6 +205,10 @@ class PageStreamSender:
         self.tracker = tracker
         if dedup is not None:
             dedup.attach(self.npages)
+
+    def close(self) -> None:
+        """Let go of guest memory (an mmap can be closed afterwards)."""
+        self._mem.release()
 
     @property
     def memory_bytes(self) -> int:
@@ -397,6 +400,10 @@ class PageStreamReceiver:
     def next_seq(self) -> int:
         return self._expect
 
+    def close(self) -> None:
+        """Let go of guest memory (an mmap can be closed afterwards)."""
+        self._mem.release()
+
     def open(self, frame: bytes | bytearray | memoryview) -> Opened:
         """Check, decrypt, decompress and apply one frame (the next in sequence)."""
         t0 = time.perf_counter()
@@ -425,7 +432,13 @@ class PageStreamReceiver:
                     rejected = exc  # apply the good frames ahead of it first
                     break
                 expect, stream = expect + 1, auth.stream
-                window.append((auth, ex.submit(_inflate, auth), time.perf_counter() - t0))
+                fut: Future[bytes]
+                if auth.flags & FLAG_ZSTD:
+                    fut = ex.submit(_inflate, auth)
+                else:  # stored frames need no worker
+                    fut = Future()
+                    fut.set_result(_inflate(auth))
+                window.append((auth, fut, time.perf_counter() - t0))
                 if len(window) > 2 * threads:
                     a, fut, secs = window.popleft()
                     out.append(self._apply(a, fut.result(), time.perf_counter() - secs))

@@ -105,6 +105,10 @@ class FingerprintTracker:
         calls this), so the next scan compares against what the receiver holds."""
         self._fps[pages.astype(np.int64)] = fps
 
+    def close(self) -> None:
+        """Let go of guest memory (an mmap can be closed afterwards)."""
+        self._mem.release()
+
     def forget(self) -> None:
         """Make the next scan report every non-zero page again (e.g. after a failed round)."""
         self._fps.fill(self._fp.zero_fp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -30,22 +31,26 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "name": host_name(request.app[CONFIG].name)})
 
 
-async def host(request: web.Request) -> web.Response:
-    cfg = request.app[CONFIG]
-    accel = await request.app[ACCEL].detect()
+async def host_document(app: web.Application) -> dict[str, Any]:
+    """``GET /v1/host``; also what the agent registers with the coordinator."""
+    cfg = app[CONFIG]
+    accel = await app[ACCEL].detect()
     mem = meminfo()
-    return web.json_response(
-        {
-            "name": host_name(cfg.name),
-            "cpus": os.cpu_count() or 1,
-            "memory_bytes": mem.get("MemTotal", 0),
-            "memory_available_bytes": mem.get("MemAvailable", 0),
-            "accel": accel.to_dict(),
-            "vms": [vm.name for vm in request.app[VMS].list()],
-            "data_port": cfg.data_port,
-            "version": __version__,
-        }
-    )
+    return {
+        "name": host_name(cfg.name),
+        "cpus": os.cpu_count() or 1,
+        "memory_bytes": mem.get("MemTotal", 0),
+        "memory_available_bytes": mem.get("MemAvailable", 0),
+        "accel": accel.to_dict(),
+        "vms": [vm.name for vm in app[VMS].list()],
+        "data_port": cfg.data_port,
+        "version": __version__,
+        "load": round(os.getloadavg()[0], 2),
+    }
+
+
+async def host(request: web.Request) -> web.Response:
+    return web.json_response(await host_document(request.app))
 
 
 def setup(app: web.Application) -> None:

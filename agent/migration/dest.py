@@ -100,6 +100,8 @@ class _Incoming:
             if self.committed:
                 log.warning("source vanished after switchover; the VM runs here",
                             extra={"migration": st.id, "reason": reason})
+                if not st.done:
+                    st.set_phase("completed")
             else:
                 log.warning("incoming migration failed; destroying destination VM",
                             extra={"migration": st.id, "reason": reason})
@@ -165,9 +167,9 @@ class _Incoming:
                     msg["digest"] = st.digest_destination
                 await self.ch.send_ctrl(msg)
             elif op == "go":
-                self.committed = True
                 st.set_phase("commit")
                 await dest.resume()
+                self.committed = True  # the guest runs here now: never destroy it
                 await dest.adopt()
                 await self.ch.send_ctrl({"op": "resumed"})
                 # Wait (bounded) for the source's 'done'; the VM is ours either way.

@@ -14,7 +14,7 @@ class MigrationOptions:
     compression_level: int = 1  # zstd level of page frames
     dedup: bool = True  # send pages the destination already holds as references
     test_digest: bool = False  # BLAKE3 both RAMs at switchover and compare
-    batch_pages: int = 4096  # pages encoded per batch (bounds memory and limiter granularity)
+    batch_pages: int = 1024  # pages encoded per batch (bounds memory and limiter granularity)
     timeout_s: float = 600.0  # whole migration
 
     @classmethod

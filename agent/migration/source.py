@@ -66,6 +66,7 @@ class SourceMigration:
         self._paused = False
         self._device_started = False
         self._go_sent = False
+        self._dest_gave_up = False
         self._t_pause = 0.0
         self.counters = Counters()
         self._mm: mmap.mmap | None = None
@@ -118,6 +119,7 @@ class SourceMigration:
             if isinstance(item, BaseException):
                 raise MigrationFailed(f"channel to destination lost: {item}")
             if item.get("op") == "error":
+                self._dest_gave_up = True
                 raise MigrationFailed(f"destination failed: {protocol.reason_of(item)}")
             raise ProtocolError(f"unexpected {item.get('op')!r} from destination")
 
@@ -139,6 +141,7 @@ class SourceMigration:
         if isinstance(item, BaseException):
             raise MigrationFailed(f"channel to destination lost: {item}")
         if item.get("op") == "error":
+            self._dest_gave_up = True  # it destroyed its copy: resuming here is safe
             raise MigrationFailed(f"destination failed: {protocol.reason_of(item)}")
         if item.get("op") != op:
             raise ProtocolError(f"expected {op!r} from destination, got {item.get('op')!r}")
@@ -338,7 +341,7 @@ class SourceMigration:
         st = self.status
         log.warning("migration failed; rolling back",
                     extra={"migration": st.id, "phase": st.phase, "reason": reason})
-        if self._go_sent:
+        if self._go_sent and not self._dest_gave_up:
             # The destination may already run the guest: resuming here could
             # run it twice. Stay paused and report; an operator decides.
             st.fail(f"{reason} (after switchover was ordered; source left paused)")

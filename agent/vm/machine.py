@@ -180,6 +180,9 @@ class VM:
     async def adopt(self, pid: int, state: str) -> bool:
         """Take over a QEMU left running by an earlier agent; False if it is gone."""
         try:
+            # pids get reused: only a process running in this VM's folder is its QEMU
+            if Path(os.readlink(f"/proc/{pid}/cwd")).resolve() != self.paths.dir.resolve():
+                return False
             pidfd = os.pidfd_open(pid)
         except OSError:
             return False

@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jsonschema
 from aiohttp import web
 
 from novacron.coordinator.api.errors import ApiError
@@ -61,6 +62,8 @@ PLAN: dict[str, Any] = {
                 "priority": {"enum": ["low", "normal", "high", "critical"]}}}},
     },
 }
+
+_PLAN_CHECK = jsonschema.Draft202012Validator(PLAN)
 
 CREATE: dict[str, Any] = {
     "type": "object",
@@ -118,30 +121,36 @@ def _bridge_failure(exc: McpError, doing: str) -> ApiError:
     return ApiError(503, f"{doing}: {exc}")
 
 
-async def _plan_for(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+async def _plan_for(request: web.Request, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the executable plan, the whole plan document) for the request."""
     if "plan" in body:
-        return dict(body["plan"])
-    from novacron.coordinator.api import keys
+        return dict(body["plan"]), dict(body["plan"])
+    from novacron.coordinator.api.tasks import CLASSIFIER
+    from novacron.coordinator.classifier.model import InvalidTask
 
-    key = getattr(keys, "CLASSIFIER", None)
-    if key is None or key not in request.app:
-        raise ApiError(503, "no plan given and the task classifier is not available yet; "
+    service = request.app.get(CLASSIFIER)
+    if service is None:
+        raise ApiError(503, "no plan given and the task classifier is not loaded; "
                        "send a 'plan' with the request")
-    result = request.app[key].plan(body["description"])
-    if asyncio.iscoroutine(result):
-        result = await result
-    if not isinstance(result, dict):
-        raise ApiError(502, "the classifier returned no plan")
-    return result
+    try:
+        planned: dict[str, Any] = service.plan(body["description"])
+    except InvalidTask as exc:
+        raise ApiError(400, f"body.description: {exc}") from None
+    plan = {k: planned[k] for k in PLAN["properties"] if k in planned}
+    problems = sorted(_PLAN_CHECK.iter_errors(plan), key=lambda e: list(e.absolute_path))
+    if problems:
+        raise ApiError(502, f"the classifier's plan cannot be executed: {problems[0].message}")
+    return plan, planned
 
 
-@routes.post("/swarms", "Run a task as a claude-flow swarm: the classifier's plan (or the "
-             "given one) executed through the MCP bridge", request=CREATE, response=SWARM,
+@routes.post("/swarms", "Run a task as a claude-flow swarm: the classifier's plan for the "
+             "description (or the plan given) executed through the MCP bridge", request=CREATE,
+             response=SWARM,
              status=201, errors=(400, 502, 503))
 async def create_swarm(request: web.Request) -> web.Response:
     body: dict[str, Any] = json_body(request)
     client = _bridge(request)
-    plan = await _plan_for(request, body)
+    plan, planned = await _plan_for(request, body)
     try:
         swarm = await client.swarm_init(plan["topology"], plan.get("max_agents"),
                                         plan.get("strategy"))
@@ -161,7 +170,7 @@ async def create_swarm(request: web.Request) -> web.Response:
     except McpError as exc:
         raise _bridge_failure(exc, "running the swarm plan") from None
     doc = await client.registry.record("swarm", swarm_id, {
-        "description": body["description"], "plan": plan, "agents": agents, "tasks": tasks,
+        "description": body["description"], "plan": planned, "agents": agents, "tasks": tasks,
         "status": swarm.get("status", "running"), "topology": plan["topology"]})
     log.info("swarm created", extra={"swarm": swarm_id, "agents": len(agents), "tasks": len(tasks)})
     return web.json_response(_public(doc), status=201)

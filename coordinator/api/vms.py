@@ -107,10 +107,46 @@ async def create_vm(request: web.Request) -> web.Response:
     return web.json_response(vm.public(), status=201)
 
 
-@routes.get("/vms", "List VMs", query={"host": schemas.NAME},
+def _settle(vm: VM, live: Any) -> bool:
+    """Take the agent's state for a settled VM; True if the record changed."""
+    if not isinstance(live, str) or live == vm.state or live == "migrating" \
+            or vm.state in ("creating", "migrating"):
+        return False
+    vm.state, vm.updated_at = live, time.time()
+    return True
+
+
+async def _refresh(request: web.Request, vms: list[VM]) -> None:
+    """Ask each host with listed VMs for their live states (at once, briefly)."""
+    store, agents = request.app[STORE], request.app[AGENTS]
+    hosts = {h.name: h for h in await store.list_hosts() if h.state == HOST_UP}
+
+    async def one(host: Host) -> dict[str, Any]:
+        try:
+            doc = await agents.call(host.name, host.url, host.token, "GET", "/v1/vms",
+                                    timeout_s=3)
+        except AgentError:
+            return {}
+        items = doc.get("vms", []) if isinstance(doc, dict) else []
+        return {v["name"]: v.get("state") for v in items
+                if isinstance(v, dict) and isinstance(v.get("name"), str)}
+
+    wanted = [hosts[n] for n in sorted({v.host for v in vms}) if n in hosts]
+    live = dict(zip([h.name for h in wanted], await asyncio.gather(*map(one, wanted)),
+                    strict=True))
+    for vm in vms:
+        if vm.host in live and _settle(vm, live[vm.host].get(vm.name, "missing")):
+            await store.put_vm(vm)
+
+
+@routes.get("/vms", "List VMs", query={"host": schemas.NAME, "refresh": {"type": "boolean"}},
             response=schemas.list_of("vms", schemas.VM))
 async def list_vms(request: web.Request) -> web.Response:
-    vms = await request.app[STORE].list_vms(host=query_params(request).get("host"))
+    """``refresh=true`` first asks the agents for live states ('missing' if one lost a VM)."""
+    q = query_params(request)
+    vms = await request.app[STORE].list_vms(host=q.get("host"))
+    if q.get("refresh"):
+        await _refresh(request, vms)
     return web.json_response({"vms": [v.public() for v in vms]})
 
 
@@ -125,6 +161,10 @@ async def get_vm(request: web.Request) -> web.Response:
                                                 f"/v1/vms/{vm.name}", timeout_s=3)
         if isinstance(status, dict):
             doc["agent"] = status
+            # The agent is the truth for a settled VM (e.g. it crashed or was stopped there).
+            if _settle(vm, status.get("state")):
+                await request.app[STORE].put_vm(vm)
+                doc.update(state=vm.state, updated_at=vm.updated_at)
     except AgentError as exc:
         doc["agent_error"] = exc.message
     return web.json_response(doc)

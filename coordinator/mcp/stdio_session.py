@@ -177,7 +177,9 @@ class StdioSession:
                     return
                 if not line:
                     code = await self.proc.wait()
-                    self._fail(f"server exited with code {code}")
+                    await asyncio.sleep(0)  # let the stderr reader take the last words
+                    last = self.stderr_tail[-1] if self.stderr_tail else ""
+                    self._fail(f"server exited with code {code}" + (f": {last[:300]}" if last else ""))
                     return
                 self._dispatch(line)
         except asyncio.CancelledError:

@@ -9,7 +9,6 @@ tool errors carrying their message.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -45,15 +44,25 @@ def _refusal(exc: Exception) -> ToolFailure:
 
 
 def _classifier(app: web.Application) -> Any:
-    # The classifier service is registered by novacron.coordinator.classifier when present.
+    """The coordinator's TaskService (``novacron.coordinator.api.tasks.CLASSIFIER``)."""
+    from novacron.coordinator.api.tasks import CLASSIFIER
+
+    service = app.get(CLASSIFIER)
+    if service is None:
+        raise ToolFailure("the task classifier is not loaded on this coordinator")
+    return service
+
+
+async def _classifier_call(app: web.Application, method: str, text: str) -> dict[str, Any]:
+    from novacron.coordinator.classifier.model import InvalidTask
+
+    service = _classifier(app)
     try:
-        from novacron.coordinator.api import keys
-    except ImportError:
-        keys = None  # type: ignore[assignment]
-    key = getattr(keys, "CLASSIFIER", None) if keys is not None else None
-    if key is None or key not in app:
-        raise ToolFailure("the task classifier is not available on this coordinator yet")
-    return app[key]
+        # onnxruntime inference takes well under a millisecond: no thread hop needed
+        result: dict[str, Any] = getattr(service, method)(text)
+    except InvalidTask as exc:
+        raise ToolFailure(str(exc)) from None
+    return result
 
 
 def build_tools(app: web.Application) -> list[Tool]:
@@ -121,18 +130,10 @@ def build_tools(app: web.Application) -> list[Tool]:
         return doc
 
     async def classify_task(args: dict[str, Any], _ctx: ToolContext) -> dict[str, Any]:
-        classifier = _classifier(app)
-        result = classifier.classify(args["description"])
-        if asyncio.iscoroutine(result):
-            result = await result
-        return result if isinstance(result, dict) else {"class": result}
+        return await _classifier_call(app, "classify", args["description"])
 
     async def plan_task(args: dict[str, Any], _ctx: ToolContext) -> dict[str, Any]:
-        classifier = _classifier(app)
-        result = classifier.plan(args["description"])
-        if asyncio.iscoroutine(result):
-            result = await result
-        return result if isinstance(result, dict) else {"plan": result}
+        return await _classifier_call(app, "plan", args["description"])
 
     async def bridge_health(_args: dict[str, Any], _ctx: ToolContext) -> dict[str, Any]:
         client = app.get(CLAUDE_FLOW)
@@ -170,10 +171,12 @@ def build_tools(app: web.Application) -> list[Tool]:
                  "wait": {"type": "boolean"},
                  "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S}}},
              migrate_vm, read_only=False),
-        Tool("classify_task", "Classify a task description with NovaCron's ONNX classifier.",
+        Tool("classify_task", "Classify a task description with NovaCron's ONNX classifier: "
+             "simple, medium, complex or very-complex, a calibrated confidence and reasons.",
              {**obj, "required": ["description"], "properties": {"description": DESCRIPTION}},
              classify_task),
-        Tool("plan_task", "Plan a task: its class and the claude-flow swarm that would run it.",
+        Tool("plan_task", "Plan a task: its class and the claude-flow swarm (topology, agents, "
+             "estimated duration) that would run it. POST /api/v1/swarms executes such a plan.",
              {**obj, "required": ["description"], "properties": {"description": DESCRIPTION}},
              plan_task),
         Tool("bridge_health", "Health of the claude-flow MCP bridge (pings, restarts, tools).",

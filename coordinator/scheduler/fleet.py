@@ -61,6 +61,8 @@ class FleetState:
         self._vm_count = np.zeros(cap, dtype=np.int64)
         self._enabled = np.zeros(cap, dtype=bool)
         self._latency = np.full((cap, 0), UNKNOWN_LATENCY_MS)
+        self._latency_cols: dict[int, F64] = {}
+        self._reserved: dict[int, tuple[float, float]] = {}  # host -> (vCPU, MiB) not from VMs
         self.vms: dict[str, PlacedVM] = {}
         self.vms_on: list[set[str]] = []
         # vm id -> ids of placed VMs that declared anti-affinity against it
@@ -116,6 +118,13 @@ class FleetState:
     def latency(self) -> F64:
         """(hosts, regions) round-trip times in ms."""
         return self._latency[: self._n]
+
+    def latency_to(self, region_col: int) -> F64:
+        """RTT of every host to one region, contiguous (cached until a host is added)."""
+        cached = self._latency_cols.get(region_col)
+        if cached is None or cached.size != self._n:
+            cached = self._latency_cols[region_col] = np.ascontiguousarray(self.latency[:, region_col])
+        return cached
 
     # -- hosts -----------------------------------------------------------------------
     def _grow(self, need: int) -> None:
@@ -173,6 +182,7 @@ class FleetState:
         for region, ms in h.latency_ms.items():
             col = self._region(region)  # may replace self._latency, so look it up first
             self._latency[i, col] = ms
+        self._latency_cols.clear()
         return i
 
     def set_enabled(self, host_id: str, enabled: bool) -> None:
@@ -216,8 +226,7 @@ class FleetState:
         self._mem_used[i] -= vm.memory_mib
         self._vm_count[i] -= 1
         if self._vm_count[i] == 0:  # drop float residue so "empty" is exact
-            self._cpu_used[i] = 0.0
-            self._mem_used[i] = 0.0
+            self._cpu_used[i], self._mem_used[i] = self._reserved.get(i, (0.0, 0.0))
         for other in vm.anti_affinity:
             peers = self._anti_from.get(other)
             if peers is not None:
@@ -232,6 +241,14 @@ class FleetState:
                         affinity=vm.affinity, anti_affinity=vm.anti_affinity,
                         anti_affinity_scope=vm.anti_affinity_scope)  # type: ignore[arg-type]
         return self.place(req, host)
+
+    def reserve(self, host: int, vcpus: float, memory_mib: float) -> None:
+        """Count capacity used by something other than placed VMs (host overhead,
+        VMs the host reports but the fleet does not know)."""
+        self._cpu_used[host] += vcpus
+        self._mem_used[host] += memory_mib
+        self._reserved[host] = (self._reserved.get(host, (0.0, 0.0))[0] + vcpus,
+                                self._reserved.get(host, (0.0, 0.0))[1] + memory_mib)
 
     def anti_affinity_against(self, vm_id: str) -> set[str]:
         """Placed VMs that declared anti-affinity with ``vm_id`` (the reverse direction)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from novacron.coordinator.scheduler.fleet import F64, FleetState
+from novacron.coordinator.scheduler.fleet import F64, UNKNOWN_LATENCY_MS, FleetState
 from novacron.coordinator.scheduler.model import VMRequest, Weights
 
 COMFORT = {"high": 0.8, "normal": 1.0, "low": 1.5}
@@ -45,19 +45,22 @@ class Objectives:
 
 
 def evaluate(fleet: FleetState, req: VMRequest, hosts: npt.NDArray[np.int64]) -> Objectives:
-    cpu_cap = fleet.cpu_cap[hosts]
-    mem_cap = fleet.mem_cap[hosts]
-    cpu_after = (fleet.cpu_used[hosts] + req.vcpus) / cpu_cap
-    mem_after = (fleet.mem_used[hosts] + req.memory_mib) / mem_cap
-    price = fleet.cost[hosts]
-    power_on = fleet.vm_count[hosts] == 0
+    # Whole-fleet arithmetic on contiguous arrays, then one gather per output:
+    # cheaper than gathering every input when most hosts are candidates.
+    cpu_cap, mem_cap, price = fleet.cpu_cap, fleet.mem_cap, fleet.cost
+    cpu_new = fleet.cpu_used + req.vcpus
+    mem_new = fleet.mem_used + req.memory_mib
+    cpu_after = cpu_new / cpu_cap
+    mem_after = mem_new / mem_cap
+    power_on = fleet.vm_count == 0
     share = np.maximum(req.vcpus / cpu_cap, req.memory_mib / mem_cap)
-    cost = np.where(power_on, price, 0.0) + price * share
+    cost = price * share
+    cost += np.where(power_on, price, 0.0)
 
     util_after = np.maximum(cpu_after, mem_after)
-    phys_after = np.maximum((fleet.cpu_used[hosts] + req.vcpus) / fleet.cpu_phys[hosts],
-                            (fleet.mem_used[hosts] + req.memory_mib) / fleet.mem_phys[hosts])
-    contention = np.clip(phys_after - COMFORT[req.priority], 0.0, 1.0)
+    phys_after = np.maximum(cpu_new / fleet.cpu_phys, mem_new / fleet.mem_phys)
+    phys_after -= COMFORT[req.priority]
+    contention = np.clip(phys_after, 0.0, 1.0)
     fragmentation = np.clip(1.0 - 0.5 * (cpu_after + mem_after), 0.0, 1.0)
     performance = contention + fragmentation
 
@@ -65,12 +68,11 @@ def evaluate(fleet: FleetState, req: VMRequest, hosts: npt.NDArray[np.int64]) ->
     if req.region is None:
         latency = np.zeros(hosts.size)
     elif col is None:
-        from novacron.coordinator.scheduler.fleet import UNKNOWN_LATENCY_MS
-
         latency = np.full(hosts.size, UNKNOWN_LATENCY_MS)
     else:
-        latency = fleet.latency[hosts, col]
-    return Objectives(hosts, cost, performance, latency, power_on, util_after)
+        latency = fleet.latency_to(col)[hosts]
+    return Objectives(hosts, cost[hosts], performance[hosts], latency, power_on[hosts],
+                      util_after[hosts])
 
 
 def weighted_score(obj: Objectives, weights: Weights, max_cost: float) -> F64:

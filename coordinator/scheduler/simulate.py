@@ -35,10 +35,17 @@ class SimResult:
     placed: int = 0
     mean_latency_ms: float = 0.0  # RTT from the chosen host to the VM's region
     latency_samples_s: list[float] = field(default_factory=list, repr=False)
+    # CPU time of the same calls: on a shared, busy machine wall-clock tails
+    # include time the process was not running at all
+    cpu_samples_s: list[float] = field(default_factory=list, repr=False)
     policy_arms: dict[str, int] = field(default_factory=dict)
 
     def p(self, q: float) -> float:
+        """Wall-clock placement latency percentile, ms."""
         return float(np.percentile(self.latency_samples_s, q) * 1e3) if self.latency_samples_s else 0.0
+
+    def p_cpu(self, q: float) -> float:
+        return float(np.percentile(self.cpu_samples_s, q) * 1e3) if self.cpu_samples_s else 0.0
 
 
 def simulate(hosts: list[Host], background: list[tuple[VMRequest, int, float]],
@@ -100,12 +107,13 @@ def simulate(hosts: list[Host], background: list[tuple[VMRequest, int, float]],
             advance(t)
             depart(vm_id)
         advance(arr.at)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if learned is not None:
             d = learned.place(arr.request)
         else:
             d = sched.place(arr.request, strategy=strategy)
         res.latency_samples_s.append(time.perf_counter() - t0)
+        res.cpu_samples_s.append(time.thread_time() - c0)
         if d.host_index is None:
             res.rejections += 1
             continue

@@ -103,7 +103,7 @@ async def _hosts(client: CoordinatorClient, args: argparse.Namespace) -> int:
 
 
 async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    vms = await client.vms()
+    vms = (await client.request("GET", "/vms?refresh=true"))["vms"]  # live states
     if args.json:
         _dump(vms)
         return 0

@@ -4,6 +4,7 @@ guest builder's command line prints the cached paths."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -65,3 +66,30 @@ def test_guest_build_command_prints_paths(guest: GuestImage) -> None:
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc == {"kernel": str(guest.kernel), "initrd": str(guest.initrd), "cmdline": guest.cmdline}
+
+
+@pytest.mark.slow
+async def test_agent_registers_and_heartbeats_with_the_coordinator(tmp_path: Path) -> None:
+    from novacron.coordinator.client import CoordinatorClient
+    from novacron.coordinator.local import LocalCoordinator
+
+    coord = LocalCoordinator(tmp_path / "coord", settings={"heartbeat_interval_s": "0.5"})
+    agent = LocalAgent("reg-host", accel="tcg")
+    try:
+        await coord.start()
+        agent.settings.update(coordinator_url=coord.url, coordinator_token=coord.agent_token)
+        await agent.start()
+        async with CoordinatorClient(coord.url, coord.admin_token) as client:
+            host: dict[str, object] = {}
+            for _ in range(100):  # bounded: ~10 s
+                hosts = {h["name"]: h for h in await client.hosts()}
+                host = hosts.get("reg-host", {})
+                if host.get("last_heartbeat", 0) > host.get("registered_at", 0):  # type: ignore[operator]
+                    break
+                await asyncio.sleep(0.1)
+        assert host.get("url") == agent.url and host.get("state") == "up", host
+        assert host["last_heartbeat"] > host["registered_at"]  # type: ignore[operator]
+        assert coord.agent_token not in agent.log_path.read_text()
+    finally:
+        await agent.stop()
+        coord.stop()

@@ -134,6 +134,21 @@ async def test_vm_lifecycle_with_placement(
     assert [v["name"] for v in doc["vms"]] == ["web2"]
     status, doc = await coordinator.call("GET", "/vms/web1")
     assert status == 200 and doc["agent"]["pid"] == 4242
+    alpha.vms["web1"]["state"] = "crashed"  # the agent knows better: the record follows
+    status, doc = await coordinator.call("GET", "/vms/web1")
+    assert doc["state"] == "crashed"
+    assert (await coordinator.call("GET", "/vms?host=alpha"))[1]["vms"][0]["state"] == "crashed"
+    alpha.vms["web1"]["state"] = "running"
+    assert (await coordinator.call("GET", "/vms/web1"))[1]["state"] == "running"
+    # A listing with refresh=true asks every host at once; a VM its agent lost is 'missing'.
+    alpha.vms["web1"]["state"] = "paused"
+    beta.vms.pop("web2")
+    _, doc = await coordinator.call("GET", "/vms?refresh=true")
+    assert {v["name"]: v["state"] for v in doc["vms"]} == {"web1": "paused", "web2": "missing"}
+    assert (await coordinator.call("GET", "/vms"))[1] == doc  # and it was stored
+    beta.vms["web2"] = {**vm_spec("web2"), "state": "running"}
+    alpha.vms["web1"]["state"] = "running"
+    await coordinator.call("GET", "/vms?refresh=true")
     status, doc = await coordinator.call("POST", "/vms/web1/stop")
     assert status == 200 and doc["state"] == "stopped" and alpha.vms["web1"]["state"] == "stopped"
     status, doc = await coordinator.call("POST", "/vms/web1/start")

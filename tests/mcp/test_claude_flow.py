@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -152,12 +153,15 @@ async def test_hung_server_times_out_and_is_replaced(claude_flow_argv: list[str]
 
 
 async def test_gives_up_after_three_attempts(tmp_path: Path) -> None:
-    # A server that exits at once: every attempt is a transport failure.
+    # A server that exits at once: every attempt is a transport failure, and the error
+    # carries its last words from stderr.
+    script = "import sys; print('no config here', file=sys.stderr); sys.exit(3)"
     client = ClaudeFlowClient(ClientSettings(
-        command=["/bin/false"], workdir=tmp_path / "x", start_timeout=2, backoff=0.01,
-        ping_interval=0))
-    with pytest.raises(TransportError, match="after 3 attempts"):
+        command=[sys.executable, "-c", script], workdir=tmp_path / "x", start_timeout=5,
+        backoff=0.01, ping_interval=0))
+    with pytest.raises(TransportError, match=r"after 3 attempts.*code 3: no config here"):
         await client.start()
+    assert client.health()["status"] == "down" and client.health()["starts"] == 0
     await client.close()
 
 

@@ -68,8 +68,20 @@ async def _exercise(client: Client, fleet: list[FakeAgent], *, legacy: bool = Tr
     bad_args = await client.call_tool("place_vm", {"vcpus": "two"})
     assert bad_args.is_error and "invalid arguments" in _payload(bad_args)
 
-    missing = await client.call_tool("classify_task", {"description": "compile the kernel"})
-    assert missing.is_error and "classifier" in _payload(missing)
+    classified = await client.call_tool("classify_task", {
+        "description": "Fix the typo in the README's install section"})
+    assert not classified.is_error
+    label = _payload(classified)
+    assert label["label"] in ("simple", "medium", "complex", "very-complex")
+    assert 0 < label["confidence"] <= 1 and label["reasons"]
+    planned = await client.call_tool("plan_task", {
+        "description": "Replicate the coordinator's state across three regions with automatic "
+                       "failover"})
+    assert not planned.is_error
+    plan = _payload(planned)
+    assert plan["topology"] and plan["agents"] and plan["tasks"]
+    blank = await client.call_tool("classify_task", {"description": "   "})
+    assert blank.is_error and "empty" in _payload(blank)
 
     with pytest.raises(MCPError) as err:
         await client.call_tool("no_such_tool", {})
@@ -192,6 +204,13 @@ async def test_stdio_transport(coordinator: Coordinator,  # noqa: F811
                                        progress_callback=on_progress)
         assert not moved.is_error and _payload(moved)["phase"] == "completed"
         assert len(seen) >= 3 and seen == sorted(seen)
+
+    async with Client(params, mode="auto") as modern:  # 2026-07-28 over stdio as well
+        assert modern.protocol_version == "2026-07-28"
+        hosts = await modern.call_tool("list_hosts", {"state": "up"})
+        assert len(_payload(hosts)["hosts"]) == len(agents)
+        bad = await modern.call_tool("list_hosts", {"state": "sideways"})
+        assert bad.is_error
 
     wrong = StdioServerParameters(command=params.command, args=params.args,
                                   env={**(params.env or {}), "NOVACRON_TOKEN": "wrong-token"})

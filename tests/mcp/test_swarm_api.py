@@ -81,6 +81,17 @@ async def test_swarm_lifecycle_and_health(coord: Coordinator) -> None:
     status, again = await coord.call("GET", f"/swarms/{sid}")
     assert status == 200 and again["live"]["swarmId"] == sid
 
+    # without a plan, the classifier plans the swarm from the description
+    text = "Add a health endpoint to the agent API"
+    status, auto = await coord.call("POST", "/swarms", json={"description": text})
+    assert status == 201, auto
+    assert auto["plan"]["label"] in ("simple", "medium", "complex", "very-complex")
+    assert len(auto["agents"]) == auto["plan"]["agent_count"] and len(auto["tasks"]) == 1
+    status, one = await coord.call("GET", f"/swarms/{auto['id']}")
+    assert one["task_states"][0]["status"] == "in_progress"
+    status, listed = await coord.call("GET", "/swarms")
+    assert [s["id"] for s in listed["swarms"]] == [sid, auto["id"]]
+
     status, doc = await coord.call("GET", "/openapi.json")
     for path in ("/api/v1/swarms", "/api/v1/swarms/{id}", "/api/v1/mcp/health"):
         assert path in doc["paths"]
@@ -99,9 +110,9 @@ async def test_bad_requests_change_nothing(coord: Coordinator) -> None:
         status, doc = await coord.call("POST", "/swarms", json=body)
         assert status == 400, (body, doc)
         assert doc["error"].startswith("body")
-    # no plan and no classifier: a clear refusal, not a guess
-    status, doc = await coord.call("POST", "/swarms", json={"description": "do things"})
-    assert status == 503 and "plan" in doc["error"]
+    # the classifier refuses a blank description before anything reaches claude-flow
+    status, doc = await coord.call("POST", "/swarms", json={"description": "   "})
+    assert status == 400 and "empty" in doc["error"]
     status, doc = await coord.call("GET", "/swarms/swarm-unknown")
     assert status == 404
     status, doc = await coord.call("GET", "/swarms", token="wrong")

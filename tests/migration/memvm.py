@@ -144,6 +144,7 @@ class MemDestVM:
         self.running = False
         self.adopted = False
         self.destroyed = False
+        self.fail_resume = False
 
     async def listen_device_state(self, uri: str) -> None:
         async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -158,6 +159,8 @@ class MemDestVM:
         await asyncio.wait_for(self._loaded.wait(), timeout)
 
     async def resume(self) -> None:
+        if self.fail_resume:
+            raise RuntimeError("guest would not start here")
         self.running = True
 
     async def destroy(self) -> None:
@@ -177,6 +180,7 @@ class MemDestFactory:
         self.root = root
         self.vms: dict[str, MemDestVM] = {}
         self.prepared = 0
+        self.fail_resume = False  # make every destination VM refuse to resume
 
     async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str) -> MemDestVM:
         name = str(spec.get("name"))
@@ -198,5 +202,6 @@ class MemDestFactory:
             os.close(fd)
         self.prepared += 1
         vm = MemDestVM(name, vm_dir, ram)
+        vm.fail_resume = self.fail_resume
         self.vms[name] = vm
         return vm

@@ -121,7 +121,7 @@ async def test_destination_vanishing_mid_precopy_rolls_back(tmp_path: Path, dest
     resumes, reports why, and the destination destroys what it built."""
     src = MemSourceVM(tmp_path / "src", "cut", pages=8192, dirty_pages_per_s=2000)
     ch = await connect("127.0.0.1", dest.server.port, SECRET)
-    o = MigrationOptions.from_dict({"bandwidth_mbps": 4})
+    o = MigrationOptions.from_dict({"bandwidth_mbps": 4, "batch_pages": 256})
     st = MigrationStatus(id="m2", vm="cut", role="source")
     mig = SourceMigration(src, ch, st, o)
     task = asyncio.create_task(mig.run())
@@ -151,7 +151,7 @@ async def test_cancel_mid_precopy(tmp_path: Path, dest: Dest) -> None:
     src = MemSourceVM(tmp_path / "src", "cx", pages=8192, dirty_pages_per_s=2000)
     ch = await connect("127.0.0.1", dest.server.port, SECRET)
     st = MigrationStatus(id="m3", vm="cx", role="source")
-    mig = SourceMigration(src, ch, st, MigrationOptions.from_dict({"bandwidth_mbps": 4}))
+    mig = SourceMigration(src, ch, st, MigrationOptions.from_dict({"bandwidth_mbps": 4, "batch_pages": 256}))
     task = asyncio.create_task(mig.run())
     try:
         for _ in range(500):
@@ -167,6 +167,21 @@ async def test_cancel_mid_precopy(tmp_path: Path, dest: Dest) -> None:
     assert st.phase == "cancelled"
     assert "abort" in (dest.statuses[0].error or "")
     assert os.listdir(tmp_path / "dst") == []
+
+
+async def test_destination_failing_to_resume_gives_vm_back(tmp_path: Path, dest: Dest) -> None:
+    """Even after 'go', a destination that reports failure has destroyed its copy,
+    so the source resumes: the VM runs in exactly one place."""
+    dest.factory.fail_resume = True
+    src = MemSourceVM(tmp_path / "src", "nores", pages=1024, dirty_pages_per_s=1000)
+    try:
+        _, st = await migrate(src, dest.server.port)
+    finally:
+        src.close()
+    assert st.phase == "failed" and "would not start" in (st.error or ""), st.error
+    assert src.paused_count == 1 and src.resumed_count == 1 and src.running
+    assert not src.released
+    assert dest.factory.vms["nores"].destroyed and os.listdir(tmp_path / "dst") == []
 
 
 def test_options_validation() -> None:

@@ -121,3 +121,31 @@ def test_soft_dirty_probe_is_consistent() -> None:
     tr.clear()
     buf[3 * PAGE] = 1
     assert 3 in N.bitmap_indices(tr.read()).tolist()
+
+
+def test_digest_table_grows_keeps_reverse_map_and_respects_its_bound() -> None:
+    table = _kernels.DigestTable(5000, 16)
+    slots = np.full(6000, -1, dtype=np.int32)
+    table.set_reverse(slots)
+    digests = np.frombuffer(os.urandom(6000 * 32), dtype=np.uint8).reshape(6000, 32)
+    values = np.arange(6000, dtype=np.int64)
+    assert table.put_many(digests, values) == 5000  # bounded
+    assert len(table) == 5000
+    assert table.get(digests[4999]) == 4999 and table.get(digests[5000]) is None
+    table.discard(digests[7])
+    assert table.get(digests[7]) is None and len(table) == 4999
+    assert table.put_many(digests[:10], values[:10] + 100, False) == 1  # only the absent one
+    assert table.get(digests[3]) == 3 and table.get(digests[7]) == 107
+    assert len(table.digests()) == 32 * len(table)
+    with pytest.raises(ValueError):
+        table.put(b"short", 1)
+    # after a rehash the page -> slot map points at live entries again
+    index = N.DedupIndex()
+    index.attach(20000)
+    src = np.frombuffer(os.urandom(20000 * PAGE), dtype=np.uint8)
+    sender = N.PageStreamSender(os.urandom(32), src, dedup=index, threads=1)
+    for _frame in sender.iter_encode(np.arange(20000)):
+        pass
+    assert len(index) == 20000
+    assert np.all(index.page_slots >= 0)
+    assert index.memory_bytes <= N.memory_budget(src.nbytes)

@@ -39,17 +39,18 @@ page_kinds = st.lists(st.integers(0, 3), min_size=NPAGES, max_size=NPAGES)
 
 @given(kinds=page_kinds, seed=st.integers(0, 2**16),
        pages=st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=80),
-       dedup=st.booleans(), threads=st.sampled_from([1, 2]),
+       dedup=st.sampled_from([None, 16, 0]), threads=st.sampled_from([1, 2]),
        frame_pages=st.sampled_from([1, 3, 16, 256]), use_zero_map=st.booleans())
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_any_pages_round_trip_bit_exact(kinds: list[int], seed: int, pages: list[int],
-                                        dedup: bool, threads: int, frame_pages: int,
+                                        dedup: int | None, threads: int, frame_pages: int,
                                         use_zero_map: bool) -> None:
+    """dedup: None = off, 16 = a tiny index that fills up, 0 = default size."""
     src = make_memory(kinds, seed)
     dst = np.frombuffer(bytearray(os.urandom(NPAGES * PAGE)), dtype=np.uint8).copy()
     expect = dst.copy()
-    sender = N.PageStreamSender(KEY, src, dedup=N.DedupIndex() if dedup else None,
-                                threads=threads, frame_pages=frame_pages)
+    index = None if dedup is None else N.DedupIndex(dedup or None)
+    sender = N.PageStreamSender(KEY, src, dedup=index, threads=threads, frame_pages=frame_pages)
     receiver = N.PageStreamReceiver(KEY, dst)
     zero = None
     if use_zero_map:
@@ -270,3 +271,36 @@ def test_live_guest_writes_during_rounds_never_break_references() -> None:
     receiver.open_many(sender.encode(N.bitmap_indices(scan.dirty), scan.zero))
     assert np.array_equal(dst, src)
     assert sender.counters.pages_dedup > 0
+
+
+def test_page_cache_indexes_files(tmp_path: os.PathLike[str]) -> None:
+    from pathlib import Path
+
+    src = make_memory([1, 1, 0, 2], 21)
+    ram = Path(tmp_path) / "other-vm.ram"
+    ram.write_bytes(src.tobytes() + b"tail")  # a partial last page is ignored
+    cache = N.PageCache()
+    assert cache.add_file(ram) == 3 and len(cache) == 3
+    digest = N.page_digest(src[:PAGE].tobytes())
+    assert cache.lookup(digest) == src[:PAGE].tobytes()
+    assert cache.lookup(bytes(32)) is None
+    assert len(cache.digests()) == 3 * 32
+    cache.close()
+
+
+def test_close_releases_the_mapping(tmp_path: os.PathLike[str]) -> None:
+    import mmap
+    from pathlib import Path
+
+    path = Path(tmp_path) / "ram"
+    path.write_bytes(bytes(8 * PAGE))
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 8 * PAGE)
+    tracker = N.FingerprintTracker(mm, os.urandom(32))
+    sender = N.PageStreamSender(KEY, mm, tracker=tracker)
+    receiver = N.PageStreamReceiver(KEY, mm)
+    with pytest.raises(BufferError):
+        mm.close()
+    for obj in (tracker, sender, receiver):
+        obj.close()
+    mm.close()  # no views left

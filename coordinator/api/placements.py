@@ -1,0 +1,198 @@
+"""Placement API: dry-run decisions with explanations, rebalancing plans, and
+the per-host attributes (price, zone, overcommit, latency) the scheduler uses.
+
+Nothing here changes where a VM runs: ``POST /placements`` and
+``POST /rebalance/plan`` only compute. VM creation goes through the same
+scheduler via ``PLACER`` (set in ``setup`` below).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from novacron.coordinator.api import schemas
+from novacron.coordinator.api.errors import ApiError
+from novacron.coordinator.api.keys import PLACER, STORE
+from novacron.coordinator.api.openapi import RouteTable, json_body
+from novacron.coordinator.placement import most_free_memory
+from novacron.coordinator.scheduler import (
+    RebalanceOptions,
+    Scheduler,
+    SchedulerInputError,
+    parse_host,
+    parse_request,
+    parse_weights,
+    plan,
+)
+from novacron.coordinator.scheduler.placer import (
+    ATTR_FIELDS,
+    ATTRS,
+    SchedulerPlacer,
+    build_fleet,
+    load_attrs,
+)
+from novacron.coordinator.scheduler.strategies import STRATEGIES
+
+routes = RouteTable("placements", "Placement decisions, rebalancing plans, scheduler host attributes")
+
+_NAMES = {"type": "array", "items": schemas.NAME, "maxItems": 256}
+_REGION = {"type": "string", "minLength": 1, "maxLength": 64}
+_FRACTION = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+
+VM_REQUEST: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "required": ["vcpus", "memory_mb"],
+    "properties": {
+        "name": schemas.NAME,
+        "vcpus": {"type": "integer", "minimum": 1, "maximum": 256},
+        "memory_mb": {"type": "integer", "minimum": 16, "maximum": 4 * 1024 * 1024},
+        "priority": {"enum": ["low", "normal", "high"]},
+        "region": _REGION,
+        "max_latency_ms": {"type": "number", "minimum": 0, "maximum": 60_000},
+        "affinity": _NAMES,
+        "anti_affinity": _NAMES,
+        "anti_affinity_scope": {"enum": ["host", "zone"]},
+    },
+}
+_WEIGHT = {"type": "number", "minimum": 0, "maximum": 1000}
+PLACEMENT_REQUEST: dict[str, Any] = {
+    "type": "object", "additionalProperties": False, "required": ["vm"],
+    "properties": {
+        "vm": VM_REQUEST,
+        "weights": {"type": "object", "additionalProperties": False,
+                    "properties": {"cost": _WEIGHT, "performance": _WEIGHT, "latency": _WEIGHT}},
+        "strategy": {"enum": list(STRATEGIES), "default": "balanced"},
+    },
+}
+PLACEMENT_RESPONSE: dict[str, Any] = {
+    "type": "object", "required": ["vm", "host", "placed", "strategy", "explanation"],
+    "properties": {
+        "vm": {"type": "string"}, "host": {"type": ["string", "null"]},
+        "placed": {"type": "boolean"}, "strategy": {"type": "string"},
+        "explanation": {
+            "type": "object", "required": ["hosts_considered", "feasible", "rejected", "why"],
+            "properties": {
+                "hosts_considered": {"type": "integer"}, "feasible": {"type": "integer"},
+                "rejected": {"type": "object"}, "why": {"type": "string"},
+                "chosen": {"type": "object"}, "alternatives": {"type": "array"},
+                "pareto_front_size": {"type": "integer"}, "weights": {"type": ["object", "null"]},
+            },
+        },
+    },
+}
+REBALANCE_REQUEST: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "max_migrations": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+        "hot_threshold": _FRACTION,
+        "drain_threshold": _FRACTION,
+        "bandwidth_mbps": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e7},
+    },
+}
+REBALANCE_RESPONSE: dict[str, Any] = {
+    "type": "object",
+    "required": ["moves", "hosts_freed", "hot_relieved", "hourly_saving", "capped"],
+    "properties": {
+        "moves": {"type": "array", "items": {
+            "type": "object",
+            "required": ["vm", "source", "target", "reason", "memory_mib", "est_bytes", "est_seconds"],
+            "properties": {"vm": {"type": "string"}, "source": {"type": "string"},
+                           "target": {"type": "string"}, "reason": {"enum": ["relieve-hot", "free-host"]},
+                           "memory_mib": {"type": "integer"}, "est_bytes": {"type": "integer"},
+                           "est_seconds": {"type": "number"}}}},
+        "hosts_freed": {"type": "array", "items": {"type": "string"}},
+        "hot_relieved": {"type": "array", "items": {"type": "string"}},
+        "hot_unrelieved": {"type": "array", "items": {"type": "string"}},
+        "hourly_saving": {"type": "number"}, "total_bytes": {"type": "integer"},
+        "total_seconds": {"type": "number"}, "capped": {"type": "boolean"},
+    },
+}
+HOST_ATTRS: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "cost_per_hour": {"type": "number", "minimum": 0, "maximum": 1e6},
+        "zone": {"type": "string", "minLength": 1, "maxLength": 64},
+        "cpu_overcommit": {"type": "number", "exclusiveMinimum": 0, "maximum": 64},
+        "mem_overcommit": {"type": "number", "exclusiveMinimum": 0, "maximum": 64},
+        "latency_ms": {"type": "object", "maxProperties": 64,
+                       "propertyNames": {"minLength": 1, "maxLength": 64},
+                       "additionalProperties": {"type": "number", "minimum": 0, "maximum": 60_000}},
+        "enabled": {"type": "boolean", "description": "false: maintenance, takes no new VMs"},
+    },
+}
+
+
+async def _fleet(request: web.Request) -> Any:
+    store = request.app[STORE]
+    return build_fleet(await store.list_hosts(), await store.list_vms(), await load_attrs(store))
+
+
+@routes.post("/placements", "Dry run: where would this VM go, and why (changes nothing)",
+             request=PLACEMENT_REQUEST, response=PLACEMENT_RESPONSE, errors=(400,))
+async def dry_run(request: web.Request) -> web.Response:
+    body = json_body(request)
+    vm = body["vm"]
+    doc = {"id": vm.get("name", "(new)"), "vcpus": vm["vcpus"], "memory_mib": vm["memory_mb"],
+           **{k: v for k, v in vm.items() if k not in ("name", "vcpus", "memory_mb")}}
+    try:
+        req = parse_request(doc, "vm")
+        weights = parse_weights(body.get("weights"))
+        fleet = await _fleet(request)
+        if req.id in fleet.vms:
+            raise ApiError(400, f"vm.name: a VM named {req.id!r} already exists")
+        d = Scheduler(fleet, weights).decide(req, strategy=body.get("strategy", "balanced"))
+    except SchedulerInputError as exc:
+        raise ApiError(400, str(exc)) from None
+    return web.json_response(d.to_dict())
+
+
+@routes.post("/rebalance/plan", "Propose migrations that free hosts or relieve hot ones "
+             "(changes nothing)", request=REBALANCE_REQUEST, response=REBALANCE_RESPONSE,
+             errors=(400,))
+async def rebalance_plan(request: web.Request) -> web.Response:
+    body = json_body(request) or {}
+    defaults = RebalanceOptions()
+    opts = RebalanceOptions(
+        max_migrations=body.get("max_migrations", defaults.max_migrations),
+        hot_threshold=body.get("hot_threshold", defaults.hot_threshold),
+        drain_threshold=body.get("drain_threshold", defaults.drain_threshold),
+        bandwidth_mbps=body.get("bandwidth_mbps", defaults.bandwidth_mbps),
+    )
+    try:
+        result = plan(await _fleet(request), opts)
+    except SchedulerInputError as exc:
+        raise ApiError(400, str(exc)) from None
+    return web.json_response(result.to_dict())
+
+
+@routes.put("/placements/hosts/{name}", "Set a host's price, zone, overcommit and latencies",
+            request=HOST_ATTRS, response=HOST_ATTRS, errors=(400, 404))
+async def put_host_attrs(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    store = request.app[STORE]
+    if await store.get_host(name) is None:
+        raise ApiError(404, f"no host named {name!r}")
+    attrs = {k: v for k, v in json_body(request).items() if k in ATTR_FIELDS}
+    try:
+        parse_host({"id": name, "vcpus": 1, "memory_mib": 1, **attrs}, f"host {name}")
+    except SchedulerInputError as exc:
+        raise ApiError(400, str(exc)) from None
+    await store.put_doc(ATTRS, name, attrs)
+    return web.json_response(attrs)
+
+
+@routes.get("/placements/hosts", "Scheduler attributes of every host that has some",
+            response={"type": "object", "required": ["hosts"],
+                      "properties": {"hosts": {"type": "object",
+                                               "additionalProperties": HOST_ATTRS}}})
+async def list_host_attrs(request: web.Request) -> web.Response:
+    return web.json_response({"hosts": await load_attrs(request.app[STORE])})
+
+
+def setup(app: web.Application) -> None:
+    # VM create places through the scheduler, unless the app was built with its
+    # own placer (tests pass one to build_app).
+    if app[PLACER] is most_free_memory:
+        app[PLACER] = SchedulerPlacer(app[STORE])

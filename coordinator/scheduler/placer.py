@@ -1,0 +1,104 @@
+"""The scheduler as the coordinator's placer, and the fleet view it works on.
+
+The coordinator's records know each host's CPUs and memory; what only the
+scheduler needs (price, zone, overcommit, latency to user regions) lives in
+the store collection ``scheduler.hosts``, one document per host name, set
+through ``PUT /api/v1/placements/hosts/{name}``. Hosts without one get the
+defaults below.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from novacron.coordinator.models import HOST_UP, VM
+from novacron.coordinator.models import Host as StoreHost
+from novacron.coordinator.scheduler.fleet import FleetState
+from novacron.coordinator.scheduler.model import (
+    Host,
+    SchedulerInputError,
+    VMRequest,
+    parse_host,
+    parse_request,
+)
+from novacron.coordinator.scheduler.scheduler import Decision, Scheduler
+
+if TYPE_CHECKING:
+    from novacron.coordinator.store import Store
+
+log = logging.getLogger("novacron.scheduler")
+
+ATTRS = "scheduler.hosts"
+# KVM hosts commonly run 4 vCPUs per core; memory is not overcommitted.
+DEFAULT_CPU_OVERCOMMIT = 4.0
+ATTR_FIELDS = ("cost_per_hour", "zone", "cpu_overcommit", "mem_overcommit", "latency_ms", "enabled")
+
+
+def host_from_record(h: StoreHost, attrs: dict[str, Any] | None) -> Host:
+    doc: dict[str, Any] = {"id": h.name, "vcpus": max(1, h.cpus),
+                           "memory_mib": max(1, h.memory_bytes >> 20),
+                           "cpu_overcommit": DEFAULT_CPU_OVERCOMMIT}
+    doc.update({k: v for k, v in (attrs or {}).items() if k in ATTR_FIELDS})
+    host = parse_host(doc, f"host {h.name}")
+    if h.state != HOST_UP:  # down hosts stay visible (and counted as rejected) but take nothing
+        host = Host(**{**host.__dict__, "enabled": False})
+    return host
+
+
+def _request_of(name: str, spec: dict[str, Any]) -> VMRequest:
+    return VMRequest(name, max(1, int(spec.get("vcpus", 1))), max(1, int(spec.get("memory_mb", 0))))
+
+
+def build_fleet(hosts: Iterable[StoreHost], vms: Iterable[VM],
+                attrs: dict[str, dict[str, Any]]) -> FleetState:
+    """Fleet state from the coordinator's records: allocations from VM specs,
+    raised to what each host reports in use (other workloads, VMs not yet reported)."""
+    hosts = list(hosts)
+    fleet = FleetState(host_from_record(h, attrs.get(h.name)) for h in hosts)
+    for vm in vms:
+        if vm.host in fleet.index and vm.name not in fleet.vms:
+            fleet.place(_request_of(vm.name, vm.spec), vm.host)
+    for h in hosts:
+        i = fleet.index[h.name]
+        reported = (h.memory_bytes - h.memory_available_bytes) >> 20
+        # VMs placed but not yet in the host's report are already counted above
+        unreported = sum(int(v.spec.get("memory_mb", 0)) for v in vms
+                         if v.host == h.name and v.name not in h.vms)
+        fleet.reserve(i, 0.0, max(0.0, reported + unreported - float(fleet.mem_used[i])))
+    return fleet
+
+
+async def load_attrs(store: Store) -> dict[str, dict[str, Any]]:
+    return dict(await store.list_docs(ATTRS))
+
+
+class SchedulerPlacer:
+    """Callable with the coordinator's ``Placer`` shape: (spec, hosts, vms) -> host or None."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.last: Decision | None = None
+
+    async def __call__(self, spec: dict[str, Any], hosts: list[StoreHost],
+                       vms: list[VM]) -> StoreHost | None:
+        fleet = build_fleet(hosts, vms, await load_attrs(self.store))
+        doc = {"id": spec.get("name", "(new)"), "vcpus": spec.get("vcpus"),
+               "memory_mib": spec.get("memory_mb")}
+        for key in ("priority", "region", "max_latency_ms", "affinity", "anti_affinity",
+                    "anti_affinity_scope"):
+            if key in spec:
+                doc[key] = spec[key]
+        try:
+            d = Scheduler(fleet).decide(parse_request(doc))
+        except SchedulerInputError as exc:
+            log.warning("placement refused", extra={"vm": doc["id"], "problem": str(exc)})
+            return None
+        self.last = d
+        log.info("placement", extra={"vm": doc["id"], "host": d.host,
+                                     "feasible": d.explanation["feasible"],
+                                     "why": d.explanation["why"]})
+        if d.host is None:
+            return None
+        return next(h for h in hosts if h.name == d.host)

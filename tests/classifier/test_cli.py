@@ -1,0 +1,87 @@
+"""``novacron task classify|plan``: offline in process, from a file, and through --server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from novacron.cli.main import main
+from tests.coordinator.conftest import make_cfg, start_coordinator, stop_coordinator
+
+
+def test_classify_text_prints_label_confidence_and_reasons(capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    assert main(["task", "classify", "Fix the typo in the migration guide"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("simple  (confidence ")
+    assert "  - " in out and "typo" in out
+
+
+def test_classify_file_as_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "tasks.jsonl"
+    f.write_text('{"text": "Bump lodash to 4.17.21"}\n\n'
+                 '{"text": "Build a multi-region active-active database with automatic failover"}\n')
+    assert main(["task", "classify", "--file", str(f), "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [d["label"] for d in lines] == ["simple", "very-complex"]
+    assert all(d["reasons"] and 0 < d["confidence"] <= 1 for d in lines)
+
+
+def test_plan_prints_topology_agents_and_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["task", "plan", "Integrate Salesforce with our CRM sync service"]) == 0
+    out = capsys.readouterr().out
+    assert "topology" in out and "agents:" in out and "estimated duration" in out
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ("not json\n", ":1: not JSON"),
+    ('{"text": "ok"}\n{"txt": "typo"}\n', ":2: expected an object"),
+    ('{"text": "   "}\n', "empty task description"),
+    ("\n\n", "no tasks"),
+])
+def test_bad_files_are_refused_before_anything_runs(tmp_path: Path, content: str, needle: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    assert main(["task", "classify", "--file", str(f)]) == 2
+    captured = capsys.readouterr()
+    assert needle in captured.err and captured.out == ""
+
+
+def test_text_and_file_are_exclusive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["task", "classify"]) == 2
+    assert main(["task", "classify", "x", "--file", str(tmp_path / "f")]) == 2
+    assert "either TEXT or --file" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+async def test_server_mode_calls_the_api(tmp_path: Path) -> None:
+    coord = await start_coordinator(make_cfg(tmp_path))
+    try:
+        async def cli(*args: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "novacron.cli.main", "--token", coord.cfg.admin_token,
+                "task", *args, "--server", coord.url,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), 60)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            return proc.returncode or 0, out.decode(), err.decode()
+
+        rc, out, err = await cli("classify", "Add SAML SSO for enterprise customers", "--json")
+        assert rc == 0, err
+        assert json.loads(out)["label"] == "complex"
+        rc, out, err = await cli("plan", "Rename the constant MAX_RETRYS to MAX_RETRIES")
+        assert rc == 0, err
+        assert out.startswith("simple")
+        rc, out, err = await cli("classify", "x" * 5000)
+        assert rc == 2 and "too long" in err
+    finally:
+        await stop_coordinator(coord)
