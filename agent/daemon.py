@@ -22,6 +22,7 @@ from novacron.agent.appkeys import ACCEL, CONFIG, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.vm.accel import AccelDetector, AccelInfo
 from novacron.agent.vm.manager import VMManager
+from novacron.agent.vm.ramfile import MEMORY_FILESYSTEMS, filesystem_type
 
 log = logging.getLogger("novacron.agent")
 
@@ -91,6 +92,11 @@ def _lock_state_dir(state_dir: Path) -> int:
 async def serve(cfg: AgentConfig) -> None:
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock_state_dir(cfg.state_dir)
+    fs = filesystem_type(cfg.state_dir)
+    if fs not in MEMORY_FILESYSTEMS:
+        # works, but the kernel writes guest memory back to disk behind the guest
+        log.warning("state dir is not on tmpfs or hugetlbfs: guest RAM files will be disk-backed",
+                    extra={"state_dir": str(cfg.state_dir), "filesystem": fs})  # fmt: skip
     accel = make_accel(cfg)
     vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary)
     await vms.load()

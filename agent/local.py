@@ -3,7 +3,8 @@
     async with LocalAgent(name="a") as agent:
         agent.url, agent.token, agent.data_port, agent.state_dir
 
-Each agent gets a temp state dir, a random token and cluster secret (or the
+Each agent gets a temp state dir (on /dev/shm when that is a roomy tmpfs, so
+guest RAM files live in memory as on a real host), a random token and cluster secret (or the
 ones given, e.g. a shared secret for two agents that must migrate between each
 other), an API port chosen by the kernel and, unless given, a free data port.
 ``stop()`` ends the agent and every QEMU it started; ``kill()`` SIGKILLs the
@@ -30,9 +31,11 @@ from typing import Any
 import aiohttp
 
 from novacron.agent.daemon import ENDPOINT_FILE
+from novacron.agent.vm.ramfile import filesystem_type, free_bytes
 
 START_TIMEOUT_S = 60.0  # the first start on a host may probe KVM (a few seconds)
 STOP_TIMEOUT_S = 20.0
+SHM_MIN_FREE = 4 * 1024**3
 
 
 class LocalAgentError(RuntimeError):
@@ -44,6 +47,18 @@ def _agent_command() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-m", "novacron.agent.main"]
+
+
+def _state_parent() -> str | None:
+    """/dev/shm when it is a roomy tmpfs (guest RAM files belong in memory, as on a
+    real host), else the default temp dir."""
+    shm = Path("/dev/shm")
+    try:
+        if filesystem_type(shm) == "tmpfs" and free_bytes(shm) >= SHM_MIN_FREE:
+            return str(shm)
+    except OSError:
+        pass
+    return None
 
 
 def _proc_cwd(pid: int) -> Path | None:
@@ -69,7 +84,7 @@ class LocalAgent:
         self.token = token or secrets.token_urlsafe(24)
         self.cluster_secret = cluster_secret or secrets.token_urlsafe(32)
         self._own_state_dir = state_dir is None
-        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix=f"nc-{self.name}-"))
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix=f"nc-{self.name}-", dir=_state_parent()))
         self._requested_data_port = data_port
         self.data_port = data_port
         self.accel = accel

@@ -53,10 +53,15 @@ def _percentiles(samples_s: list[float]) -> tuple[float, float, float]:
     return (float(np.percentile(arr, 50)), float(np.percentile(arr, 99)), float(arr.mean()))
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object], cpu: list[float] | None = None) -> float:
+    """Wall-clock seconds of one call; its CPU seconds (this thread) go to ``cpu``."""
+    c0 = time.thread_time()
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(time.thread_time() - c0)
+    return wall
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -83,12 +88,13 @@ def run(args: argparse.Namespace) -> Report:
     for t in texts[:20]:  # warm-up
         clf.classify(t)
     full: list[float] = []
+    full_cpu: list[float] = []
     onnx_only: list[float] = []
     keyword: list[float] = []
     for _ in range(args.rounds):
         for i, t in enumerate(texts):
             row = feats[i: i + 1]
-            full.append(_timed(lambda t=t: clf.classify(t)))  # type: ignore[misc]
+            full.append(_timed(lambda t=t: clf.classify(t), full_cpu))  # type: ignore[misc]
             onnx_only.append(_timed(lambda row=row: clf.probabilities(row)))  # type: ignore[misc]
             keyword.append(_timed(lambda t=t: keyword_baseline(t)))  # type: ignore[misc]
 
@@ -98,6 +104,7 @@ def run(args: argparse.Namespace) -> Report:
     maj_acc, maj_f1 = float((majority == y).mean()), macro_f1(y, majority)
     ece = expected_calibration_error(probs, y)
     p50, p99, mean = _percentiles(full)
+    c50, c99, cmean = _percentiles(full_cpu)
     o50, o99, omean = _percentiles(onnx_only)
     k50, k99, kmean = _percentiles(keyword)
 
@@ -116,21 +123,26 @@ def run(args: argparse.Namespace) -> Report:
     lat = report.table(f"Latency per call, in process ({len(full)} calls)",
                        ["path", "p50 ms", "p99 ms", "mean ms", "p99 vs bare ONNX"])
     lat.add("classify(text): features + ONNX + reasons", p50, p99, mean, f"{p99 / o99:.1f}x")
+    lat.add("same calls, CPU time of the thread (no waiting for a core)", c50, c99, cmean,
+            f"{c99 / o99:.1f}x")
     lat.add("reference: bare ONNX Runtime run", o50, o99, omean, "1.0x")
     lat.add("reference: keyword rules", k50, k99, kmean, f"{k99 / o99:.2f}x")
     report.notes.append(f"targets: accuracy >= 0.90 -> {'met' if acc >= 0.9 else 'NOT met'} "
                         f"({acc:.3f}); p99 < 1 ms -> {'met' if p99 < 1.0 else 'NOT met'} "
-                        f"({p99:.3f} ms)")
+                        f"({p99:.3f} ms wall clock; {c99:.3f} ms CPU time)")
     report.notes.append(f"calibration: expected calibration error {ece:.3f} on the test split "
                         f"(10 bins); temperature {clf.meta['temperature']:.3f}")
-    report.notes.append(f"dataset sha256 {clf.meta['dataset_sha256'][:16]}..., "
-                        f"median of {len(full)} samples; machine load makes p99 noisy "
-                        f"(stdev {statistics.pstdev(np.asarray(full) * 1e3):.3f} ms)")
+    slow = float((np.asarray(full) > 1e-3).mean())
+    report.notes.append(f"{len(full)} calls, {slow:.1%} over 1 ms wall clock (stdev "
+                        f"{statistics.pstdev(np.asarray(full) * 1e3):.3f} ms): on a busy machine "
+                        f"the wall-clock tail is waiting for a core; the CPU-time row is the work")
+    report.notes.append(f"dataset sha256 {clf.meta['dataset_sha256'][:16]}...")
     report.data = {
         "test_size": len(texts),
         "accuracy": acc, "macro_f1": f1, "ece": ece,
         "confusion": {"labels": labels, "matrix": cm},
         "latency_ms": {"p50": p50, "p99": p99, "mean": mean, "calls": len(full)},
+        "cpu_time_ms": {"p50": c50, "p99": c99, "mean": cmean},
         "reference": {
             "keyword_rules": {"accuracy": kw_acc, "macro_f1": kw_f1,
                               "latency_ms": {"p50": k50, "p99": k99}},

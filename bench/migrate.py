@@ -124,7 +124,7 @@ async def _ours(args: argparse.Namespace, kind: str, rate: int, caps: list[float
                 "guest": kind, "cap_mbps": cap, "engine": "novacron", "total_s": m["total_s"],
                 "downtime_ms": m["downtime_ms"], "wire_bytes": m["bytes_wire"],
                 "rounds": st["round"], "compression_ratio": m["compression_ratio"],
-                "dedup_ratio": m["dedup_ratio"],
+                "dedup_ratio": m["dedup_ratio"], "downtime_parts": m.get("downtime_parts"),
             })  # fmt: skip
             await _wait_console(dst, name)
             src, dst = dst, src

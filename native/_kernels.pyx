@@ -7,6 +7,7 @@ from libc.stdint cimport uint8_t, int32_t, uint32_t, uint64_t, int64_t, uintptr_
 from libc.string cimport memcpy, memset, memcmp
 from libc.stdlib cimport malloc, free
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 import os
 
 cdef extern from "nc_hash.h" nogil:
@@ -454,6 +455,8 @@ def plan(const uint64_t[::1] pages, uint8_t[::1] kinds, const uint8_t[:, ::1] di
                 # commit this frame's index changes
                 for j in range(start, cut):
                     p = <int64_t>pages[j]
+                    if kinds[j] == KIND_REF and srcs[j] == p:
+                        continue  # unchanged page: its entry stays true
                     slot = slot_of_page[p]
                     if slot >= 0:
                         if table.value_at(slot) == p:
@@ -705,3 +708,63 @@ def copy_into(const unsigned char[::1] src, unsigned char[::1] dst, int threads=
         return
     with nogil:
         memcpy(&dst[0], &src[0], src.shape[0])
+
+
+
+# --------------------------------------------------------------------------
+# Frames built in place
+# --------------------------------------------------------------------------
+
+cdef class FrameBuffer:
+    """A new bytes object of header + body_len + 16 bytes whose tail (after the
+    header) is exposed as a writable buffer until ``frame`` is taken, so the
+    AEAD can encrypt straight into the frame: no concatenation, no second
+    1 MiB allocation. Filling a bytes object before anyone else holds it is the
+    usual C-API way of building one."""
+    cdef object _frame
+    cdef Py_ssize_t _offset, _size
+    cdef Py_ssize_t _shape[1]
+    cdef Py_ssize_t _strides[1]
+    cdef int _exports
+    cdef bint _taken
+
+    def __cinit__(self, const unsigned char[::1] header, Py_ssize_t body_len):
+        cdef Py_ssize_t hl = header.shape[0]
+        if body_len < 0:
+            raise ValueError("negative body length")
+        self._frame = PyBytes_FromStringAndSize(NULL, hl + body_len + 16)
+        if hl:
+            memcpy(<unsigned char *>PyBytes_AS_STRING(self._frame), &header[0], hl)
+        self._offset = hl
+        self._size = body_len + 16
+        self._exports = 0
+        self._taken = False
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        if self._taken:
+            raise BufferError("frame already handed out")
+        buffer.buf = PyBytes_AS_STRING(self._frame) + self._offset
+        buffer.obj = self
+        buffer.len = self._size
+        buffer.readonly = 0
+        buffer.itemsize = 1
+        buffer.format = "B"
+        buffer.ndim = 1
+        self._shape[0] = self._size
+        self._strides[0] = 1
+        buffer.shape = self._shape
+        buffer.strides = self._strides
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self._exports -= 1
+
+    @property
+    def frame(self):
+        """The finished frame (once no writable view is left)."""
+        if self._exports:
+            raise BufferError("frame is still being written")
+        self._taken = True
+        return self._frame

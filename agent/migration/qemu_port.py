@@ -79,7 +79,6 @@ class QemuSource:
     async def resume(self) -> None:
         await _qmp(self.vm).execute("cont", timeout=10)
         self.vm.state = "running"
-        self.vm.migrating = False
 
     async def send_device_state(self, uri: str) -> None:
         qmp = _qmp(self.vm)

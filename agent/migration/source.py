@@ -28,6 +28,7 @@ from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.status import MigrationStatus
+from novacron.agent.migration.throttle import Throttle
 from novacron.agent.migration.vmport import SourceVM
 from novacron.native import (
     Counters,
@@ -72,6 +73,7 @@ class SourceMigration:
         self._mm: mmap.mmap | None = None
         self._tmp: str | None = None
         self.tracker: FingerprintTracker | None = None
+        self.throttle = Throttle(vm)
         self.sender: PageStreamSender | None = None
 
     # -- public ----------------------------------------------------------
@@ -208,6 +210,11 @@ class SourceMigration:
                 st.converged = False
                 self._on_no_convergence()
                 break
+            if opts.throttle and st.round >= 2 and dirty * per_page > wire:
+                # dirtying outpaces sending: this round left more to send than it sent
+                st.throttle_pct = self.throttle.raise_level() * 100
+                log.info("throttling guest to converge",
+                         extra={"migration": st.id, "throttle_pct": st.throttle_pct})
         self._final_scan = scan
 
     def _on_no_convergence(self) -> None:
@@ -257,22 +264,36 @@ class SourceMigration:
         st = self.status
         st.set_phase("stopcopy")
         self._check_inbox()
-        self._t_pause = time.monotonic()
+        await self.throttle.stop()
+        self._t_pause = mark = time.monotonic()
+        parts = st.downtime_parts
+
+        def lap(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            parts[name] = round((now - mark) * 1000.0, 2)
+            mark = now
+
         await self.vm.pause()
         self._paused = True
+        lap("pause_ms")
         st.round += 1
         assert self.tracker is not None
         scan = await asyncio.to_thread(self.tracker.scan)
+        lap("final_scan_ms")
         # pages dirtied before the last pre-copy scan were not sent yet either
         final = np.bitwise_or(scan.dirty, self._final_scan.dirty)
         sent = await self._send_pages(final, scan.zero)
         st.rounds.append({"round": st.round, "pages_sent": sent, "stop_and_copy": True})
         await self.ch.send_ctrl({"op": "round_end", "round": st.round})
+        lap("final_pages_ms")
         await self._relay_device_state()
+        lap("device_state_ms")
         if self.opts.test_digest:
             assert self._mm is not None
             st.digest_source = await asyncio.to_thread(ram_digest, self._mm)
         ready = await self._expect("ready", timeout=120)
+        lap("destination_load_ms")
         if self.opts.test_digest:
             theirs = ready.get("digest")
             st.digest_destination = theirs if isinstance(theirs, str) else None
@@ -321,7 +342,11 @@ class SourceMigration:
         await self.ch.send_ctrl({"op": "go"})
         self._go_sent = True
         await self._expect("resumed", timeout=60)
-        self.status.downtime_ms = (time.monotonic() - self._t_pause) * 1000.0
+        now = time.monotonic()
+        st = self.status
+        st.downtime_ms = (now - self._t_pause) * 1000.0
+        st.downtime_parts["resume_ms"] = round(
+            st.downtime_ms - sum(st.downtime_parts.values()), 2)
 
     async def _commit(self) -> None:
         st = self.status
@@ -346,6 +371,10 @@ class SourceMigration:
             # run it twice. Stay paused and report; an operator decides.
             st.fail(f"{reason} (after switchover was ordered; source left paused)")
             return
+        try:
+            await self.throttle.stop()
+        except Exception as exc:
+            reason += f"; resuming the throttled source failed: {exc}"
         with contextlib.suppress(Exception):
             await self.ch.send_ctrl({"op": "abort", "reason": reason}, timeout=2)
         if self._device_started:

@@ -34,7 +34,9 @@ class MigrationStatus:
     dirty_rate_pages_s: float = 0.0
     bandwidth_bytes_s: float = 0.0
     downtime_ms: float | None = None
+    downtime_parts: dict[str, float] = field(default_factory=dict)  # where the pause went
     converged: bool | None = None
+    throttle_pct: float = 0.0
     digest_source: str | None = None
     digest_destination: str | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
@@ -78,8 +80,10 @@ class MigrationStatus:
             "compression_ratio": round(ratio, 3) if ratio else None,
             "dedup_ratio": round(self.pages_dedup / self.pages_sent, 4) if self.pages_sent else None,
             "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 2),
+            "downtime_parts": self.downtime_parts,
             "total_s": round(self.total_s, 3),
             "converged": self.converged,
+            "throttle_pct": self.throttle_pct,
             "native": self.native,
         }
 

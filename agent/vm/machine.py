@@ -54,6 +54,7 @@ class VM:
         self._supervisor: asyncio.Task[None] | None = None
         self._event_task: asyncio.Task[None] | None = None
         self._expect_exit = False
+        self._starting = False
         self._exited = asyncio.Event()
         self._exited.set()
         self._listeners: list[ExitListener] = []
@@ -145,6 +146,7 @@ class VM:
         self.incoming = incoming
         pidfd = os.pidfd_open(proc.pid)
         self._supervisor = asyncio.create_task(self._supervise_pidfd(pidfd, proc), name=f"vm {self.name} supervisor")
+        self._starting = True
         try:
             qmp = await self._connect_qmp()
         except Exception as exc:
@@ -152,7 +154,12 @@ class VM:
             detail = self._qemu_log_tail()
             remove_ram_file(self.ram_path)
             self.state = STOPPED
+            with contextlib.suppress(OSError):
+                self.save()
+            log.warning("vm failed to start", extra={"vm": self.name, "error": detail or str(exc)})
             raise VMStartError(f"QEMU for {self.name} did not start: {detail or exc}") from None
+        finally:
+            self._starting = False
         self._attach(qmp)
         self.state = PAUSED if (paused or incoming) else RUNNING
         self.started_at = time.time()
@@ -250,7 +257,7 @@ class VM:
             await self.qmp.close()
         if self._event_task is not None:
             self._event_task.cancel()
-        if self._expect_exit:
+        if self._expect_exit or self._starting:  # start() reports a failed start itself
             self.state = STOPPED
             log.info("vm stopped", extra={"vm": self.name, "exit_code": code})
         else:

@@ -18,6 +18,28 @@ def free_bytes(folder: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+MEMORY_FILESYSTEMS = ("tmpfs", "hugetlbfs")
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (from /proc/self/mounts)."""
+    target = str(path.resolve())
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 def _prepare(path: Path, size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):

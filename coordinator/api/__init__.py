@@ -73,6 +73,7 @@ ROUTE_MODULES = [
     "novacron.coordinator.api.migrations",
     "novacron.coordinator.api.swarms",
     "novacron.coordinator.api.tasks",
+    "novacron.coordinator.api.placements",
 ]
 
 

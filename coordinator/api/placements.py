@@ -16,7 +16,7 @@ from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.api.keys import PLACER, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body
-from novacron.coordinator.placement import most_free_memory
+from novacron.coordinator.placement import Placer, most_free_memory
 from novacron.coordinator.scheduler import (
     RebalanceOptions,
     Scheduler,
@@ -32,7 +32,10 @@ from novacron.coordinator.scheduler.placer import (
     SchedulerPlacer,
     build_fleet,
     load_attrs,
+    load_policy,
+    save_policy,
 )
+from novacron.coordinator.scheduler.policy import BanditPolicy
 from novacron.coordinator.scheduler.strategies import STRATEGIES
 
 routes = RouteTable("placements", "Placement decisions, rebalancing plans, scheduler host attributes")
@@ -191,8 +194,46 @@ async def list_host_attrs(request: web.Request) -> web.Response:
     return web.json_response({"hosts": await load_attrs(request.app[STORE])})
 
 
+POLICY: dict[str, Any] = {
+    "type": "object", "required": ["enabled", "contexts", "open_decisions"],
+    "properties": {
+        "enabled": {"type": "boolean"},
+        "contexts": {"type": "object", "description": "context -> arm -> {n, mean reward}"},
+        "open_decisions": {"type": "integer"},
+    },
+}
+POLICY_UPDATE: dict[str, Any] = {
+    "type": "object", "additionalProperties": False, "required": ["enabled"],
+    "properties": {"enabled": {"type": "boolean"}},
+}
+
+
+def _policy_doc(enabled: bool, policy: BanditPolicy) -> dict[str, Any]:
+    return {"enabled": enabled, "open_decisions": len(policy.pending),
+            "contexts": {ctx: {arm: {"n": s.n, "mean": round(s.mean, 4)} for arm, s in t.items()}
+                         for ctx, t in policy.stats.items()}}
+
+
+@routes.get("/placements/policy", "The learned placement policy: on or off, and what it has learned",
+            response=POLICY)
+async def get_policy(request: web.Request) -> web.Response:
+    enabled, policy = await load_policy(request.app[STORE])
+    return web.json_response(_policy_doc(enabled, policy))
+
+
+@routes.put("/placements/policy", "Turn the learned placement policy on or off (off by default)",
+            request=POLICY_UPDATE, response=POLICY)
+async def put_policy(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    _, policy = await load_policy(store)
+    enabled = bool(json_body(request)["enabled"])
+    await save_policy(store, enabled, policy)
+    return web.json_response(_policy_doc(enabled, policy))
+
+
 def setup(app: web.Application) -> None:
     # VM create places through the scheduler, unless the app was built with its
     # own placer (tests pass one to build_app).
     if app[PLACER] is most_free_memory:
-        app[PLACER] = SchedulerPlacer(app[STORE])
+        placer: Placer = SchedulerPlacer(app[STORE])
+        app[PLACER] = placer

@@ -79,7 +79,7 @@ SWARM: dict[str, Any] = {
     "type": "object",
     "required": ["id", "status"],
     "properties": {
-        "id": {"type": "string"}, "status": {"type": "string"},
+        "id": {"type": "string"}, "status": {"type": "string"}, "error": {"type": "string"},
         "description": {"type": "string"}, "topology": {"type": ["string", "null"]},
         "plan": {"type": "object"},
         "agents": {"type": "array", "items": {"type": "string"}},
@@ -154,30 +154,57 @@ async def create_swarm(request: web.Request) -> web.Response:
     try:
         swarm = await client.swarm_init(plan["topology"], plan.get("max_agents"),
                                         plan.get("strategy"))
-        swarm_id = str(swarm.get("swarmId") or "")
-        if not swarm_id:
-            raise ApiError(502, "claude-flow created a swarm but returned no swarmId")
-        agents = []
+    except McpError as exc:
+        raise _bridge_failure(exc, "starting the swarm") from None
+    swarm_id = str(swarm.get("swarmId") or "")
+    if not swarm_id:
+        raise ApiError(502, "claude-flow created a swarm but returned no swarmId")
+    agents: list[str] = []
+    tasks: list[str] = []
+    fields = {"description": body["description"], "plan": planned, "agents": agents,
+              "tasks": tasks, "topology": plan["topology"]}
+    try:
         for agent in plan["agents"]:
             spawned = await client.agent_spawn(agent["type"], swarm_id=swarm_id)
             agents.append(str(spawned.get("agentId")))
-        tasks = []
         for task in plan["tasks"]:
             created = await client.task_orchestrate(
                 task["description"], task_type=task.get("type"), priority=task.get("priority"),
                 agents=agents)
             tasks.append(str(created.get("taskId")))
     except McpError as exc:
-        raise _bridge_failure(exc, "running the swarm plan") from None
+        # Half a plan is worse than none: end the swarm, and keep the record of what happened.
+        with contextlib.suppress(McpError):
+            await client.swarm_shutdown(swarm_id)
+        await client.registry.record("swarm", swarm_id, {
+            **fields, "status": "failed", "error": str(exc)})
+        log.warning("swarm plan failed; swarm shut down",
+                    extra={"swarm": swarm_id, "error": str(exc)})
+        raise _bridge_failure(exc, f"running the swarm plan (swarm {swarm_id} shut down)") from None
     doc = await client.registry.record("swarm", swarm_id, {
-        "description": body["description"], "plan": planned, "agents": agents, "tasks": tasks,
-        "status": swarm.get("status", "running"), "topology": plan["topology"]})
+        **fields, "status": swarm.get("status", "running")})
     log.info("swarm created", extra={"swarm": swarm_id, "agents": len(agents), "tasks": len(tasks)})
     return web.json_response(_public(doc), status=201)
 
 
+@routes.delete("/swarms/{id}", "Shut a swarm down in claude-flow", response=SWARM,
+               errors=(404, 502, 503))
+async def delete_swarm(request: web.Request) -> web.Response:
+    client = _bridge(request)
+    swarm_id = request.match_info["id"]
+    if await client.registry.get("swarm", swarm_id) is None:
+        raise ApiError(404, f"no swarm {swarm_id!r}")
+    try:
+        await client.swarm_shutdown(swarm_id)
+    except McpError as exc:
+        raise _bridge_failure(exc, f"shutting swarm {swarm_id} down") from None
+    doc = await client.registry.get("swarm", swarm_id) or {"id": swarm_id}
+    log.info("swarm shut down", extra={"swarm": swarm_id})
+    return web.json_response(_public(doc))
+
+
 def _public(doc: dict[str, Any]) -> dict[str, Any]:
-    keys = ("id", "status", "description", "topology", "plan", "agents", "tasks",
+    keys = ("id", "status", "error", "description", "topology", "plan", "agents", "tasks",
             "task_states", "live", "created_at", "updated_at")
     out = {k: doc[k] for k in keys if k in doc}
     out.setdefault("status", "unknown")

@@ -432,6 +432,9 @@ class ClaudeFlowClient:
         return {"taskId": result.get("taskId", task_id), "status": result.get("status"),
                 "result": result.get("result", result.get("results"))}
 
+    async def swarm_shutdown(self, swarm_id: str) -> dict[str, Any]:
+        return await self.run("swarm_shutdown", {"swarm_id": swarm_id})
+
     async def _track(self, operation: str, args: dict[str, Any], result: dict[str, Any]) -> None:
         """Remember what the bridge created, so the coordinator can list and follow it."""
         reg = self.registry
@@ -443,6 +446,10 @@ class ClaudeFlowClient:
                     "strategy": result.get("strategy", args.get("strategy")),
                     "max_agents": result.get("maxAgents", args.get("max_agents")),
                     "status": result.get("status", "running")})
+        elif operation == "swarm_shutdown":
+            sid = str(args["swarm_id"])
+            if await reg.get("swarm", sid) is not None:
+                await reg.record("swarm", sid, {"status": "shutdown"})
         elif operation == "swarm_status":
             sid = result.get("swarmId")
             if sid and await reg.get("swarm", str(sid)) is not None:

@@ -22,6 +22,7 @@ Builder = Callable[[Args, list[Any]], Args | None]
 OPERATIONS = (
     "swarm_init", "agent_spawn", "task_orchestrate", "swarm_status",
     "agent_list", "agent_metrics", "task_status", "task_results",
+    "swarm_shutdown",  # not one of the eight: how a swarm is ended (and a failed plan undone)
 )
 
 
@@ -72,7 +73,16 @@ V3: dict[str, list[Step]] = {
     "task_status": [Step("task_status", lambda a, _r: {"taskId": a["task_id"]})],
     # v3 has no task_results tool: a task's result is part of its status.
     "task_results": [Step("task_status", lambda a, _r: {"taskId": a["task_id"]})],
+    "swarm_shutdown": [Step("swarm_shutdown", lambda a, _r: {"swarmId": a["swarm_id"]})],
 }
+
+# v2 spells the middle priority "medium" where v3 (and NovaCron's plans) say "normal".
+_V2_PRIORITY = {"normal": "medium"}
+
+
+def _v2_priority(value: Any) -> Any:
+    return _V2_PRIORITY.get(value, value) if isinstance(value, str) else value
+
 
 V2: dict[str, list[Step]] = {
     "swarm_init": [Step("swarm_init", lambda a, _r: _clean(
@@ -80,12 +90,14 @@ V2: dict[str, list[Step]] = {
     "agent_spawn": [Step("agent_spawn", lambda a, _r: _clean(
         type=a["agent_type"], name=a.get("agent_id"), swarmId=a.get("swarm_id")))],
     "task_orchestrate": [Step("task_orchestrate", lambda a, _r: _clean(
-        task=a["description"], strategy=a.get("strategy"), priority=a.get("priority")))],
+        task=a["description"], strategy=a.get("strategy"),
+        priority=_v2_priority(a.get("priority"))))],
     "swarm_status": [Step("swarm_status", lambda a, _r: _clean(swarmId=a.get("swarm_id")))],
     "agent_list": [Step("agent_list", lambda a, _r: _clean(swarmId=a.get("swarm_id")))],
     "agent_metrics": [Step("agent_metrics", lambda a, _r: {"agentId": a["agent_id"]})],
     "task_status": [Step("task_status", lambda a, _r: {"taskId": a["task_id"]})],
     "task_results": [Step("task_results", lambda a, _r: {"taskId": a["task_id"]})],
+    "swarm_shutdown": [Step("swarm_destroy", lambda a, _r: {"swarmId": a["swarm_id"]})],
 }
 
 DIALECTS: dict[str, dict[str, list[Step]]] = {"v3": V3, "v2": V2}

@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from novacron.coordinator.api import keys
+from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.mcp.appkeys import CLAUDE_FLOW
 from novacron.coordinator.mcp.protocol import Tool, ToolContext, ToolFailure
 from novacron.coordinator.mcp.registry import BridgeRegistry
@@ -27,20 +29,14 @@ MAX_WAIT_S = 3600.0
 
 def _service(app: web.Application, key_name: str) -> Any:
     """A coordinator service by its ``api.keys`` name; ToolFailure if this app lacks it."""
-    try:
-        from novacron.coordinator.api import keys
-    except ImportError:
-        raise ToolFailure("the coordinator API services are not available") from None
     key = getattr(keys, key_name, None)
     if key is None or key not in app:
         raise ToolFailure(f"this coordinator has no {key_name.lower()} service")
     return app[key]
 
 
-def _refusal(exc: Exception) -> ToolFailure:
-    message = getattr(exc, "message", None) or str(exc)
-    status = getattr(exc, "status", None)
-    return ToolFailure(f"{message} (HTTP {status})" if status else message)
+def _refusal(exc: ApiError) -> ToolFailure:
+    return ToolFailure(f"{exc.message} (HTTP {exc.status})")
 
 
 def _classifier(app: web.Application) -> Any:
@@ -83,7 +79,7 @@ def build_tools(app: web.Application) -> list[Tool]:
         hosts = await store.list_hosts()
         try:
             host = await placer(spec, hosts, await store.list_vms())
-        except Exception as exc:
+        except ApiError as exc:
             raise _refusal(exc) from None
         if host is None:
             raise ToolFailure(f"no up host has {args['vcpus']} vCPUs and {args['memory_mb']} MiB "
@@ -96,9 +92,7 @@ def build_tools(app: web.Application) -> list[Tool]:
 
         try:
             mig = await manager.start(args["vm"], args["target"], args.get("options", {}))
-        except Exception as exc:
-            if type(exc).__name__ != "ApiError":
-                raise
+        except ApiError as exc:
             raise _refusal(exc) from None
         doc: dict[str, Any] = mig.public()
         await ctx.progress(0, len(PHASES) - 1, f"{doc['phase']}: migration {mig.id} started")

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from novacron.coordinator.scheduler.model import Host, SchedulerInputError, VMRequest
+from novacron.coordinator.scheduler.model import (
+    Host,
+    Priority,
+    SchedulerInputError,
+    Scope,
+    VMRequest,
+)
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -32,10 +38,16 @@ class PlacedVM:
     host: int
     vcpus: int
     memory_mib: int
-    priority: str
+    priority: Priority
     affinity: tuple[str, ...]
     anti_affinity: tuple[str, ...]
-    anti_affinity_scope: str
+    anti_affinity_scope: Scope
+
+    def request(self) -> VMRequest:
+        """The request that would place this VM again (used to move it)."""
+        return VMRequest(self.id, self.vcpus, self.memory_mib, self.priority,
+                         affinity=self.affinity, anti_affinity=self.anti_affinity,
+                         anti_affinity_scope=self.anti_affinity_scope)
 
 
 class FleetState:
@@ -236,11 +248,7 @@ class FleetState:
         return vm
 
     def move(self, vm_id: str, host: int) -> PlacedVM:
-        vm = self.remove(vm_id)
-        req = VMRequest(vm.id, vm.vcpus, vm.memory_mib, vm.priority,  # type: ignore[arg-type]
-                        affinity=vm.affinity, anti_affinity=vm.anti_affinity,
-                        anti_affinity_scope=vm.anti_affinity_scope)  # type: ignore[arg-type]
-        return self.place(req, host)
+        return self.place(self.remove(vm_id).request(), host)
 
     def reserve(self, host: int, vcpus: float, memory_mib: float) -> None:
         """Count capacity used by something other than placed VMs (host overhead,

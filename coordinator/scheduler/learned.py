@@ -32,7 +32,7 @@ class LearnedPlacer:
             max_cost = float(fleet.cost.max()) or 1.0
             powered = float(fleet.cost[d.host_index]) / max_cost if chosen["powers_on"] else 0.0
             self.policy.placed(req.id, ctx, arm, powered_on_frac=powered,
-                               latency_frac=chosen["latency_ms"] / LATENCY_SCALE_MS)
+                               latency_frac=chosen["latency_ms"] / LATENCY_SCALE_MS, host=d.host or "")
         d.explanation["policy"] = {"context": ctx, "arm": arm}
         return d
 

@@ -9,6 +9,7 @@ defaults below.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -16,12 +17,19 @@ from typing import TYPE_CHECKING, Any
 from novacron.coordinator.models import HOST_UP, VM
 from novacron.coordinator.models import Host as StoreHost
 from novacron.coordinator.scheduler.fleet import FleetState
+from novacron.coordinator.scheduler.learned import LearnedPlacer
 from novacron.coordinator.scheduler.model import (
     Host,
     SchedulerInputError,
     VMRequest,
     parse_host,
     parse_request,
+)
+from novacron.coordinator.scheduler.policy import (
+    ARMS,
+    STATE_VERSION,
+    BanditPolicy,
+    PolicyStateError,
 )
 from novacron.coordinator.scheduler.scheduler import Decision, Scheduler
 
@@ -31,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("novacron.scheduler")
 
 ATTRS = "scheduler.hosts"
+POLICY_DOC = ("scheduler.policy", "bandit")
 # KVM hosts commonly run 4 vCPUs per core; memory is not overcommitted.
 DEFAULT_CPU_OVERCOMMIT = 4.0
 ATTR_FIELDS = ("cost_per_hour", "zone", "cpu_overcommit", "mem_overcommit", "latency_ms", "enabled")
@@ -74,12 +83,36 @@ async def load_attrs(store: Store) -> dict[str, dict[str, Any]]:
     return dict(await store.list_docs(ATTRS))
 
 
+async def load_policy(store: Store) -> tuple[bool, BanditPolicy]:
+    """(enabled, policy) from the store; a damaged document is reported and replaced
+    by a fresh, disabled policy rather than breaking VM creation."""
+    doc = await store.get_doc(*POLICY_DOC)
+    if doc is None:
+        return False, BanditPolicy()
+    try:
+        return bool(doc.get("enabled", False)), BanditPolicy.from_json(doc.get("state") or {
+            "version": STATE_VERSION, "arms": list(ARMS), "stats": {}})
+    except PolicyStateError as exc:
+        log.warning("scheduler policy state unusable, starting fresh", extra={"problem": str(exc)})
+        return False, BanditPolicy()
+
+
+async def save_policy(store: Store, enabled: bool, policy: BanditPolicy) -> None:
+    await store.put_doc(*POLICY_DOC, {"enabled": enabled, "state": policy.to_json()})
+
+
 class SchedulerPlacer:
-    """Callable with the coordinator's ``Placer`` shape: (spec, hosts, vms) -> host or None."""
+    """Callable with the coordinator's ``Placer`` shape: (spec, hosts, vms) -> host or None.
+
+    With the learned policy enabled (``PUT /api/v1/placements/policy``; off by
+    default) the bandit picks the strategy, and the outcomes of its earlier
+    decisions (VMs gone, VMs moved) are read from the VM records first.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.last: Decision | None = None
+        self._lock = asyncio.Lock()  # policy state is read-modify-write
 
     async def __call__(self, spec: dict[str, Any], hosts: list[StoreHost],
                        vms: list[VM]) -> StoreHost | None:
@@ -90,11 +123,19 @@ class SchedulerPlacer:
                     "anti_affinity_scope"):
             if key in spec:
                 doc[key] = spec[key]
-        try:
-            d = Scheduler(fleet).decide(parse_request(doc))
-        except SchedulerInputError as exc:
-            log.warning("placement refused", extra={"vm": doc["id"], "problem": str(exc)})
-            return None
+        async with self._lock:
+            try:
+                req = parse_request(doc)
+                enabled, policy = await load_policy(self.store)
+                if enabled:
+                    policy.observe({v.name: v.host for v in vms})
+                    d = LearnedPlacer(Scheduler(fleet), policy).place(req)
+                    await save_policy(self.store, True, policy)
+                else:
+                    d = Scheduler(fleet).decide(req)
+            except SchedulerInputError as exc:
+                log.warning("placement refused", extra={"vm": doc["id"], "problem": str(exc)})
+                return None
         self.last = d
         log.info("placement", extra={"vm": doc["id"], "host": d.host,
                                      "feasible": d.explanation["feasible"],

@@ -60,6 +60,7 @@ class _Pending:
     context: str
     arm: str
     reward: float
+    host: str = ""  # where the VM was placed; a change later means it was migrated
 
 
 @dataclass
@@ -85,10 +86,25 @@ class BanditPolicy:
 
     # -- outcomes --------------------------------------------------------------------
     def placed(self, vm_id: str, context: str, arm: str, *, powered_on_frac: float,
-               latency_frac: float) -> None:
+               latency_frac: float, host: str = "") -> None:
         """A decision took effect; its reward stays open until the VM leaves."""
         reward = 1.0 - POWER_ON_PENALTY * powered_on_frac - LATENCY_PENALTY * min(latency_frac, 1.0)
-        self.pending[vm_id] = _Pending(context, arm, reward)
+        self.pending[vm_id] = _Pending(context, arm, reward, host)
+
+    def observe(self, where: dict[str, str]) -> tuple[int, int]:
+        """Settle outcomes from the current VM -> host map (e.g. the coordinator's
+        records): VMs gone have departed, VMs on another host were migrated.
+        Returns (departed, migrated)."""
+        gone = [vm for vm in self.pending if vm not in where]
+        for vm in gone:
+            self.departed(vm)
+        moved = 0
+        for vm, p in self.pending.items():
+            if p.host and where[vm] != p.host:
+                p.reward -= MIGRATION_PENALTY
+                p.host = where[vm]
+                moved += 1
+        return len(gone), moved
 
     def rejected(self, context: str, arm: str) -> None:
         self._settle(context, arm, 0.0)
@@ -117,7 +133,7 @@ class BanditPolicy:
             "stats": {ctx: {a: {"n": s.n, "total": s.total} for a, s in t.items()}
                       for ctx, t in self.stats.items()},
             # open decisions are kept too, so a restart does not lose their outcome
-            "pending": {vm: [p.context, p.arm, p.reward] for vm, p in self.pending.items()},
+            "pending": {vm: [p.context, p.arm, p.reward, p.host] for vm, p in self.pending.items()},
         }
 
     @classmethod
@@ -139,8 +155,8 @@ class BanditPolicy:
                     if n < 0 or not 0 <= total <= n or not math.isfinite(total):
                         raise ValueError(f"bad counts for {ctx}/{arm}")
                     stats[str(ctx)][arm] = ArmStats(n, total)
-            pending = {str(vm): _Pending(str(c), str(a), float(r))
-                       for vm, (c, a, r) in doc.get("pending", {}).items()}
+            pending = {str(vm): _Pending(str(c), str(a), float(r), str(h))
+                       for vm, (c, a, r, h) in doc.get("pending", {}).items()}
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise PolicyStateError(f"malformed policy state: {exc}") from None
         return cls(arms, stats, pending)

@@ -21,6 +21,7 @@ from novacron.coordinator.scheduler.scheduler import Scheduler
 # Bytes sent per byte of guest RAM: one full copy plus ~30 % re-sent dirty
 # pages for a moderately busy guest (before dedup and compression, so an upper-ish bound).
 PRECOPY_FACTOR = 1.3
+SEARCH_BUDGET_PER_MOVE = 20
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class RebalancePlan:
     hot_relieved: list[str] = field(default_factory=list)
     hot_unrelieved: list[str] = field(default_factory=list)
     hourly_saving: float = 0.0
-    capped: bool = False  # stopped at max_migrations with work left
+    capped: bool = False  # stopped at max_migrations (or the search budget) with work left
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,16 +115,11 @@ def _estimate(vm: PlacedVM, opts: RebalanceOptions) -> tuple[int, float]:
     return sent, sent * 8 / (opts.bandwidth_mbps * 1e6)
 
 
-def _find_target(sched: Scheduler, vm: PlacedVM, limit: float) -> int | None:
-    """Best running host for ``vm`` (already lifted off the fleet) staying at or below ``limit``."""
-    fleet = sched.fleet
-    req = VMRequest(vm.id, vm.vcpus, vm.memory_mib, vm.priority,  # type: ignore[arg-type]
-                    anti_affinity=vm.anti_affinity,
-                    anti_affinity_scope=vm.anti_affinity_scope)  # type: ignore[arg-type]
-    d = sched.decide(req, strategy="pack")
-    if d.host_index is None or d.explanation["chosen"]["utilisation_after"] > limit + 1e-9:
-        return None
-    return d.host_index
+def _find_target(sched: Scheduler, vm: PlacedVM) -> int | None:
+    """Best enabled host for ``vm`` (already lifted off the fleet)."""
+    req = VMRequest(vm.id, vm.vcpus, vm.memory_mib, vm.priority,
+                    anti_affinity=vm.anti_affinity, anti_affinity_scope=vm.anti_affinity_scope)
+    return sched.decide(req, strategy="pack").host_index
 
 
 def plan(fleet: FleetState, opts: RebalanceOptions | None = None) -> RebalancePlan:
@@ -134,19 +130,28 @@ def plan(fleet: FleetState, opts: RebalanceOptions | None = None) -> RebalancePl
     with _Trial(fleet) as trial:
         base_enabled = trial.enabled.copy()  # trial.enabled stays pristine for the undo
         # Targets are running hosts only: powering one on to relieve another frees nothing.
-        def restrict_to_running(exclude: int) -> None:
-            fleet.enabled[:] = base_enabled & (fleet.vm_count > 0)
+        # Nor may a move make its target hot.
+        def restrict_targets(exclude: int, vm: PlacedVM, limit: float) -> None:
+            fits = np.maximum((fleet.cpu_used + vm.vcpus) / fleet.cpu_cap,
+                              (fleet.mem_used + vm.memory_mib) / fleet.mem_cap) <= limit + 1e-9
+            fleet.enabled[:] = base_enabled & (fleet.vm_count > 0) & fits
             fleet.enabled[exclude] = False
 
+        # Each trial placement is a full scoring pass; bound them so a plan over a
+        # large fleet with many hopeless candidates still returns quickly.
+        budget = [SEARCH_BUDGET_PER_MOVE * opts.max_migrations + 100]
+
         def lift_and_place(vm_id: str, src: int, limit: float) -> int | None:
+            if budget[0] <= 0:
+                out.capped = True
+                return None
+            budget[0] -= 1
             vm = fleet.remove(vm_id)
             try:
-                restrict_to_running(src)
-                target = _find_target(sched, vm, limit)
+                restrict_targets(src, vm, limit)
+                target = _find_target(sched, vm)
             finally:
-                fleet.place(VMRequest(vm.id, vm.vcpus, vm.memory_mib, vm.priority,  # type: ignore[arg-type]
-                                      affinity=vm.affinity, anti_affinity=vm.anti_affinity,
-                                      anti_affinity_scope=vm.anti_affinity_scope), src)  # type: ignore[arg-type]
+                fleet.place(vm.request(), src)
             return target
 
         def record(vm_id: str, src: int, target: int, reason: str) -> None:
@@ -183,7 +188,7 @@ def plan(fleet: FleetState, opts: RebalanceOptions | None = None) -> RebalancePl
             h = int(h)
             room = opts.max_migrations - len(out.moves)
             vms = sorted(fleet.vms_on[h])
-            if room <= 0:
+            if room <= 0 or budget[0] <= 0:
                 out.capped = True
                 break
             if len(vms) > room or not all(_movable(fleet, fleet.vms[v]) for v in vms):

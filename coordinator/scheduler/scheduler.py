@@ -28,6 +28,7 @@ from novacron.coordinator.scheduler.strategies import BASELINES, WEIGHT_SETS, ba
 log = logging.getLogger("novacron.scheduler")
 
 TOP_ALTERNATIVES = 3
+ALTERNATIVE_POOL = 64  # best-scored hosts searched for distinct runners-up
 
 
 @dataclass
@@ -124,17 +125,22 @@ class Scheduler:
         return out
 
     def _alternatives(self, obj: Objectives, pos: int, scores: np.ndarray | None) -> list[dict[str, Any]]:
+        # Runners-up with distinct objective values: ten identical empty hosts say
+        # less than the best few different options.
+        k = min(obj.hosts.size, ALTERNATIVE_POOL)
         if scores is None:  # first-fit has no ranking: the next slots are the runners-up
-            order = np.arange(min(obj.hosts.size, TOP_ALTERNATIVES + 1))
+            order = np.arange(k)
         else:
-            k = min(obj.hosts.size, TOP_ALTERNATIVES + 1)
             part = np.argpartition(scores, k - 1)[:k]
             order = part[np.argsort(scores[part], kind="stable")]
-        alts = []
-        for p in order:
-            p = int(p)
-            if p == pos:
+        alts: list[dict[str, Any]] = []
+        seen = {(obj.cost[pos], obj.performance[pos], obj.latency[pos])}
+        for raw in order:
+            p = int(raw)
+            key = (obj.cost[p], obj.performance[p], obj.latency[p])
+            if p == pos or key in seen:
                 continue
+            seen.add(key)
             alt = self._describe(obj, p, scores)
             alt["loses_on"] = [name for name, col in (("cost", obj.cost),
                                                       ("performance", obj.performance),

@@ -27,6 +27,7 @@ class SimResult:
     policy: str
     hosts_peak: int = 0  # most hosts carrying VMs at once
     hosts_end: int = 0
+    hosts_mean: float = 0.0  # time-weighted hosts carrying VMs
     power_ons: int = 0  # empty hosts that received a VM
     cost: float = 0.0  # $ paid for hosts carrying VMs over the trace
     mean_util: float = 0.0  # time-weighted vCPU allocated / vCPU of hosts in use
@@ -75,14 +76,16 @@ def simulate(hosts: list[Host], background: list[tuple[VMRequest, int, float]],
     res.hosts_peak = n_active
     now = 0.0
     util_time = 0.0
+    hosts_time = 0.0
     latency_sum = 0.0
     region_col = {r: fleet.region_index[r] for r in fleet.regions}
 
     def advance(t: float) -> None:
-        nonlocal now, util_time
+        nonlocal now, util_time, hosts_time
         dt = t - now
         if dt > 0:
             res.cost += active_cost * dt
+            hosts_time += n_active * dt
             util_time += (alloc / active_cap if active_cap else 0.0) * dt
             now = t
 
@@ -137,5 +140,6 @@ def simulate(hosts: list[Host], background: list[tuple[VMRequest, int, float]],
             heapq.heappush(departures, (end, len(res.latency_samples_s), arr.request.id))
     res.hosts_end = n_active
     res.mean_util = util_time / horizon if horizon > 0 else 0.0
+    res.hosts_mean = hosts_time / horizon if horizon > 0 else float(n_active)
     res.mean_latency_ms = latency_sum / res.placed if res.placed else 0.0
     return res

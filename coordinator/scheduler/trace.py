@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from novacron.coordinator.scheduler.model import Host, VMRequest
+from novacron.coordinator.scheduler.model import Host, Priority, VMRequest
 
 CORES = np.array([1, 2, 4, 8])
 CORE_P = np.array([0.50, 0.25, 0.11, 0.14])
@@ -33,7 +33,8 @@ ZONES = ("us-1", "us-2", "eu-1", "eu-2", "asia-1", "asia-2")
 INTER_REGION_MS = {("us", "eu"): 85.0, ("us", "asia"): 160.0, ("eu", "asia"): 140.0}
 
 LIFETIME_MIX = ((0.55, 0.5), (0.30, 8.0))  # (share, mean hours); the rest outlive the trace
-PRIORITY_P = {"low": 0.2, "normal": 0.7, "high": 0.1}
+PRIORITY_NAMES: tuple[Priority, ...] = ("low", "normal", "high")
+PRIORITY_P = np.array([0.2, 0.7, 0.1])
 
 
 def _rtt(zone: str, region: str, jitter: float) -> float:
@@ -111,13 +112,13 @@ def make_arrivals(count: int, rate_per_hour: float, rng: np.random.Generator,
     cores, mib = draw_sizes(count, rng)
     life = draw_lifetimes(count, rng)
     regions = rng.choice(len(REGIONS), size=count, p=REGION_P)
-    prios = rng.choice(list(PRIORITY_P), size=count, p=list(PRIORITY_P.values()))
+    prios = rng.choice(len(PRIORITY_NAMES), size=count, p=PRIORITY_P)
     pair = rng.random(count) < anti_affinity_share
     out = []
     for i in range(count):
         # a replica: keep it off the host of the VM that arrived just before it
         anti = (f"vm-{i - 1}",) if pair[i] and i > 0 else ()
-        req = VMRequest(f"vm-{i}", int(cores[i]), int(mib[i]), str(prios[i]),  # type: ignore[arg-type]
+        req = VMRequest(f"vm-{i}", int(cores[i]), int(mib[i]), PRIORITY_NAMES[int(prios[i])],
                         region=REGIONS[int(regions[i])], anti_affinity=anti)
         out.append(Arrival(float(times[i]), float(life[i]), req))
     return out

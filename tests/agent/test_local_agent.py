@@ -44,6 +44,27 @@ async def test_kill_then_stop_cleans_up(guest: GuestImage) -> None:
     assert not agent.state_dir.exists()
 
 
+async def test_sigterm_stops_the_vms(guest: GuestImage) -> None:
+    """vms_on_exit = stop (LocalAgent's setting): a graceful exit powers VMs off itself."""
+    agent = LocalAgent("term", accel="tcg")
+    try:
+        await agent.start()
+        spec = {"name": "t", "vcpus": 1, "memory_mb": 128, "kernel": str(guest.kernel),
+                "initrd": str(guest.initrd), "cmdline": guest.cmdline}  # fmt: skip
+        status, vm = await agent.request("POST", "/v1/vms", spec)
+        assert status == 201
+        assert agent.proc is not None
+        agent.proc.terminate()
+        assert await asyncio.to_thread(agent.proc.wait, 20) == 0
+        assert not alive(vm["pid"])
+        record = json.loads((agent.state_dir / "vms" / "t" / "vm.json").read_text())
+        assert record["state"] == "stopped" and record["pid"] is None
+        assert not (agent.state_dir / "vms" / "t" / "ram").exists()
+        assert "agent shutting down" in agent.log_path.read_text()
+    finally:
+        await agent.stop()
+
+
 async def test_start_failure_is_reported() -> None:
     agent = LocalAgent("bad", settings={"log_level": "nonsense"})
     with pytest.raises(LocalAgentError, match="exited"):

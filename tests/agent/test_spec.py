@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from novacron.agent.vm.spec import SpecError, parse_spec
 
@@ -82,3 +84,23 @@ def test_disk_format_checked(files: dict[str, str]) -> None:
 def test_not_an_object(doc: Any) -> None:
     with pytest.raises(SpecError, match="JSON object"):
         parse_spec(doc)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = st.sampled_from(["name", "vcpus", "memory_mb", "kernel", "initrd", "cmdline", "disk", "accel", "start"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(FIELDS | st.text(max_size=8), JSON, max_size=8))
+def test_any_json_gives_a_spec_or_a_named_error(doc: dict[str, Any]) -> None:
+    try:
+        spec = parse_spec(doc)
+    except SpecError as exc:
+        named = [*doc, "name", "vcpus", "memory_mb", "kernel", "disk", "spec", "kernel/initrd/disk"]
+        assert any(str(exc).startswith(f"{k}: ") for k in named), exc
+    else:
+        assert spec.name == doc["name"]

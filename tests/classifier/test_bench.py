@@ -14,6 +14,7 @@ def test_report_has_quality_latency_and_references() -> None:
     assert sum(map(sum, d["confusion"]["matrix"])) == d["test_size"]
     assert d["latency_ms"]["calls"] == d["test_size"]
     assert 0 < d["latency_ms"]["p50"] <= d["latency_ms"]["p99"]
+    assert 0 < d["cpu_time_ms"]["p50"] <= d["cpu_time_ms"]["p99"]
     ref = d["reference"]
     assert ref["keyword_rules"]["accuracy"] < d["accuracy"]
     assert ref["bare_onnx_latency_ms"]["p50"] > 0

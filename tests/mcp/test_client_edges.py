@@ -49,9 +49,9 @@ async def test_unsupported_protocol_version_is_refused(tmp_path: Path) -> None:
 
 def test_dialects_follow_the_listed_tools() -> None:
     v3 = {"swarm_init", "agent_spawn", "task_create", "task_assign", "swarm_status",
-          "agent_list", "agent_status", "agent_health", "task_status", "other"}
+          "agent_list", "agent_status", "agent_health", "task_status", "swarm_shutdown", "other"}
     v2 = {"swarm_init", "agent_spawn", "task_orchestrate", "swarm_status", "agent_list",
-          "agent_metrics", "task_status", "task_results"}
+          "agent_metrics", "task_status", "task_results", "swarm_destroy"}
     assert operations.detect_dialect(v3) == "v3"
     assert operations.detect_dialect(v2) == "v2"
     with pytest.raises(UnsupportedOperation):
@@ -60,6 +60,7 @@ def test_dialects_follow_the_listed_tools() -> None:
     (step,) = operations.steps_for("v2", "task_orchestrate")
     assert step.build({"description": "d", "priority": "high", "agents": ["a"]}, []) == {
         "task": "d", "priority": "high"}
+    assert step.build({"description": "d", "priority": "normal"}, [])["priority"] == "medium"
     create, assign = operations.steps_for("v3", "task_orchestrate")
     assert create.build({"description": "d"}, []) == {"type": "feature", "description": "d"}
     assert assign.build({"agents": []}, [{"taskId": "t1"}]) is None

@@ -83,6 +83,11 @@ async def _exercise(client: Client, fleet: list[FakeAgent], *, legacy: bool = Tr
     blank = await client.call_tool("classify_task", {"description": "   "})
     assert blank.is_error and "empty" in _payload(blank)
 
+    bridge = await client.call_tool("bridge_health", {})
+    assert not bridge.is_error and _payload(bridge)["status"] in ("idle", "ok")
+    swarms = await client.call_tool("list_swarms", {"active_only": True})
+    assert _payload(swarms) == {"swarms": [], "agents": [], "tasks": []}
+
     with pytest.raises(MCPError) as err:
         await client.call_tool("no_such_tool", {})
     assert err.value.error.code == -32602

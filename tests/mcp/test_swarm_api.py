@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,15 @@ async def test_swarm_lifecycle_and_health(coord: Coordinator) -> None:
     status, listed = await coord.call("GET", "/swarms")
     assert [s["id"] for s in listed["swarms"]] == [sid, auto["id"]]
 
+    # shutting a swarm down ends it in claude-flow and in the bridge's records
+    status, ended = await coord.call("DELETE", f"/swarms/{sid}")
+    assert status == 200 and ended["status"] == "shutdown"
+    status, one = await coord.call("GET", f"/swarms/{sid}")
+    assert one["live"]["status"] == "terminated" and one["status"] == "terminated"
+    status, health = await coord.call("GET", "/mcp/health")
+    assert health["active"]["swarm"] == 1  # the classifier-planned one is still running
+    assert (await coord.call("DELETE", "/swarms/swarm-unknown"))[0] == 404
+
     status, doc = await coord.call("GET", "/openapi.json")
     for path in ("/api/v1/swarms", "/api/v1/swarms/{id}", "/api/v1/mcp/health"):
         assert path in doc["paths"]
@@ -130,3 +140,48 @@ def test_bad_bridge_settings_stop_the_coordinator(tmp_path: Path,
     monkeypatch.setenv("NOVACRON_MCP_ATTEMPTS", "three")
     with pytest.raises(config.ConfigError, match="NOVACRON_MCP_ATTEMPTS"):
         build_app(make_cfg(tmp_path))
+
+
+# An MCP peer whose agent_spawn always fails, to show a half-run plan is undone. (The real
+# claude-flow accepts any agent, so it cannot show this.) It logs each tool call to a file.
+FAILING_PEER = """
+import json, sys
+TOOLS = ["swarm_init", "agent_spawn", "task_create", "task_assign", "swarm_status",
+         "agent_list", "agent_status", "agent_health", "task_status", "swarm_shutdown"]
+log = open(sys.argv[1], "a")
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    method, result = msg["method"], {}
+    if method == "initialize":
+        result = {"protocolVersion": "2024-11-05", "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "failing-peer", "version": "0"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in TOOLS]}
+    elif method == "tools/call":
+        name = msg["params"]["name"]
+        log.write(name + "\\n"); log.flush()
+        doc = {"success": True, "swarmId": "swarm-1", "status": "running"}
+        if name == "agent_spawn":
+            doc = {"success": False, "error": "agent pool exhausted"}
+        result = {"content": [{"type": "text", "text": json.dumps(doc)}]}
+    print(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}), flush=True)
+"""
+
+
+async def test_failed_plan_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    peer, calls = tmp_path / "peer.py", tmp_path / "calls.log"
+    peer.write_text(FAILING_PEER)
+    monkeypatch.setenv("NOVACRON_MCP_COMMAND", f"{sys.executable},{peer},{calls}")
+    c = await start_coordinator(make_cfg(tmp_path / "coord"))
+    try:
+        status, doc = await c.call("POST", "/swarms", json={"description": "x", "plan": PLAN})
+        assert status == 502 and "agent pool exhausted" in doc["error"]
+        assert "shut down" in doc["error"]
+        assert calls.read_text().split() == ["swarm_init", "agent_spawn", "swarm_shutdown"]
+        status, listed = await c.call("GET", "/swarms")
+        assert [(s["id"], s["status"]) for s in listed["swarms"]] == [("swarm-1", "failed")]
+        assert "agent pool exhausted" in listed["swarms"][0]["error"]
+    finally:
+        await stop_coordinator(c)

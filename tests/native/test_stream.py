@@ -304,3 +304,18 @@ def test_close_releases_the_mapping(tmp_path: os.PathLike[str]) -> None:
     for obj in (tracker, sender, receiver):
         obj.close()
     mm.close()  # no views left
+
+
+def test_resending_unchanged_pages_costs_only_references() -> None:
+    src = make_memory([1] * 32, 31)
+    dst = np.zeros_like(src)
+    sender = N.PageStreamSender(KEY, src, dedup=N.DedupIndex(), frame_pages=8)
+    receiver = N.PageStreamReceiver(KEY, dst)
+    receiver.open_many(sender.encode(np.arange(32)))
+    for _ in range(2):  # e.g. fingerprint says dirty, content is the same
+        before = sender.counters.pages_dedup
+        frames = sender.encode(np.arange(32))
+        receiver.open_many(frames)
+        assert sender.counters.pages_dedup - before == 32
+        assert sum(map(len, frames)) < 32 * 64
+    assert np.array_equal(dst, src)

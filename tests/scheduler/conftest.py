@@ -26,3 +26,7 @@ def fleet() -> FleetState:
 @pytest.fixture
 def sched(fleet: FleetState) -> Scheduler:
     return Scheduler(fleet)
+
+
+# A real coordinator on loopback with two fake agents (alpha 8 GiB, beta 4 GiB, 8 CPUs each).
+from tests.coordinator.conftest import agents, coordinator  # noqa: E402, F401

@@ -69,3 +69,16 @@ def test_nothing_to_do_on_balanced_fleet() -> None:
     p = plan(fleet)
     assert p.moves == [] and not p.capped
     assert p.to_dict()["total_bytes"] == 0
+
+
+def test_moves_never_make_a_target_hot() -> None:
+    fleet = FleetState([host(0), host(1), host(2)])
+    fleet.place(VMRequest("busy", 14, 1024), 0)  # 87.5 %: one more vCPU-pair makes it hot
+    fleet.place(VMRequest("mid", 8, 1024), 1)
+    fleet.place(VMRequest("lone", 2, 1024), 2)  # 12.5 %: drain candidate
+    p = plan(fleet)
+    assert [(m.vm, m.target) for m in p.moves] == [("lone", "h1")]  # not the fuller h0
+    fleet2 = FleetState([host(0), host(1)])
+    fleet2.place(VMRequest("busy", 14, 1024), 0)
+    fleet2.place(VMRequest("lone", 2, 1024), 1)
+    assert plan(fleet2).moves == []
