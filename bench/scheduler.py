@@ -11,6 +11,7 @@ import numpy as np
 
 from novacron.bench.report import Report
 from novacron.coordinator.scheduler.policy import BanditPolicy, PolicyStateError
+from novacron.coordinator.scheduler.rebalance import RebalanceOptions
 from novacron.coordinator.scheduler.simulate import POLICIES, SimResult, simulate
 from novacron.coordinator.scheduler.trace import make_arrivals, make_background, make_hosts
 
@@ -32,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="VM arrivals per fleet size (default: 30 per host up to 1,000 hosts, "
                         "10,000 above)")
     parser.add_argument("--seed", type=int, default=2017)
+    parser.add_argument("--rebalance-every", type=float, default=0.0, metavar="HOURS",
+                        help="also carry out a rebalancing plan at this interval (default: never)")
+    parser.add_argument("--rebalance-moves", type=int, default=10, metavar="N",
+                        help="migration cap per rebalancing plan (default 10)")
     parser.add_argument("--policy-state", type=Path, metavar="FILE",
                         help="start the learned policy from this JSON state and save it back "
                         "(default: learn from scratch, save nothing)")
@@ -68,6 +73,7 @@ def _row(r: SimResult, ref: SimResult) -> dict[str, Any]:
         "hosts_peak_vs_ref": round(r.hosts_peak / ref.hosts_peak, 4) if ref.hosts_peak else None,
         "hosts_mean_vs_ref": round(r.hosts_mean / ref.hosts_mean, 4) if ref.hosts_mean else None,
         "cost_vs_ref": round(r.cost / ref.cost, 4) if ref.cost else None,
+        "migrations": r.migrations, "migrated_gib": round(r.migrated_gib, 1),
         **({"arms": r.policy_arms} if r.policy_arms else {}),
     }
 
@@ -76,6 +82,9 @@ def run(args: argparse.Namespace) -> Report:
     for n in args.hosts:
         if not 10 <= n <= 100_000:
             raise SystemExit("novacron bench scheduler: --hosts must be between 10 and 100000")
+    if args.rebalance_every < 0 or not 1 <= args.rebalance_moves <= 10_000:
+        raise SystemExit("novacron bench scheduler: --rebalance-every must be >= 0 and "
+                         "--rebalance-moves between 1 and 10000")
     if args.arrivals < 0:
         raise SystemExit("novacron bench scheduler: --arrivals must be >= 0")
     policies = [REFERENCE, *[p for p in args.policies if p != REFERENCE]]
@@ -89,7 +98,10 @@ def run(args: argparse.Namespace) -> Report:
         arrivals = make_arrivals(count, count / TRACE_HOURS, rng)
         t0 = time.perf_counter()
         bandit = _load_policy(args.policy_state)
-        results = {p: simulate(hosts, background, arrivals, p, bandit=bandit) for p in policies}
+        results = {p: simulate(hosts, background, arrivals, p, bandit=bandit,
+                               rebalance_every_h=args.rebalance_every,
+                               rebalance=RebalanceOptions(max_migrations=args.rebalance_moves))
+                   for p in policies}
         if args.policy_state is not None:
             bandit.save(args.policy_state)
         elapsed = time.perf_counter() - t0
@@ -99,7 +111,7 @@ def run(args: argparse.Namespace) -> Report:
             f"{TRACE_HOURS:.0f} h ({elapsed:.1f} s)",
             ["policy", "hosts peak", "hosts mean", "x best-fit", "cost $", "x best-fit", "power-ons",
              "util mean", "util peak", "rejected", "region RTT ms", "p50 ms", "p99 ms",
-             "p99 CPU ms"])
+             "p99 CPU ms", "migrations"])
         rows: dict[str, Any] = {}
         for p in policies:
             r = results[p]
@@ -107,7 +119,7 @@ def run(args: argparse.Namespace) -> Report:
             table.add(p, r.hosts_peak, r.hosts_mean, row["hosts_mean_vs_ref"], r.cost,
                       row["cost_vs_ref"], r.power_ons,
                       f"{r.mean_util:.1%}", f"{r.peak_util:.1%}", r.rejections,
-                      r.mean_latency_ms, r.p(50), r.p(99), r.p_cpu(99))
+                      r.mean_latency_ms, r.p(50), r.p(99), r.p_cpu(99), r.migrations)
         report.data["runs"][str(n)] = {"background_vms": len(background), "arrivals": count,
                                        "policies": rows}
         for name in ("ours", "ours+learned"):

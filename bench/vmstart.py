@@ -21,7 +21,6 @@ import contextlib
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -98,14 +97,11 @@ async def _run(args: argparse.Namespace) -> Report:
     doc = {k: v for k, v in spec.to_dict().items() if v}
     bare: list[tuple[float, float]] = []
     api: list[tuple[float, float, float]] = []
-    workdir = Path(tempfile.mkdtemp(prefix="nc-bench-start-"))
-    try:
-        async with LocalAgent("bench-start", accel="tcg") as agent:
-            for _ in range(max(1, args.runs)):  # alternate so machine noise hits both alike
-                bare.append(await _bare(spec, workdir))
-                api.append(await _api(agent, doc))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    async with LocalAgent("bench-start", accel="tcg") as agent:
+        workdir = agent.state_dir / "bare-reference"  # same filesystem for both RAM files
+        for _ in range(max(1, args.runs)):  # alternate so machine noise hits both alike
+            bare.append(await _bare(spec, workdir))
+            api.append(await _api(agent, doc))
 
     ref_ready = statistics.median(r for r, _ in bare)
     ref_beat = statistics.median(b for _, b in bare)
@@ -123,8 +119,12 @@ async def _run(args: argparse.Namespace) -> Report:
         "memory_mb": args.memory_mb,
         "runs": len(api),
         "bare": {"qmp_ready_s": ref_ready, "first_heartbeat_s": ref_beat, "samples": bare},
-        "agent_api": {"ready_s": api_ready, "first_heartbeat_s": api_beat, "delete_s": api_delete,
-                      "samples": api},  # fmt: skip
+        "agent_api": {
+            "ready_s": api_ready,
+            "first_heartbeat_s": api_beat,
+            "delete_s": api_delete,
+            "samples": api,
+        },
         "ratio_ready": api_ready / ref_ready,
         "ratio_first_heartbeat": api_beat / ref_beat,
     }

@@ -83,7 +83,9 @@ def ngrams(text: str) -> list[tuple[str, str]]:
 # lower-cased text. Fragments may carry \w* to cover word forms.
 
 def _lexicon(*fragments: str) -> re.Pattern[str]:
-    return re.compile(r"(?<![\w-])(?:" + "|".join(fragments) + r")(?![\w-])")
+    # Not inside a hyphenated word on the left ("region" in "multi-region"), but
+    # may start one ("raft" in "raft-based").
+    return re.compile(r"(?<![\w-])(?:" + "|".join(fragments) + r")(?!\w)")
 
 
 # Component kinds: distinct kinds touched is the main "scope" signal.

@@ -11,6 +11,7 @@ GIL and read/write guest memory buffers in place. Public API (stable):
 - ``FingerprintTracker(mem, key, threads=2, counters=None)``: ``scan()`` ->
   ``ScanResult(dirty, zero, dirty_count, zero_count, seconds)``; the first scan
   reports every non-zero page dirty. 8 bytes per page. ``forget()`` resets.
+  A page reported dirty is reported once: send it (or keep it pending).
 - ``soft_dirty_supported()``, ``SoftDirtyUnsupported(OSError)``,
   ``SoftDirtyTracker(pid, addr, length)`` with ``clear()`` / ``read()`` -> bitmap.
 - ``DedupIndex(max_entries=None)``: sender-side digest index; the sender fills
@@ -30,6 +31,8 @@ GIL and read/write guest memory buffers in place. Public API (stable):
   subclass (``FrameTruncated``, ``FrameReordered``, ``FrameReplayed``,
   ``FrameTampered``, ``FrameWrongKey``, ``FrameMalformed``, ``DedupMiss``)
   and writes nothing on any error.
+- Sender, receiver and tracker hold a view of ``mem``; call ``close()`` before
+  closing the mmap.
 - Frames are self-delimiting: read ``HEADER_SIZE`` bytes, then
   ``frame_length(header)`` - HEADER_SIZE more. One key per direction per
   migration (the receiver accepts the stream whose frame 0 it sees first).

@@ -17,6 +17,7 @@ PAGE_SIZE = 4096
 DIGEST_SIZE = 32
 _ENTRY_BYTES = 107  # 40-byte slot at <= 75 % load, worst case right after a doubling
 _MB = 1 << 20
+_STAGING_BYTES = 16 * _MB  # PageStreamSender's per-chunk copy of the pages it sends
 
 
 def page_digest(page: Any) -> bytes:
@@ -55,7 +56,8 @@ class DedupIndex:
                 raise ValueError("this DedupIndex already serves a guest of another size")
             return
         if self._max is None:
-            budget = memory_budget(npages * PAGE_SIZE) - 12 * npages  # fingerprints + page map
+            # minus fingerprints + page map (12 B/page) and the sender's staging area
+            budget = memory_budget(npages * PAGE_SIZE) - 12 * npages - _STAGING_BYTES
             self._max = max(16, min(2 * npages + 1024, budget // _ENTRY_BYTES))
         self._table = _kernels.DigestTable(self._max, min(self._max, 4096))
         self.page_slots = np.full(npages, -1, dtype=np.int32)

@@ -21,10 +21,10 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 import numpy as np
@@ -51,7 +51,7 @@ FLAG_ZSTD = 1
 MAX_BODY = 64 << 20  # receivers refuse larger frames before allocating anything
 MAX_RAW = 64 << 20
 _ZERO_PAGES_PER_FRAME = 1 << 16
-_CHUNK_PAGES = 4096  # pages classified and planned at a time (16 MiB staging with dedup)
+_CHUNK_PAGES = 4096  # pages classified and planned at a time (16 MiB staging area)
 _SAMPLE = 4096  # bytes per compressibility probe slice
 _KEY_ID_CONTEXT = "novacron 2026 page-stream key id"
 
@@ -125,6 +125,8 @@ def _nonce(stream: bytes, seq: int) -> bytes:
 
 
 _local = threading.local()
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -229,7 +231,8 @@ class PageStreamSender:
         # encrypt straight into the frame: concatenating header and ciphertext
         # cost a fresh 1 MiB allocation and copy per frame (measured 16x slower)
         out = _kernels.FrameBuffer(header, len(body))
-        self._aead.encrypt_into(_nonce(self._stream, seq), body, header, out)
+        with memoryview(out) as tail:
+            self._aead.encrypt_into(_nonce(self._stream, seq), body, header, tail)
         frame: bytes = out.frame
         c = self.counters
         c.seconds_encrypt += time.perf_counter() - t0
@@ -332,15 +335,38 @@ class PageStreamSender:
             flags, body = compress_or_skip(plain, self.level)
             return flags, len(plain), body, time.perf_counter() - t
 
+        results: Iterator[tuple[int, int, bytes | bytearray, float]]
         if self.threads == 1 or len(ranges) == 1:
-            results: Iterator[tuple[int, int, bytes | bytearray, float]] = map(payload, ranges)
+            results = map(payload, ranges)
         else:
-            results = pool(self.threads).map(payload, ranges)
+            results = _bounded_map(pool(self.threads), payload, ranges, 2 * self.threads)
         for flags, raw_len, body, secs in results:
             c.seconds_compress += secs
             if raw_len > MAX_RAW:  # cannot happen with frame_pages <= 4096; keep receivers safe
                 raise RuntimeError("frame payload exceeds the protocol limit")
             yield self._seal(KIND_PAGES, flags, raw_len, body, 0)
+
+
+def _bounded_map(ex: ThreadPoolExecutor, fn: Callable[[_T], _R], items: list[_T], ahead: int
+                 ) -> Iterator[_R]:
+    """Results of fn over items, in order, with at most ``ahead`` in flight (so a
+    chunk's frames do not all sit in memory at once)."""
+    pending: deque[Future[_R]] = deque()
+    it = iter(items)
+    try:
+        for item in it:
+            pending.append(ex.submit(fn, item))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in it:
+                pending.append(ex.submit(fn, item))
+                break
+            yield result
+    finally:
+        for fut in pending:
+            fut.cancel()
 
 
 @dataclass
@@ -438,9 +464,15 @@ class PageStreamReceiver:
                 fut: Future[bytes]
                 if auth.flags & FLAG_ZSTD:
                     fut = ex.submit(_inflate, auth)
-                else:  # stored frames need no worker
+                elif not window:  # stored frame, nothing queued: apply right away
+                    out.append(self._apply(auth, _inflate(auth), t0))
+                    continue
+                else:  # stored frames need no worker, but must wait their turn
                     fut = Future()
-                    fut.set_result(_inflate(auth))
+                    try:
+                        fut.set_result(_inflate(auth))
+                    except FrameError as exc:
+                        fut.set_exception(exc)
                 window.append((auth, fut, time.perf_counter() - t0))
                 if len(window) > 2 * threads:
                     a, fut, secs = window.popleft()

@@ -179,6 +179,7 @@ class SourceMigration:
         scan = await asyncio.to_thread(tracker.scan)
         last_scan = time.monotonic()
         budget_s = opts.downtime_ms / 1000.0
+        prev_estimate = float("inf")
         while True:
             st.round += 1
             t0, wire0 = time.monotonic(), st.bytes_wire
@@ -210,15 +211,16 @@ class SourceMigration:
                 st.converged = False
                 self._on_no_convergence()
                 break
-            if opts.throttle and st.round >= 2 and dirty * per_page > wire:
-                # dirtying outpaces sending: this round left more to send than it sent
+            if opts.throttle and st.round >= 2 and estimate_s > 0.8 * prev_estimate:
+                # not shrinking fast enough: the guest dirties about as fast as we send
                 st.throttle_pct = self.throttle.raise_level() * 100
                 log.info("throttling guest to converge",
                          extra={"migration": st.id, "throttle_pct": st.throttle_pct})
+            prev_estimate = estimate_s
         self._final_scan = scan
 
     def _on_no_convergence(self) -> None:
-        """Seam for post-copy / auto-converge: today we accept a longer pause."""
+        """Seam for post-copy: throttling did not suffice, today we accept a longer pause."""
         log.warning("pre-copy did not converge; forcing stop-and-copy",
                     extra={"migration": self.status.id, "rounds": self.status.round})
 

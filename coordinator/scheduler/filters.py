@@ -12,7 +12,7 @@ from novacron.coordinator.scheduler.model import SchedulerInputError, VMRequest
 # Checked in this order; a host is counted under the first rule it fails, so
 # the counts add up to the number of rejected hosts.
 REASONS: dict[str, str] = {
-    "disabled": "host is in maintenance",
+    "disabled": "host is down or in maintenance",
     "affinity": "not the host of the VM's affinity peers",
     "anti_affinity": "holds (or shares a zone with) a VM it must be kept apart from",
     "latency": "round-trip to the VM's region above max_latency_ms",

@@ -133,6 +133,9 @@ class Scheduler:
         else:
             part = np.argpartition(scores, k - 1)[:k]
             order = part[np.argsort(scores[part], kind="stable")]
+        # then the best host on each single objective, to show the trade-offs
+        order = np.concatenate([order, [int(np.argmin(c)) for c in
+                                        (obj.cost, obj.performance, obj.latency)]])
         alts: list[dict[str, Any]] = []
         seen = {(obj.cost[pos], obj.performance[pos], obj.latency[pos])}
         for raw in order:

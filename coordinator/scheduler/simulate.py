@@ -16,6 +16,7 @@ from novacron.coordinator.scheduler.fleet import FleetState
 from novacron.coordinator.scheduler.learned import LearnedPlacer
 from novacron.coordinator.scheduler.model import DEFAULT_WEIGHTS, Host, VMRequest, Weights
 from novacron.coordinator.scheduler.policy import BanditPolicy
+from novacron.coordinator.scheduler.rebalance import RebalanceOptions, plan
 from novacron.coordinator.scheduler.scheduler import Scheduler
 from novacron.coordinator.scheduler.trace import Arrival
 
@@ -40,6 +41,8 @@ class SimResult:
     # include time the process was not running at all
     cpu_samples_s: list[float] = field(default_factory=list, repr=False)
     policy_arms: dict[str, int] = field(default_factory=dict)
+    migrations: int = 0  # moves carried out from rebalancing plans
+    migrated_gib: float = 0.0
 
     def p(self, q: float) -> float:
         """Wall-clock placement latency percentile, ms."""
@@ -51,7 +54,10 @@ class SimResult:
 
 def simulate(hosts: list[Host], background: list[tuple[VMRequest, int, float]],
              arrivals: list[Arrival], policy: str, *, bandit: BanditPolicy | None = None,
-             weights: Weights = DEFAULT_WEIGHTS) -> SimResult:
+             weights: Weights = DEFAULT_WEIGHTS, rebalance_every_h: float = 0.0,
+             rebalance: RebalanceOptions | None = None) -> SimResult:
+    """Replay ``arrivals`` after placing ``background``; with ``rebalance_every_h``
+    a rebalancing plan is computed and carried out at that interval."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}")
     fleet = FleetState(hosts)
@@ -104,11 +110,36 @@ def simulate(hosts: list[Host], background: list[tuple[VMRequest, int, float]],
             active_cost -= float(cost[vm.host])
             active_cap -= float(cpu_cap[vm.host])
 
+    def recount() -> None:
+        nonlocal n_active, active_cost, active_cap
+        on = fleet.vm_count > 0
+        n_active, active_cost, active_cap = int(on.sum()), float(cost[on].sum()), float(cpu_cap[on].sum())
+
+    def carry_out_plan() -> None:
+        p = plan(fleet, rebalance)
+        for m in p.moves:
+            fleet.move(m.vm, fleet.index[m.target])
+            res.migrations += 1
+            res.migrated_gib += m.memory_mib / 1024
+            if learned is not None:
+                learned.migrated(m.vm)
+        if p.moves:
+            recount()
+
+    next_rebalance = rebalance_every_h if rebalance_every_h > 0 else float("inf")
     for arr in arrivals:
-        while departures and departures[0][0] <= arr.at:
-            t, _, vm_id = heapq.heappop(departures)
-            advance(t)
-            depart(vm_id)
+        while True:  # departures and rebalancing rounds due before this arrival, in time order
+            t_dep = departures[0][0] if departures else float("inf")
+            if min(t_dep, next_rebalance) > arr.at:
+                break
+            if t_dep <= next_rebalance:
+                t, _, vm_id = heapq.heappop(departures)
+                advance(t)
+                depart(vm_id)
+            else:
+                advance(next_rebalance)
+                carry_out_plan()
+                next_rebalance += rebalance_every_h
         advance(arr.at)
         t0, c0 = time.perf_counter(), time.thread_time()
         if learned is not None:

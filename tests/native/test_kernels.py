@@ -149,3 +149,27 @@ def test_digest_table_grows_keeps_reverse_map_and_respects_its_bound() -> None:
     assert len(index) == 20000
     assert np.all(index.page_slots >= 0)
     assert index.memory_bytes <= N.memory_budget(src.nbytes)
+
+
+def test_frame_buffer_fills_a_bytes_object_in_place() -> None:
+    fb = _kernels.FrameBuffer(b"head", 3)
+    with memoryview(fb) as tail:
+        assert len(tail) == 3 + 16 and not tail.readonly
+        tail[:] = bytes(range(19))
+        with pytest.raises(BufferError):
+            _ = fb.frame  # still being written
+    frame = fb.frame
+    assert type(frame) is bytes and frame == b"head" + bytes(range(19))
+    with pytest.raises(BufferError):
+        memoryview(fb)  # handed out: no more writing
+
+
+def test_dedup_index_sizes_itself_within_the_memory_budget() -> None:
+    for guest in (1 << 30, 24 << 30):
+        npages = guest // PAGE
+        index = N.DedupIndex()
+        index.attach(npages)
+        worst_table = index.table.max_entries * 4 // 3 * 2 * 40  # 75 % load, just doubled
+        total = 8 * npages + index.page_slots.nbytes + worst_table + 16 * 2**20
+        assert total <= N.memory_budget(guest), (guest, total)
+        del index

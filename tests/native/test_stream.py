@@ -319,3 +319,28 @@ def test_resending_unchanged_pages_costs_only_references() -> None:
         assert sender.counters.pages_dedup - before == 32
         assert sum(map(len, frames)) < 32 * 64
     assert np.array_equal(dst, src)
+
+
+@given(data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_any_truncation_or_delivery_order_is_caught(data: st.DataObject) -> None:
+    src, frames = sealed_frames(32)
+    frame = frames[0]
+    cut = data.draw(st.integers(0, len(frame) - 1))
+    dst = np.zeros_like(src)
+    receiver = N.PageStreamReceiver(KEY, dst)
+    with pytest.raises(N.FrameTruncated):
+        receiver.open(frame[:cut])
+    assert not dst.any()
+    # deliver in any order: each frame is accepted exactly when it is next,
+    # rejected as reordered when early and as replayed when seen before
+    order = data.draw(st.lists(st.integers(0, len(frames) - 1), min_size=1, max_size=30))
+    for i in order:
+        before = dst.copy()
+        nxt = receiver.next_seq
+        if i == nxt:
+            receiver.open(frames[i])
+        else:
+            with pytest.raises(N.FrameReordered if i > nxt else N.FrameReplayed):
+                receiver.open(frames[i])
+            assert np.array_equal(dst, before)

@@ -70,3 +70,15 @@ def test_cli_json_output() -> None:
         assert row["placed"] + row["rejections"] == 300
         assert row["p99_ms"] >= row["p50_ms"] > 0
     assert isinstance(run["learned_beats_best_fit"], bool)
+
+
+def test_replay_with_rebalancing_moves_vms_and_keeps_accounts() -> None:
+    rng = np.random.default_rng(11)
+    hosts = make_hosts(40, rng)
+    bg = make_background(hosts, rng)
+    arrivals = make_arrivals(600, 50, rng)
+    plain = simulate(hosts, bg, arrivals, "ours+learned")
+    moved = simulate(hosts, bg, arrivals, "ours+learned", rebalance_every_h=1.0)
+    assert plain.migrations == 0 and moved.migrations > 0
+    assert moved.migrated_gib > 0
+    assert moved.placed + moved.rejections == len(arrivals)
