@@ -123,14 +123,15 @@ COMPONENT_KINDS: dict[str, re.Pattern[str]] = {
 EXTERNAL_SYSTEMS = _lexicon(
     r"stripe", r"paypal", r"salesforce", r"okta", r"auth0", r"twilio", r"zendesk", r"hubspot",
     r"intercom", r"shopify", r"xero", r"avalara", r"docusign", r"contentful", r"amplitude",
-    r"firebase", r"fcm", r"apns", r"google \w+", r"github", r"microsoft", r"azure ad", r"outlook",
+    r"firebase", r"fcm", r"apns", r"google", r"google \w+", r"github", r"microsoft", r"azure ad",
+    r"outlook", r"apple", r"facebook", r"slack api", r"aws \w+",
     r"third-party", r"providers?", r"provider's", r"vendors?", r"vendor's", r"partners?",
     r"partner's", r"external", r"saas", r"sdks?", r"carrier's", r"bank's", r"open-banking",
     r"apple pay", r"google pay", r"pagerduty", r"webrtc", r"llm", r"hosted",
 )
 INTEGRATION = _lexicon(
     r"integrat\w*", r"sync\w*", r"connect", r"connects", r"hook up", r"webhooks?", r"callbacks?",
-    r"oauth", r"sso", r"saml", r"openid", r"oidc", r"scim", r"federat\w*", r"two-way",
+    r"oauth\d?", r"sso", r"saml", r"openid", r"oidc", r"scim", r"federat\w*", r"two-way",
     r"both ways", r"import\w*", r"provisioning",
 )
 SMALL_EDIT = _lexicon(
