@@ -176,6 +176,9 @@ class PageStreamSender:
     workers hash and compress without the GIL; encryption runs in the caller's
     thread, in sequence order.
 
+    One ``encode`` at a time (sequence numbers and the dedup index are shared
+    state); it may run in a worker thread while the caller sends earlier frames.
+
     Pass the round's ``tracker`` when the guest runs during the transfer: the
     sender then stores the fingerprint of the bytes it actually sent, so a page
     that changed after the scan and changed back before the next one is still

@@ -13,16 +13,14 @@ import contextlib
 import logging
 import mmap
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM
+from novacron.agent.qmp import open_unix
 from novacron.native import Counters, FrameError, PageStreamReceiver
 
 log = logging.getLogger("novacron.agent.migration")
@@ -79,8 +77,6 @@ class _Incoming:
 
     async def run(self, dest: DestVM, ram_size: int) -> None:
         st = self.status
-        tmp = tempfile.mkdtemp(prefix="ncmig-")
-        sock = str(Path(tmp) / "dst.sock")
         mm: mmap.mmap | None = None
         try:
             fd = os.open(dest.ram_path, os.O_RDWR)
@@ -90,7 +86,7 @@ class _Incoming:
                 os.close(fd)
             receiver: PageStreamReceiver | None = PageStreamReceiver(
                 self.ch.page_key_in, mm, counters=self.counters)
-            await dest.listen_device_state(f"unix:{sock}")
+            sock = await dest.listen_device_state()
             await self.ch.send_ctrl({"op": "prepared"})
             st.set_phase("precopy")
             assert receiver is not None
@@ -126,7 +122,6 @@ class _Incoming:
             if mm is not None:
                 with contextlib.suppress(BufferError):
                     mm.close()
-            shutil.rmtree(tmp, ignore_errors=True)
             st.native = self.counters.as_dict()
 
     async def _loop(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str) -> None:
@@ -195,7 +190,7 @@ async def _connect_unix(path: str, timeout: float) -> asyncio.StreamWriter:
     deadline = loop.time() + timeout
     while True:
         try:
-            _, writer = await asyncio.open_unix_connection(path)
+            _, writer = await open_unix(path)
             return writer
         except (FileNotFoundError, ConnectionRefusedError):
             if loop.time() > deadline:

@@ -35,6 +35,7 @@ from novacron.agent.vm.spec import SpecError, parse_spec
 log = logging.getLogger("novacron.agent.migration")
 
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+DEVICE_SOCKET = "incoming.sock"
 POLL_S = 0.005  # query-migrate poll while the guest is paused: latency is downtime
 
 
@@ -120,8 +121,10 @@ class QemuDest:
         self.name = vm.name
         self.ram_path = vm.ram_path
 
-    async def listen_device_state(self, uri: str) -> None:
-        await _qmp(self.vm).execute("migrate-incoming", {"uri": uri}, timeout=10)
+    async def listen_device_state(self) -> str:
+        # relative: QEMU runs in the VM folder, whose path may be too long for sun_path
+        await _qmp(self.vm).execute("migrate-incoming", {"uri": f"unix:{DEVICE_SOCKET}"}, timeout=10)
+        return str(self.vm.paths.dir / DEVICE_SOCKET)
 
     async def wait_device_state_loaded(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -158,6 +161,8 @@ class QemuDest:
             raise VMConflict(f"{final.dir} appeared during the migration")
         # QEMU keeps its mapped RAM, open logs and bound sockets across the rename
         os.rename(vm.paths.dir, final.dir)
+        with contextlib.suppress(FileNotFoundError):
+            (final.dir / DEVICE_SOCKET).unlink()
         vm.paths = final
         vm.migrating = False
         vm.save()

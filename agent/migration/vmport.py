@@ -48,8 +48,9 @@ class DestVM(Protocol):
     name: str
     ram_path: Path
 
-    async def listen_device_state(self, uri: str) -> None:
-        """Make the paused destination accept device state on ``uri`` (unix socket)."""
+    async def listen_device_state(self) -> str:
+        """Make the paused destination accept device state on a unix socket inside
+        its own folder (so a crash leaves nothing elsewhere); returns its path."""
         ...
 
     async def wait_device_state_loaded(self, timeout: float) -> None: ...

@@ -14,6 +14,7 @@ import errno
 import mmap
 import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -140,20 +141,26 @@ class MemDestVM:
         self.ram_path = ram_path
         self.device_state = bytearray()
         self._server: asyncio.AbstractServer | None = None
+        self._sock_dir = ""
         self._loaded = asyncio.Event()
         self.running = False
         self.adopted = False
         self.destroyed = False
         self.fail_resume = False
 
-    async def listen_device_state(self, uri: str) -> None:
+    async def listen_device_state(self) -> str:
+        # its own short folder: pytest's tmp paths can exceed sun_path's 107 bytes
+        self._sock_dir = tempfile.mkdtemp(prefix="nc-memvm-")
+        path = str(Path(self._sock_dir) / "dev.sock")
+
         async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             while chunk := await r.read(65536):
                 self.device_state += chunk
             w.close()
             self._loaded.set()
 
-        self._server = await asyncio.start_unix_server(on_conn, path=uri.removeprefix("unix:"))
+        self._server = await asyncio.start_unix_server(on_conn, path=path)
+        return path
 
     async def wait_device_state_loaded(self, timeout: float) -> None:
         await asyncio.wait_for(self._loaded.wait(), timeout)
@@ -165,14 +172,18 @@ class MemDestVM:
 
     async def destroy(self) -> None:
         self.destroyed = True
-        if self._server is not None:
-            self._server.close()
+        self._close_server()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     async def adopt(self) -> None:
         self.adopted = True
+        self._close_server()
+
+    def _close_server(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._sock_dir:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
 
 
 class MemDestFactory:
