@@ -174,6 +174,9 @@ class SourceMigration:
         self.sender = PageStreamSender(
             self.ch.page_key_out, self._mm, level=opts.compression_level, counters=self.counters,
             dedup=DedupIndex() if opts.dedup else None,
+            # the tracker learns what was actually sent, so a page that changes and
+            # changes back between two scans is still re-sent
+            tracker=tracker,
         )
         self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
         scan = await asyncio.to_thread(tracker.scan)
