@@ -23,6 +23,22 @@ routes = RouteTable("vms", "Virtual machines")
 PLACEMENT_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("placement_lock", asyncio.Lock)
 
 _PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
+_VM_NAMES = {"type": "array", "items": schemas.NAME, "maxItems": 64, "uniqueItems": True}
+# What the scheduler weighs besides size; never sent to the agent.
+PLACEMENT: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "placement preferences (see coordinator/scheduler/README.md)",
+    "properties": {
+        "priority": {"enum": ["low", "normal", "high"]},
+        "region": {**schemas.NAME, "description": "user region the VM should be close to"},
+        "max_latency_ms": {"type": "number", "exclusiveMinimum": 0, "maximum": 100000},
+        "affinity": {**_VM_NAMES, "description": "place beside these VMs"},
+        "anti_affinity": {**_VM_NAMES, "description": "keep away from these VMs"},
+        "anti_affinity_scope": {"enum": ["host", "zone"]},
+    },
+    "dependentRequired": {"max_latency_ms": ["region"]},
+}
 CREATE: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -39,6 +55,7 @@ CREATE: dict[str, Any] = {
         "accel": {"enum": ["kvm", "tcg", "auto"]},
         "start": {"type": "boolean", "description": "start it (default true)"},
         "host": {**schemas.NAME, "description": "pin to this host instead of placing"},
+        "placement": PLACEMENT,
     },
     "oneOf": [
         {"required": ["kernel"], "not": {"anyOf": [
@@ -74,6 +91,11 @@ async def create_vm(request: web.Request) -> web.Response:
     body: dict[str, Any] = dict(json_body(request))
     store, agents = request.app[STORE], request.app[AGENTS]
     pinned = body.pop("host", None)
+    placement = body.pop("placement", {})
+    clash = set(placement.get("affinity", ())) & set(placement.get("anti_affinity", ()))
+    if clash:
+        raise ApiError(400, "placement: VM(s) in both affinity and anti_affinity: "
+                       + ", ".join(sorted(clash)))
     # Name check, placement and reservation happen under one lock, so two concurrent
     # requests can neither take the same name nor the same free memory.
     async with request.app[PLACEMENT_LOCK]:
@@ -86,10 +108,14 @@ async def create_vm(request: web.Request) -> web.Response:
                 raise ApiError(404, f"no host named {pinned!r}")
             if hosts[0].state != HOST_UP:
                 raise ApiError(409, f"host {pinned!r} is down")
-        host = await request.app[PLACER](body, hosts, await store.list_vms())
+        placer = request.app[PLACER]
+        host = await placer({**body, **placement}, hosts, await store.list_vms())
         if host is None:
-            raise ApiError(409, f"no up host has {body['vcpus']} vCPUs and {body['memory_mb']} "
-                           "MiB free for this VM")
+            # the scheduler explains its refusals; the simple placer only fits by size
+            last = getattr(placer, "last", None)
+            why = last.explanation.get("why") if last is not None else None
+            raise ApiError(409, why or f"no up host has {body['vcpus']} vCPUs and "
+                           f"{body['memory_mb']} MiB free for this VM")
         now = time.time()
         vm = VM(name=body["name"], host=host.name, spec=body, state="creating",
                 created_at=now, updated_at=now)

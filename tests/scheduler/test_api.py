@@ -86,6 +86,38 @@ async def test_vm_create_uses_the_scheduler_and_plan_frees_a_host(
     assert {v["name"]: v["host"] for v in vms["vms"]} == {"v1": "beta", "v2": "alpha"}  # unchanged
 
 
+async def test_vm_create_honours_placement_preferences(
+        coordinator: Coordinator, agents: list[FakeAgent]) -> None:
+    await coordinator.call("PUT", "/placements/hosts/alpha", json={"latency_ms": {"eu": 40}})
+    await coordinator.call("PUT", "/placements/hosts/beta", json={"latency_ms": {"eu": 2}})
+    near = {"name": "near", "vcpus": 1, "memory_mb": 256, **GUEST,
+            "placement": {"region": "eu", "max_latency_ms": 10}}
+    status, vm = await coordinator.call("POST", "/vms", json=near)
+    assert status == 201 and vm["host"] == "beta", vm
+    beta = next(a for a in agents if a.name == "beta")
+    assert "placement" not in beta.vms["near"]  # preferences never reach the agent
+    # anti-affinity with "near" plus a latency bound only beta meets: nowhere to go, and why
+    apart = {"name": "apart", "vcpus": 1, "memory_mb": 256, **GUEST,
+             "placement": {"region": "eu", "max_latency_ms": 10, "anti_affinity": ["near"]}}
+    status, doc = await coordinator.call("POST", "/vms", json=apart)
+    assert status == 409 and "no host" in doc["error"], doc
+    status, doc = await coordinator.call("GET", "/vms")
+    assert [v["name"] for v in doc["vms"]] == ["near"]  # the refusal changed nothing
+
+
+@pytest.mark.parametrize("placement", [
+    {"priority": "urgent"}, {"max_latency_ms": 5}, {"affinity": ["a"], "anti_affinity": ["a"]},
+    {"colour": "blue"},
+])
+async def test_vm_create_rejects_bad_placement(coordinator: Coordinator, agents: list[FakeAgent],
+                                               placement: dict[str, Any]) -> None:
+    body = {"name": "v", "vcpus": 1, "memory_mb": 256, **GUEST, "placement": placement}
+    status, doc = await coordinator.call("POST", "/vms", json=body)
+    assert status == 400, doc
+    status, doc = await coordinator.call("GET", "/vms")
+    assert doc["vms"] == []
+
+
 @pytest.mark.parametrize("body", [
     {"max_migrations": 0}, {"hot_threshold": 2}, {"drain_threshold": 0.95, "hot_threshold": 0.5},
     {"bandwidth_mbps": -1}, {"surprise": True},
