@@ -13,10 +13,13 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+DEFAULTS = "settings"  # the source named for a value nobody set
 
 
 class ConfigError(Exception):
@@ -25,6 +28,17 @@ class ConfigError(Exception):
     def __init__(self, source: str, key: str, problem: str) -> None:
         self.source, self.key, self.problem = source, key, problem
         super().__init__(f"{source}: key '{key}': {problem}")
+
+
+class Invalid(ValueError):
+    """Raised by a settings check: the value of ``key`` (dotted) cannot work.
+
+    ``load`` turns it into a :class:`ConfigError` naming where that value came from.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"{key}: {problem}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -121,7 +135,7 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _from_file(cls: type, path: Path) -> dict[str, Any]:
+def _from_file(cls: type, path: Path, sources: dict[str, str]) -> dict[str, Any]:
     source = str(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -152,6 +166,7 @@ def _from_file(cls: type, path: Path) -> dict[str, Any]:
                 _set(out, (*prefix, key), _coerce(tp, value, from_text=False))
             except ValueError as exc:
                 raise ConfigError(source, dotted, str(exc)) from None
+            sources[dotted] = source
 
     walk(cls, raw, ())
     return out
@@ -180,28 +195,43 @@ def load(
     env_prefix: str,
     args: argparse.Namespace | None = None,
     environ: typing.Mapping[str, str] | None = None,
+    check: Callable[[T], None] | None = None,
 ) -> T:
-    """Build ``cls`` from defaults, then the TOML file, environment and flags."""
+    """Build ``cls`` from defaults, then the TOML file, environment and flags.
+
+    ``check`` sees the result and raises :class:`Invalid` for a value that
+    parses but cannot work; the error names the layer that set that value.
+    """
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = _from_file(cls, path) if path is not None else {}
+    sources: dict[str, str] = {}  # dotted key -> the layer its value came from
+    values: dict[str, Any] = _from_file(cls, path, sources) if path is not None else {}
     for leaf, tp in _leaves(cls):
+        dotted = ".".join(leaf)
         name = env_name(env_prefix, leaf)
         if name in environ:
             try:
                 _set(values, leaf, _coerce(tp, environ[name], from_text=True))
             except ValueError as exc:
-                raise ConfigError(f"environment {name}", ".".join(leaf), str(exc)) from None
+                raise ConfigError(f"environment {name}", dotted, str(exc)) from None
+            sources[dotted] = f"environment {name}"
         if args is not None:
             raw = getattr(args, "cfg__" + "__".join(leaf), None)
             if raw is not None:
                 try:
                     _set(values, leaf, _coerce(tp, raw, from_text=True))
                 except ValueError as exc:
-                    raise ConfigError(f"flag {flag_name(leaf)}", ".".join(leaf), str(exc)) from None
+                    raise ConfigError(f"flag {flag_name(leaf)}", dotted, str(exc)) from None
+                sources[dotted] = f"flag {flag_name(leaf)}"
     try:
-        return _build(cls, values)
+        cfg = _build(cls, values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(str(path or "settings"), "-", str(exc)) from None
+        raise ConfigError(str(path or DEFAULTS), "-", str(exc)) from None
+    if check is not None:
+        try:
+            check(cfg)
+        except Invalid as exc:
+            raise ConfigError(sources.get(exc.key, DEFAULTS), exc.key, exc.problem) from None
+    return cfg
 
 
 def config_path(args: argparse.Namespace, env_prefix: str, default: Path | None = None) -> Path | None:
@@ -223,9 +253,11 @@ def load_or_exit(
     prog: str,
     env_prefix: str,
     default_path: Path | None = None,
+    check: Callable[[T], None] | None = None,
 ) -> T:
-    """``load`` for entry points: a bad config prints one line and exits 2."""
+    """``load`` for entry points: a bad config prints one line and exits with status 1."""
     try:
-        return load(cls, path=config_path(args, env_prefix, default_path), env_prefix=env_prefix, args=args)
+        return load(cls, path=config_path(args, env_prefix, default_path), env_prefix=env_prefix,
+                    args=args, check=check)
     except ConfigError as exc:
         raise SystemExit(f"{prog}: config error: {exc}") from None

@@ -8,6 +8,7 @@
 | ``PLACER`` | Placer | chooses a host for a new VM (``novacron.coordinator.placement``) |
 | ``MIGRATIONS`` | MigrationManager | starts, follows and cancels migrations |
 | ``EVENTS`` | EventHub | in-process pub/sub used for SSE progress streams |
+| ``CLASSIFIER`` | TaskService | task classifier and swarm planner (``novacron.coordinator.classifier``) |
 
 Features add their own keys in their own modules (``web.AppKey("name", Type)``).
 """
@@ -20,6 +21,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from novacron.coordinator.agent_client import AgentClient
+    from novacron.coordinator.classifier.service import TaskService
     from novacron.coordinator.config import CoordinatorConfig
     from novacron.coordinator.events import EventHub
     from novacron.coordinator.migrations import MigrationManager
@@ -32,3 +34,4 @@ AGENTS: web.AppKey[AgentClient] = web.AppKey("agents")
 PLACER: web.AppKey[Placer] = web.AppKey("placer")
 MIGRATIONS: web.AppKey[MigrationManager] = web.AppKey("migrations")
 EVENTS: web.AppKey[EventHub] = web.AppKey("events")
+CLASSIFIER: web.AppKey[TaskService] = web.AppKey("classifier")

@@ -125,7 +125,7 @@ async def _plan_for(request: web.Request, body: dict[str, Any]) -> tuple[dict[st
     """(the executable plan, the whole plan document) for the request."""
     if "plan" in body:
         return dict(body["plan"]), dict(body["plan"])
-    from novacron.coordinator.api.tasks import CLASSIFIER
+    from novacron.coordinator.api.keys import CLASSIFIER
     from novacron.coordinator.classifier.model import InvalidTask
 
     service = request.app.get(CLASSIFIER)

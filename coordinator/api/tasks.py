@@ -23,9 +23,7 @@ log = logging.getLogger("novacron.coordinator.api.tasks")
 
 routes = RouteTable("tasks", "Task-complexity classification and swarm plans")
 
-# Other features (the MCP tools, POST /swarms) look the service up as keys.CLASSIFIER.
-CLASSIFIER: web.AppKey[TaskService] = getattr(keys, "CLASSIFIER", None) or web.AppKey(
-    "classifier", TaskService)
+CLASSIFIER = keys.CLASSIFIER  # also used by the MCP tools and POST /swarms
 
 _TEXT: dict[str, Any] = {
     "type": "string",
@@ -122,6 +120,3 @@ async def plan(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     app[CLASSIFIER] = TaskService()
-    if getattr(keys, "CLASSIFIER", None) is None:
-        # Until keys.py declares it, publish ours where the MCP tools and /swarms look.
-        setattr(keys, "CLASSIFIER", CLASSIFIER)  # noqa: B010

@@ -40,8 +40,8 @@ def _refusal(exc: ApiError) -> ToolFailure:
 
 
 def _classifier(app: web.Application) -> Any:
-    """The coordinator's TaskService (``novacron.coordinator.api.tasks.CLASSIFIER``)."""
-    from novacron.coordinator.api.tasks import CLASSIFIER
+    """The coordinator's TaskService (``novacron.coordinator.api.keys.CLASSIFIER``)."""
+    from novacron.coordinator.api.keys import CLASSIFIER
 
     service = app.get(CLASSIFIER)
     if service is None:

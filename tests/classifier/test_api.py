@@ -79,5 +79,5 @@ async def test_routes_are_in_the_openapi_document(coord: Coordinator) -> None:
 async def test_mcp_and_swarm_features_find_the_service(coord: Coordinator) -> None:
     from novacron.coordinator.api import keys
 
-    service = coord.server.app[keys.CLASSIFIER]  # type: ignore[attr-defined]
+    service = coord.server.app[keys.CLASSIFIER]
     assert service.plan("Add SSO with Okta")["topology"]
