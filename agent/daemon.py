@@ -8,7 +8,6 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from novacron.agent.config import AgentConfig
 from novacron.agent.vm.accel import AccelDetector, AccelInfo
 from novacron.agent.vm.manager import VMManager
 from novacron.agent.vm.ramfile import MEMORY_FILESYSTEMS, filesystem_type
+from novacron.daemon import start_site, until_signalled
 
 log = logging.getLogger("novacron.agent")
 
@@ -101,21 +101,13 @@ async def serve(cfg: AgentConfig) -> None:
     vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary)
     await vms.load()
     probe = asyncio.create_task(accel.detect(), name="accel probe")  # warm the answer for /v1/host
-    runner = web.AppRunner(build_app(cfg, vms, accel), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
-    await site.start()
-    port = runner.addresses[0][1] if runner.addresses else cfg.port
+    runner, port = await start_site(build_app(cfg, vms, accel), cfg.host, cfg.port)
     endpoint = cfg.state_dir / ENDPOINT_FILE
     endpoint.write_text(json.dumps({"host": cfg.host, "port": port, "data_port": cfg.data_port, "pid": os.getpid()}))
     log.info("agent listening", extra={"host": cfg.host, "port": port, "state_dir": str(cfg.state_dir)})
     link = start_coordinator_link(cfg, runner.app, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
         log.info("agent shutting down", extra={"vms_on_exit": cfg.vms_on_exit})
     finally:
         if link is not None:

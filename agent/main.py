@@ -2,48 +2,35 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
 
 from novacron import config, logs
 from novacron.agent.config import DEFAULT_CONFIG, ENV_PREFIX, AgentConfig
+from novacron.daemon import Daemon
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="novacron-agent",
-        description="NovaCron host agent: runs QEMU/KVM guests and live-migrates them.",
-        epilog=f"Config file: --config, ${ENV_PREFIX}_CONFIG or {DEFAULT_CONFIG}. "
-        f"Every setting can also be given as ${ENV_PREFIX}_<KEY>.",
-    )
-    parser.add_argument("--config", help="TOML config file")
-    config.add_flags(parser, AgentConfig)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config.load_or_exit(
-        AgentConfig, args, prog="novacron-agent", env_prefix=ENV_PREFIX, default_path=DEFAULT_CONFIG
-    )
+def check_config(cfg: AgentConfig) -> None:
     if not cfg.token:
-        raise SystemExit(
-            "novacron-agent: config error: settings: key 'token': required "
-            f"(set it in the config file or ${ENV_PREFIX}_TOKEN)"
-        )
-    logs.setup(cfg.log_level)
-    logs.register_secret(cfg.token)
-    logs.register_secret(cfg.cluster_secret)
-    logs.register_secret(cfg.coordinator_token)
-    from novacron.agent.daemon import serve
+        raise config.Invalid("token", f"required (set it in the config file or ${ENV_PREFIX}_TOKEN)")
+    logs.check_level(cfg.log_level)
+    config.check_port(cfg, "port")
+    config.check_port(cfg, "data_port")
 
-    try:
-        asyncio.run(serve(cfg))
-    except KeyboardInterrupt:
-        pass
-    return 0
 
+async def serve(cfg: AgentConfig) -> None:
+    from novacron.agent.daemon import serve  # not needed for --help or a config error
+
+    await serve(cfg)
+
+
+DAEMON = Daemon(
+    prog="novacron-agent",
+    description="NovaCron host agent: runs QEMU/KVM guests and live-migrates them.",
+    settings=AgentConfig, env_prefix=ENV_PREFIX, default_config=DEFAULT_CONFIG,
+    check=check_config, serve=serve,
+    secrets=lambda cfg: (cfg.token, cfg.cluster_secret, cfg.coordinator_token),
+)
+main = DAEMON.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,8 @@ from typing import Any
 
 import aiohttp
 
+from novacron.httpjson import HttpError, ResponseTooLarge, request_json
+
 log = logging.getLogger("novacron.coordinator.agents")
 
 
@@ -16,6 +18,12 @@ class AgentError(Exception):
     def __init__(self, host: str, message: str, status: int = 0) -> None:
         super().__init__(f"agent {host}: {message}")
         self.host, self.message, self.status = host, message, status
+
+
+def reported_state(status: Any, default: str) -> str:
+    """The VM state an agent's reply reports, ``default`` when it reports none."""
+    state = status.get("state") if isinstance(status, dict) else None
+    return state if isinstance(state, str) and state else default
 
 
 class AgentClient:
@@ -37,19 +45,14 @@ class AgentClient:
     ) -> Any:
         if self._session is None:
             raise RuntimeError("agent client is not started")
-        headers = {"Authorization": f"Bearer {token}"}
+        # no timeout_s: the session's (without it aiohttp would wait for ever)
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
         try:
-            async with self._session.request(
-                method, url.rstrip("/") + path, json=body, headers=headers, timeout=timeout,
-            ) as resp:
-                try:
-                    doc = await resp.json(content_type=None)
-                except ValueError:
-                    doc = None
-                if resp.status >= 400:
-                    msg = doc.get("error") if isinstance(doc, dict) else None
-                    raise AgentError(host, str(msg or f"HTTP {resp.status}"), resp.status)
-                return doc
+            return await request_json(self._session, method, url.rstrip("/") + path, body=body,
+                                      headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        except HttpError as exc:
+            raise AgentError(host, exc.message or f"HTTP {exc.status}", exc.status) from None
+        except ResponseTooLarge as exc:
+            raise AgentError(host, str(exc)) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise AgentError(host, f"unreachable: {type(exc).__name__}: {exc}") from None

@@ -9,6 +9,16 @@ from typing import Any
 
 import aiohttp
 
+from novacron.httpjson import (
+    HttpError,
+    ResponseTooLarge,
+    error_message,
+    read_json,
+    request_json,
+)
+
+MAX_EVENT_BYTES = 1 << 20  # one server-sent event; a migration's state is a few hundred bytes
+
 
 class ApiClientError(Exception):
     """The coordinator answered an error (``status``) or could not be reached (0)."""
@@ -47,18 +57,13 @@ class CoordinatorClient:
                       token: str | None = None) -> Any:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
-            async with self.session.request(
-                method, f"{self.server}/api/v1{path}", json=body, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-            ) as resp:
-                try:
-                    doc = await resp.json(content_type=None)
-                except ValueError:
-                    doc = None
-                if resp.status >= 400:
-                    msg = doc.get("error") if isinstance(doc, dict) else None
-                    raise ApiClientError(resp.status, str(msg or resp.reason))
-                return doc
+            return await request_json(self.session, method, f"{self.server}/api/v1{path}", body=body,
+                                      headers=headers,
+                                      timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        except HttpError as exc:
+            raise ApiClientError(exc.status, exc.message or exc.reason) from None
+        except ResponseTooLarge as exc:
+            raise ApiClientError(0, f"{self.server}: {exc}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ApiClientError(0, f"cannot reach the coordinator at {self.server}: "
                                  f"{type(exc).__name__}: {exc}") from None
@@ -107,16 +112,22 @@ class CoordinatorClient:
         try:
             async with self.session.get(url) as resp:
                 if resp.status >= 400:
-                    doc = await resp.json(content_type=None)
-                    raise ApiClientError(resp.status, str(doc.get("error", resp.reason)))
+                    message = error_message(await read_json(resp))
+                    raise ApiClientError(resp.status, message or resp.reason or "")
                 data: list[str] = []
+                size = 0
                 async for raw in resp.content:
                     line = raw.decode().rstrip("\r\n")
                     if line.startswith("data:"):
                         data.append(line[5:].lstrip())
+                        size += len(raw)
+                        if size > MAX_EVENT_BYTES:
+                            raise ValueError(f"an event is over {MAX_EVENT_BYTES} bytes")
                     elif not line and data:
                         yield json.loads("\n".join(data))
-                        data = []
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                        data, size = [], 0
+        except (aiohttp.ClientError, TimeoutError, ResponseTooLarge) as exc:
             raise ApiClientError(0, f"progress stream broke: {type(exc).__name__}: {exc}") \
                 from None
+        except ValueError as exc:  # bad UTF-8 or JSON, or an endless event
+            raise ApiClientError(0, f"progress stream sent a bad event: {exc}") from None

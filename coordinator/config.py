@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from novacron.config import Invalid, check_port
+from novacron.logs import check_level
 
 ENV_PREFIX = "NOVACRON_COORDINATOR"
 DEFAULT_CONFIG = Path("/etc/novacron/coordinator.toml")
+
+
+@dataclass
+class McpConfig:
+    """The claude-flow MCP bridge: ``[mcp]`` in the file, ``NOVACRON_COORDINATOR_MCP_*``, ``--mcp-*``."""
+
+    enabled: bool = True
+    # argv of the MCP server (a TOML list; comma-separated in env/flags); empty: the pinned claude-flow
+    command: list[str] = field(default_factory=list)
+    eager: bool = False  # start claude-flow with the coordinator instead of on first use
+    call_timeout_s: float = 30.0
+    start_timeout_s: float = 60.0
+    ping_interval_s: float = 15.0  # health ping of a running claude-flow; 0: off
+    attempts: int = 3  # tries of one call across claude-flow restarts
 
 
 @dataclass
@@ -23,3 +40,34 @@ class CoordinatorConfig:
     agent_timeout_s: float = 30.0  # one call to an agent's API
     poll_interval_s: float = 0.25  # how often a running migration's status is polled
     migration_timeout_s: float = 3600.0  # a migration not finished by then is failed
+    mcp: McpConfig = field(default_factory=McpConfig)
+
+
+def check_mcp(mcp: McpConfig) -> None:
+    for key in ("call_timeout_s", "start_timeout_s"):
+        if not getattr(mcp, key) > 0:
+            raise Invalid(f"mcp.{key}", "must be positive")
+    if not mcp.ping_interval_s >= 0:
+        raise Invalid("mcp.ping_interval_s", "must be 0 (off) or positive")
+    if not 1 <= mcp.attempts <= 10:
+        raise Invalid("mcp.attempts", "must be 1..10")
+
+
+def check_config(cfg: CoordinatorConfig) -> None:
+    """Values that parse but cannot work; ``config.load(check=...)`` names where each came from."""
+    if not cfg.admin_token:
+        raise Invalid("admin_token", f"admin_token is required ({ENV_PREFIX}_ADMIN_TOKEN)")
+    if not cfg.agent_token:
+        raise Invalid("agent_token", f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
+    if cfg.admin_token == cfg.agent_token:
+        raise Invalid("agent_token", "admin_token and agent_token must differ")
+    for key in ("heartbeat_interval_s", "agent_timeout_s", "poll_interval_s", "migration_timeout_s"):
+        if not getattr(cfg, key) > 0:  # 0 would spin the loops these pace (and NaN compares false)
+            raise Invalid(key, "must be positive")
+    if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:
+        raise Invalid("heartbeat_timeout_s", "heartbeat_timeout_s must be larger than heartbeat_interval_s")
+    if cfg.max_body_bytes < 1024:
+        raise Invalid("max_body_bytes", "must be at least 1024")
+    check_level(cfg.log_level)
+    check_port(cfg, "port")
+    check_mcp(cfg.mcp)

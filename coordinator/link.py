@@ -23,6 +23,20 @@ log = logging.getLogger("novacron.coordinator.link")
 REGISTER_FIELDS = ("name", "cpus", "memory_bytes", "memory_available_bytes", "accel",
                    "data_port", "version", "vms")
 HEARTBEAT_FIELDS = ("memory_available_bytes", "vms", "load")
+INTERVAL_RANGE_S = (0.05, 300.0)  # a 0 or absurd answer must neither spin nor silence the link
+
+
+def _interval(reply: Any, current: float) -> float:
+    """The heartbeat interval the coordinator asked for, kept within INTERVAL_RANGE_S."""
+    raw = reply.get("heartbeat_interval_s", current) if isinstance(reply, dict) else current
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return current
+    if value != value:  # NaN
+        return current
+    low, high = INTERVAL_RANGE_S
+    return min(max(value, low), high)
 
 
 class CoordinatorLink:
@@ -40,7 +54,7 @@ class CoordinatorLink:
         body = {k: info[k] for k in REGISTER_FIELDS if info.get(k) is not None}
         body.update(url=self.agent_url, token=self.agent_token)
         reply = await client.register_host(body, self.coordinator_token)
-        self.interval_s = float(reply.get("heartbeat_interval_s", self.interval_s))
+        self.interval_s = _interval(reply, self.interval_s)
         self.registered.set()
         log.info("registered with the coordinator",
                  extra={"coordinator": self.coordinator_url, "host": body["name"]})
@@ -55,7 +69,7 @@ class CoordinatorLink:
                 await self.register(client)
                 return
             raise
-        self.interval_s = float(reply.get("heartbeat_interval_s", self.interval_s))
+        self.interval_s = _interval(reply, self.interval_s)
         self.beats += 1
 
     async def run(self) -> None:

@@ -2,47 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
 
-from novacron import config, logs
-from novacron.coordinator.config import DEFAULT_CONFIG, ENV_PREFIX, CoordinatorConfig
+from novacron.coordinator.config import DEFAULT_CONFIG, ENV_PREFIX, CoordinatorConfig, check_config
+from novacron.daemon import Daemon
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="novacron-coordinator",
-        description="NovaCron coordinator: fleet state, REST API, placement and the MCP bridge.",
-        epilog=f"Config file: --config, ${ENV_PREFIX}_CONFIG or {DEFAULT_CONFIG}. "
-        f"Every setting can also be given as ${ENV_PREFIX}_<KEY>.",
-    )
-    parser.add_argument("--config", help="TOML config file")
-    config.add_flags(parser, CoordinatorConfig)
-    return parser
+async def serve(cfg: CoordinatorConfig) -> None:
+    from novacron.coordinator.service import serve  # not needed for --help or a config error
+
+    await serve(cfg)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config.load_or_exit(
-        CoordinatorConfig, args, prog="novacron-coordinator", env_prefix=ENV_PREFIX,
-        default_path=DEFAULT_CONFIG,
-    )
-    logs.setup(cfg.log_level)
-    logs.register_secret(cfg.admin_token)
-    logs.register_secret(cfg.agent_token)
-    from novacron.coordinator.service import ConfigProblem, check_config, serve
-
-    try:
-        check_config(cfg)
-    except ConfigProblem as exc:
-        raise SystemExit(f"novacron-coordinator: config error: {exc}") from None
-    try:
-        asyncio.run(serve(cfg))
-    except KeyboardInterrupt:
-        pass
-    return 0
-
+DAEMON = Daemon(
+    prog="novacron-coordinator",
+    description="NovaCron coordinator: fleet state, REST API, placement and the MCP bridge.",
+    settings=CoordinatorConfig, env_prefix=ENV_PREFIX, default_config=DEFAULT_CONFIG,
+    check=check_config, serve=serve, secrets=lambda cfg: (cfg.admin_token, cfg.agent_token),
+)
+main = DAEMON.main
 
 if __name__ == "__main__":
     sys.exit(main())

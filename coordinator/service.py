@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from novacron import __version__
-from novacron.coordinator.agent_client import AgentClient, AgentError
+from novacron import __version__, logs
+from novacron.coordinator.agent_client import AgentClient, AgentError, reported_state
 from novacron.coordinator.api import load_route_modules
 from novacron.coordinator.api.auth import make_auth_middleware
 from novacron.coordinator.api.errors import error_middleware
@@ -25,25 +23,9 @@ from novacron.coordinator.events import EventHub
 from novacron.coordinator.migrations import MigrationManager
 from novacron.coordinator.placement import Placer, most_free_memory
 from novacron.coordinator.store import Store, open_store
+from novacron.daemon import start_site, until_signalled
 
 log = logging.getLogger("novacron.coordinator")
-
-
-class ConfigProblem(Exception):
-    pass
-
-
-def check_config(cfg: CoordinatorConfig) -> None:
-    if not cfg.admin_token:
-        raise ConfigProblem("admin_token is required (NOVACRON_COORDINATOR_ADMIN_TOKEN)")
-    if not cfg.agent_token:
-        raise ConfigProblem("agent_token is required (NOVACRON_COORDINATOR_AGENT_TOKEN)")
-    if cfg.admin_token == cfg.agent_token:
-        raise ConfigProblem("admin_token and agent_token must differ")
-    if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:
-        raise ConfigProblem("heartbeat_timeout_s must be larger than heartbeat_interval_s")
-    if cfg.max_body_bytes < 1024:
-        raise ConfigProblem("max_body_bytes must be at least 1024")
 
 
 def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
@@ -73,6 +55,8 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
 
 async def _core_services(app: web.Application) -> AsyncIterator[None]:
     await app[STORE].open()
+    for host in await app[STORE].list_hosts():
+        logs.register_secret(host.token)  # agents' tokens, stored by an earlier run
     await app[AGENTS].start()
     await app[MIGRATIONS].resume_all()
     await settle_unfinished_creates(app)
@@ -103,7 +87,7 @@ async def settle_unfinished_creates(app: web.Application) -> None:
                 log.info("dropped a VM whose create never reached its agent",
                          extra={"vm": vm.name, "host": host.name})
             continue  # agent unreachable: decide later (the record keeps its reservation)
-        vm.state = str(status.get("state", "running")) if isinstance(status, dict) else "running"
+        vm.state = reported_state(status, "running")
         vm.updated_at = time.time()
         await store.put_vm(vm)
 
@@ -118,20 +102,12 @@ def write_listen_file(cfg: CoordinatorConfig, url: str) -> None:
 
 async def serve(cfg: CoordinatorConfig) -> None:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    runner = web.AppRunner(build_app(cfg), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
-    await site.start()
-    port = runner.addresses[0][1] if runner.addresses else cfg.port
+    runner, port = await start_site(build_app(cfg), cfg.host, cfg.port)
     url = f"http://{cfg.host}:{port}"
     write_listen_file(cfg, url)
     log.info("coordinator listening", extra={"url": url, "data_dir": str(cfg.data_dir)})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await runner.cleanup()
         (cfg.data_dir / "listen.json").unlink(missing_ok=True)

@@ -41,6 +41,12 @@ class Invalid(ValueError):
         super().__init__(f"{key}: {problem}")
 
 
+def check_port(cfg: object, key: str) -> None:
+    """A settings check: ``cfg.<key>`` is a TCP port, 0 meaning any free one."""
+    if not 0 <= getattr(cfg, key) <= 65535:
+        raise Invalid(key, "expected a port number 0..65535")
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -13,6 +13,10 @@ import threading
 import time
 from typing import Any
 
+from novacron.config import Invalid
+
+LEVELS = ("debug", "info", "warning", "error", "critical")  # what setup() takes, any case
+
 _SECRETS: set[str] = set()
 _LOCK = threading.Lock()
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -63,6 +67,12 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return redact(line)
+
+
+def check_level(level: str, key: str = "log_level") -> None:
+    """A settings check (see ``novacron.config.load``): ``level`` must be one of LEVELS."""
+    if level.lower() not in LEVELS:
+        raise Invalid(key, f"expected one of {', '.join(LEVELS)}, got {level!r}")
 
 
 def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:

@@ -18,7 +18,12 @@ from aiohttp import web
 from novacron.agent.appkeys import CONFIG, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
-from novacron.agent.migration.qemu_port import QemuDestFactory, clean_stale_incoming, source_vm
+from novacron.agent.migration.qemu_port import (
+    QemuDestFactory,
+    clean_stale_incoming,
+    clean_stale_relay_sockets,
+    source_vm,
+)
 from novacron.agent.migration.vmport import SourceVM
 from novacron.agent.vm.errors import VMError
 from novacron.agent.vm.manager import VMManager
@@ -54,6 +59,7 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
 
     async def on_startup(_app: web.Application) -> None:
         clean_stale_incoming(cfg.state_dir)
+        clean_stale_relay_sockets(cfg.state_dir)
         port = await manager.start()
         if cfg.data_port == 0:
             cfg.data_port = port  # so /v1/host reports the port actually bound

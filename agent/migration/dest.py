@@ -92,7 +92,7 @@ class _Incoming:
             assert receiver is not None
             await self._loop(dest, receiver, mm, sock)
         except BaseException as exc:
-            reason = _reason(exc)
+            reason = protocol.failure_reason(exc, "source")
             if self.committed:
                 log.warning("source vanished after switchover; the VM runs here",
                             extra={"migration": st.id, "reason": reason})
@@ -165,12 +165,18 @@ class _Incoming:
                 st.set_phase("commit")
                 await dest.resume()
                 self.committed = True  # the guest runs here now: never destroy it
-                await dest.adopt()
+                try:
+                    await dest.adopt()
+                except Exception as exc:
+                    log.error("adopting the migrated VM failed; it runs here regardless",
+                              extra={"migration": st.id, "error": str(exc)})
+                # Final before telling the source: if 'resumed' is lost with the
+                # channel, the source asks our API and must read a definite answer.
+                st.set_phase("completed")
                 await self.ch.send_ctrl({"op": "resumed"})
                 # Wait (bounded) for the source's 'done'; the VM is ours either way.
                 with contextlib.suppress(ChannelClosed, ProtocolError):
                     await self.ch.recv(timeout=30)
-                st.set_phase("completed")
                 return
             elif op == "abort":
                 raise DestAborted(f"source aborted: {protocol.reason_of(rec.ctrl)}")
@@ -197,14 +203,3 @@ async def _connect_unix(path: str, timeout: float) -> asyncio.StreamWriter:
                 raise ProtocolError(f"destination VM did not listen for device state on {path}") from None
             await asyncio.sleep(0.02)
 
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled"
-    if isinstance(exc, ProtocolError):
-        return f"protocol error: {exc}"
-    if isinstance(exc, ChannelClosed):
-        return f"channel to source lost: {exc}"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__

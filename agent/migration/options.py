@@ -17,6 +17,9 @@ class MigrationOptions:
     test_digest: bool = False  # BLAKE3 both RAMs at switchover and compare
     batch_pages: int = 1024  # pages encoded per batch (bounds memory and limiter granularity)
     timeout_s: float = 600.0  # whole migration
+    # after a channel loss past 'go': how long to ask the destination's API what
+    # happened (longer than its 60 s idle timeout, so a silent partition settles)
+    in_doubt_timeout_s: float = 120.0
 
     @classmethod
     def from_dict(cls, raw: Any) -> MigrationOptions:
@@ -56,6 +59,8 @@ class MigrationOptions:
             raise ValueError("option 'batch_pages' must be between 64 and 65536")
         if not 1 <= self.timeout_s <= 86_400:
             raise ValueError("option 'timeout_s' must be between 1 and 86400")
+        if not 0.1 <= self.in_doubt_timeout_s <= 3600:
+            raise ValueError("option 'in_doubt_timeout_s' must be between 0.1 and 3600")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

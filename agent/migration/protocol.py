@@ -9,12 +9,14 @@ peer is checked here, so a malformed message becomes one clear ProtocolError.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
-from novacron.agent.channel.records import ProtocolError
+from novacron.agent.channel.records import ChannelClosed, ProtocolError
 
 TAG_DEVICE_STATE = 1  # blob frames carrying QEMU's migration stream
+RELAY_SOCKET = "migrate-out.sock"  # source side: QEMU's device state enters the relay here
 PAGE = 4096
 MAX_RAM = 1 << 40  # 1 TiB: anything larger is a garbled message, not a VM
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -55,3 +57,16 @@ def check_int(msg: dict[str, Any], key: str, lo: int = 0, hi: int = 1 << 62) -> 
 def reason_of(msg: dict[str, Any]) -> str:
     value = msg.get("reason")
     return value[:500] if isinstance(value, str) and value else "no reason given"
+
+
+def failure_reason(exc: BaseException, peer: str, timeout: str = "timed out") -> str:
+    """One line saying why a migration side failed (``peer``: "source"/"destination")."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, ProtocolError):
+        return f"protocol error: {exc}"
+    if isinstance(exc, ChannelClosed):
+        return f"channel to {peer} lost: {exc}"
+    if isinstance(exc, TimeoutError):
+        return timeout
+    return str(exc) or type(exc).__name__

@@ -22,6 +22,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from novacron.agent.migration.protocol import RELAY_SOCKET
 from novacron.agent.migration.vmport import AdmissionError
 from novacron.agent.qmp import QMPClient, QMPError
 from novacron.agent.vm.accel import AccelUnavailable
@@ -67,6 +68,7 @@ class QemuSource:
         self.name = vm.name
         self.ram_path = vm.ram_path
         self.ram_size = vm.spec.memory_mb * MIB
+        self.work_dir = vm.paths.dir
 
     def spec(self) -> dict[str, Any]:
         doc = {k: v for k, v in self.vm.spec.to_dict().items() if v not in ("", None)}
@@ -81,10 +83,14 @@ class QemuSource:
         await _qmp(self.vm).execute("cont", timeout=10)
         self.vm.state = "running"
 
-    async def send_device_state(self, uri: str) -> None:
+    async def send_device_state(self, socket_path: Path) -> None:
         qmp = _qmp(self.vm)
+        # relative to QEMU's cwd, the VM folder (it follows the folder through an
+        # adopt's rename): the absolute path may be too long for sun_path
+        if socket_path.parent != self.vm.paths.dir:
+            raise ValueError(f"device-state socket {socket_path} is outside the VM folder")
         await qmp.execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
-        await qmp.execute("migrate", {"uri": uri}, timeout=10)
+        await qmp.execute("migrate", {"uri": f"unix:{socket_path.name}"}, timeout=10)
 
     async def wait_device_state_sent(self, timeout: float) -> None:
         await _wait_migrate(self.vm, timeout)
@@ -232,6 +238,17 @@ def clean_stale_incoming(state_dir: Path) -> list[str]:
         removed.append(d.name)
         log.warning("removed a half-received VM left by an earlier agent",
                     extra={"vm": d.name, "pid": pid})
+    return removed
+
+
+def clean_stale_relay_sockets(state_dir: Path) -> list[str]:
+    """Remove device-state relay sockets an earlier (killed) agent left in VM
+    folders; returns the VM names. Run at agent start, before any migration."""
+    removed: list[str] = []
+    for sock in sorted((state_dir / "vms").glob(f"*/{RELAY_SOCKET}")):
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+            removed.append(sock.parent.name)
     return removed
 
 

@@ -15,10 +15,7 @@ import contextlib
 import logging
 import mmap
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +23,11 @@ import numpy as np
 from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
+from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.throttle import Throttle
+from novacron.agent.migration.unixsock import start_unix_server_at
 from novacron.agent.migration.vmport import SourceVM
 from novacron.native import (
     Counters,
@@ -56,8 +55,11 @@ class SourceMigration:
         channel: Channel,
         status: MigrationStatus,
         opts: MigrationOptions,
+        *,
+        probe: OutcomeProbe | None = None,
     ) -> None:
         self.vm = vm
+        self.probe = probe  # asks the destination's API when the channel dies after 'go'
         self.ch = channel
         self.status = status
         self.opts = opts
@@ -71,7 +73,6 @@ class SourceMigration:
         self._t_pause = 0.0
         self.counters = Counters()
         self._mm: mmap.mmap | None = None
-        self._tmp: str | None = None
         self.tracker: FingerprintTracker | None = None
         self.throttle = Throttle(vm)
         self.sender: PageStreamSender | None = None
@@ -89,10 +90,14 @@ class SourceMigration:
                 await self._switchover()
             await self._commit()
         except BaseException as exc:
-            reason = _reason(exc, self.opts.timeout_s)
-            cancelled = isinstance(exc, asyncio.CancelledError) or self.cancel_event.is_set()
-            await self._rollback(reason, cancelled=cancelled)
-            if isinstance(exc, asyncio.CancelledError):
+            reason = protocol.failure_reason(
+                exc, "destination", f"migration exceeded its timeout of {self.opts.timeout_s:g}s")
+            aborted = isinstance(exc, asyncio.CancelledError)
+            if self._go_sent and not self._dest_gave_up and not aborted and not st.done:
+                await self._settle_in_doubt(reason)
+            else:
+                await self._rollback(reason, cancelled=aborted or self.cancel_event.is_set())
+            if aborted:
                 raise
         finally:
             self._cleanup()
@@ -100,6 +105,11 @@ class SourceMigration:
 
     def cancel(self) -> None:
         self.cancel_event.set()
+
+    @property
+    def switching_over(self) -> bool:
+        """'go' was sent: only the destination's answer may decide now, not a cancel."""
+        return self._go_sent
 
     # -- helpers ---------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -126,7 +136,9 @@ class SourceMigration:
             raise ProtocolError(f"unexpected {item.get('op')!r} from destination")
 
     async def _expect(self, op: str, timeout: float) -> dict[str, Any]:
-        cancel = asyncio.create_task(self.cancel_event.wait())
+        # past 'go' a cancel cannot undo anything: wait for the answer only
+        cancel = asyncio.create_task(
+            self.cancel_event.wait() if not self._go_sent else asyncio.Event().wait())
         get = asyncio.create_task(self._inbox.get())
         try:
             done, _ = await asyncio.wait({cancel, get}, timeout=timeout,
@@ -311,18 +323,18 @@ class SourceMigration:
         x-ignore-shared) from a local unix socket over the encrypted channel."""
         st, sender = self.status, self.sender
         assert sender is not None
-        self._tmp = tempfile.mkdtemp(prefix="ncmig-")
-        path = str(Path(self._tmp) / "src.sock")
+        # in the VM's own folder, not /tmp: a killed agent leaves nothing elsewhere
+        path = self.vm.work_dir / protocol.RELAY_SOCKET
         conn: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue(1)
 
         async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             await conn.put((r, w))
 
-        server = await asyncio.start_unix_server(on_conn, path=path)
+        server = await start_unix_server_at(on_conn, path)
         try:
             await self.ch.send_ctrl({"op": "device_begin"})
             self._device_started = True
-            await self.vm.send_device_state(f"unix:{path}")
+            await self.vm.send_device_state(path)
             async with asyncio.timeout(60):
                 reader, writer = await conn.get()
             try:
@@ -342,10 +354,13 @@ class SourceMigration:
             await self.vm.wait_device_state_sent(timeout=60)
         finally:
             server.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     async def _switchover(self) -> None:
-        await self.ch.send_ctrl({"op": "go"})
+        # Set first: 'go' may reach the destination even if sending it then fails.
         self._go_sent = True
+        await self.ch.send_ctrl({"op": "go"})
         await self._expect("resumed", timeout=60)
         now = time.monotonic()
         st = self.status
@@ -367,14 +382,39 @@ class SourceMigration:
         st.set_phase("completed")
         log.info("migration completed", extra={"migration": st.id, **st.metrics()})
 
+    async def _settle_in_doubt(self, reason: str) -> None:
+        """The channel failed after 'go': ask the destination's API what happened."""
+        st = self.status
+        log.warning("no answer to the switchover; asking the destination agent",
+                    extra={"migration": st.id, "reason": reason,
+                           "timeout_s": self.opts.in_doubt_timeout_s})
+        outcome, note = await settle(self.probe, self.opts.in_doubt_timeout_s)
+        st.resolution = note
+        if outcome is Outcome.COMMITTED:
+            log.info("destination runs the guest; committing",
+                     extra={"migration": st.id, "resolution": note})
+            await self._commit()
+        elif outcome is Outcome.ROLLED_BACK:
+            self._dest_gave_up = True  # it holds no running copy: resuming here is safe
+            await self._rollback(f"{reason}; {note}", cancelled=False)
+        else:
+            self._stay_paused(f"{reason}; {note}")
+
+    def _stay_paused(self, reason: str) -> None:
+        # The destination may run the guest: resuming here could run it twice.
+        st = self.status
+        log.error("migration outcome in doubt; guest left paused at the source",
+                  extra={"migration": st.id, "reason": reason})
+        self._sync_counters()
+        st.fail(f"{reason}: outcome in doubt after switchover was ordered; "
+                "the guest is left paused at the source so it never runs twice")
+
     async def _rollback(self, reason: str, *, cancelled: bool) -> None:
         st = self.status
         log.warning("migration failed; rolling back",
                     extra={"migration": st.id, "phase": st.phase, "reason": reason})
         if self._go_sent and not self._dest_gave_up:
-            # The destination may already run the guest: resuming here could
-            # run it twice. Stay paused and report; an operator decides.
-            st.fail(f"{reason} (after switchover was ordered; source left paused)")
+            self._stay_paused(reason)
             return
         try:
             await self.throttle.stop()
@@ -405,17 +445,4 @@ class SourceMigration:
         if self._mm is not None:
             with contextlib.suppress(BufferError):
                 self._mm.close()
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
 
-
-def _reason(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled"
-    if isinstance(exc, TimeoutError):
-        return f"migration exceeded its timeout of {timeout:g}s"
-    if isinstance(exc, ProtocolError):
-        return f"protocol error: {exc}"
-    if isinstance(exc, ChannelClosed):
-        return f"channel to destination lost: {exc}"
-    return str(exc) or type(exc).__name__

@@ -40,6 +40,8 @@ class MigrationStatus:
     digest_source: str | None = None
     digest_destination: str | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    # how a switchover whose answer was lost with the channel got settled
+    resolution: str | None = None
     native: dict[str, Any] = field(default_factory=dict)
     _t0: float = field(default_factory=time.monotonic)
     _t_end: float | None = None
@@ -102,6 +104,8 @@ class MigrationStatus:
             "metrics": self.metrics(),
             "rounds": self.rounds[-50:],
         }
+        if self.resolution:
+            doc["resolution"] = self.resolution
         if self.digest_source or self.digest_destination:
             doc["digest"] = {
                 "source": self.digest_source,

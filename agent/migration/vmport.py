@@ -16,6 +16,9 @@ class SourceVM(Protocol):
     name: str
     ram_path: Path
     ram_size: int
+    # The VM's own folder: the engine puts its device-state relay socket here, so
+    # nothing outlives the VM (the hypervisor must reach it by this path too).
+    work_dir: Path
 
     def spec(self) -> dict[str, Any]:
         """The VM spec the destination needs to start an identical machine."""
@@ -25,8 +28,9 @@ class SourceVM(Protocol):
 
     async def resume(self) -> None: ...
 
-    async def send_device_state(self, uri: str) -> None:
-        """Start the hypervisor's own migration of device state (RAM excluded) to ``uri``."""
+    async def send_device_state(self, socket_path: Path) -> None:
+        """Start the hypervisor's own migration of device state (RAM excluded) to the
+        unix socket ``socket_path`` (inside ``work_dir``)."""
         ...
 
     async def wait_device_state_sent(self, timeout: float) -> None:

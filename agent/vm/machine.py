@@ -380,11 +380,12 @@ class VM:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    def read_serial(self, offset: int = 0) -> bytes:
+    def read_serial(self, offset: int = 0, limit: int = -1) -> bytes:
+        """The serial log from byte ``offset``: at most ``limit`` bytes (-1: to the end)."""
         try:
             with self.serial_log.open("rb") as f:
                 f.seek(offset)
-                return f.read()
+                return f.read(limit)
         except FileNotFoundError:
             return b""
 

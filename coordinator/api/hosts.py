@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from novacron import logs
 from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.api.keys import CONFIG, STORE
@@ -79,6 +80,7 @@ async def register(request: web.Request) -> web.Response:
     body = json_body(request)
     if body["memory_available_bytes"] > body["memory_bytes"]:
         raise ApiError(400, "body.memory_available_bytes: larger than memory_bytes")
+    logs.register_secret(body["token"])  # it rides in every call to this agent
     store, cfg = request.app[STORE], request.app[CONFIG]
     now = time.time()
     old = await store.get_host(body["name"])

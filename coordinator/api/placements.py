@@ -40,8 +40,6 @@ from novacron.coordinator.scheduler.strategies import STRATEGIES
 
 routes = RouteTable("placements", "Placement decisions, rebalancing plans, scheduler host attributes")
 
-_NAMES = {"type": "array", "items": schemas.NAME, "maxItems": 256}
-_REGION = {"type": "string", "minLength": 1, "maxLength": 64}
 _FRACTION = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
 
 VM_REQUEST: dict[str, Any] = {
@@ -51,12 +49,7 @@ VM_REQUEST: dict[str, Any] = {
         "name": schemas.NAME,
         "vcpus": {"type": "integer", "minimum": 1, "maximum": 256},
         "memory_mb": {"type": "integer", "minimum": 16, "maximum": 4 * 1024 * 1024},
-        "priority": {"enum": ["low", "normal", "high"]},
-        "region": _REGION,
-        "max_latency_ms": {"type": "number", "minimum": 0, "maximum": 60_000},
-        "affinity": _NAMES,
-        "anti_affinity": _NAMES,
-        "anti_affinity_scope": {"enum": ["host", "zone"]},
+        **schemas.PLACEMENT_PREFERENCES,
     },
 }
 _WEIGHT = {"type": "number", "minimum": 0, "maximum": 1000}

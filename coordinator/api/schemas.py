@@ -55,3 +55,15 @@ def list_of(key: str, item: dict[str, Any]) -> dict[str, Any]:
 
 
 NAME = NAME_SCHEMA
+
+# What the scheduler weighs besides a VM's size (POST /placements and VM create).
+_VM_NAMES = {"type": "array", "items": NAME, "maxItems": 256, "uniqueItems": True}
+PLACEMENT_PREFERENCES: dict[str, Any] = {
+    "priority": {"enum": ["low", "normal", "high"]},
+    "region": {"type": "string", "minLength": 1, "maxLength": 64,
+               "description": "user region the VM should be close to"},
+    "max_latency_ms": {"type": "number", "minimum": 0, "maximum": 60_000},
+    "affinity": {**_VM_NAMES, "description": "place beside these VMs"},
+    "anti_affinity": {**_VM_NAMES, "description": "keep away from these VMs"},
+    "anti_affinity_scope": {"enum": ["host", "zone"]},
+}

@@ -23,7 +23,7 @@ from novacron.coordinator.api.keys import CONFIG, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body
 from novacron.coordinator.mcp.appkeys import CLAUDE_FLOW
 from novacron.coordinator.mcp.client import ClaudeFlowClient
-from novacron.coordinator.mcp.config import load_bridge_config
+from novacron.coordinator.mcp.config import client_settings
 from novacron.coordinator.mcp.errors import (
     ArgumentError,
     McpError,
@@ -260,10 +260,10 @@ def _registry(request: web.Request) -> BridgeRegistry:
 
 def setup(app: web.Application) -> None:
     setup_mcp_http(app)
-    bridge = load_bridge_config()
+    bridge = app[CONFIG].mcp
     if not bridge.enabled:
         return
-    settings = bridge.client_settings(app[CONFIG].data_dir / "claude-flow")
+    settings = client_settings(bridge, app[CONFIG].data_dir / "claude-flow")
     app[CLAUDE_FLOW] = ClaudeFlowClient(settings, BridgeRegistry(app[STORE]))
     eager = bridge.eager
 

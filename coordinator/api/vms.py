@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from novacron.coordinator.agent_client import AgentError
+from novacron.coordinator.agent_client import AgentError, reported_state
 from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.api.keys import AGENTS, PLACER, STORE
@@ -23,20 +23,12 @@ routes = RouteTable("vms", "Virtual machines")
 PLACEMENT_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("placement_lock", asyncio.Lock)
 
 _PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
-_VM_NAMES = {"type": "array", "items": schemas.NAME, "maxItems": 64, "uniqueItems": True}
-# What the scheduler weighs besides size; never sent to the agent.
+# Placement preferences go to the scheduler, never to the agent.
 PLACEMENT: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "description": "placement preferences (see coordinator/scheduler/README.md)",
-    "properties": {
-        "priority": {"enum": ["low", "normal", "high"]},
-        "region": {**schemas.NAME, "description": "user region the VM should be close to"},
-        "max_latency_ms": {"type": "number", "exclusiveMinimum": 0, "maximum": 100000},
-        "affinity": {**_VM_NAMES, "description": "place beside these VMs"},
-        "anti_affinity": {**_VM_NAMES, "description": "keep away from these VMs"},
-        "anti_affinity_scope": {"enum": ["host", "zone"]},
-    },
+    "properties": schemas.PLACEMENT_PREFERENCES,
     "dependentRequired": {"max_latency_ms": ["region"]},
 }
 CREATE: dict[str, Any] = {
@@ -126,7 +118,7 @@ async def create_vm(request: web.Request) -> web.Response:
     except AgentError as exc:
         await store.delete_vm(vm.name)
         raise _agent_failure(exc, f"starting the VM on {host.name}") from None
-    vm.state = str(status.get("state", "running")) if isinstance(status, dict) else "running"
+    vm.state = reported_state(status, "running")
     vm.updated_at = time.time()
     await store.put_vm(vm)
     log.info("vm created", extra={"vm": vm.name, "host": host.name, "state": vm.state})
@@ -205,7 +197,7 @@ async def _action(request: web.Request, action: str, new_state: str) -> web.Resp
                                                 f"/v1/vms/{vm.name}/{action}", timeout_s=60)
     except AgentError as exc:
         raise _agent_failure(exc, f"{action} on {host.name}") from None
-    vm.state = str(status.get("state", new_state)) if isinstance(status, dict) else new_state
+    vm.state = reported_state(status, new_state)
     vm.updated_at = time.time()
     await request.app[STORE].put_vm(vm)
     return web.json_response(vm.public())

@@ -217,9 +217,10 @@ class StdioSession:
             return
         err = msg.get("error")
         if isinstance(err, dict):
-            fut.set_exception(
-                RpcError(int(err.get("code", -32603)), str(err.get("message", "")), err.get("data"))
-            )
+            code = err.get("code")
+            # a malformed code is the server's bug: report it as an internal error, keep the session
+            code = code if isinstance(code, int) and not isinstance(code, bool) else -32603
+            fut.set_exception(RpcError(code, str(err.get("message", "")), err.get("data")))
         elif "result" in msg:
             fut.set_result(msg["result"])
         else:

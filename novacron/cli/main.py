@@ -17,6 +17,7 @@ from novacron import __version__, config, logs
 COMMAND_MODULES = [
     "novacron.cli.bench",
     "novacron.cli.fleet",
+    "novacron.cli.placement",
     "novacron.cli.demo",
     "novacron.cli.mcp",
     "novacron.cli.task",
@@ -56,7 +57,8 @@ def load_config(args: argparse.Namespace) -> CliConfig:
 
     default = Path.home() / ".config" / "novacron" / "cli.toml"
     return config.load_or_exit(
-        CliConfig, args, prog="novacron", env_prefix=ENV_PREFIX, default_path=default
+        CliConfig, args, prog="novacron", env_prefix=ENV_PREFIX, default_path=default,
+        check=lambda cfg: logs.check_level(cfg.log_level),
     )
 
 

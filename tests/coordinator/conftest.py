@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.service import build_app
-from tests.coordinator.fake_agent import FakeAgent
+from tests.coordinator.fake_agent import FakeAgent, serving
 
 
 def make_cfg(data_dir: Path, **overrides: Any) -> CoordinatorConfig:
@@ -71,20 +71,9 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
 @pytest.fixture
 async def agents(coordinator: Coordinator) -> AsyncIterator[list[FakeAgent]]:
     """Two fake agents, registered with the coordinator, able to migrate to each other."""
-    fakes = [FakeAgent("alpha", "tok-a-" + secrets.token_hex(4), memory_bytes=8 << 30),
-             FakeAgent("beta", "tok-b-" + secrets.token_hex(4), memory_bytes=4 << 30)]
-    servers = []
-    try:
+    async with serving(FakeAgent("alpha", "tok-a-" + secrets.token_hex(4), memory_bytes=8 << 30),
+                       FakeAgent("beta", "tok-b-" + secrets.token_hex(4), memory_bytes=4 << 30)) as fakes:
         for fake in fakes:
-            server = TestServer(fake.app(), host="127.0.0.1")
-            await server.start_server()
-            servers.append(server)
-            fake.url = str(server.make_url("")).rstrip("/")
-        for fake in fakes:
-            fake.peers = {other.url: other for other in fakes if other is not fake}
             await fake.register_with(coordinator.session, coordinator.url,
                                      coordinator.cfg.agent_token)
         yield fakes
-    finally:
-        for server in servers:
-            await server.close()

@@ -7,10 +7,15 @@ can be tested without QEMU. The demo and its e2e test use real agents.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestServer
+
+from novacron.coordinator.client import CoordinatorClient
 
 PHASES = ["prepare", "precopy", "precopy", "precopy", "stopcopy", "commit", "completed"]
 
@@ -25,7 +30,6 @@ class FakeAgent:
         self.calls: list[tuple[str, str]] = []
         self._ids = itertools.count(1)
         self.peers: dict[str, FakeAgent] = {}  # url -> agent, to hand VMs over on commit
-        self.server: Any = None
         self.url = ""
 
     def app(self) -> web.Application:
@@ -153,3 +157,26 @@ class FakeAgent:
         async with session.post(f"{coordinator}/api/v1/hosts/register", json=self.registration(),
                                 headers={"Authorization": f"Bearer {agent_token}"}) as resp:
             assert resp.status == 200, await resp.text()
+
+
+@contextlib.asynccontextmanager
+async def serving(*fakes: FakeAgent) -> AsyncIterator[list[FakeAgent]]:
+    """Serve each fake on loopback (``url`` set), peers of each other so migrations hand over."""
+    servers: list[TestServer] = []
+    try:
+        for fake in fakes:
+            server = TestServer(fake.app(), host="127.0.0.1")
+            await server.start_server()
+            servers.append(server)
+            fake.url = str(server.make_url("")).rstrip("/")
+        for fake in fakes:
+            fake.peers = {other.url: other for other in fakes if other is not fake}
+        yield list(fakes)
+    finally:
+        for server in servers:
+            await server.close()
+
+
+async def register_all(client: CoordinatorClient, fakes: list[FakeAgent], agent_token: str) -> None:
+    for fake in fakes:
+        await client.register_host(fake.registration(), agent_token)

@@ -10,11 +10,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestServer
 
 from novacron.coordinator.client import CoordinatorClient
 from novacron.coordinator.local import LocalCoordinator
-from tests.coordinator.fake_agent import FakeAgent
+from tests.coordinator.fake_agent import FakeAgent, register_all, serving
 from tests.coordinator.test_api import vm_spec
 
 pytestmark = [pytest.mark.e2e]
@@ -33,29 +32,23 @@ async def cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
     return proc.returncode or 0, out.decode(), err.decode()
 
 
+def cli_env(coord: LocalCoordinator, home: Path, **extra: str) -> dict[str, str]:
+    """The CLI's environment: this coordinator, none of the caller's NOVACRON_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOVACRON")}
+    env.update(NOVACRON_SERVER=coord.url, NOVACRON_TOKEN=coord.admin_token, HOME=str(home), **extra)
+    return env
+
+
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[tuple[LocalCoordinator, dict[str, str]]]:
     fakes = [FakeAgent("alpha", "tok-alpha-1"), FakeAgent("beta", "tok-beta-1", 4 << 30)]
-    servers = []
-    async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord:
-        try:
-            for fake in fakes:
-                server = TestServer(fake.app(), host="127.0.0.1")
-                await server.start_server()
-                servers.append(server)
-                fake.url = str(server.make_url("")).rstrip("/")
-            async with CoordinatorClient(coord.url, coord.admin_token) as client:
-                for fake in fakes:
-                    fake.peers = {o.url: o for o in fakes if o is not fake}
-                    await client.register_host(fake.registration(), coord.agent_token)
-                await client.create_vm(vm_spec("web"))
-            env = {k: v for k, v in os.environ.items() if not k.startswith("NOVACRON")}
-            env.update(NOVACRON_SERVER=coord.url, NOVACRON_TOKEN=coord.admin_token,
-                       HOME=str(tmp_path), COLUMNS="120")
-            yield coord, env
-        finally:
-            for server in servers:
-                await server.close()
+    async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord, \
+            serving(*fakes):
+        async with CoordinatorClient(coord.url, coord.admin_token) as client:
+            await register_all(client, fakes, coord.agent_token)
+            await client.create_vm(vm_spec("web"))
+        env = cli_env(coord, tmp_path, COLUMNS="120")
+        yield coord, env
 
 
 async def test_hosts_vms_and_migrate(fleet: tuple[LocalCoordinator, dict[str, str]]) -> None:
@@ -119,50 +112,36 @@ async def test_ctrl_c_during_migrate_cancels_it(tmp_path: Path) -> None:
 
     fakes = [FakeAgent("alpha", "tok-alpha-2"), FakeAgent("beta", "tok-beta-2", 4 << 30)]
     fakes[0].hold_migrations = True
-    servers = []
-    async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord:
+    async with (LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord,
+                serving(*fakes), CoordinatorClient(coord.url, coord.admin_token) as client):
+        await register_all(client, fakes, coord.agent_token)
+        await client.create_vm(vm_spec("web"))
+        env = cli_env(coord, tmp_path)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "novacron.cli.main", "migrate", "web", "--to", "beta",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
-            for fake in fakes:
-                server = TestServer(fake.app(), host="127.0.0.1")
-                await server.start_server()
-                servers.append(server)
-                fake.url = str(server.make_url("")).rstrip("/")
-            async with CoordinatorClient(coord.url, coord.admin_token) as client:
-                for fake in fakes:
-                    fake.peers = {o.url: o for o in fakes if o is not fake}
-                    await client.register_host(fake.registration(), coord.agent_token)
-                await client.create_vm(vm_spec("web"))
-                env = {k: v for k, v in os.environ.items() if not k.startswith("NOVACRON")}
-                env.update(NOVACRON_SERVER=coord.url, NOVACRON_TOKEN=coord.admin_token,
-                           HOME=str(tmp_path))
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "novacron.cli.main", "migrate", "web", "--to", "beta",
-                    env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-                try:
-                    mig = None
-                    for _ in range(200):  # bounded: until the migration is underway
-                        migs = await client.request("GET", "/migrations")
-                        if migs["migrations"] and migs["migrations"][0]["phase"] == "precopy":
-                            mig = migs["migrations"][0]
-                            break
-                        await asyncio.sleep(0.05)
-                    assert mig is not None
-                    await asyncio.sleep(0.5)  # the CLI is following the stream by now
-                    proc.send_signal(signal.SIGINT)
-                    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-                finally:
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
-                assert proc.returncode == 130, out.decode()
-                assert "cancelling" in out.decode()
-                for _ in range(100):
-                    final = await client.migration(mig["id"])
-                    if final["phase"] == "cancelled":
-                        break
-                    await asyncio.sleep(0.05)
-                assert final["phase"] == "cancelled"
-                assert (await client.vm("web"))["host"] == "alpha"
+            mig = None
+            for _ in range(200):  # bounded: until the migration is underway
+                migs = await client.request("GET", "/migrations")
+                if migs["migrations"] and migs["migrations"][0]["phase"] == "precopy":
+                    mig = migs["migrations"][0]
+                    break
+                await asyncio.sleep(0.05)
+            assert mig is not None
+            await asyncio.sleep(0.5)  # the CLI is following the stream by now
+            proc.send_signal(signal.SIGINT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
         finally:
-            for server in servers:
-                await server.close()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 130, out.decode()
+        assert "cancelling" in out.decode()
+        for _ in range(100):
+            final = await client.migration(mig["id"])
+            if final["phase"] == "cancelled":
+                break
+            await asyncio.sleep(0.05)
+        assert final["phase"] == "cancelled"
+        assert (await client.vm("web"))["host"] == "alpha"

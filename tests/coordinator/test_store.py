@@ -12,7 +12,7 @@ from novacron.coordinator.models import VM, Host
 from novacron.coordinator.store import schema
 from novacron.coordinator.store.sqlite import SQLiteStore
 from tests.coordinator.conftest import make_cfg, start_coordinator, stop_coordinator
-from tests.coordinator.fake_agent import FakeAgent
+from tests.coordinator.fake_agent import FakeAgent, serving
 from tests.coordinator.test_api import read_sse, vm_spec
 
 
@@ -111,62 +111,46 @@ async def test_vm_record_round_trip(tmp_path: Path) -> None:
 
 
 async def test_restart_loses_nothing_and_resumes_migrations(tmp_path: Path) -> None:
-    from aiohttp.test_utils import TestServer
-
     cfg = make_cfg(tmp_path / "coord")
     fakes = [FakeAgent("alpha", "tok-alpha"), FakeAgent("beta", "tok-beta", memory_bytes=4 << 30)]
-    servers = []
-    for fake in fakes:
-        server = TestServer(fake.app(), host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        fake.url = str(server.make_url("")).rstrip("/")
-    for fake in fakes:
-        fake.peers = {o.url: o for o in fakes if o is not fake}
-    c = await start_coordinator(cfg)
-    try:
-        for fake in fakes:
-            await fake.register_with(c.session, c.url, cfg.agent_token)
-        for name in ("a1", "a2", "a3"):
-            assert (await c.call("POST", "/vms", json=vm_spec(name)))[0] == 201
-        _, done = await c.call("POST", "/migrations", json={"vm": "a1", "target": "beta"})
-        await asyncio.wait_for(read_sse(c, done["id"]), 10)
-        fakes[0].hold_migrations = True  # this one is still running at the restart
-        _, running = await c.call("POST", "/migrations", json={"vm": "a2", "target": "beta"})
-        before = {p: (await c.call("GET", p))[1] for p in ("/hosts", "/vms", "/migrations")}
-        assert before["/vms"]["vms"][0]["host"] == "beta"
-    finally:
-        await stop_coordinator(c)
-    c = await start_coordinator(cfg)
-    try:
-        after = {p: (await c.call("GET", p))[1] for p in ("/hosts", "/vms", "/migrations")}
-        running_before = next(m for m in before["/migrations"]["migrations"]
-                              if m["id"] == running["id"])
-        running_after = next(m for m in after["/migrations"]["migrations"]
-                             if m["id"] == running["id"])
-        # The resumed poller may have stored one more poll; everything else is identical.
-        for key in ("phase", "round", "metrics", "updated_at"):
-            running_after[key] = running_before[key]
-        assert after == before
-        fakes[0].hold_migrations = False
-        events = await asyncio.wait_for(read_sse(c, running["id"]), 10)
-        assert events[-1]["phase"] == "completed"
-        assert (await c.call("GET", "/vms/a2"))[1]["host"] == "beta"
-    finally:
-        await stop_coordinator(c)
-        for server in servers:
-            await server.close()
+    async with serving(*fakes):
+        c = await start_coordinator(cfg)
+        try:
+            for fake in fakes:
+                await fake.register_with(c.session, c.url, cfg.agent_token)
+            for name in ("a1", "a2", "a3"):
+                assert (await c.call("POST", "/vms", json=vm_spec(name)))[0] == 201
+            _, done = await c.call("POST", "/migrations", json={"vm": "a1", "target": "beta"})
+            await asyncio.wait_for(read_sse(c, done["id"]), 10)
+            fakes[0].hold_migrations = True  # this one is still running at the restart
+            _, running = await c.call("POST", "/migrations", json={"vm": "a2", "target": "beta"})
+            before = {p: (await c.call("GET", p))[1] for p in ("/hosts", "/vms", "/migrations")}
+            assert before["/vms"]["vms"][0]["host"] == "beta"
+        finally:
+            await stop_coordinator(c)
+        c = await start_coordinator(cfg)
+        try:
+            after = {p: (await c.call("GET", p))[1] for p in ("/hosts", "/vms", "/migrations")}
+            running_before = next(m for m in before["/migrations"]["migrations"]
+                                  if m["id"] == running["id"])
+            running_after = next(m for m in after["/migrations"]["migrations"]
+                                 if m["id"] == running["id"])
+            # The resumed poller may have stored one more poll; everything else is identical.
+            for key in ("phase", "round", "metrics", "updated_at"):
+                running_after[key] = running_before[key]
+            assert after == before
+            fakes[0].hold_migrations = False
+            events = await asyncio.wait_for(read_sse(c, running["id"]), 10)
+            assert events[-1]["phase"] == "completed"
+            assert (await c.call("GET", "/vms/a2"))[1]["host"] == "beta"
+        finally:
+            await stop_coordinator(c)
 
 
 async def test_restart_settles_vms_left_creating(tmp_path: Path) -> None:
-    from aiohttp.test_utils import TestServer
-
     cfg = make_cfg(tmp_path / "coord")
     fake = FakeAgent("alpha", "tok-alpha")
-    server = TestServer(fake.app(), host="127.0.0.1")
-    await server.start_server()
-    fake.url = str(server.make_url("")).rstrip("/")
-    try:
+    async with serving(fake):
         c = await start_coordinator(cfg)
         try:
             await fake.register_with(c.session, c.url, cfg.agent_token)
@@ -186,5 +170,3 @@ async def test_restart_settles_vms_left_creating(tmp_path: Path) -> None:
             assert [(v["name"], v["state"]) for v in doc["vms"]] == [("made", "running")]
         finally:
             await stop_coordinator(c)
-    finally:
-        await server.close()

@@ -10,7 +10,8 @@ import pytest
 
 from novacron.coordinator.mcp import operations
 from novacron.coordinator.mcp.client import ClaudeFlowClient, ClientSettings
-from novacron.coordinator.mcp.errors import TransportError, UnsupportedOperation
+from novacron.coordinator.mcp.errors import RpcError, TransportError, UnsupportedOperation
+from novacron.coordinator.mcp.stdio_session import StdioSession
 
 # A peer that answers initialize correctly, then floods one oversized line.
 FLOODER = textwrap.dedent("""
@@ -67,3 +68,34 @@ def test_dialects_follow_the_listed_tools() -> None:
     assert assign.build({"agents": ["a"]}, [{"taskId": "t1"}]) == {
         "taskId": "t1", "agentIds": ["a"]}
     assert {op for op in operations.OPERATIONS} == set(operations.V3) == set(operations.V2)
+
+
+# A peer whose error replies carry a malformed code (a string); then it answers normally.
+BAD_CODES = textwrap.dedent("""
+    import json, sys
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if "id" not in msg:
+            continue
+        if msg.get("method") == "initialize":
+            reply = {"result": {"protocolVersion": "2024-11-05", "capabilities": {},
+                                "serverInfo": {"name": "bad-codes", "version": "0"}}}
+        elif msg.get("method") == "broken":
+            reply = {"error": {"code": "oops", "message": "it broke"}}
+        else:
+            reply = {"result": {"ok": True}}
+        print(json.dumps({"jsonrpc": "2.0", "id": msg["id"], **reply}), flush=True)
+""")
+
+
+async def test_malformed_error_code_is_an_error_not_a_lost_session(tmp_path: Path) -> None:
+    session = StdioSession([sys.executable, "-c", BAD_CODES], cwd=tmp_path / "w")
+    try:
+        await session.start(timeout=10)
+        with pytest.raises(RpcError, match="it broke") as err:
+            await session.request("broken", None, timeout=10)
+        assert err.value.code == -32603
+        assert await session.request("fine", None, timeout=10) == {"ok": True}
+        assert session.alive
+    finally:
+        await session.close()

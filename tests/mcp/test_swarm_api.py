@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from novacron import config
+from novacron.coordinator.config import CoordinatorConfig, McpConfig, check_config
 from novacron.coordinator.service import build_app
 from tests.coordinator.conftest import Coordinator, make_cfg, start_coordinator, stop_coordinator
 
@@ -28,11 +29,9 @@ PLAN = {
 
 
 @pytest.fixture
-async def coord(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                claude_flow_argv: list[str]) -> AsyncIterator[Coordinator]:
-    monkeypatch.setenv("NOVACRON_MCP_PING_INTERVAL_S", "0.3")
-    monkeypatch.setenv("NOVACRON_MCP_CALL_TIMEOUT_S", "20")
-    c = await start_coordinator(make_cfg(tmp_path / "coord"))
+async def coord(tmp_path: Path, claude_flow_argv: list[str]) -> AsyncIterator[Coordinator]:
+    c = await start_coordinator(make_cfg(tmp_path / "coord", mcp=McpConfig(
+        ping_interval_s=0.3, call_timeout_s=20)))
     try:
         yield c
     finally:
@@ -132,14 +131,15 @@ async def test_bad_requests_change_nothing(coord: Coordinator) -> None:
     assert health["status"] == "idle" and health["pid"] is None  # nothing was started
 
 
-def test_bad_bridge_settings_stop_the_coordinator(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NOVACRON_MCP_ATTEMPTS", "0")
+def test_bad_bridge_settings_stop_the_coordinator(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="attempts"):
-        build_app(make_cfg(tmp_path))
-    monkeypatch.setenv("NOVACRON_MCP_ATTEMPTS", "three")
-    with pytest.raises(config.ConfigError, match="NOVACRON_MCP_ATTEMPTS"):
-        build_app(make_cfg(tmp_path))
+        build_app(make_cfg(tmp_path, mcp=McpConfig(attempts=0)))
+    tokens = {"NOVACRON_COORDINATOR_ADMIN_TOKEN": "a", "NOVACRON_COORDINATOR_AGENT_TOKEN": "b"}
+    for value in ("0", "three"):
+        environ = {**tokens, "NOVACRON_COORDINATOR_MCP_ATTEMPTS": value}
+        with pytest.raises(config.ConfigError, match="NOVACRON_COORDINATOR_MCP_ATTEMPTS"):
+            config.load(CoordinatorConfig, env_prefix="NOVACRON_COORDINATOR", environ=environ,
+                        check=check_config)
 
 
 # An MCP peer whose agent_spawn always fails, to show a half-run plan is undone. (The real
@@ -170,11 +170,11 @@ for line in sys.stdin:
 """
 
 
-async def test_failed_plan_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failed_plan_is_undone(tmp_path: Path) -> None:
     peer, calls = tmp_path / "peer.py", tmp_path / "calls.log"
     peer.write_text(FAILING_PEER)
-    monkeypatch.setenv("NOVACRON_MCP_COMMAND", f"{sys.executable},{peer},{calls}")
-    c = await start_coordinator(make_cfg(tmp_path / "coord"))
+    mcp = McpConfig(command=[sys.executable, str(peer), str(calls)])
+    c = await start_coordinator(make_cfg(tmp_path / "coord", mcp=mcp))
     try:
         status, doc = await c.call("POST", "/swarms", json={"description": "x", "plan": PLAN})
         assert status == 502 and "agent pool exhausted" in doc["error"]

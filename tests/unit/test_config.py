@@ -93,3 +93,32 @@ def test_bad_env_and_flag_are_named() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="file not found"):
         config.load(Sample, path=tmp_path / "nope.toml", env_prefix="T", environ={})
+
+
+def _check(cfg: Sample) -> None:
+    if cfg.limits.bandwidth < 0:
+        raise config.Invalid("limits.bandwidth", "must not be negative")
+
+
+def test_check_names_the_layer_that_set_the_value(tmp_path: Path) -> None:
+    f = write(tmp_path, "[limits]\nbandwidth = -1\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(Sample, path=f, env_prefix="T", environ={}, check=_check)
+    assert str(err.value) == f"{f}: key 'limits.bandwidth': must not be negative"
+    with pytest.raises(config.ConfigError, match=r"^environment T_LIMITS_BANDWIDTH: key 'limits.bandwidth'"):
+        config.load(Sample, path=f, env_prefix="T", environ={"T_LIMITS_BANDWIDTH": "-2"}, check=_check)
+    with pytest.raises(config.ConfigError, match=r"^flag --limits-bandwidth: key 'limits.bandwidth'"):
+        config.load(Sample, path=f, env_prefix="T", environ={"T_LIMITS_BANDWIDTH": "5"},
+                    args=parse(["--limits-bandwidth", "-3"]), check=_check)
+    # a later layer that fixes the value wins; the check passes
+    fixed = config.load(Sample, path=f, env_prefix="T", environ={"T_LIMITS_BANDWIDTH": "5"}, check=_check)
+    assert fixed.limits.bandwidth == 5
+
+
+def test_check_of_an_unset_value_names_the_settings() -> None:
+    def need_name(cfg: Sample) -> None:
+        if cfg.name == "a":
+            raise config.Invalid("name", "required")
+
+    with pytest.raises(config.ConfigError, match=r"^settings: key 'name': required$"):
+        config.load(Sample, env_prefix="T", environ={}, check=need_name)

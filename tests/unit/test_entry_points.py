@@ -58,3 +58,47 @@ def test_bench_lists_and_rejects_unknown(script_env: dict[str, str]) -> None:
     res = run(["novacron", "bench", "no-such-bench"], script_env)
     assert res.returncode == 2
     assert "unknown benchmark" in res.stderr
+
+
+@pytest.mark.parametrize(("mcp_toml", "flags", "source", "key", "problem"), [
+    ("attempts = 0", [], "{file}", "mcp.attempts", "must be 1..10"),
+    ("ping_interval_s = -1.0", [], "{file}", "mcp.ping_interval_s", "must be 0 (off) or positive"),
+    ("call_timeout_s = 'soon'", [], "{file}", "mcp.call_timeout_s", "expected a number"),
+    ("attempts = 2", ["--mcp-attempts", "11"], "flag --mcp-attempts", "mcp.attempts", "must be 1..10"),
+])
+def test_coordinator_bad_mcp_setting_is_one_line(
+        script_env: dict[str, str], tmp_path: Path, mcp_toml: str, flags: list[str], source: str,
+        key: str, problem: str) -> None:
+    """The bridge's settings are the coordinator's [mcp] section, checked before anything starts."""
+    cfg = tmp_path / "coordinator.toml"
+    data = tmp_path / "data"
+    cfg.write_text(f'admin_token = "adm-1"\nagent_token = "agt-1"\nport = 0\ndata_dir = "{data}"\n'
+                   f"[mcp]\n{mcp_toml}\n")
+    res = run(["novacron-coordinator", "--config", str(cfg), *flags], script_env)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"novacron-coordinator: config error: {source.format(file=cfg)}: "
+                               f"key '{key}': {problem}"), res.stderr
+    assert not data.exists()  # refused before the data dir or store was made
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["novacron", "--log-level", "loud", "hosts"],
+     "flag --log-level: key 'log_level': expected one of debug, info"),
+    (["novacron-agent", "--token", "tok-1", "--log-level", "loud"],
+     "flag --log-level: key 'log_level': expected one of debug, info"),
+    (["novacron-agent", "--token", "tok-1", "--data-port", "70000"],
+     "flag --data-port: key 'data_port': expected a port number 0..65535"),
+    (["novacron-coordinator", "--admin-token", "a-1", "--agent-token", "b-1", "--port", "-1"],
+     "flag --port: key 'port': expected a port number 0..65535"),
+])
+def test_values_that_cannot_work_are_one_line(script_env: dict[str, str], tmp_path: Path,
+                                               args: list[str], needle: str) -> None:
+    env = dict(script_env, HOME=str(tmp_path), NOVACRON_AGENT_STATE_DIR=str(tmp_path / "agent"),
+               NOVACRON_COORDINATOR_DATA_DIR=str(tmp_path / "coord"))
+    res = run(args, env)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{args[0]}: config error: {needle}"), res.stderr
+    assert not (tmp_path / "agent").exists() and not (tmp_path / "coord").exists()

@@ -1,0 +1,113 @@
+"""Settling a switchover whose answer never came back over the channel.
+
+Once the source has ordered ``go``, losing the channel leaves it not knowing
+whether the destination resumed the guest. Resuming blindly could run the
+guest twice; staying paused forever loses it. So the source asks the
+destination agent's HTTP API, for a bounded time, what became of the
+migration: committed there -> the source releases its copy; failed there (the
+destination destroys its half-built VM before it says so) or the VM absent ->
+the source resumes; no definite answer in time -> the source stays paused and
+reports the outcome as in doubt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger("novacron.agent.migration")
+
+POLL_S = 0.25  # between questions to the destination
+REQUEST_TIMEOUT_S = 5.0
+
+
+class Outcome(Enum):
+    COMMITTED = "committed"  # the guest runs at the destination
+    ROLLED_BACK = "rolled_back"  # the destination holds no running copy
+    PENDING = "pending"  # the destination has not settled yet
+    UNREACHABLE = "unreachable"  # no usable answer
+
+
+OutcomeProbe = Callable[[], Awaitable[Outcome]]
+
+
+async def settle(probe: OutcomeProbe | None, timeout_s: float, poll_s: float = POLL_S) -> tuple[Outcome, str]:
+    """Ask ``probe`` until it gives a definite answer or ``timeout_s`` passes.
+
+    Returns the outcome (COMMITTED, ROLLED_BACK, or the last indefinite one)
+    and a short note of what was last seen, for the status and logs."""
+    if probe is None:
+        return Outcome.UNREACHABLE, "no way to ask the destination"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last = Outcome.UNREACHABLE
+    while True:
+        try:
+            last = await asyncio.wait_for(probe(), max(0.1, deadline - loop.time()))
+        except (TimeoutError, OSError, aiohttp.ClientError):
+            last = Outcome.UNREACHABLE
+        if last in (Outcome.COMMITTED, Outcome.ROLLED_BACK):
+            return last, f"destination reports {last.value}"
+        if loop.time() + poll_s > deadline:
+            what = "unreachable" if last is Outcome.UNREACHABLE else "still undecided"
+            return last, f"destination {what} for {timeout_s:g}s"
+        await asyncio.sleep(poll_s)
+
+
+class HttpOutcomeProbe:
+    """Reads the destination agent's ``GET /v1/migrations/{id}`` (and, when the
+    destination no longer knows the migration, ``GET /v1/vms/{name}``)."""
+
+    def __init__(self, url: str, token: str, migration_id: str, vm: str) -> None:
+        self.base = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.migration_id = migration_id
+        self.vm = vm
+
+    async def _get(self, session: aiohttp.ClientSession, path: str) -> tuple[int, Any]:
+        async with session.get(self.base + path, headers=self.headers) as resp:
+            try:
+                doc = await resp.json()
+            except (aiohttp.ContentTypeError, ValueError):
+                doc = None
+            return resp.status, doc
+
+    async def __call__(self) -> Outcome:
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            status, doc = await self._get(session, f"/v1/migrations/{self.migration_id}")
+            if status == 200 and isinstance(doc, dict):
+                return _from_migration(doc)
+            if status != 404:
+                return Outcome.UNREACHABLE  # auth trouble, overload: not an answer
+            # Unknown there (e.g. that agent restarted): whatever holds the VM decides.
+            status, doc = await self._get(session, f"/v1/vms/{self.vm}")
+            if status == 404:
+                return Outcome.ROLLED_BACK
+            if status == 200 and isinstance(doc, dict):
+                return _from_vm(doc)
+            return Outcome.UNREACHABLE
+
+
+def _from_migration(doc: dict[str, Any]) -> Outcome:
+    phase = doc.get("phase")
+    if phase == "completed":
+        return Outcome.COMMITTED
+    if phase in ("failed", "cancelled"):
+        return Outcome.ROLLED_BACK
+    return Outcome.PENDING
+
+
+def _from_vm(doc: dict[str, Any]) -> Outcome:
+    state = doc.get("state")
+    if state == "running":
+        return Outcome.COMMITTED
+    if state in ("stopped", "crashed"):
+        return Outcome.ROLLED_BACK
+    # paused or migrating with no migration record: someone may still resume it
+    return Outcome.PENDING

@@ -1,0 +1,92 @@
+"""What the daemons (``novacron-agent``, ``novacron-coordinator``) share.
+
+The entry point's shape (flags from the settings schema, layered config with
+checks, one-line config errors, secrets kept out of logs, Ctrl-C without a
+traceback) and the server's (listen, report the bound port, serve until
+SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from aiohttp import web
+
+from novacron import config, logs
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Daemon(Generic[T]):
+    prog: str
+    description: str
+    settings: type[T]  # a settings dataclass with a ``log_level``
+    env_prefix: str
+    default_config: Path
+    check: Callable[[T], None]  # raises config.Invalid for a value that cannot work
+    secrets: Callable[[T], Iterable[str]]  # settings that must never reach a log line
+    serve: Callable[[T], Awaitable[None]]  # runs until signalled
+
+    def parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog=self.prog,
+            description=self.description,
+            epilog=f"Config file: --config, ${self.env_prefix}_CONFIG or {self.default_config}. "
+            f"Every setting can also be given as ${self.env_prefix}_<KEY>.",
+        )
+        parser.add_argument("--config", help="TOML config file")
+        config.add_flags(parser, self.settings)
+        return parser
+
+    def load(self, argv: list[str] | None) -> T:
+        """Settings from flags, environment and file; a bad value exits with one line."""
+        args = self.parser().parse_args(argv)
+        return config.load_or_exit(self.settings, args, prog=self.prog, env_prefix=self.env_prefix,
+                                   default_path=self.default_config, check=self.check)
+
+    def main(self, argv: list[str] | None = None) -> int:
+        cfg = self.load(argv)
+        logs.setup(str(getattr(cfg, "log_level", "info")))
+        for secret in self.secrets(cfg):
+            logs.register_secret(secret)
+
+        async def run() -> None:
+            await self.serve(cfg)
+
+        try:
+            asyncio.run(run())
+        except KeyboardInterrupt:
+            pass
+        return 0
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on host:port; the port actually bound (``port`` 0 picks a free one)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return runner, int(bound)
+
+
+async def until_signalled() -> None:
+    """Return on the first SIGINT or SIGTERM.
+
+    The handlers stay installed, so a second signal cannot interrupt the caller's clean-up.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
