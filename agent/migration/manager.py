@@ -13,8 +13,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from novacron import logs
 from novacron.agent.channel import AuthError, Channel, ChannelServer, connect
 from novacron.agent.migration.dest import receive_migration
+from novacron.agent.migration.doubt import HttpOutcomeProbe
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
@@ -103,6 +105,7 @@ class MigrationManager:
         if not isinstance(vm_name, str) or not vm_name:
             raise MigrationRequestError("'vm' must be the name of a VM on this agent")
         target = _check_target(body.get("target"))
+        logs.register_secret(target.get("token"))  # it rides in calls to the destination
         try:
             opts = MigrationOptions.from_dict(body.get("options"))
         except ValueError as exc:
@@ -133,7 +136,8 @@ class MigrationManager:
                 log.warning("migration not started", extra={"migration": status.id, "reason": status.error})
                 return
             status.peer = f"{host}:{port}"
-            mig = SourceMigration(vm, channel, status, opts)
+            probe = HttpOutcomeProbe(target["url"], target.get("token", ""), status.id, vm.name)
+            mig = SourceMigration(vm, channel, status, opts, probe=probe)
             self._running[status.id] = mig
             try:
                 await mig.run()
@@ -158,7 +162,7 @@ class MigrationManager:
         mig = self._running.get(mid)
         if mig is None or status.role != "source":
             raise MigrationRequestError("only the source agent can cancel a running migration", 409)
-        if status.phase in ("commit",):
+        if status.phase in ("commit",) or mig.switching_over:
             raise MigrationRequestError("migration is committing; too late to cancel", 409)
         mig.cancel()
         return status

@@ -14,14 +14,15 @@ import errno
 import mmap
 import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from novacron.agent.migration.unixsock import start_unix_server_at
 from novacron.agent.migration.vmport import AdmissionError
+from novacron.agent.qmp import open_unix
 
 PAGE = 4096
 
@@ -32,6 +33,7 @@ class MemSourceVM:
         self.name = name
         self.dir = root / name
         self.dir.mkdir(parents=True)
+        self.work_dir = self.dir  # pytest's tmp paths exceed sun_path: the long-path case
         self.ram_path = self.dir / "ram"
         self.ram_size = pages * PAGE
         rng = np.random.default_rng(seed)
@@ -96,11 +98,11 @@ class MemSourceVM:
     def running(self) -> bool:
         return not self.paused and not self.released
 
-    async def send_device_state(self, uri: str) -> None:
-        path = uri.removeprefix("unix:")
+    async def send_device_state(self, socket_path: Path) -> None:
+        assert socket_path.parent == self.work_dir, socket_path
 
         async def push() -> None:
-            _, w = await asyncio.open_unix_connection(path)
+            _, w = await open_unix(str(socket_path))
             for i in range(0, len(self.device_state), 65536):
                 w.write(self.device_state[i : i + 65536])
                 await w.drain()
@@ -141,7 +143,6 @@ class MemDestVM:
         self.ram_path = ram_path
         self.device_state = bytearray()
         self._server: asyncio.AbstractServer | None = None
-        self._sock_dir = ""
         self._loaded = asyncio.Event()
         self.running = False
         self.adopted = False
@@ -149,9 +150,7 @@ class MemDestVM:
         self.fail_resume = False
 
     async def listen_device_state(self) -> str:
-        # its own short folder: pytest's tmp paths can exceed sun_path's 107 bytes
-        self._sock_dir = tempfile.mkdtemp(prefix="nc-memvm-")
-        path = str(Path(self._sock_dir) / "dev.sock")
+        path = self.dir / "dev.sock"  # inside the VM folder, as QEMU's incoming socket
 
         async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             while chunk := await r.read(65536):
@@ -159,8 +158,8 @@ class MemDestVM:
             w.close()
             self._loaded.set()
 
-        self._server = await asyncio.start_unix_server(on_conn, path=path)
-        return path
+        self._server = await start_unix_server_at(on_conn, path)
+        return str(path)
 
     async def wait_device_state_loaded(self, timeout: float) -> None:
         await asyncio.wait_for(self._loaded.wait(), timeout)
@@ -182,8 +181,8 @@ class MemDestVM:
     def _close_server(self) -> None:
         if self._server is not None:
             self._server.close()
-        if self._sock_dir:
-            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / "dev.sock").unlink()
 
 
 class MemDestFactory:
