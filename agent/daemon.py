@@ -70,7 +70,7 @@ def start_coordinator_link(cfg: AgentConfig, app: web.Application, port: int) ->
     """Register with the coordinator and heartbeat, when one is configured."""
     if not cfg.coordinator_url:
         return None
-    from novacron.coordinator.link import CoordinatorLink
+    from novacron.agent.coordinator_link import CoordinatorLink
 
     async def info() -> dict[str, Any]:
         return await host_document(app)

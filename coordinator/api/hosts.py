@@ -1,6 +1,6 @@
 """Hosts: agents register and heartbeat (agent token); operators list and remove them.
 
-The agent's side of the contract (``novacron.coordinator.link.CoordinatorLink``
+The agent's side of the contract (``novacron.agent.coordinator_link.CoordinatorLink``
 implements it; an agent can run one with its ``GET /v1/host`` document):
 
 - ``POST /api/v1/hosts/register`` with ``Authorization: Bearer <agent_token>``

@@ -93,7 +93,6 @@ async def run_demo(args: argparse.Namespace, workdir: Path, console: Console) ->
     from novacron.agent.local import LocalAgent, LocalAgentError
     from novacron.cli.fleet import follow_migration, metrics_table
     from novacron.coordinator.client import ApiClientError, CoordinatorClient
-    from novacron.coordinator.link import CoordinatorLink
     from novacron.coordinator.local import CoordinatorStartError, LocalCoordinator
 
     console.print("[bold]1.[/bold] test guest (kernel + busybox initramfs + workload)")
@@ -104,7 +103,6 @@ async def run_demo(args: argparse.Namespace, workdir: Path, console: Console) ->
     cluster_secret = secrets.token_urlsafe(32)
     agents = [LocalAgent(name, cluster_secret=cluster_secret, state_dir=workdir / name,
                          accel=args.accel) for name in ("host-a", "host-b")]
-    links: list[asyncio.Task[None]] = []
     try:
         console.print("[bold]2.[/bold] coordinator and two agents on loopback")
         try:
@@ -117,7 +115,7 @@ async def run_demo(args: argparse.Namespace, workdir: Path, console: Console) ->
             raise DemoError(str(exc)) from None
         console.print(f"   coordinator {coord.url}")
         async with CoordinatorClient(coord.url, coord.admin_token) as client:
-            await ensure_registered(client, coord, agents, links, CoordinatorLink)
+            await wait_registered(client, agents)
             for h in await client.hosts():
                 console.print(f"   {h['name']}: {h['url']} · {h['cpus']} CPUs · "
                               f"accel {h.get('accel', {}).get('default', '?')} · {h['state']}")
@@ -178,37 +176,19 @@ async def run_demo(args: argparse.Namespace, workdir: Path, console: Console) ->
             await client.delete_vm("demo-vm")
         console.print("[bold green]demo complete[/bold green]")
     finally:
-        for task in links:
-            task.cancel()
-        for task in links:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await asyncio.gather(*(a.stop(remove=False) for a in agents), return_exceptions=True)
         coord.stop()
 
 
-async def ensure_registered(client: Any, coord: Any, agents: list[Any],
-                            links: list[asyncio.Task[None]], link_cls: Any) -> None:
-    """Wait for the agents to register; speak for any agent that does not do it itself."""
+async def wait_registered(client: Any, agents: list[Any], timeout_s: float = 30.0) -> None:
+    """Each agent registers with the coordinator itself (its coordinator_url setting)."""
     names = {a.name for a in agents}
-    for _ in range(30):  # agents that register on their own do so within ~1.5 s
-        if names <= {h["name"] for h in await client.hosts()}:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = names - {h["name"] for h in await client.hosts()}
+        if not missing:
             return
-        await asyncio.sleep(0.05)
-    for agent in agents:
-        if agent.name in {h["name"] for h in await client.hosts()}:
-            continue
-
-        async def host_info(agent: Any = agent) -> dict[str, Any]:
-            status, doc = await agent.request("GET", "/v1/host", timeout=10)
-            if status != 200:
-                raise DemoError(f"agent {agent.name}: GET /v1/host answered {status}")
-            return dict(doc)
-
-        link = link_cls(coord.url, coord.agent_token, agent.url, agent.token, host_info)
-        links.append(asyncio.create_task(link.run(), name=f"link-{agent.name}"))
-        try:
-            await asyncio.wait_for(link.registered.wait(), 30)
-        except TimeoutError:
-            raise DemoError(f"agent {agent.name} did not register with the coordinator") \
-                from None
+        if time.monotonic() > deadline:
+            raise DemoError(f"agent(s) {', '.join(sorted(missing))} did not register with the "
+                            f"coordinator within {timeout_s:.0f} s")
+        await asyncio.sleep(0.1)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from novacron import config
+from novacron.agent.coordinator_link import _interval
 from novacron.coordinator.config import ENV_PREFIX, CoordinatorConfig, McpConfig, check_config
-from novacron.coordinator.link import _interval
 
 TOKENS = {f"{ENV_PREFIX}_ADMIN_TOKEN": "adm", f"{ENV_PREFIX}_AGENT_TOKEN": "agt"}
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from novacron.coordinator.client import ApiClientError, CoordinatorClient
 
-log = logging.getLogger("novacron.coordinator.link")
+log = logging.getLogger("novacron.agent.coordinator_link")
 
 REGISTER_FIELDS = ("name", "cpus", "memory_bytes", "memory_available_bytes", "accel",
                    "data_port", "version", "vms")
