@@ -89,7 +89,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data={
-        "novacron.native": ["*.pyx", "*.pxd", "*.h"],
+        "novacron.native": ["*.pyx", "*.pxd", "*.pyi", "*.h"],
         "novacron.models": ["*.onnx", "*.json", "*.jsonl"],
         "novacron": ["py.typed"],
         "novacron.agent.guest": ["workload.c", "init.sh"],

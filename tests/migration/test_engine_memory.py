@@ -234,3 +234,30 @@ def test_options_validation() -> None:
     ]:
         with pytest.raises(ValueError, match=msg):
             MigrationOptions.from_dict(bad)
+
+
+async def test_relay_socket_in_vm_folder_replaces_stale_and_leaves_nothing(
+        tmp_path: Path, dest: Dest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed agent's leftover relay socket does not block the next migration,
+    and a failed migration leaves no relay socket (nor anything in /tmp)."""
+    import tempfile
+
+    from novacron.agent.migration.protocol import RELAY_SOCKET
+    from tests.migration.test_relay_socket import leave_stale_socket
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # catch any /tmp use
+    (tmp_path / "tmp").mkdir()
+    dest.factory.fail_resume = True  # fails after the relay ran: the source keeps its folder
+    src = MemSourceVM(tmp_path / "src", "sock", pages=512)
+    stale = src.work_dir / RELAY_SOCKET
+    if len(str(stale)) <= 107:
+        leave_stale_socket(stale)
+    else:
+        stale.write_bytes(b"")
+    try:
+        _, st = await migrate(src, dest.server.port)
+    finally:
+        src.close()
+    assert st.phase == "failed" and st.device_state_bytes == len(src.device_state), st.error
+    assert not stale.exists() and src.running
+    assert list((tmp_path / "tmp").iterdir()) == []
