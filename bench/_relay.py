@@ -36,7 +36,11 @@ class CountingRelay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target, timeout=10)
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:  # target gone: drop this client, keep accepting
+                client.close()
+                continue
             upstream.settimeout(None)
             with self._lock:
                 self._socks += [client, upstream]

@@ -415,6 +415,8 @@ def run(args: argparse.Namespace) -> Report:
                          f"choose from {', '.join(IMAGES)}")
     if args.repeat < 1:
         raise SystemExit("novacron bench pipeline: --repeat must be at least 1")
+    if not -7 <= args.level <= 22:  # checked here, not minutes later inside the first encode
+        raise SystemExit(f"novacron bench pipeline: --level must be from -7 to 22, got {args.level}")
     key = os.urandom(32)
     results = {k: run_image(k, args, key) for k in kinds}
 

@@ -566,6 +566,12 @@ class Featurizer:
 
     def transform_one(self, text: str) -> tuple[np.ndarray, dict[int, str], list[tuple[str, ...]]]:
         """(vector, {tfidf index: surface n-gram}, matched terms per scope feature)."""
+        return self.transform_full(text)[:3]
+
+    def transform_full(self, text: str) -> tuple[np.ndarray, dict[int, str],
+                                                 list[tuple[str, ...]], np.ndarray]:
+        """``transform_one`` plus the raw (unscaled) scope values, for callers that
+        need both (the planner) without computing the scope features twice."""
         vec = np.zeros(self.size, dtype=np.float32)
         counts: dict[int, int] = {}
         surface: dict[int, str] = {}
@@ -582,19 +588,13 @@ class Featurizer:
             vec[idx_arr] = w
         raw, terms = scope_features(text)
         vec[self.n_terms:] = self.scope_weight * (raw - self.scope_mean) / self.scope_scale
-        return vec, surface, terms
+        return vec, surface, terms, raw
 
     def transform(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.size), dtype=np.float32)
         for i, text in enumerate(texts):
             out[i] = self.transform_one(text)[0]
         return out
-
-    def feature_names(self) -> list[str]:
-        names = [""] * self.n_terms
-        for gram, idx in self.vocabulary.items():
-            names[idx] = f"tfidf:{gram}"
-        return names + [f"scope:{n}" for n in SCOPE_FEATURE_NAMES]
 
 
 def fit_vocabulary(texts: Iterable[str], min_df: int) -> tuple[dict[str, int], np.ndarray]:

@@ -159,11 +159,26 @@ class PageCache:
         return len(self.table)
 
     def close(self) -> None:
+        """Release every view of the indexed buffers and unmap the files.
+
+        Raises BufferError (and keeps what it could not release, so a later
+        ``close`` finishes the job) while a ``view()`` is still held elsewhere:
+        silently leaving the mapping to the GC would keep guest pages mapped."""
         self._view = None
-        self._buffers.clear()
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:  # a view is still exported; the GC will close it
-                pass
-        self._maps.clear()
+        busy = [v for v in self._buffers if not _release(v)]
+        busy_maps = [m for m in self._maps if not _release(m)]
+        self._buffers, self._maps = busy, busy_maps
+        if busy or busy_maps:
+            raise BufferError(f"page cache still in use: {len(busy)} buffer view(s) exported "
+                              "by a live view(); close again once it is dropped")
+
+
+def _release(obj: memoryview | mmap.mmap) -> bool:
+    try:
+        if isinstance(obj, memoryview):
+            obj.release()
+        else:
+            obj.close()
+    except BufferError:
+        return False
+    return True

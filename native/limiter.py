@@ -29,9 +29,10 @@ class TokenBucket:
             raise ValueError(f"burst must be positive, got {burst}")
         self._rate = 0.0
         self._burst = 0.0
+        self._tokens = 0.0
         self._last = clock()
         self.set_rate(rate_bytes_per_s)
-        self._tokens = self._burst
+        self._tokens = self._burst  # a fresh bucket starts full
 
     @property
     def rate(self) -> float:
@@ -52,12 +53,11 @@ class TokenBucket:
             self._burst = float(self._explicit_burst)
         else:
             self._burst = max(65536.0, rate / 10)
-        if hasattr(self, "_tokens"):
-            self._tokens = min(self._tokens, self._burst)
+        self._tokens = min(self._tokens, self._burst)
 
     def _refill(self) -> None:
         now = self._clock()
-        if hasattr(self, "_tokens") and self._rate > 0:
+        if self._rate > 0:
             self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
         self._last = now
 

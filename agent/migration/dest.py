@@ -56,11 +56,15 @@ async def receive_migration(
     incoming = _Incoming(channel, status, want_digest, idle_timeout)
     try:
         dest = await factory.prepare(spec, ram_size, mid)
-    except AdmissionError as exc:
-        status.fail(f"admission refused: {exc}")
+    except Exception as exc:  # the factory cleans up after itself; say why, never hang
+        what = "admission refused" if isinstance(exc, AdmissionError) else "preparing the VM failed"
+        status.fail(f"{what}: {exc}")
         with contextlib.suppress(Exception):
             await channel.send_ctrl({"op": "error", "reason": status.error}, timeout=2)
         return status
+    except BaseException:
+        status.fail("cancelled while preparing the VM", cancelled=True)
+        raise
     await incoming.run(dest, ram_size)
     return status
 
@@ -74,6 +78,7 @@ class _Incoming:
         self.counters = Counters()
         self.device_writer: asyncio.StreamWriter | None = None
         self.committed = False
+        self.resume_tried = False  # 'go' arrived: the guest may have started here
 
     async def run(self, dest: DestVM, ram_size: int) -> None:
         st = self.status
@@ -101,19 +106,30 @@ class _Incoming:
             else:
                 log.warning("incoming migration failed; destroying destination VM",
                             extra={"migration": st.id, "reason": reason})
-                with contextlib.suppress(Exception):
-                    await self.ch.send_ctrl({"op": "error", "reason": reason}, timeout=2)
+                if not self.resume_tried:  # the guest never ran here: the source may resume now
+                    await self._send_error(reason)
                 await self._close_device()
                 receiver = None  # drop its view of the mapping so it can be unmapped
                 if mm is not None:
                     with contextlib.suppress(BufferError):
                         mm.close()
                     mm = None
+                destroyed = True
                 try:
                     await dest.destroy()
                 except Exception as dexc:
+                    destroyed = False
                     reason += f"; cleaning up the destination failed: {dexc}"
-                st.fail(reason, cancelled=isinstance(exc, DestAborted) and "cancel" in reason)
+                if self.resume_tried and not destroyed:
+                    # The guest may run here: a 'failed' (on the channel or the API)
+                    # would make the source resume it too. Leave the outcome open.
+                    st.error = f"{reason}; the guest may still run here, outcome in doubt"
+                    log.error("destination VM may run but could not be destroyed",
+                              extra={"migration": st.id, "reason": reason})
+                else:
+                    if self.resume_tried:
+                        await self._send_error(reason)
+                    st.fail(reason, cancelled=isinstance(exc, DestAborted) and "cancel" in reason)
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
@@ -163,6 +179,7 @@ class _Incoming:
                 await self.ch.send_ctrl(msg)
             elif op == "go":
                 st.set_phase("commit")
+                self.resume_tried = True
                 await dest.resume()
                 self.committed = True  # the guest runs here now: never destroy it
                 try:
@@ -182,6 +199,10 @@ class _Incoming:
                 raise DestAborted(f"source aborted: {protocol.reason_of(rec.ctrl)}")
             else:
                 raise ProtocolError(f"unexpected control message {op!r}")
+
+    async def _send_error(self, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.ch.send_ctrl({"op": "error", "reason": reason}, timeout=2)
 
     async def _close_device(self) -> None:
         w, self.device_writer = self.device_writer, None

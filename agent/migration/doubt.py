@@ -94,20 +94,18 @@ class HttpOutcomeProbe:
             return Outcome.UNREACHABLE
 
 
+
+# What the destination's answers mean; anything else (paused, migrating, a phase
+# still running) is not final yet: someone there may still resume the guest.
+_BY_PHASE = {"completed": Outcome.COMMITTED, "failed": Outcome.ROLLED_BACK,
+             "cancelled": Outcome.ROLLED_BACK}
+_BY_VM_STATE = {"running": Outcome.COMMITTED, "stopped": Outcome.ROLLED_BACK,
+                "crashed": Outcome.ROLLED_BACK}
+
+
 def _from_migration(doc: dict[str, Any]) -> Outcome:
-    phase = doc.get("phase")
-    if phase == "completed":
-        return Outcome.COMMITTED
-    if phase in ("failed", "cancelled"):
-        return Outcome.ROLLED_BACK
-    return Outcome.PENDING
+    return _BY_PHASE.get(str(doc.get("phase")), Outcome.PENDING)
 
 
 def _from_vm(doc: dict[str, Any]) -> Outcome:
-    state = doc.get("state")
-    if state == "running":
-        return Outcome.COMMITTED
-    if state in ("stopped", "crashed"):
-        return Outcome.ROLLED_BACK
-    # paused or migrating with no migration record: someone may still resume it
-    return Outcome.PENDING
+    return _BY_VM_STATE.get(str(doc.get("state")), Outcome.PENDING)

@@ -86,9 +86,18 @@ class MigrationManager:
 
     # -- incoming --------------------------------------------------------
     async def _incoming(self, channel: Channel) -> None:
-        status = await receive_migration(channel, self._dest_factory, self._register_incoming)
-        if status is not None:
-            self._busy_vms.discard(status.vm)
+        names: list[str] = []
+
+        def register(status: MigrationStatus) -> None:
+            if status.vm not in self._busy_vms:  # a refused duplicate must not free it
+                names.append(status.vm)
+            self._register_incoming(status)
+
+        try:
+            await receive_migration(channel, self._dest_factory, register)
+        finally:  # also when it raised: the name must not stay busy forever
+            for name in names:
+                self._busy_vms.discard(name)
 
     def _register_incoming(self, status: MigrationStatus) -> None:
         self._busy_vms.add(status.vm)

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +47,32 @@ def _qmp(vm: VM) -> QMPClient:
     return vm.qmp
 
 
-async def _wait_migrate(vm: VM, timeout: float, want: str = "completed") -> None:
+async def _poll(vm: VM, command: str, done: Callable[[dict[str, Any]], bool], timeout: float,
+                what: str) -> None:
+    """Ask QMP ``command`` until ``done(answer)`` (which raises on a dead end)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        info = await _qmp(vm).execute("query-migrate", timeout=10)
-        state = (info or {}).get("status")
-        if state == want:
+        info = await _qmp(vm).execute(command, timeout=10) or {}
+        if done(info):
             return
-        if state in ("failed", "cancelled"):
-            raise RuntimeError(f"QEMU migration {state}: {info.get('error-desc', 'no detail')}")
         if loop.time() > deadline:
-            raise TimeoutError(f"QEMU migration still {state!r} after {timeout:g}s")
+            raise TimeoutError(f"{what} still {info.get('status')!r} after {timeout:g}s")
         await asyncio.sleep(POLL_S)
+
+
+def _migration_completed(info: dict[str, Any]) -> bool:
+    state = info.get("status")
+    if state in ("failed", "cancelled"):
+        raise RuntimeError(f"QEMU migration {state}: {info.get('error-desc', 'no detail')}")
+    return state == "completed"
+
+
+def _incoming_loaded(info: dict[str, Any]) -> bool:
+    state = info.get("status")
+    if state not in ("paused", "inmigrate", "prelaunch"):
+        raise RuntimeError(f"destination QEMU is {state!r} after loading device state")
+    return state == "paused"
 
 
 class QemuSource:
@@ -93,7 +107,7 @@ class QemuSource:
         await qmp.execute("migrate", {"uri": f"unix:{socket_path.name}"}, timeout=10)
 
     async def wait_device_state_sent(self, timeout: float) -> None:
-        await _wait_migrate(self.vm, timeout)
+        await _poll(self.vm, "query-migrate", _migration_completed, timeout, "QEMU migration")
 
     async def cancel_device_state(self) -> None:
         with contextlib.suppress(QMPError):
@@ -133,17 +147,7 @@ class QemuDest:
         return str(self.vm.paths.dir / DEVICE_SOCKET)
 
     async def wait_device_state_loaded(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            status = (await _qmp(self.vm).execute("query-status", timeout=10)).get("status")
-            if status == "paused":
-                return
-            if status not in ("inmigrate", "prelaunch"):
-                raise RuntimeError(f"destination QEMU is {status!r} after loading device state")
-            if loop.time() > deadline:
-                raise TimeoutError(f"destination QEMU still {status!r} after {timeout:g}s")
-            await asyncio.sleep(POLL_S)
+        await _poll(self.vm, "query-status", _incoming_loaded, timeout, "destination QEMU")
 
     async def resume(self) -> None:
         qmp = _qmp(self.vm)

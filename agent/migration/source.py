@@ -291,8 +291,10 @@ class SourceMigration:
             parts[name] = round((now - mark) * 1000.0, 2)
             mark = now
 
-        await self.vm.pause()
+        # Set first: a pause that errors out may still have stopped the vCPUs,
+        # and resuming a running guest is harmless.
         self._paused = True
+        await self.vm.pause()
         lap("pause_ms")
         st.round += 1
         assert self.tracker is not None
@@ -328,7 +330,10 @@ class SourceMigration:
         conn: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue(1)
 
         async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await conn.put((r, w))
+            try:
+                conn.put_nowait((r, w))
+            except asyncio.QueueFull:  # one migration stream only; never block a handler
+                w.close()
 
         server = await start_unix_server_at(on_conn, path)
         try:

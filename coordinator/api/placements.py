@@ -148,15 +148,9 @@ async def dry_run(request: web.Request) -> web.Response:
              "(changes nothing)", request=REBALANCE_REQUEST, response=REBALANCE_RESPONSE,
              errors=(400,))
 async def rebalance_plan(request: web.Request) -> web.Response:
-    body = json_body(request) or {}
-    defaults = RebalanceOptions()
-    opts = RebalanceOptions(
-        max_migrations=body.get("max_migrations", defaults.max_migrations),
-        hot_threshold=body.get("hot_threshold", defaults.hot_threshold),
-        drain_threshold=body.get("drain_threshold", defaults.drain_threshold),
-        bandwidth_mbps=body.get("bandwidth_mbps", defaults.bandwidth_mbps),
-    )
+    # the schema admits exactly RebalanceOptions' fields; check them before loading the fleet
     try:
+        opts = RebalanceOptions(**(json_body(request) or {})).check()
         result = plan(await _fleet(request), opts)
     except SchedulerInputError as exc:
         raise ApiError(400, str(exc)) from None

@@ -16,7 +16,13 @@ from aiohttp import web
 from novacron.coordinator.api import keys
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.api.openapi import RouteTable, json_body
-from novacron.coordinator.classifier.model import MAX_BATCH, MAX_TEXT_CHARS, InvalidTask
+from novacron.coordinator.classifier.limits import (
+    MAX_BATCH,
+    MAX_TEXT_CHARS,
+    InvalidTask,
+    TaskTooLong,
+    check_text,
+)
 from novacron.coordinator.classifier.service import TaskService
 
 log = logging.getLogger("novacron.coordinator.api.tasks")
@@ -77,12 +83,12 @@ def _results(items: dict[str, Any]) -> dict[str, Any]:
 def _texts(body: dict[str, Any]) -> list[str]:
     texts = [body["text"]] if "text" in body else [t["text"] for t in body["tasks"]]
     for i, text in enumerate(texts):
-        where = "text" if "text" in body else f"tasks[{i}].text"
-        if not text.strip():
-            raise ApiError(400, f"{where}: empty task description")
-        if len(text) > MAX_TEXT_CHARS:
-            raise ApiError(413, f"{where}: task description too long ({len(text)} characters, "
-                                f"at most {MAX_TEXT_CHARS})")
+        try:
+            check_text(text, "text" if "text" in body else f"tasks[{i}].text")
+        except TaskTooLong as exc:
+            raise ApiError(413, str(exc)) from None
+        except InvalidTask as exc:
+            raise ApiError(400, str(exc)) from None
     return texts
 
 

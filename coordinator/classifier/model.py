@@ -17,6 +17,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from novacron.coordinator.classifier.limits import (  # re-exported for callers
+    MAX_BATCH,
+    MAX_TEXT_CHARS,
+    InvalidTask,
+    TaskTooLong,
+    check_text,
+)
 from novacron.coordinator.classifier.reasons import explain
 from novacron.models.features import SCOPE_FEATURE_NAMES, Featurizer
 
@@ -24,23 +31,8 @@ log = logging.getLogger("novacron.coordinator.classifier")
 
 MODEL_FILE = "task_classifier.onnx"
 META_FILE = "task_classifier.json"
-MAX_TEXT_CHARS = 4000
-MAX_BATCH = 256
-
-
-class InvalidTask(ValueError):
-    """A description the classifier refuses: not text, empty, or too long."""
-
-
-def check_text(text: object, where: str = "text") -> str:
-    if not isinstance(text, str):
-        raise InvalidTask(f"{where}: expected a string, got {type(text).__name__}")
-    if not text.strip():
-        raise InvalidTask(f"{where}: empty task description")
-    if len(text) > MAX_TEXT_CHARS:
-        raise InvalidTask(f"{where}: task description too long ({len(text)} characters, "
-                          f"at most {MAX_TEXT_CHARS})")
-    return text
+__all__ = ["MAX_BATCH", "MAX_TEXT_CHARS", "InvalidTask", "Prediction", "TaskClassifier",
+           "TaskTooLong", "check_text", "default_classifier"]
 
 
 @dataclass
@@ -49,6 +41,9 @@ class Prediction:
     confidence: float
     probabilities: dict[str, float]
     reasons: list[str] = field(default_factory=list)
+    # raw scope-feature values and matched terms, kept for the planner (not serialised)
+    scope: tuple[np.ndarray, list[tuple[str, ...]]] | None = field(default=None, repr=False,
+                                                                    compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "confidence": round(self.confidence, 4),
@@ -118,18 +113,19 @@ class TaskClassifier:
         feats = np.zeros((len(texts), self.featurizer.size), dtype=np.float32)
         details = []
         for i, t in enumerate(texts):
-            vec, surface, terms = self.featurizer.transform_one(t)
+            vec, surface, terms, raw = self.featurizer.transform_full(t)
             feats[i] = vec
-            details.append((surface, terms))
+            details.append((surface, terms, raw))
         probs = self.probabilities(feats)
         out = []
-        for i, (surface, terms) in enumerate(details):
+        for i, (surface, terms, raw) in enumerate(details):
             k = int(np.argmax(probs[i]))
             why = explain(feats[i], self.relative_coef[k], self.featurizer, surface, terms,
                           limit=reasons) if reasons else []
             out.append(Prediction(self.labels[k], float(probs[i, k]),
                                   {lab: float(p) for lab, p in zip(self.labels, probs[i],
-                                                                   strict=True)}, why))
+                                                                   strict=True)}, why,
+                                  (raw, terms)))
         return out
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from novacron.coordinator.classifier.model import TaskClassifier, default_classifier
 from novacron.coordinator.classifier.planner import ScopeSignals, build_plan
 from novacron.models.features import SCOPE_FEATURE_NAMES, scope_features
@@ -32,8 +30,9 @@ class TaskService:
         predictions = self.classifier.classify_batch(texts)
         plans = []
         for text, pred in zip(texts, predictions, strict=True):
-            raw, terms = scope_features(text)
+            # classify_batch keeps the scope features it computed: no second pass
+            raw, terms = pred.scope if pred.scope is not None else scope_features(text)
             fired = {name: terms[i] for i, name in enumerate(SCOPE_FEATURE_NAMES)
-                     if bool(np.asarray(raw)[i] > 0)}
+                     if raw[i] > 0}
             plans.append(build_plan(text, pred, ScopeSignals(fired)))
         return plans

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from novacron.coordinator.scheduler.fleet import FleetState
-from novacron.coordinator.scheduler.model import SchedulerInputError, VMRequest
+from novacron.coordinator.scheduler.model import VMRequest
 
 ARMS: tuple[str, ...] = ("balanced", "pack", "latency", "headroom", "best-fit")
 STATE_VERSION = 1
@@ -191,9 +191,3 @@ class BanditPolicy:
             return cls.from_json(doc)
         except PolicyStateError as exc:
             raise PolicyStateError(f"{path}: {exc}") from None
-
-
-def check_arm(arm: str) -> str:
-    if arm not in ARMS:
-        raise SchedulerInputError("arm", f"unknown arm {arm!r}")
-    return arm

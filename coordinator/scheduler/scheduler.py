@@ -91,8 +91,11 @@ class Scheduler:
                 self.weights if strategy == "balanced" else WEIGHT_SETS[strategy])
             max_cost = float(fleet.cost.max()) if fleet.n else 0.0
             scores = weighted_score(obj, w, max_cost)
-            pos = int(np.argmin(scores))
             front = pareto_front(obj.matrix())
+            # The score never decreases along an objective, so its minimum is reached on
+            # the front; choosing there breaks ties (latency is capped when weighed, so
+            # 200 and 201 ms score alike) towards the host that is not dominated.
+            pos = int(front[np.argmin(scores[front])])
             expl["weights"] = {"cost": w.cost, "performance": w.performance, "latency": w.latency}
             expl["pareto_front_size"] = int(front.size)
         chosen = int(hosts[pos])

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-MAX_TEXT_CHARS = 4000  # same bound as the classifier and the API
+from novacron.coordinator.classifier.limits import MAX_BATCH, InvalidTask, check_text
 
 
 class InputError(Exception):
@@ -47,17 +47,21 @@ def read_texts(args: argparse.Namespace) -> list[str]:
         texts = [args.text]
     else:
         try:
-            raw = sys.stdin.read() if str(args.file) == "-" else args.file.read_text("utf-8")
+            raw = sys.stdin.read() if str(args.file) == "-" else args.file.read_text("utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read {args.file}: {exc}") from None
         texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
+        # split on "\n" only: str.splitlines() would also cut at U+2028 and
+        # other separators that may stand raw inside a JSON string
+        for n, line in enumerate(raw.split("\n"), 1):
             if not line.strip():
                 continue
             try:
                 doc = json.loads(line)
             except ValueError as exc:
                 raise InputError(f"{args.file}:{n}: not JSON: {exc}") from None
+            except RecursionError:
+                raise InputError(f"{args.file}:{n}: not JSON: nested too deeply") from None
             if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
                 raise InputError(f"{args.file}:{n}: expected an object with a string 'text'")
             texts.append(doc["text"])
@@ -65,29 +69,41 @@ def read_texts(args: argparse.Namespace) -> list[str]:
             raise InputError(f"{args.file}: no tasks in the file")
     for i, text in enumerate(texts):
         where = "TEXT" if args.text is not None else f"{args.file}: task {i + 1}"
-        if not text.strip():
-            raise InputError(f"{where}: empty task description")
-        if len(text) > MAX_TEXT_CHARS:
-            raise InputError(f"{where}: task description too long ({len(text)} characters, "
-                             f"at most {MAX_TEXT_CHARS})")
+        try:
+            check_text(text, where)
+            text.encode("utf-8")  # printed back later: lone surrogates would crash print()
+        except InvalidTask as exc:
+            raise InputError(str(exc)) from None
+        except UnicodeEncodeError:
+            raise InputError(f"{where}: not valid Unicode text (undecodable bytes or a lone "
+                             "surrogate)") from None
     return texts
+
+
+def _batches(texts: list[str]) -> list[list[str]]:
+    """A file may hold more tasks than one call accepts: send them MAX_BATCH at a time."""
+    return [texts[a:a + MAX_BATCH] for a in range(0, len(texts), MAX_BATCH)]
 
 
 def _local(action: str, texts: list[str]) -> list[dict[str, Any]]:
     from novacron.coordinator.classifier.service import TaskService
 
     service = TaskService()
-    return service.classify_many(texts) if action == "classify" else service.plan_many(texts)
+    run_batch = service.classify_many if action == "classify" else service.plan_many
+    return [res for batch in _batches(texts) for res in run_batch(batch)]
 
 
 def _remote(action: str, texts: list[str], server: str, token: str) -> list[dict[str, Any]]:
     from novacron.coordinator.client import CoordinatorClient
 
     async def go() -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
         async with CoordinatorClient(server, token, timeout_s=60) as client:
-            doc = await client.request("POST", f"/tasks/{action}",
-                                       {"tasks": [{"text": t} for t in texts]})
-        return list(doc["results"])
+            for batch in _batches(texts):
+                doc = await client.request("POST", f"/tasks/{action}",
+                                           {"tasks": [{"text": t} for t in batch]})
+                results.extend(doc["results"])
+        return results
 
     return asyncio.run(go())
 

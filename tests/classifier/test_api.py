@@ -49,6 +49,8 @@ async def test_plan_batch(coord: Coordinator) -> None:
     ({"text": "   "}, 400, "empty"),
     ({"text": "x" * (MAX_TEXT_CHARS + 1)}, 413, "too long"),
     ({"tasks": [{"text": "fine"}, {"text": " "}]}, 400, "tasks[1].text"),
+    ({"tasks": [{"text": "fine"}, {"text": "x" * (MAX_TEXT_CHARS + 1)}]}, 413,
+     "tasks[1].text: task description too long"),
     ({"tasks": []}, 400, "tasks"),
     ({}, 400, "body"),
     ({"text": "a", "tasks": [{"text": "b"}]}, 400, "body"),

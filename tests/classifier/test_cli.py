@@ -85,3 +85,40 @@ async def test_server_mode_calls_the_api(tmp_path: Path) -> None:
         assert rc == 2 and "too long" in err
     finally:
         await stop_coordinator(coord)
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"\xff\xfe{\"text\": \"x\"}\n", "cannot read"),  # not UTF-8
+    (b"[" * 100_000 + b"\n", ":1: not JSON"),  # would blow the recursion limit
+    (b'{"text": "' + b"a" * 4001 + b'"}\n', "task 1: task description too long"),
+    (b'{"text": "fix typo"}\n{"text": "\\ud800 half a character"}\n', "task 2: not valid Unicode"),
+    (b'{"text": ""}\n', "task 1: empty task description"),
+])
+def test_unusual_files_give_one_clear_line(tmp_path: Path, content: bytes, needle: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "odd.jsonl"
+    f.write_bytes(content)
+    assert main(["task", "classify", "--file", str(f)]) == 2
+    captured = capsys.readouterr()
+    assert needle in captured.err and captured.out == ""
+    assert captured.err.startswith("novacron task classify: ") and captured.err.count("\n") == 1
+
+
+def test_files_keep_json_line_separators_and_byte_order_marks(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "tasks.jsonl"
+    # U+2028 may stand raw inside a JSON string; it does not end the line
+    f.write_bytes('\ufeff{"text": "fix the typo\u2028in the README"}\r\n'.encode())
+    assert main(["task", "classify", "--file", str(f), "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_files_larger_than_one_batch_are_sent_in_batches(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from novacron.coordinator.classifier.limits import MAX_BATCH
+
+    f = tmp_path / "many.jsonl"
+    f.write_text("".join(json.dumps({"text": f"fix typo number {i} in the docs"}) + "\n"
+                         for i in range(MAX_BATCH + 3)))
+    assert main(["task", "classify", "--file", str(f), "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == MAX_BATCH + 3

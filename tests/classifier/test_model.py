@@ -141,3 +141,13 @@ def test_metadata_for_other_features_is_rejected() -> None:
         TaskClassifier(model, {**meta, "scope_features": meta["scope_features"][:-1]})
     with pytest.raises(ValueError, match="format"):
         TaskClassifier(model, {**meta, "format": 99})
+
+
+def test_bundled_model_is_loaded_once_and_runs_single_threaded() -> None:
+    from novacron.coordinator.classifier.service import TaskService
+
+    assert default_classifier() is default_classifier()
+    assert TaskService().classifier is TaskService().classifier is default_classifier()
+    # one call is a tiny mat-vec: on a 2-core host a thread pool only adds hand-off
+    opts = default_classifier().session.get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 1)

@@ -88,3 +88,25 @@ def test_service_plans_are_accepted_by_the_swarm_bridge_schema() -> None:
         bridge_part = {k: plan[k] for k in ("topology", "strategy", "max_agents", "agents",
                                             "tasks")}
         jsonschema.validate(bridge_part, PLAN)
+
+
+def test_plans_reuse_the_scope_features_of_the_classification(monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """The planner reads the same scope signals the model saw, computed once per text."""
+    import novacron.coordinator.classifier.service as service_mod
+    import novacron.models.features as features_mod
+
+    text = "Build a multi-region active-active database with automatic failover"
+    service = service_mod.TaskService()
+    expected = service.plan(text)
+    calls = []
+    real = features_mod.scope_features
+
+    def counting(t: str) -> tuple[object, object]:
+        calls.append(t)
+        return real(t)
+
+    monkeypatch.setattr(features_mod, "scope_features", counting)
+    monkeypatch.setattr(service_mod, "scope_features", counting)
+    assert service.plan(text) == expected
+    assert calls == [text]

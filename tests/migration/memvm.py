@@ -59,6 +59,7 @@ class MemSourceVM:
         self.stayed = False
         self.dirtied = 0
         self.paused = False
+        self.pause_error: Exception | None = None  # raised after the guest really stopped
         if dirty_pages_per_s > 0:
             self._running.set()
             self._thread.start()
@@ -87,6 +88,8 @@ class MemSourceVM:
         self._running.clear()
         with self._lock:  # wait for a write in flight
             self.paused_count += 1
+        if self.pause_error is not None:
+            raise self.pause_error
 
     async def resume(self) -> None:
         self.resumed_count += 1
@@ -148,6 +151,7 @@ class MemDestVM:
         self.adopted = False
         self.destroyed = False
         self.fail_resume = False
+        self.destroy_error: Exception | None = None
 
     async def listen_device_state(self) -> str:
         path = self.dir / "dev.sock"  # inside the VM folder, as QEMU's incoming socket
@@ -170,6 +174,8 @@ class MemDestVM:
         self.running = True
 
     async def destroy(self) -> None:
+        if self.destroy_error is not None:
+            raise self.destroy_error
         self.destroyed = True
         self._close_server()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -191,9 +197,13 @@ class MemDestFactory:
         self.vms: dict[str, MemDestVM] = {}
         self.prepared = 0
         self.fail_resume = False  # make every destination VM refuse to resume
+        self.prepare_error: Exception | None = None  # an unexpected failure while preparing
+        self.destroy_error: Exception | None = None  # destroying a destination VM fails
 
     async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str) -> MemDestVM:
         name = str(spec.get("name"))
+        if self.prepare_error is not None:
+            raise self.prepare_error
         vm_dir = self.root / name
         try:
             vm_dir.mkdir(parents=True)
@@ -213,5 +223,6 @@ class MemDestFactory:
         self.prepared += 1
         vm = MemDestVM(name, vm_dir, ram)
         vm.fail_resume = self.fail_resume
+        vm.destroy_error = self.destroy_error
         self.vms[name] = vm
         return vm

@@ -261,3 +261,47 @@ async def test_relay_socket_in_vm_folder_replaces_stale_and_leaves_nothing(
     assert st.phase == "failed" and st.device_state_bytes == len(src.device_state), st.error
     assert not stale.exists() and src.running
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_pause_that_errors_still_resumes_the_source(tmp_path: Path, dest: Dest) -> None:
+    """A pause command that fails after the vCPUs stopped must not strand the guest."""
+    src = MemSourceVM(tmp_path / "src", "pz", pages=512)
+    src.pause_error = RuntimeError("QMP stop timed out")
+    try:
+        _, st = await migrate(src, dest.server.port)
+    finally:
+        src.close()
+    assert st.phase == "failed" and "QMP stop timed out" in (st.error or "")
+    assert src.running and src.resumed_count == src.paused_count == 1
+    await asyncio.wait_for(dest.done.wait(), 10)
+    assert os.listdir(tmp_path / "dst") == []
+
+
+async def test_unexpected_prepare_failure_is_reported(tmp_path: Path) -> None:
+    """Not just admission refusals: any failure to build the destination VM ends
+    the migration with a reason on both sides and frees the VM name there."""
+    from novacron.agent.migration.manager import MigrationManager
+
+    factory = MemDestFactory(tmp_path / "dst")
+    factory.prepare_error = OSError(28, "No space left on device")
+
+    async def no_source(name: str) -> MemSourceVM:
+        raise AssertionError(name)
+
+    mgr = MigrationManager(cluster_secret=SECRET, source_vm=no_source, dest_factory=factory)
+    await mgr.start()
+    src = MemSourceVM(tmp_path / "src", "pf", pages=256)
+    try:
+        _, st = await migrate(src, mgr.data_port)
+        for _ in range(500):  # bounded: until the destination's handler has finished
+            if not mgr.server._tasks:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        src.close()
+        await mgr.close()
+    assert st.phase == "failed" and "No space left" in (st.error or ""), st.error
+    assert src.running and src.paused_count == 0
+    d = mgr.get("m1")
+    assert d is not None and d.phase == "failed" and "preparing the VM failed" in (d.error or "")
+    assert not mgr.busy("pf")

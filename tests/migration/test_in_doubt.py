@@ -272,3 +272,38 @@ async def test_cancel_is_refused_once_go_was_sent(tmp_path: Path, dest: DestAgen
     assert refused and "too late" in refused[0]
     assert st.phase == "completed", st.to_dict()
     assert src.released
+
+
+async def test_failed_resume_that_cannot_be_cleaned_up_stays_open(tmp_path: Path, dest: DestAgent) -> None:
+    """The destination's resume failed and so did destroying its VM: the guest
+    may run there, so neither side may say 'failed' and the source stays paused."""
+    dest.factory.fail_resume = True
+    dest.factory.destroy_error = RuntimeError("kill failed")
+    src = MemSourceVM(tmp_path / "src", "x1", pages=512)
+    try:
+        _, st = await run_source(src, dest, "doubt-open", in_doubt_timeout_s=1)
+        assert st.phase == "failed" and "in doubt" in (st.error or ""), st.to_dict()
+        assert "undecided" in (st.resolution or "")
+        assert src.paused and not src.released
+    finally:
+        src.close()
+    await asyncio.wait_for(dest.handled.wait(), 10)
+    d = dest.status("doubt-open")
+    assert d is not None and d.phase == "commit" and "outcome in doubt" in (d.error or "")
+
+
+async def test_target_token_is_registered_as_secret(tmp_path: Path) -> None:
+    import secrets
+
+    from novacron import logs
+    from novacron.agent.vm.errors import VMNotFound
+
+    async def missing(name: str) -> SourceVM:
+        raise VMNotFound(name)
+
+    mgr = MigrationManager(cluster_secret=SECRET, source_vm=missing,
+                           dest_factory=MemDestFactory(tmp_path))
+    token = "tok-" + secrets.token_hex(12)
+    with pytest.raises(VMNotFound):
+        await mgr.start_migration({"vm": "v", "target": {"url": "http://127.0.0.1:9", "token": token}})
+    assert token not in logs.redact(f"Authorization: Bearer {token}")

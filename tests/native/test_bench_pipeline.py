@@ -43,3 +43,20 @@ def test_bench_rejects_bad_arguments() -> None:
         pipeline.parse_size("4K")
     assert pipeline.parse_size("1G") == 1 << 30
     assert pipeline.parse_size("256MiB") == 256 << 20
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"images": "random,huge"}, "unknown image kind"),
+    ({"images": " , "}, "unknown image kind"),
+    ({"repeat": 0}, "--repeat"),
+    ({"level": 23}, "--level"),
+])
+def test_bench_refuses_bad_options_before_measuring(overrides: dict[str, object],
+                                                    needle: str) -> None:
+    import argparse
+
+    args = argparse.Namespace(size=64 * 4096, images="random", repeat=1, level=1, json=True)
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    with pytest.raises(SystemExit, match=needle):
+        pipeline.run(args)

@@ -179,9 +179,10 @@ def test_frame_length_and_blobs() -> None:
     receiver = N.PageStreamReceiver(KEY, bytearray(2 * PAGE))
     opened = receiver.open(blob)
     assert opened.blob == (42, b"device state" * 1000) and opened.pages == 0
-    raw = sender.seal_blob(1, os.urandom(100_000))
+    noise = os.urandom(100_000)
+    raw = sender.seal_blob(1, noise)
     assert len(raw) == N.HEADER_SIZE + 100_000 + 16  # incompressible: sent as is
-    assert receiver.open(raw).blob is not None
+    assert receiver.open(raw).blob == (1, noise)
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -344,3 +345,24 @@ def test_any_truncation_or_delivery_order_is_caught(data: st.DataObject) -> None
             with pytest.raises(N.FrameReordered if i > nxt else N.FrameReplayed):
                 receiver.open(frames[i])
             assert np.array_equal(dst, before)
+
+
+def test_page_cache_close_unmaps_or_says_why_not(tmp_path: os.PathLike[str]) -> None:
+    import mmap
+    from pathlib import Path
+
+    path = Path(tmp_path) / "other-vm.ram"
+    path.write_bytes(make_memory([1, 2], 41).tobytes())
+    with open(path, "r+b") as f:
+        mine = mmap.mmap(f.fileno(), 2 * PAGE)
+    cache = N.PageCache()
+    cache.add_file(path)
+    cache.add_buffer(mine)
+    held = cache.view()  # e.g. a receiver still applying a frame
+    with pytest.raises(BufferError, match="still in use"):
+        cache.close()
+    with pytest.raises(BufferError):
+        mine.close()  # still exported, as close() said
+    del held
+    cache.close()  # finishes the job
+    mine.close()  # no view of the caller's buffer is left behind

@@ -118,13 +118,16 @@ async def test_vm_create_rejects_bad_placement(coordinator: Coordinator, agents:
     assert doc["vms"] == []
 
 
-@pytest.mark.parametrize("body", [
-    {"max_migrations": 0}, {"hot_threshold": 2}, {"drain_threshold": 0.95, "hot_threshold": 0.5},
-    {"bandwidth_mbps": -1}, {"surprise": True},
+@pytest.mark.parametrize(("body", "needle"), [
+    ({"max_migrations": 0}, "max_migrations"), ({"hot_threshold": 2}, "hot_threshold"),
+    ({"drain_threshold": 0.95, "hot_threshold": 0.5}, "drain_threshold < hot_threshold"),
+    ({"drain_threshold": 0.95}, "drain_threshold < hot_threshold"),  # against the default
+    ({"bandwidth_mbps": -1}, "bandwidth_mbps"), ({"surprise": True}, "surprise"),
 ])
-async def test_bad_plan_requests_get_400(coordinator: Coordinator, body: dict[str, Any]) -> None:
+async def test_bad_plan_requests_get_400(coordinator: Coordinator, body: dict[str, Any],
+                                         needle: str) -> None:
     status, doc = await coordinator.call("POST", "/rebalance/plan", json=body)
-    assert status == 400 and doc["error"]
+    assert status == 400 and needle in doc["error"], doc
 
 
 async def test_routes_are_in_the_openapi_document(coordinator: Coordinator) -> None:

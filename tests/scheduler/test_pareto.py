@@ -58,3 +58,11 @@ def test_weighted_choice_lies_on_the_front(spec: list[tuple[int, float, float]],
     front_hosts = set(hosts[pareto_front(obj.matrix())].tolist())
     assert d.host_index in front_hosts
     assert d.explanation["pareto_front_size"] == len(front_hosts)
+
+
+def test_equal_scores_resolve_to_the_host_that_is_not_dominated() -> None:
+    """Latency is capped when weighed: 201 ms and 200 ms score the same, but only the
+    200 ms host is Pareto-optimal (found by the property above)."""
+    fleet = FleetState([host(0, latency_ms={"eu": 201.0}), host(1, latency_ms={"eu": 200.0})])
+    d = Scheduler(fleet).decide(VMRequest("x", 1, 2048, region="eu"))
+    assert d.host == "h1"
