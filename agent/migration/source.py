@@ -72,6 +72,7 @@ class SourceMigration:
         self._dest_gave_up = False
         self._t_pause = 0.0
         self.counters = Counters()
+        self._zero_skipped = 0  # zero pages at the first scan (see _precopy)
         self._mm: mmap.mmap | None = None
         self.tracker: FingerprintTracker | None = None
         self.throttle = Throttle(vm)
@@ -192,6 +193,8 @@ class SourceMigration:
         )
         self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
         scan = await asyncio.to_thread(tracker.scan)
+        # the destination's fresh RAM file is all zero: these pages never need sending
+        self._zero_skipped = scan.zero_count
         last_scan = time.monotonic()
         budget_s = opts.downtime_ms / 1000.0
         prev_estimate = float("inf")
@@ -274,7 +277,7 @@ class SourceMigration:
     def _sync_counters(self) -> None:
         c = self.counters.as_dict()
         self.status.native = c
-        self.status.pages_zero = int(c.get("pages_zero_sent", c.get("pages_zero", 0)))
+        self.status.pages_zero = self._zero_skipped + int(c.get("pages_zero_sent", 0))
         self.status.pages_dedup = int(c.get("pages_dedup", 0))
 
     async def _stopcopy(self) -> None:

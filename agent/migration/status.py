@@ -25,7 +25,7 @@ class MigrationStatus:
     # counters
     pages_total: int = 0
     pages_sent: int = 0
-    pages_zero: int = 0
+    pages_zero: int = 0  # zero pages: skipped at the first scan, or later sent as zero records
     pages_dedup: int = 0
     bytes_raw: int = 0
     bytes_wire: int = 0

@@ -8,6 +8,7 @@ migration engine holds the VM (``vm.migrating = True``).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -32,6 +33,9 @@ STOPPED, RUNNING, PAUSED, CRASHED = "stopped", "running", "paused", "crashed"
 LIVE = (RUNNING, PAUSED)
 QMP_CONNECT_TIMEOUT_S = 15.0
 STOP_GRACE_S = 5.0
+SERIAL_POLL_S = 0.2
+SERIAL_READ_CHUNK = 1 * MIB  # bytes per read of the serial log
+SERIAL_MAX_CHUNKS_PER_POLL = 64  # a flood is caught up over several polls
 
 ExitListener = Callable[["VM"], None]
 
@@ -390,16 +394,38 @@ class VM:
             return b""
 
     async def wait_serial(self, pattern: str, timeout: float, offset: int = 0) -> re.Match[str]:
-        """Wait until the serial log (from ``offset``) matches ``pattern``."""
+        """Wait until the serial log (from ``offset``) matches ``pattern``.
+
+        The log is read incrementally in bounded chunks and each poll searches
+        only the lines it had not seen whole, so a chatty guest costs linear,
+        not quadratic, time. Serial console messages are lines: a match is
+        searched within the unscanned lines, so its positions are relative to
+        ``match.string`` (the groups are what callers use).
+        """
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        parts: list[str] = []
+        text = ""
+        pos = offset
         while True:
-            match = rx.search(self.read_serial(offset).decode(errors="replace"))
-            if match:
-                return match
+            for _ in range(SERIAL_MAX_CHUNKS_PER_POLL):
+                chunk = self.read_serial(pos, SERIAL_READ_CHUNK)
+                if not chunk:
+                    break
+                pos += len(chunk)
+                parts.append(decoder.decode(chunk))
+            if parts:
+                text += "".join(parts)
+                parts.clear()
+                match = rx.search(text)
+                if match:
+                    return match
+                # whole lines did not match: keep only the line still being written
+                text = text[text.rfind("\n") + 1 :]
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{pattern!r} not on {self.name}'s serial console within {timeout}s")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(SERIAL_POLL_S)
 
 
 def load_meta(path: Path) -> dict[str, Any]:

@@ -91,6 +91,7 @@ async def test_idle_vm_converges_after_one_round(tmp_path: Path, dest: Dest) -> 
     assert st.rounds[-1]["pages_sent"] == 0
     # zero pages are never sent: only the non-zero three quarters travel
     assert st.pages_sent == 4096 * 3 // 4
+    assert st.metrics()["pages_zero"] == 4096 // 4  # ... and are reported as skipped
 
 
 async def test_round_limit_forces_stop_and_copy(tmp_path: Path, dest: Dest) -> None:
