@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
+import os
 from pathlib import Path
 
 import pytest
 
 from novacron.cli.main import main
 from tests.coordinator.conftest import make_cfg, start_coordinator, stop_coordinator
+from tests.coordinator.test_cli import cli as run_cli
 
 
 def test_classify_text_prints_label_confidence_and_reasons(capsys: pytest.CaptureFixture[str]
@@ -63,17 +63,8 @@ async def test_server_mode_calls_the_api(tmp_path: Path) -> None:
     coord = await start_coordinator(make_cfg(tmp_path))
     try:
         async def cli(*args: str) -> tuple[int, str, str]:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "novacron.cli.main", "--token", coord.cfg.admin_token,
-                "task", *args, "--server", coord.url,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            try:
-                out, err = await asyncio.wait_for(proc.communicate(), 60)
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-            return proc.returncode or 0, out.decode(), err.decode()
+            return await run_cli(dict(os.environ), "--token", coord.cfg.admin_token,
+                                 "task", *args, "--server", coord.url)
 
         rc, out, err = await cli("classify", "Add SAML SSO for enterprise customers", "--json")
         assert rc == 0, err
