@@ -93,6 +93,7 @@ setup(
         "novacron.models": ["*.onnx", "*.json", "*.jsonl"],
         "novacron": ["py.typed"],
         "novacron.agent.guest": ["workload.c", "init.sh"],
+        "novacron.coordinator.dashboard": ["*.html", "*.js", "*.css"],
     },
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},

@@ -89,36 +89,52 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+def _listen_error(cfg: AgentConfig, exc: OSError) -> SystemExit:
+    """One line naming the address and the reason, e.g. "address already in use"."""
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    return SystemExit(f"novacron-agent: cannot listen on {host}:{cfg.port}: {reason}")
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+
 async def serve(cfg: AgentConfig) -> None:
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock_state_dir(cfg.state_dir)
-    fs = filesystem_type(cfg.state_dir)
-    if fs not in MEMORY_FILESYSTEMS:
-        # works, but the kernel writes guest memory back to disk behind the guest
-        log.warning("state dir is not on tmpfs or hugetlbfs: guest RAM files will be disk-backed",
-                    extra={"state_dir": str(cfg.state_dir), "filesystem": fs})  # fmt: skip
-    accel = make_accel(cfg)
-    vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary)
-    await vms.load()
-    probe = asyncio.create_task(accel.detect(), name="accel probe")  # warm the answer for /v1/host
-    runner, port = await start_site(build_app(cfg, vms, accel), cfg.host, cfg.port)
-    endpoint = cfg.state_dir / ENDPOINT_FILE
-    endpoint.write_text(json.dumps({"host": cfg.host, "port": port, "data_port": cfg.data_port, "pid": os.getpid()}))
-    log.info("agent listening", extra={"host": cfg.host, "port": port, "state_dir": str(cfg.state_dir)})
-    link = start_coordinator_link(cfg, runner.app, port)
-    try:
+    # Everything started is released in reverse order, also when start-up fails.
+    async with contextlib.AsyncExitStack() as cleanup:
+        cleanup.callback(os.close, lock_fd)
+        fs = filesystem_type(cfg.state_dir)
+        if fs not in MEMORY_FILESYSTEMS:
+            # works, but the kernel writes guest memory back to disk behind the guest
+            log.warning("state dir is not on tmpfs or hugetlbfs: guest RAM files will be disk-backed",
+                        extra={"state_dir": str(cfg.state_dir), "filesystem": fs})  # fmt: skip
+        accel = make_accel(cfg)
+        vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary)
+        cleanup.push_async_callback(vms.shutdown, stop_vms=cfg.vms_on_exit == "stop")
+        await vms.load()
+        probe = asyncio.create_task(accel.detect(), name="accel probe")  # warm the answer for /v1/host
+        cleanup.push_async_callback(_cancel, probe)
+        try:
+            runner, port = await start_site(build_app(cfg, vms, accel), cfg.host, cfg.port)
+        except OSError as exc:
+            raise _listen_error(cfg, exc) from None
+        cleanup.push_async_callback(runner.cleanup)
+        endpoint = cfg.state_dir / ENDPOINT_FILE
+        cleanup.callback(_unlink_quietly, endpoint)
+        endpoint.write_text(json.dumps({"host": cfg.host, "port": port, "data_port": cfg.data_port, "pid": os.getpid()}))
+        log.info("agent listening", extra={"host": cfg.host, "port": port, "state_dir": str(cfg.state_dir)})
+        link = start_coordinator_link(cfg, runner.app, port)
+        if link is not None:
+            cleanup.push_async_callback(_cancel, link)
         await until_signalled()
         log.info("agent shutting down", extra={"vms_on_exit": cfg.vms_on_exit})
-    finally:
-        if link is not None:
-            link.cancel()
-            with contextlib.suppress(BaseException):
-                await link
-        probe.cancel()
-        with contextlib.suppress(BaseException):
-            await probe
-        await runner.cleanup()
-        await vms.shutdown(stop_vms=cfg.vms_on_exit == "stop")
-        with contextlib.suppress(OSError):
-            endpoint.unlink()
-        os.close(lock_fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

@@ -26,6 +26,8 @@ log = logging.getLogger("novacron.coordinator.migrations")
 
 # Consecutive failed polls of the source agent before a migration is declared lost.
 MAX_POLL_FAILURES = 40
+# On close, how long starts in flight may take to finish their agent call and record.
+START_SETTLE_S = 30.0
 
 
 def topic(mig_id: str) -> str:
@@ -37,9 +39,27 @@ class MigrationManager:
                  events: EventHub) -> None:
         self.cfg, self.store, self.agents, self.events = cfg, store, agents, events
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._starting: set[asyncio.Task[Migration]] = set()
         self._lock = asyncio.Lock()
 
     async def start(self, vm_name: str, target: str, options: dict[str, Any]) -> Migration:
+        """Record the migration and hand it to the source agent.
+
+        The work runs in its own task, shielded from the caller: a client that
+        hangs up during the agent call cannot leave the record pending and the
+        VM marked migrating; the start still ends as followed or failed.
+        """
+        task = asyncio.create_task(self._start(vm_name, target, options), name=f"start-{vm_name}")
+        self._starting.add(task)
+        task.add_done_callback(self._started)
+        return await asyncio.shield(task)
+
+    def _started(self, task: asyncio.Task[Migration]) -> None:
+        self._starting.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a refusal nobody awaited any more is not an error
+
+    async def _start(self, vm_name: str, target: str, options: dict[str, Any]) -> Migration:
         async with self._lock:  # one check-then-start at a time: no two migrations of one VM
             vm = await self.store.get_vm(vm_name)
             if vm is None:
@@ -113,6 +133,11 @@ class MigrationManager:
                 self._follow(mig)
 
     async def close(self) -> None:
+        if self._starting:  # let starts in flight settle (agent calls time out), then stop them
+            _done, pending = await asyncio.wait(set(self._starting), timeout=START_SETTLE_S)
+            for start in pending:
+                start.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

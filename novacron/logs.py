@@ -6,37 +6,121 @@ registered secret scrubbed from the message and its fields before output.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import sys
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from novacron.config import Invalid
 
 LEVELS = ("debug", "info", "warning", "error", "critical")  # what setup() takes, any case
 
-_SECRETS: set[str] = set()
+# The process's own secrets (from its config) are pinned: never evicted. Secrets
+# learnt while running (agent tokens, migration targets) are kept newest-first up
+# to MAX_LEARNT_SECRETS, so a long-lived coordinator's list stays bounded.
+MAX_LEARNT_SECRETS = 1024
+_PINNED: set[str] = set()
+_LEARNT: OrderedDict[str, None] = OrderedDict()
+_PATTERN: re.Pattern[str] | None = None  # every secret, one alternation; rebuilt on change
 _LOCK = threading.Lock()
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
-def register_secret(value: str | bytes | None) -> None:
-    """Never let ``value`` reach a log line (tokens, cluster secrets, keys)."""
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def register_secret(value: str | bytes | None, *, pinned: bool | None = None) -> None:
+    """Never let ``value`` reach a log line (tokens, cluster secrets, keys).
+
+    ``pinned`` secrets are never forgotten. By default a secret registered
+    before the event loop runs (a process registering its configuration) is
+    pinned, and one registered from running code is learnt: only the newest
+    MAX_LEARNT_SECRETS of those are kept.
+    """
     if not value:
         return
     text = value.hex() if isinstance(value, bytes) else value
-    if len(text) >= 4:
-        with _LOCK:
-            _SECRETS.add(text)
+    if len(text) < 4:
+        return
+    if pinned is None:
+        pinned = not _in_event_loop()
+    with _LOCK:
+        if text in _PINNED:
+            return
+        if pinned:
+            _LEARNT.pop(text, None)
+            _PINNED.add(text)
+        elif text in _LEARNT:
+            _LEARNT.move_to_end(text)  # still in use: keep it among the newest
+            return
+        else:
+            _LEARNT[text] = None
+            while len(_LEARNT) > MAX_LEARNT_SECRETS:
+                _LEARNT.popitem(last=False)
+        _rebuild()
+
+
+def _trie_regex(words: set[str]) -> str:
+    """One regex matching any of ``words``, shaped as a prefix tree.
+
+    A flat ``a|b|c`` makes the regex engine try every secret at every
+    position; the tree tries one character per branch, so a line costs about
+    the same with a thousand secrets as with ten. Longer secrets win.
+    """
+    end = ""  # a key no character can be
+    root: dict[str, Any] = {}
+    for word in words:
+        node = root
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[end] = None
+
+    def emit(node: dict[str, Any]) -> str:
+        out = ""
+        while len(node) == 1 and end not in node:  # a chain: no branching, no recursion
+            ((ch, node),) = node.items()
+            out += re.escape(ch)
+        alts = [re.escape(ch) + emit(child) for ch, child in node.items() if ch != end]
+        if not alts:
+            return out
+        group = "(?:" + "|".join(alts) + ")"
+        return out + (group + "?" if end in node else group)  # greedy: the longer secret first
+
+    return emit(root)
+
+
+def _compile(source: str) -> re.Pattern[str]:
+    # re.compile would keep every rebuilt (large) pattern in its module cache
+    compiler = getattr(re, "_compiler", None)
+    return compiler.compile(source, 0) if compiler is not None else re.compile(source)  # type: ignore[no-any-return]
+
+
+def _rebuild() -> None:
+    """Compile the redaction pattern; the caller holds _LOCK."""
+    global _PATTERN
+    words = _PINNED | _LEARNT.keys()
+    _PATTERN = _compile(_trie_regex(words)) if words else None
+
+
+def tracked_secrets() -> int:
+    """How many secrets are being redacted."""
+    with _LOCK:
+        return len(_PINNED) + len(_LEARNT)
 
 
 def redact(text: str) -> str:
-    for secret in _SECRETS:
-        if secret in text:
-            text = text.replace(secret, "***")
-    return text
+    pattern = _PATTERN  # one read: a concurrent rebuild swaps in a whole new pattern
+    return pattern.sub("***", text) if pattern is not None else text
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

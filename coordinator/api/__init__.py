@@ -74,6 +74,7 @@ ROUTE_MODULES = [
     "novacron.coordinator.api.swarms",
     "novacron.coordinator.api.tasks",
     "novacron.coordinator.api.placements",
+    "novacron.coordinator.api.dashboard",
 ]
 
 

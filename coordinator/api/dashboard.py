@@ -19,7 +19,7 @@ routes = RouteTable("dashboard", "No API routes: the web dashboard is served at 
 PAGE_PATH = "/dashboard"
 
 # Everything from our own origin; no inline script or style, no framing.
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
        "frame-ancestors 'none'")
 SECURITY_HEADERS = {

@@ -29,6 +29,11 @@ CLIENT_PROTOCOL_VERSION = "2025-06-18"
 ACCEPTED_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 DEFAULT_MAX_LINE = 8 * 1024 * 1024  # tools/list of claude-flow is ~0.5 MB
 STDERR_TAIL_LINES = 40
+# Requests from the server answered at once; beyond it a request gets an error
+# straight away (or, while our replies pile up unread, no answer at all).
+MAX_SERVER_REQUESTS = 16
+MAX_UNREAD_REPLIES = 1024 * 1024  # bytes of replies the server has not read yet
+BUSY_CODE = -32000  # JSON-RPC implementation-defined server error
 
 NotificationHandler = Callable[[str, dict[str, Any]], None]
 
@@ -62,6 +67,7 @@ class StdioSession:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._answering: set[asyncio.Task[None]] = set()
+        self.refused_server_requests = 0  # over MAX_SERVER_REQUESTS: answered busy or dropped
         self._write_lock = asyncio.Lock()
         self._dead: str | None = None
 
@@ -203,6 +209,9 @@ class StdioSession:
         if "method" in msg:
             method = msg.get("method")
             if "id" in msg:
+                if len(self._answering) >= MAX_SERVER_REQUESTS:
+                    self._refuse_server_request(msg)
+                    return
                 task = asyncio.get_running_loop().create_task(self._answer_server_request(msg))
                 self._answering.add(task)  # keep a reference until it is done
                 task.add_done_callback(self._answering.discard)
@@ -225,6 +234,20 @@ class StdioSession:
             fut.set_result(msg["result"])
         else:
             fut.set_exception(TransportError("response has neither result nor error"))
+
+    def _refuse_server_request(self, msg: dict[str, Any]) -> None:
+        """Too many answers in flight: reply busy without a task, unless replies go unread."""
+        self.refused_server_requests += 1
+        stdin = self.proc.stdin if self.proc is not None else None
+        if stdin is None or not self.alive or stdin.transport.get_write_buffer_size() > MAX_UNREAD_REPLIES:
+            if self.refused_server_requests == 1:
+                log.warning("mcp server floods requests; dropping some", extra={"pid": self.pid})
+            return
+        reply = {"jsonrpc": "2.0", "id": msg["id"],
+                 "error": {"code": BUSY_CODE, "message": "too many requests in flight"}}
+        # one write() of a whole frame: it cannot interleave with a locked _send
+        with contextlib.suppress(ConnectionError, RuntimeError):  # a dying pipe: the reader sees it
+            stdin.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
 
     async def _answer_server_request(self, msg: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"jsonrpc": "2.0", "id": msg["id"]}
@@ -276,9 +299,11 @@ class StdioSession:
                 # The leader is gone but children of its group may linger.
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._answering]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        self._answering.clear()

@@ -26,6 +26,9 @@ def test_wheel_layout(tmp_path: Path) -> None:
     assert tops == {"novacron"}, tops
     for pkg in ("agent", "coordinator", "native", "bench", "models"):
         assert f"novacron/{pkg}/__init__.py" in names
+    for data in ("models/task_classifier.onnx", "coordinator/dashboard/index.html",
+                 "coordinator/dashboard/app.js", "agent/guest/workload.c"):
+        assert f"novacron/{data}" in names, data
     pyx = sorted(p.stem for p in (REPO / "native").glob("*.pyx"))
     built = sorted(n.split("/")[-1].split(".")[0] for n in names if n.startswith("novacron/native/") and n.endswith(".so"))
     assert built == pyx

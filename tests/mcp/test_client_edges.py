@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from novacron.coordinator.mcp import operations
+from novacron.coordinator.mcp import operations, stdio_session
 from novacron.coordinator.mcp.client import ClaudeFlowClient, ClientSettings
 from novacron.coordinator.mcp.errors import RpcError, TransportError, UnsupportedOperation
 from novacron.coordinator.mcp.stdio_session import StdioSession
@@ -99,3 +100,71 @@ async def test_malformed_error_code_is_an_error_not_a_lost_session(tmp_path: Pat
         assert session.alive
     finally:
         await session.close()
+
+
+# A peer that sends a flood of pings without reading its stdin until ``flag`` exists,
+# then counts our answers and reports them when asked "count".
+FLOOD = textwrap.dedent("""
+    import json, os, sys, time
+    flag, n = sys.argv[1], int(sys.argv[2])
+    init = json.loads(sys.stdin.readline())
+    print(json.dumps({"jsonrpc": "2.0", "id": init["id"], "result": {
+        "protocolVersion": "2024-11-05", "capabilities": {},
+        "serverInfo": {"name": "flood", "version": "0"}}}), flush=True)
+    for i in range(n):
+        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": f"p{i}", "method": "ping"}) + "\\n")
+    sys.stdout.flush()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.01)  # a peer that does not read what it is sent
+    results = errors = 0
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg.get("method") == "count":
+            print(json.dumps({"jsonrpc": "2.0", "id": msg["id"],
+                              "result": {"results": results, "errors": errors}}), flush=True)
+        elif "error" in msg:
+            errors += 1
+        elif "result" in msg:
+            results += 1
+""")
+
+
+async def test_server_request_flood_is_bounded(tmp_path: Path) -> None:
+    flag, pings = tmp_path / "read-now", 8000  # far more answers than the pipes hold
+    session = StdioSession([sys.executable, "-c", FLOOD, str(flag), str(pings)], cwd=tmp_path / "w")
+    try:
+        await session.start(timeout=10)
+        most = 0
+        for _ in range(1000):  # bounded: until the flood is over the cap
+            most = max(most, len(session._answering))
+            if session.refused_server_requests:
+                break
+            await asyncio.sleep(0.01)
+        assert session.refused_server_requests > 0
+        assert most <= stdio_session.MAX_SERVER_REQUESTS
+        assert len(session._answering) <= stdio_session.MAX_SERVER_REQUESTS
+        flag.touch()
+        counts = await session.request("count", None, timeout=20)
+        # every ping got exactly one answer: a pong or a busy error
+        assert counts["results"] + counts["errors"] == pings
+        assert counts["errors"] == session.refused_server_requests
+        assert counts["results"] >= stdio_session.MAX_SERVER_REQUESTS
+    finally:
+        await session.close()
+
+
+async def test_close_cancels_answers_in_flight(tmp_path: Path) -> None:
+    session = StdioSession([sys.executable, "-c", FLOOD, str(tmp_path / "never"), "8000"], cwd=tmp_path / "w")
+    try:
+        await session.start(timeout=10)
+        for _ in range(1000):  # bounded: until answers are stuck on the unread pipe
+            if len(session._answering) == stdio_session.MAX_SERVER_REQUESTS:
+                break
+            await asyncio.sleep(0.01)
+        stuck = set(session._answering)
+        assert stuck
+    finally:
+        await session.close(grace=0.5)
+    assert all(task.done() for task in stuck)
+    assert not session._answering

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+from collections import OrderedDict
+
+import pytest
 
 from novacron import logs
 
@@ -19,3 +23,45 @@ def test_json_lines_and_redaction() -> None:
     assert doc["msg"] == "auth with ***"
     assert doc["header"] == "Bearer ***"
     assert "s3cr3t" not in line
+
+
+@pytest.fixture
+def fresh_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty secret list for one test; the process's list is restored after."""
+    monkeypatch.setattr(logs, "_PINNED", set())
+    monkeypatch.setattr(logs, "_LEARNT", OrderedDict())
+    monkeypatch.setattr(logs, "_PATTERN", None)
+    monkeypatch.setattr(logs, "MAX_LEARNT_SECRETS", 50)
+
+
+def test_learnt_secrets_are_bounded_and_config_secrets_kept(fresh_secrets: None) -> None:
+    config_token = "config-token-" + "c" * 20
+    logs.register_secret(config_token)  # before any event loop: the process's own config
+
+    async def learn(n: int) -> None:  # agent tokens arrive while serving
+        for i in range(n):
+            logs.register_secret(f"agent-token-{i:05d}-{'x' * 16}")
+
+    asyncio.run(learn(500))
+    assert logs.tracked_secrets() == 1 + logs.MAX_LEARNT_SECRETS
+    newest = f"agent-token-{499:05d}-{'x' * 16}"
+    assert logs.redact(f"a {config_token} b {newest} c") == "a *** b *** c"
+    # a learnt secret seen again counts as new: it survives the next flood
+    logs.register_secret(f"agent-token-{450:05d}-{'x' * 16}", pinned=False)
+    for i in range(logs.MAX_LEARNT_SECRETS - 1):
+        logs.register_secret(f"later-{i:05d}-{'y' * 16}", pinned=False)
+    assert logs.redact(f"agent-token-{450:05d}-{'x' * 16}") == "***"
+    assert logs.redact(config_token) == "***"
+
+
+def test_redaction_matches_overlaps_and_special_characters(fresh_secrets: None) -> None:
+    logs.register_secret("abcdef", pinned=True)
+    logs.register_secret("abcdefgh", pinned=True)  # one secret the prefix of another
+    logs.register_secret("a.b*c(d)|e", pinned=False)  # regex syntax is literal text
+    logs.register_secret(b"\x01\x02\xff\xfe")  # bytes are redacted as hex
+    logs.register_secret("abc")  # too short to be a secret: ignored
+    assert logs.redact("x abcdefgh y abcdefg z") == "x *** y ***g z"
+    assert logs.redact("k=a.b*c(d)|e; abxbcxc") == "k=***; abxbcxc"
+    assert logs.redact("key 0102fffe!") == "key ***!"
+    assert logs.redact("abc") == "abc"
+    assert logs.redact("nothing here") == "nothing here"
