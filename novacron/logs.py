@@ -26,7 +26,7 @@ LEVELS = ("debug", "info", "warning", "error", "critical")  # what setup() takes
 MAX_LEARNT_SECRETS = 1024
 _PINNED: set[str] = set()
 _LEARNT: OrderedDict[str, None] = OrderedDict()
-_PATTERN: re.Pattern[str] | None = None  # every secret, one alternation; rebuilt on change
+_PATTERN: re.Pattern[str] | None = None  # every secret in one prefix-tree regex; rebuilt on change
 _LOCK = threading.Lock()
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -102,7 +102,7 @@ def _trie_regex(words: set[str]) -> str:
 def _compile(source: str) -> re.Pattern[str]:
     # re.compile would keep every rebuilt (large) pattern in its module cache
     compiler = getattr(re, "_compiler", None)
-    return compiler.compile(source, 0) if compiler is not None else re.compile(source)  # type: ignore[no-any-return]
+    return compiler.compile(source, 0) if compiler is not None else re.compile(source)
 
 
 def _rebuild() -> None:

@@ -113,7 +113,7 @@ FLOOD = textwrap.dedent("""
         "serverInfo": {"name": "flood", "version": "0"}}}), flush=True)
     for i in range(n):
         sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": f"p{i}", "method": "ping"}) + "\\n")
-    sys.stdout.flush()
+    print(json.dumps({"jsonrpc": "2.0", "method": "notifications/flooded"}), flush=True)
     deadline = time.monotonic() + 60
     while not os.path.exists(flag) and time.monotonic() < deadline:
         time.sleep(0.01)  # a peer that does not read what it is sent
@@ -132,15 +132,18 @@ FLOOD = textwrap.dedent("""
 
 async def test_server_request_flood_is_bounded(tmp_path: Path) -> None:
     flag, pings = tmp_path / "read-now", 8000  # far more answers than the pipes hold
-    session = StdioSession([sys.executable, "-c", FLOOD, str(flag), str(pings)], cwd=tmp_path / "w")
+    flooded = asyncio.Event()
+    session = StdioSession([sys.executable, "-c", FLOOD, str(flag), str(pings)], cwd=tmp_path / "w",
+                           on_notification=lambda method, _params: flooded.set())
     try:
         await session.start(timeout=10)
         most = 0
-        for _ in range(1000):  # bounded: until the flood is over the cap
+        for _ in range(3000):  # bounded: until every ping has been read
             most = max(most, len(session._answering))
-            if session.refused_server_requests:
+            if flooded.is_set():
                 break
             await asyncio.sleep(0.01)
+        assert flooded.is_set()
         assert session.refused_server_requests > 0
         assert most <= stdio_session.MAX_SERVER_REQUESTS
         assert len(session._answering) <= stdio_session.MAX_SERVER_REQUESTS
