@@ -56,7 +56,7 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
 async def _core_services(app: web.Application) -> AsyncIterator[None]:
     await app[STORE].open()
     for host in await app[STORE].list_hosts():
-        logs.register_secret(host.token)  # agents' tokens, stored by an earlier run
+        logs.register_secret(host.token, pinned=False)  # agents' tokens, stored by an earlier run
     await app[AGENTS].start()
     await app[MIGRATIONS].resume_all()
     await settle_unfinished_creates(app)

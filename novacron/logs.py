@@ -6,7 +6,6 @@ registered secret scrubbed from the message and its fields before output.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -31,29 +30,18 @@ _LOCK = threading.Lock()
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
-def _in_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def register_secret(value: str | bytes | None, *, pinned: bool | None = None) -> None:
+def register_secret(value: str | bytes | None, *, pinned: bool = True) -> None:
     """Never let ``value`` reach a log line (tokens, cluster secrets, keys).
 
-    ``pinned`` secrets are never forgotten. By default a secret registered
-    before the event loop runs (a process registering its configuration) is
-    pinned, and one registered from running code is learnt: only the newest
-    MAX_LEARNT_SECRETS of those are kept.
+    A process's own configured secrets are pinned (never forgotten). Secrets
+    learnt while running (agents' tokens, migration targets' tokens) pass
+    ``pinned=False``: only the newest MAX_LEARNT_SECRETS of those are kept.
     """
     if not value:
         return
     text = value.hex() if isinstance(value, bytes) else value
     if len(text) < 4:
         return
-    if pinned is None:
-        pinned = not _in_event_loop()
     with _LOCK:
         if text in _PINNED:
             return

@@ -114,7 +114,7 @@ class MigrationManager:
         if not isinstance(vm_name, str) or not vm_name:
             raise MigrationRequestError("'vm' must be the name of a VM on this agent")
         target = _check_target(body.get("target"))
-        logs.register_secret(target.get("token"))  # it rides in calls to the destination
+        logs.register_secret(target.get("token"), pinned=False)  # it rides in calls to the destination
         try:
             opts = MigrationOptions.from_dict(body.get("options"))
         except ValueError as exc:

@@ -80,7 +80,7 @@ async def register(request: web.Request) -> web.Response:
     body = json_body(request)
     if body["memory_available_bytes"] > body["memory_bytes"]:
         raise ApiError(400, "body.memory_available_bytes: larger than memory_bytes")
-    logs.register_secret(body["token"])  # it rides in every call to this agent
+    logs.register_secret(body["token"], pinned=False)  # it rides in every call to this agent
     store, cfg = request.app[STORE], request.app[CONFIG]
     now = time.time()
     old = await store.get_host(body["name"])

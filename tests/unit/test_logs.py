@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -36,13 +35,9 @@ def fresh_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_learnt_secrets_are_bounded_and_config_secrets_kept(fresh_secrets: None) -> None:
     config_token = "config-token-" + "c" * 20
-    logs.register_secret(config_token)  # before any event loop: the process's own config
-
-    async def learn(n: int) -> None:  # agent tokens arrive while serving
-        for i in range(n):
-            logs.register_secret(f"agent-token-{i:05d}-{'x' * 16}")
-
-    asyncio.run(learn(500))
+    logs.register_secret(config_token)  # the process's own config: pinned
+    for i in range(500):  # agent tokens learnt while serving
+        logs.register_secret(f"agent-token-{i:05d}-{'x' * 16}", pinned=False)
     assert logs.tracked_secrets() == 1 + logs.MAX_LEARNT_SECRETS
     newest = f"agent-token-{499:05d}-{'x' * 16}"
     assert logs.redact(f"a {config_token} b {newest} c") == "a *** b *** c"
