@@ -17,6 +17,8 @@ from novacron import __version__, config, logs
 COMMAND_MODULES = [
     "novacron.cli.bench",
     "novacron.cli.fleet",
+    "novacron.cli.vm",
+    "novacron.cli.swarm",
     "novacron.cli.placement",
     "novacron.cli.demo",
     "novacron.cli.mcp",

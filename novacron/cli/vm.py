@@ -1,0 +1,152 @@
+"""``novacron vm create|show|start|stop|delete``: one VM's lifecycle through the coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+from urllib.parse import quote
+
+from rich.console import Console
+from rich.table import Table
+
+from novacron.cli.fleet import _dump, _run, human_bytes
+from novacron.coordinator.client import CoordinatorClient
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    vm = sub.add_parser("vm", help="create, show, start, stop or delete one VM")
+    cmds = vm.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
+
+    p = cmds.add_parser("create", help="place a VM on a host and start it there",
+                        description="Create a VM booting either a kernel (--kernel) or a disk "
+                        "image (--disk). The coordinator places it unless --host pins it; "
+                        "--priority/--region/--affinity... are placement preferences.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--vcpus", type=int, required=True)
+    p.add_argument("--memory-mb", type=int, required=True)
+    p.add_argument("--kernel", help="kernel image path on the host (direct boot)")
+    p.add_argument("--initrd", help="initrd path on the host (with --kernel)")
+    p.add_argument("--cmdline", help="kernel command line (with --kernel)")
+    p.add_argument("--disk", help="disk image path on the host (disk boot)")
+    p.add_argument("--disk-format", choices=["raw", "qcow2"], help="format of --disk")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto)")
+    p.add_argument("--host", help="pin to this host instead of placing")
+    p.add_argument("--priority", choices=["low", "normal", "high"])
+    p.add_argument("--region", help="user region the VM should be close to")
+    p.add_argument("--max-latency-ms", type=float, help="refuse hosts farther than this from --region")
+    p.add_argument("--affinity", action="append", metavar="VM", help="place beside this VM")
+    p.add_argument("--anti-affinity", action="append", metavar="VM", help="keep away from this VM")
+    p.add_argument("--json", action="store_true", help="print the VM as JSON")
+    p.set_defaults(func=_create)
+
+    for action, text in (("show", "one VM with its agent's live status"),
+                         ("start", "start a stopped VM"), ("stop", "stop a VM"),
+                         ("delete", "stop and delete a VM (asks nothing)")):
+        p = cmds.add_parser(action, help=text)
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=lambda a, fn=_HANDLERS[action]: _run(a, fn))
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def boot_problem(args: argparse.Namespace) -> str | None:
+    """Why the boot options are unusable (the API would refuse them less clearly), or None."""
+    if args.kernel is None and args.disk is None:
+        return "one of --kernel or --disk is required"
+    if args.kernel is not None and args.disk is not None:
+        return "--kernel and --disk exclude each other: boot a kernel or a disk image"
+    if args.disk is not None and (args.initrd is not None or args.cmdline is not None):
+        return "--initrd and --cmdline go with --kernel, not --disk"
+    if args.kernel is not None and args.disk_format is not None:
+        return "--disk-format goes with --disk, not --kernel"
+    return None
+
+
+def create_body(args: argparse.Namespace) -> dict[str, Any]:
+    body = _given(args, "name", "vcpus", "memory_mb", "kernel", "initrd", "cmdline", "disk",
+                  "disk_format", "accel", "host")
+    placement = _given(args, "priority", "region", "max_latency_ms", "affinity", "anti_affinity")
+    if placement:
+        body["placement"] = placement
+    return body
+
+
+def _create(args: argparse.Namespace) -> int:
+    problem = boot_problem(args)
+    if problem:
+        print(f"novacron vm create: error: {problem}", file=sys.stderr)
+        return 2
+    return _run(args, _create_vm)
+
+
+async def _create_vm(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    vm = await client.create_vm(create_body(args))
+    if args.json:
+        _dump(vm)
+    else:
+        print(f"{vm['name']} created on {vm['host']} ({vm['state']})")
+    return 0
+
+
+def vm_table(vm: dict[str, Any]) -> Table:
+    spec = vm.get("spec", {})
+    table = Table(title=f"VM {vm['name']}", title_justify="left", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    table.add_row("host", str(vm.get("host", "-")))
+    table.add_row("state", str(vm.get("state", "-")))
+    table.add_row("vcpus", str(spec.get("vcpus", "-")))
+    memory = spec.get("memory_mb")
+    table.add_row("memory", human_bytes(memory << 20) if isinstance(memory, int) else "-")
+    boot = spec.get("kernel") or spec.get("disk") or "-"
+    table.add_row("boots", str(boot))
+    agent = vm.get("agent")
+    if isinstance(agent, dict):
+        for key in ("state", "pid", "accel"):
+            if key in agent:
+                table.add_row(f"agent {key}", str(agent[key]))
+    elif vm.get("agent_error"):
+        table.add_row("agent", f"unreachable: {vm['agent_error']}")
+    return table
+
+
+async def _show(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    vm = await client.vm(quote(args.name, safe=""))
+    if args.json:
+        _dump(vm)
+    else:
+        Console().print(vm_table(vm))
+    return 0
+
+
+async def _lifecycle(client: CoordinatorClient, args: argparse.Namespace, action: str) -> int:
+    vm = dict(await client.request("POST", f"/vms/{quote(args.name, safe='')}/{action}"))
+    if args.json:
+        _dump(vm)
+    else:
+        print(f"{vm['name']} on {vm['host']}: {vm['state']}")
+    return 0
+
+
+async def _start(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    return await _lifecycle(client, args, "start")
+
+
+async def _stop(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    return await _lifecycle(client, args, "stop")
+
+
+async def _delete(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    doc = await client.delete_vm(quote(args.name, safe=""))
+    if args.json:
+        _dump(doc)
+    else:
+        print(f"{doc['deleted']} deleted")
+    return 0
+
+
+_HANDLERS = {"show": _show, "start": _start, "stop": _stop, "delete": _delete}
