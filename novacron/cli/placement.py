@@ -17,11 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vcpus", type=int, required=True)
     p.add_argument("--memory-mb", type=int, required=True)
     p.add_argument("--name", help="VM name (for affinity rules of later VMs)")
-    p.add_argument("--priority", choices=["low", "normal", "high"])
-    p.add_argument("--region", help="user region the VM should be close to")
-    p.add_argument("--max-latency-ms", type=float, help="refuse hosts farther than this from --region")
-    p.add_argument("--affinity", action="append", metavar="VM", help="place beside this VM")
-    p.add_argument("--anti-affinity", action="append", metavar="VM", help="keep away from this VM")
+    add_preference_flags(p)
     p.add_argument("--strategy", help="balanced (default), cost, performance, latency ...")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _run(a, _place))
@@ -36,14 +32,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _run(a, _rebalance))
 
 
-def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+PREFERENCES = ("priority", "region", "max_latency_ms", "affinity", "anti_affinity")
+
+
+def add_preference_flags(p: argparse.ArgumentParser) -> None:
+    """The scheduler's placement preferences, shared by ``place`` and ``vm create``."""
+    p.add_argument("--priority", choices=["low", "normal", "high"])
+    p.add_argument("--region", help="user region the VM should be close to")
+    p.add_argument("--max-latency-ms", type=float, help="refuse hosts farther than this from --region")
+    p.add_argument("--affinity", action="append", metavar="VM", help="place beside this VM")
+    p.add_argument("--anti-affinity", action="append", metavar="VM", help="keep away from this VM")
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options among ``names`` that were given on the command line."""
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 async def _place(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    vm = _given(args, "name", "vcpus", "memory_mb", "priority", "region", "max_latency_ms",
-                "affinity", "anti_affinity")
-    body: dict[str, Any] = {"vm": vm, **_given(args, "strategy")}
+    vm = given(args, "name", "vcpus", "memory_mb", *PREFERENCES)
+    body: dict[str, Any] = {"vm": vm, **given(args, "strategy")}
     doc = await client.request("POST", "/placements", body)
     if args.json:
         _dump(doc)
@@ -66,7 +74,7 @@ async def _place(client: CoordinatorClient, args: argparse.Namespace) -> int:
 
 
 async def _rebalance(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    body = _given(args, "max_migrations", "hot_threshold", "drain_threshold", "bandwidth_mbps")
+    body = given(args, "max_migrations", "hot_threshold", "drain_threshold", "bandwidth_mbps")
     plan = await client.request("POST", "/rebalance/plan", body)
     if args.json:
         _dump(plan)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from novacron.cli.fleet import _dump, _run, human_bytes
+from novacron.cli.placement import PREFERENCES, add_preference_flags, given
 from novacron.coordinator.client import CoordinatorClient
 
 
@@ -32,11 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disk-format", choices=["raw", "qcow2"], help="format of --disk")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto)")
     p.add_argument("--host", help="pin to this host instead of placing")
-    p.add_argument("--priority", choices=["low", "normal", "high"])
-    p.add_argument("--region", help="user region the VM should be close to")
-    p.add_argument("--max-latency-ms", type=float, help="refuse hosts farther than this from --region")
-    p.add_argument("--affinity", action="append", metavar="VM", help="place beside this VM")
-    p.add_argument("--anti-affinity", action="append", metavar="VM", help="keep away from this VM")
+    add_preference_flags(p)
     p.add_argument("--json", action="store_true", help="print the VM as JSON")
     p.set_defaults(func=_create)
 
@@ -47,10 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("name", metavar="NAME")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=lambda a, fn=_HANDLERS[action]: _run(a, fn))
-
-
-def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def boot_problem(args: argparse.Namespace) -> str | None:
@@ -67,9 +60,9 @@ def boot_problem(args: argparse.Namespace) -> str | None:
 
 
 def create_body(args: argparse.Namespace) -> dict[str, Any]:
-    body = _given(args, "name", "vcpus", "memory_mb", "kernel", "initrd", "cmdline", "disk",
-                  "disk_format", "accel", "host")
-    placement = _given(args, "priority", "region", "max_latency_ms", "affinity", "anti_affinity")
+    body = given(args, "name", "vcpus", "memory_mb", "kernel", "initrd", "cmdline", "disk",
+                 "disk_format", "accel", "host")
+    placement = given(args, *PREFERENCES)
     if placement:
         body["placement"] = placement
     return body
