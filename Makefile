@@ -12,15 +12,10 @@ PYTEST_ARGS ?=
 # Sources whose change means the package must be rebuilt.
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd native/*.h)
 
-# Extra things the suite and the demo need (guest image, npm packages); later
-# sections append to these.
-TEST_ASSETS :=
-DEMO_ASSETS :=
-# (appends must come before the test/demo rules: prerequisites expand when read)
-TEST_ASSETS += guest
-DEMO_ASSETS += guest
-TEST_ASSETS += claude-flow
-DEMO_ASSETS += claude-flow
+# What the suite and the demo need besides the venv: the test guest and the
+# claude-flow npm package (both cached under ~/.cache/novacron, rules below).
+TEST_ASSETS := guest claude-flow
+DEMO_ASSETS := guest claude-flow
 
 .PHONY: demo test lint typecheck system-deps venv clean
 
