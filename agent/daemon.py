@@ -46,7 +46,9 @@ def default_accel_cache() -> Path:
 def make_accel(cfg: AgentConfig) -> AccelDetector:
     if cfg.accel != "auto":
         return ForcedAccel(cfg.accel == "kvm")
-    return AccelDetector(cache_file=Path(cfg.accel_cache) if cfg.accel_cache else default_accel_cache())
+    # probe with the QEMU the agent will run guests with, not whatever is on PATH
+    return AccelDetector(qemu=cfg.qemu_binary,
+                         cache_file=Path(cfg.accel_cache) if cfg.accel_cache else default_accel_cache())
 
 
 def build_app(cfg: AgentConfig, vms: VMManager, accel: AccelDetector) -> web.Application:

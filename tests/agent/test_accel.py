@@ -104,3 +104,13 @@ def test_resolve() -> None:
 async def test_probe_recognises_a_real_boot(guest: GuestImage) -> None:
     usable, reason = await probe_kvm_boot(guest.kernel, timeout=30, accel="tcg")
     assert usable, reason
+
+
+def test_auto_detection_probes_the_configured_qemu(tmp_path: Path) -> None:
+    from novacron.agent.config import AgentConfig
+    from novacron.agent.daemon import make_accel
+
+    cfg = AgentConfig(qemu_binary="/opt/qemu/bin/qemu-system-x86_64", accel_cache=str(tmp_path / "c"))
+    detector = make_accel(cfg)
+    assert isinstance(detector, AccelDetector)
+    assert detector.qemu == "/opt/qemu/bin/qemu-system-x86_64"
