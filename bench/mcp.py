@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from novacron.bench.report import Report
+from novacron.bench.report import Report, percentile
 from novacron.coordinator.mcp.client import ClaudeFlowClient, ClientSettings, child_env
 from novacron.coordinator.mcp.install import claude_flow_bin, install_dir
 
@@ -34,13 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tools/call round trips over the session (1..{MAX_CALLS}, default 300)")
     parser.add_argument("--spawns", type=int, default=10,
                         help=f"processes spawned per reference (1..{MAX_SPAWNS}, default 10)")
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty sample."""
-    ordered = sorted(samples)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
 
 
 async def _session_latencies(workdir: Path, calls: int) -> tuple[list[float], list[float], float]:

@@ -24,20 +24,19 @@ def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _bad_body(problem: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": f"request body: {problem}"}), content_type="application/json")
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 naming what is wrong."""
     raw = await request.read()  # bounded by the app's client_max_size (413 beyond)
-    if not raw:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "request body: expected a JSON object"}),
-                                 content_type="application/json")  # fmt: skip
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"request body: invalid JSON ({exc})"}),
-                                 content_type="application/json") from None  # fmt: skip
+        raise _bad_body(f"invalid JSON ({exc})") from None
     if not isinstance(doc, dict):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "request body: expected a JSON object"}),
-                                 content_type="application/json")  # fmt: skip
+        raise _bad_body("expected a JSON object")
     return doc
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from novacron.agent.api.common import json_error
 from novacron.agent.appkeys import CONFIG, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
@@ -32,10 +33,6 @@ log = logging.getLogger("novacron.agent.migration")
 
 MANAGER_KEY = web.AppKey("novacron_migrations", MigrationManager)
 MAX_BODY = 64 * 1024
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 def setup(app: web.Application) -> None:
@@ -97,9 +94,9 @@ async def create(request: web.Request) -> web.Response:
     try:
         status = await manager.start_migration(await _body(request))
     except MigrationRequestError as exc:
-        return _error(exc.status, str(exc))
+        return json_error(exc.status, str(exc))
     except VMError as exc:
-        return _error(exc.status, str(exc))
+        return json_error(exc.status, str(exc))
     return web.json_response(status.to_dict(), status=202)
 
 
@@ -111,7 +108,7 @@ async def list_all(request: web.Request) -> web.Response:
 async def get_one(request: web.Request) -> web.Response:
     status = request.app[MANAGER_KEY].get(request.match_info["id"])
     if status is None:
-        return _error(404, f"no migration {request.match_info['id']!r}")
+        return json_error(404, f"no migration {request.match_info['id']!r}")
     return web.json_response(status.to_dict())
 
 
@@ -119,5 +116,5 @@ async def cancel(request: web.Request) -> web.Response:
     try:
         status = request.app[MANAGER_KEY].cancel(request.match_info["id"])
     except MigrationRequestError as exc:
-        return _error(exc.status, str(exc))
+        return json_error(exc.status, str(exc))
     return web.json_response(status.to_dict())

@@ -79,6 +79,16 @@ def _derive(secret: bytes, priv: X25519PrivateKey, peer_pub: bytes, transcript: 
     )
 
 
+def _proof(secret: bytes, role: bytes, transcript: bytes) -> bytes:
+    """What ``role`` (b"client"/b"server") sends to prove it holds the cluster secret."""
+    return hmac.digest(secret, role + transcript, "sha256")
+
+
+def _check_magic(msg: bytes) -> None:
+    if msg[: len(MAGIC)] != MAGIC:
+        raise AuthError("peer does not speak the NovaCron migration protocol v1")
+
+
 async def _read(reader: asyncio.StreamReader, n: int, timeout: float, what: str) -> bytes:
     try:
         return await asyncio.wait_for(reader.readexactly(n), timeout)
@@ -102,13 +112,12 @@ async def client_handshake(
     writer.write(hello)
     await writer.drain()
     reply = await _read(reader, SERVER_HELLO, timeout, "server hello")
-    if reply[: len(MAGIC)] != MAGIC:
-        raise AuthError("peer does not speak the NovaCron migration protocol v1")
+    _check_magic(reply)
     body, server_mac = reply[len(MAGIC) : -MAC], reply[-MAC:]
     transcript = hello + MAGIC + body
-    if not hmac.compare_digest(server_mac, hmac.digest(key, b"server" + transcript, "sha256")):
+    if not hmac.compare_digest(server_mac, _proof(key, b"server", transcript)):
         raise AuthError("destination failed authentication (cluster secrets differ?)")
-    writer.write(hmac.digest(key, b"client" + transcript, "sha256"))
+    writer.write(_proof(key, b"client", transcript))
     await writer.drain()
     verdict = await _read(reader, 1, timeout, "authentication verdict")
     if verdict != ACCEPT:
@@ -125,15 +134,14 @@ async def server_handshake(
     """Authenticate a connecting peer; raises AuthError (caller closes) on any doubt."""
     key = _secret_bytes(secret)
     hello = await _read(reader, CLIENT_HELLO, timeout, "client hello")
-    if hello[: len(MAGIC)] != MAGIC:
-        raise AuthError("peer does not speak the NovaCron migration protocol v1")
+    _check_magic(hello)
     priv = X25519PrivateKey.generate()
     body = os.urandom(NONCE) + _pub_bytes(priv)
     transcript = hello + MAGIC + body
-    writer.write(MAGIC + body + hmac.digest(key, b"server" + transcript, "sha256"))
+    writer.write(MAGIC + body + _proof(key, b"server", transcript))
     await writer.drain()
     client_mac = await _read(reader, MAC, timeout, "client proof")
-    if not hmac.compare_digest(client_mac, hmac.digest(key, b"client" + transcript, "sha256")):
+    if not hmac.compare_digest(client_mac, _proof(key, b"client", transcript)):
         raise AuthError("peer failed authentication (wrong cluster secret)")
     keys = _derive(key, priv, hello[len(MAGIC) + NONCE :], transcript)
     writer.write(ACCEPT)

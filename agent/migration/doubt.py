@@ -20,6 +20,8 @@ from typing import Any
 
 import aiohttp
 
+from novacron.httpjson import ResponseTooLarge, read_json
+
 log = logging.getLogger("novacron.agent.migration")
 
 POLL_S = 0.25  # between questions to the destination
@@ -49,7 +51,7 @@ async def settle(probe: OutcomeProbe | None, timeout_s: float, poll_s: float = P
     while True:
         try:
             last = await asyncio.wait_for(probe(), max(0.1, deadline - loop.time()))
-        except (TimeoutError, OSError, aiohttp.ClientError):
+        except (TimeoutError, OSError, aiohttp.ClientError, ResponseTooLarge):
             last = Outcome.UNREACHABLE
         if last in (Outcome.COMMITTED, Outcome.ROLLED_BACK):
             return last, f"destination reports {last.value}"
@@ -71,11 +73,7 @@ class HttpOutcomeProbe:
 
     async def _get(self, session: aiohttp.ClientSession, path: str) -> tuple[int, Any]:
         async with session.get(self.base + path, headers=self.headers) as resp:
-            try:
-                doc = await resp.json()
-            except (aiohttp.ContentTypeError, ValueError):
-                doc = None
-            return resp.status, doc
+            return resp.status, await read_json(resp)
 
     async def __call__(self) -> Outcome:
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)

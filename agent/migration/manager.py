@@ -21,6 +21,7 @@ from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import DestFactory, SourceVM
+from novacron.httpjson import ResponseTooLarge, error_message, read_json
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -171,7 +172,7 @@ class MigrationManager:
         mig = self._running.get(mid)
         if mig is None or status.role != "source":
             raise MigrationRequestError("only the source agent can cancel a running migration", 409)
-        if status.phase in ("commit",) or mig.switching_over:
+        if status.phase == "commit" or mig.switching_over:
             raise MigrationRequestError("migration is committing; too late to cancel", 409)
         mig.cancel()
         return status
@@ -211,15 +212,12 @@ async def _resolve_data_address(target: dict[str, Any]) -> tuple[str, int]:
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
             session.get(url, headers=headers) as resp,
         ):
-            try:
-                doc = await resp.json()
-            except (aiohttp.ContentTypeError, ValueError):
-                doc = None
+            doc = await read_json(resp)
             if resp.status != 200:
-                err = doc.get("error") if isinstance(doc, dict) else None
+                err = error_message(doc)
                 raise LookupError(f"destination API answered {resp.status} on /v1/host"
                                   + (f": {err}" if err else ""))
-    except aiohttp.ClientError as exc:
+    except (aiohttp.ClientError, ResponseTooLarge) as exc:
         raise LookupError(f"destination API unreachable: {exc}") from None
     except TimeoutError:
         raise LookupError("destination API did not answer within 10s") from None

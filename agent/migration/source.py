@@ -128,13 +128,17 @@ class SourceMigration:
         if self.cancel_event.is_set():
             raise MigrationFailed("cancelled")
         while not self._inbox.empty():
-            item = self._inbox.get_nowait()
-            if isinstance(item, BaseException):
-                raise MigrationFailed(f"channel to destination lost: {item}")
-            if item.get("op") == "error":
-                self._dest_gave_up = True
-                raise MigrationFailed(f"destination failed: {protocol.reason_of(item)}")
+            item = self._raise_on_failure(self._inbox.get_nowait())
             raise ProtocolError(f"unexpected {item.get('op')!r} from destination")
+
+    def _raise_on_failure(self, item: dict[str, Any] | BaseException) -> dict[str, Any]:
+        """``item`` from the inbox, unless it says the channel broke or the destination gave up."""
+        if isinstance(item, BaseException):
+            raise MigrationFailed(f"channel to destination lost: {item}")
+        if item.get("op") == "error":
+            self._dest_gave_up = True  # it destroyed its copy: resuming here is safe
+            raise MigrationFailed(f"destination failed: {protocol.reason_of(item)}")
+        return item
 
     async def _expect(self, op: str, timeout: float) -> dict[str, Any]:
         # past 'go' a cancel cannot undo anything: wait for the answer only
@@ -152,12 +156,7 @@ class SourceMigration:
             if cancel in done:
                 raise MigrationFailed("cancelled")
             raise MigrationFailed(f"destination did not answer {op!r} within {timeout:g}s")
-        item = get.result()
-        if isinstance(item, BaseException):
-            raise MigrationFailed(f"channel to destination lost: {item}")
-        if item.get("op") == "error":
-            self._dest_gave_up = True  # it destroyed its copy: resuming here is safe
-            raise MigrationFailed(f"destination failed: {protocol.reason_of(item)}")
+        item = self._raise_on_failure(get.result())
         if item.get("op") != op:
             raise ProtocolError(f"expected {op!r} from destination, got {item.get('op')!r}")
         return item

@@ -19,10 +19,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from novacron.agent.vm.qemu_args import QEMU_BINARY
+
 log = logging.getLogger("novacron.agent.accel")
 
 KVM_DEVICE = Path("/dev/kvm")
-QEMU_BINARY = "qemu-system-x86_64"
 PROBE_TIMEOUT_S = 6.0
 PROBE_CACHE_VERSION = 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from novacron.agent.vm.accel import AccelDetector, AccelUnavailable
@@ -97,29 +98,23 @@ class VMManager:
         log.info("vm created", extra={"vm": spec.name, "accel": accel, "started": start})
         return vm
 
-    async def start(self, name: str) -> VM:
+    async def _locked(self, name: str, op: Callable[[VM], Awaitable[None]]) -> VM:
         vm = self.get(name)
         async with vm.lock:
-            await vm.start()
+            await op(vm)
         return vm
+
+    async def start(self, name: str) -> VM:
+        return await self._locked(name, VM.start)
 
     async def stop(self, name: str) -> VM:
-        vm = self.get(name)
-        async with vm.lock:
-            await vm.stop()
-        return vm
+        return await self._locked(name, VM.stop)
 
     async def pause(self, name: str) -> VM:
-        vm = self.get(name)
-        async with vm.lock:
-            await vm.pause()
-        return vm
+        return await self._locked(name, VM.pause)
 
     async def resume(self, name: str) -> VM:
-        vm = self.get(name)
-        async with vm.lock:
-            await vm.resume()
-        return vm
+        return await self._locked(name, VM.resume)
 
     async def delete(self, name: str) -> None:
         """Stop the VM if it runs and remove everything it had under the state dir."""
