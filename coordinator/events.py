@@ -25,7 +25,11 @@ class Subscription:
             return None
 
     def close(self) -> None:
-        self.hub._subs[self.topic].discard(self)
+        subs = self.hub._subs.get(self.topic)
+        if subs is not None:
+            subs.discard(self)
+            if not subs:  # topics are per migration: drop the empty ones, or they pile up
+                del self.hub._subs[self.topic]
 
     def __enter__(self) -> Subscription:
         return self

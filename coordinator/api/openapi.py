@@ -36,7 +36,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _BODY_KEY: web.RequestKey[Any] = web.RequestKey("novacron_body")
 _QUERY_KEY: web.RequestKey[dict[str, Any]] = web.RequestKey("novacron_query", dict)
-_ROUTE_KEY: web.RequestKey[Route] = web.RequestKey("novacron_route")
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -147,10 +146,6 @@ def query_params(request: web.Request) -> dict[str, Any]:
     return request.get(_QUERY_KEY, {})
 
 
-def route_of(request: web.Request) -> Route | None:
-    return request.get(_ROUTE_KEY)
-
-
 def _describe(err: jsonschema.ValidationError, where: str) -> str:
     path = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
     return f"{where}{path}: {err.message}"
@@ -177,7 +172,6 @@ def _convert_query(name: str, raw: str, schema: dict[str, Any]) -> Any:
 
 def _wrap(route: Route) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        request[_ROUTE_KEY] = route
         query: dict[str, Any] = {}
         for name, schema in route.query.items():
             if name not in request.query:

@@ -30,6 +30,7 @@ from novacron.coordinator.mcp.protocol import (
     PROTOCOL_VERSION_META,
     error_response,
 )
+from novacron.httpjson import ResponseTooLarge, error_message, read_json
 
 log = logging.getLogger("novacron.coordinator.mcp.stdio_server")
 
@@ -125,18 +126,16 @@ class HttpForwarder:
                     async for event in _sse_events(resp.content):
                         await self._deliver(event, msg, emit)
                     return
-                body = await resp.read()
-                try:
-                    answer = json.loads(body)
-                except ValueError:
-                    answer = None
+                answer = await read_json(resp)
                 if isinstance(answer, dict) and answer.get("jsonrpc") == "2.0":
                     await self._deliver(answer, msg, emit)
                 elif rid is not None:
-                    reason = answer.get("error") if isinstance(answer, dict) else None
                     await emit(error_response(rid, INTERNAL_ERROR,
                                               f"coordinator answered HTTP {resp.status}: "
-                                              f"{reason or resp.reason}"))
+                                              f"{error_message(answer) or resp.reason}"))
+        except ResponseTooLarge as exc:
+            if rid is not None:
+                await emit(error_response(rid, INTERNAL_ERROR, f"coordinator answer: {exc}"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             if rid is not None:
                 await emit(error_response(rid, INTERNAL_ERROR,
