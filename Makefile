@@ -17,7 +17,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd nat
 TEST_ASSETS := guest claude-flow
 DEMO_ASSETS := guest claude-flow
 
-.PHONY: demo test lint typecheck system-deps venv clean
+.PHONY: demo test lint typecheck system-deps venv clean lock
 
 $(STAMPS)/system-deps: tools/system-packages.txt tools/install-system-deps
 	tools/install-system-deps tools/system-packages.txt
@@ -25,10 +25,13 @@ $(STAMPS)/system-deps: tools/system-packages.txt tools/install-system-deps
 
 system-deps: $(STAMPS)/system-deps
 
-$(STAMPS)/venv: $(BUILD_INPUTS) $(STAMPS)/system-deps
+# Exact versions from the lock (make lock refreshes it); the package itself is
+# built against the locked Cython/numpy without an isolated build env.
+$(STAMPS)/venv: $(BUILD_INPUTS) requirements/dev.lock $(STAMPS)/system-deps
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -U pip setuptools wheel "Cython>=3.0.8" "numpy>=1.26"
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/dev.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	@mkdir -p $(STAMPS) && touch $@
 
 venv: $(STAMPS)/venv
@@ -44,6 +47,10 @@ test: venv lint typecheck $(TEST_ASSETS)
 
 demo: venv $(DEMO_ASSETS)
 	$(VENV)/bin/novacron demo
+
+# Re-resolve pyproject.toml's ranges and rewrite requirements/*.lock (then commit them).
+lock:
+	tools/lock
 
 clean:
 	rm -rf build $(VENV) *.egg-info native/*.c native/*.so
