@@ -32,3 +32,6 @@ class AgentConfig:
     # on exit, "keep" leaves VMs running for the next agent to adopt; "stop" powers them off
     vms_on_exit: Literal["keep", "stop"] = "keep"
     qemu_binary: str = "qemu-system-x86_64"
+    # append-only audit log (default <state_dir>/audit.log; a tmpfs state_dir loses it at reboot)
+    audit_file: Path | None = None
+    audit_fsync: bool = False  # fsync each audit line before replying (survives power loss)

@@ -14,8 +14,9 @@ from typing import Any
 
 from aiohttp import web
 
+from novacron import audit
 from novacron.agent.api import setup_routes
-from novacron.agent.api.common import auth_middleware, error_middleware
+from novacron.agent.api.common import auth_middleware, body_of, error_middleware
 from novacron.agent.api.host import host_document
 from novacron.agent.appkeys import ACCEL, CONFIG, VMS
 from novacron.agent.config import AgentConfig
@@ -52,7 +53,10 @@ def make_accel(cfg: AgentConfig) -> AccelDetector:
 
 
 def build_app(cfg: AgentConfig, vms: VMManager, accel: AccelDetector) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware(cfg.token)])
+    audit_log = audit.AuditLog(cfg.audit_file or cfg.state_dir / "audit.log", fsync=cfg.audit_fsync)
+    app = web.Application(middlewares=[audit.audit_middleware(audit_log, body_of=body_of), error_middleware,
+                                       auth_middleware(cfg.token)])
+    audit.install(app, audit_log)
     app[CONFIG] = cfg
     app[VMS] = vms
     app[ACCEL] = accel

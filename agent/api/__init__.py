@@ -22,6 +22,7 @@ ROUTE_MODULES = [
     "novacron.agent.api.host",
     "novacron.agent.api.vms",
     "novacron.agent.api.migrations",
+    "novacron.agent.api.audit",
 ]
 OPTIONAL_MODULES = {"novacron.agent.api.migrations"}
 
