@@ -61,7 +61,6 @@ REFUSED_STATUSES = frozenset({401, 403})
 SUPPRESSED_ACTION = "auth refused (suppressed)"
 
 ACTOR: web.RequestKey[str] = web.RequestKey("novacron_audit_actor", str)
-TARGET: web.RequestKey[str] = web.RequestKey("novacron_audit_target", str)
 SKIP: web.RequestKey[bool] = web.RequestKey("novacron_audit_skip", bool)
 AUDIT: web.AppKey[AuditLog] = web.AppKey("novacron_audit")
 
@@ -83,11 +82,6 @@ def parse_time(text: str) -> datetime:
 def set_actor(request: web.Request, actor: str) -> None:
     """Which credential authenticated this request (called by the daemons' auth middleware)."""
     request[ACTOR] = actor
-
-
-def set_target(request: web.Request, target: str) -> None:
-    """Override what the request acts on, when the route's names do not say it."""
-    request[TARGET] = target
 
 
 def skip(request: web.Request) -> None:
@@ -320,16 +314,13 @@ def _action_and_target(request: web.Request, body_of: BodyOf | None) -> tuple[st
     params = dict(info)
     if "action" in params:  # a verb in the path (agent: /v1/vms/{name}/{action}) belongs to the action
         template = template.replace("{action}", params.pop("action"))
-    target = request.get(TARGET)
-    if target is None:
-        names = [v for v in params.values() if v]
-        body = body_of(request) if body_of is not None and resource is not None else None
-        if not names and isinstance(body, dict):
-            names = [v for k in ("name", "vm") if isinstance(v := body.get(k), str)][:1]
-        if isinstance(body, dict) and isinstance(body.get("target"), str):
-            names.append("-> " + body["target"])  # a migration's destination host
-        target = " ".join(names) or "-"
-    return f"{request.method} {template}", target
+    names = [v for v in params.values() if v]
+    body = body_of(request) if body_of is not None and resource is not None else None
+    if not names and isinstance(body, dict):
+        names = [v for k in ("name", "vm") if isinstance(v := body.get(k), str)][:1]
+    if isinstance(body, dict) and isinstance(body.get("target"), str):
+        names.append("-> " + body["target"])  # a migration's destination host
+    return f"{request.method} {template}", " ".join(names) or "-"
 
 
 def audit_middleware(audit: AuditLog, *, body_of: BodyOf | None = None) -> Any:

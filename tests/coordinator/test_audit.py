@@ -38,6 +38,8 @@ async def test_changes_are_recorded_with_who_what_where_and_result(
     status, vm = await coordinator.call("POST", "/vms", json=vm_spec("web", cmdline=f"pw={body_secret}"))
     assert status == 201, vm
     assert (await coordinator.call("POST", "/vms/web/stop"))[0] == 200
+    refused_move, _ = await coordinator.call("POST", "/migrations", json={"vm": "web", "target": "nosuch"})
+    assert refused_move in (404, 409)  # stopped VM, unknown host: either way a 4xx
     assert (await coordinator.call("DELETE", "/vms/web"))[0] == 200
     assert (await coordinator.call("DELETE", "/vms/ghost"))[0] == 404
     assert (await coordinator.call("DELETE", "/hosts/beta"))[0] == 200
@@ -56,6 +58,7 @@ async def test_changes_are_recorded_with_who_what_where_and_result(
         ("agent", "POST /api/v1/hosts/register", "beta", "ok", 200),
         ("admin", "POST /api/v1/vms", "web", "ok", 201),
         ("admin", "POST /api/v1/vms/{name}/stop", "web", "ok", 200),
+        ("admin", "POST /api/v1/migrations", "web -> nosuch", "error", refused_move),
         ("admin", "DELETE /api/v1/vms/{name}", "web", "ok", 200),
         ("admin", "DELETE /api/v1/vms/{name}", "ghost", "error", 404),
         ("admin", "DELETE /api/v1/hosts/{name}", "beta", "ok", 200),
