@@ -86,6 +86,15 @@ async def test_changes_are_recorded_with_who_what_where_and_result(
     last = audit_lines(coordinator_audit(coordinator))[-1]  # the refused read is recorded
     assert (last["actor"], last["action"], last["result"]) == ("-", "GET /api/v1/audit", "refused")
 
+    # the MCP endpoint authenticates with the admin token too
+    async with coordinator.session.post(coordinator.url + "/mcp", headers=coordinator.headers(), json={
+            "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "audit-test", "version": "1"}}}) as resp:
+        assert resp.status == 200
+    last = audit_lines(coordinator_audit(coordinator))[-1]
+    assert (last["actor"], last["action"], last["result"]) == ("admin", "POST /mcp", "ok")
+
 
 async def test_refused_authentications_are_recorded_and_a_burst_stays_bounded(tmp_path: Path) -> None:
     c = await start_coordinator(make_cfg(tmp_path / "coord"))
