@@ -357,7 +357,11 @@ def install(app: web.Application, audit: AuditLog) -> None:
     app[AUDIT] = audit
 
     async def lifecycle(_app: web.Application) -> Any:
-        audit.open()
+        try:
+            audit.open()
+        except OSError as exc:  # a daemon that cannot audit does not start
+            reason = exc.strerror or str(exc)
+            raise SystemExit(f"cannot open the audit file {audit.path}: {reason}") from None
         yield
         audit.flush_all()
         audit.close()

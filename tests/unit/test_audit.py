@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from novacron import audit, logs
 from novacron.audit import AuditLog, query_file
@@ -161,3 +163,13 @@ def test_parse_query_names_the_bad_parameter() -> None:
                         ({"limit": "x"}, "limit"), ({"target": "t" * 300}, "target")]:
         with pytest.raises(ValueError, match=word):
             audit.parse_query(query)
+
+
+async def test_a_daemon_that_cannot_open_its_audit_file_does_not_start(tmp_path: Path) -> None:
+    (tmp_path / "adir").mkdir()
+    app = web.Application()
+    audit.install(app, AuditLog(tmp_path / "adir"))
+    server = TestServer(app, host="127.0.0.1")
+    with pytest.raises(SystemExit, match=r"cannot open the audit file .*adir: Is a directory"):
+        await server.start_server()
+    await server.close()
