@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from novacron.connlimits import HttpLimits
 
 ENV_PREFIX = "NOVACRON_AGENT"
 DEFAULT_CONFIG = Path("/etc/novacron/agent.toml")
@@ -32,3 +34,4 @@ class AgentConfig:
     # on exit, "keep" leaves VMs running for the next agent to adopt; "stop" powers them off
     vms_on_exit: Literal["keep", "stop"] = "keep"
     qemu_binary: str = "qemu-system-x86_64"
+    http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap

@@ -21,6 +21,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from novacron import httpjson
 from novacron.agent.channel.handshake import SessionKeys
 
 CTRL = 1
@@ -145,7 +146,7 @@ class Channel:
             raise ProtocolError("control record failed authentication") from None
         self._recv_seq += 1
         try:
-            msg = json.loads(data)
+            msg = httpjson.loads(data)
         except ValueError:
             raise ProtocolError("control record is not JSON") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
