@@ -92,9 +92,11 @@ class ConnectionBudget:
         now = self.clock()
         crowded = self.per_address is not None and self._held.get(address, 0) >= self.per_address
         if crowded and not self._evict(self._oldest_at.get(address), now):
-            return self._refuse(address, f"{self.per_address} from this address")
+            self._refuse(address, f"{self.per_address} from this address")
+            return None
         if self._total >= self.limit and not self._evict(self._oldest, now):
-            return self._refuse(address, f"{self.limit} in all")
+            self._refuse(address, f"{self.limit} in all")
+            return None
         slot = Slot(address, close, now)
         self._total += 1
         self._held[address] = self._held.get(address, 0) + 1
@@ -153,7 +155,6 @@ class ConnectionBudget:
         self.refused += 1
         self._log.warning(f"refuse:{self.what}", f"{self.what} refused: {reason} and none idle long enough to close",
                           peer=address)
-        return None
 
 
 def peer_address(transport: asyncio.BaseTransport) -> str:
