@@ -75,12 +75,12 @@ def _finite_only(doc: Any) -> Any:
     return doc
 
 
-def dumps(doc: Any) -> str:
+def dumps(doc: Any, *, separators: tuple[str, str] | None = None) -> str:
     """``doc`` as standard JSON: a non-finite float (from older records) becomes null."""
     try:
-        return json.dumps(doc, allow_nan=False)
+        return json.dumps(doc, allow_nan=False, separators=separators)
     except ValueError:  # rare: only then pay for the copy
-        return json.dumps(_finite_only(doc), allow_nan=False)
+        return json.dumps(_finite_only(doc), allow_nan=False, separators=separators)
 
 
 class HttpError(Exception):

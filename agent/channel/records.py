@@ -13,7 +13,6 @@ mapping to build its page-stream receiver on.
 from __future__ import annotations
 
 import asyncio
-import json
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +101,7 @@ class Channel:
             raise ChannelClosed(f"connection lost while sending: {exc}") from None
 
     async def send_ctrl(self, msg: dict[str, Any], timeout: float = 60.0) -> None:
-        data = json.dumps(msg, separators=(",", ":")).encode()
+        data = httpjson.dumps(msg, separators=(",", ":")).encode()  # the peer refuses NaN
         if len(data) + 16 > MAX_CTRL:
             raise ValueError(f"control message too large ({len(data)} bytes)")
         nonce = self._send_seq.to_bytes(12, "big")
