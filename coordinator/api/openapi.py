@@ -85,11 +85,6 @@ def _pattern(validator: Any, pattern: str, instance: Any, _schema: Any) -> Itera
 SchemaValidator: Any = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern})
 
 
-def full_match(pattern: str, value: str) -> bool:
-    """Whether ``value`` matches a schema ``pattern`` as JSON Schema means it."""
-    return _ecma_regex(pattern).search(value) is not None
-
-
 @dataclass
 class Route:
     method: str
