@@ -11,6 +11,7 @@ import pytest
 
 from novacron import httpjson
 from novacron.coordinator.api.keys import STORE
+from novacron.coordinator.api.openapi import SchemaValidator
 from novacron.coordinator.models import Host
 from tests.coordinator.conftest import Coordinator
 
@@ -103,3 +104,10 @@ def test_strict_reader_and_writer() -> None:
         with pytest.raises(httpjson.BadJson):
             httpjson.loads(bad)
     assert httpjson.dumps({"a": [float("nan"), float("inf"), 1.5]}) == '{"a": [null, null, 1.5]}'
+
+
+def test_schema_patterns_end_at_the_end_of_the_string() -> None:
+    """``$`` in a schema pattern means the end (ECMA-262); a ``$`` escaped or in a class is a dollar."""
+    check = SchemaValidator({"type": "string", "pattern": "^[a$]+\\$x$"})
+    assert check.is_valid("a$a$x")
+    assert not check.is_valid("a$x\n") and not check.is_valid("ax")
