@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from novacron.connlimits import HttpLimits
 
 ENV_PREFIX = "NOVACRON_AGENT"
 DEFAULT_CONFIG = Path("/etc/novacron/agent.toml")
@@ -35,3 +37,4 @@ class AgentConfig:
     # append-only audit log (default <state_dir>/audit.log; a tmpfs state_dir loses it at reboot)
     audit_file: Path | None = None
     audit_fsync: bool = False  # fsync each audit line before replying (survives power loss)
+    http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap

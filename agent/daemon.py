@@ -126,7 +126,7 @@ async def serve(cfg: AgentConfig) -> None:
         probe = asyncio.create_task(accel.detect(), name="accel probe")  # warm the answer for /v1/host
         cleanup.push_async_callback(_cancel, probe)
         try:
-            runner, port = await start_site(build_app(cfg, vms, accel), cfg.host, cfg.port)
+            runner, port = await start_site(build_app(cfg, vms, accel), cfg.host, cfg.port, cfg.http)
         except OSError as exc:
             raise _listen_error(cfg, exc) from None
         cleanup.push_async_callback(runner.cleanup)

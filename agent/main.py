@@ -6,15 +6,18 @@ import sys
 
 from novacron import config, logs
 from novacron.agent.config import DEFAULT_CONFIG, ENV_PREFIX, AgentConfig
+from novacron.connlimits import check_http_limits
 from novacron.daemon import Daemon
 
 
 def check_config(cfg: AgentConfig) -> None:
-    if not cfg.token:
-        raise config.Invalid("token", f"required (set it in the config file or ${ENV_PREFIX}_TOKEN)")
+    config.check_secret(cfg, "token", required=f"set it in the config file or ${ENV_PREFIX}_TOKEN")
+    config.check_secret(cfg, "cluster_secret")
+    config.check_secret(cfg, "coordinator_token")
     logs.check_level(cfg.log_level)
     config.check_port(cfg, "port")
     config.check_port(cfg, "data_port")
+    check_http_limits(cfg.http)
 
 
 async def serve(cfg: AgentConfig) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from novacron.config import Invalid, check_port
+from novacron.config import Invalid, check_port, check_secret
+from novacron.connlimits import HttpLimits, check_http_limits
 from novacron.logs import check_level
 
 ENV_PREFIX = "NOVACRON_COORDINATOR"
@@ -43,6 +44,7 @@ class CoordinatorConfig:
     audit_file: Path | None = None  # append-only audit log (default <data_dir>/audit.log)
     audit_fsync: bool = False  # fsync each audit line before replying (survives power loss)
     mcp: McpConfig = field(default_factory=McpConfig)
+    http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap
 
 
 def check_mcp(mcp: McpConfig) -> None:
@@ -57,10 +59,8 @@ def check_mcp(mcp: McpConfig) -> None:
 
 def check_config(cfg: CoordinatorConfig) -> None:
     """Values that parse but cannot work; ``config.load(check=...)`` names where each came from."""
-    if not cfg.admin_token:
-        raise Invalid("admin_token", f"admin_token is required ({ENV_PREFIX}_ADMIN_TOKEN)")
-    if not cfg.agent_token:
-        raise Invalid("agent_token", f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
+    check_secret(cfg, "admin_token", required=f"admin_token is required ({ENV_PREFIX}_ADMIN_TOKEN)")
+    check_secret(cfg, "agent_token", required=f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
     if cfg.admin_token == cfg.agent_token:
         raise Invalid("agent_token", "admin_token and agent_token must differ")
     for key in ("heartbeat_interval_s", "agent_timeout_s", "poll_interval_s", "migration_timeout_s"):
@@ -73,3 +73,4 @@ def check_config(cfg: CoordinatorConfig) -> None:
     check_level(cfg.log_level)
     check_port(cfg, "port")
     check_mcp(cfg.mcp)
+    check_http_limits(cfg.http)

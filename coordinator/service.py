@@ -105,7 +105,7 @@ def write_listen_file(cfg: CoordinatorConfig, url: str) -> None:
 
 async def serve(cfg: CoordinatorConfig) -> None:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    runner, port = await start_site(build_app(cfg), cfg.host, cfg.port)
+    runner, port = await start_site(build_app(cfg), cfg.host, cfg.port, cfg.http)
     url = f"http://{cfg.host}:{port}"
     write_listen_file(cfg, url)
     log.info("coordinator listening", extra={"url": url, "data_dir": str(cfg.data_dir)})

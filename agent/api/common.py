@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from novacron import audit
+from novacron import audit, httpjson
 from novacron.agent.qmp import QMPClosedError, QMPError, QMPTimeoutError
 from novacron.agent.vm.errors import VMError
 from novacron.agent.vm.spec import SpecError
@@ -39,8 +39,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 naming what is wrong."""
     raw = await request.read()  # bounded by the app's client_max_size (413 beyond)
     try:
-        doc = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = httpjson.loads(raw) if raw else None
+    except ValueError as exc:
         raise _bad_body(f"invalid JSON ({exc})") from None
     request[BODY] = doc
     if not isinstance(doc, dict):

@@ -9,12 +9,12 @@ manager (and its data-channel server on ``data_port``) with the daemon.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from aiohttp import web
 
+from novacron import httpjson
 from novacron.agent.api.common import BODY, json_error
 from novacron.agent.appkeys import CONFIG, VMS
 from novacron.agent.config import AgentConfig
@@ -84,9 +84,9 @@ async def _body(request: web.Request) -> Any:
     if len(raw) > MAX_BODY:
         raise MigrationRequestError(f"request body larger than {MAX_BODY} bytes", 413)
     try:
-        doc = json.loads(raw or b"null")
-    except ValueError:
-        raise MigrationRequestError("request body is not valid JSON") from None
+        doc = httpjson.loads(raw or b"null")
+    except ValueError as exc:
+        raise MigrationRequestError(f"request body is not valid JSON: {exc}") from None
     request[BODY] = doc  # the audit log names its "vm"
     return doc
 

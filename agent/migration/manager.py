@@ -18,6 +18,7 @@ from novacron.agent.channel import AuthError, Channel, ChannelServer, connect
 from novacron.agent.migration.dest import receive_migration
 from novacron.agent.migration.doubt import HttpOutcomeProbe
 from novacron.agent.migration.options import MigrationOptions
+from novacron.agent.migration.protocol import NAME_RE
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import DestFactory, SourceVM
@@ -112,7 +113,7 @@ class MigrationManager:
         if unknown:
             raise MigrationRequestError(f"unknown field(s): {', '.join(unknown)}")
         vm_name = body.get("vm")
-        if not isinstance(vm_name, str) or not vm_name:
+        if not isinstance(vm_name, str) or not NAME_RE.match(vm_name):
             raise MigrationRequestError("'vm' must be the name of a VM on this agent")
         target = _check_target(body.get("target"))
         logs.register_secret(target.get("token"), pinned=False)  # it rides in calls to the destination

@@ -19,8 +19,8 @@ TAG_DEVICE_STATE = 1  # blob frames carrying QEMU's migration stream
 RELAY_SOCKET = "migrate-out.sock"  # source side: QEMU's device state enters the relay here
 PAGE = 4096
 MAX_RAM = 1 << 40  # 1 TiB: anything larger is a garbled message, not a VM
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")  # \Z: "$" would allow a trailing newline
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 def _field(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:

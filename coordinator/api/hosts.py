@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from novacron import audit, logs
+from novacron import audit, httpjson, logs
 from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.api.keys import CONFIG, STORE
@@ -114,7 +114,8 @@ async def heartbeat(request: web.Request) -> web.Response:
 @routes.get("/hosts", "List hosts", response=schemas.list_of("hosts", schemas.HOST))
 async def list_hosts(request: web.Request) -> web.Response:
     hosts = await request.app[STORE].list_hosts()
-    return web.json_response({"hosts": [h.public() for h in hosts]})
+    # strict dumps: a load of NaN stored by an older version must not make the list invalid JSON
+    return web.json_response({"hosts": [h.public() for h in hosts]}, dumps=httpjson.dumps)
 
 
 @routes.get("/hosts/{name}", "One host", response=schemas.HOST)
@@ -123,7 +124,7 @@ async def get_host(request: web.Request) -> web.Response:
     host = await request.app[STORE].get_host(name)
     if host is None:
         raise ApiError(404, f"no host named {name!r}")
-    return web.json_response(host.public())
+    return web.json_response(host.public(), dumps=httpjson.dumps)
 
 
 @routes.delete("/hosts/{name}", "Forget a host that runs no VMs",

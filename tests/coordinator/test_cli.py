@@ -88,9 +88,9 @@ async def test_errors_are_one_line_and_nonzero(
 
 @pytest.mark.parametrize("env, needle", [
     ({}, "admin_token is required"),
-    ({"NOVACRON_COORDINATOR_ADMIN_TOKEN": "same-token", "NOVACRON_COORDINATOR_AGENT_TOKEN":
-      "same-token"}, "must differ"),
-    ({"NOVACRON_COORDINATOR_ADMIN_TOKEN": "a-token", "NOVACRON_COORDINATOR_AGENT_TOKEN": "b-token",
+    ({"NOVACRON_COORDINATOR_ADMIN_TOKEN": "same-token-0123456789", "NOVACRON_COORDINATOR_AGENT_TOKEN":
+      "same-token-0123456789"}, "must differ"),
+    ({"NOVACRON_COORDINATOR_ADMIN_TOKEN": "a-token-0123456789", "NOVACRON_COORDINATOR_AGENT_TOKEN": "b-token-0123456789",
       "NOVACRON_COORDINATOR_HEARTBEAT_TIMEOUT_S": "1"}, "heartbeat_timeout_s"),
     ({"NOVACRON_COORDINATOR_PORT": "x"}, "expected an integer"),
 ])

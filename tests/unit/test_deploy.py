@@ -66,6 +66,15 @@ def test_rendered_config_loads(tmp_path: Path, role: str, template: str, schema:
         assert cfg.admin_token == SECRETS["novacron_admin_token"]
 
 
+@pytest.mark.parametrize("unit", ["novacron_agent/templates/novacron-agent.service.j2",
+                                  "novacron_coordinator/templates/novacron-coordinator.service.j2"])
+def test_units_raise_the_descriptor_limit(unit: str) -> None:
+    """At systemd's default of 1,024, 1,100 idle connections once starved /health."""
+    lines = (ANSIBLE / "roles" / unit).read_text().splitlines()
+    limits = [int(line.split("=", 1)[1]) for line in lines if line.startswith("LimitNOFILE=")]
+    assert limits and limits[0] >= 65536
+
+
 def test_system_package_list_is_shared() -> None:
     """The playbook installs the very list make uses, not a copy of it."""
     tasks = (ANSIBLE / "roles" / "novacron_base" / "tasks" / "main.yml").read_text()
