@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 ENV_PREFIX = "NOVACRON_AGENT"
 DEFAULT_CONFIG = Path("/etc/novacron/agent.toml")
+
+
+@dataclass
+class ImagesConfig:
+    # the only folders VM kernels, initrds and disks may come from; a spec names
+    # an image relative to one of them (empty: <state_dir>/images)
+    dirs: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -32,3 +39,10 @@ class AgentConfig:
     # on exit, "keep" leaves VMs running for the next agent to adopt; "stop" powers them off
     vms_on_exit: Literal["keep", "stop"] = "keep"
     qemu_binary: str = "qemu-system-x86_64"
+    # the unprivileged user QEMU runs as when the agent is root ("": novacron-qemu
+    # if that user exists; "root": no drop, not recommended)
+    qemu_user: str = ""
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+
+    def image_dirs(self) -> list[Path]:
+        return list(self.images.dirs) or [self.state_dir / "images"]
