@@ -120,7 +120,9 @@ class ImageDirs:
         if not stat.S_ISREG(st.st_mode):
             raise SpecError(f"{key}: image {ref!r} is not a regular file")
         os.set_blocking(fd, True)
-        if not self.qemu.can_read(st):
+        # QEMU reopens kernels and initrds through /proc/self/fd as itself; disks
+        # reach it as descriptors only (/dev/fdset), whoever owns the file
+        if key != "disk" and not self.qemu.can_read(st):
             raise SpecError(f"{key}: image {ref!r} is not readable by the QEMU user (uid {self.qemu.uid})")
 
     def open(self, spec: VMSpec) -> OpenedImages:

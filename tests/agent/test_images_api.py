@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -109,3 +110,25 @@ async def test_images_are_listed(host: Host) -> None:
     names = {(i["dir"], i["name"]) for i in body["images"]}
     assert (str(host.guest.kernel.parent), "vmlinuz") in names and (str(host.images), "k") in names
     assert not {n for _, n in names} & {"escape", "victim-ram", "victim-log", "fifo"}
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+async def test_a_disk_reaches_qemu_as_a_descriptor(host: Host, fmt: str) -> None:
+    image = host.images / f"blank.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), "1M"], check=True)
+    os.chmod(image, 0o600)  # root's: QEMU (maybe unprivileged) gets the agent's descriptor
+    name = f"disk-{fmt}"
+    spec = host.spec(name, kernel=None, initrd=None, cmdline=None, disk=image.name)
+    status, body = await host.agent.request("POST", "/v1/vms", spec)
+    try:
+        assert status == 201 and body["state"] == "running", body
+        assert body["spec"]["disk_format"] == fmt  # inferred from the name
+        cmdline = Path(f"/proc/{body['pid']}/cmdline").read_bytes().split(b"\0")
+        assert b"file=/dev/fdset/2,format=" + fmt.encode() + b",if=virtio" in cmdline
+        assert not any(str(host.images).encode() in a for a in cmdline)
+        # QEMU holds the very file the agent checked, read-write
+        held = {os.path.realpath(f"/proc/{body['pid']}/fd/{fd}") for fd in os.listdir(f"/proc/{body['pid']}/fd")}
+        assert str(image) in held
+    finally:
+        await host.agent.request("DELETE", f"/v1/vms/{name}")
+        image.unlink()
