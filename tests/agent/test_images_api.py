@@ -7,6 +7,7 @@ nothing is started or left behind."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -19,8 +20,10 @@ import pytest_asyncio
 
 from novacron.agent.guest import GuestImage, ensure_guest
 from novacron.agent.local import LocalAgent
+from tests.migration.agents import Api
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+SECRET = secrets.token_urlsafe(32)
 
 
 class Host:
@@ -38,7 +41,7 @@ class Host:
 async def host() -> AsyncIterator[Host]:
     guest = ensure_guest()
     images = Path(tempfile.mkdtemp(prefix="nc-img-"))
-    agent = LocalAgent("images", accel="tcg", image_dirs=[guest.kernel.parent, images])
+    agent = LocalAgent("images", cluster_secret=SECRET, accel="tcg", image_dirs=[guest.kernel.parent, images])
     try:
         await agent.start()
         h = Host(agent, images, guest, {})
@@ -132,3 +135,15 @@ async def test_a_disk_reaches_qemu_as_a_descriptor(host: Host, fmt: str) -> None
     finally:
         await host.agent.request("DELETE", f"/v1/vms/{name}")
         image.unlink()
+
+
+async def test_a_destination_without_the_image_refuses_the_migration(host: Host, tmp_path: Path) -> None:
+    # images are per host: the destination looks the names up in its own image dirs
+    async with LocalAgent("no-images", cluster_secret=SECRET, accel="tcg", image_dirs=[tmp_path]) as dst:
+        api = Api(host.agent)
+        mig = await api.migrate("victim", dst)
+        st = await api.wait_migration(mig["id"], timeout=60)
+        assert st["phase"] == "failed" and "kernel: " in st["error"] and "image director" in st["error"], st
+        assert dst.qemu_pids() == [] and await dst.request("GET", "/v1/vms") == (200, {"vms": []})
+    status, victim = await host.agent.request("GET", "/v1/vms/victim")
+    assert status == 200 and victim["state"] == "running" and victim["pid"] == host.victim["pid"]
