@@ -193,12 +193,19 @@ def _refuse_external_qcow2(ref: str, fd: int) -> None:
                         "flatten it with qemu-img convert first")
 
 
+# host folders an image dir must not be, contain or lie inside (config, secrets, devices) ...
+SYSTEM_DIRS = ("/etc", "/proc", "/sys", "/dev", "/run")
+# ... and ones it must not contain whole (an image dir inside one, e.g. a cache, is fine)
+PRIVATE_DIRS = ("/root", "/home", "/var/lib")
+
+
 def check_image_dirs(dirs: list[Path], state_dir: Path) -> str:
     """Why ``dirs`` cannot be image dirs next to ``state_dir`` ("" if they can).
 
     VM files (RAM, serial logs, QMP sockets) live under the state dir, so no
     image dir may be the state dir, contain it, or lie inside it, except the
-    default ``<state_dir>/images``, which holds nothing else.
+    default ``<state_dir>/images``, which holds nothing else. Nor may one be
+    or contain a system folder such as /etc (the agent's config lives there).
     """
     state = os.path.realpath(state_dir)
     allowed_inside = os.path.join(state, "images")
@@ -208,6 +215,12 @@ def check_image_dirs(dirs: list[Path], state_dir: Path) -> str:
         real = os.path.realpath(d)
         if _inside(state, real):
             return f"{d}: an image dir must not contain the state dir {state_dir}"
+        system = next((s for s in SYSTEM_DIRS if _inside(s, real) or _inside(real, s)), "")
+        if system:
+            return f"{d}: an image dir must not be, contain or lie inside the system folder {system}"
+        private = next((s for s in PRIVATE_DIRS if _inside(s, real)), "")
+        if private:
+            return f"{d}: an image dir must not contain {private}"
         if _inside(real, state) and not _inside(real, allowed_inside):
             return f"{d}: an image dir inside the state dir must be under {allowed_inside}"
     return ""

@@ -137,6 +137,12 @@ def test_image_dirs_must_not_overlap_the_state_dir(tmp_path: Path) -> None:
     assert "must not contain the state dir" in check_image_dirs([tmp_path], state)
     assert "must be under" in check_image_dirs([state / "vms"], state)
     assert "absolute" in check_image_dirs([Path("images")], state)
+    for system in ("/etc", "/etc/novacron", "/proc/self", "/dev"):
+        assert "system folder" in check_image_dirs([Path(system)], state), system
+    assert "must not contain the state dir" in check_image_dirs([Path("/")], state)
+    assert "must not contain /root" in check_image_dirs([Path("/root")], state)
+    assert "must not contain /var/lib" in check_image_dirs([Path("/var")], state)
+    assert check_image_dirs([Path("/var/lib/novacron/images")], state) == ""
 
 
 def test_agent_config_checks_image_dirs_and_qemu_user(tmp_path: Path) -> None:
