@@ -93,7 +93,9 @@ class ImageDirs:
             if not _inside(real, str(folder)):
                 continue  # an absolute path into another dir, or a symlink leading out
             try:
-                fd = os.open(real, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                if not stat.S_ISREG(os.stat(real).st_mode):  # never open a fifo or a device
+                    raise SpecError(f"{key}: image {ref!r} is not a regular file")
+                fd = os.open(real, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue  # a relative name may live in a later dir
             except OSError as exc:
@@ -117,7 +119,7 @@ class ImageDirs:
         if not _inside(opened, folder):
             raise SpecError(f"{key}: image {ref!r} moved out of the image directory while opening it")
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode):  # swapped for one since the stat above
             raise SpecError(f"{key}: image {ref!r} is not a regular file")
         os.set_blocking(fd, True)
         # QEMU reopens kernels and initrds through /proc/self/fd as itself; disks
