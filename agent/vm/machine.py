@@ -142,10 +142,9 @@ class VM:
         if self.alive:
             raise VMConflict(f"VM {self.name} is already {self.state}")
         self.paths.dir.mkdir(parents=True, exist_ok=True)
-        qemu_user = self.images.qemu
-        qemu_user.share_dir(self.paths.dir)  # QEMU creates its sockets here
         files = self._open_files()  # a refused image stops here: no RAM file, no QEMU
         try:
+            self.images.qemu.share_dir(self.paths.dir)  # QEMU creates its sockets here
             proc = await self._spawn(files, incoming=incoming, paused=paused)
         finally:
             os.close(files.serial_log)
