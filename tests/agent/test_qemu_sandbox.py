@@ -9,6 +9,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from novacron.agent.local import LocalAgent
+from novacron.agent.vm.qemu_args import QEMU_BINARY
+from novacron.agent.vm.sandbox import SANDBOX_ARGS
 from tests.migration.agents import Api
 from tests.migration.qemu_helpers import heartbeats
 from tests.migration.test_e2e_agents import hop
@@ -40,6 +43,22 @@ def qemu_user() -> Iterator[pwd.struct_passwd | None]:
         yield pwd.getpwnam(name)
     finally:
         subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+def test_qemu_runas_does_not_survive_the_sandbox(qemu_user: pwd.struct_passwd | None) -> None:
+    """Why the agent drops QEMU's privileges itself (sandbox.py): QEMU 7.2's
+    ``-runas`` changes uid after installing its seccomp filter, and
+    ``elevateprivileges=deny`` kills it for that. Should a QEMU ever survive
+    this, ``-runas`` (``-run-with user=`` in newer QEMUs) becomes an option."""
+    if qemu_user is None:
+        pytest.skip("needs root (to make a user to run as)")
+    argv = [QEMU_BINARY, "-machine", "none", "-nodefaults", "-display", "none", *SANDBOX_ARGS,
+            "-runas", qemu_user.pw_name]  # fmt: skip
+    try:
+        res = subprocess.run(argv, capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("QEMU now runs with -runas under elevateprivileges=deny: revisit sandbox.py")
+    assert res.returncode == -signal.SIGSYS, res
 
 
 def process_ids(pid: int) -> tuple[int, int, int]:
