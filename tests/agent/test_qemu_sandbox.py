@@ -61,17 +61,19 @@ def test_qemu_runas_does_not_survive_the_sandbox(qemu_user: pwd.struct_passwd | 
     assert res.returncode == -signal.SIGSYS, res
 
 
-def process_ids(pid: int) -> tuple[int, int, int]:
-    """(real uid, real gid, seccomp mode) of a process."""
+def process_ids(pid: int) -> tuple[set[int], set[int], set[int], int]:
+    """(uids, gids, supplementary groups, seccomp mode) of a process."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0]), int(fields["Seccomp"])
+    ids = {k: {int(x) for x in fields[k].split()} for k in ("Uid", "Gid", "Groups")}
+    return ids["Uid"], ids["Gid"], ids["Groups"], int(fields["Seccomp"])
 
 
 def assert_confined(vm: dict, user: pwd.struct_passwd | None) -> None:
-    uid, gid, seccomp = process_ids(vm["pid"])
+    uids, gids, groups, seccomp = process_ids(vm["pid"])
     assert seccomp == 2  # a seccomp filter is installed (QEMU's -sandbox)
     if user is not None:
-        assert (uid, gid) == (user.pw_uid, user.pw_gid)
+        # real, effective, saved and fs ids all the QEMU user's; no root group left
+        assert uids == {user.pw_uid} and gids == {user.pw_gid} and 0 not in groups
         ram, log = os.stat(vm["ram_path"]), os.stat(vm["serial_log"])
         # RAM: QEMU maps it through the group, the agent reads it as owner
         assert (ram.st_uid, ram.st_gid, stat.S_IMODE(ram.st_mode)) == (0, user.pw_gid, 0o660)
