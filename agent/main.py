@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pwd
 import sys
 
 from novacron import config, logs
@@ -18,6 +19,24 @@ def check_config(cfg: AgentConfig) -> None:
     config.check_port(cfg, "port")
     config.check_port(cfg, "data_port")
     check_http_limits(cfg.http)
+    check_images(cfg)
+
+
+def check_images(cfg: AgentConfig) -> None:
+    from novacron.agent.vm.images import check_image_dirs
+
+    problem = check_image_dirs(cfg.image_dirs(), cfg.state_dir)
+    if problem:
+        raise config.Invalid("images.dirs", problem)
+    for d in cfg.images.dirs:  # the default one is created at start
+        if not d.is_dir():
+            raise config.Invalid("images.dirs", f"{d}: not a directory")
+    if cfg.qemu_user and cfg.qemu_user != "root":
+        try:
+            if pwd.getpwnam(cfg.qemu_user).pw_uid == 0:
+                raise config.Invalid("qemu_user", f"{cfg.qemu_user!r} has uid 0; QEMU needs an unprivileged user")
+        except KeyError:
+            raise config.Invalid("qemu_user", f"no such user {cfg.qemu_user!r}") from None
 
 
 async def serve(cfg: AgentConfig) -> None:
