@@ -40,6 +40,8 @@ class CoordinatorConfig:
     agent_timeout_s: float = 30.0  # one call to an agent's API
     poll_interval_s: float = 0.25  # how often a running migration's status is polled
     migration_timeout_s: float = 3600.0  # a migration not finished by then is failed
+    # how often VM records are checked against the VMs the agents report in heartbeats
+    reconcile_interval_s: float = 10.0
     mcp: McpConfig = field(default_factory=McpConfig)
 
 
@@ -61,7 +63,8 @@ def check_config(cfg: CoordinatorConfig) -> None:
         raise Invalid("agent_token", f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
     if cfg.admin_token == cfg.agent_token:
         raise Invalid("agent_token", "admin_token and agent_token must differ")
-    for key in ("heartbeat_interval_s", "agent_timeout_s", "poll_interval_s", "migration_timeout_s"):
+    for key in ("heartbeat_interval_s", "agent_timeout_s", "poll_interval_s", "migration_timeout_s",
+                "reconcile_interval_s"):
         if not getattr(cfg, key) > 0:  # 0 would spin the loops these pace (and NaN compares false)
             raise Invalid(key, "must be positive")
     if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:
