@@ -118,7 +118,7 @@ async def create_vm(request: web.Request) -> web.Response:
         status = await agents.call(host.name, host.url, host.token, "POST", "/v1/vms", body,
                                    timeout_s=120)
     except AgentError as exc:
-        if exc.status != 0:  # the agent refused: nothing was created there
+        if exc.status != 0 or not exc.sent:  # refused, or never reached: nothing was created
             await store.delete_vm(vm.name)
             raise _agent_failure(exc, f"starting the VM on {host.name}") from None
         # the answer was lost (agent killed, connection cut): the agent may run the VM
