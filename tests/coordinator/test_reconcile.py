@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from novacron.coordinator.api.keys import RECONCILER, STORE
 from novacron.coordinator.models import Migration
@@ -134,3 +135,37 @@ async def test_restart_settles_a_migration_start_cut_short(
         assert "v1" not in alpha.vms and "v1" not in beta.vms
     finally:
         await stop_coordinator(c)
+
+
+class DyingAgent(FakeAgent):
+    """Drops the connection instead of answering a create; ``keeps`` says whether
+    the VM exists afterwards (an agent killed after, or before, creating it)."""
+
+    keeps = True
+
+    async def create_vm(self, r: web.Request) -> web.Response:
+        spec = await r.json()
+        if self.keeps:
+            self.vms[spec["name"]] = {**spec, "state": "running", "pid": 4242, "accel": "tcg"}
+        assert r.transport is not None
+        r.transport.abort()
+        raise web.HTTPServiceUnavailable()
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+async def test_create_whose_answer_was_lost(tmp_path: Path, keeps: bool) -> None:
+    dying = DyingAgent("alpha", "tok-a-" + secrets.token_hex(8))
+    dying.keeps = keeps
+    async with serving(dying) as fakes:
+        c = await start_coordinator(make_cfg(tmp_path / "c"))
+        try:
+            await fleet(c, fakes)
+            status, doc = await c.call("POST", "/vms", json=vm_spec("v1", "alpha"))
+            if keeps:  # asked again: the agent has it, so the record stays
+                assert status == 201 and doc["state"] == "running", doc
+                assert (await c.call("GET", "/vms/v1"))[1]["host"] == "alpha"
+            else:  # the agent says it has no such VM: nothing to keep
+                assert status == 502, doc
+                assert (await c.call("GET", "/vms/v1"))[0] == 404
+        finally:
+            await stop_coordinator(c)
