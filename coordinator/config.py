@@ -41,7 +41,7 @@ class CoordinatorConfig:
     poll_interval_s: float = 0.25  # how often a running migration's status is polled
     migration_timeout_s: float = 3600.0  # a migration not finished by then is failed
     # how often VM records are checked against the VMs the agents report in heartbeats
-    reconcile_interval_s: float = 10.0
+    reconcile_interval_s: float = 30.0
     mcp: McpConfig = field(default_factory=McpConfig)
 
 

@@ -47,6 +47,7 @@ class MigrationManager:
                  events: EventHub, reconciler: Reconciler | None = None) -> None:
         self.cfg, self.store, self.agents, self.events = cfg, store, agents, events
         self.reconciler = reconciler or Reconciler(store, agents)
+        self._undecided: dict[str, str] = {}  # migration id -> what the agents said last
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._starting: set[asyncio.Task[Migration]] = set()
         self._lock = asyncio.Lock()
@@ -223,10 +224,14 @@ class MigrationManager:
         """The source agent cannot report the migration: let where the VM runs
         decide it. False while the agents cannot tell yet (asked again later)."""
         outcome, seen = await self.reconciler.migration_outcome(mig)
-        log.warning("source agent lost the migration; asked the VMs",
-                    extra={"migration": mig.id, "why": why, "seen": seen, "outcome": outcome})
         if outcome is None:
+            if self._undecided.get(mig.id) != seen:  # once per new answer, not every retry
+                self._undecided[mig.id] = seen
+                log.warning("source agent lost the migration; the VMs do not tell yet",
+                            extra={"migration": mig.id, "why": why, "seen": seen})
             return False
+        log.warning("source agent lost the migration; settled by where the VM runs",
+                    extra={"migration": mig.id, "why": why, "seen": seen, "outcome": outcome})
         error = None if outcome == "completed" else f"source agent lost the migration ({why}); {seen}"
         await self._finish(mig, outcome, error=error)
         return True
@@ -237,6 +242,7 @@ class MigrationManager:
         self.events.publish(topic(mig.id), mig.public())
 
     async def _finish(self, mig: Migration, phase: str, error: str | None = None) -> None:
+        self._undecided.pop(mig.id, None)
         mig.phase = phase
         mig.error = error if phase != "completed" else None
         mig.finished_at = time.time()

@@ -7,9 +7,9 @@ coordinator killed while an agent accepts a migration) deterministically.
 Unset (always, in production) a crash point costs one string comparison.
 
 Points in use (grep ``crash_point(`` for the authoritative list):
-``vm.create.recorded``, ``vm.create.ram_file``, ``vm.create.spawned``,
-``vm.create.responding`` (agent); ``migration.start.recorded``,
-``migration.start.accepted`` (coordinator).
+agent: ``vm.create.recorded``, ``vm.create.ram_file``, ``vm.create.spawned``
+(the same ``vm.start.*`` when a stopped VM starts), ``vm.create.responding``;
+coordinator: ``migration.start.recorded``, ``migration.start.accepted``.
 """
 
 from __future__ import annotations

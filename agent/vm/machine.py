@@ -465,4 +465,3 @@ def load_meta(path: Path) -> dict[str, Any]:
     if not isinstance(doc.get("spec"), dict):
         raise ValueError(f"{path}: not a VM record")
     return doc
-
