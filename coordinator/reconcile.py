@@ -151,9 +151,10 @@ class Reconciler:
 
     async def run_once(self) -> None:
         where = await self.reported_by()
-        busy = {m.vm for m in await self.store.active_migrations()} | self.creating
-        for vm in await self.store.list_vms():
-            if vm.name in busy:
+        vms = await self.store.list_vms()
+        migrating = {m.vm for m in await self.store.active_migrations()}  # after the VMs: covers them
+        for vm in vms:
+            if vm.name in migrating or vm.name in self.creating:  # creating: checked live
                 continue
             if vm.state == "creating":
                 await self.settle_create(vm)
@@ -161,9 +162,10 @@ class Reconciler:
                 await self.reconcile_vm(vm, where.get(vm.name, []))
 
     async def run(self, interval_s: float) -> None:
+        """A pass now (after a restart this settles what the last run left), then periodically."""
         while True:
-            await asyncio.sleep(interval_s)
             try:
                 await self.run_once()
             except Exception:
                 log.exception("reconciliation failed")
+            await asyncio.sleep(interval_s)

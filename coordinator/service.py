@@ -70,7 +70,7 @@ async def _core_services(app: web.Application) -> AsyncIterator[None]:
         logs.register_secret(host.token, pinned=False)  # agents' tokens, stored by an earlier run
     await app[AGENTS].start()
     await app[MIGRATIONS].resume_all()
-    await settle_unfinished_creates(app)
+    # first pass at once (VMs left creating or migrating, records behind the agents), then periodic
     loop = asyncio.create_task(app[RECONCILER].run(app[CONFIG].reconcile_interval_s), name="reconcile")
     try:
         yield
@@ -81,13 +81,6 @@ async def _core_services(app: web.Application) -> AsyncIterator[None]:
         await app[MIGRATIONS].close()
         await app[AGENTS].close()
         await app[STORE].close()
-
-
-async def settle_unfinished_creates(app: web.Application) -> None:
-    """VMs left 'creating' by a stop mid-request: keep what the agent has, drop the rest."""
-    for vm in await app[STORE].list_vms():
-        if vm.state == "creating":
-            await app[RECONCILER].settle_create(vm)
 
 
 def write_listen_file(cfg: CoordinatorConfig, url: str) -> None:
