@@ -31,6 +31,10 @@ class RecordError(ValueError):
     """A record is missing, unreadable, or not what the reader expects."""
 
 
+class NewerRecord(RecordError):
+    """A record written by a newer agent: intact, but not for this agent to judge."""
+
+
 def write_record(path: Path, kind: str, format_: int, doc: dict[str, Any]) -> None:
     """Atomically replace ``path`` with ``doc`` (plus ``kind`` and ``format``)."""
     data = json.dumps({"kind": kind, "format": format_, **doc}, indent=1).encode()
@@ -72,5 +76,5 @@ def read_record(path: Path, kind: str, max_format: int) -> dict[str, Any]:
         raise RecordError(f"{path}: a {doc.get('kind')!r} record, expected {kind!r}")
     fmt = doc.get("format", 1)
     if not isinstance(fmt, int) or fmt > max_format:
-        raise RecordError(f"{path}: record format {fmt!r} is newer than this agent knows ({max_format})")
+        raise NewerRecord(f"{path}: record format {fmt!r} is newer than this agent knows ({max_format})")
     return doc

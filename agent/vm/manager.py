@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from novacron.agent.records import NewerRecord
 from novacron.agent.vm.accel import AccelDetector, AccelUnavailable
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
 from novacron.agent.vm.machine import CRASHED, LIVE, STOPPED, VM, load_meta
@@ -70,7 +71,12 @@ class VMManager:
             spec = VMSpec(**{k: v for k, v in doc["spec"].items() if v not in ("", None)})
             if spec.name != folder.name:
                 raise ValueError(f"record names VM {spec.name!r}")
-        except (OSError, ValueError, TypeError) as exc:
+        except (NewerRecord, TypeError) as exc:
+            # intact but beyond this agent (a downgrade): neither run nor destroy it
+            log.error("VM record this agent cannot use; folder and QEMU left as they are",
+                      extra={"path": str(folder), "error": str(exc)})  # fmt: skip
+            return None
+        except (OSError, ValueError) as exc:
             for proc in procs:
                 await kill_orphan(proc, f"no valid VM record: {exc}")
             shutil.rmtree(folder, ignore_errors=True)

@@ -118,3 +118,16 @@ def test_records_are_written_whole(tmp_path: Path) -> None:
     write_record_atomic(tmp_path / "r.json", "vm", 2, {})
     with pytest.raises(RecordError, match="newer"):
         read_record(tmp_path / "r.json", "vm", 1)
+
+
+async def test_a_newer_agents_record_is_left_alone(tmp_path: Path) -> None:
+    write_record(tmp_path, "future", "running", None, format=99)  # e.g. after a downgrade
+    proc = fake_qemu(tmp_path / "vms" / "future", "future")
+    try:
+        mgr = VMManager(tmp_path, AccelDetector(probe_kernels=[]))
+        await mgr.load()
+        assert mgr.list() == [] and (tmp_path / "vms" / "future" / "vm.json").exists()
+        assert proc.poll() is None  # neither adopted nor killed
+    finally:
+        proc.kill()
+        proc.wait()
