@@ -131,3 +131,21 @@ async def test_a_newer_agents_record_is_left_alone(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_half_received_vms_are_removed_with_their_qemu(tmp_path: Path) -> None:
+    from novacron.agent.migration.qemu_port import clean_stale_incoming
+
+    folder = tmp_path / "incoming" / "in1"
+    folder.mkdir(parents=True)  # killed before its record named the pid
+    proc = fake_qemu(folder, "in1")
+    try:
+        for _ in range(100):  # bounded: until the scan can see it
+            if qemus_under(tmp_path / "incoming"):
+                break
+            time.sleep(0.02)
+        assert await clean_stale_incoming(tmp_path) == ["in1"]
+        assert proc.wait(10) == -signal.SIGKILL and not folder.exists()
+    finally:
+        proc.kill()
+        proc.wait()
