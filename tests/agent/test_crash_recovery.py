@@ -4,6 +4,7 @@ and manageable. The crash points come from ``NOVACRON_CRASH_AT`` (novacron.fault
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
@@ -72,3 +73,52 @@ async def test_agent_killed_during_create(guest: GuestImage, point: str, adopted
         assert qemus_under(vms) == {}
     finally:
         await agent.stop()
+
+
+@pytest.mark.parametrize(("point", "adopted"), [("vm.create.ram_file", False), ("vm.create.spawned", True)])
+async def test_coordinator_record_follows_an_agent_killed_during_create(
+        guest: GuestImage, tmp_path: Path, point: str, adopted: bool) -> None:
+    from novacron.coordinator.client import ApiClientError, CoordinatorClient
+    from novacron.coordinator.local import LocalCoordinator
+
+    coord = LocalCoordinator(tmp_path / "coord", settings={"heartbeat_interval_s": "0.5",
+                                                           "reconcile_interval_s": "0.5"})
+    agent = LocalAgent("crash-c", accel="tcg", env={ENV: point})
+    try:
+        await coord.start()
+        agent.settings.update(coordinator_url=coord.url, coordinator_token=coord.agent_token)
+        await agent.start()
+        async with CoordinatorClient(coord.url, coord.admin_token) as client:
+            for _ in range(100):  # bounded: ~10 s until registered
+                if [h["name"] for h in await client.hosts()] == ["crash-c"]:
+                    break
+                await asyncio.sleep(0.1)
+            with pytest.raises(ApiClientError, match="outcome unknown"):
+                await client.create_vm(spec(guest, "c2"))
+            assert (await client.vm("c2"))["state"] == "creating"  # the name stays reserved
+            agent.env.clear()
+            await agent.start()
+
+            async def record() -> dict[str, object] | None:
+                try:
+                    return await client.vm("c2")
+                except ApiClientError:
+                    return None
+
+            for _ in range(200):  # bounded: ~20 s for a reconcile pass to settle it
+                doc = await record()
+                if doc is None or doc["state"] != "creating":
+                    break
+                await asyncio.sleep(0.1)
+            if adopted:
+                assert doc is not None and doc["state"] == "running" and doc["host"] == "crash-c", doc
+                pid = doc["agent"]["pid"]  # type: ignore[index]
+            else:
+                assert doc is None  # dropped: the agent rolled the create back
+                await client.create_vm(spec(guest, "c2"))  # the name is free again
+                pid = (await client.vm("c2"))["agent"]["pid"]
+            await client.delete_vm("c2")
+            assert not alive(pid) and qemus_under(agent.state_dir / "vms") == {}
+    finally:
+        await agent.stop()
+        coord.stop()
