@@ -103,6 +103,14 @@ class MigrationManager:
             reply = await self.agents.call(src.name, src.url, src.token, "POST", "/v1/migrations",
                                            request)
         except AgentError as exc:
+            if exc.status == 0 and exc.sent:
+                # the answer was lost, not refused: the agent may be running it under our id
+                log.warning("no answer to the migration start; following it by its id",
+                            extra={"migration": mig.id, "error": exc.message})
+                mig.agent_migration_id = mig.id
+                await self._save(mig)
+                self._follow(mig)
+                return mig
             await self._finish(mig, "failed", error=f"source agent refused: {exc.message}")
             raise ApiError(502, f"source agent {src.name!r} refused the migration: "
                            f"{exc.message}") from None

@@ -169,3 +169,34 @@ async def test_create_whose_answer_was_lost(tmp_path: Path, keeps: bool) -> None
                 assert (await c.call("GET", "/vms/v1"))[0] == 404
         finally:
             await stop_coordinator(c)
+
+
+class MuteSource(FakeAgent):
+    """Accepts a migration, then drops the connection instead of answering."""
+
+    async def start_migration(self, r: web.Request) -> web.Response:
+        body = await r.json()
+        await super().start_migration(r)
+        assert body["id"] in self.migrations and r.transport is not None
+        r.transport.abort()
+        raise web.HTTPServiceUnavailable()
+
+
+async def test_migration_start_whose_answer_was_lost_is_followed(tmp_path: Path) -> None:
+    async with serving(MuteSource("alpha", "tok-a-" + secrets.token_hex(8)),
+                       FakeAgent("beta", "tok-b-" + secrets.token_hex(8))) as fakes:
+        c = await start_coordinator(make_cfg(tmp_path / "c"))
+        try:
+            await fleet(c, fakes)
+            assert (await c.call("POST", "/vms", json=vm_spec("v1", "alpha")))[0] == 201
+            status, mig = await c.call("POST", "/migrations", json={"vm": "v1", "target": "beta"})
+            assert status == 202, mig
+            for _ in range(200):  # bounded: ~4 s
+                status, mig = await c.call("GET", f"/migrations/{mig['id']}")
+                if mig["phase"] in ("completed", "failed"):
+                    break
+                await asyncio.sleep(0.02)
+            assert mig["phase"] == "completed", mig  # not "failed" while the VM moved
+            assert (await c.call("GET", "/vms/v1"))[1]["host"] == "beta"
+        finally:
+            await stop_coordinator(c)
