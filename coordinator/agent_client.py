@@ -56,5 +56,6 @@ class AgentClient:
         except ResponseTooLarge as exc:
             raise AgentError(host, str(exc)) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            sent = not isinstance(exc, aiohttp.ClientConnectorError)  # else the answer may be lost
+            # no connection, no request; any later failure may have lost an answer
+            sent = not isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
             raise AgentError(host, f"unreachable: {type(exc).__name__}: {exc}", sent=sent) from None
