@@ -118,9 +118,13 @@ class Reconciler:
         home, away = sights[0], sights[1:]
         live_away = [s for s in away if s.state in LIVE]
         if home.state in LIVE or not home.answered:
-            if live_away:
+            if live_away and home.answered:
                 log.error("VM reported running by more than one host; record left as is",
                           extra={"vm": vm.name, "hosts": [vm.host, *(s.host for s in live_away)]})
+            elif live_away:  # it may run at home too: no move on a missing answer
+                log.warning("VM runs elsewhere but its recorded host does not answer; record left",
+                            extra={"vm": vm.name, "recorded_host": vm.host, "error": home.error,
+                                   "hosts": [s.host for s in live_away]})
             elif vm.state == "migrating" and home.state in SETTLED:
                 vm.state, vm.updated_at = home.state, time.time()
                 await self.store.put_vm(vm)
@@ -162,10 +166,13 @@ class Reconciler:
                 await self.reconcile_vm(vm, where.get(vm.name, []))
 
     async def run(self, interval_s: float) -> None:
-        """A pass now (after a restart this settles what the last run left), then periodically."""
+        """A pass every ``interval_s`` (the service runs the first one at start)."""
         while True:
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("reconciliation failed")
             await asyncio.sleep(interval_s)
+            await self.run_once_logged()
+
+    async def run_once_logged(self) -> None:
+        try:
+            await self.run_once()
+        except Exception:
+            log.exception("reconciliation failed")

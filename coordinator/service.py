@@ -70,7 +70,8 @@ async def _core_services(app: web.Application) -> AsyncIterator[None]:
         logs.register_secret(host.token, pinned=False)  # agents' tokens, stored by an earlier run
     await app[AGENTS].start()
     await app[MIGRATIONS].resume_all()
-    # first pass at once (VMs left creating or migrating, records behind the agents), then periodic
+    # before serving: VMs left creating or migrating, records behind the agents
+    await app[RECONCILER].run_once_logged()
     loop = asyncio.create_task(app[RECONCILER].run(app[CONFIG].reconcile_interval_s), name="reconcile")
     try:
         yield
