@@ -35,6 +35,7 @@ import aiohttp
 from novacron.agent.daemon import ENDPOINT_FILE
 from novacron.agent.guest import cache_root
 from novacron.agent.vm.ramfile import filesystem_type, free_bytes
+from novacron.agent.vm.recovery import qemus_under
 
 START_TIMEOUT_S = 60.0  # the first start on a host may probe KVM (a few seconds)
 STOP_TIMEOUT_S = 20.0
@@ -83,6 +84,7 @@ class LocalAgent:
         accel: str = "auto",
         settings: dict[str, str] | None = None,
         image_dirs: list[Path] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name or f"agent-{secrets.token_hex(3)}"
         self.token = token or secrets.token_urlsafe(24)
@@ -94,6 +96,7 @@ class LocalAgent:
         self.accel = accel
         self.settings = dict(settings or {})  # extra NOVACRON_AGENT_* settings, e.g. {"log_level": "debug"}
         self.image_dirs = image_dirs if image_dirs is not None else [cache_root()]
+        self.env = dict(env or {})  # extra environment, e.g. {"NOVACRON_CRASH_AT": "vm.create.spawned"}
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.state_dir / "agent.log"
@@ -126,6 +129,7 @@ class LocalAgent:
             **self.settings,
         }
         env.update({f"NOVACRON_AGENT_{k.upper()}": v for k, v in values.items()})
+        env.update(self.env)
         return env
 
     async def start(self, timeout: float = START_TIMEOUT_S) -> LocalAgent:
@@ -206,16 +210,13 @@ class LocalAgent:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def qemu_pids(self) -> list[int]:
-        """QEMU processes running in one of this agent's VM folders."""
-        root = self.state_dir.resolve()
-        pids = []
-        for meta in [*self.state_dir.glob("*/*/vm.json"), *self.state_dir.glob("*/*/incoming.json")]:
-            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-                pid = json.loads(meta.read_text())["pid"]
-                cwd = _proc_cwd(int(pid)) if pid else None
-                if cwd is not None and cwd.is_relative_to(root) and int(pid) not in pids:
-                    pids.append(int(pid))
-        return pids
+        """QEMU processes running in one of this agent's VM folders (found by their
+        working directory: a record may predate its QEMU's spawn)."""
+        pids: list[int] = []
+        for sub in ("vms", "incoming"):
+            for procs in qemus_under(self.state_dir / sub).values():
+                pids += [p.pid for p in procs]
+        return sorted(pids)
 
     def kill_leftover_qemus(self, timeout: float = 10.0) -> None:
         """SIGKILL them and wait (bounded) until they are really gone."""

@@ -13,11 +13,12 @@ log = logging.getLogger("novacron.coordinator.agents")
 
 
 class AgentError(Exception):
-    """An agent refused a request (``status`` is its HTTP status) or was unreachable (0)."""
+    """An agent refused a request (``status`` is its HTTP status) or was unreachable (0).
+    ``sent`` is False when the request certainly never reached the agent (no connection)."""
 
-    def __init__(self, host: str, message: str, status: int = 0) -> None:
+    def __init__(self, host: str, message: str, status: int = 0, *, sent: bool = True) -> None:
         super().__init__(f"agent {host}: {message}")
-        self.host, self.message, self.status = host, message, status
+        self.host, self.message, self.status, self.sent = host, message, status, sent
 
 
 def reported_state(status: Any, default: str) -> str:
@@ -55,4 +56,6 @@ class AgentClient:
         except ResponseTooLarge as exc:
             raise AgentError(host, str(exc)) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise AgentError(host, f"unreachable: {type(exc).__name__}: {exc}") from None
+            # no connection, no request; any later failure may have lost an answer
+            sent = not isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+            raise AgentError(host, f"unreachable: {type(exc).__name__}: {exc}", sent=sent) from None

@@ -43,6 +43,8 @@ class CoordinatorConfig:
     migration_timeout_s: float = 3600.0  # a migration not finished by then is failed
     audit_file: Path | None = None  # append-only audit log (default <data_dir>/audit.log)
     audit_fsync: bool = False  # fsync each audit line before replying (survives power loss)
+    # how often VM records are checked against the VMs the agents report in heartbeats
+    reconcile_interval_s: float = 30.0
     mcp: McpConfig = field(default_factory=McpConfig)
     http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap
 
@@ -63,7 +65,8 @@ def check_config(cfg: CoordinatorConfig) -> None:
     check_secret(cfg, "agent_token", required=f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
     if cfg.admin_token == cfg.agent_token:
         raise Invalid("agent_token", "admin_token and agent_token must differ")
-    for key in ("heartbeat_interval_s", "agent_timeout_s", "poll_interval_s", "migration_timeout_s"):
+    for key in ("heartbeat_interval_s", "agent_timeout_s", "poll_interval_s", "migration_timeout_s",
+                "reconcile_interval_s"):
         if not getattr(cfg, key) > 0:  # 0 would spin the loops these pace (and NaN compares false)
             raise Invalid(key, "must be positive")
     if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:

@@ -27,13 +27,15 @@ class CoordinatorStartError(RuntimeError):
 
 class LocalCoordinator:
     def __init__(self, data_dir: Path, *, admin_token: str | None = None,
-                 agent_token: str | None = None, settings: dict[str, str] | None = None) -> None:
+                 agent_token: str | None = None, settings: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.admin_token = admin_token or "adm-" + secrets.token_urlsafe(24)
         self.agent_token = agent_token or "agt-" + secrets.token_urlsafe(24)
         logs.register_secret(self.admin_token)
         logs.register_secret(self.agent_token)
         self.settings = settings or {}
+        self.extra_env = dict(env or {})  # e.g. {"NOVACRON_CRASH_AT": "migration.start.accepted"}
         self.url = ""
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "coordinator.log"
@@ -44,6 +46,7 @@ class LocalCoordinator:
                   "admin_token": self.admin_token, "agent_token": self.agent_token,
                   "log_level": "info", **self.settings}
         env.update({f"NOVACRON_COORDINATOR_{k.upper()}": v for k, v in values.items()})
+        env.update(self.extra_env)
         return env
 
     async def start(self, timeout_s: float = 30.0) -> LocalCoordinator:

@@ -1,7 +1,8 @@
 """Migration routes of the agent API and the hooks that run the migration
 manager (and its data-channel server on ``data_port``) with the daemon.
 
-    POST /v1/migrations               {"vm", "target": {"url", "token"}, "options": {...}} -> 202
+    POST /v1/migrations               {"vm", "target": {"url", "token"}, "options": {...},
+                                       optional "id" (the caller's name for it)} -> 202
     GET  /v1/migrations               -> {"migrations": [status, ...]}
     GET  /v1/migrations/{id}          -> status (phase, round, metrics, error)
     POST /v1/migrations/{id}/cancel   -> status
@@ -55,7 +56,7 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
     app[MANAGER_KEY] = manager
 
     async def on_startup(_app: web.Application) -> None:
-        clean_stale_incoming(cfg.state_dir)
+        await clean_stale_incoming(cfg.state_dir)
         clean_stale_relay_sockets(cfg.state_dir)
         port = await manager.start()
         if cfg.data_port == 0:

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from novacron.agent.api.common import json_error, read_json_object
 from novacron.agent.appkeys import VMS
+from novacron.faults import crash_point
 
 ACTIONS = ("start", "stop", "pause", "resume")
 MAX_CONSOLE_INPUT = 1024
@@ -20,6 +21,7 @@ async def list_vms(request: web.Request) -> web.Response:
 async def create_vm(request: web.Request) -> web.Response:
     doc = await read_json_object(request)
     vm = await request.app[VMS].create(doc)
+    crash_point("vm.create.responding")
     return web.json_response(vm.status(), status=201)
 
 

@@ -18,7 +18,7 @@ from novacron.agent.channel import AuthError, Channel, ChannelServer, connect
 from novacron.agent.migration.dest import receive_migration
 from novacron.agent.migration.doubt import HttpOutcomeProbe
 from novacron.agent.migration.options import MigrationOptions
-from novacron.agent.migration.protocol import NAME_RE
+from novacron.agent.migration.protocol import ID_RE, NAME_RE
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import DestFactory, SourceVM
@@ -109,13 +109,20 @@ class MigrationManager:
     async def start_migration(self, body: Any) -> MigrationStatus:
         if not isinstance(body, dict):
             raise MigrationRequestError("request body must be a JSON object")
-        unknown = sorted(set(body) - {"vm", "target", "options"})
+        unknown = sorted(set(body) - {"vm", "target", "options", "id"})
         if unknown:
             raise MigrationRequestError(f"unknown field(s): {', '.join(unknown)}")
         vm_name = body.get("vm")
         if not isinstance(vm_name, str) or not NAME_RE.match(vm_name):
             raise MigrationRequestError("'vm' must be the name of a VM on this agent")
         target = _check_target(body.get("target"))
+        # the caller's id (the coordinator names a migration before asking, so that after a
+        # crash it can ask what became of it); else one of ours
+        mid = body.get("id", uuid.uuid4().hex[:16])
+        if not isinstance(mid, str) or not ID_RE.fullmatch(mid):
+            raise MigrationRequestError("'id' must be 1-64 letters, digits, '-' or '_'")
+        if mid in self.statuses:
+            raise MigrationRequestError(f"a migration {mid!r} exists already", 409)
         logs.register_secret(target.get("token"), pinned=False)  # it rides in calls to the destination
         try:
             opts = MigrationOptions.from_dict(body.get("options"))
@@ -126,7 +133,7 @@ class MigrationManager:
         vm = await self._source_vm(vm_name)  # raises the runtime's not-found / conflict errors
         self._busy_vms.add(vm_name)
         status = MigrationStatus(
-            id=uuid.uuid4().hex[:16], vm=vm_name, role="source", peer=target["url"],
+            id=mid, vm=vm_name, role="source", peer=target["url"],
             options=opts.as_dict(),
         )
         self._keep(status)

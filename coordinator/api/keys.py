@@ -7,6 +7,7 @@
 | ``AGENTS`` | AgentClient | HTTP client for agent APIs (``novacron.coordinator.agent_client``) |
 | ``PLACER`` | Placer | chooses a host for a new VM (``novacron.coordinator.placement``) |
 | ``MIGRATIONS`` | MigrationManager | starts, follows and cancels migrations |
+| ``RECONCILER`` | Reconciler | makes records follow what the agents really run (``novacron.coordinator.reconcile``) |
 | ``EVENTS`` | EventHub | in-process pub/sub used for SSE progress streams |
 | ``CLASSIFIER`` | TaskService | task classifier and swarm planner (``novacron.coordinator.classifier``) |
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from novacron.coordinator.events import EventHub
     from novacron.coordinator.migrations import MigrationManager
     from novacron.coordinator.placement import Placer
+    from novacron.coordinator.reconcile import Reconciler
     from novacron.coordinator.store import Store
 
 CONFIG: web.AppKey[CoordinatorConfig] = web.AppKey("config")
@@ -33,5 +35,6 @@ STORE: web.AppKey[Store] = web.AppKey("store")
 AGENTS: web.AppKey[AgentClient] = web.AppKey("agents")
 PLACER: web.AppKey[Placer] = web.AppKey("placer")
 MIGRATIONS: web.AppKey[MigrationManager] = web.AppKey("migrations")
+RECONCILER: web.AppKey[Reconciler] = web.AppKey("reconciler")
 EVENTS: web.AppKey[EventHub] = web.AppKey("events")
 CLASSIFIER: web.AppKey[TaskService] = web.AppKey("classifier")

@@ -112,7 +112,7 @@ class FakeAgent:
         target = self.peers.get(body["target"]["url"])
         if target is None or body["target"]["token"] != target.token:
             return web.json_response({"error": "target unreachable or bad token"}, status=400)
-        mig_id = f"a{next(self._ids)}"
+        mig_id = body.get("id") or f"a{next(self._ids)}"
         self.migrations[mig_id] = {"id": mig_id, "vm": body["vm"], "phase": "prepare", "round": 0,
                                    "step": 0, "target": target, "options": body["options"],
                                    "metrics": {}, "error": None}
