@@ -32,3 +32,11 @@ class AgentConfig:
     # on exit, "keep" leaves VMs running for the next agent to adopt; "stop" powers them off
     vms_on_exit: Literal["keep", "stop"] = "keep"
     qemu_binary: str = "qemu-system-x86_64"
+    # TLS (see novacron.tls): this host's certificate and key from the fleet CA, and the CA.
+    # With them the API is HTTPS and requires a CA-signed client certificate (mutual TLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    insecure: bool = False  # allow plain HTTP on a non-loopback address
+    # the coordinator's grant-verification key; normally learned when registering
+    grant_key: str = ""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from novacron import config, logs
+from novacron import config, logs, tls
 from novacron.agent.config import DEFAULT_CONFIG, ENV_PREFIX, AgentConfig
 from novacron.daemon import Daemon
+from novacron.grants import GrantError, GrantVerifier
 
 
 def check_config(cfg: AgentConfig) -> None:
@@ -15,6 +16,12 @@ def check_config(cfg: AgentConfig) -> None:
     logs.check_level(cfg.log_level)
     config.check_port(cfg, "port")
     config.check_port(cfg, "data_port")
+    tls.check(cfg)
+    if cfg.grant_key:
+        try:
+            GrantVerifier(cfg.grant_key)
+        except GrantError as exc:
+            raise config.Invalid("grant_key", str(exc)) from None
 
 
 async def serve(cfg: AgentConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl as ssl_
 from typing import Any
 
 import aiohttp
@@ -27,12 +28,15 @@ def reported_state(status: Any, default: str) -> str:
 
 
 class AgentClient:
-    def __init__(self, timeout_s: float = 30.0) -> None:
+    def __init__(self, timeout_s: float = 30.0, ssl: ssl_.SSLContext | None = None) -> None:
         self.timeout_s = timeout_s
+        self.ssl = ssl  # fleet CA + the coordinator's certificate: mutual TLS to https agents
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        connector = aiohttp.TCPConnector(ssl=self.ssl) if self.ssl is not None else None
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                              connector=connector)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from novacron import tls
 from novacron.config import Invalid, check_port
 from novacron.logs import check_level
 
@@ -41,6 +42,12 @@ class CoordinatorConfig:
     poll_interval_s: float = 0.25  # how often a running migration's status is polled
     migration_timeout_s: float = 3600.0  # a migration not finished by then is failed
     mcp: McpConfig = field(default_factory=McpConfig)
+    # TLS (see novacron.tls): HTTPS with this certificate; client certificates are verified
+    # against tls_ca and required from agents (their identity); the CLI may come without one.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    insecure: bool = False  # allow plain HTTP on a non-loopback address
 
 
 def check_mcp(mcp: McpConfig) -> None:
@@ -71,3 +78,4 @@ def check_config(cfg: CoordinatorConfig) -> None:
     check_level(cfg.log_level)
     check_port(cfg, "port")
     check_mcp(cfg.mcp)
+    tls.check(cfg)

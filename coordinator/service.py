@@ -10,22 +10,35 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from novacron import __version__, logs
+from novacron import __version__, logs, tls
 from novacron.coordinator.agent_client import AgentClient, AgentError, reported_state
 from novacron.coordinator.api import load_route_modules
 from novacron.coordinator.api.auth import make_auth_middleware
 from novacron.coordinator.api.errors import error_middleware
 from novacron.coordinator.api.health import OPENAPI_DOC
-from novacron.coordinator.api.keys import AGENTS, CONFIG, EVENTS, MIGRATIONS, PLACER, STORE
+from novacron.coordinator.api.keys import (
+    AGENTS,
+    CONFIG,
+    EVENTS,
+    GRANTS,
+    IDENTITIES,
+    MIGRATIONS,
+    PLACER,
+    STORE,
+)
 from novacron.coordinator.api.openapi import add_routes, build_document
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
+from novacron.coordinator.identity import HostIdentities
 from novacron.coordinator.migrations import MigrationManager
 from novacron.coordinator.placement import Placer, most_free_memory
 from novacron.coordinator.store import Store, open_store
 from novacron.daemon import start_site, until_signalled
+from novacron.grants import GrantSigner
 
 log = logging.getLogger("novacron.coordinator")
+
+GRANT_KEY_FILE = "grant-signing.key"  # Ed25519, 0600
 
 
 def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
@@ -39,10 +52,12 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
     )
     app[CONFIG] = cfg
     app[STORE] = store or open_store(cfg)
-    app[AGENTS] = AgentClient(cfg.agent_timeout_s)
+    app[AGENTS] = AgentClient(cfg.agent_timeout_s, ssl=tls.peer_client_context(cfg))
     app[EVENTS] = EventHub()
     app[PLACER] = placer or most_free_memory
-    app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS])
+    app[IDENTITIES] = HostIdentities(app[STORE])
+    app[GRANTS] = grant_signer(cfg)
+    app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS], app[GRANTS])
     app[OPENAPI_DOC] = build_document(tables, version=__version__)
     add_routes(app, tables)
     app.cleanup_ctx.append(_core_services)  # first: later contexts see an open store
@@ -51,6 +66,12 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
         if setup is not None:
             setup(app)
     return app
+
+
+def grant_signer(cfg: CoordinatorConfig) -> GrantSigner:
+    """The migration-grant key, kept in the data dir so agents' copies stay valid."""
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return GrantSigner.load_or_create(cfg.data_dir / GRANT_KEY_FILE)
 
 
 async def _core_services(app: web.Application) -> AsyncIterator[None]:
@@ -102,8 +123,11 @@ def write_listen_file(cfg: CoordinatorConfig, url: str) -> None:
 
 async def serve(cfg: CoordinatorConfig) -> None:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    runner, port = await start_site(build_app(cfg), cfg.host, cfg.port)
-    url = f"http://{cfg.host}:{port}"
+    # Client certificates are optional at the TLS layer (operators' CLIs have none) but
+    # verified when shown; host routes require one (novacron.coordinator.api.hosts).
+    ssl_context = tls.server_context(cfg, require_client_cert=False) if tls.enabled(cfg) else None
+    runner, port = await start_site(build_app(cfg), cfg.host, cfg.port, ssl_context)
+    url = f"{tls.url_scheme(cfg)}://{cfg.host}:{port}"
     write_listen_file(cfg, url)
     log.info("coordinator listening", extra={"url": url, "data_dir": str(cfg.data_dir)})
     try:

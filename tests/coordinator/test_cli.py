@@ -41,7 +41,7 @@ def cli_env(coord: LocalCoordinator, home: Path, **extra: str) -> dict[str, str]
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[tuple[LocalCoordinator, dict[str, str]]]:
-    fakes = [FakeAgent("alpha", "tok-alpha-1"), FakeAgent("beta", "tok-beta-1", 4 << 30)]
+    fakes = [FakeAgent("alpha", "tok-alpha-1-per-host-token"), FakeAgent("beta", "tok-beta-1-per-host-token", 4 << 30)]
     async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord, \
             serving(*fakes):
         async with CoordinatorClient(coord.url, coord.admin_token) as client:
@@ -110,7 +110,7 @@ def test_coordinator_refuses_bad_config(tmp_path: Path, script_env: dict[str, st
 async def test_ctrl_c_during_migrate_cancels_it(tmp_path: Path) -> None:
     import signal
 
-    fakes = [FakeAgent("alpha", "tok-alpha-2"), FakeAgent("beta", "tok-beta-2", 4 << 30)]
+    fakes = [FakeAgent("alpha", "tok-alpha-2-per-host-token"), FakeAgent("beta", "tok-beta-2-per-host-token", 4 << 30)]
     fakes[0].hold_migrations = True
     async with (LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord,
                 serving(*fakes), CoordinatorClient(coord.url, coord.admin_token) as client):
