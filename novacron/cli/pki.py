@@ -47,3 +47,16 @@ def _issue(args: argparse.Namespace) -> int:
         return 1
     print(f"{files.cert}\n{files.key}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m novacron.cli.pki init|issue ...``: what Ansible runs on the controller
+    straight from the source tree (it needs only ``cryptography``, which Ansible has)."""
+    parser = argparse.ArgumentParser(prog="novacron")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["pki", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

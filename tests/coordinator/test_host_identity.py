@@ -12,7 +12,6 @@ from novacron.grants import GrantVerifier
 from tests.coordinator.conftest import Coordinator
 from tests.coordinator.fake_agent import FakeAgent
 
-
 # -- one identity per host (token identities, in-process coordinator) -----------------
 
 
