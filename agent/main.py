@@ -17,6 +17,7 @@ def check_config(cfg: AgentConfig) -> None:
     config.check_port(cfg, "port")
     config.check_port(cfg, "data_port")
     tls.check(cfg)
+    tls.check_peer_url(cfg, "coordinator_url")  # the agent's token rides in its registration
     if cfg.grant_key:
         try:
             GrantVerifier(cfg.grant_key)

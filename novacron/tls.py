@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import ssl
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from novacron.config import Invalid
 
@@ -50,6 +51,17 @@ def check(cfg: TlsSettings) -> None:
     if not given and not cfg.insecure and not is_loopback(cfg.host):
         raise Invalid("host", f"refusing to listen on {cfg.host} without TLS: set tls_cert, "
                               "tls_key and tls_ca, or insecure = true (--insecure) for plain HTTP")
+
+
+def check_peer_url(cfg: TlsSettings, key: str) -> None:
+    """A settings check: ``cfg.<key>`` (a URL this daemon sends credentials to) is https,
+    or plain http on loopback, or the operator said ``insecure``."""
+    url = getattr(cfg, key)
+    if not url or cfg.insecure:
+        return
+    parts = urlsplit(url)
+    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        raise Invalid(key, f"{url} is plain HTTP off loopback: use https (or insecure = true)")
 
 
 def server_context(cfg: TlsSettings, *, require_client_cert: bool) -> ssl.SSLContext:

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from novacron import logs
 from novacron.agent.channel import (
     AuthError,
     Channel,
@@ -184,6 +185,7 @@ class MigrationManager:
             grant = self.grants.verify(token)
         except GrantError as exc:
             raise MigrationRequestError(str(exc), 403) from None
+        logs.register_secret(token, pinned=False)  # it admits this migration at the destination
         if grant.source != self.host_name or grant.vm != vm_name:
             raise MigrationRequestError(
                 f"the grant is for VM {grant.vm!r} leaving {grant.source!r}, not {vm_name!r} "

@@ -36,6 +36,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -116,6 +117,9 @@ async def register(request: web.Request) -> web.Response:
     if body["memory_available_bytes"] > body["memory_bytes"]:
         raise ApiError(400, "body.memory_available_bytes: larger than memory_bytes")
     store, cfg = request.app[STORE], request.app[CONFIG]
+    url = urlsplit(body["url"])
+    if tls.enabled(cfg) and url.scheme != "https" and not tls.is_loopback(url.hostname or ""):
+        raise ApiError(400, "body.url: this coordinator drives agents over https only")
     identity = _identity(request, body["token"])
     now = time.time()
     if not await request.app[IDENTITIES].claim(body["name"], identity, now):
