@@ -59,9 +59,8 @@ class HostIdentities:
         return identity
 
     async def claim(self, name: str, identity: str, now: float) -> bool:
-        """Bind ``name`` to ``identity`` if it is free; True if it is bound to it now."""
-        if await self.bound(name) == identity:
-            return True
+        """Bind ``name`` to ``identity`` if it is free; True if it is bound to it now.
+        Always asks the store (registrations are rare; the store decides races)."""
         holder = await self.store.bind_host_identity(name, identity, now)
         self._cache[name] = holder
         return holder == identity
