@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from novacron.coordinator.client import CoordinatorClient
+from novacron.coordinator.client import ApiClientError, CoordinatorClient
 from novacron.coordinator.local import LocalCoordinator
 from tests.coordinator.fake_agent import FakeAgent, register_all, serving
 from tests.coordinator.test_api import vm_spec
@@ -145,3 +145,22 @@ async def test_ctrl_c_during_migrate_cancels_it(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         assert final["phase"] == "cancelled"
         assert (await client.vm("web"))["host"] == "alpha"
+
+
+async def test_host_forget_retires_a_name(fleet: tuple[LocalCoordinator, dict[str, str]]) -> None:
+    coord, env = fleet
+    impostor = FakeAgent("beta", "another-beta-identity-token")
+    impostor.url = "http://127.0.0.1:9"
+    async with CoordinatorClient(coord.url, coord.admin_token) as client:
+        with pytest.raises(ApiClientError) as refused:
+            await client.register_host(impostor.registration(), coord.agent_token)
+        assert refused.value.status == 403
+        code, out, err = await cli(env, "host", "forget", "beta", "--keep-identity")
+        assert code == 0 and "forgotten" in out, err
+        with pytest.raises(ApiClientError):  # the name is still bound
+            await client.register_host(impostor.registration(), coord.agent_token)
+        code, out, err = await cli(env, "host", "forget", "beta")
+        assert code == 0 and "host beta retired" in out, err
+        await client.register_host(impostor.registration(), coord.agent_token)  # free now
+        code, _, err = await cli(env, "host", "forget", "alpha")  # it runs a VM
+        assert code == 1 and "still runs" in err
