@@ -87,6 +87,11 @@ def client_context(ca: str, cert: str = "", key: str = "") -> ssl.SSLContext:
     return ctx
 
 
+def verify_context(ca: str) -> ssl.SSLContext | None:
+    """For clients without a certificate (the CLI): trust ``ca``; None: the system's CAs."""
+    return client_context(ca) if ca else None
+
+
 def peer_client_context(cfg: TlsSettings) -> ssl.SSLContext | None:
     """The context a daemon uses to call its peers: fleet CA + its own certificate (mTLS)."""
     if not enabled(cfg):

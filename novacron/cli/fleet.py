@@ -63,8 +63,8 @@ def _run(args: argparse.Namespace, fn: Callable[[CoordinatorClient, argparse.Nam
     settings = args.settings
 
     async def go() -> int:
-        ssl = tls.client_context(settings.ca) if settings.ca else None
-        async with CoordinatorClient(settings.server, settings.token, ssl=ssl) as client:
+        async with CoordinatorClient(settings.server, settings.token,
+                                     ssl=tls.verify_context(settings.ca)) as client:
             return await fn(client, args)
 
     try:
