@@ -107,7 +107,7 @@ def _refuse(request: web.Request, name: str, identity: str, action: str) -> ApiE
                 extra={"host": name, "action": action, "remote": request.remote,
                        "identity": describe(identity)})
     return ApiError(403, f"host name {name!r} is bound to another identity; an admin must "
-                         "retire it first (DELETE /api/v1/hosts/{name}?retire=true)")
+                         f"retire it first (DELETE /api/v1/hosts/{name}?retire=true)")
 
 
 @routes.post("/hosts/register", "Register (or re-register) an agent's host", auth="agent",
