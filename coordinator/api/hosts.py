@@ -45,7 +45,7 @@ from novacron.coordinator.api import schemas
 from novacron.coordinator.api.auth import bearer
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.api.keys import CONFIG, GRANTS, IDENTITIES, STORE
-from novacron.coordinator.api.openapi import RouteTable, json_body
+from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
 from novacron.coordinator.identity import MIN_TOKEN_CHARS, describe, request_identity
 from novacron.coordinator.models import HOST_UP, Host
 
@@ -181,7 +181,7 @@ async def get_host(request: web.Request) -> web.Response:
 async def delete_host(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     store = request.app[STORE]
-    retire = request.query.get("retire") == "true"
+    retire = query_params(request).get("retire") == "true"
     known = await store.get_host(name) is not None
     if not known and not (retire and await request.app[IDENTITIES].bound(name, fresh=True)):
         raise ApiError(404, f"no host named {name!r}")
