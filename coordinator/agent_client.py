@@ -52,8 +52,11 @@ class AgentClient:
         # no timeout_s: the session's (without it aiohttp would wait for ever)
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
         try:
+            # With TLS the agent must show the certificate of the host we mean, not just any
+            # fleet certificate: the token below is that host's alone.
             return await request_json(self._session, method, url.rstrip("/") + path, body=body,
-                                      headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+                                      headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
+                                      server_hostname=host if self.ssl is not None else None)
         except HttpError as exc:
             raise AgentError(host, exc.message or f"HTTP {exc.status}", exc.status) from None
         except ResponseTooLarge as exc:

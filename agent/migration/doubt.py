@@ -67,16 +67,19 @@ class HttpOutcomeProbe:
     destination no longer knows the migration, ``GET /v1/vms/{name}``)."""
 
     def __init__(self, url: str, token: str, migration_id: str, vm: str, *,
-                 scheme: str = "Bearer", ssl: ssl_.SSLContext | None = None) -> None:
+                 scheme: str = "Bearer", ssl: ssl_.SSLContext | None = None,
+                 server_name: str | None = None) -> None:
         self.base = url.rstrip("/")
         # "Grant <grant>": the migration's grant, which lets us read just this migration there
         self.headers = {"Authorization": f"{scheme} {token}"}
         self.migration_id = migration_id
         self.vm = vm
         self.ssl = ssl
+        self.server_name = server_name  # over https: the destination host's certificate name
 
     async def _get(self, session: aiohttp.ClientSession, path: str) -> tuple[int, Any]:
-        async with session.get(self.base + path, headers=self.headers, ssl=self.ssl or True) as resp:
+        async with session.get(self.base + path, headers=self.headers, ssl=self.ssl or True,
+                               server_hostname=self.server_name) as resp:
             return resp.status, await read_json(resp)
 
     async def __call__(self) -> Outcome:

@@ -225,7 +225,7 @@ class MigrationManager:
                 return
             status.peer = f"{grant.data_host}:{grant.data_port}"
             probe = HttpOutcomeProbe(grant.url, token, status.id, vm.name, scheme="Grant",
-                                     ssl=self._peer_ssl)
+                                     ssl=self._peer_ssl, server_name=grant.target)
             mig = SourceMigration(vm, channel, status, opts, probe=probe)
             self._running[status.id] = mig
             try:
