@@ -48,6 +48,9 @@ class CoordinatorConfig:
     tls_key: str = ""
     tls_ca: str = ""
     insecure: bool = False  # allow plain HTTP on a non-loopback address
+    # Ed25519 key that signs migration grants (made on first start); coordinators sharing
+    # one database must share this file. Empty: <data_dir>/grant-signing.key
+    grant_key_file: str = ""
 
 
 def check_mcp(mcp: McpConfig) -> None:

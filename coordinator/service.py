@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
@@ -69,7 +70,9 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
 
 
 def grant_signer(cfg: CoordinatorConfig) -> GrantSigner:
-    """The migration-grant key, kept in the data dir so agents' copies stay valid."""
+    """The migration-grant key, kept on disk so agents' copies stay valid across restarts."""
+    if cfg.grant_key_file:
+        return GrantSigner.load_or_create(Path(cfg.grant_key_file))
     cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return GrantSigner.load_or_create(cfg.data_dir / GRANT_KEY_FILE)
 
