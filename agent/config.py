@@ -52,3 +52,11 @@ class AgentConfig:
 
     def image_dirs(self) -> list[Path]:
         return list(self.images.dirs) or [self.state_dir / "images"]
+    # TLS (see novacron.tls): this host's certificate and key from the fleet CA, and the CA.
+    # With them the API is HTTPS and requires a CA-signed client certificate (mutual TLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    insecure: bool = False  # allow plain HTTP on a non-loopback address
+    # the coordinator's grant-verification key; normally learned when registering
+    grant_key: str = ""

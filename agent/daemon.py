@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from novacron import audit
+from novacron import audit, tls
 from novacron.agent.api import setup_routes
 from novacron.agent.api.common import auth_middleware, body_of, error_middleware
 from novacron.agent.api.host import host_document
@@ -85,19 +85,29 @@ def advertised_url(cfg: AgentConfig, port: int) -> str:
     if cfg.advertise_url:
         return cfg.advertise_url.rstrip("/")
     host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = tls.url_scheme(cfg)
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def start_coordinator_link(cfg: AgentConfig, app: web.Application, port: int) -> asyncio.Task[None] | None:
     """Register with the coordinator and heartbeat, when one is configured."""
     if not cfg.coordinator_url:
         return None
+    from novacron.agent.api.migrations import MANAGER_KEY
     from novacron.agent.coordinator_link import CoordinatorLink
 
     async def info() -> dict[str, Any]:
         return await host_document(app)
 
-    link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info)
+    grants = app[MANAGER_KEY].grants
+
+    def registered(reply: dict[str, Any]) -> None:
+        key = reply.get("grant_key")
+        if isinstance(key, str) and key:
+            grants.set_key(key)  # migrations are authorised by grants the coordinator signs
+
+    link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info,
+                           ssl=tls.peer_client_context(cfg), on_registered=registered)
     return asyncio.create_task(link.run(), name="coordinator link")
 
 
@@ -142,7 +152,10 @@ async def serve(cfg: AgentConfig) -> None:
         probe = asyncio.create_task(accel.detect(), name="accel probe")  # warm the answer for /v1/host
         cleanup.push_async_callback(_cancel, probe)
         try:
-            runner, port = await start_site(build_app(cfg, vms, accel), cfg.host, cfg.port, cfg.http)
+            # with TLS every caller (coordinator, peer agents) shows a fleet-CA certificate
+            ssl_context = tls.server_context(cfg, require_client_cert=True) if tls.enabled(cfg) else None
+            runner, port = await start_site(build_app(cfg, vms, accel), cfg.host, cfg.port, cfg.http,
+                                            ssl_context=ssl_context)
         except OSError as exc:
             raise _listen_error(cfg, exc) from None
         cleanup.push_async_callback(runner.cleanup)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pwd
 import sys
 
-from novacron import config, logs
+from novacron import config, logs, tls
 from novacron.agent.config import DEFAULT_CONFIG, ENV_PREFIX, AgentConfig
 from novacron.connlimits import check_http_limits
 from novacron.daemon import Daemon
+from novacron.grants import GrantError, GrantVerifier
 
 
 def check_config(cfg: AgentConfig) -> None:
@@ -20,6 +21,13 @@ def check_config(cfg: AgentConfig) -> None:
     config.check_port(cfg, "data_port")
     check_http_limits(cfg.http)
     check_images(cfg)
+    tls.check(cfg)
+    tls.check_peer_url(cfg, "coordinator_url")  # the agent's token rides in its registration
+    if cfg.grant_key:
+        try:
+            GrantVerifier(cfg.grant_key)
+        except GrantError as exc:
+            raise config.Invalid("grant_key", str(exc)) from None
 
 
 def check_images(cfg: AgentConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl as ssl_
 from typing import Any
 
 import aiohttp
@@ -28,12 +29,15 @@ def reported_state(status: Any, default: str) -> str:
 
 
 class AgentClient:
-    def __init__(self, timeout_s: float = 30.0) -> None:
+    def __init__(self, timeout_s: float = 30.0, ssl: ssl_.SSLContext | None = None) -> None:
         self.timeout_s = timeout_s
+        self.ssl = ssl  # fleet CA + the coordinator's certificate: mutual TLS to https agents
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        connector = aiohttp.TCPConnector(ssl=self.ssl) if self.ssl is not None else None
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                              connector=connector)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -49,8 +53,11 @@ class AgentClient:
         # no timeout_s: the session's (without it aiohttp would wait for ever)
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
         try:
+            # With TLS the agent must show the certificate of the host we mean, not just any
+            # fleet certificate: the token below is that host's alone.
             return await request_json(self._session, method, url.rstrip("/") + path, body=body,
-                                      headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+                                      headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
+                                      server_hostname=host if self.ssl is not None else None)
         except HttpError as exc:
             raise AgentError(host, exc.message or f"HTTP {exc.status}", exc.status) from None
         except ResponseTooLarge as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from novacron import tls
 from novacron.config import Invalid, check_port, check_secret
 from novacron.connlimits import HttpLimits, check_http_limits
 from novacron.logs import check_level
@@ -47,6 +48,15 @@ class CoordinatorConfig:
     reconcile_interval_s: float = 30.0
     mcp: McpConfig = field(default_factory=McpConfig)
     http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap
+    # TLS (see novacron.tls): HTTPS with this certificate; client certificates are verified
+    # against tls_ca and required from agents (their identity); the CLI may come without one.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    insecure: bool = False  # allow plain HTTP on a non-loopback address
+    # Ed25519 key that signs migration grants (made on first start); coordinators sharing
+    # one database must share this file. Empty: <data_dir>/grant-signing.key
+    grant_key_file: str = ""
 
 
 def check_mcp(mcp: McpConfig) -> None:
@@ -77,3 +87,4 @@ def check_config(cfg: CoordinatorConfig) -> None:
     check_port(cfg, "port")
     check_mcp(cfg.mcp)
     check_http_limits(cfg.http)
+    tls.check(cfg)

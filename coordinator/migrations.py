@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from novacron.coordinator.agent_client import AgentClient, AgentError
 from novacron.coordinator.api.errors import ApiError
@@ -28,6 +29,7 @@ from novacron.coordinator.models import HOST_UP, Migration
 from novacron.coordinator.reconcile import Reconciler
 from novacron.coordinator.store import Store
 from novacron.faults import crash_point
+from novacron.grants import GrantSigner
 
 log = logging.getLogger("novacron.coordinator.migrations")
 
@@ -44,10 +46,12 @@ def topic(mig_id: str) -> str:
 
 class MigrationManager:
     def __init__(self, cfg: CoordinatorConfig, store: Store, agents: AgentClient,
-                 events: EventHub, reconciler: Reconciler | None = None) -> None:
+                 events: EventHub, reconciler: Reconciler | None = None,
+                 grants: GrantSigner | None = None) -> None:
         self.cfg, self.store, self.agents, self.events = cfg, store, agents, events
         self.reconciler = reconciler or Reconciler(store, agents)
         self._undecided: dict[str, str] = {}  # migration id -> what the agents said last
+        self.grants = grants or GrantSigner.generate()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._starting: set[asyncio.Task[Migration]] = set()
         self._lock = asyncio.Lock()
@@ -86,6 +90,8 @@ class MigrationManager:
                 raise ApiError(409, f"target host {target!r} is down")
             if src is None or src.state != HOST_UP:
                 raise ApiError(409, f"source host {vm.host!r} is down")
+            if not dst.data_port:
+                raise ApiError(409, f"target host {target!r} reported no migration data port")
             for other in await self.store.active_migrations():
                 if other.vm == vm_name:
                     raise ApiError(409, f"VM {vm_name!r} is already migrating ({other.id})")
@@ -96,9 +102,13 @@ class MigrationManager:
             vm.state, vm.updated_at = "migrating", now
             await self.store.put_vm(vm)
         crash_point("migration.start.recorded")
-        # the agent runs it under our id: after a crash we can ask it what became of it
-        request = {"vm": vm_name, "target": {"url": dst.url, "token": dst.token},
-                   "options": options, "id": mig.id}
+        # The source gets the coordinator's grant, never the destination's credential; the
+        # destination's addresses in it come from our registry, never from a caller. The
+        # agent runs it under our id: after a crash we can ask it what became of it.
+        grant = self.grants.issue(migration=mig.id, vm=vm_name, source=src.name, target=dst.name,
+                                  url=dst.url, data_host=urlsplit(dst.url).hostname or "",
+                                  data_port=dst.data_port or 0)
+        request = {"vm": vm_name, "grant": grant, "options": options, "id": mig.id}
         try:
             reply = await self.agents.call(src.name, src.url, src.token, "POST", "/v1/migrations",
                                            request)

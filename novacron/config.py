@@ -207,8 +207,12 @@ def flag_name(path: tuple[str, ...]) -> str:
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--section-key`` flag per setting; unset flags stay ``None``."""
     group = parser.add_argument_group("settings (override the config file and environment)")
-    for path, _tp in _leaves(cls):
+    for path, tp in _leaves(cls):
         dest = "cfg__" + "__".join(path)
+        if tp is bool:  # "--insecure" alone means true; "--insecure false" still works
+            group.add_argument(flag_name(path), dest=dest, default=None, nargs="?", const="true",
+                               metavar=path[-1].upper())
+            continue
         group.add_argument(flag_name(path), dest=dest, default=None, metavar=path[-1].upper())
 
 

@@ -119,14 +119,18 @@ async def read_json(resp: aiohttp.ClientResponse, limit: int = MAX_RESPONSE_BYTE
 async def request_json(session: aiohttp.ClientSession, method: str, url: str, *, body: Any = None,
                        headers: dict[str, str] | None = None,
                        timeout: aiohttp.ClientTimeout | None = None,
-                       limit: int = MAX_RESPONSE_BYTES) -> Any:
+                       limit: int = MAX_RESPONSE_BYTES, server_hostname: str | None = None) -> Any:
     """The answer's JSON document; :class:`HttpError` for a status >= 400.
 
-    Connection failures and timeouts propagate as aiohttp raises them.
+    ``server_hostname``: over https, the name the server's certificate must be
+    for (instead of the URL's host). Connection failures and timeouts propagate
+    as aiohttp raises them.
     """
     kwargs: dict[str, Any] = {"json": body, "headers": headers}
     if timeout is not None:
         kwargs["timeout"] = timeout
+    if server_hostname is not None:
+        kwargs["server_hostname"] = server_hostname
     async with session.request(method, url, **kwargs) as resp:
         doc = await read_json(resp, limit)
         if resp.status >= 400:

@@ -1,8 +1,10 @@
 """Migration routes of the agent API and the hooks that run the migration
 manager (and its data-channel server on ``data_port``) with the daemon.
 
-    POST /v1/migrations               {"vm", "target": {"url", "token"}, "options": {...},
+    POST /v1/migrations               {"vm", "grant", "options": {...},
                                        optional "id" (the caller's name for it)} -> 202
+                                      (the coordinator's grant names the destination; see
+                                      novacron.grants; no destination credential is accepted)
     GET  /v1/migrations               -> {"migrations": [status, ...]}
     GET  /v1/migrations/{id}          -> status (phase, round, metrics, error)
     POST /v1/migrations/{id}/cancel   -> status
@@ -15,8 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
-from novacron import httpjson
-from novacron.agent.api.common import BODY, json_error
+from novacron import httpjson, tls
+from novacron.agent.api.common import BODY, GRANT_READ, json_error
+from novacron.agent.api.host import host_name
 from novacron.agent.appkeys import CONFIG, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
@@ -29,6 +32,7 @@ from novacron.agent.migration.qemu_port import (
 from novacron.agent.migration.vmport import SourceVM
 from novacron.agent.vm.errors import VMError
 from novacron.agent.vm.manager import VMManager
+from novacron.grants import GrantVerifier
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -52,8 +56,12 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
         dest_factory=QemuDestFactory(vms),
         data_host=cfg.host,
         data_port=cfg.data_port,
+        host_name=host_name(cfg.name),
+        grants=GrantVerifier(cfg.grant_key),
+        peer_ssl=tls.peer_client_context(cfg),
     )
     app[MANAGER_KEY] = manager
+    app[GRANT_READ] = manager.may_read
 
     async def on_startup(_app: web.Application) -> None:
         await clean_stale_incoming(cfg.state_dir)

@@ -38,13 +38,19 @@ async def receive_migration(
     register: Callable[[MigrationStatus], None],
     *,
     idle_timeout: float = IDLE_TIMEOUT,
+    authorise: Callable[[str, str], None] | None = None,
 ) -> MigrationStatus | None:
-    """Serve one incoming migration on ``channel``; returns its final status."""
+    """Serve one incoming migration on ``channel``; returns its final status.
+
+    ``authorise(migration_id, vm)`` raises ProtocolError for a ``prepare`` the
+    channel's grant does not cover."""
     try:
         rec = await channel.recv(timeout=idle_timeout)
         if rec.kind != CTRL or rec.op != "prepare" or rec.ctrl is None:
             raise ProtocolError("first message must be 'prepare'")
         mid, vm_name, spec, ram_size, want_digest = protocol.check_prepare(rec.ctrl)
+        if authorise is not None:
+            authorise(mid, vm_name)
     except (ChannelClosed, ProtocolError) as exc:
         log.warning("incoming migration rejected", extra={"peer": channel.peer(), "reason": str(exc)})
         with contextlib.suppress(Exception):

@@ -32,7 +32,7 @@ from novacron import httpjson
 from novacron.coordinator.api.errors import ApiError
 
 API_PREFIX = "/api/v1"
-Auth = Literal["public", "admin", "agent"]
+Auth = Literal["public", "admin", "agent", "host"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _BODY_KEY: web.RequestKey[Any] = web.RequestKey("novacron_body")
@@ -313,7 +313,11 @@ def build_document(tables: list[RouteTable], *, version: str) -> dict[str, Any]:
                 }
             op["responses"] = responses
             if route.auth == "agent":
-                op["description"] = "Authenticated with the agent token."
+                op["description"] = ("Authenticated with the agent (bootstrap) token; the host's "
+                                     "identity is its TLS client certificate or its own token.")
+            elif route.auth == "host":
+                op["description"] = ("Authenticated with the host's own credential: its TLS "
+                                     "client certificate, or its own API token as bearer.")
             paths.setdefault(route.full_path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",
