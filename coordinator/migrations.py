@@ -108,7 +108,7 @@ class MigrationManager:
         grant = self.grants.issue(migration=mig.id, vm=vm_name, source=src.name, target=dst.name,
                                   url=dst.url, data_host=urlsplit(dst.url).hostname or "",
                                   data_port=dst.data_port or 0)
-        request = {"vm": vm_name, "grant": grant, "options": options, "id": mig.id}
+        request = {"vm": vm_name, "grant": grant, "options": options}  # the grant names mig.id
         try:
             reply = await self.agents.call(src.name, src.url, src.token, "POST", "/v1/migrations",
                                            request)

@@ -121,7 +121,7 @@ class FakeAgent:
         if target is None or grant.source != self.name or grant.vm != body["vm"] \
                 or grant.target != target.name:
             return web.json_response({"error": "grant names another migration"}, status=403)
-        mig_id = body.get("id") or f"a{next(self._ids)}"
+        mig_id = grant.migration  # a real agent runs it under the coordinator's id
         self.migrations[mig_id] = {"id": mig_id, "vm": body["vm"], "phase": "prepare", "round": 0,
                                    "step": 0, "target": target, "options": body["options"],
                                    "metrics": {}, "error": None}
