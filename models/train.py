@@ -51,8 +51,8 @@ SEARCH_FOLDS = 3
 MIN_DF = 2
 CHAR_MIN_DF = 3
 C_GRID = (10.0, 30.0)
-SCOPE_WEIGHT_GRID = (0.05, 0.1)
-CHAR_WEIGHT_GRID = (1.0, 1.5)
+SCOPE_WEIGHT_GRID = (0.03, 0.1)
+CHAR_WEIGHT_GRID = (1.5,)
 # lbfgs stopping tolerance: tight enough that a retrain lands on the same weights
 # (see tests/classifier/test_model.py), loose enough for a fit in seconds.
 TOL = 1e-6
