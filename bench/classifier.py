@@ -113,7 +113,7 @@ def _quality(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, An
 
 
 def run(args: argparse.Namespace) -> Report:
-    from novacron.coordinator.classifier.model import TaskClassifier
+    from novacron.coordinator.classifier.model import MAX_BATCH, TaskClassifier
     from novacron.models import dataset
     from novacron.models.train import macro_f1
 
@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> Report:
     examples = dataset.load()
 
     def scored(rows: list[dataset.Example]) -> tuple[np.ndarray, np.ndarray]:
-        preds = clf.classify_batch([e.text for e in rows], reasons=0)
+        preds = [p for i in range(0, len(rows), MAX_BATCH)
+                 for p in clf.classify_batch([e.text for e in rows[i:i + MAX_BATCH]],
+                                             reasons=0)]
         return (np.array([labels.index(e.label) for e in rows]),
                 np.array([[p.probabilities[lab] for lab in labels] for p in preds]))
 

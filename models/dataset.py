@@ -118,11 +118,11 @@ def split_rows(rows: list[tuple[str, str, str]]) -> list[Example]:
             for i, (t, lab, dom) in enumerate(rows)]
 
 
-def build() -> list[Example]:
+def build(data_dir: Path = MODELS_DIR / "data") -> list[Example]:
     """Everything that goes into ``tasks.jsonl``; refuses held-out text seen in training."""
-    examples = split_rows(read_sources())
+    examples = split_rows(read_sources(data_dir))
     known = {normalised_key(e.text) for e in examples}
-    heldout = read_heldout()
+    heldout = read_heldout(data_dir / HELDOUT_DIR)
     leaked = [e.text for e in heldout if normalised_key(e.text) in known]
     if leaked:
         raise ValueError(f"held-out descriptions also in the training sources: {leaked[:3]}")
