@@ -100,7 +100,7 @@ def _quality(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, An
     pred = probs.argmax(axis=1)
     kept = probs.max(axis=1) >= threshold
     return {
-        "size": int(len(y)),
+        "size": len(y),
         "accuracy": float((pred == y).mean()),
         "macro_f1": macro_f1(y, pred),
         "recall": {lab: float((pred[y == k] == k).mean()) if (y == k).any() else 0.0
@@ -145,9 +145,10 @@ def run(args: argparse.Namespace) -> Report:
     kw_pred = np.array([labels.index(keyword_baseline(t)) for t in texts])
     majority = np.full_like(y, int(np.bincount(y).argmax()))
     tricky = clf.classify_batch([t for t, _ in TRICKY], reasons=0)
-    tricky_rows = [{"text": t, "expected": lab, "label": p.label, "best_guess": p.best_guess,
-                    "confidence": p.confidence, "abstained": p.abstained}
-                   for (t, lab), p in zip(TRICKY, tricky, strict=True)]
+    tricky_rows: list[dict[str, Any]] = [
+        {"text": t, "expected": lab, "label": p.label, "best_guess": p.best_guess,
+         "confidence": p.confidence, "abstained": p.abstained}
+        for (t, lab), p in zip(TRICKY, tricky, strict=True)]
 
     # Latency, one description per call, interleaved so noise hits all three alike.
     feats = clf.featurizer.transform(texts)
@@ -174,15 +175,15 @@ def run(args: argparse.Namespace) -> Report:
     min_recall = min(q["recall"].values())
 
     report = Report("classifier")
-    t = report.table(f"Held-out quality ({len(texts)} descriptions written separately from "
+    qt = report.table(f"Held-out quality ({len(texts)} descriptions written separately from "
                      "the training data)",
                      ["model", "accuracy", "macro-F1", "min recall", "ECE", "abstain rate",
                       "accuracy kept"])
-    t.add("ONNX classifier (served)", acc, f1, min_recall, q["ece"], q["abstain_rate"],
+    qt.add("ONNX classifier (served)", acc, f1, min_recall, q["ece"], q["abstain_rate"],
           q["kept_accuracy"])
-    t.add("reference: keyword rules", kw_acc, kw_f1, "-", "-", "-", "-")
-    t.add("reference: majority class", maj_acc, maj_f1, "-", "-", "-", "-")
-    t.add(f"reference: same model on the validation split ({val['size']}, same sources as "
+    qt.add("reference: keyword rules", kw_acc, kw_f1, "-", "-", "-", "-")
+    qt.add("reference: majority class", maj_acc, maj_f1, "-", "-", "-", "-")
+    qt.add(f"reference: same model on the validation split ({val['size']}, same sources as "
           "training)", val["accuracy"], val["macro_f1"], min(val["recall"].values()),
           val["ece"], val["abstain_rate"], val["kept_accuracy"])
     r = report.table("Held-out recall per class and confusion matrix (rows: true, columns: "
@@ -195,10 +196,10 @@ def run(args: argparse.Namespace) -> Report:
         st.add(style, sq["size"], sq["accuracy"], sq["abstain_rate"], sq["kept_accuracy"])
     tr = report.table("Tricky descriptions in neither set",
                       ["description", "expected", "predicted", "confidence"])
-    for row in tricky_rows:
-        shown = row["label"] or f"uncertain ({row['best_guess']})"
-        text = row["text"] if len(row["text"]) <= 70 else row["text"][:67] + "..."
-        tr.add(text, row["expected"], shown, row["confidence"])
+    for trow in tricky_rows:
+        shown = trow["label"] or f"uncertain ({trow['best_guess']})"
+        text = trow["text"] if len(trow["text"]) <= 70 else trow["text"][:67] + "..."
+        tr.add(text, trow["expected"], shown, trow["confidence"])
     lat = report.table(f"Latency per call, in process ({len(full)} calls)",
                        ["path", "p50 ms", "p99 ms", "mean ms", "p99 vs bare ONNX"])
     lat.add("classify(text): features + ONNX + reasons", p50, p99, mean, f"{p99 / o99:.1f}x")
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> Report:
             f"{c99 / o99:.1f}x")
     lat.add("reference: bare ONNX Runtime run", o50, o99, omean, "1.0x")
     lat.add("reference: keyword rules", k50, k99, kmean, f"{k99 / o99:.2f}x")
-    tricky_right = sum(row["best_guess"] == row["expected"] for row in tricky_rows)
+    tricky_right = sum(trow["best_guess"] == trow["expected"] for trow in tricky_rows)
     targets = {"accuracy_ge_0.90": acc >= 0.9, "every_recall_ge_0.85": min_recall >= 0.85,
                "p99_lt_10ms": p99 < 10.0}
     report.notes.append(

@@ -325,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true",
                         help="reuse the hyper-parameters, temperature and abstain threshold "
                              "recorded in the current metadata (one fit)")
+    parser.add_argument("--reuse-hyper", action="store_true",
+                        help="reuse the recorded hyper-parameters but fit the temperature and "
+                             "the abstain threshold again (after the data changed)")
     parser.add_argument("--out", type=Path, default=dataset.MODELS_DIR,
                         help="output folder (default: the models package)")
     args = parser.parse_args(argv)
@@ -334,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         recorded = json.loads((dataset.MODELS_DIR / META_FILE).read_text())
         hyper = recorded["hyperparameters"]
         calibration = {"temperature": recorded["temperature"], "abstain": recorded["abstain"]}
+    elif args.reuse_hyper:
+        hyper = json.loads((dataset.MODELS_DIR / META_FILE).read_text())["hyperparameters"]
     else:
         print(f"hyper-parameter search ({SEARCH_FOLDS}-fold CV on the training split):")
         hyper = search(*_split(examples, "train"))

@@ -95,7 +95,7 @@ def planned_level(prediction: Prediction) -> str:
         return prediction.best_guess
     cutoff = PLAN_RULES["abstain"]["plausible_min_probability"]
     plausible = [lab for lab, p in prediction.probabilities.items() if p >= cutoff]
-    return max(plausible + [prediction.best_guess], key=LEVELS.index)
+    return max([*plausible, prediction.best_guess], key=LEVELS.index)
 
 
 def estimate(prediction: Prediction) -> dict[str, Any]:
