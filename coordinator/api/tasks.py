@@ -70,7 +70,8 @@ PLAN: dict[str, Any] = {
                  "max_agents", "agents", "tasks", "estimated_duration"],
     "properties": {
         "label": {"oneOf": [_LABEL, {"type": "null"}]}, "abstained": {"type": "boolean"},
-        "planned_as": _LABEL, "confidence": {"type": "number"},
+        "planned_as": _LABEL, "best_guess": _LABEL, "confidence": {"type": "number"},
+        "abstain_threshold": {"type": "number"},
         "topology": {"type": "string"}, "strategy": {"type": "string"},
         "max_agents": {"type": "integer"}, "agent_count": {"type": "integer"},
         "agents": {"type": "array", "items": {"type": "object"}},

@@ -149,6 +149,8 @@ def build_plan(text: str, prediction: Prediction, signals: ScopeSignals) -> dict
     return {
         "label": prediction.label,
         "abstained": prediction.abstained,
+        "best_guess": prediction.best_guess,
+        "abstain_threshold": prediction.abstain_threshold,
         "planned_as": name,
         "confidence": round(prediction.confidence, 4),
         "topology": level["topology"],
