@@ -168,7 +168,9 @@ CONFIG_VALUE = _lexicon(
     r"gradle|md|py|js)", r"dockerfile", r"podfile", r"makefile", r"\.nvmrc", r"sysctl",
     r"environment variable",
 )
-FROM_TO = re.compile(r"\bfrom\s+\S+(?:\s+\S+)?\s+to\s+\S+|->|\binstead of\b")
+FROM_TO = re.compile(r"\bfrom\s+\S+(?:\s+\S+)?\s+to\s+\S+|->|\binstead of\b|"
+                     r"\b(?:should|must) (?:say|read)\b|\bto (?:say|read) [\"'“]|"
+                     r"\b(?:says|reads|shows) [\"'“]")
 LOG_LINE = _lexicon(r"log line", r"log message", r"log level", r"print\w*", r"console\.log",
                     r"debug", r"log the", r"add a log", r"debug log", r"log statement",
                     r"log entry", r"logs? when", r"log a")
@@ -464,7 +466,8 @@ def _version(doc: Doc) -> tuple[float, tuple[str, ...]]:
 
 
 def _quoted(doc: Doc) -> tuple[float, tuple[str, ...]]:
-    found = tuple(re.findall(r"[\"“”]([^\"“”]{1,40})[\"“”]", doc.text))
+    found = tuple(re.findall(r"[\"“”]([^\"“”]{1,40})[\"“”]", doc.text)) + tuple(
+        re.findall(r"(?:^|\s)['‘]([^'’\n]{1,40})['’](?=[\s.,;:!?)]|$)", doc.text))
     return (1.0 if found else 0.0), found
 
 
