@@ -27,6 +27,8 @@ LOW_PHRASES: dict[str, str] = {
     "listed_parts": "enumerates few parts of work",
     "sentences": "is a single sentence",
     "numbers": "quotes no numbers",
+    "list_items": "is not a bullet list",
+    "create_minus_edit": "edits more than it creates ({terms})",
 }
 MIN_CONTRIBUTION = 0.02
 
