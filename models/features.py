@@ -4,10 +4,14 @@ Shared by training (``novacron.models.train``) and serving
 (``novacron.coordinator.classifier``), so both see exactly the same numbers.
 Pure Python + numpy: scikit-learn is never needed to compute features.
 
-The vector has two blocks:
+The vector has three blocks:
 
 * **word TF-IDF** over lightly stemmed word 1- and 2-grams (vocabulary and IDF
   learned at training time, stored in the metadata JSON);
+* **character TF-IDF** over 3- to 5-character pieces of each word padded with
+  spaces (" repo", "repos", "itor"...): it carries meaning to word forms,
+  misspellings and compounds the word block never saw ("repos" and
+  "repositories", "migraiton", "ourself");
 * **scope features**: hand-made measures of how much work a description
   implies (how many components it touches, external systems, distributed or
   multi-region cues, small-edit cues such as a typo or a config value, scale
@@ -66,6 +70,22 @@ def normalise(text: str) -> str:
 
 def tokens(text: str) -> list[str]:
     return _TOKEN.findall(normalise(text))
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+CHAR_NGRAM_RANGE = (3, 5)
+
+
+def char_ngrams(text: str) -> list[tuple[str, str]]:
+    """(character n-gram, the word it came from) over each word padded with spaces."""
+    lo, hi = CHAR_NGRAM_RANGE
+    out: list[tuple[str, str]] = []
+    for word in _WORD.findall(normalise(text)):
+        padded = f" {word} "
+        for n in range(lo, hi + 1):
+            for i in range(len(padded) - n + 1):
+                out.append((padded[i:i + n], word))
+    return out
 
 
 def ngrams(text: str) -> list[tuple[str, str]]:
@@ -148,7 +168,9 @@ CONFIG_VALUE = _lexicon(
     r"gradle|md|py|js)", r"dockerfile", r"podfile", r"makefile", r"\.nvmrc", r"sysctl",
     r"environment variable",
 )
-FROM_TO = re.compile(r"\bfrom\s+\S+(?:\s+\S+)?\s+to\s+\S+|->|\binstead of\b")
+FROM_TO = re.compile(r"\bfrom\s+\S+(?:\s+\S+)?\s+to\s+\S+|->|\binstead of\b|"
+                     r"\b(?:should|must) (?:say|read)\b|\bto (?:say|read) [\"'“]|"
+                     r"\b(?:says|reads|shows) [\"'“]")
 LOG_LINE = _lexicon(r"log line", r"log message", r"log level", r"print\w*", r"console\.log",
                     r"debug", r"log the", r"add a log", r"debug log", r"log statement",
                     r"log entry", r"logs? when", r"log a")
@@ -265,12 +287,62 @@ BIG_VERB_START = re.compile(
 )
 
 
+# Said outright that the change is small and stops there.
+NOTHING_ELSE = re.compile(
+    r"\b(?:nothing else|that's it|that is it|no other change\w*|no behaviou?r change|"
+    r"(?:docs?|copy|config|display|label) only|only (?:this|that|the|one)\b|"
+    r"one (?:value|line|number|string|constant|setting|flag|word|key|config key|place)\b|"
+    r"single (?:string|value|line|constant|setting)|just (?:a|the|one|bump|change|rename|fix)\b)"
+)
+# Many things of one kind: "hundreds of repositories", "all 300 repos", "every clinic".
+MANY_THINGS = re.compile(
+    r"\b(?:hundreds|thousands|dozens|millions|billions|tens) of\b|"
+    r"\b(?:all|every|each)(?: (?:of )?(?:our|the|its|their))? (?:\d[\d,.]*\+? )?"
+    r"(?:repos|repositories|services|microservices|teams|products|apps|games|pipelines|jobs|"
+    r"clusters|hosts|servers|vms|devices|regions|sites|offices|stores|clinics|hospitals|"
+    r"countries|systems|databases|tables|dashboards|reports|models|customers|tenants|users|"
+    r"pages|screens|data ?cent(?:er|re)s|workloads|accounts|platforms|markets)\b|"
+    r"\b\d[\d,.]*\+?\s*k?\s+(?:\w+\s)?(?:repos|repositories|microservices|pipelines|"
+    r"stores|clinics|hospitals|offices|countries|cities|devices|tables|dashboards|reports|"
+    r"pages|screens|apps|games|languages|products|sites|data ?cent(?:er|re)s|tenants|"
+    r"accounts|gpus)\b"
+)
+# The object of the work is a whole system, not a part of one.
+SYSTEM_OBJECT = _lexicon(
+    r"platform", r"monolith\w*", r"(?:whole|entire|full) (?:\w+ )?(?:stack|product|system|"
+    r"platform|backend|frontend|company|org|infrastructure|fleet)", r"everything",
+    r"infrastructure", r"architecture", r"data cent(?:er|re)s?", r"colo", r"company-wide",
+    r"org-wide", r"engineering org\w*", r"installed base", r"core \w+", r"control plane",
+    r"the fleet", r"our (?:stack|platform|infrastructure|backend|network)",
+)
+# Turning one kind of system into another ("batch into streaming", "get off X").
+TRANSFORMATION = re.compile(
+    r"\b(?:turn|convert|transform|change|move|switch|migrate)\w* (?:\w+ ){0,5}(?:into|over to|"
+    r"onto)\b|\bget(?:ting)? off\b|\bexit the\b|\bfrom (?:\w+ ){1,3}to (?:a |an )?(?:\w+ )?"
+    r"(?:streaming|real-time|event-driven|microservices|cloud|kubernetes|serverless|"
+    r"multi-region|active-active)\b|\b(?:rewrite|rebuild|replatform|re-platform|replace|"
+    r"redesign|re-architect)\w* (?:the |our |all |every |both )?(?:whole |entire )?"
+    r"(?:\w+ )?(?:stack|platform|system|engine|ledger|network|backend|frontend|netcode|apps?|"
+    r"infrastructure|architecture)\b"
+)
+CREATE_VERBS = _lexicon(r"build\w*", r"create\w*", r"implement\w*", r"introduc\w*",
+                        r"design\w*", r"develop\w*", r"set up", r"stand up", r"launch\w*",
+                        r"integrat\w*", r"add support", r"support")
+EDIT_VERBS = _lexicon(r"change\w*", r"renam\w*", r"bump\w*", r"set", r"update\w*",
+                      r"correct\w*", r"swap\w*", r"lower\w*", r"raise\w*", r"increase\w*",
+                      r"reduce\w*", r"remove\w*", r"delete\w*", r"hide", r"tweak\w*",
+                      r"adjust\w*", r"shorten\w*", r"round", r"drop", r"pin", r"turn (?:on|off)",
+                      r"make it", r"fix")
+BULLET = re.compile(r"(?m)^\s*(?:[-*\u2022]|\d+[.)])\s+")
+
+
 # ---------------------------------------------------------------- scope features
 
 @dataclass(frozen=True)
 class Doc:
     text: str          # lower-cased, whitespace-normalised
     words: list[str]   # surface tokens
+    bullets: int = 0   # list items on their own lines ("- a", "* b", "1. c")
     # Matches per pattern, shared by the features that look at the same lexicon.
     memo: dict[object, tuple[str, ...]] = field(default_factory=dict)
 
@@ -364,8 +436,18 @@ def _and_count(doc: Doc) -> tuple[float, tuple[str, ...]]:
 
 def _list_items(doc: Doc) -> tuple[float, tuple[str, ...]]:
     """Items in enumerations ("a, b and c"): long lists mean many parts of work."""
-    n = doc.text.count(",") + sum(1 for w in doc.words if w in ("and", "plus"))
+    n = doc.text.count(",") + sum(1 for w in doc.words if w in ("and", "plus")) + doc.bullets
     return math.log1p(n), (f"{n} listed parts",)
+
+
+def _bullets(doc: Doc) -> tuple[float, tuple[str, ...]]:
+    return float(min(doc.bullets, 8)), (f"{doc.bullets} list items",)
+
+
+def _create_minus_edit(doc: Doc) -> tuple[float, tuple[str, ...]]:
+    """More verbs of making than of changing: new work rather than an edit."""
+    create, edit = _hits(CREATE_VERBS, doc), _hits(EDIT_VERBS, doc)
+    return float(len(create) - len(edit)), create + edit
 
 
 def _sentences(doc: Doc) -> tuple[float, tuple[str, ...]]:
@@ -384,7 +466,8 @@ def _version(doc: Doc) -> tuple[float, tuple[str, ...]]:
 
 
 def _quoted(doc: Doc) -> tuple[float, tuple[str, ...]]:
-    found = tuple(re.findall(r"[\"“”]([^\"“”]{1,40})[\"“”]", doc.text))
+    found = tuple(re.findall(r"[\"“”]([^\"“”]{1,40})[\"“”]", doc.text)) + tuple(
+        re.findall(r"(?:^|\s)['‘]([^'’\n]{1,40})['’](?=[\s.,;:!?)]|$)", doc.text))
     return (1.0 if found else 0.0), found
 
 
@@ -525,6 +608,17 @@ SCOPE_FEATURES: tuple[ScopeFeature, ...] = (
                  _both(_count(SECURITY), _count(SCALE_WORDS))),
     ScopeFeature("performance_at_scale", "is performance work at scale ({terms})",
                  _both(_count(PERFORMANCE), _count(SCALE_NUMBER))),
+    ScopeFeature("says_nothing_else", "says the change is this one thing ({terms})",
+                 _count(NOTHING_ELSE)),
+    ScopeFeature("many_things", "covers many things of one kind ({terms})", _count(MANY_THINGS)),
+    ScopeFeature("system_object", "works on a whole system or platform ({terms})",
+                 _count(SYSTEM_OBJECT)),
+    ScopeFeature("transformation", "turns one kind of system into another ({terms})",
+                 _count(TRANSFORMATION)),
+    ScopeFeature("create_verbs", "uses verbs of creation ({terms})", _count(CREATE_VERBS)),
+    ScopeFeature("edit_verbs", "uses verbs of editing ({terms})", _count(EDIT_VERBS)),
+    ScopeFeature("create_minus_edit", "creates more than it edits ({terms})", _create_minus_edit),
+    ScopeFeature("list_items", "is a list of {value:.0f} items", _bullets),
 )
 
 SCOPE_FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in SCOPE_FEATURES)
@@ -533,7 +627,7 @@ SCOPE_FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in SCOPE_FEATURES)
 def scope_features(text: str) -> tuple[np.ndarray, list[tuple[str, ...]]]:
     """Raw (unscaled) scope feature values and, per feature, the matched terms."""
     norm = normalise(text)
-    doc = Doc(norm, _TOKEN.findall(norm))
+    doc = Doc(norm, _TOKEN.findall(norm), bullets=len(BULLET.findall(text)))
     values = np.empty(len(SCOPE_FEATURES), dtype=np.float64)
     terms: list[tuple[str, ...]] = []
     for i, feat in enumerate(SCOPE_FEATURES):
@@ -545,24 +639,51 @@ def scope_features(text: str) -> tuple[np.ndarray, list[tuple[str, ...]]]:
 
 # ---------------------------------------------------------------- the full vector
 
+def _tfidf_into(vec: np.ndarray, offset: int, counts: dict[int, int], idf: np.ndarray,
+                weight: float) -> None:
+    """Sublinear TF x IDF, L2-normalised, times ``weight``, written at ``offset``."""
+    if not counts:
+        return
+    idx_arr = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    tf = 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))
+    w = tf * idf[idx_arr]
+    w *= weight / math.sqrt(float(np.dot(w, w)))
+    vec[offset + idx_arr] = w
+
+
 @dataclass
 class Featurizer:
-    """Word TF-IDF + scaled scope features, parameterised by training metadata."""
+    """Word TF-IDF + character TF-IDF + scaled scope features, from training metadata.
+
+    Layout: ``[word block | character block | scope block]``.
+    """
 
     vocabulary: dict[str, int]
     idf: np.ndarray
     scope_mean: np.ndarray
     scope_scale: np.ndarray
-    # Weight of the scope block relative to the unit-length TF-IDF block.
+    # Weight of the scope block relative to the unit-length word TF-IDF block.
     scope_weight: float
+    char_vocabulary: dict[str, int] = field(default_factory=dict)
+    char_idf: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # Length of the character block (the word block has length 1).
+    char_weight: float = 0.0
 
     @property
     def n_terms(self) -> int:
         return len(self.vocabulary)
 
     @property
+    def n_chars(self) -> int:
+        return len(self.char_vocabulary)
+
+    @property
+    def scope_offset(self) -> int:
+        return self.n_terms + self.n_chars
+
+    @property
     def size(self) -> int:
-        return len(self.vocabulary) + len(SCOPE_FEATURES)
+        return self.scope_offset + len(SCOPE_FEATURES)
 
     def transform_one(self, text: str) -> tuple[np.ndarray, dict[int, str], list[tuple[str, ...]]]:
         """(vector, {tfidf index: surface n-gram}, matched terms per scope feature)."""
@@ -571,23 +692,29 @@ class Featurizer:
     def transform_full(self, text: str) -> tuple[np.ndarray, dict[int, str],
                                                  list[tuple[str, ...]], np.ndarray]:
         """``transform_one`` plus the raw (unscaled) scope values, for callers that
-        need both (the planner) without computing the scope features twice."""
+        need both (the planner) without computing the scope features twice.
+
+        The surface map covers both TF-IDF blocks: a word n-gram maps to itself,
+        a character n-gram (index past ``n_terms``) to the word it came from."""
         vec = np.zeros(self.size, dtype=np.float32)
-        counts: dict[int, int] = {}
         surface: dict[int, str] = {}
+        counts: dict[int, int] = {}
         for gram, shown in ngrams(text):
             idx = self.vocabulary.get(gram)
             if idx is not None:
                 counts[idx] = counts.get(idx, 0) + 1
                 surface.setdefault(idx, shown)
-        if counts:
-            idx_arr = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-            tf = 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))
-            w = tf * self.idf[idx_arr]
-            w /= math.sqrt(float(np.dot(w, w)))
-            vec[idx_arr] = w
+        _tfidf_into(vec, 0, counts, self.idf, 1.0)
+        if self.char_weight > 0.0:
+            counts = {}
+            for gram, word in char_ngrams(text):
+                idx = self.char_vocabulary.get(gram)
+                if idx is not None:
+                    counts[idx] = counts.get(idx, 0) + 1
+                    surface.setdefault(self.n_terms + idx, word)
+            _tfidf_into(vec, self.n_terms, counts, self.char_idf, self.char_weight)
         raw, terms = scope_features(text)
-        vec[self.n_terms:] = self.scope_weight * (raw - self.scope_mean) / self.scope_scale
+        vec[self.scope_offset:] = self.scope_weight * (raw - self.scope_mean) / self.scope_scale
         return vec, surface, terms, raw
 
     def transform(self, texts: Sequence[str]) -> np.ndarray:
@@ -597,13 +724,17 @@ class Featurizer:
         return out
 
 
-def fit_vocabulary(texts: Iterable[str], min_df: int) -> tuple[dict[str, int], np.ndarray]:
-    """Vocabulary (n-grams in >= min_df documents) and smoothed IDF, as scikit-learn does."""
+def fit_vocabulary(texts: Iterable[str], min_df: int,
+                   grams: Callable[[str], list[tuple[str, str]]] = ngrams
+                   ) -> tuple[dict[str, int], np.ndarray]:
+    """Vocabulary (n-grams in >= min_df documents) and smoothed IDF, as scikit-learn does.
+
+    ``grams`` picks the block: ``ngrams`` (words) or ``char_ngrams``."""
     df: dict[str, int] = {}
     n_docs = 0
     for text in texts:
         n_docs += 1
-        for gram in {g for g, _ in ngrams(text)}:
+        for gram in {g for g, _ in grams(text)}:
             df[gram] = df.get(gram, 0) + 1
     kept = sorted(g for g, n in df.items() if n >= min_df)
     vocab = {g: i for i, g in enumerate(kept)}

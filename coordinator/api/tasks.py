@@ -48,22 +48,30 @@ REQUEST: dict[str, Any] = {
     },
     "oneOf": [{"required": ["text"]}, {"required": ["tasks"]}],
 }
+_LABEL = {"enum": ["simple", "medium", "complex", "very-complex"]}
 PREDICTION: dict[str, Any] = {
     "type": "object",
-    "required": ["label", "confidence", "probabilities", "reasons"],
+    "required": ["label", "abstained", "best_guess", "confidence", "abstain_threshold",
+                 "probabilities", "reasons"],
     "properties": {
-        "label": {"enum": ["simple", "medium", "complex", "very-complex"]},
+        # null when the classifier abstains (confidence below abstain_threshold)
+        "label": {"oneOf": [_LABEL, {"type": "null"}]},
+        "abstained": {"type": "boolean"},
+        "best_guess": _LABEL,
         "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "abstain_threshold": {"type": "number", "minimum": 0, "maximum": 1},
         "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
         "reasons": {"type": "array", "items": {"type": "string"}},
     },
 }
 PLAN: dict[str, Any] = {
     "type": "object",
-    "required": ["label", "confidence", "topology", "strategy", "max_agents", "agents", "tasks",
-                 "estimated_duration"],
+    "required": ["label", "abstained", "planned_as", "confidence", "topology", "strategy",
+                 "max_agents", "agents", "tasks", "estimated_duration"],
     "properties": {
-        "label": {"type": "string"}, "confidence": {"type": "number"},
+        "label": {"oneOf": [_LABEL, {"type": "null"}]}, "abstained": {"type": "boolean"},
+        "planned_as": _LABEL, "best_guess": _LABEL, "confidence": {"type": "number"},
+        "abstain_threshold": {"type": "number"},
         "topology": {"type": "string"}, "strategy": {"type": "string"},
         "max_agents": {"type": "integer"}, "agent_count": {"type": "integer"},
         "agents": {"type": "array", "items": {"type": "object"}},

@@ -1,9 +1,15 @@
 """Serving the task-complexity classifier with onnxruntime (no scikit-learn).
 
 The bundled ``novacron.models`` package holds the ONNX graph (the calibrated
-linear model) and its metadata (vocabulary, IDF, scope-feature scaling and the
-same weights for explanations). Features are computed by
-``novacron.models.features``, the code the training used.
+linear model) and its metadata (word and character vocabularies, IDF,
+scope-feature scaling, the abstain threshold and the same weights for
+explanations). Features are computed by ``novacron.models.features``, the code
+the training used.
+
+When the top probability is below the threshold chosen on validation data
+(``meta["abstain"]``), the prediction abstains: ``label`` is None,
+``abstained`` is true and ``best_guess`` names the top class; the planner then
+plans conservatively.
 """
 
 from __future__ import annotations
@@ -31,22 +37,34 @@ log = logging.getLogger("novacron.coordinator.classifier")
 
 MODEL_FILE = "task_classifier.onnx"
 META_FILE = "task_classifier.json"
+META_FORMAT = 2
 __all__ = ["MAX_BATCH", "MAX_TEXT_CHARS", "InvalidTask", "Prediction", "TaskClassifier",
            "TaskTooLong", "check_text", "default_classifier"]
 
 
 @dataclass
 class Prediction:
-    label: str
-    confidence: float
+    label: str | None             # None when the classifier abstains
+    confidence: float             # the top class's calibrated probability
     probabilities: dict[str, float]
     reasons: list[str] = field(default_factory=list)
     # raw scope-feature values and matched terms, kept for the planner (not serialised)
     scope: tuple[np.ndarray, list[tuple[str, ...]]] | None = field(default=None, repr=False,
                                                                     compare=False)
+    abstained: bool = False
+    best_guess: str = ""          # the top class, also when abstaining
+    abstain_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.best_guess:
+            self.best_guess = self.label or max(self.probabilities,
+                                                key=self.probabilities.__getitem__)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "confidence": round(self.confidence, 4),
+        return {"label": self.label, "abstained": self.abstained,
+                "best_guess": self.best_guess,
+                "confidence": round(self.confidence, 4),
+                "abstain_threshold": self.abstain_threshold,
                 "probabilities": {k: round(v, 4) for k, v in self.probabilities.items()},
                 "reasons": self.reasons}
 
@@ -55,7 +73,7 @@ class TaskClassifier:
     """Thread-safe: onnxruntime sessions may be run concurrently."""
 
     def __init__(self, model_bytes: bytes, meta: dict[str, Any]) -> None:
-        if meta.get("format") != 1:
+        if meta.get("format") != META_FORMAT:
             raise ValueError(f"unsupported classifier metadata format {meta.get('format')!r}")
         if tuple(meta["scope_features"]) != SCOPE_FEATURE_NAMES:
             raise ValueError("classifier metadata was trained with other scope features; "
@@ -68,7 +86,13 @@ class TaskClassifier:
             scope_mean=np.asarray(meta["scope_mean"], dtype=np.float64),
             scope_scale=np.asarray(meta["scope_scale"], dtype=np.float64),
             scope_weight=float(meta["scope_weight"]),
+            char_vocabulary={g: i for i, g in enumerate(meta["char_vocabulary"])},
+            char_idf=np.asarray(meta["char_idf"], dtype=np.float64),
+            char_weight=float(meta["char_weight"]),
         )
+        self.abstain_threshold = float(meta["abstain"]["threshold"])
+        if not 0.0 <= self.abstain_threshold < 1.0:
+            raise ValueError(f"abstain threshold {self.abstain_threshold} is not in [0, 1)")
         coef = np.asarray(meta["coef"], dtype=np.float64)
         if coef.shape != (len(self.labels), self.featurizer.size):
             raise ValueError(f"classifier weights have shape {coef.shape}, expected "
@@ -120,12 +144,15 @@ class TaskClassifier:
         out = []
         for i, (surface, terms, raw) in enumerate(details):
             k = int(np.argmax(probs[i]))
+            confidence = float(probs[i, k])
+            abstained = confidence < self.abstain_threshold
             why = explain(feats[i], self.relative_coef[k], self.featurizer, surface, terms,
                           limit=reasons) if reasons else []
-            out.append(Prediction(self.labels[k], float(probs[i, k]),
+            out.append(Prediction(None if abstained else self.labels[k], confidence,
                                   {lab: float(p) for lab, p in zip(self.labels, probs[i],
                                                                    strict=True)}, why,
-                                  (raw, terms)))
+                                  (raw, terms), abstained, self.labels[k],
+                                  self.abstain_threshold))
         return out
 
 

@@ -55,6 +55,11 @@ PLAN_RULES: dict[str, Any] = {
     # When the model is unsure, add a reviewer and widen the estimate to every
     # label with at least this probability.
     "low_confidence": {"below": 0.6, "extra_agent": "reviewer", "estimate_min_probability": 0.15},
+    # When the classifier abstains (top probability under its calibrated
+    # threshold), plan conservatively: staff for the largest level that still
+    # has at least this probability (never below the best guess), with the
+    # low-confidence reviewer, and estimate across every plausible level.
+    "abstain": {"plausible_min_probability": 0.15},
     # Never ask the bridge for more agents than this.
     "max_agents": 12,
 }
@@ -83,6 +88,16 @@ def _duration_text(hours: float) -> str:
     return f"{days / 5:.0f} weeks"
 
 
+def planned_level(prediction: Prediction) -> str:
+    """The level a plan is built for: the label, or when the classifier abstained the
+    largest plausible level (conservative: more staff and time rather than too little)."""
+    if not prediction.abstained:
+        return prediction.best_guess
+    cutoff = PLAN_RULES["abstain"]["plausible_min_probability"]
+    plausible = [lab for lab, p in prediction.probabilities.items() if p >= cutoff]
+    return max([*plausible, prediction.best_guess], key=LEVELS.index)
+
+
 def estimate(prediction: Prediction) -> dict[str, Any]:
     """Probability-weighted duration: geometric midpoints mixed by the calibrated probabilities."""
     rules = PLAN_RULES["levels"]
@@ -90,10 +105,11 @@ def estimate(prediction: Prediction) -> dict[str, Any]:
                        for lab, p in prediction.probabilities.items())
     expected = math.exp(expected_log)
     cutoff = PLAN_RULES["low_confidence"]["estimate_min_probability"]
-    if prediction.confidence < PLAN_RULES["low_confidence"]["below"]:
+    if prediction.abstained or prediction.confidence < PLAN_RULES["low_confidence"]["below"]:
         likely = [lab for lab, p in prediction.probabilities.items() if p >= cutoff]
+        likely.append(planned_level(prediction))
     else:
-        likely = [prediction.label]
+        likely = [prediction.best_guess]
     low = min(rules[lab]["hours"][0] for lab in likely)
     high = max(rules[lab]["hours"][1] for lab in likely)
     expected = min(max(expected, low), high)
@@ -103,10 +119,16 @@ def estimate(prediction: Prediction) -> dict[str, Any]:
 
 
 def build_plan(text: str, prediction: Prediction, signals: ScopeSignals) -> dict[str, Any]:
-    level = PLAN_RULES["levels"][prediction.label]
-    rank = LEVELS.index(prediction.label)
+    name = planned_level(prediction)
+    level = PLAN_RULES["levels"][name]
+    rank = LEVELS.index(name)
     team: Counter[str] = Counter(level["agents"])
-    why: dict[str, str] = {a: f"{prediction.label} tasks get {n}" for a, n in team.items()}
+    if prediction.abstained:
+        why: dict[str, str] = {
+            a: f"classifier abstained (confidence {prediction.confidence:.2f}); planned "
+               f"conservatively as {name}, which gets {n}" for a, n in team.items()}
+    else:
+        why = {a: f"{name} tasks get {n}" for a, n in team.items()}
     for rule in PLAN_RULES["specialists"]:
         if rank >= LEVELS.index(rule["min_level"]) and rule["feature"] in signals.fired:
             agent = rule["agent"]
@@ -114,10 +136,11 @@ def build_plan(text: str, prediction: Prediction, signals: ScopeSignals) -> dict
             team[agent] += 1
             why[agent] = f"description mentions {terms}"
     low_conf = PLAN_RULES["low_confidence"]
-    if prediction.confidence < low_conf["below"]:
+    if prediction.abstained or prediction.confidence < low_conf["below"]:
         team[low_conf["extra_agent"]] += 1
+        bar = prediction.abstain_threshold if prediction.abstained else low_conf["below"]
         why[low_conf["extra_agent"]] = (f"confidence {prediction.confidence:.2f} is below "
-                                        f"{low_conf['below']}: an extra review")
+                                        f"{bar}: an extra review")
     # Trim the largest groups first if specialists pushed the team over the cap.
     while sum(team.values()) > PLAN_RULES["max_agents"]:
         team[team.most_common(1)[0][0]] -= 1
@@ -125,6 +148,10 @@ def build_plan(text: str, prediction: Prediction, signals: ScopeSignals) -> dict
     agents = [{"type": a} for a, n in team.items() for _ in range(n)]
     return {
         "label": prediction.label,
+        "abstained": prediction.abstained,
+        "best_guess": prediction.best_guess,
+        "abstain_threshold": prediction.abstain_threshold,
+        "planned_as": name,
         "confidence": round(prediction.confidence, 4),
         "topology": level["topology"],
         "strategy": level["strategy"],
@@ -132,7 +159,7 @@ def build_plan(text: str, prediction: Prediction, signals: ScopeSignals) -> dict
         "agents": agents,
         "team": [{"type": a, "count": n, "why": why[a]} for a, n in team.items()],
         "agent_count": len(agents),
-        "tasks": [{"description": text[:4000], "type": prediction.label.replace("-", "_"),
+        "tasks": [{"description": text[:4000], "type": name.replace("-", "_"),
                    "priority": level["priority"]}],
         "estimated_duration": estimate(prediction),
         "reasons": prediction.reasons,

@@ -3,8 +3,9 @@
 For the predicted class k, feature i contributed ``x_i * (w_ki - mean_j w_ji)``
 to the logit of k relative to the average class; the largest positive
 contributions are the reasons. Scope features read as phrases with what they
-matched ("spans several components (API, database, queue)"); TF-IDF features
-as the n-gram and its weight ("TF-IDF: 'payment provider' +0.80").
+matched ("spans several components (API, database, queue)"); word TF-IDF
+features as the n-gram and its weight ("TF-IDF: 'payment provider' +0.80");
+character n-grams summed per word they came from ("word form: 'repos' +0.31").
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ LOW_PHRASES: dict[str, str] = {
     "listed_parts": "enumerates few parts of work",
     "sentences": "is a single sentence",
     "numbers": "quotes no numbers",
+    "list_items": "is not a bullet list",
+    "create_minus_edit": "edits more than it creates ({terms})",
 }
 MIN_CONTRIBUTION = 0.02
 
@@ -52,12 +55,18 @@ def explain(x: np.ndarray, relative_coef: np.ndarray, featurizer: Featurizer,
     contrib = x.astype(np.float64) * relative_coef
     n_terms = featurizer.n_terms
     candidates: list[tuple[float, str]] = []
+    per_word: dict[str, float] = {}
     for idx, shown in surface.items():
         c = float(contrib[idx])
-        if c > MIN_CONTRIBUTION:
+        if idx >= n_terms:
+            per_word[shown] = per_word.get(shown, 0.0) + c
+        elif c > MIN_CONTRIBUTION:
             candidates.append((c, f"TF-IDF: '{shown}' +{c:.2f}"))
-    scope = contrib[n_terms:]
-    scaled = x[n_terms:].astype(np.float64)
+    candidates.extend((c, f"word form: '{word}' +{c:.2f}") for word, c in per_word.items()
+                      if c > MIN_CONTRIBUTION)
+    off = featurizer.scope_offset
+    scope = contrib[off:]
+    scaled = x[off:].astype(np.float64)
     raw = scaled / featurizer.scope_weight * featurizer.scope_scale + featurizer.scope_mean
     for i in np.argsort(-scope)[: limit * 2]:
         c = float(scope[i])

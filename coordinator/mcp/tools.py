@@ -166,11 +166,14 @@ def build_tools(app: web.Application) -> list[Tool]:
                  "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S}}},
              migrate_vm, read_only=False),
         Tool("classify_task", "Classify a task description with NovaCron's ONNX classifier: "
-             "simple, medium, complex or very-complex, a calibrated confidence and reasons.",
+             "simple, medium, complex or very-complex, a calibrated confidence and reasons. "
+             "Below its calibrated threshold it abstains: label null, abstained true and "
+             "best_guess.",
              {**obj, "required": ["description"], "properties": {"description": DESCRIPTION}},
              classify_task),
         Tool("plan_task", "Plan a task: its class and the claude-flow swarm (topology, agents, "
-             "estimated duration) that would run it. POST /api/v1/swarms executes such a plan.",
+             "estimated duration) that would run it; when the classifier abstains the plan is "
+             "conservative (planned_as). POST /api/v1/swarms executes such a plan.",
              {**obj, "required": ["description"], "properties": {"description": DESCRIPTION}},
              plan_task),
         Tool("bridge_health", "Health of the claude-flow MCP bridge (pings, restarts, tools).",

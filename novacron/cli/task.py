@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "very-complex) and swarm planner. Works offline with the bundled "
                           "model unless --server is given.")
     actions = task.add_subparsers(dest="task_command", metavar="ACTION")
-    for name, help_text in (("classify", "label, calibrated confidence and reasons"),
+    for name, help_text in (("classify", "label (or uncertain when it abstains), calibrated confidence "
+                                        "and reasons"),
                             ("plan", "swarm plan: topology, agents, estimated duration")):
         p = actions.add_parser(name, help=help_text, description=help_text)
         p.add_argument("text", nargs="?", metavar="TEXT", help="the task in plain language")
@@ -114,7 +115,15 @@ def _print_human(action: str, texts: list[str], results: list[dict[str, Any]]) -
         if i:
             print()
         short = text if len(text) <= 100 else text[:97] + "..."
-        print(f"{res['label']}  (confidence {res['confidence']:.2f})  {short}")
+        if res.get("abstained"):
+            # below the calibrated threshold: say so rather than guess
+            label = (f"uncertain (best guess {res['best_guess']}, confidence "
+                     f"{res['confidence']:.2f} < {res['abstain_threshold']:.2f})")
+            if action == "plan":
+                label += f"; planned conservatively as {res['planned_as']}"
+        else:
+            label = f"{res['label']}  (confidence {res['confidence']:.2f})"
+        print(f"{label}  {short}")
         if action == "plan":
             team = ", ".join(f"{t['count']} {t['type']}" for t in res["team"])
             print(f"  topology {res['topology']}, strategy {res['strategy']}, "

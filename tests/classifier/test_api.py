@@ -44,6 +44,32 @@ async def test_plan_batch(coord: Coordinator) -> None:
     assert big["topology"] and big["estimated_duration"]["text"]
 
 
+async def test_abstaining_answers_follow_the_schema(coord: Coordinator) -> None:
+    """Under the calibrated threshold: label null, the best guess, a conservative plan."""
+    import jsonschema
+
+    from novacron.coordinator.api.tasks import PLAN, PREDICTION
+
+    texts = ["Switch the reporting stack from nightly batches to streaming.",
+             "Fix the typo in the README"]
+    status, doc = await coord.call("POST", "/tasks/classify",
+                                   json={"tasks": [{"text": t} for t in texts]})
+    assert status == 200, doc
+    unsure, sure = doc["results"]
+    for res in doc["results"]:
+        jsonschema.validate(res, PREDICTION)
+    assert unsure["abstained"] and unsure["label"] is None and unsure["best_guess"]
+    assert unsure["confidence"] < unsure["abstain_threshold"] <= sure["confidence"]
+    assert not sure["abstained"] and sure["label"] == "simple"
+    status, doc = await coord.call("POST", "/tasks/plan", json={"text": texts[0]})
+    assert status == 200, doc
+    plan = doc["results"][0]
+    jsonschema.validate(plan, PLAN)
+    levels = ["simple", "medium", "complex", "very-complex"]
+    assert plan["abstained"] and plan["label"] is None
+    assert levels.index(plan["planned_as"]) >= levels.index(unsure["best_guess"])
+
+
 @pytest.mark.parametrize(("body", "status", "needle"), [
     ({"text": ""}, 400, "empty"),
     ({"text": "   "}, 400, "empty"),

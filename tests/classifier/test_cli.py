@@ -113,3 +113,16 @@ def test_files_larger_than_one_batch_are_sent_in_batches(
                          for i in range(MAX_BATCH + 3)))
     assert main(["task", "classify", "--file", str(f), "--json"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == MAX_BATCH + 3
+
+
+def test_abstaining_prints_uncertain_and_plans_conservatively(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    text = "Switch the reporting stack from nightly batches to streaming."
+    assert main(["task", "classify", text]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("uncertain (best guess ") and "< 0." in out
+    assert main(["task", "classify", text, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["abstained"] and doc["label"] is None
+    assert main(["task", "plan", text]) == 0
+    assert "planned conservatively as " in capsys.readouterr().out

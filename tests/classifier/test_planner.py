@@ -64,6 +64,34 @@ def test_low_confidence_adds_a_reviewer_and_widens_the_estimate() -> None:
     assert "below" in {t["type"]: t for t in plan["team"]}["reviewer"]["why"]
 
 
+def test_abstained_prediction_gets_a_conservative_plan() -> None:
+    probs = {"simple": 0.05, "medium": 0.42, "complex": 0.38, "very-complex": 0.15}
+    unsure = Prediction(None, 0.42, probs, [], abstained=True, best_guess="medium",
+                        abstain_threshold=0.55)
+    plan = build_plan("t", unsure, ScopeSignals({}))
+    # staffed as the largest plausible level (p >= 0.15), not the best guess
+    assert plan["label"] is None and plan["abstained"] and plan["planned_as"] == "very-complex"
+    assert plan["topology"] == PLAN_RULES["levels"]["very-complex"]["topology"]
+    assert plan["tasks"][0]["type"] == "very_complex"
+    team = {t["type"]: t for t in plan["team"]}
+    assert "abstained" in team["coder"]["why"] and "0.55" in team["reviewer"]["why"]
+    rules = PLAN_RULES["levels"]
+    assert plan["estimated_duration"]["low_hours"] == rules["medium"]["hours"][0]
+    assert plan["estimated_duration"]["high_hours"] == rules["very-complex"]["hours"][1]
+    # the same probabilities without abstaining plan the best guess
+    sure = Prediction("medium", 0.42, probs, [], best_guess="medium")
+    assert build_plan("t", sure, ScopeSignals({}))["planned_as"] == "medium"
+
+
+def test_abstained_plan_never_plans_below_the_best_guess() -> None:
+    probs = {"simple": 0.1, "medium": 0.1, "complex": 0.4, "very-complex": 0.4}
+    unsure = Prediction(None, 0.4, probs, [], abstained=True, best_guess="complex")
+    assert build_plan("t", unsure, ScopeSignals({}))["planned_as"] == "very-complex"
+    flat = Prediction(None, 0.3, {"simple": 0.3, "medium": 0.25, "complex": 0.25,
+                                  "very-complex": 0.2}, [], abstained=True, best_guess="simple")
+    assert build_plan("t", flat, ScopeSignals({}))["planned_as"] == "very-complex"
+
+
 def test_team_never_exceeds_the_cap() -> None:
     fired = {r["feature"]: ("x",) for r in PLAN_RULES["specialists"]}
     unsure = Prediction("very-complex", 0.4, {"simple": 0.1, "medium": 0.1, "complex": 0.4,
