@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from novacron.coordinator.local import LocalCoordinator
-from tests.attacks import close_all, open_many, still_open, timed_get, wait_all_closed
+from tests.attacks import Conn, close_all, open_many, still_open, timed_get, wait_all_closed
 
 pytestmark = [pytest.mark.e2e]
 
@@ -24,9 +24,21 @@ def address(coord: LocalCoordinator) -> tuple[str, int]:
     return url.hostname, url.port
 
 
+async def get_on(conn: Conn) -> int:
+    """One keep-alive GET /api/v1/health on an open connection; its status."""
+    reader, writer = conn
+    writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
+    await reader.readexactly(length[0])
+    return int(head.split()[1])
+
+
 async def test_slowloris_heads_are_cut_at_the_deadline(tmp_path: Path) -> None:
     settings = {"http_header_timeout_s": "1.5"}
     async with LocalCoordinator(tmp_path / "c", settings=settings) as coord:
+        keep = await open_many(*address(coord), 1, first_bytes=b"")  # a well-behaved keep-alive client
+        assert await get_on(keep[0]) == 200
         t0 = time.monotonic()
         conns = await open_many(*address(coord), 200)
         try:
@@ -36,8 +48,10 @@ async def test_slowloris_heads_are_cut_at_the_deadline(tmp_path: Path) -> None:
                 assert status == 200 and secs < 1.0
             await wait_all_closed(conns, timeout=8)
             assert time.monotonic() - t0 < 1.5 + 3  # the deadline, plus time to open them
+            # idle between requests for longer than the head deadline: still served
+            assert await get_on(keep[0]) == 200
         finally:
-            close_all(conns)
+            close_all(conns + keep)
         log = coord.log_path.read_text()
         assert log.count("did not send a request head in time") <= 2  # one line per interval
 
