@@ -5,7 +5,10 @@ running out of descriptors is one log line, not a flood. ``/health`` answers in 
 from __future__ import annotations
 
 import asyncio
+import json
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -90,3 +93,43 @@ async def test_out_of_descriptors_is_one_line_not_a_flood(tmp_path: Path) -> Non
         await asyncio.sleep(1.5)  # accept() resumes once descriptors are free
         status, secs = await timed_get(coord.url + "/api/v1/health")
         assert status == 200 and secs < 1.0
+
+
+async def test_idle_flood_at_the_systemd_default_descriptor_limit(tmp_path: Path) -> None:
+    """The issue's case: a coordinator limited to 1,024 descriptors (hard), 1,100 idle
+    connections. Before: /health timed out and the log flooded. Now the automatic cap
+    (half the descriptors) closes the oldest idle ones to make room."""
+    local = LocalCoordinator(tmp_path / "c")
+    local.data_dir.mkdir(parents=True)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    with open(local.log_path, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "novacron.coordinator.main"], env=local.env(),
+                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                preexec_fn=limit)
+    conns: list[Conn] = []
+    try:
+        listen = local.data_dir / "listen.json"
+        for _ in range(300):  # bounded: 30 s
+            if listen.exists() and json.loads(listen.read_text()).get("pid") == proc.pid:
+                break
+            assert proc.poll() is None, local.log_path.read_text()[-2000:]
+            await asyncio.sleep(0.1)
+        url = json.loads(listen.read_text())["url"]
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        assert host and port
+        conns = await open_many(host, port, 1100, first_bytes=b"", connect_timeout=0.5)
+        await asyncio.sleep(0.7)
+        for _ in range(5):
+            status, secs = await timed_get(url + "/api/v1/health")
+            assert status == 200 and secs < 1.0
+        assert await still_open(conns) <= 512
+    finally:
+        close_all(conns)
+        proc.terminate()
+        proc.wait(10)
+    lines = local.log_path.read_text().splitlines()
+    assert len(lines) < 20, lines[-10:]
+    assert not any("out of system resource" in line for line in lines)
