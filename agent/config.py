@@ -13,6 +13,13 @@ DEFAULT_CONFIG = Path("/etc/novacron/agent.toml")
 
 
 @dataclass
+class ImagesConfig:
+    # the only folders VM kernels, initrds and disks may come from; a spec names
+    # an image relative to one of them (empty: <state_dir>/images)
+    dirs: list[Path] = field(default_factory=list)
+
+
+@dataclass
 class AgentConfig:
     host: str = "127.0.0.1"  # address of the HTTP API
     port: int = 7700
@@ -34,4 +41,14 @@ class AgentConfig:
     # on exit, "keep" leaves VMs running for the next agent to adopt; "stop" powers them off
     vms_on_exit: Literal["keep", "stop"] = "keep"
     qemu_binary: str = "qemu-system-x86_64"
+    # append-only audit log (default <state_dir>/audit.log; a tmpfs state_dir loses it at reboot)
+    audit_file: Path | None = None
+    audit_fsync: bool = False  # fsync each audit line before replying (survives power loss)
     http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap
+    # the unprivileged user QEMU runs as when the agent is root ("": novacron-qemu
+    # if that user exists; "root": no drop, not recommended)
+    qemu_user: str = ""
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+
+    def image_dirs(self) -> list[Path]:
+        return list(self.images.dirs) or [self.state_dir / "images"]

@@ -14,14 +14,17 @@ from typing import Any
 
 from aiohttp import web
 
+from novacron import audit
 from novacron.agent.api import setup_routes
-from novacron.agent.api.common import auth_middleware, error_middleware
+from novacron.agent.api.common import auth_middleware, body_of, error_middleware
 from novacron.agent.api.host import host_document
 from novacron.agent.appkeys import ACCEL, CONFIG, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.vm.accel import AccelDetector, AccelInfo
+from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.manager import VMManager
 from novacron.agent.vm.ramfile import MEMORY_FILESYSTEMS, filesystem_type
+from novacron.agent.vm.sandbox import QemuUserError, qemu_identity
 from novacron.daemon import start_site, until_signalled
 
 log = logging.getLogger("novacron.agent")
@@ -51,8 +54,25 @@ def make_accel(cfg: AgentConfig) -> AccelDetector:
                          cache_file=Path(cfg.accel_cache) if cfg.accel_cache else default_accel_cache())
 
 
+def make_images(cfg: AgentConfig) -> ImageDirs:
+    """The image dirs (the default one created) and the user QEMU runs as."""
+    dirs = cfg.image_dirs()
+    if not cfg.images.dirs:
+        dirs[0].mkdir(mode=0o755, exist_ok=True)
+    try:
+        qemu = qemu_identity(cfg.qemu_user)
+    except QemuUserError as exc:
+        raise SystemExit(f"novacron-agent: config error: qemu_user: {exc}") from None
+    log.info("images and QEMU user", extra={"image_dirs": [str(d) for d in dirs],
+                                             "qemu_user": qemu.name or "(the agent's)"})  # fmt: skip
+    return ImageDirs.of(dirs, qemu)
+
+
 def build_app(cfg: AgentConfig, vms: VMManager, accel: AccelDetector) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware(cfg.token)])
+    audit_log = audit.AuditLog(cfg.audit_file or cfg.state_dir / "audit.log", fsync=cfg.audit_fsync)
+    app = web.Application(middlewares=[audit.audit_middleware(audit_log, body_of=body_of), error_middleware,
+                                       auth_middleware(cfg.token)])
+    audit.install(app, audit_log)
     app[CONFIG] = cfg
     app[VMS] = vms
     app[ACCEL] = accel
@@ -116,7 +136,7 @@ async def serve(cfg: AgentConfig) -> None:
             log.warning("state dir is not on tmpfs or hugetlbfs: guest RAM files will be disk-backed",
                         extra={"state_dir": str(cfg.state_dir), "filesystem": fs})  # fmt: skip
         accel = make_accel(cfg)
-        vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary)
+        vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary, images=make_images(cfg))
         cleanup.push_async_callback(vms.shutdown, stop_vms=cfg.vms_on_exit == "stop")
         await vms.load()
         probe = asyncio.create_task(accel.detect(), name="accel probe")  # warm the answer for /v1/host

@@ -7,6 +7,8 @@ Each agent gets a temp state dir (on /dev/shm when that is a roomy tmpfs, so
 guest RAM files live in memory as on a real host), a random token and cluster secret (or the
 ones given, e.g. a shared secret for two agents that must migrate between each
 other), an API port chosen by the kernel and, unless given, a free data port.
+Its image dirs are the test guest's cache folder (``agent.guest.cache_root()``)
+unless ``image_dirs`` says otherwise, so specs may name the test guest's files.
 ``stop()`` ends the agent and every QEMU it started; ``kill()`` SIGKILLs the
 agent alone (fault tests) and leaves the clean-up to ``stop()``.
 """
@@ -31,6 +33,7 @@ from typing import Any
 import aiohttp
 
 from novacron.agent.daemon import ENDPOINT_FILE
+from novacron.agent.guest import cache_root
 from novacron.agent.vm.ramfile import filesystem_type, free_bytes
 
 START_TIMEOUT_S = 60.0  # the first start on a host may probe KVM (a few seconds)
@@ -79,6 +82,7 @@ class LocalAgent:
         data_port: int = 0,
         accel: str = "auto",
         settings: dict[str, str] | None = None,
+        image_dirs: list[Path] | None = None,
     ) -> None:
         self.name = name or f"agent-{secrets.token_hex(3)}"
         self.token = token or secrets.token_urlsafe(24)
@@ -89,6 +93,7 @@ class LocalAgent:
         self.data_port = data_port
         self.accel = accel
         self.settings = dict(settings or {})  # extra NOVACRON_AGENT_* settings, e.g. {"log_level": "debug"}
+        self.image_dirs = image_dirs if image_dirs is not None else [cache_root()]
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.state_dir / "agent.log"
@@ -117,6 +122,7 @@ class LocalAgent:
             "name": self.name,
             "vms_on_exit": "stop",
             "accel": self.accel,
+            "images_dirs": ",".join(str(d) for d in self.image_dirs),
             **self.settings,
         }
         env.update({f"NOVACRON_AGENT_{k.upper()}": v for k, v in values.items()})
@@ -126,6 +132,8 @@ class LocalAgent:
         if self.proc is not None and self.proc.poll() is None:
             raise LocalAgentError(f"agent {self.name} is running already")
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        for folder in self.image_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
         empty_config = self.state_dir / "agent.toml"
         empty_config.write_text("# settings come from NOVACRON_AGENT_* (LocalAgent)\n")
         with contextlib.suppress(FileNotFoundError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pwd
 import sys
 
 from novacron import config, logs
@@ -21,6 +22,24 @@ def check_config(cfg: AgentConfig) -> None:
     check_http_limits(cfg.http)
     if cfg.name and not NAME_RE.match(cfg.name):
         raise config.Invalid("name", "expected 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    check_images(cfg)
+
+
+def check_images(cfg: AgentConfig) -> None:
+    from novacron.agent.vm.images import check_image_dirs
+
+    problem = check_image_dirs(cfg.image_dirs(), cfg.state_dir)
+    if problem:
+        raise config.Invalid("images.dirs", problem)
+    for d in cfg.images.dirs:  # the default one is created at start
+        if not d.is_dir():
+            raise config.Invalid("images.dirs", f"{d}: not a directory")
+    if cfg.qemu_user and cfg.qemu_user != "root":
+        try:
+            if pwd.getpwnam(cfg.qemu_user).pw_uid == 0:
+                raise config.Invalid("qemu_user", f"{cfg.qemu_user!r} has uid 0; QEMU needs an unprivileged user")
+        except KeyError:
+            raise config.Invalid("qemu_user", f"no such user {cfg.qemu_user!r}") from None
 
 
 async def serve(cfg: AgentConfig) -> None:

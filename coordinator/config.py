@@ -41,6 +41,8 @@ class CoordinatorConfig:
     agent_timeout_s: float = 30.0  # one call to an agent's API
     poll_interval_s: float = 0.25  # how often a running migration's status is polled
     migration_timeout_s: float = 3600.0  # a migration not finished by then is failed
+    audit_file: Path | None = None  # append-only audit log (default <data_dir>/audit.log)
+    audit_fsync: bool = False  # fsync each audit line before replying (survives power loss)
     mcp: McpConfig = field(default_factory=McpConfig)
     http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap
 

@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from novacron import __version__, logs
+from novacron import __version__, audit, logs
 from novacron.coordinator.agent_client import AgentClient, AgentError, reported_state
 from novacron.coordinator.api import load_route_modules
 from novacron.coordinator.api.auth import make_auth_middleware
 from novacron.coordinator.api.errors import error_middleware
 from novacron.coordinator.api.health import OPENAPI_DOC
 from novacron.coordinator.api.keys import AGENTS, CONFIG, EVENTS, MIGRATIONS, PLACER, STORE
-from novacron.coordinator.api.openapi import add_routes, build_document
+from novacron.coordinator.api.openapi import add_routes, build_document, json_body
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
 from novacron.coordinator.migrations import MigrationManager
@@ -33,10 +33,13 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
     modules = load_route_modules()
     tables = [m.routes for m in modules]
     roles = {(r.method, r.full_path): r.auth for t in tables for r in t.routes}
+    audit_log = audit.AuditLog(cfg.audit_file or cfg.data_dir / "audit.log", fsync=cfg.audit_fsync)
     app = web.Application(
-        middlewares=[error_middleware, make_auth_middleware(roles)],
+        middlewares=[audit.audit_middleware(audit_log, body_of=json_body), error_middleware,
+                     make_auth_middleware(roles)],
         client_max_size=cfg.max_body_bytes,
     )
+    audit.install(app, audit_log)
     app[CONFIG] = cfg
     app[STORE] = store or open_store(cfg)
     app[AGENTS] = AgentClient(cfg.agent_timeout_s)

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from novacron import httpjson
-from novacron.agent.api.common import json_error
+from novacron.agent.api.common import BODY, json_error
 from novacron.agent.appkeys import CONFIG, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
@@ -84,9 +84,11 @@ async def _body(request: web.Request) -> Any:
     if len(raw) > MAX_BODY:
         raise MigrationRequestError(f"request body larger than {MAX_BODY} bytes", 413)
     try:
-        return httpjson.loads(raw or b"null")
+        doc = httpjson.loads(raw or b"null")
     except ValueError as exc:
         raise MigrationRequestError(f"request body is not valid JSON: {exc}") from None
+    request[BODY] = doc  # the audit log names its "vm"
+    return doc
 
 
 async def create(request: web.Request) -> web.Response:

@@ -103,6 +103,7 @@ class QemuSource:
         # adopt's rename): the absolute path may be too long for sun_path
         if socket_path.parent != self.vm.paths.dir:
             raise ValueError(f"device-state socket {socket_path} is outside the VM folder")
+        self.vm.images.qemu.share_file(socket_path)  # an unprivileged QEMU must connect to it
         await qmp.execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
         await qmp.execute("migrate", {"uri": f"unix:{socket_path.name}"}, timeout=10)
 
@@ -188,6 +189,7 @@ class QemuDestFactory:
     async def prepare(self, spec_doc: dict[str, Any], ram_size: int, migration_id: str) -> QemuDest:
         try:
             spec = parse_spec({k: v for k, v in spec_doc.items() if k != "start"})
+            self.vms.images.check(spec)  # named images must be in this host's image dirs
         except SpecError as exc:
             raise AdmissionError(f"bad VM spec: {exc}") from None
         if spec.memory_mb * MIB != ram_size:
@@ -204,12 +206,12 @@ class QemuDestFactory:
             paths.dir.mkdir(parents=True)
         except FileExistsError:
             raise AdmissionError(f"VM {spec.name!r} is already being migrated here") from None
-        vm = VM(spec, accel, paths, qemu=self.vms.qemu)
+        vm = self.vms.new_vm(spec, accel, paths)
         vm.migrating = True
         try:
             await vm.start(incoming=True)
             await _qmp(vm).execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
-        except VMError as exc:
+        except (VMError, SpecError) as exc:
             await _discard(vm)
             raise AdmissionError(str(exc)) from None
         except BaseException:

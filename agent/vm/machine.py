@@ -23,7 +23,8 @@ from typing import Any
 
 from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, open_unix
 from novacron.agent.vm.errors import VMConflict, VMStartError
-from novacron.agent.vm.qemu_args import QEMU_BINARY, VMPaths, qemu_argv
+from novacron.agent.vm.images import ImageDirs
+from novacron.agent.vm.qemu_args import QEMU_BINARY, QemuFiles, VMPaths, qemu_argv
 from novacron.agent.vm.ramfile import MIB, prepare_ram_file, remove_ram_file
 from novacron.agent.vm.spec import VMSpec
 
@@ -41,8 +42,10 @@ ExitListener = Callable[["VM"], None]
 
 
 class VM:
-    def __init__(self, spec: VMSpec, accel: str, paths: VMPaths, qemu: str = QEMU_BINARY) -> None:
+    def __init__(self, spec: VMSpec, accel: str, paths: VMPaths, images: ImageDirs,
+                 qemu: str = QEMU_BINARY) -> None:
         self.spec = spec
+        self.images = images  # where its images may come from, and who QEMU runs as
         self.accel = accel
         self.paths = paths
         self.qemu = qemu
@@ -81,8 +84,22 @@ class VM:
     def alive(self) -> bool:
         return self.state in LIVE
 
-    def argv(self, *, incoming: bool = False, paused: bool = False) -> list[str]:
-        return qemu_argv(self.spec, self.accel, self.paths, incoming=incoming, paused=paused, qemu=self.qemu)
+    def argv(self, files: QemuFiles, *, incoming: bool = False, paused: bool = False) -> list[str]:
+        return qemu_argv(self.spec, self.accel, self.paths, files, incoming=incoming, paused=paused,
+                         qemu=self.qemu)
+
+    def _open_files(self) -> QemuFiles:
+        """The images (checked again: they may have changed since the VM was
+        created) and the serial log, opened by the agent for QEMU to inherit."""
+        images = self.images.open(self.spec)
+        try:
+            log_fd = os.open(self.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+            os.fchmod(log_fd, 0o600)  # the agent's: other VMs' QEMUs cannot open it by name
+        except BaseException:
+            images.close()
+            raise
+        return QemuFiles(images, log_fd)
 
     def status(self) -> dict[str, Any]:
         state = "migrating" if self.migrating and self.alive else self.state
@@ -125,24 +142,13 @@ class VM:
         if self.alive:
             raise VMConflict(f"VM {self.name} is already {self.state}")
         self.paths.dir.mkdir(parents=True, exist_ok=True)
-        await prepare_ram_file(self.ram_path, self.spec.memory_mb * MIB)
-        for sock in (self.paths.qmp, self.paths.serial_sock):
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
-        argv = self.argv(incoming=incoming, paused=paused)
-        with self.paths.qemu_log.open("ab") as qemu_log:
-            qemu_log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
-            qemu_log.flush()
-            try:
-                # Popen, not asyncio's subprocess: its transport kills the child when
-                # the loop closes, and VMs must outlive an agent restart.
-                proc = subprocess.Popen(
-                    argv, cwd=self.paths.dir, stdin=subprocess.DEVNULL,
-                    stdout=qemu_log, stderr=qemu_log, start_new_session=True,
-                )  # fmt: skip
-            except OSError as exc:
-                remove_ram_file(self.ram_path)
-                raise VMStartError(f"cannot run {self.qemu}: {exc}") from None
+        files = self._open_files()  # a refused image stops here: no RAM file, no QEMU
+        try:
+            self.images.qemu.share_dir(self.paths.dir)  # QEMU creates its sockets here
+            proc = await self._spawn(files, incoming=incoming, paused=paused)
+        finally:
+            os.close(files.serial_log)
+            files.images.close()
         self._proc, self.pid = proc, proc.pid
         self._expect_exit = False
         self._exited.clear()
@@ -169,6 +175,37 @@ class VM:
         self.started_at = time.time()
         self.save()
         log.info("vm started", extra={"vm": self.name, "pid": self.pid, "accel": self.accel, "incoming": incoming})
+
+    async def _spawn(self, files: QemuFiles, *, incoming: bool, paused: bool) -> subprocess.Popen[bytes]:
+        await prepare_ram_file(self.ram_path, self.spec.memory_mb * MIB)
+        qemu_user = self.images.qemu
+        try:
+            qemu_user.share_file(self.ram_path)  # QEMU maps it; the agent reads it for migration
+        except OSError:
+            remove_ram_file(self.ram_path)
+            raise
+        for sock in (self.paths.qmp, self.paths.serial_sock):
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        argv = self.argv(files, incoming=incoming, paused=paused)
+        drop: dict[str, Any] = {}
+        if qemu_user.drops:
+            drop = {"user": qemu_user.uid, "group": qemu_user.gid, "extra_groups": list(qemu_user.groups)}
+        with self.paths.qemu_log.open("ab") as qemu_log:
+            qemu_log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
+            qemu_log.flush()
+            try:
+                # Popen, not asyncio's subprocess: its transport kills the child when
+                # the loop closes, and VMs must outlive an agent restart. Popen changes
+                # to cwd before it drops to the QEMU user, so QEMU needs no access to
+                # the state dir's parents. umask 077: QEMU's sockets are its own.
+                return subprocess.Popen(
+                    argv, cwd=self.paths.dir, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
+                    start_new_session=True, pass_fds=files.fds, umask=0o077, **drop,
+                )  # fmt: skip
+            except OSError as exc:
+                remove_ram_file(self.ram_path)
+                raise VMStartError(f"cannot run {self.qemu}: {exc}") from None
 
     async def _connect_qmp(self) -> QMPClient:
         connect = asyncio.create_task(QMPClient.connect(str(self.paths.qmp), timeout=QMP_CONNECT_TIMEOUT_S))

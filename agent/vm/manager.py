@@ -10,6 +10,7 @@ from pathlib import Path
 
 from novacron.agent.vm.accel import AccelDetector, AccelUnavailable
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
+from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.machine import CRASHED, LIVE, STOPPED, VM, load_meta
 from novacron.agent.vm.qemu_args import QEMU_BINARY, VMPaths
 from novacron.agent.vm.spec import SpecError, VMSpec, parse_spec
@@ -18,16 +19,21 @@ log = logging.getLogger("novacron.agent.vm")
 
 
 class VMManager:
-    def __init__(self, state_dir: Path, accel: AccelDetector, qemu: str = QEMU_BINARY) -> None:
+    def __init__(self, state_dir: Path, accel: AccelDetector, qemu: str = QEMU_BINARY,
+                 images: ImageDirs | None = None) -> None:
         self.state_dir = state_dir
         self.vms_dir = state_dir / "vms"
         self.accel = accel
         self.qemu = qemu
+        self.images = images or ImageDirs.of([state_dir / "images"])
         self.vms: dict[str, VM] = {}
         self._lock = asyncio.Lock()  # guards the name table (create/delete)
 
     def paths(self, name: str) -> VMPaths:
         return VMPaths(self.vms_dir / name)
+
+    def new_vm(self, spec: VMSpec, accel: str, paths: VMPaths) -> VM:
+        return VM(spec, accel, paths, self.images, qemu=self.qemu)
 
     def get(self, name: str) -> VM:
         vm = self.vms.get(name)
@@ -49,7 +55,7 @@ class VMManager:
             except (OSError, ValueError, TypeError) as exc:
                 log.warning("skipping unreadable VM record", extra={"path": str(meta), "error": str(exc)})
                 continue
-            vm = VM(spec, str(doc.get("accel", "tcg")), self.paths(spec.name), qemu=self.qemu)
+            vm = self.new_vm(spec, str(doc.get("accel", "tcg")), self.paths(spec.name))
             was, pid = str(doc.get("state", STOPPED)), doc.get("pid")
             if was in LIVE and isinstance(pid, int) and await vm.adopt(pid, was):
                 pass
@@ -70,6 +76,7 @@ class VMManager:
         Raises SpecError/VMError with nothing changed on disk when it fails.
         """
         spec = parse_spec(doc)
+        self.images.check(spec)  # refused images: a 400 before anything exists
         if start is None:
             start = bool(doc.get("start", True)) if isinstance(doc, dict) else True
         accel = "tcg"
@@ -84,7 +91,7 @@ class VMManager:
             paths = self.paths(spec.name)
             if paths.dir.exists():
                 raise VMConflict(f"{paths.dir} exists already (left by an earlier VM?)")
-            vm = VM(spec, accel, paths, qemu=self.qemu)
+            vm = self.new_vm(spec, accel, paths)
             paths.dir.mkdir(parents=True)
             try:
                 if start:

@@ -75,6 +75,7 @@ ROUTE_MODULES = [
     "novacron.coordinator.api.tasks",
     "novacron.coordinator.api.placements",
     "novacron.coordinator.api.dashboard",
+    "novacron.coordinator.api.audit",
 ]
 
 

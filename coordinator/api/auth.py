@@ -12,6 +12,7 @@ import hmac
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from novacron import audit
 from novacron.coordinator.api.errors import error_response
 from novacron.coordinator.api.keys import CONFIG
 from novacron.coordinator.api.openapi import API_PREFIX
@@ -29,6 +30,11 @@ def token_ok(given: str, expected: str) -> bool:
     if not expected:
         return False  # an unset token never authenticates anyone
     return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def actor_of(role: str) -> str:
+    """Who the audit log names for a request authenticated as ``role``: the credential's name."""
+    return "anonymous" if role == "public" else role
 
 
 def make_auth_middleware(roles: dict[tuple[str, str], str]) -> Middleware:
@@ -52,6 +58,7 @@ def make_auth_middleware(roles: dict[tuple[str, str], str]) -> Middleware:
             expected = cfg.agent_token if role == "agent" else cfg.admin_token
             if not token_ok(token, expected):
                 return error_response(401, f"invalid token for this route (needs the {role} token)")
+        audit.set_actor(request, actor_of(role))
         return await handler(request)
 
     return auth_middleware

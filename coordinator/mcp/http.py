@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from novacron import httpjson
+from novacron import audit, httpjson
 from novacron.coordinator.mcp.appkeys import MCP_SERVER
 from novacron.coordinator.mcp.protocol import (
     HANDSHAKE_VERSIONS,
@@ -73,6 +73,9 @@ async def _guard(request: web.Request) -> web.Response | None:
     if not _authorized(request):
         return _json(401, {"error": "missing or invalid bearer token"},
                      {"WWW-Authenticate": 'Bearer realm="novacron"'})
+    from novacron.coordinator.api.auth import actor_of
+
+    audit.set_actor(request, actor_of("admin"))
     return None
 
 

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "novacron.cli.demo",
     "novacron.cli.mcp",
     "novacron.cli.task",
+    "novacron.cli.audit",
 ]
 
 

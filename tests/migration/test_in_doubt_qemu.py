@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from novacron.agent.channel import ChannelClosed, connect
+from novacron.agent.guest import cache_root
 from novacron.agent.local import LocalAgent
 from novacron.agent.migration.doubt import HttpOutcomeProbe
 from novacron.agent.migration.options import MigrationOptions
@@ -20,6 +21,7 @@ from novacron.agent.migration.qemu_port import source_vm
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.vm.accel import AccelDetector
+from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.manager import VMManager
 from tests.migration.agents import Api
 from tests.migration.qemu_helpers import guest_spec, heartbeats
@@ -31,7 +33,7 @@ async def test_answer_lost_after_go_commits_through_the_api(tmp_path: Path) -> N
     secret = secrets.token_urlsafe(32)
     async with LocalAgent("dst", cluster_secret=secret, accel="tcg") as dst:
         api = Api(dst)
-        vms = VMManager(tmp_path / "src", AccelDetector(probe_kernels=[]))
+        vms = VMManager(tmp_path / "src", AccelDetector(probe_kernels=[]), images=ImageDirs.of([cache_root()]))
         await vms.load()
         try:
             vm = await vms.create(guest_spec("doubt"))

@@ -11,6 +11,7 @@ import pytest
 
 from novacron import config
 from novacron.agent.config import AgentConfig
+from novacron.agent.vm.images import check_image_dirs
 from novacron.coordinator.config import CoordinatorConfig
 from tests.conftest import REPO
 
@@ -62,6 +63,9 @@ def test_rendered_config_loads(tmp_path: Path, role: str, template: str, schema:
         assert cfg.cluster_secret == SECRETS["novacron_cluster_secret"]
         assert cfg.host == "10.1.2.3" and cfg.name == "kvm01"
         assert cfg.coordinator_url == "http://coord1:7800"
+        # images only from the image dir, beside (not inside) the agent's state dir; QEMU unprivileged
+        assert cfg.image_dirs() == [Path("/var/lib/novacron/images")] and cfg.qemu_user == "novacron-qemu"
+        assert check_image_dirs(cfg.image_dirs(), cfg.state_dir) == ""
     else:
         assert cfg.admin_token == SECRETS["novacron_admin_token"]
 
