@@ -18,7 +18,7 @@ import pytest
 from novacron.coordinator.local import LocalCoordinator
 from tests.attacks import Conn, close_all, open_many, still_open, timed_get, wait_all_closed
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def address(coord: LocalCoordinator) -> tuple[str, int]:
