@@ -7,6 +7,7 @@ import sys
 
 from novacron import config, logs, tls
 from novacron.agent.config import DEFAULT_CONFIG, ENV_PREFIX, AgentConfig
+from novacron.agent.vm.spec import NAME_RE
 from novacron.connlimits import check_http_limits
 from novacron.daemon import Daemon
 from novacron.grants import GrantError, GrantVerifier
@@ -20,6 +21,8 @@ def check_config(cfg: AgentConfig) -> None:
     config.check_port(cfg, "port")
     config.check_port(cfg, "data_port")
     check_http_limits(cfg.http)
+    if cfg.name and not NAME_RE.match(cfg.name):
+        raise config.Invalid("name", "expected 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
     check_images(cfg)
     tls.check(cfg)
     tls.check_peer_url(cfg, "coordinator_url")  # the agent's token rides in its registration

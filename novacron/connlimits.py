@@ -69,6 +69,8 @@ class Slot:
 
 
 class ConnectionBudget:
+    """Slots for the connections of one listener, with eviction as the module describes."""
+
     def __init__(self, limit: int, *, per_address: int | None = None, grace: float = 1.0,
                  what: str = "connection", clock: Callable[[], float] = time.monotonic) -> None:
         if limit < 1 or (per_address is not None and per_address < 1):

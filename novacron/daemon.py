@@ -86,7 +86,7 @@ async def start_site(app: web.Application, host: str, port: int, limits: HttpLim
     """
     limits = limits or HttpLimits()
     guard = HttpGuard(limits)
-    app.middlewares.append(guard.middleware)  # innermost: marks the connection busy
+    app.middlewares.insert(0, guard.middleware)  # outermost: every request marks its connection busy
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.idle_timeout_s)
     await runner.setup()
     try:

@@ -44,14 +44,17 @@ def _forms(secret: str) -> set[str]:
 
 
 class _FormIndex:
-    """Every form of every secret in a prefix tree of dicts, changed in place.
+    """Every form of every secret in a prefix tree, changed in place.
 
-    Adding or dropping a form touches only its own path (secrets often share
-    long prefixes such as ``agt-``, so buckets keyed by a prefix would not do).
-    A line is scanned once; at each position the walk follows the line's
-    characters while the tree has them, so most positions cost one or two dict
-    lookups, and the longest secret starting there wins. Lookups need no lock:
-    a walk racing a change sees the tree either before or after it.
+    A node is a dict from the next character to a child node, or to the rest
+    of a form as a plain string once that form is the only one on its branch
+    (so a secret costs about one string plus the few nodes where it first
+    differs from the others, not one node per character). Adding or dropping a
+    form touches only its own path: secrets often share long prefixes such as
+    ``agt-``, which buckets keyed by a prefix would pile up. A line is scanned
+    once; at each position the walk follows the line while the tree has it,
+    and the longest form starting there wins. Lookups need no lock: a change
+    swaps in whole nodes, so a walk sees the tree before or after it.
     """
 
     _END = ""  # a key no character can be: a form ends at this node
@@ -63,26 +66,53 @@ class _FormIndex:
     def add(self, secret: str) -> None:
         for form in _forms(secret):
             self._refs[form] = self._refs.get(form, 0) + 1
-            node = self._root
-            for ch in form:
-                node = node.setdefault(ch, {})
-            node[self._END] = True
+            if self._refs[form] == 1:
+                self._insert(form)
+
+    def _insert(self, form: str) -> None:
+        node, i = self._root, 0
+        while i < len(form):
+            ch, rest = form[i], form[i + 1:]
+            child = node.get(ch)
+            if child is None:
+                node[ch] = rest
+                return
+            if isinstance(child, str):
+                if child == rest:
+                    return
+                # push the other form's rest one level down, then carry on beside it
+                child = {self._END: True} if child == "" else {child[0]: child[1:]}
+                node[ch] = child
+            node, i = child, i + 1
+        node[self._END] = True
 
     def discard(self, secret: str) -> None:
         for form in _forms(secret):
             left = self._refs.get(form, 0) - 1
             if left > 0:
                 self._refs[form] = left
-                continue
-            self._refs.pop(form, None)
-            path = [self._root]
-            for ch in form:
-                path.append(path[-1][ch])
-            path[-1].pop(self._END, None)
-            for depth in range(len(form), 0, -1):  # prune the branch it alone used
-                if path[depth]:
-                    break
-                del path[depth - 1][form[depth - 1]]
+            elif self._refs.pop(form, None) is not None:
+                self._remove(form)
+
+    def _remove(self, form: str) -> None:
+        path: list[tuple[dict[str, Any], str]] = []
+        node, i = self._root, 0
+        while i < len(form):
+            child = node.get(form[i])
+            if isinstance(child, str):
+                if child == form[i + 1:]:
+                    del node[form[i]]
+                break
+            if child is None:
+                return
+            path.append((node, form[i]))
+            node, i = child, i + 1
+        else:
+            node.pop(self._END, None)
+        for parent, ch in reversed(path):  # drop the nodes only this form used
+            if parent[ch]:
+                break
+            del parent[ch]
 
     def redact(self, text: str) -> str:
         root, end_key = self._root, self._END
@@ -92,17 +122,23 @@ class _FormIndex:
         i = last = 0
         n = len(text)
         while i < n:
-            node = root.get(text[i])
+            node: Any = root
             hit = 0
-            j = i + 1
-            while node is not None:
+            j = i
+            while True:
                 if end_key in node:
                     hit = j
                 if j == n:
                     break
                 node = node.get(text[j])
+                if node is None:
+                    break
                 j += 1
-            if hit:
+                if isinstance(node, str):
+                    if text.startswith(node, j):
+                        hit = j + len(node)
+                    break
+            if hit > i:
                 out.append(text[last:i])
                 out.append("***")
                 i = last = hit

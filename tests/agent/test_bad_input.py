@@ -65,3 +65,29 @@ async def test_bad_migration_request_is_400(agent: LocalAgent, body: bytes) -> N
 async def test_console_offset_out_of_range_is_400(agent: LocalAgent, offset: str) -> None:
     status, doc = await raw(agent, "GET", f"/v1/vms/ghost/console?offset={offset}")
     assert status == 400 and "offset" in doc["error"], doc
+
+
+HOSTILE_BODIES = [
+    b"", b"null", b"[]", b'"x"', b"1e999", b"NaN", b"\xff\xfe", b"{", b'{"name": {}}',
+    b'{"name": "vm1", "vcpus": "1", "memory_mb": 64}', b'{"name": "vm1", "vcpus": 1e300, "memory_mb": 64}',
+    b'{"name": "vm1", "vcpus": 99999999999999999999999, "memory_mb": 64}',
+    b'{"text": null}', b'{"text": "' + b"x" * 5000 + b'"}', b'{"vm": null, "target": []}',
+    b'{"vm": "ghost", "target": {"url": 5}, "options": []}', b"[" * 200 + b"]" * 200,
+]
+ROUTES = [
+    ("POST", "/v1/vms"), ("POST", "/v1/vms/ghost/start"), ("POST", "/v1/vms/ghost/console"),
+    ("POST", "/v1/vms/gh%0Aost/stop"), ("DELETE", "/v1/vms/ghost%0A"), ("GET", "/v1/vms/..%2F..%2Fetc"),
+    ("POST", "/v1/migrations"), ("POST", "/v1/migrations/nope/cancel"), ("GET", "/v1/migrations/x%0A"),
+    ("GET", "/v1/vms/ghost/console?offset=%00"), ("GET", "/v1/vms/ghost"),
+]
+
+
+async def test_hostile_requests_never_get_a_5xx(agent: LocalAgent) -> None:
+    """A small sweep of every mutating route with malformed bodies: 4xx only, nothing changed."""
+    for method, path in ROUTES:
+        for body in HOSTILE_BODIES if method == "POST" else [None]:
+            status, doc = await raw(agent, method, path, body)
+            assert 400 <= status < 500, (method, path, body, status, doc)
+            assert isinstance(doc, dict) and doc.get("error"), (method, path, body, doc)
+    await nothing_changed(agent)
+    assert "Traceback" not in agent.log_path.read_text()

@@ -150,3 +150,15 @@ async def test_stdio_lines_are_bounded() -> None:
     reader.feed_eof()
     got = [line async for line in lines(reader, max_line=1024)]
     assert got == [b'{"a":1}', None, b'{"b":2}', None]
+
+
+def test_tool_arguments_names_must_match_fully() -> None:
+    """MCP tool schemas use the coordinator's validator: "$" is the end of the name."""
+    from novacron.coordinator.mcp.tools import NAME
+
+    async def noop(_args: dict[str, Any], _ctx: ToolContext) -> Any:
+        return None
+
+    tool = Tool("t", "test", {"type": "object", "properties": {"vm": NAME}}, noop)
+    assert tool.argument_errors({"vm": "vm1"}) == []
+    assert tool.argument_errors({"vm": "vm1\n"})[0].startswith("vm: ")

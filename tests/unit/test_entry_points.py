@@ -98,6 +98,8 @@ def test_coordinator_bad_mcp_setting_is_one_line(
     (["novacron-coordinator", "--admin-token", "a-1-0123456789abcdef", "--agent-token", "b" * 15],
      "flag --agent-token: key 'agent_token': too short: at least 16 characters, got 15"),
     (["novacron-agent", "--token", "tok-1"], "flag --token: key 'token': too short"),
+    (["novacron-agent", "--token", "tok-1-0123456789abcdef", "--name", "kvm01\n"],
+     "flag --name: key 'name': expected 1-63 letters"),
     (["novacron-agent", "--token", "tok-1-0123456789abcdef", "--cluster-secret", "s" * 8],
      "flag --cluster-secret: key 'cluster_secret': too short"),
     (["novacron-agent", "--token", "tok-1-0123456789abcdef", "--coordinator-token", "short"],

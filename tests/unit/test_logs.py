@@ -113,3 +113,37 @@ def test_registration_cost_does_not_grow_with_the_number_of_secrets(fresh_secret
     assert logs.tracked_secrets() == 43 * 500 - 500
     assert large < 4 * small + 0.01, (small, large)
     assert logs.redact(f"x agent-token-{20000:07d}-{'z' * 16} y agent-token-{600:07d}-{'z' * 16}") == "x *** y ***"
+
+
+def test_index_add_and_discard_keep_the_others_intact() -> None:
+    """Forms that share prefixes or are prefixes of each other, added and dropped in any order."""
+    index = logs._FormIndex()
+    words = ["abcdef1234", "abcdef12345678", "abcdXYZ000", "abcd", "zzzz-token-1"]
+    for w in words:
+        index.add(w)
+    assert index.redact("a abcdef12345678 b abcdef1234 c abcdXYZ000 d abcd e") == "a *** b *** c *** d *** e"
+    index.discard("abcdef1234")
+    assert index.redact("abcdef1234 abcdef12345678 abcd") == "***ef1234 *** ***"  # 'abcd' still a secret
+    index.discard("abcd")
+    assert index.redact("abcdef1234 abcdef12345678 abcdXYZ000") == "abcdef1234 *** ***"
+    for w in ("abcdef12345678", "abcdXYZ000", "zzzz-token-1"):
+        index.discard(w)
+    assert index.redact("abcdef12345678 zzzz-token-1") == "abcdef12345678 zzzz-token-1"
+    assert index._root == {}  # nothing left behind
+
+
+def test_index_memory_stays_small(fresh_secrets: None) -> None:
+    """About a string per secret, not a node per character (that was ~6 KB a secret)."""
+    import secrets
+    import tracemalloc
+
+    tokens = ["agt-" + secrets.token_urlsafe(24) for _ in range(10_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for t in tokens:
+            logs.register_secret(t, pinned=False)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert used < 600 * len(tokens), used
