@@ -8,7 +8,9 @@ Two sets of hand-written sources, one file per label each:
   has 3+) go to ``validation``, the rest to ``train``.
 * ``models/data/heldout/*.txt`` (lines ``domain|style|text``): the held-out
   set, written separately in other phrasing habits (``STYLES``); split
-  ``heldout``. A literal ``\\n`` in its text is a line break (bullet lists).
+  ``heldout``.
+
+In both, a literal ``\\n`` in the text is a line break (bullet lists).
 
 ``python -m novacron.models.dataset`` rebuilds ``models/tasks.jsonl``.
 """
@@ -71,11 +73,12 @@ def read_sources(data_dir: Path = MODELS_DIR / "data") -> list[tuple[str, str, s
             domain, sep, text = line.partition("|")
             if not sep or domain not in DOMAINS or not text.strip():
                 raise ValueError(f"{path}:{lineno}: expected 'domain|text' with a known domain")
+            text = text.strip().replace("\\n", "\n")
             key = normalised_key(text)
             if key in seen:
                 raise ValueError(f"{path}:{lineno}: duplicate description")
             seen.add(key)
-            rows.append((text.strip(), label, domain))
+            rows.append((text, label, domain))
     return rows
 
 

@@ -13,9 +13,8 @@ import pytest
 
 from novacron.models import dataset
 
-# A user story and a bullet list: phrasing habits kept out of the training sources
-# so that the held-out set reads differently from them.
-STORY = re.compile(r"^as (?:an?|the) [^,]+, (?:i|we) (?:want|need)", re.IGNORECASE)
+# A user story: "As a nurse, I want ..." (comma optional).
+STORY = re.compile(r"^as (?:an?|the) [^,]+?,? (?:i|we) (?:want|need)", re.IGNORECASE)
 
 
 def test_bundled_jsonl_is_rebuilt_exactly_from_the_sources(tmp_path: Path) -> None:
@@ -56,15 +55,17 @@ def test_splits_are_stratified_and_recorded() -> None:
     assert meta["dataset_sha256"] == dataset.dataset_sha256(), "retrain: the dataset changed"
 
 
-def test_heldout_phrasing_habits_are_absent_from_training() -> None:
+def test_both_sets_hold_the_phrasing_habits() -> None:
+    """User stories and bullet lists occur in training and held-out text alike; a literal
+    ``\\n`` in either source file is decoded to a line break, never left in the text."""
     examples = dataset.load()
-    sources = [e for e in examples if e.split != "heldout"]
-    assert not [e.text for e in sources if "\n" in e.text]
-    # a few user stories came with the first dataset; they stay rare in training
-    assert sum(bool(STORY.match(e.text)) for e in sources) <= 0.01 * len(sources)
-    heldout = [e for e in examples if e.split == "heldout"]
-    assert sum(bool(STORY.match(e.text)) for e in heldout) >= 15
-    assert sum("\n- " in e.text for e in heldout) >= 15
+    assert not [e.text for e in examples if "\\n" in e.text]
+    for split_rows in ([e for e in examples if e.split != "heldout"],
+                       [e for e in examples if e.split == "heldout"]):
+        assert sum(bool(STORY.match(e.text)) for e in split_rows) >= 15
+        assert sum("\n- " in e.text for e in split_rows) >= 15
+        for label in dataset.LABELS:   # lists for every label, not a giveaway of one
+            assert any("\n- " in e.text for e in split_rows if e.label == label)
 
 
 def _word_sets(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
