@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
+from urllib.parse import urlencode
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,7 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from novacron.agent.migration.options import MigrationOptions
 from novacron.coordinator.client import ApiClientError, CoordinatorClient
+
+AGENT_DEFAULTS = MigrationOptions()  # what the source agent uses for an option not given
 
 # Where each phase sits on the progress bar (pre-copy fills 10-75 % by round).
 PHASE_PCT = {"pending": 0, "prepare": 5, "precopy": 10, "stopcopy": 80, "postcopy": 85,
@@ -30,20 +35,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _run(a, _vms))
 
-    p = sub.add_parser("migrations", help="migration history, newest first")
-    p.add_argument("--vm", help="only this VM's migrations")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("migrations", help="migration history, newest first "
+                       "(same as 'migration list')")
+    add_list_flags(p)
     p.set_defaults(func=lambda a: _run(a, _migrations))
 
     p = sub.add_parser("migrate", help="live-migrate a VM to another host, showing progress",
                        description="Live-migrate VM to HOST through the coordinator. Shows a "
                        "progress bar, then the metrics. Ctrl-C cancels the migration.")
-    p.add_argument("vm", metavar="VM")
-    p.add_argument("--to", required=True, metavar="HOST", dest="target")
-    p.add_argument("--bandwidth-mbps", type=float, help="cap on page data in MB/s (0 = unlimited)")
-    p.add_argument("--downtime-ms", type=float, help="pause budget of stop-and-copy in ms")
-    p.add_argument("--max-rounds", type=int, help="pre-copy round limit")
-    p.add_argument("--no-wait", action="store_true", help="start it and return at once")
+    p.add_argument("vm", metavar="VM", help="name of the VM to move")
+    p.add_argument("--to", required=True, metavar="HOST", dest="target", help="target host name")
+    p.add_argument("--bandwidth-mbps", type=float, metavar="MB/S",
+                   help=f"cap on page data in MB/s, 0 = unlimited (default: {AGENT_DEFAULTS.bandwidth_mbps:g})")
+    p.add_argument("--downtime-ms", type=float, metavar="MS",
+                   help=f"pause budget of stop-and-copy in ms (default: {AGENT_DEFAULTS.downtime_ms:g})")
+    p.add_argument("--max-rounds", type=int, metavar="N",
+                   help=f"pre-copy rounds before stop-and-copy (default: {AGENT_DEFAULTS.max_rounds})")
+    p.add_argument("--no-wait", action="store_true",
+                   help="start it, print its id (for 'novacron migration show ID') and return")
     p.add_argument("--json", action="store_true", help="print the final migration as JSON")
     p.set_defaults(func=lambda a: _run(a, _migrate))
 
@@ -59,8 +68,22 @@ def _run(args: argparse.Namespace, fn: Callable[[CoordinatorClient, argparse.Nam
     try:
         return asyncio.run(go())
     except ApiClientError as exc:
-        print(f"novacron: error: {exc}", file=sys.stderr)
+        print(f"novacron: error: {name_flags(str(exc), getattr(args, 'flag_names', {}))}",
+              file=sys.stderr)
         return 1
+
+
+# "body.options.max_rounds: ...", "body.placement.region: ...", "query parameter 'limit': ..."
+_API_FIELD = re.compile(r"\b(?:body|vm)(?:\.\w+)*\.(\w+)(?=:)|query parameter '(\w+)'")
+
+
+def name_flags(message: str, flags: dict[str, str]) -> str:
+    """An API error with the JSON path of a field the user gave as a flag named by that flag."""
+    def repl(m: re.Match[str]) -> str:
+        field = m.group(1) or m.group(2)
+        return flags.get(field, m.group(0))
+
+    return _API_FIELD.sub(repl, message)
 
 
 def _dump(doc: Any) -> None:
@@ -91,7 +114,8 @@ async def _hosts(client: CoordinatorClient, args: argparse.Namespace) -> int:
         _dump(hosts)
         return 0
     table = Table(title="Hosts", title_justify="left")
-    for col in ("name", "state", "agent", "cpus", "memory", "free", "vms", "heartbeat"):
+    id_column(table, "name", [h["name"] for h in hosts])
+    for col in ("state", "agent", "cpus", "memory", "free", "vms", "heartbeat"):
         table.add_column(col, justify="right" if col in ("cpus", "memory", "free") else "left")
     for h in hosts:
         state = "[green]up[/green]" if h["state"] == "up" else "[red]down[/red]"
@@ -108,7 +132,9 @@ async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
         _dump(vms)
         return 0
     table = Table(title="VMs", title_justify="left")
-    for col in ("name", "host", "state", "vcpus", "memory"):
+    id_column(table, "name", [v["name"] for v in vms])
+    id_column(table, "host", [v["host"] for v in vms])
+    for col in ("state", "vcpus", "memory"):
         table.add_column(col)
     for v in vms:
         table.add_row(v["name"], v["host"], v["state"], str(v["spec"].get("vcpus", "-")),
@@ -117,14 +143,29 @@ async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def add_list_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vm", help="only this VM's migrations")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N, newest first (default: 100)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def id_column(table: Table, header: str, values: list[str], **kw: Any) -> None:
+    """A column that is never cut or wrapped: names and IDs must stay copyable at any width."""
+    width = max([len(header), *map(len, values)])
+    table.add_column(header, no_wrap=True, min_width=width, **kw)
+
+
 async def _migrations(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    path = "/migrations" + (f"?vm={args.vm}" if args.vm else "")
-    migs = (await client.request("GET", path))["migrations"]
+    query = {k: v for k in ("vm", "limit") if (v := getattr(args, k)) is not None}
+    migs = (await client.request("GET", "/migrations" + (f"?{urlencode(query)}" if query else "")))[
+        "migrations"]
     if args.json:
         _dump(migs)
         return 0
     table = Table(title="Migrations", title_justify="left")
-    for col in ("id", "vm", "from", "to", "phase", "downtime", "total", "started"):
+    id_column(table, "id", [m["id"] for m in migs])
+    id_column(table, "vm", [m["vm"] for m in migs])
+    for col in ("from", "to", "phase", "downtime", "total", "started"):
         table.add_column(col)
     for m in migs:
         met = m.get("metrics", {})
@@ -158,18 +199,37 @@ def _fmt_metric(key: str, value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def metrics_table(mig: dict[str, Any]) -> Table:
+def metrics_table(mig: dict[str, Any]) -> Table | None:
+    """The migration's metrics; for one that did not complete only those that are not zero."""
+    ok = mig.get("phase") == "completed"
+    rows = [("rounds", str(mig.get("round", 0)))] if ok or mig.get("round") else []
+    for key, value in sorted(mig.get("metrics", {}).items()):
+        if isinstance(value, (dict, list)):  # nested detail is in --json
+            continue
+        if ok or (value not in (0, 0.0, None, "", False)):
+            rows.append((key, _fmt_metric(key, value)))
+    if not rows:
+        return None
     table = Table(title=f"Migration {mig['id']}: {mig['vm']} {mig['source']} -> {mig['target']}"
                   f" ({mig['phase']})", title_justify="left")
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
-    table.add_row("rounds", str(mig.get("round", 0)))
-    for key, value in sorted(mig.get("metrics", {}).items()):
-        if not isinstance(value, (dict, list)):  # nested detail is in --json
-            table.add_row(key, _fmt_metric(key, value))
-    if mig.get("error"):
-        table.add_row("error", str(mig["error"]))
+    for key, value in rows:
+        table.add_row(key, value)
     return table
+
+
+def print_outcome(mig: dict[str, Any], console: Console) -> None:
+    """A finished migration: its error first when it did not complete, then its figures."""
+    if mig.get("phase") != "completed":
+        what = mig.get("phase", "?")
+        console.print(f"[bold red]migration {mig['id']} {what}[/bold red]: "
+                      f"{mig.get('error') or 'no reason given'}", highlight=False, soft_wrap=True)
+        if what in ("failed", "cancelled"):
+            console.print(f"{mig['vm']} stays on {mig['source']}", highlight=False)
+    table = metrics_table(mig)
+    if table is not None:
+        console.print(table)
 
 
 def progress_pct(mig: dict[str, Any], max_rounds: int) -> float:
@@ -230,5 +290,5 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.json:
         _dump(mig)
     else:
-        console.print(metrics_table(mig))
+        print_outcome(mig, console)
     return 0 if mig["phase"] == "completed" else 1

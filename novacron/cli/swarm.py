@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for action, text, fn in (("show", "one swarm with its live and task status", _show),
                              ("delete", "shut a swarm down in claude-flow", _delete)):
         p = cmds.add_parser(action, help=text)
-        p.add_argument("id", metavar="ID")
+        p.add_argument("id", metavar="ID", help="swarm id (from 'novacron swarm list')")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=lambda a, fn=fn: _run(a, fn))
 
