@@ -169,10 +169,10 @@ class Scheduler:
         if not obj.power_on[pos]:
             empty = int(np.count_nonzero(obj.power_on))
             if empty:
-                parts.append(f"uses a busy host instead of one of {empty} empty hosts (an empty host "
+                parts.append(f"uses a running host instead of one of {empty} empty hosts (an empty host "
                              "starts costing its cost_per_hour)")
         elif obj.power_on.all():
-            parts.append("no busy host could take it, so it goes to an empty host (which starts costing)")
+            parts.append("no running host could take it, so it goes to an empty host (which starts costing)")
         else:
             parts.append("uses an empty host: its gains outweigh that host's cost at these weights")
         return "; ".join(parts)
