@@ -8,9 +8,9 @@ import json
 import re
 import sys
 import time
-from urllib.parse import urlencode
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
