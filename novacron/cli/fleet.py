@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"pause budget of stop-and-copy in ms (default: {AGENT_DEFAULTS.downtime_ms:g})")
     p.add_argument("--max-rounds", type=int, metavar="N",
                    help=f"pre-copy rounds before stop-and-copy (default: {AGENT_DEFAULTS.max_rounds})")
+    p.add_argument("--force", action="store_true",
+                   help="move it even if the target host is in maintenance")
     p.add_argument("--no-wait", action="store_true",
                    help="start it, print its id (for 'novacron migration show ID') and return")
     p.add_argument("--json", action="store_true", help="print the final migration as JSON")
@@ -119,6 +121,8 @@ async def _hosts(client: CoordinatorClient, args: argparse.Namespace) -> int:
         table.add_column(col, justify="right" if col in ("cpus", "memory", "free") else "left")
     for h in hosts:
         state = "[green]up[/green]" if h["state"] == "up" else "[red]down[/red]"
+        if h.get("maintenance"):  # takes no new VMs: 'novacron host maintenance NAME off'
+            state = "[yellow]maintenance[/yellow]" if h["state"] == "up" else "[red]down[/red], maintenance"
         table.add_row(h["name"], state, h["url"], str(h["cpus"]), human_bytes(h["memory_bytes"]),
                       human_bytes(h["memory_available_bytes"]), ", ".join(h.get("vms", [])) or "-",
                       _age(h.get("last_heartbeat", 0)))
@@ -269,7 +273,7 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("bandwidth_mbps", args.bandwidth_mbps),
                                  ("downtime_ms", args.downtime_ms),
                                  ("max_rounds", args.max_rounds)) if v is not None}
-    mig = await client.migrate(args.vm, args.target, options)
+    mig = await client.migrate(args.vm, args.target, options, force=args.force)
     if args.no_wait:
         _dump(mig) if args.json else print(mig["id"])
         return 0
