@@ -92,7 +92,7 @@ async def wait_heartbeat(serial_log: Path, timeout_s: float, *, boot: str | None
 async def run_demo(args: argparse.Namespace, workdir: Path, console: Console) -> None:
     from novacron.agent.guest import ensure_guest
     from novacron.agent.local import LocalAgent, LocalAgentError
-    from novacron.cli.fleet import follow_migration, metrics_table
+    from novacron.cli.fleet import follow_migration, print_outcome
     from novacron.coordinator.client import ApiClientError, CoordinatorClient
     from novacron.coordinator.local import CoordinatorStartError, LocalCoordinator
 
@@ -157,7 +157,7 @@ async def run_demo(args: argparse.Namespace, workdir: Path, console: Console) ->
             except TimeoutError:
                 raise DemoError(f"migration did not finish in {MIGRATE_TIMEOUT_S:.0f} s") \
                     from None
-            console.print(metrics_table(mig))
+            print_outcome(mig, console)  # a failure: its error first
             if mig["phase"] != "completed":
                 raise DemoError(f"migration ended {mig['phase']}: {mig.get('error')}")
 
