@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from novacron.cli.fleet import _dump, _run, human_bytes
+from novacron.cli.fleet import _dump, _run, human_bytes, id_column
 from novacron.coordinator.client import CoordinatorClient
 from novacron.coordinator.scheduler.rebalance import RebalanceOptions
 from novacron.coordinator.scheduler.strategies import STRATEGIES
@@ -97,7 +97,9 @@ async def _rebalance(client: CoordinatorClient, args: argparse.Namespace) -> int
         return 0
     table = Table(title="Rebalancing plan (run each with: novacron migrate VM --to HOST)",
                   title_justify="left")
-    for col in ("vm", "from", "to", "why", "memory", "est. time"):
+    for col, key in (("vm", "vm"), ("from", "source"), ("to", "target")):  # copied into 'migrate'
+        id_column(table, col, [m[key] for m in plan["moves"]])
+    for col in ("why", "memory", "est. time"):
         table.add_column(col)
     for m in plan["moves"]:
         table.add_row(m["vm"], m["source"], m["target"], m["reason"],

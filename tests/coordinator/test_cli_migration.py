@@ -128,3 +128,5 @@ async def test_rebalance_speaks_in_units(fleet: Fleet) -> None:
     assert f"frees {fakes[0].name}" in text, out
     assert "cost_per_hour sums to 2.50 per hour (in the unit of cost_per_hour)" in text, out
     assert "power them off" in text and "powering on" not in text and "/h" not in text
+    code, out, err = await cli({**env, "COLUMNS": "50"}, "rebalance")
+    assert code == 0 and fakes[0].name in out.split("Rebalancing plan")[1].split("frees")[0], out
