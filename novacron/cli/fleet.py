@@ -12,9 +12,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from novacron.agent.migration.options import MigrationOptions
 from novacron.coordinator.client import ApiClientError, CoordinatorClient
@@ -28,6 +30,7 @@ PHASE_PCT = {"pending": 0, "prepare": 5, "precopy": 10, "stopcopy": 80, "postcop
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hosts", help="list hosts and their agents")
+    p.add_argument("--wide", action="store_true", help="also show each host's agent URL")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _run(a, _hosts))
 
@@ -115,19 +118,29 @@ async def _hosts(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.json:
         _dump(hosts)
         return 0
-    table = Table(title="Hosts", title_justify="left")
+    table = list_table("Hosts")
     id_column(table, "name", [h["name"] for h in hosts])
-    for col in ("state", "agent", "cpus", "memory", "free", "vms", "heartbeat"):
-        table.add_column(col, justify="right" if col in ("cpus", "memory", "free") else "left")
-    for h in hosts:
-        state = "[green]up[/green]" if h["state"] == "up" else "[red]down[/red]"
-        if h.get("maintenance"):  # takes no new VMs: 'novacron host maintenance NAME off'
-            state = "[yellow]maintenance[/yellow]" if h["state"] == "up" else "[red]down[/red], maintenance"
-        table.add_row(h["name"], state, h["url"], str(h["cpus"]), human_bytes(h["memory_bytes"]),
-                      human_bytes(h["memory_available_bytes"]), ", ".join(h.get("vms", [])) or "-",
-                      _age(h.get("last_heartbeat", 0)))
+    states = [host_state(h) for h in hosts]
+    id_column(table, "state", [Text.from_markup(s).plain for s in states])
+    for col in ("cpus", "memory", "free"):
+        table.add_column(col, justify="right", min_width=len(col))
+    table.add_column("seen", min_width=4)  # the last heartbeat
+    table.add_column("vms", overflow="fold")
+    if args.wide:
+        table.add_column("agent", overflow="fold")
+    for h, state in zip(hosts, states, strict=True):
+        table.add_row(h["name"], state, str(h["cpus"]), human_bytes(h["memory_bytes"]),
+                      human_bytes(h["memory_available_bytes"]), _age(h.get("last_heartbeat", 0)),
+                      ", ".join(h.get("vms", [])) or "-", *([h["url"]] if args.wide else []))
     Console().print(table if hosts else "no hosts registered")
     return 0
+
+
+def host_state(h: dict[str, Any]) -> str:
+    """up, down or maintenance (no new VMs: 'novacron host maintenance NAME off' ends it)."""
+    if h["state"] != "up":
+        return "[red]down[/red]" + (", maintenance" if h.get("maintenance") else "")
+    return "[yellow]maintenance[/yellow]" if h.get("maintenance") else "[green]up[/green]"
 
 
 async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
@@ -135,7 +148,7 @@ async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.json:
         _dump(vms)
         return 0
-    table = Table(title="VMs", title_justify="left")
+    table = list_table("VMs")
     id_column(table, "name", [v["name"] for v in vms])
     id_column(table, "host", [v["host"] for v in vms])
     for col in ("state", "vcpus", "memory"):
@@ -153,6 +166,12 @@ def add_list_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def list_table(title: str) -> Table:
+    """A listing with light rules, so narrow terminals leave more room to the columns."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                 collapse_padding=True)
+
+
 def id_column(table: Table, header: str, values: list[str], **kw: Any) -> None:
     """A column that is never cut or wrapped: names and IDs must stay copyable at any width."""
     width = max([len(header), *map(len, values)])
@@ -166,17 +185,17 @@ async def _migrations(client: CoordinatorClient, args: argparse.Namespace) -> in
     if args.json:
         _dump(migs)
         return 0
-    table = Table(title="Migrations", title_justify="left")
+    table = list_table("Migrations")
     id_column(table, "id", [m["id"] for m in migs])
     id_column(table, "vm", [m["vm"] for m in migs])
-    for col in ("from", "to", "phase", "downtime", "total", "started"):
-        table.add_column(col)
+    for col in ("from", "to", "phase", "downtime", "total", "started"):  # these give way
+        table.add_column(col, overflow="fold")
     for m in migs:
         met = m.get("metrics", {})
         table.add_row(m["id"], m["vm"], m["source"], m["target"], m["phase"],
                       _fmt_metric("downtime_ms", met.get("downtime_ms")),
                       _fmt_metric("total_s", met.get("total_s")),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created_at"])))
+                      time.strftime("%m-%d %H:%M:%S", time.localtime(m["created_at"])))
     Console().print(table if migs else "no migrations")
     return 0
 
@@ -214,8 +233,8 @@ def metrics_table(mig: dict[str, Any]) -> Table | None:
             rows.append((key, _fmt_metric(key, value)))
     if not rows:
         return None
-    table = Table(title=f"Migration {mig['id']}: {mig['vm']} {mig['source']} -> {mig['target']}"
-                  f" ({mig['phase']})", title_justify="left")
+    title = f"Migration {mig['id']} ({mig['phase']})"
+    table = Table(title=title, title_justify="left", min_width=len(title))
     table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
     for key, value in rows:
@@ -223,14 +242,23 @@ def metrics_table(mig: dict[str, Any]) -> Table | None:
     return table
 
 
+def print_failure(mig: dict[str, Any], console: Console) -> None:
+    """For a migration that did not complete: why, and where the VM is (before any figures)."""
+    what = mig.get("phase", "?")
+    if what == "completed":
+        return
+    console.print(f"[bold red]migration {mig['id']} {what}[/bold red]: "
+                  f"{mig.get('error') or 'no reason given'}", highlight=False, soft_wrap=True)
+    if what in ("failed", "cancelled"):
+        console.print(f"{mig['vm']} stays on {mig['source']}", highlight=False, soft_wrap=True)
+
+
 def print_outcome(mig: dict[str, Any], console: Console) -> None:
     """A finished migration: its error first when it did not complete, then its figures."""
-    if mig.get("phase") != "completed":
-        what = mig.get("phase", "?")
-        console.print(f"[bold red]migration {mig['id']} {what}[/bold red]: "
-                      f"{mig.get('error') or 'no reason given'}", highlight=False, soft_wrap=True)
-        if what in ("failed", "cancelled"):
-            console.print(f"{mig['vm']} stays on {mig['source']}", highlight=False)
+    print_failure(mig, console)
+    if mig.get("phase") == "completed":
+        console.print(f"{mig['vm']} moved from {mig['source']} to {mig['target']}",
+                      highlight=False, soft_wrap=True)
     table = metrics_table(mig)
     if table is not None:
         console.print(table)

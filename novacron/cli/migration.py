@@ -20,7 +20,7 @@ from novacron.cli.fleet import (
     add_list_flags,
     follow_migration,
     metrics_table,
-    print_outcome,
+    print_failure,
 )
 from novacron.coordinator.client import CoordinatorClient
 
@@ -75,14 +75,11 @@ async def _show(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.json:
         _dump(mig)
         return 0
-    if mig["phase"] in ("completed", "failed", "cancelled"):
-        print_outcome(mig, console)  # the error first, then what it measured
-        console.print(summary_table(mig))
-    else:
-        console.print(summary_table(mig))
-        table = metrics_table(mig)
-        if table is not None:
-            console.print(table)
+    print_failure(mig, console)  # the error first, then what it was and what it measured
+    console.print(summary_table(mig))
+    table = metrics_table(mig)
+    if table is not None:
+        console.print(table)
     return 0
 
 
