@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pytest
 
-from novacron import __version__
+from novacron import __version__, config
 from novacron.agent.main import DAEMON as AGENT
 from novacron.cli.bench import available, bench_parser
 from novacron.cli.main import build_parser
@@ -76,6 +77,29 @@ def test_a_flag_without_help_is_found() -> None:
                                        "x y --count: default 3 not in its help"]
     finally:
         del PARSERS["x"]
+
+
+@pytest.mark.parametrize("settings", [AGENT.settings, COORDINATOR.settings])
+def test_every_setting_has_a_description(settings: type) -> None:
+    """A settings field without ``setting(help=...)`` would show only its default in --help."""
+    missing = [".".join(path) for path, (text, _default) in config.describe(settings).items()
+               if not text.strip()]
+    assert not missing, f"settings without a description: {missing}"
+
+
+@dataclass
+class Inner:
+    quiet: int = 1
+
+
+@dataclass
+class Outer:
+    port: int = config.setting(7, help="TCP port")
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_a_setting_without_description_is_found() -> None:
+    assert config.describe(Outer) == {("port",): ("TCP port", 7), ("inner", "quiet"): ("", 1)}
 
 
 def test_settings_flags_show_description_unit_and_default() -> None:
