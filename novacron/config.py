@@ -277,8 +277,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for path, tp in _leaves(cls):
         dest = "cfg__" + "__".join(path)
         text, default = docs[path]
+        shown = show_default(default)
+        if not (shown == "none" and "(empty:" in text):  # the text already says what empty means
+            text = f"{text} (default: {shown})"
         group.add_argument(flag_name(path), dest=dest, default=None, metavar=metavar(path[-1], tp),
-                           help=f"{text} (default: {show_default(default)})".replace("%", "%%"))
+                           help=text.replace("%", "%%"))
 
 
 def load(
