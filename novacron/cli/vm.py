@@ -109,8 +109,8 @@ def vm_table(vm: dict[str, Any]) -> Table:
             if key in agent:
                 table.add_row(f"agent {key}", str(agent[key]))
     elif vm.get("agent_error"):
-        error = str(vm["agent_error"])
-        table.add_row("agent", error if error.startswith("unreachable") else f"unreachable: {error}")
+        # the coordinator's words already say whether the agent was unreachable or refused
+        table.add_row("agent", str(vm["agent_error"]))
     return table
 
 
