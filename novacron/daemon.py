@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -29,6 +30,7 @@ from novacron.connlimits import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("novacron.daemon")
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,11 @@ async def start_site(app: web.Application, host: str, port: int, limits: HttpLim
     guard = HttpGuard(limits)
     app.middlewares.append(guard.middleware)  # innermost: marks the connection busy
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.idle_timeout_s)
-    await runner.setup()
+    try:
+        await runner.setup()  # the app's start-up hooks: opening the store, resuming work
+    except Exception as exc:
+        log.debug("start-up failed", exc_info=True)  # the whole story for --log-level debug
+        raise StartupError(f"start-up failed: {type(exc).__name__}: {exc}") from exc
     try:
         await GuardedSite(runner, host, port, guard, ssl_context=ssl_context).start()
     except OSError as exc:

@@ -149,3 +149,19 @@ def test_unusable_data_dir_is_one_line(script_env: dict[str, str], tmp_path: Pat
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
         f"novacron-coordinator: error: not a directory: {blocker / 'data'}"], res.stderr
+
+
+def test_unreadable_store_is_one_line(script_env: dict[str, str], tmp_path: Path) -> None:
+    """A failure in the app's start-up hooks (here a store that is not a database) is one line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "coordinator.db").write_bytes(b"not a database, just text " * 8)
+    env = dict(script_env, HOME=str(tmp_path), NOVACRON_COORDINATOR_DATA_DIR=str(data),
+               NOVACRON_COORDINATOR_ADMIN_TOKEN="adm-1-0123456789abcdef",
+               NOVACRON_COORDINATOR_AGENT_TOKEN="agt-1-0123456789abcdef", NOVACRON_COORDINATOR_PORT="0")
+    res = run(["novacron-coordinator"], env)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "novacron-coordinator: error: start-up failed: DatabaseError: file is not a database"], \
+        res.stderr
