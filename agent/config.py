@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from novacron.config import setting
 from novacron.connlimits import HttpLimits
 
 ENV_PREFIX = "NOVACRON_AGENT"
@@ -14,49 +15,51 @@ DEFAULT_CONFIG = Path("/etc/novacron/agent.toml")
 
 @dataclass
 class ImagesConfig:
-    # the only folders VM kernels, initrds and disks may come from; a spec names
-    # an image relative to one of them (empty: <state_dir>/images)
-    dirs: list[Path] = field(default_factory=list)
+    dirs: list[Path] = setting(factory=list, help="the only folders VM kernels, initrds and disks "
+                               "may come from; a spec names an image relative to one of them "
+                               "(empty: <state_dir>/images)")
 
 
 @dataclass
 class AgentConfig:
-    host: str = "127.0.0.1"  # address of the HTTP API
-    port: int = 7700
-    data_port: int = 7701  # agent-to-agent migration channel (TCP)
-    state_dir: Path = Path("/var/lib/novacron/agent")
-    token: str = ""  # bearer token required on the HTTP API
-    cluster_secret: str = ""  # authenticates agent-to-agent channels
-    name: str = ""  # host name reported to the coordinator (default: hostname)
-    coordinator_url: str = ""  # register and heartbeat here when set
-    coordinator_token: str = ""
-    # the API URL the coordinator should use for this agent (default http://<host>:<port>)
-    advertise_url: str = ""
-    log_level: str = "info"
-    # auto: boot-probe KVM (a /dev/kvm that exists may still hang guests);
-    # tcg: never use KVM; kvm: trust KVM without probing
-    accel: Literal["auto", "kvm", "tcg"] = "auto"
-    # where the KVM probe's answer is cached (empty: ~/.cache/novacron/accel-probe.json)
-    accel_cache: str = ""
-    # on exit, "keep" leaves VMs running for the next agent to adopt; "stop" powers them off
-    vms_on_exit: Literal["keep", "stop"] = "keep"
-    qemu_binary: str = "qemu-system-x86_64"
-    # append-only audit log (default <state_dir>/audit.log; a tmpfs state_dir loses it at reboot)
-    audit_file: Path | None = None
-    audit_fsync: bool = False  # fsync each audit line before replying (survives power loss)
+    host: str = setting("127.0.0.1", help="address of the HTTP API")
+    port: int = setting(7700, help="TCP port of the HTTP API; 0 picks a free one")
+    data_port: int = setting(7701, help="TCP port of the agent-to-agent migration channel")
+    state_dir: Path = setting(Path("/var/lib/novacron/agent"),
+                              help="VM state and guest RAM files (best on tmpfs or hugetlbfs)")
+    token: str = setting("", help="bearer token required on the HTTP API; required, 16+ characters")
+    cluster_secret: str = setting("", help="authenticates agent-to-agent channels, 16+ characters")
+    name: str = setting("", help="host name reported to the coordinator (empty: the hostname)")
+    coordinator_url: str = setting("", help="register and heartbeat at this coordinator when set")
+    coordinator_token: str = setting("", help="the coordinator's agent token")
+    advertise_url: str = setting("", help="the API URL the coordinator should use for this agent "
+                                 "(empty: http://<host>:<port>)")
+    log_level: str = setting("info", help="debug, info, warning or error")
+    accel: Literal["auto", "kvm", "tcg"] = setting(
+        "auto", help="auto: boot-probe KVM (a /dev/kvm that exists may still hang guests); "
+        "tcg: never use KVM; kvm: trust KVM without probing")
+    accel_cache: str = setting("", help="where the KVM probe's answer is cached "
+                               "(empty: ~/.cache/novacron/accel-probe.json)")
+    vms_on_exit: Literal["keep", "stop"] = setting(
+        "keep", help='on exit, "keep" leaves VMs running for the next agent to adopt; '
+        '"stop" powers them off')
+    qemu_binary: str = setting("qemu-system-x86_64", help="QEMU executable (a name on PATH or a path)")
+    audit_file: Path | None = setting(None, help="append-only audit log (empty: <state_dir>/audit.log;"
+                                      " a tmpfs state_dir loses it at reboot)")
+    audit_fsync: bool = setting(False, help="fsync each audit line before replying (survives power loss)")
     http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap
-    # the unprivileged user QEMU runs as when the agent is root ("": novacron-qemu
-    # if that user exists; "root": no drop, not recommended)
-    qemu_user: str = ""
+    qemu_user: str = setting("", help='the unprivileged user QEMU runs as when the agent is root '
+                             '(empty: novacron-qemu if that user exists; "root": no drop, not recommended)')
     images: ImagesConfig = field(default_factory=ImagesConfig)
+
+    # TLS (see novacron.tls): with all three the API is HTTPS and requires a client
+    # certificate from the same fleet CA (mutual TLS); the certificate is this host's identity
+    tls_cert: str = setting("", help="this host's certificate (PEM, from `novacron pki issue`)")
+    tls_key: str = setting("", help="the private key of tls_cert (PEM)")
+    tls_ca: str = setting("", help="the fleet CA certificate (PEM) that peers' certificates must chain to")
+    insecure: bool = setting(False, help="allow plain HTTP on a non-loopback address")
+    grant_key: str = setting("", help="the coordinator's migration-grant verification key "
+                             "(normally learned when registering)")
 
     def image_dirs(self) -> list[Path]:
         return list(self.images.dirs) or [self.state_dir / "images"]
-    # TLS (see novacron.tls): this host's certificate and key from the fleet CA, and the CA.
-    # With them the API is HTTPS and requires a CA-signed client certificate (mutual TLS).
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    insecure: bool = False  # allow plain HTTP on a non-loopback address
-    # the coordinator's grant-verification key; normally learned when registering
-    grant_key: str = ""

@@ -31,10 +31,10 @@ DESCRIPTION = "coordinator heartbeat ingestion rate and p99 latency with simulat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--agents", type=int, default=1000, help="simulated agents (1000)")
-    parser.add_argument("--rounds", type=int, default=5, help="heartbeats per agent (5)")
+    parser.add_argument("--agents", type=int, default=1000, help="simulated agents (default: 1000)")
+    parser.add_argument("--rounds", type=int, default=5, help="heartbeats per agent (default: 5)")
     parser.add_argument("--concurrency", type=int, default=64,
-                        help="requests in flight at once (64)")
+                        help="requests in flight at once (default: 64)")
 
 
 async def _drive(session: aiohttp.ClientSession, jobs: list[tuple[str, str, Any, str]],

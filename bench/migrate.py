@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MB/s the busy guest dirties (default 16)")
     parser.add_argument("--cap", type=float, default=50.0, help="bandwidth cap in MB/s (default 50)")
     parser.add_argument("--engines", default="novacron,qemu-tcp,qemu-multifd-zstd",
-                        help="comma-separated subset of novacron,qemu-tcp,qemu-multifd-zstd")
-    parser.add_argument("--guests", default="idle,busy", help="comma-separated subset of idle,busy")
+                        help="comma-separated subset of novacron,qemu-tcp,qemu-multifd-zstd (default: all)")
+    parser.add_argument("--guests", default="idle,busy", help="comma-separated subset of idle,busy (default: both)")
 
 
 def run(args: argparse.Namespace) -> Report:

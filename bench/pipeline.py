@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=parse_size, default=parse_size("1G"),
                         help="bytes per image, e.g. 256M or 1G (default 1G)")
     parser.add_argument("--images", default=",".join(IMAGES),
-                        help=f"comma-separated subset of {','.join(IMAGES)}")
+                        help=f"comma-separated subset of {','.join(IMAGES)} (default: all)")
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs per figure; the best is kept (default 2)")
     parser.add_argument("--level", type=int, default=1, help="zstd level (default 1)")

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arrivals", type=int, default=0, metavar="K",
                         help="VM arrivals per fleet size (default: 30 per host up to 1,000 hosts, "
                         "10,000 above)")
-    parser.add_argument("--seed", type=int, default=2017)
+    parser.add_argument("--seed", type=int, default=2017,
+                        help="random seed of the synthetic fleet and arrivals (default: 2017)")
     parser.add_argument("--rebalance-every", type=float, default=0.0, metavar="HOURS",
                         help="also carry out a rebalancing plan at this interval (default: never)")
     parser.add_argument("--rebalance-moves", type=int, default=10, metavar="N",
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start the learned policy from this JSON state and save it back "
                         "(default: learn from scratch, save nothing)")
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
-                        help="policies to compare (best-fit is always run as the reference)")
+                        help="policies to compare (default: all; best-fit is always run as the reference)")
 
 
 def _arrivals_for(hosts: int, asked: int) -> int:

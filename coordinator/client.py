@@ -87,14 +87,16 @@ class CoordinatorClient:
     async def create_vm(self, spec: dict[str, Any]) -> dict[str, Any]:
         return dict(await self.request("POST", "/vms", spec))
 
-    async def delete_vm(self, name: str) -> dict[str, Any]:
-        return dict(await self.request("DELETE", f"/vms/{name}"))
+    async def delete_vm(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        return dict(await self.request("DELETE", f"/vms/{name}" + ("?force=true" if force else "")))
 
-    async def migrate(self, vm: str, target: str,
-                      options: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def migrate(self, vm: str, target: str, options: dict[str, Any] | None = None, *,
+                      force: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {"vm": vm, "target": target}
         if options:
             body["options"] = options
+        if force:
+            body["force"] = True
         return dict(await self.request("POST", "/migrations", body))
 
     async def migration(self, mig_id: str) -> dict[str, Any]:

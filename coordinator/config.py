@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from novacron import tls
-from novacron.config import Invalid, check_port, check_secret
+from novacron.config import Invalid, check_port, check_secret, setting
 from novacron.connlimits import HttpLimits, check_http_limits
 from novacron.logs import check_level
 
@@ -18,45 +18,52 @@ DEFAULT_CONFIG = Path("/etc/novacron/coordinator.toml")
 class McpConfig:
     """The claude-flow MCP bridge: ``[mcp]`` in the file, ``NOVACRON_COORDINATOR_MCP_*``, ``--mcp-*``."""
 
-    enabled: bool = True
-    # argv of the MCP server (a TOML list; comma-separated in env/flags); empty: the pinned claude-flow
-    command: list[str] = field(default_factory=list)
-    eager: bool = False  # start claude-flow with the coordinator instead of on first use
-    call_timeout_s: float = 30.0
-    start_timeout_s: float = 60.0
-    ping_interval_s: float = 15.0  # health ping of a running claude-flow; 0: off
-    attempts: int = 3  # tries of one call across claude-flow restarts
+    enabled: bool = setting(True, help="serve the claude-flow MCP bridge")
+    command: list[str] = setting(factory=list, help="argv of the MCP server (a TOML list; "
+                                 "comma-separated in env/flags); empty: the pinned claude-flow")
+    eager: bool = setting(False, help="start claude-flow with the coordinator instead of on first use")
+    call_timeout_s: float = setting(30.0, help="seconds one MCP call may take")
+    start_timeout_s: float = setting(60.0, help="seconds claude-flow may take to start")
+    ping_interval_s: float = setting(15.0, help="seconds between health pings of a running "
+                                     "claude-flow; 0: off")
+    attempts: int = setting(3, help="tries of one call across claude-flow restarts (1..10)")
 
 
 @dataclass
 class CoordinatorConfig:
-    host: str = "127.0.0.1"
-    port: int = 7800  # 0 picks a free port; the bound URL is written to <data_dir>/listen.json
-    data_dir: Path = Path("/var/lib/novacron/coordinator")
-    admin_token: str = ""  # API token with full rights; required
-    agent_token: str = ""  # token agents use to register and heartbeat
-    log_level: str = "info"
-    heartbeat_interval_s: float = 5.0  # what agents are told to use
-    heartbeat_timeout_s: float = 20.0  # a host silent this long is marked down
-    max_body_bytes: int = 256 * 1024  # larger request bodies get 413
-    agent_timeout_s: float = 30.0  # one call to an agent's API
-    poll_interval_s: float = 0.25  # how often a running migration's status is polled
-    migration_timeout_s: float = 3600.0  # a migration not finished by then is failed
-    audit_file: Path | None = None  # append-only audit log (default <data_dir>/audit.log)
-    audit_fsync: bool = False  # fsync each audit line before replying (survives power loss)
-    # how often VM records are checked against the VMs the agents report in heartbeats
-    reconcile_interval_s: float = 30.0
+    host: str = setting("127.0.0.1", help="address the REST API listens on")
+    port: int = setting(7800, help="TCP port of the REST API; 0 picks a free one (the bound URL "
+                        "is written to <data_dir>/listen.json)")
+    data_dir: Path = setting(Path("/var/lib/novacron/coordinator"),
+                             help="directory of the fleet database, audit log and listen.json")
+    admin_token: str = setting("", help="API token with full rights; required, 16+ characters")
+    agent_token: str = setting("", help="token agents use to register and heartbeat; required, "
+                               "16+ characters, not the admin token")
+    log_level: str = setting("info", help="debug, info, warning or error")
+    heartbeat_interval_s: float = setting(5.0, help="seconds between heartbeats agents are told to use")
+    heartbeat_timeout_s: float = setting(20.0, help="seconds a host may stay silent before it is "
+                                         "marked down")
+    max_body_bytes: int = setting(256 * 1024, help="largest request body in bytes; larger ones get 413")
+    agent_timeout_s: float = setting(30.0, help="seconds one call to an agent's API may take")
+    poll_interval_s: float = setting(0.25, help="seconds between polls of a running migration's status")
+    migration_timeout_s: float = setting(3600.0, help="seconds after which an unfinished migration "
+                                         "is failed")
+    audit_file: Path | None = setting(None, help="append-only audit log (empty: <data_dir>/audit.log)")
+    audit_fsync: bool = setting(False, help="fsync each audit line before replying (survives power loss)")
+    reconcile_interval_s: float = setting(30.0, help="seconds between checks of VM records against "
+                                          "the VMs the agents report in heartbeats")
     mcp: McpConfig = field(default_factory=McpConfig)
     http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap
-    # TLS (see novacron.tls): HTTPS with this certificate; client certificates are verified
-    # against tls_ca and required from agents (their identity); the CLI may come without one.
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    insecure: bool = False  # allow plain HTTP on a non-loopback address
-    # Ed25519 key that signs migration grants (made on first start); coordinators sharing
-    # one database must share this file. Empty: <data_dir>/grant-signing.key
-    grant_key_file: str = ""
+    # TLS (see novacron.tls): client certificates are verified against tls_ca and required
+    # from agents (their identity); the CLI may come without one.
+    tls_cert: str = setting("", help="this coordinator's certificate (PEM, from `novacron pki issue`); "
+                            "with tls_key and tls_ca the API is HTTPS")
+    tls_key: str = setting("", help="the private key of tls_cert (PEM)")
+    tls_ca: str = setting("", help="the fleet CA certificate (PEM) that agents' certificates must chain to")
+    insecure: bool = setting(False, help="allow plain HTTP on a non-loopback address")
+    grant_key_file: str = setting("", help="Ed25519 key that signs migration grants, made on first "
+                                  "start; coordinators sharing one database must share it "
+                                  "(empty: <data_dir>/grant-signing.key)")
 
 
 def check_mcp(mcp: McpConfig) -> None:

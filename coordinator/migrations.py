@@ -27,6 +27,7 @@ from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
 from novacron.coordinator.models import HOST_UP, Migration
 from novacron.coordinator.reconcile import Reconciler
+from novacron.coordinator.scheduler.placer import host_in_maintenance
 from novacron.coordinator.store import Store
 from novacron.faults import crash_point
 from novacron.grants import GrantSigner
@@ -56,14 +57,16 @@ class MigrationManager:
         self._starting: set[asyncio.Task[Migration]] = set()
         self._lock = asyncio.Lock()
 
-    async def start(self, vm_name: str, target: str, options: dict[str, Any]) -> Migration:
+    async def start(self, vm_name: str, target: str, options: dict[str, Any], *,
+                    force: bool = False) -> Migration:
         """Record the migration and hand it to the source agent.
 
         The work runs in its own task, shielded from the caller: a client that
         hangs up during the agent call cannot leave the record pending and the
         VM marked migrating; the start still ends as followed or failed.
         """
-        task = asyncio.create_task(self._start(vm_name, target, options), name=f"start-{vm_name}")
+        task = asyncio.create_task(self._start(vm_name, target, options, force),
+                                   name=f"start-{vm_name}")
         self._starting.add(task)
         task.add_done_callback(self._started)
         return await asyncio.shield(task)
@@ -73,7 +76,8 @@ class MigrationManager:
         if not task.cancelled():
             task.exception()  # retrieved: a refusal nobody awaited any more is not an error
 
-    async def _start(self, vm_name: str, target: str, options: dict[str, Any]) -> Migration:
+    async def _start(self, vm_name: str, target: str, options: dict[str, Any],
+                     force: bool = False) -> Migration:
         async with self._lock:  # one check-then-start at a time: no two migrations of one VM
             vm = await self.store.get_vm(vm_name)
             if vm is None:
@@ -88,6 +92,9 @@ class MigrationManager:
                 raise ApiError(404, f"no host named {target!r}")
             if dst.state != HOST_UP:
                 raise ApiError(409, f"target host {target!r} is down")
+            if not force and await host_in_maintenance(self.store, target):
+                raise ApiError(409, f"target host {target!r} is in maintenance (force=true, "
+                               "novacron migrate --force, to move the VM there anyway)")
             if src is None or src.state != HOST_UP:
                 raise ApiError(409, f"source host {vm.host!r} is down")
             if not dst.data_port:

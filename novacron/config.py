@@ -204,16 +204,87 @@ def flag_name(path: tuple[str, ...]) -> str:
     return "--" + "-".join(path).replace("_", "-")
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str,
+            factory: Callable[[], Any] | None = None) -> Any:
+    """A settings field with its description (shown by ``--help``); ``help`` names the unit.
+
+    ``factory`` instead of ``default`` for mutable values (lists, sections).
+    """
+    meta = {"help": help}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def describe(cls: type) -> dict[tuple[str, ...], tuple[str, Any]]:
+    """Every setting's path -> (description, default); the description is '' if none was given."""
+    out: dict[tuple[str, ...], tuple[str, Any]] = {}
+
+    def walk(section: type, instance: Any, prefix: tuple[str, ...]) -> None:
+        hints = _field_types(section)
+        for f in dataclasses.fields(section):
+            value = getattr(instance, f.name)
+            if _is_section(hints[f.name]):
+                walk(hints[f.name], value, (*prefix, f.name))
+            else:
+                out[(*prefix, f.name)] = (str(f.metadata.get("help", "")), value)
+
+    walk(cls, cls(), ())
+    return out
+
+
+def show_default(value: Any) -> str:
+    """A default as it would be written in a flag: lists comma-separated, '' as (empty)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if value is None or value == "":
+        return "none"
+    return str(value)
+
+
+def metavar(name: str, tp: Any) -> str:
+    """What a flag takes, from its type and the unit its name ends in."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    if origin is list:
+        return "A,B,..."
+    if tp is bool:
+        return "{true,false}"
+    for suffix, unit in (("log_level", "LEVEL"), ("host", "ADDRESS"), ("_ms", "MS"), ("_s", "SECONDS"), ("_bytes", "BYTES"), ("port", "PORT"),
+                         ("token", "TOKEN"), ("secret", "SECRET"), ("url", "URL")):
+        if name.endswith(suffix):
+            return unit
+    if tp is Path:
+        return "PATH"
+    if tp in (int, float):
+        return "N"
+    return "TEXT"
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one ``--section-key`` flag per setting; unset flags stay ``None``."""
+    """Add one ``--section-key`` flag per setting; unset flags stay ``None``.
+
+    The help is the field's description (``setting(help=...)``) and its default.
+    """
     group = parser.add_argument_group("settings (override the config file and environment)")
+    docs = describe(cls)
     for path, tp in _leaves(cls):
         dest = "cfg__" + "__".join(path)
+        text, default = docs[path]
+        shown = show_default(default)
+        if not (shown == "none" and "(empty:" in text):  # the text already says what empty means
+            text = f"{text} (default: {shown})"
+        extra: dict[str, Any] = {}
         if tp is bool:  # "--insecure" alone means true; "--insecure false" still works
-            group.add_argument(flag_name(path), dest=dest, default=None, nargs="?", const="true",
-                               metavar=path[-1].upper())
-            continue
-        group.add_argument(flag_name(path), dest=dest, default=None, metavar=path[-1].upper())
+            extra = {"nargs": "?", "const": "true"}
+        group.add_argument(flag_name(path), dest=dest, default=None, metavar=metavar(path[-1], tp),
+                           help=text.replace("%", "%%"), **extra)
 
 
 def load(

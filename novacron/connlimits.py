@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from novacron.config import Invalid
+from novacron.config import Invalid, setting
 
 log = logging.getLogger("novacron.connections")
 
@@ -213,11 +213,14 @@ def rate_limited_exception_handler(interval: float = 10.0) -> Callable[[asyncio.
 class HttpLimits:
     """``[http]`` of both daemons: how long a client may take and how many it may hold."""
 
-    # the request head (request line + headers) must be complete this long after the
-    # connection opens or after the first byte of a later request (slowloris)
-    header_timeout_s: float = 10.0
-    idle_timeout_s: float = 30.0  # a kept-alive connection with no request is closed after this
-    max_connections: int = 0  # 0: half the process's file-descriptor limit
+    # the request head must be complete this long after the connection opens or after the
+    # first byte of a later request (slowloris)
+    header_timeout_s: float = setting(10.0, help="seconds a client has to send a complete request "
+                                      "head (request line + headers)")
+    idle_timeout_s: float = setting(30.0, help="seconds after which a kept-alive connection with "
+                                    "no request is closed")
+    max_connections: int = setting(0, help="cap on open HTTP connections (the oldest idle one is "
+                                   "evicted first); 0: half the process's file-descriptor limit")
 
     def connections(self) -> int:
         return self.max_connections or default_max_connections()

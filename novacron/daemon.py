@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 
-from novacron import config, logs
+from novacron import __version__, config, logs
 from novacron.connlimits import (
     GuardedSite,
     HttpGuard,
@@ -28,6 +30,7 @@ from novacron.connlimits import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("novacron.daemon")
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,9 @@ class Daemon(Generic[T]):
             epilog=f"Config file: --config, ${self.env_prefix}_CONFIG or {self.default_config}. "
             f"Every setting can also be given as ${self.env_prefix}_<KEY>.",
         )
-        parser.add_argument("--config", help="TOML config file")
+        parser.add_argument("--version", action="version", version=f"{self.prog} {__version__}")
+        parser.add_argument("--config", metavar="PATH",
+                            help=f"TOML config file (default: {self.default_config} if it exists)")
         config.add_flags(parser, self.settings)
         return parser
 
@@ -74,7 +79,34 @@ class Daemon(Generic[T]):
             asyncio.run(run())
         except KeyboardInterrupt:
             pass
+        except StartupError as exc:
+            raise SystemExit(f"{self.prog}: error: {exc}") from None
+        except OSError as exc:  # e.g. a data dir it may not create: one line, not a traceback
+            raise SystemExit(f"{self.prog}: error: {describe_os_error(exc)}") from None
         return 0
+
+
+class StartupError(Exception):
+    """The daemon cannot start (port taken, store unusable...): one line for the operator."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``Permission denied: /var/lib/x`` rather than ``[Errno 13] Permission denied: '/var/lib/x'``."""
+    if exc.strerror and exc.filename is not None:
+        return f"{exc.strerror.lower()}: {exc.filename}"
+    return exc.strerror.lower() if exc.strerror else str(exc)
+
+
+class ListenError(StartupError, OSError):
+    """The address cannot be bound; keeps ``errno`` for callers that look at it."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        where = f"[{host}]" if ":" in host else host
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        OSError.__init__(self, exc.errno or 0, f"cannot listen on {where}:{port}: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 async def start_site(app: web.Application, host: str, port: int, limits: HttpLimits | None = None, *,
@@ -88,9 +120,16 @@ async def start_site(app: web.Application, host: str, port: int, limits: HttpLim
     guard = HttpGuard(limits)
     app.middlewares.insert(0, guard.middleware)  # outermost: every request marks its connection busy
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.idle_timeout_s)
-    await runner.setup()
+    try:
+        await runner.setup()  # the app's start-up hooks: opening the store, resuming work
+    except Exception as exc:
+        log.debug("start-up failed", exc_info=True)  # the whole story for --log-level debug
+        raise StartupError(f"start-up failed: {type(exc).__name__}: {exc}") from exc
     try:
         await GuardedSite(runner, host, port, guard, ssl_context=ssl_context).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(host, port, exc) from None
     except BaseException:
         await runner.cleanup()
         raise

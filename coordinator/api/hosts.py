@@ -48,6 +48,7 @@ from novacron.coordinator.api.keys import CONFIG, GRANTS, IDENTITIES, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
 from novacron.coordinator.identity import MIN_TOKEN_CHARS, describe, request_identity
 from novacron.coordinator.models import HOST_UP, Host
+from novacron.coordinator.scheduler.placer import ATTRS, in_maintenance, load_attrs, set_maintenance
 
 log = logging.getLogger("novacron.coordinator.hosts")
 routes = RouteTable("hosts", "Hypervisor hosts and their agents")
@@ -163,18 +164,48 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 @routes.get("/hosts", "List hosts", response=schemas.list_of("hosts", schemas.HOST))
 async def list_hosts(request: web.Request) -> web.Response:
-    hosts = await request.app[STORE].list_hosts()
+    store = request.app[STORE]
+    hosts = await store.list_hosts()
+    attrs = await load_attrs(store)
     # strict dumps: a load of NaN stored by an older version must not make the list invalid JSON
-    return web.json_response({"hosts": [h.public() for h in hosts]}, dumps=httpjson.dumps)
+    return web.json_response({"hosts": [_public(h, attrs.get(h.name)) for h in hosts]},
+                             dumps=httpjson.dumps)
+
+
+def _public(host: Host, attrs: dict[str, Any] | None) -> dict[str, Any]:
+    return {**host.public(), "maintenance": in_maintenance(attrs)}
 
 
 @routes.get("/hosts/{name}", "One host", response=schemas.HOST)
 async def get_host(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    host = await request.app[STORE].get_host(name)
+    store = request.app[STORE]
+    host = await store.get_host(name)
     if host is None:
         raise ApiError(404, f"no host named {name!r}")
-    return web.json_response(host.public(), dumps=httpjson.dumps)
+    return web.json_response(_public(host, await store.get_doc(ATTRS, name)), dumps=httpjson.dumps)
+
+
+MAINTENANCE: dict[str, Any] = {
+    "type": "object", "additionalProperties": False, "required": ["maintenance"],
+    "properties": {"maintenance": {"type": "boolean",
+                                   "description": "true: take no new VMs (placement or migration)"}},
+}
+
+
+@routes.put("/hosts/{name}/maintenance", "Enter or leave maintenance: a host in maintenance gets "
+            "no new VMs and no migrations unless forced; its VMs keep running",
+            request=MAINTENANCE, response=schemas.HOST, errors=(404,))
+async def put_maintenance(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    store = request.app[STORE]
+    host = await store.get_host(name)
+    if host is None:
+        raise ApiError(404, f"no host named {name!r}")
+    on = bool(json_body(request)["maintenance"])
+    await set_maintenance(store, name, on)
+    log.info("host maintenance " + ("on" if on else "off"), extra={"host": name})
+    return web.json_response(_public(host, await store.get_doc(ATTRS, name)), dumps=httpjson.dumps)
 
 
 @routes.delete("/hosts/{name}", "Forget a host that runs no VMs (retire=true: release its name)",

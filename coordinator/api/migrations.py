@@ -23,6 +23,7 @@ START: dict[str, Any] = {
     "properties": {
         "vm": schemas.NAME,
         "target": schemas.NAME,
+        "force": {"type": "boolean", "description": "move to a host in maintenance all the same"},
         "options": {
             "type": "object",
             "additionalProperties": False,
@@ -50,7 +51,8 @@ KEEPALIVE_S = 15.0
              response=schemas.MIGRATION, status=202, errors=(404, 409, 502))
 async def start(request: web.Request) -> web.Response:
     body = json_body(request)
-    mig = await request.app[MIGRATIONS].start(body["vm"], body["target"], body.get("options", {}))
+    mig = await request.app[MIGRATIONS].start(body["vm"], body["target"], body.get("options", {}),
+                                              force=bool(body.get("force", False)))
     return web.json_response(mig.public(), status=202)
 
 

@@ -31,6 +31,7 @@ from novacron.coordinator.scheduler.placer import (
     ATTRS,
     SchedulerPlacer,
     build_fleet,
+    host_in_maintenance,
     load_attrs,
     load_policy,
     save_policy,
@@ -165,6 +166,8 @@ async def put_host_attrs(request: web.Request) -> web.Response:
     if await store.get_host(name) is None:
         raise ApiError(404, f"no host named {name!r}")
     attrs = {k: v for k, v in json_body(request).items() if k in ATTR_FIELDS}
+    if "enabled" not in attrs and await host_in_maintenance(store, name):
+        attrs["enabled"] = False  # a price change does not end maintenance (host maintenance off)
     try:
         parse_host({"id": name, "vcpus": 1, "memory_mib": 1, **attrs}, f"host {name}")
     except SchedulerInputError as exc:

@@ -20,6 +20,8 @@ HOST: dict[str, Any] = {
         "version": {"type": "string"}, "vms": {"type": "array", "items": {"type": "string"}},
         "load": {"type": ["number", "null"]},
         "registered_at": {"type": "number"}, "last_heartbeat": {"type": "number"},
+        "maintenance": {"type": "boolean",
+                        "description": "no VM is placed on or migrated to it (but with force)"},
     },
 }
 

@@ -237,7 +237,10 @@ async def delete_vm(request: web.Request) -> web.Response:
         return web.json_response({"deleted": name})
     vm, host = await _vm_and_host(request)
     if vm.state == "migrating":
-        raise ApiError(409, f"VM {vm.name!r} is migrating; cancel the migration first")
+        active = [m.id for m in await request.app[STORE].active_migrations() if m.vm == vm.name]
+        which = active[0] if active else "ID"
+        raise ApiError(409, f"VM {vm.name!r} is migrating; cancel the migration first "
+                       f"(novacron migration cancel {which})")
     # delete the VM where it really runs, not only where the record says
     reconciler = request.app[RECONCILER]
     vm = await reconciler.reconcile_vm(vm, (await reconciler.reported_by()).get(vm.name, []))
@@ -249,7 +252,8 @@ async def delete_vm(request: web.Request) -> web.Response:
     except AgentError as exc:
         # force=true forgets a VM whose host is gone for good.
         if exc.status != 404 and not force:
-            raise _agent_failure(exc, f"deleting on {host.name} (force=true to forget it)") \
+            raise _agent_failure(exc, f"deleting on {host.name} (force=true, "
+                                 "novacron vm delete --force, to forget it)") \
                 from None
     await request.app[STORE].delete_vm(vm.name)
     log.info("vm deleted", extra={"vm": vm.name, "host": host.name})

@@ -83,6 +83,26 @@ async def load_attrs(store: Store) -> dict[str, dict[str, Any]]:
     return dict(await store.list_docs(ATTRS))
 
 
+# Maintenance is the scheduler attribute ``enabled: false``: one flag, read by placement,
+# migration checks and the host list alike.
+def in_maintenance(attrs: dict[str, Any] | None) -> bool:
+    return attrs is not None and attrs.get("enabled") is False
+
+
+async def host_in_maintenance(store: Store, name: str) -> bool:
+    return in_maintenance(await store.get_doc(ATTRS, name))
+
+
+async def set_maintenance(store: Store, name: str, on: bool) -> None:
+    """Enter or leave maintenance, keeping the host's other scheduler attributes."""
+    attrs = dict(await store.get_doc(ATTRS, name) or {})
+    if on:
+        attrs["enabled"] = False
+    else:
+        attrs.pop("enabled", None)
+    await store.put_doc(ATTRS, name, attrs)
+
+
 async def load_policy(store: Store) -> tuple[bool, BanditPolicy]:
     """(enabled, policy) from the store; a damaged document is reported and replaced
     by a fresh, disabled policy rather than breaking VM creation."""

@@ -169,9 +169,10 @@ class Scheduler:
         if not obj.power_on[pos]:
             empty = int(np.count_nonzero(obj.power_on))
             if empty:
-                parts.append(f"uses a running host instead of powering on one of {empty} empty hosts")
+                parts.append(f"uses a running host instead of one of {empty} empty hosts (an empty host "
+                             "starts costing its cost_per_hour)")
         elif obj.power_on.all():
-            parts.append("no running host could take it, so an empty host is powered on")
+            parts.append("no running host could take it, so it goes to an empty host (which starts costing)")
         else:
-            parts.append("powers on an empty host: its gains outweigh the power-on cost at these weights")
+            parts.append("uses an empty host: its gains outweigh that host's cost at these weights")
         return "; ".join(parts)

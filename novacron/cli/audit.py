@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actor", help="only this credential (admin, agent, ...)")
     p.add_argument("--action", help="only actions containing this (e.g. migrat, DELETE)")
     p.add_argument("--target", help="only this target (a VM or host name)")
-    p.add_argument("--result", choices=("ok", "refused", "error"))
+    p.add_argument("--result", choices=("ok", "refused", "error"), help="only entries with this result")
     p.add_argument("--host", help="read this host agent's audit log instead")
     p.add_argument("--limit", type=int, default=100, help=f"at most N entries (1..{MAX_QUERY_LIMIT}, default 100)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -37,6 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def bench_parser(name: str) -> argparse.ArgumentParser:
+    """The options of one benchmark (``novacron bench NAME --help``)."""
+    module = importlib.import_module(f"novacron.bench.{name}")
+    parser = argparse.ArgumentParser(prog=f"novacron bench {name}", description=module.DESCRIPTION)
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    module.add_arguments(parser)
+    return parser
+
+
 def run(args: argparse.Namespace) -> int:
     names = available()
     if args.name not in names:
@@ -44,10 +53,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(f"novacron.bench.{args.name}")
-    parser = argparse.ArgumentParser(prog=f"novacron bench {args.name}", description=module.DESCRIPTION)
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    module.add_arguments(parser)
-    bench_args = parser.parse_args(args.rest)
+    bench_args = bench_parser(args.name).parse_args(args.rest)
     bench_args.settings = args.settings
     report = module.run(bench_args)
     report.print(json_output=bench_args.json)

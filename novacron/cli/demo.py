@@ -36,11 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "test guest on one, live-migrates it to the other through the "
                        "coordinator with a progress bar, prints the metrics and checks the "
                        "guest kept running. Cleans up after itself, also on Ctrl-C.")
-    p.add_argument("--memory-mb", type=int, default=256, help="guest RAM (256)")
+    p.add_argument("--memory-mb", type=int, default=256, help="guest RAM in MiB (default: 256)")
     p.add_argument("--workload-mb", type=int, default=64,
-                   help="guest working set the workload dirties and verifies (64)")
-    p.add_argument("--rate-mb", type=int, default=8, help="MB/s the guest dirties (8)")
-    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+                   help="guest working set in MiB the workload dirties and verifies (default: 64)")
+    p.add_argument("--rate-mb", type=int, default=8, help="MB/s the guest dirties (default: 8)")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
+                   help="accelerator of the agents (default: auto, probe KVM)")
     p.add_argument("--bandwidth-mbps", type=float, help="cap the migration's page data at this many MB/s")
     p.add_argument("--keep", action="store_true", help="keep the work directory (for debugging)")
     p.set_defaults(func=main)
@@ -91,7 +92,7 @@ async def wait_heartbeat(serial_log: Path, timeout_s: float, *, boot: str | None
 async def run_demo(args: argparse.Namespace, workdir: Path, console: Console) -> None:
     from novacron.agent.guest import ensure_guest
     from novacron.agent.local import LocalAgent, LocalAgentError
-    from novacron.cli.fleet import follow_migration, metrics_table
+    from novacron.cli.fleet import follow_migration, print_outcome
     from novacron.coordinator.client import ApiClientError, CoordinatorClient
     from novacron.coordinator.local import CoordinatorStartError, LocalCoordinator
 
@@ -156,7 +157,7 @@ async def run_demo(args: argparse.Namespace, workdir: Path, console: Console) ->
             except TimeoutError:
                 raise DemoError(f"migration did not finish in {MIGRATE_TIMEOUT_S:.0f} s") \
                     from None
-            console.print(metrics_table(mig))
+            print_outcome(mig, console)  # a failure: its error first
             if mig["phase"] != "completed":
                 raise DemoError(f"migration ended {mig['phase']}: {mig.get('error')}")
 

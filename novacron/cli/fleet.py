@@ -5,17 +5,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlencode
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from novacron import tls
+from novacron.agent.migration.options import MigrationOptions
 from novacron.coordinator.client import ApiClientError, CoordinatorClient
+
+AGENT_DEFAULTS = MigrationOptions()  # what the source agent uses for an option not given
 
 # Where each phase sits on the progress bar (pre-copy fills 10-75 % by round).
 PHASE_PCT = {"pending": 0, "prepare": 5, "precopy": 10, "stopcopy": 80, "postcopy": 85,
@@ -24,6 +31,7 @@ PHASE_PCT = {"pending": 0, "prepare": 5, "precopy": 10, "stopcopy": 80, "postcop
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hosts", help="list hosts and their agents")
+    p.add_argument("--wide", action="store_true", help="also show each host's agent URL")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _run(a, _hosts))
 
@@ -31,20 +39,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _run(a, _vms))
 
-    p = sub.add_parser("migrations", help="migration history, newest first")
-    p.add_argument("--vm", help="only this VM's migrations")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("migrations", help="migration history, newest first "
+                       "(same as 'migration list')")
+    add_list_flags(p)
     p.set_defaults(func=lambda a: _run(a, _migrations))
 
     p = sub.add_parser("migrate", help="live-migrate a VM to another host, showing progress",
                        description="Live-migrate VM to HOST through the coordinator. Shows a "
                        "progress bar, then the metrics. Ctrl-C cancels the migration.")
-    p.add_argument("vm", metavar="VM")
-    p.add_argument("--to", required=True, metavar="HOST", dest="target")
-    p.add_argument("--bandwidth-mbps", type=float, help="cap on page data in MB/s (0 = unlimited)")
-    p.add_argument("--downtime-ms", type=float, help="pause budget of stop-and-copy in ms")
-    p.add_argument("--max-rounds", type=int, help="pre-copy round limit")
-    p.add_argument("--no-wait", action="store_true", help="start it and return at once")
+    p.add_argument("vm", metavar="VM", help="name of the VM to move")
+    p.add_argument("--to", required=True, metavar="HOST", dest="target", help="target host name")
+    p.add_argument("--bandwidth-mbps", type=float, metavar="MB/S",
+                   help=f"cap on page data in MB/s, 0 = unlimited (default: {AGENT_DEFAULTS.bandwidth_mbps:g})")
+    p.add_argument("--downtime-ms", type=float, metavar="MS",
+                   help=f"pause budget of stop-and-copy in ms (default: {AGENT_DEFAULTS.downtime_ms:g})")
+    p.add_argument("--max-rounds", type=int, metavar="N",
+                   help=f"pre-copy rounds before stop-and-copy (default: {AGENT_DEFAULTS.max_rounds})")
+    p.add_argument("--force", action="store_true",
+                   help="move it even if the target host is in maintenance")
+    p.add_argument("--no-wait", action="store_true",
+                   help="start it, print its id (for 'novacron migration show ID') and return")
     p.add_argument("--json", action="store_true", help="print the final migration as JSON")
     p.set_defaults(func=lambda a: _run(a, _migrate))
 
@@ -70,7 +84,8 @@ def _run(args: argparse.Namespace, fn: Callable[[CoordinatorClient, argparse.Nam
     try:
         return asyncio.run(go())
     except ApiClientError as exc:
-        print(f"novacron: error: {exc}", file=sys.stderr)
+        print(f"novacron: error: {name_flags(str(exc), getattr(args, 'flag_names', {}))}",
+              file=sys.stderr)
         return 1
 
 
@@ -78,6 +93,17 @@ async def _forget(client: CoordinatorClient, args: argparse.Namespace) -> int:
     doc = await client.forget_host(args.name, retire=not args.keep_identity)
     print(f"host {doc['deleted']} " + ("retired" if doc.get("retired") else "forgotten"))
     return 0
+# "body.options.max_rounds: ...", "body.placement.region: ...", "query parameter 'limit': ..."
+_API_FIELD = re.compile(r"\b(?:body|vm)(?:\.\w+)*\.(\w+)(?=:)|query parameter '(\w+)'")
+
+
+def name_flags(message: str, flags: dict[str, str]) -> str:
+    """An API error with the JSON path of a field the user gave as a flag named by that flag."""
+    def repl(m: re.Match[str]) -> str:
+        field = m.group(1) or m.group(2)
+        return flags.get(field, m.group(0))
+
+    return _API_FIELD.sub(repl, message)
 
 
 def _dump(doc: Any) -> None:
@@ -107,16 +133,29 @@ async def _hosts(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.json:
         _dump(hosts)
         return 0
-    table = Table(title="Hosts", title_justify="left")
-    for col in ("name", "state", "agent", "cpus", "memory", "free", "vms", "heartbeat"):
-        table.add_column(col, justify="right" if col in ("cpus", "memory", "free") else "left")
-    for h in hosts:
-        state = "[green]up[/green]" if h["state"] == "up" else "[red]down[/red]"
-        table.add_row(h["name"], state, h["url"], str(h["cpus"]), human_bytes(h["memory_bytes"]),
-                      human_bytes(h["memory_available_bytes"]), ", ".join(h.get("vms", [])) or "-",
-                      _age(h.get("last_heartbeat", 0)))
+    table = list_table("Hosts")
+    id_column(table, "name", [h["name"] for h in hosts])
+    states = [host_state(h) for h in hosts]
+    id_column(table, "state", [Text.from_markup(s).plain for s in states])
+    for col in ("cpus", "memory", "free"):
+        table.add_column(col, justify="right", min_width=len(col))
+    table.add_column("seen", min_width=4)  # the last heartbeat
+    table.add_column("vms", overflow="fold")
+    if args.wide:
+        table.add_column("agent", overflow="fold")
+    for h, state in zip(hosts, states, strict=True):
+        table.add_row(h["name"], state, str(h["cpus"]), human_bytes(h["memory_bytes"]),
+                      human_bytes(h["memory_available_bytes"]), _age(h.get("last_heartbeat", 0)),
+                      ", ".join(h.get("vms", [])) or "-", *([h["url"]] if args.wide else []))
     Console().print(table if hosts else "no hosts registered")
     return 0
+
+
+def host_state(h: dict[str, Any]) -> str:
+    """up, down or maintenance (no new VMs: 'novacron host maintenance NAME off' ends it)."""
+    if h["state"] != "up":
+        return "[red]down[/red]" + (", maintenance" if h.get("maintenance") else "")
+    return "[yellow]maintenance[/yellow]" if h.get("maintenance") else "[green]up[/green]"
 
 
 async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
@@ -124,8 +163,10 @@ async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.json:
         _dump(vms)
         return 0
-    table = Table(title="VMs", title_justify="left")
-    for col in ("name", "host", "state", "vcpus", "memory"):
+    table = list_table("VMs")
+    id_column(table, "name", [v["name"] for v in vms])
+    id_column(table, "host", [v["host"] for v in vms])
+    for col in ("state", "vcpus", "memory"):
         table.add_column(col)
     for v in vms:
         table.add_row(v["name"], v["host"], v["state"], str(v["spec"].get("vcpus", "-")),
@@ -134,21 +175,42 @@ async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def add_list_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vm", help="only this VM's migrations")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N, newest first (default: 100)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def list_table(title: str) -> Table:
+    """A listing with light rules, so narrow terminals leave more room to the columns."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                 collapse_padding=True)
+
+
+def id_column(table: Table, header: str, values: list[str], **kw: Any) -> None:
+    """A column that is never cut or wrapped: names and IDs must stay copyable at any width."""
+    width = max([len(header), *map(len, values)])
+    table.add_column(header, no_wrap=True, min_width=width, **kw)
+
+
 async def _migrations(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    path = "/migrations" + (f"?vm={args.vm}" if args.vm else "")
-    migs = (await client.request("GET", path))["migrations"]
+    query = {k: v for k in ("vm", "limit") if (v := getattr(args, k)) is not None}
+    migs = (await client.request("GET", "/migrations" + (f"?{urlencode(query)}" if query else "")))[
+        "migrations"]
     if args.json:
         _dump(migs)
         return 0
-    table = Table(title="Migrations", title_justify="left")
-    for col in ("id", "vm", "from", "to", "phase", "downtime", "total", "started"):
-        table.add_column(col)
+    table = list_table("Migrations")
+    id_column(table, "id", [m["id"] for m in migs])
+    id_column(table, "vm", [m["vm"] for m in migs])
+    for col in ("from", "to", "phase", "downtime", "total", "started"):  # these give way
+        table.add_column(col, overflow="fold")
     for m in migs:
         met = m.get("metrics", {})
         table.add_row(m["id"], m["vm"], m["source"], m["target"], m["phase"],
                       _fmt_metric("downtime_ms", met.get("downtime_ms")),
                       _fmt_metric("total_s", met.get("total_s")),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created_at"])))
+                      time.strftime("%m-%d %H:%M:%S", time.localtime(m["created_at"])))
     Console().print(table if migs else "no migrations")
     return 0
 
@@ -175,18 +237,46 @@ def _fmt_metric(key: str, value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def metrics_table(mig: dict[str, Any]) -> Table:
-    table = Table(title=f"Migration {mig['id']}: {mig['vm']} {mig['source']} -> {mig['target']}"
-                  f" ({mig['phase']})", title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("rounds", str(mig.get("round", 0)))
+def metrics_table(mig: dict[str, Any]) -> Table | None:
+    """The migration's metrics; for one that did not complete only those that are not zero."""
+    ok = mig.get("phase") == "completed"
+    rows = [("rounds", str(mig.get("round", 0)))] if ok or mig.get("round") else []
     for key, value in sorted(mig.get("metrics", {}).items()):
-        if not isinstance(value, (dict, list)):  # nested detail is in --json
-            table.add_row(key, _fmt_metric(key, value))
-    if mig.get("error"):
-        table.add_row("error", str(mig["error"]))
+        if isinstance(value, (dict, list)):  # nested detail is in --json
+            continue
+        if ok or (value not in (0, 0.0, None, "", False)):
+            rows.append((key, _fmt_metric(key, value)))
+    if not rows:
+        return None
+    title = f"Migration {mig['id']} ({mig['phase']})"
+    table = Table(title=title, title_justify="left", min_width=len(title))
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
     return table
+
+
+def print_failure(mig: dict[str, Any], console: Console) -> None:
+    """For a migration that did not complete: why, and where the VM is (before any figures)."""
+    what = mig.get("phase", "?")
+    if what == "completed":
+        return
+    console.print(f"[bold red]migration {mig['id']} {what}[/bold red]: "
+                  f"{mig.get('error') or 'no reason given'}", highlight=False, soft_wrap=True)
+    if what in ("failed", "cancelled"):
+        console.print(f"{mig['vm']} stays on {mig['source']}", highlight=False, soft_wrap=True)
+
+
+def print_outcome(mig: dict[str, Any], console: Console) -> None:
+    """A finished migration: its error first when it did not complete, then its figures."""
+    print_failure(mig, console)
+    if mig.get("phase") == "completed":
+        console.print(f"{mig['vm']} moved from {mig['source']} to {mig['target']}",
+                      highlight=False, soft_wrap=True)
+    table = metrics_table(mig)
+    if table is not None:
+        console.print(table)
 
 
 def progress_pct(mig: dict[str, Any], max_rounds: int) -> float:
@@ -226,7 +316,7 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("bandwidth_mbps", args.bandwidth_mbps),
                                  ("downtime_ms", args.downtime_ms),
                                  ("max_rounds", args.max_rounds)) if v is not None}
-    mig = await client.migrate(args.vm, args.target, options)
+    mig = await client.migrate(args.vm, args.target, options, force=args.force)
     if args.no_wait:
         _dump(mig) if args.json else print(mig["id"])
         return 0
@@ -247,5 +337,5 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.json:
         _dump(mig)
     else:
-        console.print(metrics_table(mig))
+        print_outcome(mig, console)
     return 0 if mig["phase"] == "completed" else 1

@@ -17,6 +17,8 @@ from novacron import __version__, config, logs
 COMMAND_MODULES = [
     "novacron.cli.bench",
     "novacron.cli.fleet",
+    "novacron.cli.migration",
+    "novacron.cli.host",
     "novacron.cli.vm",
     "novacron.cli.swarm",
     "novacron.cli.placement",
@@ -47,16 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive a NovaCron fleet: hosts, VMs, live migration, placement, tasks.",
     )
     parser.add_argument("--version", action="version", version=f"novacron {__version__}")
-    parser.add_argument("--config", help="TOML config file (default ~/.config/novacron/cli.toml)")
-    parser.add_argument("--server", dest="cfg__server", help="coordinator URL ($NOVACRON_SERVER)")
-    parser.add_argument("--token", dest="cfg__token", help="API token ($NOVACRON_TOKEN)")
-    parser.add_argument("--ca", dest="cfg__ca", help="CA file that verifies an https coordinator "
-                        "($NOVACRON_CA; default: the system's CAs)")
-    parser.add_argument("--log-level", dest="cfg__log_level", help="log level (default warning)")
+    parser.add_argument("--config", metavar="PATH",
+                        help="TOML config file (default: ~/.config/novacron/cli.toml if it exists; "
+                        "$NOVACRON_CONFIG)")
+    parser.add_argument("--server", dest="cfg__server", metavar="URL",
+                        help=f"coordinator URL (default: {CliConfig.server}; $NOVACRON_SERVER)")
+    parser.add_argument("--token", dest="cfg__token", metavar="TOKEN",
+                        help="API token (default: none; $NOVACRON_TOKEN)")
+    parser.add_argument("--ca", dest="cfg__ca", metavar="PATH",
+                        help="CA file that verifies an https coordinator "
+                        "(default: the system's CAs; $NOVACRON_CA)")
+    parser.add_argument("--log-level", dest="cfg__log_level", metavar="LEVEL",
+                        help=f"debug, info, warning or error (default: {CliConfig.log_level}; "
+                        "$NOVACRON_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def flag_names(parser: argparse.ArgumentParser, func: object) -> dict[str, str]:
+    """dest -> how the user wrote it (``--memory-mb``, ``NAME``) in the subcommand running ``func``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found = flag_names(sub, func)
+                if found:
+                    return found
+    if parser._defaults.get("func") is not func:
+        return {}
+    return {a.dest: (next((o for o in a.option_strings if o.startswith("--")), "")
+                     or str(a.metavar or a.dest.upper()))
+            for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
 
 
 def load_config(args: argparse.Namespace) -> CliConfig:
@@ -76,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args.settings = load_config(args)
+    args.flag_names = flag_names(parser, args.func)  # for errors that name an API field
     logs.setup(args.settings.log_level, fmt="text")
     logs.register_secret(args.settings.token)
     try:

@@ -8,26 +8,36 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from novacron.cli.fleet import _dump, _run, human_bytes
+from novacron.cli.fleet import _dump, _run, human_bytes, id_column
 from novacron.coordinator.client import CoordinatorClient
+from novacron.coordinator.scheduler.rebalance import RebalanceOptions
+from novacron.coordinator.scheduler.strategies import STRATEGIES
+
+DEFAULTS = RebalanceOptions()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("place", help="where would a VM go, and why (dry run, changes nothing)")
-    p.add_argument("--vcpus", type=int, required=True)
-    p.add_argument("--memory-mb", type=int, required=True)
+    p.add_argument("--vcpus", type=int, required=True, metavar="N", help="virtual CPUs of the VM")
+    p.add_argument("--memory-mb", type=int, required=True, metavar="MIB", help="guest RAM in MiB")
     p.add_argument("--name", help="VM name (for affinity rules of later VMs)")
     add_preference_flags(p)
-    p.add_argument("--strategy", help="balanced (default), cost, performance, latency ...")
+    p.add_argument("--strategy", choices=STRATEGIES,
+                   help="how to weigh hosts: balanced (default), pack (fewest busy hosts), latency, "
+                   "or a baseline: first-fit, best-fit, spread")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _run(a, _place))
 
     p = sub.add_parser("rebalance", help="propose migrations that free hosts or relieve hot ones "
                        "(a plan; nothing moves)")
-    p.add_argument("--max-migrations", type=int, help="cap on moves in the plan (default 10)")
-    p.add_argument("--hot-threshold", type=float, help="utilisation above which a host is hot")
-    p.add_argument("--drain-threshold", type=float, help="utilisation below which a host is drained")
-    p.add_argument("--bandwidth-mbps", type=float, help="link speed used to estimate move time")
+    p.add_argument("--max-migrations", type=int, metavar="N",
+                   help=f"cap on moves in the plan (default: {DEFAULTS.max_migrations})")
+    p.add_argument("--hot-threshold", type=float, metavar="FRACTION",
+                   help=f"utilisation (0..1) above which a host is hot (default: {DEFAULTS.hot_threshold})")
+    p.add_argument("--drain-threshold", type=float, metavar="FRACTION",
+                   help=f"utilisation (0..1) below which a host is emptied (default: {DEFAULTS.drain_threshold})")
+    p.add_argument("--bandwidth-mbps", type=float, metavar="MBIT/S",
+                   help=f"link speed in Mbit/s used to estimate move time (default: {DEFAULTS.bandwidth_mbps:g})")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _run(a, _rebalance))
 
@@ -37,9 +47,11 @@ PREFERENCES = ("priority", "region", "max_latency_ms", "affinity", "anti_affinit
 
 def add_preference_flags(p: argparse.ArgumentParser) -> None:
     """The scheduler's placement preferences, shared by ``place`` and ``vm create``."""
-    p.add_argument("--priority", choices=["low", "normal", "high"])
+    p.add_argument("--priority", choices=["low", "normal", "high"],
+                   help="placement priority (default: normal)")
     p.add_argument("--region", help="user region the VM should be close to")
-    p.add_argument("--max-latency-ms", type=float, help="refuse hosts farther than this from --region")
+    p.add_argument("--max-latency-ms", type=float, metavar="MS",
+                   help="refuse hosts farther than this many ms from --region")
     p.add_argument("--affinity", action="append", metavar="VM", help="place beside this VM")
     p.add_argument("--anti-affinity", action="append", metavar="VM", help="keep away from this VM")
 
@@ -85,13 +97,17 @@ async def _rebalance(client: CoordinatorClient, args: argparse.Namespace) -> int
         return 0
     table = Table(title="Rebalancing plan (run each with: novacron migrate VM --to HOST)",
                   title_justify="left")
-    for col in ("vm", "from", "to", "why", "memory", "est. time"):
+    for col, key in (("vm", "vm"), ("from", "source"), ("to", "target")):  # copied into 'migrate'
+        id_column(table, col, [m[key] for m in plan["moves"]])
+    for col in ("why", "memory", "est. time"):
         table.add_column(col)
     for m in plan["moves"]:
         table.add_row(m["vm"], m["source"], m["target"], m["reason"],
                       human_bytes(m["memory_mib"] << 20), f"{m['est_seconds']:.1f} s")
     console.print(table)
     console.print(f"frees {', '.join(plan['hosts_freed']) or 'no host'}; relieves "
-                  f"{', '.join(plan['hot_relieved']) or 'no host'}; saves "
-                  f"{plan['hourly_saving']:.2f}/h" + (" (capped)" if plan["capped"] else ""))
+                  f"{', '.join(plan['hot_relieved']) or 'no host'}; the freed hosts' cost_per_hour "
+                  f"sums to {plan['hourly_saving']:.2f} per hour (in the unit of cost_per_hour) "
+                  "once they are empty and you power them off"
+                  + (" (capped: more moves were possible)" if plan["capped"] else ""))
     return 0

@@ -13,7 +13,7 @@ from urllib.parse import quote
 from rich.console import Console
 from rich.table import Table
 
-from novacron.cli.fleet import _dump, _run
+from novacron.cli.fleet import _dump, _run, id_column
 from novacron.coordinator.client import CoordinatorClient
 
 MAX_PLAN_BYTES = 64 * 1024  # a plan is a few hundred bytes; the API caps bodies anyway
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for action, text, fn in (("show", "one swarm with its live and task status", _show),
                              ("delete", "shut a swarm down in claude-flow", _delete)):
         p = cmds.add_parser(action, help=text)
-        p.add_argument("id", metavar="ID")
+        p.add_argument("id", metavar="ID", help="swarm id (from 'novacron swarm list')")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=lambda a, fn=fn: _run(a, fn))
 
@@ -96,7 +96,8 @@ async def _list(client: CoordinatorClient, args: argparse.Namespace) -> int:
         _dump(swarms)
         return 0
     table = Table(title="Swarms", title_justify="left")
-    for col in ("id", "status", "topology", "agents", "tasks", "created", "description"):
+    id_column(table, "id", [s["id"] for s in swarms])
+    for col in ("status", "topology", "agents", "tasks", "created", "description"):
         table.add_column(col)
     for s in swarms:
         table.add_row(s["id"], s["status"], s.get("topology") or "-",

@@ -23,15 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Create a VM booting either a kernel (--kernel) or a disk "
                         "image (--disk). The coordinator places it unless --host pins it; "
                         "--priority/--region/--affinity... are placement preferences.")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--vcpus", type=int, required=True)
-    p.add_argument("--memory-mb", type=int, required=True)
+    p.add_argument("name", metavar="NAME", help="VM name (letters, digits, '-', '_', '.')")
+    p.add_argument("--vcpus", type=int, required=True, metavar="N", help="virtual CPUs")
+    p.add_argument("--memory-mb", type=int, required=True, metavar="MIB", help="guest RAM in MiB")
     p.add_argument("--kernel", help="kernel image: a name in the host agent's image dirs (direct boot)")
     p.add_argument("--initrd", help="initrd: a name in the host agent's image dirs (with --kernel)")
     p.add_argument("--cmdline", help="kernel command line (with --kernel)")
     p.add_argument("--disk", help="disk image: a name in the host agent's image dirs (disk boot)")
-    p.add_argument("--disk-format", choices=["raw", "qcow2"], help="format of --disk")
-    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto)")
+    p.add_argument("--disk-format", choices=["raw", "qcow2"],
+                   help="format of --disk (default: detected by the agent)")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"],
+                   help="accelerator (default: the host agent's accel setting)")
     p.add_argument("--host", help="pin to this host instead of placing")
     add_preference_flags(p)
     p.add_argument("--json", action="store_true", help="print the VM as JSON")
@@ -41,7 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                          ("start", "start a stopped VM"), ("stop", "stop a VM"),
                          ("delete", "stop and delete a VM (asks nothing)")):
         p = cmds.add_parser(action, help=text)
-        p.add_argument("name", metavar="NAME")
+        p.add_argument("name", metavar="NAME", help="VM name")
+        if action == "delete":
+            p.add_argument("--force", action="store_true",
+                           help="forget the VM even if its host is gone or its agent cannot "
+                           "delete it (its QEMU may keep running there)")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=lambda a, fn=_HANDLERS[action]: _run(a, fn))
 
@@ -103,7 +109,8 @@ def vm_table(vm: dict[str, Any]) -> Table:
             if key in agent:
                 table.add_row(f"agent {key}", str(agent[key]))
     elif vm.get("agent_error"):
-        table.add_row("agent", f"unreachable: {vm['agent_error']}")
+        # the coordinator's words already say whether the agent was unreachable or refused
+        table.add_row("agent", str(vm["agent_error"]))
     return table
 
 
@@ -134,7 +141,7 @@ async def _stop(client: CoordinatorClient, args: argparse.Namespace) -> int:
 
 
 async def _delete(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    doc = await client.delete_vm(quote(args.name, safe=""))
+    doc = await client.delete_vm(quote(args.name, safe=""), force=args.force)
     if args.json:
         _dump(doc)
     else:

@@ -28,6 +28,7 @@ class FakeAgent:
         self.migrations: dict[str, dict[str, Any]] = {}
         self.fail_next_create: str | None = None
         self.hold_migrations = False  # keep migrations in precopy until released
+        self.fail_migrations: str | None = None  # fail each migration in pre-copy with this error
         self.calls: list[tuple[str, str]] = []
         self.migration_requests: list[dict[str, Any]] = []
         self.grant_key = ""  # the coordinator's, from the registration reply
@@ -145,6 +146,11 @@ class FakeAgent:
                 m["round"] += 1
             m["metrics"] = {"pages": 65536, "bytes_raw": 4096 * 1000 * m["step"],
                             "bytes_wire": 1000 * m["step"], "downtime_ms": 0, "total_s": 0.1}
+            if self.fail_migrations and m["phase"] == "precopy":
+                m["phase"], m["error"] = "failed", self.fail_migrations
+                m["metrics"] = {**m["metrics"], **dict.fromkeys(
+                    ("dirty_rate", "pages_zero", "pages_dedup", "bytes_postcopy"), 0)}
+                self.vms[m["vm"]]["state"] = "running"
             if m["phase"] == "completed":
                 m["metrics"]["downtime_ms"] = 12.5
                 vm = self.vms.pop(m["vm"])

@@ -114,3 +114,56 @@ def test_values_that_cannot_work_are_one_line(script_env: dict[str, str], tmp_pa
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{args[0]}: config error: {needle}"), res.stderr
     assert not (tmp_path / "agent").exists() and not (tmp_path / "coord").exists()
+
+
+@pytest.mark.parametrize("script", ["novacron-agent", "novacron-coordinator"])
+def test_port_taken_is_one_line(script: str, script_env: dict[str, str], tmp_path: Path) -> None:
+    """A port in use is reported in one line naming the address, and the daemon exits non-zero."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(script_env, HOME=str(tmp_path), NOVACRON_AGENT_STATE_DIR=str(tmp_path / "agent"),
+                   NOVACRON_AGENT_TOKEN="tok-1-0123456789abcdef", NOVACRON_AGENT_DATA_PORT="0",
+                   NOVACRON_AGENT_ACCEL="tcg", NOVACRON_AGENT_ACCEL_CACHE=str(tmp_path / "accel.json"),
+                   NOVACRON_COORDINATOR_DATA_DIR=str(tmp_path / "coord"),
+                   NOVACRON_COORDINATOR_ADMIN_TOKEN="adm-1-0123456789abcdef",
+                   NOVACRON_COORDINATOR_AGENT_TOKEN="agt-1-0123456789abcdef",
+                   NOVACRON_COORDINATOR_MCP_ENABLED="false")
+        res = run([script, "--port", str(port)], env)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if not line.startswith("{")]  # JSON logs
+    assert len(errors) == 1 and errors[0].startswith(f"{script}: "), res.stderr
+    assert errors[0].endswith(f"cannot listen on 127.0.0.1:{port}: address already in use"), res.stderr
+
+
+def test_unusable_data_dir_is_one_line(script_env: dict[str, str], tmp_path: Path) -> None:
+    """Start-up failures other than a bad value (here a data dir that cannot be made) are one line."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    env = dict(script_env, HOME=str(tmp_path), NOVACRON_COORDINATOR_DATA_DIR=str(blocker / "data"),
+               NOVACRON_COORDINATOR_ADMIN_TOKEN="adm-1-0123456789abcdef",
+               NOVACRON_COORDINATOR_AGENT_TOKEN="agt-1-0123456789abcdef", NOVACRON_COORDINATOR_PORT="0")
+    res = run(["novacron-coordinator"], env)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        f"novacron-coordinator: error: not a directory: {blocker / 'data'}"], res.stderr
+
+
+def test_unreadable_store_is_one_line(script_env: dict[str, str], tmp_path: Path) -> None:
+    """A failure in the app's start-up hooks (here a store that is not a database) is one line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "coordinator.db").write_bytes(b"not a database, just text " * 8)
+    env = dict(script_env, HOME=str(tmp_path), NOVACRON_COORDINATOR_DATA_DIR=str(data),
+               NOVACRON_COORDINATOR_ADMIN_TOKEN="adm-1-0123456789abcdef",
+               NOVACRON_COORDINATOR_AGENT_TOKEN="agt-1-0123456789abcdef", NOVACRON_COORDINATOR_PORT="0")
+    res = run(["novacron-coordinator"], env)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "novacron-coordinator: error: start-up failed: DatabaseError: file is not a database"], \
+        res.stderr
