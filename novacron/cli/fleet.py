@@ -62,15 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the final migration as JSON")
     p.set_defaults(func=lambda a: _run(a, _migrate))
 
-    p = sub.add_parser("host", help="manage one host's record and identity")
-    host_sub = p.add_subparsers(dest="host_command", metavar="ACTION", required=True)
-    forget = host_sub.add_parser("forget", help="retire a host: drop its record and release its "
-                                 "name for a new identity (a reinstalled host)")
-    forget.add_argument("name", metavar="HOST")
-    forget.add_argument("--keep-identity", action="store_true",
-                        help="drop the record only; the name stays bound to its identity")
-    forget.set_defaults(func=lambda a: _run(a, _forget))
-
 
 def _run(args: argparse.Namespace, fn: Callable[[CoordinatorClient, argparse.Namespace],
                                                 Awaitable[int]]) -> int:
@@ -89,10 +80,6 @@ def _run(args: argparse.Namespace, fn: Callable[[CoordinatorClient, argparse.Nam
         return 1
 
 
-async def _forget(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    doc = await client.forget_host(args.name, retire=not args.keep_identity)
-    print(f"host {doc['deleted']} " + ("retired" if doc.get("retired") else "forgotten"))
-    return 0
 # "body.options.max_rounds: ...", "body.placement.region: ...", "query parameter 'limit': ..."
 _API_FIELD = re.compile(r"\b(?:body|vm)(?:\.\w+)*\.(\w+)(?=:)|query parameter '(\w+)'")
 

@@ -24,8 +24,8 @@ Fleet = tuple[LocalCoordinator, dict[str, str], list[FakeAgent]]
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    fakes = [FakeAgent("alpha-host-with-a-long-name", "tok-alpha-3"),
-             FakeAgent("beta", "tok-beta-3", 4 << 30)]
+    fakes = [FakeAgent("alpha-host-with-a-long-name", "tok-alpha-3-0123456789"),
+             FakeAgent("beta", "tok-beta-3-0123456789", 4 << 30)]
     async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord, \
             serving(*fakes):
         async with CoordinatorClient(coord.url, coord.admin_token) as client:
@@ -106,7 +106,7 @@ async def test_delete_force_forgets_a_vm_its_agent_cannot_delete(fleet: Fleet, t
     coord, env, fakes = fleet
     async with CoordinatorClient(coord.url, coord.admin_token) as client:
         await client.create_vm({**vm_spec("db"), "host": "beta"})
-    fakes[1].token = "tok-beta-rotated"  # the coordinator's calls to beta now fail (401)
+    fakes[1].token = "tok-beta-rotated-0123456789"  # the coordinator's calls to beta now fail (401)
     code, out, err = await cli(env, "vm", "show", "db")
     assert code == 0 and "bad token" in out and "unreachable" not in out, out + err  # it answered
     code, _out, err = await cli(env, "vm", "delete", "db")

@@ -90,7 +90,7 @@ async def test_bad_maintenance_requests_change_nothing(coordinator: Coordinator,
 
 @pytest.mark.e2e
 async def test_cli_host_maintenance_and_forced_migrate(tmp_path: Path) -> None:
-    fakes = [FakeAgent("alpha", "tok-alpha-4"), FakeAgent("beta", "tok-beta-4", 4 << 30)]
+    fakes = [FakeAgent("alpha", "tok-alpha-4-0123456789"), FakeAgent("beta", "tok-beta-4-0123456789", 4 << 30)]
     async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord, \
             serving(*fakes):
         async with CoordinatorClient(coord.url, coord.admin_token) as client:
