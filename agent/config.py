@@ -49,6 +49,9 @@ class AgentConfig:
     # if that user exists; "root": no drop, not recommended)
     qemu_user: str = ""
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    # [networks]: fleet network name -> this host's bridge (prod = "br-prod"); a VM's NIC
+    # names a network, and the agent puts its tap on that bridge
+    networks: dict[str, str] = field(default_factory=dict)
 
     def image_dirs(self) -> list[Path]:
         return list(self.images.dirs) or [self.state_dir / "images"]
