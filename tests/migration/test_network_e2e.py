@@ -13,6 +13,7 @@ measured downtime. Taps: one on A's bridge before, none after; one on B's.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import secrets
 import time
@@ -58,7 +59,7 @@ class EchoClient:
 
     def longest_gap(self, since: float) -> float:
         times = [t for _s, t in self.replies if t >= since]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 async def connect(timeout: float = 60) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
