@@ -8,6 +8,8 @@ holds one TCP connection and sends a request every 10 ms through a live
 migration A -> B. The connection must survive with every reply in order, and
 the test prints the longest gap between replies beside the migration's
 measured downtime. Taps: one on A's bridge before, none after; one on B's.
+Before that, a migration to an agent that lacks the network is refused at
+admission and the VM (and the connection) carries on at A.
 """
 
 from __future__ import annotations
@@ -106,6 +108,15 @@ async def test_tcp_connection_survives_live_migration() -> None:
                 while len(client.replies) < 50:  # the service answers before we move it
                     await asyncio.sleep(0.05)
                     assert not reader.done(), reader
+                # a host without the VM's network: the destination refuses it at admission,
+                # before any memory moves, and the VM runs on where it was
+                async with LocalAgent("c", cluster_secret=secret, accel="tcg", netns=net.b,
+                                      address=net.b_addr) as c:
+                    assert (await Api(c).ok("GET", "/v1/host"))["networks"] == []
+                    refused = await api_a.wait_migration((await api_a.migrate("web", c))["id"])
+                    assert refused["phase"] == "failed" and "no network 'prod'" in str(refused), refused
+                    assert not c.qemu_pids() and net.taps(net.b) == []
+                assert (await api_a.ok("GET", "/v1/vms/web"))["state"] == "running"
                 started = time.monotonic()
                 mig = await api_a.migrate("web", b, downtime_ms=300)
                 st = await api_a.wait_migration(mig["id"])
