@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import os
 import secrets
+import socket
 import time
 
 import pytest
@@ -39,6 +40,9 @@ class EchoClient:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        # as request/response clients do: without it Nagle holds every request behind the
+        # one lost in the source's tap during the pause, and only the 200 ms RTO recovers
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sent = 0
         self.replies: list[tuple[int, float]] = []  # (seq, monotonic arrival)
         self.running = True
