@@ -66,6 +66,16 @@ class HostNetworks:
     def names(self) -> list[str]:
         return sorted(self.bridges)
 
+    def missing_bridges(self) -> list[str]:
+        """Mapped bridges that do not exist (yet) in this agent's network namespace."""
+        missing = []
+        for bridge in sorted(set(self.bridges.values())):
+            try:
+                socket.if_nametoindex(bridge)
+            except OSError:
+                missing.append(bridge)
+        return missing
+
     def check(self, spec: VMSpec) -> None:
         """SpecError (a 400) naming the first network of ``spec`` this host lacks."""
         for i, nic in enumerate(spec.nics):

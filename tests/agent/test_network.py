@@ -78,6 +78,7 @@ def host_ns() -> Iterator[str]:
 def test_taps_join_the_bridge_and_vanish_with_their_descriptor(host_ns: str) -> None:
     nets = HostNetworks({"prod": "br-prod", "dev": "nosuchbr", "odd": "notabridge"})
     with inside(host_ns):
+        assert nets.missing_bridges() == ["nosuchbr"]
         fds = nets.open_taps(spec("prod", "prod"))  # type: ignore[arg-type]
     try:
         on_bridge = ip("-o", "link", "show", "master", "br-prod", ns=host_ns)
