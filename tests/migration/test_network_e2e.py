@@ -68,6 +68,28 @@ class EchoClient:
         return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
+ETH_P_RARP = 0x8035
+
+
+def rarp_listener(ifname: str) -> socket.socket:
+    """Raw socket seeing the RARP frames QEMU's announce-self sends (on the client's bridge)."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_RARP))
+    sock.bind((ifname, ETH_P_RARP))
+    sock.setblocking(False)
+    return sock
+
+
+def rarp_senders(sock: socket.socket) -> list[str]:
+    """Source MACs of the RARP frames received so far."""
+    macs = []
+    while True:
+        try:
+            frame = sock.recv(2048)
+        except BlockingIOError:
+            return macs
+        macs.append(":".join(f"{b:02x}" for b in frame[6:12]))
+
+
 async def connect(timeout: float = 60) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     deadline = time.monotonic() + timeout
     while True:
@@ -122,6 +144,7 @@ async def test_tcp_connection_survives_live_migration() -> None:
                     assert not c.qemu_pids() and net.taps(net.b) == []
                 assert (await api_a.ok("GET", "/v1/vms/web"))["state"] == "running"
                 started = time.monotonic()
+                rarp = rarp_listener("fab")
                 mig = await api_a.migrate("web", b, downtime_ms=300)
                 st = await api_a.wait_migration(mig["id"])
                 assert st["phase"] == "completed", st
@@ -138,12 +161,16 @@ async def test_tcp_connection_survives_live_migration() -> None:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
                 client.writer.close()
+            announced = rarp_senders(rarp)
+            rarp.close()
+            assert announced.count(mac) >= 1, announced  # announce-self from B reached the segment
             seqs = [s for s, _t in client.replies]
             assert seqs == list(range(len(seqs))), "replies lost or out of order"
             gap_ms = client.longest_gap(started) * 1000
             downtime_ms = st["metrics"]["downtime_ms"]
             print(f"\nnetwork follows the VM: longest reply gap {gap_ms:.1f} ms, migration downtime "
-                  f"{downtime_ms} ms, total {st['metrics']['total_s']} s, {len(seqs)} requests over one connection")
+                  f"{downtime_ms} ms, total {st['metrics']['total_s']} s, {len(seqs)} requests over one connection, "
+                  f"{announced.count(mac)} RARP announcements seen")
             # the connection carried on at B, on B's own bridge, with the same MAC
             moved = await api_b.ok("GET", "/v1/vms/web")
             assert moved["state"] == "running" and moved["spec"]["nics"][0]["mac"] == mac
