@@ -96,3 +96,28 @@ def test_taps_join_the_bridge_and_vanish_with_their_descriptor(host_ns: str) -> 
             nets.open_taps(spec("odd"))  # type: ignore[arg-type]
     # a failed second NIC leaves no tap from the first one behind
     assert "nctap" not in ip("-o", "link", "show", ns=host_ns)
+
+
+@pytest.mark.e2e
+async def test_tap_outlives_an_agent_restart_and_goes_with_the_vm() -> None:
+    from novacron.agent.guest import ensure_guest
+    from novacron.agent.local import LocalAgent
+    from tests.netns import Fabric
+
+    guest = ensure_guest()
+    with Fabric(f"{os.getpid()}{secrets.token_hex(2)}") as net, inside(net.client):
+        agent = LocalAgent("n", accel="tcg", netns=net.a, address=net.a_addr,
+                           settings={"networks": f"prod={net.a_bridge}"})
+        async with agent:
+            status, vm = await agent.request("POST", "/v1/vms", {
+                "name": "v", "vcpus": 1, "memory_mb": 128, "accel": "tcg", "kernel": str(guest.kernel),
+                "initrd": str(guest.initrd), "cmdline": guest.workload_cmdline(), "nics": [{"net": "prod"}]})
+            assert status == 201, vm
+            (tap,) = net.taps(net.a)
+            agent.kill()  # QEMU (and so its tap) lives on; the next agent adopts it
+            await agent.start()
+            status, again = await agent.request("GET", "/v1/vms/v")
+            assert again["state"] == "running" and again["pid"] == vm["pid"]
+            assert again["spec"]["nics"] == vm["spec"]["nics"] and net.taps(net.a) == [tap]
+            assert (await agent.request("POST", "/v1/vms/v/stop"))[0] == 200
+            assert net.taps(net.a) == []  # gone with QEMU
