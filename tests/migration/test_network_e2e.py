@@ -15,6 +15,7 @@ admission and the VM (and the connection) carries on at A.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import secrets
@@ -64,30 +65,39 @@ class EchoClient:
             self.replies.append((int(line), time.monotonic()))
 
     def longest_gap(self, since: float, until: float = float("inf")) -> float:
+        start, end = self.gap_window(since, until)
+        return end - start
+
+    def gap_window(self, since: float, until: float = float("inf")) -> tuple[float, float]:
+        """(last reply before, first reply after) the longest silence in [since, until]."""
         times = [t for _s, t in self.replies if since <= t <= until]
-        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+        return max(itertools.pairwise(times), key=lambda p: p[1] - p[0], default=(0.0, 0.0))
 
 
 ETH_P_RARP = 0x8035
 
 
-def rarp_listener(ifname: str) -> socket.socket:
-    """Raw socket seeing the RARP frames QEMU's announce-self sends (on the client's bridge)."""
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_RARP))
-    sock.bind((ifname, ETH_P_RARP))
-    sock.setblocking(False)
-    return sock
+class RarpWatch:
+    """Arrival times of RARP frames (QEMU's announce-self) from one MAC, seen on the
+    client's bridge: when the segment learnt the VM's new port."""
 
+    def __init__(self, ifname: str, mac: str) -> None:
+        self.mac = mac
+        self.times: list[float] = []
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_RARP))
+        self.sock.bind((ifname, ETH_P_RARP))
+        self.sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read)
 
-def rarp_senders(sock: socket.socket) -> list[str]:
-    """Source MACs of the RARP frames received so far."""
-    macs = []
-    while True:
-        try:
-            frame = sock.recv(2048)
-        except BlockingIOError:
-            return macs
-        macs.append(":".join(f"{b:02x}" for b in frame[6:12]))
+    def _read(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            frame = self.sock.recv(2048)
+            if ":".join(f"{b:02x}" for b in frame[6:12]) == self.mac:
+                self.times.append(time.monotonic())
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 async def connect(timeout: float = 60) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -130,6 +140,7 @@ async def test_tcp_connection_survives_live_migration() -> None:
             client = EchoClient(*await connect())
             sender = asyncio.create_task(client.send_loop())
             reader = asyncio.create_task(client.read_loop())
+            rarp = RarpWatch("fab", mac)
             try:
                 while len(client.replies) < 50:  # the service answers before we move it
                     await asyncio.sleep(0.05)
@@ -147,7 +158,6 @@ async def test_tcp_connection_survives_live_migration() -> None:
                 assert (await api_a.ok("GET", "/v1/vms/web"))["state"] == "running"
                 baseline_ms = client.longest_gap(calm, time.monotonic()) * 1000
                 started = time.monotonic()
-                rarp = rarp_listener("fab")
                 mig = await api_a.migrate("web", b, downtime_ms=300)
                 st = await api_a.wait_migration(mig["id"])
                 assert st["phase"] == "completed", st
@@ -159,25 +169,32 @@ async def test_tcp_connection_survives_live_migration() -> None:
                     assert not reader.done(), reader
                     await asyncio.sleep(0.05)
             finally:
+                rarp.close()
                 client.running = False
                 await asyncio.gather(sender, return_exceptions=True)
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
                 client.writer.close()
-            announced = rarp_senders(rarp)
-            rarp.close()
-            assert announced.count(mac) >= 1, announced  # announce-self from B reached the segment
+            rarp.times = [t for t in rarp.times if t >= started]
+            assert rarp.times, "no announcement from the VM's MAC reached the client's segment"
             seqs = [s for s, _t in client.replies]
             assert seqs == list(range(len(seqs))), "replies lost or out of order"
-            gap_ms = client.longest_gap(started) * 1000
+            gap_start, gap_end = client.gap_window(started)
+            gap_ms = (gap_end - gap_start) * 1000
+            first_rarp = min(rarp.times)
             downtime_ms = st["metrics"]["downtime_ms"]
             print(f"\nnetwork follows the VM: longest reply gap {gap_ms:.1f} ms, migration downtime "
                   f"{downtime_ms} ms, total {st['metrics']['total_s']} s, {len(seqs)} requests over one connection, "
-                  f"{announced.count(mac)} RARP announcements seen; longest gap with no migration {baseline_ms:.1f} ms")
+                  f"{len(rarp.times)} RARP announcements seen; longest gap with no migration {baseline_ms:.1f} ms; "
+                  f"first announcement {(first_rarp - gap_start) * 1000:.1f} ms into the gap, "
+                  f"{(gap_end - first_rarp) * 1000:.1f} ms before the first reply after it; "
+                  f"downtime parts {st['metrics'].get('downtime_parts')}")
             # the connection carried on at B, on B's own bridge, with the same MAC
             moved = await api_b.ok("GET", "/v1/vms/web")
             assert moved["state"] == "running" and moved["spec"]["nics"][0]["mac"] == mac
             assert len(net.taps(net.b)) == 1 and net.taps(net.a) == []  # A's tap went with its QEMU
-            assert gap_ms < 10_000  # bounded; the printed numbers are the result
+            # loose on purpose (a TCG guest on 2 shared cores stalls for tens of ms); without the
+            # announcement the client would wait on TCP timers or the bridge's MAC ageing (300 s)
+            assert gap_ms < downtime_ms + 2000
             await api_b.ok("DELETE", "/v1/vms/web", want=200)
             assert net.taps(net.b) == []
