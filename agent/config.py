@@ -51,6 +51,9 @@ class AgentConfig:
     qemu_user: str = setting("", help='the unprivileged user QEMU runs as when the agent is root '
                              '(empty: novacron-qemu if that user exists; "root": no drop, not recommended)')
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    # [networks]: fleet network name -> this host's bridge (prod = "br-prod"); a VM's NIC
+    # names a network, and the agent puts its tap on that bridge
+    networks: dict[str, str] = field(default_factory=dict)
 
     # TLS (see novacron.tls): with all three the API is HTTPS and requires a client
     # certificate from the same fleet CA (mutual TLS); the certificate is this host's identity

@@ -23,6 +23,7 @@ from novacron.agent.config import AgentConfig
 from novacron.agent.vm.accel import AccelDetector, AccelInfo
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.manager import VMManager
+from novacron.agent.vm.network import HostNetworks
 from novacron.agent.vm.ramfile import MEMORY_FILESYSTEMS, filesystem_type
 from novacron.agent.vm.sandbox import QemuUserError, qemu_identity
 from novacron.daemon import start_site, until_signalled
@@ -146,7 +147,11 @@ async def serve(cfg: AgentConfig) -> None:
             log.warning("state dir is not on tmpfs or hugetlbfs: guest RAM files will be disk-backed",
                         extra={"state_dir": str(cfg.state_dir), "filesystem": fs})  # fmt: skip
         accel = make_accel(cfg)
-        vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary, images=make_images(cfg))
+        networks = HostNetworks(dict(cfg.networks))
+        if networks.missing_bridges():  # VMs on them fail to start until the bridges exist
+            log.warning("bridges named in [networks] do not exist", extra={"bridges": networks.missing_bridges()})
+        vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary, images=make_images(cfg),
+                        networks=networks)
         cleanup.push_async_callback(vms.shutdown, stop_vms=cfg.vms_on_exit == "stop")
         await vms.load()
         probe = asyncio.create_task(accel.detect(), name="accel probe")  # warm the answer for /v1/host

@@ -103,6 +103,8 @@ class LocalAgent:
         image_dirs: list[Path] | None = None,
         env: dict[str, str] | None = None,
         tls: IssuedFiles | None = None,
+        netns: str = "",
+        address: str = "127.0.0.1",
     ) -> None:
         self.name = name or f"agent-{secrets.token_hex(3)}"
         self.token = token or secrets.token_urlsafe(24)
@@ -116,13 +118,17 @@ class LocalAgent:
         self.image_dirs = image_dirs if image_dirs is not None else [cache_root()]
         self.env = dict(env or {})  # extra environment, e.g. {"NOVACRON_CRASH_AT": "vm.create.spawned"}
         self.tls = tls  # this host's certificate from a fleet CA: HTTPS with mutual TLS
+        # a test "host": run inside this network namespace (``ip netns exec``), API and
+        # migration channel on ``address`` there (plain HTTP off loopback needs insecure)
+        self.netns = netns
+        self.address = address
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.state_dir / "agent.log"
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.address}:{self.port}"
 
     def client_ssl(self) -> ssl.SSLContext | bool:
         """How to call this agent: the fleet CA and this host's own (CA-signed) certificate."""
@@ -136,7 +142,7 @@ class LocalAgent:
         key these agents trust (what a coordinator issues from its registry)."""
         return local_grants().issue(
             migration="local-" + secrets.token_hex(4), vm=vm, source=self.name, target=dest.name,
-            url=url or dest.url, data_host="127.0.0.1", data_port=data_port or dest.data_port)
+            url=url or dest.url, data_host=dest.address, data_port=data_port or dest.data_port)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -149,7 +155,7 @@ class LocalAgent:
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NOVACRON")}
         values = {
-            "host": "127.0.0.1",
+            "host": self.address,
             "port": "0",
             "data_port": str(self._requested_data_port),
             "state_dir": str(self.state_dir),
@@ -162,6 +168,8 @@ class LocalAgent:
             "grant_key": local_grants().public_key,  # replaced by a coordinator's on registering
             **self.settings,
         }
+        if self.address != "127.0.0.1" and self.tls is None:
+            values.setdefault("insecure", "true")
         if self.tls is not None:
             values.update(tls_cert=str(self.tls.cert), tls_key=str(self.tls.key), tls_ca=str(self.tls.ca))
         env.update({f"NOVACRON_AGENT_{k.upper()}": v for k, v in values.items()})
@@ -180,7 +188,8 @@ class LocalAgent:
             (self.state_dir / ENDPOINT_FILE).unlink()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*_agent_command(), "--config", str(empty_config)],
+                [*(["ip", "netns", "exec", self.netns] if self.netns else []), *_agent_command(),
+                 "--config", str(empty_config)],
                 env=self._env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         try:

@@ -24,6 +24,7 @@ def check_config(cfg: AgentConfig) -> None:
     if cfg.name and not NAME_RE.match(cfg.name):
         raise config.Invalid("name", "expected 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
     check_images(cfg)
+    check_networks(cfg)
     tls.check(cfg)
     tls.check_peer_url(cfg, "coordinator_url")  # the agent's token rides in its registration
     if cfg.grant_key:
@@ -48,6 +49,15 @@ def check_images(cfg: AgentConfig) -> None:
                 raise config.Invalid("qemu_user", f"{cfg.qemu_user!r} has uid 0; QEMU needs an unprivileged user")
         except KeyError:
             raise config.Invalid("qemu_user", f"no such user {cfg.qemu_user!r}") from None
+
+
+def check_networks(cfg: AgentConfig) -> None:
+    from novacron.agent.vm.network import check_mapping
+
+    try:
+        check_mapping(cfg.networks)
+    except ValueError as exc:
+        raise config.Invalid("networks", str(exc)) from None
 
 
 async def serve(cfg: AgentConfig) -> None:

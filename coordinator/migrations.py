@@ -25,7 +25,7 @@ from novacron.coordinator.agent_client import AgentClient, AgentError
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
-from novacron.coordinator.models import HOST_UP, Migration
+from novacron.coordinator.models import HOST_UP, Migration, spec_networks
 from novacron.coordinator.reconcile import Reconciler
 from novacron.coordinator.scheduler.placer import host_in_maintenance
 from novacron.coordinator.store import Store
@@ -99,6 +99,10 @@ class MigrationManager:
                 raise ApiError(409, f"source host {vm.host!r} is down")
             if not dst.data_port:
                 raise ApiError(409, f"target host {target!r} reported no migration data port")
+            missing = [n for n in spec_networks(vm.spec) if n not in dst.networks]
+            if missing:
+                raise ApiError(409, f"target host {target!r} lacks the network(s) {', '.join(missing)} "
+                                    f"that VM {vm_name!r} joins (it has: {', '.join(dst.networks) or 'none'})")
             for other in await self.store.active_migrations():
                 if other.vm == vm_name:
                     raise ApiError(409, f"VM {vm_name!r} is already migrating ({other.id})")

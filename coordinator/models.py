@@ -21,6 +21,7 @@ class Host:
     state: str = HOST_UP
     accel: dict[str, Any] = field(default_factory=dict)
     data_port: int | None = None
+    networks: list[str] = field(default_factory=list)  # fleet networks its agent maps to bridges
     version: str = ""
     vms: list[str] = field(default_factory=list)
     load: float | None = None
@@ -69,3 +70,12 @@ class Migration:
 
     def public(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def spec_networks(spec: dict[str, Any]) -> tuple[str, ...]:
+    """The fleet networks a VM spec's NICs join (the agent validates the spec itself)."""
+    nics = spec.get("nics")
+    if not isinstance(nics, list):
+        return ()
+    nets = (n.get("net") for n in nics if isinstance(n, dict))
+    return tuple(dict.fromkeys(n for n in nets if isinstance(n, str)))

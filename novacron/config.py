@@ -89,6 +89,17 @@ def _coerce(tp: Any, value: Any, *, from_text: bool) -> Any:
         if not isinstance(value, list):
             raise ValueError(f"expected a list, got {value!r}")
         return [_coerce(item, v, from_text=from_text) for v in value]
+    if origin is dict:  # a [section] of name = value pairs, or "a=x,b=y" as text
+        key_tp, value_tp = typing.get_args(tp) or (str, str)
+        if from_text and isinstance(value, str):
+            pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+            if any(not sep for _k, sep, _v in pairs):
+                raise ValueError(f"expected name=value pairs separated by ',', got {value!r}")
+            value = {k.strip(): v.strip() for k, _sep, v in pairs}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a table of name = value, got {value!r}")
+        return {_coerce(key_tp, k, from_text=from_text): _coerce(value_tp, v, from_text=from_text)
+                for k, v in value.items()}
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:

@@ -44,6 +44,7 @@ async def host_document(app: web.Application) -> dict[str, Any]:
         "accel": accel.to_dict(),
         "vms": [vm.name for vm in app[VMS].list()],
         "data_port": cfg.data_port,
+        "networks": app[VMS].networks.names,  # fleet networks a VM may join here
         "version": __version__,
         "load": round(os.getloadavg()[0], 2),
     }

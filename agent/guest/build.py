@@ -5,7 +5,8 @@ at (fetched with ``apt-get download``, unpacked with ``dpkg -x``), the static
 busybox from ``busybox-static``, our workload (``workload.c``, compiled static
 with gcc here) and ``init.sh``. Output, under
 ``${XDG_CACHE_HOME:-~/.cache}/novacron/guest/<key>/``: ``vmlinuz`` and
-``initrd.img`` (gzip'd newc cpio).
+``initrd.img`` (gzip'd newc cpio). Debian builds virtio-net as modules, so the
+initramfs carries them (``NET_MODULES``, loaded in order by ``init.sh``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,20 @@ from novacron.agent.guest import cpio
 log = logging.getLogger("novacron.agent.guest")
 
 # Bump when the build steps change in a way the inputs below do not capture.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "3"  # 3: virtio-net modules, guest network
 META_PACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3"
 # Debian's kernel does not get past decompression in 64 MiB, and the workload
 # needs its working set on top of ~60 MiB for the kernel: give VMs at least this.
 MIN_MEMORY_MB = 128
+
+
+# virtio_net and what it needs, in load order (Debian 6.1: all =m, uncompressed .ko)
+NET_MODULES = ("drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko",
+               "drivers/virtio/virtio_pci_modern_dev.ko", "drivers/virtio/virtio_pci_legacy_dev.ko",
+               "drivers/virtio/virtio_pci.ko", "net/core/failover.ko", "drivers/net/net_failover.ko",
+               "drivers/net/virtio_net.ko")
 
 
 class GuestBuildError(RuntimeError):
@@ -56,6 +64,11 @@ class GuestImage:
             f"{BASE_CMDLINE} novacron.mem_mb={int(mem_mb)} novacron.rate_mb={int(rate_mb)} "
             f"novacron.verify_s={int(verify_s)}"
         )
+
+    def network_cmdline(self, ip_cidr: str, port: int = 7000, **workload: int) -> str:
+        """The workload cmdline plus a NIC: ``ip_cidr`` (e.g. ``10.0.0.5/24``) on the
+        first virtio NIC, and a TCP echo service on ``port``."""
+        return f"{self.workload_cmdline(**workload)} novacron.ip={ip_cidr} novacron.port={int(port)}"
 
 
 def cache_root() -> Path:
@@ -131,7 +144,8 @@ def build_key(kernel_pkg: str, kernel_ver: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path) -> bytes:
+def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path) -> tuple[bytes, list[bytes]]:
+    """The kernel image and the ``NET_MODULES`` from its package."""
     debs.mkdir(parents=True, exist_ok=True)
     deb = debs / f"{pkg}_{version.replace(':', '%3a')}_amd64.deb"
     if not deb.exists():
@@ -150,7 +164,13 @@ def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path) -> bytes:
     images = sorted((unpacked / "boot").glob("vmlinuz-*"))
     if not images:
         raise GuestBuildError(f"{deb.name} holds no boot/vmlinuz-*")
-    return images[0].read_bytes()
+    module_dirs = sorted((unpacked / "lib" / "modules").glob("*/kernel"))
+    if len(module_dirs) != 1:
+        raise GuestBuildError(f"{deb.name}: expected one lib/modules/*/kernel, got {module_dirs}")
+    missing = [m for m in NET_MODULES if not (module_dirs[0] / m).is_file()]
+    if missing:
+        raise GuestBuildError(f"{deb.name} lacks the modules {missing} (built in or compressed?)")
+    return images[0].read_bytes(), [(module_dirs[0] / m).read_bytes() for m in NET_MODULES]
 
 
 def compile_workload(work: Path) -> Path:
@@ -162,7 +182,7 @@ def compile_workload(work: Path) -> Path:
     return out
 
 
-def _initramfs(busybox: bytes, workload: bytes) -> bytes:
+def _initramfs(busybox: bytes, workload: bytes, modules: list[bytes]) -> bytes:
     entries = [
         cpio.directory("bin"),
         cpio.directory("dev"),
@@ -177,6 +197,11 @@ def _initramfs(busybox: bytes, workload: bytes) -> bytes:
         cpio.symlink("bin/sh", "busybox"),
         cpio.file("bin/workload", workload, 0o755),
         cpio.file("init", _source("init.sh"), 0o755),
+        cpio.directory("lib"),
+        cpio.directory("lib/modules"),
+        # numbered so init.sh loads them in dependency order with a glob
+        *(cpio.file(f"lib/modules/{i}-{Path(m).name}", data, 0o644)
+          for i, (m, data) in enumerate(zip(NET_MODULES, modules, strict=True))),
     ]
     return gzip.compress(cpio.archive(entries), compresslevel=6, mtime=0)
 
@@ -226,12 +251,12 @@ def ensure_guest(root: Path | None = None) -> GuestImage:
             raise GuestBuildError(f"{BUSYBOX} is not statically linked (install busybox-static)")
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             work = Path(tmp)
-            kernel = _fetch_kernel(pkg, version, root / "debs", work)
+            kernel, modules = _fetch_kernel(pkg, version, root / "debs", work)
             workload = compile_workload(work).read_bytes()
             stage = work / "out"
             stage.mkdir()
             (stage / "vmlinuz").write_bytes(kernel)
-            (stage / "initrd.img").write_bytes(_initramfs(busybox, workload))
+            (stage / "initrd.img").write_bytes(_initramfs(busybox, workload, modules))
             (stage / "cmdline").write_text(GuestImage(Path(), Path(), "").workload_cmdline() + "\n")
             manifest = {"key": key, "kernel_package": pkg, "kernel_version": version}
             (stage / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -75,6 +75,20 @@ def _incoming_loaded(info: dict[str, Any]) -> bool:
     return state == "paused"
 
 
+# RARP/GARP from each NIC at 0, 50, 150, 300 ms: switches and peers learn the new port
+# at once, and again should the first frame be lost while the bridge learns the tap.
+ANNOUNCE = {"initial": 0, "max": 300, "rounds": 4, "step": 50}
+
+
+async def announce(vm: VM) -> None:
+    """QMP ``announce-self`` after switchover; a failure is logged, not fatal
+    (the guest runs, and its own traffic teaches the switches soon enough)."""
+    try:
+        await _qmp(vm).execute("announce-self", ANNOUNCE, timeout=10)
+    except (QMPError, TimeoutError, VMConflict) as exc:
+        log.warning("announce-self failed", extra={"vm": vm.name, "error": str(exc)})
+
+
 class QemuSource:
     def __init__(self, vms: VMManager, vm: VM) -> None:
         self.vms = vms
@@ -158,6 +172,8 @@ class QemuDest:
             raise RuntimeError(f"destination guest not running after cont ({status.get('status')})")
         self.vm.state = "running"
         self.vm.incoming = False
+        if self.vm.spec.nics:
+            await announce(self.vm)
 
     async def destroy(self) -> None:
         vm = self.vm
@@ -190,6 +206,7 @@ class QemuDestFactory:
         try:
             spec = parse_spec({k: v for k, v in spec_doc.items() if k != "start"})
             self.vms.images.check(spec)  # named images must be in this host's image dirs
+            self.vms.networks.check(spec)  # ... and its NICs' networks mapped to bridges here
         except SpecError as exc:
             raise AdmissionError(f"bad VM spec: {exc}") from None
         if spec.memory_mb * MIB != ram_size:

@@ -29,6 +29,7 @@ from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, open_unix
 from novacron.agent.records import read_record, write_record
 from novacron.agent.vm.errors import VMConflict, VMStartError
 from novacron.agent.vm.images import ImageDirs
+from novacron.agent.vm.network import HostNetworks
 from novacron.agent.vm.qemu_args import QEMU_BINARY, QemuFiles, VMPaths, qemu_argv
 from novacron.agent.vm.ramfile import MIB, prepare_ram_file, remove_ram_file
 from novacron.agent.vm.recovery import QemuProcess, process_cwd
@@ -53,9 +54,10 @@ ADOPT_QMP_TIMEOUT_S = 10.0
 
 class VM:
     def __init__(self, spec: VMSpec, accel: str, paths: VMPaths, images: ImageDirs,
-                 qemu: str = QEMU_BINARY) -> None:
+                 qemu: str = QEMU_BINARY, networks: HostNetworks | None = None) -> None:
         self.spec = spec
         self.images = images  # where its images may come from, and who QEMU runs as
+        self.networks = networks or HostNetworks()  # the bridges its NICs' taps join
         self.accel = accel
         self.paths = paths
         self.qemu = qemu
@@ -101,16 +103,21 @@ class VM:
 
     def _open_files(self) -> QemuFiles:
         """The images (checked again: they may have changed since the VM was
-        created) and the serial log, opened by the agent for QEMU to inherit."""
+        created), the serial log and one tap per NIC, opened by the agent for QEMU
+        to inherit."""
         images = self.images.open(self.spec)
+        log_fd = -1
         try:
             log_fd = os.open(self.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                              | os.O_CLOEXEC, 0o600)
             os.fchmod(log_fd, 0o600)  # the agent's: other VMs' QEMUs cannot open it by name
+            taps = self.networks.open_taps(self.spec)
         except BaseException:
             images.close()
+            if log_fd >= 0:
+                os.close(log_fd)
             raise
-        return QemuFiles(images, log_fd)
+        return QemuFiles(images, log_fd, taps)
 
     def status(self) -> dict[str, Any]:
         state = "migrating" if self.migrating and self.alive else self.state
@@ -167,7 +174,9 @@ class VM:
                     self.save()
                 raise
         finally:
-            os.close(files.serial_log)
+            # QEMU holds its copies now; a tap lives as long as QEMU keeps it open
+            for fd in (files.serial_log, *files.taps):
+                os.close(fd)
             files.images.close()
         self._proc, self.pid = proc, proc.pid
         with contextlib.suppress(OSError):

@@ -14,6 +14,7 @@ from novacron.agent.vm.accel import AccelDetector, AccelUnavailable
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.machine import CRASHED, LIVE, STOPPED, VM, load_meta
+from novacron.agent.vm.network import HostNetworks
 from novacron.agent.vm.qemu_args import QEMU_BINARY, VMPaths
 from novacron.agent.vm.ramfile import remove_ram_file
 from novacron.agent.vm.recovery import QemuProcess, kill_orphan, qemus_under
@@ -24,12 +25,13 @@ log = logging.getLogger("novacron.agent.vm")
 
 class VMManager:
     def __init__(self, state_dir: Path, accel: AccelDetector, qemu: str = QEMU_BINARY,
-                 images: ImageDirs | None = None) -> None:
+                 images: ImageDirs | None = None, networks: HostNetworks | None = None) -> None:
         self.state_dir = state_dir
         self.vms_dir = state_dir / "vms"
         self.accel = accel
         self.qemu = qemu
         self.images = images or ImageDirs.of([state_dir / "images"])
+        self.networks = networks or HostNetworks()
         self.vms: dict[str, VM] = {}
         self._lock = asyncio.Lock()  # guards the name table (create/delete)
 
@@ -37,7 +39,7 @@ class VMManager:
         return VMPaths(self.vms_dir / name)
 
     def new_vm(self, spec: VMSpec, accel: str, paths: VMPaths) -> VM:
-        return VM(spec, accel, paths, self.images, qemu=self.qemu)
+        return VM(spec, accel, paths, self.images, qemu=self.qemu, networks=self.networks)
 
     def get(self, name: str) -> VM:
         vm = self.vms.get(name)
@@ -74,7 +76,7 @@ class VMManager:
     async def _recover(self, folder: Path, procs: Sequence[QemuProcess]) -> VM | None:
         try:
             doc = load_meta(folder / "vm.json")
-            spec = VMSpec(**{k: v for k, v in doc["spec"].items() if v not in ("", None)})
+            spec = VMSpec.from_record(doc["spec"])
             if spec.name != folder.name:
                 raise ValueError(f"record names VM {spec.name!r}")
         except (NewerRecord, TypeError) as exc:
@@ -129,6 +131,7 @@ class VMManager:
         """
         spec = parse_spec(doc)
         self.images.check(spec)  # refused images: a 400 before anything exists
+        self.networks.check(spec)  # ... and networks this host lacks
         if start is None:
             start = bool(doc.get("start", True)) if isinstance(doc, dict) else True
         accel = "tcg"

@@ -35,10 +35,11 @@ class QemuFiles:
 
     images: OpenedImages
     serial_log: int
+    taps: tuple[int, ...] = ()  # one tap per NIC, in spec order (network.py)
 
     @property
     def fds(self) -> tuple[int, ...]:
-        return (*self.images.fds, self.serial_log)
+        return (*self.images.fds, self.serial_log, *self.taps)
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,22 @@ def _fd(images: OpenedImages, key: str) -> int:
     return int(fd)
 
 
-def machine_args(spec: VMSpec, accel: str, ram_path: Path, images: OpenedImages) -> list[str]:
+def nic_args(spec: VMSpec, taps: tuple[int, ...]) -> list[str]:
+    """NICs in spec order (so PCI slots match on both ends of a migration), each on a
+    tap the agent opened; ``romfile=``: no PXE option ROM, the guest boots from -kernel."""
+    if len(taps) != len(spec.nics):
+        raise ValueError(f"{len(spec.nics)} NICs but {len(taps)} tap descriptors")
+    args: list[str] = []
+    for i, (nic, fd) in enumerate(zip(spec.nics, taps, strict=True)):
+        args += ["-netdev", f"tap,id=net{i},fd={fd}",
+                 "-device", f"{nic.model},netdev=net{i},id=nic{i},mac={nic.mac},romfile="]
+    return args
+
+
+def machine_args(spec: VMSpec, accel: str, ram_path: Path, images: OpenedImages,
+                 taps: tuple[int, ...] = ()) -> list[str]:
     """The guest-visible machine; identical on a migration's two ends but for
-    ``ram_path`` and the numbers of the image descriptors."""
+    ``ram_path`` and the numbers of the image and tap descriptors."""
     args = [
         "-machine", f"{MACHINE_TYPE},accel={accel},memory-backend={RAM_BACKEND_ID}",
         "-cpu", cpu_model(accel),
@@ -108,7 +122,7 @@ def machine_args(spec: VMSpec, accel: str, ram_path: Path, images: OpenedImages)
             "-add-fd", f"fd={_fd(images, 'disk_ro')},set={DISK_FDSET}",
             "-drive", f"file=/dev/fdset/{DISK_FDSET},format={spec.disk_format},if=virtio",
         ]  # fmt: skip
-    return args
+    return args + nic_args(spec, taps)
 
 
 def qemu_argv(
@@ -131,7 +145,7 @@ def qemu_argv(
     argv = [
         qemu, "-name", f"guest={spec.name}", "-nodefaults", "-no-user-config", "-display", "none",
         *SANDBOX_ARGS,
-        *machine_args(spec, accel, Path(paths.ram.name), files.images),
+        *machine_args(spec, accel, Path(paths.ram.name), files.images, files.taps),
         "-add-fd", f"fd={files.serial_log},set={SERIAL_FDSET}",
         "-chardev",
         f"socket,id={SERIAL_ID},path={paths.serial_sock.name},server=on,wait=off,"

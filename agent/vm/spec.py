@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+import secrets
+from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -15,11 +16,78 @@ MAX_CMDLINE = 4096
 DISK_FORMATS = ("raw", "qcow2")
 MAX_IMAGE_REF = 1024
 
-_KEYS = {"name", "vcpus", "memory_mb", "kernel", "initrd", "cmdline", "disk", "disk_format", "accel", "start"}
+_KEYS = {"name", "vcpus", "memory_mb", "kernel", "initrd", "cmdline", "disk", "disk_format", "accel", "start",
+         "nics"}
+
+# NICs: a fleet network name (each agent maps it to a local bridge), a device
+# model QEMU emulates, and a MAC that stays with the VM for its life.
+NET_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}\Z")
+NIC_MODELS = ("virtio-net-pci", "e1000", "rtl8139")
+DEFAULT_NIC_MODEL = "virtio-net-pci"
+MAX_NICS = 8
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
+_NIC_KEYS = {"net", "model", "mac"}
 
 
 class SpecError(ValueError):
     """A VM spec is invalid; the message names the field and the problem."""
+
+
+@dataclass(frozen=True)
+class NIC:
+    net: str
+    model: str
+    mac: str
+
+
+def random_mac() -> str:
+    """A unicast, locally administered MAC (first octet x2/x6/xA/xE)."""
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def _nic(i: int, doc: Any) -> NIC:
+    where = f"nics[{i}]"
+    if not isinstance(doc, dict):
+        raise SpecError(f"{where}: expected an object with net, model, mac")
+    unknown = sorted(set(doc) - _NIC_KEYS)
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(_NIC_KEYS))})")
+    net = doc.get("net")
+    if not isinstance(net, str) or not NET_NAME_RE.match(net):
+        raise SpecError(f"{where}.net: a network name of 1-31 lowercase letters, digits, '_' or '-', "
+                        f"starting with a letter; got {net!r}")
+    model = doc.get("model", DEFAULT_NIC_MODEL)
+    if model not in NIC_MODELS:
+        raise SpecError(f"{where}.model: expected one of {', '.join(NIC_MODELS)}, got {model!r}")
+    mac = doc.get("mac")
+    if mac is None:
+        return NIC(net, model, random_mac())
+    if not isinstance(mac, str) or not MAC_RE.match(mac.lower()):
+        raise SpecError(f"{where}.mac: expected six hex octets like 52:54:00:12:34:56, got {mac!r}")
+    mac = mac.lower()
+    first = int(mac[:2], 16)
+    if first & 0x01:
+        raise SpecError(f"{where}.mac: {mac} is a multicast address; a NIC needs a unicast one")
+    if mac == "00:00:00:00:00:00":
+        raise SpecError(f"{where}.mac: the all-zero address is not valid")
+    return NIC(net, model, mac)
+
+
+def _nics(value: Any) -> tuple[NIC, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SpecError("nics: expected a list of NICs")
+    if len(value) > MAX_NICS:
+        raise SpecError(f"nics: at most {MAX_NICS} NICs, got {len(value)}")
+    nics = tuple(_nic(i, d) for i, d in enumerate(value))
+    macs = [n.mac for n in nics]
+    for i, mac in enumerate(macs):
+        if mac in macs[:i]:
+            raise SpecError(f"nics[{i}].mac: {mac} is used by another NIC of this VM")
+    return nics
 
 
 @dataclass(frozen=True)
@@ -33,9 +101,23 @@ class VMSpec:
     disk: str = ""
     disk_format: str = ""
     accel: str = "auto"
+    nics: tuple[NIC, ...] = field(default=())
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """The fleet networks this VM joins, each once, in NIC order."""
+        return tuple(dict.fromkeys(n.net for n in self.nics))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        doc["nics"] = [asdict(n) for n in self.nics]
+        return doc
+
+    @classmethod
+    def from_record(cls, doc: dict[str, Any]) -> VMSpec:
+        """The spec as ``to_dict`` wrote it into the VM's record (MACs kept)."""
+        fields = {k: v for k, v in doc.items() if v not in ("", None) and k != "nics"}
+        return cls(**fields, nics=tuple(NIC(**n) for n in doc.get("nics") or ()))
 
 
 def _int(doc: dict[str, Any], key: str, lo: int, hi: int) -> int:
@@ -107,4 +189,5 @@ def parse_spec(doc: Any) -> VMSpec:
             disk_format = "qcow2" if disk.endswith(".qcow2") else "raw"
     if disk_format and not disk:
         raise SpecError("disk_format: only valid with a disk")
-    return VMSpec(name, vcpus, memory_mb, kernel, initrd, cmdline, disk, disk_format, accel)
+    nics = _nics(doc.get("nics"))  # a MAC not given is generated here, then kept in the record
+    return VMSpec(name, vcpus, memory_mb, kernel, initrd, cmdline, disk, disk_format, accel, nics)

@@ -6,7 +6,7 @@ implements it; an agent can run one with its ``GET /v1/host`` document):
 - ``POST /api/v1/hosts/register`` with ``Authorization: Bearer <agent_token>`` (the
   shared bootstrap token) and ``{"name", "url" (the agent's API base URL), "token"
   (the agent's own API token, >= 16 characters, so the coordinator can drive it),
-  "cpus", "memory_bytes", "memory_available_bytes", optional "accel", "data_port",
+  "cpus", "memory_bytes", "memory_available_bytes", optional "accel", "data_port", "networks",
   "version", "vms", "load"}`` -> ``{"host": {...}, "heartbeat_interval_s",
   "grant_key"}``. Unknown fields are refused (400). ``grant_key`` verifies the
   migration grants this coordinator signs (``novacron.grants``).
@@ -72,6 +72,7 @@ REGISTER: dict[str, Any] = {
         "memory_bytes": _COUNT,
         "accel": {"type": "object", "maxProperties": 32},
         "data_port": {"type": ["integer", "null"], "minimum": 0, "maximum": 65535},
+        "networks": {"type": "array", "maxItems": 256, "uniqueItems": True, "items": schemas.NAME},
         "version": {"type": "string", "maxLength": 64},
         **_USAGE,
     },

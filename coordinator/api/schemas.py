@@ -17,6 +17,7 @@ HOST: dict[str, Any] = {
         "cpus": {"type": "integer"}, "memory_bytes": {"type": "integer"},
         "memory_available_bytes": {"type": "integer"},
         "accel": {"type": "object"}, "data_port": {"type": ["integer", "null"]},
+        "networks": {"type": "array", "items": {"type": "string"}},
         "version": {"type": "string"}, "vms": {"type": "array", "items": {"type": "string"}},
         "load": {"type": ["number", "null"]},
         "registered_at": {"type": "number"}, "last_heartbeat": {"type": "number"},

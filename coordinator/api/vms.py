@@ -45,6 +45,12 @@ CREATE: dict[str, Any] = {
         "disk": _PATH,
         "disk_format": {"enum": ["raw", "qcow2"]},
         "accel": {"enum": ["kvm", "tcg", "auto"]},
+        # the agent checks NICs fully (novacron.agent.vm.spec); here: the shape, so a bad one is a 400
+        "nics": {"type": "array", "maxItems": 8, "items": {
+            "type": "object", "additionalProperties": False, "required": ["net"],
+            "properties": {"net": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,30}$"},
+                           "model": {"enum": ["virtio-net-pci", "e1000", "rtl8139"]},
+                           "mac": {"type": "string", "pattern": "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"}}}},
         "start": {"type": "boolean", "description": "start it (default true)"},
         "host": {**schemas.NAME, "description": "pin to this host instead of placing"},
         "placement": PLACEMENT,

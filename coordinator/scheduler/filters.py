@@ -15,6 +15,7 @@ REASONS: dict[str, str] = {
     "disabled": "host is down or in maintenance",
     "affinity": "not the host of the VM's affinity peers",
     "anti_affinity": "holds (or shares a zone with) a VM it must be kept apart from",
+    "network": "lacks a network the VM's NICs join",
     "latency": "round-trip to the VM's region above max_latency_ms",
     "cpu": "not enough free vCPU (after overcommit)",
     "memory": "not enough free memory (after overcommit)",
@@ -81,6 +82,8 @@ def feasible(fleet: FleetState, req: VMRequest) -> Feasibility:
         ("affinity", _affinity_mask(fleet, req)),
         ("anti_affinity", _anti_affinity_mask(fleet, req)),
     ]
+    if req.networks:
+        rules.append(("network", fleet.has_networks(req.networks)))
     if req.max_latency_ms is not None:
         col = fleet.region_column(req.region)
         if col is None:  # no host has a measurement for this region

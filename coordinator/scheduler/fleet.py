@@ -77,6 +77,7 @@ class FleetState:
         self._reserved: dict[int, tuple[float, float]] = {}  # host -> (vCPU, MiB) not from VMs
         self.vms: dict[str, PlacedVM] = {}
         self.vms_on: list[set[str]] = []
+        self.host_networks: list[frozenset[str] | None] = []  # None: not known (not filtered)
         # vm id -> ids of placed VMs that declared anti-affinity against it
         self._anti_from: dict[str, set[str]] = {}
         self.add_hosts(hosts)
@@ -180,6 +181,7 @@ class FleetState:
         self.host_ids.append(h.id)
         self.index[h.id] = i
         self.vms_on.append(set())
+        self.host_networks.append(h.networks)
         z = self.zone_index.get(h.zone)
         if z is None:
             z = self.zone_index[h.zone] = len(self.zones)
@@ -196,6 +198,12 @@ class FleetState:
             self._latency[i, col] = ms
         self._latency_cols.clear()
         return i
+
+    def has_networks(self, names: tuple[str, ...]) -> Bool:
+        """Hosts that have every network in ``names`` (or do not report networks)."""
+        need = set(names)
+        return np.fromiter((nets is None or need <= nets for nets in self.host_networks),
+                           dtype=bool, count=self._n)
 
     def set_enabled(self, host_id: str, enabled: bool) -> None:
         self._enabled[self._host(host_id)] = enabled

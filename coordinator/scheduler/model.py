@@ -43,6 +43,7 @@ class Host:
     mem_overcommit: float = 1.0
     latency_ms: dict[str, float] = field(default_factory=dict)  # user region -> RTT
     enabled: bool = True  # False: in maintenance, takes no new VMs
+    networks: frozenset[str] | None = None  # fleet networks it has; None: not known, not filtered
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class VMRequest:
     affinity: tuple[str, ...] = ()
     anti_affinity: tuple[str, ...] = ()
     anti_affinity_scope: Scope = "host"
+    networks: tuple[str, ...] = ()  # fleet networks its NICs join: the host must have them all
 
 
 @dataclass(frozen=True)

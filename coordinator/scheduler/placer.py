@@ -10,11 +10,12 @@ defaults below.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from novacron.coordinator.models import HOST_UP, VM
+from novacron.coordinator.models import HOST_UP, VM, spec_networks
 from novacron.coordinator.models import Host as StoreHost
 from novacron.coordinator.scheduler.fleet import FleetState
 from novacron.coordinator.scheduler.learned import LearnedPlacer
@@ -51,6 +52,7 @@ def host_from_record(h: StoreHost, attrs: dict[str, Any] | None) -> Host:
                            "cpu_overcommit": DEFAULT_CPU_OVERCOMMIT}
     doc.update({k: v for k, v in (attrs or {}).items() if k in ATTR_FIELDS})
     host = parse_host(doc, f"host {h.name}")
+    host = dataclasses.replace(host, networks=frozenset(h.networks))
     if h.state != HOST_UP:  # down hosts stay visible (and counted as rejected) but take nothing
         host = Host(**{**host.__dict__, "enabled": False})
     return host
@@ -145,7 +147,7 @@ class SchedulerPlacer:
                 doc[key] = spec[key]
         async with self._lock:
             try:
-                req = parse_request(doc)
+                req = dataclasses.replace(parse_request(doc), networks=spec_networks(spec))
                 enabled, policy = await load_policy(self.store)
                 if enabled:
                     policy.observe({v.name: v.host for v in vms})

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"],
                    help="accelerator (default: the host agent's accel setting)")
     p.add_argument("--host", help="pin to this host instead of placing")
+    p.add_argument("--nic", action="append", type=nic_arg, metavar="NET[,model=M][,mac=X]",
+                   help="a NIC on fleet network NET (repeatable); model default virtio-net-pci, "
+                        "MAC generated and kept unless given")
     add_preference_flags(p)
     p.add_argument("--json", action="store_true", help="print the VM as JSON")
     p.set_defaults(func=_create)
@@ -50,6 +53,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "delete it (its QEMU may keep running there)")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=lambda a, fn=_HANDLERS[action]: _run(a, fn))
+
+
+def nic_arg(text: str) -> dict[str, str]:
+    """``prod,model=e1000,mac=52:54:00:00:00:01`` -> a spec NIC (the API checks the values)."""
+    net, *opts = text.split(",")
+    nic = {"net": net}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in ("model", "mac") or key in nic:
+            raise argparse.ArgumentTypeError(f"expected NET[,model=M][,mac=X], got {text!r}")
+        nic[key] = value
+    return nic
 
 
 def boot_problem(args: argparse.Namespace) -> str | None:
@@ -68,6 +83,8 @@ def boot_problem(args: argparse.Namespace) -> str | None:
 def create_body(args: argparse.Namespace) -> dict[str, Any]:
     body = given(args, "name", "vcpus", "memory_mb", "kernel", "initrd", "cmdline", "disk",
                  "disk_format", "accel", "host")
+    if getattr(args, "nic", None):
+        body["nics"] = args.nic
     placement = given(args, *PREFERENCES)
     if placement:
         body["placement"] = placement

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import select
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from novacron.agent.guest import GuestImage, cpio, ensure_guest
-from novacron.agent.guest.build import _is_static_elf, compile_workload
+from novacron.agent.guest.build import NET_MODULES, _is_static_elf, compile_workload
 from tests.agent.workload_pages import page_prefix
 
 
@@ -47,6 +48,16 @@ def test_guest_is_cached_and_complete(guest: GuestImage) -> None:
     again = ensure_guest()  # second call: found by key, not rebuilt
     assert again == guest
     assert "novacron.mem_mb=48 novacron.rate_mb=0" in guest.workload_cmdline(mem_mb=48, rate_mb=0)
+    assert guest.network_cmdline("198.18.0.5/24", 7001).endswith("novacron.ip=198.18.0.5/24 novacron.port=7001")
+
+
+def test_guest_carries_the_virtio_net_modules_in_load_order(guest: GuestImage) -> None:
+    # Debian builds virtio-net as modules; init.sh loads /lib/modules/*.ko in glob order
+    listing = subprocess.run(["cpio", "-t"], input=gzip.decompress(guest.initrd.read_bytes()),
+                             capture_output=True, check=True).stdout.decode().split()
+    mods = sorted(m for m in listing if m.startswith("lib/modules/") and m.endswith(".ko"))
+    assert [m.split("-", 1)[1] for m in mods] == [Path(m).name for m in NET_MODULES]
+    assert mods[-1].endswith("virtio_net.ko") and mods[0].endswith("virtio_ring.ko")
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from novacron.agent.vm.images import OpenedImages
 from novacron.agent.vm.qemu_args import QemuFiles, VMPaths, machine_args, qemu_argv
-from novacron.agent.vm.spec import VMSpec
+from novacron.agent.vm.spec import NIC, VMSpec
 
 KERNEL_FILES = QemuFiles(OpenedImages(kernel=7, initrd=8), serial_log=9)
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -55,3 +57,21 @@ def test_disk_vm_argv(tmp_path: Path) -> None:
     assert "/images/db.qcow2" not in joined
     assert files.fds == (11, 12, 13)
     assert argv[-1] == "-S"
+
+
+def test_nics_are_taps_by_descriptor_with_their_macs(tmp_path: Path) -> None:
+    nics = (NIC("prod", "virtio-net-pci", "52:54:00:00:00:01"), NIC("dev", "e1000", "02:00:00:00:00:02"))
+    spec = VMSpec("web", 1, 128, kernel="/k", nics=nics)
+    files = QemuFiles(OpenedImages(kernel=7), serial_log=9, taps=(20, 21))
+    argv = qemu_argv(spec, "tcg", VMPaths(tmp_path), files)
+    joined = " ".join(argv)
+    assert "-netdev tap,id=net0,fd=20 -device virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01" in joined
+    assert "-netdev tap,id=net1,fd=21 -device e1000,netdev=net1,id=nic1,mac=02:00:00:00:00:02" in joined
+    assert files.fds == (7, 9, 20, 21)
+    # a migration's destination: same devices and MACs, only the descriptor numbers differ
+    other = machine_args(spec, "tcg", Path("ram"), OpenedImages(kernel=7), (30, 31))
+    mine = machine_args(spec, "tcg", Path("ram"), OpenedImages(kernel=7), (20, 21))
+    assert [(a, b) for a, b in zip(mine, other, strict=True) if a != b] == [
+        ("tap,id=net0,fd=20", "tap,id=net0,fd=30"), ("tap,id=net1,fd=21", "tap,id=net1,fd=31")]
+    with pytest.raises(ValueError):
+        machine_args(spec, "tcg", Path("ram"), OpenedImages(kernel=7), (20,))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from novacron.agent.vm.spec import SpecError, parse_spec
+from novacron.agent.vm.spec import SpecError, VMSpec, parse_spec
 
 
 @pytest.fixture
@@ -112,3 +112,51 @@ def test_any_json_gives_a_spec_or_a_named_error(doc: dict[str, Any]) -> None:
         assert any(str(exc).startswith(f"{k}: ") for k in named), exc
     else:
         assert spec.name == doc["name"]
+
+
+# ----- NICs -------------------------------------------------------------------------
+def test_nic_defaults_and_generated_mac_is_local_unicast(files: dict[str, str]) -> None:
+    spec = parse_spec(base(files, nics=[{"net": "prod"}, {"net": "dev", "model": "e1000"}]))
+    (a, b) = spec.nics
+    assert (a.net, a.model, b.model) == ("prod", "virtio-net-pci", "e1000")
+    for mac in (a.mac, b.mac):
+        first = int(mac[:2], 16)
+        assert first & 0x02 and not first & 0x01  # locally administered, unicast
+    assert a.mac != b.mac and spec.networks == ("prod", "dev")
+
+
+def test_mac_survives_the_record_and_the_migration(files: dict[str, str]) -> None:
+    # the record (to_dict) and the migration (the dict re-parsed at the destination) keep it
+    spec = parse_spec(base(files, nics=[{"net": "prod"}]))
+    assert VMSpec.from_record(spec.to_dict()) == spec
+    again = parse_spec({k: v for k, v in spec.to_dict().items() if v not in ("", None)})
+    assert again.nics == spec.nics
+
+
+def test_given_mac_is_kept_lowercased(files: dict[str, str]) -> None:
+    spec = parse_spec(base(files, nics=[{"net": "prod", "mac": "52:54:00:AB:cd:01"}]))
+    assert spec.nics[0].mac == "52:54:00:ab:cd:01"
+
+
+@pytest.mark.parametrize("nics, field, problem", [
+    ({"net": "prod"}, "nics", "expected a list"),
+    (["prod"], "nics[0]", "expected an object"),
+    ([{}], "nics[0].net", "network name"),
+    ([{"net": "Prod"}], "nics[0].net", "network name"),
+    ([{"net": "br-prod/../x"}], "nics[0].net", "network name"),
+    ([{"net": "a" * 40}], "nics[0].net", "network name"),
+    ([{"net": "prod", "model": "ne2k_pci"}], "nics[0].model", "expected one of"),
+    ([{"net": "prod", "mac": "52:54:00:12:34"}], "nics[0].mac", "six hex octets"),
+    ([{"net": "prod", "mac": "52:54:00:12:34:5g"}], "nics[0].mac", "six hex octets"),
+    ([{"net": "prod", "mac": "01:00:5e:00:00:01"}], "nics[0].mac", "multicast"),
+    ([{"net": "prod", "mac": "00:00:00:00:00:00"}], "nics[0].mac", "all-zero"),
+    ([{"net": "prod", "mac": 5}], "nics[0].mac", "six hex octets"),
+    ([{"net": "prod", "vlan": 5}], "nics[0].vlan", "unknown field"),
+    ([{"net": "prod", "mac": "52:54:00:00:00:01"}, {"net": "dev", "mac": "52:54:00:00:00:01"}],
+     "nics[1].mac", "used by another NIC"),
+    ([{"net": "prod"}] * 9, "nics", "at most 8"),
+])  # fmt: skip
+def test_bad_nics_are_named(files: dict[str, str], nics: Any, field: str, problem: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec(base(files, nics=nics))
+    assert str(err.value).startswith(f"{field}:") and problem in str(err.value)

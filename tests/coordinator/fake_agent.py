@@ -35,6 +35,7 @@ class FakeAgent:
         self._ids = itertools.count(1)
         self.peers: dict[str, FakeAgent] = {}  # url -> agent, to hand VMs over on commit
         self.url = ""
+        self.networks: list[str] = []  # fleet networks it reports
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -68,7 +69,8 @@ class FakeAgent:
                 "memory_bytes": self.memory_bytes,
                 "memory_available_bytes": self.memory_bytes - self.used(),
                 "accel": {"kvm_present": False, "kvm_usable": False, "default": "tcg"},
-                "data_port": 1234, "version": "fake", "vms": sorted(self.vms)}
+                "data_port": 1234, "version": "fake", "vms": sorted(self.vms),
+                "networks": list(self.networks)}
 
     async def health(self, _r: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "name": self.name})

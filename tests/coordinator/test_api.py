@@ -126,6 +126,22 @@ async def test_bad_path_and_query_parameters(coordinator: Coordinator) -> None:
     assert status == 405 and "DELETE" in doc["error"]
 
 
+async def test_vms_go_only_to_hosts_with_their_networks(
+        coordinator: Coordinator, agents: list[FakeAgent]) -> None:
+    alpha, beta = agents
+    beta.networks = ["prod"]
+    await beta.register_with(coordinator.session, coordinator.url, coordinator.cfg.agent_token)
+    assert (await coordinator.call("GET", "/hosts/beta"))[1]["networks"] == ["prod"]
+    status, vm = await coordinator.call("POST", "/vms", json=vm_spec("web", nics=[{"net": "prod"}]))
+    assert status == 201 and vm["host"] == "beta", vm  # alpha has more memory but no 'prod'
+    status, doc = await coordinator.call("POST", "/vms", json=vm_spec("db", nics=[{"net": "dev"}]))
+    assert status in (409, 503) and "db" not in alpha.vms and "db" not in beta.vms, doc
+    status, doc = await coordinator.call("POST", "/vms", json=vm_spec("x", nics=[{"net": "Prod/../x"}]))
+    assert status == 400 and "nics" in doc["error"], doc
+    status, doc = await coordinator.call("POST", "/migrations", json={"vm": "web", "target": "alpha"})
+    assert status == 409 and "lacks the network(s) prod" in doc["error"], doc
+
+
 async def test_vm_lifecycle_with_placement(
         coordinator: Coordinator, agents: list[FakeAgent]) -> None:
     alpha, beta = agents

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -85,6 +86,7 @@ async def test_vm_lifecycle(fleet: Fleet) -> None:
       "--affinity", "web", "--anti-affinity", "web"], "both affinity and anti_affinity"),
     (["vm", "create", "x", "--vcpus", "1", "--memory-mb", str(64 << 10), "--kernel", "/k"],
      "memory"),
+    (["vm", "create", "x", "--vcpus", "1", "--memory-mb", "64", "--kernel", "/k", "--nic", "Prod"], "nics"),
     (["vm", "stop", "nope"], "no VM named 'nope'"),
     (["vm", "start", "nope"], "no VM named 'nope'"),
     (["vm", "delete", "nope"], "no VM named 'nope'"),
@@ -143,3 +145,14 @@ async def test_swarm_round_trip_through_claude_flow(tmp_path: Path) -> None:
         assert code == 2 and "not JSON" in err
         code, out, err = await cli(env, "swarm", "list", "--json")
         assert [s["id"] for s in json.loads(out)] == [sid]  # the bad create added nothing
+
+
+def test_nic_flag_becomes_a_spec_nic() -> None:
+    from novacron.cli.vm import nic_arg
+
+    assert nic_arg("prod") == {"net": "prod"}
+    assert nic_arg("prod,model=e1000,mac=52:54:00:00:00:01") == {
+        "net": "prod", "model": "e1000", "mac": "52:54:00:00:00:01"}
+    for bad in ("prod,vlan=5", "prod,model", "prod,model=a,model=b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            nic_arg(bad)

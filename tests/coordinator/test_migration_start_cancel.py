@@ -103,3 +103,28 @@ async def test_uncancelled_refusal_still_reaches_the_caller(setup: Setup) -> Non
         assert mig.agent_migration_id == "a-1"
     with pytest.raises(ApiError, match="no VM named"):
         await setup.manager.start("nope", "dst", {})
+
+
+async def test_migration_to_a_host_without_the_vm_network_is_refused(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "c.db")
+    await store.open()
+    await store.put_host(Host("src", "http://src.invalid", "tok-src", 2, 1 << 30, 1 << 29, data_port=7701,
+                              networks=["prod"]))
+    await store.put_host(Host("dst", "http://dst.invalid", "tok-dst", 2, 1 << 30, 1 << 29, data_port=7701,
+                              networks=["dev"]))
+    await store.put_vm(VM("vm1", "src", {"nics": [{"net": "prod", "mac": "52:54:00:00:00:01"}]},
+                          state="running"))
+    agents = SlowAgents(refuse=False)
+    manager = MigrationManager(CoordinatorConfig(data_dir=tmp_path, poll_interval_s=0.01), store,
+                               cast(AgentClient, agents), EventHub())
+    try:
+        with pytest.raises(ApiError) as err:
+            await manager.start("vm1", "dst", {})
+        assert err.value.status == 409 and "lacks the network(s) prod" in str(err.value)
+        assert not agents.asked.is_set()  # refused before anything moved
+        assert await store.list_migrations("vm1") == []
+        vm = await store.get_vm("vm1")
+        assert vm is not None and vm.state == "running" and vm.host == "src"
+    finally:
+        await manager.close()
+        await store.close()

@@ -68,3 +68,14 @@ def test_decide_changes_nothing(sched: Scheduler) -> None:
     assert np.array_equal(before[0], sched.fleet.cpu_used)
     assert np.array_equal(before[1], sched.fleet.mem_used)
     assert before[2] == sched.fleet.vms
+
+
+def test_hosts_lacking_a_vm_network_are_filtered_out() -> None:
+    fleet = FleetState([host(0, networks=frozenset({"prod", "dev"})), host(1, networks=frozenset({"dev"})),
+                        host(2, networks=frozenset()), host(3)])  # host 3: reports no networks (a simulation)
+    f = feasible(fleet, VMRequest("x", 1, 1024, networks=("prod",)))
+    assert f.ok.tolist() == [True, False, False, True] and f.rejected == {"network": 2}
+    f = feasible(fleet, VMRequest("x", 1, 1024, networks=("prod", "dev")))
+    assert f.ok.tolist() == [True, False, False, True]
+    assert feasible(fleet, VMRequest("x", 1, 1024)).count == 4  # no NICs: any host
+    assert Scheduler(fleet).decide(VMRequest("y", 1, 1024, networks=("dev", "prod"))).host in ("h0", "h3")

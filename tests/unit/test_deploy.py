@@ -51,7 +51,7 @@ def test_rendered_config_loads(tmp_path: Path, role: str, template: str, schema:
     inventory = tmp_path / "hosts.ini"
     inventory.write_text("[coordinator]\ncoord1\n[agents]\nlocalhost ansible_connection=local\n")
     src = ANSIBLE / "roles" / role / "templates" / template
-    extra = dict(SECRETS, inventory_hostname="kvm01")
+    extra = dict(SECRETS, inventory_hostname="kvm01", novacron_networks={"prod": "br-prod", "dev": "br0"})
     res = ansible(
         "ansible", "localhost", "-i", str(inventory), "-c", "local",
         "-e", f"@{ANSIBLE / 'group_vars' / 'all.yml'}", "-e", json.dumps(extra),
@@ -67,6 +67,7 @@ def test_rendered_config_loads(tmp_path: Path, role: str, template: str, schema:
         # images only from the image dir, beside (not inside) the agent's state dir; QEMU unprivileged
         assert cfg.image_dirs() == [Path("/var/lib/novacron/images")] and cfg.qemu_user == "novacron-qemu"
         assert check_image_dirs(cfg.image_dirs(), cfg.state_dir) == ""
+        assert cfg.networks == {"prod": "br-prod", "dev": "br0"}
     else:
         assert cfg.admin_token == SECRETS["novacron_admin_token"]
     # TLS on, all three files, so the non-loopback listen address passes the daemons' check
