@@ -51,9 +51,9 @@ class AgentConfig:
     qemu_user: str = setting("", help='the unprivileged user QEMU runs as when the agent is root '
                              '(empty: novacron-qemu if that user exists; "root": no drop, not recommended)')
     images: ImagesConfig = field(default_factory=ImagesConfig)
-    # [networks]: fleet network name -> this host's bridge (prod = "br-prod"); a VM's NIC
-    # names a network, and the agent puts its tap on that bridge
-    networks: dict[str, str] = field(default_factory=dict)
+    # a VM's NIC names a fleet network; the agent puts its tap on this host's bridge for it
+    networks: dict[str, str] = setting(factory=dict, help="[networks] table: fleet network name -> "
+                                       'this host\'s bridge (prod = "br-prod"); env/flag: prod=br-prod,dev=br0')
 
     # TLS (see novacron.tls): with all three the API is HTTPS and requires a client
     # certificate from the same fleet CA (mutual TLS); the certificate is this host's identity

@@ -45,7 +45,7 @@ async def test_changes_are_recorded_with_who_what_where_and_result(
     assert (await coordinator.call("DELETE", "/hosts/beta"))[0] == 200
     for path in ("/hosts", "/vms", "/hosts/alpha", "/migrations"):  # reads are not recorded
         assert (await coordinator.call("GET", path))[0] == 200
-    status, _ = await coordinator.call("POST", "/hosts/alpha/heartbeat", token=coordinator.cfg.agent_token,
+    status, _ = await coordinator.call("POST", "/hosts/alpha/heartbeat", token=agents[0].token,
                                        json={"memory_available_bytes": 1 << 30})
     assert status == 200  # telemetry: not recorded either
 
@@ -151,8 +151,8 @@ async def test_agent_records_its_own_changes_and_the_coordinator_reads_them(
             assert await call("POST", "/v1/vms", {"name": "bad", "vcpus": 1}) == 400
             assert await call("DELETE", "/v1/vms/ghost") == 404
             assert await call("POST", "/v1/vms/ghost/start") == 404
-            assert await call("POST", "/v1/migrations", {"vm": "ghost", "target": {
-                "url": "http://127.0.0.1:9", "token": peer_token}}) == 404
+            # a forged grant: refused, and the credential-like value never reaches the file
+            assert await call("POST", "/v1/migrations", {"vm": "ghost", "grant": "forged." + peer_token}) == 403
             assert await call("GET", "/v1/vms") == 200
             assert await call("POST", "/v1/vms", {"name": "x"}, headers={"Authorization": "Bearer nope"}) == 401
         path = tmp_path / "agent-audit" / "audit.log"
@@ -164,7 +164,7 @@ async def test_agent_records_its_own_changes_and_the_coordinator_reads_them(
             ("api-token", "POST /v1/vms", "bad", "error", 400),
             ("api-token", "DELETE /v1/vms/{name}", "ghost", "error", 404),
             ("api-token", "POST /v1/vms/{name}/start", "ghost", "error", 404),
-            ("api-token", "POST /v1/migrations", "ghost", "error", 404),
+            ("api-token", "POST /v1/migrations", "ghost", "refused", 403),
             ("-", "POST /v1/vms", "-", "refused", 401),
         ]
         # the coordinator reads a registered host's audit through its agent
