@@ -18,9 +18,11 @@ from aiohttp import web
 from novacron.agent.api.common import BODY, json_error
 from novacron.agent.appkeys import CONFIG, VMS
 from novacron.agent.config import AgentConfig
+from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
 from novacron.agent.migration.qemu_port import (
     QemuDestFactory,
+    QemuLocalVMs,
     clean_stale_incoming,
     clean_stale_relay_sockets,
     source_vm,
@@ -51,7 +53,10 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
         dest_factory=QemuDestFactory(vms),
         data_host=cfg.host,
         data_port=cfg.data_port,
+        journal=Journal(cfg.state_dir / "migrations"),
+        local_vms=QemuLocalVMs(vms),
     )
+    vms.resume_fence = manager  # resume waits for every migration of the VM to settle
     app[MANAGER_KEY] = manager
 
     async def on_startup(_app: web.Application) -> None:

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from novacron.agent.api.common import json_error, read_json_object
 from novacron.agent.appkeys import VMS
+from novacron.audit import ACTOR, AUDIT
 
 ACTIONS = ("start", "stop", "pause", "resume")
 MAX_CONSOLE_INPUT = 1024
@@ -32,7 +33,26 @@ async def vm_action(request: web.Request) -> web.Response:
     if action not in ACTIONS:
         manager.get(name)  # an unknown VM is the more useful 404
         return json_error(404, f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
+    if action == "resume":
+        return await _resume(request, name)
     vm = await getattr(manager, action)(name)
+    return web.json_response(vm.status())
+
+
+async def _resume(request: web.Request, name: str) -> web.Response:
+    """``?force=true`` resumes past an unsettled migration (the peer host is known
+    dead); what it overrode is recorded in the audit log."""
+    manager = request.app[VMS]
+    force = request.query.get("force", "false")
+    if force not in ("true", "false"):
+        return json_error(400, "force: expected true or false")
+    fence = manager.resume_fence
+    overriding = fence.fence_reason(name) if fence is not None and force == "true" else None
+    vm = await manager.resume(name, force=force == "true")
+    if overriding is not None and AUDIT in request.app:
+        await request.app[AUDIT].record(actor=request.get(ACTOR, "-"), remote=request.remote or "-",
+                                        action="resume forced past an unsettled migration",
+                                        target=name, result="ok", status=200, detail=overriding)
     return web.json_response(vm.status())
 
 

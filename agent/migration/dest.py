@@ -4,6 +4,13 @@ Nothing is built before a valid ``prepare`` arrives on an authenticated
 channel. From then on, anything other than a clean switchover (abort, channel
 loss, bad frame, timeout) destroys the destination machine, its RAM file and
 its VM directory, so a failed migration leaves nothing behind here.
+
+Liveness: the source sends keepalives, so silence for its ``liveness_s``
+fails the migration here; we send ours back the same way. The destination
+QEMU is watched too: its exit fails the migration at once (before ``go``,
+the source then resumes its copy). Each step is journalled (``journal.py``)
+before its effect; a channel may also open with ``query`` instead of
+``prepare`` (a restarted source asking for an outcome).
 """
 
 from __future__ import annotations
@@ -14,13 +21,16 @@ import logging
 import mmap
 import os
 from collections.abc import Callable
+from typing import Any
 
 from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
+from novacron.agent.migration.journal import Entry, Journal
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM
 from novacron.agent.qmp import open_unix
+from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver
 
 log = logging.getLogger("novacron.agent.migration")
@@ -32,19 +42,30 @@ class DestAborted(Exception):
     pass
 
 
+Answer = Callable[[str, str], str]  # (migration id, VM name) -> one of protocol.OUTCOMES
+
+
 async def receive_migration(
     channel: Channel,
     factory: DestFactory,
     register: Callable[[MigrationStatus], None],
     *,
     idle_timeout: float = IDLE_TIMEOUT,
+    journal: Journal | None = None,
+    answer: Answer | None = None,
 ) -> MigrationStatus | None:
-    """Serve one incoming migration on ``channel``; returns its final status."""
+    """Serve one incoming migration on ``channel`` (or answer one ``query`` with
+    ``answer``); returns the migration's final status."""
     try:
         rec = await channel.recv(timeout=idle_timeout)
+        if rec.kind == CTRL and rec.op == "query" and rec.ctrl is not None and answer is not None:
+            qid, qvm = protocol.check_query(rec.ctrl)
+            await channel.send_ctrl({"op": "outcome", "outcome": answer(qid, qvm)}, timeout=5)
+            return None
         if rec.kind != CTRL or rec.op != "prepare" or rec.ctrl is None:
             raise ProtocolError("first message must be 'prepare'")
         mid, vm_name, spec, ram_size, want_digest = protocol.check_prepare(rec.ctrl)
+        liveness = protocol.liveness_of(rec.ctrl, idle_timeout)
     except (ChannelClosed, ProtocolError) as exc:
         log.warning("incoming migration rejected", extra={"peer": channel.peer(), "reason": str(exc)})
         with contextlib.suppress(Exception):
@@ -53,9 +74,24 @@ async def receive_migration(
     status = MigrationStatus(id=mid, vm=vm_name, role="destination", peer=channel.peer())
     status.pages_total = ram_size // protocol.PAGE
     register(status)
-    incoming = _Incoming(channel, status, want_digest, idle_timeout)
+    incoming = _Incoming(channel, status, want_digest, min(idle_timeout, liveness), journal)
+    # from here on the source hears from us, also while QEMU starts
+    keepalive = asyncio.create_task(_keepalive(channel, liveness))
     try:
-        dest = await factory.prepare(spec, ram_size, mid)
+        return await _receive(incoming, factory, spec, ram_size)
+    finally:
+        keepalive.cancel()
+
+
+async def _keepalive(ch: Channel, liveness: float) -> None:
+    await protocol.keepalive(ch, liveness)
+
+
+async def _receive(incoming: _Incoming, factory: DestFactory, spec: dict[str, Any],
+                   ram_size: int) -> MigrationStatus:
+    status, channel = incoming.status, incoming.ch
+    try:
+        dest = await factory.prepare(spec, ram_size, status.id)
     except Exception as exc:  # the factory cleans up after itself; say why, never hang
         what = "admission refused" if isinstance(exc, AdmissionError) else "preparing the VM failed"
         status.fail(f"{what}: {exc}")
@@ -65,20 +101,38 @@ async def receive_migration(
     except BaseException:
         status.fail("cancelled while preparing the VM", cancelled=True)
         raise
+    incoming.begin_journal()
     await incoming.run(dest, ram_size)
     return status
 
 
+class QemuExited(Exception):
+    pass
+
+
 class _Incoming:
-    def __init__(self, ch: Channel, status: MigrationStatus, want_digest: bool, idle: float):
+    def __init__(self, ch: Channel, status: MigrationStatus, want_digest: bool, idle: float,
+                 journal: Journal | None = None):
         self.ch = ch
         self.status = status
+        self.journal = journal
         self.want_digest = want_digest
         self.idle = idle
         self.counters = Counters()
         self.device_writer: asyncio.StreamWriter | None = None
         self.committed = False
         self.resume_tried = False  # 'go' arrived: the guest may have started here
+
+    def begin_journal(self) -> None:
+        if self.journal is not None:
+            host, _, port = self.ch.peer().rpartition(":")
+            self.status.journal = self.journal.begin(Entry(
+                id=self.status.id, vm=self.status.vm, role="destination", step="prepared",
+                peer_host=host, peer_port=int(port) if port.isdigit() else 0))
+
+    def _journal(self, step: str, reason: str = "") -> None:
+        if self.journal is not None and self.status.id in self.journal.entries:
+            self.journal.step(self.status.id, step, reason)
 
     async def run(self, dest: DestVM, ram_size: int) -> None:
         st = self.status
@@ -95,7 +149,7 @@ class _Incoming:
             await self.ch.send_ctrl({"op": "prepared"})
             st.set_phase("precopy")
             assert receiver is not None
-            await self._loop(dest, receiver, mm, sock)
+            await self._watched(dest, self._loop(dest, receiver, mm, sock))
         except BaseException as exc:
             reason = protocol.failure_reason(exc, "source")
             if self.committed:
@@ -127,6 +181,8 @@ class _Incoming:
                     log.error("destination VM may run but could not be destroyed",
                               extra={"migration": st.id, "reason": reason})
                 else:
+                    if destroyed:
+                        self._journal("rolled_back", reason)
                     if self.resume_tried:
                         await self._send_error(reason)
                     st.fail(reason, cancelled=isinstance(exc, DestAborted) and "cancel" in reason)
@@ -139,6 +195,25 @@ class _Incoming:
                 with contextlib.suppress(BufferError):
                     mm.close()
             st.native = self.counters.as_dict()
+
+    async def _watched(self, dest: DestVM, loop: Any) -> None:
+        """Run the receive loop; a QEMU that exits before 'go' ends it at once."""
+        work = asyncio.create_task(loop)
+        exited = asyncio.create_task(dest.wait_exited())
+        try:
+            await asyncio.wait({work, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and not self.resume_tried:
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
+                raise QemuExited(f"destination QEMU exited: {exited.result()}")
+            await work
+        finally:
+            exited.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
 
     async def _loop(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str) -> None:
         st = self.status
@@ -166,8 +241,11 @@ class _Incoming:
             op = rec.op
             if op == "round_end":
                 st.round = protocol.check_int(rec.ctrl, "round", 1, 100_000)
+            elif op == "keepalive":
+                continue
             elif op == "device_begin":
                 st.set_phase("stopcopy")
+                crash_point("migration.dest.stopcopy")
                 self.device_writer = await _connect_unix(sock, timeout=30)
             elif op == "device_end":
                 await self._close_device()
@@ -179,6 +257,8 @@ class _Incoming:
                 await self.ch.send_ctrl(msg)
             elif op == "go":
                 st.set_phase("commit")
+                self._journal("go")
+                crash_point("migration.dest.go_received")
                 self.resume_tried = True
                 await dest.resume()
                 self.committed = True  # the guest runs here now: never destroy it
@@ -187,6 +267,7 @@ class _Incoming:
                 except Exception as exc:
                     log.error("adopting the migrated VM failed; it runs here regardless",
                               extra={"migration": st.id, "error": str(exc)})
+                self._journal("committed", "the guest runs here")
                 # Final before telling the source: if 'resumed' is lost with the
                 # channel, the source asks our API and must read a definite answer.
                 st.set_phase("completed")

@@ -7,6 +7,7 @@ import logging
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 from novacron.agent.vm.accel import AccelDetector, AccelUnavailable
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
@@ -17,6 +18,14 @@ from novacron.agent.vm.spec import SpecError, VMSpec, parse_spec
 log = logging.getLogger("novacron.agent.vm")
 
 
+class ResumeFence(Protocol):
+    """Who may forbid resuming a VM (the migration manager: an unsettled migration)."""
+
+    def fence_reason(self, name: str) -> str | None: ...
+
+    async def override(self, name: str) -> str | None: ...
+
+
 class VMManager:
     def __init__(self, state_dir: Path, accel: AccelDetector, qemu: str = QEMU_BINARY) -> None:
         self.state_dir = state_dir
@@ -25,6 +34,7 @@ class VMManager:
         self.qemu = qemu
         self.vms: dict[str, VM] = {}
         self._lock = asyncio.Lock()  # guards the name table (create/delete)
+        self.resume_fence: ResumeFence | None = None  # set when migrations are attached
 
     def paths(self, name: str) -> VMPaths:
         return VMPaths(self.vms_dir / name)
@@ -113,7 +123,16 @@ class VMManager:
     async def pause(self, name: str) -> VM:
         return await self._locked(name, VM.pause)
 
-    async def resume(self, name: str) -> VM:
+    async def resume(self, name: str, *, force: bool = False) -> VM:
+        """Resume a paused VM; refused (409) while a migration of it is unsettled
+        unless ``force`` (an operator who knows the peer host is dead)."""
+        self.get(name)
+        why = self.resume_fence.fence_reason(name) if self.resume_fence is not None else None
+        if why is not None:
+            if not force:
+                raise VMConflict(why)
+            assert self.resume_fence is not None
+            await self.resume_fence.override(name)
         return await self._locked(name, VM.resume)
 
     async def delete(self, name: str) -> None:

@@ -152,6 +152,11 @@ class MemDestVM:
         self.destroyed = False
         self.fail_resume = False
         self.destroy_error: Exception | None = None
+        self.exited = asyncio.Event()  # set by a test: the "QEMU" died
+
+    async def wait_exited(self) -> str:
+        await self.exited.wait()
+        return "killed by the test"
 
     async def listen_device_state(self) -> str:
         path = self.dir / "dev.sock"  # inside the VM folder, as QEMU's incoming socket
