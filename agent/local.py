@@ -79,6 +79,7 @@ class LocalAgent:
         data_port: int = 0,
         accel: str = "auto",
         settings: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name or f"agent-{secrets.token_hex(3)}"
         self.token = token or secrets.token_urlsafe(24)
@@ -89,6 +90,7 @@ class LocalAgent:
         self.data_port = data_port
         self.accel = accel
         self.settings = dict(settings or {})  # extra NOVACRON_AGENT_* settings, e.g. {"log_level": "debug"}
+        self.env = dict(env or {})  # extra environment, e.g. {"NOVACRON_CRASH_AT": "vm.create.spawned"}
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.state_dir / "agent.log"
@@ -120,6 +122,7 @@ class LocalAgent:
             **self.settings,
         }
         env.update({f"NOVACRON_AGENT_{k.upper()}": v for k, v in values.items()})
+        env.update(self.env)
         return env
 
     async def start(self, timeout: float = START_TIMEOUT_S) -> LocalAgent:

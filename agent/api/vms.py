@@ -40,19 +40,22 @@ async def vm_action(request: web.Request) -> web.Response:
 
 
 async def _resume(request: web.Request, name: str) -> web.Response:
-    """``?force=true`` resumes past an unsettled migration (the peer host is known
-    dead); what it overrode is recorded in the audit log."""
+    """``?force=true`` resumes past an unsettled migration (only when the peer host
+    is known dead); the override is recorded in the audit log with what it overrode."""
     manager = request.app[VMS]
     force = request.query.get("force", "false")
     if force not in ("true", "false"):
         return json_error(400, "force: expected true or false")
     fence = manager.resume_fence
-    overriding = fence.fence_reason(name) if fence is not None and force == "true" else None
-    vm = await manager.resume(name, force=force == "true")
-    if overriding is not None and AUDIT in request.app:
-        await request.app[AUDIT].record(actor=request.get(ACTOR, "-"), remote=request.remote or "-",
-                                        action="resume forced past an unsettled migration",
-                                        target=name, result="ok", status=200, detail=overriding)
+    why = fence.fence_reason(name) if fence is not None and force == "true" else None
+    if fence is not None and why is not None:
+        manager.get(name)  # an unknown VM stays a 404
+        await fence.override(name)  # 409 while the engine itself still runs the migration
+        if AUDIT in request.app:
+            await request.app[AUDIT].record(actor=request.get(ACTOR, "-"), remote=request.remote or "-",
+                                            action="resume forced past an unsettled migration",
+                                            target=name, result="ok", status=200, detail=why)
+    vm = await manager.resume(name)
     return web.json_response(vm.status())
 
 

@@ -188,6 +188,8 @@ class _Incoming:
                     st.fail(reason, cancelled=isinstance(exc, DestAborted) and "cancel" in reason)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if not isinstance(exc, ChannelClosed | DestAborted):
+                await self._linger()
         finally:
             await self._close_device()
             receiver = None
@@ -280,6 +282,15 @@ class _Incoming:
                 raise DestAborted(f"source aborted: {protocol.reason_of(rec.ctrl)}")
             else:
                 raise ProtocolError(f"unexpected control message {op!r}")
+
+    async def _linger(self, limit: float = 2.0) -> None:
+        """Drop what the source still sends until it hangs up (bounded): closing with its
+        page frames unread would reset the connection, and a reset discards our
+        'error' unread at the source, which would then only see "connection reset"."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(limit):
+                while True:
+                    await self.ch.recv(timeout=limit)
 
     async def _send_error(self, reason: str) -> None:
         with contextlib.suppress(Exception):

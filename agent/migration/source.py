@@ -84,6 +84,7 @@ class SourceMigration:
         self._t_pause = 0.0
         self._t_resumed: float | None = None
         self._peer_lost: str | None = None  # set by the reader: silent or broken channel
+        self._dest_failed: str | None = None  # set by the reader: the destination's 'error'
         self._stopped_by: str | None = None  # the watchdog's reason for stopping the phases
         self.counters = Counters()
         self._zero_skipped = 0  # zero pages at the first scan (see _precopy)
@@ -152,6 +153,9 @@ class SourceMigration:
             await asyncio.sleep(WATCH_S)
             if self._go_sent:
                 await asyncio.Event().wait()  # only the destination's answer decides now
+            if self._dest_failed is not None:
+                self._dest_gave_up = True  # it destroyed its copy (see _raise_on_failure)
+                return f"destination failed: {self._dest_failed}"
             if self._peer_lost is not None:
                 return f"channel to destination lost: {self._peer_lost}"
             if self._paused and time.monotonic() - self._t_pause >= ceiling_s:
@@ -185,6 +189,8 @@ class SourceMigration:
                     raise ProtocolError("destination sent a frame; only control messages expected")
                 if rec.op == "keepalive":
                     continue
+                if rec.op == "error":  # its reason beats the channel closing right after
+                    self._dest_failed = protocol.reason_of(rec.ctrl)
                 await self._inbox.put(rec.ctrl)
         except (ChannelClosed, ProtocolError) as exc:
             self._peer_lost = str(exc)
