@@ -261,14 +261,13 @@ class _Incoming:
                 st.set_phase("commit")
                 self._journal("go")
                 crash_point("migration.dest.go_received")
+                # Adopted while still paused: a VM that cannot be recorded here (no
+                # space, a name clash) fails the migration before the guest runs here,
+                # so a QEMU that runs is always one the agent knows.
+                await dest.adopt()
                 self.resume_tried = True
                 await dest.resume()
                 self.committed = True  # the guest runs here now: never destroy it
-                try:
-                    await dest.adopt()
-                except Exception as exc:
-                    log.error("adopting the migrated VM failed; it runs here regardless",
-                              extra={"migration": st.id, "error": str(exc)})
                 self._journal("committed", "the guest runs here")
                 # Final before telling the source: if 'resumed' is lost with the
                 # channel, the source asks our API and must read a definite answer.

@@ -185,6 +185,8 @@ class MigrationManager:
                 status.error = None
                 status.set_phase("completed")
             else:
+                if state is not None and local is not None:  # adopted, never resumed: not ours
+                    await local.release(entry.vm)
                 journal.step(entry.id, "rolled_back",
                              "the agent restarted before the guest ran here; its half-built VM was removed")
                 status.fail(entry.reason)

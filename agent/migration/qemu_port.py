@@ -166,6 +166,8 @@ class QemuDest:
         vm = self.vm
         await vm.stop()
         shutil.rmtree(vm.paths.dir, ignore_errors=True)
+        if self.vms.vms.get(vm.name) is vm:  # adopted, then resuming it failed
+            self.vms.forget(vm.name)
         log.info("destination VM destroyed", extra={"vm": vm.name})
 
     async def adopt(self) -> None:

@@ -153,6 +153,7 @@ class MemDestVM:
         self.fail_resume = False
         self.destroy_error: Exception | None = None
         self.exited = asyncio.Event()  # set by a test: the "QEMU" died
+        self.adopt_error: Exception | None = None  # e.g. the state dir filled up
 
     async def wait_exited(self) -> str:
         await self.exited.wait()
@@ -186,6 +187,8 @@ class MemDestVM:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     async def adopt(self) -> None:
+        if self.adopt_error is not None:
+            raise self.adopt_error
         self.adopted = True
         self._close_server()
 

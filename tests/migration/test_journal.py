@@ -117,9 +117,13 @@ async def test_restart_after_commit_finishes_the_release(tmp_path: Path) -> None
     assert vms.calls == [("release", "web")]
 
 
-@pytest.mark.parametrize(("state", "step"), [("running", "committed"), (None, "rolled_back")])
+@pytest.mark.parametrize(("state", "step", "calls"), [
+    ("running", "committed", []),  # it resumed here before the agent died
+    ("paused", "rolled_back", [("release", "web")]),  # adopted, never resumed: removed
+    (None, "rolled_back", []),  # still in incoming/ (removed at start) or never built
+])
 async def test_restarted_destination_settles_from_its_vm_table(tmp_path: Path, state: str | None,
-                                                               step: str) -> None:
+                                                               step: str, calls: list) -> None:
     journal_with(tmp_path, id="m1", vm="web", role="destination", step="go")
     vms = FakeVMs(**({"web": state} if state else {}))
     mgr = manager(tmp_path, vms)
@@ -127,7 +131,7 @@ async def test_restarted_destination_settles_from_its_vm_table(tmp_path: Path, s
     try:
         assert mgr.journal.entries["m1"].step == step  # type: ignore[union-attr]
         assert mgr.answer("m1", "web") == step
-        assert vms.calls == []
+        assert vms.calls == calls
     finally:
         await mgr.close()
 
@@ -259,3 +263,28 @@ async def test_destination_vm_exit_fails_the_migration_at_once(tmp_path: Path, d
     assert st.phase == "failed" and "QEMU exited" in (st.error or ""), st.error
     assert took < 1.0, took
     assert src.running
+
+
+async def test_destination_that_cannot_record_the_vm_fails_before_it_runs(
+        tmp_path: Path, dest: Dest) -> None:  # noqa: F811
+    """The destination's state dir fills after admission: adopting the VM fails, so the
+    guest never runs there, the destination destroys it and the source resumes."""
+    src = MemSourceVM(tmp_path / "src", "full", pages=1024)
+    factory_prepare = dest.factory.prepare
+
+    async def prepare(spec: dict[str, Any], ram_size: int, mid: str) -> Any:
+        vm = await factory_prepare(spec, ram_size, mid)
+        vm.adopt_error = OSError(28, "No space left on device")
+        return vm
+
+    dest.factory.prepare = prepare  # type: ignore[method-assign]
+    try:
+        _, st = await run_source(src, dest.server.port)
+    finally:
+        src.close()
+    assert st.phase == "failed" and "No space left" in (st.error or ""), st.error
+    assert src.paused_count == src.resumed_count == 1 and not src.released
+    vm = dest.factory.vms["full"]
+    assert vm.destroyed and not vm.running
+    await asyncio.wait_for(dest.done.wait(), 20)
+    assert dest.statuses[0].phase == "failed"

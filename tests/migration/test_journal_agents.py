@@ -21,6 +21,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,8 +30,9 @@ import pytest
 import pytest_asyncio
 
 from novacron.agent.local import LocalAgent
+from novacron.agent.migration.journal import Entry, Journal
 from tests.migration.agents import Api
-from tests.migration.qemu_helpers import heartbeats, qemu_processes_using
+from tests.migration.qemu_helpers import guest_spec, heartbeats, qemu_processes_using
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 SECRET = secrets.token_urlsafe(32)
@@ -189,3 +191,30 @@ async def test_destination_qemu_killed_mid_precopy_noticed_fast(source: LocalAge
         with contextlib.suppress(ProcessLookupError):
             os.kill(pids[0], 0)
             raise AssertionError("the killed QEMU is still there")
+
+
+async def test_force_resume_overrides_the_fence_and_is_audited() -> None:
+    """A journal names an unsettled migration past 'go' whose peer is gone for good:
+    resume is refused (409 naming it) until an operator forces it, which is audited."""
+    async with LocalAgent("force", accel="tcg") as a:
+        api = Api(a)
+        await api.ok("POST", "/v1/vms", guest_spec("f"), want=201)
+        await api.ok("POST", "/v1/vms/f/pause")
+        a.kill()  # QEMU stays, paused; the next agent adopts it
+        with socket.socket() as s:  # a port nobody listens on: the dead peer
+            s.bind(("127.0.0.1", 0))
+            dead_port = s.getsockname()[1]
+        Journal(a.state_dir / "migrations").begin(Entry(
+            id="m-dead-peer", vm="f", role="source", step="go", peer_host="127.0.0.1", peer_port=dead_port))
+        await a.start()
+        status, doc = await a.request("POST", "/v1/vms/f/resume")
+        assert status == 409 and "m-dead-peer" in doc["error"], (status, doc)
+        assert (await a.request("POST", "/v1/vms/f/resume?force=yes"))[0] == 400
+        assert (await a.request("DELETE", "/v1/vms/f"))[0] == 409  # fenced: not deletable either
+        assert (await api.ok("POST", "/v1/vms/f/resume?force=true"))["state"] == "running"
+        st = await api.ok("GET", "/v1/migrations/m-dead-peer")
+        assert st["journal"]["step"] == "rolled_back" and "forced" in st["journal"]["reason"], st
+        entries = (await api.ok("GET", "/v1/audit?action=resume+forced"))["entries"]
+        assert len(entries) == 1 and entries[0]["target"] == "f" and "m-dead-peer" in entries[0]["detail"]
+        assert (await a.request("POST", "/v1/vms/f/pause"))[0] == 200
+        assert (await a.request("POST", "/v1/vms/f/resume"))[0] == 200  # settled: no fence
