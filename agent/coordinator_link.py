@@ -1,8 +1,9 @@
 """The agent side of registration: register with the coordinator, then heartbeat.
 
 An agent (or anything speaking for one) runs ``CoordinatorLink.run()``: it
-registers with ``POST /api/v1/hosts/register`` (agent token), heartbeats at the
-interval the coordinator answers, re-registers when the coordinator has
+registers with ``POST /api/v1/hosts/register`` (the shared bootstrap agent token),
+heartbeats with its own credential (its TLS certificate, or its own API token) at
+the interval the coordinator answers, learns the coordinator's grant key, re-registers when the coordinator has
 forgotten the host (404), and backs off while the coordinator is unreachable.
 
 ``host_info()`` returns the agent's ``GET /v1/host`` document; the link adds
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl as ssl_
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,10 +43,14 @@ def _interval(reply: Any, current: float) -> float:
 
 class CoordinatorLink:
     def __init__(self, coordinator_url: str, coordinator_token: str, agent_url: str,
-                 agent_token: str, host_info: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+                 agent_token: str, host_info: Callable[[], Awaitable[dict[str, Any]]], *,
+                 ssl: ssl_.SSLContext | None = None,
+                 on_registered: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.coordinator_url, self.coordinator_token = coordinator_url, coordinator_token
         self.agent_url, self.agent_token = agent_url, agent_token
         self.host_info = host_info
+        self.ssl = ssl  # fleet CA + this host's certificate: the coordinator knows us by it
+        self.on_registered = on_registered
         self.interval_s = 5.0
         self.registered = asyncio.Event()
         self.beats = 0
@@ -54,6 +60,8 @@ class CoordinatorLink:
         body = {k: info[k] for k in REGISTER_FIELDS if info.get(k) is not None}
         body.update(url=self.agent_url, token=self.agent_token)
         reply = await client.register_host(body, self.coordinator_token)
+        if self.on_registered is not None and isinstance(reply, dict):
+            self.on_registered(reply)
         self.interval_s = _interval(reply, self.interval_s)
         self.registered.set()
         log.info("registered with the coordinator",
@@ -63,7 +71,8 @@ class CoordinatorLink:
         info = await self.host_info()
         body = {k: info[k] for k in HEARTBEAT_FIELDS if info.get(k) is not None}
         try:
-            reply = await client.heartbeat(str(info["name"]), body, self.coordinator_token)
+            # the bootstrap token only registers; heartbeats carry this host's own credential
+            reply = await client.heartbeat(str(info["name"]), body, self.agent_token)
         except ApiClientError as exc:
             if exc.status == 404:  # the coordinator lost us (new database): register again
                 await self.register(client)
@@ -76,7 +85,7 @@ class CoordinatorLink:
         """Register, then heartbeat until cancelled."""
         backoff = 0.5
         async with CoordinatorClient(self.coordinator_url, self.coordinator_token,
-                                     timeout_s=10) as client:
+                                     timeout_s=10, ssl=self.ssl) as client:
             while True:
                 try:
                     if not self.registered.is_set():

@@ -14,15 +14,17 @@ from typing import Any
 
 from aiohttp import web
 
-from novacron import audit
+from novacron import audit, tls
 from novacron.agent.api import setup_routes
 from novacron.agent.api.common import auth_middleware, body_of, error_middleware
 from novacron.agent.api.host import host_document
 from novacron.agent.appkeys import ACCEL, CONFIG, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.vm.accel import AccelDetector, AccelInfo
+from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.manager import VMManager
 from novacron.agent.vm.ramfile import MEMORY_FILESYSTEMS, filesystem_type
+from novacron.agent.vm.sandbox import QemuUserError, qemu_identity
 from novacron.daemon import start_site, until_signalled
 
 log = logging.getLogger("novacron.agent")
@@ -52,6 +54,20 @@ def make_accel(cfg: AgentConfig) -> AccelDetector:
                          cache_file=Path(cfg.accel_cache) if cfg.accel_cache else default_accel_cache())
 
 
+def make_images(cfg: AgentConfig) -> ImageDirs:
+    """The image dirs (the default one created) and the user QEMU runs as."""
+    dirs = cfg.image_dirs()
+    if not cfg.images.dirs:
+        dirs[0].mkdir(mode=0o755, exist_ok=True)
+    try:
+        qemu = qemu_identity(cfg.qemu_user)
+    except QemuUserError as exc:
+        raise SystemExit(f"novacron-agent: config error: qemu_user: {exc}") from None
+    log.info("images and QEMU user", extra={"image_dirs": [str(d) for d in dirs],
+                                             "qemu_user": qemu.name or "(the agent's)"})  # fmt: skip
+    return ImageDirs.of(dirs, qemu)
+
+
 def build_app(cfg: AgentConfig, vms: VMManager, accel: AccelDetector) -> web.Application:
     audit_log = audit.AuditLog(cfg.audit_file or cfg.state_dir / "audit.log", fsync=cfg.audit_fsync)
     app = web.Application(middlewares=[audit.audit_middleware(audit_log, body_of=body_of), error_middleware,
@@ -69,19 +85,29 @@ def advertised_url(cfg: AgentConfig, port: int) -> str:
     if cfg.advertise_url:
         return cfg.advertise_url.rstrip("/")
     host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = tls.url_scheme(cfg)
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def start_coordinator_link(cfg: AgentConfig, app: web.Application, port: int) -> asyncio.Task[None] | None:
     """Register with the coordinator and heartbeat, when one is configured."""
     if not cfg.coordinator_url:
         return None
+    from novacron.agent.api.migrations import MANAGER_KEY
     from novacron.agent.coordinator_link import CoordinatorLink
 
     async def info() -> dict[str, Any]:
         return await host_document(app)
 
-    link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info)
+    grants = app[MANAGER_KEY].grants
+
+    def registered(reply: dict[str, Any]) -> None:
+        key = reply.get("grant_key")
+        if isinstance(key, str) and key:
+            grants.set_key(key)  # migrations are authorised by grants the coordinator signs
+
+    link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info,
+                           ssl=tls.peer_client_context(cfg), on_registered=registered)
     return asyncio.create_task(link.run(), name="coordinator link")
 
 
@@ -120,13 +146,16 @@ async def serve(cfg: AgentConfig) -> None:
             log.warning("state dir is not on tmpfs or hugetlbfs: guest RAM files will be disk-backed",
                         extra={"state_dir": str(cfg.state_dir), "filesystem": fs})  # fmt: skip
         accel = make_accel(cfg)
-        vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary)
+        vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary, images=make_images(cfg))
         cleanup.push_async_callback(vms.shutdown, stop_vms=cfg.vms_on_exit == "stop")
         await vms.load()
         probe = asyncio.create_task(accel.detect(), name="accel probe")  # warm the answer for /v1/host
         cleanup.push_async_callback(_cancel, probe)
         try:
-            runner, port = await start_site(build_app(cfg, vms, accel), cfg.host, cfg.port)
+            # with TLS every caller (coordinator, peer agents) shows a fleet-CA certificate
+            ssl_context = tls.server_context(cfg, require_client_cert=True) if tls.enabled(cfg) else None
+            runner, port = await start_site(build_app(cfg, vms, accel), cfg.host, cfg.port, cfg.http,
+                                            ssl_context=ssl_context)
         except OSError as exc:
             raise _listen_error(cfg, exc) from None
         cleanup.push_async_callback(runner.cleanup)

@@ -7,6 +7,11 @@ Each agent gets a temp state dir (on /dev/shm when that is a roomy tmpfs, so
 guest RAM files live in memory as on a real host), a random token and cluster secret (or the
 ones given, e.g. a shared secret for two agents that must migrate between each
 other), an API port chosen by the kernel and, unless given, a free data port.
+Its image dirs are the test guest's cache folder (``agent.guest.cache_root()``)
+unless ``image_dirs`` says otherwise, so specs may name the test guest's files.
+They trust this process's grant key (``grant_to`` signs a migration grant with
+it) until a coordinator gives them its own; ``tls`` (a host certificate from
+``novacron.pki``) makes the API HTTPS with mutual TLS.
 ``stop()`` ends the agent and every QEMU it started; ``kill()`` SIGKILLs the
 agent alone (fault tests) and leaves the clean-up to ``stop()``.
 """
@@ -21,6 +26,7 @@ import secrets
 import select
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,7 +37,12 @@ from typing import Any
 import aiohttp
 
 from novacron.agent.daemon import ENDPOINT_FILE
+from novacron.agent.guest import cache_root
 from novacron.agent.vm.ramfile import filesystem_type, free_bytes
+from novacron.agent.vm.recovery import qemus_under
+from novacron.grants import GrantSigner
+from novacron.pki import IssuedFiles
+from novacron.tls import client_context
 
 START_TIMEOUT_S = 60.0  # the first start on a host may probe KVM (a few seconds)
 STOP_TIMEOUT_S = 20.0
@@ -61,6 +72,16 @@ def _state_parent() -> str | None:
     return None
 
 
+_LOCAL_GRANTS: list[GrantSigner] = []
+
+
+def local_grants() -> GrantSigner:
+    """This process's grant key: local agents trust it until a coordinator gives them its own."""
+    if not _LOCAL_GRANTS:
+        _LOCAL_GRANTS.append(GrantSigner.generate())
+    return _LOCAL_GRANTS[0]
+
+
 def _proc_cwd(pid: int) -> Path | None:
     try:
         return Path(os.readlink(f"/proc/{pid}/cwd"))
@@ -79,7 +100,9 @@ class LocalAgent:
         data_port: int = 0,
         accel: str = "auto",
         settings: dict[str, str] | None = None,
+        image_dirs: list[Path] | None = None,
         env: dict[str, str] | None = None,
+        tls: IssuedFiles | None = None,
     ) -> None:
         self.name = name or f"agent-{secrets.token_hex(3)}"
         self.token = token or secrets.token_urlsafe(24)
@@ -90,14 +113,30 @@ class LocalAgent:
         self.data_port = data_port
         self.accel = accel
         self.settings = dict(settings or {})  # extra NOVACRON_AGENT_* settings, e.g. {"log_level": "debug"}
+        self.image_dirs = image_dirs if image_dirs is not None else [cache_root()]
         self.env = dict(env or {})  # extra environment, e.g. {"NOVACRON_CRASH_AT": "vm.create.spawned"}
+        self.tls = tls  # this host's certificate from a fleet CA: HTTPS with mutual TLS
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.state_dir / "agent.log"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def client_ssl(self) -> ssl.SSLContext | bool:
+        """How to call this agent: the fleet CA and this host's own (CA-signed) certificate."""
+        if self.tls is None:
+            return True
+        return client_context(str(self.tls.ca), str(self.tls.cert), str(self.tls.key))
+
+    def grant_to(self, dest: LocalAgent, vm: str, *, data_port: int | None = None,
+                 url: str | None = None) -> str:
+        """A grant for ``vm`` to move from here to ``dest``, signed with the local grant
+        key these agents trust (what a coordinator issues from its registry)."""
+        return local_grants().issue(
+            migration="local-" + secrets.token_hex(4), vm=vm, source=self.name, target=dest.name,
+            url=url or dest.url, data_host="127.0.0.1", data_port=data_port or dest.data_port)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -119,8 +158,12 @@ class LocalAgent:
             "name": self.name,
             "vms_on_exit": "stop",
             "accel": self.accel,
+            "images_dirs": ",".join(str(d) for d in self.image_dirs),
+            "grant_key": local_grants().public_key,  # replaced by a coordinator's on registering
             **self.settings,
         }
+        if self.tls is not None:
+            values.update(tls_cert=str(self.tls.cert), tls_key=str(self.tls.key), tls_ca=str(self.tls.ca))
         env.update({f"NOVACRON_AGENT_{k.upper()}": v for k, v in values.items()})
         env.update(self.env)
         return env
@@ -129,6 +172,8 @@ class LocalAgent:
         if self.proc is not None and self.proc.poll() is None:
             raise LocalAgentError(f"agent {self.name} is running already")
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        for folder in self.image_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
         empty_config = self.state_dir / "agent.toml"
         empty_config.write_text("# settings come from NOVACRON_AGENT_* (LocalAgent)\n")
         with contextlib.suppress(FileNotFoundError):
@@ -159,7 +204,7 @@ class LocalAgent:
                 if info is not None:
                     self.port, self.data_port = int(info["port"]), int(info["data_port"])
                     with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                        async with session.get(f"{self.url}/v1/health") as resp:
+                        async with session.get(f"{self.url}/v1/health", ssl=self.client_ssl()) as resp:
                             if resp.status == 200:
                                 return
                 await asyncio.sleep(0.05)
@@ -201,16 +246,13 @@ class LocalAgent:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def qemu_pids(self) -> list[int]:
-        """QEMU processes running in one of this agent's VM folders."""
-        root = self.state_dir.resolve()
-        pids = []
-        for meta in [*self.state_dir.glob("*/*/vm.json"), *self.state_dir.glob("*/*/incoming.json")]:
-            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-                pid = json.loads(meta.read_text())["pid"]
-                cwd = _proc_cwd(int(pid)) if pid else None
-                if cwd is not None and cwd.is_relative_to(root) and int(pid) not in pids:
-                    pids.append(int(pid))
-        return pids
+        """QEMU processes running in one of this agent's VM folders (found by their
+        working directory: a record may predate its QEMU's spawn)."""
+        pids: list[int] = []
+        for sub in ("vms", "incoming"):
+            for procs in qemus_under(self.state_dir / sub).values():
+                pids += [p.pid for p in procs]
+        return sorted(pids)
 
     def kill_leftover_qemus(self, timeout: float = 10.0) -> None:
         """SIGKILL them and wait (bounded) until they are really gone."""
@@ -229,7 +271,8 @@ class LocalAgent:
         """One authenticated API call; returns (status, decoded JSON body)."""
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.request(method, self.url + path, json=body, headers=self.headers) as resp,
+            session.request(method, self.url + path, json=body, headers=self.headers,
+                            ssl=self.client_ssl()) as resp,
         ):
             return resp.status, await resp.json(content_type=None)
 

@@ -2,19 +2,49 @@
 
 from __future__ import annotations
 
+import pwd
 import sys
 
-from novacron import config, logs
+from novacron import config, logs, tls
 from novacron.agent.config import DEFAULT_CONFIG, ENV_PREFIX, AgentConfig
+from novacron.connlimits import check_http_limits
 from novacron.daemon import Daemon
+from novacron.grants import GrantError, GrantVerifier
 
 
 def check_config(cfg: AgentConfig) -> None:
-    if not cfg.token:
-        raise config.Invalid("token", f"required (set it in the config file or ${ENV_PREFIX}_TOKEN)")
+    config.check_secret(cfg, "token", required=f"set it in the config file or ${ENV_PREFIX}_TOKEN")
+    config.check_secret(cfg, "cluster_secret")
+    config.check_secret(cfg, "coordinator_token")
     logs.check_level(cfg.log_level)
     config.check_port(cfg, "port")
     config.check_port(cfg, "data_port")
+    check_http_limits(cfg.http)
+    check_images(cfg)
+    tls.check(cfg)
+    tls.check_peer_url(cfg, "coordinator_url")  # the agent's token rides in its registration
+    if cfg.grant_key:
+        try:
+            GrantVerifier(cfg.grant_key)
+        except GrantError as exc:
+            raise config.Invalid("grant_key", str(exc)) from None
+
+
+def check_images(cfg: AgentConfig) -> None:
+    from novacron.agent.vm.images import check_image_dirs
+
+    problem = check_image_dirs(cfg.image_dirs(), cfg.state_dir)
+    if problem:
+        raise config.Invalid("images.dirs", problem)
+    for d in cfg.images.dirs:  # the default one is created at start
+        if not d.is_dir():
+            raise config.Invalid("images.dirs", f"{d}: not a directory")
+    if cfg.qemu_user and cfg.qemu_user != "root":
+        try:
+            if pwd.getpwnam(cfg.qemu_user).pw_uid == 0:
+                raise config.Invalid("qemu_user", f"{cfg.qemu_user!r} has uid 0; QEMU needs an unprivileged user")
+        except KeyError:
+            raise config.Invalid("qemu_user", f"no such user {cfg.qemu_user!r}") from None
 
 
 async def serve(cfg: AgentConfig) -> None:

@@ -105,14 +105,15 @@ async def _run(args: argparse.Namespace) -> Report:
             async with aiohttp.ClientSession(connector=conn) as session:
                 register = [("POST", f"{base}/hosts/register", {
                     "name": f"sim-{i:05d}", "url": f"http://127.0.0.1:{10000 + i % 50000}",
-                    "token": f"sim-token-{i}", "cpus": 32, "memory_bytes": 128 << 30,
+                    "token": f"sim-host-token-{i:08d}", "cpus": 32, "memory_bytes": 128 << 30,
                     "memory_available_bytes": 64 << 30, "vms": []}, coord.agent_token)
                     for i in range(args.agents)]
                 reg_s, _, reg_err = await _drive(session, register, args.concurrency)
                 beats = [("POST", f"{base}/hosts/sim-{i:05d}/heartbeat", {
                     "memory_available_bytes": rnd.randrange(1 << 30, 64 << 30),
                     "load": round(rnd.random() * 8, 2), "vms": [f"vm-{i}-{j}" for j in range(4)]},
-                    coord.agent_token) for _ in range(args.rounds) for i in range(args.agents)]
+                    f"sim-host-token-{i:08d}")  # each host heartbeats with its own credential
+                    for _ in range(args.rounds) for i in range(args.agents)]
                 rnd.shuffle(beats)
                 hb_s, hb_lat, hb_err = await _drive(session, beats, args.concurrency)
                 health = [("GET", f"{base}/health", None, "")] * len(beats)

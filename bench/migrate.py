@@ -154,12 +154,15 @@ async def _wait_migration(agent: Any, mid: str, timeout: float = 600) -> dict[st
 # -- QEMU's own migration ------------------------------------------------------
 async def _qemu(args: argparse.Namespace, kind: str, rate: int, caps: list[float],
                 engines: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    from novacron.agent.guest import cache_root
     from novacron.agent.vm.accel import AccelDetector
+    from novacron.agent.vm.images import ImageDirs
     from novacron.agent.vm.manager import VMManager
 
     root = Path(tempfile.mkdtemp(prefix="nc-bench-qemu-"))
-    hosts = [VMManager(root / "x", AccelDetector(probe_kernels=[])),
-             VMManager(root / "y", AccelDetector(probe_kernels=[]))]
+    images = ImageDirs.of([cache_root()])  # the test guest's folder
+    hosts = [VMManager(root / "x", AccelDetector(probe_kernels=[]), images=images),
+             VMManager(root / "y", AccelDetector(probe_kernels=[]), images=images)]
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     try:
@@ -192,10 +195,9 @@ class _Unsupported(Exception):
 
 async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: float) -> dict[str, Any]:
     from novacron.agent.qmp import QMPError
-    from novacron.agent.vm.machine import VM
 
     src = src_host.get(name)
-    dvm = VM(src.spec, src.accel, dst_host.paths(name), qemu=dst_host.qemu)
+    dvm = dst_host.new_vm(src.spec, src.accel, dst_host.paths(name))
     dvm.paths.dir.mkdir(parents=True)
     try:
         await dvm.start(incoming=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -47,8 +48,10 @@ async def _wait_file(path: Path, needle: bytes, deadline: float) -> None:
 
 
 async def _bare(spec: Any, workdir: Path) -> tuple[float, float]:
+    from novacron.agent.guest import cache_root
     from novacron.agent.qmp import QMPClient
-    from novacron.agent.vm.qemu_args import VMPaths, qemu_argv
+    from novacron.agent.vm.images import ImageDirs
+    from novacron.agent.vm.qemu_args import QemuFiles, VMPaths, qemu_argv
     from novacron.agent.vm.ramfile import MIB, prepare_ram_file
 
     paths = VMPaths(workdir / "bare")
@@ -56,8 +59,14 @@ async def _bare(spec: Any, workdir: Path) -> tuple[float, float]:
     paths.dir.mkdir(parents=True)
     t0 = time.monotonic()
     await prepare_ram_file(paths.ram, spec.memory_mb * MIB)
-    proc = subprocess.Popen(qemu_argv(spec, "tcg", paths), cwd=paths.dir, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    files = QemuFiles(ImageDirs.of([cache_root()]).open(spec),
+                      os.open(paths.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    try:
+        proc = subprocess.Popen(qemu_argv(spec, "tcg", paths, files), cwd=paths.dir, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=files.fds)  # fmt: skip
+    finally:
+        files.images.close()
+        os.close(files.serial_log)
     try:
         qmp = await QMPClient.connect(str(paths.qmp), timeout=30)
         ready = time.monotonic() - t0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl as ssl_
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -29,16 +30,19 @@ class ApiClientError(Exception):
 
 
 class CoordinatorClient:
-    def __init__(self, server: str, token: str, *, timeout_s: float = 150.0) -> None:
+    def __init__(self, server: str, token: str, *, timeout_s: float = 150.0,
+                 ssl: ssl_.SSLContext | None = None) -> None:
         self.server = server.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
+        self.ssl = ssl  # verifies the coordinator (fleet CA); None: the system's CAs
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> CoordinatorClient:
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {self.token}"},
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            connector=aiohttp.TCPConnector(ssl=self.ssl) if self.ssl is not None else None,
         )
         return self
 
@@ -102,9 +106,13 @@ class CoordinatorClient:
     async def register_host(self, body: dict[str, Any], agent_token: str) -> dict[str, Any]:
         return dict(await self.request("POST", "/hosts/register", body, token=agent_token))
 
-    async def heartbeat(self, name: str, body: dict[str, Any], agent_token: str) -> dict[str, Any]:
+    async def heartbeat(self, name: str, body: dict[str, Any], host_token: str) -> dict[str, Any]:
         return dict(await self.request("POST", f"/hosts/{name}/heartbeat", body,
-                                       token=agent_token))
+                                       token=host_token))
+
+    async def forget_host(self, name: str, *, retire: bool) -> dict[str, Any]:
+        retired = "true" if retire else "false"
+        return dict(await self.request("DELETE", f"/hosts/{name}?retire={retired}"))
 
     async def migration_events(self, mig_id: str) -> AsyncIterator[dict[str, Any]]:
         """The migration's state now and each change until it ends (server-sent events)."""

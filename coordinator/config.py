@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from novacron.config import Invalid, check_port
+from novacron import tls
+from novacron.config import Invalid, check_port, check_secret
+from novacron.connlimits import HttpLimits, check_http_limits
 from novacron.logs import check_level
 
 ENV_PREFIX = "NOVACRON_COORDINATOR"
@@ -42,7 +44,19 @@ class CoordinatorConfig:
     migration_timeout_s: float = 3600.0  # a migration not finished by then is failed
     audit_file: Path | None = None  # append-only audit log (default <data_dir>/audit.log)
     audit_fsync: bool = False  # fsync each audit line before replying (survives power loss)
+    # how often VM records are checked against the VMs the agents report in heartbeats
+    reconcile_interval_s: float = 30.0
     mcp: McpConfig = field(default_factory=McpConfig)
+    http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap
+    # TLS (see novacron.tls): HTTPS with this certificate; client certificates are verified
+    # against tls_ca and required from agents (their identity); the CLI may come without one.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    insecure: bool = False  # allow plain HTTP on a non-loopback address
+    # Ed25519 key that signs migration grants (made on first start); coordinators sharing
+    # one database must share this file. Empty: <data_dir>/grant-signing.key
+    grant_key_file: str = ""
 
 
 def check_mcp(mcp: McpConfig) -> None:
@@ -57,13 +71,12 @@ def check_mcp(mcp: McpConfig) -> None:
 
 def check_config(cfg: CoordinatorConfig) -> None:
     """Values that parse but cannot work; ``config.load(check=...)`` names where each came from."""
-    if not cfg.admin_token:
-        raise Invalid("admin_token", f"admin_token is required ({ENV_PREFIX}_ADMIN_TOKEN)")
-    if not cfg.agent_token:
-        raise Invalid("agent_token", f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
+    check_secret(cfg, "admin_token", required=f"admin_token is required ({ENV_PREFIX}_ADMIN_TOKEN)")
+    check_secret(cfg, "agent_token", required=f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
     if cfg.admin_token == cfg.agent_token:
         raise Invalid("agent_token", "admin_token and agent_token must differ")
-    for key in ("heartbeat_interval_s", "agent_timeout_s", "poll_interval_s", "migration_timeout_s"):
+    for key in ("heartbeat_interval_s", "agent_timeout_s", "poll_interval_s", "migration_timeout_s",
+                "reconcile_interval_s"):
         if not getattr(cfg, key) > 0:  # 0 would spin the loops these pace (and NaN compares false)
             raise Invalid(key, "must be positive")
     if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:
@@ -73,3 +86,5 @@ def check_config(cfg: CoordinatorConfig) -> None:
     check_level(cfg.log_level)
     check_port(cfg, "port")
     check_mcp(cfg.mcp)
+    check_http_limits(cfg.http)
+    tls.check(cfg)

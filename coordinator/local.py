@@ -13,12 +13,15 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 from types import TracebackType
 
 from novacron import logs
+from novacron.pki import IssuedFiles
+from novacron.tls import client_context
 
 
 class CoordinatorStartError(RuntimeError):
@@ -27,13 +30,17 @@ class CoordinatorStartError(RuntimeError):
 
 class LocalCoordinator:
     def __init__(self, data_dir: Path, *, admin_token: str | None = None,
-                 agent_token: str | None = None, settings: dict[str, str] | None = None) -> None:
+                 agent_token: str | None = None, settings: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None,
+                 tls: IssuedFiles | None = None) -> None:
         self.data_dir = data_dir
         self.admin_token = admin_token or "adm-" + secrets.token_urlsafe(24)
         self.agent_token = agent_token or "agt-" + secrets.token_urlsafe(24)
         logs.register_secret(self.admin_token)
         logs.register_secret(self.agent_token)
         self.settings = settings or {}
+        self.extra_env = dict(env or {})  # e.g. {"NOVACRON_CRASH_AT": "migration.start.accepted"}
+        self.tls = tls  # its certificate from a fleet CA: HTTPS, agents identified by theirs
         self.url = ""
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "coordinator.log"
@@ -43,7 +50,11 @@ class LocalCoordinator:
         values = {"host": "127.0.0.1", "port": "0", "data_dir": str(self.data_dir),
                   "admin_token": self.admin_token, "agent_token": self.agent_token,
                   "log_level": "info", **self.settings}
+        if self.tls is not None:
+            values.update(tls_cert=str(self.tls.cert), tls_key=str(self.tls.key),
+                          tls_ca=str(self.tls.ca))
         env.update({f"NOVACRON_COORDINATOR_{k.upper()}": v for k, v in values.items()})
+        env.update(self.extra_env)
         return env
 
     async def start(self, timeout_s: float = 30.0) -> LocalCoordinator:
@@ -71,6 +82,10 @@ class LocalCoordinator:
             await asyncio.sleep(0.05)
         self.kill()
         raise CoordinatorStartError(f"coordinator did not start within {timeout_s:.0f} s")
+
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """What an operator's client (the CLI) uses: trust the fleet CA, no certificate."""
+        return client_context(str(self.tls.ca)) if self.tls is not None else None
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

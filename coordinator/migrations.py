@@ -2,8 +2,13 @@
 
 The agents move the memory; the coordinator starts the move, polls the source
 agent's status, stores each change, publishes it to SSE subscribers, and on
-completion moves the VM's record to the target host. Unfinished migrations are
-picked up again after a coordinator restart.
+completion moves the VM's record to the target host.
+
+The coordinator names a migration before it asks the source agent (the agent
+runs it under that id), so after a coordinator restart every unfinished
+migration can be asked about; when the source agent no longer knows it (it
+never got the request, or it restarted), where the VM really runs decides the
+outcome (``Reconciler.migration_outcome``) and the record follows the VM.
 """
 
 from __future__ import annotations
@@ -14,18 +19,23 @@ import logging
 import secrets
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from novacron.coordinator.agent_client import AgentClient, AgentError
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
 from novacron.coordinator.models import HOST_UP, Migration
+from novacron.coordinator.reconcile import Reconciler
 from novacron.coordinator.store import Store
+from novacron.faults import crash_point
+from novacron.grants import GrantSigner
 
 log = logging.getLogger("novacron.coordinator.migrations")
 
-# Consecutive failed polls of the source agent before a migration is declared lost.
+# Consecutive failed polls of the source agent before the VMs are asked where the guest runs.
 MAX_POLL_FAILURES = 40
+UNDECIDED_RETRY_S = 2.0  # between looks at the VMs while the agents cannot tell yet
 # On close, how long starts in flight may take to finish their agent call and record.
 START_SETTLE_S = 30.0
 
@@ -36,8 +46,12 @@ def topic(mig_id: str) -> str:
 
 class MigrationManager:
     def __init__(self, cfg: CoordinatorConfig, store: Store, agents: AgentClient,
-                 events: EventHub) -> None:
+                 events: EventHub, reconciler: Reconciler | None = None,
+                 grants: GrantSigner | None = None) -> None:
         self.cfg, self.store, self.agents, self.events = cfg, store, agents, events
+        self.reconciler = reconciler or Reconciler(store, agents)
+        self._undecided: dict[str, str] = {}  # migration id -> what the agents said last
+        self.grants = grants or GrantSigner.generate()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._starting: set[asyncio.Task[Migration]] = set()
         self._lock = asyncio.Lock()
@@ -76,6 +90,8 @@ class MigrationManager:
                 raise ApiError(409, f"target host {target!r} is down")
             if src is None or src.state != HOST_UP:
                 raise ApiError(409, f"source host {vm.host!r} is down")
+            if not dst.data_port:
+                raise ApiError(409, f"target host {target!r} reported no migration data port")
             for other in await self.store.active_migrations():
                 if other.vm == vm_name:
                     raise ApiError(409, f"VM {vm_name!r} is already migrating ({other.id})")
@@ -85,15 +101,30 @@ class MigrationManager:
             await self.store.put_migration(mig)
             vm.state, vm.updated_at = "migrating", now
             await self.store.put_vm(vm)
-        request = {"vm": vm_name, "target": {"url": dst.url, "token": dst.token},
-                   "options": options}
+        crash_point("migration.start.recorded")
+        # The source gets the coordinator's grant, never the destination's credential; the
+        # destination's addresses in it come from our registry, never from a caller. The
+        # agent runs it under our id: after a crash we can ask it what became of it.
+        grant = self.grants.issue(migration=mig.id, vm=vm_name, source=src.name, target=dst.name,
+                                  url=dst.url, data_host=urlsplit(dst.url).hostname or "",
+                                  data_port=dst.data_port or 0)
+        request = {"vm": vm_name, "grant": grant, "options": options}  # the grant names mig.id
         try:
             reply = await self.agents.call(src.name, src.url, src.token, "POST", "/v1/migrations",
                                            request)
         except AgentError as exc:
+            if exc.status == 0 and exc.sent:
+                # the answer was lost, not refused: the agent may be running it under our id
+                log.warning("no answer to the migration start; following it by its id",
+                            extra={"migration": mig.id, "error": exc.message})
+                mig.agent_migration_id = mig.id
+                await self._save(mig)
+                self._follow(mig)
+                return mig
             await self._finish(mig, "failed", error=f"source agent refused: {exc.message}")
             raise ApiError(502, f"source agent {src.name!r} refused the migration: "
                            f"{exc.message}") from None
+        crash_point("migration.start.accepted")
         mig.agent_migration_id = str(reply.get("id")) if isinstance(reply, dict) else None
         if not mig.agent_migration_id:
             await self._finish(mig, "failed", error="source agent returned no migration id")
@@ -124,13 +155,13 @@ class MigrationManager:
         return mig
 
     async def resume_all(self) -> None:
-        """After a restart: follow every migration that was still running."""
+        """After a restart: follow every migration that was still running. One whose
+        start was cut short is asked for under the id the agent was given; if the
+        source agent does not know it, the VMs show how it ended."""
         for mig in await self.store.active_migrations():
             if mig.agent_migration_id is None:
-                await self._finish(mig, "failed", error="coordinator stopped before the agent "
-                                   "accepted the migration")
-            else:
-                self._follow(mig)
+                mig.agent_migration_id = mig.id
+            self._follow(mig)
 
     async def close(self) -> None:
         if self._starting:  # let starts in flight settle (agent calls time out), then stop them
@@ -188,9 +219,11 @@ class MigrationManager:
                 except AgentError as exc:
                     failures += 1
                     if exc.status == 404 or failures >= MAX_POLL_FAILURES:
-                        await self._finish(mig, "failed",
-                                           error=f"lost track on the source agent: {exc.message}")
-                        return
+                        if await self._settle_by_placement(mig, exc.message):
+                            return
+                        failures = 0
+                        await asyncio.sleep(max(self.cfg.poll_interval_s, UNDECIDED_RETRY_S))
+                        continue
                     await asyncio.sleep(self.cfg.poll_interval_s)
                     continue
                 if self._apply(mig, status):
@@ -205,12 +238,29 @@ class MigrationManager:
             log.exception("following migration failed", extra={"migration": mig.id})
             await self._finish(mig, "failed", error="coordinator error while following")
 
+    async def _settle_by_placement(self, mig: Migration, why: str) -> bool:
+        """The source agent cannot report the migration: let where the VM runs
+        decide it. False while the agents cannot tell yet (asked again later)."""
+        outcome, seen = await self.reconciler.migration_outcome(mig)
+        if outcome is None:
+            if self._undecided.get(mig.id) != seen:  # once per new answer, not every retry
+                self._undecided[mig.id] = seen
+                log.warning("source agent lost the migration; the VMs do not tell yet",
+                            extra={"migration": mig.id, "why": why, "seen": seen})
+            return False
+        log.warning("source agent lost the migration; settled by where the VM runs",
+                    extra={"migration": mig.id, "why": why, "seen": seen, "outcome": outcome})
+        error = None if outcome == "completed" else f"source agent lost the migration ({why}); {seen}"
+        await self._finish(mig, outcome, error=error)
+        return True
+
     async def _save(self, mig: Migration) -> None:
         mig.updated_at = time.time()
         await self.store.put_migration(mig)
         self.events.publish(topic(mig.id), mig.public())
 
     async def _finish(self, mig: Migration, phase: str, error: str | None = None) -> None:
+        self._undecided.pop(mig.id, None)
         mig.phase = phase
         mig.error = error if phase != "completed" else None
         mig.finished_at = time.time()

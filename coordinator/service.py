@@ -2,30 +2,47 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
-from novacron import __version__, audit, logs
-from novacron.coordinator.agent_client import AgentClient, AgentError, reported_state
+from novacron import __version__, audit, logs, tls
+from novacron.coordinator.agent_client import AgentClient
 from novacron.coordinator.api import load_route_modules
 from novacron.coordinator.api.auth import make_auth_middleware
 from novacron.coordinator.api.errors import error_middleware
 from novacron.coordinator.api.health import OPENAPI_DOC
-from novacron.coordinator.api.keys import AGENTS, CONFIG, EVENTS, MIGRATIONS, PLACER, STORE
+from novacron.coordinator.api.keys import (
+    AGENTS,
+    CONFIG,
+    EVENTS,
+    GRANTS,
+    IDENTITIES,
+    MIGRATIONS,
+    PLACER,
+    RECONCILER,
+    STORE,
+)
 from novacron.coordinator.api.openapi import add_routes, build_document, json_body
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
+from novacron.coordinator.identity import HostIdentities
 from novacron.coordinator.migrations import MigrationManager
 from novacron.coordinator.placement import Placer, most_free_memory
+from novacron.coordinator.reconcile import Reconciler
 from novacron.coordinator.store import Store, open_store
 from novacron.daemon import start_site, until_signalled
+from novacron.grants import GrantSigner
 
 log = logging.getLogger("novacron.coordinator")
+
+GRANT_KEY_FILE = "grant-signing.key"  # Ed25519, 0600
 
 
 def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
@@ -42,10 +59,14 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
     audit.install(app, audit_log)
     app[CONFIG] = cfg
     app[STORE] = store or open_store(cfg)
-    app[AGENTS] = AgentClient(cfg.agent_timeout_s)
+    app[AGENTS] = AgentClient(cfg.agent_timeout_s, ssl=tls.peer_client_context(cfg))
     app[EVENTS] = EventHub()
     app[PLACER] = placer or most_free_memory
-    app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS])
+    app[RECONCILER] = Reconciler(app[STORE], app[AGENTS])
+    app[IDENTITIES] = HostIdentities(app[STORE])
+    app[GRANTS] = grant_signer(cfg)
+    app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS], app[RECONCILER],
+                                       app[GRANTS])
     app[OPENAPI_DOC] = build_document(tables, version=__version__)
     add_routes(app, tables)
     app.cleanup_ctx.append(_core_services)  # first: later contexts see an open store
@@ -56,43 +77,32 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
     return app
 
 
+def grant_signer(cfg: CoordinatorConfig) -> GrantSigner:
+    """The migration-grant key, kept on disk so agents' copies stay valid across restarts."""
+    if cfg.grant_key_file:
+        return GrantSigner.load_or_create(Path(cfg.grant_key_file))
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return GrantSigner.load_or_create(cfg.data_dir / GRANT_KEY_FILE)
+
+
 async def _core_services(app: web.Application) -> AsyncIterator[None]:
     await app[STORE].open()
     for host in await app[STORE].list_hosts():
         logs.register_secret(host.token, pinned=False)  # agents' tokens, stored by an earlier run
     await app[AGENTS].start()
     await app[MIGRATIONS].resume_all()
-    await settle_unfinished_creates(app)
+    # before serving: VMs left creating or migrating, records behind the agents
+    await app[RECONCILER].run_once_logged()
+    loop = asyncio.create_task(app[RECONCILER].run(app[CONFIG].reconcile_interval_s), name="reconcile")
     try:
         yield
     finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
         await app[MIGRATIONS].close()
         await app[AGENTS].close()
         await app[STORE].close()
-
-
-async def settle_unfinished_creates(app: web.Application) -> None:
-    """VMs left 'creating' by a stop mid-request: keep what the agent has, drop the rest."""
-    store, agents = app[STORE], app[AGENTS]
-    for vm in await store.list_vms():
-        if vm.state != "creating":
-            continue
-        host = await store.get_host(vm.host)
-        if host is None:
-            await store.delete_vm(vm.name)
-            continue
-        try:
-            status = await agents.call(host.name, host.url, host.token, "GET",
-                                       f"/v1/vms/{vm.name}", timeout_s=5)
-        except AgentError as exc:
-            if exc.status == 404:
-                await store.delete_vm(vm.name)
-                log.info("dropped a VM whose create never reached its agent",
-                         extra={"vm": vm.name, "host": host.name})
-            continue  # agent unreachable: decide later (the record keeps its reservation)
-        vm.state = reported_state(status, "running")
-        vm.updated_at = time.time()
-        await store.put_vm(vm)
 
 
 def write_listen_file(cfg: CoordinatorConfig, url: str) -> None:
@@ -105,8 +115,11 @@ def write_listen_file(cfg: CoordinatorConfig, url: str) -> None:
 
 async def serve(cfg: CoordinatorConfig) -> None:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    runner, port = await start_site(build_app(cfg), cfg.host, cfg.port)
-    url = f"http://{cfg.host}:{port}"
+    # Client certificates are optional at the TLS layer (operators' CLIs have none) but
+    # verified when shown; host routes require one (novacron.coordinator.api.hosts).
+    ssl_context = tls.server_context(cfg, require_client_cert=False) if tls.enabled(cfg) else None
+    runner, port = await start_site(build_app(cfg), cfg.host, cfg.port, cfg.http, ssl_context=ssl_context)
+    url = f"{tls.url_scheme(cfg)}://{cfg.host}:{port}"
     write_listen_file(cfg, url)
     log.info("coordinator listening", extra={"url": url, "data_dir": str(cfg.data_dir)})
     try:

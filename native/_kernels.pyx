@@ -606,11 +606,15 @@ def index_pages(const unsigned char[::1] buf, DigestTable table, uint64_t buf_no
     return n
 
 
-def apply_payload(const unsigned char[::1] plain, unsigned char[::1] mem, CacheView cache):
+def apply_payload(const unsigned char[::1] plain, unsigned char[::1] mem, CacheView cache,
+                  uint64_t max_pages):
     """Check a frame's plaintext completely, then write its pages into mem.
 
     Returns (error code, pages written, detail). On any error nothing is written.
-    References are read (and their digests verified) before any write."""
+    References are read (and their digests verified) before any write. Data and
+    referenced pages together are at most max_pages: a 40-byte reference stands
+    for a whole page, so without that bound a frame under the plaintext limit
+    could expand a hundredfold (scratch space, digest work)."""
     cdef Py_ssize_t size = plain.shape[0]
     if size < PLAIN_HEADER:
         return ERR_MALFORMED, 0, "payload shorter than its header"
@@ -619,6 +623,9 @@ def apply_payload(const unsigned char[::1] plain, unsigned char[::1] mem, CacheV
     cdef uint64_t total = rd32(base + 12)
     if <uint64_t>size != PLAIN_HEADER + nrec * RECORD_SIZE + nref * REF_SIZE + ndata * PAGE:
         return ERR_MALFORMED, 0, "payload size does not match its counts"
+    if nref + ndata > max_pages:
+        return ERR_MALFORMED, 0, (f"{nref} references and {ndata} data pages expand past "
+                                  f"{max_pages} pages, the plaintext limit of a frame")
     cdef uint64_t npages = mem.shape[0] // PAGE
     cdef const unsigned char *rec = base + PLAIN_HEADER
     cdef const unsigned char *ref = rec + nrec * RECORD_SIZE

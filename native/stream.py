@@ -49,7 +49,7 @@ KIND_PAGES = 1
 KIND_BLOB = 2
 FLAG_ZSTD = 1
 MAX_BODY = 64 << 20  # receivers refuse larger frames before allocating anything
-MAX_RAW = 64 << 20
+MAX_RAW = 64 << 20  # plaintext of a frame; also what its data and referenced pages may expand to
 _ZERO_PAGES_PER_FRAME = 1 << 16
 _CHUNK_PAGES = 4096  # pages classified and planned at a time (16 MiB staging area)
 _SAMPLE = 4096  # bytes per compressibility probe slice
@@ -531,7 +531,7 @@ class PageStreamReceiver:
             c.seconds_decode += time.perf_counter() - t0
             return Opened(0, (auth.tag, plain), auth.seq)
         err, written, detail = _kernels.apply_payload(
-            plain, self._mem, None if self.cache is None else self.cache.view())
+            plain, self._mem, None if self.cache is None else self.cache.view(), MAX_RAW // PAGE_SIZE)
         if err:
             raise _ERRORS[err](f"frame {auth.seq}: {detail}")
         self._accept(auth.stream)

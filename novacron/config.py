@@ -41,6 +41,24 @@ class Invalid(ValueError):
         super().__init__(f"{key}: {problem}")
 
 
+MIN_SECRET_LENGTH = 16  # tokens and shared secrets: shorter ones can be guessed
+
+
+def check_secret(cfg: object, key: str, *, required: str = "") -> None:
+    """A settings check: ``cfg.<key>`` is a token or secret of at least MIN_SECRET_LENGTH characters.
+
+    ``required`` is the hint shown when it is empty (it may then be left unset when '').
+    """
+    value = getattr(cfg, key)
+    if not value:
+        if required:
+            raise Invalid(key, f"required ({required})")
+        return
+    if len(value) < MIN_SECRET_LENGTH:
+        raise Invalid(key, f"too short: at least {MIN_SECRET_LENGTH} characters, got {len(value)} "
+                           "(e.g. from `openssl rand -hex 16`)")
+
+
 def check_port(cfg: object, key: str) -> None:
     """A settings check: ``cfg.<key>`` is a TCP port, 0 meaning any free one."""
     if not 0 <= getattr(cfg, key) <= 65535:
@@ -189,8 +207,12 @@ def flag_name(path: tuple[str, ...]) -> str:
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--section-key`` flag per setting; unset flags stay ``None``."""
     group = parser.add_argument_group("settings (override the config file and environment)")
-    for path, _tp in _leaves(cls):
+    for path, tp in _leaves(cls):
         dest = "cfg__" + "__".join(path)
+        if tp is bool:  # "--insecure" alone means true; "--insecure false" still works
+            group.add_argument(flag_name(path), dest=dest, default=None, nargs="?", const="true",
+                               metavar=path[-1].upper())
+            continue
         group.add_argument(flag_name(path), dest=dest, default=None, metavar=path[-1].upper())
 
 

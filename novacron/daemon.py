@@ -14,11 +14,18 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 
 from novacron import config, logs
+from novacron.connlimits import (
+    GuardedSite,
+    HttpGuard,
+    HttpLimits,
+    raise_fd_limit,
+    rate_limited_exception_handler,
+)
 
 T = TypeVar("T")
 
@@ -57,7 +64,10 @@ class Daemon(Generic[T]):
         for secret in self.secrets(cfg):
             logs.register_secret(secret)
 
+        raise_fd_limit()  # a systemd default of 1,024 is too few for a fleet's connections
+
         async def run() -> None:
+            asyncio.get_running_loop().set_exception_handler(rate_limited_exception_handler())
             await self.serve(cfg)
 
         try:
@@ -67,12 +77,20 @@ class Daemon(Generic[T]):
         return 0
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on host:port; the port actually bound (``port`` 0 picks a free one)."""
-    runner = web.AppRunner(app, access_log=None)
+async def start_site(app: web.Application, host: str, port: int, limits: HttpLimits | None = None, *,
+                     ssl_context: Any = None) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on host:port; the port actually bound (``port`` 0 picks a free one).
+
+    Connections are bounded by ``limits`` (see novacron.connlimits): a deadline for
+    request heads, an idle timeout and a cap with the oldest idle one evicted first.
+    """
+    limits = limits or HttpLimits()
+    guard = HttpGuard(limits)
+    app.middlewares.append(guard.middleware)  # innermost: marks the connection busy
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.idle_timeout_s)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await GuardedSite(runner, host, port, guard, ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         raise

@@ -12,6 +12,7 @@ agent: ``vm.create.recorded``, ``vm.create.ram_file``, ``vm.create.spawned``
 coordinator: ``migration.start.recorded``, ``migration.start.accepted``;
 migration engine (agent/migration): ``migration.source.throttled``,
 ``migration.source.paused``, ``migration.source.go_sent``,
+``migration.source.resumed_received``,
 ``migration.dest.stopcopy``, ``migration.dest.go_received``.
 
 ``<point>:stop`` SIGSTOPs the process there instead (a hung peer: the test

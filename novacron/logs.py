@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import threading
 import time
@@ -21,13 +20,101 @@ LEVELS = ("debug", "info", "warning", "error", "critical")  # what setup() takes
 
 # The process's own secrets (from its config) are pinned: never evicted. Secrets
 # learnt while running (agent tokens, migration targets) are kept newest-first up
-# to MAX_LEARNT_SECRETS, so a long-lived coordinator's list stays bounded.
-MAX_LEARNT_SECRETS = 1024
+# to MAX_LEARNT_SECRETS, so a long-lived coordinator's list stays bounded. Adding
+# or dropping one costs O(its length), never O(number of secrets): registrations
+# happen on the event loop, once per agent.
+MAX_LEARNT_SECRETS = 65536
+MIN_SECRET = 4  # shorter values are not secrets (and would redact half of every line)
 _PINNED: set[str] = set()
 _LEARNT: OrderedDict[str, None] = OrderedDict()
-_PATTERN: re.Pattern[str] | None = None  # every secret in one prefix-tree regex; rebuilt on change
 _LOCK = threading.Lock()
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+def _forms(secret: str) -> set[str]:
+    """How ``secret`` can appear in a log line: as is, JSON-escaped (our JSON lines,
+    ASCII-only or not), and as Python's repr shows it (tracebacks, ``%r``), alone
+    or inside a JSON string."""
+    shown = repr(secret)[1:-1]
+    forms = {secret, shown}
+    for text in (secret, shown):
+        forms.add(json.dumps(text)[1:-1])
+        forms.add(json.dumps(text, ensure_ascii=False)[1:-1])
+    return {f for f in forms if len(f) >= MIN_SECRET}
+
+
+class _FormIndex:
+    """Every form of every secret in a prefix tree of dicts, changed in place.
+
+    Adding or dropping a form touches only its own path (secrets often share
+    long prefixes such as ``agt-``, so buckets keyed by a prefix would not do).
+    A line is scanned once; at each position the walk follows the line's
+    characters while the tree has them, so most positions cost one or two dict
+    lookups, and the longest secret starting there wins. Lookups need no lock:
+    a walk racing a change sees the tree either before or after it.
+    """
+
+    _END = ""  # a key no character can be: a form ends at this node
+
+    def __init__(self) -> None:
+        self._root: dict[str, Any] = {}
+        self._refs: dict[str, int] = {}  # two secrets can share a form
+
+    def add(self, secret: str) -> None:
+        for form in _forms(secret):
+            self._refs[form] = self._refs.get(form, 0) + 1
+            node = self._root
+            for ch in form:
+                node = node.setdefault(ch, {})
+            node[self._END] = True
+
+    def discard(self, secret: str) -> None:
+        for form in _forms(secret):
+            left = self._refs.get(form, 0) - 1
+            if left > 0:
+                self._refs[form] = left
+                continue
+            self._refs.pop(form, None)
+            path = [self._root]
+            for ch in form:
+                path.append(path[-1][ch])
+            path[-1].pop(self._END, None)
+            for depth in range(len(form), 0, -1):  # prune the branch it alone used
+                if path[depth]:
+                    break
+                del path[depth - 1][form[depth - 1]]
+
+    def redact(self, text: str) -> str:
+        root, end_key = self._root, self._END
+        if not root:
+            return text
+        out: list[str] = []
+        i = last = 0
+        n = len(text)
+        while i < n:
+            node = root.get(text[i])
+            hit = 0
+            j = i + 1
+            while node is not None:
+                if end_key in node:
+                    hit = j
+                if j == n:
+                    break
+                node = node.get(text[j])
+                j += 1
+            if hit:
+                out.append(text[last:i])
+                out.append("***")
+                i = last = hit
+            else:
+                i += 1
+        if not out:
+            return text
+        out.append(text[last:])
+        return "".join(out)
+
+
+_INDEX = _FormIndex()
 
 
 def register_secret(value: str | bytes | None, *, pinned: bool = True) -> None:
@@ -40,64 +127,24 @@ def register_secret(value: str | bytes | None, *, pinned: bool = True) -> None:
     if not value:
         return
     text = value.hex() if isinstance(value, bytes) else value
-    if len(text) < 4:
+    if len(text) < MIN_SECRET:
         return
     with _LOCK:
         if text in _PINNED:
             return
         if pinned:
-            _LEARNT.pop(text, None)
             _PINNED.add(text)
+            if text in _LEARNT:  # already indexed: now it is never evicted
+                del _LEARNT[text]
+                return
         elif text in _LEARNT:
             _LEARNT.move_to_end(text)  # still in use: keep it among the newest
             return
         else:
             _LEARNT[text] = None
             while len(_LEARNT) > MAX_LEARNT_SECRETS:
-                _LEARNT.popitem(last=False)
-        _rebuild()
-
-
-def _trie_regex(words: set[str]) -> str:
-    """One regex matching any of ``words``, shaped as a prefix tree.
-
-    A flat ``a|b|c`` makes the regex engine try every secret at every
-    position; the tree tries one character per branch, so a line costs about
-    the same with a thousand secrets as with ten. Longer secrets win.
-    """
-    end = ""  # a key no character can be
-    root: dict[str, Any] = {}
-    for word in words:
-        node = root
-        for ch in word:
-            node = node.setdefault(ch, {})
-        node[end] = None
-
-    def emit(node: dict[str, Any]) -> str:
-        out = ""
-        while len(node) == 1 and end not in node:  # a chain: no branching, no recursion
-            ((ch, node),) = node.items()
-            out += re.escape(ch)
-        alts = [re.escape(ch) + emit(child) for ch, child in node.items() if ch != end]
-        if not alts:
-            return out
-        group = "(?:" + "|".join(alts) + ")"
-        return out + (group + "?" if end in node else group)  # greedy: the longer secret first
-
-    return emit(root)
-
-
-def _compile(source: str) -> re.Pattern[str]:
-    # re.compile would keep every rebuilt (large) pattern in its module cache
-    compiler = getattr(re, "_compiler", None)
-    return compiler.compile(source, 0) if compiler is not None else re.compile(source)
-
-
-def _rebuild() -> None:
-    """Compile the redaction pattern; the caller holds _LOCK."""
-    global _PATTERN
-    words = _PINNED | _LEARNT.keys()
-    _PATTERN = _compile(_trie_regex(words)) if words else None
+                _INDEX.discard(_LEARNT.popitem(last=False)[0])
+        _INDEX.add(text)
 
 
 def tracked_secrets() -> int:
@@ -107,8 +154,7 @@ def tracked_secrets() -> int:
 
 
 def redact(text: str) -> str:
-    pattern = _PATTERN  # one read: a concurrent rebuild swaps in a whole new pattern
-    return pattern.sub("***", text) if pattern is not None else text
+    return _INDEX.redact(text)
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -21,6 +21,7 @@ log = logging.getLogger("novacron.agent.api")
 ROUTE_MODULES = [
     "novacron.agent.api.host",
     "novacron.agent.api.vms",
+    "novacron.agent.api.images",
     "novacron.agent.api.migrations",
     "novacron.agent.api.audit",
 ]

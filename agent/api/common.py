@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from novacron import audit
+from novacron import audit, httpjson
 from novacron.agent.qmp import QMPClosedError, QMPError, QMPTimeoutError
 from novacron.agent.vm.errors import VMError
 from novacron.agent.vm.spec import SpecError
@@ -39,8 +39,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 naming what is wrong."""
     raw = await request.read()  # bounded by the app's client_max_size (413 beyond)
     try:
-        doc = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = httpjson.loads(raw) if raw else None
+    except ValueError as exc:
         raise _bad_body(f"invalid JSON ({exc})") from None
     request[BODY] = doc
     if not isinstance(doc, dict):
@@ -55,6 +55,16 @@ def actor_of(request: web.Request) -> str:
     migration's destination, the source agent), so the credential is that token.
     """
     return "api-token"
+# Set by the migration routes: may ``Authorization: Grant <grant>`` read this path?
+GrantRead = Callable[[str, str], bool]  # (grant, path) -> allowed
+GRANT_READ: web.AppKey[GrantRead] = web.AppKey("novacron_agent_grant_read")
+
+
+def _grant_may_read(request: web.Request, given: str) -> bool:
+    scheme, _, grant = given.partition(" ")
+    may_read = request.app.get(GRANT_READ)
+    return (scheme == "Grant" and request.method in ("GET", "HEAD") and may_read is not None
+            and may_read(grant.strip(), request.path))
 
 
 def auth_middleware(token: str) -> Any:
@@ -63,8 +73,10 @@ def auth_middleware(token: str) -> Any:
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in PUBLIC_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not token or not hmac.compare_digest(given, expected):
+            given = request.headers.get("Authorization", "")
+            if _grant_may_read(request, given):
+                return await handler(request)  # a migration's source reading its outcome here
+            if not token or not hmac.compare_digest(given.encode(), expected):
                 log.warning("request refused: bad token", extra={"path": request.path, "remote": request.remote})
                 return json_error(401, "missing or invalid bearer token")
             audit.set_actor(request, actor_of(request))

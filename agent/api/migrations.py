@@ -1,7 +1,10 @@
 """Migration routes of the agent API and the hooks that run the migration
 manager (and its data-channel server on ``data_port``) with the daemon.
 
-    POST /v1/migrations               {"vm", "target": {"url", "token"}, "options": {...}} -> 202
+    POST /v1/migrations               {"vm", "grant", "options": {...},
+                                       optional "id" (the caller's name for it)} -> 202
+                                      (the coordinator's grant names the destination; see
+                                      novacron.grants; no destination credential is accepted)
     GET  /v1/migrations               -> {"migrations": [status, ...]}
     GET  /v1/migrations/{id}          -> status (phase, round, metrics, error)
     POST /v1/migrations/{id}/cancel   -> status
@@ -9,13 +12,14 @@ manager (and its data-channel server on ``data_port``) with the daemon.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from aiohttp import web
 
-from novacron.agent.api.common import BODY, json_error
+from novacron import httpjson, tls
+from novacron.agent.api.common import BODY, GRANT_READ, json_error
+from novacron.agent.api.host import host_name
 from novacron.agent.appkeys import CONFIG, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.migration.journal import Journal
@@ -30,6 +34,7 @@ from novacron.agent.migration.qemu_port import (
 from novacron.agent.migration.vmport import SourceVM
 from novacron.agent.vm.errors import VMError
 from novacron.agent.vm.manager import VMManager
+from novacron.grants import GrantVerifier
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -53,14 +58,18 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
         dest_factory=QemuDestFactory(vms),
         data_host=cfg.host,
         data_port=cfg.data_port,
+        host_name=host_name(cfg.name),
+        grants=GrantVerifier(cfg.grant_key),
+        peer_ssl=tls.peer_client_context(cfg),
         journal=Journal(cfg.state_dir / "migrations"),
         local_vms=QemuLocalVMs(vms),
     )
     vms.resume_fence = manager  # resume waits for every migration of the VM to settle
     app[MANAGER_KEY] = manager
+    app[GRANT_READ] = manager.may_read
 
     async def on_startup(_app: web.Application) -> None:
-        clean_stale_incoming(cfg.state_dir)
+        await clean_stale_incoming(cfg.state_dir)
         clean_stale_relay_sockets(cfg.state_dir)
         port = await manager.start()
         if cfg.data_port == 0:
@@ -89,9 +98,9 @@ async def _body(request: web.Request) -> Any:
     if len(raw) > MAX_BODY:
         raise MigrationRequestError(f"request body larger than {MAX_BODY} bytes", 413)
     try:
-        doc = json.loads(raw or b"null")
-    except ValueError:
-        raise MigrationRequestError("request body is not valid JSON") from None
+        doc = httpjson.loads(raw or b"null")
+    except ValueError as exc:
+        raise MigrationRequestError(f"request body is not valid JSON: {exc}") from None
     request[BODY] = doc  # the audit log names its "vm"
     return doc
 

@@ -7,10 +7,12 @@ from aiohttp import web
 from novacron.agent.api.common import json_error, read_json_object
 from novacron.agent.appkeys import VMS
 from novacron.audit import ACTOR, AUDIT
+from novacron.faults import crash_point
 
 ACTIONS = ("start", "stop", "pause", "resume")
 MAX_CONSOLE_INPUT = 1024
 MAX_CONSOLE_OUTPUT = 1024 * 1024
+MAX_CONSOLE_OFFSET = 2**53  # past any real log; larger values would overflow seek()
 
 
 async def list_vms(request: web.Request) -> web.Response:
@@ -20,6 +22,7 @@ async def list_vms(request: web.Request) -> web.Response:
 async def create_vm(request: web.Request) -> web.Response:
     doc = await read_json_object(request)
     vm = await request.app[VMS].create(doc)
+    crash_point("vm.create.responding")
     return web.json_response(vm.status(), status=201)
 
 
@@ -78,13 +81,13 @@ async def console_write(request: web.Request) -> web.Response:
 
 async def console_read(request: web.Request) -> web.Response:
     """The serial log from byte ``offset`` (at most 1 MiB per call)."""
-    vm = request.app[VMS].get(request.match_info["name"])
     try:
         offset = int(request.query.get("offset", "0"))
-        if offset < 0:
-            raise ValueError
     except ValueError:
         return json_error(400, "offset: expected a non-negative integer")
+    if not 0 <= offset <= MAX_CONSOLE_OFFSET:
+        return json_error(400, f"offset: out of range 0..{MAX_CONSOLE_OFFSET}")
+    vm = request.app[VMS].get(request.match_info["name"])
     data = vm.read_serial(offset, MAX_CONSOLE_OUTPUT)  # a chatty guest's log can be large
     return web.json_response({"offset": offset, "next_offset": offset + len(data), "text": data.decode(errors="replace")})
 

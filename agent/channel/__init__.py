@@ -5,6 +5,11 @@ secret, one X25519 key agreement per connection (= per migration).
 control messages and native page-stream frames over the authenticated stream;
 ``server`` accepts peers on the agent's ``data_port`` and refuses any that fail
 authentication before anything else happens.
+
+The cluster secret proves fleet membership only. Which host may send which VM
+here is decided by the coordinator: the first message on a channel must be its
+signed grant naming this host as destination (``novacron.grants``, checked in
+``novacron.agent.migration.manager``), used once.
 """
 
 from novacron.agent.channel.handshake import AuthError, SessionKeys

@@ -13,7 +13,6 @@ mapping to build its page-stream receiver on.
 from __future__ import annotations
 
 import asyncio
-import json
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from novacron import httpjson
 from novacron.agent.channel.handshake import SessionKeys
 
 CTRL = 1
@@ -101,7 +101,7 @@ class Channel:
             raise ChannelClosed(f"connection lost while sending: {exc}") from None
 
     async def send_ctrl(self, msg: dict[str, Any], timeout: float = 60.0) -> None:
-        data = json.dumps(msg, separators=(",", ":")).encode()
+        data = httpjson.dumps(msg, separators=(",", ":")).encode()  # the peer refuses NaN
         if len(data) + 16 > MAX_CTRL:
             raise ValueError(f"control message too large ({len(data)} bytes)")
         nonce = self._send_seq.to_bytes(12, "big")
@@ -145,7 +145,7 @@ class Channel:
             raise ProtocolError("control record failed authentication") from None
         self._recv_seq += 1
         try:
-            msg = json.loads(data)
+            msg = httpjson.loads(data)
         except ValueError:
             raise ProtocolError("control record is not JSON") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):

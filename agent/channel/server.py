@@ -2,6 +2,10 @@
 
 The server authenticates every connection before handing it to the handler,
 so a peer without the cluster secret never reaches code that changes state.
+Unauthenticated connections are bounded (per address and in all, the oldest
+idle one closed to make room; see novacron.connlimits) and must finish the
+handshake within a short deadline, so idle connections cannot keep a real
+migration out.
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ from novacron.agent.channel.handshake import (
     server_handshake,
 )
 from novacron.agent.channel.records import Channel
+from novacron.connlimits import ConnectionBudget, LogLimiter, peer_address
 
 log = logging.getLogger("novacron.agent.channel")
 
 Handler = Callable[[Channel], Awaitable[None]]
+
+HANDSHAKE_DEADLINE_S = 5.0  # the whole handshake is three small messages: a round trip or two
+MAX_PENDING = 64  # unauthenticated connections in all
+MAX_PENDING_PER_ADDRESS = 8
 
 
 class ChannelServer:
@@ -31,19 +40,23 @@ class ChannelServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        handshake_timeout: float = DEFAULT_TIMEOUT,
-        max_pending: int = 16,
+        handshake_timeout: float = HANDSHAKE_DEADLINE_S,
+        max_pending: int = MAX_PENDING,
+        max_pending_per_address: int = MAX_PENDING_PER_ADDRESS,
     ) -> None:
         self._secret = secret
         self._handler = handler
         self.host = host
         self.port = port
         self._timeout = handshake_timeout
-        # Bound concurrent unauthenticated connections so a flood cannot pin memory.
-        self._pending = asyncio.Semaphore(max_pending)
+        # A real client sends its hello as soon as it connects: one second of grace before
+        # its connection may be closed to make room is ample.
+        self.pending = ConnectionBudget(max_pending, per_address=max_pending_per_address, grace=1.0,
+                                        what="unauthenticated migration connection")
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.refused = 0  # connections that failed authentication
+        self._refusals = LogLimiter(log)  # a flood of bad peers is one line per interval
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._on_connect, self.host, self.port)
@@ -57,16 +70,19 @@ class ChannelServer:
             self._tasks.add(task)
         peer = writer.get_extra_info("peername")
         try:
-            if self._pending.locked():
-                log.warning("too many pending channel handshakes; refusing", extra={"peer": str(peer)})
+            slot = self.pending.admit(peer_address(writer.transport), writer.transport.abort)
+            if slot is None:
                 return
-            async with self._pending:
-                try:
+            try:
+                async with asyncio.timeout(self._timeout):
                     keys = await server_handshake(reader, writer, self._secret, self._timeout)
-                except AuthError as exc:
-                    self.refused += 1
-                    log.warning("refused migration peer", extra={"peer": str(peer), "reason": str(exc)})
-                    return
+            except (AuthError, TimeoutError) as exc:
+                self.refused += 1
+                reason = str(exc) if isinstance(exc, AuthError) else f"no handshake within {self._timeout:g}s"
+                self._refusals.warning("refused", "refused migration peer", peer=str(peer), reason=reason)
+                return
+            finally:
+                self.pending.release(slot)
             channel = Channel(reader, writer, keys, is_client=False)
             log.info("migration peer authenticated", extra={"peer": str(peer), "session": keys.session_id})
             try:

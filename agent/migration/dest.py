@@ -9,8 +9,7 @@ Liveness: the source sends keepalives, so silence for its ``liveness_s``
 fails the migration here; we send ours back the same way. The destination
 QEMU is watched too: its exit fails the migration at once (before ``go``,
 the source then resumes its copy). Each step is journalled (``journal.py``)
-before its effect; a channel may also open with ``query`` instead of
-``prepare`` (a restarted source asking for an outcome).
+before its effect.
 """
 
 from __future__ import annotations
@@ -42,30 +41,27 @@ class DestAborted(Exception):
     pass
 
 
-Answer = Callable[[str, str], str]  # (migration id, VM name) -> one of protocol.OUTCOMES
-
-
 async def receive_migration(
     channel: Channel,
     factory: DestFactory,
     register: Callable[[MigrationStatus], None],
     *,
     idle_timeout: float = IDLE_TIMEOUT,
+    authorise: Callable[[str, str], None] | None = None,
     journal: Journal | None = None,
-    answer: Answer | None = None,
 ) -> MigrationStatus | None:
-    """Serve one incoming migration on ``channel`` (or answer one ``query`` with
-    ``answer``); returns the migration's final status."""
+    """Serve one incoming migration on ``channel``; returns its final status.
+
+    ``authorise(migration_id, vm)`` raises ProtocolError for a ``prepare`` the
+    channel's grant does not cover."""
     try:
         rec = await channel.recv(timeout=idle_timeout)
-        if rec.kind == CTRL and rec.op == "query" and rec.ctrl is not None and answer is not None:
-            qid, qvm = protocol.check_query(rec.ctrl)
-            await channel.send_ctrl({"op": "outcome", "outcome": answer(qid, qvm)}, timeout=5)
-            return None
         if rec.kind != CTRL or rec.op != "prepare" or rec.ctrl is None:
             raise ProtocolError("first message must be 'prepare'")
         mid, vm_name, spec, ram_size, want_digest = protocol.check_prepare(rec.ctrl)
         liveness = protocol.liveness_of(rec.ctrl, idle_timeout)
+        if authorise is not None:
+            authorise(mid, vm_name)
     except (ChannelClosed, ProtocolError) as exc:
         log.warning("incoming migration rejected", extra={"peer": channel.peer(), "reason": str(exc)})
         with contextlib.suppress(Exception):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl as ssl_
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Any
@@ -72,14 +73,20 @@ class HttpOutcomeProbe:
     """Reads the destination agent's ``GET /v1/migrations/{id}`` (and, when the
     destination no longer knows the migration, ``GET /v1/vms/{name}``)."""
 
-    def __init__(self, url: str, token: str, migration_id: str, vm: str) -> None:
+    def __init__(self, url: str, token: str, migration_id: str, vm: str, *,
+                 scheme: str = "Bearer", ssl: ssl_.SSLContext | None = None,
+                 server_name: str | None = None) -> None:
         self.base = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"}
+        # "Grant <grant>": the migration's grant, which lets us read just this migration there
+        self.headers = {"Authorization": f"{scheme} {token}"}
         self.migration_id = migration_id
         self.vm = vm
+        self.ssl = ssl
+        self.server_name = server_name  # over https: the destination host's certificate name
 
     async def _get(self, session: aiohttp.ClientSession, path: str) -> tuple[int, Any]:
-        async with session.get(self.base + path, headers=self.headers) as resp:
+        async with session.get(self.base + path, headers=self.headers, ssl=self.ssl or True,
+                               server_hostname=self.server_name) as resp:
             return resp.status, await read_json(resp)
 
     async def __call__(self) -> Outcome:

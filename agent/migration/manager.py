@@ -15,15 +15,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
-
-import aiohttp
 
 from novacron import logs
-from novacron.agent.channel import AuthError, Channel, ChannelServer, connect
+from novacron.agent.channel import (
+    AuthError,
+    Channel,
+    ChannelClosed,
+    ChannelServer,
+    ProtocolError,
+    connect,
+)
+from novacron.agent.channel.records import CTRL
+from novacron.agent.migration import protocol
 from novacron.agent.migration.dest import receive_migration
 from novacron.agent.migration.doubt import (
     ChannelOutcomeProbe,
@@ -35,15 +41,17 @@ from novacron.agent.migration.doubt import (
 )
 from novacron.agent.migration.journal import Entry, Journal
 from novacron.agent.migration.options import MigrationOptions
+from novacron.agent.migration.protocol import ID_RE, NAME_RE
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import DestFactory, LocalVMs, SourceVM
 from novacron.agent.vm.errors import VMConflict
-from novacron.httpjson import ResponseTooLarge, error_message, read_json
+from novacron.grants import Grant, GrantError, GrantVerifier, UsedGrants
 
 log = logging.getLogger("novacron.agent.migration")
 
 MAX_KEPT = 200  # finished migrations kept for GET /v1/migrations
+GRANT_WAIT_S = 10.0  # an authenticated peer must present its grant this soon
 SETTLE_ASK_S = 15.0  # one round of asking the destination what became of a migration ...
 SETTLE_RETRY_S = 5.0  # ... and the wait before the next round, until it answers
 
@@ -65,6 +73,9 @@ class MigrationManager:
         dest_factory: DestFactory,
         data_host: str = "127.0.0.1",
         data_port: int = 0,
+        host_name: str = "",
+        grants: GrantVerifier | None = None,
+        peer_ssl: ssl.SSLContext | None = None,
         journal: Journal | None = None,
         local_vms: LocalVMs | None = None,
     ) -> None:
@@ -72,6 +83,11 @@ class MigrationManager:
         self.journal = journal
         self._local = local_vms
         self._settling: dict[str, asyncio.Task[None]] = {}
+        self.host_name = host_name  # as registered: grants name hosts by it
+        self.grants = grants or GrantVerifier()
+        self._peer_ssl = peer_ssl  # mutual TLS to the destination's API (outcome probe)
+        self._used_out = UsedGrants()
+        self._used_in = UsedGrants()
         self._source_vm = source_vm
         self._dest_factory = dest_factory
         self.server = ChannelServer(cluster_secret, self._incoming, host=data_host, port=data_port)
@@ -268,6 +284,9 @@ class MigrationManager:
 
     # -- incoming --------------------------------------------------------
     async def _incoming(self, channel: Channel) -> None:
+        grant = await self._admit(channel)
+        if grant is None:
+            return
         names: list[str] = []
 
         def register(status: MigrationStatus) -> None:
@@ -275,12 +294,60 @@ class MigrationManager:
                 names.append(status.vm)
             self._register_incoming(status)
 
+        def authorise(_mid: str, vm: str) -> None:
+            if vm != grant.vm:
+                raise ProtocolError(f"the grant is for VM {grant.vm!r}, not {vm!r}")
+
         try:
-            await receive_migration(channel, self._dest_factory, register, journal=self.journal,
-                                    answer=self.answer)
+            await receive_migration(channel, self._dest_factory, register, authorise=authorise,
+                                    journal=self.journal)
         finally:  # also when it raised: the name must not stay busy forever
             for name in names:
                 self._busy_vms.discard(name)
+
+    async def _admit(self, channel: Channel) -> Grant | None:
+        """The coordinator's grant for this incoming migration: the first message, naming
+        this host as destination, used once; else say why and refuse."""
+        try:
+            rec = await channel.recv(timeout=GRANT_WAIT_S)
+            if rec.kind == CTRL and rec.op == "query" and rec.ctrl is not None:
+                # a restarted source asking what became of a migration (no grant: it only
+                # learns committed / rolled_back / pending of the id and VM it names)
+                mid, vm = protocol.check_query(rec.ctrl)
+                await channel.send_ctrl({"op": "outcome", "outcome": self.answer(mid, vm)}, timeout=5)
+                return None
+            if rec.kind != CTRL or rec.op != "grant" or rec.ctrl is None:
+                raise ProtocolError("first message must be the coordinator's grant")
+            grant = self.grants.verify(rec.ctrl.get("grant"))
+            if grant.target != self.host_name:
+                raise GrantError(f"the grant is for destination {grant.target!r}, "
+                                 f"this host is {self.host_name!r}")
+            self._used_in.consume(grant)
+        except (ChannelClosed, ProtocolError, GrantError) as exc:
+            log.warning("incoming migration refused", extra={"peer": channel.peer(), "reason": str(exc)})
+            with contextlib.suppress(Exception):
+                await channel.send_ctrl({"op": "error", "reason": f"refused: {exc}"}, timeout=2)
+            return None
+        log.info("incoming migration granted", extra={"peer": channel.peer(), "vm": grant.vm,
+                                                      "source": grant.source, "grant": grant.migration})
+        return grant
+
+    def may_read(self, token: str, path: str) -> bool:
+        """A source holding a grant to this host may read what became of that migration
+        (the outcome probe): ``/v1/migrations/{id}`` of that VM or ``/v1/vms/{vm}``."""
+        try:
+            grant = self.grants.verify(token, check_expiry=False)  # asked after long migrations too
+        except GrantError:
+            return False
+        if grant.target != self.host_name:
+            return False
+        if path == f"/v1/vms/{grant.vm}":
+            return True
+        prefix = "/v1/migrations/"
+        if path.startswith(prefix) and "/" not in path[len(prefix):]:
+            status = self.statuses.get(path[len(prefix):])
+            return status is None or status.vm == grant.vm
+        return False
 
     def _register_incoming(self, status: MigrationStatus) -> None:
         self._busy_vms.add(status.vm)
@@ -288,16 +355,40 @@ class MigrationManager:
 
     # -- outgoing --------------------------------------------------------
     async def start_migration(self, body: Any) -> MigrationStatus:
+        """``{"vm", "grant", "options"}`` (optional ``"target": {"url"}`` must match the grant).
+
+        The destination comes only from the coordinator's grant: its address was
+        taken from the coordinator's registry, and no credential of it travels here."""
         if not isinstance(body, dict):
             raise MigrationRequestError("request body must be a JSON object")
-        unknown = sorted(set(body) - {"vm", "target", "options"})
+        unknown = sorted(set(body) - {"vm", "grant", "target", "options", "id"})
         if unknown:
             raise MigrationRequestError(f"unknown field(s): {', '.join(unknown)}")
         vm_name = body.get("vm")
-        if not isinstance(vm_name, str) or not vm_name:
+        if not isinstance(vm_name, str) or not NAME_RE.match(vm_name):
             raise MigrationRequestError("'vm' must be the name of a VM on this agent")
-        target = _check_target(body.get("target"))
-        logs.register_secret(target.get("token"), pinned=False)  # it rides in calls to the destination
+        token = body.get("grant")
+        if not isinstance(token, str) or not token:
+            raise MigrationRequestError("'grant' (the coordinator's migration grant) is required")
+        try:
+            grant = self.grants.verify(token)
+        except GrantError as exc:
+            raise MigrationRequestError(str(exc), 403) from None
+        logs.register_secret(token, pinned=False)  # it admits this migration at the destination
+        if grant.source != self.host_name or grant.vm != vm_name:
+            raise MigrationRequestError(
+                f"the grant is for VM {grant.vm!r} leaving {grant.source!r}, not {vm_name!r} "
+                f"leaving {self.host_name!r}", 403)
+        _check_target(body.get("target"), grant)
+        # the coordinator's id (it names a migration before asking, so that after a crash it
+        # can ask what became of it): the grant's, which a given "id" must match
+        mid = body.get("id", grant.migration)
+        if not isinstance(mid, str) or not ID_RE.fullmatch(mid):
+            raise MigrationRequestError("'id' must be 1-64 letters, digits, '-' or '_'")
+        if mid != grant.migration:
+            raise MigrationRequestError(f"'id' {mid!r} is not the granted migration", 403)
+        if mid in self.statuses:
+            raise MigrationRequestError(f"a migration {mid!r} exists already", 409)
         try:
             opts = MigrationOptions.from_dict(body.get("options"))
         except ValueError as exc:
@@ -305,36 +396,42 @@ class MigrationManager:
         if vm_name in self._busy_vms:
             raise MigrationRequestError(f"VM {vm_name!r} is already migrating", 409)
         vm = await self._source_vm(vm_name)  # raises the runtime's not-found / conflict errors
+        try:
+            self._used_out.consume(grant)
+        except GrantError as exc:
+            raise MigrationRequestError(str(exc), 403) from None
         self._busy_vms.add(vm_name)
         status = MigrationStatus(
-            id=uuid.uuid4().hex[:16], vm=vm_name, role="source", peer=target["url"],
+            id=mid, vm=vm_name, role="source", peer=grant.url,
             options=opts.as_dict(),
         )
         self._keep(status)
-        task = asyncio.create_task(self._run(vm, target, status, opts), name=f"migrate {status.id}")
+        task = asyncio.create_task(self._run(vm, grant, token, status, opts), name=f"migrate {status.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return status
 
-    async def _run(self, vm: SourceVM, target: dict[str, Any], status: MigrationStatus,
+    async def _run(self, vm: SourceVM, grant: Grant, token: str, status: MigrationStatus,
                    opts: MigrationOptions) -> None:
         try:
             try:
-                host, port = await _resolve_data_address(target)
-                channel = await connect(host, port, self._secret)
-            except (AuthError, LookupError) as exc:
+                channel = await connect(grant.data_host, grant.data_port, self._secret)
+            except AuthError as exc:
                 await vm.stay()
                 status.fail(f"cannot open migration channel to the destination: {exc}")
                 log.warning("migration not started", extra={"migration": status.id, "reason": status.error})
                 return
-            status.peer = f"{host}:{port}"
+            status.peer = f"{grant.data_host}:{grant.data_port}"
             if self.journal is not None:  # where a restarted agent will ask, before any side effect
                 status.journal = self.journal.begin(Entry(
-                    id=status.id, vm=vm.name, role="source", step="started", peer_host=host, peer_port=port))
-            probe = HttpOutcomeProbe(target["url"], target.get("token", ""), status.id, vm.name)
+                    id=status.id, vm=vm.name, role="source", step="started",
+                    peer_host=grant.data_host, peer_port=grant.data_port))
+            probe = HttpOutcomeProbe(grant.url, token, status.id, vm.name, scheme="Grant",
+                                     ssl=self._peer_ssl, server_name=grant.target)
             mig = SourceMigration(vm, channel, status, opts, probe=probe, journal=self.journal)
             self._running[status.id] = mig
             try:
+                await channel.send_ctrl({"op": "grant", "grant": token})  # the destination's admission
                 await mig.run()
             finally:
                 self._running.pop(status.id, None)
@@ -386,50 +483,13 @@ def _status_from(entry: Entry) -> MigrationStatus:
     return st
 
 
-def _check_target(raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise MigrationRequestError("'target' must be an object with 'url' and 'token'")
-    unknown = sorted(set(raw) - {"url", "token", "data_host", "data_port"})
-    if unknown:
-        raise MigrationRequestError(f"unknown target field(s): {', '.join(unknown)}")
-    url = raw.get("url")
-    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-        raise MigrationRequestError("'target.url' must be the destination agent's http(s) URL")
-    token = raw.get("token", "")
-    if not isinstance(token, str):
-        raise MigrationRequestError("'target.token' must be a string")
-    port = raw.get("data_port")
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
-        raise MigrationRequestError("'target.data_port' must be a TCP port")
-    host = raw.get("data_host")
-    if host is not None and (not isinstance(host, str) or not host):
-        raise MigrationRequestError("'target.data_host' must be a host name or address")
-    return dict(raw)
-
-
-async def _resolve_data_address(target: dict[str, Any]) -> tuple[str, int]:
-    """The destination's data channel address: given, or asked from its API."""
-    host = target.get("data_host") or urlsplit(target["url"]).hostname or "127.0.0.1"
-    port = target.get("data_port")
-    if port:
-        return host, int(port)
-    url = target["url"].rstrip("/") + "/v1/host"
-    headers = {"Authorization": f"Bearer {target.get('token', '')}"}
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-            session.get(url, headers=headers) as resp,
-        ):
-            doc = await read_json(resp)
-            if resp.status != 200:
-                err = error_message(doc)
-                raise LookupError(f"destination API answered {resp.status} on /v1/host"
-                                  + (f": {err}" if err else ""))
-    except (aiohttp.ClientError, ResponseTooLarge) as exc:
-        raise LookupError(f"destination API unreachable: {exc}") from None
-    except TimeoutError:
-        raise LookupError("destination API did not answer within 10s") from None
-    port = doc.get("data_port") if isinstance(doc, dict) else None
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise LookupError("destination API reported no valid data_port")
-    return host, port
+def _check_target(raw: Any, grant: Grant) -> None:
+    """A caller may restate the destination, never choose it (no SSRF through this API)."""
+    if raw is None:
+        return
+    if not isinstance(raw, dict) or set(raw) - {"url"}:
+        raise MigrationRequestError("'target' may only restate the granted destination's 'url'; "
+                                    "the coordinator's grant names the destination")
+    if not isinstance(raw.get("url"), str) or raw["url"].rstrip("/") != grant.url.rstrip("/"):
+        raise MigrationRequestError("'target.url' is not the destination the coordinator "
+                                    "authorised", 403)

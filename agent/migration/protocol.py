@@ -5,8 +5,9 @@ Source -> destination: ``prepare``, ``round_end``, ``device_begin``,
 ``prepared``, ``ready``, ``resumed``, ``error``. Both ways, from ``prepare``
 on: ``keepalive`` (every ``liveness_s / 4``; silence for ``liveness_s`` means
 the peer is dead or hung). A channel may instead open with ``query``
-(``id``, ``vm``): a restarted source asks what became of a migration, and the
-destination answers ``outcome`` (``committed``, ``rolled_back`` or ``pending``). Page data and device state
+(``id``, ``vm``) in place of the grant: a restarted source asks what became of
+a migration, and the destination answers ``outcome`` (``committed``,
+``rolled_back`` or ``pending``) and closes. Page data and device state
 travel as native page-stream frames between them. Every field read from the
 peer is checked here, so a malformed message becomes one clear ProtocolError.
 """
@@ -23,8 +24,8 @@ TAG_DEVICE_STATE = 1  # blob frames carrying QEMU's migration stream
 RELAY_SOCKET = "migrate-out.sock"  # source side: QEMU's device state enters the relay here
 PAGE = 4096
 MAX_RAM = 1 << 40  # 1 TiB: anything larger is a garbled message, not a VM
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")  # \Z: "$" would allow a trailing newline
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 def _field(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:

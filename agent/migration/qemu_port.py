@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from novacron.agent.vm.machine import VM
 from novacron.agent.vm.manager import VMManager
 from novacron.agent.vm.qemu_args import VMPaths
 from novacron.agent.vm.ramfile import MIB
+from novacron.agent.vm.recovery import kill_orphan, qemus_under
 from novacron.agent.vm.spec import SpecError, parse_spec
 
 log = logging.getLogger("novacron.agent.migration")
@@ -103,6 +103,7 @@ class QemuSource:
         # adopt's rename): the absolute path may be too long for sun_path
         if socket_path.parent != self.vm.paths.dir:
             raise ValueError(f"device-state socket {socket_path} is outside the VM folder")
+        self.vm.images.qemu.share_file(socket_path)  # an unprivileged QEMU must connect to it
         await qmp.execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
         await qmp.execute("migrate", {"uri": f"unix:{socket_path.name}"}, timeout=10)
 
@@ -220,6 +221,7 @@ class QemuDestFactory:
     async def prepare(self, spec_doc: dict[str, Any], ram_size: int, migration_id: str) -> QemuDest:
         try:
             spec = parse_spec({k: v for k, v in spec_doc.items() if k != "start"})
+            self.vms.images.check(spec)  # named images must be in this host's image dirs
         except SpecError as exc:
             raise AdmissionError(f"bad VM spec: {exc}") from None
         if spec.memory_mb * MIB != ram_size:
@@ -236,12 +238,12 @@ class QemuDestFactory:
             paths.dir.mkdir(parents=True)
         except FileExistsError:
             raise AdmissionError(f"VM {spec.name!r} is already being migrated here") from None
-        vm = VM(spec, accel, paths, qemu=self.vms.qemu)
+        vm = self.vms.new_vm(spec, accel, paths)
         vm.migrating = True
         try:
             await vm.start(incoming=True)
             await _qmp(vm).execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
-        except VMError as exc:
+        except (VMError, SpecError) as exc:
             await _discard(vm)
             raise AdmissionError(str(exc)) from None
         except BaseException:
@@ -257,23 +259,23 @@ async def _discard(vm: VM) -> None:
     shutil.rmtree(vm.paths.dir, ignore_errors=True)
 
 
-def clean_stale_incoming(state_dir: Path) -> list[str]:
-    """Remove half-received VMs an earlier (killed) agent left; returns their names."""
+async def clean_stale_incoming(state_dir: Path) -> list[str]:
+    """Remove half-received VMs an earlier (killed) agent left, killing their
+    QEMUs (found by folder: the record may predate the spawn); returns their names."""
     root = state_dir / "incoming"
     removed: list[str] = []
     if not root.is_dir():
         return removed
+    found = await asyncio.to_thread(qemus_under, root)
     for d in sorted(root.iterdir()):
-        pid = None
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            pid = int(json.loads((d / "vm.json").read_text())["pid"])
-        if pid and _is_qemu_in(pid, d):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for proc in found.pop(d.resolve(), []):
+            await kill_orphan(proc, "half-received VM left by an earlier agent")
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d.name)
-        log.warning("removed a half-received VM left by an earlier agent",
-                    extra={"vm": d.name, "pid": pid})
+        log.warning("removed a half-received VM left by an earlier agent", extra={"vm": d.name})
+    for procs in found.values():
+        for proc in procs:
+            await kill_orphan(proc, "its incoming folder no longer exists")
     return removed
 
 
@@ -286,11 +288,3 @@ def clean_stale_relay_sockets(state_dir: Path) -> list[str]:
             sock.unlink()
             removed.append(sock.parent.name)
     return removed
-
-
-def _is_qemu_in(pid: int, folder: Path) -> bool:
-    """Only kill a process that really is the QEMU of ``folder`` (pids get reused)."""
-    try:
-        return Path(os.readlink(f"/proc/{pid}/cwd")).resolve() == folder.resolve()
-    except OSError:
-        return False

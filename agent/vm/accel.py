@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from novacron.agent.vm.qemu_args import QEMU_BINARY
+from novacron.agent.vm.sandbox import SANDBOX_ARGS
 
 log = logging.getLogger("novacron.agent.accel")
 
@@ -78,7 +79,7 @@ async def probe_kvm_boot(
         log_path = Path(tmp) / "serial.log"
         argv = [
             qemu, "-accel", accel, "-machine", "pc", "-nodefaults", "-no-user-config",
-            "-display", "none", "-m", "128", "-no-reboot", "-kernel", str(kernel),
+            "-display", "none", "-m", "128", "-no-reboot", *SANDBOX_ARGS, "-kernel", str(kernel),
             "-append", "earlyprintk=ttyS0 console=ttyS0 panic=-1 rdinit=/none root=/dev/none",
             "-serial", f"file:{log_path}",
         ]  # fmt: skip

@@ -3,6 +3,11 @@
 States: ``stopped`` -> ``running`` <-> ``paused``; any live state -> ``crashed``
 when QEMU exits without being asked to. ``migrating`` is reported while a
 migration engine holds the VM (``vm.migrating = True``).
+
+The record (``vm.json``, see novacron.agent.records) is written before each
+side effect: ``pending`` names an operation begun but not finished (``create``,
+``start``, ``delete``) so a restarted agent knows whether to adopt, roll back
+or finish it (VMManager.load).
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import json
 import logging
 import os
 import re
@@ -22,10 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, open_unix
+from novacron.agent.records import read_record, write_record
 from novacron.agent.vm.errors import VMConflict, VMStartError
-from novacron.agent.vm.qemu_args import QEMU_BINARY, VMPaths, qemu_argv
+from novacron.agent.vm.images import ImageDirs
+from novacron.agent.vm.qemu_args import QEMU_BINARY, QemuFiles, VMPaths, qemu_argv
 from novacron.agent.vm.ramfile import MIB, prepare_ram_file, remove_ram_file
+from novacron.agent.vm.recovery import QemuProcess, process_cwd
 from novacron.agent.vm.spec import VMSpec
+from novacron.faults import crash_point
 
 log = logging.getLogger("novacron.agent.vm")
 
@@ -38,11 +46,16 @@ SERIAL_READ_CHUNK = 1 * MIB  # bytes per read of the serial log
 SERIAL_MAX_CHUNKS_PER_POLL = 64  # a flood is caught up over several polls
 
 ExitListener = Callable[["VM"], None]
+VM_RECORD, VM_RECORD_FORMAT = "vm", 1
+PENDING = ("create", "start", "delete")
+ADOPT_QMP_TIMEOUT_S = 10.0
 
 
 class VM:
-    def __init__(self, spec: VMSpec, accel: str, paths: VMPaths, qemu: str = QEMU_BINARY) -> None:
+    def __init__(self, spec: VMSpec, accel: str, paths: VMPaths, images: ImageDirs,
+                 qemu: str = QEMU_BINARY) -> None:
         self.spec = spec
+        self.images = images  # where its images may come from, and who QEMU runs as
         self.accel = accel
         self.paths = paths
         self.qemu = qemu
@@ -52,6 +65,7 @@ class VM:
         self.qmp: QMPClient | None = None
         self.exit_code: int | None = None
         self.error = ""
+        self.pending = ""  # an operation begun and not finished (one of PENDING), in the record
         self.started_at: float | None = None
         self.incoming = False
         self._proc: subprocess.Popen[bytes] | None = None
@@ -81,8 +95,22 @@ class VM:
     def alive(self) -> bool:
         return self.state in LIVE
 
-    def argv(self, *, incoming: bool = False, paused: bool = False) -> list[str]:
-        return qemu_argv(self.spec, self.accel, self.paths, incoming=incoming, paused=paused, qemu=self.qemu)
+    def argv(self, files: QemuFiles, *, incoming: bool = False, paused: bool = False) -> list[str]:
+        return qemu_argv(self.spec, self.accel, self.paths, files, incoming=incoming, paused=paused,
+                         qemu=self.qemu)
+
+    def _open_files(self) -> QemuFiles:
+        """The images (checked again: they may have changed since the VM was
+        created) and the serial log, opened by the agent for QEMU to inherit."""
+        images = self.images.open(self.spec)
+        try:
+            log_fd = os.open(self.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+            os.fchmod(log_fd, 0o600)  # the agent's: other VMs' QEMUs cannot open it by name
+        except BaseException:
+            images.close()
+            raise
+        return QemuFiles(images, log_fd)
 
     def status(self) -> dict[str, Any]:
         state = "migrating" if self.migrating and self.alive else self.state
@@ -106,10 +134,9 @@ class VM:
     def save(self) -> None:
         """Record spec and state so a restarted agent finds this VM."""
         doc = {"spec": self.spec.to_dict(), "accel": self.accel, "state": self.state, "pid": self.pid,
-               "started_at": self.started_at, "error": self.error}  # fmt: skip
-        tmp = self.paths.meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.paths.meta)
+               "pending": self.pending, "started_at": self.started_at, "error": self.error,
+               "paths": {"ram": str(self.ram_path), "qmp": str(self.paths.qmp)}}  # fmt: skip
+        write_record(self.paths.meta, VM_RECORD, VM_RECORD_FORMAT, doc)
 
     def add_exit_listener(self, fn: ExitListener) -> None:
         self._listeners.append(fn)
@@ -125,25 +152,27 @@ class VM:
         if self.alive:
             raise VMConflict(f"VM {self.name} is already {self.state}")
         self.paths.dir.mkdir(parents=True, exist_ok=True)
-        await prepare_ram_file(self.ram_path, self.spec.memory_mb * MIB)
-        for sock in (self.paths.qmp, self.paths.serial_sock):
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
-        argv = self.argv(incoming=incoming, paused=paused)
-        with self.paths.qemu_log.open("ab") as qemu_log:
-            qemu_log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
-            qemu_log.flush()
+        files = self._open_files()  # a refused image stops here: no RAM file, no QEMU
+        try:
+            # intent first: an agent killed from here on finds a record saying what it was doing
+            self.pending = self.pending or "start"
+            self.save()
+            crash_point(f"vm.{self.pending}.recorded")
+            self.images.qemu.share_dir(self.paths.dir)  # QEMU creates its sockets here
             try:
-                # Popen, not asyncio's subprocess: its transport kills the child when
-                # the loop closes, and VMs must outlive an agent restart.
-                proc = subprocess.Popen(
-                    argv, cwd=self.paths.dir, stdin=subprocess.DEVNULL,
-                    stdout=qemu_log, stderr=qemu_log, start_new_session=True,
-                )  # fmt: skip
-            except OSError as exc:
-                remove_ram_file(self.ram_path)
-                raise VMStartError(f"cannot run {self.qemu}: {exc}") from None
+                proc = await self._spawn(files, incoming=incoming, paused=paused)
+            except (OSError, VMStartError):
+                self.pending = ""
+                with contextlib.suppress(OSError):
+                    self.save()
+                raise
+        finally:
+            os.close(files.serial_log)
+            files.images.close()
         self._proc, self.pid = proc, proc.pid
+        with contextlib.suppress(OSError):
+            self.save()  # the pid, for the next agent (which also finds QEMU by its folder)
+        crash_point(f"vm.{self.pending}.spawned")
         self._expect_exit = False
         self._exited.clear()
         self.exit_code, self.error = None, ""
@@ -157,7 +186,7 @@ class VM:
             await self._kill_and_wait()
             detail = self._qemu_log_tail()
             remove_ram_file(self.ram_path)
-            self.state = STOPPED
+            self.state, self.pending = STOPPED, ""
             with contextlib.suppress(OSError):
                 self.save()
             log.warning("vm failed to start", extra={"vm": self.name, "error": detail or str(exc)})
@@ -167,8 +196,41 @@ class VM:
         self._attach(qmp)
         self.state = PAUSED if (paused or incoming) else RUNNING
         self.started_at = time.time()
+        self.pending = ""
         self.save()
         log.info("vm started", extra={"vm": self.name, "pid": self.pid, "accel": self.accel, "incoming": incoming})
+
+    async def _spawn(self, files: QemuFiles, *, incoming: bool, paused: bool) -> subprocess.Popen[bytes]:
+        await prepare_ram_file(self.ram_path, self.spec.memory_mb * MIB)
+        crash_point(f"vm.{self.pending}.ram_file")
+        qemu_user = self.images.qemu
+        try:
+            qemu_user.share_file(self.ram_path)  # QEMU maps it; the agent reads it for migration
+        except OSError:
+            remove_ram_file(self.ram_path)
+            raise
+        for sock in (self.paths.qmp, self.paths.serial_sock):
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        argv = self.argv(files, incoming=incoming, paused=paused)
+        drop: dict[str, Any] = {}
+        if qemu_user.drops:
+            drop = {"user": qemu_user.uid, "group": qemu_user.gid, "extra_groups": list(qemu_user.groups)}
+        with self.paths.qemu_log.open("ab") as qemu_log:
+            qemu_log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
+            qemu_log.flush()
+            try:
+                # Popen, not asyncio's subprocess: its transport kills the child when
+                # the loop closes, and VMs must outlive an agent restart. Popen changes
+                # to cwd before it drops to the QEMU user, so QEMU needs no access to
+                # the state dir's parents. umask 077: QEMU's sockets are its own.
+                return subprocess.Popen(
+                    argv, cwd=self.paths.dir, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
+                    start_new_session=True, pass_fds=files.fds, umask=0o077, **drop,
+                )  # fmt: skip
+            except OSError as exc:
+                remove_ram_file(self.ram_path)
+                raise VMStartError(f"cannot run {self.qemu}: {exc}") from None
 
     async def _connect_qmp(self) -> QMPClient:
         connect = asyncio.create_task(QMPClient.connect(str(self.paths.qmp), timeout=QMP_CONNECT_TIMEOUT_S))
@@ -188,27 +250,36 @@ class VM:
         self.qmp = qmp
         self._event_task = asyncio.create_task(self._follow_events(qmp), name=f"vm {self.name} events")
 
-    async def adopt(self, pid: int, state: str) -> bool:
-        """Take over a QEMU left running by an earlier agent; False if it is gone."""
+    async def adopt(self, proc: QemuProcess, state: str) -> bool:
+        """Take over a QEMU left running by an earlier agent; False if it is gone
+        or is not this VM's QEMU answering on this VM's QMP socket."""
         try:
-            # pids get reused: only a process running in this VM's folder is its QEMU
-            if Path(os.readlink(f"/proc/{pid}/cwd")).resolve() != self.paths.dir.resolve():
-                return False
-            pidfd = os.pidfd_open(pid)
+            pidfd = os.pidfd_open(proc.pid)
         except OSError:
             return False
+        # pids get reused: checked after the pidfd pins the process
+        if not proc.runs(self.paths.dir, self.name) or process_cwd(proc.pid) != proc.cwd:
+            os.close(pidfd)
+            return False
         try:
-            qmp = await QMPClient.connect(str(self.paths.qmp), timeout=3.0)
+            qmp = await QMPClient.connect(str(self.paths.qmp), timeout=ADOPT_QMP_TIMEOUT_S)
             status = await qmp.execute("query-status", timeout=5.0)
         except (OSError, TimeoutError, QMPError):
             os.close(pidfd)
             return False
-        self.pid = pid
+        if status.get("status") == "inmigrate":  # waiting for an incoming migration that died
+            await qmp.close()
+            os.close(pidfd)
+            return False
+        self.pid = pid = proc.pid
         self._expect_exit = False
         self._exited.clear()
         self._attach(qmp)
         self.state = RUNNING if status.get("running") else PAUSED
         self._supervisor = asyncio.create_task(self._supervise_pidfd(pidfd), name=f"vm {self.name} supervisor")
+        self.pending = ""
+        with contextlib.suppress(OSError):
+            self.save()
         log.info("vm adopted", extra={"vm": self.name, "pid": pid, "state": self.state, "was": state})
         return True
 
@@ -429,7 +500,8 @@ class VM:
 
 
 def load_meta(path: Path) -> dict[str, Any]:
-    doc = json.loads(path.read_text())
-    if not isinstance(doc, dict) or "spec" not in doc:
+    """A VM record; RecordError (a ValueError) if it is absent, damaged or not a VM's."""
+    doc = read_record(path, VM_RECORD, VM_RECORD_FORMAT)
+    if not isinstance(doc.get("spec"), dict):
         raise ValueError(f"{path}: not a VM record")
     return doc

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from novacron.agent.records import NewerRecord
 from novacron.agent.vm.accel import AccelDetector, AccelUnavailable
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
+from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.machine import CRASHED, LIVE, STOPPED, VM, load_meta
 from novacron.agent.vm.qemu_args import QEMU_BINARY, VMPaths
+from novacron.agent.vm.ramfile import remove_ram_file
+from novacron.agent.vm.recovery import QemuProcess, kill_orphan, qemus_under
 from novacron.agent.vm.spec import SpecError, VMSpec, parse_spec
 
 log = logging.getLogger("novacron.agent.vm")
@@ -27,17 +32,22 @@ class ResumeFence(Protocol):
 
 
 class VMManager:
-    def __init__(self, state_dir: Path, accel: AccelDetector, qemu: str = QEMU_BINARY) -> None:
+    def __init__(self, state_dir: Path, accel: AccelDetector, qemu: str = QEMU_BINARY,
+                 images: ImageDirs | None = None) -> None:
         self.state_dir = state_dir
         self.vms_dir = state_dir / "vms"
         self.accel = accel
         self.qemu = qemu
+        self.images = images or ImageDirs.of([state_dir / "images"])
         self.vms: dict[str, VM] = {}
         self._lock = asyncio.Lock()  # guards the name table (create/delete)
         self.resume_fence: ResumeFence | None = None  # set when migrations are attached
 
     def paths(self, name: str) -> VMPaths:
         return VMPaths(self.vms_dir / name)
+
+    def new_vm(self, spec: VMSpec, accel: str, paths: VMPaths) -> VM:
+        return VM(spec, accel, paths, self.images, qemu=self.qemu)
 
     def get(self, name: str) -> VM:
         vm = self.vms.get(name)
@@ -49,30 +59,78 @@ class VMManager:
         return [self.vms[n] for n in sorted(self.vms)]
 
     async def load(self) -> None:
-        """Find the VMs an earlier agent left in the state dir; re-adopt live QEMUs."""
+        """Recover what an earlier agent left in the state dir (run once, at start).
+
+        Each VM folder is settled from its record and the QEMUs found running in
+        it: a QEMU that really is the VM's (its folder, its name, answering on its
+        QMP socket) is adopted; a create that never finished is rolled back (the
+        name is free again), an unfinished start ends stopped, an unfinished
+        delete is finished; a live VM whose QEMU is gone is marked crashed; any
+        other QEMU in the state dir is an orphan and is killed. Stray RAM files
+        and sockets of VMs without QEMU are removed.
+        """
         self.vms_dir.mkdir(parents=True, exist_ok=True)
-        for meta in sorted(self.vms_dir.glob("*/vm.json")):
-            try:
-                doc = load_meta(meta)
-                spec_doc = {k: v for k, v in doc["spec"].items() if v not in ("", None)}
-                spec = VMSpec(**spec_doc)
-            except (OSError, ValueError, TypeError) as exc:
-                log.warning("skipping unreadable VM record", extra={"path": str(meta), "error": str(exc)})
-                continue
-            vm = VM(spec, str(doc.get("accel", "tcg")), self.paths(spec.name), qemu=self.qemu)
-            was, pid = str(doc.get("state", STOPPED)), doc.get("pid")
-            if was in LIVE and isinstance(pid, int) and await vm.adopt(pid, was):
-                pass
-            elif was in LIVE:
-                vm.state = CRASHED
-                vm.error = "QEMU was gone when the agent restarted"
-                vm.save()
-            else:
-                vm.state = CRASHED if was == CRASHED else STOPPED
-                vm.error = str(doc.get("error", ""))
-            self.vms[spec.name] = vm
+        found = await asyncio.to_thread(qemus_under, self.vms_dir)
+        for folder in sorted(p for p in self.vms_dir.iterdir() if p.is_dir()):
+            vm = await self._recover(folder, found.pop(folder.resolve(), []))
+            if vm is not None:
+                self.vms[vm.name] = vm
+        for procs in found.values():  # QEMUs whose folder is gone
+            for proc in procs:
+                await kill_orphan(proc, "its VM folder no longer exists")
         if self.vms:
             log.info("vms loaded", extra={"count": len(self.vms), "names": sorted(self.vms)})
+
+    async def _recover(self, folder: Path, procs: Sequence[QemuProcess]) -> VM | None:
+        try:
+            doc = load_meta(folder / "vm.json")
+            spec = VMSpec(**{k: v for k, v in doc["spec"].items() if v not in ("", None)})
+            if spec.name != folder.name:
+                raise ValueError(f"record names VM {spec.name!r}")
+        except (NewerRecord, TypeError) as exc:
+            # intact but beyond this agent (a downgrade): neither run nor destroy it
+            log.error("VM record this agent cannot use; folder and QEMU left as they are",
+                      extra={"path": str(folder), "error": str(exc)})  # fmt: skip
+            return None
+        except (OSError, ValueError) as exc:
+            for proc in procs:
+                await kill_orphan(proc, f"no valid VM record: {exc}")
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("removed a VM folder without a valid record", extra={"path": str(folder), "error": str(exc)})
+            return None
+        vm = self.new_vm(spec, str(doc.get("accel", "tcg")), self.paths(spec.name))
+        was, pending = str(doc.get("state", STOPPED)), str(doc.get("pending") or "")
+        vm.pending = pending
+        mine = [p for p in procs if p.runs(folder, spec.name)]
+        # the recorded pid first: it is the QEMU the record speaks of
+        mine.sort(key=lambda p: p.pid != doc.get("pid"))
+        adopted = None
+        if pending != "delete" and (was in LIVE or pending) and mine and await vm.adopt(mine[0], pending or was):
+            adopted = mine[0]
+        for proc in procs:
+            if proc is not adopted:
+                await kill_orphan(proc, f"VM {spec.name} is {pending or was} in its record")
+        if adopted is not None:
+            return vm
+        if pending in ("create", "delete"):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("finished an interrupted operation: VM removed",
+                        extra={"vm": spec.name, "pending": pending})  # fmt: skip
+            return None
+        vm.pending = ""
+        if was in LIVE and pending != "start":
+            vm.state = CRASHED
+            vm.error = "QEMU was gone when the agent restarted"
+        else:
+            vm.state = CRASHED if was == CRASHED else STOPPED
+            vm.error = str(doc.get("error", "")) if vm.state == CRASHED else ""
+        remove_ram_file(vm.ram_path)  # no QEMU maps it any more
+        for sock in (vm.paths.qmp, vm.paths.serial_sock):
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        if vm.state != was or pending:
+            vm.save()
+        return vm
 
     async def create(self, doc: object, *, start: bool | None = None) -> VM:
         """Validate ``doc``, record the VM and (unless ``start`` is false) boot it.
@@ -80,6 +138,7 @@ class VMManager:
         Raises SpecError/VMError with nothing changed on disk when it fails.
         """
         spec = parse_spec(doc)
+        self.images.check(spec)  # refused images: a 400 before anything exists
         if start is None:
             start = bool(doc.get("start", True)) if isinstance(doc, dict) else True
         accel = "tcg"
@@ -94,10 +153,11 @@ class VMManager:
             paths = self.paths(spec.name)
             if paths.dir.exists():
                 raise VMConflict(f"{paths.dir} exists already (left by an earlier VM?)")
-            vm = VM(spec, accel, paths, qemu=self.qemu)
+            vm = self.new_vm(spec, accel, paths)
             paths.dir.mkdir(parents=True)
             try:
                 if start:
+                    vm.pending = "create"  # a restart rolls back a create it finds unfinished
                     await vm.start()
                 else:
                     vm.save()
@@ -142,6 +202,8 @@ class VMManager:
             if vm.migrating:
                 raise VMConflict(f"VM {name} is migrating; cancel the migration first")
             async with vm.lock:
+                vm.pending = "delete"  # a restart finishes a delete it finds unfinished
+                vm.save()
                 await vm.stop()
                 shutil.rmtree(vm.paths.dir, ignore_errors=True)
             del self.vms[name]

@@ -4,6 +4,12 @@ A migration destination must run the *identical* machine: same machine type,
 CPU model, memory backend layout and devices; only the RAM file, the socket
 and log paths and ``-incoming`` differ. Everything guest-visible here therefore
 comes from the spec and the accelerator, never from the host.
+
+QEMU is given no host path that a caller chose: images and the serial log are
+descriptors the agent opened and checked (``images.py``), passed as
+``/proc/self/fd/N`` (``-kernel``/``-initrd`` are read with plain ``open``) or
+``/dev/fdset/N`` (block layer, chardev log); the RAM file and sockets are
+names relative to the VM folder QEMU runs in. QEMU is sandboxed (``sandbox.py``).
 """
 
 from __future__ import annotations
@@ -11,12 +17,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from novacron.agent.vm.images import OpenedImages
+from novacron.agent.vm.sandbox import SANDBOX_ARGS
 from novacron.agent.vm.spec import VMSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 MACHINE_TYPE = "pc"
 RAM_BACKEND_ID = "ram0"
 SERIAL_ID = "serial0"
+SERIAL_FDSET = 1
+DISK_FDSET = 2
+
+
+@dataclass(frozen=True)
+class QemuFiles:
+    """The descriptors a QEMU inherits instead of paths."""
+
+    images: OpenedImages
+    serial_log: int
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return (*self.images.fds, self.serial_log)
 
 
 @dataclass(frozen=True)
@@ -55,8 +77,16 @@ def cpu_model(accel: str) -> str:
     return "host" if accel == "kvm" else "qemu64"
 
 
-def machine_args(spec: VMSpec, accel: str, ram_path: Path) -> list[str]:
-    """The guest-visible machine; identical on a migration's two ends but for ``ram_path``."""
+def _fd(images: OpenedImages, key: str) -> int:
+    fd = getattr(images, key)
+    if fd is None:
+        raise ValueError(f"{key}: no open image descriptor")
+    return int(fd)
+
+
+def machine_args(spec: VMSpec, accel: str, ram_path: Path, images: OpenedImages) -> list[str]:
+    """The guest-visible machine; identical on a migration's two ends but for
+    ``ram_path`` and the numbers of the image descriptors."""
     args = [
         "-machine", f"{MACHINE_TYPE},accel={accel},memory-backend={RAM_BACKEND_ID}",
         "-cpu", cpu_model(accel),
@@ -66,13 +96,18 @@ def machine_args(spec: VMSpec, accel: str, ram_path: Path) -> list[str]:
         f"memory-backend-file,id={RAM_BACKEND_ID},size={spec.memory_mb}M,mem-path={ram_path},share=on",
     ]  # fmt: skip
     if spec.kernel:
-        args += ["-kernel", spec.kernel]
+        args += ["-kernel", f"/proc/self/fd/{_fd(images, 'kernel')}"]
         if spec.initrd:
-            args += ["-initrd", spec.initrd]
+            args += ["-initrd", f"/proc/self/fd/{_fd(images, 'initrd')}"]
         if spec.cmdline:
             args += ["-append", spec.cmdline]
     else:
-        args += ["-drive", f"file={spec.disk},format={spec.disk_format},if=virtio"]
+        # both access modes: QEMU's block layer reopens read-only at times
+        args += [
+            "-add-fd", f"fd={_fd(images, 'disk_rw')},set={DISK_FDSET}",
+            "-add-fd", f"fd={_fd(images, 'disk_ro')},set={DISK_FDSET}",
+            "-drive", f"file=/dev/fdset/{DISK_FDSET},format={spec.disk_format},if=virtio",
+        ]  # fmt: skip
     return args
 
 
@@ -80,6 +115,7 @@ def qemu_argv(
     spec: VMSpec,
     accel: str,
     paths: VMPaths,
+    files: QemuFiles,
     *,
     incoming: bool = False,
     paused: bool = False,
@@ -88,15 +124,18 @@ def qemu_argv(
     """Full argv. ``incoming`` adds ``-incoming defer`` (a migration destination);
     ``paused`` adds ``-S`` (vCPUs wait for QMP ``cont``).
 
-    Socket paths are relative: QEMU runs with ``cwd=paths.dir`` because unix
-    socket paths are limited to 107 bytes and state dirs can be deep.
+    Paths are relative: QEMU runs with ``cwd=paths.dir`` because unix socket
+    paths are limited to 107 bytes and state dirs can be deep (and an
+    unprivileged QEMU may not traverse the state dir's parents).
     """
     argv = [
         qemu, "-name", f"guest={spec.name}", "-nodefaults", "-no-user-config", "-display", "none",
-        *machine_args(spec, accel, paths.ram),
+        *SANDBOX_ARGS,
+        *machine_args(spec, accel, Path(paths.ram.name), files.images),
+        "-add-fd", f"fd={files.serial_log},set={SERIAL_FDSET}",
         "-chardev",
         f"socket,id={SERIAL_ID},path={paths.serial_sock.name},server=on,wait=off,"
-        f"logfile={paths.serial_log},logappend=on",
+        f"logfile=/dev/fdset/{SERIAL_FDSET},logappend=on",
         "-serial", f"chardev:{SERIAL_ID}",
         "-qmp", f"unix:{paths.qmp.name},server=on,wait=off",
     ]  # fmt: skip

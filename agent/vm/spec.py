@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")  # \Z: "$" would allow a trailing newline
 VCPUS_RANGE = (1, 64)
 MEMORY_MB_RANGE = (16, 1024 * 1024)
 ACCELS = ("kvm", "tcg", "auto")
 MAX_CMDLINE = 4096
 DISK_FORMATS = ("raw", "qcow2")
+MAX_IMAGE_REF = 1024
 
 _KEYS = {"name", "vcpus", "memory_mb", "kernel", "initrd", "cmdline", "disk", "disk_format", "accel", "start"}
 
@@ -56,15 +56,15 @@ def _str(doc: dict[str, Any], key: str) -> str:
     return value
 
 
-def _readable_file(key: str, value: str) -> str:
-    path = Path(value)
-    if not path.is_absolute():
-        raise SpecError(f"{key}: must be an absolute path, got {value!r}")
-    if not path.is_file():
-        raise SpecError(f"{key}: no such file: {value}")
-    if not os.access(path, os.R_OK):
-        raise SpecError(f"{key}: not readable: {value}")
-    return str(path)
+def _image_ref(key: str, value: str) -> str:
+    """Syntax only: which file a name means is up to the agent's image dirs
+    (``novacron.agent.vm.images``), checked before QEMU starts."""
+    if len(value) > MAX_IMAGE_REF or any(c in value for c in "\0\n\r,"):
+        raise SpecError(f"{key}: an image name of at most {MAX_IMAGE_REF} characters without ',' or "
+                        f"control characters, got {value[:80]!r}")
+    if ".." in PurePosixPath(value).parts:
+        raise SpecError(f"{key}: '..' is not allowed in an image name: {value!r}")
+    return value
 
 
 def parse_spec(doc: Any) -> VMSpec:
@@ -96,17 +96,15 @@ def parse_spec(doc: Any) -> VMSpec:
     if len(cmdline) > MAX_CMDLINE or any(c in cmdline for c in "\0\n\r"):
         raise SpecError(f"cmdline: must be one line of at most {MAX_CMDLINE} characters")
     if kernel:
-        kernel = _readable_file("kernel", kernel)
+        kernel = _image_ref("kernel", kernel)
         if initrd:
-            initrd = _readable_file("initrd", initrd)
+            initrd = _image_ref("initrd", initrd)
     else:
-        disk = _readable_file("disk", disk)
+        disk = _image_ref("disk", disk)
         if disk_format and disk_format not in DISK_FORMATS:
             raise SpecError(f"disk_format: expected one of {', '.join(DISK_FORMATS)}, got {disk_format!r}")
         if not disk_format:
             disk_format = "qcow2" if disk.endswith(".qcow2") else "raw"
     if disk_format and not disk:
         raise SpecError("disk_format: only valid with a disk")
-    if "," in kernel + initrd + disk:
-        raise SpecError("kernel/initrd/disk: paths must not contain ','")  # QEMU option syntax
     return VMSpec(name, vcpus, memory_mb, kernel, initrd, cmdline, disk, disk_format, accel)

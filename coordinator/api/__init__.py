@@ -36,6 +36,8 @@ HOW TO ADD A ROUTE MODULE (scheduler, classifier, MCP bridge, ...)
      (``openapi.NAME_SCHEMA``) and are checked before your handler runs.
    - ``auth="admin"`` (default) needs the admin token, ``"agent"`` the agent
      token, ``"public"`` none. Tokens are checked by middleware, not by you.
+     ``"host"`` (heartbeat) only requires some credential; the handler checks
+     it against the host's bound identity (``novacron.coordinator.identity``).
    - ``request=`` is a JSON schema (draft 2020-12); a body that fails it gets a
      400 naming the field. Use ``additionalProperties: False`` and bounds.
    - ``query={"limit": {"type": "integer", "minimum": 1}}`` declares query

@@ -1,7 +1,9 @@
 """Bearer-token auth, decided per route by its declared ``auth`` role.
 
 ``admin`` routes take the admin token; ``agent`` routes (register, heartbeat)
-take the agent token; ``public`` (health) takes none. Tokens are compared in
+take the agent (bootstrap) token; ``host`` routes (heartbeat) take the host's own
+credential, checked by the handler (``novacron.coordinator.identity``); ``public``
+(health) takes none. Tokens are compared in
 constant time and never logged or echoed.
 """
 
@@ -12,7 +14,7 @@ import hmac
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from novacron import audit
+from novacron import audit, tls
 from novacron.coordinator.api.errors import error_response
 from novacron.coordinator.api.keys import CONFIG
 from novacron.coordinator.api.openapi import API_PREFIX
@@ -50,7 +52,12 @@ def make_auth_middleware(roles: dict[tuple[str, str], str]) -> Middleware:
         if role is None:
             # Unknown routes under the API still need a token, so they reveal nothing.
             role = "admin" if request.path.startswith(API_PREFIX) else "public"
-        if role != "public":
+        if role == "host":
+            # The handler checks the host's own credential against the name's binding.
+            if bearer(request) is None and tls.peer_common_name(request.transport) is None:
+                return error_response(401, "missing host credential (a client certificate, "
+                                           "or 'Authorization: Bearer <this host's token>')")
+        elif role != "public":
             cfg = request.app[CONFIG]
             token = bearer(request)
             if token is None:

@@ -1,19 +1,31 @@
-"""Hosts: agents register and heartbeat (agent token); operators list and remove them.
+"""Hosts: agents register and heartbeat; operators list, remove and retire them.
 
 The agent's side of the contract (``novacron.agent.coordinator_link.CoordinatorLink``
 implements it; an agent can run one with its ``GET /v1/host`` document):
 
-- ``POST /api/v1/hosts/register`` with ``Authorization: Bearer <agent_token>``
-  and ``{"name", "url" (the agent's API base URL), "token" (the agent's API
-  token, so the coordinator can drive it), "cpus", "memory_bytes",
-  "memory_available_bytes", optional "accel", "data_port", "version", "vms",
-  "load"}`` -> ``{"host": {...}, "heartbeat_interval_s"}``. Re-registering
-  replaces the record. Unknown fields are refused (400).
-- ``POST /api/v1/hosts/{name}/heartbeat`` with ``{"memory_available_bytes",
-  optional "vms", "load"}`` -> ``{"state": "up", "heartbeat_interval_s"}``;
-  404 means the coordinator does not know the host: register again.
+- ``POST /api/v1/hosts/register`` with ``Authorization: Bearer <agent_token>`` (the
+  shared bootstrap token) and ``{"name", "url" (the agent's API base URL), "token"
+  (the agent's own API token, >= 16 characters, so the coordinator can drive it),
+  "cpus", "memory_bytes", "memory_available_bytes", optional "accel", "data_port",
+  "version", "vms", "load"}`` -> ``{"host": {...}, "heartbeat_interval_s",
+  "grant_key"}``. Unknown fields are refused (400). ``grant_key`` verifies the
+  migration grants this coordinator signs (``novacron.grants``).
+- One identity per host (``novacron.coordinator.identity``): the caller's TLS
+  client certificate (required when the coordinator serves TLS), else its own
+  token. The first registration binds the name to that identity; another
+  identity registering or heartbeating the name gets 403 (logged with its
+  address) and changes nothing. Re-registering with the bound identity replaces
+  the record.
+- ``POST /api/v1/hosts/{name}/heartbeat`` with the host's own credential (its
+  certificate, or ``Authorization: Bearer <its own token>``) and
+  ``{"memory_available_bytes", optional "vms", "load"}`` -> ``{"state": "up",
+  "heartbeat_interval_s"}``; 404 means the coordinator does not know the host:
+  register again.
 - A host silent for ``heartbeat_timeout_s`` is marked ``down``; no VM is placed
   on or migrated to it until it heartbeats again.
+- ``DELETE /api/v1/hosts/{name}`` (admin) forgets the record but keeps the name's
+  binding; ``?retire=true`` also releases the binding, so another identity (a
+  reinstalled host) may register the name.
 """
 
 from __future__ import annotations
@@ -24,14 +36,17 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from novacron import audit, logs
+from novacron import audit, httpjson, logs, tls
 from novacron.coordinator.api import schemas
+from novacron.coordinator.api.auth import bearer
 from novacron.coordinator.api.errors import ApiError
-from novacron.coordinator.api.keys import CONFIG, STORE
-from novacron.coordinator.api.openapi import RouteTable, json_body
+from novacron.coordinator.api.keys import CONFIG, GRANTS, IDENTITIES, STORE
+from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
+from novacron.coordinator.identity import MIN_TOKEN_CHARS, describe, request_identity
 from novacron.coordinator.models import HOST_UP, Host
 
 log = logging.getLogger("novacron.coordinator.hosts")
@@ -51,7 +66,7 @@ REGISTER: dict[str, Any] = {
     "properties": {
         "name": schemas.NAME,
         "url": {"type": "string", "pattern": "^https?://[^\\s/]+(/\\S*)?$", "maxLength": 2048},
-        "token": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "token": {"type": "string", "minLength": MIN_TOKEN_CHARS, "maxLength": 4096},
         "cpus": {"type": "integer", "minimum": 1, "maximum": 65536},
         "memory_bytes": _COUNT,
         "accel": {"type": "object", "maxProperties": 32},
@@ -70,26 +85,55 @@ HEARTBEAT: dict[str, Any] = {
 
 REGISTERED: dict[str, Any] = {
     "type": "object", "required": ["host", "heartbeat_interval_s"],
-    "properties": {"host": schemas.HOST, "heartbeat_interval_s": {"type": "number"}},
+    "properties": {"host": schemas.HOST, "heartbeat_interval_s": {"type": "number"},
+                   "grant_key": {"type": "string"}},
 }
 
 
+def _identity(request: web.Request, host_token: str | None) -> str:
+    """The calling host's identity; with TLS on, only a fleet-CA certificate counts."""
+    if tls.enabled(request.app[CONFIG]) and tls.peer_common_name(request.transport) is None:
+        raise ApiError(401, "this coordinator identifies hosts by their TLS client certificate; "
+                            "none was presented")
+    identity = request_identity(request, host_token)
+    if identity is None:
+        raise ApiError(401, f"missing host credential (a token of at least {MIN_TOKEN_CHARS} "
+                            "characters, or a client certificate)")
+    return identity
+
+
+def _refuse(request: web.Request, name: str, identity: str, action: str) -> ApiError:
+    log.warning("host name bound to another identity; refused",
+                extra={"host": name, "action": action, "remote": request.remote,
+                       "identity": describe(identity)})
+    return ApiError(403, f"host name {name!r} is bound to another identity; an admin must "
+                         f"retire it first (DELETE /api/v1/hosts/{name}?retire=true)")
+
+
 @routes.post("/hosts/register", "Register (or re-register) an agent's host", auth="agent",
-             request=REGISTER, response=REGISTERED)
+             request=REGISTER, response=REGISTERED, errors=(403,))
 async def register(request: web.Request) -> web.Response:
     body = json_body(request)
     if body["memory_available_bytes"] > body["memory_bytes"]:
         raise ApiError(400, "body.memory_available_bytes: larger than memory_bytes")
-    logs.register_secret(body["token"], pinned=False)  # it rides in every call to this agent
     store, cfg = request.app[STORE], request.app[CONFIG]
+    url = urlsplit(body["url"])
+    if tls.enabled(cfg) and url.scheme != "https" and not tls.is_loopback(url.hostname or ""):
+        raise ApiError(400, "body.url: this coordinator drives agents over https only")
+    identity = _identity(request, body["token"])
     now = time.time()
+    if not await request.app[IDENTITIES].claim(body["name"], identity, now):
+        raise _refuse(request, body["name"], identity, "register")
+    logs.register_secret(body["token"], pinned=False)  # it rides in every call to this agent
     old = await store.get_host(body["name"])
     host = Host(**body, state=HOST_UP, last_heartbeat=now,
                 registered_at=old.registered_at if old else now)
     await store.put_host(host)
-    log.info("host registered", extra={"host": host.name, "url": host.url, "cpus": host.cpus})
+    log.info("host registered", extra={"host": host.name, "url": host.url, "cpus": host.cpus,
+                                       "identity": describe(identity)})
     return web.json_response({"host": host.public(),
-                              "heartbeat_interval_s": cfg.heartbeat_interval_s})
+                              "heartbeat_interval_s": cfg.heartbeat_interval_s,
+                              "grant_key": request.app[GRANTS].public_key})
 
 
 HEARTBEAT_REPLY: dict[str, Any] = {
@@ -98,11 +142,17 @@ HEARTBEAT_REPLY: dict[str, Any] = {
 }
 
 
-@routes.post("/hosts/{name}/heartbeat", "Report usage; keeps the host up", auth="agent",
-             request=HEARTBEAT, response=HEARTBEAT_REPLY)
+@routes.post("/hosts/{name}/heartbeat", "Report usage; keeps the host up", auth="host",
+             request=HEARTBEAT, response=HEARTBEAT_REPLY, errors=(403,))
 async def heartbeat(request: web.Request) -> web.Response:
     audit.skip(request)  # telemetry every few seconds per host; registration is what gets audited
     name = request.match_info["name"]
+    identity = _identity(request, bearer(request))
+    bound = await request.app[IDENTITIES].matches(name, identity)
+    if bound is False:
+        raise _refuse(request, name, identity, "heartbeat")
+    if bound is None:  # a record from before bindings, or a retired name: register (and bind)
+        raise ApiError(404, f"host {name!r} is not registered; register first")
     host = await request.app[STORE].heartbeat(name, json_body(request), time.time())
     if host is None:
         raise ApiError(404, f"host {name!r} is not registered; register first")
@@ -114,7 +164,8 @@ async def heartbeat(request: web.Request) -> web.Response:
 @routes.get("/hosts", "List hosts", response=schemas.list_of("hosts", schemas.HOST))
 async def list_hosts(request: web.Request) -> web.Response:
     hosts = await request.app[STORE].list_hosts()
-    return web.json_response({"hosts": [h.public() for h in hosts]})
+    # strict dumps: a load of NaN stored by an older version must not make the list invalid JSON
+    return web.json_response({"hosts": [h.public() for h in hosts]}, dumps=httpjson.dumps)
 
 
 @routes.get("/hosts/{name}", "One host", response=schemas.HOST)
@@ -123,22 +174,28 @@ async def get_host(request: web.Request) -> web.Response:
     host = await request.app[STORE].get_host(name)
     if host is None:
         raise ApiError(404, f"no host named {name!r}")
-    return web.json_response(host.public())
+    return web.json_response(host.public(), dumps=httpjson.dumps)
 
 
-@routes.delete("/hosts/{name}", "Forget a host that runs no VMs",
+@routes.delete("/hosts/{name}", "Forget a host that runs no VMs (retire=true: release its name)",
+               query={"retire": {"type": "string", "enum": ["true", "false"]}},
                response={"type": "object", "required": ["deleted"]}, errors=(409,))
 async def delete_host(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     store = request.app[STORE]
-    if await store.get_host(name) is None:
+    retire = query_params(request).get("retire") == "true"
+    known = await store.get_host(name) is not None
+    if not known and not (retire and await request.app[IDENTITIES].bound(name, fresh=True)):
         raise ApiError(404, f"no host named {name!r}")
     vms = await store.list_vms(host=name)
     if vms:
         raise ApiError(409, f"host {name!r} still runs {len(vms)} VM(s): "
                        + ", ".join(v.name for v in vms[:5]))
     await store.delete_host(name)
-    return web.json_response({"deleted": name})
+    if retire:
+        await request.app[IDENTITIES].release(name)
+        log.info("host retired: its name may be registered by a new identity", extra={"host": name})
+    return web.json_response({"deleted": name, "retired": retire})
 
 
 async def _monitor(app: web.Application) -> AsyncIterator[None]:

@@ -19,19 +19,20 @@ are available as ``query_params(request)``.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import jsonschema
 from aiohttp import web
 
+from novacron import httpjson
 from novacron.coordinator.api.errors import ApiError
 
 API_PREFIX = "/api/v1"
-Auth = Literal["public", "admin", "agent"]
+Auth = Literal["public", "admin", "agent", "host"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _BODY_KEY: web.RequestKey[Any] = web.RequestKey("novacron_body")
@@ -48,6 +49,40 @@ NAME_SCHEMA: dict[str, Any] = {
     "type": "string",
     "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
 }
+
+
+@lru_cache(maxsize=256)
+def _ecma_regex(pattern: str) -> re.Pattern[str]:
+    """``pattern`` with ECMA-262's ``$`` (end of string only), as JSON Schema means it.
+
+    Python's ``$`` also matches before a trailing newline, so ``^[a-z]+$`` would
+    accept ``"vm1\\n"``: a name that can never be addressed again.
+    """
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "$":
+            ch = r"\Z"
+        out.append(ch)
+        i += 1
+    return re.compile("".join(out))
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, _schema: Any) -> Iterator[jsonschema.ValidationError]:
+    if validator.is_type(instance, "string") and not _ecma_regex(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# Draft 2020-12 with ECMA ``pattern`` semantics: every schema check of the coordinator uses it.
+SchemaValidator: Any = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern})
 
 
 @dataclass
@@ -110,7 +145,7 @@ class RouteTable:
             validator = None
             if request is not None:
                 jsonschema.Draft202012Validator.check_schema(request)
-                validator = jsonschema.Draft202012Validator(request)
+                validator = SchemaValidator(request)
             self.routes.append(Route(
                 method=method.upper(), path=path, summary=summary, handler=handler, auth=auth,
                 request=request, response=response, status=status, query=query or {},
@@ -179,7 +214,7 @@ def _wrap(route: Route) -> Handler:
                     raise ApiError(400, f"query parameter {name!r} is required")
                 continue
             value = _convert_query(name, request.query[name], schema)
-            errs = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=str)
+            errs = sorted(SchemaValidator(schema).iter_errors(value), key=str)
             if errs:
                 raise ApiError(400, f"query parameter {name!r}: {errs[0].message}")
             query[name] = value
@@ -193,8 +228,8 @@ def _wrap(route: Route) -> Handler:
             if not raw:
                 raise ApiError(400, "request body is required (JSON)")
             try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
+                body = httpjson.loads(raw)
+            except ValueError as exc:
                 raise ApiError(400, f"request body is not valid JSON: {exc}") from None
             errors = sorted(route.validator.iter_errors(body), key=lambda e: list(e.absolute_path))
             if errors:
@@ -278,7 +313,11 @@ def build_document(tables: list[RouteTable], *, version: str) -> dict[str, Any]:
                 }
             op["responses"] = responses
             if route.auth == "agent":
-                op["description"] = "Authenticated with the agent token."
+                op["description"] = ("Authenticated with the agent (bootstrap) token; the host's "
+                                     "identity is its TLS client certificate or its own token.")
+            elif route.auth == "host":
+                op["description"] = ("Authenticated with the host's own credential: its TLS "
+                                     "client certificate, or its own API token as bearer.")
             paths.setdefault(route.full_path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",

@@ -12,7 +12,7 @@ from aiohttp import web
 from novacron.coordinator.agent_client import AgentError, reported_state
 from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
-from novacron.coordinator.api.keys import AGENTS, PLACER, STORE
+from novacron.coordinator.api.keys import AGENTS, PLACER, RECONCILER, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
 from novacron.coordinator.models import HOST_UP, VM, Host
 
@@ -111,13 +111,25 @@ async def create_vm(request: web.Request) -> web.Response:
         now = time.time()
         vm = VM(name=body["name"], host=host.name, spec=body, state="creating",
                 created_at=now, updated_at=now)
+        reconciler = request.app[RECONCILER]
+        reconciler.creating.add(vm.name)  # not settled by the reconciler while we ask
         await store.put_vm(vm)  # reserves the name and the capacity while the agent works
     try:
         status = await agents.call(host.name, host.url, host.token, "POST", "/v1/vms", body,
                                    timeout_s=120)
     except AgentError as exc:
-        await store.delete_vm(vm.name)
-        raise _agent_failure(exc, f"starting the VM on {host.name}") from None
+        if exc.status != 0 or not exc.sent:  # refused, or never reached: nothing was created
+            await store.delete_vm(vm.name)
+            raise _agent_failure(exc, f"starting the VM on {host.name}") from None
+        # the answer was lost (agent killed, connection cut): the agent may run the VM
+        settled = await reconciler.settle_create(vm)
+        if settled != "kept":
+            raise _agent_failure(exc, f"starting the VM on {host.name}" + (
+                "" if settled == "dropped" else
+                " (outcome unknown: the record stays 'creating' until the agent answers)")) from None
+        status = {"state": vm.state}
+    finally:
+        reconciler.creating.discard(vm.name)
     vm.state = reported_state(status, "running")
     vm.updated_at = time.time()
     await store.put_vm(vm)
@@ -226,6 +238,11 @@ async def delete_vm(request: web.Request) -> web.Response:
     vm, host = await _vm_and_host(request)
     if vm.state == "migrating":
         raise ApiError(409, f"VM {vm.name!r} is migrating; cancel the migration first")
+    # delete the VM where it really runs, not only where the record says
+    reconciler = request.app[RECONCILER]
+    vm = await reconciler.reconcile_vm(vm, (await reconciler.reported_by()).get(vm.name, []))
+    if vm.host != host.name:
+        vm, host = await _vm_and_host(request)
     try:
         await request.app[AGENTS].call(host.name, host.url, host.token, "DELETE",
                                        f"/v1/vms/{vm.name}", timeout_s=60)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from novacron import audit
+from novacron import audit, httpjson
 from novacron.coordinator.mcp.appkeys import MCP_SERVER
 from novacron.coordinator.mcp.protocol import (
     HANDSHAKE_VERSIONS,
@@ -96,8 +96,8 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
     except (ConnectionError, asyncio.IncompleteReadError):
         return _json(400, error_response(None, PARSE_ERROR, "body could not be read"))
     try:
-        msg = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        msg = httpjson.loads(raw)
+    except ValueError:
         return _json(400, error_response(None, PARSE_ERROR, "body is not valid JSON"))
     if isinstance(msg, list):
         return _json(400, error_response(None, INVALID_REQUEST, "JSON-RPC batches are not supported"))

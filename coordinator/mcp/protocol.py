@@ -21,6 +21,7 @@ from typing import Any
 import jsonschema
 
 from novacron import __version__
+from novacron.coordinator.api.openapi import SchemaValidator
 
 log = logging.getLogger("novacron.coordinator.mcp.server")
 
@@ -72,7 +73,7 @@ class Tool:
 
     def __post_init__(self) -> None:
         jsonschema.Draft202012Validator.check_schema(self.input_schema)
-        self._validator = jsonschema.Draft202012Validator(self.input_schema)
+        self._validator = SchemaValidator(self.input_schema)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl as ssl_
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, BinaryIO
@@ -74,16 +75,19 @@ async def lines(reader: asyncio.StreamReader, max_line: int) -> AsyncIterator[by
 class HttpForwarder:
     """Carries JSON-RPC messages to the coordinator's ``/mcp`` and answers back."""
 
-    def __init__(self, base_url: str, token: str, *, timeout_s: float = 3600.0) -> None:
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = 3600.0,
+                 ssl: ssl_.SSLContext | None = None) -> None:
         self.url = base_url.rstrip("/") + "/mcp"
         self.token = token
+        self.ssl = ssl  # verifies an https coordinator (the fleet CA); None: the system's CAs
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=10)
         self.session_id: str | None = None
         self.protocol_version: str | None = None
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> HttpForwarder:
-        self._http = aiohttp.ClientSession(timeout=self.timeout)
+        connector = aiohttp.TCPConnector(ssl=self.ssl) if self.ssl is not None else None
+        self._http = aiohttp.ClientSession(timeout=self.timeout, connector=connector)
         return self
 
     async def __aexit__(self, *_exc: object) -> None:

@@ -72,6 +72,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_host(self, name: str) -> bool: ...
 
+    # host identities (one per name; kept when the host record is deleted, until retired)
+    @abc.abstractmethod
+    async def bind_host_identity(self, name: str, identity: str, now: float) -> str:
+        """Bind ``name`` to ``identity`` unless it is bound already (atomically); return
+        the identity the name is bound to now."""
+
+    @abc.abstractmethod
+    async def get_host_identity(self, name: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def release_host_identity(self, name: str) -> bool: ...
+
     # VMs
     @abc.abstractmethod
     async def put_vm(self, vm: VM) -> None: ...

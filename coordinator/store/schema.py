@@ -34,6 +34,14 @@ MIGRATIONS: dict[str, list[str]] = {
             updated_at REAL NOT NULL, PRIMARY KEY (collection, key));
         """,
     ],
+    # One identity per host name: the first registration binds the name to the agent's
+    # credential ("cert:<CN>" or "token:<sha256>"); only an admin's retire releases it.
+    "identity": [
+        """
+        CREATE TABLE host_identities (
+            name TEXT PRIMARY KEY, identity TEXT NOT NULL, bound_at REAL NOT NULL);
+        """,
+    ],
 }
 
 

@@ -147,6 +147,22 @@ class SQLiteStore(Store):
     async def delete_host(self, name: str) -> bool:
         return await self.execute("DELETE FROM hosts WHERE name = ?", (name,)) > 0
 
+    async def bind_host_identity(self, name: str, identity: str, now: float) -> str:
+        def work(c: sqlite3.Connection) -> str:
+            _tx(c, [("INSERT INTO host_identities (name, identity, bound_at) VALUES (?, ?, ?) "
+                     "ON CONFLICT(name) DO NOTHING", (name, identity, now))])
+            return str(c.execute("SELECT identity FROM host_identities WHERE name = ?",
+                                 (name,)).fetchone()[0])
+
+        return await self._run(work)
+
+    async def get_host_identity(self, name: str) -> str | None:
+        rows = await self.query("SELECT identity FROM host_identities WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    async def release_host_identity(self, name: str) -> bool:
+        return await self.execute("DELETE FROM host_identities WHERE name = ?", (name,)) > 0
+
     # -- VMs -----------------------------------------------------------------------------
 
     async def put_vm(self, vm: VM) -> None:

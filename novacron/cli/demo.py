@@ -101,8 +101,9 @@ async def run_demo(args: argparse.Namespace, workdir: Path, console: Console) ->
                              settings={"heartbeat_interval_s": "1", "heartbeat_timeout_s": "10",
                                        "poll_interval_s": "0.2"})
     cluster_secret = secrets.token_urlsafe(32)
+    # each agent's image dir is the guest's folder: specs name images, not host paths
     agents = [LocalAgent(name, cluster_secret=cluster_secret, state_dir=workdir / name,
-                         accel=args.accel) for name in ("host-a", "host-b")]
+                         accel=args.accel, image_dirs=[guest.kernel.parent]) for name in ("host-a", "host-b")]
     try:
         console.print("[bold]2.[/bold] coordinator and two agents on loopback")
         try:
@@ -123,7 +124,7 @@ async def run_demo(args: argparse.Namespace, workdir: Path, console: Console) ->
             console.print("[bold]3.[/bold] boot the guest on host-a through the coordinator")
             spec: dict[str, Any] = {
                 "name": "demo-vm", "vcpus": 1, "memory_mb": args.memory_mb,
-                "kernel": str(guest.kernel), "initrd": str(guest.initrd),
+                "kernel": guest.kernel.name, "initrd": guest.initrd.name,
                 "cmdline": guest.workload_cmdline(mem_mb=args.workload_mb, rate_mb=args.rate_mb),
                 "accel": args.accel, "host": "host-a",
             }

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from novacron import tls
 from novacron.coordinator.client import ApiClientError, CoordinatorClient
 
 # Where each phase sits on the progress bar (pre-copy fills 10-75 % by round).
@@ -47,13 +48,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the final migration as JSON")
     p.set_defaults(func=lambda a: _run(a, _migrate))
 
+    p = sub.add_parser("host", help="manage one host's record and identity")
+    host_sub = p.add_subparsers(dest="host_command", metavar="ACTION", required=True)
+    forget = host_sub.add_parser("forget", help="retire a host: drop its record and release its "
+                                 "name for a new identity (a reinstalled host)")
+    forget.add_argument("name", metavar="HOST")
+    forget.add_argument("--keep-identity", action="store_true",
+                        help="drop the record only; the name stays bound to its identity")
+    forget.set_defaults(func=lambda a: _run(a, _forget))
+
 
 def _run(args: argparse.Namespace, fn: Callable[[CoordinatorClient, argparse.Namespace],
                                                 Awaitable[int]]) -> int:
     settings = args.settings
 
     async def go() -> int:
-        async with CoordinatorClient(settings.server, settings.token) as client:
+        async with CoordinatorClient(settings.server, settings.token,
+                                     ssl=tls.verify_context(settings.ca)) as client:
             return await fn(client, args)
 
     try:
@@ -61,6 +72,12 @@ def _run(args: argparse.Namespace, fn: Callable[[CoordinatorClient, argparse.Nam
     except ApiClientError as exc:
         print(f"novacron: error: {exc}", file=sys.stderr)
         return 1
+
+
+async def _forget(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    doc = await client.forget_host(args.name, retire=not args.keep_identity)
+    print(f"host {doc['deleted']} " + ("retired" if doc.get("retired") else "forgotten"))
+    return 0
 
 
 def _dump(doc: Any) -> None:

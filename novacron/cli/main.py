@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "novacron.cli.mcp",
     "novacron.cli.task",
     "novacron.cli.audit",
+    "novacron.cli.pki",
 ]
 
 
@@ -33,6 +34,7 @@ class CliConfig:
 
     server: str = "http://127.0.0.1:7800"
     token: str = ""
+    ca: str = ""  # CA file that signed the coordinator's certificate (empty: the system's CAs)
     log_level: str = "warning"
 
 
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML config file (default ~/.config/novacron/cli.toml)")
     parser.add_argument("--server", dest="cfg__server", help="coordinator URL ($NOVACRON_SERVER)")
     parser.add_argument("--token", dest="cfg__token", help="API token ($NOVACRON_TOKEN)")
+    parser.add_argument("--ca", dest="cfg__ca", help="CA file that verifies an https coordinator "
+                        "($NOVACRON_CA; default: the system's CAs)")
     parser.add_argument("--log-level", dest="cfg__log_level", help="log level (default warning)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import sys
 
+from novacron import tls
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> None:
-        async with HttpForwarder(settings.server, settings.token) as forwarder:
+        async with HttpForwarder(settings.server, settings.token,
+                                 ssl=tls.verify_context(settings.ca)) as forwarder:
             await serve_stdio(forwarder, max_line=args.max_line)
 
     asyncio.run(main())

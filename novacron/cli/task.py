@@ -93,12 +93,13 @@ def _local(action: str, texts: list[str]) -> list[dict[str, Any]]:
     return [res for batch in _batches(texts) for res in run_batch(batch)]
 
 
-def _remote(action: str, texts: list[str], server: str, token: str) -> list[dict[str, Any]]:
+def _remote(action: str, texts: list[str], server: str, token: str, ca: str = "") -> list[dict[str, Any]]:
+    from novacron import tls
     from novacron.coordinator.client import CoordinatorClient
 
     async def go() -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
-        async with CoordinatorClient(server, token, timeout_s=60) as client:
+        async with CoordinatorClient(server, token, timeout_s=60, ssl=tls.verify_context(ca)) as client:
             for batch in _batches(texts):
                 doc = await client.request("POST", f"/tasks/{action}",
                                            {"tasks": [{"text": t} for t in batch]})
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     server = args.task_server or getattr(args, "cfg__server", None)
     try:
         if server:
-            results = _remote(args.task_action, texts, server, args.settings.token)
+            results = _remote(args.task_action, texts, server, args.settings.token, args.settings.ca)
         else:
             results = _local(args.task_action, texts)
     except ApiClientError as exc:

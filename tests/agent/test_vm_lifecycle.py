@@ -33,6 +33,8 @@ from novacron.agent.vm import (
     VMNotFound,
     VMStartError,
 )
+from novacron.agent.vm.images import ImageDirs, OpenedImages
+from novacron.agent.vm.qemu_args import QemuFiles
 from novacron.agent.vm.ramfile import MIB, free_bytes
 from tests.agent.workload_pages import page_prefix
 
@@ -46,7 +48,9 @@ class Env:
     def __init__(self, state_dir: Path, guest: GuestImage) -> None:
         self.state_dir = state_dir
         self.guest = guest
-        self.mgr = VMManager(state_dir, AccelDetector(probe_kernels=[]))
+        self.own_images = Path(tempfile.mkdtemp(prefix="nc-vmt-img-"))  # images made by tests
+        self.images = ImageDirs.of([guest.kernel.parent, self.own_images])
+        self.mgr = VMManager(state_dir, AccelDetector(probe_kernels=[]), images=self.images)
 
     def spec(self, name: str = "g1", **over: Any) -> dict[str, Any]:
         doc = {"name": name, "vcpus": 1, "memory_mb": MEMORY_MB, "kernel": str(self.guest.kernel),
@@ -75,6 +79,7 @@ async def env(guest: GuestImage) -> AsyncIterator[Env]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(state_dir, ignore_errors=True)
+        shutil.rmtree(e.own_images, ignore_errors=True)
 
 
 async def last_heartbeat(vm: VM, timeout: float = 60.0, offset: int = 0) -> re.Match[str]:
@@ -89,11 +94,15 @@ async def test_boots_and_heartbeats(env: Env) -> None:
     assert status["state"] == "running" and status["memory_mb"] == MEMORY_MB and status["vcpus"] == 1
     assert Path(status["ram_path"]) == env.state_dir / "vms" / "g1" / "ram"
     assert vm.ram_path.stat().st_size == MEMORY_MB * MIB
-    argv = " ".join(vm.argv())
-    assert f"memory-backend-file,id=ram0,size={MEMORY_MB}M,mem-path={vm.ram_path},share=on" in argv
+    files = QemuFiles(OpenedImages(kernel=3, initrd=4), serial_log=5)
+    argv = " ".join(vm.argv(files))
+    assert f"memory-backend-file,id=ram0,size={MEMORY_MB}M,mem-path=ram,share=on" in argv
     assert "-machine pc,accel=tcg,memory-backend=ram0" in argv
-    incoming = vm.argv(incoming=True)
-    assert incoming[-3:] == ["-S", "-incoming", "defer"] and incoming[: len(vm.argv())] == vm.argv()
+    incoming = vm.argv(files, incoming=True)
+    assert incoming[-3:] == ["-S", "-incoming", "defer"] and incoming[: len(vm.argv(files))] == vm.argv(files)
+    # the real QEMU: sandboxed, and told no image path (it inherited checked descriptors)
+    running = Path(f"/proc/{vm.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"-sandbox" in running and str(env.guest.kernel).encode() not in running
     first = await last_heartbeat(vm)
     later = await vm.wait_serial(HB.replace(r"seq=(\d+)", f"seq=({int(first.group(2)) + 2})"), 15)
     assert later.group(1) == first.group(1) and later.group(4) == "1"
@@ -155,7 +164,7 @@ async def test_agent_restart_adopts_the_running_vm(env: Env) -> None:
     pid = env.vm.pid
     await env.mgr.shutdown(stop_vms=False)  # the old agent goes away, QEMU stays
     assert pid is not None and Path(f"/proc/{pid}").exists()
-    env.mgr = VMManager(env.state_dir, AccelDetector(probe_kernels=[]))
+    env.mgr = VMManager(env.state_dir, AccelDetector(probe_kernels=[]), images=env.images)
     await env.mgr.load()
     vm = env.vm
     assert vm.state == RUNNING and vm.pid == pid and vm.accel == "tcg"
@@ -207,10 +216,9 @@ async def test_no_space_for_the_ram_file(env: Env) -> None:
     assert "huge" not in env.mgr.vms and not (env.state_dir / "vms" / "huge").exists()
 
 
-async def test_qemu_start_failure_is_reported(env: Env, tmp_path: Path) -> None:
-    bogus = tmp_path / "not-a-kernel"
-    bogus.write_bytes(b"not a kernel\n" * 8)
+async def test_qemu_start_failure_is_reported(env: Env) -> None:
+    (env.own_images / "not-a-kernel").write_bytes(b"not a kernel\n" * 8)
     with pytest.raises(VMStartError, match="did not start") as err:
-        await env.mgr.create(env.spec("bogus", kernel=str(bogus), initrd=""))
+        await env.mgr.create(env.spec("bogus", kernel="not-a-kernel", initrd=""))  # a name in an image dir
     assert "kernel" in str(err.value).lower()
     assert "bogus" not in env.mgr.vms and not (env.state_dir / "vms" / "bogus").exists()

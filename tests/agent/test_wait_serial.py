@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from novacron.agent.vm import machine
+from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.machine import VM
 from novacron.agent.vm.qemu_args import VMPaths
 from novacron.agent.vm.spec import parse_spec
@@ -17,7 +18,7 @@ def make_vm(tmp_path: Path) -> VM:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"not booted here")
     spec = parse_spec({"name": "ser", "vcpus": 1, "memory_mb": 64, "kernel": str(kernel)})
-    return VM(spec, "tcg", VMPaths(tmp_path))
+    return VM(spec, "tcg", VMPaths(tmp_path), ImageDirs.of([tmp_path]))
 
 
 class CountingReads:

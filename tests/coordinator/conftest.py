@@ -71,8 +71,8 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
 @pytest.fixture
 async def agents(coordinator: Coordinator) -> AsyncIterator[list[FakeAgent]]:
     """Two fake agents, registered with the coordinator, able to migrate to each other."""
-    async with serving(FakeAgent("alpha", "tok-a-" + secrets.token_hex(4), memory_bytes=8 << 30),
-                       FakeAgent("beta", "tok-b-" + secrets.token_hex(4), memory_bytes=4 << 30)) as fakes:
+    async with serving(FakeAgent("alpha", "tok-a-" + secrets.token_hex(8), memory_bytes=8 << 30),
+                       FakeAgent("beta", "tok-b-" + secrets.token_hex(8), memory_bytes=4 << 30)) as fakes:
         for fake in fakes:
             await fake.register_with(coordinator.session, coordinator.url,
                                      coordinator.cfg.agent_token)

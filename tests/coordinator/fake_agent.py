@@ -16,6 +16,7 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
 from novacron.coordinator.client import CoordinatorClient
+from novacron.grants import GrantError, GrantVerifier
 
 PHASES = ["prepare", "precopy", "precopy", "precopy", "stopcopy", "commit", "completed"]
 
@@ -28,6 +29,8 @@ class FakeAgent:
         self.fail_next_create: str | None = None
         self.hold_migrations = False  # keep migrations in precopy until released
         self.calls: list[tuple[str, str]] = []
+        self.migration_requests: list[dict[str, Any]] = []
+        self.grant_key = ""  # the coordinator's, from the registration reply
         self._ids = itertools.count(1)
         self.peers: dict[str, FakeAgent] = {}  # url -> agent, to hand VMs over on commit
         self.url = ""
@@ -109,10 +112,16 @@ class FakeAgent:
         body = await r.json()
         if body["vm"] not in self.vms:
             return web.json_response({"error": "no such vm"}, status=404)
-        target = self.peers.get(body["target"]["url"])
-        if target is None or body["target"]["token"] != target.token:
-            return web.json_response({"error": "target unreachable or bad token"}, status=400)
-        mig_id = f"a{next(self._ids)}"
+        self.migration_requests.append(body)  # exactly what the coordinator sent (tests read it)
+        try:  # like a real agent: the destination comes only from the coordinator's grant
+            grant = GrantVerifier(self.grant_key).verify(body["grant"])
+        except GrantError as exc:
+            return web.json_response({"error": str(exc)}, status=403)
+        target = self.peers.get(grant.url)
+        if target is None or grant.source != self.name or grant.vm != body["vm"] \
+                or grant.target != target.name:
+            return web.json_response({"error": "grant names another migration"}, status=403)
+        mig_id = grant.migration  # a real agent runs it under the coordinator's id
         self.migrations[mig_id] = {"id": mig_id, "vm": body["vm"], "phase": "prepare", "round": 0,
                                    "step": 0, "target": target, "options": body["options"],
                                    "metrics": {}, "error": None}
@@ -157,6 +166,7 @@ class FakeAgent:
         async with session.post(f"{coordinator}/api/v1/hosts/register", json=self.registration(),
                                 headers={"Authorization": f"Bearer {agent_token}"}) as resp:
             assert resp.status == 200, await resp.text()
+            self.grant_key = (await resp.json())["grant_key"]
 
 
 @contextlib.asynccontextmanager
@@ -179,4 +189,4 @@ async def serving(*fakes: FakeAgent) -> AsyncIterator[list[FakeAgent]]:
 
 async def register_all(client: CoordinatorClient, fakes: list[FakeAgent], agent_token: str) -> None:
     for fake in fakes:
-        await client.register_host(fake.registration(), agent_token)
+        fake.grant_key = (await client.register_host(fake.registration(), agent_token))["grant_key"]

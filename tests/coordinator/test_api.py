@@ -40,17 +40,25 @@ async def test_routes_refuse_missing_and_wrong_tokens(coordinator: Coordinator, 
         assert resp.status == 401
 
 
-async def test_agent_routes_take_only_the_agent_token(
+async def test_agent_routes_take_the_agent_and_host_tokens(
         coordinator: Coordinator, agents: list[FakeAgent]) -> None:
     body = agents[0].registration()
     status, _ = await coordinator.call("POST", "/hosts/register", json=body)  # admin token
     assert status == 401
     status, _ = await coordinator.call("POST", "/hosts/alpha/heartbeat",
-                                       json={"memory_available_bytes": 1})
-    assert status == 401
+                                       json={"memory_available_bytes": 1})  # admin token
+    assert status == 403
+    async with coordinator.session.post(coordinator.url + "/api/v1/hosts/alpha/heartbeat",
+                                        json={"memory_available_bytes": 1}) as resp:
+        assert resp.status == 401  # no credential at all
+    # Heartbeats take the host's own token, not the shared bootstrap one.
     status, doc = await coordinator.call("POST", "/hosts/alpha/heartbeat",
                                          json={"memory_available_bytes": 1 << 30, "load": 0.5},
                                          token=coordinator.cfg.agent_token)
+    assert status == 403 and "bound to another identity" in doc["error"]
+    status, doc = await coordinator.call("POST", "/hosts/alpha/heartbeat",
+                                         json={"memory_available_bytes": 1 << 30, "load": 0.5},
+                                         token=agents[0].token)
     assert status == 200 and doc == {"state": "up", "heartbeat_interval_s": 1.0}
     status, doc = await coordinator.call("GET", "/hosts/alpha")
     assert doc["memory_available_bytes"] == 1 << 30 and doc["load"] == 0.5
@@ -72,7 +80,7 @@ async def test_hosts_are_listed_without_their_tokens(
 async def test_heartbeat_of_unknown_host_is_404(coordinator: Coordinator) -> None:
     status, doc = await coordinator.call("POST", "/hosts/ghost/heartbeat",
                                          json={"memory_available_bytes": 1},
-                                         token=coordinator.cfg.agent_token)
+                                         token="ghost-host-own-token")
     assert status == 404 and "register" in doc["error"]
 
 
@@ -233,7 +241,7 @@ async def test_host_missing_heartbeats_is_marked_down(tmp_path: Any) -> None:
     c = await start_coordinator(make_cfg(tmp_path, heartbeat_interval_s=0.05,
                                          heartbeat_timeout_s=0.3))
     try:
-        fake = FakeAgent("solo", "t0ken-solo")
+        fake = FakeAgent("solo", "t0ken-solo-per-host-token")
         fake.url = "http://127.0.0.1:9"
         await fake.register_with(c.session, c.url, c.cfg.agent_token)
         assert (await c.call("GET", "/hosts/solo"))[1]["state"] == "up"
@@ -246,8 +254,7 @@ async def test_host_missing_heartbeats_is_marked_down(tmp_path: Any) -> None:
         assert status == 409 and "down" in doc["error"]
         # A heartbeat brings it back.
         status, doc = await c.call("POST", "/hosts/solo/heartbeat",
-                                   json={"memory_available_bytes": 1 << 30},
-                                   token=c.cfg.agent_token)
+                                   json={"memory_available_bytes": 1 << 30}, token=fake.token)
         assert status == 200 and doc["state"] == "up"
         assert (await c.call("GET", "/hosts/solo"))[1]["state"] == "up"
     finally:

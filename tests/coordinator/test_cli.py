@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from novacron.coordinator.client import CoordinatorClient
+from novacron.coordinator.client import ApiClientError, CoordinatorClient
 from novacron.coordinator.local import LocalCoordinator
 from tests.coordinator.fake_agent import FakeAgent, register_all, serving
 from tests.coordinator.test_api import vm_spec
@@ -41,7 +41,7 @@ def cli_env(coord: LocalCoordinator, home: Path, **extra: str) -> dict[str, str]
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[tuple[LocalCoordinator, dict[str, str]]]:
-    fakes = [FakeAgent("alpha", "tok-alpha-1"), FakeAgent("beta", "tok-beta-1", 4 << 30)]
+    fakes = [FakeAgent("alpha", "tok-alpha-1-per-host-token"), FakeAgent("beta", "tok-beta-1-per-host-token", 4 << 30)]
     async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord, \
             serving(*fakes):
         async with CoordinatorClient(coord.url, coord.admin_token) as client:
@@ -88,9 +88,9 @@ async def test_errors_are_one_line_and_nonzero(
 
 @pytest.mark.parametrize("env, needle", [
     ({}, "admin_token is required"),
-    ({"NOVACRON_COORDINATOR_ADMIN_TOKEN": "same-token", "NOVACRON_COORDINATOR_AGENT_TOKEN":
-      "same-token"}, "must differ"),
-    ({"NOVACRON_COORDINATOR_ADMIN_TOKEN": "a-token", "NOVACRON_COORDINATOR_AGENT_TOKEN": "b-token",
+    ({"NOVACRON_COORDINATOR_ADMIN_TOKEN": "same-token-0123456789", "NOVACRON_COORDINATOR_AGENT_TOKEN":
+      "same-token-0123456789"}, "must differ"),
+    ({"NOVACRON_COORDINATOR_ADMIN_TOKEN": "a-token-0123456789", "NOVACRON_COORDINATOR_AGENT_TOKEN": "b-token-0123456789",
       "NOVACRON_COORDINATOR_HEARTBEAT_TIMEOUT_S": "1"}, "heartbeat_timeout_s"),
     ({"NOVACRON_COORDINATOR_PORT": "x"}, "expected an integer"),
 ])
@@ -110,7 +110,7 @@ def test_coordinator_refuses_bad_config(tmp_path: Path, script_env: dict[str, st
 async def test_ctrl_c_during_migrate_cancels_it(tmp_path: Path) -> None:
     import signal
 
-    fakes = [FakeAgent("alpha", "tok-alpha-2"), FakeAgent("beta", "tok-beta-2", 4 << 30)]
+    fakes = [FakeAgent("alpha", "tok-alpha-2-per-host-token"), FakeAgent("beta", "tok-beta-2-per-host-token", 4 << 30)]
     fakes[0].hold_migrations = True
     async with (LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord,
                 serving(*fakes), CoordinatorClient(coord.url, coord.admin_token) as client):
@@ -145,3 +145,22 @@ async def test_ctrl_c_during_migrate_cancels_it(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         assert final["phase"] == "cancelled"
         assert (await client.vm("web"))["host"] == "alpha"
+
+
+async def test_host_forget_retires_a_name(fleet: tuple[LocalCoordinator, dict[str, str]]) -> None:
+    coord, env = fleet
+    impostor = FakeAgent("beta", "another-beta-identity-token")
+    impostor.url = "http://127.0.0.1:9"
+    async with CoordinatorClient(coord.url, coord.admin_token) as client:
+        with pytest.raises(ApiClientError) as refused:
+            await client.register_host(impostor.registration(), coord.agent_token)
+        assert refused.value.status == 403
+        code, out, err = await cli(env, "host", "forget", "beta", "--keep-identity")
+        assert code == 0 and "forgotten" in out, err
+        with pytest.raises(ApiClientError):  # the name is still bound
+            await client.register_host(impostor.registration(), coord.agent_token)
+        code, out, err = await cli(env, "host", "forget", "beta")
+        assert code == 0 and "host beta retired" in out, err
+        await client.register_host(impostor.registration(), coord.agent_token)  # free now
+        code, _, err = await cli(env, "host", "forget", "alpha")  # it runs a VM
+        assert code == 1 and "still runs" in err

@@ -10,7 +10,7 @@ from novacron import config
 from novacron.agent.coordinator_link import _interval
 from novacron.coordinator.config import ENV_PREFIX, CoordinatorConfig, McpConfig, check_config
 
-TOKENS = {f"{ENV_PREFIX}_ADMIN_TOKEN": "adm", f"{ENV_PREFIX}_AGENT_TOKEN": "agt"}
+TOKENS = {f"{ENV_PREFIX}_ADMIN_TOKEN": "adm-0123456789abcdef", f"{ENV_PREFIX}_AGENT_TOKEN": "agt-0123456789abcdef"}
 
 
 def load(environ: dict[str, str], path: Path | None = None) -> CoordinatorConfig:
@@ -26,6 +26,9 @@ def load(environ: dict[str, str], path: Path | None = None) -> CoordinatorConfig
     ("MCP_START_TIMEOUT_S", "0", "mcp.start_timeout_s", "must be positive"),
     ("MCP_PING_INTERVAL_S", "nan", "mcp.ping_interval_s", "must be 0 (off) or positive"),
     ("MCP_ATTEMPTS", "11", "mcp.attempts", "must be 1..10"),
+    ("ADMIN_TOKEN", "short", "admin_token", "too short: at least 16 characters, got 5 (e.g. from `openssl rand -hex 16`)"),
+    ("HTTP_HEADER_TIMEOUT_S", "0", "http.header_timeout_s", "must be more than 0 and at most 3600 seconds"),
+    ("HTTP_MAX_CONNECTIONS", "-5", "http.max_connections", "must be 0 (automatic) or positive"),
 ])
 def test_bad_values_name_source_and_key(name: str, value: str, key: str, problem: str) -> None:
     with pytest.raises(config.ConfigError) as err:

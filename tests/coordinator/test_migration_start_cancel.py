@@ -55,7 +55,8 @@ async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     store = SQLiteStore(tmp_path / "c.db")
     await store.open()
     for name in ("src", "dst"):
-        await store.put_host(Host(name, f"http://{name}.invalid", "tok-" + name, 2, 1 << 30, 1 << 29))
+        await store.put_host(Host(name, f"http://{name}.invalid", "tok-" + name, 2, 1 << 30, 1 << 29,
+                                  data_port=7701))
     await store.put_vm(VM("vm1", "src", {}, state="running"))
     agents = SlowAgents(refuse=request.param)
     cfg = CoordinatorConfig(data_dir=tmp_path, poll_interval_s=0.01)

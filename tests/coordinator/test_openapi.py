@@ -48,7 +48,7 @@ async def test_schemathesis_finds_no_server_errors(tmp_path: Path) -> None:
     while a dependency is unavailable), but never an undocumented status, and
     nothing may raise an unhandled error (the only source of 500s).
     """
-    fakes = [FakeAgent("alpha", "tok-alpha-s"), FakeAgent("beta", "tok-beta-s", 4 << 30)]
+    fakes = [FakeAgent("alpha", "tok-alpha-s-per-host-token"), FakeAgent("beta", "tok-beta-s-per-host-token", 4 << 30)]
     # the fakes are served by this test's loop while schemathesis runs
     async with LocalCoordinator(tmp_path / "coord") as coord, serving(*fakes):
         async with CoordinatorClient(coord.url, coord.admin_token) as client:

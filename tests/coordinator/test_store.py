@@ -112,7 +112,7 @@ async def test_vm_record_round_trip(tmp_path: Path) -> None:
 
 async def test_restart_loses_nothing_and_resumes_migrations(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path / "coord")
-    fakes = [FakeAgent("alpha", "tok-alpha"), FakeAgent("beta", "tok-beta", memory_bytes=4 << 30)]
+    fakes = [FakeAgent("alpha", "tok-alpha-per-host-token"), FakeAgent("beta", "tok-beta-per-host-token", memory_bytes=4 << 30)]
     async with serving(*fakes):
         c = await start_coordinator(cfg)
         try:
@@ -149,7 +149,7 @@ async def test_restart_loses_nothing_and_resumes_migrations(tmp_path: Path) -> N
 
 async def test_restart_settles_vms_left_creating(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path / "coord")
-    fake = FakeAgent("alpha", "tok-alpha")
+    fake = FakeAgent("alpha", "tok-alpha-per-host-token")
     async with serving(fake):
         c = await start_coordinator(cfg)
         try:

@@ -134,7 +134,7 @@ async def test_bad_requests_change_nothing(coord: Coordinator) -> None:
 def test_bad_bridge_settings_stop_the_coordinator(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="attempts"):
         build_app(make_cfg(tmp_path, mcp=McpConfig(attempts=0)))
-    tokens = {"NOVACRON_COORDINATOR_ADMIN_TOKEN": "a", "NOVACRON_COORDINATOR_AGENT_TOKEN": "b"}
+    tokens = {"NOVACRON_COORDINATOR_ADMIN_TOKEN": "a" * 16, "NOVACRON_COORDINATOR_AGENT_TOKEN": "b" * 16}
     for value in ("0", "three"):
         environ = {**tokens, "NOVACRON_COORDINATOR_MCP_ATTEMPTS": value}
         with pytest.raises(config.ConfigError, match="NOVACRON_COORDINATOR_MCP_ATTEMPTS"):

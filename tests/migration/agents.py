@@ -45,11 +45,11 @@ class Api:
             await asyncio.sleep(0.2)
 
     async def migrate(self, vm: str, dest: LocalAgent, **options: Any) -> dict[str, Any]:
-        target: dict[str, Any] = {"url": dest.url, "token": dest.token}
-        if "data_port" in options:
-            target["data_port"] = options.pop("data_port")
+        """Start ``vm`` towards ``dest`` with a grant as a coordinator would issue it
+        (``data_port``: where the grant says the destination's channel is)."""
+        grant = self.agent.grant_to(dest, vm, data_port=options.pop("data_port", None))
         doc = await self.ok("POST", "/v1/migrations",
-                            {"vm": vm, "target": target, "options": options}, want=202)
+                            {"vm": vm, "grant": grant, "options": options}, want=202)
         return doc  # type: ignore[no-any-return]
 
     async def wait_migration(self, mid: str, timeout: float = 180,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -25,16 +26,19 @@ def guest_spec(name: str, memory_mb: int = 128, mem_mb: int = 32, rate_mb: int =
 
 
 def qemu_processes_using(path: Path) -> list[int]:
-    """PIDs of processes whose command line mentions ``path`` (leak check)."""
+    """PIDs of QEMUs running in a folder under ``path`` (leak check; QEMU's
+    command line names no host path, it runs in its VM's folder)."""
     pids = []
+    root = path.resolve()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             cmd = (d / "cmdline").read_bytes()
+            cwd = Path(os.readlink(d / "cwd"))
         except OSError:
             continue
-        if str(path).encode() in cmd and b"qemu" in cmd:
+        if b"qemu" in cmd and cwd.is_relative_to(root):
             pids.append(int(d.name))
     return pids
 

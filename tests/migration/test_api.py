@@ -10,12 +10,21 @@ from aiohttp.test_utils import TestServer
 from novacron.agent.config import AgentConfig
 from novacron.agent.daemon import ForcedAccel, build_app
 from novacron.agent.vm.manager import VMManager
+from novacron.grants import GrantSigner
 
 TOKEN = "api-test-token"
 
 
+def grant(signer: GrantSigner, vm: str = "x", source: str = "api-a", **kw: object) -> str:
+    fields: dict = {"migration": "m-1", "vm": vm, "source": source, "target": "api-b",
+                    "url": "http://127.0.0.1:9", "data_host": "127.0.0.1", "data_port": 9, **kw}
+    return signer.issue(**fields)
+
+
 async def test_migration_routes_validate_input(tmp_path: Path) -> None:
-    cfg = AgentConfig(state_dir=tmp_path, token=TOKEN, cluster_secret="api-test-secret", data_port=0)
+    signer, stranger = GrantSigner.generate(), GrantSigner.generate()
+    cfg = AgentConfig(state_dir=tmp_path, token=TOKEN, cluster_secret="api-test-secret", data_port=0,
+                      name="api-a", grant_key=signer.public_key)
     accel = ForcedAccel(False)
     vms = VMManager(tmp_path, accel)
     await vms.load()
@@ -36,18 +45,26 @@ async def test_migration_routes_validate_input(tmp_path: Path) -> None:
                     return r.status, await r.json()
 
             assert (await call("GET", "/v1/migrations", headers={}))[0] == 401
-            target = {"url": "http://127.0.0.1:9", "token": "t"}
+            g = grant(signer)
             cases = [
                 (None, b"{nope", 400, "JSON"),
                 ([1, 2], None, 400, "object"),
-                ({"vm": "x", "target": target, "extra": 1}, None, 400, "unknown field"),
-                ({"target": target}, None, 400, "'vm'"),
-                ({"vm": "x", "target": {"url": "ftp://h"}}, None, 400, "target.url"),
-                ({"vm": "x", "target": {"url": "http://h", "token": 5}}, None, 400, "target.token"),
-                ({"vm": "x", "target": {"url": "http://h", "data_port": 70000}}, None, 400, "data_port"),
-                ({"vm": "x", "target": target, "options": {"max_rounds": 0}}, None, 400, "max_rounds"),
-                ({"vm": "x", "target": target, "options": {"warp": 9}}, None, 400, "unknown option"),
-                ({"vm": "nosuchvm", "target": target}, None, 404, "nosuchvm"),
+                ({"vm": "x", "grant": g, "extra": 1}, None, 400, "unknown field"),
+                ({"grant": g}, None, 400, "'vm'"),
+                ({"vm": "x"}, None, 400, "'grant'"),
+                # a destination credential is no longer part of the contract
+                ({"vm": "x", "grant": g, "target": {"url": "http://127.0.0.1:9", "token": "t"}},
+                 None, 400, "only restate"),
+                ({"vm": "x", "grant": g, "target": {"url": "http://127.0.0.1:8"}}, None, 403,
+                 "not the destination the coordinator authorised"),
+                ({"vm": "x", "grant": grant(stranger)}, None, 403, "signature"),
+                ({"vm": "x", "grant": g[:-4] + "AAAA"}, None, 403, "signature"),
+                ({"vm": "x", "grant": grant(signer, ttl_s=-1)}, None, 403, "expired"),
+                ({"vm": "x", "grant": grant(signer, source="api-c")}, None, 403, "leaving 'api-c'"),
+                ({"vm": "y", "grant": g}, None, 403, "for VM 'x'"),
+                ({"vm": "x", "grant": g, "options": {"max_rounds": 0}}, None, 400, "max_rounds"),
+                ({"vm": "x", "grant": g, "options": {"warp": 9}}, None, 400, "unknown option"),
+                ({"vm": "nosuchvm", "grant": grant(signer, vm="nosuchvm")}, None, 404, "nosuchvm"),
             ]
             for body, raw, status, words in cases:
                 got, doc = await call("POST", "/v1/migrations", body, raw)

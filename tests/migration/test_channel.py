@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 
@@ -161,3 +162,33 @@ def test_short_secret_rejected() -> None:
 
     with pytest.raises(ValueError):
         _secret_bytes("short")
+
+
+async def test_idle_peers_cannot_keep_a_real_one_out() -> None:
+    """More silent peers than the per-address limit, and ones that send a hello but
+    never their proof: a real peer still gets in, and the deadline ends the rest."""
+    rec = Recorder()
+    srv = ChannelServer(SECRET, rec, handshake_timeout=1.5, max_pending=6, max_pending_per_address=4)
+    await srv.start()
+    idle = []
+    try:
+        for i in range(10):
+            r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+            if i % 2:
+                w.write(MAGIC + os.urandom(CLIENT_HELLO - len(MAGIC)))  # a hello, then silence
+            idle.append((r, w))
+        await asyncio.sleep(1.1)  # past the grace a fresh connection gets
+        assert srv.pending.held == 4 and srv.pending.refused == 6  # the limit held
+        ch = await connect("127.0.0.1", srv.port, SECRET)  # closes the oldest idle one
+        await ch.send_ctrl({"op": "hello"})
+        assert (await ch.recv(timeout=5)).ctrl == {"op": "echo", "got": {"op": "hello"}}
+        assert srv.pending.evicted == 1 and srv.pending.held == 3  # authenticated: off the budget
+        for r, _w in idle:  # every idle one ends by the handshake deadline (closed or reset)
+            with contextlib.suppress(ConnectionResetError):
+                await asyncio.wait_for(r.read(), 3)  # returns at EOF; a server hello may come first
+        assert srv.pending.held == 0
+        await ch.close()
+    finally:
+        for _r, w in idle:
+            w.close()
+        await srv.close()

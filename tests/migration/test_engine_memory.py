@@ -15,6 +15,7 @@ from novacron.agent.migration.dest import receive_migration
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
+from tests.migration.grants import dest_grants, present_grant
 from tests.migration.memvm import MemDestFactory, MemSourceVM
 
 SECRET = "engine-test-secret"
@@ -42,8 +43,12 @@ async def dest(tmp_path: Path):
     await d.server.close()
 
 
-async def migrate(src: MemSourceVM, port: int, **opts: object) -> tuple[SourceMigration, MigrationStatus]:
+async def migrate(src: MemSourceVM, port: int, *, grant: bool = False,
+                  **opts: object) -> tuple[SourceMigration, MigrationStatus]:
+    """``grant``: the destination is a MigrationManager, which first wants the grant."""
     ch = await connect("127.0.0.1", port, SECRET)
+    if grant:
+        await present_grant(ch, src.name)
     o = MigrationOptions.from_dict({"test_digest": True, **opts})
     st = MigrationStatus(id="m1", vm=src.name, role="source", options=o.as_dict())
     mig = SourceMigration(src, ch, st, o)
@@ -289,11 +294,12 @@ async def test_unexpected_prepare_failure_is_reported(tmp_path: Path) -> None:
     async def no_source(name: str) -> MemSourceVM:
         raise AssertionError(name)
 
-    mgr = MigrationManager(cluster_secret=SECRET, source_vm=no_source, dest_factory=factory)
+    mgr = MigrationManager(cluster_secret=SECRET, source_vm=no_source, dest_factory=factory,
+                           **dest_grants())  # type: ignore[arg-type]
     await mgr.start()
     src = MemSourceVM(tmp_path / "src", "pf", pages=256)
     try:
-        _, st = await migrate(src, mgr.data_port)
+        _, st = await migrate(src, mgr.data_port, grant=True)
         for _ in range(500):  # bounded: until the destination's handler has finished
             if not mgr.server._tasks:
                 break

@@ -19,13 +19,14 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from novacron.agent.local import LocalAgent
 from tests.migration.agents import Api
-from tests.migration.qemu_helpers import VERIFY, heartbeats, qemu_processes_using
+from tests.migration.qemu_helpers import VERIFY, CuttableProxy, heartbeats, qemu_processes_using
 
 RUNS = int(os.environ.get("NOVACRON_FAULT_MATRIX", "0") or 0)
 pytestmark = [
@@ -56,7 +57,9 @@ FAULTS = [
     Fault("SIGKILL destination agent", "stopcopy", "dst", "migration.dest.stopcopy"),
     Fault("SIGKILL destination agent", "go received", "dst", "migration.dest.go_received"),
     Fault("SIGSTOP destination agent", "stopcopy", "dst", "migration.dest.stopcopy:stop"),
+    Fault("SIGSTOP source agent", "stopcopy", "src", "migration.source.paused:stop"),
     Fault("SIGKILL destination QEMU", "precopy", external="kill_dst_qemu"),
+    Fault("channel cut", "precopy", external="cut"),
 ]
 
 
@@ -94,6 +97,23 @@ async def dead_or_done(victim: LocalAgent, src: LocalAgent, mid: str, timeout: f
         await asyncio.sleep(0.05)
 
 
+def stopped(agent: LocalAgent) -> bool:
+    try:
+        return Path(f"/proc/{agent.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
+async def final_at(agent: LocalAgent, mid: str, timeout: float = 120) -> None:
+    """Until ``agent``'s side of migration ``mid`` ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, doc = await agent.request("GET", f"/v1/migrations/{mid}")
+        if status == 200 and doc["phase"] in ("completed", "failed", "cancelled"):
+            return
+        await asyncio.sleep(0.1)
+
+
 async def settled(agents: list[LocalAgent], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -124,8 +144,10 @@ async def one_migration(src: LocalAgent, dst: LocalAgent, fault: Fault) -> str:
     api = Api(src)
     if fault.side:
         await restart(src if fault.side == "src" else dst, {CRASH: fault.point})
-    mig = await api.migrate(VM, dst, **OPTIONS)
-    stopped = False
+    proxy = CuttableProxy(dst.data_port) if fault.external == "cut" else None
+    extra = {"data_port": await proxy.start()} if proxy is not None else {}
+    mig = await api.migrate(VM, dst, **OPTIONS, **extra)
+    victim = src if fault.side == "src" else dst
     try:
         if fault.external:
             st = await api.wait_migration(mig["id"], until=lambda s: s["phase"] == "precopy"
@@ -135,22 +157,30 @@ async def one_migration(src: LocalAgent, dst: LocalAgent, fault: Fault) -> str:
                     src.kill()
                 elif fault.external == "kill_dst_agent":
                     dst.kill()
+                elif proxy is not None:
+                    proxy.cut()
                 else:
                     for pid in dst.qemu_pids():
                         os.kill(pid, signal.SIGKILL)
         elif fault.side:
-            victim = src if fault.side == "src" else dst
             if fault.point.endswith(":stop"):
-                st = await api.wait_migration(mig["id"], timeout=120)
-                stopped = True
+                for _ in range(2400):  # until stopped at the point, or the migration ended
+                    if stopped(victim) or (await src.request("GET", f"/v1/migrations/{mig['id']}"))[1][
+                            "phase"] in ("completed", "failed", "cancelled"):
+                        break
+                    await asyncio.sleep(0.05)
+                if stopped(victim):  # the peer gives up on it by itself
+                    await final_at(dst if victim is src else src, mig["id"])
             else:
                 await dead_or_done(victim, src, mig["id"])
         for a in (src, dst):  # bring back whatever died, without the crash point
             if not alive(a):
                 await restart(a, {})
     finally:
-        if stopped and dst.pid is not None:
-            os.kill(dst.pid, signal.SIGCONT)
+        if victim.pid is not None and stopped(victim):
+            os.kill(victim.pid, signal.SIGCONT)
+        if proxy is not None:
+            await proxy.close()
     for a in (src, dst):
         if a.env:
             await restart(a, {})

@@ -13,13 +13,15 @@ from typing import Any
 import pytest
 
 from novacron.agent.channel import ChannelClosed, connect
-from novacron.agent.local import LocalAgent
+from novacron.agent.guest import cache_root
+from novacron.agent.local import LocalAgent, local_grants
 from novacron.agent.migration.doubt import HttpOutcomeProbe
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.qemu_port import source_vm
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.vm.accel import AccelDetector
+from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.manager import VMManager
 from tests.migration.agents import Api
 from tests.migration.qemu_helpers import guest_spec, heartbeats
@@ -31,7 +33,7 @@ async def test_answer_lost_after_go_commits_through_the_api(tmp_path: Path) -> N
     secret = secrets.token_urlsafe(32)
     async with LocalAgent("dst", cluster_secret=secret, accel="tcg") as dst:
         api = Api(dst)
-        vms = VMManager(tmp_path / "src", AccelDetector(probe_kernels=[]))
+        vms = VMManager(tmp_path / "src", AccelDetector(probe_kernels=[]), images=ImageDirs.of([cache_root()]))
         await vms.load()
         try:
             vm = await vms.create(guest_spec("doubt"))
@@ -40,6 +42,10 @@ async def test_answer_lost_after_go_commits_through_the_api(tmp_path: Path) -> N
             pid = vm.pid
             src = await source_vm(vms, "doubt")
             ch = await connect("127.0.0.1", dst.data_port, secret)
+            grant = local_grants().issue(migration="m-doubt", vm="doubt", source="src",
+                                         target=dst.name, url=dst.url, data_host="127.0.0.1",
+                                         data_port=dst.data_port)
+            await ch.send_ctrl({"op": "grant", "grant": grant})  # as a source agent does
             st = MigrationStatus(id="doubt-qemu", vm="doubt", role="source")
             send = ch.send_ctrl
 
@@ -54,7 +60,7 @@ async def test_answer_lost_after_go_commits_through_the_api(tmp_path: Path) -> N
 
             ch.send_ctrl = send_ctrl  # type: ignore[method-assign]
             mig = SourceMigration(src, ch, st, MigrationOptions(in_doubt_timeout_s=30),
-                                  probe=HttpOutcomeProbe(dst.url, dst.token, st.id, "doubt"))
+                                  probe=HttpOutcomeProbe(dst.url, grant, st.id, "doubt", scheme="Grant"))
             try:
                 await mig.run()
             finally:

@@ -125,3 +125,25 @@ def test_the_crafted_good_frame_is_what_a_sender_would_accept() -> None:
     opened = N.PageStreamReceiver(KEY, dst).open(seal(GOOD))
     assert opened.pages == 1 and opened.seq == 0
     assert bytes(dst[PAGE:2 * PAGE]) == GOOD[-PAGE:]
+
+
+@pytest.mark.parametrize("extra_pages", [0, 1])
+def test_references_cannot_expand_a_frame_past_the_plaintext_limit(extra_pages: int) -> None:
+    """A 40-byte reference stands for a 4 KiB page: a frame of well under MAX_RAW
+    bytes of references must not make the receiver resolve more than MAX_RAW
+    bytes of pages (scratch memory, digest work), the limit data frames have."""
+    limit = S.MAX_RAW // PAGE
+    n = limit + extra_pages
+    dst = np.zeros((n + 1) * PAGE, dtype=np.uint8)
+    dst[:PAGE] = 7  # page 0: the source every reference names, with its true digest
+    digest = N.page_digest(bytes(dst[:PAGE]))
+    frame = seal(payload([(1, n, 2)], [(0, digest)] * n))
+    assert len(frame) < S.MAX_RAW // 50  # small on the wire
+    receiver = N.PageStreamReceiver(KEY, dst)
+    if extra_pages:
+        with pytest.raises(N.FrameMalformed, match="expand past"):
+            receiver.open(frame)
+        assert not dst[PAGE:].any() and receiver.next_seq == 0
+    else:  # at the limit: what a data frame may carry, so accepted
+        assert receiver.open(frame).pages == n
+        assert (dst[PAGE:] == 7).all()

@@ -72,7 +72,7 @@ def test_coordinator_bad_mcp_setting_is_one_line(
     """The bridge's settings are the coordinator's [mcp] section, checked before anything starts."""
     cfg = tmp_path / "coordinator.toml"
     data = tmp_path / "data"
-    cfg.write_text(f'admin_token = "adm-1"\nagent_token = "agt-1"\nport = 0\ndata_dir = "{data}"\n'
+    cfg.write_text(f'admin_token = "adm-1-0123456789abcdef"\nagent_token = "agt-1-0123456789abcdef"\nport = 0\ndata_dir = "{data}"\n'
                    f"[mcp]\n{mcp_toml}\n")
     res = run(["novacron-coordinator", "--config", str(cfg), *flags], script_env)
     assert res.returncode != 0
@@ -86,12 +86,22 @@ def test_coordinator_bad_mcp_setting_is_one_line(
 @pytest.mark.parametrize(("args", "needle"), [
     (["novacron", "--log-level", "loud", "hosts"],
      "flag --log-level: key 'log_level': expected one of debug, info"),
-    (["novacron-agent", "--token", "tok-1", "--log-level", "loud"],
+    (["novacron-agent", "--token", "tok-1-0123456789abcdef", "--log-level", "loud"],
      "flag --log-level: key 'log_level': expected one of debug, info"),
-    (["novacron-agent", "--token", "tok-1", "--data-port", "70000"],
+    (["novacron-agent", "--token", "tok-1-0123456789abcdef", "--data-port", "70000"],
      "flag --data-port: key 'data_port': expected a port number 0..65535"),
-    (["novacron-coordinator", "--admin-token", "a-1", "--agent-token", "b-1", "--port", "-1"],
+    (["novacron-coordinator", "--admin-token", "a-1-0123456789abcdef", "--agent-token", "b-1-0123456789abcdef", "--port", "-1"],
      "flag --port: key 'port': expected a port number 0..65535"),
+    # every token and secret is at least 16 characters, checked by the daemon itself
+    (["novacron-coordinator", "--admin-token", "x", "--agent-token", "b-1-0123456789abcdef"],
+     "flag --admin-token: key 'admin_token': too short: at least 16 characters, got 1"),
+    (["novacron-coordinator", "--admin-token", "a-1-0123456789abcdef", "--agent-token", "b" * 15],
+     "flag --agent-token: key 'agent_token': too short: at least 16 characters, got 15"),
+    (["novacron-agent", "--token", "tok-1"], "flag --token: key 'token': too short"),
+    (["novacron-agent", "--token", "tok-1-0123456789abcdef", "--cluster-secret", "s" * 8],
+     "flag --cluster-secret: key 'cluster_secret': too short"),
+    (["novacron-agent", "--token", "tok-1-0123456789abcdef", "--coordinator-token", "short"],
+     "flag --coordinator-token: key 'coordinator_token': too short"),
 ])
 def test_values_that_cannot_work_are_one_line(script_env: dict[str, str], tmp_path: Path,
                                                args: list[str], needle: str) -> None:

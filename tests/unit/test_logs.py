@@ -29,7 +29,7 @@ def fresh_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty secret list for one test; the process's list is restored after."""
     monkeypatch.setattr(logs, "_PINNED", set())
     monkeypatch.setattr(logs, "_LEARNT", OrderedDict())
-    monkeypatch.setattr(logs, "_PATTERN", None)
+    monkeypatch.setattr(logs, "_INDEX", logs._FormIndex())
     monkeypatch.setattr(logs, "MAX_LEARNT_SECRETS", 50)
 
 
@@ -60,3 +60,56 @@ def test_redaction_matches_overlaps_and_special_characters(fresh_secrets: None) 
     assert logs.redact("key 0102fffe!") == "key ***!"
     assert logs.redact("abc") == "abc"
     assert logs.redact("nothing here") == "nothing here"
+
+
+@pytest.mark.parametrize("secret", [
+    'tok"en-with-"quotes"-0123',
+    "back\\slash\\token-0123456",
+    "regex.*meta(chars)|[x]+?{2}$^",
+    "nön-äscii-tøken-密码-0123",
+    "mixed \"'\\\u00e9\t-0123456789",
+])
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_secret_with_special_characters_never_reaches_a_line(
+        fresh_secrets: None, secret: str, fmt: str) -> None:
+    """However the line escapes it (JSON, repr in a traceback), the secret is gone."""
+    buf = io.StringIO()
+    logs.setup("info", fmt=fmt, stream=buf)
+    logs.register_secret(secret, pinned=False)
+    log = logging.getLogger("t")
+    log.info("token %s and %r", secret, secret, extra={"token": secret, "nested": {"t": [secret]}})
+    try:
+        raise ValueError(f"bad token {secret!r}")
+    except ValueError:
+        log.exception("failed")
+    out = buf.getvalue()
+    assert out.count("***") >= 5, out
+    forms = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+             json.dumps(repr(secret)[1:-1])[1:-1]}
+    for form in forms:
+        assert form not in out, (form, out)
+    if fmt == "json":
+        for line in out.splitlines():
+            json.loads(line)  # redaction keeps every line valid JSON
+
+
+def test_registration_cost_does_not_grow_with_the_number_of_secrets(fresh_secrets: None,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registration is O(its length): 20,000 known hosts cost what 500 do."""
+    import time
+
+    monkeypatch.setattr(logs, "MAX_LEARNT_SECRETS", 100_000)
+
+    def batch(start: int) -> float:
+        t0 = time.perf_counter()
+        for i in range(start, start + 500):
+            logs.register_secret(f"agent-token-{i:07d}-{'z' * 16}", pinned=False)
+        return time.perf_counter() - t0
+
+    small = min(batch(k * 500) for k in range(1, 4))
+    for k in range(4, 40):
+        batch(k * 500)
+    large = min(batch(k * 500) for k in range(40, 43))
+    assert logs.tracked_secrets() == 43 * 500 - 500
+    assert large < 4 * small + 0.01, (small, large)
+    assert logs.redact(f"x agent-token-{20000:07d}-{'z' * 16} y agent-token-{600:07d}-{'z' * 16}") == "x *** y ***"
