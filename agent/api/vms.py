@@ -36,15 +36,16 @@ async def vm_action(request: web.Request) -> web.Response:
     if action not in ACTIONS:
         manager.get(name)  # an unknown VM is the more useful 404
         return json_error(404, f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
-    if action == "resume":
-        return await _resume(request, name)
+    if action in ("resume", "start"):
+        return await _unfenced(request, name, action)
     vm = await getattr(manager, action)(name)
     return web.json_response(vm.status())
 
 
-async def _resume(request: web.Request, name: str) -> web.Response:
-    """``?force=true`` resumes past an unsettled migration (only when the peer host
-    is known dead); the override is recorded in the audit log with what it overrode."""
+async def _unfenced(request: web.Request, name: str, action: str) -> web.Response:
+    """Resume or start, both refused (409) while a migration of the VM is unsettled;
+    ``?force=true`` overrides that (only when the peer host is known dead), and the
+    override is recorded in the audit log with what it overrode."""
     manager = request.app[VMS]
     force = request.query.get("force", "false")
     if force not in ("true", "false"):
@@ -56,9 +57,9 @@ async def _resume(request: web.Request, name: str) -> web.Response:
         await fence.override(name)  # 409 while the engine itself still runs the migration
         if AUDIT in request.app:
             await request.app[AUDIT].record(actor=request.get(ACTOR, "-"), remote=request.remote or "-",
-                                            action="resume forced past an unsettled migration",
+                                            action=f"{action} forced past an unsettled migration",
                                             target=name, result="ok", status=200, detail=why)
-    vm = await manager.resume(name)
+    vm = await (manager.resume(name) if action == "resume" else manager.start(name))
     return web.json_response(vm.status())
 
 

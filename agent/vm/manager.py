@@ -174,7 +174,10 @@ class VMManager:
             await op(vm)
         return vm
 
-    async def start(self, name: str) -> VM:
+    async def start(self, name: str, *, force: bool = False) -> VM:
+        """Boot a stopped VM; fenced like ``resume`` (a fresh boot here while a peer
+        may run the guest would be a second copy)."""
+        await self._unfenced(name, force)
         return await self._locked(name, VM.start)
 
     async def stop(self, name: str) -> VM:
@@ -186,6 +189,10 @@ class VMManager:
     async def resume(self, name: str, *, force: bool = False) -> VM:
         """Resume a paused VM; refused (409) while a migration of it is unsettled
         unless ``force`` (an operator who knows the peer host is dead)."""
+        await self._unfenced(name, force)
+        return await self._locked(name, VM.resume)
+
+    async def _unfenced(self, name: str, force: bool) -> None:
         self.get(name)
         why = self.resume_fence.fence_reason(name) if self.resume_fence is not None else None
         if why is not None:
@@ -193,7 +200,6 @@ class VMManager:
                 raise VMConflict(why)
             assert self.resume_fence is not None
             await self.resume_fence.override(name)
-        return await self._locked(name, VM.resume)
 
     async def delete(self, name: str) -> None:
         """Stop the VM if it runs and remove everything it had under the state dir."""
