@@ -8,10 +8,11 @@ migration: committed there -> the source releases its copy; failed there (the
 destination destroys its half-built VM before it says so) or the VM absent ->
 the source resumes; no definite answer in time -> the source stays paused and
 reports the outcome as in doubt (and, journalled, keeps asking: see
-``MigrationManager``). A restarted source has no API token for the
+``MigrationManager``). A restarted source keeps no grant for the
 destination, so it asks over the destination's migration data port instead
-(``ChannelOutcomeProbe``: the cluster secret authenticates, the destination
-answers from its own statuses, journal and VM table).
+(``ChannelOutcomeProbe``: the cluster secret authenticates, a ``query`` stands
+in for the grant, the destination answers from its statuses, journal and VM
+table).
 """
 
 from __future__ import annotations
