@@ -22,9 +22,11 @@ from novacron.agent.api.common import BODY, GRANT_READ, json_error
 from novacron.agent.api.host import host_name
 from novacron.agent.appkeys import CONFIG, VMS
 from novacron.agent.config import AgentConfig
+from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
 from novacron.agent.migration.qemu_port import (
     QemuDestFactory,
+    QemuLocalVMs,
     clean_stale_incoming,
     clean_stale_relay_sockets,
     source_vm,
@@ -59,7 +61,10 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
         host_name=host_name(cfg.name),
         grants=GrantVerifier(cfg.grant_key),
         peer_ssl=tls.peer_client_context(cfg),
+        journal=Journal(cfg.state_dir / "migrations"),
+        local_vms=QemuLocalVMs(vms),
     )
+    vms.resume_fence = manager  # resume waits for every migration of the VM to settle
     app[MANAGER_KEY] = manager
     app[GRANT_READ] = manager.may_read
 

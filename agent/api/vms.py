@@ -6,6 +6,7 @@ from aiohttp import web
 
 from novacron.agent.api.common import json_error, read_json_object
 from novacron.agent.appkeys import VMS
+from novacron.audit import ACTOR, AUDIT
 from novacron.faults import crash_point
 
 ACTIONS = ("start", "stop", "pause", "resume")
@@ -35,7 +36,30 @@ async def vm_action(request: web.Request) -> web.Response:
     if action not in ACTIONS:
         manager.get(name)  # an unknown VM is the more useful 404
         return json_error(404, f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
+    if action in ("resume", "start"):
+        return await _unfenced(request, name, action)
     vm = await getattr(manager, action)(name)
+    return web.json_response(vm.status())
+
+
+async def _unfenced(request: web.Request, name: str, action: str) -> web.Response:
+    """Resume or start, both refused (409) while a migration of the VM is unsettled;
+    ``?force=true`` overrides that (only when the peer host is known dead), and the
+    override is recorded in the audit log with what it overrode."""
+    manager = request.app[VMS]
+    force = request.query.get("force", "false")
+    if force not in ("true", "false"):
+        return json_error(400, "force: expected true or false")
+    fence = manager.resume_fence
+    why = fence.fence_reason(name) if fence is not None and force == "true" else None
+    if fence is not None and why is not None:
+        manager.get(name)  # an unknown VM stays a 404
+        await fence.override(name)  # 409 while the engine itself still runs the migration
+        if AUDIT in request.app:
+            await request.app[AUDIT].record(actor=request.get(ACTOR, "-"), remote=request.remote or "-",
+                                            action=f"{action} forced past an unsettled migration",
+                                            target=name, result="ok", status=200, detail=why)
+    vm = await (manager.resume(name) if action == "resume" else manager.start(name))
     return web.json_response(vm.status())
 
 

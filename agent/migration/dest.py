@@ -4,6 +4,12 @@ Nothing is built before a valid ``prepare`` arrives on an authenticated
 channel. From then on, anything other than a clean switchover (abort, channel
 loss, bad frame, timeout) destroys the destination machine, its RAM file and
 its VM directory, so a failed migration leaves nothing behind here.
+
+Liveness: the source sends keepalives, so silence for its ``liveness_s``
+fails the migration here; we send ours back the same way. The destination
+QEMU is watched too: its exit fails the migration at once (before ``go``,
+the source then resumes its copy). Each step is journalled (``journal.py``)
+before its effect.
 """
 
 from __future__ import annotations
@@ -14,13 +20,16 @@ import logging
 import mmap
 import os
 from collections.abc import Callable
+from typing import Any
 
 from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
+from novacron.agent.migration.journal import Entry, Journal
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM
 from novacron.agent.qmp import open_unix
+from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver
 
 log = logging.getLogger("novacron.agent.migration")
@@ -39,6 +48,7 @@ async def receive_migration(
     *,
     idle_timeout: float = IDLE_TIMEOUT,
     authorise: Callable[[str, str], None] | None = None,
+    journal: Journal | None = None,
 ) -> MigrationStatus | None:
     """Serve one incoming migration on ``channel``; returns its final status.
 
@@ -49,6 +59,7 @@ async def receive_migration(
         if rec.kind != CTRL or rec.op != "prepare" or rec.ctrl is None:
             raise ProtocolError("first message must be 'prepare'")
         mid, vm_name, spec, ram_size, want_digest = protocol.check_prepare(rec.ctrl)
+        liveness = protocol.liveness_of(rec.ctrl, idle_timeout)
         if authorise is not None:
             authorise(mid, vm_name)
     except (ChannelClosed, ProtocolError) as exc:
@@ -59,9 +70,24 @@ async def receive_migration(
     status = MigrationStatus(id=mid, vm=vm_name, role="destination", peer=channel.peer())
     status.pages_total = ram_size // protocol.PAGE
     register(status)
-    incoming = _Incoming(channel, status, want_digest, idle_timeout)
+    incoming = _Incoming(channel, status, want_digest, min(idle_timeout, liveness), journal)
+    # from here on the source hears from us, also while QEMU starts
+    keepalive = asyncio.create_task(_keepalive(channel, liveness))
     try:
-        dest = await factory.prepare(spec, ram_size, mid)
+        return await _receive(incoming, factory, spec, ram_size)
+    finally:
+        keepalive.cancel()
+
+
+async def _keepalive(ch: Channel, liveness: float) -> None:
+    await protocol.keepalive(ch, liveness)
+
+
+async def _receive(incoming: _Incoming, factory: DestFactory, spec: dict[str, Any],
+                   ram_size: int) -> MigrationStatus:
+    status, channel = incoming.status, incoming.ch
+    try:
+        dest = await factory.prepare(spec, ram_size, status.id)
     except Exception as exc:  # the factory cleans up after itself; say why, never hang
         what = "admission refused" if isinstance(exc, AdmissionError) else "preparing the VM failed"
         status.fail(f"{what}: {exc}")
@@ -71,20 +97,38 @@ async def receive_migration(
     except BaseException:
         status.fail("cancelled while preparing the VM", cancelled=True)
         raise
+    incoming.begin_journal()
     await incoming.run(dest, ram_size)
     return status
 
 
+class QemuExited(Exception):
+    pass
+
+
 class _Incoming:
-    def __init__(self, ch: Channel, status: MigrationStatus, want_digest: bool, idle: float):
+    def __init__(self, ch: Channel, status: MigrationStatus, want_digest: bool, idle: float,
+                 journal: Journal | None = None):
         self.ch = ch
         self.status = status
+        self.journal = journal
         self.want_digest = want_digest
         self.idle = idle
         self.counters = Counters()
         self.device_writer: asyncio.StreamWriter | None = None
         self.committed = False
         self.resume_tried = False  # 'go' arrived: the guest may have started here
+
+    def begin_journal(self) -> None:
+        if self.journal is not None:
+            host, _, port = self.ch.peer().rpartition(":")
+            self.status.journal = self.journal.begin(Entry(
+                id=self.status.id, vm=self.status.vm, role="destination", step="prepared",
+                peer_host=host, peer_port=int(port) if port.isdigit() else 0))
+
+    def _journal(self, step: str, reason: str = "") -> None:
+        if self.journal is not None and self.status.id in self.journal.entries:
+            self.journal.step(self.status.id, step, reason)
 
     async def run(self, dest: DestVM, ram_size: int) -> None:
         st = self.status
@@ -101,7 +145,7 @@ class _Incoming:
             await self.ch.send_ctrl({"op": "prepared"})
             st.set_phase("precopy")
             assert receiver is not None
-            await self._loop(dest, receiver, mm, sock)
+            await self._watched(dest, self._loop(dest, receiver, mm, sock))
         except BaseException as exc:
             reason = protocol.failure_reason(exc, "source")
             if self.committed:
@@ -133,11 +177,15 @@ class _Incoming:
                     log.error("destination VM may run but could not be destroyed",
                               extra={"migration": st.id, "reason": reason})
                 else:
+                    if destroyed:
+                        self._journal("rolled_back", reason)
                     if self.resume_tried:
                         await self._send_error(reason)
                     st.fail(reason, cancelled=isinstance(exc, DestAborted) and "cancel" in reason)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if not isinstance(exc, ChannelClosed | DestAborted):
+                await self._linger()
         finally:
             await self._close_device()
             receiver = None
@@ -145,6 +193,25 @@ class _Incoming:
                 with contextlib.suppress(BufferError):
                     mm.close()
             st.native = self.counters.as_dict()
+
+    async def _watched(self, dest: DestVM, loop: Any) -> None:
+        """Run the receive loop; a QEMU that exits before 'go' ends it at once."""
+        work = asyncio.create_task(loop)
+        exited = asyncio.create_task(dest.wait_exited())
+        try:
+            await asyncio.wait({work, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and not self.resume_tried:
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
+                raise QemuExited(f"destination QEMU exited: {exited.result()}")
+            await work
+        finally:
+            exited.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
 
     async def _loop(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str) -> None:
         st = self.status
@@ -172,8 +239,11 @@ class _Incoming:
             op = rec.op
             if op == "round_end":
                 st.round = protocol.check_int(rec.ctrl, "round", 1, 100_000)
+            elif op == "keepalive":
+                continue
             elif op == "device_begin":
                 st.set_phase("stopcopy")
+                crash_point("migration.dest.stopcopy")
                 self.device_writer = await _connect_unix(sock, timeout=30)
             elif op == "device_end":
                 await self._close_device()
@@ -185,14 +255,16 @@ class _Incoming:
                 await self.ch.send_ctrl(msg)
             elif op == "go":
                 st.set_phase("commit")
+                self._journal("go")
+                crash_point("migration.dest.go_received")
+                # Adopted while still paused: a VM that cannot be recorded here (no
+                # space, a name clash) fails the migration before the guest runs here,
+                # so a QEMU that runs is always one the agent knows.
+                await dest.adopt()
                 self.resume_tried = True
                 await dest.resume()
                 self.committed = True  # the guest runs here now: never destroy it
-                try:
-                    await dest.adopt()
-                except Exception as exc:
-                    log.error("adopting the migrated VM failed; it runs here regardless",
-                              extra={"migration": st.id, "error": str(exc)})
+                self._journal("committed", "the guest runs here")
                 # Final before telling the source: if 'resumed' is lost with the
                 # channel, the source asks our API and must read a definite answer.
                 st.set_phase("completed")
@@ -205,6 +277,15 @@ class _Incoming:
                 raise DestAborted(f"source aborted: {protocol.reason_of(rec.ctrl)}")
             else:
                 raise ProtocolError(f"unexpected control message {op!r}")
+
+    async def _linger(self, limit: float = 2.0) -> None:
+        """Drop what the source still sends until it hangs up (bounded): closing with its
+        page frames unread would reset the connection, and a reset discards our
+        'error' unread at the source, which would then only see "connection reset"."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(limit):
+                while True:
+                    await self.ch.recv(timeout=limit)
 
     async def _send_error(self, reason: str) -> None:
         with contextlib.suppress(Exception):

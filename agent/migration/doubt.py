@@ -7,7 +7,12 @@ destination agent's HTTP API, for a bounded time, what became of the
 migration: committed there -> the source releases its copy; failed there (the
 destination destroys its half-built VM before it says so) or the VM absent ->
 the source resumes; no definite answer in time -> the source stays paused and
-reports the outcome as in doubt.
+reports the outcome as in doubt (and, journalled, keeps asking: see
+``MigrationManager``). A restarted source keeps no grant for the
+destination, so it asks over the destination's migration data port instead
+(``ChannelOutcomeProbe``: the cluster secret authenticates, a ``query`` stands
+in for the grant, the destination answers from its statuses, journal and VM
+table).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 
 import aiohttp
 
+from novacron.agent.channel import AuthError, ChannelClosed, ProtocolError, connect
+from novacron.agent.migration import protocol
 from novacron.httpjson import ResponseTooLarge, read_json
 
 log = logging.getLogger("novacron.agent.migration")
@@ -52,7 +59,8 @@ async def settle(probe: OutcomeProbe | None, timeout_s: float, poll_s: float = P
     while True:
         try:
             last = await asyncio.wait_for(probe(), max(0.1, deadline - loop.time()))
-        except (TimeoutError, OSError, aiohttp.ClientError, ResponseTooLarge):
+        except (TimeoutError, OSError, aiohttp.ClientError, ResponseTooLarge, AuthError, ChannelClosed,
+                ProtocolError):
             last = Outcome.UNREACHABLE
         if last in (Outcome.COMMITTED, Outcome.ROLLED_BACK):
             return last, f"destination reports {last.value}"
@@ -99,6 +107,26 @@ class HttpOutcomeProbe:
             return Outcome.UNREACHABLE
 
 
+class ChannelOutcomeProbe:
+    """Asks the destination agent over its migration data port (``query`` ->
+    ``outcome``): what a restarted source uses, as it keeps no API token."""
+
+    def __init__(self, host: str, port: int, secret: str, migration_id: str, vm: str) -> None:
+        self.host, self.port, self.secret = host, port, secret
+        self.migration_id = migration_id
+        self.vm = vm
+
+    async def __call__(self) -> Outcome:
+        ch = await connect(self.host, self.port, self.secret, timeout=REQUEST_TIMEOUT_S)
+        try:
+            await ch.send_ctrl({"op": "query", "id": self.migration_id, "vm": self.vm},
+                               timeout=REQUEST_TIMEOUT_S)
+            rec = await ch.recv(timeout=REQUEST_TIMEOUT_S)
+        finally:
+            await ch.close()
+        answer = rec.ctrl.get("outcome") if rec.op == "outcome" and rec.ctrl is not None else None
+        return Outcome(answer) if answer in protocol.OUTCOMES else Outcome.UNREACHABLE
+
 
 # What the destination's answers mean; anything else (paused, migrating, a phase
 # still running) is not final yet: someone there may still resume the guest.
@@ -108,9 +136,19 @@ _BY_VM_STATE = {"running": Outcome.COMMITTED, "stopped": Outcome.ROLLED_BACK,
                 "crashed": Outcome.ROLLED_BACK}
 
 
+def outcome_of_phase(phase: str) -> Outcome:
+    """What a destination-side migration phase says about where the guest runs."""
+    return _BY_PHASE.get(phase, Outcome.PENDING)
+
+
+def outcome_of_vm_state(state: str | None) -> Outcome:
+    """What the destination's VM state says when it no longer knows the migration."""
+    return Outcome.ROLLED_BACK if state is None else _BY_VM_STATE.get(state, Outcome.PENDING)
+
+
 def _from_migration(doc: dict[str, Any]) -> Outcome:
-    return _BY_PHASE.get(str(doc.get("phase")), Outcome.PENDING)
+    return outcome_of_phase(str(doc.get("phase")))
 
 
 def _from_vm(doc: dict[str, Any]) -> Outcome:
-    return _BY_VM_STATE.get(str(doc.get("state")), Outcome.PENDING)
+    return outcome_of_vm_state(str(doc.get("state")))

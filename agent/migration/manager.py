@@ -1,5 +1,14 @@
 """Runs migrations inside the agent: outgoing ones started through the API,
-incoming ones accepted on the data port. Keeps every migration's live status."""
+incoming ones accepted on the data port. Keeps every migration's live status.
+
+With a journal (``journal.py``) it also settles, at start, every migration an
+earlier agent left unsettled: a destination knows from its own VM table
+whether the guest runs here; a source that never sent ``go`` resumes its
+guest; a source past ``go`` keeps the guest paused and fenced and asks the
+destination (``doubt.ChannelOutcomeProbe``) until it has a definite answer.
+``fence_reason`` is what ``VMManager.resume`` consults: resuming a VM with an
+unsettled migration is refused unless an operator forces it (``override``).
+"""
 
 from __future__ import annotations
 
@@ -20,19 +29,31 @@ from novacron.agent.channel import (
     connect,
 )
 from novacron.agent.channel.records import CTRL
+from novacron.agent.migration import protocol
 from novacron.agent.migration.dest import receive_migration
-from novacron.agent.migration.doubt import HttpOutcomeProbe
+from novacron.agent.migration.doubt import (
+    ChannelOutcomeProbe,
+    HttpOutcomeProbe,
+    Outcome,
+    outcome_of_phase,
+    outcome_of_vm_state,
+    settle,
+)
+from novacron.agent.migration.journal import Entry, Journal
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.protocol import ID_RE, NAME_RE
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
-from novacron.agent.migration.vmport import DestFactory, SourceVM
+from novacron.agent.migration.vmport import DestFactory, LocalVMs, SourceVM
+from novacron.agent.vm.errors import VMConflict
 from novacron.grants import Grant, GrantError, GrantVerifier, UsedGrants
 
 log = logging.getLogger("novacron.agent.migration")
 
 MAX_KEPT = 200  # finished migrations kept for GET /v1/migrations
 GRANT_WAIT_S = 10.0  # an authenticated peer must present its grant this soon
+SETTLE_ASK_S = 15.0  # one round of asking the destination what became of a migration ...
+SETTLE_RETRY_S = 5.0  # ... and the wait before the next round, until it answers
 
 
 class MigrationRequestError(ValueError):
@@ -55,8 +76,13 @@ class MigrationManager:
         host_name: str = "",
         grants: GrantVerifier | None = None,
         peer_ssl: ssl.SSLContext | None = None,
+        journal: Journal | None = None,
+        local_vms: LocalVMs | None = None,
     ) -> None:
         self._secret = cluster_secret
+        self.journal = journal
+        self._local = local_vms
+        self._settling: dict[str, asyncio.Task[None]] = {}
         self.host_name = host_name  # as registered: grants name hosts by it
         self.grants = grants or GrantVerifier()
         self._peer_ssl = peer_ssl  # mutual TLS to the destination's API (outcome probe)
@@ -75,9 +101,12 @@ class MigrationManager:
         return self.server.port
 
     async def start(self) -> int:
+        await self.recover()
         return await self.server.start()
 
     async def close(self) -> None:
+        for task in self._settling.values():
+            task.cancel()
         for mig in self._running.values():
             mig.cancel()
         if self._tasks:
@@ -100,6 +129,159 @@ class MigrationManager:
     def busy(self, vm: str) -> bool:
         return vm in self._busy_vms
 
+    # -- fencing ---------------------------------------------------------
+    def fence_reason(self, vm: str) -> str | None:
+        """Why ``vm`` must not be resumed here now (None: it may)."""
+        if vm in self._busy_vms:
+            running = [s for s in self.statuses.values() if s.vm == vm and not s.done]
+            what = f"migration {running[-1].id} ({running[-1].role}, {running[-1].phase})" if running else "a migration"
+            return f"VM {vm} is fenced: {what} is in progress; cancel it or wait for it to end"
+        entry = self.journal.unsettled(vm) if self.journal is not None else None
+        if entry is None:
+            return None
+        why = f": {entry.reason}" if entry.reason else ""
+        return (f"VM {vm} is fenced: migration {entry.id} ({entry.role}, step {entry.step}) is unsettled{why}; "
+                "resuming it here could run the guest twice. Force only if the peer host is known dead")
+
+    async def override(self, vm: str) -> str | None:
+        """An operator forces ``vm`` free (its peer is known dead): the unsettled migration
+        is recorded as rolled back here. Returns its id. Refused while the engine runs it."""
+        if vm in self._busy_vms:
+            raise VMConflict(f"VM {vm} has a migration in progress; cancel it or wait (force does not apply)")
+        entry = self.journal.unsettled(vm) if self.journal is not None else None
+        if entry is None or self.journal is None:
+            return None
+        task = self._settling.pop(entry.id, None)
+        if task is not None:
+            task.cancel()
+        reason = "forced by an operator: the peer was declared dead"
+        self.journal.step(entry.id, "rolled_back", reason)
+        if self._local is not None:
+            self._local.set_migrating(vm, False)
+        status = self.statuses.get(entry.id)
+        if status is not None:
+            status.resolution = reason
+            if not status.done:
+                status.fail(reason)
+        log.warning("unsettled migration overridden", extra={"migration": entry.id, "vm": vm})
+        return entry.id
+
+    # -- recovery at start -------------------------------------------------
+    async def recover(self) -> None:
+        """Settle what an earlier agent's journal left (run once, before serving)."""
+        if self.journal is None:
+            return
+        entries = self.journal.load()
+        latest: dict[str, Entry] = {}
+        for entry in sorted(entries, key=lambda e: e.history[-1]["time"] if e.history else 0.0):
+            latest[entry.vm] = entry
+            self._keep(_status_from(entry))
+        for entry in entries:
+            if latest[entry.vm] is not entry and not entry.settled:
+                # a later migration of this VM exists: this one cannot matter any more
+                self.journal.step(entry.id, "rolled_back", "superseded by a later migration of the VM")
+                continue
+            if latest[entry.vm] is entry:
+                await self._recover_one(entry)
+
+    async def _recover_one(self, entry: Entry) -> None:
+        local, journal = self._local, self.journal
+        assert journal is not None
+        status = self.statuses[entry.id]
+        state = local.state(entry.vm) if local is not None else None
+        if entry.settled:
+            if entry.role == "source" and entry.step == "committed" and state is not None and local is not None:
+                log.info("finishing the release of a migrated VM", extra={"migration": entry.id})
+                await local.release(entry.vm)  # the agent stopped between commit and release
+            return
+        if entry.role == "destination":
+            # incoming/ was cleaned before this: a guest that runs here was adopted
+            if state == "running":
+                journal.step(entry.id, "committed", "the agent restarted after the guest started here")
+                status.error = None
+                status.set_phase("completed")
+            else:
+                if state is not None and local is not None:  # adopted, never resumed: not ours
+                    await local.release(entry.vm)
+                journal.step(entry.id, "rolled_back",
+                             "the agent restarted before the guest ran here; its half-built VM was removed")
+                status.fail(entry.reason)
+            return
+        if entry.step == "go":
+            if local is not None:
+                local.set_migrating(entry.vm, True)
+            self._spawn_settle(entry, status)
+            return
+        # before 'go' the destination never runs the guest: resuming here is safe
+        what = "the VM is gone here"
+        if state == "paused" and local is not None:
+            try:
+                await local.resume(entry.vm)
+                what = "its guest was resumed here"
+            except Exception as exc:
+                log.error("resuming a guest left paused by a migration failed",
+                          extra={"migration": entry.id, "error": str(exc)})
+                journal.note(entry.id, f"agent restarted during {entry.step}; resuming failed: {exc}")
+                return  # stays unsettled (and fenced) for an operator
+        elif state is not None:
+            what = f"its guest was {state} here"
+        journal.step(entry.id, "rolled_back", f"the agent restarted during {entry.step}; {what}")
+        status.fail(f"the agent restarted mid-migration ({entry.step}); {what}")
+        log.warning("unfinished migration rolled back at start", extra={"migration": entry.id, "vm": entry.vm})
+
+    def _spawn_settle(self, entry: Entry, status: MigrationStatus) -> None:
+        if entry.id in self._settling:
+            return
+        task = asyncio.create_task(self._settle_source(entry, status), name=f"settle {entry.id}")
+        self._settling[entry.id] = task
+        task.add_done_callback(lambda _t: self._settling.pop(entry.id, None))
+
+    async def _settle_source(self, entry: Entry, status: MigrationStatus) -> None:
+        """Past 'go' with no answer: ask the destination until it says where the guest runs."""
+        journal, local = self.journal, self._local
+        assert journal is not None
+        probe = ChannelOutcomeProbe(entry.peer_host, entry.peer_port, self._secret, entry.id, entry.vm)
+        log.warning("migration unsettled past 'go'; guest kept paused, asking the destination",
+                    extra={"migration": entry.id, "vm": entry.vm, "peer": f"{entry.peer_host}:{entry.peer_port}"})
+        while not entry.settled:
+            outcome, note = await settle(probe, SETTLE_ASK_S)
+            if entry.settled:  # an operator forced it meanwhile
+                return
+            status.resolution = note
+            try:
+                if outcome is Outcome.COMMITTED:
+                    journal.step(entry.id, "committed", note)
+                    if local is not None:
+                        local.set_migrating(entry.vm, False)
+                        await local.release(entry.vm)
+                    status.error = None
+                    status.set_phase("completed")
+                    log.info("migration settled: the destination runs the guest", extra={"migration": entry.id})
+                    return
+                if outcome is Outcome.ROLLED_BACK:
+                    if local is not None:
+                        local.set_migrating(entry.vm, False)
+                        if local.state(entry.vm) == "paused":
+                            await local.resume(entry.vm)
+                    journal.step(entry.id, "rolled_back", note)
+                    if not status.done:
+                        status.fail(f"settled: {note}")
+                    log.info("migration settled: the guest runs here again", extra={"migration": entry.id})
+                    return
+            except Exception as exc:  # keep trying: the guest must not stay in limbo silently
+                log.error("settling a migration failed", extra={"migration": entry.id, "error": str(exc)})
+            journal.note(entry.id, f"in doubt: {note}; asking again")
+            await asyncio.sleep(SETTLE_RETRY_S)
+
+    def answer(self, mid: str, vm: str) -> str:
+        """A source's ``query``: what became of migration ``mid`` here (as destination)?"""
+        status = self.statuses.get(mid)
+        if status is not None and status.role == "destination":
+            return outcome_of_phase(status.phase).value
+        state = self._local.state(vm) if self._local is not None else None
+        outcome = outcome_of_vm_state(state)
+        return outcome.value if outcome is not Outcome.UNREACHABLE else Outcome.PENDING.value
+
     # -- incoming --------------------------------------------------------
     async def _incoming(self, channel: Channel) -> None:
         grant = await self._admit(channel)
@@ -117,7 +299,8 @@ class MigrationManager:
                 raise ProtocolError(f"the grant is for VM {grant.vm!r}, not {vm!r}")
 
         try:
-            await receive_migration(channel, self._dest_factory, register, authorise=authorise)
+            await receive_migration(channel, self._dest_factory, register, authorise=authorise,
+                                    journal=self.journal)
         finally:  # also when it raised: the name must not stay busy forever
             for name in names:
                 self._busy_vms.discard(name)
@@ -127,6 +310,12 @@ class MigrationManager:
         this host as destination, used once; else say why and refuse."""
         try:
             rec = await channel.recv(timeout=GRANT_WAIT_S)
+            if rec.kind == CTRL and rec.op == "query" and rec.ctrl is not None:
+                # a restarted source asking what became of a migration (no grant: it only
+                # learns committed / rolled_back / pending of the id and VM it names)
+                mid, vm = protocol.check_query(rec.ctrl)
+                await channel.send_ctrl({"op": "outcome", "outcome": self.answer(mid, vm)}, timeout=5)
+                return None
             if rec.kind != CTRL or rec.op != "grant" or rec.ctrl is None:
                 raise ProtocolError("first message must be the coordinator's grant")
             grant = self.grants.verify(rec.ctrl.get("grant"))
@@ -233,9 +422,13 @@ class MigrationManager:
                 log.warning("migration not started", extra={"migration": status.id, "reason": status.error})
                 return
             status.peer = f"{grant.data_host}:{grant.data_port}"
+            if self.journal is not None:  # where a restarted agent will ask, before any side effect
+                status.journal = self.journal.begin(Entry(
+                    id=status.id, vm=vm.name, role="source", step="started",
+                    peer_host=grant.data_host, peer_port=grant.data_port))
             probe = HttpOutcomeProbe(grant.url, token, status.id, vm.name, scheme="Grant",
                                      ssl=self._peer_ssl, server_name=grant.target)
-            mig = SourceMigration(vm, channel, status, opts, probe=probe)
+            mig = SourceMigration(vm, channel, status, opts, probe=probe, journal=self.journal)
             self._running[status.id] = mig
             try:
                 await channel.send_ctrl({"op": "grant", "grant": token})  # the destination's admission
@@ -251,6 +444,12 @@ class MigrationManager:
                 status.fail(f"internal error: {exc}")
         finally:
             self._busy_vms.discard(status.vm)
+        entry = self.journal.entries.get(status.id) if self.journal is not None else None
+        if entry is not None and not entry.settled:
+            if entry.step == "go":  # in doubt: keep asking until the destination answers
+                self._spawn_settle(entry, status)
+            else:  # crashed before 'go': the same as a restart there
+                await self._recover_one(entry)
 
     def cancel(self, mid: str) -> MigrationStatus:
         status = self.statuses.get(mid)
@@ -265,6 +464,23 @@ class MigrationManager:
             raise MigrationRequestError("migration is committing; too late to cancel", 409)
         mig.cancel()
         return status
+
+
+def _status_from(entry: Entry) -> MigrationStatus:
+    """The status a restarted agent shows for a journalled migration."""
+    st = MigrationStatus(id=entry.id, vm=entry.vm, role=entry.role, peer=f"{entry.peer_host}:{entry.peer_port}")
+    st.journal = entry
+    st.budget_exceeded = entry.budget_exceeded
+    if entry.history:
+        st.started = float(entry.history[0].get("time", st.started))
+    if entry.step == "committed":
+        st.set_phase("completed")
+    elif entry.step == "rolled_back":
+        st.fail(entry.reason or "rolled back")
+    else:
+        st.phase = {"go": "commit", "paused": "stopcopy"}.get(entry.step, "precopy")
+        st.error = f"the agent restarted at step {entry.step!r}; settling"
+    return st
 
 
 def _check_target(raw: Any, grant: Grant) -> None:

@@ -20,6 +20,13 @@ class MigrationOptions:
     # after a channel loss past 'go': how long to ask the destination's API what
     # happened (longer than its 60 s idle timeout, so a silent partition settles)
     in_doubt_timeout_s: float = 120.0
+    # liveness: each side sends keepalives every liveness_s / 4; a peer silent for
+    # liveness_s fails the migration (before 'go': the source resumes)
+    liveness_s: float = 2.0
+    # hard ceiling of the pause: min(downtime_ms * pause_factor, max_pause_ms); reached
+    # before 'go', the source resumes and the migration fails
+    pause_factor: float = 10.0
+    max_pause_ms: float = 10_000.0
 
     @classmethod
     def from_dict(cls, raw: Any) -> MigrationOptions:
@@ -61,6 +68,16 @@ class MigrationOptions:
             raise ValueError("option 'timeout_s' must be between 1 and 86400")
         if not 0.1 <= self.in_doubt_timeout_s <= 3600:
             raise ValueError("option 'in_doubt_timeout_s' must be between 0.1 and 3600")
+        if not 0.5 <= self.liveness_s <= 60:
+            raise ValueError("option 'liveness_s' must be between 0.5 and 60")
+        if not 1 <= self.pause_factor <= 10_000:
+            raise ValueError("option 'pause_factor' must be between 1 and 10000")
+        if not 10 <= self.max_pause_ms <= 600_000:
+            raise ValueError("option 'max_pause_ms' must be between 10 and 600000")
+
+    @property
+    def pause_ceiling_ms(self) -> float:
+        return min(self.downtime_ms * self.pause_factor, self.max_pause_ms)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

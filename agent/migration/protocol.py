@@ -2,7 +2,12 @@
 
 Source -> destination: ``prepare``, ``round_end``, ``device_begin``,
 ``device_end``, ``go``, ``done``, ``abort``. Destination -> source:
-``prepared``, ``ready``, ``resumed``, ``error``. Page data and device state
+``prepared``, ``ready``, ``resumed``, ``error``. Both ways, from ``prepare``
+on: ``keepalive`` (every ``liveness_s / 4``; silence for ``liveness_s`` means
+the peer is dead or hung). A channel may instead open with ``query``
+(``id``, ``vm``) in place of the grant: a restarted source asks what became of
+a migration, and the destination answers ``outcome`` (``committed``,
+``rolled_back`` or ``pending``) and closes. Page data and device state
 travel as native page-stream frames between them. Every field read from the
 peer is checked here, so a malformed message becomes one clear ProtocolError.
 """
@@ -13,7 +18,7 @@ import asyncio
 import re
 from typing import Any
 
-from novacron.agent.channel.records import ChannelClosed, ProtocolError
+from novacron.agent.channel.records import Channel, ChannelClosed, ProtocolError
 
 TAG_DEVICE_STATE = 1  # blob frames carrying QEMU's migration stream
 RELAY_SOCKET = "migrate-out.sock"  # source side: QEMU's device state enters the relay here
@@ -28,6 +33,10 @@ def _field(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ProtocolError(f"'{msg.get('op')}' message: field {key!r} missing or of wrong type")
     return value
+
+
+KEEPALIVE = {"op": "keepalive"}
+OUTCOMES = ("committed", "rolled_back", "pending")
 
 
 def check_prepare(msg: dict[str, Any]) -> tuple[str, str, dict[str, Any], int, bool]:
@@ -47,6 +56,21 @@ def check_prepare(msg: dict[str, Any]) -> tuple[str, str, dict[str, Any], int, b
     return mid, vm, spec, ram, digest
 
 
+def liveness_of(msg: dict[str, Any], default: float) -> float:
+    """The source's liveness deadline from ``prepare`` (absent: ``default``)."""
+    value = msg.get("liveness_s", default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.5 <= value <= 60:
+        raise ProtocolError("'prepare' message: liveness_s must be a number between 0.5 and 60")
+    return float(value)
+
+
+def check_query(msg: dict[str, Any]) -> tuple[str, str]:
+    mid, vm = _field(msg, "id", str), _field(msg, "vm", str)
+    if not ID_RE.match(mid) or not NAME_RE.match(vm):
+        raise ProtocolError("'query' message: bad migration id or VM name")
+    return mid, vm
+
+
 def check_int(msg: dict[str, Any], key: str, lo: int = 0, hi: int = 1 << 62) -> int:
     value = _field(msg, key, int)
     if not lo <= value <= hi:
@@ -57,6 +81,19 @@ def check_int(msg: dict[str, Any], key: str, lo: int = 0, hi: int = 1 << 62) -> 
 def reason_of(msg: dict[str, Any]) -> str:
     value = msg.get("reason")
     return value[:500] if isinstance(value, str) and value else "no reason given"
+
+
+async def keepalive(ch: Channel, liveness: float) -> None:
+    """Send ``keepalive`` every ``liveness / 4`` until cancelled or the channel closes.
+    A slow drain (page data queued ahead) is no reason to stop: the peer is reading."""
+    while not ch.writer.is_closing():
+        await asyncio.sleep(liveness / 4)
+        try:
+            await ch.send_ctrl(KEEPALIVE, timeout=liveness)
+        except ChannelClosed:
+            continue
+        except (OSError, ValueError):
+            return
 
 
 def failure_reason(exc: BaseException, peer: str, timeout: str = "timed out") -> str:

@@ -164,6 +164,10 @@ class QemuDest:
     async def wait_device_state_loaded(self, timeout: float) -> None:
         await _poll(self.vm, "query-status", _incoming_loaded, timeout, "destination QEMU")
 
+    async def wait_exited(self) -> str:
+        await self.vm.wait_exit()  # the pidfd supervisor notices within milliseconds
+        return self.vm.error or f"exit code {self.vm.exit_code}"
+
     async def resume(self) -> None:
         qmp = _qmp(self.vm)
         await qmp.execute("cont", timeout=10)
@@ -179,6 +183,8 @@ class QemuDest:
         vm = self.vm
         await vm.stop()
         shutil.rmtree(vm.paths.dir, ignore_errors=True)
+        if self.vms.vms.get(vm.name) is vm:  # adopted, then resuming it failed
+            self.vms.forget(vm.name)
         log.info("destination VM destroyed", extra={"vm": vm.name})
 
     async def adopt(self) -> None:
@@ -195,6 +201,32 @@ class QemuDest:
         vm.save()
         self.vms.register(vm)
         log.info("migrated VM adopted", extra={"vm": vm.name, "pid": vm.pid})
+
+
+class QemuLocalVMs:
+    """The runtime's VMs as the migration manager's recovery sees them."""
+
+    def __init__(self, vms: VMManager) -> None:
+        self.vms = vms
+
+    def state(self, name: str) -> str | None:
+        vm = self.vms.vms.get(name)
+        return vm.state if vm is not None else None
+
+    def set_migrating(self, name: str, flag: bool) -> None:
+        vm = self.vms.vms.get(name)
+        if vm is not None:
+            vm.migrating = flag
+
+    async def resume(self, name: str) -> None:
+        vm = self.vms.get(name)
+        async with vm.lock:
+            await vm.resume()
+
+    async def release(self, name: str) -> None:
+        vm = self.vms.vms.get(name)
+        if vm is not None:
+            await QemuSource(self.vms, vm).release()
 
 
 class QemuDestFactory:

@@ -6,6 +6,12 @@ confirmed that the guest runs there rolls back: the source resumes and the
 destination is told to destroy what it built (and does so by itself when the
 channel breaks). Post-copy would branch off in ``_precopy`` when the round
 limit is hit without convergence (see ``_on_no_convergence``).
+
+Each irreversible step is journalled first (``journal.py``), so a restarted
+agent can settle what this one left. A watchdog runs beside the phases: a
+destination silent for ``liveness_s`` (it sends keepalives) or a pause that
+reaches its ceiling before ``go`` stops the migration at once, whatever the
+phases are waiting on, and the source resumes.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, Protoco
 from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
+from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.throttle import Throttle
 from novacron.agent.migration.unixsock import start_unix_server_at
 from novacron.agent.migration.vmport import SourceVM
+from novacron.faults import crash_point
 from novacron.native import (
     Counters,
     DedupIndex,
@@ -42,6 +50,7 @@ from novacron.native import (
 log = logging.getLogger("novacron.agent.migration")
 
 DEVICE_CHUNK = 256 * 1024
+WATCH_S = 0.02  # watchdog period: how late a pause ceiling may be noticed
 
 
 class MigrationFailed(Exception):
@@ -57,8 +66,10 @@ class SourceMigration:
         opts: MigrationOptions,
         *,
         probe: OutcomeProbe | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.vm = vm
+        self.journal = journal  # None: not journalled (engine tests)
         self.probe = probe  # asks the destination's API when the channel dies after 'go'
         self.ch = channel
         self.status = status
@@ -71,6 +82,10 @@ class SourceMigration:
         self._go_sent = False
         self._dest_gave_up = False
         self._t_pause = 0.0
+        self._t_resumed: float | None = None
+        self._peer_lost: str | None = None  # set by the reader: silent or broken channel
+        self._dest_failed: str | None = None  # set by the reader: the destination's 'error'
+        self._stopped_by: str | None = None  # the watchdog's reason for stopping the phases
         self.counters = Counters()
         self._zero_skipped = 0  # zero pages at the first scan (see _precopy)
         self._mm: mmap.mmap | None = None
@@ -81,19 +96,19 @@ class SourceMigration:
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
         st = self.status
+        st.pause_ceiling_ms = self.opts.pause_ceiling_ms
         log.info("migration starting", extra={"migration": st.id, "vm": st.vm, "peer": st.peer})
         self._reader = asyncio.create_task(self._read_loop())
+        keepalive = asyncio.create_task(self._keepalive())
         try:
-            async with asyncio.timeout(self.opts.timeout_s):
-                await self._prepare()
-                await self._precopy()
-                await self._stopcopy()
-                await self._switchover()
+            await self._watched(self._phases())
             await self._commit()
         except BaseException as exc:
             reason = protocol.failure_reason(
                 exc, "destination", f"migration exceeded its timeout of {self.opts.timeout_s:g}s")
-            aborted = isinstance(exc, asyncio.CancelledError)
+            aborted = isinstance(exc, asyncio.CancelledError) and self._stopped_by is None
+            if self._stopped_by is not None:
+                reason = self._stopped_by
             if self._go_sent and not self._dest_gave_up and not aborted and not st.done:
                 await self._settle_in_doubt(reason)
             else:
@@ -101,8 +116,60 @@ class SourceMigration:
             if aborted:
                 raise
         finally:
+            keepalive.cancel()
             self._cleanup()
         return st
+
+    async def _phases(self) -> None:
+        async with asyncio.timeout(self.opts.timeout_s):
+            await self._prepare()
+            await self._precopy()
+            await self._stopcopy()
+            await self._switchover()
+
+    async def _watched(self, phases: Any) -> None:
+        """Run ``phases``; cancel them when the watchdog finds a reason to stop."""
+        work = asyncio.create_task(phases)
+        watch = asyncio.create_task(self._watchdog())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                self._stopped_by = watch.result()
+                log.warning("stopping the migration", extra={"migration": self.status.id,
+                                                             "reason": self._stopped_by})
+                work.cancel()
+            await work
+        finally:
+            watch.cancel()
+            if not work.done():  # we were cancelled ourselves
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
+
+    async def _watchdog(self) -> str:
+        """Returns why the migration must stop now; never returns once 'go' was sent."""
+        ceiling_s = self.opts.pause_ceiling_ms / 1000.0
+        while True:
+            await asyncio.sleep(WATCH_S)
+            if self._go_sent:
+                await asyncio.Event().wait()  # only the destination's answer decides now
+            if self._dest_failed is not None:
+                self._dest_gave_up = True  # it destroyed its copy (see _raise_on_failure)
+                return f"destination failed: {self._dest_failed}"
+            if self._peer_lost is not None:
+                return f"channel to destination lost: {self._peer_lost}"
+            if self._paused and time.monotonic() - self._t_pause >= ceiling_s:
+                return (f"pause reached its ceiling of {self.opts.pause_ceiling_ms:g} ms before "
+                        f"switchover (downtime budget {self.opts.downtime_ms:g} ms x "
+                        f"{self.opts.pause_factor:g}, cap {self.opts.max_pause_ms:g} ms)")
+
+    async def _keepalive(self) -> None:
+        """Tell the destination we are alive, so it can give up on a silent source fast."""
+        await protocol.keepalive(self.ch, self.opts.liveness_s)
+
+    def _journal(self, step: str, reason: str = "") -> None:
+        if self.journal is not None and self.status.id in self.journal.entries:
+            self.journal.step(self.status.id, step, reason, budget_exceeded=self.status.budget_exceeded)
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -116,11 +183,17 @@ class SourceMigration:
     async def _read_loop(self) -> None:
         try:
             while True:
-                rec = await self.ch.recv(timeout=self.opts.timeout_s)
+                # the destination sends keepalives: silence this long means dead or hung
+                rec = await self.ch.recv(timeout=self.opts.liveness_s)
                 if rec.kind != CTRL or rec.ctrl is None:
                     raise ProtocolError("destination sent a frame; only control messages expected")
+                if rec.op == "keepalive":
+                    continue
+                if rec.op == "error":  # its reason beats the channel closing right after
+                    self._dest_failed = protocol.reason_of(rec.ctrl)
                 await self._inbox.put(rec.ctrl)
         except (ChannelClosed, ProtocolError) as exc:
+            self._peer_lost = str(exc)
             await self._inbox.put(exc)
 
     def _check_inbox(self) -> None:
@@ -175,6 +248,7 @@ class SourceMigration:
         await self.ch.send_ctrl({
             "op": "prepare", "id": st.id, "vm": self.vm.name, "spec": self.vm.spec(),
             "ram_size": size, "test_digest": self.opts.test_digest,
+            "liveness_s": self.opts.liveness_s,
         })
         await self._expect("prepared", timeout=120)
 
@@ -293,10 +367,13 @@ class SourceMigration:
             parts[name] = round((now - mark) * 1000.0, 2)
             mark = now
 
+        # Journalled first: a restarted agent resumes a guest it finds paused here.
+        self._journal("paused")
         # Set first: a pause that errors out may still have stopped the vCPUs,
         # and resuming a running guest is harmless.
         self._paused = True
         await self.vm.pause()
+        crash_point("migration.source.paused")
         lap("pause_ms")
         st.round += 1
         assert self.tracker is not None
@@ -365,19 +442,29 @@ class SourceMigration:
                 path.unlink()
 
     async def _switchover(self) -> None:
-        # Set first: 'go' may reach the destination even if sending it then fails.
+        # Journalled and set first: 'go' may reach the destination even if sending it
+        # then fails, and from here on this copy must never resume unasked.
+        self._journal("go")
         self._go_sent = True
         await self.ch.send_ctrl({"op": "go"})
+        crash_point("migration.source.go_sent")
         await self._expect("resumed", timeout=60)
+        crash_point("migration.source.resumed_received")  # the destination runs it; not journalled yet
         now = time.monotonic()
         st = self.status
         st.downtime_ms = (now - self._t_pause) * 1000.0
         st.downtime_parts["resume_ms"] = round(
             st.downtime_ms - sum(st.downtime_parts.values()), 2)
+        if st.downtime_ms > self.opts.downtime_ms:
+            st.budget_exceeded = True  # too late to undo: say so, never a plain success
+            log.warning("pause exceeded the downtime budget",
+                        extra={"migration": st.id, "downtime_ms": round(st.downtime_ms, 1),
+                               "budget_ms": self.opts.downtime_ms})
 
     async def _commit(self) -> None:
         st = self.status
         st.set_phase("commit")
+        self._journal("committed", st.resolution or "destination confirmed it runs the guest")
         try:
             await self.vm.release()
         except Exception as exc:  # the guest already runs at the destination
@@ -412,6 +499,8 @@ class SourceMigration:
         st = self.status
         log.error("migration outcome in doubt; guest left paused at the source",
                   extra={"migration": st.id, "reason": reason})
+        if self.journal is not None and st.id in self.journal.entries:
+            self.journal.note(st.id, f"in doubt: {reason}")
         self._sync_counters()
         st.fail(f"{reason}: outcome in doubt after switchover was ordered; "
                 "the guest is left paused at the source so it never runs twice")
@@ -427,17 +516,24 @@ class SourceMigration:
             await self.throttle.stop()
         except Exception as exc:
             reason += f"; resuming the throttled source failed: {exc}"
-        with contextlib.suppress(Exception):
-            await self.ch.send_ctrl({"op": "abort", "reason": reason}, timeout=2)
         if self._device_started:
             with contextlib.suppress(Exception):
                 await self.vm.cancel_device_state()
+        resumed = True
         if self._paused:
             try:
                 await self.vm.resume()
                 self._paused = False
+                st.downtime_ms = (time.monotonic() - self._t_pause) * 1000.0
+                st.budget_exceeded = st.downtime_ms > self.opts.downtime_ms
             except Exception as exc:
+                resumed = False
                 reason += f"; resuming the source failed: {exc}"
+        if resumed:  # after the resume: a restart in between resumes again (harmless)
+            self._journal("rolled_back", reason)
+        # last: a hung destination must not hold the guest paused for this
+        with contextlib.suppress(Exception):
+            await self.ch.send_ctrl({"op": "abort", "reason": reason}, timeout=2)
         with contextlib.suppress(Exception):
             await self.vm.stay()
         self._sync_counters()

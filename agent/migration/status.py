@@ -42,6 +42,10 @@ class MigrationStatus:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     # how a switchover whose answer was lost with the channel got settled
     resolution: str | None = None
+    # the pause outlasted the downtime budget: never a plain success (see source.py)
+    budget_exceeded: bool = False
+    pause_ceiling_ms: float | None = None
+    journal: Any = None  # this side's journal entry (journal.Entry), once written
     native: dict[str, Any] = field(default_factory=dict)
     _t0: float = field(default_factory=time.monotonic)
     _t_end: float | None = None
@@ -83,6 +87,8 @@ class MigrationStatus:
             "dedup_ratio": round(self.pages_dedup / self.pages_sent, 4) if self.pages_sent else None,
             "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 2),
             "downtime_parts": self.downtime_parts,
+            "budget_exceeded": self.budget_exceeded,
+            "pause_ceiling_ms": self.pause_ceiling_ms,
             "total_s": round(self.total_s, 3),
             "converged": self.converged,
             "throttle_pct": self.throttle_pct,
@@ -106,6 +112,9 @@ class MigrationStatus:
         }
         if self.resolution:
             doc["resolution"] = self.resolution
+        doc["budget_exceeded"] = self.budget_exceeded
+        # what survives a restart of this agent, and whether the VM is still fenced
+        doc["journal"] = self.journal.public() if self.journal is not None else None
         if self.digest_source or self.digest_destination:
             doc["digest"] = {
                 "source": self.digest_source,

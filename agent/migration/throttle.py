@@ -13,6 +13,7 @@ import contextlib
 import logging
 
 from novacron.agent.migration.vmport import SourceVM
+from novacron.faults import crash_point
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -40,6 +41,7 @@ class Throttle:
         while True:
             self._stopped_by_us = True
             await self.vm.pause()
+            crash_point("migration.source.throttled")
             await asyncio.sleep(self.level * self.period)
             await self.vm.resume()
             self._stopped_by_us = False

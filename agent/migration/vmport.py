@@ -59,6 +59,10 @@ class DestVM(Protocol):
 
     async def wait_device_state_loaded(self, timeout: float) -> None: ...
 
+    async def wait_exited(self) -> str:
+        """Return (with a short reason) when the destination machine's process ends."""
+        ...
+
     async def resume(self) -> None:
         """Start the guest and return once it is confirmed running."""
         ...
@@ -76,6 +80,26 @@ class DestFactory(Protocol):
     async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str) -> DestVM:
         """Admit the VM: check capacity, create and preallocate its RAM file, start the
         machine paused waiting for incoming device state. Raises ``AdmissionError``."""
+        ...
+
+
+class LocalVMs(Protocol):
+    """What a restarted agent needs to settle the migrations its journal names."""
+
+    def state(self, name: str) -> str | None:
+        """The VM's state here ("running", "paused", ...), None if there is no such VM."""
+        ...
+
+    def set_migrating(self, name: str, flag: bool) -> None:
+        """Show the VM as migrating (and refuse deleting it) while its migration is unsettled."""
+        ...
+
+    async def resume(self, name: str) -> None:
+        """Resume a paused VM (the engine's own call: not fenced)."""
+        ...
+
+    async def release(self, name: str) -> None:
+        """The destination runs the VM: stop the copy here and remove its files."""
         ...
 
 

@@ -8,6 +8,7 @@ import logging
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from novacron.agent.records import NewerRecord
 from novacron.agent.vm.accel import AccelDetector, AccelUnavailable
@@ -23,6 +24,14 @@ from novacron.agent.vm.spec import SpecError, VMSpec, parse_spec
 log = logging.getLogger("novacron.agent.vm")
 
 
+class ResumeFence(Protocol):
+    """Who may forbid resuming a VM (the migration manager: an unsettled migration)."""
+
+    def fence_reason(self, name: str) -> str | None: ...
+
+    async def override(self, name: str) -> str | None: ...
+
+
 class VMManager:
     def __init__(self, state_dir: Path, accel: AccelDetector, qemu: str = QEMU_BINARY,
                  images: ImageDirs | None = None, networks: HostNetworks | None = None) -> None:
@@ -34,6 +43,7 @@ class VMManager:
         self.networks = networks or HostNetworks()
         self.vms: dict[str, VM] = {}
         self._lock = asyncio.Lock()  # guards the name table (create/delete)
+        self.resume_fence: ResumeFence | None = None  # set when migrations are attached
 
     def paths(self, name: str) -> VMPaths:
         return VMPaths(self.vms_dir / name)
@@ -167,7 +177,10 @@ class VMManager:
             await op(vm)
         return vm
 
-    async def start(self, name: str) -> VM:
+    async def start(self, name: str, *, force: bool = False) -> VM:
+        """Boot a stopped VM; fenced like ``resume`` (a fresh boot here while a peer
+        may run the guest would be a second copy)."""
+        await self._unfenced(name, force)
         return await self._locked(name, VM.start)
 
     async def stop(self, name: str) -> VM:
@@ -176,8 +189,20 @@ class VMManager:
     async def pause(self, name: str) -> VM:
         return await self._locked(name, VM.pause)
 
-    async def resume(self, name: str) -> VM:
+    async def resume(self, name: str, *, force: bool = False) -> VM:
+        """Resume a paused VM; refused (409) while a migration of it is unsettled
+        unless ``force`` (an operator who knows the peer host is dead)."""
+        await self._unfenced(name, force)
         return await self._locked(name, VM.resume)
+
+    async def _unfenced(self, name: str, force: bool) -> None:
+        self.get(name)
+        why = self.resume_fence.fence_reason(name) if self.resume_fence is not None else None
+        if why is not None:
+            if not force:
+                raise VMConflict(why)
+            assert self.resume_fence is not None
+            await self.resume_fence.override(name)
 
     async def delete(self, name: str) -> None:
         """Stop the VM if it runs and remove everything it had under the state dir."""

@@ -152,6 +152,12 @@ class MemDestVM:
         self.destroyed = False
         self.fail_resume = False
         self.destroy_error: Exception | None = None
+        self.exited = asyncio.Event()  # set by a test: the "QEMU" died
+        self.adopt_error: Exception | None = None  # e.g. the state dir filled up
+
+    async def wait_exited(self) -> str:
+        await self.exited.wait()
+        return "killed by the test"
 
     async def listen_device_state(self) -> str:
         path = self.dir / "dev.sock"  # inside the VM folder, as QEMU's incoming socket
@@ -181,6 +187,8 @@ class MemDestVM:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     async def adopt(self) -> None:
+        if self.adopt_error is not None:
+            raise self.adopt_error
         self.adopted = True
         self._close_server()
 

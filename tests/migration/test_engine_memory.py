@@ -102,7 +102,7 @@ async def test_idle_vm_converges_after_one_round(tmp_path: Path, dest: Dest) -> 
 async def test_round_limit_forces_stop_and_copy(tmp_path: Path, dest: Dest) -> None:
     src = MemSourceVM(tmp_path / "src", "hot", pages=4096, dirty_pages_per_s=20000)
     try:
-        _, st = await migrate(src, dest.server.port, downtime_ms=1, max_rounds=2,
+        _, st = await migrate(src, dest.server.port, downtime_ms=1, pause_factor=10_000, max_rounds=2,
                               bandwidth_mbps=40)
     finally:
         src.close()
@@ -114,7 +114,7 @@ async def test_round_limit_forces_stop_and_copy(tmp_path: Path, dest: Dest) -> N
 async def test_throttle_engages_when_dirtying_outpaces_sending(tmp_path: Path, dest: Dest) -> None:
     src = MemSourceVM(tmp_path / "src", "thr", pages=2048, dirty_pages_per_s=20000)
     try:
-        mig, st = await migrate(src, dest.server.port, downtime_ms=1, max_rounds=6,
+        mig, st = await migrate(src, dest.server.port, downtime_ms=1, pause_factor=10_000, max_rounds=6,
                                 bandwidth_mbps=8, batch_pages=256)
     finally:
         src.close()
