@@ -185,8 +185,14 @@ def parse_spec(doc: Any) -> VMSpec:
         disk = _image_ref("disk", disk)
         if disk_format and disk_format not in DISK_FORMATS:
             raise SpecError(f"disk_format: expected one of {', '.join(DISK_FORMATS)}, got {disk_format!r}")
-        if not disk_format:
-            disk_format = "qcow2" if disk.endswith(".qcow2") else "raw"
+        # The format follows the file name, never the caller: a file that one VM uses raw
+        # (its guest writes every byte, a qcow2 header included) must never be opened as
+        # qcow2 by another, whose QEMU would then follow files that header names.
+        by_name = "qcow2" if disk.endswith(".qcow2") else "raw"
+        if disk_format and disk_format != by_name:
+            raise SpecError(f"disk_format: {disk_format!r} does not match the image name {disk!r} "
+                            f"(qcow2 images end in .qcow2, every other image is raw)")
+        disk_format = by_name
     if disk_format and not disk:
         raise SpecError("disk_format: only valid with a disk")
     nics = _nics(doc.get("nics"))  # a MAC not given is generated here, then kept in the record

@@ -123,6 +123,12 @@ async def register(request: web.Request) -> web.Response:
     if tls.enabled(cfg) and url.scheme != "https" and not tls.is_loopback(url.hostname or ""):
         raise ApiError(400, "body.url: this coordinator drives agents over https only")
     identity = _identity(request, body["token"])
+    cn = identity.removeprefix("cert:") if identity.startswith("cert:") else None
+    if cn is not None and cn != body["name"]:  # a host certificate is issued for its name
+        log.warning("registration under another host's name; refused",
+                    extra={"host": body["name"], "remote": request.remote, "identity": identity})
+        raise ApiError(403, f"the client certificate is host {cn!r}'s; it cannot register "
+                            f"{body['name']!r}")
     now = time.time()
     if not await request.app[IDENTITIES].claim(body["name"], identity, now):
         raise _refuse(request, body["name"], identity, "register")

@@ -88,6 +88,16 @@ def test_disk_format_checked(files: dict[str, str]) -> None:
         parse_spec({"name": "d", "vcpus": 1, "memory_mb": 64, "disk": files["disk"], "disk_format": "vmdk"})
 
 
+@pytest.mark.parametrize(("disk", "fmt"), [("disk.qcow2", "raw"), ("disk.img", "qcow2"), ("disk", "qcow2")])
+def test_disk_format_follows_the_name(disk: str, fmt: str) -> None:
+    # a file one VM writes raw (a forged qcow2 header included) is never opened as qcow2
+    # by another, whose QEMU would follow the backing file that header names
+    with pytest.raises(SpecError, match="does not match the image name"):
+        parse_spec({"name": "d", "vcpus": 1, "memory_mb": 64, "disk": disk, "disk_format": fmt})
+    expected = "qcow2" if disk.endswith(".qcow2") else "raw"
+    assert parse_spec({"name": "d", "vcpus": 1, "memory_mb": 64, "disk": disk}).disk_format == expected
+
+
 @pytest.mark.parametrize("doc", [None, [], "spec", 3])
 def test_not_an_object(doc: Any) -> None:
     with pytest.raises(SpecError, match="JSON object"):
