@@ -31,6 +31,11 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 7800  # 0 picks a free port; the bound URL is written to <data_dir>/listen.json
     data_dir: Path = Path("/var/lib/novacron/coordinator")
+    # PostgreSQL instead of <data_dir>/coordinator.db, shared by every coordinator of a fleet:
+    # postgresql://user:password@host:port/db, or ...?host=/run/postgresql for a Unix socket
+    database_url: str = ""
+    database_pool_size: int = 10  # connections per coordinator
+    lease_ttl_s: float = 10.0  # once-per-fleet loops move to another coordinator within this
     admin_token: str = ""  # API token with full rights; required
     agent_token: str = ""  # token agents use to register and heartbeat
     log_level: str = "info"
@@ -66,6 +71,12 @@ def check_config(cfg: CoordinatorConfig) -> None:
             raise Invalid(key, "must be positive")
     if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:
         raise Invalid("heartbeat_timeout_s", "heartbeat_timeout_s must be larger than heartbeat_interval_s")
+    if cfg.database_url and not cfg.database_url.startswith(("postgresql://", "postgres://")):
+        raise Invalid("database_url", "must be a postgresql:// URL (empty: SQLite in data_dir)")
+    if not 1 <= cfg.database_pool_size <= 1000:
+        raise Invalid("database_pool_size", "must be 1..1000")
+    if not cfg.lease_ttl_s >= 1:
+        raise Invalid("lease_ttl_s", "must be at least 1 second")
     if cfg.max_body_bytes < 1024:
         raise Invalid("max_body_bytes", "must be at least 1024")
     check_level(cfg.log_level)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -16,7 +18,16 @@ from novacron.coordinator.api import load_route_modules
 from novacron.coordinator.api.auth import make_auth_middleware
 from novacron.coordinator.api.errors import error_middleware
 from novacron.coordinator.api.health import OPENAPI_DOC
-from novacron.coordinator.api.keys import AGENTS, CONFIG, EVENTS, MIGRATIONS, PLACER, STORE
+from novacron.coordinator.api.keys import (
+    AGENTS,
+    CONFIG,
+    EVENTS,
+    INSTANCE,
+    LEASES,
+    MIGRATIONS,
+    PLACER,
+    STORE,
+)
 from novacron.coordinator.api.openapi import add_routes, build_document
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
@@ -38,9 +49,11 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
         client_max_size=cfg.max_body_bytes,
     )
     app[CONFIG] = cfg
+    app[INSTANCE] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    app[LEASES] = {}
     app[STORE] = store or open_store(cfg)
     app[AGENTS] = AgentClient(cfg.agent_timeout_s)
-    app[EVENTS] = EventHub()
+    app[EVENTS] = EventHub(app[STORE], app[INSTANCE])
     app[PLACER] = placer or most_free_memory
     app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS])
     app[OPENAPI_DOC] = build_document(tables, version=__version__)
@@ -57,6 +70,7 @@ async def _core_services(app: web.Application) -> AsyncIterator[None]:
     await app[STORE].open()
     for host in await app[STORE].list_hosts():
         logs.register_secret(host.token, pinned=False)  # agents' tokens, stored by an earlier run
+    await app[EVENTS].start()  # events published by other coordinators on this database
     await app[AGENTS].start()
     await app[MIGRATIONS].resume_all()
     await settle_unfinished_creates(app)
@@ -65,6 +79,7 @@ async def _core_services(app: web.Application) -> AsyncIterator[None]:
     finally:
         await app[MIGRATIONS].close()
         await app[AGENTS].close()
+        await app[EVENTS].close()
         await app[STORE].close()
 
 

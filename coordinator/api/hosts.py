@@ -30,8 +30,9 @@ from aiohttp import web
 from novacron import logs
 from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
-from novacron.coordinator.api.keys import CONFIG, STORE
+from novacron.coordinator.api.keys import CONFIG, INSTANCE, LEASES, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body
+from novacron.coordinator.lease import Lease
 from novacron.coordinator.models import HOST_UP, Host
 
 log = logging.getLogger("novacron.coordinator.hosts")
@@ -140,27 +141,38 @@ async def delete_host(request: web.Request) -> web.Response:
     return web.json_response({"deleted": name})
 
 
+MONITOR_LEASE = "heartbeat-monitor"
+
+
 async def _monitor(app: web.Application) -> AsyncIterator[None]:
-    """Mark hosts down when their heartbeats stop."""
+    """Mark hosts down when their heartbeats stop: one coordinator of the fleet at a
+    time, the holder of the ``heartbeat-monitor`` lease."""
     cfg, store = app[CONFIG], app[STORE]
+    lease = Lease(store, MONITOR_LEASE, app[INSTANCE], cfg.lease_ttl_s)
+    app[LEASES][MONITOR_LEASE] = lease
 
     async def loop() -> None:
         period = max(0.05, cfg.heartbeat_timeout_s / 4)
         while True:
             await asyncio.sleep(period)
+            fence = lease.fence()
+            if fence is None:
+                continue  # another coordinator watches the fleet
             try:
-                down = await store.mark_down(time.time() - cfg.heartbeat_timeout_s)
+                down = await store.mark_down(time.time() - cfg.heartbeat_timeout_s, fence=fence)
             except Exception:
                 log.exception("heartbeat check failed")
                 continue
             for name in down:
                 log.warning("host missed heartbeats; marked down", extra={"host": name})
 
+    lease.start()
     task = asyncio.create_task(loop(), name="heartbeat-monitor")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    await lease.close()
 
 
 def setup(app: web.Application) -> None:

@@ -9,6 +9,8 @@
 | ``MIGRATIONS`` | MigrationManager | starts, follows and cancels migrations |
 | ``EVENTS`` | EventHub | in-process pub/sub used for SSE progress streams |
 | ``CLASSIFIER`` | TaskService | task classifier and swarm planner (``novacron.coordinator.classifier``) |
+| ``INSTANCE`` | str | this coordinator's unique name among those sharing a database (lease holder) |
+| ``LEASES`` | dict[str, Lease] | once-per-fleet leases this coordinator competes for, by name |
 
 Features add their own keys in their own modules (``web.AppKey("name", Type)``).
 """
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from novacron.coordinator.classifier.service import TaskService
     from novacron.coordinator.config import CoordinatorConfig
     from novacron.coordinator.events import EventHub
+    from novacron.coordinator.lease import Lease
     from novacron.coordinator.migrations import MigrationManager
     from novacron.coordinator.placement import Placer
     from novacron.coordinator.store import Store
@@ -35,3 +38,5 @@ PLACER: web.AppKey[Placer] = web.AppKey("placer")
 MIGRATIONS: web.AppKey[MigrationManager] = web.AppKey("migrations")
 EVENTS: web.AppKey[EventHub] = web.AppKey("events")
 CLASSIFIER: web.AppKey[TaskService] = web.AppKey("classifier")
+INSTANCE: web.AppKey[str] = web.AppKey("instance", str)
+LEASES: web.AppKey[dict[str, Lease]] = web.AppKey("leases")

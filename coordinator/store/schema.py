@@ -1,6 +1,7 @@
 """Numbered schema migrations per component, applied in order at open time.
 
-``MIGRATIONS[component]`` is a list of SQL scripts; step *n* (1-based) brings
+The SQLite store's schema (PostgreSQL's core schema is ``pg_migrations/*.sql``;
+other components apply to both). ``MIGRATIONS[component]`` is a list of SQL scripts; step *n* (1-based) brings
 the component to version *n*. Applied versions live in ``schema_version``.
 Append steps; never change one that has shipped.
 """
@@ -32,6 +33,14 @@ MIGRATIONS: dict[str, list[str]] = {
         CREATE TABLE documents (
             collection TEXT NOT NULL, key TEXT NOT NULL, data TEXT NOT NULL,
             updated_at REAL NOT NULL, PRIMARY KEY (collection, key));
+        """,
+        # v4: placement claims (Store.claim_vm) and leases (Store.acquire_lease), as in
+        # PostgreSQL's pg_migrations/0001_init.sql.
+        """
+        ALTER TABLE hosts ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL,
+            expires_at REAL NOT NULL);
         """,
     ],
 }

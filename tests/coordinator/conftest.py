@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,9 @@ from aiohttp.test_utils import TestServer
 
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.service import build_app
+from novacron.coordinator.store import Store
+from novacron.coordinator.store.postgres import PostgresStore
+from novacron.coordinator.store.sqlite import SQLiteStore
 from tests.coordinator.fake_agent import FakeAgent, serving
 
 
@@ -60,8 +63,34 @@ async def stop_coordinator(c: Coordinator) -> None:
 
 
 @pytest.fixture
-async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
-    c = await start_coordinator(make_cfg(tmp_path / "coord"))
+def backend() -> str:
+    """The store behind ``coordinator`` and ``make_store``. SQLite here; a test module
+    overrides this fixture with ``params=BACKENDS`` to run against both."""
+    return "sqlite"
+
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """'' for SQLite, else a fresh PostgreSQL database (the server starts on first use)."""
+    return "" if backend == "sqlite" else str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def make_store(database_url: str, tmp_path: Path) -> Callable[[], Store]:
+    """New (unopened) stores on one database of the chosen backend."""
+    def make() -> Store:
+        if database_url:
+            return PostgresStore(database_url, pool_size=4)
+        return SQLiteStore(tmp_path / "c.db")
+    return make
+
+
+@pytest.fixture
+async def coordinator(tmp_path: Path, database_url: str) -> AsyncIterator[Coordinator]:
+    c = await start_coordinator(make_cfg(tmp_path / "coord", database_url=database_url))
     try:
         yield c
     finally:
