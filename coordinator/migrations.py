@@ -2,8 +2,13 @@
 
 The agents move the memory; the coordinator starts the move, polls the source
 agent's status, stores each change, publishes it to SSE subscribers, and on
-completion moves the VM's record to the target host. Unfinished migrations are
-picked up again after a coordinator restart.
+completion moves the VM's record to the target host.
+
+Each unfinished migration is followed by exactly one coordinator: the one
+holding its lease (``migration:<id>``, taken when the record is created and
+renewed while polling). Every coordinator looks for unfinished migrations
+whose lease has expired (their follower died) and adopts them, at start-up
+and every ``lease_ttl_s``; a clean stop hands its migrations over at once.
 """
 
 from __future__ import annotations
@@ -34,13 +39,24 @@ def topic(mig_id: str) -> str:
     return f"migration:{mig_id}"
 
 
+def lease_name(mig_id: str) -> str:
+    return f"migration:{mig_id}"
+
+
 class MigrationManager:
     def __init__(self, cfg: CoordinatorConfig, store: Store, agents: AgentClient,
-                 events: EventHub) -> None:
+                 events: EventHub, holder: str = "") -> None:
         self.cfg, self.store, self.agents, self.events = cfg, store, agents, events
+        self.holder = holder or "coordinator-" + secrets.token_hex(6)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._starting: set[asyncio.Task[Migration]] = set()
         self._lock = asyncio.Lock()
+        self._adopter: asyncio.Task[None] | None = None
+
+    async def _hold(self, mig_id: str) -> bool:
+        """Take or renew the lease that makes us ``mig_id``'s one follower."""
+        return await self.store.acquire_lease(lease_name(mig_id), self.holder,
+                                              self.cfg.lease_ttl_s) is not None
 
     async def start(self, vm_name: str, target: str, options: dict[str, Any]) -> Migration:
         """Record the migration and hand it to the source agent.
@@ -82,6 +98,7 @@ class MigrationManager:
             now = time.time()
             mig = Migration(id="m-" + secrets.token_hex(6), vm=vm_name, source=src.name,
                             target=dst.name, options=options, created_at=now, updated_at=now)
+            await self._hold(mig.id)  # a new name: ours before any other coordinator sees it
             await self.store.put_migration(mig)
             vm.state, vm.updated_at = "migrating", now
             await self.store.put_vm(vm)
@@ -124,15 +141,44 @@ class MigrationManager:
         return mig
 
     async def resume_all(self) -> None:
-        """After a restart: follow every migration that was still running."""
+        """Follow every unfinished migration nobody follows (after a restart, or a
+        coordinator's death), now and then every ``lease_ttl_s``."""
+        await self.adopt()
+        if self._adopter is None:
+            self._adopter = asyncio.create_task(self._adopt_loop(), name="migration-adopter")
+
+    async def adopt(self) -> list[str]:
+        adopted = []
         for mig in await self.store.active_migrations():
-            if mig.agent_migration_id is None:
-                await self._finish(mig, "failed", error="coordinator stopped before the agent "
+            if mig.id in self._tasks or not await self._hold(mig.id):
+                continue  # ours already, or another live coordinator follows it
+            fresh = await self.store.get_migration(mig.id)  # its follower may just have saved it
+            if fresh is None or fresh.done:
+                await self.store.release_lease(lease_name(mig.id), self.holder)
+                continue
+            adopted.append(mig.id)
+            if fresh.agent_migration_id is None:
+                await self._finish(fresh, "failed", error="coordinator stopped before the agent "
                                    "accepted the migration")
             else:
-                self._follow(mig)
+                log.info("following migration", extra={"migration": mig.id})
+                self._follow(fresh)
+        return adopted
+
+    async def _adopt_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.lease_ttl_s)
+            try:
+                await self.adopt()
+            except Exception as exc:
+                log.warning("looking for unfollowed migrations failed", extra={"error": str(exc)})
 
     async def close(self) -> None:
+        if self._adopter is not None:
+            self._adopter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._adopter
+            self._adopter = None
         if self._starting:  # let starts in flight settle (agent calls time out), then stop them
             _done, pending = await asyncio.wait(set(self._starting), timeout=START_SETTLE_S)
             for start in pending:
@@ -144,6 +190,9 @@ class MigrationManager:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for mig_id in [t.get_name().removeprefix("follow-") for t in tasks]:
+            with contextlib.suppress(Exception):  # hand over now rather than at expiry
+                await self.store.release_lease(lease_name(mig_id), self.holder)
 
     # -- following -----------------------------------------------------------------------
 
@@ -171,8 +220,15 @@ class MigrationManager:
     async def _poll(self, mig: Migration) -> None:
         failures = 0
         deadline = mig.created_at + self.cfg.migration_timeout_s
+        renew_at = time.monotonic() + self.cfg.lease_ttl_s / 3
         try:
             while not mig.done:
+                if time.monotonic() >= renew_at:
+                    renew_at = time.monotonic() + self.cfg.lease_ttl_s / 3
+                    if not await self._hold(mig.id):
+                        log.warning("another coordinator follows this migration now",
+                                    extra={"migration": mig.id})
+                        return
                 if time.time() > deadline:
                     await self._finish(mig, "failed", error="migration timed out")
                     return
@@ -235,5 +291,6 @@ class MigrationManager:
             vm.updated_at = time.time()
             await self.store.put_vm(vm)
         await self._save(mig)
+        await self.store.release_lease(lease_name(mig.id), self.holder)
         log.info("migration finished", extra={"migration": mig.id, "phase": phase,
                                               "error": mig.error})

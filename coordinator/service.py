@@ -55,7 +55,7 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
     app[AGENTS] = AgentClient(cfg.agent_timeout_s)
     app[EVENTS] = EventHub(app[STORE], app[INSTANCE])
     app[PLACER] = placer or most_free_memory
-    app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS])
+    app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS], app[INSTANCE])
     app[OPENAPI_DOC] = build_document(tables, version=__version__)
     add_routes(app, tables)
     app.cleanup_ctx.append(_core_services)  # first: later contexts see an open store

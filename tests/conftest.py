@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from novacron.coordinator.store import Store
+from novacron.coordinator.store.postgres import PostgresStore
+from novacron.coordinator.store.sqlite import SQLiteStore
 from tests.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,3 +45,29 @@ async def pg_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
         yield url
     finally:
         await postgres_server.drop_database(url)
+
+
+@pytest.fixture
+def backend() -> str:
+    """The store behind ``coordinator`` and ``make_store``. SQLite here; a test module
+    overrides this fixture with ``params=BACKENDS`` to run against both."""
+    return "sqlite"
+
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """'' for SQLite, else a fresh PostgreSQL database (the server starts on first use)."""
+    return "" if backend == "sqlite" else str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def make_store(database_url: str, tmp_path: Path) -> Callable[[], Store]:
+    """New (unopened) stores on one database of the chosen backend."""
+    def make() -> Store:
+        if database_url:
+            return PostgresStore(database_url, pool_size=4)
+        return SQLiteStore(tmp_path / "c.db")
+    return make

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.service import build_app
-from novacron.coordinator.store import Store
-from novacron.coordinator.store.postgres import PostgresStore
-from novacron.coordinator.store.sqlite import SQLiteStore
+from tests.conftest import BACKENDS  # noqa: F401  (the backend fixtures live there)
 from tests.coordinator.fake_agent import FakeAgent, serving
 
 
@@ -60,32 +58,6 @@ async def start_coordinator(cfg: CoordinatorConfig) -> Coordinator:
 async def stop_coordinator(c: Coordinator) -> None:
     await c.session.close()
     await c.server.close()
-
-
-@pytest.fixture
-def backend() -> str:
-    """The store behind ``coordinator`` and ``make_store``. SQLite here; a test module
-    overrides this fixture with ``params=BACKENDS`` to run against both."""
-    return "sqlite"
-
-
-BACKENDS = ["sqlite", "postgres"]
-
-
-@pytest.fixture
-def database_url(backend: str, request: pytest.FixtureRequest) -> str:
-    """'' for SQLite, else a fresh PostgreSQL database (the server starts on first use)."""
-    return "" if backend == "sqlite" else str(request.getfixturevalue("pg_url"))
-
-
-@pytest.fixture
-def make_store(database_url: str, tmp_path: Path) -> Callable[[], Store]:
-    """New (unopened) stores on one database of the chosen backend."""
-    def make() -> Store:
-        if database_url:
-            return PostgresStore(database_url, pool_size=4)
-        return SQLiteStore(tmp_path / "c.db")
-    return make
 
 
 @pytest.fixture

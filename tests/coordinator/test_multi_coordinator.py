@@ -98,7 +98,7 @@ async def _health(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         return doc
 
 
-async def test_killing_the_lease_holder_moves_the_monitor_within_the_lease_time(
+async def test_killing_the_lease_holder_moves_its_loops_and_migrations_within_the_lease_time(
         tmp_path: Path, database_url: str, script_env: dict[str, str]) -> None:
     ttl = 2.0
     first = make_cfg(tmp_path / "a", database_url=database_url, lease_ttl_s=ttl,
@@ -115,7 +115,22 @@ async def test_killing_the_lease_holder_moves_the_monitor_within_the_lease_time(
                              "--port", "0"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     session = aiohttp.ClientSession()
+    fakes = [FakeAgent("alpha", "tok-alpha-1"), FakeAgent("beta", "tok-beta-1")]
+    try:
+        async with serving(*fakes):
+            await _kill_and_take_over(tmp_path, database_url, proc, first, ttl, session, fakes)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        await session.close()
+
+
+async def _kill_and_take_over(tmp_path: Path, database_url: str, proc: subprocess.Popen[bytes],
+                              first: Any, ttl: float, session: aiohttp.ClientSession,
+                              fakes: list[FakeAgent]) -> None:
     b: Coordinator | None = None
+    admin = {"Authorization": f"Bearer {first.admin_token}"}
     try:
         listen = first.data_dir / "listen.json"
         for _ in range(300):  # bounded: 30 s
@@ -128,6 +143,16 @@ async def test_killing_the_lease_holder_moves_the_monitor_within_the_lease_time(
                 break
             await asyncio.sleep(0.1)
         assert (await _health(session, a_url))["leases"] == [MONITOR_LEASE]
+        for fake in fakes:
+            await fake.register_with(session, a_url, first.agent_token)
+        async with session.post(a_url + "/api/v1/vms", json=vm_spec("mv", host="alpha"),
+                                headers=admin) as resp:
+            assert resp.status == 201
+        fakes[0].hold_migrations = True  # still in pre-copy when its follower dies
+        async with session.post(a_url + "/api/v1/migrations", headers=admin,
+                                json={"vm": "mv", "target": "beta"}) as resp:
+            assert resp.status == 202
+            mig_id = (await resp.json())["id"]
         b = await start_coordinator(make_cfg(
             tmp_path / "b", database_url=database_url, admin_token=first.admin_token,
             agent_token=first.agent_token, lease_ttl_s=ttl, heartbeat_interval_s=0.2,
@@ -149,10 +174,16 @@ async def test_killing_the_lease_holder_moves_the_monitor_within_the_lease_time(
                 break
             await asyncio.sleep(0.05)
         assert (await b.call("GET", "/hosts/quiet"))[1]["state"] == "down"
+        # B adopted the migration A was following: released, it completes through B.
+        fakes[0].hold_migrations = False
+        for _ in range(200):  # bounded: 10 s
+            _, mig = await b.call("GET", f"/migrations/{mig_id}")
+            if mig["phase"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+        assert mig["phase"] == "completed", mig
+        assert (await b.call("GET", "/vms/mv"))[1]["host"] == "beta"
+        assert "mv" in fakes[1].vms
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        await session.close()
         if b is not None:
             await stop_coordinator(b)
