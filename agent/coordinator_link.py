@@ -16,6 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from prometheus_client import Counter
+
 from novacron.coordinator.client import ApiClientError, CoordinatorClient
 
 log = logging.getLogger("novacron.agent.coordinator_link")
@@ -41,8 +43,10 @@ def _interval(reply: Any, current: float) -> float:
 
 class CoordinatorLink:
     def __init__(self, coordinator_url: str, coordinator_token: str, agent_url: str,
-                 agent_token: str, host_info: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+                 agent_token: str, host_info: Callable[[], Awaitable[dict[str, Any]]],
+                 heartbeats: Counter | None = None) -> None:
         self.coordinator_url, self.coordinator_token = coordinator_url, coordinator_token
+        self.heartbeats = heartbeats  # novacron_agent_heartbeats_total{result}
         self.agent_url, self.agent_token = agent_url, agent_token
         self.host_info = host_info
         self.interval_s = 5.0
@@ -72,6 +76,10 @@ class CoordinatorLink:
         self.interval_s = _interval(reply, self.interval_s)
         self.beats += 1
 
+    def _count(self, result: str) -> None:
+        if self.heartbeats is not None:
+            self.heartbeats.labels(result).inc()
+
     async def run(self) -> None:
         """Register, then heartbeat until cancelled."""
         backoff = 0.5
@@ -83,12 +91,15 @@ class CoordinatorLink:
                         await self.register(client)
                     else:
                         await self.heartbeat(client)
+                        self._count("ok")
                     backoff = 0.5
                     await asyncio.sleep(self.interval_s)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the link outlives any one failure (agent or coordinator)
                     status = exc.status if isinstance(exc, ApiClientError) else 0
+                    if self.registered.is_set():
+                        self._count("error")
                     log.warning("coordinator link failed; retrying",
                                 extra={"error": str(exc), "status": status})
                     if status in (400, 401):

@@ -17,12 +17,14 @@ from aiohttp import web
 from novacron.agent.api import setup_routes
 from novacron.agent.api.common import auth_middleware, error_middleware
 from novacron.agent.api.host import host_document
-from novacron.agent.appkeys import ACCEL, CONFIG, VMS
+from novacron.agent.appkeys import ACCEL, CONFIG, METRICS, VMS
 from novacron.agent.config import AgentConfig
+from novacron.agent.metrics import AgentMetrics
 from novacron.agent.vm.accel import AccelDetector, AccelInfo
 from novacron.agent.vm.manager import VMManager
 from novacron.agent.vm.ramfile import MEMORY_FILESYSTEMS, filesystem_type
 from novacron.daemon import start_site, until_signalled
+from novacron.metrics import metrics_response
 
 log = logging.getLogger("novacron.agent")
 
@@ -56,9 +58,15 @@ def build_app(cfg: AgentConfig, vms: VMManager, accel: AccelDetector) -> web.App
     app[CONFIG] = cfg
     app[VMS] = vms
     app[ACCEL] = accel
+    app[METRICS] = AgentMetrics()
     modules = setup_routes(app)
+    app.router.add_get("/metrics", _metrics)  # Prometheus; the agent's token, like the rest
     log.debug("routes registered", extra={"modules": modules})
     return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return metrics_response(request.app[METRICS].registry)
 
 
 def advertised_url(cfg: AgentConfig, port: int) -> str:
@@ -77,7 +85,8 @@ def start_coordinator_link(cfg: AgentConfig, app: web.Application, port: int) ->
     async def info() -> dict[str, Any]:
         return await host_document(app)
 
-    link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info)
+    link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info,
+                           heartbeats=app[METRICS].heartbeats)
     return asyncio.create_task(link.run(), name="coordinator link")
 
 

@@ -38,6 +38,7 @@ class CoordinatorConfig:
     lease_ttl_s: float = 10.0  # once-per-fleet loops move to another coordinator within this
     admin_token: str = ""  # API token with full rights; required
     agent_token: str = ""  # token agents use to register and heartbeat
+    metrics_token: str = ""  # optional: may read /metrics only (for Prometheus); admin_token may too
     log_level: str = "info"
     heartbeat_interval_s: float = 5.0  # what agents are told to use
     heartbeat_timeout_s: float = 20.0  # a host silent this long is marked down
@@ -66,6 +67,8 @@ def check_config(cfg: CoordinatorConfig) -> None:
         raise Invalid("agent_token", f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
     if cfg.admin_token == cfg.agent_token:
         raise Invalid("agent_token", "admin_token and agent_token must differ")
+    if cfg.metrics_token and cfg.metrics_token in (cfg.admin_token, cfg.agent_token):
+        raise Invalid("metrics_token", "metrics_token must differ from admin_token and agent_token")
     for key in ("heartbeat_interval_s", "agent_timeout_s", "poll_interval_s", "migration_timeout_s"):
         if not getattr(cfg, key) > 0:  # 0 would spin the loops these pace (and NaN compares false)
             raise Invalid(key, "must be positive")

@@ -24,6 +24,7 @@ from novacron.coordinator.agent_client import AgentClient, AgentError
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
+from novacron.coordinator.metrics import CoordinatorMetrics
 from novacron.coordinator.models import HOST_UP, Migration
 from novacron.coordinator.store import Store
 
@@ -45,8 +46,13 @@ def lease_name(mig_id: str) -> str:
 
 class MigrationManager:
     def __init__(self, cfg: CoordinatorConfig, store: Store, agents: AgentClient,
-                 events: EventHub, holder: str = "") -> None:
+                 events: EventHub, holder: str = "", metrics: CoordinatorMetrics | None = None,
+                 ) -> None:
         self.cfg, self.store, self.agents, self.events = cfg, store, agents, events
+        self.metrics = metrics
+        self.following: dict[str, Migration] = {}  # the records our pollers update
+        if metrics is not None:
+            metrics.watch_migrations(lambda: self.following.values())
         self.holder = holder or "coordinator-" + secrets.token_hex(6)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._starting: set[asyncio.Task[Migration]] = set()
@@ -199,7 +205,13 @@ class MigrationManager:
     def _follow(self, mig: Migration) -> None:
         task = asyncio.create_task(self._poll(mig), name=f"follow-{mig.id}")
         self._tasks[mig.id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(mig.id, None))
+        self.following[mig.id] = mig
+
+        def done(_t: asyncio.Task[None]) -> None:
+            self._tasks.pop(mig.id, None)
+            self.following.pop(mig.id, None)
+
+        task.add_done_callback(done)
 
     def _apply(self, mig: Migration, status: Any) -> bool:
         """Copy the agent's status into ``mig``; True if anything changed."""
@@ -291,6 +303,8 @@ class MigrationManager:
             vm.updated_at = time.time()
             await self.store.put_vm(vm)
         await self._save(mig)
+        if self.metrics is not None:
+            self.metrics.migration_ended(mig)
         await self.store.release_lease(lease_name(mig.id), self.holder)
         log.info("migration finished", extra={"migration": mig.id, "phase": phase,
                                               "error": mig.error})

@@ -24,6 +24,7 @@ from novacron.coordinator.api.keys import (
     EVENTS,
     INSTANCE,
     LEASES,
+    METRICS,
     MIGRATIONS,
     PLACER,
     STORE,
@@ -31,10 +32,13 @@ from novacron.coordinator.api.keys import (
 from novacron.coordinator.api.openapi import add_routes, build_document
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
+from novacron.coordinator.metrics import CoordinatorMetrics
 from novacron.coordinator.migrations import MigrationManager
+from novacron.coordinator.models import HOST_DOWN, HOST_UP
 from novacron.coordinator.placement import Placer, most_free_memory
 from novacron.coordinator.store import Store, open_store
 from novacron.daemon import start_site, until_signalled
+from novacron.metrics import metrics_response
 
 log = logging.getLogger("novacron.coordinator")
 
@@ -44,20 +48,25 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
     modules = load_route_modules()
     tables = [m.routes for m in modules]
     roles = {(r.method, r.full_path): r.auth for t in tables for r in t.routes}
+    roles[("GET", "/metrics")] = "metrics"
+    metrics = CoordinatorMetrics()
     app = web.Application(
-        middlewares=[error_middleware, make_auth_middleware(roles)],
+        middlewares=[metrics.middleware(), error_middleware, make_auth_middleware(roles)],
         client_max_size=cfg.max_body_bytes,
     )
     app[CONFIG] = cfg
+    app[METRICS] = metrics
     app[INSTANCE] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     app[LEASES] = {}
     app[STORE] = store or open_store(cfg)
     app[AGENTS] = AgentClient(cfg.agent_timeout_s)
     app[EVENTS] = EventHub(app[STORE], app[INSTANCE])
     app[PLACER] = placer or most_free_memory
-    app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS], app[INSTANCE])
+    app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS], app[INSTANCE],
+                                       metrics=metrics)
     app[OPENAPI_DOC] = build_document(tables, version=__version__)
     add_routes(app, tables)
+    app.router.add_get("/metrics", serve_metrics)
     app.cleanup_ctx.append(_core_services)  # first: later contexts see an open store
     for module in modules:
         setup = getattr(module, "setup", None)
@@ -81,6 +90,19 @@ async def _core_services(app: web.Application) -> AsyncIterator[None]:
         await app[AGENTS].close()
         await app[EVENTS].close()
         await app[STORE].close()
+
+
+async def serve_metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition; fleet counts are taken from the store now."""
+    app = request.app
+    metrics, store = app[METRICS], app[STORE]
+    metrics.count_states(metrics.hosts, (h.state for h in await store.list_hosts()),
+                         (HOST_UP, HOST_DOWN))
+    metrics.count_states(metrics.vms, (v.state for v in await store.list_vms()),
+                         ("creating", "running", "stopped", "paused", "migrating"))
+    for name, lease in app[LEASES].items():
+        metrics.leases.labels(name).set(1 if lease.held else 0)
+    return metrics_response(metrics.registry)
 
 
 async def settle_unfinished_creates(app: web.Application) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from novacron.agent.api.common import json_error
-from novacron.agent.appkeys import CONFIG, VMS
+from novacron.agent.appkeys import CONFIG, METRICS, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
 from novacron.agent.migration.qemu_port import (
@@ -53,6 +53,10 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
         data_port=cfg.data_port,
     )
     app[MANAGER_KEY] = manager
+    metrics = app.get(METRICS)
+    if metrics is not None:
+        manager.on_finish = metrics.finished
+        metrics.watch(manager.list)
 
     async def on_startup(_app: web.Application) -> None:
         clean_stale_incoming(cfg.state_dir)

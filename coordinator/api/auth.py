@@ -1,7 +1,8 @@
 """Bearer-token auth, decided per route by its declared ``auth`` role.
 
 ``admin`` routes take the admin token; ``agent`` routes (register, heartbeat)
-take the agent token; ``public`` (health) takes none. Tokens are compared in
+take the agent token; ``metrics`` (``/metrics``) the admin or the metrics
+token; ``public`` (health) takes none. Tokens are compared in
 constant time and never logged or echoed.
 """
 
@@ -49,8 +50,11 @@ def make_auth_middleware(roles: dict[tuple[str, str], str]) -> Middleware:
             token = bearer(request)
             if token is None:
                 return error_response(401, "missing 'Authorization: Bearer <token>' header")
-            expected = cfg.agent_token if role == "agent" else cfg.admin_token
-            if not token_ok(token, expected):
+            if role == "metrics":
+                expected = [cfg.admin_token, cfg.metrics_token]
+            else:
+                expected = [cfg.agent_token if role == "agent" else cfg.admin_token]
+            if not any([token_ok(token, e) for e in expected]):  # all compared: constant time
                 return error_response(401, f"invalid token for this route (needs the {role} token)")
         return await handler(request)
 

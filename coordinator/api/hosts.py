@@ -30,7 +30,7 @@ from aiohttp import web
 from novacron import logs
 from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
-from novacron.coordinator.api.keys import CONFIG, INSTANCE, LEASES, STORE
+from novacron.coordinator.api.keys import CONFIG, INSTANCE, LEASES, METRICS, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body
 from novacron.coordinator.lease import Lease
 from novacron.coordinator.models import HOST_UP, Host
@@ -104,6 +104,7 @@ HEARTBEAT_REPLY: dict[str, Any] = {
 async def heartbeat(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     host = await request.app[STORE].heartbeat(name, json_body(request), time.time())
+    request.app[METRICS].heartbeats.labels("ok" if host is not None else "unknown").inc()
     if host is None:
         raise ApiError(404, f"host {name!r} is not registered; register first")
     # Small on purpose: heartbeats are the hot path; GET /hosts/{name} has the full record.

@@ -10,6 +10,7 @@
 | ``EVENTS`` | EventHub | in-process pub/sub used for SSE progress streams |
 | ``CLASSIFIER`` | TaskService | task classifier and swarm planner (``novacron.coordinator.classifier``) |
 | ``INSTANCE`` | str | this coordinator's unique name among those sharing a database (lease holder) |
+| ``METRICS`` | CoordinatorMetrics | Prometheus metrics (``novacron.coordinator.metrics``) |
 | ``LEASES`` | dict[str, Lease] | once-per-fleet leases this coordinator competes for, by name |
 
 Features add their own keys in their own modules (``web.AppKey("name", Type)``).
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from novacron.coordinator.config import CoordinatorConfig
     from novacron.coordinator.events import EventHub
     from novacron.coordinator.lease import Lease
+    from novacron.coordinator.metrics import CoordinatorMetrics
     from novacron.coordinator.migrations import MigrationManager
     from novacron.coordinator.placement import Placer
     from novacron.coordinator.store import Store
@@ -40,3 +42,4 @@ EVENTS: web.AppKey[EventHub] = web.AppKey("events")
 CLASSIFIER: web.AppKey[TaskService] = web.AppKey("classifier")
 INSTANCE: web.AppKey[str] = web.AppKey("instance", str)
 LEASES: web.AppKey[dict[str, Lease]] = web.AppKey("leases")
+METRICS: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics")

@@ -12,7 +12,7 @@ from aiohttp import web
 from novacron.coordinator.agent_client import AgentError, reported_state
 from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
-from novacron.coordinator.api.keys import AGENTS, PLACER, STORE
+from novacron.coordinator.api.keys import AGENTS, METRICS, PLACER, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
 from novacron.coordinator.models import HOST_UP, VM, Host
 
@@ -121,10 +121,18 @@ async def create_vm(request: web.Request) -> web.Response:
     # requests to this coordinator can neither take the same name nor the same free
     # memory. Other coordinators sharing the database are kept honest by the claim:
     # it stores the VM only if nothing was placed on the chosen host since we read it.
+    timing = request.app[METRICS].placement
     async with request.app[PLACEMENT_LOCK]:
         for _attempt in range(PLACEMENT_ATTEMPTS):
-            host, vm = await _place(request, body, pinned, placement)
+            started = time.perf_counter()
+            try:
+                host, vm = await _place(request, body, pinned, placement)
+            except ApiError:
+                timing.labels("refused").observe(time.perf_counter() - started)
+                raise
             claim = await store.claim_vm(vm, host.generation)
+            timing.labels("placed" if claim == "claimed" else "raced" if claim == "stale"
+                          else "refused").observe(time.perf_counter() - started)
             if claim == "claimed":
                 break
             if claim == "taken":
