@@ -22,6 +22,8 @@ SECRETS = {
     "novacron_admin_token": "admin-token-0123456789",
     "novacron_agent_token": "agent-token-0123456789",
     "novacron_agent_listen": "10.1.2.3",
+    "novacron_database_url": "postgresql://nc:pw-0123456789@db1/novacron",
+    "novacron_metrics_token": "metrics-token-0123456789",
 }
 
 
@@ -64,6 +66,8 @@ def test_rendered_config_loads(tmp_path: Path, role: str, template: str, schema:
         assert cfg.coordinator_url == "http://coord1:7800"
     else:
         assert cfg.admin_token == SECRETS["novacron_admin_token"]
+        assert cfg.database_url == SECRETS["novacron_database_url"]
+        assert cfg.metrics_token == SECRETS["novacron_metrics_token"]
 
 
 def test_system_package_list_is_shared() -> None:
