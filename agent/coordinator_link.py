@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -99,10 +100,13 @@ class CoordinatorLink:
                 except Exception as exc:  # the link outlives any one failure (agent or coordinator)
                     status = exc.status if isinstance(exc, ApiClientError) else 0
                     if self.registered.is_set():
-                        self._count("error")
+                        self._count("shed" if status == 503 else "error")
                     log.warning("coordinator link failed; retrying",
                                 extra={"error": str(exc), "status": status})
                     if status in (400, 401):
                         self.registered.clear()
+                    if status == 503:  # shedding load: come back in an interval or two, spread out
+                        await asyncio.sleep(self.interval_s * random.uniform(1.0, 2.0))
+                        continue
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)

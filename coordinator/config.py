@@ -42,6 +42,9 @@ class CoordinatorConfig:
     log_level: str = "info"
     heartbeat_interval_s: float = 5.0  # what agents are told to use
     heartbeat_timeout_s: float = 20.0  # a host silent this long is marked down
+    # heartbeats in progress at once; past that the coordinator answers 503 + Retry-After
+    # (agents back off with jitter) and marks no host down until it has caught up
+    max_pending_heartbeats: int = 2000
     max_body_bytes: int = 256 * 1024  # larger request bodies get 413
     agent_timeout_s: float = 30.0  # one call to an agent's API
     poll_interval_s: float = 0.25  # how often a running migration's status is polled
@@ -76,6 +79,8 @@ def check_config(cfg: CoordinatorConfig) -> None:
         raise Invalid("heartbeat_timeout_s", "heartbeat_timeout_s must be larger than heartbeat_interval_s")
     if cfg.database_url and not cfg.database_url.startswith(("postgresql://", "postgres://")):
         raise Invalid("database_url", "must be a postgresql:// URL (empty: SQLite in data_dir)")
+    if not 1 <= cfg.max_pending_heartbeats <= 1_000_000:
+        raise Invalid("max_pending_heartbeats", "must be 1..1000000")
     if not 1 <= cfg.database_pool_size <= 1000:
         raise Invalid("database_pool_size", "must be 1..1000")
     if not cfg.lease_ttl_s >= 1:

@@ -14,6 +14,10 @@ implements it; an agent can run one with its ``GET /v1/host`` document):
   404 means the coordinator does not know the host: register again.
 - A host silent for ``heartbeat_timeout_s`` is marked ``down``; no VM is placed
   on or migrated to it until it heartbeats again.
+- Past ``max_pending_heartbeats`` in progress the coordinator sheds load: 503 with
+  ``Retry-After`` (agents wait an interval or two, at random, and try again). A
+  coordinator that shed heartbeats marks no host down for ``heartbeat_timeout_s``:
+  it cannot tell a silent host from one it turned away.
 """
 
 from __future__ import annotations
@@ -99,12 +103,33 @@ HEARTBEAT_REPLY: dict[str, Any] = {
 }
 
 
+class Intake:
+    """Heartbeats in progress, and when this coordinator last turned one away."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.last_shed = -float("inf")  # monotonic
+
+
+INTAKE = web.AppKey("heartbeat_intake", Intake)
+
+
 @routes.post("/hosts/{name}/heartbeat", "Report usage; keeps the host up", auth="agent",
-             request=HEARTBEAT, response=HEARTBEAT_REPLY)
+             request=HEARTBEAT, response=HEARTBEAT_REPLY, errors=(503,))
 async def heartbeat(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    host = await request.app[STORE].heartbeat(name, json_body(request), time.time())
-    request.app[METRICS].heartbeats.labels("ok" if host is not None else "unknown").inc()
+    app, intake = request.app, request.app[INTAKE]
+    if intake.pending >= app[CONFIG].max_pending_heartbeats:
+        intake.last_shed = time.monotonic()
+        app[METRICS].heartbeats.labels("shed").inc()
+        raise ApiError(503, "coordinator busy: heartbeat not taken; retry after the interval",
+                       headers={"Retry-After": str(max(1, round(app[CONFIG].heartbeat_interval_s)))})
+    intake.pending += 1
+    try:
+        host = await app[STORE].heartbeat(name, json_body(request), time.time())
+    finally:
+        intake.pending -= 1
+    app[METRICS].heartbeats.labels("ok" if host is not None else "unknown").inc()
     if host is None:
         raise ApiError(404, f"host {name!r} is not registered; register first")
     # Small on purpose: heartbeats are the hot path; GET /hosts/{name} has the full record.
@@ -148,7 +173,7 @@ MONITOR_LEASE = "heartbeat-monitor"
 async def _monitor(app: web.Application) -> AsyncIterator[None]:
     """Mark hosts down when their heartbeats stop: one coordinator of the fleet at a
     time, the holder of the ``heartbeat-monitor`` lease."""
-    cfg, store = app[CONFIG], app[STORE]
+    cfg, store, intake = app[CONFIG], app[STORE], app[INTAKE]
     lease = Lease(store, MONITOR_LEASE, app[INSTANCE], cfg.lease_ttl_s)
     app[LEASES][MONITOR_LEASE] = lease
 
@@ -159,6 +184,8 @@ async def _monitor(app: web.Application) -> AsyncIterator[None]:
             fence = lease.fence()
             if fence is None:
                 continue  # another coordinator watches the fleet
+            if time.monotonic() - intake.last_shed < cfg.heartbeat_timeout_s:
+                continue  # we turned heartbeats away: silence proves nothing now
             try:
                 down = await store.mark_down(time.time() - cfg.heartbeat_timeout_s, fence=fence)
             except Exception:
@@ -177,4 +204,5 @@ async def _monitor(app: web.Application) -> AsyncIterator[None]:
 
 
 def setup(app: web.Application) -> None:
+    app[INTAKE] = Intake()
     app.cleanup_ctx.append(_monitor)
