@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from novacron.coordinator.store import Store
+from novacron.coordinator.store.pg_local import LocalPostgres
 from novacron.coordinator.store.postgres import PostgresStore
 from novacron.coordinator.store.sqlite import SQLiteStore
-from tests.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -27,9 +27,9 @@ def script_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+def postgres_server() -> Iterator[LocalPostgres]:
     """One real PostgreSQL for the session (started on first use, removed at the end)."""
-    server = PostgresServer()
+    server = LocalPostgres()
     try:
         server.start()
         yield server
@@ -38,7 +38,7 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-async def pg_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
+async def pg_url(postgres_server: LocalPostgres) -> AsyncIterator[str]:
     """URL of a fresh database of its own for one test; dropped after it."""
     url = await postgres_server.new_database()
     try:

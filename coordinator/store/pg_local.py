@@ -1,9 +1,10 @@
-"""A real PostgreSQL for tests: Debian's server binaries, ``initdb`` in a temporary
-directory, listening only on a Unix socket in that directory, removed afterwards.
+"""A throw-away local PostgreSQL for tests and benchmarks: Debian's server binaries,
+``initdb`` in a temporary directory, listening only on a Unix socket in that
+directory (no TCP), removed by ``stop()``.
 
 PostgreSQL refuses to run as root, so as root the cluster belongs to the
 ``postgres`` system user (the Debian package creates it) and its commands run
-through ``runuser``. Each test gets its own database (``PostgresServer.new_database``).
+through ``runuser``. Each user (a test) takes a fresh database (``new_database``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def server_bin() -> Path:
     return found[-1].parent
 
 
-class PostgresServer:
+class LocalPostgres:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"novacron-pg-{os.getpid()}-"))
         self.data = self.dir / "data"
