@@ -25,7 +25,13 @@ LEVELS = ("debug", "info", "warning", "error", "critical")  # what setup() takes
 MAX_LEARNT_SECRETS = 1024
 _PINNED: set[str] = set()
 _LEARNT: OrderedDict[str, None] = OrderedDict()
-_PATTERN: re.Pattern[str] | None = None  # every secret in one prefix-tree regex; rebuilt on change
+_PATTERN: re.Pattern[str] | None = None  # every secret in one prefix-tree regex
+# Secrets registered since _PATTERN was compiled. Compiling costs O(all secrets), so a
+# burst of registrations (agents joining a fleet) must not compile once each: the
+# pattern is rebuilt when MAX_PENDING accumulate, or at once when a line to redact
+# contains a pending one (checked with plain substring tests).
+_PENDING: set[str] = set()
+MAX_PENDING = 256
 _LOCK = threading.Lock()
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -54,8 +60,10 @@ def register_secret(value: str | bytes | None, *, pinned: bool = True) -> None:
         else:
             _LEARNT[text] = None
             while len(_LEARNT) > MAX_LEARNT_SECRETS:
-                _LEARNT.popitem(last=False)
-        _rebuild()
+                _PENDING.discard(_LEARNT.popitem(last=False)[0])
+        _PENDING.add(text)
+        if pinned or len(_PENDING) >= MAX_PENDING:
+            _rebuild()
 
 
 def _trie_regex(words: set[str]) -> str:
@@ -98,6 +106,7 @@ def _rebuild() -> None:
     global _PATTERN
     words = _PINNED | _LEARNT.keys()
     _PATTERN = _compile(_trie_regex(words)) if words else None
+    _PENDING.clear()
 
 
 def tracked_secrets() -> int:
@@ -107,6 +116,10 @@ def tracked_secrets() -> int:
 
 
 def redact(text: str) -> str:
+    if _PENDING and any(secret in text for secret in list(_PENDING)):
+        with _LOCK:  # a secret newer than the pattern is in this line: include it now
+            if _PENDING:
+                _rebuild()
     pattern = _PATTERN  # one read: a concurrent rebuild swaps in a whole new pattern
     return pattern.sub("***", text) if pattern is not None else text
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections import OrderedDict
+from datetime import datetime
 
 import pytest
 
@@ -30,6 +32,7 @@ def fresh_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logs, "_PINNED", set())
     monkeypatch.setattr(logs, "_LEARNT", OrderedDict())
     monkeypatch.setattr(logs, "_PATTERN", None)
+    monkeypatch.setattr(logs, "_PENDING", set())
     monkeypatch.setattr(logs, "MAX_LEARNT_SECRETS", 50)
 
 
@@ -60,3 +63,31 @@ def test_redaction_matches_overlaps_and_special_characters(fresh_secrets: None) 
     assert logs.redact("key 0102fffe!") == "key ***!"
     assert logs.redact("abc") == "abc"
     assert logs.redact("nothing here") == "nothing here"
+
+
+def test_registering_many_secrets_compiles_rarely_and_redacts_at_once(
+        fresh_secrets: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "MAX_LEARNT_SECRETS", 5000)
+    compiled = []
+    real = logs._compile
+    monkeypatch.setattr(logs, "_compile", lambda src: compiled.append(src) or real(src))
+    tokens = [f"agent-token-{i:05d}-{'z' * 12}" for i in range(2000)]
+    for token in tokens:  # a fleet registering: not one compile per agent
+        logs.register_secret(token, pinned=False)
+    assert len(compiled) <= 2000 // logs.MAX_PENDING
+    # a secret registered a moment ago is redacted in the very next line
+    assert logs.redact(f"calling with {tokens[-1]} now") == "calling with *** now"
+    assert logs.redact(f"{tokens[0]}/{tokens[1999]}") == "***/***"
+    # nested secrets: the newer one contains an older one, and nothing of it leaks
+    logs.register_secret("outer-" + tokens[5] + "-tail", pinned=False)
+    assert logs.redact("x outer-" + tokens[5] + "-tail y") == "x *** y"
+
+
+def test_time_stamps_are_iso_8601_with_zone() -> None:
+    buf = io.StringIO()
+    logs.setup("info", fmt="json", stream=buf)
+    logging.getLogger("t").info("hello")
+    stamp = json.loads(buf.getvalue())["ts"]
+    parsed = datetime.fromisoformat(stamp)
+    assert parsed.tzinfo is not None and "T" in stamp
+    assert abs(parsed.timestamp() - time.time()) < 60
