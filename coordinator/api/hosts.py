@@ -43,7 +43,8 @@ from novacron.coordinator.models import HOST_UP, Host
 log = logging.getLogger("novacron.coordinator.hosts")
 routes = RouteTable("hosts", "Hypervisor hosts and their agents")
 
-_COUNT = {"type": "integer", "minimum": 0, "maximum": 2**62}
+_MAX_COUNT = 2**62
+_COUNT = {"type": "integer", "minimum": 0, "maximum": _MAX_COUNT}
 _USAGE: dict[str, Any] = {
     "memory_available_bytes": _COUNT,
     "vms": {"type": "array", "maxItems": 10000, "items": schemas.NAME},
@@ -108,7 +109,7 @@ def heartbeat_valid(body: Any) -> bool:
     if type(body) is not dict or not body.keys() <= _HEARTBEAT_KEYS:
         return False
     mem = body.get("memory_available_bytes")
-    if type(mem) is not int or not 0 <= mem <= _COUNT["maximum"]:
+    if type(mem) is not int or not 0 <= mem <= _MAX_COUNT:
         return False
     if "load" in body:
         load = body["load"]
