@@ -4,6 +4,7 @@ heartbeat (spread out, not a synchronised retry storm) and counts it as shed."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 from aiohttp import web
@@ -47,7 +48,7 @@ async def test_503_backs_off_an_interval_or_two() -> None:
                 break
             await asyncio.sleep(0.05)
         assert len(beats) >= 5
-        gaps = [b - a for a, b in zip(beats, beats[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(beats)]
         # after each 503: one to two intervals (plus scheduling slack), never the short retry
         for gap in gaps[:3]:
             assert INTERVAL * 0.95 <= gap <= INTERVAL * 2 + 0.25, gaps
