@@ -64,9 +64,8 @@ class EventHub:
 
     async def start(self) -> None:
         """Exchange events with other coordinators sharing the (open) store."""
-        if self.store is None:
-            return
-        await self.store.listen(CHANNEL, self._received)
+        if self.store is None or not await self.store.listen(CHANNEL, self._received):
+            return  # no other coordinators can share this store
         self._outbox = asyncio.Queue(OUTBOX)
         self._sender = asyncio.create_task(self._send(self.store, self._outbox), name="event-sender")
 

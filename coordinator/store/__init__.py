@@ -153,10 +153,11 @@ class Store(abc.ABC):
         this store; False if this backend has no such peers (SQLite: one process)."""
         return False
 
-    async def listen(self, channel: str, callback: Listener) -> None:
+    async def listen(self, channel: str, callback: Listener) -> bool:
         """Call ``callback(channel, payload)`` for notifications from other processes
-        (on the event loop; it must not block). No-op where there are none (SQLite)."""
+        (on the event loop; it must not block). False where there are none (SQLite)."""
         del channel, callback
+        return False
 
     # raw SQL for features with registered migrations (backend specific)
     @abc.abstractmethod

@@ -301,7 +301,7 @@ class PostgresStore(Store):
         await self.pool.execute("SELECT pg_notify($1, $2)", channel, payload)
         return True
 
-    async def listen(self, channel: str, callback: Listener) -> None:
+    async def listen(self, channel: str, callback: Listener) -> bool:
         # One connection outside the pool holds every LISTEN of this store.
         if self._listen_conn is None:
             self._listen_conn = await asyncpg.connect(self.dsn)
@@ -309,6 +309,7 @@ class PostgresStore(Store):
             self._listeners[channel] = []
             await self._listen_conn.add_listener(channel, self._dispatch)
         self._listeners[channel].append(callback)
+        return True
 
     def _dispatch(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
         for callback in list(self._listeners.get(channel, ())):
