@@ -105,9 +105,18 @@ class MigrationManager:
             mig = Migration(id="m-" + secrets.token_hex(6), vm=vm_name, source=src.name,
                             target=dst.name, options=options, created_at=now, updated_at=now)
             await self._hold(mig.id)  # a new name: ours before any other coordinator sees it
-            await self.store.put_migration(mig)
             vm.state, vm.updated_at = "migrating", now
-            await self.store.put_vm(vm)
+            # The lock above covers this coordinator; the compare-and-set covers the others.
+            if not await self.store.put_vm_if(vm, "running"):
+                await self.store.release_lease(lease_name(mig.id), self.holder)
+                raise ApiError(409, f"VM {vm_name!r} changed meanwhile (another coordinator "
+                               "is migrating it?)")
+            try:
+                await self.store.put_migration(mig)
+            except BaseException:
+                vm.state = "running"
+                await self.store.put_vm_if(vm, "migrating")
+                raise
         request = {"vm": vm_name, "target": {"url": dst.url, "token": dst.token},
                    "options": options}
         try:

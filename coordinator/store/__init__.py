@@ -99,6 +99,11 @@ class Store(abc.ABC):
     async def delete_vm(self, name: str) -> bool: ...
 
     @abc.abstractmethod
+    async def put_vm_if(self, vm: VM, state: str) -> bool:
+        """Store ``vm`` only if its stored record is still in ``state`` (compare and set,
+        e.g. running -> migrating, so two coordinators cannot both start moving it)."""
+
+    @abc.abstractmethod
     async def claim_vm(self, vm: VM, generation: int) -> Claim:
         """Insert the new ``vm`` on ``vm.host`` in one transaction, only if the host's
         generation is still ``generation`` (as read with the host before placing).

@@ -191,6 +191,17 @@ class PostgresStore(Store):
             await conn.execute("UPDATE hosts SET generation = generation + 1 WHERE name = $1",
                                vm.host)
 
+    async def put_vm_if(self, vm: VM, state: str) -> bool:
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = await conn.fetchval(
+                "UPDATE vms SET host = $2, data = $3 WHERE name = $1 AND data->>'state' = $4 "
+                "RETURNING 1", vm.name, vm.host, _asdict(vm), state)
+            if done is None:
+                return False
+            await conn.execute("UPDATE hosts SET generation = generation + 1 WHERE name = $1",
+                               vm.host)
+        return True
+
     async def claim_vm(self, vm: VM, generation: int) -> Claim:
         try:
             async with self.pool.acquire() as conn, conn.transaction():

@@ -163,6 +163,19 @@ class SQLiteStore(Store):
              "SET host=excluded.host, data=excluded.data", (vm.name, vm.host, data)),
             ("UPDATE hosts SET generation = generation + 1 WHERE name = ?", (vm.host,))]))
 
+    async def put_vm_if(self, vm: VM, state: str) -> bool:
+        data = json.dumps(_asdict(vm))
+
+        def work(c: sqlite3.Connection) -> bool:
+            if c.execute("UPDATE vms SET host = ?, data = ? WHERE name = ? "
+                         "AND json_extract(data, '$.state') = ?",
+                         (vm.host, data, vm.name, state)).rowcount == 0:
+                return False
+            c.execute("UPDATE hosts SET generation = generation + 1 WHERE name = ?", (vm.host,))
+            return True
+
+        return await self._run(lambda c: _in_tx(c, work))
+
     async def claim_vm(self, vm: VM, generation: int) -> Claim:
         data = json.dumps(_asdict(vm))
 

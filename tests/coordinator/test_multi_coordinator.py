@@ -92,6 +92,30 @@ async def test_sse_on_one_coordinator_follows_a_migration_started_on_another(
         await stop_coordinator(b)
 
 
+async def test_two_coordinators_never_start_two_migrations_of_one_vm(
+        tmp_path: Path, database_url: str) -> None:
+    a, b = await two_coordinators(tmp_path, database_url)
+    try:
+        async with serving(FakeAgent("alpha", "tok-a-5678"),
+                           FakeAgent("beta", "tok-b-5678", memory_bytes=4 << 30)) as fakes:
+            for fake in fakes:
+                await fake.register_with(a.session, a.url, a.cfg.agent_token)
+            for i in range(4):
+                assert (await a.call("POST", "/vms", json=vm_spec(f"d{i}", host="alpha")))[0] == 201
+            fakes[0].hold_migrations = True
+            for i in range(4):  # both coordinators asked at the same moment, several times
+                results = await asyncio.gather(*(
+                    c.call("POST", "/migrations", json={"vm": f"d{i}", "target": "beta"})
+                    for c in (a, b, a, b)))
+                assert sorted(s for s, _ in results) == [202, 409, 409, 409], results
+            _, doc = await a.call("GET", "/migrations")
+            assert len(doc["migrations"]) == 4
+            fakes[0].hold_migrations = False
+    finally:
+        await stop_coordinator(a)
+        await stop_coordinator(b)
+
+
 async def _health(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     async with session.get(url + "/api/v1/health") as resp:
         doc: dict[str, Any] = await resp.json()

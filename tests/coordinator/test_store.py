@@ -269,3 +269,17 @@ async def test_restart_settles_vms_left_creating(
             assert [(v["name"], v["state"]) for v in doc["vms"]] == [("made", "running")]
         finally:
             await stop_coordinator(c)
+
+
+async def test_put_vm_if_sets_only_from_the_expected_state(make_store: MakeStore) -> None:
+    store = make_store()
+    await store.open()
+    try:
+        await store.put_vm(VM("v", "h", {}, state="running"))
+        assert await store.put_vm_if(VM("v", "h", {}, state="migrating"), "running")
+        assert not await store.put_vm_if(VM("v", "h", {}, state="migrating"), "running")
+        assert (await store.get_vm("v")).state == "migrating"  # type: ignore[union-attr]
+        assert not await store.put_vm_if(VM("nope", "h", {}, state="migrating"), "running")
+        assert await store.get_vm("nope") is None
+    finally:
+        await store.close()
