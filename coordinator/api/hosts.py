@@ -14,7 +14,8 @@ implements it; an agent can run one with its ``GET /v1/host`` document):
   404 means the coordinator does not know the host: register again.
 - A host silent for ``heartbeat_timeout_s`` is marked ``down``; no VM is placed
   on or migrated to it until it heartbeats again.
-- Past ``max_pending_heartbeats`` in progress the coordinator sheds load: 503 with
+- Past ``max_pending_heartbeats`` in progress, or while its event loop runs late
+  (requests queueing), the coordinator sheds load: 503 with
   ``Retry-After`` (agents wait an interval or two, at random, and try again). A
   coordinator that shed heartbeats marks no host down for ``heartbeat_timeout_s``:
   it cannot tell a silent host from one it turned away.
@@ -130,12 +131,29 @@ HEARTBEAT_REPLY: dict[str, Any] = {
 }
 
 
+# An event loop this late means requests wait in queues far longer than their work:
+# heartbeats are shed for LAG_HOLD_S after such a tick, before they time out anyway.
+LAG_TICK_S, LAG_SHED_S, LAG_HOLD_S = 0.1, 0.5, 2.0
+
+
 class Intake:
-    """Heartbeats in progress, and when this coordinator last turned one away."""
+    """Heartbeats in progress, whether the event loop is overloaded, and when this
+    coordinator last turned a heartbeat away."""
 
     def __init__(self) -> None:
         self.pending = 0
         self.last_shed = -float("inf")  # monotonic
+        self.busy_until = -float("inf")  # monotonic; set by the loop-lag watcher
+
+    def overloaded(self) -> bool:
+        return time.monotonic() < self.busy_until
+
+    async def watch_lag(self) -> None:
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(LAG_TICK_S)
+            if time.monotonic() - start - LAG_TICK_S > LAG_SHED_S:
+                self.busy_until = time.monotonic() + LAG_HOLD_S
 
 
 INTAKE = web.AppKey("heartbeat_intake", Intake)
@@ -146,7 +164,7 @@ INTAKE = web.AppKey("heartbeat_intake", Intake)
 async def heartbeat(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     app, intake = request.app, request.app[INTAKE]
-    if intake.pending >= app[CONFIG].max_pending_heartbeats:
+    if intake.pending >= app[CONFIG].max_pending_heartbeats or intake.overloaded():
         intake.last_shed = time.monotonic()
         app[METRICS].heartbeats.labels("shed").inc()
         raise ApiError(503, "coordinator busy: heartbeat not taken; retry after the interval",
@@ -211,8 +229,9 @@ async def _monitor(app: web.Application) -> AsyncIterator[None]:
             fence = lease.fence()
             if fence is None:
                 continue  # another coordinator watches the fleet
-            if time.monotonic() - intake.last_shed < cfg.heartbeat_timeout_s:
-                continue  # we turned heartbeats away: silence proves nothing now
+            if intake.overloaded() or \
+                    time.monotonic() - intake.last_shed < cfg.heartbeat_timeout_s:
+                continue  # we turned heartbeats away, or kept them waiting: silence proves nothing
             try:
                 down = await store.mark_down(time.time() - cfg.heartbeat_timeout_s, fence=fence)
             except Exception:
@@ -222,11 +241,14 @@ async def _monitor(app: web.Application) -> AsyncIterator[None]:
                 log.warning("host missed heartbeats; marked down", extra={"host": name})
 
     lease.start()
-    task = asyncio.create_task(loop(), name="heartbeat-monitor")
+    tasks = [asyncio.create_task(loop(), name="heartbeat-monitor"),
+             asyncio.create_task(intake.watch_lag(), name="loop-lag-watch")]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await lease.close()
 
 

@@ -54,3 +54,24 @@ async def test_overload_sheds_heartbeats_and_marks_no_live_host_down(tmp_path: P
             await asyncio.sleep(0.05)
     finally:
         await stop_coordinator(c)
+
+
+async def test_a_late_event_loop_sheds_heartbeats_and_holds_the_monitor(tmp_path: Path) -> None:
+    c = await start_coordinator(make_cfg(tmp_path, heartbeat_interval_s=0.5,
+                                         heartbeat_timeout_s=1.0))
+    try:
+        for name in ("busy", "quiet"):
+            fake = FakeAgent(name, f"tok-{name}-2")
+            fake.url = "http://127.0.0.1:9"
+            await fake.register_with(c.session, c.url, c.cfg.agent_token)
+        assert {s for s, _ in await burst(c, 5)} == {200}
+        start = time.monotonic()
+        while time.monotonic() - start < 1.5:  # bounded: the loop stalls past the timeout
+            time.sleep(0.7)  # the coordinator shares this loop: as if swamped with requests
+            statuses = {s for s, _ in await burst(c, 3)}
+            assert statuses == {503}, statuses
+        assert await state(c, "quiet") == "up"  # silent past the timeout, but we could not tell
+        await asyncio.sleep(2.5)  # calm again
+        assert {s for s, _ in await burst(c, 3)} == {200}
+    finally:
+        await stop_coordinator(c)
