@@ -121,6 +121,12 @@ async def _stand_in_agent() -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _vm_rows(hosts: int, per_host: int) -> list[tuple[str, str, str]]:
     now = time.time()
     rows = []
@@ -227,13 +233,16 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
                 else:
                     failed += 1
             place_s = time.perf_counter() - t0
-            async with session.get(f"{coords[0].url}/api/v1/hosts", timeout=slow,
-                                   headers={"Authorization": f"Bearer {admin}"}) as resp:
-                down_now = sum(h["state"] != "up" for h in (await resp.json())["hosts"])
+            await _stop(tasks)  # the fleet falls silent: count downs before any timeout passes
+            down_now: int | None = None
+            try:
+                async with session.get(f"{coords[0].url}/api/v1/hosts", timeout=slow,
+                                       headers={"Authorization": f"Bearer {admin}"}) as resp:
+                    down_now = sum(h["state"] != "up" for h in (await resp.json())["hosts"])
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # reported as unknown
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop(tasks)
         for c in coords:
             c.stop()
         await stand_in.cleanup()
