@@ -193,16 +193,27 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
                     if resp.status != 200:
                         raise SystemExit(f"registration failed: HTTP {resp.status}")
 
+            async def live(i: int) -> None:
+                """A real agent heartbeats as soon as it is registered."""
+                await register(i)
+                done.append(time.perf_counter())
+                if len(done) == hosts:
+                    registered.set_result(None)
+                vms = [f"vm-{i:05d}-{v:02d}" for v in range(args.vms_per_host)]
+                await _agent(session, coords[i % n_coord].url, f"sim-{i:05d}", agent_token, vms,
+                             args.interval, tally, random.Random(i))
+
+            done: list[float] = []
+            registered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             t0 = time.perf_counter()
-            await asyncio.gather(*(register(i) for i in range(hosts)))
+            tasks.extend(asyncio.create_task(live(i)) for i in range(hosts))
+            await asyncio.wait([registered, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            if not registered.done():  # an agent ended: its registration failed
+                failed_task = next(t for t in tasks if t.done())
+                failed_task.result()  # raises what it raised
             reg_rate = hosts / (time.perf_counter() - t0)
             await _seed_vms(database_url, coords[0].data_dir / "coordinator.db", hosts,
                             args.vms_per_host)
-            for i in range(hosts):
-                vms = [f"vm-{i:05d}-{v:02d}" for v in range(args.vms_per_host)]
-                tasks.append(asyncio.create_task(_agent(
-                    session, coords[i % n_coord].url, f"sim-{i:05d}", agent_token, vms,
-                    args.interval, tally, random.Random(i))))
             await asyncio.sleep(args.interval)  # warm-up: every agent has spoken once
             tally.measuring = True
             t0 = time.perf_counter()
