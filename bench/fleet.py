@@ -23,6 +23,7 @@ import asyncio
 import json
 import random
 import secrets
+import signal
 import sqlite3
 import tempfile
 import time
@@ -326,4 +327,11 @@ async def _run(args: argparse.Namespace) -> Report:
 
 
 def run(args: argparse.Namespace) -> Report:
-    return asyncio.run(_run(args))
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds _run: its coordinators and PostgreSQL are stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return asyncio.run(_run(args))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
