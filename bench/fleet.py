@@ -64,6 +64,7 @@ class Tally:
     shed: int = 0
     measuring: bool = False
     first_error: str = ""
+    registration_retries: int = 0
 
     def record(self, started: float, status: int) -> None:
         if not self.measuring:
@@ -196,7 +197,14 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
 
             async def live(i: int) -> None:
                 """A real agent heartbeats as soon as it is registered."""
-                await register(i)
+                rnd = random.Random(-i)
+                while True:  # a busy coordinator may time a registration out: try again later
+                    try:
+                        await register(i)
+                        break
+                    except (aiohttp.ClientError, TimeoutError):
+                        tally.registration_retries += 1
+                        await asyncio.sleep(args.interval * rnd.uniform(1.0, 2.0))
                 done.append(time.perf_counter())
                 if len(done) == hosts:
                     registered.set_result(None)
@@ -272,7 +280,7 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
         "false_downs": false_downs, "down_at_end": down_now,
         "placements_per_s": len(place_lat) / place_s if place_s else None,
         "placement_p99_ms": percentile(place_lat, 99) * 1e3 if place_lat else None,
-        "placements_failed": failed, "first_error": tally.first_error or None,
+        "placements_failed": failed, "registration_retries": tally.registration_retries, "first_error": tally.first_error or None,
     }
 
 
