@@ -94,6 +94,7 @@ setup(
         "novacron": ["py.typed"],
         "novacron.agent.guest": ["workload.c", "init.sh"],
         "novacron.coordinator.dashboard": ["*.html", "*.js", "*.css"],
+        "novacron.coordinator.store": ["pg_migrations/*.sql"],
     },
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl as ssl_
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from prometheus_client import Counter
 
 from novacron.coordinator.client import ApiClientError, CoordinatorClient
 
@@ -45,8 +48,10 @@ class CoordinatorLink:
     def __init__(self, coordinator_url: str, coordinator_token: str, agent_url: str,
                  agent_token: str, host_info: Callable[[], Awaitable[dict[str, Any]]], *,
                  ssl: ssl_.SSLContext | None = None,
-                 on_registered: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_registered: Callable[[dict[str, Any]], None] | None = None,
+                 heartbeats: Counter | None = None) -> None:
         self.coordinator_url, self.coordinator_token = coordinator_url, coordinator_token
+        self.heartbeats = heartbeats  # novacron_agent_heartbeats_total{result}
         self.agent_url, self.agent_token = agent_url, agent_token
         self.host_info = host_info
         self.ssl = ssl  # fleet CA + this host's certificate: the coordinator knows us by it
@@ -81,6 +86,10 @@ class CoordinatorLink:
         self.interval_s = _interval(reply, self.interval_s)
         self.beats += 1
 
+    def _count(self, result: str) -> None:
+        if self.heartbeats is not None:
+            self.heartbeats.labels(result).inc()
+
     async def run(self) -> None:
         """Register, then heartbeat until cancelled."""
         backoff = 0.5
@@ -92,15 +101,21 @@ class CoordinatorLink:
                         await self.register(client)
                     else:
                         await self.heartbeat(client)
+                        self._count("ok")
                     backoff = 0.5
                     await asyncio.sleep(self.interval_s)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the link outlives any one failure (agent or coordinator)
                     status = exc.status if isinstance(exc, ApiClientError) else 0
+                    if self.registered.is_set():
+                        self._count("shed" if status == 503 else "error")
                     log.warning("coordinator link failed; retrying",
                                 extra={"error": str(exc), "status": status})
                     if status in (400, 401):
                         self.registered.clear()
+                    if status == 503:  # shedding load: come back in an interval or two, spread out
+                        await asyncio.sleep(self.interval_s * random.uniform(1.0, 2.0))
+                        continue
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)

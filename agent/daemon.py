@@ -18,8 +18,9 @@ from novacron import audit, tls
 from novacron.agent.api import setup_routes
 from novacron.agent.api.common import auth_middleware, body_of, error_middleware
 from novacron.agent.api.host import host_document
-from novacron.agent.appkeys import ACCEL, CONFIG, VMS
+from novacron.agent.appkeys import ACCEL, CONFIG, METRICS, VMS
 from novacron.agent.config import AgentConfig
+from novacron.agent.metrics import AgentMetrics
 from novacron.agent.vm.accel import AccelDetector, AccelInfo
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.manager import VMManager
@@ -27,6 +28,7 @@ from novacron.agent.vm.network import HostNetworks
 from novacron.agent.vm.ramfile import MEMORY_FILESYSTEMS, filesystem_type
 from novacron.agent.vm.sandbox import QemuUserError, qemu_identity
 from novacron.daemon import start_site, until_signalled
+from novacron.metrics import metrics_response
 
 log = logging.getLogger("novacron.agent")
 
@@ -77,9 +79,15 @@ def build_app(cfg: AgentConfig, vms: VMManager, accel: AccelDetector) -> web.App
     app[CONFIG] = cfg
     app[VMS] = vms
     app[ACCEL] = accel
+    app[METRICS] = AgentMetrics()
     modules = setup_routes(app)
+    app.router.add_get("/metrics", _metrics)  # Prometheus; the agent's token, like the rest
     log.debug("routes registered", extra={"modules": modules})
     return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return metrics_response(request.app[METRICS].registry)
 
 
 def advertised_url(cfg: AgentConfig, port: int) -> str:
@@ -108,7 +116,8 @@ def start_coordinator_link(cfg: AgentConfig, app: web.Application, port: int) ->
             grants.set_key(key)  # migrations are authorised by grants the coordinator signs
 
     link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info,
-                           ssl=tls.peer_client_context(cfg), on_registered=registered)
+                           ssl=tls.peer_client_context(cfg), on_registered=registered,
+                           heartbeats=app[METRICS].heartbeats)
     return asyncio.create_task(link.run(), name="coordinator link")
 
 

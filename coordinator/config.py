@@ -36,13 +36,24 @@ class CoordinatorConfig:
                         "is written to <data_dir>/listen.json)")
     data_dir: Path = setting(Path("/var/lib/novacron/coordinator"),
                              help="directory of the fleet database, audit log and listen.json")
+    database_url: str = setting("", help="PostgreSQL shared by every coordinator of a fleet instead "
+                                "of <data_dir>/coordinator.db: postgresql://user:password@host:port/db "
+                                "or ...?host=/run/postgresql for a Unix socket (empty: SQLite)")
+    database_pool_size: int = setting(10, help="PostgreSQL connections per coordinator")
+    lease_ttl_s: float = setting(10.0, help="seconds within which once-per-fleet loops move to "
+                                 "another coordinator when their holder dies")
     admin_token: str = setting("", help="API token with full rights; required, 16+ characters")
     agent_token: str = setting("", help="token agents use to register and heartbeat; required, "
                                "16+ characters, not the admin token")
+    metrics_token: str = setting("", help="optional token that may read /metrics only (for "
+                                 "Prometheus); admin_token may too")
     log_level: str = setting("info", help="debug, info, warning or error")
     heartbeat_interval_s: float = setting(5.0, help="seconds between heartbeats agents are told to use")
     heartbeat_timeout_s: float = setting(20.0, help="seconds a host may stay silent before it is "
                                          "marked down")
+    max_pending_heartbeats: int = setting(2000, help="heartbeats in progress at once; past that the "
+                                          "coordinator answers 503 + Retry-After and marks no host "
+                                          "down until it has caught up")
     max_body_bytes: int = setting(256 * 1024, help="largest request body in bytes; larger ones get 413")
     agent_timeout_s: float = setting(30.0, help="seconds one call to an agent's API may take")
     poll_interval_s: float = setting(0.25, help="seconds between polls of a running migration's status")
@@ -82,12 +93,22 @@ def check_config(cfg: CoordinatorConfig) -> None:
     check_secret(cfg, "agent_token", required=f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
     if cfg.admin_token == cfg.agent_token:
         raise Invalid("agent_token", "admin_token and agent_token must differ")
+    if cfg.metrics_token and cfg.metrics_token in (cfg.admin_token, cfg.agent_token):
+        raise Invalid("metrics_token", "metrics_token must differ from admin_token and agent_token")
     for key in ("heartbeat_interval_s", "agent_timeout_s", "poll_interval_s", "migration_timeout_s",
                 "reconcile_interval_s"):
         if not getattr(cfg, key) > 0:  # 0 would spin the loops these pace (and NaN compares false)
             raise Invalid(key, "must be positive")
     if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:
         raise Invalid("heartbeat_timeout_s", "heartbeat_timeout_s must be larger than heartbeat_interval_s")
+    if cfg.database_url and not cfg.database_url.startswith(("postgresql://", "postgres://")):
+        raise Invalid("database_url", "must be a postgresql:// URL (empty: SQLite in data_dir)")
+    if not 1 <= cfg.max_pending_heartbeats <= 1_000_000:
+        raise Invalid("max_pending_heartbeats", "must be 1..1000000")
+    if not 1 <= cfg.database_pool_size <= 1000:
+        raise Invalid("database_pool_size", "must be 1..1000")
+    if not cfg.lease_ttl_s >= 1:
+        raise Invalid("lease_ttl_s", "must be at least 1 second")
     if cfg.max_body_bytes < 1024:
         raise Invalid("max_body_bytes", "must be at least 1024")
     check_level(cfg.log_level)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from urllib.parse import urlsplit
 
 from novacron.coordinator.config import DEFAULT_CONFIG, ENV_PREFIX, CoordinatorConfig, check_config
 from novacron.daemon import Daemon
@@ -18,7 +19,8 @@ DAEMON = Daemon(
     prog="novacron-coordinator",
     description="NovaCron coordinator: fleet state, REST API, placement and the MCP bridge.",
     settings=CoordinatorConfig, env_prefix=ENV_PREFIX, default_config=DEFAULT_CONFIG,
-    check=check_config, serve=serve, secrets=lambda cfg: (cfg.admin_token, cfg.agent_token),
+    check=check_config, serve=serve, secrets=lambda cfg: (
+        cfg.admin_token, cfg.agent_token, cfg.metrics_token, cfg.database_url, urlsplit(cfg.database_url).password or ""),
 )
 main = DAEMON.main
 

@@ -9,6 +9,11 @@ runs it under that id), so after a coordinator restart every unfinished
 migration can be asked about; when the source agent no longer knows it (it
 never got the request, or it restarted), where the VM really runs decides the
 outcome (``Reconciler.migration_outcome``) and the record follows the VM.
+Each unfinished migration is followed by exactly one coordinator: the one
+holding its lease (``migration:<id>``, taken when the record is created and
+renewed while polling). Every coordinator looks for unfinished migrations
+whose lease has expired (their follower died) and adopts them, at start-up
+and every ``lease_ttl_s``; a clean stop hands its migrations over at once.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from novacron.coordinator.agent_client import AgentClient, AgentError
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
+from novacron.coordinator.metrics import CoordinatorMetrics
 from novacron.coordinator.models import HOST_UP, Migration, spec_networks
 from novacron.coordinator.reconcile import Reconciler
 from novacron.coordinator.scheduler.placer import host_in_maintenance
@@ -45,17 +51,33 @@ def topic(mig_id: str) -> str:
     return f"migration:{mig_id}"
 
 
+def lease_name(mig_id: str) -> str:
+    return f"migration:{mig_id}"
+
+
 class MigrationManager:
     def __init__(self, cfg: CoordinatorConfig, store: Store, agents: AgentClient,
                  events: EventHub, reconciler: Reconciler | None = None,
-                 grants: GrantSigner | None = None) -> None:
+                 grants: GrantSigner | None = None, holder: str = "",
+                 metrics: CoordinatorMetrics | None = None) -> None:
         self.cfg, self.store, self.agents, self.events = cfg, store, agents, events
         self.reconciler = reconciler or Reconciler(store, agents)
         self._undecided: dict[str, str] = {}  # migration id -> what the agents said last
         self.grants = grants or GrantSigner.generate()
+        self.metrics = metrics
+        self.following: dict[str, Migration] = {}  # the records our pollers update
+        if metrics is not None:
+            metrics.watch_migrations(lambda: self.following.values())
+        self.holder = holder or "coordinator-" + secrets.token_hex(6)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._starting: set[asyncio.Task[Migration]] = set()
         self._lock = asyncio.Lock()
+        self._adopter: asyncio.Task[None] | None = None
+
+    async def _hold(self, mig_id: str) -> bool:
+        """Take or renew the lease that makes us ``mig_id``'s one follower."""
+        return await self.store.acquire_lease(lease_name(mig_id), self.holder,
+                                              self.cfg.lease_ttl_s) is not None
 
     async def start(self, vm_name: str, target: str, options: dict[str, Any], *,
                     force: bool = False) -> Migration:
@@ -109,9 +131,19 @@ class MigrationManager:
             now = time.time()
             mig = Migration(id="m-" + secrets.token_hex(6), vm=vm_name, source=src.name,
                             target=dst.name, options=options, created_at=now, updated_at=now)
-            await self.store.put_migration(mig)
+            await self._hold(mig.id)  # a new name: ours before any other coordinator sees it
             vm.state, vm.updated_at = "migrating", now
-            await self.store.put_vm(vm)
+            # The lock above covers this coordinator; the compare-and-set covers the others.
+            if not await self.store.put_vm_if(vm, "running"):
+                await self.store.release_lease(lease_name(mig.id), self.holder)
+                raise ApiError(409, f"VM {vm_name!r} changed meanwhile (another coordinator "
+                               "is migrating it?)")
+            try:
+                await self.store.put_migration(mig)
+            except BaseException:
+                vm.state = "running"
+                await self.store.put_vm_if(vm, "migrating")
+                raise
         crash_point("migration.start.recorded")
         # The source gets the coordinator's grant, never the destination's credential; the
         # destination's addresses in it come from our registry, never from a caller. The
@@ -166,15 +198,44 @@ class MigrationManager:
         return mig
 
     async def resume_all(self) -> None:
-        """After a restart: follow every migration that was still running. One whose
-        start was cut short is asked for under the id the agent was given; if the
-        source agent does not know it, the VMs show how it ended."""
+        """Follow every unfinished migration nobody follows (after a restart, or a
+        coordinator's death), now and then every ``lease_ttl_s``. One whose start was
+        cut short is asked for under the id the agent was given; if the source agent
+        does not know it, the VMs show how it ended."""
+        await self.adopt()
+        if self._adopter is None:
+            self._adopter = asyncio.create_task(self._adopt_loop(), name="migration-adopter")
+
+    async def adopt(self) -> list[str]:
+        adopted = []
         for mig in await self.store.active_migrations():
-            if mig.agent_migration_id is None:
-                mig.agent_migration_id = mig.id
-            self._follow(mig)
+            if mig.id in self._tasks or not await self._hold(mig.id):
+                continue  # ours already, or another live coordinator follows it
+            fresh = await self.store.get_migration(mig.id)  # its follower may just have saved it
+            if fresh is None or fresh.done:
+                await self.store.release_lease(lease_name(mig.id), self.holder)
+                continue
+            adopted.append(mig.id)
+            if fresh.agent_migration_id is None:
+                fresh.agent_migration_id = fresh.id  # the id the agent was given, answer or not
+            log.info("following migration", extra={"migration": mig.id})
+            self._follow(fresh)
+        return adopted
+
+    async def _adopt_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.lease_ttl_s)
+            try:
+                await self.adopt()
+            except Exception as exc:
+                log.warning("looking for unfollowed migrations failed", extra={"error": str(exc)})
 
     async def close(self) -> None:
+        if self._adopter is not None:
+            self._adopter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._adopter
+            self._adopter = None
         if self._starting:  # let starts in flight settle (agent calls time out), then stop them
             _done, pending = await asyncio.wait(set(self._starting), timeout=START_SETTLE_S)
             for start in pending:
@@ -186,13 +247,22 @@ class MigrationManager:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for mig_id in [t.get_name().removeprefix("follow-") for t in tasks]:
+            with contextlib.suppress(Exception):  # hand over now rather than at expiry
+                await self.store.release_lease(lease_name(mig_id), self.holder)
 
     # -- following -----------------------------------------------------------------------
 
     def _follow(self, mig: Migration) -> None:
         task = asyncio.create_task(self._poll(mig), name=f"follow-{mig.id}")
         self._tasks[mig.id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(mig.id, None))
+        self.following[mig.id] = mig
+
+        def done(_t: asyncio.Task[None]) -> None:
+            self._tasks.pop(mig.id, None)
+            self.following.pop(mig.id, None)
+
+        task.add_done_callback(done)
 
     def _apply(self, mig: Migration, status: Any) -> bool:
         """Copy the agent's status into ``mig``; True if anything changed."""
@@ -213,8 +283,15 @@ class MigrationManager:
     async def _poll(self, mig: Migration) -> None:
         failures = 0
         deadline = mig.created_at + self.cfg.migration_timeout_s
+        renew_at = time.monotonic() + self.cfg.lease_ttl_s / 3
         try:
             while not mig.done:
+                if time.monotonic() >= renew_at:
+                    renew_at = time.monotonic() + self.cfg.lease_ttl_s / 3
+                    if not await self._hold(mig.id):
+                        log.warning("another coordinator follows this migration now",
+                                    extra={"migration": mig.id})
+                        return
                 if time.time() > deadline:
                     await self._finish(mig, "failed", error="migration timed out")
                     return
@@ -296,5 +373,8 @@ class MigrationManager:
             vm.updated_at = time.time()
             await self.store.put_vm(vm)
         await self._save(mig)
+        if self.metrics is not None:
+            self.metrics.migration_ended(mig)
+        await self.store.release_lease(lease_name(mig.id), self.holder)
         log.info("migration finished", extra={"migration": mig.id, "phase": phase,
                                               "error": mig.error})

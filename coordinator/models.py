@@ -27,10 +27,19 @@ class Host:
     load: float | None = None
     registered_at: float = 0.0
     last_heartbeat: float = 0.0
+    # The store's count of changes to what is placed here (see Store.claim_vm); not part
+    # of the stored document nor of the API.
+    generation: int = field(default=0, compare=False)
 
     def public(self) -> dict[str, Any]:
-        doc = dataclasses.asdict(self)
+        doc = self.record()
         del doc["token"]
+        return doc
+
+    def record(self) -> dict[str, Any]:
+        """The stored document."""
+        doc = dataclasses.asdict(self)
+        del doc["generation"]
         return doc
 
 

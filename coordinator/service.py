@@ -7,6 +7,8 @@ import contextlib
 import json
 import logging
 import os
+import secrets
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from novacron.coordinator.api.keys import (
     EVENTS,
     GRANTS,
     IDENTITIES,
+    INSTANCE,
+    LEASES,
+    METRICS,
     MIGRATIONS,
     PLACER,
     RECONCILER,
@@ -33,12 +38,15 @@ from novacron.coordinator.api.openapi import add_routes, build_document, json_bo
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
 from novacron.coordinator.identity import HostIdentities
+from novacron.coordinator.metrics import CoordinatorMetrics
 from novacron.coordinator.migrations import MigrationManager
+from novacron.coordinator.models import HOST_DOWN, HOST_UP
 from novacron.coordinator.placement import Placer, most_free_memory
 from novacron.coordinator.reconcile import Reconciler
 from novacron.coordinator.store import Store, open_store
 from novacron.daemon import start_site, until_signalled
 from novacron.grants import GrantSigner
+from novacron.metrics import metrics_response
 
 log = logging.getLogger("novacron.coordinator")
 
@@ -50,31 +58,50 @@ def build_app(cfg: CoordinatorConfig, *, store: Store | None = None,
     modules = load_route_modules()
     tables = [m.routes for m in modules]
     roles = {(r.method, r.full_path): r.auth for t in tables for r in t.routes}
+    roles[("GET", "/metrics")] = "metrics"
+    metrics = CoordinatorMetrics()
     audit_log = audit.AuditLog(cfg.audit_file or cfg.data_dir / "audit.log", fsync=cfg.audit_fsync)
     app = web.Application(
-        middlewares=[audit.audit_middleware(audit_log, body_of=json_body), error_middleware,
+        middlewares=[audit.audit_middleware(audit_log, body_of=json_body), metrics.middleware(), error_middleware,
                      make_auth_middleware(roles)],
         client_max_size=cfg.max_body_bytes,
     )
     audit.install(app, audit_log)
     app[CONFIG] = cfg
     app[STORE] = store or open_store(cfg)
+    app[METRICS] = metrics
+    app[INSTANCE] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    app[LEASES] = {}
     app[AGENTS] = AgentClient(cfg.agent_timeout_s, ssl=tls.peer_client_context(cfg))
-    app[EVENTS] = EventHub()
+    app[EVENTS] = EventHub(app[STORE], app[INSTANCE])
     app[PLACER] = placer or most_free_memory
     app[RECONCILER] = Reconciler(app[STORE], app[AGENTS])
     app[IDENTITIES] = HostIdentities(app[STORE])
     app[GRANTS] = grant_signer(cfg)
     app[MIGRATIONS] = MigrationManager(cfg, app[STORE], app[AGENTS], app[EVENTS], app[RECONCILER],
-                                       app[GRANTS])
+                                       app[GRANTS], app[INSTANCE], metrics=metrics)
     app[OPENAPI_DOC] = build_document(tables, version=__version__)
     add_routes(app, tables)
+    app.router.add_get("/metrics", serve_metrics)
     app.cleanup_ctx.append(_core_services)  # first: later contexts see an open store
     for module in modules:
         setup = getattr(module, "setup", None)
         if setup is not None:
             setup(app)
     return app
+
+
+async def serve_metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition; fleet counts are taken from the store now."""
+    app = request.app
+    metrics, store = app[METRICS], app[STORE]
+    metrics.count_states(metrics.hosts, (h.state for h in await store.list_hosts()),
+                         (HOST_UP, HOST_DOWN))
+    metrics.count_states(metrics.vms, (v.state for v in await store.list_vms()),
+                         ("creating", "running", "stopped", "paused", "migrating"))
+    for name, lease in app[LEASES].items():
+        metrics.leases.labels(name).set(1 if lease.held else 0)
+    return metrics_response(metrics.registry)
 
 
 def grant_signer(cfg: CoordinatorConfig) -> GrantSigner:
@@ -89,6 +116,7 @@ async def _core_services(app: web.Application) -> AsyncIterator[None]:
     await app[STORE].open()
     for host in await app[STORE].list_hosts():
         logs.register_secret(host.token, pinned=False)  # agents' tokens, stored by an earlier run
+    await app[EVENTS].start()  # events published by other coordinators on this database
     await app[AGENTS].start()
     await app[MIGRATIONS].resume_all()
     # before serving: VMs left creating or migrating, records behind the agents
@@ -102,6 +130,7 @@ async def _core_services(app: web.Application) -> AsyncIterator[None]:
             await loop
         await app[MIGRATIONS].close()
         await app[AGENTS].close()
+        await app[EVENTS].close()
         await app[STORE].close()
 
 

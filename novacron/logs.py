@@ -10,8 +10,8 @@ import json
 import logging
 import sys
 import threading
-import time
 from collections import OrderedDict
+from datetime import datetime
 from typing import Any
 
 from novacron.config import Invalid
@@ -197,10 +197,15 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STD_ATTRS and not k.startswith("_")}
 
 
+def iso_time(epoch: float) -> str:
+    """ISO 8601 with milliseconds and the local zone's offset, e.g. 2026-11-30T12:00:00.123+00:00."""
+    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="milliseconds")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": round(record.created, 3),
+            "ts": iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -213,7 +218,7 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        stamp = iso_time(record.created)
         extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
         line = f"{stamp} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
         if extra:

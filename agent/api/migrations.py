@@ -20,7 +20,7 @@ from aiohttp import web
 from novacron import httpjson, tls
 from novacron.agent.api.common import BODY, GRANT_READ, json_error
 from novacron.agent.api.host import host_name
-from novacron.agent.appkeys import CONFIG, VMS
+from novacron.agent.appkeys import CONFIG, METRICS, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
@@ -67,6 +67,10 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
     vms.resume_fence = manager  # resume waits for every migration of the VM to settle
     app[MANAGER_KEY] = manager
     app[GRANT_READ] = manager.may_read
+    metrics = app.get(METRICS)
+    if metrics is not None:
+        manager.on_finish = metrics.finished
+        metrics.watch(manager.list)
 
     async def on_startup(_app: web.Application) -> None:
         await clean_stale_incoming(cfg.state_dir)

@@ -95,6 +95,8 @@ class MigrationManager:
         self._running: dict[str, SourceMigration] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._busy_vms: set[str] = set()
+        # told of every migration that ends (the agent's metrics)
+        self.on_finish: Callable[[MigrationStatus], None] | None = None
 
     @property
     def data_port(self) -> int:
@@ -115,6 +117,7 @@ class MigrationManager:
 
     # -- status ----------------------------------------------------------
     def _keep(self, status: MigrationStatus) -> None:
+        status.on_finish = self.on_finish
         self.statuses[status.id] = status
         if len(self.statuses) > MAX_KEPT:
             for mid in [m for m, s in self.statuses.items() if s.done][: len(self.statuses) - MAX_KEPT]:

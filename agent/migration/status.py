@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,15 +48,26 @@ class MigrationStatus:
     pause_ceiling_ms: float | None = None
     journal: Any = None  # this side's journal entry (journal.Entry), once written
     native: dict[str, Any] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # time spent in each phase
+    # called once when the migration ends (metrics); set by the manager that keeps it
+    on_finish: Callable[[MigrationStatus], None] | None = field(default=None, repr=False)
     _t0: float = field(default_factory=time.monotonic)
     _t_end: float | None = None
+    _t_phase: float = field(default_factory=time.monotonic)
 
     def set_phase(self, phase: str) -> None:
         assert phase in PHASES, phase
+        now = time.monotonic()
+        if self.phase not in TERMINAL:
+            self.phase_seconds[self.phase] = self.phase_seconds.get(self.phase, 0.0) + now - self._t_phase
+        self._t_phase = now
+        ended = phase in TERMINAL and self._t_end is None
         self.phase = phase
         if phase in TERMINAL:
             self.finished = time.time()
-            self._t_end = time.monotonic()
+            self._t_end = now
+        if ended and self.on_finish is not None:
+            self.on_finish(self)
 
     def fail(self, reason: str, *, cancelled: bool = False) -> None:
         self.error = reason
@@ -92,6 +104,7 @@ class MigrationStatus:
             "total_s": round(self.total_s, 3),
             "converged": self.converged,
             "throttle_pct": self.throttle_pct,
+            "phase_seconds": {k: round(v, 4) for k, v in self.phase_seconds.items()},
             "native": self.native,
         }
 

@@ -2,8 +2,8 @@
 
 ``admin`` routes take the admin token; ``agent`` routes (register, heartbeat)
 take the agent (bootstrap) token; ``host`` routes (heartbeat) take the host's own
-credential, checked by the handler (``novacron.coordinator.identity``); ``public``
-(health) takes none. Tokens are compared in
+credential, checked by the handler (``novacron.coordinator.identity``); ``metrics``
+(``/metrics``) the admin or the metrics token; ``public`` (health) takes none. Tokens are compared in
 constant time and never logged or echoed.
 """
 
@@ -62,8 +62,11 @@ def make_auth_middleware(roles: dict[tuple[str, str], str]) -> Middleware:
             token = bearer(request)
             if token is None:
                 return error_response(401, "missing 'Authorization: Bearer <token>' header")
-            expected = cfg.agent_token if role == "agent" else cfg.admin_token
-            if not token_ok(token, expected):
+            if role == "metrics":
+                expected = [cfg.admin_token, cfg.metrics_token]
+            else:
+                expected = [cfg.agent_token if role == "agent" else cfg.admin_token]
+            if not any([token_ok(token, e) for e in expected]):  # all compared: constant time
                 return error_response(401, f"invalid token for this route (needs the {role} token)")
         audit.set_actor(request, actor_of(role))
         return await handler(request)

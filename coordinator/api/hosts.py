@@ -26,6 +26,11 @@ implements it; an agent can run one with its ``GET /v1/host`` document):
 - ``DELETE /api/v1/hosts/{name}`` (admin) forgets the record but keeps the name's
   binding; ``?retire=true`` also releases the binding, so another identity (a
   reinstalled host) may register the name.
+- Past ``max_pending_heartbeats`` in progress, or while its event loop runs late
+  (requests queueing), the coordinator sheds load: 503 with
+  ``Retry-After`` (agents wait an interval or two, at random, and try again). A
+  coordinator that shed heartbeats marks no host down for ``heartbeat_timeout_s``:
+  it cannot tell a silent host from one it turned away.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,16 +50,26 @@ from novacron import audit, httpjson, logs, tls
 from novacron.coordinator.api import schemas
 from novacron.coordinator.api.auth import bearer
 from novacron.coordinator.api.errors import ApiError
-from novacron.coordinator.api.keys import CONFIG, GRANTS, IDENTITIES, STORE
+from novacron.coordinator.api.keys import (
+    CONFIG,
+    GRANTS,
+    IDENTITIES,
+    INSTANCE,
+    LEASES,
+    METRICS,
+    STORE,
+)
 from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
 from novacron.coordinator.identity import MIN_TOKEN_CHARS, describe, request_identity
+from novacron.coordinator.lease import Lease
 from novacron.coordinator.models import HOST_UP, Host
 from novacron.coordinator.scheduler.placer import ATTRS, in_maintenance, load_attrs, set_maintenance
 
 log = logging.getLogger("novacron.coordinator.hosts")
 routes = RouteTable("hosts", "Hypervisor hosts and their agents")
 
-_COUNT = {"type": "integer", "minimum": 0, "maximum": 2**62}
+_MAX_COUNT = 2**62
+_COUNT = {"type": "integer", "minimum": 0, "maximum": _MAX_COUNT}
 _USAGE: dict[str, Any] = {
     "memory_available_bytes": _COUNT,
     "vms": {"type": "array", "maxItems": 10000, "items": schemas.NAME},
@@ -144,24 +160,89 @@ async def register(request: web.Request) -> web.Response:
                               "grant_key": request.app[GRANTS].public_key})
 
 
+_NAME = re.compile(schemas.NAME["pattern"])
+_HEARTBEAT_KEYS = frozenset(HEARTBEAT["properties"])
+
+
+def heartbeat_valid(body: Any) -> bool:
+    """HEARTBEAT checked by hand (jsonschema costs more than the rest of a heartbeat);
+    True only if the schema accepts the body (a property test holds it to that)."""
+    if type(body) is not dict or not body.keys() <= _HEARTBEAT_KEYS:
+        return False
+    mem = body.get("memory_available_bytes")
+    if type(mem) is not int or not 0 <= mem <= _MAX_COUNT:
+        return False
+    if "load" in body:
+        load = body["load"]
+        if type(load) not in (int, float) or not 0 <= load <= _USAGE["load"]["maximum"]:
+            return False
+    if "vms" in body:
+        vms = body["vms"]
+        if type(vms) is not list or len(vms) > _USAGE["vms"]["maxItems"]:
+            return False
+        if not all(type(v) is str and _NAME.fullmatch(v) for v in vms):
+            return False
+    return True
+
+
 HEARTBEAT_REPLY: dict[str, Any] = {
     "type": "object", "required": ["state", "heartbeat_interval_s"],
     "properties": {"state": {"const": "up"}, "heartbeat_interval_s": {"type": "number"}},
 }
 
 
+# An event loop this late means requests wait in queues far longer than their work:
+# heartbeats are shed for LAG_HOLD_S after such a tick, before they time out anyway.
+LAG_TICK_S, LAG_SHED_S, LAG_HOLD_S = 0.1, 0.5, 2.0
+
+
+class Intake:
+    """Heartbeats in progress, whether the event loop is overloaded, and when this
+    coordinator last turned a heartbeat away."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.last_shed = -float("inf")  # monotonic
+        self.busy_until = -float("inf")  # monotonic; set by the loop-lag watcher
+
+    def overloaded(self) -> bool:
+        return time.monotonic() < self.busy_until
+
+    async def watch_lag(self) -> None:
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(LAG_TICK_S)
+            if time.monotonic() - start - LAG_TICK_S > LAG_SHED_S:
+                self.busy_until = time.monotonic() + LAG_HOLD_S
+
+
+INTAKE = web.AppKey("heartbeat_intake", Intake)
+
+
 @routes.post("/hosts/{name}/heartbeat", "Report usage; keeps the host up", auth="host",
-             request=HEARTBEAT, response=HEARTBEAT_REPLY, errors=(403,))
+             request=HEARTBEAT, response=HEARTBEAT_REPLY, errors=(403, 503),
+             fast_valid=heartbeat_valid)
 async def heartbeat(request: web.Request) -> web.Response:
     audit.skip(request)  # telemetry every few seconds per host; registration is what gets audited
     name = request.match_info["name"]
+    app, intake = request.app, request.app[INTAKE]
+    if intake.pending >= app[CONFIG].max_pending_heartbeats or intake.overloaded():
+        intake.last_shed = time.monotonic()
+        app[METRICS].heartbeats.labels("shed").inc()
+        raise ApiError(503, "coordinator busy: heartbeat not taken; retry after the interval",
+                       headers={"Retry-After": str(max(1, round(app[CONFIG].heartbeat_interval_s)))})
     identity = _identity(request, bearer(request))
-    bound = await request.app[IDENTITIES].matches(name, identity)
+    bound = await app[IDENTITIES].matches(name, identity)
     if bound is False:
         raise _refuse(request, name, identity, "heartbeat")
     if bound is None:  # a record from before bindings, or a retired name: register (and bind)
         raise ApiError(404, f"host {name!r} is not registered; register first")
-    host = await request.app[STORE].heartbeat(name, json_body(request), time.time())
+    intake.pending += 1
+    try:
+        host = await app[STORE].heartbeat(name, json_body(request), time.time())
+    finally:
+        intake.pending -= 1
+    app[METRICS].heartbeats.labels("ok" if host is not None else "unknown").inc()
     if host is None:
         raise ApiError(404, f"host {name!r} is not registered; register first")
     # Small on purpose: heartbeats are the hot path; GET /hosts/{name} has the full record.
@@ -236,28 +317,46 @@ async def delete_host(request: web.Request) -> web.Response:
     return web.json_response({"deleted": name, "retired": retire})
 
 
+MONITOR_LEASE = "heartbeat-monitor"
+
+
 async def _monitor(app: web.Application) -> AsyncIterator[None]:
-    """Mark hosts down when their heartbeats stop."""
-    cfg, store = app[CONFIG], app[STORE]
+    """Mark hosts down when their heartbeats stop: one coordinator of the fleet at a
+    time, the holder of the ``heartbeat-monitor`` lease."""
+    cfg, store, intake = app[CONFIG], app[STORE], app[INTAKE]
+    lease = Lease(store, MONITOR_LEASE, app[INSTANCE], cfg.lease_ttl_s)
+    app[LEASES][MONITOR_LEASE] = lease
 
     async def loop() -> None:
         period = max(0.05, cfg.heartbeat_timeout_s / 4)
         while True:
             await asyncio.sleep(period)
+            fence = lease.fence()
+            if fence is None:
+                continue  # another coordinator watches the fleet
+            if intake.overloaded() or \
+                    time.monotonic() - intake.last_shed < cfg.heartbeat_timeout_s:
+                continue  # we turned heartbeats away, or kept them waiting: silence proves nothing
             try:
-                down = await store.mark_down(time.time() - cfg.heartbeat_timeout_s)
+                down = await store.mark_down(time.time() - cfg.heartbeat_timeout_s, fence=fence)
             except Exception:
                 log.exception("heartbeat check failed")
                 continue
             for name in down:
                 log.warning("host missed heartbeats; marked down", extra={"host": name})
 
-    task = asyncio.create_task(loop(), name="heartbeat-monitor")
+    lease.start()
+    tasks = [asyncio.create_task(loop(), name="heartbeat-monitor"),
+             asyncio.create_task(intake.watch_lag(), name="loop-lag-watch")]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await lease.close()
 
 
 def setup(app: web.Application) -> None:
+    app[INTAKE] = Intake()
     app.cleanup_ctx.append(_monitor)

@@ -12,6 +12,9 @@
 | ``CLASSIFIER`` | TaskService | task classifier and swarm planner (``novacron.coordinator.classifier``) |
 | ``IDENTITIES`` | HostIdentities | which identity each host name is bound to (``novacron.coordinator.identity``) |
 | ``GRANTS`` | GrantSigner | signs migration grants (``novacron.grants``) |
+| ``INSTANCE`` | str | this coordinator's unique name among those sharing a database (lease holder) |
+| ``METRICS`` | CoordinatorMetrics | Prometheus metrics (``novacron.coordinator.metrics``) |
+| ``LEASES`` | dict[str, Lease] | once-per-fleet leases this coordinator competes for, by name |
 
 Features add their own keys in their own modules (``web.AppKey("name", Type)``).
 """
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
     from novacron.coordinator.config import CoordinatorConfig
     from novacron.coordinator.events import EventHub
     from novacron.coordinator.identity import HostIdentities
+    from novacron.coordinator.lease import Lease
+    from novacron.coordinator.metrics import CoordinatorMetrics
     from novacron.coordinator.migrations import MigrationManager
     from novacron.coordinator.placement import Placer
     from novacron.coordinator.reconcile import Reconciler
@@ -44,3 +49,6 @@ EVENTS: web.AppKey[EventHub] = web.AppKey("events")
 CLASSIFIER: web.AppKey[TaskService] = web.AppKey("classifier")
 IDENTITIES: web.AppKey[HostIdentities] = web.AppKey("identities")
 GRANTS: web.AppKey[GrantSigner] = web.AppKey("grants")
+INSTANCE: web.AppKey[str] = web.AppKey("instance", str)
+LEASES: web.AppKey[dict[str, Lease]] = web.AppKey("leases")
+METRICS: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics")

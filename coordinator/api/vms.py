@@ -12,13 +12,16 @@ from aiohttp import web
 from novacron.coordinator.agent_client import AgentError, reported_state
 from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
-from novacron.coordinator.api.keys import AGENTS, PLACER, RECONCILER, STORE
+from novacron.coordinator.api.keys import AGENTS, METRICS, PLACER, RECONCILER, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
 from novacron.coordinator.models import HOST_UP, VM, Host
 
 log = logging.getLogger("novacron.coordinator.vms")
 routes = RouteTable("vms", "Virtual machines")
 
+# Placement decisions of one coordinator in a row (see create_vm); how often to place
+# again when another coordinator claimed the chosen host first.
+PLACEMENT_ATTEMPTS = 20
 # Serialises placement decisions (see create_vm).
 PLACEMENT_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("placement_lock", asyncio.Lock)
 
@@ -83,8 +86,34 @@ def _agent_failure(exc: AgentError, doing: str) -> ApiError:
     return ApiError(status, f"{doing}: {exc}")
 
 
+async def _place(request: web.Request, body: dict[str, Any], pinned: str | None,
+                 placement: dict[str, Any]) -> tuple[Host, VM]:
+    """Choose a host on fresh records; the VM record to claim on it."""
+    store = request.app[STORE]
+    if await store.get_vm(body["name"]) is not None:
+        raise ApiError(409, f"a VM named {body['name']!r} already exists")
+    hosts = await store.list_hosts()  # before the VMs: a claim in between moves a generation
+    if pinned is not None:
+        hosts = [h for h in hosts if h.name == pinned]
+        if not hosts:
+            raise ApiError(404, f"no host named {pinned!r}")
+        if hosts[0].state != HOST_UP:
+            raise ApiError(409, f"host {pinned!r} is down")
+    placer = request.app[PLACER]
+    host = await placer({**body, **placement}, hosts, await store.list_vms())
+    if host is None:
+        # the scheduler explains its refusals; the simple placer only fits by size
+        last = getattr(placer, "last", None)
+        why = last.explanation.get("why") if last is not None else None
+        raise ApiError(409, why or f"no up host has {body['vcpus']} vCPUs and "
+                       f"{body['memory_mb']} MiB free for this VM")
+    now = time.time()
+    return host, VM(name=body["name"], host=host.name, spec=body, state="creating",
+                    created_at=now, updated_at=now)
+
+
 @routes.post("/vms", "Create a VM: place it, then start it on the chosen host's agent",
-             request=CREATE, response=schemas.VM, status=201, errors=(404, 409, 502))
+             request=CREATE, response=schemas.VM, status=201, errors=(404, 409, 502, 503))
 async def create_vm(request: web.Request) -> web.Response:
     body: dict[str, Any] = dict(json_body(request))
     store, agents = request.app[STORE], request.app[AGENTS]
@@ -95,31 +124,37 @@ async def create_vm(request: web.Request) -> web.Response:
         raise ApiError(400, "placement: VM(s) in both affinity and anti_affinity: "
                        + ", ".join(sorted(clash)))
     # Name check, placement and reservation happen under one lock, so two concurrent
-    # requests can neither take the same name nor the same free memory.
+    # requests to this coordinator can neither take the same name nor the same free
+    # memory. Other coordinators sharing the database are kept honest by the claim:
+    # it stores the VM only if nothing was placed on the chosen host since we read it.
+    timing = request.app[METRICS].placement
     async with request.app[PLACEMENT_LOCK]:
-        if await store.get_vm(body["name"]) is not None:
-            raise ApiError(409, f"a VM named {body['name']!r} already exists")
-        hosts = await store.list_hosts()
-        if pinned is not None:
-            hosts = [h for h in hosts if h.name == pinned]
-            if not hosts:
-                raise ApiError(404, f"no host named {pinned!r}")
-            if hosts[0].state != HOST_UP:
-                raise ApiError(409, f"host {pinned!r} is down")
-        placer = request.app[PLACER]
-        host = await placer({**body, **placement}, hosts, await store.list_vms())
-        if host is None:
-            # the scheduler explains its refusals; the simple placer only fits by size
-            last = getattr(placer, "last", None)
-            why = last.explanation.get("why") if last is not None else None
-            raise ApiError(409, why or f"no up host has {body['vcpus']} vCPUs and "
-                           f"{body['memory_mb']} MiB free for this VM")
-        now = time.time()
-        vm = VM(name=body["name"], host=host.name, spec=body, state="creating",
-                created_at=now, updated_at=now)
         reconciler = request.app[RECONCILER]
-        reconciler.creating.add(vm.name)  # not settled by the reconciler while we ask
-        await store.put_vm(vm)  # reserves the name and the capacity while the agent works
+        reconciler.creating.add(body["name"])  # not settled by the reconciler while we ask
+        try:
+            for _attempt in range(PLACEMENT_ATTEMPTS):
+                started = time.perf_counter()
+                try:
+                    host, vm = await _place(request, body, pinned, placement)
+                except ApiError:
+                    timing.labels("refused").observe(time.perf_counter() - started)
+                    raise
+                # reserves the name and the capacity while the agent works
+                claim = await store.claim_vm(vm, host.generation)
+                timing.labels("placed" if claim == "claimed" else "raced" if claim == "stale"
+                              else "refused").observe(time.perf_counter() - started)
+                if claim == "claimed":
+                    break
+                if claim == "taken":
+                    raise ApiError(409, f"a VM named {body['name']!r} already exists")
+                log.info("placement raced another coordinator; placing again",
+                         extra={"vm": vm.name, "host": host.name})
+            else:
+                raise ApiError(503, "placement kept racing other coordinators; try again",
+                               headers={"Retry-After": "1"})
+        except BaseException:
+            reconciler.creating.discard(body["name"])
+            raise
     try:
         status = await agents.call(host.name, host.url, host.token, "POST", "/v1/vms", body,
                                    timeout_s=120)

@@ -68,15 +68,18 @@ def build_fleet(hosts: Iterable[StoreHost], vms: Iterable[VM],
     raised to what each host reports in use (other workloads, VMs not yet reported)."""
     hosts = list(hosts)
     fleet = FleetState(host_from_record(h, attrs.get(h.name)) for h in hosts)
+    reports = {h.name: set(h.vms) for h in hosts}
+    unreported_mib: dict[str, int] = {}  # one pass over the VMs: fleets have 10x more VMs than hosts
     for vm in vms:
         if vm.host in fleet.index and vm.name not in fleet.vms:
             fleet.place(_request_of(vm.name, vm.spec), vm.host)
+        if vm.host in reports and vm.name not in reports[vm.host]:
+            unreported_mib[vm.host] = unreported_mib.get(vm.host, 0) + int(vm.spec.get("memory_mb", 0))
     for h in hosts:
         i = fleet.index[h.name]
         reported = (h.memory_bytes - h.memory_available_bytes) >> 20
         # VMs placed but not yet in the host's report are already counted above
-        unreported = sum(int(v.spec.get("memory_mb", 0)) for v in vms
-                         if v.host == h.name and v.name not in h.vms)
+        unreported = unreported_mib.get(h.name, 0)
         fleet.reserve(i, 0.0, max(0.0, reported + unreported - float(fleet.mem_used[i])))
     return fleet
 

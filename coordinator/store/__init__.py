@@ -2,9 +2,11 @@
 
 ``Store`` is what handlers use (``request.app[STORE]``, see
 ``novacron.coordinator.api.keys``). ``open_store(cfg)`` returns the SQLite
-implementation (``sqlite.SQLiteStore``: one file, ``<data_dir>/coordinator.db``).
-A PostgreSQL implementation would subclass ``Store`` and be chosen in
-``open_store``; handlers would not change.
+implementation (``sqlite.SQLiteStore``: one file, ``<data_dir>/coordinator.db``)
+by default, or the PostgreSQL one (``postgres.PostgresStore``) when
+``database_url`` is set: then any number of coordinators share one database.
+Its schema lives in ``pg_migrations/NNNN_*.sql``, applied at open under an
+advisory lock.
 
 How a feature (scheduler, classifier, MCP bridge ...) persists its own data:
 
@@ -19,7 +21,7 @@ How a feature (scheduler, classifier, MCP bridge ...) persists its own data:
 
    Prefix collections with your feature name. This works on every backend.
 
-2. When you need real tables (SQLite only, for now): register numbered SQL
+2. When you need real tables: register numbered SQL
    migrations for your component at import time of your route module::
 
        from novacron.coordinator.store import schema
@@ -30,16 +32,23 @@ How a feature (scheduler, classifier, MCP bridge ...) persists its own data:
 
    Each component's versions are recorded in ``schema_version(component,
    version)``; never edit a released step, append a new one. Run queries with
-   ``await store.execute(sql, params)`` / ``await store.query(sql, params)``.
+   ``await store.execute(sql, params)`` / ``await store.query(sql, params)``
+   with ``?`` placeholders. Write SQL both SQLite and PostgreSQL accept.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.models import VM, Host, Migration
+
+# Outcomes of Store.claim_vm.
+Claim = Literal["claimed", "stale", "taken"]
+# Called with (channel, payload) for each notification (Store.listen).
+Listener = Callable[[str, str], None]
 
 
 class Store(abc.ABC):
@@ -66,8 +75,12 @@ class Store(abc.ABC):
         """Merge ``fields`` into the host, mark it up; None if it is not registered."""
 
     @abc.abstractmethod
-    async def mark_down(self, older_than: float) -> list[str]:
-        """Mark hosts whose last heartbeat is before ``older_than`` down; return their names."""
+    async def mark_down(self, older_than: float, fence: tuple[str, str, int] | None = None,
+                        ) -> list[str]:
+        """Mark hosts whose last heartbeat is before ``older_than`` down; return their names.
+
+        With ``fence=(lease, holder, token)`` nothing changes unless that lease is still
+        held with that token (a holder that lost its lease cannot act on stale belief)."""
 
     @abc.abstractmethod
     async def delete_host(self, name: str) -> bool: ...
@@ -97,6 +110,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_vm(self, name: str) -> bool: ...
 
+    @abc.abstractmethod
+    async def put_vm_if(self, vm: VM, state: str) -> bool:
+        """Store ``vm`` only if its stored record is still in ``state`` (compare and set,
+        e.g. running -> migrating, so two coordinators cannot both start moving it)."""
+
+    @abc.abstractmethod
+    async def claim_vm(self, vm: VM, generation: int) -> Claim:
+        """Insert the new ``vm`` on ``vm.host`` in one transaction, only if the host's
+        generation is still ``generation`` (as read with the host before placing).
+
+        "claimed": stored, the host's generation bumped; "stale": the host changed (or
+        went) since, place again on fresh records; "taken": a VM of that name exists.
+        ``put_vm`` bumps the generation of the VM's host too, so every placement
+        decision is checked against everything placed since it read the fleet."""
+
     # migrations
     @abc.abstractmethod
     async def put_migration(self, mig: Migration) -> None: ...
@@ -124,6 +152,30 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_doc(self, collection: str, key: str) -> bool: ...
 
+    # once-per-fleet work
+    @abc.abstractmethod
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        """Take or renew lease ``name`` for ``holder`` for ``ttl_s`` seconds.
+
+        Returns the fencing token (grows with every change of holder), or None while
+        another holder's lease has not expired."""
+
+    @abc.abstractmethod
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up now (if ``holder`` holds it), so another can take it at once."""
+
+    # notifications between coordinators sharing the store
+    async def notify(self, channel: str, payload: str) -> bool:
+        """Send ``payload`` to every listener of ``channel`` in other processes sharing
+        this store; False if this backend has no such peers (SQLite: one process)."""
+        return False
+
+    async def listen(self, channel: str, callback: Listener) -> bool:
+        """Call ``callback(channel, payload)`` for notifications from other processes
+        (on the event loop; it must not block). False where there are none (SQLite)."""
+        del channel, callback
+        return False
+
     # raw SQL for features with registered migrations (backend specific)
     @abc.abstractmethod
     async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
@@ -135,6 +187,10 @@ class Store(abc.ABC):
 
 def open_store(cfg: CoordinatorConfig) -> Store:
     """The configured backend (not yet opened: ``await store.open()``)."""
+    if cfg.database_url:
+        from novacron.coordinator.store.postgres import PostgresStore
+
+        return PostgresStore(cfg.database_url, pool_size=cfg.database_pool_size)
     from novacron.coordinator.store.sqlite import SQLiteStore
 
     return SQLiteStore(cfg.data_dir / "coordinator.db")

@@ -1,6 +1,7 @@
 """Numbered schema migrations per component, applied in order at open time.
 
-``MIGRATIONS[component]`` is a list of SQL scripts; step *n* (1-based) brings
+The SQLite store's schema (PostgreSQL's core schema is ``pg_migrations/*.sql``;
+other components apply to both). ``MIGRATIONS[component]`` is a list of SQL scripts; step *n* (1-based) brings
 the component to version *n*. Applied versions live in ``schema_version``.
 Append steps; never change one that has shipped.
 """
@@ -33,13 +34,21 @@ MIGRATIONS: dict[str, list[str]] = {
             collection TEXT NOT NULL, key TEXT NOT NULL, data TEXT NOT NULL,
             updated_at REAL NOT NULL, PRIMARY KEY (collection, key));
         """,
+        # v4: placement claims (Store.claim_vm) and leases (Store.acquire_lease), as in
+        # PostgreSQL's pg_migrations/0001_init.sql.
+        """
+        ALTER TABLE hosts ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL,
+            expires_at REAL NOT NULL);
+        """,
     ],
     # One identity per host name: the first registration binds the name to the agent's
     # credential ("cert:<CN>" or "token:<sha256>"); only an admin's retire releases it.
     "identity": [
         """
         CREATE TABLE host_identities (
-            name TEXT PRIMARY KEY, identity TEXT NOT NULL, bound_at REAL NOT NULL);
+            name TEXT PRIMARY KEY, identity TEXT NOT NULL, bound_at DOUBLE PRECISION NOT NULL);
         """,
     ],
 }

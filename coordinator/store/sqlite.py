@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from novacron.coordinator.models import HOST_DOWN, HOST_UP, MIGRATION_TERMINAL, VM, Host, Migration
-from novacron.coordinator.store import Store, schema
+from novacron.coordinator.store import Claim, Store, schema
 
 log = logging.getLogger("novacron.coordinator.store")
 T = TypeVar("T")
@@ -78,20 +78,21 @@ class SQLiteStore(Store):
     # -- hosts ---------------------------------------------------------------------------
 
     async def put_host(self, host: Host) -> None:
-        data = json.dumps(_asdict(host))
+        data = json.dumps(host.record())
         await self._run(lambda c: _tx(c, [(
             "INSERT INTO hosts (name, state, last_heartbeat, data) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(name) DO UPDATE SET state=excluded.state, "
-            "last_heartbeat=excluded.last_heartbeat, data=excluded.data",
+            "last_heartbeat=excluded.last_heartbeat, data=excluded.data, "
+            "generation=hosts.generation + 1",
             (host.name, host.state, host.last_heartbeat, data))]))
 
     async def get_host(self, name: str) -> Host | None:
-        rows = await self.query("SELECT data FROM hosts WHERE name = ?", (name,))
-        return Host(**json.loads(rows[0][0])) if rows else None
+        rows = await self.query("SELECT data, generation FROM hosts WHERE name = ?", (name,))
+        return _host(*rows[0]) if rows else None
 
     async def list_hosts(self) -> list[Host]:
-        rows = await self.query("SELECT data FROM hosts ORDER BY name")
-        return [Host(**json.loads(r[0])) for r in rows]
+        rows = await self.query("SELECT data, generation FROM hosts ORDER BY name")
+        return [_host(*r) for r in rows]
 
     async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> Host | None:
         # Group commit: heartbeats that arrive while a batch is being written go into the
@@ -123,10 +124,16 @@ class SQLiteStore(Store):
                 if not fut.done():
                     fut.set_result(result)
 
-    async def mark_down(self, older_than: float) -> list[str]:
+    async def mark_down(self, older_than: float, fence: tuple[str, str, int] | None = None,
+                        ) -> list[str]:
         def work(c: sqlite3.Connection) -> list[str]:
             c.execute("BEGIN IMMEDIATE")
             try:
+                if fence is not None and c.execute(
+                        "SELECT 1 FROM leases WHERE name = ? AND holder = ? AND token = ? "
+                        "AND expires_at > ?", (*fence, time.time())).fetchone() is None:
+                    c.execute("ROLLBACK")
+                    return []
                 rows = c.execute(
                     "SELECT name, data FROM hosts WHERE state = ? AND last_heartbeat < ?",
                     (HOST_UP, older_than)).fetchall()
@@ -167,9 +174,46 @@ class SQLiteStore(Store):
 
     async def put_vm(self, vm: VM) -> None:
         data = json.dumps(_asdict(vm))
-        await self._run(lambda c: _tx(c, [(
-            "INSERT INTO vms (name, host, data) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
-            "SET host=excluded.host, data=excluded.data", (vm.name, vm.host, data))]))
+        await self._run(lambda c: _tx(c, [
+            ("INSERT INTO vms (name, host, data) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
+             "SET host=excluded.host, data=excluded.data", (vm.name, vm.host, data)),
+            ("UPDATE hosts SET generation = generation + 1 WHERE name = ?", (vm.host,))]))
+
+    async def put_vm_if(self, vm: VM, state: str) -> bool:
+        data = json.dumps(_asdict(vm))
+
+        def work(c: sqlite3.Connection) -> bool:
+            if c.execute("UPDATE vms SET host = ?, data = ? WHERE name = ? "
+                         "AND json_extract(data, '$.state') = ?",
+                         (vm.host, data, vm.name, state)).rowcount == 0:
+                return False
+            c.execute("UPDATE hosts SET generation = generation + 1 WHERE name = ?", (vm.host,))
+            return True
+
+        return await self._run(lambda c: _in_tx(c, work))
+
+    async def claim_vm(self, vm: VM, generation: int) -> Claim:
+        data = json.dumps(_asdict(vm))
+
+        def work(c: sqlite3.Connection) -> Claim:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                outcome: Claim = "claimed"
+                if c.execute("UPDATE hosts SET generation = generation + 1 WHERE name = ? "
+                             "AND generation = ?", (vm.host, generation)).rowcount == 0:
+                    outcome = "stale"
+                elif c.execute("INSERT INTO vms (name, host, data) VALUES (?, ?, ?) "
+                               "ON CONFLICT(name) DO NOTHING",
+                               (vm.name, vm.host, data)).rowcount == 0:
+                    outcome = "taken"
+                c.execute("COMMIT" if outcome == "claimed" else "ROLLBACK")
+                return outcome
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+
+        return await self._run(work)
 
     async def get_vm(self, name: str) -> VM | None:
         rows = await self.query("SELECT data FROM vms WHERE name = ?", (name,))
@@ -215,6 +259,26 @@ class SQLiteStore(Store):
             tuple(sorted(MIGRATION_TERMINAL)))
         return [Migration(**json.loads(r[0])) for r in rows]
 
+    # -- leases --------------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        def work(c: sqlite3.Connection) -> int | None:
+            now = time.time()
+            row = c.execute(
+                "INSERT INTO leases (name, holder, token, expires_at) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, "
+                "token = CASE WHEN leases.holder = excluded.holder THEN leases.token "
+                "ELSE leases.token + 1 END, expires_at = excluded.expires_at "
+                "WHERE leases.holder = excluded.holder OR leases.expires_at <= ? "
+                "RETURNING token", (name, holder, now + ttl_s, now)).fetchone()
+            return int(row[0]) if row else None
+
+        return await self._run(lambda c: _in_tx(c, work))
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self.execute("UPDATE leases SET expires_at = ? WHERE name = ? AND holder = ?",
+                           (time.time(), name, holder))
+
     # -- documents -----------------------------------------------------------------------
 
     async def put_doc(self, collection: str, key: str, doc: dict[str, Any]) -> None:
@@ -247,6 +311,10 @@ class SQLiteStore(Store):
         return await self._run(lambda c: c.execute(sql, params).fetchall())
 
 
+def _host(data: str, generation: int) -> Host:
+    return Host(**json.loads(data), generation=int(generation))
+
+
 def _asdict(record: Any) -> dict[str, Any]:
     import dataclasses
 
@@ -260,7 +328,8 @@ def _heartbeat_batch(conn: sqlite3.Connection,
     conn.execute("BEGIN IMMEDIATE")
     try:
         for name, fields, now in items:
-            row = conn.execute("SELECT data FROM hosts WHERE name = ?", (name,)).fetchone()
+            row = conn.execute("SELECT data, generation FROM hosts WHERE name = ?",
+                               (name,)).fetchone()
             if row is None:
                 out.append(None)
                 continue
@@ -270,9 +339,21 @@ def _heartbeat_batch(conn: sqlite3.Connection,
             doc["last_heartbeat"] = now
             conn.execute("UPDATE hosts SET state = ?, last_heartbeat = ?, data = ? WHERE name = ?",
                          (HOST_UP, now, json.dumps(doc), name))
-            out.append(Host(**doc))
+            out.append(Host(**doc, generation=row[1]))
         conn.execute("COMMIT")
         return out
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _in_tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+        return result
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.service import build_app
+from tests.conftest import BACKENDS  # noqa: F401  (the backend fixtures live there)
 from tests.coordinator.fake_agent import FakeAgent, serving
 
 
@@ -60,8 +61,8 @@ async def stop_coordinator(c: Coordinator) -> None:
 
 
 @pytest.fixture
-async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
-    c = await start_coordinator(make_cfg(tmp_path / "coord"))
+async def coordinator(tmp_path: Path, database_url: str) -> AsyncIterator[Coordinator]:
+    c = await start_coordinator(make_cfg(tmp_path / "coord", database_url=database_url))
     try:
         yield c
     finally:

@@ -1,4 +1,5 @@
-"""The REST API against a real coordinator on loopback (fake agents behind it)."""
+"""The REST API against a real coordinator on loopback (fake agents behind it),
+once on SQLite and once on a real PostgreSQL (the ``backend`` fixture)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ from typing import Any
 
 import pytest
 
-from tests.coordinator.conftest import Coordinator
+from tests.coordinator.conftest import BACKENDS, Coordinator
 from tests.coordinator.fake_agent import FakeAgent
 
 GUEST = {"kernel": "/boot/vmlinuz", "initrd": "/boot/initrd", "cmdline": "console=ttyS0"}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def vm_spec(name: str, memory_mb: int = 256, **kw: Any) -> dict[str, Any]:
@@ -251,11 +257,11 @@ async def test_sse_client_that_leaves_early_does_no_harm(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_host_missing_heartbeats_is_marked_down(tmp_path: Any) -> None:
+async def test_host_missing_heartbeats_is_marked_down(tmp_path: Any, database_url: str) -> None:
     from tests.coordinator.conftest import make_cfg, start_coordinator, stop_coordinator
 
     c = await start_coordinator(make_cfg(tmp_path, heartbeat_interval_s=0.05,
-                                         heartbeat_timeout_s=0.3))
+                                         heartbeat_timeout_s=0.3, database_url=database_url))
     try:
         fake = FakeAgent("solo", "t0ken-solo-per-host-token")
         fake.url = "http://127.0.0.1:9"

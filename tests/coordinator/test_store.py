@@ -1,45 +1,79 @@
-"""Persistence: schema migrations, feature documents, and nothing lost across a restart."""
+"""Persistence: schema migrations, feature documents, and nothing lost across a restart.
+
+Every test here runs against SQLite and a real PostgreSQL (the ``backend`` fixture)."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from novacron.coordinator.models import VM, Host
-from novacron.coordinator.store import schema
+from novacron.coordinator.store import Store, schema
+from novacron.coordinator.store.postgres import core_migrations
 from novacron.coordinator.store.sqlite import SQLiteStore
-from tests.coordinator.conftest import make_cfg, start_coordinator, stop_coordinator
+from tests.coordinator.conftest import BACKENDS, make_cfg, start_coordinator, stop_coordinator
 from tests.coordinator.fake_agent import FakeAgent, serving
 from tests.coordinator.test_api import read_sse, vm_spec
 
+MakeStore = Callable[[], Store]
 
-async def test_schema_versions_are_recorded_and_applied_once(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "c.db")
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def core_versions(backend: str) -> int:
+    return len(schema.MIGRATIONS["core"]) if backend == "sqlite" else len(core_migrations())
+
+
+async def tables(store: Store, backend: str) -> set[str]:
+    sql = ("SELECT name FROM sqlite_master WHERE type = 'table'" if backend == "sqlite"
+           else "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    return {str(r[0]) for r in await store.query(sql)}
+
+
+async def test_schema_versions_are_recorded_and_applied_once(
+        make_store: MakeStore, backend: str, tmp_path: Path) -> None:
+    store = make_store()
     await store.open()
-    versions = await store.schema_versions()
-    assert versions["core"] == len(schema.MIGRATIONS["core"])
+    versions = await store.schema_versions()  # type: ignore[attr-defined]
+    assert versions["core"] == core_versions(backend)
     await store.put_host(Host("h", "http://x", "t", 1, 10, 5))
-    assert (tmp_path / "c.db").stat().st_mode & 0o077 == 0  # holds agent tokens: owner only
+    if backend == "sqlite":
+        assert (tmp_path / "c.db").stat().st_mode & 0o077 == 0  # holds agent tokens: owner only
     await store.close()
     await store.open()  # second open: no step re-run (a re-run CREATE TABLE would raise)
-    assert await store.schema_versions() == versions
+    assert await store.schema_versions() == versions  # type: ignore[attr-defined]
     assert [h.name for h in await store.list_hosts()] == ["h"]
     await store.close()
 
 
+async def test_coordinators_starting_at_once_migrate_once(make_store: MakeStore) -> None:
+    stores = [make_store() for _ in range(3)]
+    await asyncio.gather(*(s.open() for s in stores))  # the advisory lock lets one migrate
+    try:
+        for s in stores:
+            assert (await s.schema_versions())["core"] >= 1  # type: ignore[attr-defined]
+    finally:
+        for s in stores:
+            await s.close()
+
+
 async def test_feature_component_migrations_and_documents(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_store: MakeStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(schema.MIGRATIONS, "testfeature",
                         ["CREATE TABLE tf (k TEXT PRIMARY KEY, v INTEGER)"])
-    store = SQLiteStore(tmp_path / "c.db")
+    store = make_store()
     await store.open()
     try:
-        assert (await store.schema_versions())["testfeature"] == 1
+        assert (await store.schema_versions())["testfeature"] == 1  # type: ignore[attr-defined]
         assert await store.execute("INSERT INTO tf VALUES (?, ?)", ("a", 1)) == 1
-        assert await store.query("SELECT k, v FROM tf") == [("a", 1)]
+        assert await store.query("SELECT k, v FROM tf WHERE k = ?", ("a",)) == [("a", 1)]
+        assert await store.query("SELECT k FROM tf WHERE k = '?'") == []  # quoted: not a parameter
         await store.put_doc("sched.decisions", "vm1", {"host": "h1", "score": 0.5})
         await store.put_doc("sched.decisions", "vm0", {"host": "h2"})
         assert await store.get_doc("sched.decisions", "vm1") == {"host": "h1", "score": 0.5}
@@ -51,8 +85,8 @@ async def test_feature_component_migrations_and_documents(
         await store.close()
 
 
-async def test_a_database_from_a_newer_coordinator_is_refused(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "c.db")
+async def test_a_database_from_a_newer_coordinator_is_refused(make_store: MakeStore) -> None:
+    store = make_store()
     await store.open()
     await store.execute("INSERT INTO schema_version VALUES ('core', 99, 0)")
     await store.close()
@@ -62,22 +96,26 @@ async def test_a_database_from_a_newer_coordinator_is_refused(tmp_path: Path) ->
 
 
 async def test_failed_step_leaves_the_schema_unchanged(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_store: MakeStore, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(schema.MIGRATIONS, "broken",
-                        ["CREATE TABLE b1 (x); CREATE TABLE b1 (x)"])
-    store = SQLiteStore(tmp_path / "c.db")
-    with pytest.raises(sqlite3.OperationalError):
+                        ["CREATE TABLE b1 (x INTEGER); CREATE TABLE b1 (x INTEGER)"])
+    store = make_store()
+    with pytest.raises(Exception, match="b1"):
         await store.open()
     await store.close()
-    conn = sqlite3.connect(tmp_path / "c.db")
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert "b1" not in tables
-    assert conn.execute("SELECT COUNT(*) FROM schema_version WHERE component='broken'").fetchone()[0] == 0
-    conn.close()
+    monkeypatch.undo()
+    store = make_store()
+    await store.open()
+    try:
+        assert "b1" not in await tables(store, backend)
+        assert await store.query(
+            "SELECT COUNT(*) FROM schema_version WHERE component = 'broken'") == [(0,)]
+    finally:
+        await store.close()
 
 
-async def test_concurrent_heartbeats_are_batched_and_all_committed(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "c.db")
+async def test_concurrent_heartbeats_are_batched_and_all_committed(make_store: MakeStore) -> None:
+    store = make_store()
     await store.open()
     try:
         for i in range(20):
@@ -86,6 +124,8 @@ async def test_concurrent_heartbeats_are_batched_and_all_committed(tmp_path: Pat
             store.heartbeat(f"h{i % 25}", {"memory_available_bytes": i, "load": float(i)}, 100.0 + i)
             for i in range(200)))
         assert [r is None for r in results] == [i % 25 >= 20 for i in range(200)]
+        assert all(r.state == "up" and r.memory_available_bytes == i
+                   for i, r in enumerate(results) if r is not None and i >= 175)
         for i in range(20):
             host = await store.get_host(f"h{i}")
             assert host is not None
@@ -93,14 +133,17 @@ async def test_concurrent_heartbeats_are_batched_and_all_committed(tmp_path: Pat
             assert (host.memory_available_bytes, host.last_heartbeat) == (last, 100.0 + last)
     finally:
         await store.close()
-    # Committed: a fresh connection sees them.
-    conn = sqlite3.connect(tmp_path / "c.db")
-    assert conn.execute("SELECT COUNT(*) FROM hosts WHERE last_heartbeat >= 100").fetchone()[0] == 20
-    conn.close()
+    # Committed: a fresh store sees them.
+    store = make_store()
+    await store.open()
+    try:
+        assert await store.query("SELECT COUNT(*) FROM hosts WHERE last_heartbeat >= 100") == [(20,)]
+    finally:
+        await store.close()
 
 
-async def test_vm_record_round_trip(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "c.db")
+async def test_vm_record_round_trip(make_store: MakeStore) -> None:
+    store = make_store()
     await store.open()
     vm = VM("v", "h", {"name": "v", "vcpus": 2, "memory_mb": 64, "kernel": "/k"}, "running",
             None, 1.5, 2.5)
@@ -110,8 +153,63 @@ async def test_vm_record_round_trip(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_restart_loses_nothing_and_resumes_migrations(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path / "coord")
+async def test_claims_fail_on_a_host_changed_since_it_was_read(make_store: MakeStore) -> None:
+    a, b = make_store(), make_store()  # two coordinators on one database
+    await a.open()
+    await b.open()
+    try:
+        await a.put_host(Host("h", "http://x", "t", 4, 8 << 30, 8 << 30))
+        seen_a, seen_b = await a.get_host("h"), await b.get_host("h")
+        assert seen_a is not None and seen_b is not None
+        assert seen_a.generation == seen_b.generation
+        vm1 = VM("v1", "h", {"memory_mb": 64}, created_at=1.0, updated_at=1.0)
+        vm2 = VM("v2", "h", {"memory_mb": 64}, created_at=1.0, updated_at=1.0)
+        assert await a.claim_vm(vm1, seen_a.generation) == "claimed"
+        assert await b.claim_vm(vm2, seen_b.generation) == "stale"  # decided on old records
+        assert await b.get_vm("v2") is None
+        fresh = await b.get_host("h")
+        assert fresh is not None and fresh.generation > seen_b.generation
+        assert await b.claim_vm(VM("v1", "h", {}), fresh.generation) == "taken"
+        assert (await b.get_host("h")).generation == fresh.generation  # type: ignore[union-attr]
+        assert await b.claim_vm(vm2, fresh.generation) == "claimed"
+        assert await b.claim_vm(VM("v3", "nohost", {}), 0) == "stale"
+        await a.put_vm(VM("v1", "h", {"memory_mb": 64}, state="running"))  # moves it too
+        assert (await a.get_host("h")).generation > fresh.generation + 1  # type: ignore[union-attr]
+        assert [v.name for v in await a.list_vms("h")] == ["v1", "v2"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_lease_has_one_holder_and_a_new_token_per_holder(make_store: MakeStore) -> None:
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    try:
+        await a.put_host(Host("h", "http://x", "t", 1, 10, 5, last_heartbeat=1.0))
+        token = await a.acquire_lease("monitor", "A", 30)
+        assert token is not None
+        assert await b.acquire_lease("monitor", "B", 30) is None  # held by A
+        assert await a.acquire_lease("monitor", "A", 30) == token  # renewal keeps the token
+        assert await b.mark_down(10.0, fence=("monitor", "B", token)) == []  # B holds nothing
+        await a.release_lease("monitor", "A")
+        token_b = await b.acquire_lease("monitor", "B", 0.5)
+        assert token_b is not None and token_b > token
+        # A's old token no longer fences anything; B's does.
+        assert await a.mark_down(10.0, fence=("monitor", "A", token)) == []
+        assert (await a.get_host("h")).state == "up"  # type: ignore[union-attr]
+        assert await b.mark_down(10.0, fence=("monitor", "B", token_b)) == ["h"]
+        await asyncio.sleep(0.6)  # B's short lease runs out without renewal
+        assert await b.mark_down(10.0, fence=("monitor", "B", token_b)) == []
+        assert await a.acquire_lease("monitor", "A", 30) == token_b + 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_restart_loses_nothing_and_resumes_migrations(
+        tmp_path: Path, database_url: str) -> None:
+    cfg = make_cfg(tmp_path / "coord", database_url=database_url)
     fakes = [FakeAgent("alpha", "tok-alpha-per-host-token"), FakeAgent("beta", "tok-beta-per-host-token", memory_bytes=4 << 30)]
     async with serving(*fakes):
         c = await start_coordinator(cfg)
@@ -147,8 +245,9 @@ async def test_restart_loses_nothing_and_resumes_migrations(tmp_path: Path) -> N
             await stop_coordinator(c)
 
 
-async def test_restart_settles_vms_left_creating(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path / "coord")
+async def test_restart_settles_vms_left_creating(
+        tmp_path: Path, database_url: str, make_store: MakeStore) -> None:
+    cfg = make_cfg(tmp_path / "coord", database_url=database_url)
     fake = FakeAgent("alpha", "tok-alpha-per-host-token")
     async with serving(fake):
         c = await start_coordinator(cfg)
@@ -159,7 +258,7 @@ async def test_restart_settles_vms_left_creating(tmp_path: Path) -> None:
             await stop_coordinator(c)
         # As if the coordinator died while agents were still working on two creates:
         # the agent finished "made"; "lost" never reached it.
-        store = SQLiteStore(cfg.data_dir / "coordinator.db")
+        store = make_store() if database_url else SQLiteStore(cfg.data_dir / "coordinator.db")
         await store.open()
         for name in ("made", "lost"):
             await store.put_vm(VM(name, "alpha", vm_spec(name), "creating", None, 1.0, 1.0))
@@ -170,3 +269,17 @@ async def test_restart_settles_vms_left_creating(tmp_path: Path) -> None:
             assert [(v["name"], v["state"]) for v in doc["vms"]] == [("made", "running")]
         finally:
             await stop_coordinator(c)
+
+
+async def test_put_vm_if_sets_only_from_the_expected_state(make_store: MakeStore) -> None:
+    store = make_store()
+    await store.open()
+    try:
+        await store.put_vm(VM("v", "h", {}, state="running"))
+        assert await store.put_vm_if(VM("v", "h", {}, state="migrating"), "running")
+        assert not await store.put_vm_if(VM("v", "h", {}, state="migrating"), "running")
+        assert (await store.get_vm("v")).state == "migrating"  # type: ignore[union-attr]
+        assert not await store.put_vm_if(VM("nope", "h", {}, state="migrating"), "running")
+        assert await store.get_vm("nope") is None
+    finally:
+        await store.close()

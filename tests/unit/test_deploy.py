@@ -23,6 +23,8 @@ SECRETS = {
     "novacron_admin_token": "admin-token-0123456789",
     "novacron_agent_token": "agent-token-0123456789",
     "novacron_agent_listen": "10.1.2.3",
+    "novacron_database_url": "postgresql://nc:pw-0123456789@db1/novacron",
+    "novacron_metrics_token": "metrics-token-0123456789",
 }
 
 
@@ -70,6 +72,8 @@ def test_rendered_config_loads(tmp_path: Path, role: str, template: str, schema:
         assert cfg.networks == {"prod": "br-prod", "dev": "br0"}
     else:
         assert cfg.admin_token == SECRETS["novacron_admin_token"]
+        assert cfg.database_url == SECRETS["novacron_database_url"]
+        assert cfg.metrics_token == SECRETS["novacron_metrics_token"]
     # TLS on, all three files, so the non-loopback listen address passes the daemons' check
     assert (cfg.tls_cert, cfg.tls_key, cfg.tls_ca) == (
         "/etc/novacron/tls/host.crt", "/etc/novacron/tls/host.key", "/etc/novacron/tls/ca.crt")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections import OrderedDict
+from datetime import datetime
 
 import pytest
 
@@ -147,3 +149,13 @@ def test_index_memory_stays_small(fresh_secrets: None) -> None:
     finally:
         tracemalloc.stop()
     assert used < 600 * len(tokens), used
+
+
+def test_time_stamps_are_iso_8601_with_zone() -> None:
+    buf = io.StringIO()
+    logs.setup("info", fmt="json", stream=buf)
+    logging.getLogger("t").info("hello")
+    stamp = json.loads(buf.getvalue())["ts"]
+    parsed = datetime.fromisoformat(stamp)
+    assert parsed.tzinfo is not None and "T" in stamp
+    assert abs(parsed.timestamp() - time.time()) < 60

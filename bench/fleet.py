@@ -1,0 +1,345 @@
+"""``novacron bench fleet``: the control plane under a fleet of simulated agents.
+
+Real ``novacron-coordinator`` processes on loopback (one on SQLite, or one or
+more sharing a private PostgreSQL started for the run) and one simulated agent
+per host that behaves like the real link: it registers with its own token,
+then heartbeats every interval (random phase, a few percent of jitter, 10 s
+request timeout, an interval or two of random back-off on 503). Each host
+reports its VMs (``--vms-per-host`` records seeded into the database). Agents
+are spread over the coordinators as a load balancer would.
+
+Measured over ``--seconds`` after a warm-up interval: heartbeats/s, p50/p99,
+timeouts, shed (503) heartbeats, false downs (hosts marked down although their
+agent is alive: the coordinators' own log lines), then ``--placements`` VM
+placements through the API (a stand-in agent server accepts the creates) with
+their rate and p99. Client and coordinators share this machine's cores: the
+client's own cost is part of every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import secrets
+import signal
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from novacron.bench.report import Report, percentile
+from novacron.coordinator.local import LocalCoordinator
+from novacron.coordinator.store.pg_local import LocalPostgres
+
+DESCRIPTION = "control plane at fleet scale: simulated agents against 1 or 2 coordinators, SQLite or PostgreSQL"
+SCENARIOS = ("sqlite:1", "postgres:1", "postgres:2")
+REQUEST_TIMEOUT_S = 10.0  # an agent's heartbeat request
+PLACEMENT_TIMEOUT_S = 120.0  # placements and listings read the whole fleet
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hosts", type=int, nargs="+", default=[2000],
+                        help="fleet sizes to run (2000)")
+    parser.add_argument("--vms-per-host", type=int, default=10, help="VM records per host (10)")
+    parser.add_argument("--interval", type=float, default=5.0, help="heartbeat interval, s (5)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="measuring window, s (30)")
+    parser.add_argument("--placements", type=int, default=50, help="VM placements timed (50)")
+    parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS),
+                        help="backend:coordinators, e.g. sqlite:1 postgres:2 (all three)")
+
+
+@dataclass
+class Tally:
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    timeouts: int = 0
+    shed: int = 0
+    measuring: bool = False
+    first_error: str = ""
+    registration_retries: int = 0
+
+    def record(self, started: float, status: int) -> None:
+        if not self.measuring:
+            return
+        if status == 200:
+            self.latencies.append(time.perf_counter() - started)
+        elif status == 503:
+            self.shed += 1
+        elif status == 0:  # timeout or connection error
+            self.timeouts += 1
+        else:
+            self.errors += 1
+
+
+async def _agent(session: aiohttp.ClientSession, url: str, name: str, agent_token: str,
+                 vms: list[str], interval: float, tally: Tally, rnd: random.Random) -> None:
+    await asyncio.sleep(rnd.uniform(0, interval))
+    body = {"memory_available_bytes": 64 << 30, "load": 0.5, "vms": vms}
+    headers = {"Authorization": f"Bearer {agent_token}"}
+    while True:
+        started = time.perf_counter()
+        status = 0
+        try:
+            async with session.post(f"{url}/api/v1/hosts/{name}/heartbeat", json=body,
+                                    headers=headers) as resp:
+                text = await resp.read()
+                status = resp.status
+                if status not in (200, 503) and tally.measuring and not tally.first_error:
+                    tally.first_error = f"HTTP {status}: {text[:200]!r}"
+        except (aiohttp.ClientError, TimeoutError):
+            status = 0
+        tally.record(started, status)
+        pause = interval * rnd.uniform(0.97, 1.03)
+        if status == 503:
+            pause = interval * rnd.uniform(1.0, 2.0)
+        await asyncio.sleep(max(0.0, pause - (time.perf_counter() - started)))
+
+
+async def _stand_in_agent() -> tuple[web.AppRunner, str]:
+    """Answers VM creates for every simulated host (placements need an agent to say yes)."""
+    async def create(request: web.Request) -> web.Response:
+        spec = await request.json()
+        return web.json_response({**spec, "state": "running"}, status=201)
+
+    async def get_vm(request: web.Request) -> web.Response:
+        return web.json_response({"name": request.match_info["name"], "state": "running"})
+
+    app = web.Application()
+    app.router.add_post("/v1/vms", create)
+    app.router.add_get("/v1/vms/{name}", get_vm)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _vm_rows(hosts: int, per_host: int) -> list[tuple[str, str, str]]:
+    now = time.time()
+    rows = []
+    for h in range(hosts):
+        for v in range(per_host):
+            name = f"vm-{h:05d}-{v:02d}"
+            doc = {"name": name, "host": f"sim-{h:05d}", "state": "running", "error": None,
+                   "created_at": now, "updated_at": now,
+                   "spec": {"name": name, "vcpus": 1, "memory_mb": 2048, "kernel": "/k"}}
+            rows.append((name, f"sim-{h:05d}", json.dumps(doc)))
+    return rows
+
+
+async def _seed_vms(database_url: str, sqlite_path: Path, hosts: int, per_host: int) -> None:
+    rows = _vm_rows(hosts, per_host)
+    if database_url:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.copy_records_to_table("vms", records=rows, columns=["name", "host", "data"])
+        finally:
+            await conn.close()
+        return
+
+    def work() -> None:
+        db = sqlite3.connect(sqlite_path, isolation_level=None, timeout=30)
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany("INSERT INTO vms (name, host, data) VALUES (?, ?, ?)", rows)
+        db.execute("COMMIT")
+        db.close()
+
+    await asyncio.to_thread(work)
+
+
+async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namespace,
+                   tmp: Path, pg: LocalPostgres | None) -> dict[str, Any]:
+    database_url = await pg.new_database() if pg is not None else ""
+    admin, agent_token = "adm-" + secrets.token_urlsafe(18), "agt-" + secrets.token_urlsafe(18)
+    settings = {"log_level": "info", "heartbeat_interval_s": str(args.interval),
+                "mcp_enabled": "false", "database_url": database_url}
+    coords = [LocalCoordinator(tmp / f"{backend}-{n_coord}-{hosts}-{i}", admin_token=admin,
+                               agent_token=agent_token, settings=settings) for i in range(n_coord)]
+    tally = Tally()
+    stand_in, stand_in_url = await _stand_in_agent()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for c in coords:
+            await c.start()
+        conn = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+            # registration: every host with its own token, 64 at a time
+            tokens = [f"sim-token-{i}-{secrets.token_hex(8)}" for i in range(hosts)]
+            sem = asyncio.Semaphore(64)
+
+            async def register(i: int) -> None:
+                vms = [f"vm-{i:05d}-{v:02d}" for v in range(args.vms_per_host)]
+                async with sem, session.post(
+                        f"{coords[i % n_coord].url}/api/v1/hosts/register",
+                        headers={"Authorization": f"Bearer {agent_token}"},
+                        json={"name": f"sim-{i:05d}", "url": stand_in_url, "token": tokens[i],
+                              "cpus": 64, "memory_bytes": 512 << 30,
+                              "memory_available_bytes": 480 << 30, "vms": vms}) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise SystemExit(f"registration failed: HTTP {resp.status}")
+
+            async def live(i: int) -> None:
+                """A real agent heartbeats as soon as it is registered."""
+                rnd = random.Random(-i)
+                while True:  # a busy coordinator may time a registration out: try again later
+                    try:
+                        await register(i)
+                        break
+                    except (aiohttp.ClientError, TimeoutError):
+                        tally.registration_retries += 1
+                        await asyncio.sleep(args.interval * rnd.uniform(1.0, 2.0))
+                done.append(time.perf_counter())
+                if len(done) == hosts:
+                    registered.set_result(None)
+                vms = [f"vm-{i:05d}-{v:02d}" for v in range(args.vms_per_host)]
+                await _agent(session, coords[i % n_coord].url, f"sim-{i:05d}", agent_token, vms,
+                             args.interval, tally, random.Random(i))
+
+            done: list[float] = []
+            registered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            t0 = time.perf_counter()
+            tasks.extend(asyncio.create_task(live(i)) for i in range(hosts))
+            await asyncio.wait([registered, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            if not registered.done():  # an agent ended: its registration failed
+                failed_task = next(t for t in tasks if t.done())
+                failed_task.result()  # raises what it raised
+            reg_rate = hosts / (time.perf_counter() - t0)
+            await _seed_vms(database_url, coords[0].data_dir / "coordinator.db", hosts,
+                            args.vms_per_host)
+            await asyncio.sleep(args.interval)  # warm-up: every agent has spoken once
+            tally.measuring = True
+            t0 = time.perf_counter()
+            await asyncio.sleep(args.seconds)
+            window = time.perf_counter() - t0
+            tally.measuring = False
+            beats = len(tally.latencies)
+
+            # placements while the fleet keeps heartbeating
+            place_lat: list[float] = []
+            failed = 0
+            t0 = time.perf_counter()
+            slow = aiohttp.ClientTimeout(total=PLACEMENT_TIMEOUT_S)
+            for p in range(args.placements):
+                started = time.perf_counter()
+                try:
+                    async with session.post(
+                            f"{coords[p % n_coord].url}/api/v1/vms", timeout=slow,
+                            headers={"Authorization": f"Bearer {admin}"},
+                            json={"name": f"new-{p:05d}", "vcpus": 1, "memory_mb": 256,
+                                  "kernel": "/k"}) as resp:
+                        await resp.read()
+                        ok = resp.status == 201
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                if ok:
+                    place_lat.append(time.perf_counter() - started)
+                else:
+                    failed += 1
+            place_s = time.perf_counter() - t0
+            await _stop(tasks)  # the fleet falls silent: count downs before any timeout passes
+            down_now: int | None = None
+            try:
+                async with session.get(f"{coords[0].url}/api/v1/hosts", timeout=slow,
+                                       headers={"Authorization": f"Bearer {admin}"}) as resp:
+                    down_now = sum(h["state"] != "up" for h in (await resp.json())["hosts"])
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # reported as unknown
+    finally:
+        await _stop(tasks)
+        for c in coords:
+            c.stop()
+        await stand_in.cleanup()
+        if pg is not None and database_url:
+            await pg.drop_database(database_url)
+    false_downs = sum(c.log_path.read_text(errors="replace").count("marked down") for c in coords)
+    lat = tally.latencies
+    return {
+        "backend": backend, "coordinators": n_coord, "hosts": hosts,
+        "vms": hosts * args.vms_per_host, "registration_per_s": reg_rate,
+        "heartbeats_per_s": beats / window, "expected_per_s": hosts / args.interval,
+        "heartbeat_p50_ms": percentile(lat, 50) * 1e3 if lat else None,
+        "heartbeat_p99_ms": percentile(lat, 99) * 1e3 if lat else None,
+        "timeouts": tally.timeouts, "shed": tally.shed, "errors": tally.errors,
+        "false_downs": false_downs, "down_at_end": down_now,
+        "placements_per_s": len(place_lat) / place_s if place_s else None,
+        "placement_p99_ms": percentile(place_lat, 99) * 1e3 if place_lat else None,
+        "placements_failed": failed, "registration_retries": tally.registration_retries, "first_error": tally.first_error or None,
+    }
+
+
+def _scenarios(raw: list[str]) -> list[tuple[str, int]]:
+    out = []
+    for item in raw:
+        backend, _, count = item.partition(":")
+        if backend not in ("sqlite", "postgres") or not count.isdigit() or not 1 <= int(count) <= 8 \
+                or (backend == "sqlite" and int(count) != 1):
+            raise SystemExit(f"novacron bench fleet: bad scenario {item!r} "
+                             "(sqlite:1, postgres:N with N 1..8)")
+        out.append((backend, int(count)))
+    return out
+
+
+async def _run(args: argparse.Namespace) -> Report:
+    if not all(1 <= h <= 50_000 for h in args.hosts) or not 0 <= args.vms_per_host <= 100 \
+            or not 0.2 <= args.interval <= 60 or not 1 <= args.seconds <= 3600 \
+            or not 0 <= args.placements <= 10_000:
+        raise SystemExit("novacron bench fleet: --hosts 1..50000, --vms-per-host 0..100, "
+                         "--interval 0.2..60, --seconds 1..3600, --placements 0..10000")
+    scenarios = _scenarios(args.scenario)
+    results = []
+    pg: LocalPostgres | None = None
+    with tempfile.TemporaryDirectory(prefix="nc-bench-fleet-") as tmp:
+        try:
+            if any(b == "postgres" for b, _ in scenarios):
+                pg = LocalPostgres()
+                await asyncio.to_thread(pg.start)
+            for hosts in args.hosts:
+                for backend, n in scenarios:
+                    results.append(await _run_one(backend, n, hosts, args, Path(tmp),
+                                                  pg if backend == "postgres" else None))
+        finally:
+            if pg is not None:
+                await asyncio.to_thread(pg.stop)
+    report = Report("fleet")
+    t = report.table(f"Fleet: heartbeat every {args.interval:g} s, {args.vms_per_host} VMs per host, "
+                     f"{args.seconds:g} s window",
+                     ["store × coordinators", "hosts", "heartbeats/s (of)", "p50 ms", "p99 ms",
+                      "timeouts", "shed", "false downs", "placements/s", "placement p99 ms",
+                      "registrations/s"])
+    for r in results:
+        t.add(f"{r['backend']} × {r['coordinators']}", r["hosts"],
+              f"{r['heartbeats_per_s']:,.0f} ({r['expected_per_s']:,.0f})",
+              r["heartbeat_p50_ms"], r["heartbeat_p99_ms"], r["timeouts"], r["shed"],
+              r["false_downs"], r["placements_per_s"], r["placement_p99_ms"],
+              r["registration_per_s"])
+    report.data = {"interval_s": args.interval, "seconds": args.seconds, "results": results}
+    report.notes.append("Simulated agents, coordinators and PostgreSQL share this machine's cores.")
+    return report
+
+
+def run(args: argparse.Namespace) -> Report:
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds _run: its coordinators and PostgreSQL are stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return asyncio.run(_run(args))
+    finally:
+        signal.signal(signal.SIGTERM, previous)

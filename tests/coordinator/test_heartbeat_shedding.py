@@ -1,0 +1,77 @@
+"""Past capacity the coordinator turns heartbeats away (503 + Retry-After) instead of
+marking live hosts down, and marks nothing down while it cannot tell."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from tests.coordinator.conftest import Coordinator, make_cfg, start_coordinator, stop_coordinator
+from tests.coordinator.fake_agent import FakeAgent
+from tests.metrics_helpers import parse, value
+
+
+async def burst(c: Coordinator, n: int) -> list[tuple[int, str | None]]:
+    async def one() -> tuple[int, str | None]:
+        async with c.session.post(c.url + "/api/v1/hosts/busy/heartbeat",
+                                  json={"memory_available_bytes": 1 << 30},
+                                  headers=c.headers(c.cfg.agent_token)) as resp:
+            await resp.read()
+            return resp.status, resp.headers.get("Retry-After")
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def state(c: Coordinator, host: str) -> str:
+    return str((await c.call("GET", f"/hosts/{host}"))[1]["state"])
+
+
+async def test_overload_sheds_heartbeats_and_marks_no_live_host_down(tmp_path: Path) -> None:
+    c = await start_coordinator(make_cfg(tmp_path, max_pending_heartbeats=1,
+                                         heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0))
+    try:
+        for name in ("busy", "quiet"):
+            fake = FakeAgent(name, f"tok-{name}-1")
+            fake.url = "http://127.0.0.1:9"
+            await fake.register_with(c.session, c.url, c.cfg.agent_token)
+        start = time.monotonic()
+        shed = 0
+        while time.monotonic() - start < 1.6:  # bounded: keep it over capacity past the timeout
+            results = await burst(c, 40)
+            assert {s for s, _ in results} <= {200, 503}
+            assert all(r == "1" for s, r in results if s == 503)  # Retry-After: the interval
+            shed += sum(s == 503 for s, _ in results)
+        assert shed > 0
+        # "quiet" has been silent longer than the timeout, but we were turning agents away
+        assert await state(c, "quiet") == "up"
+        async with c.session.get(c.url + "/metrics", headers=c.headers()) as resp:
+            samples = parse(await resp.text())
+        assert value(samples, "novacron_heartbeats_total", result="shed") == shed
+        # caught up: the silent host goes down within the timeout and a check period
+        calm = time.monotonic()
+        while await state(c, "quiet") != "down":
+            assert time.monotonic() - calm < 1.0 + 1.0 + 0.25 + 1.0, "never marked down"
+            await asyncio.sleep(0.05)
+    finally:
+        await stop_coordinator(c)
+
+
+async def test_a_late_event_loop_sheds_heartbeats_and_holds_the_monitor(tmp_path: Path) -> None:
+    c = await start_coordinator(make_cfg(tmp_path, heartbeat_interval_s=0.5,
+                                         heartbeat_timeout_s=1.0))
+    try:
+        for name in ("busy", "quiet"):
+            fake = FakeAgent(name, f"tok-{name}-2")
+            fake.url = "http://127.0.0.1:9"
+            await fake.register_with(c.session, c.url, c.cfg.agent_token)
+        assert {s for s, _ in await burst(c, 5)} == {200}
+        start = time.monotonic()
+        while time.monotonic() - start < 1.5:  # bounded: the loop stalls past the timeout
+            time.sleep(0.7)  # the coordinator shares this loop: as if swamped with requests
+            statuses = {s for s, _ in await burst(c, 3)}
+            assert statuses == {503}, statuses
+        assert await state(c, "quiet") == "up"  # silent past the timeout, but we could not tell
+        await asyncio.sleep(2.5)  # calm again
+        assert {s for s, _ in await burst(c, 3)} == {200}
+    finally:
+        await stop_coordinator(c)
