@@ -79,11 +79,11 @@ class Tally:
             self.errors += 1
 
 
-async def _agent(session: aiohttp.ClientSession, url: str, name: str, agent_token: str,
+async def _agent(session: aiohttp.ClientSession, url: str, name: str, host_token: str,
                  vms: list[str], interval: float, tally: Tally, rnd: random.Random) -> None:
     await asyncio.sleep(rnd.uniform(0, interval))
     body = {"memory_available_bytes": 64 << 30, "load": 0.5, "vms": vms}
-    headers = {"Authorization": f"Bearer {agent_token}"}
+    headers = {"Authorization": f"Bearer {host_token}"}  # its own credential, as a real agent's
     while True:
         started = time.perf_counter()
         status = 0
@@ -209,7 +209,7 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
                 if len(done) == hosts:
                     registered.set_result(None)
                 vms = [f"vm-{i:05d}-{v:02d}" for v in range(args.vms_per_host)]
-                await _agent(session, coords[i % n_coord].url, f"sim-{i:05d}", agent_token, vms,
+                await _agent(session, coords[i % n_coord].url, f"sim-{i:05d}", tokens[i], vms,
                              args.interval, tally, random.Random(i))
 
             done: list[float] = []
