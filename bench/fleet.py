@@ -47,13 +47,13 @@ PLACEMENT_TIMEOUT_S = 120.0  # placements and listings read the whole fleet
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hosts", type=int, nargs="+", default=[2000],
-                        help="fleet sizes to run (2000)")
-    parser.add_argument("--vms-per-host", type=int, default=10, help="VM records per host (10)")
-    parser.add_argument("--interval", type=float, default=5.0, help="heartbeat interval, s (5)")
-    parser.add_argument("--seconds", type=float, default=30.0, help="measuring window, s (30)")
-    parser.add_argument("--placements", type=int, default=50, help="VM placements timed (50)")
+                        metavar="N", help="fleet sizes to run (default: %(default)s)")
+    parser.add_argument("--vms-per-host", type=int, default=10, metavar="N", help="VM records per host (default: %(default)s)")
+    parser.add_argument("--interval", type=float, default=5.0, metavar="SECONDS", help="heartbeat interval in seconds (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=30.0, metavar="SECONDS", help="measuring window in seconds (default: %(default)s)")
+    parser.add_argument("--placements", type=int, default=50, metavar="N", help="VM placements timed (default: %(default)s)")
     parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS),
-                        help="backend:coordinators, e.g. sqlite:1 postgres:2 (all three)")
+                        metavar="BACKEND:N", help="backend:coordinators, e.g. sqlite:1 postgres:2 (default: %(default)s)")
 
 
 @dataclass

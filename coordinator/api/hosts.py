@@ -236,6 +236,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     if bound is False:
         raise _refuse(request, name, identity, "heartbeat")
     if bound is None:  # a record from before bindings, or a retired name: register (and bind)
+        app[METRICS].heartbeats.labels("unknown").inc()
         raise ApiError(404, f"host {name!r} is not registered; register first")
     intake.pending += 1
     try:

@@ -9,6 +9,7 @@ few commits, which heartbeats refresh anyway.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import json
 import logging
@@ -376,7 +377,23 @@ def _tx(conn: sqlite3.Connection, statements: list[tuple[str, tuple[Any, ...]]])
 
 
 def _migrate(conn: sqlite3.Connection) -> list[str]:
-    """Bring every registered component to its latest version; return what was applied."""
+    """Bring every registered component to its latest version; return what was applied.
+
+    Several processes may open one database at once; a lock file beside it lets one
+    migrate while the others wait and then find nothing left to do (executescript
+    commits on its own, so a transaction alone cannot hold the versions read)."""
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    if not path:  # in memory: nobody else can see it
+        return _migrate_locked(conn)
+    fd = os.open(path + ".migrate-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _migrate_locked(conn)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _migrate_locked(conn: sqlite3.Connection) -> list[str]:
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_version (component TEXT NOT NULL, "
         "version INTEGER NOT NULL, applied_at REAL NOT NULL, PRIMARY KEY (component, version))")

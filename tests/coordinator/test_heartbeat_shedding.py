@@ -11,12 +11,14 @@ from tests.coordinator.conftest import Coordinator, make_cfg, start_coordinator,
 from tests.coordinator.fake_agent import FakeAgent
 from tests.metrics_helpers import parse, value
 
+BUSY_TOKEN = "tok-busy-per-host-token"
 
-async def burst(c: Coordinator, n: int) -> list[tuple[int, str | None]]:
+
+async def burst(c: Coordinator, n: int, token: str) -> list[tuple[int, str | None]]:
     async def one() -> tuple[int, str | None]:
         async with c.session.post(c.url + "/api/v1/hosts/busy/heartbeat",
                                   json={"memory_available_bytes": 1 << 30},
-                                  headers=c.headers(c.cfg.agent_token)) as resp:
+                                  headers=c.headers(token)) as resp:  # the host's own credential
             await resp.read()
             return resp.status, resp.headers.get("Retry-After")
     return await asyncio.gather(*(one() for _ in range(n)))
@@ -31,13 +33,13 @@ async def test_overload_sheds_heartbeats_and_marks_no_live_host_down(tmp_path: P
                                          heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0))
     try:
         for name in ("busy", "quiet"):
-            fake = FakeAgent(name, f"tok-{name}-1")
+            fake = FakeAgent(name, BUSY_TOKEN if name == "busy" else f"tok-{name}-1-per-host-token")
             fake.url = "http://127.0.0.1:9"
             await fake.register_with(c.session, c.url, c.cfg.agent_token)
         start = time.monotonic()
         shed = 0
         while time.monotonic() - start < 1.6:  # bounded: keep it over capacity past the timeout
-            results = await burst(c, 40)
+            results = await burst(c, 40, BUSY_TOKEN)
             assert {s for s, _ in results} <= {200, 503}
             assert all(r == "1" for s, r in results if s == 503)  # Retry-After: the interval
             shed += sum(s == 503 for s, _ in results)
@@ -61,17 +63,17 @@ async def test_a_late_event_loop_sheds_heartbeats_and_holds_the_monitor(tmp_path
                                          heartbeat_timeout_s=1.0))
     try:
         for name in ("busy", "quiet"):
-            fake = FakeAgent(name, f"tok-{name}-2")
+            fake = FakeAgent(name, BUSY_TOKEN if name == "busy" else f"tok-{name}-2-per-host-token")
             fake.url = "http://127.0.0.1:9"
             await fake.register_with(c.session, c.url, c.cfg.agent_token)
-        assert {s for s, _ in await burst(c, 5)} == {200}
+        assert {s for s, _ in await burst(c, 5, BUSY_TOKEN)} == {200}
         start = time.monotonic()
         while time.monotonic() - start < 1.5:  # bounded: the loop stalls past the timeout
             time.sleep(0.7)  # the coordinator shares this loop: as if swamped with requests
-            statuses = {s for s, _ in await burst(c, 3)}
+            statuses = {s for s, _ in await burst(c, 3, BUSY_TOKEN)}
             assert statuses == {503}, statuses
         assert await state(c, "quiet") == "up"  # silent past the timeout, but we could not tell
         await asyncio.sleep(2.5)  # calm again
-        assert {s for s, _ in await burst(c, 3)} == {200}
+        assert {s for s, _ in await burst(c, 3, BUSY_TOKEN)} == {200}
     finally:
         await stop_coordinator(c)

@@ -42,12 +42,12 @@ async def test_metrics_need_the_admin_or_the_metrics_token(tmp_path: Path) -> No
 async def test_series_follow_heartbeats_placements_vms_and_migrations(
         coordinator: Coordinator) -> None:
     c = coordinator
-    async with serving(FakeAgent("alpha", "tok-a-" + secrets.token_hex(4)),
-                       FakeAgent("beta", "tok-b-" + secrets.token_hex(4), memory_bytes=4 << 30)) as fakes:
+    async with serving(FakeAgent("alpha", "tok-a--per-host-token" + secrets.token_hex(4)),
+                       FakeAgent("beta", "tok-b--per-host-token" + secrets.token_hex(4), memory_bytes=4 << 30)) as fakes:
         for fake in fakes:
             await fake.register_with(c.session, c.url, c.cfg.agent_token)
         for _ in range(3):
-            status, _ = await c.call("POST", "/hosts/alpha/heartbeat", token=c.cfg.agent_token,
+            status, _ = await c.call("POST", "/hosts/alpha/heartbeat", token=fakes[0].token,
                                      json={"memory_available_bytes": 1 << 30})
             assert status == 200
         assert (await c.call("POST", "/hosts/nobody/heartbeat", token=c.cfg.agent_token,

@@ -30,11 +30,15 @@ def backend() -> str:
 
 async def two_coordinators(tmp_path: Path, database_url: str,
                            **overrides: Any) -> tuple[Coordinator, Coordinator]:
-    a = await start_coordinator(make_cfg(tmp_path / "a", database_url=database_url, **overrides))
-    # Same tokens: agents and operators may talk to either (behind a load balancer).
+    # Same tokens and the same grant-signing key: agents and operators may talk to either
+    # (behind a load balancer), and agents trust the grants of both.
+    key = str(tmp_path / "grant-signing.key")
+    a = await start_coordinator(make_cfg(tmp_path / "a", database_url=database_url,
+                                         grant_key_file=key, **overrides))
     b = await start_coordinator(make_cfg(tmp_path / "b", database_url=database_url,
                                          admin_token=a.cfg.admin_token,
-                                         agent_token=a.cfg.agent_token, **overrides))
+                                         agent_token=a.cfg.agent_token, grant_key_file=key,
+                                         **overrides))
     return a, b
 
 
@@ -42,7 +46,7 @@ async def test_concurrent_placements_on_two_coordinators_never_overcommit(
         tmp_path: Path, database_url: str) -> None:
     a, b = await two_coordinators(tmp_path, database_url)
     sizes = {"h1": 2 << 30, "h2": 1536 << 20, "h3": 1 << 30}  # room for 8 + 6 + 4 VMs of 256 MiB
-    fakes = [FakeAgent(n, f"tok-{n}-x", memory_bytes=m) for n, m in sizes.items()]
+    fakes = [FakeAgent(n, f"tok-{n}-x-per-host-token", memory_bytes=m) for n, m in sizes.items()]
     try:
         async with serving(*fakes):
             for fake in fakes:
@@ -71,8 +75,8 @@ async def test_sse_on_one_coordinator_follows_a_migration_started_on_another(
         tmp_path: Path, database_url: str) -> None:
     a, b = await two_coordinators(tmp_path, database_url)
     try:
-        async with serving(FakeAgent("alpha", "tok-a-1234"),
-                           FakeAgent("beta", "tok-b-1234", memory_bytes=4 << 30)) as fakes:
+        async with serving(FakeAgent("alpha", "tok-a-1234-per-host-token"),
+                           FakeAgent("beta", "tok-b-1234-per-host-token", memory_bytes=4 << 30)) as fakes:
             for fake in fakes:
                 await fake.register_with(b.session, b.url, b.cfg.agent_token)
             assert (await b.call("POST", "/vms", json=vm_spec("m1")))[0] == 201
@@ -96,8 +100,8 @@ async def test_two_coordinators_never_start_two_migrations_of_one_vm(
         tmp_path: Path, database_url: str) -> None:
     a, b = await two_coordinators(tmp_path, database_url)
     try:
-        async with serving(FakeAgent("alpha", "tok-a-5678"),
-                           FakeAgent("beta", "tok-b-5678", memory_bytes=4 << 30)) as fakes:
+        async with serving(FakeAgent("alpha", "tok-a-5678-per-host-token"),
+                           FakeAgent("beta", "tok-b-5678-per-host-token", memory_bytes=4 << 30)) as fakes:
             for fake in fakes:
                 await fake.register_with(a.session, a.url, a.cfg.agent_token)
             for i in range(4):
@@ -139,7 +143,7 @@ async def test_killing_the_lease_holder_moves_its_loops_and_migrations_within_th
                              "--port", "0"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     session = aiohttp.ClientSession()
-    fakes = [FakeAgent("alpha", "tok-alpha-1"), FakeAgent("beta", "tok-beta-1")]
+    fakes = [FakeAgent("alpha", "tok-alpha-1-per-host-token"), FakeAgent("beta", "tok-beta-1-per-host-token")]
     try:
         async with serving(*fakes):
             await _kill_and_take_over(tmp_path, database_url, proc, first, ttl, session, fakes)
@@ -190,7 +194,7 @@ async def _kill_and_take_over(tmp_path: Path, database_url: str, proc: subproces
             assert time.monotonic() - killed < ttl + ttl / 3 + 1.0, "monitor did not move"
             await asyncio.sleep(0.05)
         # ... and B now does the monitor's work: a silent host goes down.
-        fake = FakeAgent("quiet", "tok-quiet-1")
+        fake = FakeAgent("quiet", "tok-quiet-1-per-host-token")
         fake.url = "http://127.0.0.1:9"
         await fake.register_with(b.session, b.url, b.cfg.agent_token)
         for _ in range(100):  # bounded: 5 s
