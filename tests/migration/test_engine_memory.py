@@ -43,12 +43,13 @@ async def dest(tmp_path: Path):
     await d.server.close()
 
 
-async def migrate(src: MemSourceVM, port: int, *, grant: bool = False,
-                  **opts: object) -> tuple[SourceMigration, MigrationStatus]:
-    """``grant``: the destination is a MigrationManager, which first wants the grant."""
+async def migrate(src: MemSourceVM, port: int, *, grant: bool = False, granted_id: str = "m1",
+                  granted_vm: str | None = None, **opts: object) -> tuple[SourceMigration, MigrationStatus]:
+    """``grant``: the destination is a MigrationManager, which first wants the grant
+    (for migration ``granted_id`` of ``granted_vm``, by default the one run here)."""
     ch = await connect("127.0.0.1", port, SECRET)
     if grant:
-        await present_grant(ch, src.name)
+        await present_grant(ch, granted_vm or src.name, granted_id)
     o = MigrationOptions.from_dict({"test_digest": True, **opts})
     st = MigrationStatus(id="m1", vm=src.name, role="source", options=o.as_dict())
     mig = SourceMigration(src, ch, st, o)
@@ -312,3 +313,41 @@ async def test_unexpected_prepare_failure_is_reported(tmp_path: Path) -> None:
     d = mgr.get("m1")
     assert d is not None and d.phase == "failed" and "preparing the VM failed" in (d.error or "")
     assert not mgr.busy("pf")
+
+
+class Renamed(MemSourceVM):
+    """A source whose spec would build a VM of another name than the one it announces."""
+
+    def spec(self) -> dict[str, object]:
+        return {**super().spec(), "name": "someone-else"}
+
+
+@pytest.mark.parametrize("case", ["wrong id", "wrong vm", "wrong spec name"])
+async def test_prepare_outside_the_grant_is_refused(tmp_path: Path, case: str) -> None:
+    """The destination builds only the granted migration of the granted VM: a prepare
+    naming another id, another VM, or a spec of another VM is refused before anything
+    is built, and the source's guest keeps running."""
+    from novacron.agent.migration.manager import MigrationManager
+
+    factory = MemDestFactory(tmp_path / "dst")
+
+    async def no_source(name: str) -> MemSourceVM:
+        raise AssertionError(name)
+
+    mgr = MigrationManager(cluster_secret=SECRET, source_vm=no_source, dest_factory=factory,
+                           **dest_grants())  # type: ignore[arg-type]
+    await mgr.start()
+    src = (Renamed if case == "wrong spec name" else MemSourceVM)(tmp_path / "src", "gb", pages=64)
+    try:
+        _, st = await migrate(src, mgr.data_port, grant=True,
+                              granted_id="m-other" if case == "wrong id" else "m1",
+                              granted_vm="gb-other" if case == "wrong vm" else None)
+    finally:
+        src.close()
+        await mgr.close()
+    want = {"wrong id": "grant is for migration 'm-other'", "wrong vm": "grant is for VM 'gb-other'",
+            "wrong spec name": "the spec builds 'someone-else'"}[case]
+    assert st.phase == "failed" and want in (st.error or ""), st.error
+    assert src.running and src.paused_count == 0
+    assert factory.vms == {} and mgr.statuses == {}
+    assert not (tmp_path / "dst" / "someone-else").exists() and not mgr.busy("gb")
