@@ -139,7 +139,8 @@ async def connect(
     except TimeoutError:
         raise AuthError(f"no answer from {host}:{port} within {timeout:g}s") from None
     except ssl_.SSLError as exc:
-        raise AuthError(f"TLS with {host}:{port} ({server_name}) failed: {exc.reason or exc}") from None
+        detail = getattr(exc, "verify_message", None) or exc.reason or exc  # e.g. a host name mismatch
+        raise AuthError(f"TLS with {host}:{port} ({server_name}) failed: {detail}") from None
     except OSError as exc:
         raise AuthError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     try:
