@@ -61,6 +61,7 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
         host_name=host_name(cfg.name),
         grants=GrantVerifier(cfg.grant_key),
         peer_ssl=tls.peer_client_context(cfg),
+        data_ssl=tls.server_context(cfg, require_client_cert=True) if tls.enabled(cfg) else None,
         journal=Journal(cfg.state_dir / "migrations"),
         local_vms=QemuLocalVMs(vms),
     )

@@ -6,7 +6,9 @@ control messages and native page-stream frames over the authenticated stream;
 ``server`` accepts peers on the agent's ``data_port`` and refuses any that fail
 authentication before anything else happens.
 
-The cluster secret proves fleet membership only. Which host may send which VM
+The cluster secret proves fleet membership only; with TLS configured the
+connection is also mutual TLS with the fleet CA, and ``Channel.peer_identity``
+is the peer's host name from its certificate. Which host may send which VM
 here is decided by the coordinator: the first message on a channel must be its
 signed grant naming this host as destination (``novacron.grants``, checked in
 ``novacron.agent.migration.manager``), used once.

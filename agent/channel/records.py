@@ -71,6 +71,9 @@ class Channel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._closed = False
+        # the peer certificate's common name when the data port runs mutual TLS (its
+        # host identity, verified against the fleet CA); None without TLS
+        self.peer_identity: str | None = None
 
     @property
     def page_key_out(self) -> bytes:

@@ -6,12 +6,19 @@ Unauthenticated connections are bounded (per address and in all, the oldest
 idle one closed to make room; see novacron.connlimits) and must finish the
 handshake within a short deadline, so idle connections cannot keep a real
 migration out.
+
+With the fleet's TLS configured the port is wrapped in mutual TLS first: the
+server requires a client certificate from the fleet CA and the client checks
+the server's certificate against the destination's host name, so the cluster
+secret alone no longer lets one host pose as another. The peer certificate's
+common name (its host identity) is ``Channel.peer_identity``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl as ssl_
 from collections.abc import Awaitable, Callable
 
 from novacron.agent.channel.handshake import (
@@ -22,6 +29,7 @@ from novacron.agent.channel.handshake import (
 )
 from novacron.agent.channel.records import Channel
 from novacron.connlimits import ConnectionBudget, LogLimiter, peer_address
+from novacron.tls import peer_common_name
 
 log = logging.getLogger("novacron.agent.channel")
 
@@ -43,8 +51,10 @@ class ChannelServer:
         handshake_timeout: float = HANDSHAKE_DEADLINE_S,
         max_pending: int = MAX_PENDING,
         max_pending_per_address: int = MAX_PENDING_PER_ADDRESS,
+        ssl: ssl_.SSLContext | None = None,
     ) -> None:
         self._secret = secret
+        self.ssl = ssl  # a server context requiring client certificates (mutual TLS), or None
         self._handler = handler
         self.host = host
         self.port = port
@@ -59,7 +69,9 @@ class ChannelServer:
         self._refusals = LogLimiter(log)  # a flood of bad peers is one line per interval
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._on_connect, self.host, self.port)
+        self._server = await asyncio.start_server(
+            self._on_connect, self.host, self.port, ssl=self.ssl,
+            ssl_handshake_timeout=self._timeout if self.ssl is not None else None)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("migration channel listening", extra={"host": self.host, "port": self.port})
         return self.port
@@ -84,7 +96,10 @@ class ChannelServer:
             finally:
                 self.pending.release(slot)
             channel = Channel(reader, writer, keys, is_client=False)
-            log.info("migration peer authenticated", extra={"peer": str(peer), "session": keys.session_id})
+            if self.ssl is not None:
+                channel.peer_identity = peer_common_name(writer.transport)
+            log.info("migration peer authenticated", extra={"peer": str(peer), "session": keys.session_id,
+                                                           "identity": channel.peer_identity})
             try:
                 await self._handler(channel)
             except Exception:
@@ -108,13 +123,24 @@ class ChannelServer:
 
 
 async def connect(
-    host: str, port: int, secret: str | bytes, *, timeout: float = DEFAULT_TIMEOUT
+    host: str, port: int, secret: str | bytes, *, timeout: float = DEFAULT_TIMEOUT,
+    ssl: ssl_.SSLContext | None = None, server_name: str | None = None,
 ) -> Channel:
-    """Open and authenticate a channel to a destination agent's data port."""
+    """Open and authenticate a channel to a destination agent's data port.
+
+    With ``ssl`` (a client context with this host's certificate) the connection is
+    mutual TLS and the destination's certificate must be issued for ``server_name``
+    (its host name from the coordinator's grant)."""
+    if ssl is not None and not server_name:
+        raise AuthError(f"no host name to verify {host}:{port}'s certificate against")
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=ssl, server_hostname=server_name if ssl is not None else None), timeout)
     except TimeoutError:
         raise AuthError(f"no answer from {host}:{port} within {timeout:g}s") from None
+    except ssl_.SSLError as exc:
+        detail = getattr(exc, "verify_message", None) or exc.reason or exc  # e.g. a host name mismatch
+        raise AuthError(f"TLS with {host}:{port} ({server_name}) failed: {detail}") from None
     except OSError as exc:
         raise AuthError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     try:
@@ -122,4 +148,7 @@ async def connect(
     except BaseException:
         writer.close()
         raise
-    return Channel(reader, writer, keys, is_client=True)
+    channel = Channel(reader, writer, keys, is_client=True)
+    if ssl is not None:
+        channel.peer_identity = peer_common_name(writer.transport)
+    return channel

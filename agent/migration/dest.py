@@ -47,13 +47,15 @@ async def receive_migration(
     register: Callable[[MigrationStatus], None],
     *,
     idle_timeout: float = IDLE_TIMEOUT,
-    authorise: Callable[[str, str], None] | None = None,
+    authorise: Callable[[str, str, dict[str, Any]], None] | None = None,
     journal: Journal | None = None,
+    peer_name: str = "",
 ) -> MigrationStatus | None:
     """Serve one incoming migration on ``channel``; returns its final status.
 
-    ``authorise(migration_id, vm)`` raises ProtocolError for a ``prepare`` the
-    channel's grant does not cover."""
+    ``authorise(migration_id, vm, spec)`` raises ProtocolError for a ``prepare``
+    the channel's grant does not cover. ``peer_name`` is the source host's name
+    (from the grant), journalled: only it may later ask what became of this."""
     try:
         rec = await channel.recv(timeout=idle_timeout)
         if rec.kind != CTRL or rec.op != "prepare" or rec.ctrl is None:
@@ -61,7 +63,7 @@ async def receive_migration(
         mid, vm_name, spec, ram_size, want_digest = protocol.check_prepare(rec.ctrl)
         liveness = protocol.liveness_of(rec.ctrl, idle_timeout)
         if authorise is not None:
-            authorise(mid, vm_name)
+            authorise(mid, vm_name, spec)
     except (ChannelClosed, ProtocolError) as exc:
         log.warning("incoming migration rejected", extra={"peer": channel.peer(), "reason": str(exc)})
         with contextlib.suppress(Exception):
@@ -70,7 +72,7 @@ async def receive_migration(
     status = MigrationStatus(id=mid, vm=vm_name, role="destination", peer=channel.peer())
     status.pages_total = ram_size // protocol.PAGE
     register(status)
-    incoming = _Incoming(channel, status, want_digest, min(idle_timeout, liveness), journal)
+    incoming = _Incoming(channel, status, want_digest, min(idle_timeout, liveness), journal, peer_name)
     # from here on the source hears from us, also while QEMU starts
     keepalive = asyncio.create_task(_keepalive(channel, liveness))
     try:
@@ -108,8 +110,9 @@ class QemuExited(Exception):
 
 class _Incoming:
     def __init__(self, ch: Channel, status: MigrationStatus, want_digest: bool, idle: float,
-                 journal: Journal | None = None):
+                 journal: Journal | None = None, peer_name: str = ""):
         self.ch = ch
+        self.peer_name = peer_name
         self.status = status
         self.journal = journal
         self.want_digest = want_digest
@@ -124,7 +127,7 @@ class _Incoming:
             host, _, port = self.ch.peer().rpartition(":")
             self.status.journal = self.journal.begin(Entry(
                 id=self.status.id, vm=self.status.vm, role="destination", step="prepared",
-                peer_host=host, peer_port=int(port) if port.isdigit() else 0))
+                peer_host=host, peer_port=int(port) if port.isdigit() else 0, peer_name=self.peer_name))
 
     def _journal(self, step: str, reason: str = "") -> None:
         if self.journal is not None and self.status.id in self.journal.entries:

@@ -111,13 +111,16 @@ class ChannelOutcomeProbe:
     """Asks the destination agent over its migration data port (``query`` ->
     ``outcome``): what a restarted source uses, as it keeps no API token."""
 
-    def __init__(self, host: str, port: int, secret: str, migration_id: str, vm: str) -> None:
+    def __init__(self, host: str, port: int, secret: str, migration_id: str, vm: str, *,
+                 ssl: ssl_.SSLContext | None = None, server_name: str | None = None) -> None:
         self.host, self.port, self.secret = host, port, secret
+        self.ssl, self.server_name = ssl, server_name  # mutual TLS: the destination's host name
         self.migration_id = migration_id
         self.vm = vm
 
     async def __call__(self) -> Outcome:
-        ch = await connect(self.host, self.port, self.secret, timeout=REQUEST_TIMEOUT_S)
+        ch = await connect(self.host, self.port, self.secret, timeout=REQUEST_TIMEOUT_S,
+                           ssl=self.ssl, server_name=self.server_name)
         try:
             await ch.send_ctrl({"op": "query", "id": self.migration_id, "vm": self.vm},
                                timeout=REQUEST_TIMEOUT_S)

@@ -50,6 +50,9 @@ class Entry:
     # the peer's migration data channel ("host", port): where a restarted source asks
     peer_host: str = ""
     peer_port: int = 0
+    # the peer's host name (its certificate's identity): the destination a source's
+    # data-port TLS must reach again; the source a destination answers a ``query`` of
+    peer_name: str = ""
     reason: str = ""  # why it settled the way it did (or why it is still unsettled)
     budget_exceeded: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)  # [{"step", "time"}]

@@ -76,6 +76,7 @@ class MigrationManager:
         host_name: str = "",
         grants: GrantVerifier | None = None,
         peer_ssl: ssl.SSLContext | None = None,
+        data_ssl: ssl.SSLContext | None = None,
         journal: Journal | None = None,
         local_vms: LocalVMs | None = None,
     ) -> None:
@@ -85,12 +86,15 @@ class MigrationManager:
         self._settling: dict[str, asyncio.Task[None]] = {}
         self.host_name = host_name  # as registered: grants name hosts by it
         self.grants = grants or GrantVerifier()
-        self._peer_ssl = peer_ssl  # mutual TLS to the destination's API (outcome probe)
+        # mutual TLS with the fleet CA (None without TLS): ``peer_ssl`` to call a destination
+        # (its API and its data port), ``data_ssl`` to serve our data port
+        self._peer_ssl = peer_ssl
         self._used_out = UsedGrants()
         self._used_in = UsedGrants()
         self._source_vm = source_vm
         self._dest_factory = dest_factory
-        self.server = ChannelServer(cluster_secret, self._incoming, host=data_host, port=data_port)
+        self.server = ChannelServer(cluster_secret, self._incoming, host=data_host, port=data_port,
+                                    ssl=data_ssl)
         self.statuses: dict[str, MigrationStatus] = {}
         self._running: dict[str, SourceMigration] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -243,7 +247,8 @@ class MigrationManager:
         """Past 'go' with no answer: ask the destination until it says where the guest runs."""
         journal, local = self.journal, self._local
         assert journal is not None
-        probe = ChannelOutcomeProbe(entry.peer_host, entry.peer_port, self._secret, entry.id, entry.vm)
+        probe = ChannelOutcomeProbe(entry.peer_host, entry.peer_port, self._secret, entry.id, entry.vm,
+                                    ssl=self._peer_ssl, server_name=entry.peer_name or None)
         log.warning("migration unsettled past 'go'; guest kept paused, asking the destination",
                     extra={"migration": entry.id, "vm": entry.vm, "peer": f"{entry.peer_host}:{entry.peer_port}"})
         while not entry.settled:
@@ -297,13 +302,10 @@ class MigrationManager:
                 names.append(status.vm)
             self._register_incoming(status)
 
-        def authorise(_mid: str, vm: str) -> None:
-            if vm != grant.vm:
-                raise ProtocolError(f"the grant is for VM {grant.vm!r}, not {vm!r}")
-
         try:
-            await receive_migration(channel, self._dest_factory, register, authorise=authorise,
-                                    journal=self.journal)
+            await receive_migration(channel, self._dest_factory, register,
+                                    authorise=lambda mid, vm, spec: authorise(grant, mid, vm, spec),
+                                    journal=self.journal, peer_name=grant.source)
         finally:  # also when it raised: the name must not stay busy forever
             for name in names:
                 self._busy_vms.discard(name)
@@ -317,6 +319,7 @@ class MigrationManager:
                 # a restarted source asking what became of a migration (no grant: it only
                 # learns committed / rolled_back / pending of the id and VM it names)
                 mid, vm = protocol.check_query(rec.ctrl)
+                self._check_asker(channel, mid, vm)
                 await channel.send_ctrl({"op": "outcome", "outcome": self.answer(mid, vm)}, timeout=5)
                 return None
             if rec.kind != CTRL or rec.op != "grant" or rec.ctrl is None:
@@ -325,6 +328,9 @@ class MigrationManager:
             if grant.target != self.host_name:
                 raise GrantError(f"the grant is for destination {grant.target!r}, "
                                  f"this host is {self.host_name!r}")
+            if self.server.ssl is not None and channel.peer_identity != grant.source:
+                raise GrantError(f"the grant is for source {grant.source!r}; the peer's certificate "
+                                 f"is {channel.peer_identity!r}")
             self._used_in.consume(grant)
         except (ChannelClosed, ProtocolError, GrantError) as exc:
             log.warning("incoming migration refused", extra={"peer": channel.peer(), "reason": str(exc)})
@@ -334,6 +340,18 @@ class MigrationManager:
         log.info("incoming migration granted", extra={"peer": channel.peer(), "vm": grant.vm,
                                                       "source": grant.source, "grant": grant.migration})
         return grant
+
+    def _check_asker(self, channel: Channel, mid: str, vm: str) -> None:
+        """With mutual TLS, only the source this host's journal recorded for migration
+        ``mid`` (the peer certificate's host identity) hears what became of it."""
+        if self.server.ssl is None:
+            return
+        entry = self.journal.entries.get(mid) if self.journal is not None else None
+        if entry is None or entry.role != "destination" or entry.vm != vm:
+            raise ProtocolError(f"no journalled incoming migration {mid!r} of VM {vm!r} here")
+        if not entry.peer_name or entry.peer_name != channel.peer_identity:
+            raise ProtocolError(f"migration {mid!r} came from {entry.peer_name or 'an unrecorded source'!r}, "
+                                f"not {channel.peer_identity!r}")
 
     def may_read(self, token: str, path: str) -> bool:
         """A source holding a grant to this host may read what became of that migration
@@ -418,7 +436,8 @@ class MigrationManager:
                    opts: MigrationOptions) -> None:
         try:
             try:
-                channel = await connect(grant.data_host, grant.data_port, self._secret)
+                channel = await connect(grant.data_host, grant.data_port, self._secret,
+                                        ssl=self._peer_ssl, server_name=grant.target)
             except AuthError as exc:
                 await vm.stay()
                 status.fail(f"cannot open migration channel to the destination: {exc}")
@@ -428,7 +447,7 @@ class MigrationManager:
             if self.journal is not None:  # where a restarted agent will ask, before any side effect
                 status.journal = self.journal.begin(Entry(
                     id=status.id, vm=vm.name, role="source", step="started",
-                    peer_host=grant.data_host, peer_port=grant.data_port))
+                    peer_host=grant.data_host, peer_port=grant.data_port, peer_name=grant.target))
             probe = HttpOutcomeProbe(grant.url, token, status.id, vm.name, scheme="Grant",
                                      ssl=self._peer_ssl, server_name=grant.target)
             mig = SourceMigration(vm, channel, status, opts, probe=probe, journal=self.journal)
@@ -467,6 +486,17 @@ class MigrationManager:
             raise MigrationRequestError("migration is committing; too late to cancel", 409)
         mig.cancel()
         return status
+
+
+def authorise(grant: Grant, mid: str, vm: str, spec: dict[str, Any]) -> None:
+    """A ``prepare`` must be the granted migration of the granted VM, and the VM it
+    would build (``spec["name"]``) that same VM: else ProtocolError."""
+    if mid != grant.migration:
+        raise ProtocolError(f"the grant is for migration {grant.migration!r}, not {mid!r}")
+    if vm != grant.vm:
+        raise ProtocolError(f"the grant is for VM {grant.vm!r}, not {vm!r}")
+    if spec.get("name") != grant.vm:
+        raise ProtocolError(f"the grant is for VM {grant.vm!r}; the spec builds {spec.get('name')!r}")
 
 
 def _status_from(entry: Entry) -> MigrationStatus:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from novacron import pki
-from novacron.agent.channel import connect
+from novacron.agent.channel import AuthError, ChannelClosed, connect
 from novacron.agent.local import LocalAgent
 from novacron.cli.main import main as cli_main
 from novacron.coordinator.client import CoordinatorClient
@@ -208,7 +208,25 @@ async def test_migration_between_agents_over_mutual_tls(tmp_path: Path, fleet: P
     from tests.migration.agents import Api
     from tests.migration.qemu_helpers import guest_spec
 
+    stranger_dir = tmp_path / "stranger"
+    pki.init_ca(stranger_dir, name="not the fleet CA")
+    stranger = issue(stranger_dir, "tls-a")  # the source's name, from another CA
+    other = issue(fleet, "tls-c")  # a fleet host that is neither side of the migration
     async with tls_fleet(tmp_path, fleet, "tls-a", "tls-b") as (coord, (a, b)):
+        assert a.tls is not None and b.tls is not None
+        ca, secret = str(b.tls.ca), b.cluster_secret
+
+        def as_host(files: pki.IssuedFiles) -> ssl.SSLContext:
+            return client_context(ca, str(files.cert), str(files.key))
+
+        # The data port is mutual TLS: the cluster secret alone (plain TCP), a certificate
+        # from another CA, or the wrong host name for the destination all fail.
+        with pytest.raises(AuthError):
+            await connect("127.0.0.1", b.data_port, secret, timeout=10)
+        await _channel_refused(b.data_port, secret, as_host(stranger), "tls-b")
+        with pytest.raises(AuthError, match="not valid for 'tls-a'"):  # b's certificate is not tls-a's
+            await connect("127.0.0.1", b.data_port, secret, ssl=as_host(a.tls), server_name="tls-a",
+                          timeout=10)
         async with CoordinatorClient(coord.url, coord.admin_token, ssl=coord.client_ssl()) as c:
             await c.create_vm({**guest_spec("tlsvm"), "host": "tls-a"})
             await Api(a).wait_console("tlsvm", r"NOVACRON-HB .* ok=1", timeout=150)
@@ -223,8 +241,37 @@ async def test_migration_between_agents_over_mutual_tls(tmp_path: Path, fleet: P
         assert (await b.request("GET", "/v1/vms/tlsvm"))[1]["state"] == "running"
         assert (await a.request("GET", "/v1/vms/tlsvm"))[0] == 404
         await Api(b).wait_console("tlsvm", r"NOVACRON-HB .* ok=1", timeout=30)
+        # What became of the migration is told to its source only (its certificate's name
+        # is the one b journalled), not to another fleet host.
+        query = {"op": "query", "id": mig["id"], "vm": "tlsvm"}
+        assert (await _ask(b.data_port, secret, as_host(a.tls), query)) == {"op": "outcome",
+                                                                           "outcome": "committed"}
+        refused = await _ask(b.data_port, secret, as_host(other), query)
+        assert refused.get("op") == "error" and "tls-c" in refused["reason"], refused
         # Neither agent ever saw the other's token.
         assert b.token not in a.log_path.read_text() and a.token not in b.log_path.read_text()
+
+
+async def _channel_refused(port: int, secret: str, ctx: ssl.SSLContext, name: str) -> None:
+    """The TLS layer must end the connection: at the handshake, or (TLS 1.3: the client
+    certificate is checked after the client's handshake finished) at the first read."""
+    with pytest.raises((AuthError, ChannelClosed, OSError)):
+        ch = await connect("127.0.0.1", port, secret, ssl=ctx, server_name=name, timeout=10)
+        try:
+            await ch.recv(timeout=10)
+        finally:
+            await ch.close()
+
+
+async def _ask(port: int, secret: str, ctx: ssl.SSLContext, msg: dict[str, Any]) -> dict[str, Any]:
+    """One control message to the destination's data port as the host of ``ctx``; its answer."""
+    ch = await connect("127.0.0.1", port, secret, ssl=ctx, server_name="tls-b", timeout=10)
+    try:
+        await ch.send_ctrl(msg, timeout=10)
+        rec = await ch.recv(timeout=10)
+    finally:
+        await ch.close()
+    return dict(rec.ctrl or {})
 
 
 # -- no SSRF through the agent API, and the destination checks the grant ------------------

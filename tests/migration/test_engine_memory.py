@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,7 @@ from novacron.agent.migration.dest import receive_migration
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
-from tests.migration.grants import dest_grants, present_grant
+from tests.migration.grants import DEST, dest_grants, present_grant
 from tests.migration.memvm import MemDestFactory, MemSourceVM
 
 SECRET = "engine-test-secret"
@@ -43,12 +45,15 @@ async def dest(tmp_path: Path):
     await d.server.close()
 
 
-async def migrate(src: MemSourceVM, port: int, *, grant: bool = False,
+async def migrate(src: MemSourceVM, port: int, *, grant: bool = False, granted_id: str = "m1",
+                  granted_vm: str | None = None, tls: ssl.SSLContext | None = None,
                   **opts: object) -> tuple[SourceMigration, MigrationStatus]:
-    """``grant``: the destination is a MigrationManager, which first wants the grant."""
-    ch = await connect("127.0.0.1", port, SECRET)
+    """``grant``: the destination is a MigrationManager, which first wants the grant
+    (for migration ``granted_id`` of ``granted_vm``, by default the one run here).
+    ``tls``: this source's client context (the destination's certificate is DEST's)."""
+    ch = await connect("127.0.0.1", port, SECRET, ssl=tls, server_name=DEST if tls else None)
     if grant:
-        await present_grant(ch, src.name)
+        await present_grant(ch, granted_vm or src.name, granted_id)
     o = MigrationOptions.from_dict({"test_digest": True, **opts})
     st = MigrationStatus(id="m1", vm=src.name, role="source", options=o.as_dict())
     mig = SourceMigration(src, ch, st, o)
@@ -312,3 +317,81 @@ async def test_unexpected_prepare_failure_is_reported(tmp_path: Path) -> None:
     d = mgr.get("m1")
     assert d is not None and d.phase == "failed" and "preparing the VM failed" in (d.error or "")
     assert not mgr.busy("pf")
+
+
+class Renamed(MemSourceVM):
+    """A source whose spec would build a VM of another name than the one it announces."""
+
+    def spec(self) -> dict[str, object]:
+        return {**super().spec(), "name": "someone-else"}
+
+
+@pytest.mark.parametrize("case", ["wrong id", "wrong vm", "wrong spec name"])
+async def test_prepare_outside_the_grant_is_refused(tmp_path: Path, case: str) -> None:
+    """The destination builds only the granted migration of the granted VM: a prepare
+    naming another id, another VM, or a spec of another VM is refused before anything
+    is built, and the source's guest keeps running."""
+    from novacron.agent.migration.manager import MigrationManager
+
+    factory = MemDestFactory(tmp_path / "dst")
+
+    async def no_source(name: str) -> MemSourceVM:
+        raise AssertionError(name)
+
+    mgr = MigrationManager(cluster_secret=SECRET, source_vm=no_source, dest_factory=factory,
+                           **dest_grants())  # type: ignore[arg-type]
+    await mgr.start()
+    src = (Renamed if case == "wrong spec name" else MemSourceVM)(tmp_path / "src", "gb", pages=64)
+    try:
+        _, st = await migrate(src, mgr.data_port, grant=True,
+                              granted_id="m-other" if case == "wrong id" else "m1",
+                              granted_vm="gb-other" if case == "wrong vm" else None)
+    finally:
+        src.close()
+        await mgr.close()
+    want = {"wrong id": "grant is for migration 'm-other'", "wrong vm": "grant is for VM 'gb-other'",
+            "wrong spec name": "the spec builds 'someone-else'"}[case]
+    assert st.phase == "failed" and want in (st.error or ""), st.error
+    assert src.running and src.paused_count == 0
+    assert factory.vms == {} and mgr.statuses == {}
+    assert not (tmp_path / "dst" / "someone-else").exists() and not mgr.busy("gb")
+
+
+async def test_tls_data_port_admits_only_the_granted_source(tmp_path: Path) -> None:
+    """With mutual TLS on the data port, a fleet host holding a valid grant for another
+    source (the cluster secret too) is refused; the granted source migrates."""
+    from novacron import pki, tls
+    from novacron.agent.migration.manager import MigrationManager
+
+    pki.init_ca(tmp_path / "pki")
+    files = {n: pki.issue(tmp_path / "pki", n, ["127.0.0.1"]) for n in (DEST, "src", "intruder")}
+
+    def client(name: str) -> ssl.SSLContext:
+        return tls.client_context(str(files[name].ca), str(files[name].cert), str(files[name].key))
+
+    cfg: Any = type("Cfg", (), {"tls_ca": str(files[DEST].ca), "tls_cert": str(files[DEST].cert),
+                                "tls_key": str(files[DEST].key)})()
+    factory = MemDestFactory(tmp_path / "dst")
+
+    async def no_source(name: str) -> MemSourceVM:
+        raise AssertionError(name)
+
+    mgr = MigrationManager(cluster_secret=SECRET, source_vm=no_source, dest_factory=factory,
+                           data_ssl=tls.server_context(cfg, require_client_cert=True),
+                           **dest_grants())  # type: ignore[arg-type]
+    await mgr.start()
+    src = MemSourceVM(tmp_path / "src", "tv", pages=128)
+    try:
+        ch = await connect("127.0.0.1", mgr.data_port, SECRET, ssl=client("intruder"), server_name=DEST)
+        try:
+            await present_grant(ch, "tv")  # the grant names "src" as the source
+            rec = await ch.recv(timeout=10)
+        finally:
+            await ch.close()
+        assert rec.op == "error" and "'intruder'" in str(rec.ctrl), rec.ctrl
+        assert factory.vms == {} and mgr.statuses == {}
+        _, st = await migrate(src, mgr.data_port, grant=True, tls=client("src"))
+    finally:
+        src.close()
+        await mgr.close()
+    assert st.phase == "completed", st.error

@@ -124,7 +124,7 @@ async def run_source(src: MemSourceVM, dest: DestAgent, mid: str, *, cut_source_
                      url: str | None = None, token: str = TOKEN, **opts: Any
                      ) -> tuple[SourceMigration, MigrationStatus]:
     ch = await connect("127.0.0.1", dest.manager.data_port, SECRET)
-    await present_grant(ch, src.name)
+    await present_grant(ch, src.name, mid)
     if cut_source_on:
         cut_on(ch, cut_source_on)
     o = MigrationOptions.from_dict({"test_digest": True, "in_doubt_timeout_s": 20, **opts})
@@ -242,7 +242,7 @@ async def test_cancel_is_refused_once_go_was_sent(tmp_path: Path, dest: DestAgen
     dest.cut_dest_on = "resumed"
     src = MemSourceVM(tmp_path / "src", "k1", pages=1024)
     ch = await connect("127.0.0.1", dest.manager.data_port, SECRET)
-    await present_grant(ch, "k1")
+    await present_grant(ch, "k1", "doubt-cancel")
     o = MigrationOptions.from_dict({"in_doubt_timeout_s": 20})
     st = MigrationStatus(id="doubt-cancel", vm="k1", role="source")
     mig = SourceMigration(src, ch, st, o, probe=HttpOutcomeProbe(dest.url, TOKEN, st.id, "k1"))
