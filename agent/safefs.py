@@ -37,9 +37,9 @@ def open_regular(path: Path, flags: int, mode: int = 0o600, *,
                  same_as: os.stat_result | None = None) -> int:
     """A descriptor for the regular file ``path`` (``flags`` as for os.open).
 
-    Raises UnsafeFile for a symlink or a non-regular file (a fifo does not
-    block: it is opened O_NONBLOCK, then refused), or, with ``same_as``, for a
-    file that is not that inode. FileNotFoundError passes through."""
+    Raises UnsafeFile for a symlink, a non-regular file (a fifo does not block:
+    it is opened O_NONBLOCK, then refused) or one with more than one hard link,
+    or, with ``same_as``, for a file that is not that inode. FileNotFoundError passes through."""
     try:
         fd = os.open(path, flags | SAFE_FLAGS | os.O_NONBLOCK, mode)
     except OSError as exc:
@@ -52,6 +52,8 @@ def open_regular(path: Path, flags: int, mode: int = 0o600, *,
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _refuse(path, "a non-regular file")
+        if st.st_nlink != 1:  # a hard link QEMU made to a file it could not open itself
+            raise _refuse(path, "a file with other hard links")
         if same_as is not None and (st.st_ino, st.st_dev) != (same_as.st_ino, same_as.st_dev):
             raise _refuse(path, "a file replaced since the agent created it")
         if not flags & os.O_NONBLOCK:

@@ -60,6 +60,11 @@ def test_safe_open_refuses_symlinks_and_fifos(tmp_path: Path, victim: Path) -> N
             open_regular(fifo, flags)
     with pytest.raises(UnsafeFile):
         read_regular(link)
+    hardlink = tmp_path / "vm" / "hardlink"
+    os.link(victim, hardlink)  # QEMU cannot read the victim, but could link it (protected_hardlinks=0)
+    with pytest.raises(UnsafeFile):
+        open_regular(hardlink, os.O_WRONLY | os.O_APPEND)
+    hardlink.unlink()
     assert untouched(victim)
     # a regular file opens, in blocking mode again; another inode under its name is refused
     regular, other = tmp_path / "vm" / "file", tmp_path / "vm" / "other"
