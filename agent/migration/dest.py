@@ -135,7 +135,7 @@ class _Incoming:
         st = self.status
         mm: mmap.mmap | None = None
         try:
-            fd = open_regular(dest.ram_path, os.O_RDWR)  # no symlink, only a regular file
+            fd = open_regular(dest.ram_path, os.O_RDWR, same_as=dest.ram_stat)  # see safefs
             try:
                 mm = mmap.mmap(fd, ram_size, access=mmap.ACCESS_WRITE)
             finally:

@@ -241,7 +241,7 @@ class SourceMigration:
         st.set_phase("prepare")
         size = self.vm.ram_size
         st.pages_total = size // protocol.PAGE
-        fd = open_regular(self.vm.ram_path, os.O_RDONLY)  # no symlink, only a regular file
+        fd = open_regular(self.vm.ram_path, os.O_RDONLY, same_as=self.vm.ram_stat)  # see safefs
         try:
             self._mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         finally:

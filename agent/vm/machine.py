@@ -71,6 +71,7 @@ class VM:
         self.pending = ""  # an operation begun and not finished (one of PENDING), in the record
         self.started_at: float | None = None
         self.incoming = False
+        self.ram_stat: os.stat_result | None = None  # the RAM file this agent created (None: adopted)
         self._proc: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._event_task: asyncio.Task[None] | None = None
@@ -212,7 +213,7 @@ class VM:
     async def _spawn(self, files: QemuFiles, *, incoming: bool, paused: bool) -> subprocess.Popen[bytes]:
         qemu_user = self.images.qemu
         # QEMU maps it; the agent reads it for migration
-        await prepare_ram_file(self.ram_path, self.spec.memory_mb * MIB, qemu_user.share_fd)
+        self.ram_stat = await prepare_ram_file(self.ram_path, self.spec.memory_mb * MIB, qemu_user.share_fd)
         crash_point(f"vm.{self.pending}.ram_file")
         for sock in (self.paths.qmp, self.paths.serial_sock):
             with contextlib.suppress(FileNotFoundError):

@@ -42,7 +42,7 @@ def filesystem_type(path: Path) -> str:
     return kind
 
 
-def _prepare(path: Path, size: int, share: Callable[[int], None]) -> None:
+def _prepare(path: Path, size: int, share: Callable[[int], None]) -> os.stat_result:
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a stale file from an earlier run (its space counts as free)
@@ -59,6 +59,7 @@ def _prepare(path: Path, size: int, share: Callable[[int], None]) -> None:
         share(fd)  # owner and mode on the descriptor: no name to swap in between
         # reserve now: running out later would kill the guest with SIGBUS
         os.posix_fallocate(fd, 0, size)
+        return os.fstat(fd)
     except OSError as exc:
         os.close(fd)
         fd = -1
@@ -72,10 +73,12 @@ def _prepare(path: Path, size: int, share: Callable[[int], None]) -> None:
             os.close(fd)
 
 
-async def prepare_ram_file(path: Path, size: int, share: Callable[[int], None] = lambda fd: None) -> None:
+async def prepare_ram_file(path: Path, size: int,
+                           share: Callable[[int], None] = lambda fd: None) -> os.stat_result:
     """Create ``path`` with ``size`` bytes reserved, or raise InsufficientSpace and leave nothing.
-    ``share(fd)`` sets its owner and mode (``QemuIdentity.share_fd``) before the space is taken."""
-    await asyncio.to_thread(_prepare, path, size, share)
+    ``share(fd)`` sets its owner and mode (``QemuIdentity.share_fd``) before the space is taken.
+    Returns its stat: a later reopen checks it is still this inode (``safefs.open_regular``)."""
+    return await asyncio.to_thread(_prepare, path, size, share)
 
 
 def remove_ram_file(path: Path) -> None:

@@ -119,13 +119,20 @@ async def test_ram_file_is_created_fresh_and_shared_by_descriptor(tmp_path: Path
     ram = tmp_path / "vms" / "g1" / "ram"
     plant_symlink(ram, victim)
     qemu = QemuIdentity(uid=NOBODY, gid=NOBODY, name="nobody")
-    await prepare_ram_file(ram, 2 * MIB, qemu.share_fd)
+    created = await prepare_ram_file(ram, 2 * MIB, qemu.share_fd)
     st = os.lstat(ram)
+    assert (created.st_ino, created.st_dev) == (st.st_ino, st.st_dev)
+    os.close(open_regular(ram, os.O_RDWR, same_as=created))  # what migration reopens
     assert stat.S_ISREG(st.st_mode) and st.st_size == 2 * MIB
     assert st.st_gid == NOBODY and stat.S_IMODE(st.st_mode) == 0o660
     assert untouched(victim)
 
     # what the migration source/destination do before mmap: refuse a swapped name
+    replacement = ram.with_name("other")
+    replacement.write_bytes(b"\0" * 4096)
+    replacement.replace(ram)  # a regular file, but not the agent's
+    with pytest.raises(UnsafeFile):
+        open_regular(ram, os.O_RDWR, same_as=created)
     ram.unlink()
     plant_symlink(ram, victim)
     for flags in (os.O_RDONLY, os.O_RDWR):
