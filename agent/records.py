@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from novacron.agent.safefs import create_new, read_regular
+
 
 class RecordError(ValueError):
     """A record is missing, unreadable, or not what the reader expects."""
@@ -39,7 +41,7 @@ def write_record(path: Path, kind: str, format_: int, doc: dict[str, Any]) -> No
     """Atomically replace ``path`` with ``doc`` (plus ``kind`` and ``format``)."""
     data = json.dumps({"kind": kind, "format": format_, **doc}, indent=1).encode()
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = create_new(tmp, os.O_WRONLY)  # a VM folder is QEMU-writable: no planted symlink
     try:
         view = memoryview(data)
         while view:
@@ -65,7 +67,7 @@ def read_record(path: Path, kind: str, max_format: int) -> dict[str, Any]:
     """The record at ``path``; RecordError if it is absent, damaged or foreign.
     Records written before ``kind`` existed (no such key) are accepted."""
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(read_regular(path))  # neither a planted symlink nor a fifo
     except FileNotFoundError:
         raise RecordError(f"{path}: no record") from None
     except (OSError, ValueError) as exc:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from novacron.agent.api.common import json_error, read_json_object
 from novacron.agent.appkeys import VMS
+from novacron.agent.safefs import UnsafeFile
 from novacron.audit import ACTOR, AUDIT
 from novacron.faults import crash_point
+
+log = logging.getLogger("novacron.agent.api")
 
 ACTIONS = ("start", "stop", "pause", "resume")
 MAX_CONSOLE_INPUT = 1024
@@ -89,7 +94,11 @@ async def console_read(request: web.Request) -> web.Response:
     if not 0 <= offset <= MAX_CONSOLE_OFFSET:
         return json_error(400, f"offset: out of range 0..{MAX_CONSOLE_OFFSET}")
     vm = request.app[VMS].get(request.match_info["name"])
-    data = vm.read_serial(offset, MAX_CONSOLE_OUTPUT)  # a chatty guest's log can be large
+    try:
+        data = vm.read_serial(offset, MAX_CONSOLE_OUTPUT)  # a chatty guest's log can be large
+    except UnsafeFile:  # something (QEMU?) replaced the log with a symlink or fifo
+        log.warning("serial log refused: not a regular file", extra={"vm": vm.name})
+        return json_error(409, "the serial log is not a regular file")
     return web.json_response({"offset": offset, "next_offset": offset + len(data), "text": data.decode(errors="replace")})
 
 

@@ -29,6 +29,7 @@ from novacron.agent.migration.journal import Entry, Journal
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM
 from novacron.agent.qmp import open_unix
+from novacron.agent.safefs import open_regular
 from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver
 
@@ -137,7 +138,7 @@ class _Incoming:
         st = self.status
         mm: mmap.mmap | None = None
         try:
-            fd = os.open(dest.ram_path, os.O_RDWR)
+            fd = open_regular(dest.ram_path, os.O_RDWR, same_as=dest.ram_stat)  # see safefs
             try:
                 mm = mmap.mmap(fd, ram_size, access=mmap.ACCESS_WRITE)
             finally:

@@ -25,6 +25,7 @@ from typing import Any
 from novacron.agent.migration.protocol import RELAY_SOCKET
 from novacron.agent.migration.vmport import AdmissionError
 from novacron.agent.qmp import QMPClient, QMPError
+from novacron.agent.safefs import create_new
 from novacron.agent.vm.accel import AccelUnavailable
 from novacron.agent.vm.errors import VMConflict, VMError
 from novacron.agent.vm.machine import VM
@@ -95,6 +96,7 @@ class QemuSource:
         self.vm = vm
         self.name = vm.name
         self.ram_path = vm.ram_path
+        self.ram_stat = vm.ram_stat
         self.ram_size = vm.spec.memory_mb * MIB
         self.work_dir = vm.paths.dir
 
@@ -155,6 +157,7 @@ class QemuDest:
         self.vm = vm
         self.name = vm.name
         self.ram_path = vm.ram_path
+        self.ram_stat = vm.ram_stat
 
     async def listen_device_state(self) -> str:
         # relative: QEMU runs in the VM folder, whose path may be too long for sun_path
@@ -266,7 +269,14 @@ class QemuDestFactory:
         except BaseException:
             await _discard(vm)
             raise
-        (paths.dir / "incoming.json").write_text(json.dumps({"migration": migration_id, "pid": vm.pid}))
+        # QEMU runs and can write this folder now: a fresh file, never a name it planted
+        try:
+            fd = create_new(paths.dir / "incoming.json", os.O_WRONLY)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"migration": migration_id, "pid": vm.pid}))
+        except OSError as exc:
+            await _discard(vm)
+            raise AdmissionError(f"cannot record the incoming VM: {exc}") from None
         return QemuDest(self.vms, vm)
 
 

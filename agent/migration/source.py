@@ -36,6 +36,7 @@ from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.throttle import Throttle
 from novacron.agent.migration.unixsock import start_unix_server_at
 from novacron.agent.migration.vmport import SourceVM
+from novacron.agent.safefs import open_regular
 from novacron.faults import crash_point
 from novacron.native import (
     Counters,
@@ -240,7 +241,7 @@ class SourceMigration:
         st.set_phase("prepare")
         size = self.vm.ram_size
         st.pages_total = size // protocol.PAGE
-        fd = os.open(self.vm.ram_path, os.O_RDONLY)
+        fd = open_regular(self.vm.ram_path, os.O_RDONLY, same_as=self.vm.ram_stat)  # see safefs
         try:
             self._mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         finally:

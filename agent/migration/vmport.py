@@ -8,6 +8,7 @@ are the seam between the engine and the VM runtime (QEMU via QMP in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,6 +16,9 @@ from typing import Any, Protocol
 class SourceVM(Protocol):
     name: str
     ram_path: Path
+    # the RAM file's inode when the agent created it (None: unknown, e.g. an adopted
+    # VM); the engine reopens ram_path only if it is still that file
+    ram_stat: os.stat_result | None
     ram_size: int
     # The VM's own folder: the engine puts its device-state relay socket here, so
     # nothing outlives the VM (the hypervisor must reach it by this path too).
@@ -51,6 +55,7 @@ class SourceVM(Protocol):
 class DestVM(Protocol):
     name: str
     ram_path: Path
+    ram_stat: os.stat_result | None
 
     async def listen_device_state(self) -> str:
         """Make the paused destination accept device state on a unix socket inside

@@ -27,6 +27,7 @@ from typing import Any
 
 from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, open_unix
 from novacron.agent.records import read_record, write_record
+from novacron.agent.safefs import open_regular, read_regular
 from novacron.agent.vm.errors import VMConflict, VMStartError
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.network import HostNetworks
@@ -70,6 +71,7 @@ class VM:
         self.pending = ""  # an operation begun and not finished (one of PENDING), in the record
         self.started_at: float | None = None
         self.incoming = False
+        self.ram_stat: os.stat_result | None = None  # the RAM file this agent created (None: adopted)
         self._proc: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._event_task: asyncio.Task[None] | None = None
@@ -108,8 +110,7 @@ class VM:
         images = self.images.open(self.spec)
         log_fd = -1
         try:
-            log_fd = os.open(self.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600)
+            log_fd = open_regular(self.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             os.fchmod(log_fd, 0o600)  # the agent's: other VMs' QEMUs cannot open it by name
             taps = self.networks.open_taps(self.spec)
         except BaseException:
@@ -210,14 +211,10 @@ class VM:
         log.info("vm started", extra={"vm": self.name, "pid": self.pid, "accel": self.accel, "incoming": incoming})
 
     async def _spawn(self, files: QemuFiles, *, incoming: bool, paused: bool) -> subprocess.Popen[bytes]:
-        await prepare_ram_file(self.ram_path, self.spec.memory_mb * MIB)
-        crash_point(f"vm.{self.pending}.ram_file")
         qemu_user = self.images.qemu
-        try:
-            qemu_user.share_file(self.ram_path)  # QEMU maps it; the agent reads it for migration
-        except OSError:
-            remove_ram_file(self.ram_path)
-            raise
+        # QEMU maps it; the agent reads it for migration
+        self.ram_stat = await prepare_ram_file(self.ram_path, self.spec.memory_mb * MIB, qemu_user.share_fd)
+        crash_point(f"vm.{self.pending}.ram_file")
         for sock in (self.paths.qmp, self.paths.serial_sock):
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
@@ -225,7 +222,13 @@ class VM:
         drop: dict[str, Any] = {}
         if qemu_user.drops:
             drop = {"user": qemu_user.uid, "group": qemu_user.gid, "extra_groups": list(qemu_user.groups)}
-        with self.paths.qemu_log.open("ab") as qemu_log:
+        # its descriptor becomes QEMU's stdout/stderr: never through a name QEMU planted
+        try:
+            log_fd = open_regular(self.paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        except OSError as exc:
+            remove_ram_file(self.ram_path)
+            raise VMStartError(f"cannot open {self.paths.qemu_log}: {exc.strerror}") from None
+        with os.fdopen(log_fd, "ab") as qemu_log:
             qemu_log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
             qemu_log.flush()
             try:
@@ -373,7 +376,7 @@ class VM:
 
     def _qemu_log_tail(self, limit: int = 400) -> str:
         try:
-            text = self.paths.qemu_log.read_text(errors="replace")
+            text = read_regular(self.paths.qemu_log).decode(errors="replace")
         except OSError:
             return ""
         lines = [ln for ln in text.splitlines() if ln and not ln.startswith("--- ")]
@@ -467,9 +470,7 @@ class VM:
     def read_serial(self, offset: int = 0, limit: int = -1) -> bytes:
         """The serial log from byte ``offset``: at most ``limit`` bytes (-1: to the end)."""
         try:
-            with self.serial_log.open("rb") as f:
-                f.seek(offset)
-                return f.read(limit)
+            return read_regular(self.serial_log, offset, limit)  # refuses a planted symlink/fifo
         except FileNotFoundError:
             return b""
 

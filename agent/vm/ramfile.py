@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from novacron.agent.safefs import create_new
 from novacron.agent.vm.errors import InsufficientSpace
 
 MIB = 1024 * 1024
@@ -40,20 +42,24 @@ def filesystem_type(path: Path) -> str:
     return kind
 
 
-def _prepare(path: Path, size: int) -> None:
+def _prepare(path: Path, size: int, share: Callable[[int], None]) -> os.stat_result:
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a stale file from an earlier run: start from zeroed memory
+        path.unlink()  # a stale file from an earlier run (its space counts as free)
     available = free_bytes(path.parent)
     if available < size:
         raise InsufficientSpace(
             f"not enough space for the RAM file {path}: need {size // MIB} MiB, "
             f"{available // MIB} MiB free"
         )
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    # O_EXCL|O_NOFOLLOW: QEMU can write the folder, so a name it planted since is
+    # refused, not followed; a new file also means zeroed memory
+    fd = create_new(path, os.O_RDWR)
     try:
+        share(fd)  # owner and mode on the descriptor: no name to swap in between
         # reserve now: running out later would kill the guest with SIGBUS
         os.posix_fallocate(fd, 0, size)
+        return os.fstat(fd)
     except OSError as exc:
         os.close(fd)
         fd = -1
@@ -67,9 +73,12 @@ def _prepare(path: Path, size: int) -> None:
             os.close(fd)
 
 
-async def prepare_ram_file(path: Path, size: int) -> None:
-    """Create ``path`` with ``size`` bytes reserved, or raise InsufficientSpace and leave nothing."""
-    await asyncio.to_thread(_prepare, path, size)
+async def prepare_ram_file(path: Path, size: int,
+                           share: Callable[[int], None] = lambda fd: None) -> os.stat_result:
+    """Create ``path`` with ``size`` bytes reserved, or raise InsufficientSpace and leave nothing.
+    ``share(fd)`` sets its owner and mode (``QemuIdentity.share_fd``) before the space is taken.
+    Returns its stat: a later reopen checks it is still this inode (``safefs.open_regular``)."""
+    return await asyncio.to_thread(_prepare, path, size, share)
 
 
 def remove_ram_file(path: Path) -> None:

@@ -33,6 +33,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from novacron.agent.safefs import share_path
+
 log = logging.getLogger("novacron.agent.vm")
 
 SANDBOX_ARGS = ("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
@@ -76,12 +78,17 @@ class QemuIdentity:
             os.chmod(folder, 0o700)
 
     def share_file(self, path: Path) -> None:
-        """A file or socket QEMU opens by name in its folder: root:<qemu group> 0660."""
+        """A file or socket QEMU opens by name in its folder: root:<qemu group> 0660.
+        Never through a symlink: QEMU can write the folder (``safefs``)."""
+        share_path(path, self.gid if self.drops else None, 0o660 if self.drops else 0o600)
+
+    def share_fd(self, fd: int) -> None:
+        """share_file for a file the agent holds open (the RAM file): no name to swap."""
         if self.drops:
-            os.chown(path, -1, self.gid if self.gid is not None else -1)
-            os.chmod(path, 0o660)
+            os.fchown(fd, -1, self.gid if self.gid is not None else -1)
+            os.fchmod(fd, 0o660)
         else:
-            os.chmod(path, 0o600)
+            os.fchmod(fd, 0o600)
 
 
 def qemu_identity(qemu_user: str) -> QemuIdentity:

@@ -43,6 +43,7 @@ class MemSourceVM:
         view[: pages // 2] = rng.integers(0, 256, size=(pages // 2, PAGE), dtype=np.uint8)
         view[pages // 2 : 3 * pages // 4] = 7
         self.ram_path.write_bytes(data.tobytes())
+        self.ram_stat: os.stat_result | None = self.ram_path.stat()
         fd = os.open(self.ram_path, os.O_RDWR)
         self.mm = mmap.mmap(fd, self.ram_size)
         os.close(fd)
@@ -144,6 +145,7 @@ class MemDestVM:
         self.name = name
         self.dir = vm_dir
         self.ram_path = ram_path
+        self.ram_stat: os.stat_result | None = ram_path.stat()
         self.device_state = bytearray()
         self._server: asyncio.AbstractServer | None = None
         self._loaded = asyncio.Event()
