@@ -14,6 +14,7 @@ from novacron import audit, httpjson
 from novacron.agent.qmp import QMPClosedError, QMPError, QMPTimeoutError
 from novacron.agent.vm.errors import VMError
 from novacron.agent.vm.spec import SpecError
+from novacron.connlimits import LogLimiter
 
 log = logging.getLogger("novacron.agent.api")
 
@@ -69,6 +70,7 @@ def _grant_may_read(request: web.Request, given: str) -> bool:
 
 def auth_middleware(token: str) -> Any:
     expected = f"Bearer {token}".encode()
+    refusals = LogLimiter(log)  # one line per 10 s: a flood of bad tokens must not flood the log
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -77,7 +79,8 @@ def auth_middleware(token: str) -> Any:
             if _grant_may_read(request, given):
                 return await handler(request)  # a migration's source reading its outcome here
             if not token or not hmac.compare_digest(given.encode(), expected):
-                log.warning("request refused: bad token", extra={"path": request.path, "remote": request.remote})
+                refusals.warning("refused", "request refused: bad token", path=request.path,
+                                 remote=request.remote)
                 return json_error(401, "missing or invalid bearer token")
             audit.set_actor(request, actor_of(request))
         return await handler(request)

@@ -23,11 +23,11 @@ from cryptography.x509.oid import NameOID
 
 from novacron import pki
 from novacron.agent.channel import AuthError, ChannelClosed, connect
-from novacron.agent.local import LocalAgent
+from novacron.agent.local import LocalAgent, local_grants
 from novacron.cli.main import main as cli_main
 from novacron.coordinator.client import CoordinatorClient
 from novacron.coordinator.local import LocalCoordinator
-from novacron.grants import GrantSigner
+from novacron.grants import GrantSigner, GrantVerifier
 from novacron.tls import client_context
 
 
@@ -358,7 +358,9 @@ async def test_agent_refuses_unauthorised_targets_and_grants(tmp_path: Path) -> 
         probe = {"Authorization": f"Grant {good}"}
         async with aiohttp.ClientSession() as s:
             for path, want in [("/v1/vms/v", 404), ("/v1/vms/other", 401), ("/v1/host", 401),
-                               ("/v1/migrations/none", 404)]:
+                               ("/v1/migrations/none", 401),  # not the granted migration
+                               (f"/v1/migrations/{GrantVerifier(local_grants().public_key).verify(good).migration}",
+                                404)]:
                 async with s.get(b.url + path, headers=probe) as resp:
                     assert resp.status == want, (path, resp.status)
             async with s.delete(b.url + "/v1/vms/v", headers=probe) as resp:
