@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,16 @@ def assert_cleaned_up(out: str) -> None:
             break
         time.sleep(0.1)
     assert not leftover, f"processes left running: {leftover}"
+
+
+@pytest.fixture(autouse=True)
+def no_strays(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test asserts about clean-up, nothing it started outlives it (a failed
+    run once left the demo's coordinator running for hours)."""
+    yield
+    for pid in processes_mentioning(str(tmp_path)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def kill_group(proc: subprocess.Popen[str]) -> None:
