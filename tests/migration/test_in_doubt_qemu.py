@@ -46,7 +46,7 @@ async def test_answer_lost_after_go_commits_through_the_api(tmp_path: Path) -> N
                                          target=dst.name, url=dst.url, data_host="127.0.0.1",
                                          data_port=dst.data_port)
             await ch.send_ctrl({"op": "grant", "grant": grant})  # as a source agent does
-            st = MigrationStatus(id="doubt-qemu", vm="doubt", role="source")
+            st = MigrationStatus(id="m-doubt", vm="doubt", role="source")  # the granted id
             send = ch.send_ctrl
 
             async def send_ctrl(msg: dict[str, Any], timeout: float = 60.0) -> None:
