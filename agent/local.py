@@ -60,7 +60,7 @@ def _agent_command() -> list[str]:
     return [sys.executable, "-m", "novacron.agent.main"]
 
 
-def _state_parent() -> str | None:
+def state_parent() -> str | None:
     """/dev/shm when it is a roomy tmpfs (guest RAM files belong in memory, as on a
     real host), else the default temp dir."""
     shm = Path("/dev/shm")
@@ -110,7 +110,7 @@ class LocalAgent:
         self.token = token or secrets.token_urlsafe(24)
         self.cluster_secret = cluster_secret or secrets.token_urlsafe(32)
         self._own_state_dir = state_dir is None
-        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix=f"nc-{self.name}-", dir=_state_parent()))
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix=f"nc-{self.name}-", dir=state_parent()))
         self._requested_data_port = data_port
         self.data_port = data_port
         self.accel = accel
