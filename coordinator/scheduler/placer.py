@@ -126,6 +126,40 @@ async def save_policy(store: Store, enabled: bool, policy: BanditPolicy) -> None
     await store.put_doc(*POLICY_DOC, {"enabled": enabled, "state": policy.to_json()})
 
 
+PREFERENCE_KEYS = ("priority", "region", "max_latency_ms", "affinity", "anti_affinity",
+                   "anti_affinity_scope")
+
+
+def request_doc(spec: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler's request document for a VM spec (with its placement preferences)."""
+    doc = {"id": spec.get("name", "(new)"), "vcpus": spec.get("vcpus"),
+           "memory_mib": spec.get("memory_mb")}
+    doc.update({k: spec[k] for k in PREFERENCE_KEYS if k in spec})
+    return doc
+
+
+async def choose_target(store: Store, vm: VM) -> tuple[str | None, str]:
+    """Where a running VM should move (never its own host, nor one in maintenance or
+    down, nor one lacking its networks): (host or None, the scheduler's reason).
+    VMs on their way to a host already count there."""
+    hosts = await store.list_hosts()
+    fleet = build_fleet(hosts, await store.list_vms(), await load_attrs(store))
+    for mig in await store.active_migrations():
+        if mig.vm != vm.name and mig.vm in fleet.vms and mig.target in fleet.index:
+            fleet.move(mig.vm, fleet.index[mig.target])
+    if vm.name in fleet.vms:
+        fleet.remove(vm.name)
+    if vm.host in fleet.index:
+        fleet.set_enabled(vm.host, False)
+    try:
+        req = dataclasses.replace(parse_request(request_doc({**vm.spec, "name": vm.name})),
+                                  networks=spec_networks(vm.spec))
+    except SchedulerInputError as exc:
+        return None, f"its spec is not placeable: {exc}"
+    d = Scheduler(fleet).decide(req)
+    return d.host, str(d.explanation.get("why", ""))
+
+
 class SchedulerPlacer:
     """Callable with the coordinator's ``Placer`` shape: (spec, hosts, vms) -> host or None.
 
@@ -142,12 +176,7 @@ class SchedulerPlacer:
     async def __call__(self, spec: dict[str, Any], hosts: list[StoreHost],
                        vms: list[VM]) -> StoreHost | None:
         fleet = build_fleet(hosts, vms, await load_attrs(self.store))
-        doc = {"id": spec.get("name", "(new)"), "vcpus": spec.get("vcpus"),
-               "memory_mib": spec.get("memory_mb")}
-        for key in ("priority", "region", "max_latency_ms", "affinity", "anti_affinity",
-                    "anti_affinity_scope"):
-            if key in spec:
-                doc[key] = spec[key]
+        doc = request_doc(spec)
         async with self._lock:
             try:
                 req = dataclasses.replace(parse_request(doc), networks=spec_networks(spec))
