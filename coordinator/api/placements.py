@@ -93,6 +93,13 @@ REBALANCE_REQUEST: dict[str, Any] = {
         "max_parallel": {"type": "integer", "minimum": 1, "maximum": MAX_PARALLEL,
                          "description": "with apply: moves at once (default: the coordinator's "
                          "migration_limit_outbound)"},
+        "expect": {"type": "array", "maxItems": 10_000,
+                   "description": "with apply: the moves of the plan the caller saw; if the "
+                   "plan is different now, 409 and nothing starts",
+                   "items": {"type": "object", "additionalProperties": False,
+                             "required": ["vm", "source", "target"],
+                             "properties": {"vm": schemas.NAME, "source": schemas.NAME,
+                                            "target": schemas.NAME}}},
     },
 }
 REBALANCE_RESPONSE: dict[str, Any] = {
@@ -155,10 +162,11 @@ async def dry_run(request: web.Request) -> web.Response:
 
 @routes.post("/rebalance/plan", "Propose migrations that free hosts or relieve hot ones "
              "(changes nothing); with apply=true also start them", request=REBALANCE_REQUEST,
-             response=REBALANCE_RESPONSE, errors=(400,))
+             response=REBALANCE_RESPONSE, errors=(400, 409))
 async def rebalance_plan(request: web.Request) -> web.Response:
     body = dict(json_body(request) or {})
     apply = bool(body.pop("apply", False))
+    expect = body.pop("expect", None)
     max_parallel = int(body.pop("max_parallel", request.app[CONFIG].migration_limit_outbound))
     # the rest is exactly RebalanceOptions' fields; check them before loading the fleet
     try:
@@ -166,6 +174,12 @@ async def rebalance_plan(request: web.Request) -> web.Response:
         result = plan(await _fleet(request), opts).to_dict()
     except SchedulerInputError as exc:
         raise ApiError(400, str(exc)) from None
+    if expect is not None and not apply:
+        raise ApiError(400, "body.expect: only with apply=true")
+    if expect is not None and expect != [{k: m[k] for k in ("vm", "source", "target")}
+                                         for m in result["moves"]]:
+        raise ApiError(409, "the plan changed since it was shown (VMs or hosts changed): "
+                       "nothing started; look at the new plan and apply again")
     if apply:  # the same machinery as a drain: limits, queueing, a report per VM
         result["drain"] = await request.app[DRAINS].apply(result["moves"], max_parallel)
     return web.json_response(result)
