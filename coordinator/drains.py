@@ -31,7 +31,7 @@ from typing import Any
 
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.config import CoordinatorConfig
-from novacron.coordinator.migration_queue import QUEUED
+from novacron.coordinator.migration_queue import QUEUED, Slots, running
 from novacron.coordinator.migrations import MigrationManager
 from novacron.coordinator.models import HOST_UP
 from novacron.coordinator.scheduler.placer import choose_target, set_maintenance
@@ -197,10 +197,10 @@ class DrainManager:
             return None
         target = entry["target"]
         if target is None:
-            target, why = await choose_target(self.store, vm)
+            target, why = await choose_target(self.store, vm, await self._busy_targets())
             if target is None:
                 await self._set(doc, entry, state="failed",
-                                error=f"no host can take it ({why}); it stays on {vm.host}")
+                                error=f"no host can take it: {why}; it stays on {vm.host}")
                 return None
         try:
             mig = await self.migrations.start(vm.name, target, {})
@@ -211,6 +211,11 @@ class DrainManager:
         await self._set(doc, entry, target=target, migration=mig.id,
                         state="queued" if mig.phase == QUEUED else "migrating")
         return mig.id
+
+    async def _busy_targets(self) -> set[str]:
+        """Hosts receiving as many migrations as the inbound limit allows."""
+        slots = Slots(self.migrations.limits, running(await self.store.active_migrations()))
+        return {h for h, n in slots.into.items() if n >= self.migrations.limits.inbound_per_host}
 
     async def _follow(self, doc: dict[str, Any], entry: dict[str, Any]) -> None:
         deadline = time.monotonic() + self.cfg.migration_timeout_s * 2  # queue time + run time

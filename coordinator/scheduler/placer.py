@@ -138,10 +138,11 @@ def request_doc(spec: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-async def choose_target(store: Store, vm: VM) -> tuple[str | None, str]:
+async def choose_target(store: Store, vm: VM, busy: Iterable[str] = ()) -> tuple[str | None, str]:
     """Where a running VM should move (never its own host, nor one in maintenance or
-    down, nor one lacking its networks): (host or None, the scheduler's reason).
-    VMs on their way to a host already count there."""
+    down, nor one lacking its networks): (host or None, why not). VMs on their way to a
+    host already count there. Hosts in ``busy`` (no free inbound migration slot) are
+    chosen only when no other host fits: the move would wait in the queue."""
     hosts = await store.list_hosts()
     fleet = build_fleet(hosts, await store.list_vms(), await load_attrs(store))
     for mig in await store.active_migrations():
@@ -151,13 +152,27 @@ async def choose_target(store: Store, vm: VM) -> tuple[str | None, str]:
         fleet.remove(vm.name)
     if vm.host in fleet.index:
         fleet.set_enabled(vm.host, False)
+    networks = spec_networks(vm.spec)
     try:
         req = dataclasses.replace(parse_request(request_doc({**vm.spec, "name": vm.name})),
-                                  networks=spec_networks(vm.spec))
+                                  networks=networks)
     except SchedulerInputError as exc:
         return None, f"its spec is not placeable: {exc}"
+    enabled = fleet.enabled.copy()
+    for name in busy:
+        if name in fleet.index:
+            fleet.set_enabled(name, False)
     d = Scheduler(fleet).decide(req)
-    return d.host, str(d.explanation.get("why", ""))
+    if d.host is None:
+        fleet.enabled[:] = enabled
+        d = Scheduler(fleet).decide(req)
+    if d.host is not None:
+        return d.host, str(d.explanation.get("why", ""))
+    others = [h for h in hosts if h.name != vm.host and h.state == HOST_UP]
+    if networks and not any(set(networks) <= set(h.networks) for h in others):
+        return None, f"no other up host has the network(s) {', '.join(networks)}"
+    why = str(d.explanation.get("why", "")).removeprefix("no host can take this VM; ")
+    return None, why
 
 
 class SchedulerPlacer:
