@@ -147,12 +147,8 @@ def print_plan(plan: dict[str, Any], console: Console, *, applying: bool) -> Non
         table.add_row(m["vm"], m["source"], m["target"], m["reason"],
                       human_bytes(m["memory_mib"] << 20), f"{m['est_seconds']:.1f} s")
     console.print(table)
-    freed = plan["hosts_freed"]
-    # NovaCron never powers hosts on or off: a freed host is empty, the rest is the operator's
-    console.print(f"empties {', '.join(freed) or 'no host'}; relieves "
-                  f"{', '.join(plan['hot_relieved']) or 'no host'}"
-                  + (f"; the emptied hosts' cost_per_hour adds up to {plan['hourly_saving']:.2f} "
-                     "(the unit you set cost_per_hour in) per hour while they are switched off"
-                     if freed else "")
-                  + (" (capped: more moves were possible)" if plan["capped"] else ""),
-                  highlight=False, soft_wrap=True)
+    console.print(f"frees {', '.join(plan['hosts_freed']) or 'no host'}; relieves "
+                  f"{', '.join(plan['hot_relieved']) or 'no host'}; the freed hosts' cost_per_hour "
+                  f"sums to {plan['hourly_saving']:.2f} per hour (in the unit of cost_per_hour) "
+                  "once they are empty and you power them off"
+                  + (" (capped: more moves were possible)" if plan["capped"] else ""))
