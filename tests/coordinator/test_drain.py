@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from novacron.coordinator.api.keys import STORE
+from novacron.coordinator.client import CoordinatorClient
+from novacron.coordinator.local import LocalCoordinator
 from tests.coordinator.conftest import (
     BACKENDS,
     Coordinator,
@@ -19,8 +22,9 @@ from tests.coordinator.conftest import (
     start_coordinator,
     stop_coordinator,
 )
-from tests.coordinator.fake_agent import FakeAgent, serving
+from tests.coordinator.fake_agent import FakeAgent, register_all, serving
 from tests.coordinator.test_api import vm_spec
+from tests.coordinator.test_cli import cli, cli_env
 
 LIMITS = {"migration_limit_outbound": 2, "migration_limit_inbound": 2, "migration_limit_fleet": 3}
 
@@ -243,3 +247,79 @@ async def test_queued_migration_survives_a_coordinator_restart(
             assert (await c.call("GET", "/vms/v2"))[1]["host"] == "beta"
         finally:
             await stop_coordinator(c)
+
+
+async def test_drain_of_a_down_host_and_a_changed_rebalance_plan_are_refused(
+        fleet: tuple[Coordinator, list[FakeAgent]]) -> None:
+    c, _fakes = fleet
+    await create(c, "v1", "alpha")
+    await create(c, "v2", "beta")
+    await create(c, "v3", "beta")
+    store = c.server.app[STORE]
+    gamma = await store.get_host("gamma")
+    assert gamma is not None
+    gamma.state = "down"
+    await store.put_host(gamma)
+    status, doc = await c.call("POST", "/hosts/gamma/drain", json={})
+    assert status == 409 and "is down" in doc["error"], doc
+    assert (await c.call("GET", "/hosts/gamma"))[1]["maintenance"] is False
+
+    plan = (await c.call("POST", "/rebalance/plan", json={}))[1]
+    assert [(m["vm"], m["target"]) for m in plan["moves"]] == [("v1", "beta")], plan
+    seen = [{"vm": "v1", "source": "alpha", "target": "gamma"}]  # not what the plan says now
+    status, doc = await c.call("POST", "/rebalance/plan", json={"apply": True, "expect": seen})
+    assert status == 409 and "plan changed" in doc["error"], doc
+    status, doc = await c.call("POST", "/rebalance/plan", json={"expect": seen})
+    assert status == 400 and "only with apply" in doc["error"], doc
+    status, doc = await c.call("POST", "/rebalance/plan", json={"apply": True, "max_parallel": 0})
+    assert status == 400 and "max_parallel" in doc["error"], doc
+    assert (await c.call("GET", "/drains"))[1]["drains"] == []
+    assert (await c.call("GET", "/migrations"))[1]["migrations"] == []
+
+    expect = [{k: m[k] for k in ("vm", "source", "target")} for m in plan["moves"]]
+    status, doc = await c.call("POST", "/rebalance/plan", json={"apply": True, "expect": expect})
+    assert status == 200 and doc["drain"]["kind"] == "rebalance", doc
+
+    async def ended() -> Any:
+        run = (await c.call("GET", f"/drains/{doc['drain']['id']}"))[1]
+        return run if run["state"] != "running" else None
+
+    run = await until("the rebalance run ended", ended)
+    assert run["state"] == "done" and run["host"] is None
+    assert (await c.call("GET", "/vms/v1"))[1]["host"] == "beta"
+
+
+@pytest.mark.e2e
+async def test_cli_drain_no_wait_show_list_and_rebalance_needs_yes(tmp_path: Path) -> None:
+    fakes = [FakeAgent(n, f"tok-{n}-" + secrets.token_hex(8)) for n in ("alpha", "beta")]
+    async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord, \
+            serving(*fakes):
+        async with CoordinatorClient(coord.url, coord.admin_token) as client:
+            await register_all(client, fakes, coord.agent_token)
+            for name in ("web", "db"):
+                await client.create_vm({**vm_spec(name, memory_mb=64), "host": "alpha"})
+        env = cli_env(coord, tmp_path, COLUMNS="120")
+        code, out, err = await cli(env, "host", "drain", "alpha", "--no-wait")
+        drain_id = out.strip()
+        assert code == 0 and drain_id.startswith("d-") and len(out.splitlines()) == 1, out + err
+        code, out, err = await cli(env, "drain", "show", drain_id, "--follow")
+        assert code == 0, out + err
+        assert "drain of alpha " + drain_id + ": 2 of 2 VMs moved" in " ".join(out.split()), out
+        code, out, err = await cli(env, "drain", "list")
+        assert code == 0 and drain_id in out and "2/2" in out, out + err
+        code, out, err = await cli(env, "host", "show", "alpha")
+        assert code == 0 and "maintenance" in out, out + err
+        code, out, err = await cli(env, "host", "drain", "nope")
+        assert code == 1 and err.strip() == "novacron: error: no host named 'nope' (HTTP 404)", err
+        code, out, err = await cli(env, "host", "drain", "alpha", "--max-parallel", "0")
+        assert code == 1 and "--max-parallel" in err, err
+        # alpha is empty and in maintenance; beta holds both: bring one back to have a plan
+        code, out, err = await cli(env, "host", "maintenance", "alpha", "off")
+        assert code == 0, err
+        code, out, err = await cli(env, "migrate", "web", "--to", "alpha")
+        assert code == 0, out + err
+        code, out, err = await cli(env, "rebalance", "--apply")  # no terminal to ask on
+        assert code == 1 and "add --yes" in err and "Rebalancing plan" in out, out + err
+        async with CoordinatorClient(coord.url, coord.admin_token) as client:
+            assert (await client.vm("web"))["host"] == "alpha"  # nothing moved
+            assert len((await client.request("GET", "/drains"))["drains"]) == 1
