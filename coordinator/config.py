@@ -59,6 +59,12 @@ class CoordinatorConfig:
     poll_interval_s: float = setting(0.25, help="seconds between polls of a running migration's status")
     migration_timeout_s: float = setting(3600.0, help="seconds after which an unfinished migration "
                                          "is failed")
+    migration_limit_outbound: int = setting(2, help="migrations one host may send at once; more "
+                                            "are queued (phase 'queued') and start when one ends")
+    migration_limit_inbound: int = setting(2, help="migrations one host may receive at once; more "
+                                           "are queued")
+    migration_limit_fleet: int = setting(8, help="migrations the whole fleet may run at once; more "
+                                         "are queued")
     audit_file: Path | None = setting(None, help="append-only audit log (empty: <data_dir>/audit.log)")
     audit_fsync: bool = setting(False, help="fsync each audit line before replying (survives power loss)")
     reconcile_interval_s: float = setting(30.0, help="seconds between checks of VM records against "
@@ -105,6 +111,9 @@ def check_config(cfg: CoordinatorConfig) -> None:
         raise Invalid("database_url", "must be a postgresql:// URL (empty: SQLite in data_dir)")
     if not 1 <= cfg.max_pending_heartbeats <= 1_000_000:
         raise Invalid("max_pending_heartbeats", "must be 1..1000000")
+    for key in ("migration_limit_outbound", "migration_limit_inbound", "migration_limit_fleet"):
+        if not 1 <= getattr(cfg, key) <= 10_000:
+            raise Invalid(key, "must be 1..10000")
     if not 1 <= cfg.database_pool_size <= 1000:
         raise Invalid("database_pool_size", "must be 1..1000")
     if not cfg.lease_ttl_s >= 1:

@@ -43,7 +43,7 @@ class CoordinatorMetrics:
         self.migrations = Counter("novacron_migrations", "Migrations ended, by result",
                                   ["result"], registry=r)
         self.migration_duration = Histogram(
-            "novacron_migration_duration_seconds", "Whole migrations, request to end", ["result"],
+            "novacron_migration_duration_seconds", "Whole migrations, start (out of the queue) to end", ["result"],
             buckets=SECONDS, registry=r)
         self.migration_phase = Histogram(
             "novacron_migration_phase_duration_seconds", "Time migrations spent in each phase "
@@ -62,7 +62,8 @@ class CoordinatorMetrics:
         m = mig.metrics if isinstance(mig.metrics, dict) else {}
         self.migrations.labels(mig.phase).inc()
         if mig.finished_at is not None:
-            self.migration_duration.labels(mig.phase).observe(max(0.0, mig.finished_at - mig.created_at))
+            started = mig.started_at or mig.created_at  # time in the queue is not migrating
+            self.migration_duration.labels(mig.phase).observe(max(0.0, mig.finished_at - started))
         phases = m.get("phase_seconds")
         if isinstance(phases, dict):
             for phase, seconds in phases.items():

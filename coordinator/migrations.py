@@ -26,12 +26,13 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from novacron.coordinator import migration_queue
 from novacron.coordinator.agent_client import AgentClient, AgentError
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
 from novacron.coordinator.metrics import CoordinatorMetrics
-from novacron.coordinator.models import HOST_UP, Migration, spec_networks
+from novacron.coordinator.models import HOST_UP, VM, Host, Migration, spec_networks
 from novacron.coordinator.reconcile import Reconciler
 from novacron.coordinator.scheduler.placer import host_in_maintenance
 from novacron.coordinator.store import Store
@@ -73,6 +74,10 @@ class MigrationManager:
         self._starting: set[asyncio.Task[Migration]] = set()
         self._lock = asyncio.Lock()
         self._adopter: asyncio.Task[None] | None = None
+        self._dispatching: asyncio.Task[None] | None = None
+        self._dispatch_again = False
+        self.limits = migration_queue.Limits(cfg.migration_limit_outbound,
+                                             cfg.migration_limit_inbound, cfg.migration_limit_fleet)
 
     async def _hold(self, mig_id: str) -> bool:
         """Take or renew the lease that makes us ``mig_id``'s one follower."""
@@ -101,49 +106,75 @@ class MigrationManager:
     async def _start(self, vm_name: str, target: str, options: dict[str, Any],
                      force: bool = False) -> Migration:
         async with self._lock:  # one check-then-start at a time: no two migrations of one VM
-            vm = await self.store.get_vm(vm_name)
-            if vm is None:
-                raise ApiError(404, f"no VM named {vm_name!r}")
-            if vm.state != "running":
-                raise ApiError(409, f"VM {vm_name!r} is {vm.state}, not running")
-            if vm.host == target:
-                raise ApiError(409, f"VM {vm_name!r} is already on host {target!r}")
-            src = await self.store.get_host(vm.host)
-            dst = await self.store.get_host(target)
-            if dst is None:
-                raise ApiError(404, f"no host named {target!r}")
-            if dst.state != HOST_UP:
-                raise ApiError(409, f"target host {target!r} is down")
-            if not force and await host_in_maintenance(self.store, target):
-                raise ApiError(409, f"target host {target!r} is in maintenance (force=true, "
-                               "novacron migrate --force, to move the VM there anyway)")
-            if src is None or src.state != HOST_UP:
-                raise ApiError(409, f"source host {vm.host!r} is down")
-            if not dst.data_port:
-                raise ApiError(409, f"target host {target!r} reported no migration data port")
-            missing = [n for n in spec_networks(vm.spec) if n not in dst.networks]
-            if missing:
-                raise ApiError(409, f"target host {target!r} lacks the network(s) {', '.join(missing)} "
-                                    f"that VM {vm_name!r} joins (it has: {', '.join(dst.networks) or 'none'})")
-            for other in await self.store.active_migrations():
+            vm, src, dst = await self._check(vm_name, target, force)
+            active = await self.store.active_migrations()
+            for other in active:
                 if other.vm == vm_name:
-                    raise ApiError(409, f"VM {vm_name!r} is already migrating ({other.id})")
+                    raise ApiError(409, f"VM {vm_name!r} is already migrating ({other.id}, "
+                                   f"{other.phase})")
             now = time.time()
             mig = Migration(id="m-" + secrets.token_hex(6), vm=vm_name, source=src.name,
                             target=dst.name, options=options, created_at=now, updated_at=now)
-            await self._hold(mig.id)  # a new name: ours before any other coordinator sees it
-            vm.state, vm.updated_at = "migrating", now
-            # The lock above covers this coordinator; the compare-and-set covers the others.
-            if not await self.store.put_vm_if(vm, "running"):
-                await self.store.release_lease(lease_name(mig.id), self.holder)
-                raise ApiError(409, f"VM {vm_name!r} changed meanwhile (another coordinator "
-                               "is migrating it?)")
-            try:
-                await self.store.put_migration(mig)
-            except BaseException:
-                vm.state = "running"
-                await self.store.put_vm_if(vm, "migrating")
-                raise
+            wait = migration_queue.wait_reason(self.limits, active, mig)
+            if wait is not None:  # over a limit: recorded, started by dispatch() when a slot frees
+                mig.phase, mig.queue_reason = migration_queue.QUEUED, wait
+                await self._save(mig)
+                log.info("migration queued", extra={"migration": mig.id, "vm": vm_name,
+                                                    "source": src.name, "target": dst.name,
+                                                    "why": wait})
+                return mig
+            await self._claim(mig, vm)
+        return await self._launch(mig, src, dst)
+
+    async def _check(self, vm_name: str, target: str, force: bool) -> tuple[VM, Host, Host]:
+        """The VM and both hosts, if the VM may move to ``target`` now; else ApiError."""
+        vm = await self.store.get_vm(vm_name)
+        if vm is None:
+            raise ApiError(404, f"no VM named {vm_name!r}")
+        if vm.state != "running":
+            raise ApiError(409, f"VM {vm_name!r} is {vm.state}, not running")
+        if vm.host == target:
+            raise ApiError(409, f"VM {vm_name!r} is already on host {target!r}")
+        src = await self.store.get_host(vm.host)
+        dst = await self.store.get_host(target)
+        if dst is None:
+            raise ApiError(404, f"no host named {target!r}")
+        if dst.state != HOST_UP:
+            raise ApiError(409, f"target host {target!r} is down")
+        if not force and await host_in_maintenance(self.store, target):
+            raise ApiError(409, f"target host {target!r} is in maintenance (force=true, "
+                           "novacron migrate --force, to move the VM there anyway)")
+        if src is None or src.state != HOST_UP:
+            raise ApiError(409, f"source host {vm.host!r} is down")
+        if not dst.data_port:
+            raise ApiError(409, f"target host {target!r} reported no migration data port")
+        missing = [n for n in spec_networks(vm.spec) if n not in dst.networks]
+        if missing:
+            raise ApiError(409, f"target host {target!r} lacks the network(s) {', '.join(missing)} "
+                                f"that VM {vm_name!r} joins (it has: {', '.join(dst.networks) or 'none'})")
+        return vm, src, dst
+
+    async def _claim(self, mig: Migration, vm: VM) -> None:
+        """Take the migration's lease, mark the VM migrating and store the record (pending)."""
+        await self._hold(mig.id)  # ours before any other coordinator acts on it
+        now = time.time()
+        mig.phase, mig.queue_reason, mig.started_at = "pending", None, now
+        vm.state, vm.updated_at = "migrating", now
+        # The lock of the caller covers this coordinator; the compare-and-set covers the others.
+        if not await self.store.put_vm_if(vm, "running"):
+            await self.store.release_lease(lease_name(mig.id), self.holder)
+            raise ApiError(409, f"VM {vm.name!r} changed meanwhile (another coordinator "
+                           "is migrating it?)")
+        try:
+            await self.store.put_migration(mig)
+        except BaseException:
+            vm.state = "running"
+            await self.store.put_vm_if(vm, "migrating")
+            raise
+
+    async def _launch(self, mig: Migration, src: Host, dst: Host) -> Migration:
+        """Hand a claimed migration to the source agent and follow it."""
+        vm_name = mig.vm
         crash_point("migration.start.recorded")
         # The source gets the coordinator's grant, never the destination's credential; the
         # destination's addresses in it come from our registry, never from a caller. The
@@ -151,7 +182,7 @@ class MigrationManager:
         grant = self.grants.issue(migration=mig.id, vm=vm_name, source=src.name, target=dst.name,
                                   url=dst.url, data_host=urlsplit(dst.url).hostname or "",
                                   data_port=dst.data_port or 0)
-        request = {"vm": vm_name, "grant": grant, "options": options}  # the grant names mig.id
+        request = {"vm": vm_name, "grant": grant, "options": mig.options}  # the grant names mig.id
         try:
             reply = await self.agents.call(src.name, src.url, src.token, "POST", "/v1/migrations",
                                            request)
@@ -179,12 +210,79 @@ class MigrationManager:
         self._follow(mig)
         return mig
 
+    # -- the queue -----------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Look at the queue soon (a slot may have freed); one look at a time."""
+        if self._dispatching is None or self._dispatching.done():
+            self._dispatching = asyncio.create_task(self._dispatch_logged(), name="migration-queue")
+        else:
+            self._dispatch_again = True
+
+    async def _dispatch_logged(self) -> None:
+        while True:
+            self._dispatch_again = False
+            try:
+                await self.dispatch()
+            except Exception as exc:
+                log.warning("starting queued migrations failed", extra={"error": str(exc)})
+            if not self._dispatch_again:
+                return
+
+    async def dispatch(self) -> list[str]:
+        """Start the queued migrations the limits admit now, oldest first; a queued one
+        whose VM or hosts no longer allow the move fails (the VM stays where it runs).
+        Any coordinator may start a queued migration: the one that takes its lease."""
+        launches: list[tuple[Migration, Host, Host]] = []
+        async with self._lock:
+            active = await self.store.active_migrations()
+            admitted, waiting = migration_queue.admit(self.limits, active)
+            for mig in admitted:
+                if not await self._hold(mig.id):
+                    continue  # another coordinator is starting (or cancelling) it
+                fresh = await self.store.get_migration(mig.id)
+                if fresh is None or fresh.phase != migration_queue.QUEUED:
+                    await self.store.release_lease(lease_name(mig.id), self.holder)
+                    continue
+                try:
+                    # maintenance was checked (or forced) when it was asked for
+                    vm, src, dst = await self._check(fresh.vm, fresh.target, force=True)
+                    if vm.host != fresh.source:
+                        raise ApiError(409, f"VM {vm.name!r} is on {vm.host} now")
+                    await self._claim(fresh, vm)
+                except ApiError as exc:
+                    await self._finish(fresh, "failed", error=f"not started from the queue: "
+                                       f"{exc.message}")
+                    continue
+                launches.append((fresh, src, dst))
+            for mig in active:  # keep each waiting record's reason current
+                why = waiting.get(mig.id)
+                if why is not None and why != mig.queue_reason:
+                    mig.queue_reason = why
+                    await self._save(mig)
+        for mig, src, dst in launches:
+            task = asyncio.create_task(self._launch(mig, src, dst), name=f"start-{mig.vm}")
+            self._starting.add(task)
+            task.add_done_callback(self._started)
+        return [m.id for m, _s, _d in launches]
+
     async def cancel(self, mig_id: str) -> Migration:
         mig = await self.store.get_migration(mig_id)
         if mig is None:
             raise ApiError(404, f"no migration {mig_id!r}")
         if mig.done:
             raise ApiError(409, f"migration {mig_id} already {mig.phase}")
+        if mig.phase == migration_queue.QUEUED:
+            async with self._lock:  # not while our dispatch starts it
+                if not await self._hold(mig_id):
+                    raise ApiError(409, f"migration {mig_id} is being started by another "
+                                   "coordinator; cancel it again")
+                fresh = await self.store.get_migration(mig_id)
+                if fresh is not None and fresh.phase == migration_queue.QUEUED:
+                    await self._finish(fresh, "cancelled", error="cancelled while queued")
+                    return fresh
+                await self.store.release_lease(lease_name(mig_id), self.holder)
+            return await self.cancel(mig_id)  # it started meanwhile: cancel it at the agent
         src = await self.store.get_host(mig.source)
         if src is None or mig.agent_migration_id is None:
             await self._finish(mig, "cancelled", error="cancelled before the agent started it")
@@ -203,16 +301,19 @@ class MigrationManager:
         cut short is asked for under the id the agent was given; if the source agent
         does not know it, the VMs show how it ended."""
         await self.adopt()
+        await self.dispatch()
         if self._adopter is None:
             self._adopter = asyncio.create_task(self._adopt_loop(), name="migration-adopter")
 
     async def adopt(self) -> list[str]:
         adopted = []
         for mig in await self.store.active_migrations():
+            if mig.phase == migration_queue.QUEUED:
+                continue  # not started: dispatch() starts it when a slot frees
             if mig.id in self._tasks or not await self._hold(mig.id):
                 continue  # ours already, or another live coordinator follows it
             fresh = await self.store.get_migration(mig.id)  # its follower may just have saved it
-            if fresh is None or fresh.done:
+            if fresh is None or fresh.done or fresh.phase == migration_queue.QUEUED:
                 await self.store.release_lease(lease_name(mig.id), self.holder)
                 continue
             adopted.append(mig.id)
@@ -229,6 +330,7 @@ class MigrationManager:
                 await self.adopt()
             except Exception as exc:
                 log.warning("looking for unfollowed migrations failed", extra={"error": str(exc)})
+            self.kick()  # slots freed by other coordinators' migrations
 
     async def close(self) -> None:
         if self._adopter is not None:
@@ -236,6 +338,10 @@ class MigrationManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._adopter
             self._adopter = None
+        if self._dispatching is not None:
+            self._dispatching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatching
         if self._starting:  # let starts in flight settle (agent calls time out), then stop them
             _done, pending = await asyncio.wait(set(self._starting), timeout=START_SETTLE_S)
             for start in pending:
@@ -282,7 +388,7 @@ class MigrationManager:
 
     async def _poll(self, mig: Migration) -> None:
         failures = 0
-        deadline = mig.created_at + self.cfg.migration_timeout_s
+        deadline = (mig.started_at or mig.created_at) + self.cfg.migration_timeout_s
         renew_at = time.monotonic() + self.cfg.lease_ttl_s / 3
         try:
             while not mig.done:
@@ -349,10 +455,11 @@ class MigrationManager:
 
     async def _finish(self, mig: Migration, phase: str, error: str | None = None) -> None:
         self._undecided.pop(mig.id, None)
-        mig.phase = phase
+        started = mig.phase != migration_queue.QUEUED  # a queued one never touched its VM
+        mig.phase, mig.queue_reason = phase, None
         mig.error = error if phase != "completed" else None
         mig.finished_at = time.time()
-        vm = await self.store.get_vm(mig.vm)
+        vm = await self.store.get_vm(mig.vm) if started else None
         if vm is not None:
             if phase == "completed":
                 vm.host = mig.target
@@ -378,3 +485,5 @@ class MigrationManager:
         await self.store.release_lease(lease_name(mig.id), self.holder)
         log.info("migration finished", extra={"migration": mig.id, "phase": phase,
                                               "error": mig.error})
+        if started:
+            self.kick()  # its slots are free

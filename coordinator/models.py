@@ -63,7 +63,9 @@ class Migration:
     vm: str
     source: str
     target: str
-    phase: str = "pending"  # pending|prepare|precopy|stopcopy|commit|completed|failed|cancelled
+    # queued (over a concurrency limit, see migration_queue)|pending|prepare|precopy|stopcopy|
+    # commit|completed|failed|cancelled
+    phase: str = "pending"
     round: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +74,8 @@ class Migration:
     created_at: float = 0.0
     updated_at: float = 0.0
     finished_at: float | None = None
+    started_at: float | None = None  # when it left the queue and went to the source agent
+    queue_reason: str | None = None  # while queued: the limit it waits for
 
     @property
     def done(self) -> bool:

@@ -160,7 +160,8 @@ class Reconciler:
     async def run_once(self) -> None:
         where = await self.reported_by()
         vms = await self.store.list_vms()
-        migrating = {m.vm for m in await self.store.active_migrations()}  # after the VMs: covers them
+        # after the VMs: covers them. A queued migration has not touched its VM yet.
+        migrating = {m.vm for m in await self.store.active_migrations() if m.phase != "queued"}
         for vm in vms:
             if vm.name in migrating or vm.name in self.creating:  # creating: checked live
                 continue

@@ -71,6 +71,7 @@ from types import ModuleType
 ROUTE_MODULES = [
     "novacron.coordinator.api.health",
     "novacron.coordinator.api.hosts",
+    "novacron.coordinator.api.drains",
     "novacron.coordinator.api.vms",
     "novacron.coordinator.api.migrations",
     "novacron.coordinator.api.swarms",

@@ -60,10 +60,12 @@ from novacron.coordinator.api.keys import (
     STORE,
 )
 from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
+from novacron.coordinator.drains import draining, draining_hosts
 from novacron.coordinator.identity import MIN_TOKEN_CHARS, describe, request_identity
 from novacron.coordinator.lease import Lease
 from novacron.coordinator.models import HOST_UP, Host
 from novacron.coordinator.scheduler.placer import ATTRS, in_maintenance, load_attrs, set_maintenance
+from novacron.coordinator.store import Store
 
 log = logging.getLogger("novacron.coordinator.hosts")
 routes = RouteTable("hosts", "Hypervisor hosts and their agents")
@@ -256,13 +258,20 @@ async def list_hosts(request: web.Request) -> web.Response:
     store = request.app[STORE]
     hosts = await store.list_hosts()
     attrs = await load_attrs(store)
+    drains = await draining_hosts(store)
     # strict dumps: a load of NaN stored by an older version must not make the list invalid JSON
-    return web.json_response({"hosts": [_public(h, attrs.get(h.name)) for h in hosts]},
-                             dumps=httpjson.dumps)
+    return web.json_response({"hosts": [_public(h, attrs.get(h.name), drains.get(h.name))
+                                        for h in hosts]}, dumps=httpjson.dumps)
 
 
-def _public(host: Host, attrs: dict[str, Any] | None) -> dict[str, Any]:
-    return {**host.public(), "maintenance": in_maintenance(attrs)}
+def _public(host: Host, attrs: dict[str, Any] | None, drain: str | None) -> dict[str, Any]:
+    maintenance = in_maintenance(attrs)
+    return {**host.public(), "maintenance": maintenance, "drain": drain,
+            "lifecycle": "draining" if drain else "maintenance" if maintenance else "active"}
+
+
+async def _public_of(store: Store, host: Host) -> dict[str, Any]:
+    return _public(host, await store.get_doc(ATTRS, host.name), await draining(store, host.name))
 
 
 @routes.get("/hosts/{name}", "One host", response=schemas.HOST)
@@ -272,7 +281,7 @@ async def get_host(request: web.Request) -> web.Response:
     host = await store.get_host(name)
     if host is None:
         raise ApiError(404, f"no host named {name!r}")
-    return web.json_response(_public(host, await store.get_doc(ATTRS, name)), dumps=httpjson.dumps)
+    return web.json_response(await _public_of(store, host), dumps=httpjson.dumps)
 
 
 MAINTENANCE: dict[str, Any] = {
@@ -292,9 +301,13 @@ async def put_maintenance(request: web.Request) -> web.Response:
     if host is None:
         raise ApiError(404, f"no host named {name!r}")
     on = bool(json_body(request)["maintenance"])
+    drain = await draining(store, name)
+    if not on and drain is not None:
+        raise ApiError(409, f"host {name!r} is being drained ({drain}): maintenance ends "
+                       "after the drain (see 'novacron drain show " + drain + "')")
     await set_maintenance(store, name, on)
     log.info("host maintenance " + ("on" if on else "off"), extra={"host": name})
-    return web.json_response(_public(host, await store.get_doc(ATTRS, name)), dumps=httpjson.dumps)
+    return web.json_response(await _public_of(store, host), dumps=httpjson.dumps)
 
 
 @routes.delete("/hosts/{name}", "Forget a host that runs no VMs (retire=true: release its name)",

@@ -13,9 +13,11 @@ from typing import Any
 from aiohttp import web
 
 from novacron.coordinator.api import schemas
+from novacron.coordinator.api.drains import DRAIN, DRAINS
 from novacron.coordinator.api.errors import ApiError
-from novacron.coordinator.api.keys import PLACER, STORE
+from novacron.coordinator.api.keys import CONFIG, PLACER, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body
+from novacron.coordinator.drains import MAX_PARALLEL
 from novacron.coordinator.placement import Placer, most_free_memory
 from novacron.coordinator.scheduler import (
     RebalanceOptions,
@@ -86,6 +88,18 @@ REBALANCE_REQUEST: dict[str, Any] = {
         "hot_threshold": _FRACTION,
         "drain_threshold": _FRACTION,
         "bandwidth_mbps": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e7},
+        "apply": {"type": "boolean", "default": False,
+                  "description": "start the planned moves now (as a drain run, see GET /drains/{id})"},
+        "max_parallel": {"type": "integer", "minimum": 1, "maximum": MAX_PARALLEL,
+                         "description": "with apply: moves at once (default: the coordinator's "
+                         "migration_limit_outbound)"},
+        "expect": {"type": "array", "maxItems": 10_000,
+                   "description": "with apply: the moves of the plan the caller saw; if the "
+                   "plan is different now, 409 and nothing starts",
+                   "items": {"type": "object", "additionalProperties": False,
+                             "required": ["vm", "source", "target"],
+                             "properties": {"vm": schemas.NAME, "source": schemas.NAME,
+                                            "target": schemas.NAME}}},
     },
 }
 REBALANCE_RESPONSE: dict[str, Any] = {
@@ -104,6 +118,7 @@ REBALANCE_RESPONSE: dict[str, Any] = {
         "hot_unrelieved": {"type": "array", "items": {"type": "string"}},
         "hourly_saving": {"type": "number"}, "total_bytes": {"type": "integer"},
         "total_seconds": {"type": "number"}, "capped": {"type": "boolean"},
+        "drain": {**DRAIN, "description": "with apply: the run moving the plan's VMs"},
     },
 }
 HOST_ATTRS: dict[str, Any] = {
@@ -146,16 +161,28 @@ async def dry_run(request: web.Request) -> web.Response:
 
 
 @routes.post("/rebalance/plan", "Propose migrations that free hosts or relieve hot ones "
-             "(changes nothing)", request=REBALANCE_REQUEST, response=REBALANCE_RESPONSE,
-             errors=(400,))
+             "(changes nothing); with apply=true also start them", request=REBALANCE_REQUEST,
+             response=REBALANCE_RESPONSE, errors=(400, 409))
 async def rebalance_plan(request: web.Request) -> web.Response:
-    # the schema admits exactly RebalanceOptions' fields; check them before loading the fleet
+    body = dict(json_body(request) or {})
+    apply = bool(body.pop("apply", False))
+    expect = body.pop("expect", None)
+    max_parallel = int(body.pop("max_parallel", request.app[CONFIG].migration_limit_outbound))
+    # the rest is exactly RebalanceOptions' fields; check them before loading the fleet
     try:
-        opts = RebalanceOptions(**(json_body(request) or {})).check()
-        result = plan(await _fleet(request), opts)
+        opts = RebalanceOptions(**body).check()
+        result = plan(await _fleet(request), opts).to_dict()
     except SchedulerInputError as exc:
         raise ApiError(400, str(exc)) from None
-    return web.json_response(result.to_dict())
+    if expect is not None and not apply:
+        raise ApiError(400, "body.expect: only with apply=true")
+    if expect is not None and expect != [{k: m[k] for k in ("vm", "source", "target")}
+                                         for m in result["moves"]]:
+        raise ApiError(409, "the plan changed since it was shown (VMs or hosts changed): "
+                       "nothing started; look at the new plan and apply again")
+    if apply:  # the same machinery as a drain: limits, queueing, a report per VM
+        result["drain"] = await request.app[DRAINS].apply(result["moves"], max_parallel)
+    return web.json_response(result)
 
 
 @routes.put("/placements/hosts/{name}", "Set a host's price, zone, overcommit and latencies",

@@ -23,6 +23,9 @@ HOST: dict[str, Any] = {
         "registered_at": {"type": "number"}, "last_heartbeat": {"type": "number"},
         "maintenance": {"type": "boolean",
                         "description": "no VM is placed on or migrated to it (but with force)"},
+        "drain": {**NULLABLE_STR, "description": "the drain emptying it now (GET /drains/{id})"},
+        "lifecycle": {"enum": ["active", "maintenance", "draining"],
+                      "description": "draining while a drain runs, then maintenance"},
     },
 }
 
@@ -48,6 +51,9 @@ MIGRATION: dict[str, Any] = {
         "agent_migration_id": NULLABLE_STR,
         "created_at": {"type": "number"}, "updated_at": {"type": "number"},
         "finished_at": {"type": ["number", "null"]},
+        "started_at": {"type": ["number", "null"],
+                       "description": "when it left the queue for the source agent"},
+        "queue_reason": {**NULLABLE_STR, "description": "while queued: the limit it waits for"},
     },
 }
 

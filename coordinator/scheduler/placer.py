@@ -126,6 +126,55 @@ async def save_policy(store: Store, enabled: bool, policy: BanditPolicy) -> None
     await store.put_doc(*POLICY_DOC, {"enabled": enabled, "state": policy.to_json()})
 
 
+PREFERENCE_KEYS = ("priority", "region", "max_latency_ms", "affinity", "anti_affinity",
+                   "anti_affinity_scope")
+
+
+def request_doc(spec: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler's request document for a VM spec (with its placement preferences)."""
+    doc = {"id": spec.get("name", "(new)"), "vcpus": spec.get("vcpus"),
+           "memory_mib": spec.get("memory_mb")}
+    doc.update({k: spec[k] for k in PREFERENCE_KEYS if k in spec})
+    return doc
+
+
+async def choose_target(store: Store, vm: VM, busy: Iterable[str] = ()) -> tuple[str | None, str]:
+    """Where a running VM should move (never its own host, nor one in maintenance or
+    down, nor one lacking its networks): (host or None, why not). VMs on their way to a
+    host already count there. Hosts in ``busy`` (no free inbound migration slot) are
+    chosen only when no other host fits: the move would wait in the queue."""
+    hosts = await store.list_hosts()
+    fleet = build_fleet(hosts, await store.list_vms(), await load_attrs(store))
+    for mig in await store.active_migrations():
+        if mig.vm != vm.name and mig.vm in fleet.vms and mig.target in fleet.index:
+            fleet.move(mig.vm, fleet.index[mig.target])
+    if vm.name in fleet.vms:
+        fleet.remove(vm.name)
+    if vm.host in fleet.index:
+        fleet.set_enabled(vm.host, False)
+    networks = spec_networks(vm.spec)
+    try:
+        req = dataclasses.replace(parse_request(request_doc({**vm.spec, "name": vm.name})),
+                                  networks=networks)
+    except SchedulerInputError as exc:
+        return None, f"its spec is not placeable: {exc}"
+    enabled = fleet.enabled.copy()
+    for name in busy:
+        if name in fleet.index:
+            fleet.set_enabled(name, False)
+    d = Scheduler(fleet).decide(req)
+    if d.host is None:
+        fleet.enabled[:] = enabled
+        d = Scheduler(fleet).decide(req)
+    if d.host is not None:
+        return d.host, str(d.explanation.get("why", ""))
+    others = [h for h in hosts if h.name != vm.host and h.state == HOST_UP]
+    if networks and not any(set(networks) <= set(h.networks) for h in others):
+        return None, f"no other up host has the network(s) {', '.join(networks)}"
+    why = str(d.explanation.get("why", "")).removeprefix("no host can take this VM; ")
+    return None, why
+
+
 class SchedulerPlacer:
     """Callable with the coordinator's ``Placer`` shape: (spec, hosts, vms) -> host or None.
 
@@ -142,12 +191,7 @@ class SchedulerPlacer:
     async def __call__(self, spec: dict[str, Any], hosts: list[StoreHost],
                        vms: list[VM]) -> StoreHost | None:
         fleet = build_fleet(hosts, vms, await load_attrs(self.store))
-        doc = {"id": spec.get("name", "(new)"), "vcpus": spec.get("vcpus"),
-               "memory_mib": spec.get("memory_mb")}
-        for key in ("priority", "region", "max_latency_ms", "affinity", "anti_affinity",
-                    "anti_affinity_scope"):
-            if key in spec:
-                doc[key] = spec[key]
+        doc = request_doc(spec)
         async with self._lock:
             try:
                 req = dataclasses.replace(parse_request(doc), networks=spec_networks(spec))

@@ -25,7 +25,7 @@ from novacron.coordinator.client import ApiClientError, CoordinatorClient
 AGENT_DEFAULTS = MigrationOptions()  # what the source agent uses for an option not given
 
 # Where each phase sits on the progress bar (pre-copy fills 10-75 % by round).
-PHASE_PCT = {"pending": 0, "prepare": 5, "precopy": 10, "stopcopy": 80, "postcopy": 85,
+PHASE_PCT = {"queued": 0, "pending": 0, "prepare": 5, "precopy": 10, "stopcopy": 80, "postcopy": 85,
              "commit": 95, "completed": 100}
 
 
@@ -139,10 +139,14 @@ async def _hosts(client: CoordinatorClient, args: argparse.Namespace) -> int:
 
 
 def host_state(h: dict[str, Any]) -> str:
-    """up, down or maintenance (no new VMs: 'novacron host maintenance NAME off' ends it)."""
+    """up, down, draining (its VMs are being moved off) or maintenance (no new VMs:
+    'novacron host maintenance NAME off' ends it)."""
+    mode = h.get("lifecycle") or ("maintenance" if h.get("maintenance") else "active")
     if h["state"] != "up":
-        return "[red]down[/red]" + (", maintenance" if h.get("maintenance") else "")
-    return "[yellow]maintenance[/yellow]" if h.get("maintenance") else "[green]up[/green]"
+        return "[red]down[/red]" + (f", {mode}" if mode != "active" else "")
+    if mode == "draining":
+        return "[magenta]draining[/magenta]"
+    return "[yellow]maintenance[/yellow]" if mode == "maintenance" else "[green]up[/green]"
 
 
 async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
@@ -277,6 +281,8 @@ def progress_pct(mig: dict[str, Any], max_rounds: int) -> float:
 def describe(mig: dict[str, Any]) -> str:
     met = mig.get("metrics", {})
     parts = [f"{mig.get('phase', '?'):>9}"]
+    if mig.get("queue_reason"):
+        parts.append(f"waits: {mig['queue_reason']}")
     if mig.get("round"):
         parts.append(f"round {mig['round']}")
     if met.get("bytes_wire") is not None:

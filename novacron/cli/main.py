@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "novacron.cli.fleet",
     "novacron.cli.migration",
     "novacron.cli.host",
+    "novacron.cli.drain",
     "novacron.cli.vm",
     "novacron.cli.swarm",
     "novacron.cli.placement",

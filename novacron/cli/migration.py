@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _run(a, _show))
 
-    p = cmds.add_parser("cancel", help="cancel a running migration (the VM stays on its source)")
+    p = cmds.add_parser("cancel", help="cancel a running or queued migration (the VM stays on "
+                        "its source)")
     p.add_argument("id", metavar="ID", help="migration id (m-...)")
     p.add_argument("--json", action="store_true", help="print the migration as JSON")
     p.set_defaults(func=lambda a: _run(a, _cancel))
@@ -55,9 +56,15 @@ def summary_table(mig: dict[str, Any]) -> Table:
     table.add_row("from", mig["source"])
     table.add_row("to", mig["target"])
     table.add_row("phase", mig["phase"])
+    if mig.get("queue_reason"):
+        table.add_row("waits for", mig["queue_reason"] + " (starts when a slot frees; "
+                      f"'novacron migration cancel {mig['id']}' drops it)")
     if mig.get("round"):
         table.add_row("round", str(mig["round"]))
-    table.add_row("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mig["created_at"])))
+    table.add_row("asked", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mig["created_at"])))
+    if mig.get("started_at"):
+        table.add_row("started", time.strftime("%Y-%m-%d %H:%M:%S",
+                                               time.localtime(mig["started_at"])))
     if mig.get("options"):
         table.add_row("options", ", ".join(f"{k}={v}" for k, v in sorted(mig["options"].items())))
     return table

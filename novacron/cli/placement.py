@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from novacron.cli import drain
 from novacron.cli.fleet import _dump, _run, human_bytes, id_column
-from novacron.coordinator.client import CoordinatorClient
+from novacron.coordinator.client import ApiClientError, CoordinatorClient
 from novacron.coordinator.scheduler.rebalance import RebalanceOptions
 from novacron.coordinator.scheduler.strategies import STRATEGIES
 
@@ -29,7 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _run(a, _place))
 
     p = sub.add_parser("rebalance", help="propose migrations that free hosts or relieve hot ones "
-                       "(a plan; nothing moves)")
+                       "(a plan; nothing moves unless --apply)",
+                       description="Plan migrations that empty nearly idle hosts and relieve hot "
+                       "ones. With --apply, show the plan, ask, then run exactly those moves "
+                       "as a drain run (limits and queueing apply; 'novacron drain show ID').")
     p.add_argument("--max-migrations", type=int, metavar="N",
                    help=f"cap on moves in the plan (default: {DEFAULTS.max_migrations})")
     p.add_argument("--hot-threshold", type=float, metavar="FRACTION",
@@ -38,6 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"utilisation (0..1) below which a host is emptied (default: {DEFAULTS.drain_threshold})")
     p.add_argument("--bandwidth-mbps", type=float, metavar="MBIT/S",
                    help=f"link speed in Mbit/s used to estimate move time (default: {DEFAULTS.bandwidth_mbps:g})")
+    p.add_argument("--apply", action="store_true",
+                   help="start the planned migrations after showing the plan and asking "
+                   "(default: plan only)")
+    p.add_argument("--yes", action="store_true",
+                   help="with --apply: do not ask for confirmation (default: ask)")
+    p.add_argument("--max-parallel", type=int, metavar="N",
+                   help="with --apply: moves at once, 1..64 (default: the coordinator's "
+                   "migration_limit_outbound, 2 unless configured)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _run(a, _rebalance))
 
@@ -88,16 +102,44 @@ async def _place(client: CoordinatorClient, args: argparse.Namespace) -> int:
 async def _rebalance(client: CoordinatorClient, args: argparse.Namespace) -> int:
     body = given(args, "max_migrations", "hot_threshold", "drain_threshold", "bandwidth_mbps")
     plan = await client.request("POST", "/rebalance/plan", body)
-    if args.json:
+    console = Console(stderr=args.json)
+    if args.json and not args.apply:
         _dump(plan)
         return 0
-    console = Console()
     if not plan["moves"]:
         console.print("nothing to move: no host to free and none too hot")
+        if args.json:
+            _dump(plan)
         return 0
-    table = Table(title="Rebalancing plan (run each with: novacron migrate VM --to HOST)",
-                  title_justify="left")
-    for col, key in (("vm", "vm"), ("from", "source"), ("to", "target")):  # copied into 'migrate'
+    print_plan(plan, console, applying=args.apply)
+    if not args.apply:
+        return 0
+    if not args.yes and not await confirm(console, len(plan["moves"])):
+        console.print("not applied: nothing moved")
+        return 1
+    expect = [{k: m[k] for k in ("vm", "source", "target")} for m in plan["moves"]]
+    applied = await client.request("POST", "/rebalance/plan", {
+        **body, **given(args, "max_parallel"), "apply": True, "expect": expect})
+    doc = await drain.follow(client, applied["drain"], console)
+    if args.json:
+        _dump({**applied, "drain": doc})
+        return 0 if doc["state"] == "done" else 1
+    return drain.report(doc, console)
+
+
+async def confirm(console: Console, moves: int) -> bool:
+    if not sys.stdin.isatty():
+        raise ApiClientError(0, "--apply asks for confirmation on a terminal; "
+                             "add --yes to apply without asking")
+    answer = await asyncio.to_thread(console.input, f"Start these {moves} migrations? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def print_plan(plan: dict[str, Any], console: Console, *, applying: bool) -> None:
+    title = ("Rebalancing plan" if applying else
+             "Rebalancing plan (start it with: novacron rebalance --apply)")
+    table = Table(title=title, title_justify="left")
+    for col, key in (("vm", "vm"), ("from", "source"), ("to", "target")):
         id_column(table, col, [m[key] for m in plan["moves"]])
     for col in ("why", "memory", "est. time"):
         table.add_column(col)
@@ -110,4 +152,3 @@ async def _rebalance(client: CoordinatorClient, args: argparse.Namespace) -> int
                   f"sums to {plan['hourly_saving']:.2f} per hour (in the unit of cost_per_hour) "
                   "once they are empty and you power them off"
                   + (" (capped: more moves were possible)" if plan["capped"] else ""))
-    return 0
