@@ -78,6 +78,7 @@ ROUTE_MODULES = [
     "novacron.coordinator.api.placements",
     "novacron.coordinator.api.dashboard",
     "novacron.coordinator.api.audit",
+    "novacron.coordinator.api.images",
 ]
 
 
