@@ -46,6 +46,7 @@ MAX_POLL_FAILURES = 40
 UNDECIDED_RETRY_S = 2.0  # between looks at the VMs while the agents cannot tell yet
 # On close, how long starts in flight may take to finish their agent call and record.
 START_SETTLE_S = 30.0
+ROUNDS_KEPT = 50  # the last pre-copy rounds a migration record keeps (as the agent does)
 
 
 def topic(mig_id: str) -> str:
@@ -382,6 +383,14 @@ class MigrationManager:
             mig.round = status["round"]
         if isinstance(status.get("metrics"), dict):
             mig.metrics = status["metrics"]
+            # for the dashboard's detail view: each pre-copy round, and the options in force
+            # (defaults filled in by the agent, e.g. the downtime budget)
+            extra: dict[str, Any] = {}
+            if isinstance(status.get("rounds"), list):
+                extra["rounds"] = status["rounds"][-ROUNDS_KEPT:]
+            if isinstance(status.get("options"), dict):
+                extra["effective_options"] = status["options"]
+            mig.metrics = {**mig.metrics, **extra}
         if status.get("error"):
             mig.error = str(status["error"])
         return before != (mig.phase, mig.round, mig.metrics, mig.error)

@@ -79,6 +79,7 @@ ROUTE_MODULES = [
     "novacron.coordinator.api.placements",
     "novacron.coordinator.api.dashboard",
     "novacron.coordinator.api.audit",
+    "novacron.coordinator.api.images",
 ]
 
 

@@ -241,6 +241,56 @@ async def get_vm(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
+# The agent's limits (agent/api/vms.py): 1 MiB of log per read, 1 KiB typed at once.
+CONSOLE_OFFSET_MAX = 2**53
+CONSOLE_INPUT: dict[str, Any] = {
+    "type": "object", "additionalProperties": False, "required": ["text"],
+    "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 1024,
+                            "description": "typed on the guest's serial console as is"}},
+}
+CONSOLE_OUTPUT: dict[str, Any] = {
+    "type": "object", "required": ["offset", "next_offset", "text"],
+    "properties": {"offset": {"type": "integer"}, "next_offset": {"type": "integer"},
+                   "text": {"type": "string"}},
+}
+
+
+@routes.get("/vms/{name}/console", "The VM's serial console log from byte offset "
+            "(at most 1 MiB per call; read on from next_offset)",
+            query={"offset": {"type": "integer", "minimum": 0, "maximum": CONSOLE_OFFSET_MAX}},
+            response=CONSOLE_OUTPUT, errors=(404, 409, 502))
+async def console_read(request: web.Request) -> web.Response:
+    vm, host = await _vm_and_host(request)
+    offset = int(query_params(request).get("offset", 0))
+    try:
+        doc = await request.app[AGENTS].call(host.name, host.url, host.token, "GET",
+                                             f"/v1/vms/{vm.name}/console?offset={offset}",
+                                             timeout_s=10)
+    except AgentError as exc:
+        raise _agent_failure(exc, f"reading the console on {host.name}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str) \
+            or not isinstance(doc.get("next_offset"), int):
+        raise ApiError(502, f"agent {host.name} answered no console text")
+    return web.json_response({"offset": offset, "next_offset": doc["next_offset"],
+                              "text": doc["text"]})
+
+
+@routes.post("/vms/{name}/console", "Type text on the VM's serial console",
+             request=CONSOLE_INPUT, response={"type": "object", "required": ["sent"]},
+             errors=(404, 409, 502))
+async def console_write(request: web.Request) -> web.Response:
+    vm, host = await _vm_and_host(request)
+    text = json_body(request)["text"]
+    try:
+        doc = await request.app[AGENTS].call(host.name, host.url, host.token, "POST",
+                                             f"/v1/vms/{vm.name}/console", {"text": text},
+                                             timeout_s=10)
+    except AgentError as exc:
+        raise _agent_failure(exc, f"typing on the console on {host.name}") from None
+    sent = doc.get("sent") if isinstance(doc, dict) else None
+    return web.json_response({"sent": sent if isinstance(sent, int) else len(text)})
+
+
 async def _action(request: web.Request, action: str, new_state: str) -> web.Response:
     vm, host = await _vm_and_host(request)
     if vm.state in ("migrating", "creating"):

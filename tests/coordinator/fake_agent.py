@@ -36,6 +36,9 @@ class FakeAgent:
         self.peers: dict[str, FakeAgent] = {}  # url -> agent, to hand VMs over on commit
         self.url = ""
         self.networks: list[str] = []  # fleet networks it reports
+        # GET /v1/images entries, as the agent lists them
+        self.images: list[Any] = [{"name": "vmlinuz", "dir": "/srv/img", "size": 8247232}]
+        self.serial: dict[str, str] = {}  # VM name -> its serial console log
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -45,6 +48,9 @@ class FakeAgent:
         r.add_get("/v1/vms", self.list_vms)
         r.add_post("/v1/vms", self.create_vm)
         r.add_get("/v1/vms/{name}", self.get_vm)
+        r.add_get("/v1/images", self.list_images)
+        r.add_get("/v1/vms/{name}/console", self.console_read)
+        r.add_post("/v1/vms/{name}/console", self.console_write)
         r.add_post("/v1/vms/{name}/{action}", self.vm_action)
         r.add_delete("/v1/vms/{name}", self.delete_vm)
         r.add_post("/v1/migrations", self.start_migration)
@@ -91,6 +97,25 @@ class FakeAgent:
         vm = {**spec, "state": "running", "pid": 4242, "accel": "tcg"}
         self.vms[spec["name"]] = vm
         return web.json_response(vm, status=201)
+
+    async def list_images(self, _r: web.Request) -> web.Response:
+        return web.json_response({"dirs": ["/srv/img"], "images": self.images})
+
+    async def console_read(self, r: web.Request) -> web.Response:
+        if r.match_info["name"] not in self.vms:
+            return web.json_response({"error": "no such vm"}, status=404)
+        offset = int(r.query.get("offset", "0"))
+        data = self.serial.get(r.match_info["name"], "").encode()[offset:offset + (1 << 20)]
+        return web.json_response({"offset": offset, "next_offset": offset + len(data),
+                                  "text": data.decode(errors="replace")})
+
+    async def console_write(self, r: web.Request) -> web.Response:
+        name = r.match_info["name"]
+        if name not in self.vms:
+            return web.json_response({"error": "no such vm"}, status=404)
+        text = (await r.json())["text"]
+        self.serial[name] = self.serial.get(name, "") + text  # echoed, as a shell would
+        return web.json_response({"sent": len(text)})
 
     async def get_vm(self, r: web.Request) -> web.Response:
         vm = self.vms.get(r.match_info["name"])
