@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     get one rerun: a pass on the rerun is still printed as ``R`` and counted as a
     rerun in the summary, so an intermittent failure stays visible and is looked
     into; a test that fails twice fails the run. ``NOVACRON_NO_RERUN=1`` turns it off."""
-    if os.environ.get("NOVACRON_NO_RERUN"):
+    if os.environ.get("NOVACRON_NO_RERUN") or not config.pluginmanager.hasplugin("rerunfailures"):
         return
     for item in items:
         if item.get_closest_marker("e2e") is not None and item.get_closest_marker("flaky") is None:
