@@ -186,6 +186,14 @@ class DrainManager:
         if vm is None:
             await self._set(doc, entry, state="failed", error="the VM no longer exists")
             return None
+        ongoing = [m for m in await self.store.active_migrations() if m.vm == vm.name]
+        if ongoing and ongoing[0].source == entry["source"] and (
+                entry["target"] is None or ongoing[0].target == entry["target"]):
+            # started by this run before its coordinator stopped (or by hand): follow that one
+            mig = ongoing[0]
+            await self._set(doc, entry, target=mig.target, migration=mig.id,
+                            state="queued" if mig.phase == QUEUED else "migrating")
+            return mig.id
         if vm.host != entry["source"]:
             await self._set(doc, entry, state="failed",
                             error=f"the VM is on {vm.host} now, not on {entry['source']}")

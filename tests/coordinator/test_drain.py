@@ -323,3 +323,45 @@ async def test_cli_drain_no_wait_show_list_and_rebalance_needs_yes(tmp_path: Pat
         async with CoordinatorClient(coord.url, coord.admin_token) as client:
             assert (await client.vm("web"))["host"] == "alpha"  # nothing moved
             assert len((await client.request("GET", "/drains"))["drains"]) == 1
+
+
+async def test_a_drain_cut_by_a_coordinator_restart_is_finished_by_the_next_one(
+        tmp_path: Path, database_url: str) -> None:
+    cfg = make_cfg(tmp_path / "coord", database_url=database_url, lease_ttl_s=1.0, **LIMITS)
+    async with serving(*(FakeAgent(n, f"tok-{n}-" + secrets.token_hex(8)) for n in
+                         ("alpha", "beta", "gamma"))) as fakes:
+        c = await start_coordinator(cfg)
+        try:
+            for fake in fakes:
+                await fake.register_with(c.session, c.url, cfg.agent_token)
+            for name in ("v1", "v2", "v3"):
+                await create(c, name, "alpha")
+            fakes[0].hold_migrations = True
+            status, drain = await c.call("POST", "/hosts/alpha/drain", json={"max_parallel": 2})
+            assert status == 202, drain
+
+            async def two_moving() -> bool:
+                doc = (await c.call("GET", f"/drains/{drain['id']}"))[1]
+                return sum(v["state"] == "migrating" for v in doc["vms"]) == 2
+
+            await until("two VMs migrating", two_moving)
+        finally:
+            await stop_coordinator(c)
+        c = await start_coordinator(cfg)  # same store: it adopts the drain and its migrations
+        try:
+            host = (await c.call("GET", "/hosts/alpha"))[1]
+            assert host["lifecycle"] == "draining" and host["drain"] == drain["id"]
+            fakes[0].hold_migrations = False
+
+            async def ended() -> Any:
+                doc = (await c.call("GET", f"/drains/{drain['id']}"))[1]
+                return doc if doc["state"] != "running" else None
+
+            doc = await until("the drain ended after the restart", ended)
+            assert doc["state"] == "done", doc
+            assert all(v["state"] == "moved" for v in doc["vms"]), doc
+            migs = (await c.call("GET", "/migrations"))[1]["migrations"]
+            assert sorted(m["vm"] for m in migs) == ["v1", "v2", "v3"]  # none started twice
+            assert (await c.call("GET", "/hosts/alpha"))[1]["lifecycle"] == "maintenance"
+        finally:
+            await stop_coordinator(c)
