@@ -122,6 +122,7 @@ class MigrationManager:
                 log.info("migration queued", extra={"migration": mig.id, "vm": vm_name,
                                                     "source": src.name, "target": dst.name,
                                                     "why": wait})
+                self.kick()  # older queued ones may fit already (slots freed elsewhere)
                 return mig
             await self._claim(mig, vm)
         return await self._launch(mig, src, dst)
@@ -158,13 +159,13 @@ class MigrationManager:
         """Take the migration's lease, mark the VM migrating and store the record (pending)."""
         await self._hold(mig.id)  # ours before any other coordinator acts on it
         now = time.time()
-        mig.phase, mig.queue_reason, mig.started_at = "pending", None, now
         vm.state, vm.updated_at = "migrating", now
         # The lock of the caller covers this coordinator; the compare-and-set covers the others.
         if not await self.store.put_vm_if(vm, "running"):
             await self.store.release_lease(lease_name(mig.id), self.holder)
             raise ApiError(409, f"VM {vm.name!r} changed meanwhile (another coordinator "
                            "is migrating it?)")
+        mig.phase, mig.queue_reason, mig.started_at = "pending", None, now  # the VM is ours
         try:
             await self.store.put_migration(mig)
         except BaseException:
