@@ -14,6 +14,11 @@ holding its lease (``migration:<id>``, taken when the record is created and
 renewed while polling). Every coordinator looks for unfinished migrations
 whose lease has expired (their follower died) and adopts them, at start-up
 and every ``lease_ttl_s``; a clean stop hands its migrations over at once.
+
+Over a concurrency limit (``migration_queue``) a migration is recorded ``queued``
+and touches nothing; ``dispatch()`` starts queued ones, oldest first, when a slot
+frees (after any migration here ends, and every ``lease_ttl_s`` for slots freed by
+other coordinators); whichever coordinator takes a queued migration's lease starts it.
 """
 
 from __future__ import annotations
