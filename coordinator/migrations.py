@@ -28,6 +28,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -59,6 +60,12 @@ def topic(mig_id: str) -> str:
 
 def lease_name(mig_id: str) -> str:
     return f"migration:{mig_id}"
+
+
+# Held while a coordinator counts slots and records a start: the limits hold across
+# every coordinator sharing the database, not just within one.
+ADMISSION_LEASE = "migration-admission"
+ADMISSION_WAIT_S = 10.0
 
 
 class MigrationManager:
@@ -110,7 +117,8 @@ class MigrationManager:
 
     async def _start(self, vm_name: str, target: str, options: dict[str, Any],
                      force: bool = False) -> Migration:
-        async with self._lock:  # one check-then-start at a time: no two migrations of one VM
+        # one check-then-start at a time: no two migrations of one VM, no limit passed
+        async with self._lock, self._admission():
             vm, src, dst = await self._check(vm_name, target, force)
             active = await self.store.active_migrations()
             for other in active:
@@ -131,6 +139,21 @@ class MigrationManager:
                 return mig
             await self._claim(mig, vm)
         return await self._launch(mig, src, dst)
+
+    @contextlib.asynccontextmanager
+    async def _admission(self) -> AsyncIterator[None]:
+        """The fleet-wide admission lease, for counting slots and recording starts."""
+        deadline = time.monotonic() + ADMISSION_WAIT_S
+        while await self.store.acquire_lease(ADMISSION_LEASE, self.holder,
+                                             self.cfg.lease_ttl_s) is None:
+            if time.monotonic() > deadline:
+                raise ApiError(503, "another coordinator is starting migrations; try again",
+                               headers={"Retry-After": "1"})
+            await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            await self.store.release_lease(ADMISSION_LEASE, self.holder)
 
     async def _check(self, vm_name: str, target: str, force: bool) -> tuple[VM, Host, Host]:
         """The VM and both hosts, if the VM may move to ``target`` now; else ApiError."""
@@ -240,7 +263,7 @@ class MigrationManager:
         whose VM or hosts no longer allow the move fails (the VM stays where it runs).
         Any coordinator may start a queued migration: the one that takes its lease."""
         launches: list[tuple[Migration, Host, Host]] = []
-        async with self._lock:
+        async with self._lock, self._admission():
             active = await self.store.active_migrations()
             admitted, waiting = migration_queue.admit(self.limits, active)
             for mig in admitted:
