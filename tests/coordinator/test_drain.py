@@ -292,16 +292,26 @@ async def test_drain_of_a_down_host_and_a_changed_rebalance_plan_are_refused(
 @pytest.mark.e2e
 async def test_cli_drain_no_wait_show_list_and_rebalance_needs_yes(tmp_path: Path) -> None:
     fakes = [FakeAgent(n, f"tok-{n}-" + secrets.token_hex(8)) for n in ("alpha", "beta")]
-    async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord, \
-            serving(*fakes):
+    # fake agents send no heartbeats: the hosts must not be marked down during the test
+    async with LocalCoordinator(tmp_path / "coord", settings={
+            "poll_interval_s": "0.02", "heartbeat_timeout_s": "600"}) as coord, serving(*fakes):
         async with CoordinatorClient(coord.url, coord.admin_token) as client:
             await register_all(client, fakes, coord.agent_token)
             for name in ("web", "db"):
                 await client.create_vm({**vm_spec(name, memory_mb=64), "host": "alpha"})
         env = cli_env(coord, tmp_path, COLUMNS="120")
+        fakes[0].hold_migrations = True  # the drain stays running while we look
         code, out, err = await cli(env, "host", "drain", "alpha", "--no-wait")
         drain_id = out.strip()
         assert code == 0 and drain_id.startswith("d-") and len(out.splitlines()) == 1, out + err
+        code, out, err = await cli(env, "hosts")
+        row = next(line for line in out.splitlines() if "alpha" in line)
+        assert code == 0 and "draining" in row, out + err
+        code, out, err = await cli(env, "host", "show", "alpha")
+        assert code == 0 and "draining" in out and drain_id in out, out + err
+        code, out, err = await cli(env, "host", "drain", "alpha")
+        assert code == 1 and "being drained already" in err and drain_id in err, err
+        fakes[0].hold_migrations = False
         code, out, err = await cli(env, "drain", "show", drain_id, "--follow")
         assert code == 0, out + err
         assert "drain of alpha " + drain_id + ": 2 of 2 VMs moved" in " ".join(out.split()), out
