@@ -120,6 +120,15 @@ async def test_a_fourth_migration_queues_and_starts_when_a_slot_frees(
     assert vm["host"] == "gamma" and vm["state"] == "running", vm
     assert not any(r["vm"] == "v4" for r in gamma.migration_requests)
 
+    # deleting a VM whose migration waits in the queue drops the migration too
+    await create(c, "gone", "beta")
+    status, queued = await c.call("POST", "/migrations", json={"vm": "gone", "target": "gamma"})
+    assert status == 202 and queued["phase"] == "queued", queued
+    status, doc = await c.call("DELETE", "/vms/gone")
+    assert status == 200, doc
+    status, doc = await c.call("GET", f"/migrations/{queued['id']}")
+    assert doc["phase"] == "cancelled" and "gone" not in beta.vms, doc
+
     for fake in (alpha, beta, gamma):
         fake.hold_migrations = False
 
