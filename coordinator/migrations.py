@@ -65,7 +65,7 @@ def lease_name(mig_id: str) -> str:
 # Held while a coordinator counts slots and records a start: the limits hold across
 # every coordinator sharing the database, not just within one.
 ADMISSION_LEASE = "migration-admission"
-ADMISSION_WAIT_S = 10.0
+ADMISSION_WAIT_S = 5.0  # beyond lease_ttl_s: a holder that died has lost it by then
 
 
 class MigrationManager:
@@ -143,7 +143,7 @@ class MigrationManager:
     @contextlib.asynccontextmanager
     async def _admission(self) -> AsyncIterator[None]:
         """The fleet-wide admission lease, for counting slots and recording starts."""
-        deadline = time.monotonic() + ADMISSION_WAIT_S
+        deadline = time.monotonic() + self.cfg.lease_ttl_s + ADMISSION_WAIT_S
         while await self.store.acquire_lease(ADMISSION_LEASE, self.holder,
                                              self.cfg.lease_ttl_s) is None:
             if time.monotonic() > deadline:
