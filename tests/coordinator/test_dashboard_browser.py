@@ -93,7 +93,7 @@ async def test_wrong_token_is_refused_inline_and_csp_blocks_inline_script(
         # the right token opens the console
         await sign_in(page, coord.url, coord.admin_token)
         await page.wait_for("!document.getElementById('app').hidden", what="the signed-in view")
-        await page.wait_for("document.querySelector('#hosts td.empty')", what="the empty host list")
+        await page.wait_for("!!document.querySelector('#hosts td.empty')", what="the empty host list")
         assert coord.admin_token not in await page.js("document.documentElement.outerHTML")
 
 
