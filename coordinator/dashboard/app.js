@@ -36,6 +36,7 @@ const state = {
   features: {}, hosts: [], vms: [], migrations: [], policies: [], drains: new Map(),
   panel: null, console: null, audit: {},
   pending: new Map(), // VM name -> what is being done to it (starting, stopping)
+  imagesGeneration: 0,
 };
 
 class ApiError extends Error {
@@ -412,6 +413,7 @@ async function openCreate() {
 async function loadImages() {
   const note = $("create-images-note");
   const chosen = $("create-host").value;
+  const generation = ++state.imagesGeneration; // a slower, older listing must not win
   const hosts = chosen ? [chosen] : state.hosts.filter(takesVms).map((h) => h.name);
   let names = null;
   const sizes = new Map();
@@ -422,15 +424,18 @@ async function loadImages() {
       for (const i of doc.images) sizes.set(i.name, i.size);
       names = names === null ? here : new Set([...names].filter((n) => here.has(n)));
     }
+    if (generation !== state.imagesGeneration) return;
     note.textContent = !hosts.length ? "no host takes new VMs"
       : (names.size ? names.size + " image(s) offered by " + (chosen || "every host that takes VMs")
         : "no image is offered by " + (chosen || "every host that takes VMs"));
     note.className = names && names.size ? "muted" : "bad";
   } catch (err) {
+    if (generation !== state.imagesGeneration) return;
     names = new Set();
     note.textContent = "images: " + err.message;
     note.className = "bad";
   }
+  if (generation !== state.imagesGeneration) return;
   const list = [...(names || [])].sort();
   const opt = (n) => [n, n + " (" + bytes(sizes.get(n)) + ")"];
   const pick = (re) => list.find((n) => re.test(n));
@@ -748,8 +753,9 @@ function renderDetail() {
   kv(live, "rate", rate(n.rate));
   kv(live, "ETA (this round)", seconds(n.eta));
   kv(live, "round", isNum(m.round) && m.round ? m.round + " of at most " + ((met.effective_options || {}).max_rounds || (m.options || {}).max_rounds || DASH) : DASH);
-  kv(live, "dirty rate", isNum(met.dirty_rate_pages_s) ? count(Math.round(met.dirty_rate_pages_s)) + " pages/s · " + rate(met.dirty_rate_pages_s * PAGE) : DASH);
-  kv(live, "dirty after last round", isNum(met.dirty_pages_last_round) ? count(met.dirty_pages_last_round) + " pages" : DASH);
+  const measured = Array.isArray(met.rounds) && met.rounds.length > 0;
+  kv(live, "dirty rate", measured && isNum(met.dirty_rate_pages_s) ? count(Math.round(met.dirty_rate_pages_s)) + " pages/s · " + rate(met.dirty_rate_pages_s * PAGE) : DASH);
+  kv(live, "dirty after last round", measured && isNum(met.dirty_pages_last_round) ? count(met.dirty_pages_last_round) + " pages" : DASH);
   kv(live, "throttle", isNum(met.throttle_pct) ? met.throttle_pct + " %" : DASH);
   kv(live, "converged", met.converged === true ? "yes" : met.converged === false ? "no" : DASH);
   kv(live, "guest RAM", isNum(met.pages) ? bytes(met.pages * PAGE) : DASH);
@@ -765,7 +771,7 @@ function renderDetail() {
   kv(down, "against budget", isNum(met.downtime_ms) && isNum(budget) && budget > 0
     ? (100 * met.downtime_ms / budget).toFixed(0) + " %" + (over ? " — over budget" : "") : DASH, over ? "bad strong" : "");
   kv(down, "pause ceiling", ms(met.pause_ceiling_ms));
-  for (const [part, v] of Object.entries(met.downtime_parts || {})) kv(down, "  " + part.replace(/_ms$/, "").replace(/_/g, " "), ms(v), "muted");
+  for (const [part, v] of Object.entries(met.downtime_parts || {})) kv(down, "  · " + part.replace(/_ms$/, "").replace(/_/g, " "), ms(v), "muted");
   parts.push(el("h3", "Downtime"), down);
   if (isNum(met.downtime_ms) && isNum(budget) && budget > 0) {
     const meter = el("meter", null, "budget");
@@ -780,12 +786,12 @@ function renderDetail() {
   const rounds = Array.isArray(met.rounds) ? met.rounds : [];
   const table = el("table", null, "grid compact");
   const hr = el("tr");
-  for (const h of ["round", "pages", "wire", "time", "dirty after", "est. pause"]) hr.append(el("th", h, h === "round" ? "" : "num"));
+  for (const h of ["round", "pages", "wire", "time", "dirty after", "est. stop"]) hr.append(el("th", h, h === "round" ? "" : "num"));
   const thead = el("thead");
   thead.append(hr);
   const tbody = el("tbody");
   fillRows(tbody, rounds.map((r) => [
-    el("td", r.stop_and_copy ? r.round + " stop-copy" : r.round), numCell(count(r.pages_sent)), numCell(bytes(r.wire_bytes)),
+    el("td", r.stop_and_copy ? r.round + " final" : r.round), numCell(count(r.pages_sent)), numCell(bytes(r.wire_bytes)),
     numCell(seconds(r.seconds)), numCell(count(r.dirty_after)), numCell(isNum(r.estimated_stop_s) ? ms(r.estimated_stop_s * 1000) : DASH),
   ]), 6, TERMINAL.has(m.phase) || m.phase === "precopy" ? "no per-round data recorded" : "rounds start with pre-copy");
   table.append(thead, tbody);
@@ -871,13 +877,20 @@ async function refreshAudit() {
   try {
     const doc = await call("GET", "/audit", { query: { limit: AUDIT_LIMIT, ...state.audit } });
     fillRows($("audit"), doc.entries.map((e) => [
-      el("td", e.time, "mono muted"), e.actor, el("td", e.action, "strong"), el("td", e.target, "mono"),
+      auditTime(e.time), e.actor, el("td", e.action, "strong"), el("td", e.target, "mono"),
       stateCell(e.result), numCell(isNum(e.status) ? e.status : DASH), numCell(ms(e.duration_ms)), el("td", e.remote, "muted mono"),
     ]), 8, "no audit entries" + (Object.keys(state.audit).length ? " match the filter" : ""));
     sectionError("audit", null);
   } catch (err) {
     sectionError("audit", err);
   }
+}
+
+// "2026-11-30T15:11:30.491+00:00" -> "2026-11-30 15:11:30Z" (the full stamp on hover)
+function auditTime(text) {
+  const td = el("td", String(text).replace("T", " ").replace(/\.\d+/, "").replace(/\+00:00$|Z$/, "Z"), "mono muted");
+  td.title = String(text);
+  return td;
 }
 
 function onAuditFilter(ev) {
