@@ -175,9 +175,10 @@ function el(tag, text, cls) {
   return node;
 }
 
-function button(text, onClick, cls) {
+function button(text, onClick, cls, action) {
   const b = el("button", text, cls);
   b.type = "button";
+  if (action) b.dataset.action = action; // what it does, for tests and people with devtools
   b.addEventListener("click", onClick);
   return b;
 }
@@ -197,6 +198,12 @@ function fillRows(tbody, rows, columns, emptyText) {
     frag.append(tr);
   }
   tbody.replaceChildren(frag);
+}
+
+// Tag each row with the name or id it shows (data-key).
+function tagRows(tbody, keys) {
+  const trs = tbody.children;
+  keys.forEach((key, i) => { if (trs[i]) trs[i].dataset.key = key; });
 }
 
 function badge(s) {
@@ -262,10 +269,10 @@ function renderHosts() {
   fillRows($("hosts"), state.hosts.map((h) => {
     const shown = hostState(h);
     const maint = button(h.maintenance ? "End maintenance" : "Maintenance",
-      () => setMaintenance(h.name, !h.maintenance), h.maintenance ? "" : "quiet");
+      () => setMaintenance(h.name, !h.maintenance), "quiet", "maintenance");
     maint.title = h.maintenance ? "let the scheduler place VMs here again" : "place no new VMs here; running VMs stay";
     const drain = state.features.drain && h.state !== "down"
-      ? button("Drain…", () => openDrain(h.name), "quiet") : null;
+      ? button("Drain…", () => openDrain(h.name), "quiet", "drain") : null;
     const memUsed = isNum(h.memory_bytes) && isNum(h.memory_available_bytes) && h.memory_bytes > 0
       ? h.memory_available_bytes / h.memory_bytes : null;
     return [
@@ -275,6 +282,7 @@ function renderHosts() {
       el("td", ago(h.last_heartbeat), h.state === "down" ? "bad" : "muted"), actionsCell(maint, drain),
     ];
   }), 9, "no hosts registered");
+  tagRows($("hosts"), state.hosts.map((h) => h.name));
   const up = state.hosts.filter((h) => h.state === "up").length;
   const maint = state.hosts.filter((h) => h.maintenance).length;
   $("hosts-summary").textContent = up + " of " + state.hosts.length + " up" + (maint ? ", " + maint + " in maintenance" : "");
@@ -335,7 +343,7 @@ function renderDrains() {
     const head = el("div", null, "card-head");
     head.append(el("span", "Drain of " + d.host, "strong"), badge(d.state),
       el("span", "at most " + d.max_parallel + " at once · " + d.id, "muted mono"));
-    if (DRAIN_TERMINAL.has(d.state)) head.append(button("Dismiss", () => { state.drains.delete(d.id); renderDrains(); renderHosts(); }, "quiet"));
+    if (DRAIN_TERMINAL.has(d.state)) head.append(button("Dismiss", () => { state.drains.delete(d.id); renderDrains(); renderHosts(); }, "quiet", "dismiss"));
     const table = el("table", null, "grid compact");
     const thead = el("thead");
     const hr = el("tr");
@@ -366,10 +374,10 @@ function renderVms() {
   fillRows($("vms"), state.vms.map((v) => {
     const spec = v.spec || {};
     const busy = state.pending.has(v.name);
-    const start = STARTABLE.has(v.state) ? button("Start", () => vmAction(v.name, "start"), "quiet") : null;
-    const stop = STOPPABLE.has(v.state) ? button("Stop", () => vmAction(v.name, "stop"), "quiet") : null;
-    const migrate = v.state === "running" ? button("Migrate…", () => openMigrate(v.name), "quiet") : null;
-    const console_ = state.features.console ? button("Console", () => openConsole(v.name), "quiet") : null;
+    const start = STARTABLE.has(v.state) ? button("Start", () => vmAction(v.name, "start"), "quiet", "start") : null;
+    const stop = STOPPABLE.has(v.state) ? button("Stop", () => vmAction(v.name, "stop"), "quiet", "stop") : null;
+    const migrate = v.state === "running" ? button("Migrate…", () => openMigrate(v.name), "quiet", "migrate") : null;
+    const console_ = state.features.console ? button("Console", () => openConsole(v.name), "quiet", "console") : null;
     for (const b of [start, stop, migrate]) if (b) b.disabled = busy;
     return [
       el("td", v.name, "strong"), v.host, stateCell(busy ? state.pending.get(v.name) : v.state),
@@ -378,6 +386,7 @@ function renderVms() {
       actionsCell(start, stop, migrate, console_),
     ];
   }), 8, "no VMs");
+  tagRows($("vms"), state.vms.map((v) => v.name));
   const running = state.vms.filter((v) => v.state === "running").length;
   $("vms-summary").textContent = running + " of " + state.vms.length + " running";
   $("count-vms").textContent = String(state.vms.length);
@@ -655,8 +664,8 @@ function renderMigrations() {
   const rows = state.migrations.map((stored) => {
     const m = current(stored);
     const n = numbers(m);
-    const detail = button("Details", () => openDetail(m.id), "quiet");
-    const cancel = TERMINAL.has(m.phase) ? null : button("Cancel", () => cancelMigration(m.id), "quiet danger-text");
+    const detail = button("Details", () => openDetail(m.id), "quiet", "details");
+    const cancel = TERMINAL.has(m.phase) ? null : button("Cancel", () => cancelMigration(m.id), "quiet danger-text", "cancel");
     const tr = [
       monoCell(m.id), el("td", m.vm, "strong"), el("td", m.source + " → " + m.target),
       el("td", m.policy || DASH, m.policy ? "" : "muted"), stateCell(m.phase), progressCell(m),
@@ -667,8 +676,7 @@ function renderMigrations() {
   });
   fillRows($("migrations"), rows, 13, "no migrations yet");
   // tag rows with the migration id, so a test (or a person with devtools) can find one
-  const trs = $("migrations").children;
-  state.migrations.forEach((m, i) => { if (trs[i]) trs[i].dataset.id = m.id; });
+  tagRows($("migrations"), state.migrations.map((m) => m.id));
   const active = state.migrations.filter((m) => !TERMINAL.has(current(m).phase)).length;
   $("migrations-summary").textContent = active ? active + " running" : "none running";
   $("count-migrations").textContent = active ? String(active) : "";
@@ -749,7 +757,8 @@ function renderDetail() {
 
   const live = el("dl", null, "kv");
   kv(live, "sent", bytes(n.sent) + (isNum(met.pages_sent) ? " · " + count(met.pages_sent) + " pages" : ""));
-  kv(live, "left in this round", bytes(n.remaining));
+  kv(live, "left in this round", n.remaining === null || TERMINAL.has(m.phase) ? DASH
+    : bytes(n.remaining) + " of guest RAM · " + count(n.remaining / PAGE) + " pages");
   kv(live, "rate", rate(n.rate));
   kv(live, "ETA (this round)", seconds(n.eta));
   kv(live, "round", isNum(m.round) && m.round ? m.round + " of at most " + ((met.effective_options || {}).max_rounds || (m.options || {}).max_rounds || DASH) : DASH);
@@ -766,7 +775,7 @@ function renderDetail() {
   parts.push(el("h3", "Progress"), live);
 
   const down = el("dl", null, "kv");
-  kv(down, "pause", ms(met.downtime_ms), over ? "bad strong" : "");
+  kv(down, "guest paused for", ms(met.downtime_ms), over ? "bad strong" : "");
   kv(down, "budget", ms(budget));
   kv(down, "against budget", isNum(met.downtime_ms) && isNum(budget) && budget > 0
     ? (100 * met.downtime_ms / budget).toFixed(0) + " %" + (over ? " — over budget" : "") : DASH, over ? "bad strong" : "");

@@ -165,14 +165,14 @@ async def test_operator_creates_a_vm_watches_its_console_and_migrates_it(
     await page.wait_for(f"({row_js('vms', 'web')} || [])[2] === 'running'", what="web running")
 
     # its serial console, live: the guest boots and its workload reports
-    await page.click("#vms tr:first-child button:nth-of-type(3)")  # Start/Stop, Migrate…, Console
+    await page.click('#vms tr[data-key="web"] button[data-action="console"]')
     assert await page.text("#panel-title") == "Console web"
     await page.wait_for("/NOVACRON-HB .* ok=1/.test(document.getElementById('console-text').innerText)",
                         timeout=150, what="the guest's heartbeat on the console")
     await page.screenshot(out / "04-console.png")
 
     # migrate it with a bandwidth cap, so the progress can be watched
-    await page.click("#vms tr:first-child button:nth-of-type(2)")
+    await page.click('#vms tr[data-key="web"] button[data-action="migrate"]')
     assert await page.text("#panel-title") == "Migrate web"
     await page.select("#migrate-target", "host-b")
     await page.type("#migrate-bandwidth", "6")
@@ -221,12 +221,23 @@ async def test_operator_creates_a_vm_watches_its_console_and_migrates_it(
     await page.screenshot(out / "06-migration-detail.png")
     await page.wait_for(f"({row_js('vms', 'web')} || [])[1] === 'host-b'", what="web on host-b")
 
+    # maintenance on the emptied host, and off again
+    await page.click('#hosts tr[data-key="host-a"] button[data-action="maintenance"]')
+    await page.wait_for(f"({row_js('hosts', 'host-a')} || [])[1] === 'maintenance'",
+                        what="host-a in maintenance")
+    assert await page.js("document.querySelector('#hosts tr[data-key=\"host-a\"] "
+                         "button[data-action=maintenance]').innerText") == "End maintenance"
+    await page.screenshot(out / "07-maintenance.png")
+    await page.click('#hosts tr[data-key="host-a"] button[data-action="maintenance"]')
+    await page.wait_for(f"({row_js('hosts', 'host-a')} || [])[1] === 'up'", what="host-a up again")
+
     # the audit trail shows what the operator did
     await page.wait_for("[...document.querySelectorAll('#audit tr')].some((r) => "
-                        "/migration/.test(r.innerText) && /web/.test(r.innerText))",
-                        what="the migration in the audit trail")
+                        "/migration/.test(r.innerText) && /web/.test(r.innerText))"
+                        " && /maintenance/.test(document.getElementById('audit').innerText)",
+                        what="the migration and maintenance in the audit trail")
     await page.js("document.getElementById('audit-section').scrollIntoView()")
-    await page.screenshot(out / "07-audit.png")
+    await page.screenshot(out / "08-audit.png")
     await page.color_scheme("dark")
     await page.js("window.scrollTo(0, 0)")
-    await page.screenshot(out / "08-dark.png")
+    await page.screenshot(out / "09-dark.png")
