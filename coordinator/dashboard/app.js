@@ -519,7 +519,8 @@ function openMigrate(vmName) {
   fillTargets();
   const policies = state.features.policies ? state.policies : [];
   $("migrate-policy-row").hidden = !state.features.policies;
-  fillSelect($("migrate-policy"), [["", "by VM labels, or the default"], ...policies.map((p) => [p.name, policyLabel(p)])]);
+  const fallback = "by the VM's policy or labels, else " + (state.policyDefault ? "the default (" + state.policyDefault + ")" : "none");
+  fillSelect($("migrate-policy"), [["", fallback], ...policies.map((p) => [p.name, policyLabel(p)])]);
 }
 
 function fillTargets() {
@@ -660,6 +661,12 @@ function progressCell(m) {
   return td;
 }
 
+function policyCell(m) {
+  const td = el("td", m.policy || DASH, m.policy ? "" : "muted");
+  if (m.policy_source) td.title = "chosen by " + m.policy_source;
+  return td;
+}
+
 function renderMigrations() {
   const rows = state.migrations.map((stored) => {
     const m = current(stored);
@@ -668,7 +675,7 @@ function renderMigrations() {
     const cancel = TERMINAL.has(m.phase) ? null : button("Cancel", () => cancelMigration(m.id), "quiet danger-text", "cancel");
     const tr = [
       monoCell(m.id), el("td", m.vm, "strong"), el("td", m.source + " → " + m.target),
-      el("td", m.policy || DASH, m.policy ? "" : "muted"), stateCell(m.phase), progressCell(m),
+      policyCell(m), stateCell(m.phase), progressCell(m),
       numCell(bytes(n.sent)), numCell(bytes(n.remaining)), numCell(rate(n.rate)), numCell(seconds(n.eta)),
       downtimeCell(m), numCell(seconds((m.metrics || {}).total_s)), actionsCell(detail, cancel),
     ];
@@ -746,7 +753,7 @@ function renderDetail() {
   if (m.error) parts.push(el("p", m.error, "inline-error"));
   const head = el("div", null, "detail-head");
   head.append(badge(m.phase), el("span", m.vm + ": " + m.source + " → " + m.target, "strong"),
-    el("span", "policy " + (m.policy || DASH), "muted"));
+    el("span", "policy " + (m.policy || DASH) + (m.policy && m.policy_source ? " (by " + m.policy_source + ")" : ""), "muted"));
   parts.push(head);
   if (!TERMINAL.has(m.phase)) {
     const bar = el("progress");
@@ -929,6 +936,7 @@ async function detectFeatures() {
       const list = Array.isArray(res) ? res : Array.isArray(res.policies) ? res.policies
         : Object.entries(res.policies || {}).map(([name, p]) => ({ name, ...p }));
       state.policies = list.filter((p) => p && typeof p.name === "string");
+      state.policyDefault = typeof res.default === "string" ? res.default : null;
     } catch (_) {
       state.features.policies = false; // hidden rather than offered broken
     }
