@@ -14,7 +14,8 @@ does not know the VM while another runs it.
 - ``Reconciler.reconcile_vm``: a VM that another host reports in its
   heartbeat: the record follows the host whose agent runs it.
 - ``Reconciler.run``: a loop doing the last two for the whole fleet every
-  ``reconcile_interval_s`` (cheap: store reads, agent calls only on mismatch).
+  ``reconcile_interval_s`` (cheap: store reads, agent calls only on mismatch),
+  run by the one coordinator holding the ``reconcile`` lease.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ import time
 from dataclasses import dataclass
 
 from novacron.coordinator.agent_client import AgentClient, AgentError, reported_state
+from novacron.coordinator.lease import Lease
 from novacron.coordinator.models import HOST_UP, VM, Migration
 from novacron.coordinator.store import Store
+
+RECONCILE_LEASE = "reconcile"  # the lease a coordinator holds while it reconciles
 
 log = logging.getLogger("novacron.coordinator.reconcile")
 
@@ -165,11 +169,13 @@ class Reconciler:
             elif vm.state == "migrating" or any(h != vm.host for h in where.get(vm.name, ())):
                 await self.reconcile_vm(vm, where.get(vm.name, []))
 
-    async def run(self, interval_s: float) -> None:
-        """A pass every ``interval_s`` (the service runs the first one at start)."""
+    async def run(self, interval_s: float, lease: Lease | None = None) -> None:
+        """A pass every ``interval_s`` (the service runs the first one at start); with
+        several coordinators on one database, only by the holder of ``lease``."""
         while True:
             await asyncio.sleep(interval_s)
-            await self.run_once_logged()
+            if lease is None or lease.held:
+                await self.run_once_logged()
 
     async def run_once_logged(self) -> None:
         try:

@@ -38,11 +38,12 @@ from novacron.coordinator.api.openapi import add_routes, build_document, json_bo
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
 from novacron.coordinator.identity import HostIdentities
+from novacron.coordinator.lease import Lease
 from novacron.coordinator.metrics import CoordinatorMetrics
 from novacron.coordinator.migrations import MigrationManager
 from novacron.coordinator.models import HOST_DOWN, HOST_UP
 from novacron.coordinator.placement import Placer, most_free_memory
-from novacron.coordinator.reconcile import Reconciler
+from novacron.coordinator.reconcile import RECONCILE_LEASE, Reconciler
 from novacron.coordinator.store import Store, open_store
 from novacron.daemon import start_site, until_signalled
 from novacron.grants import GrantSigner
@@ -119,15 +120,21 @@ async def _core_services(app: web.Application) -> AsyncIterator[None]:
     await app[EVENTS].start()  # events published by other coordinators on this database
     await app[AGENTS].start()
     await app[MIGRATIONS].resume_all()
-    # before serving: VMs left creating or migrating, records behind the agents
-    await app[RECONCILER].run_once_logged()
-    loop = asyncio.create_task(app[RECONCILER].run(app[CONFIG].reconcile_interval_s), name="reconcile")
+    # Reconciliation writes VM records from what agents report: one coordinator of the
+    # fleet at a time, or two could settle the same VM from reports a moment apart.
+    lease = Lease(app[STORE], RECONCILE_LEASE, app[INSTANCE], app[CONFIG].lease_ttl_s)
+    app[LEASES][RECONCILE_LEASE] = lease
+    if await lease.renew():  # before serving: VMs left creating or migrating, records behind the agents
+        await app[RECONCILER].run_once_logged()
+    lease.start()
+    loop = asyncio.create_task(app[RECONCILER].run(app[CONFIG].reconcile_interval_s, lease), name="reconcile")
     try:
         yield
     finally:
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loop
+        await lease.close()
         await app[MIGRATIONS].close()
         await app[AGENTS].close()
         await app[EVENTS].close()

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from novacron.coordinator.api.hosts import MONITOR_LEASE
+from novacron.coordinator.reconcile import RECONCILE_LEASE
 from tests.coordinator.conftest import Coordinator, make_cfg, start_coordinator, stop_coordinator
 from tests.coordinator.fake_agent import FakeAgent, serving
 from tests.coordinator.test_api import read_sse, vm_spec
@@ -170,7 +171,7 @@ async def _kill_and_take_over(tmp_path: Path, database_url: str, proc: subproces
             if MONITOR_LEASE in (await _health(session, a_url))["leases"]:
                 break
             await asyncio.sleep(0.1)
-        assert (await _health(session, a_url))["leases"] == [MONITOR_LEASE]
+        assert (await _health(session, a_url))["leases"] == sorted([MONITOR_LEASE, RECONCILE_LEASE])
         for fake in fakes:
             await fake.register_with(session, a_url, first.agent_token)
         async with session.post(a_url + "/api/v1/vms", json=vm_spec("mv", host="alpha"),
@@ -190,8 +191,8 @@ async def _kill_and_take_over(tmp_path: Path, database_url: str, proc: subproces
         os.killpg(proc.pid, signal.SIGKILL)  # no clean hand-over: the lease must expire
         proc.wait(10)
         killed = time.monotonic()
-        while MONITOR_LEASE not in (await _health(session, b.url))["leases"]:
-            assert time.monotonic() - killed < ttl + ttl / 3 + 1.0, "monitor did not move"
+        while (await _health(session, b.url))["leases"] != sorted([MONITOR_LEASE, RECONCILE_LEASE]):
+            assert time.monotonic() - killed < ttl + ttl / 3 + 1.0, "monitor and reconciliation did not move"
             await asyncio.sleep(0.05)
         # ... and B now does the monitor's work: a silent host goes down.
         fake = FakeAgent("quiet", "tok-quiet-1-per-host-token")

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from novacron.coordinator.api.keys import RECONCILER, STORE
 from novacron.coordinator.models import Migration
-from novacron.coordinator.reconcile import Sighting, migration_outcome
+from novacron.coordinator.reconcile import Reconciler, Sighting, migration_outcome
 from tests.coordinator.conftest import Coordinator, make_cfg, start_coordinator, stop_coordinator
 from tests.coordinator.fake_agent import FakeAgent, serving
 
@@ -200,3 +200,32 @@ async def test_migration_start_whose_answer_was_lost_is_followed(tmp_path: Path)
             assert (await c.call("GET", "/vms/v1"))[1]["host"] == "beta"
         finally:
             await stop_coordinator(c)
+
+
+class _Lease:
+    def __init__(self, held: bool) -> None:
+        self.held = held
+
+
+async def test_the_loop_reconciles_only_while_it_holds_the_lease() -> None:
+    """Several coordinators on one database: only the lease holder writes records
+    from the agents' reports (the lease moving is tests/coordinator/test_multi_coordinator.py)."""
+    passes: list[bool] = []
+    lease = _Lease(False)
+
+    class Counting(Reconciler):
+        async def run_once(self) -> None:
+            passes.append(lease.held)
+
+    loop = asyncio.create_task(Counting(None, None).run(0.01, lease))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.2)
+        assert passes == []  # another coordinator holds it
+        lease.held = True
+        for _ in range(200):  # bounded: 2 s
+            if passes:
+                break
+            await asyncio.sleep(0.01)
+        assert passes and all(passes)
+    finally:
+        loop.cancel()
