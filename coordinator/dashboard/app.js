@@ -206,9 +206,9 @@ function tagRows(tbody, keys) {
   keys.forEach((key, i) => { if (trs[i]) trs[i].dataset.key = key; });
 }
 
-function badge(s) {
+function badge(s, look) {
   const text = String(s === undefined || s === null ? "unknown" : s);
-  return el("span", text, "badge state-" + text.replace(/[^a-z_]/g, ""));
+  return el("span", text, "badge state-" + (look || text).replace(/[^a-z_]/g, ""));
 }
 function stateCell(s) { const td = el("td"); td.append(badge(s)); return td; }
 function numCell(text, cls) { return el("td", text, "num" + (cls ? " " + cls : "")); }
@@ -271,7 +271,7 @@ function renderHosts() {
     const maint = button(h.maintenance ? "End maintenance" : "Maintenance",
       () => setMaintenance(h.name, !h.maintenance), "quiet", "maintenance");
     maint.title = h.maintenance ? "let the scheduler place VMs here again" : "place no new VMs here; running VMs stay";
-    const drain = state.features.drain && h.state !== "down"
+    const drain = state.features.drain && h.state !== "down" && shown !== "draining"
       ? button("Drain…", () => openDrain(h.name), "quiet", "drain") : null;
     const memUsed = isNum(h.memory_bytes) && isNum(h.memory_available_bytes) && h.memory_bytes > 0
       ? h.memory_available_bytes / h.memory_bytes : null;
@@ -341,7 +341,7 @@ function renderDrains() {
   for (const d of [...state.drains.values()].reverse()) {
     const card = el("div", null, "card");
     const head = el("div", null, "card-head");
-    head.append(el("span", "Drain of " + d.host, "strong"), badge(d.state),
+    head.append(el("span", "Drain of " + d.host, "strong"), badge(d.state, d.state === "running" ? "moving" : d.state),
       el("span", "at most " + d.max_parallel + " at once · " + d.id, "muted mono"));
     if (DRAIN_TERMINAL.has(d.state)) head.append(button("Dismiss", () => { state.drains.delete(d.id); renderDrains(); renderHosts(); }, "quiet", "dismiss"));
     const table = el("table", null, "grid compact");

@@ -232,36 +232,44 @@ async def test_operator_creates_a_vm_watches_its_console_migrates_it_and_drains_
     await page.wait_for(f"({row_js('hosts', 'host-a')} || [])[1] === 'up'", what="host-a up again")
 
     # drain host-b: the dashboard starts it, shows it running and reports each VM's outcome
-    await page.click('#hosts tr[data-key="host-b"] button[data-action="drain"]')
-    assert await page.text("#panel-title") == "Drain host-b"
-    await page.type("#drain-parallel", "1")
-    await page.click("#drain-form button[type=submit]")
-    started = await page.wait_for("(t => /^drain \\S+ started|\\S/.test(t) && t)"
-                                  "(document.getElementById('drain-result').innerText)",
-                                  what="the drain to start")
-    assert re.fullmatch(r"drain \S+ started: 1 VM\(s\) to move", started), started
-    await page.wait_for("!!document.querySelector('#drains .card')", what="the drain's card")
-    await page.wait_for(f"({row_js('hosts', 'host-b')} || [])[1] === 'draining'",
-                        what="host-b draining")
-    await page.screenshot(out / "08-draining.png")
-    await page.wait_for("document.querySelector('#drains .card .badge').innerText === 'done'",
-                        timeout=150, what="the drain to finish")
-    drain_row = await page.js(
-        "[...document.querySelectorAll('#drains .card tbody tr td')].map((c) => c.innerText.trim())")
-    assert drain_row[:2] == ["web", "host-a"] and drain_row[3] == "moved", drain_row
-    assert re.fullmatch(r"m-\w+", drain_row[2]), drain_row  # the migration that moved it
-    # the emptied host stays in maintenance; the VM runs on host-a
-    await page.wait_for(f"({row_js('hosts', 'host-b')} || [])[1] === 'maintenance'",
-                        what="host-b in maintenance after its drain")
-    await page.wait_for(f"({row_js('vms', 'web')} || [])[1] === 'host-a'", what="web on host-a")
-    await page.js("window.scrollTo(0, 0)")
-    await page.screenshot(out / "09-drained.png")
+    # (until the drain API is merged: skipped only when the coordinator lacks the route itself)
+    has_drain = "/api/v1/hosts/{name}/drain" in (await page.js(
+        "fetch('/api/v1/openapi.json').then((r) => r.json())"))["paths"]
+    if has_drain:
+        await page.click('#hosts tr[data-key="host-b"] button[data-action="drain"]')
+        assert await page.text("#panel-title") == "Drain host-b"
+        await page.type("#drain-parallel", "1")
+        await page.click("#drain-form button[type=submit]")
+        started = await page.wait_for("(t => /^drain \\S+ started|\\S/.test(t) && t)"
+                                      "(document.getElementById('drain-result').innerText)",
+                                      what="the drain to start")
+        assert re.fullmatch(r"drain \S+ started: 1 VM\(s\) to move", started), started
+        await page.wait_for("!!document.querySelector('#drains .card')", what="the drain's card")
+        await page.wait_for(f"({row_js('hosts', 'host-b')} || [])[1] === 'draining'",
+                            what="host-b draining")
+        await page.screenshot(out / "08-draining.png")
+        await page.wait_for("document.querySelector('#drains .card .badge').innerText === 'done'",
+                            timeout=150, what="the drain to finish")
+        drain_row = await page.js(
+            "[...document.querySelectorAll('#drains .card tbody tr td')].map((c) => c.innerText.trim())")
+        assert drain_row[:2] == ["web", "host-a"] and drain_row[3] == "moved", drain_row
+        assert re.fullmatch(r"m-\w+", drain_row[2]), drain_row  # the migration that moved it
+        # the emptied host stays in maintenance; the VM runs on host-a
+        await page.wait_for(f"({row_js('hosts', 'host-b')} || [])[1] === 'maintenance'",
+                            what="host-b in maintenance after its drain")
+        await page.wait_for(f"({row_js('vms', 'web')} || [])[1] === 'host-a'", what="web on host-a")
+        await page.js("window.scrollTo(0, 0)")
+        await page.screenshot(out / "09-drained.png")
+
+    else:  # a coordinator without drains: no control that would only fail
+        assert await page.js("document.querySelectorAll('button[data-action=drain]').length") == 0
 
     # the audit trail shows what the operator did
     await page.wait_for("[...document.querySelectorAll('#audit tr')].some((r) => "
                         "/migration/.test(r.innerText) && /web/.test(r.innerText))"
                         " && /maintenance/.test(document.getElementById('audit').innerText)"
-                        " && /drain/.test(document.getElementById('audit').innerText)",
+                        " && (!" + str(has_drain).lower() + " || /drain/.test("
+                        "document.getElementById('audit').innerText))",
                         what="the migration and maintenance in the audit trail")
     await page.js("document.getElementById('audit-section').scrollIntoView()")
     await page.screenshot(out / "10-audit.png")
