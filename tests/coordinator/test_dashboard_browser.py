@@ -95,6 +95,12 @@ async def test_wrong_token_is_refused_inline_and_csp_blocks_inline_script(
         await page.wait_for("!document.getElementById('app').hidden", what="the signed-in view")
         await page.wait_for("!!document.querySelector('#hosts td.empty')", what="the empty host list")
         assert coord.admin_token not in await page.js("document.documentElement.outerHTML")
+        # the token travels in the Authorization header only, never in a URL
+        sent = page.requests()
+        api = [r for r in sent if "/api/v1/" in r["url"] and not r["url"].endswith("/openapi.json")]
+        assert all(r["headers"].get("Authorization", "").startswith("Bearer ") for r in api)
+        assert [r for r in api if r["headers"]["Authorization"] == f"Bearer {coord.admin_token}"]
+        assert not [r["url"] for r in sent if coord.admin_token in r["url"]]
 
 
 @pytest.fixture
@@ -162,6 +168,12 @@ async def test_operator_creates_a_vm_watches_its_console_migrates_it_and_drains_
                                  "(document.getElementById('create-result').innerText)",
                                  timeout=130, what="the create result")
     assert result == "web is running on host-a", result
+    # a second VM of that name: the API's refusal, shown where it was asked
+    await page.click("#create-form button[type=submit]")
+    refused = await page.wait_for("document.getElementById('create-result').className === 'result bad'"
+                                  " && document.getElementById('create-result').innerText",
+                                  what="the refusal")
+    assert refused == "a VM named 'web' already exists", refused
     await page.wait_for(f"({row_js('vms', 'web')} || [])[2] === 'running'", what="web running")
 
     # its serial console, live: the guest boots and its workload reports
