@@ -27,6 +27,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from novacron.coordinator.api.errors import ApiError
@@ -79,7 +80,7 @@ class DrainManager:
     async def drain(self, host: str, max_parallel: int) -> dict[str, Any]:
         if not 1 <= max_parallel <= MAX_PARALLEL:
             raise ApiError(400, f"max_parallel must be 1..{MAX_PARALLEL}, not {max_parallel}")
-        async with self._lock:
+        async with self._lock, self._host_guard(host):
             record = await self.store.get_host(host)
             if record is None:
                 raise ApiError(404, f"no host named {host!r}")
@@ -100,6 +101,18 @@ class DrainManager:
                                          "max_parallel": max_parallel})
         self._run(doc)
         return doc
+
+    @contextlib.asynccontextmanager
+    async def _host_guard(self, host: str) -> AsyncIterator[None]:
+        """A short lease per host around the check-and-mark: coordinators sharing the
+        database cannot both start draining one host."""
+        name = f"drain-start:{host}"
+        if await self.store.acquire_lease(name, self.holder, self.cfg.lease_ttl_s) is None:
+            raise ApiError(409, f"another coordinator is starting a drain of {host!r} right now")
+        try:
+            yield
+        finally:
+            await self.store.release_lease(name, self.holder)
 
     async def apply(self, moves: list[dict[str, Any]], max_parallel: int) -> dict[str, Any]:
         """Run the given moves (``{"vm", "source", "target"}``, a rebalance plan's)."""
@@ -186,6 +199,14 @@ class DrainManager:
         if vm is None:
             await self._set(doc, entry, state="failed", error="the VM no longer exists")
             return None
+        ongoing = [m for m in await self.store.active_migrations() if m.vm == vm.name]
+        if ongoing and ongoing[0].source == entry["source"] and (
+                entry["target"] is None or ongoing[0].target == entry["target"]):
+            # started by this run before its coordinator stopped (or by hand): follow that one
+            mig = ongoing[0]
+            await self._set(doc, entry, target=mig.target, migration=mig.id,
+                            state="queued" if mig.phase == QUEUED else "migrating")
+            return mig.id
         if vm.host != entry["source"]:
             await self._set(doc, entry, state="failed",
                             error=f"the VM is on {vm.host} now, not on {entry['source']}")

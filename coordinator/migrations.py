@@ -14,6 +14,11 @@ holding its lease (``migration:<id>``, taken when the record is created and
 renewed while polling). Every coordinator looks for unfinished migrations
 whose lease has expired (their follower died) and adopts them, at start-up
 and every ``lease_ttl_s``; a clean stop hands its migrations over at once.
+
+Over a concurrency limit (``migration_queue``) a migration is recorded ``queued``
+and touches nothing; ``dispatch()`` starts queued ones, oldest first, when a slot
+frees (after any migration here ends, and every ``lease_ttl_s`` for slots freed by
+other coordinators); whichever coordinator takes a queued migration's lease starts it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,6 +61,12 @@ def topic(mig_id: str) -> str:
 
 def lease_name(mig_id: str) -> str:
     return f"migration:{mig_id}"
+
+
+# Held while a coordinator counts slots and records a start: the limits hold across
+# every coordinator sharing the database, not just within one.
+ADMISSION_LEASE = "migration-admission"
+ADMISSION_WAIT_S = 5.0  # beyond lease_ttl_s: a holder that died has lost it by then
 
 
 class MigrationManager:
@@ -106,7 +118,8 @@ class MigrationManager:
 
     async def _start(self, vm_name: str, target: str, options: dict[str, Any],
                      force: bool = False) -> Migration:
-        async with self._lock:  # one check-then-start at a time: no two migrations of one VM
+        # one check-then-start at a time: no two migrations of one VM, no limit passed
+        async with self._lock, self._admission():
             vm, src, dst = await self._check(vm_name, target, force)
             active = await self.store.active_migrations()
             for other in active:
@@ -123,9 +136,25 @@ class MigrationManager:
                 log.info("migration queued", extra={"migration": mig.id, "vm": vm_name,
                                                     "source": src.name, "target": dst.name,
                                                     "why": wait})
+                self.kick()  # older queued ones may fit already (slots freed elsewhere)
                 return mig
             await self._claim(mig, vm)
         return await self._launch(mig, src, dst)
+
+    @contextlib.asynccontextmanager
+    async def _admission(self) -> AsyncIterator[None]:
+        """The fleet-wide admission lease, for counting slots and recording starts."""
+        deadline = time.monotonic() + self.cfg.lease_ttl_s + ADMISSION_WAIT_S
+        while await self.store.acquire_lease(ADMISSION_LEASE, self.holder,
+                                             self.cfg.lease_ttl_s) is None:
+            if time.monotonic() > deadline:
+                raise ApiError(503, "another coordinator is starting migrations; try again",
+                               headers={"Retry-After": "1"})
+            await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            await self.store.release_lease(ADMISSION_LEASE, self.holder)
 
     async def _check(self, vm_name: str, target: str, force: bool) -> tuple[VM, Host, Host]:
         """The VM and both hosts, if the VM may move to ``target`` now; else ApiError."""
@@ -159,13 +188,13 @@ class MigrationManager:
         """Take the migration's lease, mark the VM migrating and store the record (pending)."""
         await self._hold(mig.id)  # ours before any other coordinator acts on it
         now = time.time()
-        mig.phase, mig.queue_reason, mig.started_at = "pending", None, now
         vm.state, vm.updated_at = "migrating", now
         # The lock of the caller covers this coordinator; the compare-and-set covers the others.
         if not await self.store.put_vm_if(vm, "running"):
             await self.store.release_lease(lease_name(mig.id), self.holder)
             raise ApiError(409, f"VM {vm.name!r} changed meanwhile (another coordinator "
                            "is migrating it?)")
+        mig.phase, mig.queue_reason, mig.started_at = "pending", None, now  # the VM is ours
         try:
             await self.store.put_migration(mig)
         except BaseException:
@@ -235,7 +264,7 @@ class MigrationManager:
         whose VM or hosts no longer allow the move fails (the VM stays where it runs).
         Any coordinator may start a queued migration: the one that takes its lease."""
         launches: list[tuple[Migration, Host, Host]] = []
-        async with self._lock:
+        async with self._lock, self._admission():
             active = await self.store.active_migrations()
             admitted, waiting = migration_queue.admit(self.limits, active)
             for mig in admitted:

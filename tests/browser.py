@@ -77,7 +77,7 @@ class Browser:
             page = next(t for t in targets if t.get("type") == "page")
             self._ws = await self._session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=64 << 20)
             self._reader = asyncio.create_task(self._read(), name="cdp-reader")
-            for domain in ("Page", "Runtime", "Log"):
+            for domain in ("Page", "Runtime", "Log", "Network"):
                 await self.send(f"{domain}.enable")
             await self.send("Emulation.setDeviceMetricsOverride", {
                 "width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False})
@@ -241,6 +241,10 @@ class Browser:
         """Uncaught script errors the page reported."""
         return [json.dumps(e["params"]["exceptionDetails"])[:500] for e in self.events
                 if e.get("method") == "Runtime.exceptionThrown"]
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request the page sent (url, method, headers)."""
+        return [e["params"]["request"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
 
     def log_entries(self) -> list[dict[str, Any]]:
         return [e["params"]["entry"] for e in self.events if e.get("method") == "Log.entryAdded"]

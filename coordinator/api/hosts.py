@@ -23,6 +23,10 @@ implements it; an agent can run one with its ``GET /v1/host`` document):
   register again.
 - A host silent for ``heartbeat_timeout_s`` is marked ``down``; no VM is placed
   on or migrated to it until it heartbeats again.
+- Host documents carry ``maintenance`` (no new VMs, ``PUT /hosts/{name}/maintenance``),
+  ``drain`` (the id of the drain emptying it, ``POST /hosts/{name}/drain`` in
+  ``novacron.coordinator.api.drains``) and ``lifecycle``: ``active``, ``draining``
+  while a drain runs, ``maintenance`` after; ``state`` stays the agent's up/down.
 - ``DELETE /api/v1/hosts/{name}`` (admin) forgets the record but keeps the name's
   binding; ``?retire=true`` also releases the binding, so another identity (a
   reinstalled host) may register the name.

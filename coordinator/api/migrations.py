@@ -53,7 +53,7 @@ KEEPALIVE_S = 15.0
 
 
 @routes.post("/migrations", "Start a live migration of a VM to a host", request=START,
-             response=schemas.MIGRATION, status=202, errors=(404, 409, 502))
+             response=schemas.MIGRATION, status=202, errors=(404, 409, 502, 503))
 async def start(request: web.Request) -> web.Response:
     body = json_body(request)
     mig = await request.app[MIGRATIONS].start(body["vm"], body["target"], body.get("options", {}),

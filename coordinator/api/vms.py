@@ -12,8 +12,9 @@ from aiohttp import web
 from novacron.coordinator.agent_client import AgentError, reported_state
 from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
-from novacron.coordinator.api.keys import AGENTS, METRICS, PLACER, RECONCILER, STORE
+from novacron.coordinator.api.keys import AGENTS, METRICS, MIGRATIONS, PLACER, RECONCILER, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
+from novacron.coordinator.migration_queue import QUEUED
 from novacron.coordinator.models import HOST_UP, VM, Host
 
 log = logging.getLogger("novacron.coordinator.vms")
@@ -332,6 +333,9 @@ async def delete_vm(request: web.Request) -> web.Response:
         which = active[0] if active else "ID"
         raise ApiError(409, f"VM {vm.name!r} is migrating; cancel the migration first "
                        f"(novacron migration cancel {which})")
+    for mig in await request.app[STORE].active_migrations():  # a VM deleted goes nowhere
+        if mig.vm == vm.name and mig.phase == QUEUED:
+            await request.app[MIGRATIONS].cancel(mig.id)
     # delete the VM where it really runs, not only where the record says
     reconciler = request.app[RECONCILER]
     vm = await reconciler.reconcile_vm(vm, (await reconciler.reported_by()).get(vm.name, []))

@@ -36,6 +36,7 @@ const state = {
   features: {}, hosts: [], vms: [], migrations: [], policies: [], drains: new Map(),
   panel: null, console: null, audit: {},
   pending: new Map(), // VM name -> what is being done to it (starting, stopping)
+  imagesGeneration: 0,
 };
 
 class ApiError extends Error {
@@ -174,9 +175,10 @@ function el(tag, text, cls) {
   return node;
 }
 
-function button(text, onClick, cls) {
+function button(text, onClick, cls, action) {
   const b = el("button", text, cls);
   b.type = "button";
+  if (action) b.dataset.action = action; // what it does, for tests and people with devtools
   b.addEventListener("click", onClick);
   return b;
 }
@@ -198,9 +200,15 @@ function fillRows(tbody, rows, columns, emptyText) {
   tbody.replaceChildren(frag);
 }
 
-function badge(s) {
+// Tag each row with the name or id it shows (data-key).
+function tagRows(tbody, keys) {
+  const trs = tbody.children;
+  keys.forEach((key, i) => { if (trs[i]) trs[i].dataset.key = key; });
+}
+
+function badge(s, look) {
   const text = String(s === undefined || s === null ? "unknown" : s);
-  return el("span", text, "badge state-" + text.replace(/[^a-z_]/g, ""));
+  return el("span", text, "badge state-" + (look || text).replace(/[^a-z_]/g, ""));
 }
 function stateCell(s) { const td = el("td"); td.append(badge(s)); return td; }
 function numCell(text, cls) { return el("td", text, "num" + (cls ? " " + cls : "")); }
@@ -261,10 +269,10 @@ function renderHosts() {
   fillRows($("hosts"), state.hosts.map((h) => {
     const shown = hostState(h);
     const maint = button(h.maintenance ? "End maintenance" : "Maintenance",
-      () => setMaintenance(h.name, !h.maintenance), h.maintenance ? "" : "quiet");
+      () => setMaintenance(h.name, !h.maintenance), "quiet", "maintenance");
     maint.title = h.maintenance ? "let the scheduler place VMs here again" : "place no new VMs here; running VMs stay";
-    const drain = state.features.drain && h.state !== "down"
-      ? button("Drain…", () => openDrain(h.name), "quiet") : null;
+    const drain = state.features.drain && h.state !== "down" && shown !== "draining"
+      ? button("Drain…", () => openDrain(h.name), "quiet", "drain") : null;
     const memUsed = isNum(h.memory_bytes) && isNum(h.memory_available_bytes) && h.memory_bytes > 0
       ? h.memory_available_bytes / h.memory_bytes : null;
     return [
@@ -274,6 +282,7 @@ function renderHosts() {
       el("td", ago(h.last_heartbeat), h.state === "down" ? "bad" : "muted"), actionsCell(maint, drain),
     ];
   }), 9, "no hosts registered");
+  tagRows($("hosts"), state.hosts.map((h) => h.name));
   const up = state.hosts.filter((h) => h.state === "up").length;
   const maint = state.hosts.filter((h) => h.maintenance).length;
   $("hosts-summary").textContent = up + " of " + state.hosts.length + " up" + (maint ? ", " + maint + " in maintenance" : "");
@@ -332,9 +341,9 @@ function renderDrains() {
   for (const d of [...state.drains.values()].reverse()) {
     const card = el("div", null, "card");
     const head = el("div", null, "card-head");
-    head.append(el("span", "Drain of " + d.host, "strong"), badge(d.state),
+    head.append(el("span", "Drain of " + d.host, "strong"), badge(d.state, d.state === "running" ? "moving" : d.state),
       el("span", "at most " + d.max_parallel + " at once · " + d.id, "muted mono"));
-    if (DRAIN_TERMINAL.has(d.state)) head.append(button("Dismiss", () => { state.drains.delete(d.id); renderDrains(); renderHosts(); }, "quiet"));
+    if (DRAIN_TERMINAL.has(d.state)) head.append(button("Dismiss", () => { state.drains.delete(d.id); renderDrains(); renderHosts(); }, "quiet", "dismiss"));
     const table = el("table", null, "grid compact");
     const thead = el("thead");
     const hr = el("tr");
@@ -365,10 +374,10 @@ function renderVms() {
   fillRows($("vms"), state.vms.map((v) => {
     const spec = v.spec || {};
     const busy = state.pending.has(v.name);
-    const start = STARTABLE.has(v.state) ? button("Start", () => vmAction(v.name, "start"), "quiet") : null;
-    const stop = STOPPABLE.has(v.state) ? button("Stop", () => vmAction(v.name, "stop"), "quiet") : null;
-    const migrate = v.state === "running" ? button("Migrate…", () => openMigrate(v.name), "quiet") : null;
-    const console_ = state.features.console ? button("Console", () => openConsole(v.name), "quiet") : null;
+    const start = STARTABLE.has(v.state) ? button("Start", () => vmAction(v.name, "start"), "quiet", "start") : null;
+    const stop = STOPPABLE.has(v.state) ? button("Stop", () => vmAction(v.name, "stop"), "quiet", "stop") : null;
+    const migrate = v.state === "running" ? button("Migrate…", () => openMigrate(v.name), "quiet", "migrate") : null;
+    const console_ = state.features.console ? button("Console", () => openConsole(v.name), "quiet", "console") : null;
     for (const b of [start, stop, migrate]) if (b) b.disabled = busy;
     return [
       el("td", v.name, "strong"), v.host, stateCell(busy ? state.pending.get(v.name) : v.state),
@@ -377,6 +386,7 @@ function renderVms() {
       actionsCell(start, stop, migrate, console_),
     ];
   }), 8, "no VMs");
+  tagRows($("vms"), state.vms.map((v) => v.name));
   const running = state.vms.filter((v) => v.state === "running").length;
   $("vms-summary").textContent = running + " of " + state.vms.length + " running";
   $("count-vms").textContent = String(state.vms.length);
@@ -412,6 +422,7 @@ async function openCreate() {
 async function loadImages() {
   const note = $("create-images-note");
   const chosen = $("create-host").value;
+  const generation = ++state.imagesGeneration; // a slower, older listing must not win
   const hosts = chosen ? [chosen] : state.hosts.filter(takesVms).map((h) => h.name);
   let names = null;
   const sizes = new Map();
@@ -422,15 +433,18 @@ async function loadImages() {
       for (const i of doc.images) sizes.set(i.name, i.size);
       names = names === null ? here : new Set([...names].filter((n) => here.has(n)));
     }
+    if (generation !== state.imagesGeneration) return;
     note.textContent = !hosts.length ? "no host takes new VMs"
       : (names.size ? names.size + " image(s) offered by " + (chosen || "every host that takes VMs")
         : "no image is offered by " + (chosen || "every host that takes VMs"));
     note.className = names && names.size ? "muted" : "bad";
   } catch (err) {
+    if (generation !== state.imagesGeneration) return;
     names = new Set();
     note.textContent = "images: " + err.message;
     note.className = "bad";
   }
+  if (generation !== state.imagesGeneration) return;
   const list = [...(names || [])].sort();
   const opt = (n) => [n, n + " (" + bytes(sizes.get(n)) + ")"];
   const pick = (re) => list.find((n) => re.test(n));
@@ -505,7 +519,8 @@ function openMigrate(vmName) {
   fillTargets();
   const policies = state.features.policies ? state.policies : [];
   $("migrate-policy-row").hidden = !state.features.policies;
-  fillSelect($("migrate-policy"), [["", "by VM labels, or the default"], ...policies.map((p) => [p.name, policyLabel(p)])]);
+  const fallback = "by the VM's policy or labels, else " + (state.policyDefault ? "the default (" + state.policyDefault + ")" : "none");
+  fillSelect($("migrate-policy"), [["", fallback], ...policies.map((p) => [p.name, policyLabel(p)])]);
 }
 
 function fillTargets() {
@@ -646,15 +661,21 @@ function progressCell(m) {
   return td;
 }
 
+function policyCell(m) {
+  const td = el("td", m.policy || DASH, m.policy ? "" : "muted");
+  if (m.policy_source) td.title = "chosen by " + m.policy_source;
+  return td;
+}
+
 function renderMigrations() {
   const rows = state.migrations.map((stored) => {
     const m = current(stored);
     const n = numbers(m);
-    const detail = button("Details", () => openDetail(m.id), "quiet");
-    const cancel = TERMINAL.has(m.phase) ? null : button("Cancel", () => cancelMigration(m.id), "quiet danger-text");
+    const detail = button("Details", () => openDetail(m.id), "quiet", "details");
+    const cancel = TERMINAL.has(m.phase) ? null : button("Cancel", () => cancelMigration(m.id), "quiet danger-text", "cancel");
     const tr = [
       monoCell(m.id), el("td", m.vm, "strong"), el("td", m.source + " → " + m.target),
-      el("td", m.policy || DASH, m.policy ? "" : "muted"), stateCell(m.phase), progressCell(m),
+      policyCell(m), stateCell(m.phase), progressCell(m),
       numCell(bytes(n.sent)), numCell(bytes(n.remaining)), numCell(rate(n.rate)), numCell(seconds(n.eta)),
       downtimeCell(m), numCell(seconds((m.metrics || {}).total_s)), actionsCell(detail, cancel),
     ];
@@ -662,8 +683,7 @@ function renderMigrations() {
   });
   fillRows($("migrations"), rows, 13, "no migrations yet");
   // tag rows with the migration id, so a test (or a person with devtools) can find one
-  const trs = $("migrations").children;
-  state.migrations.forEach((m, i) => { if (trs[i]) trs[i].dataset.id = m.id; });
+  tagRows($("migrations"), state.migrations.map((m) => m.id));
   const active = state.migrations.filter((m) => !TERMINAL.has(current(m).phase)).length;
   $("migrations-summary").textContent = active ? active + " running" : "none running";
   $("count-migrations").textContent = active ? String(active) : "";
@@ -733,7 +753,7 @@ function renderDetail() {
   if (m.error) parts.push(el("p", m.error, "inline-error"));
   const head = el("div", null, "detail-head");
   head.append(badge(m.phase), el("span", m.vm + ": " + m.source + " → " + m.target, "strong"),
-    el("span", "policy " + (m.policy || DASH), "muted"));
+    el("span", "policy " + (m.policy || DASH) + (m.policy && m.policy_source ? " (by " + m.policy_source + ")" : ""), "muted"));
   parts.push(head);
   if (!TERMINAL.has(m.phase)) {
     const bar = el("progress");
@@ -744,12 +764,14 @@ function renderDetail() {
 
   const live = el("dl", null, "kv");
   kv(live, "sent", bytes(n.sent) + (isNum(met.pages_sent) ? " · " + count(met.pages_sent) + " pages" : ""));
-  kv(live, "left in this round", bytes(n.remaining));
+  kv(live, "left in this round", n.remaining === null || TERMINAL.has(m.phase) ? DASH
+    : bytes(n.remaining) + " of guest RAM · " + count(n.remaining / PAGE) + " pages");
   kv(live, "rate", rate(n.rate));
   kv(live, "ETA (this round)", seconds(n.eta));
   kv(live, "round", isNum(m.round) && m.round ? m.round + " of at most " + ((met.effective_options || {}).max_rounds || (m.options || {}).max_rounds || DASH) : DASH);
-  kv(live, "dirty rate", isNum(met.dirty_rate_pages_s) ? count(Math.round(met.dirty_rate_pages_s)) + " pages/s · " + rate(met.dirty_rate_pages_s * PAGE) : DASH);
-  kv(live, "dirty after last round", isNum(met.dirty_pages_last_round) ? count(met.dirty_pages_last_round) + " pages" : DASH);
+  const measured = Array.isArray(met.rounds) && met.rounds.length > 0;
+  kv(live, "dirty rate", measured && isNum(met.dirty_rate_pages_s) ? count(Math.round(met.dirty_rate_pages_s)) + " pages/s · " + rate(met.dirty_rate_pages_s * PAGE) : DASH);
+  kv(live, "dirty after last round", measured && isNum(met.dirty_pages_last_round) ? count(met.dirty_pages_last_round) + " pages" : DASH);
   kv(live, "throttle", isNum(met.throttle_pct) ? met.throttle_pct + " %" : DASH);
   kv(live, "converged", met.converged === true ? "yes" : met.converged === false ? "no" : DASH);
   kv(live, "guest RAM", isNum(met.pages) ? bytes(met.pages * PAGE) : DASH);
@@ -760,12 +782,12 @@ function renderDetail() {
   parts.push(el("h3", "Progress"), live);
 
   const down = el("dl", null, "kv");
-  kv(down, "pause", ms(met.downtime_ms), over ? "bad strong" : "");
+  kv(down, "guest paused for", ms(met.downtime_ms), over ? "bad strong" : "");
   kv(down, "budget", ms(budget));
   kv(down, "against budget", isNum(met.downtime_ms) && isNum(budget) && budget > 0
     ? (100 * met.downtime_ms / budget).toFixed(0) + " %" + (over ? " — over budget" : "") : DASH, over ? "bad strong" : "");
   kv(down, "pause ceiling", ms(met.pause_ceiling_ms));
-  for (const [part, v] of Object.entries(met.downtime_parts || {})) kv(down, "  " + part.replace(/_ms$/, "").replace(/_/g, " "), ms(v), "muted");
+  for (const [part, v] of Object.entries(met.downtime_parts || {})) kv(down, "  · " + part.replace(/_ms$/, "").replace(/_/g, " "), ms(v), "muted");
   parts.push(el("h3", "Downtime"), down);
   if (isNum(met.downtime_ms) && isNum(budget) && budget > 0) {
     const meter = el("meter", null, "budget");
@@ -780,12 +802,12 @@ function renderDetail() {
   const rounds = Array.isArray(met.rounds) ? met.rounds : [];
   const table = el("table", null, "grid compact");
   const hr = el("tr");
-  for (const h of ["round", "pages", "wire", "time", "dirty after", "est. pause"]) hr.append(el("th", h, h === "round" ? "" : "num"));
+  for (const h of ["round", "pages", "wire", "time", "dirty after", "est. stop"]) hr.append(el("th", h, h === "round" ? "" : "num"));
   const thead = el("thead");
   thead.append(hr);
   const tbody = el("tbody");
   fillRows(tbody, rounds.map((r) => [
-    el("td", r.stop_and_copy ? r.round + " stop-copy" : r.round), numCell(count(r.pages_sent)), numCell(bytes(r.wire_bytes)),
+    el("td", r.stop_and_copy ? r.round + " final" : r.round), numCell(count(r.pages_sent)), numCell(bytes(r.wire_bytes)),
     numCell(seconds(r.seconds)), numCell(count(r.dirty_after)), numCell(isNum(r.estimated_stop_s) ? ms(r.estimated_stop_s * 1000) : DASH),
   ]), 6, TERMINAL.has(m.phase) || m.phase === "precopy" ? "no per-round data recorded" : "rounds start with pre-copy");
   table.append(thead, tbody);
@@ -871,13 +893,20 @@ async function refreshAudit() {
   try {
     const doc = await call("GET", "/audit", { query: { limit: AUDIT_LIMIT, ...state.audit } });
     fillRows($("audit"), doc.entries.map((e) => [
-      el("td", e.time, "mono muted"), e.actor, el("td", e.action, "strong"), el("td", e.target, "mono"),
+      auditTime(e.time), e.actor, el("td", e.action, "strong"), el("td", e.target, "mono"),
       stateCell(e.result), numCell(isNum(e.status) ? e.status : DASH), numCell(ms(e.duration_ms)), el("td", e.remote, "muted mono"),
     ]), 8, "no audit entries" + (Object.keys(state.audit).length ? " match the filter" : ""));
     sectionError("audit", null);
   } catch (err) {
     sectionError("audit", err);
   }
+}
+
+// "2026-11-30T15:11:30.491+00:00" -> "2026-11-30 15:11:30Z" (the full stamp on hover)
+function auditTime(text) {
+  const td = el("td", String(text).replace("T", " ").replace(/\.\d+/, "").replace(/\+00:00$|Z$/, "Z"), "mono muted");
+  td.title = String(text);
+  return td;
 }
 
 function onAuditFilter(ev) {
@@ -907,6 +936,7 @@ async function detectFeatures() {
       const list = Array.isArray(res) ? res : Array.isArray(res.policies) ? res.policies
         : Object.entries(res.policies || {}).map(([name, p]) => ({ name, ...p }));
       state.policies = list.filter((p) => p && typeof p.name === "string");
+      state.policyDefault = typeof res.default === "string" ? res.default : null;
     } catch (_) {
       state.features.policies = false; // hidden rather than offered broken
     }

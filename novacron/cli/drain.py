@@ -44,10 +44,11 @@ def title(doc: dict[str, Any]) -> str:
     return f"{what} {doc['id']}"
 
 
-def vm_table(doc: dict[str, Any], details: dict[str, str] | None = None) -> Table:
+def vm_table(doc: dict[str, Any], details: dict[str, str] | None = None, *,
+             titled: bool = True) -> Table:
     """One row per VM; ``details``: live progress of the migrating ones, by VM."""
     vms = doc["vms"]
-    table = list_table(f"{title(doc)}: {doc['state']}")
+    table = list_table(f"{title(doc)}: {doc['state']}" if titled else "")
     id_column(table, "vm", [v["vm"] for v in vms])
     id_column(table, "to", [v["target"] or "-" for v in vms])
     id_column(table, "migration", [v["migration"] or "-" for v in vms])
@@ -63,9 +64,12 @@ def vm_table(doc: dict[str, Any], details: dict[str, str] | None = None) -> Tabl
 def counts_line(doc: dict[str, Any], started: float) -> str:
     vms = doc["vms"]
     n = {s: sum(v["state"] == s for v in vms) for s in STATE_STYLE}
-    return (f"{title(doc)}: {n['moved']}/{len(vms)} moved, {n['migrating']} migrating, "
-            f"{n['queued']} queued, {n['pending']} waiting, {n['failed']} could not move "
-            f"(max {doc['max_parallel']} at once) · {time.monotonic() - started:.0f} s")
+    parts = [f"{n['moved']}/{len(vms)} moved"] + [
+        f"{n[s]} {word}" for s, word in (("migrating", "migrating"), ("queued", "queued"),
+                                         ("pending", "waiting"), ("failed", "could not move"))
+        if n[s]]
+    return (f"{title(doc)} ({doc['state']}): {', '.join(parts)} · at most "
+            f"{doc['max_parallel']} at once · {time.monotonic() - started:.0f} s")
 
 
 async def _details(client: CoordinatorClient, doc: dict[str, Any]) -> dict[str, str]:
@@ -88,13 +92,22 @@ async def _details(client: CoordinatorClient, doc: dict[str, Any]) -> dict[str, 
 
 
 async def follow(client: CoordinatorClient, doc: dict[str, Any], console: Console) -> dict[str, Any]:
-    """One live view of the whole run (a line of counts, a row per VM) until it ends."""
+    """One live view of the whole run (a line of counts, a row per VM) until it ends;
+    without a terminal only the final view."""
     started = time.monotonic()
+
+    def view(details: dict[str, str]) -> Group:
+        return Group(Text(counts_line(doc, started)), vm_table(doc, details, titled=False))
+
+    if not console.is_terminal:
+        while doc["state"] == "running":
+            await asyncio.sleep(POLL_S)
+            doc = await client.request("GET", f"/drains/{quote(doc['id'], safe='')}")
+        console.print(view({}))
+        return doc
     with Live(console=console, auto_refresh=False, transient=False) as live:
         while True:
-            details = await _details(client, doc)
-            live.update(Group(Text(counts_line(doc, started)), vm_table(doc, details)),
-                        refresh=True)
+            live.update(view(await _details(client, doc)), refresh=True)
             if doc["state"] != "running":
                 return doc
             await asyncio.sleep(POLL_S)

@@ -67,6 +67,8 @@ async def _show(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.json:
         _dump(doc)
         return 0
+    # the coordinator's records (the agent's last report may lag behind a move)
+    vms = sorted(v["name"] for v in await client.vms() if v["host"] == doc["name"])
     console = Console()
     table = Table(title=f"Host {doc['name']}", title_justify="left", show_header=False)
     table.add_column("field", no_wrap=True)
@@ -80,7 +82,7 @@ async def _show(client: CoordinatorClient, args: argparse.Namespace) -> int:
                    f"({human_bytes(doc['memory_available_bytes'])} free)"),
         ("networks", ", ".join(doc.get("networks") or []) or "-"),
         ("seen", _age(doc.get("last_heartbeat", 0))),
-        ("vms", ", ".join(doc.get("vms") or []) or "-"),
+        ("vms", ", ".join(vms) or "-"),
     ]
     for key, value in rows:
         table.add_row(key, value)

@@ -29,6 +29,9 @@ def load(environ: dict[str, str], path: Path | None = None) -> CoordinatorConfig
     ("ADMIN_TOKEN", "short", "admin_token", "too short: at least 16 characters, got 5 (e.g. from `openssl rand -hex 16`)"),
     ("HTTP_HEADER_TIMEOUT_S", "0", "http.header_timeout_s", "must be more than 0 and at most 3600 seconds"),
     ("HTTP_MAX_CONNECTIONS", "-5", "http.max_connections", "must be 0 (automatic) or positive"),
+    ("MIGRATION_LIMIT_FLEET", "0", "migration_limit_fleet", "must be 1..10000"),
+    ("MIGRATION_LIMIT_OUTBOUND", "-1", "migration_limit_outbound", "must be 1..10000"),
+    ("MIGRATION_LIMIT_INBOUND", "100000", "migration_limit_inbound", "must be 1..10000"),
 ])
 def test_bad_values_name_source_and_key(name: str, value: str, key: str, problem: str) -> None:
     with pytest.raises(config.ConfigError) as err:

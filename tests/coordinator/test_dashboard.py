@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from novacron.coordinator.api.dashboard import ASSETS, load_files
-from novacron.coordinator.api.keys import STORE
+from novacron.coordinator.api.keys import EVENTS, STORE
+from novacron.coordinator.migrations import topic
 from tests.coordinator.conftest import Coordinator
 from tests.coordinator.fake_agent import FakeAgent
 from tests.coordinator.test_api import GUEST, vm_spec
@@ -75,7 +76,8 @@ def test_assets_are_self_contained_and_never_render_html() -> None:
     assert "<script>" not in html and "style=" not in html  # the CSP forbids inline code
     js = files["app.js"]
     assert "innerHTML" not in js and "outerHTML" not in js and "eval(" not in js
-    assert "console." not in js and "localStorage" not in js  # the token is never logged or kept
+    # the token is never logged or kept (state.console is the serial console view)
+    assert not re.search(r"(?<![.\w])console\.\w+\(", js) and "localStorage" not in js
     assert js.count("fetch(") == 1  # every request goes through send(), with the header
     assert "new EventSource" not in js  # it cannot send the Authorization header
 
@@ -252,7 +254,11 @@ async def test_script_follows_a_live_migration(
             await asyncio.sleep(0.05)
             if (await coordinator.call("GET", f"/migrations/{mig['id']}"))[1]["phase"] == "precopy":
                 break
-        await asyncio.sleep(0.3)
+        subs = coordinator.server.app[EVENTS]._subs  # the script's stream is subscribed
+        for _ in range(400):  # bounded: node starts slowly on a busy machine
+            if subs.get(topic(mig["id"])):
+                break
+            await asyncio.sleep(0.05)
         alpha.hold_migrations = False
         out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
@@ -285,7 +291,8 @@ async def test_script_follows_a_live_migration(
     [mig_row] = tables["migrations"]
     # id, VM, route, policy, phase, progress, sent, remaining, rate, ETA, downtime, time
     assert mig_row[:6] == [mig["id"], "web", "alpha → beta", "—", "completed", "done"]
-    assert mig_row[6] == "6.8 KiB" and mig_row[7] == "0 B" and mig_row[8:10] == ["—", "—"]
+    assert mig_row[6] == "5.9 KiB"  # 6 steps x 1000 wire bytes
+    assert mig_row[7] == "0 B" and mig_row[8:10] == ["—", "—"]
     assert mig_row[10] == "12.5 ms" and mig_row[11] == "0.1 s"
     # the audit trail lists what was done, newest first
     assert any(row[2] == "POST /api/v1/migrations" and row[3] == "web -> beta" for row in tables["audit"])

@@ -120,6 +120,15 @@ async def test_a_fourth_migration_queues_and_starts_when_a_slot_frees(
     assert vm["host"] == "gamma" and vm["state"] == "running", vm
     assert not any(r["vm"] == "v4" for r in gamma.migration_requests)
 
+    # deleting a VM whose migration waits in the queue drops the migration too
+    await create(c, "gone", "beta")
+    status, queued = await c.call("POST", "/migrations", json={"vm": "gone", "target": "gamma"})
+    assert status == 202 and queued["phase"] == "queued", queued
+    status, doc = await c.call("DELETE", "/vms/gone")
+    assert status == 200, doc
+    status, doc = await c.call("GET", f"/migrations/{queued['id']}")
+    assert doc["phase"] == "cancelled" and "gone" not in beta.vms, doc
+
     for fake in (alpha, beta, gamma):
         fake.hold_migrations = False
 
@@ -292,16 +301,26 @@ async def test_drain_of_a_down_host_and_a_changed_rebalance_plan_are_refused(
 @pytest.mark.e2e
 async def test_cli_drain_no_wait_show_list_and_rebalance_needs_yes(tmp_path: Path) -> None:
     fakes = [FakeAgent(n, f"tok-{n}-" + secrets.token_hex(8)) for n in ("alpha", "beta")]
-    async with LocalCoordinator(tmp_path / "coord", settings={"poll_interval_s": "0.02"}) as coord, \
-            serving(*fakes):
+    # fake agents send no heartbeats: the hosts must not be marked down during the test
+    async with LocalCoordinator(tmp_path / "coord", settings={
+            "poll_interval_s": "0.02", "heartbeat_timeout_s": "600"}) as coord, serving(*fakes):
         async with CoordinatorClient(coord.url, coord.admin_token) as client:
             await register_all(client, fakes, coord.agent_token)
             for name in ("web", "db"):
                 await client.create_vm({**vm_spec(name, memory_mb=64), "host": "alpha"})
         env = cli_env(coord, tmp_path, COLUMNS="120")
+        fakes[0].hold_migrations = True  # the drain stays running while we look
         code, out, err = await cli(env, "host", "drain", "alpha", "--no-wait")
         drain_id = out.strip()
         assert code == 0 and drain_id.startswith("d-") and len(out.splitlines()) == 1, out + err
+        code, out, err = await cli(env, "hosts")
+        row = next(line for line in out.splitlines() if "alpha" in line)
+        assert code == 0 and "draining" in row, out + err
+        code, out, err = await cli(env, "host", "show", "alpha")
+        assert code == 0 and "draining" in out and drain_id in out, out + err
+        code, out, err = await cli(env, "host", "drain", "alpha")
+        assert code == 1 and "being drained already" in err and drain_id in err, err
+        fakes[0].hold_migrations = False
         code, out, err = await cli(env, "drain", "show", drain_id, "--follow")
         assert code == 0, out + err
         assert "drain of alpha " + drain_id + ": 2 of 2 VMs moved" in " ".join(out.split()), out
@@ -323,3 +342,45 @@ async def test_cli_drain_no_wait_show_list_and_rebalance_needs_yes(tmp_path: Pat
         async with CoordinatorClient(coord.url, coord.admin_token) as client:
             assert (await client.vm("web"))["host"] == "alpha"  # nothing moved
             assert len((await client.request("GET", "/drains"))["drains"]) == 1
+
+
+async def test_a_drain_cut_by_a_coordinator_restart_is_finished_by_the_next_one(
+        tmp_path: Path, database_url: str) -> None:
+    cfg = make_cfg(tmp_path / "coord", database_url=database_url, lease_ttl_s=1.0, **LIMITS)
+    async with serving(*(FakeAgent(n, f"tok-{n}-" + secrets.token_hex(8)) for n in
+                         ("alpha", "beta", "gamma"))) as fakes:
+        c = await start_coordinator(cfg)
+        try:
+            for fake in fakes:
+                await fake.register_with(c.session, c.url, cfg.agent_token)
+            for name in ("v1", "v2", "v3"):
+                await create(c, name, "alpha")
+            fakes[0].hold_migrations = True
+            status, drain = await c.call("POST", "/hosts/alpha/drain", json={"max_parallel": 2})
+            assert status == 202, drain
+
+            async def two_moving() -> bool:
+                doc = (await c.call("GET", f"/drains/{drain['id']}"))[1]
+                return sum(v["state"] == "migrating" for v in doc["vms"]) == 2
+
+            await until("two VMs migrating", two_moving)
+        finally:
+            await stop_coordinator(c)
+        c = await start_coordinator(cfg)  # same store: it adopts the drain and its migrations
+        try:
+            host = (await c.call("GET", "/hosts/alpha"))[1]
+            assert host["lifecycle"] == "draining" and host["drain"] == drain["id"]
+            fakes[0].hold_migrations = False
+
+            async def ended() -> Any:
+                doc = (await c.call("GET", f"/drains/{drain['id']}"))[1]
+                return doc if doc["state"] != "running" else None
+
+            doc = await until("the drain ended after the restart", ended)
+            assert doc["state"] == "done", doc
+            assert all(v["state"] == "moved" for v in doc["vms"]), doc
+            migs = (await c.call("GET", "/migrations"))[1]["migrations"]
+            assert sorted(m["vm"] for m in migs) == ["v1", "v2", "v3"]  # none started twice
+            assert (await c.call("GET", "/hosts/alpha"))[1]["lifecycle"] == "maintenance"
+        finally:
+            await stop_coordinator(c)

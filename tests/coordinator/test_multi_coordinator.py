@@ -216,3 +216,44 @@ async def _kill_and_take_over(tmp_path: Path, database_url: str, proc: subproces
     finally:
         if b is not None:
             await stop_coordinator(b)
+
+
+async def test_migration_limits_hold_across_coordinators(tmp_path: Path, database_url: str) -> None:
+    """Fleet limit 2, migrations asked for on two coordinators at once: never more than
+    two run, the rest queue, and every one completes (started by either coordinator)."""
+    a, b = await two_coordinators(tmp_path, database_url, migration_limit_fleet=2,
+                                  migration_limit_outbound=10, migration_limit_inbound=10,
+                                  lease_ttl_s=1.0)
+    fakes = [FakeAgent(n, f"tok-{n}-l-per-host-token") for n in ("h1", "h2")]
+    try:
+        async with serving(*fakes):
+            for fake in fakes:
+                await fake.register_with(a.session, a.url, a.cfg.agent_token)
+            for i in range(6):
+                status, _ = await a.call("POST", "/vms", json={**vm_spec(f"m{i}", 64), "host": "h1"})
+                assert status == 201
+            fakes[0].hold_migrations = True
+            results = await asyncio.gather(*(
+                (a if i % 2 else b).call("POST", "/migrations", json={"vm": f"m{i}", "target": "h2"})
+                for i in range(6)))
+            assert all(status == 202 for status, _ in results), results
+            phases = [doc["phase"] for _, doc in results]
+            assert phases.count("queued") == 4, phases
+            fakes[0].hold_migrations = False
+            ids = [doc["id"] for _, doc in results]
+            deadline = time.monotonic() + 60
+            while True:
+                docs = [(await a.call("GET", f"/migrations/{i}"))[1] for i in ids]
+                if all(d["phase"] == "completed" for d in docs):
+                    break
+                assert time.monotonic() < deadline, docs
+                await asyncio.sleep(0.1)
+            edges = sorted([(d["started_at"], 1) for d in docs] + [(d["finished_at"], -1) for d in docs])
+            running = most = 0
+            for _, step in edges:
+                running += step
+                most = max(most, running)
+            assert most <= 2, docs
+    finally:
+        await stop_coordinator(a)
+        await stop_coordinator(b)
