@@ -112,3 +112,52 @@ class Fabric:
 
     def __exit__(self, *_exc: object) -> None:
         self.destroy()
+
+
+@dataclass
+class SlowLink:
+    """Two namespaces joined by a veth pair whose both directions are paced by
+    ``tc tbf`` at ``mbit`` Mbit/s: a real slow link (kernel queues and all), in the
+    benchmarking range 198.19.0.0/24."""
+
+    suffix: str
+    mbit: float
+    a_addr: str = "198.19.0.1"
+    b_addr: str = "198.19.0.2"
+
+    @property
+    def a(self) -> str:
+        return f"nc-sa-{self.suffix}"
+
+    @property
+    def b(self) -> str:
+        return f"nc-sb-{self.suffix}"
+
+    def create(self) -> None:
+        for ns in (self.a, self.b):
+            ip("netns", "add", ns)
+            ip("link", "set", "lo", "up", ns=ns)
+        ip("link", "add", "sl0", "type", "veth", "peer", "name", "sl1", "netns", self.b, ns=self.a)
+        for ns, dev, addr in ((self.a, "sl0", self.a_addr), (self.b, "sl1", self.b_addr)):
+            ip("addr", "add", f"{addr}/24", "dev", dev, ns=ns)
+            ip("link", "set", dev, "up", ns=ns)
+            # burst: one 10 ms slice at the rate (at least a few MTUs); latency bounds the queue
+            burst = max(16_000, int(self.mbit * 1e6 / 8 / 100))
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                            "rate", f"{self.mbit}mbit", "burst", str(burst), "latency", "50ms"],
+                           check=True, capture_output=True, timeout=20)
+
+    def destroy(self) -> None:
+        for ns in (self.a, self.b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+    def __enter__(self) -> SlowLink:
+        try:
+            self.create()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.destroy()

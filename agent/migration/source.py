@@ -534,6 +534,7 @@ class SourceMigration:
             st.digest_source = await asyncio.to_thread(ram_digest, self._mm)
         ready = await self._expect("ready", timeout=120)
         lap("destination_load_ms")
+        st.bytes_acked = st.bytes_wire  # 'ready': it has read and loaded everything
         if self.opts.test_digest:
             theirs = ready.get("digest")
             st.digest_destination = theirs if isinstance(theirs, str) else None
