@@ -51,6 +51,10 @@ class CoordinatorMetrics:
         self.migration_downtime = Histogram(
             "novacron_migration_downtime_seconds", "Guest pause of completed migrations",
             buckets=DOWNTIME, registry=r)
+        self.migration_budget_exceeded = Counter(
+            "novacron_migration_budget_exceeded", "Migrations whose pause outlasted their downtime "
+            "budget, by result (completed: forced; failed: paused past it, then rolled back)",
+            ["result"], registry=r)
         self.migration_bytes = Histogram(
             "novacron_migration_bytes", "Bytes per migration: raw (guest pages), wire, device_state",
             ["kind"], buckets=BYTES, registry=r)
@@ -61,6 +65,8 @@ class CoordinatorMetrics:
     def migration_ended(self, mig: Migration) -> None:
         m = mig.metrics if isinstance(mig.metrics, dict) else {}
         self.migrations.labels(mig.phase).inc()
+        if mig.budget_exceeded or m.get("budget_exceeded") is True:
+            self.migration_budget_exceeded.labels(mig.phase).inc()
         if mig.finished_at is not None:
             self.migration_duration.labels(mig.phase).observe(max(0.0, mig.finished_at - mig.created_at))
         phases = m.get("phase_seconds")

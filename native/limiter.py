@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import Callable
 
-
 SLICE_S = 0.05  # longest sleep before the current rate is looked at again
 
 

@@ -8,6 +8,8 @@ manager (and its data-channel server on ``data_port``) with the daemon.
     GET  /v1/migrations               -> {"migrations": [status, ...]}
     GET  /v1/migrations/{id}          -> status (phase, round, metrics, error)
     POST /v1/migrations/{id}/cancel   -> status
+    PATCH /v1/migrations/{id}         {"bandwidth_mbps"?, "downtime_ms"?} -> status
+                                      (a running outgoing migration's limits, live)
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/migrations", list_all)
     app.router.add_get("/v1/migrations/{id}", get_one)
     app.router.add_post("/v1/migrations/{id}/cancel", cancel)
+    app.router.add_patch("/v1/migrations/{id}", change)
 
 
 async def _body(request: web.Request) -> Any:
@@ -136,6 +139,15 @@ async def get_one(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     try:
         status = request.app[MANAGER_KEY].cancel(request.match_info["id"])
+    except MigrationRequestError as exc:
+        return json_error(exc.status, str(exc))
+    return web.json_response(status.to_dict())
+
+
+async def change(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER_KEY]
+    try:
+        status = manager.change(request.match_info["id"], await _body(request))
     except MigrationRequestError as exc:
         return json_error(exc.status, str(exc))
     return web.json_response(status.to_dict())

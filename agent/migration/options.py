@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-
 NO_CONVERGE = ("abort", "force")  # 'postcopy' reserved: refused until it exists
 # what may change while a migration runs (PATCH /v1/migrations/{id})
 LIVE = ("bandwidth_mbps", "downtime_ms")

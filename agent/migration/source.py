@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
-from novacron.agent.migration import protocol
+from novacron.agent.migration import estimate, protocol
 from novacron.agent.migration.digest import ram_digest
-from novacron.agent.migration import estimate
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.options import MigrationOptions
