@@ -64,6 +64,28 @@ class LinkMeter:
         self.rtt_s = seconds if self.rtt_s is None else min(self.rtt_s, seconds)
 
 
+class Learned:
+    """What only a hand-over shows, remembered from this agent's previous ones (a
+    first migration uses the guesses above): the device state's size, and the
+    fixed cost of the hand-over beyond moving bytes (QEMU saving and loading
+    device state, adopting and resuming the guest at the destination)."""
+
+    def __init__(self) -> None:
+        self.device_bytes = DEVICE_STATE_GUESS
+        self.handover_s = HANDOVER_FIXED_S
+        self.seen = 0
+
+    def observe(self, device_bytes: int, handover_s: float) -> None:
+        if device_bytes > 0:
+            self.device_bytes = device_bytes
+        # EWMA: one slow hand-over on a loaded host should not dominate the next estimate
+        self.handover_s = handover_s if not self.seen else 0.5 * self.handover_s + 0.5 * handover_s
+        self.seen += 1
+
+
+LEARNED = Learned()  # per agent process: its host and its QEMU
+
+
 @dataclass
 class Estimate:
     """The predicted pause, by part (seconds)."""
@@ -83,7 +105,8 @@ class Estimate:
 
 
 def switchover(*, dirty_pages: int, bytes_per_page: float, queued_bytes: int, device_bytes: int,
-               link_bytes_s: float, final_bytes_s: float, scan_s: float, rtt_s: float) -> Estimate:
+               link_bytes_s: float, final_bytes_s: float, scan_s: float, rtt_s: float,
+               handover_s: float = HANDOVER_FIXED_S) -> Estimate:
     """The pause if stop-and-copy started now. ``final_bytes_s``: the rate of the pages
     sent while paused (the link, or the cap when the operator throttles them too)."""
     link = max(link_bytes_s, 1.0)
@@ -93,6 +116,6 @@ def switchover(*, dirty_pages: int, bytes_per_page: float, queued_bytes: int, de
         queued=queued_bytes / link,
         final_pages=dirty_pages * bytes_per_page / final,
         device_state=device_bytes / final,
-        # device_end -> ready, go -> resumed: two round trips, plus the QMP work
-        handover=2 * rtt_s + HANDOVER_FIXED_S,
+        # device_end -> ready, go -> resumed: two round trips, plus the QEMU work
+        handover=2 * rtt_s + handover_s,
     )

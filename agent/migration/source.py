@@ -105,6 +105,8 @@ class SourceMigration:
         self._scan_s = 0.0  # how long the last dirty scan took (the final one will be alike)
         self._estimate: estimate.Estimate | None = None
         self._round_rate = 0.0  # best acked throughput of a whole round
+        self._final_wire = 0  # bytes of the pages sent while paused
+        self._dirty_per_page: float | None = None  # wire bytes of a re-sent page, lately
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -256,7 +258,7 @@ class SourceMigration:
         now = time.monotonic()
         pages = max(0, self._round_pages - self._round_sent)
         queued = max(0, st.bytes_wire - st.bytes_acked)
-        device = 0 if self._device_started else estimate.DEVICE_STATE_GUESS
+        device = 0 if self._device_started else estimate.LEARNED.device_bytes
         remaining = int(pages * self._bytes_per_page() + queued + device)
         st.remaining_bytes = remaining
         st.rate_bytes_s = self.link.current_rate(now)
@@ -351,6 +353,8 @@ class SourceMigration:
                 st.bandwidth_bytes_s = wire / elapsed
             if wire >= MEASURE_BYTES:  # small rounds measure the round trip, not the link
                 self._round_rate = max(self._round_rate, wire / elapsed)
+            if st.round >= 2 and sent >= 64:  # re-sent pages: what the final ones will weigh
+                self._dirty_per_page = wire / sent
             t_scan = time.monotonic()
             scan = await asyncio.to_thread(tracker.scan)
             now = time.monotonic()
@@ -380,7 +384,9 @@ class SourceMigration:
                 self._on_no_convergence(est)
                 break
             dirty_bytes_s = st.dirty_rate_pages_s * self._bytes_per_page()
-            outrun = dirty_bytes_s >= 0.5 * st.link_rate_bytes_s  # it dirties as fast as we send
+            cap = opts.bandwidth_mbps * 1e6
+            sending = min(st.link_rate_bytes_s, cap) if cap else st.link_rate_bytes_s
+            outrun = dirty_bytes_s >= 0.5 * sending  # it dirties about as fast as we send
             stuck = st.round >= 2 and estimate_s > 0.8 * prev_estimate
             # only the pages part shrinks when the guest slows down
             shrinkable = est.final_pages + est.queued > opts.downtime_ms / 1000.0
@@ -419,10 +425,11 @@ class SourceMigration:
         cap = opts.bandwidth_mbps * 1e6
         final = min(link, cap) if opts.throttle_final and cap else link
         return estimate.switchover(
-            dirty_pages=dirty, bytes_per_page=self._bytes_per_page(),
+            dirty_pages=dirty, bytes_per_page=self._dirty_per_page or self._bytes_per_page(),
             queued_bytes=max(0, st.bytes_wire - st.bytes_acked),
-            device_bytes=estimate.DEVICE_STATE_GUESS, link_bytes_s=link, final_bytes_s=final,
-            scan_s=self._scan_s, rtt_s=self.link.rtt_s or 0.0)
+            device_bytes=estimate.LEARNED.device_bytes, link_bytes_s=link, final_bytes_s=final,
+            scan_s=self._scan_s, rtt_s=self.link.rtt_s or 0.0,
+            handover_s=estimate.LEARNED.handover_s)
 
     def _on_no_convergence(self, est: estimate.Estimate) -> None:
         """Pre-copy cannot reach the budget: the operator's policy decides, and says so."""
@@ -522,7 +529,9 @@ class SourceMigration:
         # pages dirtied before the last pre-copy scan were not sent yet either
         final = np.bitwise_or(scan.dirty, self._final_scan.dirty)
         # at link speed unless the operator asked the cap to hold while paused
+        wire0 = st.bytes_wire
         sent = await self._send_pages(final, scan.zero, throttled=self.opts.throttle_final)
+        self._final_wire = st.bytes_wire - wire0
         st.rounds.append({"round": st.round, "pages_sent": sent, "stop_and_copy": True})
         await self.ch.send_ctrl({"op": "round_end", "round": st.round})
         lap("final_pages_ms")
@@ -597,11 +606,22 @@ class SourceMigration:
         st.downtime_ms = (now - self._t_pause) * 1000.0
         st.downtime_parts["resume_ms"] = round(
             st.downtime_ms - sum(st.downtime_parts.values()), 2)
+        self._learn_handover()
         if st.downtime_ms > self.opts.downtime_ms:
             st.budget_exceeded = True  # too late to undo: say so, never a plain success
             log.warning("pause exceeded the downtime budget",
                         extra={"migration": st.id, "downtime_ms": round(st.downtime_ms, 1),
                                "budget_ms": self.opts.downtime_ms, "estimate_ms": st.estimate_ms})
+
+    def _learn_handover(self) -> None:
+        """What the pause cost beyond the scan, the bytes and the round trips: the next
+        estimate adds it (estimate.LEARNED)."""
+        st = self.status
+        assert st.downtime_ms is not None
+        moved = (self._final_wire + st.device_state_bytes) / max(self._link_rate(), 1.0)
+        rest = (st.downtime_ms / 1000.0 - st.downtime_parts.get("final_scan_ms", 0.0) / 1000.0
+                - moved - 2 * (self.link.rtt_s or 0.0))
+        estimate.LEARNED.observe(st.device_state_bytes, max(0.0, rest))
 
     async def _commit(self) -> None:
         st = self.status
