@@ -92,6 +92,12 @@ class Fabric:
             for dev, where in ((bridge, ns), ("up0", ns), (port, self.client)):
                 ip("link", "set", dev, "up", ns=where)
 
+    def pace(self, mbit: float) -> None:
+        """Each host's uplink sends at most ``mbit`` Mbit/s (``tc tbf``): a slow link
+        between the two hosts."""
+        for ns in (self.a, self.b):
+            tbf(ns, "up0", mbit)
+
     def destroy(self) -> None:
         for ns in (self.a, self.b, self.client):  # veths, bridges and taps go with them
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
@@ -112,6 +118,15 @@ class Fabric:
 
     def __exit__(self, *_exc: object) -> None:
         self.destroy()
+
+
+def tbf(ns: str, dev: str, mbit: float) -> None:
+    """Pace ``dev``'s egress in ``ns`` to ``mbit`` Mbit/s with a token bucket (burst: one
+    10 ms slice at the rate, at least a few MTUs; latency bounds the queue)."""
+    burst = max(16_000, int(mbit * 1e6 / 8 / 100))
+    subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                    "rate", f"{mbit}mbit", "burst", str(burst), "latency", "50ms"],
+                   check=True, capture_output=True, timeout=20)
 
 
 @dataclass
@@ -141,11 +156,7 @@ class SlowLink:
         for ns, dev, addr in ((self.a, "sl0", self.a_addr), (self.b, "sl1", self.b_addr)):
             ip("addr", "add", f"{addr}/24", "dev", dev, ns=ns)
             ip("link", "set", dev, "up", ns=ns)
-            # burst: one 10 ms slice at the rate (at least a few MTUs); latency bounds the queue
-            burst = max(16_000, int(self.mbit * 1e6 / 8 / 100))
-            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                            "rate", f"{self.mbit}mbit", "burst", str(burst), "latency", "50ms"],
-                           check=True, capture_output=True, timeout=20)
+            tbf(ns, dev, self.mbit)
 
     def destroy(self) -> None:
         for ns in (self.a, self.b):

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import mmap
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -225,7 +226,7 @@ class _Incoming:
         if rnd is None and (st.bytes_wire - st.bytes_acked < protocol.ACK_BYTES
                             or now - self._t_ack < protocol.ACK_MIN_S):
             return
-        msg: dict[str, object] = {"op": "ack", "bytes": st.bytes_wire}
+        msg: dict[str, object] = {"op": "ack", "bytes": st.bytes_wire, "t": round(time.monotonic(), 6)}
         if rnd is not None:
             msg["round"] = rnd
         self._t_ack, st.bytes_acked = now, st.bytes_wire

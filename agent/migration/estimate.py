@@ -20,31 +20,40 @@ DEVICE_STATE_GUESS = 320 * 1024
 # QMP stop, device save/load and cont on both ends, beyond the round trips
 HANDOVER_FIXED_S = 0.02
 MIN_SAMPLE = 64 * 1024  # fewer bytes between two acks measure latency, not the link
+SPAN_S = 0.2  # shortest busy run (destination time) that measures the link
 RATE_WINDOW_S = 2.0  # the "current rate" is the acked rate over this window
 
 
 class LinkMeter:
     """Link rate from cumulative acks. Between two acks the link was busy if every
     byte acknowledged at the second was already written when the first arrived;
-    only such intervals measure the link (an idle or capped sender measures itself)."""
+    only runs of such intervals measure the link (an idle or capped sender measures
+    itself). Timed by the destination's clock (``t`` in its acks) over spans of at
+    least ``SPAN_S``, so acks bunched on the way back or a late event loop on
+    either side do not read as a burst of speed."""
 
     def __init__(self) -> None:
         self.acked = 0
         self.busy_rate = 0.0  # EWMA over busy intervals (0: none seen yet)
         self.samples = 0
         self.rtt_s: float | None = None
-        self._t: float | None = None
         self._written_then = 0
+        self._span: tuple[float, int] | None = None  # (their time, acked) where a busy run began
         self._recent: deque[tuple[float, int]] = deque()
 
-    def ack(self, now: float, acked: int, written: int) -> None:
-        """The destination holds ``acked`` bytes; we had written ``written`` by now."""
-        if (self._t is not None and acked - self.acked >= MIN_SAMPLE and self._written_then >= acked
-                and now > self._t):
-            rate = (acked - self.acked) / (now - self._t)
+    def ack(self, now: float, acked: int, written: int, their_t: float | None = None) -> None:
+        """The destination holds ``acked`` bytes (at its time ``their_t``); we had
+        written ``written`` by ``now``."""
+        t = now if their_t is None else their_t
+        busy = self._span is not None and self._written_then >= acked and t >= self._span[0]
+        if not busy:
+            self._span = (t, acked)
+        elif self._span is not None and t - self._span[0] >= SPAN_S and acked - self._span[1] >= MIN_SAMPLE:
+            rate = (acked - self._span[1]) / (t - self._span[0])
             self.busy_rate = rate if not self.samples else 0.7 * self.busy_rate + 0.3 * rate
             self.samples += 1
-        self._t, self._written_then = now, written
+            self._span = (t, acked)
+        self._written_then = written
         self.acked = max(self.acked, acked)
         self._recent.append((now, self.acked))
         while len(self._recent) > 2 and now - self._recent[1][0] >= RATE_WINDOW_S:

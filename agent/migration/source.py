@@ -228,8 +228,8 @@ class SourceMigration:
 
     def _on_ack(self, msg: dict[str, Any]) -> None:
         st = self.status
-        acked, rnd = protocol.check_ack(msg, st.bytes_wire)
-        self.link.ack(time.monotonic(), acked, st.bytes_wire)
+        acked, rnd, their_t = protocol.check_ack(msg, st.bytes_wire)
+        self.link.ack(time.monotonic(), acked, st.bytes_wire, their_t)
         st.bytes_acked = self.link.acked
         if rnd is not None:
             self._acked_round = max(self._acked_round, rnd)
