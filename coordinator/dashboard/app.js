@@ -181,6 +181,9 @@ function fillSelect(select, names) {
 }
 
 function progressPct(m) {
+  // the agent's data progress (acked bytes against acked + remaining; never runs backwards)
+  const data = (m.metrics || {}).progress_pct;
+  if (typeof data === "number") return m.phase === "completed" ? 100 : data;
   let pct = PHASE_PCT[m.phase] ?? 0;
   if (m.phase === "precopy") {
     const met = m.metrics || {};
@@ -216,7 +219,8 @@ function renderMigrations(migrations) {
     }
     return [
       m.id, m.vm, m.source + " → " + m.target, stateCell(m.phase), progress,
-      numCell(met.downtime_ms === undefined || met.downtime_ms === null ? "–" : met.downtime_ms + " ms"),
+      numCell(met.downtime_ms === undefined || met.downtime_ms === null ? "–"
+        : met.downtime_ms + " ms" + (m.budget_exceeded ? " (over budget)" : "")),
       numCell(met.total_s === undefined ? "–" : Number(met.total_s).toFixed(2) + " s"),
       numCell(bytes(met.bytes_wire)), m.error || "", action,
     ];
