@@ -33,6 +33,7 @@ from novacron.agent.migration.qemu_port import (
     clean_stale_relay_sockets,
     source_vm,
 )
+from novacron.agent.migration.throttle import lift_stale
 from novacron.agent.migration.vmport import SourceVM
 from novacron.agent.vm.errors import VMError
 from novacron.agent.vm.manager import VMManager
@@ -78,6 +79,12 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
     async def on_startup(_app: web.Application) -> None:
         await clean_stale_incoming(cfg.state_dir)
         clean_stale_relay_sockets(cfg.state_dir)
+        for vm in vms.list():  # a killed agent's auto-converge quota must not outlive it
+            if vm.pid is not None:
+                try:
+                    lift_stale(vm.pid)
+                except OSError as exc:
+                    log.error("could not lift a stale CPU quota", extra={"vm": vm.name, "error": str(exc)})
         port = await manager.start()
         if cfg.data_port == 0:
             cfg.data_port = port  # so /v1/host reports the port actually bound

@@ -69,6 +69,22 @@ class CpuQuota:
         self.dir.rmdir()
 
 
+def lift_stale(pid: int, root: Path = CGROUP_ROOT) -> bool:
+    """An agent killed while throttling left QEMU ``pid`` under a quota: move it to this
+    agent's own cgroup (where it started its QEMUs) and remove the quota. True if it did."""
+    v2 = (root / "cgroup.controllers").exists()
+    base = root if v2 else root / "cpu"
+    stale = base / f"novacron-throttle-{pid}"
+    if not stale.is_dir():
+        return False
+    home = _cgroup_of(os.getpid(), v2) or "/"
+    with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+        (base / home.lstrip("/") / "cgroup.procs").write_text(str(pid))
+    stale.rmdir()
+    log.warning("lifted a CPU quota a previous agent left on a guest", extra={"pid": pid})
+    return True
+
+
 def _cgroup_of(pid: int, v2: bool) -> str | None:
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
