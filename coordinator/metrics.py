@@ -131,6 +131,10 @@ class _LiveMigrations(Collector):
                                   "Dirty rate of a running migration's guest", labels=labels)
         wire = GaugeMetricFamily("novacron_migration_live_bytes_wire",
                                  "Bytes a running migration has sent so far", labels=labels)
+        progress = GaugeMetricFamily("novacron_migration_progress_percent",
+                                     "A running migration's progress: bytes the destination acknowledged "
+                                     "against acknowledged + remaining (never runs backwards)",
+                                     labels=labels)
         count = GaugeMetricFamily("novacron_migrations_running", "Migrations this coordinator follows")
         n = 0
         for mig in list(self.running()):
@@ -145,5 +149,8 @@ class _LiveMigrations(Collector):
             dirty.add_metric(key, float(rate) if isinstance(rate, (int, float)) else 0.0)
             sent = m.get("bytes_wire")
             wire.add_metric(key, float(sent) if isinstance(sent, (int, float)) else 0.0)
+            pct = m.get("progress_pct")
+            if isinstance(pct, (int, float)):
+                progress.add_metric(key, float(pct))
         count.add_metric([], n)
-        return [pages, dirty, wire, count]
+        return [pages, dirty, wire, progress, count]
