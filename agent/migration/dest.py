@@ -223,8 +223,10 @@ class _Incoming:
         """Tell the source how many page-stream bytes we hold (it counts them as sent)."""
         now = asyncio.get_running_loop().time()
         st = self.status
-        if rnd is None and (st.bytes_wire - st.bytes_acked < protocol.ACK_BYTES
-                            or now - self._t_ack < protocol.ACK_MIN_S):
+        news, quiet = st.bytes_wire - st.bytes_acked, now - self._t_ack
+        due = (news >= protocol.ACK_BYTES and quiet >= protocol.ACK_MIN_S) or (
+            news > 0 and quiet >= protocol.ACK_MAX_S)  # a slow link still hears from us
+        if rnd is None and not due:
             return
         msg: dict[str, object] = {"op": "ack", "bytes": st.bytes_wire, "t": round(time.monotonic(), 6)}
         if rnd is not None:

@@ -92,7 +92,16 @@ class Learned:
         self.seen += 1
 
 
-LEARNED = Learned()  # per agent process: its host and its QEMU
+# per destination host (the hand-over cost is mostly its QEMU's), in this agent process
+LEARNED: dict[str, Learned] = {}
+
+
+def learned(peer: str) -> Learned:
+    """What hand-overs to ``peer`` (``host[:port]``) have shown so far."""
+    host = peer.rpartition(":")[0] or peer
+    if host not in LEARNED and len(LEARNED) >= 1024:  # bounded: forget the oldest peer
+        LEARNED.pop(next(iter(LEARNED)))
+    return LEARNED.setdefault(host, Learned())
 
 
 @dataclass

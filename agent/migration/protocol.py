@@ -3,8 +3,9 @@
 Source -> destination: ``prepare``, ``round_end``, ``device_begin``,
 ``device_end``, ``go``, ``done``, ``abort``. Destination -> source:
 ``prepared``, ``ready``, ``resumed``, ``error``, ``ack`` (``bytes``: the
-page-stream bytes received so far, cumulative; at most every ``ACK_BYTES`` and
-``ACK_MIN_S``, and at once for each ``round_end``, then with its ``round``;
+page-stream bytes received so far, cumulative; after ``ACK_BYTES`` and
+``ACK_MIN_S``, or ``ACK_MAX_S`` while bytes arrive, and at once for each
+``round_end``, then with its ``round``;
 ``t``: its monotonic clock, which times the link):
 the source counts bytes as sent when acknowledged. Both ways, from ``prepare``
 on: ``keepalive`` (every ``liveness_s / 4``; silence for ``liveness_s`` means
@@ -41,7 +42,8 @@ def _field(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
 
 KEEPALIVE = {"op": "keepalive"}
 ACK_BYTES = 256 * 1024  # acks are cheap but not free: at most one per this many bytes ...
-ACK_MIN_S = 0.02  # ... and per this many seconds (a fast link: <= 50 acks/s)
+ACK_MIN_S = 0.02  # ... and per this many seconds (a fast link: <= 50 acks/s),
+ACK_MAX_S = 0.25  # but at least this often while bytes arrive (a slow link)
 
 
 def check_ack(msg: dict[str, Any], written: int) -> tuple[int, int | None, float | None]:

@@ -107,6 +107,7 @@ class SourceMigration:
         self._round_rate = 0.0  # best acked throughput of a whole round
         self._final_wire = 0  # bytes of the pages sent while paused
         self._dirty_per_page: float | None = None  # wire bytes of a re-sent page, lately
+        self._learned = estimate.learned(status.peer)  # earlier hand-overs to this destination
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -258,7 +259,7 @@ class SourceMigration:
         now = time.monotonic()
         pages = max(0, self._round_pages - self._round_sent)
         queued = max(0, st.bytes_wire - st.bytes_acked)
-        device = 0 if self._device_started else estimate.LEARNED.device_bytes
+        device = 0 if self._device_started else self._learned.device_bytes
         remaining = int(pages * self._bytes_per_page() + queued + device)
         st.remaining_bytes = remaining
         st.rate_bytes_s = self.link.current_rate(now)
@@ -427,9 +428,9 @@ class SourceMigration:
         return estimate.switchover(
             dirty_pages=dirty, bytes_per_page=self._dirty_per_page or self._bytes_per_page(),
             queued_bytes=max(0, st.bytes_wire - st.bytes_acked),
-            device_bytes=estimate.LEARNED.device_bytes, link_bytes_s=link, final_bytes_s=final,
+            device_bytes=self._learned.device_bytes, link_bytes_s=link, final_bytes_s=final,
             scan_s=self._scan_s, rtt_s=self.link.rtt_s or 0.0,
-            handover_s=estimate.LEARNED.handover_s)
+            handover_s=self._learned.handover_s)
 
     def _on_no_convergence(self, est: estimate.Estimate) -> None:
         """Pre-copy cannot reach the budget: the operator's policy decides, and says so."""
@@ -615,13 +616,13 @@ class SourceMigration:
 
     def _learn_handover(self) -> None:
         """What the pause cost beyond the scan, the bytes and the round trips: the next
-        estimate adds it (estimate.LEARNED)."""
+        estimate to this destination adds it (estimate.learned)."""
         st = self.status
         assert st.downtime_ms is not None
         moved = (self._final_wire + st.device_state_bytes) / max(self._link_rate(), 1.0)
         rest = (st.downtime_ms / 1000.0 - st.downtime_parts.get("final_scan_ms", 0.0) / 1000.0
                 - moved - 2 * (self.link.rtt_s or 0.0))
-        estimate.LEARNED.observe(st.device_state_bytes, max(0.0, rest))
+        self._learned.observe(st.device_state_bytes, max(0.0, rest))
 
     async def _commit(self) -> None:
         st = self.status

@@ -3,9 +3,10 @@ between two real agents whose hosts (network namespaces) talk over a 20 Mbit/s
 ``tc tbf`` link (issue 19, "the budget counts everything").
 
 Four hops A -> B -> A -> B -> A. Each agent learns the device-state size and
-the hand-over cost from its own previous hand-over (estimate.LEARNED), so the
-first hop from each host uses the built-in guesses and the later ones what it
-measured; the test prints every ratio and holds the learned hops to FACTOR.
+the hand-over cost from its previous hand-over to the same destination host
+(estimate.learned), so the first hop from each host uses the built-in guesses
+and the later ones what it measured; the test prints every ratio and holds the
+learned hops to FACTOR.
 """
 
 from __future__ import annotations
