@@ -40,6 +40,10 @@ class AgentMetrics:
                                ["role", "kind"], buckets=BYTES, registry=r)
         self.pages = Counter("novacron_agent_migration_pages", "Pages of ended migrations by kind",
                              ["role", "kind"], registry=r)
+        self.budget_exceeded = Counter(
+            "novacron_agent_migration_budget_exceeded", "Migrations whose pause outlasted their "
+            "downtime budget, by result (completed: forced through; failed: rolled back)",
+            ["result"], registry=r)
         self.heartbeats = Counter("novacron_agent_heartbeats", "Heartbeats to the coordinator by result",
                                   ["result"], registry=r)
 
@@ -51,6 +55,8 @@ class AgentMetrics:
             self.duration.labels(st.role, st.phase).observe(st.total_s)
             for phase, seconds in st.phase_seconds.items():
                 self.phase_seconds.labels(st.role, phase).observe(seconds)
+            if st.budget_exceeded and st.role == "source":
+                self.budget_exceeded.labels(st.phase).inc()
             if st.phase == "completed" and st.role == "source" and st.downtime_ms is not None:
                 self.downtime.observe(st.downtime_ms / 1000.0)
             for kind, value in (("raw", st.bytes_raw), ("wire", st.bytes_wire),
@@ -82,6 +88,15 @@ class _LiveMigrations(Collector):
                                    "Pre-copy round of a running migration", labels=labels)
         wire = GaugeMetricFamily("novacron_agent_migration_live_bytes_wire",
                                  "Bytes a running migration has sent so far", labels=labels)
+        acked = GaugeMetricFamily("novacron_agent_migration_live_bytes_acked",
+                                  "Bytes the destination acknowledged so far (counted as sent)",
+                                  labels=labels)
+        remaining = GaugeMetricFamily("novacron_agent_migration_remaining_bytes",
+                                      "Bytes still to send, estimated from the dirty set",
+                                      labels=labels)
+        progress = GaugeMetricFamily("novacron_agent_migration_progress_percent",
+                                     "Progress of a running migration (never runs backwards)",
+                                     labels=labels)
         running = GaugeMetricFamily("novacron_agent_migrations_running",
                                     "Migrations in progress on this agent")
         count = 0
@@ -95,8 +110,12 @@ class _LiveMigrations(Collector):
             dirty.add_metric(key, st.dirty_rate_pages_s)
             rounds.add_metric(key, st.round)
             wire.add_metric(key, st.bytes_wire)
+            if st.role == "source":
+                acked.add_metric(key, st.bytes_acked)
+                remaining.add_metric(key, st.remaining_bytes or 0)
+                progress.add_metric(key, st.progress_pct)
         running.add_metric([], count)
-        return [pages, dirty, rounds, wire, running]
+        return [pages, dirty, rounds, wire, acked, remaining, progress, running]
 
 
 __all__ = ["PAGE_KINDS", "AgentMetrics"]

@@ -105,6 +105,9 @@ class CoordinatorClient:
     async def cancel_migration(self, mig_id: str) -> dict[str, Any]:
         return dict(await self.request("POST", f"/migrations/{mig_id}/cancel"))
 
+    async def change_migration(self, mig_id: str, limits: dict[str, Any]) -> dict[str, Any]:
+        return dict(await self.request("PATCH", f"/migrations/{mig_id}", limits))
+
     async def register_host(self, body: dict[str, Any], agent_token: str) -> dict[str, Any]:
         return dict(await self.request("POST", "/hosts/register", body, token=agent_token))
 

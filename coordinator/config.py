@@ -65,6 +65,10 @@ class CoordinatorConfig:
                                            "are queued")
     migration_limit_fleet: int = setting(8, help="migrations the whole fleet may run at once; more "
                                          "are queued")
+    migration_on_no_converge: str = setting(
+        "abort", help="default policy when pre-copy cannot reach a migration's downtime budget: "
+        "abort (the VM keeps running on its source; the migration fails with the figures) or "
+        "force (stop-and-copy anyway; the longer pause is reported as budget_exceeded)")
     audit_file: Path | None = setting(None, help="append-only audit log (empty: <data_dir>/audit.log)")
     audit_fsync: bool = setting(False, help="fsync each audit line before replying (survives power loss)")
     reconcile_interval_s: float = setting(30.0, help="seconds between checks of VM records against "
@@ -95,6 +99,8 @@ def check_mcp(mcp: McpConfig) -> None:
 
 def check_config(cfg: CoordinatorConfig) -> None:
     """Values that parse but cannot work; ``config.load(check=...)`` names where each came from."""
+    if cfg.migration_on_no_converge not in ("abort", "force"):
+        raise Invalid("migration_on_no_converge", "must be abort or force (postcopy is not implemented)")
     check_secret(cfg, "admin_token", required=f"admin_token is required ({ENV_PREFIX}_ADMIN_TOKEN)")
     check_secret(cfg, "agent_token", required=f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
     if cfg.admin_token == cfg.agent_token:

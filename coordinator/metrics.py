@@ -51,6 +51,10 @@ class CoordinatorMetrics:
         self.migration_downtime = Histogram(
             "novacron_migration_downtime_seconds", "Guest pause of completed migrations",
             buckets=DOWNTIME, registry=r)
+        self.migration_budget_exceeded = Counter(
+            "novacron_migration_budget_exceeded", "Migrations whose pause outlasted their downtime "
+            "budget, by result (completed: forced; failed: paused past it, then rolled back)",
+            ["result"], registry=r)
         self.migration_bytes = Histogram(
             "novacron_migration_bytes", "Bytes per migration: raw (guest pages), wire, device_state",
             ["kind"], buckets=BYTES, registry=r)
@@ -61,6 +65,8 @@ class CoordinatorMetrics:
     def migration_ended(self, mig: Migration) -> None:
         m = mig.metrics if isinstance(mig.metrics, dict) else {}
         self.migrations.labels(mig.phase).inc()
+        if mig.budget_exceeded or m.get("budget_exceeded") is True:
+            self.migration_budget_exceeded.labels(mig.phase).inc()
         if mig.finished_at is not None:
             started = mig.started_at or mig.created_at  # time in the queue is not migrating
             self.migration_duration.labels(mig.phase).observe(max(0.0, mig.finished_at - started))
@@ -126,6 +132,10 @@ class _LiveMigrations(Collector):
                                   "Dirty rate of a running migration's guest", labels=labels)
         wire = GaugeMetricFamily("novacron_migration_live_bytes_wire",
                                  "Bytes a running migration has sent so far", labels=labels)
+        progress = GaugeMetricFamily("novacron_migration_progress_percent",
+                                     "A running migration's progress: bytes the destination acknowledged "
+                                     "against acknowledged + remaining (never runs backwards)",
+                                     labels=labels)
         count = GaugeMetricFamily("novacron_migrations_running", "Migrations this coordinator follows")
         n = 0
         for mig in list(self.running()):
@@ -140,5 +150,8 @@ class _LiveMigrations(Collector):
             dirty.add_metric(key, float(rate) if isinstance(rate, (int, float)) else 0.0)
             sent = m.get("bytes_wire")
             wire.add_metric(key, float(sent) if isinstance(sent, (int, float)) else 0.0)
+            pct = m.get("progress_pct")
+            if isinstance(pct, (int, float)):
+                progress.add_metric(key, float(pct))
         count.add_metric([], n)
-        return [pages, dirty, wire, count]
+        return [pages, dirty, wire, progress, count]

@@ -126,6 +126,11 @@ class MigrationManager:
                 if other.vm == vm_name:
                     raise ApiError(409, f"VM {vm_name!r} is already migrating ({other.id}, "
                                    f"{other.phase})")
+            if options.get("on_no_converge") == "postcopy":
+                raise ApiError(400, "on_no_converge 'postcopy' is not implemented yet; "
+                                    "use 'abort' or 'force'")
+            # the policy is explicit on every record: the caller's, else ours
+            options = {"on_no_converge": self.cfg.migration_on_no_converge, **options}
             now = time.time()
             mig = Migration(id="m-" + secrets.token_hex(6), vm=vm_name, source=src.name,
                             target=dst.name, options=options, created_at=now, updated_at=now)
@@ -325,6 +330,30 @@ class MigrationManager:
                            f"source agent could not cancel: {exc.message}") from None
         return mig
 
+    async def change(self, mig_id: str, limits: dict[str, Any]) -> Migration:
+        """Live change of ``bandwidth_mbps``/``downtime_ms``: the source agent applies it
+        (within a round); the record's options follow once it did."""
+        mig = await self.store.get_migration(mig_id)
+        if mig is None:
+            raise ApiError(404, f"no migration {mig_id!r}")
+        if mig.done:
+            raise ApiError(409, f"migration {mig_id} already {mig.phase}")
+        src = await self.store.get_host(mig.source)
+        if src is None or mig.agent_migration_id is None:
+            raise ApiError(409, f"migration {mig_id} has not started on its source yet")
+        try:
+            reply = await self.agents.call(src.name, src.url, src.token, "PATCH",
+                                           f"/v1/migrations/{mig.agent_migration_id}", limits)
+        except AgentError as exc:
+            raise ApiError(exc.status if exc.status in (400, 409) else 502,
+                           f"source agent refused the change: {exc.message}") from None
+        mig = self.following.get(mig_id) or mig  # the record our poller updates, if ours
+        mig.options = {**mig.options, **limits}
+        self._apply(mig, reply)
+        await self._save(mig)
+        log.info("migration limits changed", extra={"migration": mig_id, **limits})
+        return mig
+
     async def resume_all(self) -> None:
         """Follow every unfinished migration nobody follows (after a restart, or a
         coordinator's death), now and then every ``lease_ttl_s``. One whose start was
@@ -404,7 +433,7 @@ class MigrationManager:
         """Copy the agent's status into ``mig``; True if anything changed."""
         if not isinstance(status, dict):
             return False
-        before = (mig.phase, mig.round, mig.metrics, mig.error)
+        before = (mig.phase, mig.round, mig.metrics, mig.error, mig.budget_exceeded)
         phase = status.get("phase")
         if isinstance(phase, str) and phase:
             mig.phase = phase
@@ -422,7 +451,9 @@ class MigrationManager:
             mig.metrics = {**mig.metrics, **extra}
         if status.get("error"):
             mig.error = str(status["error"])
-        return before != (mig.phase, mig.round, mig.metrics, mig.error)
+        if isinstance(status.get("budget_exceeded"), bool):
+            mig.budget_exceeded = status["budget_exceeded"]
+        return before != (mig.phase, mig.round, mig.metrics, mig.error, mig.budget_exceeded)
 
     async def _poll(self, mig: Migration) -> None:
         failures = 0

@@ -71,6 +71,9 @@ class Migration:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     agent_migration_id: str | None = None
+    # the pause outlasted the downtime budget (policy 'force', or a slow hand-over):
+    # never a plain success; the CLI exits 3 for it
+    budget_exceeded: bool = False
     created_at: float = 0.0
     updated_at: float = 0.0
     finished_at: float | None = None

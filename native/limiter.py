@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
+SLICE_S = 0.05  # longest sleep before the current rate is looked at again
+
 
 class TokenBucket:
     """Bytes/s limiter whose rate can change while a transfer runs.
@@ -72,7 +74,15 @@ class TokenBucket:
         return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
     async def acquire(self, n: int) -> None:
-        """Wait until ``n`` bytes may be sent under the current rate."""
+        """Wait until ``n`` bytes may be sent under the current rate. Waits in short
+        slices, so a rate changed meanwhile (raised, or 0 = unlimited) applies at once."""
         delay = self.delay_for(n)
-        if delay > 0:
-            await asyncio.sleep(delay)
+        while delay > 0:
+            await asyncio.sleep(min(delay, SLICE_S))
+            delay = self._debt_delay()
+
+    def _debt_delay(self) -> float:
+        if self._rate == 0:
+            return 0.0
+        self._refill()
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate

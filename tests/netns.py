@@ -92,6 +92,12 @@ class Fabric:
             for dev, where in ((bridge, ns), ("up0", ns), (port, self.client)):
                 ip("link", "set", dev, "up", ns=where)
 
+    def pace(self, mbit: float) -> None:
+        """Each host's uplink sends at most ``mbit`` Mbit/s (``tc tbf``): a slow link
+        between the two hosts."""
+        for ns in (self.a, self.b):
+            tbf(ns, "up0", mbit)
+
     def destroy(self) -> None:
         for ns in (self.a, self.b, self.client):  # veths, bridges and taps go with them
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
@@ -103,6 +109,60 @@ class Fabric:
                       if line.split(":")[1].strip().startswith("nctap"))
 
     def __enter__(self) -> Fabric:
+        try:
+            self.create()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.destroy()
+
+
+def tbf(ns: str, dev: str, mbit: float) -> None:
+    """Pace ``dev``'s egress in ``ns`` to ``mbit`` Mbit/s with a token bucket (burst: one
+    10 ms slice at the rate, at least a few MTUs; latency bounds the queue)."""
+    burst = max(16_000, int(mbit * 1e6 / 8 / 100))
+    subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                    "rate", f"{mbit}mbit", "burst", str(burst), "latency", "50ms"],
+                   check=True, capture_output=True, timeout=20)
+
+
+@dataclass
+class SlowLink:
+    """Two namespaces joined by a veth pair whose both directions are paced by
+    ``tc tbf`` at ``mbit`` Mbit/s: a real slow link (kernel queues and all), in the
+    benchmarking range 198.19.0.0/24."""
+
+    suffix: str
+    mbit: float
+    a_addr: str = "198.19.0.1"
+    b_addr: str = "198.19.0.2"
+
+    @property
+    def a(self) -> str:
+        return f"nc-sa-{self.suffix}"
+
+    @property
+    def b(self) -> str:
+        return f"nc-sb-{self.suffix}"
+
+    def create(self) -> None:
+        for ns in (self.a, self.b):
+            ip("netns", "add", ns)
+            ip("link", "set", "lo", "up", ns=ns)
+        ip("link", "add", "sl0", "type", "veth", "peer", "name", "sl1", "netns", self.b, ns=self.a)
+        for ns, dev, addr in ((self.a, "sl0", self.a_addr), (self.b, "sl1", self.b_addr)):
+            ip("addr", "add", f"{addr}/24", "dev", dev, ns=ns)
+            ip("link", "set", dev, "up", ns=ns)
+            tbf(ns, dev, self.mbit)
+
+    def destroy(self) -> None:
+        for ns in (self.a, self.b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+    def __enter__(self) -> SlowLink:
         try:
             self.create()
         except BaseException:

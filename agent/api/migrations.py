@@ -8,6 +8,8 @@ manager (and its data-channel server on ``data_port``) with the daemon.
     GET  /v1/migrations               -> {"migrations": [status, ...]}
     GET  /v1/migrations/{id}          -> status (phase, round, metrics, error)
     POST /v1/migrations/{id}/cancel   -> status
+    PATCH /v1/migrations/{id}         {"bandwidth_mbps"?, "downtime_ms"?} -> status
+                                      (a running outgoing migration's limits, live)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from novacron.agent.migration.qemu_port import (
     clean_stale_relay_sockets,
     source_vm,
 )
+from novacron.agent.migration.throttle import lift_stale
 from novacron.agent.migration.vmport import SourceVM
 from novacron.agent.vm.errors import VMError
 from novacron.agent.vm.manager import VMManager
@@ -76,6 +79,12 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
     async def on_startup(_app: web.Application) -> None:
         await clean_stale_incoming(cfg.state_dir)
         clean_stale_relay_sockets(cfg.state_dir)
+        for vm in vms.list():  # a killed agent's auto-converge quota must not outlive it
+            if vm.pid is not None:
+                try:
+                    lift_stale(vm.pid)
+                except OSError as exc:
+                    log.error("could not lift a stale CPU quota", extra={"vm": vm.name, "error": str(exc)})
         port = await manager.start()
         if cfg.data_port == 0:
             cfg.data_port = port  # so /v1/host reports the port actually bound
@@ -94,6 +103,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/migrations", list_all)
     app.router.add_get("/v1/migrations/{id}", get_one)
     app.router.add_post("/v1/migrations/{id}/cancel", cancel)
+    app.router.add_patch("/v1/migrations/{id}", change)
 
 
 async def _body(request: web.Request) -> Any:
@@ -136,6 +146,15 @@ async def get_one(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     try:
         status = request.app[MANAGER_KEY].cancel(request.match_info["id"])
+    except MigrationRequestError as exc:
+        return json_error(exc.status, str(exc))
+    return web.json_response(status.to_dict())
+
+
+async def change(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER_KEY]
+    try:
+        status = manager.change(request.match_info["id"], await _body(request))
     except MigrationRequestError as exc:
         return json_error(exc.status, str(exc))
     return web.json_response(status.to_dict())

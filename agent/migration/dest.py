@@ -19,6 +19,7 @@ import contextlib
 import logging
 import mmap
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +123,7 @@ class _Incoming:
         self.device_writer: asyncio.StreamWriter | None = None
         self.committed = False
         self.resume_tried = False  # 'go' arrived: the guest may have started here
+        self._t_ack = 0.0  # when we last acknowledged bytes (loop time)
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -217,6 +219,24 @@ class _Incoming:
                 with contextlib.suppress(BaseException):
                     await work
 
+    async def _ack(self, rnd: int | None = None) -> None:
+        """Tell the source how many page-stream bytes we hold (it counts them as sent)."""
+        now = asyncio.get_running_loop().time()
+        st = self.status
+        news, quiet = st.bytes_wire - st.bytes_acked, now - self._t_ack
+        due = (news >= protocol.ACK_BYTES and quiet >= protocol.ACK_MIN_S) or (
+            news > 0 and quiet >= protocol.ACK_MAX_S)  # a slow link still hears from us
+        if rnd is None and not due:
+            return
+        msg: dict[str, object] = {"op": "ack", "bytes": st.bytes_wire, "t": round(time.monotonic(), 6)}
+        if rnd is not None:
+            msg["round"] = rnd
+        self._t_ack, st.bytes_acked = now, st.bytes_wire
+        # a source that hung up is no reason to fail here: what we read next says why
+        # (its 'abort' may still be queued behind the frames)
+        with contextlib.suppress(ChannelClosed):
+            await self.ch.send_ctrl(msg)
+
     async def _loop(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str) -> None:
         st = self.status
         while True:
@@ -238,11 +258,13 @@ class _Incoming:
                 else:
                     st.pages_sent += opened.pages
                     st.bytes_raw += opened.pages * protocol.PAGE
+                await self._ack()
                 continue
             assert rec.ctrl is not None
             op = rec.op
             if op == "round_end":
                 st.round = protocol.check_int(rec.ctrl, "round", 1, 100_000)
+                await self._ack(st.round)
             elif op == "keepalive":
                 continue
             elif op == "device_begin":

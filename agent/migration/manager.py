@@ -485,6 +485,22 @@ class MigrationManager:
         mig.cancel()
         return status
 
+    def change(self, mid: str, body: Any) -> MigrationStatus:
+        """Live change of a running outgoing migration's ``bandwidth_mbps``/``downtime_ms``."""
+        status = self.statuses.get(mid)
+        if status is None:
+            raise MigrationRequestError(f"no migration {mid!r}", 404)
+        if status.done:
+            raise MigrationRequestError(f"migration {mid} already {status.phase}", 409)
+        mig = self._running.get(mid)
+        if mig is None or status.role != "source":
+            raise MigrationRequestError("only the source agent can change a running migration", 409)
+        try:
+            mig.change(body)
+        except ValueError as exc:
+            raise MigrationRequestError(str(exc), 409 if "too late" in str(exc) else 400) from None
+        return status
+
 
 def authorise(grant: Grant, mid: str, vm: str, spec: dict[str, Any]) -> None:
     """A ``prepare`` must be the granted migration of the granted VM, and the VM it

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+NO_CONVERGE = ("abort", "force")  # 'postcopy' reserved: refused until it exists
+# what may change while a migration runs (PATCH /v1/migrations/{id})
+LIVE = ("bandwidth_mbps", "downtime_ms")
+
 
 @dataclass
 class MigrationOptions:
@@ -27,6 +31,13 @@ class MigrationOptions:
     # before 'go', the source resumes and the migration fails
     pause_factor: float = 10.0
     max_pause_ms: float = 10_000.0
+    # pre-copy could not reach the downtime budget: 'abort' (the guest keeps running
+    # here, the migration fails with the figures) or 'force' (stop-and-copy anyway,
+    # reported as budget_exceeded); 'postcopy' is reserved and refused for now
+    on_no_converge: str = "abort"
+    # the pages sent while the guest is paused obey bandwidth_mbps too (default: they
+    # go at link speed, so the cap never lengthens the pause)
+    throttle_final: bool = False
 
     @classmethod
     def from_dict(cls, raw: Any) -> MigrationOptions:
@@ -44,6 +55,9 @@ class MigrationOptions:
             if isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ValueError(f"option {key!r} must be true or false")
+            elif isinstance(default, str):
+                if not isinstance(value, str):
+                    raise ValueError(f"option {key!r} must be a string")
             elif isinstance(default, int):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ValueError(f"option {key!r} must be an integer")
@@ -74,10 +88,25 @@ class MigrationOptions:
             raise ValueError("option 'pause_factor' must be between 1 and 10000")
         if not 10 <= self.max_pause_ms <= 600_000:
             raise ValueError("option 'max_pause_ms' must be between 10 and 600000")
+        if self.on_no_converge == "postcopy":
+            raise ValueError("option 'on_no_converge': 'postcopy' is not implemented yet; "
+                             "use 'abort' or 'force'")
+        if self.on_no_converge not in NO_CONVERGE:
+            raise ValueError("option 'on_no_converge' must be 'abort' or 'force'")
 
     @property
     def pause_ceiling_ms(self) -> float:
         return min(self.downtime_ms * self.pause_factor, self.max_pause_ms)
+
+    def changed(self, raw: Any) -> MigrationOptions:
+        """A copy with the live-changeable options in ``raw`` applied (validated)."""
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError(f"give at least one of: {', '.join(LIVE)}")
+        fixed = sorted(set(raw) - set(LIVE))
+        if fixed:
+            raise ValueError(f"cannot change {', '.join(fixed)} while migrating; "
+                             f"only {', '.join(LIVE)}")
+        return MigrationOptions.from_dict({**self.as_dict(), **raw})
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -2,7 +2,12 @@
 
 Source -> destination: ``prepare``, ``round_end``, ``device_begin``,
 ``device_end``, ``go``, ``done``, ``abort``. Destination -> source:
-``prepared``, ``ready``, ``resumed``, ``error``. Both ways, from ``prepare``
+``prepared``, ``ready``, ``resumed``, ``error``, ``ack`` (``bytes``: the
+page-stream bytes received so far, cumulative; after ``ACK_BYTES`` and
+``ACK_MIN_S``, or ``ACK_MAX_S`` while bytes arrive, and at once for each
+``round_end``, then with its ``round``;
+``t``: its monotonic clock, which times the link):
+the source counts bytes as sent when acknowledged. Both ways, from ``prepare``
 on: ``keepalive`` (every ``liveness_s / 4``; silence for ``liveness_s`` means
 the peer is dead or hung). A channel may instead open with ``query``
 (``id``, ``vm``) in place of the grant: a restarted source asks what became of
@@ -36,6 +41,22 @@ def _field(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
 
 
 KEEPALIVE = {"op": "keepalive"}
+ACK_BYTES = 256 * 1024  # acks are cheap but not free: at most one per this many bytes ...
+ACK_MIN_S = 0.02  # ... and per this many seconds (a fast link: <= 50 acks/s),
+ACK_MAX_S = 0.25  # but at least this often while bytes arrive (a slow link)
+
+
+def check_ack(msg: dict[str, Any], written: int) -> tuple[int, int | None, float | None]:
+    """``(bytes, round or None, t or None)`` of an ``ack`` (``t``: the destination's
+    monotonic seconds); it cannot acknowledge more than we wrote."""
+    acked = check_int(msg, "bytes", 0, written)
+    rnd = msg.get("round")
+    if rnd is not None:
+        rnd = check_int(msg, "round", 1, 100_000)
+    t = msg.get("t")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < 1e12):
+        raise ProtocolError("'ack' message: t must be a non-negative number")
+    return acked, rnd, None if t is None else float(t)
 OUTCOMES = ("committed", "rolled_back", "pending")
 
 

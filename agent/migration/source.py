@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
-from novacron.agent.migration import protocol
+from novacron.agent.migration import estimate, protocol
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
@@ -52,6 +52,8 @@ log = logging.getLogger("novacron.agent.migration")
 
 DEVICE_CHUNK = 256 * 1024
 WATCH_S = 0.02  # watchdog period: how late a pause ceiling may be noticed
+MEASURE_BYTES = 1 << 20  # a round this large measures the link
+ROUND_ACK_S = 60.0  # longest wait for the destination to acknowledge a round's bytes
 
 
 class MigrationFailed(Exception):
@@ -93,6 +95,19 @@ class SourceMigration:
         self.tracker: FingerprintTracker | None = None
         self.throttle = Throttle(vm)
         self.sender: PageStreamSender | None = None
+        self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
+        # accounting: what the destination acknowledged (estimate.py)
+        self.link = estimate.LinkMeter()
+        self._ack_event = asyncio.Event()
+        self._acked_round = 0
+        self._round_pages = 0  # pages of the dirty set this round sends ...
+        self._round_sent = 0  # ... and how many of them went out
+        self._scan_s = 0.0  # how long the last dirty scan took (the final one will be alike)
+        self._estimate: estimate.Estimate | None = None
+        self._round_rate = 0.0  # best acked throughput of a whole round
+        self._final_wire = 0  # bytes of the pages sent while paused
+        self._dirty_per_page: float | None = None  # wire bytes of a re-sent page, lately
+        self._learned = estimate.learned(status.peer)  # earlier hand-overs to this destination
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -149,9 +164,9 @@ class SourceMigration:
 
     async def _watchdog(self) -> str:
         """Returns why the migration must stop now; never returns once 'go' was sent."""
-        ceiling_s = self.opts.pause_ceiling_ms / 1000.0
         while True:
             await asyncio.sleep(WATCH_S)
+            ceiling_s = self.opts.pause_ceiling_ms / 1000.0  # downtime_ms may change live
             if self._go_sent:
                 await asyncio.Event().wait()  # only the destination's answer decides now
             if self._dest_failed is not None:
@@ -175,6 +190,18 @@ class SourceMigration:
     def cancel(self) -> None:
         self.cancel_event.set()
 
+    def change(self, raw: Any) -> None:
+        """Live change of ``bandwidth_mbps``/``downtime_ms`` (ValueError if invalid or
+        too late): the cap applies to the next frame, the budget at the next round's end."""
+        if self._paused or self._go_sent or self.status.done:
+            raise ValueError("too late: the migration is already switching over")
+        new = self.opts.changed(raw)
+        self.opts.bandwidth_mbps, self.opts.downtime_ms = new.bandwidth_mbps, new.downtime_ms
+        self.bucket.set_rate(new.bandwidth_mbps * 1e6)
+        self.status.options = self.opts.as_dict()
+        self.status.pause_ceiling_ms = self.opts.pause_ceiling_ms
+        log.info("migration limits changed", extra={"migration": self.status.id, **raw})
+
     @property
     def switching_over(self) -> bool:
         """'go' was sent: only the destination's answer may decide now, not a cancel."""
@@ -190,12 +217,55 @@ class SourceMigration:
                     raise ProtocolError("destination sent a frame; only control messages expected")
                 if rec.op == "keepalive":
                     continue
+                if rec.op == "ack":
+                    self._on_ack(rec.ctrl)
+                    continue
                 if rec.op == "error":  # its reason beats the channel closing right after
                     self._dest_failed = protocol.reason_of(rec.ctrl)
                 await self._inbox.put(rec.ctrl)
         except (ChannelClosed, ProtocolError) as exc:
             self._peer_lost = str(exc)
             await self._inbox.put(exc)
+
+    def _on_ack(self, msg: dict[str, Any]) -> None:
+        st = self.status
+        acked, rnd, their_t = protocol.check_ack(msg, st.bytes_wire)
+        self.link.ack(time.monotonic(), acked, st.bytes_wire, their_t)
+        st.bytes_acked = self.link.acked
+        if rnd is not None:
+            self._acked_round = max(self._acked_round, rnd)
+            self._ack_event.set()
+        self._progress()
+
+    def _link_rate(self) -> float:
+        """Bytes/s the link carried: busy intervals between acks, else whole rounds
+        (a lower bound when the cap or the encoder held us back)."""
+        st = self.status
+        rate = self.link.busy_rate or self._round_rate
+        if not rate:
+            rate = self.opts.bandwidth_mbps * 1e6 or 1e9
+        st.link_rate_bytes_s = rate
+        return rate
+
+    def _bytes_per_page(self) -> float:
+        st = self.status
+        return st.bytes_wire / st.pages_sent if st.pages_sent else float(protocol.PAGE)
+
+    def _progress(self) -> None:
+        """Remaining (from the dirty set), rate, ETA and a percentage that never goes back."""
+        st = self.status
+        if st.phase not in ("precopy", "stopcopy"):
+            return
+        now = time.monotonic()
+        pages = max(0, self._round_pages - self._round_sent)
+        queued = max(0, st.bytes_wire - st.bytes_acked)
+        device = 0 if self._device_started else self._learned.device_bytes
+        remaining = int(pages * self._bytes_per_page() + queued + device)
+        st.remaining_bytes = remaining
+        st.rate_bytes_s = self.link.current_rate(now)
+        st.eta_s = remaining / st.rate_bytes_s if st.rate_bytes_s > 0 else None
+        if st.bytes_acked + remaining > 0:
+            st.advance(100.0 * st.bytes_acked / (st.bytes_acked + remaining))
 
     def _check_inbox(self) -> None:
         """Fail fast if the destination reported an error or the channel broke."""
@@ -265,62 +335,133 @@ class SourceMigration:
             # changes back between two scans is still re-sent
             tracker=tracker,
         )
-        self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
+        t_scan = time.monotonic()
         scan = await asyncio.to_thread(tracker.scan)
+        self._scan_s = time.monotonic() - t_scan
         # the destination's fresh RAM file is all zero: these pages never need sending
         self._zero_skipped = scan.zero_count
         last_scan = time.monotonic()
-        budget_s = opts.downtime_ms / 1000.0
         prev_estimate = float("inf")
         while True:
             st.round += 1
             t0, wire0 = time.monotonic(), st.bytes_wire
             sent = await self._send_pages(scan.dirty, scan.zero)
-            await self.ch.send_ctrl({"op": "round_end", "round": st.round})
+            # counted as sent once the destination has it: the round ends with its ack
+            await self._end_round()
             elapsed = max(time.monotonic() - t0, 1e-6)
             wire = st.bytes_wire - wire0
             if wire > 0:
                 st.bandwidth_bytes_s = wire / elapsed
+            if wire >= MEASURE_BYTES:  # small rounds measure the round trip, not the link
+                self._round_rate = max(self._round_rate, wire / elapsed)
+            if st.round >= 2 and sent >= 64:  # re-sent pages: what the final ones will weigh
+                self._dirty_per_page = wire / sent
+            t_scan = time.monotonic()
             scan = await asyncio.to_thread(tracker.scan)
             now = time.monotonic()
+            self._scan_s = now - t_scan
             dirty = bitmap_count(scan.dirty)
             st.dirty_pages_last_round = dirty
             st.dirty_rate_pages_s = dirty / max(now - last_scan, 1e-6)
             last_scan = now
-            per_page = wire / sent if sent else protocol.PAGE
-            bw = st.bandwidth_bytes_s or (opts.bandwidth_mbps * 1e6) or 1e9
-            estimate_s = dirty * per_page / bw
+            self._round_pages, self._round_sent = dirty, 0  # what is left: the dirty set
+            self._progress()
+            est = self._estimate = self._switchover_estimate(dirty)
+            estimate_s = est.total
+            st.estimate_ms = estimate_s * 1000.0
+            st.estimate_parts = est.parts_ms()
             st.rounds.append({
                 "round": st.round, "pages_sent": sent, "wire_bytes": wire,
                 "seconds": round(elapsed, 4), "dirty_after": dirty,
                 "estimated_stop_s": round(estimate_s, 4),
+                "link_rate_bytes_s": round(st.link_rate_bytes_s, 1),
             })
             log.info("pre-copy round", extra={"migration": st.id, **st.rounds[-1]})
-            if estimate_s <= budget_s:
+            if estimate_s <= opts.downtime_ms / 1000.0:  # read each round: it may change live
                 st.converged = True
                 break
             if st.round >= opts.max_rounds:
                 st.converged = False
-                self._on_no_convergence()
+                self._on_no_convergence(est)
                 break
-            if opts.throttle and st.round >= 2 and estimate_s > 0.8 * prev_estimate:
-                # not shrinking fast enough: the guest dirties about as fast as we send
+            dirty_bytes_s = st.dirty_rate_pages_s * self._bytes_per_page()
+            cap = opts.bandwidth_mbps * 1e6
+            sending = min(st.link_rate_bytes_s, cap) if cap else st.link_rate_bytes_s
+            outrun = dirty_bytes_s >= 0.5 * sending  # it dirties about as fast as we send
+            stuck = st.round >= 2 and estimate_s > 0.8 * prev_estimate
+            # only the pages part shrinks when the guest slows down
+            shrinkable = est.final_pages + est.queued > opts.downtime_ms / 1000.0
+            if opts.throttle and shrinkable and (outrun or stuck):
                 st.throttle_pct = self.throttle.raise_level() * 100
+                st.throttle_method = self.throttle.method
                 log.info("throttling guest to converge",
-                         extra={"migration": st.id, "throttle_pct": st.throttle_pct})
+                         extra={"migration": st.id, "throttle_pct": st.throttle_pct,
+                                "method": st.throttle_method, "dirty_bytes_s": round(dirty_bytes_s),
+                                "link_bytes_s": round(st.link_rate_bytes_s)})
             prev_estimate = estimate_s
         self._final_scan = scan
 
-    def _on_no_convergence(self) -> None:
-        """Seam for post-copy: throttling did not suffice, today we accept a longer pause."""
-        log.warning("pre-copy did not converge; forcing stop-and-copy",
-                    extra={"migration": self.status.id, "rounds": self.status.round})
+    async def _end_round(self) -> None:
+        """Send ``round_end`` and wait until the destination acknowledged everything
+        before it: nothing is left queued when we decide, or pause."""
+        st = self.status
+        t_sent, queued = time.monotonic(), st.bytes_wire - st.bytes_acked
+        await self.ch.send_ctrl({"op": "round_end", "round": st.round})
+        deadline = t_sent + ROUND_ACK_S
+        while self._acked_round < st.round:
+            self._check_inbox()
+            if time.monotonic() > deadline:
+                raise MigrationFailed(f"destination did not acknowledge round {st.round} "
+                                      f"within {ROUND_ACK_S:g}s")
+            self._ack_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ack_event.wait(), 0.1)  # 0.1 s: cancel checks
+        waited = time.monotonic() - t_sent
+        rate = self._link_rate()
+        self.link.rtt_sample(max(0.0, waited - queued / rate))
 
-    async def _send_pages(self, dirty: np.ndarray, zero: np.ndarray | None) -> int:
-        """Encode and send ``dirty`` pages, pipelining encode with sending."""
+    def _switchover_estimate(self, dirty: int) -> estimate.Estimate:
+        st, opts = self.status, self.opts
+        link = self._link_rate()
+        cap = opts.bandwidth_mbps * 1e6
+        final = min(link, cap) if opts.throttle_final and cap else link
+        return estimate.switchover(
+            dirty_pages=dirty, bytes_per_page=self._dirty_per_page or self._bytes_per_page(),
+            queued_bytes=max(0, st.bytes_wire - st.bytes_acked),
+            device_bytes=self._learned.device_bytes, link_bytes_s=link, final_bytes_s=final,
+            scan_s=self._scan_s, rtt_s=self.link.rtt_s or 0.0,
+            handover_s=self._learned.handover_s)
+
+    def _on_no_convergence(self, est: estimate.Estimate) -> None:
+        """Pre-copy cannot reach the budget: the operator's policy decides, and says so."""
+        st, opts = self.status, self.opts
+        st.no_converge = {
+            "policy": opts.on_no_converge, "rounds": st.round,
+            "dirty_rate_bytes_s": round(st.dirty_rate_pages_s * self._bytes_per_page(), 1),
+            "link_rate_bytes_s": round(st.link_rate_bytes_s, 1),
+            "remaining_bytes": st.remaining_bytes, "estimate_ms": round(est.total * 1000.0, 1),
+            "budget_ms": opts.downtime_ms, "throttle_pct": st.throttle_pct,
+        }
+        figures = (f"dirty rate {st.no_converge['dirty_rate_bytes_s'] / 1e6:.2f} MB/s, "
+                   f"link {st.link_rate_bytes_s / 1e6:.2f} MB/s, "
+                   f"{(st.remaining_bytes or 0) / 2**20:.1f} MiB remaining, "
+                   f"estimated pause {est.total * 1000.0:.0f} ms > budget {opts.downtime_ms:g} ms "
+                   f"after {st.round} rounds (throttle {st.throttle_pct:.0f}%)")
+        if opts.on_no_converge == "abort":
+            log.warning("pre-copy did not converge; aborting (the guest stays here)",
+                        extra={"migration": st.id, **st.no_converge})
+            raise MigrationFailed(f"did not converge: {figures}")
+        log.warning("pre-copy did not converge; forcing stop-and-copy (a longer pause)",
+                    extra={"migration": st.id, **st.no_converge})
+
+    async def _send_pages(self, dirty: np.ndarray, zero: np.ndarray | None,
+                          throttled: bool = True) -> int:
+        """Encode and send ``dirty`` pages, pipelining encode with sending
+        (``throttled``: obey the bandwidth cap)."""
         st, sender = self.status, self.sender
         assert sender is not None
         indices = bitmap_indices(dirty)
+        self._round_pages, self._round_sent = len(indices), 0
         if len(indices) == 0:
             return 0
         batches = [indices[i : i + self.opts.batch_pages]
@@ -334,13 +475,16 @@ class SourceMigration:
                         asyncio.to_thread(sender.encode, batches[i + 1], zero))
                 self._check_inbox()
                 for frame in frames:
-                    await self.bucket.acquire(len(frame))
+                    if throttled:
+                        await self.bucket.acquire(len(frame))
                     self.ch.write_frame(frame)
                     st.bytes_wire += len(frame) + 5
                     await self.ch.drain()
                 st.pages_sent += len(batches[i])
                 st.bytes_raw += len(batches[i]) * protocol.PAGE
+                self._round_sent += len(batches[i])
                 self._sync_counters()
+                self._progress()
         finally:
             if not pending.done():
                 pending.cancel()
@@ -361,6 +505,9 @@ class SourceMigration:
         await self.throttle.stop()
         self._t_pause = mark = time.monotonic()
         parts = st.downtime_parts
+        if self._estimate is not None:  # the pause we predicted, beside the one we get
+            st.estimate_ms = self._estimate.total * 1000.0
+            st.estimate_parts = self._estimate.parts_ms()
 
         def lap(name: str) -> None:
             nonlocal mark
@@ -382,7 +529,10 @@ class SourceMigration:
         lap("final_scan_ms")
         # pages dirtied before the last pre-copy scan were not sent yet either
         final = np.bitwise_or(scan.dirty, self._final_scan.dirty)
-        sent = await self._send_pages(final, scan.zero)
+        # at link speed unless the operator asked the cap to hold while paused
+        wire0 = st.bytes_wire
+        sent = await self._send_pages(final, scan.zero, throttled=self.opts.throttle_final)
+        self._final_wire = st.bytes_wire - wire0
         st.rounds.append({"round": st.round, "pages_sent": sent, "stop_and_copy": True})
         await self.ch.send_ctrl({"op": "round_end", "round": st.round})
         lap("final_pages_ms")
@@ -393,6 +543,7 @@ class SourceMigration:
             st.digest_source = await asyncio.to_thread(ram_digest, self._mm)
         ready = await self._expect("ready", timeout=120)
         lap("destination_load_ms")
+        st.bytes_acked = st.bytes_wire  # 'ready': it has read and loaded everything
         if self.opts.test_digest:
             theirs = ready.get("digest")
             st.digest_destination = theirs if isinstance(theirs, str) else None
@@ -456,11 +607,22 @@ class SourceMigration:
         st.downtime_ms = (now - self._t_pause) * 1000.0
         st.downtime_parts["resume_ms"] = round(
             st.downtime_ms - sum(st.downtime_parts.values()), 2)
+        self._learn_handover()
         if st.downtime_ms > self.opts.downtime_ms:
             st.budget_exceeded = True  # too late to undo: say so, never a plain success
             log.warning("pause exceeded the downtime budget",
                         extra={"migration": st.id, "downtime_ms": round(st.downtime_ms, 1),
-                               "budget_ms": self.opts.downtime_ms})
+                               "budget_ms": self.opts.downtime_ms, "estimate_ms": st.estimate_ms})
+
+    def _learn_handover(self) -> None:
+        """What the pause cost beyond the scan, the bytes and the round trips: the next
+        estimate to this destination adds it (estimate.learned)."""
+        st = self.status
+        assert st.downtime_ms is not None
+        moved = (self._final_wire + st.device_state_bytes) / max(self._link_rate(), 1.0)
+        rest = (st.downtime_ms / 1000.0 - st.downtime_parts.get("final_scan_ms", 0.0) / 1000.0
+                - moved - 2 * (self.link.rtt_s or 0.0))
+        self._learned.observe(st.device_state_bytes, max(0.0, rest))
 
     async def _commit(self) -> None:
         st = self.status
@@ -539,6 +701,10 @@ class SourceMigration:
             await self.vm.stay()
         self._sync_counters()
         st.fail(reason, cancelled=cancelled)
+        if self._reader is not None and not self._dest_gave_up and self._peer_lost is None:
+            # read on (its acks) until it hangs up, bounded: closing with its messages
+            # unread would reset the connection and could drop our 'abort' unread there
+            await asyncio.wait({self._reader}, timeout=2.0)
 
     def _cleanup(self) -> None:
         if self._reader is not None:

@@ -35,6 +35,17 @@ class MigrationStatus:
     dirty_rate_pages_s: float = 0.0
     bandwidth_bytes_s: float = 0.0
     downtime_ms: float | None = None
+    # accounting (estimate.py): bytes count as sent once the destination acked them
+    bytes_acked: int = 0
+    link_rate_bytes_s: float = 0.0  # measured from acks while the link was busy
+    rate_bytes_s: float = 0.0  # acked bytes/s lately
+    remaining_bytes: int | None = None  # still to send, estimated from the dirty set
+    eta_s: float | None = None
+    progress_pct: float = 0.0  # never runs backwards (see advance)
+    estimate_ms: float | None = None  # the pause predicted when stop-and-copy began
+    estimate_parts: dict[str, float] = field(default_factory=dict)
+    no_converge: dict[str, Any] | None = None  # the figures when pre-copy gave up
+    throttle_method: str = ""  # how auto-converge slowed the guest, once it did
     downtime_parts: dict[str, float] = field(default_factory=dict)  # where the pause went
     converged: bool | None = None
     throttle_pct: float = 0.0
@@ -63,11 +74,17 @@ class MigrationStatus:
         self._t_phase = now
         ended = phase in TERMINAL and self._t_end is None
         self.phase = phase
+        if phase == "completed":
+            self.progress_pct, self.remaining_bytes, self.eta_s = 100.0, 0, 0.0
         if phase in TERMINAL:
             self.finished = time.time()
             self._t_end = now
         if ended and self.on_finish is not None:
             self.on_finish(self)
+
+    def advance(self, pct: float) -> None:
+        """Progress moves forward only; 100 only once completed."""
+        self.progress_pct = max(self.progress_pct, min(99.0, round(pct, 1)))
 
     def fail(self, reason: str, *, cancelled: bool = False) -> None:
         self.error = reason
@@ -97,6 +114,20 @@ class MigrationStatus:
             "bandwidth_bytes_s": round(self.bandwidth_bytes_s, 1),
             "compression_ratio": round(ratio, 3) if ratio else None,
             "dedup_ratio": round(self.pages_dedup / self.pages_sent, 4) if self.pages_sent else None,
+            "bytes_acked": self.bytes_acked,
+            "bytes_queued": max(0, self.bytes_wire - self.bytes_acked) if self.role == "source" else 0,
+            "link_rate_bytes_s": round(self.link_rate_bytes_s, 1),
+            "rate_bytes_s": round(self.rate_bytes_s, 1),
+            "remaining_bytes": self.remaining_bytes,
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 2),
+            "progress_pct": self.progress_pct,
+            "dirty_rate_bytes_s": round(self.dirty_rate_pages_s * 4096, 1),
+            "estimate_ms": None if self.estimate_ms is None else round(self.estimate_ms, 2),
+            "estimate_parts": self.estimate_parts,
+            "pause_vs_estimate": (round(self.downtime_ms / self.estimate_ms, 3)
+                                  if self.downtime_ms and self.estimate_ms else None),
+            "no_converge": self.no_converge,
+            "throttle_method": self.throttle_method or None,
             "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 2),
             "downtime_parts": self.downtime_parts,
             "budget_exceeded": self.budget_exceeded,

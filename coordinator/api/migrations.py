@@ -43,8 +43,27 @@ START: dict[str, Any] = {
                 "pause_factor": {"type": "number", "minimum": 1, "maximum": 10000,
                                  "description": "pause ceiling = downtime_ms x this (capped by max_pause_ms)"},
                 "max_pause_ms": {"type": "number", "minimum": 10, "maximum": 600000},
+                "on_no_converge": {"enum": ["abort", "force", "postcopy"],
+                                   "description": "pre-copy cannot reach downtime_ms: abort (the VM stays "
+                                   "on its source) or force (longer pause, reported as budget_exceeded); "
+                                   "postcopy is reserved and refused (not implemented). Default: the "
+                                   "coordinator's migration_on_no_converge"},
+                "throttle_final": {"type": "boolean",
+                                   "description": "hold the pages sent while paused to bandwidth_mbps "
+                                   "too (default false: they go at link speed)"},
             },
         },
+    },
+}
+
+# What may change while a migration runs (the agent's options.LIVE), same bounds.
+CHANGE: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "properties": {
+        "bandwidth_mbps": START["properties"]["options"]["properties"]["bandwidth_mbps"],
+        "downtime_ms": START["properties"]["options"]["properties"]["downtime_ms"],
     },
 }
 
@@ -85,6 +104,14 @@ async def get_migration(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     mig = await request.app[MIGRATIONS].cancel(request.match_info["id"])
     return web.json_response(mig.public(), status=202)
+
+
+@routes.patch("/migrations/{id}", "Change a running migration's bandwidth cap or downtime "
+              "budget (takes effect within a round)", request=CHANGE, response=schemas.MIGRATION,
+              errors=(404, 409, 502))
+async def change(request: web.Request) -> web.Response:
+    mig = await request.app[MIGRATIONS].change(request.match_info["id"], json_body(request))
+    return web.json_response(mig.public())
 
 
 @routes.get("/migrations/{id}/events",

@@ -172,6 +172,9 @@ class RouteTable:
     def delete(self, path: str, summary: str, **kw: Any) -> Callable[[Handler], Handler]:
         return self.route("DELETE", path, summary, **kw)
 
+    def patch(self, path: str, summary: str, **kw: Any) -> Callable[[Handler], Handler]:
+        return self.route("PATCH", path, summary, **kw)
+
 
 # -- request handling -------------------------------------------------------------------------
 

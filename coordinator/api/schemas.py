@@ -48,7 +48,7 @@ MIGRATION: dict[str, Any] = {
         "source": {"type": "string"}, "target": {"type": "string"},
         "phase": {"type": "string"}, "round": {"type": "integer"},
         "options": {"type": "object"}, "metrics": {"type": "object"}, "error": NULLABLE_STR,
-        "agent_migration_id": NULLABLE_STR,
+        "agent_migration_id": NULLABLE_STR, "budget_exceeded": {"type": "boolean"},
         "created_at": {"type": "number"}, "updated_at": {"type": "number"},
         "finished_at": {"type": ["number", "null"]},
         "started_at": {"type": ["number", "null"],

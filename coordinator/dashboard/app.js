@@ -568,6 +568,9 @@ async function onMigrate(ev) {
 function current(m) { return state.live.get(m.id) || m; } // a live stream knows better than the last poll
 
 function progressPct(m) {
+  // the agent's data progress (acked bytes against acked + remaining; never runs backwards)
+  const data = (m.metrics || {}).progress_pct;
+  if (isNum(data)) return m.phase === "completed" ? 100 : data;
   let pct = PHASE_PCT[m.phase] ?? 0;
   if (m.phase === "precopy") {
     const met = m.metrics || {};
@@ -616,6 +619,13 @@ function observe(m) {
 function numbers(m) {
   const met = m.metrics || {};
   const done = TERMINAL.has(m.phase);
+  if (isNum(met.bytes_acked) && isNum(met.remaining_bytes)) {
+    // the agent's own figures: acknowledged by the destination, remaining from the dirty set
+    return {
+      sent: met.bytes_acked, remaining: m.phase === "completed" ? 0 : met.remaining_bytes,
+      rate: done ? null : met.rate_bytes_s, eta: done ? null : met.eta_s,
+    };
+  }
   const measured = (state.rates.get(m.id) || {}).rate;
   const speed = done ? null : (isNum(measured) && measured > 0 ? measured : (met.bandwidth_bytes_s || null));
   const left = pagesLeftInRound(m);
@@ -638,7 +648,7 @@ function budgetOf(m) {
 function downtimeCell(m) {
   const met = m.metrics || {};
   const budget = budgetOf(m);
-  const over = met.budget_exceeded === true || (isNum(met.downtime_ms) && isNum(budget) && met.downtime_ms > budget);
+  const over = met.budget_exceeded === true || m.budget_exceeded === true || (isNum(met.downtime_ms) && isNum(budget) && met.downtime_ms > budget);
   const td = numCell(ms(met.downtime_ms), over ? "bad strong" : "");
   if (isNum(budget)) td.title = "budget " + ms(budget) + (over ? ": over budget" : "");
   if (over) td.textContent += " ▲";
@@ -748,7 +758,7 @@ function renderDetail() {
   const met = m.metrics || {};
   const n = numbers(m);
   const budget = budgetOf(m);
-  const over = met.budget_exceeded === true || (isNum(met.downtime_ms) && isNum(budget) && met.downtime_ms > budget);
+  const over = met.budget_exceeded === true || m.budget_exceeded === true || (isNum(met.downtime_ms) && isNum(budget) && met.downtime_ms > budget);
   const parts = [];
   if (m.error) parts.push(el("p", m.error, "inline-error"));
   const head = el("div", null, "detail-head");

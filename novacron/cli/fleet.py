@@ -24,9 +24,12 @@ from novacron.coordinator.client import ApiClientError, CoordinatorClient
 
 AGENT_DEFAULTS = MigrationOptions()  # what the source agent uses for an option not given
 
-# Where each phase sits on the progress bar (pre-copy fills 10-75 % by round).
-PHASE_PCT = {"queued": 0, "pending": 0, "prepare": 5, "precopy": 10, "stopcopy": 80, "postcopy": 85,
-             "commit": 95, "completed": 100}
+# Exit codes of 'novacron migrate' (and 'migration show --follow'): 0 completed within
+# its downtime budget; 1 failed or cancelled (the VM stays on its source); 3 completed
+# but the pause outlasted the budget (on_no_converge=force, or a slow hand-over).
+EXIT_BUDGET_EXCEEDED = 3
+EXIT_CODES = ("exit codes: 0 completed within the downtime budget; 1 failed or cancelled "
+              "(the VM stays on its source); 3 completed, but the pause exceeded the budget")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("migrate", help="live-migrate a VM to another host, showing progress",
                        description="Live-migrate VM to HOST through the coordinator. Shows a "
-                       "progress bar, then the metrics. Ctrl-C cancels the migration.")
+                       "progress bar (data acknowledged by the destination, remaining, rate, dirty "
+                       "rate, ETA), then the metrics. Ctrl-C cancels the migration. "
+                       "'novacron migration set ID' changes bandwidth and downtime while it runs.",
+                       epilog=EXIT_CODES)
     p.add_argument("vm", metavar="VM", help="name of the VM to move")
     p.add_argument("--to", required=True, metavar="HOST", dest="target", help="target host name")
     p.add_argument("--bandwidth-mbps", type=float, metavar="MB/S",
@@ -55,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"pause budget of stop-and-copy in ms (default: {AGENT_DEFAULTS.downtime_ms:g})")
     p.add_argument("--max-rounds", type=int, metavar="N",
                    help=f"pre-copy rounds before stop-and-copy (default: {AGENT_DEFAULTS.max_rounds})")
+    p.add_argument("--on-no-converge", choices=("abort", "force", "postcopy"),
+                   help="if pre-copy cannot reach the downtime budget: abort (the VM stays on its "
+                   "source) or force (longer pause, exit code 3); postcopy is not implemented "
+                   "(default: the coordinator's migration_on_no_converge, abort)")
+    p.add_argument("--throttle-final", action="store_true",
+                   help="hold the pages sent while the VM is paused to --bandwidth-mbps too "
+                   "(default: off, they go at link speed)")
     p.add_argument("--force", action="store_true",
                    help="move it even if the target host is in maintenance")
     p.add_argument("--no-wait", action="store_true",
@@ -270,28 +283,42 @@ def print_outcome(mig: dict[str, Any], console: Console) -> None:
         console.print(table)
 
 
-def progress_pct(mig: dict[str, Any], max_rounds: int) -> float:
-    phase = mig.get("phase", "pending")
-    pct = float(PHASE_PCT.get(phase, 0))
-    if phase == "precopy":
-        pct += 65.0 * min(1.0, mig.get("round", 0) / max(1, max_rounds))
-    return pct
+def progress_pct(mig: dict[str, Any]) -> float:
+    """Data, not phase: the agent's acknowledged bytes against acked + remaining (it never
+    runs backwards there); 100 once completed."""
+    if mig.get("phase") == "completed":
+        return 100.0
+    pct = mig.get("metrics", {}).get("progress_pct")
+    return float(pct) if isinstance(pct, (int, float)) else 0.0
+
+
+def exit_code(mig: dict[str, Any]) -> int:
+    if mig.get("phase") != "completed":
+        return 1
+    return EXIT_BUDGET_EXCEEDED if mig.get("budget_exceeded") else 0
 
 
 def describe(mig: dict[str, Any]) -> str:
+    """sent (acked by the destination) · remaining · rate · dirty rate · ETA"""
     met = mig.get("metrics", {})
     parts = [f"{mig.get('phase', '?'):>9}"]
     if mig.get("queue_reason"):
         parts.append(f"waits: {mig['queue_reason']}")
-    if mig.get("round"):
-        parts.append(f"round {mig['round']}")
-    if met.get("bytes_wire") is not None:
-        parts.append(f"{human_bytes(met['bytes_wire'])} sent")
+    if met.get("bytes_acked") is not None:
+        parts.append(f"{human_bytes(met['bytes_acked'])} sent")
+    if met.get("remaining_bytes") is not None and mig.get("phase") != "completed":
+        parts.append(f"{human_bytes(met['remaining_bytes'])} left")
+    if met.get("rate_bytes_s"):
+        parts.append(f"{human_bytes(met['rate_bytes_s'])}/s")
+    if met.get("dirty_rate_bytes_s"):
+        parts.append(f"dirtying {human_bytes(met['dirty_rate_bytes_s'])}/s")
+    if met.get("eta_s") is not None and mig.get("phase") != "completed":
+        parts.append(f"ETA {met['eta_s']:.0f}s")
     return " · ".join(parts)
 
 
-async def follow_migration(client: CoordinatorClient, mig: dict[str, Any], console: Console,
-                           max_rounds: int = 30) -> dict[str, Any]:
+async def follow_migration(client: CoordinatorClient, mig: dict[str, Any],
+                           console: Console) -> dict[str, Any]:
     """Show a live progress bar until the migration ends; return its final state."""
     with Progress(TextColumn(f"[bold]{mig['vm']}[/bold] {mig['source']} → {mig['target']}"),
                   BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -300,7 +327,7 @@ async def follow_migration(client: CoordinatorClient, mig: dict[str, Any], conso
         task = progress.add_task(describe(mig), total=100)
         async for event in client.migration_events(mig["id"]):
             mig = event
-            progress.update(task, completed=progress_pct(mig, max_rounds),
+            progress.update(task, completed=progress_pct(mig),
                             description=describe(mig))
     return mig
 
@@ -308,7 +335,9 @@ async def follow_migration(client: CoordinatorClient, mig: dict[str, Any], conso
 async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("bandwidth_mbps", args.bandwidth_mbps),
                                  ("downtime_ms", args.downtime_ms),
-                                 ("max_rounds", args.max_rounds)) if v is not None}
+                                 ("max_rounds", args.max_rounds),
+                                 ("on_no_converge", args.on_no_converge),
+                                 ("throttle_final", args.throttle_final or None)) if v is not None}
     mig = await client.migrate(args.vm, args.target, options, force=args.force)
     if args.no_wait:
         _dump(mig) if args.json else print(mig["id"])
@@ -319,7 +348,7 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
             async for event in client.migration_events(mig["id"]):
                 mig = event
         else:
-            mig = await follow_migration(client, mig, console, args.max_rounds or 30)
+            mig = await follow_migration(client, mig, console)
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[yellow]interrupted: cancelling the migration[/yellow]")
         try:
@@ -331,4 +360,4 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
         _dump(mig)
     else:
         print_outcome(mig, console)
-    return 0 if mig["phase"] == "completed" else 1
+    return exit_code(mig)

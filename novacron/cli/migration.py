@@ -1,4 +1,4 @@
-"""``novacron migration list|show ID|cancel ID``: one migration at a time, by its id.
+"""``novacron migration list|show ID|set ID|cancel ID``: one migration at a time, by its id.
 
 The id is the one ``novacron migrate --no-wait`` prints and ``novacron migrations`` lists.
 """
@@ -6,6 +6,7 @@ The id is the one ``novacron migrate --no-wait`` prints and ``novacron migration
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 from urllib.parse import quote
@@ -14,11 +15,16 @@ from rich.console import Console
 from rich.table import Table
 
 from novacron.cli.fleet import (
+    AGENT_DEFAULTS,
+    EXIT_CODES,
     _dump,
     _migrations,
     _run,
     add_list_flags,
+    describe,
+    exit_code,
     follow_migration,
+    human_bytes,
     metrics_table,
     print_failure,
 )
@@ -26,7 +32,7 @@ from novacron.coordinator.client import CoordinatorClient
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    mig = sub.add_parser("migration", help="list, show or cancel migrations by id",
+    mig = sub.add_parser("migration", help="list, show, change or cancel migrations by id",
                          description="Migrations by the id 'novacron migrate --no-wait' prints.")
     cmds = mig.add_subparsers(dest="migration_command", metavar="ACTION", required=True)
 
@@ -34,12 +40,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_list_flags(p)
     p.set_defaults(func=lambda a: _run(a, _migrations))
 
-    p = cmds.add_parser("show", help="one migration: state, error, metrics")
+    p = cmds.add_parser("show", help="one migration: state, progress, error, metrics",
+                        epilog="with --follow, " + EXIT_CODES)
     p.add_argument("id", metavar="ID", help="migration id (m-...)")
     p.add_argument("--follow", action="store_true",
                    help="if it is running, show its progress until it ends")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _run(a, _show))
+
+    p = cmds.add_parser("set", help="change a running migration's bandwidth cap or downtime "
+                        "budget (takes effect within a pre-copy round; audited)")
+    p.add_argument("id", metavar="ID", help="migration id (m-...)")
+    p.add_argument("--bandwidth-mbps", type=float, metavar="MB/S",
+                   help="new cap on page data in MB/s, 0 = unlimited (default: unchanged; "
+                   f"a new migration's is {AGENT_DEFAULTS.bandwidth_mbps:g})")
+    p.add_argument("--downtime-ms", type=float, metavar="MS",
+                   help="new pause budget of stop-and-copy in ms (default: unchanged; "
+                   f"a new migration's is {AGENT_DEFAULTS.downtime_ms:g})")
+    p.add_argument("--json", action="store_true", help="print the migration as JSON")
+    p.set_defaults(func=lambda a: _run(a, _set))
 
     p = cmds.add_parser("cancel", help="cancel a running or queued migration (the VM stays on "
                         "its source)")
@@ -59,6 +78,11 @@ def summary_table(mig: dict[str, Any]) -> Table:
     if mig.get("queue_reason"):
         table.add_row("waits for", mig["queue_reason"] + " (starts when a slot frees; "
                       f"'novacron migration cancel {mig['id']}' drops it)")
+    if mig.get("budget_exceeded"):
+        table.add_row("budget", "[bold yellow]exceeded[/bold yellow]: the pause outlasted downtime_ms")
+    met = mig.get("metrics") or {}
+    if met.get("progress_pct") is not None:
+        table.add_row("progress", f"{met['progress_pct']:.1f}%  " + describe(mig).strip())
     if mig.get("round"):
         table.add_row("round", str(mig["round"]))
     table.add_row("asked", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mig["created_at"])))
@@ -79,14 +103,33 @@ async def _show(client: CoordinatorClient, args: argparse.Namespace) -> int:
                 mig = event
         else:
             mig = await follow_migration(client, mig, console)
+    followed = args.follow
     if args.json:
         _dump(mig)
-        return 0
+        return exit_code(mig) if followed else 0
     print_failure(mig, console)  # the error first, then what it was and what it measured
     console.print(summary_table(mig))
     table = metrics_table(mig)
     if table is not None:
         console.print(table)
+    return exit_code(mig) if followed else 0
+
+
+async def _set(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    limits = {k: v for k, v in (("bandwidth_mbps", args.bandwidth_mbps),
+                                ("downtime_ms", args.downtime_ms)) if v is not None}
+    if not limits:
+        print("novacron: error: give --bandwidth-mbps and/or --downtime-ms", file=sys.stderr)
+        return 2
+    mig = await client.change_migration(quote(args.id, safe=""), limits)
+    if args.json:
+        _dump(mig)
+    else:
+        opts = mig.get("options", {})
+        cap = opts.get("bandwidth_mbps", AGENT_DEFAULTS.bandwidth_mbps)
+        print(f"{mig['id']}: bandwidth {'unlimited' if not cap else f'{cap:g} MB/s'}, downtime budget "
+              f"{opts.get('downtime_ms', AGENT_DEFAULTS.downtime_ms):g} ms "
+              f"({human_bytes((mig.get('metrics') or {}).get('bytes_acked'))} sent so far)")
     return 0
 
 

@@ -29,6 +29,8 @@ class FakeAgent:
         self.fail_next_create: str | None = None
         self.hold_migrations = False  # keep migrations in precopy until released
         self.fail_migrations: str | None = None  # fail each migration in pre-copy with this error
+        self.exceed_budget = False  # complete each migration with a pause over its budget
+        self.changes: list[dict[str, Any]] = []  # PATCH bodies, as received
         self.calls: list[tuple[str, str]] = []
         self.migration_requests: list[dict[str, Any]] = []
         self.grant_key = ""  # the coordinator's, from the registration reply
@@ -56,6 +58,7 @@ class FakeAgent:
         r.add_post("/v1/migrations", self.start_migration)
         r.add_get("/v1/migrations/{id}", self.get_migration)
         r.add_post("/v1/migrations/{id}/cancel", self.cancel_migration)
+        r.add_patch("/v1/migrations/{id}", self.change_migration)
         return app
 
     @web.middleware
@@ -178,12 +181,28 @@ class FakeAgent:
                 m["metrics"] = {**m["metrics"], **dict.fromkeys(
                     ("dirty_rate", "pages_zero", "pages_dedup", "bytes_postcopy"), 0)}
                 self.vms[m["vm"]]["state"] = "running"
+            m["metrics"]["progress_pct"] = min(100.0, 15.0 * m["step"])
             if m["phase"] == "completed":
                 m["metrics"]["downtime_ms"] = 12.5
+                if self.exceed_budget:
+                    m["metrics"]["downtime_ms"] = 950.0
+                    m["metrics"]["budget_exceeded"] = m["budget_exceeded"] = True
                 vm = self.vms.pop(m["vm"])
                 vm["state"] = "running"
                 m["target"].vms[m["vm"]] = vm
         return web.json_response(self._public(mig_id))
+
+    async def change_migration(self, r: web.Request) -> web.Response:
+        """The real agent's rules in short: only live ones, only while it runs."""
+        m = self.migrations.get(r.match_info["id"])
+        if m is None:
+            return web.json_response({"error": "no such migration"}, status=404)
+        body = await r.json()
+        self.changes.append(body)
+        if m["phase"] in ("completed", "cancelled", "failed"):
+            return web.json_response({"error": f"migration already {m['phase']}"}, status=409)
+        m["options"] = {**m["options"], **body}
+        return web.json_response(self._public(r.match_info["id"]))
 
     async def cancel_migration(self, r: web.Request) -> web.Response:
         m = self.migrations.get(r.match_info["id"])

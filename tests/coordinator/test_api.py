@@ -316,7 +316,9 @@ async def test_migration_streams_progress_and_moves_the_vm(
     # The source agent was told where to send it, with the target's own token.
     status, hist = await coordinator.call("GET", "/migrations?vm=db")
     assert [m["id"] for m in hist["migrations"]] == [mig["id"]]
-    assert hist["migrations"][0]["options"] == {"bandwidth_mbps": 100, "downtime_ms": 50}
+    # the coordinator's default convergence policy is written on the record, explicit
+    assert hist["migrations"][0]["options"] == {"bandwidth_mbps": 100, "downtime_ms": 50,
+                                                "on_no_converge": "abort"}
     # A finished migration's stream replays the final state and ends.
     events = await asyncio.wait_for(read_sse(coordinator, mig["id"]), 5)
     assert [e["phase"] for e in events] == ["completed"]

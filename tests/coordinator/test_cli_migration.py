@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from novacron.coordinator.client import CoordinatorClient
+from novacron.coordinator.client import ApiClientError, CoordinatorClient
 from novacron.coordinator.local import LocalCoordinator
 from tests.coordinator.fake_agent import FakeAgent, register_all, serving
 from tests.coordinator.test_api import vm_spec
@@ -130,3 +130,59 @@ async def test_rebalance_speaks_in_units(fleet: Fleet) -> None:
     assert "power them off" in text and "powering on" not in text and "/h" not in text
     code, out, err = await cli({**env, "COLUMNS": "50"}, "rebalance")
     assert code == 0 and fakes[0].name in out.split("Rebalancing plan")[1].split("frees")[0], out
+
+
+async def test_set_changes_limits_live_and_is_audited(fleet: Fleet) -> None:
+    coord, env, fakes = fleet
+    fakes[0].hold_migrations = True  # stays in pre-copy
+    code, out, err = await cli(env, "migrate", "web", "--to", "beta", "--no-wait",
+                               "--bandwidth-mbps", "2")
+    assert code == 0, err
+    mig_id = out.strip()
+    # the coordinator's default policy is explicit on the request
+    assert fakes[0].migration_requests[-1]["options"] == {"bandwidth_mbps": 2, "on_no_converge": "abort"}
+    code, out, err = await cli(env, "migration", "set", mig_id, "--bandwidth-mbps", "0",
+                               "--downtime-ms", "150")
+    assert code == 0, err
+    assert "bandwidth unlimited, downtime budget 150 ms" in out, out
+    assert fakes[0].changes == [{"bandwidth_mbps": 0, "downtime_ms": 150}]
+    code, out, err = await cli(env, "migration", "show", mig_id, "--json")
+    assert json.loads(out)["options"]["downtime_ms"] == 150
+    # validated before any agent hears of it, errors name the flag
+    code, _out, err = await cli(env, "migration", "set", mig_id, "--downtime-ms", "0")
+    assert code == 1 and "--downtime-ms" in err, err
+    code, _out, err = await cli(env, "migration", "set", mig_id)
+    assert code == 2 and "--bandwidth-mbps" in err
+    async with CoordinatorClient(coord.url, coord.admin_token) as client:
+        for bad in ({"max_rounds": 3}, {}, {"bandwidth_mbps": "fast"}):
+            with pytest.raises(ApiClientError) as refused:
+                await client.request("PATCH", f"/migrations/{mig_id}", bad)
+            assert refused.value.status == 400, (bad, refused.value)
+    assert len(fakes[0].changes) == 1  # the refused ones never reached the agent
+    audit = [json.loads(line) for line in (coord.data_dir / "audit.log").read_text().splitlines()]
+    changes = [(e["result"], e["status"]) for e in audit if e["action"].startswith("PATCH")]
+    assert changes[0] == ("ok", 200) and len(changes) >= 4, changes  # refusals recorded too
+    code, out, err = await cli(env, "migration", "cancel", mig_id)
+    assert code == 0, err
+    code, _out, err = await cli(env, "migration", "set", mig_id, "--bandwidth-mbps", "1")
+    assert code == 1 and "already" in err, err
+
+
+async def test_postcopy_is_refused_and_budget_exceeded_exits_3(fleet: Fleet) -> None:
+    coord, env, fakes = fleet
+    code, _out, err = await cli(env, "migrate", "web", "--to", "beta", "--on-no-converge", "postcopy")
+    assert code == 1 and "not implemented" in err, err
+    assert fakes[0].migration_requests == []  # refused before any agent heard of it
+    fakes[0].exceed_budget = True
+    code, out, err = await cli(env, "migrate", "web", "--to", "beta", "--on-no-converge", "force")
+    assert code == 3, out + err
+    assert fakes[0].migration_requests[-1]["options"] == {"on_no_converge": "force"}
+    async with CoordinatorClient(coord.url, coord.admin_token) as client:
+        mig = (await client.request("GET", "/migrations?vm=web"))["migrations"][0]
+        assert mig["phase"] == "completed" and mig["budget_exceeded"] is True
+        code, out, err = await cli(env, "migration", "show", mig["id"])
+        assert code == 0 and "exceeded" in out, out
+        async with client.session.get(coord.url + "/metrics",
+                                      headers={"Authorization": f"Bearer {coord.admin_token}"}) as r:
+            metrics = await r.text()
+    assert 'novacron_migration_budget_exceeded_total{result="completed"} 1.0' in metrics, metrics[-2000:]

@@ -76,6 +76,8 @@ async def test_series_follow_heartbeats_placements_vms_and_migrations(
             await asyncio.sleep(0.05)
         assert value(s, "novacron_migrations_running") == 1
         assert value(s, "novacron_migration_live_pages", migration=mig["id"], kind="sent") is not None
+        pct = value(s, "novacron_migration_progress_percent", migration=mig["id"])
+        assert pct is not None and 0 < pct < 100, pct  # the agent's data progress, passed on
         fakes[0].hold_migrations = False
         await asyncio.wait_for(read_sse(c, mig["id"]), 10)
         s = await samples(c)
@@ -84,4 +86,5 @@ async def test_series_follow_heartbeats_placements_vms_and_migrations(
         assert value(s, "novacron_migration_downtime_seconds_sum") == 0.0125  # the fake's 12.5 ms
         assert value(s, "novacron_migration_bytes_count", kind="wire") == 1
         assert value(s, "novacron_migrations_running") == 0
+        assert value(s, "novacron_migration_budget_exceeded_total", result="completed") in (None, 0)
         assert value(s, "novacron_migration_live_pages", migration=mig["id"]) is None

@@ -108,23 +108,47 @@ async def test_round_limit_forces_stop_and_copy(tmp_path: Path, dest: Dest) -> N
     src = MemSourceVM(tmp_path / "src", "hot", pages=4096, dirty_pages_per_s=20000)
     try:
         _, st = await migrate(src, dest.server.port, downtime_ms=1, pause_factor=10_000, max_rounds=2,
-                              bandwidth_mbps=40)
+                              bandwidth_mbps=40, on_no_converge="force")
     finally:
         src.close()
     assert st.phase == "completed", st.error
     assert st.converged is False and st.round == 3
     assert st.digest_source == st.digest_destination
+    # forced, so the pause outlasted its 1 ms budget: never a plain success
+    assert st.budget_exceeded and st.to_dict()["budget_exceeded"]
+    assert st.no_converge is not None and st.no_converge["policy"] == "force"
+
+
+async def test_round_limit_aborts_and_keeps_the_guest_here(tmp_path: Path, dest: Dest) -> None:
+    """The default policy: a migration that cannot converge fails with its figures,
+    and the guest never paused for it."""
+    src = MemSourceVM(tmp_path / "src", "hot", pages=4096, dirty_pages_per_s=20000)
+    try:
+        _, st = await migrate(src, dest.server.port, downtime_ms=1, max_rounds=2, throttle=False,
+                              bandwidth_mbps=40)
+        assert st.phase == "failed" and (st.error or "").startswith("did not converge: dirty rate ")
+        for word in ("MB/s", "link", "MiB remaining", "estimated pause", "budget 1 ms"):
+            assert word in (st.error or ""), st.error
+        nc = st.no_converge
+        assert nc is not None and nc["policy"] == "abort" and nc["budget_ms"] == 1
+        assert nc["dirty_rate_bytes_s"] > 0 and nc["link_rate_bytes_s"] > 0 and nc["remaining_bytes"] > 0
+        assert src.running and not src.released and src.paused_count == 0
+        await asyncio.wait_for(dest.done.wait(), 10)
+        assert os.listdir(tmp_path / "dst") == []  # the destination destroyed its copy
+    finally:
+        src.close()
 
 
 async def test_throttle_engages_when_dirtying_outpaces_sending(tmp_path: Path, dest: Dest) -> None:
     src = MemSourceVM(tmp_path / "src", "thr", pages=2048, dirty_pages_per_s=20000)
     try:
         mig, st = await migrate(src, dest.server.port, downtime_ms=1, pause_factor=10_000, max_rounds=6,
-                                bandwidth_mbps=8, batch_pages=256)
+                                bandwidth_mbps=8, batch_pages=256, on_no_converge="force")
     finally:
         src.close()
     assert st.phase == "completed", st.error
     assert st.throttle_pct > 0 and mig.throttle.cycles > 0
+    assert st.throttle_method == "stop-cont"  # a file "VM" has no QEMU process to put a quota on
     # every throttle stop was matched by a resume; then one real pause for stop-and-copy
     assert src.paused_count == src.resumed_count + 1
     assert st.digest_source == st.digest_destination

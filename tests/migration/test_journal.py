@@ -205,7 +205,8 @@ async def test_pause_over_budget_is_flagged_and_journalled(tmp_path: Path, dest:
     src = MemSourceVM(tmp_path / "src", "slow", pages=4096, dirty_pages_per_s=20000)
     j = Journal(tmp_path / "migrations")
     try:
-        _, st = await run_source(src, dest.server.port, j, downtime_ms=1, pause_factor=10_000, max_rounds=2)
+        _, st = await run_source(src, dest.server.port, j, downtime_ms=1, pause_factor=10_000, max_rounds=2,
+                                 on_no_converge="force")
     finally:
         src.close()
     assert st.phase == "completed" and st.downtime_ms is not None and st.downtime_ms > 1
@@ -234,7 +235,8 @@ async def test_pause_ceiling_resumes_the_source(tmp_path: Path, dest: Dest) -> N
     dest.factory.prepare = prepare  # type: ignore[method-assign]
     t0 = time.monotonic()
     try:
-        _, st = await run_source(src, dest.server.port, j, downtime_ms=10, pause_factor=10)
+        _, st = await run_source(src, dest.server.port, j, downtime_ms=10, pause_factor=10,
+                                 on_no_converge="force")
     finally:
         src.close()
     assert st.phase == "failed" and "ceiling of 100 ms" in (st.error or ""), st.error

@@ -141,7 +141,9 @@ async def source() -> AsyncIterator[LocalAgent]:
 
 @pytest.mark.parametrize(("options", "why"), [
     ({}, "sent nothing"),  # keepalives stop: noticed after liveness_s (2 s)
-    ({"liveness_s": 30, "downtime_ms": 50, "pause_factor": 10}, "ceiling of 500 ms"),
+    # force: a 50 ms budget may be under the predicted pause, and the test wants the pause
+    ({"liveness_s": 30, "downtime_ms": 50, "pause_factor": 10, "on_no_converge": "force"},
+     "ceiling of 500 ms"),
 ])
 async def test_destination_agent_stopped_at_stop_and_copy(
         source: LocalAgent, options: dict, why: str) -> None:

@@ -1,0 +1,139 @@
+"""Accounting of a migration's transfer: what the destination acknowledged, the
+link rate measured from those acks, and the switchover (pause) estimate.
+
+Bytes count as sent when the destination says it has them (``ack`` messages,
+cumulative, see ``protocol.py``), not when they leave our socket: on a slow
+link megabytes can sit in socket buffers, and a pause started with them queued
+would last until they drain. The switchover estimate therefore adds every part
+of the pause: the final scan, what is still queued, the final pages, the
+device state, and the round trips of the hand-over and resume.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+# Before the hand-over we do not know the device state's size; QEMU's (RAM
+# excluded by x-ignore-shared, no VGA) is ~300 KB (README). Only the estimate uses it.
+DEVICE_STATE_GUESS = 320 * 1024
+# QMP stop, device save/load and cont on both ends, beyond the round trips
+HANDOVER_FIXED_S = 0.02
+MIN_SAMPLE = 64 * 1024  # fewer bytes between two acks measure latency, not the link
+SPAN_S = 0.2  # shortest busy run (destination time) that measures the link
+RATE_WINDOW_S = 2.0  # the "current rate" is the acked rate over this window
+
+
+class LinkMeter:
+    """Link rate from cumulative acks. Between two acks the link was busy if every
+    byte acknowledged at the second was already written when the first arrived;
+    only runs of such intervals measure the link (an idle or capped sender measures
+    itself). Timed by the destination's clock (``t`` in its acks) over spans of at
+    least ``SPAN_S``, so acks bunched on the way back or a late event loop on
+    either side do not read as a burst of speed."""
+
+    def __init__(self) -> None:
+        self.acked = 0
+        self.busy_rate = 0.0  # EWMA over busy intervals (0: none seen yet)
+        self.samples = 0
+        self.rtt_s: float | None = None
+        self._written_then = 0
+        self._span: tuple[float, int] | None = None  # (their time, acked) where a busy run began
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def ack(self, now: float, acked: int, written: int, their_t: float | None = None) -> None:
+        """The destination holds ``acked`` bytes (at its time ``their_t``); we had
+        written ``written`` by ``now``."""
+        t = now if their_t is None else their_t
+        busy = self._span is not None and self._written_then >= acked and t >= self._span[0]
+        if not busy:
+            self._span = (t, acked)
+        elif self._span is not None and t - self._span[0] >= SPAN_S and acked - self._span[1] >= MIN_SAMPLE:
+            rate = (acked - self._span[1]) / (t - self._span[0])
+            self.busy_rate = rate if not self.samples else 0.7 * self.busy_rate + 0.3 * rate
+            self.samples += 1
+            self._span = (t, acked)
+        self._written_then = written
+        self.acked = max(self.acked, acked)
+        self._recent.append((now, self.acked))
+        while len(self._recent) > 2 and now - self._recent[1][0] >= RATE_WINDOW_S:
+            self._recent.popleft()
+
+    def current_rate(self, now: float) -> float:
+        """Acked bytes/s over the last ``RATE_WINDOW_S`` (0 when nothing moved)."""
+        if len(self._recent) < 2:
+            return 0.0
+        t0, b0 = self._recent[0]
+        if now - self._recent[-1][0] > RATE_WINDOW_S:
+            return 0.0  # stalled
+        return (self.acked - b0) / max(now - t0, 1e-3)
+
+    def rtt_sample(self, seconds: float) -> None:
+        """The smallest seen: a busy destination or loop only ever adds to it."""
+        self.rtt_s = seconds if self.rtt_s is None else min(self.rtt_s, seconds)
+
+
+class Learned:
+    """What only a hand-over shows, remembered from this agent's previous ones (a
+    first migration uses the guesses above): the device state's size, and the
+    fixed cost of the hand-over beyond moving bytes (QEMU saving and loading
+    device state, adopting and resuming the guest at the destination)."""
+
+    def __init__(self) -> None:
+        self.device_bytes = DEVICE_STATE_GUESS
+        self.handover_s = HANDOVER_FIXED_S
+        self.seen = 0
+
+    def observe(self, device_bytes: int, handover_s: float) -> None:
+        if device_bytes > 0:
+            self.device_bytes = device_bytes
+        # EWMA: one slow hand-over on a loaded host should not dominate the next estimate
+        self.handover_s = handover_s if not self.seen else 0.5 * self.handover_s + 0.5 * handover_s
+        self.seen += 1
+
+
+# per destination host (the hand-over cost is mostly its QEMU's), in this agent process
+LEARNED: dict[str, Learned] = {}
+
+
+def learned(peer: str) -> Learned:
+    """What hand-overs to ``peer`` (``host[:port]``) have shown so far."""
+    host = peer.rpartition(":")[0] or peer
+    if host not in LEARNED and len(LEARNED) >= 1024:  # bounded: forget the oldest peer
+        LEARNED.pop(next(iter(LEARNED)))
+    return LEARNED.setdefault(host, Learned())
+
+
+@dataclass
+class Estimate:
+    """The predicted pause, by part (seconds)."""
+
+    final_scan: float
+    queued: float
+    final_pages: float
+    device_state: float
+    handover: float
+
+    @property
+    def total(self) -> float:
+        return self.final_scan + self.queued + self.final_pages + self.device_state + self.handover
+
+    def parts_ms(self) -> dict[str, float]:
+        return {f"{k}_ms": round(v * 1000.0, 2) for k, v in self.__dict__.items()}
+
+
+def switchover(*, dirty_pages: int, bytes_per_page: float, queued_bytes: int, device_bytes: int,
+               link_bytes_s: float, final_bytes_s: float, scan_s: float, rtt_s: float,
+               handover_s: float = HANDOVER_FIXED_S) -> Estimate:
+    """The pause if stop-and-copy started now. ``final_bytes_s``: the rate of the pages
+    sent while paused (the link, or the cap when the operator throttles them too)."""
+    link = max(link_bytes_s, 1.0)
+    final = max(final_bytes_s, 1.0)
+    return Estimate(
+        final_scan=scan_s,
+        queued=queued_bytes / link,
+        final_pages=dirty_pages * bytes_per_page / final,
+        device_state=device_bytes / final,
+        # device_end -> ready, go -> resumed: two round trips, plus the QEMU work
+        handover=2 * rtt_s + handover_s,
+    )

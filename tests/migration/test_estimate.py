@@ -1,0 +1,59 @@
+"""The accounting's arithmetic (estimate.py) and the ``ack`` message's checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from novacron.agent.channel.records import ProtocolError
+from novacron.agent.migration import estimate, protocol
+
+
+def test_link_rate_comes_from_busy_runs_timed_by_the_destination() -> None:
+    meter = estimate.LinkMeter()
+    written = 10 << 20  # all of it queued up front: the link is busy throughout
+    # the destination reads 256 KiB every 0.1 s (2.6 MB/s) ...
+    their = [(0.1 * i, 256 * 1024 * i) for i in range(1, 21)]
+    # ... but its acks reach us bunched: two at a time, a hair apart
+    for i, (t, acked) in enumerate(their):
+        meter.ack(now=100 + 0.2 * (i // 2) + 1e-4 * (i % 2), acked=acked, written=written, their_t=t)
+    assert meter.samples >= 4
+    assert meter.busy_rate == pytest.approx(256 * 1024 / 0.1, rel=0.01)
+
+
+def test_an_idle_or_capped_sender_does_not_measure_the_link() -> None:
+    meter = estimate.LinkMeter()
+    written = 0
+    for i in range(1, 30):  # each ack covers bytes written only after the previous one
+        written += 128 * 1024
+        meter.ack(now=0.1 * i, acked=written, written=written, their_t=0.1 * i)
+    assert meter.samples == 0 and meter.busy_rate == 0.0
+    assert meter.current_rate(2.9) == pytest.approx(128 * 1024 / 0.1, rel=0.05)
+    assert meter.current_rate(10.0) == 0.0  # nothing acked for longer than the window
+
+
+def test_switchover_estimate_adds_every_part() -> None:
+    est = estimate.switchover(dirty_pages=1000, bytes_per_page=2048, queued_bytes=1_000_000,
+                              device_bytes=300_000, link_bytes_s=10e6, final_bytes_s=10e6,
+                              scan_s=0.01, rtt_s=0.002, handover_s=0.03)
+    assert est.total == pytest.approx(0.01 + 0.1 + 0.2048 + 0.03 + 0.004 + 0.03)
+    assert set(est.parts_ms()) == {"final_scan_ms", "queued_ms", "final_pages_ms", "device_state_ms",
+                                   "handover_ms"}
+    # pages held to a cap while paused take longer
+    capped = estimate.switchover(dirty_pages=1000, bytes_per_page=2048, queued_bytes=0,
+                                 device_bytes=0, link_bytes_s=10e6, final_bytes_s=1e6,
+                                 scan_s=0, rtt_s=0)
+    assert capped.final_pages == pytest.approx(2.048)
+
+
+@pytest.mark.parametrize(("msg", "words"), [
+    ({"op": "ack", "bytes": 11}, "bytes out of range"),  # more than was written
+    ({"op": "ack", "bytes": -1}, "bytes out of range"),
+    ({"op": "ack"}, "'bytes' missing"),
+    ({"op": "ack", "bytes": 5, "round": 0}, "round out of range"),
+    ({"op": "ack", "bytes": 5, "t": "now"}, "t must be"),
+    ({"op": "ack", "bytes": 5, "t": True}, "t must be"),
+])
+def test_bad_acks_are_protocol_errors(msg: dict, words: str) -> None:
+    with pytest.raises(ProtocolError, match=words):
+        protocol.check_ack(msg, written=10)
+    assert protocol.check_ack({"op": "ack", "bytes": 10, "round": 3, "t": 1.5}, 10) == (10, 3, 1.5)
