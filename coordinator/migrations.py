@@ -31,6 +31,7 @@ from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
 from novacron.coordinator.metrics import CoordinatorMetrics
+from novacron.coordinator.migration_policies import Policies
 from novacron.coordinator.models import HOST_UP, Migration, spec_networks
 from novacron.coordinator.reconcile import Reconciler
 from novacron.coordinator.scheduler.placer import host_in_maintenance
@@ -64,6 +65,7 @@ class MigrationManager:
         self.reconciler = reconciler or Reconciler(store, agents)
         self._undecided: dict[str, str] = {}  # migration id -> what the agents said last
         self.grants = grants or GrantSigner.generate()
+        self.policies = Policies.from_config(cfg.migration_policies, cfg.default_migration_policy)
         self.metrics = metrics
         self.following: dict[str, Migration] = {}  # the records our pollers update
         if metrics is not None:
@@ -80,14 +82,14 @@ class MigrationManager:
                                               self.cfg.lease_ttl_s) is not None
 
     async def start(self, vm_name: str, target: str, options: dict[str, Any], *,
-                    force: bool = False) -> Migration:
+                    force: bool = False, policy: str | None = None) -> Migration:
         """Record the migration and hand it to the source agent.
 
         The work runs in its own task, shielded from the caller: a client that
         hangs up during the agent call cannot leave the record pending and the
         VM marked migrating; the start still ends as followed or failed.
         """
-        task = asyncio.create_task(self._start(vm_name, target, options, force),
+        task = asyncio.create_task(self._start(vm_name, target, options, force, policy),
                                    name=f"start-{vm_name}")
         self._starting.add(task)
         task.add_done_callback(self._started)
@@ -99,7 +101,7 @@ class MigrationManager:
             task.exception()  # retrieved: a refusal nobody awaited any more is not an error
 
     async def _start(self, vm_name: str, target: str, options: dict[str, Any],
-                     force: bool = False) -> Migration:
+                     force: bool = False, policy: str | None = None) -> Migration:
         async with self._lock:  # one check-then-start at a time: no two migrations of one VM
             vm = await self.store.get_vm(vm_name)
             if vm is None:
@@ -128,9 +130,12 @@ class MigrationManager:
             for other in await self.store.active_migrations():
                 if other.vm == vm_name:
                     raise ApiError(409, f"VM {vm_name!r} is already migrating ({other.id})")
+            applied = self.policies.resolve(requested=policy, vm_policy=vm.migration_policy,
+                                            labels=vm.labels, options=options)
             now = time.time()
             mig = Migration(id="m-" + secrets.token_hex(6), vm=vm_name, source=src.name,
-                            target=dst.name, options=options, created_at=now, updated_at=now)
+                            target=dst.name, options=applied.options, policy=applied.policy,
+                            policy_source=applied.source, created_at=now, updated_at=now)
             await self._hold(mig.id)  # a new name: ours before any other coordinator sees it
             vm.state, vm.updated_at = "migrating", now
             # The lock above covers this coordinator; the compare-and-set covers the others.
@@ -151,7 +156,7 @@ class MigrationManager:
         grant = self.grants.issue(migration=mig.id, vm=vm_name, source=src.name, target=dst.name,
                                   url=dst.url, data_host=urlsplit(dst.url).hostname or "",
                                   data_port=dst.data_port or 0)
-        request = {"vm": vm_name, "grant": grant, "options": options}  # the grant names mig.id
+        request = {"vm": vm_name, "grant": grant, "options": mig.options}  # the grant names mig.id
         try:
             reply = await self.agents.call(src.name, src.url, src.token, "POST", "/v1/migrations",
                                            request)

@@ -49,12 +49,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "progress bar, then the metrics. Ctrl-C cancels the migration.")
     p.add_argument("vm", metavar="VM", help="name of the VM to move")
     p.add_argument("--to", required=True, metavar="HOST", dest="target", help="target host name")
+    p.add_argument("--policy", metavar="NAME",
+                   help="migration policy ('novacron migration policies'); the flags below override "
+                   "single options of it (default: the VM's policy, else the one its labels select, "
+                   "else the coordinator's default policy)")
     p.add_argument("--bandwidth-mbps", type=float, metavar="MB/S",
-                   help=f"cap on page data in MB/s, 0 = unlimited (default: {AGENT_DEFAULTS.bandwidth_mbps:g})")
+                   help="cap on page data in MB/s, 0 = unlimited (default: the policy's, else "
+                   f"{AGENT_DEFAULTS.bandwidth_mbps:g})")
     p.add_argument("--downtime-ms", type=float, metavar="MS",
-                   help=f"pause budget of stop-and-copy in ms (default: {AGENT_DEFAULTS.downtime_ms:g})")
+                   help="pause budget of stop-and-copy in ms (default: the policy's, else "
+                   f"{AGENT_DEFAULTS.downtime_ms:g})")
     p.add_argument("--max-rounds", type=int, metavar="N",
-                   help=f"pre-copy rounds before stop-and-copy (default: {AGENT_DEFAULTS.max_rounds})")
+                   help="pre-copy rounds before stop-and-copy (default: the policy's, else "
+                   f"{AGENT_DEFAULTS.max_rounds})")
+    p.add_argument("--throttle", action=argparse.BooleanOptionalAction,
+                   help="auto-converge: slow the guest's vCPUs when pre-copy cannot keep up "
+                   "(default: the policy's, else " + ("on" if AGENT_DEFAULTS.throttle else "off") + ")")
     p.add_argument("--force", action="store_true",
                    help="move it even if the target host is in maintenance")
     p.add_argument("--no-wait", action="store_true",
@@ -80,15 +90,21 @@ def _run(args: argparse.Namespace, fn: Callable[[CoordinatorClient, argparse.Nam
         return 1
 
 
-# "body.options.max_rounds: ...", "body.placement.region: ...", "query parameter 'limit': ..."
-_API_FIELD = re.compile(r"\b(?:body|vm)(?:\.\w+)*\.(\w+)(?=:)|query parameter '(\w+)'")
+# "body.options.max_rounds: ...", "body.labels.tier: ...", "query parameter 'limit': ..."
+_API_FIELD = re.compile(r"\b(?:body|vm)((?:\.[^\s.:]+)+)(?=:)|query parameter '(\w+)'")
 
 
 def name_flags(message: str, flags: dict[str, str]) -> str:
-    """An API error with the JSON path of a field the user gave as a flag named by that flag."""
+    """An API error with the JSON path of a field the user gave as a flag named by that flag
+    (the innermost field that is a flag: ``body.labels.tier`` -> ``--label tier``)."""
     def repl(m: re.Match[str]) -> str:
-        field = m.group(1) or m.group(2)
-        return flags.get(field, m.group(0))
+        if m.group(2):
+            return flags.get(m.group(2), m.group(0))
+        parts = m.group(1)[1:].split(".")
+        for i in reversed(range(len(parts))):
+            if parts[i] in flags:
+                return " ".join([flags[parts[i]], ".".join(parts[i + 1:])]).rstrip()
+        return m.group(0)
 
     return _API_FIELD.sub(repl, message)
 
@@ -266,6 +282,33 @@ def print_outcome(mig: dict[str, Any], console: Console) -> None:
         console.print(table)
 
 
+POLICY_SOURCES = {"request": "named with the migration", "vm": "the VM's own policy",
+                  "labels": "selected by the VM's labels", "default": "the coordinator's default"}
+
+
+def format_options(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_option(v)}" for k, v in sorted(options.items()))
+
+
+def applied_options(mig: dict[str, Any]) -> str:
+    """The options the migration runs with: those sent, then the agent's defaults for the rest."""
+    shown = format_options(mig.get("options") or {})
+    return (shown + "; " if shown else "") + "the rest: agent defaults"
+
+
+def _option(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" \
+        if isinstance(value, float) else str(value)
+
+
+def policy_line(mig: dict[str, Any]) -> str:
+    """Which policy a migration runs under and why, and its options (shown before progress)."""
+    name = mig.get("policy")
+    head = (f"policy {name} ({POLICY_SOURCES.get(mig.get('policy_source') or '', '?')})"
+            if name else "no policy")
+    return f"{head}; options: {applied_options(mig)}"
+
+
 def progress_pct(mig: dict[str, Any], max_rounds: int) -> float:
     phase = mig.get("phase", "pending")
     pct = float(PHASE_PCT.get(phase, 0))
@@ -302,8 +345,9 @@ async def follow_migration(client: CoordinatorClient, mig: dict[str, Any], conso
 async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("bandwidth_mbps", args.bandwidth_mbps),
                                  ("downtime_ms", args.downtime_ms),
-                                 ("max_rounds", args.max_rounds)) if v is not None}
-    mig = await client.migrate(args.vm, args.target, options, force=args.force)
+                                 ("max_rounds", args.max_rounds),
+                                 ("throttle", args.throttle)) if v is not None}
+    mig = await client.migrate(args.vm, args.target, options, force=args.force, policy=args.policy)
     if args.no_wait:
         _dump(mig) if args.json else print(mig["id"])
         return 0
@@ -313,7 +357,9 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
             async for event in client.migration_events(mig["id"]):
                 mig = event
         else:
-            mig = await follow_migration(client, mig, console, args.max_rounds or 30)
+            console.print(policy_line(mig), highlight=False, soft_wrap=True)
+            max_rounds = mig.get("options", {}).get("max_rounds", AGENT_DEFAULTS.max_rounds)
+            mig = await follow_migration(client, mig, console, max_rounds)
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[yellow]interrupted: cancelling the migration[/yellow]")
         try:

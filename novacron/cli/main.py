@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "novacron.cli.task",
     "novacron.cli.audit",
     "novacron.cli.pki",
+    "novacron.cli.completion",
 ]
 
 
