@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from novacron.coordinator.api.openapi import NAME_SCHEMA
 from novacron.coordinator import migration_policies as mp
+from novacron.coordinator.api.openapi import NAME_SCHEMA
 
 POLICY_NAME: dict[str, Any] = {"type": "string", "pattern": mp.POLICY_NAME}
 LABELS: dict[str, Any] = {

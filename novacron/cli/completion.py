@@ -94,7 +94,11 @@ _novacron() {
     elif [[ "$prev" == -* && " ${_novacron_valued[$at]} " == *" $prev "* ]]; then
         mapfile -t COMPREPLY < <(compgen -f -- "$cur")  # a value: offer files
     else
-        mapfile -t COMPREPLY < <(compgen -W "${_novacron_words[$at]}" -- "$cur")
+        local -a list=()
+        for w in ${_novacron_words[$at]}; do  # flags only once a '-' is typed
+            [[ "$w" == -* && "$cur" != -* ]] || list+=("$w")
+        done
+        mapfile -t COMPREPLY < <(compgen -W "${list[*]}" -- "$cur")
     fi
 }
 complete -F _novacron novacron
@@ -123,6 +127,7 @@ _novacron() {
         return
     else
         cand=( ${=_novacron_words[$at]} )
+        [[ ${words[CURRENT]} == -* ]] || cand=( ${cand:#-*} )  # flags only once a '-' is typed
     fi
     compadd -- $cand
 }

@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -150,7 +151,7 @@ async def _hosts(client: CoordinatorClient, args: argparse.Namespace) -> int:
         table.add_row(h["name"], state, str(h["cpus"]), human_bytes(h["memory_bytes"]),
                       human_bytes(h["memory_available_bytes"]), _age(h.get("last_heartbeat", 0)),
                       ", ".join(h.get("vms", [])) or "-", *([h["url"]] if args.wide else []))
-    Console().print(table if hosts else "no hosts registered")
+    print_table(table) if hosts else print("no hosts registered")
     return 0
 
 
@@ -174,7 +175,7 @@ async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
     for v in vms:
         table.add_row(v["name"], v["host"], v["state"], str(v["spec"].get("vcpus", "-")),
                       f"{v['spec'].get('memory_mb', '-')} MiB")
-    Console().print(table if vms else "no VMs")
+    print_table(table) if vms else print("no VMs")
     return 0
 
 
@@ -188,6 +189,22 @@ def list_table(title: str) -> Table:
     """A listing with light rules, so narrow terminals leave more room to the columns."""
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                  collapse_padding=True)
+
+
+def print_table(table: Table, console: Console | None = None) -> None:
+    """Print a listing; wider than the terminal rather than cutting a column at its minimum
+    (an ID column's minimum is the whole ID: the terminal wraps the line, the ID stays copyable)."""
+    console = console or Console()
+    need = Measurement.get(console, console.options.update_width(10_000), table).minimum
+    if need <= console.width:
+        console.print(table)
+        return
+    width = console.width
+    console.width = need  # print(width=) would be clamped to the terminal's
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
 
 
 def id_column(table: Table, header: str, values: list[str], **kw: Any) -> None:
@@ -214,7 +231,7 @@ async def _migrations(client: CoordinatorClient, args: argparse.Namespace) -> in
                       _fmt_metric("downtime_ms", met.get("downtime_ms")),
                       _fmt_metric("total_s", met.get("total_s")),
                       time.strftime("%m-%d %H:%M:%S", time.localtime(m["created_at"])))
-    Console().print(table if migs else "no migrations")
+    print_table(table) if migs else print("no migrations")
     return 0
 
 

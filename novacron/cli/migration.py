@@ -26,6 +26,7 @@ from novacron.cli.fleet import (
     list_table,
     metrics_table,
     print_failure,
+    print_table,
 )
 from novacron.coordinator.client import CoordinatorClient
 
@@ -92,9 +93,8 @@ async def _policies(client: CoordinatorClient, args: argparse.Namespace) -> int:
     for p in policies:
         table.add_row(p["name"], ", ".join(f"{k}={v}" for k, v in sorted(p["selector"].items()))
                       or "-", format_options(p["options"]) or "-", p.get("description") or "-")
-    console = Console()
-    console.print(table)
-    console.print(f"default: {doc['default'] or 'none (the agent defaults)'}", highlight=False)
+    print_table(table)
+    Console().print(f"default: {doc['default'] or 'none (the agent defaults)'}", highlight=False)
     return 0
 
 

@@ -63,7 +63,7 @@ async def test_policies_through_the_cli(fleet: Fleet) -> None:
     mig_id = out.strip()
     code, out, err = await cli(env, "migration", "show", mig_id)
     assert code == 0, err
-    text = " ".join(out.split())
+    text = " ".join(out.replace("│", " ").split())  # the table's rows, wrapped cells joined
     assert "policy latency (named with the migration)" in text, out
     assert "downtime_ms=50, max_rounds=100, throttle=off" in text, out
     code, out, err = await cli(env, "migration", "show", mig_id, "--json")
@@ -80,7 +80,7 @@ async def test_policies_through_the_cli(fleet: Fleet) -> None:
 
 async def test_policy_errors_name_the_flag(fleet: Fleet) -> None:
     _coord, env, fakes = fleet
-    code, out, err = await cli(env, "vm", "create", "web", "--vcpus", "1", "--memory-mb", "64",
+    code, _out, err = await cli(env, "vm", "create", "web", "--vcpus", "1", "--memory-mb", "64",
                                *KERNEL, "--host", "alpha")
     assert code == 0, err
     code, _out, err = await cli(env, "migrate", "web", "--to", "beta", "--policy", "nope")
@@ -100,10 +100,9 @@ async def test_tables_keep_ids_whole_and_vm_show_says_unreachable_once(fleet: Fl
     coord, env, _fakes = fleet
     long_name = "a-vm-with-a-name-long-enough-to-be-cut-at-80-columns-0123456789"
     gamma = FakeAgent("gamma-host-with-a-long-name", "tok-gamma-7-0123456789")
-    async with serving(gamma):
-        async with CoordinatorClient(coord.url, coord.admin_token) as client:
-            await register_all(client, [gamma], coord.agent_token)
-            await client.create_vm({**vm_spec(long_name), "host": gamma.name})
+    async with serving(gamma), CoordinatorClient(coord.url, coord.admin_token) as client:
+        await register_all(client, [gamma], coord.agent_token)
+        await client.create_vm({**vm_spec(long_name), "host": gamma.name})
     # gamma's agent is gone now (its server closed)
     code, out, err = await cli(env, "vm", "show", long_name)
     assert code == 0, err

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import BACKENDS
 from tests.coordinator.conftest import Coordinator, make_cfg, start_coordinator, stop_coordinator
 from tests.coordinator.fake_agent import FakeAgent, serving
 from tests.coordinator.test_api import read_sse, vm_spec
@@ -22,6 +23,11 @@ POLICIES: dict[str, Any] = {
 }
 
 Fleet = tuple[Coordinator, list[FakeAgent]]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)  # the labels' compare-and-set runs on both stores
 
 
 @pytest.fixture
