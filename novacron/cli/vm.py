@@ -226,8 +226,8 @@ async def _label(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.json:
         _dump(vm)
     else:
-        labels = ", ".join(f"{k}={v}" for k, v in sorted((vm.get("labels") or {}).items()))
-        print(f"{vm['name']}: labels {labels or 'none'}; migration policy "
+        shown = ", ".join(f"{k}={v}" for k, v in sorted((vm.get("labels") or {}).items()))
+        print(f"{vm['name']}: labels {shown or 'none'}; migration policy "
               f"{vm.get('migration_policy') or 'none'}")
     return 0
 
