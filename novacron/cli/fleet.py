@@ -223,11 +223,11 @@ async def _migrations(client: CoordinatorClient, args: argparse.Namespace) -> in
     table = list_table("Migrations")
     id_column(table, "id", [m["id"] for m in migs])
     id_column(table, "vm", [m["vm"] for m in migs])
-    for col in ("from", "to", "phase", "downtime", "total", "started"):  # these give way
+    for col in ("from", "to", "phase", "policy", "downtime", "total", "started"):  # give way
         table.add_column(col, overflow="fold")
     for m in migs:
         met = m.get("metrics", {})
-        table.add_row(m["id"], m["vm"], m["source"], m["target"], m["phase"],
+        table.add_row(m["id"], m["vm"], m["source"], m["target"], m["phase"], m.get("policy") or "-",
                       _fmt_metric("downtime_ms", met.get("downtime_ms")),
                       _fmt_metric("total_s", met.get("total_s")),
                       time.strftime("%m-%d %H:%M:%S", time.localtime(m["created_at"])))

@@ -68,6 +68,10 @@ async def test_policies_through_the_cli(fleet: Fleet) -> None:
     assert "downtime_ms=50, max_rounds=100, throttle=off" in text, out
     code, out, err = await cli(env, "migration", "show", mig_id, "--json")
     assert json.loads(out)["policy_source"] == "request"
+    code, out, err = await cli(env, "migrations")
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith("m-")}
+    assert rows[mig_id][5] == "latency" and "bulk" in {r[5] for r in rows.values()}, out
 
     # the VM's own policy and labels, changed from the CLI
     code, out, err = await cli(env, "vm", "label", "batch1", "tier-", "zone=eu",
