@@ -91,10 +91,12 @@ class CoordinatorClient:
         return dict(await self.request("DELETE", f"/vms/{name}" + ("?force=true" if force else "")))
 
     async def migrate(self, vm: str, target: str, options: dict[str, Any] | None = None, *,
-                      force: bool = False) -> dict[str, Any]:
+                      force: bool = False, policy: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"vm": vm, "target": target}
         if options:
             body["options"] = options
+        if policy:
+            body["policy"] = policy
         if force:
             body["force"] = True
         return dict(await self.request("POST", "/migrations", body))

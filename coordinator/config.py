@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from novacron import tls
 from novacron.config import Invalid, check_port, check_secret, setting
@@ -69,6 +70,14 @@ class CoordinatorConfig:
         "abort", help="default policy when pre-copy cannot reach a migration's downtime budget: "
         "abort (the VM keeps running on its source; the migration fails with the figures) or "
         "force (stop-and-copy anyway; the longer pause is reported as budget_exceeded)")
+    migration_policies: dict[str, dict[str, Any]] = setting(
+        factory=dict, help="named sets of migration options: [migration_policies.NAME] tables of "
+        "the agent's options (bandwidth_mbps, downtime_ms, max_rounds, throttle, compression_level, "
+        "dedup, ...), an optional selector = {label = \"value\"} choosing VMs by their labels and "
+        "a description (JSON in env/flags; see the README's Migration policies)")
+    default_migration_policy: str = setting("", help="policy of a migration that names none and "
+                                            "whose VM names or matches none (empty: the agent's "
+                                            "defaults)")
     audit_file: Path | None = setting(None, help="append-only audit log (empty: <data_dir>/audit.log)")
     audit_fsync: bool = setting(False, help="fsync each audit line before replying (survives power loss)")
     reconcile_interval_s: float = setting(30.0, help="seconds between checks of VM records against "
@@ -126,6 +135,9 @@ def check_config(cfg: CoordinatorConfig) -> None:
         raise Invalid("lease_ttl_s", "must be at least 1 second")
     if cfg.max_body_bytes < 1024:
         raise Invalid("max_body_bytes", "must be at least 1024")
+    from novacron.coordinator.migration_policies import Policies  # aiohttp: not for --help
+
+    Policies.from_config(cfg.migration_policies, cfg.default_migration_policy)
     check_level(cfg.log_level)
     check_port(cfg, "port")
     check_mcp(cfg.mcp)

@@ -38,6 +38,7 @@ from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
 from novacron.coordinator.metrics import CoordinatorMetrics
+from novacron.coordinator.migration_policies import Policies
 from novacron.coordinator.models import HOST_UP, VM, Host, Migration, spec_networks
 from novacron.coordinator.reconcile import Reconciler
 from novacron.coordinator.scheduler.placer import host_in_maintenance
@@ -78,6 +79,7 @@ class MigrationManager:
         self.reconciler = reconciler or Reconciler(store, agents)
         self._undecided: dict[str, str] = {}  # migration id -> what the agents said last
         self.grants = grants or GrantSigner.generate()
+        self.policies = Policies.from_config(cfg.migration_policies, cfg.default_migration_policy)
         self.metrics = metrics
         self.following: dict[str, Migration] = {}  # the records our pollers update
         if metrics is not None:
@@ -98,14 +100,14 @@ class MigrationManager:
                                               self.cfg.lease_ttl_s) is not None
 
     async def start(self, vm_name: str, target: str, options: dict[str, Any], *,
-                    force: bool = False) -> Migration:
+                    force: bool = False, policy: str | None = None) -> Migration:
         """Record the migration and hand it to the source agent.
 
         The work runs in its own task, shielded from the caller: a client that
         hangs up during the agent call cannot leave the record pending and the
         VM marked migrating; the start still ends as followed or failed.
         """
-        task = asyncio.create_task(self._start(vm_name, target, options, force),
+        task = asyncio.create_task(self._start(vm_name, target, options, force, policy),
                                    name=f"start-{vm_name}")
         self._starting.add(task)
         task.add_done_callback(self._started)
@@ -117,7 +119,7 @@ class MigrationManager:
             task.exception()  # retrieved: a refusal nobody awaited any more is not an error
 
     async def _start(self, vm_name: str, target: str, options: dict[str, Any],
-                     force: bool = False) -> Migration:
+                     force: bool = False, policy: str | None = None) -> Migration:
         # one check-then-start at a time: no two migrations of one VM, no limit passed
         async with self._lock, self._admission():
             vm, src, dst = await self._check(vm_name, target, force)
@@ -126,14 +128,18 @@ class MigrationManager:
                 if other.vm == vm_name:
                     raise ApiError(409, f"VM {vm_name!r} is already migrating ({other.id}, "
                                    f"{other.phase})")
-            if options.get("on_no_converge") == "postcopy":
+            applied = self.policies.resolve(requested=policy, vm_policy=vm.migration_policy,
+                                            labels=vm.labels, options=options)
+            if applied.options.get("on_no_converge") == "postcopy":
                 raise ApiError(400, "on_no_converge 'postcopy' is not implemented yet; "
                                     "use 'abort' or 'force'")
-            # the policy is explicit on every record: the caller's, else ours
-            options = {"on_no_converge": self.cfg.migration_on_no_converge, **options}
+            # the convergence policy is explicit on every record: the caller's or the
+            # migration policy's, else the coordinator's default
+            options = {"on_no_converge": self.cfg.migration_on_no_converge, **applied.options}
             now = time.time()
             mig = Migration(id="m-" + secrets.token_hex(6), vm=vm_name, source=src.name,
-                            target=dst.name, options=options, created_at=now, updated_at=now)
+                            target=dst.name, options=options, policy=applied.policy,
+                            policy_source=applied.source, created_at=now, updated_at=now)
             wait = migration_queue.wait_reason(self.limits, active, mig)
             if wait is not None:  # over a limit: recorded, started by dispatch() when a slot frees
                 mig.phase, mig.queue_reason = migration_queue.QUEUED, wait

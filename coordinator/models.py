@@ -50,6 +50,8 @@ class VM:
     spec: dict[str, Any]
     state: str = "creating"  # creating|running|paused|stopped|crashed|migrating|failed
     error: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # select migration policies (and more)
+    migration_policy: str | None = None  # its own policy, over any its labels select
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -70,6 +72,8 @@ class Migration:
     options: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    policy: str | None = None  # the migration policy applied (coordinator/migration_policies.py)
+    policy_source: str | None = None  # why: request, vm, labels or default
     agent_migration_id: str | None = None
     # the pause outlasted the downtime budget (policy 'force', or a slow hand-over):
     # never a plain success; the CLI exits 3 for it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import tomllib
 import types
@@ -89,8 +90,18 @@ def _coerce(tp: Any, value: Any, *, from_text: bool) -> Any:
         if not isinstance(value, list):
             raise ValueError(f"expected a list, got {value!r}")
         return [_coerce(item, v, from_text=from_text) for v in value]
+    if tp is Any:  # checked by the setting's own check (e.g. an inner table of options)
+        if from_text:
+            raise ValueError(f"expected JSON, got {value!r}")
+        return value
     if origin is dict:  # a [section] of name = value pairs, or "a=x,b=y" as text
         key_tp, value_tp = typing.get_args(tp) or (str, str)
+        if from_text and isinstance(value, str) and value.lstrip().startswith("{"):
+            try:  # nested tables come as JSON in the environment and flags
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"invalid JSON: {exc}") from None
+            from_text = False
         if from_text and isinstance(value, str):
             pairs = [p.partition("=") for p in value.split(",") if p.strip()]
             if any(not sep for _k, sep, _v in pairs):
@@ -250,6 +261,8 @@ def show_default(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return json.dumps(value) if value else "none"
     if value is None or value == "":
         return "none"
     return str(value)
@@ -265,6 +278,8 @@ def metavar(name: str, tp: Any) -> str:
         return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
     if origin is list:
         return "A,B,..."
+    if origin is dict:
+        return "JSON" if typing.get_args(tp)[1:] != (str,) else "NAME=VALUE,..."
     if tp is bool:
         return "{true,false}"
     for suffix, unit in (("log_level", "LEVEL"), ("host", "ADDRESS"), ("_ms", "MS"), ("_s", "SECONDS"), ("_bytes", "BYTES"), ("port", "PORT"),
@@ -340,8 +355,19 @@ def load(
         try:
             check(cfg)
         except Invalid as exc:
-            raise ConfigError(sources.get(exc.key, DEFAULTS), exc.key, exc.problem) from None
+            raise ConfigError(_source_of(sources, exc.key), exc.key, exc.problem) from None
     return cfg
+
+
+def _source_of(sources: dict[str, str], key: str) -> str:
+    """The layer that set ``key`` or the table holding it (``a.b.c`` inside the setting ``a``)."""
+    parts = key.split(".")
+    while parts:
+        found = sources.get(".".join(parts))
+        if found is not None:
+            return found
+        parts.pop()
+    return DEFAULTS
 
 
 def config_path(args: argparse.Namespace, env_prefix: str, default: Path | None = None) -> Path | None:

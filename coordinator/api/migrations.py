@@ -12,6 +12,7 @@ from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.api.keys import CONFIG, EVENTS, MIGRATIONS, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
+from novacron.coordinator.api.schemas import NULLABLE_STR
 from novacron.coordinator.migrations import topic
 
 routes = RouteTable("migrations", "Live migrations between hosts")
@@ -24,6 +25,8 @@ START: dict[str, Any] = {
         "vm": schemas.NAME,
         "target": schemas.NAME,
         "force": {"type": "boolean", "description": "move to a host in maintenance all the same"},
+        "policy": {**schemas.POLICY_NAME,
+                   "description": "migration policy (GET /migration-policies); options override it"},
         "options": {
             "type": "object",
             "additionalProperties": False,
@@ -34,6 +37,8 @@ START: dict[str, Any] = {
                 "downtime_ms": {"type": "number", "minimum": 1, "maximum": 60000},
                 "max_rounds": {"type": "integer", "minimum": 1, "maximum": 1000},
                 "compression_level": {"type": "integer", "minimum": 1, "maximum": 19},
+                "throttle": {"type": "boolean",
+                             "description": "auto-converge: slow the vCPUs when pre-copy cannot keep up"},
                 "dedup": {"type": "boolean"},
                 "test_digest": {"type": "boolean"},
                 "batch_pages": {"type": "integer", "minimum": 64, "maximum": 65536},
@@ -76,8 +81,28 @@ KEEPALIVE_S = 15.0
 async def start(request: web.Request) -> web.Response:
     body = json_body(request)
     mig = await request.app[MIGRATIONS].start(body["vm"], body["target"], body.get("options", {}),
-                                              force=bool(body.get("force", False)))
+                                              force=bool(body.get("force", False)),
+                                              policy=body.get("policy"))
     return web.json_response(mig.public(), status=202)
+
+
+POLICIES: dict[str, Any] = {
+    "type": "object", "required": ["policies", "default"],
+    "properties": {
+        "policies": {"type": "array", "items": {
+            "type": "object", "required": ["name", "options", "selector"],
+            "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                           "selector": {"type": "object"}, "options": {"type": "object"}}}},
+        "default": NULLABLE_STR,
+    },
+}
+
+
+@routes.get("/migration-policies",
+            "The configured migration policies and the default (see the README's precedence)",
+            response=POLICIES)
+async def policies(request: web.Request) -> web.Response:
+    return web.json_response(request.app[MIGRATIONS].policies.public())
 
 
 @routes.get("/migrations", "Migration history, newest first",

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from novacron.coordinator import migration_policies as mp
 from novacron.coordinator.api.openapi import NAME_SCHEMA
+
+POLICY_NAME: dict[str, Any] = {"type": "string", "pattern": mp.POLICY_NAME}
+LABELS: dict[str, Any] = {
+    "type": "object", "maxProperties": mp.MAX_LABELS,
+    "propertyNames": {"pattern": mp.LABEL_KEY},
+    "additionalProperties": {"type": "string", "pattern": mp.LABEL_VALUE},
+    "description": "name = value labels; migration policies select VMs by them",
+}
 
 NULLABLE_STR: dict[str, Any] = {"type": ["string", "null"]}
 
@@ -37,6 +46,7 @@ VM: dict[str, Any] = {
         "spec": {"type": "object"}, "error": NULLABLE_STR,
         "created_at": {"type": "number"}, "updated_at": {"type": "number"},
         "agent": {"type": ["object", "null"]},
+        "labels": {"type": "object"}, "migration_policy": NULLABLE_STR,
     },
 }
 
@@ -49,6 +59,8 @@ MIGRATION: dict[str, Any] = {
         "phase": {"type": "string"}, "round": {"type": "integer"},
         "options": {"type": "object"}, "metrics": {"type": "object"}, "error": NULLABLE_STR,
         "agent_migration_id": NULLABLE_STR, "budget_exceeded": {"type": "boolean"},
+        "policy": NULLABLE_STR,
+        "policy_source": {"enum": ["request", "vm", "labels", "default", None]},
         "created_at": {"type": "number"}, "updated_at": {"type": "number"},
         "finished_at": {"type": ["number", "null"]},
         "started_at": {"type": ["number", "null"],

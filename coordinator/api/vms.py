@@ -58,6 +58,9 @@ CREATE: dict[str, Any] = {
         "start": {"type": "boolean", "description": "start it (default true)"},
         "host": {**schemas.NAME, "description": "pin to this host instead of placing"},
         "placement": PLACEMENT,
+        "labels": schemas.LABELS,
+        "migration_policy": {**schemas.POLICY_NAME,
+                             "description": "its migration policy, over any its labels select"},
     },
     "oneOf": [
         {"required": ["kernel"], "not": {"anyOf": [
@@ -120,6 +123,10 @@ async def create_vm(request: web.Request) -> web.Response:
     store, agents = request.app[STORE], request.app[AGENTS]
     pinned = body.pop("host", None)
     placement = body.pop("placement", {})
+    # the coordinator's own fields, never the agent's spec
+    labels, policy = body.pop("labels", {}), body.pop("migration_policy", None)
+    if policy is not None:
+        request.app[MIGRATIONS].policies.check_name(policy)
     clash = set(placement.get("affinity", ())) & set(placement.get("anti_affinity", ()))
     if clash:
         raise ApiError(400, "placement: VM(s) in both affinity and anti_affinity: "
@@ -137,6 +144,7 @@ async def create_vm(request: web.Request) -> web.Response:
                 started = time.perf_counter()
                 try:
                     host, vm = await _place(request, body, pinned, placement)
+                    vm.labels, vm.migration_policy = labels, policy
                 except ApiError:
                     timing.labels("refused").observe(time.perf_counter() - started)
                     raise
@@ -315,6 +323,37 @@ async def stop_vm(request: web.Request) -> web.Response:
 @routes.post("/vms/{name}/start", "Start a stopped VM", response=schemas.VM, errors=(409, 502))
 async def start_vm(request: web.Request) -> web.Response:
     return await _action(request, "start", "running")
+
+
+LABELS: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "labels": {**schemas.LABELS, "description": "the VM's labels (replaces them all)"},
+        "migration_policy": {"anyOf": [schemas.POLICY_NAME, {"type": "null"}],
+                             "description": "its own migration policy; null: none (labels decide)"},
+    },
+}
+
+
+@routes.put("/vms/{name}/labels", "Set a VM's labels and/or its migration policy (for later "
+            "migrations)", request=LABELS, response=schemas.VM, errors=(409,))
+async def set_labels(request: web.Request) -> web.Response:
+    body = json_body(request)
+    store = request.app[STORE]
+    if body.get("migration_policy") is not None:
+        request.app[MIGRATIONS].policies.check_name(body["migration_policy"])
+    name = request.match_info["name"]
+    vm = await store.get_vm(name)
+    if vm is None:
+        raise ApiError(404, f"no VM named {name!r}")
+    if "labels" in body:
+        vm.labels = body["labels"]
+    if "migration_policy" in body:
+        vm.migration_policy = body["migration_policy"]
+    vm.updated_at = time.time()
+    if not await store.put_vm_if(vm, vm.state, vm.host):  # not over a change made meanwhile
+        raise ApiError(409, f"VM {name!r} changed meanwhile; try again")
+    return web.json_response(vm.public())
 
 
 @routes.delete("/vms/{name}", "Delete a VM (stops it on its agent first)",

@@ -19,6 +19,7 @@ from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.mcp.appkeys import CLAUDE_FLOW
 from novacron.coordinator.mcp.protocol import Tool, ToolContext, ToolFailure
 from novacron.coordinator.mcp.registry import BridgeRegistry
+from novacron.coordinator.migration_policies import POLICY_NAME
 
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"}
 DESCRIPTION = {"type": "string", "minLength": 1, "maxLength": 4000}
@@ -91,7 +92,8 @@ def build_tools(app: web.Application) -> list[Tool]:
         from novacron.coordinator.migrations import topic
 
         try:
-            mig = await manager.start(args["vm"], args["target"], args.get("options", {}))
+            mig = await manager.start(args["vm"], args["target"], args.get("options", {}),
+                                      policy=args.get("policy"))
         except ApiError as exc:
             raise _refusal(exc) from None
         doc: dict[str, Any] = mig.public()
@@ -162,6 +164,8 @@ def build_tools(app: web.Application) -> list[Tool]:
              "call returns when the migration ends, reporting each phase as progress.",
              {**obj, "required": ["vm", "target"], "properties": {
                  "vm": NAME, "target": NAME, "options": {"type": "object"},
+                 "policy": {"type": "string", "pattern": POLICY_NAME,
+                            "description": "a migration policy; options override single ones"},
                  "wait": {"type": "boolean"},
                  "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S}}},
              migrate_vm, read_only=False),

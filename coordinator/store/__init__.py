@@ -111,9 +111,10 @@ class Store(abc.ABC):
     async def delete_vm(self, name: str) -> bool: ...
 
     @abc.abstractmethod
-    async def put_vm_if(self, vm: VM, state: str) -> bool:
+    async def put_vm_if(self, vm: VM, state: str, host: str | None = None) -> bool:
         """Store ``vm`` only if its stored record is still in ``state`` (compare and set,
-        e.g. running -> migrating, so two coordinators cannot both start moving it)."""
+        e.g. running -> migrating, so two coordinators cannot both start moving it) and,
+        if ``host`` is given, still on that host."""
 
     @abc.abstractmethod
     async def claim_vm(self, vm: VM, generation: int) -> Claim:

@@ -191,11 +191,12 @@ class PostgresStore(Store):
             await conn.execute("UPDATE hosts SET generation = generation + 1 WHERE name = $1",
                                vm.host)
 
-    async def put_vm_if(self, vm: VM, state: str) -> bool:
+    async def put_vm_if(self, vm: VM, state: str, host: str | None = None) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
             done = await conn.fetchval(
                 "UPDATE vms SET host = $2, data = $3 WHERE name = $1 AND data->>'state' = $4 "
-                "RETURNING 1", vm.name, vm.host, _asdict(vm), state)
+                "AND host = coalesce($5::text, host) RETURNING 1",
+                vm.name, vm.host, _asdict(vm), state, host)
             if done is None:
                 return False
             await conn.execute("UPDATE hosts SET generation = generation + 1 WHERE name = $1",

@@ -180,13 +180,13 @@ class SQLiteStore(Store):
              "SET host=excluded.host, data=excluded.data", (vm.name, vm.host, data)),
             ("UPDATE hosts SET generation = generation + 1 WHERE name = ?", (vm.host,))]))
 
-    async def put_vm_if(self, vm: VM, state: str) -> bool:
+    async def put_vm_if(self, vm: VM, state: str, host: str | None = None) -> bool:
         data = json.dumps(_asdict(vm))
 
         def work(c: sqlite3.Connection) -> bool:
             if c.execute("UPDATE vms SET host = ?, data = ? WHERE name = ? "
-                         "AND json_extract(data, '$.state') = ?",
-                         (vm.host, data, vm.name, state)).rowcount == 0:
+                         "AND json_extract(data, '$.state') = ? AND host = coalesce(?, host)",
+                         (vm.host, data, vm.name, state, host)).rowcount == 0:
                 return False
             c.execute("UPDATE hosts SET generation = generation + 1 WHERE name = ?", (vm.host,))
             return True

@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -55,12 +56,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=EXIT_CODES)
     p.add_argument("vm", metavar="VM", help="name of the VM to move")
     p.add_argument("--to", required=True, metavar="HOST", dest="target", help="target host name")
+    p.add_argument("--policy", metavar="NAME",
+                   help="migration policy ('novacron migration policies'); the flags below override "
+                   "single options of it (default: the VM's policy, else the one its labels select, "
+                   "else the coordinator's default policy)")
     p.add_argument("--bandwidth-mbps", type=float, metavar="MB/S",
-                   help=f"cap on page data in MB/s, 0 = unlimited (default: {AGENT_DEFAULTS.bandwidth_mbps:g})")
+                   help="cap on page data in MB/s, 0 = unlimited (default: the policy's, else "
+                   f"{AGENT_DEFAULTS.bandwidth_mbps:g})")
     p.add_argument("--downtime-ms", type=float, metavar="MS",
-                   help=f"pause budget of stop-and-copy in ms (default: {AGENT_DEFAULTS.downtime_ms:g})")
+                   help="pause budget of stop-and-copy in ms (default: the policy's, else "
+                   f"{AGENT_DEFAULTS.downtime_ms:g})")
     p.add_argument("--max-rounds", type=int, metavar="N",
-                   help=f"pre-copy rounds before stop-and-copy (default: {AGENT_DEFAULTS.max_rounds})")
+                   help="pre-copy rounds before stop-and-copy (default: the policy's, else "
+                   f"{AGENT_DEFAULTS.max_rounds})")
+    p.add_argument("--throttle", action=argparse.BooleanOptionalAction,
+                   help="auto-converge: slow the guest's vCPUs when pre-copy cannot keep up "
+                   "(default: the policy's, else " + ("on" if AGENT_DEFAULTS.throttle else "off") + ")")
     p.add_argument("--on-no-converge", choices=("abort", "force", "postcopy"),
                    help="if pre-copy cannot reach the downtime budget: abort (the VM stays on its "
                    "source) or force (longer pause, exit code 3); postcopy is not implemented "
@@ -93,15 +104,21 @@ def _run(args: argparse.Namespace, fn: Callable[[CoordinatorClient, argparse.Nam
         return 1
 
 
-# "body.options.max_rounds: ...", "body.placement.region: ...", "query parameter 'limit': ..."
-_API_FIELD = re.compile(r"\b(?:body|vm)(?:\.\w+)*\.(\w+)(?=:)|query parameter '(\w+)'")
+# "body.options.max_rounds: ...", "body.labels.tier: ...", "query parameter 'limit': ..."
+_API_FIELD = re.compile(r"\b(?:body|vm)((?:\.[^\s.:]+)+)(?=:)|query parameter '(\w+)'")
 
 
 def name_flags(message: str, flags: dict[str, str]) -> str:
-    """An API error with the JSON path of a field the user gave as a flag named by that flag."""
+    """An API error with the JSON path of a field the user gave as a flag named by that flag
+    (the innermost field that is a flag: ``body.labels.tier`` -> ``--label tier``)."""
     def repl(m: re.Match[str]) -> str:
-        field = m.group(1) or m.group(2)
-        return flags.get(field, m.group(0))
+        if m.group(2):
+            return flags.get(m.group(2), m.group(0))
+        parts = m.group(1)[1:].split(".")
+        for i in reversed(range(len(parts))):
+            if parts[i] in flags:
+                return " ".join([flags[parts[i]], ".".join(parts[i + 1:])]).rstrip()
+        return m.group(0)
 
     return _API_FIELD.sub(repl, message)
 
@@ -147,7 +164,7 @@ async def _hosts(client: CoordinatorClient, args: argparse.Namespace) -> int:
         table.add_row(h["name"], state, str(h["cpus"]), human_bytes(h["memory_bytes"]),
                       human_bytes(h["memory_available_bytes"]), _age(h.get("last_heartbeat", 0)),
                       ", ".join(h.get("vms", [])) or "-", *([h["url"]] if args.wide else []))
-    Console().print(table if hosts else "no hosts registered")
+    print_table(table) if hosts else print("no hosts registered")
     return 0
 
 
@@ -175,7 +192,7 @@ async def _vms(client: CoordinatorClient, args: argparse.Namespace) -> int:
     for v in vms:
         table.add_row(v["name"], v["host"], v["state"], str(v["spec"].get("vcpus", "-")),
                       f"{v['spec'].get('memory_mb', '-')} MiB")
-    Console().print(table if vms else "no VMs")
+    print_table(table) if vms else print("no VMs")
     return 0
 
 
@@ -189,6 +206,22 @@ def list_table(title: str) -> Table:
     """A listing with light rules, so narrow terminals leave more room to the columns."""
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                  collapse_padding=True)
+
+
+def print_table(table: Table, console: Console | None = None) -> None:
+    """Print a listing; wider than the terminal rather than cutting a column at its minimum
+    (an ID column's minimum is the whole ID: the terminal wraps the line, the ID stays copyable)."""
+    console = console or Console()
+    need = Measurement.get(console, console.options.update_width(10_000), table).minimum
+    if need <= console.width:
+        console.print(table)
+        return
+    width = console.width
+    console.width = need  # print(width=) would be clamped to the terminal's
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
 
 
 def id_column(table: Table, header: str, values: list[str], **kw: Any) -> None:
@@ -207,15 +240,15 @@ async def _migrations(client: CoordinatorClient, args: argparse.Namespace) -> in
     table = list_table("Migrations")
     id_column(table, "id", [m["id"] for m in migs])
     id_column(table, "vm", [m["vm"] for m in migs])
-    for col in ("from", "to", "phase", "downtime", "total", "started"):  # these give way
+    for col in ("from", "to", "phase", "policy", "downtime", "total", "started"):  # give way
         table.add_column(col, overflow="fold")
     for m in migs:
         met = m.get("metrics", {})
-        table.add_row(m["id"], m["vm"], m["source"], m["target"], m["phase"],
+        table.add_row(m["id"], m["vm"], m["source"], m["target"], m["phase"], m.get("policy") or "-",
                       _fmt_metric("downtime_ms", met.get("downtime_ms")),
                       _fmt_metric("total_s", met.get("total_s")),
                       time.strftime("%m-%d %H:%M:%S", time.localtime(m["created_at"])))
-    Console().print(table if migs else "no migrations")
+    print_table(table) if migs else print("no migrations")
     return 0
 
 
@@ -298,6 +331,33 @@ def exit_code(mig: dict[str, Any]) -> int:
     return EXIT_BUDGET_EXCEEDED if mig.get("budget_exceeded") else 0
 
 
+POLICY_SOURCES = {"request": "named with the migration", "vm": "the VM's own policy",
+                  "labels": "selected by the VM's labels", "default": "the coordinator's default"}
+
+
+def format_options(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_option(v)}" for k, v in sorted(options.items()))
+
+
+def applied_options(mig: dict[str, Any]) -> str:
+    """The options the migration runs with: those sent, then the agent's defaults for the rest."""
+    shown = format_options(mig.get("options") or {})
+    return (shown + "; " if shown else "") + "the rest: agent defaults"
+
+
+def _option(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" \
+        if isinstance(value, float) else str(value)
+
+
+def policy_line(mig: dict[str, Any]) -> str:
+    """Which policy a migration runs under and why, and its options (shown before progress)."""
+    name = mig.get("policy")
+    head = (f"policy {name} ({POLICY_SOURCES.get(mig.get('policy_source') or '', '?')})"
+            if name else "no policy")
+    return f"{head}; options: {applied_options(mig)}"
+
+
 def describe(mig: dict[str, Any]) -> str:
     """sent (acked by the destination) · remaining · rate · dirty rate · ETA"""
     met = mig.get("metrics", {})
@@ -337,8 +397,9 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
                                  ("downtime_ms", args.downtime_ms),
                                  ("max_rounds", args.max_rounds),
                                  ("on_no_converge", args.on_no_converge),
-                                 ("throttle_final", args.throttle_final or None)) if v is not None}
-    mig = await client.migrate(args.vm, args.target, options, force=args.force)
+                                 ("throttle_final", args.throttle_final or None),
+                                 ("throttle", args.throttle)) if v is not None}
+    mig = await client.migrate(args.vm, args.target, options, force=args.force, policy=args.policy)
     if args.no_wait:
         _dump(mig) if args.json else print(mig["id"])
         return 0
@@ -348,6 +409,7 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
             async for event in client.migration_events(mig["id"]):
                 mig = event
         else:
+            console.print(policy_line(mig), highlight=False, soft_wrap=True)
             mig = await follow_migration(client, mig, console)
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[yellow]interrupted: cancelling the migration[/yellow]")

@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "novacron.cli.task",
     "novacron.cli.audit",
     "novacron.cli.pki",
+    "novacron.cli.completion",
 ]
 
 

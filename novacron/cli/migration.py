@@ -1,4 +1,4 @@
-"""``novacron migration list|show ID|set ID|cancel ID``: one migration at a time, by its id.
+"""``novacron migration list|show ID|set ID|cancel ID|policies``: migrations by id, and the policies.
 
 The id is the one ``novacron migrate --no-wait`` prints and ``novacron migrations`` lists.
 """
@@ -17,16 +17,22 @@ from rich.table import Table
 from novacron.cli.fleet import (
     AGENT_DEFAULTS,
     EXIT_CODES,
+    POLICY_SOURCES,
     _dump,
     _migrations,
     _run,
     add_list_flags,
+    applied_options,
     describe,
     exit_code,
     follow_migration,
+    format_options,
     human_bytes,
+    id_column,
+    list_table,
     metrics_table,
     print_failure,
+    print_table,
 )
 from novacron.coordinator.client import CoordinatorClient
 
@@ -60,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the migration as JSON")
     p.set_defaults(func=lambda a: _run(a, _set))
 
+    p = cmds.add_parser("policies", help="the coordinator's migration policies: options, the "
+                        "labels that select each, the default")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=lambda a: _run(a, _policies))
+
     p = cmds.add_parser("cancel", help="cancel a running or queued migration (the VM stays on "
                         "its source)")
     p.add_argument("id", metavar="ID", help="migration id (m-...)")
@@ -89,9 +100,33 @@ def summary_table(mig: dict[str, Any]) -> Table:
     if mig.get("started_at"):
         table.add_row("started", time.strftime("%Y-%m-%d %H:%M:%S",
                                                time.localtime(mig["started_at"])))
-    if mig.get("options"):
-        table.add_row("options", ", ".join(f"{k}={v}" for k, v in sorted(mig["options"].items())))
+    name = mig.get("policy")
+    table.add_row("policy", f"{name} ({POLICY_SOURCES.get(mig.get('policy_source') or '', '?')})"
+                  if name else "none")
+    table.add_row("options", applied_options(mig))
     return table
+
+
+async def _policies(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    doc = await client.request("GET", "/migration-policies")
+    if args.json:
+        _dump(doc)
+        return 0
+    policies = doc["policies"]
+    if not policies:
+        print("no migration policies configured (migrations use the agent's defaults)")
+        return 0
+    table = list_table("Migration policies")
+    id_column(table, "name", [p["name"] for p in policies])
+    table.add_column("selects VMs labelled", overflow="fold")
+    table.add_column("options", overflow="fold")
+    table.add_column("description", overflow="fold")
+    for p in policies:
+        table.add_row(p["name"], ", ".join(f"{k}={v}" for k, v in sorted(p["selector"].items()))
+                      or "-", format_options(p["options"]) or "-", p.get("description") or "-")
+    print_table(table)
+    Console().print(f"default: {doc['default'] or 'none (the agent defaults)'}", highlight=False)
+    return 0
 
 
 async def _show(client: CoordinatorClient, args: argparse.Namespace) -> int:

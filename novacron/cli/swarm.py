@@ -13,7 +13,7 @@ from urllib.parse import quote
 from rich.console import Console
 from rich.table import Table
 
-from novacron.cli.fleet import _dump, _run, id_column
+from novacron.cli.fleet import _dump, _run, id_column, print_table
 from novacron.coordinator.client import CoordinatorClient
 
 MAX_PLAN_BYTES = 64 * 1024  # a plan is a few hundred bytes; the API caps bodies anyway
@@ -103,7 +103,7 @@ async def _list(client: CoordinatorClient, args: argparse.Namespace) -> int:
         table.add_row(s["id"], s["status"], s.get("topology") or "-",
                       str(len(s.get("agents", []))), str(len(s.get("tasks", []))),
                       _when(s.get("created_at")), s.get("description", "")[:60])
-    Console().print(table if swarms else "no swarms")
+    print_table(table) if swarms else print("no swarms")
     return 0
 
 

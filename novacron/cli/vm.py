@@ -39,8 +39,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a NIC on fleet network NET (repeatable); model default virtio-net-pci, "
                         "MAC generated and kept unless given")
     add_preference_flags(p)
+    p.add_argument("--label", action="append", type=label_arg, dest="labels", metavar="KEY=VALUE",
+                   help="a label (repeatable); migration policies select VMs by labels "
+                   "(default: none)")
+    p.add_argument("--migration-policy", metavar="NAME",
+                   help="the VM's own migration policy, over any its labels select "
+                   "(default: none; 'novacron migration policies' lists them)")
     p.add_argument("--json", action="store_true", help="print the VM as JSON")
     p.set_defaults(func=_create)
+
+    p = cmds.add_parser("label", help="change a VM's labels or its migration policy",
+                        description="Set (KEY=VALUE) or remove (KEY-) labels of a VM and/or set "
+                        "its migration policy; later migrations use them.")
+    p.add_argument("name", metavar="NAME", help="VM name")
+    p.add_argument("labels", nargs="*", type=label_change, metavar="KEY=VALUE|KEY-",
+                   help="labels to set (KEY=VALUE) or remove (KEY-)")
+    p.add_argument("--migration-policy", metavar="NAME",
+                   help="the VM's own migration policy; 'none' removes it (default: unchanged)")
+    p.add_argument("--json", action="store_true", help="print the VM as JSON")
+    p.set_defaults(func=lambda a: _run(a, _label))
 
     for action, text in (("show", "one VM with its agent's live status"),
                          ("start", "start a stopped VM"), ("stop", "stop a VM"),
@@ -67,6 +84,21 @@ def nic_arg(text: str) -> dict[str, str]:
     return nic
 
 
+def label_arg(text: str) -> tuple[str, str]:
+    """``tier=batch`` -> a label (the API checks names and values)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def label_change(text: str) -> tuple[str, str | None]:
+    """``tier=batch`` sets a label, ``tier-`` removes it (value None)."""
+    if text.endswith("-") and "=" not in text:
+        return text[:-1], None
+    return label_arg(text)
+
+
 def boot_problem(args: argparse.Namespace) -> str | None:
     """Why the boot options are unusable (the API would refuse them less clearly), or None."""
     if args.kernel is None and args.disk is None:
@@ -85,6 +117,10 @@ def create_body(args: argparse.Namespace) -> dict[str, Any]:
                  "disk_format", "accel", "host")
     if getattr(args, "nic", None):
         body["nics"] = args.nic
+    if getattr(args, "labels", None):
+        body["labels"] = dict(args.labels)
+    if getattr(args, "migration_policy", None):
+        body["migration_policy"] = args.migration_policy
     placement = given(args, *PREFERENCES)
     if placement:
         body["placement"] = placement
@@ -120,6 +156,9 @@ def vm_table(vm: dict[str, Any]) -> Table:
     table.add_row("memory", human_bytes(memory << 20) if isinstance(memory, int) else "-")
     boot = spec.get("kernel") or spec.get("disk") or "-"
     table.add_row("boots", str(boot))
+    labels = vm.get("labels") or {}
+    table.add_row("labels", ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-")
+    table.add_row("migration policy", vm.get("migration_policy") or "- (its labels', else the default)")
     agent = vm.get("agent")
     if isinstance(agent, dict):
         for key in ("state", "pid", "accel"):
@@ -163,6 +202,33 @@ async def _delete(client: CoordinatorClient, args: argparse.Namespace) -> int:
         _dump(doc)
     else:
         print(f"{doc['deleted']} deleted")
+    return 0
+
+
+async def _label(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    if not args.labels and args.migration_policy is None:
+        print("novacron vm label: error: give labels (KEY=VALUE, KEY-) or --migration-policy",
+              file=sys.stderr)
+        return 2
+    body: dict[str, Any] = {}
+    if args.labels:
+        vm = await client.vm(quote(args.name, safe=""))
+        labels = dict(vm.get("labels") or {})
+        for key, value in args.labels:
+            if value is None:
+                labels.pop(key, None)
+            else:
+                labels[key] = value
+        body["labels"] = labels
+    if args.migration_policy is not None:
+        body["migration_policy"] = None if args.migration_policy == "none" else args.migration_policy
+    vm = await client.request("PUT", f"/vms/{quote(args.name, safe='')}/labels", body)
+    if args.json:
+        _dump(vm)
+    else:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted((vm.get("labels") or {}).items()))
+        print(f"{vm['name']}: labels {shown or 'none'}; migration policy "
+              f"{vm.get('migration_policy') or 'none'}")
     return 0
 
 

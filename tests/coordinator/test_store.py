@@ -281,5 +281,14 @@ async def test_put_vm_if_sets_only_from_the_expected_state(make_store: MakeStore
         assert (await store.get_vm("v")).state == "migrating"  # type: ignore[union-attr]
         assert not await store.put_vm_if(VM("nope", "h", {}, state="migrating"), "running")
         assert await store.get_vm("nope") is None
+        # and still on the expected host: a label change read before a move does not undo it
+        await store.put_vm(VM("v", "h2", {}, state="running"))
+        stale = VM("v", "h", {}, state="running", labels={"tier": "batch"})
+        assert not await store.put_vm_if(stale, "running", "h")
+        moved = await store.get_vm("v")
+        assert moved is not None and moved.host == "h2" and moved.labels == {}
+        assert await store.put_vm_if(VM("v", "h2", {}, state="running", labels={"a": "b"}),
+                                     "running", "h2")
+        assert (await store.get_vm("v")).labels == {"a": "b"}  # type: ignore[union-attr]
     finally:
         await store.close()

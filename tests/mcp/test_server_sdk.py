@@ -131,6 +131,9 @@ async def test_migrate_reports_progress(coordinator: Coordinator,  # noqa: F811
         assert _payload(result)["phase"] == "completed"
         again = await client.call_tool("migrate_vm", {"vm": "web", "target": "beta"})
         assert again.is_error and "already on host" in _payload(again)
+        unknown = await client.call_tool("migrate_vm", {"vm": "web", "target": "alpha",
+                                                        "policy": "nope"})
+        assert unknown.is_error and "no migration policy 'nope'" in _payload(unknown)
     messages = [m for _d, _t, m in progress]
     assert any(m and m.startswith("precopy") for m in messages), messages
     assert progress[-1][0] == progress[-1][1]  # the last report is "done"

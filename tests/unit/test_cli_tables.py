@@ -1,0 +1,79 @@
+"""The CLI's listings at a forced console width, and API field paths named as flags."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from novacron.cli.fleet import id_column, list_table, name_flags, policy_line, print_table
+from novacron.cli.main import build_parser, flag_names
+from novacron.cli.migration import summary_table
+
+
+def _render(table: object, width: int) -> list[str]:
+    out = io.StringIO()
+    console = Console(file=out, width=width, color_system=None)
+    print_table(table, console)  # type: ignore[arg-type]
+    return out.getvalue().splitlines()
+
+
+def _vms(names: list[str], hosts: list[str]) -> object:
+    table = list_table("VMs")
+    id_column(table, "name", names)
+    id_column(table, "host", hosts)
+    table.add_column("state")
+    table.add_column("notes", overflow="fold")
+    for name, host in zip(names, hosts, strict=True):
+        table.add_row(name, host, "running", "a long free-text note that may wrap " * 2)
+    return table
+
+
+def test_ids_are_whole_at_80_columns_and_the_rest_wraps() -> None:
+    names = ["m-0123456789ab", "web-frontend-eu-west-1-canary-0042"]
+    hosts = ["kvm-host-rack12-slot07", "b"]
+    lines = _render(_vms(names, hosts), 80)
+    text = "\n".join(lines)
+    for whole in (*names, *hosts):
+        assert whole in text, text
+    assert "…" not in text and "free-text" in text
+    assert all(len(line) <= 80 for line in lines), text  # fits: the note wrapped
+    assert len(lines) > 6  # (it did wrap)
+
+
+def test_ids_wider_than_the_terminal_are_still_whole() -> None:
+    names = ["vm-" + "x" * 70]
+    hosts = ["host-" + "y" * 30]
+    lines = _render(_vms(names, hosts), 80)
+    text = "\n".join(lines)
+    assert names[0] in text and hosts[0] in text and "…" not in text, text
+    assert max(map(len, lines)) > 80  # the terminal wraps the line; the IDs stay copyable
+
+
+def test_migration_summary_names_policy_and_options_at_80_columns() -> None:
+    mig = {"id": "m-0123456789ab", "vm": "web-frontend-eu-west-1-canary-0042", "source": "a",
+           "target": "b", "phase": "precopy", "round": 2, "created_at": 0.0, "policy": "bulk",
+           "policy_source": "labels", "options": {"bandwidth_mbps": 50.0, "throttle": False}}
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None).print(summary_table(mig))
+    text = out.getvalue()
+    assert "m-0123456789ab" in text and "web-frontend-eu-west-1-canary-0042" in text
+    assert "bulk (selected by the VM's labels)" in text
+    assert "bandwidth_mbps=50, throttle=off" in text
+    assert policy_line({"options": {}}) == "no policy; options: the rest: agent defaults"
+
+
+def test_api_field_paths_are_named_as_flags() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["migrate", "web", "--to", "b"])
+    flags = flag_names(parser, args.func)
+    assert name_flags("body.options.max_rounds: 0 is less than 1", flags) == \
+        "--max-rounds: 0 is less than 1"
+    assert name_flags("body.policy: 'A B' does not match", flags) == "--policy: 'A B' does not match"
+    args = parser.parse_args(["vm", "create", "x", "--vcpus", "1", "--memory-mb", "64"])
+    flags = flag_names(parser, args.func)
+    assert name_flags("body.labels.my-tier: 'a b' does not match", flags) == \
+        "--label my-tier: 'a b' does not match"
+    assert name_flags("body.labels: 'Tier' does not match", flags) == "--label: 'Tier' does not match"
+    assert name_flags("body.placement.region: too long", flags) == "--region: too long"
+    assert name_flags("body.unknown: x", flags) == "body.unknown: x"  # no flag: the path stays
