@@ -33,6 +33,7 @@ from novacron.cli.fleet import (
     metrics_table,
     print_failure,
     print_table,
+    progress_pct,
 )
 from novacron.coordinator.client import CoordinatorClient
 
@@ -93,7 +94,7 @@ def summary_table(mig: dict[str, Any]) -> Table:
         table.add_row("budget", "[bold yellow]exceeded[/bold yellow]: the pause outlasted downtime_ms")
     met = mig.get("metrics") or {}
     if met.get("progress_pct") is not None:
-        table.add_row("progress", f"{met['progress_pct']:.1f}%  " + describe(mig).strip())
+        table.add_row("progress", f"{progress_pct(mig):.1f}%  " + describe(mig).strip())
     if mig.get("round"):
         table.add_row("round", str(mig["round"]))
     table.add_row("asked", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mig["created_at"])))

@@ -54,8 +54,9 @@ async def test_policies_through_the_cli(fleet: Fleet) -> None:
     assert code == 0, out + err
     first = out.splitlines()[0]
     assert first == ("policy bulk (selected by the VM's labels); options: bandwidth_mbps=50, "
-                     "downtime_ms=400; the rest: agent defaults"), out
-    assert fakes[0].migration_requests[-1]["options"] == {"bandwidth_mbps": 50, "downtime_ms": 400}
+                     "downtime_ms=400, on_no_converge=abort; the rest: agent defaults"), out
+    assert fakes[0].migration_requests[-1]["options"] == {"bandwidth_mbps": 50, "downtime_ms": 400,
+                                                          "on_no_converge": "abort"}
 
     code, out, err = await cli(env, "migrate", "batch1", "--to", "alpha", "--policy", "latency",
                                "--no-throttle", "--no-wait")
@@ -65,7 +66,7 @@ async def test_policies_through_the_cli(fleet: Fleet) -> None:
     assert code == 0, err
     text = " ".join(out.replace("│", " ").split())  # the table's rows, wrapped cells joined
     assert "policy latency (named with the migration)" in text, out
-    assert "downtime_ms=50, max_rounds=100, throttle=off" in text, out
+    assert "downtime_ms=50, max_rounds=100, on_no_converge=abort, throttle=off" in text, out
     code, out, err = await cli(env, "migration", "show", mig_id, "--json")
     assert json.loads(out)["policy_source"] == "request"
     code, out, err = await cli(env, "migrations")

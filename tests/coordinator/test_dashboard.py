@@ -296,7 +296,7 @@ async def test_script_follows_a_live_migration(
     assert mig_row[10] == "12.5 ms" and mig_row[11] == "0.1 s"
     # the audit trail lists what was done, newest first
     assert any(row[2] == "POST /api/v1/migrations" and row[3] == "web -> beta" for row in tables["audit"])
-    assert result["features"] == {"drain": True, "policies": False, "images": True,
+    assert result["features"] == {"drain": True, "policies": True, "images": True,
                                   "console": True, "checked": True}
     # The dry-run placement shows the scheduler's choice and why.
     status, placed = await coordinator.call("POST", "/placements",

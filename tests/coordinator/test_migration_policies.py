@@ -53,6 +53,10 @@ async def _migrate(c: Coordinator, body: dict[str, Any]) -> dict[str, Any]:
     return mig
 
 
+# the coordinator writes its default convergence policy on every record (migration_on_no_converge)
+ABORT = {"on_no_converge": "abort"}
+
+
 async def test_each_migration_runs_with_the_policy_that_applies(fleet: Fleet) -> None:
     c, (alpha, beta) = fleet
     status, doc = await c.call("GET", "/migration-policies")
@@ -71,16 +75,16 @@ async def test_each_migration_runs_with_the_policy_that_applies(fleet: Fleet) ->
     # selected by labels; an explicit option overrides one of the policy's
     mig = await _migrate(c, {"vm": "batch1", "target": "beta", "options": {"downtime_ms": 300}})
     assert (mig["policy"], mig["policy_source"]) == ("bulk", "labels")
-    sent = {"bandwidth_mbps": 50.0, "downtime_ms": 300, "throttle": True}
+    sent = {**ABORT, "bandwidth_mbps": 50.0, "downtime_ms": 300, "throttle": True}
     assert mig["options"] == sent and alpha.migration_requests[-1]["options"] == sent
     # the VM without labels or policy: the default
     mig = await _migrate(c, {"vm": "web1", "target": "beta"})
     assert (mig["policy"], mig["policy_source"], mig["options"]) == (
-        "fallback", "default", {"bandwidth_mbps": 500.0})
+        "fallback", "default", {**ABORT, "bandwidth_mbps": 500.0})
     # named with the migration: over the labels
     mig = await _migrate(c, {"vm": "batch1", "target": "alpha", "policy": "latency"})
     assert (mig["policy"], mig["policy_source"]) == ("latency", "request")
-    assert beta.migration_requests[-1]["options"] == {"downtime_ms": 50.0, "max_rounds": 100}
+    assert beta.migration_requests[-1]["options"] == {**ABORT, "downtime_ms": 50.0, "max_rounds": 100}
     # the VM's own policy: over its labels, under one named with the migration
     status, vm = await c.call("PUT", "/vms/batch1/labels", json={"migration_policy": "latency"})
     assert status == 200 and vm["migration_policy"] == "latency" and vm["labels"]["tier"] == "batch"
@@ -89,7 +93,7 @@ async def test_each_migration_runs_with_the_policy_that_applies(fleet: Fleet) ->
     # the record keeps it
     status, stored = await c.call("GET", f"/migrations/{mig['id']}")
     assert (stored["policy"], stored["policy_source"], stored["options"]) == (
-        "latency", "vm", {"downtime_ms": 50.0, "max_rounds": 100})
+        "latency", "vm", {**ABORT, "downtime_ms": 50.0, "max_rounds": 100})
     # labels changed, own policy cleared: the labels decide again (none match: the default)
     status, vm = await c.call("PUT", "/vms/batch1/labels",
                               json={"labels": {"tier": "web"}, "migration_policy": None})
