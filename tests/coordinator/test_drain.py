@@ -398,3 +398,19 @@ async def test_a_drain_cut_by_a_coordinator_restart_is_finished_by_the_next_one(
             assert (await c.call("GET", "/hosts/alpha"))[1]["lifecycle"] == "maintenance"
         finally:
             await stop_coordinator(c)
+
+
+async def test_rebalance_plans_no_move_to_a_host_lacking_the_vms_network(
+        fleet: tuple[Coordinator, list[FakeAgent]]) -> None:
+    c, _fakes = fleet
+    await create(c, "netvm", "alpha", nics=[{"net": "prod"}])  # only alpha has prod
+    await create(c, "v2", "beta")
+    await create(c, "v3", "beta")
+    plan = (await c.call("POST", "/rebalance/plan", json={}))[1]
+    # alpha is the emptiest, but beta lacks prod: beta is emptied onto alpha instead
+    assert [(m["vm"], m["target"]) for m in plan["moves"]] == [("v2", "alpha"), ("v3", "alpha")], plan
+    status, doc = await c.call("DELETE", "/vms/netvm")
+    assert status == 200, doc
+    await create(c, "plain", "alpha")
+    plan = (await c.call("POST", "/rebalance/plan", json={}))[1]
+    assert [(m["vm"], m["target"]) for m in plan["moves"]] == [("plain", "beta")], plan
