@@ -50,14 +50,18 @@ class Slots:
         """Why ``mig`` cannot start now (the first limit it would pass), or None."""
         lim = self.limits
         if self.total >= lim.fleet:
-            return f"the fleet runs {self.total} migrations (limit {lim.fleet})"
+            return f"the fleet runs {_n(self.total)} (limit {lim.fleet})"
         if self.out[mig.source] >= lim.outbound_per_host:
-            return (f"host {mig.source} sends {self.out[mig.source]} migrations "
+            return (f"host {mig.source} sends {_n(self.out[mig.source])} "
                     f"(outbound limit {lim.outbound_per_host})")
         if self.into[mig.target] >= lim.inbound_per_host:
-            return (f"host {mig.target} receives {self.into[mig.target]} migrations "
+            return (f"host {mig.target} receives {_n(self.into[mig.target])} "
                     f"(inbound limit {lim.inbound_per_host})")
         return None
+
+
+def _n(count: int) -> str:
+    return f"{count} migration" + ("" if count == 1 else "s")
 
 
 def running(active: Iterable[Migration]) -> list[Migration]:

@@ -42,12 +42,13 @@ class PlacedVM:
     affinity: tuple[str, ...]
     anti_affinity: tuple[str, ...]
     anti_affinity_scope: Scope
+    networks: tuple[str, ...] = ()  # fleet networks its NICs join: a move needs them too
 
     def request(self) -> VMRequest:
         """The request that would place this VM again (used to move it)."""
         return VMRequest(self.id, self.vcpus, self.memory_mib, self.priority,
                          affinity=self.affinity, anti_affinity=self.anti_affinity,
-                         anti_affinity_scope=self.anti_affinity_scope)
+                         anti_affinity_scope=self.anti_affinity_scope, networks=self.networks)
 
 
 class FleetState:
@@ -226,7 +227,7 @@ class FleetState:
         if req.id in self.vms:
             raise SchedulerInputError(f"vm {req.id}", "already placed")
         vm = PlacedVM(req.id, i, req.vcpus, req.memory_mib, req.priority, req.affinity,
-                      req.anti_affinity, req.anti_affinity_scope)
+                      req.anti_affinity, req.anti_affinity_scope, req.networks)
         self.vms[req.id] = vm
         self.vms_on[i].add(req.id)
         self._cpu_used[i] += req.vcpus

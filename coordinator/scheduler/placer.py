@@ -59,7 +59,8 @@ def host_from_record(h: StoreHost, attrs: dict[str, Any] | None) -> Host:
 
 
 def _request_of(name: str, spec: dict[str, Any]) -> VMRequest:
-    return VMRequest(name, max(1, int(spec.get("vcpus", 1))), max(1, int(spec.get("memory_mb", 0))))
+    return VMRequest(name, max(1, int(spec.get("vcpus", 1))), max(1, int(spec.get("memory_mb", 0))),
+                     networks=spec_networks(spec))  # a rebalance moves it only where they are
 
 
 def build_fleet(hosts: Iterable[StoreHost], vms: Iterable[VM],

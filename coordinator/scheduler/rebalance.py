@@ -118,7 +118,8 @@ def _estimate(vm: PlacedVM, opts: RebalanceOptions) -> tuple[int, float]:
 def _find_target(sched: Scheduler, vm: PlacedVM) -> int | None:
     """Best enabled host for ``vm`` (already lifted off the fleet)."""
     req = VMRequest(vm.id, vm.vcpus, vm.memory_mib, vm.priority,
-                    anti_affinity=vm.anti_affinity, anti_affinity_scope=vm.anti_affinity_scope)
+                    anti_affinity=vm.anti_affinity, anti_affinity_scope=vm.anti_affinity_scope,
+                    networks=vm.networks)
     return sched.decide(req, strategy="pack").host_index
 
 

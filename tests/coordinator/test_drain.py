@@ -303,7 +303,8 @@ async def test_cli_drain_no_wait_show_list_and_rebalance_needs_yes(tmp_path: Pat
     fakes = [FakeAgent(n, f"tok-{n}-" + secrets.token_hex(8)) for n in ("alpha", "beta")]
     # fake agents send no heartbeats: the hosts must not be marked down during the test
     async with LocalCoordinator(tmp_path / "coord", settings={
-            "poll_interval_s": "0.02", "heartbeat_timeout_s": "600"}) as coord, serving(*fakes):
+            "poll_interval_s": "0.02", "heartbeat_timeout_s": "600",
+            "migration_limit_fleet": "1"}) as coord, serving(*fakes):
         async with CoordinatorClient(coord.url, coord.admin_token) as client:
             await register_all(client, fakes, coord.agent_token)
             for name in ("web", "db"):
@@ -320,6 +321,19 @@ async def test_cli_drain_no_wait_show_list_and_rebalance_needs_yes(tmp_path: Pat
         assert code == 0 and "draining" in out and drain_id in out, out + err
         code, out, err = await cli(env, "host", "drain", "alpha")
         assert code == 1 and "being drained already" in err and drain_id in err, err
+        # fleet limit 1: the drain's second move waits in the queue, and says why
+        async with CoordinatorClient(coord.url, coord.admin_token) as client:
+            for _ in range(100):
+                doc = await client.request("GET", f"/drains/{drain_id}")
+                if sorted(v["state"] for v in doc["vms"]) == ["migrating", "queued"]:
+                    break
+                await asyncio.sleep(0.1)
+        queued = next(v["migration"] for v in doc["vms"] if v["state"] == "queued")
+        code, out, err = await cli(env, "migration", "show", queued)
+        text = " ".join(out.split())
+        assert code == 0 and "queued" in text and "the fleet runs 1 migration (limit 1)" in text, out
+        code, out, err = await cli(env, "migration", "list")
+        assert code == 0 and "queued" in out, out + err
         fakes[0].hold_migrations = False
         code, out, err = await cli(env, "drain", "show", drain_id, "--follow")
         assert code == 0, out + err
@@ -384,3 +398,19 @@ async def test_a_drain_cut_by_a_coordinator_restart_is_finished_by_the_next_one(
             assert (await c.call("GET", "/hosts/alpha"))[1]["lifecycle"] == "maintenance"
         finally:
             await stop_coordinator(c)
+
+
+async def test_rebalance_plans_no_move_to_a_host_lacking_the_vms_network(
+        fleet: tuple[Coordinator, list[FakeAgent]]) -> None:
+    c, _fakes = fleet
+    await create(c, "netvm", "alpha", nics=[{"net": "prod"}])  # only alpha has prod
+    await create(c, "v2", "beta")
+    await create(c, "v3", "beta")
+    plan = (await c.call("POST", "/rebalance/plan", json={}))[1]
+    # alpha is the emptiest, but beta lacks prod: beta is emptied onto alpha instead
+    assert [(m["vm"], m["target"]) for m in plan["moves"]] == [("v2", "alpha"), ("v3", "alpha")], plan
+    status, doc = await c.call("DELETE", "/vms/netvm")
+    assert status == 200, doc
+    await create(c, "plain", "alpha")
+    plan = (await c.call("POST", "/rebalance/plan", json={}))[1]
+    assert [(m["vm"], m["target"]) for m in plan["moves"]] == [("plain", "beta")], plan
