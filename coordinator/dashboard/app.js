@@ -819,7 +819,8 @@ function renderDetail() {
   fillRows(tbody, rounds.map((r) => [
     el("td", r.stop_and_copy ? r.round + " final" : r.round), numCell(count(r.pages_sent)), numCell(bytes(r.wire_bytes)),
     numCell(seconds(r.seconds)), numCell(count(r.dirty_after)), numCell(isNum(r.estimated_stop_s) ? ms(r.estimated_stop_s * 1000) : DASH),
-  ]), 6, TERMINAL.has(m.phase) || m.phase === "precopy" ? "no per-round data recorded" : "rounds start with pre-copy");
+  ]), 6, TERMINAL.has(m.phase) ? "no per-round data recorded"
+    : m.phase === "precopy" ? "no round finished yet" : "rounds start with pre-copy");
   table.append(thead, tbody);
   parts.push(el("h3", "Rounds"), table);
   box.replaceChildren(...parts);
