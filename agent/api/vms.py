@@ -7,14 +7,15 @@ import logging
 from aiohttp import web
 
 from novacron.agent.api.common import json_error, read_json_object
-from novacron.agent.appkeys import VMS
+from novacron.agent.appkeys import CONFIG, VMS
 from novacron.agent.safefs import UnsafeFile
 from novacron.audit import ACTOR, AUDIT
 from novacron.faults import crash_point
 
 log = logging.getLogger("novacron.agent.api")
 
-ACTIONS = ("start", "stop", "pause", "resume")
+ACTIONS = ("start", "stop", "pause", "resume", "reboot")
+MAX_SHUTDOWN_TIMEOUT_S = 3600.0
 MAX_CONSOLE_INPUT = 1024
 MAX_CONSOLE_OUTPUT = 1024 * 1024
 MAX_CONSOLE_OFFSET = 2**53  # past any real log; larger values would overflow seek()
@@ -43,8 +44,42 @@ async def vm_action(request: web.Request) -> web.Response:
         return json_error(404, f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
     if action in ("resume", "start"):
         return await _unfenced(request, name, action)
+    if action in ("stop", "reboot"):
+        return await _power(request, name, action)
     vm = await getattr(manager, action)(name)
     return web.json_response(vm.status())
+
+
+def _power_options(request: web.Request) -> tuple[bool, float]:
+    """``?force=true|false&timeout_s=S`` of stop and reboot (default: the stop_timeout_s setting)."""
+    force = request.query.get("force", "false")
+    if force not in ("true", "false"):
+        raise web.HTTPBadRequest(reason="force: expected true or false")
+    timeout = request.app[CONFIG].stop_timeout_s
+    if "timeout_s" in request.query:
+        try:
+            timeout = float(request.query["timeout_s"])
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout <= MAX_SHUTDOWN_TIMEOUT_S:  # also refuses nan
+            raise web.HTTPBadRequest(reason=f"timeout_s: expected seconds in (0, {MAX_SHUTDOWN_TIMEOUT_S:g}]")
+    return force == "true", timeout
+
+
+async def _power(request: web.Request, name: str, action: str) -> web.Response:
+    """``stop``: graceful (ACPI power button, then power-off after the timeout) unless
+    ``force``; ``reboot``: the guest shuts down, then a reset (``force``: reset at once).
+    The reply is the VM's status with ``outcome`` (graceful, seconds, reason)."""
+    force, timeout = _power_options(request)
+    manager = request.app[VMS]
+    if action == "stop" and force:
+        vm = await manager.stop(name)
+        outcome = {"graceful": False, "seconds": 0.0, "reason": "forced power-off"}
+    elif action == "stop":
+        vm, outcome = await manager.power_down(name, timeout)
+    else:
+        vm, outcome = await manager.reboot(name, force=force, timeout=timeout)
+    return web.json_response({**vm.status(), "outcome": outcome})
 
 
 async def _unfenced(request: web.Request, name: str, action: str) -> web.Response:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, open_unix
+from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, QMPTimeoutError, open_unix
 from novacron.agent.records import read_record, write_record
 from novacron.agent.safefs import open_regular, read_regular
 from novacron.agent.vm.errors import VMConflict, VMStartError
@@ -43,6 +43,8 @@ STOPPED, RUNNING, PAUSED, CRASHED = "stopped", "running", "paused", "crashed"
 LIVE = (RUNNING, PAUSED)
 QMP_CONNECT_TIMEOUT_S = 15.0
 STOP_GRACE_S = 5.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 60.0  # the agent's stop_timeout_s setting overrides it
+RESET_WAIT_S = 10.0  # QEMU acknowledges a system_reset with a RESET event well within this
 SERIAL_POLL_S = 0.2
 SERIAL_READ_CHUNK = 1 * MIB  # bytes per read of the serial log
 SERIAL_MAX_CHUNKS_PER_POLL = 64  # a flood is caught up over several polls
@@ -429,6 +431,78 @@ class VM:
             log.warning("vm did not exit, signalling", extra={"vm": self.name, "signal": sig.name})
             self._signal(sig)
         await self.wait_exit(STOP_GRACE_S)
+
+    async def shutdown(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> dict[str, Any]:
+        """Graceful stop: press the ACPI power button (QMP ``system_powerdown``) and wait
+        up to ``timeout`` s for the guest to power itself off; a guest that does not is
+        powered off (``stop``). A paused guest cannot react to the button and is powered
+        off at once. Returns how it went: ``graceful``, ``seconds``, ``reason``."""
+        began = time.monotonic()
+        if not self.alive:
+            await self.stop()
+            return {"graceful": False, "seconds": 0.0, "reason": f"VM was {self.state}"}
+        if self.migrating or self.incoming:
+            raise VMConflict(f"VM {self.name} is migrating; cancel the migration first")
+        reason = "paused: cannot react to the power button"
+        if self.state == RUNNING and self.qmp is not None:
+            with contextlib.suppress(QMPError, QMPClosedError, TimeoutError):
+                await self.qmp.execute("system_powerdown", timeout=STOP_GRACE_S)
+            log.info("vm power button pressed", extra={"vm": self.name, "timeout_s": timeout})
+            if await self.wait_exit(timeout):
+                seconds = round(time.monotonic() - began, 3)
+                log.info("vm shut down by its guest", extra={"vm": self.name, "seconds": seconds})
+                return {"graceful": True, "seconds": seconds, "reason": "guest powered off"}
+            reason = f"guest did not power off within {timeout:g} s"
+            log.warning("vm ignored the power button; powering off", extra={"vm": self.name, "timeout_s": timeout})
+        await self.stop()
+        return {"graceful": False, "seconds": round(time.monotonic() - began, 3), "reason": reason}
+
+    async def reboot(self, *, force: bool = False, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> dict[str, Any]:
+        """Reboot. ``force``: QMP ``system_reset`` at once (a reset button). Otherwise the
+        guest shuts down cleanly first: QEMU is told to pause rather than exit on the
+        guest's power-off (``set-action``, so the command line, which a migration copies,
+        stays as it is), the power button is pressed, and once the guest is down (or
+        after ``timeout`` s) the machine is reset and resumed. Returns ``graceful``,
+        ``seconds`` and ``reason``."""
+        if self.state != RUNNING or self.qmp is None:
+            raise VMConflict(f"VM {self.name} is {self.state}; only a running VM can reboot")
+        if self.migrating or self.incoming:
+            raise VMConflict(f"VM {self.name} is migrating; cancel the migration first")
+        qmp, began = self.qmp, time.monotonic()
+        if force:
+            async with qmp.listen("RESET") as resets:
+                await qmp.execute("system_reset", timeout=STOP_GRACE_S)
+                await resets.get(RESET_WAIT_S)
+            log.info("vm reset", extra={"vm": self.name})
+            return {"graceful": False, "seconds": round(time.monotonic() - began, 3), "reason": "forced reset"}
+        graceful = False
+        async with qmp.listen("SHUTDOWN", "RESET") as events:
+            await qmp.execute("set-action", {"shutdown": "pause"}, timeout=STOP_GRACE_S)
+            try:
+                await qmp.execute("system_powerdown", timeout=STOP_GRACE_S)
+                try:
+                    await events.get(timeout, lambda e: e.get("event") == "SHUTDOWN")
+                    graceful = True
+                except QMPTimeoutError:
+                    log.warning("vm ignored the power button; resetting", extra={"vm": self.name})
+                await qmp.execute("system_reset", timeout=STOP_GRACE_S)
+                # cont is refused until the reset has happened (runstate "shutdown")
+                await events.get(RESET_WAIT_S, lambda e: e.get("event") == "RESET")
+            finally:
+                # the guest powering off later must stop the VM again, not pause it
+                self._expect_exit = False  # our SHUTDOWN handler took the paused guest for an exit
+                await qmp.execute("set-action", {"shutdown": "poweroff"}, timeout=STOP_GRACE_S)
+            status = await qmp.execute("query-status", timeout=STOP_GRACE_S)
+            if not status.get("running"):  # it paused at its power-off (however late)
+                await qmp.execute("cont", timeout=STOP_GRACE_S)
+        self.state = RUNNING
+        with contextlib.suppress(OSError):
+            self.save()
+        seconds = round(time.monotonic() - began, 3)
+        log.info("vm rebooted", extra={"vm": self.name, "graceful": graceful, "seconds": seconds})
+        return {"graceful": graceful, "seconds": seconds,
+                "reason": "guest shut down, then reset" if graceful
+                else f"guest did not shut down within {timeout:g} s: reset"}
 
     async def kill(self) -> None:
         """SIGKILL QEMU without marking it expected (fault injection; shows as crashed)."""

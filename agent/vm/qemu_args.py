@@ -73,11 +73,6 @@ class VMPaths:
         return self.dir / "vm.json"
 
 
-def cpu_model(accel: str) -> str:
-    # a fixed model under TCG so source and destination agree regardless of host
-    return "host" if accel == "kvm" else "qemu64"
-
-
 def _fd(images: OpenedImages, key: str) -> int:
     fd = getattr(images, key)
     if fd is None:
@@ -103,7 +98,7 @@ def machine_args(spec: VMSpec, accel: str, ram_path: Path, images: OpenedImages,
     ``ram_path`` and the numbers of the image and tap descriptors."""
     args = [
         "-machine", f"{MACHINE_TYPE},accel={accel},memory-backend={RAM_BACKEND_ID}",
-        "-cpu", cpu_model(accel),
+        "-cpu", spec.effective_cpu_model(accel),  # from the spec: both ends of a migration agree
         "-smp", str(spec.vcpus),
         "-m", f"{spec.memory_mb}M",
         "-object",

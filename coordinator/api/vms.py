@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -48,6 +49,9 @@ CREATE: dict[str, Any] = {
         "disk": _PATH,
         "disk_format": {"enum": ["raw", "qcow2"]},
         "accel": {"enum": ["kvm", "tcg", "auto"]},
+        "cpu_model": {**schemas.CPU_MODEL, "description": "QEMU CPU model (default Nehalem, an "
+                      "x86-64-v2 baseline); 'host' passes the host CPU through (KVM only) and "
+                      "keeps the VM on hosts with the same CPU"},
         # the agent checks NICs fully (novacron.agent.vm.spec); here: the shape, so a bad one is a 400
         "nics": {"type": "array", "maxItems": 8, "items": {
             "type": "object", "additionalProperties": False, "required": ["net"],
@@ -241,24 +245,65 @@ async def get_vm(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
-async def _action(request: web.Request, action: str, new_state: str) -> web.Response:
+async def _action(request: web.Request, action: str, new_state: str, query: str = "",
+                  timeout_s: float = 60) -> web.Response:
     vm, host = await _vm_and_host(request)
     if vm.state in ("migrating", "creating"):
         raise ApiError(409, f"VM {vm.name!r} is {vm.state}; try again when it is done")
     try:
         status = await request.app[AGENTS].call(host.name, host.url, host.token, "POST",
-                                                f"/v1/vms/{vm.name}/{action}", timeout_s=60)
+                                                f"/v1/vms/{vm.name}/{action}{query}",
+                                                timeout_s=timeout_s)
     except AgentError as exc:
         raise _agent_failure(exc, f"{action} on {host.name}") from None
     vm.state = reported_state(status, new_state)
     vm.updated_at = time.time()
     await request.app[STORE].put_vm(vm)
-    return web.json_response(vm.public())
+    doc = vm.public()
+    if isinstance(status, dict) and isinstance(status.get("outcome"), dict):
+        doc["outcome"] = status["outcome"]  # stop/reboot: graceful or not, and how long it took
+    return web.json_response(doc)
 
 
-@routes.post("/vms/{name}/stop", "Stop a VM", response=schemas.VM, errors=(409, 502))
+# Graceful stop and reboot: the agent waits up to timeout_s (its stop_timeout_s setting when
+# not given) for the guest, then powers off or resets; we wait that long plus this margin.
+POWER_QUERY = {
+    "force": {"type": "boolean", "description": "stop: power off at once; reboot: reset at once "
+              "(default false: the ACPI power button first)"},
+    "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
+                  "description": "seconds the guest gets to power off after the power button "
+                                 "(default: the agent's stop_timeout_s, 60)"},
+}
+POWER_MARGIN_S = 30.0
+POWER_DEFAULT_WAIT_S = 3600.0  # the agent's own setting decides; it answers well within this
+
+
+async def _power(request: web.Request, action: str, new_state: str) -> web.Response:
+    q = query_params(request)
+    params = [f"force={'true' if q.get('force') else 'false'}"]
+    wait = POWER_DEFAULT_WAIT_S
+    if "timeout_s" in q:
+        if not math.isfinite(q["timeout_s"]):
+            raise ApiError(400, "query parameter 'timeout_s': expected a finite number of seconds")
+        params.append(f"timeout_s={q['timeout_s']!r}")
+        wait = float(q["timeout_s"])
+    return await _action(request, action, new_state, "?" + "&".join(params),
+                         timeout_s=wait + POWER_MARGIN_S)
+
+
+@routes.post("/vms/{name}/stop", "Stop a VM: the ACPI power button, then power-off after "
+             "timeout_s if the guest has not shut down; force=true powers off at once. The "
+             "reply's outcome says whether the guest shut down by itself",
+             query=POWER_QUERY, response=schemas.VM, errors=(409, 502))
 async def stop_vm(request: web.Request) -> web.Response:
-    return await _action(request, "stop", "stopped")
+    return await _power(request, "stop", "stopped")
+
+
+@routes.post("/vms/{name}/reboot", "Reboot a running VM: the guest shuts down (ACPI power "
+             "button), then the machine is reset; after timeout_s it is reset anyway; "
+             "force=true resets at once", query=POWER_QUERY, response=schemas.VM, errors=(409, 502))
+async def reboot_vm(request: web.Request) -> web.Response:
+    return await _power(request, "reboot", "running")
 
 
 @routes.post("/vms/{name}/start", "Start a stopped VM", response=schemas.VM, errors=(409, 502))

@@ -43,10 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_create)
 
     for action, text in (("show", "one VM with its agent's live status"),
-                         ("start", "start a stopped VM"), ("stop", "stop a VM"),
+                         ("start", "start a stopped VM"),
+                         ("stop", "shut a VM down: ACPI power button, power-off after --timeout"),
+                         ("reboot", "reboot a running VM: clean guest shutdown, then reset"),
                          ("delete", "stop and delete a VM (asks nothing)")):
         p = cmds.add_parser(action, help=text)
         p.add_argument("name", metavar="NAME", help="VM name")
+        if action in ("stop", "reboot"):
+            p.add_argument("--force", action="store_true",
+                           help="stop: power off at once; reboot: reset at once "
+                                "(default: off, the guest shuts down cleanly first)")
+            p.add_argument("--timeout", type=float, metavar="S",
+                           help="seconds the guest gets after the power button before it is "
+                                "powered off or reset (default: the agent's stop_timeout_s, 60 s)")
         if action == "delete":
             p.add_argument("--force", action="store_true",
                            help="forget the VM even if its host is gone or its agent cannot "
@@ -141,11 +150,20 @@ async def _show(client: CoordinatorClient, args: argparse.Namespace) -> int:
 
 
 async def _lifecycle(client: CoordinatorClient, args: argparse.Namespace, action: str) -> int:
-    vm = dict(await client.request("POST", f"/vms/{quote(args.name, safe='')}/{action}"))
+    query = ""
+    if action in ("stop", "reboot"):
+        query = f"?force={'true' if args.force else 'false'}"
+        if args.timeout is not None:
+            query += f"&timeout_s={args.timeout!r}"
+    vm = dict(await client.request("POST", f"/vms/{quote(args.name, safe='')}/{action}{query}"))
     if args.json:
         _dump(vm)
-    else:
-        print(f"{vm['name']} on {vm['host']}: {vm['state']}")
+        return 0
+    outcome = vm.get("outcome")
+    how = ""
+    if isinstance(outcome, dict):
+        how = f" ({outcome.get('reason', '')}, {outcome.get('seconds', 0):.1f} s)"
+    print(f"{vm['name']} on {vm['host']}: {vm['state']}{how}")
     return 0
 
 
@@ -157,6 +175,10 @@ async def _stop(client: CoordinatorClient, args: argparse.Namespace) -> int:
     return await _lifecycle(client, args, "stop")
 
 
+async def _reboot(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    return await _lifecycle(client, args, "reboot")
+
+
 async def _delete(client: CoordinatorClient, args: argparse.Namespace) -> int:
     doc = await client.delete_vm(quote(args.name, safe=""), force=args.force)
     if args.json:
@@ -166,4 +188,4 @@ async def _delete(client: CoordinatorClient, args: argparse.Namespace) -> int:
     return 0
 
 
-_HANDLERS = {"show": _show, "start": _start, "stop": _stop, "delete": _delete}
+_HANDLERS = {"show": _show, "start": _start, "stop": _stop, "reboot": _reboot, "delete": _delete}
