@@ -97,6 +97,8 @@ def cpu_model_problem(spec: dict[str, Any], host: Host, source: Host | None = No
     ``source``: the host the VM runs on now; a ``host`` passthrough VM needs the same CPU."""
     model = spec_cpu_model(spec)
     if host.cpu_models is not None and model not in host.cpu_models:
+        if model == HOST_CPU_MODEL:
+            return f"host {host.name!r} cannot run CPU model 'host': passthrough needs KVM there"
         return (f"host {host.name!r} cannot run CPU model {model!r} "
                 f"(it offers {len(host.cpu_models)} models; see cpu_models in GET /api/v1/hosts)")
     if model == HOST_CPU_MODEL and source is not None and source.cpu_signature != host.cpu_signature:

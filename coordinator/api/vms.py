@@ -15,7 +15,7 @@ from novacron.coordinator.api import schemas
 from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.api.keys import AGENTS, METRICS, PLACER, RECONCILER, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
-from novacron.coordinator.models import HOST_UP, VM, Host
+from novacron.coordinator.models import HOST_UP, VM, Host, cpu_model_problem, spec_cpu_model
 
 log = logging.getLogger("novacron.coordinator.vms")
 routes = RouteTable("vms", "Virtual machines")
@@ -103,9 +103,15 @@ async def _place(request: web.Request, body: dict[str, Any], pinned: str | None,
             raise ApiError(404, f"no host named {pinned!r}")
         if hosts[0].state != HOST_UP:
             raise ApiError(409, f"host {pinned!r} is down")
+        problem = cpu_model_problem(body, hosts[0])
+        if problem:
+            raise ApiError(409, problem)
     placer = request.app[PLACER]
     host = await placer({**body, **placement}, hosts, await store.list_vms())
     if host is None:
+        model = spec_cpu_model(body)
+        if not any(cpu_model_problem(body, h) is None for h in hosts if h.state == HOST_UP):
+            raise ApiError(409, f"no up host can run CPU model {model!r}")
         # the scheduler explains its refusals; the simple placer only fits by size
         last = getattr(placer, "last", None)
         why = last.explanation.get("why") if last is not None else None

@@ -102,7 +102,8 @@ class FakeAgent:
         vm = self.vms.get(r.match_info["name"])
         if vm is None:
             return web.json_response({"error": "no such vm"}, status=404)
-        states = {"stop": "stopped", "start": "running", "pause": "paused", "resume": "running"}
+        states = {"stop": "stopped", "start": "running", "pause": "paused", "resume": "running",
+                  "reboot": "running"}
         vm["state"] = states[r.match_info["action"]]
         return web.json_response(vm)
 
