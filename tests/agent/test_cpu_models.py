@@ -36,7 +36,7 @@ def test_spec_cpu_model_default_and_checks() -> None:
 
 def test_cpu_signature_of_this_host() -> None:
     sig = cpu_signature()
-    vendor, family, model, stepping, flags = sig.split("/")
+    vendor, family, model, _stepping, flags = sig.split("/")
     assert vendor and family.isdigit() and model.isdigit() and len(flags) == 12
     assert cpu_signature(Path("/nonexistent")) == ""
 
