@@ -168,6 +168,9 @@ async def serve(cfg: AgentConfig) -> None:
         # warm the answers for /v1/host: the accelerator, then the CPU models it runs
         probe = asyncio.create_task(_warm(accel, cpus), name="accel probe")
         cleanup.push_async_callback(_cancel, probe)
+        keeper = asyncio.create_task(vms.keep_serial_logs(cfg.serial_log_max_bytes, cfg.serial_log_check_s),
+                                     name="serial logs")
+        cleanup.push_async_callback(_cancel, keeper)
         try:
             # with TLS every caller (coordinator, peer agents) shows a fleet-CA certificate
             ssl_context = tls.server_context(cfg, require_client_cert=True) if tls.enabled(cfg) else None

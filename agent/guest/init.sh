@@ -6,6 +6,8 @@
 # listens on novacron.port= (default 7000). The ACPI power button (QMP
 # system_powerdown) shuts the guest down cleanly and says so on the console,
 # unless novacron.power_button=ignore (a guest that ignores it, for tests).
+# novacron.flood_kb=N prints N KiB of filler lines on the console (serial
+# history tests), then NOVACRON-FLOOD-DONE.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -16,6 +18,7 @@ verify_s=4
 ip_cidr=
 port=7000
 power_button=handle
+flood_kb=
 for word in $(cat /proc/cmdline); do
     case "$word" in
         novacron.mem_mb=*) mem_mb="${word#*=}" ;;
@@ -24,6 +27,7 @@ for word in $(cat /proc/cmdline); do
         novacron.ip=*) ip_cidr="${word#*=}" ;;
         novacron.port=*) port="${word#*=}" ;;
         novacron.power_button=*) power_button="${word#*=}" ;;
+        novacron.flood_kb=*) flood_kb="${word#*=}" ;;
     esac
 done
 if [ -n "$ip_cidr" ]; then
@@ -56,6 +60,14 @@ if [ "$power_button" = handle ]; then
     chmod 755 /etc/acpi/PWRF/00000080
     acpid -c /etc/acpi -l /dev/null -p /tmp/acpid.pid
     echo "NOVACRON-POWER button=handle"
+fi
+if [ -n "$flood_kb" ]; then
+    (
+        line="NOVACRON-FLOOD $(head -c 1000 /dev/zero | tr '\0' x)"
+        i=0
+        while [ "$i" -lt "$flood_kb" ]; do echo "$i $line"; i=$((i + 1)); done
+        echo "NOVACRON-FLOOD-DONE kb=$flood_kb"
+    ) >/dev/console 2>&1 &
 fi
 echo "NOVACRON-INIT mem_mb=$mem_mb rate_mb=$rate_mb verify_s=$verify_s"
 /bin/workload --mem-mb "$mem_mb" --rate-mb "$rate_mb" --verify-s "$verify_s" </dev/console >/dev/console 2>&1

@@ -22,7 +22,7 @@ import json
 import logging
 from pathlib import Path
 
-from novacron.agent.vm.spec import HOST_CPU_MODEL, SpecError, VMSpec
+from novacron.agent.vm.spec import CPU_MODEL_RE, HOST_CPU_MODEL, SpecError, VMSpec
 
 log = logging.getLogger("novacron.agent.vm")
 
@@ -69,6 +69,14 @@ async def probe_models(qemu: str, accel: str) -> frozenset[str]:
                                  if isinstance(c, dict) and "name" in c and not c.get("unavailable-features"))
     detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no answer"]
     raise RuntimeError(f"{qemu} -machine none,accel={accel}: {detail[0]}")
+
+
+def check_allow_list(names: list[str]) -> str | None:
+    """What is wrong with a ``cpu_models`` allow-list, or None."""
+    for name in names:
+        if not CPU_MODEL_RE.match(name):
+            return f"{name!r} is not a CPU model name (letters, digits, '.', '_', '-')"
+    return None
 
 
 class CpuCatalog:

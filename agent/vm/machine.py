@@ -27,7 +27,7 @@ from typing import Any
 
 from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, QMPTimeoutError, open_unix
 from novacron.agent.records import read_record, write_record
-from novacron.agent.safefs import open_regular, read_regular
+from novacron.agent.safefs import create_new, open_regular, read_regular
 from novacron.agent.vm.errors import VMConflict, VMStartError
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.network import HostNetworks
@@ -74,6 +74,10 @@ class VM:
         self.started_at: float | None = None
         self.incoming = False
         self.ram_stat: os.stat_result | None = None  # the RAM file this agent created (None: adopted)
+        # Serial history offsets are logical (bytes the guest printed since the VM was
+        # defined here): serial.log starts at serial_base, serial.log.1 ends there.
+        self.serial_base = 0
+        self.console_writer: asyncio.StreamWriter | None = None  # an attached console session
         self._proc: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._event_task: asyncio.Task[None] | None = None
@@ -145,6 +149,7 @@ class VM:
         """Record spec and state so a restarted agent finds this VM."""
         doc = {"spec": self.spec.to_dict(), "accel": self.accel, "state": self.state, "pid": self.pid,
                "pending": self.pending, "started_at": self.started_at, "error": self.error,
+               "serial_base": self.serial_base,
                "paths": {"ram": str(self.ram_path), "qmp": str(self.paths.qmp)}}  # fmt: skip
         write_record(self.paths.meta, VM_RECORD, VM_RECORD_FORMAT, doc)
 
@@ -531,6 +536,10 @@ class VM:
         """Type ``text`` on the guest's serial console (e.g. ``"verify\\n"``)."""
         if not self.alive:
             raise VMConflict(f"VM {self.name} is {self.state}")
+        if self.console_writer is not None:  # QEMU serves one connection: share the session's
+            self.console_writer.write(text.encode())
+            await self.console_writer.drain()
+            return
         _reader, writer = await asyncio.wait_for(open_unix(str(self.paths.serial_sock)), timeout)
         try:
             writer.write(text.encode())
@@ -542,11 +551,60 @@ class VM:
                 await writer.wait_closed()
 
     def read_serial(self, offset: int = 0, limit: int = -1) -> bytes:
-        """The serial log from byte ``offset``: at most ``limit`` bytes (-1: to the end)."""
+        """The serial history from logical byte ``offset`` (or the oldest kept after it):
+        at most ``limit`` bytes (-1: to the end of the part it starts in)."""
+        return self.read_serial_at(offset, limit)[1]
+
+    def read_serial_at(self, offset: int, limit: int = -1) -> tuple[int, bytes]:
+        """(logical start, bytes) of the serial history from ``offset``; the start is later
+        than ``offset`` when those bytes were trimmed away. Refuses planted symlinks/fifos."""
+        base = self.serial_base
         try:
-            return read_regular(self.serial_log, offset, limit)  # refuses a planted symlink/fifo
+            if offset >= base:
+                return offset, read_regular(self.serial_log, offset - base, limit)
+            prev = read_regular(self.paths.serial_prev)
         except FileNotFoundError:
-            return b""
+            return max(offset, base), b""
+        start = max(offset, base - len(prev))
+        data = prev[start - (base - len(prev)):]
+        return start, data if limit < 0 else data[:limit]
+
+    def serial_end(self) -> int:
+        """The logical offset just past the serial history written so far."""
+        try:
+            return self.serial_base + os.stat(self.serial_log, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return self.serial_base
+
+    def trim_serial(self, cap: int) -> bool:
+        """Keep the serial history near ``cap`` bytes: once serial.log passes cap/2, its last
+        cap/2 bytes become serial.log.1 and serial.log is emptied (QEMU appends with
+        O_APPEND, so it writes on at the new end). Like logrotate's copytruncate, what the
+        guest prints between the copy and the truncate is lost (microseconds)."""
+        half = max(1, cap // 2)
+        try:
+            if os.stat(self.serial_log, follow_symlinks=False).st_size <= half:
+                return False
+            fd = open_regular(self.serial_log, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, half, max(0, size - half))
+            tmp = self.paths.dir / "serial.log.1.new"
+            out = create_new(tmp, os.O_WRONLY)
+            try:
+                os.write(out, tail)
+            finally:
+                os.close(out)
+            os.replace(tmp, self.paths.serial_prev)
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+        self.serial_base += size
+        with contextlib.suppress(OSError):
+            self.save()
+        return True
 
     async def wait_serial(self, pattern: str, timeout: float, offset: int = 0) -> re.Match[str]:
         """Wait until the serial log (from ``offset``) matches ``pattern``.
@@ -565,10 +623,10 @@ class VM:
         pos = offset
         while True:
             for _ in range(SERIAL_MAX_CHUNKS_PER_POLL):
-                chunk = self.read_serial(pos, SERIAL_READ_CHUNK)
+                start, chunk = self.read_serial_at(pos, SERIAL_READ_CHUNK)
                 if not chunk:
                     break
-                pos += len(chunk)
+                pos = start + len(chunk)
                 parts.append(decoder.decode(chunk))
             if parts:
                 text += "".join(parts)

@@ -104,6 +104,8 @@ class VMManager:
             log.warning("removed a VM folder without a valid record", extra={"path": str(folder), "error": str(exc)})
             return None
         vm = self.new_vm(spec, str(doc.get("accel", "tcg")), self.paths(spec.name))
+        base = doc.get("serial_base", 0)
+        vm.serial_base = base if isinstance(base, int) and base >= 0 else 0
         was, pending = str(doc.get("state", STOPPED)), str(doc.get("pending") or "")
         vm.pending = pending
         mine = [p for p in procs if p.runs(folder, spec.name)]
@@ -233,6 +235,18 @@ class VMManager:
                 shutil.rmtree(vm.paths.dir, ignore_errors=True)
             del self.vms[name]
         log.info("vm deleted", extra={"vm": name})
+
+    async def keep_serial_logs(self, cap: int, interval: float) -> None:
+        """Trim every VM's serial history to about ``cap`` bytes, every ``interval`` s
+        (runs for the agent's life)."""
+        while True:
+            for vm in list(self.vms.values()):
+                try:
+                    if await asyncio.to_thread(vm.trim_serial, cap):
+                        log.debug("serial log trimmed", extra={"vm": vm.name, "base": vm.serial_base})
+                except OSError as exc:  # UnsafeFile too: a planted log is left alone
+                    log.warning("cannot trim serial log", extra={"vm": vm.name, "error": str(exc)})
+            await asyncio.sleep(interval)
 
     def forget(self, name: str) -> None:
         """Drop a VM from the table without touching QEMU (after a migration hand-off)."""

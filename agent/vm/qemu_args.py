@@ -65,6 +65,11 @@ class VMPaths:
         return self.dir / "serial.log"
 
     @property
+    def serial_prev(self) -> Path:
+        """The previous part of the serial history (see VM.trim_serial)."""
+        return self.dir / "serial.log.1"
+
+    @property
     def qemu_log(self) -> Path:
         return self.dir / "qemu.log"
 

@@ -8,6 +8,7 @@ import math
 import time
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from novacron.coordinator.agent_client import AgentError, reported_state
@@ -350,6 +351,59 @@ async def delete_vm(request: web.Request) -> web.Response:
     await request.app[STORE].delete_vm(vm.name)
     log.info("vm deleted", extra={"vm": vm.name, "host": host.name})
     return web.json_response({"deleted": vm.name})
+
+
+CONSOLE_HISTORY_MAX = 64 * 1024
+
+
+@routes.get("/vms/{name}/console", "Attach to the VM's serial console: a WebSocket (send the "
+            "Upgrade headers); binary frames carry the console's bytes both ways, text frames "
+            "are typed as UTF-8. The coordinator relays it to the VM's agent; one session per "
+            "VM at a time (409 while another is attached). `novacron vm console NAME` is a "
+            "client (escape: Ctrl-])", query={"history": {
+                "type": "integer", "minimum": 0, "maximum": CONSOLE_HISTORY_MAX,
+                "description": "bytes of recent output to send first (default 0)"}},
+            status=101, content_type="application/octet-stream", errors=(400, 409, 502))
+async def console(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "this is a WebSocket: connect with the Upgrade headers "
+                            "(or use `novacron vm console NAME`)")
+    vm, host = await _vm_and_host(request)
+    history = query_params(request).get("history", 0)
+    try:  # before answering the client: a refusal is a plain HTTP error it can show
+        agent = await request.app[AGENTS].ws_connect(
+            host.name, host.url, host.token, f"/v1/vms/{vm.name}/console/ws?history={history}")
+    except AgentError as exc:
+        raise _agent_failure(exc, f"console of {vm.name} on {host.name}") from None
+    try:
+        await ws.prepare(request)
+        log.info("console attached", extra={"vm": vm.name, "host": host.name, "remote": request.remote})
+
+        async def agent_to_client() -> None:
+            async for msg in agent:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+
+        async def client_to_agent() -> None:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    await agent.send_bytes(msg.data)
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    await agent.send_bytes(msg.data.encode())
+
+        pumps = [asyncio.create_task(agent_to_client()), asyncio.create_task(client_to_agent())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+    finally:
+        await agent.close()
+        await ws.close()
+        log.info("console detached", extra={"vm": vm.name, "host": host.name})
+    return ws
 
 
 def setup(app: web.Application) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 from rich.console import Console
 from rich.table import Table
 
@@ -62,6 +65,76 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "delete it (its QEMU may keep running there)")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=lambda a, fn=_HANDLERS[action]: _run(a, fn))
+
+
+    p = cmds.add_parser("console", help="attach to a VM's serial console (leave with Ctrl-])",
+                        description="Interactive serial console through the coordinator. Keys go "
+                        "to the guest; Ctrl-] (as in telnet and virsh) leaves. Without a terminal, "
+                        "stdin is sent as it comes and its end (or a Ctrl-] byte) leaves.")
+    p.add_argument("name", metavar="NAME", help="VM name")
+    p.add_argument("--history", type=int, default=2048, metavar="BYTES",
+                   help="recent output to show first, in bytes (default: 2048; 0-65536)")
+    p.set_defaults(func=lambda a: _run(a, _console))
+
+
+ESCAPE = b"\x1d"  # Ctrl-]
+
+
+async def _console(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    ws = await client.console(quote(args.name, safe=""), args.history)
+    stdin = sys.stdin.buffer
+    tty_mode = None
+    if stdin.isatty():
+        import termios
+        import tty
+
+        tty_mode = termios.tcgetattr(stdin.fileno())
+        tty.setraw(stdin.fileno())  # every key goes to the guest, Ctrl-C included
+    sys.stderr.write(f"Connected to the serial console of {args.name}. Escape character is ^] "
+                     "(Ctrl-]): press it to leave.\r\n")
+    sys.stderr.flush()
+    loop = asyncio.get_running_loop()
+    keys: asyncio.Queue[bytes] = asyncio.Queue()
+    fd = stdin.fileno()
+    loop.add_reader(fd, lambda: keys.put_nowait(os.read(fd, 1024)))
+    how = "closed by the server (the VM stopped?)"
+    try:
+        async def typed() -> None:
+            nonlocal how
+            while True:
+                data = await keys.get()
+                if not data:
+                    how = "left (end of input)"
+                    return
+                head, esc, _rest = data.partition(ESCAPE)
+                if head:
+                    await ws.send_bytes(head)
+                if esc:
+                    how = "left"
+                    return
+
+        async def shown() -> None:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    sys.stdout.buffer.write(msg.data)
+                    sys.stdout.buffer.flush()
+
+        pumps = [asyncio.create_task(typed()), asyncio.create_task(shown())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+    finally:
+        loop.remove_reader(fd)
+        if tty_mode is not None:
+            import termios
+
+            termios.tcsetattr(fd, termios.TCSADRAIN, tty_mode)
+        await ws.close()
+    sys.stderr.write(f"\r\nConsole of {args.name}: {how}.\r\n")
+    return 0 if how.startswith("left") else 1
 
 
 def nic_arg(text: str) -> dict[str, str]:
