@@ -11,6 +11,11 @@ changes with the host's CPU or QEMU). An operator may narrow it with the
 exact CPU, so it may only move to hosts with the same CPU: the agent reports a
 signature of its CPU (vendor, family, model, stepping and the feature flags)
 and the coordinator compares them.
+
+Untested here (these machines' nested KVM does not boot guests): the probe under
+``accel=kvm`` (QEMU then lists what the host CPU offers through KVM, ``host``
+among them) and VMs running ``-cpu host``. The code paths are the TCG ones with
+another accelerator name; what differs is only QEMU's answer.
 """
 
 from __future__ import annotations

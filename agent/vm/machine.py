@@ -78,6 +78,8 @@ class VM:
         # defined here): serial.log starts at serial_base, serial.log.1 ends there.
         self.serial_base = 0
         self.console_writer: asyncio.StreamWriter | None = None  # an attached console session
+        self.powering_down = False  # a graceful stop waits for the guest (a forced stop may cut in)
+        self._forced = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._event_task: asyncio.Task[None] | None = None
@@ -450,17 +452,28 @@ class VM:
             raise VMConflict(f"VM {self.name} is migrating; cancel the migration first")
         reason = "paused: cannot react to the power button"
         if self.state == RUNNING and self.qmp is not None:
-            with contextlib.suppress(QMPError, QMPClosedError, TimeoutError):
-                await self.qmp.execute("system_powerdown", timeout=STOP_GRACE_S)
-            log.info("vm power button pressed", extra={"vm": self.name, "timeout_s": timeout})
-            if await self.wait_exit(timeout):
-                seconds = round(time.monotonic() - began, 3)
+            self.powering_down, self._forced = True, False
+            try:
+                with contextlib.suppress(QMPError, QMPClosedError, TimeoutError):
+                    await self.qmp.execute("system_powerdown", timeout=STOP_GRACE_S)
+                log.info("vm power button pressed", extra={"vm": self.name, "timeout_s": timeout})
+                exited = await self.wait_exit(timeout)
+            finally:
+                self.powering_down = False
+            seconds = round(time.monotonic() - began, 3)
+            if exited and self._forced:
+                return {"graceful": False, "seconds": seconds, "reason": "forced power-off during the graceful stop"}
+            if exited:
                 log.info("vm shut down by its guest", extra={"vm": self.name, "seconds": seconds})
                 return {"graceful": True, "seconds": seconds, "reason": "guest powered off"}
             reason = f"guest did not power off within {timeout:g} s"
             log.warning("vm ignored the power button; powering off", extra={"vm": self.name, "timeout_s": timeout})
         await self.stop()
         return {"graceful": False, "seconds": round(time.monotonic() - began, 3), "reason": reason}
+
+    def force_power_off(self) -> None:
+        """Mark a graceful stop in progress as cut short by a forced one."""
+        self._forced = True
 
     async def reboot(self, *, force: bool = False, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> dict[str, Any]:
         """Reboot. ``force``: QMP ``system_reset`` at once (a reset button). Otherwise the

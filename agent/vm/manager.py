@@ -190,7 +190,13 @@ class VMManager:
         return await self._locked(name, VM.start)
 
     async def stop(self, name: str) -> VM:
-        """Power off at once (``stop --force``)."""
+        """Power off at once (``stop --force``), also while a graceful stop still waits
+        for the guest (it holds the VM's lock; an operator must not wait behind it)."""
+        vm = self.get(name)
+        if vm.powering_down:
+            vm.force_power_off()
+            await vm.stop()
+            return vm
         return await self._locked(name, VM.stop)
 
     async def power_down(self, name: str, timeout: float) -> tuple[VM, dict[str, Any]]:
