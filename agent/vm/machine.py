@@ -614,9 +614,7 @@ class VM:
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)
-        self.serial_base += size
-        with contextlib.suppress(OSError):
-            self.save()
+        self.serial_base += size  # the caller records it (save() from the event loop's thread)
         return True
 
     async def wait_serial(self, pattern: str, timeout: float, offset: int = 0) -> re.Match[str]:

@@ -248,7 +248,8 @@ class VMManager:
         while True:
             for vm in list(self.vms.values()):
                 try:
-                    if await asyncio.to_thread(vm.trim_serial, cap):
+                    if await asyncio.to_thread(vm.trim_serial, cap) and self.vms.get(vm.name) is vm:
+                        vm.save()  # here, not in the thread: records are written from one thread
                         log.debug("serial log trimmed", extra={"vm": vm.name, "base": vm.serial_base})
                 except OSError as exc:  # UnsafeFile too: a planted log is left alone
                     log.warning("cannot trim serial log", extra={"vm": vm.name, "error": str(exc)})
