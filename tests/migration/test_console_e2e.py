@@ -49,6 +49,19 @@ async def read_until(stream: asyncio.StreamReader, pattern: str, timeout: float)
     return text
 
 
+async def kept_history(api: Api, vm: str) -> tuple[int, str]:
+    """(logical offset of the oldest byte kept, all kept text), read as a client would:
+    from offset 0 on, following next_offset across serial.log.1 and serial.log."""
+    doc = await api.ok("GET", f"/v1/vms/{vm}/console?offset=0")
+    start, text, offset = doc["offset"], doc["text"], doc["next_offset"]
+    while True:
+        more = await api.ok("GET", f"/v1/vms/{vm}/console?offset={offset}")
+        if not more["text"]:
+            return start, text
+        assert more["offset"] == offset  # nothing skipped once reading from kept history
+        text, offset = text + more["text"], more["next_offset"]
+
+
 def history_bytes(agent: LocalAgent, vm: str) -> int:
     folder = agent.state_dir / "vms" / vm
     return sum(p.stat().st_size for p in (folder / "serial.log", folder / "serial.log.1") if p.exists())
@@ -118,8 +131,7 @@ async def test_console_through_coordinator_and_bounded_history() -> None:
             end = time.monotonic() + 300
             while time.monotonic() < end:
                 peak = max(peak, history_bytes(agent, "flood"))
-                doc = await api.ok("GET", "/v1/vms/flood/console?offset=0")
-                if "NOVACRON-FLOOD-DONE" in doc["text"] or done_at is not None:
+                if done_at is not None or "NOVACRON-FLOOD-DONE" in (await kept_history(api, "flood"))[1]:
                     done_at = done_at or time.monotonic()
                     if time.monotonic() - done_at > 3 * CHECK_S:
                         break
@@ -130,17 +142,10 @@ async def test_console_through_coordinator_and_bounded_history() -> None:
                   f"(check every {CHECK_S} s; {FLOOD_KB} KiB printed)")
             assert final <= CAP
             # reading from 0 starts where the kept history starts, and reads on to the end
-            doc = await api.ok("GET", "/v1/vms/flood/console?offset=0")
-            assert doc["offset"] > FLOOD_KB * 1024 - CAP, doc["offset"]
-            text, offset = doc["text"], doc["next_offset"]
-            while True:
-                more = await api.ok("GET", f"/v1/vms/flood/console?offset={offset}")
-                if not more["text"]:
-                    break
-                assert more["offset"] == offset
-                text, offset = text + more["text"], more["next_offset"]
+            start, text = await kept_history(api, "flood")
+            assert start > FLOOD_KB * 1024 - CAP, start
             assert "NOVACRON-FLOOD-DONE kb=1024" in text
-            await api.wait_console("flood", r"NOVACRON-HB .* ok=1", timeout=60, offset=offset - 1)
+            await api.wait_console("flood", r"NOVACRON-HB .* ok=1", timeout=60, offset=start + len(text.encode()))
     finally:
         coord.stop()
         shutil.rmtree(work, ignore_errors=True)
