@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from typing import Any
@@ -228,6 +229,9 @@ async def _lifecycle(client: CoordinatorClient, args: argparse.Namespace, action
         query = f"?force={'true' if args.force else 'false'}"
         if args.timeout is not None:
             query += f"&timeout_s={args.timeout!r}"
+        # the agent waits for the guest (its own stop_timeout_s when no --timeout, at most 3600 s)
+        wait = args.timeout if args.timeout is not None and math.isfinite(args.timeout) else 3600.0
+        client.timeout_s = max(client.timeout_s, min(wait, 3600.0) + 60.0)
     vm = dict(await client.request("POST", f"/vms/{quote(args.name, safe='')}/{action}{query}"))
     if args.json:
         _dump(vm)
