@@ -233,9 +233,15 @@ class MigrationManager:
                                    {**spec, "start": False}, timeout_s=60)
             defined = True
             crash_point("migration.offline.defined")
-            await self.agents.call(src.name, src.url, src.token, "DELETE", f"/v1/vms/{mig.vm}",
-                                   timeout_s=60)
+            await self._forget_at_source(mig, src)
         except AgentError as exc:
+            if defined and exc.status == 0 and exc.sent:
+                # the source's answer was lost and it still may or may not have the VM: keep the
+                # target's definition rather than risk losing both; the record stays at the source
+                await self._finish(mig, "failed", error=f"offline migration: outcome at {src.name} "
+                                   f"unknown ({exc.message}); {dst.name} keeps its stopped copy")
+                raise ApiError(502, f"offline migration of {mig.vm!r}: {src.name} did not answer; "
+                               f"{dst.name} keeps a stopped definition until this is settled") from None
             if defined:  # the source still has it: the target's copy goes
                 try:
                     await self.agents.call(dst.name, dst.url, dst.token, "DELETE", f"/v1/vms/{mig.vm}",
@@ -251,6 +257,24 @@ class MigrationManager:
         log.info("offline migration completed", extra={"migration": mig.id, "vm": mig.vm,
                                                        "source": src.name, "target": dst.name})
         return mig
+
+    async def _forget_at_source(self, mig: Migration, src: Host) -> None:
+        """The source drops its definition; a 404 means it has none already (the target's is
+        then the only one). A lost answer is asked again: gone means done."""
+        try:
+            await self.agents.call(src.name, src.url, src.token, "DELETE", f"/v1/vms/{mig.vm}", timeout_s=60)
+        except AgentError as exc:
+            if exc.status == 404:
+                return
+            if exc.status != 0:
+                raise
+            try:
+                await self.agents.call(src.name, src.url, src.token, "GET", f"/v1/vms/{mig.vm}", timeout_s=10)
+            except AgentError as again:
+                if again.status == 404:
+                    return
+                raise exc from None
+            raise AgentError(src.name, f"it still has the VM after: {exc.message}", 409) from None
 
     async def cancel(self, mig_id: str) -> Migration:
         mig = await self.store.get_migration(mig_id)

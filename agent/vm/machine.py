@@ -446,8 +446,9 @@ class VM:
         off at once. Returns how it went: ``graceful``, ``seconds``, ``reason``."""
         began = time.monotonic()
         if not self.alive:
+            was = self.state
             await self.stop()
-            return {"graceful": False, "seconds": 0.0, "reason": f"VM was {self.state}"}
+            return {"graceful": False, "seconds": 0.0, "reason": f"VM was {was}"}
         if self.migrating or self.incoming:
             raise VMConflict(f"VM {self.name} is migrating; cancel the migration first")
         reason = "paused: cannot react to the power button"
