@@ -147,6 +147,12 @@ async def test_console_through_coordinator_and_bounded_history() -> None:
             assert start > FLOOD_KB * 1024 - CAP, start
             assert "NOVACRON-FLOOD-DONE kb=1024" in text
             await api.wait_console("flood", r"NOVACRON-HB .* ok=1", timeout=60, offset=start + len(text.encode()))
+            # a stopped VM has no console to attach to; its history stays readable
+            await client.request("POST", "/vms/flood/stop?force=true")
+            with pytest.raises(ApiClientError) as stopped:
+                await client.console("flood")
+            assert stopped.value.status == 409 and "not running" in stopped.value.message, stopped.value
+            assert "NOVACRON-FLOOD-DONE" in (await kept_history(api, "flood", settled=True))[1]
     finally:
         coord.stop()
         shutil.rmtree(work, ignore_errors=True)
