@@ -43,6 +43,16 @@ class AgentConfig:
     vms_on_exit: Literal["keep", "stop"] = setting(
         "keep", help='on exit, "keep" leaves VMs running for the next agent to adopt; '
         '"stop" powers them off')
+    stop_timeout_s: float = setting(60.0, help="seconds a graceful stop or reboot waits for the guest "
+                                    "to power off after the ACPI power button, before powering it off "
+                                    "(a request's timeout_s overrides it)")
+    cpu_models: list[str] = setting(factory=list, help="allow-list of the CPU models VMs may use on "
+                                    "this host (e.g. those the whole fleet shares); empty: every model "
+                                    "QEMU reports runnable here")
+    serial_log_max_bytes: int = setting(4 * 1024 * 1024, help="bytes of serial console history kept "
+                                        "per VM (serial.log + serial.log.1)")
+    serial_log_check_s: float = setting(1.0, help="seconds between checks of the serial history "
+                                        "size (it can pass the cap by what a guest prints meanwhile)")
     qemu_binary: str = setting("qemu-system-x86_64", help="QEMU executable (a name on PATH or a path)")
     audit_file: Path | None = setting(None, help="append-only audit log (empty: <state_dir>/audit.log;"
                                       " a tmpfs state_dir loses it at reboot)")

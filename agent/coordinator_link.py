@@ -26,7 +26,7 @@ from novacron.coordinator.client import ApiClientError, CoordinatorClient
 log = logging.getLogger("novacron.agent.coordinator_link")
 
 REGISTER_FIELDS = ("name", "cpus", "memory_bytes", "memory_available_bytes", "accel",
-                   "data_port", "networks", "version", "vms")
+                   "data_port", "networks", "cpu_models", "cpu_signature", "version", "vms")
 HEARTBEAT_FIELDS = ("memory_available_bytes", "vms", "load")
 INTERVAL_RANGE_S = (0.05, 300.0)  # a 0 or absurd answer must neither spin nor silence the link
 

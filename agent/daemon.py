@@ -17,11 +17,12 @@ from aiohttp import web
 from novacron import audit, tls
 from novacron.agent.api import setup_routes
 from novacron.agent.api.common import auth_middleware, body_of, error_middleware
-from novacron.agent.api.host import host_document
+from novacron.agent.api.host import host_document, host_name
 from novacron.agent.appkeys import ACCEL, CONFIG, METRICS, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.metrics import AgentMetrics
 from novacron.agent.vm.accel import AccelDetector, AccelInfo
+from novacron.agent.vm.cpumodels import CpuCatalog
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.manager import VMManager
 from novacron.agent.vm.network import HostNetworks
@@ -159,12 +160,17 @@ async def serve(cfg: AgentConfig) -> None:
         networks = HostNetworks(dict(cfg.networks))
         if networks.missing_bridges():  # VMs on them fail to start until the bridges exist
             log.warning("bridges named in [networks] do not exist", extra={"bridges": networks.missing_bridges()})
+        cpus = CpuCatalog(cfg.qemu_binary, list(cfg.cpu_models), host=host_name(cfg.name))
         vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary, images=make_images(cfg),
-                        networks=networks)
+                        networks=networks, cpus=cpus)
         cleanup.push_async_callback(vms.shutdown, stop_vms=cfg.vms_on_exit == "stop")
         await vms.load()
-        probe = asyncio.create_task(accel.detect(), name="accel probe")  # warm the answer for /v1/host
+        # warm the answers for /v1/host: the accelerator, then the CPU models it runs
+        probe = asyncio.create_task(_warm(accel, cpus), name="accel probe")
         cleanup.push_async_callback(_cancel, probe)
+        keeper = asyncio.create_task(vms.keep_serial_logs(cfg.serial_log_max_bytes, cfg.serial_log_check_s),
+                                     name="serial logs")
+        cleanup.push_async_callback(_cancel, keeper)
         try:
             # with TLS every caller (coordinator, peer agents) shows a fleet-CA certificate
             ssl_context = tls.server_context(cfg, require_client_cert=True) if tls.enabled(cfg) else None
@@ -182,6 +188,10 @@ async def serve(cfg: AgentConfig) -> None:
             cleanup.push_async_callback(_cancel, link)
         await until_signalled()
         log.info("agent shutting down", extra={"vms_on_exit": cfg.vms_on_exit})
+
+
+async def _warm(accel: AccelDetector, cpus: CpuCatalog) -> None:
+    await cpus.models((await accel.detect()).default)
 
 
 def _unlink_quietly(path: Path) -> None:

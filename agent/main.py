@@ -25,6 +25,7 @@ def check_config(cfg: AgentConfig) -> None:
         raise config.Invalid("name", "expected 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
     check_images(cfg)
     check_networks(cfg)
+    check_vm_settings(cfg)
     tls.check(cfg)
     tls.check_peer_url(cfg, "coordinator_url")  # the agent's token rides in its registration
     if cfg.grant_key:
@@ -49,6 +50,20 @@ def check_images(cfg: AgentConfig) -> None:
                 raise config.Invalid("qemu_user", f"{cfg.qemu_user!r} has uid 0; QEMU needs an unprivileged user")
         except KeyError:
             raise config.Invalid("qemu_user", f"no such user {cfg.qemu_user!r}") from None
+
+
+def check_vm_settings(cfg: AgentConfig) -> None:
+    from novacron.agent.vm.cpumodels import check_allow_list
+
+    if not 0 < cfg.stop_timeout_s <= 3600:
+        raise config.Invalid("stop_timeout_s", "expected seconds in (0, 3600]")
+    if cfg.serial_log_max_bytes < 4096:
+        raise config.Invalid("serial_log_max_bytes", "expected at least 4096 bytes")
+    if not 0.05 <= cfg.serial_log_check_s <= 3600:
+        raise config.Invalid("serial_log_check_s", "expected seconds in [0.05, 3600]")
+    problem = check_allow_list(cfg.cpu_models)
+    if problem:
+        raise config.Invalid("cpu_models", problem)
 
 
 def check_networks(cfg: AgentConfig) -> None:

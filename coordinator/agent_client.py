@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from novacron.httpjson import HttpError, ResponseTooLarge, request_json
+from novacron.httpjson import HttpError, ResponseTooLarge, request_json, websocket_refusal
 
 log = logging.getLogger("novacron.coordinator.agents")
 
@@ -43,6 +43,23 @@ class AgentClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def ws_connect(self, host: str, url: str, token: str, path: str) -> aiohttp.ClientWebSocketResponse:
+        """A WebSocket to an agent (the console); AgentError as for ``call``."""
+        if self._session is None:
+            raise RuntimeError("agent client is not started")
+        headers = {"Authorization": f"Bearer {token}"}
+        server_hostname = host if self.ssl is not None else None
+        try:
+            return await self._session.ws_connect(
+                url.rstrip("/") + path, headers=headers, heartbeat=30.0,
+                timeout=aiohttp.ClientWSTimeout(ws_close=10.0), server_hostname=server_hostname)
+        except aiohttp.WSServerHandshakeError as exc:
+            why = await websocket_refusal(self._session, url.rstrip("/") + path, headers=headers,
+                                          server_hostname=server_hostname)
+            raise AgentError(host, why or exc.message or f"HTTP {exc.status}", exc.status) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise AgentError(host, f"unreachable: {type(exc).__name__}: {exc}") from None
 
     async def call(
         self, host: str, url: str, token: str, method: str, path: str,

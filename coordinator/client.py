@@ -16,6 +16,7 @@ from novacron.httpjson import (
     error_message,
     read_json,
     request_json,
+    websocket_refusal,
 )
 
 MAX_EVENT_BYTES = 1 << 20  # one server-sent event; a migration's state is a few hundred bytes
@@ -68,6 +69,18 @@ class CoordinatorClient:
             raise ApiClientError(exc.status, exc.message or exc.reason) from None
         except ResponseTooLarge as exc:
             raise ApiClientError(0, f"{self.server}: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiClientError(0, f"cannot reach the coordinator at {self.server}: "
+                                 f"{type(exc).__name__}: {exc}") from None
+
+    async def console(self, name: str, history: int = 0) -> aiohttp.ClientWebSocketResponse:
+        """A WebSocket to VM ``name``'s serial console (``GET /vms/NAME/console``)."""
+        url = f"{self.server}/api/v1/vms/{name}/console?history={history}"
+        try:
+            return await self.session.ws_connect(url, heartbeat=30.0)
+        except aiohttp.WSServerHandshakeError as exc:
+            why = await websocket_refusal(self.session, url)
+            raise ApiClientError(exc.status, why or exc.message) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ApiClientError(0, f"cannot reach the coordinator at {self.server}: "
                                  f"{type(exc).__name__}: {exc}") from None

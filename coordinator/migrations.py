@@ -39,7 +39,14 @@ from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.events import EventHub
 from novacron.coordinator.metrics import CoordinatorMetrics
 from novacron.coordinator.migration_policies import Policies
-from novacron.coordinator.models import HOST_UP, VM, Host, Migration, spec_networks
+from novacron.coordinator.models import (
+    HOST_UP,
+    VM,
+    Host,
+    Migration,
+    cpu_model_problem,
+    spec_networks,
+)
 from novacron.coordinator.reconcile import Reconciler
 from novacron.coordinator.scheduler.placer import host_in_maintenance
 from novacron.coordinator.store import Store
@@ -54,6 +61,24 @@ UNDECIDED_RETRY_S = 2.0  # between looks at the VMs while the agents cannot tell
 # On close, how long starts in flight may take to finish their agent call and record.
 START_SETTLE_S = 30.0
 ROUNDS_KEPT = 50  # the last pre-copy rounds a migration record keeps (as the agent does)
+
+
+class OfflineRefused(Exception):
+    """A stopped VM cannot be moved as it is (its agent says otherwise)."""
+
+
+def _why(exc: Exception) -> str:
+    return exc.message if isinstance(exc, AgentError) else str(exc)
+
+
+async def copy_disks_offline(agents: AgentClient, source: Host, target: Host,
+                             spec: dict[str, Any]) -> None:
+    """The hook where an offline migration copies the VM's local disks from ``source`` to
+    ``target`` before the target defines the VM (the disks work plugs in here). It must
+    raise AgentError on failure and leave nothing behind at the target; the source's
+    disks stay authoritative until the source forgets the VM. Today a VM's disk is an
+    image every host has, so there is nothing to copy."""
+    del agents, source, target, spec
 
 
 def topic(mig_id: str) -> str:
@@ -138,7 +163,9 @@ class MigrationManager:
             options = {"on_no_converge": self.cfg.migration_on_no_converge, **applied.options}
             now = time.time()
             mig = Migration(id="m-" + secrets.token_hex(6), vm=vm_name, source=src.name,
-                            target=dst.name, options=options, policy=applied.policy,
+                            target=dst.name,
+                            options={**options, "offline": True} if vm.state == "stopped" else options,
+                            policy=applied.policy,
                             policy_source=applied.source, created_at=now, updated_at=now)
             wait = migration_queue.wait_reason(self.limits, active, mig)
             if wait is not None:  # over a limit: recorded, started by dispatch() when a slot frees
@@ -172,8 +199,9 @@ class MigrationManager:
         vm = await self.store.get_vm(vm_name)
         if vm is None:
             raise ApiError(404, f"no VM named {vm_name!r}")
-        if vm.state != "running":
-            raise ApiError(409, f"VM {vm_name!r} is {vm.state}, not running")
+        if vm.state not in ("running", "stopped"):  # stopped: a cold move, definition (and disks)
+            raise ApiError(409, f"VM {vm_name!r} is {vm.state}; only a running VM (live) or "
+                           "a stopped one (offline) can migrate")
         if vm.host == target:
             raise ApiError(409, f"VM {vm_name!r} is already on host {target!r}")
         src = await self.store.get_host(vm.host)
@@ -193,6 +221,9 @@ class MigrationManager:
         if missing:
             raise ApiError(409, f"target host {target!r} lacks the network(s) {', '.join(missing)} "
                                 f"that VM {vm_name!r} joins (it has: {', '.join(dst.networks) or 'none'})")
+        problem = cpu_model_problem(vm.spec, dst, src)
+        if problem:
+            raise ApiError(409, f"cannot migrate VM {vm_name!r}: {problem}")
         return vm, src, dst
 
     async def _claim(self, mig: Migration, vm: VM) -> None:
@@ -201,7 +232,8 @@ class MigrationManager:
         now = time.time()
         vm.state, vm.updated_at = "migrating", now
         # The lock of the caller covers this coordinator; the compare-and-set covers the others.
-        if not await self.store.put_vm_if(vm, "running"):
+        was = "stopped" if mig.options.get("offline") else "running"
+        if not await self.store.put_vm_if(vm, was):
             await self.store.release_lease(lease_name(mig.id), self.holder)
             raise ApiError(409, f"VM {vm.name!r} changed meanwhile (another coordinator "
                            "is migrating it?)")
@@ -209,7 +241,7 @@ class MigrationManager:
         try:
             await self.store.put_migration(mig)
         except BaseException:
-            vm.state = "running"
+            vm.state = was
             await self.store.put_vm_if(vm, "migrating")
             raise
 
@@ -217,6 +249,8 @@ class MigrationManager:
         """Hand a claimed migration to the source agent and follow it."""
         vm_name = mig.vm
         crash_point("migration.start.recorded")
+        if mig.options.get("offline"):
+            return await self._offline(mig, src, dst)
         # The source gets the coordinator's grant, never the destination's credential; the
         # destination's addresses in it come from our registry, never from a caller. The
         # agent runs it under our id: after a crash we can ask it what became of it.
@@ -306,6 +340,77 @@ class MigrationManager:
             self._starting.add(task)
             task.add_done_callback(self._started)
         return [m.id for m, _s, _d in launches]
+
+    async def _offline(self, mig: Migration, src: Host, dst: Host) -> Migration:
+        """Move a stopped VM: the target agent defines it (stopped), then the source
+        forgets it, then the record follows. Until the source has forgotten it nothing
+        has changed for the VM: any failure before removes what the target defined and
+        leaves the source's definition (and disks) as they were."""
+        mig.phase = "prepare"
+        await self._save(mig)
+        try:
+            status = await self.agents.call(src.name, src.url, src.token, "GET", f"/v1/vms/{mig.vm}",
+                                            timeout_s=10)
+            state = status.get("state") if isinstance(status, dict) else None
+            if state != "stopped":
+                raise OfflineRefused(f"the VM is {state} on {src.name}, not stopped")
+            spec = status.get("spec")
+            if not isinstance(spec, dict):
+                raise OfflineRefused(f"agent {src.name} reported no spec for the VM")
+            # the agent's spec: with the MACs it generated and keeps for the VM's life
+            spec = {k: v for k, v in spec.items() if v not in ("", None, [])}
+        except (AgentError, OfflineRefused) as exc:
+            await self._finish(mig, "failed", error=f"offline migration refused: {_why(exc)}")
+            raise ApiError(409, f"offline migration of {mig.vm!r} refused: {_why(exc)}") from None
+        defined = False
+        try:
+            await copy_disks_offline(self.agents, src, dst, spec)
+            await self.agents.call(dst.name, dst.url, dst.token, "POST", "/v1/vms",
+                                   {**spec, "start": False}, timeout_s=60)
+            defined = True
+            crash_point("migration.offline.defined")
+            await self._forget_at_source(mig, src)
+        except AgentError as exc:
+            if defined and exc.status == 0 and exc.sent:
+                # the source's answer was lost and it still may or may not have the VM: keep the
+                # target's definition rather than risk losing both; the record stays at the source
+                await self._finish(mig, "failed", error=f"offline migration: outcome at {src.name} "
+                                   f"unknown ({exc.message}); {dst.name} keeps its stopped copy")
+                raise ApiError(502, f"offline migration of {mig.vm!r}: {src.name} did not answer; "
+                               f"{dst.name} keeps a stopped definition until this is settled") from None
+            if defined:  # the source still has it: the target's copy goes
+                try:
+                    await self.agents.call(dst.name, dst.url, dst.token, "DELETE", f"/v1/vms/{mig.vm}",
+                                           timeout_s=60)
+                except AgentError as undo:
+                    log.error("offline migration: could not remove the target's definition",
+                              extra={"migration": mig.id, "host": dst.name, "error": undo.message})
+            await self._finish(mig, "failed", error=f"offline migration failed: {exc}")
+            raise ApiError(409 if 400 <= exc.status < 500 else 502,
+                           f"offline migration of {mig.vm!r} failed, the VM stays on {src.name}: "
+                           f"{exc}") from None
+        await self._finish(mig, "completed")
+        log.info("offline migration completed", extra={"migration": mig.id, "vm": mig.vm,
+                                                       "source": src.name, "target": dst.name})
+        return mig
+
+    async def _forget_at_source(self, mig: Migration, src: Host) -> None:
+        """The source drops its definition; a 404 means it has none already (the target's is
+        then the only one). A lost answer is asked again: gone means done."""
+        try:
+            await self.agents.call(src.name, src.url, src.token, "DELETE", f"/v1/vms/{mig.vm}", timeout_s=60)
+        except AgentError as exc:
+            if exc.status == 404:
+                return
+            if exc.status != 0:
+                raise
+            try:
+                await self.agents.call(src.name, src.url, src.token, "GET", f"/v1/vms/{mig.vm}", timeout_s=10)
+            except AgentError as again:
+                if again.status == 404:
+                    return
+                raise exc from None
+            raise AgentError(src.name, f"it still has the VM after: {exc.message}", 409) from None
 
     async def cancel(self, mig_id: str) -> Migration:
         mig = await self.store.get_migration(mig_id)
@@ -538,7 +643,7 @@ class MigrationManager:
         if vm is not None:
             if phase == "completed":
                 vm.host = mig.target
-            vm.state = "running"
+            vm.state = "stopped" if mig.options.get("offline") else "running"
             # The source resumes on any failure before commit; ask the agent to be sure.
             host = await self.store.get_host(vm.host)
             if host is not None:

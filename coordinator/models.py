@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# the agent's VM spec decides the default CPU model; the coordinator only compares names
+from novacron.agent.vm.spec import DEFAULT_CPU_MODEL, HOST_CPU_MODEL
+
 HOST_UP, HOST_DOWN = "up", "down"
 MIGRATION_TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
@@ -22,6 +25,8 @@ class Host:
     accel: dict[str, Any] = field(default_factory=dict)
     data_port: int | None = None
     networks: list[str] = field(default_factory=list)  # fleet networks its agent maps to bridges
+    cpu_models: list[str] | None = None  # CPU models VMs may use there; None: not reported
+    cpu_signature: str = ""  # its CPU (a "host" passthrough VM moves only between equal ones)
     version: str = ""
     vms: list[str] = field(default_factory=list)
     load: float | None = None
@@ -90,6 +95,27 @@ class Migration:
 
     def public(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def spec_cpu_model(spec: dict[str, Any]) -> str:
+    """The CPU model a VM spec asks for (the agent's default when it names none)."""
+    model = spec.get("cpu_model")
+    return model if isinstance(model, str) and model else DEFAULT_CPU_MODEL
+
+
+def cpu_model_problem(spec: dict[str, Any], host: Host, source: Host | None = None) -> str | None:
+    """Why ``host`` cannot run this VM's CPU model (None: it can, or it does not say).
+    ``source``: the host the VM runs on now; a ``host`` passthrough VM needs the same CPU."""
+    model = spec_cpu_model(spec)
+    if host.cpu_models is not None and model not in host.cpu_models:
+        if model == HOST_CPU_MODEL:
+            return f"host {host.name!r} cannot run CPU model 'host': passthrough needs KVM there"
+        return (f"host {host.name!r} cannot run CPU model {model!r} "
+                f"(it offers {len(host.cpu_models)} models; see cpu_models in GET /api/v1/hosts)")
+    if model == HOST_CPU_MODEL and source is not None and source.cpu_signature != host.cpu_signature:
+        return (f"VM uses CPU model 'host' (passthrough): host {host.name!r} has another CPU "
+                f"({host.cpu_signature or 'unknown'}) than {source.name!r} ({source.cpu_signature or 'unknown'})")
+    return None
 
 
 def spec_networks(spec: dict[str, Any]) -> tuple[str, ...]:

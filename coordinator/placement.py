@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from novacron.coordinator.models import HOST_UP, VM, Host, spec_networks
+from novacron.coordinator.models import HOST_UP, VM, Host, cpu_model_problem, spec_networks
 
 # (VM spec, candidate hosts, VMs already placed) -> chosen host or None if none fits
 Placer = Callable[[dict[str, Any], list[Host], list[VM]], Awaitable[Host | None]]
@@ -26,7 +26,8 @@ def free_memory(host: Host, vms: list[VM]) -> int:
 async def most_free_memory(spec: dict[str, Any], hosts: list[Host], vms: list[VM]) -> Host | None:
     need = int(spec["memory_mb"]) << 20
     fits = [h for h in hosts if h.state == HOST_UP and free_memory(h, vms) >= need
-            and h.cpus >= int(spec.get("vcpus", 1)) and set(spec_networks(spec)) <= set(h.networks)]
+            and h.cpus >= int(spec.get("vcpus", 1)) and set(spec_networks(spec)) <= set(h.networks)
+            and cpu_model_problem(spec, h) is None]
     if not fits:
         return None
     return max(fits, key=lambda h: (free_memory(h, vms), h.name))

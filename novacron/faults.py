@@ -9,7 +9,8 @@ Unset (always, in production) a crash point costs one string comparison.
 Points in use (grep ``crash_point(`` for the authoritative list):
 agent: ``vm.create.recorded``, ``vm.create.ram_file``, ``vm.create.spawned``
 (the same ``vm.start.*`` when a stopped VM starts), ``vm.create.responding``;
-coordinator: ``migration.start.recorded``, ``migration.start.accepted``;
+coordinator: ``migration.start.recorded``, ``migration.start.accepted``,
+``migration.offline.defined`` (the target has defined a stopped VM, the source not forgotten it);
 migration engine (agent/migration): ``migration.source.throttled``,
 ``migration.source.paused``, ``migration.source.go_sent``,
 ``migration.source.resumed_received``,

@@ -12,8 +12,10 @@ make the reader buffer without bound.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import os
 from typing import Any
 
 import aiohttp
@@ -136,3 +138,21 @@ async def request_json(session: aiohttp.ClientSession, method: str, url: str, *,
         if resp.status >= 400:
             raise HttpError(resp.status, error_message(doc), resp.reason or "")
         return doc
+
+
+async def websocket_refusal(session: aiohttp.ClientSession, url: str, *,
+                            headers: dict[str, str] | None = None, server_hostname: str | None = None) -> str:
+    """Why a WebSocket handshake to ``url`` was refused: aiohttp keeps the refusal's body
+    from us, so the upgrade is asked again as a plain request and its error read ('' if none)."""
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), **(headers or {})}
+    kwargs: dict[str, Any] = {"headers": upgrade, "timeout": aiohttp.ClientTimeout(total=30)}
+    if server_hostname is not None:
+        kwargs["server_hostname"] = server_hostname
+    try:
+        async with session.get(url, **kwargs) as resp:
+            if resp.status < 400:
+                return ""
+            return error_message(await read_json(resp))
+    except (aiohttp.ClientError, TimeoutError, ResponseTooLarge):
+        return ""

@@ -36,6 +36,7 @@ async def host_document(app: web.Application) -> dict[str, Any]:
     cfg = app[CONFIG]
     accel = await app[ACCEL].detect()
     mem = meminfo()
+    models = await app[VMS].cpus.models(accel.default)
     return {
         "name": host_name(cfg.name),
         "cpus": os.cpu_count() or 1,
@@ -45,6 +46,9 @@ async def host_document(app: web.Application) -> dict[str, Any]:
         "vms": [vm.name for vm in app[VMS].list()],
         "data_port": cfg.data_port,
         "networks": app[VMS].networks.names,  # fleet networks a VM may join here
+        # CPU models VMs may use here (under the default accelerator; null: QEMU not asked)
+        "cpu_models": sorted(models) if models is not None else None,
+        "cpu_signature": app[VMS].cpus.signature,  # "host" passthrough moves only between equals
         "version": __version__,
         "load": round(os.getloadavg()[0], 2),
     }

@@ -29,7 +29,7 @@ from novacron.agent.guest import cpio
 log = logging.getLogger("novacron.agent.guest")
 
 # Bump when the build steps change in a way the inputs below do not capture.
-BUILDER_VERSION = "3"  # 3: virtio-net modules, guest network
+BUILDER_VERSION = "4"  # 3: virtio-net modules, guest network; 4: ACPI power button
 META_PACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3"
@@ -43,6 +43,8 @@ NET_MODULES = ("drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko",
                "drivers/virtio/virtio_pci_modern_dev.ko", "drivers/virtio/virtio_pci_legacy_dev.ko",
                "drivers/virtio/virtio_pci.ko", "net/core/failover.ko", "drivers/net/net_failover.ko",
                "drivers/net/virtio_net.ko")
+# the ACPI power button as an input device, read by busybox acpid (init.sh): graceful stop
+POWER_MODULES = ("drivers/input/evdev.ko", "drivers/acpi/button.ko")
 
 
 class GuestBuildError(RuntimeError):
@@ -145,7 +147,7 @@ def build_key(kernel_pkg: str, kernel_ver: str) -> str:
 
 
 def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path) -> tuple[bytes, list[bytes]]:
-    """The kernel image and the ``NET_MODULES`` from its package."""
+    """The kernel image and the ``NET_MODULES`` then ``POWER_MODULES`` from its package."""
     debs.mkdir(parents=True, exist_ok=True)
     deb = debs / f"{pkg}_{version.replace(':', '%3a')}_amd64.deb"
     if not deb.exists():
@@ -167,10 +169,10 @@ def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path) -> tuple[bytes
     module_dirs = sorted((unpacked / "lib" / "modules").glob("*/kernel"))
     if len(module_dirs) != 1:
         raise GuestBuildError(f"{deb.name}: expected one lib/modules/*/kernel, got {module_dirs}")
-    missing = [m for m in NET_MODULES if not (module_dirs[0] / m).is_file()]
+    missing = [m for m in NET_MODULES + POWER_MODULES if not (module_dirs[0] / m).is_file()]
     if missing:
         raise GuestBuildError(f"{deb.name} lacks the modules {missing} (built in or compressed?)")
-    return images[0].read_bytes(), [(module_dirs[0] / m).read_bytes() for m in NET_MODULES]
+    return images[0].read_bytes(), [(module_dirs[0] / m).read_bytes() for m in NET_MODULES + POWER_MODULES]
 
 
 def compile_workload(work: Path) -> Path:
@@ -183,6 +185,7 @@ def compile_workload(work: Path) -> Path:
 
 
 def _initramfs(busybox: bytes, workload: bytes, modules: list[bytes]) -> bytes:
+    net, power = modules[: len(NET_MODULES)], modules[len(NET_MODULES) :]
     entries = [
         cpio.directory("bin"),
         cpio.directory("dev"),
@@ -201,7 +204,10 @@ def _initramfs(busybox: bytes, workload: bytes, modules: list[bytes]) -> bytes:
         cpio.directory("lib/modules"),
         # numbered so init.sh loads them in dependency order with a glob
         *(cpio.file(f"lib/modules/{i}-{Path(m).name}", data, 0o644)
-          for i, (m, data) in enumerate(zip(NET_MODULES, modules, strict=True))),
+          for i, (m, data) in enumerate(zip(NET_MODULES, net, strict=True))),
+        cpio.directory("lib/power"),
+        *(cpio.file(f"lib/power/{Path(m).name}", data, 0o644)
+          for m, data in zip(POWER_MODULES, power, strict=True)),
     ]
     return gzip.compress(cpio.archive(entries), compresslevel=6, mtime=0)
 

@@ -3,7 +3,11 @@
 # the serial console with the settings given on the kernel command line
 # (novacron.mem_mb=, novacron.rate_mb=, novacron.verify_s=). With novacron.ip=
 # (address/prefix) the first NIC gets that address and a TCP echo service
-# listens on novacron.port= (default 7000).
+# listens on novacron.port= (default 7000). The ACPI power button (QMP
+# system_powerdown) shuts the guest down cleanly and says so on the console,
+# unless novacron.power_button=ignore (a guest that ignores it, for tests).
+# novacron.flood_kb=N prints N KiB of filler lines on the console (serial
+# history tests), then NOVACRON-FLOOD-DONE.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -13,6 +17,8 @@ rate_mb=4
 verify_s=4
 ip_cidr=
 port=7000
+power_button=handle
+flood_kb=
 for word in $(cat /proc/cmdline); do
     case "$word" in
         novacron.mem_mb=*) mem_mb="${word#*=}" ;;
@@ -20,6 +26,8 @@ for word in $(cat /proc/cmdline); do
         novacron.verify_s=*) verify_s="${word#*=}" ;;
         novacron.ip=*) ip_cidr="${word#*=}" ;;
         novacron.port=*) port="${word#*=}" ;;
+        novacron.power_button=*) power_button="${word#*=}" ;;
+        novacron.flood_kb=*) flood_kb="${word#*=}" ;;
     esac
 done
 if [ -n "$ip_cidr" ]; then
@@ -33,6 +41,33 @@ if [ -n "$ip_cidr" ]; then
     nc -ll -p "$port" -e /bin/cat </dev/null >/dev/null 2>&1 &
     mac=$(cat /sys/class/net/eth0/address 2>/dev/null)
     echo "NOVACRON-NET ip=$ip_cidr port=$port mac=$mac"
+fi
+if [ "$power_button" = handle ]; then
+    # button.ko reports the ACPI power button as KEY_POWER on an input device (evdev.ko);
+    # busybox acpid reads it and runs /etc/acpi/PWRF/00000080
+    for mod in /lib/power/*.ko; do insmod "$mod" || echo "NOVACRON-POWER insmod failed: $mod"; done
+    mkdir -p /etc/acpi/PWRF
+    # The markers go through printk (<2>: shown despite loglevel=3), written out at once,
+    # where a tty write could still sit in a buffer when the power goes.
+    {
+        echo '#!/bin/sh'
+        echo 'echo "<2>NOVACRON-POWER button pressed: stopping processes" >/dev/kmsg'
+        echo 'kill -TERM -1'
+        echo 'sync'
+        echo 'echo "<2>NOVACRON-POWEROFF clean" >/dev/kmsg'
+        echo 'poweroff -f'
+    } >/etc/acpi/PWRF/00000080
+    chmod 755 /etc/acpi/PWRF/00000080
+    acpid -c /etc/acpi -l /dev/null -p /tmp/acpid.pid
+    echo "NOVACRON-POWER button=handle"
+fi
+if [ -n "$flood_kb" ]; then
+    (
+        line="NOVACRON-FLOOD $(head -c 1000 /dev/zero | tr '\0' x)"
+        i=0
+        while [ "$i" -lt "$flood_kb" ]; do echo "$i $line"; i=$((i + 1)); done
+        echo "NOVACRON-FLOOD-DONE kb=$flood_kb"
+    ) >/dev/console 2>&1 &
 fi
 echo "NOVACRON-INIT mem_mb=$mem_mb rate_mb=$rate_mb verify_s=$verify_s"
 /bin/workload --mem-mb "$mem_mb" --rate-mb "$rate_mb" --verify-s "$verify_s" </dev/console >/dev/console 2>&1

@@ -108,6 +108,7 @@ class QemuSource:
     def spec(self) -> dict[str, Any]:
         doc = {k: v for k, v in self.vm.spec.to_dict().items() if v not in ("", None)}
         doc["accel"] = self.vm.accel  # the destination must run the same accelerator
+        doc["cpu_model"] = self.vm.spec.effective_cpu_model(self.vm.accel)  # ... and CPU model
         return doc
 
     async def pause(self) -> None:
@@ -256,7 +257,10 @@ class QemuDestFactory:
         info = await self.vms.accel.detect()
         try:
             accel = info.resolve(spec.accel)
+            await self.vms.cpus.check(spec, accel)  # a CPU model this host cannot run: refused
         except AccelUnavailable as exc:
+            raise AdmissionError(str(exc)) from None
+        except SpecError as exc:
             raise AdmissionError(str(exc)) from None
         paths = VMPaths(self.incoming_dir / spec.name)
         try:

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, open_unix
+from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, QMPTimeoutError, open_unix
 from novacron.agent.records import read_record, write_record
-from novacron.agent.safefs import open_regular, read_regular
+from novacron.agent.safefs import create_new, open_regular, read_regular
 from novacron.agent.vm.errors import VMConflict, VMStartError
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.network import HostNetworks
@@ -43,6 +43,8 @@ STOPPED, RUNNING, PAUSED, CRASHED = "stopped", "running", "paused", "crashed"
 LIVE = (RUNNING, PAUSED)
 QMP_CONNECT_TIMEOUT_S = 15.0
 STOP_GRACE_S = 5.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 60.0  # the agent's stop_timeout_s setting overrides it
+RESET_WAIT_S = 10.0  # QEMU acknowledges a system_reset with a RESET event well within this
 SERIAL_POLL_S = 0.2
 SERIAL_READ_CHUNK = 1 * MIB  # bytes per read of the serial log
 SERIAL_MAX_CHUNKS_PER_POLL = 64  # a flood is caught up over several polls
@@ -72,6 +74,12 @@ class VM:
         self.started_at: float | None = None
         self.incoming = False
         self.ram_stat: os.stat_result | None = None  # the RAM file this agent created (None: adopted)
+        # Serial history offsets are logical (bytes the guest printed since the VM was
+        # defined here): serial.log starts at serial_base, serial.log.1 ends there.
+        self.serial_base = 0
+        self.console_writer: asyncio.StreamWriter | None = None  # an attached console session
+        self.powering_down = False  # a graceful stop waits for the guest (a forced stop may cut in)
+        self._forced = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._event_task: asyncio.Task[None] | None = None
@@ -143,6 +151,7 @@ class VM:
         """Record spec and state so a restarted agent finds this VM."""
         doc = {"spec": self.spec.to_dict(), "accel": self.accel, "state": self.state, "pid": self.pid,
                "pending": self.pending, "started_at": self.started_at, "error": self.error,
+               "serial_base": self.serial_base,
                "paths": {"ram": str(self.ram_path), "qmp": str(self.paths.qmp)}}  # fmt: skip
         write_record(self.paths.meta, VM_RECORD, VM_RECORD_FORMAT, doc)
 
@@ -430,6 +439,90 @@ class VM:
             self._signal(sig)
         await self.wait_exit(STOP_GRACE_S)
 
+    async def shutdown(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> dict[str, Any]:
+        """Graceful stop: press the ACPI power button (QMP ``system_powerdown``) and wait
+        up to ``timeout`` s for the guest to power itself off; a guest that does not is
+        powered off (``stop``). A paused guest cannot react to the button and is powered
+        off at once. Returns how it went: ``graceful``, ``seconds``, ``reason``."""
+        began = time.monotonic()
+        if not self.alive:
+            was = self.state
+            await self.stop()
+            return {"graceful": False, "seconds": 0.0, "reason": f"VM was {was}"}
+        if self.migrating or self.incoming:
+            raise VMConflict(f"VM {self.name} is migrating; cancel the migration first")
+        reason = "paused: cannot react to the power button"
+        if self.state == RUNNING and self.qmp is not None:
+            self.powering_down, self._forced = True, False
+            try:
+                with contextlib.suppress(QMPError, QMPClosedError, TimeoutError):
+                    await self.qmp.execute("system_powerdown", timeout=STOP_GRACE_S)
+                log.info("vm power button pressed", extra={"vm": self.name, "timeout_s": timeout})
+                exited = await self.wait_exit(timeout)
+            finally:
+                self.powering_down = False
+            seconds = round(time.monotonic() - began, 3)
+            if exited and self._forced:
+                return {"graceful": False, "seconds": seconds, "reason": "forced power-off during the graceful stop"}
+            if exited:
+                log.info("vm shut down by its guest", extra={"vm": self.name, "seconds": seconds})
+                return {"graceful": True, "seconds": seconds, "reason": "guest powered off"}
+            reason = f"guest did not power off within {timeout:g} s"
+            log.warning("vm ignored the power button; powering off", extra={"vm": self.name, "timeout_s": timeout})
+        await self.stop()
+        return {"graceful": False, "seconds": round(time.monotonic() - began, 3), "reason": reason}
+
+    def force_power_off(self) -> None:
+        """Mark a graceful stop in progress as cut short by a forced one."""
+        self._forced = True
+
+    async def reboot(self, *, force: bool = False, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> dict[str, Any]:
+        """Reboot. ``force``: QMP ``system_reset`` at once (a reset button). Otherwise the
+        guest shuts down cleanly first: QEMU is told to pause rather than exit on the
+        guest's power-off (``set-action``, so the command line, which a migration copies,
+        stays as it is), the power button is pressed, and once the guest is down (or
+        after ``timeout`` s) the machine is reset and resumed. Returns ``graceful``,
+        ``seconds`` and ``reason``."""
+        if self.state != RUNNING or self.qmp is None:
+            raise VMConflict(f"VM {self.name} is {self.state}; only a running VM can reboot")
+        if self.migrating or self.incoming:
+            raise VMConflict(f"VM {self.name} is migrating; cancel the migration first")
+        qmp, began = self.qmp, time.monotonic()
+        if force:
+            async with qmp.listen("RESET") as resets:
+                await qmp.execute("system_reset", timeout=STOP_GRACE_S)
+                await resets.get(RESET_WAIT_S)
+            log.info("vm reset", extra={"vm": self.name})
+            return {"graceful": False, "seconds": round(time.monotonic() - began, 3), "reason": "forced reset"}
+        graceful = False
+        async with qmp.listen("SHUTDOWN", "RESET") as events:
+            await qmp.execute("set-action", {"shutdown": "pause"}, timeout=STOP_GRACE_S)
+            try:
+                await qmp.execute("system_powerdown", timeout=STOP_GRACE_S)
+                try:
+                    await events.get(timeout, lambda e: e.get("event") == "SHUTDOWN")
+                    graceful = True
+                except QMPTimeoutError:
+                    log.warning("vm ignored the power button; resetting", extra={"vm": self.name})
+                await qmp.execute("system_reset", timeout=STOP_GRACE_S)
+                # cont is refused until the reset has happened (runstate "shutdown")
+                await events.get(RESET_WAIT_S, lambda e: e.get("event") == "RESET")
+            finally:
+                # the guest powering off later must stop the VM again, not pause it
+                self._expect_exit = False  # our SHUTDOWN handler took the paused guest for an exit
+                await qmp.execute("set-action", {"shutdown": "poweroff"}, timeout=STOP_GRACE_S)
+            status = await qmp.execute("query-status", timeout=STOP_GRACE_S)
+            if not status.get("running"):  # it paused at its power-off (however late)
+                await qmp.execute("cont", timeout=STOP_GRACE_S)
+        self.state = RUNNING
+        with contextlib.suppress(OSError):
+            self.save()
+        seconds = round(time.monotonic() - began, 3)
+        log.info("vm rebooted", extra={"vm": self.name, "graceful": graceful, "seconds": seconds})
+        return {"graceful": graceful, "seconds": seconds,
+                "reason": "guest shut down, then reset" if graceful
+                else f"guest did not shut down within {timeout:g} s: reset"}
+
     async def kill(self) -> None:
         """SIGKILL QEMU without marking it expected (fault injection; shows as crashed)."""
         self._signal(signal.SIGKILL)
@@ -457,6 +550,10 @@ class VM:
         """Type ``text`` on the guest's serial console (e.g. ``"verify\\n"``)."""
         if not self.alive:
             raise VMConflict(f"VM {self.name} is {self.state}")
+        if self.console_writer is not None:  # QEMU serves one connection: share the session's
+            self.console_writer.write(text.encode())
+            await self.console_writer.drain()
+            return
         _reader, writer = await asyncio.wait_for(open_unix(str(self.paths.serial_sock)), timeout)
         try:
             writer.write(text.encode())
@@ -468,11 +565,58 @@ class VM:
                 await writer.wait_closed()
 
     def read_serial(self, offset: int = 0, limit: int = -1) -> bytes:
-        """The serial log from byte ``offset``: at most ``limit`` bytes (-1: to the end)."""
+        """The serial history from logical byte ``offset`` (or the oldest kept after it):
+        at most ``limit`` bytes (-1: to the end of the part it starts in)."""
+        return self.read_serial_at(offset, limit)[1]
+
+    def read_serial_at(self, offset: int, limit: int = -1) -> tuple[int, bytes]:
+        """(logical start, bytes) of the serial history from ``offset``; the start is later
+        than ``offset`` when those bytes were trimmed away. Refuses planted symlinks/fifos."""
+        base = self.serial_base
         try:
-            return read_regular(self.serial_log, offset, limit)  # refuses a planted symlink/fifo
+            if offset >= base:
+                return offset, read_regular(self.serial_log, offset - base, limit)
+            prev = read_regular(self.paths.serial_prev)
         except FileNotFoundError:
-            return b""
+            return max(offset, base), b""
+        start = max(offset, base - len(prev))
+        data = prev[start - (base - len(prev)):]
+        return start, data if limit < 0 else data[:limit]
+
+    def serial_end(self) -> int:
+        """The logical offset just past the serial history written so far."""
+        try:
+            return self.serial_base + os.stat(self.serial_log, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return self.serial_base
+
+    def trim_serial(self, cap: int) -> bool:
+        """Keep the serial history near ``cap`` bytes: once serial.log passes cap/2, its last
+        cap/2 bytes become serial.log.1 and serial.log is emptied (QEMU appends with
+        O_APPEND, so it writes on at the new end). Like logrotate's copytruncate, what the
+        guest prints between the copy and the truncate is lost (microseconds)."""
+        half = max(1, cap // 2)
+        try:
+            if os.stat(self.serial_log, follow_symlinks=False).st_size <= half:
+                return False
+            fd = open_regular(self.serial_log, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, half, max(0, size - half))
+            tmp = self.paths.dir / "serial.log.1.new"
+            out = create_new(tmp, os.O_WRONLY)
+            try:
+                os.write(out, tail)
+            finally:
+                os.close(out)
+            os.replace(tmp, self.paths.serial_prev)
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+        self.serial_base += size  # the caller records it (save() from the event loop's thread)
+        return True
 
     async def wait_serial(self, pattern: str, timeout: float, offset: int = 0) -> re.Match[str]:
         """Wait until the serial log (from ``offset``) matches ``pattern``.
@@ -491,10 +635,10 @@ class VM:
         pos = offset
         while True:
             for _ in range(SERIAL_MAX_CHUNKS_PER_POLL):
-                chunk = self.read_serial(pos, SERIAL_READ_CHUNK)
+                start, chunk = self.read_serial_at(pos, SERIAL_READ_CHUNK)
                 if not chunk:
                     break
-                pos += len(chunk)
+                pos = start + len(chunk)
                 parts.append(decoder.decode(chunk))
             if parts:
                 text += "".join(parts)

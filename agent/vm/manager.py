@@ -8,10 +8,11 @@ import logging
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from novacron.agent.records import NewerRecord
 from novacron.agent.vm.accel import AccelDetector, AccelUnavailable
+from novacron.agent.vm.cpumodels import CpuCatalog
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.machine import CRASHED, LIVE, STOPPED, VM, load_meta
@@ -34,13 +35,15 @@ class ResumeFence(Protocol):
 
 class VMManager:
     def __init__(self, state_dir: Path, accel: AccelDetector, qemu: str = QEMU_BINARY,
-                 images: ImageDirs | None = None, networks: HostNetworks | None = None) -> None:
+                 images: ImageDirs | None = None, networks: HostNetworks | None = None,
+                 cpus: CpuCatalog | None = None) -> None:
         self.state_dir = state_dir
         self.vms_dir = state_dir / "vms"
         self.accel = accel
         self.qemu = qemu
         self.images = images or ImageDirs.of([state_dir / "images"])
         self.networks = networks or HostNetworks()
+        self.cpus = cpus or CpuCatalog(qemu)  # the CPU models QEMU can run here
         self.vms: dict[str, VM] = {}
         self._lock = asyncio.Lock()  # guards the name table (create/delete)
         self.resume_fence: ResumeFence | None = None  # set when migrations are attached
@@ -101,6 +104,8 @@ class VMManager:
             log.warning("removed a VM folder without a valid record", extra={"path": str(folder), "error": str(exc)})
             return None
         vm = self.new_vm(spec, str(doc.get("accel", "tcg")), self.paths(spec.name))
+        base = doc.get("serial_base", 0)
+        vm.serial_base = base if isinstance(base, int) and base >= 0 else 0
         was, pending = str(doc.get("state", STOPPED)), str(doc.get("pending") or "")
         vm.pending = pending
         mine = [p for p in procs if p.runs(folder, spec.name)]
@@ -150,6 +155,7 @@ class VMManager:
                 accel = (await self.accel.detect()).resolve(spec.accel)
             except AccelUnavailable as exc:
                 raise SpecError(str(exc)) from None
+        await self.cpus.check(spec, accel)  # a model this host cannot run: a 400, nothing made
         async with self._lock:
             if spec.name in self.vms:
                 raise VMConflict(f"a VM named {spec.name!r} exists already")
@@ -184,7 +190,25 @@ class VMManager:
         return await self._locked(name, VM.start)
 
     async def stop(self, name: str) -> VM:
+        """Power off at once (``stop --force``), also while a graceful stop still waits
+        for the guest (it holds the VM's lock; an operator must not wait behind it)."""
+        vm = self.get(name)
+        if vm.powering_down:
+            vm.force_power_off()
+            await vm.stop()
+            return vm
         return await self._locked(name, VM.stop)
+
+    async def power_down(self, name: str, timeout: float) -> tuple[VM, dict[str, Any]]:
+        """Graceful stop: the ACPI power button, then power-off after ``timeout`` s."""
+        vm = self.get(name)
+        async with vm.lock:
+            return vm, await vm.shutdown(timeout)
+
+    async def reboot(self, name: str, *, force: bool, timeout: float) -> tuple[VM, dict[str, Any]]:
+        vm = self.get(name)
+        async with vm.lock:
+            return vm, await vm.reboot(force=force, timeout=timeout)
 
     async def pause(self, name: str) -> VM:
         return await self._locked(name, VM.pause)
@@ -217,6 +241,19 @@ class VMManager:
                 shutil.rmtree(vm.paths.dir, ignore_errors=True)
             del self.vms[name]
         log.info("vm deleted", extra={"vm": name})
+
+    async def keep_serial_logs(self, cap: int, interval: float) -> None:
+        """Trim every VM's serial history to about ``cap`` bytes, every ``interval`` s
+        (runs for the agent's life)."""
+        while True:
+            for vm in list(self.vms.values()):
+                try:
+                    if await asyncio.to_thread(vm.trim_serial, cap) and self.vms.get(vm.name) is vm:
+                        vm.save()  # here, not in the thread: records are written from one thread
+                        log.debug("serial log trimmed", extra={"vm": vm.name, "base": vm.serial_base})
+                except OSError as exc:  # UnsafeFile too: a planted log is left alone
+                    log.warning("cannot trim serial log", extra={"vm": vm.name, "error": str(exc)})
+            await asyncio.sleep(interval)
 
     def forget(self, name: str) -> None:
         """Drop a VM from the table without touching QEMU (after a migration hand-off)."""

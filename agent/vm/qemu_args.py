@@ -65,17 +65,17 @@ class VMPaths:
         return self.dir / "serial.log"
 
     @property
+    def serial_prev(self) -> Path:
+        """The previous part of the serial history (see VM.trim_serial)."""
+        return self.dir / "serial.log.1"
+
+    @property
     def qemu_log(self) -> Path:
         return self.dir / "qemu.log"
 
     @property
     def meta(self) -> Path:
         return self.dir / "vm.json"
-
-
-def cpu_model(accel: str) -> str:
-    # a fixed model under TCG so source and destination agree regardless of host
-    return "host" if accel == "kvm" else "qemu64"
 
 
 def _fd(images: OpenedImages, key: str) -> int:
@@ -103,7 +103,7 @@ def machine_args(spec: VMSpec, accel: str, ram_path: Path, images: OpenedImages,
     ``ram_path`` and the numbers of the image and tap descriptors."""
     args = [
         "-machine", f"{MACHINE_TYPE},accel={accel},memory-backend={RAM_BACKEND_ID}",
-        "-cpu", cpu_model(accel),
+        "-cpu", spec.effective_cpu_model(accel),  # from the spec: both ends of a migration agree
         "-smp", str(spec.vcpus),
         "-m", f"{spec.memory_mb}M",
         "-object",

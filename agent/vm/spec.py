@@ -17,7 +17,17 @@ DISK_FORMATS = ("raw", "qcow2")
 MAX_IMAGE_REF = 1024
 
 _KEYS = {"name", "vcpus", "memory_mb", "kernel", "initrd", "cmdline", "disk", "disk_format", "accel", "start",
-         "nics"}
+         "nics", "cpu_model"}
+
+# The guest's CPU: a QEMU model name. The default is Nehalem, an x86-64-v2 baseline
+# (SSE4.2, POPCNT, SSSE3, CX16): guests built for x86-64-v2 (RHEL 9 and its kin) boot on
+# it, every KVM host since Intel Nehalem (2008) and AMD Bulldozer (2011) offers it, and
+# QEMU 7.2's TCG runs it with no missing feature (query-cpu-definitions, checked here).
+# qemu64 would run everywhere too but is below x86-64-v2. "host" passes the host CPU
+# through (KVM only) and pins the VM to hosts with the same CPU.
+DEFAULT_CPU_MODEL = "Nehalem"
+HOST_CPU_MODEL = "host"
+CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 # NICs: a fleet network name (each agent maps it to a local bridge), a device
 # model QEMU emulates, and a MAC that stays with the VM for its life.
@@ -102,6 +112,14 @@ class VMSpec:
     disk_format: str = ""
     accel: str = "auto"
     nics: tuple[NIC, ...] = field(default=())
+    # "" only in records written before VMs had a CPU model: they keep the model they ran with
+    cpu_model: str = ""
+
+    def effective_cpu_model(self, accel: str) -> str:
+        """The ``-cpu`` model: the spec's, or for an old record what such VMs ran with."""
+        if self.cpu_model:
+            return self.cpu_model
+        return HOST_CPU_MODEL if accel == "kvm" else "qemu64"
 
     @property
     def networks(self) -> tuple[str, ...]:
@@ -196,4 +214,9 @@ def parse_spec(doc: Any) -> VMSpec:
     if disk_format and not disk:
         raise SpecError("disk_format: only valid with a disk")
     nics = _nics(doc.get("nics"))  # a MAC not given is generated here, then kept in the record
-    return VMSpec(name, vcpus, memory_mb, kernel, initrd, cmdline, disk, disk_format, accel, nics)
+    cpu_model = doc.get("cpu_model", DEFAULT_CPU_MODEL)
+    if not isinstance(cpu_model, str) or not CPU_MODEL_RE.match(cpu_model):
+        raise SpecError(f"cpu_model: a QEMU CPU model name (letters, digits, '.', '_', '-'), got {cpu_model!r}")
+    if cpu_model == HOST_CPU_MODEL and accel == "tcg":
+        raise SpecError("cpu_model: 'host' passes the host's CPU through and needs KVM, not accel tcg")
+    return VMSpec(name, vcpus, memory_mb, kernel, initrd, cmdline, disk, disk_format, accel, nics, cpu_model)

@@ -27,6 +27,10 @@ HOST: dict[str, Any] = {
         "memory_available_bytes": {"type": "integer"},
         "accel": {"type": "object"}, "data_port": {"type": ["integer", "null"]},
         "networks": {"type": "array", "items": {"type": "string"}},
+        "cpu_models": {"type": ["array", "null"], "items": {"type": "string"},
+                       "description": "CPU models a VM may use there (null: not reported)"},
+        "cpu_signature": {"type": "string", "description": "its CPU; a VM with cpu_model "
+                          "'host' moves only between hosts with the same signature"},
         "version": {"type": "string"}, "vms": {"type": "array", "items": {"type": "string"}},
         "load": {"type": ["number", "null"]},
         "registered_at": {"type": "number"}, "last_heartbeat": {"type": "number"},
@@ -38,6 +42,8 @@ HOST: dict[str, Any] = {
     },
 }
 
+CPU_MODEL: dict[str, Any] = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
+
 VM: dict[str, Any] = {
     "type": "object",
     "required": ["name", "host", "state", "spec"],
@@ -47,6 +53,10 @@ VM: dict[str, Any] = {
         "created_at": {"type": "number"}, "updated_at": {"type": "number"},
         "agent": {"type": ["object", "null"]},
         "labels": {"type": "object"}, "migration_policy": NULLABLE_STR,
+        "outcome": {"type": "object", "description": "stop and reboot: whether the guest shut "
+                    "down by itself (graceful), how long it took (seconds) and why (reason)",
+                    "properties": {"graceful": {"type": "boolean"}, "seconds": {"type": "number"},
+                                   "reason": {"type": "string"}}},
     },
 }
 

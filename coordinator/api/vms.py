@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from novacron.coordinator.agent_client import AgentError, reported_state
@@ -15,7 +17,7 @@ from novacron.coordinator.api.errors import ApiError
 from novacron.coordinator.api.keys import AGENTS, METRICS, MIGRATIONS, PLACER, RECONCILER, STORE
 from novacron.coordinator.api.openapi import RouteTable, json_body, query_params
 from novacron.coordinator.migration_queue import QUEUED
-from novacron.coordinator.models import HOST_UP, VM, Host
+from novacron.coordinator.models import HOST_UP, VM, Host, cpu_model_problem, spec_cpu_model
 
 log = logging.getLogger("novacron.coordinator.vms")
 routes = RouteTable("vms", "Virtual machines")
@@ -49,6 +51,9 @@ CREATE: dict[str, Any] = {
         "disk": _PATH,
         "disk_format": {"enum": ["raw", "qcow2"]},
         "accel": {"enum": ["kvm", "tcg", "auto"]},
+        "cpu_model": {**schemas.CPU_MODEL, "description": "QEMU CPU model (default Nehalem, an "
+                      "x86-64-v2 baseline); 'host' passes the host CPU through (KVM only) and "
+                      "keeps the VM on hosts with the same CPU"},
         # the agent checks NICs fully (novacron.agent.vm.spec); here: the shape, so a bad one is a 400
         "nics": {"type": "array", "maxItems": 8, "items": {
             "type": "object", "additionalProperties": False, "required": ["net"],
@@ -103,9 +108,15 @@ async def _place(request: web.Request, body: dict[str, Any], pinned: str | None,
             raise ApiError(404, f"no host named {pinned!r}")
         if hosts[0].state != HOST_UP:
             raise ApiError(409, f"host {pinned!r} is down")
+        problem = cpu_model_problem(body, hosts[0])
+        if problem:
+            raise ApiError(409, problem)
     placer = request.app[PLACER]
     host = await placer({**body, **placement}, hosts, await store.list_vms())
     if host is None:
+        model = spec_cpu_model(body)
+        if not any(cpu_model_problem(body, h) is None for h in hosts if h.state == HOST_UP):
+            raise ApiError(409, f"no up host can run CPU model {model!r}")
         # the scheduler explains its refusals; the simple placer only fits by size
         last = getattr(placer, "last", None)
         why = last.explanation.get("why") if last is not None else None
@@ -264,7 +275,7 @@ CONSOLE_OUTPUT: dict[str, Any] = {
 }
 
 
-@routes.get("/vms/{name}/console", "The VM's serial console log from byte offset "
+@routes.get("/vms/{name}/console/log", "The VM's serial console log from byte offset "
             "(at most 1 MiB per call; read on from next_offset)",
             query={"offset": {"type": "integer", "minimum": 0, "maximum": CONSOLE_OFFSET_MAX}},
             response=CONSOLE_OUTPUT, errors=(404, 409, 502))
@@ -300,24 +311,65 @@ async def console_write(request: web.Request) -> web.Response:
     return web.json_response({"sent": sent if isinstance(sent, int) else len(text)})
 
 
-async def _action(request: web.Request, action: str, new_state: str) -> web.Response:
+async def _action(request: web.Request, action: str, new_state: str, query: str = "",
+                  timeout_s: float = 60) -> web.Response:
     vm, host = await _vm_and_host(request)
     if vm.state in ("migrating", "creating"):
         raise ApiError(409, f"VM {vm.name!r} is {vm.state}; try again when it is done")
     try:
         status = await request.app[AGENTS].call(host.name, host.url, host.token, "POST",
-                                                f"/v1/vms/{vm.name}/{action}", timeout_s=60)
+                                                f"/v1/vms/{vm.name}/{action}{query}",
+                                                timeout_s=timeout_s)
     except AgentError as exc:
         raise _agent_failure(exc, f"{action} on {host.name}") from None
     vm.state = reported_state(status, new_state)
     vm.updated_at = time.time()
     await request.app[STORE].put_vm(vm)
-    return web.json_response(vm.public())
+    doc = vm.public()
+    if isinstance(status, dict) and isinstance(status.get("outcome"), dict):
+        doc["outcome"] = status["outcome"]  # stop/reboot: graceful or not, and how long it took
+    return web.json_response(doc)
 
 
-@routes.post("/vms/{name}/stop", "Stop a VM", response=schemas.VM, errors=(409, 502))
+# Graceful stop and reboot: the agent waits up to timeout_s (its stop_timeout_s setting when
+# not given) for the guest, then powers off or resets; we wait that long plus this margin.
+POWER_QUERY = {
+    "force": {"type": "boolean", "description": "stop: power off at once; reboot: reset at once "
+              "(default false: the ACPI power button first)"},
+    "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
+                  "description": "seconds the guest gets to power off after the power button "
+                                 "(default: the agent's stop_timeout_s, 60)"},
+}
+POWER_MARGIN_S = 30.0
+POWER_DEFAULT_WAIT_S = 3600.0  # the agent's own setting decides; it answers well within this
+
+
+async def _power(request: web.Request, action: str, new_state: str) -> web.Response:
+    q = query_params(request)
+    params = [f"force={'true' if q.get('force') else 'false'}"]
+    wait = POWER_DEFAULT_WAIT_S
+    if "timeout_s" in q:
+        if not math.isfinite(q["timeout_s"]):
+            raise ApiError(400, "query parameter 'timeout_s': expected a finite number of seconds")
+        params.append(f"timeout_s={q['timeout_s']!r}")
+        wait = float(q["timeout_s"])
+    return await _action(request, action, new_state, "?" + "&".join(params),
+                         timeout_s=wait + POWER_MARGIN_S)
+
+
+@routes.post("/vms/{name}/stop", "Stop a VM: the ACPI power button, then power-off after "
+             "timeout_s if the guest has not shut down; force=true powers off at once. The "
+             "reply's outcome says whether the guest shut down by itself",
+             query=POWER_QUERY, response=schemas.VM, errors=(409, 502))
 async def stop_vm(request: web.Request) -> web.Response:
-    return await _action(request, "stop", "stopped")
+    return await _power(request, "stop", "stopped")
+
+
+@routes.post("/vms/{name}/reboot", "Reboot a running VM: the guest shuts down (ACPI power "
+             "button), then the machine is reset; after timeout_s it is reset anyway; "
+             "force=true resets at once", query=POWER_QUERY, response=schemas.VM, errors=(409, 502))
+async def reboot_vm(request: web.Request) -> web.Response:
+    return await _power(request, "reboot", "running")
 
 
 @routes.post("/vms/{name}/start", "Start a stopped VM", response=schemas.VM, errors=(409, 502))
@@ -392,6 +444,59 @@ async def delete_vm(request: web.Request) -> web.Response:
     await request.app[STORE].delete_vm(vm.name)
     log.info("vm deleted", extra={"vm": vm.name, "host": host.name})
     return web.json_response({"deleted": vm.name})
+
+
+CONSOLE_HISTORY_MAX = 64 * 1024
+
+
+@routes.get("/vms/{name}/console", "Attach to the VM's serial console: a WebSocket (send the "
+            "Upgrade headers); binary frames carry the console's bytes both ways, text frames "
+            "are typed as UTF-8. The coordinator relays it to the VM's agent; one session per "
+            "VM at a time (409 while another is attached). `novacron vm console NAME` is a "
+            "client (escape: Ctrl-])", query={"history": {
+                "type": "integer", "minimum": 0, "maximum": CONSOLE_HISTORY_MAX,
+                "description": "bytes of recent output to send first (default 0)"}},
+            status=101, content_type="application/octet-stream", errors=(400, 409, 502))
+async def console(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "this is a WebSocket: connect with the Upgrade headers "
+                            "(or use `novacron vm console NAME`)")
+    vm, host = await _vm_and_host(request)
+    history = query_params(request).get("history", 0)
+    try:  # before answering the client: a refusal is a plain HTTP error it can show
+        agent = await request.app[AGENTS].ws_connect(
+            host.name, host.url, host.token, f"/v1/vms/{vm.name}/console/ws?history={history}")
+    except AgentError as exc:
+        raise _agent_failure(exc, f"console of {vm.name} on {host.name}") from None
+    try:
+        await ws.prepare(request)
+        log.info("console attached", extra={"vm": vm.name, "host": host.name, "remote": request.remote})
+
+        async def agent_to_client() -> None:
+            async for msg in agent:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+
+        async def client_to_agent() -> None:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    await agent.send_bytes(msg.data)
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    await agent.send_bytes(msg.data.encode())
+
+        pumps = [asyncio.create_task(agent_to_client()), asyncio.create_task(client_to_agent())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+    finally:
+        await agent.close()
+        await ws.close()
+        log.info("console detached", extra={"vm": vm.name, "host": host.name})
+    return ws
 
 
 def setup(app: web.Application) -> None:

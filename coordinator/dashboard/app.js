@@ -841,7 +841,7 @@ async function pollConsole() {
   if (!c || state.panel === null || state.panel.kind !== "console" || c.generation !== state.generation) return;
   try {
     for (let i = 0; i < CONSOLE_READS; i++) {
-      const doc = await call("GET", "/vms/{name}/console", { params: { name: c.vm }, query: { offset: c.offset } });
+      const doc = await call("GET", "/vms/{name}/console/log", { params: { name: c.vm }, query: { offset: c.offset } });
       if (state.console !== c) return;
       if (doc.next_offset <= c.offset) break;
       c.offset = doc.next_offset;

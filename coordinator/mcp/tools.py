@@ -160,7 +160,8 @@ def build_tools(app: web.Application) -> list[Tool]:
                  "vcpus": {"type": "integer", "minimum": 1, "maximum": 512},
                  "memory_mb": {"type": "integer", "minimum": 16, "maximum": 4194304}}},
              place_vm),
-        Tool("migrate_vm", "Live-migrate a running VM to another host. With wait (default) the "
+        Tool("migrate_vm", "Live-migrate a running VM to another host (a stopped VM moves "
+             "offline: its definition only). With wait (default) the "
              "call returns when the migration ends, reporting each phase as progress.",
              {**obj, "required": ["vm", "target"], "properties": {
                  "vm": NAME, "target": NAME, "options": {"type": "object"},

@@ -16,6 +16,7 @@ REASONS: dict[str, str] = {
     "affinity": "not the host of the VM's affinity peers",
     "anti_affinity": "holds (or shares a zone with) a VM it must be kept apart from",
     "network": "lacks a network the VM's NICs join",
+    "cpu_model": "cannot run the VM's CPU model",
     "latency": "round-trip to the VM's region above max_latency_ms",
     "cpu": "not enough free vCPU (after overcommit)",
     "memory": "not enough free memory (after overcommit)",
@@ -84,6 +85,8 @@ def feasible(fleet: FleetState, req: VMRequest) -> Feasibility:
     ]
     if req.networks:
         rules.append(("network", fleet.has_networks(req.networks)))
+    if req.cpu_model:
+        rules.append(("cpu_model", fleet.runs_cpu_model(req.cpu_model)))
     if req.max_latency_ms is not None:
         col = fleet.region_column(req.region)
         if col is None:  # no host has a measurement for this region

@@ -79,6 +79,7 @@ class FleetState:
         self.vms: dict[str, PlacedVM] = {}
         self.vms_on: list[set[str]] = []
         self.host_networks: list[frozenset[str] | None] = []  # None: not known (not filtered)
+        self.host_cpu_models: list[frozenset[str] | None] = []  # None: not known (not filtered)
         # vm id -> ids of placed VMs that declared anti-affinity against it
         self._anti_from: dict[str, set[str]] = {}
         self.add_hosts(hosts)
@@ -183,6 +184,7 @@ class FleetState:
         self.index[h.id] = i
         self.vms_on.append(set())
         self.host_networks.append(h.networks)
+        self.host_cpu_models.append(h.cpu_models)
         z = self.zone_index.get(h.zone)
         if z is None:
             z = self.zone_index[h.zone] = len(self.zones)
@@ -204,6 +206,11 @@ class FleetState:
         """Hosts that have every network in ``names`` (or do not report networks)."""
         need = set(names)
         return np.fromiter((nets is None or need <= nets for nets in self.host_networks),
+                           dtype=bool, count=self._n)
+
+    def runs_cpu_model(self, model: str) -> Bool:
+        """Hosts that run CPU model ``model`` (or do not report their models)."""
+        return np.fromiter((models is None or model in models for models in self.host_cpu_models),
                            dtype=bool, count=self._n)
 
     def set_enabled(self, host_id: str, enabled: bool) -> None:

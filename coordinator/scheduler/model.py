@@ -44,6 +44,7 @@ class Host:
     latency_ms: dict[str, float] = field(default_factory=dict)  # user region -> RTT
     enabled: bool = True  # False: in maintenance, takes no new VMs
     networks: frozenset[str] | None = None  # fleet networks it has; None: not known, not filtered
+    cpu_models: frozenset[str] | None = None  # CPU models it runs; None: not known, not filtered
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class VMRequest:
     anti_affinity: tuple[str, ...] = ()
     anti_affinity_scope: Scope = "host"
     networks: tuple[str, ...] = ()  # fleet networks its NICs join: the host must have them all
+    cpu_model: str = ""  # the host must run it ("": not filtered)
 
 
 @dataclass(frozen=True)

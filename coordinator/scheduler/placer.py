@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from novacron.coordinator.models import HOST_UP, VM, spec_networks
+from novacron.coordinator.models import HOST_UP, VM, spec_cpu_model, spec_networks
 from novacron.coordinator.models import Host as StoreHost
 from novacron.coordinator.scheduler.fleet import FleetState
 from novacron.coordinator.scheduler.learned import LearnedPlacer
@@ -52,7 +52,8 @@ def host_from_record(h: StoreHost, attrs: dict[str, Any] | None) -> Host:
                            "cpu_overcommit": DEFAULT_CPU_OVERCOMMIT}
     doc.update({k: v for k, v in (attrs or {}).items() if k in ATTR_FIELDS})
     host = parse_host(doc, f"host {h.name}")
-    host = dataclasses.replace(host, networks=frozenset(h.networks))
+    host = dataclasses.replace(host, networks=frozenset(h.networks),
+                               cpu_models=frozenset(h.cpu_models) if h.cpu_models is not None else None)
     if h.state != HOST_UP:  # down hosts stay visible (and counted as rejected) but take nothing
         host = Host(**{**host.__dict__, "enabled": False})
     return host
@@ -195,7 +196,8 @@ class SchedulerPlacer:
         doc = request_doc(spec)
         async with self._lock:
             try:
-                req = dataclasses.replace(parse_request(doc), networks=spec_networks(spec))
+                req = dataclasses.replace(parse_request(doc), networks=spec_networks(spec),
+                                          cpu_model=spec_cpu_model(spec))
                 enabled, policy = await load_policy(self.store)
                 if enabled:
                     policy.observe({v.name: v.host for v in vms})

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import math
+import os
 import sys
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 from rich.console import Console
 from rich.table import Table
 
@@ -60,16 +64,95 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _run(a, _label))
 
     for action, text in (("show", "one VM with its agent's live status"),
-                         ("start", "start a stopped VM"), ("stop", "stop a VM"),
+                         ("start", "start a stopped VM"),
+                         ("stop", "shut a VM down: ACPI power button, power-off after --timeout"),
+                         ("reboot", "reboot a running VM: clean guest shutdown, then reset"),
                          ("delete", "stop and delete a VM (asks nothing)")):
         p = cmds.add_parser(action, help=text)
         p.add_argument("name", metavar="NAME", help="VM name")
+        if action in ("stop", "reboot"):
+            p.add_argument("--force", action="store_true",
+                           help="stop: power off at once; reboot: reset at once "
+                                "(default: off, the guest shuts down cleanly first)")
+            p.add_argument("--timeout", type=float, metavar="S",
+                           help="seconds the guest gets after the power button before it is "
+                                "powered off or reset (default: the agent's stop_timeout_s, 60 s)")
         if action == "delete":
             p.add_argument("--force", action="store_true",
                            help="forget the VM even if its host is gone or its agent cannot "
                            "delete it (its QEMU may keep running there)")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=lambda a, fn=_HANDLERS[action]: _run(a, fn))
+
+
+    p = cmds.add_parser("console", help="attach to a VM's serial console (leave with Ctrl-])",
+                        description="Interactive serial console through the coordinator. Keys go "
+                        "to the guest; Ctrl-] (as in telnet and virsh) leaves. Without a terminal, "
+                        "stdin is sent as it comes and its end (or a Ctrl-] byte) leaves.")
+    p.add_argument("name", metavar="NAME", help="VM name")
+    p.add_argument("--history", type=int, default=2048, metavar="BYTES",
+                   help="recent output to show first, in bytes (default: 2048; 0-65536)")
+    p.set_defaults(func=lambda a: _run(a, _console))
+
+
+ESCAPE = b"\x1d"  # Ctrl-]
+
+
+async def _console(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    ws = await client.console(quote(args.name, safe=""), args.history)
+    stdin = sys.stdin.buffer
+    tty_mode = None
+    if stdin.isatty():
+        import termios
+        import tty
+
+        tty_mode = termios.tcgetattr(stdin.fileno())
+        tty.setraw(stdin.fileno())  # every key goes to the guest, Ctrl-C included
+    sys.stderr.write(f"Connected to the serial console of {args.name}. Escape character is ^] "
+                     "(Ctrl-]): press it to leave.\r\n")
+    sys.stderr.flush()
+    loop = asyncio.get_running_loop()
+    keys: asyncio.Queue[bytes] = asyncio.Queue()
+    fd = stdin.fileno()
+    loop.add_reader(fd, lambda: keys.put_nowait(os.read(fd, 1024)))
+    how = "closed by the server (the VM stopped?)"
+    try:
+        async def typed() -> None:
+            nonlocal how
+            while True:
+                data = await keys.get()
+                if not data:
+                    how = "left (end of input)"
+                    return
+                head, esc, _rest = data.partition(ESCAPE)
+                if head:
+                    await ws.send_bytes(head)
+                if esc:
+                    how = "left"
+                    return
+
+        async def shown() -> None:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    sys.stdout.buffer.write(msg.data)
+                    sys.stdout.buffer.flush()
+
+        pumps = [asyncio.create_task(typed()), asyncio.create_task(shown())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+    finally:
+        loop.remove_reader(fd)
+        if tty_mode is not None:
+            import termios
+
+            termios.tcsetattr(fd, termios.TCSADRAIN, tty_mode)
+        await ws.close()
+    sys.stderr.write(f"\r\nConsole of {args.name}: {how}.\r\n")
+    return 0 if how.startswith("left") else 1
 
 
 def nic_arg(text: str) -> dict[str, str]:
@@ -180,11 +263,23 @@ async def _show(client: CoordinatorClient, args: argparse.Namespace) -> int:
 
 
 async def _lifecycle(client: CoordinatorClient, args: argparse.Namespace, action: str) -> int:
-    vm = dict(await client.request("POST", f"/vms/{quote(args.name, safe='')}/{action}"))
+    query = ""
+    if action in ("stop", "reboot"):
+        query = f"?force={'true' if args.force else 'false'}"
+        if args.timeout is not None:
+            query += f"&timeout_s={args.timeout!r}"
+        # the agent waits for the guest (its own stop_timeout_s when no --timeout, at most 3600 s)
+        wait = args.timeout if args.timeout is not None and math.isfinite(args.timeout) else 3600.0
+        client.timeout_s = max(client.timeout_s, min(wait, 3600.0) + 60.0)
+    vm = dict(await client.request("POST", f"/vms/{quote(args.name, safe='')}/{action}{query}"))
     if args.json:
         _dump(vm)
-    else:
-        print(f"{vm['name']} on {vm['host']}: {vm['state']}")
+        return 0
+    outcome = vm.get("outcome")
+    how = ""
+    if isinstance(outcome, dict):
+        how = f" ({outcome.get('reason', '')}, {outcome.get('seconds', 0):.1f} s)"
+    print(f"{vm['name']} on {vm['host']}: {vm['state']}{how}")
     return 0
 
 
@@ -194,6 +289,10 @@ async def _start(client: CoordinatorClient, args: argparse.Namespace) -> int:
 
 async def _stop(client: CoordinatorClient, args: argparse.Namespace) -> int:
     return await _lifecycle(client, args, "stop")
+
+
+async def _reboot(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    return await _lifecycle(client, args, "reboot")
 
 
 async def _delete(client: CoordinatorClient, args: argparse.Namespace) -> int:
@@ -232,4 +331,4 @@ async def _label(client: CoordinatorClient, args: argparse.Namespace) -> int:
     return 0
 
 
-_HANDLERS = {"show": _show, "start": _start, "stop": _stop, "delete": _delete}
+_HANDLERS = {"show": _show, "start": _start, "stop": _stop, "reboot": _reboot, "delete": _delete}

@@ -113,8 +113,13 @@ async def test_unknown_vm_and_action(agent: LocalAgent, spec: dict[str, Any]) ->
         status, doc = await agent.request(method, path)
         assert status == 404 and "ghost" in doc["error"], (method, path)
     assert (await agent.request("POST", "/v1/vms", spec))[0] == 201
-    status, doc = await agent.request("POST", "/v1/vms/vm1/reboot")
+    status, doc = await agent.request("POST", "/v1/vms/vm1/hibernate")
     assert status == 404 and "unknown action" in doc["error"]
+    status, doc = await agent.request("POST", "/v1/vms/vm1/reboot")  # a stopped VM
+    assert status == 409 and "only a running VM can reboot" in doc["error"], doc
+    for bad in ("force=maybe", "timeout_s=0", "timeout_s=nan", "timeout_s=x", "timeout_s=3601"):
+        status, doc = await agent.request("POST", f"/v1/vms/vm1/stop?{bad}")
+        assert status == 400 and bad.split("=")[0] in doc["error"], (bad, doc)
     assert (await agent.request("GET", "/v1/nowhere"))[0] == 404
     assert (await agent.request("DELETE", "/v1/vms/vm1")) == (200, {"deleted": "vm1"})
     await assert_nothing_there(agent)

@@ -25,6 +25,7 @@ class FakeAgent:
     def __init__(self, name: str, token: str, memory_bytes: int = 8 << 30) -> None:
         self.name, self.token, self.memory_bytes = name, token, memory_bytes
         self.vms: dict[str, dict[str, Any]] = {}
+        self.actions: list[tuple[str, dict[str, str]]] = []  # (action, query) of each VM action
         self.migrations: dict[str, dict[str, Any]] = {}
         self.fail_next_create: str | None = None
         self.hold_migrations = False  # keep migrations in precopy until released
@@ -130,8 +131,14 @@ class FakeAgent:
         vm = self.vms.get(r.match_info["name"])
         if vm is None:
             return web.json_response({"error": "no such vm"}, status=404)
-        states = {"stop": "stopped", "start": "running", "pause": "paused", "resume": "running"}
+        states = {"stop": "stopped", "start": "running", "pause": "paused", "resume": "running",
+                  "reboot": "running"}
         vm["state"] = states[r.match_info["action"]]
+        self.actions.append((r.match_info["action"], dict(r.query)))
+        if r.match_info["action"] in ("stop", "reboot"):  # as the real agent answers
+            forced = r.query.get("force") == "true"
+            return web.json_response({**vm, "outcome": {"graceful": not forced, "seconds": 0.5,
+                                                        "reason": "forced" if forced else "guest powered off"}})
         return web.json_response(vm)
 
     async def delete_vm(self, r: web.Request) -> web.Response:

@@ -50,8 +50,10 @@ async def test_vm_lifecycle(fleet: Fleet) -> None:
     code, out, err = await cli(env, "vm", "show", "db")
     assert code == 0 and "alpha" in out and "256.0 MiB" in out and "running" in out, err
 
-    code, out, err = await cli(env, "vm", "stop", "db")
-    assert code == 0 and out.strip() == "db on alpha: stopped", err
+    code, out, err = await cli(env, "vm", "reboot", "db", "--force")
+    assert code == 0 and out.strip() == "db on alpha: running (forced, 0.5 s)", err
+    code, out, err = await cli(env, "vm", "stop", "db", "--timeout", "7.5")
+    assert code == 0 and out.strip() == "db on alpha: stopped (guest powered off, 0.5 s)", err
     assert (await _vms(coord))["db"] == ("alpha", "stopped")
     code, out, err = await cli(env, "vm", "show", "db", "--json")
     assert json.loads(out)["agent"]["state"] == "stopped"
@@ -88,6 +90,9 @@ async def test_vm_lifecycle(fleet: Fleet) -> None:
      "memory"),
     (["vm", "create", "x", "--vcpus", "1", "--memory-mb", "64", "--kernel", "/k", "--nic", "Prod"], "nics"),
     (["vm", "stop", "nope"], "no VM named 'nope'"),
+    (["vm", "stop", "web", "--timeout", "0"], "timeout_s"),
+    (["vm", "stop", "web", "--timeout", "nan"], "timeout_s"),
+    (["vm", "reboot", "web", "--timeout", "4000"], "timeout_s"),
     (["vm", "start", "nope"], "no VM named 'nope'"),
     (["vm", "delete", "nope"], "no VM named 'nope'"),
     (["vm", "show", "a/b"], "not a valid name: 'a/b'"),  # quoted, not a sub-path

@@ -90,7 +90,7 @@ async def test_every_api_call_in_the_script_is_a_documented_route(
             ("POST", "/migrations"), ("GET", "/migrations/{id}/events"),
             ("POST", "/placements"), ("POST", "/vms"), ("POST", "/vms/{name}/start"),
             ("POST", "/vms/{name}/stop"), ("PUT", "/hosts/{name}/maintenance"),
-            ("GET", "/hosts/{name}/images"), ("GET", "/vms/{name}/console"),
+            ("GET", "/hosts/{name}/images"), ("GET", "/vms/{name}/console/log"),
             ("GET", "/audit")} <= calls
     # ... and no call is written in another form the regex would miss.
     assert len(re.findall(r"\b(?:call|stream)\(\s*\"", app_js())) == len(API_CALL.findall(app_js()))

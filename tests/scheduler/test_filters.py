@@ -79,3 +79,35 @@ def test_hosts_lacking_a_vm_network_are_filtered_out() -> None:
     assert f.ok.tolist() == [True, False, False, True]
     assert feasible(fleet, VMRequest("x", 1, 1024)).count == 4  # no NICs: any host
     assert Scheduler(fleet).decide(VMRequest("y", 1, 1024, networks=("dev", "prod"))).host in ("h0", "h3")
+
+
+def test_hosts_that_cannot_run_the_cpu_model_are_filtered_out() -> None:
+    fleet = FleetState([host(0, cpu_models=frozenset({"Nehalem", "qemu64"})),
+                        host(1, cpu_models=frozenset({"qemu64"})),
+                        host(2, cpu_models=frozenset({"Nehalem", "host"})),
+                        host(3)])  # host 3: reports no models (not filtered)
+    f = feasible(fleet, VMRequest("x", 1, 1024, cpu_model="Nehalem"))
+    assert f.ok.tolist() == [True, False, True, True] and f.rejected == {"cpu_model": 1}
+    f = feasible(fleet, VMRequest("x", 1, 1024, cpu_model="host"))
+    assert f.ok.tolist() == [False, False, True, True] and f.rejected == {"cpu_model": 2}
+    assert feasible(fleet, VMRequest("x", 1, 1024)).count == 4  # no model asked: nothing filtered
+    decision = Scheduler(fleet).decide(VMRequest("y", 1, 1024, cpu_model="Westmere"))
+    assert decision.host == "h3"
+
+
+def test_cpu_model_admission_names_model_and_host() -> None:
+    from novacron.coordinator.models import Host as StoreHost
+    from novacron.coordinator.models import cpu_model_problem
+
+    def store_host(name: str, models: list[str] | None, sig: str = "GenuineIntel/6/85/7/abc") -> StoreHost:
+        return StoreHost(name=name, url="http://h", token="t" * 16, cpus=4, memory_bytes=1 << 30,
+                         memory_available_bytes=1 << 30, cpu_models=models, cpu_signature=sig)
+
+    a, b = store_host("a", ["Nehalem", "host"]), store_host("b", ["qemu64", "host"], "AuthenticAMD/25/1/1/def")
+    assert cpu_model_problem({}, a) is None  # the default model, Nehalem
+    assert "'Nehalem'" in (cpu_model_problem({}, b) or "") and "'b'" in (cpu_model_problem({}, b) or "")
+    assert cpu_model_problem({"cpu_model": "Westmere"}, store_host("c", None)) is None  # not reported
+    # passthrough: only between hosts with the same CPU signature
+    assert cpu_model_problem({"cpu_model": "host"}, a, source=store_host("a2", ["host"])) is None
+    why = cpu_model_problem({"cpu_model": "host"}, b, source=a) or ""
+    assert "passthrough" in why and "AuthenticAMD" in why, why
