@@ -124,9 +124,9 @@ async def test_images_and_console_pass_through_from_the_agent(
                                                {"name": "disks/web.qcow2", "size": 2 << 30}]}
     assert (await coordinator.call("POST", "/vms", json=vm_spec("web", host="alpha")))[0] == 201
     alpha.serial["web"] = "Linux version 6.1\nlogin: "
-    status, doc = await coordinator.call("GET", "/vms/web/console")
+    status, doc = await coordinator.call("GET", "/vms/web/console/log")
     assert status == 200 and doc == {"offset": 0, "next_offset": 25, "text": "Linux version 6.1\nlogin: "}
-    status, doc = await coordinator.call("GET", "/vms/web/console?offset=6")
+    status, doc = await coordinator.call("GET", "/vms/web/console/log?offset=6")
     assert status == 200 and doc["text"] == "version 6.1\nlogin: " and doc["next_offset"] == 25
     status, doc = await coordinator.call("POST", "/vms/web/console", json={"text": "uptime\n"})
     assert status == 200 and doc == {"sent": 7}
@@ -136,9 +136,9 @@ async def test_images_and_console_pass_through_from_the_agent(
 @pytest.mark.parametrize(("method", "path", "body", "status"), [
     ("GET", "/hosts/nope/images", None, 404),
     ("GET", "/hosts/bad..name!/images", None, 400),
-    ("GET", "/vms/nope/console", None, 404),
-    ("GET", "/vms/web/console?offset=-1", None, 400),
-    ("GET", "/vms/web/console?offset=x", None, 400),
+    ("GET", "/vms/nope/console/log", None, 404),
+    ("GET", "/vms/web/console/log?offset=-1", None, 400),
+    ("GET", "/vms/web/console/log?offset=x", None, 400),
     ("POST", "/vms/web/console", {"text": ""}, 400),
     ("POST", "/vms/web/console", {"text": "x" * 1025}, 400),
     ("POST", "/vms/web/console", {"text": "ls", "more": 1}, 400),
