@@ -16,8 +16,8 @@ cdef extern from "nc_hash.h" nogil:
     void nc_fp_key_init(nc_fp_key *k, const unsigned char *key, size_t keylen)
     uint64_t nc_fp_page(const nc_fp_key *k, const unsigned char *page, uint64_t *nonzero)
     uint64_t nc_fp_scan(const nc_fp_key *k, const unsigned char *mem, uint64_t first,
-                        uint64_t last, uint64_t *fps, unsigned char *dirty,
-                        unsigned char *zero, uint64_t *nzero)
+                        uint64_t last, uint64_t *fps, const unsigned char *mask,
+                        unsigned char *dirty, unsigned char *zero, uint64_t *nzero)
     int nc_page_is_zero(const unsigned char *page)
     void nc_blake3_page(const unsigned char *page, unsigned char *out)
     void nc_blake3_4pages(const unsigned char **pages, unsigned char **out)
@@ -97,17 +97,25 @@ cdef class Fingerprinter:
         return nc_fp_page(&self.key, &page[0], &nz)
 
     def scan(self, const unsigned char[::1] mem, uint64_t first, uint64_t last,
-             uint64_t[::1] fps, unsigned char[::1] dirty, unsigned char[::1] zero):
-        """Scan pages [first, last) (first a multiple of 8); returns (dirty, zero) counts."""
+             uint64_t[::1] fps, unsigned char[::1] dirty, unsigned char[::1] zero,
+             const unsigned char[::1] mask=None):
+        """Scan pages [first, last) (first a multiple of 8), only those set in ``mask``
+        when given; returns (dirty, zero) counts."""
         cdef uint64_t npages = mem.shape[0] // PAGE
         if first % 8 or first > last or last > npages or fps.shape[0] < last:
             raise ValueError("bad scan range")
         if <uint64_t>dirty.shape[0] * 8 < last or <uint64_t>zero.shape[0] * 8 < last:
             raise ValueError("bitmap too small")
+        cdef const unsigned char *m = NULL
+        if mask is not None:
+            if <uint64_t>mask.shape[0] * 8 < last:
+                raise ValueError("mask too small")
+            if mask.shape[0]:
+                m = &mask[0]
         cdef uint64_t nd = 0, nz = 0
         if last > first:
             with nogil:
-                nd = nc_fp_scan(&self.key, &mem[0], first, last, &fps[0], &dirty[0],
+                nd = nc_fp_scan(&self.key, &mem[0], first, last, &fps[0], m, &dirty[0],
                                 &zero[0], &nz)
         return nd, nz
 

@@ -15,6 +15,9 @@ class MigrationOptions:
     throttle: bool = True  # auto-converge: duty-cycle the vCPUs when pre-copy cannot keep up
     dedup: bool = True  # send pages the destination already holds as references
     test_digest: bool = False  # BLAKE3 both RAMs at switchover and compare
+    # fingerprint only the pages the VM's process may have written while it is paused
+    # (soft-dirty bits or its resident pages, see stopscan.py); off: every page
+    bounded_pause: bool = True
     batch_pages: int = 1024  # pages encoded per batch (bounds memory and limiter granularity)
     timeout_s: float = 600.0  # whole migration
     # after a channel loss past 'go': how long to ask the destination's API what

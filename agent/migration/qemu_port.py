@@ -100,6 +100,10 @@ class QemuSource:
         self.ram_size = vm.spec.memory_mb * MIB
         self.work_dir = vm.paths.dir
 
+    @property
+    def pid(self) -> int | None:
+        return self.vm.pid
+
     def spec(self) -> dict[str, Any]:
         doc = {k: v for k, v in self.vm.spec.to_dict().items() if v not in ("", None)}
         doc["accel"] = self.vm.accel  # the destination must run the same accelerator

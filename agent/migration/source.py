@@ -33,6 +33,7 @@ from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.status import MigrationStatus
+from novacron.agent.migration.stopscan import StopScan
 from novacron.agent.migration.throttle import Throttle
 from novacron.agent.migration.unixsock import start_unix_server_at
 from novacron.agent.migration.vmport import SourceVM
@@ -91,6 +92,7 @@ class SourceMigration:
         self._zero_skipped = 0  # zero pages at the first scan (see _precopy)
         self._mm: mmap.mmap | None = None
         self.tracker: FingerprintTracker | None = None
+        self.stop_scan: StopScan | None = None
         self.throttle = Throttle(vm)
         self.sender: PageStreamSender | None = None
 
@@ -266,6 +268,10 @@ class SourceMigration:
             tracker=tracker,
         )
         self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
+        stop_scan = self.stop_scan = StopScan(st.id, self.vm.pid, self.vm.ram_path,
+                                              self.vm.ram_stat, tracker.npages, opts.bounded_pause)
+        st.stop_scan = stop_scan.as_dict()
+        stop_scan.before_scan(first=True)
         scan = await asyncio.to_thread(tracker.scan)
         # the destination's fresh RAM file is all zero: these pages never need sending
         self._zero_skipped = scan.zero_count
@@ -281,7 +287,7 @@ class SourceMigration:
             wire = st.bytes_wire - wire0
             if wire > 0:
                 st.bandwidth_bytes_s = wire / elapsed
-            scan = await asyncio.to_thread(tracker.scan)
+            scan = await asyncio.to_thread(lambda: tracker.scan(stop_scan.before_scan(first=False)))
             now = time.monotonic()
             dirty = bitmap_count(scan.dirty)
             st.dirty_pages_last_round = dirty
@@ -377,8 +383,12 @@ class SourceMigration:
         crash_point("migration.source.paused")
         lap("pause_ms")
         st.round += 1
-        assert self.tracker is not None
-        scan = await asyncio.to_thread(self.tracker.scan)
+        tracker, stop_scan = self.tracker, self.stop_scan
+        assert tracker is not None and stop_scan is not None
+        # only pages that may differ from their last fingerprint (see stopscan.py)
+        scan = await asyncio.to_thread(lambda: tracker.scan(stop_scan.at_pause()))
+        stop_scan.pages_examined = scan.scanned
+        st.stop_scan = stop_scan.as_dict()
         lap("final_scan_ms")
         # pages dirtied before the last pre-copy scan were not sent yet either
         final = np.bitwise_or(scan.dirty, self._final_scan.dirty)

@@ -36,6 +36,7 @@ class MigrationStatus:
     bandwidth_bytes_s: float = 0.0
     downtime_ms: float | None = None
     downtime_parts: dict[str, float] = field(default_factory=dict)  # where the pause went
+    stop_scan: dict[str, Any] = field(default_factory=dict)  # what the paused scan read (stopscan.py)
     converged: bool | None = None
     throttle_pct: float = 0.0
     digest_source: str | None = None
@@ -99,6 +100,7 @@ class MigrationStatus:
             "dedup_ratio": round(self.pages_dedup / self.pages_sent, 4) if self.pages_sent else None,
             "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 2),
             "downtime_parts": self.downtime_parts,
+            "stop_scan": self.stop_scan,
             "budget_exceeded": self.budget_exceeded,
             "pause_ceiling_ms": self.pause_ceiling_ms,
             "total_s": round(self.total_s, 3),
