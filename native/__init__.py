@@ -28,7 +28,9 @@ GIL and read/write guest memory buffers in place. Public API (stable):
   -> list of sealed frames (``iter_encode`` yields them); ``seal_blob(tag,
   data)``. Pass ``tracker=`` (the FingerprintTracker of the same memory) while
   the guest runs: the sender then records the fingerprint of the bytes it sent,
-  so a page changed after the scan is always found dirty again.
+  so a page changed after the scan is always found dirty again. ``compress``
+  (default True) may be switched off between calls (frames then go stored);
+  ``last`` holds the latest call's ``EncodeStats``.
 - ``PageStreamReceiver(key32, mem_writable, *, cache=None, counters=None)``:
   ``open(frame)`` -> ``Opened(pages, blob, seq)``, ``open_many(frames,
   threads=2)`` (decompresses in parallel, applies in order); raises a ``FrameError``
@@ -69,6 +71,7 @@ from novacron.native.softdirty import (
 from novacron.native.stream import (
     HEADER_SIZE,
     DedupMiss,
+    EncodeStats,
     FrameError,
     FrameMalformed,
     FrameReordered,
@@ -92,6 +95,7 @@ __all__ = [
     "Counters",
     "DedupIndex",
     "DedupMiss",
+    "EncodeStats",
     "FingerprintTracker",
     "FrameError",
     "FrameMalformed",

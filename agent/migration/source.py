@@ -32,6 +32,7 @@ from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.options import MigrationOptions
+from novacron.agent.migration.pipeline import CompressionPolicy
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.stopscan import StopScan
 from novacron.agent.migration.throttle import Throttle
@@ -42,6 +43,7 @@ from novacron.faults import crash_point
 from novacron.native import (
     Counters,
     DedupIndex,
+    EncodeStats,
     FingerprintTracker,
     PageStreamSender,
     TokenBucket,
@@ -95,6 +97,7 @@ class SourceMigration:
         self.stop_scan: StopScan | None = None
         self.throttle = Throttle(vm)
         self.sender: PageStreamSender | None = None
+        self.policy = CompressionPolicy(threads=2, enabled=opts.adaptive_compression)
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -324,26 +327,35 @@ class SourceMigration:
 
     async def _send_pages(self, dirty: np.ndarray, zero: np.ndarray | None) -> int:
         """Encode and send ``dirty`` pages, pipelining encode with sending."""
-        st, sender = self.status, self.sender
+        st, sender, policy = self.status, self.sender, self.policy
         assert sender is not None
         indices = bitmap_indices(dirty)
         if len(indices) == 0:
             return 0
         batches = [indices[i : i + self.opts.batch_pages]
                    for i in range(0, len(indices), self.opts.batch_pages)]
-        pending = asyncio.create_task(asyncio.to_thread(sender.encode, batches[0], zero))
+
+        def encode(batch: np.ndarray) -> tuple[list[bytes], EncodeStats]:
+            # zstd or not, per batch: whichever the link and the CPU make faster
+            sender.compress = policy.compress_next()
+            return sender.encode(batch, zero), sender.last
+
+        pending = asyncio.create_task(asyncio.to_thread(encode, batches[0]))
         try:
             for i in range(len(batches)):
-                frames = await pending
+                frames, enc = await pending
                 if i + 1 < len(batches):
-                    pending = asyncio.create_task(
-                        asyncio.to_thread(sender.encode, batches[i + 1], zero))
+                    pending = asyncio.create_task(asyncio.to_thread(encode, batches[i + 1]))
                 self._check_inbox()
+                t_send, wire = time.perf_counter(), 0
                 for frame in frames:
                     await self.bucket.acquire(len(frame))
                     self.ch.write_frame(frame)
-                    st.bytes_wire += len(frame) + 5
+                    wire += len(frame) + 5
                     await self.ch.drain()
+                st.bytes_wire += wire
+                policy.observe(enc, time.perf_counter() - t_send, wire)
+                st.pipeline = policy.as_dict()
                 st.pages_sent += len(batches[i])
                 st.bytes_raw += len(batches[i]) * protocol.PAGE
                 self._sync_counters()

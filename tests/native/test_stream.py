@@ -366,3 +366,22 @@ def test_page_cache_close_unmaps_or_says_why_not(tmp_path: os.PathLike[str]) -> 
     del held
     cache.close()  # finishes the job
     mine.close()  # no view of the caller's buffer is left behind
+
+
+def test_stored_frames_when_compression_is_off() -> None:
+    kinds = [2] * 40 + [1] * 8 + [0] * 16  # text compresses well
+    mem = make_memory(kinds, 5)
+    sender = N.PageStreamSender(KEY, mem)
+    packed = sender.encode(np.arange(NPAGES, dtype=np.uint64))
+    assert sender.last.compressed and sender.last.compressed_plain > sender.last.body_bytes
+    sender.compress = False
+    stored = sender.encode(np.arange(NPAGES, dtype=np.uint64))
+    last = sender.last
+    assert not last.compressed and last.compressed_plain == 0 and last.compress_s == 0
+    assert last.body_bytes == last.plain_bytes and last.wall_s > 0
+    assert sum(map(len, stored)) > sum(map(len, packed))
+    out = np.zeros_like(mem)
+    receiver = N.PageStreamReceiver(KEY, out)
+    for frame in packed + stored:
+        receiver.open(frame)
+    assert np.array_equal(out, mem)
