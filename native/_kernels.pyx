@@ -24,6 +24,11 @@ cdef extern from "nc_hash.h" nogil:
     uint64_t nc_mix64(uint64_t h)
     uint64_t nc_load64(const unsigned char *p)
 
+cdef extern from "nc_pagemap.h" nogil:
+    int nc_pagemap_bits(int fd, uint64_t addr, uint64_t npages, unsigned bit,
+                        unsigned char *out, uint64_t first)
+    int nc_clear_soft_dirty(int pid)
+
 DEF PAGE = 4096
 
 cdef enum:
@@ -783,3 +788,33 @@ cdef class FrameBuffer:
             raise BufferError("frame is still being written")
         self._taken = True
         return self._frame
+
+
+# --------------------------------------------------------------------------
+# Another process's page tables (nc_pagemap.h; see softdirty.py)
+# --------------------------------------------------------------------------
+
+def pagemap_bits(int fd, uint64_t addr, uint64_t npages, unsigned bit,
+                 unsigned char[::1] out, uint64_t first):
+    """Set bit first+i of ``out`` for each of the npages pagemap entries from ``addr``
+    (pagemap open at ``fd``) that has ``bit`` or the swap bit."""
+    if bit > 63 or addr % PAGE:
+        raise ValueError("bad pagemap bit or unaligned address")
+    if npages == 0:
+        return
+    if (first + npages + 7) // 8 > <uint64_t>out.shape[0]:
+        raise ValueError("bitmap too small")
+    cdef int rc
+    with nogil:
+        rc = nc_pagemap_bits(fd, addr, npages, bit, &out[0], first)
+    if rc:
+        raise OSError(-rc, os.strerror(-rc))
+
+
+def clear_soft_dirty(int pid):
+    """Clear the soft-dirty bits of every mapping of process ``pid``."""
+    cdef int rc
+    with nogil:
+        rc = nc_clear_soft_dirty(pid)
+    if rc:
+        raise OSError(-rc, f"/proc/{pid}/clear_refs: {os.strerror(-rc)}")

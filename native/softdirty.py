@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+import novacron.native._kernels as _kernels
 from novacron.native.bitmap import Bitmap, bitmap_new
 
 PAGE_SIZE = 4096
 _SOFT_DIRTY_BIT = 55
-_SWAP_BIT = 62
-_PRESENT_BIT = 63
+_PRESENT_BIT = 63  # (bit 62, a swap-format entry, always counts: see nc_pagemap.h)
 _CLEAR_SOFT_DIRTY = b"4"
 
 
@@ -223,17 +223,16 @@ class GuestRamWatch:
 
     def clear(self) -> None:
         """Reset the soft-dirty bits of the whole process (the kernel has no per-range clear)."""
-        _clear(self.pid)
+        _kernels.clear_soft_dirty(self.pid)
 
     def read(self, soft_dirty: bool = False) -> Bitmap:
-        bit = np.uint64(_SOFT_DIRTY_BIT if soft_dirty else _PRESENT_BIT)
-        pages = np.zeros(self.npages, dtype=np.uint8)
-        for m in self.mappings():
-            entries = _read_entries(self.pid, m.start, m.npages)
-            self.pagemap_bytes += entries.nbytes
-            hit = ((entries >> bit) | (entries >> np.uint64(_SWAP_BIT))) & np.uint64(1)
-            pages[m.first_page:m.first_page + m.npages] |= hit.astype(np.uint8)
         out = bitmap_new(self.npages)
-        packed = np.packbits(pages, bitorder="little")
-        out[:packed.size] = packed
+        fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
+        try:
+            for m in self.mappings():  # nc_pagemap.h, without the GIL
+                _kernels.pagemap_bits(fd, m.start, m.npages,
+                                      _SOFT_DIRTY_BIT if soft_dirty else _PRESENT_BIT, out, m.first_page)
+                self.pagemap_bytes += m.npages * 8
+        finally:
+            os.close(fd)
         return out

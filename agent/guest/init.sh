@@ -3,7 +3,8 @@
 # the serial console with the settings given on the kernel command line
 # (novacron.mem_mb=, novacron.rate_mb=, novacron.verify_s=). With novacron.ip=
 # (address/prefix) the first NIC gets that address and a TCP echo service
-# listens on novacron.port= (default 7000).
+# listens on novacron.port= (default 7000). novacron.softdirty_check=1 first runs
+# the soft-dirty reader check (prints NOVACRON-SOFTDIRTY ...).
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -20,6 +21,7 @@ for word in $(cat /proc/cmdline); do
         novacron.verify_s=*) verify_s="${word#*=}" ;;
         novacron.ip=*) ip_cidr="${word#*=}" ;;
         novacron.port=*) port="${word#*=}" ;;
+        novacron.softdirty_check=1) /bin/softdirty-check ;;  # the engine's soft-dirty reader, on this kernel
     esac
 done
 if [ -n "$ip_cidr" ]; then
