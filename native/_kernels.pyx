@@ -485,6 +485,24 @@ def plan(const uint64_t[::1] pages, uint8_t[::1] kinds, const uint8_t[:, ::1] di
 
 
 
+def forget_pages(DigestTable table, int32_t[::1] slot_of_page, const uint64_t[::1] pages):
+    """Drop the index entries that name these pages as holders of their digest: they
+    are about to be sent without hashing, so the receiver's copy may no longer match."""
+    cdef Py_ssize_t i
+    cdef int64_t p, slot
+    for i in range(pages.shape[0]):
+        if pages[i] >= <uint64_t>slot_of_page.shape[0]:
+            raise ValueError("page map smaller than memory")
+    with nogil:
+        for i in range(pages.shape[0]):
+            p = <int64_t>pages[i]
+            slot = slot_of_page[p]
+            if slot >= 0:
+                if table.value_at(slot) == p:
+                    table.remove_slot(slot)
+                slot_of_page[p] = -1
+
+
 def build_payload(const unsigned char[::1] mem, const uint64_t[::1] pages,
                   const uint8_t[::1] kinds, const int64_t[::1] srcs,
                   const uint8_t[:, ::1] digests, Py_ssize_t a, Py_ssize_t b,

@@ -92,12 +92,14 @@ class DedupMiss(FrameError):
 class EncodeStats:
     """What one ``encode`` call did, for a caller that adapts the pipeline to the link."""
 
+    raw_bytes: int = 0  # pages conveyed x 4096
     plain_bytes: int = 0  # frame plaintexts built (records + data pages)
     body_bytes: int = 0  # what went into the frames after (maybe) compression
     compressed_plain: int = 0  # plaintext bytes that went through zstd
     compress_s: float = 0.0  # thread-seconds in zstd
     wall_s: float = 0.0  # the whole call, wall clock
     compressed: bool = True  # compression was on for this call
+    deduped: bool = True  # pages were hashed and looked up in the dedup index
 
 
 @dataclass
@@ -219,6 +221,9 @@ class PageStreamSender:
         # off: page frames go out stored (no zstd), for links faster than the compressor;
         # may change between encode calls (see agent/migration/pipeline.py)
         self.compress = True
+        # off: pages are not hashed nor looked up in ``dedup`` (their index entries are
+        # dropped instead); same purpose, may change between calls
+        self.use_dedup = True
         self.last = EncodeStats()  # figures of the latest encode call
         self._staging: npt.NDArray[np.uint8] | None = None
         if tracker is not None and tracker.npages != self.npages:
@@ -285,7 +290,8 @@ class PageStreamSender:
                     ) -> Iterator[bytes]:
         """Like ``encode`` but yields frames as they are sealed (consume them all)."""
         idx = np.ascontiguousarray(np.asarray(pages).reshape(-1), dtype=np.uint64)
-        self.last = EncodeStats(compressed=self.compress)
+        self.last = EncodeStats(raw_bytes=int(idx.size) * PAGE_SIZE, compressed=self.compress,
+                                deduped=self.dedup is not None and self.use_dedup)
         if idx.size == 0:
             return
         t0 = time.perf_counter()
@@ -311,7 +317,7 @@ class PageStreamSender:
         kinds = np.zeros(n, dtype=np.uint8)
         if zbits is not None:
             kinds[zbits[idx.astype(np.int64)] == 1] = _kernels.PY_KIND_ZERO
-        dedup = self.dedup is not None
+        dedup = self.dedup is not None and self.use_dedup
         digests = np.empty((n if dedup else 0, 32), dtype=np.uint8)
         if self._staging is None:
             self._staging = np.empty((_CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
@@ -338,7 +344,10 @@ class PageStreamSender:
         c.seconds_hash += time.perf_counter() - t0
 
         srcs = np.empty(n, dtype=np.int64)
-        if self.dedup is not None:
+        if self.dedup is not None and not dedup:
+            _kernels.forget_pages(self.dedup.table, self.dedup.page_slots, idx)
+        if dedup:
+            assert self.dedup is not None
             ends = _kernels.plan(idx, kinds, digests, self.dedup.table, self.dedup.page_slots,
                                  srcs, self.frame_pages, _ZERO_PAGES_PER_FRAME, True)
         else:

@@ -12,7 +12,7 @@ class MigrationOptions:
     downtime_ms: float = 300.0  # budget for the stop-and-copy pause (QEMU's default)
     max_rounds: int = 30  # pre-copy rounds before forcing stop-and-copy
     compression_level: int = 1  # zstd level of page frames
-    # per batch, compress only when it moves pages faster (pipeline.py); off: always zstd
+    # per batch, dedup + zstd only when that moves pages faster (pipeline.py); off: always
     adaptive_compression: bool = True
     throttle: bool = True  # auto-converge: duty-cycle the vCPUs when pre-copy cannot keep up
     dedup: bool = True  # send pages the destination already holds as references

@@ -1,85 +1,100 @@
-"""Per batch: compress the page frames or not, whichever moves pages faster.
+"""Per batch: pack the pages (dedup + zstd) or send them stored, whichever moves
+guest RAM faster on this link with this CPU.
 
-Encoding (hash, copy, seal) and sending overlap: batch i+1 is encoded while
-batch i goes out. Per raw byte, a batch then costs the slower of the two::
+Encoding (copy, fingerprint, seal; plus BLAKE3 and zstd when packing) and
+sending overlap: batch i+1 is encoded while batch i goes out, so a batch costs
+the slower of the two. Per byte of guest RAM conveyed, for each mode::
 
-    stored:      max(e,     l)
-    compressed:  max(e + c, l * r)
+    cost = max(encode seconds per raw byte, send seconds per wire byte x wire bytes per raw byte)
 
-with e the encode time without zstd, c the zstd time (thread-seconds over the
-encode threads), r the compressed/plain ratio and l the send time per wire
-byte (token bucket, socket writes and drains: the link, or a receiver slower
-than the link). All four are measured on the running migration (moving
-averages). On loopback or 10 GbE, l is below c and frames go stored; under a
-50 MB/s cap l dominates and zstd pays whenever r < 1. Compression is switched
-back on for one batch every ``RESAMPLE`` batches, so c and r follow the data.
+The encode figures are measured per mode on the running migration; the send
+time per wire byte (token bucket, socket writes and drains: the link, or a
+receiver slower than the link) is one figure for both. On loopback or 10 GbE
+sending is cheap and stored wins (hashing and zstd cost more than they save);
+under a 50 MB/s cap the link dominates and packing wins whenever it shrinks the
+data. The first two batches measure both modes; afterwards the losing mode gets
+one batch every ``RESAMPLE`` so its figures follow the data.
 """
 
 from __future__ import annotations
 
 from novacron.native import EncodeStats
 
-RESAMPLE = 16  # batches between compressed samples while frames go stored
-MARGIN = 0.9  # switch only for a clear gain (hysteresis against noise)
-ALPHA = 0.3  # weight of the newest batch in the moving averages
+RESAMPLE = 16  # batches between samples of the mode not chosen
+MARGIN = 0.9  # leave packing only for a clear gain (hysteresis against noise)
+DECAY = 0.7  # weight of the past in the running sums (recent batches count most)
 
 
-def _avg(old: float | None, new: float) -> float:
-    return new if old is None else (1 - ALPHA) * old + ALPHA * new
+class _Sums:
+    """Decaying sums, so ratios are of totals (robust to tiny batches)."""
+
+    def __init__(self) -> None:
+        self.encode_s = self.raw = self.wire = 0.0
+        self.n = 0
+
+    def add(self, encode_s: float, raw: float, wire: float) -> None:
+        self.encode_s = DECAY * self.encode_s + encode_s
+        self.raw = DECAY * self.raw + raw
+        self.wire = DECAY * self.wire + wire
+        self.n += 1
 
 
 class CompressionPolicy:
-    def __init__(self, threads: int, enabled: bool = True) -> None:
-        self.threads = max(1, threads)
-        self.enabled = enabled  # False: always compress (the old behaviour)
-        self.e: float | None = None  # encode s per plain byte, zstd excluded
-        self.c: float | None = None  # zstd s per plain byte (wall, over the threads)
-        self.r: float | None = None  # body / plain when compressed
-        self.l: float | None = None  # send s per wire byte
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled  # False: always pack (the old behaviour)
+        self._mode = {True: _Sums(), False: _Sums()}  # packed, stored
+        self._send_s = self._send_wire = 0.0
         self.batches = 0
-        self.compressed_batches = 0
+        self.packed_batches = 0
         self._since_sample = 0
+        self._last_choice = True
 
     def observe(self, enc: EncodeStats, send_s: float, wire_bytes: int) -> None:
         """Record one batch: its encode figures and how long sending its frames took."""
         self.batches += 1
-        if enc.plain_bytes <= 0:
+        packed = enc.compressed or enc.deduped
+        self.packed_batches += packed
+        if enc.raw_bytes <= 0:
             return
-        zstd_wall = enc.compress_s / self.threads
-        self.e = _avg(self.e, max(enc.wall_s - zstd_wall, 0.0) / enc.plain_bytes)
-        if enc.compressed and enc.compressed_plain > 0:
-            self.compressed_batches += 1
-            self.c = _avg(self.c, zstd_wall / enc.compressed_plain)
-            self.r = _avg(self.r, enc.body_bytes / enc.plain_bytes)
-        if wire_bytes > 0:
-            self.l = _avg(self.l, send_s / wire_bytes)
+        self._mode[packed].add(enc.wall_s, enc.raw_bytes, wire_bytes)
+        self._send_s = DECAY * self._send_s + send_s
+        self._send_wire = DECAY * self._send_wire + wire_bytes
 
-    def compress_next(self) -> bool:
-        """Whether the next batch should be compressed."""
+    def _cost(self, packed: bool) -> float | None:
+        m = self._mode[packed]
+        if m.n == 0 or m.raw <= 0 or self._send_wire <= 0:
+            return None
+        per_wire = self._send_s / self._send_wire
+        return max(m.encode_s / m.raw, per_wire * m.wire / m.raw)
+
+    def pack_next(self) -> bool:
+        """Whether the next batch should be packed (deduplicated and compressed)."""
         if not self.enabled:
             return True
-        if self.c is None or self.r is None or self.e is None or self.l is None:
-            return True  # learn what zstd costs and gains on this guest first
-        stored = max(self.e, self.l)
-        packed = max(self.e + self.c, self.l * self.r)
-        if packed < MARGIN * stored:
-            self._since_sample = 0
-            return True
-        self._since_sample += 1
-        if self._since_sample >= RESAMPLE:  # refresh c and r: the data may have changed
-            self._since_sample = 0
-            return True
-        return False
+        packed, stored = self._cost(True), self._cost(False)
+        if packed is None:
+            choice = True  # measure each mode once: packed first, then stored
+        elif stored is None:
+            choice = False
+        else:
+            choice = packed < (1.0 / MARGIN if self._last_choice else MARGIN) * stored
+            self._since_sample += 1
+            if self._since_sample >= RESAMPLE:  # the other mode's figures may have aged
+                self._since_sample = 0
+                return not choice
+        self._last_choice = choice
+        return choice
 
     def as_dict(self) -> dict[str, float | int | None]:
-        def rate(x: float | None) -> float | None:
-            return round(1 / x / 1e6, 1) if x else None
+        def mb_s(num: float, den: float) -> float | None:
+            return round(num / den / 1e6, 1) if den > 0 else None
 
+        p, s = self._mode[True], self._mode[False]
         return {
             "batches": self.batches,
-            "compressed_batches": self.compressed_batches,
-            "encode_mb_s": rate(self.e),  # without zstd
-            "zstd_mb_s": rate(self.c),
-            "link_mb_s": rate(self.l),
-            "ratio": None if self.r is None else round(self.r, 3),
+            "packed_batches": self.packed_batches,
+            "packed_encode_mb_s": mb_s(p.raw, p.encode_s),
+            "stored_encode_mb_s": mb_s(s.raw, s.encode_s),
+            "link_mb_s": mb_s(self._send_wire, self._send_s),
+            "packed_wire_ratio": round(p.wire / p.raw, 3) if p.raw else None,
         }

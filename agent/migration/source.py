@@ -97,7 +97,7 @@ class SourceMigration:
         self.stop_scan: StopScan | None = None
         self.throttle = Throttle(vm)
         self.sender: PageStreamSender | None = None
-        self.policy = CompressionPolicy(threads=2, enabled=opts.adaptive_compression)
+        self.policy = CompressionPolicy(enabled=opts.adaptive_compression)
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -336,8 +336,8 @@ class SourceMigration:
                    for i in range(0, len(indices), self.opts.batch_pages)]
 
         def encode(batch: np.ndarray) -> tuple[list[bytes], EncodeStats]:
-            # zstd or not, per batch: whichever the link and the CPU make faster
-            sender.compress = policy.compress_next()
+            # dedup + zstd or stored, per batch: whichever the link and the CPU make faster
+            sender.compress = sender.use_dedup = policy.pack_next()
             return sender.encode(batch, zero), sender.last
 
         pending = asyncio.create_task(asyncio.to_thread(encode, batches[0]))

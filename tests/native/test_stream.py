@@ -385,3 +385,24 @@ def test_stored_frames_when_compression_is_off() -> None:
     for frame in packed + stored:
         receiver.open(frame)
     assert np.array_equal(out, mem)
+
+
+def test_unhashed_batch_drops_stale_dedup_entries() -> None:
+    mem = make_memory([2] * NPAGES, 9)
+    sender = N.PageStreamSender(KEY, mem, dedup=N.DedupIndex())
+    out = np.zeros_like(mem)
+    receiver = N.PageStreamReceiver(KEY, out)
+    old = mem[5 * PAGE:6 * PAGE].copy()
+    frames = sender.encode(np.array([5], dtype=np.uint64))  # indexed: page 5 holds `old`
+    mem[5 * PAGE:6 * PAGE] = 0x5A  # page 5 changes, sent without hashing
+    sender.use_dedup = False
+    frames += sender.encode(np.array([5], dtype=np.uint64))
+    assert not sender.last.deduped
+    mem[9 * PAGE:10 * PAGE] = old  # `old` appears elsewhere: must not point at page 5 now
+    sender.use_dedup = True
+    frames += sender.encode(np.array([9], dtype=np.uint64))
+    assert sender.counters.pages_dedup == 0
+    for f in frames:
+        receiver.open(f)
+    assert np.array_equal(out[5 * PAGE:6 * PAGE], mem[5 * PAGE:6 * PAGE])
+    assert np.array_equal(out[9 * PAGE:10 * PAGE], old)
