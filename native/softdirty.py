@@ -202,24 +202,22 @@ class GuestRamWatch:
 
     def mappings(self) -> list[_Mapping]:
         """The process's writable shared mappings of the file (re-read each time)."""
-        out = []
-        major, minor = os.major(self.dev), os.minor(self.dev)
-        with open(f"/proc/{self.pid}/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) < 5 or parts[4] != str(self.ino):
-                    continue
-                dmaj, _, dmin = parts[3].partition(":")
-                perms = parts[1]
-                if int(dmaj, 16) != major or int(dmin, 16) != minor or perms[1] != "w" or perms[3] != "s":
-                    continue
-                lo, _, hi = parts[0].partition("-")
-                start, end = int(lo, 16), int(hi, 16)
-                first = int(parts[2], 16) // PAGE_SIZE
-                n = min((end - start) // PAGE_SIZE, self.npages - first)
-                if n > 0:
-                    out.append(_Mapping(start, first, n))
-        return out
+        return _writable_mappings(self.pid, self.dev, self.ino, self.npages)
+
+    def other_writers(self) -> list[int]:
+        """Other processes that map the file writable (e.g. a vhost-user backend): their
+        writes are not in this process's page tables, so they void the bound."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == self.pid:
+                continue
+            try:
+                if _writable_mappings(int(entry), self.dev, self.ino, self.npages):
+                    pids.append(int(entry))
+            except OSError:  # gone meanwhile, or a kernel thread
+                continue
+        return pids
+
 
     def clear(self) -> None:
         """Reset the soft-dirty bits of the whole process (the kernel has no per-range clear)."""
@@ -236,3 +234,24 @@ class GuestRamWatch:
         finally:
             os.close(fd)
         return out
+
+
+def _writable_mappings(pid: int, dev: int, ino: int, npages: int) -> list[_Mapping]:
+    out = []
+    major, minor = os.major(dev), os.minor(dev)
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) < 5 or parts[4] != str(ino):
+                continue
+            dmaj, _, dmin = parts[3].partition(":")
+            perms = parts[1]
+            if int(dmaj, 16) != major or int(dmin, 16) != minor or perms[1] != "w" or perms[3] != "s":
+                continue
+            lo, _, hi = parts[0].partition("-")
+            start, end = int(lo, 16), int(hi, 16)
+            first = int(parts[2], 16) // PAGE_SIZE
+            n = min((end - start) // PAGE_SIZE, npages - first)
+            if n > 0:
+                out.append(_Mapping(start, first, n))
+    return out

@@ -271,8 +271,10 @@ class SourceMigration:
             tracker=tracker,
         )
         self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
-        stop_scan = self.stop_scan = StopScan(st.id, self.vm.pid, self.vm.ram_path,
-                                              self.vm.ram_stat, tracker.npages, opts.bounded_pause)
+        stop_scan = await asyncio.to_thread(
+            StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
+            opts.bounded_pause)
+        self.stop_scan = stop_scan
         st.stop_scan = stop_scan.as_dict()
         stop_scan.before_scan(first=True)
         scan = await asyncio.to_thread(tracker.scan)

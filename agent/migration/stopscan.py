@@ -20,7 +20,8 @@ VM's process (QEMU) may have written, from its page tables (``GuestRamWatch``):
   guest's working set, not its RAM size (an idle 4 GiB guest maps a few hundred
   MB). Later pre-copy scans use the same mask.
 - ``full``: anything else (no pid, /proc unreadable, RAM file not on tmpfs or
-  hugetlbfs, swap on, shmem huge pages, ``bounded_pause`` off): every page, as before. Correct everywhere, O(RAM).
+  hugetlbfs, swap on, shmem huge pages, another process mapping the RAM file
+  writable such as a vhost-user backend, ``bounded_pause`` off): every page, as before. Correct everywhere, O(RAM).
 
 Any error reading /proc falls back to ``full`` for the rest of the migration.
 """
@@ -42,6 +43,8 @@ log = logging.getLogger("novacron.agent.migration")
 
 
 class StopScan:
+    """Built in a worker thread: it reads /proc (every process's maps, once)."""
+
     def __init__(self, migration: str, pid: int | None, ram_path: Path, ram_stat: Any,
                  npages: int, enabled: bool = True) -> None:
         self.migration = migration
@@ -58,11 +61,16 @@ class StopScan:
             self.reason = unsafe
         else:
             try:
-                self._watch = GuestRamWatch(pid, ram_stat.st_dev, ram_stat.st_ino, npages)
+                watch = GuestRamWatch(pid, ram_stat.st_dev, ram_stat.st_ino, npages)
+                others = watch.other_writers()
             except OSError as exc:
                 self.reason = f"cannot read the VM process's page tables: {exc}"
             else:
-                self.mode = "soft-dirty" if soft_dirty_supported() else "resident"
+                if others:
+                    self.reason = f"other processes map the RAM file writable: {others[:5]}"
+                else:
+                    self._watch = watch
+                    self.mode = "soft-dirty" if soft_dirty_supported() else "resident"
         log.info("stop-phase scan", extra={"migration": migration, "mode": self.mode,
                                            "reason": self.reason or None})
 

@@ -67,6 +67,12 @@ def test_resident_pages_of_another_process(shm_file: Path) -> None:
         assert all(any(abs(g - t) < 16 for t in written + read) for g in got)
         assert watch.pagemap_bytes == npages * 8
         ro.close()
+        assert watch.other_writers() == []
+        second = _writer(shm_file, npages * PAGE, [1], [2])  # e.g. a vhost-user backend
+        try:
+            assert watch.other_writers() == [second.pid]
+        finally:
+            second.communicate("")
         with pytest.raises(OSError, match="writable"):
             N.GuestRamWatch(os.getpid(), st.st_dev, st.st_ino, npages)  # we map it read-only only
     finally:
