@@ -35,6 +35,10 @@ START: dict[str, Any] = {
                 "max_rounds": {"type": "integer", "minimum": 1, "maximum": 1000},
                 "compression_level": {"type": "integer", "minimum": 1, "maximum": 19},
                 "dedup": {"type": "boolean"},
+                "adaptive_compression": {"type": "boolean", "description":
+                                         "per batch, dedup + zstd only when that moves pages faster"},
+                "bounded_pause": {"type": "boolean", "description":
+                                  "while paused, scan only pages QEMU may have written (else all RAM)"},
                 "test_digest": {"type": "boolean"},
                 "batch_pages": {"type": "integer", "minimum": 64, "maximum": 65536},
                 "timeout_s": {"type": "number", "minimum": 1, "maximum": 86400},
