@@ -14,6 +14,10 @@ GIL and read/write guest memory buffers in place. Public API (stable):
   A page reported dirty is reported once: send it (or keep it pending).
 - ``soft_dirty_supported()``, ``SoftDirtyUnsupported(OSError)``,
   ``SoftDirtyTracker(pid, addr, length)`` with ``clear()`` / ``read()`` -> bitmap.
+- ``GuestRamWatch(pid, dev, ino, npages)``: pages of a RAM file another process
+  maps (``read()``) or wrote since ``clear()`` (``read(soft_dirty=True)``), from
+  its page tables; ``residency_unsafe_reason()`` says when that is no bound.
+- ``FingerprintTracker.scan(mask)`` fingerprints only the pages set in ``mask``.
 - ``DedupIndex(max_entries=None)``: sender-side digest index; the sender fills
   it with pages it sends; ``add_remote(digests)`` adds the receiver's cached
   pages (bytes of n*32, from ``PageCache.digests()``); ``forget_remote(d)``.
@@ -24,7 +28,9 @@ GIL and read/write guest memory buffers in place. Public API (stable):
   -> list of sealed frames (``iter_encode`` yields them); ``seal_blob(tag,
   data)``. Pass ``tracker=`` (the FingerprintTracker of the same memory) while
   the guest runs: the sender then records the fingerprint of the bytes it sent,
-  so a page changed after the scan is always found dirty again.
+  so a page changed after the scan is always found dirty again. ``compress``
+  (default True) may be switched off between calls (frames then go stored);
+  ``last`` holds the latest call's ``EncodeStats``.
 - ``PageStreamReceiver(key32, mem_writable, *, cache=None, counters=None)``:
   ``open(frame)`` -> ``Opened(pages, blob, seq)``, ``open_many(frames,
   threads=2)`` (decompresses in parallel, applies in order); raises a ``FrameError``
@@ -55,10 +61,17 @@ from novacron.native.bitmap import (
 from novacron.native.counters import Counters
 from novacron.native.dedup import DedupIndex, PageCache, memory_budget, page_digest
 from novacron.native.limiter import TokenBucket
-from novacron.native.softdirty import SoftDirtyTracker, SoftDirtyUnsupported, soft_dirty_supported
+from novacron.native.softdirty import (
+    GuestRamWatch,
+    SoftDirtyTracker,
+    SoftDirtyUnsupported,
+    residency_unsafe_reason,
+    soft_dirty_supported,
+)
 from novacron.native.stream import (
     HEADER_SIZE,
     DedupMiss,
+    EncodeStats,
     FrameError,
     FrameMalformed,
     FrameReordered,
@@ -82,6 +95,7 @@ __all__ = [
     "Counters",
     "DedupIndex",
     "DedupMiss",
+    "EncodeStats",
     "FingerprintTracker",
     "FrameError",
     "FrameMalformed",
@@ -90,6 +104,7 @@ __all__ = [
     "FrameTampered",
     "FrameTruncated",
     "FrameWrongKey",
+    "GuestRamWatch",
     "Opened",
     "PageCache",
     "PageStreamReceiver",
@@ -108,5 +123,6 @@ __all__ = [
     "frame_length",
     "memory_budget",
     "page_digest",
+    "residency_unsafe_reason",
     "soft_dirty_supported",
 ]

@@ -16,13 +16,18 @@ cdef extern from "nc_hash.h" nogil:
     void nc_fp_key_init(nc_fp_key *k, const unsigned char *key, size_t keylen)
     uint64_t nc_fp_page(const nc_fp_key *k, const unsigned char *page, uint64_t *nonzero)
     uint64_t nc_fp_scan(const nc_fp_key *k, const unsigned char *mem, uint64_t first,
-                        uint64_t last, uint64_t *fps, unsigned char *dirty,
-                        unsigned char *zero, uint64_t *nzero)
+                        uint64_t last, uint64_t *fps, const unsigned char *mask,
+                        unsigned char *dirty, unsigned char *zero, uint64_t *nzero)
     int nc_page_is_zero(const unsigned char *page)
     void nc_blake3_page(const unsigned char *page, unsigned char *out)
     void nc_blake3_4pages(const unsigned char **pages, unsigned char **out)
     uint64_t nc_mix64(uint64_t h)
     uint64_t nc_load64(const unsigned char *p)
+
+cdef extern from "nc_pagemap.h" nogil:
+    int nc_pagemap_bits(int fd, uint64_t addr, uint64_t npages, unsigned bit,
+                        unsigned char *out, uint64_t first)
+    int nc_clear_soft_dirty(int pid)
 
 DEF PAGE = 4096
 
@@ -97,17 +102,25 @@ cdef class Fingerprinter:
         return nc_fp_page(&self.key, &page[0], &nz)
 
     def scan(self, const unsigned char[::1] mem, uint64_t first, uint64_t last,
-             uint64_t[::1] fps, unsigned char[::1] dirty, unsigned char[::1] zero):
-        """Scan pages [first, last) (first a multiple of 8); returns (dirty, zero) counts."""
+             uint64_t[::1] fps, unsigned char[::1] dirty, unsigned char[::1] zero,
+             const unsigned char[::1] mask=None):
+        """Scan pages [first, last) (first a multiple of 8), only those set in ``mask``
+        when given; returns (dirty, zero) counts."""
         cdef uint64_t npages = mem.shape[0] // PAGE
         if first % 8 or first > last or last > npages or fps.shape[0] < last:
             raise ValueError("bad scan range")
         if <uint64_t>dirty.shape[0] * 8 < last or <uint64_t>zero.shape[0] * 8 < last:
             raise ValueError("bitmap too small")
+        cdef const unsigned char *m = NULL
+        if mask is not None:
+            if <uint64_t>mask.shape[0] * 8 < last:
+                raise ValueError("mask too small")
+            if mask.shape[0]:
+                m = &mask[0]
         cdef uint64_t nd = 0, nz = 0
         if last > first:
             with nogil:
-                nd = nc_fp_scan(&self.key, &mem[0], first, last, &fps[0], &dirty[0],
+                nd = nc_fp_scan(&self.key, &mem[0], first, last, &fps[0], m, &dirty[0],
                                 &zero[0], &nz)
         return nd, nz
 
@@ -472,6 +485,24 @@ def plan(const uint64_t[::1] pages, uint8_t[::1] kinds, const uint8_t[:, ::1] di
 
 
 
+def forget_pages(DigestTable table, int32_t[::1] slot_of_page, const uint64_t[::1] pages):
+    """Drop the index entries that name these pages as holders of their digest: they
+    are about to be sent without hashing, so the receiver's copy may no longer match."""
+    cdef Py_ssize_t i
+    cdef int64_t p, slot
+    for i in range(pages.shape[0]):
+        if pages[i] >= <uint64_t>slot_of_page.shape[0]:
+            raise ValueError("page map smaller than memory")
+    with nogil:
+        for i in range(pages.shape[0]):
+            p = <int64_t>pages[i]
+            slot = slot_of_page[p]
+            if slot >= 0:
+                if table.value_at(slot) == p:
+                    table.remove_slot(slot)
+                slot_of_page[p] = -1
+
+
 def build_payload(const unsigned char[::1] mem, const uint64_t[::1] pages,
                   const uint8_t[::1] kinds, const int64_t[::1] srcs,
                   const uint8_t[:, ::1] digests, Py_ssize_t a, Py_ssize_t b,
@@ -775,3 +806,33 @@ cdef class FrameBuffer:
             raise BufferError("frame is still being written")
         self._taken = True
         return self._frame
+
+
+# --------------------------------------------------------------------------
+# Another process's page tables (nc_pagemap.h; see softdirty.py)
+# --------------------------------------------------------------------------
+
+def pagemap_bits(int fd, uint64_t addr, uint64_t npages, unsigned bit,
+                 unsigned char[::1] out, uint64_t first):
+    """Set bit first+i of ``out`` for each of the npages pagemap entries from ``addr``
+    (pagemap open at ``fd``) that has ``bit`` or the swap bit."""
+    if bit > 63 or addr % PAGE:
+        raise ValueError("bad pagemap bit or unaligned address")
+    if npages == 0:
+        return
+    if (first + npages + 7) // 8 > <uint64_t>out.shape[0]:
+        raise ValueError("bitmap too small")
+    cdef int rc
+    with nogil:
+        rc = nc_pagemap_bits(fd, addr, npages, bit, &out[0], first)
+    if rc:
+        raise OSError(-rc, os.strerror(-rc))
+
+
+def clear_soft_dirty(int pid):
+    """Clear the soft-dirty bits of every mapping of process ``pid``."""
+    cdef int rc
+    with nogil:
+        rc = nc_clear_soft_dirty(pid)
+    if rc:
+        raise OSError(-rc, f"/proc/{pid}/clear_refs: {os.strerror(-rc)}")

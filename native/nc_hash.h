@@ -95,17 +95,21 @@ static inline uint64_t nc_fp_page(const nc_fp_key *k, const unsigned char *page,
 
 /* Scan pages [first, last): update stored fingerprints, set dirty/zero bits.
  * first must be a multiple of 8 so that threads own whole bitmap bytes.
+ * mask (NULL: every page) limits the scan to the pages whose bit is set; the
+ * others read as neither dirty nor zero and keep their fingerprints.
  * Returns the number of dirty pages. */
 NC_MULTIVERSION
 static uint64_t nc_fp_scan(const nc_fp_key *k, const unsigned char *mem, uint64_t first,
-                           uint64_t last, uint64_t *fps, unsigned char *dirty,
-                           unsigned char *zero, uint64_t *nzero) {
+                           uint64_t last, uint64_t *fps, const unsigned char *mask,
+                           unsigned char *dirty, unsigned char *zero, uint64_t *nzero) {
     uint64_t ndirty = 0, zeros = 0;
     for (uint64_t byte = first >> 3; byte < (last + 7) >> 3; byte++) {
         unsigned char dbits = 0, zbits = 0;
-        for (unsigned bit = 0; bit < 8; bit++) {
+        unsigned want = mask ? mask[byte] : 0xffu;
+        for (unsigned bit = 0; want && bit < 8; bit++) {
             uint64_t i = (byte << 3) + bit;
             if (i >= last) break;
+            if (!(want & (1u << bit))) continue;
             uint64_t nz;
             uint64_t h = nc_fp_page(k, mem + i * NC_PAGE, &nz);
             if (h != fps[i]) {

@@ -1,8 +1,21 @@
-"""Dirty-page tracking with the kernel's soft-dirty bits (/proc/PID/pagemap).
+"""What another process (QEMU) may have written in a RAM file, from its page tables
+(/proc/PID/pagemap).
 
-Needs a kernel built with CONFIG_MEM_SOFT_DIRTY. ``soft_dirty_supported()``
-checks by experiment on this process (clear, write one page, read the bit), so
-callers can fall back to fingerprints when it says no.
+Two signals, both read from the writable shared mappings of the file in that
+process (found in /proc/PID/maps by device and inode):
+
+- **soft-dirty** (bit 55): pages written since the last ``clear_refs``. Needs a
+  kernel built with CONFIG_MEM_SOFT_DIRTY; ``soft_dirty_supported()`` checks by
+  experiment (clear, write one page of a shared memfd mapping, read the bit).
+- **resident** (bit 63): pages the process has mapped at all. A process can only
+  write a page of the file through a page-table entry, so a page it does not map
+  now was not written since it last mapped it, *provided the kernel never drops a
+  written entry of the file on its own*: no swap (tmpfs pages are then never
+  reclaimed) and no shmem transparent huge pages (khugepaged would retract the
+  entries). ``residency_unsafe_reason()`` checks both. Soft-dirty bits rely on the
+  same: they live in those entries.
+
+Swap-format entries (bit 62: a page being migrated by the kernel) count as written.
 """
 
 from __future__ import annotations
@@ -10,13 +23,17 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from novacron.native.bitmap import Bitmap
+import novacron.native._kernels as _kernels
+from novacron.native.bitmap import Bitmap, bitmap_new
 
 PAGE_SIZE = 4096
 _SOFT_DIRTY_BIT = 55
+_PRESENT_BIT = 63  # (bit 62, a swap-format entry, always counts: see nc_pagemap.h)
 _CLEAR_SOFT_DIRTY = b"4"
 
 
@@ -48,7 +65,13 @@ def _read_entries(pid: int | str, addr: int, npages: int) -> np.ndarray:
 @functools.cache
 def _probe() -> str:
     """Empty string when soft-dirty works in this process, else why not."""
-    buf = mmap.mmap(-1, PAGE_SIZE)
+    # a shared file mapping, like QEMU's of the RAM file (tmpfs, as a memfd is)
+    fd = os.memfd_create("novacron-soft-dirty-probe")
+    try:
+        os.ftruncate(fd, PAGE_SIZE)
+        buf = mmap.mmap(fd, PAGE_SIZE)
+    finally:
+        os.close(fd)
     try:
         buf[0] = 1
         addr = _address_of(buf)
@@ -103,3 +126,132 @@ class SoftDirtyTracker:
         entries = _read_entries(self.pid, self.addr, self.npages)
         bits = ((entries >> np.uint64(_SOFT_DIRTY_BIT)) & np.uint64(1)).astype(np.uint8)
         return np.packbits(bits, bitorder="little")
+
+
+_TMPFS_MAGIC = 0x01021994
+_HUGETLBFS_MAGIC = 0x958458F6
+
+
+def _fs_type(path: str) -> int:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little")
+
+
+def residency_unsafe_reason(ram_path: str | None = None, sys_root: str = "/") -> str:
+    """Empty when the kernel keeps every written page-table entry of the RAM file
+    until the process unmaps it (tmpfs or hugetlbfs, no swap, no shmem huge pages),
+    else why not."""
+    if ram_path is not None:
+        try:
+            fs = _fs_type(ram_path)
+        except OSError as exc:
+            return f"cannot tell the RAM file's filesystem: {exc}"
+        if fs == _HUGETLBFS_MAGIC:
+            return ""  # huge pages are never swapped out nor collapsed
+        if fs != _TMPFS_MAGIC:
+            return "the RAM file is not on tmpfs (its pages may be written back and dropped)"
+    root = Path(sys_root)
+    try:
+        swaps = (root / "proc/swaps").read_text().splitlines()[1:]
+    except OSError as exc:
+        return f"cannot read /proc/swaps: {exc}"
+    if any(line.strip() for line in swaps):
+        return "swap is enabled (tmpfs pages may be swapped out, dropping their page-table entries)"
+    thp = root / "sys/kernel/mm/transparent_hugepage"
+    if thp.is_dir():
+        for f in [thp / "shmem_enabled", *sorted(thp.glob("hugepages-*/shmem_enabled"))]:
+            try:
+                text = f.read_text()
+            except OSError:
+                continue
+            chosen = text[text.find("[") + 1:text.find("]")] if "[" in text else text.strip()
+            if chosen not in ("never", "deny", "inherit"):
+                return f"shmem huge pages are enabled ({f.relative_to(root)}: {chosen})"
+    return ""
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    start: int  # address in the process
+    first_page: int  # page of the file it starts at
+    npages: int
+
+
+class GuestRamWatch:
+    """Pages of a RAM file that process ``pid`` may have written, from its page tables.
+
+    ``read(soft_dirty)`` returns a bitmap over the file's pages: with
+    ``soft_dirty=True`` the pages written since ``clear()``, else the pages the
+    process maps (see the module notes for why that bounds what it wrote).
+    ``pagemap_bytes`` counts what was read from /proc. Raises OSError when the
+    process is gone, cannot be inspected, or maps no writable part of the file.
+    """
+
+    def __init__(self, pid: int, dev: int, ino: int, npages: int) -> None:
+        self.pid, self.dev, self.ino, self.npages = pid, dev, ino, npages
+        self.pagemap_bytes = 0
+        if not self.mappings():
+            raise OSError(f"process {pid} maps no writable shared part of the RAM file")
+
+    def mappings(self) -> list[_Mapping]:
+        """The process's writable shared mappings of the file (re-read each time)."""
+        return _writable_mappings(self.pid, self.dev, self.ino, self.npages)
+
+    def other_writers(self) -> list[int]:
+        """Other processes that map the file writable (e.g. a vhost-user backend): their
+        writes are not in this process's page tables, so they void the bound."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == self.pid:
+                continue
+            try:
+                if _writable_mappings(int(entry), self.dev, self.ino, self.npages):
+                    pids.append(int(entry))
+            except OSError:  # gone meanwhile, or a kernel thread
+                continue
+        return pids
+
+
+    def clear(self) -> None:
+        """Reset the soft-dirty bits of the whole process (the kernel has no per-range clear)."""
+        _kernels.clear_soft_dirty(self.pid)
+
+    def read(self, soft_dirty: bool = False) -> Bitmap:
+        out = bitmap_new(self.npages)
+        fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
+        try:
+            for m in self.mappings():  # nc_pagemap.h, without the GIL
+                _kernels.pagemap_bits(fd, m.start, m.npages,
+                                      _SOFT_DIRTY_BIT if soft_dirty else _PRESENT_BIT, out, m.first_page)
+                self.pagemap_bytes += m.npages * 8
+        finally:
+            os.close(fd)
+        return out
+
+
+def _writable_mappings(pid: int, dev: int, ino: int, npages: int) -> list[_Mapping]:
+    out = []
+    major, minor = os.major(dev), os.minor(dev)
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) < 5 or parts[4] != str(ino):
+                continue
+            dmaj, _, dmin = parts[3].partition(":")
+            perms = parts[1]
+            if int(dmaj, 16) != major or int(dmin, 16) != minor or perms[1] != "w" or perms[3] != "s":
+                continue
+            lo, _, hi = parts[0].partition("-")
+            start, end = int(lo, 16), int(hi, 16)
+            first = int(parts[2], 16) // PAGE_SIZE
+            n = min((end - start) // PAGE_SIZE, npages - first)
+            if n > 0:
+                out.append(_Mapping(start, first, n))
+    return out

@@ -89,6 +89,20 @@ class DedupMiss(FrameError):
 
 
 @dataclass
+class EncodeStats:
+    """What one ``encode`` call did, for a caller that adapts the pipeline to the link."""
+
+    raw_bytes: int = 0  # pages conveyed x 4096
+    plain_bytes: int = 0  # frame plaintexts built (records + data pages)
+    body_bytes: int = 0  # what went into the frames after (maybe) compression
+    compressed_plain: int = 0  # plaintext bytes that went through zstd
+    compress_s: float = 0.0  # thread-seconds in zstd
+    wall_s: float = 0.0  # the whole call, wall clock
+    compressed: bool = True  # compression was on for this call
+    deduped: bool = True  # pages were hashed and looked up in the dedup index
+
+
+@dataclass
 class Opened:
     pages: int  # pages written into guest memory
     blob: tuple[int, bytes] | None  # (tag, data) for blob frames
@@ -204,6 +218,13 @@ class PageStreamSender:
         self.frame_pages = frame_pages
         self.counters = counters if counters is not None else Counters()
         self.dedup = dedup
+        # off: page frames go out stored (no zstd), for links faster than the compressor;
+        # may change between encode calls (see agent/migration/pipeline.py)
+        self.compress = True
+        # off: pages are not hashed nor looked up in ``dedup`` (their index entries are
+        # dropped instead); same purpose, may change between calls
+        self.use_dedup = True
+        self.last = EncodeStats()  # figures of the latest encode call
         self._staging: npt.NDArray[np.uint8] | None = None
         if tracker is not None and tracker.npages != self.npages:
             raise ValueError("tracker and sender must cover the same guest memory")
@@ -269,8 +290,11 @@ class PageStreamSender:
                     ) -> Iterator[bytes]:
         """Like ``encode`` but yields frames as they are sealed (consume them all)."""
         idx = np.ascontiguousarray(np.asarray(pages).reshape(-1), dtype=np.uint64)
+        self.last = EncodeStats(raw_bytes=int(idx.size) * PAGE_SIZE, compressed=self.compress,
+                                deduped=self.dedup is not None and self.use_dedup)
         if idx.size == 0:
             return
+        t0 = time.perf_counter()
         if int(idx.max()) >= self.npages:
             raise ValueError(f"page index {int(idx.max())} outside guest memory of "
                              f"{self.npages} pages")
@@ -285,6 +309,7 @@ class PageStreamSender:
         # staging area is reused chunk after chunk.
         for a in range(0, idx.size, _CHUNK_PAGES):
             yield from self._encode_chunk(idx[a:a + _CHUNK_PAGES], zbits)
+        self.last.wall_s = time.perf_counter() - t0
 
     def _encode_chunk(self, idx: npt.NDArray[np.uint64], zbits: npt.NDArray[np.uint8] | None
                       ) -> Iterator[bytes]:
@@ -292,7 +317,7 @@ class PageStreamSender:
         kinds = np.zeros(n, dtype=np.uint8)
         if zbits is not None:
             kinds[zbits[idx.astype(np.int64)] == 1] = _kernels.PY_KIND_ZERO
-        dedup = self.dedup is not None
+        dedup = self.dedup is not None and self.use_dedup
         digests = np.empty((n if dedup else 0, 32), dtype=np.uint8)
         if self._staging is None:
             self._staging = np.empty((_CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
@@ -319,7 +344,10 @@ class PageStreamSender:
         c.seconds_hash += time.perf_counter() - t0
 
         srcs = np.empty(n, dtype=np.int64)
-        if self.dedup is not None:
+        if self.dedup is not None and not dedup:
+            _kernels.forget_pages(self.dedup.table, self.dedup.page_slots, idx)
+        if dedup:
+            assert self.dedup is not None
             ends = _kernels.plan(idx, kinds, digests, self.dedup.table, self.dedup.page_slots,
                                  srcs, self.frame_pages, _ZERO_PAGES_PER_FRAME, True)
         else:
@@ -331,20 +359,30 @@ class PageStreamSender:
         c.bytes_raw += n * PAGE_SIZE
         ranges = list(zip([0, *ends[:-1]], ends, strict=True))
 
-        def payload(r: tuple[int, int]) -> tuple[int, int, bytes | bytearray, float]:
+        compress = self.compress
+
+        def payload(r: tuple[int, int]) -> tuple[int, int, bytes | bytearray, float, float]:
             t = time.perf_counter()
             plain = _kernels.build_payload(self._mem, idx, kinds, srcs, digests, r[0], r[1],
                                            staging)
-            flags, body = compress_or_skip(plain, self.level)
-            return flags, len(plain), body, time.perf_counter() - t
+            tz = time.perf_counter()
+            flags, body = compress_or_skip(plain, self.level) if compress else (0, plain)
+            t_end = time.perf_counter()
+            return flags, len(plain), body, t_end - t, t_end - tz
 
-        results: Iterator[tuple[int, int, bytes | bytearray, float]]
+        results: Iterator[tuple[int, int, bytes | bytearray, float, float]]
         if self.threads == 1 or len(ranges) == 1:
             results = map(payload, ranges)
         else:
             results = _bounded_map(pool(self.threads), payload, ranges, 2 * self.threads)
-        for flags, raw_len, body, secs in results:
+        last = self.last
+        for flags, raw_len, body, secs, zsecs in results:
             c.seconds_compress += secs
+            last.plain_bytes += raw_len
+            last.body_bytes += len(body)
+            if compress:
+                last.compressed_plain += raw_len
+                last.compress_s += zsecs
             if raw_len > MAX_RAW:  # cannot happen with frame_pages <= 4096; keep receivers safe
                 raise RuntimeError("frame payload exceeds the protocol limit")
             yield self._seal(KIND_PAGES, flags, raw_len, body, 0)

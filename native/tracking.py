@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 import novacron.native._kernels as _kernels
 from novacron.native._pool import check_threads, pool
-from novacron.native.bitmap import Bitmap, bitmap_new
+from novacron.native.bitmap import Bitmap, bitmap_count, bitmap_new
 from novacron.native.counters import Counters
 
 PAGE_SIZE = 4096
@@ -24,6 +24,7 @@ class ScanResult:
     dirty_count: int
     zero_count: int
     seconds: float
+    scanned: int = 0  # pages fingerprinted (all of them, or those in the scan's mask)
 
 
 def page_buffer(mem: Any, *, writable: bool = False) -> memoryview:
@@ -69,32 +70,39 @@ class FingerprintTracker:
     def memory_bytes(self) -> int:
         return int(self._fps.nbytes)
 
-    def scan(self) -> ScanResult:
-        """Fingerprint every page; report pages changed since the last scan, and zero pages."""
+    def scan(self, mask: Bitmap | None = None) -> ScanResult:
+        """Fingerprint every page, or only those set in ``mask``; report pages changed
+        since they were last fingerprinted, and zero pages (pages outside ``mask`` are
+        reported neither dirty nor zero, and keep their fingerprints)."""
         t0 = time.perf_counter()
         dirty = bitmap_new(self.npages)
         zero = bitmap_new(self.npages)
         n = self.npages
+        if mask is not None:
+            mask = np.ascontiguousarray(mask, dtype=np.uint8)
+            if mask.size * 8 < n:
+                raise ValueError("scan mask is smaller than guest memory")
         parts = self.threads if n >= 4096 * self.threads else 1
         step = ((n + parts - 1) // parts + 7) // 8 * 8
         bounds = [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
         if len(bounds) == 1:
-            results = [self._fp.scan(self._mem, 0, n, self._fps, dirty, zero)]
+            results = [self._fp.scan(self._mem, 0, n, self._fps, dirty, zero, mask)]
         else:
             ex = pool(self.threads)
-            futs = [ex.submit(self._fp.scan, self._mem, a, b, self._fps, dirty, zero)
+            futs = [ex.submit(self._fp.scan, self._mem, a, b, self._fps, dirty, zero, mask)
                     for a, b in bounds]
             results = [f.result() for f in futs]
         nd = sum(r[0] for r in results)
         nz = sum(r[1] for r in results)
+        scanned = n if mask is None else bitmap_count(mask)
         seconds = time.perf_counter() - t0
         if self.counters is not None:
             c = self.counters
-            c.pages_scanned += n
+            c.pages_scanned += scanned
             c.pages_dirty += nd
             c.pages_zero += nz
             c.seconds_scan += seconds
-        return ScanResult(dirty, zero, nd, nz, seconds)
+        return ScanResult(dirty, zero, nd, nz, seconds, scanned)
 
     @property
     def fingerprinter(self) -> _kernels.Fingerprinter:

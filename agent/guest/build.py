@@ -3,7 +3,8 @@
 Inputs: the Debian kernel package that ``linux-image-amd64`` currently points
 at (fetched with ``apt-get download``, unpacked with ``dpkg -x``), the static
 busybox from ``busybox-static``, our workload (``workload.c``, compiled static
-with gcc here) and ``init.sh``. Output, under
+with gcc here), the soft-dirty check (``softdirty_check.c`` with the engine's
+own reader ``native/nc_pagemap.h``) and ``init.sh``. Output, under
 ``${XDG_CACHE_HOME:-~/.cache}/novacron/guest/<key>/``: ``vmlinuz`` and
 ``initrd.img`` (gzip'd newc cpio). Debian builds virtio-net as modules, so the
 initramfs carries them (``NET_MODULES``, loaded in order by ``init.sh``).
@@ -95,6 +96,10 @@ def _source(name: str) -> bytes:
     return resources.files("novacron.agent.guest").joinpath(name).read_bytes()
 
 
+def _native_source(name: str) -> bytes:
+    return resources.files("novacron.native").joinpath(name).read_bytes()
+
+
 def resolve_kernel_package() -> tuple[str, str]:
     """(package, version) that ``linux-image-amd64`` depends on right now."""
     out = _run(["apt-cache", "depends", META_PACKAGE])
@@ -139,6 +144,8 @@ def build_key(kernel_pkg: str, kernel_ver: str) -> str:
         kernel_ver.encode(),
         hashlib.sha256(BUSYBOX.read_bytes()).digest(),
         _source("workload.c"),
+        _source("softdirty_check.c"),
+        _native_source("nc_pagemap.h"),
         _source("init.sh"),
         _gcc_version().encode(),
     ):
@@ -184,7 +191,18 @@ def compile_workload(work: Path) -> Path:
     return out
 
 
-def _initramfs(busybox: bytes, workload: bytes, modules: list[bytes]) -> bytes:
+def compile_softdirty_check(work: Path) -> Path:
+    """Compile softdirty_check.c against the engine's pagemap reader (static) into ``work``."""
+    src = work / "softdirty_check.c"
+    src.write_bytes(_source("softdirty_check.c"))
+    (work / "nc_pagemap.h").write_bytes(_native_source("nc_pagemap.h"))
+    out = work / "softdirty-check"
+    _run(["gcc", "-O2", "-static", "-s", "-Wall", "-Werror", "-I", str(work), "-o", str(out), str(src)])
+    return out
+
+
+def _initramfs(busybox: bytes, workload: bytes, modules: list[bytes],
+               softdirty_check: bytes = b"") -> bytes:
     net, power = modules[: len(NET_MODULES)], modules[len(NET_MODULES) :]
     entries = [
         cpio.directory("bin"),
@@ -199,6 +217,7 @@ def _initramfs(busybox: bytes, workload: bytes, modules: list[bytes]) -> bytes:
         cpio.file("bin/busybox", busybox, 0o755),
         cpio.symlink("bin/sh", "busybox"),
         cpio.file("bin/workload", workload, 0o755),
+        *([cpio.file("bin/softdirty-check", softdirty_check, 0o755)] if softdirty_check else []),
         cpio.file("init", _source("init.sh"), 0o755),
         cpio.directory("lib"),
         cpio.directory("lib/modules"),
@@ -259,10 +278,11 @@ def ensure_guest(root: Path | None = None) -> GuestImage:
             work = Path(tmp)
             kernel, modules = _fetch_kernel(pkg, version, root / "debs", work)
             workload = compile_workload(work).read_bytes()
+            sd_check = compile_softdirty_check(work).read_bytes()
             stage = work / "out"
             stage.mkdir()
             (stage / "vmlinuz").write_bytes(kernel)
-            (stage / "initrd.img").write_bytes(_initramfs(busybox, workload, modules))
+            (stage / "initrd.img").write_bytes(_initramfs(busybox, workload, modules, sd_check))
             (stage / "cmdline").write_text(GuestImage(Path(), Path(), "").workload_cmdline() + "\n")
             manifest = {"key": key, "kernel_package": pkg, "kernel_version": version}
             (stage / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -8,6 +8,8 @@
 # unless novacron.power_button=ignore (a guest that ignores it, for tests).
 # novacron.flood_kb=N prints N KiB of filler lines on the console (serial
 # history tests), then NOVACRON-FLOOD-DONE.
+# novacron.softdirty_check=1 first runs the soft-dirty reader check (prints
+# NOVACRON-SOFTDIRTY ...).
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -28,6 +30,7 @@ for word in $(cat /proc/cmdline); do
         novacron.port=*) port="${word#*=}" ;;
         novacron.power_button=*) power_button="${word#*=}" ;;
         novacron.flood_kb=*) flood_kb="${word#*=}" ;;
+        novacron.softdirty_check=1) /bin/softdirty-check ;;  # the engine's soft-dirty reader, on this kernel
     esac
 done
 if [ -n "$ip_cidr" ]; then

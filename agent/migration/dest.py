@@ -238,27 +238,58 @@ class _Incoming:
             await self.ch.send_ctrl(msg)
 
     async def _loop(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str) -> None:
+        # A frame is opened (decrypted, applied) in a worker while the next record is
+        # read off the channel; frames and control messages still take effect in order.
+        opening: list[asyncio.Task[None] | None] = [None]
+        try:
+            await self._records(dest, receiver, mm, sock, opening)
+        finally:
+            task = opening[0]
+            if task is not None and not task.done():
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _open_frame(self, receiver: PageStreamReceiver, frame: bytes) -> None:
+        st = self.status
+        try:
+            opened = await asyncio.to_thread(receiver.open, frame)
+        except FrameError as exc:
+            raise ProtocolError(f"bad page frame: {type(exc).__name__}: {exc}") from None
+        st.bytes_wire += len(frame) + 5
+        if opened.blob is not None:
+            tag, data = opened.blob
+            if tag != protocol.TAG_DEVICE_STATE or self.device_writer is None:
+                raise ProtocolError("unexpected blob frame")
+            self.device_writer.write(data)
+            await asyncio.wait_for(self.device_writer.drain(), 60)
+            st.device_state_bytes += len(data)
+        else:
+            st.pages_sent += opened.pages
+            st.bytes_raw += opened.pages * protocol.PAGE
+        await self._ack()  # held, so counted as sent at the source
+
+    async def _records(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str,
+                       opening: list[asyncio.Task[None] | None]) -> None:
         st = self.status
         while True:
-            rec = await self.ch.recv(timeout=self.idle)
+            if opening[0] is None:
+                rec = await self.ch.recv(timeout=self.idle)
+            else:
+                # a bad frame fails the migration now, not when the next record arrives
+                recv = asyncio.create_task(self.ch.recv(timeout=self.idle))
+                try:
+                    await asyncio.wait({recv, opening[0]}, return_when=asyncio.FIRST_COMPLETED)
+                    if opening[0].done():
+                        opening[0].result()
+                    rec = await recv
+                finally:
+                    if not recv.done():
+                        recv.cancel()
+                task, opening[0] = opening[0], None
+                await task  # the previous frame first: order is the protocol
             if rec.kind != CTRL:
                 assert rec.frame is not None
-                try:
-                    opened = await asyncio.to_thread(receiver.open, rec.frame)
-                except FrameError as exc:
-                    raise ProtocolError(f"bad page frame: {type(exc).__name__}: {exc}") from None
-                st.bytes_wire += len(rec.frame) + 5
-                if opened.blob is not None:
-                    tag, data = opened.blob
-                    if tag != protocol.TAG_DEVICE_STATE or self.device_writer is None:
-                        raise ProtocolError("unexpected blob frame")
-                    self.device_writer.write(data)
-                    await asyncio.wait_for(self.device_writer.drain(), 60)
-                    st.device_state_bytes += len(data)
-                else:
-                    st.pages_sent += opened.pages
-                    st.bytes_raw += opened.pages * protocol.PAGE
-                await self._ack()
+                opening[0] = asyncio.create_task(self._open_frame(receiver, rec.frame))
                 continue
             assert rec.ctrl is not None
             op = rec.op

@@ -16,9 +16,14 @@ class MigrationOptions:
     downtime_ms: float = 300.0  # budget for the stop-and-copy pause (QEMU's default)
     max_rounds: int = 30  # pre-copy rounds before forcing stop-and-copy
     compression_level: int = 1  # zstd level of page frames
+    # per batch, dedup + zstd only when that moves pages faster (pipeline.py); off: always
+    adaptive_compression: bool = True
     throttle: bool = True  # auto-converge: duty-cycle the vCPUs when pre-copy cannot keep up
     dedup: bool = True  # send pages the destination already holds as references
     test_digest: bool = False  # BLAKE3 both RAMs at switchover and compare
+    # fingerprint only the pages the VM's process may have written while it is paused
+    # (soft-dirty bits or its resident pages, see stopscan.py); off: every page
+    bounded_pause: bool = True
     batch_pages: int = 1024  # pages encoded per batch (bounds memory and limiter granularity)
     timeout_s: float = 600.0  # whole migration
     # after a channel loss past 'go': how long to ask the destination's API what

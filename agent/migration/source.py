@@ -32,7 +32,9 @@ from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.options import MigrationOptions
+from novacron.agent.migration.pipeline import CompressionPolicy
 from novacron.agent.migration.status import MigrationStatus
+from novacron.agent.migration.stopscan import StopScan
 from novacron.agent.migration.throttle import Throttle
 from novacron.agent.migration.unixsock import start_unix_server_at
 from novacron.agent.migration.vmport import SourceVM
@@ -41,6 +43,7 @@ from novacron.faults import crash_point
 from novacron.native import (
     Counters,
     DedupIndex,
+    EncodeStats,
     FingerprintTracker,
     PageStreamSender,
     TokenBucket,
@@ -93,6 +96,7 @@ class SourceMigration:
         self._zero_skipped = 0  # zero pages at the first scan (see _precopy)
         self._mm: mmap.mmap | None = None
         self.tracker: FingerprintTracker | None = None
+        self.stop_scan: StopScan | None = None
         self.throttle = Throttle(vm)
         self.sender: PageStreamSender | None = None
         self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
@@ -108,6 +112,7 @@ class SourceMigration:
         self._final_wire = 0  # bytes of the pages sent while paused
         self._dirty_per_page: float | None = None  # wire bytes of a re-sent page, lately
         self._learned = estimate.learned(status.peer)  # earlier hand-overs to this destination
+        self.policy = CompressionPolicy(enabled=opts.adaptive_compression)
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -335,6 +340,12 @@ class SourceMigration:
             # changes back between two scans is still re-sent
             tracker=tracker,
         )
+        stop_scan = await asyncio.to_thread(
+            StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
+            opts.bounded_pause)
+        self.stop_scan = stop_scan
+        st.stop_scan = stop_scan.as_dict()
+        stop_scan.before_scan(first=True)
         t_scan = time.monotonic()
         scan = await asyncio.to_thread(tracker.scan)
         self._scan_s = time.monotonic() - t_scan
@@ -357,7 +368,7 @@ class SourceMigration:
             if st.round >= 2 and sent >= 64:  # re-sent pages: what the final ones will weigh
                 self._dirty_per_page = wire / sent
             t_scan = time.monotonic()
-            scan = await asyncio.to_thread(tracker.scan)
+            scan = await asyncio.to_thread(lambda: tracker.scan(stop_scan.before_scan(first=False)))
             now = time.monotonic()
             self._scan_s = now - t_scan
             dirty = bitmap_count(scan.dirty)
@@ -458,7 +469,7 @@ class SourceMigration:
                           throttled: bool = True) -> int:
         """Encode and send ``dirty`` pages, pipelining encode with sending
         (``throttled``: obey the bandwidth cap)."""
-        st, sender = self.status, self.sender
+        st, sender, policy = self.status, self.sender, self.policy
         assert sender is not None
         indices = bitmap_indices(dirty)
         self._round_pages, self._round_sent = len(indices), 0
@@ -466,20 +477,29 @@ class SourceMigration:
             return 0
         batches = [indices[i : i + self.opts.batch_pages]
                    for i in range(0, len(indices), self.opts.batch_pages)]
-        pending = asyncio.create_task(asyncio.to_thread(sender.encode, batches[0], zero))
+
+        def encode(batch: np.ndarray) -> tuple[list[bytes], EncodeStats]:
+            # dedup + zstd or stored, per batch: whichever the link and the CPU make faster
+            sender.compress = sender.use_dedup = policy.pack_next()
+            return sender.encode(batch, zero), sender.last
+
+        pending = asyncio.create_task(asyncio.to_thread(encode, batches[0]))
         try:
             for i in range(len(batches)):
-                frames = await pending
+                frames, enc = await pending
                 if i + 1 < len(batches):
-                    pending = asyncio.create_task(
-                        asyncio.to_thread(sender.encode, batches[i + 1], zero))
+                    pending = asyncio.create_task(asyncio.to_thread(encode, batches[i + 1]))
                 self._check_inbox()
+                t_send, wire = time.perf_counter(), 0
                 for frame in frames:
                     if throttled:
                         await self.bucket.acquire(len(frame))
                     self.ch.write_frame(frame)
-                    st.bytes_wire += len(frame) + 5
+                    wire += len(frame) + 5
                     await self.ch.drain()
+                st.bytes_wire += wire
+                policy.observe(enc, time.perf_counter() - t_send, wire)
+                st.pipeline = policy.as_dict()
                 st.pages_sent += len(batches[i])
                 st.bytes_raw += len(batches[i]) * protocol.PAGE
                 self._round_sent += len(batches[i])
@@ -524,8 +544,12 @@ class SourceMigration:
         crash_point("migration.source.paused")
         lap("pause_ms")
         st.round += 1
-        assert self.tracker is not None
-        scan = await asyncio.to_thread(self.tracker.scan)
+        tracker, stop_scan = self.tracker, self.stop_scan
+        assert tracker is not None and stop_scan is not None
+        # only pages that may differ from their last fingerprint (see stopscan.py)
+        scan = await asyncio.to_thread(lambda: tracker.scan(stop_scan.at_pause()))
+        stop_scan.pages_examined = scan.scanned
+        st.stop_scan = stop_scan.as_dict()
         lap("final_scan_ms")
         # pages dirtied before the last pre-copy scan were not sent yet either
         final = np.bitwise_or(scan.dirty, self._final_scan.dirty)

@@ -47,6 +47,8 @@ class MigrationStatus:
     no_converge: dict[str, Any] | None = None  # the figures when pre-copy gave up
     throttle_method: str = ""  # how auto-converge slowed the guest, once it did
     downtime_parts: dict[str, float] = field(default_factory=dict)  # where the pause went
+    stop_scan: dict[str, Any] = field(default_factory=dict)  # what the paused scan read (stopscan.py)
+    pipeline: dict[str, Any] = field(default_factory=dict)  # compression choices and rates (pipeline.py)
     converged: bool | None = None
     throttle_pct: float = 0.0
     digest_source: str | None = None
@@ -64,6 +66,9 @@ class MigrationStatus:
     on_finish: Callable[[MigrationStatus], None] | None = field(default=None, repr=False)
     _t0: float = field(default_factory=time.monotonic)
     _t_end: float | None = None
+    # CPU of this whole agent process (all threads) while the migration ran
+    _cpu0: float = field(default_factory=time.process_time)
+    _cpu_end: float | None = None
     _t_phase: float = field(default_factory=time.monotonic)
 
     def set_phase(self, phase: str) -> None:
@@ -79,6 +84,8 @@ class MigrationStatus:
         if phase in TERMINAL:
             self.finished = time.time()
             self._t_end = now
+            if self._cpu_end is None:
+                self._cpu_end = time.process_time()
         if ended and self.on_finish is not None:
             self.on_finish(self)
 
@@ -99,8 +106,14 @@ class MigrationStatus:
         end = self._t_end if self._t_end is not None else time.monotonic()
         return end - self._t0
 
+    @property
+    def cpu_s(self) -> float:
+        end = self._cpu_end if self._cpu_end is not None else time.process_time()
+        return end - self._cpu0
+
     def metrics(self) -> dict[str, Any]:
         ratio = (self.bytes_raw / self.bytes_wire) if self.bytes_wire else None
+        cpu, gib = self.cpu_s, float(1 << 30)
         return {
             "pages": self.pages_total,
             "pages_sent": self.pages_sent,
@@ -130,9 +143,16 @@ class MigrationStatus:
             "throttle_method": self.throttle_method or None,
             "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 2),
             "downtime_parts": self.downtime_parts,
+            "stop_scan": self.stop_scan,
+            "pipeline": self.pipeline,
             "budget_exceeded": self.budget_exceeded,
             "pause_ceiling_ms": self.pause_ceiling_ms,
             "total_s": round(self.total_s, 3),
+            # agent process CPU (both cores' worth) per GiB of page data moved, and of guest RAM
+            "cpu_s": round(cpu, 3),
+            "cpu_s_per_gib": round(cpu * gib / self.bytes_raw, 3) if self.bytes_raw else None,
+            "cpu_s_per_gib_ram": (round(cpu * gib / (self.pages_total * 4096), 3)
+                                  if self.pages_total else None),
             "converged": self.converged,
             "throttle_pct": self.throttle_pct,
             "phase_seconds": {k: round(v, 4) for k, v in self.phase_seconds.items()},

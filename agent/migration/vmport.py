@@ -24,6 +24,12 @@ class SourceVM(Protocol):
     # nothing outlives the VM (the hypervisor must reach it by this path too).
     work_dir: Path
 
+    @property
+    def pid(self) -> int | None:
+        """The process that writes guest RAM (QEMU), None if unknown: the engine reads its
+        page tables to bound the scan while the guest is paused (see ``RamWatch``)."""
+        ...
+
     def spec(self) -> dict[str, Any]:
         """The VM spec the destination needs to start an identical machine."""
         ...

@@ -40,6 +40,10 @@ START: dict[str, Any] = {
                 "throttle": {"type": "boolean",
                              "description": "auto-converge: slow the vCPUs when pre-copy cannot keep up"},
                 "dedup": {"type": "boolean"},
+                "adaptive_compression": {"type": "boolean", "description":
+                                         "per batch, dedup + zstd only when that moves pages faster"},
+                "bounded_pause": {"type": "boolean", "description":
+                                  "while paused, scan only pages QEMU may have written (else all RAM)"},
                 "test_digest": {"type": "boolean"},
                 "batch_pages": {"type": "integer", "minimum": 64, "maximum": 65536},
                 "timeout_s": {"type": "number", "minimum": 1, "maximum": 86400},

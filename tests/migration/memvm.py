@@ -29,7 +29,7 @@ PAGE = 4096
 
 class MemSourceVM:
     def __init__(self, root: Path, name: str, pages: int, dirty_pages_per_s: float = 0.0,
-                 seed: int = 1) -> None:
+                 seed: int = 1, hot_pages: int | None = None, expose_pid: bool = True) -> None:
         self.name = name
         self.dir = root / name
         self.dir.mkdir(parents=True)
@@ -49,6 +49,10 @@ class MemSourceVM:
         os.close(fd)
         self.device_state = rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()
         self.rate = dirty_pages_per_s
+        # the "guest" writes only its first hot_pages pages (default: all of them)
+        self.hot_pages = min(hot_pages or pages, pages)
+        # this process plays QEMU: its writable mapping is self.mm
+        self.pid: int | None = os.getpid() if expose_pid else None
         self._running = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -67,7 +71,7 @@ class MemSourceVM:
 
     def _dirty(self) -> None:
         rng = np.random.default_rng(99)
-        npages = self.ram_size // PAGE
+        npages = self.hot_pages
         while not self._stop.is_set():
             if not self._running.wait(0.05):
                 continue

@@ -11,6 +11,7 @@ import secrets
 import pytest
 
 from novacron.agent.local import LocalAgent
+from novacron.native import residency_unsafe_reason
 from tests.migration.agents import Api
 from tests.migration.qemu_helpers import VERIFY, heartbeats
 
@@ -27,7 +28,13 @@ async def hop(src: LocalAgent, dst: LocalAgent, name: str, boot: str) -> dict:
     m = st["metrics"]
     assert st["digest"]["equal"] is True and st["digest"]["source"]
     assert m["downtime_ms"] > 0 and m["total_s"] > 0 and m["bytes_wire"] > 0
-    assert m["pages_sent"] > 0 and m["compression_ratio"] > 1
+    # on loopback the pipeline may send stored frames (pipeline.py); it chose per batch
+    assert m["pages_sent"] > 0 and m["compression_ratio"] > 0.95
+    assert m["pipeline"]["batches"] > 0 and m["cpu_s"] > 0
+    if residency_unsafe_reason(str(src.state_dir)) == "":
+        # the pause read only what QEMU maps of the RAM file, and the digests still match
+        assert m["stop_scan"]["mode"] in ("resident", "soft-dirty"), m["stop_scan"]
+        assert 0 < m["stop_scan"]["pages_examined"] < m["pages"]
     # the source QEMU is gone, the VM lives only at the destination
     assert not os.path.exists(f"/proc/{vm_before['pid']}")
     assert (await src.request("GET", f"/v1/vms/{name}"))[0] == 404

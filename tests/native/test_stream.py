@@ -366,3 +366,43 @@ def test_page_cache_close_unmaps_or_says_why_not(tmp_path: os.PathLike[str]) -> 
     del held
     cache.close()  # finishes the job
     mine.close()  # no view of the caller's buffer is left behind
+
+
+def test_stored_frames_when_compression_is_off() -> None:
+    kinds = [2] * 40 + [1] * 8 + [0] * 16  # text compresses well
+    mem = make_memory(kinds, 5)
+    sender = N.PageStreamSender(KEY, mem)
+    packed = sender.encode(np.arange(NPAGES, dtype=np.uint64))
+    assert sender.last.compressed and sender.last.compressed_plain > sender.last.body_bytes
+    sender.compress = False
+    stored = sender.encode(np.arange(NPAGES, dtype=np.uint64))
+    last = sender.last
+    assert not last.compressed and last.compressed_plain == 0 and last.compress_s == 0
+    assert last.body_bytes == last.plain_bytes and last.wall_s > 0
+    assert sum(map(len, stored)) > sum(map(len, packed))
+    out = np.zeros_like(mem)
+    receiver = N.PageStreamReceiver(KEY, out)
+    for frame in packed + stored:
+        receiver.open(frame)
+    assert np.array_equal(out, mem)
+
+
+def test_unhashed_batch_drops_stale_dedup_entries() -> None:
+    mem = make_memory([2] * NPAGES, 9)
+    sender = N.PageStreamSender(KEY, mem, dedup=N.DedupIndex())
+    out = np.zeros_like(mem)
+    receiver = N.PageStreamReceiver(KEY, out)
+    old = mem[5 * PAGE:6 * PAGE].copy()
+    frames = sender.encode(np.array([5], dtype=np.uint64))  # indexed: page 5 holds `old`
+    mem[5 * PAGE:6 * PAGE] = 0x5A  # page 5 changes, sent without hashing
+    sender.use_dedup = False
+    frames += sender.encode(np.array([5], dtype=np.uint64))
+    assert not sender.last.deduped
+    mem[9 * PAGE:10 * PAGE] = old  # `old` appears elsewhere: must not point at page 5 now
+    sender.use_dedup = True
+    frames += sender.encode(np.array([9], dtype=np.uint64))
+    assert sender.counters.pages_dedup == 0
+    for f in frames:
+        receiver.open(f)
+    assert np.array_equal(out[5 * PAGE:6 * PAGE], mem[5 * PAGE:6 * PAGE])
+    assert np.array_equal(out[9 * PAGE:10 * PAGE], old)

@@ -1,0 +1,100 @@
+"""Per batch: pack the pages (dedup + zstd) or send them stored, whichever moves
+guest RAM faster on this link with this CPU.
+
+Encoding (copy, fingerprint, seal; plus BLAKE3 and zstd when packing) and
+sending overlap: batch i+1 is encoded while batch i goes out, so a batch costs
+the slower of the two. Per byte of guest RAM conveyed, for each mode::
+
+    cost = max(encode seconds per raw byte, send seconds per wire byte x wire bytes per raw byte)
+
+The encode figures are measured per mode on the running migration; the send
+time per wire byte (token bucket, socket writes and drains: the link, or a
+receiver slower than the link) is one figure for both. On loopback or 10 GbE
+sending is cheap and stored wins (hashing and zstd cost more than they save);
+under a 50 MB/s cap the link dominates and packing wins whenever it shrinks the
+data. The first two batches measure both modes; afterwards the losing mode gets
+one batch every ``RESAMPLE`` so its figures follow the data.
+"""
+
+from __future__ import annotations
+
+from novacron.native import EncodeStats
+
+RESAMPLE = 16  # batches between samples of the mode not chosen
+MARGIN = 0.9  # leave packing only for a clear gain (hysteresis against noise)
+DECAY = 0.7  # weight of the past in the running sums (recent batches count most)
+
+
+class _Sums:
+    """Decaying sums, so ratios are of totals (robust to tiny batches)."""
+
+    def __init__(self) -> None:
+        self.encode_s = self.raw = self.wire = 0.0
+        self.n = 0
+
+    def add(self, encode_s: float, raw: float, wire: float) -> None:
+        self.encode_s = DECAY * self.encode_s + encode_s
+        self.raw = DECAY * self.raw + raw
+        self.wire = DECAY * self.wire + wire
+        self.n += 1
+
+
+class CompressionPolicy:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled  # False: always pack (the old behaviour)
+        self._mode = {True: _Sums(), False: _Sums()}  # packed, stored
+        self._send_s = self._send_wire = 0.0
+        self.batches = 0
+        self.packed_batches = 0
+        self._since_sample = 0
+        self._last_choice = True
+
+    def observe(self, enc: EncodeStats, send_s: float, wire_bytes: int) -> None:
+        """Record one batch: its encode figures and how long sending its frames took."""
+        self.batches += 1
+        packed = enc.compressed or enc.deduped
+        self.packed_batches += packed
+        if enc.raw_bytes <= 0:
+            return
+        self._mode[packed].add(enc.wall_s, enc.raw_bytes, wire_bytes)
+        self._send_s = DECAY * self._send_s + send_s
+        self._send_wire = DECAY * self._send_wire + wire_bytes
+
+    def _cost(self, packed: bool) -> float | None:
+        m = self._mode[packed]
+        if m.n == 0 or m.raw <= 0 or self._send_wire <= 0:
+            return None
+        per_wire = self._send_s / self._send_wire
+        return max(m.encode_s / m.raw, per_wire * m.wire / m.raw)
+
+    def pack_next(self) -> bool:
+        """Whether the next batch should be packed (deduplicated and compressed)."""
+        if not self.enabled:
+            return True
+        packed, stored = self._cost(True), self._cost(False)
+        if packed is None:
+            choice = True  # measure each mode once: packed first, then stored
+        elif stored is None:
+            choice = False
+        else:
+            choice = packed < (1.0 / MARGIN if self._last_choice else MARGIN) * stored
+            self._since_sample += 1
+            if self._since_sample >= RESAMPLE:  # the other mode's figures may have aged
+                self._since_sample = 0
+                return not choice
+        self._last_choice = choice
+        return choice
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        def mb_s(num: float, den: float) -> float | None:
+            return round(num / den / 1e6, 1) if den > 0 else None
+
+        p, s = self._mode[True], self._mode[False]
+        return {
+            "batches": self.batches,
+            "packed_batches": self.packed_batches,
+            "packed_encode_mb_s": mb_s(p.raw, p.encode_s),
+            "stored_encode_mb_s": mb_s(s.raw, s.encode_s),
+            "link_mb_s": mb_s(self._send_wire, self._send_s),
+            "packed_wire_ratio": round(p.wire / p.raw, 3) if p.raw else None,
+        }

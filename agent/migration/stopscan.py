@@ -1,0 +1,118 @@
+"""Which pages the pause has to look at: a stop-phase scan that does not grow with RAM.
+
+The pre-copy tracker keeps, for every page, the fingerprint of the bytes the
+destination holds (or the page is pending: found changed by the last scan and
+not sent yet). At the pause, a page can differ from the destination only if it
+is pending or was written after its fingerprint was last taken. Reading every
+page to find those is O(guest RAM). Instead we ask the kernel which pages the
+VM's process (QEMU) may have written, from its page tables (``GuestRamWatch``):
+
+- ``soft-dirty``: the soft-dirty bits are cleared right before each pre-copy
+  scan, so a write after the last scan read a page sets its bit; a write before
+  the clear was seen by that scan (the page is resident, so in its mask). The
+  pause fingerprints only soft-dirty pages: bounded by what was dirtied during
+  the last round.
+- ``resident``: (kernels without soft-dirty, e.g. this project's dev hosts) a
+  process writes a page only through a page-table entry, and without swap or
+  shmem huge pages the kernel never drops a written entry of the tmpfs file.
+  Every page written since the first (full) scan is therefore still mapped by
+  QEMU at the pause, and only mapped pages are fingerprinted: bounded by the
+  guest's working set, not its RAM size (an idle 4 GiB guest maps a few hundred
+  MB). Later pre-copy scans use the same mask.
+- ``full``: anything else (no pid, /proc unreadable, RAM file not on tmpfs or
+  hugetlbfs, swap on, shmem huge pages, another process mapping the RAM file
+  writable such as a vhost-user backend, ``bounded_pause`` off): every page, as before. Correct everywhere, O(RAM).
+
+Any error reading /proc falls back to ``full`` for the rest of the migration.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from novacron.native import (
+    Bitmap,
+    GuestRamWatch,
+    residency_unsafe_reason,
+    soft_dirty_supported,
+)
+
+log = logging.getLogger("novacron.agent.migration")
+
+
+class StopScan:
+    """Built in a worker thread: it reads /proc (every process's maps, once)."""
+
+    def __init__(self, migration: str, pid: int | None, ram_path: Path, ram_stat: Any,
+                 npages: int, enabled: bool = True) -> None:
+        self.migration = migration
+        self.ram_path = str(ram_path)
+        self.mode = "full"
+        self.reason = ""
+        self.pages_examined = 0  # pages fingerprinted while the guest was paused
+        self._watch: GuestRamWatch | None = None
+        if not enabled:
+            self.reason = "bounded_pause is off"
+        elif pid is None or ram_stat is None:
+            self.reason = "the VM's process or RAM file identity is unknown"
+        elif unsafe := residency_unsafe_reason(self.ram_path):
+            self.reason = unsafe
+        else:
+            try:
+                watch = GuestRamWatch(pid, ram_stat.st_dev, ram_stat.st_ino, npages)
+                others = watch.other_writers()
+            except OSError as exc:
+                self.reason = f"cannot read the VM process's page tables: {exc}"
+            else:
+                if others:
+                    self.reason = f"other processes map the RAM file writable: {others[:5]}"
+                else:
+                    self._watch = watch
+                    self.mode = "soft-dirty" if soft_dirty_supported() else "resident"
+        log.info("stop-phase scan", extra={"migration": migration, "mode": self.mode,
+                                           "reason": self.reason or None})
+
+    def _fail(self, exc: Exception) -> None:
+        log.warning("page-table tracking failed; scanning all RAM from now on",
+                    extra={"migration": self.migration, "mode": self.mode, "error": str(exc)})
+        self.mode, self.reason, self._watch = "full", f"page-table read failed: {exc}", None
+
+    def before_scan(self, first: bool) -> Bitmap | None:
+        """Call right before each pre-copy scan; returns the pages it must fingerprint
+        (None: all). The first scan is always full: it sees what was written before."""
+        w = self._watch
+        if w is None:
+            return None
+        try:
+            if self.mode == "soft-dirty":
+                w.clear()  # first: a write after this is caught by the bit, one before by the scan
+            return None if first else w.read(soft_dirty=False)
+        except OSError as exc:
+            self._fail(exc)
+            return None
+
+    def at_pause(self) -> Bitmap | None:
+        """With the guest paused: the pages that may differ from their last fingerprint
+        (besides the pending ones). None: all of them."""
+        w = self._watch
+        if w is None:
+            return None
+        if unsafe := residency_unsafe_reason(self.ram_path):  # e.g. swap switched on meanwhile
+            self._fail(OSError(unsafe))
+            return None
+        try:
+            return w.read(soft_dirty=self.mode == "soft-dirty")
+        except OSError as exc:
+            self._fail(exc)
+            return None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "reason": self.reason or None,
+            "pages_examined": self.pages_examined,
+            "bytes_examined": self.pages_examined * 4096,
+            "pagemap_bytes": self._watch.pagemap_bytes if self._watch is not None else 0,
+        }

@@ -1,0 +1,55 @@
+"""The per-batch choice between packed (dedup + zstd) and stored frames follows the
+measured encode and link rates."""
+
+from __future__ import annotations
+
+from novacron.agent.migration.pipeline import RESAMPLE, CompressionPolicy
+from novacron.native import EncodeStats
+
+MB = 1_000_000
+RAW = 4 * MB
+
+
+def batch(policy: CompressionPolicy, *, packed_mb_s: float, stored_mb_s: float, ratio: float,
+          link_mb_s: float) -> bool:
+    """Feed one batch encoded the way the policy asked; returns whether it was packed."""
+    packed = policy.pack_next()
+    wire = int(RAW * ratio) if packed else RAW
+    enc = EncodeStats(raw_bytes=RAW, plain_bytes=RAW, body_bytes=wire,
+                      wall_s=RAW / ((packed_mb_s if packed else stored_mb_s) * MB),
+                      compressed=packed, deduped=packed)
+    policy.observe(enc, wire / (link_mb_s * MB), wire)
+    return packed
+
+
+def test_fast_link_sends_stored_and_resamples() -> None:
+    p = CompressionPolicy()
+    choices = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.5, link_mb_s=3000) for _ in range(50)]
+    assert choices[:2] == [True, False]  # each mode measured once
+    # stored from then on, but one packed sample every RESAMPLE batches
+    assert sum(choices[2:]) == len(choices[2:]) // RESAMPLE
+    d = p.as_dict()
+    assert d["link_mb_s"] and d["packed_encode_mb_s"] and d["stored_encode_mb_s"]
+
+
+def test_slow_link_packs_when_it_shrinks_the_data() -> None:
+    p = CompressionPolicy()
+    choices = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.5, link_mb_s=50) for _ in range(40)]
+    assert sum(choices[2:]) == len(choices[2:]) - len(choices[2:]) // RESAMPLE
+    # ... but not data it cannot shrink: packing then only costs CPU
+    p = CompressionPolicy()
+    choices = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=1.0, link_mb_s=50) for _ in range(40)]
+    assert sum(choices[2:]) <= len(choices[2:]) // RESAMPLE
+
+
+def test_policy_follows_a_link_that_slows_down() -> None:
+    p = CompressionPolicy()
+    fast = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.4, link_mb_s=3000) for _ in range(12)]
+    slow = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.4, link_mb_s=40) for _ in range(30)]
+    assert not any(fast[1:])
+    assert sum(slow[-RESAMPLE:]) == RESAMPLE - 1  # packed but for one stored sample
+
+
+def test_disabled_policy_always_packs() -> None:
+    p = CompressionPolicy(enabled=False)
+    assert all(batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.4, link_mb_s=3000) for _ in range(5))
