@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import mmap
 import os
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +37,24 @@ from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver
 
 log = logging.getLogger("novacron.agent.migration")
+
+
+def _unmap(mm: mmap.mmap, exc: BaseException | None, mig_id: str) -> None:
+    """Unmap the incoming RAM file. A failed receive path's frames, kept alive by the
+    exception's traceback (or by reference cycles), may still hold views of the
+    mapping: while they do, the file's space stays held after it is deleted, until
+    the agent exits (found by the fault matrix). Drop them, then close."""
+    for _ in range(3):
+        try:
+            mm.close()
+            return
+        except BufferError:
+            if exc is not None and exc.__traceback__ is not None:
+                traceback.clear_frames(exc.__traceback__)
+            gc.collect()
+    log.warning("incoming RAM mapping still in use; its space is held until the agent exits",
+                extra={"migration": mig_id})
+
 
 IDLE_TIMEOUT = 60.0  # longest silence from the source before we give up
 
@@ -167,8 +187,7 @@ class _Incoming:
                 await self._close_device()
                 receiver = None  # drop its view of the mapping so it can be unmapped
                 if mm is not None:
-                    with contextlib.suppress(BufferError):
-                        mm.close()
+                    _unmap(mm, exc, st.id)
                     mm = None
                 destroyed = True
                 try:
@@ -196,8 +215,7 @@ class _Incoming:
             await self._close_device()
             receiver = None
             if mm is not None:
-                with contextlib.suppress(BufferError):
-                    mm.close()
+                _unmap(mm, None, st.id)
             st.native = self.counters.as_dict()
 
     async def _watched(self, dest: DestVM, loop: Any) -> None:

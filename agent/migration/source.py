@@ -496,8 +496,8 @@ class SourceMigration:
                         await self.bucket.acquire(len(frame))
                     self.ch.write_frame(frame)
                     wire += len(frame) + 5
+                    st.bytes_wire += len(frame) + 5  # before the destination can ack it
                     await self.ch.drain()
-                st.bytes_wire += wire
                 policy.observe(enc, time.perf_counter() - t_send, wire)
                 st.pipeline = policy.as_dict()
                 st.pages_sent += len(batches[i])
