@@ -115,7 +115,9 @@ class Throttle:
 
     def _engage(self) -> None:
         pid = getattr(self.vm, "pid", None)
-        if isinstance(pid, int) and pid > 0 and os.geteuid() == 0:
+        # never our own process (a VM port backed by this process's memory): the agent would
+        # throttle itself, and the migration with it
+        if isinstance(pid, int) and pid > 0 and pid != os.getpid() and os.geteuid() == 0:
             try:
                 cpus = int(self.vm.spec().get("vcpus", 1))
                 self.quota = CpuQuota(pid, cpus)
