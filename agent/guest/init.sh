@@ -34,6 +34,7 @@ if [ -n "$ip_cidr" ]; then
     mac=$(cat /sys/class/net/eth0/address 2>/dev/null)
     echo "NOVACRON-NET ip=$ip_cidr port=$port mac=$mac"
 fi
+[ -x /bin/disk-init ] && /bin/disk-init  # the disk workload, with novacron.disk= (disk.sh)
 echo "NOVACRON-INIT mem_mb=$mem_mb rate_mb=$rate_mb verify_s=$verify_s"
 /bin/workload --mem-mb "$mem_mb" --rate-mb "$rate_mb" --verify-s "$verify_s" </dev/console >/dev/console 2>&1
 echo "NOVACRON-WORKLOAD-EXIT status=$?"
