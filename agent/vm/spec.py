@@ -281,10 +281,9 @@ def _disk(i: int, doc: Any) -> Disk:
         if fmt not in (None, "qcow2"):
             raise SpecError(f"{where}.format: a disk with a backing image is qcow2, got {fmt!r}")
         fmt = "qcow2"
-    if storage == "shared":
-        if not image:
-            raise SpecError(f"{where}: a shared disk is an image in an image dir every host sees; "
-                            "give image (size_gb and backing make local disks)")
+    if storage == "shared" and not image:
+        raise SpecError(f"{where}: a shared disk is an image in an image dir every host sees; "
+                        "give image (size_gb and backing make local disks)")
     fmt = fmt or "qcow2"
     return Disk(fmt, bus, storage, size, image, backing)
 
