@@ -64,6 +64,18 @@ class Disk:
     image: str = ""
     backing: str = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        """The spec's own form (what ``parse_spec`` reads back exactly: sizes are whole MiB,
+        so ``size_gb`` is an exact binary fraction)."""
+        doc: dict[str, Any] = {"format": self.format, "bus": self.bus, "storage": self.storage}
+        if self.size_bytes:
+            doc["size_gb"] = self.size_bytes / (1 << 30)
+        if self.image:
+            doc["image"] = self.image
+        if self.backing:
+            doc["backing"] = self.backing
+        return doc
+
     def file_name(self, index: int) -> str:
         """A local disk's file in the VM folder (its name gives its format, as for images)."""
         return f"disk{index}.{'qcow2' if self.format == 'qcow2' else 'raw'}"
@@ -141,7 +153,7 @@ class VMSpec:
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["nics"] = [asdict(n) for n in self.nics]
-        doc["disks"] = [asdict(d) for d in self.disks]
+        doc["disks"] = [d.to_dict() for d in self.disks]
         return doc
 
     @classmethod
@@ -149,7 +161,7 @@ class VMSpec:
         """The spec as ``to_dict`` wrote it into the VM's record (MACs kept)."""
         fields = {k: v for k, v in doc.items() if v not in ("", None) and k not in ("nics", "disks")}
         return cls(**fields, nics=tuple(NIC(**n) for n in doc.get("nics") or ()),
-                   disks=tuple(Disk(**d) for d in doc.get("disks") or ()))
+                   disks=tuple(_disk(i, d) for i, d in enumerate(doc.get("disks") or ())))
 
 
 def _int(doc: dict[str, Any], key: str, lo: int, hi: int) -> int:

@@ -168,3 +168,12 @@ def test_migration_plan_and_destination_disks(store: tuple[DiskStore, Path, Path
     with pytest.raises(DiskError, match="differs from the source's"):
         asyncio.run(ds.create_for_migration(spec, other, bad))
     assert list(other.iterdir()) == []
+
+
+def test_spec_round_trips_through_its_own_form() -> None:
+    """A migration sends ``to_dict`` and the destination parses it as a new spec."""
+    spec = parse_spec(spec_doc([{"size_gb": 0.0625}, {"backing": "b.qcow2", "size_gb": 3.3},
+                                {"image": "x.raw", "storage": "shared", "bus": "virtio-scsi"}]))
+    doc = json.loads(json.dumps(spec.to_dict()))
+    again = parse_spec({k: v for k, v in doc.items() if v not in ("", None)})
+    assert again.disks == spec.disks
