@@ -166,7 +166,9 @@ def mirroring(st: dict[str, Any]) -> bool:
 async def assert_source_intact(a: LocalAgent) -> None:
     api = Api(a)
     vm = await api.ok("GET", f"/v1/vms/{VM}")
-    assert vm["state"] == "running", vm
+    if vm["state"] != "running":
+        print("\n".join(a.log_path.read_text().splitlines()[-40:]))
+    assert vm["state"] == "running", vm["error"]
     assert (a.state_dir / "vms" / VM / "disk0.qcow2").exists()
     assert not list((a.state_dir / "vms" / VM).glob("nbd-relay-*"))
     _, offset = await api.console(VM)
