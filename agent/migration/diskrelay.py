@@ -28,7 +28,7 @@ from pathlib import Path
 
 from novacron.agent.channel.records import MAX_DATA_CHUNK, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration.status import MigrationStatus
-from novacron.agent.migration.unixsock import start_unix_server_at
+from novacron.agent.migration.unixsock import ConnHandler, start_unix_server_at
 from novacron.agent.qmp import open_unix
 
 log = logging.getLogger("novacron.agent.migration")
@@ -115,7 +115,7 @@ class SourceDiskRelay(_Streams):
             paths[i] = path
         return paths
 
-    def _handler(self, stream: int):  # type: ignore[no-untyped-def]
+    def _handler(self, stream: int) -> ConnHandler:
         async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             if stream in self.writers or stream in self.pumps:  # one connection per disk
                 writer.close()

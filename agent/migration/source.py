@@ -301,8 +301,9 @@ class SourceMigration:
             jobs = await self.mirror.disk_mirror_jobs()
             bad = {i: j for i, j in jobs.items() if j["status"] in ("concluded", "aborting", "null") or j["error"]}
             if bad or set(jobs) != set(indices):
-                i, job = next(iter(bad.items())) if bad else (None, {})
-                raise MigrationFailed(f"disk {i} mirror failed: {job.get('error') or job.get('status') or 'gone'}")
+                which, job = next(iter(bad.items())) if bad else (min(set(indices) - set(jobs)), {})
+                raise MigrationFailed(f"disk {which} mirror failed: "
+                                      f"{job.get('error') or job.get('status') or 'gone'}")
             if all(j["status"] == "ready" for j in jobs.values()):
                 break
             await asyncio.sleep(DISK_POLL_S)
