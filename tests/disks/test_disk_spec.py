@@ -177,3 +177,16 @@ def test_spec_round_trips_through_its_own_form() -> None:
     doc = json.loads(json.dumps(spec.to_dict()))
     again = parse_spec({k: v for k, v in doc.items() if v not in ("", None)})
     assert again.disks == spec.disks
+
+
+def test_cli_data_disk_flag() -> None:
+    import argparse
+
+    from novacron.cli.vm import disk_arg
+
+    assert disk_arg("size_gb=20,bus=virtio-scsi") == {"size_gb": 20, "bus": "virtio-scsi"}
+    assert disk_arg("image=nfs/db.raw,storage=shared") == {"image": "nfs/db.raw", "storage": "shared"}
+    assert disk_arg("backing=base.qcow2,size_gb=0.5") == {"backing": "base.qcow2", "size_gb": 0.5}
+    for bad in ("size_gb", "path=/etc/shadow", "size_gb=x", "size_gb=1,size_gb=2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            disk_arg(bad)
