@@ -102,7 +102,8 @@ class SourceMigration:
         self.disk_relay: SourceDiskRelay | None = None
         self._disks_started = False
         self._disk_failed: str | None = None
-        self._disk_watch: asyncio.Task[None] | None = None  # set by _watch_disks: a mirror failed after it was ready
+        self._disk_watch: asyncio.Task[None] | None = None
+        self._prepare_sent = asyncio.Event()  # set by _watch_disks: a mirror failed after it was ready
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -184,7 +185,10 @@ class SourceMigration:
                         f"{self.opts.pause_factor:g}, cap {self.opts.max_pause_ms:g} ms)")
 
     async def _keepalive(self) -> None:
-        """Tell the destination we are alive, so it can give up on a silent source fast."""
+        """Tell the destination we are alive, so it can give up on a silent source fast.
+        Only after 'prepare': it must be the first message (and reading the disks for
+        its plan, a backing image's digest say, can take a while)."""
+        await self._prepare_sent.wait()
         await protocol.keepalive(self.ch, self.opts.liveness_s)
 
     def _journal(self, step: str, reason: str = "") -> None:
@@ -278,6 +282,7 @@ class SourceMigration:
             "ram_size": size, "test_digest": self.opts.test_digest,
             "liveness_s": self.opts.liveness_s, "disks": self._disk_plan,
         })
+        self._prepare_sent.set()
         await self._expect("prepared", timeout=120)
 
     async def _mirror_disks(self) -> None:
