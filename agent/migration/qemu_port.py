@@ -156,6 +156,13 @@ class QemuSource:
         if socket_path.parent != self.vm.paths.dir:
             raise ValueError(f"disk relay socket {socket_path} is outside the VM folder")
         qmp = _qmp(self.vm)
+        # a job or NBD node an earlier migration left (its agent was killed mid-mirror)
+        stale = await self.disk_mirror_jobs()
+        if index in stale and stale[index]["status"] not in ("concluded", "null"):
+            with contextlib.suppress(QMPError):
+                await qmp.execute("block-job-cancel", {"device": f"nc-mirror{index}", "force": True}, timeout=10)
+            await self._wait_concluded({index}, 10)
+        await self._drop_mirrors({index})
         self.vm.images.qemu.share_file(socket_path)  # an unprivileged QEMU must connect to it
         # QEMU connects (and shakes hands through the relay) before this returns
         await qmp.execute("blockdev-add", {
