@@ -92,7 +92,7 @@ setup(
         "novacron.native": ["*.pyx", "*.pxd", "*.pyi", "*.h"],
         "novacron.models": ["*.onnx", "*.json", "*.jsonl"],
         "novacron": ["py.typed"],
-        "novacron.agent.guest": ["workload.c", "softdirty_check.c", "init.sh"],
+        "novacron.agent.guest": ["workload.c", "softdirty_check.c", "init.sh", "diskload.c", "disk.sh"],
         "novacron.coordinator.dashboard": ["*.html", "*.js", "*.css"],
         "novacron.coordinator.store": ["pg_migrations/*.sql"],
     },

@@ -76,9 +76,15 @@ async def copy_disks_offline(agents: AgentClient, source: Host, target: Host,
     """The hook where an offline migration copies the VM's local disks from ``source`` to
     ``target`` before the target defines the VM (the disks work plugs in here). It must
     raise AgentError on failure and leave nothing behind at the target; the source's
-    disks stay authoritative until the source forgets the VM. Today a VM's disk is an
-    image every host has, so there is nothing to copy."""
-    del agents, source, target, spec
+    disks stay authoritative until the source forgets the VM. A boot disk and shared
+    disks are images every host has; local data disks are refused for now (a live
+    migration moves them)."""
+    del agents, target
+    local = [i for i, d in enumerate(spec.get("disks") or ())
+             if isinstance(d, dict) and d.get("storage", "local") == "local"]
+    if local:  # the target would create them empty and the source delete the originals
+        raise AgentError(source.name, f"the VM has local disks ({', '.join(f'disks[{i}]' for i in local)}), "
+                         "which an offline migration cannot copy yet; start it and migrate it live", 409)
 
 
 def topic(mig_id: str) -> str:

@@ -8,6 +8,13 @@ novacron.native's page stream (pages and blobs such as QEMU device state),
 which carry their own sequence numbers and authentication. Control messages
 have their own keys because they are needed before the destination has a RAM
 mapping to build its page-stream receiver on.
+
+``DATA`` payloads are byte streams multiplexed by a one-byte stream id (the
+bytes of a disk mirror's NBD connection, one stream per disk, both ways),
+sealed like control records: same key, same record counter as nonce (so their
+order against control records is authenticated too), a different AAD so one can
+never be opened as the other. Unlike frames they need no RAM mapping, and both
+sides send them.
 """
 
 from __future__ import annotations
@@ -25,8 +32,12 @@ from novacron.agent.channel.handshake import SessionKeys
 
 CTRL = 1
 FRAME = 2
+DATA = 3
 HEADER = struct.Struct(">BI")
 MAX_CTRL = 64 * 1024  # control messages are small JSON objects
+MAX_DATA = 1024 * 1024 + 64  # a stream chunk (at most MAX_DATA_CHUNK) plus id and tag
+MAX_DATA_CHUNK = 1024 * 1024
+MAX_STREAMS = 256
 MAX_FRAME = 16 * 1024 * 1024  # a native frame holds at most a few MiB of pages
 
 
@@ -42,7 +53,8 @@ class ChannelClosed(Exception):
 class Record:
     kind: int
     ctrl: dict[str, Any] | None = None
-    frame: bytes | None = None
+    frame: bytes | None = None  # a FRAME's sealed frame, or a DATA record's opened bytes
+    stream: int = 0  # a DATA record's stream id
 
     @property
     def op(self) -> str:
@@ -112,6 +124,14 @@ class Channel:
         self._write(CTRL, self._seal.encrypt(nonce, data, b"ctrl"))
         await self.drain(timeout)
 
+    def write_data(self, stream: int, data: bytes) -> None:
+        """Queue ``data`` (at most MAX_DATA_CHUNK bytes) on byte stream ``stream``; then ``drain``."""
+        if not 0 <= stream < MAX_STREAMS or len(data) > MAX_DATA_CHUNK:
+            raise ValueError(f"data record: stream {stream}, {len(data)} bytes")
+        nonce = self._send_seq.to_bytes(12, "big")
+        self._send_seq += 1
+        self._write(DATA, self._seal.encrypt(nonce, bytes([stream]) + data, b"data"))
+
     def write_frame(self, frame: bytes) -> None:
         """Queue one native frame; call ``drain`` to apply backpressure."""
         if len(frame) > MAX_FRAME:
@@ -129,6 +149,9 @@ class Channel:
             elif kind == FRAME:
                 if length > MAX_FRAME or length == 0:
                     raise ProtocolError(f"frame record of {length} bytes")
+            elif kind == DATA:
+                if length > MAX_DATA or length < 17:
+                    raise ProtocolError(f"data record of {length} bytes")
             else:
                 raise ProtocolError(f"unknown record kind {kind}")
             payload = await asyncio.wait_for(self.reader.readexactly(length), timeout)
@@ -143,10 +166,12 @@ class Channel:
             return Record(FRAME, frame=payload)
         nonce = self._recv_seq.to_bytes(12, "big")
         try:
-            data = self._open.decrypt(nonce, payload, b"ctrl")
+            data = self._open.decrypt(nonce, payload, b"data" if kind == DATA else b"ctrl")
         except InvalidTag:
-            raise ProtocolError("control record failed authentication") from None
+            raise ProtocolError(f"{'data' if kind == DATA else 'control'} record failed authentication") from None
         self._recv_seq += 1
+        if kind == DATA:
+            return Record(DATA, frame=data[1:], stream=data[0])
         try:
             msg = httpjson.loads(data)
         except ValueError:

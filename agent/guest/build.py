@@ -30,7 +30,7 @@ from novacron.agent.guest import cpio
 log = logging.getLogger("novacron.agent.guest")
 
 # Bump when the build steps change in a way the inputs below do not capture.
-BUILDER_VERSION = "4"  # 3: virtio-net modules, guest network; 4: ACPI power button
+BUILDER_VERSION = "5"  # 3: virtio-net modules, guest network; 4: ACPI power button; 5: disk workload
 META_PACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3"
@@ -46,6 +46,11 @@ NET_MODULES = ("drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko",
                "drivers/net/virtio_net.ko")
 # the ACPI power button as an input device, read by busybox acpid (init.sh): graceful stop
 POWER_MODULES = ("drivers/input/evdev.ko", "drivers/acpi/button.ko")
+
+
+# virtio_blk and what it needs, in load order, under lib/modules/disk/ (disk.sh loads
+# the ones not loaded yet; the NIC's loop in init.sh globs only lib/modules/*.ko)
+DISK_MODULES = (*NET_MODULES[:5], "drivers/block/virtio_blk.ko")
 
 
 class GuestBuildError(RuntimeError):
@@ -67,6 +72,18 @@ class GuestImage:
             f"{BASE_CMDLINE} novacron.mem_mb={int(mem_mb)} novacron.rate_mb={int(rate_mb)} "
             f"novacron.verify_s={int(verify_s)}"
         )
+
+    def disk_cmdline(self, dev: str = "vda", ref: str = "", rate_kb: int = 256, verify_s: int = 3,
+                     blocks: int = 2048, **workload: int) -> str:
+        """The workload cmdline plus the disk workload (``diskload.c``) on ``/dev/<dev>``:
+        ``rate_kb`` KiB/s of checksummed 4 KiB blocks over the first ``blocks`` blocks,
+        all verified every ``verify_s`` s; ``ref`` names a reference disk written first."""
+        for d in (dev, ref):
+            if d and not d.isalnum():
+                raise ValueError(f"disk device name {d!r}")
+        out = (f"{self.workload_cmdline(**workload)} novacron.disk={dev} novacron.disk_rate_kb={int(rate_kb)} "
+               f"novacron.disk_verify_s={int(verify_s)} novacron.disk_blocks={int(blocks)}")
+        return f"{out} novacron.disk_ref={ref}" if ref else out
 
     def network_cmdline(self, ip_cidr: str, port: int = 7000, **workload: int) -> str:
         """The workload cmdline plus a NIC: ``ip_cidr`` (e.g. ``10.0.0.5/24``) on the
@@ -147,14 +164,17 @@ def build_key(kernel_pkg: str, kernel_ver: str) -> str:
         _source("softdirty_check.c"),
         _native_source("nc_pagemap.h"),
         _source("init.sh"),
+        _source("diskload.c"),
+        _source("disk.sh"),
         _gcc_version().encode(),
     ):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
 
 
-def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path) -> tuple[bytes, list[bytes]]:
-    """The kernel image and the ``NET_MODULES`` then ``POWER_MODULES`` from its package."""
+def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path,
+                  wanted: tuple[str, ...] = NET_MODULES) -> tuple[bytes, list[bytes]]:
+    """The kernel image and the modules ``wanted`` from its package, in that order."""
     debs.mkdir(parents=True, exist_ok=True)
     deb = debs / f"{pkg}_{version.replace(':', '%3a')}_amd64.deb"
     if not deb.exists():
@@ -176,17 +196,17 @@ def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path) -> tuple[bytes
     module_dirs = sorted((unpacked / "lib" / "modules").glob("*/kernel"))
     if len(module_dirs) != 1:
         raise GuestBuildError(f"{deb.name}: expected one lib/modules/*/kernel, got {module_dirs}")
-    missing = [m for m in NET_MODULES + POWER_MODULES if not (module_dirs[0] / m).is_file()]
+    missing = [m for m in wanted if not (module_dirs[0] / m).is_file()]
     if missing:
         raise GuestBuildError(f"{deb.name} lacks the modules {missing} (built in or compressed?)")
-    return images[0].read_bytes(), [(module_dirs[0] / m).read_bytes() for m in NET_MODULES + POWER_MODULES]
+    return images[0].read_bytes(), [(module_dirs[0] / m).read_bytes() for m in wanted]
 
 
-def compile_workload(work: Path) -> Path:
-    """Compile workload.c (static, so it runs as-is in the initramfs) into ``work``."""
-    src = work / "workload.c"
-    src.write_bytes(_source("workload.c"))
-    out = work / "workload"
+def compile_workload(work: Path, name: str = "workload") -> Path:
+    """Compile ``name``.c (static, so it runs as-is in the initramfs) into ``work``."""
+    src = work / f"{name}.c"
+    src.write_bytes(_source(f"{name}.c"))
+    out = work / name
     _run(["gcc", "-O2", "-static", "-s", "-Wall", "-Werror", "-o", str(out), str(src)])
     return out
 
@@ -202,7 +222,8 @@ def compile_softdirty_check(work: Path) -> Path:
 
 
 def _initramfs(busybox: bytes, workload: bytes, modules: list[bytes],
-               softdirty_check: bytes = b"") -> bytes:
+               softdirty_check: bytes = b"", diskload: bytes = b"",
+               disk_modules: tuple[bytes, ...] = ()) -> bytes:
     net, power = modules[: len(NET_MODULES)], modules[len(NET_MODULES) :]
     entries = [
         cpio.directory("bin"),
@@ -228,6 +249,14 @@ def _initramfs(busybox: bytes, workload: bytes, modules: list[bytes],
         *(cpio.file(f"lib/power/{Path(m).name}", data, 0o644)
           for m, data in zip(POWER_MODULES, power, strict=True)),
     ]
+    if diskload:
+        entries += [
+            cpio.file("bin/diskload", diskload, 0o755),
+            cpio.file("bin/disk-init", _source("disk.sh"), 0o755),
+            cpio.directory("lib/modules/disk"),
+            *(cpio.file(f"lib/modules/disk/{i}-{Path(m).name}", data, 0o644)
+              for i, (m, data) in enumerate(zip(DISK_MODULES, disk_modules, strict=True))),
+        ]
     return gzip.compress(cpio.archive(entries), compresslevel=6, mtime=0)
 
 
@@ -276,13 +305,19 @@ def ensure_guest(root: Path | None = None) -> GuestImage:
             raise GuestBuildError(f"{BUSYBOX} is not statically linked (install busybox-static)")
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             work = Path(tmp)
-            kernel, modules = _fetch_kernel(pkg, version, root / "debs", work)
+            wanted = tuple(dict.fromkeys((*NET_MODULES, *POWER_MODULES, *DISK_MODULES)))
+            kernel, blobs = _fetch_kernel(pkg, version, root / "debs", work, wanted)
+            by_name = dict(zip(wanted, blobs, strict=True))
+            modules = [by_name[m] for m in NET_MODULES + POWER_MODULES]
             workload = compile_workload(work).read_bytes()
             sd_check = compile_softdirty_check(work).read_bytes()
+            diskload = compile_workload(work, "diskload").read_bytes()
             stage = work / "out"
             stage.mkdir()
             (stage / "vmlinuz").write_bytes(kernel)
-            (stage / "initrd.img").write_bytes(_initramfs(busybox, workload, modules, sd_check))
+            (stage / "initrd.img").write_bytes(_initramfs(
+                busybox, workload, modules, sd_check, diskload,
+                tuple(by_name[m] for m in DISK_MODULES)))
             (stage / "cmdline").write_text(GuestImage(Path(), Path(), "").workload_cmdline() + "\n")
             manifest = {"key": key, "kernel_package": pkg, "kernel_version": version}
             (stage / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -72,6 +72,7 @@ if [ -n "$flood_kb" ]; then
         echo "NOVACRON-FLOOD-DONE kb=$flood_kb"
     ) >/dev/console 2>&1 &
 fi
+[ -x /bin/disk-init ] && /bin/disk-init  # the disk workload, with novacron.disk= (disk.sh)
 echo "NOVACRON-INIT mem_mb=$mem_mb rate_mb=$rate_mb verify_s=$verify_s"
 /bin/workload --mem-mb "$mem_mb" --rate-mb "$rate_mb" --verify-s "$verify_s" </dev/console >/dev/console 2>&1
 echo "NOVACRON-WORKLOAD-EXIT status=$?"

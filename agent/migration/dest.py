@@ -25,12 +25,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
+from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
+from novacron.agent.migration.diskrelay import DestDiskRelay
 from novacron.agent.migration.journal import Entry, Journal
 from novacron.agent.migration.status import MigrationStatus
-from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM
+from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM, MirrorDest
 from novacron.agent.qmp import open_unix
 from novacron.agent.safefs import open_regular
 from novacron.faults import crash_point
@@ -84,6 +85,7 @@ async def receive_migration(
             raise ProtocolError("first message must be 'prepare'")
         mid, vm_name, spec, ram_size, want_digest = protocol.check_prepare(rec.ctrl)
         liveness = protocol.liveness_of(rec.ctrl, idle_timeout)
+        disks = protocol.check_disk_plan(rec.ctrl)
         if authorise is not None:
             authorise(mid, vm_name, spec)
     except (ChannelClosed, ProtocolError) as exc:
@@ -98,7 +100,7 @@ async def receive_migration(
     # from here on the source hears from us, also while QEMU starts
     keepalive = asyncio.create_task(_keepalive(channel, liveness))
     try:
-        return await _receive(incoming, factory, spec, ram_size)
+        return await _receive(incoming, factory, spec, ram_size, disks)
     finally:
         keepalive.cancel()
 
@@ -108,10 +110,14 @@ async def _keepalive(ch: Channel, liveness: float) -> None:
 
 
 async def _receive(incoming: _Incoming, factory: DestFactory, spec: dict[str, Any],
-                   ram_size: int) -> MigrationStatus:
+                   ram_size: int, disks: list[dict[str, Any]]) -> MigrationStatus:
     status, channel = incoming.status, incoming.ch
     try:
-        dest = await factory.prepare(spec, ram_size, status.id)
+        if disks:
+            dest = await factory.prepare(spec, ram_size, status.id, disks)
+        else:
+            dest = await factory.prepare(spec, ram_size, status.id)
+        incoming.disks = [int(d["index"]) for d in disks]
     except Exception as exc:  # the factory cleans up after itself; say why, never hang
         what = "admission refused" if isinstance(exc, AdmissionError) else "preparing the VM failed"
         status.fail(f"{what}: {exc}")
@@ -144,6 +150,8 @@ class _Incoming:
         self.committed = False
         self.resume_tried = False  # 'go' arrived: the guest may have started here
         self._t_ack = 0.0  # when we last acknowledged bytes (loop time)
+        self.disks: list[int] = []  # local disks the source mirrors here
+        self.disk_relay: DestDiskRelay | None = None
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -168,6 +176,11 @@ class _Incoming:
             receiver: PageStreamReceiver | None = PageStreamReceiver(
                 self.ch.page_key_in, mm, counters=self.counters)
             sock = await dest.listen_device_state()
+            if self.disks:
+                if not isinstance(dest, MirrorDest):
+                    raise ProtocolError("this destination cannot receive local disks")
+                nbd = await dest.export_disks(self.disks)
+                self.disk_relay = DestDiskRelay(self.ch, st, nbd, self.disks)
             await self.ch.send_ctrl({"op": "prepared"})
             st.set_phase("precopy")
             assert receiver is not None
@@ -185,6 +198,8 @@ class _Incoming:
                 if not self.resume_tried:  # the guest never ran here: the source may resume now
                     await self._send_error(reason)
                 await self._close_device()
+                if self.disk_relay is not None:
+                    await self.disk_relay.close()  # before destroy: QEMU then drops the export
                 receiver = None  # drop its view of the mapping so it can be unmapped
                 if mm is not None:
                     _unmap(mm, exc, st.id)
@@ -213,6 +228,8 @@ class _Incoming:
                 await self._linger()
         finally:
             await self._close_device()
+            if self.disk_relay is not None:
+                await self.disk_relay.close()
             receiver = None
             if mm is not None:
                 _unmap(mm, None, st.id)
@@ -305,6 +322,14 @@ class _Incoming:
                         recv.cancel()
                 task, opening[0] = opening[0], None
                 await task  # the previous frame first: order is the protocol
+            if rec.kind == DATA:
+                if self.disk_relay is None:
+                    raise ProtocolError("disk data without local disks")
+                assert rec.frame is not None
+                await self.disk_relay.deliver(rec.stream, rec.frame)
+                continue
+            if self.disk_relay is not None and self.disk_relay.error is not None:
+                raise ProtocolError(f"disk relay failed: {self.disk_relay.error}")
             if rec.kind != CTRL:
                 assert rec.frame is not None
                 opening[0] = asyncio.create_task(self._open_frame(receiver, rec.frame))
@@ -316,6 +341,18 @@ class _Incoming:
                 await self._ack(st.round)
             elif op == "keepalive":
                 continue
+            elif op in ("disk_open", "disk_eof", "disks_done"):
+                if self.disk_relay is None:
+                    raise ProtocolError(f"{op!r} without local disks")
+                if op == "disk_open":
+                    await self.disk_relay.open_stream(protocol.check_stream(rec.ctrl, self.disks))
+                elif op == "disk_eof":
+                    self.disk_relay.peer_eof(protocol.check_stream(rec.ctrl, self.disks))
+                else:
+                    # the copies are complete: no NBD client may write them once the guest runs
+                    await self.disk_relay.close()
+                    assert isinstance(dest, MirrorDest)
+                    await dest.stop_disk_export()
             elif op == "device_begin":
                 st.set_phase("stopcopy")
                 crash_point("migration.dest.stopcopy")

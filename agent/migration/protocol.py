@@ -1,13 +1,15 @@
 """Control messages of the migration protocol and their validation.
 
 Source -> destination: ``prepare``, ``round_end``, ``device_begin``,
-``device_end``, ``go``, ``done``, ``abort``. Destination -> source:
-``prepared``, ``ready``, ``resumed``, ``error``, ``ack`` (``bytes``: the
+``device_end``, ``go``, ``done``, ``abort``, and for local disks ``disk_open``
+and ``disks_done``. Destination -> source: ``prepared``, ``ready``,
+``resumed``, ``error``, ``ack`` (``bytes``: the
 page-stream bytes received so far, cumulative; after ``ACK_BYTES`` and
 ``ACK_MIN_S``, or ``ACK_MAX_S`` while bytes arrive, and at once for each
 ``round_end``, then with its ``round``;
 ``t``: its monotonic clock, which times the link):
-the source counts bytes as sent when acknowledged. Both ways, from ``prepare``
+the source counts bytes as sent when acknowledged. Both ways: ``disk_eof``
+(see ``diskrelay.py``). Both ways, from ``prepare``
 on: ``keepalive`` (every ``liveness_s / 4``; silence for ``liveness_s`` means
 the peer is dead or hung). A channel may instead open with ``query``
 (``id``, ``vm``) in place of the grant: a restarted source asks what became of
@@ -75,6 +77,45 @@ def check_prepare(msg: dict[str, Any]) -> tuple[str, str, dict[str, Any], int, b
     if not isinstance(digest, bool):
         raise ProtocolError("'prepare' message: test_digest must be a boolean")
     return mid, vm, spec, ram, digest
+
+
+MAX_DISKS = 8
+MAX_DISK_BYTES = 1 << 46  # 64 TiB
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
+
+
+def check_disk_plan(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``disks`` of a ``prepare``: what the destination must create (see diskrelay)."""
+    plan = msg.get("disks", [])
+    if not isinstance(plan, list) or len(plan) > MAX_DISKS:
+        raise ProtocolError(f"'prepare' message: disks must be a list of at most {MAX_DISKS}")
+    out: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for item in plan:
+        if not isinstance(item, dict):
+            raise ProtocolError("'prepare' message: a disk plan entry is not an object")
+        index = item.get("index")
+        size = item.get("size")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_DISKS or index in seen:
+            raise ProtocolError("'prepare' message: bad or repeated disk index")
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_DISK_BYTES or size % 512:
+            raise ProtocolError("'prepare' message: disk size must be a positive multiple of 512")
+        if item.get("format") not in ("qcow2", "raw"):
+            raise ProtocolError("'prepare' message: disk format must be qcow2 or raw")
+        digest = item.get("backing_digest")
+        if digest is not None and (not isinstance(digest, str) or not DIGEST_RE.match(digest)):
+            raise ProtocolError("'prepare' message: backing_digest must be a sha256 hex digest")
+        seen.add(index)
+        out.append({"index": index, "size": size, "format": item["format"], "backing_digest": digest})
+    return out
+
+
+def check_stream(msg: dict[str, Any], streams: list[int]) -> int:
+    """The ``stream`` of a ``disk_open``/``disk_eof``: one of this migration's disks."""
+    stream = _field(msg, "stream", int)
+    if stream not in streams:
+        raise ProtocolError(f"'{msg.get('op')}' message: stream {stream} is not a disk of this migration")
+    return int(stream)
 
 
 def liveness_of(msg: dict[str, Any], default: float) -> float:

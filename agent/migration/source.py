@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from novacron.agent.channel.records import CTRL, Channel, ChannelClosed, ProtocolError
+from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import estimate, protocol
 from novacron.agent.migration.digest import ram_digest
+from novacron.agent.migration.diskrelay import SourceDiskRelay
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.options import MigrationOptions
@@ -37,7 +38,7 @@ from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.stopscan import StopScan
 from novacron.agent.migration.throttle import Throttle
 from novacron.agent.migration.unixsock import start_unix_server_at
-from novacron.agent.migration.vmport import SourceVM
+from novacron.agent.migration.vmport import MirrorSource, SourceVM
 from novacron.agent.safefs import open_regular
 from novacron.faults import crash_point
 from novacron.native import (
@@ -57,6 +58,8 @@ DEVICE_CHUNK = 256 * 1024
 WATCH_S = 0.02  # watchdog period: how late a pause ceiling may be noticed
 MEASURE_BYTES = 1 << 20  # a round this large measures the link
 ROUND_ACK_S = 60.0  # longest wait for the destination to acknowledge a round's bytes
+DISK_POLL_S = 0.1  # how often the disk mirrors' progress is read while they catch up
+DISK_FINISH_S = 60.0  # completing ready mirrors (paused guest): drains in-flight writes only
 
 
 class MigrationFailed(Exception):
@@ -95,6 +98,7 @@ class SourceMigration:
         self.counters = Counters()
         self._zero_skipped = 0  # zero pages at the first scan (see _precopy)
         self._mm: mmap.mmap | None = None
+        self._disk_plan: list[dict[str, Any]] = []
         self.tracker: FingerprintTracker | None = None
         self.stop_scan: StopScan | None = None
         self.throttle = Throttle(vm)
@@ -113,6 +117,13 @@ class SourceMigration:
         self._dirty_per_page: float | None = None  # wire bytes of a re-sent page, lately
         self._learned = estimate.learned(status.peer)  # earlier hand-overs to this destination
         self.policy = CompressionPolicy(enabled=opts.adaptive_compression)
+        # local disks move as a stream of this migration (diskrelay.py)
+        self.mirror: MirrorSource | None = vm if isinstance(vm, MirrorSource) else None
+        self.disk_relay: SourceDiskRelay | None = None
+        self._disks_started = False
+        self._disk_failed: str | None = None
+        self._disk_watch: asyncio.Task[None] | None = None
+        self._prepare_sent = asyncio.Event()  # set by _watch_disks: a mirror failed after it was ready
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -138,12 +149,17 @@ class SourceMigration:
                 raise
         finally:
             keepalive.cancel()
+            if self._disk_watch is not None:
+                self._disk_watch.cancel()
+            if self.disk_relay is not None:
+                await self.disk_relay.close()
             self._cleanup()
         return st
 
     async def _phases(self) -> None:
         async with asyncio.timeout(self.opts.timeout_s):
             await self._prepare()
+            await self._mirror_disks()
             await self._precopy()
             await self._stopcopy()
             await self._switchover()
@@ -179,13 +195,20 @@ class SourceMigration:
                 return f"destination failed: {self._dest_failed}"
             if self._peer_lost is not None:
                 return f"channel to destination lost: {self._peer_lost}"
+            if self.disk_relay is not None and self.disk_relay.error is not None:
+                return f"disk relay failed: {self.disk_relay.error}"
+            if self._disk_failed is not None:
+                return self._disk_failed
             if self._paused and time.monotonic() - self._t_pause >= ceiling_s:
                 return (f"pause reached its ceiling of {self.opts.pause_ceiling_ms:g} ms before "
                         f"switchover (downtime budget {self.opts.downtime_ms:g} ms x "
                         f"{self.opts.pause_factor:g}, cap {self.opts.max_pause_ms:g} ms)")
 
     async def _keepalive(self) -> None:
-        """Tell the destination we are alive, so it can give up on a silent source fast."""
+        """Tell the destination we are alive, so it can give up on a silent source fast.
+        Only after 'prepare': it must be the first message (and reading the disks for
+        its plan, a backing image's digest say, can take a while)."""
+        await self._prepare_sent.wait()
         await protocol.keepalive(self.ch, self.opts.liveness_s)
 
     def _journal(self, step: str, reason: str = "") -> None:
@@ -218,12 +241,18 @@ class SourceMigration:
             while True:
                 # the destination sends keepalives: silence this long means dead or hung
                 rec = await self.ch.recv(timeout=self.opts.liveness_s)
+                if rec.kind == DATA and self.disk_relay is not None:
+                    assert rec.frame is not None
+                    self.disk_relay.deliver(rec.stream, rec.frame)  # NBD replies to our QEMU
+                    continue
                 if rec.kind != CTRL or rec.ctrl is None:
                     raise ProtocolError("destination sent a frame; only control messages expected")
                 if rec.op == "keepalive":
                     continue
                 if rec.op == "ack":
                     self._on_ack(rec.ctrl)
+                if rec.op == "disk_eof" and self.disk_relay is not None:
+                    self.disk_relay.peer_eof(protocol.check_stream(rec.ctrl, self.disk_relay.disks))
                     continue
                 if rec.op == "error":  # its reason beats the channel closing right after
                     self._dest_failed = protocol.reason_of(rec.ctrl)
@@ -321,12 +350,69 @@ class SourceMigration:
             self._mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
+        self._disk_plan = await self.mirror.disk_plan() if self.mirror is not None else []
         await self.ch.send_ctrl({
             "op": "prepare", "id": st.id, "vm": self.vm.name, "spec": self.vm.spec(),
             "ram_size": size, "test_digest": self.opts.test_digest,
-            "liveness_s": self.opts.liveness_s,
+            "liveness_s": self.opts.liveness_s, "disks": self._disk_plan,
         })
+        self._prepare_sent.set()
         await self._expect("prepared", timeout=120)
+
+    async def _mirror_disks(self) -> None:
+        """Copy the local disks first, then RAM: the mirrors are write-blocking, so once
+        ready they stay in step with the guest through pre-copy (see diskrelay.py)."""
+        if not self._disk_plan:
+            return
+        assert self.mirror is not None
+        st = self.status
+        indices = [int(p["index"]) for p in self._disk_plan]
+        self.disk_relay = SourceDiskRelay(self.ch, st, self.vm.work_dir, indices)
+        paths = await self.disk_relay.listen()
+        self._disks_started = True
+        for i in indices:
+            await self.mirror.start_disk_mirror(i, paths[i])
+        log.info("disk mirrors started", extra={"migration": st.id, "disks": indices})
+        while True:
+            self._check_inbox()
+            if self.disk_relay.error is not None:
+                raise MigrationFailed(f"disk relay failed: {self.disk_relay.error}")
+            jobs = await self.mirror.disk_mirror_jobs()
+            bad = {i: j for i, j in jobs.items() if j["status"] in ("concluded", "aborting", "null") or j["error"]}
+            if bad or set(jobs) != set(indices):
+                which, job = next(iter(bad.items())) if bad else (min(set(indices) - set(jobs)), {})
+                raise MigrationFailed(f"disk {which} mirror failed: "
+                                      f"{job.get('error') or job.get('status') or 'gone'}")
+            if all(j["status"] == "ready" for j in jobs.values()):
+                break
+            await asyncio.sleep(DISK_POLL_S)
+        st.disk_ready_s = time.monotonic() - st._t0
+        log.info("disk mirrors ready", extra={"migration": st.id, "disk_bytes": st.disk_bytes,
+                                              "seconds": round(st.disk_ready_s, 3)})
+        self._disk_watch = asyncio.create_task(self._watch_disks(indices))
+
+    async def _watch_disks(self, indices: list[int]) -> None:
+        """Until the pause: a mirror that fails (the destination's disk full, say) stops
+        the migration through the watchdog instead of at switchover."""
+        assert self.mirror is not None
+        while not self._paused:
+            await asyncio.sleep(DISK_POLL_S * 5)
+            if self._paused:
+                return
+            try:
+                jobs = await self.mirror.disk_mirror_jobs()
+            except Exception as exc:
+                if not self._paused:
+                    self._disk_failed = f"reading the disk mirrors failed: {exc}"
+                return
+            if self._paused:  # completing them now (_stopcopy)
+                return
+            for i in indices:
+                job = jobs.get(i, {})
+                if job.get("error") or job.get("status") != "ready":
+                    self._disk_failed = (f"disk {i} mirror failed: "
+                                         f"{job.get('error') or job.get('status') or 'gone'}")
+                    return
 
     async def _precopy(self) -> None:
         st, opts = self.status, self.opts
@@ -543,6 +629,14 @@ class SourceMigration:
         await self.vm.pause()
         crash_point("migration.source.paused")
         lap("pause_ms")
+        if self.disk_relay is not None:
+            # the guest is stopped: the write-blocking mirrors drain and complete; the
+            # source keeps its own disks (authoritative until 'go')
+            assert self.mirror is not None
+            await self.mirror.finish_disk_mirrors(DISK_FINISH_S)
+            self._check_inbox()
+            await self.ch.send_ctrl({"op": "disks_done"})
+            lap("disks_ms")
         st.round += 1
         tracker, stop_scan = self.tracker, self.stop_scan
         assert tracker is not None and stop_scan is not None
@@ -706,6 +800,15 @@ class SourceMigration:
         if self._device_started:
             with contextlib.suppress(Exception):
                 await self.vm.cancel_device_state()
+        if self._disks_started and self.mirror is not None:
+            # connections first: QEMU's NBD clients then fail their in-flight requests at
+            # once instead of waiting on a peer that may never answer, and the jobs end
+            if self.disk_relay is not None:
+                await self.disk_relay.close()
+            try:
+                await self.mirror.cancel_disk_mirrors()  # the source's disks stay the VM's
+            except Exception as exc:
+                log.warning("cancelling disk mirrors failed", extra={"migration": st.id, "error": str(exc)})
         resumed = True
         if self._paused:
             try:

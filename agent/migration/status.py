@@ -31,6 +31,8 @@ class MigrationStatus:
     bytes_raw: int = 0
     bytes_wire: int = 0
     device_state_bytes: int = 0
+    disk_bytes: int = 0  # local disks' mirror: NBD bytes relayed over the channel (source: sent)
+    disk_ready_s: float | None = None  # seconds from the start until every disk mirror was ready
     dirty_pages_last_round: int = 0
     dirty_rate_pages_s: float = 0.0
     bandwidth_bytes_s: float = 0.0
@@ -122,6 +124,8 @@ class MigrationStatus:
             "bytes_raw": self.bytes_raw,
             "bytes_wire": self.bytes_wire,
             "device_state_bytes": self.device_state_bytes,
+            "disk_bytes": self.disk_bytes,
+            "disk_ready_s": None if self.disk_ready_s is None else round(self.disk_ready_s, 3),
             "dirty_pages_last_round": self.dirty_pages_last_round,
             "dirty_rate_pages_s": round(self.dirty_rate_pages_s, 1),
             "bandwidth_bytes_s": round(self.bandwidth_bytes_s, 1),

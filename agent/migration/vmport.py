@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class SourceVM(Protocol):
@@ -87,10 +87,53 @@ class DestVM(Protocol):
         ...
 
 
+@runtime_checkable
+class MirrorSource(Protocol):
+    """A source whose local disks move with it (``diskrelay.py``): a VM that has none
+    answers an empty plan."""
+
+    async def disk_plan(self) -> list[dict[str, Any]]:
+        """Per local disk: ``index``, ``size`` (guest-visible bytes), ``format`` and,
+        for an overlay, ``backing_digest`` (the destination must hold the same image)."""
+        ...
+
+    async def start_disk_mirror(self, index: int, socket_path: Path) -> None:
+        """Mirror disk ``index`` (write-blocking, so it converges) to an NBD client on
+        ``socket_path`` (inside ``work_dir``)."""
+        ...
+
+    async def disk_mirror_jobs(self) -> dict[int, dict[str, Any]]:
+        """Per mirrored disk: ``status`` (QEMU job status), ``done``, ``total`` bytes, ``error``."""
+        ...
+
+    async def finish_disk_mirrors(self, timeout: float) -> None:
+        """With the guest paused: complete every (ready) mirror without switching the
+        source to the copy, and drop the NBD clients; raise if a copy is not complete."""
+        ...
+
+    async def cancel_disk_mirrors(self) -> None:
+        """Stop every mirror at once; the source disks stay the VM's disks."""
+        ...
+
+
+@runtime_checkable
+class MirrorDest(Protocol):
+    async def export_disks(self, indices: list[int]) -> str:
+        """Export the (empty, paused) local disks ``indices`` writable over NBD on a unix
+        socket in the VM's folder; returns its path."""
+        ...
+
+    async def stop_disk_export(self) -> None:
+        """Stop the NBD server (before the guest may run here)."""
+        ...
+
+
 class DestFactory(Protocol):
-    async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str) -> DestVM:
-        """Admit the VM: check capacity, create and preallocate its RAM file, start the
-        machine paused waiting for incoming device state. Raises ``AdmissionError``."""
+    async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str,
+                      disks: list[dict[str, Any]] | None = None) -> DestVM:
+        """Admit the VM: check capacity, create and preallocate its RAM file, create its
+        local ``disks`` (the source's plan, see MirrorSource) empty, start the machine
+        paused waiting for incoming device state. Raises ``AdmissionError``."""
         ...
 
 

@@ -124,8 +124,12 @@ class ImageDirs:
         os.set_blocking(fd, True)
         # QEMU reopens kernels and initrds through /proc/self/fd as itself; disks
         # reach it as descriptors only (/dev/fdset), whoever owns the file
-        if key != "disk" and not self.qemu.can_read(st):
+        if key in ("kernel", "initrd") and not self.qemu.can_read(st):
             raise SpecError(f"{key}: image {ref!r} is not readable by the QEMU user (uid {self.qemu.uid})")
+
+    def open_ref(self, key: str, ref: str, flags: int) -> int:
+        """A descriptor (``flags``: O_RDONLY or O_RDWR) for the image ``ref`` of spec field ``key``."""
+        return self._check_open(key, ref, flags)[0]
 
     def open(self, spec: VMSpec) -> OpenedImages:
         """Open every image of ``spec``; SpecError (and nothing left open) if one is refused."""
@@ -138,7 +142,7 @@ class ImageDirs:
             if spec.disk:
                 opened.disk_rw = self._check_open("disk", spec.disk, os.O_RDWR)[0]
                 if spec.disk_format == "qcow2":
-                    _refuse_external_qcow2(spec.disk, opened.disk_rw)
+                    refuse_external_qcow2(spec.disk, opened.disk_rw)
                 opened.disk_ro = os.open(f"/proc/self/fd/{opened.disk_rw}", os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             opened.close()
@@ -181,17 +185,17 @@ QCOW2_MAGIC = b"QFI\xfb"
 QCOW2_EXTERNAL_DATA = 1 << 2  # incompatible feature bit: guest data lives in another file
 
 
-def _refuse_external_qcow2(ref: str, fd: int) -> None:
+def refuse_external_qcow2(ref: str, fd: int, key: str = "disk") -> None:
     """A qcow2 header can name other files (a backing file, an external data
     file) that QEMU would open by path: refuse those images outright."""
     header = os.pread(fd, 80, 0)
     if header[:4] != QCOW2_MAGIC:
-        raise SpecError(f"disk: image {ref!r} is not a qcow2 file (disk_format says qcow2)")
+        raise SpecError(f"{key}: image {ref!r} is not a qcow2 file (its name or format says qcow2)")
     version = int.from_bytes(header[4:8], "big")
     backing_offset = int.from_bytes(header[8:16], "big")
     incompatible = int.from_bytes(header[72:80], "big") if version >= 3 and len(header) >= 80 else 0
     if backing_offset or incompatible & QCOW2_EXTERNAL_DATA:
-        raise SpecError(f"disk: qcow2 image {ref!r} refers to another file (backing or data file); "
+        raise SpecError(f"{key}: qcow2 image {ref!r} refers to another file (backing or data file); "
                         "flatten it with qemu-img convert first")
 
 

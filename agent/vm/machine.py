@@ -28,6 +28,7 @@ from typing import Any
 from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, QMPTimeoutError, open_unix
 from novacron.agent.records import read_record, write_record
 from novacron.agent.safefs import create_new, open_regular, read_regular
+from novacron.agent.vm.disks import DiskStore, OpenedDisks
 from novacron.agent.vm.errors import VMConflict, VMStartError
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.network import HostNetworks
@@ -117,16 +118,19 @@ class VM:
         to inherit."""
         images = self.images.open(self.spec)
         log_fd = -1
+        disks = OpenedDisks()
         try:
+            disks = DiskStore(self.images).open(self.spec, self.paths.dir)
             log_fd = open_regular(self.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             os.fchmod(log_fd, 0o600)  # the agent's: other VMs' QEMUs cannot open it by name
             taps = self.networks.open_taps(self.spec)
         except BaseException:
             images.close()
+            disks.close()
             if log_fd >= 0:
                 os.close(log_fd)
             raise
-        return QemuFiles(images, log_fd, taps)
+        return QemuFiles(images, log_fd, taps, disks)
 
     def status(self) -> dict[str, Any]:
         state = "migrating" if self.migrating and self.alive else self.state
@@ -188,6 +192,7 @@ class VM:
             for fd in (files.serial_log, *files.taps):
                 os.close(fd)
             files.images.close()
+            files.disks.close()
         self._proc, self.pid = proc, proc.pid
         with contextlib.suppress(OSError):
             self.save()  # the pid, for the next agent (which also finds QEMU by its folder)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from novacron.agent.records import NewerRecord
 from novacron.agent.vm.accel import AccelDetector, AccelUnavailable
 from novacron.agent.vm.cpumodels import CpuCatalog
+from novacron.agent.vm.disks import DiskStore
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.machine import CRASHED, LIVE, STOPPED, VM, load_meta
@@ -44,6 +45,7 @@ class VMManager:
         self.images = images or ImageDirs.of([state_dir / "images"])
         self.networks = networks or HostNetworks()
         self.cpus = cpus or CpuCatalog(qemu)  # the CPU models QEMU can run here
+        self.disks = DiskStore(self.images)
         self.vms: dict[str, VM] = {}
         self._lock = asyncio.Lock()  # guards the name table (create/delete)
         self.resume_fence: ResumeFence | None = None  # set when migrations are attached
@@ -146,6 +148,7 @@ class VMManager:
         """
         spec = parse_spec(doc)
         self.images.check(spec)  # refused images: a 400 before anything exists
+        self.disks.check(spec, creating=True)  # ... the same for the images disks name
         self.networks.check(spec)  # ... and networks this host lacks
         if start is None:
             start = bool(doc.get("start", True)) if isinstance(doc, dict) else True
@@ -165,6 +168,7 @@ class VMManager:
             vm = self.new_vm(spec, accel, paths)
             paths.dir.mkdir(parents=True)
             try:
+                await self.disks.create_local(spec, paths.dir)  # before any QEMU can write the folder
                 if start:
                     vm.pending = "create"  # a restart rolls back a create it finds unfinished
                     await vm.start()

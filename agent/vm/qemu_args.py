@@ -14,9 +14,10 @@ names relative to the VM folder QEMU runs in. QEMU is sandboxed (``sandbox.py``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from novacron.agent.vm.disks import OpenedDisks, blockdev_args
 from novacron.agent.vm.images import OpenedImages
 from novacron.agent.vm.sandbox import SANDBOX_ARGS
 from novacron.agent.vm.spec import VMSpec
@@ -36,10 +37,11 @@ class QemuFiles:
     images: OpenedImages
     serial_log: int
     taps: tuple[int, ...] = ()  # one tap per NIC, in spec order (network.py)
+    disks: OpenedDisks = field(default_factory=OpenedDisks)  # data disks, in spec order (disks.py)
 
     @property
     def fds(self) -> tuple[int, ...]:
-        return (*self.images.fds, self.serial_log, *self.taps)
+        return (*self.images.fds, self.serial_log, *self.taps, *self.disks.fds)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def nic_args(spec: VMSpec, taps: tuple[int, ...]) -> list[str]:
 
 
 def machine_args(spec: VMSpec, accel: str, ram_path: Path, images: OpenedImages,
-                 taps: tuple[int, ...] = ()) -> list[str]:
+                 taps: tuple[int, ...] = (), disks: OpenedDisks | None = None) -> list[str]:
     """The guest-visible machine; identical on a migration's two ends but for
     ``ram_path`` and the numbers of the image and tap descriptors."""
     args = [
@@ -122,7 +124,7 @@ def machine_args(spec: VMSpec, accel: str, ram_path: Path, images: OpenedImages,
             "-add-fd", f"fd={_fd(images, 'disk_ro')},set={DISK_FDSET}",
             "-drive", f"file=/dev/fdset/{DISK_FDSET},format={spec.disk_format},if=virtio",
         ]  # fmt: skip
-    return args + nic_args(spec, taps)
+    return args + nic_args(spec, taps) + blockdev_args(spec, disks or OpenedDisks())
 
 
 def qemu_argv(
@@ -145,7 +147,7 @@ def qemu_argv(
     argv = [
         qemu, "-name", f"guest={spec.name}", "-nodefaults", "-no-user-config", "-display", "none",
         *SANDBOX_ARGS,
-        *machine_args(spec, accel, Path(paths.ram.name), files.images, files.taps),
+        *machine_args(spec, accel, Path(paths.ram.name), files.images, files.taps, files.disks),
         "-add-fd", f"fd={files.serial_log},set={SERIAL_FDSET}",
         "-chardev",
         f"socket,id={SERIAL_ID},path={paths.serial_sock.name},server=on,wait=off,"

@@ -17,7 +17,7 @@ DISK_FORMATS = ("raw", "qcow2")
 MAX_IMAGE_REF = 1024
 
 _KEYS = {"name", "vcpus", "memory_mb", "kernel", "initrd", "cmdline", "disk", "disk_format", "accel", "start",
-         "nics", "cpu_model"}
+         "nics", "cpu_model", "disks"}
 
 # The guest's CPU: a QEMU model name. The default is Nehalem, an x86-64-v2 baseline
 # (SSE4.2, POPCNT, SSSE3, CX16): guests built for x86-64-v2 (RHEL 9 and its kin) boot on
@@ -39,6 +39,18 @@ MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 _NIC_KEYS = {"net", "model", "mac"}
 
 
+# Data disks (``disks``): each is a qcow2 or raw file on a virtio-blk or virtio-scsi bus.
+# "local" disks live in the VM's folder and move with it (created empty at size_gb, as a
+# qcow2 overlay on a backing image, or as a copy of an image); "shared" disks are an image
+# in an image dir that every host sees (NFS, cluster fs): a migration hands over ownership.
+DISK_BUSES = ("virtio-blk", "virtio-scsi")
+STORAGE_MODES = ("local", "shared")
+MAX_DISKS = 8
+MAX_DISK_GB = 64 * 1024
+MIN_DISK_BYTES = 1 << 20
+_DISK_KEYS = {"format", "bus", "size_gb", "image", "backing", "storage"}
+
+
 class SpecError(ValueError):
     """A VM spec is invalid; the message names the field and the problem."""
 
@@ -48,6 +60,35 @@ class NIC:
     net: str
     model: str
     mac: str
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One data disk; exactly one of ``size_bytes`` (empty), ``image`` or ``backing`` says
+    where its content starts from."""
+
+    format: str
+    bus: str
+    storage: str
+    size_bytes: int = 0
+    image: str = ""
+    backing: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec's own form (what ``parse_spec`` reads back exactly: sizes are whole MiB,
+        so ``size_gb`` is an exact binary fraction)."""
+        doc: dict[str, Any] = {"format": self.format, "bus": self.bus, "storage": self.storage}
+        if self.size_bytes:
+            doc["size_gb"] = self.size_bytes / (1 << 30)
+        if self.image:
+            doc["image"] = self.image
+        if self.backing:
+            doc["backing"] = self.backing
+        return doc
+
+    def file_name(self, index: int) -> str:
+        """A local disk's file in the VM folder (its name gives its format, as for images)."""
+        return f"disk{index}.{'qcow2' if self.format == 'qcow2' else 'raw'}"
 
 
 def random_mac() -> str:
@@ -114,6 +155,7 @@ class VMSpec:
     nics: tuple[NIC, ...] = field(default=())
     # "" only in records written before VMs had a CPU model: they keep the model they ran with
     cpu_model: str = ""
+    disks: tuple[Disk, ...] = field(default=())
 
     def effective_cpu_model(self, accel: str) -> str:
         """The ``-cpu`` model: the spec's, or for an old record what such VMs ran with."""
@@ -129,13 +171,15 @@ class VMSpec:
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["nics"] = [asdict(n) for n in self.nics]
+        doc["disks"] = [d.to_dict() for d in self.disks]
         return doc
 
     @classmethod
     def from_record(cls, doc: dict[str, Any]) -> VMSpec:
         """The spec as ``to_dict`` wrote it into the VM's record (MACs kept)."""
-        fields = {k: v for k, v in doc.items() if v not in ("", None) and k != "nics"}
-        return cls(**fields, nics=tuple(NIC(**n) for n in doc.get("nics") or ()))
+        fields = {k: v for k, v in doc.items() if v not in ("", None) and k not in ("nics", "disks")}
+        return cls(**fields, nics=tuple(NIC(**n) for n in doc.get("nics") or ()),
+                   disks=tuple(_disk(i, d) for i, d in enumerate(doc.get("disks") or ())))
 
 
 def _int(doc: dict[str, Any], key: str, lo: int, hi: int) -> int:
@@ -219,4 +263,82 @@ def parse_spec(doc: Any) -> VMSpec:
         raise SpecError(f"cpu_model: a QEMU CPU model name (letters, digits, '.', '_', '-'), got {cpu_model!r}")
     if cpu_model == HOST_CPU_MODEL and accel == "tcg":
         raise SpecError("cpu_model: 'host' passes the host's CPU through and needs KVM, not accel tcg")
-    return VMSpec(name, vcpus, memory_mb, kernel, initrd, cmdline, disk, disk_format, accel, nics, cpu_model)
+    disks = _disks(doc.get("disks"))
+    return VMSpec(name, vcpus, memory_mb, kernel, initrd, cmdline, disk, disk_format, accel, nics, cpu_model, disks)
+
+
+def _format_of(ref: str) -> str:
+    """An image's format follows its name (see the boot ``disk`` above)."""
+    return "qcow2" if ref.endswith(".qcow2") else "raw"
+
+
+def _disk(i: int, doc: Any) -> Disk:
+    where = f"disks[{i}]"
+    if not isinstance(doc, dict):
+        raise SpecError(f"{where}: expected an object with format, bus, storage and one of "
+                        "size_gb, image, backing")
+    unknown = sorted(set(doc) - _DISK_KEYS)
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(_DISK_KEYS))})")
+    storage = doc.get("storage", "local")
+    if storage not in STORAGE_MODES:
+        raise SpecError(f"{where}.storage: expected one of {', '.join(STORAGE_MODES)}, got {storage!r}")
+    bus = doc.get("bus", "virtio-blk")
+    if bus not in DISK_BUSES:
+        raise SpecError(f"{where}.bus: expected one of {', '.join(DISK_BUSES)}, got {bus!r}")
+    fmt = doc.get("format")
+    if fmt is not None and fmt not in DISK_FORMATS:
+        raise SpecError(f"{where}.format: expected one of {', '.join(DISK_FORMATS)}, got {fmt!r}")
+    sources = [k for k in ("size_gb", "image", "backing") if doc.get(k) is not None]
+    if len(sources) != 1 and sources != ["size_gb", "backing"]:
+        raise SpecError(f"{where}: give exactly one of size_gb (an empty disk), image (an image to "
+                        f"use or copy) or backing (a qcow2 overlay, optionally with size_gb); "
+                        f"got {', '.join(sources) or 'none'}")
+    size = 0
+    if "size_gb" in sources:
+        gb = doc["size_gb"]
+        if isinstance(gb, bool) or not isinstance(gb, int | float) or not 0 < gb <= MAX_DISK_GB:
+            raise SpecError(f"{where}.size_gb: expected a number of GiB above 0 and at most "
+                            f"{MAX_DISK_GB}, got {gb!r}")
+        size = int(gb * (1 << 30)) // MIN_DISK_BYTES * MIN_DISK_BYTES  # whole MiB
+        if size < MIN_DISK_BYTES:
+            raise SpecError(f"{where}.size_gb: at least 1 MiB (0.001 GiB), got {gb!r}")
+    image = backing = ""
+    if "image" in sources:
+        image = _image_ref(f"{where}.image", _field_str(doc, where, "image"))
+        by_name = _format_of(image)
+        if fmt is not None and fmt != by_name:
+            raise SpecError(f"{where}.format: {fmt!r} does not match the image name {image!r} "
+                            f"(qcow2 images end in .qcow2, every other image is raw)")
+        fmt = by_name
+    if "backing" in sources:
+        backing = _image_ref(f"{where}.backing", _field_str(doc, where, "backing"))
+        if fmt not in (None, "qcow2"):
+            raise SpecError(f"{where}.format: a disk with a backing image is qcow2, got {fmt!r}")
+        fmt = "qcow2"
+    if storage == "shared" and not image:
+        raise SpecError(f"{where}: a shared disk is an image in an image dir every host sees; "
+                        "give image (size_gb and backing make local disks)")
+    fmt = fmt or "qcow2"
+    return Disk(fmt, bus, storage, size, image, backing)
+
+
+def _field_str(doc: dict[str, Any], where: str, key: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{where}.{key}: expected an image name, got {value!r}")
+    return value
+
+
+def _disks(value: Any) -> tuple[Disk, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SpecError("disks: expected a list of disk objects")
+    if len(value) > MAX_DISKS:
+        raise SpecError(f"disks: at most {MAX_DISKS} disks, got {len(value)}")
+    disks = tuple(_disk(i, d) for i, d in enumerate(value))
+    shared = [d.image for d in disks if d.image]
+    if len(set(shared)) != len(shared):
+        raise SpecError("disks: the same image is named twice")
+    return disks

@@ -60,6 +60,14 @@ CREATE: dict[str, Any] = {
             "properties": {"net": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,30}$"},
                            "model": {"enum": ["virtio-net-pci", "e1000", "rtl8139"]},
                            "mac": {"type": "string", "pattern": "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"}}}},
+        # data disks: the shape here, the agent checks the rest (novacron.agent.vm.spec)
+        "disks": {"type": "array", "maxItems": 8, "items": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"format": {"enum": ["raw", "qcow2"]},
+                           "bus": {"enum": ["virtio-blk", "virtio-scsi"]},
+                           "storage": {"enum": ["local", "shared"]},
+                           "size_gb": {"type": "number", "exclusiveMinimum": 0, "maximum": 64 * 1024},
+                           "image": _PATH, "backing": _PATH}}},
         "start": {"type": "boolean", "description": "start it (default true)"},
         "host": {**schemas.NAME, "description": "pin to this host instead of placing"},
         "placement": PLACEMENT,

@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nic", action="append", type=nic_arg, metavar="NET[,model=M][,mac=X]",
                    help="a NIC on fleet network NET (repeatable); model default virtio-net-pci, "
                         "MAC generated and kept unless given")
+    p.add_argument("--data-disk", action="append", type=disk_arg, metavar="KEY=V[,KEY=V]...",
+                   help="a data disk (repeatable), e.g. size_gb=20 (an empty local disk, GiB), "
+                        "backing=IMG[,size_gb=N] (a local qcow2 overlay) or image=IMG,storage=shared; "
+                        "also format=qcow2|raw (default qcow2), bus=virtio-blk|virtio-scsi "
+                        "(default virtio-blk), storage=local|shared (default local)")
     add_preference_flags(p)
     p.add_argument("--label", action="append", type=label_arg, dest="labels", metavar="KEY=VALUE",
                    help="a label (repeatable); migration policies select VMs by labels "
@@ -182,6 +187,26 @@ def label_change(text: str) -> tuple[str, str | None]:
     return label_arg(text)
 
 
+DISK_KEYS = ("size_gb", "image", "backing", "format", "bus", "storage")
+
+
+def disk_arg(text: str) -> dict[str, Any]:
+    """``size_gb=20,bus=virtio-scsi`` -> a spec disk (the API checks the values)."""
+    disk: dict[str, Any] = {}
+    for opt in text.split(","):
+        key, sep, value = opt.partition("=")
+        if not sep or key not in DISK_KEYS or key in disk:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs of {', '.join(DISK_KEYS)}, got {text!r}")
+        if key == "size_gb":
+            try:
+                disk[key] = float(value) if "." in value else int(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"size_gb: expected a number of GiB, got {value!r}") from None
+        else:
+            disk[key] = value
+    return disk
+
+
 def boot_problem(args: argparse.Namespace) -> str | None:
     """Why the boot options are unusable (the API would refuse them less clearly), or None."""
     if args.kernel is None and args.disk is None:
@@ -204,6 +229,8 @@ def create_body(args: argparse.Namespace) -> dict[str, Any]:
         body["labels"] = dict(args.labels)
     if getattr(args, "migration_policy", None):
         body["migration_policy"] = args.migration_policy
+    if getattr(args, "data_disk", None):
+        body["disks"] = args.data_disk
     placement = given(args, *PREFERENCES)
     if placement:
         body["placement"] = placement

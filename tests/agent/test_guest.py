@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from novacron.agent.guest import GuestImage, cpio, ensure_guest
-from novacron.agent.guest.build import NET_MODULES, _is_static_elf, compile_workload
+from novacron.agent.guest.build import DISK_MODULES, NET_MODULES, _is_static_elf, compile_workload
 from tests.agent.workload_pages import page_prefix
 
 
@@ -55,9 +55,13 @@ def test_guest_carries_the_virtio_net_modules_in_load_order(guest: GuestImage) -
     # Debian builds virtio-net as modules; init.sh loads /lib/modules/*.ko in glob order
     listing = subprocess.run(["cpio", "-t"], input=gzip.decompress(guest.initrd.read_bytes()),
                              capture_output=True, check=True).stdout.decode().split()
-    mods = sorted(m for m in listing if m.startswith("lib/modules/") and m.endswith(".ko"))
+    mods = sorted(m for m in listing if m.startswith("lib/modules/") and m.endswith(".ko") and m.count("/") == 2)
     assert [m.split("-", 1)[1] for m in mods] == [Path(m).name for m in NET_MODULES]
     assert mods[-1].endswith("virtio_net.ko") and mods[0].endswith("virtio_ring.ko")
+    # the disk workload's own set (disk.sh), outside the NIC's glob
+    disk = sorted(m for m in listing if m.startswith("lib/modules/disk/"))
+    assert [m.split("-", 1)[1] for m in disk] == [Path(m).name for m in DISK_MODULES]
+    assert "bin/diskload" in listing and "bin/disk-init" in listing
 
 
 @pytest.fixture(scope="module")

@@ -214,7 +214,8 @@ class MemDestFactory:
         self.prepare_error: Exception | None = None  # an unexpected failure while preparing
         self.destroy_error: Exception | None = None  # destroying a destination VM fails
 
-    async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str) -> MemDestVM:
+    async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str,
+                      disks: list[dict[str, Any]] | None = None) -> MemDestVM:
         name = str(spec.get("name"))
         if self.prepare_error is not None:
             raise self.prepare_error
