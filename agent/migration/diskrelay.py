@@ -104,8 +104,8 @@ class SourceDiskRelay(_Streams):
         self.servers: list[asyncio.Server] = []
 
     def _count(self, n: int) -> None:
+        # not in bytes_wire: that is the page stream, which the destination acknowledges
         self.status.disk_bytes += n
-        self.status.bytes_wire += n + 34  # header, stream id, GCM tag
 
     async def listen(self) -> dict[int, Path]:
         paths: dict[int, Path] = {}
@@ -154,7 +154,7 @@ class DestDiskRelay(_Streams):
         self.disks = disks
 
     def _count(self, n: int) -> None:
-        self.status.bytes_wire += n + 34
+        pass  # what the destination sends back (NBD replies) is counted by the source
 
     async def open_stream(self, stream: int) -> None:
         if stream not in self.disks or stream in self.writers:
@@ -177,4 +177,3 @@ class DestDiskRelay(_Streams):
         w.write(data)
         await asyncio.wait_for(w.drain(), 60)
         self.status.disk_bytes += len(data)
-        self.status.bytes_wire += len(data) + 34

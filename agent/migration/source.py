@@ -251,6 +251,7 @@ class SourceMigration:
                     continue
                 if rec.op == "ack":
                     self._on_ack(rec.ctrl)
+                    continue
                 if rec.op == "disk_eof" and self.disk_relay is not None:
                     self.disk_relay.peer_eof(protocol.check_stream(rec.ctrl, self.disk_relay.disks))
                     continue
