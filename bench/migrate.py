@@ -13,12 +13,36 @@ between two hosts on loopback:
 Idle (workload dirtying nothing) and busy guests, uncapped and capped (``--cap``
 MB/s on both engines: our ``bandwidth_mbps``, QEMU's ``max-bandwidth``).
 "Uncapped" lifts QEMU's default 128 MiB/s ``max-bandwidth``; QEMU's downtime
-limit and ours are both 300 ms. Figures: total time, downtime (ours: source
-pause until the destination confirmed running; QEMU: from the source's STOP
-event to the destination's RESUME event, both stamped by the host clock) and bytes on the wire (ours: every
-frame written to the channel; QEMU: the bytes of its migration streams during
-the migration, counted by a splice relay in front of the destination, all
-multifd streams included).
+limit and ours are both 300 ms.
+
+Every migration of every engine is checked by the guest itself: after the
+guest runs at the destination the harness types ``verify`` on its serial
+console and reads the workload's full page check (``NOVACRON-VERIFY``), and
+the destination's console must show the same boot, no ``NOVACRON-BAD`` page
+and ``ok=1`` heartbeats. A row whose guest failed (or whose migration failed)
+is shown as failed, counted in a summary line and left out of every ratio;
+the guest is booted afresh before the next case.
+
+Figures, measured the same way for both engines:
+
+- **total**: harness wall clock from the start of destination preparation
+  (our ``POST /v1/migrations``, which prepares the destination; QEMU: starting
+  the destination QEMU with ``-incoming``) until the guest runs at the
+  destination. Each engine's own figure (ours: the status's ``total_s``;
+  QEMU: ``query-migrate`` ``total-time``, which excludes the destination's
+  start) is in ``--json`` as ``engine_total_s``.
+- **pause**: the guest's own heartbeat gap. The workload prints a heartbeat
+  with its uptime once a second; the guest's clocks stand still while it is
+  paused, so for consecutive heartbeats (host arrival gap) - (guest uptime
+  gap) is the time the guest stood still. The harness polls the source's and
+  the destination's serial logs every 5 ms and takes the largest such excess
+  during the migration (resolution: the poll interval plus host scheduling).
+  Beside it: the engine's own downtime figure (ours: source pause until the
+  destination confirmed running; QEMU: ``query-migrate`` ``downtime``) and,
+  for QEMU, its STOP -> RESUME event timestamps (``qemu_event_downtime_ms``).
+- **wire**: ours: every frame written to the channel; QEMU: the bytes of its
+  migration streams, counted by a splice relay in front of the destination,
+  all multifd streams included.
 """
 
 from __future__ import annotations
@@ -26,10 +50,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +65,25 @@ from novacron.bench.report import Report
 
 DESCRIPTION = "live migration: novacron engine vs QEMU native (tcp, multifd+zstd), idle/busy, capped/uncapped"
 MB = 1_000_000
+HB = re.compile(r"NOVACRON-HB boot=(\w+) seq=(\d+) uptime=([\d.]+) ok=(\d)")
+VERIFY = re.compile(r"NOVACRON-VERIFY boot=(\w+) pages=\d+ bad=(\d+) result=(\w+)")
+HB_POLL_S = 0.005  # how often the serial logs are read for heartbeats (the pause's resolution)
+VERIFY_TIMEOUT_S = 60.0  # a guest that does not answer ``verify`` by then failed (crashed or hung)
+
+# Test seam: called with (engine, destination RAM file) after QEMU's migration
+# completed and before the destination resumes; a test corrupts guest RAM here
+# to prove a broken migration is caught. Never set outside tests.
+DEST_RAM_HOOK: Callable[[str, Path], None] | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--memory-mb", type=int, default=256, help="guest RAM (default 256)")
+    parser.add_argument("--memory-mb", type=int, default=256, help="guest RAM in MiB (default 256)")
     parser.add_argument("--workload-mb", type=int, default=96,
-                        help="memory the guest workload fills and checks (default 96)")
+                        help="MB of memory the guest workload fills and checks (default 96)")
     parser.add_argument("--busy-rate", type=int, default=16,
                         help="MB/s the busy guest dirties (default 16)")
-    parser.add_argument("--cap", type=float, default=50.0, help="bandwidth cap in MB/s (default 50)")
+    parser.add_argument("--cap", type=float, default=50.0,
+                        help="bandwidth cap in MB/s for the capped runs; 0 runs uncapped only (default 50)")
     parser.add_argument("--engines", default="novacron,qemu-tcp,qemu-multifd-zstd",
                         help="comma-separated subset of novacron,qemu-tcp,qemu-multifd-zstd (default: all)")
     parser.add_argument("--guests", default="idle,busy", help="comma-separated subset of idle,busy (default: both)")
@@ -63,6 +100,8 @@ def run(args: argparse.Namespace) -> Report:
             raise SystemExit(f"novacron bench migrate: unknown guest kind {g!r}")
     if args.workload_mb >= args.memory_mb or args.memory_mb < 64:
         raise SystemExit("novacron bench migrate: need --memory-mb >= 64 and > --workload-mb")
+    if args.cap < 0:
+        raise SystemExit("novacron bench migrate: --cap must be >= 0")
     results, notes = asyncio.run(_run_all(args, engines, guests))
     return _report(args, results, notes)
 
@@ -82,7 +121,7 @@ async def _run_all(args: argparse.Namespace, engines: list[str], guests: list[st
                    ) -> tuple[list[dict[str, Any]], list[str]]:
     results: list[dict[str, Any]] = []
     notes: list[str] = []
-    caps = [0.0, args.cap]
+    caps = [0.0, args.cap] if args.cap else [0.0]
     for kind in guests:
         rate = 0 if kind == "idle" else args.busy_rate
         if "novacron" in engines:
@@ -95,50 +134,225 @@ async def _run_all(args: argparse.Namespace, engines: list[str], guests: list[st
     return results, notes
 
 
+# -- what the guest says -----------------------------------------------------------
+@dataclass
+class _Beat:
+    seq: int
+    uptime: float
+    arrived: float  # host monotonic clock when the harness read the line
+
+
+@dataclass
+class HeartbeatWatch:
+    """Reads serial log files as they grow and stamps each heartbeat with the
+    host clock: the guest's stand-still is measured the same way for every engine."""
+
+    paths: list[Path]
+    beats: dict[int, _Beat] = field(default_factory=dict)
+    _pos: dict[Path, int] = field(default_factory=dict)
+    _rest: dict[Path, bytes] = field(default_factory=dict)
+    _task: asyncio.Task[None] | None = None
+
+    def add(self, path: Path) -> None:
+        if path not in self.paths:
+            self.paths.append(path)
+
+    def start(self) -> None:
+        for path in self.paths:  # only what the guest prints from now on counts
+            with contextlib.suppress(OSError):
+                self._pos[path] = path.stat().st_size
+        self._task = asyncio.create_task(self._run(), name="heartbeat-watch")
+
+    async def beat_after(self, t: float, timeout: float = 5.0) -> None:
+        """Until a heartbeat read after host time ``t`` follows one it saw before:
+        only then does some pair of consecutive heartbeats span the pause."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(b.arrived > t and b.seq - 1 in self.beats for b in self.beats.values()):
+                return
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.poll()
+
+    async def _run(self) -> None:
+        while True:
+            self.poll()
+            await asyncio.sleep(HB_POLL_S)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for path in list(self.paths):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self._pos.get(path, 0))
+                    chunk = f.read()
+            except OSError:
+                continue  # not created yet, or removed with the source's folder
+            if not chunk:
+                continue
+            self._pos[path] = self._pos.get(path, 0) + len(chunk)
+            data = self._rest.pop(path, b"") + chunk
+            *lines, rest = data.split(b"\n")
+            if rest:
+                self._rest[path] = rest
+            for line in lines:
+                m = HB.search(line.decode(errors="replace"))
+                if m and int(m.group(2)) not in self.beats:
+                    self.beats[int(m.group(2))] = _Beat(int(m.group(2)), float(m.group(3)), now)
+
+    def pause_ms(self) -> float | None:
+        """The longest time the guest stood still between two consecutive heartbeats
+        (None: no two consecutive ones were seen)."""
+        gaps = [(b.arrived - a.arrived) - (b.uptime - a.uptime)
+                for a in self.beats.values() if (b := self.beats.get(a.seq + 1)) is not None]
+        return max(0.0, max(gaps)) * 1000.0 if gaps else None
+
+
+@dataclass
+class GuestCheck:
+    ok: bool
+    detail: str
+
+
+async def check_guest(read: Callable[[int], Awaitable[tuple[str, int]]],
+                      send: Callable[[str], Awaitable[None]], boot: str) -> GuestCheck:
+    """The guest's own verdict at the destination: a full page check on request,
+    the same boot, no bad page reported, heartbeats saying ok=1."""
+    text, offset = await read(0)
+    try:
+        await send("verify\n")
+    except Exception as exc:
+        return GuestCheck(False, f"cannot type on the console: {exc}")
+    deadline = time.monotonic() + VERIFY_TIMEOUT_S
+    verdict = None
+    while verdict is None:
+        chunk, offset = await read(offset)
+        text += chunk
+        verdict = VERIFY.search(text)
+        if verdict is None:
+            if time.monotonic() > deadline:
+                return GuestCheck(False, f"no page check answer in {VERIFY_TIMEOUT_S:.0f} s "
+                                         "(guest crashed or hung)")
+            await asyncio.sleep(0.2)
+    beats = HB.findall(text)
+    boots = {verdict.group(1)} | {b for b, *_ in beats}
+    if boots != {boot}:
+        return GuestCheck(False, f"guest rebooted (boot {sorted(boots)}, expected {boot})")
+    if verdict.group(3) != "ok" or verdict.group(2) != "0":
+        return GuestCheck(False, f"page check: {verdict.group(2)} bad pages")
+    if "NOVACRON-BAD" in text:
+        return GuestCheck(False, f"background check: {text.count('NOVACRON-BAD')} bad pages")
+    if beats and beats[-1][3] != "1":
+        return GuestCheck(False, "heartbeat says ok=0")
+    return GuestCheck(True, f"ok ({verdict.group(0).split('pages=')[1].split()[0]} pages)")
+
+
+def _row_check(row: dict[str, Any], check: GuestCheck) -> None:
+    row["verify"] = "ok" if check.ok else "FAILED"
+    row["verify_detail"] = check.detail
+    row["failed"] = not check.ok
+
+
 # -- our engine, two real agents ---------------------------------------------
 async def _ours(args: argparse.Namespace, kind: str, rate: int, caps: list[float]) -> list[dict[str, Any]]:
     from novacron.agent.local import LocalAgent
 
     secret = secrets.token_urlsafe(32)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    name = f"bench-{kind}"
     async with LocalAgent("bench-a", cluster_secret=secret, accel="tcg") as a, \
             LocalAgent("bench-b", cluster_secret=secret, accel="tcg") as b:
-        name = f"bench-{kind}"
-        status, doc = await a.request("POST", "/v1/vms", _spec(name, args, rate))
-        if status != 201:
-            raise RuntimeError(f"cannot create the guest: {doc}")
-        await _wait_console(a, name)
+        boot = await _ours_boot(a, name, args, rate)
         src, dst = a, b
+        broken = False
         for cap in caps:
-            status, doc = await src.request("POST", "/v1/migrations", {
-                "vm": name, "target": {"url": dst.url, "token": dst.token},
-                "options": {"bandwidth_mbps": cap, "downtime_ms": 300},
-            })  # fmt: skip
-            if status != 202:
-                raise RuntimeError(f"migration refused: {doc}")
-            st = await _wait_migration(src, doc["id"])
-            if st["phase"] != "completed":
-                raise RuntimeError(f"our migration failed: {st['error']}")
-            m = st["metrics"]
-            rows.append({
-                "guest": kind, "cap_mbps": cap, "engine": "novacron", "total_s": m["total_s"],
-                "downtime_ms": m["downtime_ms"], "wire_bytes": m["bytes_wire"],
-                "rounds": st["round"], "compression_ratio": m["compression_ratio"],
-                "dedup_ratio": m["dedup_ratio"], "downtime_parts": m.get("downtime_parts"),
-            })  # fmt: skip
-            await _wait_console(dst, name)
-            src, dst = dst, src
+            if broken:  # the next case gets a healthy guest on a clean pair of hosts
+                for h in (src, dst):
+                    await h.request("DELETE", f"/v1/vms/{name}")
+                boot = await _ours_boot(src, name, args, rate)
+            row = await _ours_once(src, dst, name, cap, boot)
+            row["guest"] = kind
+            rows.append(row)
+            broken = row["failed"]
+            if not broken:
+                src, dst = dst, src
     return rows
 
 
-async def _wait_console(agent: Any, name: str, timeout: float = 180) -> None:
+async def _ours_boot(agent: Any, name: str, args: argparse.Namespace, rate: int) -> str:
+    status, doc = await agent.request("POST", "/v1/vms", _spec(name, args, rate))
+    if status != 201:
+        raise RuntimeError(f"cannot create the guest: {doc}")
+    return await _first_boot(lambda off: _agent_console(agent, name, off), name)
+
+
+async def _agent_console(agent: Any, name: str, offset: int) -> tuple[str, int]:
+    status, doc = await agent.request("GET", f"/v1/vms/{name}/console?offset={offset}")
+    if status != 200:
+        return "", offset
+    return str(doc["text"]), int(doc["next_offset"])
+
+
+async def _first_boot(read: Callable[[int], Awaitable[tuple[str, int]]], name: str,
+                      timeout: float = 180) -> str:
     deadline = time.monotonic() + timeout
+    text, offset = "", 0
     while time.monotonic() < deadline:
-        status, doc = await agent.request("GET", f"/v1/vms/{name}/console")
-        if status == 200 and "NOVACRON-HB" in doc["text"]:
-            return
+        chunk, offset = await read(offset)
+        text += chunk
+        if m := HB.search(text):
+            return m.group(1)
         await asyncio.sleep(0.5)
     raise RuntimeError(f"guest {name} printed no heartbeat in {timeout}s")
+
+
+async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str) -> dict[str, Any]:
+    # the destination receives into incoming/NAME and renames it to vms/NAME at commit
+    watch = HeartbeatWatch([src.state_dir / "vms" / name / "serial.log",
+                            dst.state_dir / "incoming" / name / "serial.log",
+                            dst.state_dir / "vms" / name / "serial.log"])
+    watch.start()
+    await watch.beat_after(time.monotonic())  # a heartbeat before the pause, to pair with one after
+    t0 = time.monotonic()
+    try:
+        status, doc = await src.request("POST", "/v1/migrations", {
+            "vm": name, "grant": src.grant_to(dst, name),
+            "options": {"bandwidth_mbps": cap, "downtime_ms": 300},
+        })  # fmt: skip
+        if status != 202:
+            raise RuntimeError(f"migration refused: {doc}")
+        st = await _wait_migration(src, doc["id"])
+        total_s = time.monotonic() - t0
+        landed = dst if st["phase"] == "completed" else src
+        check = await check_guest(lambda off: _agent_console(landed, name, off),
+                                  lambda text: _agent_type(landed, name, text), boot)
+        await watch.beat_after(t0 + total_s)
+    finally:
+        await watch.stop()
+    m = st["metrics"]
+    row = {
+        "cap_mbps": cap, "engine": "novacron", "total_s": total_s,
+        "engine_total_s": m["total_s"], "pause_ms": watch.pause_ms(),
+        "downtime_ms": m["downtime_ms"], "engine_downtime_ms": m["downtime_ms"],
+        "wire_bytes": m["bytes_wire"], "rounds": st["round"],
+        "compression_ratio": m["compression_ratio"], "dedup_ratio": m["dedup_ratio"],
+        "downtime_parts": m.get("downtime_parts"),
+    }  # fmt: skip
+    if st["phase"] != "completed":
+        check = GuestCheck(False, f"migration {st['phase']}: {st.get('error')} (guest: {check.detail})")
+    _row_check(row, check)
+    return row
+
+
+async def _agent_type(agent: Any, name: str, text: str) -> None:
+    status, doc = await agent.request("POST", f"/v1/vms/{name}/console", {"text": text})
+    if status != 200:
+        raise RuntimeError(f"console write refused: {doc}")
 
 
 async def _wait_migration(agent: Any, mid: str, timeout: float = 600) -> dict[str, Any]:
@@ -147,7 +361,7 @@ async def _wait_migration(agent: Any, mid: str, timeout: float = 600) -> dict[st
         status, st = await agent.request("GET", f"/v1/migrations/{mid}")
         if status == 200 and st["phase"] in ("completed", "failed", "cancelled"):
             return st
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.02)  # the total is read here: poll finely
     raise RuntimeError(f"migration {mid} did not finish in {timeout}s")
 
 
@@ -165,23 +379,32 @@ async def _qemu(args: argparse.Namespace, kind: str, rate: int, caps: list[float
              VMManager(root / "y", AccelDetector(probe_kernels=[]), images=images)]
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
+    name = f"bench-q{kind}"
     try:
         for h in hosts:
             await h.load()
-        name = f"bench-q{kind}"
-        vm = await hosts[0].create(_spec(name, args, rate))
-        await vm.wait_serial(r"NOVACRON-HB", timeout=180)
         src, dst = 0, 1
+        boot = await _qemu_boot(hosts[src], name, args, rate)
+        broken = False
         for engine in engines:
             for cap in caps:
+                if broken:  # a broken guest is not migrated again: boot a fresh one
+                    for h in hosts:
+                        if (vm := h.vms.get(name)) is not None:
+                            await vm.stop()
+                            shutil.rmtree(vm.paths.dir, ignore_errors=True)
+                            h.forget(name)
+                    boot = await _qemu_boot(hosts[src], name, args, rate)
                 try:
-                    row = await _qemu_once(hosts[src], hosts[dst], name, engine, cap)
+                    row = await _qemu_once(hosts[src], hosts[dst], name, engine, cap, boot)
                 except _Unsupported as exc:
                     notes.append(f"{engine}: not measured ({exc})")
                     break
                 row["guest"] = kind
                 rows.append(row)
-                src, dst = dst, src
+                broken = row["failed"]
+                if row["migrated"] and not broken:
+                    src, dst = dst, src
     finally:
         for h in hosts:
             await h.shutdown(stop_vms=True)
@@ -189,16 +412,32 @@ async def _qemu(args: argparse.Namespace, kind: str, rate: int, caps: list[float
     return rows, notes
 
 
+async def _qemu_boot(host: Any, name: str, args: argparse.Namespace, rate: int) -> str:
+    vm = await host.create(_spec(name, args, rate))
+    return await _first_boot(lambda off: _vm_console(vm, off), name)
+
+
+async def _vm_console(vm: Any, offset: int) -> tuple[str, int]:
+    data = vm.read_serial(offset)
+    return data.decode(errors="replace"), offset + len(data)
+
+
 class _Unsupported(Exception):
     pass
 
 
-async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: float) -> dict[str, Any]:
+async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: float,
+                     boot: str) -> dict[str, Any]:
     from novacron.agent.qmp import QMPError
 
     src = src_host.get(name)
     dvm = dst_host.new_vm(src.spec, src.accel, dst_host.paths(name))
     dvm.paths.dir.mkdir(parents=True)
+    watch = HeartbeatWatch([src.paths.serial_log, dvm.paths.serial_log])
+    watch.start()
+    await watch.beat_after(time.monotonic())  # a heartbeat before the pause, to pair with one after
+    error = None
+    t0 = time.monotonic()  # destination preparation counts, as for ours
     try:
         await dvm.start(incoming=True)
         assert src.qmp is not None and dvm.qmp is not None
@@ -227,37 +466,65 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
                 if info.get("status") == "completed":
                     break
                 if info.get("status") in ("failed", "cancelled"):
-                    raise RuntimeError(f"QEMU migration {info.get('status')}: {info.get('error-desc')}")
+                    error = f"QEMU migration {info.get('status')}: {info.get('error-desc')}"
+                    break
                 await asyncio.sleep(0.01)
-            while (await dvm.qmp.execute("query-status"))["status"] != "paused":
-                await asyncio.sleep(0.005)
+            if error is None:
+                while (await dvm.qmp.execute("query-status"))["status"] != "paused":
+                    await asyncio.sleep(0.005)
+                if DEST_RAM_HOOK is not None:
+                    DEST_RAM_HOOK(engine, dvm.paths.ram)
+                await dvm.qmp.execute("cont")
+                total_s = time.monotonic() - t0
+                # both QEMUs stamp events with the host clock: pause -> resume
+                stopped, resumed = await stops.get(timeout=10), await resumes.get(timeout=10)
+                event_ms: float | None = (_event_time(resumed) - _event_time(stopped)) * 1000.0
             wrote = relay.forward_bytes
-            await dvm.qmp.execute("cont")
-            # both QEMUs stamp events with the host clock: pause -> resume, as for ours
-            stopped, resumed = await stops.get(timeout=10), await resumes.get(timeout=10)
-            downtime_ms = (_event_time(resumed) - _event_time(stopped)) * 1000.0
         finally:
             src.qmp.unsubscribe(stops)
             dvm.qmp.unsubscribe(resumes)
             await asyncio.to_thread(relay.close)
-        dvm.state = "running"
-        dvm.incoming = False
+        if error is None:
+            dvm.state = "running"
+            dvm.incoming = False
     except BaseException:
+        await watch.stop()
         with contextlib.suppress(Exception):
             await dvm.stop()
         shutil.rmtree(dvm.paths.dir, ignore_errors=True)
         raise
-    await src.stop()
-    shutil.rmtree(src.paths.dir, ignore_errors=True)
-    src_host.forget(name)
-    dst_host.register(dvm)
-    return {
-        "cap_mbps": cap, "engine": engine, "total_s": info["total-time"] / 1000.0,
-        "downtime_ms": downtime_ms, "qemu_reported_downtime_ms": float(info["downtime"]),
-        "wire_bytes": wrote,
-        "ram_transferred": int(info["ram"]["transferred"]),
-        "rounds": int(info["ram"].get("dirty-sync-count", 0)),
-    }
+    if error is None:
+        await src.stop()
+        shutil.rmtree(src.paths.dir, ignore_errors=True)
+        src_host.forget(name)
+        dst_host.register(dvm)
+        landed = dvm
+    else:  # QEMU resumes the source itself when its migration fails
+        total_s, event_ms = time.monotonic() - t0, None
+        with contextlib.suppress(Exception):
+            await dvm.stop()
+        shutil.rmtree(dvm.paths.dir, ignore_errors=True)
+        landed = src
+    try:
+        check = await check_guest(lambda off: _vm_console(landed, off), landed.send_serial, boot)
+        await watch.beat_after(t0 + total_s)
+    finally:
+        await watch.stop()
+    ram = info.get("ram", {})
+    row = {
+        "cap_mbps": cap, "engine": engine, "total_s": total_s,
+        "engine_total_s": info["total-time"] / 1000.0 if "total-time" in info else None,
+        "pause_ms": watch.pause_ms(),
+        "downtime_ms": event_ms, "qemu_event_downtime_ms": event_ms,
+        "engine_downtime_ms": float(info["downtime"]) if "downtime" in info else None,
+        "qemu_reported_downtime_ms": float(info["downtime"]) if "downtime" in info else None,
+        "wire_bytes": wrote, "ram_transferred": int(ram.get("transferred", 0)),
+        "rounds": int(ram.get("dirty-sync-count", 0)), "migrated": error is None,
+    }  # fmt: skip
+    if error is not None:
+        check = GuestCheck(False, f"{error} (guest: {check.detail})")
+    _row_check(row, check)
+    return row
 
 
 def _event_time(event: dict[str, Any]) -> float:
@@ -271,23 +538,38 @@ def _report(args: argparse.Namespace, results: list[dict[str, Any]], notes: list
     table = report.table(
         f"Live migration of a {args.memory_mb} MiB TCG guest on loopback "
         f"(workload {args.workload_mb} MB, busy = {args.busy_rate} MB/s dirtied)",
-        ["guest", "cap MB/s", "engine", "total s", "downtime ms", "wire MB", "rounds",
-         "time vs qemu-tcp", "wire vs qemu-tcp"],
+        ["guest", "cap MB/s", "engine", "guest check", "total s", "pause ms (guest)",
+         "engine downtime ms", "wire MB", "rounds", "time vs qemu-tcp", "wire vs qemu-tcp"],
     )
-    ref = {(r["guest"], r["cap_mbps"]): r for r in results if r["engine"] == "qemu-tcp"}
+    # a broken reference is no reference, and a broken row is no result
+    ref = {(r["guest"], r["cap_mbps"]): r for r in results
+           if r["engine"] == "qemu-tcp" and not r["failed"]}
     for r in results:
-        base = ref.get((r["guest"], r["cap_mbps"]))
+        base = None if r["failed"] else ref.get((r["guest"], r["cap_mbps"]))
         t_ratio = r["total_s"] / base["total_s"] if base and base["total_s"] else None
         w_ratio = r["wire_bytes"] / base["wire_bytes"] if base and base["wire_bytes"] else None
         r["time_vs_qemu_tcp"], r["wire_vs_qemu_tcp"] = t_ratio, w_ratio
-        table.add(r["guest"], r["cap_mbps"] or "none", r["engine"], r["total_s"], r["downtime_ms"],
+        table.add(r["guest"], r["cap_mbps"] or "none", r["engine"],
+                  "ok" if not r["failed"] else f"FAILED: {r['verify_detail']}",
+                  r["total_s"], r["pause_ms"], r["engine_downtime_ms"],
                   r["wire_bytes"] / MB, r["rounds"], t_ratio, w_ratio)
+    failed = [r for r in results if r["failed"]]
     report.data = {"memory_mb": args.memory_mb, "workload_mb": args.workload_mb,
-                   "busy_rate_mb": args.busy_rate, "cap_mbps": args.cap, "results": results}
+                   "busy_rate_mb": args.busy_rate, "cap_mbps": args.cap, "results": results,
+                   "guest_checks": {"rows": len(results), "failed": len(failed)},
+                   "total_includes_destination_preparation": True}
     report.notes += notes
     report.notes.append(
-        "downtime: source pause to guest resumed at the destination (QEMU: its STOP and RESUME "
-        "event timestamps; its own figure, which ends on the source, is in --json). wire: novacron = all frames "
-        "written to the channel; QEMU = bytes through a counting splice relay (all streams). "
-        "Ratios < 1 favour novacron.")
+        f"guest check: {len(results) - len(failed)} of {len(results)} migrations passed the guest's own "
+        f"page check; {len(failed)} failed"
+        + (" (" + ", ".join(f"{r['engine']} {r['guest']} cap {r['cap_mbps'] or 'none'}" for r in failed)
+           + ": excluded from every ratio)" if failed else "") + ".")
+    report.notes.append(
+        "total: harness wall clock from the start of destination preparation to the guest running at "
+        "the destination, the same for every engine (destination preparation included). "
+        "pause: the guest's own stand-still, (host gap - guest uptime gap) between consecutive "
+        "heartbeats read from the serial logs every 5 ms. engine downtime: the engine's own figure "
+        "(novacron: source pause to destination confirmed running; QEMU: query-migrate downtime; "
+        "its STOP->RESUME event gap is in --json). wire: novacron = all frames written to the channel; "
+        "QEMU = bytes through a counting splice relay (all streams). Ratios < 1 favour novacron.")
     return report
