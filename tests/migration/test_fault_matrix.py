@@ -269,10 +269,12 @@ class Matrix:
         [src] = await self.where()
         dst = self.agents[1] if src is self.agents[0] else self.agents[0]
         victim = {"src": src, "dst": dst}.get(fault.side)
+        armed_log = 0
         if fault.point:
             assert victim is not None
             action = fault.point + (f"@{self.rng.uniform(0.0, 0.15):.3f}" if fault.delay else "")
             await restart(victim, {CRASH: action})
+            armed_log = victim.log_path.stat().st_size
         await self.hosts_up()
         mig = await self.coord.ok("POST", "/migrations",
                                   {"vm": VM, "target": dst.name, "options": OPTIONS}, want=202)
@@ -311,8 +313,8 @@ class Matrix:
             if not alive(a):
                 await restart(a, {})
         coord_mig = await self.settled(mid)
-        for a in self.agents:  # disarm a crash point that was not reached
-            if a.env:
+        for a in self.agents:  # disarm a crash point that was not reached (one fires once)
+            if a.env and not fired(a, armed_log):
                 await restart(a, {})
         await self.hosts_up()
         await self.check(i, fault, src, dst, coord_mig)
@@ -456,6 +458,13 @@ class Matrix:
             "double runs", "lost guests", "unrecorded pauses", "record mismatches", "left behind",
             "failed page checks", "rebooted guests")))
         return "\n".join(lines)
+
+
+def fired(agent: LocalAgent, offset: int) -> bool:
+    """Whether ``agent``'s armed crash point fired (its log since ``offset`` says so)."""
+    with open(agent.log_path, "rb") as f:
+        f.seek(offset)
+        return b"crash point reached" in f.read()
 
 
 def holds_tap(pid: int) -> bool:
