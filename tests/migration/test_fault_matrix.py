@@ -88,7 +88,7 @@ FAULTS = [
     Fault("none", "", "-"),
     # pre-copy: from the test, a random delay after the first pages moved
     *[Fault(kind, side, "precopy") for kind, _ in KINDS for side in ("src", "dst")],
-    Fault("channel cut", "", "precopy"),
+    Fault("channel cut", "dst", "precopy"),  # ss -K on the destination's data port
     Fault("disk full", "dst", "precopy"),
     # stop-and-copy: a crash point where the phase starts, acting a random delay later
     *[_at(kind, side, "stopcopy", action) for kind, action in KINDS for side in ("src", "dst")],
@@ -102,7 +102,7 @@ EACH_KIND = [  # the default variant: one fault of each kind (the source QEMU's 
     _at("SIGKILL agent", "src", "stopcopy", "kill"),
     _at("SIGSTOP agent", "dst", "stopcopy", "stop"),
     Fault("SIGKILL QEMU", "dst", "precopy"),
-    Fault("channel cut", "", "precopy"),
+    Fault("channel cut", "dst", "precopy"),
     Fault("disk full", "dst", "precopy"),
     _at("SIGKILL agent", "dst", "go", "kill"),
 ]
@@ -191,11 +191,11 @@ class Matrix:
     mounts: list[Path]
     rng: random.Random
     boot: str = ""
-    crashed_ok: bool = False  # the fault killed the guest's only QEMU: "crashed" is its honest state
     table: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     counts: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # per migration, fault and settling included
+    reasons: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
     async def hosts_up(self) -> None:
         async def up() -> bool:
@@ -209,8 +209,6 @@ class Matrix:
         out = []
         for a in self.agents:
             status, doc = await a.request("GET", f"/v1/vms/{VM}")
-            if status == 200 and doc["state"] == "crashed" and self.crashed_ok:
-                continue  # its QEMU was killed on purpose; check() restarts it
             if status == 200:
                 if doc["state"] == "paused":
                     self.counts["unrecorded pauses"] += 1
@@ -245,6 +243,13 @@ class Matrix:
         st = await until("pre-copy moving pages", moving, 120)
         if st["phase"] in FINAL:
             return "ended before"
+        if fault.kind == "disk full":  # after admission: the destination's QEMU runs, its record written
+            admitted = dst.state_dir / "incoming" / VM / "incoming.json"
+
+            async def admitted_or_over() -> bool:
+                return admitted.exists() or await ended_at(src, mid)
+
+            await until("the destination admitted the guest", admitted_or_over, 60)
         await asyncio.sleep(self.rng.uniform(0.0, 1.0))
         st = await status_at(src, mid)
         phase = st["phase"] if st else "?"
@@ -322,24 +327,27 @@ class Matrix:
     async def check(self, i: int, fault: Fault, src: LocalAgent, dst: LocalAgent,
                     coord_mig: dict[str, Any]) -> None:
         tag = f"#{i} {fault.name} at {fault.phase}"
-        if fault.kind == "SIGKILL QEMU" and fault.side == "src" and await self.crashed_at(src):
+        paused = self.counts["unrecorded pauses"]
+        running = await self.where()
+        assert self.counts["unrecorded pauses"] == paused, (tag, self.problems)
+        if (not running and fault.kind == "SIGKILL QEMU" and fault.side == "src"
+                and await self.crashed_at(src)):
             # The guest's only complete copy died before the destination could run it: no
             # migration saves it. Right is: it failed, the source shows the VM crashed, the
             # coordinator says the same, nothing is left at the destination. Then it is
             # started again (a new boot) for the next migration.
             await self.check_crashed(tag, fault, src, dst, coord_mig)
             return
-        running = await self.where()
         if len(running) > 1:
             self.counts["double runs"] += 1
         if not running:
             self.counts["lost guests"] += 1
         assert len(running) == 1, (tag, [a.name for a in running], self.problems)
-        assert not self.problems, (tag, self.problems)
         host = running[0]
         other = dst if host is src else src
         moved = host is dst
         outcome = coord_mig["phase"]
+        self.note_reason(fault, coord_mig)
         self.table[(fault.name, fault.phase, f"{outcome}/{'moved' if moved else 'stayed'}")] += 1
 
         # the coordinator's records match the agents
@@ -390,20 +398,17 @@ class Matrix:
         assert not any(p.startswith(tag) and ("rebooted" in p or "page check" in p)
                        for p in self.problems), self.problems
 
+    def note_reason(self, fault: Fault, coord_mig: dict[str, Any]) -> None:
+        if coord_mig.get("error"):
+            self.reasons[f"{fault.name} at {fault.phase}"][str(coord_mig["error"])[:110]] += 1
+
     async def crashed_at(self, agent: LocalAgent) -> bool:
         status, doc = await agent.request("GET", f"/v1/vms/{VM}")
         return status == 200 and doc["state"] == "crashed"
 
     async def check_crashed(self, tag: str, fault: Fault, src: LocalAgent, dst: LocalAgent,
                             coord_mig: dict[str, Any]) -> None:
-        self.crashed_ok = True
-        try:
-            others = await self.where()
-        finally:
-            self.crashed_ok = False
-        if others:
-            self.counts["double runs"] += 1
-            self.problems.append(f"{tag}: the source's QEMU crashed yet {[a.name for a in others]} runs it")
+        self.note_reason(fault, coord_mig)
         self.table[(fault.name, fault.phase, f"{coord_mig['phase']}/crashed")] += 1
         if coord_mig["phase"] == "completed":
             self.counts["record mismatches"] += 1
@@ -426,7 +431,6 @@ class Matrix:
         if leftovers:
             self.counts["left behind"] += 1
             self.problems.append(f"{tag}: left behind: {leftovers}")
-        assert not self.problems, self.problems
         _, offset = await Api(src).console(VM)
         await self.coord.ok("POST", f"/vms/{VM}/start")
         m = await Api(src).wait_console(VM, r"NOVACRON-HB boot=(\w+) .* ok=1", timeout=150, offset=offset)
@@ -454,6 +458,10 @@ class Matrix:
                 text = " ".join(f"{short.get(o, o)}:{n}" for o, n in sorted(c.items())) if c else "."
                 row += f"{text:>{width}}"
             lines.append(row)
+        lines.append("why the failed ones failed (the coordinator's record):")
+        for what in sorted(self.reasons):
+            for why, n in self.reasons[what].most_common(2):
+                lines.append(f"  {what}: {why} x{n}")
         lines.append("totals: " + ", ".join(f"{k} {self.counts[k]}" for k in (
             "double runs", "lost guests", "unrecorded pauses", "record mismatches", "left behind",
             "failed page checks", "rebooted guests")))
