@@ -17,9 +17,11 @@ migration engine (agent/migration): ``migration.source.throttled``,
 
 ``<point>:stop`` SIGSTOPs the process there instead (a hung peer: the test
 sends SIGCONT when it has seen what it wanted). Two more actions serve the
-fault matrix: ``<point>:qemu`` SIGKILLs the QEMUs running in this agent's
-state dir (``NOVACRON_AGENT_STATE_DIR``: the VM's, at a source; the incoming
-one, at a destination), ``<point>:cut`` resets every TCP connection on this
+fault matrix: ``<point>:qemu`` SIGKILLs the QEMUs of this agent's VMs
+(under ``vms/`` of ``NOVACRON_AGENT_STATE_DIR``: a source's guest),
+``<point>:qemu-incoming`` those of VMs still being received (``incoming/``: a
+destination's, which a delayed action past the commit no longer finds),
+``<point>:cut`` resets every TCP connection on this
 agent's data port (``NOVACRON_AGENT_DATA_PORT``, with ``ss -K``: a channel
 cut). ``@<seconds>`` delays the action from a thread while the process goes
 on (``migration.source.paused:kill@0.04``: a random point inside the phase
@@ -66,8 +68,9 @@ def _flush() -> None:
 
 
 def _act(action: str) -> None:
-    if action == "qemu":
-        killed = _kill_qemus(Path(os.environ.get("NOVACRON_AGENT_STATE_DIR", "/nonexistent")))
+    if action in ("qemu", "qemu-incoming"):
+        root = Path(os.environ.get("NOVACRON_AGENT_STATE_DIR", "/nonexistent"))
+        killed = _kill_qemus(root / ("vms" if action == "qemu" else "incoming"))
         log.warning("crash point killed QEMU", extra={"pids": killed})
     elif action == "cut":
         port = os.environ.get("NOVACRON_AGENT_DATA_PORT", "")

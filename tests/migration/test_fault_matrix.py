@@ -58,7 +58,7 @@ OPTIONS = {"bandwidth_mbps": 20}
 VM = "m"
 FINAL = ("completed", "failed", "cancelled")
 STALL_S = 8.0  # a SIGSTOPped agent is continued after its peer gave up, or after this long
-STATE_FS_MB = 320  # each agent's state dir: a tmpfs (guest RAM 128 MiB + an incoming copy + logs)
+STATE_FS_MB = 448  # each agent's state dir: a tmpfs (guest RAM 128 MiB + an incoming copy + logs)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -80,6 +80,8 @@ def _at(kind: str, side: str, phase: str, action: str) -> Fault:
     point = {("src", "stopcopy"): "migration.source.paused", ("dst", "stopcopy"): "migration.dest.stopcopy",
              ("src", "go"): "migration.source.go_sent", ("dst", "go"): "migration.dest.go_received",
              ("src", "commit"): "migration.source.resumed_received"}[(side, phase)]
+    if action == "qemu" and side == "dst":
+        action = "qemu-incoming"  # the copy being received: a delayed kill past the commit finds none
     return Fault(kind, side, phase, f"{point}:{action}", delay=phase == "stopcopy")
 
 
@@ -259,8 +261,8 @@ class Matrix:
         elif fault.kind == "SIGSTOP agent":
             assert victim.pid is not None
             os.kill(victim.pid, signal.SIGSTOP)
-        elif fault.kind == "SIGKILL QEMU":
-            for pid in qemu_processes_using(victim.state_dir):
+        elif fault.kind == "SIGKILL QEMU":  # at the destination: only the copy being received
+            for pid in qemu_processes_using(victim.state_dir / ("incoming" if victim is dst else "vms")):
                 os.kill(pid, signal.SIGKILL)
         elif fault.kind == "channel cut":
             port = dst.data_port
@@ -342,7 +344,7 @@ class Matrix:
             self.counts["double runs"] += 1
         if not running:
             self.counts["lost guests"] += 1
-        assert len(running) == 1, (tag, [a.name for a in running], self.problems)
+        assert len(running) == 1, (tag, [a.name for a in running], await self.diagnose(coord_mig["id"]))
         host = running[0]
         other = dst if host is src else src
         moved = host is dst
@@ -378,6 +380,9 @@ class Matrix:
             leftovers.append(f"{host.name} runs {len(qemu_processes_using(host.state_dir))} QEMUs")
         leftovers += [f"tap fd in QEMU {p}" for a in self.agents for p in qemu_processes_using(a.state_dir)
                       if holds_tap(p)]
+        for a, allowed in ((other, SPARE_MB), (host, GUEST_MB + SPARE_MB)):
+            if (used := used_mb(a.state_dir)) > allowed:  # e.g. an unlinked RAM file still held open
+                leftovers.append(f"{a.name} uses {used:.0f} MB ({biggest(a.state_dir)})")
         if leftovers:
             self.counts["left behind"] += 1
             self.problems.append(f"{tag}: left behind: {leftovers}")
@@ -397,6 +402,18 @@ class Matrix:
             self.problems.append(f"{tag}: page check {v.group(0)!r}")
         assert not any(p.startswith(tag) and ("rebooted" in p or "page check" in p)
                        for p in self.problems), self.problems
+
+    async def diagnose(self, mid: str) -> dict[str, Any]:
+        """What each agent says of the VM and the migration, and its log lines about it."""
+        out: dict[str, Any] = {"problems": self.problems}
+        for a in self.agents:
+            out[a.name] = {
+                "vm": await a.request("GET", f"/v1/vms/{VM}"),
+                "migration": await status_at(a, mid),
+                "log": [ln for ln in a.log_path.read_text(errors="replace").splitlines()
+                        if mid in ln or "vm crashed" in ln or "crash point" in ln][-12:],
+            }
+        return out
 
     def note_reason(self, fault: Fault, coord_mig: dict[str, Any]) -> None:
         if coord_mig.get("error"):
@@ -466,6 +483,23 @@ class Matrix:
             "double runs", "lost guests", "unrecorded pauses", "record mismatches", "left behind",
             "failed page checks", "rebooted guests")))
         return "\n".join(lines)
+
+
+GUEST_MB, SPARE_MB = 128 * 1.048576, 48.0  # the guest's RAM file; logs, journals, sockets
+
+
+def used_mb(path: Path) -> float:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize / 1e6
+
+
+def biggest(root: Path, n: int = 3) -> str:
+    sizes = []
+    for p in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            if p.is_file() and not p.is_symlink():
+                sizes.append((p.stat().st_blocks * 512, p))
+    return ", ".join(f"{p.relative_to(root)} {b / 1e6:.0f} MB" for b, p in sorted(sizes, reverse=True)[:n])
 
 
 def fired(agent: LocalAgent, offset: int) -> bool:

@@ -49,11 +49,11 @@ def test_unarmed_and_other_points_do_nothing() -> None:
     assert code == 0 and out == "before\nafter\nsurvived\n"
 
 
-def test_qemu_action_kills_the_qemus_under_the_state_dir_only(tmp_path: Path) -> None:
-    inside, outside = tmp_path / "state" / "vms" / "m", tmp_path / "elsewhere"
+def test_qemu_action_kills_the_vms_qemus_only(tmp_path: Path) -> None:
+    inside, outside = tmp_path / "state" / "vms" / "m", tmp_path / "state" / "incoming" / "m"
     inside.mkdir(parents=True)
-    outside.mkdir()
-    # stand-ins named like QEMU, one running in a VM folder of the state dir, one elsewhere
+    outside.mkdir(parents=True)
+    # stand-ins named like QEMU: a VM's, and one being received (``qemu-incoming``'s)
     procs = [subprocess.Popen(["bash", "-c", "exec -a qemu-system-x86_64 sleep 30"], cwd=d)
              for d in (inside, outside)]
     try:
