@@ -382,7 +382,8 @@ class Matrix:
                       if holds_tap(p)]
         for a, allowed in ((other, SPARE_MB), (host, GUEST_MB + SPARE_MB)):
             if (used := used_mb(a.state_dir)) > allowed:  # e.g. an unlinked RAM file still held open
-                leftovers.append(f"{a.name} uses {used:.0f} MB ({biggest(a.state_dir)})")
+                leftovers.append(f"{a.name} uses {used:.0f} MB ({biggest(a.state_dir)}; "
+                                 f"deleted but held: {held_deleted(a.state_dir) or 'none'})")
         if leftovers:
             self.counts["left behind"] += 1
             self.problems.append(f"{tag}: left behind: {leftovers}")
@@ -500,6 +501,24 @@ def biggest(root: Path, n: int = 3) -> str:
             if p.is_file() and not p.is_symlink():
                 sizes.append((p.stat().st_blocks * 512, p))
     return ", ".join(f"{p.relative_to(root)} {b / 1e6:.0f} MB" for b, p in sorted(sizes, reverse=True)[:n])
+
+
+def held_deleted(root: Path) -> str:
+    """Which processes keep files under ``root`` that were deleted (open or mapped):
+    their space is not given back until they let go."""
+    prefix, held = str(root.resolve()), set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            comm = (d / "comm").read_text().strip()
+            names = {os.readlink(fd) for fd in (d / "fd").iterdir()}
+            names |= {line.split(None, 5)[-1] for line in (d / "maps").read_text().splitlines()
+                      if line.count(" ") >= 5}
+            for name in names:
+                if name.startswith(prefix) and name.endswith("(deleted)"):
+                    held.add(f"pid {d.name} ({comm}) {name[len(prefix):]}")
+    return ", ".join(sorted(held))
 
 
 def fired(agent: LocalAgent, offset: int) -> bool:
