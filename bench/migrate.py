@@ -13,17 +13,49 @@ between two hosts on loopback:
 Idle (workload dirtying nothing) and busy guests, uncapped and capped (``--cap``
 MB/s on both engines: our ``bandwidth_mbps``, QEMU's ``max-bandwidth``; ``--cap 0``
 runs uncapped only), for each ``--memory-mb`` size (a size whose two RAM files do
-not fit in /dev/shm and free memory is skipped, with a note).
+not fit in /dev/shm and free memory is skipped, with a note). Both engines keep
+guest RAM on /dev/shm (QEMU's hosts live beside our agents' state).
 "Uncapped" lifts QEMU's default 128 MiB/s ``max-bandwidth``; QEMU's downtime
-limit and ours are both 300 ms. Figures: total time, downtime (ours: source
-pause until the destination confirmed running; QEMU: from the source's STOP
-event to the destination's RESUME event, both stamped by the host clock) and bytes on the wire (ours: every
-frame written to the channel; QEMU: the bytes of its migration streams during
-the migration, counted by a splice relay in front of the destination, all
-multifd streams included). CPU s/GiB: CPU seconds per GiB of guest RAM on both
-ends together; ours: both agent processes (every thread); QEMU: the source QEMU
-minus its vCPU threads, plus the whole destination QEMU (its guest is paused),
-both from /proc. Load: the 1-minute load average when the row finished.
+limit and ours are both 300 ms.
+
+Every migration of every engine is checked by the guest itself: after the
+guest runs at the destination the harness types ``verify`` on its serial
+console and reads the workload's full page check (``NOVACRON-VERIFY``), and
+the destination's console must show the same boot, no ``NOVACRON-BAD`` page
+and ``ok=1`` heartbeats. A row whose guest failed (or whose migration failed)
+is shown as failed, counted in a summary line and left out of every ratio;
+the guest is booted afresh before the next case.
+
+Figures, measured the same way for both engines:
+
+- **total**: harness wall clock from the start of destination preparation
+  (our ``POST /v1/migrations``, which prepares the destination; QEMU: starting
+  the destination QEMU with ``-incoming``) until the guest runs at the
+  destination. Each engine's own figure (ours: the status's ``total_s``;
+  QEMU: ``query-migrate`` ``total-time``, which excludes the destination's
+  start) is in ``--json`` as ``engine_total_s``.
+- **pause**: the guest's own heartbeat gap. The workload prints a heartbeat
+  with its uptime once a second; the guest's clocks stand still while it is
+  paused, so for consecutive heartbeats (host arrival gap) - (guest uptime
+  gap) is the time the guest stood still. The harness polls the source's and
+  the destination's serial logs every 5 ms and takes the largest such excess
+  during the migration (resolution: the poll interval plus host scheduling).
+  Beside it: the engine's own downtime figure (ours: source pause until the
+  destination confirmed running; QEMU: ``query-migrate`` ``downtime``) and,
+  for QEMU, its STOP -> RESUME event timestamps (``qemu_event_downtime_ms``).
+- **after prepare**: total minus the destination's preparation (ours: the
+  engine's ``prepare`` phase, destination admission, RAM file and QEMU start;
+  QEMU: starting the destination QEMU with ``-incoming`` until the harness
+  issues ``migrate``): the copy and switch-over alone.
+- **wire**: ours: every frame written to the channel; QEMU: the bytes of its
+  migration streams, counted by a splice relay in front of the destination,
+  all multifd streams included.
+- **CPU s/GiB**: CPU seconds per GiB of guest RAM on both ends together; ours:
+  both agent processes (every thread); QEMU: the source QEMU minus its vCPU
+  threads, plus the whole destination QEMU (its guest is paused), both from
+  /proc. **load**: the 1-minute load average when the row finished.
+- ``--json`` adds our stop-phase scan (pages read while paused) and pipeline
+  (compression choices) per row.
 """
 
 from __future__ import annotations
@@ -32,10 +64,13 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +79,15 @@ from novacron.bench.report import Report
 
 DESCRIPTION = "live migration: novacron engine vs QEMU native (tcp, multifd+zstd), idle/busy, capped/uncapped"
 MB = 1_000_000
+HB = re.compile(r"NOVACRON-HB boot=(\w+) seq=(\d+) uptime=([\d.]+) ok=(\d)")
+VERIFY = re.compile(r"NOVACRON-VERIFY boot=(\w+) pages=\d+ bad=(\d+) result=(\w+)")
+HB_POLL_S = 0.005  # how often the serial logs are read for heartbeats (the pause's resolution)
+VERIFY_TIMEOUT_S = 60.0  # a guest that does not answer ``verify`` by then failed (crashed or hung)
+
+# Test seam: called with (engine, destination RAM file) after QEMU's migration
+# completed and before the destination resumes; a test corrupts guest RAM here
+# to prove a broken migration is caught. Never set outside tests.
+DEST_RAM_HOOK: Callable[[str, Path], None] | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,11 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="guest RAM in MiB, comma-separated sizes run one after another "
                              "(default 256; e.g. 256,1024,4096)")
     parser.add_argument("--workload-mb", type=int, default=96,
-                        help="memory the guest workload fills and checks (default 96)")
+                        help="MB of memory the guest workload fills and checks (default 96)")
     parser.add_argument("--busy-rate", type=int, default=16,
                         help="MB/s the busy guest dirties (default 16)")
     parser.add_argument("--cap", type=float, default=50.0,
-                        help="bandwidth cap in MB/s for the capped rows; 0 = uncapped rows only (default 50)")
+                        help="bandwidth cap in MB/s for the capped runs; 0 runs uncapped only (default 50)")
     parser.add_argument("--engines", default="novacron,qemu-tcp,qemu-multifd-zstd",
                         help="comma-separated subset of novacron,qemu-tcp,qemu-multifd-zstd (default: all)")
     parser.add_argument("--guests", default="idle,busy", help="comma-separated subset of idle,busy (default: both)")
@@ -138,58 +182,235 @@ async def _run_all(args: argparse.Namespace, engines: list[str], guests: list[st
     return results, notes
 
 
+# -- what the guest says -----------------------------------------------------------
+@dataclass
+class _Beat:
+    seq: int
+    uptime: float
+    arrived: float  # host monotonic clock when the harness read the line
+
+
+@dataclass
+class HeartbeatWatch:
+    """Reads serial log files as they grow and stamps each heartbeat with the
+    host clock: the guest's stand-still is measured the same way for every engine."""
+
+    paths: list[Path]
+    beats: dict[int, _Beat] = field(default_factory=dict)
+    _pos: dict[Path, int] = field(default_factory=dict)
+    _rest: dict[Path, bytes] = field(default_factory=dict)
+    _task: asyncio.Task[None] | None = None
+
+    def add(self, path: Path) -> None:
+        if path not in self.paths:
+            self.paths.append(path)
+
+    def start(self) -> None:
+        for path in self.paths:  # only what the guest prints from now on counts
+            with contextlib.suppress(OSError):
+                self._pos[path] = path.stat().st_size
+        self._task = asyncio.create_task(self._run(), name="heartbeat-watch")
+
+    async def beat_after(self, t: float, timeout: float = 5.0) -> None:
+        """Until a heartbeat read after host time ``t`` follows one it saw before:
+        only then does some pair of consecutive heartbeats span the pause."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(b.arrived > t and b.seq - 1 in self.beats for b in self.beats.values()):
+                return
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.poll()
+
+    async def _run(self) -> None:
+        while True:
+            self.poll()
+            await asyncio.sleep(HB_POLL_S)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for path in list(self.paths):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self._pos.get(path, 0))
+                    chunk = f.read()
+            except OSError:
+                continue  # not created yet, or removed with the source's folder
+            if not chunk:
+                continue
+            self._pos[path] = self._pos.get(path, 0) + len(chunk)
+            data = self._rest.pop(path, b"") + chunk
+            *lines, rest = data.split(b"\n")
+            if rest:
+                self._rest[path] = rest
+            for line in lines:
+                m = HB.search(line.decode(errors="replace"))
+                if m and int(m.group(2)) not in self.beats:
+                    self.beats[int(m.group(2))] = _Beat(int(m.group(2)), float(m.group(3)), now)
+
+    def pause_ms(self) -> float | None:
+        """The longest time the guest stood still between two consecutive heartbeats
+        (None: no two consecutive ones were seen)."""
+        gaps = [(b.arrived - a.arrived) - (b.uptime - a.uptime)
+                for a in self.beats.values() if (b := self.beats.get(a.seq + 1)) is not None]
+        return max(0.0, max(gaps)) * 1000.0 if gaps else None
+
+
+@dataclass
+class GuestCheck:
+    ok: bool
+    detail: str
+
+
+async def check_guest(read: Callable[[int], Awaitable[tuple[str, int]]],
+                      send: Callable[[str], Awaitable[None]], boot: str) -> GuestCheck:
+    """The guest's own verdict at the destination: a full page check on request,
+    the same boot, no bad page reported, heartbeats saying ok=1."""
+    text, offset = await read(0)
+    try:
+        await send("verify\n")
+    except Exception as exc:
+        return GuestCheck(False, f"cannot type on the console: {exc}")
+    deadline = time.monotonic() + VERIFY_TIMEOUT_S
+    verdict = None
+    while verdict is None:
+        chunk, offset = await read(offset)
+        text += chunk
+        verdict = VERIFY.search(text)
+        if verdict is None:
+            if time.monotonic() > deadline:
+                return GuestCheck(False, f"no page check answer in {VERIFY_TIMEOUT_S:.0f} s "
+                                         "(guest crashed or hung)")
+            await asyncio.sleep(0.2)
+    beats = HB.findall(text)
+    boots = {verdict.group(1)} | {b for b, *_ in beats}
+    if boots != {boot}:
+        return GuestCheck(False, f"guest rebooted (boot {sorted(boots)}, expected {boot})")
+    if verdict.group(3) != "ok" or verdict.group(2) != "0":
+        return GuestCheck(False, f"page check: {verdict.group(2)} bad pages")
+    if "NOVACRON-BAD" in text:
+        return GuestCheck(False, f"background check: {text.count('NOVACRON-BAD')} bad pages")
+    if beats and beats[-1][3] != "1":
+        return GuestCheck(False, "heartbeat says ok=0")
+    return GuestCheck(True, f"ok ({verdict.group(0).split('pages=')[1].split()[0]} pages)")
+
+
+def _row_check(row: dict[str, Any], check: GuestCheck) -> None:
+    row["verify"] = "ok" if check.ok else "FAILED"
+    row["verify_detail"] = check.detail
+    row["failed"] = not check.ok
+
+
 # -- our engine, two real agents ---------------------------------------------
 async def _ours(args: argparse.Namespace, kind: str, rate: int, caps: list[float]) -> list[dict[str, Any]]:
     from novacron.agent.local import LocalAgent
 
     secret = secrets.token_urlsafe(32)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    name = f"bench-{kind}"
     async with LocalAgent("bench-a", cluster_secret=secret, accel="tcg") as a, \
             LocalAgent("bench-b", cluster_secret=secret, accel="tcg") as b:
-        name = f"bench-{kind}"
-        status, doc = await a.request("POST", "/v1/vms", _spec(name, args, rate))
-        if status != 201:
-            raise RuntimeError(f"cannot create the guest: {doc}")
-        await _wait_console(a, name)
+        boot = await _ours_boot(a, name, args, rate)
         src, dst = a, b
+        broken = False
         for cap in caps:
-            status, doc = await src.request("POST", "/v1/migrations", {
-                "vm": name, "grant": src.grant_to(dst, name),
-                "options": {"bandwidth_mbps": cap, "downtime_ms": 300},
-            })  # fmt: skip
-            if status != 202:
-                raise RuntimeError(f"migration refused: {doc}")
-            st = await _wait_migration(src, doc["id"])
-            if st["phase"] != "completed":
-                raise RuntimeError(f"our migration failed: {st['error']}")
-            m = st["metrics"]
-            _, dst_st = await dst.request("GET", f"/v1/migrations/{doc['id']}")
-            dm = dst_st.get("metrics", {}) if isinstance(dst_st, dict) else {}
-            cpu = m["cpu_s"] + float(dm.get("cpu_s") or 0.0)
-            rows.append({
-                "guest": kind, "cap_mbps": cap, "engine": "novacron", "total_s": m["total_s"],
-                "downtime_ms": m["downtime_ms"], "wire_bytes": m["bytes_wire"],
-                "rounds": st["round"], "compression_ratio": m["compression_ratio"],
-                "dedup_ratio": m["dedup_ratio"], "downtime_parts": m.get("downtime_parts"),
-                "cpu_s_source": m["cpu_s"], "cpu_s_destination": dm.get("cpu_s"),
-                "cpu_s_per_gib": cpu / (args.memory_mb / 1024),
-                "stop_scan": m.get("stop_scan"), "pipeline": m.get("pipeline"),
-                "phase_seconds": m.get("phase_seconds"),
-                "load_1m": os.getloadavg()[0],
-            })  # fmt: skip
-            await _wait_console(dst, name)
-            src, dst = dst, src
+            if broken:  # the next case gets a healthy guest on a clean pair of hosts
+                for h in (src, dst):
+                    await h.request("DELETE", f"/v1/vms/{name}")
+                boot = await _ours_boot(src, name, args, rate)
+            row = await _ours_once(src, dst, name, cap, boot)
+            row["guest"] = kind
+            row["cpu_s_per_gib"] = row.pop("cpu_s") / (args.memory_mb / 1024)
+            row["load_1m"] = os.getloadavg()[0]
+            rows.append(row)
+            broken = row["failed"]
+            if not broken:
+                src, dst = dst, src
     return rows
 
 
-async def _wait_console(agent: Any, name: str, timeout: float = 180) -> None:
+async def _ours_boot(agent: Any, name: str, args: argparse.Namespace, rate: int) -> str:
+    status, doc = await agent.request("POST", "/v1/vms", _spec(name, args, rate))
+    if status != 201:
+        raise RuntimeError(f"cannot create the guest: {doc}")
+    return await _first_boot(lambda off: _agent_console(agent, name, off), name)
+
+
+async def _agent_console(agent: Any, name: str, offset: int) -> tuple[str, int]:
+    status, doc = await agent.request("GET", f"/v1/vms/{name}/console?offset={offset}")
+    if status != 200:
+        return "", offset
+    return str(doc["text"]), int(doc["next_offset"])
+
+
+async def _first_boot(read: Callable[[int], Awaitable[tuple[str, int]]], name: str,
+                      timeout: float = 180) -> str:
     deadline = time.monotonic() + timeout
+    text, offset = "", 0
     while time.monotonic() < deadline:
-        status, doc = await agent.request("GET", f"/v1/vms/{name}/console")
-        if status == 200 and "NOVACRON-HB" in doc["text"]:
-            return
+        chunk, offset = await read(offset)
+        text += chunk
+        if m := HB.search(text):
+            return m.group(1)
         await asyncio.sleep(0.5)
     raise RuntimeError(f"guest {name} printed no heartbeat in {timeout}s")
+
+
+async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str) -> dict[str, Any]:
+    # the destination receives into incoming/NAME and renames it to vms/NAME at commit
+    watch = HeartbeatWatch([src.state_dir / "vms" / name / "serial.log",
+                            dst.state_dir / "incoming" / name / "serial.log",
+                            dst.state_dir / "vms" / name / "serial.log"])
+    watch.start()
+    await watch.beat_after(time.monotonic())  # a heartbeat before the pause, to pair with one after
+    t0 = time.monotonic()
+    try:
+        status, doc = await src.request("POST", "/v1/migrations", {
+            "vm": name, "grant": src.grant_to(dst, name),
+            "options": {"bandwidth_mbps": cap, "downtime_ms": 300},
+        })  # fmt: skip
+        if status != 202:
+            raise RuntimeError(f"migration refused: {doc}")
+        st = await _wait_migration(src, doc["id"])
+        total_s = time.monotonic() - t0
+        landed = dst if st["phase"] == "completed" else src
+        check = await check_guest(lambda off: _agent_console(landed, name, off),
+                                  lambda text: _agent_type(landed, name, text), boot)
+        await watch.beat_after(t0 + total_s)
+    finally:
+        await watch.stop()
+    m = st["metrics"]
+    _, dst_st = await dst.request("GET", f"/v1/migrations/{doc['id']}")
+    dm = dst_st.get("metrics", {}) if isinstance(dst_st, dict) else {}
+    row = {
+        "cap_mbps": cap, "engine": "novacron", "total_s": total_s,
+        # the engine's prepare phase: destination admission, RAM file and QEMU start
+        "prepare_s": float((m.get("phase_seconds") or {}).get("prepare", 0.0)),
+        "engine_total_s": m["total_s"], "pause_ms": watch.pause_ms(),
+        "downtime_ms": m["downtime_ms"], "engine_downtime_ms": m["downtime_ms"],
+        "wire_bytes": m["bytes_wire"], "rounds": st["round"],
+        "compression_ratio": m["compression_ratio"], "dedup_ratio": m["dedup_ratio"],
+        "downtime_parts": m.get("downtime_parts"),
+        "cpu_s": float(m.get("cpu_s") or 0.0) + float(dm.get("cpu_s") or 0.0),
+        "cpu_s_source": m.get("cpu_s"), "cpu_s_destination": dm.get("cpu_s"),
+        "stop_scan": m.get("stop_scan"), "pipeline": m.get("pipeline"),
+        "phase_seconds": m.get("phase_seconds"),
+    }  # fmt: skip
+    if st["phase"] != "completed":
+        check = GuestCheck(False, f"migration {st['phase']}: {st.get('error')} (guest: {check.detail})")
+    _row_check(row, check)
+    return row
+
+
+async def _agent_type(agent: Any, name: str, text: str) -> None:
+    status, doc = await agent.request("POST", f"/v1/vms/{name}/console", {"text": text})
+    if status != 200:
+        raise RuntimeError(f"console write refused: {doc}")
 
 
 async def _wait_migration(agent: Any, mid: str, timeout: float = 600) -> dict[str, Any]:
@@ -198,7 +419,7 @@ async def _wait_migration(agent: Any, mid: str, timeout: float = 600) -> dict[st
         status, st = await agent.request("GET", f"/v1/migrations/{mid}")
         if status == 200 and st["phase"] in ("completed", "failed", "cancelled"):
             return st
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.02)  # the total is read here: poll finely
     raise RuntimeError(f"migration {mid} did not finish in {timeout}s")
 
 
@@ -218,17 +439,24 @@ async def _qemu(args: argparse.Namespace, kind: str, rate: int, caps: list[float
              VMManager(root / "y", AccelDetector(probe_kernels=[]), images=images)]
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
+    name = f"bench-q{kind}"
     try:
         for h in hosts:
             await h.load()
-        name = f"bench-q{kind}"
-        vm = await hosts[0].create(_spec(name, args, rate))
-        await vm.wait_serial(r"NOVACRON-HB", timeout=180)
         src, dst = 0, 1
+        boot = await _qemu_boot(hosts[src], name, args, rate)
+        broken = False
         for engine in engines:
             for cap in caps:
+                if broken:  # a broken guest is not migrated again: boot a fresh one
+                    for h in hosts:
+                        if (vm := h.vms.get(name)) is not None:
+                            await vm.stop()
+                            shutil.rmtree(vm.paths.dir, ignore_errors=True)
+                            h.forget(name)
+                    boot = await _qemu_boot(hosts[src], name, args, rate)
                 try:
-                    row = await _qemu_once(hosts[src], hosts[dst], name, engine, cap)
+                    row = await _qemu_once(hosts[src], hosts[dst], name, engine, cap, boot)
                 except _Unsupported as exc:
                     notes.append(f"{engine}: not measured ({exc})")
                     break
@@ -236,7 +464,9 @@ async def _qemu(args: argparse.Namespace, kind: str, rate: int, caps: list[float
                 row["cpu_s_per_gib"] = row.pop("cpu_s") / (args.memory_mb / 1024)
                 row["load_1m"] = os.getloadavg()[0]
                 rows.append(row)
-                src, dst = dst, src
+                broken = row["failed"]
+                if row["migrated"] and not broken:
+                    src, dst = dst, src
     finally:
         for h in hosts:
             await h.shutdown(stop_vms=True)
@@ -244,16 +474,32 @@ async def _qemu(args: argparse.Namespace, kind: str, rate: int, caps: list[float
     return rows, notes
 
 
+async def _qemu_boot(host: Any, name: str, args: argparse.Namespace, rate: int) -> str:
+    vm = await host.create(_spec(name, args, rate))
+    return await _first_boot(lambda off: _vm_console(vm, off), name)
+
+
+async def _vm_console(vm: Any, offset: int) -> tuple[str, int]:
+    data = vm.read_serial(offset)
+    return data.decode(errors="replace"), offset + len(data)
+
+
 class _Unsupported(Exception):
     pass
 
 
-async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: float) -> dict[str, Any]:
+async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: float,
+                     boot: str) -> dict[str, Any]:
     from novacron.agent.qmp import QMPError
 
     src = src_host.get(name)
     dvm = dst_host.new_vm(src.spec, src.accel, dst_host.paths(name))
     dvm.paths.dir.mkdir(parents=True)
+    watch = HeartbeatWatch([src.paths.serial_log, dvm.paths.serial_log])
+    watch.start()
+    await watch.beat_after(time.monotonic())  # a heartbeat before the pause, to pair with one after
+    error = None
+    t0 = time.monotonic()  # destination preparation counts, as for ours
     try:
         await dvm.start(incoming=True)
         assert src.qmp is not None and dvm.qmp is not None
@@ -277,6 +523,8 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
         stops, resumes = src.qmp.subscribe(["STOP"]), dvm.qmp.subscribe(["RESUME"])
         vcpus = [int(c["thread-id"]) for c in await src.qmp.execute("query-cpus-fast")]
         cpu0 = _qemu_cpu(src.pid, vcpus), _qemu_cpu(src.pid), _qemu_cpu(dvm.pid)
+        cpu1 = cpu0
+        prepare_s = time.monotonic() - t0  # destination QEMU started and listening
         try:
             await src.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{relay.port}"})
             while True:
@@ -284,40 +532,68 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
                 if info.get("status") == "completed":
                     break
                 if info.get("status") in ("failed", "cancelled"):
-                    raise RuntimeError(f"QEMU migration {info.get('status')}: {info.get('error-desc')}")
+                    error = f"QEMU migration {info.get('status')}: {info.get('error-desc')}"
+                    break
                 await asyncio.sleep(0.01)
-            while (await dvm.qmp.execute("query-status"))["status"] != "paused":
-                await asyncio.sleep(0.005)
+            if error is None:
+                while (await dvm.qmp.execute("query-status"))["status"] != "paused":
+                    await asyncio.sleep(0.005)
+                cpu1 = _qemu_cpu(src.pid, vcpus), _qemu_cpu(src.pid), _qemu_cpu(dvm.pid)
+                if DEST_RAM_HOOK is not None:
+                    DEST_RAM_HOOK(engine, dvm.paths.ram)
+                await dvm.qmp.execute("cont")
+                total_s = time.monotonic() - t0
+                # both QEMUs stamp events with the host clock: pause -> resume
+                stopped, resumed = await stops.get(timeout=10), await resumes.get(timeout=10)
+                event_ms: float | None = (_event_time(resumed) - _event_time(stopped)) * 1000.0
             wrote = relay.forward_bytes
-            cpu1 = _qemu_cpu(src.pid, vcpus), _qemu_cpu(src.pid), _qemu_cpu(dvm.pid)
-            await dvm.qmp.execute("cont")
-            # both QEMUs stamp events with the host clock: pause -> resume, as for ours
-            stopped, resumed = await stops.get(timeout=10), await resumes.get(timeout=10)
-            downtime_ms = (_event_time(resumed) - _event_time(stopped)) * 1000.0
         finally:
             src.qmp.unsubscribe(stops)
             dvm.qmp.unsubscribe(resumes)
             await asyncio.to_thread(relay.close)
-        dvm.state = "running"
-        dvm.incoming = False
+        if error is None:
+            dvm.state = "running"
+            dvm.incoming = False
     except BaseException:
+        await watch.stop()
         with contextlib.suppress(Exception):
             await dvm.stop()
         shutil.rmtree(dvm.paths.dir, ignore_errors=True)
         raise
-    await src.stop()
-    shutil.rmtree(src.paths.dir, ignore_errors=True)
-    src_host.forget(name)
-    dst_host.register(dvm)
-    return {
-        "cap_mbps": cap, "engine": engine, "total_s": info["total-time"] / 1000.0,
-        "downtime_ms": downtime_ms, "qemu_reported_downtime_ms": float(info["downtime"]),
-        "wire_bytes": wrote,
-        "ram_transferred": int(info["ram"]["transferred"]),
-        "rounds": int(info["ram"].get("dirty-sync-count", 0)),
+    if error is None:
+        await src.stop()
+        shutil.rmtree(src.paths.dir, ignore_errors=True)
+        src_host.forget(name)
+        dst_host.register(dvm)
+        landed = dvm
+    else:  # QEMU resumes the source itself when its migration fails
+        total_s, event_ms = time.monotonic() - t0, None
+        with contextlib.suppress(Exception):
+            await dvm.stop()
+        shutil.rmtree(dvm.paths.dir, ignore_errors=True)
+        landed = src
+    try:
+        check = await check_guest(lambda off: _vm_console(landed, off), landed.send_serial, boot)
+        await watch.beat_after(t0 + total_s)
+    finally:
+        await watch.stop()
+    ram = info.get("ram", {})
+    row = {
+        "cap_mbps": cap, "engine": engine, "total_s": total_s, "prepare_s": prepare_s,
+        "engine_total_s": info["total-time"] / 1000.0 if "total-time" in info else None,
+        "pause_ms": watch.pause_ms(),
+        "downtime_ms": event_ms, "qemu_event_downtime_ms": event_ms,
+        "engine_downtime_ms": float(info["downtime"]) if "downtime" in info else None,
+        "qemu_reported_downtime_ms": float(info["downtime"]) if "downtime" in info else None,
+        "wire_bytes": wrote, "ram_transferred": int(ram.get("transferred", 0)),
+        "rounds": int(ram.get("dirty-sync-count", 0)), "migrated": error is None,
         # migration work only: the source's guest (vCPU threads) is not counted
         "cpu_s": (cpu1[1] - cpu0[1]) - (cpu1[0] - cpu0[0]) + (cpu1[2] - cpu0[2]),
-    }
+    }  # fmt: skip
+    if error is not None:
+        check = GuestCheck(False, f"{error} (guest: {check.detail})")
+    _row_check(row, check)
+    return row
 
 
 def _qemu_cpu(pid: int | None, threads: list[int] | None = None) -> float:
@@ -352,32 +628,47 @@ def _report(args: argparse.Namespace, sizes: list[int], results: list[dict[str, 
     table = report.table(
         f"Live migration of a TCG guest on loopback, {','.join(map(str, sizes))} MiB "
         f"(workload {args.workload_mb} MB, busy = {args.busy_rate} MB/s dirtied)",
-        ["MiB", "guest", "cap MB/s", "engine", "total s", "after prepare s", "downtime ms", "wire MB",
-         "rounds", "CPU s/GiB", "load", "time vs qemu-tcp", "wire vs qemu-tcp"],
+        ["MiB", "guest", "cap MB/s", "engine", "guest check", "total s", "after prepare s",
+         "pause ms (guest)", "engine downtime ms", "wire MB", "rounds", "CPU s/GiB", "load",
+         "time vs qemu-tcp", "wire vs qemu-tcp"],
     )
-    ref = {(r["memory_mb"], r["guest"], r["cap_mbps"]): r for r in results if r["engine"] == "qemu-tcp"}
+    # a broken reference is no reference, and a broken row is no result
+    ref = {(r["memory_mb"], r["guest"], r["cap_mbps"]): r for r in results
+           if r["engine"] == "qemu-tcp" and not r["failed"]}
     for r in results:
-        base = ref.get((r["memory_mb"], r["guest"], r["cap_mbps"]))
+        base = None if r["failed"] else ref.get((r["memory_mb"], r["guest"], r["cap_mbps"]))
         t_ratio = r["total_s"] / base["total_s"] if base and base["total_s"] else None
         w_ratio = r["wire_bytes"] / base["wire_bytes"] if base and base["wire_bytes"] else None
         r["time_vs_qemu_tcp"], r["wire_vs_qemu_tcp"] = t_ratio, w_ratio
-        # QEMU's total-time starts at 'migrate', its destination already running: ours
-        # without the prepare phase (destination admission and QEMU start) compares like that
-        r["after_prepare_s"] = r["total_s"] - float((r.get("phase_seconds") or {}).get("prepare", 0.0))
-        table.add(r["memory_mb"], r["guest"], r["cap_mbps"] or "none", r["engine"], r["total_s"],
-                  r["after_prepare_s"], r["downtime_ms"], r["wire_bytes"] / MB, r["rounds"], r.get("cpu_s_per_gib"),
-                  r.get("load_1m"), t_ratio, w_ratio)
+        r["after_prepare_s"] = r["total_s"] - r["prepare_s"]
+        table.add(r["memory_mb"], r["guest"], r["cap_mbps"] or "none", r["engine"],
+                  "ok" if not r["failed"] else f"FAILED: {r['verify_detail']}",
+                  r["total_s"], r["after_prepare_s"], r["pause_ms"], r["engine_downtime_ms"],
+                  r["wire_bytes"] / MB, r["rounds"], r["cpu_s_per_gib"], r["load_1m"], t_ratio, w_ratio)
+    failed = [r for r in results if r["failed"]]
     report.data = {"memory_mb": sizes, "workload_mb": args.workload_mb,
-                   "busy_rate_mb": args.busy_rate, "cap_mbps": args.cap, "results": results}
+                   "busy_rate_mb": args.busy_rate, "cap_mbps": args.cap, "results": results,
+                   "guest_checks": {"rows": len(results), "failed": len(failed)},
+                   "total_includes_destination_preparation": True}
     report.notes += notes
     report.notes.append(
-        "downtime: source pause to guest resumed at the destination (QEMU: its STOP and RESUME "
-        "event timestamps; its own figure, which ends on the source, is in --json). wire: novacron = all frames "
-        "written to the channel; QEMU = bytes through a counting splice relay (all streams). "
+        f"guest check: {len(results) - len(failed)} of {len(results)} migrations passed the guest's own "
+        f"page check; {len(failed)} failed"
+        + (" (" + ", ".join(f"{r['engine']} {r['memory_mb']} MiB {r['guest']} cap {r['cap_mbps'] or 'none'}"
+                            for r in failed)
+           + ": excluded from every ratio)" if failed else "") + ".")
+    report.notes.append(
+        "total: harness wall clock from the start of destination preparation to the guest running at "
+        "the destination, the same for every engine (destination preparation included). "
+        "after prepare: total minus the destination's preparation (novacron: its prepare phase, "
+        "destination admission, RAM file and QEMU start; QEMU: destination QEMU start until 'migrate'). "
+        "pause: the guest's own stand-still, (host gap - guest uptime gap) between consecutive "
+        "heartbeats read from the serial logs every 5 ms. engine downtime: the engine's own figure "
+        "(novacron: source pause to destination confirmed running; QEMU: query-migrate downtime; "
+        "its STOP->RESUME event gap is in --json). wire: novacron = all frames written to the channel; "
+        "QEMU = bytes through a counting splice relay (all streams). "
         "CPU s/GiB: both ends, per GiB of guest RAM (novacron: both agent processes; QEMU: source "
         "QEMU minus its vCPU threads plus the destination QEMU). load: 1-minute load average. "
-        "after prepare: our total without the prepare phase (destination admission, RAM file and "
-        "QEMU start), which QEMU's total-time leaves out (its destination is started before). "
         "Ratios < 1 favour novacron. --json adds our stop-phase scan (pages read while paused) "
         "and the compression choices per row.")
     return report
