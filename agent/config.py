@@ -43,6 +43,17 @@ class AgentConfig:
     vms_on_exit: Literal["keep", "stop"] = setting(
         "keep", help='on exit, "keep" leaves VMs running for the next agent to adopt; '
         '"stop" powers them off')
+    hypervisor: Literal["qemu", "libvirt"] = setting(
+        "qemu", help='"qemu": the agent runs QEMU itself; "libvirt": it manages the domains of the '
+        "libvirt daemon at libvirt_uri (needs novacron[libvirt])")
+    libvirt_uri: str = setting("qemu:///system", help="the libvirt daemon to manage when hypervisor = "
+                               '"libvirt" (e.g. qemu:///system)')
+    libvirt_peers: dict[str, str] = setting(
+        factory=dict, help="[libvirt_peers] table: peer name -> 'DEST_URI [tcp://HOST[:PORT]]', the "
+        "libvirt daemons this host may migrate domains to (libvirt's engine; a request names the peer); "
+        "env/flag: b=qemu+tls://b/system tcp://10.0.0.2")
+    libvirt_shutdown_timeout_s: float = setting(
+        30.0, help="seconds a graceful shutdown of a libvirt domain may take before stop destroys it")
     qemu_binary: str = setting("qemu-system-x86_64", help="QEMU executable (a name on PATH or a path)")
     audit_file: Path | None = setting(None, help="append-only audit log (empty: <state_dir>/audit.log;"
                                       " a tmpfs state_dir loses it at reboot)")

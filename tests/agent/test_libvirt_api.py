@@ -1,0 +1,97 @@
+"""An agent process with ``hypervisor = "libvirt"`` against real libvirtds the test
+starts: /v1/vms lists the daemon's domains, adopts and drives them, and
+/v1/libvirt/migrations moves one to a configured peer daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from novacron.agent.guest import GuestImage
+from novacron.agent.local import LocalAgent
+from tests.libvirtd import LibvirtDaemon, SharedDir, have_libvirtd
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e,
+              pytest.mark.skipif(not have_libvirtd(), reason="needs libvirtd, virsh and root")]
+
+
+@pytest.fixture
+def shared(guest: GuestImage) -> Iterator[SharedDir]:
+    s = SharedDir(guest)
+    yield s
+    s.remove()
+
+
+@pytest.fixture
+def daemons() -> Iterator[tuple[LibvirtDaemon, LibvirtDaemon]]:
+    started: list[LibvirtDaemon] = []
+    try:
+        for name in ("a", "b"):
+            started.append(LibvirtDaemon(name).start())
+        yield started[0], started[1]
+    finally:
+        for d in started:
+            d.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_agent_lists_adopts_drives_and_migrates_libvirt_domains(
+        daemons: tuple[LibvirtDaemon, LibvirtDaemon], shared: SharedDir) -> None:
+    a, b = daemons
+    a.define(shared.domain_xml("api1"))
+    settings = {"hypervisor": "libvirt", "libvirt_uri": a.uri,
+                "libvirt_peers": f"b={b.uri} tcp://127.0.0.1:{free_port()}",
+                "libvirt_shutdown_timeout_s": "1"}
+    async with LocalAgent("lv", accel="tcg", settings=settings) as agent:
+        status, doc = await agent.request("GET", "/v1/vms")
+        assert status == 200, doc
+        [vm] = doc["vms"]
+        assert vm["name"] == "api1" and vm["adopted"] is False and vm["state"] == "stopped"
+        status, host = await agent.request("GET", "/v1/host")
+        assert status == 200 and host["hypervisor"] == "libvirt" and host["vms"] == ["api1"]
+
+        # refused until adopted; unknown actions and domains are clear errors
+        status, doc = await agent.request("POST", "/v1/vms/api1/start")
+        assert status == 409 and "adopt it first" in doc["error"]
+        assert (await agent.request("POST", "/v1/vms/api1/reboot"))[0] == 404
+        assert (await agent.request("POST", "/v1/vms/nope/start"))[0] == 404
+        assert (await agent.request("POST", "/v1/vms", {"name": "x"}))[0] == 405  # define with libvirt
+
+        status, doc = await agent.request("POST", "/v1/vms/api1/adopt")
+        assert status == 200 and doc["adopted"] is True
+        status, doc = await agent.request("POST", "/v1/vms/api1/start")
+        assert status == 200 and doc["state"] == "running"
+        status, doc = await agent.request("POST", "/v1/vms/api1/pause")
+        assert status == 200 and doc["state"] == "paused"
+        status, doc = await agent.request("POST", "/v1/vms/api1/resume")
+        assert status == 200 and doc["state"] == "running"
+        status, doc = await agent.request("GET", "/v1/vms/api1/stats")
+        assert status == 200 and doc["cpu_time_ns"] > 0
+
+        # bad migration requests change nothing
+        for bad in ({"vm": "api1", "peer": "c"}, {"vm": "api1", "peer": "b", "options": {"compression": "lz4"}},
+                    {"vm": "api1", "peer": "b", "dest_uri": "qemu:///system"}):
+            status, doc = await agent.request("POST", "/v1/libvirt/migrations", bad)
+            assert status == 400, doc
+        assert (await agent.request("GET", "/v1/libvirt/migrations"))[1] == {"migrations": []}
+
+        status, mig = await agent.request("POST", "/v1/libvirt/migrations", {"vm": "api1", "peer": "b"})
+        assert status == 202, mig
+        deadline = time.monotonic() + 90
+        while mig["phase"] not in ("completed", "failed", "cancelled"):
+            assert time.monotonic() < deadline, mig
+            await asyncio.sleep(0.3)
+            mig = (await agent.request("GET", f"/v1/libvirt/migrations/{mig['id']}"))[1]
+        assert mig["phase"] == "completed", mig
+        assert mig["metrics"]["bytes_wire"] > 0 and mig["metrics"]["native"]["engine"] == "libvirt"
+        assert (await agent.request("GET", "/v1/vms"))[1] == {"vms": []}
+        assert b.virsh("domstate", "api1").stdout.strip() == "running"
