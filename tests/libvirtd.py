@@ -125,10 +125,10 @@ class LibvirtDaemon:
         for root, dirs, files in os.walk(self.dir):
             for p in (root, *(os.path.join(root, x) for x in dirs + files)):
                 os.chown(p, NOBODY, NOBODY)
-        self.proc = subprocess.Popen(
-            [LIBVIRTD], env=self.env(), user=NOBODY, group=NOBODY, extra_groups=[], cwd=self.dir,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "wb"),
-            start_new_session=True)  # fmt: skip
+        with open(self.dir / "stderr.log", "wb") as err:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [LIBVIRTD], env=self.env(), user=NOBODY, group=NOBODY, extra_groups=[], cwd=self.dir,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

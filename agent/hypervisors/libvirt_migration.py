@@ -189,11 +189,11 @@ class LibvirtMigration:
                 timed_out = True
                 with contextlib.suppress(lv.libvirtError):
                     await asyncio.to_thread(dom.abortJob)
-        exc = job.exception()
-        if exc is None:
+        failure = job.exception()
+        if failure is None:
             await self._completed(dom, persistent)
             return
-        msg = exc.get_error_message() if isinstance(exc, lv.libvirtError) else str(exc)
+        msg = failure.get_error_message() if isinstance(failure, lv.libvirtError) else str(failure)
         state = await self._source_state(dom)
         st.native["source_state_after"] = state
         if self._cancel_asked:

@@ -76,11 +76,9 @@ async def wait_log(shared: SharedDir, name: str, pattern: re.Pattern[str], timeo
                    offset: int = 0) -> re.Match[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        m = None
-        for m in pattern.finditer(shared.read_log(name, offset)):
-            pass
-        if m is not None:
-            return m
+        found = list(pattern.finditer(shared.read_log(name, offset)))
+        if found:
+            return found[-1]
         await asyncio.sleep(0.2)
     raise AssertionError(f"{pattern.pattern!r} not in {name}'s console within {timeout} s: "
                          f"{shared.read_log(name, offset)[-600:]!r}")
