@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from novacron.agent.guest import GuestImage
 from novacron.agent.local import LocalAgent
@@ -44,13 +47,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+async def coordinator() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A stand-in coordinator that records heartbeats and asks for one every 300 s:
+    a heartbeat seen sooner was sent because of a libvirt event."""
+    beats: list[dict[str, Any]] = []
+
+    async def register(_r: web.Request) -> web.Response:
+        return web.json_response({"host": {}, "heartbeat_interval_s": 300})
+
+    async def heartbeat(r: web.Request) -> web.Response:
+        beats.append(await r.json())
+        return web.json_response({"state": "up", "heartbeat_interval_s": 300})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/hosts/register", register)
+    app.router.add_post("/api/v1/hosts/{name}/heartbeat", heartbeat)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), beats
+    finally:
+        await server.close()
+
+
 async def test_agent_lists_adopts_drives_and_migrates_libvirt_domains(
-        daemons: tuple[LibvirtDaemon, LibvirtDaemon], shared: SharedDir) -> None:
+        daemons: tuple[LibvirtDaemon, LibvirtDaemon], shared: SharedDir,
+        coordinator: tuple[str, list[dict[str, Any]]]) -> None:
     a, b = daemons
     a.define(shared.domain_xml("api1"))
     settings = {"hypervisor": "libvirt", "libvirt_uri": a.uri,
                 "libvirt_peers": f"b={b.uri} tcp://127.0.0.1:{free_port()}",
-                "libvirt_shutdown_timeout_s": "1"}
+                "libvirt_shutdown_timeout_s": "1",
+                "coordinator_url": coordinator[0], "coordinator_token": "coordinator-token-0123456789"}
+    beats = coordinator[1]
     async with LocalAgent("lv", accel="tcg", settings=settings) as agent:
         status, doc = await agent.request("GET", "/v1/vms")
         assert status == 200, doc
@@ -65,6 +95,14 @@ async def test_agent_lists_adopts_drives_and_migrates_libvirt_domains(
         assert (await agent.request("POST", "/v1/vms/api1/reboot"))[0] == 404
         assert (await agent.request("POST", "/v1/vms/nope/start"))[0] == 404
         assert (await agent.request("POST", "/v1/vms", {"name": "x"}))[0] == 405  # define with libvirt
+
+        # a domain an operator defines with virsh reaches the coordinator at once (an event)
+        a.define(shared.domain_xml("api2"))
+        deadline = time.monotonic() + 20
+        while not any("api2" in hb.get("vms", []) for hb in beats):
+            assert time.monotonic() < deadline, beats
+            await asyncio.sleep(0.1)
+        a.virsh("undefine", "api2")
 
         status, doc = await agent.request("POST", "/v1/vms/api1/adopt")
         assert status == 200 and doc["adopted"] is True
