@@ -28,6 +28,7 @@ log = logging.getLogger("novacron.agent.libvirt")
 
 COMPRESSION = ("none", "xbzrle", "mt")
 POLL_S = 0.2  # job-stats sampling while a migration runs
+CANCEL_WAIT_S = 30.0  # how long cancel() waits for the aborted job to end
 # what a libvirt peer may look like: a qemu driver URI, and a plain TCP migration URI
 DEST_URI = re.compile(r"^qemu(\+(unix|tls|ssh|tcp))?://[^\s]*/(system|session)(\?[^\s]*)?$")
 MIGRATE_URI = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
@@ -60,6 +61,7 @@ class LibvirtMigrationOptions:
     parallel_connections: int = 0  # 0: one stream; 2..64: multifd streams
     postcopy: bool = False  # allow a switch to post-copy (VIR_MIGRATE_POSTCOPY); not switched to here
     persist: bool = True  # the destination keeps the definition; the source's is removed after
+    tls: bool = False  # QEMU's migration stream over TLS (the daemons' migrate_tls_* set-up)
     timeout_s: float = 600.0  # whole migration; past it the job is aborted
 
     @classmethod
@@ -117,6 +119,8 @@ class LibvirtMigrationOptions:
             flags |= lv.VIR_MIGRATE_POSTCOPY
         if self.persist:
             flags |= lv.VIR_MIGRATE_PERSIST_DEST
+        if self.tls:
+            flags |= lv.VIR_MIGRATE_TLS
         return flags, params
 
 
@@ -149,8 +153,10 @@ class LibvirtMigration:
                 await self.host._call(dom.abortJob)
         log.info("libvirt migration cancel requested", extra={"migration": self.status.id, "vm": self.name})
         if self.task is not None:
+            # libvirt ends an aborted job within seconds; past this the caller gets the
+            # status as it is (still running) rather than a hung request
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.task), self.opts.timeout_s)
+                await asyncio.wait_for(asyncio.shield(self.task), CANCEL_WAIT_S)
         return self.status
 
     async def run(self) -> None:

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from novacron.agent.guest import GuestImage
-from novacron.agent.local import LocalAgent
+from novacron.agent.local import LocalAgent, LocalAgentError
 from tests.libvirtd import LibvirtDaemon, SharedDir, have_libvirtd
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e,
@@ -39,6 +39,7 @@ def daemons() -> Iterator[tuple[LibvirtDaemon, LibvirtDaemon]]:
     finally:
         for d in started:
             d.stop()
+        assert all(d.pids() == [] for d in started)
 
 
 def free_port() -> int:
@@ -122,7 +123,7 @@ async def test_agent_lists_adopts_drives_and_migrates_libvirt_domains(
             assert status == 400, doc
         assert (await agent.request("GET", "/v1/libvirt/migrations"))[1] == {"migrations": []}
 
-        status, mig = await agent.request("POST", "/v1/libvirt/migrations", {"vm": "api1", "peer": "b"})
+        status, mig = await agent.request("POST", "/v1/libvirt/migrations", {"vm": "api1", "peer": "b", "options": {"parallel_connections": 2}})
         assert status == 202, mig
         deadline = time.monotonic() + 90
         while mig["phase"] not in ("completed", "failed", "cancelled"):
@@ -133,3 +134,14 @@ async def test_agent_lists_adopts_drives_and_migrates_libvirt_domains(
         assert mig["metrics"]["bytes_wire"] > 0 and mig["metrics"]["native"]["engine"] == "libvirt"
         assert (await agent.request("GET", "/v1/vms"))[1] == {"vms": []}
         assert b.virsh("domstate", "api1").stdout.strip() == "running"
+
+
+@pytest.mark.parametrize(("settings", "reason"), [
+    ({"libvirt_uri": "qemu+unix:///session?socket=/nonexistent/libvirt-sock"}, "cannot connect to libvirt"),
+    ({"libvirt_peers": "b=file:///etc/passwd"}, "libvirt_peers.b"),
+])
+async def test_bad_libvirt_settings_stop_the_agent_with_a_reason(settings: dict[str, str], reason: str) -> None:
+    agent = LocalAgent("badlv", accel="tcg", settings={"hypervisor": "libvirt", **settings})
+    with pytest.raises(LocalAgentError, match="exited") as err:
+        await agent.start(timeout=30)
+    assert reason in str(err.value)

@@ -35,12 +35,15 @@ def test_options_are_validated_and_mapped() -> None:
 
     peer = LibvirtPeer.parse("b", "qemu+tls://b.example/system tcp://10.0.0.2:49152")
     opts = LibvirtMigrationOptions.from_dict({"bandwidth_mbps": 50, "compression": "xbzrle",
-                                              "parallel_connections": 4, "postcopy": True})
+                                              "parallel_connections": 4, "postcopy": True,
+                                              "tls": True})
     flags, params = opts.flags_and_params(lv, peer)
     for f in (lv.VIR_MIGRATE_LIVE, lv.VIR_MIGRATE_PEER2PEER, lv.VIR_MIGRATE_AUTO_CONVERGE,
               lv.VIR_MIGRATE_COMPRESSED, lv.VIR_MIGRATE_PARALLEL, lv.VIR_MIGRATE_POSTCOPY,
-              lv.VIR_MIGRATE_PERSIST_DEST):
+              lv.VIR_MIGRATE_PERSIST_DEST, lv.VIR_MIGRATE_TLS):
         assert flags & f
+    plain, _ = LibvirtMigrationOptions.from_dict({"auto_converge": False, "persist": False}).flags_and_params(lv, peer)
+    assert plain == lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
     assert params == {lv.VIR_MIGRATE_PARAM_URI: "tcp://10.0.0.2:49152", lv.VIR_MIGRATE_PARAM_BANDWIDTH: 50,
                       lv.VIR_MIGRATE_PARAM_COMPRESSION: "xbzrle", lv.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS: 4}
     # peers come from the config only, and only in these shapes
@@ -146,11 +149,14 @@ async def test_cancelled_then_completed_live_migration(daemons: tuple[LibvirtDae
 
         # 2) completed: the domain moves, its guest checks all its pages again there
         mig = migs.start({"vm": "mig1", "peer": "b", "id": "move-1",
-                          "options": {"downtime_ms": 500, "bandwidth_mbps": 200}})
+                          "options": {"downtime_ms": 500, "bandwidth_mbps": 200,
+                                      "compression": "xbzrle"}})
         st = await wait_done(migs, "move-1", 120)
         assert st["phase"] == "completed", st
         m = st["metrics"]
         assert isinstance(m, dict)
+        print(f"libvirt live migration: total_s={m['total_s']} downtime_ms={m['downtime_ms']} "
+              f"bytes_wire={m['bytes_wire']} pages={m['pages']} rounds={st['round']}")  # -s shows it
         assert m["bytes_wire"] > 0 and m["pages"] > 0 and m["downtime_ms"] is not None and m["downtime_ms"] > 0
         assert mig.status.native["engine"] == "libvirt" and mig.status.native["bytes_remaining"] == 0
         moved = await dst.get("mig1")
