@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -41,12 +42,19 @@ LIBVIRT_MIGRATIONS = web.AppKey("novacron_libvirt_migrations", LibvirtMigrations
 ACTIONS = ("adopt", "start", "shutdown", "stop", "destroy", "pause", "resume")
 
 
+def _shown(request: web.Request, doc: dict[str, Any]) -> dict[str, Any]:
+    """A running domain this agent is migrating reads "migrating", as a QEMU VM would."""
+    if doc["state"] in ("running", "paused") and request.app[LIBVIRT_MIGRATIONS].migrating(doc["name"]):
+        doc["state"] = "migrating"
+    return doc
+
+
 async def list_vms(request: web.Request) -> web.Response:
-    return web.json_response({"vms": await request.app[LIBVIRT].list()})
+    return web.json_response({"vms": [_shown(request, d) for d in await request.app[LIBVIRT].list()]})
 
 
 async def get_vm(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[LIBVIRT].get(request.match_info["name"]))
+    return web.json_response(_shown(request, await request.app[LIBVIRT].get(request.match_info["name"])))
 
 
 async def vm_stats(request: web.Request) -> web.Response:

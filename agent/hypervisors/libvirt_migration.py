@@ -294,7 +294,7 @@ class LibvirtMigrations:
             raise VMError("id: expected 1-64 letters, digits, '_', '.' or '-'")
         if mig_id in self.jobs:
             raise VMConflict(f"a migration {mig_id!r} exists already")
-        if any(j.name == name and not j.status.done for j in self.jobs.values()):
+        if self.migrating(name):
             raise VMConflict(f"domain {name} is migrating already")
         try:
             opts = LibvirtMigrationOptions.from_dict(doc.get("options"))
@@ -304,6 +304,9 @@ class LibvirtMigrations:
         self.jobs[mig.status.id] = mig
         mig.start()
         return mig
+
+    def migrating(self, name: str) -> bool:
+        return any(j.name == name and not j.status.done for j in self.jobs.values())
 
     def get(self, mig_id: str) -> LibvirtMigration:
         mig = self.jobs.get(mig_id)

@@ -126,11 +126,14 @@ async def test_agent_lists_adopts_drives_and_migrates_libvirt_domains(
         status, mig = await agent.request("POST", "/v1/libvirt/migrations", {"vm": "api1", "peer": "b", "options": {"parallel_connections": 2}})
         assert status == 202, mig
         deadline = time.monotonic() + 90
+        states = set()
         while mig["phase"] not in ("completed", "failed", "cancelled"):
+            states.add((await agent.request("GET", "/v1/vms/api1"))[1].get("state"))
             assert time.monotonic() < deadline, mig
             await asyncio.sleep(0.3)
             mig = (await agent.request("GET", f"/v1/libvirt/migrations/{mig['id']}"))[1]
         assert mig["phase"] == "completed", mig
+        assert "migrating" in states, states
         assert mig["metrics"]["bytes_wire"] > 0 and mig["metrics"]["native"]["engine"] == "libvirt"
         assert (await agent.request("GET", "/v1/vms"))[1] == {"vms": []}
         assert b.virsh("domstate", "api1").stdout.strip() == "running"
