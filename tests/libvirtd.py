@@ -54,7 +54,8 @@ class SharedDir:
 
     def domain_xml(self, name: str, *, memory_mb: int = 128, mem_mb: int = 16, rate_mb: int = 2,
                    verify_s: int = 2) -> str:
-        """A TCG domain booting the test guest; its serial console goes to ``log(name)``."""
+        """A TCG domain booting the test guest; its serial console is a pty (input through
+        libvirt's console stream) logged to ``log(name)``."""
         cmdline = self.guest.workload_cmdline(mem_mb=mem_mb, rate_mb=rate_mb, verify_s=verify_s)
         log = escape(str(self.log(name)))
         return f"""<domain type='qemu'>
@@ -73,8 +74,7 @@ class SharedDir:
   <devices>
     <disk type='file' device='cdrom'><target dev='hdc' bus='ide'/><readonly/></disk>
     <interface type='user'><mac address='52:54:00:12:34:56'/><model type='virtio'/></interface>
-    <serial type='file'><source path='{log}' append='on'/></serial>
-    <console type='file'><source path='{log}' append='on'/></console>
+    <serial type='pty'><log file='{log}' append='on'/></serial>
   </devices>
 </domain>
 """

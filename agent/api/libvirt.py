@@ -8,6 +8,8 @@ fleet reads the host's VMs the same way, answered from the libvirt daemon:
     GET  /v1/vms/{name}                -> domain (name, uuid, state, vcpus, memory_mb, disks,
                                           nics, cpu_model, adopted, persistent)
     GET  /v1/vms/{name}/stats          -> CPU time and memory figures
+    POST /v1/vms/{name}/console        {"text"} typed on the console (reading it back: the
+                                          domain's own serial log, where its XML puts it)
     POST /v1/vms/{name}/{action}       -> domain; action: adopt, start, shutdown (graceful,
                                           409 if the guest ignores it), stop (graceful, then
                                           destroy), destroy, pause, resume
@@ -39,6 +41,7 @@ log = logging.getLogger("novacron.agent.api")
 
 LIBVIRT = web.AppKey("novacron_libvirt_host", LibvirtHost)
 LIBVIRT_MIGRATIONS = web.AppKey("novacron_libvirt_migrations", LibvirtMigrations)
+MAX_CONSOLE_INPUT = 1024
 ACTIONS = ("adopt", "start", "shutdown", "stop", "destroy", "pause", "resume")
 
 
@@ -68,6 +71,15 @@ async def vm_action(request: web.Request) -> web.Response:
         await host.get(name)  # an unknown domain is the more useful 404
         return json_error(404, f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
     return web.json_response(await getattr(host, action)(name))
+
+
+async def console_write(request: web.Request) -> web.Response:
+    """Type ``{"text": ...}`` on the domain's console (a pty serial port)."""
+    doc = await read_json_object(request)
+    text = doc.get("text")
+    if not isinstance(text, str) or not text or len(text) > MAX_CONSOLE_INPUT:
+        return json_error(400, f"text: expected a non-empty string of at most {MAX_CONSOLE_INPUT} characters")
+    return web.json_response({"sent": await request.app[LIBVIRT].send_console(request.match_info["name"], text)})
 
 
 async def start_migration(request: web.Request) -> web.Response:
@@ -115,6 +127,7 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_get("/v1/vms/{name}", get_vm)
     app.router.add_get("/v1/vms/{name}/stats", vm_stats)
+    app.router.add_post("/v1/vms/{name}/console", console_write)
     app.router.add_post("/v1/vms/{name}/{action}", vm_action)
     app.router.add_post("/v1/libvirt/migrations", start_migration)
     app.router.add_get("/v1/libvirt/migrations", list_migrations)

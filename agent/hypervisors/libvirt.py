@@ -36,6 +36,7 @@ log = logging.getLogger("novacron.agent.libvirt")
 
 METADATA_NS = "https://novacron.dev/xmlns/libvirt/1"
 METADATA_KEY = "novacron"
+CONSOLE_DRAIN_S = 1.0
 
 # virDomainState, in libvirt's order
 STATES = ("nostate", "running", "blocked", "paused", "shutting-down", "stopped", "crashed", "pmsuspended")
@@ -349,6 +350,31 @@ class LibvirtHost:
             raise VMConflict(f"domain {name} was defined outside NovaCron; adopt it first "
                              f"(POST /v1/vms/{name}/adopt)")  # fmt: skip
         return dom
+
+    async def send_console(self, name: str, text: str) -> int:
+        """Type ``text`` on the domain's console (its first serial port, a pty) through
+        libvirt; the output is wherever the domain's XML logs it."""
+        dom = await self._owned(name)
+        data = text.encode()
+
+        def send() -> None:
+            stream = self.conn.newStream(0)
+            try:
+                dom.openConsole(None, stream, 0)
+                sent = 0
+                while sent < len(data):
+                    sent += stream.send(data[sent:])
+                # libvirtd drops console bytes it has not yet written to the pty when the
+                # stream ends (seen with libvirt 9.0): let it drain first
+                time.sleep(CONSOLE_DRAIN_S)
+                stream.finish()
+            except BaseException:
+                with contextlib.suppress(self.lv.libvirtError):
+                    stream.abort()
+                raise
+
+        await self._call(send)
+        return len(data)
 
     # -- lifecycle
 

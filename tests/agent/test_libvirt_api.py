@@ -115,6 +115,9 @@ async def test_agent_lists_adopts_drives_and_migrates_libvirt_domains(
         assert status == 200 and doc["state"] == "running"
         status, doc = await agent.request("GET", "/v1/vms/api1/stats")
         assert status == 200 and doc["cpu_time_ns"] > 0
+        assert await agent.request("POST", "/v1/vms/api1/console", {"text": "\n"}) == (200, {"sent": 1})
+        for bad_text in ("", 5, "x" * 1025):
+            assert (await agent.request("POST", "/v1/vms/api1/console", {"text": bad_text}))[0] == 400
 
         # bad migration requests change nothing
         for bad in ({"vm": "api1", "peer": "c"}, {"vm": "api1", "peer": "b", "options": {"compression": "lz4"}},

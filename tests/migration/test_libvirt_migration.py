@@ -23,6 +23,7 @@ from novacron.agent.hypervisors.libvirt_migration import (
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
 from tests.libvirtd import LibvirtDaemon, SharedDir, have_libvirtd
 
+VERIFY = re.compile(r"NOVACRON-VERIFY boot=(\w+) pages=\d+ bad=(\d+) result=(\w+)")
 HB = re.compile(r"NOVACRON-HB boot=(\w+) seq=(\d+) uptime=[\d.]+ ok=(\d) bad=(\d+) passes=(\d+)")
 
 
@@ -168,4 +169,16 @@ async def test_cancelled_then_completed_live_migration(daemons: tuple[LibvirtDae
         landed = await wait_hb(shared, "mig1", size, timeout=30)
         after = await wait_hb(shared, "mig1", size, timeout=60, min_passes=int(landed.group(5)) + 2)
         assert after.group(1) == boot and after.group(3) == "1" and after.group(4) == "0"
+        # and a full check on demand, typed on its console through the destination's libvirt
+        size = shared.log("mig1").stat().st_size
+        v = None
+        for _attempt in range(3):  # a console keystroke can be lost under load: type it again
+            assert await dst.send_console("mig1", "verify\n") == 7
+            deadline = time.monotonic() + 10
+            while not (v := VERIFY.search(shared.read_log("mig1", size))) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            if v:
+                break
+        assert v is not None, shared.read_log("mig1", size)[-600:]
+        assert v.group(1) == boot and v.group(2) == "0" and v.group(3) == "ok"
         await migs.close()
