@@ -59,7 +59,8 @@ class LibvirtMigrationOptions:
     auto_converge: bool = True  # throttle the vCPUs when pre-copy cannot keep up
     compression: str = "none"  # none, xbzrle (delta of re-sent pages) or mt (multithreaded zlib)
     parallel_connections: int = 0  # 0: one stream; 2..64: multifd streams
-    postcopy: bool = False  # allow a switch to post-copy (VIR_MIGRATE_POSTCOPY); not switched to here
+    postcopy: bool = False  # allow a switch to post-copy (VIR_MIGRATE_POSTCOPY)
+    postcopy_after_s: float = 0.0  # switch to post-copy after this long in pre-copy (0: never)
     persist: bool = True  # the destination keeps the definition; the source's is removed after
     tls: bool = False  # QEMU's migration stream over TLS (the daemons' migrate_tls_* set-up)
     timeout_s: float = 600.0  # whole migration; past it the job is aborted
@@ -96,6 +97,10 @@ class LibvirtMigrationOptions:
             raise ValueError(f"option 'compression' must be one of {', '.join(COMPRESSION)}")
         if opts.parallel_connections not in (0, *range(2, 65)):
             raise ValueError("option 'parallel_connections' must be 0 or between 2 and 64")
+        if not 0 <= opts.postcopy_after_s <= 86_400:
+            raise ValueError("option 'postcopy_after_s' must be between 0 (never) and 86400")
+        if opts.postcopy_after_s and not opts.postcopy:
+            raise ValueError("option 'postcopy_after_s' needs 'postcopy': true")
         if not 1 <= opts.timeout_s <= 86_400:
             raise ValueError("option 'timeout_s' must be between 1 and 86400")
         return opts
@@ -181,8 +186,9 @@ class LibvirtMigration:
         log.info("libvirt migration started", extra={"migration": st.id, "vm": self.name, "peer": self.peer.name,
                                                      "flags": flags, "options": st.options})  # fmt: skip
         job = asyncio.create_task(asyncio.to_thread(dom.migrateToURI3, self.peer.dest_uri, params, flags))
-        deadline = time.monotonic() + self.opts.timeout_s
-        timed_out = False
+        begun = time.monotonic()
+        deadline = begun + self.opts.timeout_s
+        timed_out = switched = False
         while not job.done():
             await asyncio.wait({job}, timeout=POLL_S)
             if job.done():
@@ -191,6 +197,15 @@ class LibvirtMigration:
             if self._cancel_asked and self._job_seen:
                 with contextlib.suppress(lv.libvirtError):
                     await asyncio.to_thread(dom.abortJob)
+            if (self.opts.postcopy_after_s and not switched and self._job_seen and not self._cancel_asked
+                    and time.monotonic() - begun >= self.opts.postcopy_after_s):
+                switched = True  # once: past this the guest runs at the destination
+                try:
+                    await asyncio.to_thread(dom.migrateStartPostCopy, 0)
+                    self.status.native["postcopy"] = True
+                    log.info("libvirt migration switched to post-copy", extra={"migration": st.id, "vm": self.name})
+                except lv.libvirtError as exc:
+                    log.warning("post-copy switch refused", extra={"migration": st.id, "error": exc.get_error_message()})
             if time.monotonic() > deadline and not timed_out:
                 timed_out = True
                 with contextlib.suppress(lv.libvirtError):

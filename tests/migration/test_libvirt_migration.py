@@ -29,7 +29,8 @@ HB = re.compile(r"NOVACRON-HB boot=(\w+) seq=(\d+) uptime=[\d.]+ ok=(\d) bad=(\d
 
 def test_options_are_validated_and_mapped() -> None:
     for bad in ({"bandwidth_mbps": -1}, {"compression": "lz4"}, {"parallel_connections": 1},
-                {"downtime_ms": "300"}, {"auto_converge": 1}, {"nope": 1}, [1]):
+                {"downtime_ms": "300"}, {"auto_converge": 1}, {"nope": 1}, [1],
+                {"postcopy_after_s": 2}):
         with pytest.raises(ValueError):
             LibvirtMigrationOptions.from_dict(bad)
     import libvirt as lv
@@ -148,7 +149,21 @@ async def test_cancelled_then_completed_live_migration(daemons: tuple[LibvirtDae
         still = await wait_hb(shared, "mig1", size, timeout=30)
         assert still.group(1) == boot and still.group(3) == "1"
 
-        # 2) completed: the domain moves, its guest checks all its pages again there
+        # 2) failed: post-copy needs userfaultfd at the destination, which an unprivileged
+        # QEMU lacks here (vm.unprivileged_userfaultfd = 0); the domain stays at the source
+        if open("/proc/sys/vm/unprivileged_userfaultfd").read().strip() == "0":
+            mig = migs.start({"vm": "mig1", "peer": "b", "options": {"postcopy": True, "postcopy_after_s": 0.5}})
+            st = await wait_done(migs, mig.status.id, 60)
+            assert st["phase"] == "failed" and mig.status.native["source_state_after"] == "running", st
+            print(f"post-copy refused: {st['error']}")
+            assert (await src.get("mig1"))["state"] == "running"
+            with pytest.raises(VMNotFound):
+                await dst.get("mig1")
+            size = shared.log("mig1").stat().st_size
+            still = await wait_hb(shared, "mig1", size, timeout=30)
+            assert still.group(1) == boot and still.group(3) == "1"
+
+        # 3) completed: the domain moves, its guest checks all its pages again there
         mig = migs.start({"vm": "mig1", "peer": "b", "id": "move-1",
                           "options": {"downtime_ms": 500, "bandwidth_mbps": 200,
                                       "compression": "xbzrle"}})
