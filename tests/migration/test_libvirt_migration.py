@@ -10,6 +10,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -151,7 +152,7 @@ async def test_cancelled_then_completed_live_migration(daemons: tuple[LibvirtDae
 
         # 2) failed: post-copy needs userfaultfd at the destination, which an unprivileged
         # QEMU lacks here (vm.unprivileged_userfaultfd = 0); the domain stays at the source
-        if open("/proc/sys/vm/unprivileged_userfaultfd").read().strip() == "0":
+        if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "0":
             mig = migs.start({"vm": "mig1", "peer": "b", "options": {"postcopy": True, "postcopy_after_s": 0.5}})
             st = await wait_done(migs, mig.status.id, 60)
             assert st["phase"] == "failed" and mig.status.native["source_state_after"] == "running", st
