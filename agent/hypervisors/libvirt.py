@@ -413,6 +413,7 @@ class LibvirtHost:
 
     async def stop(self, name: str, timeout_s: float | None = None) -> dict[str, Any]:
         """Graceful shutdown, then destroy if the guest ignores it (like VMManager.stop)."""
+        await self._owned(name)  # not adopted: refused before anything is asked of the guest
         try:
             doc = await self.shutdown(name, timeout_s)
             doc["forced"] = False

@@ -111,8 +111,11 @@ async def test_external_domain_listed_adopted_and_driven(daemon: LibvirtDaemon, 
     xml_before = daemon.virsh("dumpxml", "--inactive", "ext1").stdout
 
     # not adopted: NovaCron refuses to touch it, and nothing changed
+    for refused in (host.start, host.stop, host.destroy, host.pause, host.resume):
+        with pytest.raises(VMConflict, match="adopt it first"):
+            await refused("ext1")
     with pytest.raises(VMConflict, match="adopt it first"):
-        await host.start("ext1")
+        await host.send_console("ext1", "x")
     assert (await host.get("ext1"))["state"] == "stopped"
     with pytest.raises(VMNotFound):
         await host.adopt("no-such-domain")
