@@ -125,7 +125,17 @@ class LibvirtDaemon:
         for root, dirs, files in os.walk(self.dir):
             for p in (root, *(os.path.join(root, x) for x in dirs + files)):
                 os.chown(p, NOBODY, NOBODY)
-        with open(self.dir / "stderr.log", "wb") as err:  # the child keeps its own copy
+        return self._spawn()
+
+    def restart(self) -> LibvirtDaemon:
+        """Stop the daemon alone (its domains' QEMUs go on) and start it again."""
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(20)
+        return self._spawn()
+
+    def _spawn(self) -> LibvirtDaemon:
+        with open(self.dir / "stderr.log", "ab") as err:  # the child keeps its own copy
             self.proc = subprocess.Popen(
                 [LIBVIRTD], env=self.env(), user=NOBODY, group=NOBODY, extra_groups=[], cwd=self.dir,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)

@@ -181,10 +181,13 @@ class LibvirtHost:
         self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[DomainEvent]]] = []
         self._sub_lock = threading.Lock()
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._wanted = False  # connected once and not closed: reconnect when the link dies
+        self._reconnecting = asyncio.Lock()
 
     # -- connection
 
     async def connect(self) -> None:
+        self._wanted = True
         ensure_event_loop()
         try:
             self.conn = await asyncio.to_thread(self.lv.open, self.uri)
@@ -197,6 +200,7 @@ class LibvirtHost:
         log.info("libvirt connected", extra={"uri": self.uri, "libvirt_version": self.lv.getVersion()})
 
     async def close(self) -> None:
+        self._wanted = False
         if self.conn is None:
             return
         conn, self.conn = self.conn, None
@@ -212,8 +216,29 @@ class LibvirtHost:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _live(self) -> Any:
+        """The connection, opened again when the daemon went away (a libvirtd restart
+        does not stop its domains); a 503 while it cannot be reached."""
+        async with self._reconnecting:
+            conn = self.conn
+            if conn is not None:
+                try:
+                    if await asyncio.to_thread(conn.isAlive):
+                        return conn
+                except self.lv.libvirtError:
+                    pass
+                log.warning("libvirt connection lost; reconnecting", extra={"uri": self.uri})
+                self.conn = None
+                with contextlib.suppress(self.lv.libvirtError):
+                    await asyncio.to_thread(conn.close)
+            if not self._wanted:
+                raise LibvirtUnavailable("not connected to libvirt")
+            await self.connect()
+            return self.conn
+
     async def host_uuid(self) -> str:
-        caps = await self._call(self.conn.getCapabilities)
+        conn = await self._live()
+        caps = await self._call(conn.getCapabilities)
         return ET.fromstring(caps).findtext("./host/uuid", "")
 
     # -- events
@@ -276,7 +301,8 @@ class LibvirtHost:
         return err
 
     async def domain(self, name: str) -> Any:
-        return await self._call(self.conn.lookupByName, name)
+        conn = await self._live()
+        return await self._call(conn.lookupByName, name)
 
     def _describe(self, dom: Any) -> dict[str, Any]:
         """Worker thread: one domain's inventory document."""
@@ -290,9 +316,11 @@ class LibvirtHost:
         return doc
 
     async def list(self) -> list[dict[str, Any]]:
+        conn = await self._live()
+
         def all_domains() -> list[dict[str, Any]]:
             out = []
-            for dom in self.conn.listAllDomains(0):
+            for dom in conn.listAllDomains(0):
                 try:
                     out.append(self._describe(dom))
                 except self.lv.libvirtError as exc:
@@ -357,8 +385,10 @@ class LibvirtHost:
         dom = await self._owned(name)
         data = text.encode()
 
+        conn = dom.connect()
+
         def send() -> None:
-            stream = self.conn.newStream(0)
+            stream = conn.newStream(0)
             try:
                 dom.openConsole(None, stream, 0)
                 sent = 0

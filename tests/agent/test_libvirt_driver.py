@@ -164,6 +164,15 @@ async def test_external_domain_listed_adopted_and_driven(daemon: LibvirtDaemon, 
     doc = await host.stop("ext1", timeout_s=2)
     assert doc["forced"] is True and doc["state"] == "stopped"
     assert getattr(await next_event(events, "stopped"), "vm", None) == "ext1"
+
+    # libvirtd restarts (an upgrade): the driver reconnects, events flow again
+    daemon.restart()
+    assert (await host.get("ext1"))["adopted"] is True
+    started = asyncio.ensure_future(next_event(events, "started"))
+    await asyncio.sleep(0)
+    await host.start("ext1")
+    assert getattr(await started, "vm", None) == "ext1"
+    await host.destroy("ext1")
     await events.aclose()
     # the definition stays (NovaCron never undefines what it did not create)
     assert [d["name"] for d in await host.list()] == ["ext1"]
