@@ -53,6 +53,17 @@ class AgentConfig:
                                         "per VM (serial.log + serial.log.1)")
     serial_log_check_s: float = setting(1.0, help="seconds between checks of the serial history "
                                         "size (it can pass the cap by what a guest prints meanwhile)")
+    hypervisor: Literal["qemu", "libvirt"] = setting(
+        "qemu", help='"qemu": the agent runs QEMU itself; "libvirt": it manages the domains of the '
+        "libvirt daemon at libvirt_uri (needs novacron[libvirt])")
+    libvirt_uri: str = setting("qemu:///system", help="the libvirt daemon to manage when hypervisor = "
+                               '"libvirt" (e.g. qemu:///system)')
+    libvirt_peers: dict[str, str] = setting(
+        factory=dict, help="[libvirt_peers] table: peer name -> 'DEST_URI [tcp://HOST[:PORT]]', the "
+        "libvirt daemons this host may migrate domains to (libvirt's engine; a request names the peer); "
+        "env/flag: b=qemu+tls://b/system tcp://10.0.0.2")
+    libvirt_shutdown_timeout_s: float = setting(
+        30.0, help="seconds a graceful shutdown of a libvirt domain may take before stop destroys it")
     qemu_binary: str = setting("qemu-system-x86_64", help="QEMU executable (a name on PATH or a path)")
     audit_file: Path | None = setting(None, help="append-only audit log (empty: <state_dir>/audit.log;"
                                       " a tmpfs state_dir loses it at reboot)")

@@ -13,6 +13,7 @@ the agent's own API URL and token, which the coordinator needs to drive it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl as ssl_
@@ -59,6 +60,17 @@ class CoordinatorLink:
         self.interval_s = 5.0
         self.registered = asyncio.Event()
         self.beats = 0
+        self._wake = asyncio.Event()
+
+    def poke(self) -> None:
+        """Heartbeat now rather than at the next interval (a VM changed; libvirt domain
+        events). Pokes that come while a heartbeat is on its way fold into the next one."""
+        self._wake.set()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     async def register(self, client: CoordinatorClient) -> None:
         info = await self.host_info()
@@ -103,7 +115,7 @@ class CoordinatorLink:
                         await self.heartbeat(client)
                         self._count("ok")
                     backoff = 0.5
-                    await asyncio.sleep(self.interval_s)
+                    await self._pause(self.interval_s)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the link outlives any one failure (agent or coordinator)

@@ -109,17 +109,35 @@ def start_coordinator_link(cfg: AgentConfig, app: web.Application, port: int) ->
     async def info() -> dict[str, Any]:
         return await host_document(app)
 
-    grants = app[MANAGER_KEY].grants
+    # no native migration engine on a libvirt host (its migrations are libvirt's)
+    grants = app[MANAGER_KEY].grants if MANAGER_KEY in app else None
 
     def registered(reply: dict[str, Any]) -> None:
         key = reply.get("grant_key")
-        if isinstance(key, str) and key:
+        if isinstance(key, str) and key and grants is not None:
             grants.set_key(key)  # migrations are authorised by grants the coordinator signs
 
     link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info,
                            ssl=tls.peer_client_context(cfg), on_registered=registered,
                            heartbeats=app[METRICS].heartbeats)
-    return asyncio.create_task(link.run(), name="coordinator link")
+    return asyncio.create_task(_run_link(link, app), name="coordinator link")
+
+
+async def _run_link(link: Any, app: web.Application) -> None:
+    """The coordinator link; on a libvirt host each domain lifecycle event also
+    sends a heartbeat at once, so the coordinator does not wait for the next one."""
+    if app[CONFIG].hypervisor != "libvirt":
+        await link.run()
+        return
+    from novacron.agent.api.libvirt import LIBVIRT
+
+    async def follow() -> None:
+        async for _event in app[LIBVIRT].events():
+            link.poke()
+
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(link.run())
+        tasks.create_task(follow())
 
 
 def _lock_state_dir(state_dir: Path) -> int:

@@ -26,12 +26,25 @@ ROUTE_MODULES = [
     "novacron.agent.api.audit",
 ]
 OPTIONAL_MODULES = {"novacron.agent.api.migrations"}
+# hypervisor = "libvirt": the libvirt daemon's domains answer /v1/vms, and migrations
+# are libvirt's own (the native engine's routes would act on QEMUs the agent runs)
+LIBVIRT_MODULE = "novacron.agent.api.libvirt"
+REPLACED_BY_LIBVIRT = {"novacron.agent.api.vms", "novacron.agent.api.migrations"}
+
+
+def route_modules(app: web.Application) -> list[str]:
+    from novacron.agent.appkeys import CONFIG
+
+    if CONFIG not in app or app[CONFIG].hypervisor != "libvirt":
+        return list(ROUTE_MODULES)
+    return [LIBVIRT_MODULE if m == "novacron.agent.api.vms" else m
+            for m in ROUTE_MODULES if m == "novacron.agent.api.vms" or m not in REPLACED_BY_LIBVIRT]
 
 
 def setup_routes(app: web.Application) -> list[str]:
     """Register every route module's routes; returns the modules used."""
     used = []
-    for name in ROUTE_MODULES:
+    for name in route_modules(app):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

@@ -37,13 +37,20 @@ async def host_document(app: web.Application) -> dict[str, Any]:
     accel = await app[ACCEL].detect()
     mem = meminfo()
     models = await app[VMS].cpus.models(accel.default)
+    if cfg.hypervisor == "libvirt":
+        from novacron.agent.api.libvirt import LIBVIRT
+
+        vms = [d["name"] for d in await app[LIBVIRT].list()]
+    else:
+        vms = [vm.name for vm in app[VMS].list()]
     return {
         "name": host_name(cfg.name),
         "cpus": os.cpu_count() or 1,
         "memory_bytes": mem.get("MemTotal", 0),
         "memory_available_bytes": mem.get("MemAvailable", 0),
         "accel": accel.to_dict(),
-        "vms": [vm.name for vm in app[VMS].list()],
+        "hypervisor": cfg.hypervisor,
+        "vms": vms,
         "data_port": cfg.data_port,
         "networks": app[VMS].networks.names,  # fleet networks a VM may join here
         # CPU models VMs may use here (under the default accelerator; null: QEMU not asked)
