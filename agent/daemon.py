@@ -103,7 +103,7 @@ def start_coordinator_link(cfg: AgentConfig, app: web.Application, port: int) ->
     """Register with the coordinator and heartbeat, when one is configured."""
     if not cfg.coordinator_url:
         return None
-    from novacron.agent.api.migrations import MANAGER_KEY
+    from novacron.agent.api.migrations import MANAGER_KEY, save_grant_key
     from novacron.agent.coordinator_link import CoordinatorLink
 
     async def info() -> dict[str, Any]:
@@ -116,6 +116,10 @@ def start_coordinator_link(cfg: AgentConfig, app: web.Application, port: int) ->
         key = reply.get("grant_key")
         if isinstance(key, str) and key and grants is not None:
             grants.set_key(key)  # migrations are authorised by grants the coordinator signs
+            try:
+                save_grant_key(cfg.state_dir, key)  # a restart verifies before registering again
+            except OSError as exc:
+                log.warning("cannot keep the coordinator's grant key", extra={"error": str(exc)})
 
     link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info,
                            ssl=tls.peer_client_context(cfg), on_registered=registered,

@@ -15,6 +15,8 @@ manager (and its data-channel server on ``data_port``) with the daemon.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -37,12 +39,33 @@ from novacron.agent.migration.throttle import lift_stale
 from novacron.agent.migration.vmport import SourceVM
 from novacron.agent.vm.errors import VMError
 from novacron.agent.vm.manager import VMManager
-from novacron.grants import GrantVerifier
+from novacron.grants import GrantError, GrantVerifier
 
 log = logging.getLogger("novacron.agent.migration")
 
 MANAGER_KEY = web.AppKey("novacron_migrations", MigrationManager)
 MAX_BODY = 64 * 1024
+
+
+
+GRANT_KEY_FILE = "coordinator-grant-key"  # the last coordinator's key, so a restart verifies at once
+
+
+def saved_grant_key(state_dir: Path) -> str:
+    """The grant key the coordinator gave at the last registration ('' if none): a
+    restarted agent verifies grants before it has registered again."""
+    try:
+        key = (state_dir / GRANT_KEY_FILE).read_text().strip()
+        GrantVerifier(key)  # a damaged file is no key, not a failed start
+    except (OSError, UnicodeDecodeError, GrantError):
+        return ""
+    return key
+
+
+def save_grant_key(state_dir: Path, key: str) -> None:
+    tmp = state_dir / (GRANT_KEY_FILE + ".tmp")
+    tmp.write_text(key + "\n")
+    os.replace(tmp, state_dir / GRANT_KEY_FILE)
 
 
 def setup(app: web.Application) -> None:
@@ -62,7 +85,7 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
         data_host=cfg.host,
         data_port=cfg.data_port,
         host_name=host_name(cfg.name),
-        grants=GrantVerifier(cfg.grant_key),
+        grants=GrantVerifier(saved_grant_key(cfg.state_dir) or cfg.grant_key),
         peer_ssl=tls.peer_client_context(cfg),
         data_ssl=tls.server_context(cfg, require_client_cert=True) if tls.enabled(cfg) else None,
         journal=Journal(cfg.state_dir / "migrations"),
