@@ -69,7 +69,7 @@ class _Streams:
             pass
 
     def _count(self, n: int) -> None:
-        pass
+        """Bytes this side pumped out; only the source counts them (``disk_bytes``)."""
 
     def check_stream(self, stream: int) -> asyncio.StreamWriter:
         w = self.writers.get(stream)
@@ -152,9 +152,6 @@ class DestDiskRelay(_Streams):
         super().__init__(ch, status)
         self.socket = socket
         self.disks = disks
-
-    def _count(self, n: int) -> None:
-        pass  # what the destination sends back (NBD replies) is counted by the source
 
     async def open_stream(self, stream: int) -> None:
         if stream not in self.disks or stream in self.writers:
