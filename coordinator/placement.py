@@ -7,27 +7,38 @@ scheduler; anything with the ``Placer`` signature can be put on the app under
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from novacron.coordinator.models import HOST_UP, VM, Host, cpu_model_problem, spec_networks
+from novacron.coordinator.models import HOST_UP, Host, VMSummary, cpu_model_problem, spec_networks
 
 # (VM spec, candidate hosts, VMs already placed) -> chosen host or None if none fits
-Placer = Callable[[dict[str, Any], list[Host], list[VM]], Awaitable[Host | None]]
+Placer = Callable[[dict[str, Any], list[Host], Sequence[VMSummary]], Awaitable[Host | None]]
 
 
-def free_memory(host: Host, vms: list[VM]) -> int:
-    """Memory left on ``host``: its report, less VMs placed there it has not reported yet."""
-    pending = sum(int(v.spec.get("memory_mb", 0)) << 20 for v in vms
-                  if v.host == host.name and v.name not in host.vms)
-    return host.memory_available_bytes - pending
+def unreported_mib(hosts: Sequence[Host], vms: Sequence[VMSummary]) -> dict[str, int]:
+    """Per host: MiB of VMs placed there that its last report does not list yet
+    (one pass over the VMs: fleets have ten times more VMs than hosts)."""
+    reports = {h.name: set(h.vms) for h in hosts}
+    out: dict[str, int] = {}
+    for v in vms:
+        listed = reports.get(v.host)
+        if listed is not None and v.name not in listed:
+            out[v.host] = out.get(v.host, 0) + v.memory_mb
+    return out
 
 
-async def most_free_memory(spec: dict[str, Any], hosts: list[Host], vms: list[VM]) -> Host | None:
+async def most_free_memory(spec: dict[str, Any], hosts: list[Host],
+                           vms: Sequence[VMSummary]) -> Host | None:
     need = int(spec["memory_mb"]) << 20
-    fits = [h for h in hosts if h.state == HOST_UP and free_memory(h, vms) >= need
+    pending = unreported_mib(hosts, vms)
+
+    def free(h: Host) -> int:  # its report, less VMs placed there it has not reported yet
+        return h.memory_available_bytes - (pending.get(h.name, 0) << 20)
+
+    fits = [h for h in hosts if h.state == HOST_UP and free(h) >= need
             and h.cpus >= int(spec.get("vcpus", 1)) and set(spec_networks(spec)) <= set(h.networks)
             and cpu_model_problem(spec, h) is None]
     if not fits:
         return None
-    return max(fits, key=lambda h: (free_memory(h, vms), h.name))
+    return max(fits, key=lambda h: (free(h), h.name))

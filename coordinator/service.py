@@ -98,7 +98,7 @@ async def serve_metrics(request: web.Request) -> web.Response:
     metrics, store = app[METRICS], app[STORE]
     metrics.count_states(metrics.hosts, (h.state for h in await store.list_hosts()),
                          (HOST_UP, HOST_DOWN))
-    metrics.count_states(metrics.vms, (v.state for v in await store.list_vms()),
+    metrics.count_states(metrics.vms, (v.state for v in await store.vm_summaries()),
                          ("creating", "running", "stopped", "paused", "migrating"))
     for name, lease in app[LEASES].items():
         metrics.leases.labels(name).set(1 if lease.held else 0)

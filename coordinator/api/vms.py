@@ -120,7 +120,7 @@ async def _place(request: web.Request, body: dict[str, Any], pinned: str | None,
         if problem:
             raise ApiError(409, problem)
     placer = request.app[PLACER]
-    host = await placer({**body, **placement}, hosts, await store.list_vms())
+    host = await placer({**body, **placement}, hosts, await store.vm_summaries())
     if host is None:
         model = spec_cpu_model(body)
         if not any(cpu_model_problem(body, h) is None for h in hosts if h.state == HOST_UP):

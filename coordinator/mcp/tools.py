@@ -79,7 +79,7 @@ def build_tools(app: web.Application) -> list[Tool]:
         spec = {"vcpus": args["vcpus"], "memory_mb": args["memory_mb"]}
         hosts = await store.list_hosts()
         try:
-            host = await placer(spec, hosts, await store.list_vms())
+            host = await placer(spec, hosts, await store.vm_summaries())
         except ApiError as exc:
             raise _refusal(exc) from None
         if host is None:

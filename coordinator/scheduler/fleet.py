@@ -263,6 +263,13 @@ class FleetState:
                     del self._anti_from[other]
         return vm
 
+    def add_load(self, hosts: I64, vcpus: F64, memory_mib: F64) -> None:
+        """Count VMs by size only (host slots, vCPUs, MiB; one entry per VM): how a new
+        VM's placement sees the VMs it names no rule about, with no per-VM record."""
+        np.add.at(self._cpu_used, hosts, vcpus)
+        np.add.at(self._mem_used, hosts, memory_mib)
+        np.add.at(self._vm_count, hosts, 1)
+
     def move(self, vm_id: str, host: int) -> PlacedVM:
         return self.place(self.remove(vm_id).request(), host)
 

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from novacron.coordinator.models import HOST_UP, VM, spec_cpu_model, spec_networks
+import numpy as np
+
+from novacron.coordinator.models import HOST_UP, VM, VMSummary, spec_cpu_model, spec_networks
 from novacron.coordinator.models import Host as StoreHost
+from novacron.coordinator.placement import unreported_mib
 from novacron.coordinator.scheduler.fleet import FleetState
 from novacron.coordinator.scheduler.learned import LearnedPlacer
 from novacron.coordinator.scheduler.model import (
@@ -47,14 +52,25 @@ ATTR_FIELDS = ("cost_per_hour", "zone", "cpu_overcommit", "mem_overcommit", "lat
 
 
 def host_from_record(h: StoreHost, attrs: dict[str, Any] | None) -> Host:
-    doc: dict[str, Any] = {"id": h.name, "vcpus": max(1, h.cpus),
-                           "memory_mib": max(1, h.memory_bytes >> 20),
+    used = {k: v for k, v in (attrs or {}).items() if k in ATTR_FIELDS}
+    return _scheduler_host(h.name, h.cpus, h.memory_bytes, h.state == HOST_UP, tuple(h.networks),
+                           tuple(h.cpu_models) if h.cpu_models is not None else None,
+                           json.dumps(used, sort_keys=True) if used else "")
+
+
+# Every placement reads the whole fleet, and hosts rarely change what the scheduler sees
+# of them: validated hosts are kept (immutable) until one of these inputs changes.
+@functools.lru_cache(maxsize=1 << 16)
+def _scheduler_host(name: str, cpus: int, memory_bytes: int, up: bool, networks: tuple[str, ...],
+                    cpu_models: tuple[str, ...] | None, attrs_json: str) -> Host:
+    doc: dict[str, Any] = {"id": name, "vcpus": max(1, cpus), "memory_mib": max(1, memory_bytes >> 20),
                            "cpu_overcommit": DEFAULT_CPU_OVERCOMMIT}
-    doc.update({k: v for k, v in (attrs or {}).items() if k in ATTR_FIELDS})
-    host = parse_host(doc, f"host {h.name}")
-    host = dataclasses.replace(host, networks=frozenset(h.networks),
-                               cpu_models=frozenset(h.cpu_models) if h.cpu_models is not None else None)
-    if h.state != HOST_UP:  # down hosts stay visible (and counted as rejected) but take nothing
+    if attrs_json:
+        doc.update(json.loads(attrs_json))
+    host = parse_host(doc, f"host {name}")
+    host = dataclasses.replace(host, networks=frozenset(networks),
+                               cpu_models=frozenset(cpu_models) if cpu_models is not None else None)
+    if not up:  # down hosts stay visible (and counted as rejected) but take nothing
         host = Host(**{**host.__dict__, "enabled": False})
     return host
 
@@ -66,24 +82,52 @@ def _request_of(name: str, spec: dict[str, Any]) -> VMRequest:
 
 def build_fleet(hosts: Iterable[StoreHost], vms: Iterable[VM],
                 attrs: dict[str, dict[str, Any]]) -> FleetState:
-    """Fleet state from the coordinator's records: allocations from VM specs,
-    raised to what each host reports in use (other workloads, VMs not yet reported)."""
-    hosts = list(hosts)
+    """Fleet state from the coordinator's records, every VM placed by its spec (what
+    moving VMs needs), raised to what each host reports in use."""
+    hosts, vms = list(hosts), list(vms)
     fleet = FleetState(host_from_record(h, attrs.get(h.name)) for h in hosts)
-    reports = {h.name: set(h.vms) for h in hosts}
-    unreported_mib: dict[str, int] = {}  # one pass over the VMs: fleets have 10x more VMs than hosts
     for vm in vms:
         if vm.host in fleet.index and vm.name not in fleet.vms:
             fleet.place(_request_of(vm.name, vm.spec), vm.host)
-        if vm.host in reports and vm.name not in reports[vm.host]:
-            unreported_mib[vm.host] = unreported_mib.get(vm.host, 0) + int(vm.spec.get("memory_mb", 0))
+    _reserve_reported(fleet, hosts, unreported_mib(hosts, [
+        VMSummary(v.name, v.host, v.state, 0, int(v.spec.get("memory_mb", 0))) for v in vms]))
+    return fleet
+
+
+def placement_fleet(hosts: Sequence[StoreHost], vms: Sequence[VMSummary],
+                    attrs: dict[str, dict[str, Any]], peers: Iterable[str] = ()) -> FleetState:
+    """The fleet a new VM is placed on: VMs counted by size per host in one numpy pass,
+    only ``peers`` (the VMs its affinity rules name) placed as records. Same figures as
+    ``build_fleet``, at a fraction of the cost (100,000 VMs: seconds -> tens of ms)."""
+    fleet = FleetState(host_from_record(h, attrs.get(h.name)) for h in hosts)
+    wanted = set(peers)
+    slots: list[int] = []
+    cpus: list[int] = []
+    mems: list[int] = []
+    for v in vms:
+        i = fleet.index.get(v.host)
+        if i is None:
+            continue
+        if v.name in wanted:
+            if v.name not in fleet.vms:
+                fleet.place(VMRequest(v.name, max(1, v.vcpus), max(1, v.memory_mb)), i)
+            continue
+        slots.append(i)
+        cpus.append(max(1, v.vcpus))
+        mems.append(max(1, v.memory_mb))
+    fleet.add_load(np.asarray(slots, dtype=np.int64), np.asarray(cpus, dtype=np.float64),
+                   np.asarray(mems, dtype=np.float64))
+    _reserve_reported(fleet, hosts, unreported_mib(hosts, vms))
+    return fleet
+
+
+def _reserve_reported(fleet: FleetState, hosts: Iterable[StoreHost], unreported: dict[str, int]) -> None:
+    """Raise each host's memory in use to what it reports (other workloads, VMs the fleet
+    does not know) plus the VMs placed there that its report does not list yet."""
     for h in hosts:
         i = fleet.index[h.name]
         reported = (h.memory_bytes - h.memory_available_bytes) >> 20
-        # VMs placed but not yet in the host's report are already counted above
-        unreported = unreported_mib.get(h.name, 0)
-        fleet.reserve(i, 0.0, max(0.0, reported + unreported - float(fleet.mem_used[i])))
-    return fleet
+        fleet.reserve(i, 0.0, max(0.0, reported + unreported.get(h.name, 0) - float(fleet.mem_used[i])))
 
 
 async def load_attrs(store: Store) -> dict[str, dict[str, Any]]:
@@ -191,13 +235,16 @@ class SchedulerPlacer:
         self._lock = asyncio.Lock()  # policy state is read-modify-write
 
     async def __call__(self, spec: dict[str, Any], hosts: list[StoreHost],
-                       vms: list[VM]) -> StoreHost | None:
-        fleet = build_fleet(hosts, vms, await load_attrs(self.store))
+                       vms: Sequence[VMSummary]) -> StoreHost | None:
+        attrs = await load_attrs(self.store)
         doc = request_doc(spec)
         async with self._lock:
             try:
                 req = dataclasses.replace(parse_request(doc), networks=spec_networks(spec),
                                           cpu_model=spec_cpu_model(spec))
+                # a thread: at fleet scale this is tens of ms the event loop keeps serving
+                fleet = await asyncio.to_thread(placement_fleet, hosts, vms, attrs,
+                                                (*req.affinity, *req.anti_affinity))
                 enabled, policy = await load_policy(self.store)
                 if enabled:
                     policy.observe({v.name: v.host for v in vms})

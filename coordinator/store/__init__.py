@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from novacron.coordinator.config import CoordinatorConfig
-from novacron.coordinator.models import VM, Host, Migration
+from novacron.coordinator.models import VM, Host, Migration, VMSummary
 
 # Outcomes of Store.claim_vm.
 Claim = Literal["claimed", "stale", "taken"]
@@ -106,6 +106,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_vms(self, host: str | None = None) -> list[VM]: ...
+
+    @abc.abstractmethod
+    async def vm_summaries(self) -> list[VMSummary]:
+        """Every VM's name, host, state and size, by name (see ``VMSummary``)."""
 
     @abc.abstractmethod
     async def delete_vm(self, name: str) -> bool: ...

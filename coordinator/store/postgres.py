@@ -25,7 +25,16 @@ from typing import Any
 
 import asyncpg
 
-from novacron.coordinator.models import HOST_DOWN, HOST_UP, MIGRATION_TERMINAL, VM, Host, Migration
+from novacron.coordinator.models import (
+    HOST_DOWN,
+    HOST_UP,
+    MIGRATION_TERMINAL,
+    VM,
+    Host,
+    Migration,
+    VMSummary,
+    summary_int,
+)
 from novacron.coordinator.store import Claim, Listener, Store, schema
 
 log = logging.getLogger("novacron.coordinator.store")
@@ -232,6 +241,12 @@ class PostgresStore(Store):
         else:
             rows = await self.pool.fetch("SELECT data FROM vms WHERE host = $1 ORDER BY name", host)
         return [VM(**r["data"]) for r in rows]
+
+    async def vm_summaries(self) -> list[VMSummary]:
+        rows = await self.pool.fetch(
+            "SELECT name, host, data->>'state', data->'spec'->>'vcpus', data->'spec'->>'memory_mb' "
+            "FROM vms ORDER BY name")
+        return [VMSummary(n, h, s or "", summary_int(cpus), summary_int(mem)) for n, h, s, cpus, mem in rows]
 
     async def delete_vm(self, name: str) -> bool:
         return await self.execute("DELETE FROM vms WHERE name = ?", (name,)) > 0

@@ -21,7 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from novacron.coordinator.models import HOST_DOWN, HOST_UP, MIGRATION_TERMINAL, VM, Host, Migration
+from novacron.coordinator.models import (
+    HOST_DOWN,
+    HOST_UP,
+    MIGRATION_TERMINAL,
+    VM,
+    Host,
+    Migration,
+    VMSummary,
+    summary_int,
+)
 from novacron.coordinator.store import Claim, Store, schema
 
 log = logging.getLogger("novacron.coordinator.store")
@@ -92,8 +101,9 @@ class SQLiteStore(Store):
         return _host(*rows[0]) if rows else None
 
     async def list_hosts(self) -> list[Host]:
-        rows = await self.query("SELECT data, generation FROM hosts ORDER BY name")
-        return [_host(*r) for r in rows]
+        # decoded on the store's thread: thousands of records would stall the event loop
+        return await self._run(lambda c: [_host(*r) for r in c.execute(
+            "SELECT data, generation FROM hosts ORDER BY name")])
 
     async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> Host | None:
         # Group commit: heartbeats that arrive while a batch is being written go into the
@@ -221,11 +231,19 @@ class SQLiteStore(Store):
         return VM(**json.loads(rows[0][0])) if rows else None
 
     async def list_vms(self, host: str | None = None) -> list[VM]:
+        params: tuple[str, ...] = ()
         if host is None:
-            rows = await self.query("SELECT data FROM vms ORDER BY name")
+            sql = "SELECT data FROM vms ORDER BY name"
         else:
-            rows = await self.query("SELECT data FROM vms WHERE host = ? ORDER BY name", (host,))
-        return [VM(**json.loads(r[0])) for r in rows]
+            sql, params = "SELECT data FROM vms WHERE host = ? ORDER BY name", (host,)
+        return await self._run(  # decoded on the store's thread, like list_hosts
+            lambda c: [VM(**json.loads(r[0])) for r in c.execute(sql, params)])
+
+    async def vm_summaries(self) -> list[VMSummary]:
+        return await self._run(lambda c: [
+            VMSummary(n, h, s or "", summary_int(cpus), summary_int(mem)) for n, h, s, cpus, mem in c.execute(
+                "SELECT name, host, json_extract(data, '$.state'), json_extract(data, '$.spec.vcpus'), "
+                "json_extract(data, '$.spec.memory_mb') FROM vms ORDER BY name")])
 
     async def delete_vm(self, name: str) -> bool:
         return await self.execute("DELETE FROM vms WHERE name = ?", (name,)) > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from novacron.coordinator.models import VM, Host
+from novacron.coordinator.models import VM, Host, VMSummary
 from novacron.coordinator.store import Store, schema
 from novacron.coordinator.store.postgres import core_migrations
 from novacron.coordinator.store.sqlite import SQLiteStore
@@ -150,6 +150,10 @@ async def test_vm_record_round_trip(make_store: MakeStore) -> None:
     await store.put_vm(vm)
     assert await store.get_vm("v") == vm
     assert await store.list_vms(host="other") == []
+    # summaries read the same fields out of the stored document, sizes as ints
+    await store.put_vm(VM("u", "h2", {"name": "u", "memory_mb": 32}, "creating"))
+    assert await store.vm_summaries() == [VMSummary("u", "h2", "creating", 0, 32),
+                                          VMSummary("v", "h", "running", 2, 64)]
     await store.close()
 
 

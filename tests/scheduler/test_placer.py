@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from novacron.coordinator.models import HOST_DOWN, VM, Host
+from novacron.coordinator.models import HOST_DOWN, VM, Host, VMSummary
 from novacron.coordinator.scheduler import Scheduler, VMRequest
-from novacron.coordinator.scheduler.placer import DEFAULT_CPU_OVERCOMMIT, build_fleet
+from novacron.coordinator.scheduler.placer import (
+    DEFAULT_CPU_OVERCOMMIT,
+    build_fleet,
+    placement_fleet,
+)
 
 GIB = 1 << 30
 
@@ -32,3 +36,23 @@ def test_allocations_and_reported_usage_both_count() -> None:
     fleet.remove("v1")
     fleet.remove("v2")  # the last VM leaves: what is reserved stays counted
     assert fleet.mem_used[a] == 0 and fleet.mem_used[b] == 10 * 1024
+
+
+def test_a_new_vms_fleet_counts_the_same_as_the_full_one() -> None:
+    """``placement_fleet`` (sizes summed per host, only named peers as records) must give
+    the scheduler the same figures as ``build_fleet`` (every VM a record)."""
+    hosts = [rec("a", 12, vms=["v1", "v3"]), rec("b", 6, vms=["v4"]), rec("c", 16, state=HOST_DOWN)]
+    vms = [VM("v1", "a", {"vcpus": 2, "memory_mb": 4096}, "running"),
+           VM("v2", "a", {"vcpus": 1, "memory_mb": 2048}),  # placed, not yet reported
+           VM("v3", "a", {"memory_mb": 512}, "running"),  # no vcpus field: counts as 1
+           VM("v4", "b", {"vcpus": 3, "memory_mb": 1024}, "running"),
+           VM("gone", "x", {"vcpus": 1, "memory_mb": 1})]  # on a host no longer registered
+    summaries = [VMSummary(v.name, v.host, v.state, int(v.spec.get("vcpus", 0)),
+                           int(v.spec["memory_mb"])) for v in vms]
+    full = build_fleet(hosts, vms, {})
+    fast = placement_fleet(hosts, summaries, {}, peers=["v4"])
+    for column in ("cpu_used", "mem_used", "vm_count", "enabled", "cpu_cap", "mem_cap"):
+        assert list(getattr(fast, column)) == list(getattr(full, column)), column
+    assert set(fast.vms) == {"v4"} and fast.vms["v4"].host == fast.index["b"]
+    req = VMRequest("new", 1, 4 * 1024, anti_affinity=("v4",))
+    assert Scheduler(fast).decide(req).host == Scheduler(full).decide(req).host == "a"
