@@ -137,6 +137,45 @@ class PageCache:
         self._view = None
         return n
 
+    def add_slot(self, buf: Any) -> int:
+        """Register a buffer without indexing it (its pages are added one by one with
+        ``add_pages``); returns its slot number."""
+        self._buffers.append(page_buffer(buf))
+        self._view = None
+        return len(self._buffers) - 1
+
+    def index_slot(self, slot: int) -> int:
+        """Index every non-zero page of the buffer in ``slot`` (O(its size), once)."""
+        return int(_kernels.index_pages(self._buffers[slot], self.table, slot))
+
+    def add_pages(self, slot: int, pages: npt.NDArray[np.uint64],
+                  digests: npt.NDArray[np.uint8]) -> int:
+        """Record that page ``pages[i]`` of buffer ``slot`` holds ``digests[i]`` (newest
+        location wins); returns how many were stored (the table refuses past its bound)."""
+        if not 0 <= slot < len(self._buffers) or self._buffers[slot] is _GONE:
+            raise ValueError(f"no buffer in slot {slot}")
+        values = (np.int64(slot) << np.int64(40)) | np.asarray(pages, dtype=np.int64)
+        arr = np.ascontiguousarray(digests, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+        return int(self.table.put_many(arr, np.ascontiguousarray(values), True))
+
+    def drop_slot(self, slot: int) -> bool:
+        """Stop using a buffer (its VM went away): entries that point into it become
+        misses and are discarded when looked up. False while a view of it is exported."""
+        if not 0 <= slot < len(self._buffers) or self._buffers[slot] is _GONE:
+            return True
+        if not _release(self._buffers[slot]):
+            return False
+        self._buffers[slot] = _GONE
+        self._view = None
+        return True
+
+    def forget(self, digest: bytes) -> None:
+        self.table.discard(digest)
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.table.nbytes)
+
     def digests(self) -> bytes:
         """All cached digests, 32 bytes each, for the sender's ``DedupIndex.add_remote``."""
         return bytes(self.table.digests())
@@ -147,10 +186,19 @@ class PageCache:
         if value is None:
             return None
         buf, page = value >> 40, value & ((1 << 40) - 1)
-        data = bytes(self._buffers[buf][page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
-        return data if page_digest(data) == digest else None
+        view = self._buffers[buf] if buf < len(self._buffers) else _GONE
+        if (page + 1) * PAGE_SIZE > view.nbytes:  # its buffer was dropped (or shrank)
+            self.table.discard(digest)
+            return None
+        data = bytes(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
+        if page_digest(data) != digest:  # the page changed since it was indexed
+            self.table.discard(digest)
+            return None
+        return data
 
     def view(self) -> _kernels.CacheView:
+        if any(b is _GONE for b in self._buffers):
+            raise RuntimeError("a page cache with dropped slots cannot serve stream references")
         if self._view is None:
             self._view = _kernels.CacheView(self.table, list(self._buffers))
         return self._view
@@ -165,12 +213,15 @@ class PageCache:
         ``close`` finishes the job) while a ``view()`` is still held elsewhere:
         silently leaving the mapping to the GC would keep guest pages mapped."""
         self._view = None
-        busy = [v for v in self._buffers if not _release(v)]
+        busy = [v for v in self._buffers if v is not _GONE and not _release(v)]
         busy_maps = [m for m in self._maps if not _release(m)]
         self._buffers, self._maps = busy, busy_maps
         if busy or busy_maps:
             raise BufferError(f"page cache still in use: {len(busy)} buffer view(s) exported "
                               "by a live view(); close again once it is dropped")
+
+
+_GONE = memoryview(b"")  # a dropped slot: no pages
 
 
 def _release(obj: memoryview | mmap.mmap) -> bool:
