@@ -112,3 +112,95 @@ async def test_pages_the_destination_runs_are_not_sent(tmp_path: Path, host: Hos
     # 80 % of the pages are there already (a tenth of them zero, never sent anyway)
     print("wire bytes without/with dedup", wire)
     assert wire[True] < 0.35 * wire[False], wire
+
+
+async def test_cached_pages_that_change_are_repaired(tmp_path: Path, host: Host) -> None:
+    """The destination's running VM writes its RAM all along (and 500 pages changed
+    right after they were indexed): those stale entries are misses, the source
+    sends those pages, and RAM still matches at switchover."""
+    base = image(3)
+    busy = MemSourceVM(tmp_path / "dst-running", "busy", pages=PAGES, dirty_pages_per_s=4000)
+    busy.mm[:] = base.tobytes()
+    host.running.append(busy.ram_path)
+    src = MemSourceVM(tmp_path / "src", "vm1", pages=PAGES)
+    fill(src, base, own=0.1, seed=4)
+    try:
+        await asyncio.to_thread(host.index.refresh)
+        nonzero = np.flatnonzero(base.reshape(PAGES, -1).any(axis=1))
+        for p in nonzero[:500]:  # indexed, then changed before anyone copies them
+            busy.mm[int(p) * PAGE + 100] ^= 0xFF
+        st = await migrate(src, host.server.port)
+    finally:
+        src.close()
+        busy.close()
+    assert st.phase == "completed", st.error
+    assert st.digest_source == st.digest_destination
+    dest = host.statuses[-1].metrics()["dest_dedup"]
+    assert dest["stale"] >= 500 and dest["hits"] > 0, dest
+    assert st.metrics()["dest_dedup"]["repaired"] >= 500
+
+
+async def test_evacuation_sends_shared_pages_once(tmp_path: Path, host: Host) -> None:
+    """Two VMs of one image migrate here at once (nothing of them runs here yet);
+    one of them writes its memory meanwhile. What the first one was asked for
+    satisfies the second; both RAMs match."""
+    base = image(5)
+    a = MemSourceVM(tmp_path / "a", "vma", pages=PAGES, dirty_pages_per_s=500)
+    b = MemSourceVM(tmp_path / "b", "vmb", pages=PAGES)
+    fill(a, base, own=0.1, seed=6)
+    fill(b, base, own=0.1, seed=7)
+    try:
+        sa, sb = await asyncio.gather(migrate(a, host.server.port, mid="ma", downtime_ms=100),
+                                      migrate(b, host.server.port, mid="mb"))
+    finally:
+        a.close()
+        b.close()
+    for st in (sa, sb):
+        assert st.phase == "completed", st.error
+        assert st.digest_source == st.digest_destination
+    hits = sa.metrics()["dest_dedup"]["hits"] + sb.metrics()["dest_dedup"]["hits"]
+    # ~2,990 non-zero pages are the image's in both: one copy crosses, the other is
+    # copied here (some of A's change before they land: those cross twice)
+    print("evacuation wire bytes", sa.bytes_wire, sb.bytes_wire, "hits", hits)
+    assert hits > 2000
+    # without dedup: ~2 x 0.9 x 16 MiB of random pages (30 MB)
+    assert sa.bytes_wire + sb.bytes_wire < 1.45 * PAGES * PAGE
+
+
+async def test_pages_awaited_from_a_failed_migration_are_needed_again(tmp_path: Path,
+                                                                      host: Host) -> None:
+    """VM2 offers content that VM1 was asked for and is still sending (slowly);
+    VM1 is then cancelled: VM2's waiting pages are answered 'need' and repaired."""
+    base = image(8)
+    one = MemSourceVM(tmp_path / "one", "vm1", pages=PAGES)
+    two = MemSourceVM(tmp_path / "two", "vm2", pages=PAGES)
+    fill(one, base, own=0.0, seed=9)
+    fill(two, base, own=0.1, seed=10)
+    ch = await connect("127.0.0.1", host.server.port, SECRET)
+    # 8 s of data: its pages stay in flight; small batches: the cancel takes effect soon
+    o = MigrationOptions.from_dict({"bandwidth_mbps": 2.0, "batch_pages": 256})
+    st1 = MigrationStatus(id="m1", vm="vm1", role="source", options=o.as_dict())
+    mig1 = SourceMigration(one, ch, st1, o)
+    run1 = asyncio.create_task(mig1.run())
+    try:
+        async with asyncio.timeout(30):
+            while len(host.index.flights) < 1000:  # VM1 was asked for its pages
+                await asyncio.sleep(0.05)
+        run2 = asyncio.create_task(migrate(two, host.server.port, mid="m2"))
+        async with asyncio.timeout(30):
+            while not (host.statuses[-1].vm == "vm2"
+                       and host.statuses[-1].dedup.get("waited", 0) > 500):
+                await asyncio.sleep(0.05)
+        mig1.cancel()
+        st2 = await asyncio.wait_for(run2, 60)
+        await asyncio.wait_for(run1, 30)
+    finally:
+        await ch.close()
+        one.close()
+        two.close()
+    assert st1.phase in ("failed", "cancelled") and one.running  # it stays where it was
+    assert st2.phase == "completed", st2.error
+    assert st2.digest_source == st2.digest_destination
+    d2 = host.statuses[-1].metrics()["dest_dedup"]
+    assert d2["waited"] > 500 and d2["needed"] > 500, d2
+    assert not host.index.flights  # nothing of VM1 is promised any more
