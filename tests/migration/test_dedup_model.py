@@ -1,0 +1,174 @@
+"""The have/need exchange of destination-side dedup (dedupdest.py) against a
+simple model: random offers, cache pages changing under the index, source pages
+changing between offer and repair, evictions (a running VM going away),
+migrations failing while others wait for their pages. Whatever happens, once
+every offer is answered and every miss repaired, the pages the source still
+finds changed are sent, and then each surviving destination's memory equals its
+source's."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from novacron.agent.migration import protocol
+from novacron.agent.migration.dedupdest import IncomingDedup, PageIndex
+from novacron.native import page_digest
+
+N = 16  # pages per VM
+CONTENTS = 3  # distinct non-zero page contents (collisions on purpose)
+PAGE = 4096
+
+
+def page(c: int) -> bytes:
+    return bytes([c]) * PAGE if c else bytes(PAGE)
+
+
+def ram(path: Path, contents: list[int]) -> mmap.mmap:
+    path.write_bytes(b"".join(page(c) for c in contents))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, N * PAGE)
+    finally:
+        os.close(fd)
+
+
+class Mig:
+    """The source's side of one migration, as the engine does it."""
+
+    def __init__(self, index: PageIndex, root: Path, name: str, contents: list[int]) -> None:
+        self.src = list(contents)
+        self.sent = [0] * N  # what the source believes the destination holds (its fingerprints)
+        self.mm = ram(root / f"{name}.ram", [0] * N)
+        self.inbox: list[dict[str, Any]] = []
+        self.outstanding: dict[int, set[int]] = {}
+        self.repairs: list[tuple[int, list[int]]] = []
+        self.batch = 0
+        self.alive = True
+
+        async def send(msg: dict[str, Any]) -> None:
+            self.inbox.append(msg)
+
+        self.dest = IncomingDedup(index, self.mm, root / f"{name}.ram", name, send)
+
+    def busy(self) -> set[int]:
+        out = set().union(*self.outstanding.values()) if self.outstanding else set()
+        return out.union(*(set(p) for _, p in self.repairs))
+
+    async def offer(self, pages: list[int]) -> None:
+        pages = [p for p in dict.fromkeys(pages) if p not in self.busy() and self.src[p]]
+        if not pages:
+            return
+        digests = np.stack([np.frombuffer(page_digest(page(self.src[p])), np.uint8) for p in pages])
+        for p in pages:
+            self.sent[p] = self.src[p]  # recorded as sent when offered (digest_pages)
+        self.outstanding[self.batch] = set(pages)
+        data = protocol.pack_have(self.batch, np.asarray(pages, np.uint64), digests)
+        self.batch += 1
+        await self.dest.on_have(data)
+
+    def deliver(self) -> None:
+        for msg in self.inbox:
+            batch, seq, pages, final = protocol.check_need(msg)
+            wanted = {int(p) for p in pages}
+            assert wanted <= self.outstanding[batch]
+            self.outstanding[batch] -= wanted
+            if wanted:
+                self.repairs.append((seq, sorted(wanted)))
+            if final:
+                del self.outstanding[batch]
+        self.inbox.clear()
+
+    def repair(self) -> None:
+        for seq, pages in self.repairs:
+            for p in pages:  # sent as they are now
+                self.mm[p * PAGE:(p + 1) * PAGE] = page(self.src[p])
+                self.sent[p] = self.src[p]
+            self.dest.on_repaired({"op": "repaired", "seq": seq})
+        self.repairs.clear()
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("offer"), st.integers(0, 1), st.lists(st.integers(0, N - 1), min_size=1, max_size=N)),
+    st.tuples(st.just("deliver"), st.integers(0, 1)),
+    st.tuples(st.just("repair"), st.integers(0, 1)),
+    st.tuples(st.just("write_src"), st.integers(0, 1), st.integers(0, N - 1), st.integers(0, CONTENTS)),
+    st.tuples(st.just("write_cache"), st.integers(0, N - 1), st.integers(0, CONTENTS)),
+    st.tuples(st.just("evict")),
+    st.tuples(st.just("fail"), st.integers(0, 1)),
+    st.tuples(st.just("yield")),
+), min_size=8, max_size=50)
+contents = st.lists(st.integers(0, CONTENTS), min_size=N, max_size=N)
+
+
+async def scenario(root: Path, cache: list[int], srcs: list[list[int]], steps: list[tuple[Any, ...]]
+                   ) -> None:
+    cache_mm = ram(root / "running.ram", cache)
+    running = [root / "running.ram"]
+    index = PageIndex(1, lambda: list(running))
+    index.defer_s = 0.3  # a wait on content that never lands ends soon
+    await asyncio.to_thread(index.refresh)
+    migs = [Mig(index, root, f"m{i}", s) for i, s in enumerate(srcs)]
+    try:
+        for step in steps:
+            op = step[0]
+            m = migs[step[1]] if op in ("offer", "deliver", "repair", "write_src", "fail") else None
+            if m is not None and not m.alive:
+                continue
+            if op == "offer":
+                await m.offer(step[2])
+            elif op == "deliver":
+                m.deliver()
+            elif op == "repair":
+                m.repair()
+            elif op == "write_src":
+                m.src[step[2]] = step[3]
+            elif op == "write_cache":
+                cache_mm[step[1] * PAGE:(step[1] + 1) * PAGE] = page(step[2])
+            elif op == "evict":  # the running VM went away: its pages leave the index
+                running.clear()
+                await asyncio.to_thread(index.refresh)
+            elif op == "fail":
+                m.alive = False
+                await m.dest.close(committed=False)
+            else:
+                await asyncio.sleep(0)
+        live = [m for m in migs if m.alive]
+        async with asyncio.timeout(10):  # the source waits for every answer, repairing as they come
+            while any(m.outstanding or m.repairs or m.inbox for m in live):
+                for m in live:
+                    m.deliver()
+                    m.repair()
+                await asyncio.sleep(0.005)
+        for m in live:
+            m.dest.check_settled()
+            for p in range(N):  # stop-and-copy: what changed since it was offered or sent
+                if m.src[p] != m.sent[p]:
+                    m.mm[p * PAGE:(p + 1) * PAGE] = page(m.src[p])
+            assert [m.mm[p * PAGE] for p in range(N)] == m.src
+            assert bytes(m.mm) == b"".join(page(c) for c in m.src)
+            await m.dest.close(committed=True)
+        assert not index.flights
+    finally:
+        for m in migs:
+            if m.alive:
+                await m.dest.close(committed=False)
+        for m in migs:
+            m.mm.close()
+        cache_mm.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(cache=contents, a=contents, b=contents, steps=ops)
+def test_have_need_matches_the_model(cache: list[int], a: list[int], b: list[int],
+                                     steps: list[tuple[Any, ...]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(scenario(Path(tmp), cache, [a, b], steps))
