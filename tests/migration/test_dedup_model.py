@@ -172,3 +172,70 @@ def test_have_need_matches_the_model(cache: list[int], a: list[int], b: list[int
                                      steps: list[tuple[Any, ...]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(scenario(Path(tmp), cache, [a, b], steps))
+
+
+def _have(batch: int, pages: list[int]) -> bytes:
+    digests = np.zeros((len(pages), 32), np.uint8)
+    return protocol.pack_have(batch, np.asarray(pages, np.uint64), digests)
+
+
+def test_malformed_have_and_need_are_protocol_errors() -> None:
+    import base64
+    import struct
+
+    import pytest
+
+    from novacron.agent.channel.records import ProtocolError
+
+    assert protocol.check_have(_have(0, [1, 2]), N, 0)[0] == 0
+    bad = [
+        (b"\x00" * 5, "shorter"),
+        (_have(1, [1]), "out of order"),
+        (_have(0, [1, 2])[:-1], "size"),
+        (struct.pack("<II", 0, 3) + _have(0, [1, 2])[8:], "size"),
+        (_have(0, [N]), "outside"),
+        (_have(0, [3, 3]), "twice"),
+    ]
+    for data, why in bad:
+        with pytest.raises(ProtocolError, match=why):
+            protocol.check_have(data, N, 0)
+    good = protocol.need_message(4, 2, [1, 5], True)
+    assert protocol.check_need(good)[0] == 4 and list(protocol.check_need(good)[2]) == [1, 5]
+    for msg in ({**good, "pages": "***"}, {**good, "pages": base64.b64encode(b"abc").decode()},
+                {**good, "final": 1}, {**good, "batch": -1}, {**good, "seq": "0"},
+                protocol.need_message(4, 2, [1, 1], False)):
+        with pytest.raises(ProtocolError):
+            protocol.check_need(msg)
+
+
+def test_destination_refuses_repairs_it_did_not_ask_for_and_unsettled_rounds(tmp_path: Path) -> None:
+    import pytest
+
+    from novacron.agent.channel.records import ProtocolError
+
+    async def run() -> None:
+        index = PageIndex(1)
+        mm = ram(tmp_path / "in.ram", [0] * N)
+        sent: list[dict[str, Any]] = []
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        d = IncomingDedup(index, mm, tmp_path / "in.ram", "m", send)
+        try:
+            with pytest.raises(ProtocolError, match="not outstanding"):
+                d.on_repaired({"op": "repaired", "seq": 0})
+            digest = np.frombuffer(page_digest(page(2)), np.uint8).reshape(1, 32)
+            await d.on_have(protocol.pack_have(0, np.asarray([3], np.uint64), digest))
+            assert protocol.check_need(sent[0])[2].tolist() == [3]  # nothing here holds it
+            with pytest.raises(ProtocolError, match="not repaired"):
+                d.check_settled()  # a round may not end with page 3 missing
+            mm[3 * PAGE:4 * PAGE] = page(2)
+            d.on_repaired({"op": "repaired", "seq": 0})
+            d.check_settled()
+            assert len(index.cache) == 1  # it landed and verified: now it serves others
+        finally:
+            await d.close(committed=False)
+            mm.close()
+
+    asyncio.run(run())
