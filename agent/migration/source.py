@@ -659,7 +659,11 @@ class SourceMigration:
             return w
 
         def start(i: int) -> asyncio.Task[_Work]:
-            by_digest = offering and self.offers.offer_next(self._data_page_bytes())
+            # the first round offers every non-zero page: what lands here is then known
+            # by digest to the migrations beside it (an evacuation sends it once); later
+            # rounds carry re-dirtied pages, offered while it pays (OfferPolicy)
+            by_digest = offering and (self.status.round == 1
+                                      or self.offers.offer_next(self._data_page_bytes()))
             repairs, self._repairs = self._repairs, []
             return asyncio.create_task(asyncio.to_thread(
                 encode, batches[i] if i < len(batches) else None, by_digest, repairs))

@@ -204,3 +204,54 @@ async def test_pages_awaited_from_a_failed_migration_are_needed_again(tmp_path: 
     d2 = host.statuses[-1].metrics()["dest_dedup"]
     assert d2["waited"] > 500 and d2["needed"] > 500, d2
     assert not host.index.flights  # nothing of VM1 is promised any more
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NOVACRON_DEDUP_BENCH"),
+                    reason="measurement: set NOVACRON_DEDUP_BENCH=1 (prints the table)")
+async def test_wire_bytes_table(tmp_path: Path) -> None:
+    """Wire bytes with and without destination-side dedup: one VM to a host that runs
+    a VM of the same image (80 % of pages identical), and 2 and 4 VMs of one image
+    evacuated at once to an empty host. Guests: NOVACRON_DEDUP_BENCH_MB (64) MiB of
+    random pages, a tenth zero, 20 % of each VM's own."""
+    mb = int(os.environ.get("NOVACRON_DEDUP_BENCH_MB", "64"))
+    pages = mb * 256
+    base = image(11, pages)
+    rows = []
+    for case, n, running in (("1 VM, same image runs there", 1, True),
+                             ("2-VM evacuation", 2, False), ("4-VM evacuation", 4, False)):
+        for dedup in (False, True):
+            root = tmp_path / f"{n}{running}{dedup}"
+            root.mkdir()
+            host = Host(root / "dst", max_mb=64)
+            await host.server.start()
+            mm = host.running_vm(root, base) if running else None
+            srcs = []
+            for i in range(n):
+                vm = MemSourceVM(root / f"s{i}", f"vm{i}", pages=pages)
+                fill(vm, base, own=0.2, seed=100 + i)
+                srcs.append(vm)
+            t0 = asyncio.get_running_loop().time()
+            try:
+                sts = await asyncio.gather(*(migrate(vm, host.server.port, mid=f"m{i}",
+                                                     dest_dedup=dedup)
+                                             for i, vm in enumerate(srcs)))
+            finally:
+                for vm in srcs:
+                    vm.close()
+                if mm is not None:
+                    mm.close()
+                await host.server.close()
+            secs = asyncio.get_running_loop().time() - t0
+            for s in sts:
+                assert s.phase == "completed" and s.digest_source == s.digest_destination, s.error
+            wire = sum(s.bytes_wire for s in sts)
+            hits = sum(s.metrics()["dest_dedup"].get("hits", 0) for s in sts)
+            index_mb = host.index.stats()["memory_bytes"] / 2**20
+            rows.append((case, dedup, wire, hits, secs, index_mb))
+    print(f"\n{'case':32} {'dedup':>5} {'wire MB':>9} {'ratio':>6} {'hits':>7} {'s':>6} {'index MiB':>9}")
+    for case, dedup, wire, hits, secs, index_mb in rows:
+        off = next(r[2] for r in rows if r[0] == case and not r[1])
+        print(f"{case:32} {str(dedup):>5} {wire / 1e6:9.2f} {wire / off:6.3f} {hits:7d} {secs:6.2f} "
+              f"{index_mb:9.2f}")
+    print("load average:", os.getloadavg())
