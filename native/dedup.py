@@ -152,7 +152,7 @@ class PageCache:
                   digests: npt.NDArray[np.uint8]) -> int:
         """Record that page ``pages[i]`` of buffer ``slot`` holds ``digests[i]`` (newest
         location wins); returns how many were stored (the table refuses past its bound)."""
-        if not 0 <= slot < len(self._buffers) or self._buffers[slot] is _GONE:
+        if not 0 <= slot < len(self._buffers) or _idle(self._buffers[slot]):
             raise ValueError(f"no buffer in slot {slot}")
         values = (np.int64(slot) << np.int64(40)) | np.asarray(pages, dtype=np.int64)
         arr = np.ascontiguousarray(digests, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
@@ -163,11 +163,27 @@ class PageCache:
         misses and are discarded when looked up. False while a view of it is exported."""
         if not 0 <= slot < len(self._buffers) or self._buffers[slot] is _GONE:
             return True
-        if not _release(self._buffers[slot]):
+        if self._buffers[slot] is not _PARKED and not _release(self._buffers[slot]):
             return False
         self._buffers[slot] = _GONE
         self._view = None
         return True
+
+    def park_slot(self, slot: int) -> bool:
+        """Let go of a buffer but keep its entries (``unpark_slot`` gives it back, e.g.
+        the same file mapped again); meanwhile they are misses. False while busy."""
+        if not 0 <= slot < len(self._buffers) or _idle(self._buffers[slot]):
+            return True
+        if not _release(self._buffers[slot]):
+            return False
+        self._buffers[slot] = _PARKED
+        self._view = None
+        return True
+
+    def unpark_slot(self, slot: int, buf: Any) -> None:
+        if self._buffers[slot] is not _PARKED:
+            raise ValueError(f"slot {slot} is not parked")
+        self._buffers[slot] = page_buffer(buf)
 
     def forget(self, digest: bytes) -> None:
         self.table.discard(digest)
@@ -187,6 +203,8 @@ class PageCache:
             return None
         buf, page = value >> 40, value & ((1 << 40) - 1)
         view = self._buffers[buf] if buf < len(self._buffers) else _GONE
+        if view is _PARKED:
+            return None
         if (page + 1) * PAGE_SIZE > view.nbytes:  # its buffer was dropped (or shrank)
             self.table.discard(digest)
             return None
@@ -197,7 +215,7 @@ class PageCache:
         return data
 
     def view(self) -> _kernels.CacheView:
-        if any(b is _GONE for b in self._buffers):
+        if any(b is _GONE or b is _PARKED for b in self._buffers):
             raise RuntimeError("a page cache with dropped slots cannot serve stream references")
         if self._view is None:
             self._view = _kernels.CacheView(self.table, list(self._buffers))
@@ -213,7 +231,7 @@ class PageCache:
         ``close`` finishes the job) while a ``view()`` is still held elsewhere:
         silently leaving the mapping to the GC would keep guest pages mapped."""
         self._view = None
-        busy = [v for v in self._buffers if v is not _GONE and not _release(v)]
+        busy = [v for v in self._buffers if not _idle(v) and not _release(v)]
         busy_maps = [m for m in self._maps if not _release(m)]
         self._buffers, self._maps = busy, busy_maps
         if busy or busy_maps:
@@ -222,6 +240,11 @@ class PageCache:
 
 
 _GONE = memoryview(b"")  # a dropped slot: no pages
+_PARKED = memoryview(bytearray())  # a slot whose buffer will be given back
+
+
+def _idle(view: memoryview) -> bool:
+    return view is _GONE or view is _PARKED
 
 
 def _release(obj: memoryview | mmap.mmap) -> bool:

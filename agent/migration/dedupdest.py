@@ -76,7 +76,8 @@ class PageIndex:
         self.cache = PageCache(self.max_entries)
         self.lock = threading.Lock()
         self._running_rams = running_rams
-        self._slots: dict[tuple[int, int], tuple[int, mmap.mmap, Path]] = {}  # (dev, ino) -> slot
+        # (dev, ino) -> slot, its mapping (None: parked between migrations), path
+        self._slots: dict[tuple[int, int], tuple[int, mmap.mmap | None, Path]] = {}
         self._incoming: dict[IncomingDedup, tuple[int, int]] = {}
         self.flights: dict[bytes, _Flight] = {}
         self.refused = 0  # digests the full table turned away
@@ -95,7 +96,8 @@ class PageIndex:
         try:
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
-            if key in self._slots:
+            known = self._slots.get(key)
+            if known is not None and known[1] is not None:
                 return key
             size = st.st_size - st.st_size % PAGE
             if size < PAGE:
@@ -103,6 +105,10 @@ class PageIndex:
             mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
+        if known is not None:  # parked: same file, its entries still stand (verified on use)
+            self.cache.unpark_slot(known[0], mm)
+            self._slots[key] = (known[0], mm, path)
+            return key
         slot = self.cache.add_slot(mm)
         self._slots[key] = (slot, mm, path)
         if index_all:
@@ -113,9 +119,19 @@ class PageIndex:
 
     def _close_slot(self, key: tuple[int, int]) -> None:
         slot, mm, _path = self._slots.pop(key)
-        if self.cache.drop_slot(slot):
+        if self.cache.drop_slot(slot) and mm is not None:
             with contextlib.suppress(BufferError):
                 mm.close()
+
+    def _park(self) -> None:
+        """No migration is arriving: unmap every RAM file (a VM deleted meanwhile then
+        frees its space at once) but keep the digests; ``refresh`` maps them again.
+        Called with the lock held."""
+        for key, (slot, mm, path) in list(self._slots.items()):
+            if mm is not None and self.cache.park_slot(slot):
+                with contextlib.suppress(BufferError):
+                    mm.close()
+                self._slots[key] = (slot, None, path)
 
     def refresh(self) -> None:
         """Index running VMs not indexed yet; forget VMs that are gone (their RAM
@@ -140,7 +156,7 @@ class PageIndex:
 
     def stats(self) -> dict[str, Any]:
         return {"entries": len(self.cache), "max_entries": self.max_entries,
-                "memory_bytes": self.memory_bytes, "vms_indexed": len(self._slots),
+                "memory_bytes": self.memory_bytes, "files_indexed": len(self._slots),
                 "in_flight": len(self.flights), "refused": self.refused}
 
 
@@ -342,6 +358,8 @@ class IncomingDedup:
             key = idx._incoming.pop(self, None)
             if key is not None and not committed and key in idx._slots:
                 idx._close_slot(key)
+            if not idx._incoming:
+                idx._park()
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.stats, "index": self.index.stats()}

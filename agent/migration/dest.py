@@ -191,8 +191,12 @@ class _Incoming:
                 self.disk_relay = DestDiskRelay(self.ch, st, nbd, self.disks)
             prepared: dict[str, Any] = {"op": "prepared"}
             if self.index is not None:
-                self.dedup = IncomingDedup(self.index, mm, dest.ram_path, st.id, self.ch.send_ctrl)
-                prepared["dedup"] = self.index.stats()  # the source may offer digests
+                try:
+                    self.dedup = IncomingDedup(self.index, mm, dest.ram_path, st.id, self.ch.send_ctrl)
+                    prepared["dedup"] = self.index.stats()  # the source may offer digests
+                except OSError as exc:  # no dedup for this one: the source sends all data
+                    log.warning("destination-side dedup unavailable",
+                                extra={"migration": st.id, "error": str(exc)})
             await self.ch.send_ctrl(prepared)
             st.set_phase("precopy")
             assert receiver is not None
@@ -400,6 +404,8 @@ class _Incoming:
                     msg["digest"] = st.digest_destination
                 await self.ch.send_ctrl(msg)
             elif op == "go":
+                if self.dedup is not None:  # never a page unanswered when the guest starts
+                    self.dedup.check_settled()
                 st.set_phase("commit")
                 self._journal("go")
                 crash_point("migration.dest.go_received")
