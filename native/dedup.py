@@ -144,9 +144,21 @@ class PageCache:
         self._view = None
         return len(self._buffers) - 1
 
-    def index_slot(self, slot: int) -> int:
-        """Index every non-zero page of the buffer in ``slot`` (O(its size), once)."""
-        return int(_kernels.index_pages(self._buffers[slot], self.table, slot))
+    def index_pages(self, slot: int, first: int, end: int) -> int:
+        """Index the non-zero pages ``first`` .. ``end - 1`` of the buffer in ``slot``
+        (known digests keep their place); returns how many were added."""
+        view = self._buffers[slot]
+        if _idle(view) or not 0 <= first <= end <= view.nbytes // PAGE_SIZE:
+            raise ValueError(f"no pages {first}..{end} in slot {slot}")
+        pages = np.arange(first, end, dtype=np.uint64)
+        n = pages.size
+        kinds = np.zeros(n, dtype=np.uint8)
+        digests = np.empty((n, DIGEST_SIZE), dtype=np.uint8)
+        _kernels.classify_pages(view, pages, 0, n, kinds, digests, True)
+        data = kinds != _kernels.PY_KIND_ZERO
+        values = (np.int64(slot) << np.int64(40)) | pages[data].astype(np.int64)
+        return int(self.table.put_many(np.ascontiguousarray(digests[data]),
+                                       np.ascontiguousarray(values), False))
 
     def add_pages(self, slot: int, pages: npt.NDArray[np.uint64],
                   digests: npt.NDArray[np.uint8]) -> int:

@@ -45,6 +45,7 @@ PAGE = 4096
 ENTRY_BYTES = 107  # digest table: 40-byte slot at <= 75 % load, worst case after a doubling
 FLIGHT_BYTES = 400  # a Python record per page promised by one migration and awaited by others
 DEFER_S = 20.0  # longest wait for content in flight for another migration
+INDEX_CHUNK = 4096  # pages of a running VM hashed per hold of the index lock (16 MiB)
 
 
 @dataclass
@@ -65,9 +66,25 @@ class _Flight:
     waiters: list[_Waiter] = field(default_factory=list)
 
 
+@dataclass
+class _Slot:
+    """A RAM file the index refers to."""
+
+    slot: int  # its buffer number in the PageCache
+    mm: mmap.mmap | None  # None: parked between migrations
+    path: Path
+    next_page: int = 0  # a running VM's RAM is indexed this far (incoming RAM: never)
+    pages: int = 0
+
+
 class PageIndex:
     """The agent's digest -> page index (see the module docstring). Thread-safe:
-    copies run in worker threads under ``lock``."""
+    copies and indexing run in worker threads under ``lock``.
+
+    A running VM's RAM is indexed once, in the background, ``INDEX_CHUNK`` pages
+    at a time (the lock is released between chunks, so answering the source
+    never waits long): the first migration after a VM started here may find less
+    than later ones."""
 
     def __init__(self, max_mb: int, running_rams: Callable[[], list[Path]] | None = None) -> None:
         if max_mb < 1:
@@ -75,20 +92,21 @@ class PageIndex:
         self.max_entries = max(16, max_mb * (1 << 20) // ENTRY_BYTES)
         self.cache = PageCache(self.max_entries)
         self.lock = threading.Lock()
-        self._running_rams = running_rams
-        # (dev, ino) -> slot, its mapping (None: parked between migrations), path
-        self._slots: dict[tuple[int, int], tuple[int, mmap.mmap | None, Path]] = {}
+        self.running_rams = running_rams  # called in the event loop thread
+        self._slots: dict[tuple[int, int], _Slot] = {}  # by (st_dev, st_ino)
         self._incoming: dict[IncomingDedup, tuple[int, int]] = {}
         self.flights: dict[bytes, _Flight] = {}
         self.refused = 0  # digests the full table turned away
         self.defer_s = DEFER_S
         # promises bounded too: past this many, content is simply needed again
         self.max_flights = max(64, max_mb * (1 << 20) // 4 // FLIGHT_BYTES)
+        self._indexer: asyncio.Task[None] | None = None
+        self.indexed_pages = 0
 
     # -- slots -----------------------------------------------------------
-    def _open_slot(self, path: Path, index_all: bool) -> tuple[int, int] | None:
-        """Map a RAM file read-only (and index its pages when ``index_all``);
-        returns its key. Called with the lock held."""
+    def _open_slot(self, path: Path, running: bool) -> tuple[int, int] | None:
+        """Map a RAM file read-only (``running``: a VM's, to be indexed); returns its
+        key. Called with the lock held."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
@@ -97,7 +115,7 @@ class PageIndex:
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
             known = self._slots.get(key)
-            if known is not None and known[1] is not None:
+            if known is not None and known.mm is not None:
                 return key
             size = st.st_size - st.st_size % PAGE
             if size < PAGE:
@@ -106,48 +124,71 @@ class PageIndex:
         finally:
             os.close(fd)
         if known is not None:  # parked: same file, its entries still stand (verified on use)
-            self.cache.unpark_slot(known[0], mm)
-            self._slots[key] = (known[0], mm, path)
+            self.cache.unpark_slot(known.slot, mm)
+            known.mm = mm
             return key
-        slot = self.cache.add_slot(mm)
-        self._slots[key] = (slot, mm, path)
-        if index_all:
-            added = self.cache.index_slot(slot)
-            log.info("dedup index: indexed a running VM's RAM",
-                     extra={"path": str(path), "pages": added, "entries": len(self.cache)})
+        pages = size // PAGE
+        self._slots[key] = _Slot(self.cache.add_slot(mm), mm, path,
+                                 next_page=0 if running else pages, pages=pages)
         return key
 
     def _close_slot(self, key: tuple[int, int]) -> None:
-        slot, mm, _path = self._slots.pop(key)
-        if self.cache.drop_slot(slot) and mm is not None:
+        s = self._slots.pop(key)
+        if self.cache.drop_slot(s.slot) and s.mm is not None:
             with contextlib.suppress(BufferError):
-                mm.close()
+                s.mm.close()
 
     def _park(self) -> None:
         """No migration is arriving: unmap every RAM file (a VM deleted meanwhile then
         frees its space at once) but keep the digests; ``refresh`` maps them again.
         Called with the lock held."""
-        for key, (slot, mm, path) in list(self._slots.items()):
-            if mm is not None and self.cache.park_slot(slot):
+        for s in self._slots.values():
+            if s.mm is not None and self.cache.park_slot(s.slot):
                 with contextlib.suppress(BufferError):
-                    mm.close()
-                self._slots[key] = (slot, None, path)
+                    s.mm.close()
+                s.mm = None
 
     def refresh(self) -> None:
-        """Index running VMs not indexed yet; forget VMs that are gone (their RAM
-        files are unmapped, so deleted files free their space). Blocking: run in a
-        worker thread."""
-        if self._running_rams is None:
-            return
-        paths = self._running_rams()
+        """A migration arrives: map the RAM of the VMs running here (new ones are
+        indexed in the background), forget VMs that are gone. Cheap: no hashing."""
+        paths = [] if self.running_rams is None else self.running_rams()
         with self.lock:
             live: set[tuple[int, int]] = set(self._incoming.values())
             for path in paths:
-                key = self._open_slot(path, index_all=True)
+                key = self._open_slot(path, running=True)
                 if key is not None:
                     live.add(key)
             for key in [k for k in self._slots if k not in live]:
                 self._close_slot(key)
+        if self._indexer is None or self._indexer.done():
+            self._indexer = asyncio.create_task(self._index_running())
+
+    async def _index_running(self) -> None:
+        while await asyncio.to_thread(self._index_chunk):
+            pass
+
+    def _index_chunk(self) -> bool:
+        """Index the next ``INDEX_CHUNK`` pages of a running VM not fully indexed yet;
+        False when there is nothing (mapped) left to do or the table is full."""
+        with self.lock:
+            todo = next((s for s in self._slots.values()
+                         if s.mm is not None and s.next_page < s.pages), None)
+            if todo is None or len(self.cache) >= self.max_entries:
+                return False
+            a, b = todo.next_page, min(todo.pages, todo.next_page + INDEX_CHUNK)
+            added = self.cache.index_pages(todo.slot, a, b)
+            self.refused += (b - a) - added if len(self.cache) >= self.max_entries else 0
+            todo.next_page = b
+            self.indexed_pages += b - a
+            if b == todo.pages:
+                log.info("dedup index: a running VM's RAM is indexed",
+                         extra={"path": str(todo.path), "entries": len(self.cache)})
+            return True
+
+    async def wait_indexed(self) -> None:
+        """Until the background indexing has nothing left (tests, benchmarks)."""
+        if self._indexer is not None:
+            await asyncio.shield(self._indexer)
 
     # -- accounting ------------------------------------------------------
     @property
@@ -156,7 +197,8 @@ class PageIndex:
 
     def stats(self) -> dict[str, Any]:
         return {"entries": len(self.cache), "max_entries": self.max_entries,
-                "memory_bytes": self.memory_bytes, "files_indexed": len(self._slots),
+                "memory_bytes": self.memory_bytes, "files": len(self._slots),
+                "pages_indexed": self.indexed_pages,
                 "in_flight": len(self.flights), "refused": self.refused}
 
 
@@ -181,11 +223,11 @@ class IncomingDedup:
         self.stats = {"offered": 0, "hits": 0, "needed": 0, "stale": 0, "waited": 0,
                       "waited_hits": 0, "repaired": 0}
         with index.lock:
-            key = index._open_slot(ram_path, index_all=False)
+            key = index._open_slot(ram_path, running=False)
             if key is None:
                 raise OSError(f"cannot map {ram_path} for the dedup index")
             index._incoming[self] = key
-            self._slot = index._slots[key][0]
+            self._slot = index._slots[key].slot
         self._answerer = asyncio.create_task(self._answer_loop())
 
     # -- the source's messages -------------------------------------------

@@ -117,8 +117,8 @@ async def _receive(incoming: _Incoming, factory: DestFactory, spec: dict[str, An
                    ram_size: int, disks: list[dict[str, Any]]) -> MigrationStatus:
     status, channel = incoming.status, incoming.ch
     try:
-        if incoming.index is not None:  # new running VMs only: no O(RAM) work per migration
-            await asyncio.to_thread(incoming.index.refresh)
+        if incoming.index is not None:  # maps; new running VMs are indexed in the background
+            incoming.index.refresh()
         if disks:
             dest = await factory.prepare(spec, ram_size, status.id, disks)
         else:

@@ -115,7 +115,8 @@ async def scenario(root: Path, cache: list[int], srcs: list[list[int]], steps: l
     running = [root / "running.ram"]
     index = PageIndex(1, lambda: list(running))
     index.defer_s = 0.3  # a wait on content that never lands ends soon
-    await asyncio.to_thread(index.refresh)
+    index.refresh()
+    await index.wait_indexed()
     migs = [Mig(index, root, f"m{i}", s) for i, s in enumerate(srcs)]
     try:
         for step in steps:
@@ -135,7 +136,7 @@ async def scenario(root: Path, cache: list[int], srcs: list[list[int]], steps: l
                 cache_mm[step[1] * PAGE:(step[1] + 1) * PAGE] = page(step[2])
             elif op == "evict":  # the running VM went away: its pages leave the index
                 running.clear()
-                await asyncio.to_thread(index.refresh)
+                index.refresh()
             elif op == "fail":
                 m.alive = False
                 await m.dest.close(committed=False)
@@ -239,3 +240,42 @@ def test_destination_refuses_repairs_it_did_not_ask_for_and_unsettled_rounds(tmp
             mm.close()
 
     asyncio.run(run())
+
+
+def test_running_vms_are_indexed_in_chunks_once(tmp_path: Path, monkeypatch: Any) -> None:
+    """A running VM's RAM is hashed once, a chunk per hold of the lock; a second
+    refresh (the next migration) hashes nothing again; a VM gone leaves."""
+    from novacron.agent.migration import dedupdest
+
+    monkeypatch.setattr(dedupdest, "INDEX_CHUNK", 5)
+    contents = [c % (CONTENTS + 1) for c in range(N)]  # repeats and zero pages
+    mm = ram(tmp_path / "vm.ram", contents)
+    running = [tmp_path / "vm.ram"]
+    chunks: list[int] = []
+
+    async def run() -> None:
+        index = PageIndex(1, lambda: list(running))
+        real = index._index_chunk
+
+        def counted() -> bool:
+            more = real()
+            chunks.append(index.indexed_pages)
+            return more
+
+        index._index_chunk = counted  # type: ignore[method-assign]
+        index.refresh()
+        await index.wait_indexed()
+        assert index.indexed_pages == N and chunks[:4] == [5, 10, 15, 16]
+        assert len(index.cache) == CONTENTS  # distinct non-zero contents
+        assert index.cache.lookup(page_digest(page(2))) == page(2)
+        index.refresh()
+        await index.wait_indexed()
+        assert index.indexed_pages == N  # nothing hashed twice
+        running.clear()
+        index.refresh()
+        assert not index._slots and index.cache.lookup(page_digest(page(2))) is None
+
+    try:
+        asyncio.run(run())
+    finally:
+        mm.close()
