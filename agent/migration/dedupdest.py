@@ -193,7 +193,10 @@ class PageIndex:
     # -- accounting ------------------------------------------------------
     @property
     def memory_bytes(self) -> int:
-        return self.cache.memory_bytes + FLIGHT_BYTES * sum(1 + len(f.waiters) for f in self.flights.values())
+        # read without the lock (the event loop must not wait on a copy): list() takes the
+        # values in one step, a worker may not change the dict while the sum iterates
+        flights = list(self.flights.values())
+        return self.cache.memory_bytes + FLIGHT_BYTES * sum(1 + len(f.waiters) for f in flights)
 
     def stats(self) -> dict[str, Any]:
         return {"entries": len(self.cache), "max_entries": self.max_entries,
