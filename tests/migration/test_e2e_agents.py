@@ -50,6 +50,10 @@ async def hop(src: LocalAgent, dst: LocalAgent, name: str, boot: str) -> dict:
     # the destination saw the same migration complete
     incoming = (await d.ok("GET", "/v1/migrations"))["migrations"]
     assert [x["phase"] for x in incoming if x["id"] == mig["id"]] == ["completed"]
+    theirs = next(x for x in incoming if x["id"] == mig["id"])["metrics"]["dest_dedup"]
+    assert theirs["needed"] == dd["needed"] and theirs["hits"] == dd["hits"], theirs
+    # the index's cost is reported by the agent
+    assert (await d.ok("GET", "/v1/host"))["dedup_index"]["memory_bytes"] > 0
     # heartbeat: same boot, uptime carried on, checks still ok
     await d.wait_console(name, r"NOVACRON-HB .* ok=1", timeout=30)
     text, offset = await d.console(name)
