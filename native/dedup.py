@@ -146,7 +146,8 @@ class PageCache:
 
     def index_pages(self, slot: int, first: int, end: int) -> int:
         """Index the non-zero pages ``first`` .. ``end - 1`` of the buffer in ``slot``
-        (known digests keep their place); returns how many were added."""
+        (a known digest moves here: this is the newest look at it); returns how many
+        were stored."""
         view = self._buffers[slot]
         if _idle(view) or not 0 <= first <= end <= view.nbytes // PAGE_SIZE:
             raise ValueError(f"no pages {first}..{end} in slot {slot}")
@@ -158,7 +159,7 @@ class PageCache:
         data = kinds != _kernels.PY_KIND_ZERO
         values = (np.int64(slot) << np.int64(40)) | pages[data].astype(np.int64)
         return int(self.table.put_many(np.ascontiguousarray(digests[data]),
-                                       np.ascontiguousarray(values), False))
+                                       np.ascontiguousarray(values), True))
 
     def add_pages(self, slot: int, pages: npt.NDArray[np.uint64],
                   digests: npt.NDArray[np.uint8]) -> int:

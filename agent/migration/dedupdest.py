@@ -46,6 +46,7 @@ ENTRY_BYTES = 107  # digest table: 40-byte slot at <= 75 % load, worst case afte
 FLIGHT_BYTES = 400  # a Python record per page promised by one migration and awaited by others
 DEFER_S = 20.0  # longest wait for content in flight for another migration
 INDEX_CHUNK = 4096  # pages of a running VM hashed per hold of the index lock (16 MiB)
+REINDEX_S = 600.0  # a running VM's RAM drifts: hashed again (background) at most this often
 
 
 @dataclass
@@ -75,6 +76,7 @@ class _Slot:
     path: Path
     next_page: int = 0  # a running VM's RAM is indexed this far (incoming RAM: never)
     pages: int = 0
+    indexed_at: float = 0.0  # monotonic time its indexing last completed
 
 
 class PageIndex:
@@ -154,10 +156,14 @@ class PageIndex:
         paths = [] if self.running_rams is None else self.running_rams()
         with self.lock:
             live: set[tuple[int, int]] = set(self._incoming.values())
+            now = time.monotonic()
             for path in paths:
                 key = self._open_slot(path, running=True)
                 if key is not None:
                     live.add(key)
+                    s = self._slots[key]
+                    if s.next_page >= s.pages and now - s.indexed_at >= REINDEX_S:
+                        s.next_page = 0  # new, committed here, or drifted since
             for key in [k for k in self._slots if k not in live]:
                 self._close_slot(key)
         if self._indexer is None or self._indexer.done():
@@ -181,6 +187,7 @@ class PageIndex:
             todo.next_page = b
             self.indexed_pages += b - a
             if b == todo.pages:
+                todo.indexed_at = time.monotonic()
                 log.info("dedup index: a running VM's RAM is indexed",
                          extra={"path": str(todo.path), "entries": len(self.cache)})
             return True

@@ -186,6 +186,13 @@ async def test_evacuation_sends_shared_pages_once(tmp_path: Path, host: Host) ->
     assert hits > 2000
     # without dedup: ~2 x 0.9 x 16 MiB of random pages (30 MB)
     assert sa.bytes_wire + sb.bytes_wire < 1.45 * PAGES * PAGE
+    # they run here now: the next migration to arrive has their whole RAM indexed
+    async with asyncio.timeout(10):  # (once the destination side has wound up)
+        while host.index._incoming:
+            await asyncio.sleep(0.02)
+    host.running += [host.factory.vms[n].ram_path for n in ("vma", "vmb")]
+    await host.warm()
+    assert host.index.indexed_pages == 2 * PAGES, [(s.path, s.next_page, s.pages, s.mm is None) for s in host.index._slots.values()]
 
 
 async def test_pages_awaited_from_a_failed_migration_are_needed_again(tmp_path: Path,
