@@ -291,12 +291,16 @@ class IncomingDedup:
             self._replied.discard(batch)
         if not need and not final:
             return
-        seq = self._seq
-        self._seq += 1
-        if need:
-            self._pending[seq] = need
-            self.stats["needed"] += len(need)
-        await self._send(protocol.need_message(batch, seq, [p for p, _ in need], final))
+        step = protocol.MAX_NEED_PAGES  # a control message is at most 64 KiB
+        parts = [need[i:i + step] for i in range(0, len(need), step)] or [[]]
+        for i, part in enumerate(parts):
+            seq = self._seq
+            self._seq += 1
+            if part:
+                self._pending[seq] = part
+                self.stats["needed"] += len(part)
+            await self._send(protocol.need_message(batch, seq, [p for p, _ in part],
+                                                   final and i == len(parts) - 1))
 
     def on_repaired(self, msg: dict[str, Any]) -> None:
         """The source sent the pages of need ``seq``: index those that hold the

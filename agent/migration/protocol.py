@@ -188,6 +188,7 @@ def failure_reason(exc: BaseException, peer: str, timeout: str = "timed out") ->
 # -- destination-side dedup: have / need -----------------------------------
 HAVE_HEADER = struct.Struct("<II")  # batch number, page count
 MAX_HAVE_PAGES = 65536  # one batch (options.batch_pages is at most this)
+MAX_NEED_PAGES = 8192  # one 'need' message (base64: ~44 KB, under the 64 KiB control limit)
 DIGEST = 32
 
 
@@ -233,7 +234,7 @@ def check_need(msg: dict[str, Any]) -> tuple[int, int, npt.NDArray[np.uint32], b
     seq = check_int(msg, "seq", 0, 1 << 40)
     final = _field(msg, "final", bool)
     text = _field(msg, "pages", str)
-    if len(text) > 4 * (4 * MAX_HAVE_PAGES + 2) // 3 + 4:
+    if len(text) > 4 * ((4 * MAX_NEED_PAGES + 2) // 3):
         raise ProtocolError("'need' message: too many pages")
     try:
         raw = base64.b64decode(text, validate=True)

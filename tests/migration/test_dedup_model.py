@@ -9,6 +9,7 @@ source's."""
 from __future__ import annotations
 
 import asyncio
+import json
 import mmap
 import os
 import tempfile
@@ -279,3 +280,35 @@ def test_running_vms_are_indexed_in_chunks_once(tmp_path: Path, monkeypatch: Any
         asyncio.run(run())
     finally:
         mm.close()
+
+
+def test_a_large_batch_is_answered_in_messages_under_the_control_limit(tmp_path: Path) -> None:
+    from novacron.agent.channel.records import MAX_CTRL
+
+    big = 20_000
+    path = tmp_path / "big.ram"
+    with open(path, "wb") as f:
+        f.truncate(big * PAGE)  # sparse: all zero
+
+    async def run() -> None:
+        fd = os.open(path, os.O_RDWR)
+        mm = mmap.mmap(fd, big * PAGE)
+        os.close(fd)
+        sent: list[dict[str, Any]] = []
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        d = IncomingDedup(PageIndex(1), mm, path, "m", send)
+        try:
+            digests = np.random.default_rng(1).integers(0, 256, (big, 32), dtype=np.uint8)
+            await d.on_have(protocol.pack_have(0, np.arange(big, dtype=np.uint64), digests))
+        finally:
+            await d.close(committed=False)
+            mm.close()
+        parsed = [protocol.check_need(m) for m in sent]
+        assert [p[3] for p in parsed] == [False, False, True]  # final on the last only
+        assert sorted(int(x) for p in parsed for x in p[2]) == list(range(big))
+        assert all(len(json.dumps(m)) + 16 < MAX_CTRL for m in sent)
+
+    asyncio.run(run())
