@@ -168,7 +168,7 @@ async def scenario(root: Path, cache: list[int], srcs: list[list[int]], steps: l
         cache_mm.close()
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(cache=contents, a=contents, b=contents, steps=ops)
 def test_have_need_matches_the_model(cache: list[int], a: list[int], b: list[int],
                                      steps: list[tuple[Any, ...]]) -> None:

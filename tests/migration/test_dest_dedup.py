@@ -205,8 +205,8 @@ async def test_pages_awaited_from_a_failed_migration_are_needed_again(tmp_path: 
     fill(one, base, own=0.0, seed=9)
     fill(two, base, own=0.1, seed=10)
     ch = await connect("127.0.0.1", host.server.port, SECRET)
-    # 8 s of data: its pages stay in flight; small batches: the cancel takes effect soon
-    o = MigrationOptions.from_dict({"bandwidth_mbps": 2.0, "batch_pages": 256})
+    # 16 s of data: its pages stay in flight; small batches: the cancel takes effect soon
+    o = MigrationOptions.from_dict({"bandwidth_mbps": 1.0, "batch_pages": 256})
     st1 = MigrationStatus(id="m1", vm="vm1", role="source", options=o.as_dict())
     mig1 = SourceMigration(one, ch, st1, o)
     run1 = asyncio.create_task(mig1.run())
