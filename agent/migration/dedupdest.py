@@ -246,10 +246,11 @@ class IncomingDedup:
         self._next_batch += 1
         self.stats["offered"] += int(pages.size)
         need = await asyncio.to_thread(self._offer, batch, pages, digests)
-        self._replied.add(batch)
         await self._reply(batch, need)
-        if self._ready:
-            self._wake.set()  # waits of this batch that were answered meanwhile
+        if batch in self._open:  # only now may later answers follow (and be final)
+            self._replied.add(batch)
+            if self._ready:
+                self._wake.set()  # waits of this batch that were answered meanwhile
 
     def _offer(self, batch: int, pages: npt.NDArray[np.uint32], digests: npt.NDArray[np.uint8]
                ) -> list[tuple[int, bytes]]:

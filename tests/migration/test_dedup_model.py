@@ -56,7 +56,8 @@ class Mig:
         self.alive = True
 
         async def send(msg: dict[str, Any]) -> None:
-            self.inbox.append(msg)
+            self.inbox.append(msg)  # written at once, like the channel ...
+            await asyncio.sleep(0)  # ... then the drain lets others run
 
         self.dest = IncomingDedup(index, self.mm, root / f"{name}.ram", name, send)
 
