@@ -119,6 +119,8 @@ async def test_pages_the_destination_runs_are_not_sent(tmp_path: Path, host: Hos
             assert mig._bytes_per_page() > 3500, (mig._bytes_per_page(), st.bytes_wire / st.pages_sent)
             assert st.digest_source == st.digest_destination
             wire[dedup] = st.bytes_wire
+            if not dedup:  # the option off: not one digest offered
+                assert st.dedup["offered"] == 0 and not st.dedup["enabled"], st.dedup
             if dedup:
                 d = st.metrics()["dest_dedup"]
                 assert d["enabled"] and d["hits"] > 0.7 * d["offered"], d
@@ -286,3 +288,32 @@ async def test_wire_bytes_table(tmp_path: Path) -> None:
         print(f"{case:32} {dedup!s:>5} {wire / 1e6:9.2f} {wire / off:6.3f} {hits:7d} {secs:6.2f} "
               f"{index_mb:9.2f}")
     print("load average:", os.getloadavg())
+
+
+async def test_source_refuses_answers_to_pages_it_did_not_offer(tmp_path: Path) -> None:
+    """The source checks every 'need': its batch awaits an answer, its pages were
+    offered there and not answered yet, answers come in order; hits are what a
+    final answer leaves."""
+    from novacron.agent.channel.records import ProtocolError
+    from novacron.agent.migration import protocol
+
+    vm = MemSourceVM(tmp_path / "s", "vm", pages=64)
+    try:
+        o = MigrationOptions()
+        mig = SourceMigration(vm, None, MigrationStatus(id="m", vm="vm", role="source"), o)  # type: ignore[arg-type]
+        mig._outstanding = {0: (3, {1, 2, 3})}
+        for bad in (protocol.need_message(1, 0, [1], False),  # no such batch
+                    protocol.need_message(0, 1, [1], False),  # out of order
+                    protocol.need_message(0, 0, [9], False)):  # not offered
+            with pytest.raises(ProtocolError):
+                mig._on_need(bad)
+            mig._need_seq = 0
+        mig._on_need(protocol.need_message(0, 0, [2], False))
+        with pytest.raises(ProtocolError):  # page 2 was answered already
+            mig._on_need(protocol.need_message(0, 1, [2], True))
+        mig._need_seq = 1
+        mig._on_need(protocol.need_message(0, 1, [], True))
+        assert not mig._outstanding and mig.dd["hits"] == 2 and mig.dd["needed"] == 1
+        assert [list(p) for _, p in mig._repairs] == [[2]]
+    finally:
+        vm.close()
