@@ -135,7 +135,8 @@ class SourceMigration:
         self.offers = OfferPolicy()
         self._offer_on = False
         self._batch_no = 0
-        self._outstanding: dict[int, tuple[int, set[int]]] = {}  # batch -> (offered, unanswered)
+        # batch -> (offered pages, sorted; which of them are answered): 5 bytes a page
+        self._outstanding: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._repairs: list[tuple[int, np.ndarray]] = []  # (need seq, pages) to send as data
         self._need_seq = 0
         self._need_event = asyncio.Event()
@@ -308,19 +309,20 @@ class SourceMigration:
         entry = self._outstanding.get(batch)
         if entry is None:
             raise ProtocolError(f"'need' for batch {batch}, which is not awaiting an answer")
-        offered, open_pages = entry
-        wanted = {int(p) for p in pages}
-        if not wanted <= open_pages:
-            raise ProtocolError("'need' names pages that were not offered in its batch")
-        open_pages -= wanted
-        self.dd["needed"] += len(wanted)
+        offered, answered = entry
+        at = np.searchsorted(offered, pages)
+        if pages.size and (int(at.max()) >= offered.size or not np.array_equal(offered[at], pages)
+                           or answered[at].any()):
+            raise ProtocolError("'need' names pages not offered in its batch, or answered already")
+        answered[at] = True
+        self.dd["needed"] += int(pages.size)
         if pages.size:
             self._repairs.append((seq, pages.astype(np.uint64)))
         if final:
-            hits = len(open_pages)
+            hits = int(answered.size - np.count_nonzero(answered))
             del self._outstanding[batch]
             self.dd["hits"] += hits
-            self.offers.observe(offered, hits)
+            self.offers.observe(int(offered.size), hits)
         self.status.dedup = self._dedup_status()
         self._need_event.set()
 
@@ -679,8 +681,8 @@ class SourceMigration:
                 self._check_inbox()
                 if w.have is not None:
                     assert w.offered is not None
-                    self._outstanding[w.batch_no] = (int(w.offered.size),
-                                                     {int(p) for p in w.offered})
+                    self._outstanding[w.batch_no] = (np.sort(w.offered.astype(np.uint32)),
+                                                     np.zeros(w.offered.size, dtype=bool))
                     self.dd["offered"] += int(w.offered.size)
                     self.dd["batches_offered"] += 1
                     self.dd["have_bytes"] += await self._write([w.have], throttled)

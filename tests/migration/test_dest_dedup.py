@@ -301,7 +301,7 @@ async def test_source_refuses_answers_to_pages_it_did_not_offer(tmp_path: Path) 
     try:
         o = MigrationOptions()
         mig = SourceMigration(vm, None, MigrationStatus(id="m", vm="vm", role="source"), o)  # type: ignore[arg-type]
-        mig._outstanding = {0: (3, {1, 2, 3})}
+        mig._outstanding = {0: (np.array([1, 2, 3], np.uint32), np.zeros(3, bool))}
         for bad in (protocol.need_message(1, 0, [1], False),  # no such batch
                     protocol.need_message(0, 1, [1], False),  # out of order
                     protocol.need_message(0, 0, [9], False)):  # not offered
