@@ -313,3 +313,23 @@ def test_a_large_batch_is_answered_in_messages_under_the_control_limit(tmp_path:
         assert all(len(json.dumps(m)) + 16 < MAX_CTRL for m in sent)
 
     asyncio.run(run())
+
+
+def test_the_index_stays_within_its_bound(tmp_path: Path) -> None:
+    """``dedup_index_max_mb`` bounds the table: past it new pages are not indexed
+    (counted as refused), and the memory reported is within the bound."""
+    pages = 12_000  # distinct contents, more than 1 MiB of index can hold
+    mem = np.zeros((pages, PAGE // 8), np.uint64)
+    mem[:, 0] = np.arange(1, pages + 1)
+    path = tmp_path / "vm.ram"
+    path.write_bytes(mem.tobytes())
+
+    async def run() -> None:
+        index = PageIndex(1, lambda: [path])
+        index.refresh()
+        await index.wait_indexed()
+        s = index.stats()
+        assert s["entries"] == index.max_entries < pages, s
+        assert s["refused"] > 0 and s["memory_bytes"] <= 1 << 20, s
+
+    asyncio.run(run())
