@@ -84,6 +84,10 @@ class AgentConfig:
     insecure: bool = setting(False, help="allow plain HTTP on a non-loopback address")
     grant_key: str = setting("", help="the coordinator's migration-grant verification key "
                              "(normally learned when registering)")
+    dedup: bool = setting(True, help="destination-side dedup of incoming migrations: pages this "
+                          "host already holds (its VMs' RAM, pages received) are copied here, not sent")
+    dedup_index_max_mb: int = setting(64, help="MiB the digest index of that dedup may use (about "
+                                      "107 bytes per indexed 4 KiB page; 64 MiB: 2.4 GiB of pages)")
 
     def image_dirs(self) -> list[Path]:
         return list(self.images.dirs) or [self.state_dir / "images"]

@@ -61,6 +61,8 @@ def check_vm_settings(cfg: AgentConfig) -> None:
         raise config.Invalid("serial_log_max_bytes", "expected at least 4096 bytes")
     if not 0.05 <= cfg.serial_log_check_s <= 3600:
         raise config.Invalid("serial_log_check_s", "expected seconds in [0.05, 3600]")
+    if not 1 <= cfg.dedup_index_max_mb <= 65536:
+        raise config.Invalid("dedup_index_max_mb", "expected MiB in [1, 65536]")
     problem = check_allow_list(cfg.cpu_models)
     if problem:
         raise config.Invalid("cpu_models", problem)

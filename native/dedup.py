@@ -137,6 +137,74 @@ class PageCache:
         self._view = None
         return n
 
+    def add_slot(self, buf: Any) -> int:
+        """Register a buffer without indexing it (its pages are added one by one with
+        ``add_pages``); returns its slot number."""
+        self._buffers.append(page_buffer(buf))
+        self._view = None
+        return len(self._buffers) - 1
+
+    def index_pages(self, slot: int, first: int, end: int) -> int:
+        """Index the non-zero pages ``first`` .. ``end - 1`` of the buffer in ``slot``
+        (a known digest moves here: this is the newest look at it); returns how many
+        were stored."""
+        view = self._buffers[slot]
+        if _idle(view) or not 0 <= first <= end <= view.nbytes // PAGE_SIZE:
+            raise ValueError(f"no pages {first}..{end} in slot {slot}")
+        pages = np.arange(first, end, dtype=np.uint64)
+        n = pages.size
+        kinds = np.zeros(n, dtype=np.uint8)
+        digests = np.empty((n, DIGEST_SIZE), dtype=np.uint8)
+        _kernels.classify_pages(view, pages, 0, n, kinds, digests, True)
+        data = kinds != _kernels.PY_KIND_ZERO
+        values = (np.int64(slot) << np.int64(40)) | pages[data].astype(np.int64)
+        return int(self.table.put_many(np.ascontiguousarray(digests[data]),
+                                       np.ascontiguousarray(values), True))
+
+    def add_pages(self, slot: int, pages: npt.NDArray[np.uint64],
+                  digests: npt.NDArray[np.uint8]) -> int:
+        """Record that page ``pages[i]`` of buffer ``slot`` holds ``digests[i]`` (newest
+        location wins); returns how many were stored (the table refuses past its bound)."""
+        if not 0 <= slot < len(self._buffers) or _idle(self._buffers[slot]):
+            raise ValueError(f"no buffer in slot {slot}")
+        values = (np.int64(slot) << np.int64(40)) | np.asarray(pages, dtype=np.int64)
+        arr = np.ascontiguousarray(digests, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+        return int(self.table.put_many(arr, np.ascontiguousarray(values), True))
+
+    def drop_slot(self, slot: int) -> bool:
+        """Stop using a buffer (its VM went away): entries that point into it become
+        misses and are discarded when looked up. False while a view of it is exported."""
+        if not 0 <= slot < len(self._buffers) or self._buffers[slot] is _GONE:
+            return True
+        if self._buffers[slot] is not _PARKED and not _release(self._buffers[slot]):
+            return False
+        self._buffers[slot] = _GONE
+        self._view = None
+        return True
+
+    def park_slot(self, slot: int) -> bool:
+        """Let go of a buffer but keep its entries (``unpark_slot`` gives it back, e.g.
+        the same file mapped again); meanwhile they are misses. False while busy."""
+        if not 0 <= slot < len(self._buffers) or _idle(self._buffers[slot]):
+            return True
+        if not _release(self._buffers[slot]):
+            return False
+        self._buffers[slot] = _PARKED
+        self._view = None
+        return True
+
+    def unpark_slot(self, slot: int, buf: Any) -> None:
+        if self._buffers[slot] is not _PARKED:
+            raise ValueError(f"slot {slot} is not parked")
+        self._buffers[slot] = page_buffer(buf)
+
+    def forget(self, digest: bytes) -> None:
+        self.table.discard(digest)
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.table.nbytes)
+
     def digests(self) -> bytes:
         """All cached digests, 32 bytes each, for the sender's ``DedupIndex.add_remote``."""
         return bytes(self.table.digests())
@@ -147,10 +215,21 @@ class PageCache:
         if value is None:
             return None
         buf, page = value >> 40, value & ((1 << 40) - 1)
-        data = bytes(self._buffers[buf][page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
-        return data if page_digest(data) == digest else None
+        view = self._buffers[buf] if buf < len(self._buffers) else _GONE
+        if view is _PARKED:
+            return None
+        if (page + 1) * PAGE_SIZE > view.nbytes:  # its buffer was dropped (or shrank)
+            self.table.discard(digest)
+            return None
+        data = bytes(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
+        if page_digest(data) != digest:  # the page changed since it was indexed
+            self.table.discard(digest)
+            return None
+        return data
 
     def view(self) -> _kernels.CacheView:
+        if any(b is _GONE or b is _PARKED for b in self._buffers):
+            raise RuntimeError("a page cache with dropped slots cannot serve stream references")
         if self._view is None:
             self._view = _kernels.CacheView(self.table, list(self._buffers))
         return self._view
@@ -165,12 +244,20 @@ class PageCache:
         ``close`` finishes the job) while a ``view()`` is still held elsewhere:
         silently leaving the mapping to the GC would keep guest pages mapped."""
         self._view = None
-        busy = [v for v in self._buffers if not _release(v)]
+        busy = [v for v in self._buffers if not _idle(v) and not _release(v)]
         busy_maps = [m for m in self._maps if not _release(m)]
         self._buffers, self._maps = busy, busy_maps
         if busy or busy_maps:
             raise BufferError(f"page cache still in use: {len(busy)} buffer view(s) exported "
                               "by a live view(); close again once it is dropped")
+
+
+_GONE = memoryview(b"")  # a dropped slot: no pages
+_PARKED = memoryview(bytearray())  # a slot whose buffer will be given back
+
+
+def _idle(view: memoryview) -> bool:
+    return view is _GONE or view is _PARKED
 
 
 def _release(obj: memoryview | mmap.mmap) -> bool:

@@ -276,6 +276,55 @@ class PageStreamSender:
         self.counters.seconds_compress += time.perf_counter() - t0
         return self._seal(KIND_BLOB, flags, len(data), body, tag)
 
+    def digest_pages(self, pages: npt.ArrayLike, zero: npt.NDArray[np.uint8] | None = None
+                     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint8],
+                                npt.NDArray[np.uint64]]:
+        """BLAKE3 digests of pages to offer instead of their data (a have/need
+        exchange): ``(non-zero pages, their (n, 32) digests, zero pages)``.
+
+        Like ``encode``, each page is copied once and the digest and the tracker's
+        fingerprint describe that copy, so a page changed after this call is found
+        dirty again. The pages leave this sender's dedup index (the receiver may now
+        hold other content there). Zero pages are not offered: encode them."""
+        idx = np.ascontiguousarray(np.asarray(pages).reshape(-1), dtype=np.uint64)
+        if idx.size and int(idx.max()) >= self.npages:
+            raise ValueError(f"page index {int(idx.max())} outside guest memory of "
+                             f"{self.npages} pages")
+        zbits = None
+        if zero is not None:
+            zbits = np.unpackbits(np.asarray(zero, dtype=np.uint8), bitorder="little")
+        out_pages, out_digests, out_zero = [], [], []
+        if self._staging is None:
+            self._staging = np.empty((_CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
+        t0 = time.perf_counter()
+        for a in range(0, idx.size, _CHUNK_PAGES):
+            chunk = idx[a:a + _CHUNK_PAGES]
+            n = chunk.size
+            kinds = np.zeros(n, dtype=np.uint8)
+            if zbits is not None:
+                kinds[zbits[chunk.astype(np.int64)] == 1] = _kernels.PY_KIND_ZERO
+            digests = np.empty((n, 32), dtype=np.uint8)
+            fper = None if self.tracker is None else self.tracker.fingerprinter
+            fps = None if self.tracker is None else np.empty(n, dtype=np.uint64)
+            _kernels.classify_pages(self._mem, chunk, 0, n, kinds, digests, True, self._staging,
+                                    fper, fps)
+            zero_mask = kinds == _kernels.PY_KIND_ZERO
+            data = ~zero_mask
+            if self.tracker is not None and fps is not None:
+                # zero pages are recorded when they are encoded; record only what is offered
+                self.tracker.record_sent(chunk[data], fps[data])
+            if self.dedup is not None:
+                _kernels.forget_pages(self.dedup.table, self.dedup.page_slots, chunk[data])
+            out_pages.append(chunk[data])
+            out_digests.append(digests[data])
+            out_zero.append(chunk[zero_mask])
+        self.counters.seconds_hash += time.perf_counter() - t0
+        if not out_pages:
+            empty = np.zeros(0, dtype=np.uint64)
+            return empty, np.zeros((0, 32), dtype=np.uint8), empty
+        return (np.concatenate(out_pages), np.concatenate(out_digests),
+                np.concatenate(out_zero))
+
     def encode(self, pages: npt.ArrayLike, zero: npt.NDArray[np.uint8] | None = None
                ) -> list[bytes]:
         """Sealed frames carrying the given pages (indices, in the order given).

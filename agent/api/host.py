@@ -58,7 +58,17 @@ async def host_document(app: web.Application) -> dict[str, Any]:
         "cpu_signature": app[VMS].cpus.signature,  # "host" passthrough moves only between equals
         "version": __version__,
         "load": round(os.getloadavg()[0], 2),
+        # destination-side dedup: the digest index of pages held here (entries, memory)
+        "dedup_index": _dedup_index(app),
     }
+
+
+def _dedup_index(app: web.Application) -> dict[str, Any] | None:
+    from novacron.agent.api.migrations import MANAGER_KEY
+
+    manager = app.get(MANAGER_KEY)
+    index = None if manager is None else manager.page_index
+    return None if index is None else index.stats()
 
 
 async def host(request: web.Request) -> web.Response:

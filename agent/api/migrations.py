@@ -26,6 +26,7 @@ from novacron.agent.api.common import BODY, GRANT_READ, json_error
 from novacron.agent.api.host import host_name
 from novacron.agent.appkeys import CONFIG, METRICS, VMS
 from novacron.agent.config import AgentConfig
+from novacron.agent.migration.dedupdest import PageIndex
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
 from novacron.agent.migration.qemu_port import (
@@ -90,6 +91,10 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
         data_ssl=tls.server_context(cfg, require_client_cert=True) if tls.enabled(cfg) else None,
         journal=Journal(cfg.state_dir / "migrations"),
         local_vms=QemuLocalVMs(vms),
+        # destination-side dedup: the RAM of the VMs running here, indexed once each
+        page_index=PageIndex(cfg.dedup_index_max_mb,
+                             lambda: [vm.ram_path for vm in vms.list() if vm.alive])
+        if cfg.dedup else None,
     )
     vms.resume_fence = manager  # resume waits for every migration of the VM to settle
     app[MANAGER_KEY] = manager

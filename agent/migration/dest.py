@@ -27,6 +27,7 @@ from typing import Any
 
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import protocol
+from novacron.agent.migration.dedupdest import IncomingDedup, PageIndex
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import DestDiskRelay
 from novacron.agent.migration.journal import Entry, Journal
@@ -73,12 +74,14 @@ async def receive_migration(
     authorise: Callable[[str, str, dict[str, Any]], None] | None = None,
     journal: Journal | None = None,
     peer_name: str = "",
+    index: PageIndex | None = None,
 ) -> MigrationStatus | None:
     """Serve one incoming migration on ``channel``; returns its final status.
 
     ``authorise(migration_id, vm, spec)`` raises ProtocolError for a ``prepare``
     the channel's grant does not cover. ``peer_name`` is the source host's name
-    (from the grant), journalled: only it may later ask what became of this."""
+    (from the grant), journalled: only it may later ask what became of this.
+    ``index``: the agent's page index; None turns destination-side dedup off."""
     try:
         rec = await channel.recv(timeout=idle_timeout)
         if rec.kind != CTRL or rec.op != "prepare" or rec.ctrl is None:
@@ -97,6 +100,7 @@ async def receive_migration(
     status.pages_total = ram_size // protocol.PAGE
     register(status)
     incoming = _Incoming(channel, status, want_digest, min(idle_timeout, liveness), journal, peer_name)
+    incoming.index = index
     # from here on the source hears from us, also while QEMU starts
     keepalive = asyncio.create_task(_keepalive(channel, liveness))
     try:
@@ -113,6 +117,8 @@ async def _receive(incoming: _Incoming, factory: DestFactory, spec: dict[str, An
                    ram_size: int, disks: list[dict[str, Any]]) -> MigrationStatus:
     status, channel = incoming.status, incoming.ch
     try:
+        if incoming.index is not None:  # maps; new running VMs are indexed in the background
+            incoming.index.refresh()
         if disks:
             dest = await factory.prepare(spec, ram_size, status.id, disks)
         else:
@@ -152,6 +158,8 @@ class _Incoming:
         self._t_ack = 0.0  # when we last acknowledged bytes (loop time)
         self.disks: list[int] = []  # local disks the source mirrors here
         self.disk_relay: DestDiskRelay | None = None
+        self.index: PageIndex | None = None
+        self.dedup: IncomingDedup | None = None  # the have/need exchange (dedupdest.py)
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -181,7 +189,15 @@ class _Incoming:
                     raise ProtocolError("this destination cannot receive local disks")
                 nbd = await dest.export_disks(self.disks)
                 self.disk_relay = DestDiskRelay(self.ch, st, nbd, self.disks)
-            await self.ch.send_ctrl({"op": "prepared"})
+            prepared: dict[str, Any] = {"op": "prepared"}
+            if self.index is not None:
+                try:
+                    self.dedup = IncomingDedup(self.index, mm, dest.ram_path, st.id, self.ch.send_ctrl)
+                    prepared["dedup"] = self.index.stats()  # the source may offer digests
+                except OSError as exc:  # no dedup for this one: the source sends all data
+                    log.warning("destination-side dedup unavailable",
+                                extra={"migration": st.id, "error": str(exc)})
+            await self.ch.send_ctrl(prepared)
             st.set_phase("precopy")
             assert receiver is not None
             await self._watched(dest, self._loop(dest, receiver, mm, sock))
@@ -201,6 +217,7 @@ class _Incoming:
                 if self.disk_relay is not None:
                     await self.disk_relay.close()  # before destroy: QEMU then drops the export
                 receiver = None  # drop its view of the mapping so it can be unmapped
+                await self._close_dedup()
                 if mm is not None:
                     _unmap(mm, exc, st.id)
                     mm = None
@@ -231,9 +248,16 @@ class _Incoming:
             if self.disk_relay is not None:
                 await self.disk_relay.close()
             receiver = None
+            await self._close_dedup()
             if mm is not None:
                 _unmap(mm, None, st.id)
             st.native = self.counters.as_dict()
+
+    async def _close_dedup(self) -> None:
+        d, self.dedup = self.dedup, None
+        if d is not None:
+            await d.close(committed=self.committed)
+            self.status.dedup = d.as_dict()
 
     async def _watched(self, dest: DestVM, loop: Any) -> None:
         """Run the receive loop; a QEMU that exits before 'go' ends it at once."""
@@ -291,7 +315,12 @@ class _Incoming:
         except FrameError as exc:
             raise ProtocolError(f"bad page frame: {type(exc).__name__}: {exc}") from None
         st.bytes_wire += len(frame) + 5
-        if opened.blob is not None:
+        if opened.blob is not None and opened.blob[0] == protocol.TAG_HAVE:
+            if self.dedup is None:
+                raise ProtocolError("have batch, but this destination offered no dedup")
+            await self.dedup.on_have(opened.blob[1])
+            st.dedup = self.dedup.as_dict()
+        elif opened.blob is not None:
             tag, data = opened.blob
             if tag != protocol.TAG_DEVICE_STATE or self.device_writer is None:
                 raise ProtocolError("unexpected blob frame")
@@ -338,9 +367,16 @@ class _Incoming:
             op = rec.op
             if op == "round_end":
                 st.round = protocol.check_int(rec.ctrl, "round", 1, 100_000)
+                if self.dedup is not None:  # never a page left unanswered past a round
+                    self.dedup.check_settled()
                 await self._ack(st.round)
             elif op == "keepalive":
                 continue
+            elif op == "repaired":
+                if self.dedup is None:
+                    raise ProtocolError("'repaired' without a have/need exchange")
+                self.dedup.on_repaired(rec.ctrl)
+                st.dedup = self.dedup.as_dict()
             elif op in ("disk_open", "disk_eof", "disks_done"):
                 if self.disk_relay is None:
                     raise ProtocolError(f"{op!r} without local disks")
@@ -354,6 +390,8 @@ class _Incoming:
                     assert isinstance(dest, MirrorDest)
                     await dest.stop_disk_export()
             elif op == "device_begin":
+                if self.dedup is not None:
+                    self.dedup.check_settled()
                 st.set_phase("stopcopy")
                 crash_point("migration.dest.stopcopy")
                 self.device_writer = await _connect_unix(sock, timeout=30)
@@ -366,6 +404,8 @@ class _Incoming:
                     msg["digest"] = st.digest_destination
                 await self.ch.send_ctrl(msg)
             elif op == "go":
+                if self.dedup is not None:  # never a page unanswered when the guest starts
+                    self.dedup.check_settled()
                 st.set_phase("commit")
                 self._journal("go")
                 crash_point("migration.dest.go_received")

@@ -31,6 +31,7 @@ from novacron.agent.channel import (
 )
 from novacron.agent.channel.records import CTRL
 from novacron.agent.migration import protocol
+from novacron.agent.migration.dedupdest import PageIndex
 from novacron.agent.migration.dest import receive_migration
 from novacron.agent.migration.doubt import (
     ChannelOutcomeProbe,
@@ -82,8 +83,10 @@ class MigrationManager:
         data_ssl: ssl.SSLContext | None = None,
         journal: Journal | None = None,
         local_vms: LocalVMs | None = None,
+        page_index: PageIndex | None = None,
     ) -> None:
         self._secret = cluster_secret
+        self.page_index = page_index  # destination-side dedup (None: off)
         self.journal = journal
         self._local = local_vms
         self._settling: dict[str, asyncio.Task[None]] = {}
@@ -308,7 +311,8 @@ class MigrationManager:
         try:
             await receive_migration(channel, self._dest_factory, register,
                                     authorise=lambda mid, vm, spec: authorise(grant, mid, vm, spec),
-                                    journal=self.journal, peer_name=grant.source)
+                                    journal=self.journal, peer_name=grant.source,
+                                    index=self.page_index)
         finally:  # also when it raised: the name must not stay busy forever
             for name in names:
                 self._busy_vms.discard(name)

@@ -20,6 +20,9 @@ class MigrationOptions:
     adaptive_compression: bool = True
     throttle: bool = True  # auto-converge: duty-cycle the vCPUs when pre-copy cannot keep up
     dedup: bool = True  # send pages the destination already holds as references
+    # destination-side dedup: offer pages by BLAKE3 digest first; the destination copies
+    # the ones it already holds (its VMs' RAM, pages received) and asks for the rest
+    dest_dedup: bool = True
     test_digest: bool = False  # BLAKE3 both RAMs at switchover and compare
     # fingerprint only the pages the VM's process may have written while it is paused
     # (soft-dirty bits or its resident pages, see stopscan.py); off: every page

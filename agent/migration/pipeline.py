@@ -98,3 +98,39 @@ class CompressionPolicy:
             "link_mb_s": mb_s(self._send_wire, self._send_s),
             "packed_wire_ratio": round(p.wire / p.raw, 3) if p.raw else None,
         }
+
+
+DIGEST_WIRE = 36  # bytes an offered page costs on the wire (u32 page number + BLAKE3 digest)
+
+
+class OfferPolicy:
+    """Per batch: offer the pages by digest first (have/need, dedupdest.py) or send
+    their data straight away.
+
+    An offered page costs ``DIGEST_WIRE`` bytes and a round trip before a miss is
+    repaired; a hit saves a data page (its wire bytes, measured). Offer while the
+    recent hit ratio times the data-page size is worth more than twice the digest
+    (the first batches of a migration always offer: nothing is known yet); else
+    offer one batch in ``RESAMPLE`` so the ratio follows the data (a VM that lands
+    here meanwhile, in an evacuation, makes later pages hits)."""
+
+    def __init__(self) -> None:
+        self.offered = self.hits = 0.0  # decaying sums over answered batches
+        self._since = 0
+        self.batches = 0  # offered
+
+    def observe(self, offered: int, hits: int) -> None:
+        self.offered = DECAY * self.offered + offered
+        self.hits = DECAY * self.hits + hits
+
+    def offer_next(self, data_page_bytes: float) -> bool:
+        if self.offered <= 0 or self.hits / self.offered * data_page_bytes > 2 * DIGEST_WIRE:
+            self._since = 0
+            self.batches += 1
+            return True
+        self._since += 1
+        if self._since >= RESAMPLE:
+            self._since = 0
+            self.batches += 1
+            return True
+        return False

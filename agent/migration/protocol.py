@@ -1,5 +1,12 @@
 """Control messages of the migration protocol and their validation.
 
+Destination-side dedup (``dedupdest.py``): the source offers pages by digest in
+``TAG_HAVE`` blob frames (``pack_have``); the destination answers each batch with
+one or more ``need`` messages (``batch``, ``seq``: its own counter, ``pages``:
+base64 of little-endian u32 page numbers it could not fill, ``final``: the batch
+is fully answered); the source sends those pages as data, then ``repaired``
+(``seq``). Every offered page is answered before the source ends its round.
+
 Source -> destination: ``prepare``, ``round_end``, ``device_begin``,
 ``device_end``, ``go``, ``done``, ``abort``, and for local disks ``disk_open``
 and ``disks_done``. Destination -> source: ``prepared``, ``ready``,
@@ -22,12 +29,19 @@ peer is checked here, so a malformed message becomes one clear ProtocolError.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import re
+import struct
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from novacron.agent.channel.records import Channel, ChannelClosed, ProtocolError
 
 TAG_DEVICE_STATE = 1  # blob frames carrying QEMU's migration stream
+TAG_HAVE = 2  # blob frames offering page digests instead of data (have/need, see dedupdest.py)
 RELAY_SOCKET = "migrate-out.sock"  # source side: QEMU's device state enters the relay here
 PAGE = 4096
 MAX_RAM = 1 << 40  # 1 TiB: anything larger is a garbled message, not a VM
@@ -169,3 +183,66 @@ def failure_reason(exc: BaseException, peer: str, timeout: str = "timed out") ->
     if isinstance(exc, TimeoutError):
         return timeout
     return str(exc) or type(exc).__name__
+
+
+# -- destination-side dedup: have / need -----------------------------------
+HAVE_HEADER = struct.Struct("<II")  # batch number, page count
+MAX_HAVE_PAGES = 65536  # one batch (options.batch_pages is at most this)
+MAX_NEED_PAGES = 8192  # one 'need' message (base64: ~44 KB, under the 64 KiB control limit)
+DIGEST = 32
+
+
+def pack_have(batch: int, pages: npt.NDArray[np.uint64], digests: npt.NDArray[np.uint8]) -> bytes:
+    """A ``TAG_HAVE`` blob: batch, count, u32 page numbers, then their 32-byte digests."""
+    n = int(pages.size)
+    if not 0 < n <= MAX_HAVE_PAGES or digests.shape != (n, DIGEST):
+        raise ValueError("a have batch holds 1..65536 pages with one digest each")
+    return (HAVE_HEADER.pack(batch, n) + pages.astype("<u4").tobytes()
+            + np.ascontiguousarray(digests, dtype=np.uint8).tobytes())
+
+
+def check_have(data: bytes, npages: int, expect_batch: int
+               ) -> tuple[int, npt.NDArray[np.uint32], npt.NDArray[np.uint8]]:
+    """``(batch, pages, (n, 32) digests)`` of a ``TAG_HAVE`` blob; batches come in order,
+    pages are inside guest memory and not repeated."""
+    if len(data) < HAVE_HEADER.size:
+        raise ProtocolError("have batch shorter than its header")
+    batch, n = HAVE_HEADER.unpack_from(data)
+    if batch != expect_batch:
+        raise ProtocolError(f"have batch {batch} out of order (expected {expect_batch})")
+    if not 0 < n <= MAX_HAVE_PAGES or len(data) != HAVE_HEADER.size + n * (4 + DIGEST):
+        raise ProtocolError("have batch size does not match its page count")
+    pages = np.frombuffer(data, dtype="<u4", count=n, offset=HAVE_HEADER.size).astype(np.uint32)
+    if int(pages.max()) >= npages:
+        raise ProtocolError("have batch names a page outside guest memory")
+    if np.unique(pages).size != n:
+        raise ProtocolError("have batch names a page twice")
+    digests = np.frombuffer(data, dtype=np.uint8, offset=HAVE_HEADER.size + 4 * n).reshape(n, DIGEST)
+    return int(batch), pages, digests
+
+
+def need_message(batch: int, seq: int, pages: list[int] | npt.NDArray[np.uint32], final: bool
+                 ) -> dict[str, Any]:
+    raw = np.asarray(pages, dtype="<u4").tobytes()
+    return {"op": "need", "batch": batch, "seq": seq, "final": final,
+            "pages": base64.b64encode(raw).decode("ascii")}
+
+
+def check_need(msg: dict[str, Any]) -> tuple[int, int, npt.NDArray[np.uint32], bool]:
+    """``(batch, seq, pages, final)`` of a ``need``; the caller checks the pages were offered."""
+    batch = check_int(msg, "batch", 0, 1 << 32)
+    seq = check_int(msg, "seq", 0, 1 << 40)
+    final = _field(msg, "final", bool)
+    text = _field(msg, "pages", str)
+    if len(text) > 4 * ((4 * MAX_NEED_PAGES + 2) // 3):
+        raise ProtocolError("'need' message: too many pages")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("'need' message: pages is not base64") from None
+    if len(raw) % 4:
+        raise ProtocolError("'need' message: pages is not a list of u32")
+    pages = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+    if np.unique(pages).size != pages.size:
+        raise ProtocolError("'need' message: a page is named twice")
+    return batch, seq, pages, bool(final)

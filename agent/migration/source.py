@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from novacron.agent.migration.diskrelay import SourceDiskRelay
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.options import MigrationOptions
-from novacron.agent.migration.pipeline import CompressionPolicy
+from novacron.agent.migration.pipeline import CompressionPolicy, OfferPolicy
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.stopscan import StopScan
 from novacron.agent.migration.throttle import Throttle
@@ -64,6 +65,19 @@ DISK_FINISH_S = 60.0  # completing ready mirrors (paused guest): drains in-fligh
 
 class MigrationFailed(Exception):
     pass
+
+
+@dataclass
+class _Work:
+    """One batch, encoded in a worker thread: its have frame (pages offered by
+    digest) and/or data frames, and the pages the destination asked for since."""
+
+    have: bytes | None = None
+    batch_no: int = -1
+    offered: np.ndarray | None = None
+    frames: list[bytes] = field(default_factory=list)
+    enc: EncodeStats | None = None
+    repairs: list[tuple[int, list[bytes], int]] = field(default_factory=list)  # (need seq, frames, pages)
 
 
 class SourceMigration:
@@ -117,6 +131,17 @@ class SourceMigration:
         self._dirty_per_page: float | None = None  # wire bytes of a re-sent page, lately
         self._learned = estimate.learned(status.peer)  # earlier hand-overs to this destination
         self.policy = CompressionPolicy(enabled=opts.adaptive_compression)
+        # destination-side dedup (have/need, dedupdest.py): on when both sides want it
+        self.offers = OfferPolicy()
+        self._offer_on = False
+        self._batch_no = 0
+        # batch -> (offered pages, sorted; which of them are answered): 5 bytes a page
+        self._outstanding: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._repairs: list[tuple[int, np.ndarray]] = []  # (need seq, pages) to send as data
+        self._need_seq = 0
+        self._need_event = asyncio.Event()
+        self.dd = {"offered": 0, "hits": 0, "needed": 0, "repaired": 0, "have_bytes": 0,
+                   "batches_offered": 0}
         # local disks move as a stream of this migration (diskrelay.py)
         self.mirror: MirrorSource | None = vm if isinstance(vm, MirrorSource) else None
         self.disk_relay: SourceDiskRelay | None = None
@@ -252,6 +277,9 @@ class SourceMigration:
                 if rec.op == "ack":
                     self._on_ack(rec.ctrl)
                     continue
+                if rec.op == "need":
+                    self._on_need(rec.ctrl)
+                    continue
                 if rec.op == "disk_eof" and self.disk_relay is not None:
                     self.disk_relay.peer_eof(protocol.check_stream(rec.ctrl, self.disk_relay.disks))
                     continue
@@ -272,6 +300,45 @@ class SourceMigration:
             self._ack_event.set()
         self._progress()
 
+    def _on_need(self, msg: dict[str, Any]) -> None:
+        """The destination's answer to a have batch: these pages it could not fill."""
+        batch, seq, pages, final = protocol.check_need(msg)
+        if seq != self._need_seq:
+            raise ProtocolError(f"'need' {seq} out of order (expected {self._need_seq})")
+        self._need_seq += 1
+        entry = self._outstanding.get(batch)
+        if entry is None:
+            raise ProtocolError(f"'need' for batch {batch}, which is not awaiting an answer")
+        offered, answered = entry
+        at = np.searchsorted(offered, pages)
+        if pages.size and (int(at.max()) >= offered.size or not np.array_equal(offered[at], pages)
+                           or answered[at].any()):
+            raise ProtocolError("'need' names pages not offered in its batch, or answered already")
+        answered[at] = True
+        self.dd["needed"] += int(pages.size)
+        if pages.size:
+            self._repairs.append((seq, pages.astype(np.uint64)))
+        if final:
+            hits = int(answered.size - np.count_nonzero(answered))
+            del self._outstanding[batch]
+            self.dd["hits"] += hits
+            self.offers.observe(int(offered.size), hits)
+        self.status.dedup = self._dedup_status()
+        self._need_event.set()
+
+    def _data_page_bytes(self) -> float:
+        """Wire bytes of a page sent as data (digest-only pages and their have frames
+        excluded): what the pages still to send will weigh."""
+        st = self.status
+        pages = st.pages_sent - self.dd["hits"]
+        wire = st.bytes_wire - self.dd["have_bytes"] - st.device_state_bytes
+        return wire / pages if pages > 0 and wire > 0 else float(protocol.PAGE)
+
+    def _dedup_status(self) -> dict[str, Any]:
+        saved = self.dd["hits"] * self._data_page_bytes() - self.dd["have_bytes"]
+        return {**self.dd, "enabled": self._offer_on, "bytes_saved_est": int(saved),
+                "outstanding_batches": len(self._outstanding)}
+
     def _link_rate(self) -> float:
         """Bytes/s the link carried: busy intervals between acks, else whole rounds
         (a lower bound when the cap or the encoder held us back)."""
@@ -284,6 +351,8 @@ class SourceMigration:
 
     def _bytes_per_page(self) -> float:
         st = self.status
+        if self.dd["offered"]:  # pages that went as digests weigh nothing like data
+            return self._data_page_bytes()
         return st.bytes_wire / st.pages_sent if st.pages_sent else float(protocol.PAGE)
 
     def _progress(self) -> None:
@@ -358,7 +427,10 @@ class SourceMigration:
             "liveness_s": self.opts.liveness_s, "disks": self._disk_plan,
         })
         self._prepare_sent.set()
-        await self._expect("prepared", timeout=120)
+        prepared = await self._expect("prepared", timeout=120)
+        # the destination offers its page index: pages it may hold go as digests first
+        self._offer_on = self.opts.dest_dedup and isinstance(prepared.get("dedup"), dict)
+        st.dedup = self._dedup_status()
 
     async def _mirror_disks(self) -> None:
         """Copy the local disks first, then RAM: the mirrors are write-blocking, so once
@@ -443,7 +515,8 @@ class SourceMigration:
         while True:
             st.round += 1
             t0, wire0 = time.monotonic(), st.bytes_wire
-            sent = await self._send_pages(scan.dirty, scan.zero)
+            have0, hits0 = self.dd["have_bytes"], self.dd["hits"]
+            sent = await self._send_pages(scan.dirty, scan.zero, offer=True)
             # counted as sent once the destination has it: the round ends with its ack
             await self._end_round()
             elapsed = max(time.monotonic() - t0, 1e-6)
@@ -452,8 +525,9 @@ class SourceMigration:
                 st.bandwidth_bytes_s = wire / elapsed
             if wire >= MEASURE_BYTES:  # small rounds measure the round trip, not the link
                 self._round_rate = max(self._round_rate, wire / elapsed)
-            if st.round >= 2 and sent >= 64:  # re-sent pages: what the final ones will weigh
-                self._dirty_per_page = wire / sent
+            data_pages = sent - (self.dd["hits"] - hits0)  # digest-only pages excluded
+            if st.round >= 2 and data_pages >= 64:  # re-sent pages: what the final ones will weigh
+                self._dirty_per_page = (wire - (self.dd["have_bytes"] - have0)) / data_pages
             t_scan = time.monotonic()
             scan = await asyncio.to_thread(lambda: tracker.scan(stop_scan.before_scan(first=False)))
             now = time.monotonic()
@@ -553,53 +627,121 @@ class SourceMigration:
                     extra={"migration": st.id, **st.no_converge})
 
     async def _send_pages(self, dirty: np.ndarray, zero: np.ndarray | None,
-                          throttled: bool = True) -> int:
+                          throttled: bool = True, offer: bool = False) -> int:
         """Encode and send ``dirty`` pages, pipelining encode with sending
-        (``throttled``: obey the bandwidth cap)."""
+        (``throttled``: obey the bandwidth cap; ``offer``: pages the destination may
+        hold go as digests first, per ``OfferPolicy``). Returns once every offered
+        page is answered and every miss repaired."""
         st, sender, policy = self.status, self.sender, self.policy
         assert sender is not None
         indices = bitmap_indices(dirty)
         self._round_pages, self._round_sent = len(indices), 0
-        if len(indices) == 0:
-            return 0
         batches = [indices[i : i + self.opts.batch_pages]
                    for i in range(0, len(indices), self.opts.batch_pages)]
+        offering = offer and self._offer_on
 
-        def encode(batch: np.ndarray) -> tuple[list[bytes], EncodeStats]:
+        def encode(batch: np.ndarray | None, by_digest: bool,
+                   repairs: list[tuple[int, np.ndarray]]) -> _Work:
             # dedup + zstd or stored, per batch: whichever the link and the CPU make faster
             sender.compress = sender.use_dedup = policy.pack_next()
-            return sender.encode(batch, zero), sender.last
+            w = _Work()
+            if batch is not None:
+                data = batch
+                if by_digest:
+                    pages, digests, data = sender.digest_pages(batch, zero)
+                    if pages.size:
+                        w.batch_no, w.offered = self._batch_no, pages
+                        self._batch_no += 1
+                        w.have = sender.seal_blob(protocol.TAG_HAVE,
+                                                  protocol.pack_have(w.batch_no, pages, digests))
+                if len(data):
+                    w.frames, w.enc = sender.encode(data, zero), sender.last
+            for seq, pages in repairs:  # as they are now: they may have changed since offered
+                w.repairs.append((seq, sender.encode(pages), len(pages)))
+            return w
 
-        pending = asyncio.create_task(asyncio.to_thread(encode, batches[0]))
+        def start(i: int) -> asyncio.Task[_Work]:
+            # the first round offers every non-zero page: what lands here is then known
+            # by digest to the migrations beside it (an evacuation sends it once); later
+            # rounds carry re-dirtied pages, offered while it pays (OfferPolicy)
+            by_digest = offering and (self.status.round == 1
+                                      or self.offers.offer_next(self._data_page_bytes()))
+            repairs, self._repairs = self._repairs, []
+            return asyncio.create_task(asyncio.to_thread(
+                encode, batches[i] if i < len(batches) else None, by_digest, repairs))
+
+        pending: asyncio.Task[_Work] | None = start(0) if batches else None
         try:
-            for i in range(len(batches)):
-                frames, enc = await pending
+            i = 0
+            while pending is not None:
+                w = await pending
+                pending = None
                 if i + 1 < len(batches):
-                    pending = asyncio.create_task(asyncio.to_thread(encode, batches[i + 1]))
+                    pending = start(i + 1)
                 self._check_inbox()
-                t_send, wire = time.perf_counter(), 0
-                for frame in frames:
-                    if throttled:
-                        await self.bucket.acquire(len(frame))
-                    self.ch.write_frame(frame)
-                    wire += len(frame) + 5
-                    st.bytes_wire += len(frame) + 5  # before the destination can ack it
-                    await self.ch.drain()
-                policy.observe(enc, time.perf_counter() - t_send, wire)
-                st.pipeline = policy.as_dict()
-                st.pages_sent += len(batches[i])
-                st.bytes_raw += len(batches[i]) * protocol.PAGE
-                self._round_sent += len(batches[i])
+                if w.have is not None:
+                    assert w.offered is not None
+                    self._outstanding[w.batch_no] = (np.sort(w.offered.astype(np.uint32)),
+                                                     np.zeros(w.offered.size, dtype=bool))
+                    self.dd["offered"] += int(w.offered.size)
+                    self.dd["batches_offered"] += 1
+                    self.dd["have_bytes"] += await self._write([w.have], throttled)
+                t_send = time.perf_counter()
+                wire = await self._write(w.frames, throttled)
+                if w.enc is not None:
+                    policy.observe(w.enc, time.perf_counter() - t_send, wire)
+                    st.pipeline = policy.as_dict()
+                for seq, frames, n in w.repairs:
+                    await self._write(frames, throttled)
+                    self.dd["repaired"] += n
+                    await self.ch.send_ctrl({"op": "repaired", "seq": seq})
+                if i < len(batches):
+                    st.pages_sent += len(batches[i])
+                    st.bytes_raw += len(batches[i]) * protocol.PAGE
+                    self._round_sent += len(batches[i])
+                i += 1
+                if pending is None:  # the round's pages are out: answers and repairs last
+                    pending = await self._next_repairs(start, len(batches))
                 self._sync_counters()
                 self._progress()
         finally:
-            if not pending.done():
+            if pending is not None and not pending.done():
                 pending.cancel()
                 with contextlib.suppress(BaseException):
                     await pending
         return len(indices)
 
+    async def _next_repairs(self, start: Any, past: int) -> asyncio.Task[_Work] | None:
+        """After the last batch: wait for the destination's answers; a task repairing
+        the pages it needs, or None once every offered page is answered."""
+        deadline = time.monotonic() + ROUND_ACK_S
+        while True:
+            self._need_event.clear()
+            if self._repairs:
+                task: asyncio.Task[_Work] = start(past)
+                return task
+            if not self._outstanding:
+                return None
+            self._check_inbox()
+            if time.monotonic() > deadline:
+                raise MigrationFailed(f"destination did not answer {len(self._outstanding)} have "
+                                      f"batch(es) within {ROUND_ACK_S:g}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._need_event.wait(), 0.1)  # 0.1 s: cancel checks
+
+    async def _write(self, frames: list[bytes], throttled: bool) -> int:
+        st, wire = self.status, 0
+        for frame in frames:
+            if throttled:
+                await self.bucket.acquire(len(frame))
+            self.ch.write_frame(frame)
+            wire += len(frame) + 5
+            st.bytes_wire += len(frame) + 5  # before the destination can ack it
+            await self.ch.drain()
+        return wire
+
     def _sync_counters(self) -> None:
+        self.status.dedup = self._dedup_status()
         c = self.counters.as_dict()
         self.status.native = c
         self.status.pages_zero = self._zero_skipped + int(c.get("pages_zero_sent", 0))

@@ -63,6 +63,8 @@ class MigrationStatus:
     pause_ceiling_ms: float | None = None
     journal: Any = None  # this side's journal entry (journal.Entry), once written
     native: dict[str, Any] = field(default_factory=dict)
+    # destination-side dedup (have/need): pages offered by digest, hits, repairs, index memory
+    dedup: dict[str, Any] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # time spent in each phase
     # called once when the migration ends (metrics); set by the manager that keeps it
     on_finish: Callable[[MigrationStatus], None] | None = field(default=None, repr=False)
@@ -161,6 +163,7 @@ class MigrationStatus:
             "throttle_pct": self.throttle_pct,
             "phase_seconds": {k: round(v, 4) for k, v in self.phase_seconds.items()},
             "native": self.native,
+            "dest_dedup": self.dedup,
         }
 
     def to_dict(self) -> dict[str, Any]:

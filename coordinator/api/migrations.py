@@ -40,6 +40,8 @@ START: dict[str, Any] = {
                 "throttle": {"type": "boolean",
                              "description": "auto-converge: slow the vCPUs when pre-copy cannot keep up"},
                 "dedup": {"type": "boolean"},
+                "dest_dedup": {"type": "boolean", "description":
+                               "offer pages by digest first; the destination copies those it holds"},
                 "adaptive_compression": {"type": "boolean", "description":
                                          "per batch, dedup + zstd only when that moves pages faster"},
                 "bounded_pause": {"type": "boolean", "description":

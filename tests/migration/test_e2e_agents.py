@@ -31,6 +31,12 @@ async def hop(src: LocalAgent, dst: LocalAgent, name: str, boot: str) -> dict:
     # on loopback the pipeline may send stored frames (pipeline.py); it chose per batch
     assert m["pages_sent"] > 0 and m["compression_ratio"] > 0.95
     assert m["pipeline"]["batches"] > 0 and m["cpu_s"] > 0
+    # destination-side dedup is on by default: pages went by digest first, every one
+    # was answered (copied there or repaired) before switchover, and the guest's own
+    # page check below passes
+    dd = m["dest_dedup"]
+    assert dd["enabled"] and dd["offered"] > 0 and dd["hits"] + dd["needed"] == dd["offered"], dd
+    assert dd["repaired"] == dd["needed"] and dd["outstanding_batches"] == 0, dd
     if residency_unsafe_reason(str(src.state_dir)) == "":
         # the pause read only what QEMU maps of the RAM file, and the digests still match
         assert m["stop_scan"]["mode"] in ("resident", "soft-dirty"), m["stop_scan"]
@@ -44,6 +50,10 @@ async def hop(src: LocalAgent, dst: LocalAgent, name: str, boot: str) -> dict:
     # the destination saw the same migration complete
     incoming = (await d.ok("GET", "/v1/migrations"))["migrations"]
     assert [x["phase"] for x in incoming if x["id"] == mig["id"]] == ["completed"]
+    theirs = next(x for x in incoming if x["id"] == mig["id"])["metrics"]["dest_dedup"]
+    assert theirs["needed"] == dd["needed"] and theirs["hits"] == dd["hits"], theirs
+    # the index's cost is reported by the agent
+    assert (await d.ok("GET", "/v1/host"))["dedup_index"]["memory_bytes"] > 0
     # heartbeat: same boot, uptime carried on, checks still ok
     await d.wait_console(name, r"NOVACRON-HB .* ok=1", timeout=30)
     text, offset = await d.console(name)
