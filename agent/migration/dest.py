@@ -22,7 +22,7 @@ import mmap
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
@@ -30,8 +30,15 @@ from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import DestDiskRelay
 from novacron.agent.migration.journal import Entry, Journal
+from novacron.agent.migration.postcopy import QEMU_STREAM, QemuStream, blocktime, percentiles
 from novacron.agent.migration.status import MigrationStatus
-from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM, MirrorDest
+from novacron.agent.migration.vmport import (
+    AdmissionError,
+    DestFactory,
+    DestVM,
+    MirrorDest,
+    PostcopyDest,
+)
 from novacron.agent.qmp import open_unix
 from novacron.agent.safefs import open_regular
 from novacron.faults import crash_point
@@ -58,6 +65,10 @@ def _unmap(mm: mmap.mmap, exc: BaseException | None, mig_id: str) -> None:
 
 
 IDLE_TIMEOUT = 60.0  # longest silence from the source before we give up
+RESUME_WAIT_S = 60.0  # post-copy: the guest must be loaded and startable this soon after 'postcopy'
+POSTCOPY_RECOVER_S = 300.0  # post-copy: how long we wait for the source to come back before giving up waiting
+# the agent's registry of post-copy migrations a new channel may resume: id -> taker
+Resumable = dict[str, Callable[[Channel], Awaitable[None]]]
 
 
 class DestAborted(Exception):
@@ -73,6 +84,7 @@ async def receive_migration(
     authorise: Callable[[str, str, dict[str, Any]], None] | None = None,
     journal: Journal | None = None,
     peer_name: str = "",
+    resumable: Resumable | None = None,
 ) -> MigrationStatus | None:
     """Serve one incoming migration on ``channel``; returns its final status.
 
@@ -86,6 +98,11 @@ async def receive_migration(
         mid, vm_name, spec, ram_size, want_digest = protocol.check_prepare(rec.ctrl)
         liveness = protocol.liveness_of(rec.ctrl, idle_timeout)
         disks = protocol.check_disk_plan(rec.ctrl)
+        postcopy = rec.ctrl.get("postcopy", False)
+        if not isinstance(postcopy, bool):
+            raise ProtocolError("'prepare' message: postcopy must be a boolean")
+        if postcopy and (disks or want_digest):
+            raise ProtocolError("'prepare' message: post-copy moves no local disks and compares no digests")
         if authorise is not None:
             authorise(mid, vm_name, spec)
     except (ChannelClosed, ProtocolError) as exc:
@@ -97,6 +114,7 @@ async def receive_migration(
     status.pages_total = ram_size // protocol.PAGE
     register(status)
     incoming = _Incoming(channel, status, want_digest, min(idle_timeout, liveness), journal, peer_name)
+    incoming.postcopy, incoming.resumable, incoming.liveness = postcopy, resumable, liveness
     # from here on the source hears from us, also while QEMU starts
     keepalive = asyncio.create_task(_keepalive(channel, liveness))
     try:
@@ -152,6 +170,16 @@ class _Incoming:
         self._t_ack = 0.0  # when we last acknowledged bytes (loop time)
         self.disks: list[int] = []  # local disks the source mirrors here
         self.disk_relay: DestDiskRelay | None = None
+        # post-copy (postcopy.py)
+        self.postcopy = False  # QEMU moves RAM; the source may switch to post-copy
+        self.postcopy_live = False  # the guest may run here while pages are still at the source
+        self.qemu_stream: QemuStream | None = None
+        self.resumable: Resumable | None = None
+        self.liveness = idle
+        self._pc_task: asyncio.Task[None] | None = None
+        self._resume_q: asyncio.Queue[Channel] = asyncio.Queue()
+        self._channel_done: list[asyncio.Future[None]] = []  # recovered channels' handlers wait on these
+        self._side_tasks: list[asyncio.Task[None]] = []
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -175,7 +203,17 @@ class _Incoming:
                 os.close(fd)
             receiver: PageStreamReceiver | None = PageStreamReceiver(
                 self.ch.page_key_in, mm, counters=self.counters)
-            sock = await dest.listen_device_state()
+            if self.postcopy:
+                if not isinstance(dest, PostcopyDest):
+                    raise ProtocolError("this destination cannot run post-copy")
+                try:
+                    sock = await dest.listen_device_state(postcopy=True)
+                except Exception as exc:  # QEMU refuses postcopy-ram: no userfaultfd for it here
+                    raise ProtocolError(f"post-copy unavailable at the destination: {exc} (QEMU needs "
+                                        "userfaultfd: run it as root or set vm.unprivileged_userfaultfd=1)"
+                                        ) from None
+            else:
+                sock = await dest.listen_device_state()
             if self.disks:
                 if not isinstance(dest, MirrorDest):
                     raise ProtocolError("this destination cannot receive local disks")
@@ -187,7 +225,13 @@ class _Incoming:
             await self._watched(dest, self._loop(dest, receiver, mm, sock))
         except BaseException as exc:
             reason = protocol.failure_reason(exc, "source")
-            if self.committed:
+            if self.postcopy_live:
+                # part of the guest's memory is only at the source: destroying nothing,
+                # claiming nothing; the source's journal keeps asking (phase stays postcopy)
+                st.error = f"{reason}; post-copy paused, outcome in doubt: the guest waits here for its pages"
+                log.error("post-copy not recovered; the guest waits here for pages the source keeps",
+                          extra={"migration": st.id, "reason": reason})
+            elif self.committed:
                 log.warning("source vanished after switchover; the VM runs here",
                             extra={"migration": st.id, "reason": reason})
                 if not st.done:
@@ -228,6 +272,15 @@ class _Incoming:
                 await self._linger()
         finally:
             await self._close_device()
+            for task in self._side_tasks:
+                task.cancel()
+            if self._pc_task is not None and not self._pc_task.done() and not self.postcopy_live:
+                self._pc_task.cancel()
+            if self.resumable is not None:
+                self.resumable.pop(st.id, None)
+            for fut in self._channel_done:
+                if not fut.done():
+                    fut.set_result(None)
             if self.disk_relay is not None:
                 await self.disk_relay.close()
             receiver = None
@@ -277,7 +330,14 @@ class _Incoming:
         # read off the channel; frames and control messages still take effect in order.
         opening: list[asyncio.Task[None] | None] = [None]
         try:
-            await self._records(dest, receiver, mm, sock, opening)
+            while True:
+                try:
+                    await self._records(dest, receiver, mm, sock, opening)
+                    return
+                except (ChannelClosed, ProtocolError, TimeoutError) as exc:
+                    if not self.postcopy_live:
+                        raise
+                    await self._recover(dest, exc)
         finally:
             task = opening[0]
             if task is not None and not task.done():
@@ -322,6 +382,13 @@ class _Incoming:
                         recv.cancel()
                 task, opening[0] = opening[0], None
                 await task  # the previous frame first: order is the protocol
+            if rec.kind == DATA and rec.stream == QEMU_STREAM:
+                if self.qemu_stream is None:
+                    raise ProtocolError("QEMU stream data before 'ram_begin'")
+                assert rec.frame is not None
+                st.bytes_wire += len(rec.frame)
+                await self.qemu_stream.deliver(rec.frame)
+                continue
             if rec.kind == DATA:
                 if self.disk_relay is None:
                     raise ProtocolError("disk data without local disks")
@@ -353,6 +420,24 @@ class _Incoming:
                     await self.disk_relay.close()
                     assert isinstance(dest, MirrorDest)
                     await dest.stop_disk_export()
+            elif op == "ram_begin":
+                if not self.postcopy or self.qemu_stream is not None:
+                    raise ProtocolError("'ram_begin' without post-copy, or twice")
+                self.qemu_stream = QemuStream(self.ch)
+                self.qemu_stream.attach(*await _connect_unix_rw(sock, timeout=30))
+            elif op == "postcopy":
+                if self.qemu_stream is None or self._pc_task is not None:
+                    raise ProtocolError("'postcopy' before 'ram_begin', or twice")
+                # from here the guest may run here while pages are still at the source
+                self._journal("go", "post-copy")
+                self.resume_tried = True
+                self.postcopy_live = True
+                st.set_phase("postcopy")
+                if self.resumable is not None:
+                    self.resumable[st.id] = self._take_channel
+                self._pc_task = asyncio.create_task(self._run_postcopy(dest), name=f"postcopy {st.id}")
+            elif op == "done" and self._pc_task is not None:
+                return  # post-copy completed and the source released its copy
             elif op == "device_begin":
                 st.set_phase("stopcopy")
                 crash_point("migration.dest.stopcopy")
@@ -403,12 +488,127 @@ class _Incoming:
         with contextlib.suppress(Exception):
             await self.ch.send_ctrl({"op": "error", "reason": reason}, timeout=2)
 
+    # -- post-copy ----------------------------------------------------------
+    async def _run_postcopy(self, dest: DestVM) -> None:
+        """Start the guest as soon as QEMU loaded the device state, then wait until
+        every page is here; only then is the migration complete (and the source freed)."""
+        st = self.status
+        assert isinstance(dest, PostcopyDest)
+        mark: int | None = None
+        try:
+            try:
+                mark = await dest.trace_faults(True)  # figures only: never fails the migration
+            except Exception as exc:
+                log.warning("cannot time post-copy faults", extra={"migration": st.id, "error": str(exc)})
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + RESUME_WAIT_S
+            while (state := await dest.run_state()) != "paused":  # QEMU loaded the package
+                if state not in ("inmigrate", "prelaunch", "paused") or loop.time() > deadline:
+                    raise RuntimeError(f"destination QEMU is {state!r}, not loaded, after 'postcopy'")
+                await asyncio.sleep(0.005)
+            await dest.adopt()
+            dest.hold(True)  # not stoppable or deletable until every page is here
+            await dest.resume()
+            self.committed = True
+            st.postcopy["resumed_at_s"] = round(st.total_s, 3)
+            await self.ch.send_ctrl({"op": "resumed"})
+            log.info("guest runs here; post-copy fetching its remaining pages", extra={"migration": st.id})
+            while True:
+                info = await dest.query_migration()
+                state = str(info.get("status"))
+                st.postcopy["qemu_state"] = state
+                if state == "completed":
+                    break
+                if state in ("failed", "cancelled"):
+                    raise RuntimeError(f"QEMU post-copy {state}: {info.get('error-desc', 'no detail')}")
+                await asyncio.sleep(0.1)
+            figures = blocktime(info)
+            if mark is not None:
+                with contextlib.suppress(Exception):
+                    await dest.trace_faults(False)
+                figures["fault_ms"] = percentiles(await asyncio.to_thread(dest.fault_latencies, mark))
+            st.postcopy["blocktime"] = figures
+            self.postcopy_live = False
+            dest.hold(False)
+            self._journal("committed", "post-copy complete: every page is here")
+            st.set_phase("completed")
+            log.info("post-copy complete", extra={"migration": st.id, "blocktime": figures})
+            await self.ch.send_ctrl({"op": "postcopy_done", "blocktime": figures})
+        except ChannelClosed:
+            pass  # recovery (or the source's query) settles it
+        except Exception as exc:
+            st.error = f"post-copy at the destination: {exc}"
+            log.error("post-copy failed at the destination", extra={"migration": st.id, "error": str(exc)})
+            with contextlib.suppress(Exception):
+                await self.ch.send_ctrl({"op": "error", "reason": st.error}, timeout=2)
+
+    async def _take_channel(self, ch: Channel) -> None:
+        """A new channel from the source (``postcopy_resume``, grant checked by the
+        manager): hand it to the recovery; its handler must not close it meanwhile."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._channel_done.append(done)
+        await self._resume_q.put(ch)
+        await done
+
+    async def _recover(self, dest: DestVM, exc: BaseException) -> None:
+        """The channel broke during post-copy: wait for the source to reconnect, then
+        let QEMU listen again (``migrate-recover``); bounded by POSTCOPY_RECOVER_S."""
+        st = self.status
+        assert isinstance(dest, PostcopyDest) and self.qemu_stream is not None
+        log.warning("post-copy stream lost; waiting for the source to reconnect",
+                    extra={"migration": st.id, "reason": str(exc)})
+        await self.qemu_stream.close()  # QEMU sees its stream break: postcopy-paused
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + POSTCOPY_RECOVER_S
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ChannelClosed(f"post-copy: the source did not reconnect within {POSTCOPY_RECOVER_S:g}s")
+            try:
+                ch = await asyncio.wait_for(self._resume_q.get(), remaining)
+            except TimeoutError:
+                continue
+            try:
+                async with asyncio.timeout(10):
+                    while (await dest.query_migration()).get("status") != "postcopy-paused":
+                        await asyncio.sleep(0.02)
+                    sock = await dest.recover_postcopy()
+                    self.qemu_stream.ch = ch
+                    self.qemu_stream.attach(*await _connect_unix_rw(sock, timeout=10))
+                    old, self.ch = self.ch, ch
+                    with contextlib.suppress(Exception):
+                        await old.close()
+                    await ch.send_ctrl({"op": "recovering"})
+                self._side_tasks.append(asyncio.create_task(protocol.keepalive(ch, self.liveness)))
+                st.postcopy["recoveries"] = st.postcopy.get("recoveries", 0) + 1
+                log.info("post-copy channel recovered", extra={"migration": st.id})
+                return
+            except (ChannelClosed, ProtocolError, OSError, TimeoutError, RuntimeError) as rexc:
+                log.warning("post-copy recovery attempt failed", extra={"migration": st.id, "error": str(rexc)})
+                await self.qemu_stream.close()
+                with contextlib.suppress(Exception):
+                    await ch.close()
+
     async def _close_device(self) -> None:
+        if self.qemu_stream is not None and not self.postcopy_live:
+            await self.qemu_stream.close()
         w, self.device_writer = self.device_writer, None
         if w is not None:
             w.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(w.wait_closed(), 5)
+
+
+async def _connect_unix_rw(path: str, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await open_unix(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if loop.time() > deadline:
+                raise ProtocolError(f"destination VM did not listen for its migration on {path}") from None
+            await asyncio.sleep(0.02)
 
 
 async def _connect_unix(path: str, timeout: float) -> asyncio.StreamWriter:
