@@ -568,9 +568,10 @@ class _Incoming:
                 ch = await asyncio.wait_for(self._resume_q.get(), remaining)
             except TimeoutError:
                 continue
+            state = ""
             try:
                 async with asyncio.timeout(10):
-                    while (await dest.query_migration()).get("status") != "postcopy-paused":
+                    while (state := str((await dest.query_migration()).get("status"))) != "postcopy-paused":
                         await asyncio.sleep(0.02)
                     sock = await dest.recover_postcopy()
                     self.qemu_stream.ch = ch
@@ -584,7 +585,9 @@ class _Incoming:
                 log.info("post-copy channel recovered", extra={"migration": st.id})
                 return
             except (ChannelClosed, ProtocolError, OSError, TimeoutError, RuntimeError) as rexc:
-                log.warning("post-copy recovery attempt failed", extra={"migration": st.id, "error": str(rexc)})
+                log.warning("post-copy recovery attempt failed",
+                            extra={"migration": st.id, "error": str(rexc) or type(rexc).__name__,
+                                   "qemu_state": state})
                 await self.qemu_stream.close()
                 with contextlib.suppress(Exception):
                     await ch.close()

@@ -141,6 +141,7 @@ class SourceMigration:
         self._qemu_conns: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue(1)
         self._deadline: asyncio.Timeout | None = None
         self._side_tasks: list[asyncio.Task[None]] = []  # keepalive/reader of a recovered channel
+        self._qemu_state = ""  # QEMU's migration state, last read while recovering
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -907,6 +908,7 @@ class SourceMigration:
         if self.journal is not None and st.id in self.journal.entries:
             self.journal.note(st.id, f"post-copy recovering: {reason}")
         await self.qemu_stream.close()  # QEMU sees its stream break: postcopy-paused
+        st.postcopy["recovering"] = True
         attempt = 0
         while True:
             attempt += 1
@@ -923,6 +925,11 @@ class SourceMigration:
                     if rec.op != "recovering":
                         raise ProtocolError(f"destination answered {rec.op!r} to postcopy_resume"
                                             + (f": {protocol.reason_of(rec.ctrl)}" if rec.ctrl else ""))
+                    # the old channel's reader must not report its end after the swap
+                    if self._reader is not None and not self._reader.done():
+                        self._reader.cancel()
+                        with contextlib.suppress(BaseException):
+                            await self._reader
                     old, self.ch = self.ch, ch
                     self.qemu_stream.ch = ch
                     with contextlib.suppress(Exception):
@@ -947,13 +954,15 @@ class SourceMigration:
                             path.unlink()
                     await self._qemu_state_in({"postcopy-active", "completed"})
                 st.postcopy["recoveries"] += 1
+                st.postcopy["recovering"] = False
                 st.postcopy["recover_ms"] = round((time.monotonic() - t0) * 1000.0, 1)
                 log.info("post-copy recovered", extra={"migration": st.id, "attempts": attempt,
                                                        "recover_ms": st.postcopy["recover_ms"]})
                 return
             except (ChannelClosed, ProtocolError, OSError, TimeoutError, RuntimeError) as exc:
                 log.warning("post-copy recovery attempt failed",
-                            extra={"migration": st.id, "attempt": attempt, "error": str(exc)})
+                            extra={"migration": st.id, "attempt": attempt, "error": str(exc) or type(exc).__name__,
+                                   "qemu_state": self._qemu_state})
                 if ch is not None and ch is not self.ch:
                     with contextlib.suppress(Exception):
                         await ch.close()
@@ -966,7 +975,7 @@ class SourceMigration:
         assert isinstance(vm, PostcopySource)
         while True:
             info = await vm.query_migration()
-            state = str(info.get("status"))
+            state = self._qemu_state = str(info.get("status"))
             if state in states:
                 return state
             if state in ("failed", "cancelled"):
