@@ -258,6 +258,9 @@ class SourceMigration:
         new = self.opts.changed(raw)
         self.opts.bandwidth_mbps, self.opts.downtime_ms = new.bandwidth_mbps, new.downtime_ms
         self.bucket.set_rate(new.bandwidth_mbps * 1e6)
+        if self.qemu_stream is not None and isinstance(self.vm, PostcopySource):  # QEMU moves the RAM
+            self._side_tasks.append(asyncio.create_task(
+                self.vm.set_ram_limits(new.bandwidth_mbps * 1e6, new.downtime_ms)))
         self.status.options = self.opts.as_dict()
         self.status.pause_ceiling_ms = self.opts.pause_ceiling_ms
         log.info("migration limits changed", extra={"migration": self.status.id, **raw})

@@ -27,10 +27,10 @@ from tests.migration.qemu_helpers import VERIFY, heartbeats
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-# the guest rewrites 24 MB/s of its 24 MiB working set; the link carries 6 MB/s: pre-copy
+# the guest rewrites 24 MB/s of its 24 MiB working set; the link carries 12 MB/s: pre-copy
 # can never catch up, so after one full pass (max_rounds 1) the migration goes post-copy
 GUEST = {"memory_mb": 152, "mem_mb": 24, "rate_mb": 24}
-OPTIONS = {"on_no_converge": "postcopy", "bandwidth_mbps": 6, "max_rounds": 1, "downtime_ms": 50,
+OPTIONS = {"on_no_converge": "postcopy", "bandwidth_mbps": 12, "max_rounds": 1, "downtime_ms": 50,
            "postcopy_recover_s": 60}
 
 
