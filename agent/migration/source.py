@@ -142,6 +142,9 @@ class SourceMigration:
         self._deadline: asyncio.Timeout | None = None
         self._side_tasks: list[asyncio.Task[None]] = []  # keepalive/reader of a recovered channel
         self._qemu_state = ""  # QEMU's migration state, last read while recovering
+        # QEMU may stop the guest by itself (its migration completing): a rollback resumes
+        # it whatever we saw last ('cont' on a running guest is harmless)
+        self._qemu_may_pause = False
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -800,6 +803,7 @@ class SourceMigration:
             # QEMU stops the guest by itself (at completion, or to start post-copy):
             # journalled first, so a restarted agent resumes a guest it finds paused here
             self._journal("paused")
+            self._qemu_may_pause = True
             await self.ch.send_ctrl({"op": "ram_begin"})
             self._device_started = True  # a rollback cancels QEMU's migration
             await vm.start_ram_migration(path, bandwidth_bytes_s=opts.bandwidth_mbps * 1e6,
@@ -1084,12 +1088,13 @@ class SourceMigration:
             except Exception as exc:
                 log.warning("cancelling disk mirrors failed", extra={"migration": st.id, "error": str(exc)})
         resumed = True
-        if self._paused:
+        if self._paused or self._qemu_may_pause:
             try:
                 await self.vm.resume()
+                if self._paused:
+                    st.downtime_ms = (time.monotonic() - self._t_pause) * 1000.0
+                    st.budget_exceeded = st.downtime_ms > self.opts.downtime_ms
                 self._paused = False
-                st.downtime_ms = (time.monotonic() - self._t_pause) * 1000.0
-                st.budget_exceeded = st.downtime_ms > self.opts.downtime_ms
             except Exception as exc:
                 resumed = False
                 reason += f"; resuming the source failed: {exc}"
