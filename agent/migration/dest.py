@@ -39,7 +39,7 @@ from novacron.agent.migration.vmport import (
     MirrorDest,
     PostcopyDest,
 )
-from novacron.agent.qmp import open_unix
+from novacron.agent.qmp import QMPError, open_unix
 from novacron.agent.safefs import open_regular
 from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver
@@ -514,7 +514,10 @@ class _Incoming:
             await self.ch.send_ctrl({"op": "resumed"})
             log.info("guest runs here; post-copy fetching its remaining pages", extra={"migration": st.id})
             while True:
-                info = await dest.query_migration()
+                try:  # one query at a time: QEMU answers when its main loop is free again
+                    info = await dest.query_migration(timeout=POSTCOPY_RECOVER_S)
+                except TimeoutError:
+                    continue
                 state = str(info.get("status"))
                 st.postcopy["qemu_state"] = state
                 if state == "completed":
@@ -571,9 +574,13 @@ class _Incoming:
             state = ""
             try:
                 async with asyncio.timeout(10):
-                    while (state := str((await dest.query_migration()).get("status"))) != "postcopy-paused":
-                        await asyncio.sleep(0.02)
-                    sock = await dest.recover_postcopy()
+                    while True:  # QEMU notices the break soon; in-band queries may hang meanwhile
+                        try:
+                            sock = await dest.recover_postcopy()
+                            break
+                        except QMPError as qexc:
+                            state = qexc.desc
+                            await asyncio.sleep(0.05)
                     self.qemu_stream.ch = ch
                     self.qemu_stream.attach(*await _connect_unix_rw(sock, timeout=10))
                     old, self.ch = self.ch, ch

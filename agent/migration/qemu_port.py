@@ -314,8 +314,8 @@ class QemuDest:
         await qmp.execute("migrate-incoming", {"uri": f"unix:{DEVICE_SOCKET}"}, timeout=10)
         return str(self.vm.paths.dir / DEVICE_SOCKET)
 
-    async def query_migration(self) -> dict[str, Any]:
-        return await _qmp(self.vm).execute("query-migrate", timeout=10) or {}
+    async def query_migration(self, timeout: float = 10) -> dict[str, Any]:
+        return await _qmp(self.vm).execute("query-migrate", timeout=timeout) or {}
 
     def hold(self, flag: bool) -> None:
         self.vm.migrating = flag
@@ -346,7 +346,8 @@ class QemuDest:
         path = self.vm.paths.dir / RECOVER_SOCKET
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # the previous attempt's
-        await _qmp(self.vm).execute("migrate-recover", {"uri": f"unix:{RECOVER_SOCKET}"}, timeout=10)
+        # out of band: in post-copy QEMU's main loop may be waiting on a missing page
+        await _qmp(self.vm).execute("migrate-recover", {"uri": f"unix:{RECOVER_SOCKET}"}, timeout=10, oob=True)
         return str(path)
 
     async def wait_device_state_loaded(self, timeout: float) -> None:

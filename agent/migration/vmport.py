@@ -188,6 +188,8 @@ class PostcopySource(Protocol):
 
 @runtime_checkable
 class PostcopyDest(Protocol):
+    # While post-copy runs, the destination's main loop may wait on a missing page (and
+    # for as long as the stream is down): in-band queries may take that long to answer.
     async def listen_device_state(self, postcopy: bool = False) -> str:
         """As DestVM's, and with ``postcopy`` ready for QEMU's RAM and a post-copy switch."""
         ...
@@ -196,7 +198,7 @@ class PostcopyDest(Protocol):
         """Keep the (adopted, running) VM marked as migrating: post-copy still fills it."""
         ...
 
-    async def query_migration(self) -> dict[str, Any]: ...
+    async def query_migration(self, timeout: float = 10) -> dict[str, Any]: ...
 
     async def run_state(self) -> str:
         """The machine's run state ("paused", "running", "inmigrate", ...)."""
@@ -211,5 +213,7 @@ class PostcopyDest(Protocol):
         ...
 
     async def recover_postcopy(self) -> str:
-        """Listen again for a post-copy stream that broke; returns the socket's path."""
+        """Listen again for a post-copy stream that broke (out of band: it must work while
+        the main loop is blocked); returns the socket's path. Raises while the machine
+        has not noticed the break yet."""
         ...
