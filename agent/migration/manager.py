@@ -206,6 +206,17 @@ class MigrationManager:
                 await local.release(entry.vm)  # the agent stopped between commit and release
             return
         if entry.role == "destination":
+            if entry.step == "go" and entry.reason.startswith("post-copy") and state is not None:
+                # post-copy: the guest runs here but pages may still be only at the source,
+                # whose copy must stay; neither committed nor rolled back (in doubt, fenced)
+                if local is not None:
+                    local.set_migrating(entry.vm, True)
+                status.set_phase("postcopy")
+                status.error = ("the agent restarted during post-copy: the guest's missing pages are "
+                                "still at the source; outcome in doubt")
+                journal.note(entry.id, status.error)
+                log.error("agent restarted during post-copy; left in doubt", extra={"migration": entry.id})
+                return
             # incoming/ was cleaned before this: a guest that runs here was adopted
             if state == "running":
                 journal.step(entry.id, "committed", "the agent restarted after the guest started here")
