@@ -66,6 +66,7 @@ def _unmap(mm: mmap.mmap, exc: BaseException | None, mig_id: str) -> None:
 
 IDLE_TIMEOUT = 60.0  # longest silence from the source before we give up
 RESUME_WAIT_S = 60.0  # post-copy: the guest must be loaded and startable this soon after 'postcopy'
+TRACE_BUDGET = 16 << 20  # QEMU log bytes of fault tracing per post-copy (~200k pages placed)
 POSTCOPY_RECOVER_S = 300.0  # post-copy: how long we wait for the source to come back before giving up waiting
 # the agent's registry of post-copy migrations a new channel may resume: id -> taker
 Resumable = dict[str, Callable[[Channel], Awaitable[None]]]
@@ -495,6 +496,7 @@ class _Incoming:
         st = self.status
         assert isinstance(dest, PostcopyDest)
         mark: int | None = None
+        tracing = True
         try:
             try:
                 mark = await dest.trace_faults(True)  # figures only: never fails the migration
@@ -524,12 +526,18 @@ class _Incoming:
                     break
                 if state in ("failed", "cancelled"):
                     raise RuntimeError(f"QEMU post-copy {state}: {info.get('error-desc', 'no detail')}")
+                if tracing and mark is not None and dest.log_size() - mark > TRACE_BUDGET:
+                    tracing = False  # a large post-copy: time its first faults only
+                    with contextlib.suppress(Exception):
+                        await dest.trace_faults(False)
                 await asyncio.sleep(0.1)
             figures = blocktime(info)
             if mark is not None:
-                with contextlib.suppress(Exception):
-                    await dest.trace_faults(False)
+                if tracing:
+                    with contextlib.suppress(Exception):
+                        await dest.trace_faults(False)
                 figures["fault_ms"] = percentiles(await asyncio.to_thread(dest.fault_latencies, mark))
+                figures["fault_ms"]["sampled"] = not tracing
             st.postcopy["blocktime"] = figures
             self.postcopy_live = False
             dest.hold(False)

@@ -324,6 +324,9 @@ class QemuDest:
         """Turn QEMU's page-fault trace events on/off; returns where its log is now."""
         for name in FAULT_EVENTS:
             await _qmp(self.vm).execute("trace-event-set-state", {"name": name, "enable": on}, timeout=10)
+        return self.log_size()
+
+    def log_size(self) -> int:
         try:
             return self.vm.paths.qemu_log.stat().st_size
         except OSError:
@@ -334,7 +337,7 @@ class QemuDest:
         try:
             with open(self.vm.paths.qemu_log, "rb") as f:  # the agent's own file (QEMU's stderr)
                 f.seek(since)
-                return fault_latencies(f.read(64 << 20))
+                return fault_latencies(f.read(32 << 20))
         except OSError:
             return []
 

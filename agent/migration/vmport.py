@@ -208,6 +208,10 @@ class PostcopyDest(Protocol):
         """Start/stop timing the guest's faults on missing pages; returns a log mark."""
         ...
 
+    def log_size(self) -> int:
+        """Where the machine's log is now (the fault trace grows it)."""
+        ...
+
     def fault_latencies(self, since: int) -> list[float]:
         """Milliseconds each fault since ``mark`` waited for its page."""
         ...
