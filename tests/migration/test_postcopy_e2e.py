@@ -2,7 +2,8 @@
 migrates with ``on_no_converge = postcopy`` between two real agents, resumes at the
 destination before its memory has arrived, and its own page checksums pass there;
 then it moves back with the migration channel cut (``ss -K``) mid-post-copy, which
-recovers under the same grant, and its checks pass again.
+recovers under the same grant, and its checks pass again; last, uncapped, QEMU's
+pre-copy converges and the hand-over is the ordinary one.
 
 What is measured (printed; ``-s`` shows it): time to resume = from the source's
 ``migrate-start-postcopy`` to the destination's "resumed" (the guest's pause);
@@ -135,3 +136,12 @@ async def _hops(a: LocalAgent, b: LocalAgent) -> None:
     assert (await b.request("GET", "/v1/vms/pc"))[0] == 404
     await guest_ok(api_a, "pc", boot)
     assert a.qemu_pids() and not b.qemu_pids()  # one guest, at A
+
+    # 3) A -> B uncapped: QEMU's pre-copy converges, the ordinary hand-over, no post-copy
+    mig = await api_a.migrate("pc", b, on_no_converge="postcopy", downtime_ms=300, max_rounds=5)
+    st = await api_a.wait_migration(mig["id"], timeout=120)
+    assert st["phase"] == "completed" and st["metrics"]["converged"] is True, st
+    assert st["metrics"]["postcopy"]["used"] is False and st["metrics"]["downtime_ms"] > 0
+    print(f"converged under on_no_converge=postcopy: downtime_ms={st['metrics']['downtime_ms']} "
+          f"total_s={st['metrics']['total_s']}")
+    await guest_ok(api_b, "pc", boot)
