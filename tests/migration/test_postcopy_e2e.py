@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from novacron.agent.local import LocalAgent
+from tests.agent.test_qemu_sandbox import qemu_user  # noqa: F401 (fixture)
 from tests.migration.agents import Api
 from tests.migration.qemu_helpers import VERIFY, heartbeats
 
@@ -85,23 +88,36 @@ def migration_log(*agents: LocalAgent) -> str:
     return "\n".join(lines[-60:])
 
 
-async def test_postcopy_capped_link_then_channel_cut_recovers() -> None:
+async def test_postcopy_capped_link_then_channel_cut_recovers(qemu_user: pwd.struct_passwd | None) -> None:  # noqa: F811
     secret = secrets.token_urlsafe(32)
     async with LocalAgent("pa", cluster_secret=secret, accel="tcg") as a, \
             LocalAgent("pb", cluster_secret=secret, accel="tcg") as b:
         try:
-            await _hops(a, b)
+            await _hops(a, b, secret, qemu_user)
         except BaseException:
             print(migration_log(a, b))
             raise
 
 
-async def _hops(a: LocalAgent, b: LocalAgent) -> None:
+async def _hops(a: LocalAgent, b: LocalAgent, secret: str, qemu_user: pwd.struct_passwd | None) -> None:  # noqa: F811
     api_a, api_b = Api(a), Api(b)
     await api_a.create_guest("pc", **GUEST)
     text, _ = await api_a.console("pc")
     boot = heartbeats(text)[-1][0]
     pid_a = (await api_a.ok("GET", "/v1/vms/pc"))["pid"]
+
+    # 0) a destination whose unprivileged QEMU has no userfaultfd refuses post-copy at
+    # prepare (QEMU 7.2 opens it with the plain syscall); the guest runs on at A
+    if qemu_user is not None and Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "0":
+        async with LocalAgent("pc0", cluster_secret=secret, accel="tcg",
+                              settings={"qemu_user": qemu_user.pw_name}) as c:
+            mig = await api_a.migrate("pc", c, **OPTIONS)
+            st = await api_a.wait_migration(mig["id"], timeout=60)
+            assert st["phase"] == "failed" and "post-copy unavailable at the destination" in st["error"], st
+            print(f"refused: {st['error']}")
+            vm = await api_a.ok("GET", "/v1/vms/pc")
+            assert vm["state"] == "running" and vm["pid"] == pid_a, vm
+            assert (await c.request("GET", "/v1/vms/pc"))[0] == 404 and not c.qemu_pids()
 
     # 1) A -> B: pre-copy cannot converge, post-copy runs the guest at B at once
     mig = await api_a.migrate("pc", b, **OPTIONS)
