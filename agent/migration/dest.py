@@ -181,6 +181,7 @@ class _Incoming:
         self._resume_q: asyncio.Queue[Channel] = asyncio.Queue()
         self._channel_done: list[asyncio.Future[None]] = []  # recovered channels' handlers wait on these
         self._side_tasks: list[asyncio.Task[None]] = []
+        self._ended = False  # no channel can be handed over any more
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -272,6 +273,7 @@ class _Incoming:
             if not isinstance(exc, ChannelClosed | DestAborted):
                 await self._linger()
         finally:
+            self._ended = True
             await self._close_device()
             for task in self._side_tasks:
                 task.cancel()
@@ -556,6 +558,8 @@ class _Incoming:
     async def _take_channel(self, ch: Channel) -> None:
         """A new channel from the source (``postcopy_resume``, grant checked by the
         manager): hand it to the recovery; its handler must not close it meanwhile."""
+        if self._ended:
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._channel_done.append(done)
         await self._resume_q.put(ch)
