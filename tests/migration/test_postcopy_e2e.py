@@ -119,6 +119,21 @@ async def _hops(a: LocalAgent, b: LocalAgent, secret: str, qemu_user: pwd.struct
             assert vm["state"] == "running" and vm["pid"] == pid_a, vm
             assert (await c.request("GET", "/v1/vms/pc"))[0] == 404 and not c.qemu_pids()
 
+    # 0b) a channel cut during QEMU's pre-copy (before the switch): an ordinary failure,
+    # the guest runs on at A and B keeps nothing
+    mig = await api_a.migrate("pc", b, **OPTIONS)
+    st = await api_a.wait_migration(mig["id"], timeout=60,
+                                    until=lambda s: s["phase"] == "precopy" and s["metrics"]["bytes_wire"] > 1 << 20)
+    assert st["phase"] == "precopy", st
+    cut_channel(b.data_port)
+    st = await api_a.wait_migration(mig["id"], timeout=60)
+    assert st["phase"] == "failed" and st["journal"]["step"] == "rolled_back", st
+    vm = await api_a.ok("GET", "/v1/vms/pc")
+    assert vm["state"] == "running" and vm["pid"] == pid_a, vm
+    dst = await api_b.wait_migration(mig["id"], timeout=30)
+    assert dst["phase"] == "failed", dst
+    assert (await b.request("GET", "/v1/vms/pc"))[0] == 404 and not b.qemu_pids()
+
     # 1) A -> B: pre-copy cannot converge, post-copy runs the guest at B at once
     mig = await api_a.migrate("pc", b, **OPTIONS)
     st = await api_a.wait_migration(mig["id"], timeout=120, until=in_postcopy)
