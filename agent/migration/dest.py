@@ -401,6 +401,8 @@ class _Incoming:
             if self.disk_relay is not None and self.disk_relay.error is not None:
                 raise ProtocolError(f"disk relay failed: {self.disk_relay.error}")
             if rec.kind != CTRL:
+                if self.postcopy:  # QEMU owns this RAM (post-copy places pages with userfaultfd)
+                    raise ProtocolError("page frame in a migration whose RAM QEMU moves")
                 assert rec.frame is not None
                 opening[0] = asyncio.create_task(self._open_frame(receiver, rec.frame))
                 continue
