@@ -1,11 +1,18 @@
-"""Post-copy's fault timing (QEMU trace lines -> latencies) and its option checks."""
+"""Post-copy's fault timing (QEMU trace lines -> latencies), its option checks and the
+bound on its recovery."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from novacron.agent.migration.options import MigrationOptions
-from novacron.agent.migration.postcopy import blocktime, fault_latencies, percentiles
+from novacron.agent.migration.postcopy import QemuStream, blocktime, fault_latencies, percentiles
+from novacron.agent.migration.source import MigrationFailed, SourceMigration
+from novacron.agent.migration.status import MigrationStatus
 
 # lines as QEMU 7.2 writes them with -msg timestamp=on (log trace backend), trimmed
 TRACE = b"""\
@@ -50,3 +57,47 @@ def test_postcopy_options() -> None:
                        ({"on_no_converge": "later"}, "'abort', 'force' or 'postcopy'")]:
         with pytest.raises(ValueError, match=words):
             MigrationOptions.from_dict(bad)
+
+
+class _PausedQemu:
+    """A post-copy source whose QEMU sits in postcopy-paused (the stream is down)."""
+
+    name, ram_size, ram_stat = "vm", 4096, None
+    ram_path = work_dir = Path("/nonexistent")
+    pid = None
+    queries = 0
+
+    async def query_migration(self) -> dict[str, Any]:
+        self.queries += 1
+        return {"status": "postcopy-paused"}
+
+    async def start_ram_migration(self, *a: Any, **kw: Any) -> None:
+        raise AssertionError("never reconnected, so never resumed")
+
+    async def set_ram_limits(self, *a: Any) -> None: ...
+
+    async def start_postcopy(self) -> None: ...
+
+    async def mark_paused(self) -> None: ...
+
+
+async def test_postcopy_recovery_gives_up_after_its_window() -> None:
+    """Bounded: a destination that never comes back ends the recovery after
+    postcopy_recover_s with a failure that says the guest waits there (nothing resumed)."""
+    attempts = []
+
+    async def reconnect() -> Any:
+        attempts.append(time.monotonic())
+        raise OSError("connection refused")
+
+    st = MigrationStatus(id="m1", vm="vm", role="source", peer="127.0.0.1:1")
+    st.postcopy = {"used": True, "recoveries": 0}
+    opts = MigrationOptions.from_dict({"on_no_converge": "postcopy", "postcopy_recover_s": 1})
+    mig = SourceMigration(_PausedQemu(), None, st, opts, reconnect=reconnect)
+    mig.qemu_stream = QemuStream(None)
+    mig._peer_lost = "connection reset"
+    t0 = time.monotonic()
+    with pytest.raises(MigrationFailed, match=r"not recovered within 1s \(\d+ attempts\); the guest waits"):
+        await mig._postcopy_recover()
+    assert 1.0 <= time.monotonic() - t0 < 6.0 and len(attempts) >= 2
+    assert st.postcopy["recovering"] is True and st.postcopy["recoveries"] == 0
