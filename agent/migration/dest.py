@@ -182,6 +182,7 @@ class _Incoming:
         self._channel_done: list[asyncio.Future[None]] = []  # recovered channels' handlers wait on these
         self._side_tasks: list[asyncio.Task[None]] = []
         self._ended = False  # no channel can be handed over any more
+        self._pc_sent: list[dict[str, Any]] = []  # post-copy news for the source (resumed, done)
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -517,7 +518,7 @@ class _Incoming:
             await dest.resume()
             self.committed = True
             st.postcopy["resumed_at_s"] = round(st.total_s, 3)
-            await self.ch.send_ctrl({"op": "resumed"})
+            await self._send_postcopy({"op": "resumed"})
             log.info("guest runs here; post-copy fetching its remaining pages", extra={"migration": st.id})
             while True:
                 try:  # one query at a time: QEMU answers when its main loop is free again
@@ -548,7 +549,7 @@ class _Incoming:
             self._journal("committed", "post-copy complete: every page is here")
             st.set_phase("completed")
             log.info("post-copy complete", extra={"migration": st.id, "blocktime": figures})
-            await self.ch.send_ctrl({"op": "postcopy_done", "blocktime": figures})
+            await self._send_postcopy({"op": "postcopy_done", "blocktime": figures})
         except ChannelClosed:
             pass  # recovery (or the source's query) settles it
         except Exception as exc:
@@ -556,6 +557,25 @@ class _Incoming:
             log.error("post-copy failed at the destination", extra={"migration": st.id, "error": str(exc)})
             with contextlib.suppress(Exception):
                 await self.ch.send_ctrl({"op": "error", "reason": st.error}, timeout=2)
+
+    async def _send_postcopy(self, msg: dict[str, Any]) -> None:
+        """Send ``msg`` on the channel, and again on the next one should this one break
+        first (recovery replaces it); bounded by POSTCOPY_RECOVER_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + POSTCOPY_RECOVER_S
+        self._pc_sent.append(msg)  # a recovery sends it again: it may have died with the channel
+        while True:
+            ch = self.ch
+            try:
+                await ch.send_ctrl(msg, timeout=10)
+                return
+            except (ChannelClosed, OSError, TimeoutError):
+                while self.ch is ch and not self._ended:
+                    if loop.time() > deadline:
+                        raise ChannelClosed(f"post-copy: could not tell the source {msg['op']!r}") from None
+                    await asyncio.sleep(0.1)
+                if self._ended:
+                    raise ChannelClosed(f"post-copy: could not tell the source {msg['op']!r}") from None
 
     async def _take_channel(self, ch: Channel) -> None:
         """A new channel from the source (``postcopy_resume``, grant checked by the
@@ -601,6 +621,8 @@ class _Incoming:
                     with contextlib.suppress(Exception):
                         await old.close()
                     await ch.send_ctrl({"op": "recovering"})
+                    for msg in self._pc_sent:  # the source ignores what it already had
+                        await ch.send_ctrl(msg)
                 self._side_tasks.append(asyncio.create_task(protocol.keepalive(ch, self.liveness)))
                 st.postcopy["recoveries"] = st.postcopy.get("recoveries", 0) + 1
                 log.info("post-copy channel recovered", extra={"migration": st.id})

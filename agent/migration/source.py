@@ -887,7 +887,9 @@ class SourceMigration:
                 continue  # the channel broke: _peer_lost says so, recovered above
             if item.get("op") == "error":
                 raise MigrationFailed(f"destination failed during post-copy: {protocol.reason_of(item)}")
-            if item.get("op") == "resumed" and not resumed:
+            if item.get("op") == "resumed" and resumed:
+                continue  # sent again on a recovered channel: it was not sure we had it
+            if item.get("op") == "resumed":
                 resumed = True
                 st.downtime_ms = (time.monotonic() - t_switch) * 1000.0
                 st.postcopy["time_to_resume_ms"] = round(st.downtime_ms, 2)
