@@ -107,10 +107,13 @@ class QMPClient:
         self._closed = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
         self.greeting: dict[str, Any] = {}
+        self.oob = False  # out-of-band execution negotiated (see connect)
 
     @classmethod
-    async def connect(cls, path: str, timeout: float = 10.0) -> QMPClient:
-        """Connect (retrying while QEMU creates the socket) and negotiate capabilities."""
+    async def connect(cls, path: str, timeout: float = 10.0, *, oob: bool = False) -> QMPClient:
+        """Connect (retrying while QEMU creates the socket) and negotiate capabilities;
+        ``oob``: out-of-band execution too, where QEMU offers it (a post-copy destination
+        whose main loop waits on a missing page still answers ``migrate-recover``)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -125,7 +128,9 @@ class QMPClient:
             left = max(0.1, deadline - time.monotonic())
             client.greeting = await client._read_greeting(left)
             client._reader_task = asyncio.create_task(client._read_loop(), name=f"qmp-reader {path}")
-            await client.execute("qmp_capabilities", timeout=left)
+            enable = oob and "oob" in client.greeting.get("capabilities", [])
+            await client.execute("qmp_capabilities", {"enable": ["oob"]} if enable else None, timeout=left)
+            client.oob = enable
         except BaseException:
             await client.close()
             raise
@@ -185,12 +190,14 @@ class QMPClient:
         for sub in self._subs:
             sub._put(None)
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-        """Run ``command`` and return its ``return`` value; QMPError on an error reply."""
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 30.0,
+                      *, oob: bool = False) -> Any:
+        """Run ``command`` and return its ``return`` value; QMPError on an error reply.
+        ``oob``: out of band when negotiated (QEMU runs it beside a blocked main loop)."""
         if self.closed:
             raise QMPClosedError(f"QMP connection closed (command {command})")
         msg_id = str(next(self._ids))
-        request: dict[str, Any] = {"execute": command, "id": msg_id}
+        request: dict[str, Any] = {"exec-oob" if oob and self.oob else "execute": command, "id": msg_id}
         if arguments:
             request["arguments"] = arguments
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

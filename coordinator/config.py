@@ -69,7 +69,9 @@ class CoordinatorConfig:
     migration_on_no_converge: str = setting(
         "abort", help="default policy when pre-copy cannot reach a migration's downtime budget: "
         "abort (the VM keeps running on its source; the migration fails with the figures) or "
-        "force (stop-and-copy anyway; the longer pause is reported as budget_exceeded)")
+        "force (stop-and-copy anyway; the longer pause is reported as budget_exceeded) or postcopy "
+        "(QEMU moves the RAM; not converged, the VM runs at the destination while its remaining "
+        "pages follow on demand)")
     migration_policies: dict[str, dict[str, Any]] = setting(
         factory=dict, help="named sets of migration options: [migration_policies.NAME] tables of "
         "the agent's options (bandwidth_mbps, downtime_ms, max_rounds, throttle, compression_level, "
@@ -108,8 +110,8 @@ def check_mcp(mcp: McpConfig) -> None:
 
 def check_config(cfg: CoordinatorConfig) -> None:
     """Values that parse but cannot work; ``config.load(check=...)`` names where each came from."""
-    if cfg.migration_on_no_converge not in ("abort", "force"):
-        raise Invalid("migration_on_no_converge", "must be abort or force (postcopy is not implemented)")
+    if cfg.migration_on_no_converge not in ("abort", "force", "postcopy"):
+        raise Invalid("migration_on_no_converge", "must be abort, force or postcopy")
     check_secret(cfg, "admin_token", required=f"admin_token is required ({ENV_PREFIX}_ADMIN_TOKEN)")
     check_secret(cfg, "agent_token", required=f"agent_token is required ({ENV_PREFIX}_AGENT_TOKEN)")
     if cfg.admin_token == cfg.agent_token:

@@ -161,9 +161,6 @@ class MigrationManager:
                                    f"{other.phase})")
             applied = self.policies.resolve(requested=policy, vm_policy=vm.migration_policy,
                                             labels=vm.labels, options=options)
-            if applied.options.get("on_no_converge") == "postcopy":
-                raise ApiError(400, "on_no_converge 'postcopy' is not implemented yet; "
-                                    "use 'abort' or 'force'")
             # the convergence policy is explicit on every record: the caller's or the
             # migration policy's, else the coordinator's default
             options = {"on_no_converge": self.cfg.migration_on_no_converge, **applied.options}

@@ -22,7 +22,7 @@ import mmap
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
@@ -31,9 +31,16 @@ from novacron.agent.migration.dedupdest import IncomingDedup, PageIndex
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import DestDiskRelay
 from novacron.agent.migration.journal import Entry, Journal
+from novacron.agent.migration.postcopy import QEMU_STREAM, QemuStream, blocktime, percentiles
 from novacron.agent.migration.status import MigrationStatus
-from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM, MirrorDest
-from novacron.agent.qmp import open_unix
+from novacron.agent.migration.vmport import (
+    AdmissionError,
+    DestFactory,
+    DestVM,
+    MirrorDest,
+    PostcopyDest,
+)
+from novacron.agent.qmp import QMPError, open_unix
 from novacron.agent.safefs import open_regular
 from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver
@@ -59,6 +66,11 @@ def _unmap(mm: mmap.mmap, exc: BaseException | None, mig_id: str) -> None:
 
 
 IDLE_TIMEOUT = 60.0  # longest silence from the source before we give up
+RESUME_WAIT_S = 60.0  # post-copy: the guest must be loaded and startable this soon after 'postcopy'
+TRACE_BUDGET = 16 << 20  # QEMU log bytes of fault tracing per post-copy (~200k pages placed)
+POSTCOPY_RECOVER_S = 300.0  # post-copy: how long we wait for the source to come back before giving up waiting
+# the agent's registry of post-copy migrations a new channel may resume: id -> taker
+Resumable = dict[str, Callable[[Channel], Awaitable[None]]]
 
 
 class DestAborted(Exception):
@@ -75,6 +87,7 @@ async def receive_migration(
     journal: Journal | None = None,
     peer_name: str = "",
     index: PageIndex | None = None,
+    resumable: Resumable | None = None,
 ) -> MigrationStatus | None:
     """Serve one incoming migration on ``channel``; returns its final status.
 
@@ -89,6 +102,11 @@ async def receive_migration(
         mid, vm_name, spec, ram_size, want_digest = protocol.check_prepare(rec.ctrl)
         liveness = protocol.liveness_of(rec.ctrl, idle_timeout)
         disks = protocol.check_disk_plan(rec.ctrl)
+        postcopy = rec.ctrl.get("postcopy", False)
+        if not isinstance(postcopy, bool):
+            raise ProtocolError("'prepare' message: postcopy must be a boolean")
+        if postcopy and (disks or want_digest):
+            raise ProtocolError("'prepare' message: post-copy moves no local disks and compares no digests")
         if authorise is not None:
             authorise(mid, vm_name, spec)
     except (ChannelClosed, ProtocolError) as exc:
@@ -101,6 +119,7 @@ async def receive_migration(
     register(status)
     incoming = _Incoming(channel, status, want_digest, min(idle_timeout, liveness), journal, peer_name)
     incoming.index = index
+    incoming.postcopy, incoming.resumable, incoming.liveness = postcopy, resumable, liveness
     # from here on the source hears from us, also while QEMU starts
     keepalive = asyncio.create_task(_keepalive(channel, liveness))
     try:
@@ -160,6 +179,18 @@ class _Incoming:
         self.disk_relay: DestDiskRelay | None = None
         self.index: PageIndex | None = None
         self.dedup: IncomingDedup | None = None  # the have/need exchange (dedupdest.py)
+        # post-copy (postcopy.py)
+        self.postcopy = False  # QEMU moves RAM; the source may switch to post-copy
+        self.postcopy_live = False  # the guest may run here while pages are still at the source
+        self.qemu_stream: QemuStream | None = None
+        self.resumable: Resumable | None = None
+        self.liveness = idle
+        self._pc_task: asyncio.Task[None] | None = None
+        self._resume_q: asyncio.Queue[Channel] = asyncio.Queue()
+        self._channel_done: list[asyncio.Future[None]] = []  # recovered channels' handlers wait on these
+        self._side_tasks: list[asyncio.Task[None]] = []
+        self._ended = False  # no channel can be handed over any more
+        self._pc_sent: list[dict[str, Any]] = []  # post-copy news for the source (resumed, done)
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -183,7 +214,17 @@ class _Incoming:
                 os.close(fd)
             receiver: PageStreamReceiver | None = PageStreamReceiver(
                 self.ch.page_key_in, mm, counters=self.counters)
-            sock = await dest.listen_device_state()
+            if self.postcopy:
+                if not isinstance(dest, PostcopyDest):
+                    raise ProtocolError("this destination cannot run post-copy")
+                try:
+                    sock = await dest.listen_device_state(postcopy=True)
+                except Exception as exc:  # QEMU refuses postcopy-ram: no userfaultfd for it here
+                    raise ProtocolError(f"post-copy unavailable at the destination: {exc} (QEMU needs "
+                                        "userfaultfd: run it as root or set vm.unprivileged_userfaultfd=1)"
+                                        ) from None
+            else:
+                sock = await dest.listen_device_state()
             if self.disks:
                 if not isinstance(dest, MirrorDest):
                     raise ProtocolError("this destination cannot receive local disks")
@@ -203,7 +244,13 @@ class _Incoming:
             await self._watched(dest, self._loop(dest, receiver, mm, sock))
         except BaseException as exc:
             reason = protocol.failure_reason(exc, "source")
-            if self.committed:
+            if self.postcopy_live:
+                # part of the guest's memory is only at the source: destroying nothing,
+                # claiming nothing; the source's journal keeps asking (phase stays postcopy)
+                st.error = f"{reason}; post-copy paused, outcome in doubt: the guest waits here for its pages"
+                log.error("post-copy not recovered; the guest waits here for pages the source keeps",
+                          extra={"migration": st.id, "reason": reason})
+            elif self.committed:
                 log.warning("source vanished after switchover; the VM runs here",
                             extra={"migration": st.id, "reason": reason})
                 if not st.done:
@@ -244,7 +291,17 @@ class _Incoming:
             if not isinstance(exc, ChannelClosed | DestAborted):
                 await self._linger()
         finally:
+            self._ended = True
             await self._close_device()
+            for task in self._side_tasks:
+                task.cancel()
+            if self._pc_task is not None and not self._pc_task.done() and not self.postcopy_live:
+                self._pc_task.cancel()
+            if self.resumable is not None:
+                self.resumable.pop(st.id, None)
+            for fut in self._channel_done:
+                if not fut.done():
+                    fut.set_result(None)
             if self.disk_relay is not None:
                 await self.disk_relay.close()
             receiver = None
@@ -301,7 +358,14 @@ class _Incoming:
         # read off the channel; frames and control messages still take effect in order.
         opening: list[asyncio.Task[None] | None] = [None]
         try:
-            await self._records(dest, receiver, mm, sock, opening)
+            while True:
+                try:
+                    await self._records(dest, receiver, mm, sock, opening)
+                    return
+                except (ChannelClosed, ProtocolError, TimeoutError) as exc:
+                    if not self.postcopy_live:
+                        raise
+                    await self._recover(dest, exc)
         finally:
             task = opening[0]
             if task is not None and not task.done():
@@ -351,6 +415,13 @@ class _Incoming:
                         recv.cancel()
                 task, opening[0] = opening[0], None
                 await task  # the previous frame first: order is the protocol
+            if rec.kind == DATA and rec.stream == QEMU_STREAM:
+                if self.qemu_stream is None:
+                    raise ProtocolError("QEMU stream data before 'ram_begin'")
+                assert rec.frame is not None
+                st.bytes_wire += len(rec.frame)
+                await self.qemu_stream.deliver(rec.frame)
+                continue
             if rec.kind == DATA:
                 if self.disk_relay is None:
                     raise ProtocolError("disk data without local disks")
@@ -360,6 +431,8 @@ class _Incoming:
             if self.disk_relay is not None and self.disk_relay.error is not None:
                 raise ProtocolError(f"disk relay failed: {self.disk_relay.error}")
             if rec.kind != CTRL:
+                if self.postcopy:  # QEMU owns this RAM (post-copy places pages with userfaultfd)
+                    raise ProtocolError("page frame in a migration whose RAM QEMU moves")
                 assert rec.frame is not None
                 opening[0] = asyncio.create_task(self._open_frame(receiver, rec.frame))
                 continue
@@ -389,6 +462,24 @@ class _Incoming:
                     await self.disk_relay.close()
                     assert isinstance(dest, MirrorDest)
                     await dest.stop_disk_export()
+            elif op == "ram_begin":
+                if not self.postcopy or self.qemu_stream is not None:
+                    raise ProtocolError("'ram_begin' without post-copy, or twice")
+                self.qemu_stream = QemuStream(self.ch)
+                self.qemu_stream.attach(*await _connect_unix_rw(sock, timeout=30))
+            elif op == "postcopy":
+                if self.qemu_stream is None or self._pc_task is not None:
+                    raise ProtocolError("'postcopy' before 'ram_begin', or twice")
+                # from here the guest may run here while pages are still at the source
+                self._journal("go", "post-copy")
+                self.resume_tried = True
+                self.postcopy_live = True
+                st.set_phase("postcopy")
+                if self.resumable is not None:
+                    self.resumable[st.id] = self._take_channel
+                self._pc_task = asyncio.create_task(self._run_postcopy(dest), name=f"postcopy {st.id}")
+            elif op == "done" and self._pc_task is not None:
+                return  # post-copy completed and the source released its copy
             elif op == "device_begin":
                 if self.dedup is not None:
                     self.dedup.check_settled()
@@ -443,12 +534,167 @@ class _Incoming:
         with contextlib.suppress(Exception):
             await self.ch.send_ctrl({"op": "error", "reason": reason}, timeout=2)
 
+    # -- post-copy ----------------------------------------------------------
+    async def _run_postcopy(self, dest: DestVM) -> None:
+        """Start the guest as soon as QEMU loaded the device state, then wait until
+        every page is here; only then is the migration complete (and the source freed)."""
+        st = self.status
+        assert isinstance(dest, PostcopyDest)
+        mark: int | None = None
+        tracing = True
+        try:
+            try:
+                mark = await dest.trace_faults(True)  # figures only: never fails the migration
+            except Exception as exc:
+                log.warning("cannot time post-copy faults", extra={"migration": st.id, "error": str(exc)})
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + RESUME_WAIT_S
+            while (state := await dest.run_state()) != "paused":  # QEMU loaded the package
+                if state not in ("inmigrate", "prelaunch", "paused") or loop.time() > deadline:
+                    raise RuntimeError(f"destination QEMU is {state!r}, not loaded, after 'postcopy'")
+                await asyncio.sleep(0.005)
+            await dest.adopt()
+            dest.hold(True)  # not stoppable or deletable until every page is here
+            await dest.resume()
+            self.committed = True
+            st.postcopy["resumed_at_s"] = round(st.total_s, 3)
+            await self._send_postcopy({"op": "resumed"})
+            log.info("guest runs here; post-copy fetching its remaining pages", extra={"migration": st.id})
+            while True:
+                try:  # one query at a time: QEMU answers when its main loop is free again
+                    info = await dest.query_migration(timeout=POSTCOPY_RECOVER_S)
+                except TimeoutError:
+                    continue
+                state = str(info.get("status"))
+                st.postcopy["qemu_state"] = state
+                if state == "completed":
+                    break
+                if state in ("failed", "cancelled"):
+                    raise RuntimeError(f"QEMU post-copy {state}: {info.get('error-desc', 'no detail')}")
+                if tracing and mark is not None and dest.log_size() - mark > TRACE_BUDGET:
+                    tracing = False  # a large post-copy: time its first faults only
+                    with contextlib.suppress(Exception):
+                        await dest.trace_faults(False)
+                await asyncio.sleep(0.1)
+            figures = blocktime(info)
+            if mark is not None:
+                if tracing:
+                    with contextlib.suppress(Exception):
+                        await dest.trace_faults(False)
+                figures["fault_ms"] = percentiles(await asyncio.to_thread(dest.fault_latencies, mark))
+                figures["fault_ms"]["sampled"] = not tracing
+            st.postcopy["blocktime"] = figures
+            self.postcopy_live = False
+            dest.hold(False)
+            self._journal("committed", "post-copy complete: every page is here")
+            st.set_phase("completed")
+            log.info("post-copy complete", extra={"migration": st.id, "blocktime": figures})
+            await self._send_postcopy({"op": "postcopy_done", "blocktime": figures})
+        except ChannelClosed:
+            pass  # recovery (or the source's query) settles it
+        except Exception as exc:
+            st.error = f"post-copy at the destination: {exc}"
+            log.error("post-copy failed at the destination", extra={"migration": st.id, "error": str(exc)})
+            with contextlib.suppress(Exception):
+                await self.ch.send_ctrl({"op": "error", "reason": st.error}, timeout=2)
+
+    async def _send_postcopy(self, msg: dict[str, Any]) -> None:
+        """Send ``msg`` on the channel, and again on the next one should this one break
+        first (recovery replaces it); bounded by POSTCOPY_RECOVER_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + POSTCOPY_RECOVER_S
+        self._pc_sent.append(msg)  # a recovery sends it again: it may have died with the channel
+        while True:
+            ch = self.ch
+            try:
+                await ch.send_ctrl(msg, timeout=10)
+                return
+            except (ChannelClosed, OSError, TimeoutError):
+                while self.ch is ch and not self._ended:
+                    if loop.time() > deadline:
+                        raise ChannelClosed(f"post-copy: could not tell the source {msg['op']!r}") from None
+                    await asyncio.sleep(0.1)
+                if self._ended:
+                    raise ChannelClosed(f"post-copy: could not tell the source {msg['op']!r}") from None
+
+    async def _take_channel(self, ch: Channel) -> None:
+        """A new channel from the source (``postcopy_resume``, grant checked by the
+        manager): hand it to the recovery; its handler must not close it meanwhile."""
+        if self._ended:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._channel_done.append(done)
+        await self._resume_q.put(ch)
+        await done
+
+    async def _recover(self, dest: DestVM, exc: BaseException) -> None:
+        """The channel broke during post-copy: wait for the source to reconnect, then
+        let QEMU listen again (``migrate-recover``); bounded by POSTCOPY_RECOVER_S."""
+        st = self.status
+        assert isinstance(dest, PostcopyDest) and self.qemu_stream is not None
+        log.warning("post-copy stream lost; waiting for the source to reconnect",
+                    extra={"migration": st.id, "reason": str(exc)})
+        await self.qemu_stream.close()  # QEMU sees its stream break: postcopy-paused
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + POSTCOPY_RECOVER_S
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ChannelClosed(f"post-copy: the source did not reconnect within {POSTCOPY_RECOVER_S:g}s")
+            try:
+                ch = await asyncio.wait_for(self._resume_q.get(), remaining)
+            except TimeoutError:
+                continue
+            state = ""
+            try:
+                async with asyncio.timeout(10):
+                    while True:  # QEMU notices the break soon; in-band queries may hang meanwhile
+                        try:
+                            sock = await dest.recover_postcopy()
+                            break
+                        except QMPError as qexc:
+                            state = qexc.desc
+                            await asyncio.sleep(0.05)
+                    self.qemu_stream.ch = ch
+                    self.qemu_stream.attach(*await _connect_unix_rw(sock, timeout=10))
+                    old, self.ch = self.ch, ch
+                    with contextlib.suppress(Exception):
+                        await old.close()
+                    await ch.send_ctrl({"op": "recovering"})
+                    for msg in self._pc_sent:  # the source ignores what it already had
+                        await ch.send_ctrl(msg)
+                self._side_tasks.append(asyncio.create_task(protocol.keepalive(ch, self.liveness)))
+                st.postcopy["recoveries"] = st.postcopy.get("recoveries", 0) + 1
+                log.info("post-copy channel recovered", extra={"migration": st.id})
+                return
+            except (ChannelClosed, ProtocolError, OSError, TimeoutError, RuntimeError) as rexc:
+                log.warning("post-copy recovery attempt failed",
+                            extra={"migration": st.id, "error": str(rexc) or type(rexc).__name__,
+                                   "qemu_state": state})
+                await self.qemu_stream.close()
+                with contextlib.suppress(Exception):
+                    await ch.close()
+
     async def _close_device(self) -> None:
+        if self.qemu_stream is not None and not self.postcopy_live:
+            await self.qemu_stream.close()
         w, self.device_writer = self.device_writer, None
         if w is not None:
             w.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(w.wait_closed(), 5)
+
+
+async def _connect_unix_rw(path: str, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await open_unix(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if loop.time() > deadline:
+                raise ProtocolError(f"destination VM did not listen for its migration on {path}") from None
+            await asyncio.sleep(0.02)
 
 
 async def _connect_unix(path: str, timeout: float) -> asyncio.StreamWriter:

@@ -32,7 +32,7 @@ from novacron.agent.channel import (
 from novacron.agent.channel.records import CTRL
 from novacron.agent.migration import protocol
 from novacron.agent.migration.dedupdest import PageIndex
-from novacron.agent.migration.dest import receive_migration
+from novacron.agent.migration.dest import Resumable, receive_migration
 from novacron.agent.migration.doubt import (
     ChannelOutcomeProbe,
     HttpOutcomeProbe,
@@ -105,6 +105,7 @@ class MigrationManager:
         self._running: dict[str, SourceMigration] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._busy_vms: set[str] = set()
+        self._resumable: Resumable = {}  # incoming post-copy migrations a new channel may resume
         # told of every migration that ends (the agent's metrics)
         self.on_finish: Callable[[MigrationStatus], None] | None = None
 
@@ -208,6 +209,17 @@ class MigrationManager:
                 await local.release(entry.vm)  # the agent stopped between commit and release
             return
         if entry.role == "destination":
+            if entry.step == "go" and entry.reason.startswith("post-copy") and state is not None:
+                # post-copy: the guest runs here but pages may still be only at the source,
+                # whose copy must stay; neither committed nor rolled back (in doubt, fenced)
+                if local is not None:
+                    local.set_migrating(entry.vm, True)
+                status.set_phase("postcopy")
+                status.error = ("the agent restarted during post-copy: the guest's missing pages are "
+                                "still at the source; outcome in doubt")
+                journal.note(entry.id, status.error)
+                log.error("agent restarted during post-copy; left in doubt", extra={"migration": entry.id})
+                return
             # incoming/ was cleaned before this: a guest that runs here was adopted
             if state == "running":
                 journal.step(entry.id, "committed", "the agent restarted after the guest started here")
@@ -312,7 +324,7 @@ class MigrationManager:
             await receive_migration(channel, self._dest_factory, register,
                                     authorise=lambda mid, vm, spec: authorise(grant, mid, vm, spec),
                                     journal=self.journal, peer_name=grant.source,
-                                    index=self.page_index)
+                                    index=self.page_index, resumable=self._resumable)
         finally:  # also when it raised: the name must not stay busy forever
             for name in names:
                 self._busy_vms.discard(name)
@@ -329,15 +341,24 @@ class MigrationManager:
                 self._check_asker(channel, mid, vm)
                 await channel.send_ctrl({"op": "outcome", "outcome": self.answer(mid, vm)}, timeout=5)
                 return None
-            if rec.kind != CTRL or rec.op != "grant" or rec.ctrl is None:
+            resume = rec.kind == CTRL and rec.op == "postcopy_resume"
+            if (rec.kind != CTRL or rec.op not in ("grant", "postcopy_resume")) or rec.ctrl is None:
                 raise ProtocolError("first message must be the coordinator's grant")
-            grant = self.grants.verify(rec.ctrl.get("grant"))
+            # a post-copy's recovery presents the grant it was admitted with (used already)
+            grant = self.grants.verify(rec.ctrl.get("grant"), check_expiry=not resume)
             if grant.target != self.host_name:
                 raise GrantError(f"the grant is for destination {grant.target!r}, "
                                  f"this host is {self.host_name!r}")
             if self.server.ssl is not None and channel.peer_identity != grant.source:
                 raise GrantError(f"the grant is for source {grant.source!r}; the peer's certificate "
                                  f"is {channel.peer_identity!r}")
+            if resume:
+                take = self._resumable.get(grant.migration)
+                if take is None:
+                    raise ProtocolError(f"no post-copy of migration {grant.migration!r} waits here")
+                log.info("post-copy channel back", extra={"peer": channel.peer(), "grant": grant.migration})
+                await take(channel)  # returns when the migration is done with this channel
+                return None
             self._used_in.consume(grant)
         except (ChannelClosed, ProtocolError, GrantError) as exc:
             log.warning("incoming migration refused", extra={"peer": channel.peer(), "reason": str(exc)})
@@ -452,7 +473,20 @@ class MigrationManager:
                     peer_host=grant.data_host, peer_port=grant.data_port, peer_name=grant.target))
             probe = HttpOutcomeProbe(grant.url, token, status.id, vm.name, scheme="Grant",
                                      ssl=self._peer_ssl, server_name=grant.target)
-            mig = SourceMigration(vm, channel, status, opts, probe=probe, journal=self.journal)
+
+            async def reconnect() -> Channel:
+                """Post-copy recovery: a new channel, presenting the same grant."""
+                ch = await connect(grant.data_host, grant.data_port, self._secret,
+                                   ssl=self._peer_ssl, server_name=grant.target)
+                try:
+                    await ch.send_ctrl({"op": "postcopy_resume", "grant": token}, timeout=10)
+                except BaseException:
+                    await ch.close()
+                    raise
+                return ch
+
+            mig = SourceMigration(vm, channel, status, opts, probe=probe, journal=self.journal,
+                                  reconnect=reconnect)
             self._running[status.id] = mig
             try:
                 await channel.send_ctrl({"op": "grant", "grant": token})  # the destination's admission

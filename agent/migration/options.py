@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-NO_CONVERGE = ("abort", "force")  # 'postcopy' reserved: refused until it exists
+NO_CONVERGE = ("abort", "force", "postcopy")
 # what may change while a migration runs (PATCH /v1/migrations/{id})
 LIVE = ("bandwidth_mbps", "downtime_ms")
 
@@ -41,8 +41,12 @@ class MigrationOptions:
     max_pause_ms: float = 10_000.0
     # pre-copy could not reach the downtime budget: 'abort' (the guest keeps running
     # here, the migration fails with the figures) or 'force' (stop-and-copy anyway,
-    # reported as budget_exceeded); 'postcopy' is reserved and refused for now
+    # reported as budget_exceeded) or 'postcopy' (QEMU moves RAM and, not converged after
+    # max_rounds, runs the guest at the destination before all its memory arrived; postcopy.py)
     on_no_converge: str = "abort"
+    # post-copy: how long a lost channel is retried before the migration is left in doubt
+    # (the guest waits at the destination; neither copy is destroyed)
+    postcopy_recover_s: float = 60.0
     # the pages sent while the guest is paused obey bandwidth_mbps too (default: they
     # go at link speed, so the cap never lengthens the pause)
     throttle_final: bool = False
@@ -96,11 +100,13 @@ class MigrationOptions:
             raise ValueError("option 'pause_factor' must be between 1 and 10000")
         if not 10 <= self.max_pause_ms <= 600_000:
             raise ValueError("option 'max_pause_ms' must be between 10 and 600000")
-        if self.on_no_converge == "postcopy":
-            raise ValueError("option 'on_no_converge': 'postcopy' is not implemented yet; "
-                             "use 'abort' or 'force'")
         if self.on_no_converge not in NO_CONVERGE:
-            raise ValueError("option 'on_no_converge' must be 'abort' or 'force'")
+            raise ValueError("option 'on_no_converge' must be 'abort', 'force' or 'postcopy'")
+        if not 1 <= self.postcopy_recover_s <= 3600:
+            raise ValueError("option 'postcopy_recover_s' must be between 1 and 3600")
+        if self.on_no_converge == "postcopy" and self.test_digest:
+            # the destination's RAM fills while the guest runs there: no moment to compare
+            raise ValueError("option 'test_digest' cannot be combined with on_no_converge 'postcopy'")
 
     @property
     def pause_ceiling_ms(self) -> float:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from novacron.agent.migration.diskrelay import RELAY_PREFIX
+from novacron.agent.migration.postcopy import FAULT_EVENTS, fault_latencies
 from novacron.agent.migration.protocol import RELAY_SOCKET
 from novacron.agent.migration.vmport import AdmissionError
 from novacron.agent.qmp import QMPClient, QMPError
@@ -40,6 +41,12 @@ from novacron.agent.vm.spec import SpecError, parse_spec
 log = logging.getLogger("novacron.agent.migration")
 
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+# Post-copy (postcopy.py): QEMU moves RAM itself, so the shared block must not be skipped;
+# postcopy-blocktime (destination) makes QEMU time the vCPUs' waits on missing pages.
+POSTCOPY_CAPS = {"capabilities": [{"capability": "x-ignore-shared", "state": False},
+                                  {"capability": "postcopy-ram", "state": True},
+                                  {"capability": "postcopy-blocktime", "state": True}]}
+RECOVER_SOCKET = "recover.sock"  # destination: QEMU's post-copy recovery listens here
 DEVICE_SOCKET = "incoming.sock"
 NBD_SOCKET = "nbd.sock"  # destination: its QEMU's NBD server for the local disks
 JOB_POLL_S = 0.05
@@ -152,6 +159,37 @@ class QemuSource:
 
     async def stay(self) -> None:
         self.vm.migrating = False
+
+    # ----- post-copy (PostcopySource, see postcopy.py) -----------------------
+    async def start_ram_migration(self, socket_path: Path, *, bandwidth_bytes_s: float,
+                                  downtime_ms: float, resume: bool = False) -> None:
+        """QEMU's own migration of RAM and devices, post-copy enabled, to ``socket_path``
+        (``resume``: reconnect a paused post-copy instead)."""
+        if socket_path.parent != self.vm.paths.dir:
+            raise ValueError(f"migration socket {socket_path} is outside the VM folder")
+        qmp = _qmp(self.vm)
+        self.vm.images.qemu.share_file(socket_path)  # an unprivileged QEMU must connect to it
+        if not resume:
+            await qmp.execute("migrate-set-capabilities", POSTCOPY_CAPS, timeout=10)
+            await self.set_ram_limits(bandwidth_bytes_s, downtime_ms)
+        await qmp.execute("migrate", {"uri": f"unix:{socket_path.name}", "resume": resume}, timeout=10)
+
+    async def set_ram_limits(self, bandwidth_bytes_s: float, downtime_ms: float) -> None:
+        # 0 = no cap for us; QEMU's own default is 32 MiB/s, so "none" is asked explicitly
+        cap = int(bandwidth_bytes_s) if bandwidth_bytes_s > 0 else 1 << 40
+        await _qmp(self.vm).execute("migrate-set-parameters", {
+            "max-bandwidth": cap, "max-postcopy-bandwidth": int(bandwidth_bytes_s),
+            "downtime-limit": max(1, int(downtime_ms))}, timeout=10)
+
+    async def query_migration(self) -> dict[str, Any]:
+        return await _qmp(self.vm).execute("query-migrate", timeout=10) or {}
+
+    async def start_postcopy(self) -> None:
+        await _qmp(self.vm).execute("migrate-start-postcopy", timeout=10)
+
+    async def mark_paused(self) -> None:
+        """QEMU stopped the guest itself (completion or post-copy): record it."""
+        self.vm.state = "paused"
 
     # ----- local disks (MirrorSource) -------------------------------------
     # Job and node names: "nc-mirror<i>" mirrors node "disk<i>" to NBD client node "nc-target<i>".
@@ -268,10 +306,52 @@ class QemuDest:
         self.ram_path = vm.ram_path
         self.ram_stat = vm.ram_stat
 
-    async def listen_device_state(self) -> str:
+    async def listen_device_state(self, postcopy: bool = False) -> str:
+        qmp = _qmp(self.vm)
+        if postcopy:  # QEMU moves RAM too, and may be switched to post-copy
+            await qmp.execute("migrate-set-capabilities", POSTCOPY_CAPS, timeout=10)
         # relative: QEMU runs in the VM folder, whose path may be too long for sun_path
-        await _qmp(self.vm).execute("migrate-incoming", {"uri": f"unix:{DEVICE_SOCKET}"}, timeout=10)
+        await qmp.execute("migrate-incoming", {"uri": f"unix:{DEVICE_SOCKET}"}, timeout=10)
         return str(self.vm.paths.dir / DEVICE_SOCKET)
+
+    async def query_migration(self, timeout: float = 10) -> dict[str, Any]:
+        return await _qmp(self.vm).execute("query-migrate", timeout=timeout) or {}
+
+    def hold(self, flag: bool) -> None:
+        self.vm.migrating = flag
+
+    async def trace_faults(self, on: bool) -> int:
+        """Turn QEMU's page-fault trace events on/off; returns where its log is now."""
+        for name in FAULT_EVENTS:
+            await _qmp(self.vm).execute("trace-event-set-state", {"name": name, "enable": on}, timeout=10)
+        return self.log_size()
+
+    def log_size(self) -> int:
+        try:
+            return self.vm.paths.qemu_log.stat().st_size
+        except OSError:
+            return 0
+
+    def fault_latencies(self, since: int) -> list[float]:
+        """The faults' service times (ms) QEMU logged after offset ``since`` (blocking I/O)."""
+        try:
+            with open(self.vm.paths.qemu_log, "rb") as f:  # the agent's own file (QEMU's stderr)
+                f.seek(since)
+                return fault_latencies(f.read(32 << 20))
+        except OSError:
+            return []
+
+    async def run_state(self) -> str:
+        return str((await _qmp(self.vm).execute("query-status", timeout=10) or {}).get("status"))
+
+    async def recover_postcopy(self) -> str:
+        """A post-copy whose stream broke: listen for the source's QEMU again."""
+        path = self.vm.paths.dir / RECOVER_SOCKET
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # the previous attempt's
+        # out of band: in post-copy QEMU's main loop may be waiting on a missing page
+        await _qmp(self.vm).execute("migrate-recover", {"uri": f"unix:{RECOVER_SOCKET}"}, timeout=10, oob=True)
+        return str(path)
 
     async def wait_device_state_loaded(self, timeout: float) -> None:
         await _poll(self.vm, "query-status", _incoming_loaded, timeout, "destination QEMU")

@@ -4,8 +4,8 @@ Guest RAM is read straight from the VM's shared RAM file; QEMU only pauses,
 resumes and hands over device state. Any failure before the destination has
 confirmed that the guest runs there rolls back: the source resumes and the
 destination is told to destroy what it built (and does so by itself when the
-channel breaks). Post-copy would branch off in ``_precopy`` when the round
-limit is hit without convergence (see ``_on_no_convergence``).
+channel breaks). With ``on_no_converge = postcopy`` QEMU moves the RAM itself
+and may switch to post-copy (``_qemu_ram``, see ``postcopy.py``).
 
 Each irreversible step is journalled first (``journal.py``), so a restarted
 agent can settle what this one left. A watchdog runs beside the phases: a
@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +36,18 @@ from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.pipeline import CompressionPolicy, OfferPolicy
+from novacron.agent.migration.postcopy import (
+    POLL_S,
+    QEMU_STREAM,
+    RECOVER_TRY_S,
+    QemuStream,
+    ram_progress,
+)
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.stopscan import StopScan
 from novacron.agent.migration.throttle import Throttle
 from novacron.agent.migration.unixsock import start_unix_server_at
-from novacron.agent.migration.vmport import MirrorSource, SourceVM
+from novacron.agent.migration.vmport import MirrorSource, PostcopySource, SourceVM
 from novacron.agent.safefs import open_regular
 from novacron.faults import crash_point
 from novacron.native import (
@@ -90,8 +98,12 @@ class SourceMigration:
         *,
         probe: OutcomeProbe | None = None,
         journal: Journal | None = None,
+        reconnect: Callable[[], Awaitable[Channel]] | None = None,
     ) -> None:
         self.vm = vm
+        # post-copy recovery: a new channel to the destination under the same grant,
+        # ``postcopy_resume`` already sent on it (the manager knows how)
+        self.reconnect = reconnect
         self.journal = journal  # None: not journalled (engine tests)
         self.probe = probe  # asks the destination's API when the channel dies after 'go'
         self.ch = channel
@@ -149,6 +161,15 @@ class SourceMigration:
         self._disk_failed: str | None = None
         self._disk_watch: asyncio.Task[None] | None = None
         self._prepare_sent = asyncio.Event()  # set by _watch_disks: a mirror failed after it was ready
+        # post-copy (postcopy.py): QEMU's migration connection, relayed over the channel
+        self.qemu_stream: QemuStream | None = None
+        self._qemu_conns: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue(1)
+        self._deadline: asyncio.Timeout | None = None
+        self._side_tasks: list[asyncio.Task[None]] = []  # keepalive/reader of a recovered channel
+        self._qemu_state = ""  # QEMU's migration state, last read while recovering
+        # QEMU may stop the guest by itself (its migration completing): a rollback resumes
+        # it whatever we saw last ('cont' on a running guest is harmless)
+        self._qemu_may_pause = False
 
     # -- public ----------------------------------------------------------
     async def run(self) -> MigrationStatus:
@@ -174,6 +195,10 @@ class SourceMigration:
                 raise
         finally:
             keepalive.cancel()
+            for task in self._side_tasks:
+                task.cancel()
+            if self.qemu_stream is not None:
+                await self.qemu_stream.close()
             if self._disk_watch is not None:
                 self._disk_watch.cancel()
             if self.disk_relay is not None:
@@ -182,8 +207,18 @@ class SourceMigration:
         return st
 
     async def _phases(self) -> None:
-        async with asyncio.timeout(self.opts.timeout_s):
+        postcopy = self.opts.on_no_converge == "postcopy"
+        if postcopy and not isinstance(self.vm, PostcopySource):
+            raise MigrationFailed("post-copy is not available for this VM's hypervisor")
+        async with asyncio.timeout(self.opts.timeout_s) as deadline:
+            self._deadline = deadline
             await self._prepare()
+            if postcopy:
+                if self._disk_plan:
+                    raise MigrationFailed("post-copy cannot move local disks; use on_no_converge "
+                                          "abort or force")
+                await self._qemu_ram()
+                return
             await self._mirror_disks()
             await self._precopy()
             await self._stopcopy()
@@ -251,6 +286,9 @@ class SourceMigration:
         new = self.opts.changed(raw)
         self.opts.bandwidth_mbps, self.opts.downtime_ms = new.bandwidth_mbps, new.downtime_ms
         self.bucket.set_rate(new.bandwidth_mbps * 1e6)
+        if self.qemu_stream is not None and isinstance(self.vm, PostcopySource):  # QEMU moves the RAM
+            self._side_tasks.append(asyncio.create_task(
+                self.vm.set_ram_limits(new.bandwidth_mbps * 1e6, new.downtime_ms)))
         self.status.options = self.opts.as_dict()
         self.status.pause_ceiling_ms = self.opts.pause_ceiling_ms
         log.info("migration limits changed", extra={"migration": self.status.id, **raw})
@@ -266,6 +304,10 @@ class SourceMigration:
             while True:
                 # the destination sends keepalives: silence this long means dead or hung
                 rec = await self.ch.recv(timeout=self.opts.liveness_s)
+                if rec.kind == DATA and rec.stream == QEMU_STREAM and self.qemu_stream is not None:
+                    assert rec.frame is not None
+                    self.qemu_stream.deliver_nowait(rec.frame)  # the destination's return path
+                    continue
                 if rec.kind == DATA and self.disk_relay is not None:
                     assert rec.frame is not None
                     self.disk_relay.deliver(rec.stream, rec.frame)  # NBD replies to our QEMU
@@ -425,6 +467,7 @@ class SourceMigration:
             "op": "prepare", "id": st.id, "vm": self.vm.name, "spec": self.vm.spec(),
             "ram_size": size, "test_digest": self.opts.test_digest,
             "liveness_s": self.opts.liveness_s, "disks": self._disk_plan,
+            "postcopy": self.opts.on_no_converge == "postcopy",
         })
         self._prepare_sent.set()
         prepared = await self._expect("prepared", timeout=120)
@@ -854,6 +897,242 @@ class SourceMigration:
             with contextlib.suppress(OSError):
                 path.unlink()
 
+    # -- RAM by QEMU, with post-copy (postcopy.py) ------------------------------
+    def _count_qemu(self, n: int) -> None:
+        self.status.bytes_wire += n
+        self.status.bytes_acked = self.status.bytes_wire  # a relayed stream: no page acks
+
+    async def _on_qemu_conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            self._qemu_conns.put_nowait((r, w))
+        except asyncio.QueueFull:  # one migration stream at a time; never block a handler
+            w.close()
+
+    async def _qemu_attach(self, timeout: float) -> None:
+        assert self.qemu_stream is not None
+        async with asyncio.timeout(timeout):
+            reader, writer = await self._qemu_conns.get()
+        self.qemu_stream.attach(reader, writer)
+
+    def _qemu_progress(self, info: dict[str, Any]) -> dict[str, Any]:
+        st = self.status
+        ram = ram_progress(info)
+        st.postcopy["qemu"] = ram
+        st.round = max(st.round, ram["dirty_sync_count"])
+        st.remaining_bytes = ram["remaining"]
+        st.rate_bytes_s = st.bandwidth_bytes_s = ram["mbps"] * 1e6 / 8
+        st.link_rate_bytes_s = max(st.link_rate_bytes_s, st.rate_bytes_s)
+        st.dirty_rate_pages_s = float(ram["dirty_pages_rate"])
+        st.pages_sent = ram["normal_pages"] + ram["duplicate_pages"]
+        st.pages_zero = ram["duplicate_pages"]
+        st.bytes_raw = ram["normal_pages"] * protocol.PAGE
+        st.eta_s = st.remaining_bytes / st.rate_bytes_s if st.rate_bytes_s > 0 else None
+        if ram["transferred"] + ram["remaining"] > 0:
+            st.advance(100.0 * ram["transferred"] / (ram["transferred"] + ram["remaining"]))
+        return ram
+
+    async def _qemu_ram(self) -> None:
+        """QEMU's pre-copy under our cap and budget; converged: the ordinary switchover;
+        not after ``max_rounds`` bitmap syncs: post-copy."""
+        st, opts, vm = self.status, self.opts, self.vm
+        assert isinstance(vm, PostcopySource)
+        st.set_phase("precopy")
+        st.postcopy = {"used": False, "recoveries": 0}
+        self.qemu_stream = QemuStream(self.ch, self._count_qemu)
+        path = self.vm.work_dir / protocol.RELAY_SOCKET
+        server = await start_unix_server_at(self._on_qemu_conn, path)
+        try:
+            # QEMU stops the guest by itself (at completion, or to start post-copy):
+            # journalled first, so a restarted agent resumes a guest it finds paused here
+            self._journal("paused")
+            self._qemu_may_pause = True
+            await self.ch.send_ctrl({"op": "ram_begin"})
+            self._device_started = True  # a rollback cancels QEMU's migration
+            await vm.start_ram_migration(path, bandwidth_bytes_s=opts.bandwidth_mbps * 1e6,
+                                         downtime_ms=opts.downtime_ms)
+            await self._qemu_attach(30)
+            while True:
+                self._check_inbox()
+                if self.qemu_stream.error is not None:
+                    raise MigrationFailed(self.qemu_stream.error)
+                info = await vm.query_migration()
+                state = info.get("status")
+                ram = self._qemu_progress(info)
+                if state in ("failed", "cancelled"):
+                    raise MigrationFailed(f"QEMU migration {state}: {info.get('error-desc', 'no detail')}")
+                if state == "completed":
+                    await self._qemu_converged(info)
+                    return
+                if state == "active" and ram["dirty_sync_count"] > opts.max_rounds:
+                    await self._postcopy(ram)
+                    return
+                await asyncio.sleep(POLL_S)
+        finally:
+            server.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    async def _qemu_converged(self, info: dict[str, Any]) -> None:
+        """QEMU's pre-copy converged and stopped the guest: hand over as usual."""
+        st, vm = self.status, self.vm
+        assert isinstance(vm, PostcopySource) and self.qemu_stream is not None
+        st.converged = True
+        qemu_ms = float(info.get("downtime", 0))
+        self._t_pause = time.monotonic() - qemu_ms / 1000.0
+        self._paused = True
+        await vm.mark_paused()
+        st.set_phase("stopcopy")
+        st.downtime_parts["qemu_downtime_ms"] = qemu_ms
+        async with asyncio.timeout(30):  # QEMU closes its end once the destination shut the return path
+            await self.qemu_stream.eof.wait()
+        await self.ch.send_ctrl({"op": "device_end", "bytes": st.bytes_wire})
+        await self._expect("ready", timeout=120)
+        await self._switchover()
+
+    async def _postcopy(self, ram: dict[str, Any]) -> None:
+        """Pre-copy did not converge: switch to post-copy. From the journalled 'go' on,
+        this copy never runs again; it serves pages until the destination has them all."""
+        st, opts, vm = self.status, self.opts, self.vm
+        assert isinstance(vm, PostcopySource)
+        st.converged = False
+        st.no_converge = {
+            "policy": "postcopy", "rounds": ram["dirty_sync_count"] - 1,
+            "dirty_rate_bytes_s": round(st.dirty_rate_pages_s * protocol.PAGE, 1),
+            "link_rate_bytes_s": round(st.rate_bytes_s, 1), "remaining_bytes": ram["remaining"],
+            "budget_ms": opts.downtime_ms, "throttle_pct": 0.0,
+        }
+        log.warning("pre-copy did not converge; switching to post-copy",
+                    extra={"migration": st.id, **st.no_converge})
+        self._journal("go", "post-copy")
+        self._go_sent = True
+        if self._deadline is not None:  # post-copy must not be cut short: it ends when all pages arrived
+            self._deadline.reschedule(None)
+        await self.ch.send_ctrl({"op": "postcopy"})
+        self._t_pause = t_switch = time.monotonic()
+        self._paused = True
+        await vm.start_postcopy()
+        await vm.mark_paused()
+        st.postcopy["used"] = True
+        st.set_phase("postcopy")
+        resumed = done = False
+        while not (resumed and done):
+            if self._peer_lost is not None or (self.qemu_stream is not None and self.qemu_stream.error):
+                await self._postcopy_recover()
+                continue
+            try:
+                item = await asyncio.wait_for(self._inbox.get(), POLL_S)
+            except TimeoutError:
+                with contextlib.suppress(Exception):  # progress only; the outcome is the destination's word
+                    self._qemu_progress(await vm.query_migration())
+                continue
+            if isinstance(item, BaseException):
+                continue  # the channel broke: _peer_lost says so, recovered above
+            if item.get("op") == "error":
+                raise MigrationFailed(f"destination failed during post-copy: {protocol.reason_of(item)}")
+            if item.get("op") == "resumed" and resumed:
+                continue  # sent again on a recovered channel: it was not sure we had it
+            if item.get("op") == "resumed":
+                resumed = True
+                st.downtime_ms = (time.monotonic() - t_switch) * 1000.0
+                st.postcopy["time_to_resume_ms"] = round(st.downtime_ms, 2)
+                st.budget_exceeded = st.downtime_ms > opts.downtime_ms
+                log.info("guest resumed at the destination (post-copy)",
+                         extra={"migration": st.id, "time_to_resume_ms": round(st.downtime_ms, 1)})
+            elif item.get("op") == "postcopy_done":
+                done = True
+                figures = item.get("blocktime")
+                if isinstance(figures, dict):
+                    st.postcopy["blocktime"] = figures
+            else:
+                raise ProtocolError(f"unexpected {item.get('op')!r} from destination during post-copy")
+        st.postcopy["seconds"] = round(time.monotonic() - t_switch, 3)
+
+    async def _postcopy_recover(self) -> None:
+        """The channel (or QEMU's relayed stream) broke during post-copy: both QEMUs pause
+        their page traffic; reconnect under the same grant and let QEMU resume."""
+        st, opts, vm = self.status, self.opts, self.vm
+        assert isinstance(vm, PostcopySource) and self.qemu_stream is not None
+        reason = self._peer_lost or self.qemu_stream.error or "stream broke"
+        t0 = time.monotonic()
+        log.warning("post-copy stream lost; recovering",
+                    extra={"migration": st.id, "reason": reason, "window_s": opts.postcopy_recover_s})
+        if self.journal is not None and st.id in self.journal.entries:
+            self.journal.note(st.id, f"post-copy recovering: {reason}")
+        await self.qemu_stream.close()  # QEMU sees its stream break: postcopy-paused
+        st.postcopy["recovering"] = True
+        attempt = 0
+        while True:
+            attempt += 1
+            if time.monotonic() - t0 > opts.postcopy_recover_s or self.reconnect is None:
+                raise MigrationFailed(f"post-copy stream lost ({reason}) and not recovered within "
+                                      f"{opts.postcopy_recover_s:g}s ({attempt - 1} attempts); the guest "
+                                      "waits at the destination for pages this host keeps")
+            ch: Channel | None = None
+            try:
+                async with asyncio.timeout(RECOVER_TRY_S):
+                    await self._qemu_state_in({"postcopy-paused"})
+                    ch = await self.reconnect()
+                    rec = await ch.recv(timeout=RECOVER_TRY_S)
+                    if rec.op != "recovering":
+                        raise ProtocolError(f"destination answered {rec.op!r} to postcopy_resume"
+                                            + (f": {protocol.reason_of(rec.ctrl)}" if rec.ctrl else ""))
+                    # the old channel's reader must not report its end after the swap
+                    if self._reader is not None and not self._reader.done():
+                        self._reader.cancel()
+                        with contextlib.suppress(BaseException):
+                            await self._reader
+                    old, self.ch = self.ch, ch
+                    self.qemu_stream.ch = ch
+                    with contextlib.suppress(Exception):
+                        await old.close()
+                    while not self._inbox.empty():
+                        self._inbox.get_nowait()  # the old channel's end
+                    self._peer_lost = None
+                    self._reader = asyncio.create_task(self._read_loop())
+                    self._side_tasks += [self._reader, asyncio.create_task(
+                        protocol.keepalive(ch, opts.liveness_s))]
+                    path = self.vm.work_dir / protocol.RELAY_SOCKET
+                    while not self._qemu_conns.empty():
+                        self._qemu_conns.get_nowait()[1].close()
+                    server = await start_unix_server_at(self._on_qemu_conn, path)
+                    try:
+                        await vm.start_ram_migration(path, bandwidth_bytes_s=opts.bandwidth_mbps * 1e6,
+                                                     downtime_ms=opts.downtime_ms, resume=True)
+                        await self._qemu_attach(RECOVER_TRY_S)
+                    finally:
+                        server.close()
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                    await self._qemu_state_in({"postcopy-active", "completed"})
+                st.postcopy["recoveries"] += 1
+                st.postcopy["recovering"] = False
+                st.postcopy["recover_ms"] = round((time.monotonic() - t0) * 1000.0, 1)
+                log.info("post-copy recovered", extra={"migration": st.id, "attempts": attempt,
+                                                       "recover_ms": st.postcopy["recover_ms"]})
+                return
+            except (ChannelClosed, ProtocolError, OSError, TimeoutError, RuntimeError) as exc:
+                log.warning("post-copy recovery attempt failed",
+                            extra={"migration": st.id, "attempt": attempt, "error": str(exc) or type(exc).__name__,
+                                   "qemu_state": self._qemu_state})
+                if ch is not None and ch is not self.ch:
+                    with contextlib.suppress(Exception):
+                        await ch.close()
+                await self.qemu_stream.close()
+                await asyncio.sleep(min(0.5 * attempt, 3.0))
+
+    async def _qemu_state_in(self, states: set[str]) -> str:
+        """Wait (the caller bounds it) until QEMU's migration is in one of ``states``."""
+        vm = self.vm
+        assert isinstance(vm, PostcopySource)
+        while True:
+            info = await vm.query_migration()
+            state = self._qemu_state = str(info.get("status"))
+            if state in states:
+                return state
+            if state in ("failed", "cancelled"):
+                raise RuntimeError(f"QEMU migration {state}: {info.get('error-desc', 'no detail')}")
+            await asyncio.sleep(0.02)
+
     async def _switchover(self) -> None:
         # Journalled and set first: 'go' may reach the destination even if sending it
         # then fails, and from here on this copy must never resume unasked.
@@ -953,12 +1232,13 @@ class SourceMigration:
             except Exception as exc:
                 log.warning("cancelling disk mirrors failed", extra={"migration": st.id, "error": str(exc)})
         resumed = True
-        if self._paused:
+        if self._paused or self._qemu_may_pause:
             try:
                 await self.vm.resume()
+                if self._paused:
+                    st.downtime_ms = (time.monotonic() - self._t_pause) * 1000.0
+                    st.budget_exceeded = st.downtime_ms > self.opts.downtime_ms
                 self._paused = False
-                st.downtime_ms = (time.monotonic() - self._t_pause) * 1000.0
-                st.budget_exceeded = st.downtime_ms > self.opts.downtime_ms
             except Exception as exc:
                 resumed = False
                 reason += f"; resuming the source failed: {exc}"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-PHASES = ("prepare", "precopy", "stopcopy", "commit", "completed", "failed", "cancelled")
+PHASES = ("prepare", "precopy", "stopcopy", "postcopy", "commit", "completed", "failed", "cancelled")
 TERMINAL = ("completed", "failed", "cancelled")
 
 
@@ -51,6 +51,8 @@ class MigrationStatus:
     downtime_parts: dict[str, float] = field(default_factory=dict)  # where the pause went
     stop_scan: dict[str, Any] = field(default_factory=dict)  # what the paused scan read (stopscan.py)
     pipeline: dict[str, Any] = field(default_factory=dict)  # compression choices and rates (pipeline.py)
+    # post-copy (postcopy.py): used, time_to_resume_ms, recoveries, recover_ms, blocktime, qemu figures
+    postcopy: dict[str, Any] = field(default_factory=dict)
     converged: bool | None = None
     throttle_pct: float = 0.0
     digest_source: str | None = None
@@ -151,6 +153,7 @@ class MigrationStatus:
             "downtime_parts": self.downtime_parts,
             "stop_scan": self.stop_scan,
             "pipeline": self.pipeline,
+            "postcopy": self.postcopy or None,
             "budget_exceeded": self.budget_exceeded,
             "pause_ceiling_ms": self.pause_ceiling_ms,
             "total_s": round(self.total_s, 3),

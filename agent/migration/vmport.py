@@ -159,3 +159,65 @@ class LocalVMs(Protocol):
 
 class AdmissionError(Exception):
     """The destination cannot take the VM (name taken, no space, bad spec)."""
+
+
+@runtime_checkable
+class PostcopySource(Protocol):
+    """A source whose hypervisor migrates RAM itself with post-copy (``postcopy.py``)."""
+
+    async def start_ram_migration(self, socket_path: Path, *, bandwidth_bytes_s: float,
+                                  downtime_ms: float, resume: bool = False) -> None:
+        """Start (or, ``resume``, reconnect) the hypervisor's migration of RAM and devices,
+        post-copy enabled, to the unix socket ``socket_path`` (inside ``work_dir``)."""
+        ...
+
+    async def set_ram_limits(self, bandwidth_bytes_s: float, downtime_ms: float) -> None: ...
+
+    async def query_migration(self) -> dict[str, Any]:
+        """The hypervisor's migration status (QEMU's ``query-migrate``)."""
+        ...
+
+    async def start_postcopy(self) -> None:
+        """Switch the running migration to post-copy: the guest stops here for good."""
+        ...
+
+    async def mark_paused(self) -> None:
+        """The hypervisor stopped the guest itself (completion or post-copy)."""
+        ...
+
+
+@runtime_checkable
+class PostcopyDest(Protocol):
+    # While post-copy runs, the destination's main loop may wait on a missing page (and
+    # for as long as the stream is down): in-band queries may take that long to answer.
+    async def listen_device_state(self, postcopy: bool = False) -> str:
+        """As DestVM's, and with ``postcopy`` ready for QEMU's RAM and a post-copy switch."""
+        ...
+
+    def hold(self, flag: bool) -> None:
+        """Keep the (adopted, running) VM marked as migrating: post-copy still fills it."""
+        ...
+
+    async def query_migration(self, timeout: float = 10) -> dict[str, Any]: ...
+
+    async def run_state(self) -> str:
+        """The machine's run state ("paused", "running", "inmigrate", ...)."""
+        ...
+
+    async def trace_faults(self, on: bool) -> int:
+        """Start/stop timing the guest's faults on missing pages; returns a log mark."""
+        ...
+
+    def log_size(self) -> int:
+        """Where the machine's log is now (the fault trace grows it)."""
+        ...
+
+    def fault_latencies(self, since: int) -> list[float]:
+        """Milliseconds each fault since ``mark`` waited for its page."""
+        ...
+
+    async def recover_postcopy(self) -> str:
+        """Listen again for a post-copy stream that broke (out of band: it must work while
+        the main loop is blocked); returns the socket's path. Raises while the machine
+        has not noticed the break yet."""
+        ...

@@ -259,7 +259,9 @@ class VM:
                 raise VMStartError(f"cannot run {self.qemu}: {exc}") from None
 
     async def _connect_qmp(self) -> QMPClient:
-        connect = asyncio.create_task(QMPClient.connect(str(self.paths.qmp), timeout=QMP_CONNECT_TIMEOUT_S))
+        # a migration destination may run post-copy: its recovery needs out-of-band QMP
+        connect = asyncio.create_task(QMPClient.connect(str(self.paths.qmp), timeout=QMP_CONNECT_TIMEOUT_S,
+                                                        oob=self.incoming))
         exited = asyncio.create_task(self._exited.wait())
         try:
             await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)

@@ -155,6 +155,8 @@ def qemu_argv(
         "-serial", f"chardev:{SERIAL_ID}",
         "-qmp", f"unix:{paths.qmp.name},server=on,wait=off",
     ]  # fmt: skip
+    if incoming:  # timestamped trace lines: the agent times post-copy's page faults (postcopy.py)
+        argv += ["-msg", "timestamp=on"]
     if paused or incoming:
         argv.append("-S")
     if incoming:

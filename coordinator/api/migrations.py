@@ -56,9 +56,14 @@ START: dict[str, Any] = {
                 "max_pause_ms": {"type": "number", "minimum": 10, "maximum": 600000},
                 "on_no_converge": {"enum": ["abort", "force", "postcopy"],
                                    "description": "pre-copy cannot reach downtime_ms: abort (the VM stays "
-                                   "on its source) or force (longer pause, reported as budget_exceeded); "
-                                   "postcopy is reserved and refused (not implemented). Default: the "
+                                   "on its source), force (longer pause, reported as budget_exceeded) or "
+                                   "postcopy (QEMU moves the RAM; not converged after max_rounds, the VM "
+                                   "runs at the destination while its remaining pages follow on demand). "
+                                   "Default: the "
                                    "coordinator's migration_on_no_converge"},
+                "postcopy_recover_s": {"type": "number", "minimum": 1, "maximum": 3600,
+                                       "description": "post-copy: how long a lost channel is retried "
+                                       "before the migration is left in doubt (default 60)"},
                 "throttle_final": {"type": "boolean",
                                    "description": "hold the pages sent while paused to bandwidth_mbps "
                                    "too (default false: they go at link speed)"},

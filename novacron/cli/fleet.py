@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the policy's, else " + ("on" if AGENT_DEFAULTS.throttle else "off") + ")")
     p.add_argument("--on-no-converge", choices=("abort", "force", "postcopy"),
                    help="if pre-copy cannot reach the downtime budget: abort (the VM stays on its "
-                   "source) or force (longer pause, exit code 3); postcopy is not implemented "
+                   "source), force (longer pause, exit code 3) or postcopy (the VM runs at the "
+                   "destination while its remaining pages follow; needs QEMU with userfaultfd) "
                    "(default: the coordinator's migration_on_no_converge, abort)")
     p.add_argument("--throttle-final", action="store_true",
                    help="hold the pages sent while the VM is paused to --bandwidth-mbps too "

@@ -79,6 +79,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _run(a, _cancel))
 
 
+def postcopy_line(pc: dict[str, Any]) -> str:
+    """The guest's pause, its faults on missing pages and the recoveries of a post-copy."""
+    parts = []
+    if pc.get("time_to_resume_ms") is not None:
+        parts.append(f"ran at the destination after {pc['time_to_resume_ms']:.0f} ms")
+    faults = (pc.get("blocktime") or {}).get("fault_ms") or {}
+    if faults.get("count"):
+        parts.append(f"{faults['count']} page faults waited p50 {faults['p50']:.1f} ms, "
+                     f"p99 {faults['p99']:.1f} ms")
+    if pc.get("recovering"):
+        parts.append("channel lost: recovering")
+    if pc.get("recoveries"):
+        parts.append(f"recovered {pc['recoveries']}x (last in {pc.get('recover_ms', 0):.0f} ms)")
+    return "; ".join(parts) or "started"
+
+
 def summary_table(mig: dict[str, Any]) -> Table:
     table = Table(title=f"Migration {mig['id']}", title_justify="left", show_header=False)
     table.add_column("field", no_wrap=True)
@@ -97,6 +113,9 @@ def summary_table(mig: dict[str, Any]) -> Table:
         table.add_row("progress", f"{progress_pct(mig):.1f}%  " + describe(mig).strip())
     if mig.get("round"):
         table.add_row("round", str(mig["round"]))
+    postcopy = met.get("postcopy") or {}
+    if postcopy.get("used"):
+        table.add_row("post-copy", postcopy_line(postcopy))
     table.add_row("asked", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mig["created_at"])))
     if mig.get("started_at"):
         table.add_row("started", time.strftime("%Y-%m-%d %H:%M:%S",

@@ -129,3 +129,24 @@ async def test_long_socket_path(short_tmp: Path) -> None:
 async def test_connect_gives_up_without_qemu(short_tmp: Path) -> None:
     with pytest.raises(QMPTimeoutError, match="not accepting"):
         await QMPClient.connect(str(short_tmp / "nothing.sock"), timeout=0.3)
+
+
+async def test_out_of_band_negotiated_and_used(short_tmp: Path) -> None:
+    """``oob``: negotiated where QEMU offers it; ``migrate-recover`` then runs out of
+    band (what post-copy recovery needs when the main loop waits on a missing page)."""
+    sock = short_tmp / "qmp.sock"
+    proc = start_qemu(sock, "-incoming", "defer")
+    try:
+        plain = await QMPClient.connect(str(sock), timeout=10)
+        assert plain.oob is False and "oob" in plain.greeting["capabilities"]
+        await plain.close()
+        qmp = await QMPClient.connect(str(sock), timeout=10, oob=True)
+        assert qmp.oob is True
+        # answered by QEMU's monitor thread: no post-copy is paused here, so it refuses
+        with pytest.raises(QMPError, match="postcopy is paused"):
+            await qmp.execute("migrate-recover", {"uri": "unix:r.sock"}, oob=True, timeout=10)
+        assert (await qmp.execute("query-status"))["status"] == "inmigrate"
+        await qmp.close()
+    finally:
+        proc.kill()
+        proc.wait()

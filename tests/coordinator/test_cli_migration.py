@@ -168,11 +168,13 @@ async def test_set_changes_limits_live_and_is_audited(fleet: Fleet) -> None:
     assert code == 1 and "already" in err, err
 
 
-async def test_postcopy_is_refused_and_budget_exceeded_exits_3(fleet: Fleet) -> None:
+async def test_postcopy_is_passed_on_and_budget_exceeded_exits_3(fleet: Fleet) -> None:
     coord, env, fakes = fleet
-    code, _out, err = await cli(env, "migrate", "web", "--to", "beta", "--on-no-converge", "postcopy")
-    assert code == 1 and "not implemented" in err, err
-    assert fakes[0].migration_requests == []  # refused before any agent heard of it
+    fakes[0].fail_migrations = "stopped by the test"  # the VM stays where it is
+    code, out, err = await cli(env, "migrate", "web", "--to", "beta", "--on-no-converge", "postcopy")
+    assert code == 1 and "stopped by the test" in out + err, out + err
+    assert fakes[0].migration_requests[-1]["options"] == {"on_no_converge": "postcopy"}
+    fakes[0].fail_migrations = None
     fakes[0].exceed_budget = True
     code, out, err = await cli(env, "migrate", "web", "--to", "beta", "--on-no-converge", "force")
     assert code == 3, out + err

@@ -78,11 +78,11 @@ async def test_migration_routes_validate_input(tmp_path: Path) -> None:
             assert got == 404 and "abc" in doc["error"]
             assert (await call("PATCH", "/v1/migrations/abc", raw=b"{nope"))[0] == 400
             got, doc = await call("POST", "/v1/migrations", {"vm": "x", "grant": g, "options": {
-                "on_no_converge": "postcopy"}})
-            assert got == 400 and "not implemented" in doc["error"], doc
+                "on_no_converge": "postcopy", "test_digest": True}})
+            assert got == 400 and "test_digest" in doc["error"], doc
             got, doc = await call("POST", "/v1/migrations", {"vm": "x", "grant": g, "options": {
                 "on_no_converge": "later"}})
-            assert got == 400 and "'abort' or 'force'" in doc["error"], doc
+            assert got == 400 and "'abort', 'force' or 'postcopy'" in doc["error"], doc
         assert vms.list() == [] and not (tmp_path / "incoming").exists()
     finally:
         await server.close()

@@ -136,6 +136,23 @@ async def test_restarted_destination_settles_from_its_vm_table(tmp_path: Path, s
         await mgr.close()
 
 
+@pytest.mark.parametrize("state", ["running", "paused"])
+async def test_restarted_destination_mid_postcopy_stays_in_doubt(tmp_path: Path, state: str) -> None:
+    """Post-copy: the guest runs here but pages may be only at the source; a restarted
+    destination neither commits (the source would drop those pages) nor removes it."""
+    journal_with(tmp_path, id="m1", vm="web", role="destination", step="go", reason="post-copy")
+    vms = FakeVMs(web=state)
+    mgr = manager(tmp_path, vms)
+    await mgr.start()
+    try:
+        entry = mgr.journal.entries["m1"]  # type: ignore[union-attr]
+        assert entry.step == "go" and not entry.settled and "post-copy" in entry.reason
+        assert mgr.answer("m1", "web") == "pending" and vms.calls == [] and vms.migrating == {"web": True}
+        assert mgr.statuses["m1"].phase == "postcopy"
+    finally:
+        await mgr.close()
+
+
 async def test_past_go_the_source_asks_the_destination_and_follows_it(tmp_path: Path) -> None:
     """The destination (another manager, answering on its data port) committed: the
     restarted source keeps its copy fenced until it hears that, then releases it."""

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from novacron.cli.fleet import id_column, list_table, name_flags, policy_line, print_table
 from novacron.cli.main import build_parser, flag_names
-from novacron.cli.migration import summary_table
+from novacron.cli.migration import postcopy_line, summary_table
 
 
 def _render(table: object, width: int) -> list[str]:
@@ -61,6 +61,18 @@ def test_migration_summary_names_policy_and_options_at_80_columns() -> None:
     assert "bulk (selected by the VM's labels)" in text
     assert "bandwidth_mbps=50, throttle=off" in text
     assert policy_line({"options": {}}) == "no policy; options: the rest: agent defaults"
+
+
+def test_migration_summary_shows_postcopy() -> None:
+    pc = {"used": True, "time_to_resume_ms": 131.3, "recoveries": 1, "recover_ms": 110.3,
+          "blocktime": {"fault_ms": {"count": 31, "p50": 73.13, "p99": 143.05, "max": 143.05}}}
+    mig = {"id": "m-1", "vm": "web", "source": "a", "target": "b", "phase": "postcopy", "created_at": 0.0,
+           "options": {"on_no_converge": "postcopy"}, "metrics": {"postcopy": pc}}
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(summary_table(mig))
+    assert ("ran at the destination after 131 ms; 31 page faults waited p50 73.1 ms, p99 143.1 ms; "
+            "recovered 1x (last in 110 ms)") in out.getvalue(), out.getvalue()
+    assert postcopy_line({"used": True}) == "started"
 
 
 def test_api_field_paths_are_named_as_flags() -> None:
