@@ -31,7 +31,7 @@ from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import DestDiskRelay
 from novacron.agent.migration.journal import Entry, Journal
 from novacron.agent.migration.status import MigrationStatus
-from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM, MirrorDest
+from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM, MirrorDest, NetworkDest
 from novacron.agent.qmp import open_unix
 from novacron.agent.safefs import open_regular
 from novacron.faults import crash_point
@@ -353,6 +353,9 @@ class _Incoming:
                     await self.disk_relay.close()
                     assert isinstance(dest, MirrorDest)
                     await dest.stop_disk_export()
+            elif op == "paused":
+                if isinstance(dest, NetworkDest):
+                    dest.announce_early()
             elif op == "device_begin":
                 st.set_phase("stopcopy")
                 crash_point("migration.dest.stopcopy")

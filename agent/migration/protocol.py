@@ -1,6 +1,7 @@
 """Control messages of the migration protocol and their validation.
 
-Source -> destination: ``prepare``, ``round_end``, ``device_begin``,
+Source -> destination: ``prepare``, ``round_end``, ``paused`` (the guest stopped:
+the destination announces its NICs), ``device_begin``,
 ``device_end``, ``go``, ``done``, ``abort``, and for local disks ``disk_open``
 and ``disks_done``. Destination -> source: ``prepared``, ``ready``,
 ``resumed``, ``error``, ``ack`` (``bytes``: the
