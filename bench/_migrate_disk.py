@@ -21,10 +21,11 @@ per engine, between two hosts on loopback:
 
 Figures per engine: **total** (harness wall clock from destination preparation
 to the guest running at the destination), **pause** (the guest's heartbeat
-gap, as in ``bench migrate``), the engine's own **downtime**, **wire** (ours:
-every frame the source wrote to the channel; QEMU: bytes through counting
-relays in front of the NBD server and the migration listener, source ->
-destination) and **disk check**: the guest's own disk verifier, which reads
+gap, as in ``bench migrate``), the engine's own **downtime**, **wire**, source ->
+destination (ours: the page stream's frames plus the NBD bytes relayed in the
+channel's DATA records, whose few bytes of record framing are not counted; QEMU:
+bytes through counting relays in front of the NBD server and the migration
+listener) and **disk check**: the guest's own disk verifier, which reads
 back every block it wrote and must report ``result=ok`` twice at the
 destination, with the same boot.
 """
@@ -82,9 +83,8 @@ def run(args: argparse.Namespace) -> Report:
     if not wanted:
         raise SystemExit("novacron bench migrate --disk-gb: --engines must name novacron and/or qemu-tcp "
                          "(the disk case's QEMU row is qemu-nbd)")
-    from novacron.agent.local import state_parent
-
-    images = Path(tempfile.mkdtemp(prefix="nc-bench-disk-", dir=state_parent()))
+    # the seed image lives on disk: agents refuse image dirs under /dev (so not /dev/shm)
+    images = Path(tempfile.mkdtemp(prefix="nc-bench-disk-"))
     try:
         _seed(images / SEED, size)
         rows = asyncio.run(_run_all(args, images, size, wanted))
@@ -200,7 +200,8 @@ async def _ours(args: argparse.Namespace, images: Path) -> dict[str, Any]:
     if st["phase"] != "completed":
         ok, detail = False, f"migration {st['phase']}: {st.get('error')} (guest: {detail})"
     return {"total_s": total_s, "pause_ms": watch.pause_ms(), "engine_downtime_ms": m["downtime_ms"],
-            "wire_bytes": m["bytes_wire"], "disk_bytes": m.get("disk_bytes"),
+            # the page stream (bytes_wire) and the relayed NBD bytes (disk_bytes) share the channel
+            "wire_bytes": m["bytes_wire"] + m.get("disk_bytes", 0), "disk_bytes": m.get("disk_bytes"),
             "disk_ready_s": m.get("disk_ready_s"), "downtime_parts": m.get("downtime_parts"),
             "phase_seconds": m.get("phase_seconds"), "verify": "ok" if ok else "FAILED",
             "verify_detail": detail, "failed": not ok}
@@ -380,7 +381,7 @@ def _report(args: argparse.Namespace, size: int, rows: list[dict[str, Any]]) -> 
         "total: wall clock from destination preparation to the guest running there. disk ready: from then "
         "until the mirror had copied the disk once (ours: the engine's disk_ready_s; QEMU: the job 'ready'). pause: the guest's own heartbeat gap; engine "
         "downtime: ours = source pause to destination running, QEMU = STOP->RESUME events. wire: source -> "
-        "destination bytes (ours: channel frames, RAM + disk; QEMU: NBD + migration stream through counting "
+        "destination bytes (ours: the page stream's frames plus the relayed NBD bytes; QEMU: NBD + migration stream through counting "
         "relays). disk MB: disk bytes sent (ours: relayed NBD bytes; QEMU: the NBD relay). disk check: the "
         "guest's own verifier, two passes over every block it wrote, at the destination. qemu-nbd: "
         "blockdev-mirror (sync=top, background) over plain NBD/TCP, migrate with pause-before-switchover, "
