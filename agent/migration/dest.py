@@ -31,7 +31,13 @@ from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import DestDiskRelay
 from novacron.agent.migration.journal import Entry, Journal
 from novacron.agent.migration.status import MigrationStatus
-from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM, MirrorDest, NetworkDest
+from novacron.agent.migration.vmport import (
+    AdmissionError,
+    DestFactory,
+    DestVM,
+    MirrorDest,
+    NetworkDest,
+)
 from novacron.agent.qmp import open_unix
 from novacron.agent.safefs import open_regular
 from novacron.faults import crash_point

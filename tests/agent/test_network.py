@@ -14,7 +14,14 @@ import pytest
 from novacron import config
 from novacron.agent.config import AgentConfig
 from novacron.agent.main import check_config
-from novacron.agent.vm.network import ETH_P_RARP, HostNetworks, NetworkError, TapAnnouncer, check_mapping, rarp_frame
+from novacron.agent.vm.network import (
+    ETH_P_RARP,
+    HostNetworks,
+    NetworkError,
+    TapAnnouncer,
+    check_mapping,
+    rarp_frame,
+)
 from novacron.agent.vm.spec import SpecError, parse_spec
 from tests.netns import inside, ip
 

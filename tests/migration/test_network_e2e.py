@@ -15,7 +15,6 @@ admission and the VM (and the connection) carries on at A.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import secrets
