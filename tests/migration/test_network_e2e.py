@@ -133,8 +133,9 @@ class Wire:
             if size:
                 seen.add(seq)
         rarp = [f"{ms(t)}{p[1]}" for t, p in self.rarp if gap_start - 0.5 <= t <= gap_end + 0.5]
+        acks = [f"{ms(t)}{p[1]}" for t, p, size in self.from_guest if not size and gap_start < t <= gap_end]
         return (f"requests out (ms, a/b = port, R = retransmission): {' '.join(sent)}; "
-                f"RARP: {' '.join(rarp)}")
+                f"guest's pure ACKs in: {' '.join(acks)}; RARP: {' '.join(rarp)}")
 
     def close(self) -> None:
         for sock in self.socks:
