@@ -288,7 +288,7 @@ async def _qemu_once(src_host: Any, dst_host: Any, src: Any, dvm: Any, relays: l
                                              "sync": "top", "copy-mode": "background", "auto-dismiss": False})
         deadline = time.monotonic() + MIRROR_READY_TIMEOUT_S
         while error is None:
-            job = next((j for j in await sq.execute("query-jobs") if j.get("id") == "mirror0"), {})
+            job = await _mirror_job(sq)
             if job.get("status") == "ready":
                 mirror_ready_s = time.monotonic() - t0
                 break
@@ -311,8 +311,7 @@ async def _qemu_once(src_host: Any, dst_host: Any, src: Any, dvm: Any, relays: l
                 status = info.get("status")
                 if status == "pre-switchover":  # guest stopped: complete the mirror, then hand over
                     await sq.execute("block-job-cancel", {"device": "mirror0"})
-                    while (j := next((j for j in await sq.execute("query-jobs") if j.get("id") == "mirror0"),
-                                     {})).get("status") not in ("concluded", "null", None):
+                    while (j := await _mirror_job(sq)).get("status") not in ("concluded", "null", None):
                         await asyncio.sleep(0.005)
                     if j.get("error"):
                         error = f"mirror at completion: {j['error']}"
@@ -352,6 +351,12 @@ async def _qemu_once(src_host: Any, dst_host: Any, src: Any, dvm: Any, relays: l
             "qemu_reported_downtime_ms": info.get("downtime"),
             "wire_bytes": sum(r.forward_bytes for r in relays), "disk_bytes": nbd.forward_bytes,
             "disk_ready_s": mirror_ready_s}
+
+
+async def _mirror_job(qmp: Any) -> dict[str, Any]:
+    """The mirror job's query-jobs entry ({} once it is gone)."""
+    jobs: list[dict[str, Any]] = await qmp.execute("query-jobs") or []
+    return next((j for j in jobs if j.get("id") == "mirror0"), {})
 
 
 def _event_time(event: dict[str, Any]) -> float:
