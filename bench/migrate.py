@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from novacron.bench import _migrate_disk
 from novacron.bench._relay import CountingRelay
 from novacron.bench.report import Report
 
@@ -103,9 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", default="novacron,qemu-tcp,qemu-multifd-zstd",
                         help="comma-separated subset of novacron,qemu-tcp,qemu-multifd-zstd (default: all)")
     parser.add_argument("--guests", default="idle,busy", help="comma-separated subset of idle,busy (default: both)")
+    _migrate_disk.add_arguments(parser)  # --disk-gb: the local-disk case (bench/_migrate_disk.py)
 
 
 def run(args: argparse.Namespace) -> Report:
+    if getattr(args, "disk_gb", 0):
+        return _migrate_disk.run(args)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     guests = [g.strip() for g in args.guests.split(",") if g.strip()]
     for e in engines:

@@ -30,7 +30,8 @@ from novacron.agent.guest import cpio
 log = logging.getLogger("novacron.agent.guest")
 
 # Bump when the build steps change in a way the inputs below do not capture.
-BUILDER_VERSION = "5"  # 3: virtio-net modules, guest network; 4: ACPI power button; 5: disk workload
+BUILDER_VERSION = "6"  # 3: virtio-net modules, guest network; 4: ACPI power button; 5: disk workload;
+# 6: virtio-scsi disks
 META_PACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3"
@@ -48,9 +49,14 @@ NET_MODULES = ("drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko",
 POWER_MODULES = ("drivers/input/evdev.ko", "drivers/acpi/button.ko")
 
 
-# virtio_blk and what it needs, in load order, under lib/modules/disk/ (disk.sh loads
-# the ones not loaded yet; the NIC's loop in init.sh globs only lib/modules/*.ko)
-DISK_MODULES = (*NET_MODULES[:5], "drivers/block/virtio_blk.ko")
+# virtio_blk, virtio_scsi and what they need, in load order, under lib/modules/disk/ (disk.sh
+# loads the ones not loaded yet; the NIC's loop in init.sh globs only lib/modules/*.ko). sd_mod
+# needs t10-pi and its CRCs; their generic crypto drivers go first, so nothing asks for modprobe.
+SCSI_MODULES = ("drivers/scsi/scsi_common.ko", "drivers/scsi/scsi_mod.ko", "crypto/crct10dif_common.ko",
+                "crypto/crct10dif_generic.ko", "lib/crc-t10dif.ko", "lib/crc64.ko",
+                "crypto/crc64_rocksoft_generic.ko", "lib/crc64-rocksoft.ko", "block/t10-pi.ko",
+                "drivers/scsi/sd_mod.ko", "drivers/scsi/virtio_scsi.ko")
+DISK_MODULES = (*NET_MODULES[:5], "drivers/block/virtio_blk.ko", *SCSI_MODULES)
 
 
 class GuestBuildError(RuntimeError):
@@ -254,7 +260,7 @@ def _initramfs(busybox: bytes, workload: bytes, modules: list[bytes],
             cpio.file("bin/diskload", diskload, 0o755),
             cpio.file("bin/disk-init", _source("disk.sh"), 0o755),
             cpio.directory("lib/modules/disk"),
-            *(cpio.file(f"lib/modules/disk/{i}-{Path(m).name}", data, 0o644)
+            *(cpio.file(f"lib/modules/disk/{i:02d}-{Path(m).name}", data, 0o644)  # globbed in order
               for i, (m, data) in enumerate(zip(DISK_MODULES, disk_modules, strict=True))),
         ]
     return gzip.compress(cpio.archive(entries), compresslevel=6, mtime=0)

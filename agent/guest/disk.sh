@@ -1,6 +1,6 @@
 #!/bin/busybox sh
 # The test guest's disk workload (started by init.sh when the kernel command line
-# has novacron.disk=DEV): load virtio-blk, wait for the disks, then run diskload on
+# has novacron.disk=DEV): load virtio-blk and virtio-scsi, wait for the disks, then run diskload on
 # the serial console in the background. novacron.disk_ref=DEV adds a reference disk
 # written first; novacron.disk_rate_kb=, novacron.disk_verify_s=, novacron.disk_blocks=.
 dev=
@@ -19,7 +19,7 @@ for word in $(cat /proc/cmdline); do
 done
 [ -n "$dev" ] || exit 0
 for mod in /lib/modules/disk/*.ko; do
-    name="${mod##*/}"; name="${name#*-}"; name="${name%.ko}"
+    name="${mod##*/}"; name="${name#*-}"; name="${name%.ko}"; name="${name//-/_}"  # sysfs: crc_t10dif
     [ -d "/sys/module/$name" ] || insmod "$mod" || echo "NOVACRON-DISK-ERROR insmod failed: $mod"
 done
 n=0

@@ -38,6 +38,7 @@ from novacron.agent.migration.vmport import (
     DestFactory,
     DestVM,
     MirrorDest,
+    NetworkDest,
     PostcopyDest,
 )
 from novacron.agent.qmp import QMPError, open_unix
@@ -480,6 +481,9 @@ class _Incoming:
                 self._pc_task = asyncio.create_task(self._run_postcopy(dest), name=f"postcopy {st.id}")
             elif op == "done" and self._pc_task is not None:
                 return  # post-copy completed and the source released its copy
+            elif op == "paused":
+                if isinstance(dest, NetworkDest):
+                    dest.announce_early()
             elif op == "device_begin":
                 if self.dedup is not None:
                     self.dedup.check_settled()

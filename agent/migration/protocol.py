@@ -7,7 +7,8 @@ base64 of little-endian u32 page numbers it could not fill, ``final``: the batch
 is fully answered); the source sends those pages as data, then ``repaired``
 (``seq``). Every offered page is answered before the source ends its round.
 
-Source -> destination: ``prepare``, ``round_end``, ``device_begin``,
+Source -> destination: ``prepare``, ``round_end``, ``paused`` (the guest stopped:
+the destination announces its NICs), ``device_begin``,
 ``device_end``, ``go``, ``done``, ``abort``, and for local disks ``disk_open``
 and ``disks_done``. Destination -> source: ``prepared``, ``ready``,
 ``resumed``, ``error``, ``ack`` (``bytes``: the

@@ -139,6 +139,8 @@ class QemuSource:
     async def resume(self) -> None:
         await _qmp(self.vm).execute("cont", timeout=10)
         self.vm.state = "running"
+        if self.vm.spec.nics:  # the destination may have announced the VM already: take it back
+            await announce(self.vm)
 
     async def send_device_state(self, socket_path: Path) -> None:
         qmp = _qmp(self.vm)
@@ -374,9 +376,14 @@ class QemuDest:
         await self.vm.wait_exit()  # the pidfd supervisor notices within milliseconds
         return self.vm.error or f"exit code {self.vm.exit_code}"
 
+    def announce_early(self) -> None:
+        if self.vm.tap_announcer is not None:
+            self.vm.tap_announcer.announce()
+
     async def resume(self) -> None:
         qmp = _qmp(self.vm)
         await qmp.execute("cont", timeout=10)
+        self.vm.drop_tap_announcer()  # QEMU's own taps from here on
         status = await qmp.execute("query-status", timeout=10)
         if not status.get("running"):
             raise RuntimeError(f"destination guest not running after cont ({status.get('status')})")

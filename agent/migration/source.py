@@ -814,6 +814,9 @@ class SourceMigration:
         self._paused = True
         await self.vm.pause()
         crash_point("migration.source.paused")
+        # the destination announces the VM's NICs from its host now, so frames sent to the
+        # guest during the pause wait there instead of being lost here (network.TapAnnouncer)
+        await self.ch.send_ctrl({"op": "paused"})
         lap("pause_ms")
         if self.disk_relay is not None:
             # the guest is stopped: the write-blocking mirrors drain and complete; the

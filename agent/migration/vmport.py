@@ -117,6 +117,13 @@ class MirrorSource(Protocol):
 
 
 @runtime_checkable
+class NetworkDest(Protocol):
+    def announce_early(self) -> None:
+        """The source paused the guest: tell the network the VM's NICs are here now
+        (frames for it wait at this host until it resumes; network.TapAnnouncer)."""
+
+
+@runtime_checkable
 class MirrorDest(Protocol):
     async def export_disks(self, indices: list[int]) -> str:
         """Export the (empty, paused) local disks ``indices`` writable over NBD on a unix

@@ -31,7 +31,7 @@ from novacron.agent.safefs import create_new, open_regular, read_regular
 from novacron.agent.vm.disks import DiskStore, OpenedDisks
 from novacron.agent.vm.errors import VMConflict, VMStartError
 from novacron.agent.vm.images import ImageDirs
-from novacron.agent.vm.network import HostNetworks
+from novacron.agent.vm.network import HostNetworks, TapAnnouncer
 from novacron.agent.vm.qemu_args import QEMU_BINARY, QemuFiles, VMPaths, qemu_argv
 from novacron.agent.vm.ramfile import MIB, prepare_ram_file, remove_ram_file
 from novacron.agent.vm.recovery import QemuProcess, process_cwd
@@ -89,6 +89,7 @@ class VM:
         self._exited = asyncio.Event()
         self._exited.set()
         self._listeners: list[ExitListener] = []
+        self.tap_announcer: TapAnnouncer | None = None  # an incoming VM's taps (network.py)
         self.lock = asyncio.Lock()  # serialises lifecycle operations
 
     # ----- facts -----------------------------------------------------------
@@ -187,6 +188,8 @@ class VM:
                 with contextlib.suppress(OSError):
                     self.save()
                 raise
+            if incoming and files.taps:  # announced from here when the source pauses
+                self.tap_announcer = TapAnnouncer(files.taps, [n.mac for n in self.spec.nics])
         finally:
             # QEMU holds its copies now; a tap lives as long as QEMU keeps it open
             for fd in (files.serial_log, *files.taps):
@@ -355,6 +358,7 @@ class VM:
 
     async def _on_exit(self, code: int | None) -> None:
         self.exit_code = code
+        self.drop_tap_announcer()
         was = self.state
         if self.qmp is not None:
             await self.qmp.close()
@@ -389,6 +393,11 @@ class VM:
                 fn(self)
             except Exception:
                 log.exception("vm exit listener failed", extra={"vm": self.name})
+
+    def drop_tap_announcer(self) -> None:
+        if self.tap_announcer is not None:
+            self.tap_announcer.close()
+            self.tap_announcer = None
 
     def _qemu_log_tail(self, limit: int = 400) -> str:
         try:

@@ -12,12 +12,21 @@ needs no CAP_NET_ADMIN and no access to /dev/net/tun, and cleanup is the
 kernel's: a non-persistent tap disappears with its last descriptor, i.e. when
 QEMU exits (stop, delete, crash, or the source's release after a migration);
 the agent closes its own copy right after QEMU has started.
+
+A migration destination keeps one duplicate of each tap until its guest runs
+(``TapAnnouncer``): when the source pauses the guest, the destination writes a
+RARP "from" the VM's MAC into its taps, so the bridges (and the switches behind
+them) move the VM's port to this host *during* the pause. Frames for the guest
+then queue in this host's tap (QEMU reads none while the guest is stopped) and
+reach the guest in order when it resumes, instead of being lost in the paused
+source's tap and waiting for the sender's TCP retransmission timer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import socket
@@ -27,6 +36,8 @@ from dataclasses import dataclass, field
 from novacron.agent.vm.errors import VMStartError
 from novacron.agent.vm.spec import NET_NAME_RE, SpecError, VMSpec
 
+log = logging.getLogger("novacron.agent.vm")
+
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
@@ -34,6 +45,7 @@ SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
 SIOCBRADDIF = 0x89A2
 IFF_UP = 0x1
 IFNAMSIZ = 16
+ETH_P_RARP = 0x8035
 
 
 class NetworkError(VMStartError):
@@ -119,3 +131,41 @@ class HostNetworks:
             raise NetworkError(f"cannot put a tap on bridge {bridge!r} (is it a bridge?): "
                                f"{exc.strerror or exc}") from None
         return fd
+
+
+def rarp_frame(mac: str) -> bytes:
+    """The announcement QEMU's ``announce-self`` sends: a broadcast RARP request from
+    ``mac`` (switches learn its port; hosts ignore it), padded to Ethernet's minimum."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    rarp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + hw + bytes(4) + hw + bytes(4)
+    return (b"\xff" * 6 + hw + struct.pack("!H", ETH_P_RARP) + rarp).ljust(60, b"\0")
+
+
+class TapAnnouncer:
+    """The agent's own duplicates of an incoming VM's taps, to announce its MACs from
+    this host before QEMU runs the guest (see the module's docstring). Our taps carry
+    plain frames (no IFF_VNET_HDR), so a write is one frame into the bridge. Closed once
+    the guest runs here or QEMU exits: the tap must go with QEMU's last descriptor."""
+
+    def __init__(self, taps: tuple[int, ...], macs: list[str]) -> None:
+        if len(taps) != len(macs):
+            raise ValueError(f"{len(macs)} NICs but {len(taps)} taps")
+        self._taps = [(os.dup(fd), mac) for fd, mac in zip(taps, macs, strict=True)]
+
+    def announce(self) -> int:
+        """One RARP per NIC now; returns how many went out (a failure is logged: the
+        announcement after resume still follows)."""
+        sent = 0
+        for fd, mac in self._taps:
+            try:
+                os.write(fd, rarp_frame(mac))
+                sent += 1
+            except OSError as exc:
+                log.warning("early announcement failed", extra={"mac": mac, "error": str(exc)})
+        return sent
+
+    def close(self) -> None:
+        taps, self._taps = self._taps, []
+        for fd, _mac in taps:
+            with contextlib.suppress(OSError):
+                os.close(fd)

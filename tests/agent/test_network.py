@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,14 @@ import pytest
 from novacron import config
 from novacron.agent.config import AgentConfig
 from novacron.agent.main import check_config
-from novacron.agent.vm.network import HostNetworks, NetworkError, check_mapping
+from novacron.agent.vm.network import (
+    ETH_P_RARP,
+    HostNetworks,
+    NetworkError,
+    TapAnnouncer,
+    check_mapping,
+    rarp_frame,
+)
 from novacron.agent.vm.spec import SpecError, parse_spec
 from tests.netns import inside, ip
 
@@ -96,6 +104,32 @@ def test_taps_join_the_bridge_and_vanish_with_their_descriptor(host_ns: str) -> 
             nets.open_taps(spec("odd"))  # type: ignore[arg-type]
     # a failed second NIC leaves no tap from the first one behind
     assert "nctap" not in ip("-o", "link", "show", ns=host_ns)
+
+
+def test_tap_announcer_puts_the_vms_rarp_on_the_bridge(host_ns: str) -> None:
+    """What a migration destination does when the source pauses: one RARP from each
+    NIC's MAC enters the bridge through the VM's tap (as QEMU's announce-self would
+    from a running guest); the agent's duplicate keeps the tap only until closed."""
+    mac = "52:54:00:12:34:56"
+    ip("link", "set", "br-prod", "up", ns=host_ns)
+    with inside(host_ns):
+        (fd,) = HostNetworks({"prod": "br-prod"}).open_taps(spec("prod"))  # type: ignore[arg-type]
+        sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_RARP))
+    try:
+        sniff.bind(("br-prod", ETH_P_RARP))
+        sniff.settimeout(5)
+        announcer = TapAnnouncer((fd,), [mac])
+        os.close(fd)  # QEMU's copy gone: the announcer's keeps the tap
+        assert "nctap" in ip("-o", "link", "show", "master", "br-prod", ns=host_ns)
+        assert announcer.announce() == 1
+        frame = sniff.recv(2048)
+        assert frame[:42] == rarp_frame(mac)[:42]
+        assert frame[:6] == b"\xff" * 6 and frame[6:12].hex(":") == mac and frame[12:14] == b"\x80\x35"
+        announcer.close()
+        assert ip("-o", "link", "show", "master", "br-prod", ns=host_ns).strip() == ""
+        assert announcer.announce() == 0  # closed: nothing to write to
+    finally:
+        sniff.close()
 
 
 @pytest.mark.e2e

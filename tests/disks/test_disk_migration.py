@@ -290,3 +290,17 @@ async def test_destination_disk_full_during_mirror(source: LocalAgent, images: P
         subprocess.run(["umount", "-l", str(mnt)], check=False)
         with contextlib.suppress(OSError):
             mnt.rmdir()
+
+
+async def test_virtio_scsi_disk_writes_and_moves(images: Path) -> None:
+    """A local qcow2 disk on virtio-scsi: the guest (virtio_scsi, sd_mod from the same kernel
+    package in its initramfs) sees it as sda, its verifier passes, and it moves A -> B."""
+    doc = spec(images, ref=False)
+    doc["disks"] = [{"size_gb": 0.0625, "bus": "virtio-scsi"}]
+    doc["cmdline"] = ensure_guest().disk_cmdline("sda", rate_kb=512, verify_s=2, blocks=BLOCKS)
+    async with agent("sa", images) as a, agent("sb", images) as b:
+        api_a = Api(a)
+        await api_a.ok("POST", "/v1/vms", doc, want=201)
+        boot = await verified_after(api_a, 0, passes=1)
+        await hop(a, b, boot)
+        await Api(b).ok("DELETE", f"/v1/vms/{VM}")

@@ -15,11 +15,11 @@ admission and the VM (and the connection) carries on at A.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import secrets
 import socket
+import struct
 import time
 
 import pytest
@@ -75,29 +75,78 @@ class EchoClient:
 
 
 ETH_P_RARP = 0x8035
+ETH_P_ALL = 0x0003
 
 
-class RarpWatch:
-    """Arrival times of RARP frames (QEMU's announce-self) from one MAC, seen on the
-    client's bridge: when the segment learnt the VM's new port."""
+class Wire:
+    """Frames on the client's two uplinks (``pa`` to host A, ``pb`` to host B), stamped on
+    arrival: RARP from the VM's MAC (announce-self), and the TCP segments of the echo
+    connection, so a gap can be taken apart: requests that went to the paused source and
+    were lost there, the port the segment learnt the VM on and when, and retransmissions."""
 
-    def __init__(self, ifname: str, mac: str) -> None:
+    def __init__(self, mac: str, guest_ip: str = GUEST_IP) -> None:
         self.mac = mac
-        self.times: list[float] = []
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_RARP))
-        self.sock.bind((ifname, ETH_P_RARP))
-        self.sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read)
+        self.guest = socket.inet_aton(guest_ip)
+        self.rarp: list[tuple[float, str]] = []  # (time, port)
+        self.to_guest: list[tuple[float, str, int, int]] = []  # (time, port, tcp seq, payload bytes)
+        self.from_guest: list[tuple[float, str, int]] = []  # (time, port, payload bytes)
+        self.socks: list[socket.socket] = []
+        for port in ("pa", "pb"):
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            sock.bind((port, ETH_P_ALL))
+            sock.setblocking(False)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._read, sock, port)
+            self.socks.append(sock)
 
-    def _read(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            frame = self.sock.recv(2048)
-            if ":".join(f"{b:02x}" for b in frame[6:12]) == self.mac:
-                self.times.append(time.monotonic())
+    @property
+    def times(self) -> list[float]:
+        return [t for t, _p in self.rarp]
+
+    def _read(self, sock: socket.socket, port: str) -> None:
+        while True:
+            try:
+                frame = sock.recv(2048)
+            except BlockingIOError:
+                return
+            now = time.monotonic()
+            kind = int.from_bytes(frame[12:14], "big")
+            if kind == ETH_P_RARP and ":".join(f"{b:02x}" for b in frame[6:12]) == self.mac:
+                self.rarp.append((now, port))
+            elif kind == 0x0800 and frame[23] == 6:  # IPv4, TCP
+                ihl = (frame[14] & 0x0F) * 4
+                tcp = 14 + ihl
+                size = int.from_bytes(frame[16:18], "big") - ihl - (frame[tcp + 12] >> 4) * 4
+                if frame[30:34] == self.guest:
+                    self.to_guest.append((now, port, int.from_bytes(frame[tcp + 4:tcp + 8], "big"), size))
+                elif frame[26:30] == self.guest:
+                    self.from_guest.append((now, port, size))
+
+    def story(self, gap_start: float, gap_end: float) -> str:
+        """What crossed the client's uplinks during the gap, in ms from its start."""
+        def ms(t: float) -> str:
+            return f"{(t - gap_start) * 1000:.1f}"
+        seen: set[int] = set()
+        sent = []
+        for t, port, seq, size in self.to_guest:
+            if size and gap_start - 0.05 <= t <= gap_end:
+                sent.append(f"{ms(t)}{port[1]}{'R' if seq in seen else ''}")
+            if size:
+                seen.add(seq)
+        rarp = [f"{ms(t)}{p[1]}" for t, p in self.rarp if gap_start - 0.5 <= t <= gap_end + 0.5]
+        acks = [f"{ms(t)}{p[1]}" for t, p, size in self.from_guest if not size and gap_start < t <= gap_end]
+        return (f"requests out (ms, a/b = port, R = retransmission): {' '.join(sent)}; "
+                f"guest's pure ACKs in: {' '.join(acks)}; RARP: {' '.join(rarp)}")
 
     def close(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.close()
+        for sock in self.socks:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+
+
+def total_retrans(sock: socket.socket) -> int:
+    """tcpi_total_retrans of a connection (struct tcp_info: 8 bytes, then u32s; the 24th)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("I", info, 8 + 23 * 4)[0])
 
 
 async def connect(timeout: float = 60) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -140,7 +189,7 @@ async def test_tcp_connection_survives_live_migration() -> None:
             client = EchoClient(*await connect())
             sender = asyncio.create_task(client.send_loop())
             reader = asyncio.create_task(client.read_loop())
-            rarp = RarpWatch("fab", mac)
+            rarp = Wire(mac)
             try:
                 while len(client.replies) < 50:  # the service answers before we move it
                     await asyncio.sleep(0.05)
@@ -157,6 +206,19 @@ async def test_tcp_connection_survives_live_migration() -> None:
                     assert not c.qemu_pids() and net.taps(net.b) == []
                 assert (await api_a.ok("GET", "/v1/vms/web"))["state"] == "running"
                 baseline_ms = client.longest_gap(calm, time.monotonic()) * 1000
+                # the same guest paused ~100 ms in place (same QEMU, same tap: nothing lost, nothing
+                # relearnt): what a pause alone adds to the reply gap, beside the migration's
+                held0 = time.monotonic()
+                await api_a.ok("POST", "/v1/vms/web/pause")
+                await asyncio.sleep(0.1)
+                await api_a.ok("POST", "/v1/vms/web/resume")
+                held = time.monotonic() - held0
+                replies = len(client.replies)
+                while len(client.replies) < replies + 5:
+                    assert not reader.done(), reader
+                    await asyncio.sleep(0.02)
+                in_place_ms = client.longest_gap(held0 - 0.05) * 1000
+                retrans0 = total_retrans(client.writer.get_extra_info("socket"))
                 started = time.monotonic()
                 mig = await api_a.migrate("web", b, downtime_ms=300)
                 st = await api_a.wait_migration(mig["id"])
@@ -168,6 +230,7 @@ async def test_tcp_connection_survives_live_migration() -> None:
                     assert time.monotonic() < deadline, "no replies after the migration"
                     assert not reader.done(), reader
                     await asyncio.sleep(0.05)
+                retrans = total_retrans(client.writer.get_extra_info("socket")) - retrans0
             finally:
                 rarp.close()
                 client.running = False
@@ -175,7 +238,7 @@ async def test_tcp_connection_survives_live_migration() -> None:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
                 client.writer.close()
-            rarp.times = [t for t in rarp.times if t >= started]
+            rarp.rarp = [(t, p) for t, p in rarp.rarp if t >= started]
             assert rarp.times, "no announcement from the VM's MAC reached the client's segment"
             seqs = [s for s, _t in client.replies]
             assert seqs == list(range(len(seqs))), "replies lost or out of order"
@@ -186,9 +249,11 @@ async def test_tcp_connection_survives_live_migration() -> None:
             print(f"\nnetwork follows the VM: longest reply gap {gap_ms:.1f} ms, migration downtime "
                   f"{downtime_ms} ms, total {st['metrics']['total_s']} s, {len(seqs)} requests over one connection, "
                   f"{len(rarp.times)} RARP announcements seen; longest gap with no migration {baseline_ms:.1f} ms; "
+                  f"paused in place for at most {held * 1000:.1f} ms: reply gap {in_place_ms:.1f} ms; "
                   f"first announcement {(first_rarp - gap_start) * 1000:.1f} ms into the gap, "
                   f"{(gap_end - first_rarp) * 1000:.1f} ms before the first reply after it; "
-                  f"downtime parts {st['metrics'].get('downtime_parts')}")
+                  f"downtime parts {st['metrics'].get('downtime_parts')}; client TCP retransmissions {retrans}; "
+                  f"{rarp.story(gap_start, gap_end)}")
             # the connection carried on at B, on B's own bridge, with the same MAC
             moved = await api_b.ok("GET", "/v1/vms/web")
             assert moved["state"] == "running" and moved["spec"]["nics"][0]["mac"] == mac

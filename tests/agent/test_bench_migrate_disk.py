@@ -1,0 +1,67 @@
+"""``novacron bench migrate --disk-gb``: a guest with a local disk, our engine and QEMU's
+own NBD path, each checked by the guest's disk verifier at the destination."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import pytest
+
+from novacron.agent.guest import GuestImage
+from novacron.bench import _migrate_disk as bench
+from novacron.bench import migrate
+
+
+def verdict(text: str, boot: str = "b1") -> tuple[bool, str]:
+    sent = False
+
+    async def read(offset: int) -> tuple[str, int]:
+        nonlocal sent
+        if sent:
+            raise AssertionError("read again: the verdict should have been final")
+        sent = True
+        return text, offset + len(text)
+
+    return asyncio.run(bench.disk_verdict(read, 0, boot))
+
+
+def test_disk_verdict_needs_two_clean_passes_of_the_same_boot() -> None:
+    ok = "NOVACRON-DISK-VERIFY boot=b1 pass=3 written=9 bad=0 result=ok\n"
+    assert verdict(ok * 2) == (True, "ok (2 passes, 9 blocks written)")
+    bad = "NOVACRON-DISK-VERIFY boot=b1 pass=4 written=9 bad=2 result=FAIL\n"
+    assert verdict(ok + bad) == (False, "disk verifier: 2 bad blocks")
+    other = "NOVACRON-DISK-VERIFY boot=b2 pass=1 written=9 bad=0 result=ok\n"
+    assert not verdict(ok + other)[0] and "rebooted" in verdict(ok + other)[1]
+    assert not verdict(ok + "NOVACRON-DISK-ERROR pwrite: EIO\n")[0]
+
+
+def test_disk_gb_flag_is_parsed_and_checked() -> None:
+    parser = argparse.ArgumentParser()
+    migrate.add_arguments(parser)
+    args = parser.parse_args(["--disk-gb", "0.001"])
+    with pytest.raises(SystemExit, match="at least 16 MiB"):
+        migrate.run(args)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_migrate_disk_smallest_case(guest: GuestImage) -> None:
+    parser = argparse.ArgumentParser()
+    migrate.add_arguments(parser)
+    args = parser.parse_args(["--disk-gb", "0.0625", "--disk-blocks", "1024", "--engines", "novacron,qemu-tcp"])
+    report = migrate.run(args)
+    rows = {r["engine"]: r for r in report.data["results"]}
+    assert set(rows) == {"novacron", "qemu-nbd"}
+    (table,) = report.tables
+    assert table.columns[:3] == ["engine", "disk check", "total s"] and len(table.rows) == 2
+    assert all(len(row) == len(table.columns) for row in table.rows)
+    for engine, r in rows.items():
+        print(engine, {k: r[k] for k in ("total_s", "pause_ms", "engine_downtime_ms", "wire_bytes",
+                                          "disk_bytes", "verify_detail")})
+        assert r["verify"] == "ok" and not r["failed"], r
+        assert r["total_s"] > 0 and r["pause_ms"] is not None and r["engine_downtime_ms"] is not None, r
+        # the whole 64 MiB disk is allocated random data: all of it crosses the wire
+        assert r["disk_bytes"] >= 64 << 20 and r["wire_bytes"] >= r["disk_bytes"], r
+    assert rows["novacron"]["time_vs_qemu_nbd"] is not None
