@@ -103,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", default="novacron,qemu-tcp,qemu-multifd-zstd",
                         help="comma-separated subset of novacron,qemu-tcp,qemu-multifd-zstd (default: all)")
     parser.add_argument("--guests", default="idle,busy", help="comma-separated subset of idle,busy (default: both)")
+    parser.add_argument("--hypervisor", choices=("qemu", "libvirt"), default="qemu",
+                        help="qemu: agents run QEMU, compared with QEMU's own migration; libvirt: two "
+                             "libvirtd daemons, libvirt's own engine against ours on the same domain "
+                             "(--engines ignored; needs root and libvirtd) (default qemu)")
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -122,6 +126,10 @@ def run(args: argparse.Namespace) -> Report:
         raise SystemExit("novacron bench migrate: need each --memory-mb >= 64 and > --workload-mb")
     if args.cap < 0:
         raise SystemExit("novacron bench migrate: --cap must be >= 0")
+    if getattr(args, "hypervisor", "qemu") == "libvirt":
+        from novacron.bench import migrate_libvirt
+
+        return migrate_libvirt.run(args, sizes, guests)
     results: list[dict[str, Any]] = []
     notes: list[str] = []
     for mem in sizes:

@@ -21,12 +21,15 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from novacron.agent.hypervisors.libvirt import LibvirtHost
+from novacron.agent.hypervisors.libvirt_port import QEMU_NS, clean_xml
+from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
 
 log = logging.getLogger("novacron.agent.libvirt")
 
 COMPRESSION = ("none", "xbzrle", "mt")
+INCOMING_MARK = QEMU_NS  # only our port adds QEMU arguments (clean_xml keeps any others)
 POLL_S = 0.2  # job-stats sampling while a migration runs
 CANCEL_WAIT_S = 30.0  # how long cancel() waits for the aborted job to end
 # what a libvirt peer may look like: a qemu driver URI, and a plain TCP migration URI
@@ -172,6 +175,11 @@ class LibvirtMigration:
                 raise VMConflict(f"domain {self.name} is not running")
             persistent = await self.host._call(dom.isPersistent)
             flags, params = self.opts.flags_and_params(lv, self.peer)
+            xml = await self.host._call(dom.XMLDesc, lv.VIR_DOMAIN_XML_MIGRATABLE)
+            if INCOMING_MARK in xml:
+                # it came here by NovaCron's engine: the live XML still carries the
+                # "-incoming defer" QEMU argument, which must not start the next copy
+                params[lv.VIR_MIGRATE_PARAM_DEST_XML] = clean_xml(xml)
             if not persistent:
                 flags &= ~lv.VIR_MIGRATE_PERSIST_DEST
             # QEMU's downtime limit is a migration parameter: set before the job starts
@@ -318,6 +326,24 @@ class LibvirtMigrations:
         mig = LibvirtMigration(self.host, name, self.peers[peer], opts, mig_id)
         self.jobs[mig.status.id] = mig
         mig.start()
+        return mig
+
+    async def for_grant(self, name: str, target: str, mig_id: str, opts: MigrationOptions) -> LibvirtMigration:
+        """A migration the coordinator granted (``/v1/migrations`` with ``engine: "libvirt"``),
+        checked, not started: the peer is the ``libvirt_peers`` entry named after the
+        destination host; our engine's options map onto libvirt's where they mean the same."""
+        peer = self.peers.get(target)
+        if peer is None:
+            raise VMConflict(f"engine 'libvirt': no libvirt_peers entry for host {target!r} in this agent's config")
+        if self.migrating(name):
+            raise VMConflict(f"domain {name} is migrating already")
+        dom = await self.host._owned(name)
+        if not await self.host._call(dom.isActive):
+            raise VMConflict(f"domain {name} is not running")
+        lopts = LibvirtMigrationOptions(bandwidth_mbps=opts.bandwidth_mbps, downtime_ms=opts.downtime_ms,
+                                        auto_converge=opts.throttle, timeout_s=opts.timeout_s)
+        mig = LibvirtMigration(self.host, name, peer, lopts, mig_id)
+        self.jobs[mig.status.id] = mig
         return mig
 
     def migrating(self, name: str) -> bool:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-NO_CONVERGE = ("abort", "force")  # 'postcopy' reserved: refused until it exists
+NO_CONVERGE = ("abort", "force")
+# "novacron": this engine; "libvirt": libvirt's own live migration (an agent with
+# hypervisor = "libvirt" only; see agent/hypervisors/libvirt_migration.py)
+ENGINES = ("novacron", "libvirt")  # 'postcopy' reserved: refused until it exists
 # what may change while a migration runs (PATCH /v1/migrations/{id})
 LIVE = ("bandwidth_mbps", "downtime_ms")
 
@@ -43,6 +46,7 @@ class MigrationOptions:
     # the pages sent while the guest is paused obey bandwidth_mbps too (default: they
     # go at link speed, so the cap never lengthens the pause)
     throttle_final: bool = False
+    engine: str = "novacron"  # see ENGINES
 
     @classmethod
     def from_dict(cls, raw: Any) -> MigrationOptions:
@@ -93,6 +97,8 @@ class MigrationOptions:
             raise ValueError("option 'pause_factor' must be between 1 and 10000")
         if not 10 <= self.max_pause_ms <= 600_000:
             raise ValueError("option 'max_pause_ms' must be between 10 and 600000")
+        if self.engine not in ENGINES:
+            raise ValueError(f"option 'engine' must be one of {', '.join(ENGINES)}")
         if self.on_no_converge == "postcopy":
             raise ValueError("option 'on_no_converge': 'postcopy' is not implemented yet; "
                              "use 'abort' or 'force'")
