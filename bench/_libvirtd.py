@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 from novacron.agent.guest import GuestImage
@@ -98,8 +99,15 @@ class SharedDir:
 
 
 class LibvirtDaemon:
-    def __init__(self, name: str) -> None:
+    """``userfaultfd``: its QEMUs may use userfaultfd (post-copy's destination needs it):
+    the daemon runs with the ambient capability CAP_SYS_PTRACE, which the kernel asks of
+    a userfaultfd that handles kernel faults when vm.unprivileged_userfaultfd is 0, and
+    its qemu.conf keeps it for QEMU (``clear_emulator_capabilities = 0``). QEMU 7.2
+    does not use /dev/userfaultfd (QEMU >= 8.1 does), so that device does not help."""
+
+    def __init__(self, name: str, *, userfaultfd: bool = False) -> None:
         self.name = name
+        self.userfaultfd = userfaultfd
         self.host_uuid = str(uuid.uuid4())
         self.dir = Path(tempfile.mkdtemp(prefix=f"nc-lvd-{name}-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -127,6 +135,8 @@ class LibvirtDaemon:
     def start(self) -> LibvirtDaemon:
         for sub in ("home", "config/libvirt", "run", "cache", "data"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        if self.userfaultfd:
+            (self.dir / "config" / "libvirt" / "qemu.conf").write_text("clear_emulator_capabilities = 0\n")
         (self.dir / "config" / "libvirt" / "libvirtd.conf").write_text(
             f'host_uuid = "{self.host_uuid}"\nlog_outputs = "3:file:{self.dir}/libvirtd.log"\n')
         os.chmod(self.dir / "run", 0o700)
@@ -144,9 +154,15 @@ class LibvirtDaemon:
 
     def _spawn(self) -> LibvirtDaemon:
         with open(self.dir / "stderr.log", "ab") as err:  # the child keeps its own copy
+            if self.userfaultfd:  # setpriv: drop to nobody keeping one capability (ambient)
+                argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                        "--inh-caps", "+sys_ptrace", "--ambient-caps", "+sys_ptrace", LIBVIRTD]
+                who: dict[str, Any] = {}
+            else:
+                argv, who = [LIBVIRTD], {"user": NOBODY, "group": NOBODY, "extra_groups": []}
             self.proc = subprocess.Popen(
-                [LIBVIRTD], env=self.env(), user=NOBODY, group=NOBODY, extra_groups=[], cwd=self.dir,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                argv, env=self.env(), cwd=self.dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=err, start_new_session=True, **who)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

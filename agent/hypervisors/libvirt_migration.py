@@ -31,6 +31,7 @@ log = logging.getLogger("novacron.agent.libvirt")
 COMPRESSION = ("none", "xbzrle", "mt")
 INCOMING_MARK = QEMU_NS  # only our port adds QEMU arguments (clean_xml keeps any others)
 POLL_S = 0.2  # job-stats sampling while a migration runs
+MAX_SWITCH_TRIES = 5  # post-copy switch attempts (one per sample) before pre-copy is left to finish
 CANCEL_WAIT_S = 30.0  # how long cancel() waits for the aborted job to end
 # what a libvirt peer may look like: a qemu driver URI, and a plain TCP migration URI
 DEST_URI = re.compile(r"^qemu(\+(unix|tls|ssh|tcp))?://[^\s]*/(system|session)(\?[^\s]*)?$")
@@ -197,6 +198,7 @@ class LibvirtMigration:
         begun = time.monotonic()
         deadline = begun + self.opts.timeout_s
         timed_out = switched = False
+        switch_refusals = 0
         while not job.done():
             await asyncio.wait({job}, timeout=POLL_S)
             if job.done():
@@ -206,14 +208,21 @@ class LibvirtMigration:
                 with contextlib.suppress(lv.libvirtError):
                     await asyncio.to_thread(dom.abortJob)
             if (self.opts.postcopy_after_s and not switched and self._job_seen and not self._cancel_asked
-                    and time.monotonic() - begun >= self.opts.postcopy_after_s):
-                switched = True  # once: past this the guest runs at the destination
+                    and time.monotonic() - begun >= self.opts.postcopy_after_s
+                    and self.status.phase == "precopy" and self.status.bytes_wire > 0):
+                # only once QEMU sends memory: before that libvirt is still preparing the
+                # destination and QEMU refuses ("enable postcopy ... before the start")
                 try:
                     await asyncio.to_thread(dom.migrateStartPostCopy, 0)
+                    switched = True  # once: past this the guest runs at the destination
                     self.status.native["postcopy"] = True
                     log.info("libvirt migration switched to post-copy", extra={"migration": st.id, "vm": self.name})
                 except lv.libvirtError as exc:
-                    log.warning("post-copy switch refused", extra={"migration": st.id, "error": exc.get_error_message()})
+                    switch_refusals += 1
+                    if switch_refusals >= MAX_SWITCH_TRIES:
+                        switched = True  # stop asking; pre-copy goes on
+                    log.warning("post-copy switch refused", extra={"migration": st.id, "error": exc.get_error_message(),
+                                                                   "attempt": switch_refusals})
             if time.monotonic() > deadline and not timed_out:
                 timed_out = True
                 with contextlib.suppress(lv.libvirtError):

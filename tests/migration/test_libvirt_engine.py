@@ -20,8 +20,8 @@ from novacron.agent.guest import GuestImage
 from novacron.agent.hypervisors.libvirt_port import QEMU_NS, clean_xml, incoming_xml
 from novacron.agent.local import LocalAgent
 from novacron.agent.migration.vmport import AdmissionError
-from tests.coordinator.test_drain import until
-from tests.coordinator.test_fleet_ops_e2e import call, fleet, ok
+from tests.coordinator.test_cli import cli_env
+from tests.coordinator.test_fleet_ops_e2e import call, cli, fleet, ok
 from tests.libvirtd import LibvirtDaemon, SharedDir, have_libvirtd
 from tests.migration.agents import Api
 from tests.migration.test_libvirt_migration import free_port, wait_hb
@@ -186,18 +186,18 @@ async def test_coordinator_drains_a_libvirt_host(tmp_path: Path, daemons: tuple[
                                  ("/vms/dr1/import", {"host": "elsewhere"}, 404),
                                  ("/vms/dr1/import", {"host": "lv-a", "spec": {}}, 400)):
             assert (await call(coord, "POST", path, body))[0] == want, path
-        vm = await ok(coord, "POST", "/vms/dr1/import", {"host": "lv-a"}, want=201)
-        assert vm["host"] == "lv-a" and vm["state"] == "running" and vm["spec"]["memory_mb"] == 128
+        env = cli_env(coord, tmp_path, COLUMNS="160")
+        code, out, err = await cli(env, "vm", "import", "dr1", "--host", "lv-a")
+        assert code == 0 and "dr1: recorded on lv-a (running)" in out, (out, err)
+        vm = await ok(coord, "GET", "/vms/dr1")
+        assert vm["host"] == "lv-a" and vm["spec"]["memory_mb"] == 128 and vm["spec"]["cpu_model"] == "qemu64"
         assert (await call(coord, "POST", "/vms/dr1/import", {"host": "lv-a"}))[0] == 409  # once
 
         offset = len(shared.read_log("dr1"))
-        drain = await ok(coord, "POST", "/hosts/lv-a/drain", {}, want=202)
-
-        async def finished() -> Any:
-            doc = await ok(coord, "GET", f"/drains/{drain['id']}")
-            return doc if doc["state"] != "running" else None
-
-        doc = await until("drain finished", finished, timeout=120)
+        code, out, err = await cli(env, "host", "drain", "lv-a")
+        assert code == 0, (out, err)
+        assert "1 of 1 VMs moved" in out, out
+        doc = (await ok(coord, "GET", "/drains"))["drains"][0]
         assert doc["state"] == "done", doc
         [entry] = doc["vms"]
         assert entry["vm"] == "dr1" and entry["target"] == "lv-b" and entry["state"] == "moved", entry
