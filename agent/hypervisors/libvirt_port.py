@@ -58,6 +58,10 @@ INCOMING_ARGS = ("-incoming", "defer")
 DEVICE_SOCKET = "nc-incoming.sock"  # destination: QEMU's migrate-incoming socket, in its RAM folder
 POLL_S = 0.005  # query-migrate / query-status while the guest is paused: latency is downtime
 SUN_PATH_MAX = 107
+# QEMU keeps migration capabilities for its lifetime and sends them in the stream: libvirt's
+# own next migration of this QEMU would then be refused by a destination without it
+# ("Capability x-ignore-shared is off, but received capability is on")
+SHARED_OFF = {"capabilities": [{"capability": "x-ignore-shared", "state": False}]}
 
 
 def load_libvirt_qemu() -> Any:
@@ -254,6 +258,8 @@ class LibvirtSource:
 
     async def stay(self) -> None:
         self.busy.discard(self.name)
+        with contextlib.suppress(QMPError, VMError, TimeoutError):
+            await self.qmp.execute("migrate-set-capabilities", SHARED_OFF)  # see SHARED_OFF
 
 
 async def libvirt_source(host: LibvirtHost, name: str, memory_dir: Path, busy: set[str]) -> LibvirtSource:
@@ -316,6 +322,11 @@ class LibvirtDest:
         self.busy.discard(self.name)
         with contextlib.suppress(FileNotFoundError):
             (self.ram_path.parent / DEVICE_SOCKET).unlink()
+        try:
+            await self.qmp.execute("migrate-set-capabilities", SHARED_OFF)  # see SHARED_OFF
+        except (QMPError, VMError, TimeoutError) as exc:  # the guest runs: not a failed migration
+            log.warning("x-ignore-shared stays on; libvirt's own migration of this domain will be refused "
+                        "until it restarts", extra={"vm": self.name, "error": str(exc)})
 
     async def destroy(self) -> None:
         self.busy.discard(self.name)
