@@ -211,7 +211,9 @@ class LibvirtSource:
                  xml: str, persistent: bool, busy: set[str]) -> None:
         self.host, self.dom, self.qmp, self.busy = host, dom, qmp, busy
         self.name = str(dom.name())
-        self.ram_path, self.ram_stat, self.ram_size = ram
+        self.ram_path, st, self.ram_size = ram
+        self.ram_stat: os.stat_result | None = st
+        self.qemu_uid = st.st_uid  # QEMU's user owns its RAM file
         # the relay socket goes next to the RAM file: a folder the domain's QEMU can reach
         # (it is its own), which libvirt removes with the domain
         self.work_dir = self.ram_path.parent
@@ -234,7 +236,7 @@ class LibvirtSource:
     async def send_device_state(self, socket_path: Path) -> None:
         if socket_path.parent != self.work_dir or len(str(socket_path)) > SUN_PATH_MAX:
             raise ValueError(f"device-state socket {socket_path} is outside the domain's RAM folder or too long")
-        _share_with(socket_path, self.ram_stat.st_uid)  # QEMU's user owns its RAM file
+        _share_with(socket_path, self.qemu_uid)
         await self.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
         await self.qmp.execute("migrate", {"uri": f"unix:{socket_path}"})
 
@@ -291,7 +293,8 @@ class LibvirtDest:
                  final_xml: str, persistent: bool, busy: set[str]) -> None:
         self.host, self.dom, self.qmp, self.busy = host, dom, qmp, busy
         self.name = str(dom.name())
-        self.ram_path, self.ram_stat, _size = ram
+        self.ram_path, st, _size = ram
+        self.ram_stat: os.stat_result | None = st
         self.final_xml, self.persistent = final_xml, persistent
         self.defined = False
 
