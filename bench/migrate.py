@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> Report:
     if args.cap < 0:
         raise SystemExit("novacron bench migrate: --cap must be >= 0")
     if getattr(args, "hypervisor", "qemu") == "libvirt":
-        from novacron.bench import migrate_libvirt
+        from novacron.bench import _migrate_libvirt as migrate_libvirt
 
         return migrate_libvirt.run(args, sizes, guests)
     results: list[dict[str, Any]] = []
