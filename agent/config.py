@@ -60,7 +60,8 @@ class AgentConfig:
                                '"libvirt" (e.g. qemu:///system)')
     libvirt_peers: dict[str, str] = setting(
         factory=dict, help="[libvirt_peers] table: peer name -> 'DEST_URI [tcp://HOST[:PORT]]', the "
-        "libvirt daemons this host may migrate domains to (libvirt's engine; a request names the peer); "
+        "libvirt daemons this host may migrate domains to (libvirt's engine; a request names the peer, a "
+        "coordinator's migration with engine 'libvirt' uses the entry named after the destination host); "
         "env/flag: b=qemu+tls://b/system tcp://10.0.0.2")
     libvirt_memory_dir: Path = setting(
         Path("/var/lib/libvirt/qemu/ram"), help="libvirt's memory_backing_dir (qemu.conf): NovaCron's engine "

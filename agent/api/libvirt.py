@@ -46,6 +46,7 @@ from novacron.agent.hypervisors.libvirt_migration import LibvirtMigrations
 from novacron.agent.hypervisors.libvirt_port import (
     LibvirtDestFactory,
     LibvirtLocalVMs,
+    clean_stale_incoming,
     libvirt_source,
 )
 from novacron.agent.migration.manager import OtherEngine
@@ -150,6 +151,7 @@ def setup(app: web.Application) -> None:
             await host.connect()
         except LibvirtUnavailable as exc:
             raise SystemExit(f"novacron-agent: {exc}") from None
+        await clean_stale_incoming(host)  # a killed agent's half-received domains
         await start_manager(cfg, manager)  # its recovery asks the daemon
         yield
         await manager.close()

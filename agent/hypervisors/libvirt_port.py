@@ -43,7 +43,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from novacron.agent.hypervisors.libvirt import LibvirtHost, LibvirtUnavailable, _mib
+from novacron.agent.hypervisors.libvirt import STATES, LibvirtHost, LibvirtUnavailable, _mib
 from novacron.agent.migration.protocol import NAME_RE
 from novacron.agent.migration.qemu_port import IGNORE_SHARED, _incoming_loaded, _migration_completed
 from novacron.agent.migration.vmport import AdmissionError
@@ -393,6 +393,30 @@ class LibvirtDestFactory:
         return LibvirtDest(self.host, dom, qmp, ram, final, bool(spec.get("persistent")), self.busy)
 
 
+async def clean_stale_incoming(host: LibvirtHost) -> list[str]:
+    """Destroy the incoming domains an earlier (killed) agent left waiting: running domains
+    with our ``-incoming defer`` whose QEMU still waits for the migration ("inmigrate": its
+    guest never ran here). Run at agent start, before the journal is settled."""
+    conn = await host._live()
+    removed: list[str] = []
+    for dom in await host._call(conn.listAllDomains, host.lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        try:
+            root = ET.fromstring(await host._call(dom.XMLDesc, 0))
+            args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+            if not any(tuple(args[i:i + 2]) == INCOMING_ARGS for i in range(len(args) - 1)):
+                continue
+            status = await LibvirtQMP(host, dom).execute("query-status")
+            if status.get("status") != "inmigrate":
+                continue  # it received its guest: the journal decides (it may run here)
+            await host._call(dom.destroy)
+        except (VMError, QMPError, ET.ParseError) as exc:
+            log.warning("cannot check a domain for a stale incoming migration", extra={"error": str(exc)})
+            continue
+        removed.append(str(dom.name()))
+        log.warning("removed an incoming domain left by an earlier agent", extra={"vm": removed[-1]})
+    return removed
+
+
 class LibvirtLocalVMs:
     """The daemon's domains as the migration manager's recovery sees them."""
 
@@ -407,8 +431,6 @@ class LibvirtLocalVMs:
             state, _reason = conn.lookupByName(name).state()
         except self.host.lv.libvirtError:
             return None
-        from novacron.agent.hypervisors.libvirt import STATES
-
         return STATES[state] if 0 <= state < len(STATES) else str(state)
 
     def set_migrating(self, name: str, flag: bool) -> None:

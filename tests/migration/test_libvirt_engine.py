@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 
 from novacron.agent.guest import ensure_guest
-from novacron.agent.hypervisors.libvirt_port import QEMU_NS, clean_xml, incoming_xml
+from novacron.agent.hypervisors.libvirt import LibvirtHost
+from novacron.agent.hypervisors.libvirt_port import (
+    QEMU_NS,
+    clean_stale_incoming,
+    clean_xml,
+    incoming_xml,
+)
 from novacron.agent.local import LocalAgent
 from novacron.agent.migration.vmport import AdmissionError
 from tests.coordinator.test_cli import cli_env
@@ -154,6 +160,16 @@ async def test_both_engines_move_a_libvirt_domain_through_the_fleet_api(
     assert doc["state"] == "running" and doc["adopted"] is True
     hb = await wait_hb(shared, "eng1", offset, timeout=60, min_passes=int(hb.group(5)) + 1)
     assert hb.group(1) == boot and hb.group(4) == "0", hb.group(0)  # same boot, no bad page
+
+    # an incoming domain a killed agent left waiting is removed at the next start; the
+    # domain that arrived (its live XML still has "-incoming defer") is not
+    async with LibvirtHost(b.uri) as host:
+        stale, _ = incoming_xml({"name": "stale1", "libvirt_xml": shared.domain_xml("stale1", shared_memory=True)},
+                                128 * MIB)
+        await host._call((await host._live()).createXML, stale, host.lv.VIR_DOMAIN_START_PAUSED)
+        assert sorted(domains(b)) == ["eng1", "stale1"]
+        assert await clean_stale_incoming(host) == ["stale1"]
+        assert domains(b, "--all") == ["eng1"] and (await host.get("eng1"))["state"] == "running"
 
     # libvirt's own engine back to a, through the same API (the peer named after host lv-a)
     offset = len(shared.read_log("eng1"))
