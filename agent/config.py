@@ -66,6 +66,10 @@ class AgentConfig:
     libvirt_memory_dir: Path = setting(
         Path("/var/lib/libvirt/qemu/ram"), help="libvirt's memory_backing_dir (qemu.conf): NovaCron's engine "
         "maps only RAM files under it (session daemons: $XDG_CONFIG_HOME/libvirt/qemu/ram)")
+    libvirt_path_dirs: list[str] = setting(
+        factory=lambda: ["/var/lib/libvirt/images", "/var/lib/libvirt/boot", "/var/log/libvirt"],
+        help="folders a domain arriving by NovaCron's engine may name host paths in (disks, kernel, "
+        "initrd, firmware, console logs); a domain naming any other path is refused")
     libvirt_shutdown_timeout_s: float = setting(
         30.0, help="seconds a graceful shutdown of a libvirt domain may take before stop destroys it")
     qemu_binary: str = setting("qemu-system-x86_64", help="QEMU executable (a name on PATH or a path)")

@@ -90,6 +90,7 @@ async def _run_size(args: argparse.Namespace, guests: list[str]) -> list[dict[st
 
         def settings(mine: LibvirtDaemon, peer_host: str, peer: LibvirtDaemon) -> dict[str, str]:
             return {"hypervisor": "libvirt", "libvirt_uri": mine.uri, "libvirt_memory_dir": str(mine.memory_dir),
+                    "libvirt_path_dirs": str(shared.path),
                     "libvirt_peers": f"{peer_host}={peer.uri} tcp://127.0.0.1:{_free_port()}"}
 
         secret = secrets.token_urlsafe(32)

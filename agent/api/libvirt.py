@@ -142,7 +142,8 @@ def setup(app: web.Application) -> None:
         return await migrations.for_grant(name, grant.target, mid, opts)
 
     manager = make_manager(cfg, source_vm=get_source,
-                           dest_factory=LibvirtDestFactory(host, Path(cfg.libvirt_memory_dir), busy),
+                           dest_factory=LibvirtDestFactory(host, Path(cfg.libvirt_memory_dir), busy,
+                                                                [Path(p) for p in cfg.libvirt_path_dirs]),
                            local_vms=LibvirtLocalVMs(host, busy), engines={"libvirt": libvirt_engine})
     app[BUSY] = busy
 

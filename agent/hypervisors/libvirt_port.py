@@ -136,7 +136,38 @@ def clean_xml(xml: str) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def incoming_xml(spec: dict[str, Any], ram_size: int) -> tuple[str, str]:
+# host devices and pass-through a peer's XML may not bring here
+FORBIDDEN_DEVICES = ("hostdev", "filesystem", "smartcard", "redirdev", "shmem")
+PATH_TEXT = ("./os/kernel", "./os/initrd", "./os/loader", "./os/nvram", "./os/dtb")
+
+
+def host_paths(root: ET.Element) -> list[str]:
+    """Every host path the domain XML names (files, devices, sockets, logs)."""
+    found = [e.text.strip() for q in PATH_TEXT for e in root.findall(q) if e.text and e.text.strip()]
+    for parent in root.iter():
+        for elem in parent:
+            if elem.tag == "source" and parent.get("type") == "pty":
+                continue  # a pty's path is the one libvirt allocated on the source: not opened by name
+            if elem.tag in ("source", "log", "nvram", "backingStore") or elem.tag.endswith("}source"):
+                found += [v for k, v in elem.attrib.items() if k in ("file", "dev", "path", "dir")]
+    return found
+
+
+def check_paths(root: ET.Element, allowed: list[Path]) -> None:
+    """A peer's domain XML may name host paths only under ``allowed`` (``libvirt_path_dirs``):
+    libvirt would otherwise open (and, with dynamic_ownership, chown) any file a caller names."""
+    for tag in FORBIDDEN_DEVICES:
+        if root.find(f"./devices/{tag}") is not None:
+            raise AdmissionError(f"domains with <{tag}> devices are not migrated by NovaCron's engine")
+    roots = [Path(os.path.realpath(d)) for d in allowed]
+    for raw in host_paths(root):
+        path = Path(os.path.normpath(raw))
+        if not raw.startswith("/") or ".." in Path(raw).parts or not any(_under(path, r) for r in roots):
+            raise AdmissionError(f"the domain names host path {raw!r}, outside libvirt_path_dirs "
+                                 f"({', '.join(map(str, roots)) or 'none'})")
+
+
+def incoming_xml(spec: dict[str, Any], ram_size: int, allowed: list[Path]) -> tuple[str, str]:
     """The destination's (checked) XML to create paused with ``-incoming defer``, and the
     XML to define once the guest runs here. AdmissionError for anything off."""
     xml, name = spec.get("libvirt_xml"), spec.get("name")
@@ -161,6 +192,7 @@ def incoming_xml(spec: dict[str, Any], ram_size: int) -> tuple[str, str]:
     if root.find(f"{{{QEMU_NS}}}commandline") is not None:
         # QEMU arguments from another host are not run here (only ours, below)
         raise AdmissionError("domains with <qemu:commandline> are not migrated by NovaCron's engine")
+    check_paths(root, allowed)
     final = ET.tostring(root, encoding="unicode")
     cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
     for value in INCOMING_ARGS:
@@ -351,14 +383,14 @@ class LibvirtDest:
 
 
 class LibvirtDestFactory:
-    def __init__(self, host: LibvirtHost, memory_dir: Path, busy: set[str]) -> None:
-        self.host, self.memory_dir, self.busy = host, memory_dir, busy
+    def __init__(self, host: LibvirtHost, memory_dir: Path, busy: set[str], path_dirs: list[Path]) -> None:
+        self.host, self.memory_dir, self.busy, self.path_dirs = host, memory_dir, busy, path_dirs
 
     async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str,
                       disks: list[dict[str, Any]] | None = None) -> LibvirtDest:
         if disks:
             raise AdmissionError("local disks of libvirt domains move with engine 'libvirt' only")
-        xml, final = incoming_xml(spec, ram_size)
+        xml, final = incoming_xml(spec, ram_size, self.path_dirs)
         name = str(spec["name"])
         conn = await self.host._live()
         with contextlib.suppress(VMNotFound):

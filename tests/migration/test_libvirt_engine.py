@@ -40,8 +40,15 @@ def _xml(name: str = "d1", memory: str = "<memory unit='KiB'>131072</memory>", e
     return f"<domain type='qemu'><name>{name}</name>{memory}{extra}<vcpu>1</vcpu></domain>"
 
 
+ALLOWED = [Path("/srv/vm")]
+
+
 def test_incoming_xml_is_checked_and_marked() -> None:
-    xml, final = incoming_xml({"name": "d1", "libvirt_xml": _xml(), "persistent": True}, 128 * MIB)
+    ok_xml = _xml(extra=BACKED + "<os><kernel>/srv/vm/k</kernel></os><devices><disk type='file'>"
+                  "<source file='/srv/vm/d.qcow2'/></disk><serial type='pty'><source path='/dev/pts/3'/>"
+                  "<log file='/srv/vm/s.log'/>"
+                  "</serial></devices>")
+    xml, final = incoming_xml({"name": "d1", "libvirt_xml": ok_xml, "persistent": True}, 128 * MIB, ALLOWED)
     root = ET.fromstring(xml)
     assert [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")] == ["-incoming", "defer"]
     assert QEMU_NS not in final and ET.fromstring(final).findtext("name") == "d1"
@@ -60,9 +67,21 @@ def test_incoming_xml_is_checked_and_marked() -> None:
         ({"name": "../x", "libvirt_xml": _xml()}, 128 * MIB, "name"),
         ({"name": "d1", "libvirt_xml": _xml(), "kernel": "/etc/passwd"}, 128 * MIB, "fields"),
         ({"name": "d1", "libvirt_xml": _xml().replace("type='qemu'", "type='xen'")}, 128 * MIB, "xen"),
+        # a peer's XML names no host path outside libvirt_path_dirs, and no host device
+        *(({"name": "d1", "libvirt_xml": _xml(extra=BACKED + extra)}, 128 * MIB, why) for extra, why in (
+            ("<devices><disk type='file'><source file='/etc/shadow'/></disk></devices>", "/etc/shadow"),
+            ("<devices><disk type='file'><source file='/srv/vm/../../etc/shadow'/></disk></devices>", "outside"),
+            ("<devices><disk type='file'><source file='d.img'/></disk></devices>", "outside"),
+            ("<devices><disk type='block'><source dev='/dev/sda'/></disk></devices>", "/dev/sda"),
+            ("<os><kernel>/boot/vmlinuz</kernel></os>", "/boot/vmlinuz"),
+            ("<devices><serial type='file'><source path='/etc/ld.so.preload'/></serial></devices>", "ld.so"),
+            ("<devices><serial type='pty'><log file='/root/.bashrc'/></serial></devices>", "bashrc"),
+            ("<devices><hostdev mode='subsystem' type='pci'/></devices>", "hostdev"),
+            ("<devices><filesystem type='mount'><source dir='/'/></filesystem></devices>", "filesystem"),
+        )),
     ):
         with pytest.raises(AdmissionError, match=why):
-            incoming_xml(spec, size)
+            incoming_xml(spec, size, ALLOWED)
 
 
 @pytest.fixture
@@ -85,17 +104,19 @@ def daemons() -> Iterator[tuple[LibvirtDaemon, LibvirtDaemon]]:
         assert all(d.pids() == [] for d in started)
 
 
-def agent_settings(mine: LibvirtDaemon, peer_host: str, peer: LibvirtDaemon) -> dict[str, str]:
+def agent_settings(mine: LibvirtDaemon, peer_host: str, peer: LibvirtDaemon, shared: SharedDir) -> dict[str, str]:
     return {"hypervisor": "libvirt", "libvirt_uri": mine.uri, "libvirt_memory_dir": str(mine.memory_dir),
+            "libvirt_path_dirs": str(shared.path),  # the guest's kernel, initrd and console log
             "libvirt_peers": f"{peer_host}={peer.uri} tcp://127.0.0.1:{free_port()}"}
 
 
 @pytest.fixture
-async def agents(daemons: tuple[LibvirtDaemon, LibvirtDaemon]) -> AsyncIterator[tuple[LocalAgent, LocalAgent]]:
+async def agents(daemons: tuple[LibvirtDaemon, LibvirtDaemon],
+                 shared: SharedDir) -> AsyncIterator[tuple[LocalAgent, LocalAgent]]:
     a, b = daemons
     secret = secrets.token_urlsafe(32)
-    async with LocalAgent("lv-a", accel="tcg", cluster_secret=secret, settings=agent_settings(a, "lv-b", b)) as x, \
-            LocalAgent("lv-b", accel="tcg", cluster_secret=secret, settings=agent_settings(b, "lv-a", a)) as y:
+    async with LocalAgent("lv-a", accel="tcg", cluster_secret=secret, settings=agent_settings(a, "lv-b", b, shared)) as x, \
+            LocalAgent("lv-b", accel="tcg", cluster_secret=secret, settings=agent_settings(b, "lv-a", a, shared)) as y:
         yield x, y
 
 
@@ -165,7 +186,7 @@ async def test_both_engines_move_a_libvirt_domain_through_the_fleet_api(
     # domain that arrived (its live XML still has "-incoming defer") is not
     async with LibvirtHost(b.uri) as host:
         stale, _ = incoming_xml({"name": "stale1", "libvirt_xml": shared.domain_xml("stale1", shared_memory=True)},
-                                128 * MIB)
+                                128 * MIB, [shared.path])
         await host._call((await host._live()).createXML, stale, host.lv.VIR_DOMAIN_START_PAUSED)
         assert sorted(domains(b)) == ["eng1", "stale1"]
         assert await clean_stale_incoming(host) == ["stale1"]
@@ -194,7 +215,7 @@ async def test_coordinator_drains_a_libvirt_host(tmp_path: Path, daemons: tuple[
     fleet, and draining its host moves it (our engine, the default) to the other one."""
     a, b = daemons
     a.define(shared.domain_xml("dr1", memory_mb=128, mem_mb=8, rate_mb=1, shared_memory=True))
-    hosts = {"lv-a": agent_settings(a, "lv-b", b), "lv-b": agent_settings(b, "lv-a", a)}
+    hosts = {"lv-a": agent_settings(a, "lv-b", b, shared), "lv-b": agent_settings(b, "lv-a", a, shared)}
     async with fleet(tmp_path, {}, hosts) as (coord, agents):
         x = Api(agents["lv-a"])
         # not adopted yet: the fleet may not take it
