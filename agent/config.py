@@ -60,8 +60,16 @@ class AgentConfig:
                                '"libvirt" (e.g. qemu:///system)')
     libvirt_peers: dict[str, str] = setting(
         factory=dict, help="[libvirt_peers] table: peer name -> 'DEST_URI [tcp://HOST[:PORT]]', the "
-        "libvirt daemons this host may migrate domains to (libvirt's engine; a request names the peer); "
+        "libvirt daemons this host may migrate domains to (libvirt's engine; a request names the peer, a "
+        "coordinator's migration with engine 'libvirt' uses the entry named after the destination host); "
         "env/flag: b=qemu+tls://b/system tcp://10.0.0.2")
+    libvirt_memory_dir: Path = setting(
+        Path("/var/lib/libvirt/qemu/ram"), help="libvirt's memory_backing_dir (qemu.conf): NovaCron's engine "
+        "maps only RAM files under it (session daemons: $XDG_CONFIG_HOME/libvirt/qemu/ram)")
+    libvirt_path_dirs: list[str] = setting(
+        factory=lambda: ["/var/lib/libvirt/images", "/var/lib/libvirt/boot", "/var/log/libvirt"],
+        help="folders a domain arriving by NovaCron's engine may name host paths in (disks, kernel, "
+        "initrd, firmware, console logs); a domain naming any other path is refused")
     libvirt_shutdown_timeout_s: float = setting(
         30.0, help="seconds a graceful shutdown of a libvirt domain may take before stop destroys it")
     qemu_binary: str = setting("qemu-system-x86_64", help="QEMU executable (a name on PATH or a path)")

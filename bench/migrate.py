@@ -105,6 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated subset of novacron,qemu-tcp,qemu-multifd-zstd (default: all)")
     parser.add_argument("--guests", default="idle,busy", help="comma-separated subset of idle,busy (default: both)")
     _migrate_disk.add_arguments(parser)  # --disk-gb: the local-disk case (bench/_migrate_disk.py)
+    parser.add_argument("--hypervisor", choices=("qemu", "libvirt"), default="qemu",
+                        help="qemu: agents run QEMU, compared with QEMU's own migration; libvirt: two "
+                             "libvirtd daemons, libvirt's own engine against ours on the same domain "
+                             "(--engines ignored; needs root and libvirtd) (default qemu)")
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -126,6 +130,10 @@ def run(args: argparse.Namespace) -> Report:
         raise SystemExit("novacron bench migrate: need each --memory-mb >= 64 and > --workload-mb")
     if args.cap < 0:
         raise SystemExit("novacron bench migrate: --cap must be >= 0")
+    if getattr(args, "hypervisor", "qemu") == "libvirt":
+        from novacron.bench import _migrate_libvirt as migrate_libvirt
+
+        return migrate_libvirt.run(args, sizes, guests)
     results: list[dict[str, Any]] = []
     notes: list[str] = []
     for mem in sizes:

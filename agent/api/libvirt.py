@@ -15,8 +15,13 @@ fleet reads the host's VMs the same way, answered from the libvirt daemon:
                                           destroy), destroy, pause, resume
 
 Creating and deleting domains is not offered: define them with libvirt, then
-adopt. Migrations use libvirt's own engine under their own path, since they
-name a configured libvirt peer rather than carry a coordinator grant:
+adopt. The fleet's migration API (``novacron.agent.api.migrations``: ``/v1/migrations``,
+authorised by the coordinator's grant) runs either engine, by the option
+``engine``: "novacron" (ours, ``hypervisors.libvirt_port``; the domain's RAM must be a
+shared file) or "libvirt" (libvirt's own, to the ``libvirt_peers`` entry named after
+the destination host). So placement, drain, policies and metrics treat a libvirt
+host like any other. libvirt's engine with all its options (post-copy, parallel
+connections, compression, TLS) is also offered directly, naming a configured peer:
 
     POST /v1/libvirt/migrations        {"vm", "peer", "options", optional "id"} -> 202
     GET  /v1/libvirt/migrations        -> {"migrations": [status, ...]}
@@ -28,26 +33,40 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from novacron.agent.api.common import json_error, read_json_object
+from novacron.agent.api.migrations import install, make_manager, start_manager
 from novacron.agent.appkeys import CONFIG
 from novacron.agent.hypervisors.libvirt import LibvirtHost, LibvirtUnavailable
 from novacron.agent.hypervisors.libvirt_migration import LibvirtMigrations
+from novacron.agent.hypervisors.libvirt_port import (
+    LibvirtDestFactory,
+    LibvirtLocalVMs,
+    clean_stale_incoming,
+    libvirt_source,
+)
+from novacron.agent.migration.manager import OtherEngine
+from novacron.agent.migration.options import MigrationOptions
+from novacron.agent.migration.vmport import SourceVM
+from novacron.grants import Grant
 
 log = logging.getLogger("novacron.agent.api")
 
 LIBVIRT = web.AppKey("novacron_libvirt_host", LibvirtHost)
 LIBVIRT_MIGRATIONS = web.AppKey("novacron_libvirt_migrations", LibvirtMigrations)
+BUSY = web.AppKey("novacron_libvirt_busy", set)
 MAX_CONSOLE_INPUT = 1024
 ACTIONS = ("adopt", "start", "shutdown", "stop", "destroy", "pause", "resume")
 
 
 def _shown(request: web.Request, doc: dict[str, Any]) -> dict[str, Any]:
     """A running domain this agent is migrating reads "migrating", as a QEMU VM would."""
-    if doc["state"] in ("running", "paused") and request.app[LIBVIRT_MIGRATIONS].migrating(doc["name"]):
+    moving = request.app[LIBVIRT_MIGRATIONS].migrating(doc["name"]) or doc["name"] in request.app[BUSY]
+    if doc["state"] in ("running", "paused") and moving:
         doc["state"] = "migrating"
     return doc
 
@@ -113,17 +132,35 @@ def setup(app: web.Application) -> None:
         raise SystemExit(f"novacron-agent: config error: {exc}") from None
     app[LIBVIRT] = host
     app[LIBVIRT_MIGRATIONS] = migrations
+    # the fleet's migration API (/v1/migrations, coordinator grants), both engines behind it
+    busy: set[str] = set()  # domains our engine is moving (either way)
+
+    async def get_source(name: str) -> SourceVM:
+        return await libvirt_source(host, name, Path(cfg.libvirt_memory_dir), busy)
+
+    async def libvirt_engine(name: str, grant: Grant, mid: str, opts: MigrationOptions) -> OtherEngine:
+        return await migrations.for_grant(name, grant.target, mid, opts)
+
+    manager = make_manager(cfg, source_vm=get_source,
+                           dest_factory=LibvirtDestFactory(host, Path(cfg.libvirt_memory_dir), busy,
+                                                                [Path(p) for p in cfg.libvirt_path_dirs]),
+                           local_vms=LibvirtLocalVMs(host, busy), engines={"libvirt": libvirt_engine})
+    app[BUSY] = busy
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         try:
             await host.connect()
         except LibvirtUnavailable as exc:
             raise SystemExit(f"novacron-agent: {exc}") from None
+        await clean_stale_incoming(host)  # a killed agent's half-received domains
+        await start_manager(cfg, manager)  # its recovery asks the daemon
         yield
+        await manager.close()
         await migrations.close()
         await host.close()
 
     app.cleanup_ctx.append(lifecycle)
+    install(app, cfg, manager, run=False)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_get("/v1/vms/{name}", get_vm)
     app.router.add_get("/v1/vms/{name}/stats", vm_stats)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from novacron.agent.appkeys import CONFIG, METRICS, VMS
 from novacron.agent.config import AgentConfig
 from novacron.agent.migration.dedupdest import PageIndex
 from novacron.agent.migration.journal import Journal
-from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
+from novacron.agent.migration.manager import EngineStarter, MigrationManager, MigrationRequestError
 from novacron.agent.migration.qemu_port import (
     QemuDestFactory,
     QemuLocalVMs,
@@ -37,7 +38,7 @@ from novacron.agent.migration.qemu_port import (
     source_vm,
 )
 from novacron.agent.migration.throttle import lift_stale
-from novacron.agent.migration.vmport import SourceVM
+from novacron.agent.migration.vmport import DestFactory, LocalVMs, SourceVM
 from novacron.agent.vm.errors import VMError
 from novacron.agent.vm.manager import VMManager
 from novacron.grants import GrantError, GrantVerifier
@@ -79,32 +80,14 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
     async def get_source(name: str) -> SourceVM:
         return await source_vm(vms, name)
 
-    manager = MigrationManager(
-        cluster_secret=cfg.cluster_secret,
-        source_vm=get_source,
-        dest_factory=QemuDestFactory(vms),
-        data_host=cfg.host,
-        data_port=cfg.data_port,
-        host_name=host_name(cfg.name),
-        grants=GrantVerifier(saved_grant_key(cfg.state_dir) or cfg.grant_key),
-        peer_ssl=tls.peer_client_context(cfg),
-        data_ssl=tls.server_context(cfg, require_client_cert=True) if tls.enabled(cfg) else None,
-        journal=Journal(cfg.state_dir / "migrations"),
-        local_vms=QemuLocalVMs(vms),
+    manager = make_manager(
+        cfg, source_vm=get_source, dest_factory=QemuDestFactory(vms), local_vms=QemuLocalVMs(vms),
         # destination-side dedup: the RAM of the VMs running here, indexed once each
-        page_index=PageIndex(cfg.dedup_index_max_mb,
-                             lambda: [vm.ram_path for vm in vms.list() if vm.alive])
-        if cfg.dedup else None,
-    )
+        page_index=PageIndex(cfg.dedup_index_max_mb, lambda: [vm.ram_path for vm in vms.list() if vm.alive])
+        if cfg.dedup else None)
     vms.resume_fence = manager  # resume waits for every migration of the VM to settle
-    app[MANAGER_KEY] = manager
-    app[GRANT_READ] = manager.may_read
-    metrics = app.get(METRICS)
-    if metrics is not None:
-        manager.on_finish = metrics.finished
-        metrics.watch(manager.list)
 
-    async def on_startup(_app: web.Application) -> None:
+    async def before_start() -> None:
         await clean_stale_incoming(cfg.state_dir)
         clean_stale_relay_sockets(cfg.state_dir)
         for vm in vms.list():  # a killed agent's auto-converge quota must not outlive it
@@ -113,17 +96,64 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
                     lift_stale(vm.pid)
                 except OSError as exc:
                     log.error("could not lift a stale CPU quota", extra={"vm": vm.name, "error": str(exc)})
-        port = await manager.start()
-        if cfg.data_port == 0:
-            cfg.data_port = port  # so /v1/host reports the port actually bound
+
+    install(app, cfg, manager, before_start)
+    return manager
+
+
+def make_manager(cfg: AgentConfig, *, source_vm: Callable[[str], Awaitable[SourceVM]], dest_factory: DestFactory,
+                 local_vms: LocalVMs, engines: dict[str, EngineStarter] | None = None,
+                 page_index: PageIndex | None = None) -> MigrationManager:
+    """The migration manager of this agent (grants, TLS, journal from the config) over a
+    VM runtime's ports (``qemu_port`` or ``hypervisors.libvirt_port``)."""
+    return MigrationManager(
+        cluster_secret=cfg.cluster_secret,
+        source_vm=source_vm,
+        dest_factory=dest_factory,
+        data_host=cfg.host,
+        data_port=cfg.data_port,
+        host_name=host_name(cfg.name),
+        grants=GrantVerifier(saved_grant_key(cfg.state_dir) or cfg.grant_key),
+        peer_ssl=tls.peer_client_context(cfg),
+        data_ssl=tls.server_context(cfg, require_client_cert=True) if tls.enabled(cfg) else None,
+        journal=Journal(cfg.state_dir / "migrations"),
+        local_vms=local_vms,
+        engines=engines,
+        page_index=page_index,
+    )
+
+
+def install(app: web.Application, cfg: AgentConfig, manager: MigrationManager,
+            before_start: Callable[[], Awaitable[None]] | None = None, *, run: bool = True) -> None:
+    """Serve ``manager``'s routes and, with ``run``, run it with the app (its data port
+    at startup); without, the caller starts it (``start_manager``) and closes it."""
+    app[MANAGER_KEY] = manager
+    app[GRANT_READ] = manager.may_read
+    metrics = app.get(METRICS)
+    if metrics is not None:
+        manager.on_finish = metrics.finished
+        metrics.watch(manager.list)
+
+    add_routes(app)
+    if not run:
+        return
+
+    async def on_startup(_app: web.Application) -> None:
+        if before_start is not None:
+            await before_start()
+        await start_manager(cfg, manager)
 
     async def on_cleanup(_app: web.Application) -> None:
         await manager.close()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
-    add_routes(app)
-    return manager
+
+
+async def start_manager(cfg: AgentConfig, manager: MigrationManager) -> None:
+    port = await manager.start()
+    if cfg.data_port == 0:
+        cfg.data_port = port  # so /v1/host reports the port actually bound
 
 
 def add_routes(app: web.Application) -> None:

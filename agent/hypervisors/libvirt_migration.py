@@ -21,13 +21,17 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from novacron.agent.hypervisors.libvirt import LibvirtHost
+from novacron.agent.hypervisors.libvirt_port import QEMU_NS, clean_xml
+from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
 
 log = logging.getLogger("novacron.agent.libvirt")
 
 COMPRESSION = ("none", "xbzrle", "mt")
+INCOMING_MARK = QEMU_NS  # only our port adds QEMU arguments (clean_xml keeps any others)
 POLL_S = 0.2  # job-stats sampling while a migration runs
+MAX_SWITCH_TRIES = 5  # post-copy switch attempts (one per sample) before pre-copy is left to finish
 CANCEL_WAIT_S = 30.0  # how long cancel() waits for the aborted job to end
 # what a libvirt peer may look like: a qemu driver URI, and a plain TCP migration URI
 DEST_URI = re.compile(r"^qemu(\+(unix|tls|ssh|tcp))?://[^\s]*/(system|session)(\?[^\s]*)?$")
@@ -172,6 +176,11 @@ class LibvirtMigration:
                 raise VMConflict(f"domain {self.name} is not running")
             persistent = await self.host._call(dom.isPersistent)
             flags, params = self.opts.flags_and_params(lv, self.peer)
+            xml = await self.host._call(dom.XMLDesc, lv.VIR_DOMAIN_XML_MIGRATABLE)
+            if INCOMING_MARK in xml:
+                # it came here by NovaCron's engine: the live XML still carries the
+                # "-incoming defer" QEMU argument, which must not start the next copy
+                params[lv.VIR_MIGRATE_PARAM_DEST_XML] = clean_xml(xml)
             if not persistent:
                 flags &= ~lv.VIR_MIGRATE_PERSIST_DEST
             # QEMU's downtime limit is a migration parameter: set before the job starts
@@ -189,6 +198,7 @@ class LibvirtMigration:
         begun = time.monotonic()
         deadline = begun + self.opts.timeout_s
         timed_out = switched = False
+        switch_refusals = 0
         while not job.done():
             await asyncio.wait({job}, timeout=POLL_S)
             if job.done():
@@ -198,14 +208,21 @@ class LibvirtMigration:
                 with contextlib.suppress(lv.libvirtError):
                     await asyncio.to_thread(dom.abortJob)
             if (self.opts.postcopy_after_s and not switched and self._job_seen and not self._cancel_asked
-                    and time.monotonic() - begun >= self.opts.postcopy_after_s):
-                switched = True  # once: past this the guest runs at the destination
+                    and time.monotonic() - begun >= self.opts.postcopy_after_s
+                    and self.status.phase == "precopy" and self.status.bytes_wire > 0):
+                # only once QEMU sends memory: before that libvirt is still preparing the
+                # destination and QEMU refuses ("enable postcopy ... before the start")
                 try:
                     await asyncio.to_thread(dom.migrateStartPostCopy, 0)
+                    switched = True  # once: past this the guest runs at the destination
                     self.status.native["postcopy"] = True
                     log.info("libvirt migration switched to post-copy", extra={"migration": st.id, "vm": self.name})
                 except lv.libvirtError as exc:
-                    log.warning("post-copy switch refused", extra={"migration": st.id, "error": exc.get_error_message()})
+                    switch_refusals += 1
+                    if switch_refusals >= MAX_SWITCH_TRIES:
+                        switched = True  # stop asking; pre-copy goes on
+                    log.warning("post-copy switch refused", extra={"migration": st.id, "error": exc.get_error_message(),
+                                                                   "attempt": switch_refusals})
             if time.monotonic() > deadline and not timed_out:
                 timed_out = True
                 with contextlib.suppress(lv.libvirtError):
@@ -318,6 +335,24 @@ class LibvirtMigrations:
         mig = LibvirtMigration(self.host, name, self.peers[peer], opts, mig_id)
         self.jobs[mig.status.id] = mig
         mig.start()
+        return mig
+
+    async def for_grant(self, name: str, target: str, mig_id: str, opts: MigrationOptions) -> LibvirtMigration:
+        """A migration the coordinator granted (``/v1/migrations`` with ``engine: "libvirt"``),
+        checked, not started: the peer is the ``libvirt_peers`` entry named after the
+        destination host; our engine's options map onto libvirt's where they mean the same."""
+        peer = self.peers.get(target)
+        if peer is None:
+            raise VMConflict(f"engine 'libvirt': no libvirt_peers entry for host {target!r} in this agent's config")
+        if self.migrating(name):
+            raise VMConflict(f"domain {name} is migrating already")
+        dom = await self.host._owned(name)
+        if not await self.host._call(dom.isActive):
+            raise VMConflict(f"domain {name} is not running")
+        lopts = LibvirtMigrationOptions(bandwidth_mbps=opts.bandwidth_mbps, downtime_ms=opts.downtime_ms,
+                                        auto_converge=opts.throttle, timeout_s=opts.timeout_s)
+        mig = LibvirtMigration(self.host, name, peer, lopts, mig_id)
+        self.jobs[mig.status.id] = mig
         return mig
 
     def migrating(self, name: str) -> bool:

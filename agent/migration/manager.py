@@ -18,7 +18,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from novacron import logs
 from novacron.agent.channel import (
@@ -68,6 +68,22 @@ class MigrationRequestError(ValueError):
         self.status = status
 
 
+class OtherEngine(Protocol):
+    """A migration run by another engine (libvirt's own) behind the same API: it has a
+    status, runs as a task once started, and cancels itself."""
+
+    status: MigrationStatus
+
+    def start(self) -> asyncio.Task[None]: ...
+
+    async def cancel(self) -> MigrationStatus: ...
+
+
+# vm name, grant, migration id, options -> the migration, checked but not started (raises
+# the runtime's errors: not found, conflict)
+EngineStarter = Callable[[str, Grant, str, MigrationOptions], Awaitable[OtherEngine]]
+
+
 class MigrationManager:
     def __init__(
         self,
@@ -84,6 +100,7 @@ class MigrationManager:
         journal: Journal | None = None,
         local_vms: LocalVMs | None = None,
         page_index: PageIndex | None = None,
+        engines: dict[str, EngineStarter] | None = None,
     ) -> None:
         self._secret = cluster_secret
         self.page_index = page_index  # destination-side dedup (None: off)
@@ -103,6 +120,8 @@ class MigrationManager:
                                     ssl=data_ssl)
         self.statuses: dict[str, MigrationStatus] = {}
         self._running: dict[str, SourceMigration] = {}
+        self._engines = engines or {}  # options.engine other than "novacron" -> its starter
+        self._others: dict[str, OtherEngine] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._busy_vms: set[str] = set()
         self._resumable: Resumable = {}  # incoming post-copy migrations a new channel may resume
@@ -122,6 +141,9 @@ class MigrationManager:
             task.cancel()
         for mig in self._running.values():
             mig.cancel()
+        for other in list(self._others.values()):
+            with contextlib.suppress(Exception):
+                await other.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=30)
         await self.server.close()
@@ -439,6 +461,8 @@ class MigrationManager:
             raise MigrationRequestError(str(exc)) from None
         if vm_name in self._busy_vms:
             raise MigrationRequestError(f"VM {vm_name!r} is already migrating", 409)
+        if opts.engine != "novacron":
+            return await self._start_other(vm_name, grant, mid, opts)
         vm = await self._source_vm(vm_name)  # raises the runtime's not-found / conflict errors
         try:
             self._used_out.consume(grant)
@@ -509,12 +533,45 @@ class MigrationManager:
             else:  # crashed before 'go': the same as a restart there
                 await self._recover_one(entry)
 
+    async def _start_other(self, vm_name: str, grant: Grant, mid: str, opts: MigrationOptions) -> MigrationStatus:
+        starter = self._engines.get(opts.engine)
+        if starter is None:
+            raise MigrationRequestError(f"option 'engine': {opts.engine!r} does not run on this host "
+                                        f"(it has: {', '.join(['novacron', *self._engines])})")
+        mig = await starter(vm_name, grant, mid, opts)
+        try:
+            self._used_out.consume(grant)
+        except GrantError as exc:
+            raise MigrationRequestError(str(exc), 403) from None
+        self._busy_vms.add(vm_name)
+        self._others[mid] = mig
+        self._keep(mig.status)
+
+        def ended(_t: asyncio.Task[None]) -> None:
+            self._busy_vms.discard(vm_name)
+            self._others.pop(mid, None)
+
+        task = mig.start()
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(ended)
+        log.info("migration handed to engine", extra={"migration": mid, "vm": vm_name, "engine": opts.engine})
+        return mig.status
+
     def cancel(self, mid: str) -> MigrationStatus:
         status = self.statuses.get(mid)
         if status is None:
             raise MigrationRequestError(f"no migration {mid!r}", 404)
         if status.done:
             raise MigrationRequestError(f"migration {mid} already {status.phase}", 409)
+        other = self._others.get(mid)
+        if other is not None:
+            if status.phase == "commit":
+                raise MigrationRequestError("migration is committing; too late to cancel", 409)
+            task = asyncio.create_task(other.cancel(), name=f"cancel {mid}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return status
         mig = self._running.get(mid)
         if mig is None or status.role != "source":
             raise MigrationRequestError("only the source agent can cancel a running migration", 409)
@@ -530,6 +587,9 @@ class MigrationManager:
             raise MigrationRequestError(f"no migration {mid!r}", 404)
         if status.done:
             raise MigrationRequestError(f"migration {mid} already {status.phase}", 409)
+        if mid in self._others:
+            raise MigrationRequestError(f"migration {mid} runs on engine {status.native.get('engine')!r}; "
+                                        "its limits cannot change while it runs", 409)
         mig = self._running.get(mid)
         if mig is None or status.role != "source":
             raise MigrationRequestError("only the source agent can change a running migration", 409)

@@ -6,6 +6,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 NO_CONVERGE = ("abort", "force", "postcopy")
+# "novacron": this engine; "libvirt": libvirt's own live migration (an agent with
+# hypervisor = "libvirt" only; see agent/hypervisors/libvirt_migration.py)
+ENGINES = ("novacron", "libvirt")
 # what may change while a migration runs (PATCH /v1/migrations/{id})
 LIVE = ("bandwidth_mbps", "downtime_ms")
 
@@ -50,6 +53,7 @@ class MigrationOptions:
     # the pages sent while the guest is paused obey bandwidth_mbps too (default: they
     # go at link speed, so the cap never lengthens the pause)
     throttle_final: bool = False
+    engine: str = "novacron"  # see ENGINES
 
     @classmethod
     def from_dict(cls, raw: Any) -> MigrationOptions:
@@ -100,6 +104,8 @@ class MigrationOptions:
             raise ValueError("option 'pause_factor' must be between 1 and 10000")
         if not 10 <= self.max_pause_ms <= 600_000:
             raise ValueError("option 'max_pause_ms' must be between 10 and 600000")
+        if self.engine not in ENGINES:
+            raise ValueError(f"option 'engine' must be one of {', '.join(ENGINES)}")
         if self.on_no_converge not in NO_CONVERGE:
             raise ValueError("option 'on_no_converge' must be 'abort', 'force' or 'postcopy'")
         if not 1 <= self.postcopy_recover_s <= 3600:

@@ -67,6 +67,9 @@ START: dict[str, Any] = {
                 "throttle_final": {"type": "boolean",
                                    "description": "hold the pages sent while paused to bandwidth_mbps "
                                    "too (default false: they go at link speed)"},
+                "engine": {"enum": ["novacron", "libvirt"], "description":
+                           "novacron (ours; a libvirt domain needs its RAM in a shared file) or "
+                           "libvirt (libvirt's own migration; libvirt hosts only). Default novacron"},
             },
         },
     },

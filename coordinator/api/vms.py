@@ -385,6 +385,66 @@ async def start_vm(request: web.Request) -> web.Response:
     return await _action(request, "start", "running")
 
 
+IMPORT: dict[str, Any] = {
+    "type": "object", "additionalProperties": False, "required": ["host"],
+    "properties": {"host": {**schemas.NAME, "description": "the host whose agent runs it"}},
+}
+
+
+def imported_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    """What the scheduler needs of a VM the agent reports (a libvirt domain's inventory)."""
+    spec: dict[str, Any] = {"name": doc["name"], "vcpus": doc["vcpus"], "memory_mb": doc["memory_mb"],
+                            "hypervisor": doc.get("hypervisor", "qemu")}
+    model = doc.get("cpu_model")
+    if model in ("host-passthrough", "host-model"):
+        spec["cpu_model"] = "host"
+    elif isinstance(model, str) and model and model not in ("default", "maximum"):
+        spec["cpu_model"] = model
+    return spec
+
+
+@routes.post("/vms/{name}/import", "Record a VM a host already runs (a libvirt domain defined "
+             "outside NovaCron and adopted on its agent), so placement, drain and policies see it",
+             request=IMPORT, response=schemas.VM, status=201, errors=(404, 409, 502, 503))
+async def import_vm(request: web.Request) -> web.Response:
+    name, body = request.match_info["name"], json_body(request)
+    store, agents = request.app[STORE], request.app[AGENTS]
+    host = await store.get_host(body["host"])
+    if host is None:
+        raise ApiError(404, f"no host named {body['host']!r}")
+    if host.state != HOST_UP:
+        raise ApiError(409, f"host {host.name!r} is down")
+    try:
+        doc = await agents.call(host.name, host.url, host.token, "GET", f"/v1/vms/{name}", timeout_s=10)
+    except AgentError as exc:
+        if exc.status == 404:
+            raise ApiError(404, f"host {host.name!r} runs no VM named {name!r}") from None
+        raise _agent_failure(exc, f"asking {host.name} for VM {name}") from None
+    if not isinstance(doc, dict) or doc.get("name") != name or not isinstance(doc.get("vcpus"), int) \
+            or not isinstance(doc.get("memory_mb"), int):
+        raise ApiError(502, f"host {host.name!r} answered no usable description of VM {name!r}")
+    if doc.get("adopted") is False:
+        raise ApiError(409, f"VM {name!r} is not adopted on {host.name!r} (POST /v1/vms/{name}/adopt there)")
+    now = time.time()
+    vm = VM(name=name, host=host.name, spec=imported_spec(doc), state=reported_state(doc, "running"),
+            created_at=now, updated_at=now)
+    async with request.app[PLACEMENT_LOCK]:
+        for _attempt in range(PLACEMENT_ATTEMPTS):  # "stale": the host's record moved; read it again
+            claim = await store.claim_vm(vm, host.generation)
+            if claim == "taken":
+                raise ApiError(409, f"a VM named {name!r} already exists")
+            if claim == "claimed":
+                break
+            fresh = await store.get_host(host.name)
+            if fresh is None:
+                raise ApiError(404, f"no host named {host.name!r}")
+            host = fresh
+        else:
+            raise ApiError(503, "the host's record kept changing; try again", headers={"Retry-After": "1"})
+    log.info("vm imported", extra={"vm": name, "host": host.name, "state": vm.state})
+    return web.json_response(vm.public(), status=201)
+
+
 LABELS: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
     "properties": {

@@ -80,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--throttle-final", action="store_true",
                    help="hold the pages sent while the VM is paused to --bandwidth-mbps too "
                    "(default: off, they go at link speed)")
+    p.add_argument("--engine", choices=("novacron", "libvirt"),
+                   help="novacron: our engine (a libvirt domain needs its RAM in a shared file); "
+                   "libvirt: libvirt's own live migration, libvirt hosts only (default: the policy's, "
+                   f"else {AGENT_DEFAULTS.engine})")
     p.add_argument("--force", action="store_true",
                    help="move it even if the target host is in maintenance")
     p.add_argument("--no-wait", action="store_true",
@@ -399,6 +403,7 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace) -> int:
                                  ("max_rounds", args.max_rounds),
                                  ("on_no_converge", args.on_no_converge),
                                  ("throttle_final", args.throttle_final or None),
+                                 ("engine", args.engine),
                                  ("throttle", args.throttle)) if v is not None}
     mig = await client.migrate(args.vm, args.target, options, force=args.force, policy=args.policy)
     if args.no_wait:

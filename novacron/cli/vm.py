@@ -68,6 +68,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the VM as JSON")
     p.set_defaults(func=lambda a: _run(a, _label))
 
+    p = cmds.add_parser("import", help="record a VM a host already runs (an adopted libvirt domain)",
+                        description="Record in the fleet a VM that a host's agent already runs, such as "
+                        "a libvirt domain defined outside NovaCron and adopted on that agent "
+                        "(POST /v1/vms/NAME/adopt there); migrate, drain and rebalance then move it.")
+    p.add_argument("name", metavar="NAME", help="VM (domain) name")
+    p.add_argument("--host", required=True, metavar="HOST", help="the host whose agent runs it")
+    p.add_argument("--json", action="store_true", help="print the VM as JSON")
+    p.set_defaults(func=lambda a: _run(a, _import))
+
     for action, text in (("show", "one VM with its agent's live status"),
                          ("start", "start a stopped VM"),
                          ("stop", "shut a VM down: ACPI power button, power-off after --timeout"),
@@ -328,6 +337,15 @@ async def _delete(client: CoordinatorClient, args: argparse.Namespace) -> int:
         _dump(doc)
     else:
         print(f"{doc['deleted']} deleted")
+    return 0
+
+
+async def _import(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    vm = await client.request("POST", f"/vms/{quote(args.name, safe='')}/import", {"host": args.host})
+    if args.json:
+        _dump(vm)
+    else:
+        print(f"{vm['name']}: recorded on {vm['host']} ({vm['state']})")
     return 0
 
 

@@ -198,3 +198,42 @@ async def test_cancelled_then_completed_live_migration(daemons: tuple[LibvirtDae
         assert v is not None, shared.read_log("mig1", size)[-600:]
         assert v.group(1) == boot and v.group(2) == "0" and v.group(3) == "ok"
         await migs.close()
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.skipif(not have_libvirtd(), reason="needs libvirtd, virsh and root (to run it as nobody)")
+async def test_postcopy_switch_through_libvirt(shared: SharedDir) -> None:
+    """With userfaultfd allowed to the daemons' QEMUs (see LibvirtDaemon's ``userfaultfd``),
+    libvirt switches a slow pre-copy to post-copy and the guest carries on at the destination.
+    Its RAM is anonymous: userfaultfd's missing-page mode covers anonymous memory, tmpfs and
+    hugetlbfs only, so a shared RAM file on a disk file system fails there ("userfault
+    register: Invalid argument")."""
+    started: list[LibvirtDaemon] = []
+    try:
+        for name in ("a", "b"):
+            started.append(LibvirtDaemon(name, userfaultfd=True).start())
+        a, b = started
+        a.define(shared.domain_xml("pc1", mem_mb=24, rate_mb=2))
+        async with LibvirtHost(a.uri) as src, LibvirtHost(b.uri) as dst:
+            migs = LibvirtMigrations(src, {"b": f"{b.uri} tcp://127.0.0.1:{free_port()}"})
+            await src.adopt("pc1")
+            await src.start("pc1")
+            first = await wait_hb(shared, "pc1", 0, timeout=120, min_passes=1)
+            # 2 MiB/s keeps 128 MiB in pre-copy for a minute: only the switch ends it soon
+            mig = migs.start({"vm": "pc1", "peer": "b", "options": {
+                "postcopy": True, "postcopy_after_s": 1, "bandwidth_mbps": 2, "auto_converge": False}})
+            st = await wait_done(migs, mig.status.id, 60)
+            assert st["phase"] == "completed", st
+            assert mig.status.native.get("postcopy") is True, mig.status.native
+            assert (await dst.get("pc1"))["state"] == "running"
+            with pytest.raises(VMNotFound):
+                await src.get("pc1")
+            size = shared.log("pc1").stat().st_size
+            after = await wait_hb(shared, "pc1", size, timeout=60, min_passes=int(first.group(5)) + 1)
+            assert after.group(1) == first.group(1) and after.group(3) == "1" and after.group(4) == "0"
+            await migs.close()
+    finally:
+        for d in started:
+            d.stop()
+        assert all(d.pids() == [] for d in started)
