@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import mmap
 import os
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +28,7 @@ from novacron.agent.migration import protocol
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import DestDiskRelay
 from novacron.agent.migration.journal import Entry, Journal
+from novacron.agent.migration.ramwork import RamWork
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import AdmissionError, DestFactory, DestVM, MirrorDest
 from novacron.agent.qmp import open_unix
@@ -38,23 +37,6 @@ from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver
 
 log = logging.getLogger("novacron.agent.migration")
-
-
-def _unmap(mm: mmap.mmap, exc: BaseException | None, mig_id: str) -> None:
-    """Unmap the incoming RAM file. A failed receive path's frames, kept alive by the
-    exception's traceback (or by reference cycles), may still hold views of the
-    mapping: while they do, the file's space stays held after it is deleted, until
-    the agent exits (found by the fault matrix). Drop them, then close."""
-    for _ in range(3):
-        try:
-            mm.close()
-            return
-        except BufferError:
-            if exc is not None and exc.__traceback__ is not None:
-                traceback.clear_frames(exc.__traceback__)
-            gc.collect()
-    log.warning("incoming RAM mapping still in use; its space is held until the agent exits",
-                extra={"migration": mig_id})
 
 
 IDLE_TIMEOUT = 60.0  # longest silence from the source before we give up
@@ -152,6 +134,9 @@ class _Incoming:
         self._t_ack = 0.0  # when we last acknowledged bytes (loop time)
         self.disks: list[int] = []  # local disks the source mirrors here
         self.disk_relay: DestDiskRelay | None = None
+        # frames are applied in its threads; teardown waits for them before unmapping
+        self.ram_work = RamWork(status.id, threads=1)
+        self.opening: asyncio.Task[None] | None = None  # the frame being opened
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -167,14 +152,14 @@ class _Incoming:
     async def run(self, dest: DestVM, ram_size: int) -> None:
         st = self.status
         mm: mmap.mmap | None = None
+        receiver: PageStreamReceiver | None = None
         try:
             fd = open_regular(dest.ram_path, os.O_RDWR, same_as=dest.ram_stat)  # see safefs
             try:
                 mm = mmap.mmap(fd, ram_size, access=mmap.ACCESS_WRITE)
             finally:
                 os.close(fd)
-            receiver: PageStreamReceiver | None = PageStreamReceiver(
-                self.ch.page_key_in, mm, counters=self.counters)
+            receiver = PageStreamReceiver(self.ch.page_key_in, mm, counters=self.counters)
             sock = await dest.listen_device_state()
             if self.disks:
                 if not isinstance(dest, MirrorDest):
@@ -183,7 +168,6 @@ class _Incoming:
                 self.disk_relay = DestDiskRelay(self.ch, st, nbd, self.disks)
             await self.ch.send_ctrl({"op": "prepared"})
             st.set_phase("precopy")
-            assert receiver is not None
             await self._watched(dest, self._loop(dest, receiver, mm, sock))
         except BaseException as exc:
             reason = protocol.failure_reason(exc, "source")
@@ -200,10 +184,10 @@ class _Incoming:
                 await self._close_device()
                 if self.disk_relay is not None:
                     await self.disk_relay.close()  # before destroy: QEMU then drops the export
-                receiver = None  # drop its view of the mapping so it can be unmapped
-                if mm is not None:
-                    _unmap(mm, exc, st.id)
-                    mm = None
+                # before the file goes and the status turns final: a view left would hold
+                # the deleted file's space until the agent exits
+                await self._let_go(mm, receiver)
+                mm = receiver = None
                 destroyed = True
                 try:
                     await dest.destroy()
@@ -230,10 +214,18 @@ class _Incoming:
             await self._close_device()
             if self.disk_relay is not None:
                 await self.disk_relay.close()
-            receiver = None
-            if mm is not None:
-                _unmap(mm, None, st.id)
+            await self._let_go(mm, receiver)
             st.native = self.counters.as_dict()
+
+    async def _let_go(self, mm: mmap.mmap | None, receiver: PageStreamReceiver | None) -> None:
+        """Stop the frame being opened and the threads applying frames, release the
+        receiver's view, unmap: in that order, so nothing still holds a view."""
+        task, self.opening = self.opening, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, 10)
+        await self.ram_work.let_go(mm, receiver)
 
     async def _watched(self, dest: DestVM, loop: Any) -> None:
         """Run the receive loop; a QEMU that exits before 'go' ends it at once."""
@@ -275,11 +267,10 @@ class _Incoming:
     async def _loop(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str) -> None:
         # A frame is opened (decrypted, applied) in a worker while the next record is
         # read off the channel; frames and control messages still take effect in order.
-        opening: list[asyncio.Task[None] | None] = [None]
         try:
-            await self._records(dest, receiver, mm, sock, opening)
+            await self._records(dest, receiver, mm, sock)
         finally:
-            task = opening[0]
+            task = self.opening
             if task is not None and not task.done():
                 with contextlib.suppress(BaseException):
                     await task
@@ -287,7 +278,7 @@ class _Incoming:
     async def _open_frame(self, receiver: PageStreamReceiver, frame: bytes) -> None:
         st = self.status
         try:
-            opened = await asyncio.to_thread(receiver.open, frame)
+            opened = await self.ram_work.run(receiver.open, frame)
         except FrameError as exc:
             raise ProtocolError(f"bad page frame: {type(exc).__name__}: {exc}") from None
         st.bytes_wire += len(frame) + 5
@@ -303,24 +294,25 @@ class _Incoming:
             st.bytes_raw += opened.pages * protocol.PAGE
         await self._ack()  # held, so counted as sent at the source
 
-    async def _records(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str,
-                       opening: list[asyncio.Task[None] | None]) -> None:
+    async def _records(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str) -> None:
         st = self.status
         while True:
-            if opening[0] is None:
+            if self.opening is None:
                 rec = await self.ch.recv(timeout=self.idle)
             else:
                 # a bad frame fails the migration now, not when the next record arrives
                 recv = asyncio.create_task(self.ch.recv(timeout=self.idle))
                 try:
-                    await asyncio.wait({recv, opening[0]}, return_when=asyncio.FIRST_COMPLETED)
-                    if opening[0].done():
-                        opening[0].result()
+                    await asyncio.wait({recv, self.opening}, return_when=asyncio.FIRST_COMPLETED)
+                    if self.opening.done():
+                        self.opening.result()
                     rec = await recv
                 finally:
                     if not recv.done():
                         recv.cancel()
-                task, opening[0] = opening[0], None
+                        with contextlib.suppress(BaseException):
+                            await recv
+                task, self.opening = self.opening, None
                 await task  # the previous frame first: order is the protocol
             if rec.kind == DATA:
                 if self.disk_relay is None:
@@ -332,7 +324,7 @@ class _Incoming:
                 raise ProtocolError(f"disk relay failed: {self.disk_relay.error}")
             if rec.kind != CTRL:
                 assert rec.frame is not None
-                opening[0] = asyncio.create_task(self._open_frame(receiver, rec.frame))
+                self.opening = asyncio.create_task(self._open_frame(receiver, rec.frame))
                 continue
             assert rec.ctrl is not None
             op = rec.op
@@ -362,7 +354,7 @@ class _Incoming:
                 await dest.wait_device_state_loaded(timeout=60)
                 msg: dict[str, object] = {"op": "ready"}
                 if self.want_digest:
-                    st.digest_destination = await asyncio.to_thread(ram_digest, mm)
+                    st.digest_destination = await self.ram_work.run(ram_digest, mm)
                     msg["digest"] = st.digest_destination
                 await self.ch.send_ctrl(msg)
             elif op == "go":

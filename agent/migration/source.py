@@ -34,6 +34,7 @@ from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.pipeline import CompressionPolicy
+from novacron.agent.migration.ramwork import RamWork
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.stopscan import StopScan
 from novacron.agent.migration.throttle import Throttle
@@ -98,6 +99,7 @@ class SourceMigration:
         self.counters = Counters()
         self._zero_skipped = 0  # zero pages at the first scan (see _precopy)
         self._mm: mmap.mmap | None = None
+        self.ram_work = RamWork(status.id)  # scans and encodes; teardown waits for them
         self._disk_plan: list[dict[str, Any]] = []
         self.tracker: FingerprintTracker | None = None
         self.stop_scan: StopScan | None = None
@@ -153,7 +155,7 @@ class SourceMigration:
                 self._disk_watch.cancel()
             if self.disk_relay is not None:
                 await self.disk_relay.close()
-            self._cleanup()
+            await self._cleanup()
         return st
 
     async def _phases(self) -> None:
@@ -434,7 +436,7 @@ class SourceMigration:
         st.stop_scan = stop_scan.as_dict()
         stop_scan.before_scan(first=True)
         t_scan = time.monotonic()
-        scan = await asyncio.to_thread(tracker.scan)
+        scan = await self.ram_work.run(tracker.scan)
         self._scan_s = time.monotonic() - t_scan
         # the destination's fresh RAM file is all zero: these pages never need sending
         self._zero_skipped = scan.zero_count
@@ -455,7 +457,7 @@ class SourceMigration:
             if st.round >= 2 and sent >= 64:  # re-sent pages: what the final ones will weigh
                 self._dirty_per_page = wire / sent
             t_scan = time.monotonic()
-            scan = await asyncio.to_thread(lambda: tracker.scan(stop_scan.before_scan(first=False)))
+            scan = await self.ram_work.run(lambda: tracker.scan(stop_scan.before_scan(first=False)))
             now = time.monotonic()
             self._scan_s = now - t_scan
             dirty = bitmap_count(scan.dirty)
@@ -570,12 +572,12 @@ class SourceMigration:
             sender.compress = sender.use_dedup = policy.pack_next()
             return sender.encode(batch, zero), sender.last
 
-        pending = asyncio.create_task(asyncio.to_thread(encode, batches[0]))
+        pending = asyncio.create_task(self.ram_work.run(encode, batches[0]))
         try:
             for i in range(len(batches)):
                 frames, enc = await pending
                 if i + 1 < len(batches):
-                    pending = asyncio.create_task(asyncio.to_thread(encode, batches[i + 1]))
+                    pending = asyncio.create_task(self.ram_work.run(encode, batches[i + 1]))
                 self._check_inbox()
                 t_send, wire = time.perf_counter(), 0
                 for frame in frames:
@@ -642,7 +644,7 @@ class SourceMigration:
         tracker, stop_scan = self.tracker, self.stop_scan
         assert tracker is not None and stop_scan is not None
         # only pages that may differ from their last fingerprint (see stopscan.py)
-        scan = await asyncio.to_thread(lambda: tracker.scan(stop_scan.at_pause()))
+        scan = await self.ram_work.run(lambda: tracker.scan(stop_scan.at_pause()))
         stop_scan.pages_examined = scan.scanned
         st.stop_scan = stop_scan.as_dict()
         lap("final_scan_ms")
@@ -659,7 +661,7 @@ class SourceMigration:
         lap("device_state_ms")
         if self.opts.test_digest:
             assert self._mm is not None
-            st.digest_source = await asyncio.to_thread(ram_digest, self._mm)
+            st.digest_source = await self.ram_work.run(ram_digest, self._mm)
         ready = await self._expect("ready", timeout=120)
         lap("destination_load_ms")
         st.bytes_acked = st.bytes_wire  # 'ready': it has read and loaded everything
@@ -834,13 +836,12 @@ class SourceMigration:
             # unread would reset the connection and could drop our 'abort' unread there
             await asyncio.wait({self._reader}, timeout=2.0)
 
-    def _cleanup(self) -> None:
+    async def _cleanup(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
-        # drop the views the tracker and sender hold so the mapping really goes
-        self.tracker = None
-        self.sender = None
-        if self._mm is not None:
-            with contextlib.suppress(BufferError):
-                self._mm.close()
+        # no scan or encode still runs, their views released, then unmapped: after a
+        # completed migration the RAM file is deleted, and a view left would keep it
+        tracker, sender, self.tracker, self.sender = self.tracker, self.sender, None, None
+        await self.ram_work.let_go(self._mm, tracker, sender)
+        self._mm = None
 
