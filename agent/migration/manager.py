@@ -101,7 +101,9 @@ class MigrationManager:
         self.statuses: dict[str, MigrationStatus] = {}
         self._running: dict[str, SourceMigration] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._busy_vms: set[str] = set()
+        # VM -> the migration holding its slot, until that migration's status is final:
+        # a final status means a retry (or a migration back) is accepted at once
+        self._busy_vms: dict[str, str] = {}
         # told of every migration that ends (the agent's metrics)
         self.on_finish: Callable[[MigrationStatus], None] | None = None
 
@@ -124,7 +126,12 @@ class MigrationManager:
 
     # -- status ----------------------------------------------------------
     def _keep(self, status: MigrationStatus) -> None:
-        status.on_finish = self.on_finish
+        def finished(s: MigrationStatus) -> None:
+            self._free(s.vm, s.id)
+            if self.on_finish is not None:
+                self.on_finish(s)
+
+        status.on_finish = finished
         self.statuses[status.id] = status
         if len(self.statuses) > MAX_KEPT:
             for mid in [m for m, s in self.statuses.items() if s.done][: len(self.statuses) - MAX_KEPT]:
@@ -138,6 +145,14 @@ class MigrationManager:
 
     def busy(self, vm: str) -> bool:
         return vm in self._busy_vms
+
+    def _claim(self, vm: str, mid: str) -> bool:
+        """Take ``vm``'s slot for migration ``mid``; False if another one holds it."""
+        return self._busy_vms.setdefault(vm, mid) == mid
+
+    def _free(self, vm: str, mid: str) -> None:
+        if self._busy_vms.get(vm) == mid:
+            del self._busy_vms[vm]
 
     # -- fencing ---------------------------------------------------------
     def fence_reason(self, vm: str) -> str | None:
@@ -298,20 +313,20 @@ class MigrationManager:
         grant = await self._admit(channel)
         if grant is None:
             return
-        names: list[str] = []
+        names: list[tuple[str, str]] = []
 
         def register(status: MigrationStatus) -> None:
-            if status.vm not in self._busy_vms:  # a refused duplicate must not free it
-                names.append(status.vm)
-            self._register_incoming(status)
+            if self._claim(status.vm, status.id):  # a refused duplicate must not free it
+                names.append((status.vm, status.id))
+            self._keep(status)
 
         try:
             await receive_migration(channel, self._dest_factory, register,
                                     authorise=lambda mid, vm, spec: authorise(grant, mid, vm, spec),
                                     journal=self.journal, peer_name=grant.source)
         finally:  # also when it raised: the name must not stay busy forever
-            for name in names:
-                self._busy_vms.discard(name)
+            for name, mid in names:
+                self._free(name, mid)
 
     async def _admit(self, channel: Channel) -> Grant | None:
         """The coordinator's grant for this incoming migration: the first message, naming
@@ -368,10 +383,6 @@ class MigrationManager:
             return False
         return path in (f"/v1/vms/{grant.vm}", f"/v1/migrations/{grant.migration}")
 
-    def _register_incoming(self, status: MigrationStatus) -> None:
-        self._busy_vms.add(status.vm)
-        self._keep(status)
-
     # -- outgoing --------------------------------------------------------
     async def start_migration(self, body: Any) -> MigrationStatus:
         """``{"vm", "grant", "options"}`` (optional ``"target": {"url"}`` must match the grant).
@@ -419,7 +430,7 @@ class MigrationManager:
             self._used_out.consume(grant)
         except GrantError as exc:
             raise MigrationRequestError(str(exc), 403) from None
-        self._busy_vms.add(vm_name)
+        self._claim(vm_name, mid)
         status = MigrationStatus(
             id=mid, vm=vm_name, role="source", peer=grant.url,
             options=opts.as_dict(),
@@ -463,7 +474,7 @@ class MigrationManager:
             if not status.done:
                 status.fail(f"internal error: {exc}")
         finally:
-            self._busy_vms.discard(status.vm)
+            self._free(status.vm, status.id)  # when it ended without a final status
         entry = self.journal.entries.get(status.id) if self.journal is not None else None
         if entry is not None and not entry.settled:
             if entry.step == "go":  # in doubt: keep asking until the destination answers

@@ -178,7 +178,7 @@ async def test_unreachable_destination_keeps_the_fence_until_forced(tmp_path: Pa
 
 async def test_override_refused_while_the_engine_runs_the_migration(tmp_path: Path) -> None:
     mgr = manager(tmp_path, FakeVMs(web="running"))
-    mgr._busy_vms.add("web")
+    mgr._claim("web", "m1")
     assert "in progress" in (mgr.fence_reason("web") or "")
     with pytest.raises(VMConflict):
         await mgr.override("web")
