@@ -91,6 +91,8 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
         journal=Journal(cfg.state_dir / "migrations"),
         local_vms=QemuLocalVMs(vms),
     )
+    if cfg.coordinator_url:
+        manager.key_current.clear()  # until the coordinator answers our registration (daemon.py)
     vms.resume_fence = manager  # resume waits for every migration of the VM to settle
     app[MANAGER_KEY] = manager
     app[GRANT_READ] = manager.may_read

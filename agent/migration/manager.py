@@ -57,6 +57,7 @@ MAX_KEPT = 200  # finished migrations kept for GET /v1/migrations
 GRANT_WAIT_S = 10.0  # an authenticated peer must present its grant this soon
 SETTLE_ASK_S = 15.0  # one round of asking the destination what became of a migration ...
 SETTLE_RETRY_S = 5.0  # ... and the wait before the next round, until it answers
+KEY_WAIT_S = 5.0  # a grant that does not verify before we registered: wait this long for the key
 
 
 class MigrationRequestError(ValueError):
@@ -89,6 +90,12 @@ class MigrationManager:
         self._settling: dict[str, asyncio.Task[None]] = {}
         self.host_name = host_name  # as registered: grants name hosts by it
         self.grants = grants or GrantVerifier()
+        # Set once the grant key is the coordinator's current one. An agent with a
+        # coordinator clears it until its registration is answered: the coordinator
+        # lists a host as up (and may send it grants) as it answers, a moment before
+        # the agent has read the key in that answer.
+        self.key_current = asyncio.Event()
+        self.key_current.set()
         # mutual TLS with the fleet CA (None without TLS): ``peer_ssl`` to call a destination
         # (its API and its data port), ``data_ssl`` to serve our data port
         self._peer_ssl = peer_ssl
@@ -342,7 +349,7 @@ class MigrationManager:
                 return None
             if rec.kind != CTRL or rec.op != "grant" or rec.ctrl is None:
                 raise ProtocolError("first message must be the coordinator's grant")
-            grant = self.grants.verify(rec.ctrl.get("grant"))
+            grant = await self.verify_grant(rec.ctrl.get("grant"))
             if grant.target != self.host_name:
                 raise GrantError(f"the grant is for destination {grant.target!r}, "
                                  f"this host is {self.host_name!r}")
@@ -370,6 +377,20 @@ class MigrationManager:
         if not entry.peer_name or entry.peer_name != channel.peer_identity:
             raise ProtocolError(f"migration {mid!r} came from {entry.peer_name or 'an unrecorded source'!r}, "
                                 f"not {channel.peer_identity!r}")
+
+    async def verify_grant(self, token: Any) -> Grant:
+        """``grants.verify``; a grant refused before this agent's registration was answered
+        is checked again once it was (bounded): it may be signed with the key that answer
+        brings (a first start, or a coordinator whose key changed since the saved one)."""
+        try:
+            return self.grants.verify(token)
+        except GrantError:
+            if self.key_current.is_set():
+                raise
+        log.info("grant does not verify yet; waiting for the coordinator's registration answer")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.key_current.wait(), KEY_WAIT_S)
+        return self.grants.verify(token)
 
     def may_read(self, token: str, path: str) -> bool:
         """A source holding a grant to this host may read what became of that migration
@@ -401,7 +422,7 @@ class MigrationManager:
         if not isinstance(token, str) or not token:
             raise MigrationRequestError("'grant' (the coordinator's migration grant) is required")
         try:
-            grant = self.grants.verify(token)
+            grant = await self.verify_grant(token)
         except GrantError as exc:
             raise MigrationRequestError(str(exc), 403) from None
         logs.register_secret(token, pinned=False)  # it admits this migration at the destination
