@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest_asyncio
 
 from novacron.agent.local import LocalAgent
 from tests.migration.agents import Api
-from tests.migration.qemu_helpers import CuttableProxy, qemu_processes_using
+from tests.migration.qemu_helpers import CuttableProxy, deleted_but_held, qemu_processes_using
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 SECRET = secrets.token_urlsafe(32)
@@ -51,6 +53,8 @@ async def assert_nothing_left(d: LocalAgent) -> None:
     incoming = d.state_dir / "incoming"
     assert not incoming.exists() or list(incoming.iterdir()) == []
     assert qemu_processes_using(d.state_dir) == []
+    # nor a deleted incoming RAM file the agent still maps (its space held until it exits)
+    assert d.pid is not None and deleted_but_held(d.pid, d.state_dir) == []
 
 
 async def failed(api: Api, mid: str, *words: str) -> dict:
@@ -86,6 +90,28 @@ async def test_destination_killed_mid_precopy(source: LocalAgent) -> None:
         await assert_nothing_left(dst)
     finally:
         await dst.stop()
+
+
+async def test_destination_qemu_killed_mid_precopy(source: LocalAgent) -> None:
+    """The destination agent watches its QEMU: its death fails the migration within a
+    second or two (not at a socket timeout or the pause ceiling), the source keeps the
+    guest and the destination lets go of the RAM file."""
+    api = Api(source)
+    async with LocalAgent("dst-qemu", cluster_secret=SECRET, accel="tcg") as dst:
+        mig = await api.migrate(VM, dst, bandwidth_mbps=10)
+        st = await api.wait_migration(mig["id"], until=in_precopy)
+        assert in_precopy(st), st
+        pids = qemu_processes_using(dst.state_dir / "incoming")
+        assert len(pids) == 1, pids
+        killed_at = time.time()
+        os.kill(pids[0], signal.SIGKILL)
+        st = await failed(api, mig["id"], "QEMU exited")
+        noticed = st["finished"] - killed_at
+        assert noticed < 2.0, f"the source failed {noticed:.2f} s after the kill: {st['error']}"
+        await assert_runs_on_source(source)
+        theirs = await dest_done(dst)
+        assert [m["phase"] for m in theirs] == ["failed"]
+        await assert_nothing_left(dst)
 
 
 async def test_channel_cut_mid_precopy(source: LocalAgent) -> None:
