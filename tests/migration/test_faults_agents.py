@@ -9,10 +9,8 @@ import asyncio
 import contextlib
 import os
 import secrets
-import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -90,28 +88,6 @@ async def test_destination_killed_mid_precopy(source: LocalAgent) -> None:
         await assert_nothing_left(dst)
     finally:
         await dst.stop()
-
-
-async def test_destination_qemu_killed_mid_precopy(source: LocalAgent) -> None:
-    """The destination agent watches its QEMU: its death fails the migration within a
-    second or two (not at a socket timeout or the pause ceiling), the source keeps the
-    guest and the destination lets go of the RAM file."""
-    api = Api(source)
-    async with LocalAgent("dst-qemu", cluster_secret=SECRET, accel="tcg") as dst:
-        mig = await api.migrate(VM, dst, bandwidth_mbps=10)
-        st = await api.wait_migration(mig["id"], until=in_precopy)
-        assert in_precopy(st), st
-        pids = qemu_processes_using(dst.state_dir / "incoming")
-        assert len(pids) == 1, pids
-        killed_at = time.time()
-        os.kill(pids[0], signal.SIGKILL)
-        st = await failed(api, mig["id"], "QEMU exited")
-        noticed = st["finished"] - killed_at
-        assert noticed < 2.0, f"the source failed {noticed:.2f} s after the kill: {st['error']}"
-        await assert_runs_on_source(source)
-        theirs = await dest_done(dst)
-        assert [m["phase"] for m in theirs] == ["failed"]
-        await assert_nothing_left(dst)
 
 
 async def test_channel_cut_mid_precopy(source: LocalAgent) -> None:
