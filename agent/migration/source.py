@@ -824,9 +824,11 @@ class SourceMigration:
                 reason += f"; resuming the source failed: {exc}"
         if resumed:  # after the resume: a restart in between resumes again (harmless)
             self._journal("rolled_back", reason)
-        # last: a hung destination must not hold the guest paused for this
+        # last: a hung destination must not hold the guest paused for this; nor, once it
+        # fell silent or hung up, the migration's end (its own liveness ends its side)
         with contextlib.suppress(Exception):
-            await self.ch.send_ctrl({"op": "abort", "reason": reason}, timeout=2)
+            await self.ch.send_ctrl({"op": "abort", "reason": reason},
+                                    timeout=0.2 if self._peer_lost is not None else 2)
         with contextlib.suppress(Exception):
             await self.vm.stay()
         self._sync_counters()
