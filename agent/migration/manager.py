@@ -57,6 +57,7 @@ MAX_KEPT = 200  # finished migrations kept for GET /v1/migrations
 GRANT_WAIT_S = 10.0  # an authenticated peer must present its grant this soon
 SETTLE_ASK_S = 15.0  # one round of asking the destination what became of a migration ...
 SETTLE_RETRY_S = 5.0  # ... and the wait before the next round, until it answers
+SLOT_WAIT_S = 10.0  # an incoming retry waits this long for the failed attempt here to be cleared
 KEY_WAIT_S = 5.0  # a grant that does not verify before we registered: wait this long for the key
 
 
@@ -320,6 +321,7 @@ class MigrationManager:
         grant = await self._admit(channel)
         if grant is None:
             return
+        await self._earlier_incoming_ended(grant.vm)
         names: list[tuple[str, str]] = []
 
         def register(status: MigrationStatus) -> None:
@@ -334,6 +336,17 @@ class MigrationManager:
         finally:  # also when it raised: the name must not stay busy forever
             for name, mid in names:
                 self._free(name, mid)
+
+    async def _earlier_incoming_ended(self, vm: str) -> None:
+        """A retry may arrive while the failed attempt's copy of ``vm`` is still being
+        destroyed here (the destination tells the source why first, so that it resumes
+        at once): wait for that one to end, bounded; else its ``prepare`` is refused."""
+        deadline = time.monotonic() + SLOT_WAIT_S
+        while time.monotonic() < deadline:
+            holder = self.statuses.get(self._busy_vms.get(vm, ""))
+            if holder is None or holder.role != "destination":
+                return
+            await asyncio.sleep(0.02)
 
     async def _admit(self, channel: Channel) -> Grant | None:
         """The coordinator's grant for this incoming migration: the first message, naming

@@ -831,12 +831,14 @@ class SourceMigration:
                                     timeout=0.2 if self._peer_lost is not None else 2)
         with contextlib.suppress(Exception):
             await self.vm.stay()
-        self._sync_counters()
-        st.fail(reason, cancelled=cancelled)
         if self._reader is not None and not self._dest_gave_up and self._peer_lost is None:
             # read on (its acks) until it hangs up, bounded: closing with its messages
-            # unread would reset the connection and could drop our 'abort' unread there
+            # unread would reset the connection and could drop our 'abort' unread there.
+            # It hangs up once it has destroyed its copy: final only then, so a retry
+            # (accepted once final) finds the destination clear.
             await asyncio.wait({self._reader}, timeout=2.0)
+        self._sync_counters()
+        st.fail(reason, cancelled=cancelled)
 
     async def _cleanup(self) -> None:
         if self._reader is not None:
