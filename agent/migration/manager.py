@@ -321,7 +321,7 @@ class MigrationManager:
         grant = await self._admit(channel)
         if grant is None:
             return
-        await self._earlier_incoming_ended(grant.vm)
+        await self._earlier_incoming_ended(grant.vm, channel)
         names: list[tuple[str, str]] = []
 
         def register(status: MigrationStatus) -> None:
@@ -337,15 +337,21 @@ class MigrationManager:
             for name, mid in names:
                 self._free(name, mid)
 
-    async def _earlier_incoming_ended(self, vm: str) -> None:
+    async def _earlier_incoming_ended(self, vm: str, channel: Channel) -> None:
         """A retry may arrive while the failed attempt's copy of ``vm`` is still being
         destroyed here (the destination tells the source why first, so that it resumes
-        at once): wait for that one to end, bounded; else its ``prepare`` is refused."""
+        at once): wait for that one to end, bounded, with keepalives so the source does
+        not take us for dead; else its ``prepare`` is refused."""
         deadline = time.monotonic() + SLOT_WAIT_S
+        next_beat = 0.0
         while time.monotonic() < deadline:
             holder = self.statuses.get(self._busy_vms.get(vm, ""))
             if holder is None or holder.role != "destination":
                 return
+            if time.monotonic() >= next_beat:  # its liveness_s is 0.5 s at the least
+                next_beat = time.monotonic() + 0.1
+                with contextlib.suppress(ChannelClosed, OSError):
+                    await channel.send_ctrl(protocol.KEEPALIVE, timeout=1)
             await asyncio.sleep(0.02)
 
     async def _admit(self, channel: Channel) -> Grant | None:

@@ -92,8 +92,8 @@ async def test_retry_waits_for_the_destination_to_clear_a_failed_copy(tmp_path: 
         if mid == "r1":
             destroy = made.destroy
 
-            async def slow() -> None:
-                await asyncio.sleep(1.0)
+            async def slow() -> None:  # longer than the source's liveness_s (keepalives meanwhile)
+                await asyncio.sleep(3.0)
                 await destroy()
 
             made.destroy = slow  # type: ignore[method-assign]
