@@ -110,16 +110,18 @@ def start_coordinator_link(cfg: AgentConfig, app: web.Application, port: int) ->
         return await host_document(app)
 
     # no native migration engine on a libvirt host (its migrations are libvirt's)
-    grants = app[MANAGER_KEY].grants if MANAGER_KEY in app else None
+    manager = app.get(MANAGER_KEY)
 
     def registered(reply: dict[str, Any]) -> None:
         key = reply.get("grant_key")
-        if isinstance(key, str) and key and grants is not None:
-            grants.set_key(key)  # migrations are authorised by grants the coordinator signs
+        if isinstance(key, str) and key and manager is not None:
+            manager.grants.set_key(key)  # migrations are authorised by grants the coordinator signs
             try:
                 save_grant_key(cfg.state_dir, key)  # a restart verifies before registering again
             except OSError as exc:
                 log.warning("cannot keep the coordinator's grant key", extra={"error": str(exc)})
+        if manager is not None:
+            manager.key_current.set()
 
     link = CoordinatorLink(cfg.coordinator_url, cfg.coordinator_token, advertised_url(cfg, port), cfg.token, info,
                            ssl=tls.peer_client_context(cfg), on_registered=registered,

@@ -85,6 +85,8 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
         # destination-side dedup: the RAM of the VMs running here, indexed once each
         page_index=PageIndex(cfg.dedup_index_max_mb, lambda: [vm.ram_path for vm in vms.list() if vm.alive])
         if cfg.dedup else None)
+    if cfg.coordinator_url:
+        manager.key_current.clear()  # until the coordinator answers our registration (daemon.py)
     vms.resume_fence = manager  # resume waits for every migration of the VM to settle
 
     async def before_start() -> None:

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import mmap
 import os
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +30,7 @@ from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import DestDiskRelay
 from novacron.agent.migration.journal import Entry, Journal
 from novacron.agent.migration.postcopy import QEMU_STREAM, QemuStream, blocktime, percentiles
+from novacron.agent.migration.ramwork import RamWork
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.vmport import (
     AdmissionError,
@@ -47,23 +46,6 @@ from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver
 
 log = logging.getLogger("novacron.agent.migration")
-
-
-def _unmap(mm: mmap.mmap, exc: BaseException | None, mig_id: str) -> None:
-    """Unmap the incoming RAM file. A failed receive path's frames, kept alive by the
-    exception's traceback (or by reference cycles), may still hold views of the
-    mapping: while they do, the file's space stays held after it is deleted, until
-    the agent exits (found by the fault matrix). Drop them, then close."""
-    for _ in range(3):
-        try:
-            mm.close()
-            return
-        except BufferError:
-            if exc is not None and exc.__traceback__ is not None:
-                traceback.clear_frames(exc.__traceback__)
-            gc.collect()
-    log.warning("incoming RAM mapping still in use; its space is held until the agent exits",
-                extra={"migration": mig_id})
 
 
 IDLE_TIMEOUT = 60.0  # longest silence from the source before we give up
@@ -192,6 +174,9 @@ class _Incoming:
         self._side_tasks: list[asyncio.Task[None]] = []
         self._ended = False  # no channel can be handed over any more
         self._pc_sent: list[dict[str, Any]] = []  # post-copy news for the source (resumed, done)
+        # frames are applied in its threads; teardown waits for them before unmapping
+        self.ram_work = RamWork(status.id, threads=1)
+        self.opening: asyncio.Task[None] | None = None  # the frame being opened
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -207,6 +192,7 @@ class _Incoming:
     async def run(self, dest: DestVM, ram_size: int) -> None:
         st = self.status
         mm: mmap.mmap | None = None
+        receiver: PageStreamReceiver | None = None
         try:
             fd = open_regular(dest.ram_path, os.O_RDWR, same_as=dest.ram_stat)  # see safefs
             try:
@@ -241,7 +227,6 @@ class _Incoming:
                                 extra={"migration": st.id, "error": str(exc)})
             await self.ch.send_ctrl(prepared)
             st.set_phase("precopy")
-            assert receiver is not None
             await self._watched(dest, self._loop(dest, receiver, mm, sock))
         except BaseException as exc:
             reason = protocol.failure_reason(exc, "source")
@@ -264,11 +249,11 @@ class _Incoming:
                 await self._close_device()
                 if self.disk_relay is not None:
                     await self.disk_relay.close()  # before destroy: QEMU then drops the export
-                receiver = None  # drop its view of the mapping so it can be unmapped
+                # before the file goes and the status turns final: a view left would hold
+                # the deleted file's space until the agent exits (the dedup exchange holds one)
                 await self._close_dedup()
-                if mm is not None:
-                    _unmap(mm, exc, st.id)
-                    mm = None
+                await self._let_go(mm, receiver)
+                mm = receiver = None
                 destroyed = True
                 try:
                     await dest.destroy()
@@ -305,10 +290,8 @@ class _Incoming:
                     fut.set_result(None)
             if self.disk_relay is not None:
                 await self.disk_relay.close()
-            receiver = None
             await self._close_dedup()
-            if mm is not None:
-                _unmap(mm, None, st.id)
+            await self._let_go(mm, receiver)
             st.native = self.counters.as_dict()
 
     async def _close_dedup(self) -> None:
@@ -316,6 +299,16 @@ class _Incoming:
         if d is not None:
             await d.close(committed=self.committed)
             self.status.dedup = d.as_dict()
+
+    async def _let_go(self, mm: mmap.mmap | None, receiver: PageStreamReceiver | None) -> None:
+        """Stop the frame being opened and the threads applying frames, release the
+        receiver's view, unmap: in that order, so nothing still holds a view."""
+        task, self.opening = self.opening, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, 10)
+        await self.ram_work.let_go(mm, receiver)
 
     async def _watched(self, dest: DestVM, loop: Any) -> None:
         """Run the receive loop; a QEMU that exits before 'go' ends it at once."""
@@ -357,18 +350,17 @@ class _Incoming:
     async def _loop(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str) -> None:
         # A frame is opened (decrypted, applied) in a worker while the next record is
         # read off the channel; frames and control messages still take effect in order.
-        opening: list[asyncio.Task[None] | None] = [None]
         try:
             while True:
                 try:
-                    await self._records(dest, receiver, mm, sock, opening)
+                    await self._records(dest, receiver, mm, sock)
                     return
                 except (ChannelClosed, ProtocolError, TimeoutError) as exc:
                     if not self.postcopy_live:
                         raise
                     await self._recover(dest, exc)
         finally:
-            task = opening[0]
+            task = self.opening
             if task is not None and not task.done():
                 with contextlib.suppress(BaseException):
                     await task
@@ -376,7 +368,7 @@ class _Incoming:
     async def _open_frame(self, receiver: PageStreamReceiver, frame: bytes) -> None:
         st = self.status
         try:
-            opened = await asyncio.to_thread(receiver.open, frame)
+            opened = await self.ram_work.run(receiver.open, frame)
         except FrameError as exc:
             raise ProtocolError(f"bad page frame: {type(exc).__name__}: {exc}") from None
         st.bytes_wire += len(frame) + 5
@@ -397,24 +389,25 @@ class _Incoming:
             st.bytes_raw += opened.pages * protocol.PAGE
         await self._ack()  # held, so counted as sent at the source
 
-    async def _records(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str,
-                       opening: list[asyncio.Task[None] | None]) -> None:
+    async def _records(self, dest: DestVM, receiver: PageStreamReceiver, mm: mmap.mmap, sock: str) -> None:
         st = self.status
         while True:
-            if opening[0] is None:
+            if self.opening is None:
                 rec = await self.ch.recv(timeout=self.idle)
             else:
                 # a bad frame fails the migration now, not when the next record arrives
                 recv = asyncio.create_task(self.ch.recv(timeout=self.idle))
                 try:
-                    await asyncio.wait({recv, opening[0]}, return_when=asyncio.FIRST_COMPLETED)
-                    if opening[0].done():
-                        opening[0].result()
+                    await asyncio.wait({recv, self.opening}, return_when=asyncio.FIRST_COMPLETED)
+                    if self.opening.done():
+                        self.opening.result()
                     rec = await recv
                 finally:
                     if not recv.done():
                         recv.cancel()
-                task, opening[0] = opening[0], None
+                        with contextlib.suppress(BaseException):
+                            await recv
+                task, self.opening = self.opening, None
                 await task  # the previous frame first: order is the protocol
             if rec.kind == DATA and rec.stream == QEMU_STREAM:
                 if self.qemu_stream is None:
@@ -435,7 +428,7 @@ class _Incoming:
                 if self.postcopy:  # QEMU owns this RAM (post-copy places pages with userfaultfd)
                     raise ProtocolError("page frame in a migration whose RAM QEMU moves")
                 assert rec.frame is not None
-                opening[0] = asyncio.create_task(self._open_frame(receiver, rec.frame))
+                self.opening = asyncio.create_task(self._open_frame(receiver, rec.frame))
                 continue
             assert rec.ctrl is not None
             op = rec.op
@@ -495,7 +488,7 @@ class _Incoming:
                 await dest.wait_device_state_loaded(timeout=60)
                 msg: dict[str, object] = {"op": "ready"}
                 if self.want_digest:
-                    st.digest_destination = await asyncio.to_thread(ram_digest, mm)
+                    st.digest_destination = await self.ram_work.run(ram_digest, mm)
                     msg["digest"] = st.digest_destination
                 await self.ch.send_ctrl(msg)
             elif op == "go":

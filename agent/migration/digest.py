@@ -8,4 +8,5 @@ import blake3
 
 
 def ram_digest(mem: Any) -> str:
-    return blake3.blake3(memoryview(mem), max_threads=blake3.blake3.AUTO).hexdigest()
+    with memoryview(mem) as view:  # released here, not when a traceback lets go of it
+        return blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest()

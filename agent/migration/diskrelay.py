@@ -102,6 +102,7 @@ class SourceDiskRelay(_Streams):
         self.work_dir = work_dir
         self.disks = disks
         self.servers: list[asyncio.Server] = []
+        self._closed = False
 
     def _count(self, n: int) -> None:
         # not in bytes_wire: that is the page stream, which the destination acknowledges
@@ -136,11 +137,14 @@ class SourceDiskRelay(_Streams):
         self.check_stream(stream).write(data)
 
     async def close(self) -> None:
+        first, self._closed = not self._closed, True
         for server in self.servers:
             server.close()
         self.servers.clear()
         await super().close()
-        for i in self.disks:
+        # once: a later call (the migration's final clean-up) may come after a retry of
+        # the VM (its status was final) listens on these same paths
+        for i in self.disks if first else ():
             with contextlib.suppress(OSError):
                 relay_socket(self.work_dir, i).unlink()
 

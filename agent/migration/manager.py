@@ -58,6 +58,8 @@ MAX_KEPT = 200  # finished migrations kept for GET /v1/migrations
 GRANT_WAIT_S = 10.0  # an authenticated peer must present its grant this soon
 SETTLE_ASK_S = 15.0  # one round of asking the destination what became of a migration ...
 SETTLE_RETRY_S = 5.0  # ... and the wait before the next round, until it answers
+SLOT_WAIT_S = 10.0  # an incoming retry waits this long for the failed attempt here to be cleared
+KEY_WAIT_S = 5.0  # a grant that does not verify before we registered: wait this long for the key
 
 
 class MigrationRequestError(ValueError):
@@ -109,6 +111,12 @@ class MigrationManager:
         self._settling: dict[str, asyncio.Task[None]] = {}
         self.host_name = host_name  # as registered: grants name hosts by it
         self.grants = grants or GrantVerifier()
+        # Set once the grant key is the coordinator's current one. An agent with a
+        # coordinator clears it until its registration is answered: the coordinator
+        # lists a host as up (and may send it grants) as it answers, a moment before
+        # the agent has read the key in that answer.
+        self.key_current = asyncio.Event()
+        self.key_current.set()
         # mutual TLS with the fleet CA (None without TLS): ``peer_ssl`` to call a destination
         # (its API and its data port), ``data_ssl`` to serve our data port
         self._peer_ssl = peer_ssl
@@ -123,7 +131,9 @@ class MigrationManager:
         self._engines = engines or {}  # options.engine other than "novacron" -> its starter
         self._others: dict[str, OtherEngine] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._busy_vms: set[str] = set()
+        # VM -> the migration holding its slot, until that migration's status is final:
+        # a final status means a retry (or a migration back) is accepted at once
+        self._busy_vms: dict[str, str] = {}
         self._resumable: Resumable = {}  # incoming post-copy migrations a new channel may resume
         # told of every migration that ends (the agent's metrics)
         self.on_finish: Callable[[MigrationStatus], None] | None = None
@@ -150,7 +160,12 @@ class MigrationManager:
 
     # -- status ----------------------------------------------------------
     def _keep(self, status: MigrationStatus) -> None:
-        status.on_finish = self.on_finish
+        def finished(s: MigrationStatus) -> None:
+            self._free(s.vm, s.id)
+            if self.on_finish is not None:
+                self.on_finish(s)
+
+        status.on_finish = finished
         self.statuses[status.id] = status
         if len(self.statuses) > MAX_KEPT:
             for mid in [m for m, s in self.statuses.items() if s.done][: len(self.statuses) - MAX_KEPT]:
@@ -164,6 +179,14 @@ class MigrationManager:
 
     def busy(self, vm: str) -> bool:
         return vm in self._busy_vms
+
+    def _claim(self, vm: str, mid: str) -> bool:
+        """Take ``vm``'s slot for migration ``mid``; False if another one holds it."""
+        return self._busy_vms.setdefault(vm, mid) == mid
+
+    def _free(self, vm: str, mid: str) -> None:
+        if self._busy_vms.get(vm) == mid:
+            del self._busy_vms[vm]
 
     # -- fencing ---------------------------------------------------------
     def fence_reason(self, vm: str) -> str | None:
@@ -335,12 +358,13 @@ class MigrationManager:
         grant = await self._admit(channel)
         if grant is None:
             return
-        names: list[str] = []
+        await self._earlier_incoming_ended(grant.vm, channel)
+        names: list[tuple[str, str]] = []
 
         def register(status: MigrationStatus) -> None:
-            if status.vm not in self._busy_vms:  # a refused duplicate must not free it
-                names.append(status.vm)
-            self._register_incoming(status)
+            if self._claim(status.vm, status.id):  # a refused duplicate must not free it
+                names.append((status.vm, status.id))
+            self._keep(status)
 
         try:
             await receive_migration(channel, self._dest_factory, register,
@@ -348,8 +372,25 @@ class MigrationManager:
                                     journal=self.journal, peer_name=grant.source,
                                     index=self.page_index, resumable=self._resumable)
         finally:  # also when it raised: the name must not stay busy forever
-            for name in names:
-                self._busy_vms.discard(name)
+            for name, mid in names:
+                self._free(name, mid)
+
+    async def _earlier_incoming_ended(self, vm: str, channel: Channel) -> None:
+        """A retry may arrive while the failed attempt's copy of ``vm`` is still being
+        destroyed here (the destination tells the source why first, so that it resumes
+        at once): wait for that one to end, bounded, with keepalives so the source does
+        not take us for dead; else its ``prepare`` is refused."""
+        deadline = time.monotonic() + SLOT_WAIT_S
+        next_beat = 0.0
+        while time.monotonic() < deadline:
+            holder = self.statuses.get(self._busy_vms.get(vm, ""))
+            if holder is None or holder.role != "destination":
+                return
+            if time.monotonic() >= next_beat:  # its liveness_s is 0.5 s at the least
+                next_beat = time.monotonic() + 0.1
+                with contextlib.suppress(ChannelClosed, OSError):
+                    await channel.send_ctrl(protocol.KEEPALIVE, timeout=1)
+            await asyncio.sleep(0.02)
 
     async def _admit(self, channel: Channel) -> Grant | None:
         """The coordinator's grant for this incoming migration: the first message, naming
@@ -367,7 +408,7 @@ class MigrationManager:
             if (rec.kind != CTRL or rec.op not in ("grant", "postcopy_resume")) or rec.ctrl is None:
                 raise ProtocolError("first message must be the coordinator's grant")
             # a post-copy's recovery presents the grant it was admitted with (used already)
-            grant = self.grants.verify(rec.ctrl.get("grant"), check_expiry=not resume)
+            grant = await self.verify_grant(rec.ctrl.get("grant"), check_expiry=not resume)
             if grant.target != self.host_name:
                 raise GrantError(f"the grant is for destination {grant.target!r}, "
                                  f"this host is {self.host_name!r}")
@@ -403,6 +444,20 @@ class MigrationManager:
             raise ProtocolError(f"migration {mid!r} came from {entry.peer_name or 'an unrecorded source'!r}, "
                                 f"not {channel.peer_identity!r}")
 
+    async def verify_grant(self, token: Any, *, check_expiry: bool = True) -> Grant:
+        """``grants.verify``; a grant refused before this agent's registration was answered
+        is checked again once it was (bounded): it may be signed with the key that answer
+        brings (a first start, or a coordinator whose key changed since the saved one)."""
+        try:
+            return self.grants.verify(token, check_expiry=check_expiry)
+        except GrantError:
+            if self.key_current.is_set():
+                raise
+        log.info("grant does not verify yet; waiting for the coordinator's registration answer")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.key_current.wait(), KEY_WAIT_S)
+        return self.grants.verify(token, check_expiry=check_expiry)
+
     def may_read(self, token: str, path: str) -> bool:
         """A source holding a grant to this host may read what became of that migration
         (the outcome probe): ``/v1/migrations/{id}`` of that VM or ``/v1/vms/{vm}``."""
@@ -414,10 +469,6 @@ class MigrationManager:
         if grant.target != self.host_name or time.time() > grant.expires + GRANT_READ_GRACE_S:
             return False
         return path in (f"/v1/vms/{grant.vm}", f"/v1/migrations/{grant.migration}")
-
-    def _register_incoming(self, status: MigrationStatus) -> None:
-        self._busy_vms.add(status.vm)
-        self._keep(status)
 
     # -- outgoing --------------------------------------------------------
     async def start_migration(self, body: Any) -> MigrationStatus:
@@ -437,7 +488,7 @@ class MigrationManager:
         if not isinstance(token, str) or not token:
             raise MigrationRequestError("'grant' (the coordinator's migration grant) is required")
         try:
-            grant = self.grants.verify(token)
+            grant = await self.verify_grant(token)
         except GrantError as exc:
             raise MigrationRequestError(str(exc), 403) from None
         logs.register_secret(token, pinned=False)  # it admits this migration at the destination
@@ -468,7 +519,7 @@ class MigrationManager:
             self._used_out.consume(grant)
         except GrantError as exc:
             raise MigrationRequestError(str(exc), 403) from None
-        self._busy_vms.add(vm_name)
+        self._claim(vm_name, mid)
         status = MigrationStatus(
             id=mid, vm=vm_name, role="source", peer=grant.url,
             options=opts.as_dict(),
@@ -525,7 +576,7 @@ class MigrationManager:
             if not status.done:
                 status.fail(f"internal error: {exc}")
         finally:
-            self._busy_vms.discard(status.vm)
+            self._free(status.vm, status.id)  # when it ended without a final status
         entry = self.journal.entries.get(status.id) if self.journal is not None else None
         if entry is not None and not entry.settled:
             if entry.step == "go":  # in doubt: keep asking until the destination answers
@@ -543,12 +594,12 @@ class MigrationManager:
             self._used_out.consume(grant)
         except GrantError as exc:
             raise MigrationRequestError(str(exc), 403) from None
-        self._busy_vms.add(vm_name)
+        self._claim(vm_name, mid)
         self._others[mid] = mig
         self._keep(mig.status)
 
         def ended(_t: asyncio.Task[None]) -> None:
-            self._busy_vms.discard(vm_name)
+            self._free(vm_name, mid)
             self._others.pop(mid, None)
 
         task = mig.start()

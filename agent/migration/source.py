@@ -43,6 +43,7 @@ from novacron.agent.migration.postcopy import (
     QemuStream,
     ram_progress,
 )
+from novacron.agent.migration.ramwork import RamWork
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.stopscan import StopScan
 from novacron.agent.migration.throttle import Throttle
@@ -124,6 +125,7 @@ class SourceMigration:
         self.counters = Counters()
         self._zero_skipped = 0  # zero pages at the first scan (see _precopy)
         self._mm: mmap.mmap | None = None
+        self.ram_work = RamWork(status.id)  # scans and encodes; teardown waits for them
         self._disk_plan: list[dict[str, Any]] = []
         self.tracker: FingerprintTracker | None = None
         self.stop_scan: StopScan | None = None
@@ -203,7 +205,7 @@ class SourceMigration:
                 self._disk_watch.cancel()
             if self.disk_relay is not None:
                 await self.disk_relay.close()
-            self._cleanup()
+            await self._cleanup()
         return st
 
     async def _phases(self) -> None:
@@ -549,7 +551,7 @@ class SourceMigration:
         st.stop_scan = stop_scan.as_dict()
         stop_scan.before_scan(first=True)
         t_scan = time.monotonic()
-        scan = await asyncio.to_thread(tracker.scan)
+        scan = await self.ram_work.run(tracker.scan)
         self._scan_s = time.monotonic() - t_scan
         # the destination's fresh RAM file is all zero: these pages never need sending
         self._zero_skipped = scan.zero_count
@@ -572,7 +574,7 @@ class SourceMigration:
             if st.round >= 2 and data_pages >= 64:  # re-sent pages: what the final ones will weigh
                 self._dirty_per_page = (wire - (self.dd["have_bytes"] - have0)) / data_pages
             t_scan = time.monotonic()
-            scan = await asyncio.to_thread(lambda: tracker.scan(stop_scan.before_scan(first=False)))
+            scan = await self.ram_work.run(lambda: tracker.scan(stop_scan.before_scan(first=False)))
             now = time.monotonic()
             self._scan_s = now - t_scan
             dirty = bitmap_count(scan.dirty)
@@ -710,7 +712,7 @@ class SourceMigration:
             by_digest = offering and (self.status.round == 1
                                       or self.offers.offer_next(self._data_page_bytes()))
             repairs, self._repairs = self._repairs, []
-            return asyncio.create_task(asyncio.to_thread(
+            return asyncio.create_task(self.ram_work.run(
                 encode, batches[i] if i < len(batches) else None, by_digest, repairs))
 
         pending: asyncio.Task[_Work] | None = start(0) if batches else None
@@ -830,7 +832,7 @@ class SourceMigration:
         tracker, stop_scan = self.tracker, self.stop_scan
         assert tracker is not None and stop_scan is not None
         # only pages that may differ from their last fingerprint (see stopscan.py)
-        scan = await asyncio.to_thread(lambda: tracker.scan(stop_scan.at_pause()))
+        scan = await self.ram_work.run(lambda: tracker.scan(stop_scan.at_pause()))
         stop_scan.pages_examined = scan.scanned
         st.stop_scan = stop_scan.as_dict()
         lap("final_scan_ms")
@@ -847,7 +849,7 @@ class SourceMigration:
         lap("device_state_ms")
         if self.opts.test_digest:
             assert self._mm is not None
-            st.digest_source = await asyncio.to_thread(ram_digest, self._mm)
+            st.digest_source = await self.ram_work.run(ram_digest, self._mm)
         ready = await self._expect("ready", timeout=120)
         lap("destination_load_ms")
         st.bytes_acked = st.bytes_wire  # 'ready': it has read and loaded everything
@@ -1247,25 +1249,28 @@ class SourceMigration:
                 reason += f"; resuming the source failed: {exc}"
         if resumed:  # after the resume: a restart in between resumes again (harmless)
             self._journal("rolled_back", reason)
-        # last: a hung destination must not hold the guest paused for this
+        # last: a hung destination must not hold the guest paused for this; nor, once it
+        # fell silent or hung up, the migration's end (its own liveness ends its side)
         with contextlib.suppress(Exception):
-            await self.ch.send_ctrl({"op": "abort", "reason": reason}, timeout=2)
+            await self.ch.send_ctrl({"op": "abort", "reason": reason},
+                                    timeout=0.2 if self._peer_lost is not None else 2)
         with contextlib.suppress(Exception):
             await self.vm.stay()
-        self._sync_counters()
-        st.fail(reason, cancelled=cancelled)
         if self._reader is not None and not self._dest_gave_up and self._peer_lost is None:
             # read on (its acks) until it hangs up, bounded: closing with its messages
-            # unread would reset the connection and could drop our 'abort' unread there
+            # unread would reset the connection and could drop our 'abort' unread there.
+            # It hangs up once it has destroyed its copy: final only then, so a retry
+            # (accepted once final) finds the destination clear.
             await asyncio.wait({self._reader}, timeout=2.0)
+        self._sync_counters()
+        st.fail(reason, cancelled=cancelled)
 
-    def _cleanup(self) -> None:
+    async def _cleanup(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
-        # drop the views the tracker and sender hold so the mapping really goes
-        self.tracker = None
-        self.sender = None
-        if self._mm is not None:
-            with contextlib.suppress(BufferError):
-                self._mm.close()
+        # no scan or encode still runs, their views released, then unmapped: after a
+        # completed migration the RAM file is deleted, and a view left would keep it
+        tracker, sender, self.tracker, self.sender = self.tracker, self.sender, None, None
+        await self.ram_work.let_go(self._mm, tracker, sender)
+        self._mm = None
 

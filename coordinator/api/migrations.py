@@ -49,6 +49,9 @@ START: dict[str, Any] = {
                 "test_digest": {"type": "boolean"},
                 "batch_pages": {"type": "integer", "minimum": 64, "maximum": 65536},
                 "timeout_s": {"type": "number", "minimum": 1, "maximum": 86400},
+                "in_doubt_timeout_s": {"type": "number", "minimum": 0.1, "maximum": 3600,
+                                       "description": "past 'go' with the channel lost: how long the "
+                                       "source asks the destination what became of it (default 120)"},
                 "liveness_s": {"type": "number", "minimum": 0.5, "maximum": 60,
                                "description": "a peer silent this long fails the migration"},
                 "pause_factor": {"type": "number", "minimum": 1, "maximum": 10000,

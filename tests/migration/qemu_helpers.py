@@ -43,6 +43,25 @@ def qemu_processes_using(path: Path) -> list[int]:
     return pids
 
 
+def deleted_but_held(pid: int, root: Path) -> list[str]:
+    """Files under ``root`` that process ``pid`` still maps or holds open although they
+    were deleted (their space is not given back until it lets go)."""
+    prefix, held = str(root.resolve()), set()
+    proc = Path(f"/proc/{pid}")
+    names = set()
+    for fd in (proc / "fd").iterdir():
+        try:
+            names.add(os.readlink(fd))
+        except OSError:
+            continue
+    names |= {line.split(None, 5)[-1] for line in (proc / "maps").read_text().splitlines()
+              if line.count(" ") >= 5}
+    for name in names:
+        if name.startswith(prefix) and name.endswith("(deleted)"):
+            held.add(name)
+    return sorted(held)
+
+
 class CuttableProxy:
     """A loopback TCP relay in front of a data port; ``cut()`` resets every
     connection through it (the "channel cut" fault)."""

@@ -36,6 +36,7 @@ import random
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -47,7 +48,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from novacron.agent.local import LocalAgent
+from novacron.agent.local import LocalAgent, LocalAgentError
 from novacron.coordinator.local import LocalCoordinator
 from tests.migration.agents import Api
 from tests.migration.qemu_helpers import VERIFY, guest_spec, heartbeats, qemu_processes_using
@@ -133,12 +134,26 @@ def cont(agent: LocalAgent) -> None:
             os.kill(agent.pid, signal.SIGCONT)
 
 
+RESTARTS = 3  # tries to start an agent again, each bounded by LocalAgent's own start timeout
+
+
 async def restart(agent: LocalAgent, env: dict[str, str]) -> None:
     if alive(agent):
         cont(agent)
         agent.kill()  # its QEMUs live on; the new agent adopts them
     agent.env = env
-    await agent.start()
+    for attempt in range(RESTARTS):
+        try:
+            await agent.start()
+            return
+        except LocalAgentError as exc:
+            # While it was down another process (a test beside us on this machine) may
+            # have taken its port as an ephemeral one: move it (it registers its new
+            # address with the coordinator as it starts).
+            if attempt == RESTARTS - 1 or "in use" not in str(exc):
+                raise
+            agent.settings["port"] = str(free_port())
+            agent.data_port = agent._requested_data_port = free_port()
 
 
 async def status_at(agent: LocalAgent, mid: str) -> dict[str, Any] | None:
@@ -198,16 +213,37 @@ class Matrix:
     problems: list[str] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # per migration, fault and settling included
     reasons: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    # pre-copy faults: seconds from the fault to the source's final status (how soon it noticed)
+    noticed: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    t_fault: float = 0.0
 
     async def hosts_up(self) -> None:
         async def up() -> bool:
             _, doc = await self.coord.call("GET", "/hosts")
-            names = {h["name"] for h in doc["hosts"] if h["state"] == "up" and h.get("data_port")}
-            return names >= {a.name for a in self.agents}
+            names = {h["name"] for h in doc["hosts"] if h["state"] == "up" and h["name"] in by_name
+                     and h.get("data_port") == by_name[h["name"]].data_port}
+            return names >= set(by_name)
 
+        by_name = {a.name: a for a in self.agents}
         await until("both agents up at the coordinator", up, 60)
 
+    async def revive(self) -> None:
+        """Continue a stopped agent and restart a dead one: an armed crash point may act
+        after the harness brought back what the fault took (a delayed action past the
+        end of a short stop-and-copy, say). One that died with no point armed died by
+        itself: that is an agent bug, reported."""
+        for a in self.agents:
+            if stopped(a):
+                cont(a)
+            if not alive(a):
+                if not a.env:
+                    code = a.proc.returncode if a.proc is not None else None
+                    self.counts["agents died by themselves"] += 1
+                    self.problems.append(f"{a.name} exited by itself ({code}): {a.log_tail(8)}")
+                await restart(a, {})
+
     async def where(self) -> list[LocalAgent]:
+        await self.revive()
         out = []
         for a in self.agents:
             status, doc = await a.request("GET", f"/v1/vms/{VM}")
@@ -221,8 +257,13 @@ class Matrix:
 
     async def settled(self, mid: str) -> dict[str, Any]:
         async def agents_done() -> bool:
+            await self.revive()
             for a in self.agents:
-                for m in (await Api(a).ok("GET", "/v1/migrations"))["migrations"]:
+                try:
+                    migs = (await Api(a).ok("GET", "/v1/migrations"))["migrations"]
+                except (aiohttp.ClientError, OSError, TimeoutError):
+                    return False  # it died or stopped just now: revived on the next pass
+                for m in migs:
                     if m["phase"] not in FINAL or (m.get("journal") and not m["journal"]["settled"]):
                         return False
             return True
@@ -256,6 +297,7 @@ class Matrix:
         st = await status_at(src, mid)
         phase = st["phase"] if st else "?"
         victim = src if fault.side == "src" else dst
+        self.t_fault = time.time()
         if fault.kind == "SIGKILL agent":
             victim.kill()
         elif fault.kind == "SIGSTOP agent":
@@ -276,16 +318,18 @@ class Matrix:
         [src] = await self.where()
         dst = self.agents[1] if src is self.agents[0] else self.agents[0]
         victim = {"src": src, "dst": dst}.get(fault.side)
-        armed_log = 0
+        armed_log, delay = 0, 0.0
         if fault.point:
             assert victim is not None
-            action = fault.point + (f"@{self.rng.uniform(0.0, 0.15):.3f}" if fault.delay else "")
+            delay = round(self.rng.uniform(0.0, 0.15), 3) if fault.delay else 0.0
+            action = fault.point + (f"@{delay:.3f}" if fault.delay else "")
             await restart(victim, {CRASH: action})
             armed_log = victim.log_path.stat().st_size
         await self.hosts_up()
         mig = await self.coord.ok("POST", "/migrations",
                                   {"vm": VM, "target": dst.name, "options": OPTIONS}, want=202)
         mid = mig["id"]
+        self.t_fault = 0.0
         try:
             if fault.phase == "precopy":
                 await self.inject_precopy(fault, src, dst, mid)
@@ -311,6 +355,12 @@ class Matrix:
                 deadline = time.monotonic() + 120
                 while time.monotonic() < deadline and not await ended_at(src, mid):
                     await asyncio.sleep(0.1)
+            if fault.delay and victim is not None and fired(victim, armed_log):
+                # the point fired; its action comes from a thread ``delay`` s later, maybe
+                # after the migration ended: let it act before restarting what died
+                deadline = time.monotonic() + delay + 5.0
+                while time.monotonic() < deadline and not acted(victim, armed_log):
+                    await asyncio.sleep(0.05)
         finally:
             for m in self.mounts:
                 unfill(m)
@@ -320,6 +370,10 @@ class Matrix:
             if not alive(a):
                 await restart(a, {})
         coord_mig = await self.settled(mid)
+        if self.t_fault and fault.side == "dst":  # the source lived through it: when did it notice?
+            st = await status_at(src, mid)
+            if st is not None and st.get("finished") and st["phase"] != "completed":
+                self.noticed[fault.name].append(st["finished"] - self.t_fault)
         for a in self.agents:  # disarm a crash point that was not reached (one fires once)
             if a.env and not fired(a, armed_log):
                 await restart(a, {})
@@ -480,9 +534,14 @@ class Matrix:
         for what in sorted(self.reasons):
             for why, n in self.reasons[what].most_common(2):
                 lines.append(f"  {what}: {why} x{n}")
+        if self.noticed:
+            lines.append("pre-copy faults at the destination: seconds until the source's migration failed "
+                         "(median / max)")
+            for what, secs in sorted(self.noticed.items()):
+                lines.append(f"  {what}: {statistics.median(secs):.2f} / {max(secs):.2f} (n={len(secs)})")
         lines.append("totals: " + ", ".join(f"{k} {self.counts[k]}" for k in (
             "double runs", "lost guests", "unrecorded pauses", "record mismatches", "left behind",
-            "failed page checks", "rebooted guests")))
+            "failed page checks", "rebooted guests", "agents died by themselves")))
         return "\n".join(lines)
 
 
@@ -526,6 +585,17 @@ def fired(agent: LocalAgent, offset: int) -> bool:
     with open(agent.log_path, "rb") as f:
         f.seek(offset)
         return b"crash point reached" in f.read()
+
+
+def acted(agent: LocalAgent, offset: int) -> bool:
+    """Whether ``agent``'s fired crash point has acted: it died or stopped, or says it
+    killed its QEMU or cut its channel."""
+    if not alive(agent) or stopped(agent):
+        return True
+    with open(agent.log_path, "rb") as f:
+        f.seek(offset)
+        text = f.read()
+    return b"crash point killed QEMU" in text or b"crash point cut" in text
 
 
 def holds_tap(pid: int) -> bool:

@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from novacron.agent.local import LocalAgent
 from tests.migration.agents import Api
-from tests.migration.qemu_helpers import CuttableProxy, qemu_processes_using
+from tests.migration.qemu_helpers import CuttableProxy, deleted_but_held, qemu_processes_using
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 SECRET = secrets.token_urlsafe(32)
@@ -51,6 +51,8 @@ async def assert_nothing_left(d: LocalAgent) -> None:
     incoming = d.state_dir / "incoming"
     assert not incoming.exists() or list(incoming.iterdir()) == []
     assert qemu_processes_using(d.state_dir) == []
+    # nor a deleted incoming RAM file the agent still maps (its space held until it exits)
+    assert d.pid is not None and deleted_but_held(d.pid, d.state_dir) == []
 
 
 async def failed(api: Api, mid: str, *words: str) -> dict:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from novacron.agent.channel import connect
+from novacron.agent.channel import Channel, ChannelServer, connect
 from novacron.agent.migration.journal import Entry, Journal
 from novacron.agent.migration.manager import MigrationManager
 from novacron.agent.migration.options import MigrationOptions
@@ -195,7 +195,7 @@ async def test_unreachable_destination_keeps_the_fence_until_forced(tmp_path: Pa
 
 async def test_override_refused_while_the_engine_runs_the_migration(tmp_path: Path) -> None:
     mgr = manager(tmp_path, FakeVMs(web="running"))
-    mgr._busy_vms.add("web")
+    mgr._claim("web", "m1")
     assert "in progress" in (mgr.fence_reason("web") or "")
     with pytest.raises(VMConflict):
         await mgr.override("web")
@@ -263,6 +263,45 @@ async def test_pause_ceiling_resumes_the_source(tmp_path: Path, dest: Dest) -> N
     assert Journal(tmp_path / "migrations").load()[0].step == "rolled_back"
     await asyncio.wait_for(dest.done.wait(), 20)
     assert dest.statuses[0].phase in ("failed", "cancelled")
+
+
+async def test_silent_destination_ends_the_migration_soon_after_liveness(tmp_path: Path) -> None:
+    """A destination that stops reading and sending (a SIGSTOPped agent): the source
+    fails once it was silent for liveness_s, without then waiting on a full socket
+    to tell it 'abort' (its own liveness ends its side)."""
+    hold = asyncio.Event()
+
+    async def silent(ch: Channel) -> None:
+        await ch.recv(timeout=10)  # 'prepare'
+        await ch.send_ctrl({"op": "prepared"})
+        await hold.wait()
+
+    server = ChannelServer(SECRET, silent)
+    await server.start()
+    src = MemSourceVM(tmp_path / "src", "quiet", pages=16384)
+    o = MigrationOptions.from_dict({"liveness_s": 0.5, "adaptive_compression": False})
+    st = MigrationStatus(id="q1", vm=src.name, role="source", options=o.as_dict())
+    ch = await connect("127.0.0.1", server.port, SECRET)
+    task = asyncio.create_task(SourceMigration(src, ch, st, o).run())
+    try:
+        deadline = time.monotonic() + 30
+        while st.phase != "precopy":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        while not st.done:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        took = time.monotonic() - t0
+    finally:
+        hold.set()
+        await asyncio.wait_for(task, 30)
+        await ch.close()
+        await server.close()
+        src.close()
+    assert st.phase == "failed" and "sent nothing for 0.5s" in (st.error or ""), st.error
+    assert took < 0.5 + 1.0, f"final {took:.2f} s after pre-copy began"
+    assert src.running
 
 
 async def test_destination_vm_exit_fails_the_migration_at_once(tmp_path: Path, dest: Dest) -> None:  # noqa: F811

@@ -32,7 +32,12 @@ import pytest_asyncio
 from novacron.agent.local import LocalAgent
 from novacron.agent.migration.journal import Entry, Journal
 from tests.migration.agents import Api
-from tests.migration.qemu_helpers import guest_spec, heartbeats, qemu_processes_using
+from tests.migration.qemu_helpers import (
+    deleted_but_held,
+    guest_spec,
+    heartbeats,
+    qemu_processes_using,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 SECRET = secrets.token_urlsafe(32)
@@ -60,6 +65,9 @@ async def assert_nothing_left(agent: LocalAgent, vm: str) -> None:
     assert not incoming.exists() or list(incoming.iterdir()) == []
     left = qemu_processes_using(agent.state_dir)
     assert left == [], [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:300]) for pid in left]
+    if agent.pid is not None and agent.proc is not None and agent.proc.poll() is None:
+        # nor a deleted RAM file the agent still maps (its space held until it exits)
+        assert deleted_but_held(agent.pid, agent.state_dir) == []
 
 
 async def wait_dead(agent: LocalAgent, timeout: float = 120) -> None:
