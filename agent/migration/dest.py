@@ -199,8 +199,7 @@ class _Incoming:
                 mm = mmap.mmap(fd, ram_size, access=mmap.ACCESS_WRITE)
             finally:
                 os.close(fd)
-            receiver: PageStreamReceiver | None = PageStreamReceiver(
-                self.ch.page_key_in, mm, counters=self.counters)
+            receiver = PageStreamReceiver(self.ch.page_key_in, mm, counters=self.counters)
             if self.postcopy:
                 if not isinstance(dest, PostcopyDest):
                     raise ProtocolError("this destination cannot run post-copy")
