@@ -7,6 +7,16 @@ link megabytes can sit in socket buffers, and a pause started with them queued
 would last until they drain. The switchover estimate therefore adds every part
 of the pause: the final scan, what is still queued, the final pages, the
 device state, and the round trips of the hand-over and resume.
+
+Under a bandwidth cap the acks measure the cap, not the link, yet the final
+pages go at link speed (unless ``throttle_final``). The link's uncapped rate
+comes from the sender's own bursts: the token bucket starts full and refills
+between frames, so runs of frames leave without waiting on the cap (the first
+100 ms worth of the cap at the start, then each frame after a wait), at the
+speed the link and the receiver allow. A run timed from its first write to the
+ack that covers its last byte is a lower bound on that speed (it includes a
+round trip and the receiver's ack delay): never optimistic, and costs no byte
+beyond what the cap already lets out.
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ class LinkMeter:
         self.busy_rate = 0.0  # EWMA over busy intervals (0: none seen yet)
         self.samples = 0
         self.rtt_s: float | None = None
+        self.uncapped_rate = 0.0  # best lower bound of the link from runs not held by the cap
+        self._run: tuple[float, int, int] | None = None  # (our time, written at start, at end)
         self._written_then = 0
         self._span: tuple[float, int] | None = None  # (their time, acked) where a busy run began
         self._recent: deque[tuple[float, int]] = deque()
@@ -55,9 +67,19 @@ class LinkMeter:
             self._span = (t, acked)
         self._written_then = written
         self.acked = max(self.acked, acked)
+        if self._run is not None and self.acked >= self._run[2]:
+            t0, start, end = self._run
+            self.uncapped_rate = max(self.uncapped_rate, (end - start) / max(now - t0, 1e-6))
+            self._run = None
         self._recent.append((now, self.acked))
         while len(self._recent) > 2 and now - self._recent[1][0] >= RATE_WINDOW_S:
             self._recent.popleft()
+
+    def unheld_run(self, t_start: float, written_start: int, written_end: int) -> None:
+        """Bytes ``written_start..written_end`` left from our time ``t_start`` without
+        waiting on the cap; the ack that covers them times the run (one at a time)."""
+        if self._run is None and written_end - written_start >= MIN_SAMPLE:
+            self._run = (t_start, written_start, written_end)
 
     def current_rate(self, now: float) -> float:
         """Acked bytes/s over the last ``RATE_WINDOW_S`` (0 when nothing moved)."""
@@ -120,6 +142,15 @@ class Estimate:
 
     def parts_ms(self) -> dict[str, float]:
         return {f"{k}_ms": round(v * 1000.0, 2) for k, v in self.__dict__.items()}
+
+
+def final_rate(*, link_bytes_s: float, uncapped_bytes_s: float, cap_bytes_s: float,
+               throttle_final: bool) -> float:
+    """Bytes/s of the pages sent while paused: at link speed (the faster of what the
+    acks measured and what unheld runs showed, see the module doc), or held to the
+    cap when the operator asked the cap to hold while paused."""
+    link = max(link_bytes_s, uncapped_bytes_s)
+    return min(link, cap_bytes_s) if throttle_final and cap_bytes_s else link
 
 
 def switchover(*, dirty_pages: int, bytes_per_page: float, queued_bytes: int, device_bytes: int,

@@ -47,6 +47,7 @@ from novacron.native import (
     EncodeStats,
     FingerprintTracker,
     PageStreamSender,
+    ScanResult,
     TokenBucket,
     bitmap_count,
     bitmap_indices,
@@ -87,6 +88,7 @@ class SourceMigration:
         self._inbox: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._paused = False
+        self._first: ScanResult | None = None  # the first scan, made while the destination prepares
         self._device_started = False
         self._go_sent = False
         self._dest_gave_up = False
@@ -358,7 +360,35 @@ class SourceMigration:
             "liveness_s": self.opts.liveness_s, "disks": self._disk_plan,
         })
         self._prepare_sent.set()
-        await self._expect("prepared", timeout=120)
+        # The first scan reads all of guest RAM: it runs while the destination prepares
+        # (admission, RAM file, its QEMU's start) instead of after. Pages the guest
+        # writes meanwhile are found by the next scan, as during any round.
+        scanning = asyncio.create_task(self._first_scan())
+        try:
+            await self._expect("prepared", timeout=120)
+        finally:
+            # never leave the scan's thread reading the RAM mapping _cleanup closes
+            await asyncio.wait({scanning})
+            if not scanning.cancelled():
+                scanning.exception()  # retrieved here; raised below when it matters
+        self._first = scanning.result()
+
+    async def _first_scan(self) -> ScanResult:
+        st, opts = self.status, self.opts
+        assert self._mm is not None
+        tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
+        stop_scan = await asyncio.to_thread(
+            StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
+            opts.bounded_pause)
+        self.stop_scan = stop_scan
+        st.stop_scan = stop_scan.as_dict()
+        stop_scan.before_scan(first=True)
+        t_scan = time.monotonic()
+        scan = await asyncio.to_thread(tracker.scan)
+        self._scan_s = time.monotonic() - t_scan
+        log.info("first scan done", extra={"migration": st.id, "seconds": round(self._scan_s, 4),
+                                           "dirty": scan.dirty_count, "zero": scan.zero_count})
+        return scan
 
     async def _mirror_disks(self) -> None:
         """Copy the local disks first, then RAM: the mirrors are write-blocking, so once
@@ -418,8 +448,9 @@ class SourceMigration:
     async def _precopy(self) -> None:
         st, opts = self.status, self.opts
         st.set_phase("precopy")
-        assert self._mm is not None
-        tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
+        assert self._mm is not None and self.tracker is not None and self.stop_scan is not None
+        assert self._first is not None
+        tracker, stop_scan, scan = self.tracker, self.stop_scan, self._first
         self.sender = PageStreamSender(
             self.ch.page_key_out, self._mm, level=opts.compression_level, counters=self.counters,
             dedup=DedupIndex() if opts.dedup else None,
@@ -427,15 +458,6 @@ class SourceMigration:
             # changes back between two scans is still re-sent
             tracker=tracker,
         )
-        stop_scan = await asyncio.to_thread(
-            StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
-            opts.bounded_pause)
-        self.stop_scan = stop_scan
-        st.stop_scan = stop_scan.as_dict()
-        stop_scan.before_scan(first=True)
-        t_scan = time.monotonic()
-        scan = await asyncio.to_thread(tracker.scan)
-        self._scan_s = time.monotonic() - t_scan
         # the destination's fresh RAM file is all zero: these pages never need sending
         self._zero_skipped = scan.zero_count
         last_scan = time.monotonic()
@@ -521,8 +543,10 @@ class SourceMigration:
     def _switchover_estimate(self, dirty: int) -> estimate.Estimate:
         st, opts = self.status, self.opts
         link = self._link_rate()
-        cap = opts.bandwidth_mbps * 1e6
-        final = min(link, cap) if opts.throttle_final and cap else link
+        final = estimate.final_rate(link_bytes_s=link, uncapped_bytes_s=self.link.uncapped_rate,
+                                    cap_bytes_s=opts.bandwidth_mbps * 1e6,
+                                    throttle_final=opts.throttle_final)
+        st.final_rate_bytes_s = final
         return estimate.switchover(
             dirty_pages=dirty, bytes_per_page=self._dirty_per_page or self._bytes_per_page(),
             queued_bytes=max(0, st.bytes_wire - st.bytes_acked),
@@ -571,6 +595,7 @@ class SourceMigration:
             return sender.encode(batch, zero), sender.last
 
         pending = asyncio.create_task(asyncio.to_thread(encode, batches[0]))
+        run = (time.monotonic(), st.bytes_wire)  # (since, written): frames not held by the cap
         try:
             for i in range(len(batches)):
                 frames, enc = await pending
@@ -579,8 +604,11 @@ class SourceMigration:
                 self._check_inbox()
                 t_send, wire = time.perf_counter(), 0
                 for frame in frames:
-                    if throttled:
-                        await self.bucket.acquire(len(frame))
+                    if throttled and self.bucket.rate and await self.bucket.acquire(len(frame)):
+                        # held by the cap: what went out unheld since the last wait is a run
+                        # at link speed, timed by its ack (estimate.py)
+                        self.link.unheld_run(run[0], run[1], st.bytes_wire)
+                        run = (time.monotonic(), st.bytes_wire)
                     self.ch.write_frame(frame)
                     wire += len(frame) + 5
                     st.bytes_wire += len(frame) + 5  # before the destination can ack it
@@ -592,6 +620,8 @@ class SourceMigration:
                 self._round_sent += len(batches[i])
                 self._sync_counters()
                 self._progress()
+            if throttled and self.bucket.rate:
+                self.link.unheld_run(run[0], run[1], st.bytes_wire)
         finally:
             if not pending.done():
                 pending.cancel()
