@@ -768,7 +768,8 @@ class SourceMigration:
         estimate to this destination adds it (estimate.learned)."""
         st = self.status
         assert st.downtime_ms is not None
-        moved = (self._final_wire + st.device_state_bytes) / max(self._link_rate(), 1.0)
+        # at the rate the estimate gave them (uncapped unless throttle_final)
+        moved = (self._final_wire + st.device_state_bytes) / max(st.final_rate_bytes_s or self._link_rate(), 1.0)
         rest = (st.downtime_ms / 1000.0 - st.downtime_parts.get("final_scan_ms", 0.0) / 1000.0
                 - moved - 2 * (self.link.rtt_s or 0.0))
         self._learned.observe(st.device_state_bytes, max(0.0, rest))
