@@ -555,6 +555,13 @@ class _Unsupported(Exception):
     pass
 
 
+def _require(vm: Any) -> Any:
+    """The QMP connection of a QEMU that must still run (its exit fails the row)."""
+    if vm.qmp is None:
+        raise RuntimeError(f"QEMU of {vm.name} exited during the migration")
+    return vm.qmp
+
+
 async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: float,
                      boot: str, timeout_s: float) -> dict[str, Any]:
     from novacron.agent.qmp import QMPError
@@ -618,6 +625,9 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
                 if switched and resumed_at is None:
                     # the destination holds device state and runs, pages follow on demand
                     # (incoming QEMUs start with -S: it waits paused for our 'cont')
+                    if dvm.qmp is None:
+                        error = "the destination QEMU exited during post-copy"
+                        break
                     if (await dvm.qmp.execute("query-status"))["status"] == "paused":
                         await dvm.qmp.execute("cont")
                         resumed_at = time.monotonic()
@@ -640,12 +650,12 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
                     break
                 await asyncio.sleep(0.01)
             if error is None and resumed_at is None:
-                while (await dvm.qmp.execute("query-status"))["status"] != "paused":
+                while (await _require(dvm).execute("query-status"))["status"] != "paused":
                     await asyncio.sleep(0.005)
                 cpu1 = _qemu_cpu(src.pid, vcpus), _qemu_cpu(src.pid), _qemu_cpu(dvm.pid)
                 if DEST_RAM_HOOK is not None:
                     DEST_RAM_HOOK(engine, dvm.paths.ram)
-                await dvm.qmp.execute("cont")
+                await _require(dvm).execute("cont")
                 resumed_at = time.monotonic()
             elif error is None:
                 cpu1 = _qemu_cpu(src.pid, vcpus), _qemu_cpu(src.pid), _qemu_cpu(dvm.pid)
@@ -657,9 +667,13 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
                 stopped, resumed = await stops.get(timeout=10), await resumes.get(timeout=10)
                 event_ms: float | None = (_event_time(resumed) - _event_time(stopped)) * 1000.0
             wrote = relay.forward_bytes
+        except (QMPError, RuntimeError, OSError, TimeoutError) as exc:  # a row that failed, not the run
+            error, wrote = f"QEMU migration broke: {type(exc).__name__}: {exc}", relay.forward_bytes
         finally:
-            src.qmp.unsubscribe(stops)
-            dvm.qmp.unsubscribe(resumes)
+            # a cancelled migration ends the destination QEMU (its stream was cut): no QMP left
+            for q, sub in ((src.qmp, stops), (dvm.qmp, resumes)):
+                if q is not None:
+                    q.unsubscribe(sub)
             await asyncio.to_thread(relay.close)
         if error is None:
             dvm.state = "running"
