@@ -73,6 +73,13 @@ class TokenBucket:
         self._tokens -= n
         return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
+    def would_wait(self, n: int) -> bool:
+        """Whether ``n`` bytes reserved now would have to wait (reserves nothing)."""
+        if self._rate == 0:
+            return False
+        self._refill()
+        return self._tokens < n
+
     async def acquire(self, n: int) -> bool:
         """Wait until ``n`` bytes may be sent under the current rate. Waits in short
         slices, so a rate changed meanwhile (raised, or 0 = unlimited) applies at once.

@@ -10,13 +10,16 @@ device state, and the round trips of the hand-over and resume.
 
 Under a bandwidth cap the acks measure the cap, not the link, yet the final
 pages go at link speed (unless ``throttle_final``). The link's uncapped rate
-comes from the sender's own bursts: the token bucket starts full and refills
-between frames, so runs of frames leave without waiting on the cap (the first
-100 ms worth of the cap at the start, then each frame after a wait), at the
-speed the link and the receiver allow. A run timed from its first write to the
-ack that covers its last byte is a lower bound on that speed (it includes a
-round trip and the receiver's ack delay): never optimistic, and costs no byte
-beyond what the cap already lets out.
+comes from the sender's own runs of frames that left without waiting on the
+cap, at the speed the link and the receiver allow: the first ``PROBE_BYTES``
+(1 MiB, source.py) of pre-copy go unheld once, then the token bucket's bursts
+(it refills between frames). A run is timed by the destination's clock
+between the first and the last ack inside it (the receiver acks every 256 KiB,
+at most every 20 ms), or else from its first write to the ack covering its last
+byte (a round trip and the ack delay included); each is a lower bound on that
+speed, never optimistic. The probe exceeds the cap by at most 1 MiB, once; the pause sends
+its final pages uncapped anyway. Runs of only the bucket's burst are too short
+to time at low caps (the acks' own granularity), hence the probe.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class LinkMeter:
         self.rtt_s: float | None = None
         self.uncapped_rate = 0.0  # best lower bound of the link from runs not held by the cap
         self._run: tuple[float, int, int] | None = None  # (our time, written at start, at end)
+        # acks inside that run: the first and the latest (their time, acked)
+        self._run_acks: list[tuple[float, int]] = []
         self._written_then = 0
         self._span: tuple[float, int] | None = None  # (their time, acked) where a busy run began
         self._recent: deque[tuple[float, int]] = deque()
@@ -67,10 +72,19 @@ class LinkMeter:
             self._span = (t, acked)
         self._written_then = written
         self.acked = max(self.acked, acked)
-        if self._run is not None and self.acked >= self._run[2]:
+        if self._run is not None:
             t0, start, end = self._run
-            self.uncapped_rate = max(self.uncapped_rate, (end - start) / max(now - t0, 1e-6))
-            self._run = None
+            if their_t is not None and start < acked <= end:
+                self._run_acks[1:] = [(their_t, acked)]  # keeps the first one
+            if self.acked >= end:
+                # our clock, first write to the covering ack: a round trip and the ack delay included
+                rate = (end - start) / max(now - t0, 1e-6)
+                if len(self._run_acks) == 2:
+                    (ta, a), (tb, b) = self._run_acks
+                    if b - a >= MIN_SAMPLE and tb > ta:  # the destination's clock, inside the run
+                        rate = max(rate, (b - a) / (tb - ta))
+                self.uncapped_rate = max(self.uncapped_rate, rate)
+                self._run, self._run_acks = None, []
         self._recent.append((now, self.acked))
         while len(self._recent) > 2 and now - self._recent[1][0] >= RATE_WINDOW_S:
             self._recent.popleft()
@@ -79,7 +93,13 @@ class LinkMeter:
         """Bytes ``written_start..written_end`` left from our time ``t_start`` without
         waiting on the cap; the ack that covers them times the run (one at a time)."""
         if self._run is None and written_end - written_start >= MIN_SAMPLE:
-            self._run = (t_start, written_start, written_end)
+            self._run, self._run_acks = (t_start, written_start, written_end), []
+            # already covered (the sender was busy elsewhere): the first covering ack seen
+            for t, acked in self._recent:
+                if t >= t_start and acked >= written_end:
+                    self.uncapped_rate = max(self.uncapped_rate, (written_end - written_start) / max(t - t_start, 1e-6))
+                    self._run = None
+                    break
 
     def current_rate(self, now: float) -> float:
         """Acked bytes/s over the last ``RATE_WINDOW_S`` (0 when nothing moved)."""

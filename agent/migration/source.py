@@ -60,6 +60,9 @@ WATCH_S = 0.02  # watchdog period: how late a pause ceiling may be noticed
 MEASURE_BYTES = 1 << 20  # a round this large measures the link
 ROUND_ACK_S = 60.0  # longest wait for the destination to acknowledge a round's bytes
 DISK_POLL_S = 0.1  # how often the disk mirrors' progress is read while they catch up
+# Under a cap, the first bytes of pre-copy go unheld, once: a run long enough for the
+# acks to time the link (see estimate.py); the pause sends more than this uncapped anyway
+PROBE_BYTES = 1 << 20
 DISK_FINISH_S = 60.0  # completing ready mirrors (paused guest): drains in-flight writes only
 
 
@@ -89,6 +92,7 @@ class SourceMigration:
         self._reader: asyncio.Task[None] | None = None
         self._paused = False
         self._first: ScanResult | None = None  # the first scan, made while the destination prepares
+        self._probe_left = PROBE_BYTES  # unheld bytes still to send under a cap (see PROBE_BYTES)
         self._device_started = False
         self._go_sent = False
         self._dest_gave_up = False
@@ -595,7 +599,7 @@ class SourceMigration:
             return sender.encode(batch, zero), sender.last
 
         pending = asyncio.create_task(asyncio.to_thread(encode, batches[0]))
-        run = (time.monotonic(), st.bytes_wire)  # (since, written): frames not held by the cap
+        run: tuple[float, int] | None = None  # (since, written): frames not held by the cap
         try:
             for i in range(len(batches)):
                 frames, enc = await pending
@@ -604,10 +608,19 @@ class SourceMigration:
                 self._check_inbox()
                 t_send, wire = time.perf_counter(), 0
                 for frame in frames:
-                    if throttled and self.bucket.rate and await self.bucket.acquire(len(frame)):
-                        # held by the cap: what went out unheld since the last wait is a run
-                        # at link speed, timed by its ack (estimate.py)
-                        self.link.unheld_run(run[0], run[1], st.bytes_wire)
+                    if not (throttled and self.bucket.rate):
+                        pass
+                    elif self._probe_left > 0:
+                        self._probe_left -= len(frame)  # the probe: unheld, once
+                    else:
+                        if run is not None and self.bucket.would_wait(len(frame)):
+                            # held by the cap: what went out unheld since the last wait is a
+                            # run at link speed, timed by its acks (estimate.py), told before
+                            # the wait so that the acks arriving meanwhile count
+                            self.link.unheld_run(run[0], run[1], st.bytes_wire)
+                            run = None
+                        await self.bucket.acquire(len(frame))
+                    if run is None:
                         run = (time.monotonic(), st.bytes_wire)
                     self.ch.write_frame(frame)
                     wire += len(frame) + 5
@@ -620,7 +633,7 @@ class SourceMigration:
                 self._round_sent += len(batches[i])
                 self._sync_counters()
                 self._progress()
-            if throttled and self.bucket.rate:
+            if throttled and self.bucket.rate and run is not None:
                 self.link.unheld_run(run[0], run[1], st.bytes_wire)
         finally:
             if not pending.done():

@@ -108,3 +108,23 @@ def test_final_pages_are_estimated_at_the_uncapped_rate_unless_the_cap_holds_the
     # nothing measured unheld (no cap): the acked link rate, as before
     assert estimate.final_rate(link_bytes_s=80e6, uncapped_bytes_s=0.0, cap_bytes_s=0.0,
                                throttle_final=False) == 80e6
+
+
+def test_a_run_told_after_its_ack_is_timed_by_that_ack() -> None:
+    """The sender tells a run when the cap first holds it; the ack covering it may be
+    in already (the sender was encoding): the recent acks time it all the same."""
+    meter = estimate.LinkMeter()
+    meter.ack(now=1.01, acked=1 << 20, written=1 << 20)
+    meter.unheld_run(1.0, 0, 1 << 20)
+    assert meter.uncapped_rate == pytest.approx((1 << 20) / 0.01)
+
+
+def test_a_run_is_timed_by_the_destination_between_acks_inside_it() -> None:
+    """Acks inside a run, stamped by the destination, time the link without the round
+    trip or the delay of the covering ack."""
+    meter = estimate.LinkMeter()
+    meter.unheld_run(0.0, 0, 1 << 20)
+    for i in range(1, 5):  # 256 KiB every 10 ms of their time (26 MB/s) ...
+        meter.ack(now=0.2 + 0.01 * i, acked=i << 18, written=1 << 20, their_t=50.0 + 0.01 * i)
+    # ... while our clock saw the last one 0.24 s after the first write (a late loop)
+    assert meter.uncapped_rate == pytest.approx((3 << 18) / 0.03)
