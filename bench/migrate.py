@@ -649,6 +649,9 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
                     cancelled = False  # it finished before the cancel took
                     break
                 await asyncio.sleep(0.01)
+            if error is not None:  # what the attempt cost (a cut destination may be gone)
+                with contextlib.suppress(OSError):
+                    cpu1 = _qemu_cpu(src.pid, vcpus), _qemu_cpu(src.pid), _qemu_cpu(dvm.pid)
             if error is None and resumed_at is None:
                 while (await _require(dvm).execute("query-status"))["status"] != "paused":
                     await asyncio.sleep(0.005)
