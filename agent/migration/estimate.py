@@ -165,12 +165,15 @@ class Estimate:
 
 
 def final_rate(*, link_bytes_s: float, uncapped_bytes_s: float, cap_bytes_s: float,
-               throttle_final: bool) -> float:
+               throttle_final: bool, encode_bytes_s: float = 0.0) -> float:
     """Bytes/s of the pages sent while paused: at link speed (the faster of what the
     acks measured and what unheld runs showed, see the module doc), or held to the
-    cap when the operator asked the cap to hold while paused."""
+    cap when the operator asked the cap to hold while paused; and never faster than
+    the encoder makes them (``encode_bytes_s``, wire bytes/s; 0: unknown). Unheld
+    runs time frames encoded before they left, so they say nothing of the encoder."""
     link = max(link_bytes_s, uncapped_bytes_s)
-    return min(link, cap_bytes_s) if throttle_final and cap_bytes_s else link
+    rate = min(link, cap_bytes_s) if throttle_final and cap_bytes_s else link
+    return min(rate, encode_bytes_s) if encode_bytes_s > 0 else rate
 
 
 def switchover(*, dirty_pages: int, bytes_per_page: float, queued_bytes: int, device_bytes: int,

@@ -99,6 +99,14 @@ class CompressionPolicy:
             return False
         return self._send_s / self._send_wire * m.wire > m.encode_s
 
+    def encode_wire_rate(self) -> float:
+        """Wire bytes/s the encoder produces in the mode it would choose now (0: not
+        measured): the pages sent while paused go no faster than they are encoded."""
+        m = self._mode[self._last_choice if self.enabled else True]
+        if m.n == 0 or m.encode_s <= 0:
+            m = self._mode[not self._last_choice]
+        return m.wire / m.encode_s if m.n and m.encode_s > 0 else 0.0
+
     def as_dict(self) -> dict[str, float | int | None]:
         def mb_s(num: float, den: float) -> float | None:
             return round(num / den / 1e6, 1) if den > 0 else None

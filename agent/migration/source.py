@@ -549,7 +549,8 @@ class SourceMigration:
         link = self._link_rate()
         final = estimate.final_rate(link_bytes_s=link, uncapped_bytes_s=self.link.uncapped_rate,
                                     cap_bytes_s=opts.bandwidth_mbps * 1e6,
-                                    throttle_final=opts.throttle_final)
+                                    throttle_final=opts.throttle_final,
+                                    encode_bytes_s=self.policy.encode_wire_rate())
         st.final_rate_bytes_s = final
         return estimate.switchover(
             dirty_pages=dirty, bytes_per_page=self._dirty_per_page or self._bytes_per_page(),
