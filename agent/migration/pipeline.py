@@ -84,6 +84,11 @@ class CompressionPolicy:
             return self._send_bound()
         else:
             choice = packed < (1.0 / MARGIN if self._last_choice else MARGIN) * stored
+            pm = self._mode[True]
+            if pm.wire >= MARGIN * pm.raw:
+                # shrinks by less than the margin: packing's gain is noise, its CPU is not
+                # (the hysteresis above would otherwise keep a lucky packed choice)
+                choice = False
             self._since_sample += 1
             if self._since_sample >= RESAMPLE:  # the other mode's figures may have aged
                 self._since_sample = 0

@@ -62,3 +62,11 @@ def test_policy_follows_a_link_that_slows_down() -> None:
 def test_disabled_policy_always_packs() -> None:
     p = CompressionPolicy(enabled=False)
     assert all(batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.4, link_mb_s=3000) for _ in range(5))
+
+
+def test_incompressible_data_is_not_packed_under_a_cap() -> None:
+    """A cap makes every batch send-bound; data packing barely shrinks (measured 0.998)
+    must not stay packed through the hysteresis: its gain is noise, its CPU is real."""
+    p = CompressionPolicy()
+    choices = [batch(p, packed_mb_s=340, stored_mb_s=475, ratio=0.998, link_mb_s=50) for _ in range(50)]
+    assert sum(choices) <= 1 + len(choices) // RESAMPLE
