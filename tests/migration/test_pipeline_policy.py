@@ -64,9 +64,12 @@ def test_disabled_policy_always_packs() -> None:
     assert all(batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.4, link_mb_s=3000) for _ in range(5))
 
 
-def test_incompressible_data_is_not_packed_under_a_cap() -> None:
-    """A cap makes every batch send-bound; data packing barely shrinks (measured 0.998)
-    must not stay packed through the hysteresis: its gain is noise, its CPU is real."""
+def test_data_packing_barely_shrinks_goes_stored() -> None:
+    """Data packing shrinks by 0.2 % (measured 0.998 on a busy guest): packing can only
+    look faster by noise in its encode figures (here 400 against stored's 300 MB/s),
+    and once chosen the hysteresis kept it (105 of 114 batches). It goes stored, but
+    for the packed samples."""
     p = CompressionPolicy()
-    choices = [batch(p, packed_mb_s=340, stored_mb_s=475, ratio=0.998, link_mb_s=50) for _ in range(50)]
-    assert sum(choices) <= 1 + len(choices) // RESAMPLE
+    capped = [batch(p, packed_mb_s=400, stored_mb_s=300, ratio=0.998, link_mb_s=50) for _ in range(5)]
+    fast = [batch(p, packed_mb_s=400, stored_mb_s=300, ratio=0.998, link_mb_s=3000) for _ in range(40)]
+    assert sum(capped) <= 1 and sum(fast) <= len(fast) // RESAMPLE
