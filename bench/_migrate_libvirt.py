@@ -100,7 +100,7 @@ async def _run_size(args: argparse.Namespace, guests: list[str]) -> list[dict[st
                            settings=settings(b, "bench-lv-a", a)) as y:
             hosts = {x.name: (x, a), y.name: (y, b)}
             for kind in guests:
-                rate = 0 if kind == "idle" else args.busy_rate
+                rate = 0 if kind == "idle" else args.busy_rates[0]  # the first --busy-rate
                 name = f"bench-lv-{kind}"
                 src, dst = x, y
                 boot = await _boot(x, a, shared, name, args, rate)

@@ -7,10 +7,27 @@ between two hosts on loopback:
   from the shared RAM file (fingerprint dirty tracking, zero skip, dedup,
   zstd, AES-256-GCM) and QEMU sends only device state (``x-ignore-shared``).
 - **qemu-tcp**: QEMU's native pre-copy over TCP with default settings.
+- **qemu-autoconverge**: QEMU's pre-copy with its ``auto-converge`` capability
+  (it throttles the vCPUs when the guest dirties faster than the link).
 - **qemu-multifd-zstd**: QEMU's multifd (2 channels) with zstd, when this QEMU
   has it.
+- **qemu-postcopy**: QEMU's pre-copy with ``postcopy-ram``; when it has not
+  converged after ``POSTCOPY_AFTER_SYNCS`` passes over RAM the harness issues
+  ``migrate-start-postcopy`` and the guest runs at the destination while the
+  rest of its RAM arrives.
 
-Idle (workload dirtying nothing) and busy guests, uncapped and capped (``--cap``
+Every row says whether pre-copy converged (reached the 300 ms budget on its
+own), the policy taken when it did not, and the pause against the budget. Our
+engine's policy is ``--policy`` (``abort``: the guest stays on the source and
+the row says so; ``force``: stop-and-copy with a longer pause, reported).
+QEMU's plain pre-copy engines never stop trying: the harness cancels one still
+running after ``--qemu-timeout`` seconds (policy ``cancel``, the guest stays on
+the source). A row whose guest stayed at the source by its policy, with its
+page check passing, is not a failure, but has no total time to compare.
+
+Idle (workload dirtying nothing) and busy guests (one case per ``--busy-rate``;
+the rate the guest really dirtied, from its heartbeats' ``dirtied_mb``, is in
+each row), uncapped and capped (``--cap``
 MB/s on both engines: our ``bandwidth_mbps``, QEMU's ``max-bandwidth``; ``--cap 0``
 runs uncapped only), for each ``--memory-mb`` size (a size whose two RAM files do
 not fit in /dev/shm and free memory is skipped, with a note). Both engines keep
@@ -81,9 +98,14 @@ from novacron.bench.report import Report
 DESCRIPTION = "live migration: novacron engine vs QEMU native (tcp, multifd+zstd), idle/busy, capped/uncapped"
 MB = 1_000_000
 HB = re.compile(r"NOVACRON-HB boot=(\w+) seq=(\d+) uptime=([\d.]+) ok=(\d)")
+DIRTIED = re.compile(r"uptime=([\d.]+) .*dirtied_mb=(\d+)")
 VERIFY = re.compile(r"NOVACRON-VERIFY boot=(\w+) pages=\d+ bad=(\d+) result=(\w+)")
 HB_POLL_S = 0.005  # how often the serial logs are read for heartbeats (the pause's resolution)
 VERIFY_TIMEOUT_S = 60.0  # a guest that does not answer ``verify`` by then failed (crashed or hung)
+BUDGET_MS = 300.0  # downtime budget of both engines (QEMU's default downtime-limit)
+ENGINES = ("novacron", "qemu-tcp", "qemu-autoconverge", "qemu-multifd-zstd", "qemu-postcopy")
+POLICIES = ("abort", "force", "postcopy")  # ours; the engine refuses what it does not implement
+POSTCOPY_AFTER_SYNCS = 3  # QEMU post-copy: passes over RAM pre-copy gets before the switch
 
 # Test seam: called with (engine, destination RAM file) after QEMU's migration
 # completed and before the destination resumes; a test corrupts guest RAM here
@@ -97,12 +119,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 256; e.g. 256,1024,4096)")
     parser.add_argument("--workload-mb", type=int, default=96,
                         help="MB of memory the guest workload fills and checks (default 96)")
-    parser.add_argument("--busy-rate", type=int, default=16,
-                        help="MB/s the busy guest dirties (default 16)")
+    parser.add_argument("--busy-rate", default="16",
+                        help="MB/s the busy guest dirties, comma-separated rates run one after another "
+                             "(default 16; e.g. 16,64,128)")
     parser.add_argument("--cap", type=float, default=50.0,
                         help="bandwidth cap in MB/s for the capped runs; 0 runs uncapped only (default 50)")
-    parser.add_argument("--engines", default="novacron,qemu-tcp,qemu-multifd-zstd",
-                        help="comma-separated subset of novacron,qemu-tcp,qemu-multifd-zstd (default: all)")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help=f"comma-separated subset of {','.join(ENGINES)} (default: all)")
+    parser.add_argument("--policy", default="abort", choices=POLICIES,
+                        help="our engine's policy when pre-copy cannot reach the 300 ms budget: abort "
+                             "(guest stays on the source) or force (longer pause, reported) (default abort)")
+    parser.add_argument("--qemu-timeout", type=float, default=60.0,
+                        help="seconds after which a QEMU pre-copy that has not converged is cancelled "
+                             "(the guest stays on the source; default 60)")
     parser.add_argument("--guests", default="idle,busy", help="comma-separated subset of idle,busy (default: both)")
     _migrate_disk.add_arguments(parser)  # --disk-gb: the local-disk case (bench/_migrate_disk.py)
     parser.add_argument("--hypervisor", choices=("qemu", "libvirt"), default="qemu",
@@ -114,10 +143,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Report:
     if getattr(args, "disk_gb", 0):
         return _migrate_disk.run(args)
+    # defaults for callers that build the namespace themselves (tests)
+    args = argparse.Namespace(**{"policy": "abort", "qemu_timeout": 60.0, **vars(args)})
+    if args.policy not in POLICIES:
+        raise SystemExit(f"novacron bench migrate: --policy must be one of {', '.join(POLICIES)}")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     guests = [g.strip() for g in args.guests.split(",") if g.strip()]
     for e in engines:
-        if e not in ("novacron", "qemu-tcp", "qemu-multifd-zstd"):
+        if e not in ENGINES:
             raise SystemExit(f"novacron bench migrate: unknown engine {e!r}")
     for g in guests:
         if g not in ("idle", "busy"):
@@ -128,8 +161,17 @@ def run(args: argparse.Namespace) -> Report:
         raise SystemExit("novacron bench migrate: --memory-mb takes comma-separated integers") from None
     if not sizes or any(args.workload_mb >= m or m < 64 for m in sizes):
         raise SystemExit("novacron bench migrate: need each --memory-mb >= 64 and > --workload-mb")
+    try:
+        rates = [int(r) for r in str(args.busy_rate).split(",") if r.strip()]
+    except ValueError:
+        raise SystemExit("novacron bench migrate: --busy-rate takes comma-separated integers") from None
+    if "busy" in guests and (not rates or any(not 1 <= r <= 10_000 for r in rates)):
+        raise SystemExit("novacron bench migrate: each --busy-rate must be 1..10000 MB/s")
     if args.cap < 0:
         raise SystemExit("novacron bench migrate: --cap must be >= 0")
+    if not 1 <= args.qemu_timeout <= 3600:
+        raise SystemExit("novacron bench migrate: --qemu-timeout must be 1..3600 s")
+    args = argparse.Namespace(**{**vars(args), "busy_rates": rates})
     if getattr(args, "hypervisor", "qemu") == "libvirt":
         from novacron.bench import _migrate_libvirt as migrate_libvirt
 
@@ -182,15 +224,19 @@ async def _run_all(args: argparse.Namespace, engines: list[str], guests: list[st
     results: list[dict[str, Any]] = []
     notes: list[str] = []
     caps = [0.0, args.cap] if args.cap else [0.0]
-    for kind in guests:
-        rate = 0 if kind == "idle" else args.busy_rate
+    cases = [(kind, rate) for kind in guests for rate in ([0] if kind == "idle" else args.busy_rates)]
+    for kind, rate in cases:
+        rows = []
         if "novacron" in engines:
-            results += await _ours(args, kind, rate, caps)
+            rows += await _ours(args, kind, rate, caps)
         qemu = [e for e in engines if e.startswith("qemu")]
         if qemu:
-            rows, qnotes = await _qemu(args, kind, rate, caps, qemu)
-            results += rows
+            qrows, qnotes = await _qemu(args, kind, rate, caps, qemu)
+            rows += qrows
             notes += [n for n in qnotes if n not in notes]
+        for r in rows:
+            r["guest"], r["busy_rate_mb"], r["budget_ms"] = kind, rate, BUDGET_MS
+        results += rows
     return results, notes
 
 
@@ -200,6 +246,7 @@ class _Beat:
     seq: int
     uptime: float
     arrived: float  # host monotonic clock when the harness read the line
+    dirtied_mb: int | None = None  # the workload's own count of MB written so far
 
 
 @dataclass
@@ -261,9 +308,21 @@ class HeartbeatWatch:
             if rest:
                 self._rest[path] = rest
             for line in lines:
-                m = HB.search(line.decode(errors="replace"))
+                text = line.decode(errors="replace")
+                m = HB.search(text)
                 if m and int(m.group(2)) not in self.beats:
-                    self.beats[int(m.group(2))] = _Beat(int(m.group(2)), float(m.group(3)), now)
+                    d = DIRTIED.search(text)
+                    self.beats[int(m.group(2))] = _Beat(int(m.group(2)), float(m.group(3)), now,
+                                                        int(d.group(2)) if d else None)
+
+    def dirty_mb_s(self) -> float | None:
+        """MB/s the guest really dirtied while watched, by its own count and clock
+        (a throttled guest dirties less than asked; None: too few heartbeats)."""
+        beats = [b for b in sorted(self.beats.values(), key=lambda b: b.seq) if b.dirtied_mb is not None]
+        if len(beats) < 2 or beats[-1].uptime <= beats[0].uptime:
+            return None
+        assert beats[-1].dirtied_mb is not None and beats[0].dirtied_mb is not None
+        return (beats[-1].dirtied_mb - beats[0].dirtied_mb) / (beats[-1].uptime - beats[0].uptime)
 
     def pause_ms(self) -> float | None:
         """The longest time the guest stood still between two consecutive heartbeats
@@ -335,13 +394,12 @@ async def _ours(args: argparse.Namespace, kind: str, rate: int, caps: list[float
                 for h in (src, dst):
                     await h.request("DELETE", f"/v1/vms/{name}")
                 boot = await _ours_boot(src, name, args, rate)
-            row = await _ours_once(src, dst, name, cap, boot)
-            row["guest"] = kind
+            row = await _ours_once(src, dst, name, cap, boot, args.policy)
             row["cpu_s_per_gib"] = row.pop("cpu_s") / (args.memory_mb / 1024)
             row["load_1m"] = os.getloadavg()[0]
             rows.append(row)
             broken = row["failed"]
-            if not broken:
+            if row["migrated"] and not broken:
                 src, dst = dst, src
     return rows
 
@@ -373,7 +431,7 @@ async def _first_boot(read: Callable[[int], Awaitable[tuple[str, int]]], name: s
     raise RuntimeError(f"guest {name} printed no heartbeat in {timeout}s")
 
 
-async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str) -> dict[str, Any]:
+async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str, policy: str) -> dict[str, Any]:
     # the destination receives into incoming/NAME and renames it to vms/NAME at commit
     watch = HeartbeatWatch([src.state_dir / "vms" / name / "serial.log",
                             dst.state_dir / "incoming" / name / "serial.log",
@@ -384,7 +442,7 @@ async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str) -> di
     try:
         status, doc = await src.request("POST", "/v1/migrations", {
             "vm": name, "grant": src.grant_to(dst, name),
-            "options": {"bandwidth_mbps": cap, "downtime_ms": 300},
+            "options": {"bandwidth_mbps": cap, "downtime_ms": BUDGET_MS, "on_no_converge": policy},
         })  # fmt: skip
         if status != 202:
             raise RuntimeError(f"migration refused: {doc}")
@@ -411,9 +469,18 @@ async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str) -> di
         "cpu_s": float(m.get("cpu_s") or 0.0) + float(dm.get("cpu_s") or 0.0),
         "cpu_s_source": m.get("cpu_s"), "cpu_s_destination": dm.get("cpu_s"),
         "stop_scan": m.get("stop_scan"), "pipeline": m.get("pipeline"),
-        "phase_seconds": m.get("phase_seconds"),
+        "phase_seconds": m.get("phase_seconds"), "dirty_mb_s": watch.dirty_mb_s(),
+        "migrated": st["phase"] == "completed", "converged": m.get("converged"),
+        "policy": _precopy_policy(m.get("throttle_pct")) if m.get("converged") else policy,
+        "throttle_pct": m.get("throttle_pct"), "no_converge": m.get("no_converge"),
+        "budget_exceeded": st.get("budget_exceeded"), "error": st.get("error"),
+        "round_log": st.get("rounds"), "estimate_parts": m.get("estimate_parts"),
+        "final_rate_bytes_s": m.get("final_rate_bytes_s"),
     }  # fmt: skip
-    if st["phase"] != "completed":
+    # pre-copy gave up and the policy kept the guest at the source: an outcome, not a failure
+    by_policy = (st["phase"] == "failed" and policy == "abort" and m.get("converged") is False
+                 and "did not converge" in str(st.get("error")))
+    if st["phase"] != "completed" and not by_policy:
         check = GuestCheck(False, f"migration {st['phase']}: {st.get('error')} (guest: {check.detail})")
     _row_check(row, check)
     return row
@@ -468,11 +535,11 @@ async def _qemu(args: argparse.Namespace, kind: str, rate: int, caps: list[float
                             h.forget(name)
                     boot = await _qemu_boot(hosts[src], name, args, rate)
                 try:
-                    row = await _qemu_once(hosts[src], hosts[dst], name, engine, cap, boot)
+                    row = await _qemu_once(hosts[src], hosts[dst], name, engine, cap, boot,
+                                           args.qemu_timeout)
                 except _Unsupported as exc:
                     notes.append(f"{engine}: not measured ({exc})")
                     break
-                row["guest"] = kind
                 row["cpu_s_per_gib"] = row.pop("cpu_s") / (args.memory_mb / 1024)
                 row["load_1m"] = os.getloadavg()[0]
                 rows.append(row)
@@ -500,8 +567,15 @@ class _Unsupported(Exception):
     pass
 
 
+def _require(vm: Any) -> Any:
+    """The QMP connection of a QEMU that must still run (its exit fails the row)."""
+    if vm.qmp is None:
+        raise RuntimeError(f"QEMU of {vm.name} exited during the migration")
+    return vm.qmp
+
+
 async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: float,
-                     boot: str) -> dict[str, Any]:
+                     boot: str, timeout_s: float) -> dict[str, Any]:
     from novacron.agent.qmp import QMPError
 
     src = src_host.get(name)
@@ -512,13 +586,23 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
     await watch.beat_after(time.monotonic())  # a heartbeat before the pause, to pair with one after
     error = None
     t0 = time.monotonic()  # destination preparation counts, as for ours
+    switched = cancelled = False  # post-copy started; pre-copy cancelled by the harness
+    resumed_at: float | None = None
+    throttled = 0  # the highest auto-converge throttle QEMU reported
+    complete_s = 0.0
     try:
         await dvm.start(incoming=True)
         assert src.qmp is not None and dvm.qmp is not None
         multifd = engine == "qemu-multifd-zstd"
-        caps = {"capabilities": [{"capability": "multifd", "state": multifd}]}
+        postcopy = engine == "qemu-postcopy"
+        caps = {"capabilities": [{"capability": "multifd", "state": multifd},
+                                 {"capability": "auto-converge", "state": engine == "qemu-autoconverge"},
+                                 {"capability": "postcopy-ram", "state": postcopy}]}
         for q in (src.qmp, dvm.qmp):
-            await q.execute("migrate-set-capabilities", caps)
+            try:
+                await q.execute("migrate-set-capabilities", caps)
+            except QMPError as exc:
+                raise _Unsupported(exc.desc) from None
             if multifd:
                 try:
                     await q.execute("migrate-set-parameters",
@@ -530,7 +614,8 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
         port = int(info["socket-address"][0]["port"])
         # cap, or lift QEMU's 128 MiB/s default so "uncapped" means the same for both
         await src.qmp.execute("migrate-set-parameters",
-                              {"max-bandwidth": int(cap * MB) if cap else 1 << 40})
+                              {"max-bandwidth": int(cap * MB) if cap else 1 << 40,
+                               "downtime-limit": int(BUDGET_MS)})
         relay = CountingRelay(port)
         stops, resumes = src.qmp.subscribe(["STOP"]), dvm.qmp.subscribe(["RESUME"])
         vcpus = [int(c["thread-id"]) for c in await src.qmp.execute("query-cpus-fast")]
@@ -539,29 +624,71 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
         prepare_s = time.monotonic() - t0  # destination QEMU started and listening
         try:
             await src.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{relay.port}"})
+            deadline = time.monotonic() + timeout_s
             while True:
                 info = await src.qmp.execute("query-migrate")
-                if info.get("status") == "completed":
+                status = info.get("status")
+                throttled = max(throttled, int(info.get("cpu-throttle-percentage", 0)))
+                if status == "completed":
                     break
-                if info.get("status") in ("failed", "cancelled"):
-                    error = f"QEMU migration {info.get('status')}: {info.get('error-desc')}"
+                if status in ("failed", "cancelled"):
+                    error = f"QEMU migration {status}: {info.get('error-desc')}"
+                    break
+                if switched and resumed_at is None:
+                    # the destination holds device state and runs, pages follow on demand
+                    # (incoming QEMUs start with -S: it waits paused for our 'cont')
+                    if dvm.qmp is None:
+                        error = "the destination QEMU exited during post-copy"
+                        break
+                    if (await dvm.qmp.execute("query-status"))["status"] == "paused":
+                        await dvm.qmp.execute("cont")
+                        resumed_at = time.monotonic()
+                elif (postcopy and not switched and status == "active"
+                      and int(info.get("ram", {}).get("dirty-sync-count", 0)) >= POSTCOPY_AFTER_SYNCS):
+                    # pre-copy did not converge in its passes: the guest moves now
+                    await src.qmp.execute("migrate-start-postcopy")
+                    switched = True
+                elif time.monotonic() > deadline and not switched:
+                    # plain pre-copy never gives up by itself: the guest stays here
+                    await src.qmp.execute("migrate_cancel")
+                    cancelled = True
+                    while (info := await src.qmp.execute("query-migrate")).get("status") not in (
+                            "cancelled", "failed", "completed"):
+                        await asyncio.sleep(0.01)
+                    if info.get("status") != "completed":
+                        error = f"did not converge in {timeout_s:g} s: cancelled"
+                        break
+                    cancelled = False  # it finished before the cancel took
                     break
                 await asyncio.sleep(0.01)
-            if error is None:
-                while (await dvm.qmp.execute("query-status"))["status"] != "paused":
+            if error is not None:  # what the attempt cost (a cut destination may be gone)
+                with contextlib.suppress(OSError):
+                    cpu1 = _qemu_cpu(src.pid, vcpus), _qemu_cpu(src.pid), _qemu_cpu(dvm.pid)
+            if error is None and resumed_at is None:
+                while (await _require(dvm).execute("query-status"))["status"] != "paused":
                     await asyncio.sleep(0.005)
                 cpu1 = _qemu_cpu(src.pid, vcpus), _qemu_cpu(src.pid), _qemu_cpu(dvm.pid)
                 if DEST_RAM_HOOK is not None:
                     DEST_RAM_HOOK(engine, dvm.paths.ram)
-                await dvm.qmp.execute("cont")
-                total_s = time.monotonic() - t0
+                await _require(dvm).execute("cont")
+                resumed_at = time.monotonic()
+            elif error is None:
+                cpu1 = _qemu_cpu(src.pid, vcpus), _qemu_cpu(src.pid), _qemu_cpu(dvm.pid)
+            complete_s = time.monotonic() - t0  # all of guest RAM at the destination
+            if error is None:
+                assert resumed_at is not None
+                total_s = resumed_at - t0  # the guest runs at the destination
                 # both QEMUs stamp events with the host clock: pause -> resume
                 stopped, resumed = await stops.get(timeout=10), await resumes.get(timeout=10)
                 event_ms: float | None = (_event_time(resumed) - _event_time(stopped)) * 1000.0
             wrote = relay.forward_bytes
+        except (QMPError, RuntimeError, OSError, TimeoutError) as exc:  # a row that failed, not the run
+            error, wrote = f"QEMU migration broke: {type(exc).__name__}: {exc}", relay.forward_bytes
         finally:
-            src.qmp.unsubscribe(stops)
-            dvm.qmp.unsubscribe(resumes)
+            # a cancelled migration ends the destination QEMU (its stream was cut): no QMP left
+            for q, sub in ((src.qmp, stops), (dvm.qmp, resumes)):
+                if q is not None:
+                    q.unsubscribe(sub)
             await asyncio.to_thread(relay.close)
         if error is None:
             dvm.state = "running"
@@ -590,6 +717,7 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
     finally:
         await watch.stop()
     ram = info.get("ram", {})
+    throttle = float(throttled)
     row = {
         "cap_mbps": cap, "engine": engine, "total_s": total_s, "prepare_s": prepare_s,
         "engine_total_s": info["total-time"] / 1000.0 if "total-time" in info else None,
@@ -601,11 +729,21 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
         "rounds": int(ram.get("dirty-sync-count", 0)), "migrated": error is None,
         # migration work only: the source's guest (vCPU threads) is not counted
         "cpu_s": (cpu1[1] - cpu0[1]) - (cpu1[0] - cpu0[0]) + (cpu1[2] - cpu0[2]),
+        "dirty_mb_s": watch.dirty_mb_s(), "converged": error is None and not switched,
+        "policy": "cancel" if cancelled else "postcopy" if switched else _precopy_policy(throttle),
+        "throttle_pct": throttle, "error": error,
+        # post-copy: the guest ran at the destination before all its RAM had arrived
+        "complete_s": complete_s if error is None else None,
     }  # fmt: skip
-    if error is not None:
+    if error is not None and not cancelled:  # a cancel by the harness is the policy's outcome
         check = GuestCheck(False, f"{error} (guest: {check.detail})")
     _row_check(row, check)
     return row
+
+
+def _precopy_policy(throttle_pct: float | None) -> str:
+    """How a pre-copy that reached its budget got there."""
+    return f"pre-copy, throttle {throttle_pct:.0f}%" if throttle_pct else "pre-copy"
 
 
 def _qemu_cpu(pid: int | None, threads: list[int] | None = None) -> float:
@@ -634,32 +772,56 @@ def _event_time(event: dict[str, Any]) -> float:
 
 
 # -- report --------------------------------------------------------------------
+def _pause_vs_budget(r: dict[str, Any]) -> str:
+    """The guest's pause against the downtime budget, in words an operator reads."""
+    if not r["migrated"]:
+        return "none: stayed on the source"
+    if r["pause_ms"] is None:
+        return "unmeasured"
+    verdict = "within" if r["pause_ms"] <= r.get("budget_ms", BUDGET_MS) else "OVER"
+    return f"{r['pause_ms']:.0f}/{r.get('budget_ms', BUDGET_MS):.0f} ms {verdict}"
+
+
+
 def _report(args: argparse.Namespace, sizes: list[int], results: list[dict[str, Any]],
             notes: list[str]) -> Report:
     report = Report("migrate")
     table = report.table(
         f"Live migration of a TCG guest on loopback, {','.join(map(str, sizes))} MiB "
-        f"(workload {args.workload_mb} MB, busy = {args.busy_rate} MB/s dirtied)",
-        ["MiB", "guest", "cap MB/s", "engine", "guest check", "total s", "after prepare s",
-         "pause ms (guest)", "engine downtime ms", "wire MB", "rounds", "CPU s/GiB", "load",
-         "time vs qemu-tcp", "wire vs qemu-tcp"],
+        f"(workload {args.workload_mb} MB, busy = {args.busy_rate} MB/s asked; "
+        f"budget {BUDGET_MS:g} ms; our policy {args.policy})",
+        ["MiB", "guest", "dirtied MB/s", "cap MB/s", "engine", "guest check", "converged", "policy",
+         "total s", "after prepare s", "pause ms (guest)", "pause vs budget", "engine downtime ms",
+         "wire MB", "rounds", "CPU s/GiB", "load", "time vs qemu-tcp", "wire vs qemu-tcp"],
     )
-    # a broken reference is no reference, and a broken row is no result
-    ref = {(r["memory_mb"], r["guest"], r["cap_mbps"]): r for r in results
-           if r["engine"] == "qemu-tcp" and not r["failed"]}
+    # a broken reference is no reference, a broken row is no result, and a guest
+    # that stayed on the source by its policy has no migration time to compare
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["memory_mb"], r["guest"], r.get("busy_rate_mb", 0), r["cap_mbps"]
+
+    ref = {key(r): r for r in results if r["engine"] == "qemu-tcp" and r["migrated"] and not r["failed"]}
     for r in results:
-        base = None if r["failed"] else ref.get((r["memory_mb"], r["guest"], r["cap_mbps"]))
+        base = None if r["failed"] or not r["migrated"] else ref.get(key(r))
         t_ratio = r["total_s"] / base["total_s"] if base and base["total_s"] else None
         w_ratio = r["wire_bytes"] / base["wire_bytes"] if base and base["wire_bytes"] else None
         r["time_vs_qemu_tcp"], r["wire_vs_qemu_tcp"] = t_ratio, w_ratio
         r["after_prepare_s"] = r["total_s"] - r["prepare_s"]
-        table.add(r["memory_mb"], r["guest"], r["cap_mbps"] or "none", r["engine"],
+        r["pause_vs_budget"] = _pause_vs_budget(r)
+        rate = r.get("busy_rate_mb", 0)
+        dirtied = r.get("dirty_mb_s")
+        table.add(r["memory_mb"], r["guest"],
+                  f"{rate} asked, {dirtied:.1f}" if dirtied is not None else f"{rate} asked",
+                  r["cap_mbps"] or "none", r["engine"],
                   "ok" if not r["failed"] else f"FAILED: {r['verify_detail']}",
-                  r["total_s"], r["after_prepare_s"], r["pause_ms"], r["engine_downtime_ms"],
-                  r["wire_bytes"] / MB, r["rounds"], r["cpu_s_per_gib"], r["load_1m"], t_ratio, w_ratio)
+                  {True: "yes", False: "no"}.get(bool(r["converged"])) if r.get("converged") is not None else "?",
+                  r.get("policy") or "?",
+                  r["total_s"], r["after_prepare_s"], r["pause_ms"], r["pause_vs_budget"],
+                  r["engine_downtime_ms"], r["wire_bytes"] / MB, r["rounds"], r["cpu_s_per_gib"],
+                  r["load_1m"], t_ratio, w_ratio)
     failed = [r for r in results if r["failed"]]
     report.data = {"memory_mb": sizes, "workload_mb": args.workload_mb,
-                   "busy_rate_mb": args.busy_rate, "cap_mbps": args.cap, "results": results,
+                   "busy_rate_mb": args.busy_rates, "cap_mbps": args.cap, "policy": args.policy,
+                   "budget_ms": BUDGET_MS, "results": results,
                    "guest_checks": {"rows": len(results), "failed": len(failed)},
                    "total_includes_destination_preparation": True}
     report.notes += notes
@@ -679,6 +841,11 @@ def _report(args: argparse.Namespace, sizes: list[int], results: list[dict[str, 
         "(novacron: source pause to destination confirmed running; QEMU: query-migrate downtime; "
         "its STOP->RESUME event gap is in --json). wire: novacron = all frames written to the channel; "
         "QEMU = bytes through a counting splice relay (all streams). "
+        "dirtied MB/s: what the guest really wrote while watched, by its own count and clock "
+        "(a throttled guest writes less). converged: pre-copy reached the budget by itself (with "
+        "throttling, if the policy says so); policy: what ended the row (abort/cancel: the guest "
+        "stayed on the source; force: stop-and-copy past the budget; postcopy: the guest ran at "
+        "the destination before its RAM had all arrived, total = time to resume there). "
         "CPU s/GiB: both ends, per GiB of guest RAM (novacron: both agent processes; QEMU: source "
         "QEMU minus its vCPU threads plus the destination QEMU). load: 1-minute load average. "
         "Ratios < 1 favour novacron. --json adds our stop-phase scan (pages read while paused) "

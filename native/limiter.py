@@ -73,13 +73,23 @@ class TokenBucket:
         self._tokens -= n
         return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
-    async def acquire(self, n: int) -> None:
+    def would_wait(self, n: int) -> bool:
+        """Whether ``n`` bytes reserved now would have to wait (reserves nothing)."""
+        if self._rate == 0:
+            return False
+        self._refill()
+        return self._tokens < n
+
+    async def acquire(self, n: int) -> bool:
         """Wait until ``n`` bytes may be sent under the current rate. Waits in short
-        slices, so a rate changed meanwhile (raised, or 0 = unlimited) applies at once."""
+        slices, so a rate changed meanwhile (raised, or 0 = unlimited) applies at once.
+        Returns whether it had to wait (False: the bytes fit in the tokens at hand)."""
         delay = self.delay_for(n)
+        waited = delay > 0
         while delay > 0:
             await asyncio.sleep(min(delay, SLICE_S))
             delay = self._debt_delay()
+        return waited
 
     def _debt_delay(self) -> float:
         if self._rate == 0:

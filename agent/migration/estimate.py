@@ -7,6 +7,19 @@ link megabytes can sit in socket buffers, and a pause started with them queued
 would last until they drain. The switchover estimate therefore adds every part
 of the pause: the final scan, what is still queued, the final pages, the
 device state, and the round trips of the hand-over and resume.
+
+Under a bandwidth cap the acks measure the cap, not the link, yet the final
+pages go at link speed (unless ``throttle_final``). The link's uncapped rate
+comes from the sender's own runs of frames that left without waiting on the
+cap, at the speed the link and the receiver allow: the first ``PROBE_BYTES``
+(1 MiB, source.py) of pre-copy go unheld once, then the token bucket's bursts
+(it refills between frames). A run is timed by the destination's clock
+between the first and the last ack inside it (the receiver acks every 256 KiB,
+at most every 20 ms), or else from its first write to the ack covering its last
+byte (a round trip and the ack delay included); each is a lower bound on that
+speed, never optimistic. The probe exceeds the cap by at most 1 MiB, once; the pause sends
+its final pages uncapped anyway. Runs of only the bucket's burst are too short
+to time at low caps (the acks' own granularity), hence the probe.
 """
 
 from __future__ import annotations
@@ -37,6 +50,10 @@ class LinkMeter:
         self.busy_rate = 0.0  # EWMA over busy intervals (0: none seen yet)
         self.samples = 0
         self.rtt_s: float | None = None
+        self.uncapped_rate = 0.0  # best lower bound of the link from runs not held by the cap
+        self._run: tuple[float, int, int] | None = None  # (our time, written at start, at end)
+        # acks inside that run: the first and the latest (their time, acked)
+        self._run_acks: list[tuple[float, int]] = []
         self._written_then = 0
         self._span: tuple[float, int] | None = None  # (their time, acked) where a busy run began
         self._recent: deque[tuple[float, int]] = deque()
@@ -55,9 +72,34 @@ class LinkMeter:
             self._span = (t, acked)
         self._written_then = written
         self.acked = max(self.acked, acked)
+        if self._run is not None:
+            t0, start, end = self._run
+            if their_t is not None and start < acked <= end:
+                self._run_acks[1:] = [(their_t, acked)]  # keeps the first one
+            if self.acked >= end:
+                # our clock, first write to the covering ack: a round trip and the ack delay included
+                rate = (end - start) / max(now - t0, 1e-6)
+                if len(self._run_acks) == 2:
+                    (ta, a), (tb, b) = self._run_acks
+                    if b - a >= MIN_SAMPLE and tb > ta:  # the destination's clock, inside the run
+                        rate = max(rate, (b - a) / (tb - ta))
+                self.uncapped_rate = max(self.uncapped_rate, rate)
+                self._run, self._run_acks = None, []
         self._recent.append((now, self.acked))
         while len(self._recent) > 2 and now - self._recent[1][0] >= RATE_WINDOW_S:
             self._recent.popleft()
+
+    def unheld_run(self, t_start: float, written_start: int, written_end: int) -> None:
+        """Bytes ``written_start..written_end`` left from our time ``t_start`` without
+        waiting on the cap; the ack that covers them times the run (one at a time)."""
+        if self._run is None and written_end - written_start >= MIN_SAMPLE:
+            self._run, self._run_acks = (t_start, written_start, written_end), []
+            # already covered (the sender was busy elsewhere): the first covering ack seen
+            for t, acked in self._recent:
+                if t >= t_start and acked >= written_end:
+                    self.uncapped_rate = max(self.uncapped_rate, (written_end - written_start) / max(t - t_start, 1e-6))
+                    self._run = None
+                    break
 
     def current_rate(self, now: float) -> float:
         """Acked bytes/s over the last ``RATE_WINDOW_S`` (0 when nothing moved)."""
@@ -120,6 +162,18 @@ class Estimate:
 
     def parts_ms(self) -> dict[str, float]:
         return {f"{k}_ms": round(v * 1000.0, 2) for k, v in self.__dict__.items()}
+
+
+def final_rate(*, link_bytes_s: float, uncapped_bytes_s: float, cap_bytes_s: float,
+               throttle_final: bool, encode_bytes_s: float = 0.0) -> float:
+    """Bytes/s of the pages sent while paused: at link speed (the faster of what the
+    acks measured and what unheld runs showed, see the module doc), or held to the
+    cap when the operator asked the cap to hold while paused; and never faster than
+    the encoder makes them (``encode_bytes_s``, wire bytes/s; 0: unknown). Unheld
+    runs time frames encoded before they left, so they say nothing of the encoder."""
+    link = max(link_bytes_s, uncapped_bytes_s)
+    rate = min(link, cap_bytes_s) if throttle_final and cap_bytes_s else link
+    return min(rate, encode_bytes_s) if encode_bytes_s > 0 else rate
 
 
 def switchover(*, dirty_pages: int, bytes_per_page: float, queued_bytes: int, device_bytes: int,

@@ -12,8 +12,12 @@ time per wire byte (token bucket, socket writes and drains: the link, or a
 receiver slower than the link) is one figure for both. On loopback or 10 GbE
 sending is cheap and stored wins (hashing and zstd cost more than they save);
 under a 50 MB/s cap the link dominates and packing wins whenever it shrinks the
-data. The first two batches measure both modes; afterwards the losing mode gets
-one batch every ``RESAMPLE`` so its figures follow the data.
+data. The first batch goes stored. Packing does the stored work plus hashing
+and zstd, so it can only pay where sending, not encoding, limits the stored
+batches: only then is a packed batch tried (from the second batch on, never on
+a link faster than the encoder). Afterwards the losing mode gets one batch
+every ``RESAMPLE`` so its figures follow the data (packed: again only while
+stored is limited by sending).
 """
 
 from __future__ import annotations
@@ -72,18 +76,41 @@ class CompressionPolicy:
         if not self.enabled:
             return True
         packed, stored = self._cost(True), self._cost(False)
-        if packed is None:
-            choice = True  # measure each mode once: packed first, then stored
-        elif stored is None:
-            choice = False
+        if stored is None:
+            choice = False  # stored first: on a fast link it is the answer, and the cheaper one
+        elif packed is None:
+            # a packed sample only where it could win; the choice stays stored meanwhile
+            self._last_choice = False
+            return self._send_bound()
         else:
             choice = packed < (1.0 / MARGIN if self._last_choice else MARGIN) * stored
+            pm = self._mode[True]
+            if pm.wire >= MARGIN * pm.raw:
+                # shrinks by less than the margin: packing's gain is noise, its CPU is not
+                # (the hysteresis above would otherwise keep a lucky packed choice)
+                choice = False
             self._since_sample += 1
             if self._since_sample >= RESAMPLE:  # the other mode's figures may have aged
                 self._since_sample = 0
-                return not choice
+                if choice or self._send_bound():
+                    return not choice
         self._last_choice = choice
         return choice
+
+    def _send_bound(self) -> bool:
+        """Whether sending (link, cap or receiver), not encoding, limits stored batches."""
+        m = self._mode[False]
+        if m.n == 0 or m.raw <= 0 or self._send_wire <= 0:
+            return False
+        return self._send_s / self._send_wire * m.wire > m.encode_s
+
+    def encode_wire_rate(self) -> float:
+        """Wire bytes/s the encoder produces in the mode it would choose now (0: not
+        measured): the pages sent while paused go no faster than they are encoded."""
+        m = self._mode[self._last_choice if self.enabled else True]
+        if m.n == 0 or m.encode_s <= 0:
+            m = self._mode[not self._last_choice]
+        return m.wire / m.encode_s if m.n and m.encode_s > 0 else 0.0
 
     def as_dict(self) -> dict[str, float | int | None]:
         def mb_s(num: float, den: float) -> float | None:

@@ -57,6 +57,7 @@ from novacron.native import (
     EncodeStats,
     FingerprintTracker,
     PageStreamSender,
+    ScanResult,
     TokenBucket,
     bitmap_count,
     bitmap_indices,
@@ -69,6 +70,9 @@ WATCH_S = 0.02  # watchdog period: how late a pause ceiling may be noticed
 MEASURE_BYTES = 1 << 20  # a round this large measures the link
 ROUND_ACK_S = 60.0  # longest wait for the destination to acknowledge a round's bytes
 DISK_POLL_S = 0.1  # how often the disk mirrors' progress is read while they catch up
+# Under a cap, the first bytes of pre-copy go unheld, once: a run long enough for the
+# acks to time the link (see estimate.py); the pause sends more than this uncapped anyway
+PROBE_BYTES = 1 << 20
 DISK_FINISH_S = 60.0  # completing ready mirrors (paused guest): drains in-flight writes only
 
 
@@ -114,6 +118,9 @@ class SourceMigration:
         self._inbox: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._paused = False
+        self._first: ScanResult | None = None  # the first scan, made while the destination prepares
+        self._probe_left = PROBE_BYTES  # unheld bytes still to send under a cap (see PROBE_BYTES)
+        self._unheld: tuple[float, int] | None = None  # (since, wire bytes): frames the cap did not hold
         self._device_started = False
         self._go_sent = False
         self._dest_gave_up = False
@@ -472,10 +479,42 @@ class SourceMigration:
             "postcopy": self.opts.on_no_converge == "postcopy",
         })
         self._prepare_sent.set()
-        prepared = await self._expect("prepared", timeout=120)
+        # The first scan reads all of guest RAM: it runs while the destination prepares
+        # (admission, RAM file, its QEMU's start) instead of after. Pages the guest
+        # writes meanwhile are found by the next scan, as during any round.
+        # (Not with post-copy: QEMU moves the RAM then.)
+        scanning = None if self.opts.on_no_converge == "postcopy" else \
+            asyncio.create_task(self._first_scan())
+        try:
+            prepared = await self._expect("prepared", timeout=120)
+        finally:
+            if scanning is not None:
+                # never leave the scan's thread reading the RAM mapping _cleanup closes
+                await asyncio.wait({scanning})
+                if not scanning.cancelled():
+                    scanning.exception()  # retrieved here; raised below when it matters
+        if scanning is not None:
+            self._first = scanning.result()
         # the destination offers its page index: pages it may hold go as digests first
         self._offer_on = self.opts.dest_dedup and isinstance(prepared.get("dedup"), dict)
         st.dedup = self._dedup_status()
+
+    async def _first_scan(self) -> ScanResult:
+        st, opts = self.status, self.opts
+        assert self._mm is not None
+        tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
+        stop_scan = await asyncio.to_thread(
+            StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
+            opts.bounded_pause)
+        self.stop_scan = stop_scan
+        st.stop_scan = stop_scan.as_dict()
+        stop_scan.before_scan(first=True)
+        t_scan = time.monotonic()
+        scan = await self.ram_work.run(tracker.scan)
+        self._scan_s = time.monotonic() - t_scan
+        log.info("first scan done", extra={"migration": st.id, "seconds": round(self._scan_s, 4),
+                                           "dirty": scan.dirty_count, "zero": scan.zero_count})
+        return scan
 
     async def _mirror_disks(self) -> None:
         """Copy the local disks first, then RAM: the mirrors are write-blocking, so once
@@ -535,8 +574,9 @@ class SourceMigration:
     async def _precopy(self) -> None:
         st, opts = self.status, self.opts
         st.set_phase("precopy")
-        assert self._mm is not None
-        tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
+        assert self._mm is not None and self.tracker is not None and self.stop_scan is not None
+        assert self._first is not None
+        tracker, stop_scan, scan = self.tracker, self.stop_scan, self._first
         self.sender = PageStreamSender(
             self.ch.page_key_out, self._mm, level=opts.compression_level, counters=self.counters,
             dedup=DedupIndex() if opts.dedup else None,
@@ -544,15 +584,6 @@ class SourceMigration:
             # changes back between two scans is still re-sent
             tracker=tracker,
         )
-        stop_scan = await asyncio.to_thread(
-            StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
-            opts.bounded_pause)
-        self.stop_scan = stop_scan
-        st.stop_scan = stop_scan.as_dict()
-        stop_scan.before_scan(first=True)
-        t_scan = time.monotonic()
-        scan = await self.ram_work.run(tracker.scan)
-        self._scan_s = time.monotonic() - t_scan
         # the destination's fresh RAM file is all zero: these pages never need sending
         self._zero_skipped = scan.zero_count
         last_scan = time.monotonic()
@@ -640,8 +671,11 @@ class SourceMigration:
     def _switchover_estimate(self, dirty: int) -> estimate.Estimate:
         st, opts = self.status, self.opts
         link = self._link_rate()
-        cap = opts.bandwidth_mbps * 1e6
-        final = min(link, cap) if opts.throttle_final and cap else link
+        final = estimate.final_rate(link_bytes_s=link, uncapped_bytes_s=self.link.uncapped_rate,
+                                    cap_bytes_s=opts.bandwidth_mbps * 1e6,
+                                    throttle_final=opts.throttle_final,
+                                    encode_bytes_s=self.policy.encode_wire_rate())
+        st.final_rate_bytes_s = final
         return estimate.switchover(
             dirty_pages=dirty, bytes_per_page=self._dirty_per_page or self._bytes_per_page(),
             queued_bytes=max(0, st.bytes_wire - st.bytes_acked),
@@ -716,6 +750,7 @@ class SourceMigration:
                 encode, batches[i] if i < len(batches) else None, by_digest, repairs))
 
         pending: asyncio.Task[_Work] | None = start(0) if batches else None
+        self._unheld = None
         try:
             i = 0
             while pending is not None:
@@ -749,6 +784,9 @@ class SourceMigration:
                     pending = await self._next_repairs(start, len(batches))
                 self._sync_counters()
                 self._progress()
+            if throttled and self.bucket.rate and self._unheld is not None:
+                self.link.unheld_run(self._unheld[0], self._unheld[1], st.bytes_wire)
+                self._unheld = None
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
@@ -777,8 +815,21 @@ class SourceMigration:
     async def _write(self, frames: list[bytes], throttled: bool) -> int:
         st, wire = self.status, 0
         for frame in frames:
-            if throttled:
+            if not (throttled and self.bucket.rate):
+                pass
+            elif self._probe_left > 0:
+                self._probe_left -= len(frame)  # the probe: unheld, once
+            else:
+                run = self._unheld
+                if run is not None and self.bucket.would_wait(len(frame)):
+                    # held by the cap: what went out unheld since the last wait is a
+                    # run at link speed, timed by its acks (estimate.py), told before
+                    # the wait so that the acks arriving meanwhile count
+                    self.link.unheld_run(run[0], run[1], st.bytes_wire)
+                    self._unheld = None
                 await self.bucket.acquire(len(frame))
+            if self._unheld is None:
+                self._unheld = (time.monotonic(), st.bytes_wire)
             self.ch.write_frame(frame)
             wire += len(frame) + 5
             st.bytes_wire += len(frame) + 5  # before the destination can ack it
@@ -1164,7 +1215,8 @@ class SourceMigration:
         estimate to this destination adds it (estimate.learned)."""
         st = self.status
         assert st.downtime_ms is not None
-        moved = (self._final_wire + st.device_state_bytes) / max(self._link_rate(), 1.0)
+        # at the rate the estimate gave them (uncapped unless throttle_final)
+        moved = (self._final_wire + st.device_state_bytes) / max(st.final_rate_bytes_s or self._link_rate(), 1.0)
         rest = (st.downtime_ms / 1000.0 - st.downtime_parts.get("final_scan_ms", 0.0) / 1000.0
                 - moved - 2 * (self.link.rtt_s or 0.0))
         self._learned.observe(st.device_state_bytes, max(0.0, rest))

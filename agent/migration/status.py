@@ -40,6 +40,8 @@ class MigrationStatus:
     # accounting (estimate.py): bytes count as sent once the destination acked them
     bytes_acked: int = 0
     link_rate_bytes_s: float = 0.0  # measured from acks while the link was busy
+    # the rate the estimate gives the pages sent while paused (uncapped unless throttle_final)
+    final_rate_bytes_s: float = 0.0
     rate_bytes_s: float = 0.0  # acked bytes/s lately
     remaining_bytes: int | None = None  # still to send, estimated from the dirty set
     eta_s: float | None = None
@@ -138,6 +140,7 @@ class MigrationStatus:
             "bytes_acked": self.bytes_acked,
             "bytes_queued": max(0, self.bytes_wire - self.bytes_acked) if self.role == "source" else 0,
             "link_rate_bytes_s": round(self.link_rate_bytes_s, 1),
+            "final_rate_bytes_s": round(self.final_rate_bytes_s, 1),
             "rate_bytes_s": round(self.rate_bytes_s, 1),
             "remaining_bytes": self.remaining_bytes,
             "eta_s": None if self.eta_s is None else round(self.eta_s, 2),

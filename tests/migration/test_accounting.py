@@ -110,9 +110,12 @@ async def test_pause_matches_the_estimate_on_a_slow_link(tmp_path: Path, link: t
 async def test_final_pages_go_at_link_speed_unless_asked(tmp_path: Path,
                                                          link: tuple[SlowLink, Dest]) -> None:
     """A 0.25 MB/s cap on a 20 Mbit/s (2.5 MB/s) link: the pages sent while paused
-    ignore the cap by default, and obey it with throttle_final."""
+    ignore the cap by default, and obey it with throttle_final. The estimate gives
+    them the rate they get: the link's, measured from runs the cap did not hold
+    (the acks alone only ever saw the cap), or the cap's."""
     net, dest = link
     final: dict[bool, float] = {}
+    estimated: dict[bool, float] = {}
     for throttle_final in (False, True):
         src = MemSourceVM(tmp_path / f"src{throttle_final}", f"cap{int(throttle_final)}", pages=1024,
                           dirty_pages_per_s=600)
@@ -127,9 +130,15 @@ async def test_final_pages_go_at_link_speed_unless_asked(tmp_path: Path,
         assert sent > 50, st.rounds
         seconds = st.downtime_parts["final_pages_ms"] / 1000.0
         final[throttle_final] = sent * 4096 / seconds  # raw page bytes per second while paused
+        estimated[throttle_final] = st.final_rate_bytes_s
     print(f"final pages: {final[False] / 1e6:.2f} MB/s uncapped, {final[True] / 1e6:.2f} MB/s capped")
     assert final[True] < 0.25e6 * 2.5  # held to the cap (compressed frames: raw bytes run ahead)
     assert final[False] > 2 * final[True]
+    print(f"estimated final rate: {estimated[False] / 1e6:.2f} MB/s uncapped, "
+          f"{estimated[True] / 1e6:.2f} MB/s with throttle_final")
+    assert estimated[True] == pytest.approx(0.25e6)
+    # a lower bound of the 2.5 MB/s link (a round trip and the ack delay included), far above the cap
+    assert 4 * 0.25e6 < estimated[False] <= 2.5e6 * 1.1
 
 
 async def test_progress_never_runs_backwards_and_limits_change_live(

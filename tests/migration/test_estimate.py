@@ -57,3 +57,96 @@ def test_bad_acks_are_protocol_errors(msg: dict, words: str) -> None:
     with pytest.raises(ProtocolError, match=words):
         protocol.check_ack(msg, written=10)
     assert protocol.check_ack({"op": "ack", "bytes": 10, "round": 3, "t": 1.5}, 10) == (10, 3, 1.5)
+
+
+def test_unheld_runs_measure_the_link_under_a_cap() -> None:
+    """A capped sender's acks measure the cap; its runs that left without waiting
+    on the cap, timed to the ack covering them, measure the link (a lower bound)."""
+    meter = estimate.LinkMeter()
+    cap = 5e6
+    written, now = 0, 0.0
+    for _ in range(20):  # 1 MiB frames, one per cap interval, each on a 100 MB/s link
+        run_start = written
+        meter.unheld_run(now, run_start, run_start + (1 << 20))
+        written += 1 << 20
+        meter.ack(now=now + (1 << 20) / 100e6 + 0.001, acked=written, written=written,
+                  their_t=now + (1 << 20) / 100e6)
+        now += (1 << 20) / cap
+    assert meter.busy_rate == 0.0  # the capped sender never kept the link busy
+    assert 80e6 < meter.uncapped_rate <= 100e6  # the link, less the ack's way back
+    # a run too small to time is ignored; one whose ack has not come stays pending
+    meter2 = estimate.LinkMeter()
+    meter2.unheld_run(0.0, 0, 1000)
+    meter2.ack(now=0.001, acked=1000, written=1000)
+    assert meter2.uncapped_rate == 0.0
+    meter2.unheld_run(1.0, 1000, 1000 + (1 << 20))
+    meter2.ack(now=1.01, acked=1000 + (1 << 19), written=1000 + (1 << 20))
+    assert meter2.uncapped_rate == 0.0
+    meter2.ack(now=1.02, acked=1000 + (1 << 20), written=1000 + (1 << 20))
+    assert meter2.uncapped_rate == pytest.approx((1 << 20) / 0.02)
+
+
+def test_final_pages_are_estimated_at_the_uncapped_rate_unless_the_cap_holds_them() -> None:
+    """The flaw fixed: a busy guest under a 5 MB/s cap on a 100 MB/s link. Its final
+    pages go uncapped, so its pause fits a 300 ms budget; estimated at the cap's
+    rate, it would not (and the migration would abort as 'did not converge')."""
+    cap, link_acked, uncapped = 5e6, 5e6, 90e6  # acks measured the cap only
+    dirty = 2000  # 8 MiB dirty at the pause
+
+    def pause(final: float) -> float:
+        return estimate.switchover(dirty_pages=dirty, bytes_per_page=4096, queued_bytes=0,
+                                   device_bytes=300_000, link_bytes_s=link_acked,
+                                   final_bytes_s=final, scan_s=0.01, rtt_s=0.001).total
+
+    final = estimate.final_rate(link_bytes_s=link_acked, uncapped_bytes_s=uncapped, cap_bytes_s=cap,
+                                throttle_final=False)
+    assert final == uncapped and pause(final) < 0.3
+    assert pause(link_acked) > 1.0  # the old estimate: > 1 s, aborted
+    # the operator asked the cap to hold while paused: the cap it is
+    assert estimate.final_rate(link_bytes_s=link_acked, uncapped_bytes_s=uncapped, cap_bytes_s=cap,
+                               throttle_final=True) == cap
+    # nothing measured unheld (no cap): the acked link rate, as before
+    assert estimate.final_rate(link_bytes_s=80e6, uncapped_bytes_s=0.0, cap_bytes_s=0.0,
+                               throttle_final=False) == 80e6
+
+
+def test_a_run_told_after_its_ack_is_timed_by_that_ack() -> None:
+    """The sender tells a run when the cap first holds it; the ack covering it may be
+    in already (the sender was encoding): the recent acks time it all the same."""
+    meter = estimate.LinkMeter()
+    meter.ack(now=1.01, acked=1 << 20, written=1 << 20)
+    meter.unheld_run(1.0, 0, 1 << 20)
+    assert meter.uncapped_rate == pytest.approx((1 << 20) / 0.01)
+
+
+def test_a_run_is_timed_by_the_destination_between_acks_inside_it() -> None:
+    """Acks inside a run, stamped by the destination, time the link without the round
+    trip or the delay of the covering ack."""
+    meter = estimate.LinkMeter()
+    meter.unheld_run(0.0, 0, 1 << 20)
+    for i in range(1, 5):  # 256 KiB every 10 ms of their time (26 MB/s) ...
+        meter.ack(now=0.2 + 0.01 * i, acked=i << 18, written=1 << 20, their_t=50.0 + 0.01 * i)
+    # ... while our clock saw the last one 0.24 s after the first write (a late loop)
+    assert meter.uncapped_rate == pytest.approx((3 << 18) / 0.03)
+
+
+def test_final_pages_go_no_faster_than_the_encoder() -> None:
+    """Unheld runs time frames already encoded: a 373 MB/s link with a 190 MB/s
+    encoder sends the final pages at 190 (measured: a 256 MiB guest dirtying
+    128 MB/s under a 50 MB/s cap was estimated at 202 ms and paused 305 ms)."""
+    assert estimate.final_rate(link_bytes_s=50e6, uncapped_bytes_s=373e6, cap_bytes_s=50e6,
+                               throttle_final=False, encode_bytes_s=190e6) == 190e6
+    assert estimate.final_rate(link_bytes_s=50e6, uncapped_bytes_s=373e6, cap_bytes_s=50e6,
+                               throttle_final=False) == 373e6  # encoder not measured yet
+
+
+def test_the_policy_reports_the_encoder_rate_of_its_choice() -> None:
+    from novacron.agent.migration.pipeline import CompressionPolicy
+    from novacron.native import EncodeStats
+
+    p = CompressionPolicy()
+    assert p.encode_wire_rate() == 0.0
+    assert p.pack_next() is False  # stored first
+    p.observe(EncodeStats(raw_bytes=4_000_000, plain_bytes=4_000_000, body_bytes=4_000_000, wall_s=0.02,
+                          compressed=False, deduped=False), 0.001, 4_000_000)
+    assert p.encode_wire_rate() == pytest.approx(200e6)

@@ -22,14 +22,23 @@ def batch(policy: CompressionPolicy, *, packed_mb_s: float, stored_mb_s: float, 
     return packed
 
 
-def test_fast_link_sends_stored_and_resamples() -> None:
+def test_fast_link_sends_stored_from_the_first_batch() -> None:
+    """A link faster than the stored encoder: packing (stored work + hash + zstd)
+    cannot pay, so no batch is packed, not even to measure it."""
     p = CompressionPolicy()
     choices = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.5, link_mb_s=3000) for _ in range(50)]
-    assert choices[:2] == [True, False]  # each mode measured once
-    # stored from then on, but one packed sample every RESAMPLE batches
-    assert sum(choices[2:]) == len(choices[2:]) // RESAMPLE
+    assert not any(choices)
     d = p.as_dict()
-    assert d["link_mb_s"] and d["packed_encode_mb_s"] and d["stored_encode_mb_s"]
+    assert d["link_mb_s"] and d["stored_encode_mb_s"] and d["packed_encode_mb_s"] is None
+
+
+def test_send_bound_stored_tries_packed_and_resamples() -> None:
+    """Sending limits stored batches (a receiver or link slower than the encoder) but
+    packing does not shrink enough to pay: stored, with a packed sample every RESAMPLE."""
+    p = CompressionPolicy()
+    choices = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.95, link_mb_s=1000) for _ in range(50)]
+    assert choices[:2] == [False, True]  # stored first, then packing measured once
+    assert sum(choices[2:]) == len(choices[2:]) // RESAMPLE
 
 
 def test_slow_link_packs_when_it_shrinks_the_data() -> None:
@@ -46,10 +55,21 @@ def test_policy_follows_a_link_that_slows_down() -> None:
     p = CompressionPolicy()
     fast = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.4, link_mb_s=3000) for _ in range(12)]
     slow = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.4, link_mb_s=40) for _ in range(30)]
-    assert not any(fast[1:])
+    assert not any(fast)
     assert sum(slow[-RESAMPLE:]) == RESAMPLE - 1  # packed but for one stored sample
 
 
 def test_disabled_policy_always_packs() -> None:
     p = CompressionPolicy(enabled=False)
     assert all(batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.4, link_mb_s=3000) for _ in range(5))
+
+
+def test_data_packing_barely_shrinks_goes_stored() -> None:
+    """Data packing shrinks by 0.2 % (measured 0.998 on a busy guest): packing can only
+    look faster by noise in its encode figures (here 400 against stored's 300 MB/s),
+    and once chosen the hysteresis kept it (105 of 114 batches). It goes stored, but
+    for the packed samples."""
+    p = CompressionPolicy()
+    capped = [batch(p, packed_mb_s=400, stored_mb_s=300, ratio=0.998, link_mb_s=50) for _ in range(5)]
+    fast = [batch(p, packed_mb_s=400, stored_mb_s=300, ratio=0.998, link_mb_s=3000) for _ in range(40)]
+    assert sum(capped) <= 1 and sum(fast) <= len(fast) // RESAMPLE

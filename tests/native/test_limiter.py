@@ -50,3 +50,12 @@ def test_counters_merge() -> None:
     a, b = Counters(pages_sent=2, seconds_scan=0.5), Counters(pages_sent=3, bytes_wire=7)
     a.merge(b)
     assert a.as_dict()["pages_sent"] == 5 and a.bytes_wire == 7 and a.seconds_scan == 0.5
+
+
+def test_would_wait_reserves_nothing() -> None:
+    now = [0.0]
+    tb = TokenBucket(1_000_000, burst=100_000, clock=lambda: now[0])
+    assert not tb.would_wait(100_000) and tb.would_wait(100_001)
+    assert tb.delay_for(100_000) == 0.0  # nothing was taken by asking
+    assert tb.would_wait(1)
+    assert not TokenBucket(0).would_wait(1 << 30)  # unlimited
