@@ -29,11 +29,13 @@ from novacron.agent.config import AgentConfig
 from novacron.agent.migration.dedupdest import PageIndex
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.manager import MigrationManager, MigrationRequestError
+from novacron.agent.migration.offline import OfflineSource
 from novacron.agent.migration.qemu_port import (
     QemuDestFactory,
     QemuLocalVMs,
     clean_stale_incoming,
     clean_stale_relay_sockets,
+    offline_source,
     source_vm,
 )
 from novacron.agent.migration.throttle import lift_stale
@@ -79,10 +81,14 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
     async def get_source(name: str) -> SourceVM:
         return await source_vm(vms, name)
 
+    async def get_offline_source(name: str) -> OfflineSource:
+        return await offline_source(vms, name)
+
     manager = MigrationManager(
         cluster_secret=cfg.cluster_secret,
         source_vm=get_source,
         dest_factory=QemuDestFactory(vms),
+        offline_source=get_offline_source,
         data_host=cfg.host,
         data_port=cfg.data_port,
         host_name=host_name(cfg.name),
