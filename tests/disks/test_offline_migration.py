@@ -1,4 +1,4 @@
-"""Offline (cold) migration of a stopped VM with its local qcow2 disk, two real agents.
+"""Offline (cold) migration of a stopped VM with its local qcow2 disk: a real coordinator, two agents.
 
 The guest writes checksummed blocks to its 64 MiB local disk and is stopped gracefully;
 the copy goes over the agents' migration channel (grant, mutual auth, encrypted DATA
@@ -11,20 +11,27 @@ the source with its disk unchanged, and nothing at the target.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import shutil
 import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from novacron.agent.local import LocalAgent
+from novacron.coordinator.client import CoordinatorClient
+from novacron.coordinator.local import LocalCoordinator
 from tests.disks.test_disk_migration import (
     BLOCKS,
     VM,
     agent,
     assert_nothing_left,
-    images,  # noqa: F401 (module fixture)
     spec,
     verified_after,
 )
@@ -32,6 +39,13 @@ from tests.migration.agents import Api
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 DISK_BYTES = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="nc-oimg-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def disk_of(a: LocalAgent) -> Path:
@@ -43,47 +57,65 @@ def same(x: Path, y: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-async def stopped_with_data(api: Api, images: Path) -> None:
-    """A VM that wrote its disk and was shut down by ACPI (the guest flushed it)."""
-    await api.ok("POST", "/v1/vms", spec(images, ref=False), want=201)
-    await verified_after(api, 0, passes=1)
-    vm = await api.ok("POST", f"/v1/vms/{VM}/stop?timeout_s=60")
-    assert vm["state"] == "stopped", vm
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(images: Path) -> AsyncIterator[tuple[CoordinatorClient, LocalAgent, LocalAgent]]:
+    """A real coordinator and two agents (``oa``, ``ob``) registered with it."""
+    coord = LocalCoordinator(images / "coord", settings={"heartbeat_interval_s": "1", "poll_interval_s": "0.1"})
+    try:
+        await coord.start()
+        link = {"coordinator_url": coord.url, "coordinator_token": coord.agent_token}
+        async with agent("oa", images, settings=link) as a, agent("ob", images, settings=link) as b, \
+                CoordinatorClient(coord.url, coord.admin_token) as client:
+            deadline = time.monotonic() + 60
+            while {h["name"] for h in await client.hosts()} != {"oa", "ob"}:
+                assert time.monotonic() < deadline, "agents did not register"
+                await asyncio.sleep(0.1)
+            yield client, a, b
+    finally:
+        coord.stop()
 
 
-async def test_stopped_vm_moves_offline_with_its_disk(images: Path) -> None:  # noqa: F811
-    async with agent("fa", images) as a, agent("fb", images) as b:
-        api_a, api_b = Api(a), Api(b)
-        await stopped_with_data(api_a, images)
-        mig = await api_a.migrate(VM, b, offline=True)
-        st = await api_a.wait_migration(mig["id"], timeout=120)
-        assert st["phase"] == "completed", st["error"]
-        sent = st["metrics"]["disk_bytes"]
-        # the guest wrote its first BLOCKS blocks (8 MiB); the other 56 MiB never crossed
-        assert 0 < sent < BLOCKS * 4096 + (4 << 20), sent
-        print(f"offline copy: {sent} B over the channel for a {DISK_BYTES} B disk, "
-              f"total {st['metrics']['total_s']} s")
-        # the target defined it stopped; the source still has it (the coordinator then
-        # makes the source forget it): byte for byte the same disk
-        assert (await api_b.ok("GET", f"/v1/vms/{VM}"))["state"] == "stopped"
-        assert (await api_a.ok("GET", f"/v1/vms/{VM}"))["state"] == "stopped"
-        done = same(disk_of(a), disk_of(b))
-        assert done.returncode == 0 and "identical" in done.stdout, (done.stdout, done.stderr)
-        incoming = b.state_dir / "incoming"
-        assert not incoming.exists() or list(incoming.iterdir()) == []
-        assert not list((a.state_dir / "vms" / VM).glob("nbd-relay-*"))
-        await api_a.ok("DELETE", f"/v1/vms/{VM}")
-        await api_b.ok("POST", f"/v1/vms/{VM}/start")
-        await verified_after(api_b, 0, passes=1)
-        await api_b.ok("POST", f"/v1/vms/{VM}/stop?force=true")
-        await api_b.ok("DELETE", f"/v1/vms/{VM}")
+async def test_stopped_vm_moves_offline_with_its_disk(
+        images: Path, fleet: tuple[CoordinatorClient, LocalAgent, LocalAgent]) -> None:
+    client, a, b = fleet
+    api_a, api_b = Api(a), Api(b)
+    await client.create_vm({**spec(images, ref=False), "host": "oa"})
+    await verified_after(api_a, 0, passes=1)
+    stopped = await client.request("POST", f"/vms/{VM}/stop?timeout_s=60")
+    assert stopped["state"] == "stopped" and stopped["outcome"]["graceful"] is True, stopped
+    before = images / "before.qcow2"  # the source forgets the VM (and its disk) once moved
+    shutil.copyfile(disk_of(a), before)
+
+    mig = await client.migrate(VM, "ob")
+    assert mig["phase"] == "completed" and mig["options"].get("offline") is True, mig
+    st = await api_a.ok("GET", f"/v1/migrations/{mig['id']}")  # the copy, as the source ran it
+    sent = st["metrics"]["disk_bytes"]
+    # the guest wrote within its first BLOCKS blocks (8 MiB); the other 56 MiB never crossed
+    assert 0 < sent < BLOCKS * 4096 + (4 << 20), sent
+    print(f"offline copy: {sent} B over the channel for a {DISK_BYTES} B disk, "
+          f"total {st['metrics']['total_s']} s")
+    record = await client.vm(VM)
+    assert record["host"] == "ob" and record["state"] == "stopped", record
+    assert (await a.request("GET", f"/v1/vms/{VM}"))[0] == 404
+    assert not (a.state_dir / "vms" / VM).exists()
+    incoming = b.state_dir / "incoming"
+    assert not incoming.exists() or list(incoming.iterdir()) == []
+    done = same(before, disk_of(b))  # byte for byte what the guest left on the source
+    assert done.returncode == 0 and "identical" in done.stdout, (done.stdout, done.stderr)
+
+    started = await client.request("POST", f"/vms/{VM}/start")
+    assert started["state"] == "running" and started["host"] == "ob"
+    await verified_after(api_b, 0, passes=1)
+    await client.request("POST", f"/vms/{VM}/stop?force=true")
+    await client.request("DELETE", f"/vms/{VM}")
+    before.unlink()
 
 
 def digest(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-async def test_target_killed_during_offline_copy(images: Path) -> None:  # noqa: F811
+async def test_target_killed_during_offline_copy(images: Path) -> None:
     """The source's disk is seeded with 128 MiB of incompressible data so the copy runs
     long enough for the kill to land in it."""
     seed = images / "oseed.qcow2"
