@@ -133,10 +133,7 @@ class QemuSource:
         return self.vm.pid
 
     def spec(self) -> dict[str, Any]:
-        doc = {k: v for k, v in self.vm.spec.to_dict().items() if v not in ("", None)}
-        doc["accel"] = self.vm.accel  # the destination must run the same accelerator
-        doc["cpu_model"] = self.vm.spec.effective_cpu_model(self.vm.accel)  # ... and CPU model
-        return doc
+        return _spec_doc(self.vm)
 
     async def pause(self) -> None:
         await _qmp(self.vm).execute("stop", timeout=10)
@@ -641,7 +638,7 @@ class QemuOfflineSource:
         self.ram_size = vm.spec.memory_mb * MIB
 
     def spec(self) -> dict[str, Any]:
-        return QemuSource.spec(self)  # type: ignore[arg-type]
+        return _spec_doc(self.vm)
 
     async def disk_plan(self) -> list[dict[str, Any]]:
         return await self.vms.disks.migration_plan(self.vm.spec, self.vm.paths.dir)
@@ -662,6 +659,14 @@ async def offline_source(vms: VMManager, name: str) -> QemuOfflineSource:
         raise VMConflict(f"VM {name} is {vm.status()['state']}; only a stopped VM can migrate offline")
     vm.migrating = True  # no start or delete while its disks are read
     return QemuOfflineSource(vms, vm)
+
+
+def _spec_doc(vm: VM) -> dict[str, Any]:
+    """The VM spec the destination needs to define an identical machine."""
+    doc = {k: v for k, v in vm.spec.to_dict().items() if v not in ("", None)}
+    doc["accel"] = vm.accel  # the destination must run the same accelerator
+    doc["cpu_model"] = vm.spec.effective_cpu_model(vm.accel)  # ... and CPU model
+    return doc
 
 
 async def _discard(vm: VM) -> None:
