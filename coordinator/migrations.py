@@ -89,8 +89,15 @@ async def copy_disks_offline(agents: AgentClient, grants: GrantSigner, mig: Migr
     grant = grants.issue(migration=mig.id, vm=mig.vm, source=source.name, target=target.name,
                          url=target.url, data_host=urlsplit(target.url).hostname or "",
                          data_port=target.data_port or 0)
-    await agents.call(source.name, source.url, source.token, "POST", "/v1/migrations",
-                      {"vm": mig.vm, "grant": grant, "options": mig.options})
+    try:
+        await agents.call(source.name, source.url, source.token, "POST", "/v1/migrations",
+                          {"vm": mig.vm, "grant": grant, "options": mig.options})
+    except AgentError as exc:
+        if not (exc.status == 0 and exc.sent):
+            raise
+        # the answer was lost, not refused: the agent may be copying under our id
+        log.warning("no answer to the offline copy's start; following it by its id",
+                    extra={"migration": mig.id, "error": exc.message})
     deadline = time.monotonic() + float(mig.options.get("timeout_s", OFFLINE_TIMEOUT_S)) + 60
     unreachable = ""
     while time.monotonic() < deadline:
@@ -98,8 +105,10 @@ async def copy_disks_offline(agents: AgentClient, grants: GrantSigner, mig: Migr
         try:
             st = await agents.call(source.name, source.url, source.token, "GET",
                                    f"/v1/migrations/{mig.id}", timeout_s=10)
-        except AgentError as exc:  # asked again until the deadline
-            unreachable = exc.message
+        except AgentError as exc:
+            if exc.status == 404:  # it never started there
+                raise AgentError(source.name, f"the disk copy did not start: {exc.message}", 409) from None
+            unreachable = exc.message  # asked again until the deadline
             continue
         phase = st.get("phase") if isinstance(st, dict) else None
         if phase == "completed":

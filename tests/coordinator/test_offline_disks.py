@@ -31,6 +31,8 @@ class SourceAgent:
         self.calls.append((method, path, body))
         if method == "POST":
             return {"id": "m1", "phase": "prepare"}
+        if not self.phases:
+            raise AgentError(host, "no migration 'm1'", 404)
         return self.phases.pop(0) if len(self.phases) > 1 else self.phases[0]
 
 
@@ -64,3 +66,11 @@ async def test_a_failed_copy_fails_the_migration_with_the_agents_reason() -> Non
                                  poll_s=0.001)
     assert err.value.status == 409 and "no space" in err.value.message
 
+
+
+async def test_a_copy_the_source_does_not_know_fails_at_once() -> None:
+    mig = Migration(id="m3", vm="v", source="a", target="b", options={"offline": True})
+    with pytest.raises(AgentError) as err:
+        await copy_disks_offline(SourceAgent([]), GrantSigner.generate(), mig, _host("a"), _host("b"),  # type: ignore[arg-type]
+                                 poll_s=0.001)
+    assert err.value.status == 409 and "did not start" in err.value.message

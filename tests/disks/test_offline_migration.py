@@ -12,6 +12,7 @@ the source with its disk unchanged, and nothing at the target.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -115,9 +116,10 @@ def digest(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-async def test_target_killed_during_offline_copy(images: Path) -> None:
-    """The source's disk is seeded with 128 MiB of incompressible data so the copy runs
-    long enough for the kill to land in it."""
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def seeded(images: Path) -> AsyncIterator[LocalAgent]:
+    """A stopped VM whose local disk holds 128 MiB of incompressible data (a copy long
+    enough for a fault to land in it), after one boot that wrote and verified blocks."""
     seed = images / "oseed.qcow2"
     raw = images / "oseed.raw"
     with raw.open("wb") as f:
@@ -125,35 +127,69 @@ async def test_target_killed_during_offline_copy(images: Path) -> None:
             f.write(os.urandom(1 << 20))
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(seed)], check=True)
     raw.unlink()
-    doc = spec(images, ref=False, seed=seed.name)
-    async with agent("fka", images) as a:
+    async with agent("fsrc", images) as a:
         api = Api(a)
-        await api.ok("POST", "/v1/vms", doc, want=201)
+        await api.ok("POST", "/v1/vms", spec(images, ref=False, seed=seed.name), want=201)
         await verified_after(api, 0, passes=1)
         assert (await api.ok("POST", f"/v1/vms/{VM}/stop?force=true"))["state"] == "stopped"
-        before = digest(disk_of(a))
-        dst = agent("fkb", images)
-        await dst.start()
-        try:
-            mig = await api.migrate(VM, dst, offline=True, bandwidth_mbps=0)
-            st = await api.wait_migration(mig["id"], until=lambda s: s["metrics"]["disk_bytes"] > (8 << 20))
-            assert st["phase"] == "precopy", st
-            dst.kill()
-            st = await api.wait_migration(mig["id"], timeout=60)
+        yield a
+
+
+async def assert_source_whole(a: LocalAgent, before: str) -> None:
+    vm = await Api(a).ok("GET", f"/v1/vms/{VM}")
+    assert vm["state"] == "stopped", vm
+    assert digest(disk_of(a)) == before
+    assert not list((a.state_dir / "vms" / VM).glob("nbd-relay-*"))
+
+
+async def test_target_disk_full_during_offline_copy(seeded: LocalAgent, images: Path) -> None:
+    """The target's state dir is a 64 MiB tmpfs: the 128 MiB of data cannot fit."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting the small tmpfs needs root")
+    api = Api(seeded)
+    before = digest(disk_of(seeded))
+    mnt = Path(tempfile.mkdtemp(prefix="nc-ofull-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "nc-test-ofull", str(mnt)], check=True)
+    try:
+        async with agent("ofull", images, state_dir=mnt) as dst:
+            mig = await api.migrate(VM, dst, offline=True)
+            st = await api.wait_migration(mig["id"], timeout=120)
             assert st["phase"] == "failed", st
-            print("target killed:", st["error"])
-            vm = await api.ok("GET", f"/v1/vms/{VM}")
-            assert vm["state"] == "stopped", vm
-            assert digest(disk_of(a)) == before
-            assert not list((a.state_dir / "vms" / VM).glob("nbd-relay-*"))
-            await dst.start()  # the next agent removes the half-copied disk
+            print("target disk full:", st["error"])
+            await assert_source_whole(seeded, before)
+            for _ in range(100):  # the target removes its copy once it sees the failure
+                if not (dst.state_dir / "incoming" / VM).exists():
+                    break
+                await asyncio.sleep(0.1)
             await assert_nothing_left(dst)
             assert (await dst.request("GET", f"/v1/vms/{VM}"))[0] == 404
-        finally:
-            await dst.stop()
-        # the source's VM is whole: it boots and its disk verifier passes
-        _, offset = await api.console(VM)
-        await api.ok("POST", f"/v1/vms/{VM}/start")
-        await verified_after(api, offset, passes=1)
-        await api.ok("DELETE", f"/v1/vms/{VM}")
-    seed.unlink()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()
+
+
+async def test_target_killed_during_offline_copy(seeded: LocalAgent, images: Path) -> None:
+    api = Api(seeded)
+    before = digest(disk_of(seeded))
+    dst = agent("fkill", images)
+    await dst.start()
+    try:
+        mig = await api.migrate(VM, dst, offline=True)
+        st = await api.wait_migration(mig["id"], until=lambda s: s["metrics"]["disk_bytes"] > (8 << 20))
+        assert st["phase"] == "precopy", st
+        dst.kill()
+        st = await api.wait_migration(mig["id"], timeout=60)
+        assert st["phase"] == "failed", st
+        print("target killed:", st["error"])
+        await assert_source_whole(seeded, before)
+        await dst.start()  # the next agent removes the half-copied disk
+        await assert_nothing_left(dst)
+        assert (await dst.request("GET", f"/v1/vms/{VM}"))[0] == 404
+    finally:
+        await dst.stop()
+    # the source's VM is whole: it boots and its disk verifier passes
+    _, offset = await api.console(VM)
+    await api.ok("POST", f"/v1/vms/{VM}/start")
+    await verified_after(api, offset, passes=1)
+    await api.ok("POST", f"/v1/vms/{VM}/stop?force=true")
