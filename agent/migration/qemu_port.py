@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from novacron.agent.migration.diskrelay import RELAY_PREFIX
+from novacron.agent.migration.offline import OfflineFailed
 from novacron.agent.migration.postcopy import FAULT_EVENTS, fault_latencies
 from novacron.agent.migration.protocol import RELAY_SOCKET
 from novacron.agent.migration.vmport import AdmissionError
@@ -641,12 +642,18 @@ class QemuOfflineSource:
         return _spec_doc(self.vm)
 
     async def disk_plan(self) -> list[dict[str, Any]]:
-        return await self.vms.disks.migration_plan(self.vm.spec, self.vm.paths.dir)
+        try:
+            return await self.vms.disks.migration_plan(self.vm.spec, self.vm.paths.dir)
+        except SpecError as exc:  # DiskError: a disk missing or refused
+            raise OfflineFailed(str(exc)) from None
 
     async def copy_disk(self, index: int, socket_path: Path) -> None:
         if socket_path.parent != self.work_dir:
             raise ValueError(f"disk relay socket {socket_path} is outside the VM folder")
-        await self.vms.disks.copy_to_nbd(self.vm.spec, self.work_dir, index, socket_path.name)
+        try:
+            await self.vms.disks.copy_to_nbd(self.vm.spec, self.work_dir, index, socket_path.name)
+        except SpecError as exc:  # DiskError: qemu-img failed (the target full, the relay cut)
+            raise OfflineFailed(f"disk {index}: {exc}") from None
 
     async def stay(self) -> None:
         self.vm.migrating = False

@@ -156,6 +156,7 @@ async def test_target_disk_full_during_offline_copy(seeded: LocalAgent, images: 
             st = await api.wait_migration(mig["id"], timeout=120)
             assert st["phase"] == "failed", st
             print("target disk full:", st["error"])
+            assert "No space left on device" in st["error"] and "internal error" not in st["error"], st
             await assert_source_whole(seeded, before)
             for _ in range(100):  # the target removes its copy once it sees the failure
                 if not (dst.state_dir / "incoming" / VM).exists():
