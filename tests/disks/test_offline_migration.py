@@ -5,8 +5,9 @@ the copy goes over the agents' migration channel (grant, mutual auth, encrypted 
 records) into an NBD export at the target. Afterwards the target's disk holds exactly
 the source's data (``qemu-img compare``), only allocated clusters crossed (the bytes on
 the channel stay far below the disk's size), and the VM boots there and its disk
-verifier passes. A copy that fails (the target killed mid-copy) leaves the VM stopped on
-the source with its disk unchanged, and nothing at the target.
+verifier passes. An overlay's copy sends only its own clusters. A copy that fails (the
+target's disk full, the target killed mid-copy) leaves the VM stopped on the source with
+its disk unchanged, and nothing at the target.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -194,3 +196,43 @@ async def test_target_killed_during_offline_copy(seeded: LocalAgent, images: Pat
     await api.ok("POST", f"/v1/vms/{VM}/start")
     await verified_after(api, offset, passes=1)
     await api.ok("POST", f"/v1/vms/{VM}/stop?force=true")
+
+
+async def test_overlay_moves_offline_without_its_backing_image(images: Path) -> None:
+    """A stopped VM's qcow2 overlay on a 16 MiB backing image both hosts hold: only the
+    overlay's clusters cross, among them a zeroed one that must keep hiding the backing
+    data at the target. No guest runs: the host writes the overlay (qemu-io)."""
+    base = images / "obase.qcow2"
+    raw = images / "obase.raw"
+    raw.write_bytes(os.urandom(16 << 20))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(base)], check=True)
+    raw.unlink()
+    doc = {**spec(images, ref=False), "disks": [{"backing": base.name}], "start": False}
+    async with agent("ova", images) as a, agent("ovb", images) as b:
+        await Api(a).ok("POST", "/v1/vms", doc, want=201)
+        full = json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": str(disk_of(a))},
+                           "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": str(base)}}})
+        subprocess.run(["qemu-io", "-c", "write -P 0x5a 1M 1M", "-c", "write -z 8M 1M", f"json:{full}"],
+                       check=True, capture_output=True)
+        mig = await Api(a).migrate(VM, b, offline=True)
+        st = await Api(a).wait_migration(mig["id"], timeout=120)
+        assert st["phase"] == "completed", st["error"]
+        sent = st["metrics"]["disk_bytes"]
+        assert (1 << 20) <= sent < (3 << 20), sent  # the 1 MiB written, not the 16 MiB base
+        moved = disk_of(b)
+        top = json.loads(subprocess.run(
+            ["qemu-img", "map", "--output=json", "json:" + json.dumps(
+                {"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(moved)}})],
+            capture_output=True, text=True, check=True).stdout)
+        # allocated in the overlay itself: the written MiB as data, the zeroed MiB as zero
+        # clusters; the rest reads through to the target's own backing image
+        allocated = sorted((e["start"], e["length"], e["data"]) for e in top if e["present"])
+        assert allocated == [(1 << 20, 1 << 20, True), (8 << 20, 1 << 20, False)], top
+        mine = json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": str(moved)},
+                           "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": str(base)}}})
+        done = subprocess.run(["qemu-img", "compare", f"json:{full}", f"json:{mine}"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "identical" in done.stdout, (done.stdout, done.stderr)
+        info = subprocess.run(["qemu-img", "info", "--output=json", str(moved)],
+                              capture_output=True, text=True, check=True).stdout
+        assert f'"backing-filename": "{base.name}"' in info
