@@ -62,6 +62,7 @@ UNDECIDED_RETRY_S = 2.0  # between looks at the VMs while the agents cannot tell
 START_SETTLE_S = 30.0
 # an offline copy's default bound when the options give no timeout_s (the agent's default)
 OFFLINE_TIMEOUT_S = 600.0
+OFFLINE_OPTIONS = ("offline", "timeout_s", "liveness_s")
 ROUNDS_KEPT = 50  # the last pre-copy rounds a migration record keeps (as the agent does)
 
 
@@ -89,9 +90,11 @@ async def copy_disks_offline(agents: AgentClient, grants: GrantSigner, mig: Migr
     grant = grants.issue(migration=mig.id, vm=mig.vm, source=source.name, target=target.name,
                          url=target.url, data_host=urlsplit(target.url).hostname or "",
                          data_port=target.data_port or 0)
+    # the live path's options (a policy's post-copy, digests, bandwidth) do not apply to a copy
+    options = {k: v for k, v in mig.options.items() if k in OFFLINE_OPTIONS}
     try:
         await agents.call(source.name, source.url, source.token, "POST", "/v1/migrations",
-                          {"vm": mig.vm, "grant": grant, "options": mig.options})
+                          {"vm": mig.vm, "grant": grant, "options": options})
     except AgentError as exc:
         if not (exc.status == 0 and exc.sent):
             raise

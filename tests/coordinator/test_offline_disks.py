@@ -46,12 +46,14 @@ def test_which_disks_are_copied() -> None:
 async def test_the_copy_runs_at_the_source_under_a_grant_for_the_target() -> None:
     signer = GrantSigner.generate()
     agent = SourceAgent([{"phase": "precopy"}, {"phase": "commit"}, {"phase": "completed"}])
-    mig = Migration(id="m1", vm="v", source="a", target="b", options={"offline": True})
+    mig = Migration(id="m1", vm="v", source="a", target="b",
+                    options={"offline": True, "on_no_converge": "postcopy", "timeout_s": 60.0})
     await copy_disks_offline(agent, signer, mig, _host("a"), _host("b"),  # type: ignore[arg-type]
                              poll_s=0.001)
     method, path, body = agent.calls[0]
     assert (method, path) == ("POST", "/v1/migrations")
-    assert body["vm"] == "v" and body["options"] == {"offline": True}
+    # a policy's live-migration options are not the copy's
+    assert body["vm"] == "v" and body["options"] == {"offline": True, "timeout_s": 60.0}
     grant = GrantVerifier(signer.public_key).verify(body["grant"])
     assert (grant.migration, grant.vm, grant.source, grant.target) == ("m1", "v", "a", "b")
     assert [c[1] for c in agent.calls[1:]] == ["/v1/migrations/m1"] * 3
