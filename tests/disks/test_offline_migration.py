@@ -28,7 +28,7 @@ import pytest
 import pytest_asyncio
 
 from novacron.agent.local import LocalAgent
-from novacron.coordinator.client import CoordinatorClient
+from novacron.coordinator.client import ApiClientError, CoordinatorClient
 from novacron.coordinator.local import LocalCoordinator
 from tests.disks.test_disk_migration import (
     BLOCKS,
@@ -118,17 +118,23 @@ def digest(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def make_seed(images: Path) -> Path:
+    seed = images / "oseed.qcow2"
+    if not seed.exists():
+        raw = images / "oseed.raw"
+        with raw.open("wb") as f:
+            for _ in range(128):
+                f.write(os.urandom(1 << 20))
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(seed)], check=True)
+        raw.unlink()
+    return seed
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def seeded(images: Path) -> AsyncIterator[LocalAgent]:
     """A stopped VM whose local disk holds 128 MiB of incompressible data (a copy long
     enough for a fault to land in it), after one boot that wrote and verified blocks."""
-    seed = images / "oseed.qcow2"
-    raw = images / "oseed.raw"
-    with raw.open("wb") as f:
-        for _ in range(128):
-            f.write(os.urandom(1 << 20))
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(seed)], check=True)
-    raw.unlink()
+    seed = make_seed(images)
     async with agent("fsrc", images) as a:
         api = Api(a)
         await api.ok("POST", "/v1/vms", spec(images, ref=False, seed=seed.name), want=201)
@@ -236,3 +242,40 @@ async def test_overlay_moves_offline_without_its_backing_image(images: Path) -> 
         info = subprocess.run(["qemu-img", "info", "--output=json", str(moved)],
                               capture_output=True, text=True, check=True).stdout
         assert f'"backing-filename": "{base.name}"' in info
+
+
+async def test_failed_copy_through_the_coordinator_changes_nothing(
+        images: Path, fleet: tuple[CoordinatorClient, LocalAgent, LocalAgent]) -> None:
+    """The target agent killed while the coordinator's offline migration copies a 128 MiB
+    disk: the migration fails, the VM stays (stopped, disk unchanged) on the source, and
+    the target's next agent removes the partial copy. No guest boots."""
+    client, a, b = fleet
+    await client.create_vm({**spec(images, ref=False, seed=make_seed(images).name), "name": "cold",
+                            "host": "oa", "start": False})
+    disk = a.state_dir / "vms" / "cold" / "disk0.qcow2"
+    before = digest(disk)
+    move = asyncio.create_task(client.migrate("cold", "ob"))
+    api_a = Api(a)
+    deadline = time.monotonic() + 60
+    while True:  # the copy is under way: the source agent has sent 8 MiB of it
+        copying = [m for m in (await api_a.ok("GET", "/v1/migrations"))["migrations"]
+                   if m["vm"] == "cold" and m["metrics"]["disk_bytes"] > (8 << 20)]
+        if copying:
+            break
+        assert time.monotonic() < deadline and not move.done(), "the copy did not start"
+        await asyncio.sleep(0.05)
+    b.kill()
+    with pytest.raises(ApiClientError) as err:
+        await move
+    print("coordinator, target killed:", err.value)
+    assert "stays on oa" in err.value.message, err.value
+    record = await client.vm("cold")
+    assert record["host"] == "oa" and record["state"] == "stopped", record
+    assert (await api_a.ok("GET", "/v1/vms/cold"))["state"] == "stopped"
+    assert digest(disk) == before
+    await b.start()  # the next agent removes the half-copied disk
+    assert not (b.state_dir / "vms" / "cold").exists()
+    incoming = b.state_dir / "incoming"
+    assert not incoming.exists() or list(incoming.iterdir()) == []
+    assert (await b.request("GET", "/v1/vms/cold"))[0] == 404
+    await client.request("DELETE", "/vms/cold")
