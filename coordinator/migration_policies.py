@@ -33,7 +33,8 @@ LABEL_KEY = r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$"
 LABEL_VALUE = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
 MAX_LABELS = 32
 POLICY_NAME = r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$"
-OPTION_NAMES = tuple(f.name for f in fields(MigrationOptions))
+# "offline" is the coordinator's to set (the VM is stopped), never a policy's
+OPTION_NAMES = tuple(f.name for f in fields(MigrationOptions) if f.name != "offline")
 
 # Why a policy applied (the record's ``policy_source``).
 REQUEST, VM_POLICY, LABELS, DEFAULT = "request", "vm", "labels", "default"

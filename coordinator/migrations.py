@@ -60,6 +60,9 @@ MAX_POLL_FAILURES = 40
 UNDECIDED_RETRY_S = 2.0  # between looks at the VMs while the agents cannot tell yet
 # On close, how long starts in flight may take to finish their agent call and record.
 START_SETTLE_S = 30.0
+# an offline copy's default bound when the options give no timeout_s (the agent's default)
+OFFLINE_TIMEOUT_S = 600.0
+OFFLINE_OPTIONS = ("offline", "timeout_s", "liveness_s")
 ROUNDS_KEPT = 50  # the last pre-copy rounds a migration record keeps (as the agent does)
 
 
@@ -71,20 +74,52 @@ def _why(exc: Exception) -> str:
     return exc.message if isinstance(exc, AgentError) else str(exc)
 
 
-async def copy_disks_offline(agents: AgentClient, source: Host, target: Host,
-                             spec: dict[str, Any]) -> None:
-    """The hook where an offline migration copies the VM's local disks from ``source`` to
-    ``target`` before the target defines the VM (the disks work plugs in here). It must
-    raise AgentError on failure and leave nothing behind at the target; the source's
-    disks stay authoritative until the source forgets the VM. A boot disk and shared
-    disks are images every host has; local data disks are refused for now (a live
-    migration moves them)."""
-    del agents, target
-    local = [i for i, d in enumerate(spec.get("disks") or ())
-             if isinstance(d, dict) and d.get("storage", "local") == "local"]
-    if local:  # the target would create them empty and the source delete the originals
-        raise AgentError(source.name, f"the VM has local disks ({', '.join(f'disks[{i}]' for i in local)}), "
-                         "which an offline migration cannot copy yet; start it and migrate it live", 409)
+def local_disks(spec: dict[str, Any]) -> list[int]:
+    """The VM's local disks (by index): an offline migration copies them; a boot image
+    and shared disks are files every host has."""
+    return [i for i, d in enumerate(spec.get("disks") or ())
+            if isinstance(d, dict) and d.get("storage", "local") == "local"]
+
+
+async def copy_disks_offline(agents: AgentClient, grants: GrantSigner, mig: Migration, source: Host,
+                             target: Host, *, poll_s: float = 0.2) -> None:
+    """Have ``source`` copy the stopped VM's local disks to ``target`` over the agents'
+    migration channel, under a grant as for a live migration (agent/migration/offline.py);
+    the target then has the VM defined (stopped) with the copies. Raises AgentError when
+    the copy failed: the target removed what it made; the source's VM is unchanged."""
+    grant = grants.issue(migration=mig.id, vm=mig.vm, source=source.name, target=target.name,
+                         url=target.url, data_host=urlsplit(target.url).hostname or "",
+                         data_port=target.data_port or 0)
+    # the live path's options (a policy's post-copy, digests, bandwidth) do not apply to a copy
+    options = {k: v for k, v in mig.options.items() if k in OFFLINE_OPTIONS}
+    try:
+        await agents.call(source.name, source.url, source.token, "POST", "/v1/migrations",
+                          {"vm": mig.vm, "grant": grant, "options": options})
+    except AgentError as exc:
+        if not (exc.status == 0 and exc.sent):
+            raise
+        # the answer was lost, not refused: the agent may be copying under our id
+        log.warning("no answer to the offline copy's start; following it by its id",
+                    extra={"migration": mig.id, "error": exc.message})
+    deadline = time.monotonic() + float(mig.options.get("timeout_s", OFFLINE_TIMEOUT_S)) + 60
+    unreachable = ""
+    while time.monotonic() < deadline:
+        await asyncio.sleep(poll_s)
+        try:
+            st = await agents.call(source.name, source.url, source.token, "GET",
+                                   f"/v1/migrations/{mig.id}", timeout_s=10)
+        except AgentError as exc:
+            if exc.status == 404:  # it never started there
+                raise AgentError(source.name, f"the disk copy did not start: {exc.message}", 409) from None
+            unreachable = exc.message  # asked again until the deadline
+            continue
+        phase = st.get("phase") if isinstance(st, dict) else None
+        if phase == "completed":
+            return
+        if phase in ("failed", "cancelled"):
+            raise AgentError(source.name, str(st.get("error") or phase), 409)
+    raise AgentError(source.name, f"the disk copy did not finish in time{': ' + unreachable if unreachable else ''}",
+                     0)
 
 
 def topic(mig_id: str) -> str:
@@ -367,9 +402,11 @@ class MigrationManager:
             raise ApiError(409, f"offline migration of {mig.vm!r} refused: {_why(exc)}") from None
         defined = False
         try:
-            await copy_disks_offline(self.agents, src, dst, spec)
-            await self.agents.call(dst.name, dst.url, dst.token, "POST", "/v1/vms",
-                                   {**spec, "start": False}, timeout_s=60)
+            if local_disks(spec):  # copied over the agents' channel; the target then defines it
+                await copy_disks_offline(self.agents, self.grants, mig, src, dst)
+            else:
+                await self.agents.call(dst.name, dst.url, dst.token, "POST", "/v1/vms",
+                                       {**spec, "start": False}, timeout_s=60)
             defined = True
             crash_point("migration.offline.defined")
             await self._forget_at_source(mig, src)

@@ -30,11 +30,13 @@ from novacron.agent.config import AgentConfig
 from novacron.agent.migration.dedupdest import PageIndex
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.manager import EngineStarter, MigrationManager, MigrationRequestError
+from novacron.agent.migration.offline import OfflineSource
 from novacron.agent.migration.qemu_port import (
     QemuDestFactory,
     QemuLocalVMs,
     clean_stale_incoming,
     clean_stale_relay_sockets,
+    offline_source,
     source_vm,
 )
 from novacron.agent.migration.throttle import lift_stale
@@ -80,8 +82,12 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
     async def get_source(name: str) -> SourceVM:
         return await source_vm(vms, name)
 
+    async def get_offline_source(name: str) -> OfflineSource:
+        return await offline_source(vms, name)
+
     manager = make_manager(
         cfg, source_vm=get_source, dest_factory=QemuDestFactory(vms), local_vms=QemuLocalVMs(vms),
+        offline_source=get_offline_source,
         # destination-side dedup: the RAM of the VMs running here, indexed once each
         page_index=PageIndex(cfg.dedup_index_max_mb, lambda: [vm.ram_path for vm in vms.list() if vm.alive])
         if cfg.dedup else None)
@@ -105,7 +111,8 @@ def attach(app: web.Application, cfg: AgentConfig, vms: VMManager) -> MigrationM
 
 def make_manager(cfg: AgentConfig, *, source_vm: Callable[[str], Awaitable[SourceVM]], dest_factory: DestFactory,
                  local_vms: LocalVMs, engines: dict[str, EngineStarter] | None = None,
-                 page_index: PageIndex | None = None) -> MigrationManager:
+                 page_index: PageIndex | None = None,
+                 offline_source: Callable[[str], Awaitable[OfflineSource]] | None = None) -> MigrationManager:
     """The migration manager of this agent (grants, TLS, journal from the config) over a
     VM runtime's ports (``qemu_port`` or ``hypervisors.libvirt_port``)."""
     return MigrationManager(
@@ -122,6 +129,7 @@ def make_manager(cfg: AgentConfig, *, source_vm: Callable[[str], Awaitable[Sourc
         local_vms=local_vms,
         engines=engines,
         page_index=page_index,
+        offline_source=offline_source,
     )
 
 

@@ -21,7 +21,7 @@ import mmap
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import protocol
@@ -29,6 +29,7 @@ from novacron.agent.migration.dedupdest import IncomingDedup, PageIndex
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import DestDiskRelay
 from novacron.agent.migration.journal import Entry, Journal
+from novacron.agent.migration.offline import OfflineFactory, receive_offline
 from novacron.agent.migration.postcopy import QEMU_STREAM, QemuStream, blocktime, percentiles
 from novacron.agent.migration.ramwork import RamWork
 from novacron.agent.migration.status import MigrationStatus
@@ -90,6 +91,11 @@ async def receive_migration(
             raise ProtocolError("'prepare' message: postcopy must be a boolean")
         if postcopy and (disks or want_digest):
             raise ProtocolError("'prepare' message: post-copy moves no local disks and compares no digests")
+        offline = rec.ctrl.get("offline", False)
+        if not isinstance(offline, bool) or (offline and (postcopy or want_digest)):
+            raise ProtocolError("'prepare' message: offline must be a boolean, without post-copy or digests")
+        if offline and not isinstance(factory, OfflineFactory):
+            raise ProtocolError("this destination cannot receive offline migrations")
         if authorise is not None:
             authorise(mid, vm_name, spec)
     except (ChannelClosed, ProtocolError) as exc:
@@ -106,6 +112,9 @@ async def receive_migration(
     # from here on the source hears from us, also while QEMU starts
     keepalive = asyncio.create_task(_keepalive(channel, liveness))
     try:
+        if offline:  # a stopped VM: its disks only (offline.py)
+            await receive_offline(channel, cast(OfflineFactory, factory), status, spec, disks, liveness)
+            return status
         return await _receive(incoming, factory, spec, ram_size, disks)
     finally:
         keepalive.cancel()

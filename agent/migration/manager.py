@@ -18,7 +18,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from novacron import logs
 from novacron.agent.channel import (
@@ -42,6 +42,7 @@ from novacron.agent.migration.doubt import (
     settle,
 )
 from novacron.agent.migration.journal import Entry, Journal
+from novacron.agent.migration.offline import OfflineSource, send_offline
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.protocol import ID_RE, NAME_RE
 from novacron.agent.migration.source import SourceMigration
@@ -103,6 +104,7 @@ class MigrationManager:
         local_vms: LocalVMs | None = None,
         page_index: PageIndex | None = None,
         engines: dict[str, EngineStarter] | None = None,
+        offline_source: Callable[[str], Awaitable[OfflineSource]] | None = None,
     ) -> None:
         self._secret = cluster_secret
         self.page_index = page_index  # destination-side dedup (None: off)
@@ -123,6 +125,7 @@ class MigrationManager:
         self._used_out = UsedGrants()
         self._used_in = UsedGrants()
         self._source_vm = source_vm
+        self._offline_source = offline_source  # a stopped VM (offline.py); None: refused
         self._dest_factory = dest_factory
         self.server = ChannelServer(cluster_secret, self._incoming, host=data_host, port=data_port,
                                     ssl=data_ssl)
@@ -512,9 +515,14 @@ class MigrationManager:
             raise MigrationRequestError(str(exc)) from None
         if vm_name in self._busy_vms:
             raise MigrationRequestError(f"VM {vm_name!r} is already migrating", 409)
-        if opts.engine != "novacron":
+        if opts.engine != "novacron" and not opts.offline:
             return await self._start_other(vm_name, grant, mid, opts)
-        vm = await self._source_vm(vm_name)  # raises the runtime's not-found / conflict errors
+        if opts.offline:
+            if self._offline_source is None:
+                raise MigrationRequestError("this agent cannot migrate stopped VMs", 409)
+            vm: SourceVM | OfflineSource = await self._offline_source(vm_name)
+        else:
+            vm = await self._source_vm(vm_name)  # raises the runtime's not-found / conflict errors
         try:
             self._used_out.consume(grant)
         except GrantError as exc:
@@ -530,7 +538,7 @@ class MigrationManager:
         task.add_done_callback(self._tasks.discard)
         return status
 
-    async def _run(self, vm: SourceVM, grant: Grant, token: str, status: MigrationStatus,
+    async def _run(self, vm: SourceVM | OfflineSource, grant: Grant, token: str, status: MigrationStatus,
                    opts: MigrationOptions) -> None:
         try:
             try:
@@ -541,6 +549,14 @@ class MigrationManager:
                 status.fail(f"cannot open migration channel to the destination: {exc}")
                 log.warning("migration not started", extra={"migration": status.id, "reason": status.error})
                 return
+            if opts.offline:  # nothing here changes: no journal, no doubt to settle
+                try:
+                    await channel.send_ctrl({"op": "grant", "grant": token})
+                    await send_offline(cast(OfflineSource, vm), channel, status, opts.liveness_s, opts.timeout_s)
+                finally:
+                    await channel.close()
+                return
+            vm = cast(SourceVM, vm)
             status.peer = f"{grant.data_host}:{grant.data_port}"
             if self.journal is not None:  # where a restarted agent will ask, before any side effect
                 status.journal = self.journal.begin(Entry(

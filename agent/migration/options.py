@@ -54,6 +54,9 @@ class MigrationOptions:
     # go at link speed, so the cap never lengthens the pause)
     throttle_final: bool = False
     engine: str = "novacron"  # see ENGINES
+    # a stopped VM: copy its local disks and define it at the destination, stopped
+    # (offline.py); every other option is for the live path and ignored
+    offline: bool = False
 
     @classmethod
     def from_dict(cls, raw: Any) -> MigrationOptions:
@@ -110,6 +113,8 @@ class MigrationOptions:
             raise ValueError("option 'on_no_converge' must be 'abort', 'force' or 'postcopy'")
         if not 1 <= self.postcopy_recover_s <= 3600:
             raise ValueError("option 'postcopy_recover_s' must be between 1 and 3600")
+        if self.offline and (self.on_no_converge == "postcopy" or self.test_digest):
+            raise ValueError("option 'offline' cannot be combined with post-copy or test_digest")
         if self.on_no_converge == "postcopy" and self.test_digest:
             # the destination's RAM fills while the guest runs there: no moment to compare
             raise ValueError("option 'test_digest' cannot be combined with on_no_converge 'postcopy'")

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from novacron.agent.migration.diskrelay import RELAY_PREFIX
+from novacron.agent.migration.offline import OfflineFailed
 from novacron.agent.migration.postcopy import FAULT_EVENTS, fault_latencies
 from novacron.agent.migration.protocol import RELAY_SOCKET
 from novacron.agent.migration.vmport import AdmissionError
@@ -36,7 +39,7 @@ from novacron.agent.vm.manager import VMManager
 from novacron.agent.vm.qemu_args import VMPaths
 from novacron.agent.vm.ramfile import MIB
 from novacron.agent.vm.recovery import kill_orphan, qemus_under
-from novacron.agent.vm.spec import SpecError, parse_spec
+from novacron.agent.vm.spec import SpecError, VMSpec, parse_spec
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -49,6 +52,10 @@ POSTCOPY_CAPS = {"capabilities": [{"capability": "x-ignore-shared", "state": Fal
 RECOVER_SOCKET = "recover.sock"  # destination: QEMU's post-copy recovery listens here
 DEVICE_SOCKET = "incoming.sock"
 NBD_SOCKET = "nbd.sock"  # destination: its QEMU's NBD server for the local disks
+QEMU_STORAGE_DAEMON = "qemu-storage-daemon"  # offline migration's destination export
+EXPORT_START_S = 10.0
+EXPORT_STOP_S = 30.0  # it flushes the disks first
+PR_SET_PDEATHSIG = 1
 JOB_POLL_S = 0.05
 # The disk mirror's copy mode. "write-blocking" (every guest write waits for the copy, so
 # the mirror converges however fast the guest writes) is what we want, but QEMU 7.2 aborts
@@ -127,10 +134,7 @@ class QemuSource:
         return self.vm.pid
 
     def spec(self) -> dict[str, Any]:
-        doc = {k: v for k, v in self.vm.spec.to_dict().items() if v not in ("", None)}
-        doc["accel"] = self.vm.accel  # the destination must run the same accelerator
-        doc["cpu_model"] = self.vm.spec.effective_cpu_model(self.vm.accel)  # ... and CPU model
-        return doc
+        return _spec_doc(self.vm)
 
     async def pause(self) -> None:
         await _qmp(self.vm).execute("stop", timeout=10)
@@ -447,9 +451,8 @@ class QemuDestFactory:
         self.vms = vms
         self.incoming_dir = vms.state_dir / "incoming"
 
-    async def prepare(self, spec_doc: dict[str, Any], ram_size: int, migration_id: str,
-                      disks: list[dict[str, Any]] | None = None) -> QemuDest:
-        plan = disks or []
+    async def _admit(self, spec_doc: dict[str, Any], plan: list[dict[str, Any]]) -> tuple[VMSpec, str]:
+        """The spec, checked as this host would check a new VM's, and its accelerator here."""
         try:
             spec = parse_spec({k: v for k, v in spec_doc.items() if k != "start"})
             self.vms.images.check(spec)  # named images must be in this host's image dirs
@@ -461,8 +464,6 @@ class QemuDestFactory:
         if sorted(int(p["index"]) for p in plan) != local or any(
                 p["format"] != spec.disks[int(p["index"])].format for p in plan):
             raise AdmissionError("the disk plan does not match the VM spec's local disks")
-        if spec.memory_mb * MIB != ram_size:
-            raise AdmissionError("VM spec memory does not match the RAM size sent")
         if spec.name in self.vms.vms or self.vms.paths(spec.name).dir.exists():
             raise AdmissionError(f"a VM named {spec.name!r} exists here already")
         info = await self.vms.accel.detect()
@@ -473,6 +474,14 @@ class QemuDestFactory:
             raise AdmissionError(str(exc)) from None
         except SpecError as exc:
             raise AdmissionError(str(exc)) from None
+        return spec, accel
+
+    async def prepare(self, spec_doc: dict[str, Any], ram_size: int, migration_id: str,
+                      disks: list[dict[str, Any]] | None = None) -> QemuDest:
+        plan = disks or []
+        spec, accel = await self._admit(spec_doc, plan)
+        if spec.memory_mb * MIB != ram_size:
+            raise AdmissionError("VM spec memory does not match the RAM size sent")
         paths = VMPaths(self.incoming_dir / spec.name)
         try:
             paths.dir.mkdir(parents=True)
@@ -500,6 +509,171 @@ class QemuDestFactory:
             await _discard(vm)
             raise AdmissionError(f"cannot record the incoming VM: {exc}") from None
         return QemuDest(self.vms, vm)
+
+
+    async def prepare_offline(self, spec_doc: dict[str, Any], migration_id: str,
+                              disks: list[dict[str, Any]]) -> QemuOfflineDest:
+        """A stopped VM's offline migration (offline.py): its local disks created empty in
+        an incoming folder; no QEMU runs until the VM is defined and started here."""
+        spec, accel = await self._admit(spec_doc, disks)
+        paths = VMPaths(self.incoming_dir / spec.name)
+        try:
+            paths.dir.mkdir(parents=True)
+        except FileExistsError:
+            raise AdmissionError(f"VM {spec.name!r} is already being migrated here") from None
+        try:
+            await self.vms.disks.create_for_migration(spec, paths.dir, disks)
+            fd = create_new(paths.dir / "incoming.json", os.O_WRONLY)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"migration": migration_id, "offline": True}))
+        except (SpecError, OSError) as exc:
+            shutil.rmtree(paths.dir, ignore_errors=True)
+            raise AdmissionError(str(exc)) from None
+        except BaseException:
+            shutil.rmtree(paths.dir, ignore_errors=True)
+            raise
+        return QemuOfflineDest(self.vms, self.vms.new_vm(spec, accel, paths),
+                               [int(d["index"]) for d in disks])
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the agent dies, so an export never outlives it (the next
+    agent removes the incoming folder, clean_stale_incoming)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class QemuOfflineDest:
+    """The destination of an offline migration: the new disks exported over NBD by a
+    ``qemu-storage-daemon`` (package qemu-system-common, which qemu-system-x86 pulls in)
+    running in the incoming folder, then the VM defined (stopped) with them."""
+
+    def __init__(self, vms: VMManager, vm: VM, indices: list[int]) -> None:
+        self.vms = vms
+        self.vm = vm
+        self.indices = indices
+        self.proc: asyncio.subprocess.Process | None = None
+        self.adopted = False
+
+    async def export_disks(self) -> str:
+        folder = self.vm.paths.dir
+        sock = folder / NBD_SOCKET
+        with contextlib.ExitStack() as stack:  # the backing images' descriptors: ours closed once it runs
+            args, fds = self.vms.disks.export_args(self.vm.spec, folder, self.indices, NBD_SOCKET, stack)
+            self.proc = await asyncio.create_subprocess_exec(
+                QEMU_STORAGE_DAEMON, *args, cwd=folder, pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                preexec_fn=_die_with_parent)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + EXPORT_START_S
+        while not sock.exists():  # listening (it binds before it serves)
+            if self.proc.returncode is not None or loop.time() > deadline:
+                raise AdmissionError(f"the disk export did not start: {await self._stderr()}")
+            await asyncio.sleep(0.02)
+        return str(sock)
+
+    async def _stderr(self) -> str:
+        proc = self.proc
+        if proc is None or proc.stderr is None:
+            return "not started"
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        err = await proc.stderr.read()
+        await proc.wait()
+        lines = err.decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"exit code {proc.returncode}"
+
+    async def stop_disk_export(self) -> None:
+        """SIGTERM: the daemon flushes every node and exits 0; anything else failed."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            rc = await asyncio.wait_for(proc.wait(), EXPORT_STOP_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeError("the disk export did not stop") from None
+        with contextlib.suppress(FileNotFoundError):
+            (self.vm.paths.dir / NBD_SOCKET).unlink()
+        if rc != 0:
+            err = (await proc.stderr.read()).decode(errors="replace").strip() if proc.stderr else ""
+            raise RuntimeError(f"the disk export failed (exit code {rc}): {err[-300:]}")
+
+    async def adopt(self) -> None:
+        vm = self.vm
+        final = self.vms.paths(vm.name)
+        if final.dir.exists() or vm.name in self.vms.vms:
+            raise VMConflict(f"a VM named {vm.name!r} appeared here during the migration")
+        (vm.paths.dir / "incoming.json").unlink()
+        os.rename(vm.paths.dir, final.dir)
+        vm.paths = final
+        vm.save()
+        self.vms.register(vm)
+        self.adopted = True
+        log.info("offline-migrated VM defined", extra={"vm": vm.name})
+
+    async def destroy(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+            self.proc = None
+        if self.adopted and self.vms.vms.get(self.vm.name) is self.vm:
+            self.vms.forget(self.vm.name)
+        shutil.rmtree(self.vm.paths.dir, ignore_errors=True)
+        log.info("offline migration's copy removed", extra={"vm": self.vm.name})
+
+
+class QemuOfflineSource:
+    """A stopped VM as an offline migration's source (offline.py)."""
+
+    def __init__(self, vms: VMManager, vm: VM) -> None:
+        self.vms = vms
+        self.vm = vm
+        self.name = vm.name
+        self.work_dir = vm.paths.dir
+        self.ram_size = vm.spec.memory_mb * MIB
+
+    def spec(self) -> dict[str, Any]:
+        return _spec_doc(self.vm)
+
+    async def disk_plan(self) -> list[dict[str, Any]]:
+        try:
+            return await self.vms.disks.migration_plan(self.vm.spec, self.vm.paths.dir)
+        except SpecError as exc:  # DiskError: a disk missing or refused
+            raise OfflineFailed(str(exc)) from None
+
+    async def copy_disk(self, index: int, socket_path: Path) -> None:
+        if socket_path.parent != self.work_dir:
+            raise ValueError(f"disk relay socket {socket_path} is outside the VM folder")
+        try:
+            await self.vms.disks.copy_to_nbd(self.vm.spec, self.work_dir, index, socket_path.name)
+        except SpecError as exc:  # DiskError: qemu-img failed (the target full, the relay cut)
+            raise OfflineFailed(f"disk {index}: {exc}") from None
+
+    async def stay(self) -> None:
+        self.vm.migrating = False
+
+
+async def offline_source(vms: VMManager, name: str) -> QemuOfflineSource:
+    """The VM ``name`` as an offline migration's source (it must be stopped)."""
+    vm = vms.get(name)
+    if vm.state != "stopped" or vm.migrating:
+        raise VMConflict(f"VM {name} is {vm.status()['state']}; only a stopped VM can migrate offline")
+    vm.migrating = True  # no start or delete while its disks are read
+    return QemuOfflineSource(vms, vm)
+
+
+def _spec_doc(vm: VM) -> dict[str, Any]:
+    """The VM spec the destination needs to define an identical machine."""
+    doc = {k: v for k, v in vm.spec.to_dict().items() if v not in ("", None)}
+    doc["accel"] = vm.accel  # the destination must run the same accelerator
+    doc["cpu_model"] = vm.spec.effective_cpu_model(vm.accel)  # ... and CPU model
+    return doc
 
 
 async def _discard(vm: VM) -> None:

@@ -108,12 +108,12 @@ def supports_direct(fd: int) -> bool:
     return True
 
 
-async def qemu_img(*args: str, pass_fds: tuple[int, ...] = ()) -> str:
+async def qemu_img(*args: str, pass_fds: tuple[int, ...] = (), cwd: Path | None = None) -> str:
     """Run qemu-img (never through a shell); DiskError with its last line on failure."""
     try:
         proc = await asyncio.create_subprocess_exec(
             QEMU_IMG, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds)
+            stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds, cwd=cwd)
     except FileNotFoundError:
         raise DiskError(f"{QEMU_IMG} not found (install qemu-utils)") from None
     try:
@@ -265,6 +265,61 @@ class DiskStore:
                     item["backing_digest"] = await asyncio.to_thread(content_digest, base.fd)
             plan.append(item)
         return plan
+
+    async def copy_to_nbd(self, spec: VMSpec, folder: Path, i: int, socket: str) -> None:
+        """Offline migration (source): write local disk ``i``'s guest-visible data to the
+        NBD export ``node(i)`` behind the unix ``socket`` (relative to ``folder``), which
+        the destination created empty. Only clusters allocated here are written, zero
+        ones as NBD write-zeroes; an overlay's unallocated clusters are skipped (-B: the
+        destination reads them from its own copy of the backing image). Every image is
+        opened by descriptor: a name in a qcow2 header is never followed."""
+        d = spec.disks[i]
+        with _Fd(open_regular(local_path(folder, spec, i), os.O_RDONLY)) as top:
+            src: dict[str, object] = {"driver": d.format,
+                                      "file": {"driver": "file", "filename": f"/proc/self/fd/{top.fd}"}}
+            fds = [top.fd]
+            opts = ["--target-is-zero"]  # a fresh image at the destination reads as zeroes
+            with contextlib.ExitStack() as stack:
+                if d.backing:
+                    base = stack.enter_context(self._open_image(i, "backing", d.backing, os.O_RDONLY, ""))
+                    bfmt = "qcow2" if d.backing.endswith(".qcow2") else "raw"
+                    src["backing"] = {"driver": bfmt,
+                                      "file": {"driver": "file", "filename": f"/proc/self/fd/{base.fd}"}}
+                    fds.append(base.fd)
+                    # the target has the same backing image: copy the top layer only (its
+                    # zero clusters too, as they hide backing data); -n: -B only says so
+                    opts = ["-B", d.backing, "-F", bfmt]
+                elif d.format == "qcow2":
+                    src["backing"] = None
+                await qemu_img("convert", "-n", *opts, "-O", "raw", json.dumps(src).join(("json:", "")),
+                               f"nbd+unix:///{node(i)}?socket={socket}", pass_fds=tuple(fds), cwd=folder)
+
+    def export_args(self, spec: VMSpec, folder: Path, indices: list[int], socket: str,
+                    stack: contextlib.ExitStack) -> tuple[list[str], tuple[int, ...]]:
+        """Offline migration (destination): ``qemu-storage-daemon`` arguments exporting the
+        (new) local disks ``indices`` of ``folder`` writable over NBD on ``socket`` (relative
+        to ``folder``, its working directory), export names ``node(i)``; and the backing
+        images' descriptors it inherits (closed when ``stack`` closes)."""
+        args: list[str] = []
+        fds: list[int] = []
+        for i in indices:
+            d = spec.disks[i]
+            backing = ""
+            if d.backing:
+                base = stack.enter_context(self._open_image(i, "backing", d.backing, os.O_RDONLY, ""))
+                fds.append(base.fd)
+                bfmt = "qcow2" if d.backing.endswith(".qcow2") else "raw"
+                args += ["--blockdev", f"driver=file,node-name=base{i}-file,filename=/proc/self/fd/{base.fd},"
+                                       "read-only=on",
+                         "--blockdev", f"driver={bfmt},node-name=base{i},file=base{i}-file,read-only=on"]
+                backing = f",backing=base{i}"
+            args += ["--blockdev", f"driver=file,node-name={node(i)}-file,"
+                                   f"filename={local_path(folder, spec, i).name}",
+                     "--blockdev", f"driver={d.format},node-name={node(i)},file={node(i)}-file{backing}"]
+        args += ["--nbd-server", f"addr.type=unix,addr.path={socket}"]
+        for i in indices:
+            args += ["--export", f"type=nbd,id=e{i},node-name={node(i)},name={node(i)},writable=on"]
+        return args, tuple(fds)
 
     # ----- opening -----------------------------------------------------------
     def open(self, spec: VMSpec, folder: Path) -> OpenedDisks:

@@ -1,0 +1,274 @@
+"""Offline (cold) migration of a stopped VM with its local qcow2 disk: a real coordinator, two agents.
+
+The guest writes checksummed blocks to its 64 MiB local disk and is stopped gracefully;
+the copy goes over the agents' migration channel (grant, mutual auth, encrypted DATA
+records) into an NBD export at the target. Afterwards the target's disk holds exactly
+the source's data (``qemu-img compare``), only allocated clusters crossed (the bytes on
+the channel stay far below the disk's size), and the VM boots there and its disk
+verifier passes. An overlay's copy sends only its own clusters. A copy that fails (the
+target's disk full, the target killed mid-copy) leaves the VM stopped on the source with
+its disk unchanged, and nothing at the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from novacron.agent.local import LocalAgent
+from novacron.coordinator.client import ApiClientError, CoordinatorClient
+from novacron.coordinator.local import LocalCoordinator
+from tests.disks.test_disk_migration import (
+    BLOCKS,
+    VM,
+    agent,
+    assert_nothing_left,
+    spec,
+    verified_after,
+)
+from tests.migration.agents import Api
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+DISK_BYTES = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="nc-oimg-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def disk_of(a: LocalAgent) -> Path:
+    return a.state_dir / "vms" / VM / "disk0.qcow2"
+
+
+def same(x: Path, y: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(x), str(y)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(images: Path) -> AsyncIterator[tuple[CoordinatorClient, LocalAgent, LocalAgent]]:
+    """A real coordinator and two agents (``oa``, ``ob``) registered with it."""
+    coord = LocalCoordinator(images / "coord", settings={"heartbeat_interval_s": "1", "poll_interval_s": "0.1"})
+    try:
+        await coord.start()
+        link = {"coordinator_url": coord.url, "coordinator_token": coord.agent_token}
+        async with agent("oa", images, settings=link) as a, agent("ob", images, settings=link) as b, \
+                CoordinatorClient(coord.url, coord.admin_token) as client:
+            deadline = time.monotonic() + 60
+            while {h["name"] for h in await client.hosts()} != {"oa", "ob"}:
+                assert time.monotonic() < deadline, "agents did not register"
+                await asyncio.sleep(0.1)
+            yield client, a, b
+    finally:
+        coord.stop()
+
+
+async def test_stopped_vm_moves_offline_with_its_disk(
+        images: Path, fleet: tuple[CoordinatorClient, LocalAgent, LocalAgent]) -> None:
+    client, a, b = fleet
+    api_a, api_b = Api(a), Api(b)
+    await client.create_vm({**spec(images, ref=False), "host": "oa"})
+    await verified_after(api_a, 0, passes=1)
+    stopped = await client.request("POST", f"/vms/{VM}/stop?timeout_s=60")
+    assert stopped["state"] == "stopped" and stopped["outcome"]["graceful"] is True, stopped
+    before = images / "before.qcow2"  # the source forgets the VM (and its disk) once moved
+    shutil.copyfile(disk_of(a), before)
+
+    mig = await client.migrate(VM, "ob")
+    assert mig["phase"] == "completed" and mig["options"].get("offline") is True, mig
+    st = await api_a.ok("GET", f"/v1/migrations/{mig['id']}")  # the copy, as the source ran it
+    sent = st["metrics"]["disk_bytes"]
+    # the guest wrote within its first BLOCKS blocks (8 MiB); the other 56 MiB never crossed
+    assert 0 < sent < BLOCKS * 4096 + (4 << 20), sent
+    print(f"offline copy: {sent} B over the channel for a {DISK_BYTES} B disk, "
+          f"total {st['metrics']['total_s']} s")
+    record = await client.vm(VM)
+    assert record["host"] == "ob" and record["state"] == "stopped", record
+    assert (await a.request("GET", f"/v1/vms/{VM}"))[0] == 404
+    assert not (a.state_dir / "vms" / VM).exists()
+    incoming = b.state_dir / "incoming"
+    assert not incoming.exists() or list(incoming.iterdir()) == []
+    done = same(before, disk_of(b))  # byte for byte what the guest left on the source
+    assert done.returncode == 0 and "identical" in done.stdout, (done.stdout, done.stderr)
+
+    started = await client.request("POST", f"/vms/{VM}/start")
+    assert started["state"] == "running" and started["host"] == "ob"
+    await verified_after(api_b, 0, passes=1)
+    await client.request("POST", f"/vms/{VM}/stop?force=true")
+    await client.request("DELETE", f"/vms/{VM}")
+    before.unlink()
+
+
+def digest(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def make_seed(images: Path) -> Path:
+    seed = images / "oseed.qcow2"
+    if not seed.exists():
+        raw = images / "oseed.raw"
+        with raw.open("wb") as f:
+            for _ in range(128):
+                f.write(os.urandom(1 << 20))
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(seed)], check=True)
+        raw.unlink()
+    return seed
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def seeded(images: Path) -> AsyncIterator[LocalAgent]:
+    """A stopped VM whose local disk holds 128 MiB of incompressible data (a copy long
+    enough for a fault to land in it). It never boots: the sha256 of its disk file shows
+    it unchanged, and the guest's own check of a moved disk is the first test's."""
+    seed = make_seed(images)
+    async with agent("fsrc", images) as a:
+        await Api(a).ok("POST", "/v1/vms", {**spec(images, ref=False, seed=seed.name), "start": False}, want=201)
+        yield a
+
+
+async def assert_source_whole(a: LocalAgent, before: str) -> None:
+    vm = await Api(a).ok("GET", f"/v1/vms/{VM}")
+    assert vm["state"] == "stopped", vm
+    assert digest(disk_of(a)) == before
+    assert not list((a.state_dir / "vms" / VM).glob("nbd-relay-*"))
+
+
+async def test_target_disk_full_during_offline_copy(seeded: LocalAgent, images: Path) -> None:
+    """The target's state dir is a 64 MiB tmpfs: the 128 MiB of data cannot fit."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting the small tmpfs needs root")
+    api = Api(seeded)
+    before = digest(disk_of(seeded))
+    mnt = Path(tempfile.mkdtemp(prefix="nc-ofull-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "nc-test-ofull", str(mnt)], check=True)
+    try:
+        async with agent("ofull", images, state_dir=mnt) as dst:
+            mig = await api.migrate(VM, dst, offline=True)
+            st = await api.wait_migration(mig["id"], timeout=120)
+            assert st["phase"] == "failed", st
+            print("target disk full:", st["error"])
+            assert "No space left on device" in st["error"] and "internal error" not in st["error"], st
+            await assert_source_whole(seeded, before)
+            for _ in range(100):  # the target removes its copy once it sees the failure
+                if not (dst.state_dir / "incoming" / VM).exists():
+                    break
+                await asyncio.sleep(0.1)
+            await assert_nothing_left(dst)
+            assert (await dst.request("GET", f"/v1/vms/{VM}"))[0] == 404
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()
+
+
+async def test_target_killed_during_offline_copy(seeded: LocalAgent, images: Path) -> None:
+    api = Api(seeded)
+    before = digest(disk_of(seeded))
+    dst = agent("fkill", images)
+    await dst.start()
+    try:
+        mig = await api.migrate(VM, dst, offline=True)
+        st = await api.wait_migration(mig["id"], until=lambda s: s["metrics"]["disk_bytes"] > (8 << 20))
+        assert st["phase"] == "precopy", st
+        dst.kill()
+        st = await api.wait_migration(mig["id"], timeout=60)
+        assert st["phase"] == "failed", st
+        print("target killed:", st["error"])
+        await assert_source_whole(seeded, before)
+        await dst.start()  # the next agent removes the half-copied disk
+        await assert_nothing_left(dst)
+        assert (await dst.request("GET", f"/v1/vms/{VM}"))[0] == 404
+    finally:
+        await dst.stop()
+
+
+async def test_overlay_moves_offline_without_its_backing_image(images: Path) -> None:
+    """A stopped VM's qcow2 overlay on a 16 MiB backing image both hosts hold: only the
+    overlay's clusters cross, among them a zeroed one that must keep hiding the backing
+    data at the target. No guest runs: the host writes the overlay (qemu-io)."""
+    base = images / "obase.qcow2"
+    raw = images / "obase.raw"
+    raw.write_bytes(os.urandom(16 << 20))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(base)], check=True)
+    raw.unlink()
+    doc = {**spec(images, ref=False), "disks": [{"backing": base.name}], "start": False}
+    async with agent("ova", images) as a, agent("ovb", images) as b:
+        await Api(a).ok("POST", "/v1/vms", doc, want=201)
+        full = json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": str(disk_of(a))},
+                           "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": str(base)}}})
+        subprocess.run(["qemu-io", "-c", "write -P 0x5a 1M 1M", "-c", "write -z 8M 1M", f"json:{full}"],
+                       check=True, capture_output=True)
+        mig = await Api(a).migrate(VM, b, offline=True)
+        st = await Api(a).wait_migration(mig["id"], timeout=120)
+        assert st["phase"] == "completed", st["error"]
+        sent = st["metrics"]["disk_bytes"]
+        assert (1 << 20) <= sent < (3 << 20), sent  # the 1 MiB written, not the 16 MiB base
+        moved = disk_of(b)
+        top = json.loads(subprocess.run(
+            ["qemu-img", "map", "--output=json", "json:" + json.dumps(
+                {"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(moved)}})],
+            capture_output=True, text=True, check=True).stdout)
+        # allocated in the overlay itself: the written MiB as data, the zeroed MiB as zero
+        # clusters; the rest reads through to the target's own backing image
+        allocated = sorted((e["start"], e["length"], e["data"]) for e in top if e["present"])
+        assert allocated == [(1 << 20, 1 << 20, True), (8 << 20, 1 << 20, False)], top
+        mine = json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": str(moved)},
+                           "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": str(base)}}})
+        done = subprocess.run(["qemu-img", "compare", f"json:{full}", f"json:{mine}"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "identical" in done.stdout, (done.stdout, done.stderr)
+        info = subprocess.run(["qemu-img", "info", "--output=json", str(moved)],
+                              capture_output=True, text=True, check=True).stdout
+        assert f'"backing-filename": "{base.name}"' in info
+
+
+async def test_failed_copy_through_the_coordinator_changes_nothing(
+        images: Path, fleet: tuple[CoordinatorClient, LocalAgent, LocalAgent]) -> None:
+    """The target agent killed while the coordinator's offline migration copies a 128 MiB
+    disk: the migration fails, the VM stays (stopped, disk unchanged) on the source, and
+    the target's next agent removes the partial copy. No guest boots."""
+    client, a, b = fleet
+    await client.create_vm({**spec(images, ref=False, seed=make_seed(images).name), "name": "cold",
+                            "host": "oa", "start": False})
+    disk = a.state_dir / "vms" / "cold" / "disk0.qcow2"
+    before = digest(disk)
+    move = asyncio.create_task(client.migrate("cold", "ob"))
+    api_a = Api(a)
+    deadline = time.monotonic() + 60
+    while True:  # the copy is under way: the source agent has sent 8 MiB of it
+        copying = [m for m in (await api_a.ok("GET", "/v1/migrations"))["migrations"]
+                   if m["vm"] == "cold" and m["metrics"]["disk_bytes"] > (8 << 20)]
+        if copying:
+            break
+        assert time.monotonic() < deadline and not move.done(), "the copy did not start"
+        await asyncio.sleep(0.05)
+    b.kill()
+    with pytest.raises(ApiClientError) as err:
+        await move
+    print("coordinator, target killed:", err.value)
+    assert "stays on oa" in err.value.message, err.value
+    record = await client.vm("cold")
+    assert record["host"] == "oa" and record["state"] == "stopped", record
+    assert (await api_a.ok("GET", "/v1/vms/cold"))["state"] == "stopped"
+    assert digest(disk) == before
+    await b.start()  # the next agent removes the half-copied disk
+    assert not (b.state_dir / "vms" / "cold").exists()
+    incoming = b.state_dir / "incoming"
+    assert not incoming.exists() or list(incoming.iterdir()) == []
+    assert (await b.request("GET", "/v1/vms/cold"))[0] == 404
+    await client.request("DELETE", "/vms/cold")
