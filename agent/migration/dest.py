@@ -367,6 +367,13 @@ class _Incoming:
                     if not self.postcopy_live:
                         raise
                     await self._recover(dest, exc)
+        except BaseException:
+            # failing or cancelled (QEMU gone): the frame being opened may wait on the
+            # exchange (dedupdest) that this loop no longer feeds; it must not hold us up
+            task = self.opening
+            if task is not None and not task.done():
+                task.cancel()
+            raise
         finally:
             task = self.opening
             if task is not None and not task.done():
