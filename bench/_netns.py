@@ -6,9 +6,9 @@ processes it starts meanwhile stay there); ``ip``/``tbf`` drive iproute2 and
 198.19.0.0/16 (RFC 2544, never routed) and only inside namespaces it creates::
 
     ns A  wan0 198.19.0.1/24 ==== tbf-shaped veth, both directions ==== wan1 198.19.0.2/24  ns B
-          mgmt 198.19.1.2/24 --+                                   +-- mgmt 198.19.2.2/24
+           h2m 198.19.1.2/24 --+                                   +-- h2m 198.19.2.2/24
                                |   ns M (the harness, unshaped)    |
-                               +-- ma 198.19.1.1    mb 198.19.2.1 -+
+                               +-- m2a 198.19.1.1  m2b 198.19.2.1 -+
 
 The hosts' addresses are their ``wan`` ones; M reaches them over its own
 unshaped links (host routes), so the harness's API calls never cross the
@@ -53,7 +53,10 @@ def inside(ns: str) -> Iterator[None]:
 
 def ip(*args: str, ns: str = "") -> str:
     argv = ["ip", *(["-n", ns] if ns else []), *args]
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=20).stdout
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip() or f'exit {done.returncode}'}")
+    return done.stdout
 
 
 def tbf(ns: str, dev: str, mbit: float, *, replace: bool = False) -> None:
@@ -99,13 +102,14 @@ class WanPair:
         for ns, dev, addr in ((self.a, "wan0", self.a_addr), (self.b, "wan1", self.b_addr)):
             ip("addr", "add", f"{addr}/24", "dev", dev, ns=ns)
             ip("link", "set", dev, "up", ns=ns)
-        for host, mdev, net, addr in ((self.a, "ma", "198.19.1", self.a_addr),
-                                      (self.b, "mb", "198.19.2", self.b_addr)):
-            ip("link", "add", mdev, "type", "veth", "peer", "name", "mgmt", "netns", host, ns=self.m)
+        # (names that no "ip link" keyword starts with: "ma" would read as "master")
+        for host, mdev, net, addr in ((self.a, "m2a", "198.19.1", self.a_addr),
+                                      (self.b, "m2b", "198.19.2", self.b_addr)):
+            ip("link", "add", mdev, "type", "veth", "peer", "name", "h2m", "netns", host, ns=self.m)
             ip("addr", "add", f"{net}.1/24", "dev", mdev, ns=self.m)
-            ip("addr", "add", f"{net}.2/24", "dev", "mgmt", ns=host)
+            ip("addr", "add", f"{net}.2/24", "dev", "h2m", ns=host)
             ip("link", "set", mdev, "up", ns=self.m)
-            ip("link", "set", "mgmt", "up", ns=host)
+            ip("link", "set", "h2m", "up", ns=host)
             ip("route", "add", f"{addr}/32", "via", f"{net}.2", ns=self.m)
 
     def shape(self, mbit: float) -> None:

@@ -1,0 +1,75 @@
+"""``novacron bench wan`` at its smallest: one link, one realistic guest, our engine
+and QEMU tcp through the same shaped veth; the table's shape, the guests' own page
+check (working set and page-cache files), wire bytes counted on the veth, and
+nothing left behind (namespaces, agents, QEMUs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+
+import pytest
+
+from novacron.agent.guest import GuestImage
+from novacron.bench import wan
+
+
+def _args(**over: object) -> argparse.Namespace:
+    base = dict(links="1000", memory_mb=224, workload_mb=32, rate_mb=0, vms=1,
+                engines="novacron,qemu-tcp", cases="evacuation", json=False)
+    return argparse.Namespace(**{**base, **over})
+
+
+@pytest.mark.parametrize(("over", "words"), [
+    ({"links": "fast"}, "--links"), ({"links": "0"}, "1..10000"), ({"engines": "novacron,vmware"}, "engines"),
+    ({"cases": "busy"}, "cases"), ({"memory_mb": 128}, "--memory-mb"), ({"vms": 0}, "--vms"),
+])  # fmt: skip
+def test_bench_wan_refuses_bad_options_before_creating_anything(over: dict[str, object], words: str) -> None:
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    with pytest.raises(SystemExit, match=words):
+        wan.run(_args(**over))
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
+
+
+def _leftover_qemus() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "nc-bench-wan-" in line or "nc-wan-" in line]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_wan_smallest_run(guest: GuestImage, capsys: pytest.CaptureFixture[str]) -> None:
+    netns_before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    report = wan.run(_args())
+    rows = {r["engine"]: r for r in report.data["results"]}
+    assert set(rows) == {"novacron", "qemu-tcp"}
+    heap_pages = 32 * 256
+    for r in rows.values():
+        assert r["verify"] == "ok" and not r["failed"], r
+        # the guest's own check covered its working set and the image's page-cache files
+        pages = int(r["verify_detail"].split("(")[1].split()[0])
+        assert pages > heap_pages + (wan_pagecache_pages := 40 << 8), (pages, wan_pagecache_pages)
+        assert r["vms"] == 1 and r["link_mbit"] == 1000 and r["case"] == "evacuation"
+        assert r["total_s"] > 0 and r["downtime_ms"] is not None and r["downtime_ms"] >= 0
+        assert r["cpu_s_source"] > 0 and r["cpu_s_destination"] > 0, r
+        # more than the page-cache files' worth crossed the veth
+        assert r["wire_bytes"] > 48e6, r
+    # the veth's counters see what our engine says it wrote, plus headers and API calls
+    ours = rows["novacron"]
+    assert ours["engine_wire_bytes"][0] <= ours["wire_bytes"] < 1.2 * ours["engine_wire_bytes"][0], ours
+    table = report.tables[0]
+    assert table.columns[:6] == ["link Mbit/s", "case", "engine", "VMs", "guest check", "total s"]
+    assert {"downtime ms (guest)", "wire MB", "CPU s source", "CPU s dest", "wire vs qemu-multifd-zstd"
+            } <= set(table.columns)
+    assert [row[2] for row in table.rows] == ["novacron", "qemu-tcp"]
+    assert all(row[4] == "ok" for row in table.rows)
+    assert report.data["guest_checks"] == {"rows": 2, "failed": 0}
+    assert set(report.data["load_average"]) == {"start", "end"}
+    report.print(json_output=True)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["bench"] == "wan" and len(doc["results"]) == 2
+    # everything it made is gone
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == netns_before
+    assert _leftover_qemus() == []
