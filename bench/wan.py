@@ -149,9 +149,11 @@ def _ticks(path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def cpu_without_vcpus(pid: int) -> float | None:
+def cpu_without_vcpus(pid: int, vcpus: dict[int, float]) -> float | None:
     """CPU seconds of process ``pid`` (exited threads included) less its guest vCPU
-    threads (QEMU names them "CPU <n>/TCG" or "/KVM": ``debug-threads=on``); None once gone."""
+    threads (QEMU names them "CPU <n>/TCG" or "/KVM": ``debug-threads=on``); None once
+    gone. ``vcpus`` keeps each vCPU thread's last figure across calls: a thread that
+    exits (QEMU quitting) hands its time to the process total, and must still be left out."""
     try:
         total = _ticks(f"/proc/{pid}/stat")
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -159,10 +161,10 @@ def cpu_without_vcpus(pid: int) -> float | None:
                 with open(f"/proc/{pid}/task/{tid}/comm") as f:
                     comm = f.read().strip()
                 if comm.startswith("CPU ") and comm.endswith(("/TCG", "/KVM")):
-                    total -= _ticks(f"/proc/{pid}/task/{tid}/stat")
+                    vcpus[int(tid)] = _ticks(f"/proc/{pid}/task/{tid}/stat")
     except OSError:
         return None
-    return total
+    return total - sum(vcpus.values())
 
 
 class CpuMeter:
@@ -176,6 +178,7 @@ class CpuMeter:
         self._exclude = exclude or set()
         self._base: dict[int, float] = {}
         self._last: dict[int, float] = {}
+        self._vcpus: dict[int, dict[int, float]] = {}  # pid -> vCPU thread -> its last CPU seconds
         self._task: asyncio.Task[None] | None = None
 
     def _sample(self, *, discover: bool) -> None:
@@ -184,12 +187,12 @@ class CpuMeter:
                 if pid not in self._base and pid not in self._exclude:
                     self._base[pid] = self._last[pid] = 0.0
         for pid in self._base:
-            if (v := cpu_without_vcpus(pid)) is not None:
+            if (v := cpu_without_vcpus(pid, self._vcpus.setdefault(pid, {}))) is not None:
                 self._last[pid] = v
 
     def start(self) -> None:
         for pid in self._pids():
-            if pid not in self._exclude and (v := cpu_without_vcpus(pid)) is not None:
+            if pid not in self._exclude and (v := cpu_without_vcpus(pid, self._vcpus.setdefault(pid, {}))) is not None:
                 self._base[pid] = self._last[pid] = v
         self._task = asyncio.create_task(self._run(), name="cpu-meter")
 

@@ -6,10 +6,12 @@ nothing left behind (namespaces, agents, QEMUs)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -32,6 +34,52 @@ def test_bench_wan_refuses_bad_options_before_creating_anything(over: dict[str, 
     with pytest.raises(SystemExit, match=words):
         wan.run(_args(**over))
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
+
+
+CHILD = """
+import ctypes, sys, threading, time
+libc = ctypes.CDLL(None)
+spent = {}
+
+def burn(seconds):  # this thread's CPU seconds, however busy the machine (bounded)
+    start, deadline = time.thread_time(), time.monotonic() + 20
+    while time.thread_time() - start < seconds and time.monotonic() < deadline:
+        pass
+
+def vcpu():
+    libc.prctl(15, b"CPU 0/TCG", 0, 0, 0)  # PR_SET_NAME, as QEMU names a vCPU thread
+    burn(0.8)
+    spent["vcpu"] = time.thread_time()
+
+sys.stdin.readline()  # the meter has its baseline
+t = threading.Thread(target=vcpu)
+t.start()
+burn(0.3)
+t.join()  # the vCPU thread is gone, as when QEMU quits: its time joins the process total
+print(time.thread_time(), spent["vcpu"], flush=True)
+sys.stdin.readline()
+"""
+
+
+async def test_cpu_meter_leaves_vcpu_threads_out_even_after_they_exit() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        await asyncio.sleep(0.3)  # the interpreter has started
+        meter = wan.CpuMeter(lambda: [proc.pid])
+        meter.start()
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        main_s, vcpu_s = (float(x) for x in (await asyncio.to_thread(proc.stdout.readline)).split())
+        await asyncio.sleep(0.3)  # a sample after the vCPU thread exited
+        measured = await meter.stop()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert vcpu_s > 0.7
+    # the main thread's work (and the interpreter's own), not the vCPU thread's
+    assert main_s - 0.05 <= measured < main_s + 0.15, (measured, main_s, vcpu_s)
 
 
 def _leftover_qemus() -> list[int]:
