@@ -80,8 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--links", default="1000,100,20",
                         help="link rates in Mbit/s, comma-separated, each run in turn (default 1000,100,20)")
     parser.add_argument("--memory-mb", type=int, default=256,
-                        help="RAM of every guest in MiB (default 256; the realistic guest needs at least "
-                             "its working set + 192)")
+                        help="RAM of every guest in MiB (default 256; the realistic guest needs its "
+                             "working set + 192, and 224 at least)")
     parser.add_argument("--workload-mb", type=int, default=0,
                         help="MiB working set the guest workload fills and checks (default 0: "
                              "--memory-mb - 192, at least 16)")
@@ -111,13 +111,13 @@ def _validate(args: argparse.Namespace) -> tuple[list[float], list[str], list[st
         raise SystemExit("novacron bench wan: each link rate must be 1..10000 Mbit/s")
     engines = _choose(args.engines, ENGINES, "engines")
     cases = _choose(args.cases, CASES, "cases")
-    from novacron.agent.guest.build import REALISTIC_EXTRA_MB
+    from novacron.agent.guest.build import REALISTIC_EXTRA_MB, REALISTIC_MIN_MEMORY_MB
 
     if not args.workload_mb:
         args.workload_mb = max(16, args.memory_mb - REALISTIC_EXTRA_MB)
-    if args.workload_mb < 1 or args.memory_mb < args.workload_mb + REALISTIC_EXTRA_MB:
-        raise SystemExit(f"novacron bench wan: need --memory-mb >= --workload-mb + {REALISTIC_EXTRA_MB} "
-                         "(kernel and page-cache set of the realistic guest)")
+    if args.workload_mb < 1 or args.memory_mb < max(REALISTIC_MIN_MEMORY_MB, args.workload_mb + REALISTIC_EXTRA_MB):
+        raise SystemExit(f"novacron bench wan: need --memory-mb >= --workload-mb + {REALISTIC_EXTRA_MB} and >= "
+                         f"{REALISTIC_MIN_MEMORY_MB} (kernel and page-cache set of the realistic guest)")
     if not 1 <= args.vms <= 16:
         raise SystemExit("novacron bench wan: --vms must be 1..16")
     if args.rate_mb < 0:

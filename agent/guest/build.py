@@ -55,8 +55,11 @@ PAGECACHE_DIRS = ("fs", "net")
 PAGECACHE_MB = 48
 PAGECACHE_ROOT = "pagecache"  # where the guest finds them (init.sh)
 # What a realistic guest needs besides its working set: the kernel, and the page-cache
-# set twice while the kernel unpacks it (the initrd blob and the unpacked files).
+# set twice while the kernel unpacks it (the initrd blob and the unpacked files) ...
 REALISTIC_EXTRA_MB = MIN_MEMORY_MB - 32 + 2 * PAGECACHE_MB
+# ... and at least this much in all: with less, unpacking the initrd runs out of memory
+# ("Initramfs unpacking failed: write error"; 208 MiB fails, 224 boots).
+REALISTIC_MIN_MEMORY_MB = 224
 PROFILES = ("random", "realistic")
 
 
@@ -104,7 +107,8 @@ class GuestImage:
         (``random``, or ``realistic``: zero/text/random pages, and with
         ``initrd_realistic`` the page-cache files checked too; workload.c). The VM
         needs ``MIN_MEMORY_MB`` + ``mem_mb`` - 32 MiB or more (the default cmdline fits
-        a 128 MiB VM); a realistic one ``REALISTIC_EXTRA_MB`` + ``mem_mb``."""
+        a 128 MiB VM); a realistic one ``REALISTIC_EXTRA_MB`` + ``mem_mb`` and at
+        least ``REALISTIC_MIN_MEMORY_MB``."""
         if profile not in PROFILES:
             raise ValueError(f"memory profile {profile!r}: one of {', '.join(PROFILES)}")
         out = (

@@ -27,7 +27,8 @@ def _args(**over: object) -> argparse.Namespace:
 
 @pytest.mark.parametrize(("over", "words"), [
     ({"links": "fast"}, "--links"), ({"links": "0"}, "1..10000"), ({"engines": "novacron,vmware"}, "engines"),
-    ({"cases": "busy"}, "cases"), ({"memory_mb": 128}, "--memory-mb"), ({"vms": 0}, "--vms"),
+    ({"cases": "busy"}, "cases"), ({"memory_mb": 128}, "--memory-mb"),
+    ({"memory_mb": 208, "workload_mb": 16}, "224"), ({"vms": 0}, "--vms"),
 ])  # fmt: skip
 def test_bench_wan_refuses_bad_options_before_creating_anything(over: dict[str, object], words: str) -> None:
     before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
