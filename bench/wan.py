@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> Report:
         results, notes = asyncio.run(_run_all(args, net, links, engines, cases))
     load_end = _load()
     print(f"novacron bench wan: load average at end {load_end}", file=sys.stderr)
-    return _report(args, links, results, notes, load_start, load_end)
+    return _report(args, links, results, notes, load_start, load_end, [net.a, net.b, net.m])
 
 
 # -- processes of one end, and their CPU ---------------------------------------------
@@ -444,7 +444,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _report(args: argparse.Namespace, links: list[float], results: list[dict[str, Any]], notes: list[str],
-            load_start: str, load_end: str) -> Report:
+            load_start: str, load_end: str, namespaces: list[str]) -> Report:
     report = Report("wan")
     table = report.table(
         f"Live migration over a tbf-shaped veth between two namespaces, TCG guests of {args.memory_mb} MiB "
@@ -469,7 +469,7 @@ def _report(args: argparse.Namespace, links: list[float], results: list[dict[str
         "links_mbit": links, "memory_mb": args.memory_mb, "workload_mb": args.workload_mb,
         "rate_mb": args.rate_mb, "vms": args.vms, "reference": REFERENCE, "results": results,
         "guest_checks": {"rows": len(results), "failed": len(failed)},
-        "load_average": {"start": load_start, "end": load_end},
+        "load_average": {"start": load_start, "end": load_end}, "namespaces": namespaces,
     }  # fmt: skip
     report.notes += notes
     report.notes.append(

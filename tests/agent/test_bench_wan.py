@@ -31,10 +31,16 @@ def _args(**over: object) -> argparse.Namespace:
     ({"memory_mb": 208, "workload_mb": 16}, "224"), ({"vms": 0}, "--vms"),
 ])  # fmt: skip
 def test_bench_wan_refuses_bad_options_before_creating_anything(over: dict[str, object], words: str) -> None:
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    before = _wan_namespaces()
     with pytest.raises(SystemExit, match=words):
         wan.run(_args(**over))
-    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
+    assert _wan_namespaces() == before
+
+
+def _wan_namespaces() -> set[str]:
+    """Namespaces named as bench wan names its own (other tests may run beside this one)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith(("nc-wa-", "nc-wb-", "nc-wm-"))}
 
 
 CHILD = """
@@ -98,7 +104,6 @@ def _leftover_qemus() -> list[int]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_wan_smallest_run(guest: GuestImage, capsys: pytest.CaptureFixture[str]) -> None:
-    netns_before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     report = wan.run(_args())
     rows = {r["engine"]: r for r in report.data["results"]}
     assert set(rows) == {"novacron", "qemu-tcp"}
@@ -128,5 +133,7 @@ def test_bench_wan_smallest_run(guest: GuestImage, capsys: pytest.CaptureFixture
     doc = json.loads(capsys.readouterr().out)
     assert doc["bench"] == "wan" and len(doc["results"]) == 2
     # everything it made is gone
-    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == netns_before
+    made = report.data["namespaces"]
+    assert len(made) == 3 and all(n.startswith(("nc-wa-", "nc-wb-", "nc-wm-")) for n in made)
+    assert not _wan_namespaces() & set(made)
     assert _leftover_qemus() == []
