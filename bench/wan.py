@@ -274,7 +274,10 @@ async def _run_all(args: argparse.Namespace, net: WanPair, links: list[float], e
                     for engine in engines:
                         if engine in ctx.unsupported:
                             continue
-                        row = await ctx.case(engine, case, n)
+                        try:
+                            row = await ctx.case(engine, case, n)
+                        except Exception as exc:  # a row that broke is shown failed; the run goes on
+                            row = _broken_row(engine, n, f"{type(exc).__name__}: {exc}")
                         if row is None:
                             notes.append(f"{engine}: not measured ({ctx.unsupported[engine]})")
                             continue
@@ -282,7 +285,8 @@ async def _run_all(args: argparse.Namespace, net: WanPair, links: list[float], e
                         results.append(row)
                 finally:
                     if resident is not None:
-                        await agents[1].request("DELETE", f"/v1/vms/{resident}")
+                        with contextlib.suppress(Exception):
+                            await agents[1].request("DELETE", f"/v1/vms/{resident}")
     finally:
         for h in hosts:
             with contextlib.suppress(Exception):
@@ -291,6 +295,13 @@ async def _run_all(args: argparse.Namespace, net: WanPair, links: list[float], e
             await agent.stop()
         shutil.rmtree(root, ignore_errors=True)
     return results, notes
+
+
+def _broken_row(engine: str, n: int, why: str) -> dict[str, Any]:
+    """The row of a case that raised before it had figures (its guests are cleaned up)."""
+    return {"engine": engine, "vms": n, "total_s": None, "wall_s": None, "downtime_ms": None,
+            "wire_bytes": None, "engine_wire_bytes": [], "cpu_s_source": None, "cpu_s_destination": None,
+            "failed": True, "verify": "FAILED", "verify_detail": why, "per_vm": []}
 
 
 def _reader(fn: Callable[..., Awaitable[tuple[str, int]]], *first: Any
@@ -462,7 +473,7 @@ def _report(args: argparse.Namespace, links: list[float], results: list[dict[str
         r["wire_vs_ref"] = _ratio(r["wire_bytes"], base["wire_bytes"]) if base else None
         table.add(f"{r['link_mbit']:g}", r["case"], r["engine"], r["vms"],
                   "ok" if not r["failed"] else f"FAILED: {r['verify_detail']}", r["total_s"], r["downtime_ms"],
-                  r["wire_bytes"] / MB, r["cpu_s_source"], r["cpu_s_destination"], r["load_1m"],
+                  None if r["wire_bytes"] is None else r["wire_bytes"] / MB, r["cpu_s_source"], r["cpu_s_destination"], r["load_1m"],
                   r["time_vs_ref"], r["downtime_vs_ref"], r["wire_vs_ref"])
     failed = [r for r in results if r["failed"]]
     report.data = {

@@ -137,3 +137,24 @@ def test_bench_wan_smallest_run(guest: GuestImage, capsys: pytest.CaptureFixture
     assert len(made) == 3 and all(n.startswith(("nc-wa-", "nc-wb-", "nc-wm-")) for n in made)
     assert not _wan_namespaces() & set(made)
     assert _leftover_qemus() == []
+
+
+def test_report_ratios_to_multifd_and_a_broken_row() -> None:
+    def row(engine: str, total: float, down: float, wire: float) -> dict[str, object]:
+        return {"engine": engine, "vms": 1, "total_s": total, "wall_s": total, "downtime_ms": down,
+                "wire_bytes": wire, "engine_wire_bytes": [None], "cpu_s_source": 1.0, "cpu_s_destination": 0.5,
+                "failed": False, "verify": "ok", "verify_detail": "w: ok (10 pages)", "per_vm": [],
+                "link_mbit": 100.0, "case": "single", "load_1m": 1.0}
+
+    broken = {**wan._broken_row("qemu-tcp", 1, "RuntimeError: no heartbeat"),
+              "link_mbit": 100.0, "case": "single", "load_1m": 1.0}
+    rows = [row("novacron", 5.0, 50.0, 40e6), broken, row("qemu-multifd-zstd", 10.0, 100.0, 100e6)]
+    report = wan._report(_args(), [100.0], rows, [], "1.00 1.00 1.00", "2.00 2.00 2.00", ["x", "y", "z"])
+    ours = report.data["results"][0]
+    assert (ours["time_vs_ref"], ours["downtime_vs_ref"], ours["wire_vs_ref"]) == (0.5, 0.5, 0.4)
+    assert report.data["results"][1]["wire_vs_ref"] is None
+    table = report.tables[0]
+    assert table.rows[1][4] == "FAILED: RuntimeError: no heartbeat" and table.rows[1][7] is None
+    assert report.data["guest_checks"] == {"rows": 3, "failed": 1}
+    assert any("load average at start 1.00 1.00 1.00, at end 2.00 2.00 2.00" in n for n in report.notes)
+    report.print()  # renders with the gaps
