@@ -575,7 +575,13 @@ def _require(vm: Any) -> Any:
 
 
 async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: float,
-                     boot: str, timeout_s: float) -> dict[str, Any]:
+                     boot: str, timeout_s: float, *, dest_addr: str = "127.0.0.1", relay: bool = True,
+                     dest_ns: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
+                     ) -> dict[str, Any]:
+    """One QEMU migration of ``name``. The destination QEMU listens on ``dest_addr``
+    (started inside ``dest_ns()`` when given: bench wan's destination namespace); with
+    ``relay`` the stream goes through a counting relay on loopback (``wire_bytes``),
+    without it straight to ``dest_addr`` (``wire_bytes`` None: the caller counts)."""
     from novacron.agent.qmp import QMPError
 
     src = src_host.get(name)
@@ -591,7 +597,11 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
     throttled = 0  # the highest auto-converge throttle QEMU reported
     complete_s = 0.0
     try:
-        await dvm.start(incoming=True)
+        if dest_ns is None:
+            await dvm.start(incoming=True)
+        else:
+            async with dest_ns():
+                await dvm.start(incoming=True)
         assert src.qmp is not None and dvm.qmp is not None
         multifd = engine == "qemu-multifd-zstd"
         postcopy = engine == "qemu-postcopy"
@@ -609,21 +619,22 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
                                     {"multifd-compression": "zstd", "multifd-channels": 2})
                 except QMPError as exc:
                     raise _Unsupported(exc.desc) from None
-        await dvm.qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        await dvm.qmp.execute("migrate-incoming", {"uri": f"tcp:{dest_addr}:0"})
         info = await dvm.qmp.execute("query-migrate")
         port = int(info["socket-address"][0]["port"])
         # cap, or lift QEMU's 128 MiB/s default so "uncapped" means the same for both
         await src.qmp.execute("migrate-set-parameters",
                               {"max-bandwidth": int(cap * MB) if cap else 1 << 40,
                                "downtime-limit": int(BUDGET_MS)})
-        relay = CountingRelay(port)
+        counter = CountingRelay(port) if relay else None
+        target = f"tcp:127.0.0.1:{counter.port}" if counter else f"tcp:{dest_addr}:{port}"
         stops, resumes = src.qmp.subscribe(["STOP"]), dvm.qmp.subscribe(["RESUME"])
         vcpus = [int(c["thread-id"]) for c in await src.qmp.execute("query-cpus-fast")]
         cpu0 = _qemu_cpu(src.pid, vcpus), _qemu_cpu(src.pid), _qemu_cpu(dvm.pid)
         cpu1 = cpu0
         prepare_s = time.monotonic() - t0  # destination QEMU started and listening
         try:
-            await src.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{relay.port}"})
+            await src.qmp.execute("migrate", {"uri": target})
             deadline = time.monotonic() + timeout_s
             while True:
                 info = await src.qmp.execute("query-migrate")
@@ -681,15 +692,17 @@ async def _qemu_once(src_host: Any, dst_host: Any, name: str, engine: str, cap: 
                 # both QEMUs stamp events with the host clock: pause -> resume
                 stopped, resumed = await stops.get(timeout=10), await resumes.get(timeout=10)
                 event_ms: float | None = (_event_time(resumed) - _event_time(stopped)) * 1000.0
-            wrote = relay.forward_bytes
+            wrote = counter.forward_bytes if counter else None
         except (QMPError, RuntimeError, OSError, TimeoutError) as exc:  # a row that failed, not the run
-            error, wrote = f"QEMU migration broke: {type(exc).__name__}: {exc}", relay.forward_bytes
+            error = f"QEMU migration broke: {type(exc).__name__}: {exc}"
+            wrote = counter.forward_bytes if counter else None
         finally:
             # a cancelled migration ends the destination QEMU (its stream was cut): no QMP left
             for q, sub in ((src.qmp, stops), (dvm.qmp, resumes)):
                 if q is not None:
                     q.unsubscribe(sub)
-            await asyncio.to_thread(relay.close)
+            if counter is not None:
+                await asyncio.to_thread(counter.close)
         if error is None:
             dvm.state = "running"
             dvm.incoming = False

@@ -16,42 +16,13 @@ from cl (``inside``): a thread's network namespace decides where its sockets liv
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+# one implementation, shared with ``novacron bench wan``
+from novacron.bench._netns import inside, ip, tbf
 
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextlib.contextmanager
-def inside(ns: str) -> Iterator[None]:
-    """Run this thread in namespace ``ns`` (sockets opened meanwhile stay there)."""
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    there = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(there)
-        try:
-            yield
-        finally:
-            _setns(here)
-    finally:
-        os.close(here)
-        os.close(there)
-
-
-def ip(*args: str, ns: str = "") -> str:
-    argv = ["ip", *(["-n", ns] if ns else []), *args]
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=20).stdout
+__all__ = ["Fabric", "SlowLink", "inside", "ip", "tbf"]
 
 
 @dataclass
@@ -118,15 +89,6 @@ class Fabric:
 
     def __exit__(self, *_exc: object) -> None:
         self.destroy()
-
-
-def tbf(ns: str, dev: str, mbit: float) -> None:
-    """Pace ``dev``'s egress in ``ns`` to ``mbit`` Mbit/s with a token bucket (burst: one
-    10 ms slice at the rate, at least a few MTUs; latency bounds the queue)."""
-    burst = max(16_000, int(mbit * 1e6 / 8 / 100))
-    subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                    "rate", f"{mbit}mbit", "burst", str(burst), "latency", "50ms"],
-                   check=True, capture_output=True, timeout=20)
 
 
 @dataclass

@@ -8,6 +8,16 @@ own reader ``native/nc_pagemap.h``) and ``init.sh``. Output, under
 ``${XDG_CACHE_HOME:-~/.cache}/novacron/guest/<key>/``: ``vmlinuz`` and
 ``initrd.img`` (gzip'd newc cpio). Debian builds virtio-net as modules, so the
 initramfs carries them (``NET_MODULES``, loaded in order by ``init.sh``).
+
+``initrd-realistic.img`` is the same initramfs followed by an uncompressed cpio
+of a real file set for the guest's page cache (``pagecache_files``): the kernel
+modules under ``kernel/fs`` and ``kernel/net`` of that same kernel package,
+sorted by path, up to ``PAGECACHE_MB``. The guest unpacks it into its rootfs
+(ramfs: the files' pages are page-cache pages, resident for its whole life), so
+every VM booted from it holds the same file pages; ``novacron.profile=realistic``
+makes the workload check them too. Uncompressed because a TCG guest would spend
+seconds inflating it at every boot; the default ``initrd.img`` is unchanged, so
+guests that do not ask for it boot as before.
 """
 
 from __future__ import annotations
@@ -24,20 +34,34 @@ import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from novacron.agent.guest import cpio
 
 log = logging.getLogger("novacron.agent.guest")
 
 # Bump when the build steps change in a way the inputs below do not capture.
-BUILDER_VERSION = "6"  # 3: virtio-net modules, guest network; 4: ACPI power button; 5: disk workload;
-# 6: virtio-scsi disks
+BUILDER_VERSION = "7"  # 3: virtio-net modules, guest network; 4: ACPI power button; 5: disk workload;
+# 6: virtio-scsi disks; 7: initrd-realistic.img (page-cache file set) and the workload's
+# memory profiles
 META_PACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3"
 # Debian's kernel does not get past decompression in 64 MiB, and the workload
 # needs its working set on top of ~60 MiB for the kernel: give VMs at least this.
 MIN_MEMORY_MB = 128
+# The realistic image's page-cache file set: these folders of the kernel package's
+# lib/modules/*/kernel, every file sorted by path, until this many MiB.
+PAGECACHE_DIRS = ("fs", "net")
+PAGECACHE_MB = 48
+PAGECACHE_ROOT = "pagecache"  # where the guest finds them (init.sh)
+# What a realistic guest needs besides its working set: the kernel, and the page-cache
+# set twice while the kernel unpacks it (the initrd blob and the unpacked files) ...
+REALISTIC_EXTRA_MB = MIN_MEMORY_MB - 32 + 2 * PAGECACHE_MB
+# ... and at least this much in all: with less, unpacking the initrd runs out of memory
+# ("Initramfs unpacking failed: write error"; 208 MiB fails, 224 boots).
+REALISTIC_MIN_MEMORY_MB = 224
+PROFILES = ("random", "realistic")
 
 
 # virtio_net and what it needs, in load order (Debian 6.1: all =m, uncompressed .ko)
@@ -68,19 +92,39 @@ class GuestImage:
     kernel: Path
     initrd: Path
     cmdline: str  # default workload settings; see workload_cmdline() for others
+    # the initrd plus the page-cache file set (module docstring); for profile=realistic
+    initrd_realistic: Path | None = None
 
-    def workload_cmdline(self, mem_mb: int = 32, rate_mb: int = 4, verify_s: int = 4) -> str:
+    def initrd_for(self, profile: str) -> Path:
+        """The initrd a guest of this memory profile boots from."""
+        if profile not in PROFILES:
+            raise ValueError(f"memory profile {profile!r}: one of {', '.join(PROFILES)}")
+        if profile == "realistic":
+            if self.initrd_realistic is None:
+                raise GuestBuildError("this guest build has no initrd-realistic.img (rebuild: make guest)")
+            return self.initrd_realistic
+        return self.initrd
+
+    def workload_cmdline(self, mem_mb: int = 32, rate_mb: int = 4, verify_s: int = 4,
+                         profile: str = "random") -> str:
         """Kernel command line that runs the workload with these settings: a
         ``mem_mb`` working set, ``rate_mb`` MB/s rewritten, a background check of
-        every page each ``verify_s`` s. The VM needs ``MIN_MEMORY_MB`` + ``mem_mb``
-        - 32 MiB or more (the default cmdline fits a 128 MiB VM)."""
-        return (
+        every page each ``verify_s`` s, the working set's content by ``profile``
+        (``random``, or ``realistic``: zero/text/random pages, and with
+        ``initrd_realistic`` the page-cache files checked too; workload.c). The VM
+        needs ``MIN_MEMORY_MB`` + ``mem_mb`` - 32 MiB or more (the default cmdline fits
+        a 128 MiB VM); a realistic one ``REALISTIC_EXTRA_MB`` + ``mem_mb`` and at
+        least ``REALISTIC_MIN_MEMORY_MB``."""
+        if profile not in PROFILES:
+            raise ValueError(f"memory profile {profile!r}: one of {', '.join(PROFILES)}")
+        out = (
             f"{BASE_CMDLINE} novacron.mem_mb={int(mem_mb)} novacron.rate_mb={int(rate_mb)} "
             f"novacron.verify_s={int(verify_s)}"
         )
+        return out if profile == "random" else f"{out} novacron.profile={profile}"
 
     def disk_cmdline(self, dev: str = "vda", ref: str = "", rate_kb: int = 256, verify_s: int = 3,
-                     blocks: int = 2048, **workload: int) -> str:
+                     blocks: int = 2048, **workload: Any) -> str:
         """The workload cmdline plus the disk workload (``diskload.c``) on ``/dev/<dev>``:
         ``rate_kb`` KiB/s of checksummed 4 KiB blocks over the first ``blocks`` blocks,
         all verified every ``verify_s`` s; ``ref`` names a reference disk written first."""
@@ -91,7 +135,7 @@ class GuestImage:
                f"novacron.disk_verify_s={int(verify_s)} novacron.disk_blocks={int(blocks)}")
         return f"{out} novacron.disk_ref={ref}" if ref else out
 
-    def network_cmdline(self, ip_cidr: str, port: int = 7000, **workload: int) -> str:
+    def network_cmdline(self, ip_cidr: str, port: int = 7000, **workload: Any) -> str:
         """The workload cmdline plus a NIC: ``ip_cidr`` (e.g. ``10.0.0.5/24``) on the
         first virtio NIC, and a TCP echo service on ``port``."""
         return f"{self.workload_cmdline(**workload)} novacron.ip={ip_cidr} novacron.port={int(port)}"
@@ -179,8 +223,9 @@ def build_key(kernel_pkg: str, kernel_ver: str) -> str:
 
 
 def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path,
-                  wanted: tuple[str, ...] = NET_MODULES) -> tuple[bytes, list[bytes]]:
-    """The kernel image and the modules ``wanted`` from its package, in that order."""
+                  wanted: tuple[str, ...] = NET_MODULES) -> tuple[bytes, list[bytes], Path]:
+    """The kernel image, the modules ``wanted`` from its package in that order, and
+    the unpacked package's ``lib/modules/*/kernel`` folder (under ``work``)."""
     debs.mkdir(parents=True, exist_ok=True)
     deb = debs / f"{pkg}_{version.replace(':', '%3a')}_amd64.deb"
     if not deb.exists():
@@ -205,7 +250,47 @@ def _fetch_kernel(pkg: str, version: str, debs: Path, work: Path,
     missing = [m for m in wanted if not (module_dirs[0] / m).is_file()]
     if missing:
         raise GuestBuildError(f"{deb.name} lacks the modules {missing} (built in or compressed?)")
-    return images[0].read_bytes(), [(module_dirs[0] / m).read_bytes() for m in wanted]
+    return images[0].read_bytes(), [(module_dirs[0] / m).read_bytes() for m in wanted], module_dirs[0]
+
+
+def pagecache_files(module_dir: Path, limit_mb: int = PAGECACHE_MB) -> list[tuple[str, bytes]]:
+    """The realistic image's page-cache set: (path relative to ``module_dir``, content)
+    of every file under ``PAGECACHE_DIRS``, sorted by path, while the total stays
+    within ``limit_mb`` MiB."""
+    out: list[tuple[str, bytes]] = []
+    total = 0
+    for top in PAGECACHE_DIRS:
+        for path in sorted(p for p in (module_dir / top).rglob("*") if p.is_file() and not p.is_symlink()):
+            size = path.stat().st_size
+            if total + size > limit_mb << 20:
+                return out
+            out.append((path.relative_to(module_dir).as_posix(), path.read_bytes()))
+            total += size
+    if total < (limit_mb << 20) // 2:
+        raise GuestBuildError(f"{module_dir}: only {total >> 20} MiB of files for the page-cache set")
+    return out
+
+
+def _pagecache_archive(files: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed newc cpio of ``files`` under ``PAGECACHE_ROOT``, parents first."""
+    dirs: list[str] = [PAGECACHE_ROOT]
+    entries: list[cpio.Entry] = []
+    for rel, data in files:
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join([PAGECACHE_ROOT, *parts[:i]])
+            if d not in dirs:
+                dirs.append(d)
+                entries.append(cpio.directory(d))
+        entries.append(cpio.file(f"{PAGECACHE_ROOT}/{rel}", data, 0o444))
+    return cpio.archive([cpio.directory(PAGECACHE_ROOT), *entries])
+
+
+def realistic_initrd(initrd: bytes, files: list[tuple[str, bytes]]) -> bytes:
+    """``initrd`` followed by the page-cache archive: the kernel unpacks concatenated
+    archives in turn and skips the zero padding between them (it wants each
+    uncompressed one 4-byte aligned; 512 keeps it simple)."""
+    return initrd + b"\0" * (-len(initrd) % 512) + _pagecache_archive(files)
 
 
 def compile_workload(work: Path, name: str = "workload") -> Path:
@@ -267,15 +352,18 @@ def _initramfs(busybox: bytes, workload: bytes, modules: list[bytes],
 
 
 def _image(folder: Path) -> GuestImage:
+    realistic = folder / "initrd-realistic.img"
     return GuestImage(
         kernel=folder / "vmlinuz",
         initrd=folder / "initrd.img",
         cmdline=(folder / "cmdline").read_text().strip(),
+        initrd_realistic=realistic if realistic.is_file() else None,
     )
 
 
 def _complete(folder: Path) -> bool:
-    return all((folder / n).is_file() for n in ("vmlinuz", "initrd.img", "cmdline", "manifest.json"))
+    return all((folder / n).is_file()
+               for n in ("vmlinuz", "initrd.img", "initrd-realistic.img", "cmdline", "manifest.json"))
 
 
 def _latest_cached(root: Path) -> Path | None:
@@ -312,7 +400,7 @@ def ensure_guest(root: Path | None = None) -> GuestImage:
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             work = Path(tmp)
             wanted = tuple(dict.fromkeys((*NET_MODULES, *POWER_MODULES, *DISK_MODULES)))
-            kernel, blobs = _fetch_kernel(pkg, version, root / "debs", work, wanted)
+            kernel, blobs, module_dir = _fetch_kernel(pkg, version, root / "debs", work, wanted)
             by_name = dict(zip(wanted, blobs, strict=True))
             modules = [by_name[m] for m in NET_MODULES + POWER_MODULES]
             workload = compile_workload(work).read_bytes()
@@ -321,11 +409,15 @@ def ensure_guest(root: Path | None = None) -> GuestImage:
             stage = work / "out"
             stage.mkdir()
             (stage / "vmlinuz").write_bytes(kernel)
-            (stage / "initrd.img").write_bytes(_initramfs(
-                busybox, workload, modules, sd_check, diskload,
-                tuple(by_name[m] for m in DISK_MODULES)))
+            initrd = _initramfs(busybox, workload, modules, sd_check, diskload,
+                                tuple(by_name[m] for m in DISK_MODULES))
+            (stage / "initrd.img").write_bytes(initrd)
+            files = pagecache_files(module_dir)
+            (stage / "initrd-realistic.img").write_bytes(realistic_initrd(initrd, files))
             (stage / "cmdline").write_text(GuestImage(Path(), Path(), "").workload_cmdline() + "\n")
-            manifest = {"key": key, "kernel_package": pkg, "kernel_version": version}
+            manifest = {"key": key, "kernel_package": pkg, "kernel_version": version,
+                        "pagecache": {"dirs": list(PAGECACHE_DIRS), "files": len(files),
+                                      "bytes": sum(len(d) for _, d in files)}}
             (stage / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
             if folder.exists():
                 shutil.rmtree(folder)

@@ -10,6 +10,9 @@
 # history tests), then NOVACRON-FLOOD-DONE.
 # novacron.softdirty_check=1 first runs the soft-dirty reader check (prints
 # NOVACRON-SOFTDIRTY ...).
+# novacron.profile=random|realistic picks what the workload's memory holds (workload.c);
+# realistic also checks the page cache of the files under /pagecache, which only the
+# realistic initrd (initrd-realistic.img, see build.py) carries.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -17,6 +20,7 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mem_mb=32
 rate_mb=4
 verify_s=4
+profile=random
 ip_cidr=
 port=7000
 power_button=handle
@@ -26,6 +30,7 @@ for word in $(cat /proc/cmdline); do
         novacron.mem_mb=*) mem_mb="${word#*=}" ;;
         novacron.rate_mb=*) rate_mb="${word#*=}" ;;
         novacron.verify_s=*) verify_s="${word#*=}" ;;
+        novacron.profile=*) profile="${word#*=}" ;;
         novacron.ip=*) ip_cidr="${word#*=}" ;;
         novacron.port=*) port="${word#*=}" ;;
         novacron.power_button=*) power_button="${word#*=}" ;;
@@ -73,8 +78,12 @@ if [ -n "$flood_kb" ]; then
     ) >/dev/console 2>&1 &
 fi
 [ -x /bin/disk-init ] && /bin/disk-init  # the disk workload, with novacron.disk= (disk.sh)
-echo "NOVACRON-INIT mem_mb=$mem_mb rate_mb=$rate_mb verify_s=$verify_s"
-/bin/workload --mem-mb "$mem_mb" --rate-mb "$rate_mb" --verify-s "$verify_s" </dev/console >/dev/console 2>&1
+files=
+[ "$profile" = realistic ] && [ -d /pagecache ] && files="--files /pagecache"
+echo "NOVACRON-INIT mem_mb=$mem_mb rate_mb=$rate_mb verify_s=$verify_s profile=$profile"
+# shellcheck disable=SC2086 # $files is two words or none
+/bin/workload --mem-mb "$mem_mb" --rate-mb "$rate_mb" --verify-s "$verify_s" --profile "$profile" $files \
+    </dev/console >/dev/console 2>&1
 echo "NOVACRON-WORKLOAD-EXIT status=$?"
 # PID 1 must not exit (the kernel would panic); keep the guest up for inspection.
 while true; do sleep 3600; done

@@ -11,10 +11,26 @@
  * prints "NOVACRON-VERIFY boot=<id> pages=<n> bad=<n> result=ok|FAIL".
  *
  * Options: --mem-mb N (working set), --rate-mb N (MB/s dirtied),
- *          --verify-s N (seconds per background pass over all pages).
+ *          --verify-s N (seconds per background pass over all pages),
+ *          --profile random|realistic (what the working set holds, below),
+ *          --files DIR (realistic: also check the page cache of every file under DIR).
+ *
+ * Profiles:
+ *   random     every page random (seeded per boot): the worst case for compression
+ *              and dedup. The default.
+ *   realistic  the working set in runs of 16 pages (64 KiB) of one kind each, laid out
+ *              the same in every VM: 30 % zero pages, 40 % text-like pages (English
+ *              words from a fixed vocabulary, compressible about 3-4x) and 30 % random
+ *              pages; the text and random content is seeded per boot, so two VMs'
+ *              heaps differ. A rewrite keeps a page's kind. With --files, every file
+ *              under DIR (the image's page-cache set, identical in every VM booted from
+ *              the image) is mapped read-only and its pages are checked too.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <ftw.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -29,8 +45,13 @@
 
 static uint64_t *mem;
 static uint64_t *sums;
-static size_t npages;
+static size_t npages;   /* pages of the working set (mem) */
+static size_t nchecked; /* npages + the page-cache pages of the mapped files */
 static uint64_t boot_id;
+static int realistic;
+/* realistic: pages of the mapped page-cache files, checked after the working set */
+static const uint64_t **fpages;
+static size_t nfpages, fcap;
 
 static uint64_t mix64(uint64_t x) {
     x ^= x >> 33;
@@ -48,20 +69,94 @@ static uint64_t page_sum(const uint64_t *p) {
     return mix64(h);
 }
 
-/* Rewrite a page with fresh content and record its checksum. */
+static const uint64_t *page_at(size_t idx) {
+    return idx < npages ? mem + idx * WORDS : fpages[idx - npages];
+}
+
+enum kind { KIND_ZERO, KIND_TEXT, KIND_RANDOM };
+
+/* realistic: the kind of page idx, in 16-page runs, the same layout in every VM
+ * (it depends on the index only): 30 % zero, 40 % text, 30 % random */
+static enum kind page_kind(size_t idx) {
+    if (!realistic)
+        return KIND_RANDOM;
+    unsigned r = (unsigned)(mix64(((uint64_t)(idx / 16)) ^ 0x6e6f7661636f6eULL) % 100);
+    return r < 30 ? KIND_ZERO : r < 70 ? KIND_TEXT : KIND_RANDOM;
+}
+
+static const char *const VOCAB[] = {
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be",
+    "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but",
+    "have", "an", "had", "they", "you", "were", "their", "one", "all", "we", "can", "her",
+    "has", "there", "been", "if", "more", "when", "will", "would", "who", "so", "no",
+    "memory", "page", "host", "virtual", "machine", "kernel", "process", "network",
+    "migration", "system", "file", "data", "time", "state", "device", "value",
+};
+#define NVOCAB (sizeof VOCAB / sizeof VOCAB[0])
+
+static uint64_t xorshift(uint64_t *s) {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+/* Rewrite a page with fresh content of its kind and record its checksum. */
 static void fill_page(size_t idx, uint64_t gen) {
     uint64_t *p = mem + idx * WORDS;
     uint64_t s = mix64(((uint64_t)idx << 32) ^ gen ^ boot_id);
-    for (unsigned i = 0; i < WORDS; i++) {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        p[i] = s;
+    switch (page_kind(idx)) {
+    case KIND_ZERO:
+        memset(p, 0, PAGE);
+        break;
+    case KIND_TEXT: {
+        /* words and separators, a line break every few words: text-like, compressible */
+        char *c = (char *)p;
+        size_t n = 0;
+        while (n < PAGE) {
+            uint64_t r = xorshift(&s);
+            const char *w = VOCAB[(r >> 8) % NVOCAB];
+            while (*w && n < PAGE)
+                c[n++] = *w++;
+            if (n < PAGE)
+                c[n++] = (r & 7) == 0 ? '\n' : ' ';
+        }
+        break;
+    }
+    case KIND_RANDOM:
+        for (unsigned i = 0; i < WORDS; i++)
+            p[i] = xorshift(&s);
+        break;
     }
     sums[idx] = page_sum(p);
 }
 
-static int verify_page(size_t idx) { return page_sum(mem + idx * WORDS) == sums[idx]; }
+static int verify_page(size_t idx) { return page_sum(page_at(idx)) == sums[idx]; }
+
+/* nftw callback: map a regular file read-only (its page-cache pages) and list its pages */
+static int map_file(const char *path, const struct stat *st, int type, struct FTW *ftw) {
+    (void)ftw;
+    if (type != FTW_F || !S_ISREG(st->st_mode) || st->st_size == 0)
+        return 0;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return 0;
+    size_t len = (size_t)st->st_size;
+    void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED)
+        return 0;
+    for (size_t off = 0; off < len; off += PAGE) {
+        if (nfpages == fcap) {
+            fcap = fcap ? fcap * 2 : 4096;
+            fpages = realloc(fpages, fcap * sizeof *fpages);
+            if (!fpages)
+                return -1;
+        }
+        fpages[nfpages++] = (const uint64_t *)((const char *)m + off);
+    }
+    return 0;
+}
 
 static double now_s(clockid_t clk) {
     struct timespec ts;
@@ -91,6 +186,19 @@ int main(int argc, char **argv) {
     long mem_mb = arg_long(argc, argv, "--mem-mb", 32);
     long rate_mb = arg_long(argc, argv, "--rate-mb", 4);
     long verify_s = arg_long(argc, argv, "--verify-s", 4);
+    const char *profile = "random", *files = NULL;
+    for (int i = 1; i + 1 < argc; i++) {
+        if (strcmp(argv[i], "--profile") == 0)
+            profile = argv[i + 1];
+        else if (strcmp(argv[i], "--files") == 0)
+            files = argv[i + 1];
+    }
+    if (strcmp(profile, "realistic") == 0) {
+        realistic = 1;
+    } else if (strcmp(profile, "random") != 0) {
+        fprintf(stderr, "workload: unknown profile %s (random or realistic)\n", profile);
+        return 2;
+    }
     if (mem_mb < 1)
         mem_mb = 1;
     if (verify_s < 1)
@@ -98,8 +206,13 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
 
     npages = (size_t)mem_mb * 1024u * 1024u / PAGE;
+    if (realistic && files && nftw(files, map_file, 16, FTW_PHYS) != 0) {
+        printf("NOVACRON-ERROR cannot map the files under %s\n", files);
+        return 1;
+    }
+    nchecked = npages + nfpages;
     mem = aligned_alloc(PAGE, npages * PAGE);
-    sums = calloc(npages, sizeof *sums);
+    sums = calloc(nchecked, sizeof *sums);
     if (!mem || !sums) {
         printf("NOVACRON-ERROR cannot allocate %ld MB\n", mem_mb);
         return 1;
@@ -112,8 +225,10 @@ int main(int argc, char **argv) {
     uint64_t gen = 1;
     for (size_t i = 0; i < npages; i++)
         fill_page(i, gen);
-    printf("NOVACRON-READY boot=%016llx pages=%zu mem_mb=%ld rate_mb=%ld\n",
-           (unsigned long long)boot_id, npages, mem_mb, rate_mb);
+    for (size_t i = npages; i < nchecked; i++)
+        sums[i] = page_sum(page_at(i)); /* the files' pages as read now: never rewritten */
+    printf("NOVACRON-READY boot=%016llx pages=%zu mem_mb=%ld rate_mb=%ld profile=%s file_pages=%zu\n",
+           (unsigned long long)boot_id, npages, mem_mb, rate_mb, profile, nfpages);
 
     int flags = fcntl(0, F_GETFL);
     if (flags >= 0)
@@ -125,7 +240,7 @@ int main(int argc, char **argv) {
     /* pages dirtied per tick, with a fractional carry so low rates are exact */
     double dirty_per_tick = (double)rate_mb * 1024.0 * 1024.0 / PAGE / ticks_per_s;
     double dirty_carry = 0;
-    double verify_per_tick = (double)npages / (double)(verify_s * ticks_per_s);
+    double verify_per_tick = (double)nchecked / (double)(verify_s * ticks_per_s);
     double verify_carry = 0;
     size_t verify_pos = 0;
     uint64_t rng = boot_id | 1;
@@ -149,9 +264,9 @@ int main(int argc, char **argv) {
                 bad_total++;
                 ok = 0;
                 printf("NOVACRON-BAD page=%zu\n", verify_pos);
-                sums[verify_pos] = page_sum(mem + verify_pos * WORDS); /* report once */
+                sums[verify_pos] = page_sum(page_at(verify_pos)); /* report once */
             }
-            if (++verify_pos == npages) {
+            if (++verify_pos == nchecked) {
                 verify_pos = 0;
                 passes++;
             }
@@ -165,7 +280,7 @@ int main(int argc, char **argv) {
                 line[line_len] = '\0';
                 if (strcmp(line, "verify") == 0) {
                     size_t bad = 0;
-                    for (size_t i = 0; i < npages; i++)
+                    for (size_t i = 0; i < nchecked; i++)
                         if (!verify_page(i))
                             bad++;
                     if (bad) {
@@ -173,7 +288,7 @@ int main(int argc, char **argv) {
                         bad_total += bad;
                     }
                     printf("NOVACRON-VERIFY boot=%016llx pages=%zu bad=%zu result=%s\n",
-                           (unsigned long long)boot_id, npages, bad, bad ? "FAIL" : "ok");
+                           (unsigned long long)boot_id, nchecked, bad, bad ? "FAIL" : "ok");
                 }
                 line_len = 0;
             } else if (line_len + 1 < sizeof line) {

@@ -145,7 +145,7 @@ def qemu_argv(
     unprivileged QEMU may not traverse the state dir's parents).
     """
     argv = [
-        qemu, "-name", f"guest={spec.name}", "-nodefaults", "-no-user-config", "-display", "none",
+        qemu, "-name", f"guest={spec.name},debug-threads=on", "-nodefaults", "-no-user-config", "-display", "none",
         *SANDBOX_ARGS,
         *machine_args(spec, accel, Path(paths.ram.name), files.images, files.taps, files.disks),
         "-add-fd", f"fd={files.serial_log},set={SERIAL_FDSET}",

@@ -32,7 +32,8 @@ class QemuProcess:
 
     def runs(self, folder: Path, name: str) -> bool:
         """True if this is the QEMU of VM ``name`` in ``folder`` (pids get reused)."""
-        return self.cwd == folder.resolve() and f"guest={name}" in self.argv
+        # "-name guest=NAME,debug-threads=on" (qemu_args; named threads, e.g. "CPU 0/TCG")
+        return self.cwd == folder.resolve() and any(a.split(",", 1)[0] == f"guest={name}" for a in self.argv)
 
 
 def process_cwd(pid: int) -> Path | None:

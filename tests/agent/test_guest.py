@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from novacron.agent.guest import GuestImage, cpio, ensure_guest
-from novacron.agent.guest.build import DISK_MODULES, NET_MODULES, _is_static_elf, compile_workload
+from novacron.agent.guest.build import (
+    DISK_MODULES,
+    NET_MODULES,
+    PAGECACHE_MB,
+    _is_static_elf,
+    compile_workload,
+)
 from tests.agent.workload_pages import page_prefix
 
 
@@ -152,3 +158,71 @@ def test_workload_detects_a_corrupted_page(run_workload) -> None:  # type: ignor
 def test_workload_rejects_bad_arguments(workload_bin: Path) -> None:
     res = subprocess.run([str(workload_bin), "--mem-mb", "lots"], capture_output=True, timeout=10)
     assert res.returncode == 2 and b"bad value for --mem-mb" in res.stderr
+
+
+def test_realistic_initrd_appends_the_page_cache_set(guest: GuestImage) -> None:
+    """initrd-realistic.img = the default initramfs, zero padding, then an uncompressed
+    cpio of the kernel package's own modules under pagecache/ (what init.sh checks)."""
+    assert guest.initrd_realistic is not None
+    base, full = guest.initrd.read_bytes(), guest.initrd_realistic.read_bytes()
+    assert full.startswith(base)
+    tail = full[len(base):].lstrip(b"\0")
+    assert (len(full) - len(tail)) % 4 == 0 and tail.startswith(b"070701")  # newc, 4-byte aligned
+    listing = subprocess.run(["cpio", "-t"], input=tail, capture_output=True, check=True).stdout.decode().split()
+    files = [f for f in listing if f.endswith(".ko")]
+    assert files and all(f.startswith(("pagecache/fs/", "pagecache/net/")) for f in files)
+    assert files == sorted(files, key=lambda f: (not f.startswith("pagecache/fs/"), f))
+    assert (PAGECACHE_MB - 4) << 20 < len(tail) < (PAGECACHE_MB + 2) << 20
+    assert guest.initrd_for("realistic") == guest.initrd_realistic and guest.initrd_for("random") == guest.initrd
+    assert guest.workload_cmdline(profile="realistic").endswith(" novacron.profile=realistic")
+    assert "profile" not in guest.workload_cmdline()  # the default guest is unchanged
+    with pytest.raises(ValueError, match="memory profile"):
+        guest.workload_cmdline(profile="lots")
+
+
+def _working_set(pid: int, nbytes: int) -> bytes:
+    """``nbytes`` of the workload's working set: its anonymous mapping of at least that
+    size (give or take the allocator's header page: proportions are what is checked)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb") as mem:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if fields[1].startswith("rw") and len(fields) == 5 and hi - lo >= nbytes:
+                mem.seek(lo)
+                return mem.read(nbytes)
+    raise AssertionError("no mapping holds the working set")
+
+
+def test_realistic_profile_mix_and_file_pages_are_checked(run_workload, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """profile=realistic: about 30 % zero, 40 % text, 30 % random pages (text compresses,
+    random does not); the files under --files are checked too, and a changed file page
+    is caught."""
+    import zstandard
+
+    files = tmp_path / "files"
+    (files / "sub").mkdir(parents=True)
+    (files / "a.txt").write_bytes(os.urandom(3 * 4096 + 100))
+    (files / "sub" / "b.bin").write_bytes(bytes(range(256)) * 64)
+    w = run_workload("--mem-mb", "16", "--rate-mb", "0", "--verify-s", "60", "--profile", "realistic",
+                     "--files", str(files))
+    w.wait_for(r"NOVACRON-READY boot=\w+ pages=4096 mem_mb=16 rate_mb=0 profile=realistic file_pages=8")
+    pages = [p for mem in [_working_set(w.proc.pid, 16 << 20)] for p in
+             (mem[i:i + 4096] for i in range(0, len(mem), 4096))]
+    zero = sum(p == bytes(4096) for p in pages)
+    text = [p for p in pages if p != bytes(4096) and not p.translate(None, b"abcdefghijklmnopqrstuvwxyz \n")]
+    rand = len(pages) - zero - len(text)
+    assert 0.2 < zero / 4096 < 0.4 and 0.3 < len(text) / 4096 < 0.5 and 0.2 < rand / 4096 < 0.4, (zero, len(text))
+    cctx = zstandard.ZstdCompressor(level=1)
+    assert len(cctx.compress(b"".join(text[:64]))) < 64 * 4096 / 2.5  # text-like: compressible
+    w.send("verify\n")
+    w.wait_for(r"NOVACRON-VERIFY boot=\w+ pages=4104 bad=0 result=ok")
+    with open(files / "a.txt", "r+b") as f:  # the mapping is the page cache: it sees this
+        f.seek(4096 + 7)
+        f.write(b"changed")
+    w.send("verify\n")
+    w.wait_for(r"NOVACRON-VERIFY boot=\w+ pages=4104 bad=1 result=FAIL")
+
+
+def test_workload_rejects_an_unknown_profile(workload_bin: Path) -> None:
+    res = subprocess.run([str(workload_bin), "--profile", "busy"], capture_output=True, timeout=10)
+    assert res.returncode == 2 and b"unknown profile busy" in res.stderr

@@ -75,3 +75,18 @@ def test_nics_are_taps_by_descriptor_with_their_macs(tmp_path: Path) -> None:
         ("tap,id=net0,fd=20", "tap,id=net0,fd=30"), ("tap,id=net1,fd=21", "tap,id=net1,fd=31")]
     with pytest.raises(ValueError):
         machine_args(spec, "tcg", Path("ram"), OpenedImages(kernel=7), (20,))
+
+
+def test_qemu_names_its_threads_and_is_still_found_by_its_name(tmp_path: Path) -> None:
+    """``debug-threads=on``: vCPU threads are "CPU <n>/TCG" (bench wan leaves them out of
+    migration CPU); a restarted agent still recognises its QEMU by ``guest=NAME``."""
+    from novacron.agent.vm.recovery import QemuProcess
+
+    spec = VMSpec("web", 1, 128, kernel="/k", initrd="/i", cmdline="")
+    paths = VMPaths(tmp_path / "vms" / "web")
+    argv = qemu_argv(spec, "tcg", paths, KERNEL_FILES)
+    assert argv[argv.index("-name") + 1] == "guest=web,debug-threads=on"
+    proc = QemuProcess(1, paths.dir.resolve(), tuple(argv))
+    assert proc.runs(paths.dir, "web")
+    assert not proc.runs(paths.dir, "we") and not proc.runs(tmp_path / "vms" / "other", "web")
+    assert QemuProcess(1, paths.dir.resolve(), ("qemu", "-name", "guest=web")).runs(paths.dir, "web")  # older argv
