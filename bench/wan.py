@@ -384,7 +384,7 @@ class _Ctx:
         resident = set(b.qemu_pids())  # the destination's own guest is no part of the migration
 
         async def migrate() -> list[dict[str, Any]]:
-            rows = await asyncio.gather(*(_ours_once(a, b, name, 0.0, boot)
+            rows = await asyncio.gather(*(_ours_once(a, b, name, 0.0, boot, "abort")
                                           for name, boot in zip(names, boots, strict=True)))
             for name, row in zip(names, rows, strict=True):
                 row["name"] = name
