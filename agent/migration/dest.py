@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
-from novacron.agent.migration import protocol
+from novacron.agent.migration import protocol, stoptask
 from novacron.agent.migration.dedupdest import IncomingDedup, PageIndex
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import DestDiskRelay
@@ -325,17 +325,13 @@ class _Incoming:
         try:
             await asyncio.wait({work, exited}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done() and not self.resume_tried:
-                work.cancel()
-                with contextlib.suppress(BaseException):
-                    await work
+                await stoptask.stop(work)
                 raise QemuExited(f"destination QEMU exited: {exited.result()}")
             await work
         finally:
             exited.cancel()
             if not work.done():
-                work.cancel()
-                with contextlib.suppress(BaseException):
-                    await work
+                await stoptask.stop(work)
 
     async def _ack(self, rnd: int | None = None) -> None:
         """Tell the source how many page-stream bytes we hold (it counts them as sent)."""

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
-from novacron.agent.migration import estimate, protocol
+from novacron.agent.migration import estimate, protocol, stoptask
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import SourceDiskRelay
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
@@ -243,14 +243,12 @@ class SourceMigration:
                 self._stopped_by = watch.result()
                 log.warning("stopping the migration", extra={"migration": self.status.id,
                                                              "reason": self._stopped_by})
-                work.cancel()
+                await stoptask.stop(work)  # a lost cancel must not keep the guest waiting
             await work
         finally:
             watch.cancel()
             if not work.done():  # we were cancelled ourselves
-                work.cancel()
-                with contextlib.suppress(BaseException):
-                    await work
+                await stoptask.stop(work)
 
     async def _watchdog(self) -> str:
         """Returns why the migration must stop now; never returns once 'go' was sent."""
