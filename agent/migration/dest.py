@@ -312,10 +312,8 @@ class _Incoming:
         """Stop the frame being opened and the threads applying frames, release the
         receiver's view, unmap: in that order, so nothing still holds a view."""
         task, self.opening = self.opening, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(task, 10)
+        if task is not None:
+            await stoptask.stop(task, 10)
         await self.ram_work.let_go(mm, receiver)
 
     async def _watched(self, dest: DestVM, loop: Any) -> None:
@@ -366,9 +364,8 @@ class _Incoming:
         except BaseException:
             # failing or cancelled (QEMU gone): the frame being opened may wait on the
             # exchange (dedupdest) that this loop no longer feeds; it must not hold us up
-            task = self.opening
-            if task is not None and not task.done():
-                task.cancel()
+            if self.opening is not None:
+                await stoptask.stop(self.opening, 10)
             raise
         finally:
             task = self.opening
