@@ -62,9 +62,8 @@ class SQLiteStore(Store):
 
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA synchronous=NORMAL")
             return conn
 
         self._conn = await asyncio.get_running_loop().run_in_executor(self._pool, connect)
@@ -406,6 +405,10 @@ def _migrate(conn: sqlite3.Connection) -> list[str]:
     fd = os.open(path + ".migrate-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        # Switching a new database to WAL needs an exclusive lock, and SQLite answers "database
+        # is locked" without waiting when another connection switches at the same moment
+        # (coordinators starting at once): so the switch happens under the same file lock.
+        conn.execute("PRAGMA journal_mode=WAL")
         return _migrate_locked(conn)
     finally:
         os.close(fd)  # releases the lock
