@@ -117,7 +117,7 @@ async def test_final_pages_go_at_link_speed_unless_asked(tmp_path: Path,
     final: dict[bool, float] = {}
     estimated: dict[bool, float] = {}
     for throttle_final in (False, True):
-        src = MemSourceVM(tmp_path / f"src{throttle_final}", f"cap{int(throttle_final)}", pages=1024,
+        src = MemSourceVM(tmp_path / f"src{throttle_final}", f"cap{int(throttle_final)}", pages=512,
                           dirty_pages_per_s=600)
         try:
             # a generous budget: it stops after the first round with ~1-2 MB dirty
