@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import secrets
 import signal
 import sqlite3
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -312,8 +314,15 @@ async def _run(args: argparse.Namespace) -> Report:
                 await asyncio.to_thread(pg.start)
             for hosts in args.hosts:
                 for backend, n in scenarios:
-                    results.append(await _run_one(backend, n, hosts, args, Path(tmp),
-                                                  pg if backend == "postgres" else None))
+                    r = await _run_one(backend, n, hosts, args, Path(tmp),
+                                       pg if backend == "postgres" else None)
+                    results.append(r)
+                    # a long run: each scenario's figures as soon as it ends, in case a later one stalls
+                    print(f"bench fleet: {backend} × {n}, {hosts} hosts: "
+                          f"{r['heartbeats_per_s']:,.0f} heartbeats/s (of {r['expected_per_s']:,.0f}), "
+                          f"p99 {r['heartbeat_p99_ms'] or float('nan'):.1f} ms, {r['false_downs']} false downs, "
+                          f"{r['timeouts']} timeouts, {r['shed']} shed; load {os.getloadavg()[0]:.2f}",
+                          file=sys.stderr, flush=True)
         finally:
             if pg is not None:
                 await asyncio.to_thread(pg.stop)
