@@ -694,7 +694,7 @@ class SourceMigration:
         await self.share.acquire(self)
         self._turn_rounds = 0
         self._share_stats["turns"] += 1
-        self._share_stats["turn_wait_s"] += time.monotonic() - t0
+        self._share_stats["turn_wait_s"] = round(self._share_stats["turn_wait_s"] + time.monotonic() - t0, 3)
 
     def _switchover_estimate(self, dirty: int) -> estimate.Estimate:
         st, opts = self.status, self.opts
@@ -801,7 +801,8 @@ class SourceMigration:
                 if not w.repairs and not self._paused:
                     # another migration to this destination may hold the link's turn: wait.
                     # Not with repairs: the holder's destination may be waiting on those pages
-                    self._share_stats["held_s"] += await self.share.wait_turn(self)
+                    if held := await self.share.wait_turn(self):
+                        self._share_stats["held_s"] = round(self._share_stats["held_s"] + held, 3)
                 if w.have is not None:
                     assert w.offered is not None
                     self._outstanding[w.batch_no] = (np.sort(w.offered.astype(np.uint32)),

@@ -137,6 +137,20 @@ async def test_pages_the_destination_runs_are_not_sent(tmp_path: Path, host: Hos
     assert wire[True] < 0.35 * wire[False], wire
 
 
+async def test_warming_indexes_running_vms_and_maps_nothing_after(tmp_path: Path) -> None:
+    """``PageIndex.warm`` (POST /v1/host/dedup-index): the running VMs' RAM is hashed
+    before any migration arrives, and no RAM file stays mapped afterwards."""
+    h = Host(tmp_path / "dst")
+    running = h.running_vm(tmp_path, image(8))
+    try:
+        stats = await h.index.warm()
+    finally:
+        running.close()
+    assert stats["pages_indexed"] == PAGES and stats["files"] == 1, stats
+    assert 0.8 * PAGES < stats["entries"] <= PAGES  # a tenth zero, all alike: one entry
+    assert all(s.mm is None for s in h.index._slots.values())
+
+
 async def test_cached_pages_that_change_are_repaired(tmp_path: Path, host: Host) -> None:
     """The destination's running VM writes its RAM all along (and 500 pages changed
     right after they were indexed): those stale entries are misses, the source
