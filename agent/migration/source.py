@@ -798,11 +798,10 @@ class SourceMigration:
                 if i + 1 < len(batches):
                     pending = start(i + 1)
                 self._check_inbox()
-                if not w.repairs and not self._paused:
-                    # another migration to this destination may hold the link's turn: wait.
-                    # Not with repairs: the holder's destination may be waiting on those pages
-                    if held := await self.share.wait_turn(self):
-                        self._share_stats["held_s"] = round(self._share_stats["held_s"] + held, 3)
+                # another migration to this destination may hold the link's turn: wait.
+                # Not with repairs: the holder's destination may be waiting on those pages
+                if not w.repairs and not self._paused and (held := await self.share.wait_turn(self)):
+                    self._share_stats["held_s"] = round(self._share_stats["held_s"] + held, 3)
                 if w.have is not None:
                     assert w.offered is not None
                     self._outstanding[w.batch_no] = (np.sort(w.offered.astype(np.uint32)),
