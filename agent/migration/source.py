@@ -704,9 +704,11 @@ class SourceMigration:
         queued = max(0, st.bytes_wire - st.bytes_acked)
         if others:
             # we pause only holding the turn, the others' writes held: the whole link is
-            # ours then, behind what they have queued already
+            # ours then, behind what they still have queued (before we hold it, that drains
+            # during the round we then run alone)
             link = max(link, self.share.aggregate(self, now))
-            queued += self.share.queued_others(self, now)
+            if self.share.holds(self):
+                queued += self.share.queued_others(self, now)
             ss = self._share_stats
             ss["peak_migrations"] = max(ss["peak_migrations"], others + 1)
             ss["link_bytes_s"] = round(self.share.link_bytes_s, 1)
