@@ -90,7 +90,8 @@ class _Work:
     offered: np.ndarray | None = None
     frames: list[bytes] = field(default_factory=list)
     enc: EncodeStats | None = None
-    repairs: list[tuple[int, list[bytes], int]] = field(default_factory=list)  # (need seq, frames, pages)
+    # (need seq, frames, pages, their encode figures)
+    repairs: list[tuple[int, list[bytes], int, EncodeStats | None]] = field(default_factory=list)
 
 
 class SourceMigration:
@@ -777,7 +778,8 @@ class SourceMigration:
                 if len(data):
                     w.frames, w.enc = sender.encode(data, zero), sender.last
             for seq, pages in repairs:  # as they are now: they may have changed since offered
-                w.repairs.append((seq, sender.encode(pages), len(pages)))
+                frames = sender.encode(pages)
+                w.repairs.append((seq, frames, len(pages), sender.last))
             return w
 
         def start(i: int) -> asyncio.Task[_Work]:
@@ -816,8 +818,11 @@ class SourceMigration:
                 if w.enc is not None:
                     policy.observe(w.enc, time.perf_counter() - t_send, wire)
                     st.pipeline = policy.as_dict()
-                for seq, frames, n in w.repairs:
-                    await self._write(frames, throttled)
+                for seq, frames, n, enc in w.repairs:
+                    t_send = time.perf_counter()
+                    wire = await self._write(frames, throttled)
+                    if enc is not None:  # repairs are most of the data when offers hit: the policy learns from them too
+                        policy.observe(enc, time.perf_counter() - t_send, wire)
                     self.dd["repaired"] += n
                     await self.ch.send_ctrl({"op": "repaired", "seq": seq})
                 if i < len(batches):
