@@ -823,6 +823,7 @@ class SourceMigration:
                     wire = await self._write(frames, throttled)
                     if enc is not None:  # repairs are most of the data when offers hit: the policy learns from them too
                         policy.observe(enc, time.perf_counter() - t_send, wire)
+                        st.pipeline = policy.as_dict()
                     self.dd["repaired"] += n
                     await self.ch.send_ctrl({"op": "repaired", "seq": seq})
                 if i < len(batches):
