@@ -159,10 +159,14 @@ class Estimate:
     final_pages: float
     device_state: float
     handover: float
+    # other migrations' unacked bytes ahead of ours on a shared link (LinkShare): slowing
+    # this guest does not shrink them
+    queued_others: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.final_scan + self.queued + self.final_pages + self.device_state + self.handover
+        return (self.final_scan + self.queued + self.final_pages + self.device_state + self.handover
+                + self.queued_others)
 
     def parts_ms(self) -> dict[str, float]:
         return {f"{k}_ms": round(v * 1000.0, 2) for k, v in self.__dict__.items()}
@@ -182,7 +186,7 @@ def final_rate(*, link_bytes_s: float, uncapped_bytes_s: float, cap_bytes_s: flo
 
 def switchover(*, dirty_pages: int, bytes_per_page: float, queued_bytes: int, device_bytes: int,
                link_bytes_s: float, final_bytes_s: float, scan_s: float, rtt_s: float,
-               handover_s: float = HANDOVER_FIXED_S) -> Estimate:
+               handover_s: float = HANDOVER_FIXED_S, queued_others_bytes: int = 0) -> Estimate:
     """The pause if stop-and-copy started now. ``final_bytes_s``: the rate of the pages
     sent while paused (the link, or the cap when the operator throttles them too)."""
     link = max(link_bytes_s, 1.0)
@@ -194,6 +198,7 @@ def switchover(*, dirty_pages: int, bytes_per_page: float, queued_bytes: int, de
         device_state=device_bytes / final,
         # device_end -> ready, go -> resumed: two round trips, plus the QEMU work
         handover=2 * rtt_s + handover_s,
+        queued_others=queued_others_bytes / link,
     )
 
 

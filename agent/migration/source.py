@@ -702,14 +702,14 @@ class SourceMigration:
         link = self._link_rate()
         now = time.monotonic()
         others = self.share.others(self)
-        queued = max(0, st.bytes_wire - st.bytes_acked)
+        queued, queued_others = max(0, st.bytes_wire - st.bytes_acked), 0
         if others:
             # we pause only holding the turn, the others' writes held: the whole link is
             # ours then, behind what they still have queued (before we hold it, that drains
             # during the round we then run alone)
             link = max(link, self.share.aggregate(self, now))
             if self.share.holds(self):
-                queued += self.share.queued_others(self, now)
+                queued_others = self.share.queued_others(self, now)
             ss = self._share_stats
             ss["peak_migrations"] = max(ss["peak_migrations"], others + 1)
             ss["link_bytes_s"] = round(self.share.link_bytes_s, 1)
@@ -723,7 +723,7 @@ class SourceMigration:
             queued_bytes=queued,
             device_bytes=self._learned.device_bytes, link_bytes_s=link, final_bytes_s=final,
             scan_s=self._scan_s, rtt_s=self.link.rtt_s or 0.0,
-            handover_s=self._learned.handover_s)
+            handover_s=self._learned.handover_s, queued_others_bytes=queued_others)
 
     def _on_no_convergence(self, est: estimate.Estimate) -> None:
         """Pre-copy cannot reach the budget: the operator's policy decides, and says so."""
