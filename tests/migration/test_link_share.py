@@ -127,3 +127,33 @@ async def test_concurrent_migrations_pause_one_at_a_time(tmp_path: Path, host: H
     assert len(pausing) == 3 and all(ok for _, ok in pausing), pausing
     assert sum(st.link_share["turns"] for st in sts) >= 1, [st.link_share for st in sts]
     assert estimate.link_share(f"127.0.0.1:{host.server.port}").members == set()
+
+
+async def test_the_pause_is_budgeted_at_the_whole_link_in_a_drain(tmp_path: Path) -> None:
+    """The failed 4-VM evacuation: each migration's acks showed its quarter of the link
+    and its pause was budgeted at that. Beside others, the estimate takes the link's
+    summed rate (the pause holds the turn); alone, its own measure."""
+    vm = MemSourceVM(tmp_path / "s", "vm", pages=64)
+    try:
+        o = MigrationOptions.from_dict({})
+        st = MigrationStatus(id="m", vm="vm", role="source", peer="https://10.9.0.2:7000", options=o.as_dict())
+        mig = SourceMigration(vm, None, st, o)  # type: ignore[arg-type]  # no channel: only the estimate runs
+        mig.link.busy_rate = 3e6  # its share of a 12 MB/s link
+        alone = mig._switchover_estimate(dirty=2000)
+        assert st.final_rate_bytes_s == pytest.approx(3e6)
+        mig.share.join(mig)
+        others = [Flow(4.5e6, 2_000_000), Flow(4.5e6, 1_000_000)]
+        for f in others:
+            mig.share.join(f)
+        # our own acked rate over the window is 0 here (no acks): the others' 9 MB/s is the sample
+        shared = mig._switchover_estimate(dirty=2000)
+        assert st.final_rate_bytes_s == pytest.approx(9e6)
+        assert shared.final_pages == pytest.approx(alone.final_pages / 3)
+        assert shared.queued_others == 0.0  # their queues drain during the round we run alone
+        await mig.share.acquire(mig)
+        holding = mig._switchover_estimate(dirty=2000)
+        assert holding.queued_others == pytest.approx(3_000_000 / 9e6)
+        assert mig.status.link_share["peak_migrations"] == 3
+        mig.share.leave(mig)
+    finally:
+        vm.close()
