@@ -431,7 +431,9 @@ async def _first_boot(read: Callable[[int], Awaitable[tuple[str, int]]], name: s
     raise RuntimeError(f"guest {name} printed no heartbeat in {timeout}s")
 
 
-async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str, policy: str) -> dict[str, Any]:
+async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str, policy: str,
+                     options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One migration by our engine (``options``: more migration options, e.g. ``dest_dedup``)."""
     # the destination receives into incoming/NAME and renames it to vms/NAME at commit
     watch = HeartbeatWatch([src.state_dir / "vms" / name / "serial.log",
                             dst.state_dir / "incoming" / name / "serial.log",
@@ -442,7 +444,8 @@ async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str, polic
     try:
         status, doc = await src.request("POST", "/v1/migrations", {
             "vm": name, "grant": src.grant_to(dst, name),
-            "options": {"bandwidth_mbps": cap, "downtime_ms": BUDGET_MS, "on_no_converge": policy},
+            "options": {"bandwidth_mbps": cap, "downtime_ms": BUDGET_MS, "on_no_converge": policy,
+                        **(options or {})},
         })  # fmt: skip
         if status != 202:
             raise RuntimeError(f"migration refused: {doc}")
@@ -476,6 +479,7 @@ async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str, polic
         "budget_exceeded": st.get("budget_exceeded"), "error": st.get("error"),
         "round_log": st.get("rounds"), "estimate_parts": m.get("estimate_parts"),
         "final_rate_bytes_s": m.get("final_rate_bytes_s"),
+        "dest_dedup": m.get("dest_dedup"), "link_share": m.get("link_share"),
     }  # fmt: skip
     # pre-copy gave up and the policy kept the guest at the source: an outcome, not a failure
     by_policy = (st["phase"] == "failed" and policy == "abort" and m.get("converged") is False

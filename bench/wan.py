@@ -12,7 +12,9 @@ engine, fresh guests (TCG) are booted in A and migrated to B:
 
 - **single**: one guest with the realistic memory profile, while B already runs
   a guest of the same image (booted there first, running through every engine's
-  row): what destination-side dedup can use.
+  row; before each of our engine's rows B indexes its RAM, ``POST
+  /v1/host/dedup-index``, as before a drain): what destination-side dedup can use.
+  ``novacron-nodedup`` is our engine with that dedup off, for the bytes it saves.
 - **evacuation**: ``--vms`` realistic guests of the same image, all migrated to
   B at once (a host drain). Our engine gets one migration request per VM, sent
   together; QEMU one migration per VM, started together.
@@ -68,7 +70,10 @@ from novacron.bench.report import Report
 DESCRIPTION = ("WAN live migration through a tc-tbf shaped veth between two namespaces: novacron vs "
                "QEMU tcp and multifd+zstd; realistic guest with its image at the destination, N-VM "
                "evacuation, random guest")
-ENGINES = ("novacron", "qemu-tcp", "qemu-multifd-zstd")
+# novacron-nodedup: our engine with destination-side dedup off (migration option
+# dest_dedup: false), to show what the have/need exchange saves on the same guests
+ENGINES = ("novacron", "novacron-nodedup", "qemu-tcp", "qemu-multifd-zstd")
+OURS = {"novacron": {}, "novacron-nodedup": {"dest_dedup": False}}
 CASES = ("single", "evacuation", "random")
 REFERENCE = "qemu-multifd-zstd"
 MB = 1_000_000
@@ -342,8 +347,8 @@ class _Ctx:
 
     async def case(self, engine: str, case: str, n: int) -> dict[str, Any] | None:
         profile = "random" if case == "random" else "realistic"
-        if engine == "novacron":
-            return await self._ours(case, n, profile)
+        if engine in OURS:
+            return await self._ours(engine, case, n, profile)
         return await self._qemu(engine, case, n, profile)
 
     async def _measure(self, ends: tuple[Callable[[], list[int]], Callable[[], list[int]]],
@@ -373,7 +378,7 @@ class _Ctx:
         }
 
     # -- our engine: two agents ------------------------------------------------
-    async def _ours(self, case: str, n: int, profile: str) -> dict[str, Any]:
+    async def _ours(self, engine: str, case: str, n: int, profile: str) -> dict[str, Any]:
         a, b = self.agents
         names = self._names(case, n)
         for name in names:
@@ -382,9 +387,14 @@ class _Ctx:
                 raise RuntimeError(f"cannot create guest {name}: {doc}")
         boots = await asyncio.gather(*(_first_boot(_reader(_agent_console, a, name), name) for name in names))
         resident = set(b.qemu_pids())  # the destination's own guest is no part of the migration
+        # the destination indexes the RAM of the guests it runs (the resident one) before
+        # the migration starts, as before a drain; otherwise it would learn it meanwhile
+        status, index = await b.request("POST", "/v1/host/dedup-index", timeout=300.0)
+        if status != 200:
+            raise RuntimeError(f"destination could not index its guests' RAM: {index}")
 
         async def migrate() -> list[dict[str, Any]]:
-            rows = await asyncio.gather(*(_ours_once(a, b, name, 0.0, boot, "abort")
+            rows = await asyncio.gather(*(_ours_once(a, b, name, 0.0, boot, "abort", OURS[engine])
                                           for name, boot in zip(names, boots, strict=True)))
             for name, row in zip(names, rows, strict=True):
                 row["name"] = name
@@ -400,7 +410,11 @@ class _Ctx:
                 for agent in (a, b):
                     with contextlib.suppress(Exception):
                         await agent.request("DELETE", f"/v1/vms/{name}")
-        row["engine"] = "novacron"
+        row["engine"] = engine
+        row["dedup_index"] = index  # the destination's index when the migration started
+        dd = [r.get("dest_dedup") or {} for r in row["per_vm"]]
+        row["dedup_offered"] = sum(int(d.get("offered", 0)) for d in dd)
+        row["dedup_hits"] = sum(int(d.get("hits", 0)) for d in dd)  # pages copied at the destination
         return row
 
     # -- QEMU's own migration, bench migrate's driver -------------------------------
@@ -464,18 +478,22 @@ def _report(args: argparse.Namespace, links: list[float], results: list[dict[str
         f"load average at start {load_start}",
         ["link Mbit/s", "case", "engine", "VMs", "guest check", "total s", "downtime ms (guest)", "wire MB",
          "CPU s source", "CPU s dest", "load", f"time vs {REFERENCE}", f"downtime vs {REFERENCE}",
-         f"wire vs {REFERENCE}"],
+         f"wire vs {REFERENCE}", "pages copied at dest / offered", "wire vs novacron-nodedup"],
     )
     ref = {(r["link_mbit"], r["case"]): r for r in results if r["engine"] == REFERENCE and not r["failed"]}
+    nodd = {(r["link_mbit"], r["case"]): r for r in results if r["engine"] == "novacron-nodedup" and not r["failed"]}
     for r in results:
         base = None if r["failed"] else ref.get((r["link_mbit"], r["case"]))
         r["time_vs_ref"] = _ratio(r["total_s"], base["total_s"]) if base else None
         r["downtime_vs_ref"] = _ratio(r["downtime_ms"], base["downtime_ms"]) if base else None
         r["wire_vs_ref"] = _ratio(r["wire_bytes"], base["wire_bytes"]) if base else None
+        off = None if r["failed"] or r["engine"] != "novacron" else nodd.get((r["link_mbit"], r["case"]))
+        r["wire_vs_nodedup"] = _ratio(r["wire_bytes"], off["wire_bytes"]) if off else None
+        hits = f"{r['dedup_hits']} / {r['dedup_offered']}" if "dedup_hits" in r else "-"
         table.add(f"{r['link_mbit']:g}", r["case"], r["engine"], r["vms"],
                   "ok" if not r["failed"] else f"FAILED: {r['verify_detail']}", r["total_s"], r["downtime_ms"],
                   None if r["wire_bytes"] is None else r["wire_bytes"] / MB, r["cpu_s_source"], r["cpu_s_destination"], r["load_1m"],
-                  r["time_vs_ref"], r["downtime_vs_ref"], r["wire_vs_ref"])
+                  r["time_vs_ref"], r["downtime_vs_ref"], r["wire_vs_ref"], hits, r["wire_vs_nodedup"])
     failed = [r for r in results if r["failed"]]
     report.data = {
         "links_mbit": links, "memory_mb": args.memory_mb, "workload_mb": args.workload_mb,
@@ -493,7 +511,11 @@ def _report(args: argparse.Namespace, links: list[float], results: list[dict[str
         "request (destination preparation included) until the guest runs at the destination; evacuation: "
         "the longest VM. downtime: the guest's own heartbeat gap (worst VM). wire: bytes through the shaped "
         "veth, both directions, from its kernel counters. CPU s: every process of that end (agent and its "
-        "QEMUs, or QEMU), guest vCPU threads left out. Ratios < 1 favour the row's engine.")
+        "QEMUs, or QEMU), guest vCPU threads left out. Ratios < 1 favour the row's engine. "
+        "novacron-nodedup: our engine with destination-side dedup off (dest_dedup: false); before each "
+        "of our rows the destination indexes its running guests' RAM (POST /v1/host/dedup-index, not "
+        "timed); pages copied at dest: pages the destination copied from what it held instead of "
+        "receiving them (all VMs of the row).")
     report.notes.append(f"load average at start {load_start}, at end {load_end}.")
     return report
 

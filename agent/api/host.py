@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from novacron import __version__
+from novacron.agent.api.common import json_error
 from novacron.agent.appkeys import ACCEL, CONFIG, VMS
 
 
@@ -75,6 +76,20 @@ async def host(request: web.Request) -> web.Response:
     return web.json_response(await host_document(request.app))
 
 
+async def warm_dedup_index(request: web.Request) -> web.Response:
+    """``POST /v1/host/dedup-index``: hash the RAM of the VMs running here into the
+    destination-side dedup index now rather than when the next migration arrives
+    (before a drain to this host); returns the index's figures."""
+    from novacron.agent.api.migrations import MANAGER_KEY
+
+    manager = request.app.get(MANAGER_KEY)
+    index = None if manager is None else manager.page_index
+    if index is None:
+        return json_error(409, "destination-side dedup is off on this agent (dedup = false)")
+    return web.json_response(await index.warm())
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/host", host)
+    app.router.add_post("/v1/host/dedup-index", warm_dedup_index)

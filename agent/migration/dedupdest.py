@@ -197,6 +197,17 @@ class PageIndex:
         if self._indexer is not None:
             await asyncio.shield(self._indexer)
 
+    async def warm(self) -> dict[str, Any]:
+        """Index the RAM of the VMs running here now, ahead of migrations (a drain
+        about to arrive, a benchmark): ``refresh`` then wait for the indexing. The
+        files are parked again unless a migration is arriving; returns ``stats``."""
+        self.refresh()
+        await self.wait_indexed()
+        with self.lock:
+            if not self._incoming:
+                self._park()
+        return self.stats()
+
     # -- accounting ------------------------------------------------------
     @property
     def memory_bytes(self) -> int:

@@ -24,8 +24,12 @@ to time at low caps (the acks' own granularity), hence the probe.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 # Before the hand-over we do not know the device state's size; QEMU's (RAM
 # excluded by x-ignore-shared, no VGA) is ~300 KB (README). Only the estimate uses it.
@@ -155,10 +159,14 @@ class Estimate:
     final_pages: float
     device_state: float
     handover: float
+    # other migrations' unacked bytes ahead of ours on a shared link (LinkShare): slowing
+    # this guest does not shrink them
+    queued_others: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.final_scan + self.queued + self.final_pages + self.device_state + self.handover
+        return (self.final_scan + self.queued + self.final_pages + self.device_state + self.handover
+                + self.queued_others)
 
     def parts_ms(self) -> dict[str, float]:
         return {f"{k}_ms": round(v * 1000.0, 2) for k, v in self.__dict__.items()}
@@ -178,7 +186,7 @@ def final_rate(*, link_bytes_s: float, uncapped_bytes_s: float, cap_bytes_s: flo
 
 def switchover(*, dirty_pages: int, bytes_per_page: float, queued_bytes: int, device_bytes: int,
                link_bytes_s: float, final_bytes_s: float, scan_s: float, rtt_s: float,
-               handover_s: float = HANDOVER_FIXED_S) -> Estimate:
+               handover_s: float = HANDOVER_FIXED_S, queued_others_bytes: int = 0) -> Estimate:
     """The pause if stop-and-copy started now. ``final_bytes_s``: the rate of the pages
     sent while paused (the link, or the cap when the operator throttles them too)."""
     link = max(link_bytes_s, 1.0)
@@ -190,4 +198,129 @@ def switchover(*, dirty_pages: int, bytes_per_page: float, queued_bytes: int, de
         device_state=device_bytes / final,
         # device_end -> ready, go -> resumed: two round trips, plus the QEMU work
         handover=2 * rtt_s + handover_s,
+        queued_others=queued_others_bytes / link,
     )
+
+
+# -- migrations from this agent to one destination share its link --------------
+TURN_ROUNDS = 3  # exclusive rounds a migration may hold the link for before it yields its turn
+HOLD_MAX_S = 60.0  # longest a held migration waits for another's turn (a safety net, never a hang)
+
+
+class ShareMember(Protocol):
+    """What a migration tells its ``LinkShare``: its acked rate now and its bytes
+    written but not acknowledged yet."""
+
+    def share_figures(self, now: float) -> tuple[float, int]: ...
+
+
+class LinkShare:
+    """The link from this agent to one destination, shared by the migrations to it
+    running at once (a drain). Each migration's acks measure only its share of the
+    link, so each alone would budget its pause at a fraction of the link and, with
+    a few of them, none would fit the budget. Instead:
+
+    - the link's rate is the sum of the members' acked rates measured while all of
+      them send (an EWMA: the acks of one flow miss the others');
+    - a migration whose pause would fit the budget *with the link to itself* takes
+      the **turn** (one at a time): the others hold their pre-copy writes until it
+      is resumed at the destination or yields (``TURN_ROUNDS`` rounds without
+      converging), so its last round and its pause do have the link alone.
+
+    One migration alone never waits and sees its own rate (``aggregate`` is 0)."""
+
+    def __init__(self) -> None:
+        self.members: set[ShareMember] = set()
+        self.holder: ShareMember | None = None
+        self.link_bytes_s = 0.0  # the whole link: EWMA of the members' summed rates
+        self.samples = 0
+        self._free: asyncio.Event | None = None  # set while no one holds the turn
+        self._turn: asyncio.Lock | None = None
+
+    def _sync(self) -> tuple[asyncio.Event, asyncio.Lock]:
+        # created lazily in the running loop (the registry outlives any one loop in tests)
+        if self._free is None or self._turn is None:
+            self._free, self._turn = asyncio.Event(), asyncio.Lock()
+            self._free.set()
+        return self._free, self._turn
+
+    def join(self, m: ShareMember) -> None:
+        self.members.add(m)
+
+    def leave(self, m: ShareMember) -> None:
+        self.members.discard(m)
+        self.release(m)
+        if not self.members and self.holder is None:
+            self._free = self._turn = None  # the next drain may run in another event loop
+
+    def others(self, m: ShareMember) -> int:
+        return len(self.members - {m})
+
+    def observe(self, now: float) -> None:
+        """Sample the summed rate, while no one holds the turn and several send."""
+        if self.holder is not None or len(self.members) < 2:
+            return
+        rates = [r for r, _ in (m.share_figures(now) for m in self.members)]
+        if sum(1 for r in rates if r > 0) < 2:  # one flow alone measures itself only
+            return
+        total = sum(rates)
+        self.link_bytes_s = total if not self.samples else 0.7 * self.link_bytes_s + 0.3 * total
+        self.samples += 1
+
+    def aggregate(self, m: ShareMember, now: float) -> float:
+        """The link's rate for ``m``'s pause (it will hold the turn by then); 0 when
+        ``m`` is alone (its own measure is the link)."""
+        if not self.others(m):
+            return 0.0
+        self.observe(now)
+        return self.link_bytes_s
+
+    def queued_others(self, m: ShareMember, now: float) -> int:
+        """Bytes the other members wrote that the destination has not acked: they
+        cross the link ahead of ``m``'s last pages."""
+        return sum(q for o in self.members if o is not m for _, q in [o.share_figures(now)])
+
+    async def acquire(self, m: ShareMember) -> None:
+        """Wait for the turn (others' pauses come first, one at a time)."""
+        if self.holder is m:
+            return
+        free, turn = self._sync()
+        await turn.acquire()
+        self.holder = m
+        free.clear()
+
+    def release(self, m: ShareMember) -> None:
+        if self.holder is not m:
+            return
+        free, turn = self._sync()
+        self.holder = None
+        free.set()
+        turn.release()
+
+    def holds(self, m: ShareMember) -> bool:
+        return self.holder is m
+
+    async def wait_turn(self, m: ShareMember) -> float:
+        """Before a pre-copy write: wait while another member holds the turn (at most
+        ``HOLD_MAX_S``). Returns the seconds waited."""
+        if self.holder is None or self.holder is m:
+            return 0.0
+        free, _ = self._sync()
+        t0 = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(free.wait(), HOLD_MAX_S)
+        return time.monotonic() - t0
+
+
+SHARES: dict[str, LinkShare] = {}
+
+
+def link_share(peer: str) -> LinkShare:
+    """The share of the link to ``peer`` (``host[:port]``) among this agent's migrations."""
+    host = peer.rpartition(":")[0] or peer
+    share = SHARES.get(host)
+    if share is None:
+        for k in [k for k, v in SHARES.items() if not v.members][: max(0, len(SHARES) - 1023)]:
+            del SHARES[k]  # bounded: forget idle destinations
+        share = SHARES[host] = LinkShare()
+    return share

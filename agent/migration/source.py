@@ -90,7 +90,8 @@ class _Work:
     offered: np.ndarray | None = None
     frames: list[bytes] = field(default_factory=list)
     enc: EncodeStats | None = None
-    repairs: list[tuple[int, list[bytes], int]] = field(default_factory=list)  # (need seq, frames, pages)
+    # (need seq, frames, pages, their encode figures)
+    repairs: list[tuple[int, list[bytes], int, EncodeStats | None]] = field(default_factory=list)
 
 
 class SourceMigration:
@@ -151,6 +152,11 @@ class SourceMigration:
         self._final_wire = 0  # bytes of the pages sent while paused
         self._dirty_per_page: float | None = None  # wire bytes of a re-sent page, lately
         self._learned = estimate.learned(status.peer)  # earlier hand-overs to this destination
+        # other migrations from here to the same destination share its link (a drain)
+        self.share = estimate.link_share(status.peer)
+        self._turn_rounds = 0  # rounds run while holding the link's turn
+        self._share_stats: dict[str, Any] = status.link_share
+        self._share_stats.update(peak_migrations=1, turns=0, turn_wait_s=0.0, held_s=0.0, link_bytes_s=0.0)
         self.policy = CompressionPolicy(enabled=opts.adaptive_compression)
         # destination-side dedup (have/need, dedupdest.py): on when both sides want it
         self.offers = OfferPolicy()
@@ -203,6 +209,7 @@ class SourceMigration:
             if aborted:
                 raise
         finally:
+            self.share.leave(self)
             keepalive.cancel()
             for task in self._side_tasks:
                 task.cancel()
@@ -229,9 +236,11 @@ class SourceMigration:
                 await self._qemu_ram()
                 return
             await self._mirror_disks()
+            self.share.join(self)
             await self._precopy()
             await self._stopcopy()
             await self._switchover()
+            self.share.release(self)  # resumed at the destination: the others may go on
 
     async def _watched(self, phases: Any) -> None:
         """Run ``phases``; cancel them when the watchdog finds a reason to stop."""
@@ -624,8 +633,17 @@ class SourceMigration:
             })
             log.info("pre-copy round", extra={"migration": st.id, **st.rounds[-1]})
             if estimate_s <= opts.downtime_ms / 1000.0:  # read each round: it may change live
+                if self.share.others(self) and not self.share.holds(self):
+                    # the pause fits with the link to ourselves: take the turn (others'
+                    # pauses first), then one round alone before deciding again
+                    await self._take_turn()
+                    continue
                 st.converged = True
                 break
+            if self.share.holds(self):
+                self._turn_rounds += 1
+                if self._turn_rounds >= estimate.TURN_ROUNDS:  # not converging alone either: yield
+                    self.share.release(self)
             if st.round >= opts.max_rounds:
                 st.converged = False
                 self._on_no_convergence(est)
@@ -666,9 +684,35 @@ class SourceMigration:
         rate = self._link_rate()
         self.link.rtt_sample(max(0.0, waited - queued / rate))
 
+    def share_figures(self, now: float) -> tuple[float, int]:
+        """For the link's other migrations (estimate.LinkShare): our acked rate now, our
+        bytes not acked yet."""
+        st = self.status
+        return self.link.current_rate(now), max(0, st.bytes_wire - st.bytes_acked)
+
+    async def _take_turn(self) -> None:
+        t0 = time.monotonic()
+        await self.share.acquire(self)
+        self._turn_rounds = 0
+        self._share_stats["turns"] += 1
+        self._share_stats["turn_wait_s"] = round(self._share_stats["turn_wait_s"] + time.monotonic() - t0, 3)
+
     def _switchover_estimate(self, dirty: int) -> estimate.Estimate:
         st, opts = self.status, self.opts
         link = self._link_rate()
+        now = time.monotonic()
+        others = self.share.others(self)
+        queued, queued_others = max(0, st.bytes_wire - st.bytes_acked), 0
+        if others:
+            # we pause only holding the turn, the others' writes held: the whole link is
+            # ours then, behind what they still have queued (before we hold it, that drains
+            # during the round we then run alone)
+            link = max(link, self.share.aggregate(self, now))
+            if self.share.holds(self):
+                queued_others = self.share.queued_others(self, now)
+            ss = self._share_stats
+            ss["peak_migrations"] = max(ss["peak_migrations"], others + 1)
+            ss["link_bytes_s"] = round(self.share.link_bytes_s, 1)
         final = estimate.final_rate(link_bytes_s=link, uncapped_bytes_s=self.link.uncapped_rate,
                                     cap_bytes_s=opts.bandwidth_mbps * 1e6,
                                     throttle_final=opts.throttle_final,
@@ -676,10 +720,10 @@ class SourceMigration:
         st.final_rate_bytes_s = final
         return estimate.switchover(
             dirty_pages=dirty, bytes_per_page=self._dirty_per_page or self._bytes_per_page(),
-            queued_bytes=max(0, st.bytes_wire - st.bytes_acked),
+            queued_bytes=queued,
             device_bytes=self._learned.device_bytes, link_bytes_s=link, final_bytes_s=final,
             scan_s=self._scan_s, rtt_s=self.link.rtt_s or 0.0,
-            handover_s=self._learned.handover_s)
+            handover_s=self._learned.handover_s, queued_others_bytes=queued_others)
 
     def _on_no_convergence(self, est: estimate.Estimate) -> None:
         """Pre-copy cannot reach the budget: the operator's policy decides, and says so."""
@@ -734,7 +778,8 @@ class SourceMigration:
                 if len(data):
                     w.frames, w.enc = sender.encode(data, zero), sender.last
             for seq, pages in repairs:  # as they are now: they may have changed since offered
-                w.repairs.append((seq, sender.encode(pages), len(pages)))
+                frames = sender.encode(pages)
+                w.repairs.append((seq, frames, len(pages), sender.last))
             return w
 
         def start(i: int) -> asyncio.Task[_Work]:
@@ -757,6 +802,10 @@ class SourceMigration:
                 if i + 1 < len(batches):
                     pending = start(i + 1)
                 self._check_inbox()
+                # another migration to this destination may hold the link's turn: wait.
+                # Not with repairs: the holder's destination may be waiting on those pages
+                if not w.repairs and not self._paused and (held := await self.share.wait_turn(self)):
+                    self._share_stats["held_s"] = round(self._share_stats["held_s"] + held, 3)
                 if w.have is not None:
                     assert w.offered is not None
                     self._outstanding[w.batch_no] = (np.sort(w.offered.astype(np.uint32)),
@@ -769,8 +818,12 @@ class SourceMigration:
                 if w.enc is not None:
                     policy.observe(w.enc, time.perf_counter() - t_send, wire)
                     st.pipeline = policy.as_dict()
-                for seq, frames, n in w.repairs:
-                    await self._write(frames, throttled)
+                for seq, frames, n, enc in w.repairs:
+                    t_send = time.perf_counter()
+                    wire = await self._write(frames, throttled)
+                    if enc is not None:  # repairs are most of the data when offers hit: the policy learns from them too
+                        policy.observe(enc, time.perf_counter() - t_send, wire)
+                        st.pipeline = policy.as_dict()
                     self.dd["repaired"] += n
                     await self.ch.send_ctrl({"op": "repaired", "seq": seq})
                 if i < len(batches):

@@ -55,6 +55,8 @@ class MigrationStatus:
     pipeline: dict[str, Any] = field(default_factory=dict)  # compression choices and rates (pipeline.py)
     # post-copy (postcopy.py): used, time_to_resume_ms, recoveries, recover_ms, blocktime, qemu figures
     postcopy: dict[str, Any] = field(default_factory=dict)
+    # the link to the destination shared with this agent's other migrations to it (estimate.LinkShare)
+    link_share: dict[str, Any] = field(default_factory=dict)
     converged: bool | None = None
     throttle_pct: float = 0.0
     digest_source: str | None = None
@@ -170,6 +172,7 @@ class MigrationStatus:
             "phase_seconds": {k: round(v, 4) for k, v in self.phase_seconds.items()},
             "native": self.native,
             "dest_dedup": self.dedup,
+            "link_share": self.link_share,
         }
 
     def to_dict(self) -> dict[str, Any]:

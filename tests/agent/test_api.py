@@ -60,7 +60,8 @@ async def test_health_needs_no_token(agent: LocalAgent) -> None:
 async def test_bad_token_refused_and_nothing_changes(agent: LocalAgent, spec: dict[str, Any], token: str | None) -> None:
     body = json.dumps(spec).encode()
     for method, path, data in [("GET", "/v1/vms", None), ("GET", "/v1/host", None), ("POST", "/v1/vms", body),
-                               ("DELETE", "/v1/vms/vm1", None), ("POST", "/v1/migrations", b"{}")]:  # fmt: skip
+                               ("DELETE", "/v1/vms/vm1", None), ("POST", "/v1/migrations", b"{}"),
+                               ("POST", "/v1/host/dedup-index", None)]:  # fmt: skip
         status, doc = await raw(agent, method, path, data=data, token=token)
         assert status == 401 and doc == {"error": "missing or invalid bearer token"}, (method, path)
     await assert_nothing_there(agent)
@@ -73,6 +74,9 @@ async def test_host_info(agent: LocalAgent) -> None:
     assert host["memory_bytes"] >= host["memory_available_bytes"] > 0
     assert host["accel"]["default"] == "tcg" and host["accel"]["kvm_usable"] is False
     assert host["vms"] == [] and host["data_port"] == agent.data_port > 0 and host["version"]
+    # the dedup index is warmed on request (before a drain); nothing runs here: empty
+    status, index = await agent.request("POST", "/v1/host/dedup-index")
+    assert status == 200 and index["entries"] == 0 and index["files"] == 0, index
 
 
 @pytest.mark.parametrize(

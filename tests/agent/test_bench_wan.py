@@ -148,13 +148,18 @@ def test_report_ratios_to_multifd_and_a_broken_row() -> None:
 
     broken = {**wan._broken_row("qemu-tcp", 1, "RuntimeError: no heartbeat"),
               "link_mbit": 100.0, "case": "single", "load_1m": 1.0}
-    rows = [row("novacron", 5.0, 50.0, 40e6), broken, row("qemu-multifd-zstd", 10.0, 100.0, 100e6)]
+    ours_row = {**row("novacron", 5.0, 50.0, 40e6), "dedup_hits": 100, "dedup_offered": 200}
+    off = {**row("novacron-nodedup", 6.0, 60.0, 80e6), "dedup_hits": 0, "dedup_offered": 0}
+    rows = [ours_row, off, broken, row("qemu-multifd-zstd", 10.0, 100.0, 100e6)]
     report = wan._report(_args(), [100.0], rows, [], "1.00 1.00 1.00", "2.00 2.00 2.00", ["x", "y", "z"])
     ours = report.data["results"][0]
     assert (ours["time_vs_ref"], ours["downtime_vs_ref"], ours["wire_vs_ref"]) == (0.5, 0.5, 0.4)
-    assert report.data["results"][1]["wire_vs_ref"] is None
+    # the dedup exchange's saving: wire bytes against our engine with it off, same case
+    assert ours["wire_vs_nodedup"] == 0.5 and report.data["results"][1]["wire_vs_nodedup"] is None
+    assert report.data["results"][2]["wire_vs_ref"] is None
     table = report.tables[0]
-    assert table.rows[1][4] == "FAILED: RuntimeError: no heartbeat" and table.rows[1][7] is None
-    assert report.data["guest_checks"] == {"rows": 3, "failed": 1}
+    assert table.rows[0][-2:] == ["100 / 200", 0.5] and table.rows[3][-2] == "-"
+    assert table.rows[2][4] == "FAILED: RuntimeError: no heartbeat" and table.rows[2][7] is None
+    assert report.data["guest_checks"] == {"rows": 4, "failed": 1}
     assert any("load average at start 1.00 1.00 1.00, at end 2.00 2.00 2.00" in n for n in report.notes)
     report.print()  # renders with the gaps

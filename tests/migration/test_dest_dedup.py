@@ -137,6 +137,65 @@ async def test_pages_the_destination_runs_are_not_sent(tmp_path: Path, host: Hos
     assert wire[True] < 0.35 * wire[False], wire
 
 
+async def test_warming_indexes_running_vms_and_maps_nothing_after(tmp_path: Path) -> None:
+    """``PageIndex.warm`` (POST /v1/host/dedup-index): the running VMs' RAM is hashed
+    before any migration arrives, and no RAM file stays mapped afterwards."""
+    h = Host(tmp_path / "dst")
+    running = h.running_vm(tmp_path, image(8))
+    try:
+        stats = await h.index.warm()
+    finally:
+        running.close()
+    assert stats["pages_indexed"] == PAGES and stats["files"] == 1, stats
+    assert 0.8 * PAGES < stats["entries"] <= PAGES  # a tenth zero, all alike: one entry
+    assert all(s.mm is None for s in h.index._slots.values())
+
+
+def text_pages(seed: int, pages: int) -> np.ndarray:
+    """Compressible pages: random sentences from a small vocabulary (zstd ~3x)."""
+    rng = np.random.default_rng(seed)
+    words = [bytes(rng.integers(97, 123, size=rng.integers(3, 9), dtype=np.uint8)) + b" " for _ in range(200)]
+    out = np.empty((pages, PAGE), dtype=np.uint8)
+    for i in range(pages):
+        text = b"".join(words[j] for j in rng.integers(0, len(words), size=PAGE // 3))
+        out[i] = np.frombuffer(text[:PAGE], dtype=np.uint8)
+    return out
+
+
+async def test_repairs_are_compressed_when_the_link_is_the_bound(tmp_path: Path, host: Host) -> None:
+    """Half the guest is already at the destination, the other half is compressible
+    text: the pages it needs (repairs) are weighed by the compression policy like any
+    data (unseen, they all went stored and the exchange cost more than it saved on
+    a real guest), so the exchange never costs more than it saves."""
+    pages = 2048
+    base = text_pages(9, pages)
+    running = host.running_vm(tmp_path, base)
+    await host.warm()
+    wire = {}
+    try:
+        for dedup in (False, True):
+            src = MemSourceVM(tmp_path / f"src{dedup}", f"tvm{int(dedup)}", pages=pages)
+            mem = base.copy()
+            mem[pages // 2:] = text_pages(10, pages - pages // 2)  # its own half
+            src.mm[:] = mem.tobytes()
+            try:
+                st = await migrate(src, host.server.port, mid=f"t{int(dedup)}", dest_dedup=dedup,
+                                   bandwidth_mbps=80, batch_pages=64)
+            finally:
+                src.close()
+            assert st.phase == "completed", st.error
+            assert st.digest_source == st.digest_destination
+            wire[dedup] = st.bytes_wire
+            if dedup:
+                assert st.dedup["hits"] >= pages // 2 - 10, st.dedup
+                # the 16 batches of its own pages went as repairs: the policy saw each
+                assert st.pipeline["batches"] >= 16, st.pipeline
+    finally:
+        running.close()
+    print("text guest, wire bytes without/with dedup", wire)
+    assert wire[True] < 0.75 * wire[False], wire
+
+
 async def test_cached_pages_that_change_are_repaired(tmp_path: Path, host: Host) -> None:
     """The destination's running VM writes its RAM all along (and 500 pages changed
     right after they were indexed): those stale entries are misses, the source

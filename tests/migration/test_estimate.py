@@ -37,7 +37,12 @@ def test_switchover_estimate_adds_every_part() -> None:
                               scan_s=0.01, rtt_s=0.002, handover_s=0.03)
     assert est.total == pytest.approx(0.01 + 0.1 + 0.2048 + 0.03 + 0.004 + 0.03)
     assert set(est.parts_ms()) == {"final_scan_ms", "queued_ms", "final_pages_ms", "device_state_ms",
-                                   "handover_ms"}
+                                   "handover_ms", "queued_others_ms"}
+    # a shared link: the other migrations' unacked bytes count, as a part of their own
+    shared = estimate.switchover(dirty_pages=1000, bytes_per_page=2048, queued_bytes=1_000_000,
+                                 device_bytes=300_000, link_bytes_s=10e6, final_bytes_s=10e6,
+                                 scan_s=0.01, rtt_s=0.002, handover_s=0.03, queued_others_bytes=2_000_000)
+    assert shared.queued_others == pytest.approx(0.2) and shared.total == pytest.approx(est.total + 0.2)
     # pages held to a cap while paused take longer
     capped = estimate.switchover(dirty_pages=1000, bytes_per_page=2048, queued_bytes=0,
                                  device_bytes=0, link_bytes_s=10e6, final_bytes_s=1e6,
