@@ -57,7 +57,13 @@ class SharedDir:
                    verify_s: int = 2, shared_memory: bool = False) -> str:
         """A TCG domain booting the test guest; its serial console is a pty (input through
         libvirt's console stream) logged to ``log(name)``. ``shared_memory``: its RAM is a
-        shared file in the daemon's memory backing dir (what NovaCron's engine needs)."""
+        shared file in the daemon's memory backing dir (what NovaCron's engine needs).
+
+        ACPI on, as in the QEMUs the agent runs: without ``<acpi/>`` libvirt passes
+        ``-no-acpi``, the guest kernel then has no HPET or PM timer to calibrate its TSC
+        against and keeps time by counting timer ticks (``refined-jiffies``), which TCG
+        loses under load: the guest's clock drifts by a tenth, and the heartbeat gap that
+        measures the migration's pause with it."""
         cmdline = self.guest.workload_cmdline(mem_mb=mem_mb, rate_mb=rate_mb, verify_s=verify_s)
         log = escape(str(self.log(name)))
         backing = ("\n  <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
@@ -72,6 +78,7 @@ class SharedDir:
     <initrd>{escape(str(self.initrd))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
   </os>
+  <features><acpi/></features>
   <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>
