@@ -54,11 +54,22 @@ class SharedDir:
         self.guest = guest
 
     def domain_xml(self, name: str, *, memory_mb: int = 128, mem_mb: int = 16, rate_mb: int = 2,
-                   verify_s: int = 2, shared_memory: bool = False) -> str:
+                   verify_s: int = 2, shared_memory: bool = False, power_button: str = "handle") -> str:
         """A TCG domain booting the test guest; its serial console is a pty (input through
         libvirt's console stream) logged to ``log(name)``. ``shared_memory``: its RAM is a
-        shared file in the daemon's memory backing dir (what NovaCron's engine needs)."""
+        shared file in the daemon's memory backing dir (what NovaCron's engine needs).
+
+        ACPI on, as in the QEMUs the agent runs: without ``<acpi/>`` libvirt passes
+        ``-no-acpi``, the guest kernel then has no HPET or PM timer to calibrate its TSC
+        against and keeps time by counting timer ticks (``refined-jiffies``), which TCG
+        loses under load: the guest's clock drifts by a tenth, and the heartbeat gap that
+        measures the migration's pause with it. The guest powers off cleanly on the ACPI
+        power button (a graceful shutdown) unless ``power_button="ignore"``."""
+        if power_button not in ("handle", "ignore"):
+            raise ValueError(f"power_button: 'handle' or 'ignore', not {power_button!r}")
         cmdline = self.guest.workload_cmdline(mem_mb=mem_mb, rate_mb=rate_mb, verify_s=verify_s)
+        if power_button == "ignore":
+            cmdline += " novacron.power_button=ignore"
         log = escape(str(self.log(name)))
         backing = ("\n  <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
                    if shared_memory else "")
@@ -72,6 +83,7 @@ class SharedDir:
     <initrd>{escape(str(self.initrd))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
   </os>
+  <features><acpi/></features>
   <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>

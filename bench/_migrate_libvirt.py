@@ -36,6 +36,7 @@ from novacron.bench.migrate import (
     HeartbeatWatch,
     _agent_type,
     _first_boot,
+    _precopy_policy,
     _report,
     _row_check,
     _wait_migration,
@@ -107,7 +108,7 @@ async def _run_size(args: argparse.Namespace, guests: list[str]) -> list[dict[st
                 for cap in caps:
                     for engine in ENGINES:
                         row = await _once(src, dst, shared, name, engine, cap, boot)
-                        row["guest"] = kind
+                        row["guest"], row["busy_rate_mb"] = kind, rate
                         row["load_1m"] = os.getloadavg()[0]
                         rows.append(row)
                         if row["failed"]:  # a healthy guest for the next case, on the first host
@@ -175,18 +176,31 @@ async def _once(src: Any, dst: Any, shared: Any, name: str, engine: str, cap: fl
         await watch.beat_after(t0 + total_s)
     finally:
         await watch.stop()
-    m = st["metrics"]
-    phases = m.get("phase_seconds") or {}
-    row = {
-        "cap_mbps": cap, "engine": engine, "total_s": total_s,
-        "prepare_s": float(phases.get("prepare", 0.0)),
-        "engine_total_s": m.get("total_s"), "pause_ms": watch.pause_ms(),
-        "downtime_ms": m.get("downtime_ms"), "engine_downtime_ms": m.get("downtime_ms"),
-        "wire_bytes": m.get("bytes_wire") or 0, "rounds": st.get("round"),
-        # not measured: libvirt's engine works in QEMU and libvirtd threads we cannot attribute
-        "cpu_s_per_gib": None, "phase_seconds": phases, "native": m.get("native"),
-    }  # fmt: skip
+    row = _row(engine, cap, total_s, st, watch.pause_ms(), watch.dirty_mb_s())
     if st["phase"] != "completed":
         check = GuestCheck(False, f"migration {st['phase']}: {st.get('error')} (guest: {check.detail})")
     _row_check(row, check)
     return row
+
+
+def _row(engine: str, cap: float, total_s: float, st: dict[str, Any], pause_ms: float | None,
+         dirty_mb_s: float | None) -> dict[str, Any]:
+    """One table row from a migration's final status (either engine) and the guest's figures."""
+    m = st["metrics"]
+    phases = m.get("phase_seconds") or {}
+    converged = m.get("converged")
+    return {
+        "cap_mbps": cap, "engine": engine, "total_s": total_s,
+        "prepare_s": float(phases.get("prepare", 0.0)),
+        "engine_total_s": m.get("total_s"), "pause_ms": pause_ms, "dirty_mb_s": dirty_mb_s,
+        "downtime_ms": m.get("downtime_ms"), "engine_downtime_ms": m.get("downtime_ms"),
+        "wire_bytes": m.get("bytes_wire") or 0, "rounds": st.get("round"),
+        # not measured: libvirt's engine works in QEMU and libvirtd threads we cannot attribute
+        "cpu_s_per_gib": None, "phase_seconds": phases, "native": m.get("native"),
+        "migrated": st["phase"] == "completed",
+        # libvirt's engine does not say whether pre-copy converged by itself ("?")
+        "converged": converged if engine == "novacron" else None,
+        "policy": ("libvirt pre-copy, auto-converge" if engine == "libvirt"
+                   else _precopy_policy(m.get("throttle_pct")) if converged else "abort"),
+        "error": st.get("error"), "stop_scan": m.get("stop_scan"), "dest_dedup": m.get("dest_dedup"),
+    }  # fmt: skip

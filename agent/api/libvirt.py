@@ -48,7 +48,9 @@ from novacron.agent.hypervisors.libvirt_port import (
     LibvirtLocalVMs,
     clean_stale_incoming,
     libvirt_source,
+    running_rams,
 )
+from novacron.agent.migration.dedupdest import PageIndex
 from novacron.agent.migration.manager import OtherEngine
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.vmport import SourceVM
@@ -134,17 +136,21 @@ def setup(app: web.Application) -> None:
     app[LIBVIRT_MIGRATIONS] = migrations
     # the fleet's migration API (/v1/migrations, coordinator grants), both engines behind it
     busy: set[str] = set()  # domains our engine is moving (either way)
+    memory_dir = Path(cfg.libvirt_memory_dir)
 
     async def get_source(name: str) -> SourceVM:
-        return await libvirt_source(host, name, Path(cfg.libvirt_memory_dir), busy)
+        return await libvirt_source(host, name, memory_dir, busy)
 
     async def libvirt_engine(name: str, grant: Grant, mid: str, opts: MigrationOptions) -> OtherEngine:
         return await migrations.for_grant(name, grant.target, mid, opts)
 
+    # destination-side dedup: the RAM files of the domains running on this daemon
+    index = PageIndex(cfg.dedup_index_max_mb, lambda: running_rams(memory_dir, busy)) if cfg.dedup else None
     manager = make_manager(cfg, source_vm=get_source,
-                           dest_factory=LibvirtDestFactory(host, Path(cfg.libvirt_memory_dir), busy,
-                                                                [Path(p) for p in cfg.libvirt_path_dirs]),
-                           local_vms=LibvirtLocalVMs(host, busy), engines={"libvirt": libvirt_engine})
+                           dest_factory=LibvirtDestFactory(host, memory_dir, busy,
+                                                           [Path(p) for p in cfg.libvirt_path_dirs]),
+                           local_vms=LibvirtLocalVMs(host, busy), engines={"libvirt": libvirt_engine},
+                           page_index=index)
     app[BUSY] = busy
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:

@@ -240,7 +240,7 @@ def _share_with(path: Path, uid: int) -> None:
 
 class LibvirtSource:
     def __init__(self, host: LibvirtHost, dom: Any, qmp: LibvirtQMP, ram: tuple[Path, os.stat_result, int],
-                 xml: str, persistent: bool, busy: set[str]) -> None:
+                 xml: str, persistent: bool, busy: set[str], pid: int | None = None) -> None:
         self.host, self.dom, self.qmp, self.busy = host, dom, qmp, busy
         self.name = str(dom.name())
         self.ram_path, st, self.ram_size = ram
@@ -250,10 +250,17 @@ class LibvirtSource:
         # (it is its own), which libvirt removes with the domain
         self.work_dir = self.ram_path.parent
         self.xml, self.persistent = xml, persistent
+        self._pid = pid
+
+    # libvirt places QEMU's threads in cgroups of its own (vCPU, emulator): the engine's
+    # auto-converge must not move the process into its throttle cgroup and back (that
+    # would merge them); it throttles by pause/resume through libvirt instead
+    cgroup_throttle = False
 
     @property
     def pid(self) -> int | None:
-        return None  # libvirt does not say; the engine then bounds nothing by page tables
+        """The domain's QEMU (``qemu_pid``): the pause scan reads its page tables."""
+        return self._pid
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "libvirt_xml": self.xml, "persistent": self.persistent,
@@ -313,8 +320,32 @@ async def libvirt_source(host: LibvirtHost, name: str, memory_dir: Path, busy: s
                          "<access mode='shared'/></memoryBacking> (or use engine 'libvirt')")
     qmp = LibvirtQMP(host, dom)
     ram = await ram_file(qmp, memory_dir)
+    pid = await qemu_pid(qmp, ram[1])
     busy.add(name)
-    return LibvirtSource(host, dom, qmp, ram, clean_xml(xml), bool(doc["persistent"]), busy)
+    return LibvirtSource(host, dom, qmp, ram, clean_xml(xml), bool(doc["persistent"]), busy, pid)
+
+
+async def qemu_pid(qmp: LibvirtQMP, ram_stat: os.stat_result) -> int | None:
+    """The domain's QEMU process, which libvirt's API does not name: the thread group of
+    its first vCPU thread (QMP ``query-cpus-fast``), if that process maps the domain's RAM
+    file (its device and inode). None when it cannot be told (QEMU in another PID
+    namespace, /proc unreadable): the pause then scans all RAM, as before."""
+    try:
+        cpus = await qmp.execute("query-cpus-fast") or []
+        tid = int(cpus[0]["thread-id"])
+        status = Path(f"/proc/{tid}/status").read_text()
+        pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Tgid:")))
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except (QMPError, VMError, TimeoutError, OSError, LookupError, ValueError, StopIteration, TypeError) as exc:
+        log.info("the domain's QEMU process is unknown", extra={"error": str(exc)})
+        return None
+    dev = f"{os.major(ram_stat.st_dev):02x}:{os.minor(ram_stat.st_dev):02x}"
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) >= 5 and fields[3] == dev and fields[4] == str(ram_stat.st_ino):
+            return pid
+    log.info("the vCPU thread's process does not map the domain's RAM file", extra={"pid": pid})
+    return None
 
 
 # ---- the destination ------------------------------------------------------------
@@ -447,6 +478,44 @@ async def clean_stale_incoming(host: LibvirtHost) -> list[str]:
         removed.append(str(dom.name()))
         log.warning("removed an incoming domain left by an earlier agent", extra={"vm": removed[-1]})
     return removed
+
+
+def running_rams(memory_dir: Path, busy: set[str]) -> list[Path]:
+    """The RAM files of the domains running on this daemon with file-backed memory, for
+    destination-side dedup's index (``PageIndex``, which asks at each incoming migration,
+    in the event loop: a directory listing, no libvirt or QMP call, so no domain is
+    tainted by a monitor command just to be indexed).
+
+    libvirt gives each running domain one folder under ``memory_backing_dir``,
+    ``<id>-<name, 20 characters at most>``, holding its memory backends' files
+    (``pc.ram``, or one per NUMA cell) and removes it when the domain stops. Left out:
+    domains our engine is moving (``busy``; an incoming one's RAM is still being written)
+    and folders holding our incoming socket; only regular files owned by the folder's
+    owner (QEMU's user), reached without symlinks. The index re-hashes every page it
+    copies, so a domain that changed since is a miss, never wrong data."""
+    root = Path(os.path.realpath(memory_dir))
+    moving = {n[:20] for n in busy}
+    found: list[Path] = []
+    try:
+        folders = list(os.scandir(root))
+    except OSError:
+        return found  # no domain with file-backed memory has run here yet
+    for folder in folders:
+        dom_id, sep, short = folder.name.partition("-")
+        if not (sep and dom_id.isdigit()) or short in moving or not folder.is_dir(follow_symlinks=False):
+            continue
+        try:
+            owner = folder.stat(follow_symlinks=False).st_uid
+            entries = list(os.scandir(folder.path))
+            if any(e.name == DEVICE_SOCKET for e in entries):
+                continue
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_file(follow_symlinks=False) and st.st_uid == owner and st.st_nlink == 1:
+                    found.append(Path(entry.path))
+        except OSError:
+            continue  # the domain stopped meanwhile
+    return sorted(found)
 
 
 class LibvirtLocalVMs:

@@ -114,7 +114,8 @@ class Throttle:
         return self.level
 
     def _engage(self) -> None:
-        pid = getattr(self.vm, "pid", None)
+        # a VM port may refuse the cgroup (libvirt keeps QEMU's threads in cgroups of its own)
+        pid = getattr(self.vm, "pid", None) if getattr(self.vm, "cgroup_throttle", True) else None
         # never our own process (a VM port backed by this process's memory): the agent would
         # throttle itself, and the migration with it
         if isinstance(pid, int) and pid > 0 and pid != os.getpid() and os.geteuid() == 0:

@@ -146,3 +146,27 @@ def test_bad_arguments_are_refused_before_any_guest_starts(field: str, value: ob
     setattr(args, field, value)
     with pytest.raises(SystemExit, match=words):
         bench.run(args)
+
+
+def test_libvirt_rows_read_like_the_others() -> None:
+    """``--hypervisor libvirt``: rows of both engines, built from their final status,
+    go through the same report (no guests)."""
+    from novacron.bench import _migrate_libvirt as lv
+
+    args = argparse.Namespace(workload_mb=96, busy_rate="16", busy_rates=[16], cap=50.0, policy="abort")
+    done = {"phase": "completed", "round": 3,
+            "metrics": {"total_s": 5.0, "downtime_ms": 180.0, "bytes_wire": 90_000_000,
+                        "phase_seconds": {"prepare": 0.4}, "native": {"engine": "libvirt"}}}
+    ours = {"phase": "completed", "round": 4,
+            "metrics": {"total_s": 3.0, "downtime_ms": 60.0, "bytes_wire": 70_000_000, "converged": True,
+                        "phase_seconds": {"prepare": 0.6}}}
+    rows = [lv._row("libvirt", 50.0, 6.0, done, 195.0, 1.0), lv._row("novacron", 50.0, 4.0, ours, 70.0, None)]
+    for r in rows:
+        r.update(memory_mb=256, guest="idle", busy_rate_mb=0, load_1m=1.0, failed=False, verify="ok",
+                 verify_detail="ok")
+    report = bench._report(args, [256], rows, [])
+    table = report.tables[0]
+    pause, budget = table.columns.index("pause ms (guest)"), table.columns.index("pause vs budget")
+    assert [(r[pause], r[budget]) for r in table.rows] == [(195.0, "195/300 ms within"), (70.0, "70/300 ms within")]
+    conv, pol = table.columns.index("converged"), table.columns.index("policy")
+    assert [(r[conv], r[pol]) for r in table.rows] == [("?", "libvirt pre-copy, auto-converge"), ("yes", "pre-copy")]

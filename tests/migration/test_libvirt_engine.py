@@ -4,10 +4,14 @@ migration API (``/v1/migrations`` with a coordinator grant) of two agents with
 host UUID): a cancelled migration leaves the domain running on its source; ours
 moves it (RAM read from the domain's shared memory file, device state through QMP
 reached by libvirt, both RAMs compared at switchover); libvirt's own brings it
-back; the guest's page checks pass throughout."""
+back; the guest's page checks pass throughout. The destination already runs a
+domain of the same kernel and initrd: destination-side dedup finds pages in its RAM
+file."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
@@ -19,13 +23,19 @@ import pytest
 from novacron.agent.guest import ensure_guest
 from novacron.agent.hypervisors.libvirt import LibvirtHost
 from novacron.agent.hypervisors.libvirt_port import (
+    DEVICE_SOCKET,
     QEMU_NS,
+    LibvirtQMP,
     clean_stale_incoming,
     clean_xml,
     incoming_xml,
+    qemu_pid,
+    ram_file,
+    running_rams,
 )
 from novacron.agent.local import LocalAgent
 from novacron.agent.migration.vmport import AdmissionError
+from novacron.bench.migrate import HeartbeatWatch
 from tests.coordinator.test_cli import cli_env
 from tests.coordinator.test_fleet_ops_e2e import call, cli, fleet, ok
 from tests.libvirtd import LibvirtDaemon, SharedDir, have_libvirtd
@@ -84,6 +94,30 @@ def test_incoming_xml_is_checked_and_marked() -> None:
             incoming_xml(spec, size, ALLOWED)
 
 
+def test_running_rams_lists_the_domains_ram_files(tmp_path: Path) -> None:
+    """What destination-side dedup indexes on a libvirt host: the files in libvirt's
+    per-domain folders (``<id>-<short name>``), not those of domains being moved."""
+    def ram(folder: str, name: str = "pc.ram") -> Path:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        path = tmp_path / folder / name
+        path.write_bytes(b"\0" * 8192)
+        return path
+
+    kept = [ram("1-web"), ram("2-a-name-of-twenty-cha"), ram("5-numa", "ram-node0"), ram("5-numa", "ram-node1")]
+    moving = ram("3-moving")  # our engine moves it (busy): an incoming RAM is still being written
+    ram("4-incoming")
+    (tmp_path / "4-incoming" / DEVICE_SOCKET).touch()
+    ram("notadomain")
+    (tmp_path / "6-link").mkdir()
+    (tmp_path / "6-link" / "pc.ram").symlink_to(kept[0])
+    (tmp_path / "7-hard").mkdir()
+    os.link(tmp_path / "notadomain" / "pc.ram", tmp_path / "7-hard" / "pc.ram")  # two names: not its own
+    (tmp_path / "8-dirlink").symlink_to(tmp_path / "1-web")
+    assert running_rams(tmp_path, {"moving", "a-name-of-twenty-chars-and-more"}) == kept[:1] + kept[2:]
+    assert running_rams(tmp_path, set()) == sorted([*kept, moving])
+    assert running_rams(tmp_path / "nope", set()) == []
+
+
 @pytest.fixture
 def shared() -> Iterator[SharedDir]:
     s = SharedDir(ensure_guest())
@@ -139,10 +173,18 @@ async def test_both_engines_move_a_libvirt_domain_through_the_fleet_api(
     x, y = agents
     ax, ay = Api(x), Api(y)
     a.define(shared.domain_xml("eng1", memory_mb=128, mem_mb=24, rate_mb=2, shared_memory=True))
+    # b already runs a domain of the same kernel and initrd (an operator's, not adopted):
+    # destination-side dedup finds eng1's pages in its RAM file
+    b.define(shared.domain_xml("res1", memory_mb=128, mem_mb=8, rate_mb=0, shared_memory=True))
+    b.virsh("start", "res1")
     await ax.ok("POST", "/v1/vms/eng1/adopt")
     await ax.ok("POST", "/v1/vms/eng1/start")
     hb = await wait_hb(shared, "eng1", 0, timeout=90, min_passes=1)
     boot = hb.group(1)
+    clock = HeartbeatWatch([shared.log("eng1")])  # the guest's clock against the host's
+    clock.start()
+    await wait_hb(shared, "res1", 0, timeout=60, min_passes=1)
+    b.virsh("suspend", "res1")  # booted: its RAM stays as it is, its CPU is spared
 
     # bad requests: a clear error, nothing moves
     grant = x.grant_to(y, "eng1")
@@ -164,7 +206,7 @@ async def test_both_engines_move_a_libvirt_domain_through_the_fleet_api(
     # the destination removes its paused incoming domain once it hears of the abort
     dest_st = await ay.wait_migration(doc["id"], timeout=30)
     assert dest_st["phase"] in ("failed", "cancelled"), dest_st
-    assert domains(b, "--all") == []
+    assert domains(b, "--all") == ["res1"]
     assert (await ax.ok("GET", "/v1/vms/eng1"))["state"] == "running"
     offset = len(shared.read_log("eng1"))
     await wait_hb(shared, "eng1", offset, timeout=30)
@@ -175,29 +217,51 @@ async def test_both_engines_move_a_libvirt_domain_through_the_fleet_api(
     assert st["phase"] == "completed", st
     assert st["digest"]["equal"] is True and st["digest"]["source"], st.get("digest")
     assert st["metrics"]["device_state_bytes"] > 0, st["metrics"]
-    assert domains(a, "--all") == [] and domains(b) == ["eng1"]
-    assert domains(b, "--persistent") == ["eng1"]  # defined there, as it was on a
+    # b's dedup index holds res1's RAM (indexed since the first attempt arrived): pages
+    # of the same kernel and initrd were copied there instead of sent
+    dd = st["metrics"]["dest_dedup"]
+    print("dest dedup", dd)
+    assert dd["hits"] > 500 and dd["hits"] + dd["needed"] == dd["offered"], dd
+    index = (await ay.ok("GET", "/v1/host"))["dedup_index"]
+    assert index["files"] >= 1 and index["pages_indexed"] >= 128 * MIB // 4096, index
+    assert domains(a, "--all") == [] and sorted(domains(b)) == ["eng1", "res1"]
+    assert sorted(domains(b, "--persistent")) == ["eng1", "res1"]  # defined there, as it was on a
     doc = await ay.ok("GET", "/v1/vms/eng1")
     assert doc["state"] == "running" and doc["adopted"] is True
     hb = await wait_hb(shared, "eng1", offset, timeout=60, min_passes=int(hb.group(5)) + 1)
     assert hb.group(1) == boot and hb.group(4) == "0", hb.group(0)  # same boot, no bad page
+    # the guest keeps host time between heartbeats (what the benchmark's pause column
+    # rests on): a guest without ACPI counts TCG's lost ticks and runs a tenth slow
+    await clock.stop()
+    beats = sorted(clock.beats.values(), key=lambda b: b.seq)
+    excess = sorted((b.arrived - a.arrived) - (b.uptime - a.uptime)
+                    for a, b in itertools.pairwise(beats) if b.seq == a.seq + 1)
+    assert len(excess) >= 5 and abs(excess[len(excess) // 2]) < 0.04, excess
 
     # an incoming domain a killed agent left waiting is removed at the next start; the
     # domain that arrived (its live XML still has "-incoming defer") is not
     async with LibvirtHost(b.uri) as host:
+        # the domain's QEMU process, found through its vCPU thread (the pause scan reads its
+        # page tables); a RAM file it does not map names no process
+        dom = await host.domain("eng1")
+        qmp = LibvirtQMP(host, dom)
+        _path, st_ram, _size = await ram_file(qmp, b.memory_dir)
+        [qemu] = [p for p in b.pids() if b"guest=eng1," in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert await qemu_pid(qmp, st_ram) == qemu
+        assert await qemu_pid(qmp, os.stat(shared.kernel)) is None
         stale, _ = incoming_xml({"name": "stale1", "libvirt_xml": shared.domain_xml("stale1", shared_memory=True)},
                                 128 * MIB, [shared.path])
         await host._call((await host._live()).createXML, stale, host.lv.VIR_DOMAIN_START_PAUSED)
-        assert sorted(domains(b)) == ["eng1", "stale1"]
+        assert sorted(domains(b)) == ["eng1", "res1", "stale1"]
         assert await clean_stale_incoming(host) == ["stale1"]
-        assert domains(b, "--all") == ["eng1"] and (await host.get("eng1"))["state"] == "running"
+        assert sorted(domains(b, "--all")) == ["eng1", "res1"] and (await host.get("eng1"))["state"] == "running"
 
     # libvirt's own engine back to a, through the same API (the peer named after host lv-a)
     offset = len(shared.read_log("eng1"))
     st = await migrate(ay, "eng1", x, engine="libvirt")
     assert st["phase"] == "completed", st["error"]
     assert st["metrics"]["native"]["engine"] == "libvirt"
-    assert domains(b, "--all") == [] and domains(a) == ["eng1"]
+    assert domains(b, "--all") == ["res1"] and domains(a) == ["eng1"]
     # our "-incoming defer" did not travel with it
     assert "qemu:commandline" not in a.virsh("dumpxml", "eng1").stdout
     hb2 = await wait_hb(shared, "eng1", offset, timeout=60, min_passes=1)
