@@ -3,7 +3,12 @@ measured encode and link rates."""
 
 from __future__ import annotations
 
-from novacron.agent.migration.pipeline import RESAMPLE, CompressionPolicy, OfferPolicy, first_round_offer
+from novacron.agent.migration.pipeline import (
+    RESAMPLE,
+    CompressionPolicy,
+    OfferPolicy,
+    first_round_offer,
+)
 from novacron.native import EncodeStats
 
 MB = 1_000_000
