@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -74,6 +74,19 @@ DISK_POLL_S = 0.1  # how often the disk mirrors' progress is read while they cat
 # acks to time the link (see estimate.py); the pause sends more than this uncapped anyway
 PROBE_BYTES = 1 << 20
 DISK_FINISH_S = 60.0  # completing ready mirrors (paused guest): drains in-flight writes only
+
+
+# Linux 5.14's MADV_POPULATE_READ (Python 3.11's mmap lacks the name): the first
+# scan touches every page of a fresh mapping, one page fault each; mapping them in
+# one call first cut the first scan of 1 GiB by about half on this machine.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+T = TypeVar("T")
+
+
+def _populate_then(mm: mmap.mmap, fn: Callable[[], T]) -> T:
+    with contextlib.suppress(OSError, ValueError):  # an older kernel: the faults it is
+        mm.madvise(_MADV_POPULATE_READ)
+    return fn()
 
 
 class MigrationFailed(Exception):
@@ -515,7 +528,7 @@ class SourceMigration:
         st.stop_scan = stop_scan.as_dict()
         stop_scan.before_scan(first=True)
         t_scan = time.monotonic()
-        scan = await self.ram_work.run(tracker.scan)
+        scan = await self.ram_work.run(_populate_then, self._mm, tracker.scan)
         self._scan_s = time.monotonic() - t_scan
         log.info("first scan done", extra={"migration": st.id, "seconds": round(self._scan_s, 4),
                                            "dirty": scan.dirty_count, "zero": scan.zero_count})
