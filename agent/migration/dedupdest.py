@@ -220,7 +220,8 @@ class PageIndex:
         return {"entries": len(self.cache), "max_entries": self.max_entries,
                 "memory_bytes": self.memory_bytes, "files": len(self._slots),
                 "pages_indexed": self.indexed_pages,
-                "in_flight": len(self.flights), "refused": self.refused}
+                "in_flight": len(self.flights), "incoming": len(self._incoming),
+                "refused": self.refused}
 
 
 class IncomingDedup:

@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from novacron.agent.migration.diskrelay import SourceDiskRelay
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
 from novacron.agent.migration.options import MigrationOptions
-from novacron.agent.migration.pipeline import CompressionPolicy, OfferPolicy
+from novacron.agent.migration.pipeline import CompressionPolicy, OfferPolicy, first_round_offer
 from novacron.agent.migration.postcopy import (
     POLL_S,
     QEMU_STREAM,
@@ -74,6 +74,19 @@ DISK_POLL_S = 0.1  # how often the disk mirrors' progress is read while they cat
 # acks to time the link (see estimate.py); the pause sends more than this uncapped anyway
 PROBE_BYTES = 1 << 20
 DISK_FINISH_S = 60.0  # completing ready mirrors (paused guest): drains in-flight writes only
+
+
+# Linux 5.14's MADV_POPULATE_READ (Python 3.11's mmap lacks the name): the first
+# scan touches every page of a fresh mapping, one page fault each; mapping them in
+# one call first cut the first scan of 1 GiB by about half on this machine.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+T = TypeVar("T")
+
+
+def _populate_then(mm: mmap.mmap, fn: Callable[[], T]) -> T:
+    with contextlib.suppress(OSError, ValueError):  # an older kernel: the faults it is
+        mm.madvise(_MADV_POPULATE_READ)
+    return fn()
 
 
 class MigrationFailed(Exception):
@@ -161,6 +174,8 @@ class SourceMigration:
         # destination-side dedup (have/need, dedupdest.py): on when both sides want it
         self.offers = OfferPolicy()
         self._offer_on = False
+        self._offer_first = False  # the first round offers (pipeline.first_round_offer)
+        self.dd_first: dict[str, Any] = {}
         self._batch_no = 0
         # batch -> (offered pages, sorted; which of them are answered): 5 bytes a page
         self._outstanding: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -394,7 +409,7 @@ class SourceMigration:
 
     def _dedup_status(self) -> dict[str, Any]:
         saved = self.dd["hits"] * self._data_page_bytes() - self.dd["have_bytes"]
-        return {**self.dd, "enabled": self._offer_on, "bytes_saved_est": int(saved),
+        return {**self.dd, **self.dd_first, "enabled": self._offer_on, "bytes_saved_est": int(saved),
                 "outstanding_batches": len(self._outstanding)}
 
     def _link_rate(self) -> float:
@@ -504,6 +519,11 @@ class SourceMigration:
             self._first = scanning.result()
         # the destination offers its page index: pages it may hold go as digests first
         self._offer_on = self.opts.dest_dedup and isinstance(prepared.get("dedup"), dict)
+        if self._offer_on:
+            self._offer_first, why = first_round_offer(prepared["dedup"], self.opts.bandwidth_mbps > 0)
+            if not self._offer_first:
+                self.offers.expect_no_hits()
+            self.dd_first = {"first_round_offered": self._offer_first, "first_round_reason": why}
         st.dedup = self._dedup_status()
 
     async def _first_scan(self) -> ScanResult:
@@ -517,7 +537,7 @@ class SourceMigration:
         st.stop_scan = stop_scan.as_dict()
         stop_scan.before_scan(first=True)
         t_scan = time.monotonic()
-        scan = await self.ram_work.run(tracker.scan)
+        scan = await self.ram_work.run(_populate_then, self._mm, tracker.scan)
         self._scan_s = time.monotonic() - t_scan
         log.info("first scan done", extra={"migration": st.id, "seconds": round(self._scan_s, 4),
                                            "dirty": scan.dirty_count, "zero": scan.zero_count})
@@ -783,11 +803,14 @@ class SourceMigration:
             return w
 
         def start(i: int) -> asyncio.Task[_Work]:
-            # the first round offers every non-zero page: what lands here is then known
-            # by digest to the migrations beside it (an evacuation sends it once); later
-            # rounds carry re-dirtied pages, offered while it pays (OfferPolicy)
-            by_digest = offering and (self.status.round == 1
-                                      or self.offers.offer_next(self._data_page_bytes()))
+            # the first round offers every non-zero page where a hit is possible or the
+            # link is capped (first_round_offer): what lands there is then known by digest
+            # to the migrations beside it (an evacuation sends it once); later rounds
+            # carry re-dirtied pages, offered while it pays (OfferPolicy)
+            if self.status.round == 1:
+                by_digest = offering and self._offer_first
+            else:
+                by_digest = offering and self.offers.offer_next(self._data_page_bytes())
             repairs, self._repairs = self._repairs, []
             return asyncio.create_task(self.ram_work.run(
                 encode, batches[i] if i < len(batches) else None, by_digest, repairs))

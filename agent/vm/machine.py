@@ -29,11 +29,11 @@ from novacron.agent.qmp import QMPClient, QMPClosedError, QMPError, QMPTimeoutEr
 from novacron.agent.records import read_record, write_record
 from novacron.agent.safefs import create_new, open_regular, read_regular
 from novacron.agent.vm.disks import DiskStore, OpenedDisks
-from novacron.agent.vm.errors import VMConflict, VMStartError
+from novacron.agent.vm.errors import InsufficientSpace, VMConflict, VMStartError
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.network import HostNetworks, TapAnnouncer
 from novacron.agent.vm.qemu_args import QEMU_BINARY, QemuFiles, VMPaths, qemu_argv
-from novacron.agent.vm.ramfile import MIB, prepare_ram_file, remove_ram_file
+from novacron.agent.vm.ramfile import MIB, create_ram_file, prepare_ram_file, remove_ram_file
 from novacron.agent.vm.recovery import QemuProcess, process_cwd
 from novacron.agent.vm.spec import VMSpec
 from novacron.faults import crash_point
@@ -86,6 +86,7 @@ class VM:
         self._event_task: asyncio.Task[None] | None = None
         self._expect_exit = False
         self._starting = False
+        self._reserving: asyncio.Task[None] | None = None  # the RAM file's space (ramfile.py)
         self._exited = asyncio.Event()
         self._exited.set()
         self._listeners: list[ExitListener] = []
@@ -184,6 +185,10 @@ class VM:
             try:
                 proc = await self._spawn(files, incoming=incoming, paused=paused)
             except (OSError, VMStartError):
+                if self._reserving is not None:  # QEMU never ran: let the reservation end
+                    with contextlib.suppress(Exception):
+                        await self._reserving
+                    self._reserving = None
                 self.pending = ""
                 with contextlib.suppress(OSError):
                     self.save()
@@ -209,17 +214,25 @@ class VM:
         self._starting = True
         try:
             qmp = await self._connect_qmp()
+            if self._reserving is not None:
+                await self._reserving  # the RAM file's space (incoming: reserved while QEMU started)
         except Exception as exc:
             await self._kill_and_wait()
             detail = self._qemu_log_tail()
+            if self._reserving is not None:  # ended before the file goes
+                with contextlib.suppress(Exception):
+                    await self._reserving
             remove_ram_file(self.ram_path)
             self.state, self.pending = STOPPED, ""
             with contextlib.suppress(OSError):
                 self.save()
             log.warning("vm failed to start", extra={"vm": self.name, "error": detail or str(exc)})
+            if isinstance(exc, InsufficientSpace):
+                raise
             raise VMStartError(f"QEMU for {self.name} did not start: {detail or exc}") from None
         finally:
             self._starting = False
+            self._reserving = None
         self._attach(qmp)
         self.state = PAUSED if (paused or incoming) else RUNNING
         self.started_at = time.time()
@@ -230,7 +243,14 @@ class VM:
     async def _spawn(self, files: QemuFiles, *, incoming: bool, paused: bool) -> subprocess.Popen[bytes]:
         qemu_user = self.images.qemu
         # QEMU maps it; the agent reads it for migration
-        self.ram_stat = await prepare_ram_file(self.ram_path, self.spec.memory_mb * MIB, qemu_user.share_fd)
+        size = self.spec.memory_mb * MIB
+        if incoming:
+            # nothing writes an incoming VM's memory before start() returns (the migration
+            # is admitted after): its space is reserved while QEMU starts, not before
+            self.ram_stat, self._reserving = await create_ram_file(
+                self.ram_path, size, qemu_user.share_fd)
+        else:
+            self.ram_stat = await prepare_ram_file(self.ram_path, size, qemu_user.share_fd)
         crash_point(f"vm.{self.pending}.ram_file")
         for sock in (self.paths.qmp, self.paths.serial_sock):
             with contextlib.suppress(FileNotFoundError):

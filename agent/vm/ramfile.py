@@ -42,7 +42,8 @@ def filesystem_type(path: Path) -> str:
     return kind
 
 
-def _prepare(path: Path, size: int, share: Callable[[int], None]) -> os.stat_result:
+def _create(path: Path, size: int, share: Callable[[int], None]) -> int:
+    """A new, empty RAM file's descriptor (the caller closes it), its owner and mode set."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a stale file from an earlier run (its space counts as free)
@@ -57,20 +58,35 @@ def _prepare(path: Path, size: int, share: Callable[[int], None]) -> os.stat_res
     fd = create_new(path, os.O_RDWR)
     try:
         share(fd)  # owner and mode on the descriptor: no name to swap in between
-        # reserve now: running out later would kill the guest with SIGBUS
-        os.posix_fallocate(fd, 0, size)
-        return os.fstat(fd)
-    except OSError as exc:
+    except BaseException:
         os.close(fd)
-        fd = -1
         with contextlib.suppress(OSError):
             path.unlink()
+        raise
+    return fd
+
+
+def _reserve(fd: int, path: Path, size: int) -> None:
+    """Reserve the file's space: running out later would kill the guest with SIGBUS."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientSpace(f"not enough space for the RAM file {path}: {exc.strerror}") from None
         raise
+
+
+def _prepare(path: Path, size: int, share: Callable[[int], None]) -> os.stat_result:
+    fd = _create(path, size, share)
+    try:
+        _reserve(fd, path, size)
+        return os.fstat(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
 
 
 async def prepare_ram_file(path: Path, size: int,
@@ -79,6 +95,37 @@ async def prepare_ram_file(path: Path, size: int,
     ``share(fd)`` sets its owner and mode (``QemuIdentity.share_fd``) before the space is taken.
     Returns its stat: a later reopen checks it is still this inode (``safefs.open_regular``)."""
     return await asyncio.to_thread(_prepare, path, size, share)
+
+
+def _sized(path: Path, size: int, share: Callable[[int], None]) -> tuple[os.stat_result, int]:
+    fd = _create(path, size, share)
+    try:
+        os.ftruncate(fd, size)  # sized: QEMU maps all of it; the space comes below
+        return os.fstat(fd), fd
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+
+
+def _reserve_and_close(fd: int, path: Path, size: int) -> None:
+    try:
+        _reserve(fd, path, size)
+    finally:
+        os.close(fd)  # here, not in the awaiting task: a cancelled await leaves the thread running
+
+
+async def create_ram_file(path: Path, size: int, share: Callable[[int], None] = lambda fd: None
+                          ) -> tuple[os.stat_result, asyncio.Task[None]]:
+    """Like ``prepare_ram_file``, but only creates and sizes the file now; the returned
+    task reserves its space (posix_fallocate, which zeroes every page of a tmpfs file:
+    seconds at several GiB) meanwhile. For a VM whose memory nothing writes before the
+    task has been awaited: an incoming migration's, whose QEMU starts in the meantime.
+    The task raises InsufficientSpace when the space is not there (the caller removes
+    the file)."""
+    st, fd = await asyncio.to_thread(_sized, path, size, share)
+    return st, asyncio.create_task(asyncio.to_thread(_reserve_and_close, fd, path, size))
 
 
 def remove_ram_file(path: Path) -> None:

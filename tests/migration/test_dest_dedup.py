@@ -223,17 +223,19 @@ async def test_cached_pages_that_change_are_repaired(tmp_path: Path, host: Host)
 
 
 async def test_evacuation_sends_shared_pages_once(tmp_path: Path, host: Host) -> None:
-    """Two VMs of one image migrate here at once (nothing of them runs here yet);
-    one of them writes its memory meanwhile. What the first one was asked for
-    satisfies the second; both RAMs match."""
+    """Two VMs of one image migrate here at once over a capped link (nothing of them
+    runs here yet); one of them writes its memory meanwhile. What the first one was
+    asked for satisfies the second; both RAMs match. (Uncapped, the first would send
+    its data straight away: pipeline.first_round_offer.)"""
     base = image(5)
     a = MemSourceVM(tmp_path / "a", "vma", pages=PAGES, dirty_pages_per_s=500)
     b = MemSourceVM(tmp_path / "b", "vmb", pages=PAGES)
     fill(a, base, own=0.1, seed=6)
     fill(b, base, own=0.1, seed=7)
     try:
-        sa, sb = await asyncio.gather(migrate(a, host.server.port, mid="ma", downtime_ms=100),
-                                      migrate(b, host.server.port, mid="mb"))
+        sa, sb = await asyncio.gather(
+            migrate(a, host.server.port, mid="ma", downtime_ms=100, bandwidth_mbps=200),
+            migrate(b, host.server.port, mid="mb", bandwidth_mbps=200))
     finally:
         a.close()
         b.close()

@@ -3,7 +3,12 @@ measured encode and link rates."""
 
 from __future__ import annotations
 
-from novacron.agent.migration.pipeline import RESAMPLE, CompressionPolicy
+from novacron.agent.migration.pipeline import (
+    RESAMPLE,
+    CompressionPolicy,
+    OfferPolicy,
+    first_round_offer,
+)
 from novacron.native import EncodeStats
 
 MB = 1_000_000
@@ -73,3 +78,26 @@ def test_data_packing_barely_shrinks_goes_stored() -> None:
     capped = [batch(p, packed_mb_s=400, stored_mb_s=300, ratio=0.998, link_mb_s=50) for _ in range(5)]
     fast = [batch(p, packed_mb_s=400, stored_mb_s=300, ratio=0.998, link_mb_s=3000) for _ in range(40)]
     assert sum(capped) <= 1 and sum(fast) <= len(fast) // RESAMPLE
+
+
+def test_first_round_offers_only_where_a_hit_is_possible_or_the_link_is_capped() -> None:
+    """Offering a page that misses costs a digest, a round trip and the data anyway:
+    to an empty destination on an uncapped link the first round sends data."""
+    empty = {"entries": 0, "in_flight": 0, "incoming": 1}  # 'incoming' counts this one
+    assert first_round_offer(empty, capped=False)[0] is False
+    assert first_round_offer(empty, capped=True)[0] is True
+    assert first_round_offer({**empty, "entries": 5}, capped=False)[0] is True
+    assert first_round_offer({**empty, "incoming": 2}, capped=False)[0] is True  # an evacuation
+    assert first_round_offer({**empty, "in_flight": 3}, capped=False)[0] is True
+    assert first_round_offer({}, capped=False)[0] is False  # an older destination's stats
+
+
+def test_no_hits_expected_offers_one_batch_in_resample() -> None:
+    p = OfferPolicy()
+    assert p.offer_next(4096.0)  # nothing known: offer
+    p = OfferPolicy()
+    p.expect_no_hits()
+    choices = [p.offer_next(4096.0) for _ in range(3 * RESAMPLE)]
+    assert sum(choices) == 3 and not any(choices[:RESAMPLE - 1])
+    p.observe(100, 90)  # a resampled batch found hits: offer again
+    assert p.offer_next(4096.0)
