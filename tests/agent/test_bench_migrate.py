@@ -170,3 +170,24 @@ def test_libvirt_rows_read_like_the_others() -> None:
     assert [(r[pause], r[budget]) for r in table.rows] == [(195.0, "195/300 ms within"), (70.0, "70/300 ms within")]
     conv, pol = table.columns.index("converged"), table.columns.index("policy")
     assert [(r[conv], r[pol]) for r in table.rows] == [("?", "libvirt pre-copy, auto-converge"), ("yes", "pre-copy")]
+
+
+def test_libvirt_row_names_qemus_tcg_dirty_tracking_bug() -> None:
+    """A libvirt-engine row that migrated but whose guest failed its check, on a QEMU the
+    agent flagged (TCG, < 9.0), names QEMU's dirty-tracking bug; nothing else is relabelled."""
+    from novacron.bench import _migrate_libvirt as lv
+
+    flag = {"tcg_lost_writes": lv.TCG_LOST_WRITES}
+
+    def row(engine: str, failed: bool, migrated: bool = True, native: object = flag) -> dict[str, object]:
+        return {"engine": engine, "failed": failed, "migrated": migrated, "verify_detail": "no heartbeat",
+                "native": native}
+
+    hit = row("libvirt", True)
+    lv._explain(hit)
+    assert "known QEMU bug" in str(hit["verify_detail"]) and "9.0" in str(hit["verify_detail"])
+    assert hit["known_issue"] == "qemu-tcg-dirty-bitmap"
+    for r in (row("novacron", True), row("libvirt", False), row("libvirt", True, migrated=False),
+              row("libvirt", True, native={"engine": "libvirt"}), row("libvirt", True, native=None)):
+        lv._explain(r)
+        assert r["verify_detail"] == "no heartbeat" and "known_issue" not in r

@@ -17,6 +17,7 @@ import pytest
 from novacron.agent.guest import ensure_guest
 from novacron.agent.hypervisors.libvirt import LibvirtHost
 from novacron.agent.hypervisors.libvirt_migration import (
+    TCG_DIRTY_FIX_VERSION,
     LibvirtMigrationOptions,
     LibvirtMigrations,
     LibvirtPeer,
@@ -176,6 +177,9 @@ async def test_cancelled_then_completed_live_migration(daemons: tuple[LibvirtDae
               f"bytes_wire={m['bytes_wire']} pages={m['pages']} rounds={st['round']}")  # -s shows it
         assert m["bytes_wire"] > 0 and m["pages"] > 0 and m["downtime_ms"] is not None and m["downtime_ms"] > 0
         assert mig.status.native["engine"] == "libvirt" and mig.status.native["bytes_remaining"] == 0
+        # a TCG domain on a QEMU whose pre-copy loses guest writes is flagged (see TCG_LOST_WRITES)
+        qemu = await src._call(src.conn.getVersion)
+        assert ("tcg_lost_writes" in mig.status.native) == (qemu < TCG_DIRTY_FIX_VERSION), (qemu, mig.status.native)
         moved = await dst.get("mig1")
         assert moved["state"] == "running" and moved["adopted"] is True and moved["persistent"] is True
         with pytest.raises(VMNotFound):
