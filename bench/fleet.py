@@ -40,6 +40,7 @@ from aiohttp import web
 from novacron.bench.report import Report, percentile
 from novacron.coordinator.local import LocalCoordinator
 from novacron.coordinator.store.pg_local import LocalPostgres
+from novacron.daemon import event_loop_factory
 
 DESCRIPTION = "control plane at fleet scale: simulated agents against 1 or 2 coordinators, SQLite or PostgreSQL"
 SCENARIOS = ("sqlite:1", "postgres:1", "postgres:2")
@@ -349,6 +350,9 @@ def run(args: argparse.Namespace) -> Report:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return asyncio.run(_run(args))
+        # the simulated fleet is one process: on asyncio's own loop it, not the
+        # coordinator, would be what runs out of CPU first
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            return runner.run(_run(args))
     finally:
         signal.signal(signal.SIGTERM, previous)
