@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -280,7 +280,8 @@ class _GuardedConnection(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # a stream transport, though not always an asyncio.Transport subclass (uvloop's is not)
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._slot = self._guard.budget.admit(peer_address(transport), transport.close)
         if self._slot is None:
