@@ -29,6 +29,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ from aiohttp import web
 from novacron.bench.report import Report, percentile
 from novacron.coordinator.local import LocalCoordinator
 from novacron.coordinator.store.pg_local import LocalPostgres
-from novacron.daemon import event_loop_factory
 
 DESCRIPTION = "control plane at fleet scale: simulated agents against 1 or 2 coordinators, SQLite or PostgreSQL"
 SCENARIOS = ("sqlite:1", "postgres:1", "postgres:2")
@@ -344,6 +344,15 @@ async def _run(args: argparse.Namespace) -> Report:
     return report
 
 
+def _fast_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop (libuv, compiled) if installed, else None (asyncio's own)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run(args: argparse.Namespace) -> Report:
     def stop(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt  # unwinds _run: its coordinators and PostgreSQL are stopped
@@ -352,7 +361,7 @@ def run(args: argparse.Namespace) -> Report:
     try:
         # the simulated fleet is one process: on asyncio's own loop it, not the
         # coordinator, would be what runs out of CPU first
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=_fast_loop()) as runner:
             return runner.run(_run(args))
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -19,7 +19,7 @@ DAEMON = Daemon(
     prog="novacron-coordinator",
     description="NovaCron coordinator: fleet state, REST API, placement and the MCP bridge.",
     settings=CoordinatorConfig, env_prefix=ENV_PREFIX, default_config=DEFAULT_CONFIG,
-    check=check_config, serve=serve, fast_loop=True, secrets=lambda cfg: (
+    check=check_config, serve=serve, secrets=lambda cfg: (
         cfg.admin_token, cfg.agent_token, cfg.metrics_token, cfg.database_url, urlsplit(cfg.database_url).password or ""),
 )
 main = DAEMON.main

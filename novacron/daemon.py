@@ -43,9 +43,6 @@ class Daemon(Generic[T]):
     check: Callable[[T], None]  # raises config.Invalid for a value that cannot work
     secrets: Callable[[T], Iterable[str]]  # settings that must never reach a log line
     serve: Callable[[T], Awaitable[None]]  # runs until signalled
-    # uvloop's event loop (libuv, compiled) when installed: the coordinator's hot path is
-    # many small HTTP requests, where the loop's own overhead is a large share of the work
-    fast_loop: bool = False
 
     def parser(self) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
@@ -79,8 +76,7 @@ class Daemon(Generic[T]):
             await self.serve(cfg)
 
         try:
-            with asyncio.Runner(loop_factory=event_loop_factory() if self.fast_loop else None) as runner:
-                runner.run(run())
+            asyncio.run(run())
         except KeyboardInterrupt:
             pass
         except StartupError as exc:
@@ -88,16 +84,6 @@ class Daemon(Generic[T]):
         except OSError as exc:  # e.g. a data dir it may not create: one line, not a traceback
             raise SystemExit(f"{self.prog}: error: {describe_os_error(exc)}") from None
         return 0
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop if it is installed, else None (asyncio's own loop)."""
-    try:
-        import uvloop
-    except ImportError:
-        log.info("uvloop is not installed: running on asyncio's own event loop")
-        return None
-    return uvloop.new_event_loop
 
 
 class StartupError(Exception):
