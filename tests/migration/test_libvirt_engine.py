@@ -236,7 +236,7 @@ async def test_both_engines_move_a_libvirt_domain_through_the_fleet_api(
     beats = sorted(clock.beats.values(), key=lambda b: b.seq)
     excess = sorted((b.arrived - a.arrived) - (b.uptime - a.uptime)
                     for a, b in itertools.pairwise(beats) if b.seq == a.seq + 1)
-    assert len(excess) >= 5 and abs(excess[len(excess) // 2]) < 0.04, excess
+    assert len(excess) >= 3 and abs(excess[len(excess) // 2]) < 0.04, excess  # 3+: a slow clock is 60-340 ms a beat
 
     # an incoming domain a killed agent left waiting is removed at the next start; the
     # domain that arrived (its live XML still has "-incoming defer") is not
