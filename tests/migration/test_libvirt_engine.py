@@ -10,9 +10,11 @@ file."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import secrets
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -185,6 +187,9 @@ async def test_both_engines_move_a_libvirt_domain_through_the_fleet_api(
     clock.start()
     await wait_hb(shared, "res1", 0, timeout=60, min_passes=1)
     b.virsh("suspend", "res1")  # booted: its RAM stays as it is, its CPU is spared
+    until = time.monotonic() + 20  # a few of eng1's heartbeats on a for the clock check (bounded)
+    while len(clock.beats) < 5 and time.monotonic() < until:
+        await asyncio.sleep(0.2)
 
     # bad requests: a clear error, nothing moves
     grant = x.grant_to(y, "eng1")
