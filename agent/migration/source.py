@@ -1163,6 +1163,7 @@ class SourceMigration:
                 continue  # sent again on a recovered channel: it was not sure we had it
             if item.get("op") == "resumed":
                 resumed = True
+                st.mark_resumed()
                 st.downtime_ms = (time.monotonic() - t_switch) * 1000.0
                 st.postcopy["time_to_resume_ms"] = round(st.downtime_ms, 2)
                 st.budget_exceeded = st.downtime_ms > opts.downtime_ms
@@ -1274,6 +1275,7 @@ class SourceMigration:
         crash_point("migration.source.resumed_received")  # the destination runs it; not journalled yet
         now = time.monotonic()
         st = self.status
+        st.mark_resumed()
         st.downtime_ms = (now - self._t_pause) * 1000.0
         st.downtime_parts["resume_ms"] = round(
             st.downtime_ms - sum(st.downtime_parts.values()), 2)

@@ -37,6 +37,9 @@ class MigrationStatus:
     dirty_rate_pages_s: float = 0.0
     bandwidth_bytes_s: float = 0.0
     downtime_ms: float | None = None
+    # seconds from the start until the destination confirmed it runs the guest (None: not
+    # yet, or never): the guest's move ends here, before the source's copy is released
+    resumed_s: float | None = None
     # accounting (estimate.py): bytes count as sent once the destination acked them
     bytes_acked: int = 0
     link_rate_bytes_s: float = 0.0  # measured from acks while the link was busy
@@ -116,6 +119,11 @@ class MigrationStatus:
         end = self._t_end if self._t_end is not None else time.monotonic()
         return end - self._t0
 
+    def mark_resumed(self) -> None:
+        """The destination confirmed it runs the guest (the first time counts)."""
+        if self.resumed_s is None:
+            self.resumed_s = time.monotonic() - self._t0
+
     @property
     def cpu_s(self) -> float:
         end = self._cpu_end if self._cpu_end is not None else time.process_time()
@@ -162,6 +170,7 @@ class MigrationStatus:
             "budget_exceeded": self.budget_exceeded,
             "pause_ceiling_ms": self.pause_ceiling_ms,
             "total_s": round(self.total_s, 3),
+            "resumed_s": None if self.resumed_s is None else round(self.resumed_s, 4),
             # agent process CPU (both cores' worth) per GiB of page data moved, and of guest RAM
             "cpu_s": round(cpu, 3),
             "cpu_s_per_gib": round(cpu * gib / self.bytes_raw, 3) if self.bytes_raw else None,

@@ -62,6 +62,8 @@ def test_bench_migrate_marks_a_broken_migration(guest: GuestImage, monkeypatch: 
         # the pause helper's figures ride along on every row
         assert r["memory_mb"] == 128 and r["cpu_s_per_gib"] > 0 and r["load_1m"] >= 0, r
         assert 0 < r["prepare_s"] < r["total_s"] and r["after_prepare_s"] == r["total_s"] - r["prepare_s"], r
+        # total ends when the guest runs at the destination; stopping the source's copy comes after
+        assert r["total_s"] < r["total_released_s"] and r["released_vs_qemu_tcp"] is not None, r
     assert rows["novacron"]["stop_scan"] is not None and rows["novacron"]["cpu_s_destination"] is not None
     assert rows["novacron"]["time_vs_qemu_tcp"] is not None
     assert rows["qemu-tcp"]["qemu_reported_downtime_ms"] == rows["qemu-tcp"]["engine_downtime_ms"]
@@ -89,6 +91,7 @@ def test_bench_migrate_marks_a_broken_migration(guest: GuestImage, monkeypatch: 
     report.print(json_output=True)
     doc = json.loads(capsys.readouterr().out)
     assert doc["total_includes_destination_preparation"] is True
+    assert doc["total_ends"] == "the guest runs at the destination"
     assert [r["verify"] for r in doc["results"]][:2] == ["ok", "ok"]
 
 

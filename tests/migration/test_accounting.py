@@ -186,6 +186,9 @@ async def test_progress_never_runs_backwards_and_limits_change_live(
         await ch.close()
         src.close()
     assert final.phase == "completed", final.error
+    # the guest ran at the destination before the source's copy was released
+    assert samples[0]["resumed_s"] is None and final.resumed_s is not None
+    assert 0 < final.resumed_s < final.total_s and final.metrics()["resumed_s"] == round(final.resumed_s, 4)
     pcts = [s["progress_pct"] for s in samples]
     assert pcts == sorted(pcts) and final.progress_pct == 100.0
     running = [s for s in samples if s["remaining_bytes"] is not None]
