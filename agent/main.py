@@ -79,7 +79,9 @@ def check_networks(cfg: AgentConfig) -> None:
 
 async def serve(cfg: AgentConfig) -> None:
     from novacron.agent.daemon import serve  # not needed for --help or a config error
+    from novacron.native.malloc import keep_freed_buffers
 
+    keep_freed_buffers()  # migration frames reuse freed heap instead of fresh pages (native/malloc.py)
     await serve(cfg)
 
 
