@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -29,6 +30,28 @@ ACCEPT = b"\x01"
 CLIENT_HELLO = len(MAGIC) + NONCE + PUB
 SERVER_HELLO = len(MAGIC) + NONCE + PUB + MAC
 DEFAULT_TIMEOUT = 10.0
+
+
+class ByteReader(Protocol):
+    """What the channel reads from: an ``asyncio.StreamReader`` or a ``stream.ChannelStream``."""
+
+    async def readexactly(self, n: int) -> bytes | bytearray: ...
+
+
+class ByteWriter(Protocol):
+    """What the channel writes to: an ``asyncio.StreamWriter`` or a ``stream.ChannelStream``."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
 
 
 class AuthError(Exception):
@@ -89,9 +112,9 @@ def _check_magic(msg: bytes) -> None:
         raise AuthError("peer does not speak the NovaCron migration protocol v1")
 
 
-async def _read(reader: asyncio.StreamReader, n: int, timeout: float, what: str) -> bytes:
+async def _read(reader: ByteReader, n: int, timeout: float, what: str) -> bytes:
     try:
-        return await asyncio.wait_for(reader.readexactly(n), timeout)
+        return bytes(await asyncio.wait_for(reader.readexactly(n), timeout))
     except asyncio.IncompleteReadError:
         raise AuthError(f"peer closed the connection during {what}") from None
     except TimeoutError:
@@ -101,8 +124,8 @@ async def _read(reader: asyncio.StreamReader, n: int, timeout: float, what: str)
 
 
 async def client_handshake(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: ByteReader,
+    writer: ByteWriter,
     secret: str | bytes,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> SessionKeys:
@@ -126,8 +149,8 @@ async def client_handshake(
 
 
 async def server_handshake(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: ByteReader,
+    writer: ByteWriter,
     secret: str | bytes,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> SessionKeys:

@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from novacron import httpjson
-from novacron.agent.channel.handshake import SessionKeys
+from novacron.agent.channel.handshake import ByteReader, ByteWriter, SessionKeys
 
 CTRL = 1
 FRAME = 2
@@ -53,7 +53,8 @@ class ChannelClosed(Exception):
 class Record:
     kind: int
     ctrl: dict[str, Any] | None = None
-    frame: bytes | None = None  # a FRAME's sealed frame, or a DATA record's opened bytes
+    # a FRAME's sealed frame (a bytearray when it was received in place), or a DATA record's opened bytes
+    frame: bytes | bytearray | None = None
     stream: int = 0  # a DATA record's stream id
 
     @property
@@ -66,8 +67,8 @@ class Channel:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: ByteReader,
+        writer: ByteWriter,
         keys: SessionKeys,
         *,
         is_client: bool,

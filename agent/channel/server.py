@@ -28,6 +28,7 @@ from novacron.agent.channel.handshake import (
     server_handshake,
 )
 from novacron.agent.channel.records import Channel
+from novacron.agent.channel.stream import ChannelStream
 from novacron.connlimits import ConnectionBudget, LogLimiter, peer_address
 from novacron.tls import peer_common_name
 
@@ -69,14 +70,16 @@ class ChannelServer:
         self._refusals = LogLimiter(log)  # a flood of bad peers is one line per interval
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(
-            self._on_connect, self.host, self.port, ssl=self.ssl,
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: ChannelStream(self._on_connect), self.host, self.port, ssl=self.ssl,
             ssl_handshake_timeout=self._timeout if self.ssl is not None else None)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("migration channel listening", extra={"host": self.host, "port": self.port})
         return self.port
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_connect(self, stream: ChannelStream) -> None:
+        reader = writer = stream
+        assert writer.transport is not None
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -134,8 +137,10 @@ async def connect(
     if ssl is not None and not server_name:
         raise AuthError(f"no host name to verify {host}:{port}'s certificate against")
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            host, port, ssl=ssl, server_hostname=server_name if ssl is not None else None), timeout)
+        _, stream = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+            ChannelStream, host, port, ssl=ssl, server_hostname=server_name if ssl is not None else None),
+            timeout)
+        reader = writer = stream
     except TimeoutError:
         raise AuthError(f"no answer from {host}:{port} within {timeout:g}s") from None
     except ssl_.SSLError as exc:

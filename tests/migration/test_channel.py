@@ -12,6 +12,7 @@ import pytest
 from novacron.agent.channel import AuthError, Channel, ChannelServer, ProtocolError, connect
 from novacron.agent.channel.handshake import CLIENT_HELLO, MAGIC
 from novacron.agent.channel.records import CTRL, FRAME, HEADER, MAX_FRAME
+from novacron.agent.channel.stream import ChannelStream
 
 SECRET = "cluster-secret-for-tests"
 
@@ -192,3 +193,110 @@ async def test_idle_peers_cannot_keep_a_real_one_out() -> None:
         for _r, w in idle:
             w.close()
         await srv.close()
+
+
+# -- the connection under the channel (agent/channel/stream.py) ----------------------
+async def _stream_pair() -> tuple[ChannelStream, asyncio.StreamWriter]:
+    """A ChannelStream reading what a plain asyncio writer sends, over a socketpair."""
+    import socket
+
+    a, b = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    _, stream = await loop.connect_accepted_socket(ChannelStream, a)
+    _, writer = await asyncio.open_connection(sock=b)
+    return stream, writer
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_large_frames_and_control_records_arrive_intact_in_order(tmp_path, tls: bool) -> None:
+    """Frames of every size (received in place or through the small-read buffer) and
+    control records between them come out exactly as sent, in order; with mutual TLS
+    too (asyncio's TLS reader fills the buffers we hand it differently)."""
+    from novacron import pki
+    from novacron.tls import client_context
+
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    async def collect(ch: Channel) -> None:
+        while True:
+            r = await ch.recv(timeout=5)
+            if r.ctrl is not None:
+                if r.op == "end":
+                    done.set()
+                    return
+                got.append(str(r.ctrl["i"]).encode())
+            else:
+                assert r.frame is not None
+                got.append(bytes(r.frame))
+
+    server_ctx = client_ctx = None
+    if tls:
+        pki.init_ca(tmp_path / "pki")
+        a, b = (pki.issue(tmp_path / "pki", n, ["127.0.0.1"]) for n in ("ch-a", "ch-b"))
+        import ssl
+
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(str(b.cert), str(b.key))
+        server_ctx.load_verify_locations(str(b.ca))
+        server_ctx.verify_mode = ssl.CERT_REQUIRED
+        client_ctx = client_context(str(a.ca), str(a.cert), str(a.key))
+    srv = ChannelServer(SECRET, collect, handshake_timeout=5, ssl=server_ctx)
+    await srv.start()
+    try:
+        ch = await connect("127.0.0.1", srv.port, SECRET, ssl=client_ctx, server_name="ch-b" if tls else None)
+        sent: list[bytes] = []
+        sizes = [1, 5000, 64 * 1024 - 1, 64 * 1024, 1 << 20, (3 << 20) + 7, 300_000, 17]
+        for i, size in enumerate(sizes * 2):
+            frame = os.urandom(size)
+            ch.write_frame(frame)
+            await ch.send_ctrl({"op": "mark", "i": i})
+            sent += [frame, str(i).encode()]
+            await ch.drain()
+        await ch.send_ctrl({"op": "end"})
+        await asyncio.wait_for(done.wait(), 10)
+        await ch.close()
+    finally:
+        await srv.close()
+    assert got == sent
+
+
+async def test_a_cancelled_read_loses_nothing() -> None:
+    stream, writer = await _stream_pair()
+    data = os.urandom(1 << 20)
+    try:
+        writer.write(data[: 600_000])
+        await writer.drain()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(stream.readexactly(len(data)), 0.2)
+        writer.write(data[600_000:] + b"tail")
+        await writer.drain()
+        assert await asyncio.wait_for(stream.readexactly(len(data)), 5) == data
+        assert await asyncio.wait_for(stream.readexactly(4), 5) == b"tail"
+    finally:
+        writer.close()
+        stream.close()
+
+
+async def test_unread_bytes_are_bounded_and_eof_mid_read_is_incomplete() -> None:
+    """A peer that sends far more than is read: reading pauses at the limit (the
+    kernel's buffers hold the rest); the stream ends mid-read: IncompleteReadError."""
+    from novacron.agent.channel import stream as cs
+
+    stream, writer = await _stream_pair()
+    try:
+        writer.write(os.urandom(8 << 20))  # not drained: the peer keeps sending
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(stream._buf) < cs.LIMIT and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert cs.LIMIT <= len(stream._buf) <= cs.LIMIT + cs.SCRATCH
+        assert (await stream.readexactly(8 << 20))[:1] is not None  # the rest flows once read
+        writer.write(b"abc")
+        writer.close()
+        with pytest.raises(asyncio.IncompleteReadError) as err:
+            await asyncio.wait_for(stream.readexactly(1 << 20), 5)
+        assert err.value.partial == b"abc"
+    finally:
+        writer.close()
+        stream.close()
