@@ -108,6 +108,11 @@ from novacron.bench._relay import CountingRelay
 from novacron.bench.report import Report
 
 DESCRIPTION = "live migration: novacron engine vs QEMU native (tcp, multifd+zstd), idle/busy, capped/uncapped"
+EPILOG = ("total s: from the start of the destination's preparation (our POST /v1/migrations; QEMU: "
+          "starting its -incoming QEMU) until the guest runs at the destination, for every engine "
+          "(ours: the request's time plus the engine's resumed_s stamp). total+release s: until the "
+          "source's copy is stopped and removed as well (what our total measured until 2026-12-01). "
+          "after prepare s: total minus the destination's preparation.")
 MB = 1_000_000
 HB = re.compile(r"NOVACRON-HB boot=(\w+) seq=(\d+) uptime=([\d.]+) ok=(\d)")
 DIRTIED = re.compile(r"uptime=([\d.]+) .*dirtied_mb=(\d+)")
@@ -494,7 +499,8 @@ async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str, polic
         "cpu_s": float(m.get("cpu_s") or 0.0) + float(dm.get("cpu_s") or 0.0),
         "cpu_s_source": m.get("cpu_s"), "cpu_s_destination": dm.get("cpu_s"),
         "stop_scan": m.get("stop_scan"), "pipeline": m.get("pipeline"),
-        "phase_seconds": m.get("phase_seconds"), "dirty_mb_s": watch.dirty_mb_s(),
+        "phase_seconds": m.get("phase_seconds"), "prepare_parts": m.get("prepare_parts"),
+        "dirty_mb_s": watch.dirty_mb_s(),
         "migrated": st["phase"] == "completed", "converged": m.get("converged"),
         "policy": _precopy_policy(m.get("throttle_pct")) if m.get("converged") else policy,
         "throttle_pct": m.get("throttle_pct"), "no_converge": m.get("no_converge"),

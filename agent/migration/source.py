@@ -501,6 +501,8 @@ class SourceMigration:
             "postcopy": self.opts.on_no_converge == "postcopy",
         })
         self._prepare_sent.set()
+        t_sent = time.monotonic()
+        st.prepare_parts["connect_s"] = round(t_sent - st._t0, 4)  # channel, handshake, grant
         # The first scan reads all of guest RAM: it runs while the destination prepares
         # (admission, RAM file, its QEMU's start) instead of after. Pages the guest
         # writes meanwhile are found by the next scan, as during any round.
@@ -509,6 +511,8 @@ class SourceMigration:
             asyncio.create_task(self._first_scan())
         try:
             prepared = await self._expect("prepared", timeout=120)
+            # admission, RAM file and QEMU start at the destination
+            st.prepare_parts["destination_s"] = round(time.monotonic() - t_sent, 4)
         finally:
             if scanning is not None:
                 # never leave the scan's thread reading the RAM mapping _cleanup closes
@@ -539,6 +543,7 @@ class SourceMigration:
         t_scan = time.monotonic()
         scan = await self.ram_work.run(_populate_then, self._mm, tracker.scan)
         self._scan_s = time.monotonic() - t_scan
+        st.prepare_parts["first_scan_s"] = round(self._scan_s, 4)  # beside the destination's
         log.info("first scan done", extra={"migration": st.id, "seconds": round(self._scan_s, 4),
                                            "dirty": scan.dirty_count, "zero": scan.zero_count})
         return scan

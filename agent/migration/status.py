@@ -75,6 +75,9 @@ class MigrationStatus:
     # destination-side dedup (have/need): pages offered by digest, hits, repairs, index memory
     dedup: dict[str, Any] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # time spent in each phase
+    # source: where the prepare phase went (connect_s, destination_s, first_scan_s; the last
+    # two overlap, the phase ends when both did)
+    prepare_parts: dict[str, float] = field(default_factory=dict)
     # called once when the migration ends (metrics); set by the manager that keeps it
     on_finish: Callable[[MigrationStatus], None] | None = field(default=None, repr=False)
     _t0: float = field(default_factory=time.monotonic)
@@ -179,6 +182,7 @@ class MigrationStatus:
             "converged": self.converged,
             "throttle_pct": self.throttle_pct,
             "phase_seconds": {k: round(v, 4) for k, v in self.phase_seconds.items()},
+            "prepare_parts": self.prepare_parts,
             "native": self.native,
             "dest_dedup": self.dedup,
             "link_share": self.link_share,

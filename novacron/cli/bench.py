@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def bench_parser(name: str) -> argparse.ArgumentParser:
     """The options of one benchmark (``novacron bench NAME --help``)."""
     module = importlib.import_module(f"novacron.bench.{name}")
-    parser = argparse.ArgumentParser(prog=f"novacron bench {name}", description=module.DESCRIPTION)
+    # EPILOG (optional): what the figures mean, after the options
+    parser = argparse.ArgumentParser(prog=f"novacron bench {name}", description=module.DESCRIPTION,
+                                     epilog=getattr(module, "EPILOG", None))
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     module.add_arguments(parser)
     return parser
