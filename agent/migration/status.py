@@ -76,7 +76,7 @@ class MigrationStatus:
     dedup: dict[str, Any] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # time spent in each phase
     # source: where the prepare phase went (connect_s, destination_s, first_scan_s; the last
-    # two overlap, the phase ends when both did)
+    # two overlap, the phase ends when both did) and first_scan_pages (pages it read)
     prepare_parts: dict[str, float] = field(default_factory=dict)
     # called once when the migration ends (metrics); set by the manager that keeps it
     on_finish: Callable[[MigrationStatus], None] | None = field(default=None, repr=False)

@@ -28,16 +28,24 @@ Any error reading /proc falls back to ``full`` for the rest of the migration.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from novacron.agent.safefs import open_regular
 from novacron.native import (
     Bitmap,
     GuestRamWatch,
     residency_unsafe_reason,
     soft_dirty_supported,
 )
+from novacron.native.softdirty import _TMPFS_MAGIC, _fs_type
+
+PAGE = 4096
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -116,3 +124,46 @@ class StopScan:
             "bytes_examined": self.pages_examined * 4096,
             "pagemap_bytes": self._watch.pagemap_bytes if self._watch is not None else 0,
         }
+
+
+def written_pages(ram_path: Path, ram_stat: Any, npages: int) -> tuple[Bitmap, list[tuple[int, int]]] | None:
+    """The pages of a tmpfs RAM file that were ever written (or read), from its holes:
+    tmpfs reports a page nobody wrote (not even its ``posix_fallocate``'d space) as a
+    hole, and a hole reads as zeros. Returns (bitmap of the other pages, their
+    (first, count) runs), or None when that cannot be told (not tmpfs, swap or shmem
+    huge pages on, SEEK_DATA unsupported): then every page counts. The first pre-copy
+    scan reads only these pages: an idle guest's untouched RAM is neither read (which
+    would make the kernel zero it) nor fingerprinted. A page written after this call
+    is found by the next scan, as any page written after the scan read it."""
+    path = str(ram_path)
+    try:
+        if _fs_type(path) != _TMPFS_MAGIC or residency_unsafe_reason(path):
+            return None
+        fd = open_regular(ram_path, os.O_RDONLY, same_as=ram_stat)
+    except OSError:
+        return None
+    runs: list[tuple[int, int]] = []
+    size = npages * PAGE
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data past pos
+                    break
+                return None
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            first, last = start // PAGE, (end + PAGE - 1) // PAGE
+            runs.append((first, last - first))
+            pos = last * PAGE
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    bits = np.zeros(npages, dtype=bool)
+    for first, count in runs:
+        bits[first:first + count] = True
+    return np.packbits(bits, bitorder="little"), runs

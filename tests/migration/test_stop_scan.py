@@ -106,3 +106,50 @@ def _map_writable(path: str, size: int, ready: Any, done: Any) -> None:
     ready.set()
     done.wait(60)
     mm.close()
+
+
+def test_first_scan_reads_only_written_pages_and_reports_the_rest_zero(shm: Path) -> None:
+    """A tmpfs RAM file whose space was reserved (posix_fallocate) but mostly never
+    written: the first scan fingerprints only the written pages (tmpfs reports the
+    others as holes, which read as zeros), finds every non-zero one, and reports
+    every other page zero, as a full scan would."""
+    import mmap
+    import os
+
+    import numpy as np
+
+    from novacron.agent.migration.source import _first_scan_of
+    from novacron.agent.migration.stopscan import written_pages
+    from novacron.native import FingerprintTracker, bitmap_indices
+
+    npages = 4099  # not a multiple of 8: the bitmaps' last byte is partial
+    path = shm / "ram"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, npages * 4096)
+        written = [5, 6, 7, 1000, 4098]
+        for p in written:
+            os.pwrite(fd, os.urandom(4096), p * 4096)
+        os.pwrite(fd, bytes(4096), 2000 * 4096)  # written, but zeros: scanned, found zero
+        st = os.fstat(fd)
+        mm = mmap.mmap(fd, npages * 4096, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    try:
+        found = written_pages(path, st, npages)
+        assert found is not None
+        mask, runs = found
+        assert runs == [(5, 3), (1000, 1), (2000, 1), (4098, 1)]
+        assert list(bitmap_indices(mask)) == [5, 6, 7, 1000, 2000, 4098]
+        tracker = FingerprintTracker(mm, os.urandom(32))
+        scan = _first_scan_of(mm, tracker, path, st)
+        assert scan.scanned == 6 and scan.dirty_count == 5
+        assert list(bitmap_indices(scan.dirty)) == written
+        assert scan.zero_count == npages - 5
+        full = FingerprintTracker(mm, os.urandom(32)).scan()  # what reading every page finds
+        assert np.array_equal(full.zero, scan.zero) and np.array_equal(full.dirty, scan.dirty)
+        del tracker
+    finally:
+        mm.close()
+    # not on tmpfs (or unknowable): every page counts
+    assert written_pages(Path("/proc/self/status"), None, 1) is None
