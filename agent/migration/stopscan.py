@@ -15,7 +15,7 @@ VM's process (QEMU) may have written, from its page tables (``GuestRamWatch``):
 - ``resident``: (kernels without soft-dirty, e.g. this project's dev hosts) a
   process writes a page only through a page-table entry, and without swap or
   shmem huge pages the kernel never drops a written entry of the tmpfs file.
-  Every page written since the first (full) scan is therefore still mapped by
+  Every page written since the first scan (of every written page) is still mapped by
   QEMU at the pause, and only mapped pages are fingerprinted: bounded by the
   guest's working set, not its RAM size (an idle 4 GiB guest maps a few hundred
   MB). Later pre-copy scans use the same mask.
@@ -89,7 +89,8 @@ class StopScan:
 
     def before_scan(self, first: bool) -> Bitmap | None:
         """Call right before each pre-copy scan; returns the pages it must fingerprint
-        (None: all). The first scan is always full: it sees what was written before."""
+        (None: all). The first scan is not limited by page tables: it must see what was
+        written before (it reads every written page of the file, see ``written_pages``)."""
         w = self._watch
         if w is None:
             return None
