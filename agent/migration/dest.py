@@ -373,7 +373,7 @@ class _Incoming:
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def _open_frame(self, receiver: PageStreamReceiver, frame: bytes) -> None:
+    async def _open_frame(self, receiver: PageStreamReceiver, frame: bytes | bytearray) -> None:
         st = self.status
         try:
             opened = await self.ram_work.run(receiver.open, frame)

@@ -131,7 +131,7 @@ class SourceDiskRelay(_Streams):
 
         return on_conn
 
-    def deliver(self, stream: int, data: bytes) -> None:
+    def deliver(self, stream: int, data: bytes | bytearray) -> None:
         """The destination QEMU's bytes for our QEMU (NBD replies: small; never blocks
         the channel's read loop)."""
         self.check_stream(stream).write(data)
@@ -173,7 +173,7 @@ class DestDiskRelay(_Streams):
                 await asyncio.sleep(0.02)
         self._start_pump(stream, reader, writer)
 
-    async def deliver(self, stream: int, data: bytes) -> None:
+    async def deliver(self, stream: int, data: bytes | bytearray) -> None:
         w = self.check_stream(stream)
         w.write(data)
         await asyncio.wait_for(w.drain(), 60)

@@ -80,12 +80,12 @@ class QemuStream:
             return
         self.eof.set()
 
-    def deliver_nowait(self, data: bytes) -> None:
+    def deliver_nowait(self, data: bytes | bytearray) -> None:
         """The peer's bytes for our QEMU (source side: the return path, small)."""
         if self.writer is not None and not self.writer.is_closing():
             self.writer.write(data)
 
-    async def deliver(self, data: bytes) -> None:
+    async def deliver(self, data: bytes | bytearray) -> None:
         """The peer's bytes for our QEMU, with backpressure (destination side)."""
         if self.writer is None or self.writer.is_closing():
             return  # QEMU hung up (it failed, or recovery replaces it): the stream is dead
