@@ -835,16 +835,18 @@ class SourceMigration:
                                                      np.zeros(w.offered.size, dtype=bool))
                     self.dd["offered"] += int(w.offered.size)
                     self.dd["batches_offered"] += 1
-                    self.dd["have_bytes"] += await self._write([w.have], throttled)
+                    self.dd["have_bytes"] += await self._write([w.have], throttled, "have")
                 t_send = time.perf_counter()
-                wire = await self._write(w.frames, throttled)
+                wire = await self._write(w.frames, throttled, self._data_part())
                 if w.enc is not None:
+                    self._count_pages(w.enc)
                     policy.observe(w.enc, time.perf_counter() - t_send, wire)
                     st.pipeline = policy.as_dict()
                 for seq, frames, n, enc in w.repairs:
                     t_send = time.perf_counter()
-                    wire = await self._write(frames, throttled)
+                    wire = await self._write(frames, throttled, "repairs")
                     if enc is not None:  # repairs are most of the data when offers hit: the policy learns from them too
+                        self._count_pages(enc)
                         policy.observe(enc, time.perf_counter() - t_send, wire)
                         st.pipeline = policy.as_dict()
                     self.dd["repaired"] += n
@@ -886,7 +888,18 @@ class SourceMigration:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._need_event.wait(), 0.1)  # 0.1 s: cancel checks
 
-    async def _write(self, frames: list[bytes], throttled: bool) -> int:
+    def _data_part(self) -> str:
+        """Which ``wire_parts`` entry the data frames sent now belong to."""
+        if self._paused:
+            return "final_pages"
+        return "round1_data" if self.status.round <= 1 else "later_rounds"
+
+    def _count_pages(self, enc: EncodeStats) -> None:
+        """Pages sent as data, by how their frames went (``wire_parts``' companion)."""
+        kind = "pages_packed" if enc.compressed else "pages_stored"
+        self.status.wire_parts[kind] = self.status.wire_parts.get(kind, 0) + enc.raw_bytes // protocol.PAGE
+
+    async def _write(self, frames: list[bytes], throttled: bool, part: str) -> int:
         st, wire = self.status, 0
         for frame in frames:
             if not (throttled and self.bucket.rate):
@@ -908,6 +921,7 @@ class SourceMigration:
             wire += len(frame) + 5
             st.bytes_wire += len(frame) + 5  # before the destination can ack it
             await self.ch.drain()
+        st.wire_parts[part] = st.wire_parts.get(part, 0) + wire
         return wire
 
     def _sync_counters(self) -> None:
@@ -1016,6 +1030,7 @@ class SourceMigration:
                     self.ch.write_frame(frame)
                     st.device_state_bytes += len(chunk)
                     st.bytes_wire += len(frame) + 5
+                    st.wire_parts["device_state"] = st.wire_parts.get("device_state", 0) + len(frame) + 5
                     await self.ch.drain()
                     self._check_inbox()
             finally:

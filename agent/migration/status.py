@@ -72,6 +72,10 @@ class MigrationStatus:
     # destination-side dedup (have/need): pages offered by digest, hits, repairs, index memory
     dedup: dict[str, Any] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # time spent in each phase
+    # source: where bytes_wire went (have: digests offered; round1_data, later_rounds,
+    # final_pages: data frames by when; repairs: pages the destination asked for;
+    # device_state), and pages sent as data, packed (zstd) or stored
+    wire_parts: dict[str, int] = field(default_factory=dict)
     # called once when the migration ends (metrics); set by the manager that keeps it
     on_finish: Callable[[MigrationStatus], None] | None = field(default=None, repr=False)
     _t0: float = field(default_factory=time.monotonic)
@@ -172,6 +176,7 @@ class MigrationStatus:
             "phase_seconds": {k: round(v, 4) for k, v in self.phase_seconds.items()},
             "native": self.native,
             "dest_dedup": self.dedup,
+            "wire_parts": self.wire_parts,
             "link_share": self.link_share,
         }
 

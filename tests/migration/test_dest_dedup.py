@@ -119,6 +119,12 @@ async def test_pages_the_destination_runs_are_not_sent(tmp_path: Path, host: Hos
             assert mig._bytes_per_page() > 3500, (mig._bytes_per_page(), st.bytes_wire / st.pages_sent)
             assert st.digest_source == st.digest_destination
             wire[dedup] = st.bytes_wire
+            # where the bytes went: the parts add up to the whole, and say what crossed
+            parts = st.metrics()["wire_parts"]
+            assert sum(v for k, v in parts.items() if not k.startswith("pages_")) == st.bytes_wire, parts
+            assert parts.get("have", 0) == st.dedup["have_bytes"] and parts["device_state"] > 0, parts
+            assert (parts.get("repairs", 0) > 0) == dedup and (parts.get("round1_data", 0) > 0) != dedup, parts
+            assert parts.get("pages_packed", 0) + parts.get("pages_stored", 0) >= st.pages_sent - st.dedup["hits"]
             if not dedup:  # the option off: not one digest offered
                 assert st.dedup["offered"] == 0 and not st.dedup["enabled"], st.dedup
             if dedup:
