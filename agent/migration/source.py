@@ -135,6 +135,7 @@ class SourceMigration:
         self._first: ScanResult | None = None  # the first scan, made while the destination prepares
         self._probe_left = PROBE_BYTES  # unheld bytes still to send under a cap (see PROBE_BYTES)
         self._unheld: tuple[float, int] | None = None  # (since, wire bytes): frames the cap did not hold
+        self._t_first_write: float | None = None  # the first page-stream frame (see _send_time)
         self._device_started = False
         self._go_sent = False
         self._dest_gave_up = False
@@ -170,7 +171,7 @@ class SourceMigration:
         self._turn_rounds = 0  # rounds run while holding the link's turn
         self._share_stats: dict[str, Any] = status.link_share
         self._share_stats.update(peak_migrations=1, turns=0, turn_wait_s=0.0, held_s=0.0, link_bytes_s=0.0)
-        self.policy = CompressionPolicy(enabled=opts.adaptive_compression)
+        self.policy = CompressionPolicy(enabled=opts.adaptive_compression, floor_level=opts.compression_level)
         # destination-side dedup (have/need, dedupdest.py): on when both sides want it
         self.offers = OfferPolicy()
         self._offer_on = False
@@ -784,7 +785,8 @@ class SourceMigration:
         def encode(batch: np.ndarray | None, by_digest: bool,
                    repairs: list[tuple[int, np.ndarray]]) -> _Work:
             # dedup + zstd or stored, per batch: whichever the link and the CPU make faster
-            sender.compress = sender.use_dedup = policy.pack_next()
+            sender.compress = sender.use_dedup = policy.pack_next(self.link.busy_rate)
+            sender.level = policy.level()  # higher while the link leaves the encoder idle
             w = _Work()
             if batch is not None:
                 data = batch
@@ -840,14 +842,14 @@ class SourceMigration:
                 wire = await self._write(w.frames, throttled, self._data_part())
                 if w.enc is not None:
                     self._count_pages(w.enc)
-                    policy.observe(w.enc, time.perf_counter() - t_send, wire)
+                    policy.observe(w.enc, self._send_time(t_send, wire), wire)
                     st.pipeline = policy.as_dict()
                 for seq, frames, n, enc in w.repairs:
                     t_send = time.perf_counter()
                     wire = await self._write(frames, throttled, "repairs")
                     if enc is not None:  # repairs are most of the data when offers hit: the policy learns from them too
                         self._count_pages(enc)
-                        policy.observe(enc, time.perf_counter() - t_send, wire)
+                        policy.observe(enc, self._send_time(t_send, wire), wire)
                         st.pipeline = policy.as_dict()
                     self.dd["repaired"] += n
                     await self.ch.send_ctrl({"op": "repaired", "seq": seq})
@@ -888,6 +890,19 @@ class SourceMigration:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._need_event.wait(), 0.1)  # 0.1 s: cancel checks
 
+    def _send_time(self, t_send: float, wire: int) -> float:
+        """Seconds sending ``wire`` bytes took, for the compression policy: the write's
+        own time, or what the link needs for them at its acked rate when longer. The
+        socket's buffer takes a batch of repairs in no time: read alone, that looked
+        like a fast link and sent a fifth of a 100 Mbit/s migration's pages stored."""
+        took = time.perf_counter() - t_send
+        rate = self.link.busy_rate
+        if rate <= 0 and self._t_first_write is not None and self.link.acked > 0:
+            # not measured yet (a busy run of SPAN_S first): what was acked so far over
+            # the time since our first write, a lower bound that only leans to packing
+            rate = self.link.acked / max(time.monotonic() - self._t_first_write, 1e-3)
+        return max(took, wire / rate) if rate > 0 else took
+
     def _data_part(self) -> str:
         """Which ``wire_parts`` entry the data frames sent now belong to."""
         if self._paused:
@@ -917,6 +932,8 @@ class SourceMigration:
                 await self.bucket.acquire(len(frame))
             if self._unheld is None:
                 self._unheld = (time.monotonic(), st.bytes_wire)
+            if self._t_first_write is None:
+                self._t_first_write = time.monotonic()
             self.ch.write_frame(frame)
             wire += len(frame) + 5
             st.bytes_wire += len(frame) + 5  # before the destination can ack it
