@@ -112,6 +112,13 @@ class CompressionPolicy:
             # frames) packs from the first batch: the first batch of repairs can be
             # thousands of pages, all sent stored (measured: 4,000 of 20,600)
             choice = 0 < link_bytes_s < SLOW_LINK_B_S
+        elif self._packing_free():
+            # the packer outruns the link even on data it cannot shrink (zstd keeps such
+            # frames stored after a probe): packing costs no time, whatever the last
+            # batches were like; guest RAM changes from region to region (measured: the
+            # two batches after the first were incompressible, and the next 64 MiB of
+            # page cache, ~3x with zstd, went stored)
+            choice = True
         elif stored is None:
             pm = self._mode[True]
             # stored cannot win while sending bounds the packed batches and packing shrinks
@@ -162,6 +169,14 @@ class CompressionPolicy:
         # the sums keep the old level's batches (they decay within LEVEL_SETTLE): cut
         # short, one batch of random pages would read as "packing does not pay"
         self.level_changes += 1
+
+    def _packing_free(self) -> bool:
+        """Whether packing a raw byte takes less time than sending one: then a packed
+        batch is never slower than a stored one (at worst as large, never larger)."""
+        m = self._mode[True]
+        if m.n == 0 or m.raw <= 0 or self._send_wire <= 0:
+            return False
+        return m.encode_s / m.raw < self._send_s / self._send_wire
 
     def _send_bound(self) -> bool:
         """Whether sending (link, cap or receiver), not encoding, limits stored batches."""

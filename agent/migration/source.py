@@ -73,6 +73,8 @@ DISK_POLL_S = 0.1  # how often the disk mirrors' progress is read while they cat
 # Under a cap, the first bytes of pre-copy go unheld, once: a run long enough for the
 # acks to time the link (see estimate.py); the pause sends more than this uncapped anyway
 PROBE_BYTES = 1 << 20
+FIRST_BATCH_PAGES = 64  # the first two batches of data (see _send_pages)
+FIRST_ACK_S = 1.0  # longest wait for the first ack before choosing how to send (_first_ack)
 DISK_FINISH_S = 60.0  # completing ready mirrors (paused guest): drains in-flight writes only
 
 
@@ -778,14 +780,18 @@ class SourceMigration:
         assert sender is not None
         indices = bitmap_indices(dirty)
         self._round_pages, self._round_sent = len(indices), 0
-        batches = [indices[i : i + self.opts.batch_pages]
-                   for i in range(0, len(indices), self.opts.batch_pages)]
+        # the migration's first data goes before the link is known (see _first_ack): two
+        # small batches first, so what goes stored while it is measured stays small
+        first = 2 * FIRST_BATCH_PAGES if self._t_first_write is None else 0
+        bounds = [*range(0, min(first, len(indices)), FIRST_BATCH_PAGES),
+                  *range(min(first, len(indices)), len(indices), self.opts.batch_pages)]
+        batches = [indices[a:b] for a, b in zip(bounds, [*bounds[1:], len(indices)], strict=False)]
         offering = offer and self._offer_on
 
         def encode(batch: np.ndarray | None, by_digest: bool,
                    repairs: list[tuple[int, np.ndarray]]) -> _Work:
             # dedup + zstd or stored, per batch: whichever the link and the CPU make faster
-            sender.compress = sender.use_dedup = policy.pack_next(self.link.busy_rate)
+            sender.compress = sender.use_dedup = policy.pack_next(self._link_hint())
             sender.level = policy.level()  # higher while the link leaves the encoder idle
             w = _Work()
             if batch is not None:
@@ -825,6 +831,8 @@ class SourceMigration:
                 w = await pending
                 pending = None
                 if i + 1 < len(batches):
+                    if self.link.acked == 0 and st.bytes_wire >= protocol.ACK_BYTES:
+                        await self._first_ack()
                     pending = start(i + 1)
                 self._check_inbox()
                 # another migration to this destination may hold the link's turn: wait.
@@ -896,12 +904,29 @@ class SourceMigration:
         socket's buffer takes a batch of repairs in no time: read alone, that looked
         like a fast link and sent a fifth of a 100 Mbit/s migration's pages stored."""
         took = time.perf_counter() - t_send
+        rate = self._link_hint()
+        return max(took, wire / rate) if rate > 0 else took
+
+    def _link_hint(self) -> float:
+        """The link's rate as known so far (0: not at all): measured over busy runs, or
+        before one was (SPAN_S), what was acked over the time since our first write: a
+        lower bound, which only leans to packing."""
         rate = self.link.busy_rate
         if rate <= 0 and self._t_first_write is not None and self.link.acked > 0:
-            # not measured yet (a busy run of SPAN_S first): what was acked so far over
-            # the time since our first write, a lower bound that only leans to packing
             rate = self.link.acked / max(time.monotonic() - self._t_first_write, 1e-3)
-        return max(took, wire / rate) if rate > 0 else took
+        return rate
+
+    async def _first_ack(self) -> None:
+        """Before the third batch of data is chosen packed or stored: the first ack,
+        which times the link (bounded; the link is busy with what we queued meanwhile,
+        so waiting costs no throughput). Without it, the first batches all went
+        stored into the socket's buffer on a 100 Mbit/s link (2,048 pages)."""
+        deadline = time.monotonic() + FIRST_ACK_S
+        while self.link.acked == 0 and time.monotonic() < deadline:
+            self._check_inbox()
+            self._ack_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ack_event.wait(), 0.05)
 
     def _data_part(self) -> str:
         """Which ``wire_parts`` entry the data frames sent now belong to."""

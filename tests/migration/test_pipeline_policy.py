@@ -52,10 +52,22 @@ def test_slow_link_packs_when_it_shrinks_the_data() -> None:
     choices = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=0.5, link_mb_s=50) for _ in range(40)]
     # sending bounds the packed batches: a stored sample would only send more bytes
     assert all(choices[2:]), choices
-    # ... but not data it cannot shrink: packing then only costs CPU
+    # ... but not data it cannot shrink where the packer is slower than the link: packing
+    # then costs time as well as CPU
     p = CompressionPolicy()
-    choices = [batch(p, packed_mb_s=400, stored_mb_s=1500, ratio=1.0, link_mb_s=50) for _ in range(40)]
+    choices = [batch(p, packed_mb_s=40, stored_mb_s=1500, ratio=1.0, link_mb_s=50) for _ in range(40)]
     assert sum(choices[2:]) <= len(choices[2:]) // RESAMPLE
+
+
+def test_a_packer_faster_than_the_link_packs_whatever_the_last_batches_were() -> None:
+    """100 Mbit/s, a packer at 100 MB/s: two incompressible batches (the start of guest
+    RAM), then page cache that zstd shrinks 3x. Packing costs no time there (zstd keeps
+    incompressible frames stored after a probe), so it stays chosen: it went stored
+    after the first two and sent the next 16 batches (64 MiB of page cache) stored."""
+    p = CompressionPolicy()
+    ratios = [1.0, 1.0] + [0.33] * 20
+    choices = [batch(p, packed_mb_s=100, stored_mb_s=1500, ratio=r, link_mb_s=12) for r in ratios]
+    assert all(choices[1:]), choices
 
 
 def test_policy_follows_a_link_that_slows_down() -> None:
@@ -65,14 +77,6 @@ def test_policy_follows_a_link_that_slows_down() -> None:
     assert not any(fast)
     assert all(slow[-20:]), slow  # packed, and no stored sample while the link bounds it
 
-
-def test_stored_is_sampled_while_the_encoder_bounds_packing() -> None:
-    """Packing wins but its encoder, not the link, is the bound (60 MB/s against a
-    link carrying its output at 50): stored keeps its sample every RESAMPLE, as a
-    faster CPU or link could make it the better choice."""
-    p = CompressionPolicy()
-    choices = [batch(p, packed_mb_s=60, stored_mb_s=1500, ratio=0.5, link_mb_s=50) for _ in range(40)]
-    assert sum(choices[-2 * RESAMPLE:]) == 2 * RESAMPLE - 2, choices
 
 
 # zstd speed relative to level 1 and bytes out per level, roughly as measured on guest pages
@@ -161,11 +165,12 @@ def test_data_packing_barely_shrinks_goes_stored() -> None:
     """Data packing shrinks by 0.2 % (measured 0.998 on a busy guest): packing can only
     look faster by noise in its encode figures (here 400 against stored's 300 MB/s),
     and once chosen the hysteresis kept it (105 of 114 batches). It goes stored, but
-    for the packed samples."""
+    for the packed samples. (Under a 50 MB/s cap a 400 MB/s packer costs no time and
+    packs: on guest RAM whose next region compresses that pays, see above.)"""
     p = CompressionPolicy()
     capped = [batch(p, packed_mb_s=400, stored_mb_s=300, ratio=0.998, link_mb_s=50) for _ in range(5)]
     fast = [batch(p, packed_mb_s=400, stored_mb_s=300, ratio=0.998, link_mb_s=3000) for _ in range(40)]
-    assert sum(capped) <= 1 and sum(fast) <= len(fast) // RESAMPLE
+    assert all(capped[1:]) and sum(fast[5:]) <= len(fast[5:]) // RESAMPLE + 1, (capped, fast)
 
 
 def test_first_round_offers_only_where_a_hit_is_possible_or_the_link_is_capped() -> None:
