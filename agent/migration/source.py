@@ -816,6 +816,14 @@ class SourceMigration:
             # to the migrations beside it (an evacuation sends it once); later rounds
             # carry re-dirtied pages, offered while it pays (OfferPolicy)
             if self.status.round == 1:
+                if offering and not self._offer_first and self.share.others(self):
+                    # a drain whose requests came together: this one prepared before the
+                    # others were known there. From now on its pages land as repairs, which
+                    # the destination indexes for them (sent as data, they were not: the
+                    # first VM's share of the image crossed twice, 4-VM drain measured)
+                    self._offer_first = True
+                    self.dd_first = {"first_round_offered": True, "first_round_reason":
+                                     "other migrations to the destination started"}
                 by_digest = offering and self._offer_first
             else:
                 by_digest = offering and self.offers.offer_next(self._data_page_bytes())
