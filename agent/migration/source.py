@@ -782,7 +782,9 @@ class SourceMigration:
         self._round_pages, self._round_sent = len(indices), 0
         # the migration's first data goes before the link is known (see _first_ack): two
         # small batches first, so what goes stored while it is measured stays small
-        first = 2 * FIRST_BATCH_PAGES if self._t_first_write is None else 0
+        # (under a cap the cap is known, and the probe's unheld bytes stay as they were)
+        unknown = self._t_first_write is None and not (throttled and self.bucket.rate)
+        first = 2 * FIRST_BATCH_PAGES if unknown else 0
         bounds = [*range(0, min(first, len(indices)), FIRST_BATCH_PAGES),
                   *range(min(first, len(indices)), len(indices), self.opts.batch_pages)]
         batches = [indices[a:b] for a, b in zip(bounds, [*bounds[1:], len(indices)], strict=False)]
@@ -791,7 +793,7 @@ class SourceMigration:
         def encode(batch: np.ndarray | None, by_digest: bool,
                    repairs: list[tuple[int, np.ndarray]]) -> _Work:
             # dedup + zstd or stored, per batch: whichever the link and the CPU make faster
-            sender.compress = sender.use_dedup = policy.pack_next(self._link_hint())
+            sender.compress = sender.use_dedup = policy.pack_next(self._link_hint(throttled))
             sender.level = policy.level()  # higher while the link leaves the encoder idle
             w = _Work()
             if batch is not None:
@@ -839,8 +841,8 @@ class SourceMigration:
                 w = await pending
                 pending = None
                 if i + 1 < len(batches):
-                    if self.link.acked == 0 and st.bytes_wire >= protocol.ACK_BYTES:
-                        await self._first_ack()
+                    if self.link.acked == 0 and st.bytes_wire >= protocol.ACK_BYTES and not self.bucket.rate:
+                        await self._first_ack()  # (a cap says enough: _link_hint)
                     pending = start(i + 1)
                 self._check_inbox()
                 # another migration to this destination may hold the link's turn: wait.
@@ -858,14 +860,14 @@ class SourceMigration:
                 wire = await self._write(w.frames, throttled, self._data_part())
                 if w.enc is not None:
                     self._count_pages(w.enc)
-                    policy.observe(w.enc, self._send_time(t_send, wire), wire)
+                    policy.observe(w.enc, self._send_time(t_send, wire, throttled), wire)
                     st.pipeline = policy.as_dict()
                 for seq, frames, n, enc in w.repairs:
                     t_send = time.perf_counter()
                     wire = await self._write(frames, throttled, "repairs")
                     if enc is not None:  # repairs are most of the data when offers hit: the policy learns from them too
                         self._count_pages(enc)
-                        policy.observe(enc, self._send_time(t_send, wire), wire)
+                        policy.observe(enc, self._send_time(t_send, wire, throttled), wire)
                         st.pipeline = policy.as_dict()
                     self.dd["repaired"] += n
                     await self.ch.send_ctrl({"op": "repaired", "seq": seq})
@@ -906,22 +908,24 @@ class SourceMigration:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._need_event.wait(), 0.1)  # 0.1 s: cancel checks
 
-    def _send_time(self, t_send: float, wire: int) -> float:
+    def _send_time(self, t_send: float, wire: int, capped: bool) -> float:
         """Seconds sending ``wire`` bytes took, for the compression policy: the write's
         own time, or what the link needs for them at its acked rate when longer. The
         socket's buffer takes a batch of repairs in no time: read alone, that looked
         like a fast link and sent a fifth of a 100 Mbit/s migration's pages stored."""
         took = time.perf_counter() - t_send
-        rate = self._link_hint()
+        rate = self._link_hint(capped)
         return max(took, wire / rate) if rate > 0 else took
 
-    def _link_hint(self) -> float:
+    def _link_hint(self, capped: bool) -> float:
         """The link's rate as known so far (0: not at all): measured over busy runs, or
         before one was (SPAN_S), what was acked over the time since our first write: a
         lower bound, which only leans to packing."""
         rate = self.link.busy_rate
         if rate <= 0 and self._t_first_write is not None and self.link.acked > 0:
             rate = self.link.acked / max(time.monotonic() - self._t_first_write, 1e-3)
+        if self.bucket.rate and capped:  # the cap holds these frames: no faster than it
+            rate = min(rate, self.bucket.rate) if rate > 0 else self.bucket.rate
         return rate
 
     async def _first_ack(self) -> None:
