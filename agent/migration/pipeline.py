@@ -12,12 +12,17 @@ time per wire byte (token bucket, socket writes and drains: the link, or a
 receiver slower than the link) is one figure for both. On loopback or 10 GbE
 sending is cheap and stored wins (hashing and zstd cost more than they save);
 under a 50 MB/s cap the link dominates and packing wins whenever it shrinks the
-data. The first batch goes stored. Packing does the stored work plus hashing
-and zstd, so it can only pay where sending, not encoding, limits the stored
-batches: only then is a packed batch tried (from the second batch on, never on
-a link faster than the encoder). Afterwards the losing mode gets one batch
-every ``RESAMPLE`` so its figures follow the data (packed: again only while
-stored is limited by sending).
+data. The first batch goes stored, unless the link was already measured slower
+than any stored encoder (``SLOW_LINK_B_S``). Packing does the stored work plus
+hashing and zstd, so it can only pay where sending, not encoding, limits the
+stored batches: only then is a packed batch tried (from the second batch on,
+never on a link faster than the encoder). Where the packer outruns the link (a
+raw byte packed faster than a wire byte sent) every batch is packed: it cannot
+be slower than stored, and guest RAM changes from region to region, so past
+batches that did not shrink say little about the next. Otherwise the losing
+mode gets one batch every ``RESAMPLE`` so its figures follow the data (packed:
+again only while stored is limited by sending; stored: not while sending bounds
+the packed batches, where it would only send more).
 
 While packing, the zstd level follows the same figures (``level``): where
 sending the packed output takes well over the encode time (a slow link), a
