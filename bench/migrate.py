@@ -508,6 +508,7 @@ async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str, polic
         "round_log": st.get("rounds"), "estimate_parts": m.get("estimate_parts"),
         "final_rate_bytes_s": m.get("final_rate_bytes_s"),
         "dest_dedup": m.get("dest_dedup"), "link_share": m.get("link_share"),
+        "wire_parts": m.get("wire_parts"), "native": m.get("native"),
     }  # fmt: skip
     # pre-copy gave up and the policy kept the guest at the source: an outcome, not a failure
     by_policy = (st["phase"] == "failed" and policy == "abort" and m.get("converged") is False

@@ -12,12 +12,23 @@ time per wire byte (token bucket, socket writes and drains: the link, or a
 receiver slower than the link) is one figure for both. On loopback or 10 GbE
 sending is cheap and stored wins (hashing and zstd cost more than they save);
 under a 50 MB/s cap the link dominates and packing wins whenever it shrinks the
-data. The first batch goes stored. Packing does the stored work plus hashing
-and zstd, so it can only pay where sending, not encoding, limits the stored
-batches: only then is a packed batch tried (from the second batch on, never on
-a link faster than the encoder). Afterwards the losing mode gets one batch
-every ``RESAMPLE`` so its figures follow the data (packed: again only while
-stored is limited by sending).
+data. The first batch goes stored, unless the link was already measured slower
+than any stored encoder (``SLOW_LINK_B_S``). Packing does the stored work plus
+hashing and zstd, so it can only pay where sending, not encoding, limits the
+stored batches: only then is a packed batch tried (from the second batch on,
+never on a link faster than the encoder). Where the packer outruns the link (a
+raw byte packed faster than a wire byte sent) every batch is packed: it cannot
+be slower than stored, and guest RAM changes from region to region, so past
+batches that did not shrink say little about the next. Otherwise the losing
+mode gets one batch every ``RESAMPLE`` so its figures follow the data (packed:
+again only while stored is limited by sending; stored: not while sending bounds
+the packed batches, where it would only send more).
+
+While packing, the zstd level follows the same figures (``level``): where
+sending the packed output takes well over the encode time (a slow link), a
+higher level buys fewer bytes for CPU the link leaves idle; one step at a time
+up ``LEVELS``, and back down once encoding nears the send time. The option
+``compression_level`` is the floor.
 """
 
 from __future__ import annotations
@@ -29,6 +40,19 @@ from novacron.native import EncodeStats
 RESAMPLE = 16  # batches between samples of the mode not chosen
 MARGIN = 0.9  # leave packing only for a clear gain (hysteresis against noise)
 DECAY = 0.7  # weight of the past in the running sums (recent batches count most)
+# a link slower than this (bytes/s) is slower than the stored encoder anywhere (it copies
+# pages at several hundred MB/s): packing can only pay there, so it is the first choice
+SLOW_LINK_B_S = 50e6
+DECAY_LONG = 0.95  # the same over ~20 batches: whether packing shrinks this guest's data
+# zstd levels tried while the link is the bound: each about as fast as or ~2x slower
+# than the one before. Measured here on the realistic guest's working set (1 MiB
+# frames, one thread): level 1 261 MB/s 0.624 of the bytes, 3 255 MB/s 0.612, 5 120
+# MB/s 0.610, 7 63 MB/s 0.604: past 5 the CPU (which the destination may share)
+# buys under 1 %
+LEVELS = (1, 3, 5)
+LEVEL_UP = 2.5  # step up while sending the packed output takes this many times the encode
+LEVEL_DOWN = 1.25  # step down once it takes less than this (the encoder nears the bound)
+LEVEL_SETTLE = 3  # packed batches at a level before the next step (its own figures)
 
 
 class _Sums:
@@ -36,18 +60,25 @@ class _Sums:
 
     def __init__(self) -> None:
         self.encode_s = self.raw = self.wire = 0.0
+        self.raw_long = self.wire_long = 0.0  # over ~20 batches: what the data is like
         self.n = 0
 
     def add(self, encode_s: float, raw: float, wire: float) -> None:
         self.encode_s = DECAY * self.encode_s + encode_s
         self.raw = DECAY * self.raw + raw
         self.wire = DECAY * self.wire + wire
+        self.raw_long = DECAY_LONG * self.raw_long + raw
+        self.wire_long = DECAY_LONG * self.wire_long + wire
         self.n += 1
 
 
 class CompressionPolicy:
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, floor_level: int = 1) -> None:
         self.enabled = enabled  # False: always pack (the old behaviour)
+        self.floor_level = floor_level  # the compression_level option: never below it
+        self._level = floor_level
+        self._at_level = 0  # packed batches observed since the level last changed
+        self.level_changes = 0
         self._mode = {True: _Sums(), False: _Sums()}  # packed, stored
         self._send_s = self._send_wire = 0.0
         self.batches = 0
@@ -62,6 +93,7 @@ class CompressionPolicy:
         self.packed_batches += packed
         if enc.raw_bytes <= 0:
             return
+        self._at_level += packed
         self._mode[packed].add(enc.wall_s, enc.raw_bytes, wire_bytes)
         self._send_s = DECAY * self._send_s + send_s
         self._send_wire = DECAY * self._send_wire + wire_bytes
@@ -73,13 +105,29 @@ class CompressionPolicy:
         per_wire = self._send_s / self._send_wire
         return max(m.encode_s / m.raw, per_wire * m.wire / m.raw)
 
-    def pack_next(self) -> bool:
-        """Whether the next batch should be packed (deduplicated and compressed)."""
+    def pack_next(self, link_bytes_s: float = 0.0) -> bool:
+        """Whether the next batch should be packed (deduplicated and compressed).
+        ``link_bytes_s``: the link's rate as measured so far (0: not yet)."""
         if not self.enabled:
             return True
         packed, stored = self._cost(True), self._cost(False)
-        if stored is None:
-            choice = False  # stored first: on a fast link it is the answer, and the cheaper one
+        if stored is None and packed is None:
+            # stored first: on a fast link it is the answer, and the cheaper one; but a
+            # link already measured slower than any stored encoder (the acks of the have
+            # frames) packs from the first batch: the first batch of repairs can be
+            # thousands of pages, all sent stored (measured: 4,000 of 20,600)
+            choice = 0 < link_bytes_s < SLOW_LINK_B_S
+        elif self._packing_free():
+            # the packer outruns the link even on data it cannot shrink (zstd keeps such
+            # frames stored after a probe): packing costs no time, whatever the last
+            # batches were like; guest RAM changes from region to region (measured: the
+            # two batches after the first were incompressible, and the next 64 MiB of
+            # page cache, ~3x with zstd, went stored)
+            choice = True
+        elif stored is None:
+            pm = self._mode[True]
+            # stored cannot win while sending bounds the packed batches and packing shrinks
+            choice = self._bound_by_sending(True) and pm.wire_long < MARGIN * pm.raw_long
         elif packed is None:
             # a packed sample only where it could win; the choice stays stored meanwhile
             self._last_choice = False
@@ -87,21 +135,60 @@ class CompressionPolicy:
         else:
             choice = packed < (1.0 / MARGIN if self._last_choice else MARGIN) * stored
             pm = self._mode[True]
-            if pm.wire >= MARGIN * pm.raw:
+            if pm.wire_long >= MARGIN * pm.raw_long:
                 # shrinks by less than the margin: packing's gain is noise, its CPU is not
-                # (the hysteresis above would otherwise keep a lucky packed choice)
+                # (the hysteresis above would otherwise keep a lucky packed choice). Over
+                # many batches: a few of random pages in a mixed guest (runs of them,
+                # or repairs of them alone) must not send the next ones stored
                 choice = False
             self._since_sample += 1
             if self._since_sample >= RESAMPLE:  # the other mode's figures may have aged
                 self._since_sample = 0
-                if choice or self._send_bound():
+                # a stored sample cannot win while sending bounds the packed batches: it
+                # would send more bytes over the same link (measured: 1,563 pages of a
+                # 100 Mbit/s migration, 3 MB, went stored as samples)
+                if (choice and not self._bound_by_sending(True)) or (not choice and self._send_bound()):
                     return not choice
         self._last_choice = choice
         return choice
 
+    def level(self) -> int:
+        """zstd level for the next packed batch: higher while the link leaves the
+        encoder idle (see the module docstring), back down when it no longer does."""
+        m = self._mode[True]
+        if not self.enabled or m.n == 0 or m.encode_s <= 0 or self._send_wire <= 0:
+            return self._level
+        if self._at_level < LEVEL_SETTLE:
+            return self._level
+        headroom = self._send_s / self._send_wire * m.wire / m.encode_s
+        up = [lv for lv in LEVELS if lv > self._level]
+        down = [lv for lv in LEVELS if self.floor_level <= lv < self._level]
+        if headroom >= LEVEL_UP and up:
+            self._set_level(up[0])
+        elif headroom < LEVEL_DOWN and down:
+            self._set_level(down[-1])
+        return self._level
+
+    def _set_level(self, level: int) -> None:
+        self._level, self._at_level = level, 0
+        # the sums keep the old level's batches (they decay within LEVEL_SETTLE): cut
+        # short, one batch of random pages would read as "packing does not pay"
+        self.level_changes += 1
+
+    def _packing_free(self) -> bool:
+        """Whether packing a raw byte takes less time than sending one: then a packed
+        batch is never slower than a stored one (at worst as large, never larger)."""
+        m = self._mode[True]
+        if m.n == 0 or m.raw <= 0 or self._send_wire <= 0:
+            return False
+        return m.encode_s / m.raw < self._send_s / self._send_wire
+
     def _send_bound(self) -> bool:
         """Whether sending (link, cap or receiver), not encoding, limits stored batches."""
-        m = self._mode[False]
+        return self._bound_by_sending(False)
+
+    def _bound_by_sending(self, packed: bool) -> bool:
+        m = self._mode[packed]
         if m.n == 0 or m.raw <= 0 or self._send_wire <= 0:
             return False
         return self._send_s / self._send_wire * m.wire > m.encode_s
@@ -126,6 +213,8 @@ class CompressionPolicy:
             "stored_encode_mb_s": mb_s(s.raw, s.encode_s),
             "link_mb_s": mb_s(self._send_wire, self._send_s),
             "packed_wire_ratio": round(p.wire / p.raw, 3) if p.raw else None,
+            "zstd_level": self._level,
+            "zstd_level_changes": self.level_changes,
         }
 
 

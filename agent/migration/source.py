@@ -73,6 +73,8 @@ DISK_POLL_S = 0.1  # how often the disk mirrors' progress is read while they cat
 # Under a cap, the first bytes of pre-copy go unheld, once: a run long enough for the
 # acks to time the link (see estimate.py); the pause sends more than this uncapped anyway
 PROBE_BYTES = 1 << 20
+FIRST_BATCH_PAGES = 64  # the first two batches of data (see _send_pages)
+FIRST_ACK_S = 1.0  # longest wait for the first ack before choosing how to send (_first_ack)
 DISK_FINISH_S = 60.0  # completing ready mirrors (paused guest): drains in-flight writes only
 
 
@@ -156,6 +158,7 @@ class SourceMigration:
         self._first: ScanResult | None = None  # the first scan, made while the destination prepares
         self._probe_left = PROBE_BYTES  # unheld bytes still to send under a cap (see PROBE_BYTES)
         self._unheld: tuple[float, int] | None = None  # (since, wire bytes): frames the cap did not hold
+        self._t_first_write: float | None = None  # the first page-stream frame (see _send_time)
         self._device_started = False
         self._go_sent = False
         self._dest_gave_up = False
@@ -191,7 +194,7 @@ class SourceMigration:
         self._turn_rounds = 0  # rounds run while holding the link's turn
         self._share_stats: dict[str, Any] = status.link_share
         self._share_stats.update(peak_migrations=1, turns=0, turn_wait_s=0.0, held_s=0.0, link_bytes_s=0.0)
-        self.policy = CompressionPolicy(enabled=opts.adaptive_compression)
+        self.policy = CompressionPolicy(enabled=opts.adaptive_compression, floor_level=opts.compression_level)
         # destination-side dedup (have/need, dedupdest.py): on when both sides want it
         self.offers = OfferPolicy()
         self._offer_on = False
@@ -804,14 +807,21 @@ class SourceMigration:
         assert sender is not None
         indices = bitmap_indices(dirty)
         self._round_pages, self._round_sent = len(indices), 0
-        batches = [indices[i : i + self.opts.batch_pages]
-                   for i in range(0, len(indices), self.opts.batch_pages)]
+        # the migration's first data goes before the link is known (see _first_ack): two
+        # small batches first, so what goes stored while it is measured stays small
+        # (under a cap the cap is known, and the probe's unheld bytes stay as they were)
+        unknown = self._t_first_write is None and not (throttled and self.bucket.rate)
+        first = 2 * FIRST_BATCH_PAGES if unknown else 0
+        bounds = [*range(0, min(first, len(indices)), FIRST_BATCH_PAGES),
+                  *range(min(first, len(indices)), len(indices), self.opts.batch_pages)]
+        batches = [indices[a:b] for a, b in zip(bounds, [*bounds[1:], len(indices)], strict=False)]
         offering = offer and self._offer_on
 
         def encode(batch: np.ndarray | None, by_digest: bool,
                    repairs: list[tuple[int, np.ndarray]]) -> _Work:
             # dedup + zstd or stored, per batch: whichever the link and the CPU make faster
-            sender.compress = sender.use_dedup = policy.pack_next()
+            sender.compress = sender.use_dedup = policy.pack_next(self._link_hint(throttled))
+            sender.level = policy.level()  # higher while the link leaves the encoder idle
             w = _Work()
             if batch is not None:
                 data = batch
@@ -835,6 +845,14 @@ class SourceMigration:
             # to the migrations beside it (an evacuation sends it once); later rounds
             # carry re-dirtied pages, offered while it pays (OfferPolicy)
             if self.status.round == 1:
+                if offering and not self._offer_first and self.share.others(self):
+                    # a drain whose requests came together: this one prepared before the
+                    # others were known there. From now on its pages land as repairs, which
+                    # the destination indexes for them (sent as data, they were not: the
+                    # first VM's share of the image crossed twice, 4-VM drain measured)
+                    self._offer_first = True
+                    self.dd_first = {"first_round_offered": True, "first_round_reason":
+                                     "other migrations to the destination started"}
                 by_digest = offering and self._offer_first
             else:
                 by_digest = offering and self.offers.offer_next(self._data_page_bytes())
@@ -850,6 +868,8 @@ class SourceMigration:
                 w = await pending
                 pending = None
                 if i + 1 < len(batches):
+                    if self.link.acked == 0 and st.bytes_wire >= protocol.ACK_BYTES and not self.bucket.rate:
+                        await self._first_ack()  # (a cap says enough: _link_hint)
                     pending = start(i + 1)
                 self._check_inbox()
                 # another migration to this destination may hold the link's turn: wait.
@@ -862,17 +882,19 @@ class SourceMigration:
                                                      np.zeros(w.offered.size, dtype=bool))
                     self.dd["offered"] += int(w.offered.size)
                     self.dd["batches_offered"] += 1
-                    self.dd["have_bytes"] += await self._write([w.have], throttled)
+                    self.dd["have_bytes"] += await self._write([w.have], throttled, "have")
                 t_send = time.perf_counter()
-                wire = await self._write(w.frames, throttled)
+                wire = await self._write(w.frames, throttled, self._data_part())
                 if w.enc is not None:
-                    policy.observe(w.enc, time.perf_counter() - t_send, wire)
+                    self._count_pages(w.enc)
+                    policy.observe(w.enc, self._send_time(t_send, wire, throttled), wire)
                     st.pipeline = policy.as_dict()
                 for seq, frames, n, enc in w.repairs:
                     t_send = time.perf_counter()
-                    wire = await self._write(frames, throttled)
+                    wire = await self._write(frames, throttled, "repairs")
                     if enc is not None:  # repairs are most of the data when offers hit: the policy learns from them too
-                        policy.observe(enc, time.perf_counter() - t_send, wire)
+                        self._count_pages(enc)
+                        policy.observe(enc, self._send_time(t_send, wire, throttled), wire)
                         st.pipeline = policy.as_dict()
                     self.dd["repaired"] += n
                     await self.ch.send_ctrl({"op": "repaired", "seq": seq})
@@ -913,7 +935,50 @@ class SourceMigration:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._need_event.wait(), 0.1)  # 0.1 s: cancel checks
 
-    async def _write(self, frames: list[bytes], throttled: bool) -> int:
+    def _send_time(self, t_send: float, wire: int, capped: bool) -> float:
+        """Seconds sending ``wire`` bytes took, for the compression policy: the write's
+        own time, or what the link needs for them at its acked rate when longer. The
+        socket's buffer takes a batch of repairs in no time: read alone, that looked
+        like a fast link and sent a fifth of a 100 Mbit/s migration's pages stored."""
+        took = time.perf_counter() - t_send
+        rate = self._link_hint(capped)
+        return max(took, wire / rate) if rate > 0 else took
+
+    def _link_hint(self, capped: bool) -> float:
+        """The link's rate as known so far (0: not at all): measured over busy runs, or
+        before one was (SPAN_S), what was acked over the time since our first write: a
+        lower bound, which only leans to packing."""
+        rate = self.link.busy_rate
+        if rate <= 0 and self._t_first_write is not None and self.link.acked > 0:
+            rate = self.link.acked / max(time.monotonic() - self._t_first_write, 1e-3)
+        if self.bucket.rate and capped:  # the cap holds these frames: no faster than it
+            rate = min(rate, self.bucket.rate) if rate > 0 else self.bucket.rate
+        return rate
+
+    async def _first_ack(self) -> None:
+        """Before the third batch of data is chosen packed or stored: the first ack,
+        which times the link (bounded; the link is busy with what we queued meanwhile,
+        so waiting costs no throughput). Without it, the first batches all went
+        stored into the socket's buffer on a 100 Mbit/s link (2,048 pages)."""
+        deadline = time.monotonic() + FIRST_ACK_S
+        while self.link.acked == 0 and time.monotonic() < deadline:
+            self._check_inbox()
+            self._ack_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ack_event.wait(), 0.05)
+
+    def _data_part(self) -> str:
+        """Which ``wire_parts`` entry the data frames sent now belong to."""
+        if self._paused:
+            return "final_pages"
+        return "round1_data" if self.status.round <= 1 else "later_rounds"
+
+    def _count_pages(self, enc: EncodeStats) -> None:
+        """Pages sent as data, by how their frames went (``wire_parts``' companion)."""
+        kind = "pages_packed" if enc.compressed else "pages_stored"
+        self.status.wire_parts[kind] = self.status.wire_parts.get(kind, 0) + enc.raw_bytes // protocol.PAGE
+
+    async def _write(self, frames: list[bytes], throttled: bool, part: str) -> int:
         st, wire = self.status, 0
         for frame in frames:
             if not (throttled and self.bucket.rate):
@@ -931,10 +996,13 @@ class SourceMigration:
                 await self.bucket.acquire(len(frame))
             if self._unheld is None:
                 self._unheld = (time.monotonic(), st.bytes_wire)
+            if self._t_first_write is None:
+                self._t_first_write = time.monotonic()
             self.ch.write_frame(frame)
             wire += len(frame) + 5
             st.bytes_wire += len(frame) + 5  # before the destination can ack it
             await self.ch.drain()
+        st.wire_parts[part] = st.wire_parts.get(part, 0) + wire
         return wire
 
     def _sync_counters(self) -> None:
@@ -1043,6 +1111,7 @@ class SourceMigration:
                     self.ch.write_frame(frame)
                     st.device_state_bytes += len(chunk)
                     st.bytes_wire += len(frame) + 5
+                    st.wire_parts["device_state"] = st.wire_parts.get("device_state", 0) + len(frame) + 5
                     await self.ch.drain()
                     self._check_inbox()
             finally:

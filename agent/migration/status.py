@@ -78,6 +78,10 @@ class MigrationStatus:
     # source: where the prepare phase went (connect_s, destination_s, first_scan_s; the last
     # two overlap, the phase ends when both did) and first_scan_pages (pages it read)
     prepare_parts: dict[str, float] = field(default_factory=dict)
+    # source: where bytes_wire went (have: digests offered; round1_data, later_rounds,
+    # final_pages: data frames by when; repairs: pages the destination asked for;
+    # device_state), and pages sent as data, packed (zstd) or stored
+    wire_parts: dict[str, int] = field(default_factory=dict)
     # called once when the migration ends (metrics); set by the manager that keeps it
     on_finish: Callable[[MigrationStatus], None] | None = field(default=None, repr=False)
     _t0: float = field(default_factory=time.monotonic)
@@ -185,6 +189,7 @@ class MigrationStatus:
             "prepare_parts": self.prepare_parts,
             "native": self.native,
             "dest_dedup": self.dedup,
+            "wire_parts": self.wire_parts,
             "link_share": self.link_share,
         }
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from novacron.agent.channel import Channel, ChannelServer, connect
+from novacron.agent.migration import source as source_mod
 from novacron.agent.migration.dedupdest import PageIndex
 from novacron.agent.migration.dest import receive_migration
 from novacron.agent.migration.options import MigrationOptions
@@ -119,6 +120,12 @@ async def test_pages_the_destination_runs_are_not_sent(tmp_path: Path, host: Hos
             assert mig._bytes_per_page() > 3500, (mig._bytes_per_page(), st.bytes_wire / st.pages_sent)
             assert st.digest_source == st.digest_destination
             wire[dedup] = st.bytes_wire
+            # where the bytes went: the parts add up to the whole, and say what crossed
+            parts = st.metrics()["wire_parts"]
+            assert sum(v for k, v in parts.items() if not k.startswith("pages_")) == st.bytes_wire, parts
+            assert parts.get("have", 0) == st.dedup["have_bytes"] and parts["device_state"] > 0, parts
+            assert (parts.get("repairs", 0) > 0) == dedup and (parts.get("round1_data", 0) > 0) != dedup, parts
+            assert parts.get("pages_packed", 0) + parts.get("pages_stored", 0) >= st.pages_sent - st.dedup["hits"]
             if not dedup:  # the option off: not one digest offered
                 assert st.dedup["offered"] == 0 and not st.dedup["enabled"], st.dedup
             if dedup:
@@ -256,6 +263,36 @@ async def test_evacuation_sends_shared_pages_once(tmp_path: Path, host: Host) ->
     host.running += [host.factory.vms[n].ram_path for n in ("vma", "vmb")]
     await host.warm()
     assert host.index.indexed_pages == 2 * PAGES, [(s.path, s.next_page, s.pages, s.mm is None) for s in host.index._slots.values()]
+
+
+async def test_a_drain_offers_once_the_other_migrations_are_known(tmp_path: Path, host: Host,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two VMs of one image to an empty destination, their requests together: each
+    prepared before the other was known there, so nothing said to offer (as on an
+    uncapped link, ``first_round_offer`` patched to say so). Once the other migration
+    from this host to the same destination started, pages are offered: the image's
+    pages cross once (sent as data, the destination did not index them and the second
+    VM sent them again)."""
+    monkeypatch.setattr(source_mod, "first_round_offer",
+                        lambda index, capped: (False, "the destination holds no pages"))
+    base = image(11)
+    a = MemSourceVM(tmp_path / "a", "vda", pages=PAGES)
+    b = MemSourceVM(tmp_path / "b", "vdb", pages=PAGES)
+    fill(a, base, own=0.1, seed=12)
+    fill(b, base, own=0.1, seed=13)
+    try:
+        sa, sb = await asyncio.gather(migrate(a, host.server.port, mid="da", bandwidth_mbps=100),
+                                      migrate(b, host.server.port, mid="db", bandwidth_mbps=100))
+    finally:
+        a.close()
+        b.close()
+    for st in (sa, sb):
+        assert st.phase == "completed", st.error
+        assert st.digest_source == st.digest_destination
+    hits = sa.dedup["hits"] + sb.dedup["hits"]
+    reasons = {sa.dedup["first_round_reason"], sb.dedup["first_round_reason"]}
+    assert "other migrations to the destination started" in reasons, reasons
+    assert hits > 2000, (sa.dedup, sb.dedup)
 
 
 async def test_pages_awaited_from_a_failed_migration_are_needed_again(tmp_path: Path,
