@@ -213,16 +213,26 @@ class Intake:
         self.pending = 0
         self.last_shed = -float("inf")  # monotonic
         self.busy_until = -float("inf")  # monotonic; set by the loop-lag watcher
+        self.lag_s = 0.0  # how late the event loop last ran past LAG_SHED_S
 
     def overloaded(self) -> bool:
         return time.monotonic() < self.busy_until
+
+    def shed(self, reason: str) -> None:
+        """Count a heartbeat turned away; say why in the log, at most once per LAG_HOLD_S."""
+        now = time.monotonic()
+        if now - self.last_shed > LAG_HOLD_S:
+            log.warning("shedding heartbeats (503 + Retry-After): " + reason)
+        self.last_shed = now
 
     async def watch_lag(self) -> None:
         while True:
             start = time.monotonic()
             await asyncio.sleep(LAG_TICK_S)
-            if time.monotonic() - start - LAG_TICK_S > LAG_SHED_S:
+            late = time.monotonic() - start - LAG_TICK_S
+            if late > LAG_SHED_S:
                 self.busy_until = time.monotonic() + LAG_HOLD_S
+                self.lag_s = late
 
 
 INTAKE = web.AppKey("heartbeat_intake", Intake)
@@ -236,7 +246,8 @@ async def heartbeat(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     app, intake = request.app, request.app[INTAKE]
     if intake.pending >= app[CONFIG].max_pending_heartbeats or intake.overloaded():
-        intake.last_shed = time.monotonic()
+        intake.shed(f"event loop ran {intake.lag_s * 1e3:.0f} ms late" if intake.overloaded() else
+                    f"{intake.pending} heartbeats in progress (max_pending_heartbeats)")
         app[METRICS].heartbeats.labels("shed").inc()
         raise ApiError(503, "coordinator busy: heartbeat not taken; retry after the interval",
                        headers={"Retry-After": str(max(1, round(app[CONFIG].heartbeat_interval_s)))})
@@ -249,14 +260,14 @@ async def heartbeat(request: web.Request) -> web.Response:
         raise ApiError(404, f"host {name!r} is not registered; register first")
     intake.pending += 1
     try:
-        host = await app[STORE].heartbeat(name, json_body(request), time.time())
+        known = await app[STORE].heartbeat(name, json_body(request), time.time())
     finally:
         intake.pending -= 1
-    app[METRICS].heartbeats.labels("ok" if host is not None else "unknown").inc()
-    if host is None:
+    app[METRICS].heartbeats.labels("ok" if known else "unknown").inc()
+    if not known:
         raise ApiError(404, f"host {name!r} is not registered; register first")
     # Small on purpose: heartbeats are the hot path; GET /hosts/{name} has the full record.
-    return web.json_response({"state": host.state,
+    return web.json_response({"state": HOST_UP,
                               "heartbeat_interval_s": request.app[CONFIG].heartbeat_interval_s})
 
 

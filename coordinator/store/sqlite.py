@@ -42,7 +42,7 @@ class SQLiteStore(Store):
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._hb_pending: list[tuple[str, dict[str, Any], float, asyncio.Future[Host | None]]] = []
+        self._hb_pending: list[tuple[str, dict[str, Any], float, asyncio.Future[bool]]] = []
         self._hb_flusher: asyncio.Task[None] | None = None
 
     # -- plumbing ------------------------------------------------------------------------
@@ -104,11 +104,11 @@ class SQLiteStore(Store):
         return await self._run(lambda c: [_host(*r) for r in c.execute(
             "SELECT data, generation FROM hosts ORDER BY name")])
 
-    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> Host | None:
+    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> bool:
         # Group commit: heartbeats that arrive while a batch is being written go into the
         # next batch, one transaction each. Every caller still returns only after its
         # heartbeat is committed.
-        fut: asyncio.Future[Host | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._hb_pending.append((name, fields, now, fut))
         if self._hb_flusher is None or self._hb_flusher.done():
             self._hb_flusher = asyncio.create_task(self._flush_heartbeats(), name="hb-flush")
@@ -244,6 +244,17 @@ class SQLiteStore(Store):
                 "SELECT name, host, json_extract(data, '$.state'), json_extract(data, '$.spec.vcpus'), "
                 "json_extract(data, '$.spec.memory_mb') FROM vms ORDER BY name")])
 
+    async def vms_to_reconcile(self) -> dict[str, list[str]]:
+        def work(c: sqlite3.Connection) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for name, host in c.execute(_TO_RECONCILE, (HOST_UP,)):
+                hosts = out.setdefault(name, [])
+                if host is not None:
+                    hosts.append(host)
+            return out
+
+        return await self._run(work)
+
     async def delete_vm(self, name: str) -> bool:
         return await self.execute("DELETE FROM vms WHERE name = ?", (name,)) > 0
 
@@ -339,31 +350,50 @@ def _asdict(record: Any) -> dict[str, Any]:
     return dataclasses.asdict(record)
 
 
+# seen: (VM, up host whose last heartbeat listed it); odd: VMs creating, migrating, or
+# seen on a host other than their record's
+_TO_RECONCILE = """
+WITH seen AS (SELECT j.value AS vm, h.name AS host FROM hosts h, json_each(h.data, '$.vms') j
+              WHERE h.state = ? AND json_type(h.data, '$.vms') = 'array'),
+     odd AS (SELECT name FROM vms WHERE json_extract(data, '$.state') IN ('creating', 'migrating')
+             UNION SELECT s.vm FROM seen s JOIN vms v ON v.name = s.vm WHERE s.host != v.host)
+SELECT odd.name, seen.host FROM odd LEFT JOIN seen ON seen.vm = odd.name ORDER BY odd.name, seen.host
+"""
+
+
 def _heartbeat_batch(conn: sqlite3.Connection,
-                     items: list[tuple[str, dict[str, Any], float]]) -> list[Host | None]:
-    """Apply heartbeats in one transaction; None for hosts that are not registered."""
-    out: list[Host | None] = []
+                     items: list[tuple[str, dict[str, Any], float]]) -> list[bool]:
+    """Apply heartbeats in one transaction; False for hosts that are not registered.
+
+    The record is patched by SQLite (``json_patch``, in C, without the GIL): decoding
+    and re-encoding each host's document in Python here held the GIL long enough to
+    stall the event loop at thousands of heartbeats a second."""
+    latest: dict[str, tuple[dict[str, Any], float]] = {}
+    for name, fields, now in items:  # one row per host: the newest heartbeat wins
+        old = latest.get(name)
+        latest[name] = ({**old[0], **fields} if old else fields, now)
+    rows = [(HOST_UP, now, json.dumps({**fields, "state": HOST_UP, "last_heartbeat": now}), name)
+            for name, (fields, now) in latest.items()]
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for name, fields, now in items:
-            row = conn.execute("SELECT data, generation FROM hosts WHERE name = ?",
-                               (name,)).fetchone()
-            if row is None:
-                out.append(None)
-                continue
-            doc = json.loads(row[0])
-            doc.update(fields)
-            doc["state"] = HOST_UP
-            doc["last_heartbeat"] = now
-            conn.execute("UPDATE hosts SET state = ?, last_heartbeat = ?, data = ? WHERE name = ?",
-                         (HOST_UP, now, json.dumps(doc), name))
-            out.append(Host(**doc, generation=row[1]))
+        before = conn.total_changes
+        conn.executemany("UPDATE hosts SET state = ?, last_heartbeat = ?, data = json_patch(data, ?) "
+                         "WHERE name = ?", rows)
+        if conn.total_changes - before == len(rows):
+            known = set(latest)
+        else:  # some are not registered (or were forgotten): which
+            names = list(latest)
+            known = set()
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                known.update(n for (n,) in conn.execute(
+                    f"SELECT name FROM hosts WHERE name IN ({','.join('?' * len(chunk))})", chunk))
         conn.execute("COMMIT")
-        return out
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return [name in known for name, _, _ in items]
 
 
 def _in_tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
