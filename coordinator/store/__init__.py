@@ -115,6 +115,10 @@ class Store(abc.ABC):
         """Every VM's name, host, state and size, by name (see ``VMSummary``)."""
 
     @abc.abstractmethod
+    async def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """How many hosts, and how many VMs, are in each state (counted by the database)."""
+
+    @abc.abstractmethod
     async def vms_to_reconcile(self) -> dict[str, list[str]]:
         """VMs whose record may be behind what the agents report: those creating or
         migrating, and those listed by an up host other than their own — each with the up

@@ -248,6 +248,11 @@ class PostgresStore(Store):
             "FROM vms ORDER BY name")
         return [VMSummary(n, h, s or "", summary_int(cpus), summary_int(mem)) for n, h, s, cpus, mem in rows]
 
+    async def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        hosts = await self.pool.fetch("SELECT state, COUNT(*) FROM hosts GROUP BY state")
+        vms = await self.pool.fetch("SELECT COALESCE(data->>'state', ''), COUNT(*) FROM vms GROUP BY 1")
+        return {s: int(n) for s, n in hosts}, {s: int(n) for s, n in vms}
+
     async def vms_to_reconcile(self) -> dict[str, list[str]]:
         # seen: (VM, up host whose last heartbeat listed it); odd: VMs creating, migrating,
         # or seen on a host other than their record's

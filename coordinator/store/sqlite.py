@@ -244,6 +244,15 @@ class SQLiteStore(Store):
                 "SELECT name, host, json_extract(data, '$.state'), json_extract(data, '$.spec.vcpus'), "
                 "json_extract(data, '$.spec.memory_mb') FROM vms ORDER BY name")])
 
+    async def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        def work(c: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
+            hosts = dict(c.execute("SELECT state, COUNT(*) FROM hosts GROUP BY state"))
+            vms = dict(c.execute("SELECT COALESCE(json_extract(data, '$.state'), ''), COUNT(*) "
+                                 "FROM vms GROUP BY 1"))
+            return hosts, vms
+
+        return await self._run(work)
+
     async def vms_to_reconcile(self) -> dict[str, list[str]]:
         def work(c: sqlite3.Connection) -> dict[str, list[str]]:
             out: dict[str, list[str]] = {}

@@ -172,6 +172,8 @@ async def test_vms_to_reconcile_names_only_records_behind_the_reports(make_store
                                   ("e", "h1", "migrating"), ("f", "h4", "stopped")]:
             await store.put_vm(VM(name, host, spec, state))
         # b: also on h2; c: only a down host says otherwise; d, e: in flight; f: unreported
+        assert await store.state_counts() == ({"up": 4, "down": 1},
+                                              {"running": 3, "creating": 1, "migrating": 1, "stopped": 1})
         assert await store.vms_to_reconcile() == {"b": ["h1", "h2"], "d": [], "e": ["h1"]}
         await store.heartbeat("h2", {"memory_available_bytes": 1, "vms": []}, 10.0)
         assert await store.vms_to_reconcile() == {"d": [], "e": ["h1"]}
