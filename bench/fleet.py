@@ -40,11 +40,13 @@ import asyncpg
 from aiohttp import web
 
 from novacron.bench.report import Report, percentile
+from novacron.connlimits import raise_fd_limit
 from novacron.coordinator.local import LocalCoordinator
 from novacron.coordinator.store.pg_local import LocalPostgres
 
 DESCRIPTION = "control plane at fleet scale: simulated agents against 1 or 2 coordinators, SQLite or PostgreSQL"
 SCENARIOS = ("sqlite:1", "postgres:1", "postgres:2")
+FD_SPARE = 1024  # descriptors beyond one per simulated agent: registration, API, files
 REQUEST_TIMEOUT_S = 10.0  # an agent's heartbeat request
 PLACEMENT_TIMEOUT_S = 120.0  # placements and listings read the whole fleet
 
@@ -232,7 +234,7 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
     settings = {"log_level": "info", "heartbeat_interval_s": str(args.interval),
                 "mcp_enabled": "false", "database_url": database_url,
                 # one keep-alive connection per agent, as in a real fleet, and room for the API
-                "http_max_connections": str(hosts + 1024)}
+                "http_max_connections": str(hosts + FD_SPARE // 2)}
     coords = [LocalCoordinator(tmp / f"{backend}-{n_coord}-{hosts}-{i}", admin_token=admin,
                                agent_token=agent_token, settings=settings, env=env)
               for i in range(n_coord)]
@@ -383,6 +385,14 @@ async def _run(args: argparse.Namespace) -> Report:
         raise SystemExit("novacron bench fleet: --hosts 1..50000, --vms-per-host 0..100, "
                          "--interval 0.2..60, --seconds 1..3600, --placements 0..10000")
     scenarios = _scenarios(args.scenario)
+    # every simulated agent keeps its own connection open in this one process, and a
+    # coordinator answers one per agent: both need a descriptor each, and some to spare
+    files = raise_fd_limit()
+    if max(args.hosts) + FD_SPARE > files:
+        raise SystemExit(f"novacron bench fleet: --hosts {max(args.hosts)} needs about "
+                         f"{max(args.hosts) + FD_SPARE} open files in this process and in each "
+                         f"coordinator; the limit here is {files} (ulimit -Hn). Fewer hosts with a "
+                         "shorter --interval offer the same heartbeat rate.")
     results = []
     pg: LocalPostgres | None = None
     with tempfile.TemporaryDirectory(prefix="nc-bench-fleet-") as tmp:
@@ -411,13 +421,14 @@ async def _run(args: argparse.Namespace) -> Report:
                      f"{args.seconds:g} s window",
                      ["store × coordinators", "hosts", "heartbeats/s (of)", "p50 ms", "p99 ms",
                       "timeouts", "shed", "false downs", "placements/s", "placement p99 ms",
-                      "registrations/s"])
+                      "registrations/s", "CPU cores: coordinators / client"])
     for r in results:
         t.add(f"{r['backend']} × {r['coordinators']}", r["hosts"],
               f"{r['heartbeats_per_s']:,.0f} ({r['expected_per_s']:,.0f})",
               r["heartbeat_p50_ms"], r["heartbeat_p99_ms"], r["timeouts"], r["shed"],
               r["false_downs"], r["placements_per_s"], r["placement_p99_ms"],
-              r["registration_per_s"])
+              r["registration_per_s"],
+              " + ".join(f"{c:.2f}" for c in r["coordinator_cpu"]) + f" / {r['client_cpu']:.2f}")
     report.data = {"interval_s": args.interval, "seconds": args.seconds, "results": results}
     report.notes.append("Simulated agents, coordinators and PostgreSQL share this machine's cores.")
     return report
