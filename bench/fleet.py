@@ -24,6 +24,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import sqlite3
 import sys
@@ -39,11 +40,13 @@ import asyncpg
 from aiohttp import web
 
 from novacron.bench.report import Report, percentile
+from novacron.connlimits import raise_fd_limit
 from novacron.coordinator.local import LocalCoordinator
 from novacron.coordinator.store.pg_local import LocalPostgres
 
 DESCRIPTION = "control plane at fleet scale: simulated agents against 1 or 2 coordinators, SQLite or PostgreSQL"
 SCENARIOS = ("sqlite:1", "postgres:1", "postgres:2")
+FD_SPARE = 1024  # descriptors beyond one per simulated agent: registration, API, files
 REQUEST_TIMEOUT_S = 10.0  # an agent's heartbeat request
 PLACEMENT_TIMEOUT_S = 120.0  # placements and listings read the whole fleet
 
@@ -55,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=5.0, metavar="SECONDS", help="heartbeat interval in seconds (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=30.0, metavar="SECONDS", help="measuring window in seconds (default: %(default)s)")
     parser.add_argument("--placements", type=int, default=50, metavar="N", help="VM placements timed (default: %(default)s)")
+    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
+                        help="copy each coordinator's log into DIR (default: not kept)")
     parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS),
                         metavar="BACKEND:N", help="backend:coordinators, e.g. sqlite:1 postgres:2 (default: %(default)s)")
 
@@ -82,23 +87,79 @@ class Tally:
             self.errors += 1
 
 
-async def _agent(session: aiohttp.ClientSession, url: str, name: str, host_token: str,
-                 vms: list[str], interval: float, tally: Tally, rnd: random.Random) -> None:
+class _BeatConnection(asyncio.Protocol):
+    """One simulated agent's keep-alive HTTP/1.1 connection, posting a prepared heartbeat.
+
+    The fleet is one process on one of this machine's two cores: an aiohttp client
+    request costs ~0.5 ms of CPU, so the client, not the coordinator, ran out of CPU
+    first. This sends fixed bytes and parses only the status line, Content-Length and
+    the body's length: the coordinator's answer is still read whole, on the wire.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None or self.waiter.done():
+            return
+        head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
+        length = 0
+        for line in head[1:]:
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "content-length":
+                length = int(value)
+        if len(self.buf) < end + 4 + length:
+            return
+        status = int(head[0].split(" ", 2)[1])
+        body = bytes(self.buf[end + 4:end + 4 + length])
+        del self.buf[:end + 4 + length]
+        self.waiter.set_result((status, body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionResetError("coordinator closed the connection"))
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self.waiter
+
+
+async def _agent(url: str, name: str, host_token: str, vms: list[str], interval: float,
+                 tally: Tally, rnd: random.Random) -> None:
     await asyncio.sleep(rnd.uniform(0, interval))
-    body = {"memory_available_bytes": 64 << 30, "load": 0.5, "vms": vms}
-    headers = {"Authorization": f"Bearer {host_token}"}  # its own credential, as a real agent's
+    body = json.dumps({"memory_available_bytes": 64 << 30, "load": 0.5, "vms": vms}).encode()
+    host, _, port = url.removeprefix("http://").partition(":")
+    # its own credential, as a real agent's; the same bytes every interval
+    request = (f"POST /api/v1/hosts/{name}/heartbeat HTTP/1.1\r\nHost: {host}:{port}\r\n"
+               f"Authorization: Bearer {host_token}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    loop = asyncio.get_running_loop()
+    conn: _BeatConnection | None = None
     while True:
         started = time.perf_counter()
         status = 0
         try:
-            async with session.post(f"{url}/api/v1/hosts/{name}/heartbeat", json=body,
-                                    headers=headers) as resp:
-                text = await resp.read()
-                status = resp.status
-                if status not in (200, 503) and tally.measuring and not tally.first_error:
-                    tally.first_error = f"HTTP {status}: {text[:200]!r}"
-        except (aiohttp.ClientError, TimeoutError):
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                if conn is None or conn.transport is None:
+                    _, conn = await loop.create_connection(_BeatConnection, host, int(port))
+                status, text = await conn.post(request)
+            if status not in (200, 503) and tally.measuring and not tally.first_error:
+                tally.first_error = f"HTTP {status}: {text[:200]!r}"
+        except (OSError, TimeoutError, ValueError, IndexError):
             status = 0
+            if conn is not None and conn.transport is not None:
+                conn.transport.abort()  # a late answer must not be read as the next one's
+            conn = None
         tally.record(started, status)
         pause = interval * rnd.uniform(0.97, 1.03)
         if status == 503:
@@ -169,10 +230,14 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
                    tmp: Path, pg: LocalPostgres | None) -> dict[str, Any]:
     database_url = await pg.new_database() if pg is not None else ""
     admin, agent_token = "adm-" + secrets.token_urlsafe(18), "agt-" + secrets.token_urlsafe(18)
+    env = {"PYTHONASYNCIODEBUG": "1"} if os.environ.get("NOVACRON_BENCH_ASYNCIO_DEBUG") else None
     settings = {"log_level": "info", "heartbeat_interval_s": str(args.interval),
-                "mcp_enabled": "false", "database_url": database_url}
+                "mcp_enabled": "false", "database_url": database_url,
+                # one keep-alive connection per agent, as in a real fleet, and room for the API
+                "http_max_connections": str(hosts + FD_SPARE // 2)}
     coords = [LocalCoordinator(tmp / f"{backend}-{n_coord}-{hosts}-{i}", admin_token=admin,
-                               agent_token=agent_token, settings=settings) for i in range(n_coord)]
+                               agent_token=agent_token, settings=settings, env=env)
+              for i in range(n_coord)]
     tally = Tally()
     stand_in, stand_in_url = await _stand_in_agent()
     tasks: list[asyncio.Task[None]] = []
@@ -212,7 +277,7 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
                 if len(done) == hosts:
                     registered.set_result(None)
                 vms = [f"vm-{i:05d}-{v:02d}" for v in range(args.vms_per_host)]
-                await _agent(session, coords[i % n_coord].url, f"sim-{i:05d}", tokens[i], vms,
+                await _agent(coords[i % n_coord].url, f"sim-{i:05d}", tokens[i], vms,
                              args.interval, tally, random.Random(i))
 
             done: list[float] = []
@@ -228,10 +293,12 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
                             args.vms_per_host)
             await asyncio.sleep(args.interval)  # warm-up: every agent has spoken once
             tally.measuring = True
-            t0 = time.perf_counter()
+            t0, cpu0, client0 = time.perf_counter(), [_cpu_s(c) for c in coords], time.process_time()
             await asyncio.sleep(args.seconds)
             window = time.perf_counter() - t0
             tally.measuring = False
+            coord_cpu = [(_cpu_s(c) - c0) / window for c, c0 in zip(coords, cpu0, strict=True)]
+            client_cpu = (time.process_time() - client0) / window
             beats = len(tally.latencies)
 
             # placements while the fleet keeps heartbeating
@@ -272,6 +339,10 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
         if pg is not None and database_url:
             await pg.drop_database(database_url)
     false_downs = sum(c.log_path.read_text(errors="replace").count("marked down") for c in coords)
+    if args.keep_logs is not None:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
+        for i, c in enumerate(coords):
+            shutil.copyfile(c.log_path, args.keep_logs / f"{backend}-{n_coord}-{hosts}-{i}.log")
     lat = tally.latencies
     return {
         "backend": backend, "coordinators": n_coord, "hosts": hosts,
@@ -283,8 +354,16 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
         "false_downs": false_downs, "down_at_end": down_now,
         "placements_per_s": len(place_lat) / place_s if place_s else None,
         "placement_p99_ms": percentile(place_lat, 99) * 1e3 if place_lat else None,
+        "coordinator_cpu": coord_cpu, "client_cpu": client_cpu,
         "placements_failed": failed, "registration_retries": tally.registration_retries, "first_error": tally.first_error or None,
     }
+
+
+def _cpu_s(coord: LocalCoordinator) -> float:
+    """CPU seconds (user + system) the coordinator process has used so far."""
+    assert coord.proc is not None
+    fields = Path(f"/proc/{coord.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _scenarios(raw: list[str]) -> list[tuple[str, int]]:
@@ -306,6 +385,14 @@ async def _run(args: argparse.Namespace) -> Report:
         raise SystemExit("novacron bench fleet: --hosts 1..50000, --vms-per-host 0..100, "
                          "--interval 0.2..60, --seconds 1..3600, --placements 0..10000")
     scenarios = _scenarios(args.scenario)
+    # every simulated agent keeps its own connection open in this one process, and a
+    # coordinator answers one per agent: both need a descriptor each, and some to spare
+    files = raise_fd_limit()
+    if max(args.hosts) + FD_SPARE > files:
+        raise SystemExit(f"novacron bench fleet: --hosts {max(args.hosts)} needs about "
+                         f"{max(args.hosts) + FD_SPARE} open files in this process and in each "
+                         f"coordinator; the limit here is {files} (ulimit -Hn). Fewer hosts with a "
+                         "shorter --interval offer the same heartbeat rate.")
     results = []
     pg: LocalPostgres | None = None
     with tempfile.TemporaryDirectory(prefix="nc-bench-fleet-") as tmp:
@@ -322,7 +409,9 @@ async def _run(args: argparse.Namespace) -> Report:
                     print(f"bench fleet: {backend} × {n}, {hosts} hosts: "
                           f"{r['heartbeats_per_s']:,.0f} heartbeats/s (of {r['expected_per_s']:,.0f}), "
                           f"p99 {r['heartbeat_p99_ms'] or float('nan'):.1f} ms, {r['false_downs']} false downs, "
-                          f"{r['timeouts']} timeouts, {r['shed']} shed; load {os.getloadavg()[0]:.2f}",
+                          f"{r['timeouts']} timeouts, {r['shed']} shed; CPU (cores) coordinators "
+                          + "+".join(f"{c:.2f}" for c in r["coordinator_cpu"])
+                          + f", client {r['client_cpu']:.2f}; load {os.getloadavg()[0]:.2f}",
                           file=sys.stderr, flush=True)
         finally:
             if pg is not None:
@@ -332,13 +421,14 @@ async def _run(args: argparse.Namespace) -> Report:
                      f"{args.seconds:g} s window",
                      ["store × coordinators", "hosts", "heartbeats/s (of)", "p50 ms", "p99 ms",
                       "timeouts", "shed", "false downs", "placements/s", "placement p99 ms",
-                      "registrations/s"])
+                      "registrations/s", "CPU cores: coordinators / client"])
     for r in results:
         t.add(f"{r['backend']} × {r['coordinators']}", r["hosts"],
               f"{r['heartbeats_per_s']:,.0f} ({r['expected_per_s']:,.0f})",
               r["heartbeat_p50_ms"], r["heartbeat_p99_ms"], r["timeouts"], r["shed"],
               r["false_downs"], r["placements_per_s"], r["placement_p99_ms"],
-              r["registration_per_s"])
+              r["registration_per_s"],
+              " + ".join(f"{c:.2f}" for c in r["coordinator_cpu"]) + f" / {r['client_cpu']:.2f}")
     report.data = {"interval_s": args.interval, "seconds": args.seconds, "results": results}
     report.notes.append("Simulated agents, coordinators and PostgreSQL share this machine's cores.")
     return report

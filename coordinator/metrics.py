@@ -111,11 +111,9 @@ class CoordinatorMetrics:
 
         return measure
 
-    def count_states(self, gauge: Gauge, states: Iterable[str], known: Iterable[str]) -> None:
-        counts: dict[str, int] = dict.fromkeys(known, 0)
-        for state in states:
-            counts[state] = counts.get(state, 0) + 1
-        for state, n in counts.items():
+    def count_states(self, gauge: Gauge, counts: dict[str, int], known: Iterable[str]) -> None:
+        """Set ``gauge`` per state; ``known`` states absent from ``counts`` read 0."""
+        for state, n in {**dict.fromkeys(known, 0), **counts}.items():
             gauge.labels(state).set(n)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from novacron.coordinator.agent_client import AgentClient, AgentError, reported_state
 from novacron.coordinator.lease import Lease
-from novacron.coordinator.models import HOST_UP, VM, Migration
+from novacron.coordinator.models import VM, Migration
 from novacron.coordinator.store import Store
 
 RECONCILE_LEASE = "reconcile"  # the lease a coordinator holds while it reconciles
@@ -148,34 +148,22 @@ class Reconciler:
             await self.store.put_vm(vm)
         return vm
 
-    async def reported_by(self) -> dict[str, list[str]]:
-        """VM name -> up hosts whose last heartbeat listed it."""
-        where: dict[str, list[str]] = {}
-        for host in await self.store.list_hosts():
-            if host.state == HOST_UP:
-                for name in host.vms:
-                    where.setdefault(name, []).append(host.name)
-        return where
-
     async def run_once(self) -> None:
-        where = await self.reported_by()
-        # summaries, then whole records only of the few VMs that need a look: a pass over
-        # 100,000 decoded records took seconds of the coordinator's CPU every interval
-        summaries = await self.store.vm_summaries()
+        # the database names the few VMs that need a look (a pass over every host's list
+        # and 100,000 records in Python stalled the event loop for seconds)
+        where = await self.store.vms_to_reconcile()
         # after the VMs: covers them. A queued migration has not touched its VM yet.
         migrating = {m.vm for m in await self.store.active_migrations() if m.phase != "queued"}
-        for s in summaries:
-            if s.name in migrating or s.name in self.creating:  # creating: checked live
+        for name, hosts in where.items():
+            if name in migrating or name in self.creating:  # creating: checked live
                 continue
-            if s.state not in ("creating", "migrating") and all(h == s.host for h in where.get(s.name, ())):
-                continue
-            vm = await self.store.get_vm(s.name)
+            vm = await self.store.get_vm(name)
             if vm is None:  # deleted since
                 continue
             if vm.state == "creating":
                 await self.settle_create(vm)
-            elif vm.state == "migrating" or any(h != vm.host for h in where.get(vm.name, ())):
-                await self.reconcile_vm(vm, where.get(vm.name, []))
+            elif vm.state == "migrating" or any(h != vm.host for h in hosts):
+                await self.reconcile_vm(vm, hosts)
 
     async def run(self, interval_s: float, lease: Lease | None = None) -> None:
         """A pass every ``interval_s`` (the service runs the first one at start); with

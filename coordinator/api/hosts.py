@@ -30,8 +30,9 @@ implements it; an agent can run one with its ``GET /v1/host`` document):
 - ``DELETE /api/v1/hosts/{name}`` (admin) forgets the record but keeps the name's
   binding; ``?retire=true`` also releases the binding, so another identity (a
   reinstalled host) may register the name.
-- Past ``max_pending_heartbeats`` in progress, or while its event loop runs late
-  (requests queueing), the coordinator sheds load: 503 with
+- Past ``max_pending_heartbeats`` in progress, or while its event loop keeps running
+  late (requests queueing; one late check, such as a garbage collection's pause, is
+  not overload), the coordinator sheds load: 503 with
   ``Retry-After`` (agents wait an interval or two, at random, and try again). A
   coordinator that shed heartbeats marks no host down for ``heartbeat_timeout_s``:
   it cannot tell a silent host from one it turned away.
@@ -200,9 +201,10 @@ HEARTBEAT_REPLY: dict[str, Any] = {
 }
 
 
-# An event loop this late means requests wait in queues far longer than their work:
-# heartbeats are shed for LAG_HOLD_S after such a tick, before they time out anyway.
-LAG_TICK_S, LAG_SHED_S, LAG_HOLD_S = 0.1, 0.5, 2.0
+# An event loop this late on LAG_SHED_TICKS checks in a row means requests wait in queues
+# far longer than their work: heartbeats are shed for LAG_HOLD_S, before they time out
+# anyway. A single late check (a pause, not overload) only holds the down-detection.
+LAG_TICK_S, LAG_SHED_S, LAG_HOLD_S, LAG_SHED_TICKS = 0.1, 0.5, 2.0, 2
 
 
 class Intake:
@@ -212,17 +214,38 @@ class Intake:
     def __init__(self) -> None:
         self.pending = 0
         self.last_shed = -float("inf")  # monotonic
-        self.busy_until = -float("inf")  # monotonic; set by the loop-lag watcher
+        self.busy_until = -float("inf")  # monotonic; set by the loop-lag watcher: shed till then
+        self.late_until = -float("inf")  # monotonic; the loop ran late recently
+        self.late_ticks = 0  # late checks in a row
+        self.lag_s = 0.0  # how late the event loop last ran past LAG_SHED_S
 
     def overloaded(self) -> bool:
+        """Shed heartbeats: the event loop has kept running late."""
         return time.monotonic() < self.busy_until
+
+    def late(self) -> bool:
+        """The event loop ran late within LAG_HOLD_S: heartbeats may be waiting in queues."""
+        return time.monotonic() < self.late_until
+
+    def shed(self, reason: str) -> None:
+        """Count a heartbeat turned away; say why in the log, at most once per LAG_HOLD_S."""
+        now = time.monotonic()
+        if now - self.last_shed > LAG_HOLD_S:
+            log.warning("shedding heartbeats (503 + Retry-After): " + reason)
+        self.last_shed = now
 
     async def watch_lag(self) -> None:
         while True:
             start = time.monotonic()
             await asyncio.sleep(LAG_TICK_S)
-            if time.monotonic() - start - LAG_TICK_S > LAG_SHED_S:
-                self.busy_until = time.monotonic() + LAG_HOLD_S
+            late = time.monotonic() - start - LAG_TICK_S
+            if late <= LAG_SHED_S:
+                self.late_ticks = 0
+                continue
+            self.late_ticks += 1
+            self.late_until, self.lag_s = time.monotonic() + LAG_HOLD_S, late
+            if self.late_ticks >= LAG_SHED_TICKS:
+                self.busy_until = self.late_until
 
 
 INTAKE = web.AppKey("heartbeat_intake", Intake)
@@ -236,7 +259,8 @@ async def heartbeat(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     app, intake = request.app, request.app[INTAKE]
     if intake.pending >= app[CONFIG].max_pending_heartbeats or intake.overloaded():
-        intake.last_shed = time.monotonic()
+        intake.shed(f"event loop ran {intake.lag_s * 1e3:.0f} ms late" if intake.overloaded() else
+                    f"{intake.pending} heartbeats in progress (max_pending_heartbeats)")
         app[METRICS].heartbeats.labels("shed").inc()
         raise ApiError(503, "coordinator busy: heartbeat not taken; retry after the interval",
                        headers={"Retry-After": str(max(1, round(app[CONFIG].heartbeat_interval_s)))})
@@ -249,14 +273,14 @@ async def heartbeat(request: web.Request) -> web.Response:
         raise ApiError(404, f"host {name!r} is not registered; register first")
     intake.pending += 1
     try:
-        host = await app[STORE].heartbeat(name, json_body(request), time.time())
+        known = await app[STORE].heartbeat(name, json_body(request), time.time())
     finally:
         intake.pending -= 1
-    app[METRICS].heartbeats.labels("ok" if host is not None else "unknown").inc()
-    if host is None:
+    app[METRICS].heartbeats.labels("ok" if known else "unknown").inc()
+    if not known:
         raise ApiError(404, f"host {name!r} is not registered; register first")
     # Small on purpose: heartbeats are the hot path; GET /hosts/{name} has the full record.
-    return web.json_response({"state": host.state,
+    return web.json_response({"state": HOST_UP,
                               "heartbeat_interval_s": request.app[CONFIG].heartbeat_interval_s})
 
 
@@ -355,7 +379,7 @@ async def _monitor(app: web.Application) -> AsyncIterator[None]:
             fence = lease.fence()
             if fence is None:
                 continue  # another coordinator watches the fleet
-            if intake.overloaded() or \
+            if intake.late() or \
                     time.monotonic() - intake.last_shed < cfg.heartbeat_timeout_s:
                 continue  # we turned heartbeats away, or kept them waiting: silence proves nothing
             try:

@@ -497,7 +497,7 @@ async def delete_vm(request: web.Request) -> web.Response:
             await request.app[MIGRATIONS].cancel(mig.id)
     # delete the VM where it really runs, not only where the record says
     reconciler = request.app[RECONCILER]
-    vm = await reconciler.reconcile_vm(vm, (await reconciler.reported_by()).get(vm.name, []))
+    vm = await reconciler.reconcile_vm(vm, (await reconciler.store.vms_to_reconcile()).get(vm.name, []))
     if vm.host != host.name:
         vm, host = await _vm_and_host(request)
     try:

@@ -71,8 +71,11 @@ class Store(abc.ABC):
     async def list_hosts(self) -> list[Host]: ...
 
     @abc.abstractmethod
-    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> Host | None:
-        """Merge ``fields`` into the host, mark it up; None if it is not registered."""
+    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> bool:
+        """Merge ``fields`` into the host and mark it up; False if it is not registered.
+
+        The hot path of a large fleet: it answers only whether the host is known (no
+        record is read back and decoded)."""
 
     @abc.abstractmethod
     async def mark_down(self, older_than: float, fence: tuple[str, str, int] | None = None,
@@ -110,6 +113,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def vm_summaries(self) -> list[VMSummary]:
         """Every VM's name, host, state and size, by name (see ``VMSummary``)."""
+
+    @abc.abstractmethod
+    async def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """How many hosts, and how many VMs, are in each state (counted by the database)."""
+
+    @abc.abstractmethod
+    async def vms_to_reconcile(self) -> dict[str, list[str]]:
+        """VMs whose record may be behind what the agents report: those creating or
+        migrating, and those listed by an up host other than their own — each with the up
+        hosts whose last heartbeat listed it.
+
+        Worked out by the database: the same pass in Python over every host's list and
+        every VM (100,000 at fleet scale) held the GIL for seconds, so the event loop
+        stalled and heartbeats were shed."""
 
     @abc.abstractmethod
     async def delete_vm(self, name: str) -> bool: ...

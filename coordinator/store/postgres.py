@@ -85,7 +85,7 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._listeners: dict[str, list[Listener]] = {}
-        self._hb_pending: list[tuple[str, dict[str, Any], float, asyncio.Future[Host | None]]] = []
+        self._hb_pending: list[tuple[str, dict[str, Any], float, asyncio.Future[bool]]] = []
         self._hb_flusher: asyncio.Task[None] | None = None
 
     @property
@@ -135,10 +135,10 @@ class PostgresStore(Store):
         rows = await self.pool.fetch("SELECT data, generation FROM hosts ORDER BY name")
         return [_host(r) for r in rows]
 
-    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> Host | None:
+    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> bool:
         # Group commit, as in the SQLite store: heartbeats arriving while a batch is
         # written go into the next one; each caller returns once its own is committed.
-        fut: asyncio.Future[Host | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._hb_pending.append((name, fields, now, fut))
         if self._hb_flusher is None or self._hb_flusher.done():
             self._hb_flusher = asyncio.create_task(self._flush_heartbeats(), name="hb-flush")
@@ -157,7 +157,7 @@ class PostgresStore(Store):
                     "data = h.data || u.fields || jsonb_build_object('state', $4::text, "
                     "'last_heartbeat', u.at) "
                     "FROM unnest($1::text[], $2::jsonb[], $3::float8[]) AS u(name, fields, at) "
-                    "WHERE h.name = u.name RETURNING h.name, h.data, h.generation",
+                    "WHERE h.name = u.name RETURNING h.name",  # names only: no record decoded on the loop
                     list(latest), [f for f, _ in latest.values()], [t for _, t in latest.values()],
                     HOST_UP)
             except BaseException as exc:
@@ -170,10 +170,10 @@ class PostgresStore(Store):
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            hosts = {r["name"]: _host(r) for r in rows}
+            known = {r["name"] for r in rows}
             for name, *_, fut in batch:
                 if not fut.done():
-                    fut.set_result(hosts.get(name))
+                    fut.set_result(name in known)
 
     async def mark_down(self, older_than: float, fence: tuple[str, str, int] | None = None,
                         ) -> list[str]:
@@ -247,6 +247,29 @@ class PostgresStore(Store):
             "SELECT name, host, data->>'state', data->'spec'->>'vcpus', data->'spec'->>'memory_mb' "
             "FROM vms ORDER BY name")
         return [VMSummary(n, h, s or "", summary_int(cpus), summary_int(mem)) for n, h, s, cpus, mem in rows]
+
+    async def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        hosts = await self.pool.fetch("SELECT state, COUNT(*) FROM hosts GROUP BY state")
+        vms = await self.pool.fetch("SELECT COALESCE(data->>'state', ''), COUNT(*) FROM vms GROUP BY 1")
+        return {s: int(n) for s, n in hosts}, {s: int(n) for s, n in vms}
+
+    async def vms_to_reconcile(self) -> dict[str, list[str]]:
+        # seen: (VM, up host whose last heartbeat listed it); odd: VMs creating, migrating,
+        # or seen on a host other than their record's
+        rows = await self.pool.fetch(
+            "WITH seen AS (SELECT j.vm, h.name AS host FROM hosts h, "
+            "                jsonb_array_elements_text(CASE WHEN jsonb_typeof(h.data->'vms') = 'array' "
+            "                  THEN h.data->'vms' ELSE '[]'::jsonb END) AS j(vm) WHERE h.state = $1), "
+            "odd AS (SELECT name FROM vms WHERE data->>'state' IN ('creating', 'migrating') "
+            "        UNION SELECT s.vm FROM seen s JOIN vms v ON v.name = s.vm WHERE s.host <> v.host) "
+            "SELECT odd.name, seen.host FROM odd LEFT JOIN seen ON seen.vm = odd.name "
+            "ORDER BY odd.name, seen.host", HOST_UP)
+        out: dict[str, list[str]] = {}
+        for name, host in rows:
+            hosts = out.setdefault(name, [])
+            if host is not None:
+                hosts.append(host)
+        return out
 
     async def delete_vm(self, name: str) -> bool:
         return await self.execute("DELETE FROM vms WHERE name = ?", (name,)) > 0

@@ -35,6 +35,8 @@ from novacron.coordinator.store import Claim, Store, schema
 
 log = logging.getLogger("novacron.coordinator.store")
 T = TypeVar("T")
+CHECKPOINT_S = 2.0  # background WAL checkpoints
+AUTOCHECKPOINT_PAGES = 16384  # 64 MiB: the commit-time checkpoint, if the background one lags
 
 
 class SQLiteStore(Store):
@@ -42,8 +44,9 @@ class SQLiteStore(Store):
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._hb_pending: list[tuple[str, dict[str, Any], float, asyncio.Future[Host | None]]] = []
+        self._hb_pending: list[tuple[str, dict[str, Any], float, asyncio.Future[bool]]] = []
         self._hb_flusher: asyncio.Task[None] | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -70,8 +73,36 @@ class SQLiteStore(Store):
         applied = await self._run(_migrate)
         if applied:
             log.info("schema migrated", extra={"path": str(self.path), "applied": applied})
+        # the store's own connection no longer checkpoints at commit unless the WAL has
+        # grown large: a checkpoint (writing pages back, fsync) inside a heartbeat batch's
+        # commit held up every heartbeat behind it
+        await self._run(lambda c: c.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}"))
+        self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="sqlite-checkpoint")
+
+    async def _checkpoint_loop(self) -> None:
+        """Checkpoint the WAL every CHECKPOINT_S on a connection and thread of its own
+        (PASSIVE: never waits for, nor blocks, the store's writes)."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-checkpoint")
+        loop = asyncio.get_running_loop()
+        conn = await loop.run_in_executor(pool, lambda: sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None))
+        try:
+            while True:
+                await asyncio.sleep(CHECKPOINT_S)
+                try:
+                    await loop.run_in_executor(pool, lambda: conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+                except sqlite3.Error as exc:  # the commit-time checkpoint still bounds the WAL
+                    log.warning("WAL checkpoint failed", extra={"error": str(exc)})
+        finally:
+            await loop.run_in_executor(pool, conn.close)
+            pool.shutdown(wait=False)
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            await asyncio.wait([self._checkpointer])
+            self._checkpointer = None
         if self._hb_flusher is not None and not self._hb_flusher.done():
             await asyncio.wait([self._hb_flusher])  # let pending heartbeats commit
         if self._conn is not None and self._pool is not None:
@@ -104,11 +135,11 @@ class SQLiteStore(Store):
         return await self._run(lambda c: [_host(*r) for r in c.execute(
             "SELECT data, generation FROM hosts ORDER BY name")])
 
-    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> Host | None:
+    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> bool:
         # Group commit: heartbeats that arrive while a batch is being written go into the
         # next batch, one transaction each. Every caller still returns only after its
         # heartbeat is committed.
-        fut: asyncio.Future[Host | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._hb_pending.append((name, fields, now, fut))
         if self._hb_flusher is None or self._hb_flusher.done():
             self._hb_flusher = asyncio.create_task(self._flush_heartbeats(), name="hb-flush")
@@ -244,6 +275,26 @@ class SQLiteStore(Store):
                 "SELECT name, host, json_extract(data, '$.state'), json_extract(data, '$.spec.vcpus'), "
                 "json_extract(data, '$.spec.memory_mb') FROM vms ORDER BY name")])
 
+    async def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        def work(c: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
+            hosts = dict(c.execute("SELECT state, COUNT(*) FROM hosts GROUP BY state"))
+            vms = dict(c.execute("SELECT COALESCE(json_extract(data, '$.state'), ''), COUNT(*) "
+                                 "FROM vms GROUP BY 1"))
+            return hosts, vms
+
+        return await self._run(work)
+
+    async def vms_to_reconcile(self) -> dict[str, list[str]]:
+        def work(c: sqlite3.Connection) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for name, host in c.execute(_TO_RECONCILE, (HOST_UP,)):
+                hosts = out.setdefault(name, [])
+                if host is not None:
+                    hosts.append(host)
+            return out
+
+        return await self._run(work)
+
     async def delete_vm(self, name: str) -> bool:
         return await self.execute("DELETE FROM vms WHERE name = ?", (name,)) > 0
 
@@ -339,31 +390,59 @@ def _asdict(record: Any) -> dict[str, Any]:
     return dataclasses.asdict(record)
 
 
+# seen: (VM, up host whose last heartbeat listed it); odd: VMs creating, migrating, or
+# seen on a host other than their record's
+_TO_RECONCILE = """
+WITH seen AS (SELECT j.value AS vm, h.name AS host FROM hosts h, json_each(h.data, '$.vms') j
+              WHERE h.state = ? AND json_type(h.data, '$.vms') = 'array'),
+     odd AS (SELECT name FROM vms WHERE json_extract(data, '$.state') IN ('creating', 'migrating')
+             UNION SELECT s.vm FROM seen s JOIN vms v ON v.name = s.vm WHERE s.host != v.host)
+SELECT odd.name, seen.host FROM odd LEFT JOIN seen ON seen.vm = odd.name ORDER BY odd.name, seen.host
+"""
+
+
+# the batch: a JSON array of [name, time, patch]; json_extract of the patch object is its text
+_HEARTBEATS = """
+UPDATE hosts SET state = ?1, last_heartbeat = u.at, data = json_patch(hosts.data, u.patch)
+FROM (SELECT json_extract(value, '$[0]') AS name, json_extract(value, '$[1]') AS at,
+             json_extract(value, '$[2]') AS patch FROM json_each(?2)) AS u
+WHERE hosts.name = u.name
+"""
+
+
 def _heartbeat_batch(conn: sqlite3.Connection,
-                     items: list[tuple[str, dict[str, Any], float]]) -> list[Host | None]:
-    """Apply heartbeats in one transaction; None for hosts that are not registered."""
-    out: list[Host | None] = []
+                     items: list[tuple[str, dict[str, Any], float]]) -> list[bool]:
+    """Apply heartbeats in one transaction; False for hosts that are not registered.
+
+    One statement for the whole batch, the records patched by SQLite (``json_patch``): it
+    runs in C with the GIL released once. Decoding and re-encoding each record here, or a
+    statement per host (the GIL taken back after every row), left this thread waiting on
+    the event loop for the GIL at thousands of heartbeats a second."""
+    latest: dict[str, tuple[dict[str, Any], float]] = {}
+    for name, fields, now in items:  # one row per host: the newest heartbeat wins
+        old = latest.get(name)
+        latest[name] = ({**old[0], **fields} if old else fields, now)
+    batch = json.dumps([[name, now, {**fields, "state": HOST_UP, "last_heartbeat": now}]
+                        for name, (fields, now) in latest.items()])
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for name, fields, now in items:
-            row = conn.execute("SELECT data, generation FROM hosts WHERE name = ?",
-                               (name,)).fetchone()
-            if row is None:
-                out.append(None)
-                continue
-            doc = json.loads(row[0])
-            doc.update(fields)
-            doc["state"] = HOST_UP
-            doc["last_heartbeat"] = now
-            conn.execute("UPDATE hosts SET state = ?, last_heartbeat = ?, data = ? WHERE name = ?",
-                         (HOST_UP, now, json.dumps(doc), name))
-            out.append(Host(**doc, generation=row[1]))
+        before = conn.total_changes
+        conn.execute(_HEARTBEATS, (HOST_UP, batch))
+        if conn.total_changes - before == len(latest):
+            known = set(latest)
+        else:  # some are not registered (or were forgotten): which
+            names = list(latest)
+            known = set()
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                known.update(n for (n,) in conn.execute(
+                    f"SELECT name FROM hosts WHERE name IN ({','.join('?' * len(chunk))})", chunk))
         conn.execute("COMMIT")
-        return out
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return [name in known for name, _, _ in items]
 
 
 def _in_tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
