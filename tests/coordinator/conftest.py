@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,3 +79,10 @@ async def agents(coordinator: Coordinator) -> AsyncIterator[list[FakeAgent]]:
             await fake.register_with(coordinator.session, coordinator.url,
                                      coordinator.cfg.agent_token)
         yield fakes
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: a shell without job
+    control starts background commands (``make test &``) with SIGINT ignored, and that
+    would pass to the child, which then never sees the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

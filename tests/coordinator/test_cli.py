@@ -13,6 +13,7 @@ import pytest
 
 from novacron.coordinator.client import ApiClientError, CoordinatorClient
 from novacron.coordinator.local import LocalCoordinator
+from tests.coordinator.conftest import sigint_default
 from tests.coordinator.fake_agent import FakeAgent, register_all, serving
 from tests.coordinator.test_api import vm_spec
 
@@ -119,7 +120,8 @@ async def test_ctrl_c_during_migrate_cancels_it(tmp_path: Path) -> None:
         env = cli_env(coord, tmp_path)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "novacron.cli.main", "migrate", "web", "--to", "beta",
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=sigint_default)
         try:
             mig = None
             for _ in range(200):  # bounded: until the migration is underway

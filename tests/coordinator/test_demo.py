@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.coordinator.conftest import sigint_default
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
@@ -88,7 +90,8 @@ def test_demo_live_migrates_the_guest_and_cleans_up(tmp_path: Path) -> None:
 def test_demo_ctrl_c_stops_everything(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "novacron.cli.main", "demo"],
                             env=demo_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=sigint_default)
     lines: list[str] = []
     try:
         assert proc.stdout is not None
