@@ -39,7 +39,7 @@ How a feature (scheduler, classifier, MCP bridge ...) persists its own data:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from novacron.coordinator.config import CoordinatorConfig
@@ -205,6 +205,26 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
+
+
+def newest_heartbeats(items: Iterable[tuple[str, dict[str, Any], float]],
+                      ) -> dict[str, tuple[dict[str, Any], float]]:
+    """One entry per host of a heartbeat batch: fields merged in order, the newest time."""
+    latest: dict[str, tuple[dict[str, Any], float]] = {}
+    for name, fields, now in items:
+        old = latest.get(name)
+        latest[name] = ({**old[0], **fields} if old else fields, now)
+    return latest
+
+
+def group_sightings(rows: Iterable[tuple[str, str | None]]) -> dict[str, list[str]]:
+    """``vms_to_reconcile`` rows (VM, reporting host or None) as VM -> hosts."""
+    out: dict[str, list[str]] = {}
+    for name, host in rows:
+        hosts = out.setdefault(name, [])
+        if host is not None:
+            hosts.append(host)
+    return out
 
 
 def open_store(cfg: CoordinatorConfig) -> Store:

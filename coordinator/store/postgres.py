@@ -35,7 +35,14 @@ from novacron.coordinator.models import (
     VMSummary,
     summary_int,
 )
-from novacron.coordinator.store import Claim, Listener, Store, schema
+from novacron.coordinator.store import (
+    Claim,
+    Listener,
+    Store,
+    group_sightings,
+    newest_heartbeats,
+    schema,
+)
 
 log = logging.getLogger("novacron.coordinator.store")
 
@@ -147,10 +154,7 @@ class PostgresStore(Store):
     async def _flush_heartbeats(self) -> None:
         while self._hb_pending:
             batch, self._hb_pending = self._hb_pending, []
-            latest: dict[str, tuple[dict[str, Any], float]] = {}
-            for name, fields, now, _ in batch:  # one row per host: the newest heartbeat wins
-                old = latest.get(name)
-                latest[name] = ({**old[0], **fields} if old else fields, now)
+            latest = newest_heartbeats((n, f, t) for n, f, t, _ in batch)  # newest wins
             try:
                 rows = await self.pool.fetch(
                     "UPDATE hosts AS h SET state = $4, last_heartbeat = u.at, "
@@ -264,12 +268,7 @@ class PostgresStore(Store):
             "        UNION SELECT s.vm FROM seen s JOIN vms v ON v.name = s.vm WHERE s.host <> v.host) "
             "SELECT odd.name, seen.host FROM odd LEFT JOIN seen ON seen.vm = odd.name "
             "ORDER BY odd.name, seen.host", HOST_UP)
-        out: dict[str, list[str]] = {}
-        for name, host in rows:
-            hosts = out.setdefault(name, [])
-            if host is not None:
-                hosts.append(host)
-        return out
+        return group_sightings((r[0], r[1]) for r in rows)
 
     async def delete_vm(self, name: str) -> bool:
         return await self.execute("DELETE FROM vms WHERE name = ?", (name,)) > 0

@@ -31,7 +31,7 @@ from novacron.coordinator.models import (
     VMSummary,
     summary_int,
 )
-from novacron.coordinator.store import Claim, Store, schema
+from novacron.coordinator.store import Claim, Store, group_sightings, newest_heartbeats, schema
 
 log = logging.getLogger("novacron.coordinator.store")
 T = TypeVar("T")
@@ -285,15 +285,7 @@ class SQLiteStore(Store):
         return await self._run(work)
 
     async def vms_to_reconcile(self) -> dict[str, list[str]]:
-        def work(c: sqlite3.Connection) -> dict[str, list[str]]:
-            out: dict[str, list[str]] = {}
-            for name, host in c.execute(_TO_RECONCILE, (HOST_UP,)):
-                hosts = out.setdefault(name, [])
-                if host is not None:
-                    hosts.append(host)
-            return out
-
-        return await self._run(work)
+        return await self._run(lambda c: group_sightings(c.execute(_TO_RECONCILE, (HOST_UP,))))
 
     async def delete_vm(self, name: str) -> bool:
         return await self.execute("DELETE FROM vms WHERE name = ?", (name,)) > 0
@@ -418,10 +410,7 @@ def _heartbeat_batch(conn: sqlite3.Connection,
     runs in C with the GIL released once. Decoding and re-encoding each record here, or a
     statement per host (the GIL taken back after every row), left this thread waiting on
     the event loop for the GIL at thousands of heartbeats a second."""
-    latest: dict[str, tuple[dict[str, Any], float]] = {}
-    for name, fields, now in items:  # one row per host: the newest heartbeat wins
-        old = latest.get(name)
-        latest[name] = ({**old[0], **fields} if old else fields, now)
+    latest = newest_heartbeats(items)
     batch = json.dumps([[name, now, {**fields, "state": HOST_UP, "last_heartbeat": now}]
                         for name, (fields, now) in latest.items()])
     conn.execute("BEGIN IMMEDIATE")
