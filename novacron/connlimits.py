@@ -242,6 +242,10 @@ def check_http_limits(limits: HttpLimits, section: str = "http") -> None:
 # the app gets one middleware that tells it when a request is being handled. Between
 # requests a connection is evictable and, once it sends a byte (or on connect), has
 # header_timeout_s to complete the head; aiohttp's own keepalive_timeout closes it when idle.
+# The head deadlines are swept a few times per timeout by one timer rather than each being a
+# timer of its own: a timer per request is a handle, a context and a bound method that stay
+# in the event loop's heap, cancelled, for seconds, thousands of them at a fleet's
+# heartbeat rate, and the garbage collector walks them all (see novacron.daemon).
 
 
 class HttpGuard:
@@ -254,6 +258,26 @@ class HttpGuard:
         self.conns: dict[Any, _GuardedConnection] = {}  # aiohttp's RequestHandler -> ours
         self.head_timeouts = 0
         self._log = LogLimiter(log)
+        self._heads: dict[_GuardedConnection, float] = {}  # connection -> when its head is due
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_every = min(1.0, limits.header_timeout_s / 4)
+
+    def expect_head(self, conn: _GuardedConnection) -> None:
+        loop = asyncio.get_running_loop()
+        self._heads[conn] = loop.time() + self.limits.header_timeout_s
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+
+    def head_done(self, conn: _GuardedConnection) -> None:
+        self._heads.pop(conn, None)
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in [c for c, due in self._heads.items() if due <= now]:
+            del self._heads[conn]
+            conn.head_late()
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep) if self._heads else None
 
     def protocol_factory(self, make_handler: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
         return lambda: _GuardedConnection(self, make_handler())
@@ -277,7 +301,7 @@ class _GuardedConnection(asyncio.Protocol):
         self._guard, self._inner = guard, inner
         self._slot: Slot | None = None
         self._transport: asyncio.Transport | None = None
-        self._deadline: asyncio.TimerHandle | None = None
+        self._head_pending = False  # its head deadline is in the guard's sweep
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport, though not always an asyncio.Transport subclass (uvloop's is not)
@@ -289,14 +313,11 @@ class _GuardedConnection(asyncio.Protocol):
             return
         self._guard.conns[self._inner] = self
         self._inner.connection_made(transport)
-        self._arm()
+        self._head_pending = True
+        self._guard.expect_head(self)
 
-    def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self._guard.limits.header_timeout_s, self._head_late)
-
-    def _head_late(self) -> None:
-        self._deadline = None
+    def head_late(self) -> None:
+        """The head deadline passed (HttpGuard's sweep): close a connection still waiting."""
         if self._slot is not None and self._slot.evictable and self._transport is not None:
             self._guard.head_timeouts += 1
             self._guard._log.warning("head", "closed a connection that did not send a request head in time",
@@ -304,9 +325,8 @@ class _GuardedConnection(asyncio.Protocol):
             self._transport.abort()
 
     def busy(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._head_pending = False
+        self._guard.head_done(self)
         if self._slot is not None:
             self._guard.budget.busy(self._slot)
 
@@ -317,8 +337,9 @@ class _GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._slot is None:
             return
-        if self._deadline is None and self._slot.evictable:
-            self._arm()
+        if not self._head_pending and self._slot.evictable:
+            self._head_pending = True
+            self._guard.expect_head(self)
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -333,9 +354,8 @@ class _GuardedConnection(asyncio.Protocol):
             self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._head_pending = False
+        self._guard.head_done(self)
         if self._slot is None:
             return
         self._guard.budget.release(self._slot)

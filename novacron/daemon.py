@@ -76,7 +76,11 @@ class Daemon(Generic[T]):
 
         async def run() -> None:
             asyncio.get_running_loop().set_exception_handler(rate_limited_exception_handler())
-            await self.serve(cfg)
+            collector = asyncio.create_task(collect_garbage(), name="garbage collection")
+            try:
+                await self.serve(cfg)
+            finally:
+                collector.cancel()
 
         try:
             asyncio.run(run())
@@ -91,24 +95,30 @@ class Daemon(Generic[T]):
 
 GC_PAUSE_WARN_S = 0.1
 
-
-# Collect the young generation every 50,000 net allocations (CPython: 700), the middle
-# every 50 of those, the oldest (every live object) every 100 of those: at 10,000 agents'
-# connections a full collection stopped the coordinator for 0.3-1.7 s, and with the
-# default thresholds it ran every 2-3 s (each heartbeat leaves timers and buffers that live
-# for seconds, so the old generation grew fast). Now it runs every few minutes; cyclic
-# garbage waits for it that long. Measured at 10,000 simulated agents (bench fleet, quiet
-# machine): default thresholds 1,854 of 2,000 heartbeats/s taken, p99 1.7 s; these 1,997/s,
-# p99 178 ms; (5000, 100, 100) 2,002/s, p99 767 ms. Young collections there still took
-# ~100 ms of CPU each, not in proportion to the young generation (cause not found), so
-# fewer of them is what helps.
-GC_THRESHOLDS = (50_000, 50, 100)
+# Python's collector on a server with thousands of keep-alive connections. Each aiohttp
+# connection keeps its last request's objects (request, response, headers, URL: ~30) until
+# the next request replaces them, one heartbeat interval later. New ones are born as fast
+# as old ones die, so the young generation's trigger (allocations minus deallocations)
+# fires late and irregularly, and each young collection then walks every connection's last
+# request: at 10,000 agents, 120,000-440,000 objects and 80-350 ms per collection at any
+# threshold (measured with gc.get_objects(0) in a gc callback under `bench fleet`), and the
+# survivors soon filled the old generation, whose collections paused 0.3-1.7 s every few
+# seconds with CPython's defaults. So the schedule is ours: the young generation every
+# GC_YOUNG_EVERY_S (only what was born since: a few thousand objects, a few ms), the
+# threshold as a backstop for bursts, and the older generations only every
+# GC_FULL_EVERY_S. Objects that die by reference count (nearly all of them) are freed at
+# once in any generation; only cyclic garbage waits for the full collection.
+GC_YOUNG_EVERY_S = 0.1
+GC_FULL_EVERY_S = 600.0
+GC_YOUNG_THRESHOLD = 10_000
+GC_NEVER = 1 << 30  # a generation count no daemon reaches: older generations run on our schedule
 
 
 def tune_gc() -> None:
-    """Set GC_THRESHOLDS, and log a collection that stopped the daemon for more than
-    GC_PAUSE_WARN_S (the event loop, heartbeats and migrations wait meanwhile)."""
-    gc.set_threshold(*GC_THRESHOLDS)
+    """Take the older generations off the allocation trigger (see above), and log a
+    collection that stopped the daemon for more than GC_PAUSE_WARN_S (the event loop,
+    heartbeats and migrations wait meanwhile)."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD, GC_NEVER, GC_NEVER)
     started = [0.0, 0.0]  # wall, this thread's CPU: far apart, the host starved us mid-collection
     log = logging.getLogger("novacron.gc")
 
@@ -124,6 +134,20 @@ def tune_gc() -> None:
                 "collected": info["collected"]})
 
     gc.callbacks.append(callback)
+
+
+async def collect_garbage(young_every_s: float = GC_YOUNG_EVERY_S,
+                          full_every_s: float = GC_FULL_EVERY_S) -> None:
+    """The collection schedule of tune_gc, until cancelled."""
+    loop = asyncio.get_running_loop()
+    full_at = loop.time() + full_every_s
+    while True:
+        await asyncio.sleep(young_every_s)
+        if loop.time() >= full_at:
+            gc.collect()
+            full_at = loop.time() + full_every_s
+        else:
+            gc.collect(0)
 
 
 class StartupError(Exception):
