@@ -91,6 +91,7 @@ DAEMON = Daemon(
     settings=AgentConfig, env_prefix=ENV_PREFIX, default_config=DEFAULT_CONFIG,
     check=check_config, serve=serve,
     secrets=lambda cfg: (cfg.token, cfg.cluster_secret, cfg.coordinator_token),
+    gc_full_every_s=60.0,  # a small heap: short full collections; a failed migration's buffers go sooner
 )
 main = DAEMON.main
 

@@ -33,6 +33,7 @@ from novacron.connlimits import (
 
 T = TypeVar("T")
 log = logging.getLogger("novacron.daemon")
+GC_FULL_EVERY_S = 600.0  # a full garbage collection (the coordinator's default; see tune_gc)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Daemon(Generic[T]):
     check: Callable[[T], None]  # raises config.Invalid for a value that cannot work
     secrets: Callable[[T], Iterable[str]]  # settings that must never reach a log line
     serve: Callable[[T], Awaitable[None]]  # runs until signalled
+    gc_full_every_s: float = GC_FULL_EVERY_S
 
     def parser(self) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
@@ -76,7 +78,8 @@ class Daemon(Generic[T]):
 
         async def run() -> None:
             asyncio.get_running_loop().set_exception_handler(rate_limited_exception_handler())
-            collector = asyncio.create_task(collect_garbage(), name="garbage collection")
+            collector = asyncio.create_task(collect_garbage(full_every_s=self.gc_full_every_s),
+                                            name="garbage collection")
             try:
                 await self.serve(cfg)
             finally:
@@ -105,11 +108,12 @@ GC_PAUSE_WARN_S = 0.1
 # survivors soon filled the old generation, whose collections paused 0.3-1.7 s every few
 # seconds with CPython's defaults. So the schedule is ours: the young generation every
 # GC_YOUNG_EVERY_S (only what was born since: a few thousand objects, a few ms), the
-# threshold as a backstop for bursts, and the older generations only every
-# GC_FULL_EVERY_S. Objects that die by reference count (nearly all of them) are freed at
-# once in any generation; only cyclic garbage waits for the full collection.
+# threshold as a backstop for bursts, and the older generations only every few minutes
+# (Daemon.gc_full_every_s: an agent's heap is small, so its full collections are short and
+# more frequent, and a failed migration's buffers caught in a cycle go sooner). Objects that
+# die by reference count (nearly all of them) are freed at once in any generation; only
+# cyclic garbage waits for the full collection.
 GC_YOUNG_EVERY_S = 0.1
-GC_FULL_EVERY_S = 600.0
 GC_YOUNG_THRESHOLD = 10_000
 GC_NEVER = 1 << 30  # a generation count no daemon reaches: older generations run on our schedule
 
