@@ -4,7 +4,8 @@ Real ``novacron-coordinator`` processes on loopback (one on SQLite, or one or
 more sharing a private PostgreSQL started for the run) and one simulated agent
 per host that behaves like the real link: it registers with its own token,
 then heartbeats every interval (random phase, a few percent of jitter, 10 s
-request timeout, an interval or two of random back-off on 503). Each host
+request timeout, an interval or two of random back-off on 503; these run in
+worker processes, ``novacron.bench.fleet_agents``). Each host
 reports its VMs (``--vms-per-host`` records seeded into the database). Agents
 are spread over the coordinators as a load balancer would.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import secrets
@@ -30,8 +32,6 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from novacron.bench.fleet_agents import REQUEST_TIMEOUT_S, Tally, fast_loop
 from novacron.bench.report import Report, percentile
 from novacron.connlimits import raise_fd_limit
 from novacron.coordinator.local import LocalCoordinator
@@ -47,7 +48,6 @@ from novacron.coordinator.store.pg_local import LocalPostgres
 DESCRIPTION = "control plane at fleet scale: simulated agents against 1 or 2 coordinators, SQLite or PostgreSQL"
 SCENARIOS = ("sqlite:1", "postgres:1", "postgres:2")
 FD_SPARE = 1024  # descriptors beyond one per simulated agent: registration, API, files
-REQUEST_TIMEOUT_S = 10.0  # an agent's heartbeat request
 PLACEMENT_TIMEOUT_S = 120.0  # placements and listings read the whole fleet
 
 
@@ -64,107 +64,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="BACKEND:N", help="backend:coordinators, e.g. sqlite:1 postgres:2 (default: %(default)s)")
 
 
-@dataclass
-class Tally:
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    timeouts: int = 0
-    shed: int = 0
-    measuring: bool = False
-    first_error: str = ""
-    registration_retries: int = 0
-
-    def record(self, started: float, status: int) -> None:
-        if not self.measuring:
-            return
-        if status == 200:
-            self.latencies.append(time.perf_counter() - started)
-        elif status == 503:
-            self.shed += 1
-        elif status == 0:  # timeout or connection error
-            self.timeouts += 1
-        else:
-            self.errors += 1
+REPORT_LIMIT = 1 << 28  # a worker's report: every latency of the window, as JSON
 
 
-class _BeatConnection(asyncio.Protocol):
-    """One simulated agent's keep-alive HTTP/1.1 connection, posting a prepared heartbeat.
-
-    The fleet is one process on one of this machine's two cores: an aiohttp client
-    request costs ~0.5 ms of CPU, so the client, not the coordinator, ran out of CPU
-    first. This sends fixed bytes and parses only the status line, Content-Length and
-    the body's length: the coordinator's answer is still read whole, on the wire.
-    """
+class _Workers:
+    """The processes that run the simulated agents (``novacron.bench.fleet_agents``)."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.procs: list[asyncio.subprocess.Process] = []
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    async def start(self, count: int) -> None:
+        for _ in range(count):
+            self.procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "novacron.bench.fleet_agents",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                limit=REPORT_LIMIT))
 
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0 or self.waiter is None or self.waiter.done():
-            return
-        head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
-        length = 0
-        for line in head[1:]:
-            key, _, value = line.partition(":")
-            if key.strip().lower() == "content-length":
-                length = int(value)
-        if len(self.buf) < end + 4 + length:
-            return
-        status = int(head[0].split(" ", 2)[1])
-        body = bytes(self.buf[end + 4:end + 4 + length])
-        del self.buf[:end + 4 + length]
-        self.waiter.set_result((status, body))
+    def _send(self, proc: asyncio.subprocess.Process, msg: dict[str, Any]) -> None:
+        assert proc.stdin is not None
+        if proc.returncode is not None:
+            raise RuntimeError(f"a fleet worker exited with status {proc.returncode}")
+        proc.stdin.write(json.dumps(msg).encode() + b"\n")
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionResetError("coordinator closed the connection"))
+    def add(self, i: int, **agent: Any) -> None:
+        """Start simulated agent ``i`` (in worker i mod the worker count)."""
+        self._send(self.procs[i % len(self.procs)], {"op": "add", **agent})
 
-    async def post(self, request: bytes) -> tuple[int, bytes]:
-        assert self.transport is not None
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(request)
-        return await self.waiter
+    def measure(self) -> None:
+        for proc in self.procs:
+            self._send(proc, {"op": "measure"})
 
+    async def report(self, tally: Tally) -> None:
+        """Stop counting; add every worker's figures to ``tally``."""
+        for proc in self.procs:
+            self._send(proc, {"op": "report"})
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), REQUEST_TIMEOUT_S * 3)
+            if not line:
+                raise RuntimeError(f"a fleet worker ended without its report (status {await proc.wait()})")
+            tally.merge(json.loads(line))
 
-async def _agent(url: str, name: str, host_token: str, vms: list[str], interval: float,
-                 tally: Tally, rnd: random.Random) -> None:
-    await asyncio.sleep(rnd.uniform(0, interval))
-    body = json.dumps({"memory_available_bytes": 64 << 30, "load": 0.5, "vms": vms}).encode()
-    host, _, port = url.removeprefix("http://").partition(":")
-    # its own credential, as a real agent's; the same bytes every interval
-    request = (f"POST /api/v1/hosts/{name}/heartbeat HTTP/1.1\r\nHost: {host}:{port}\r\n"
-               f"Authorization: Bearer {host_token}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    loop = asyncio.get_running_loop()
-    conn: _BeatConnection | None = None
-    while True:
-        started = time.perf_counter()
-        status = 0
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                if conn is None or conn.transport is None:
-                    _, conn = await loop.create_connection(_BeatConnection, host, int(port))
-                status, text = await conn.post(request)
-            if status not in (200, 503) and tally.measuring and not tally.first_error:
-                tally.first_error = f"HTTP {status}: {text[:200]!r}"
-        except (OSError, TimeoutError, ValueError, IndexError):
-            status = 0
-            if conn is not None and conn.transport is not None:
-                conn.transport.abort()  # a late answer must not be read as the next one's
-            conn = None
-        tally.record(started, status)
-        pause = interval * rnd.uniform(0.97, 1.03)
-        if status == 503:
-            pause = interval * rnd.uniform(1.0, 2.0)
-        await asyncio.sleep(max(0.0, pause - (time.perf_counter() - started)))
+    async def stop(self) -> None:
+        """The fleet falls silent: every agent stops, every worker exits."""
+        for proc in self.procs:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        self.procs.clear()
 
 
 async def _stand_in_agent() -> tuple[web.AppRunner, str]:
@@ -185,12 +137,6 @@ async def _stand_in_agent() -> tuple[web.AppRunner, str]:
     await site.start()
     port = runner.addresses[0][1]
     return runner, f"http://127.0.0.1:{port}"
-
-
-async def _stop(tasks: list[asyncio.Task[None]]) -> None:
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _vm_rows(hosts: int, per_host: int) -> list[tuple[str, str, str]]:
@@ -227,21 +173,26 @@ async def _seed_vms(database_url: str, sqlite_path: Path, hosts: int, per_host: 
 
 
 async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namespace,
-                   tmp: Path, pg: LocalPostgres | None) -> dict[str, Any]:
+                   tmp: Path, pg: LocalPostgres | None, files: int) -> dict[str, Any]:
     database_url = await pg.new_database() if pg is not None else ""
+    cap = min(math.ceil(hosts / n_coord) + FD_SPARE // 2, files - FD_SPARE // 2)
     admin, agent_token = "adm-" + secrets.token_urlsafe(18), "agt-" + secrets.token_urlsafe(18)
     env = {"PYTHONASYNCIODEBUG": "1"} if os.environ.get("NOVACRON_BENCH_ASYNCIO_DEBUG") else None
     settings = {"log_level": "info", "heartbeat_interval_s": str(args.interval),
                 "mcp_enabled": "false", "database_url": database_url,
-                # one keep-alive connection per agent, as in a real fleet, and room for the API
-                "http_max_connections": str(hosts + FD_SPARE // 2)}
+                # one keep-alive connection per agent, as in a real fleet, and room for the
+                # API, up to what a process may open: past that the coordinator closes the
+                # oldest idle connections and their agents connect again
+                "http_max_connections": str(cap)}
     coords = [LocalCoordinator(tmp / f"{backend}-{n_coord}-{hosts}-{i}", admin_token=admin,
                                agent_token=agent_token, settings=settings, env=env)
               for i in range(n_coord)]
     tally = Tally()
     stand_in, stand_in_url = await _stand_in_agent()
     tasks: list[asyncio.Task[None]] = []
+    workers = _Workers()
     try:
+        await workers.start(math.ceil(hosts / (files - FD_SPARE)))
         for c in coords:
             await c.start()
         conn = aiohttp.TCPConnector(limit=0)
@@ -273,32 +224,24 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
                     except (aiohttp.ClientError, TimeoutError):
                         tally.registration_retries += 1
                         await asyncio.sleep(args.interval * rnd.uniform(1.0, 2.0))
-                done.append(time.perf_counter())
-                if len(done) == hosts:
-                    registered.set_result(None)
                 vms = [f"vm-{i:05d}-{v:02d}" for v in range(args.vms_per_host)]
-                await _agent(coords[i % n_coord].url, f"sim-{i:05d}", tokens[i], vms,
-                             args.interval, tally, random.Random(i))
+                workers.add(i, url=coords[i % n_coord].url, name=f"sim-{i:05d}", token=tokens[i],
+                            vms=vms, interval=args.interval, seed=i)
 
-            done: list[float] = []
-            registered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             t0 = time.perf_counter()
             tasks.extend(asyncio.create_task(live(i)) for i in range(hosts))
-            await asyncio.wait([registered, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            if not registered.done():  # an agent ended: its registration failed
-                failed_task = next(t for t in tasks if t.done())
-                failed_task.result()  # raises what it raised
+            await asyncio.gather(*tasks)  # every host registered (a refusal raises)
             reg_rate = hosts / (time.perf_counter() - t0)
             await _seed_vms(database_url, coords[0].data_dir / "coordinator.db", hosts,
                             args.vms_per_host)
             await asyncio.sleep(args.interval)  # warm-up: every agent has spoken once
-            tally.measuring = True
+            workers.measure()
             t0, cpu0, client0 = time.perf_counter(), [_cpu_s(c) for c in coords], time.process_time()
             await asyncio.sleep(args.seconds)
+            await workers.report(tally)
             window = time.perf_counter() - t0
-            tally.measuring = False
             coord_cpu = [(_cpu_s(c) - c0) / window for c, c0 in zip(coords, cpu0, strict=True)]
-            client_cpu = (time.process_time() - client0) / window
+            client_cpu = (time.process_time() - client0 + tally.cpu_s) / window
             beats = len(tally.latencies)
 
             # placements while the fleet keeps heartbeating
@@ -323,7 +266,7 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
                 else:
                     failed += 1
             place_s = time.perf_counter() - t0
-            await _stop(tasks)  # the fleet falls silent: count downs before any timeout passes
+            await workers.stop()  # the fleet falls silent: count downs before any timeout passes
             down_now: int | None = None
             try:
                 async with session.get(f"{coords[0].url}/api/v1/hosts", timeout=slow,
@@ -332,7 +275,10 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
             except (aiohttp.ClientError, TimeoutError):
                 pass  # reported as unknown
     finally:
-        await _stop(tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await workers.stop()
         for c in coords:
             c.stop()
         await stand_in.cleanup()
@@ -385,14 +331,9 @@ async def _run(args: argparse.Namespace) -> Report:
         raise SystemExit("novacron bench fleet: --hosts 1..50000, --vms-per-host 0..100, "
                          "--interval 0.2..60, --seconds 1..3600, --placements 0..10000")
     scenarios = _scenarios(args.scenario)
-    # every simulated agent keeps its own connection open in this one process, and a
-    # coordinator answers one per agent: both need a descriptor each, and some to spare
+    # each simulated agent keeps a connection open and each coordinator answers one per
+    # agent: a descriptor each (the agents are spread over as many processes as that takes)
     files = raise_fd_limit()
-    if max(args.hosts) + FD_SPARE > files:
-        raise SystemExit(f"novacron bench fleet: --hosts {max(args.hosts)} needs about "
-                         f"{max(args.hosts) + FD_SPARE} open files in this process and in each "
-                         f"coordinator; the limit here is {files} (ulimit -Hn). Fewer hosts with a "
-                         "shorter --interval offer the same heartbeat rate.")
     results = []
     pg: LocalPostgres | None = None
     with tempfile.TemporaryDirectory(prefix="nc-bench-fleet-") as tmp:
@@ -403,7 +344,7 @@ async def _run(args: argparse.Namespace) -> Report:
             for hosts in args.hosts:
                 for backend, n in scenarios:
                     r = await _run_one(backend, n, hosts, args, Path(tmp),
-                                       pg if backend == "postgres" else None)
+                                       pg if backend == "postgres" else None, files)
                     results.append(r)
                     # a long run: each scenario's figures as soon as it ends, in case a later one stalls
                     print(f"bench fleet: {backend} × {n}, {hosts} hosts: "
@@ -434,24 +375,13 @@ async def _run(args: argparse.Namespace) -> Report:
     return report
 
 
-def _fast_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop (libuv, compiled) if installed, else None (asyncio's own)."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def run(args: argparse.Namespace) -> Report:
     def stop(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt  # unwinds _run: its coordinators and PostgreSQL are stopped
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        # the simulated fleet is one process: on asyncio's own loop it, not the
-        # coordinator, would be what runs out of CPU first
-        with asyncio.Runner(loop_factory=_fast_loop()) as runner:
+        with asyncio.Runner(loop_factory=fast_loop()) as runner:
             return runner.run(_run(args))
     finally:
         signal.signal(signal.SIGTERM, previous)
