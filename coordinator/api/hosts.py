@@ -218,6 +218,7 @@ class Intake:
         self.late_until = -float("inf")  # monotonic; the loop ran late recently
         self.late_ticks = 0  # late checks in a row
         self.lag_s = 0.0  # how late the event loop last ran past LAG_SHED_S
+        self.turned_away = asyncio.Event()  # set on each shed or late check: for _mark_busy
 
     def overloaded(self) -> bool:
         """Shed heartbeats: the event loop has kept running late."""
@@ -233,6 +234,7 @@ class Intake:
         if now - self.last_shed > LAG_HOLD_S:
             log.warning("shedding heartbeats (503 + Retry-After): " + reason)
         self.last_shed = now
+        self.turned_away.set()
 
     async def watch_lag(self) -> None:
         while True:
@@ -244,6 +246,7 @@ class Intake:
                 continue
             self.late_ticks += 1
             self.late_until, self.lag_s = time.monotonic() + LAG_HOLD_S, late
+            self.turned_away.set()
             if self.late_ticks >= LAG_SHED_TICKS:
                 self.busy_until = self.late_until
 
@@ -363,6 +366,42 @@ async def delete_host(request: web.Request) -> web.Response:
 
 
 MONITOR_LEASE = "heartbeat-monitor"
+# Each coordinator that turned heartbeats away (shed them, or kept them waiting in a late
+# event loop) says so here, keyed by its instance, at most once per BUSY_MARK_S: the
+# monitor runs on one coordinator, and silence from hosts that another coordinator
+# turned away proves nothing either.
+BUSY = "heartbeat-intake"
+BUSY_MARK_S = 1.0
+BUSY_FORGET_S = 3600.0  # a mark this old is a coordinator long gone: removed
+
+
+def busy_hold_s(cfg: Any) -> float:
+    """How long after heartbeats were turned away no host is marked down: the down-timeout,
+    and at least the two and a half intervals a shed agent may back off before it tries again."""
+    return max(cfg.heartbeat_timeout_s, 2.5 * cfg.heartbeat_interval_s)
+
+
+async def _mark_busy(store: Store, instance: str, intake: Intake) -> None:
+    while True:  # the first time at once, then at most once per BUSY_MARK_S
+        await intake.turned_away.wait()
+        intake.turned_away.clear()
+        try:
+            await store.put_doc(BUSY, instance, {"busy_at": time.time()})
+        except Exception:
+            log.exception("could not record that heartbeats were turned away")
+        await asyncio.sleep(BUSY_MARK_S)
+
+
+async def _fleet_busy_within(store: Store, hold_s: float) -> bool:
+    """Some coordinator turned heartbeats away within ``hold_s`` (and forget old marks)."""
+    now, busy = time.time(), False
+    for key, doc in await store.list_docs(BUSY):
+        at = doc.get("busy_at", 0.0)
+        if now - at < hold_s:
+            busy = True
+        elif now - at > BUSY_FORGET_S:
+            await store.delete_doc(BUSY, key)
+    return busy
 
 
 async def _monitor(app: web.Application) -> AsyncIterator[None]:
@@ -371,6 +410,7 @@ async def _monitor(app: web.Application) -> AsyncIterator[None]:
     cfg, store, intake = app[CONFIG], app[STORE], app[INTAKE]
     lease = Lease(store, MONITOR_LEASE, app[INSTANCE], cfg.lease_ttl_s)
     app[LEASES][MONITOR_LEASE] = lease
+    hold_s = busy_hold_s(cfg)
 
     async def loop() -> None:
         period = max(0.05, cfg.heartbeat_timeout_s / 4)
@@ -379,10 +419,11 @@ async def _monitor(app: web.Application) -> AsyncIterator[None]:
             fence = lease.fence()
             if fence is None:
                 continue  # another coordinator watches the fleet
-            if intake.late() or \
-                    time.monotonic() - intake.last_shed < cfg.heartbeat_timeout_s:
+            if intake.late() or time.monotonic() - intake.last_shed < hold_s:
                 continue  # we turned heartbeats away, or kept them waiting: silence proves nothing
             try:
+                if await _fleet_busy_within(store, hold_s):
+                    continue  # so did another coordinator
                 down = await store.mark_down(time.time() - cfg.heartbeat_timeout_s, fence=fence)
             except Exception:
                 log.exception("heartbeat check failed")
@@ -392,7 +433,8 @@ async def _monitor(app: web.Application) -> AsyncIterator[None]:
 
     lease.start()
     tasks = [asyncio.create_task(loop(), name="heartbeat-monitor"),
-             asyncio.create_task(intake.watch_lag(), name="loop-lag-watch")]
+             asyncio.create_task(intake.watch_lag(), name="loop-lag-watch"),
+             asyncio.create_task(_mark_busy(store, app[INSTANCE], intake), name="heartbeat-busy-mark")]
     yield
     for task in tasks:
         task.cancel()

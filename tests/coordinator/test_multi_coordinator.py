@@ -257,3 +257,41 @@ async def test_migration_limits_hold_across_coordinators(tmp_path: Path, databas
     finally:
         await stop_coordinator(a)
         await stop_coordinator(b)
+
+
+async def test_heartbeats_shed_by_one_coordinator_hold_the_monitor_on_the_other(
+        tmp_path: Path, database_url: str) -> None:
+    """The heartbeat monitor runs on one coordinator; hosts that another one turned away
+    (503) are silent too, and must not be marked down for it."""
+    from tests.coordinator.test_heartbeat_shedding import BUSY_TOKEN, burst, state
+
+    a, b = await two_coordinators(tmp_path, database_url, max_pending_heartbeats=1,
+                                  heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0)
+    try:
+        holder = other = None
+        for _ in range(100):  # bounded: 10 s
+            for c, rest in ((a, b), (b, a)):
+                if MONITOR_LEASE in (await _health(c.session, c.url))["leases"]:
+                    holder, other = c, rest
+            if holder is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert holder is not None and other is not None, "nobody took the monitor lease"
+        for name, token in (("busy", BUSY_TOKEN), ("quiet", "tok-quiet-9-per-host-token")):
+            fake = FakeAgent(name, token)
+            fake.url = "http://127.0.0.1:9"
+            await fake.register_with(other.session, other.url, other.cfg.agent_token)
+        start, shed = time.monotonic(), 0
+        while time.monotonic() - start < 2.0:  # bounded: over capacity past the timeout
+            results = await burst(other, 40, BUSY_TOKEN)
+            shed += sum(s == 503 for s, _ in results)
+        assert shed > 0
+        # "quiet" is silent past the timeout, but a coordinator was turning agents away
+        assert await state(holder, "quiet") == "up"
+        calm = time.monotonic()
+        while await state(holder, "quiet") != "down":  # caught up: now silence counts
+            assert time.monotonic() - calm < 1.25 + 0.25 + 1.0 + 1.0, "never marked down"
+            await asyncio.sleep(0.05)
+    finally:
+        await stop_coordinator(b)
+        await stop_coordinator(a)
