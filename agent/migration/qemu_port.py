@@ -57,16 +57,15 @@ EXPORT_START_S = 10.0
 EXPORT_STOP_S = 30.0  # it flushes the disks first
 PR_SET_PDEATHSIG = 1
 JOB_POLL_S = 0.05
-# The disk mirror's copy mode. "write-blocking" (every guest write waits for the copy, so
-# the mirror converges however fast the guest writes) is what we want, but QEMU 7.2 aborts
-# with heap corruption ("free(): corrupted unsorted chunks") when the NBD connection of a
-# write-blocking mirror drops while the guest writes: 3 of 5 runs of
-# tests/disks/test_disk_migration.py::test_destination_killed_during_mirror killed the
-# *source* guest, 0 of 3 with "background". A failed migration must leave the VM running,
-# so: background. The mirror still converges for a guest that writes slower than the
-# channel carries, and whatever is dirty at the pause is copied inside it (``disks_ms``).
-# QEMU >= 9.1 can also switch a running job to write-blocking (block-job-change).
-MIRROR_COPY_MODE = "background"
+# The disk mirror's copy mode: write-blocking, so every guest write waits for its copy and
+# the mirror converges however fast the guest writes (QEMU 7.2 cannot switch a running
+# job's mode; block-job-change is 9.1+). QEMU 7.2 was seen to abort with heap corruption
+# ("free(): corrupted unsorted chunks") when the NBD connection of a write-blocking mirror
+# dropped while the guest wrote, so that connection never drops under a live job: it ends
+# in the source agent's relay, which on any failure answers QEMU's requests itself until
+# the jobs are cancelled and QEMU disconnected (diskrelay.SourceDiskRelay.fail_over;
+# tests/disks/test_disk_migration.py::test_destination_killed_under_write_blocking_guest_writes).
+MIRROR_COPY_MODE = "write-blocking"
 POLL_S = 0.005  # query-migrate poll while the guest is paused: latency is downtime
 
 
