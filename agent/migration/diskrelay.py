@@ -215,12 +215,13 @@ class SourceDiskRelay(_Streams):
         disconnects after the engine cancelled the mirror jobs (then :meth:`close`).
 
         Why acking writes without storing them is safe: this runs only on the failure path
-        (the engine calls it on rollback; the relay itself when the channel or the
-        destination's export fails), and once it ran the destination's copy is only ever
-        deleted: the engine refuses to complete the migration when ``failing`` is set
-        (``MigrationSource._stopcopy`` checks it after the mirrors finished). The source's
-        own disk got every write (a mirror writes its source first) and stays the VM's.
-        Reads (a mirror never reads its target) fail with EIO."""
+        (the engine calls it on rollback; the relay itself when the channel fails or the
+        destination's export closes, answers an error or breaks the protocol), and once it
+        ran the destination's copy is only ever deleted: the engine refuses to complete
+        the migration when ``failing`` is set (``SourceMigration._stopcopy`` checks it
+        after the mirrors finished). The source's own disk gets every guest write whatever
+        the target answers, and stays the VM's. Reads (a mirror never reads its target)
+        fail with EIO."""
         if self.failing:
             return
         self._failing.set()
@@ -245,14 +246,12 @@ class SourceDiskRelay(_Streams):
         if tracker is None:
             w.write(data)
             return
-        try:
-            frames = tracker.server_bytes(data)
-        except NbdError as exc:
-            self.error = f"disk stream {stream}: NBD from the destination: {exc}"
-            self.fail_over()
-            return
+        frames = tracker.server_bytes(data)
         if frames:
             w.write(frames)
+        if tracker.server_error is not None:
+            self.error = self.error or f"disk stream {stream}: {tracker.server_error}"
+            self.fail_over()
 
     def peer_eof(self, stream: int) -> None:
         tracker = self.trackers.get(stream)

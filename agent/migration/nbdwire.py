@@ -1,11 +1,13 @@
 """Following one NBD connection through the source's disk relay, so the relay can end
 it without QEMU ever seeing it drop under a live mirror job.
 
-QEMU 7.2 aborts with heap corruption when the NBD connection of a ``write-blocking``
-mirror drops while the guest writes (see ``MIRROR_COPY_MODE`` in qemu_port.py). The
-relay therefore never drops it while a job may run: when the migration fails it stops
-forwarding and answers every outstanding and later request itself until the engine
-has cancelled the jobs and QEMU has disconnected (``NBD_CMD_DISC``). To do that it has
+QEMU 7.2 aborts with heap corruption when a ``write-blocking`` mirror ends while guest
+writes are in flight, e.g. because its NBD connection dropped or its target failed a
+request (see ``MIRROR_COPY_MODE`` in qemu_port.py). The relay therefore never drops the
+connection nor passes on an error reply while a job may run: when the migration fails
+it stops forwarding and answers every outstanding and later request itself until the
+engine has cancelled the jobs (guest held paused) and QEMU has disconnected
+(``NBD_CMD_DISC``). To do that it has
 to know where the requests and replies begin and end and which handles are still
 unanswered: :class:`NbdTracker` parses both directions (fixed newstyle handshake with
 ``NBD_OPT_GO``, compact 28-byte requests, simple and structured replies; what QEMU 7.2
@@ -34,7 +36,8 @@ CMD_RESIZE = 8
 # answered "done" when the destination copy is being thrown away: nothing reads it back
 DISCARDABLE = frozenset({CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES})
 REPLY_FLAG_DONE = 1
-REPLY_TYPE_ERROR = (1 << 15) | 1
+REPLY_TYPE_ERROR_BIT = 1 << 15
+REPLY_TYPE_ERROR = REPLY_TYPE_ERROR_BIT | 1
 NBD_EIO = 5
 
 MAX_OPTION_DATA = 64 * 1024  # QEMU's options: an export name, a few info requests
@@ -78,6 +81,7 @@ class NbdTracker:
         self._c_writing: int | None = None  # the write whose payload is being skipped
         self._s = bytearray()
         self._s_greeted = False
+        self.server_error: str | None = None  # the server's stream stopped being followed here
 
     @property
     def outstanding(self) -> list[int]:
@@ -164,14 +168,19 @@ class NbdTracker:
 
     # ----- server -> client --------------------------------------------------------
     def server_bytes(self, data: bytes | bytearray) -> bytes:
-        """Follow the server's bytes; returns the whole frames among them (the rest waits)."""
+        """Follow the server's bytes; returns the whole frames among them (the rest waits).
+        A frame the relay must not pass on (malformed, or an error reply: see
+        :meth:`_reply_error`) stops it: the frames before it are returned, ``server_error``
+        says why, and its handle stays outstanding (for :meth:`local_replies`)."""
+        if self.server_error is not None:
+            return b""
         self._s += data
         pos = 0
-        while True:
-            end = self._server_frame(pos)
-            if end is None:
-                break
-            pos = end
+        try:
+            while (end := self._server_frame(pos)) is not None:
+                pos = end
+        except NbdError as exc:
+            self.server_error = str(exc)
         out = bytes(self._s[:pos])
         del self._s[:pos]
         return out
@@ -214,6 +223,8 @@ class NbdTracker:
                 return None
             _, error, handle = _SIMPLE.unpack_from(buf, pos)
             req = self._reply_to(handle)
+            if error:
+                self._reply_error(handle, req, error)
             size = _SIMPLE.size + (req.length if req.cmd == CMD_READ and not error else 0)
             if have < size:
                 return None
@@ -224,8 +235,10 @@ class NbdTracker:
                 raise NbdError("server sent a structured reply, which was not negotiated")
             if have < _CHUNK.size:
                 return None
-            _, flags, _rtype, handle, length = _CHUNK.unpack_from(buf, pos)
+            _, flags, rtype, handle, length = _CHUNK.unpack_from(buf, pos)
             req = self._reply_to(handle)
+            if rtype & REPLY_TYPE_ERROR_BIT:
+                self._reply_error(handle, req, int.from_bytes(buf[pos + _CHUNK.size:pos + _CHUNK.size + 4], "big"))
             if length > MAX_PAYLOAD:
                 raise NbdError(f"server reply chunk of {length} bytes (at most {MAX_PAYLOAD})")
             if have < _CHUNK.size + length:
@@ -236,6 +249,13 @@ class NbdTracker:
                 req.partial = True
             return pos + _CHUNK.size + length
         raise NbdError(f"server sent reply magic {magic:#010x}")
+
+    @staticmethod
+    def _reply_error(handle: int, req: _Request, error: int) -> None:
+        """The destination failed a request (its disk full, say): the migration fails, and
+        QEMU must not see it either, for a mirror job that fails by itself ends while the
+        guest writes (see ``cancel_disk_mirrors`` in qemu_port.py). The relay answers it."""
+        raise NbdError(f"the destination failed command {req.cmd} (handle {handle:#x}) with NBD error {error}")
 
     def _reply_to(self, handle: int) -> _Request:
         req = self.requests.get(handle)

@@ -253,8 +253,9 @@ async def test_destination_killed_under_write_blocking_guest_writes(images: Path
     """The guest writes 4 MiB/s (write-blocking mirror: each write waits for its copy
     through the relay) when the destination dies: first in the bulk copy of a 96 MiB disk,
     then once the mirror is ready (pre-copy). The relay answers QEMU's outstanding and
-    later NBD requests itself until the job is cancelled, so QEMU never sees its NBD
-    connection drop under a live job (QEMU 7.2 can abort then): the source guest runs on
+    later NBD requests itself until the job is cancelled, with the guest held paused
+    meanwhile, so QEMU never sees its NBD connection drop under a live job nor a job end
+    under in-flight guest writes (QEMU 7.2 can abort on either): the source guest runs on
     and its disk verifies. NOVACRON_DISK_KILL_REPEAT=N runs N kills (alternating)."""
     seed = images / "wb-seed.qcow2"
     if not seed.exists():
@@ -294,8 +295,13 @@ async def test_destination_killed_under_write_blocking_guest_writes(images: Path
                 await assert_nothing_left(dst, "wbk")
             finally:
                 await dst.stop()
-        # the relay answered QEMU itself: the path this test is about was taken
-        assert a.log_path.read_text().count("disk relay answers QEMU itself") >= runs
+        # the path this test is about was taken: the relay answered QEMU itself, and the
+        # guest was held paused (this long) while the jobs ended
+        log_text = a.log_path.read_text()
+        assert log_text.count("disk relay answers QEMU itself") >= runs
+        held = [json.loads(line)["ms"] for line in log_text.splitlines() if "guest held paused while" in line]
+        print(f"guest held paused while its mirror was cancelled: {held} ms")
+        assert len(held) == runs, held
 
 
 async def test_channel_cut_during_mirror(source: LocalAgent, images: Path) -> None:
