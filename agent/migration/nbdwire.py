@@ -35,6 +35,10 @@ CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES,
 CMD_RESIZE = 8
 # answered "done" when the destination copy is being thrown away: nothing reads it back
 DISCARDABLE = frozenset({CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES})
+CMD_NAMES = {CMD_READ: "read", CMD_WRITE: "write", CMD_FLUSH: "flush", CMD_TRIM: "trim", CMD_CACHE: "cache",
+             CMD_WRITE_ZEROES: "write-zeroes", CMD_BLOCK_STATUS: "block-status", CMD_RESIZE: "resize"}
+ERRNO_NAMES = {1: "EPERM", 5: "EIO", 12: "ENOMEM", 22: "EINVAL", 28: "ENOSPC: its disk is full",
+               75: "EOVERFLOW", 95: "ENOTSUP", 108: "ESHUTDOWN"}  # the NBD spec's error values
 REPLY_FLAG_DONE = 1
 REPLY_TYPE_ERROR_BIT = 1 << 15
 REPLY_TYPE_ERROR = REPLY_TYPE_ERROR_BIT | 1
@@ -255,7 +259,9 @@ class NbdTracker:
         """The destination failed a request (its disk full, say): the migration fails, and
         QEMU must not see it either, for a mirror job that fails by itself ends while the
         guest writes (see ``cancel_disk_mirrors`` in qemu_port.py). The relay answers it."""
-        raise NbdError(f"the destination failed command {req.cmd} (handle {handle:#x}) with NBD error {error}")
+        what = CMD_NAMES.get(req.cmd, f"command {req.cmd}")
+        raise NbdError(f"the destination failed a {what} (handle {handle:#x}) with NBD error {error}"
+                       f"{f' ({ERRNO_NAMES[error]})' if error in ERRNO_NAMES else ''}")
 
     def _reply_to(self, handle: int) -> _Request:
         req = self.requests.get(handle)
