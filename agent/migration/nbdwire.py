@@ -27,7 +27,7 @@ REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
-OPT_EXPORT_NAME, OPT_GO, OPT_STRUCTURED_REPLY = 1, 7, 8
+OPT_EXPORT_NAME, OPT_GO, OPT_STRUCTURED_REPLY, OPT_EXTENDED_HEADERS = 1, 7, 8, 11
 REP_ACK = 1
 REP_ERROR_BIT = 1 << 31
 
@@ -142,6 +142,9 @@ class NbdTracker:
                 raise NbdError("client sent an option after the handshake")
             if option == OPT_EXPORT_NAME:
                 raise NbdError("client uses NBD_OPT_EXPORT_NAME; the relay follows NBD_OPT_GO only")
+            if option == OPT_EXTENDED_HEADERS:  # QEMU >= 8.2 asks for them
+                raise NbdError("client asks for NBD extended headers; the relay follows compact "
+                               "requests only (QEMU 7.2's)")
             if length > MAX_OPTION_DATA:
                 raise NbdError(f"client option {option} carries {length} bytes (at most {MAX_OPTION_DATA})")
             self._options.append(option)

@@ -118,6 +118,7 @@ def test_handshake_replies_pass_whole_and_an_option_error_is_no_go() -> None:
 @pytest.mark.parametrize("client, match", [
     (struct.pack(">I", 0) + b"GARBAGE!" + bytes(20), "neither an option nor a request"),
     (struct.pack(">I", 0) + option(nw.OPT_EXPORT_NAME, b"disk0"), "NBD_OPT_GO only"),
+    (struct.pack(">I", 0) + option(nw.OPT_EXTENDED_HEADERS), "extended headers"),
     (struct.pack(">I", 0) + struct.pack(">QII", nw.IHAVEOPT, nw.OPT_GO, 1 << 20), "carries"),
     (struct.pack(">I", 0) + request(nw.CMD_FLUSH, 1), "before the server acknowledged"),
 ])
