@@ -17,6 +17,11 @@ Control messages: ``disk_open`` (source: QEMU connected for ``stream``; the
 destination then connects to its QEMU's export), ``disk_eof`` (either way: that
 side's QEMU closed the connection), ``disks_done`` (source: the mirrors are
 complete; the destination stops its NBD server before the guest may run).
+
+A live mirror's relay follows the NBD protocol (``nbdwire.NbdTracker``) so that it
+never drops QEMU's connection under a running ``write-blocking`` job: on failure it
+answers QEMU itself (:meth:`SourceDiskRelay.fail_over`) until the engine has cancelled
+the jobs and QEMU has disconnected; only then is the socket closed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import logging
 from pathlib import Path
 
 from novacron.agent.channel.records import MAX_DATA_CHUNK, Channel, ChannelClosed, ProtocolError
+from novacron.agent.migration.nbdwire import NbdError, NbdTracker
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.unixsock import ConnHandler, start_unix_server_at
 from novacron.agent.qmp import open_unix
@@ -95,14 +101,27 @@ class _Streams:
 
 
 class SourceDiskRelay(_Streams):
-    """The source's sockets QEMU's NBD clients connect to, one per local disk."""
+    """The source's sockets QEMU's NBD clients connect to, one per local disk.
 
-    def __init__(self, ch: Channel, status: MigrationStatus, work_dir: Path, disks: list[int]) -> None:
+    ``follow_nbd`` (a live mirror): each connection is followed by an
+    :class:`NbdTracker`, so that :meth:`fail_over` can answer QEMU instead of dropping
+    its connection under a running mirror job (see nbdwire.py)."""
+
+    def __init__(self, ch: Channel, status: MigrationStatus, work_dir: Path, disks: list[int],
+                 *, follow_nbd: bool = False) -> None:
         super().__init__(ch, status)
         self.work_dir = work_dir
         self.disks = disks
+        self.follow_nbd = follow_nbd
+        self.trackers: dict[int, NbdTracker] = {}
         self.servers: list[asyncio.Server] = []
         self._closed = False
+        self._failing = asyncio.Event()
+
+    @property
+    def failing(self) -> bool:
+        """:meth:`fail_over` ran: nothing written since reached the destination."""
+        return self._failing.is_set()
 
     def _count(self, n: int) -> None:
         # not in bytes_wire: that is the page stream, which the destination acknowledges
@@ -118,7 +137,8 @@ class SourceDiskRelay(_Streams):
 
     def _handler(self, stream: int) -> ConnHandler:
         async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if stream in self.writers or stream in self.pumps:  # one connection per disk
+            # one connection per disk; none once failing (no job can use it yet)
+            if stream in self.writers or stream in self.pumps or self.failing:
                 writer.close()
                 return
             try:
@@ -127,14 +147,120 @@ class SourceDiskRelay(_Streams):
                 self.error = f"disk stream {stream}: {exc}"
                 writer.close()
                 return
+            if self.follow_nbd:
+                self.trackers[stream] = NbdTracker()
             self._start_pump(stream, reader, writer)
 
         return on_conn
 
+    async def _pump(self, stream: int, reader: asyncio.StreamReader) -> None:
+        """QEMU's requests -> DATA records; once failing, QEMU's requests answered here."""
+        tracker = self.trackers.get(stream)
+        if tracker is None:
+            await super()._pump(stream, reader)
+            return
+        try:
+            while chunk := await reader.read(min(READ_CHUNK, MAX_DATA_CHUNK)):
+                received = tracker.client_bytes(chunk)
+                if self.failing:
+                    self._reply(stream, tracker.local_replies(received))
+                    continue
+                try:
+                    self.ch.write_data(stream, chunk)
+                    self._count(len(chunk))
+                    await self._drain()
+                except (ChannelClosed, ConnectionError, OSError) as exc:
+                    self.error = self.error or f"disk stream {stream}: {exc}"
+                    self.fail_over()
+            if not self.failing:
+                await self.ch.send_ctrl({"op": "disk_eof", "stream": stream})
+        except NbdError as exc:
+            # not a stream we can answer: fail the migration, close this one (the rest are
+            # answered); only a QEMU bug or not-QEMU gets here
+            self.error = f"disk stream {stream}: NBD: {exc}"
+            log.error("disk relay cannot follow NBD", extra={"stream": stream, "error": str(exc)})
+            self.trackers.pop(stream, None)
+            self.fail_over()
+            w = self.writers.pop(stream, None)
+            if w is not None:
+                w.close()
+        except (ChannelClosed, ConnectionError, OSError) as exc:
+            self.error = self.error or f"disk stream {stream}: {exc}"
+        except asyncio.CancelledError:
+            pass
+
+    async def _drain(self) -> None:
+        """The channel's backpressure, given up when failing (the destination may hang)."""
+        drain = asyncio.ensure_future(self.ch.drain())
+        stop = asyncio.ensure_future(self._failing.wait())
+        try:
+            await asyncio.wait({drain, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not drain.done():
+                drain.cancel()
+                with contextlib.suppress(BaseException):
+                    await drain
+        if not drain.cancelled():
+            drain.result()
+
+    def _reply(self, stream: int, data: bytes) -> None:
+        w = self.writers.get(stream)
+        if data and w is not None:
+            w.write(data)
+
+    def fail_over(self) -> None:
+        """The migration failed (or the channel did): from now on nothing is forwarded and
+        every outstanding and later NBD request of QEMU's is answered here, until QEMU
+        disconnects after the engine cancelled the mirror jobs (then :meth:`close`).
+
+        Why acking writes without storing them is safe: this runs only on the failure path
+        (the engine calls it on rollback; the relay itself when the channel fails or the
+        destination's export closes, answers an error or breaks the protocol), and once it
+        ran the destination's copy is only ever deleted: the engine refuses to complete
+        the migration when ``failing`` is set (``SourceMigration._stopcopy`` checks it
+        after the mirrors finished). The source's own disk gets every guest write whatever
+        the target answers, and stays the VM's. Reads (a mirror never reads its target)
+        fail with EIO."""
+        if self.failing:
+            return
+        self._failing.set()
+        for stream, tracker in self.trackers.items():
+            w = self.writers.get(stream)
+            if w is None:
+                continue
+            if not tracker.transmission:
+                w.close()  # still shaking hands: blockdev-add fails, no job exists to crash
+                continue
+            self._reply(stream, tracker.local_replies())
+        log.info("disk relay answers QEMU itself until the mirrors are cancelled",
+                 extra={"streams": sorted(self.trackers), "error": self.error})
+
     def deliver(self, stream: int, data: bytes | bytearray) -> None:
         """The destination QEMU's bytes for our QEMU (NBD replies: small; never blocks
-        the channel's read loop)."""
-        self.check_stream(stream).write(data)
+        the channel's read loop). Followed connections get whole frames only."""
+        if self.failing and self.follow_nbd:
+            return  # answered here now; a late reply from there would answer twice
+        w = self.check_stream(stream)
+        tracker = self.trackers.get(stream)
+        if tracker is None:
+            w.write(data)
+            return
+        frames = tracker.server_bytes(data)
+        if frames:
+            w.write(frames)
+        if tracker.server_error is not None:
+            self.error = self.error or f"disk stream {stream}: {tracker.server_error}"
+            self.fail_over()
+
+    def peer_eof(self, stream: int) -> None:
+        tracker = self.trackers.get(stream)
+        if tracker is not None and not tracker.disconnecting:
+            # the destination's export hung up while QEMU may still write: answer here
+            self.error = self.error or f"disk stream {stream}: the destination closed its NBD export"
+            self.fail_over()
+            return
+        super().peer_eof(stream)
 
     async def close(self) -> None:
         first, self._closed = not self._closed, True
@@ -142,6 +268,7 @@ class SourceDiskRelay(_Streams):
             server.close()
         self.servers.clear()
         await super().close()
+        self.trackers.clear()
         # once: a later call (the migration's final clean-up) may come after a retry of
         # the VM (its status was final) listens on these same paths
         for i in self.disks if first else ():

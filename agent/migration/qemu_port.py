@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,16 +58,17 @@ EXPORT_START_S = 10.0
 EXPORT_STOP_S = 30.0  # it flushes the disks first
 PR_SET_PDEATHSIG = 1
 JOB_POLL_S = 0.05
-# The disk mirror's copy mode. "write-blocking" (every guest write waits for the copy, so
-# the mirror converges however fast the guest writes) is what we want, but QEMU 7.2 aborts
-# with heap corruption ("free(): corrupted unsorted chunks") when the NBD connection of a
-# write-blocking mirror drops while the guest writes: 3 of 5 runs of
-# tests/disks/test_disk_migration.py::test_destination_killed_during_mirror killed the
-# *source* guest, 0 of 3 with "background". A failed migration must leave the VM running,
-# so: background. The mirror still converges for a guest that writes slower than the
-# channel carries, and whatever is dirty at the pause is copied inside it (``disks_ms``).
-# QEMU >= 9.1 can also switch a running job to write-blocking (block-job-change).
-MIRROR_COPY_MODE = "background"
+# The disk mirror's copy mode: write-blocking, so every guest write waits for its copy and
+# the mirror converges however fast the guest writes (QEMU 7.2 cannot switch a running
+# job's mode; block-job-change is 9.1+). QEMU 7.2 was seen to abort with heap corruption
+# ("free(): corrupted unsorted chunks", "corrupted double-linked list", SIGSEGV) when a
+# write-blocking mirror ended while the guest wrote: its NBD connection dropped, or the
+# job was cancelled. So the connection never drops under a live job and the job never
+# fails by itself: it ends in the source agent's relay, which on any failure answers
+# QEMU's requests itself (diskrelay.SourceDiskRelay.fail_over), and the jobs are cancelled
+# with the guest held paused (cancel_disk_mirrors); tests/disks/test_disk_migration.py::
+# test_destination_killed_under_write_blocking_guest_writes.
+MIRROR_COPY_MODE = "write-blocking"
 POLL_S = 0.005  # query-migrate poll while the guest is paused: latency is downtime
 
 
@@ -273,16 +275,36 @@ class QemuSource:
                 await qmp.execute("blockdev-del", {"node-name": f"nc-target{i}"}, timeout=30)
 
     async def cancel_disk_mirrors(self) -> None:
+        """The failure path: end the jobs, the source keeps its disks. Call it only while
+        nothing can leave QEMU's NBD requests unanswered (the relay answers them itself:
+        ``SourceDiskRelay.fail_over``), for the guest is held paused meanwhile and a pause
+        waits for in-flight I/O."""
         if self.vm.qmp is None:
             return
         qmp = self.vm.qmp
         jobs = await self.disk_mirror_jobs()
-        for i, job in jobs.items():
-            if job["status"] not in ("concluded", "null"):
+        live = [i for i, job in jobs.items() if job["status"] not in ("concluded", "null")]
+        # QEMU 7.2 corrupts its heap when a write-blocking mirror ends while guest writes are
+        # in flight through it: cancelled (seen in test_destination_killed_under_write_blocking_guest_writes
+        # with the relay already answering) or failed by its target (a dropped connection).
+        # A paused guest has none (QEMU drains its I/O first; completion pauses it too), so
+        # it is held paused until the jobs ended.
+        hold = False
+        t0 = time.monotonic()
+        if live and (await qmp.execute("query-status", timeout=10)).get("running"):
+            await qmp.execute("stop", timeout=10)
+            hold = True
+        try:
+            for i in live:
                 with contextlib.suppress(QMPError):
                     await qmp.execute("block-job-cancel", {"device": f"nc-mirror{i}", "force": True}, timeout=10)
-        with contextlib.suppress(TimeoutError):
-            await self._wait_concluded(set(jobs), 10)
+            with contextlib.suppress(TimeoutError):
+                await self._wait_concluded(set(jobs), 10)
+        finally:
+            if hold:
+                await qmp.execute("cont", timeout=10)
+                log.info("guest held paused while its disk mirrors were cancelled",
+                         extra={"vm": self.vm.name, "ms": round((time.monotonic() - t0) * 1000, 1)})
         # NBD nodes a failed blockdev-add or mirror left behind go too
         await self._drop_mirrors(set(jobs) | set(range(len(self.vm.spec.disks))))
 

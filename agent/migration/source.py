@@ -581,7 +581,7 @@ class SourceMigration:
         assert self.mirror is not None
         st = self.status
         indices = [int(p["index"]) for p in self._disk_plan]
-        self.disk_relay = SourceDiskRelay(self.ch, st, self.vm.work_dir, indices)
+        self.disk_relay = SourceDiskRelay(self.ch, st, self.vm.work_dir, indices, follow_nbd=True)
         paths = await self.disk_relay.listen()
         self._disks_started = True
         for i in indices:
@@ -1045,6 +1045,9 @@ class SourceMigration:
             # source keeps its own disks (authoritative until 'go')
             assert self.mirror is not None
             await self.mirror.finish_disk_mirrors(DISK_FINISH_S)
+            if self.disk_relay.failing or self.disk_relay.error is not None:
+                # the relay answered QEMU itself: those writes never reached the destination
+                raise MigrationFailed(f"disk relay failed: {self.disk_relay.error or 'answering locally'}")
             self._check_inbox()
             await self.ch.send_ctrl({"op": "disks_done"})
             lap("disks_ms")
@@ -1452,14 +1455,18 @@ class SourceMigration:
             with contextlib.suppress(Exception):
                 await self.vm.cancel_device_state()
         if self._disks_started and self.mirror is not None:
-            # connections first: QEMU's NBD clients then fail their in-flight requests at
-            # once instead of waiting on a peer that may never answer, and the jobs end
+            # QEMU's NBD connections stay up until the jobs are gone (QEMU 7.2 can abort
+            # when a write-blocking mirror's connection drops under guest writes): the
+            # relay answers QEMU's requests itself meanwhile, so the jobs end at once
+            # instead of waiting on a peer that may never answer
             if self.disk_relay is not None:
-                await self.disk_relay.close()
+                self.disk_relay.fail_over()
             try:
                 await self.mirror.cancel_disk_mirrors()  # the source's disks stay the VM's
             except Exception as exc:
                 log.warning("cancelling disk mirrors failed", extra={"migration": st.id, "error": str(exc)})
+            if self.disk_relay is not None:
+                await self.disk_relay.close()
         resumed = True
         if self._paused or self._qemu_may_pause:
             try:

@@ -15,12 +15,17 @@ admission and the VM (and the connection) carries on at A.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import secrets
+import shutil
 import socket
 import struct
+import tempfile
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -263,3 +268,80 @@ async def test_tcp_connection_survives_live_migration() -> None:
             assert gap_ms < downtime_ms + 2000
             await api_b.ok("DELETE", "/v1/vms/web", want=200)
             assert net.taps(net.b) == []
+
+
+@pytest.mark.skipif(not os.environ.get("NOVACRON_NET_QEMU_REFERENCE"),
+                    reason="opt-in reference measurement: NOVACRON_NET_QEMU_REFERENCE=1")
+async def test_reference_gap_of_qemus_own_migration() -> None:
+    """The same fabric, guest and client, moved by QEMU's own pre-copy (``migrate`` over
+    TCP between the host namespaces, QEMU's own announce-self; bench migrate's qemu-tcp
+    row): its longest reply gap beside its own downtime, as a reference for ours (how much
+    of the gap beyond the downtime a TCG guest shows whoever moves it)."""
+    from novacron.agent.guest import cache_root
+    from novacron.agent.vm.accel import AccelDetector
+    from novacron.agent.vm.images import ImageDirs
+    from novacron.agent.vm.manager import VMManager
+    from novacron.agent.vm.network import HostNetworks
+    from novacron.bench.migrate import _first_boot, _qemu_once, _vm_console
+
+    guest = ensure_guest()
+    root = Path(tempfile.mkdtemp(prefix="nc-netref-", dir="/dev/shm"))
+    with Fabric(f"{os.getpid()}{secrets.token_hex(2)}") as net, inside(net.client):
+        images = ImageDirs.of([cache_root()])
+        host_a = VMManager(root / "a", AccelDetector(probe_kernels=[]), images=images,
+                           networks=HostNetworks({"prod": net.a_bridge}))
+        host_b = VMManager(root / "b", AccelDetector(probe_kernels=[]), images=images,
+                           networks=HostNetworks({"prod": net.b_bridge}))
+
+        @contextlib.asynccontextmanager
+        async def in_b() -> AsyncIterator[None]:
+            with inside(net.b):  # the destination QEMU and its tap live in host B
+                yield
+
+        try:
+            for h in (host_a, host_b):
+                await h.load()
+            spec = {"name": "web", "vcpus": 1, "memory_mb": 128, "accel": "tcg",
+                    "kernel": str(guest.kernel), "initrd": str(guest.initrd),
+                    "cmdline": guest.network_cmdline(f"{GUEST_IP}/24", PORT, rate_mb=1),
+                    "nics": [{"net": "prod"}]}  # fmt: skip
+            with inside(net.a):
+                vm = await host_a.create(spec)
+            boot = await _first_boot(lambda off: _vm_console(vm, off), "web")
+            client = EchoClient(*await connect())
+            sender = asyncio.create_task(client.send_loop())
+            reader = asyncio.create_task(client.read_loop())
+            try:
+                while len(client.replies) < 50:
+                    await asyncio.sleep(0.05)
+                    assert not reader.done(), reader
+                calm = time.monotonic()
+                await asyncio.sleep(2)
+                baseline_ms = client.longest_gap(calm, time.monotonic()) * 1000
+                started = time.monotonic()
+                row = await _qemu_once(host_a, host_b, "web", "qemu-tcp", 0.0, boot, 60.0,
+                                       dest_addr=net.b_addr, relay=False, dest_ns=in_b)
+                assert row["migrated"], row["error"]
+                before = len(client.replies)
+                deadline = time.monotonic() + 30
+                while len(client.replies) < before + 100:
+                    assert time.monotonic() < deadline, "no replies after the migration"
+                    assert not reader.done(), reader
+                    await asyncio.sleep(0.05)
+            finally:
+                client.running = False
+                await asyncio.gather(sender, return_exceptions=True)
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+                client.writer.close()
+            seqs = [s for s, _t in client.replies]
+            assert seqs == list(range(len(seqs))), "replies lost or out of order"
+            gap_ms = client.longest_gap(started) * 1000
+            print(f"\nQEMU's own migration (reference): longest reply gap {gap_ms:.1f} ms, guest paused "
+                  f"(STOP -> RESUME events) {row['qemu_event_downtime_ms']:.1f} ms, QEMU-reported downtime "
+                  f"{row['qemu_reported_downtime_ms']} ms, total {row['total_s']:.2f} s; longest gap with no "
+                  f"migration {baseline_ms:.1f} ms; gap minus pause {gap_ms - row['qemu_event_downtime_ms']:.1f} ms")
+        finally:
+            for h in (host_a, host_b):
+                await h.shutdown(stop_vms=True)
+            shutil.rmtree(root, ignore_errors=True)
