@@ -62,6 +62,7 @@ from novacron.native import (
     bitmap_count,
     bitmap_indices,
 )
+from novacron.tls import is_loopback
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -194,7 +195,8 @@ class SourceMigration:
         self._turn_rounds = 0  # rounds run while holding the link's turn
         self._share_stats: dict[str, Any] = status.link_share
         self._share_stats.update(peak_migrations=1, turns=0, turn_wait_s=0.0, held_s=0.0, link_bytes_s=0.0)
-        self.policy = CompressionPolicy(enabled=opts.adaptive_compression, floor_level=opts.compression_level)
+        self.policy = CompressionPolicy(enabled=opts.adaptive_compression, floor_level=opts.compression_level,
+                                        same_host=is_loopback(status.peer.rpartition(":")[0]))
         # destination-side dedup (have/need, dedupdest.py): on when both sides want it
         self.offers = OfferPolicy()
         self._offer_on = False
@@ -810,7 +812,9 @@ class SourceMigration:
         # the migration's first data goes before the link is known (see _first_ack): two
         # small batches first, so what goes stored while it is measured stays small
         # (under a cap the cap is known, and the probe's unheld bytes stay as they were)
-        unknown = self._t_first_write is None and not (throttled and self.bucket.rate)
+        capped = bool(throttled and self.bucket.rate)
+        # (not where the choice is fixed: policy.stored_only)
+        unknown = self._t_first_write is None and not capped and not policy.stored_only(capped)
         first = 2 * FIRST_BATCH_PAGES if unknown else 0
         bounds = [*range(0, min(first, len(indices)), FIRST_BATCH_PAGES),
                   *range(min(first, len(indices)), len(indices), self.opts.batch_pages)]
@@ -820,7 +824,9 @@ class SourceMigration:
         def encode(batch: np.ndarray | None, by_digest: bool,
                    repairs: list[tuple[int, np.ndarray]]) -> _Work:
             # dedup + zstd or stored, per batch: whichever the link and the CPU make faster
-            sender.compress = sender.use_dedup = policy.pack_next(self._link_hint(throttled))
+            # (the cap may change live: read per batch)
+            sender.compress = sender.use_dedup = policy.pack_next(
+                self._link_hint(throttled), bool(throttled and self.bucket.rate))
             sender.level = policy.level()  # higher while the link leaves the encoder idle
             w = _Work()
             if batch is not None:
@@ -868,7 +874,8 @@ class SourceMigration:
                 w = await pending
                 pending = None
                 if i + 1 < len(batches):
-                    if self.link.acked == 0 and st.bytes_wire >= protocol.ACK_BYTES and not self.bucket.rate:
+                    if (self.link.acked == 0 and st.bytes_wire >= protocol.ACK_BYTES and not self.bucket.rate
+                            and not policy.stored_only(capped)):
                         await self._first_ack()  # (a cap says enough: _link_hint)
                     pending = start(i + 1)
                 self._check_inbox()
