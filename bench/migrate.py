@@ -500,6 +500,7 @@ async def _ours_once(src: Any, dst: Any, name: str, cap: float, boot: str, polic
         "cpu_s_source": m.get("cpu_s"), "cpu_s_destination": dm.get("cpu_s"),
         "stop_scan": m.get("stop_scan"), "pipeline": m.get("pipeline"),
         "phase_seconds": m.get("phase_seconds"), "prepare_parts": m.get("prepare_parts"),
+        "prepare_parts_destination": dm.get("prepare_parts"),
         "dirty_mb_s": watch.dirty_mb_s(),
         "migrated": st["phase"] == "completed", "converged": m.get("converged"),
         "policy": _precopy_policy(m.get("throttle_pct")) if m.get("converged") else policy,

@@ -127,13 +127,21 @@ async def _keepalive(ch: Channel, liveness: float) -> None:
 async def _receive(incoming: _Incoming, factory: DestFactory, spec: dict[str, Any],
                    ram_size: int, disks: list[dict[str, Any]]) -> MigrationStatus:
     status, channel = incoming.status, incoming.ch
+    parts = status.prepare_parts  # seconds since 'prepare' arrived, step by step
+
+    def stamp(name: str) -> None:
+        parts[name] = round(time.monotonic() - status._t0, 4)
+
     try:
         if incoming.index is not None:  # maps; new running VMs are indexed in the background
             incoming.index.refresh()
+        stamp("index_s")
         if disks:
             dest = await factory.prepare(spec, ram_size, status.id, disks)
         else:
             dest = await factory.prepare(spec, ram_size, status.id)
+        stamp("vm_s")  # admission, RAM file, QEMU started (its own steps: vm_*, from its start)
+        parts.update({f"vm_{k}": v for k, v in getattr(dest, "start_parts", {}).items()})
         incoming.disks = [int(d["index"]) for d in disks]
     except Exception as exc:  # the factory cleans up after itself; say why, never hang
         what = "admission refused" if isinstance(exc, AdmissionError) else "preparing the VM failed"
@@ -234,6 +242,7 @@ class _Incoming:
                     log.warning("destination-side dedup unavailable",
                                 extra={"migration": st.id, "error": str(exc)})
             await self.ch.send_ctrl(prepared)
+            st.prepare_parts["prepared_s"] = round(time.monotonic() - st._t0, 4)
             st.set_phase("precopy")
             await self._watched(dest, self._loop(dest, receiver, mm, sock))
         except BaseException as exc:
