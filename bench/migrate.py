@@ -43,6 +43,10 @@ and ``ok=1`` heartbeats. A row whose guest failed (or whose migration failed)
 is shown as failed, counted in a summary line and left out of every ratio;
 the guest is booted afresh before the next case.
 
+Each engine's two ends run in sessions of their own, so each gets its own
+scheduler autogroup on a busy machine: every QEMU (``VM.start``) and each of our
+two agents (``LocalAgent(own_session=True)``).
+
 Figures, measured the same way for both engines:
 
 - **total**: harness wall clock from the start of destination preparation
