@@ -105,6 +105,7 @@ class LocalAgent:
         tls: IssuedFiles | None = None,
         netns: str = "",
         address: str = "127.0.0.1",
+        own_session: bool = False,
     ) -> None:
         self.name = name or f"agent-{secrets.token_hex(3)}"
         self.token = token or secrets.token_urlsafe(24)
@@ -122,6 +123,11 @@ class LocalAgent:
         # migration channel on ``address`` there (plain HTTP off loopback needs insecure)
         self.netns = netns
         self.address = address
+        # its own session, hence its own scheduler autogroup (as each QEMU has, and as an
+        # agent on a real host, a service of its own, has its cgroup): without it, two
+        # agents and their caller share one fair share of the CPU on a busy machine.
+        # A terminal's Ctrl-C then reaches only the caller, whose stop() ends the agent.
+        self.own_session = own_session
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.state_dir / "agent.log"
@@ -191,6 +197,7 @@ class LocalAgent:
                 [*(["ip", "netns", "exec", self.netns] if self.netns else []), *_agent_command(),
                  "--config", str(empty_config)],
                 env=self._env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=self.own_session,
             )  # fmt: skip
         try:
             await self._wait_ready(timeout)

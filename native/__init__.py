@@ -82,6 +82,7 @@ from novacron.native.stream import (
     Opened,
     PageStreamReceiver,
     PageStreamSender,
+    frame_is_stored,
     frame_length,
 )
 from novacron.native.tracking import FingerprintTracker, ScanResult
@@ -120,6 +121,7 @@ __all__ = [
     "bitmap_new",
     "bitmap_or",
     "bitmap_runs",
+    "frame_is_stored",
     "frame_length",
     "memory_budget",
     "page_digest",

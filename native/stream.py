@@ -120,6 +120,14 @@ def _check_key(key: bytes) -> bytes:
     return bytes(key)
 
 
+def frame_is_stored(frame: bytes | bytearray | memoryview) -> bool:
+    """Whether the frame's header says its body is not zstd-compressed. Not yet
+    authenticated: a hint for how to schedule opening it, never trusted otherwise."""
+    if len(frame) < HEADER_SIZE:
+        return False
+    return not HEADER.unpack_from(frame)[3] & FLAG_ZSTD
+
+
 def frame_length(header: bytes | bytearray | memoryview) -> int:
     """Total length of the frame that starts with ``header`` (>= HEADER_SIZE bytes)."""
     if len(header) < HEADER_SIZE:

@@ -330,6 +330,7 @@ class QemuDest:
     def __init__(self, vms: VMManager, vm: VM) -> None:
         self.vms = vms
         self.vm = vm
+        self.start_parts = dict(vm.start_parts)  # the destination's prepare_parts show them
         self.name = vm.name
         self.ram_path = vm.ram_path
         self.ram_stat = vm.ram_stat

@@ -62,6 +62,7 @@ from novacron.native import (
     bitmap_count,
     bitmap_indices,
 )
+from novacron.tls import is_loopback
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -75,6 +76,8 @@ DISK_POLL_S = 0.1  # how often the disk mirrors' progress is read while they cat
 PROBE_BYTES = 1 << 20
 FIRST_BATCH_PAGES = 64  # the first two batches of data (see _send_pages)
 FIRST_ACK_S = 1.0  # longest wait for the first ack before choosing how to send (_first_ack)
+FRAME_PAGES = 256  # pages a page-stream frame holds (1 MiB) ...
+LOCAL_FRAME_PAGES = 1024  # ... and sent stored to a destination on this host (see _send_pages)
 DISK_FINISH_S = 60.0  # completing ready mirrors (paused guest): drains in-flight writes only
 
 
@@ -194,7 +197,8 @@ class SourceMigration:
         self._turn_rounds = 0  # rounds run while holding the link's turn
         self._share_stats: dict[str, Any] = status.link_share
         self._share_stats.update(peak_migrations=1, turns=0, turn_wait_s=0.0, held_s=0.0, link_bytes_s=0.0)
-        self.policy = CompressionPolicy(enabled=opts.adaptive_compression, floor_level=opts.compression_level)
+        self.policy = CompressionPolicy(enabled=opts.adaptive_compression, floor_level=opts.compression_level,
+                                        same_host=is_loopback(status.peer.rpartition(":")[0]))
         # destination-side dedup (have/need, dedupdest.py): on when both sides want it
         self.offers = OfferPolicy()
         self._offer_on = False
@@ -636,6 +640,7 @@ class SourceMigration:
         tracker, stop_scan, scan = self.tracker, self.stop_scan, self._first
         self.sender = PageStreamSender(
             self.ch.page_key_out, self._mm, level=opts.compression_level, counters=self.counters,
+            frame_pages=FRAME_PAGES,
             dedup=DedupIndex() if opts.dedup else None,
             # the tracker learns what was actually sent, so a page that changes and
             # changes back between two scans is still re-sent
@@ -810,7 +815,9 @@ class SourceMigration:
         # the migration's first data goes before the link is known (see _first_ack): two
         # small batches first, so what goes stored while it is measured stays small
         # (under a cap the cap is known, and the probe's unheld bytes stay as they were)
-        unknown = self._t_first_write is None and not (throttled and self.bucket.rate)
+        capped = bool(throttled and self.bucket.rate)
+        # (not where the choice is fixed: policy.stored_only)
+        unknown = self._t_first_write is None and not capped and not policy.stored_only(capped)
         first = 2 * FIRST_BATCH_PAGES if unknown else 0
         bounds = [*range(0, min(first, len(indices)), FIRST_BATCH_PAGES),
                   *range(min(first, len(indices)), len(indices), self.opts.batch_pages)]
@@ -820,7 +827,13 @@ class SourceMigration:
         def encode(batch: np.ndarray | None, by_digest: bool,
                    repairs: list[tuple[int, np.ndarray]]) -> _Work:
             # dedup + zstd or stored, per batch: whichever the link and the CPU make faster
-            sender.compress = sender.use_dedup = policy.pack_next(self._link_hint(throttled))
+            # (the cap may change live: read per batch)
+            capped_now = bool(throttled and self.bucket.rate)
+            sender.compress = sender.use_dedup = policy.pack_next(self._link_hint(throttled), capped_now)
+            # stored to this host: fewer, larger frames (a frame costs each loop a wake-up;
+            # 256 MiB pre-copy, median of 8: 0.45 -> 0.41 s); elsewhere the cap and the
+            # link's measurement keep their 1 MiB granularity
+            sender.frame_pages = LOCAL_FRAME_PAGES if policy.stored_only(capped_now) else FRAME_PAGES
             sender.level = policy.level()  # higher while the link leaves the encoder idle
             w = _Work()
             if batch is not None:
@@ -868,7 +881,8 @@ class SourceMigration:
                 w = await pending
                 pending = None
                 if i + 1 < len(batches):
-                    if self.link.acked == 0 and st.bytes_wire >= protocol.ACK_BYTES and not self.bucket.rate:
+                    if (self.link.acked == 0 and st.bytes_wire >= protocol.ACK_BYTES and not self.bucket.rate
+                            and not policy.stored_only(capped)):
                         await self._first_ack()  # (a cap says enough: _link_hint)
                     pending = start(i + 1)
                 self._check_inbox()

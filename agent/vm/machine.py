@@ -87,6 +87,7 @@ class VM:
         self._expect_exit = False
         self._starting = False
         self._reserving: asyncio.Task[None] | None = None  # the RAM file's space (ramfile.py)
+        self.start_parts: dict[str, float] = {}  # seconds of the last start's steps (a migration's prepare_parts)
         self._exited = asyncio.Event()
         self._exited.set()
         self._listeners: list[ExitListener] = []
@@ -174,6 +175,8 @@ class VM:
         (``-incoming defer``), ``paused`` leaves the vCPUs stopped."""
         if self.alive:
             raise VMConflict(f"VM {self.name} is already {self.state}")
+        t0 = time.monotonic()
+        self.start_parts = parts = {}
         self.paths.dir.mkdir(parents=True, exist_ok=True)
         files = self._open_files()  # a refused image stops here: no RAM file, no QEMU
         try:
@@ -202,6 +205,7 @@ class VM:
             files.images.close()
             files.disks.close()
         self._proc, self.pid = proc, proc.pid
+        parts["spawn_s"] = round(time.monotonic() - t0, 4)  # RAM file created, QEMU launched
         with contextlib.suppress(OSError):
             self.save()  # the pid, for the next agent (which also finds QEMU by its folder)
         crash_point(f"vm.{self.pending}.spawned")
@@ -214,8 +218,10 @@ class VM:
         self._starting = True
         try:
             qmp = await self._connect_qmp()
+            parts["qmp_s"] = round(time.monotonic() - t0, 4)  # QEMU up and its QMP negotiated
             if self._reserving is not None:
                 await self._reserving  # the RAM file's space (incoming: reserved while QEMU started)
+                parts["reserved_s"] = round(time.monotonic() - t0, 4)
         except Exception as exc:
             await self._kill_and_wait()
             detail = self._qemu_log_tail()

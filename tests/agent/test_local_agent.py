@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,17 @@ async def test_sigterm_stops_the_vms(guest: GuestImage) -> None:
         assert "agent shutting down" in agent.log_path.read_text()
     finally:
         await agent.stop()
+
+
+async def test_own_session_gives_the_agent_its_own_scheduler_group() -> None:
+    """bench migrate runs each agent in a session (so an autogroup) of its own, as
+    each QEMU is; by default an agent stays in its caller's session."""
+    for own in (False, True):
+        async with LocalAgent("sess", accel="tcg", own_session=own) as agent:
+            assert agent.pid is not None
+            assert (os.getsid(agent.pid) == agent.pid) is own
+            assert (os.getsid(agent.pid) == os.getsid(0)) is not own
+        assert not alive(agent.pid)  # stop() ends it either way
 
 
 async def test_start_failure_is_reported() -> None:

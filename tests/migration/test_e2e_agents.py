@@ -28,9 +28,10 @@ async def hop(src: LocalAgent, dst: LocalAgent, name: str, boot: str) -> dict:
     m = st["metrics"]
     assert st["digest"]["equal"] is True and st["digest"]["source"]
     assert m["downtime_ms"] > 0 and m["total_s"] > 0 and m["bytes_wire"] > 0
-    # on loopback the pipeline may send stored frames (pipeline.py); it chose per batch
+    # to a destination on this host, uncapped, every batch goes stored (pipeline.py)
     assert m["pages_sent"] > 0 and m["compression_ratio"] > 0.95
     assert m["pipeline"]["batches"] > 0 and m["cpu_s"] > 0
+    assert m["pipeline"]["same_host"] is True and m["pipeline"]["packed_batches"] == 0, m["pipeline"]
     # destination-side dedup is on by default: where the destination may hold pages
     # (or the link is capped) they went by digest first (pipeline.first_round_offer),
     # every one answered (copied there or repaired) before switchover, and the

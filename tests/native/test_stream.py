@@ -183,6 +183,8 @@ def test_frame_length_and_blobs() -> None:
     raw = sender.seal_blob(1, noise)
     assert len(raw) == N.HEADER_SIZE + 100_000 + 16  # incompressible: sent as is
     assert receiver.open(raw).blob == (1, noise)
+    # the header's hint the destination schedules by (inline when stored)
+    assert not N.frame_is_stored(blob) and N.frame_is_stored(raw) and not N.frame_is_stored(raw[:10])
 
 
 def test_bad_arguments_are_refused() -> None:
