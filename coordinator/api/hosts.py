@@ -202,9 +202,12 @@ HEARTBEAT_REPLY: dict[str, Any] = {
 
 
 # An event loop this late on LAG_SHED_TICKS checks in a row means requests wait in queues
-# far longer than their work: heartbeats are shed for LAG_HOLD_S, before they time out
-# anyway. A single late check (a pause, not overload) only holds the down-detection.
+# far longer than their work: only a share of the heartbeats is taken, halved on each
+# further late check and given back ADMIT_STEP per on-time one (so a coordinator past its
+# capacity keeps taking about what it can, rather than none for a while and then all).
+# A single late check (a pause, not overload) only holds the down-detection.
 LAG_TICK_S, LAG_SHED_S, LAG_HOLD_S, LAG_SHED_TICKS = 0.1, 0.5, 2.0, 2
+ADMIT_FLOOR, ADMIT_STEP = 0.05, 0.05
 
 
 class Intake:
@@ -214,15 +217,23 @@ class Intake:
     def __init__(self) -> None:
         self.pending = 0
         self.last_shed = -float("inf")  # monotonic
-        self.busy_until = -float("inf")  # monotonic; set by the loop-lag watcher: shed till then
+        self.admit = 1.0  # share of heartbeats taken; set by the loop-lag watcher
+        self._credit = 0.0  # spreads the share evenly over arrivals
         self.late_until = -float("inf")  # monotonic; the loop ran late recently
         self.late_ticks = 0  # late checks in a row
         self.lag_s = 0.0  # how late the event loop last ran past LAG_SHED_S
         self.turned_away = asyncio.Event()  # set on each shed or late check: for _mark_busy
 
     def overloaded(self) -> bool:
-        """Shed heartbeats: the event loop has kept running late."""
-        return time.monotonic() < self.busy_until
+        """Shed this heartbeat: the event loop has kept running late and it is not one
+        of the ``admit`` share still taken."""
+        if self.admit >= 1.0:
+            return False
+        self._credit += self.admit
+        if self._credit >= 1.0:
+            self._credit -= 1.0
+            return False
+        return True
 
     def late(self) -> bool:
         """The event loop ran late within LAG_HOLD_S: heartbeats may be waiting in queues."""
@@ -243,12 +254,13 @@ class Intake:
             late = time.monotonic() - start - LAG_TICK_S
             if late <= LAG_SHED_S:
                 self.late_ticks = 0
+                self.admit = min(1.0, self.admit + ADMIT_STEP)
                 continue
             self.late_ticks += 1
             self.late_until, self.lag_s = time.monotonic() + LAG_HOLD_S, late
             self.turned_away.set()
             if self.late_ticks >= LAG_SHED_TICKS:
-                self.busy_until = self.late_until
+                self.admit = max(ADMIT_FLOOR, self.admit / 2)
 
 
 INTAKE = web.AppKey("heartbeat_intake", Intake)

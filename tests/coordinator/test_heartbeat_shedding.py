@@ -80,13 +80,15 @@ async def test_a_late_event_loop_sheds_heartbeats_and_holds_the_monitor(
         time.sleep(0.7)
         await asyncio.sleep(0.15)  # the watcher sees one late check
         assert {s for s, _ in await burst(c, 3, BUSY_TOKEN)} == {200}
-        start = time.monotonic()
+        start, statuses = time.monotonic(), []
         while time.monotonic() - start < 1.5:  # bounded: the loop keeps stalling past the timeout
             for _ in range(3):  # late on checks in a row: each 0.1 s tick straddles a stall
                 time.sleep(0.7)  # the coordinator shares this loop: as if swamped with requests
                 await asyncio.sleep(0.01)
-            statuses = {s for s, _ in await burst(c, 3, BUSY_TOKEN)}
-            assert statuses == {503}, statuses
+            statuses += [s for s, _ in await burst(c, 8, BUSY_TOKEN)]
+        # a share is still taken (halved per late check: 1/4, 1/8, ... of them), the rest shed
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(503) >= 0.75 * len(statuses), statuses
         assert await state(c, "quiet") == "up"  # silent past the timeout, but we could not tell
         assert any(re.search(r"shedding heartbeats .*: event loop ran [0-9]+ ms late", r.getMessage())
                    for r in caplog.records)
