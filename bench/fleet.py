@@ -5,7 +5,7 @@ more sharing a private PostgreSQL started for the run) and one simulated agent
 per host that behaves like the real link: it registers with its own token,
 then heartbeats every interval (random phase, a few percent of jitter, 10 s
 request timeout, an interval or two of random back-off on 503; these run in
-worker processes, ``novacron.bench.fleet_agents``). Each host
+worker processes, ``novacron.bench._fleet_agents``). Each host
 reports its VMs (``--vms-per-host`` records seeded into the database). Agents
 are spread over the coordinators as a load balancer would.
 
@@ -39,7 +39,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from novacron.bench.fleet_agents import REQUEST_TIMEOUT_S, Tally, fast_loop
+from novacron.bench._fleet_agents import REQUEST_TIMEOUT_S, Tally, fast_loop
 from novacron.bench.report import Report, percentile
 from novacron.connlimits import raise_fd_limit
 from novacron.coordinator.local import LocalCoordinator
@@ -68,7 +68,7 @@ REPORT_LIMIT = 1 << 28  # a worker's report: every latency of the window, as JSO
 
 
 class _Workers:
-    """The processes that run the simulated agents (``novacron.bench.fleet_agents``)."""
+    """The processes that run the simulated agents (``novacron.bench._fleet_agents``)."""
 
     def __init__(self) -> None:
         self.procs: list[asyncio.subprocess.Process] = []
@@ -76,7 +76,7 @@ class _Workers:
     async def start(self, count: int) -> None:
         for _ in range(count):
             self.procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "novacron.bench.fleet_agents",
+                sys.executable, "-m", "novacron.bench._fleet_agents",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 limit=REPORT_LIMIT))
 

@@ -263,6 +263,10 @@ class HttpGuard:
         self._sweep_every = min(1.0, limits.header_timeout_s / 4)
 
     def expect_head(self, conn: _GuardedConnection) -> None:
+        """``conn`` waits for a request head: due header_timeout_s from now, or from when it
+        was first expected if it still is (later bytes of the same head do not extend it)."""
+        if conn in self._heads:
+            return
         loop = asyncio.get_running_loop()
         self._heads[conn] = loop.time() + self.limits.header_timeout_s
         if self._sweeper is None:
@@ -301,7 +305,6 @@ class _GuardedConnection(asyncio.Protocol):
         self._guard, self._inner = guard, inner
         self._slot: Slot | None = None
         self._transport: asyncio.Transport | None = None
-        self._head_pending = False  # its head deadline is in the guard's sweep
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport, though not always an asyncio.Transport subclass (uvloop's is not)
@@ -313,7 +316,6 @@ class _GuardedConnection(asyncio.Protocol):
             return
         self._guard.conns[self._inner] = self
         self._inner.connection_made(transport)
-        self._head_pending = True
         self._guard.expect_head(self)
 
     def head_late(self) -> None:
@@ -325,7 +327,6 @@ class _GuardedConnection(asyncio.Protocol):
             self._transport.abort()
 
     def busy(self) -> None:
-        self._head_pending = False
         self._guard.head_done(self)
         if self._slot is not None:
             self._guard.budget.busy(self._slot)
@@ -337,8 +338,7 @@ class _GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._slot is None:
             return
-        if not self._head_pending and self._slot.evictable:
-            self._head_pending = True
+        if self._slot.evictable:
             self._guard.expect_head(self)
         self._inner.data_received(data)
 
@@ -354,7 +354,6 @@ class _GuardedConnection(asyncio.Protocol):
             self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._head_pending = False
         self._guard.head_done(self)
         if self._slot is None:
             return

@@ -4,7 +4,7 @@ Each simulated agent keeps one HTTP/1.1 connection to its coordinator, as a
 real agent does, so a fleet needs a file descriptor per host. One process may
 hold only ``ulimit -Hn`` of them (20,000 on the machine this was measured on),
 so the fleet is spread over as many workers as that takes. A worker is
-``python -m novacron.bench.fleet_agents``, driven by JSON lines on its stdin:
+``python -m novacron.bench._fleet_agents``, driven by JSON lines on its stdin:
 
 - ``{"op": "add", "url", "name", "token", "vms", "interval", "seed"}``: start one agent
   (the parent sends it as soon as that host is registered);
