@@ -17,6 +17,7 @@ so the fleet is spread over as many workers as that takes. A worker is
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import sys
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 REQUEST_TIMEOUT_S = 10.0  # an agent's heartbeat request
+LAG_TICK_S = 0.02  # the worker's own event-loop lag is sampled this often
 
 
 @dataclass
@@ -38,6 +40,10 @@ class Tally:
     first_error: str = ""
     registration_retries: int = 0
     cpu_s: float = 0.0  # the worker's, while measuring
+    # The simulator's own delays, which its latencies include: how late its event loop
+    # ran (one sample per LAG_TICK_S) and how long its garbage collections paused it.
+    loop_lag_s: list[float] = field(default_factory=list)
+    gc_pauses_s: list[float] = field(default_factory=list)
 
     def record(self, started: float, status: int) -> None:
         if not self.measuring:
@@ -57,6 +63,8 @@ class Tally:
         for key in ("errors", "timeouts", "shed", "registration_retries"):
             setattr(self, key, getattr(self, key) + other[key])
         self.cpu_s += other["cpu_s"]
+        self.loop_lag_s.extend(other["loop_lag_s"])
+        self.gc_pauses_s.extend(other["gc_pauses_s"])
         self.first_error = self.first_error or other["first_error"]
 
 
@@ -142,12 +150,34 @@ async def agent(url: str, name: str, host_token: str, vms: list[str], interval: 
         await asyncio.sleep(max(0.0, pause - (time.perf_counter() - started)))
 
 
+async def _watch_lag(tally: Tally) -> None:
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(LAG_TICK_S)
+        if tally.measuring:
+            tally.loop_lag_s.append(time.perf_counter() - start - LAG_TICK_S)
+
+
+def _watch_gc(tally: Tally) -> None:
+    started = 0.0
+
+    def on_gc(phase: str, _info: dict[str, int]) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+        elif tally.measuring:
+            tally.gc_pauses_s.append(time.perf_counter() - started)
+
+    gc.callbacks.append(on_gc)
+
+
 async def _serve() -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     tally = Tally()
-    tasks: list[asyncio.Task[None]] = []
+    _watch_gc(tally)
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(_watch_lag(tally))]
     cpu0 = 0.0
     try:
         while line := await reader.readline():
@@ -159,9 +189,17 @@ async def _serve() -> None:
                     random.Random(msg["seed"]))))
             elif op == "measure":
                 tally.latencies.clear()
+                tally.loop_lag_s.clear()
+                tally.gc_pauses_s.clear()
+                # One worker stands in for thousands of agent processes: a collection of
+                # all their objects (up to 0.2 s) would be counted as the coordinator's
+                # latency. Nothing here needs the cycle collector for one window.
+                gc.collect()
+                gc.disable()
                 tally.measuring, cpu0 = True, time.process_time()
             elif op == "report":
                 tally.measuring = False
+                gc.enable()
                 tally.cpu_s = time.process_time() - cpu0
                 sys.stdout.write(json.dumps(asdict(tally)) + "\n")
                 sys.stdout.flush()

@@ -52,9 +52,9 @@ class CoordinatorConfig:
     heartbeat_interval_s: float = setting(5.0, help="seconds between heartbeats agents are told to use")
     heartbeat_timeout_s: float = setting(20.0, help="seconds a host may stay silent before it is "
                                          "marked down")
-    max_pending_heartbeats: int = setting(2000, help="heartbeats in progress at once; past that the "
-                                          "coordinator answers 503 + Retry-After and marks no host "
-                                          "down until it has caught up")
+    max_pending_heartbeats: int = setting(2000, help="heartbeats taken but not yet written to the "
+                                          "database; past that the coordinator answers 503 + "
+                                          "Retry-After and marks no host down until it has caught up")
     max_body_bytes: int = setting(256 * 1024, help="largest request body in bytes; larger ones get 413")
     agent_timeout_s: float = setting(30.0, help="seconds one call to an agent's API may take")
     poll_interval_s: float = setting(0.25, help="seconds between polls of a running migration's status")

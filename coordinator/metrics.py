@@ -30,7 +30,7 @@ class CoordinatorMetrics:
         self.api_latency = Histogram(
             "novacron_api_request_duration_seconds", "API requests by route template, method and status",
             ["route", "method", "status"], buckets=SECONDS, registry=r)
-        self.heartbeats = Counter("novacron_heartbeats", "Agent heartbeats by result (ok, unknown)",
+        self.heartbeats = Counter("novacron_heartbeats", "Agent heartbeats by result (ok, unknown, shed, failed)",
                                   ["result"], registry=r)
         self.placement = Histogram(
             "novacron_placement_duration_seconds",

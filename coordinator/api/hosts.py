@@ -163,6 +163,7 @@ async def register(request: web.Request) -> web.Response:
     host = Host(**body, state=HOST_UP, last_heartbeat=now,
                 registered_at=old.registered_at if old else now)
     await store.put_host(host)
+    store.heartbeats.registered(host.name)  # an earlier "not registered" is stale now
     log.info("host registered", extra={"host": host.name, "url": host.url, "cpus": host.cpus,
                                        "identity": describe(identity)})
     return web.json_response({"host": host.public(),
@@ -211,11 +212,10 @@ ADMIT_FLOOR, ADMIT_STEP = 0.05, 0.05
 
 
 class Intake:
-    """Heartbeats in progress, whether the event loop is overloaded, and when this
-    coordinator last turned a heartbeat away."""
+    """Whether the event loop is overloaded, and when this coordinator last turned a
+    heartbeat away (the heartbeats waiting for the database are the store's backlog)."""
 
     def __init__(self) -> None:
-        self.pending = 0
         self.last_shed = -float("inf")  # monotonic
         self.admit = 1.0  # share of heartbeats taken; set by the loop-lag watcher
         self._credit = 0.0  # spreads the share evenly over arrivals
@@ -272,10 +272,11 @@ INTAKE = web.AppKey("heartbeat_intake", Intake)
 async def heartbeat(request: web.Request) -> web.Response:
     audit.skip(request)  # telemetry every few seconds per host; registration is what gets audited
     name = request.match_info["name"]
-    app, intake = request.app, request.app[INTAKE]
-    if intake.pending >= app[CONFIG].max_pending_heartbeats or intake.overloaded():
+    app, intake, store = request.app, request.app[INTAKE], request.app[STORE]
+    backlog = store.heartbeats.backlog
+    if backlog >= app[CONFIG].max_pending_heartbeats or intake.overloaded():
         intake.shed(f"event loop ran {intake.lag_s * 1e3:.0f} ms late" if intake.overloaded() else
-                    f"{intake.pending} heartbeats in progress (max_pending_heartbeats)")
+                    f"{backlog} heartbeats waiting for the database (max_pending_heartbeats)")
         app[METRICS].heartbeats.labels("shed").inc()
         raise ApiError(503, "coordinator busy: heartbeat not taken; retry after the interval",
                        headers={"Retry-After": str(max(1, round(app[CONFIG].heartbeat_interval_s)))})
@@ -286,14 +287,18 @@ async def heartbeat(request: web.Request) -> web.Response:
     if bound is None:  # a record from before bindings, or a retired name: register (and bind)
         app[METRICS].heartbeats.labels("unknown").inc()
         raise ApiError(404, f"host {name!r} is not registered; register first")
-    intake.pending += 1
-    try:
-        known = await app[STORE].heartbeat(name, json_body(request), time.time())
-    finally:
-        intake.pending -= 1
-    app[METRICS].heartbeats.labels("ok" if known else "unknown").inc()
-    if not known:
+    # Answered without waiting for the database (see HeartbeatBatcher): what it made of
+    # this host's previous heartbeat is answered now.
+    news = store.post_heartbeat(name, json_body(request), time.time())
+    if news == "unknown":  # its record was forgotten (DELETE /hosts/{name}), binding kept
+        app[METRICS].heartbeats.labels("unknown").inc()
         raise ApiError(404, f"host {name!r} is not registered; register first")
+    if news == "failing":
+        app[METRICS].heartbeats.labels("failed").inc()
+        raise ApiError(503, "coordinator cannot record heartbeats: its database failed "
+                       "the last write; retry after the interval",
+                       headers={"Retry-After": str(max(1, round(app[CONFIG].heartbeat_interval_s)))})
+    app[METRICS].heartbeats.labels("ok").inc()
     # Small on purpose: heartbeats are the hot path; GET /hosts/{name} has the full record.
     return web.json_response({"state": HOST_UP,
                               "heartbeat_interval_s": request.app[CONFIG].heartbeat_interval_s})

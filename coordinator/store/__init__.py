@@ -39,11 +39,15 @@ How a feature (scheduler, classifier, MCP bridge ...) persists its own data:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 from novacron.coordinator.config import CoordinatorConfig
 from novacron.coordinator.models import VM, Host, Migration, VMSummary
+
+log = logging.getLogger("novacron.coordinator.store")
 
 # Outcomes of Store.claim_vm.
 Claim = Literal["claimed", "stale", "taken"]
@@ -70,12 +74,25 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_hosts(self) -> list[Host]: ...
 
-    @abc.abstractmethod
-    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> bool:
-        """Merge ``fields`` into the host and mark it up; False if it is not registered.
+    # Heartbeats go through the store's HeartbeatBatcher (``self.heartbeats``), which
+    # writes them in batches with ``_write_heartbeats``.
+    heartbeats: HeartbeatBatcher
 
-        The hot path of a large fleet: it answers only whether the host is known (no
-        record is read back and decoded)."""
+    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> bool:
+        """Merge ``fields`` into the host and mark it up, and return once that is
+        committed; False if it is not registered."""
+        return await self.heartbeats.commit(name, fields, now)
+
+    def post_heartbeat(self, name: str, fields: dict[str, Any], now: float) -> HeartbeatNews:
+        """Queue a heartbeat for the next batch without waiting for it (the API's hot
+        path; see ``HeartbeatBatcher.post``)."""
+        return self.heartbeats.post(name, fields, now)
+
+    @abc.abstractmethod
+    async def _write_heartbeats(self, items: list[tuple[str, dict[str, Any], float]]) -> set[str]:
+        """Apply a batch of (host, fields, time) in one transaction; the names of the
+        hosts that are registered. The hot path of a large fleet: no record is read back
+        and decoded."""
 
     @abc.abstractmethod
     async def mark_down(self, older_than: float, fence: tuple[str, str, int] | None = None,
@@ -205,6 +222,106 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
+
+
+HeartbeatNews = Literal["queued", "unknown", "failing"]
+
+
+class HeartbeatBatcher:
+    """Group commit of heartbeats: those that arrive while a batch is being written go
+    into the next one, so a fleet of any size costs one transaction per batch.
+
+    ``commit`` waits for its batch. ``post`` does not: a heartbeat only says "still
+    alive, this is my usage", the next one supersedes it, and one lost with a crashed
+    coordinator is repaired by the next, seconds later. So the API answers an agent
+    without waiting for the database, whose pauses (a slow batch, a long query beside
+    it) would otherwise reach every agent as latency. What the database said comes
+    back with that host's next heartbeat: not registered (``unknown``), or the last
+    batch failed (``failing``). ``backlog`` is what is queued or being written: the
+    API sheds load on it. ``settled`` gives readers their own coordinator's writes.
+    """
+
+    def __init__(self, write: Callable[[list[tuple[str, dict[str, Any], float]]],
+                                       Awaitable[set[str]]]) -> None:
+        self._write = write
+        self._queue: list[tuple[str, dict[str, Any], float, asyncio.Future[bool] | None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        self._unknown: set[str] = set()  # posted heartbeats of hosts the store did not know
+        self.error: str | None = None  # why the last batch failed; None once one succeeds
+        self._queued_seq = self._written_seq = 0  # heartbeats queued / batches done, in order
+        self._written = asyncio.Event()  # set (then replaced) when a batch is done
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue) + self._in_flight
+
+    async def commit(self, name: str, fields: dict[str, Any], now: float) -> bool:
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._enqueue((name, fields, now, fut))
+        return await fut
+
+    def post(self, name: str, fields: dict[str, Any], now: float) -> HeartbeatNews:
+        """Queue the heartbeat; what an earlier one of ``name`` found. ``unknown``: that
+        host is not registered (nothing is queued; the news is given once). ``failing``:
+        queued, but the last batch failed (``error``)."""
+        if name in self._unknown:
+            self._unknown.discard(name)
+            return "unknown"
+        self._enqueue((name, fields, now, None))
+        return "failing" if self.error is not None else "queued"
+
+    def registered(self, name: str) -> None:
+        """``name`` has just been (re)registered: drop news that it is not."""
+        self._unknown.discard(name)
+
+    async def settled(self) -> None:
+        """Return once every heartbeat queued before the call is written (or failed)."""
+        target = self._queued_seq
+        while self._written_seq < target:
+            await self._written.wait()
+
+    async def close(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher])  # let queued heartbeats commit
+
+    def _enqueue(self, item: tuple[str, dict[str, Any], float, asyncio.Future[bool] | None]) -> None:
+        self._queue.append(item)
+        self._queued_seq += 1
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="heartbeat-batches")
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            self._in_flight = len(batch)
+            try:
+                known = await self._write([(n, f, t) for n, f, t, _ in batch])
+            except BaseException as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                for *_, fut in batch:
+                    if fut is not None and not fut.done():
+                        if isinstance(exc, asyncio.CancelledError):
+                            fut.cancel()
+                        else:
+                            fut.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                log.warning("heartbeats not recorded", extra={"heartbeats": len(batch),
+                                                              "error": self.error})
+            else:
+                self.error = None
+                for name, _, _, fut in batch:
+                    if fut is not None:
+                        if not fut.done():
+                            fut.set_result(name in known)
+                    elif name not in known:
+                        self._unknown.add(name)
+            finally:
+                self._in_flight = 0
+                self._written_seq += len(batch)
+                self._written.set()
+                self._written = asyncio.Event()
 
 
 def newest_heartbeats(items: Iterable[tuple[str, dict[str, Any], float]],

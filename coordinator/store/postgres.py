@@ -15,7 +15,6 @@ Heartbeats arriving together are applied by one ``UPDATE ... FROM unnest(...)``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -37,6 +36,7 @@ from novacron.coordinator.models import (
 )
 from novacron.coordinator.store import (
     Claim,
+    HeartbeatBatcher,
     Listener,
     Store,
     group_sightings,
@@ -92,8 +92,7 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._listeners: dict[str, list[Listener]] = {}
-        self._hb_pending: list[tuple[str, dict[str, Any], float, asyncio.Future[bool]]] = []
-        self._hb_flusher: asyncio.Task[None] | None = None
+        self.heartbeats = HeartbeatBatcher(self._write_heartbeats)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -110,8 +109,7 @@ class PostgresStore(Store):
             log.info("schema migrated", extra={"applied": applied})
 
     async def close(self) -> None:
-        if self._hb_flusher is not None and not self._hb_flusher.done():
-            await asyncio.wait([self._hb_flusher])  # let pending heartbeats commit
+        await self.heartbeats.close()
         if self._listen_conn is not None:
             await self._listen_conn.close()
             self._listen_conn = None
@@ -135,49 +133,26 @@ class PostgresStore(Store):
             host.name, host.state, host.last_heartbeat, host.record())
 
     async def get_host(self, name: str) -> Host | None:
+        await self.heartbeats.settled()  # this coordinator's heartbeats are read back
         row = await self.pool.fetchrow("SELECT data, generation FROM hosts WHERE name = $1", name)
         return _host(row) if row else None
 
     async def list_hosts(self) -> list[Host]:
+        await self.heartbeats.settled()
         rows = await self.pool.fetch("SELECT data, generation FROM hosts ORDER BY name")
         return [_host(r) for r in rows]
 
-    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> bool:
-        # Group commit, as in the SQLite store: heartbeats arriving while a batch is
-        # written go into the next one; each caller returns once its own is committed.
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._hb_pending.append((name, fields, now, fut))
-        if self._hb_flusher is None or self._hb_flusher.done():
-            self._hb_flusher = asyncio.create_task(self._flush_heartbeats(), name="hb-flush")
-        return await fut
-
-    async def _flush_heartbeats(self) -> None:
-        while self._hb_pending:
-            batch, self._hb_pending = self._hb_pending, []
-            latest = newest_heartbeats((n, f, t) for n, f, t, _ in batch)  # newest wins
-            try:
-                rows = await self.pool.fetch(
-                    "UPDATE hosts AS h SET state = $4, last_heartbeat = u.at, "
-                    "data = h.data || u.fields || jsonb_build_object('state', $4::text, "
-                    "'last_heartbeat', u.at) "
-                    "FROM unnest($1::text[], $2::jsonb[], $3::float8[]) AS u(name, fields, at) "
-                    "WHERE h.name = u.name RETURNING h.name",  # names only: no record decoded on the loop
-                    list(latest), [f for f, _ in latest.values()], [t for _, t in latest.values()],
-                    HOST_UP)
-            except BaseException as exc:
-                for *_, fut in batch:
-                    if not fut.done():
-                        if isinstance(exc, asyncio.CancelledError):
-                            fut.cancel()
-                        else:
-                            fut.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                continue
-            known = {r["name"] for r in rows}
-            for name, *_, fut in batch:
-                if not fut.done():
-                    fut.set_result(name in known)
+    async def _write_heartbeats(self, items: list[tuple[str, dict[str, Any], float]]) -> set[str]:
+        latest = newest_heartbeats(items)  # newest wins
+        rows = await self.pool.fetch(
+            "UPDATE hosts AS h SET state = $4, last_heartbeat = u.at, "
+            "data = h.data || u.fields || jsonb_build_object('state', $4::text, "
+            "'last_heartbeat', u.at) "
+            "FROM unnest($1::text[], $2::jsonb[], $3::float8[]) AS u(name, fields, at) "
+            "WHERE h.name = u.name RETURNING h.name",  # names only: no record decoded on the loop
+            list(latest), [f for f, _ in latest.values()], [t for _, t in latest.values()],
+            HOST_UP)
+        return {r["name"] for r in rows}
 
     async def mark_down(self, older_than: float, fence: tuple[str, str, int] | None = None,
                         ) -> list[str]:

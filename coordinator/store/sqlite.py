@@ -31,7 +31,14 @@ from novacron.coordinator.models import (
     VMSummary,
     summary_int,
 )
-from novacron.coordinator.store import Claim, Store, group_sightings, newest_heartbeats, schema
+from novacron.coordinator.store import (
+    Claim,
+    HeartbeatBatcher,
+    Store,
+    group_sightings,
+    newest_heartbeats,
+    schema,
+)
 
 log = logging.getLogger("novacron.coordinator.store")
 T = TypeVar("T")
@@ -44,8 +51,7 @@ class SQLiteStore(Store):
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._hb_pending: list[tuple[str, dict[str, Any], float, asyncio.Future[bool]]] = []
-        self._hb_flusher: asyncio.Task[None] | None = None
+        self.heartbeats = HeartbeatBatcher(self._write_heartbeats)
         self._checkpointer: asyncio.Task[None] | None = None
 
     # -- plumbing ------------------------------------------------------------------------
@@ -103,8 +109,7 @@ class SQLiteStore(Store):
             self._checkpointer.cancel()
             await asyncio.wait([self._checkpointer])
             self._checkpointer = None
-        if self._hb_flusher is not None and not self._hb_flusher.done():
-            await asyncio.wait([self._hb_flusher])  # let pending heartbeats commit
+        await self.heartbeats.close()
         if self._conn is not None and self._pool is not None:
             await self._run(lambda c: c.close())
             self._pool.shutdown(wait=True)
@@ -127,43 +132,18 @@ class SQLiteStore(Store):
             (host.name, host.state, host.last_heartbeat, data))]))
 
     async def get_host(self, name: str) -> Host | None:
+        await self.heartbeats.settled()  # this coordinator's heartbeats are read back
         rows = await self.query("SELECT data, generation FROM hosts WHERE name = ?", (name,))
         return _host(*rows[0]) if rows else None
 
     async def list_hosts(self) -> list[Host]:
+        await self.heartbeats.settled()
         # decoded on the store's thread: thousands of records would stall the event loop
         return await self._run(lambda c: [_host(*r) for r in c.execute(
             "SELECT data, generation FROM hosts ORDER BY name")])
 
-    async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> bool:
-        # Group commit: heartbeats that arrive while a batch is being written go into the
-        # next batch, one transaction each. Every caller still returns only after its
-        # heartbeat is committed.
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._hb_pending.append((name, fields, now, fut))
-        if self._hb_flusher is None or self._hb_flusher.done():
-            self._hb_flusher = asyncio.create_task(self._flush_heartbeats(), name="hb-flush")
-        return await fut
-
-    async def _flush_heartbeats(self) -> None:
-        while self._hb_pending:
-            batch, self._hb_pending = self._hb_pending, []
-            items = [(n, f, t) for n, f, t, _ in batch]
-            try:
-                results = await self._run(functools.partial(_heartbeat_batch, items=items))
-            except BaseException as exc:
-                for *_, fut in batch:
-                    if not fut.done():
-                        if isinstance(exc, asyncio.CancelledError):
-                            fut.cancel()
-                        else:
-                            fut.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                continue
-            for (*_, fut), result in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
+    async def _write_heartbeats(self, items: list[tuple[str, dict[str, Any], float]]) -> set[str]:
+        return await self._run(functools.partial(_heartbeat_batch, items=items))
 
     async def mark_down(self, older_than: float, fence: tuple[str, str, int] | None = None,
                         ) -> list[str]:
@@ -403,8 +383,8 @@ WHERE hosts.name = u.name
 
 
 def _heartbeat_batch(conn: sqlite3.Connection,
-                     items: list[tuple[str, dict[str, Any], float]]) -> list[bool]:
-    """Apply heartbeats in one transaction; False for hosts that are not registered.
+                     items: list[tuple[str, dict[str, Any], float]]) -> set[str]:
+    """Apply heartbeats in one transaction; the names of the registered hosts among them.
 
     One statement for the whole batch, the records patched by SQLite (``json_patch``): it
     runs in C with the GIL released once. Decoding and re-encoding each record here, or a
@@ -431,7 +411,7 @@ def _heartbeat_batch(conn: sqlite3.Connection,
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return [name in known for name, _, _ in items]
+    return known
 
 
 def _in_tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:

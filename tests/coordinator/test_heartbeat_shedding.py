@@ -50,7 +50,7 @@ async def test_overload_sheds_heartbeats_and_marks_no_live_host_down(
         assert shed > 0
         # the operator is told why, once per hold period, not once per heartbeat
         why = [r.getMessage() for r in caplog.records if "shedding heartbeats" in r.getMessage()]
-        assert why and all("heartbeats in progress (max_pending_heartbeats)" in m for m in why), why
+        assert why and all("heartbeats waiting for the database (max_pending_heartbeats)" in m for m in why), why
         assert len(why) <= 2, why
         # "quiet" has been silent longer than the timeout, but we were turning agents away
         assert await state(c, "quiet") == "up"
