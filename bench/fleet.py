@@ -39,6 +39,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from novacron.agent.migration.throttle import CpuQuota
 from novacron.bench._fleet_agents import REQUEST_TIMEOUT_S, Tally, fast_loop
 from novacron.bench.report import Report, percentile
 from novacron.connlimits import raise_fd_limit
@@ -60,10 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placements", type=int, default=50, metavar="N", help="VM placements timed (default: %(default)s)")
     parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
                         help="copy each coordinator's log into DIR (default: not kept)")
+    parser.add_argument("--coordinator-cpus", type=float, default=None, metavar="CORES",
+                        help="hold each coordinator to this many cores with a cgroup CPU quota, "
+                        "as if each ran on a machine of its own that size: on one machine, "
+                        "how the rate grows with coordinators (default: no quota)")
     parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS),
                         metavar="BACKEND:N", help="backend:coordinators, e.g. sqlite:1 postgres:2 (default: %(default)s)")
 
 
+QUOTA_PERIOD_US = 10_000  # --coordinator-cpus: the cgroup's CPU period
 REPORT_LIMIT = 1 << 28  # a worker's report: every latency of the window, as JSON
 
 
@@ -194,10 +200,20 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
     stand_in, stand_in_url = await _stand_in_agent()
     tasks: list[asyncio.Task[None]] = []
     workers = _Workers()
+    quotas: list[CpuQuota] = []
     try:
         await workers.start(math.ceil(hosts / (files - FD_SPARE)))
         for c in coords:
             await c.start()
+            if args.coordinator_cpus:
+                assert c.proc is not None
+                whole = math.ceil(args.coordinator_cpus)
+                # a short period: the quota slows the coordinator evenly rather than
+                # stopping it for most of every 100 ms (which every request would wait out)
+                quota = CpuQuota(c.proc.pid, whole, prefix="novacron-bench-coordinator",
+                                 period_us=QUOTA_PERIOD_US)
+                quota.set(1.0 - args.coordinator_cpus / whole)
+                quotas.append(quota)
         conn = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
         async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
@@ -284,6 +300,8 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
         await workers.stop()
         for c in coords:
             c.stop()
+        for quota in quotas:
+            quota.close()
         await stand_in.cleanup()
         if pg is not None and database_url:
             await pg.drop_database(database_url)
@@ -304,6 +322,7 @@ async def _run_one(backend: str, n_coord: int, hosts: int, args: argparse.Namesp
         "placements_per_s": len(place_lat) / place_s if place_s else None,
         "placement_p99_ms": percentile(place_lat, 99) * 1e3 if place_lat else None,
         "coordinator_cpu": coord_cpu, "client_cpu": client_cpu,
+        "coordinator_cpu_quota": args.coordinator_cpus,
         # how late the simulator itself ran: its latencies include this
         "client_lag_p99_ms": percentile(tally.loop_lag_s, 99) * 1e3 if tally.loop_lag_s else None,
         "client_gc_max_ms": max(tally.gc_pauses_s, default=0.0) * 1e3,
@@ -333,9 +352,11 @@ def _scenarios(raw: list[str]) -> list[tuple[str, int]]:
 async def _run(args: argparse.Namespace) -> Report:
     if not all(1 <= h <= 50_000 for h in args.hosts) or not 0 <= args.vms_per_host <= 100 \
             or not 0.2 <= args.interval <= 60 or not 1 <= args.seconds <= 3600 \
-            or not 0 <= args.placements <= 10_000:
+            or not 0 <= args.placements <= 10_000 \
+            or not (args.coordinator_cpus is None or 0.05 <= args.coordinator_cpus <= 64):
         raise SystemExit("novacron bench fleet: --hosts 1..50000, --vms-per-host 0..100, "
-                         "--interval 0.2..60, --seconds 1..3600, --placements 0..10000")
+                         "--interval 0.2..60, --seconds 1..3600, --placements 0..10000, "
+                         "--coordinator-cpus 0.05..64")
     scenarios = _scenarios(args.scenario)
     # each simulated agent keeps a connection open and each coordinator answers one per
     # agent: a descriptor each (the agents are spread over as many processes as that takes)
@@ -378,6 +399,13 @@ async def _run(args: argparse.Namespace) -> Report:
               " + ".join(f"{c:.2f}" for c in r["coordinator_cpu"]) + f" / {r['client_cpu']:.2f}")
     report.data = {"interval_s": args.interval, "seconds": args.seconds, "results": results}
     report.notes.append("Simulated agents, coordinators and PostgreSQL share this machine's cores.")
+    if args.coordinator_cpus:
+        report.notes.append(f"Each coordinator was held to {args.coordinator_cpus:g} cores "
+                            "(cgroup CPU quota), as if on a machine of its own.")
+    lags = [r["client_lag_p99_ms"] for r in results if r.get("client_lag_p99_ms") is not None]
+    if lags:
+        report.notes.append(f"The simulated agents' own event loop ran at most {max(lags):.1f} ms "
+                            "late (p99 per row): their latencies include that.")
     return report
 
 

@@ -30,22 +30,23 @@ CPU_PERIOD_US = 100_000
 
 
 class CpuQuota:
-    """The QEMU process moved into a cgroup of its own with a CPU quota; ``close``
-    moves it back and removes the cgroup."""
+    """A process (here: a guest's QEMU) moved into a cgroup of its own with a CPU quota;
+    ``close`` moves it back and removes the cgroup."""
 
-    def __init__(self, pid: int, cpus: int, root: Path = CGROUP_ROOT) -> None:
-        self.pid, self.cpus = pid, max(1, cpus)
+    def __init__(self, pid: int, cpus: int, root: Path = CGROUP_ROOT,
+                 prefix: str = "novacron-throttle", period_us: int = CPU_PERIOD_US) -> None:
+        self.pid, self.cpus, self.period_us = pid, max(1, cpus), period_us
         self.v2 = (root / "cgroup.controllers").exists()
         base = root if self.v2 else root / "cpu"
         home = _cgroup_of(pid, self.v2)
         if home is None or not (base / "cgroup.procs").exists():
-            raise OSError("no cpu cgroup controller for the QEMU process")
+            raise OSError(f"no cpu cgroup controller for process {pid}")
         self.home = base / home.lstrip("/")
         if self.v2:
             if "cpu" not in (base / "cgroup.controllers").read_text().split():
                 raise OSError("cgroup v2 without the cpu controller")
             (base / "cgroup.subtree_control").write_text("+cpu")
-        self.dir = base / f"novacron-throttle-{pid}"
+        self.dir = base / f"{prefix}-{pid}"
         self.dir.mkdir(exist_ok=True)
         try:
             self.set(0.0)
@@ -56,11 +57,11 @@ class CpuQuota:
             raise
 
     def set(self, level: float) -> None:
-        quota = max(1000, int((1.0 - level) * CPU_PERIOD_US * self.cpus))
+        quota = max(1000, int((1.0 - level) * self.period_us * self.cpus))
         if self.v2:
-            (self.dir / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+            (self.dir / "cpu.max").write_text(f"{quota} {self.period_us}")
         else:
-            (self.dir / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (self.dir / "cpu.cfs_period_us").write_text(str(self.period_us))
             (self.dir / "cpu.cfs_quota_us").write_text(str(quota))
 
     def close(self) -> None:

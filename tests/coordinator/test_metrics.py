@@ -70,8 +70,8 @@ async def test_series_follow_heartbeats_placements_vms_and_migrations(
         fakes[0].hold_migrations = True
         _, mig = await c.call("POST", "/migrations", json={"vm": "v1", "target": "beta"})
         for _ in range(100):  # bounded: 5 s, until the follower has polled a report in
-            s = await samples(c)
-            if value(s, "novacron_migration_live_pages", migration=mig["id"]) is not None:
+            s = await samples(c)  # (its series exist from the start, the agent's figures after a poll)
+            if value(s, "novacron_migration_progress_percent", migration=mig["id"]) is not None:
                 break
             await asyncio.sleep(0.05)
         assert value(s, "novacron_migrations_running") == 1
