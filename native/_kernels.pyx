@@ -18,6 +18,9 @@ cdef extern from "nc_hash.h" nogil:
     uint64_t nc_fp_scan(const nc_fp_key *k, const unsigned char *mem, uint64_t first,
                         uint64_t last, uint64_t *fps, const unsigned char *mask,
                         unsigned char *dirty, unsigned char *zero, uint64_t *nzero)
+    uint64_t nc_zero_scan(const unsigned char *mem, uint64_t first, uint64_t last,
+                          const unsigned char *mask, unsigned char *dirty, unsigned char *zero,
+                          uint64_t *nzero)
     int nc_page_is_zero(const unsigned char *page)
     void nc_blake3_page(const unsigned char *page, unsigned char *out)
     void nc_blake3_4pages(const unsigned char **pages, unsigned char **out)
@@ -123,6 +126,30 @@ cdef class Fingerprinter:
                 nd = nc_fp_scan(&self.key, &mem[0], first, last, &fps[0], m, &dirty[0],
                                 &zero[0], &nz)
         return nd, nz
+
+
+def zero_scan(const unsigned char[::1] mem, uint64_t first, uint64_t last,
+              unsigned char[::1] dirty, unsigned char[::1] zero,
+              const unsigned char[::1] mask=None):
+    """Pages [first, last) (first a multiple of 8; only those set in ``mask`` when
+    given): non-zero ones set in ``dirty``, zero ones in ``zero``; returns (non-zero,
+    zero) counts. Reads until a page's first non-zero word (see nc_zero_scan)."""
+    cdef uint64_t npages = mem.shape[0] // PAGE
+    if first % 8 or first > last or last > npages:
+        raise ValueError("bad scan range")
+    if <uint64_t>dirty.shape[0] * 8 < last or <uint64_t>zero.shape[0] * 8 < last:
+        raise ValueError("bitmap too small")
+    cdef const unsigned char *m = NULL
+    if mask is not None:
+        if <uint64_t>mask.shape[0] * 8 < last:
+            raise ValueError("mask too small")
+        if mask.shape[0]:
+            m = &mask[0]
+    cdef uint64_t nd = 0, nz = 0
+    if last > first:
+        with nogil:
+            nd = nc_zero_scan(&mem[0], first, last, m, &dirty[0], &zero[0], &nz)
+    return nd, nz
 
 
 # --------------------------------------------------------------------------

@@ -97,15 +97,17 @@ def _populate_then(mm: mmap.mmap, fn: Callable[[], T]) -> T:
 def _first_scan_of(mm: mmap.mmap, tracker: FingerprintTracker, ram_path: Any, ram_stat: Any) -> ScanResult:
     """The first scan: every page ever written (``written_pages``; all pages when that
     cannot be told), its page-table entries populated first in one call per run
-    rather than one fault per page. The pages left out are zero: reported so."""
+    rather than one fault per page. The pages left out are zero: reported so. It only
+    tells zero pages from the others (``scan_fresh``): round 1 sends every other page
+    and records its fingerprint then, from the bytes it sent."""
     written = written_pages(ram_path, ram_stat, tracker.npages)
     if written is None:
-        return _populate_then(mm, tracker.scan)
+        return _populate_then(mm, tracker.scan_fresh)
     mask, runs = written
     with contextlib.suppress(OSError, ValueError):
         for first, count in runs:
             mm.madvise(_MADV_POPULATE_READ, first * protocol.PAGE, count * protocol.PAGE)
-    scan = tracker.scan(mask)
+    scan = tracker.scan_fresh(mask)
     holes = np.bitwise_not(mask)
     tail = tracker.npages % 8
     if tail:  # bits past the last page stay clear
