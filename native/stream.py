@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import blake3
 import numpy as np
@@ -501,6 +501,45 @@ _ERRORS: dict[int, type[FrameError]] = {
 }
 
 
+class SpaceGuard(Protocol):
+    """Where guest memory is a file whose space is still being reserved (an incoming
+    VM's RAM file, ``agent/vm/ramfile.Reservation``): the receiver has each frame's
+    byte range reserved before it touches it."""
+
+    @property
+    def complete(self) -> bool: ...
+
+    def ensure(self, start: int, end: int) -> None: ...
+
+
+_RECORD = np.dtype([("first", "<u8"), ("count", "<u4"), ("kind", "u1"), ("pad", "V3")])
+
+
+def payload_span(plain: bytes | bytearray | memoryview, npages: int) -> tuple[int, int]:
+    """Pages [lo, hi) of guest memory a page frame's plaintext writes or reads (its
+    records and referenced source pages); (0, 0) for a plaintext whose counts do not
+    match its size, which ``apply_payload`` rejects before touching memory."""
+    size = len(plain)
+    if size < 16:
+        return 0, 0
+    nrec, nref = struct.unpack_from("<II", plain, 0)
+    if size < 16 + nrec * 16 + nref * 40:
+        return 0, 0
+    lo, hi = npages, 0
+    if nrec:
+        rec = np.frombuffer(plain, dtype=_RECORD, count=nrec, offset=16)
+        first = rec["first"]
+        lo = min(lo, int(first.min()))
+        hi = max(hi, int((first + rec["count"]).max()))  # past memory: rejected before writing
+    if nref:
+        refs = np.frombuffer(plain, dtype="<u8", count=nref * 5, offset=16 + nrec * 16)[::5]
+        local = refs[refs < npages]  # the others name the page cache (or are rejected)
+        if local.size:
+            lo, hi = min(lo, int(local.min())), max(hi, int(local.max()) + 1)
+    hi = min(hi, npages)
+    return (lo, hi) if hi > lo else (0, 0)
+
+
 class PageStreamReceiver:
     """Checks, opens and applies frames from one PageStreamSender, in order.
 
@@ -520,6 +559,7 @@ class PageStreamReceiver:
         self.npages = self._mem.nbytes // PAGE_SIZE
         self.cache = cache
         self.counters = counters if counters is not None else Counters()
+        self.guard: SpaceGuard | None = None  # see SpaceGuard
         self._stream: bytes | None = None
         self._expect = 0
 
@@ -625,6 +665,11 @@ class PageStreamReceiver:
             c.bytes_wire += auth.wire_len
             c.seconds_decode += time.perf_counter() - t0
             return Opened(0, (auth.tag, plain), auth.seq)
+        guard = self.guard
+        if guard is not None and not guard.complete:
+            lo, hi = payload_span(plain, self.npages)
+            if hi > lo:
+                guard.ensure(lo * PAGE_SIZE, hi * PAGE_SIZE)
         err, written, detail = _kernels.apply_payload(
             plain, self._mem, None if self.cache is None else self.cache.view(), MAX_RAW // PAGE_SIZE)
         if err:

@@ -43,6 +43,7 @@ from novacron.agent.migration.vmport import (
 )
 from novacron.agent.qmp import QMPError, open_unix
 from novacron.agent.safefs import open_regular
+from novacron.agent.vm.ramfile import Reservation
 from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver, frame_is_stored
 
@@ -194,6 +195,7 @@ class _Incoming:
         # frames are applied in its threads; teardown waits for them before unmapping
         self.ram_work = RamWork(status.id, threads=1)
         self.opening: asyncio.Task[None] | None = None  # the frame being opened
+        self.reservation: Reservation | None = None  # the RAM file's space, while it is being reserved
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -217,6 +219,13 @@ class _Incoming:
             finally:
                 os.close(fd)
             receiver = PageStreamReceiver(self.ch.page_key_in, mm, counters=self.counters)
+            self.reservation = getattr(dest, "reservation", None)
+            if self.reservation is not None:
+                # the RAM file's space is still being reserved: each frame's pages are
+                # reserved before they are written (ramfile.Reservation)
+                receiver.guard = self.reservation
+                if self.postcopy:  # QEMU itself writes guest RAM then
+                    await self._reserved()
             if self.postcopy:
                 if not isinstance(dest, PostcopyDest):
                     raise ProtocolError("this destination cannot run post-copy")
@@ -326,19 +335,47 @@ class _Incoming:
         await self.ram_work.let_go(mm, receiver)
 
     async def _watched(self, dest: DestVM, loop: Any) -> None:
-        """Run the receive loop; a QEMU that exits before 'go' ends it at once."""
+        """Run the receive loop; a QEMU that exits before 'go', or a RAM file whose
+        space cannot be reserved, ends it at once."""
         work = asyncio.create_task(loop)
         exited = asyncio.create_task(dest.wait_exited())
+        watch = {work, exited}
+        reserving = None
+        if self.reservation is not None:
+            reserving = asyncio.create_task(self._reserved())
+            watch.add(reserving)
         try:
-            await asyncio.wait({work, exited}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+                if reserving is not None and reserving.done() and not work.done():
+                    watch.discard(reserving)
+                    short = reserving.exception()
+                    reserving = None
+                    if short is not None:  # InsufficientSpace: fail before the guest can run here
+                        await stoptask.stop(work)
+                        raise short
+                    continue
+                break
             if not work.done() and not self.resume_tried:
                 await stoptask.stop(work)
                 raise QemuExited(f"destination QEMU exited: {exited.result()}")
             await work
         finally:
             exited.cancel()
+            if reserving is not None and not reserving.done():
+                reserving.cancel()
             if not work.done():
                 await stoptask.stop(work)
+
+    async def _reserved(self) -> None:
+        """Until the RAM file has all its space (raises InsufficientSpace if not)."""
+        r = self.reservation
+        if r is None or r.complete:
+            return
+        await r.wait()
+        st = self.status
+        if "reserved_s" not in st.prepare_parts:
+            st.prepare_parts["reserved_s"] = round(time.monotonic() - st._t0, 4)
 
     async def _ack(self, rnd: int | None = None) -> None:
         """Tell the source how many page-stream bytes we hold (it counts them as sent)."""
@@ -394,6 +431,7 @@ class _Incoming:
         if opened.blob is not None and opened.blob[0] == protocol.TAG_HAVE:
             if self.dedup is None:
                 raise ProtocolError("have batch, but this destination offered no dedup")
+            await self._reserved()  # the exchange copies pages into guest memory itself
             await self.dedup.on_have(opened.blob[1])
             st.dedup = self.dedup.as_dict()
         elif opened.blob is not None:
@@ -506,6 +544,9 @@ class _Incoming:
             elif op == "device_begin":
                 if self.dedup is not None:
                     self.dedup.check_settled()
+                # QEMU loads the device state and the guest may run here from now on:
+                # never on a page without its space (normally reserved long before)
+                await self._reserved()
                 st.set_phase("stopcopy")
                 crash_point("migration.dest.stopcopy")
                 self.device_writer = await _connect_unix(sock, timeout=30)

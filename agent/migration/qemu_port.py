@@ -331,6 +331,8 @@ class QemuDest:
         self.vms = vms
         self.vm = vm
         self.start_parts = dict(vm.start_parts)  # the destination's prepare_parts show them
+        # the RAM file's space, still being reserved: the engine gates on it (dest.py)
+        self.reservation, vm.reservation = vm.reservation, None
         self.name = vm.name
         self.ram_path = vm.ram_path
         self.ram_stat = vm.ram_stat
@@ -421,6 +423,8 @@ class QemuDest:
 
     async def destroy(self) -> None:
         vm = self.vm
+        if self.reservation is not None:
+            await self.reservation.close()  # the file goes: stop allocating its pages
         await vm.stop()
         shutil.rmtree(vm.paths.dir, ignore_errors=True)
         if self.vms.vms.get(vm.name) is vm:  # adopted, then resuming it failed
@@ -515,7 +519,8 @@ class QemuDestFactory:
         try:
             # before QEMU runs in the folder; the mirror fills them
             await self.vms.disks.create_for_migration(spec, paths.dir, plan)
-            await vm.start(incoming=True)
+            # the RAM file's space is reserved while the first pages arrive (ramfile.Reservation)
+            await vm.start(incoming=True, reserve_later=True)
             await _qmp(vm).execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
         except (VMError, SpecError) as exc:
             await _discard(vm)
@@ -700,6 +705,9 @@ def _spec_doc(vm: VM) -> dict[str, Any]:
 
 
 async def _discard(vm: VM) -> None:
+    reservation, vm.reservation = vm.reservation, None
+    if reservation is not None:
+        await reservation.close()
     with contextlib.suppress(Exception):
         await vm.stop()
     shutil.rmtree(vm.paths.dir, ignore_errors=True)

@@ -33,7 +33,13 @@ from novacron.agent.vm.errors import InsufficientSpace, VMConflict, VMStartError
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.network import HostNetworks, TapAnnouncer
 from novacron.agent.vm.qemu_args import QEMU_BINARY, QemuFiles, VMPaths, qemu_argv
-from novacron.agent.vm.ramfile import MIB, create_ram_file, prepare_ram_file, remove_ram_file
+from novacron.agent.vm.ramfile import (
+    MIB,
+    Reservation,
+    create_ram_file,
+    prepare_ram_file,
+    remove_ram_file,
+)
 from novacron.agent.vm.recovery import QemuProcess, process_cwd
 from novacron.agent.vm.spec import VMSpec
 from novacron.faults import crash_point
@@ -86,7 +92,10 @@ class VM:
         self._event_task: asyncio.Task[None] | None = None
         self._expect_exit = False
         self._starting = False
-        self._reserving: asyncio.Task[None] | None = None  # the RAM file's space (ramfile.py)
+        self._reserving: Reservation | None = None  # the RAM file's space (ramfile.py)
+        # an incoming VM started with reserve_later: its RAM file's space still being
+        # reserved; whoever takes it (the migration engine) gates writes on it
+        self.reservation: Reservation | None = None
         self.start_parts: dict[str, float] = {}  # seconds of the last start's steps (a migration's prepare_parts)
         self._exited = asyncio.Event()
         self._exited.set()
@@ -170,9 +179,13 @@ class VM:
             self._listeners.remove(fn)
 
     # ----- lifecycle -------------------------------------------------------
-    async def start(self, *, paused: bool = False, incoming: bool = False) -> None:
+    async def start(self, *, paused: bool = False, incoming: bool = False, reserve_later: bool = False) -> None:
         """Create the RAM file and launch QEMU; ``incoming`` waits for a migration
-        (``-incoming defer``), ``paused`` leaves the vCPUs stopped."""
+        (``-incoming defer``), ``paused`` leaves the vCPUs stopped. An incoming VM's
+        RAM file is reserved while QEMU starts; with ``reserve_later`` start does not
+        wait for that but leaves it in ``self.reservation``, for a caller that writes
+        no page of the file unreserved (``Reservation.ensure``) and awaits it before
+        QEMU may touch guest RAM."""
         if self.alive:
             raise VMConflict(f"VM {self.name} is already {self.state}")
         t0 = time.monotonic()
@@ -189,8 +202,7 @@ class VM:
                 proc = await self._spawn(files, incoming=incoming, paused=paused)
             except (OSError, VMStartError):
                 if self._reserving is not None:  # QEMU never ran: let the reservation end
-                    with contextlib.suppress(Exception):
-                        await self._reserving
+                    await self._reserving.close()
                     self._reserving = None
                 self.pending = ""
                 with contextlib.suppress(OSError):
@@ -219,15 +231,14 @@ class VM:
         try:
             qmp = await self._connect_qmp()
             parts["qmp_s"] = round(time.monotonic() - t0, 4)  # QEMU up and its QMP negotiated
-            if self._reserving is not None:
-                await self._reserving  # the RAM file's space (incoming: reserved while QEMU started)
+            if self._reserving is not None and not reserve_later:
+                await self._reserving.wait()  # the RAM file's space (incoming: reserved while QEMU started)
                 parts["reserved_s"] = round(time.monotonic() - t0, 4)
         except Exception as exc:
             await self._kill_and_wait()
             detail = self._qemu_log_tail()
             if self._reserving is not None:  # ended before the file goes
-                with contextlib.suppress(Exception):
-                    await self._reserving
+                await self._reserving.close()
             remove_ram_file(self.ram_path)
             self.state, self.pending = STOPPED, ""
             with contextlib.suppress(OSError):
@@ -238,7 +249,8 @@ class VM:
             raise VMStartError(f"QEMU for {self.name} did not start: {detail or exc}") from None
         finally:
             self._starting = False
-            self._reserving = None
+            reserving, self._reserving = self._reserving, None
+        self.reservation = reserving if reserve_later else None
         self._attach(qmp)
         self.state = PAUSED if (paused or incoming) else RUNNING
         self.started_at = time.time()
