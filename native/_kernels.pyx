@@ -8,6 +8,8 @@ from libc.string cimport memcpy, memset, memcmp
 from libc.stdlib cimport malloc, free
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.errno cimport errno, EINTR, EIO
+from posix.unistd cimport pwrite
 import os
 
 cdef extern from "nc_hash.h" nogil:
@@ -665,10 +667,15 @@ def index_pages(const unsigned char[::1] buf, DigestTable table, uint64_t buf_no
 
 
 def apply_payload(const unsigned char[::1] plain, unsigned char[::1] mem, CacheView cache,
-                  uint64_t max_pages):
+                  uint64_t max_pages, int fd=-1):
     """Check a frame's plaintext completely, then write its pages into mem.
 
     Returns (error code, pages written, detail). On any error nothing is written.
+    ``fd``: the file ``mem`` maps (shared), or -1. Data pages then go in with pwrite:
+    a tmpfs page written so is not cleared first nor mapped here, where a copy into
+    the mapping faults on every page (170 MB into a 256 MiB tmpfs file, measured:
+    115 ms through the mapping, 34 ms with pwrite). A failing write raises OSError
+    (what went before it stays written).
     References are read (and their digests verified) before any write. Data and
     referenced pages together are at most max_pages: a 40-byte reference stands
     for a whole page, so without that bound a frame under the plaintext limit
@@ -747,13 +754,36 @@ def apply_payload(const unsigned char[::1] plain, unsigned char[::1] mem, CacheV
         return ERR_DEDUP_MISS, 0, f"reference {bad}: digest does not match the source page"
     # pass 3: write
     cdef uint64_t r = 0
+    cdef int io_err = 0
+    cdef ssize_t n
+    cdef size_t left
+    cdef const unsigned char *p
+    cdef uint64_t off
     with nogil:
         for i in range(nrec):
             first = nc_load64(rec + i * RECORD_SIZE)
             count = rd32(rec + i * RECORD_SIZE + 8)
             kind = rec[i * RECORD_SIZE + 12]
             if kind == KIND_DATA:
-                memcpy(dst + first * PAGE, dat, count * PAGE)
+                if fd >= 0:
+                    p, left, off = dat, count * PAGE, first * PAGE
+                    while left > 0:
+                        n = pwrite(fd, p, left, off)
+                        if n < 0:
+                            if errno == EINTR:
+                                continue
+                            io_err = errno
+                            break
+                        if n == 0:
+                            io_err = EIO
+                            break
+                        left -= n
+                        p += n
+                        off += n
+                    if io_err:
+                        break
+                else:
+                    memcpy(dst + first * PAGE, dat, count * PAGE)
                 dat += count * PAGE
             elif kind == KIND_ZERO:
                 memset(dst + first * PAGE, 0, count * PAGE)
@@ -762,6 +792,8 @@ def apply_payload(const unsigned char[::1] plain, unsigned char[::1] mem, CacheV
                     memcpy(dst + (first + j) * PAGE, scratch + r * PAGE, PAGE)
                     r += 1
     free(scratch)
+    if io_err:
+        raise OSError(io_err, f"writing guest memory: {os.strerror(io_err)}")
     return 0, total, ""
 
 

@@ -560,6 +560,9 @@ class PageStreamReceiver:
         self.cache = cache
         self.counters = counters if counters is not None else Counters()
         self.guard: SpaceGuard | None = None  # see SpaceGuard
+        # the file ``mem`` maps (shared), or -1: data pages are written to it with
+        # pwrite (see _kernels.apply_payload); the owner closes it after close()
+        self.write_fd = -1
         self._stream: bytes | None = None
         self._expect = 0
 
@@ -671,7 +674,8 @@ class PageStreamReceiver:
             if hi > lo:
                 guard.ensure(lo * PAGE_SIZE, hi * PAGE_SIZE)
         err, written, detail = _kernels.apply_payload(
-            plain, self._mem, None if self.cache is None else self.cache.view(), MAX_RAW // PAGE_SIZE)
+            plain, self._mem, None if self.cache is None else self.cache.view(), MAX_RAW // PAGE_SIZE,
+            self.write_fd)
         if err:
             raise _ERRORS[err](f"frame {auth.seq}: {detail}")
         self._accept(auth.stream)

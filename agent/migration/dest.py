@@ -196,6 +196,7 @@ class _Incoming:
         self.ram_work = RamWork(status.id, threads=1)
         self.opening: asyncio.Task[None] | None = None  # the frame being opened
         self.reservation: Reservation | None = None  # the RAM file's space, while it is being reserved
+        self.ram_fd = -1  # the RAM file, open while frames are applied
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -216,9 +217,12 @@ class _Incoming:
             fd = open_regular(dest.ram_path, os.O_RDWR, same_as=dest.ram_stat)  # see safefs
             try:
                 mm = mmap.mmap(fd, ram_size, access=mmap.ACCESS_WRITE)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
+            self.ram_fd = fd  # data pages are written through it (closed in _let_go)
             receiver = PageStreamReceiver(self.ch.page_key_in, mm, counters=self.counters)
+            receiver.write_fd = fd
             self.reservation = getattr(dest, "reservation", None)
             if self.reservation is not None:
                 # the RAM file's space is still being reserved: each frame's pages are
@@ -332,7 +336,10 @@ class _Incoming:
         task, self.opening = self.opening, None
         if task is not None:
             await stoptask.stop(task, 10)
-        await self.ram_work.let_go(mm, receiver)
+        let_go = await self.ram_work.let_go(mm, receiver)
+        fd, self.ram_fd = self.ram_fd, -1
+        if fd >= 0 and let_go:  # else a thread may still write through it: never a reused number
+            os.close(fd)
 
     async def _watched(self, dest: DestVM, loop: Any) -> None:
         """Run the receive loop; a QEMU that exits before 'go', or a RAM file whose
@@ -370,12 +377,13 @@ class _Incoming:
     async def _reserved(self) -> None:
         """Until the RAM file has all its space (raises InsufficientSpace if not)."""
         r = self.reservation
-        if r is None or r.complete:
+        if r is None:
             return
-        await r.wait()
+        if not r.complete:
+            await r.wait()
         st = self.status
-        if "reserved_s" not in st.prepare_parts:
-            st.prepare_parts["reserved_s"] = round(time.monotonic() - st._t0, 4)
+        if "reserved_s" not in st.prepare_parts and r.done_at is not None:
+            st.prepare_parts["reserved_s"] = round(r.done_at - st._t0, 4)
 
     async def _ack(self, rnd: int | None = None) -> None:
         """Tell the source how many page-stream bytes we hold (it counts them as sent)."""

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,6 +133,7 @@ class Reservation:
         self.size = size
         self.reserved = 0  # bytes [0, reserved) have their space
         self.error: Exception | None = None
+        self.done_at: float | None = None  # time.monotonic() when the whole file had its space
         self._fd = fd
         self._lock = threading.Lock()  # ensure() against the thread closing the descriptor
         self._stopping = False
@@ -143,6 +145,8 @@ class Reservation:
                 n = min(RESERVE_CHUNK, self.size - self.reserved)
                 _reserve(self._fd, self.path, n, self.reserved)
                 self.reserved += n
+            if self.reserved >= self.size:
+                self.done_at = time.monotonic()
         except Exception as exc:
             self.error = exc
             raise

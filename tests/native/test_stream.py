@@ -457,3 +457,38 @@ def test_payload_span_of_malformed_plaintext_is_empty() -> None:
     assert payload_span(struct.pack("<IIII", 5, 0, 0, 0), NPAGES) == (0, 0)  # counts past its size
     record = struct.pack("<QIB3x", 7, 2, 1)  # two zero pages from page 7
     assert payload_span(struct.pack("<IIII", 1, 0, 0, 2) + record, NPAGES) == (7, 9)
+
+
+def test_receiver_writes_data_pages_through_the_mapped_file(tmp_path: os.PathLike[str]) -> None:
+    """With ``write_fd`` data pages go in with pwrite, zero and referenced pages
+    through the mapping: the mapping reads back every page bit-exact; a write the
+    file refuses raises OSError instead of being skipped."""
+    import mmap
+
+    kinds = [1, 2, 0, 3] * (NPAGES // 4)
+    src = make_memory(kinds, 9)
+    path = os.path.join(tmp_path, "ram")
+    with open(path, "wb") as f:
+        f.write(os.urandom(NPAGES * PAGE))  # stale content everywhere: every page must be overwritten
+    fd = os.open(path, os.O_RDWR)
+    mm = mmap.mmap(fd, NPAGES * PAGE)
+    try:
+        sender = N.PageStreamSender(KEY, src, dedup=N.DedupIndex(), threads=1, frame_pages=16)
+        receiver = N.PageStreamReceiver(KEY, mm)
+        receiver.write_fd = fd
+        zero = N.FingerprintTracker(src, os.urandom(32), threads=1).scan().zero
+        for frame in sender.encode(range(NPAGES), zero):
+            receiver.open(frame)
+        assert bytes(mm) == src.tobytes()
+        receiver.write_fd = os.open(path, os.O_RDONLY)  # writes through it fail (EBADF)
+        try:
+            src[0] ^= 1
+            [frame] = sender.encode([0])
+            with pytest.raises(OSError, match="writing guest memory"):
+                receiver.open(frame)
+        finally:
+            os.close(receiver.write_fd)
+        receiver.close()
+    finally:
+        mm.close()
+        os.close(fd)
