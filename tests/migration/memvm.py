@@ -23,6 +23,7 @@ import numpy as np
 from novacron.agent.migration.unixsock import start_unix_server_at
 from novacron.agent.migration.vmport import AdmissionError
 from novacron.agent.qmp import open_unix
+from novacron.agent.vm.ramfile import Reservation, create_ram_file
 
 PAGE = 4096
 
@@ -160,6 +161,7 @@ class MemDestVM:
         self.destroy_error: Exception | None = None
         self.exited = asyncio.Event()  # set by a test: the "QEMU" died
         self.adopt_error: Exception | None = None  # e.g. the state dir filled up
+        self.reservation: Reservation | None = None  # its RAM file's space, still being reserved
 
     async def wait_exited(self) -> str:
         await self.exited.wait()
@@ -188,6 +190,8 @@ class MemDestVM:
     async def destroy(self) -> None:
         if self.destroy_error is not None:
             raise self.destroy_error
+        if self.reservation is not None:
+            await self.reservation.close()
         self.destroyed = True
         self._close_server()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -213,6 +217,9 @@ class MemDestFactory:
         self.fail_resume = False  # make every destination VM refuse to resume
         self.prepare_error: Exception | None = None  # an unexpected failure while preparing
         self.destroy_error: Exception | None = None  # destroying a destination VM fails
+        # the RAM file sized now and its space reserved while pages arrive (as an
+        # incoming QEMU VM's, ramfile.Reservation)
+        self.reserve_later = False
 
     async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str,
                       disks: list[dict[str, Any]] | None = None) -> MemDestVM:
@@ -225,6 +232,13 @@ class MemDestFactory:
         except FileExistsError:
             raise AdmissionError(f"VM {name!r} already exists here") from None
         ram = vm_dir / "ram"
+        if self.reserve_later:
+            _, reservation = await create_ram_file(ram, ram_size)
+            self.prepared += 1
+            vm = MemDestVM(name, vm_dir, ram)
+            vm.reservation = reservation
+            self.vms[name] = vm
+            return vm
         fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, ram_size)
