@@ -797,6 +797,15 @@ def apply_payload(const unsigned char[::1] plain, unsigned char[::1] mem, CacheV
     return 0, total, ""
 
 
+def uninitialized_bytearray(Py_ssize_t size):
+    """A bytearray of ``size`` bytes left as the allocator gave them: for a buffer the
+    caller fills completely before anyone reads it (a received frame), where zeroing
+    it first is a wasted pass over memory."""
+    if size < 0:
+        raise ValueError("size must not be negative")
+    return PyByteArray_FromStringAndSize(NULL, size)
+
+
 def copy_into(const unsigned char[::1] src, unsigned char[::1] dst, int threads=1):
     """memcpy of src into dst (the benchmark's reference), GIL released."""
     if dst.shape[0] < src.shape[0]:

@@ -477,11 +477,11 @@ class _Authentic:
     tag: int
     seq: int
     stream: bytes
-    body: bytes
+    body: bytes | memoryview  # a view of the receiver's scratch buffer when opened by ``open``
     wire_len: int
 
 
-def _inflate(auth: _Authentic) -> bytes:
+def _inflate(auth: _Authentic) -> bytes | memoryview:
     plain = auth.body
     if auth.flags & FLAG_ZSTD:
         try:
@@ -565,6 +565,11 @@ class PageStreamReceiver:
         self.write_fd = -1
         self._stream: bytes | None = None
         self._expect = 0
+        # ``open`` decrypts into this buffer, kept from frame to frame: a fresh
+        # plaintext object per frame was zero-filled by the decryptor first, then
+        # freed (a wasted pass over every frame's bytes); one opening at a time
+        self._scratch = bytearray()
+        self._scratch_lock = threading.Lock()
 
     @property
     def next_seq(self) -> int:
@@ -577,8 +582,14 @@ class PageStreamReceiver:
     def open(self, frame: bytes | bytearray | memoryview) -> Opened:
         """Check, decrypt, decompress and apply one frame (the next in sequence)."""
         t0 = time.perf_counter()
-        auth = self._authenticate(frame, self._expect, self._stream)
-        return self._apply(auth, _inflate(auth), t0)
+        if not self._scratch_lock.acquire(blocking=False):  # another thread opens one: its own buffer
+            auth = self._authenticate(frame, self._expect, self._stream)
+            return self._apply(auth, _inflate(auth), t0)
+        try:
+            auth = self._authenticate(frame, self._expect, self._stream, scratch=True)
+            return self._apply(auth, _inflate(auth), t0)
+        finally:
+            self._scratch_lock.release()
 
     def open_many(self, frames: Iterable[bytes | bytearray | memoryview], threads: int = 2
                   ) -> list[Opened]:
@@ -589,7 +600,7 @@ class PageStreamReceiver:
         if threads == 1:
             return [self.open(f) for f in frames]
         ex = pool(threads)
-        window: deque[tuple[_Authentic, Future[bytes], float]] = deque()
+        window: deque[tuple[_Authentic, Future[bytes | memoryview], float]] = deque()
         out: list[Opened] = []
         expect, stream = self._expect, self._stream
         rejected: FrameError | None = None
@@ -602,7 +613,7 @@ class PageStreamReceiver:
                     rejected = exc  # apply the good frames ahead of it first
                     break
                 expect, stream = expect + 1, auth.stream
-                fut: Future[bytes]
+                fut: Future[bytes | memoryview]
                 if auth.flags & FLAG_ZSTD:
                     fut = ex.submit(_inflate, auth)
                 elif not window:  # stored frame, nothing queued: apply right away
@@ -629,7 +640,7 @@ class PageStreamReceiver:
         return out
 
     def _authenticate(self, frame: bytes | bytearray | memoryview, expect: int,
-                      expect_stream: bytes | None) -> _Authentic:
+                      expect_stream: bytes | None, scratch: bool = False) -> _Authentic:
         total = frame_length(frame)
         if len(frame) < total:
             raise FrameTruncated(f"frame announces {total} bytes, got {len(frame)}")
@@ -641,8 +652,16 @@ class PageStreamReceiver:
             raise FrameWrongKey("frame was sealed with a different key")
         view = memoryview(frame)
         header = bytes(view[:HEADER_SIZE])
+        body: bytes | memoryview
         try:
-            body: bytes = self._aead.decrypt(_nonce(stream, seq), view[HEADER_SIZE:], header)
+            if scratch:
+                size = total - HEADER_SIZE - TAG_SIZE
+                if len(self._scratch) < size:
+                    self._scratch = _kernels.uninitialized_bytearray(size)  # written in full below
+                body = memoryview(self._scratch)[:size]
+                self._aead.decrypt_into(_nonce(stream, seq), view[HEADER_SIZE:], header, body)
+            else:
+                body = self._aead.decrypt(_nonce(stream, seq), view[HEADER_SIZE:], header)
         except InvalidTag:
             raise FrameTampered(f"frame {seq} failed authentication") from None
         if expect_stream is None:
@@ -660,14 +679,15 @@ class PageStreamReceiver:
             raise FrameMalformed(f"raw length {raw_len} exceeds {MAX_RAW}")
         return _Authentic(kind, flags, raw_len, tag, seq, stream, body, len(frame))
 
-    def _apply(self, auth: _Authentic, plain: bytes, t0: float) -> Opened:
+    def _apply(self, auth: _Authentic, plain: bytes | memoryview, t0: float) -> Opened:
         c = self.counters
         if auth.kind == KIND_BLOB:
             self._accept(auth.stream)
             c.frames += 1
             c.bytes_wire += auth.wire_len
             c.seconds_decode += time.perf_counter() - t0
-            return Opened(0, (auth.tag, plain), auth.seq)
+            data = plain if isinstance(plain, bytes) else bytes(plain)  # out of the scratch buffer
+            return Opened(0, (auth.tag, data), auth.seq)
         guard = self.guard
         if guard is not None and not guard.complete:
             lo, hi = payload_span(plain, self.npages)
