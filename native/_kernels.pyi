@@ -55,7 +55,8 @@ def forget_pages(table: DigestTable, slot_of_page: npt.NDArray[np.int32],
                  pages: npt.NDArray[np.uint64]) -> None: ...
 def build_payload(mem: Any, pages: npt.NDArray[np.uint64], kinds: npt.NDArray[np.uint8],
                   srcs: npt.NDArray[np.int64], digests: npt.NDArray[np.uint8],
-                  a: int, b: int, staging: npt.NDArray[np.uint8] | None = ...) -> bytearray: ...
+                  a: int, b: int, staging: npt.NDArray[np.uint8] | None = ...,
+                  fper: Fingerprinter | None = ..., fps_out: npt.NDArray[np.uint64] | None = ...) -> bytearray: ...
 
 class CacheView:
     table: DigestTable

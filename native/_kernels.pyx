@@ -24,6 +24,7 @@ cdef extern from "nc_hash.h" nogil:
                           const unsigned char *mask, unsigned char *dirty, unsigned char *zero,
                           uint64_t *nzero)
     int nc_page_is_zero(const unsigned char *page)
+    int nc_page_is_zero_fast(const unsigned char *page)
     void nc_blake3_page(const unsigned char *page, unsigned char *out)
     void nc_blake3_4pages(const unsigned char **pages, unsigned char **out)
     uint64_t nc_mix64(uint64_t h)
@@ -224,7 +225,7 @@ def classify_pages(const unsigned char[::1] mem, const uint64_t[::1] pages, Py_s
         for i in range(a, b):
             if kinds[i] != KIND_ZERO:
                 p = pages[i]
-                if nc_page_is_zero(&mem[p * PAGE]):
+                if nc_page_is_zero_fast(&mem[p * PAGE]):
                     kinds[i] = KIND_ZERO
             if kinds[i] == KIND_ZERO:
                 zeros += 1
@@ -535,13 +536,25 @@ def forget_pages(DigestTable table, int32_t[::1] slot_of_page, const uint64_t[::
 def build_payload(const unsigned char[::1] mem, const uint64_t[::1] pages,
                   const uint8_t[::1] kinds, const int64_t[::1] srcs,
                   const uint8_t[:, ::1] digests, Py_ssize_t a, Py_ssize_t b,
-                  const uint8_t[:, ::1] staging=None):
+                  const uint8_t[:, ::1] staging=None, Fingerprinter fper=None,
+                  uint64_t[::1] fps_out=None):
     """Plaintext of one frame for planned pages[a:b]: run-length records, then
     references, then the data pages copied straight from mem (or from the
-    staging copies classify_pages hashed)."""
+    staging copies classify_pages hashed).
+
+    With ``fper`` (no staging, no references: pages not hashed for dedup),
+    fps_out[i] receives the fingerprint of the bytes copied into the frame, taken
+    from that copy while it is still in cache (the zero page's for zero pages):
+    the staging copy and its second read are not needed to fingerprint what is sent."""
     cdef bint staged = staging is not None
+    cdef bint fingerprint = fper is not None
     if staged and (staging.shape[0] < b or staging.shape[1] != PAGE):
         raise ValueError("staging area too small")
+    if fingerprint and (staged or fps_out is None or fps_out.shape[0] < b):
+        raise ValueError("fingerprints are taken here only without staging, into fps_out")
+    cdef uint64_t zero_fp = fper.zero_fp if fingerprint else 0
+    cdef nc_fp_key *key = &fper.key if fingerprint else NULL
+    cdef uint64_t nz
     cdef Py_ssize_t i, nrec = 0, nref = 0, ndata = 0
     cdef uint8_t k, wk, prevk = 255
     cdef uint64_t prevp = 0
@@ -551,6 +564,8 @@ def build_payload(const unsigned char[::1] mem, const uint64_t[::1] pages,
     for i in range(a, b):
         if pages[i] >= npages:
             raise ValueError("page outside memory")
+        if fingerprint and kinds[i] >= KIND_REF:
+            raise ValueError("references carry no page to fingerprint")
     with nogil:
         for i in range(a, b):
             k = kinds[i]
@@ -600,7 +615,11 @@ def build_payload(const unsigned char[::1] mem, const uint64_t[::1] pages,
             prevp = pages[i]
             if wk == KIND_DATA:
                 memcpy(dat, &staging[i, 0] if staged else &mem[pages[i] * PAGE], PAGE)
+                if fingerprint:
+                    fps_out[i] = nc_fp_page(key, dat, &nz)
                 dat += PAGE
+            elif wk == KIND_ZERO and fingerprint:
+                fps_out[i] = zero_fp
             elif wk == KIND_REF:
                 wr64(ref, SRC_CACHE if k == KIND_REF_CACHE else <uint64_t>srcs[i])
                 memcpy(ref + 8, &digests[i, 0], 32)

@@ -173,6 +173,14 @@ static inline int nc_page_is_zero(const unsigned char *page) {
     return any == 0;
 }
 
+/* The same, looking at the first cache line alone first: most non-zero pages show
+ * it there, and the rest of the page is then not read (nor pulled into cache). */
+static inline int nc_page_is_zero_fast(const unsigned char *page) {
+    uint64_t any = 0;
+    for (int i = 0; i < 64; i += 8) any |= nc_load64(page + i);
+    return any == 0 && nc_page_is_zero(page);
+}
+
 /* ---------------------------------------------------------------------------
  * BLAKE3 (unkeyed hash mode, 32-byte output) of exactly one 4 KiB page.
  * A page is four 1 KiB chunks; the four chunk compressions run side by side

@@ -360,10 +360,11 @@ class PageStreamSender:
             zbits = np.unpackbits(np.asarray(zero, dtype=np.uint8), bitorder="little")
             if zbits.size < self.npages:
                 raise ValueError("zero bitmap is smaller than guest memory")
-        # Bounded chunks. Every non-zero page is staged (copied once, then hashed
-        # and fingerprinted) so digests and the tracker's fingerprints describe
+        # Bounded chunks. With dedup every non-zero page is staged (copied once, then
+        # hashed and fingerprinted) so digests and the tracker's fingerprints describe
         # exactly the bytes sent, however the guest writes meanwhile; the 16 MiB
-        # staging area is reused chunk after chunk.
+        # staging area is reused chunk after chunk. Without, a page is copied straight
+        # into its frame and fingerprinted from that copy (build_payload).
         for a in range(0, idx.size, _CHUNK_PAGES):
             yield from self._encode_chunk(idx[a:a + _CHUNK_PAGES], zbits)
         self.last.wall_s = time.perf_counter() - t0
@@ -376,12 +377,16 @@ class PageStreamSender:
             kinds[zbits[idx.astype(np.int64)] == 1] = _kernels.PY_KIND_ZERO
         dedup = self.dedup is not None and self.use_dedup
         digests = np.empty((n if dedup else 0, 32), dtype=np.uint8)
-        if self._staging is None:
-            self._staging = np.empty((_CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
-        staging = self._staging
+        staging = None
+        if dedup:
+            if self._staging is None:
+                self._staging = np.empty((_CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
+            staging = self._staging
         tracker = self.tracker
         fper = None if tracker is None else tracker.fingerprinter
         fps = None if tracker is None else np.empty(n, dtype=np.uint64)
+        # without staging the frames' builders fingerprint the pages they copy
+        classify_fper, classify_fps = (fper, fps) if dedup else (None, None)
         c = self.counters
 
         t0 = time.perf_counter()
@@ -389,15 +394,15 @@ class PageStreamSender:
         step = (n + parts - 1) // parts
         if parts == 1:
             zeros = _kernels.classify_pages(self._mem, idx, 0, n, kinds, digests, dedup, staging,
-                                            fper, fps)
+                                            classify_fper, classify_fps)
         else:
             ex = pool(self.threads)
             futs = [ex.submit(_kernels.classify_pages, self._mem, idx, a, min(n, a + step),
-                              kinds, digests, dedup, staging, fper, fps)
+                              kinds, digests, dedup, staging, classify_fper, classify_fps)
                     for a in range(0, n, step)]
             zeros = sum(f.result() for f in futs)
-        if tracker is not None and fps is not None:
-            tracker.record_sent(idx, fps)
+        if tracker is not None and classify_fps is not None:
+            tracker.record_sent(idx, classify_fps)
         c.seconds_hash += time.perf_counter() - t0
 
         srcs = np.empty(n, dtype=np.int64)
@@ -420,8 +425,13 @@ class PageStreamSender:
 
         def payload(r: tuple[int, int]) -> tuple[int, int, bytes | bytearray, float, float]:
             t = time.perf_counter()
-            plain = _kernels.build_payload(self._mem, idx, kinds, srcs, digests, r[0], r[1],
-                                           staging)
+            if dedup or tracker is None or fps is None:
+                plain = _kernels.build_payload(self._mem, idx, kinds, srcs, digests, r[0], r[1],
+                                               staging)
+            else:  # fingerprints of the copies in the frame: what the receiver will hold
+                plain = _kernels.build_payload(self._mem, idx, kinds, srcs, digests, r[0], r[1],
+                                               None, fper, fps)
+                tracker.record_sent(idx[r[0]:r[1]], fps[r[0]:r[1]])
             tz = time.perf_counter()
             flags, body = compress_or_skip(plain, self.level) if compress else (0, plain)
             t_end = time.perf_counter()

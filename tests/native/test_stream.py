@@ -492,3 +492,27 @@ def test_receiver_writes_data_pages_through_the_mapped_file(tmp_path: os.PathLik
     finally:
         mm.close()
         os.close(fd)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_unstaged_frames_record_the_fingerprints_of_what_they_carry(threads: int) -> None:
+    """Without dedup the pages are copied straight into their frames: the tracker
+    must hold the fingerprint of each page as the receiver got it (zero pages the
+    zero page's), so an unchanged guest scans clean and a page changed after it was
+    sent, even back and forth, scans dirty."""
+    kinds = [1, 2, 0, 3] * (NPAGES // 4)
+    src = make_memory(kinds, 13)
+    dst = np.zeros(NPAGES * PAGE, dtype=np.uint8)
+    tracker = N.FingerprintTracker(src, os.urandom(32), threads=1)
+    first = tracker.scan_fresh()
+    sender = N.PageStreamSender(KEY, src, threads=threads, frame_pages=8, tracker=tracker)
+    sender.compress = False
+    receiver = N.PageStreamReceiver(KEY, dst)
+    for frame in sender.encode(N.bitmap_indices(first.dirty), first.zero):
+        receiver.open(frame)
+    assert np.array_equal(dst, src)
+    for p in range(NPAGES):
+        assert tracker._fps[p] == tracker.fingerprinter.page(bytes(dst[p * PAGE:(p + 1) * PAGE])), p
+    assert tracker.scan().dirty_count == 0
+    src[5 * PAGE] ^= 0xFF
+    assert N.bitmap_indices(tracker.scan().dirty).tolist() == [5]
