@@ -17,6 +17,7 @@ cdef extern from "nc_hash.h" nogil:
         pass
     void nc_fp_key_init(nc_fp_key *k, const unsigned char *key, size_t keylen)
     uint64_t nc_fp_page(const nc_fp_key *k, const unsigned char *page, uint64_t *nonzero)
+    uint64_t nc_fp_page_wide(const nc_fp_key *k, const unsigned char *page, uint64_t *nonzero)
     uint64_t nc_fp_scan(const nc_fp_key *k, const unsigned char *mem, uint64_t first,
                         uint64_t last, uint64_t *fps, const unsigned char *mask,
                         unsigned char *dirty, unsigned char *zero, uint64_t *nzero)
@@ -237,7 +238,7 @@ def classify_pages(const unsigned char[::1] mem, const uint64_t[::1] pages, Py_s
                 memcpy(&staging[i, 0], src, PAGE)
                 src = &staging[i, 0]
             if fingerprint:
-                fps_out[i] = nc_fp_page(key, src, &nz)
+                fps_out[i] = nc_fp_page_wide(key, src, &nz)
             if hash_pages:
                 srcs[queued] = src
                 outs[queued] = &digests[i, 0]
@@ -616,7 +617,7 @@ def build_payload(const unsigned char[::1] mem, const uint64_t[::1] pages,
             if wk == KIND_DATA:
                 memcpy(dat, &staging[i, 0] if staged else &mem[pages[i] * PAGE], PAGE)
                 if fingerprint:
-                    fps_out[i] = nc_fp_page(key, dat, &nz)
+                    fps_out[i] = nc_fp_page_wide(key, dat, &nz)
                 dat += PAGE
             elif wk == KIND_ZERO and fingerprint:
                 fps_out[i] = zero_fp

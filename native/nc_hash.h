@@ -93,12 +93,19 @@ static inline uint64_t nc_fp_page(const nc_fp_key *k, const unsigned char *page,
     return h;
 }
 
+/* nc_fp_page compiled for the widest vectors the CPU has: for callers outside this
+ * header's multiversioned loops (the frame builder fingerprints what it copies). */
+NC_MULTIVERSION_WIDE
+static uint64_t nc_fp_page_wide(const nc_fp_key *k, const unsigned char *page, uint64_t *nonzero) {
+    return nc_fp_page(k, page, nonzero);
+}
+
 /* Scan pages [first, last): update stored fingerprints, set dirty/zero bits.
  * first must be a multiple of 8 so that threads own whole bitmap bytes.
  * mask (NULL: every page) limits the scan to the pages whose bit is set; the
  * others read as neither dirty nor zero and keep their fingerprints.
  * Returns the number of dirty pages. */
-NC_MULTIVERSION
+NC_MULTIVERSION_WIDE
 static uint64_t nc_fp_scan(const nc_fp_key *k, const unsigned char *mem, uint64_t first,
                            uint64_t last, uint64_t *fps, const unsigned char *mask,
                            unsigned char *dirty, unsigned char *zero, uint64_t *nzero) {
