@@ -117,6 +117,13 @@ def _first_scan_of(mm: mmap.mmap, tracker: FingerprintTracker, ram_path: Any, ra
     return scan
 
 
+def _timed_scan(tracker: FingerprintTracker, stop_scan: StopScan) -> tuple[ScanResult, float]:
+    """A pre-copy scan and how long it took (the final one, paused, will take about as long)."""
+    t0 = time.monotonic()
+    scan = tracker.scan(stop_scan.before_scan(first=False))
+    return scan, time.monotonic() - t0
+
+
 class MigrationFailed(Exception):
     pass
 
@@ -657,8 +664,18 @@ class SourceMigration:
             t0, wire0 = time.monotonic(), st.bytes_wire
             have0, hits0 = self.dd["have_bytes"], self.dd["hits"]
             sent = await self._send_pages(scan.dirty, scan.zero, offer=True)
-            # counted as sent once the destination has it: the round ends with its ack
-            await self._end_round()
+            # the next scan starts now, while the destination takes in the round's last
+            # frames: every page sent had its fingerprint recorded when it was encoded,
+            # so the scan need not wait for the acknowledgement (tens of ms a round)
+            scanning = asyncio.create_task(self.ram_work.run(_timed_scan, tracker, stop_scan))
+            try:
+                # counted as sent once the destination has it: the round ends with its ack
+                await self._end_round()
+            except BaseException:
+                scanning.cancel()  # the thread itself finishes; teardown waits for it (ramwork)
+                with contextlib.suppress(BaseException):
+                    await scanning
+                raise
             elapsed = max(time.monotonic() - t0, 1e-6)
             wire = st.bytes_wire - wire0
             if wire > 0:
@@ -668,10 +685,8 @@ class SourceMigration:
             data_pages = sent - (self.dd["hits"] - hits0)  # digest-only pages excluded
             if st.round >= 2 and data_pages >= 64:  # re-sent pages: what the final ones will weigh
                 self._dirty_per_page = (wire - (self.dd["have_bytes"] - have0)) / data_pages
-            t_scan = time.monotonic()
-            scan = await self.ram_work.run(lambda: tracker.scan(stop_scan.before_scan(first=False)))
+            scan, self._scan_s = await scanning
             now = time.monotonic()
-            self._scan_s = now - t_scan
             dirty = bitmap_count(scan.dirty)
             st.dirty_pages_last_round = dirty
             st.dirty_rate_pages_s = dirty / max(now - last_scan, 1e-6)
