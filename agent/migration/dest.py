@@ -197,6 +197,7 @@ class _Incoming:
         self.opening: asyncio.Task[None] | None = None  # the frame being opened
         self.reservation: Reservation | None = None  # the RAM file's space, while it is being reserved
         self.ram_fd = -1  # the RAM file, open while frames are applied
+        self.listening: asyncio.Task[str] | None = None  # QEMU's start, then its device-state socket
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -239,6 +240,11 @@ class _Incoming:
                     raise ProtocolError(f"post-copy unavailable at the destination: {exc} (QEMU needs "
                                         "userfaultfd: run it as root or set vm.unprivileged_userfaultfd=1)"
                                         ) from None
+            elif getattr(dest, "early", False) and not self.disks:
+                # QEMU is still starting (QemuDest.ready): pages go into the RAM file
+                # meanwhile; its device-state socket is awaited at 'device_begin'
+                sock = ""
+                self.listening = asyncio.create_task(self._listen(dest))
             else:
                 sock = await dest.listen_device_state()
             if self.disks:
@@ -308,6 +314,12 @@ class _Incoming:
                 await self._linger()
         finally:
             self._ended = True
+            listening, self.listening = self.listening, None
+            if listening is not None:  # QEMU's start (destroyed above if it failed): no task left behind
+                if not listening.done():
+                    listening.cancel()
+                with contextlib.suppress(BaseException):
+                    await listening
             await self._close_device()
             for task in self._side_tasks:
                 task.cancel()
@@ -346,21 +358,26 @@ class _Incoming:
         space cannot be reserved, ends it at once."""
         work = asyncio.create_task(loop)
         exited = asyncio.create_task(dest.wait_exited())
-        watch = {work, exited}
-        reserving = None
+        watch: set[asyncio.Future[Any]] = {work, exited}
+        # side conditions that fail the migration as soon as they fail: the RAM file's
+        # space (InsufficientSpace, before the guest can run here), QEMU's start
+        sides: list[asyncio.Future[Any]] = []
         if self.reservation is not None:
-            reserving = asyncio.create_task(self._reserved())
-            watch.add(reserving)
+            sides.append(asyncio.create_task(self._reserved()))
+        if self.listening is not None:
+            sides.append(self.listening)
+        watch.update(sides)
+        reserving = sides[0] if self.reservation is not None else None
         try:
             while True:
                 await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
-                if reserving is not None and reserving.done() and not work.done():
-                    watch.discard(reserving)
-                    short = reserving.exception()
-                    reserving = None
-                    if short is not None:  # InsufficientSpace: fail before the guest can run here
+                side = next((f for f in sides if f.done() and f in watch), None)
+                if side is not None and not work.done():
+                    watch.discard(side)
+                    failed = side.exception() if not side.cancelled() else None
+                    if failed is not None:
                         await stoptask.stop(work)
-                        raise short
+                        raise failed
                     continue
                 break
             if not work.done() and not self.resume_tried:
@@ -373,6 +390,13 @@ class _Incoming:
                 reserving.cancel()
             if not work.done():
                 await stoptask.stop(work)
+
+    async def _listen(self, dest: DestVM) -> str:
+        """QEMU started (see QemuDest.ready) and listening for the device state."""
+        sock = await dest.listen_device_state()
+        self.status.prepare_parts.update({f"vm_{k}": v for k, v in getattr(dest, "start_parts", {}).items()})
+        self.status.prepare_parts["listening_s"] = round(time.monotonic() - self.status._t0, 4)
+        return sock
 
     async def _reserved(self) -> None:
         """Until the RAM file has all its space (raises InsufficientSpace if not)."""
@@ -557,6 +581,9 @@ class _Incoming:
                 await self._reserved()
                 st.set_phase("stopcopy")
                 crash_point("migration.dest.stopcopy")
+                if not sock:
+                    assert self.listening is not None
+                    sock = await self.listening
                 self.device_writer = await _connect_unix(sock, timeout=30)
             elif op == "device_end":
                 await self._close_device()

@@ -571,9 +571,11 @@ class SourceMigration:
         st, opts = self.status, self.opts
         assert self._mm is not None
         tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
+        t_setup = time.monotonic()
         stop_scan = await asyncio.to_thread(
             StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
             opts.bounded_pause)
+        st.prepare_parts["stop_scan_setup_s"] = round(time.monotonic() - t_setup, 4)
         self.stop_scan = stop_scan
         st.stop_scan = stop_scan.as_dict()
         stop_scan.before_scan(first=True)

@@ -179,13 +179,16 @@ class VM:
             self._listeners.remove(fn)
 
     # ----- lifecycle -------------------------------------------------------
-    async def start(self, *, paused: bool = False, incoming: bool = False, reserve_later: bool = False) -> None:
+    async def start(self, *, paused: bool = False, incoming: bool = False, reserve_later: bool = False,
+                    spawned: asyncio.Event | None = None) -> None:
         """Create the RAM file and launch QEMU; ``incoming`` waits for a migration
         (``-incoming defer``), ``paused`` leaves the vCPUs stopped. An incoming VM's
         RAM file is reserved while QEMU starts; with ``reserve_later`` start does not
         wait for that but leaves it in ``self.reservation``, for a caller that writes
         no page of the file unreserved (``Reservation.ensure``) and awaits it before
-        QEMU may touch guest RAM."""
+        QEMU may touch guest RAM (set from the spawn on). ``spawned`` is set once QEMU
+        was launched (its pid known): an incoming migration may write the RAM file
+        while QEMU starts."""
         if self.alive:
             raise VMConflict(f"VM {self.name} is already {self.state}")
         t0 = time.monotonic()
@@ -218,6 +221,8 @@ class VM:
             files.disks.close()
         self._proc, self.pid = proc, proc.pid
         parts["spawn_s"] = round(time.monotonic() - t0, 4)  # RAM file created, QEMU launched
+        if reserve_later:
+            self.reservation = self._reserving
         with contextlib.suppress(OSError):
             self.save()  # the pid, for the next agent (which also finds QEMU by its folder)
         crash_point(f"vm.{self.pending}.spawned")
@@ -228,6 +233,8 @@ class VM:
         pidfd = os.pidfd_open(proc.pid)
         self._supervisor = asyncio.create_task(self._supervise_pidfd(pidfd, proc), name=f"vm {self.name} supervisor")
         self._starting = True
+        if spawned is not None:
+            spawned.set()
         try:
             qmp = await self._connect_qmp()
             parts["qmp_s"] = round(time.monotonic() - t0, 4)  # QEMU up and its QMP negotiated
@@ -249,8 +256,7 @@ class VM:
             raise VMStartError(f"QEMU for {self.name} did not start: {detail or exc}") from None
         finally:
             self._starting = False
-            reserving, self._reserving = self._reserving, None
-        self.reservation = reserving if reserve_later else None
+            self._reserving = None
         self._attach(qmp)
         self.state = PAUSED if (paused or incoming) else RUNNING
         self.started_at = time.time()
@@ -468,6 +474,12 @@ class VM:
         self._expect_exit = True
         self._signal(signal.SIGKILL)
         await self.wait_exit(10.0)
+
+    def kill_starting(self) -> None:
+        """SIGKILL a QEMU whose ``start`` is still waiting for its QMP: that start then
+        fails and cleans up (its RAM file removed, the VM stopped)."""
+        if self._starting:
+            self._signal(signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:
         if self.pid is not None:
