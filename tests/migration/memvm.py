@@ -162,12 +162,22 @@ class MemDestVM:
         self.exited = asyncio.Event()  # set by a test: the "QEMU" died
         self.adopt_error: Exception | None = None  # e.g. the state dir filled up
         self.reservation: Reservation | None = None  # its RAM file's space, still being reserved
+        # as an incoming QEMU VM still starting (QemuDest.early): pages may arrive before
+        # it listens for device state, which takes start_delay_s, or fails with start_error
+        self.early = False
+        self.start_delay_s = 0.0
+        self.start_error: Exception | None = None
+        self.listened_at: float | None = None
 
     async def wait_exited(self) -> str:
         await self.exited.wait()
         return "killed by the test"
 
     async def listen_device_state(self) -> str:
+        await asyncio.sleep(self.start_delay_s)
+        if self.start_error is not None:
+            raise self.start_error
+        self.listened_at = asyncio.get_running_loop().time()
         path = self.dir / "dev.sock"  # inside the VM folder, as QEMU's incoming socket
 
         async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -220,6 +230,7 @@ class MemDestFactory:
         # the RAM file sized now and its space reserved while pages arrive (as an
         # incoming QEMU VM's, ramfile.Reservation)
         self.reserve_later = False
+        self.early: tuple[float, Exception | None] | None = None  # (start delay, start error): see MemDestVM
 
     async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str,
                       disks: list[dict[str, Any]] | None = None) -> MemDestVM:
@@ -251,6 +262,9 @@ class MemDestFactory:
             os.close(fd)
         self.prepared += 1
         vm = MemDestVM(name, vm_dir, ram)
+        if self.early is not None:
+            vm.early = True
+            vm.start_delay_s, vm.start_error = self.early
         vm.fail_resume = self.fail_resume
         vm.destroy_error = self.destroy_error
         self.vms[name] = vm

@@ -239,6 +239,39 @@ async def test_ram_file_space_gone_fails_the_migration_before_switchover(
     assert os.listdir(tmp_path / "dst") == []
 
 
+async def test_pages_arrive_while_the_destination_vm_starts(tmp_path: Path, dest: Dest) -> None:
+    """A destination VM whose hypervisor is still starting (QEMU's 0.1-0.2 s here) takes
+    pages into its RAM file meanwhile; device state waits for it; bit-exact at the end."""
+    dest.factory.early = (0.3, None)
+    src = MemSourceVM(tmp_path / "src", "early", pages=8192, dirty_pages_per_s=2000)
+    try:
+        _, st = await migrate(src, dest.server.port)
+        await asyncio.wait_for(dest.done.wait(), 10)
+    finally:
+        src.close()
+    assert st.phase == "completed", st.error
+    assert st.digest_source == st.digest_destination and st.digest_source
+    parts = dest.statuses[0].prepare_parts
+    assert parts["prepared_s"] < 0.3 <= parts["listening_s"], parts
+
+
+async def test_destination_vm_failing_to_start_fails_before_switchover(tmp_path: Path, dest: Dest) -> None:
+    """Its hypervisor fails to start while pages arrive: the migration fails with that
+    reason before the pause, the guest keeps running here, the destination is destroyed."""
+    dest.factory.early = (0.2, RuntimeError("QEMU for early did not start: bad machine"))
+    src = MemSourceVM(tmp_path / "src", "early", pages=16384, dirty_pages_per_s=2000)
+    try:
+        _, st = await migrate(src, dest.server.port, bandwidth_mbps=20)  # still in pre-copy at 0.2 s
+        await asyncio.wait_for(dest.done.wait(), 10)
+    finally:
+        src.close()
+    assert st.phase == "failed" and "did not start" in (st.error or ""), st.error
+    assert src.running and not src.released and src.paused_count == 0
+    assert dest.statuses[0].phase == "failed"
+    assert dest.factory.vms["early"].destroyed
+    assert os.listdir(tmp_path / "dst") == []
+
+
 async def test_destination_vanishing_mid_precopy_rolls_back(tmp_path: Path, dest: Dest) -> None:
     """Cut the channel while pre-copy runs under a bandwidth cap: the source
     resumes, reports why, and the destination destroys what it built."""
