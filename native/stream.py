@@ -100,6 +100,7 @@ class EncodeStats:
     wall_s: float = 0.0  # the whole call, wall clock
     compressed: bool = True  # compression was on for this call
     deduped: bool = True  # pages were hashed and looked up in the dedup index
+    zero_skipped: int = 0  # zero pages left out (``skip_zero``), not in raw_bytes
 
 
 @dataclass
@@ -233,6 +234,12 @@ class PageStreamSender:
         # dropped instead); same purpose, may change between calls
         self.use_dedup = True
         self.last = EncodeStats()  # figures of the latest encode call
+        # Zero pages found while encoding are left out altogether (not even a zero
+        # record): for a receiver that holds zeros there already (a fresh RAM file)
+        # and pages whose fingerprint in ``tracker`` is the zero page's (recorded so).
+        # A round 1 can then take every page the RAM file ever had written, unread
+        # before: telling its zero pages from the others happens here, in the pipeline.
+        self.skip_zero = False
         self._staging: npt.NDArray[np.uint8] | None = None
         if tracker is not None and tracker.npages != self.npages:
             raise ValueError("tracker and sender must cover the same guest memory")
@@ -403,6 +410,25 @@ class PageStreamSender:
             zeros = sum(f.result() for f in futs)
         if tracker is not None and classify_fps is not None:
             tracker.record_sent(idx, classify_fps)
+        if self.skip_zero and zeros and staging is None:  # (staged rows stay by position: records then)
+            keep = kinds != _kernels.PY_KIND_ZERO
+            dropped = idx[~keep]
+            if tracker is not None:  # what the receiver holds: zeros
+                tracker.record_sent(dropped, np.full(dropped.size, tracker.fingerprinter.zero_fp, dtype=np.uint64))
+            if self.dedup is not None:
+                _kernels.forget_pages(self.dedup.table, self.dedup.page_slots, dropped)
+            idx, kinds = idx[keep], kinds[keep]
+            if dedup:
+                digests = digests[keep]
+            if fps is not None:
+                fps = fps[keep]
+            self.last.zero_skipped += int(dropped.size)
+            self.last.raw_bytes -= int(dropped.size) * PAGE_SIZE
+            c.pages_zero_sent += int(dropped.size)
+            n, zeros = idx.size, 0
+            if n == 0:
+                c.seconds_hash += time.perf_counter() - t0
+                return
         c.seconds_hash += time.perf_counter() - t0
 
         srcs = np.empty(n, dtype=np.int64)

@@ -94,27 +94,24 @@ def _populate_then(mm: mmap.mmap, fn: Callable[[], T]) -> T:
     return fn()
 
 
-def _first_scan_of(mm: mmap.mmap, tracker: FingerprintTracker, ram_path: Any, ram_stat: Any) -> ScanResult:
-    """The first scan: every page ever written (``written_pages``; all pages when that
-    cannot be told), its page-table entries populated first in one call per run
-    rather than one fault per page. The pages left out are zero: reported so. It only
-    tells zero pages from the others (``scan_fresh``): round 1 sends every other page
-    and records its fingerprint then, from the bytes it sent."""
-    written = written_pages(ram_path, ram_stat, tracker.npages)
+def _first_scan_of(mm: mmap.mmap, tracker: FingerprintTracker,
+                   written: tuple[np.ndarray, list[tuple[int, int]]] | None) -> ScanResult:
+    """The first scan, before round 1: the pages the RAM file ever had written
+    (``written_pages``), read by nobody yet: round 1 takes them all, tells their zero
+    pages from the others as it encodes them (``PageStreamSender.skip_zero``) and
+    records each sent page's fingerprint from the bytes it sent; the rest are holes,
+    zero. Where that cannot be told, every page is read (populated first, one call
+    rather than a fault per page) and only told zero or not (``scan_fresh``)."""
     if written is None:
         return _populate_then(mm, tracker.scan_fresh)
-    mask, runs = written
-    with contextlib.suppress(OSError, ValueError):
-        for first, count in runs:
-            mm.madvise(_MADV_POPULATE_READ, first * protocol.PAGE, count * protocol.PAGE)
-    scan = tracker.scan_fresh(mask)
+    t0 = time.perf_counter()
+    mask, _runs = written
     holes = np.bitwise_not(mask)
     tail = tracker.npages % 8
     if tail:  # bits past the last page stay clear
         holes[-1] &= (1 << tail) - 1
-    np.bitwise_or(scan.zero, holes, out=scan.zero)
-    scan.zero_count += tracker.npages - scan.scanned
-    return scan
+    listed = bitmap_count(mask)
+    return ScanResult(mask, holes, listed, tracker.npages - listed, time.perf_counter() - t0, 0)
 
 
 def _timed_scan(tracker: FingerprintTracker, stop_scan: StopScan) -> tuple[ScanResult, float]:
@@ -572,16 +569,25 @@ class SourceMigration:
         assert self._mm is not None
         tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
         t_setup = time.monotonic()
-        stop_scan = await asyncio.to_thread(
-            StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
-            opts.bounded_pause)
+        # side by side: the page-table watch's setup (it reads every process's maps)
+        # and the list of written pages (the file's holes); neither reads guest RAM
+        listing = asyncio.create_task(self.ram_work.run(
+            written_pages, self.vm.ram_path, self.vm.ram_stat, tracker.npages))
+        try:
+            stop_scan = await asyncio.to_thread(
+                StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
+                opts.bounded_pause)
+        finally:
+            await asyncio.wait({listing})
+        written = listing.result()
         st.prepare_parts["stop_scan_setup_s"] = round(time.monotonic() - t_setup, 4)
         self.stop_scan = stop_scan
         st.stop_scan = stop_scan.as_dict()
-        stop_scan.before_scan(first=True)
+        stop_scan.before_scan(first=True)  # before anything reads guest RAM (soft-dirty: cleared)
         t_scan = time.monotonic()
-        scan = await self.ram_work.run(_first_scan_of, self._mm, tracker, self.vm.ram_path, self.vm.ram_stat)
+        scan = await self.ram_work.run(_first_scan_of, self._mm, tracker, written)
         self._scan_s = time.monotonic() - t_scan
+        st.prepare_parts["first_round_pages"] = scan.dirty_count  # round 1 takes these (zero ones left out)
         st.prepare_parts["first_scan_pages"] = scan.scanned
         st.prepare_parts["first_scan_s"] = round(self._scan_s, 4)  # beside the destination's
         log.info("first scan done", extra={"migration": st.id, "seconds": round(self._scan_s, 4),
@@ -657,8 +663,10 @@ class SourceMigration:
             # changes back between two scans is still re-sent
             tracker=tracker,
         )
-        # the destination's fresh RAM file is all zero: these pages never need sending
+        # the destination's fresh RAM file is all zero: these pages never need sending,
+        # nor the zero pages round 1 finds among the others
         self._zero_skipped = scan.zero_count
+        self.sender.skip_zero = True
         last_scan = time.monotonic()
         prev_estimate = float("inf")
         while True:
@@ -666,6 +674,7 @@ class SourceMigration:
             t0, wire0 = time.monotonic(), st.bytes_wire
             have0, hits0 = self.dd["have_bytes"], self.dd["hits"]
             sent = await self._send_pages(scan.dirty, scan.zero, offer=True)
+            self.sender.skip_zero = False  # later rounds: a page zeroed since is sent so
             # the next scan starts now, while the destination takes in the round's last
             # frames: every page sent had its fingerprint recorded when it was encoded,
             # so the scan need not wait for the acknowledgement (tens of ms a round)
@@ -894,6 +903,7 @@ class SourceMigration:
 
         pending: asyncio.Task[_Work] | None = start(0) if batches else None
         self._unheld = None
+        skipped_all = 0
         try:
             i = 0
             while pending is not None:
@@ -932,8 +942,10 @@ class SourceMigration:
                     self.dd["repaired"] += n
                     await self.ch.send_ctrl({"op": "repaired", "seq": seq})
                 if i < len(batches):
-                    st.pages_sent += len(batches[i])
-                    st.bytes_raw += len(batches[i]) * protocol.PAGE
+                    skipped = w.enc.zero_skipped if w.enc is not None else 0  # zero: not sent at all
+                    skipped_all += skipped
+                    st.pages_sent += len(batches[i]) - skipped
+                    st.bytes_raw += (len(batches[i]) - skipped) * protocol.PAGE
                     self._round_sent += len(batches[i])
                 i += 1
                 if pending is None:  # the round's pages are out: answers and repairs last
@@ -948,7 +960,7 @@ class SourceMigration:
                 pending.cancel()
                 with contextlib.suppress(BaseException):
                     await pending
-        return len(indices)
+        return len(indices) - skipped_all
 
     async def _next_repairs(self, start: Any, past: int) -> asyncio.Task[_Work] | None:
         """After the last batch: wait for the destination's answers; a task repairing
