@@ -121,7 +121,12 @@ def test_first_scan_lists_written_pages_and_round_one_leaves_out_their_zero_ones
 
     from novacron.agent.migration.source import _first_scan_of
     from novacron.agent.migration.stopscan import written_pages
-    from novacron.native import FingerprintTracker, PageStreamReceiver, PageStreamSender, bitmap_indices
+    from novacron.native import (
+        FingerprintTracker,
+        PageStreamReceiver,
+        PageStreamSender,
+        bitmap_indices,
+    )
 
     npages = 4099  # not a multiple of 8: the bitmaps' last byte is partial
     path = shm / "ram"
