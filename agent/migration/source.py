@@ -105,7 +105,10 @@ def _first_scan_of(mm: mmap.mmap, tracker: FingerprintTracker,
     if written is None:
         return _populate_then(mm, tracker.scan_fresh)
     t0 = time.perf_counter()
-    mask, _runs = written
+    mask, runs = written
+    with contextlib.suppress(OSError, ValueError):  # round 1 reads them all: no fault each
+        for first, count in runs:
+            mm.madvise(_MADV_POPULATE_READ, first * protocol.PAGE, count * protocol.PAGE)
     holes = np.bitwise_not(mask)
     tail = tracker.npages % 8
     if tail:  # bits past the last page stay clear
@@ -119,6 +122,13 @@ def _timed_scan(tracker: FingerprintTracker, stop_scan: StopScan) -> tuple[ScanR
     t0 = time.monotonic()
     scan = tracker.scan(stop_scan.before_scan(first=False))
     return scan, time.monotonic() - t0
+
+
+def _listed(mm: mmap.mmap, tracker: FingerprintTracker, ram_path: Any, ram_stat: Any) -> ScanResult | None:
+    """The first scan where the RAM file tells its written pages (see _first_scan_of),
+    else None: every page must then be read, after the watch is set up."""
+    written = written_pages(ram_path, ram_stat, tracker.npages)
+    return None if written is None else _first_scan_of(mm, tracker, written)
 
 
 class MigrationFailed(Exception):
@@ -570,22 +580,23 @@ class SourceMigration:
         tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
         t_setup = time.monotonic()
         # side by side: the page-table watch's setup (it reads every process's maps)
-        # and the list of written pages (the file's holes); neither reads guest RAM
-        listing = asyncio.create_task(self.ram_work.run(
-            written_pages, self.vm.ram_path, self.vm.ram_stat, tracker.npages))
+        # and the list of written pages (the file's holes), their page-table entries
+        # populated; neither reads guest RAM
+        listing = asyncio.create_task(self.ram_work.run(_listed, self._mm, tracker, self.vm.ram_path,
+                                                        self.vm.ram_stat))
         try:
             stop_scan = await asyncio.to_thread(
                 StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
                 opts.bounded_pause)
         finally:
             await asyncio.wait({listing})
-        written = listing.result()
+        listed = listing.result()
         st.prepare_parts["stop_scan_setup_s"] = round(time.monotonic() - t_setup, 4)
         self.stop_scan = stop_scan
         st.stop_scan = stop_scan.as_dict()
         stop_scan.before_scan(first=True)  # before anything reads guest RAM (soft-dirty: cleared)
         t_scan = time.monotonic()
-        scan = await self.ram_work.run(_first_scan_of, self._mm, tracker, written)
+        scan = listed if listed is not None else await self.ram_work.run(_first_scan_of, self._mm, tracker, None)
         self._scan_s = time.monotonic() - t_scan
         st.prepare_parts["first_round_pages"] = scan.dirty_count  # round 1 takes these (zero ones left out)
         st.prepare_parts["first_scan_pages"] = scan.scanned
