@@ -61,6 +61,7 @@ from novacron.native import (
     TokenBucket,
     bitmap_count,
     bitmap_indices,
+    soft_dirty_supported,
 )
 from novacron.tls import is_loopback
 
@@ -175,6 +176,7 @@ class SourceMigration:
         self._reader: asyncio.Task[None] | None = None
         self._paused = False
         self._first: ScanResult | None = None  # the first scan, made while the destination prepares
+        self._stop_scan_setup: asyncio.Task[StopScan] | None = None  # see _first_scan
         self._probe_left = PROBE_BYTES  # unheld bytes still to send under a cap (see PROBE_BYTES)
         self._unheld: tuple[float, int] | None = None  # (since, wire bytes): frames the cap did not hold
         self._t_first_write: float | None = None  # the first page-stream frame (see _send_time)
@@ -575,7 +577,7 @@ class SourceMigration:
         st.dedup = self._dedup_status()
 
     async def _first_scan(self) -> ScanResult:
-        st, opts = self.status, self.opts
+        st = self.status
         assert self._mm is not None
         tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
         t_setup = time.monotonic()
@@ -584,17 +586,20 @@ class SourceMigration:
         # populated; neither reads guest RAM
         listing = asyncio.create_task(self.ram_work.run(_listed, self._mm, tracker, self.vm.ram_path,
                                                         self.vm.ram_stat))
+        setup = self._stop_scan_setup = asyncio.create_task(self._set_up_stop_scan(t_setup))
         try:
-            stop_scan = await asyncio.to_thread(
-                StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
-                opts.bounded_pause)
+            if soft_dirty_supported():
+                # the bits are cleared before anything reads guest RAM: set up first
+                stop_scan = await setup
+                stop_scan.before_scan(first=True)
+            # else nothing is needed of the watch before the scan after round 1 (resident
+            # pages or a full scan): its setup, which reads every process's maps (0.03-0.16 s
+            # here), goes on while round 1 runs (_stop_scan_ready)
         finally:
             await asyncio.wait({listing})
         listed = listing.result()
-        st.prepare_parts["stop_scan_setup_s"] = round(time.monotonic() - t_setup, 4)
-        self.stop_scan = stop_scan
-        st.stop_scan = stop_scan.as_dict()
-        stop_scan.before_scan(first=True)  # before anything reads guest RAM (soft-dirty: cleared)
+        if listed is None and not soft_dirty_supported():  # every page is read now: the watch first
+            (await self._stop_scan_ready()).before_scan(first=True)
         t_scan = time.monotonic()
         scan = listed if listed is not None else await self.ram_work.run(_first_scan_of, self._mm, tracker, None)
         self._scan_s = time.monotonic() - t_scan
@@ -604,6 +609,21 @@ class SourceMigration:
         log.info("first scan done", extra={"migration": st.id, "seconds": round(self._scan_s, 4),
                                            "dirty": scan.dirty_count, "zero": scan.zero_count})
         return scan
+
+    async def _set_up_stop_scan(self, t0: float) -> StopScan:
+        st = self.status
+        assert self.tracker is not None
+        stop_scan = await asyncio.to_thread(
+            StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, self.tracker.npages,
+            self.opts.bounded_pause)
+        st.prepare_parts["stop_scan_setup_s"] = round(time.monotonic() - t0, 4)
+        self.stop_scan = stop_scan
+        st.stop_scan = stop_scan.as_dict()
+        return stop_scan
+
+    async def _stop_scan_ready(self) -> StopScan:
+        assert self._stop_scan_setup is not None
+        return await asyncio.shield(self._stop_scan_setup)
 
     async def _mirror_disks(self) -> None:
         """Copy the local disks first, then RAM: the mirrors are write-blocking, so once
@@ -663,9 +683,9 @@ class SourceMigration:
     async def _precopy(self) -> None:
         st, opts = self.status, self.opts
         st.set_phase("precopy")
-        assert self._mm is not None and self.tracker is not None and self.stop_scan is not None
+        assert self._mm is not None and self.tracker is not None
         assert self._first is not None
-        tracker, stop_scan, scan = self.tracker, self.stop_scan, self._first
+        tracker, scan = self.tracker, self._first
         self.sender = PageStreamSender(
             self.ch.page_key_out, self._mm, level=opts.compression_level, counters=self.counters,
             frame_pages=FRAME_PAGES,
@@ -689,6 +709,7 @@ class SourceMigration:
             # the next scan starts now, while the destination takes in the round's last
             # frames: every page sent had its fingerprint recorded when it was encoded,
             # so the scan need not wait for the acknowledgement (tens of ms a round)
+            stop_scan = await self._stop_scan_ready()
             scanning = asyncio.create_task(self.ram_work.run(_timed_scan, tracker, stop_scan))
             try:
                 # counted as sent once the destination has it: the round ends with its ack
@@ -1555,6 +1576,12 @@ class SourceMigration:
     async def _cleanup(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+        setup = self._stop_scan_setup
+        if setup is not None and not setup.done():  # its thread reads /proc only: let it end
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(setup), 30)
+        if setup is not None and setup.done() and not setup.cancelled():
+            setup.exception()  # retrieved: a failed setup of a failed migration says nothing more
         # no scan or encode still runs, their views released, then unmapped: after a
         # completed migration the RAM file is deleted, and a view left would keep it
         tracker, sender, self.tracker, self.sender = self.tracker, self.sender, None, None
