@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="BACKEND:N", help="backend:coordinators, e.g. sqlite:1 postgres:2 (default: %(default)s)")
 
 
-QUOTA_PERIOD_US = 10_000  # --coordinator-cpus: the cgroup's CPU period
+QUOTA_PERIOD_US = 10_000  # --coordinator-cpus: the cgroup's CPU period (1 ms quota at least: 0.1 core)
 REPORT_LIMIT = 1 << 28  # a worker's report: every latency of the window, as JSON
 
 
@@ -353,10 +353,10 @@ async def _run(args: argparse.Namespace) -> Report:
     if not all(1 <= h <= 50_000 for h in args.hosts) or not 0 <= args.vms_per_host <= 100 \
             or not 0.2 <= args.interval <= 60 or not 1 <= args.seconds <= 3600 \
             or not 0 <= args.placements <= 10_000 \
-            or not (args.coordinator_cpus is None or 0.05 <= args.coordinator_cpus <= 64):
+            or not (args.coordinator_cpus is None or 0.1 <= args.coordinator_cpus <= 64):
         raise SystemExit("novacron bench fleet: --hosts 1..50000, --vms-per-host 0..100, "
                          "--interval 0.2..60, --seconds 1..3600, --placements 0..10000, "
-                         "--coordinator-cpus 0.05..64")
+                         "--coordinator-cpus 0.1..64")
     scenarios = _scenarios(args.scenario)
     # each simulated agent keeps a connection open and each coordinator answers one per
     # agent: a descriptor each (the agents are spread over as many processes as that takes)

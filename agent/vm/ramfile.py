@@ -112,6 +112,9 @@ def _sized(path: Path, size: int, share: Callable[[int], None]) -> tuple[os.stat
 
 
 RESERVE_CHUNK = 8 * MIB  # reserved at a time, lowest offsets first (Reservation)
+# File systems whose fallocate the kernel does itself (glibc emulates it elsewhere):
+# only on these is the space reserved while pages are already being written.
+NATIVE_FALLOCATE = ("tmpfs", "hugetlbfs", "ext4", "xfs", "btrfs", "f2fs", "overlay")
 
 
 class Reservation:
@@ -128,10 +131,10 @@ class Reservation:
     InsufficientSpace when the space is not there, as ``wait`` does: whoever writes
     or runs the guest (QEMU's device state, post-copy) must have awaited ``wait``."""
 
-    def __init__(self, fd: int, path: Path, size: int) -> None:
+    def __init__(self, fd: int, path: Path, size: int, reserved: int = 0) -> None:
         self.path = path
         self.size = size
-        self.reserved = 0  # bytes [0, reserved) have their space
+        self.reserved = reserved  # bytes [0, reserved) have their space
         self.error: Exception | None = None
         self.done_at: float | None = None  # time.monotonic() when the whole file had its space
         self._fd = fd
@@ -170,11 +173,14 @@ class Reservation:
                 raise self.error
             if self._fd < 0:
                 raise InsufficientSpace(f"the RAM file {self.path} is no longer being reserved")
+            start = max(start, self.reserved)  # what the thread has done is not walked again
             _reserve(self._fd, self.path, end - start, start)
 
     async def wait(self) -> None:
         """Until the whole file has its space; raises InsufficientSpace if it has not."""
         await asyncio.shield(self._task)
+        if not self.complete:  # stopped by close(): the file is going, never run a guest on it
+            raise InsufficientSpace(f"the RAM file {self.path} is no longer being reserved")
 
     async def close(self) -> None:
         """Stop reserving (the file is going) and wait for the thread to let go of it."""
@@ -191,7 +197,19 @@ async def create_ram_file(path: Path, size: int, share: Callable[[int], None] = 
     whose QEMU starts in the meantime. The reservation raises InsufficientSpace when
     the space is not there (the caller removes the file)."""
     st, fd = await asyncio.to_thread(_sized, path, size, share)
-    return st, Reservation(fd, path, size)
+    if filesystem_type(path.parent) in NATIVE_FALLOCATE:
+        return st, Reservation(fd, path, size)
+    # Elsewhere glibc may emulate posix_fallocate by reading each block and writing a
+    # zero back where it read one: beside incoming pages that could undo a write. So
+    # the space is reserved before anything writes, as prepare_ram_file does.
+    try:
+        await asyncio.to_thread(_reserve, fd, path, size)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return st, Reservation(fd, path, size, reserved=size)
 
 
 def remove_ram_file(path: Path) -> None:

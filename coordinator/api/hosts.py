@@ -294,6 +294,8 @@ async def heartbeat(request: web.Request) -> web.Response:
         app[METRICS].heartbeats.labels("unknown").inc()
         raise ApiError(404, f"host {name!r} is not registered; register first")
     if news == "failing":
+        # agents back off on this 503 as on a shed one: no host is marked down meanwhile
+        intake.shed("the database failed the last heartbeat batch")
         app[METRICS].heartbeats.labels("failed").inc()
         raise ApiError(503, "coordinator cannot record heartbeats: its database failed "
                        "the last write; retry after the interval",
@@ -439,6 +441,9 @@ async def _monitor(app: web.Application) -> AsyncIterator[None]:
             if intake.late() or time.monotonic() - intake.last_shed < hold_s:
                 continue  # we turned heartbeats away, or kept them waiting: silence proves nothing
             try:
+                await store.heartbeats.settled()  # heartbeats answered here are written first
+                if store.heartbeats.error is not None:
+                    continue  # they were not: silence proves nothing
                 if await _fleet_busy_within(store, hold_s):
                     continue  # so did another coordinator
                 down = await store.mark_down(time.time() - cfg.heartbeat_timeout_s, fence=fence)
