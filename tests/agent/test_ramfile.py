@@ -106,6 +106,22 @@ async def test_closing_stops_the_reservation_early(tmp_path: Path, monkeypatch: 
     assert len(os.listdir("/proc/self/fd")) == fds_before
     with pytest.raises(InsufficientSpace, match="no longer being reserved"):
         reservation.ensure(6 * MIB, 7 * MIB)
+    with pytest.raises(InsufficientSpace, match="no longer being reserved"):
+        await reservation.wait()  # stopped is not done: no guest may run on it
+
+
+async def test_where_glibc_would_emulate_fallocate_the_space_is_reserved_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulated posix_fallocate writes zeroes back block by block: it must not run beside
+    incoming pages, so on such a file system the file is whole before anything writes."""
+    monkeypatch.setattr(ramfile, "filesystem_type", lambda path: "nfs")
+    background = []
+    monkeypatch.setattr(ramfile.Reservation, "_run",
+                        lambda self: background.append(self.reserved) or os.close(self._fd))
+    _, reservation = await create_ram_file(tmp_path / "ram", SIZE)
+    assert reservation.complete and allocated(tmp_path / "ram") >= SIZE
+    await reservation.wait()
+    assert background == [SIZE]  # the thread found nothing left to do
 
 
 async def test_too_big_for_the_folder_creates_nothing(tmp_path: Path) -> None:

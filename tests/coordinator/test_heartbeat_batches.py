@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from novacron.coordinator.api.hosts import INTAKE
 from novacron.coordinator.api.keys import STORE
 from novacron.coordinator.store import HeartbeatBatcher
 from tests.coordinator.conftest import BACKENDS, Coordinator
@@ -146,6 +147,8 @@ async def test_a_database_failure_is_503_and_a_slow_database_is_not_waited_for(
                                         json=beat, headers=coordinator.headers(alpha.token)) as resp:
         assert resp.status == 503 and resp.headers["Retry-After"]
         assert "database failed" in (await resp.json())["error"]
+    # the agent backs off on that 503: down-detection holds as for a shed heartbeat
+    assert coordinator.server.app[INTAKE].last_shed > 0
     await store.heartbeats.settled()  # that one was queued too, and failed as well
     failing[0] = False  # the database comes back: the next heartbeat still hears of the
     # last failure, but is written, and the one after it is taken as usual
