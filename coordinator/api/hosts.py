@@ -274,12 +274,13 @@ async def heartbeat(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     app, intake, store = request.app, request.app[INTAKE], request.app[STORE]
     backlog = store.heartbeats.backlog
+    retry = {"Retry-After": str(max(1, round(app[CONFIG].heartbeat_interval_s)))}  # with any 503
     if backlog >= app[CONFIG].max_pending_heartbeats or intake.overloaded():
         intake.shed(f"event loop ran {intake.lag_s * 1e3:.0f} ms late" if intake.overloaded() else
                     f"{backlog} heartbeats waiting for the database (max_pending_heartbeats)")
         app[METRICS].heartbeats.labels("shed").inc()
         raise ApiError(503, "coordinator busy: heartbeat not taken; retry after the interval",
-                       headers={"Retry-After": str(max(1, round(app[CONFIG].heartbeat_interval_s)))})
+                       headers=retry)
     identity = _identity(request, bearer(request))
     bound = await app[IDENTITIES].matches(name, identity)
     if bound is False:
@@ -289,7 +290,7 @@ async def heartbeat(request: web.Request) -> web.Response:
         raise ApiError(404, f"host {name!r} is not registered; register first")
     # Answered without waiting for the database (see HeartbeatBatcher): what it made of
     # this host's previous heartbeat is answered now.
-    news = store.post_heartbeat(name, json_body(request), time.time())
+    news = store.heartbeats.post(name, json_body(request), time.time())
     if news == "unknown":  # its record was forgotten (DELETE /hosts/{name}), binding kept
         app[METRICS].heartbeats.labels("unknown").inc()
         raise ApiError(404, f"host {name!r} is not registered; register first")
@@ -298,8 +299,7 @@ async def heartbeat(request: web.Request) -> web.Response:
         intake.shed("the database failed the last heartbeat batch")
         app[METRICS].heartbeats.labels("failed").inc()
         raise ApiError(503, "coordinator cannot record heartbeats: its database failed "
-                       "the last write; retry after the interval",
-                       headers={"Retry-After": str(max(1, round(app[CONFIG].heartbeat_interval_s)))})
+                       "the last write; retry after the interval", headers=retry)
     app[METRICS].heartbeats.labels("ok").inc()
     # Small on purpose: heartbeats are the hot path; GET /hosts/{name} has the full record.
     return web.json_response({"state": HOST_UP,

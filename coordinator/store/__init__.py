@@ -74,19 +74,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_hosts(self) -> list[Host]: ...
 
-    # Heartbeats go through the store's HeartbeatBatcher (``self.heartbeats``), which
-    # writes them in batches with ``_write_heartbeats``.
+    # Heartbeats go through the store's HeartbeatBatcher (``self.heartbeats``: the API
+    # posts to it without waiting), which writes them in batches with ``_write_heartbeats``.
     heartbeats: HeartbeatBatcher
 
     async def heartbeat(self, name: str, fields: dict[str, Any], now: float) -> bool:
         """Merge ``fields`` into the host and mark it up, and return once that is
         committed; False if it is not registered."""
         return await self.heartbeats.commit(name, fields, now)
-
-    def post_heartbeat(self, name: str, fields: dict[str, Any], now: float) -> HeartbeatNews:
-        """Queue a heartbeat for the next batch without waiting for it (the API's hot
-        path; see ``HeartbeatBatcher.post``)."""
-        return self.heartbeats.post(name, fields, now)
 
     @abc.abstractmethod
     async def _write_heartbeats(self, items: list[tuple[str, dict[str, Any], float]]) -> set[str]:
