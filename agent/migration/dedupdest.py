@@ -5,7 +5,8 @@ instead of crossing the link.
 this host: pages of its running VMs' RAM files (indexed once per VM, lazily, when
 a migration arrives: no O(RAM) work per migration) and pages that incoming
 migrations received (indexed as they land, so several VMs evacuated here at once
-send each distinct content once). Memory is bounded by ``dedup_index_max_mb``;
+send each distinct content once; what one received as plain data before another
+arrived is hashed in the background when that one arrives). Memory is bounded by ``dedup_index_max_mb``;
 entries are never trusted: every page copied from the index is re-hashed at the
 moment it is copied, and a stale entry (the page changed, its VM went away) is a
 miss, answered "need" (the source then sends the data).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import mmap
 import os
 import threading
@@ -74,9 +76,9 @@ class _Slot:
     slot: int  # its buffer number in the PageCache
     mm: mmap.mmap | None  # None: parked between migrations
     path: Path
-    next_page: int = 0  # a running VM's RAM is indexed this far (incoming RAM: never)
+    next_page: int = 0  # indexed this far (incoming RAM: once another migration arrives)
     pages: int = 0
-    indexed_at: float = 0.0  # monotonic time its indexing last completed
+    indexed_at: float = -math.inf  # monotonic time its indexing last completed
 
 
 class PageIndex:
@@ -103,6 +105,7 @@ class PageIndex:
         # promises bounded too: past this many, content is simply needed again
         self.max_flights = max(64, max_mb * (1 << 20) // 4 // FLIGHT_BYTES)
         self._indexer: asyncio.Task[None] | None = None
+        self._more = False
         self.indexed_pages = 0
 
     # -- slots -----------------------------------------------------------
@@ -166,15 +169,34 @@ class PageIndex:
                         s.next_page = 0  # new, committed here, or drifted since
             for key in [k for k in self._slots if k not in live]:
                 self._close_slot(key)
+        self._kick()
+
+    def _kick(self) -> None:
+        self._more = True  # a running indexer may have found nothing just before: it looks again
         if self._indexer is None or self._indexer.done():
             self._indexer = asyncio.create_task(self._index_running())
 
+    def index_incoming(self, arriving: tuple[int, int]) -> None:
+        """Another migration arrives (``arriving``, its RAM file) while others are under
+        way: hash what those others received so far. Their first pages may have come
+        as data, before anyone offered here (a drain whose VMs prepared one by one):
+        unindexed, that content would cross again for the newcomer. A page still
+        being written hashes to a stale entry: a miss, like any other (verified on use).
+        Called with the lock held."""
+        for key in set(self._incoming.values()) - {arriving}:
+            s = self._slots.get(key)
+            if s is not None and s.next_page >= s.pages:
+                s.next_page = 0
+        self._kick()
+
     async def _index_running(self) -> None:
-        while await asyncio.to_thread(self._index_chunk):
-            pass
+        while self._more:
+            self._more = False
+            while await asyncio.to_thread(self._index_chunk):
+                pass
 
     def _index_chunk(self) -> bool:
-        """Index the next ``INDEX_CHUNK`` pages of a running VM not fully indexed yet;
+        """Index the next ``INDEX_CHUNK`` pages of a RAM file not fully indexed yet;
         False when there is nothing (mapped) left to do or the table is full."""
         with self.lock:
             todo = next((s for s in self._slots.values()
@@ -188,7 +210,7 @@ class PageIndex:
             self.indexed_pages += b - a
             if b == todo.pages:
                 todo.indexed_at = time.monotonic()
-                log.info("dedup index: a running VM's RAM is indexed",
+                log.info("dedup index: a RAM file is indexed",
                          extra={"path": str(todo.path), "entries": len(self.cache)})
             return True
 
@@ -250,6 +272,7 @@ class IncomingDedup:
                 raise OSError(f"cannot map {ram_path} for the dedup index")
             index._incoming[self] = key
             self._slot = index._slots[key].slot
+            index.index_incoming(key)
         self._answerer = asyncio.create_task(self._answer_loop())
 
     # -- the source's messages -------------------------------------------
@@ -427,6 +450,9 @@ class IncomingDedup:
             key = idx._incoming.pop(self, None)
             if key is not None and not committed and key in idx._slots:
                 idx._close_slot(key)
+            elif key is not None and key in idx._slots:  # hashed mid-way, if at all: whole at the next refresh
+                s = idx._slots[key]
+                s.next_page, s.indexed_at = s.pages, -math.inf
             if not idx._incoming:
                 idx._park()
 

@@ -231,6 +231,7 @@ class LinkShare:
 
     def __init__(self) -> None:
         self.members: set[ShareMember] = set()
+        self.announced: set[ShareMember] = set()  # started, not sending pages yet
         self.holder: ShareMember | None = None
         self.link_bytes_s = 0.0  # the whole link: EWMA of the members' summed rates
         self.samples = 0
@@ -244,17 +245,28 @@ class LinkShare:
             self._free.set()
         return self._free, self._turn
 
+    def announce(self, m: ShareMember) -> None:
+        """``m`` started (it prepares): not a member of the link's turns yet, but known
+        to ``expected`` (the others then offer their pages by digest from the start)."""
+        self.announced.add(m)
+
     def join(self, m: ShareMember) -> None:
         self.members.add(m)
+        self.announced.discard(m)
 
     def leave(self, m: ShareMember) -> None:
         self.members.discard(m)
+        self.announced.discard(m)
         self.release(m)
-        if not self.members and self.holder is None:
+        if not self.members and not self.announced and self.holder is None:
             self._free = self._turn = None  # the next drain may run in another event loop
 
     def others(self, m: ShareMember) -> int:
         return len(self.members - {m})
+
+    def expected(self, m: ShareMember) -> int:
+        """Other migrations to this destination, sending or still preparing."""
+        return len((self.members | self.announced) - {m})
 
     def observe(self, now: float) -> None:
         """Sample the summed rate, while no one holds the turn and several send."""
@@ -320,7 +332,7 @@ def link_share(peer: str) -> LinkShare:
     host = peer.rpartition(":")[0] or peer
     share = SHARES.get(host)
     if share is None:
-        for k in [k for k, v in SHARES.items() if not v.members][: max(0, len(SHARES) - 1023)]:
+        for k in [k for k, v in SHARES.items() if not v.members and not v.announced][: max(0, len(SHARES) - 1023)]:
             del SHARES[k]  # bounded: forget idle destinations
         share = SHARES[host] = LinkShare()
     return share

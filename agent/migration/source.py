@@ -236,6 +236,7 @@ class SourceMigration:
         log.info("migration starting", extra={"migration": st.id, "vm": st.vm, "peer": st.peer})
         self._reader = asyncio.create_task(self._read_loop())
         keepalive = asyncio.create_task(self._keepalive())
+        self.share.announce(self)  # a drain's VMs, requested together, know of each other at once
         try:
             await self._watched(self._phases())
             await self._commit()
@@ -858,11 +859,12 @@ class SourceMigration:
             # to the migrations beside it (an evacuation sends it once); later rounds
             # carry re-dirtied pages, offered while it pays (OfferPolicy)
             if self.status.round == 1:
-                if offering and not self._offer_first and self.share.others(self):
-                    # a drain whose requests came together: this one prepared before the
-                    # others were known there. From now on its pages land as repairs, which
-                    # the destination indexes for them (sent as data, they were not: the
-                    # first VM's share of the image crossed twice, 4-VM drain measured)
+                if offering and not self._offer_first and self.share.expected(self):
+                    # a drain: another migration to this destination started (it may still
+                    # be preparing). From now on this one's pages land as repairs, which the
+                    # destination indexes for the others (sent as data, they are hashed
+                    # there only when another migration arrives: the first VM's share of
+                    # the image crossed twice, 4-VM drain measured)
                     self._offer_first = True
                     self.dd_first = {"first_round_offered": True, "first_round_reason":
                                      "other migrations to the destination started"}
