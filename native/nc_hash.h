@@ -93,12 +93,19 @@ static inline uint64_t nc_fp_page(const nc_fp_key *k, const unsigned char *page,
     return h;
 }
 
+/* nc_fp_page compiled for the widest vectors the CPU has: for callers outside this
+ * header's multiversioned loops (the frame builder fingerprints what it copies). */
+NC_MULTIVERSION_WIDE
+static uint64_t nc_fp_page_wide(const nc_fp_key *k, const unsigned char *page, uint64_t *nonzero) {
+    return nc_fp_page(k, page, nonzero);
+}
+
 /* Scan pages [first, last): update stored fingerprints, set dirty/zero bits.
  * first must be a multiple of 8 so that threads own whole bitmap bytes.
  * mask (NULL: every page) limits the scan to the pages whose bit is set; the
  * others read as neither dirty nor zero and keep their fingerprints.
  * Returns the number of dirty pages. */
-NC_MULTIVERSION
+NC_MULTIVERSION_WIDE
 static uint64_t nc_fp_scan(const nc_fp_key *k, const unsigned char *mem, uint64_t first,
                            uint64_t last, uint64_t *fps, const unsigned char *mask,
                            unsigned char *dirty, unsigned char *zero, uint64_t *nzero) {
@@ -129,11 +136,56 @@ static uint64_t nc_fp_scan(const nc_fp_key *k, const unsigned char *mem, uint64_
     return ndirty;
 }
 
+/* The first scan of a fresh tracker (every stored fingerprint is still the zero
+ * page's): only whether each page is zero matters, since every other page is sent
+ * next and its fingerprint recorded from the bytes sent. A non-zero page usually
+ * shows so in its first cache line, so this reads a fraction of what fingerprinting
+ * reads. Sets dirty (non-zero) and zero bits of pages [first, last) in mask (NULL:
+ * all); first a multiple of 8. Returns the number of non-zero pages. */
+NC_MULTIVERSION
+static uint64_t nc_zero_scan(const unsigned char *mem, uint64_t first, uint64_t last,
+                             const unsigned char *mask, unsigned char *dirty,
+                             unsigned char *zero, uint64_t *nzero) {
+    uint64_t nonzero = 0, zeros = 0;
+    for (uint64_t byte = first >> 3; byte < (last + 7) >> 3; byte++) {
+        unsigned char dbits = 0, zbits = 0;
+        unsigned want = mask ? mask[byte] : 0xffu;
+        for (unsigned bit = 0; want && bit < 8; bit++) {
+            uint64_t i = (byte << 3) + bit;
+            if (i >= last) break;
+            if (!(want & (1u << bit))) continue;
+            const unsigned char *page = mem + i * NC_PAGE;
+            uint64_t any = 0;
+            for (int s = 0; s < NC_PAGE && !any; s += 64)
+                for (int j = 0; j < 64; j += 8) any |= nc_load64(page + s + j);
+            if (any) {
+                dbits |= (unsigned char)(1u << bit);
+                nonzero++;
+            } else {
+                zbits |= (unsigned char)(1u << bit);
+                zeros++;
+            }
+        }
+        dirty[byte] = dbits;
+        zero[byte] = zbits;
+    }
+    *nzero = zeros;
+    return nonzero;
+}
+
 /* True when the page is all zero bytes. */
 static inline int nc_page_is_zero(const unsigned char *page) {
     uint64_t any = 0;
     for (int i = 0; i < NC_PAGE; i += 8) any |= nc_load64(page + i);
     return any == 0;
+}
+
+/* The same, looking at the first cache line alone first: most non-zero pages show
+ * it there, and the rest of the page is then not read (nor pulled into cache). */
+static inline int nc_page_is_zero_fast(const unsigned char *page) {
+    uint64_t any = 0;
+    for (int i = 0; i < 64; i += 8) any |= nc_load64(page + i);
+    return any == 0 && nc_page_is_zero(page);
 }
 
 /* ---------------------------------------------------------------------------

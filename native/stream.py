@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import blake3
 import numpy as np
@@ -100,6 +100,7 @@ class EncodeStats:
     wall_s: float = 0.0  # the whole call, wall clock
     compressed: bool = True  # compression was on for this call
     deduped: bool = True  # pages were hashed and looked up in the dedup index
+    zero_skipped: int = 0  # zero pages left out (``skip_zero``), not in raw_bytes
 
 
 @dataclass
@@ -233,6 +234,12 @@ class PageStreamSender:
         # dropped instead); same purpose, may change between calls
         self.use_dedup = True
         self.last = EncodeStats()  # figures of the latest encode call
+        # Zero pages found while encoding are left out altogether (not even a zero
+        # record): for a receiver that holds zeros there already (a fresh RAM file)
+        # and pages whose fingerprint in ``tracker`` is the zero page's (recorded so).
+        # A round 1 can then take every page the RAM file ever had written, unread
+        # before: telling its zero pages from the others happens here, in the pipeline.
+        self.skip_zero = False
         self._staging: npt.NDArray[np.uint8] | None = None
         if tracker is not None and tracker.npages != self.npages:
             raise ValueError("tracker and sender must cover the same guest memory")
@@ -360,10 +367,11 @@ class PageStreamSender:
             zbits = np.unpackbits(np.asarray(zero, dtype=np.uint8), bitorder="little")
             if zbits.size < self.npages:
                 raise ValueError("zero bitmap is smaller than guest memory")
-        # Bounded chunks. Every non-zero page is staged (copied once, then hashed
-        # and fingerprinted) so digests and the tracker's fingerprints describe
+        # Bounded chunks. With dedup every non-zero page is staged (copied once, then
+        # hashed and fingerprinted) so digests and the tracker's fingerprints describe
         # exactly the bytes sent, however the guest writes meanwhile; the 16 MiB
-        # staging area is reused chunk after chunk.
+        # staging area is reused chunk after chunk. Without, a page is copied straight
+        # into its frame and fingerprinted from that copy (build_payload).
         for a in range(0, idx.size, _CHUNK_PAGES):
             yield from self._encode_chunk(idx[a:a + _CHUNK_PAGES], zbits)
         self.last.wall_s = time.perf_counter() - t0
@@ -376,12 +384,16 @@ class PageStreamSender:
             kinds[zbits[idx.astype(np.int64)] == 1] = _kernels.PY_KIND_ZERO
         dedup = self.dedup is not None and self.use_dedup
         digests = np.empty((n if dedup else 0, 32), dtype=np.uint8)
-        if self._staging is None:
-            self._staging = np.empty((_CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
-        staging = self._staging
+        staging = None
+        if dedup:
+            if self._staging is None:
+                self._staging = np.empty((_CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
+            staging = self._staging
         tracker = self.tracker
         fper = None if tracker is None else tracker.fingerprinter
         fps = None if tracker is None else np.empty(n, dtype=np.uint64)
+        # without staging the frames' builders fingerprint the pages they copy
+        classify_fper, classify_fps = (fper, fps) if dedup else (None, None)
         c = self.counters
 
         t0 = time.perf_counter()
@@ -389,15 +401,34 @@ class PageStreamSender:
         step = (n + parts - 1) // parts
         if parts == 1:
             zeros = _kernels.classify_pages(self._mem, idx, 0, n, kinds, digests, dedup, staging,
-                                            fper, fps)
+                                            classify_fper, classify_fps)
         else:
             ex = pool(self.threads)
             futs = [ex.submit(_kernels.classify_pages, self._mem, idx, a, min(n, a + step),
-                              kinds, digests, dedup, staging, fper, fps)
+                              kinds, digests, dedup, staging, classify_fper, classify_fps)
                     for a in range(0, n, step)]
             zeros = sum(f.result() for f in futs)
-        if tracker is not None and fps is not None:
-            tracker.record_sent(idx, fps)
+        if tracker is not None and classify_fps is not None:
+            tracker.record_sent(idx, classify_fps)
+        if self.skip_zero and zeros and staging is None:  # (staged rows stay by position: records then)
+            keep = kinds != _kernels.PY_KIND_ZERO
+            dropped = idx[~keep]
+            if tracker is not None:  # what the receiver holds: zeros
+                tracker.record_sent(dropped, np.full(dropped.size, tracker.fingerprinter.zero_fp, dtype=np.uint64))
+            if self.dedup is not None:
+                _kernels.forget_pages(self.dedup.table, self.dedup.page_slots, dropped)
+            idx, kinds = idx[keep], kinds[keep]
+            if dedup:
+                digests = digests[keep]
+            if fps is not None:
+                fps = fps[keep]
+            self.last.zero_skipped += int(dropped.size)
+            self.last.raw_bytes -= int(dropped.size) * PAGE_SIZE
+            c.pages_zero_sent += int(dropped.size)
+            n, zeros = idx.size, 0
+            if n == 0:
+                c.seconds_hash += time.perf_counter() - t0
+                return
         c.seconds_hash += time.perf_counter() - t0
 
         srcs = np.empty(n, dtype=np.int64)
@@ -420,8 +451,13 @@ class PageStreamSender:
 
         def payload(r: tuple[int, int]) -> tuple[int, int, bytes | bytearray, float, float]:
             t = time.perf_counter()
-            plain = _kernels.build_payload(self._mem, idx, kinds, srcs, digests, r[0], r[1],
-                                           staging)
+            if dedup or tracker is None or fps is None:
+                plain = _kernels.build_payload(self._mem, idx, kinds, srcs, digests, r[0], r[1],
+                                               staging)
+            else:  # fingerprints of the copies in the frame: what the receiver will hold
+                plain = _kernels.build_payload(self._mem, idx, kinds, srcs, digests, r[0], r[1],
+                                               None, fper, fps)
+                tracker.record_sent(idx[r[0]:r[1]], fps[r[0]:r[1]])
             tz = time.perf_counter()
             flags, body = compress_or_skip(plain, self.level) if compress else (0, plain)
             t_end = time.perf_counter()
@@ -477,11 +513,11 @@ class _Authentic:
     tag: int
     seq: int
     stream: bytes
-    body: bytes
+    body: bytes | memoryview  # a view of the receiver's scratch buffer when opened by ``open``
     wire_len: int
 
 
-def _inflate(auth: _Authentic) -> bytes:
+def _inflate(auth: _Authentic) -> bytes | memoryview:
     plain = auth.body
     if auth.flags & FLAG_ZSTD:
         try:
@@ -499,6 +535,45 @@ _ERRORS: dict[int, type[FrameError]] = {
     _kernels.PY_ERR_RANGE: FrameMalformed,
     _kernels.PY_ERR_DEDUP_MISS: DedupMiss,
 }
+
+
+class SpaceGuard(Protocol):
+    """Where guest memory is a file whose space is still being reserved (an incoming
+    VM's RAM file, ``agent/vm/ramfile.Reservation``): the receiver has each frame's
+    byte range reserved before it touches it."""
+
+    @property
+    def complete(self) -> bool: ...
+
+    def ensure(self, start: int, end: int) -> None: ...
+
+
+_RECORD = np.dtype([("first", "<u8"), ("count", "<u4"), ("kind", "u1"), ("pad", "V3")])
+
+
+def payload_span(plain: bytes | bytearray | memoryview, npages: int) -> tuple[int, int]:
+    """Pages [lo, hi) of guest memory a page frame's plaintext writes or reads (its
+    records and referenced source pages); (0, 0) for a plaintext whose counts do not
+    match its size, which ``apply_payload`` rejects before touching memory."""
+    size = len(plain)
+    if size < 16:
+        return 0, 0
+    nrec, nref = struct.unpack_from("<II", plain, 0)
+    if size < 16 + nrec * 16 + nref * 40:
+        return 0, 0
+    lo, hi = npages, 0
+    if nrec:
+        rec = np.frombuffer(plain, dtype=_RECORD, count=nrec, offset=16)
+        first = rec["first"]
+        lo = min(lo, int(first.min()))
+        hi = max(hi, int((first + rec["count"]).max()))  # past memory: rejected before writing
+    if nref:
+        refs = np.frombuffer(plain, dtype="<u8", count=nref * 5, offset=16 + nrec * 16)[::5]
+        local = refs[refs < npages]  # the others name the page cache (or are rejected)
+        if local.size:
+            lo, hi = min(lo, int(local.min())), max(hi, int(local.max()) + 1)
+    hi = min(hi, npages)
+    return (lo, hi) if hi > lo else (0, 0)
 
 
 class PageStreamReceiver:
@@ -520,8 +595,17 @@ class PageStreamReceiver:
         self.npages = self._mem.nbytes // PAGE_SIZE
         self.cache = cache
         self.counters = counters if counters is not None else Counters()
+        self.guard: SpaceGuard | None = None  # see SpaceGuard
+        # the file ``mem`` maps (shared), or -1: data pages are written to it with
+        # pwrite (see _kernels.apply_payload); the owner closes it after close()
+        self.write_fd = -1
         self._stream: bytes | None = None
         self._expect = 0
+        # ``open`` decrypts into this buffer, kept from frame to frame: a fresh
+        # plaintext object per frame was zero-filled by the decryptor first, then
+        # freed (a wasted pass over every frame's bytes); one opening at a time
+        self._scratch = bytearray()
+        self._scratch_lock = threading.Lock()
 
     @property
     def next_seq(self) -> int:
@@ -534,8 +618,14 @@ class PageStreamReceiver:
     def open(self, frame: bytes | bytearray | memoryview) -> Opened:
         """Check, decrypt, decompress and apply one frame (the next in sequence)."""
         t0 = time.perf_counter()
-        auth = self._authenticate(frame, self._expect, self._stream)
-        return self._apply(auth, _inflate(auth), t0)
+        if not self._scratch_lock.acquire(blocking=False):  # another thread opens one: its own buffer
+            auth = self._authenticate(frame, self._expect, self._stream)
+            return self._apply(auth, _inflate(auth), t0)
+        try:
+            auth = self._authenticate(frame, self._expect, self._stream, scratch=True)
+            return self._apply(auth, _inflate(auth), t0)
+        finally:
+            self._scratch_lock.release()
 
     def open_many(self, frames: Iterable[bytes | bytearray | memoryview], threads: int = 2
                   ) -> list[Opened]:
@@ -546,7 +636,7 @@ class PageStreamReceiver:
         if threads == 1:
             return [self.open(f) for f in frames]
         ex = pool(threads)
-        window: deque[tuple[_Authentic, Future[bytes], float]] = deque()
+        window: deque[tuple[_Authentic, Future[bytes | memoryview], float]] = deque()
         out: list[Opened] = []
         expect, stream = self._expect, self._stream
         rejected: FrameError | None = None
@@ -559,7 +649,7 @@ class PageStreamReceiver:
                     rejected = exc  # apply the good frames ahead of it first
                     break
                 expect, stream = expect + 1, auth.stream
-                fut: Future[bytes]
+                fut: Future[bytes | memoryview]
                 if auth.flags & FLAG_ZSTD:
                     fut = ex.submit(_inflate, auth)
                 elif not window:  # stored frame, nothing queued: apply right away
@@ -586,7 +676,7 @@ class PageStreamReceiver:
         return out
 
     def _authenticate(self, frame: bytes | bytearray | memoryview, expect: int,
-                      expect_stream: bytes | None) -> _Authentic:
+                      expect_stream: bytes | None, scratch: bool = False) -> _Authentic:
         total = frame_length(frame)
         if len(frame) < total:
             raise FrameTruncated(f"frame announces {total} bytes, got {len(frame)}")
@@ -598,8 +688,16 @@ class PageStreamReceiver:
             raise FrameWrongKey("frame was sealed with a different key")
         view = memoryview(frame)
         header = bytes(view[:HEADER_SIZE])
+        body: bytes | memoryview
         try:
-            body: bytes = self._aead.decrypt(_nonce(stream, seq), view[HEADER_SIZE:], header)
+            if scratch:
+                size = total - HEADER_SIZE - TAG_SIZE
+                if len(self._scratch) < size:
+                    self._scratch = _kernels.uninitialized_bytearray(size)  # written in full below
+                body = memoryview(self._scratch)[:size]
+                self._aead.decrypt_into(_nonce(stream, seq), view[HEADER_SIZE:], header, body)
+            else:
+                body = self._aead.decrypt(_nonce(stream, seq), view[HEADER_SIZE:], header)
         except InvalidTag:
             raise FrameTampered(f"frame {seq} failed authentication") from None
         if expect_stream is None:
@@ -617,16 +715,23 @@ class PageStreamReceiver:
             raise FrameMalformed(f"raw length {raw_len} exceeds {MAX_RAW}")
         return _Authentic(kind, flags, raw_len, tag, seq, stream, body, len(frame))
 
-    def _apply(self, auth: _Authentic, plain: bytes, t0: float) -> Opened:
+    def _apply(self, auth: _Authentic, plain: bytes | memoryview, t0: float) -> Opened:
         c = self.counters
         if auth.kind == KIND_BLOB:
             self._accept(auth.stream)
             c.frames += 1
             c.bytes_wire += auth.wire_len
             c.seconds_decode += time.perf_counter() - t0
-            return Opened(0, (auth.tag, plain), auth.seq)
+            data = plain if isinstance(plain, bytes) else bytes(plain)  # out of the scratch buffer
+            return Opened(0, (auth.tag, data), auth.seq)
+        guard = self.guard
+        if guard is not None and not guard.complete:
+            lo, hi = payload_span(plain, self.npages)
+            if hi > lo:
+                guard.ensure(lo * PAGE_SIZE, hi * PAGE_SIZE)
         err, written, detail = _kernels.apply_payload(
-            plain, self._mem, None if self.cache is None else self.cache.view(), MAX_RAW // PAGE_SIZE)
+            plain, self._mem, None if self.cache is None else self.cache.view(), MAX_RAW // PAGE_SIZE,
+            self.write_fd)
         if err:
             raise _ERRORS[err](f"frame {auth.seq}: {detail}")
         self._accept(auth.stream)

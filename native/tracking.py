@@ -65,6 +65,7 @@ class FingerprintTracker:
         # "Previous" state of a fresh tracker: every page zero, so the first
         # scan reports every non-zero page as dirty.
         self._fps = np.full(self.npages, self._fp.zero_fp, dtype=np.uint64)
+        self._scanned = False  # scan_fresh only before any scan
 
     @property
     def memory_bytes(self) -> int:
@@ -74,6 +75,26 @@ class FingerprintTracker:
         """Fingerprint every page, or only those set in ``mask``; report pages changed
         since they were last fingerprinted, and zero pages (pages outside ``mask`` are
         reported neither dirty nor zero, and keep their fingerprints)."""
+        self._scanned = True
+        return self._split(lambda a, b, dirty, zero, m: self._fp.scan(self._mem, a, b, self._fps, dirty, zero, m),
+                           mask)
+
+    def scan_fresh(self, mask: Bitmap | None = None) -> ScanResult:
+        """The first scan of a fresh tracker: which pages (of ``mask``, or all) are
+        non-zero (reported dirty) and which are zero, without fingerprinting them.
+        Every stored fingerprint is still the zero page's, so the zero pages' stay
+        right; the non-zero pages must all be sent before the next scan, the sender
+        recording the fingerprints of the bytes it sent (``record_sent``). Reads a
+        non-zero page only up to its first non-zero word: a fraction of a
+        fingerprinting pass, which the sender would repeat anyway."""
+        if self._scanned:
+            raise RuntimeError("scan_fresh is for a tracker that has not scanned or recorded yet")
+        self._scanned = True
+        return self._split(lambda a, b, dirty, zero, m: _kernels.zero_scan(self._mem, a, b, dirty, zero, m),
+                           mask)
+
+    def _split(self, kernel: Any, mask: Bitmap | None) -> ScanResult:
+        """Run ``kernel(first, last, dirty, zero, mask)`` over the pages, split over the threads."""
         t0 = time.perf_counter()
         dirty = bitmap_new(self.npages)
         zero = bitmap_new(self.npages)
@@ -86,11 +107,10 @@ class FingerprintTracker:
         step = ((n + parts - 1) // parts + 7) // 8 * 8
         bounds = [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
         if len(bounds) == 1:
-            results = [self._fp.scan(self._mem, 0, n, self._fps, dirty, zero, mask)]
+            results = [kernel(0, n, dirty, zero, mask)]
         else:
             ex = pool(self.threads)
-            futs = [ex.submit(self._fp.scan, self._mem, a, b, self._fps, dirty, zero, mask)
-                    for a, b in bounds]
+            futs = [ex.submit(kernel, a, b, dirty, zero, mask) for a, b in bounds]
             results = [f.result() for f in futs]
         nd = sum(r[0] for r in results)
         nz = sum(r[1] for r in results)
@@ -111,6 +131,7 @@ class FingerprintTracker:
     def record_sent(self, pages: npt.NDArray[np.uint64], fps: npt.NDArray[np.uint64]) -> None:
         """Store the fingerprints of the bytes actually sent for ``pages`` (the sender
         calls this), so the next scan compares against what the receiver holds."""
+        self._scanned = True
         self._fps[pages.astype(np.int64)] = fps
 
     def close(self) -> None:

@@ -20,6 +20,8 @@ import collections
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from novacron.native._kernels import uninitialized_bytearray
+
 SCRATCH = 256 * 1024  # one read of small records (asyncio's own read size)
 LIMIT = 1024 * 1024  # unread bytes held before reading pauses
 DIRECT_MIN = 64 * 1024  # reads this large fill their own buffer
@@ -116,7 +118,7 @@ class ChannelStream(asyncio.BufferedProtocol):
             del self._buf[:n]
             self._maybe_resume()
             return data
-        target = bytearray(n)
+        target = uninitialized_bytearray(n)  # filled in full before it is handed on
         have = len(self._buf)
         target[:have] = self._buf
         self._buf.clear()

@@ -43,6 +43,7 @@ from novacron.agent.migration.vmport import (
 )
 from novacron.agent.qmp import QMPError, open_unix
 from novacron.agent.safefs import open_regular
+from novacron.agent.vm.ramfile import Reservation
 from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver, frame_is_stored
 
@@ -194,6 +195,9 @@ class _Incoming:
         # frames are applied in its threads; teardown waits for them before unmapping
         self.ram_work = RamWork(status.id, threads=1)
         self.opening: asyncio.Task[None] | None = None  # the frame being opened
+        self.reservation: Reservation | None = None  # the RAM file's space, while it is being reserved
+        self.ram_fd = -1  # the RAM file, open while frames are applied
+        self.listening: asyncio.Task[str] | None = None  # QEMU's start, then its device-state socket
 
     def begin_journal(self) -> None:
         if self.journal is not None:
@@ -214,9 +218,19 @@ class _Incoming:
             fd = open_regular(dest.ram_path, os.O_RDWR, same_as=dest.ram_stat)  # see safefs
             try:
                 mm = mmap.mmap(fd, ram_size, access=mmap.ACCESS_WRITE)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
+            self.ram_fd = fd  # data pages are written through it (closed in _let_go)
             receiver = PageStreamReceiver(self.ch.page_key_in, mm, counters=self.counters)
+            receiver.write_fd = fd
+            self.reservation = getattr(dest, "reservation", None)
+            if self.reservation is not None:
+                # the RAM file's space is still being reserved: each frame's pages are
+                # reserved before they are written (ramfile.Reservation)
+                receiver.guard = self.reservation
+                if self.postcopy:  # QEMU itself writes guest RAM then
+                    await self._reserved()
             if self.postcopy:
                 if not isinstance(dest, PostcopyDest):
                     raise ProtocolError("this destination cannot run post-copy")
@@ -226,6 +240,11 @@ class _Incoming:
                     raise ProtocolError(f"post-copy unavailable at the destination: {exc} (QEMU needs "
                                         "userfaultfd: run it as root or set vm.unprivileged_userfaultfd=1)"
                                         ) from None
+            elif getattr(dest, "early", False) and not self.disks:
+                # QEMU is still starting (QemuDest.ready): pages go into the RAM file
+                # meanwhile; its device-state socket is awaited at 'device_begin'
+                sock = ""
+                self.listening = asyncio.create_task(self._listen(dest))
             else:
                 sock = await dest.listen_device_state()
             if self.disks:
@@ -295,6 +314,12 @@ class _Incoming:
                 await self._linger()
         finally:
             self._ended = True
+            listening, self.listening = self.listening, None
+            if listening is not None:  # QEMU's start (destroyed above if it failed): no task left behind
+                if not listening.done():
+                    listening.cancel()
+                with contextlib.suppress(BaseException):
+                    await listening
             await self._close_device()
             for task in self._side_tasks:
                 task.cancel()
@@ -323,22 +348,66 @@ class _Incoming:
         task, self.opening = self.opening, None
         if task is not None:
             await stoptask.stop(task, 10)
-        await self.ram_work.let_go(mm, receiver)
+        let_go = await self.ram_work.let_go(mm, receiver)
+        fd, self.ram_fd = self.ram_fd, -1
+        if fd >= 0 and let_go:  # else a thread may still write through it: never a reused number
+            os.close(fd)
 
     async def _watched(self, dest: DestVM, loop: Any) -> None:
-        """Run the receive loop; a QEMU that exits before 'go' ends it at once."""
+        """Run the receive loop; a QEMU that exits before 'go', or a RAM file whose
+        space cannot be reserved, ends it at once."""
         work = asyncio.create_task(loop)
         exited = asyncio.create_task(dest.wait_exited())
+        watch: set[asyncio.Future[Any]] = {work, exited}
+        # side conditions that fail the migration as soon as they fail: the RAM file's
+        # space (InsufficientSpace, before the guest can run here), QEMU's start
+        sides: list[asyncio.Future[Any]] = []
+        if self.reservation is not None:
+            sides.append(asyncio.create_task(self._reserved()))
+        if self.listening is not None:
+            sides.append(self.listening)
+        watch.update(sides)
+        reserving = sides[0] if self.reservation is not None else None
         try:
-            await asyncio.wait({work, exited}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+                side = next((f for f in sides if f.done() and f in watch), None)
+                if side is not None and not work.done():
+                    watch.discard(side)
+                    failed = side.exception() if not side.cancelled() else None
+                    if failed is not None:
+                        await stoptask.stop(work)
+                        raise failed
+                    continue
+                break
             if not work.done() and not self.resume_tried:
                 await stoptask.stop(work)
                 raise QemuExited(f"destination QEMU exited: {exited.result()}")
             await work
         finally:
             exited.cancel()
+            if reserving is not None and not reserving.done():
+                reserving.cancel()
             if not work.done():
                 await stoptask.stop(work)
+
+    async def _listen(self, dest: DestVM) -> str:
+        """QEMU started (see QemuDest.ready) and listening for the device state."""
+        sock = await dest.listen_device_state()
+        self.status.prepare_parts.update({f"vm_{k}": v for k, v in getattr(dest, "start_parts", {}).items()})
+        self.status.prepare_parts["listening_s"] = round(time.monotonic() - self.status._t0, 4)
+        return sock
+
+    async def _reserved(self) -> None:
+        """Until the RAM file has all its space (raises InsufficientSpace if not)."""
+        r = self.reservation
+        if r is None:
+            return
+        if not r.complete:
+            await r.wait()
+        st = self.status
+        if "reserved_s" not in st.prepare_parts and r.done_at is not None:
+            st.prepare_parts["reserved_s"] = round(r.done_at - st._t0, 4)
 
     async def _ack(self, rnd: int | None = None) -> None:
         """Tell the source how many page-stream bytes we hold (it counts them as sent)."""
@@ -394,6 +463,7 @@ class _Incoming:
         if opened.blob is not None and opened.blob[0] == protocol.TAG_HAVE:
             if self.dedup is None:
                 raise ProtocolError("have batch, but this destination offered no dedup")
+            await self._reserved()  # the exchange copies pages into guest memory itself
             await self.dedup.on_have(opened.blob[1])
             st.dedup = self.dedup.as_dict()
         elif opened.blob is not None:
@@ -506,8 +576,14 @@ class _Incoming:
             elif op == "device_begin":
                 if self.dedup is not None:
                     self.dedup.check_settled()
+                # QEMU loads the device state and the guest may run here from now on:
+                # never on a page without its space (normally reserved long before)
+                await self._reserved()
                 st.set_phase("stopcopy")
                 crash_point("migration.dest.stopcopy")
+                if not sock:
+                    assert self.listening is not None
+                    sock = await self.listening
                 self.device_writer = await _connect_unix(sock, timeout=30)
             elif op == "device_end":
                 await self._close_device()

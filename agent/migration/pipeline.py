@@ -164,6 +164,11 @@ class CompressionPolicy:
         self._last_choice = choice
         return choice
 
+    @property
+    def packing(self) -> bool:
+        """Whether the batches go packed now (the last choice)."""
+        return self._last_choice if self.enabled else True
+
     def stored_only(self, capped: bool) -> bool:
         """Whether every batch goes stored whatever is measured: an uncapped
         destination on this host (see the module docstring)."""

@@ -327,15 +327,49 @@ async def source_vm(vms: VMManager, name: str) -> QemuSource:
 
 
 class QemuDest:
-    def __init__(self, vms: VMManager, vm: VM) -> None:
+    """``starting``: the VM's ``start`` still running (QEMU launched, its QMP not up yet):
+    the engine may write the RAM file meanwhile; whatever needs QEMU awaits ``ready``."""
+
+    def __init__(self, vms: VMManager, vm: VM, starting: asyncio.Task[None] | None = None,
+                 migration_id: str = "") -> None:
         self.vms = vms
         self.vm = vm
         self.start_parts = dict(vm.start_parts)  # the destination's prepare_parts show them
+        # the RAM file's space, still being reserved: the engine gates on it (dest.py)
+        self.reservation, vm.reservation = vm.reservation, None
         self.name = vm.name
         self.ram_path = vm.ram_path
         self.ram_stat = vm.ram_stat
+        self.migration_id = migration_id
+        self._starting = starting
+        self._ready: asyncio.Task[None] | None = None
+
+    @property
+    def early(self) -> bool:
+        """Pages may arrive before QEMU is up (see ``ready``)."""
+        return self._starting is not None
+
+    async def ready(self) -> None:
+        """QEMU started, answers QMP, shares its RAM file with us (``x-ignore-shared``)
+        and is recorded in its folder; raises why not (the VM is then gone)."""
+        if self._starting is None:
+            return
+        if self._ready is None:
+            self._ready = asyncio.create_task(self._get_ready())
+        await asyncio.shield(self._ready)
+
+    async def _get_ready(self) -> None:
+        assert self._starting is not None
+        await self._starting
+        self.start_parts = dict(self.vm.start_parts)
+        await _qmp(self.vm).execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
+        try:
+            _record_incoming(self.vm, self.migration_id)
+        except OSError as exc:
+            raise RuntimeError(f"cannot record the incoming VM: {exc}") from None
 
     async def listen_device_state(self, postcopy: bool = False) -> str:
+        await self.ready()
         qmp = _qmp(self.vm)
         if postcopy:  # QEMU moves RAM too, and may be switched to post-copy
             await qmp.execute("migrate-set-capabilities", POSTCOPY_CAPS, timeout=10)
@@ -421,6 +455,16 @@ class QemuDest:
 
     async def destroy(self) -> None:
         vm = self.vm
+        starting = self._starting
+        if starting is not None and not starting.done():
+            # QEMU still starting: killed, its start fails and removes the RAM file
+            # (stop() would find a VM that is not running yet and leave QEMU be)
+            vm.kill_starting()
+            await asyncio.wait({starting})
+        if self._ready is not None and not self._ready.done():
+            await asyncio.wait({self._ready})
+        if self.reservation is not None:
+            await self.reservation.close()  # the file goes: stop allocating its pages
         await vm.stop()
         shutil.rmtree(vm.paths.dir, ignore_errors=True)
         if self.vms.vms.get(vm.name) is vm:  # adopted, then resuming it failed
@@ -512,26 +556,37 @@ class QemuDestFactory:
             raise AdmissionError(f"VM {spec.name!r} is already being migrated here") from None
         vm = self.vms.new_vm(spec, accel, paths)
         vm.migrating = True
+        starting: asyncio.Task[None] | None = None
         try:
             # before QEMU runs in the folder; the mirror fills them
             await self.vms.disks.create_for_migration(spec, paths.dir, plan)
-            await vm.start(incoming=True)
-            await _qmp(vm).execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
+            # the RAM file's space is reserved while the first pages arrive (ramfile.Reservation)
+            if plan:  # the disks are exported first: QEMU must be up
+                await vm.start(incoming=True, reserve_later=True)
+                await _qmp(vm).execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
+                try:
+                    _record_incoming(vm, migration_id)
+                except OSError as exc:
+                    raise AdmissionError(f"cannot record the incoming VM: {exc}") from None
+            else:
+                # pages may arrive while QEMU starts (0.1-0.2 s here): returned once it is
+                # launched, its start going on (QemuDest.ready)
+                spawned = asyncio.Event()
+                starting = asyncio.create_task(vm.start(incoming=True, reserve_later=True, spawned=spawned))
+                waiting = asyncio.create_task(spawned.wait())
+                try:
+                    await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiting.cancel()
+                if starting.done():
+                    starting.result()  # failed before QEMU was launched (or already up)
         except (VMError, SpecError) as exc:
-            await _discard(vm)
+            await _discard(vm, starting)
             raise AdmissionError(str(exc)) from None
         except BaseException:
-            await _discard(vm)
+            await _discard(vm, starting)
             raise
-        # QEMU runs and can write this folder now: a fresh file, never a name it planted
-        try:
-            fd = create_new(paths.dir / "incoming.json", os.O_WRONLY)
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"migration": migration_id, "pid": vm.pid}))
-        except OSError as exc:
-            await _discard(vm)
-            raise AdmissionError(f"cannot record the incoming VM: {exc}") from None
-        return QemuDest(self.vms, vm)
+        return QemuDest(self.vms, vm, starting, migration_id)
 
 
     async def prepare_offline(self, spec_doc: dict[str, Any], migration_id: str,
@@ -699,7 +754,20 @@ def _spec_doc(vm: VM) -> dict[str, Any]:
     return doc
 
 
-async def _discard(vm: VM) -> None:
+def _record_incoming(vm: VM, migration_id: str) -> None:
+    """QEMU runs and can write its folder now: a fresh file, never a name it planted."""
+    fd = create_new(vm.paths.dir / "incoming.json", os.O_WRONLY)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"migration": migration_id, "pid": vm.pid}))
+
+
+async def _discard(vm: VM, starting: asyncio.Task[None] | None = None) -> None:
+    if starting is not None and not starting.done():
+        vm.kill_starting()
+        await asyncio.wait({starting})
+    reservation, vm.reservation = vm.reservation, None
+    if reservation is not None:
+        await reservation.close()
     with contextlib.suppress(Exception):
         await vm.stop()
     shutil.rmtree(vm.paths.dir, ignore_errors=True)

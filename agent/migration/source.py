@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+import zstandard
 
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import estimate, protocol, stoptask
@@ -61,6 +62,7 @@ from novacron.native import (
     TokenBucket,
     bitmap_count,
     bitmap_indices,
+    soft_dirty_supported,
 )
 from novacron.tls import is_loopback
 
@@ -94,25 +96,63 @@ def _populate_then(mm: mmap.mmap, fn: Callable[[], T]) -> T:
     return fn()
 
 
-def _first_scan_of(mm: mmap.mmap, tracker: FingerprintTracker, ram_path: Any, ram_stat: Any) -> ScanResult:
-    """The first scan: every page ever written (``written_pages``; all pages when that
-    cannot be told), its page-table entries populated first in one call per run
-    rather than one fault per page. The pages left out are zero: reported so."""
-    written = written_pages(ram_path, ram_stat, tracker.npages)
+def _first_scan_of(mm: mmap.mmap, tracker: FingerprintTracker,
+                   written: tuple[np.ndarray, list[tuple[int, int]]] | None) -> ScanResult:
+    """The first scan, before round 1: the pages the RAM file ever had written
+    (``written_pages``), read by nobody yet: round 1 takes them all, tells their zero
+    pages from the others as it encodes them (``PageStreamSender.skip_zero``) and
+    records each sent page's fingerprint from the bytes it sent; the rest are holes,
+    zero. Where that cannot be told, every page is read (populated first, one call
+    rather than a fault per page) and only told zero or not (``scan_fresh``)."""
     if written is None:
-        return _populate_then(mm, tracker.scan)
+        return _populate_then(mm, tracker.scan_fresh)
+    t0 = time.perf_counter()
     mask, runs = written
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError):  # round 1 reads them all: no fault each
         for first, count in runs:
             mm.madvise(_MADV_POPULATE_READ, first * protocol.PAGE, count * protocol.PAGE)
-    scan = tracker.scan(mask)
     holes = np.bitwise_not(mask)
     tail = tracker.npages % 8
     if tail:  # bits past the last page stay clear
         holes[-1] &= (1 << tail) - 1
-    np.bitwise_or(scan.zero, holes, out=scan.zero)
-    scan.zero_count += tracker.npages - scan.scanned
-    return scan
+    listed = bitmap_count(mask)
+    return ScanResult(mask, holes, listed, tracker.npages - listed, time.perf_counter() - t0, 0)
+
+
+def _timed_scan(tracker: FingerprintTracker, stop_scan: StopScan) -> tuple[ScanResult, float, float]:
+    """A pre-copy scan, when it started and how long it took (the final one, paused,
+    will take about as long)."""
+    t0 = time.monotonic()
+    scan = tracker.scan(stop_scan.before_scan(first=False))
+    return scan, t0, time.monotonic() - t0
+
+
+def _listed(mm: mmap.mmap, tracker: FingerprintTracker, ram_path: Any, ram_stat: Any) -> ScanResult | None:
+    """The first scan where the RAM file tells its written pages (see _first_scan_of),
+    else None: every page must then be read, after the watch is set up."""
+    written = written_pages(ram_path, ram_stat, tracker.npages)
+    return None if written is None else _first_scan_of(mm, tracker, written)
+
+
+SAMPLE_PAGES = 64  # of the dirty set, compressed to weigh the pages the pause will send
+PAGE_RECORD_BYTES = 16  # a page's share of its frame's records, header and tag (about)
+
+
+def _sampled_page_bytes(mm: mmap.mmap, dirty: np.ndarray, packed: bool, level: int) -> float | None:
+    """Wire bytes a page of the ``dirty`` set will weigh, from up to ``SAMPLE_PAGES``
+    of them, evenly spread, compressed as the pipeline would (``packed``) or stored;
+    None for an empty set. Pages written again are the guest's working set, often
+    unlike the average of its memory: a 40 Mbit/s migration priced them at round 1's
+    1.6 KB a page and paused twice its estimate (they weighed 4 KB)."""
+    idx = bitmap_indices(dirty)
+    if idx.size == 0:
+        return None
+    if not packed:
+        return float(protocol.PAGE + PAGE_RECORD_BYTES)
+    pick = idx[np.linspace(0, idx.size - 1, min(SAMPLE_PAGES, idx.size)).astype(np.int64)]
+    sample = b"".join(mm[int(p) * protocol.PAGE:(int(p) + 1) * protocol.PAGE] for p in pick)
+    packed_len = min(len(zstandard.ZstdCompressor(level=level).compress(sample)), len(sample))
+    return packed_len / len(pick) + PAGE_RECORD_BYTES
 
 
 class MigrationFailed(Exception):
@@ -159,6 +199,7 @@ class SourceMigration:
         self._reader: asyncio.Task[None] | None = None
         self._paused = False
         self._first: ScanResult | None = None  # the first scan, made while the destination prepares
+        self._stop_scan_setup: asyncio.Task[StopScan] | None = None  # see _first_scan
         self._probe_left = PROBE_BYTES  # unheld bytes still to send under a cap (see PROBE_BYTES)
         self._unheld: tuple[float, int] | None = None  # (since, wire bytes): frames the cap did not hold
         self._t_first_write: float | None = None  # the first page-stream frame (see _send_time)
@@ -187,10 +228,12 @@ class SourceMigration:
         self._round_pages = 0  # pages of the dirty set this round sends ...
         self._round_sent = 0  # ... and how many of them went out
         self._scan_s = 0.0  # how long the last dirty scan took (the final one will be alike)
+        self._t_scan: float | None = None  # when the last pre-copy scan started (monotonic)
         self._estimate: estimate.Estimate | None = None
         self._round_rate = 0.0  # best acked throughput of a whole round
         self._final_wire = 0  # bytes of the pages sent while paused
         self._dirty_per_page: float | None = None  # wire bytes of a re-sent page, lately
+        self._sampled_per_page: float | None = None  # ... of the dirty set, sampled (_sampled_page_bytes)
         self._learned = estimate.learned(status.peer)  # earlier hand-overs to this destination
         # other migrations from here to the same destination share its link (a drain)
         self.share = estimate.link_share(status.peer)
@@ -451,6 +494,11 @@ class SourceMigration:
         st.link_rate_bytes_s = rate
         return rate
 
+    def _dirty_page_bytes(self) -> float:
+        """Wire bytes of a page written again: measured on the last round's re-sent
+        pages, else a sample of the dirty set, else the average so far."""
+        return self._dirty_per_page or self._sampled_per_page or self._bytes_per_page()
+
     def _bytes_per_page(self) -> float:
         st = self.status
         if self.dd["offered"]:  # pages that went as digests weigh nothing like data
@@ -560,23 +608,53 @@ class SourceMigration:
         st.dedup = self._dedup_status()
 
     async def _first_scan(self) -> ScanResult:
-        st, opts = self.status, self.opts
+        st = self.status
         assert self._mm is not None
         tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
-        stop_scan = await asyncio.to_thread(
-            StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
-            opts.bounded_pause)
-        self.stop_scan = stop_scan
-        st.stop_scan = stop_scan.as_dict()
-        stop_scan.before_scan(first=True)
+        t_setup = time.monotonic()
+        # side by side: the page-table watch's setup (it reads every process's maps)
+        # and the list of written pages (the file's holes), their page-table entries
+        # populated; neither reads guest RAM
+        listing = asyncio.create_task(self.ram_work.run(_listed, self._mm, tracker, self.vm.ram_path,
+                                                        self.vm.ram_stat))
+        setup = self._stop_scan_setup = asyncio.create_task(self._set_up_stop_scan(t_setup))
+        try:
+            if soft_dirty_supported():
+                # the bits are cleared before anything reads guest RAM: set up first
+                stop_scan = await setup
+                stop_scan.before_scan(first=True)
+            # else nothing is needed of the watch before the scan after round 1 (resident
+            # pages or a full scan): its setup, which reads every process's maps (0.03-0.16 s
+            # here), goes on while round 1 runs (_stop_scan_ready)
+        finally:
+            await asyncio.wait({listing})
+        listed = listing.result()
+        if listed is None and not soft_dirty_supported():  # every page is read now: the watch first
+            (await self._stop_scan_ready()).before_scan(first=True)
         t_scan = time.monotonic()
-        scan = await self.ram_work.run(_first_scan_of, self._mm, tracker, self.vm.ram_path, self.vm.ram_stat)
+        scan = listed if listed is not None else await self.ram_work.run(_first_scan_of, self._mm, tracker, None)
         self._scan_s = time.monotonic() - t_scan
+        st.prepare_parts["first_round_pages"] = scan.dirty_count  # round 1 takes these (zero ones left out)
         st.prepare_parts["first_scan_pages"] = scan.scanned
         st.prepare_parts["first_scan_s"] = round(self._scan_s, 4)  # beside the destination's
         log.info("first scan done", extra={"migration": st.id, "seconds": round(self._scan_s, 4),
                                            "dirty": scan.dirty_count, "zero": scan.zero_count})
         return scan
+
+    async def _set_up_stop_scan(self, t0: float) -> StopScan:
+        st = self.status
+        assert self.tracker is not None
+        stop_scan = await asyncio.to_thread(
+            StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, self.tracker.npages,
+            self.opts.bounded_pause)
+        st.prepare_parts["stop_scan_setup_s"] = round(time.monotonic() - t0, 4)
+        self.stop_scan = stop_scan
+        st.stop_scan = stop_scan.as_dict()
+        return stop_scan
+
+    async def _stop_scan_ready(self) -> StopScan:
+        assert self._stop_scan_setup is not None
+        return await asyncio.shield(self._stop_scan_setup)
 
     async def _mirror_disks(self) -> None:
         """Copy the local disks first, then RAM: the mirrors are write-blocking, so once
@@ -636,9 +714,9 @@ class SourceMigration:
     async def _precopy(self) -> None:
         st, opts = self.status, self.opts
         st.set_phase("precopy")
-        assert self._mm is not None and self.tracker is not None and self.stop_scan is not None
+        assert self._mm is not None and self.tracker is not None
         assert self._first is not None
-        tracker, stop_scan, scan = self.tracker, self.stop_scan, self._first
+        tracker, scan = self.tracker, self._first
         self.sender = PageStreamSender(
             self.ch.page_key_out, self._mm, level=opts.compression_level, counters=self.counters,
             frame_pages=FRAME_PAGES,
@@ -647,8 +725,10 @@ class SourceMigration:
             # changes back between two scans is still re-sent
             tracker=tracker,
         )
-        # the destination's fresh RAM file is all zero: these pages never need sending
+        # the destination's fresh RAM file is all zero: these pages never need sending,
+        # nor the zero pages round 1 finds among the others
         self._zero_skipped = scan.zero_count
+        self.sender.skip_zero = True
         last_scan = time.monotonic()
         prev_estimate = float("inf")
         while True:
@@ -656,8 +736,20 @@ class SourceMigration:
             t0, wire0 = time.monotonic(), st.bytes_wire
             have0, hits0 = self.dd["have_bytes"], self.dd["hits"]
             sent = await self._send_pages(scan.dirty, scan.zero, offer=True)
-            # counted as sent once the destination has it: the round ends with its ack
-            await self._end_round()
+            self.sender.skip_zero = False  # later rounds: a page zeroed since is sent so
+            # the next scan starts now, while the destination takes in the round's last
+            # frames: every page sent had its fingerprint recorded when it was encoded,
+            # so the scan need not wait for the acknowledgement (tens of ms a round)
+            stop_scan = await self._stop_scan_ready()
+            scanning = asyncio.create_task(self.ram_work.run(_timed_scan, tracker, stop_scan))
+            try:
+                # counted as sent once the destination has it: the round ends with its ack
+                await self._end_round()
+            except BaseException:
+                scanning.cancel()  # the thread itself finishes; teardown waits for it (ramwork)
+                with contextlib.suppress(BaseException):
+                    await scanning
+                raise
             elapsed = max(time.monotonic() - t0, 1e-6)
             wire = st.bytes_wire - wire0
             if wire > 0:
@@ -667,14 +759,16 @@ class SourceMigration:
             data_pages = sent - (self.dd["hits"] - hits0)  # digest-only pages excluded
             if st.round >= 2 and data_pages >= 64:  # re-sent pages: what the final ones will weigh
                 self._dirty_per_page = (wire - (self.dd["have_bytes"] - have0)) / data_pages
-            t_scan = time.monotonic()
-            scan = await self.ram_work.run(lambda: tracker.scan(stop_scan.before_scan(first=False)))
-            now = time.monotonic()
-            self._scan_s = now - t_scan
+            scan, t_scan, self._scan_s = await scanning
             dirty = bitmap_count(scan.dirty)
+            if self._dirty_per_page is None:  # no page re-sent yet: weigh a sample of them
+                self._sampled_per_page = await self.ram_work.run(
+                    _sampled_page_bytes, self._mm, scan.dirty, self.policy.packing, self.policy.level())
             st.dirty_pages_last_round = dirty
-            st.dirty_rate_pages_s = dirty / max(now - last_scan, 1e-6)
-            last_scan = now
+            # written between the starts of two scans (the scan may start before the round's
+            # acknowledgement: its end is no measure)
+            st.dirty_rate_pages_s = dirty / max(t_scan - last_scan, 1e-6)
+            last_scan = self._t_scan = t_scan
             self._round_pages, self._round_sent = dirty, 0  # what is left: the dirty set
             self._progress()
             est = self._estimate = self._switchover_estimate(dirty)
@@ -704,7 +798,7 @@ class SourceMigration:
                 st.converged = False
                 self._on_no_convergence(est)
                 break
-            dirty_bytes_s = st.dirty_rate_pages_s * self._bytes_per_page()
+            dirty_bytes_s = st.dirty_rate_pages_s * self._dirty_page_bytes()
             cap = opts.bandwidth_mbps * 1e6
             sending = min(st.link_rate_bytes_s, cap) if cap else st.link_rate_bytes_s
             outrun = dirty_bytes_s >= 0.5 * sending  # it dirties about as fast as we send
@@ -757,6 +851,12 @@ class SourceMigration:
         st, opts = self.status, self.opts
         link = self._link_rate()
         now = time.monotonic()
+        if self._t_scan is not None and self.tracker is not None:
+            # the pause also sends what was written since the scan started: on a slow link
+            # the round's acknowledgement comes well after (40 Mbit/s: ~0.1 s of pages the
+            # estimate missed, pause 2.1x the estimate)
+            since = st.dirty_rate_pages_s * max(0.0, now - self._t_scan)
+            dirty = min(self.tracker.npages, dirty + int(since))
         others = self.share.others(self)
         queued, queued_others = max(0, st.bytes_wire - st.bytes_acked), 0
         if others:
@@ -775,7 +875,7 @@ class SourceMigration:
                                     encode_bytes_s=self.policy.encode_wire_rate())
         st.final_rate_bytes_s = final
         return estimate.switchover(
-            dirty_pages=dirty, bytes_per_page=self._dirty_per_page or self._bytes_per_page(),
+            dirty_pages=dirty, bytes_per_page=self._dirty_page_bytes(),
             queued_bytes=queued,
             device_bytes=self._learned.device_bytes, link_bytes_s=link, final_bytes_s=final,
             scan_s=self._scan_s, rtt_s=self.link.rtt_s or 0.0,
@@ -831,6 +931,9 @@ class SourceMigration:
             # (the cap may change live: read per batch)
             capped_now = bool(throttled and self.bucket.rate)
             sender.compress = sender.use_dedup = policy.pack_next(self._link_hint(throttled), capped_now)
+            # a stored batch is a copy and a fingerprint per page, memory-bound: split over
+            # two threads it cost more CPU (170 MB: 55-64 ms on one, 74-100 ms on two)
+            sender.threads = 2 if sender.compress else 1
             # stored to this host: fewer, larger frames (a frame costs each loop a wake-up;
             # 256 MiB pre-copy, median of 8: 0.45 -> 0.41 s); elsewhere the cap and the
             # link's measurement keep their 1 MiB granularity
@@ -877,6 +980,7 @@ class SourceMigration:
 
         pending: asyncio.Task[_Work] | None = start(0) if batches else None
         self._unheld = None
+        skipped_all = 0
         try:
             i = 0
             while pending is not None:
@@ -915,8 +1019,10 @@ class SourceMigration:
                     self.dd["repaired"] += n
                     await self.ch.send_ctrl({"op": "repaired", "seq": seq})
                 if i < len(batches):
-                    st.pages_sent += len(batches[i])
-                    st.bytes_raw += len(batches[i]) * protocol.PAGE
+                    skipped = w.enc.zero_skipped if w.enc is not None else 0  # zero: not sent at all
+                    skipped_all += skipped
+                    st.pages_sent += len(batches[i]) - skipped
+                    st.bytes_raw += (len(batches[i]) - skipped) * protocol.PAGE
                     self._round_sent += len(batches[i])
                 i += 1
                 if pending is None:  # the round's pages are out: answers and repairs last
@@ -931,7 +1037,7 @@ class SourceMigration:
                 pending.cancel()
                 with contextlib.suppress(BaseException):
                     await pending
-        return len(indices)
+        return len(indices) - skipped_all
 
     async def _next_repairs(self, start: Any, past: int) -> asyncio.Task[_Work] | None:
         """After the last batch: wait for the destination's answers; a task repairing
@@ -1515,6 +1621,12 @@ class SourceMigration:
     async def _cleanup(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+        setup = self._stop_scan_setup
+        if setup is not None and not setup.done():  # its thread reads /proc only: let it end
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(setup), 30)
+        if setup is not None and setup.done() and not setup.cancelled():
+            setup.exception()  # retrieved: a failed setup of a failed migration says nothing more
         # no scan or encode still runs, their views released, then unmapped: after a
         # completed migration the RAM file is deleted, and a view left would keep it
         tracker, sender, self.tracker, self.sender = self.tracker, self.sender, None, None

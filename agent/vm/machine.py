@@ -33,7 +33,13 @@ from novacron.agent.vm.errors import InsufficientSpace, VMConflict, VMStartError
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.network import HostNetworks, TapAnnouncer
 from novacron.agent.vm.qemu_args import QEMU_BINARY, QemuFiles, VMPaths, qemu_argv
-from novacron.agent.vm.ramfile import MIB, create_ram_file, prepare_ram_file, remove_ram_file
+from novacron.agent.vm.ramfile import (
+    MIB,
+    Reservation,
+    create_ram_file,
+    prepare_ram_file,
+    remove_ram_file,
+)
 from novacron.agent.vm.recovery import QemuProcess, process_cwd
 from novacron.agent.vm.spec import VMSpec
 from novacron.faults import crash_point
@@ -86,7 +92,10 @@ class VM:
         self._event_task: asyncio.Task[None] | None = None
         self._expect_exit = False
         self._starting = False
-        self._reserving: asyncio.Task[None] | None = None  # the RAM file's space (ramfile.py)
+        self._reserving: Reservation | None = None  # the RAM file's space (ramfile.py)
+        # an incoming VM started with reserve_later: its RAM file's space still being
+        # reserved; whoever takes it (the migration engine) gates writes on it
+        self.reservation: Reservation | None = None
         self.start_parts: dict[str, float] = {}  # seconds of the last start's steps (a migration's prepare_parts)
         self._exited = asyncio.Event()
         self._exited.set()
@@ -170,9 +179,16 @@ class VM:
             self._listeners.remove(fn)
 
     # ----- lifecycle -------------------------------------------------------
-    async def start(self, *, paused: bool = False, incoming: bool = False) -> None:
+    async def start(self, *, paused: bool = False, incoming: bool = False, reserve_later: bool = False,
+                    spawned: asyncio.Event | None = None) -> None:
         """Create the RAM file and launch QEMU; ``incoming`` waits for a migration
-        (``-incoming defer``), ``paused`` leaves the vCPUs stopped."""
+        (``-incoming defer``), ``paused`` leaves the vCPUs stopped. An incoming VM's
+        RAM file is reserved while QEMU starts; with ``reserve_later`` start does not
+        wait for that but leaves it in ``self.reservation``, for a caller that writes
+        no page of the file unreserved (``Reservation.ensure``) and awaits it before
+        QEMU may touch guest RAM (set from the spawn on). ``spawned`` is set once QEMU
+        was launched (its pid known): an incoming migration may write the RAM file
+        while QEMU starts."""
         if self.alive:
             raise VMConflict(f"VM {self.name} is already {self.state}")
         t0 = time.monotonic()
@@ -189,8 +205,7 @@ class VM:
                 proc = await self._spawn(files, incoming=incoming, paused=paused)
             except (OSError, VMStartError):
                 if self._reserving is not None:  # QEMU never ran: let the reservation end
-                    with contextlib.suppress(Exception):
-                        await self._reserving
+                    await self._reserving.close()
                     self._reserving = None
                 self.pending = ""
                 with contextlib.suppress(OSError):
@@ -206,6 +221,8 @@ class VM:
             files.disks.close()
         self._proc, self.pid = proc, proc.pid
         parts["spawn_s"] = round(time.monotonic() - t0, 4)  # RAM file created, QEMU launched
+        if reserve_later:
+            self.reservation = self._reserving
         with contextlib.suppress(OSError):
             self.save()  # the pid, for the next agent (which also finds QEMU by its folder)
         crash_point(f"vm.{self.pending}.spawned")
@@ -216,18 +233,19 @@ class VM:
         pidfd = os.pidfd_open(proc.pid)
         self._supervisor = asyncio.create_task(self._supervise_pidfd(pidfd, proc), name=f"vm {self.name} supervisor")
         self._starting = True
+        if spawned is not None:
+            spawned.set()
         try:
             qmp = await self._connect_qmp()
             parts["qmp_s"] = round(time.monotonic() - t0, 4)  # QEMU up and its QMP negotiated
-            if self._reserving is not None:
-                await self._reserving  # the RAM file's space (incoming: reserved while QEMU started)
+            if self._reserving is not None and not reserve_later:
+                await self._reserving.wait()  # the RAM file's space (incoming: reserved while QEMU started)
                 parts["reserved_s"] = round(time.monotonic() - t0, 4)
         except Exception as exc:
             await self._kill_and_wait()
             detail = self._qemu_log_tail()
             if self._reserving is not None:  # ended before the file goes
-                with contextlib.suppress(Exception):
-                    await self._reserving
+                await self._reserving.close()
             remove_ram_file(self.ram_path)
             self.state, self.pending = STOPPED, ""
             with contextlib.suppress(OSError):
@@ -456,6 +474,12 @@ class VM:
         self._expect_exit = True
         self._signal(signal.SIGKILL)
         await self.wait_exit(10.0)
+
+    def kill_starting(self) -> None:
+        """SIGKILL a QEMU whose ``start`` is still waiting for its QMP: that start then
+        fails and cleans up (its RAM file removed, the VM stopped)."""
+        if self._starting:
+            self._signal(signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:
         if self.pid is not None:

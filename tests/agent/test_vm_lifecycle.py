@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 from novacron.agent.guest import GuestImage
+from novacron.agent.migration.qemu_port import QemuDestFactory
 from novacron.agent.vm import (
     CRASHED,
     PAUSED,
@@ -197,6 +198,28 @@ async def test_restart_after_crash_then_stop(env: Env) -> None:
     assert vm.state == STOPPED and vm.pid is None and not vm.error
     assert not vm.ram_path.exists()
     assert not Path(f"/proc/{pid}").exists()
+
+
+async def test_incoming_vm_is_handed_over_while_qemu_starts(env: Env) -> None:
+    """An incoming VM comes back as soon as its QEMU is launched (pages may go into its
+    RAM file while QEMU starts); ``ready`` waits for QEMU. Destroyed before QEMU answered
+    (a migration failing at once), QEMU is killed and its folder and RAM file go; once
+    ready, it listens for device state and is destroyed as any VM."""
+    factory = QemuDestFactory(env.mgr)
+    early = await factory.prepare(env.spec("inc1"), MEMORY_MB * MIB, "m-early")
+    assert early.early and early.vm.pid is not None and early.reservation is not None
+    assert "qmp_s" not in early.start_parts  # handed over before QEMU answered
+    pid, folder = early.vm.pid, early.vm.paths.dir
+    await early.destroy()
+    assert not folder.exists()
+    assert not Path(f"/proc/{pid}").exists() or "qemu" not in Path(f"/proc/{pid}/cmdline").read_text()
+    ready = await factory.prepare(env.spec("inc2"), MEMORY_MB * MIB, "m-ready")
+    sock = await ready.listen_device_state()
+    assert Path(sock).parent == ready.vm.paths.dir, sock  # its device-state socket, in its folder
+    assert "qmp_s" in ready.start_parts and (ready.vm.paths.dir / "incoming.json").exists()
+    folder = ready.vm.paths.dir
+    await ready.destroy()
+    assert not folder.exists()
 
 
 async def test_delete_removes_everything(env: Env) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from novacron.agent.migration.unixsock import start_unix_server_at
 from novacron.agent.migration.vmport import AdmissionError
 from novacron.agent.qmp import open_unix
+from novacron.agent.vm.ramfile import Reservation, create_ram_file
 
 PAGE = 4096
 
@@ -160,12 +161,23 @@ class MemDestVM:
         self.destroy_error: Exception | None = None
         self.exited = asyncio.Event()  # set by a test: the "QEMU" died
         self.adopt_error: Exception | None = None  # e.g. the state dir filled up
+        self.reservation: Reservation | None = None  # its RAM file's space, still being reserved
+        # as an incoming QEMU VM still starting (QemuDest.early): pages may arrive before
+        # it listens for device state, which takes start_delay_s, or fails with start_error
+        self.early = False
+        self.start_delay_s = 0.0
+        self.start_error: Exception | None = None
+        self.listened_at: float | None = None
 
     async def wait_exited(self) -> str:
         await self.exited.wait()
         return "killed by the test"
 
     async def listen_device_state(self) -> str:
+        await asyncio.sleep(self.start_delay_s)
+        if self.start_error is not None:
+            raise self.start_error
+        self.listened_at = asyncio.get_running_loop().time()
         path = self.dir / "dev.sock"  # inside the VM folder, as QEMU's incoming socket
 
         async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -188,6 +200,8 @@ class MemDestVM:
     async def destroy(self) -> None:
         if self.destroy_error is not None:
             raise self.destroy_error
+        if self.reservation is not None:
+            await self.reservation.close()
         self.destroyed = True
         self._close_server()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -213,6 +227,10 @@ class MemDestFactory:
         self.fail_resume = False  # make every destination VM refuse to resume
         self.prepare_error: Exception | None = None  # an unexpected failure while preparing
         self.destroy_error: Exception | None = None  # destroying a destination VM fails
+        # the RAM file sized now and its space reserved while pages arrive (as an
+        # incoming QEMU VM's, ramfile.Reservation)
+        self.reserve_later = False
+        self.early: tuple[float, Exception | None] | None = None  # (start delay, start error): see MemDestVM
 
     async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str,
                       disks: list[dict[str, Any]] | None = None) -> MemDestVM:
@@ -225,6 +243,13 @@ class MemDestFactory:
         except FileExistsError:
             raise AdmissionError(f"VM {name!r} already exists here") from None
         ram = vm_dir / "ram"
+        if self.reserve_later:
+            _, reservation = await create_ram_file(ram, ram_size)
+            self.prepared += 1
+            vm = MemDestVM(name, vm_dir, ram)
+            vm.reservation = reservation
+            self.vms[name] = vm
+            return vm
         fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, ram_size)
@@ -237,6 +262,9 @@ class MemDestFactory:
             os.close(fd)
         self.prepared += 1
         vm = MemDestVM(name, vm_dir, ram)
+        if self.early is not None:
+            vm.early = True
+            vm.start_delay_s, vm.start_error = self.early
         vm.fail_resume = self.fail_resume
         vm.destroy_error = self.destroy_error
         self.vms[name] = vm

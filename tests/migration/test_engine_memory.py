@@ -5,6 +5,7 @@ rollback and cleanup."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import ssl
 from pathlib import Path
@@ -17,6 +18,7 @@ from novacron.agent.migration.dest import receive_migration
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.source import SourceMigration
 from novacron.agent.migration.status import MigrationStatus
+from novacron.agent.vm import ramfile
 from tests.migration.grants import DEST, dest_grants, present_grant
 from tests.migration.memvm import MemDestFactory, MemSourceVM
 
@@ -187,6 +189,87 @@ async def test_admission_refused_leaves_source_running(tmp_path: Path, dest: Des
         assert src.running and not src.released and src.paused_count == 0
     finally:
         src.close()
+
+
+async def test_ram_file_reserved_while_pages_arrive(tmp_path: Path, dest: Dest,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination's RAM file is reserved in small steps while pre-copy runs: the
+    migration completes bit-exact, and the whole file had its space before switchover."""
+    monkeypatch.setattr(ramfile, "RESERVE_CHUNK", 64 * 1024)
+    dest.factory.reserve_later = True
+    src = MemSourceVM(tmp_path / "src", "resv", pages=8192, dirty_pages_per_s=2000)
+    try:
+        _, st = await migrate(src, dest.server.port)
+        await asyncio.wait_for(dest.done.wait(), 10)
+    finally:
+        src.close()
+    assert st.phase == "completed", st.error
+    assert st.digest_source == st.digest_destination and st.digest_source
+    dvm = dest.factory.vms["resv"]
+    assert dvm.reservation is not None and dvm.reservation.complete
+    assert "reserved_s" in dest.statuses[0].prepare_parts
+
+
+async def test_ram_file_space_gone_fails_the_migration_before_switchover(
+        tmp_path: Path, dest: Dest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The space goes while the RAM file is being reserved (another tenant of the file
+    system took it): the migration fails with that reason before the pause, the guest
+    keeps running at the source, the destination destroys what it built."""
+    monkeypatch.setattr(ramfile, "RESERVE_CHUNK", 64 * 1024)
+    real = ramfile.os.posix_fallocate
+
+    def full_past_1mib(fd: int, offset: int, length: int) -> None:
+        if offset + length > 1 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, length)
+
+    monkeypatch.setattr(ramfile.os, "posix_fallocate", full_past_1mib)
+    dest.factory.reserve_later = True
+    src = MemSourceVM(tmp_path / "src", "short", pages=8192, dirty_pages_per_s=2000)
+    try:
+        _, st = await migrate(src, dest.server.port)
+        await asyncio.wait_for(dest.done.wait(), 10)
+    finally:
+        src.close()
+    assert st.phase == "failed" and "not enough space for the RAM file" in (st.error or ""), st.error
+    assert src.running and not src.released and src.paused_count == 0
+    d = dest.statuses[0]
+    assert d.phase == "failed" and "not enough space for the RAM file" in (d.error or "")
+    assert dest.factory.vms["short"].destroyed
+    assert os.listdir(tmp_path / "dst") == []
+
+
+async def test_pages_arrive_while_the_destination_vm_starts(tmp_path: Path, dest: Dest) -> None:
+    """A destination VM whose hypervisor is still starting (QEMU's 0.1-0.2 s here) takes
+    pages into its RAM file meanwhile; device state waits for it; bit-exact at the end."""
+    dest.factory.early = (0.3, None)
+    src = MemSourceVM(tmp_path / "src", "early", pages=8192, dirty_pages_per_s=2000)
+    try:
+        _, st = await migrate(src, dest.server.port)
+        await asyncio.wait_for(dest.done.wait(), 10)
+    finally:
+        src.close()
+    assert st.phase == "completed", st.error
+    assert st.digest_source == st.digest_destination and st.digest_source
+    parts = dest.statuses[0].prepare_parts
+    assert parts["prepared_s"] < 0.3 <= parts["listening_s"], parts
+
+
+async def test_destination_vm_failing_to_start_fails_before_switchover(tmp_path: Path, dest: Dest) -> None:
+    """Its hypervisor fails to start while pages arrive: the migration fails with that
+    reason before the pause, the guest keeps running here, the destination is destroyed."""
+    dest.factory.early = (0.2, RuntimeError("QEMU for early did not start: bad machine"))
+    src = MemSourceVM(tmp_path / "src", "early", pages=16384, dirty_pages_per_s=2000)
+    try:
+        _, st = await migrate(src, dest.server.port, bandwidth_mbps=20)  # still in pre-copy at 0.2 s
+        await asyncio.wait_for(dest.done.wait(), 10)
+    finally:
+        src.close()
+    assert st.phase == "failed" and "did not start" in (st.error or ""), st.error
+    assert src.running and not src.released and src.paused_count == 0
+    assert dest.statuses[0].phase == "failed"
+    assert dest.factory.vms["early"].destroyed
+    assert os.listdir(tmp_path / "dst") == []
 
 
 async def test_destination_vanishing_mid_precopy_rolls_back(tmp_path: Path, dest: Dest) -> None:

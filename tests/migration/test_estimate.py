@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import mmap
+
+import numpy as np
 import pytest
 
 from novacron.agent.channel.records import ProtocolError
 from novacron.agent.migration import estimate, protocol
+from novacron.agent.migration.source import PAGE_RECORD_BYTES, _sampled_page_bytes
+from novacron.native import bitmap_from_indices
 
 
 def test_link_rate_comes_from_busy_runs_timed_by_the_destination() -> None:
@@ -155,3 +160,25 @@ def test_the_policy_reports_the_encoder_rate_of_its_choice() -> None:
     p.observe(EncodeStats(raw_bytes=4_000_000, plain_bytes=4_000_000, body_bytes=4_000_000, wall_s=0.02,
                           compressed=False, deduped=False), 0.001, 4_000_000)
     assert p.encode_wire_rate() == pytest.approx(200e6)
+
+
+def test_the_dirty_set_is_weighed_by_a_sample_of_its_own_pages() -> None:
+    """A guest whose memory packs well but whose working set does not: the pages
+    the pause will send are priced at their own weight, not the memory's average."""
+    pages = 1024
+    mm = mmap.mmap(-1, pages * protocol.PAGE)
+    rng = np.random.default_rng(1)
+    mem = np.frombuffer(mm, dtype=np.uint8).reshape(pages, protocol.PAGE)
+    mem[:512] = rng.integers(0, 256, size=(512, protocol.PAGE), dtype=np.uint8)  # random
+    mem[512:768] = np.arange(protocol.PAGE, dtype=np.uint8) % 7  # compressible; the rest zero
+    hot = bitmap_from_indices(np.arange(0, 512, 3, dtype=np.uint32), pages)
+    text = bitmap_from_indices(np.arange(512, 768, dtype=np.uint32), pages)
+    zero = bitmap_from_indices(np.arange(768, 1024, dtype=np.uint32), pages)
+    assert _sampled_page_bytes(mm, hot, True, 3) > protocol.PAGE  # random: zstd cannot shrink it
+    assert _sampled_page_bytes(mm, text, True, 3) < 0.1 * protocol.PAGE
+    assert _sampled_page_bytes(mm, zero, True, 3) < 0.1 * protocol.PAGE
+    assert _sampled_page_bytes(mm, text, False, 3) == protocol.PAGE + PAGE_RECORD_BYTES  # stored
+    assert _sampled_page_bytes(mm, bitmap_from_indices(np.array([], dtype=np.uint32), pages),
+                               True, 3) is None
+    del mem
+    mm.close()

@@ -108,11 +108,12 @@ def _map_writable(path: str, size: int, ready: Any, done: Any) -> None:
     mm.close()
 
 
-def test_first_scan_reads_only_written_pages_and_reports_the_rest_zero(shm: Path) -> None:
+def test_first_scan_lists_written_pages_and_round_one_leaves_out_their_zero_ones(shm: Path) -> None:
     """A tmpfs RAM file whose space was reserved (posix_fallocate) but mostly never
-    written: the first scan fingerprints only the written pages (tmpfs reports the
-    others as holes, which read as zeros), finds every non-zero one, and reports
-    every other page zero, as a full scan would."""
+    written: the first scan reads no page, it lists the written ones (tmpfs reports
+    the others as holes, which read as zeros) for round 1 and reports the rest zero;
+    round 1 leaves out the written pages it finds zero (``skip_zero``), sends the
+    others bit-exact and records their fingerprints: a full scan then finds nothing."""
     import mmap
     import os
 
@@ -120,7 +121,12 @@ def test_first_scan_reads_only_written_pages_and_reports_the_rest_zero(shm: Path
 
     from novacron.agent.migration.source import _first_scan_of
     from novacron.agent.migration.stopscan import written_pages
-    from novacron.native import FingerprintTracker, bitmap_indices
+    from novacron.native import (
+        FingerprintTracker,
+        PageStreamReceiver,
+        PageStreamSender,
+        bitmap_indices,
+    )
 
     npages = 4099  # not a multiple of 8: the bitmaps' last byte is partial
     path = shm / "ram"
@@ -130,7 +136,7 @@ def test_first_scan_reads_only_written_pages_and_reports_the_rest_zero(shm: Path
         written = [5, 6, 7, 1000, 4098]
         for p in written:
             os.pwrite(fd, os.urandom(4096), p * 4096)
-        os.pwrite(fd, bytes(4096), 2000 * 4096)  # written, but zeros: scanned, found zero
+        os.pwrite(fd, bytes(4096), 2000 * 4096)  # written, but zeros: listed, left out by round 1
         st = os.fstat(fd)
         mm = mmap.mmap(fd, npages * 4096, access=mmap.ACCESS_READ)
     finally:
@@ -142,13 +148,26 @@ def test_first_scan_reads_only_written_pages_and_reports_the_rest_zero(shm: Path
         assert runs == [(5, 3), (1000, 1), (2000, 1), (4098, 1)]
         assert list(bitmap_indices(mask)) == [5, 6, 7, 1000, 2000, 4098]
         tracker = FingerprintTracker(mm, os.urandom(32))
-        scan = _first_scan_of(mm, tracker, path, st)
-        assert scan.scanned == 6 and scan.dirty_count == 5
-        assert list(bitmap_indices(scan.dirty)) == written
-        assert scan.zero_count == npages - 5
+        scan = _first_scan_of(mm, tracker, found)
+        assert scan.scanned == 0 and scan.dirty_count == 6
+        assert list(bitmap_indices(scan.dirty)) == [5, 6, 7, 1000, 2000, 4098]
+        assert scan.zero_count == npages - 6
         full = FingerprintTracker(mm, os.urandom(32)).scan()  # what reading every page finds
-        assert np.array_equal(full.zero, scan.zero) and np.array_equal(full.dirty, scan.dirty)
-        del tracker
+        assert not np.any(full.dirty & ~scan.dirty)  # every non-zero page is in round 1
+        assert not np.any(scan.zero & ~full.zero)  # every page reported zero is
+        key = bytes(range(32))
+        sender = PageStreamSender(key, mm, threads=1, tracker=tracker)
+        sender.compress, sender.skip_zero = False, True
+        dst = bytearray(npages * 4096)
+        receiver = PageStreamReceiver(key, dst)
+        for frame in sender.encode(bitmap_indices(scan.dirty), scan.zero):
+            receiver.open(frame)
+        assert sender.last.zero_skipped == 1 and sender.last.raw_bytes == 5 * 4096
+        assert bytes(dst) == bytes(mm)
+        assert tracker.scan().dirty_count == 0  # the fingerprints recorded are what dst holds
+        sender.close()
+        receiver.close()
+        tracker.close()
     finally:
         mm.close()
     # not on tmpfs (or unknowable): every page counts

@@ -86,6 +86,36 @@ def test_tracker_reports_changed_and_zero_pages(threads: int) -> None:
     assert touched[1] in zero_now and npages - 1 not in zero_now
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fresh_scan_tells_zero_pages_and_the_sender_records_the_rest(threads: int) -> None:
+    """The first scan only classifies (non-zero pages: "dirty"); once the non-zero
+    pages are recorded as sent, later scans find exactly what changed since,
+    including a change in a page's last byte and a page written after the scan."""
+    npages = 9000
+    mem = bytearray(npages * PAGE)
+    rng = np.random.default_rng(11)
+    touched = sorted(set(rng.integers(0, npages - 1, 400).tolist()))
+    for i, p in enumerate(touched):  # non-zero anywhere in the page, the last byte included
+        mem[p * PAGE + (PAGE - 1 if i % 3 == 0 else i % PAGE)] = 1 + i % 200
+    tr = N.FingerprintTracker(mem, os.urandom(32), threads=threads)
+    mask = np.zeros(npages, dtype=bool)
+    mask[: npages // 2] = True  # a mask: pages outside it are reported neither way
+    outside = [p for p in touched if p >= npages // 2]
+    first = tr.scan_fresh(np.packbits(mask, bitorder="little"))
+    assert N.bitmap_indices(first.dirty).tolist() == [p for p in touched if p < npages // 2]
+    assert first.zero_count == npages // 2 - (len(touched) - len(outside))
+    assert first.scanned == npages // 2
+    with pytest.raises(RuntimeError, match="not scanned"):
+        tr.scan_fresh()
+    sent = np.array([p for p in touched if p < npages // 2], dtype=np.uint64)
+    fps = np.array([tr.fingerprinter.page(bytes(mem[int(p) * PAGE:(int(p) + 1) * PAGE])) for p in sent],
+                   dtype=np.uint64)
+    tr.record_sent(sent, fps)  # what the sender does for every page it encodes
+    mem[(npages - 1) * PAGE] = 7  # written after the first scan
+    again = tr.scan()
+    assert N.bitmap_indices(again.dirty).tolist() == sorted([*outside, npages - 1])
+
+
 def test_tracker_rejects_bad_memory() -> None:
     with pytest.raises(ValueError, match="multiple of 4096"):
         N.FingerprintTracker(bytearray(PAGE + 1), os.urandom(32))

@@ -408,3 +408,111 @@ def test_unhashed_batch_drops_stale_dedup_entries() -> None:
         receiver.open(f)
     assert np.array_equal(out[5 * PAGE:6 * PAGE], mem[5 * PAGE:6 * PAGE])
     assert np.array_equal(out[9 * PAGE:10 * PAGE], old)
+
+
+class RecordingGuard:
+    """A SpaceGuard that records what it was asked to reserve."""
+
+    def __init__(self) -> None:
+        self.complete = False
+        self.asked: list[tuple[int, int]] = []
+
+    def ensure(self, start: int, end: int) -> None:
+        self.asked.append((start, end))
+
+
+def test_receiver_has_each_frames_range_reserved_before_writing_it() -> None:
+    """While guest memory's space is being reserved, every page a frame writes, or a
+    reference reads, lies in the range the receiver asked the guard for first; once
+    the guard is complete it is not asked any more."""
+    kinds = [1] * NPAGES
+    src = make_memory(kinds, 5)
+    src[40 * PAGE:41 * PAGE] = src[3 * PAGE:4 * PAGE]  # page 40 goes as a reference to page 3
+    dst = np.zeros(NPAGES * PAGE, dtype=np.uint8)
+    sender = N.PageStreamSender(KEY, src, dedup=N.DedupIndex(), threads=1, frame_pages=8)
+    receiver = N.PageStreamReceiver(KEY, dst)
+    guard = RecordingGuard()
+    receiver.guard = guard
+    zero = np.zeros(NPAGES // 8, dtype=np.uint8)
+    zero[7] = 1  # page 56 sent as a zero record: written (zeroed) too
+    src[56 * PAGE:57 * PAGE] = 0
+    pages = [3, 4, 5, 40, 41, 56, 10, 11]
+    for frame in sender.encode(pages, zero):
+        receiver.open(frame)
+    assert guard.asked and min(a for a, _ in guard.asked) <= 3 * PAGE
+    for p in pages:
+        assert any(a <= p * PAGE and (p + 1) * PAGE <= b for a, b in guard.asked), p
+    assert np.array_equal(dst.reshape(NPAGES, PAGE)[pages], src.reshape(NPAGES, PAGE)[pages])
+    guard.complete, guard.asked = True, []
+    src[20 * PAGE] ^= 1
+    for frame in sender.encode([20]):
+        receiver.open(frame)
+    assert guard.asked == []
+
+
+def test_payload_span_of_malformed_plaintext_is_empty() -> None:
+    from novacron.native.stream import payload_span
+
+    assert payload_span(b"", NPAGES) == (0, 0)
+    assert payload_span(struct.pack("<IIII", 5, 0, 0, 0), NPAGES) == (0, 0)  # counts past its size
+    record = struct.pack("<QIB3x", 7, 2, 1)  # two zero pages from page 7
+    assert payload_span(struct.pack("<IIII", 1, 0, 0, 2) + record, NPAGES) == (7, 9)
+
+
+def test_receiver_writes_data_pages_through_the_mapped_file(tmp_path: os.PathLike[str]) -> None:
+    """With ``write_fd`` data pages go in with pwrite, zero and referenced pages
+    through the mapping: the mapping reads back every page bit-exact; a write the
+    file refuses raises OSError instead of being skipped."""
+    import mmap
+
+    kinds = [1, 2, 0, 3] * (NPAGES // 4)
+    src = make_memory(kinds, 9)
+    path = os.path.join(tmp_path, "ram")
+    with open(path, "wb") as f:
+        f.write(os.urandom(NPAGES * PAGE))  # stale content everywhere: every page must be overwritten
+    fd = os.open(path, os.O_RDWR)
+    mm = mmap.mmap(fd, NPAGES * PAGE)
+    try:
+        sender = N.PageStreamSender(KEY, src, dedup=N.DedupIndex(), threads=1, frame_pages=16)
+        receiver = N.PageStreamReceiver(KEY, mm)
+        receiver.write_fd = fd
+        zero = N.FingerprintTracker(src, os.urandom(32), threads=1).scan().zero
+        for frame in sender.encode(range(NPAGES), zero):
+            receiver.open(frame)
+        assert bytes(mm) == src.tobytes()
+        receiver.write_fd = os.open(path, os.O_RDONLY)  # writes through it fail (EBADF)
+        try:
+            src[0] ^= 1
+            [frame] = sender.encode([0])
+            with pytest.raises(OSError, match="writing guest memory"):
+                receiver.open(frame)
+        finally:
+            os.close(receiver.write_fd)
+        receiver.close()
+    finally:
+        mm.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_unstaged_frames_record_the_fingerprints_of_what_they_carry(threads: int) -> None:
+    """Without dedup the pages are copied straight into their frames: the tracker
+    must hold the fingerprint of each page as the receiver got it (zero pages the
+    zero page's), so an unchanged guest scans clean and a page changed after it was
+    sent, even back and forth, scans dirty."""
+    kinds = [1, 2, 0, 3] * (NPAGES // 4)
+    src = make_memory(kinds, 13)
+    dst = np.zeros(NPAGES * PAGE, dtype=np.uint8)
+    tracker = N.FingerprintTracker(src, os.urandom(32), threads=1)
+    first = tracker.scan_fresh()
+    sender = N.PageStreamSender(KEY, src, threads=threads, frame_pages=8, tracker=tracker)
+    sender.compress = False
+    receiver = N.PageStreamReceiver(KEY, dst)
+    for frame in sender.encode(N.bitmap_indices(first.dirty), first.zero):
+        receiver.open(frame)
+    assert np.array_equal(dst, src)
+    for p in range(NPAGES):
+        assert tracker._fps[p] == tracker.fingerprinter.page(bytes(dst[p * PAGE:(p + 1) * PAGE])), p
+    assert tracker.scan().dirty_count == 0
+    src[5 * PAGE] ^= 0xFF
+    assert N.bitmap_indices(tracker.scan().dirty).tolist() == [5]
