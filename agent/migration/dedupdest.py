@@ -6,7 +6,8 @@ this host: pages of its running VMs' RAM files (indexed once per VM, lazily, whe
 a migration arrives: no O(RAM) work per migration) and pages that incoming
 migrations received (indexed as they land, so several VMs evacuated here at once
 send each distinct content once; what one received as plain data before another
-arrived is hashed in the background when that one arrives). Memory is bounded by ``dedup_index_max_mb``;
+arrived is hashed in the background when that one arrives). Only the pages a file
+holds are read, never its holes (``_data_runs``). Memory is bounded by ``dedup_index_max_mb``;
 entries are never trusted: every page copied from the index is re-hashed at the
 moment it is copied, and a stale entry (the page changed, its VM went away) is a
 miss, answered "need" (the source then sends the data).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import mmap
@@ -79,6 +81,40 @@ class _Slot:
     next_page: int = 0  # indexed this far (incoming RAM: once another migration arrives)
     pages: int = 0
     indexed_at: float = -math.inf  # monotonic time its indexing last completed
+
+
+def _data_runs(path: Path, key: tuple[int, int], first: int, end: int) -> list[tuple[int, int]]:
+    """(first page, count) of the runs in ``[first, end)`` that hold data in the file
+    (SEEK_DATA/SEEK_HOLE). A hole reads as zeros, and on tmpfs reading one through a
+    mapping allocates its page: RAM for nothing, and with the file system full the
+    read is a SIGBUS that kills the agent. Where holes cannot be told, all of it;
+    nothing when the file at ``path`` is no longer the one mapped (``key``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != key:
+            return []
+        runs: list[tuple[int, int]] = []
+        pos, stop = first * PAGE, end * PAGE
+        while pos < stop:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data past pos
+                    break
+                return [(first, end - first)]  # no SEEK_DATA here (not tmpfs: holes read freely)
+            if start >= stop:
+                break
+            hole = min(os.lseek(fd, start, os.SEEK_HOLE), stop)
+            a, b = start // PAGE, min(end, (hole + PAGE - 1) // PAGE)
+            runs.append((a, b - a))
+            pos = b * PAGE
+        return runs
+    finally:
+        os.close(fd)
 
 
 class PageIndex:
@@ -185,7 +221,7 @@ class PageIndex:
         Called with the lock held."""
         for key in set(self._incoming.values()) - {arriving}:
             s = self._slots.get(key)
-            if s is not None and s.next_page >= s.pages:
+            if s is not None:  # (mid-pass too: pages landed behind its cursor since)
                 s.next_page = 0
         self._kick()
 
@@ -199,12 +235,13 @@ class PageIndex:
         """Index the next ``INDEX_CHUNK`` pages of a RAM file not fully indexed yet;
         False when there is nothing (mapped) left to do or the table is full."""
         with self.lock:
-            todo = next((s for s in self._slots.values()
-                         if s.mm is not None and s.next_page < s.pages), None)
-            if todo is None or len(self.cache) >= self.max_entries:
+            key, todo = next(((k, s) for k, s in self._slots.items()
+                              if s.mm is not None and s.next_page < s.pages), (None, None))
+            if key is None or todo is None or len(self.cache) >= self.max_entries:
                 return False
             a, b = todo.next_page, min(todo.pages, todo.next_page + INDEX_CHUNK)
-            added = self.cache.index_pages(todo.slot, a, b)
+            added = sum(self.cache.index_pages(todo.slot, first, first + n)
+                        for first, n in _data_runs(todo.path, key, a, b))
             self.refused += (b - a) - added if len(self.cache) >= self.max_entries else 0
             todo.next_page = b
             self.indexed_pages += b - a
@@ -451,8 +488,7 @@ class IncomingDedup:
             if key is not None and not committed and key in idx._slots:
                 idx._close_slot(key)
             elif key is not None and key in idx._slots:  # hashed mid-way, if at all: whole at the next refresh
-                s = idx._slots[key]
-                s.next_page, s.indexed_at = s.pages, -math.inf
+                idx._slots[key].indexed_at = -math.inf
             if not idx._incoming:
                 idx._park()
 

@@ -166,8 +166,14 @@ class CompressionPolicy:
 
     @property
     def packing(self) -> bool:
-        """Whether the batches go packed now (the last choice)."""
+        """Whether the batches mostly go packed now (the last settled choice; a sample
+        of the other mode may go between)."""
         return self._last_choice if self.enabled else True
+
+    @property
+    def current_level(self) -> int:
+        """The zstd level in use (``level()`` may step it; this does not)."""
+        return self._level
 
     def stored_only(self, capped: bool) -> bool:
         """Whether every batch goes stored whatever is measured: an uncapped

@@ -144,12 +144,15 @@ def _sampled_page_bytes(mm: mmap.mmap, dirty: np.ndarray, packed: bool, level: i
     None for an empty set. Pages written again are the guest's working set, often
     unlike the average of its memory: a 40 Mbit/s migration priced them at round 1's
     1.6 KB a page and paused twice its estimate (they weighed 4 KB)."""
-    idx = bitmap_indices(dirty)
-    if idx.size == 0:
+    # the bitmap's non-zero bytes, not its pages: a large guest's page list would be big
+    nz = np.flatnonzero(dirty)
+    if nz.size == 0:
         return None
     if not packed:
         return float(protocol.PAGE + PAGE_RECORD_BYTES)
-    pick = idx[np.linspace(0, idx.size - 1, min(SAMPLE_PAGES, idx.size)).astype(np.int64)]
+    chosen = nz[np.linspace(0, nz.size - 1, min(SAMPLE_PAGES, nz.size)).astype(np.int64)]
+    low = dirty[chosen] & -dirty[chosen].astype(np.int16)  # each byte's lowest set bit
+    pick = chosen.astype(np.int64) * 8 + np.log2(low.astype(np.float64)).astype(np.int64)
     sample = b"".join(mm[int(p) * protocol.PAGE:(int(p) + 1) * protocol.PAGE] for p in pick)
     packed_len = min(len(zstandard.ZstdCompressor(level=level).compress(sample)), len(sample))
     return packed_len / len(pick) + PAGE_RECORD_BYTES
@@ -228,7 +231,6 @@ class SourceMigration:
         self._round_pages = 0  # pages of the dirty set this round sends ...
         self._round_sent = 0  # ... and how many of them went out
         self._scan_s = 0.0  # how long the last dirty scan took (the final one will be alike)
-        self._t_scan: float | None = None  # when the last pre-copy scan started (monotonic)
         self._estimate: estimate.Estimate | None = None
         self._round_rate = 0.0  # best acked throughput of a whole round
         self._final_wire = 0  # bytes of the pages sent while paused
@@ -279,7 +281,10 @@ class SourceMigration:
         log.info("migration starting", extra={"migration": st.id, "vm": st.vm, "peer": st.peer})
         self._reader = asyncio.create_task(self._read_loop())
         keepalive = asyncio.create_task(self._keepalive())
-        self.share.announce(self)  # a drain's VMs, requested together, know of each other at once
+        if self.opts.dest_dedup and self.opts.on_no_converge != "postcopy":
+            # a drain's VMs, requested together, know of each other at once (to offer
+            # pages by digest: post-copy and dedup-less migrations never do)
+            self.share.announce(self)
         try:
             await self._watched(self._phases())
             await self._commit()
@@ -763,12 +768,13 @@ class SourceMigration:
             dirty = bitmap_count(scan.dirty)
             if self._dirty_per_page is None:  # no page re-sent yet: weigh a sample of them
                 self._sampled_per_page = await self.ram_work.run(
-                    _sampled_page_bytes, self._mm, scan.dirty, self.policy.packing, self.policy.level())
+                    _sampled_page_bytes, self._mm, scan.dirty, self.policy.packing,
+                    self.policy.current_level)
             st.dirty_pages_last_round = dirty
             # written between the starts of two scans (the scan may start before the round's
             # acknowledgement: its end is no measure)
             st.dirty_rate_pages_s = dirty / max(t_scan - last_scan, 1e-6)
-            last_scan = self._t_scan = t_scan
+            last_scan = t_scan
             self._round_pages, self._round_sent = dirty, 0  # what is left: the dirty set
             self._progress()
             est = self._estimate = self._switchover_estimate(dirty)
@@ -851,12 +857,6 @@ class SourceMigration:
         st, opts = self.status, self.opts
         link = self._link_rate()
         now = time.monotonic()
-        if self._t_scan is not None and self.tracker is not None:
-            # the pause also sends what was written since the scan started: on a slow link
-            # the round's acknowledgement comes well after (40 Mbit/s: ~0.1 s of pages the
-            # estimate missed, pause 2.1x the estimate)
-            since = st.dirty_rate_pages_s * max(0.0, now - self._t_scan)
-            dirty = min(self.tracker.npages, dirty + int(since))
         others = self.share.others(self)
         queued, queued_others = max(0, st.bytes_wire - st.bytes_acked), 0
         if others:

@@ -14,7 +14,7 @@ import pytest
 
 from novacron.agent.channel import Channel, ChannelServer, connect
 from novacron.agent.migration import source as source_mod
-from novacron.agent.migration.dedupdest import PageIndex
+from novacron.agent.migration.dedupdest import PageIndex, _data_runs
 from novacron.agent.migration.dest import receive_migration
 from novacron.agent.migration.options import MigrationOptions
 from novacron.agent.migration.source import SourceMigration
@@ -299,7 +299,7 @@ async def test_a_drain_offers_once_the_other_migrations_are_known(tmp_path: Path
 
 async def test_a_late_second_vm_finds_what_the_first_sent_as_data(tmp_path: Path, host: Host,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A drain whose second VM starts only once the first sent half its pages as
+    """A drain whose second VM starts only once the first sent three quarters of its pages as
     plain data (nothing said to offer: an empty destination on a fast link). When the
     second arrives, the destination hashes what the first received, so the second
     VM's image pages are copied there instead of crossing again (CI, 2 slow cores:
@@ -312,12 +312,13 @@ async def test_a_late_second_vm_finds_what_the_first_sent_as_data(tmp_path: Path
     fill(a, base, own=0.1, seed=22)
     fill(b, base, own=0.1, seed=23)
     ch = await connect("127.0.0.1", host.server.port, SECRET)
-    o = MigrationOptions.from_dict({"test_digest": True, "bandwidth_mbps": 50})
+    # small batches: few of A's pages are still to be encoded (as data) once B is known
+    o = MigrationOptions.from_dict({"test_digest": True, "bandwidth_mbps": 50, "batch_pages": 256})
     st_a = MigrationStatus(id="la", vm="vla", role="source", options=o.as_dict())
     run_a = asyncio.create_task(SourceMigration(a, ch, st_a, o).run())
     try:
         async with asyncio.timeout(30):
-            while st_a.pages_sent < PAGES // 2:
+            while st_a.pages_sent < 3 * PAGES // 4:
                 await asyncio.sleep(0.01)
         sent_alone = st_a.pages_sent
         sb = await asyncio.wait_for(migrate(b, host.server.port, mid="lb", bandwidth_mbps=50), 60)
@@ -329,8 +330,9 @@ async def test_a_late_second_vm_finds_what_the_first_sent_as_data(tmp_path: Path
     for st in (st_a, sb):
         assert st.phase == "completed", st.error
         assert st.digest_source == st.digest_destination
-    # ~0.9 (non-zero) x 0.81 (neither VM's own) of A's first half: ~1,500 pages B need not
-    # send; unindexed, they were needed (B offered them before A's later pages landed)
+    # ~0.9 (non-zero) x 0.81 (neither VM's own) of A's first three quarters: ~2,240 pages B
+    # need not send. Unindexed, they were needed: B could then hit only on A's last
+    # quarter (offered once B was known), at most ~750
     from_a_data = 0.9 * 0.81 * sent_alone
     assert sb.dedup["hits"] > 0.8 * from_a_data, (sent_alone, st_a.dedup, sb.dedup, host.index.stats())
 
@@ -455,3 +457,26 @@ async def test_source_refuses_answers_to_pages_it_did_not_offer(tmp_path: Path) 
         assert [list(p) for _, p in mig._repairs] == [[2]]
     finally:
         vm.close()
+
+
+async def test_indexing_reads_no_hole_of_a_ram_file() -> None:
+    """A RAM file's holes are never read (on tmpfs a read would allocate the page, and
+    with the file system full kill the agent with SIGBUS): 4 pages written of 256, 4
+    pages indexed, the file still holding 4 pages."""
+    path = Path(f"/dev/shm/novacron-test-holes-{os.getpid()}")
+    try:
+        with open(path, "wb") as f:
+            f.truncate(256 * PAGE)
+            f.seek(100 * PAGE)
+            f.write(np.random.default_rng(5).integers(0, 256, 4 * PAGE, dtype=np.uint8).tobytes())
+        assert os.stat(path).st_blocks * 512 == 4 * PAGE
+        index = PageIndex(4, lambda: [path])
+        stats = await index.warm()
+        assert stats["entries"] == 4 and stats["pages_indexed"] == 256, stats
+        assert os.stat(path).st_blocks * 512 == 4 * PAGE  # no hole was read
+        st = os.stat(path)
+        assert _data_runs(path, (st.st_dev, st.st_ino), 0, 256) == [(100, 4)]
+        assert _data_runs(path, (st.st_dev, st.st_ino), 101, 102) == [(101, 1)]
+        assert _data_runs(path, (st.st_dev, st.st_ino + 1), 0, 256) == []  # another file now
+    finally:
+        path.unlink(missing_ok=True)
