@@ -41,6 +41,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
@@ -239,10 +240,15 @@ class HeartbeatBatcher:
     def __init__(self, write: Callable[[list[tuple[str, dict[str, Any], float]]],
                                        Awaitable[set[str]]]) -> None:
         self._write = write
-        self._queue: list[tuple[str, dict[str, Any], float, asyncio.Future[bool] | None]] = []
+        # (name, fields, time, waiter, its place in the queue's order)
+        self._queue: list[tuple[str, dict[str, Any], float, asyncio.Future[bool] | None, int]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._in_flight = 0
         self._unknown: set[str] = set()  # posted heartbeats of hosts the store did not know
+        # a host registered after some of its heartbeats were queued: their "not known" is
+        # old news (queue order at registration, by name; dropped once those are written)
+        self._registered_at: dict[str, int] = {}
+        self._registrations: deque[tuple[int, str]] = deque()
         self.error: str | None = None  # why the last batch failed; None once one succeeds
         self._queued_seq = self._written_seq = 0  # heartbeats queued / batches done, in order
         self._written = asyncio.Event()  # set (then replaced) when a batch is done
@@ -253,7 +259,7 @@ class HeartbeatBatcher:
 
     async def commit(self, name: str, fields: dict[str, Any], now: float) -> bool:
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._enqueue((name, fields, now, fut))
+        self._enqueue(name, fields, now, fut)
         return await fut
 
     def post(self, name: str, fields: dict[str, Any], now: float) -> HeartbeatNews:
@@ -263,12 +269,16 @@ class HeartbeatBatcher:
         if name in self._unknown:
             self._unknown.discard(name)
             return "unknown"
-        self._enqueue((name, fields, now, None))
+        self._enqueue(name, fields, now, None)
         return "failing" if self.error is not None else "queued"
 
     def registered(self, name: str) -> None:
-        """``name`` has just been (re)registered: drop news that it is not."""
+        """``name`` has just been (re)registered: drop news that it is not, and any that
+        its heartbeats queued before now would bring."""
         self._unknown.discard(name)
+        if self._written_seq < self._queued_seq:
+            self._registered_at[name] = self._queued_seq
+            self._registrations.append((self._queued_seq, name))
 
     async def settled(self) -> None:
         """Return once every heartbeat queued before the call is written (or failed)."""
@@ -280,9 +290,10 @@ class HeartbeatBatcher:
         if self._flusher is not None and not self._flusher.done():
             await asyncio.wait([self._flusher])  # let queued heartbeats commit
 
-    def _enqueue(self, item: tuple[str, dict[str, Any], float, asyncio.Future[bool] | None]) -> None:
-        self._queue.append(item)
+    def _enqueue(self, name: str, fields: dict[str, Any], now: float,
+                 fut: asyncio.Future[bool] | None) -> None:
         self._queued_seq += 1
+        self._queue.append((name, fields, now, fut, self._queued_seq))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="heartbeat-batches")
 
@@ -291,10 +302,10 @@ class HeartbeatBatcher:
             batch, self._queue = self._queue, []
             self._in_flight = len(batch)
             try:
-                known = await self._write([(n, f, t) for n, f, t, _ in batch])
+                known = await self._write([(n, f, t) for n, f, t, _, _ in batch])
             except BaseException as exc:
                 self.error = f"{type(exc).__name__}: {exc}"
-                for *_, fut in batch:
+                for _, _, _, fut, _ in batch:
                     if fut is not None and not fut.done():
                         if isinstance(exc, asyncio.CancelledError):
                             fut.cancel()
@@ -306,15 +317,20 @@ class HeartbeatBatcher:
                                                               "error": self.error})
             else:
                 self.error = None
-                for name, _, _, fut in batch:
+                for name, _, _, fut, seq in batch:
                     if fut is not None:
                         if not fut.done():
                             fut.set_result(name in known)
-                    elif name not in known:
+                    elif name not in known and seq > self._registered_at.get(name, 0):
                         self._unknown.add(name)
             finally:
                 self._in_flight = 0
                 self._written_seq += len(batch)
+                regs = self._registrations
+                while regs and regs[0][0] <= self._written_seq:  # all queued before it are written
+                    seq, name = regs.popleft()
+                    if self._registered_at.get(name) == seq:
+                        del self._registered_at[name]
                 self._written.set()
                 self._written = asyncio.Event()
 

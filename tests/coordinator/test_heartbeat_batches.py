@@ -62,6 +62,24 @@ async def test_posted_heartbeats_are_written_in_batches_and_news_comes_with_the_
     await hb.close()
 
 
+async def test_a_host_that_registers_while_its_old_heartbeats_are_written_is_not_told_404() -> None:
+    """A heartbeat of a host the store did not know is being written when the host
+    registers: that batch's "not known" is old news, not a 404 for the next heartbeat.
+    One queued after the registration that finds it unknown still is."""
+    db = Database(set())
+    hb = HeartbeatBatcher(db.write)
+    db.gate.clear()
+    assert hb.post("late", {}, 1.0) == "queued"
+    await asyncio.sleep(0)  # being written
+    hb.registered("late")  # the database will know it from now on ...
+    db.gate.set()
+    await hb.settled()  # ... but that write began before
+    assert hb.post("late", {}, 2.0) == "queued"
+    await hb.settled()  # queued after the registration, and still unknown (deleted since)
+    assert hb.post("late", {}, 3.0) == "unknown"
+    assert not hb._registered_at and not hb._registrations  # nothing kept once written
+
+
 async def test_a_failed_batch_is_reported_and_the_next_one_recovers() -> None:
     db = Database({"a"})
     hb = HeartbeatBatcher(db.write)

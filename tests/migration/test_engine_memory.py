@@ -8,6 +8,7 @@ import asyncio
 import errno
 import os
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -193,18 +194,46 @@ async def test_admission_refused_leaves_source_running(tmp_path: Path, dest: Des
 
 async def test_ram_file_reserved_while_pages_arrive(tmp_path: Path, dest: Dest,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The destination's RAM file is reserved in small steps while pre-copy runs: the
-    migration completes bit-exact, and the whole file had its space before switchover."""
+    """The destination's RAM file is reserved in small steps while pre-copy runs, and
+    each frame's pages ahead of that are reserved by the receiver before it writes them
+    (``guard.ensure``): the background thread is held back until four frames were, so
+    an unwired guard fails here. Bit-exact, and the whole file had its space before
+    switchover."""
     monkeypatch.setattr(ramfile, "RESERVE_CHUNK", 64 * 1024)
+    ahead: list[tuple[int, int]] = []  # ranges a writer reserved past the thread's progress
+    four = threading.Event()
+    local = threading.local()
+    real_ensure, real_reserve = ramfile.Reservation.ensure, ramfile._reserve
+
+    def ensure(self: ramfile.Reservation, start: int, end: int) -> None:
+        if end > self.reserved:
+            ahead.append((start, end))
+            if len(ahead) >= 4:
+                four.set()
+        local.writer = True
+        try:
+            real_ensure(self, start, end)
+        finally:
+            local.writer = False
+
+    def reserve(fd: int, path: Path, length: int, offset: int) -> None:
+        if not getattr(local, "writer", False):  # the background thread: after four frames
+            four.wait(10)
+        real_reserve(fd, path, length, offset)
+
+    monkeypatch.setattr(ramfile.Reservation, "ensure", ensure)
+    monkeypatch.setattr(ramfile, "_reserve", reserve)
     dest.factory.reserve_later = True
     src = MemSourceVM(tmp_path / "src", "resv", pages=8192, dirty_pages_per_s=2000)
     try:
         _, st = await migrate(src, dest.server.port)
         await asyncio.wait_for(dest.done.wait(), 10)
     finally:
+        four.set()
         src.close()
     assert st.phase == "completed", st.error
     assert st.digest_source == st.digest_destination and st.digest_source
+    assert len(ahead) >= 4 and all(e > s for s, e in ahead), ahead
     dvm = dest.factory.vms["resv"]
     assert dvm.reservation is not None and dvm.reservation.complete
     assert "reserved_s" in dest.statuses[0].prepare_parts
