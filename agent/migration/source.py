@@ -228,6 +228,9 @@ class SourceMigration:
         self.link = estimate.LinkMeter()
         self._ack_event = asyncio.Event()
         self._acked_round = 0
+        # the destination's RAM file has all its space (None: it does not say)
+        self._dest_reserved: bool | None = None
+        self._reserved_event = asyncio.Event()
         self._round_pages = 0  # pages of the dirty set this round sends ...
         self._round_sent = 0  # ... and how many of them went out
         self._scan_s = 0.0  # how long the last dirty scan took (the final one will be alike)
@@ -443,12 +446,37 @@ class SourceMigration:
     def _on_ack(self, msg: dict[str, Any]) -> None:
         st = self.status
         acked, rnd, their_t = protocol.check_ack(msg, st.bytes_wire)
+        self._note_reserved(msg)
         self.link.ack(time.monotonic(), acked, st.bytes_wire, their_t)
         st.bytes_acked = self.link.acked
         if rnd is not None:
             self._acked_round = max(self._acked_round, rnd)
             self._ack_event.set()
         self._progress()
+
+    def _note_reserved(self, msg: dict[str, Any]) -> None:
+        reserved = msg.get("reserved")
+        if reserved is not None and not isinstance(reserved, bool):
+            raise ProtocolError(f"'{msg.get('op')}' message: reserved must be true or false")
+        if reserved is not None and self._dest_reserved is not True:  # (space is not given back)
+            self._dest_reserved = reserved
+            if reserved:
+                self._reserved_event.set()
+
+    async def _wait_reserved(self) -> None:
+        """Until the destination's RAM file has all its space, the guest running here:
+        paused, the device state would wait for it. Bounded by the migration's timeout;
+        a reservation that fails ends the migration (the destination says why)."""
+        st = self.status
+        t0 = time.monotonic()
+        log.info("pre-copy converged; waiting for the destination to reserve the RAM file's space",
+                 extra={"migration": st.id})
+        while not self._reserved_event.is_set():
+            self._check_inbox()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reserved_event.wait(), 0.1)  # 0.1 s: cancel checks
+        st.prepare_parts["reserve_wait_s"] = round(
+            st.prepare_parts.get("reserve_wait_s", 0.0) + time.monotonic() - t0, 4)
 
     def _on_need(self, msg: dict[str, Any]) -> None:
         """The destination's answer to a have batch: these pages it could not fill."""
@@ -593,6 +621,7 @@ class SourceMigration:
             asyncio.create_task(self._first_scan())
         try:
             prepared = await self._expect("prepared", timeout=120)
+            self._note_reserved(prepared)
             # admission, RAM file and QEMU start at the destination
             st.prepare_parts["destination_s"] = round(time.monotonic() - t_sent, 4)
         finally:
@@ -793,6 +822,11 @@ class SourceMigration:
                     # the pause fits with the link to ourselves: take the turn (others'
                     # pauses first), then one round alone before deciding again
                     await self._take_turn()
+                    continue
+                if self._dest_reserved is False:
+                    # the destination still reserves the RAM file's space, and the pause
+                    # would wait for it: wait with the guest running, then one more round
+                    await self._wait_reserved()
                     continue
                 st.converged = True
                 break

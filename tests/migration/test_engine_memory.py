@@ -239,6 +239,58 @@ async def test_ram_file_reserved_while_pages_arrive(tmp_path: Path, dest: Dest,
     assert "reserved_s" in dest.statuses[0].prepare_parts
 
 
+async def test_the_guest_is_not_paused_before_the_ram_file_has_its_space(
+        tmp_path: Path, dest: Dest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pre-copy converges while the destination still reserves its RAM file's space
+    (held here until the source waits): the source waits with the guest running, and
+    pauses it only once the destination says the space is there, since the device
+    state would wait for it with the guest paused (4 GiB: 143 ms of a 226 ms pause)."""
+    monkeypatch.setattr(ramfile, "RESERVE_CHUNK", 64 * 1024)
+    go = threading.Event()
+    local = threading.local()
+    real_ensure, real_reserve = ramfile.Reservation.ensure, ramfile._reserve
+    real_wait = SourceMigration._wait_reserved
+    waiting = asyncio.Event()
+    paused_when_waiting: list[int] = []
+
+    def ensure(self: ramfile.Reservation, start: int, end: int) -> None:
+        local.writer = True
+        try:
+            real_ensure(self, start, end)
+        finally:
+            local.writer = False
+
+    def reserve(fd: int, path: Path, length: int, offset: int) -> None:
+        if not getattr(local, "writer", False):  # the background thread: held
+            go.wait(30)
+        real_reserve(fd, path, length, offset)
+
+    async def wait_reserved(self: SourceMigration) -> None:
+        paused_when_waiting.append(src.paused_count)
+        waiting.set()
+        await real_wait(self)
+
+    monkeypatch.setattr(ramfile.Reservation, "ensure", ensure)
+    monkeypatch.setattr(ramfile, "_reserve", reserve)
+    monkeypatch.setattr(SourceMigration, "_wait_reserved", wait_reserved)
+    dest.factory.reserve_later = True
+    src = MemSourceVM(tmp_path / "src", "late", pages=4096, dirty_pages_per_s=0)
+    run = asyncio.create_task(migrate(src, dest.server.port))
+    try:
+        await asyncio.wait_for(waiting.wait(), 30)
+        assert not run.done() and src.paused_count == 0 and src.running
+        go.set()
+        _, st = await asyncio.wait_for(run, 30)
+        await asyncio.wait_for(dest.done.wait(), 10)
+    finally:
+        go.set()
+        src.close()
+    assert st.phase == "completed", st.error
+    assert st.digest_source == st.digest_destination and st.digest_source
+    assert paused_when_waiting == [0] and st.prepare_parts["reserve_wait_s"] > 0
+    assert src.paused_count == src.resumed_count + 1
+
+
 async def test_ram_file_space_gone_fails_the_migration_before_switchover(
         tmp_path: Path, dest: Dest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The space goes while the RAM file is being reserved (another tenant of the file
