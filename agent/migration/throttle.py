@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import time
 from pathlib import Path
 
 from novacron.agent.migration.vmport import SourceVM
@@ -65,9 +67,30 @@ class CpuQuota:
             (self.dir / "cpu.cfs_quota_us").write_text(str(quota))
 
     def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-            (self.home / "cgroup.procs").write_text(str(self.pid))
-        self.dir.rmdir()
+        _empty_and_remove(self.dir, self.home)
+
+
+EMPTY_TRIES = 50  # moves of what is left in a quota's cgroup before giving up (10 ms apart)
+
+
+def _empty_and_remove(group: Path, home: Path) -> None:
+    """Move every process in ``group`` to ``home`` and remove ``group``. Not only the
+    guest's QEMU: a child it forked while under the quota is there too, and a fork
+    racing the move lands there after it (rmdir: EBUSY; seen with a shell script as
+    the process, which forks at every step). Bounded: after ``EMPTY_TRIES`` the error
+    stands."""
+    for attempt in range(EMPTY_TRIES):
+        with contextlib.suppress(FileNotFoundError):
+            for pid in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                    (home / "cgroup.procs").write_text(pid)
+        try:
+            group.rmdir()
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or attempt == EMPTY_TRIES - 1:
+                raise
+        time.sleep(0.01)  # a fork in progress: its child joins the group, then we move it
 
 
 def lift_stale(pid: int, root: Path = CGROUP_ROOT) -> bool:
@@ -79,9 +102,7 @@ def lift_stale(pid: int, root: Path = CGROUP_ROOT) -> bool:
     if not stale.is_dir():
         return False
     home = _cgroup_of(os.getpid(), v2) or "/"
-    with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-        (base / home.lstrip("/") / "cgroup.procs").write_text(str(pid))
-    stale.rmdir()
+    _empty_and_remove(stale, base / home.lstrip("/"))
     log.warning("lifted a CPU quota a previous agent left on a guest", extra={"pid": pid})
     return True
 
