@@ -168,7 +168,7 @@ class Throttle:
         quota, self.quota = self.quota, None
         if quota is not None:
             try:
-                quota.close()
+                await asyncio.to_thread(quota.close)  # (it may retry, 10 ms apart: not on the loop)
             except OSError as exc:  # the guest runs, but slowed: say so loudly
                 log.error("could not lift the CPU quota of the guest", extra={"error": str(exc)})
                 raise
