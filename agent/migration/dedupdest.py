@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import math
 import mmap
@@ -41,6 +40,7 @@ import numpy.typing as npt
 
 from novacron.agent.channel.records import ProtocolError
 from novacron.agent.migration import protocol
+from novacron.agent.migration.stopscan import data_runs
 from novacron.native import PageCache, page_digest
 
 log = logging.getLogger("novacron.agent.migration")
@@ -97,22 +97,10 @@ def _data_runs(path: Path, key: tuple[int, int], first: int, end: int) -> list[t
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != key:
             return []
-        runs: list[tuple[int, int]] = []
-        pos, stop = first * PAGE, end * PAGE
-        while pos < stop:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data past pos
-                    break
-                return [(first, end - first)]  # no SEEK_DATA here (not tmpfs: holes read freely)
-            if start >= stop:
-                break
-            hole = min(os.lseek(fd, start, os.SEEK_HOLE), stop)
-            a, b = start // PAGE, min(end, (hole + PAGE - 1) // PAGE)
-            runs.append((a, b - a))
-            pos = b * PAGE
-        return runs
+        try:
+            return data_runs(fd, first, end)
+        except OSError:  # no SEEK_DATA here (not tmpfs: holes read freely)
+            return [(first, end - first)]
     finally:
         os.close(fd)
 

@@ -158,6 +158,13 @@ def _sampled_page_bytes(mm: mmap.mmap, dirty: np.ndarray, packed: bool, level: i
     return packed_len / len(pick) + PAGE_RECORD_BYTES
 
 
+async def _tick(event: asyncio.Event) -> None:
+    """Up to 0.1 s for ``event``: a loop waiting on the destination checks its inbox
+    and for a cancel between ticks."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), 0.1)
+
+
 class MigrationFailed(Exception):
     pass
 
@@ -473,8 +480,7 @@ class SourceMigration:
                  extra={"migration": st.id})
         while not self._reserved_event.is_set():
             self._check_inbox()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reserved_event.wait(), 0.1)  # 0.1 s: cancel checks
+            await _tick(self._reserved_event)
         st.prepare_parts["reserve_wait_s"] = round(
             st.prepare_parts.get("reserve_wait_s", 0.0) + time.monotonic() - t0, 4)
 
@@ -868,8 +874,7 @@ class SourceMigration:
                 raise MigrationFailed(f"destination did not acknowledge round {st.round} "
                                       f"within {ROUND_ACK_S:g}s")
             self._ack_event.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ack_event.wait(), 0.1)  # 0.1 s: cancel checks
+            await _tick(self._ack_event)
         waited = time.monotonic() - t_sent
         rate = self._link_rate()
         self.link.rtt_sample(max(0.0, waited - queued / rate))
@@ -1088,8 +1093,7 @@ class SourceMigration:
             if time.monotonic() > deadline:
                 raise MigrationFailed(f"destination did not answer {len(self._outstanding)} have "
                                       f"batch(es) within {ROUND_ACK_S:g}s")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._need_event.wait(), 0.1)  # 0.1 s: cancel checks
+            await _tick(self._need_event)
 
     def _send_time(self, t_send: float, wire: int, capped: bool) -> float:
         """Seconds sending ``wire`` bytes took, for the compression policy: the write's

@@ -127,6 +127,28 @@ class StopScan:
         }
 
 
+def data_runs(fd: int, first: int, end: int) -> list[tuple[int, int]]:
+    """(first page, count) of the runs of pages in ``[first, end)`` that hold data in
+    the file (SEEK_DATA/SEEK_HOLE; a page partly data counts). OSError where the file
+    system cannot tell."""
+    runs: list[tuple[int, int]] = []
+    pos, stop = first * PAGE, end * PAGE
+    while pos < stop:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data past pos
+                break
+            raise
+        if start >= stop:
+            break
+        hole = min(os.lseek(fd, start, os.SEEK_HOLE), stop)
+        a, b = start // PAGE, min(end, (hole + PAGE - 1) // PAGE)
+        runs.append((a, b - a))
+        pos = b * PAGE
+    return runs
+
+
 def written_pages(ram_path: Path, ram_stat: Any, npages: int) -> tuple[Bitmap, list[tuple[int, int]]] | None:
     """The pages of a tmpfs RAM file that were ever written (or read), from its holes:
     tmpfs reports a page nobody wrote (not even its ``posix_fallocate``'d space) as a
@@ -143,23 +165,8 @@ def written_pages(ram_path: Path, ram_stat: Any, npages: int) -> tuple[Bitmap, l
         fd = open_regular(ram_path, os.O_RDONLY, same_as=ram_stat)
     except OSError:
         return None
-    runs: list[tuple[int, int]] = []
-    size = npages * PAGE
     try:
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data past pos
-                    break
-                return None
-            if start >= size:
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            first, last = start // PAGE, (end + PAGE - 1) // PAGE
-            runs.append((first, last - first))
-            pos = last * PAGE
+        runs = data_runs(fd, 0, npages)
     except OSError:
         return None
     finally:
