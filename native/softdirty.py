@@ -16,6 +16,16 @@ process (found in /proc/PID/maps by device and inode):
   same: they live in those entries.
 
 Swap-format entries (bit 62: a page being migrated by the kernel) count as written.
+
+**Releasing entries** (``GuestRamWatch.release``): the resident set is every page
+the process touched since it booted, most of it long idle. ``MADV_PAGEOUT``, sent
+to the process with ``process_madvise``, makes the kernel try to reclaim the
+file's pages it alone maps: it unmaps each, then fails to write it out (tmpfs
+without swap has nowhere to put it) and keeps it, data intact. What remains is
+a resident set that starts empty: from then on, a page mapped is a page touched
+since the release. Pages it skips (mapped by another process too, locked, in
+use) stay mapped, which only widens the bound. Done once, before the first
+scan reads anything (see stopscan.py for why not once a round).
 """
 
 from __future__ import annotations
@@ -35,6 +45,9 @@ PAGE_SIZE = 4096
 _SOFT_DIRTY_BIT = 55
 _PRESENT_BIT = 63  # (bit 62, a swap-format entry, always counts: see nc_pagemap.h)
 _CLEAR_SOFT_DIRTY = b"4"
+_MADV_PAGEOUT = 21
+_SYS_PROCESS_MADVISE = 440  # one number on every architecture (asm-generic table, Linux 5.10+)
+_RELEASE_CHUNK = 1 << 30
 
 
 class SoftDirtyUnsupported(OSError):
@@ -218,6 +231,32 @@ class GuestRamWatch:
                 continue
         return pids
 
+    def release(self) -> int:
+        """Unmap the process's entries of the file (see the module notes), keeping its
+        data; returns the bytes advised. Only where ``residency_unsafe_reason()`` is
+        empty: with swap on, this would swap the guest out. OSError when the kernel
+        refuses (no process_madvise, no CAP_SYS_NICE, a locked or hugetlb mapping)."""
+        import ctypes
+
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+        syscall.restype = ctypes.c_long
+        done = 0
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            for m in self.mappings():
+                # the kernel takes at most MAX_RW_COUNT (2 GiB - 4 KiB) of iovecs a call
+                for off in range(0, m.npages * PAGE_SIZE, _RELEASE_CHUNK):
+                    iov = _IoVec(m.start + off, min(_RELEASE_CHUNK, m.npages * PAGE_SIZE - off))
+                    n = syscall(ctypes.c_long(_SYS_PROCESS_MADVISE), ctypes.c_int(pidfd), ctypes.byref(iov),
+                                ctypes.c_size_t(1), ctypes.c_int(_MADV_PAGEOUT), ctypes.c_uint(0))
+                    if n < 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"process_madvise(MADV_PAGEOUT) of process {self.pid}: "
+                                           f"{os.strerror(err)}")
+                    done += n
+        finally:
+            os.close(pidfd)
+        return done
 
     def clear(self) -> None:
         """Reset the soft-dirty bits of the whole process (the kernel has no per-range clear)."""
@@ -234,6 +273,17 @@ class GuestRamWatch:
         finally:
             os.close(fd)
         return out
+
+
+def _iovec() -> type:
+    import ctypes
+
+    class IoVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    return IoVec
+
+
+_IoVec = _iovec()
 
 
 def _writable_mappings(pid: int, dev: int, ino: int, npages: int) -> list[_Mapping]:

@@ -46,7 +46,7 @@ from novacron.agent.migration.postcopy import (
 )
 from novacron.agent.migration.ramwork import RamWork
 from novacron.agent.migration.status import MigrationStatus
-from novacron.agent.migration.stopscan import StopScan, written_pages
+from novacron.agent.migration.stopscan import StopScan, release_resident, written_pages
 from novacron.agent.migration.throttle import Throttle
 from novacron.agent.migration.unixsock import start_unix_server_at
 from novacron.agent.migration.vmport import MirrorSource, PostcopySource, SourceVM
@@ -228,6 +228,7 @@ class SourceMigration:
         self._disk_plan: list[dict[str, Any]] = []
         self.tracker: FingerprintTracker | None = None
         self.stop_scan: StopScan | None = None
+        self._release: dict[str, Any] = {}  # release_resident's report
         self.throttle = Throttle(vm)
         self.sender: PageStreamSender | None = None
         self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
@@ -652,6 +653,13 @@ class SourceMigration:
         assert self._mm is not None
         tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
         t_setup = time.monotonic()
+        # before the written pages are listed: QEMU's page-table entries of its RAM
+        # are released, so that from here its mapped pages are those touched since
+        self._release = await self.ram_work.run(
+            release_resident, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
+            self.opts.bounded_pause)
+        if "seconds" in self._release:
+            st.prepare_parts["release_s"] = self._release["seconds"]
         # side by side: the page-table watch's setup (it reads every process's maps)
         # and the list of written pages (the file's holes), their page-table entries
         # populated; neither reads guest RAM
@@ -688,6 +696,7 @@ class SourceMigration:
             StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, self.tracker.npages,
             self.opts.bounded_pause)
         st.prepare_parts["stop_scan_setup_s"] = round(time.monotonic() - t0, 4)
+        stop_scan.release = self._release
         self.stop_scan = stop_scan
         st.stop_scan = stop_scan.as_dict()
         return stop_scan

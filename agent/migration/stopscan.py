@@ -17,8 +17,15 @@ VM's process (QEMU) may have written, from its page tables (``GuestRamWatch``):
   shmem huge pages the kernel never drops a written entry of the tmpfs file.
   Every page written since the first scan (of every written page) is still mapped by
   QEMU at the pause, and only mapped pages are fingerprinted: bounded by the
-  guest's working set, not its RAM size (an idle 4 GiB guest maps a few hundred
-  MB). Later pre-copy scans use the same mask.
+  guest's working set, not its RAM size. Later pre-copy scans use the same mask.
+  What QEMU maps is everything it touched since boot (an idle 4 GiB guest: about
+  350 MB), so ``release_resident`` first unmaps QEMU's entries of the file
+  (``GuestRamWatch.release``, data kept), right before the written pages are
+  listed: the mask is then what the guest touched during the migration. A write
+  before the release is read by the first scan (the listing comes after it); one
+  after maps its page again until the pause. Only once: a release between
+  rounds would race a write landing between the mask's read and the release
+  (its page unmapped, in no mask), and the kernel cannot do both at once.
 - ``full``: anything else (no pid, /proc unreadable, RAM file not on tmpfs or
   hugetlbfs, swap on, shmem huge pages, another process mapping the RAM file
   writable such as a vhost-user backend, ``bounded_pause`` off): every page, as before. Correct everywhere, O(RAM).
@@ -31,6 +38,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +68,7 @@ class StopScan:
         self.mode = "full"
         self.reason = ""
         self.pages_examined = 0  # pages fingerprinted while the guest was paused
+        self.release: dict[str, Any] = {}  # what release_resident did before the first scan
         self._watch: GuestRamWatch | None = None
         if not enabled:
             self.reason = "bounded_pause is off"
@@ -124,7 +133,33 @@ class StopScan:
             "pages_examined": self.pages_examined,
             "bytes_examined": self.pages_examined * 4096,
             "pagemap_bytes": self._watch.pagemap_bytes if self._watch is not None else 0,
+            "release": self.release or None,
         }
+
+
+def release_resident(migration: str, pid: int | None, ram_path: Path, ram_stat: Any,
+                     npages: int, enabled: bool = True) -> dict[str, Any]:
+    """Before the first scan of a ``resident`` migration: unmap QEMU's entries of the
+    RAM file (see the module notes), so the pause's mask is what the guest touched
+    since. Returns what it did, for the status; never raises: a release refused or
+    failed leaves the entries mapped, which is only a wider bound."""
+    if not enabled or pid is None or ram_stat is None:
+        return {"skipped": "no bound is kept for this migration"}
+    if soft_dirty_supported():
+        return {"skipped": "soft-dirty bits bound the pause"}
+    path = str(ram_path)
+    if unsafe := residency_unsafe_reason(path):  # with swap on, this would swap the guest out
+        return {"skipped": unsafe}
+    t0 = time.monotonic()
+    try:
+        if _fs_type(path) != _TMPFS_MAGIC:  # hugetlbfs: the kernel refuses (EINVAL)
+            return {"skipped": "the RAM file is not on tmpfs"}
+        released = GuestRamWatch(pid, ram_stat.st_dev, ram_stat.st_ino, npages).release()
+    except OSError as exc:
+        log.info("QEMU's page-table entries of its RAM were not released; the pause's bound is "
+                 "what it touched since boot", extra={"migration": migration, "error": str(exc)})
+        return {"skipped": str(exc)}
+    return {"bytes": released, "seconds": round(time.monotonic() - t0, 4)}
 
 
 def data_runs(fd: int, first: int, end: int) -> list[tuple[int, int]]:

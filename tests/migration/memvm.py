@@ -30,7 +30,8 @@ PAGE = 4096
 
 class MemSourceVM:
     def __init__(self, root: Path, name: str, pages: int, dirty_pages_per_s: float = 0.0,
-                 seed: int = 1, hot_pages: int | None = None, expose_pid: bool = True) -> None:
+                 seed: int = 1, hot_pages: int | None = None, expose_pid: bool = True,
+                 touch_all: bool = False) -> None:
         self.name = name
         self.dir = root / name
         self.dir.mkdir(parents=True)
@@ -48,6 +49,8 @@ class MemSourceVM:
         fd = os.open(self.ram_path, os.O_RDWR)
         self.mm = mmap.mmap(fd, self.ram_size)
         os.close(fd)
+        if touch_all:  # as a guest's boot maps its RAM: every page in "QEMU"'s page tables
+            bytes(self.mm[::PAGE])
         self.device_state = rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()
         self.rate = dirty_pages_per_s
         # the "guest" writes only its first hot_pages pages (default: all of them)

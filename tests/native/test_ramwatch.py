@@ -81,6 +81,51 @@ def test_resident_pages_of_another_process(shm_file: Path) -> None:
         N.GuestRamWatch(proc.pid, st.st_dev, st.st_ino, npages)  # gone
 
 
+# The "QEMU" of the release test: touches every page (as a guest's boot does), then
+# writes the pages named on each line of its stdin, answering "done" each time.
+_TOUCHER = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+mm = mmap.mmap(fd, int(sys.argv[2]))
+for off in range(0, len(mm), 4096):
+    mm[off] = 0x11
+print("ready", flush=True)
+for line in sys.stdin:
+    for p in line.split(","):
+        mm[int(p) * 4096] = 0x22
+    print("done", flush=True)
+"""
+
+
+@pytest.mark.skipif(N.residency_unsafe_reason("/dev/shm") != "", reason="release needs tmpfs without swap")
+def test_release_unmaps_the_entries_and_keeps_the_data(shm_file: Path) -> None:
+    npages = 8192
+    shm_file.write_bytes(b"\0" * npages * PAGE)
+    st = shm_file.stat()
+    proc = subprocess.Popen([sys.executable, "-c", _TOUCHER, str(shm_file), str(npages * PAGE)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        watch = N.GuestRamWatch(proc.pid, st.st_dev, st.st_ino, npages)
+        assert N.bitmap_count(watch.read()) == npages  # touched since "boot": all of it
+        assert watch.release() == npages * PAGE
+        # what stays mapped is what it touches meanwhile (here: nothing but a few stragglers)
+        assert N.bitmap_count(watch.read()) < 64
+        data = np.fromfile(shm_file, dtype=np.uint8).reshape(npages, PAGE)
+        assert (data[:, 0] == 0x11).all()  # unmapped, not dropped: tmpfs without swap keeps it
+        written = [5, 4000, 8191]
+        proc.stdin.write(",".join(map(str, written)) + "\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "done"
+        got = set(N.bitmap_indices(watch.read()).tolist())
+        assert set(written) <= got and len(got) < 64 + 3 * 16  # a write maps its page again
+        data = np.fromfile(shm_file, dtype=np.uint8).reshape(npages, PAGE)
+        assert (data[written, 0] == 0x22).all() and (np.delete(data[:, 0], written) == 0x11).all()
+    finally:
+        proc.communicate("")
+
+
 def test_residency_is_no_bound_off_tmpfs_or_with_swap(tmp_path: Path) -> None:
     assert N.residency_unsafe_reason("/dev/shm") == "" or "swap" in N.residency_unsafe_reason("/dev/shm")
     root = tmp_path / "sys"
