@@ -30,6 +30,7 @@ scan reads anything (see stopscan.py for why not once a round).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import mmap
 import os
@@ -48,6 +49,7 @@ _CLEAR_SOFT_DIRTY = b"4"
 _MADV_PAGEOUT = 21
 _SYS_PROCESS_MADVISE = 440  # one number on every architecture (asm-generic table, Linux 5.10+)
 _RELEASE_CHUNK = 1 << 30
+_IOV_MAX = 1024  # iovecs per call (the kernel's UIO_MAXIOV)
 
 
 class SoftDirtyUnsupported(OSError):
@@ -102,8 +104,6 @@ def _probe() -> str:
 
 
 def _address_of(buf: mmap.mmap) -> int:
-    import ctypes
-
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
@@ -146,10 +146,7 @@ _HUGETLBFS_MAGIC = 0x958458F6
 
 
 def _fs_type(path: str) -> int:
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = _libc()
     buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
     if libc.statfs(os.fsencode(path), buf) != 0:
         err = ctypes.get_errno()
@@ -231,29 +228,36 @@ class GuestRamWatch:
                 continue
         return pids
 
-    def release(self) -> int:
+    def release(self, pages: Bitmap | None = None) -> int:
         """Unmap the process's entries of the file (see the module notes), keeping its
-        data; returns the bytes advised. Only where ``residency_unsafe_reason()`` is
+        data: of every page, or of the pages set in ``pages`` (a bitmap over the file's
+        pages). Returns the bytes advised. Only where ``residency_unsafe_reason()`` is
         empty: with swap on, this would swap the guest out. OSError when the kernel
         refuses (no process_madvise, no CAP_SYS_NICE, a locked or hugetlb mapping)."""
-        import ctypes
-
-        syscall = ctypes.CDLL(None, use_errno=True).syscall
+        ranges: list[tuple[int, int]] = []  # (address, bytes)
+        for m in self.mappings():
+            if pages is None:
+                # the kernel takes at most MAX_RW_COUNT (2 GiB - 4 KiB) of iovecs a call
+                ranges += [(m.start + off, min(_RELEASE_CHUNK, m.npages * PAGE_SIZE - off))
+                           for off in range(0, m.npages * PAGE_SIZE, _RELEASE_CHUNK)]
+                continue
+            ranges += [(m.start + (first - m.first_page) * PAGE_SIZE, count * PAGE_SIZE)
+                       for first, count in page_runs(pages, m.first_page, m.first_page + m.npages)]
+        syscall = _libc().syscall
         syscall.restype = ctypes.c_long
         done = 0
         pidfd = os.pidfd_open(self.pid)
         try:
-            for m in self.mappings():
-                # the kernel takes at most MAX_RW_COUNT (2 GiB - 4 KiB) of iovecs a call
-                for off in range(0, m.npages * PAGE_SIZE, _RELEASE_CHUNK):
-                    iov = _IoVec(m.start + off, min(_RELEASE_CHUNK, m.npages * PAGE_SIZE - off))
-                    n = syscall(ctypes.c_long(_SYS_PROCESS_MADVISE), ctypes.c_int(pidfd), ctypes.byref(iov),
-                                ctypes.c_size_t(1), ctypes.c_int(_MADV_PAGEOUT), ctypes.c_uint(0))
-                    if n < 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"process_madvise(MADV_PAGEOUT) of process {self.pid}: "
-                                           f"{os.strerror(err)}")
-                    done += n
+            for i in range(0, len(ranges), _IOV_MAX):
+                batch = ranges[i:i + _IOV_MAX]
+                iov = (_IoVec * len(batch))(*[_IoVec(a, n) for a, n in batch])
+                n = syscall(ctypes.c_long(_SYS_PROCESS_MADVISE), ctypes.c_int(pidfd), iov,
+                            ctypes.c_size_t(len(batch)), ctypes.c_int(_MADV_PAGEOUT), ctypes.c_uint(0))
+                if n < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"process_madvise(MADV_PAGEOUT) of process {self.pid}: "
+                                       f"{os.strerror(err)}")
+                done += n
         finally:
             os.close(pidfd)
         return done
@@ -275,15 +279,22 @@ class GuestRamWatch:
         return out
 
 
-def _iovec() -> type:
-    import ctypes
+def page_runs(pages: Bitmap, first: int, end: int) -> list[tuple[int, int]]:
+    """(first page, count) of the runs of set bits of ``pages`` in ``[first, end)``."""
+    bits = np.unpackbits(np.asarray(pages, dtype=np.uint8), bitorder="little", count=end)[first:]
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], bits.astype(np.int8), [0]))))
+    return [(first + int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
-    class IoVec(ctypes.Structure):
-        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-    return IoVec
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # the C library this process already has loaded: find_library would spawn ldconfig
+    # (a vfork child shares, until it execs, every mapping of ours, RAM files included)
+    return ctypes.CDLL(None, use_errno=True)
 
 
-_IoVec = _iovec()
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
 def _writable_mappings(pid: int, dev: int, ino: int, npages: int) -> list[_Mapping]:

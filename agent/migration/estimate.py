@@ -172,6 +172,23 @@ class Estimate:
         return {f"{k}_ms": round(v * 1000.0, 2) for k, v in self.__dict__.items()}
 
 
+# Once the pause fits the budget, pre-copy may still run rounds that shorten it (as
+# QEMU's does, down to its threshold): a pause fitting 300 ms is not one nobody notices.
+POLISH_FLOOR_S = 0.01  # a final-pages part below this is not worth another round
+POLISH_SHRINK = 0.5  # ... nor is one after a round that left more than this share of what it sent
+POLISH_ROUNDS = 4  # at most this many rounds past the first that fitted
+
+
+def worth_another_round(est: Estimate, *, sent_pages: int, dirty_pages: int, polished: int) -> bool:
+    """Whether another pre-copy round should shorten a pause that already fits the
+    budget: its pages part (what the next round would shrink) is still noticeable,
+    and the last round shrank the dirty set well (a guest dirtying about as fast as
+    we send would only cost time and bytes)."""
+    if polished >= POLISH_ROUNDS or sent_pages <= 0:
+        return False
+    return est.final_pages + est.queued > POLISH_FLOOR_S and dirty_pages <= POLISH_SHRINK * sent_pages
+
+
 def final_rate(*, link_bytes_s: float, uncapped_bytes_s: float, cap_bytes_s: float,
                throttle_final: bool, encode_bytes_s: float = 0.0) -> float:
     """Bytes/s of the pages sent while paused: at link speed (the faster of what the

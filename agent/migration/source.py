@@ -696,7 +696,7 @@ class SourceMigration:
             StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, self.tracker.npages,
             self.opts.bounded_pause)
         st.prepare_parts["stop_scan_setup_s"] = round(time.monotonic() - t0, 4)
-        stop_scan.release = self._release
+        stop_scan.release, stop_scan.own = self._release, self._mm
         self.stop_scan = stop_scan
         st.stop_scan = stop_scan.as_dict()
         return stop_scan
@@ -780,6 +780,7 @@ class SourceMigration:
         self.sender.skip_zero = True
         last_scan = time.monotonic()
         prev_estimate = float("inf")
+        polished = 0  # rounds run past the first whose pause fitted the budget
         while True:
             st.round += 1
             t0, wire0 = time.monotonic(), st.bytes_wire
@@ -842,6 +843,12 @@ class SourceMigration:
                     # the destination still reserves the RAM file's space, and the pause
                     # would wait for it: wait with the guest running, then one more round
                     await self._wait_reserved()
+                    continue
+                if st.round < opts.max_rounds and estimate.worth_another_round(
+                        est, sent_pages=sent, dirty_pages=dirty, polished=polished):
+                    polished += 1  # fits, but another round shortens it: as QEMU's pre-copy would
+                    st.rounds[-1]["polish"] = True
+                    prev_estimate = estimate_s
                     continue
                 st.converged = True
                 break

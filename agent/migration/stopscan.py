@@ -23,9 +23,13 @@ VM's process (QEMU) may have written, from its page tables (``GuestRamWatch``):
   (``GuestRamWatch.release``, data kept), right before the written pages are
   listed: the mask is then what the guest touched during the migration. A write
   before the release is read by the first scan (the listing comes after it); one
-  after maps its page again until the pause. Only once: a release between
-  rounds would race a write landing between the mask's read and the release
-  (its page unmapped, in no mask), and the kernel cannot do both at once.
+  after maps its page again until the pause. Each later pre-copy scan reads the
+  mask, releases the mask's pages only, then fingerprints them: a write to one
+  of them before its release is read by that scan, one after maps it again; a
+  page outside the mask that is written meanwhile is not released, so it stays
+  mapped for the next mask. (Releasing every page there would lose a write
+  landing between the mask's read and the release.) The pause's mask is then
+  what the guest touched during the last round, as with soft-dirty bits.
 - ``full``: anything else (no pid, /proc unreadable, RAM file not on tmpfs or
   hugetlbfs, swap on, shmem huge pages, another process mapping the RAM file
   writable such as a vhost-user backend, ``bounded_pause`` off): every page, as before. Correct everywhere, O(RAM).
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import time
 from pathlib import Path
@@ -51,7 +56,7 @@ from novacron.native import (
     residency_unsafe_reason,
     soft_dirty_supported,
 )
-from novacron.native.softdirty import _TMPFS_MAGIC, _fs_type
+from novacron.native.softdirty import _TMPFS_MAGIC, _fs_type, page_runs
 
 PAGE = 4096
 
@@ -69,6 +74,9 @@ class StopScan:
         self.reason = ""
         self.pages_examined = 0  # pages fingerprinted while the guest was paused
         self.release: dict[str, Any] = {}  # what release_resident did before the first scan
+        self.released_bytes = 0  # released by later pre-copy scans
+        self.own: mmap.mmap | None = None  # the agent's own mapping of the RAM file (source.py)
+        self._npages = npages
         self._watch: GuestRamWatch | None = None
         if not enabled:
             self.reason = "bounded_pause is off"
@@ -106,10 +114,27 @@ class StopScan:
         try:
             if self.mode == "soft-dirty":
                 w.clear()  # first: a write after this is caught by the bit, one before by the scan
-            return None if first else w.read(soft_dirty=False)
+            if first:
+                return None
+            mask = w.read(soft_dirty=False)
         except OSError as exc:
             self._fail(exc)
             return None
+        if self.mode == "resident" and self.release.get("bytes"):
+            # only the mask's pages, and before the scan reads them (see the module notes)
+            try:
+                if self.own is not None:
+                    # the kernel keeps a page another mapping shares: our reads (scans,
+                    # sends) mapped them here too; dropping our entries keeps the data
+                    for first, count in page_runs(mask, 0, self._npages):
+                        self.own.madvise(mmap.MADV_DONTNEED, first * PAGE, count * PAGE)
+                self.released_bytes += w.release(mask)
+            except OSError as exc:  # they stay mapped: a wider bound, nothing lost
+                log.info("releasing the scanned pages failed; not trying again",
+                         extra={"migration": self.migration, "error": str(exc)})
+                self.release["round_error"] = str(exc)
+                self.release["bytes"] = 0
+        return mask
 
     def at_pause(self) -> Bitmap | None:
         """With the guest paused: the pages that may differ from their last fingerprint
@@ -133,7 +158,7 @@ class StopScan:
             "pages_examined": self.pages_examined,
             "bytes_examined": self.pages_examined * 4096,
             "pagemap_bytes": self._watch.pagemap_bytes if self._watch is not None else 0,
-            "release": self.release or None,
+            "release": {**self.release, "rounds_bytes": self.released_bytes} if self.release else None,
         }
 
 

@@ -182,3 +182,20 @@ def test_the_dirty_set_is_weighed_by_a_sample_of_its_own_pages() -> None:
                                True, 3) is None
     del mem
     mm.close()
+
+
+def test_a_pause_that_fits_is_still_shortened_while_rounds_shrink_it() -> None:
+    def est(pages_s: float) -> estimate.Estimate:
+        return estimate.Estimate(final_scan=0.002, queued=0.0, final_pages=pages_s, device_state=0.001,
+                                 handover=0.02)
+
+    # 50 ms of pages left, and the round shrank the dirty set to a fifth: another round
+    assert estimate.worth_another_round(est(0.05), sent_pages=40_000, dirty_pages=8_000, polished=0)
+    # the pages part is below what anyone notices: stop
+    assert not estimate.worth_another_round(est(0.005), sent_pages=40_000, dirty_pages=8_000, polished=0)
+    # the guest dirties about as fast as we send: another round costs time and bytes for nothing
+    assert not estimate.worth_another_round(est(0.05), sent_pages=14_000, dirty_pages=11_000, polished=0)
+    # bounded: at most POLISH_ROUNDS past the first fit
+    assert not estimate.worth_another_round(est(0.05), sent_pages=40_000, dirty_pages=8_000,
+                                            polished=estimate.POLISH_ROUNDS)
+    assert not estimate.worth_another_round(est(0.05), sent_pages=0, dirty_pages=0, polished=0)

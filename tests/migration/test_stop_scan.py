@@ -42,8 +42,9 @@ async def test_pause_reads_only_what_the_guest_may_have_written(shm: Path, dest:
     scan = st.metrics()["stop_scan"]
     assert scan["mode"] in ("resident", "soft-dirty"), scan
     # Fails if the paused scan reads all of RAM: it may read at most the pages the
-    # guest touched (plus the kernel's 64 KiB read fault-around), never RAM size.
-    assert 0 < scan["pages_examined"] <= hot + 16, scan
+    # guest touched (plus the kernel's 64 KiB read fault-around), never RAM size;
+    # where each pre-copy scan releases what it read, only those touched since (maybe none)
+    assert scan["pages_examined"] <= hot + 16, scan
     assert scan["bytes_examined"] == scan["pages_examined"] * 4096
     assert st.native["pages_scanned"] < 3 * pages  # later pre-copy scans are bounded too
 
@@ -65,7 +66,7 @@ async def test_pages_touched_before_the_migration_are_not_scanned_at_the_pause(s
     assert scan["mode"] == "resident", scan
     assert scan["release"]["bytes"] == pages * 4096, scan
     # Fails without the release: every page is still mapped, and all are read paused.
-    assert 0 < scan["pages_examined"] <= hot + 16, scan
+    assert scan["pages_examined"] <= hot + 16, scan
 
 
 async def test_without_the_process_the_pause_scans_everything(shm: Path, dest: Dest) -> None:  # noqa: F811
