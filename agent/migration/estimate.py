@@ -177,14 +177,17 @@ class Estimate:
 POLISH_FLOOR_S = 0.01  # a final-pages part below this is not worth another round
 POLISH_SHRINK = 0.5  # ... nor is one after a round that left more than this share of what it sent
 POLISH_ROUNDS = 4  # at most this many rounds past the first that fitted
+POLISH_ROUND_S = 2.0  # ... each expected to take at most this long (the dirty set at the sending rate)
 
 
-def worth_another_round(est: Estimate, *, sent_pages: int, dirty_pages: int, polished: int) -> bool:
+def worth_another_round(est: Estimate, *, sent_pages: int, dirty_pages: int, polished: int,
+                        round_s: float) -> bool:
     """Whether another pre-copy round should shorten a pause that already fits the
     budget: its pages part (what the next round would shrink) is still noticeable,
-    and the last round shrank the dirty set well (a guest dirtying about as fast as
-    we send would only cost time and bytes)."""
-    if polished >= POLISH_ROUNDS or sent_pages <= 0:
+    the last round shrank the dirty set well (a guest dirtying about as fast as we
+    send would only cost time and bytes), and the round is short (``round_s``: the
+    dirty set at the rate pre-copy sends; under a low cap the operator's budget rules)."""
+    if polished >= POLISH_ROUNDS or sent_pages <= 0 or round_s > POLISH_ROUND_S:
         return False
     return est.final_pages + est.queued > POLISH_FLOOR_S and dirty_pages <= POLISH_SHRINK * sent_pages
 

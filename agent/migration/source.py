@@ -844,8 +844,11 @@ class SourceMigration:
                     # would wait for it: wait with the guest running, then one more round
                     await self._wait_reserved()
                     continue
+                cap = opts.bandwidth_mbps * 1e6
+                sending = min(st.link_rate_bytes_s, cap) if cap else st.link_rate_bytes_s
                 if st.round < opts.max_rounds and estimate.worth_another_round(
-                        est, sent_pages=sent, dirty_pages=dirty, polished=polished):
+                        est, sent_pages=sent, dirty_pages=dirty, polished=polished,
+                        round_s=dirty * self._dirty_page_bytes() / max(sending, 1.0)):
                     polished += 1  # fits, but another round shortens it: as QEMU's pre-copy would
                     st.rounds[-1]["polish"] = True
                     prev_estimate = estimate_s

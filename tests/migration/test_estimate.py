@@ -189,13 +189,17 @@ def test_a_pause_that_fits_is_still_shortened_while_rounds_shrink_it() -> None:
         return estimate.Estimate(final_scan=0.002, queued=0.0, final_pages=pages_s, device_state=0.001,
                                  handover=0.02)
 
+    def worth(pages_s: float, sent: int, dirty: int, polished: int = 0, round_s: float = 0.6) -> bool:
+        return estimate.worth_another_round(est(pages_s), sent_pages=sent, dirty_pages=dirty,
+                                            polished=polished, round_s=round_s)
+
     # 50 ms of pages left, and the round shrank the dirty set to a fifth: another round
-    assert estimate.worth_another_round(est(0.05), sent_pages=40_000, dirty_pages=8_000, polished=0)
+    assert worth(0.05, 40_000, 8_000)
     # the pages part is below what anyone notices: stop
-    assert not estimate.worth_another_round(est(0.005), sent_pages=40_000, dirty_pages=8_000, polished=0)
+    assert not worth(0.005, 40_000, 8_000)
     # the guest dirties about as fast as we send: another round costs time and bytes for nothing
-    assert not estimate.worth_another_round(est(0.05), sent_pages=14_000, dirty_pages=11_000, polished=0)
-    # bounded: at most POLISH_ROUNDS past the first fit
-    assert not estimate.worth_another_round(est(0.05), sent_pages=40_000, dirty_pages=8_000,
-                                            polished=estimate.POLISH_ROUNDS)
-    assert not estimate.worth_another_round(est(0.05), sent_pages=0, dirty_pages=0, polished=0)
+    assert not worth(0.05, 14_000, 11_000)
+    # bounded: at most POLISH_ROUNDS past the first fit, each short (a low cap: the budget rules)
+    assert not worth(0.05, 40_000, 8_000, polished=estimate.POLISH_ROUNDS)
+    assert not worth(0.05, 40_000, 8_000, round_s=estimate.POLISH_ROUND_S + 1)
+    assert not worth(0.05, 0, 0)
