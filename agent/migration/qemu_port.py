@@ -30,7 +30,7 @@ from novacron.agent.migration.offline import OfflineFailed
 from novacron.agent.migration.postcopy import FAULT_EVENTS, fault_latencies
 from novacron.agent.migration.protocol import RELAY_SOCKET
 from novacron.agent.migration.vmport import AdmissionError
-from novacron.agent.qmp import QMPClient, QMPError
+from novacron.agent.qmp import QMPClient, QMPError, QMPTimeoutError
 from novacron.agent.safefs import create_new
 from novacron.agent.vm.accel import AccelUnavailable
 from novacron.agent.vm.disks import node
@@ -45,6 +45,10 @@ from novacron.agent.vm.spec import SpecError, VMSpec, parse_spec
 log = logging.getLogger("novacron.agent.migration")
 
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+# ours, with QEMU's MIGRATION events on: the paused wait for the device state to be sent
+# (source) and loaded (destination) wakes on them instead of at the next poll (_poll)
+IGNORE_SHARED_EVENTS = {"capabilities": [*IGNORE_SHARED["capabilities"],
+                                         {"capability": "events", "state": True}]}
 # Post-copy (postcopy.py): QEMU moves RAM itself, so the shared block must not be skipped;
 # postcopy-blocktime (destination) makes QEMU time the vCPUs' waits on missing pages.
 POSTCOPY_CAPS = {"capabilities": [{"capability": "x-ignore-shared", "state": False},
@@ -79,17 +83,29 @@ def _qmp(vm: VM) -> QMPClient:
 
 
 async def _poll(vm: VM, command: str, done: Callable[[dict[str, Any]], bool], timeout: float,
-                what: str) -> None:
-    """Ask QMP ``command`` until ``done(answer)`` (which raises on a dead end)."""
+                what: str, wake_on: str | None = None) -> None:
+    """Ask QMP ``command`` until ``done(answer)`` (which raises on a dead end), every
+    POLL_S, or at once on a ``wake_on`` event (subscribed before the first ask: none is
+    missed; the answer, not the event, decides)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while True:
-        info = await _qmp(vm).execute(command, timeout=10) or {}
-        if done(info):
-            return
-        if loop.time() > deadline:
-            raise TimeoutError(f"{what} still {info.get('status')!r} after {timeout:g}s")
-        await asyncio.sleep(POLL_S)
+    qmp = _qmp(vm)
+    events = qmp.subscribe([wake_on]) if wake_on else None
+    try:
+        while True:
+            info = await qmp.execute(command, timeout=10) or {}
+            if done(info):
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(f"{what} still {info.get('status')!r} after {timeout:g}s")
+            if events is None:
+                await asyncio.sleep(POLL_S)
+            else:
+                with contextlib.suppress(QMPTimeoutError):
+                    await events.get(timeout=POLL_S)
+    finally:
+        if events is not None:
+            qmp.unsubscribe(events)
 
 
 def _migration_completed(info: dict[str, Any]) -> bool:
@@ -155,11 +171,11 @@ class QemuSource:
         if socket_path.parent != self.vm.paths.dir:
             raise ValueError(f"device-state socket {socket_path} is outside the VM folder")
         self.vm.images.qemu.share_file(socket_path)  # an unprivileged QEMU must connect to it
-        await qmp.execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
+        await qmp.execute("migrate-set-capabilities", IGNORE_SHARED_EVENTS, timeout=10)
         await qmp.execute("migrate", {"uri": f"unix:{socket_path.name}"}, timeout=10)
 
     async def wait_device_state_sent(self, timeout: float) -> None:
-        await _poll(self.vm, "query-migrate", _migration_completed, timeout, "QEMU migration")
+        await _poll(self.vm, "query-migrate", _migration_completed, timeout, "QEMU migration", "MIGRATION")
 
     async def cancel_device_state(self) -> None:
         with contextlib.suppress(QMPError):
@@ -362,7 +378,7 @@ class QemuDest:
         assert self._starting is not None
         await self._starting
         self.start_parts = dict(self.vm.start_parts)
-        await _qmp(self.vm).execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
+        await _qmp(self.vm).execute("migrate-set-capabilities", IGNORE_SHARED_EVENTS, timeout=10)
         try:
             _record_incoming(self.vm, self.migration_id)
         except OSError as exc:
@@ -417,7 +433,7 @@ class QemuDest:
         return str(path)
 
     async def wait_device_state_loaded(self, timeout: float) -> None:
-        await _poll(self.vm, "query-status", _incoming_loaded, timeout, "destination QEMU")
+        await _poll(self.vm, "query-status", _incoming_loaded, timeout, "destination QEMU", "MIGRATION")
 
     async def export_disks(self, indices: list[int]) -> str:
         qmp = _qmp(self.vm)
@@ -563,7 +579,7 @@ class QemuDestFactory:
             # the RAM file's space is reserved while the first pages arrive (ramfile.Reservation)
             if plan:  # the disks are exported first: QEMU must be up
                 await vm.start(incoming=True, reserve_later=True)
-                await _qmp(vm).execute("migrate-set-capabilities", IGNORE_SHARED, timeout=10)
+                await _qmp(vm).execute("migrate-set-capabilities", IGNORE_SHARED_EVENTS, timeout=10)
                 try:
                     _record_incoming(vm, migration_id)
                 except OSError as exc:
