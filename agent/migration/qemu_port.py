@@ -145,6 +145,7 @@ class QemuSource:
         self.ram_stat = vm.ram_stat
         self.ram_size = vm.spec.memory_mb * MIB
         self.work_dir = vm.paths.dir
+        self._caps_set = False  # the device-state migration's capabilities (set before the pause)
 
     @property
     def pid(self) -> int | None:
@@ -155,7 +156,12 @@ class QemuSource:
         return _spec_doc(self.vm)
 
     async def pause(self) -> None:
-        await _qmp(self.vm).execute("stop", timeout=10)
+        qmp = _qmp(self.vm)
+        if not self._caps_set:  # with the guest still running: one round trip less paused
+            with contextlib.suppress(QMPError):  # (refused: send_device_state asks again, and says why)
+                await qmp.execute("migrate-set-capabilities", IGNORE_SHARED_EVENTS, timeout=10)
+                self._caps_set = True
+        await qmp.execute("stop", timeout=10)
         self.vm.state = "paused"
 
     async def resume(self) -> None:
@@ -171,7 +177,9 @@ class QemuSource:
         if socket_path.parent != self.vm.paths.dir:
             raise ValueError(f"device-state socket {socket_path} is outside the VM folder")
         self.vm.images.qemu.share_file(socket_path)  # an unprivileged QEMU must connect to it
-        await qmp.execute("migrate-set-capabilities", IGNORE_SHARED_EVENTS, timeout=10)
+        if not self._caps_set:
+            await qmp.execute("migrate-set-capabilities", IGNORE_SHARED_EVENTS, timeout=10)
+            self._caps_set = True
         await qmp.execute("migrate", {"uri": f"unix:{socket_path.name}"}, timeout=10)
 
     async def wait_device_state_sent(self, timeout: float) -> None:
@@ -193,6 +201,7 @@ class QemuSource:
             raise ValueError(f"migration socket {socket_path} is outside the VM folder")
         qmp = _qmp(self.vm)
         self.vm.images.qemu.share_file(socket_path)  # an unprivileged QEMU must connect to it
+        self._caps_set = True  # QEMU moves RAM itself: a pause must not touch its capabilities
         if not resume:
             await qmp.execute("migrate-set-capabilities", POSTCOPY_CAPS, timeout=10)
             await self.set_ram_limits(bandwidth_bytes_s, downtime_ms)

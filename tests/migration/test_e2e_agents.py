@@ -42,9 +42,12 @@ async def hop(src: LocalAgent, dst: LocalAgent, name: str, boot: str) -> dict:
     assert dd["hits"] + dd["needed"] == dd["offered"], dd
     assert dd["repaired"] == dd["needed"] and dd["outstanding_batches"] == 0, dd
     if residency_unsafe_reason(str(src.state_dir)) == "":
-        # the pause read only what QEMU maps of the RAM file, and the digests still match
+        # the pause read only what QEMU maps of the RAM file (since its entries were last
+        # released: maybe nothing, if the guest touched nothing since), digests still match
         assert m["stop_scan"]["mode"] in ("resident", "soft-dirty"), m["stop_scan"]
-        assert 0 < m["stop_scan"]["pages_examined"] < m["pages"]
+        assert m["stop_scan"]["pages_examined"] < m["pages"] / 4, m["stop_scan"]
+        if m["stop_scan"]["mode"] == "resident":
+            assert m["stop_scan"]["release"]["bytes"] == m["pages"] * 4096, m["stop_scan"]
     # the source QEMU is gone, the VM lives only at the destination
     assert not os.path.exists(f"/proc/{vm_before['pid']}")
     assert (await src.request("GET", f"/v1/vms/{name}"))[0] == 404
