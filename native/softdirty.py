@@ -50,6 +50,7 @@ _MADV_PAGEOUT = 21
 _SYS_PROCESS_MADVISE = 440  # one number on every architecture (asm-generic table, Linux 5.10+)
 _RELEASE_CHUNK = 1 << 30
 _IOV_MAX = 1024  # iovecs per call (the kernel's UIO_MAXIOV)
+_MAX_RW = (1 << 31) - 4096  # bytes per call (the kernel's MAX_RW_COUNT: longer lists are cut short)
 
 
 class SoftDirtyUnsupported(OSError):
@@ -231,36 +232,64 @@ class GuestRamWatch:
     def release(self, pages: Bitmap | None = None) -> int:
         """Unmap the process's entries of the file (see the module notes), keeping its
         data: of every page, or of the pages set in ``pages`` (a bitmap over the file's
-        pages). Returns the bytes advised. Only where ``residency_unsafe_reason()`` is
-        empty: with swap on, this would swap the guest out. OSError when the kernel
-        refuses (no process_madvise, no CAP_SYS_NICE, a locked or hugetlb mapping)."""
-        ranges: list[tuple[int, int]] = []  # (address, bytes)
+        pages). Returns the bytes the kernel advised (it may still skip a page, e.g. one
+        another process maps too: ``read()`` tells what stays mapped). Only where
+        ``residency_unsafe_reason()`` is empty: with swap on, this would swap the guest
+        out. OSError when the kernel refuses (no process_madvise, no CAP_SYS_NICE, a
+        locked or hugetlb mapping)."""
+        ranges: list[tuple[int, int]] = []  # (address, bytes), each at most _RELEASE_CHUNK
         for m in self.mappings():
-            if pages is None:
-                # the kernel takes at most MAX_RW_COUNT (2 GiB - 4 KiB) of iovecs a call
-                ranges += [(m.start + off, min(_RELEASE_CHUNK, m.npages * PAGE_SIZE - off))
-                           for off in range(0, m.npages * PAGE_SIZE, _RELEASE_CHUNK)]
-                continue
-            ranges += [(m.start + (first - m.first_page) * PAGE_SIZE, count * PAGE_SIZE)
-                       for first, count in page_runs(pages, m.first_page, m.first_page + m.npages)]
+            runs = [(m.first_page, m.npages)] if pages is None else \
+                page_runs(pages, m.first_page, m.first_page + m.npages)
+            for first, count in runs:
+                addr, size = m.start + (first - m.first_page) * PAGE_SIZE, count * PAGE_SIZE
+                ranges += [(addr + off, min(_RELEASE_CHUNK, size - off)) for off in range(0, size, _RELEASE_CHUNK)]
         syscall = _libc().syscall
         syscall.restype = ctypes.c_long
         done = 0
         pidfd = os.pidfd_open(self.pid)
         try:
-            for i in range(0, len(ranges), _IOV_MAX):
-                batch = ranges[i:i + _IOV_MAX]
-                iov = (_IoVec * len(batch))(*[_IoVec(a, n) for a, n in batch])
-                n = syscall(ctypes.c_long(_SYS_PROCESS_MADVISE), ctypes.c_int(pidfd), iov,
-                            ctypes.c_size_t(len(batch)), ctypes.c_int(_MADV_PAGEOUT), ctypes.c_uint(0))
+            i = 0
+            while i < len(ranges):
+                # the kernel takes at most UIO_MAXIOV iovecs and MAX_RW_COUNT bytes a call
+                j, total = i, 0
+                while j < len(ranges) and j - i < _IOV_MAX and total + ranges[j][1] <= _MAX_RW:
+                    total += ranges[j][1]
+                    j += 1
+                iov = np.array(ranges[i:j], dtype=np.uint64)  # struct iovec {void *; size_t}
+                n = syscall(ctypes.c_long(_SYS_PROCESS_MADVISE), ctypes.c_int(pidfd),
+                            ctypes.c_void_p(iov.ctypes.data), ctypes.c_size_t(j - i),
+                            ctypes.c_int(_MADV_PAGEOUT), ctypes.c_uint(0))
                 if n < 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f"process_madvise(MADV_PAGEOUT) of process {self.pid}: "
                                        f"{os.strerror(err)}")
-                done += n
+                done += n  # short: an error part way; the rest stays mapped (a wider bound only)
+                i = j
         finally:
             os.close(pidfd)
         return done
+
+    def direct_io_reason(self) -> str:
+        """Empty unless the process may write guest RAM without its page tables: a file
+        open with O_DIRECT (a disk with cache.direct: the device reads into pinned
+        pages, by DMA) or a VFIO device. A page released while pinned for such a read
+        would take the data with no entry to show it: the release is off then."""
+        try:
+            fds = os.listdir(f"/proc/{self.pid}/fdinfo")
+        except OSError as exc:
+            return f"cannot read the process's open files: {exc}"
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith("/dev/vfio"):
+                    return "a VFIO device is attached (its DMA bypasses the page tables)"
+                with open(f"/proc/{self.pid}/fdinfo/{fd}") as f:
+                    flags = next((int(line.split()[1], 8) for line in f if line.startswith("flags:")), 0)
+            except (OSError, ValueError):  # closed meanwhile
+                continue
+            if flags & os.O_DIRECT:
+                return f"file descriptor {fd} is open with O_DIRECT (a disk's reads land by DMA)"
+        return ""
 
     def clear(self) -> None:
         """Reset the soft-dirty bits of the whole process (the kernel has no per-range clear)."""
@@ -291,10 +320,6 @@ def _libc() -> ctypes.CDLL:
     # the C library this process already has loaded: find_library would spawn ldconfig
     # (a vfork child shares, until it execs, every mapping of ours, RAM files included)
     return ctypes.CDLL(None, use_errno=True)
-
-
-class _IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
 def _writable_mappings(pid: int, dev: int, ino: int, npages: int) -> list[_Mapping]:

@@ -123,8 +123,10 @@ def _timed_scan(tracker: FingerprintTracker, stop_scan: StopScan) -> tuple[ScanR
     """A pre-copy scan, when it started and how long it took (the final one, paused,
     will take about as long)."""
     t0 = time.monotonic()
+    stop_scan.last_release_s = 0.0
     scan = tracker.scan(stop_scan.before_scan(first=False))
-    return scan, t0, time.monotonic() - t0
+    # (the paused scan releases nothing: that time is no part of its estimate)
+    return scan, t0, time.monotonic() - t0 - stop_scan.last_release_s
 
 
 def _listed(mm: mmap.mmap, tracker: FingerprintTracker, ram_path: Any, ram_stat: Any) -> ScanResult | None:
@@ -697,6 +699,7 @@ class SourceMigration:
             self.opts.bounded_pause)
         st.prepare_parts["stop_scan_setup_s"] = round(time.monotonic() - t0, 4)
         stop_scan.release, stop_scan.own = self._release, self._mm
+        stop_scan.release_rounds = bool(self._release.get("bytes"))
         self.stop_scan = stop_scan
         st.stop_scan = stop_scan.as_dict()
         return stop_scan
@@ -846,12 +849,15 @@ class SourceMigration:
                     continue
                 cap = opts.bandwidth_mbps * 1e6
                 sending = min(st.link_rate_bytes_s, cap) if cap else st.link_rate_bytes_s
-                if st.round < opts.max_rounds and estimate.worth_another_round(
+                # not while throttled or sharing the link (others wait on us), and with a
+                # round left after it: a polish round that no longer fits is never the last
+                if (st.round + 2 <= opts.max_rounds and not self.share.others(self)
+                        and st.throttle_pct == 0 and estimate.worth_another_round(
                         est, sent_pages=sent, dirty_pages=dirty, polished=polished,
-                        round_s=dirty * self._dirty_page_bytes() / max(sending, 1.0)):
+                        round_s=dirty * self._dirty_page_bytes() / max(sending, 1.0))):
                     polished += 1  # fits, but another round shortens it: as QEMU's pre-copy would
                     st.rounds[-1]["polish"] = True
-                    prev_estimate = estimate_s
+                    prev_estimate = float("inf")  # a polish round that grows it is no sign of 'stuck'
                     continue
                 st.converged = True
                 break

@@ -53,6 +53,7 @@ from novacron.agent.safefs import open_regular
 from novacron.native import (
     Bitmap,
     GuestRamWatch,
+    bitmap_count,
     residency_unsafe_reason,
     soft_dirty_supported,
 )
@@ -75,6 +76,8 @@ class StopScan:
         self.pages_examined = 0  # pages fingerprinted while the guest was paused
         self.release: dict[str, Any] = {}  # what release_resident did before the first scan
         self.released_bytes = 0  # released by later pre-copy scans
+        self.release_rounds = False  # set once the first release worked (source.py)
+        self.last_release_s = 0.0  # of the last scan's time: not the paused scan's (it releases nothing)
         self.own: mmap.mmap | None = None  # the agent's own mapping of the RAM file (source.py)
         self._npages = npages
         self._watch: GuestRamWatch | None = None
@@ -120,20 +123,25 @@ class StopScan:
         except OSError as exc:
             self._fail(exc)
             return None
-        if self.mode == "resident" and self.release.get("bytes"):
+        if self.mode == "resident" and self.release_rounds:
             # only the mask's pages, and before the scan reads them (see the module notes)
+            t0 = time.monotonic()
             try:
+                if why := w.direct_io_reason():  # e.g. a disk attached meanwhile
+                    raise OSError(why)
                 if self.own is not None:
                     # the kernel keeps a page another mapping shares: our reads (scans,
                     # sends) mapped them here too; dropping our entries keeps the data
-                    for first, count in page_runs(mask, 0, self._npages):
-                        self.own.madvise(mmap.MADV_DONTNEED, first * PAGE, count * PAGE)
+                    # (a wider range than the mask is harmless here: our mapping only reads)
+                    for a, n in _merged(page_runs(mask, 0, self._npages), gap=64):
+                        self.own.madvise(mmap.MADV_DONTNEED, a * PAGE, n * PAGE)
                 self.released_bytes += w.release(mask)
-            except OSError as exc:  # they stay mapped: a wider bound, nothing lost
-                log.info("releasing the scanned pages failed; not trying again",
-                         extra={"migration": self.migration, "error": str(exc)})
-                self.release["round_error"] = str(exc)
-                self.release["bytes"] = 0
+            except (OSError, ValueError) as exc:  # they stay mapped: a wider bound, nothing lost
+                log.warning("releasing the scanned pages failed; not trying again",
+                            extra={"migration": self.migration, "error": str(exc)})
+                self.release_rounds = False
+                self.release["rounds_error"] = str(exc)
+            self.last_release_s = time.monotonic() - t0
         return mask
 
     def at_pause(self) -> Bitmap | None:
@@ -179,12 +187,29 @@ def release_resident(migration: str, pid: int | None, ram_path: Path, ram_stat: 
     try:
         if _fs_type(path) != _TMPFS_MAGIC:  # hugetlbfs: the kernel refuses (EINVAL)
             return {"skipped": "the RAM file is not on tmpfs"}
-        released = GuestRamWatch(pid, ram_stat.st_dev, ram_stat.st_ino, npages).release()
+        watch = GuestRamWatch(pid, ram_stat.st_dev, ram_stat.st_ino, npages)
+        if why := watch.direct_io_reason():
+            return {"skipped": why}
+        before = bitmap_count(watch.read())
+        released = watch.release()
+        after = bitmap_count(watch.read())  # what the kernel kept mapped (or QEMU touched since)
     except OSError as exc:
-        log.info("QEMU's page-table entries of its RAM were not released; the pause's bound is "
-                 "what it touched since boot", extra={"migration": migration, "error": str(exc)})
+        log.warning("QEMU's page-table entries of its RAM were not released; the pause's bound is "
+                    "what it touched since boot", extra={"migration": migration, "error": str(exc)})
         return {"skipped": str(exc)}
-    return {"bytes": released, "seconds": round(time.monotonic() - t0, 4)}
+    return {"bytes": released, "seconds": round(time.monotonic() - t0, 4),
+            "resident_before": before, "resident_after": after}
+
+
+def _merged(runs: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """``runs`` with those fewer than ``gap`` pages apart joined (fewer syscalls)."""
+    out: list[tuple[int, int]] = []
+    for a, n in runs:
+        if out and a - (out[-1][0] + out[-1][1]) < gap:
+            out[-1] = (out[-1][0], a + n - out[-1][0])
+        else:
+            out.append((a, n))
+    return out
 
 
 def data_runs(fd: int, first: int, end: int) -> list[tuple[int, int]]:

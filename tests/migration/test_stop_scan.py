@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import novacron.native as N
+from novacron.agent.migration.stopscan import StopScan
 from tests.migration.memvm import MemSourceVM
 from tests.migration.test_engine_memory import Dest, dest, migrate  # noqa: F401
 
@@ -193,3 +195,40 @@ def test_first_scan_lists_written_pages_and_round_one_leaves_out_their_zero_ones
         mm.close()
     # not on tmpfs (or unknowable): every page counts
     assert written_pages(Path("/proc/self/status"), None, 1) is None
+
+
+class _FakeWatch:
+    """Stands in for GuestRamWatch: what is mapped, and what the scan asked to release."""
+
+    def __init__(self, mapped: list[int], npages: int) -> None:
+        self.mapped, self.npages = set(mapped), npages
+        self.released: list[list[int]] = []
+        self.pagemap_bytes = 0
+
+    def read(self, soft_dirty: bool = False) -> np.ndarray:
+        return N.bitmap_from_indices(sorted(self.mapped), self.npages)
+
+    def release(self, pages: np.ndarray) -> int:
+        self.released.append(N.bitmap_indices(pages).tolist())
+        return len(self.released[-1]) * 4096
+
+    def direct_io_reason(self) -> str:
+        return ""
+
+
+def test_a_scan_releases_exactly_its_mask_and_no_other_page(shm: Path) -> None:
+    """The race the release must not lose: a page written after the mask was read is
+    not in it, so it must not be released (it stays mapped for the next mask)."""
+    npages = 1024
+    scan = StopScan("m", None, shm / "ram", None, npages)  # no process: set up by hand below
+    watch = _FakeWatch([3, 4, 900], npages)
+    scan._watch = watch  # type: ignore[assignment]
+    scan.mode, scan.release, scan.release_rounds = "resident", {"bytes": 1}, True
+    mask = scan.before_scan(first=False)
+    assert mask is not None and N.bitmap_indices(mask).tolist() == [3, 4, 900]
+    assert watch.released == [[3, 4, 900]]
+    assert scan.released_bytes == 3 * 4096
+    # no release while bounded by soft-dirty bits, nor once the first release did not work
+    scan.release_rounds = False
+    scan.before_scan(first=False)
+    assert len(watch.released) == 1

@@ -97,7 +97,8 @@ for line in sys.stdin:
 """
 
 
-@pytest.mark.skipif(N.residency_unsafe_reason("/dev/shm") != "", reason="release needs tmpfs without swap")
+@pytest.mark.skipif(N.residency_unsafe_reason("/dev/shm") != "" or os.geteuid() != 0,
+                    reason="release needs tmpfs without swap, and CAP_SYS_NICE for another process")
 def test_release_unmaps_the_entries_and_keeps_the_data(shm_file: Path) -> None:
     npages = 8192
     shm_file.write_bytes(b"\0" * npages * PAGE)
@@ -109,6 +110,7 @@ def test_release_unmaps_the_entries_and_keeps_the_data(shm_file: Path) -> None:
         assert proc.stdout.readline().strip() == "ready"
         watch = N.GuestRamWatch(proc.pid, st.st_dev, st.st_ino, npages)
         assert N.bitmap_count(watch.read()) == npages  # touched since "boot": all of it
+        assert watch.direct_io_reason() == ""
         assert watch.release() == npages * PAGE
         # what stays mapped is what it touches meanwhile (here: nothing but a few stragglers)
         assert N.bitmap_count(watch.read()) < 64
@@ -172,3 +174,22 @@ def test_masked_scan_reads_only_masked_pages() -> None:
     assert N.bitmap_indices(tr.scan().dirty).tolist() == [9000]
     with pytest.raises(ValueError, match="mask"):
         tr.scan(np.zeros(10, dtype=np.uint8))
+
+
+def test_a_process_with_a_direct_io_file_is_not_released(shm_file: Path, tmp_path: Path) -> None:
+    """A disk opened with O_DIRECT (QEMU's cache.direct) reads into pinned guest pages by
+    DMA, not through the page tables: such a process's entries must never be released."""
+    npages = 64
+    shm_file.write_bytes(b"\0" * npages * PAGE)
+    st = shm_file.stat()
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    script = _WRITER.replace('print("ready"', 'dfd = os.open(sys.argv[5], os.O_RDONLY | os.O_DIRECT)\nprint("ready"')
+    proc = subprocess.Popen([sys.executable, "-c", script, str(shm_file), str(npages * PAGE), "1", "2", str(disk)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        reason = N.GuestRamWatch(proc.pid, st.st_dev, st.st_ino, npages).direct_io_reason()
+        assert "O_DIRECT" in reason, reason
+    finally:
+        proc.communicate("")
