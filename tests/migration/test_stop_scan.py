@@ -222,7 +222,7 @@ def test_a_scan_releases_exactly_its_mask_and_no_other_page(shm: Path) -> None:
     npages = 1024
     scan = StopScan("m", None, shm / "ram", None, npages)  # no process: set up by hand below
     watch = _FakeWatch([3, 4, 900], npages)
-    scan._watch = watch  # type: ignore[assignment]
+    scan._watch = watch
     scan.mode, scan.release, scan.release_rounds = "resident", {"bytes": 1}, True
     mask = scan.before_scan(first=False)
     assert mask is not None and N.bitmap_indices(mask).tolist() == [3, 4, 900]
