@@ -208,6 +208,7 @@ class GuestRamWatch:
     def __init__(self, pid: int, dev: int, ino: int, npages: int) -> None:
         self.pid, self.dev, self.ino, self.npages = pid, dev, ino, npages
         self.pagemap_bytes = 0
+        self._scan_ioctl = True  # until the kernel says it has no PAGEMAP_SCAN
         if not self.mappings():
             raise OSError(f"process {pid} maps no writable shared part of the RAM file")
 
@@ -299,13 +300,57 @@ class GuestRamWatch:
         out = bitmap_new(self.npages)
         fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
         try:
-            for m in self.mappings():  # nc_pagemap.h, without the GIL
+            maps = self.mappings()
+            if not soft_dirty and self._scan_ioctl and (bits := _present_by_scan(fd, maps, self.npages)) is not None:
+                self.pagemap_bytes += bits[1]
+                return bits[0]
+            self._scan_ioctl = False  # this kernel has no PAGEMAP_SCAN: 8 bytes a page, as before
+            for m in maps:  # nc_pagemap.h, without the GIL
                 _kernels.pagemap_bits(fd, m.start, m.npages,
                                       _SOFT_DIRTY_BIT if soft_dirty else _PRESENT_BIT, out, m.first_page)
                 self.pagemap_bytes += m.npages * 8
         finally:
             os.close(fd)
         return out
+
+
+# PAGEMAP_SCAN (Linux 6.7+): the kernel walks the page tables and returns only the
+# ranges that match, 24 bytes a range, where pagemap's read gives 8 bytes a page:
+# reading what QEMU maps of a 4 GiB guest costs by what it maps, not by its size.
+_PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg): 96 bytes
+_PAGE_IS_PRESENT = 1 << 3
+_PAGE_IS_SWAPPED = 1 << 4  # a swap-format entry (a page being migrated): counts as written
+_SCAN_REGIONS = 4096
+
+
+def _present_by_scan(fd: int, maps: list[_Mapping], npages: int) -> tuple[Bitmap, int] | None:
+    """The mapped pages of ``maps`` as a bitmap over the file, and the bytes the kernel
+    returned; None where the kernel has no PAGEMAP_SCAN."""
+    bits = np.zeros(npages, dtype=bool)
+    vec = np.zeros((_SCAN_REGIONS, 3), dtype=np.uint64)  # struct page_region {start, end, categories}
+    arg = np.zeros(12, dtype=np.uint64)  # struct pm_scan_arg
+    got = 0
+    ioctl = _libc().ioctl
+    for m in maps:
+        start, end = m.start, m.start + m.npages * PAGE_SIZE
+        while start < end:  # bounded: each call returns past ``start`` or fails
+            arg[:] = [96, 0, start, end, 0, vec.ctypes.data, _SCAN_REGIONS, 0, 0, 0,
+                      _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED, _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED]
+            n = ioctl(ctypes.c_int(fd), ctypes.c_ulong(_PAGEMAP_SCAN), ctypes.c_void_p(arg.ctypes.data))
+            if n < 0:
+                return None
+            got += 24 * n
+            for a, b, _ in vec[:n]:
+                first = m.first_page + (int(a) - m.start) // PAGE_SIZE
+                bits[first:first + (int(b) - int(a)) // PAGE_SIZE] = True
+            walk_end = int(arg[4])
+            if walk_end <= start:
+                return None
+            start = walk_end
+    out = bitmap_new(npages)
+    packed = np.packbits(bits, bitorder="little")
+    out[:packed.size] = packed
+    return out, got
 
 
 def page_runs(pages: Bitmap, first: int, end: int) -> list[tuple[int, int]]:

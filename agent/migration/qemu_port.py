@@ -158,7 +158,7 @@ class QemuSource:
     async def pause(self) -> None:
         qmp = _qmp(self.vm)
         if not self._caps_set:  # with the guest still running: one round trip less paused
-            with contextlib.suppress(QMPError):  # (refused: send_device_state asks again, and says why)
+            with contextlib.suppress(QMPError, QMPTimeoutError):  # send_device_state asks again, and says why
                 await qmp.execute("migrate-set-capabilities", IGNORE_SHARED_EVENTS, timeout=10)
                 self._caps_set = True
         await qmp.execute("stop", timeout=10)
