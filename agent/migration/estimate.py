@@ -174,7 +174,7 @@ class Estimate:
 
 # Once the pause fits the budget, pre-copy may still run rounds that shorten it (as
 # QEMU's does, down to its threshold): a pause fitting 300 ms is not one nobody notices.
-POLISH_FLOOR_S = 0.01  # a final-pages part below this is not worth another round
+POLISH_FLOOR_S = 0.003  # a final-pages part below this is not worth another round
 POLISH_SHRINK = 0.5  # ... nor is one after a round that left more than this share of what it sent
 POLISH_ROUNDS = 4  # at most this many rounds past the first that fitted
 POLISH_ROUND_S = 2.0  # ... each expected to take at most this long (the dirty set at the sending rate)

@@ -196,7 +196,7 @@ def test_a_pause_that_fits_is_still_shortened_while_rounds_shrink_it() -> None:
     # 50 ms of pages left, and the round shrank the dirty set to a fifth: another round
     assert worth(0.05, 40_000, 8_000)
     # the pages part is below what anyone notices: stop
-    assert not worth(0.005, 40_000, 8_000)
+    assert not worth(0.002, 40_000, 8_000)
     # the guest dirties about as fast as we send: another round costs time and bytes for nothing
     assert not worth(0.05, 14_000, 11_000)
     # bounded: at most POLISH_ROUNDS past the first fit, each short (a low cap: the budget rules)
