@@ -9,6 +9,16 @@ PY := $(VENV)/bin/python
 STAMPS := build/stamps
 PYTEST_ARGS ?=
 
+# The bundled classifier was fitted with OpenBLAS's SkylakeX kernels. On some AVX-512
+# CPUs OpenBLAS picks others (Haswell's on AMD EPYC), lbfgs takes another path and a
+# refit differs by ~1e-3 (tests/classifier/test_model.py): same kernels, same fit.
+ifeq ($(origin OPENBLAS_CORETYPE),undefined)
+OPENBLAS_CORETYPE := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo SkylakeX)
+endif
+ifneq ($(OPENBLAS_CORETYPE),)
+export OPENBLAS_CORETYPE
+endif
+
 # Sources whose change means the package must be rebuilt.
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd native/*.h)
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
+from threadpoolctl import threadpool_info
 
 from novacron.coordinator.classifier.model import (
     MAX_BATCH,
@@ -17,6 +18,8 @@ from novacron.coordinator.classifier.model import (
     default_classifier,
 )
 from novacron.models import dataset, train
+
+FITTED_WITH_KERNELS = "SkylakeX"  # OpenBLAS's, when the bundled model was fitted
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,12 @@ def test_bundled_model_has_not_drifted_from_training(retrained: train.Trained,
     expected = retrained.model.predict_proba(retrained.featurizer.transform(texts))
     got = np.array([[p.probabilities[lab] for lab in dataset.LABELS]
                     for p in _classify_all(clf, texts, reasons=0)])
-    assert np.abs(got - expected).max() < 5e-5
+    # The path also depends on OpenBLAS's kernels, chosen by CPU: the model was fitted
+    # with SkylakeX's; Haswell's (what OpenBLAS picks on an AMD EPYC with AVX-512, and on
+    # AVX2-only CPUs) gave 8.7e-4. `make test` asks for SkylakeX where the CPU has
+    # AVX-512 (Makefile); elsewhere only a looser bound can hold.
+    kernels = {i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas"}
+    assert np.abs(got - expected).max() < (5e-5 if kernels == {FITTED_WITH_KERNELS} else 2e-3), kernels
     assert retrained.featurizer.vocabulary == clf.featurizer.vocabulary
     assert retrained.featurizer.char_vocabulary == clf.featurizer.char_vocabulary
     assert retrained.abstain == clf.meta["abstain"]
