@@ -444,7 +444,8 @@ async def _monitor(app: web.Application) -> AsyncIterator[None]:
                 await store.heartbeats.settled()  # heartbeats answered here are written first
                 if store.heartbeats.error is not None:
                     continue  # they were not: silence proves nothing
-                if await _fleet_busy_within(store, hold_s):
+                # marks come at most every BUSY_MARK_S: sheds since the latest may be unrecorded
+                if await _fleet_busy_within(store, hold_s + BUSY_MARK_S):
                     continue  # so did another coordinator
                 down = await store.mark_down(time.time() - cfg.heartbeat_timeout_s, fence=fence)
             except Exception:
