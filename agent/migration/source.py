@@ -836,6 +836,8 @@ class SourceMigration:
                 "link_rate_bytes_s": round(st.link_rate_bytes_s, 1),
             })
             log.info("pre-copy round", extra={"migration": st.id, **st.rounds[-1]})
+            cap = opts.bandwidth_mbps * 1e6  # read each round: it may change live
+            sending = min(st.link_rate_bytes_s, cap) if cap else st.link_rate_bytes_s
             if estimate_s <= opts.downtime_ms / 1000.0:  # read each round: it may change live
                 if self.share.others(self) and not self.share.holds(self):
                     # the pause fits with the link to ourselves: take the turn (others'
@@ -847,8 +849,6 @@ class SourceMigration:
                     # would wait for it: wait with the guest running, then one more round
                     await self._wait_reserved()
                     continue
-                cap = opts.bandwidth_mbps * 1e6
-                sending = min(st.link_rate_bytes_s, cap) if cap else st.link_rate_bytes_s
                 # not while throttled or sharing the link (others wait on us), and with a
                 # round left after it: a polish round that no longer fits is never the last
                 if (st.round + 2 <= opts.max_rounds and not self.share.others(self)
@@ -870,8 +870,6 @@ class SourceMigration:
                 self._on_no_convergence(est)
                 break
             dirty_bytes_s = st.dirty_rate_pages_s * self._dirty_page_bytes()
-            cap = opts.bandwidth_mbps * 1e6
-            sending = min(st.link_rate_bytes_s, cap) if cap else st.link_rate_bytes_s
             outrun = dirty_bytes_s >= 0.5 * sending  # it dirties about as fast as we send
             stuck = st.round >= 2 and estimate_s > 0.8 * prev_estimate
             # only the pages part shrinks when the guest slows down
