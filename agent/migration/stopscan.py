@@ -181,12 +181,11 @@ def release_resident(migration: str, pid: int | None, ram_path: Path, ram_stat: 
     if soft_dirty_supported():
         return {"skipped": "soft-dirty bits bound the pause"}
     path = str(ram_path)
-    if unsafe := residency_unsafe_reason(path):  # with swap on, this would swap the guest out
+    # with swap on, this would swap the guest out; on hugetlbfs the kernel refuses (EINVAL)
+    if unsafe := _tmpfs_unsafe_reason(path):
         return {"skipped": unsafe}
     t0 = time.monotonic()
     try:
-        if _fs_type(path) != _TMPFS_MAGIC:  # hugetlbfs: the kernel refuses (EINVAL)
-            return {"skipped": "the RAM file is not on tmpfs"}
         watch = GuestRamWatch(pid, ram_stat.st_dev, ram_stat.st_ino, npages)
         if why := watch.direct_io_reason():
             return {"skipped": why}
@@ -199,6 +198,17 @@ def release_resident(migration: str, pid: int | None, ram_path: Path, ram_stat: 
         return {"skipped": str(exc)}
     return {"bytes": released, "seconds": round(time.monotonic() - t0, 4),
             "resident_before": before, "resident_after": after}
+
+
+def _tmpfs_unsafe_reason(path: str) -> str:
+    """Empty when the RAM file is on tmpfs and the kernel keeps its page-table entries
+    (``residency_unsafe_reason``), else why not."""
+    try:
+        if _fs_type(path) != _TMPFS_MAGIC:
+            return "the RAM file is not on tmpfs"
+    except OSError as exc:
+        return f"cannot tell the RAM file's filesystem: {exc}"
+    return residency_unsafe_reason(path)
 
 
 def _merged(runs: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
@@ -245,7 +255,7 @@ def written_pages(ram_path: Path, ram_stat: Any, npages: int) -> tuple[Bitmap, l
     is found by the next scan, as any page written after the scan read it."""
     path = str(ram_path)
     try:
-        if _fs_type(path) != _TMPFS_MAGIC or residency_unsafe_reason(path):
+        if _tmpfs_unsafe_reason(path):
             return None
         fd = open_regular(ram_path, os.O_RDONLY, same_as=ram_stat)
     except OSError:
