@@ -96,6 +96,8 @@ async def test_coordinator_record_follows_an_agent_killed_during_create(
             with pytest.raises(ApiClientError, match="outcome unknown"):
                 await client.create_vm(spec(guest, "c2"))
             assert (await client.vm("c2"))["state"] == "creating"  # the name stays reserved
+            # the agent's sockets close a moment before it can be reaped: wait, bounded, as above
+            assert agent.proc is not None and agent.proc.wait(10) == -signal.SIGKILL
             agent.env.clear()
             await agent.start()
 
