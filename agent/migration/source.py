@@ -32,6 +32,7 @@ import zstandard
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import estimate, protocol, stoptask
 from novacron.agent.migration.digest import ram_digest
+from novacron.agent.migration.devicetap import DeviceStateTap
 from novacron.agent.migration.diskrelay import SourceDiskRelay
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal
@@ -68,7 +69,6 @@ from novacron.tls import is_loopback
 
 log = logging.getLogger("novacron.agent.migration")
 
-DEVICE_CHUNK = 256 * 1024
 WATCH_S = 0.02  # watchdog period: how late a pause ceiling may be noticed
 MEASURE_BYTES = 1 << 20  # a round this large measures the link
 ROUND_ACK_S = 60.0  # longest wait for the destination to acknowledge a round's bytes
@@ -1234,6 +1234,20 @@ class SourceMigration:
             self._check_inbox()
             await self.ch.send_ctrl({"op": "disks_done"})
             lap("disks_ms")
+        # QEMU saves its devices while we scan and send the final pages (devicetap.py)
+        self._device_started = True  # from here a rollback cancels QEMU's migration
+        tap = DeviceStateTap(self.vm.work_dir / protocol.RELAY_SOCKET)
+        try:
+            await tap.open(self.vm.send_device_state)
+            lap("device_start_ms")
+            await self._final_copy(tap, lap)
+        finally:
+            await tap.close()
+
+    async def _final_copy(self, tap: DeviceStateTap, lap: Callable[[str], None]) -> None:
+        """The paused part after the disks: final scan and pages, device state, and the
+        destination's 'ready'."""
+        st = self.status
         st.round += 1
         tracker, stop_scan = self.tracker, self.stop_scan
         assert tracker is not None and stop_scan is not None
@@ -1251,7 +1265,7 @@ class SourceMigration:
         st.rounds.append({"round": st.round, "pages_sent": sent, "stop_and_copy": True})
         await self.ch.send_ctrl({"op": "round_end", "round": st.round})
         lap("final_pages_ms")
-        await self._relay_device_state()
+        await self._relay_device_state(tap)
         lap("device_state_ms")
         if self.opts.test_digest:
             assert self._mm is not None
@@ -1266,48 +1280,22 @@ class SourceMigration:
                 raise MigrationFailed("RAM digest mismatch at switchover "
                                       f"(source {st.digest_source}, destination {theirs})")
 
-    async def _relay_device_state(self) -> None:
+    async def _relay_device_state(self, tap: DeviceStateTap) -> None:
         """Carry QEMU's own migration stream (device state only, thanks to
-        x-ignore-shared) from a local unix socket over the encrypted channel."""
+        x-ignore-shared), read by ``tap`` since the pause, over the encrypted channel."""
         st, sender = self.status, self.sender
         assert sender is not None
-        # in the VM's own folder, not /tmp: a killed agent leaves nothing elsewhere
-        path = self.vm.work_dir / protocol.RELAY_SOCKET
-        conn: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue(1)
-
-        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                conn.put_nowait((r, w))
-            except asyncio.QueueFull:  # one migration stream only; never block a handler
-                w.close()
-
-        server = await start_unix_server_at(on_conn, path)
-        try:
-            await self.ch.send_ctrl({"op": "device_begin"})
-            self._device_started = True
-            await self.vm.send_device_state(path)
-            async with asyncio.timeout(60):
-                reader, writer = await conn.get()
-            try:
-                while True:
-                    chunk = await asyncio.wait_for(reader.read(DEVICE_CHUNK), 60)
-                    if not chunk:
-                        break
-                    frame = sender.seal_blob(protocol.TAG_DEVICE_STATE, chunk)
-                    self.ch.write_frame(frame)
-                    st.device_state_bytes += len(chunk)
-                    st.bytes_wire += len(frame) + 5
-                    st.wire_parts["device_state"] = st.wire_parts.get("device_state", 0) + len(frame) + 5
-                    await self.ch.drain()
-                    self._check_inbox()
-            finally:
-                writer.close()
-            await self.ch.send_ctrl({"op": "device_end", "bytes": st.device_state_bytes})
-            await self.vm.wait_device_state_sent(timeout=60)
-        finally:
-            server.close()
-            with contextlib.suppress(OSError):
-                path.unlink()
+        await self.ch.send_ctrl({"op": "device_begin"})
+        async for chunk in tap.chunks():
+            frame = sender.seal_blob(protocol.TAG_DEVICE_STATE, chunk)
+            self.ch.write_frame(frame)
+            st.device_state_bytes += len(chunk)
+            st.bytes_wire += len(frame) + 5
+            st.wire_parts["device_state"] = st.wire_parts.get("device_state", 0) + len(frame) + 5
+            await self.ch.drain()
+            self._check_inbox()
+        await self.ch.send_ctrl({"op": "device_end", "bytes": st.device_state_bytes})
+        await self.vm.wait_device_state_sent(timeout=60)
 
     # -- RAM by QEMU, with post-copy (postcopy.py) ------------------------------
     def _count_qemu(self, n: int) -> None:
