@@ -326,7 +326,9 @@ _SCAN_REGIONS = 4096
 def _present_by_scan(fd: int, maps: list[_Mapping], npages: int) -> tuple[Bitmap, int] | None:
     """The mapped pages of ``maps`` as a bitmap over the file, and the bytes the kernel
     returned; None where the kernel has no PAGEMAP_SCAN."""
-    bits = np.zeros(npages, dtype=bool)
+    # +1 at each region's first page, -1 past its last: the running sum marks the pages
+    # (a busy guest's mask is thousands of scattered regions; a loop per region cost ms)
+    edges = np.zeros(npages + 1, dtype=np.int32)
     vec = np.zeros((_SCAN_REGIONS, 3), dtype=np.uint64)  # struct page_region {start, end, categories}
     arg = np.zeros(12, dtype=np.uint64)  # struct pm_scan_arg
     got = 0
@@ -340,15 +342,18 @@ def _present_by_scan(fd: int, maps: list[_Mapping], npages: int) -> tuple[Bitmap
             if n < 0:
                 return None
             got += 24 * n
-            for a, b, _ in vec[:n]:
-                first = m.first_page + (int(a) - m.start) // PAGE_SIZE
-                bits[first:first + (int(b) - int(a)) // PAGE_SIZE] = True
+            regions = vec[:n].astype(np.int64)
+            first = m.first_page + (regions[:, 0] - m.start) // PAGE_SIZE
+            # the kernel merges adjacent pages into one region: no index repeats in
+            # either array, so plain fancy indexing adds each once
+            edges[first] += 1
+            edges[first + (regions[:, 1] - regions[:, 0]) // PAGE_SIZE] -= 1
             walk_end = int(arg[4])
             if walk_end <= start:
                 return None
             start = walk_end
     out = bitmap_new(npages)
-    packed = np.packbits(bits, bitorder="little")
+    packed = np.packbits(np.cumsum(edges[:npages]) > 0, bitorder="little")
     out[:packed.size] = packed
     return out, got
 
