@@ -34,7 +34,6 @@ import ctypes
 import functools
 import mmap
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +49,6 @@ _CLEAR_SOFT_DIRTY = b"4"
 _MADV_PAGEOUT = 21
 _SYS_PROCESS_MADVISE = 440  # one number on every architecture (asm-generic table, Linux 5.10+)
 _RELEASE_CHUNK = 1 << 30
-_PROGRESS_CHUNK = 16 << 20  # bytes per call when someone waits on the progress
 _IOV_MAX = 1024  # iovecs per call (the kernel's UIO_MAXIOV)
 _MAX_RW = (1 << 31) - 4096  # bytes per call (the kernel's MAX_RW_COUNT: longer lists are cut short)
 
@@ -232,30 +230,21 @@ class GuestRamWatch:
                 continue
         return pids
 
-    def release(self, pages: Bitmap | None = None,
-                progress: Callable[[int], None] | None = None) -> int:
+    def release(self, pages: Bitmap | None = None) -> int:
         """Unmap the process's entries of the file (see the module notes), keeping its
         data: of every page, or of the pages set in ``pages`` (a bitmap over the file's
         pages). Returns the bytes the kernel advised (it may still skip a page, e.g. one
         another process maps too: ``read()`` tells what stays mapped). Only where
         ``residency_unsafe_reason()`` is empty: with swap on, this would swap the guest
         out. OSError when the kernel refuses (no process_madvise, no CAP_SYS_NICE, a
-        locked or hugetlb mapping).
-
-        ``progress(page)``: called after each call to the kernel with a file page below
-        which every page asked for is released (ascending; the file's page count at the
-        end), the calls then kept to ``_PROGRESS_CHUNK`` bytes so that a reader waiting
-        on it (source.py, round 1) follows closely."""
-        chunk = _RELEASE_CHUNK if progress is None else _PROGRESS_CHUNK
-        ranges: list[tuple[int, int, int]] = []  # (file page, address, bytes), each at most chunk
+        locked or hugetlb mapping)."""
+        ranges: list[tuple[int, int]] = []  # (address, bytes), each at most _RELEASE_CHUNK
         for m in self.mappings():
             runs = [(m.first_page, m.npages)] if pages is None else \
                 page_runs(pages, m.first_page, m.first_page + m.npages)
             for first, count in runs:
                 addr, size = m.start + (first - m.first_page) * PAGE_SIZE, count * PAGE_SIZE
-                ranges += [(first + off // PAGE_SIZE, addr + off, min(chunk, size - off))
-                           for off in range(0, size, chunk)]
-        ranges.sort()  # by file page: progress is a bound below which all is done
+                ranges += [(addr + off, min(_RELEASE_CHUNK, size - off)) for off in range(0, size, _RELEASE_CHUNK)]
         syscall = _libc().syscall
         syscall.restype = ctypes.c_long
         done = 0
@@ -265,11 +254,10 @@ class GuestRamWatch:
             while i < len(ranges):
                 # the kernel takes at most UIO_MAXIOV iovecs and MAX_RW_COUNT bytes a call
                 j, total = i, 0
-                while j < len(ranges) and j - i < _IOV_MAX and total + ranges[j][2] <= min(chunk, _MAX_RW):
-                    total += ranges[j][2]
+                while j < len(ranges) and j - i < _IOV_MAX and total + ranges[j][1] <= _MAX_RW:
+                    total += ranges[j][1]
                     j += 1
-                j = max(j, i + 1)  # a range is never longer than a call may be
-                iov = np.array([r[1:] for r in ranges[i:j]], dtype=np.uint64)  # struct iovec {void *; size_t}
+                iov = np.array(ranges[i:j], dtype=np.uint64)  # struct iovec {void *; size_t}
                 n = syscall(ctypes.c_long(_SYS_PROCESS_MADVISE), ctypes.c_int(pidfd),
                             ctypes.c_void_p(iov.ctypes.data), ctypes.c_size_t(j - i),
                             ctypes.c_int(_MADV_PAGEOUT), ctypes.c_uint(0))
@@ -279,12 +267,8 @@ class GuestRamWatch:
                                        f"{os.strerror(err)}")
                 done += n  # short: an error part way; the rest stays mapped (a wider bound only)
                 i = j
-                if progress is not None:
-                    progress(ranges[j][0] if j < len(ranges) else self.npages)
         finally:
             os.close(pidfd)
-        if progress is not None:
-            progress(self.npages)
         return done
 
     def direct_io_reason(self) -> str:

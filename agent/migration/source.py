@@ -47,7 +47,7 @@ from novacron.agent.migration.postcopy import (
 )
 from novacron.agent.migration.ramwork import RamWork
 from novacron.agent.migration.status import MigrationStatus
-from novacron.agent.migration.stopscan import ReleaseGate, StopScan, release_resident, written_pages
+from novacron.agent.migration.stopscan import StopScan, release_resident, written_pages
 from novacron.agent.migration.throttle import Throttle
 from novacron.agent.migration.unixsock import start_unix_server_at
 from novacron.agent.migration.vmport import MirrorSource, PostcopySource, SourceVM
@@ -97,8 +97,7 @@ def _populate_then(mm: mmap.mmap, fn: Callable[[], T]) -> T:
 
 
 def _first_scan_of(mm: mmap.mmap, tracker: FingerprintTracker,
-                   written: tuple[np.ndarray, list[tuple[int, int]]] | None,
-                   populate: bool = True) -> ScanResult:
+                   written: tuple[np.ndarray, list[tuple[int, int]]] | None) -> ScanResult:
     """The first scan, before round 1: the pages the RAM file ever had written
     (``written_pages``), read by nobody yet: round 1 takes them all, tells their zero
     pages from the others as it encodes them (``PageStreamSender.skip_zero``) and
@@ -110,7 +109,7 @@ def _first_scan_of(mm: mmap.mmap, tracker: FingerprintTracker,
     t0 = time.perf_counter()
     mask, runs = written
     with contextlib.suppress(OSError, ValueError):  # round 1 reads them all: no fault each
-        for first, count in runs if populate else ():
+        for first, count in runs:
             mm.madvise(_MADV_POPULATE_READ, first * protocol.PAGE, count * protocol.PAGE)
     holes = np.bitwise_not(mask)
     tail = tracker.npages % 8
@@ -130,23 +129,11 @@ def _timed_scan(tracker: FingerprintTracker, stop_scan: StopScan) -> tuple[ScanR
     return scan, t0, time.monotonic() - t0 - stop_scan.last_release_s
 
 
-def _listed(mm: mmap.mmap, tracker: FingerprintTracker, ram_path: Any, ram_stat: Any,
-            populate: bool = True) -> ScanResult | None:
+def _listed(mm: mmap.mmap, tracker: FingerprintTracker, ram_path: Any, ram_stat: Any) -> ScanResult | None:
     """The first scan where the RAM file tells its written pages (see _first_scan_of),
     else None: every page must then be read, after the watch is set up."""
     written = written_pages(ram_path, ram_stat, tracker.npages)
-    return None if written is None else _first_scan_of(mm, tracker, written, populate)
-
-
-def _populate_runs(mm: mmap.mmap, pages: np.ndarray) -> None:
-    """Map our entries of ``pages`` (ascending) in one call per run, rather than a
-    fault per page as they are read."""
-    if not pages.size:
-        return
-    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
-    with contextlib.suppress(OSError, ValueError):  # an older kernel: the faults it is
-        for run in np.split(pages, cuts):
-            mm.madvise(_MADV_POPULATE_READ, int(run[0]) * protocol.PAGE, len(run) * protocol.PAGE)
+    return None if written is None else _first_scan_of(mm, tracker, written)
 
 
 SAMPLE_PAGES = 64  # of the dirty set, compressed to weigh the pages the pause will send
@@ -244,8 +231,6 @@ class SourceMigration:
         self.tracker: FingerprintTracker | None = None
         self.stop_scan: StopScan | None = None
         self._release: dict[str, Any] = {}  # release_resident's report
-        self._releasing: asyncio.Task[None] | None = None  # release_resident, beside round 1
-        self._release_gate: ReleaseGate | None = None  # round 1 reads a page after its release
         self.throttle = Throttle(vm)
         self.sender: PageStreamSender | None = None
         self.bucket = TokenBucket(opts.bandwidth_mbps * 1e6)
@@ -670,11 +655,18 @@ class SourceMigration:
         assert self._mm is not None
         tracker = self.tracker = FingerprintTracker(self._mm, os.urandom(32))
         t_setup = time.monotonic()
+        # before the written pages are listed: QEMU's page-table entries of its RAM
+        # are released, so that from here its mapped pages are those touched since
+        self._release = await self.ram_work.run(
+            release_resident, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, tracker.npages,
+            self.opts.bounded_pause)
+        if "seconds" in self._release:
+            st.prepare_parts["release_s"] = self._release["seconds"]
         # side by side: the page-table watch's setup (it reads every process's maps)
-        # and the list of written pages (the file's holes); neither reads guest RAM
-        # (round 1 populates its own entries batch by batch, after the release below)
+        # and the list of written pages (the file's holes), their page-table entries
+        # populated; neither reads guest RAM
         listing = asyncio.create_task(self.ram_work.run(_listed, self._mm, tracker, self.vm.ram_path,
-                                                        self.vm.ram_stat, False))
+                                                        self.vm.ram_stat))
         setup = self._stop_scan_setup = asyncio.create_task(self._set_up_stop_scan(t_setup))
         try:
             if soft_dirty_supported():
@@ -687,13 +679,6 @@ class SourceMigration:
         finally:
             await asyncio.wait({listing})
         listed = listing.result()
-        # QEMU's page-table entries of the listed pages are released beside round 1, in
-        # file order, and round 1 reads each page after its release (ReleaseGate): from
-        # then on, QEMU maps only what the guest touches. (Without a listing nothing is
-        # released: the RAM file is not on tmpfs.)
-        gate = self._release_gate = ReleaseGate() if listed is not None else None
-        self._releasing = asyncio.create_task(self._release_entries(
-            tracker.npages, listed.dirty if listed is not None else None, gate))
         if listed is None and not soft_dirty_supported():  # every page is read now: the watch first
             (await self._stop_scan_ready()).before_scan(first=True)
         t_scan = time.monotonic()
@@ -713,31 +698,15 @@ class SourceMigration:
             StopScan, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, self.tracker.npages,
             self.opts.bounded_pause)
         st.prepare_parts["stop_scan_setup_s"] = round(time.monotonic() - t0, 4)
-        stop_scan.own = self._mm
+        stop_scan.release, stop_scan.own = self._release, self._mm
+        stop_scan.release_rounds = bool(self._release.get("bytes"))
         self.stop_scan = stop_scan
         st.stop_scan = stop_scan.as_dict()
         return stop_scan
 
-    async def _release_entries(self, npages: int, pages: np.ndarray | None, gate: ReleaseGate | None) -> None:
-        st = self.status
-        # not on ram_work's threads: round 1's encoders wait there for this one
-        self._release = await asyncio.to_thread(
-            release_resident, st.id, self.vm.pid, self.vm.ram_path, self.vm.ram_stat, npages,
-            self.opts.bounded_pause, pages, gate)
-        if "seconds" in self._release:
-            st.prepare_parts["release_s"] = self._release["seconds"]
-
     async def _stop_scan_ready(self) -> StopScan:
-        assert self._stop_scan_setup is not None and self._releasing is not None
-        stop_scan = await asyncio.shield(self._stop_scan_setup)
-        await asyncio.shield(self._releasing)  # done by round 1's end (its last batch waited on it)
-        if self._release_gate is not None:
-            self._release["round_1_waited_s"] = round(self._release_gate.waited_s, 4)
-        stop_scan.release = self._release
-        stop_scan.release_rounds = bool(self._release.get("bytes"))
-        st = self.status
-        st.stop_scan = stop_scan.as_dict()
-        return stop_scan
+        assert self._stop_scan_setup is not None
+        return await asyncio.shield(self._stop_scan_setup)
 
     async def _mirror_disks(self) -> None:
         """Copy the local disks first, then RAM: the mirrors are write-blocking, so once
@@ -1034,11 +1003,6 @@ class SourceMigration:
             sender.level = policy.level()  # higher while the link leaves the encoder idle
             w = _Work()
             if batch is not None:
-                gate = self._release_gate
-                if gate is not None and self.status.round == 1 and batch.size:
-                    assert self._mm is not None
-                    gate.wait_past(int(batch[-1]))  # QEMU's entries of these are released
-                    _populate_runs(self._mm, batch)
                 data = batch
                 if by_digest:
                     pages, digests, data = sender.digest_pages(batch, zero)
@@ -1712,10 +1676,6 @@ class SourceMigration:
                 await asyncio.wait_for(asyncio.shield(setup), 30)
         if setup is not None and setup.done() and not setup.cancelled():
             setup.exception()  # retrieved: a failed setup of a failed migration says nothing more
-        releasing = self._releasing
-        if releasing is not None:  # QEMU's entries only (never raises): let it end
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(releasing), 30)
         # no scan or encode still runs, their views released, then unmapped: after a
         # completed migration the RAM file is deleted, and a view left would keep it
         tracker, sender, self.tracker, self.sender = self.tracker, self.sender, None, None

@@ -19,13 +19,11 @@ VM's process (QEMU) may have written, from its page tables (``GuestRamWatch``):
   QEMU at the pause, and only mapped pages are fingerprinted: bounded by the
   guest's working set, not its RAM size. Later pre-copy scans use the same mask.
   What QEMU maps is everything it touched since boot (an idle 4 GiB guest: about
-  350 MB), so ``release_resident`` unmaps QEMU's entries of the pages the file
-  lists as written (``GuestRamWatch.release``, data kept), beside round 1 and in
-  file order, and round 1 reads each page only once its entry is released
-  (``ReleaseGate``): the mask is then what the guest touched during the migration.
-  A write before a page's release is read by round 1; one after maps the page
-  again until the pause. A page that was a hole at the listing is not released: if
-  written since, it stays mapped. Each later pre-copy scan reads the
+  350 MB), so ``release_resident`` first unmaps QEMU's entries of the file
+  (``GuestRamWatch.release``, data kept), right before the written pages are
+  listed: the mask is then what the guest touched during the migration. A write
+  before the release is read by the first scan (the listing comes after it); one
+  after maps its page again until the pause. Each later pre-copy scan reads the
   mask, releases the mask's pages only, then fingerprints them: a write to one
   of them before its release is read by that scan, one after maps it again; a
   page outside the mask that is written meanwhile is not released, so it stays
@@ -45,7 +43,6 @@ import errno
 import logging
 import mmap
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -173,60 +170,12 @@ class StopScan:
         }
 
 
-class ReleaseGate:
-    """Round 1 reads a listed page only once QEMU's entry of it is released.
-
-    ``release_resident`` runs beside round 1 (it took 50-100 ms of a 256 MiB guest's
-    0.25 s migration when it ran first), releasing the listed pages in file order;
-    round 1 reads them in the same order and waits here for each batch. Why the
-    order matters: a page read before its release could be written after the read
-    and then released, and the pause would not see it. A page read after its
-    release is read again at the pause if written since (its entry is back); one
-    the release skipped or never reached stays mapped, so it is in every mask: a
-    wider bound, never a lost write."""
-
-    def __init__(self) -> None:
-        self._below = 0  # every listed page below this one is released (or will never be)
-        self._cond = threading.Condition()
-        self.waited_s = 0.0
-
-    def advance(self, below: int) -> None:
-        with self._cond:
-            if below > self._below:
-                self._below = below
-                self._cond.notify_all()
-
-    def open(self) -> None:
-        """Nothing more will be released: every page may be read."""
-        self.advance(1 << 62)
-
-    def wait_past(self, page: int, timeout: float = 60.0) -> None:
-        """Return once ``page`` may be read; TimeoutError if the release stalls."""
-        t0 = time.monotonic()
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._below > page, timeout):
-                raise TimeoutError(f"releasing QEMU's page-table entries stalled before page {page}")
-        self.waited_s += time.monotonic() - t0
-
-
 def release_resident(migration: str, pid: int | None, ram_path: Path, ram_stat: Any,
-                     npages: int, enabled: bool = True, pages: Bitmap | None = None,
-                     gate: ReleaseGate | None = None) -> dict[str, Any]:
-    """Before the first scan of a ``resident`` migration reads them: unmap QEMU's entries
-    of the RAM file (see the module notes; of ``pages`` only, the listed ones, if
-    given), so the pause's mask is what the guest touched since. With ``gate``, it
-    runs beside round 1 (``ReleaseGate``) and opens the gate when done, whatever
-    happened. Returns what it did, for the status; never raises: a release refused
-    or failed leaves the entries mapped, which is only a wider bound."""
-    try:
-        return _release_resident(migration, pid, ram_path, ram_stat, npages, enabled, pages, gate)
-    finally:
-        if gate is not None:
-            gate.open()
-
-
-def _release_resident(migration: str, pid: int | None, ram_path: Path, ram_stat: Any, npages: int,
-                      enabled: bool, pages: Bitmap | None, gate: ReleaseGate | None) -> dict[str, Any]:
+                     npages: int, enabled: bool = True) -> dict[str, Any]:
+    """Before the first scan of a ``resident`` migration: unmap QEMU's entries of the
+    RAM file (see the module notes), so the pause's mask is what the guest touched
+    since. Returns what it did, for the status; never raises: a release refused or
+    failed leaves the entries mapped, which is only a wider bound."""
     if not enabled or pid is None or ram_stat is None:
         return {"skipped": "no bound is kept for this migration"}
     if soft_dirty_supported():
@@ -241,17 +190,14 @@ def _release_resident(migration: str, pid: int | None, ram_path: Path, ram_stat:
         if why := watch.direct_io_reason():
             return {"skipped": why}
         before = bitmap_count(watch.read())
-        released = watch.release(pages, progress=gate.advance if gate is not None else None)
-        seconds = time.monotonic() - t0
+        released = watch.release()
         after = bitmap_count(watch.read())  # what the kernel kept mapped (or QEMU touched since)
     except OSError as exc:
         log.warning("QEMU's page-table entries of its RAM were not released; the pause's bound is "
                     "what it touched since boot", extra={"migration": migration, "error": str(exc)})
         return {"skipped": str(exc)}
-    out = {"bytes": released, "seconds": round(seconds, 4), "resident_before": before, "resident_after": after}
-    if gate is not None:
-        out["beside_round_1"] = True
-    return out
+    return {"bytes": released, "seconds": round(time.monotonic() - t0, 4),
+            "resident_before": before, "resident_after": after}
 
 
 def _tmpfs_unsafe_reason(path: str) -> str:

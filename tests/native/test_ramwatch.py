@@ -160,39 +160,6 @@ def test_release_unmaps_the_entries_and_keeps_the_data(shm_file: Path) -> None:
         proc.communicate("")
 
 
-@pytest.mark.skipif(N.residency_unsafe_reason("/dev/shm") != "" or os.geteuid() != 0,
-                    reason="release needs tmpfs without swap, and CAP_SYS_NICE for another process")
-def test_release_progress_is_a_bound_below_which_all_is_released(shm_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What round 1 relies on (stopscan.ReleaseGate): when progress says ``b``, no page
-    asked for below ``b`` is still mapped; ascending, the file's page count last."""
-    from novacron.native import softdirty
-    monkeypatch.setattr(softdirty, "_PROGRESS_CHUNK", 64 * PAGE)  # many calls, runs cut across them
-    npages = 8192
-    shm_file.write_bytes(b"\0" * npages * PAGE)
-    st = shm_file.stat()
-    proc = subprocess.Popen([sys.executable, "-c", _TOUCHER, str(shm_file), str(npages * PAGE)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        watch = N.GuestRamWatch(proc.pid, st.st_dev, st.st_ino, npages)
-        asked = np.zeros(npages, dtype=bool)
-        asked[100:3000] = asked[3100:3101] = asked[5000:8000] = True  # runs, a lone page
-        seen: list[int] = []
-
-        def progress(below: int) -> None:
-            mapped = N.bitmap_indices(watch.read())
-            assert not asked[mapped[mapped < below]].any(), below
-            seen.append(below)
-
-        released = watch.release(np.packbits(asked, bitorder="little"), progress=progress)
-        assert released == int(asked.sum()) * PAGE
-        assert len(seen) > 10 and seen == sorted(seen) and seen[-1] == npages
-        left = N.bitmap_indices(watch.read())
-        assert not asked[left].any() and len(left) >= npages - int(asked.sum()) - 64  # the rest stays
-    finally:
-        proc.communicate("")
-
-
 def test_residency_is_no_bound_off_tmpfs_or_with_swap(tmp_path: Path) -> None:
     assert N.residency_unsafe_reason("/dev/shm") == "" or "swap" in N.residency_unsafe_reason("/dev/shm")
     root = tmp_path / "sys"
