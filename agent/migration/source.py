@@ -31,8 +31,8 @@ import zstandard
 
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
 from novacron.agent.migration import estimate, protocol, stoptask
-from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.devicetap import DeviceStateTap
+from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import SourceDiskRelay
 from novacron.agent.migration.doubt import Outcome, OutcomeProbe, settle
 from novacron.agent.migration.journal import Journal

@@ -218,3 +218,19 @@ def test_a_process_with_a_direct_io_file_is_not_released(shm_file: Path, tmp_pat
         assert "O_DIRECT" in reason, reason
     finally:
         proc.communicate("")
+
+
+@pytest.mark.parametrize("regions", [0, 3, 64, 65, 5000])
+def test_region_bits_mark_exactly_the_regions(regions: int) -> None:
+    from novacron.native.softdirty import _region_bits
+
+    npages = 1 << 16
+    rng = np.random.default_rng(regions)
+    starts = np.sort(rng.choice(npages // 8, regions, replace=False)) * 8  # disjoint: at most 7 pages each
+    count = rng.integers(1, 8, regions)
+    want = np.zeros(npages, dtype=bool)
+    for a, c in zip(starts, count, strict=True):
+        want[a:a + c] = True
+    half = regions // 2  # as two PAGEMAP_SCAN calls return them
+    got = _region_bits([starts[:half], starts[half:]], [count[:half], count[half:]], npages)
+    assert np.array_equal(got, want)
