@@ -11,7 +11,10 @@ VM's process (QEMU) may have written, from its page tables (``GuestRamWatch``):
   scan, so a write after the last scan read a page sets its bit; a write before
   the clear was seen by that scan (the page is resident, so in its mask). The
   pause fingerprints only soft-dirty pages: bounded by what was dirtied during
-  the last round.
+  the last round. Not where a device may write guest RAM by DMA (a disk open
+  with O_DIRECT, a VFIO device): a page pinned before the clear takes the
+  device's write with no bit set. Those migrations use ``resident`` (without
+  any release), checked again at the pause.
 - ``resident``: (kernels without soft-dirty, e.g. this project's dev hosts) a
   process writes a page only through a page-table entry, and without swap or
   shmem huge pages the kernel never drops a written entry of the tmpfs file.
@@ -99,8 +102,19 @@ class StopScan:
                 else:
                     self._watch = watch
                     self.mode = "soft-dirty" if soft_dirty_supported() else "resident"
+                    if self.mode == "soft-dirty" and (why := watch.direct_io_reason()):
+                        self._soft_dirty_off(why)
         log.info("stop-phase scan", extra={"migration": migration, "mode": self.mode,
                                            "reason": self.reason or None})
+
+    def _soft_dirty_off(self, why: str) -> None:
+        # A device's DMA into a page pinned before the bits were cleared sets no bit (a
+        # pin after the clear write-faults, which does). Nothing is ever released in
+        # soft-dirty mode, so every page written since boot is still mapped: what QEMU
+        # maps bounds the pause instead (wider, never short of a write).
+        self.mode, self.reason = "resident", f"soft-dirty bits miss writes by DMA: {why}"
+        log.info("stop-phase scan bound by QEMU's mapped pages", extra={"migration": self.migration,
+                                                                       "reason": self.reason})
 
     def _fail(self, exc: Exception) -> None:
         log.warning("page-table tracking failed; scanning all RAM from now on",
@@ -154,6 +168,8 @@ class StopScan:
             self._fail(OSError(unsafe))
             return None
         try:
+            if self.mode == "soft-dirty" and (why := w.direct_io_reason()):  # a disk attached meanwhile
+                self._soft_dirty_off(why)
             return w.read(soft_dirty=self.mode == "soft-dirty")
         except OSError as exc:
             self._fail(exc)

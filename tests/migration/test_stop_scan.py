@@ -232,3 +232,46 @@ def test_a_scan_releases_exactly_its_mask_and_no_other_page(shm: Path) -> None:
     scan.release_rounds = False
     scan.before_scan(first=False)
     assert len(watch.released) == 1
+
+
+def test_soft_dirty_bits_are_not_trusted_beside_direct_io(shm: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk open with O_DIRECT (or VFIO) writes guest RAM by DMA: a page pinned before
+    the bits were cleared takes the write with no soft-dirty bit. Such a VM's pause is
+    bound by what QEMU maps instead, also when the disk appears only before the pause."""
+    import subprocess
+    import sys
+
+    from novacron.agent.migration import stopscan
+
+    monkeypatch.setattr(stopscan, "soft_dirty_supported", lambda: True)  # as on a distribution kernel
+    npages = 256
+    ram = shm / "ram"
+    ram.write_bytes(b"\0" * npages * 4096)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    qemu = ("import mmap, os, sys\n"
+            "mm = mmap.mmap(os.open(sys.argv[1], os.O_RDWR), int(sys.argv[2]))\n"
+            "mm[5 * 4096] = 1\n"
+            "print('ready', flush=True)\n"
+            "for line in sys.stdin:\n"
+            "    fd = os.open(sys.argv[3], os.O_RDONLY | os.O_DIRECT)\n"  # a disk attached
+            "    print('ok', flush=True)\n"
+            "print('bye', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", qemu, str(ram), str(npages * 4096), str(disk)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        scan = StopScan("m", proc.pid, ram, ram.stat(), npages)
+        assert scan.mode == "soft-dirty", scan.reason  # no direct I/O yet
+        proc.stdin.write("attach\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "ok"
+        mask = scan.at_pause()  # the bits are not trusted now: what QEMU maps
+        assert scan.mode == "resident" and "O_DIRECT" in scan.reason, scan.reason
+        assert mask is not None and 5 in N.bitmap_indices(mask).tolist()
+        again = StopScan("m", proc.pid, ram, ram.stat(), npages)  # and from the start
+        assert again.mode == "resident" and "DMA" in again.reason, again.reason
+    finally:
+        proc.communicate("")
