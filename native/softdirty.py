@@ -321,6 +321,7 @@ _PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg): 96 bytes
 _PAGE_IS_PRESENT = 1 << 3
 _PAGE_IS_SWAPPED = 1 << 4  # a swap-format entry (a page being migrated): counts as written
 _SCAN_REGIONS = 4096
+_SHORT_REGION = 64  # pages: regions up to this long are set by index arrays (_region_bits)
 
 
 def _present_by_scan(fd: int, maps: list[_Mapping], npages: int) -> tuple[Bitmap, int] | None:
@@ -356,18 +357,21 @@ def _present_by_scan(fd: int, maps: list[_Mapping], npages: int) -> tuple[Bitmap
 
 def _region_bits(firsts: list[np.ndarray], counts: list[np.ndarray], npages: int) -> np.ndarray:
     """One bool per page, set in the regions (first page, pages). A busy guest's mask is
-    thousands of scattered regions (a Python loop over them took 17 ms at 16k): their
-    pages are indexed at once; a few long ones are filled as slices."""
+    thousands of scattered regions (a Python loop over them took 17 ms at 16k): short
+    ones are indexed at once, long ones filled as slices (index arrays for every mapped
+    page of a large guest would cost 24 bytes a page)."""
     bits = np.zeros(npages, dtype=bool)
     first = np.concatenate(firsts) if firsts else np.zeros(0, dtype=np.int64)
     count = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
-    if first.size <= 64:
-        for a, c in zip(first.tolist(), count.tolist(), strict=True):
-            bits[a:a + c] = True
-        return bits
-    # page k of region r is first[r] + k: an arange over all their pages, shifted per region
-    ends = np.cumsum(count)
-    bits[np.repeat(first - (ends - count), count) + np.arange(int(ends[-1]))] = True
+    long = count > _SHORT_REGION
+    for a, c in zip(first[long].tolist(), count[long].tolist(), strict=True):
+        bits[a:a + c] = True  # at most npages / _SHORT_REGION of these
+    first, count = first[~long], count[~long]
+    if count.size:
+        # page k of region r is first[r] + k: an arange over their pages (at most
+        # _SHORT_REGION each, so the index arrays stay within that many per region)
+        ends = np.cumsum(count)
+        bits[np.repeat(first - (ends - count), count) + np.arange(int(ends[-1]))] = True
     return bits
 
 

@@ -45,7 +45,13 @@ from typing import Any
 
 from novacron.agent.hypervisors.libvirt import STATES, LibvirtHost, LibvirtUnavailable, _mib
 from novacron.agent.migration.protocol import NAME_RE
-from novacron.agent.migration.qemu_port import IGNORE_SHARED, _incoming_loaded, _migration_completed
+from novacron.agent.migration.qemu_port import (
+    CANCEL_WAIT_S,
+    IGNORE_SHARED,
+    _incoming_loaded,
+    _migration_completed,
+    migration_ended,
+)
 from novacron.agent.migration.vmport import AdmissionError
 from novacron.agent.qmp import QMPError
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
@@ -285,6 +291,10 @@ class LibvirtSource:
     async def cancel_device_state(self) -> None:
         with contextlib.suppress(QMPError, VMError):
             await self.qmp.execute("migrate_cancel")
+        # then the rollback resumes the guest and stay() turns x-ignore-shared off, which
+        # QEMU refuses while a migration runs: wait (bounded) for it to end
+        with contextlib.suppress(QMPError, VMError, TimeoutError):
+            await self.qmp.poll("query-migrate", migration_ended, CANCEL_WAIT_S, "QEMU migration")
 
     async def release(self) -> None:
         """The destination runs the guest: destroy the copy here, drop its definition."""

@@ -11,8 +11,8 @@ after the final pages, in the same order on the wire as before, so the
 destination (which must load devices only once RAM is complete: virtio reads its
 rings from guest memory) sees no change.
 
-The buffer is bounded (``limit``): past it the tap stops reading and QEMU waits
-on its socket, as it would on a slow relay.
+The buffer is bounded (``limit`` bytes): past it the tap stops reading and QEMU
+waits on its socket, as it would on a slow relay.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ class DeviceStateTap:
         self.path = path
         self.timeout_s = timeout_s
         self.bytes_read = 0
-        # None ends the stream; a bound on chunks is a bound on bytes (reads <= CHUNK)
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(max(1, limit // CHUNK))
+        self.limit = limit
+        self._buffered = 0  # bytes read and not yet taken by chunks()
+        self._space = asyncio.Condition()
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()  # None ends the stream
         self._conns: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue(1)
         self._server: asyncio.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -59,36 +61,43 @@ class DeviceStateTap:
             async with asyncio.timeout(self.timeout_s):
                 reader, writer = await self._conns.get()
             try:
-                while chunk := await asyncio.wait_for(reader.read(CHUNK), self.timeout_s):
+                while True:
+                    async with self._space:  # past the bound QEMU waits on its socket
+                        await self._space.wait_for(lambda: self._buffered < self.limit)
+                    chunk = await asyncio.wait_for(reader.read(CHUNK), self.timeout_s)
+                    if not chunk:
+                        break
                     self.bytes_read += len(chunk)
-                    await self._queue.put(chunk)
+                    self._buffered += len(chunk)
+                    self._queue.put_nowait(chunk)
             finally:
                 writer.close()
         finally:
-            # the reader's end, also on failure: chunks() stops and re-raises it
-            with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(None)
+            self._queue.put_nowait(None)  # the end, also on failure: chunks() re-raises it
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """QEMU's stream in order, as read; raises what ended the reading early."""
         assert self._task is not None, "open() first"
-        while True:
-            if self._task.done() and self._queue.empty():
-                break  # ended and its end marker did not fit (the queue was full then)
-            chunk = await self._queue.get()
-            if chunk is None:
-                break
+        while (chunk := await self._queue.get()) is not None:
+            self._buffered -= len(chunk)
+            async with self._space:
+                self._space.notify_all()
             yield chunk
         await self._task  # a failed read raises here, after what did arrive
 
     async def close(self) -> None:
-        """Stop reading and remove the socket (idempotent)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        """Stop reading, close QEMU's connection and remove the socket (idempotent)."""
+        task = self._task
+        if task is not None:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})  # a cancel aimed at our caller still reaches it
+            if not task.cancelled():
+                task.exception()  # retrieved: the migration already failed or forwarded it
         if self._server is not None:
             self._server.close()
             self._server = None
+        while not self._conns.empty():  # QEMU connected after the reader stopped waiting
+            self._conns.get_nowait()[1].close()
         with contextlib.suppress(OSError):
             self.path.unlink()

@@ -115,6 +115,14 @@ def _migration_completed(info: dict[str, Any]) -> bool:
     return state == "completed"
 
 
+CANCEL_WAIT_S = 10.0  # for QEMU's migration to end after migrate_cancel
+
+
+def migration_ended(info: dict[str, Any]) -> bool:
+    """QEMU's outgoing migration is over (or never began): a rollback may resume."""
+    return info.get("status") in (None, "none", "completed", "failed", "cancelled")
+
+
 def _incoming_loaded(info: dict[str, Any]) -> bool:
     state = info.get("status")
     if state not in ("paused", "inmigrate", "prelaunch"):
@@ -188,6 +196,10 @@ class QemuSource:
     async def cancel_device_state(self) -> None:
         with contextlib.suppress(QMPError):
             await _qmp(self.vm).execute("migrate_cancel", timeout=10)
+        # the rollback resumes the guest next: not while QEMU's migration still runs (its
+        # device state is asked for at the pause, so it may be mid-stream or completed)
+        with contextlib.suppress(QMPError, QMPTimeoutError, TimeoutError):
+            await _poll(self.vm, "query-migrate", migration_ended, CANCEL_WAIT_S, "QEMU migration", "MIGRATION")
 
     async def stay(self) -> None:
         self.vm.migrating = False

@@ -131,6 +131,9 @@ class StopScan:
         try:
             if self.mode == "soft-dirty":
                 w.clear()  # first: a write after this is caught by the bit, one before by the scan
+                # an I/O pinned before this clear and still open now may land unseen
+                if why := w.direct_io_reason():
+                    self._soft_dirty_off(why)
             if first:
                 return None
             mask = w.read(soft_dirty=False)

@@ -63,7 +63,7 @@ async def test_the_buffer_is_bounded_and_qemu_waits(tmp_path: Path, monkeypatch:
     stalled_at = await writer  # nobody forwards: the writer stalls past the bound
     # the tap's bound plus the socket buffers of both ends, far below 16 MiB
     assert 1 << 20 <= stalled_at < 8 << 20, stalled_at
-    assert tap.bytes_read <= (1 << 20) + 64 * 1024
+    assert tap.bytes_read <= (1 << 20) + 64 * 1024  # the bound counts bytes
     await tap.close()
 
 
@@ -94,4 +94,19 @@ async def test_close_stops_reading_a_stream_nobody_forwards(tmp_path: Path) -> N
     await tap.close()  # idempotent
     assert not (tmp_path / "dev.sock").exists()
     assert writer is not None
-    await writer
+    assert await writer < 1 << 20  # its connection was closed under it
+
+
+async def test_a_late_connection_is_closed_with_the_tap(tmp_path: Path) -> None:
+    tap = DeviceStateTap(tmp_path / "dev.sock", timeout_s=0.1)
+
+    async def start(path: Path) -> None:
+        pass
+
+    await tap.open(start)
+    await asyncio.sleep(0.3)  # the reader gave up waiting for QEMU
+    reader, writer = await asyncio.open_unix_connection(str(tmp_path / "dev.sock"))  # QEMU, late
+    await asyncio.sleep(0.05)
+    await tap.close()
+    assert await asyncio.wait_for(reader.read(1), 5) == b""  # closed, not left open
+    writer.close()

@@ -98,6 +98,8 @@ def test_scattered_pages_read_alike_by_both_readers(shm_file: Path) -> None:
     try:
         watch = N.GuestRamWatch(proc.pid, st.st_dev, st.st_ino, npages)
         scanned = watch.read()
+        if not watch._scan_ioctl:
+            pytest.skip("this kernel has no PAGEMAP_SCAN: one reader only")
         got = set(N.bitmap_indices(scanned).tolist())
         assert set(written) <= got and len(got) < len(written) + 64  # + page 0's fault-around
         watch._scan_ioctl = False
@@ -224,10 +226,11 @@ def test_a_process_with_a_direct_io_file_is_not_released(shm_file: Path, tmp_pat
 def test_region_bits_mark_exactly_the_regions(regions: int) -> None:
     from novacron.native.softdirty import _region_bits
 
-    npages = 1 << 16
+    npages = 1 << 20
     rng = np.random.default_rng(regions)
-    starts = np.sort(rng.choice(npages // 8, regions, replace=False)) * 8  # disjoint: at most 7 pages each
+    starts = np.sort(rng.choice(npages // 128, regions, replace=False)) * 128  # disjoint
     count = rng.integers(1, 8, regions)
+    count[::3] = rng.integers(60, 128, count[::3].size)  # short and long ones (64 pages is the split)
     want = np.zeros(npages, dtype=bool)
     for a, c in zip(starts, count, strict=True):
         want[a:a + c] = True
