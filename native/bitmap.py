@@ -31,9 +31,14 @@ def bitmap_count(bm: Bitmap) -> int:
 
 
 def bitmap_indices(bm: Bitmap) -> npt.NDArray[np.uint64]:
-    """Indices of set pages, ascending."""
-    bits = np.unpackbits(_check(bm), bitorder="little")
-    return np.flatnonzero(bits).astype(np.uint64)
+    """Indices of set pages, ascending. Only the bytes with a bit set are unpacked: a
+    paused round's few pages in a 4 GiB guest's map took 1.3 ms unpacking it all."""
+    b = _check(bm)
+    nz = np.flatnonzero(b)  # ascending bytes, then bits ascending within each
+    if nz.size * 16 > b.size:  # dense: one pass over all bits is faster
+        return np.flatnonzero(np.unpackbits(b, bitorder="little")).astype(np.uint64)
+    rows, cols = np.nonzero(np.unpackbits(b[nz], bitorder="little").reshape(-1, 8))
+    return (nz[rows].astype(np.uint64) * np.uint64(8) + cols.astype(np.uint64))
 
 
 def bitmap_from_indices(pages: npt.ArrayLike, npages: int) -> Bitmap:

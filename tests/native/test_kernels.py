@@ -203,3 +203,14 @@ def test_dedup_index_sizes_itself_within_the_memory_budget() -> None:
         total = 8 * npages + index.page_slots.nbytes + worst_table + 16 * 2**20
         assert total <= N.memory_budget(guest), (guest, total)
         del index
+
+
+@pytest.mark.parametrize("density", [0.0, 1e-4, 0.003, 0.05, 0.5, 1.0])
+@pytest.mark.parametrize("npages", [1, 13, 4096, 100_003])
+def test_bitmap_indices_sparse_and_dense(npages: int, density: float) -> None:
+    """Both paths (a few set bytes unpacked, or all of them) give every set page, ascending."""
+    from novacron.native import bitmap_indices
+
+    bits = np.random.default_rng(npages).random(npages) < density
+    got = bitmap_indices(np.packbits(bits, bitorder="little"))
+    assert got.dtype == np.uint64 and np.array_equal(got, np.flatnonzero(bits).astype(np.uint64))
