@@ -41,6 +41,14 @@ def bitmap_indices(bm: Bitmap) -> npt.NDArray[np.uint64]:
     return (nz[rows].astype(np.uint64) * np.uint64(8) + cols.astype(np.uint64))
 
 
+def bitmap_test(bm: Bitmap, pages: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+    """Whether each of ``pages`` is set: only those pages' bits are read, not an
+    unpacked copy of the whole map (a byte per guest page, per call: about 1 ms of a
+    4 GiB guest's pause for a handful of final pages)."""
+    i = np.asarray(pages).astype(np.int64)
+    return ((_check(bm)[i >> 3] >> (i & 7).astype(np.uint8)) & 1).astype(bool)
+
+
 def bitmap_from_indices(pages: npt.ArrayLike, npages: int) -> Bitmap:
     """Bitmap with the given page indices set."""
     idx = np.asarray(pages, dtype=np.int64)

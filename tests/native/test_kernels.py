@@ -214,3 +214,13 @@ def test_bitmap_indices_sparse_and_dense(npages: int, density: float) -> None:
     bits = np.random.default_rng(npages).random(npages) < density
     got = bitmap_indices(np.packbits(bits, bitorder="little"))
     assert got.dtype == np.uint64 and np.array_equal(got, np.flatnonzero(bits).astype(np.uint64))
+
+
+def test_bitmap_test_reads_the_pages_bits() -> None:
+    from novacron.native.bitmap import bitmap_test
+
+    rng = np.random.default_rng(7)
+    bits = rng.random(100_003) < 0.3
+    pages = rng.choice(bits.size, 5000, replace=False).astype(np.uint64)
+    got = bitmap_test(np.packbits(bits, bitorder="little"), pages)
+    assert got.dtype == bool and np.array_equal(got, bits[pages.astype(np.int64)])
