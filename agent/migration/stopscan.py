@@ -102,16 +102,19 @@ class StopScan:
                 else:
                     self._watch = watch
                     self.mode = "soft-dirty" if soft_dirty_supported() else "resident"
-                    if self.mode == "soft-dirty" and (why := watch.direct_io_reason()):
-                        self._soft_dirty_off(why)
+                    self._trust_soft_dirty(watch)
         log.info("stop-phase scan", extra={"migration": migration, "mode": self.mode,
                                            "reason": self.reason or None})
 
-    def _soft_dirty_off(self, why: str) -> None:
-        # A device's DMA into a page pinned before the bits were cleared sets no bit (a
-        # pin after the clear write-faults, which does). Nothing is ever released in
-        # soft-dirty mode, so every page written since boot is still mapped: what QEMU
-        # maps bounds the pause instead (wider, never short of a write).
+    def _trust_soft_dirty(self, w: GuestRamWatch) -> None:
+        """Leave soft-dirty mode where QEMU may write guest RAM by DMA (at setup, after
+        each clear, at the pause). A device's DMA into a page pinned before the bits
+        were cleared sets no bit (a pin after the clear write-faults, which does).
+        Nothing is ever released in soft-dirty mode, so every page written since boot
+        is still mapped: what QEMU maps bounds the pause instead (wider, never short of
+        a write)."""
+        if self.mode != "soft-dirty" or not (why := w.direct_io_reason()):
+            return
         self.mode, self.reason = "resident", f"soft-dirty bits miss writes by DMA: {why}"
         log.info("stop-phase scan bound by QEMU's mapped pages", extra={"migration": self.migration,
                                                                        "reason": self.reason})
@@ -131,9 +134,7 @@ class StopScan:
         try:
             if self.mode == "soft-dirty":
                 w.clear()  # first: a write after this is caught by the bit, one before by the scan
-                # an I/O pinned before this clear and still open now may land unseen
-                if why := w.direct_io_reason():
-                    self._soft_dirty_off(why)
+                self._trust_soft_dirty(w)  # an I/O pinned before this clear may land unseen
             if first:
                 return None
             mask = w.read(soft_dirty=False)
@@ -171,8 +172,7 @@ class StopScan:
             self._fail(OSError(unsafe))
             return None
         try:
-            if self.mode == "soft-dirty" and (why := w.direct_io_reason()):  # a disk attached meanwhile
-                self._soft_dirty_off(why)
+            self._trust_soft_dirty(w)  # a disk attached meanwhile
             return w.read(soft_dirty=self.mode == "soft-dirty")
         except OSError as exc:
             self._fail(exc)
