@@ -31,7 +31,10 @@ import contextlib
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from novacron.agent.channel.records import MAX_DATA_CHUNK, Channel, ChannelClosed, ProtocolError
+from novacron.agent.migration import diskdedup
 from novacron.agent.migration.nbdwire import NbdError, NbdTracker
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.migration.unixsock import ConnHandler, start_unix_server_at
@@ -108,11 +111,15 @@ class SourceDiskRelay(_Streams):
     its connection under a running mirror job (see nbdwire.py)."""
 
     def __init__(self, ch: Channel, status: MigrationStatus, work_dir: Path, disks: list[int],
-                 *, follow_nbd: bool = False) -> None:
+                 *, follow_nbd: bool = False, keys: dict[int, np.ndarray] | None = None) -> None:
         super().__init__(ch, status)
         self.work_dir = work_dir
         self.disks = disks
         self.follow_nbd = follow_nbd
+        # disks whose clusters the destination announced (diskdedup.py): framed streams
+        self.keys = keys if follow_nbd and keys else {}
+        # (stream, handle) -> the payload of a write sent with digests, until answered
+        self.kept: dict[tuple[int, int], tuple[bytes, frozenset[int]]] = {}
         self.trackers: dict[int, NbdTracker] = {}
         self.servers: list[asyncio.Server] = []
         self._closed = False
@@ -148,7 +155,7 @@ class SourceDiskRelay(_Streams):
                 writer.close()
                 return
             if self.follow_nbd:
-                self.trackers[stream] = NbdTracker()
+                self.trackers[stream] = NbdTracker(capture=stream in self.keys)
             self._start_pump(stream, reader, writer)
 
         return on_conn
@@ -162,12 +169,16 @@ class SourceDiskRelay(_Streams):
         try:
             while chunk := await reader.read(min(READ_CHUNK, MAX_DATA_CHUNK)):
                 received = tracker.client_bytes(chunk)
+                items = tracker.take() if tracker.capture else []
                 if self.failing:
                     self._reply(stream, tracker.local_replies(received))
                     continue
                 try:
-                    self.ch.write_data(stream, chunk)
-                    self._count(len(chunk))
+                    if tracker.capture:
+                        await self._send_framed(stream, items)
+                    else:
+                        self.ch.write_data(stream, chunk)
+                        self._count(len(chunk))
                     await self._drain()
                 except (ChannelClosed, ConnectionError, OSError) as exc:
                     self.error = self.error or f"disk stream {stream}: {exc}"
@@ -188,6 +199,47 @@ class SourceDiskRelay(_Streams):
             self.error = self.error or f"disk stream {stream}: {exc}"
         except asyncio.CancelledError:
             pass
+
+    async def _send_framed(self, stream: int, items: list[bytes | tuple[bytes, bytes]]) -> None:
+        """A disk with announced clusters: writes as ``T_WRITE`` frames (named clusters as
+        digests, their payload kept until answered), every other byte as ``T_RAW``."""
+        stats = self.status.disk_dedup
+        for item in items:
+            if isinstance(item, tuple):
+                header, payload = item
+                # hashing a write (up to 32 MiB) is no work for the loop the pages share
+                enc = await asyncio.to_thread(diskdedup.encode_write, header, payload, self.keys[stream])
+                frame = enc.frame
+                if enc.refs:
+                    handle = int.from_bytes(header[8:16], "big")
+                    self.kept[(stream, handle)] = (payload, frozenset(enc.refs))
+                    stats["clusters_named"] = stats.get("clusters_named", 0) + len(enc.refs)
+                    stats["bytes_named"] = stats.get("bytes_named", 0) + len(enc.refs) * diskdedup.CLUSTER
+            else:
+                frame = diskdedup.encode_raw(item)
+            for i in range(0, len(frame), MAX_DATA_CHUNK):
+                self.ch.write_data(stream, frame[i:i + MAX_DATA_CHUNK])
+            self._count(len(frame))
+
+    def on_need(self, msg: dict[str, object]) -> None:
+        """``disk_need``: the destination lacks clusters it was sent by digest; their
+        bytes go on the repair stream from the write's kept payload."""
+        stream, handle, positions = diskdedup.parse_need(msg)
+        kept = self.kept.get((stream, handle))
+        if kept is None or not set(positions) <= kept[1]:
+            raise ProtocolError(f"'disk_need' for disk stream {stream} handle {handle:#x} at {positions}, "
+                                "which was not sent by digest")
+        payload = memoryview(kept[0])
+        for p in positions:
+            self.ch.write_data(diskdedup.DISK_REPAIR, diskdedup.repair_record(
+                stream, handle, p, payload[p:p + diskdedup.CLUSTER]))
+            self._count(diskdedup.CLUSTER)
+        stats = self.status.disk_dedup
+        stats["repairs"] = stats.get("repairs", 0) + len(positions)
+
+    def _forget_answered(self, stream: int, tracker: NbdTracker) -> None:
+        for key in [k for k in self.kept if k[0] == stream and k[1] not in tracker.requests]:
+            del self.kept[key]
 
     async def _drain(self) -> None:
         """The channel's backpressure, given up when failing (the destination may hang)."""
@@ -249,6 +301,8 @@ class SourceDiskRelay(_Streams):
         frames = tracker.server_bytes(data)
         if frames:
             w.write(frames)
+            if self.kept:
+                self._forget_answered(stream, tracker)
         if tracker.server_error is not None:
             self.error = self.error or f"disk stream {stream}: {tracker.server_error}"
             self.fail_over()
@@ -269,6 +323,7 @@ class SourceDiskRelay(_Streams):
         self.servers.clear()
         await super().close()
         self.trackers.clear()
+        self.kept.clear()
         # once: a later call (the migration's final clean-up) may come after a retry of
         # the VM (its status was final) listens on these same paths
         for i in self.disks if first else ():
@@ -279,10 +334,13 @@ class SourceDiskRelay(_Streams):
 class DestDiskRelay(_Streams):
     """The destination's connections to its QEMU's NBD export, opened when the source's open."""
 
-    def __init__(self, ch: Channel, status: MigrationStatus, socket: str, disks: list[int]) -> None:
+    def __init__(self, ch: Channel, status: MigrationStatus, socket: str, disks: list[int],
+                 decoders: dict[int, diskdedup.FrameDecoder] | None = None) -> None:
         super().__init__(ch, status)
         self.socket = socket
         self.disks = disks
+        # disks whose clusters this side announced: their streams are framed (diskdedup.py)
+        self.decoders = decoders or {}
 
     async def open_stream(self, stream: int) -> None:
         if stream not in self.disks or stream in self.writers:
@@ -301,7 +359,46 @@ class DestDiskRelay(_Streams):
         self._start_pump(stream, reader, writer)
 
     async def deliver(self, stream: int, data: bytes | bytearray) -> None:
+        if stream == diskdedup.DISK_REPAIR:
+            disk, handle, pos, cluster = diskdedup.parse_repair(bytes(data))
+            dec = self.decoders.get(disk)
+            if dec is None:
+                raise ProtocolError(f"disk repair for disk stream {disk}, which is not framed")
+            self.status.disk_bytes += len(data)
+            await self._to_qemu(disk, *await asyncio.to_thread(dec.fill, handle, pos, cluster))
+            return
         w = self.check_stream(stream)
-        w.write(data)
-        await asyncio.wait_for(w.drain(), 60)
         self.status.disk_bytes += len(data)
+        dec = self.decoders.get(stream)
+        if dec is None:
+            w.write(data)
+            await asyncio.wait_for(w.drain(), 60)
+            return
+        # reading and hashing named clusters: off the loop (it runs one feed at a time)
+        await self._to_qemu(stream, *await asyncio.to_thread(dec.feed, data))
+
+    async def _to_qemu(self, stream: int, out: list[bytes], need: list[int]) -> None:
+        w = self.check_stream(stream)
+        for piece in out:
+            w.write(piece)
+        dec = self.decoders[stream]
+        self.status.disk_dedup.update({f"{k}": sum(d.stats[k] for d in self.decoders.values())
+                                       for k in dec.stats})
+        if need:
+            pending = dec.pending_handle
+            await self.ch.send_ctrl({"op": "disk_need", "stream": stream, "handle": pending, "pos": need})
+        if out:
+            await asyncio.wait_for(w.drain(), 60)
+
+    async def close(self) -> None:
+        await super().close()
+        for dec in self.decoders.values():
+            dec.close()
+        self.decoders.clear()
+
+    def check_settled(self) -> None:
+        """At ``disks_done``: no write still waits for a repaired cluster."""
+        for stream, dec in self.decoders.items():
+            if not dec.idle:
+                raise ProtocolError(f"disk stream {stream}: the source declared the disks done while "
+                                    "a write still waits for its clusters")

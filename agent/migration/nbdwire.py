@@ -73,7 +73,14 @@ class NbdTracker:
     forwarded as they come) and the server's to :meth:`server_bytes` (forward only what it
     returns: whole frames). :meth:`local_replies` answers what is outstanding."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, capture: bool = False) -> None:
+        # capture: the client's bytes are kept for :meth:`take` as runs of other bytes and
+        # whole writes (header, payload), for a relay that rewrites writes (diskdedup.py)
+        self.capture = capture
+        self._out = bytearray()
+        self._items: list[bytes | tuple[bytes, bytes]] = []
+        self._w_header = b""
+        self._w_payload = bytearray()
         self.transmission = False  # the server acknowledged NBD_OPT_GO
         self.structured = False  # NBD_OPT_STRUCTURED_REPLY acknowledged
         self.disconnecting = False  # the client sent NBD_CMD_DISC
@@ -99,12 +106,18 @@ class NbdTracker:
         while view:
             if self._c_skip:
                 n = min(self._c_skip, len(view))
+                if self.capture:
+                    (self._w_payload if self._c_writing is not None else self._out).extend(view[:n])
                 self._c_skip -= n
                 view = view[n:]
                 if not self._c_skip and self._c_writing is not None:
                     self.requests[self._c_writing].received = True
                     done.append(self._c_writing)
                     self._c_writing = None
+                    if self.capture:
+                        self._flush_out()
+                        self._items.append((self._w_header, bytes(self._w_payload)))
+                        self._w_payload = bytearray()
                 continue
             need = self._client_need()
             take = min(need - len(self._c), len(view))
@@ -129,8 +142,27 @@ class NbdTracker:
             return _OPTION.size
         raise NbdError(f"client sent magic {magic:#010x}, neither an option nor a request")
 
+    def take(self) -> list[bytes | tuple[bytes, bytes]]:
+        """(``capture``) The client's bytes followed since the last call, in order: runs
+        of bytes to pass on as they are, and each write received whole as (its 28-byte
+        header, its payload). A write still arriving is kept for a later call."""
+        self._flush_out()
+        items, self._items = self._items, []
+        return items
+
+    def _flush_out(self) -> None:
+        if self._out:
+            self._items.append(bytes(self._out))
+            self._out.clear()
+
     def _client_frame(self) -> int | None:
         buf, self._c = bytes(self._c), bytearray()
+        if self.capture:
+            if len(buf) == _REQUEST.size and self._c_flags and _REQUEST.unpack(buf)[2] == CMD_WRITE \
+                    and self.transmission and _REQUEST.unpack(buf)[5]:
+                self._w_header = buf  # the payload follows; the write is one item
+            else:
+                self._out += buf
         if not self._c_flags:
             self._c_flags = True
             return None

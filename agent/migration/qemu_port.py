@@ -465,6 +465,9 @@ class QemuDest:
                                                    "name": node(i), "writable": True}, timeout=10)
         return str(self.vm.paths.dir / NBD_SOCKET)
 
+    def disk_template(self, index: int) -> tuple[int, str] | None:
+        return self.vms.disks.open_template(self.vm.spec, index)
+
     async def stop_disk_export(self) -> None:
         await _qmp(self.vm).execute("nbd-server-stop", timeout=30)  # drops its exports and clients
         with contextlib.suppress(FileNotFoundError):

@@ -30,7 +30,7 @@ import numpy as np
 import zstandard
 
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
-from novacron.agent.migration import estimate, protocol, stoptask
+from novacron.agent.migration import diskdedup, estimate, protocol, stoptask
 from novacron.agent.migration.devicetap import DeviceStateTap
 from novacron.agent.migration.digest import ram_digest
 from novacron.agent.migration.diskrelay import SourceDiskRelay
@@ -228,6 +228,7 @@ class SourceMigration:
         self._mm: mmap.mmap | None = None
         self.ram_work = RamWork(status.id)  # scans and encodes; teardown waits for them
         self._disk_plan: list[dict[str, Any]] = []
+        self._disk_keys = diskdedup.AnnouncedKeys([])  # the destination's, per disk
         self.tracker: FingerprintTracker | None = None
         self.stop_scan: StopScan | None = None
         self._release: dict[str, Any] = {}  # release_resident's report
@@ -429,6 +430,10 @@ class SourceMigration:
                     assert rec.frame is not None
                     self.qemu_stream.deliver_nowait(rec.frame)  # the destination's return path
                     continue
+                if rec.kind == DATA and rec.stream == diskdedup.DISK_KEYS:
+                    assert rec.frame is not None
+                    self._disk_keys.add(bytes(rec.frame))  # before 'prepared' (diskdedup.py)
+                    continue
                 if rec.kind == DATA and self.disk_relay is not None:
                     assert rec.frame is not None
                     self.disk_relay.deliver(rec.stream, rec.frame)  # NBD replies to our QEMU
@@ -442,6 +447,9 @@ class SourceMigration:
                     continue
                 if rec.op == "need":
                     self._on_need(rec.ctrl)
+                    continue
+                if rec.op == "disk_need" and self.disk_relay is not None:
+                    self.disk_relay.on_need(rec.ctrl)
                     continue
                 if rec.op == "disk_eof" and self.disk_relay is not None:
                     self.disk_relay.peer_eof(protocol.check_stream(rec.ctrl, self.disk_relay.disks))
@@ -613,6 +621,7 @@ class SourceMigration:
         finally:
             os.close(fd)
         self._disk_plan = await self.mirror.disk_plan() if self.mirror is not None else []
+        self._disk_keys = diskdedup.AnnouncedKeys([int(p["index"]) for p in self._disk_plan])
         await self.ch.send_ctrl({
             "op": "prepare", "id": st.id, "vm": self.vm.name, "spec": self.vm.spec(),
             "ram_size": size, "test_digest": self.opts.test_digest,
@@ -631,6 +640,7 @@ class SourceMigration:
         try:
             prepared = await self._expect("prepared", timeout=120)
             self._note_reserved(prepared)
+            self._disk_keys.settle(prepared.get("disk_keys"))
             # admission, RAM file and QEMU start at the destination
             st.prepare_parts["destination_s"] = round(time.monotonic() - t_sent, 4)
         finally:
@@ -716,7 +726,8 @@ class SourceMigration:
         assert self.mirror is not None
         st = self.status
         indices = [int(p["index"]) for p in self._disk_plan]
-        self.disk_relay = SourceDiskRelay(self.ch, st, self.vm.work_dir, indices, follow_nbd=True)
+        self.disk_relay = SourceDiskRelay(self.ch, st, self.vm.work_dir, indices, follow_nbd=True,
+                                          keys=self._disk_keys.keys)
         paths = await self.disk_relay.listen()
         self._disks_started = True
         for i in indices:

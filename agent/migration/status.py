@@ -74,6 +74,8 @@ class MigrationStatus:
     native: dict[str, Any] = field(default_factory=dict)
     # destination-side dedup (have/need): pages offered by digest, hits, repairs, index memory
     dedup: dict[str, Any] = field(default_factory=dict)
+    # local disks' clusters named by digest (diskdedup.py): announced, named, saved, repaired
+    disk_dedup: dict[str, Any] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # time spent in each phase
     # source: where the prepare phase went (connect_s, destination_s, first_scan_s; the last
     # two overlap, the phase ends when both did) and first_scan_pages (pages it read)
@@ -189,6 +191,7 @@ class MigrationStatus:
             "prepare_parts": self.prepare_parts,
             "native": self.native,
             "dest_dedup": self.dedup,
+            "disk_dedup": self.disk_dedup,
             "wire_parts": self.wire_parts,
             "link_share": self.link_share,
         }

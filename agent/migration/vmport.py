@@ -134,6 +134,11 @@ class MirrorDest(Protocol):
         """Stop the NBD server (before the guest may run here)."""
         ...
 
+    def disk_template(self, index: int) -> tuple[int, str] | None:
+        """A read-only descriptor (the caller closes it) of the image here that local disk
+        ``index`` was copied from, and its format; None if there is none."""
+        ...
+
 
 class DestFactory(Protocol):
     async def prepare(self, spec: dict[str, Any], ram_size: int, migration_id: str,

@@ -266,6 +266,17 @@ class DiskStore:
             plan.append(item)
         return plan
 
+    def open_template(self, spec: VMSpec, i: int) -> tuple[int, str] | None:
+        """A read-only descriptor of the store image local disk ``i`` was copied from, and
+        its format, if this host has it (a migration names its clusters: diskdedup.py)."""
+        d = spec.disks[i]
+        if d.storage != "local" or not d.image:
+            return None
+        try:
+            return self._open_image(i, "image", d.image, os.O_RDONLY, d.format).take(), d.format
+        except SpecError:
+            return None
+
     async def copy_to_nbd(self, spec: VMSpec, folder: Path, i: int, socket: str) -> None:
         """Offline migration (source): write local disk ``i``'s guest-visible data to the
         NBD export ``node(i)`` behind the unix ``socket`` (relative to ``folder``), which

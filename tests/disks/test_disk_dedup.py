@@ -1,0 +1,224 @@
+"""Disk clusters named by digest (diskdedup.py): the destination's index of a real image,
+the source's write frames, and the destination's rebuilt writes, repairs included."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import blake3
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from novacron.agent.channel.records import ProtocolError
+from novacron.agent.migration import diskdedup as dd
+from novacron.agent.migration import nbdwire as nw
+from novacron.agent.migration.nbdwire import NbdTracker
+from tests.disks.test_nbdwire import greeting, opt_reply, option
+
+C = dd.CLUSTER
+
+
+def write_req(handle: int, offset: int, payload: bytes) -> bytes:
+    return struct.pack(">IHHQQI", nw.REQUEST_MAGIC, 0, nw.CMD_WRITE, handle, offset, len(payload)) + payload
+
+
+def capturing() -> NbdTracker:
+    """A capturing tracker past the handshake."""
+    t = NbdTracker(capture=True)
+    t.server_bytes(greeting())
+    client = struct.pack(">I", 3) + option(nw.OPT_GO, b"\0\0\0\x05disk0\0\0")
+    t.client_bytes(client)
+    t.server_bytes(opt_reply(nw.OPT_GO, nw.REP_ACK))
+    assert t.transmission
+    assert t.take() == [client]  # the handshake passes as it is
+    return t
+
+
+def image(tmp: Path, clusters: list[bytes | None]) -> Path:
+    """A raw image of these clusters (None: zeroes, a hole)."""
+    p = tmp / "tpl.raw"
+    with p.open("wb") as f:
+        f.truncate(len(clusters) * C)
+        for i, c in enumerate(clusters):
+            if c is not None:
+                f.seek(i * C)
+                f.write(c)
+    return p
+
+
+def index_of(path: Path, fmt: str = "raw") -> tuple[int, dd.ClusterIndex]:
+    fd = os.open(path, os.O_RDONLY)
+    return fd, asyncio.run(dd.index_image(fd, fmt))
+
+
+def decode_all(dec: dd.FrameDecoder, frames: bytes, kept: dict[int, bytes], step: int = 100_000) -> bytes:
+    """Feed ``frames`` in pieces; answer every need from ``kept`` (the source's copies)."""
+    out = bytearray()
+    for i in range(0, len(frames), step):
+        got, need = dec.feed(frames[i:i + step])
+        out += b"".join(got)
+        while need:
+            handle = dec.pending_handle
+            assert handle is not None
+            for p in need:
+                rec = dd.repair_record(0, handle, p, kept[handle][p:p + C])
+                _, h, pos, data = dd.parse_repair(rec)
+                got, more = dec.fill(h, pos, data)
+                out += b"".join(got)
+            need = more
+    assert dec.idle
+    return bytes(out)
+
+
+def encode(items: list[bytes | tuple[bytes, bytes]], keys: np.ndarray, kept: dict[int, bytes]) -> bytes:
+    frames = bytearray()
+    for item in items:
+        if isinstance(item, tuple):
+            enc = dd.encode_write(item[0], item[1], keys)
+            if enc.refs:
+                kept[int.from_bytes(item[0][8:16], "big")] = item[1]
+            frames += enc.frame
+        else:
+            frames += dd.encode_raw(item)
+    return bytes(frames)
+
+
+def test_capture_keeps_every_byte_in_order_whatever_the_chunking() -> None:
+    t = capturing()
+    stream = write_req(1, 0, b"a" * 5000) + struct.pack(">IHHQQI", nw.REQUEST_MAGIC, 0, nw.CMD_FLUSH, 2, 0, 0) \
+        + write_req(3, C, os.urandom(3 * C)) + write_req(4, 0, b"")
+    items: list[bytes | tuple[bytes, bytes]] = []
+    for i in range(0, len(stream), 777):
+        t.client_bytes(stream[i:i + 777])
+        items += t.take()
+    flat = b"".join(x if isinstance(x, bytes) else x[0] + x[1] for x in items)
+    assert flat == stream
+    writes = [x for x in items if isinstance(x, tuple)]
+    assert [len(w[1]) for w in writes] == [5000, 3 * C]  # the empty write passes as bytes
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_index_names_every_nonzero_cluster_where_the_image_holds_it(tmp_path: Path, fmt: str) -> None:
+    data = [os.urandom(C) if i % 3 else None for i in range(40)]
+    data[7] = data[8]  # the same content twice: one key
+    raw = image(tmp_path, data)
+    path = raw
+    if fmt == "qcow2":
+        path = tmp_path / "tpl.qcow2"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
+    fd, idx = index_of(path, fmt)
+    try:
+        distinct = {c for c in data if c is not None}
+        assert len(idx.keys) == len(distinct) and not idx.truncated
+        assert idx.index_bytes == 16 * len(distinct)
+        for c in distinct:
+            off = idx.offset_of(blake3.blake3(c).digest())
+            assert off is not None and os.pread(fd, C, off) == c
+        assert idx.offset_of(blake3.blake3(bytes(C)).digest()) is None
+        assert idx.offset_of(blake3.blake3(os.urandom(C)).digest()) is None
+    finally:
+        os.close(fd)
+
+
+def test_writes_are_rebuilt_with_the_named_clusters(tmp_path: Path) -> None:
+    tpl = [os.urandom(C) for _ in range(16)]
+    fd, idx = index_of(image(tmp_path, tpl))
+    t = capturing()
+    fresh = os.urandom(C)
+    # aligned (4 named, one new); 100 bytes before a 64 KiB boundary (tpl[5] lies whole on
+    # it and is named; tpl[6] straddles the next one and is sent); a short write
+    w1 = tpl[0] + tpl[1] + fresh + tpl[2] + tpl[3]
+    w2 = b"x" * 100 + tpl[5] + b"y" * (C - 100) + tpl[6]
+    stream = write_req(1, 0, w1) + write_req(2, 9 * C - 100, w2) + write_req(3, 0, b"z" * 512)
+    t.client_bytes(stream)
+    kept: dict[int, bytes] = {}
+    frames = encode(t.take(), idx.keys, kept)
+    saved = len(stream) - len(frames)
+    assert 5 * C - 300 < saved < 5 * C  # 5 named (4 of w1, tpl[5]), each for 36 bytes, plus framing
+    dec = dd.FrameDecoder(0, fd, idx)
+    assert decode_all(dec, frames, kept, step=333) == stream
+    assert dec.stats == {"refs": 5, "bytes_saved": 5 * C, "misses": 0}
+    dec.close()
+
+
+def test_a_cluster_changed_since_it_was_indexed_is_repaired_and_later_frames_wait(tmp_path: Path) -> None:
+    tpl = [os.urandom(C) for _ in range(4)]
+    path = image(tmp_path, tpl)
+    fd, idx = index_of(path)
+    with path.open("r+b") as f:  # the image changes after its keys were announced
+        f.seek(C)
+        f.write(os.urandom(C))
+    stream = write_req(1, 0, tpl[0] + tpl[1]) + write_req(2, 2 * C, tpl[2])
+    frames = encode([(stream[:28], stream[28:28 + 2 * C]), (stream[28 + 2 * C:56 + 2 * C], tpl[2])],
+                    idx.keys, kept := {})
+    dec = dd.FrameDecoder(0, fd, idx)
+    out, need = dec.feed(frames)
+    assert out == [] and need == [C] and dec.pending_handle == 1  # write 2 held behind write 1
+    out, need = dec.fill(1, C, tpl[1])
+    assert b"".join(out) == stream and need == [] and dec.idle
+    assert dec.stats == {"refs": 3, "bytes_saved": 2 * C, "misses": 1}
+    with pytest.raises(ProtocolError, match="not asked for"):
+        dec.fill(1, C, tpl[1])  # a repair nobody asked for
+    dec.close()
+    del kept
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=st.lists(st.tuples(st.integers(0, 11), st.integers(1, 4), st.booleans(), st.sampled_from([0, 1, 700])),
+                     min_size=1, max_size=8),
+       changed=st.sets(st.integers(0, 11), max_size=4), step=st.integers(50, 300_000))
+def test_decoded_stream_is_the_source_stream_whatever_the_image_does(
+        tmp_path: Path, plan: list[tuple[int, int, bool, int]], changed: set[int], step: int) -> None:
+    """Model: whatever the writes (template clusters, fresh data, misaligned) and whatever
+    changes in the destination's image after indexing, QEMU there gets the source's bytes."""
+    tpl = [os.urandom(C) for _ in range(12)]
+    path = image(tmp_path, tpl)
+    fd, idx = index_of(path)
+    with path.open("r+b") as f:
+        for i in changed:
+            f.seek(i * C)
+            f.write(os.urandom(C))
+    t = capturing()
+    stream = bytearray()
+    for handle, (first, n, fresh, skew) in enumerate(plan, start=1):
+        payload = b"".join(os.urandom(C) if fresh and k % 2 else tpl[(first + k) % 12] for k in range(n))
+        stream += write_req(handle, first * C + skew, payload[skew:] if skew else payload)
+    for i in range(0, len(stream), step):
+        t.client_bytes(bytes(stream[i:i + step]))
+    kept: dict[int, bytes] = {}
+    frames = encode(t.take(), idx.keys, kept)
+    dec = dd.FrameDecoder(0, fd, idx)
+    assert decode_all(dec, frames, kept, step=step) == stream
+    dec.close()
+
+
+def test_bad_frames_and_announcements_are_refused(tmp_path: Path) -> None:
+    fd, idx = index_of(image(tmp_path, [os.urandom(C)]))
+    dec = dd.FrameDecoder(0, fd, idx)
+    with pytest.raises(ProtocolError, match="frame type 9"):
+        dec.feed(struct.pack(">BI", 9, 4) + b"abcd")
+    dec = dd.FrameDecoder(0, fd, idx)
+    header = write_req(1, 0, b"")[:24] + struct.pack(">I", 2 * C)
+    with pytest.raises(ProtocolError, match="does not add up"):  # claims one named cluster, sends none
+        dec.feed(dd._FRAME.pack(dd.T_WRITE, 28 + 4 + 10) + header + struct.pack(">I", 1) + b"0123456789")
+    with pytest.raises(ProtocolError, match="frame type 0 of"):  # refused before it is buffered
+        dd.FrameDecoder(0, fd, idx).feed(struct.pack(">BI", dd.T_RAW, 1 << 30))
+    os.close(fd)
+    keys = dd.AnnouncedKeys([0])
+    with pytest.raises(ProtocolError, match="does not mirror"):
+        keys.add(bytes([3]) + bytes(8))
+    with pytest.raises(ProtocolError, match="bytes"):
+        keys.add(bytes([0]) + bytes(7))
+    keys.add(bytes([0]) + struct.pack("<QQ", 5, 2))
+    with pytest.raises(ProtocolError, match="received"):
+        keys.settle({"0": 3})
+    keys.settle({"0": 2})
+    assert keys.keys[0].tolist() == [2, 5]
+    with pytest.raises(ProtocolError):
+        dd.parse_need({"stream": 0, "handle": 1, "pos": []})
