@@ -43,7 +43,6 @@ from novacron.agent.migration.vmport import (
 )
 from novacron.agent.qmp import QMPError, open_unix
 from novacron.agent.safefs import open_regular
-from novacron.agent.vm.disks import DiskError
 from novacron.agent.vm.ramfile import Reservation
 from novacron.faults import crash_point
 from novacron.native import Counters, FrameError, PageStreamReceiver, frame_is_stored
@@ -252,14 +251,14 @@ class _Incoming:
                 if not isinstance(dest, MirrorDest):
                     raise ProtocolError("this destination cannot receive local disks")
                 nbd = await dest.export_disks(self.disks)
-                self.disk_relay = DestDiskRelay(self.ch, st, nbd, self.disks)
-                await self._announce_clusters(dest, self.disk_relay)
+                self.disk_relay = DestDiskRelay(self.ch, st, nbd, self.disks,
+                                                await diskdedup.announce(self.ch, st, dest, self.disks))
             # whether the RAM file has all its space: the source does not pause the guest
             # before it has (the device state waits for it, paused: 143 ms of a 4 GiB pause)
             prepared: dict[str, Any] = {"op": "prepared", "reserved": self.reservation is None
                                         or self.reservation.complete}
             if self.disk_relay is not None and self.disk_relay.decoders:
-                prepared["disk_keys"] = {str(i): len(d.index.keys) for i, d in self.disk_relay.decoders.items()}
+                prepared["disk_keys"] = diskdedup.announced(self.disk_relay.decoders)
             if self.index is not None:
                 try:
                     self.dedup = IncomingDedup(self.index, mm, dest.ram_path, st.id, self.ch.send_ctrl)
@@ -399,39 +398,6 @@ class _Incoming:
                 reserving.cancel()
             if not work.done():
                 await stoptask.stop(work)
-
-    async def _announce_clusters(self, dest: MirrorDest, relay: DestDiskRelay) -> None:
-        """Index the images here that local disks were copied from and announce their
-        clusters' keys, so the source names those clusters instead of sending them
-        (diskdedup.py). Without an image here a disk's stream is the plain NBD relay."""
-        st = self.status
-        t0 = time.monotonic()
-        for i in self.disks:
-            template = dest.disk_template(i)
-            if template is None:
-                continue
-            fd, fmt = template
-            try:
-                index = await diskdedup.index_image(fd, fmt)
-            except (OSError, ValueError, DiskError) as exc:  # unreadable here: the disk's data is sent
-                os.close(fd)
-                log.warning("disk image not indexed; its clusters are sent",
-                            extra={"migration": st.id, "disk": i, "error": str(exc)})
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            if not len(index.keys):
-                os.close(fd)
-                continue
-            relay.decoders[i] = diskdedup.FrameDecoder(i, fd, index)
-            for record in diskdedup.key_records(i, index):
-                self.ch.write_data(diskdedup.DISK_KEYS, record)
-            await self.ch.drain()
-            st.disk_dedup["clusters_announced"] = st.disk_dedup.get("clusters_announced", 0) + len(index.keys)
-            st.disk_dedup["index_bytes"] = st.disk_dedup.get("index_bytes", 0) + index.index_bytes
-        if relay.decoders:
-            st.prepare_parts["disk_index_s"] = round(time.monotonic() - t0, 4)
 
     async def _listen(self, dest: DestVM) -> str:
         """QEMU started (see QemuDest.ready) and listening for the device state."""

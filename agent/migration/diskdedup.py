@@ -32,14 +32,15 @@ import struct
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import blake3
 import numpy as np
 
-from novacron.agent.channel.records import MAX_DATA_CHUNK, ProtocolError
+from novacron.agent.channel.records import MAX_DATA_CHUNK, Channel, ProtocolError
 from novacron.agent.migration.nbdwire import MAX_PAYLOAD
-from novacron.agent.vm.disks import qemu_img
+from novacron.agent.migration.status import MigrationStatus
+from novacron.agent.vm.disks import DiskError, qemu_img
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -145,6 +146,59 @@ async def index_image(fd: int, fmt: str) -> ClusterIndex:
     while len(_cache) > INDEX_CACHE:
         _cache.popitem(last=False)
     return index
+
+
+class TemplateHolder(Protocol):
+    def disk_template(self, index: int) -> tuple[int, str] | None: ...
+
+
+async def announce(ch: Channel, status: MigrationStatus, dest: TemplateHolder,
+                   disks: list[int]) -> dict[int, FrameDecoder]:
+    """Destination: index the images here that local ``disks`` were copied from and send
+    their keys (before ``prepared``, whose ``disk_keys`` is :func:`announced`); returns
+    the decoders of those disks' framed streams. A disk without an image here (or whose
+    image cannot be read) is the plain NBD relay: its data is sent."""
+    t0 = time.monotonic()
+    decoders: dict[int, FrameDecoder] = {}
+    stats = status.disk_dedup
+    try:
+        for i in disks:
+            template = dest.disk_template(i)
+            if template is None:
+                continue
+            fd, fmt = template
+            try:
+                index = await index_image(fd, fmt)
+            except (OSError, ValueError, DiskError) as exc:
+                os.close(fd)
+                log.warning("disk image not indexed; its clusters are sent",
+                            extra={"migration": status.id, "disk": i, "error": str(exc)})
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            decoders[i] = FrameDecoder(i, fd, index)
+            if not len(index.keys):
+                continue
+            for record in key_records(i, index):
+                ch.write_data(DISK_KEYS, record)
+            await ch.drain()
+            stats["clusters_announced"] = stats.get("clusters_announced", 0) + len(index.keys)
+            stats["index_bytes"] = stats.get("index_bytes", 0) + index.index_bytes
+    except BaseException:
+        for dec in decoders.values():
+            dec.close()
+        raise
+    for i in [i for i, dec in decoders.items() if not len(dec.index.keys)]:
+        decoders.pop(i).close()
+    if decoders:
+        status.prepare_parts["disk_index_s"] = round(time.monotonic() - t0, 4)
+    return decoders
+
+
+def announced(decoders: dict[int, FrameDecoder]) -> dict[str, int]:
+    """``prepared``'s ``disk_keys``: how many keys each framed disk announced."""
+    return {str(i): len(d.index.keys) for i, d in decoders.items()}
 
 
 def key_records(disk: int, index: ClusterIndex) -> list[bytes]:

@@ -116,8 +116,9 @@ class SourceDiskRelay(_Streams):
         self.work_dir = work_dir
         self.disks = disks
         self.follow_nbd = follow_nbd
-        # disks whose clusters the destination announced (diskdedup.py): framed streams
-        self.keys = keys if follow_nbd and keys else {}
+        # disks whose clusters the destination announced (diskdedup.py): framed streams,
+        # always followed. Filled when 'prepared' arrives, before any connection.
+        self.keys = keys if keys is not None else {}
         # (stream, handle) -> the payload of a write sent with digests, until answered
         self.kept: dict[tuple[int, int], tuple[bytes, frozenset[int]]] = {}
         self.trackers: dict[int, NbdTracker] = {}
@@ -154,7 +155,7 @@ class SourceDiskRelay(_Streams):
                 self.error = f"disk stream {stream}: {exc}"
                 writer.close()
                 return
-            if self.follow_nbd:
+            if self.follow_nbd or stream in self.keys:
                 self.trackers[stream] = NbdTracker(capture=stream in self.keys)
             self._start_pump(stream, reader, writer)
 
@@ -291,7 +292,7 @@ class SourceDiskRelay(_Streams):
     def deliver(self, stream: int, data: bytes | bytearray) -> None:
         """The destination QEMU's bytes for our QEMU (NBD replies: small; never blocks
         the channel's read loop). Followed connections get whole frames only."""
-        if self.failing and self.follow_nbd:
+        if self.failing and (self.follow_nbd or stream in self.keys):
             return  # answered here now; a late reply from there would answer twice
         w = self.check_stream(stream)
         tracker = self.trackers.get(stream)

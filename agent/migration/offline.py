@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, ProtocolError
-from novacron.agent.migration import protocol
+from novacron.agent.migration import diskdedup, protocol
 from novacron.agent.migration.diskrelay import DestDiskRelay, SourceDiskRelay
 from novacron.agent.migration.status import MigrationStatus
 
@@ -68,6 +68,10 @@ class OfflineDest(Protocol):
         """Export the new (empty) local disks over NBD; returns the unix socket's path."""
         ...
 
+    def disk_template(self, index: int) -> tuple[int, str] | None:
+        """As ``MirrorDest.disk_template``."""
+        ...
+
     async def stop_disk_export(self) -> None:
         """Stop the export, its data flushed to the files; raise if that failed."""
         ...
@@ -104,9 +108,10 @@ async def send_offline(vm: OfflineSource, ch: Channel, status: MigrationStatus, 
             await ch.send_ctrl({"op": "prepare", "offline": True, "id": status.id, "vm": vm.name,
                                 "spec": vm.spec(), "ram_size": vm.ram_size, "liveness_s": liveness,
                                 "disks": plan})
-            relay = SourceDiskRelay(ch, status, vm.work_dir, indices)
+            keys = diskdedup.AnnouncedKeys(indices)
+            relay = SourceDiskRelay(ch, status, vm.work_dir, indices, keys=keys.keys)
             tasks.append(asyncio.create_task(protocol.keepalive(ch, liveness)))
-            reader = asyncio.create_task(_source_records(ch, relay, liveness, answers))
+            reader = asyncio.create_task(_source_records(ch, relay, keys, liveness, answers))
             tasks.append(reader)
             await _until(reader, _expect(answers, "prepared"), PREPARE_TIMEOUT_S)
             status.set_phase("precopy")
@@ -139,8 +144,8 @@ async def send_offline(vm: OfflineSource, ch: Channel, status: MigrationStatus, 
         await vm.stay()
 
 
-async def _source_records(ch: Channel, relay: SourceDiskRelay, liveness: float,
-                          answers: asyncio.Queue[str]) -> None:
+async def _source_records(ch: Channel, relay: SourceDiskRelay, keys: diskdedup.AnnouncedKeys,
+                          liveness: float, answers: asyncio.Queue[str]) -> None:
     """Serve the destination's records; its ``prepared``/``done`` go to ``answers``.
     Ends (raising) when the channel fails or the destination reports an error."""
     while True:
@@ -148,7 +153,10 @@ async def _source_records(ch: Channel, relay: SourceDiskRelay, liveness: float,
         if rec.kind == DATA:
             if rec.frame is None:
                 raise ProtocolError("empty disk data record")
-            relay.deliver(rec.stream, rec.frame)  # NBD replies to our qemu-img
+            if rec.stream == diskdedup.DISK_KEYS:
+                keys.add(bytes(rec.frame))  # before 'prepared'
+            else:
+                relay.deliver(rec.stream, rec.frame)  # NBD replies to our qemu-img
             continue
         if rec.kind != CTRL or rec.ctrl is None:
             raise ProtocolError("unexpected record from the destination")
@@ -159,7 +167,11 @@ async def _source_records(ch: Channel, relay: SourceDiskRelay, liveness: float,
             relay.peer_eof(protocol.check_stream(rec.ctrl, relay.disks))
         elif op == "error":
             raise OfflineFailed(f"destination: {protocol.reason_of(rec.ctrl)}")
+        elif op == "disk_need":
+            relay.on_need(rec.ctrl)
         elif op in ("prepared", "done"):
+            if op == "prepared":
+                keys.settle(rec.ctrl.get("disk_keys"))
             answers.put_nowait(op)
         else:
             raise ProtocolError(f"unexpected {op!r} from the destination")
@@ -199,8 +211,12 @@ async def receive_offline(ch: Channel, factory: OfflineFactory, status: Migratio
     indices = [int(d["index"]) for d in disks]
     try:
         dest = await factory.prepare_offline(spec, status.id, disks)
-        relay = DestDiskRelay(ch, status, await dest.export_disks(), indices)
-        await ch.send_ctrl({"op": "prepared"})
+        relay = DestDiskRelay(ch, status, await dest.export_disks(), indices,
+                              await diskdedup.announce(ch, status, dest, indices))
+        prepared: dict[str, Any] = {"op": "prepared"}
+        if relay.decoders:
+            prepared["disk_keys"] = diskdedup.announced(relay.decoders)
+        await ch.send_ctrl(prepared)
         status.set_phase("precopy")
         while True:
             rec = await ch.recv(timeout=liveness)
@@ -219,6 +235,7 @@ async def receive_offline(ch: Channel, factory: OfflineFactory, status: Migratio
             elif rec.op == "error":
                 raise OfflineFailed(f"source: {protocol.reason_of(rec.ctrl)}")
             elif rec.op == "disks_done":
+                relay.check_settled()
                 break
             else:
                 raise ProtocolError(f"unexpected {rec.op!r} in an offline migration")

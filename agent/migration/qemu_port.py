@@ -673,6 +673,9 @@ class QemuOfflineDest:
         self.proc: asyncio.subprocess.Process | None = None
         self.adopted = False
 
+    def disk_template(self, index: int) -> tuple[int, str] | None:
+        return self.vms.disks.open_template(self.vm.spec, index)
+
     async def export_disks(self) -> str:
         folder = self.vm.paths.dir
         sock = folder / NBD_SOCKET
