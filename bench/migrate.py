@@ -95,11 +95,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import os
 import re
 import secrets
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -154,6 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds after which a QEMU pre-copy that has not converged is cancelled "
                              "(the guest stays on the source; default 60)")
     parser.add_argument("--guests", default="idle,busy", help="comma-separated subset of idle,busy (default: both)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the whole matrix this many times, one pass after another, and report "
+                             "each cell's median (--json keeps every run; default 1)")
     _migrate_disk.add_arguments(parser)  # --disk-gb: the local-disk case (bench/_migrate_disk.py)
     parser.add_argument("--hypervisor", choices=("qemu", "libvirt"), default="qemu",
                         help="qemu: agents run QEMU, compared with QEMU's own migration; libvirt: two "
@@ -165,7 +170,9 @@ def run(args: argparse.Namespace) -> Report:
     if getattr(args, "disk_gb", 0):
         return _migrate_disk.run(args)
     # defaults for callers that build the namespace themselves (tests)
-    args = argparse.Namespace(**{"policy": "abort", "qemu_timeout": 60.0, **vars(args)})
+    args = argparse.Namespace(**{"policy": "abort", "qemu_timeout": 60.0, "repeat": 1, **vars(args)})
+    if not 1 <= args.repeat <= 20:
+        raise SystemExit("novacron bench migrate: --repeat must be 1..20")
     if args.policy not in POLICIES:
         raise SystemExit(f"novacron bench migrate: --policy must be one of {', '.join(POLICIES)}")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -199,17 +206,58 @@ def run(args: argparse.Namespace) -> Report:
         return migrate_libvirt.run(args, sizes, guests)
     results: list[dict[str, Any]] = []
     notes: list[str] = []
-    for mem in sizes:
-        if why := _does_not_fit(mem):
-            notes.append(f"{mem} MiB: not run ({why})")
-            continue
-        rows, more = asyncio.run(_run_all(argparse.Namespace(**{**vars(args), "memory_mb": mem}),
-                                          engines, guests))
-        for r in rows:
-            r["memory_mb"] = mem
-        results += rows
-        notes += [n for n in more if n not in notes]
+    # whole passes one after another: a drift of the machine's load spreads over every cell
+    for rep in range(args.repeat):
+        for mem in sizes:
+            if why := _does_not_fit(mem):
+                if rep == 0:
+                    notes.append(f"{mem} MiB: not run ({why})")
+                continue
+            rows, more = asyncio.run(_run_all(argparse.Namespace(**{**vars(args), "memory_mb": mem}),
+                                              engines, guests))
+            for r in rows:
+                r["memory_mb"], r["run"] = mem, rep + 1
+            results += rows
+            notes += [n for n in more if n not in notes]
     return _report(args, sizes, results, notes)
+
+
+MEDIAN_FIELDS = ("total_s", "total_released_s", "prepare_s", "pause_ms", "engine_downtime_ms", "wire_bytes",
+                 "rounds", "cpu_s_per_gib", "load_1m", "dirty_mb_s")
+
+
+def _cell_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return r["memory_mb"], r["guest"], r.get("busy_rate_mb", 0), r["cap_mbps"]
+
+
+def _medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell and engine: the median of each figure over the runs that moved
+    the guest (over all runs when none did), every run's pause and total beside it. A
+    cell whose runs ended differently says so in its policy (e.g. ``postcopy 2, abort 1``)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((*_cell_key(r), r["engine"]), []).append(r)
+    out: list[dict[str, Any]] = []
+    for runs in groups.values():
+        moved = [r for r in runs if r["migrated"]]
+        use = moved or runs
+        row = dict(use[0])
+        for f in MEDIAN_FIELDS:
+            vals = [r[f] for r in use if r.get(f) is not None]
+            row[f] = statistics.median(vals) if vals else None
+        row["runs"] = len(runs)
+        row["runs_pause_ms"] = [r["pause_ms"] for r in runs]
+        row["runs_total_s"] = [r["total_s"] if r["migrated"] else None for r in runs]
+        row["failed"] = any(r["failed"] for r in runs)
+        row["verify_detail"] = "; ".join(r["verify_detail"] for r in runs if r["failed"])
+        row["migrated"] = len(moved) == len(runs)
+        if row.get("converged") is not None:
+            row["converged"] = all(r.get("converged") for r in runs)
+        policies = collections.Counter(str(r.get("policy") or "?") for r in runs)
+        if len(policies) > 1:
+            row["policy"] = ", ".join(f"{p} {n}" for p, n in policies.most_common())
+        out.append(row)
+    return out
 
 
 def _does_not_fit(memory_mb: int) -> str:
@@ -844,19 +892,22 @@ def _pause_vs_budget(r: dict[str, Any]) -> str:
 def _report(args: argparse.Namespace, sizes: list[int], results: list[dict[str, Any]],
             notes: list[str]) -> Report:
     report = Report("migrate")
+    runs = results
+    repeat = getattr(args, "repeat", 1)
+    if repeat > 1:
+        results = _medians(runs)
     table = report.table(
         f"Live migration of a TCG guest on loopback, {','.join(map(str, sizes))} MiB "
         f"(workload {args.workload_mb} MB, busy = {args.busy_rate} MB/s asked; "
-        f"budget {BUDGET_MS:g} ms; our policy {args.policy})",
+        f"budget {BUDGET_MS:g} ms; our policy {args.policy}"
+        + (f"; medians of {repeat} runs" if repeat > 1 else "") + ")",
         ["MiB", "guest", "dirtied MB/s", "cap MB/s", "engine", "guest check", "converged", "policy",
          "total s", "total+release s", "after prepare s", "pause ms (guest)", "pause vs budget", "engine downtime ms",
          "wire MB", "rounds", "CPU s/GiB", "load", "time vs qemu-tcp", "wire vs qemu-tcp"],
     )
     # a broken reference is no reference, a broken row is no result, and a guest
     # that stayed on the source by its policy has no migration time to compare
-    def key(r: dict[str, Any]) -> tuple[Any, ...]:
-        return r["memory_mb"], r["guest"], r.get("busy_rate_mb", 0), r["cap_mbps"]
-
+    key = _cell_key
     ref = {key(r): r for r in results if r["engine"] == "qemu-tcp" and r["migrated"] and not r["failed"]}
     for r in results:
         base = None if r["failed"] or not r["migrated"] else ref.get(key(r))
@@ -878,17 +929,23 @@ def _report(args: argparse.Namespace, sizes: list[int], results: list[dict[str, 
                   r["total_s"], r.get("total_released_s"), r["after_prepare_s"], r["pause_ms"], r["pause_vs_budget"],
                   r["engine_downtime_ms"], r["wire_bytes"] / MB, r["rounds"], r["cpu_s_per_gib"],
                   r["load_1m"], t_ratio, w_ratio)
-    failed = [r for r in results if r["failed"]]
+    failed = [r for r in runs if r["failed"]]
     report.data = {"memory_mb": sizes, "workload_mb": args.workload_mb,
                    "busy_rate_mb": args.busy_rates, "cap_mbps": args.cap, "policy": args.policy,
-                   "budget_ms": BUDGET_MS, "results": results,
-                   "guest_checks": {"rows": len(results), "failed": len(failed)},
+                   "budget_ms": BUDGET_MS, "results": results, "repeat": repeat,
+                   "guest_checks": {"rows": len(runs), "failed": len(failed)},
                    "total_includes_destination_preparation": True,
                    "total_ends": "the guest runs at the destination",
                    "total_released_ends": "the source's copy is stopped and removed too"}
+    if repeat > 1:
+        report.data["runs"] = runs
+        report.notes.append(
+            f"each row: the median over {repeat} passes of the whole matrix, run one after another, of the "
+            "runs that moved the guest (all runs if none did); ratios are of medians. --json: every run "
+            "in 'runs', and each row's runs_pause_ms and runs_total_s.")
     report.notes += notes
     report.notes.append(
-        f"guest check: {len(results) - len(failed)} of {len(results)} migrations passed the guest's own "
+        f"guest check: {len(runs) - len(failed)} of {len(runs)} migrations passed the guest's own "
         f"page check; {len(failed)} failed"
         + (" (" + ", ".join(f"{r['engine']} {r['memory_mb']} MiB {r['guest']} cap {r['cap_mbps'] or 'none'}"
                             for r in failed)

@@ -136,7 +136,32 @@ def test_rows_say_converged_policy_and_pause_against_the_budget() -> None:
     assert "64 asked, 41.5" in table.rows[0][table.columns.index("dirtied MB/s")]
 
 
+def test_repeated_runs_are_reported_as_medians_with_every_run_kept() -> None:
+    """``--repeat``: one row per cell and engine, medians of the runs that moved the
+    guest, ratios of medians, a cell whose runs ended differently says so (no guests)."""
+    args = argparse.Namespace(workload_mb=96, busy_rate="64", busy_rates=[64], cap=50.0, policy="abort", repeat=3)
+    results = [
+        _row("novacron", run=1, total_s=3.0, pause_ms=10.0),
+        _row("qemu-tcp", run=1, total_s=2.0, pause_ms=30.0),
+        _row("novacron", run=2, total_s=1.0, pause_ms=50.0),
+        _row("qemu-tcp", run=2, total_s=4.0, pause_ms=20.0),
+        _row("novacron", run=3, converged=False, policy="abort", migrated=False, total_s=9.0, pause_ms=None),
+        _row("qemu-tcp", run=3, total_s=3.0, pause_ms=10.0),
+    ]
+    report = bench._report(args, [256], results, [])
+    ours, tcp = report.data["results"]
+    assert (ours["runs"], ours["total_s"], ours["pause_ms"]) == (3, 2.0, 30.0)  # of the two that moved
+    assert ours["runs_pause_ms"] == [10.0, 50.0, None] and ours["runs_total_s"] == [3.0, 1.0, None]
+    assert ours["policy"] == "pre-copy 2, abort 1" and not ours["migrated"] and ours["converged"] is False
+    assert (tcp["total_s"], tcp["pause_ms"]) == (3.0, 20.0)
+    assert ours["time_vs_qemu_tcp"] is None  # not every run moved the guest: no ratio
+    assert tcp["time_vs_qemu_tcp"] == 1.0
+    assert len(report.data["runs"]) == 6 and report.data["guest_checks"] == {"rows": 6, "failed": 0}
+    assert "medians of 3 runs" in report.tables[0].title
+
+
 @pytest.mark.parametrize(("field", "value", "words"), [
+    ("repeat", 0, "--repeat must be 1..20"),
     ("busy_rate", "16,x", "--busy-rate takes comma-separated integers"),
     ("busy_rate", "0", "each --busy-rate must be 1..10000"),
     ("policy", "pray", "--policy must be one of"),
