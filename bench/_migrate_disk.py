@@ -9,7 +9,11 @@ per engine, between two hosts on loopback:
 - **novacron**: two real agents; the source's QEMU mirrors the disk
   (``blockdev-mirror``, background copy) into the destination's NBD export
   through the agents' channel (TLS + AES-GCM), then RAM moves as usual and the
-  mirror completes at switchover (agent/migration/diskrelay.py).
+  mirror completes at switchover (agent/migration/diskrelay.py). Once with the
+  image the disk was copied from held at the destination too (its clusters are
+  named by digest: agent/migration/diskdedup.py) and once with it absent (the
+  image moved out of the shared image dir after the guest's disk was made), as
+  ``--disk-image`` says.
 - **qemu-nbd**: what libvirt's ``virsh migrate --copy-storage-all`` does: the
   destination QEMU (``-incoming``) exports its empty disk with
   ``nbd-server-start`` on plain TCP, the source mirrors into it
@@ -68,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KiB/s the guest's disk workload rewrites during the disk case (default 512)")
     parser.add_argument("--disk-blocks", type=int, default=2048,
                         help="4 KiB blocks the disk workload rewrites and verifies (default 2048 = 8 MiB)")
+    parser.add_argument("--disk-image", choices=("both", "held", "absent"), default="both",
+                        help="whether the destination holds the image the disk was copied from: held (our "
+                             "engine names its clusters by digest), absent (every cluster is sent), or both, "
+                             "one row each (default both; QEMU's row is the same either way)")
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -116,11 +124,14 @@ def _spec(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 async def _run_all(args: argparse.Namespace, images: Path, size: int, engines: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    which = getattr(args, "disk_image", "both")
     for engine in engines:
-        row = await (_ours(args, images) if engine == "novacron" else _qemu(args, images, size))
-        row["engine"] = engine
-        row["load_1m"] = os.getloadavg()[0]
-        rows.append(row)
+        for held in ([True, False] if which == "both" else [which == "held"]) if engine == "novacron" else [None]:
+            row = await (_ours(args, images, bool(held)) if engine == "novacron" else _qemu(args, images, size))
+            row["engine"] = engine
+            row["dest_image"] = {True: "held", False: "absent", None: "n/a"}[held]
+            row["load_1m"] = os.getloadavg()[0]
+            rows.append(row)
     return rows
 
 
@@ -164,7 +175,7 @@ async def _boot(read: Callable[[int], Awaitable[tuple[str, int]]], name: str) ->
 
 
 # -- our engine ------------------------------------------------------------------
-async def _ours(args: argparse.Namespace, images: Path) -> dict[str, Any]:
+async def _ours(args: argparse.Namespace, images: Path, held: bool) -> dict[str, Any]:
     from novacron.agent.guest import cache_root
     from novacron.agent.local import LocalAgent
     from novacron.bench.migrate import HeartbeatWatch, _agent_console, _wait_migration
@@ -177,6 +188,10 @@ async def _ours(args: argparse.Namespace, images: Path) -> dict[str, Any]:
         if status != 201:
             raise RuntimeError(f"cannot create the guest: {doc}")
         boot = await _boot(lambda off: _agent_console(a, name, off), name)
+        away = images.with_name(images.name + ".away")
+        if not held:  # the disk is a private copy: the image may go (both agents share the dir)
+            away.mkdir()
+            (images / SEED).rename(away / SEED)
         watch = HeartbeatWatch([a.state_dir / "vms" / name / "serial.log",
                                 b.state_dir / "incoming" / name / "serial.log",
                                 b.state_dir / "vms" / name / "serial.log"])
@@ -196,6 +211,9 @@ async def _ours(args: argparse.Namespace, images: Path) -> dict[str, Any]:
             await watch.beat_after(t0 + total_s)
         finally:
             await watch.stop()
+            if not held:
+                (away / SEED).rename(images / SEED)
+                away.rmdir()
     m = st["metrics"]
     if st["phase"] != "completed":
         ok, detail = False, f"migration {st['phase']}: {st.get('error')} (guest: {detail})"
@@ -203,6 +221,7 @@ async def _ours(args: argparse.Namespace, images: Path) -> dict[str, Any]:
             # the page stream (bytes_wire) and the relayed NBD bytes (disk_bytes) share the channel
             "wire_bytes": m["bytes_wire"] + m.get("disk_bytes", 0), "disk_bytes": m.get("disk_bytes"),
             "disk_ready_s": m.get("disk_ready_s"), "downtime_parts": m.get("downtime_parts"),
+            "disk_named_bytes": (m.get("disk_dedup") or {}).get("bytes_named", 0),
             "phase_seconds": m.get("phase_seconds"), "verify": "ok" if ok else "FAILED",
             "verify_detail": detail, "failed": not ok}
 
@@ -370,16 +389,18 @@ def _report(args: argparse.Namespace, size: int, rows: list[dict[str, Any]]) -> 
     table = report.table(
         f"Live migration with a local qcow2 disk of {size / GIB:g} GiB (all written; the guest rewrites "
         f"{args.disk_blocks * 4} KiB at {args.disk_rate_kb} KiB/s), TCG guest, 128 MiB, loopback",
-        ["engine", "disk check", "total s", "disk ready s", "pause ms (guest)", "engine downtime ms",
-         "wire MB", "disk MB", "load", "time vs qemu-nbd", "wire vs qemu-nbd"])
+        ["engine", "image at destination", "disk check", "total s", "disk ready s", "pause ms (guest)",
+         "engine downtime ms", "wire MB", "disk MB", "named MB", "load", "time vs qemu-nbd", "wire vs qemu-nbd"])
     ref = next((r for r in rows if r["engine"] == "qemu-nbd" and not r["failed"]), None)
     for r in rows:
         base = None if r["failed"] or r is ref else ref
         r["time_vs_qemu_nbd"] = r["total_s"] / base["total_s"] if base else None
         r["wire_vs_qemu_nbd"] = r["wire_bytes"] / base["wire_bytes"] if base and base["wire_bytes"] else None
-        table.add(r["engine"], r["verify"] if not r["failed"] else f"FAILED: {r['verify_detail']}",
+        table.add(r["engine"], r.get("dest_image", "n/a"),
+                  r["verify"] if not r["failed"] else f"FAILED: {r['verify_detail']}",
                   r["total_s"], r["disk_ready_s"], r["pause_ms"], r["engine_downtime_ms"], r["wire_bytes"] / MB,
-                  (r["disk_bytes"] or 0) / MB, r["load_1m"], r["time_vs_qemu_nbd"], r["wire_vs_qemu_nbd"])
+                  (r["disk_bytes"] or 0) / MB, (r.get("disk_named_bytes") or 0) / MB, r["load_1m"],
+                  r["time_vs_qemu_nbd"], r["wire_vs_qemu_nbd"])
     report.data = {"disk_bytes": size, "disk_rate_kb": args.disk_rate_kb, "disk_blocks": args.disk_blocks,
                    "results": rows}
     report.notes.append(
@@ -387,7 +408,9 @@ def _report(args: argparse.Namespace, size: int, rows: list[dict[str, Any]]) -> 
         "until the mirror had copied the disk once (ours: the engine's disk_ready_s; QEMU: the job 'ready'). pause: the guest's own heartbeat gap; engine "
         "downtime: ours = source pause to destination running, QEMU = STOP->RESUME events. wire: source -> "
         "destination bytes (ours: the page stream's frames plus the relayed NBD bytes; QEMU: NBD + migration stream through counting "
-        "relays). disk MB: disk bytes sent (ours: relayed NBD bytes; QEMU: the NBD relay). disk check: the "
+        "relays). disk MB: disk bytes sent (ours: relayed NBD bytes; QEMU: the NBD relay). named MB: disk "
+        "clusters our engine sent as digests because the destination holds the image the disk was copied "
+        "from (agent/migration/diskdedup.py; 'image at destination'); QEMU has no such path. disk check: the "
         "guest's own verifier, two passes over every block it wrote, at the destination. qemu-nbd: "
         "blockdev-mirror (sync=top, background) over plain NBD/TCP, migrate with pause-before-switchover, "
         "the mirror completed at pre-switchover. Ratios < 1 favour novacron.")

@@ -92,6 +92,9 @@ async def receive_migration(
             raise ProtocolError("'prepare' message: postcopy must be a boolean")
         if postcopy and (disks or want_digest):
             raise ProtocolError("'prepare' message: post-copy moves no local disks and compares no digests")
+        disk_dedup = rec.ctrl.get("disk_dedup", False)  # a source without it cannot read the keys
+        if not isinstance(disk_dedup, bool):
+            raise ProtocolError("'prepare' message: disk_dedup must be a boolean")
         offline = rec.ctrl.get("offline", False)
         if not isinstance(offline, bool) or (offline and (postcopy or want_digest)):
             raise ProtocolError("'prepare' message: offline must be a boolean, without post-copy or digests")
@@ -110,11 +113,13 @@ async def receive_migration(
     incoming = _Incoming(channel, status, want_digest, min(idle_timeout, liveness), journal, peer_name)
     incoming.index = index
     incoming.postcopy, incoming.resumable, incoming.liveness = postcopy, resumable, liveness
+    incoming.disk_dedup = disk_dedup
     # from here on the source hears from us, also while QEMU starts
     keepalive = asyncio.create_task(_keepalive(channel, liveness))
     try:
         if offline:  # a stopped VM: its disks only (offline.py)
-            await receive_offline(channel, cast(OfflineFactory, factory), status, spec, disks, liveness)
+            await receive_offline(channel, cast(OfflineFactory, factory), status, spec, disks, liveness,
+                                  disk_dedup)
             return status
         return await _receive(incoming, factory, spec, ram_size, disks)
     finally:
@@ -177,6 +182,7 @@ class _Incoming:
         self.resume_tried = False  # 'go' arrived: the guest may have started here
         self._t_ack = 0.0  # when we last acknowledged bytes (loop time)
         self.disks: list[int] = []  # local disks the source mirrors here
+        self.disk_dedup = False  # the source reads announced disk keys (diskdedup.py)
         self.disk_relay: DestDiskRelay | None = None
         self.index: PageIndex | None = None
         self.dedup: IncomingDedup | None = None  # the have/need exchange (dedupdest.py)
@@ -251,8 +257,8 @@ class _Incoming:
                 if not isinstance(dest, MirrorDest):
                     raise ProtocolError("this destination cannot receive local disks")
                 nbd = await dest.export_disks(self.disks)
-                self.disk_relay = DestDiskRelay(self.ch, st, nbd, self.disks,
-                                                await diskdedup.announce(self.ch, st, dest, self.disks))
+                self.disk_relay = DestDiskRelay(self.ch, st, nbd, self.disks, await diskdedup.announce(
+                    self.ch, st, dest, self.disks) if self.disk_dedup else None)
             # whether the RAM file has all its space: the source does not pause the guest
             # before it has (the device state waits for it, paused: 143 ms of a 4 GiB pause)
             prepared: dict[str, Any] = {"op": "prepared", "reserved": self.reservation is None

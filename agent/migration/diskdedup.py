@@ -25,10 +25,12 @@ miss at most ``MAX_HELD`` bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import struct
+import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -86,9 +88,11 @@ class ClusterIndex:
         return int(self.offsets[i]) if i < len(self.keys) and self.keys[i] == k else None
 
 
-def _hash_extents(fd: int, extents: list[dict[str, Any]], budget_s: float = INDEX_BUDGET_S) -> ClusterIndex:
+def _hash_extents(fd: int, extents: list[dict[str, Any]], budget_s: float = INDEX_BUDGET_S,
+                  stop: threading.Event | None = None) -> ClusterIndex:
     """Hash every whole aligned cluster of the image's data extents (``qemu-img map``),
-    as many as ``budget_s`` allows (the source waits for ``prepared`` meanwhile)."""
+    as many as ``budget_s`` allows (the source waits for ``prepared`` meanwhile) until
+    ``stop`` is set."""
     deadline = time.monotonic() + budget_s
     keys: list[int] = []
     offs: list[int] = []
@@ -116,7 +120,7 @@ def _hash_extents(fd: int, extents: list[dict[str, Any]], budget_s: float = INDE
                 keys.append(key_of(blake3.blake3(piece).digest()))
                 offs.append(base + p)
             g += n
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
                 truncated = True
     k = np.array(keys, dtype=np.uint64)
     o = np.array(offs, dtype=np.int64)
@@ -127,21 +131,37 @@ def _hash_extents(fd: int, extents: list[dict[str, Any]], budget_s: float = INDE
 _cache: OrderedDict[tuple[int, int, int, int, str], ClusterIndex] = OrderedDict()
 
 
-async def index_image(fd: int, fmt: str) -> ClusterIndex:
-    """The cluster index of the image open on ``fd`` (format ``fmt``): read once per
-    (device, inode, size, mtime), then kept for the next migrations."""
+async def index_image(fd: int, fmt: str, budget_s: float = INDEX_BUDGET_S) -> ClusterIndex:
+    """The cluster index of the image open on ``fd`` (format ``fmt``), read within
+    ``budget_s``: once per (device, inode, size, mtime), then kept for the next
+    migrations (unless it is partial: a later migration, its reads cached, may finish it)."""
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, fmt)
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
+    t0 = time.monotonic()
     # guest offsets -> file offsets: a qcow2's data clusters are where its map says
-    extents = json.loads(await qemu_img("map", "--output=json", "-U", "-f", fmt, f"/proc/self/fd/{fd}",
-                                        pass_fds=(fd,)))
-    index = await asyncio.to_thread(_hash_extents, fd, extents)
+    # (a compressed or encrypted cluster has no offset there: it is not indexed)
+    try:
+        out = await asyncio.wait_for(qemu_img("map", "--output=json", "-U", "-f", fmt, f"/proc/self/fd/{fd}",
+                                              pass_fds=(fd,)), budget_s)
+    except TimeoutError:
+        raise DiskError(f"qemu-img map took longer than {budget_s:.0f} s") from None
+    stop = threading.Event()
+    hashing = asyncio.ensure_future(asyncio.to_thread(
+        _hash_extents, fd, json.loads(out), budget_s - (time.monotonic() - t0), stop))
+    try:
+        index = await asyncio.shield(hashing)
+    except BaseException:
+        stop.set()  # cancelled: the thread stops reading before the caller closes fd
+        with contextlib.suppress(BaseException):
+            await hashing
+        raise
     if index.truncated:
         log.warning("disk image indexed in part: the rest of its clusters are sent",
-                    extra={"clusters": len(index.keys), "budget_s": INDEX_BUDGET_S, "max": MAX_CLUSTERS})
+                    extra={"clusters": len(index.keys), "budget_s": round(budget_s, 1), "max": MAX_CLUSTERS})
+        return index
     _cache[key] = index
     while len(_cache) > INDEX_CACHE:
         _cache.popitem(last=False)
@@ -163,12 +183,18 @@ async def announce(ch: Channel, status: MigrationStatus, dest: TemplateHolder,
     stats = status.disk_dedup
     try:
         for i in disks:
-            template = dest.disk_template(i)
+            left = INDEX_BUDGET_S - (time.monotonic() - t0)  # one budget for all: 'prepared' waits
+            try:
+                template = dest.disk_template(i) if left > 1 else None
+            except (OSError, DiskError) as exc:
+                log.warning("disk image not opened for indexing; its clusters are sent",
+                            extra={"migration": status.id, "disk": i, "error": str(exc)})
+                continue
             if template is None:
                 continue
             fd, fmt = template
             try:
-                index = await index_image(fd, fmt)
+                index = await index_image(fd, fmt, left)
             except (OSError, ValueError, DiskError) as exc:
                 os.close(fd)
                 log.warning("disk image not indexed; its clusters are sent",
@@ -217,8 +243,11 @@ class AnnouncedKeys:
         self._parts: dict[int, list[bytes]] = {}
         self._count: dict[int, int] = {}
         self.keys: dict[int, np.ndarray] = {}
+        self.settled = False
 
     def add(self, frame: bytes) -> None:
+        if self.settled:
+            raise ProtocolError("disk keys after 'prepared'")
         if len(frame) < 9 or (len(frame) - 1) % 8:
             raise ProtocolError(f"disk keys record of {len(frame)} bytes")
         disk = frame[0]
@@ -238,7 +267,8 @@ class AnnouncedKeys:
             raise ProtocolError("'prepared' message: disk_keys must be an object")
         want = {}
         for k, v in announced.items():
-            if not (isinstance(k, str) and k.isdigit() and isinstance(v, int) and not isinstance(v, bool)):
+            if not (isinstance(k, str) and k.isascii() and k.isdecimal() and isinstance(v, int)
+                    and not isinstance(v, bool)):
                 raise ProtocolError("'prepared' message: disk_keys must map disk indices to counts")
             want[int(k)] = v
         if want != self._count:
@@ -247,6 +277,7 @@ class AnnouncedKeys:
             self.keys[disk] = np.frombuffer(b"".join(parts), dtype="<u8").astype(np.uint64)
             self.keys[disk].sort()
         self._parts.clear()
+        self.settled = True
 
 
 @dataclass
@@ -271,7 +302,9 @@ def encode_write(header: bytes, payload: bytes, keys: np.ndarray) -> Encoded:
     chosen: list[bytes] = []
     if digests:
         ks = np.array([key_of(d) for d in digests], dtype=np.uint64)
-        hit = np.isin(ks, keys, assume_unique=False)
+        at = np.searchsorted(keys, ks)  # keys is sorted: no per-write sort of the whole table
+        hit = (at < len(keys)) & (keys[np.minimum(at, len(keys) - 1)] == ks) if len(keys) else \
+            np.zeros(len(ks), dtype=bool)
         for p, d, h in zip(positions, digests, hit, strict=True):
             if h and view[p:p + CLUSTER] != _ZERO:
                 refs.append(p)
@@ -393,7 +426,10 @@ class FrameDecoder:
         off = self.index.offset_of(digest)
         if off is None:
             return False
-        data = os.pread(self.fd, CLUSTER, off)
+        try:
+            data = os.pread(self.fd, CLUSTER, off)
+        except OSError:  # the image unreadable there now: a miss, repaired like any other
+            return False
         if len(data) != CLUSTER or blake3.blake3(data).digest() != digest:
             return False  # the image changed since it was indexed, or a key collision
         payload[p:p + CLUSTER] = data

@@ -119,8 +119,9 @@ class SourceDiskRelay(_Streams):
         # disks whose clusters the destination announced (diskdedup.py): framed streams,
         # always followed. Filled when 'prepared' arrives, before any connection.
         self.keys = keys if keys is not None else {}
-        # (stream, handle) -> the payload of a write sent with digests, until answered
-        self.kept: dict[tuple[int, int], tuple[bytes, frozenset[int]]] = {}
+        # (stream, handle) -> the payload of a write sent with digests and the positions
+        # not yet repaired, until the destination's QEMU answered it
+        self.kept: dict[tuple[int, int], tuple[bytes, set[int]]] = {}
         self.trackers: dict[int, NbdTracker] = {}
         self.servers: list[asyncio.Server] = []
         self._closed = False
@@ -213,7 +214,7 @@ class SourceDiskRelay(_Streams):
                 frame = enc.frame
                 if enc.refs:
                     handle = int.from_bytes(header[8:16], "big")
-                    self.kept[(stream, handle)] = (payload, frozenset(enc.refs))
+                    self.kept[(stream, handle)] = (payload, set(enc.refs))
                     stats["clusters_named"] = stats.get("clusters_named", 0) + len(enc.refs)
                     stats["bytes_named"] = stats.get("bytes_named", 0) + len(enc.refs) * diskdedup.CLUSTER
             else:
@@ -227,9 +228,10 @@ class SourceDiskRelay(_Streams):
         bytes go on the repair stream from the write's kept payload."""
         stream, handle, positions = diskdedup.parse_need(msg)
         kept = self.kept.get((stream, handle))
-        if kept is None or not set(positions) <= kept[1]:
+        if kept is None or len(set(positions)) != len(positions) or not set(positions) <= kept[1]:
             raise ProtocolError(f"'disk_need' for disk stream {stream} handle {handle:#x} at {positions}, "
-                                "which was not sent by digest")
+                                "which was not sent by digest or was repaired already")
+        kept[1].difference_update(positions)  # each cluster once: the repairs stay bounded
         payload = memoryview(kept[0])
         for p in positions:
             self.ch.write_data(diskdedup.DISK_REPAIR, diskdedup.repair_record(
@@ -278,6 +280,13 @@ class SourceDiskRelay(_Streams):
         if self.failing:
             return
         self._failing.set()
+        if not self.follow_nbd:
+            # an offline copy (followed only to name clusters) has no job to keep alive:
+            # its qemu-img sees the connection drop and fails at once
+            for conn in self.writers.values():
+                conn.close()
+            self.writers.clear()
+            return
         for stream, tracker in self.trackers.items():
             w = self.writers.get(stream)
             if w is None:

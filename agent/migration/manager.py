@@ -552,7 +552,8 @@ class MigrationManager:
             if opts.offline:  # nothing here changes: no journal, no doubt to settle
                 try:
                     await channel.send_ctrl({"op": "grant", "grant": token})
-                    await send_offline(cast(OfflineSource, vm), channel, status, opts.liveness_s, opts.timeout_s)
+                    await send_offline(cast(OfflineSource, vm), channel, status, opts.liveness_s, opts.timeout_s,
+                                       opts.disk_dedup)
                 finally:
                     await channel.close()
                 return

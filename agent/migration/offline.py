@@ -95,7 +95,7 @@ class OfflineFactory(Protocol):
 
 # ----- source ---------------------------------------------------------------------
 async def send_offline(vm: OfflineSource, ch: Channel, status: MigrationStatus, liveness: float,
-                       timeout: float) -> None:
+                       timeout: float, disk_dedup: bool = True) -> None:
     """Copy ``vm``'s local disks to the destination at the other end of ``ch``; the
     status ends completed (the destination defined the VM) or failed."""
     relay: SourceDiskRelay | None = None
@@ -107,7 +107,7 @@ async def send_offline(vm: OfflineSource, ch: Channel, status: MigrationStatus, 
             indices = [int(p["index"]) for p in plan]
             await ch.send_ctrl({"op": "prepare", "offline": True, "id": status.id, "vm": vm.name,
                                 "spec": vm.spec(), "ram_size": vm.ram_size, "liveness_s": liveness,
-                                "disks": plan})
+                                "disks": plan, "disk_dedup": disk_dedup})
             keys = diskdedup.AnnouncedKeys(indices)
             relay = SourceDiskRelay(ch, status, vm.work_dir, indices, keys=keys.keys)
             tasks.append(asyncio.create_task(protocol.keepalive(ch, liveness)))
@@ -203,7 +203,8 @@ async def _until(reader: asyncio.Task[None], work: Any, timeout: float | None) -
 
 # ----- destination ----------------------------------------------------------------
 async def receive_offline(ch: Channel, factory: OfflineFactory, status: MigrationStatus,
-                          spec: dict[str, Any], disks: list[dict[str, Any]], liveness: float) -> None:
+                          spec: dict[str, Any], disks: list[dict[str, Any]], liveness: float,
+                          disk_dedup: bool = False) -> None:
     """Create the disks, take the source's copy over the relay, define the VM stopped.
     Any failure removes what was made here and tells the source why."""
     dest: OfflineDest | None = None
@@ -212,7 +213,7 @@ async def receive_offline(ch: Channel, factory: OfflineFactory, status: Migratio
     try:
         dest = await factory.prepare_offline(spec, status.id, disks)
         relay = DestDiskRelay(ch, status, await dest.export_disks(), indices,
-                              await diskdedup.announce(ch, status, dest, indices))
+                              await diskdedup.announce(ch, status, dest, indices) if disk_dedup else None)
         prepared: dict[str, Any] = {"op": "prepared"}
         if relay.decoders:
             prepared["disk_keys"] = diskdedup.announced(relay.decoders)

@@ -26,6 +26,9 @@ class MigrationOptions:
     # destination-side dedup: offer pages by BLAKE3 digest first; the destination copies
     # the ones it already holds (its VMs' RAM, pages received) and asks for the rest
     dest_dedup: bool = True
+    # local disks: clusters of the image a disk was copied from, when the destination
+    # holds it too, cross as digests (diskdedup.py); off: every cluster's bytes
+    disk_dedup: bool = True
     test_digest: bool = False  # BLAKE3 both RAMs at switchover and compare
     # fingerprint only the pages the VM's process may have written while it is paused
     # (soft-dirty bits or its resident pages, see stopscan.py); off: every page

@@ -627,6 +627,8 @@ class SourceMigration:
             "ram_size": size, "test_digest": self.opts.test_digest,
             "liveness_s": self.opts.liveness_s, "disks": self._disk_plan,
             "postcopy": self.opts.on_no_converge == "postcopy",
+            # the destination announces its images' clusters only when asked (diskdedup.py)
+            "disk_dedup": self.opts.disk_dedup and bool(self._disk_plan),
         })
         self._prepare_sent.set()
         t_sent = time.monotonic()

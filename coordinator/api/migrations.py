@@ -42,6 +42,8 @@ START: dict[str, Any] = {
                 "dedup": {"type": "boolean"},
                 "dest_dedup": {"type": "boolean", "description":
                                "offer pages by digest first; the destination copies those it holds"},
+                "disk_dedup": {"type": "boolean", "description":
+                               "local disks: clusters of an image the destination holds cross as digests"},
                 "adaptive_compression": {"type": "boolean", "description":
                                          "per batch, dedup + zstd only when that moves pages faster"},
                 "bounded_pause": {"type": "boolean", "description":

@@ -126,6 +126,28 @@ def test_index_names_every_nonzero_cluster_where_the_image_holds_it(tmp_path: Pa
         os.close(fd)
 
 
+def test_a_partial_index_is_not_kept_for_the_next_migration(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    path = image(tmp_path, [os.urandom(C) for _ in range(8)])
+    real, calls = dd._hash_extents, []
+
+    def first_out_of_time(fd: int, extents: list[dict[str, object]], budget_s: float,
+                          stop: object) -> dd.ClusterIndex:
+        calls.append(budget_s)
+        return real(fd, extents, 0.0 if len(calls) == 1 else budget_s, stop)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dd, "_hash_extents", first_out_of_time)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        part = asyncio.run(dd.index_image(fd, "raw"))
+        assert part.truncated
+        whole = asyncio.run(dd.index_image(fd, "raw"))
+        assert not whole.truncated and len(whole.keys) == 8
+        assert asyncio.run(dd.index_image(fd, "raw")) is whole  # this one is kept
+    finally:
+        os.close(fd)
+
+
 def test_writes_are_rebuilt_with_the_named_clusters(tmp_path: Path) -> None:
     tpl = [os.urandom(C) for _ in range(16)]
     fd, idx = index_of(image(tmp_path, tpl))
@@ -156,7 +178,7 @@ def test_a_cluster_changed_since_it_was_indexed_is_repaired_and_later_frames_wai
         f.write(os.urandom(C))
     stream = write_req(1, 0, tpl[0] + tpl[1]) + write_req(2, 2 * C, tpl[2])
     frames = encode([(stream[:28], stream[28:28 + 2 * C]), (stream[28 + 2 * C:56 + 2 * C], tpl[2])],
-                    idx.keys, kept := {})
+                    idx.keys, {})
     dec = dd.FrameDecoder(0, fd, idx)
     out, need = dec.feed(frames)
     assert out == [] and need == [C] and dec.pending_handle == 1  # write 2 held behind write 1
@@ -166,7 +188,6 @@ def test_a_cluster_changed_since_it_was_indexed_is_repaired_and_later_frames_wai
     with pytest.raises(ProtocolError, match="not asked for"):
         dec.fill(1, C, tpl[1])  # a repair nobody asked for
     dec.close()
-    del kept
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -218,7 +239,117 @@ def test_bad_frames_and_announcements_are_refused(tmp_path: Path) -> None:
     keys.add(bytes([0]) + struct.pack("<QQ", 5, 2))
     with pytest.raises(ProtocolError, match="received"):
         keys.settle({"0": 3})
+    with pytest.raises(ProtocolError, match="disk indices"):
+        keys.settle({"²": 2})
     keys.settle({"0": 2})
     assert keys.keys[0].tolist() == [2, 5]
+    with pytest.raises(ProtocolError, match="after 'prepared'"):
+        keys.add(bytes([0]) + bytes(8))
     with pytest.raises(ProtocolError):
         dd.parse_need({"stream": 0, "handle": 1, "pos": []})
+
+
+# ----- the relays' bookkeeping (a recording channel, no QEMU) -----------------------------
+class RecordingChannel:
+    def __init__(self) -> None:
+        self.data: list[tuple[int, bytes]] = []
+        self.ctrl: list[dict[str, object]] = []
+
+    def write_data(self, stream: int, data: bytes) -> None:
+        self.data.append((stream, bytes(data)))
+
+    async def drain(self) -> None:
+        return None
+
+    async def send_ctrl(self, msg: dict[str, object], timeout: float = 60.0) -> None:
+        self.ctrl.append(msg)
+
+
+class RecordingWriter:
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    async def drain(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_relays_repair_each_named_cluster_once_and_forget_answered_writes(tmp_path: Path) -> None:
+    """Source relay -> destination relay through a recording channel: the write arrives
+    whole after one repair; a second ask for the same cluster is refused; the kept
+    payload goes once the destination's reply has passed to QEMU."""
+    from novacron.agent.migration.diskrelay import DestDiskRelay, SourceDiskRelay
+    from novacron.agent.migration.status import MigrationStatus
+    from tests.disks.test_nbdwire import simple
+
+    tpl = [os.urandom(C) for _ in range(4)]
+    path = image(tmp_path, tpl)
+    fd, idx = index_of(path)
+    with path.open("r+b") as f:  # cluster 1 changes after its key was announced
+        f.seek(C)
+        f.write(os.urandom(C))
+
+    async def go() -> None:
+        ch = RecordingChannel()
+        st = MigrationStatus(id="m", vm="v", role="source", peer="b")
+        src = SourceDiskRelay(ch, st, tmp_path, [0], follow_nbd=True, keys={0: idx.keys})  # type: ignore[arg-type]
+        tracker = capturing()
+        src.trackers[0] = tracker
+        qemu_side = RecordingWriter()
+        src.writers[0] = qemu_side  # type: ignore[assignment]
+        req = write_req(7, 0, tpl[0] + tpl[1] + b"tail")
+        tracker.client_bytes(req)
+        await src._send_framed(0, tracker.take())
+        assert set(src.kept) == {(0, 7)} and st.disk_dedup["clusters_named"] == 2
+
+        dst_st = MigrationStatus(id="m", vm="v", role="destination", peer="a")
+        dst = DestDiskRelay(ch, dst_st, "unused", [0], {0: dd.FrameDecoder(0, fd, idx)})  # type: ignore[arg-type]
+        qemu_dest = RecordingWriter()
+        dst.writers[0] = qemu_dest  # type: ignore[assignment]
+        for stream, data in list(ch.data):
+            await dst.deliver(stream, data)
+        assert qemu_dest.out == b"" and ch.ctrl == [{"op": "disk_need", "stream": 0, "handle": 7, "pos": [C]}]
+        ch.data.clear()
+        src.on_need(ch.ctrl[0])
+        assert [s for s, _ in ch.data] == [dd.DISK_REPAIR] and st.disk_dedup["repairs"] == 1
+        with pytest.raises(ProtocolError, match="repaired already"):
+            src.on_need(ch.ctrl[0])  # the same cluster again: refused, nothing queued
+        with pytest.raises(ProtocolError, match="not sent by digest"):
+            src.on_need({"op": "disk_need", "stream": 0, "handle": 8, "pos": [0]})
+        await dst.deliver(*ch.data[0])
+        assert bytes(qemu_dest.out) == req and dst.decoders[0].idle
+        dst.check_settled()
+        assert dst_st.disk_dedup == {"refs": 2, "bytes_saved": C, "misses": 1}
+        # the reply passes to our QEMU: the kept payload goes
+        src.deliver(0, simple(7))
+        assert qemu_side.out == simple(7) and not src.kept
+        with pytest.raises(ProtocolError, match="not framed"):
+            await dst.deliver(dd.DISK_REPAIR, dd.repair_record(3, 1, 0, bytes(C)))
+        await dst.close()
+        assert dst.decoders == {}
+
+    asyncio.run(go())
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the destination relay closed the image with its decoders
+
+
+def test_offline_relay_failing_drops_framed_connections() -> None:
+    """Offline (qemu-img, no mirror job to keep alive): failing closes the connection so
+    qemu-img fails at once, instead of being answered 'done' for the whole disk."""
+    from novacron.agent.migration.diskrelay import SourceDiskRelay
+    from novacron.agent.migration.status import MigrationStatus
+
+    src = SourceDiskRelay(RecordingChannel(), MigrationStatus(id="m", vm="v", role="source", peer="b"),  # type: ignore[arg-type]
+                          Path("/nonexistent"), [0], keys={0: np.array([1], dtype=np.uint64)})
+    w = RecordingWriter()
+    src.writers[0] = w  # type: ignore[assignment]
+    src.trackers[0] = capturing()
+    src.trackers[0].client_bytes(write_req(1, 0, b"x" * 10))
+    src.peer_eof(0)  # the destination's export hung up
+    assert src.failing and w.closed and w.out == b"" and "closed its NBD export" in (src.error or "")

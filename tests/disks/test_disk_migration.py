@@ -312,10 +312,16 @@ async def test_destination_killed_under_write_blocking_guest_writes(images: Path
     async with agent("wsrc", images) as a:
         api = Api(a)
         await api.ok("POST", "/v1/vms", doc, want=201)
-        seed.unlink()  # as in ``source``: the mirror must last
+        # a kill mid-copy needs a long copy: the destination must not hold the image (as in
+        # ``source``); a kill once the mirror is ready finds the disk's stream framed, its
+        # clusters named by digest (diskdedup.py), as the relay answers QEMU itself
+        hidden = seed.with_name("wb-seed.hidden")
         await verified_after(api, 0, passes=1, vm="wbk")
         for run in range(runs):
             ready = run % 2 == 1
+            present, gone = (seed, hidden) if ready else (hidden, seed)
+            if gone.exists():
+                gone.rename(present)
             dst = agent("wdst", images)
             await dst.start()
             try:
@@ -331,7 +337,9 @@ async def test_destination_killed_under_write_blocking_guest_writes(images: Path
                     print("\n".join(a.log_path.read_text().splitlines()[-40:]))
                 assert vm["state"] == "running", (run, vm["error"])
                 print(f"run {run}: destination killed {'after the mirror was ready' if ready else 'mid-copy'} "
-                      f"({st['metrics']['disk_bytes']} disk bytes): {st['error']}")
+                      f"({st['metrics']['disk_bytes']} disk bytes, {st['metrics']['disk_dedup']}): {st['error']}")
+                # framed exactly when the destination held the image
+                assert bool(st["metrics"]["disk_dedup"].get("clusters_named")) == ready, st["metrics"]
                 _, offset = await api.console("wbk")
                 await verified_after(api, offset, passes=2, vm="wbk")
                 assert not list((a.state_dir / "vms" / "wbk").glob("nbd-relay-*"))

@@ -269,6 +269,14 @@ async def test_copy_of_an_image_both_hosts_hold_moves_offline_by_digest(images: 
         assert (2 << 20) <= sent < (3 << 20), sent
         done = same(before, disk_of(b))
         assert done.returncode == 0 and "identical" in done.stdout, (done.stdout, done.stderr)
+        # and back with the option off: every allocated cluster's bytes cross
+        await Api(a).ok("DELETE", f"/v1/vms/{VM}")
+        mig = await Api(b).migrate(VM, a, offline=True, disk_dedup=False)
+        st = await Api(b).wait_migration(mig["id"], timeout=120)
+        assert st["phase"] == "completed", st["error"]
+        assert st["metrics"]["disk_dedup"] == {} and st["metrics"]["disk_bytes"] >= 60 << 20, st["metrics"]
+        done = same(before, disk_of(a))
+        assert done.returncode == 0 and "identical" in done.stdout, (done.stdout, done.stderr)
         before.unlink()
 
 
