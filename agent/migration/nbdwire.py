@@ -155,11 +155,16 @@ class NbdTracker:
             self._items.append(bytes(self._out))
             self._out.clear()
 
+    def _is_write_with_payload(self, buf: bytes) -> bool:
+        if not (self.transmission and self._c_flags and len(buf) == _REQUEST.size):
+            return False
+        _, _flags, cmd, _handle, _offset, length = _REQUEST.unpack(buf)
+        return cmd == CMD_WRITE and length > 0
+
     def _client_frame(self) -> int | None:
         buf, self._c = bytes(self._c), bytearray()
         if self.capture:
-            if len(buf) == _REQUEST.size and self._c_flags and _REQUEST.unpack(buf)[2] == CMD_WRITE \
-                    and self.transmission and _REQUEST.unpack(buf)[5]:
+            if self._is_write_with_payload(buf):
                 self._w_header = buf  # the payload follows; the write is one item
             else:
                 self._out += buf
