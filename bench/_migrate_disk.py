@@ -12,8 +12,7 @@ per engine, between two hosts on loopback:
   mirror completes at switchover (agent/migration/diskrelay.py). Once with the
   image the disk was copied from held at the destination too (its clusters are
   named by digest: agent/migration/diskdedup.py) and once with it absent (the
-  image moved out of the shared image dir after the guest's disk was made), as
-  ``--disk-image`` says.
+  destination agent does not list the seed's image dir), as ``--disk-image`` says.
 - **qemu-nbd**: what libvirt's ``virsh migrate --copy-storage-all`` does: the
   destination QEMU (``-incoming``) exports its empty disk with
   ``nbd-server-start`` on plain TCP, the source mirrors into it
@@ -182,16 +181,15 @@ async def _ours(args: argparse.Namespace, images: Path, held: bool) -> dict[str,
 
     secret = secrets.token_urlsafe(32)
     name = "bench-disk"
+    # absent: the destination does not list the seed's image dir (its disk is a copy made
+    # at the source, so nothing else there needs the image)
+    dest_dirs = [cache_root(), images] if held else [cache_root()]
     async with LocalAgent("bench-da", cluster_secret=secret, accel="tcg", image_dirs=[cache_root(), images]) as a, \
-            LocalAgent("bench-db", cluster_secret=secret, accel="tcg", image_dirs=[cache_root(), images]) as b:
+            LocalAgent("bench-db", cluster_secret=secret, accel="tcg", image_dirs=dest_dirs) as b:
         status, doc = await a.request("POST", "/v1/vms", _spec(name, args))
         if status != 201:
             raise RuntimeError(f"cannot create the guest: {doc}")
         boot = await _boot(lambda off: _agent_console(a, name, off), name)
-        away = images.with_name(images.name + ".away")
-        if not held:  # the disk is a private copy: the image may go (both agents share the dir)
-            away.mkdir()
-            (images / SEED).rename(away / SEED)
         watch = HeartbeatWatch([a.state_dir / "vms" / name / "serial.log",
                                 b.state_dir / "incoming" / name / "serial.log",
                                 b.state_dir / "vms" / name / "serial.log"])
@@ -211,9 +209,6 @@ async def _ours(args: argparse.Namespace, images: Path, held: bool) -> dict[str,
             await watch.beat_after(t0 + total_s)
         finally:
             await watch.stop()
-            if not held:
-                (away / SEED).rename(images / SEED)
-                away.rmdir()
     m = st["metrics"]
     if st["phase"] != "completed":
         ok, detail = False, f"migration {st['phase']}: {st.get('error')} (guest: {detail})"
@@ -410,7 +405,8 @@ def _report(args: argparse.Namespace, size: int, rows: list[dict[str, Any]]) -> 
         "destination bytes (ours: the page stream's frames plus the relayed NBD bytes; QEMU: NBD + migration stream through counting "
         "relays). disk MB: disk bytes sent (ours: relayed NBD bytes; QEMU: the NBD relay). named MB: disk "
         "clusters our engine sent as digests because the destination holds the image the disk was copied "
-        "from (agent/migration/diskdedup.py; 'image at destination'); QEMU has no such path. disk check: the "
+        "from (agent/migration/diskdedup.py; 'image at destination'; the seed was just written, so the "
+        "destination indexes it from the page cache); QEMU has no such path. disk check: the "
         "guest's own verifier, two passes over every block it wrote, at the destination. qemu-nbd: "
         "blockdev-mirror (sync=top, background) over plain NBD/TCP, migrate with pause-before-switchover, "
         "the mirror completed at pre-switchover. Ratios < 1 favour novacron.")

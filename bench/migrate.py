@@ -167,12 +167,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    if getattr(args, "disk_gb", 0):
-        return _migrate_disk.run(args)
     # defaults for callers that build the namespace themselves (tests)
     args = argparse.Namespace(**{"policy": "abort", "qemu_timeout": 60.0, "repeat": 1, **vars(args)})
     if not 1 <= args.repeat <= 20:
         raise SystemExit("novacron bench migrate: --repeat must be 1..20")
+    if args.repeat > 1 and (getattr(args, "disk_gb", 0) or getattr(args, "hypervisor", "qemu") == "libvirt"):
+        raise SystemExit("novacron bench migrate: --repeat applies to the QEMU RAM matrix only "
+                         "(not --disk-gb or --hypervisor libvirt)")
+    if getattr(args, "disk_gb", 0):
+        return _migrate_disk.run(args)
     if args.policy not in POLICIES:
         raise SystemExit(f"novacron bench migrate: --policy must be one of {', '.join(POLICIES)}")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -206,13 +209,15 @@ def run(args: argparse.Namespace) -> Report:
         return migrate_libvirt.run(args, sizes, guests)
     results: list[dict[str, Any]] = []
     notes: list[str] = []
+    fitting = []
+    for mem in sizes:  # decided once: every cell gets all its passes or none
+        if why := _does_not_fit(mem):
+            notes.append(f"{mem} MiB: not run ({why})")
+        else:
+            fitting.append(mem)
     # whole passes one after another: a drift of the machine's load spreads over every cell
     for rep in range(args.repeat):
-        for mem in sizes:
-            if why := _does_not_fit(mem):
-                if rep == 0:
-                    notes.append(f"{mem} MiB: not run ({why})")
-                continue
+        for mem in fitting:
             rows, more = asyncio.run(_run_all(argparse.Namespace(**{**vars(args), "memory_mb": mem}),
                                               engines, guests))
             for r in rows:
@@ -222,8 +227,13 @@ def run(args: argparse.Namespace) -> Report:
     return _report(args, sizes, results, notes)
 
 
-MEDIAN_FIELDS = ("total_s", "total_released_s", "prepare_s", "pause_ms", "engine_downtime_ms", "wire_bytes",
-                 "rounds", "cpu_s_per_gib", "load_1m", "dirty_mb_s")
+MEDIAN_FIELDS = ("total_s", "total_released_s", "prepare_s", "after_prepare_s", "pause_ms", "engine_downtime_ms",
+                 "downtime_ms", "engine_total_s", "complete_s", "wire_bytes", "rounds", "cpu_s_per_gib", "load_1m",
+                 "dirty_mb_s")
+# per-run detail that has no median: kept in 'runs' only
+PER_RUN_FIELDS = ("run", "downtime_parts", "phase_seconds", "prepare_parts", "prepare_parts_destination",
+                  "stop_scan", "pipeline", "round_log", "estimate_parts", "wire_parts", "native", "error",
+                  "qemu_event_downtime_ms", "qemu_reported_downtime_ms", "compression_ratio", "dedup_ratio")
 
 
 def _cell_key(r: dict[str, Any]) -> tuple[Any, ...]:
@@ -232,30 +242,36 @@ def _cell_key(r: dict[str, Any]) -> tuple[Any, ...]:
 
 def _medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per cell and engine: the median of each figure over the runs that moved
-    the guest (over all runs when none did), every run's pause and total beside it. A
-    cell whose runs ended differently says so in its policy (e.g. ``postcopy 2, abort 1``)."""
+    the guest and passed its check (else those that moved, else all), every run's pause
+    and total beside it. A cell whose runs ended differently says so in its policy
+    (e.g. ``postcopy ×2; abort ×1``) and in ``runs_moved``."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in results:
+        r.setdefault("after_prepare_s", r["total_s"] - r["prepare_s"])  # per run, then its median
         groups.setdefault((*_cell_key(r), r["engine"]), []).append(r)
     out: list[dict[str, Any]] = []
     for runs in groups.values():
         moved = [r for r in runs if r["migrated"]]
-        use = moved or runs
-        row = dict(use[0])
+        use = [r for r in moved if not r["failed"]] or moved or runs
+        row = {k: v for k, v in use[0].items() if k not in PER_RUN_FIELDS}
         for f in MEDIAN_FIELDS:
             vals = [r[f] for r in use if r.get(f) is not None]
             row[f] = statistics.median(vals) if vals else None
-        row["runs"] = len(runs)
+        row["runs"], row["runs_moved"], row["runs_in_median"] = len(runs), len(moved), len(use)
         row["runs_pause_ms"] = [r["pause_ms"] for r in runs]
         row["runs_total_s"] = [r["total_s"] if r["migrated"] else None for r in runs]
-        row["failed"] = any(r["failed"] for r in runs)
-        row["verify_detail"] = "; ".join(r["verify_detail"] for r in runs if r["failed"])
+        bad = [r for r in runs if r["failed"]]
+        row["failed"] = bool(bad)
+        row["verify"] = "ok" if not bad else "FAILED"
+        row["verify_detail"] = "; ".join(f"run {r['run']}: {r['verify_detail']}" for r in bad) or "ok"
         row["migrated"] = len(moved) == len(runs)
         if row.get("converged") is not None:
             row["converged"] = all(r.get("converged") for r in runs)
+        if row.get("throttle_pct") is not None:
+            row["throttle_pct"] = max(r.get("throttle_pct") or 0 for r in runs)
         policies = collections.Counter(str(r.get("policy") or "?") for r in runs)
         if len(policies) > 1:
-            row["policy"] = ", ".join(f"{p} {n}" for p, n in policies.most_common())
+            row["policy"] = "; ".join(f"{p} ×{n}" for p, n in policies.most_common())
         out.append(row)
     return out
 
@@ -880,6 +896,9 @@ def _event_time(event: dict[str, Any]) -> float:
 # -- report --------------------------------------------------------------------
 def _pause_vs_budget(r: dict[str, Any]) -> str:
     """The guest's pause against the downtime budget, in words an operator reads."""
+    if not r["migrated"] and r.get("runs_moved"):  # a median row where some runs stayed
+        stayed = f"{r['runs'] - r['runs_moved']} of {r['runs']} runs stayed on the source"
+        return f"{_pause_vs_budget({**r, 'migrated': True, 'runs_moved': None})}; {stayed}"
     if not r["migrated"]:
         return "none: stayed on the source"
     if r["pause_ms"] is None:
@@ -916,7 +935,8 @@ def _report(args: argparse.Namespace, sizes: list[int], results: list[dict[str, 
         r["time_vs_qemu_tcp"], r["wire_vs_qemu_tcp"] = t_ratio, w_ratio
         released, base_released = r.get("total_released_s"), (base or {}).get("total_released_s")
         r["released_vs_qemu_tcp"] = released / base_released if released and base_released else None
-        r["after_prepare_s"] = r["total_s"] - r["prepare_s"]
+        if r.get("after_prepare_s") is None:  # a median row has the median of the runs'
+            r["after_prepare_s"] = r["total_s"] - r["prepare_s"]
         r["pause_vs_budget"] = _pause_vs_budget(r)
         rate = r.get("busy_rate_mb", 0)
         dirtied = r.get("dirty_mb_s")
@@ -941,13 +961,17 @@ def _report(args: argparse.Namespace, sizes: list[int], results: list[dict[str, 
         report.data["runs"] = runs
         report.notes.append(
             f"each row: the median over {repeat} passes of the whole matrix, run one after another, of the "
-            "runs that moved the guest (all runs if none did); ratios are of medians. --json: every run "
-            "in 'runs', and each row's runs_pause_ms and runs_total_s.")
+            "runs that moved the guest and passed its check (else those that moved, else all: runs_in_median); "
+            "with an even count, the mean of the middle two. Ratios are of medians; a row whose runs did not "
+            "all move the guest has none, and its 'pause vs budget' says how many stayed. --json: every run "
+            "in 'runs' (with its own detail: downtime parts, scans, round log), and each row's runs_pause_ms "
+            "and runs_total_s.")
     report.notes += notes
     report.notes.append(
         f"guest check: {len(runs) - len(failed)} of {len(runs)} migrations passed the guest's own "
         f"page check; {len(failed)} failed"
         + (" (" + ", ".join(f"{r['engine']} {r['memory_mb']} MiB {r['guest']} cap {r['cap_mbps'] or 'none'}"
+                            + (f" run {r['run']}" if repeat > 1 else "")
                             for r in failed)
            + ": excluded from every ratio)" if failed else "") + ".")
     report.notes.append(

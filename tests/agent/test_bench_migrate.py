@@ -152,7 +152,10 @@ def test_repeated_runs_are_reported_as_medians_with_every_run_kept() -> None:
     ours, tcp = report.data["results"]
     assert (ours["runs"], ours["total_s"], ours["pause_ms"]) == (3, 2.0, 30.0)  # of the two that moved
     assert ours["runs_pause_ms"] == [10.0, 50.0, None] and ours["runs_total_s"] == [3.0, 1.0, None]
-    assert ours["policy"] == "pre-copy 2, abort 1" and not ours["migrated"] and ours["converged"] is False
+    assert ours["policy"] == "pre-copy ×2; abort ×1" and not ours["migrated"] and ours["converged"] is False
+    assert (ours["runs_moved"], ours["runs_in_median"]) == (2, 2) and "run" not in ours
+    assert ours["pause_vs_budget"] == "30/300 ms within; 1 of 3 runs stayed on the source"
+    assert ours["after_prepare_s"] == 1.5  # the median of the runs' own (2.5, 0.5)
     assert (tcp["total_s"], tcp["pause_ms"]) == (3.0, 20.0)
     assert ours["time_vs_qemu_tcp"] is None  # not every run moved the guest: no ratio
     assert tcp["time_vs_qemu_tcp"] == 1.0
@@ -173,6 +176,14 @@ def test_bad_arguments_are_refused_before_any_guest_starts(field: str, value: ob
                               engines="novacron", guests="idle,busy", policy="abort", qemu_timeout=60.0)
     setattr(args, field, value)
     with pytest.raises(SystemExit, match=words):
+        bench.run(args)
+
+
+@pytest.mark.parametrize("where", [{"disk_gb": 1.0}, {"hypervisor": "libvirt"}])
+def test_repeat_is_refused_where_it_does_not_apply(where: dict[str, object]) -> None:
+    args = argparse.Namespace(memory_mb="256", workload_mb=96, busy_rate="16", cap=50.0, engines="novacron",
+                              guests="idle", policy="abort", qemu_timeout=60.0, repeat=2, **where)
+    with pytest.raises(SystemExit, match="--repeat applies to the QEMU RAM matrix only"):
         bench.run(args)
 
 

@@ -70,4 +70,6 @@ def test_bench_migrate_disk_smallest_case(guest: GuestImage) -> None:
     held = rows[("novacron", "held")]
     assert held["disk_named_bytes"] >= 56 << 20 and held["disk_bytes"] < 16 << 20, held
     assert rows[("novacron", "absent")]["disk_named_bytes"] == 0
-    assert held["time_vs_qemu_nbd"] is not None and held["wire_vs_qemu_nbd"] < 0.5
+    # the disk's part of the wire (RAM, 128 MiB of it, is most of the rest)
+    assert held["time_vs_qemu_nbd"] is not None
+    assert held["disk_bytes"] < 0.2 * rows[("qemu-nbd", "n/a")]["disk_bytes"], held
