@@ -209,8 +209,10 @@ class SourceDiskRelay(_Streams):
         for item in items:
             if isinstance(item, tuple):
                 header, payload = item
-                # hashing a write (up to 32 MiB) is no work for the loop the pages share
-                enc = await asyncio.to_thread(diskdedup.encode_write, header, payload, self.keys[stream])
+                if len(payload) < diskdedup.CLUSTER:  # no whole cluster to hash: a guest's small write
+                    enc = diskdedup.encode_write(header, payload, self.keys[stream])
+                else:  # hashing a write (up to 32 MiB) is no work for the loop the pages share
+                    enc = await asyncio.to_thread(diskdedup.encode_write, header, payload, self.keys[stream])
                 frame = enc.frame
                 if enc.refs:
                     handle = int.from_bytes(header[8:16], "big")
