@@ -36,7 +36,8 @@ class AgentMetrics:
                                   "Guest pause of completed migrations (source side)",
                                   buckets=DOWNTIME, registry=r)
         self.bytes = Histogram("novacron_agent_migration_bytes",
-                               "Bytes of one migration: raw (guest pages), wire (sent), device_state",
+                               "Bytes of one migration: raw (guest pages), wire (sent), device_state; with "
+                               "local disks: disk (relayed), disk_named (sent as digests, source)",
                                ["role", "kind"], buckets=BYTES, registry=r)
         self.pages = Counter("novacron_agent_migration_pages", "Pages of ended migrations by kind",
                              ["role", "kind"], registry=r)
@@ -59,8 +60,12 @@ class AgentMetrics:
                 self.budget_exceeded.labels(st.phase).inc()
             if st.phase == "completed" and st.role == "source" and st.downtime_ms is not None:
                 self.downtime.observe(st.downtime_ms / 1000.0)
-            for kind, value in (("raw", st.bytes_raw), ("wire", st.bytes_wire),
-                                ("device_state", st.device_state_bytes)):
+            sizes = [("raw", st.bytes_raw), ("wire", st.bytes_wire), ("device_state", st.device_state_bytes)]
+            if st.disk_bytes:  # only migrations that moved disks: no zeros from the others
+                sizes.append(("disk", st.disk_bytes))
+                if st.role == "source":
+                    sizes.append(("disk_named", int(st.disk_dedup.get("bytes_named", 0))))
+            for kind, value in sizes:
                 self.bytes.labels(st.role, kind).observe(value)
             for kind, count in page_counts(m).items():
                 self.pages.labels(st.role, kind).inc(count)
