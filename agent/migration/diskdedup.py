@@ -69,6 +69,15 @@ def key_of(digest: bytes) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def _find(keys: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """Where each of ``ks`` is in the sorted ``keys``, -1 where it is not."""
+    if not len(keys):
+        return np.full(len(ks), -1, dtype=np.int64)
+    at = np.searchsorted(keys, ks)
+    clipped = np.minimum(at, len(keys) - 1)
+    return np.where(keys[clipped] == ks, clipped, -1)
+
+
 # ----- the destination's index ----------------------------------------------------------
 @dataclass
 class ClusterIndex:
@@ -83,9 +92,8 @@ class ClusterIndex:
         return int(self.keys.nbytes + self.offsets.nbytes)
 
     def offset_of(self, digest: bytes) -> int | None:
-        k = np.uint64(key_of(digest))
-        i = int(np.searchsorted(self.keys, k))
-        return int(self.offsets[i]) if i < len(self.keys) and self.keys[i] == k else None
+        i = int(_find(self.keys, np.array([key_of(digest)], dtype=np.uint64))[0])
+        return int(self.offsets[i]) if i >= 0 else None
 
 
 def _hash_extents(fd: int, extents: list[dict[str, Any]], budget_s: float = INDEX_BUDGET_S,
@@ -203,9 +211,10 @@ async def announce(ch: Channel, status: MigrationStatus, dest: TemplateHolder,
             except BaseException:
                 os.close(fd)
                 raise
-            decoders[i] = FrameDecoder(i, fd, index)
-            if not len(index.keys):
+            if not len(index.keys):  # nothing to name: the disk's stream stays plain
+                os.close(fd)
                 continue
+            decoders[i] = FrameDecoder(i, fd, index)
             for record in key_records(i, index):
                 ch.write_data(DISK_KEYS, record)
             await ch.drain()
@@ -215,8 +224,6 @@ async def announce(ch: Channel, status: MigrationStatus, dest: TemplateHolder,
         for dec in decoders.values():
             dec.close()
         raise
-    for i in [i for i, dec in decoders.items() if not len(dec.index.keys)]:
-        decoders.pop(i).close()
     if decoders:
         status.prepare_parts["disk_index_s"] = round(time.monotonic() - t0, 4)
     return decoders
@@ -301,12 +308,11 @@ def encode_write(header: bytes, payload: bytes, keys: np.ndarray) -> Encoded:
     refs: list[int] = []
     chosen: list[bytes] = []
     if digests:
-        ks = np.array([key_of(d) for d in digests], dtype=np.uint64)
-        at = np.searchsorted(keys, ks)  # keys is sorted: no per-write sort of the whole table
-        hit = (at < len(keys)) & (keys[np.minimum(at, len(keys) - 1)] == ks) if len(keys) else \
-            np.zeros(len(ks), dtype=bool)
+        # the index holds no zero cluster: a zero one is never named (the destination's
+        # full-digest check would turn an 8-byte collision into a repair anyway)
+        hit = _find(keys, np.array([key_of(d) for d in digests], dtype=np.uint64)) >= 0
         for p, d, h in zip(positions, digests, hit, strict=True):
-            if h and view[p:p + CLUSTER] != _ZERO:
+            if h:
                 refs.append(p)
                 chosen.append(_REF.pack(p, d))
     literal = bytearray()

@@ -394,8 +394,7 @@ class DestDiskRelay(_Streams):
         for piece in out:
             w.write(piece)
         dec = self.decoders[stream]
-        self.status.disk_dedup.update({f"{k}": sum(d.stats[k] for d in self.decoders.values())
-                                       for k in dec.stats})
+        self.status.disk_dedup.update({k: sum(d.stats[k] for d in self.decoders.values()) for k in dec.stats})
         if need:
             pending = dec.pending_handle
             await self.ch.send_ctrl({"op": "disk_need", "stream": stream, "handle": pending, "pos": need})
