@@ -61,6 +61,8 @@ async def host_document(app: web.Application) -> dict[str, Any]:
         "load": round(os.getloadavg()[0], 2),
         # destination-side dedup: the digest index of pages held here (entries, memory)
         "dedup_index": _dedup_index(app),
+        # uncompressed copies of compressed images, for migrations' disk cluster indexes
+        "disk_index_copies": expanded.as_dict() if (expanded := app[VMS].disks.expanded) else None,
     }
 
 

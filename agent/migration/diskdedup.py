@@ -17,6 +17,9 @@ the bytes on the ``DISK_REPAIR`` stream from the copy it keeps of every such wri
 the destination's QEMU has answered it. Nothing wrong is ever written, and a miss costs
 a round trip, never correctness.
 
+A compressed qcow2 cluster has no file offset to hash or read back: such an image is
+indexed through its uncompressed copy (vm/expanded.py), made once.
+
 Bounds: an index holds at most ``MAX_CLUSTERS`` clusters (64 GiB of image; 16 bytes
 each, reported as ``index_bytes``); a frame at most one NBD write; frames held behind a
 miss at most ``MAX_HELD`` bytes.
@@ -43,6 +46,7 @@ from novacron.agent.channel.records import MAX_DATA_CHUNK, Channel, ProtocolErro
 from novacron.agent.migration.nbdwire import MAX_PAYLOAD
 from novacron.agent.migration.status import MigrationStatus
 from novacron.agent.vm.disks import DiskError, qemu_img
+from novacron.agent.vm.expanded import Expanded
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -86,6 +90,7 @@ class ClusterIndex:
     keys: np.ndarray  # uint64, sorted, unique
     offsets: np.ndarray  # int64, the file offset of keys[i]'s cluster
     truncated: bool = False  # the image had more than MAX_CLUSTERS non-zero clusters
+    unmapped: int = 0  # guest bytes of data with no file offset (compressed or encrypted clusters)
 
     @property
     def index_bytes(self) -> int:
@@ -105,8 +110,12 @@ def _hash_extents(fd: int, extents: list[dict[str, Any]], budget_s: float = INDE
     keys: list[int] = []
     offs: list[int] = []
     truncated = False
+    unmapped = 0
     for e in extents:
-        if not (e.get("data") and isinstance(e.get("offset"), int) and e.get("depth", 0) == 0):
+        if not (e.get("data") and e.get("depth", 0) == 0):
+            continue
+        if not isinstance(e.get("offset"), int):
+            unmapped += int(e.get("length", 0))
             continue
         start, length, off0 = int(e["start"]), int(e["length"]), int(e["offset"])
         g = -(-start // CLUSTER) * CLUSTER  # first aligned guest offset in the extent
@@ -133,7 +142,7 @@ def _hash_extents(fd: int, extents: list[dict[str, Any]], budget_s: float = INDE
     k = np.array(keys, dtype=np.uint64)
     o = np.array(offs, dtype=np.int64)
     k, first = np.unique(k, return_index=True)  # sorted; one offset per key will do
-    return ClusterIndex(k, o[first], truncated)
+    return ClusterIndex(k, o[first], truncated, unmapped)
 
 
 _cache: OrderedDict[tuple[int, int, int, int, str], ClusterIndex] = OrderedDict()
@@ -150,7 +159,7 @@ async def index_image(fd: int, fmt: str, budget_s: float = INDEX_BUDGET_S) -> Cl
         return _cache[key]
     t0 = time.monotonic()
     # guest offsets -> file offsets: a qcow2's data clusters are where its map says
-    # (a compressed or encrypted cluster has no offset there: it is not indexed)
+    # (a compressed or encrypted cluster has no offset there: see _index_template)
     try:
         out = await asyncio.wait_for(qemu_img("map", "--output=json", "-U", "-f", fmt, f"/proc/self/fd/{fd}",
                                               pass_fds=(fd,)), budget_s)
@@ -179,6 +188,50 @@ async def index_image(fd: int, fmt: str, budget_s: float = INDEX_BUDGET_S) -> Cl
 class TemplateHolder(Protocol):
     def disk_template(self, index: int) -> tuple[int, str] | None: ...
 
+    def disk_expanded(self) -> Expanded | None: ...
+
+
+async def _index_template(fd: int, fmt: str, budget_s: float, expanded: Expanded | None,
+                          stats: dict[str, Any]) -> tuple[int, ClusterIndex]:
+    """The index of the image open on ``fd``, and the descriptor its offsets are of: the
+    image's own, or (the image's then closed) its uncompressed copy where its clusters
+    are compressed (vm/expanded.py), once that copy exists or is made within half the
+    budget. Without one, its compressed clusters are not indexed: they are sent. Takes
+    ``fd`` over: closed here on failure."""
+    t0 = time.monotonic()
+    held = fd
+    try:
+        st = os.fstat(fd)
+        if expanded is not None and (copy := expanded.open(st)) is not None:
+            os.close(fd)
+            held = copy
+            stats["expanded_copies_used"] = stats.get("expanded_copies_used", 0) + 1
+            return copy, await index_image(copy, "raw", budget_s)
+        index = await index_image(fd, fmt, budget_s)
+        if not index.unmapped or expanded is None:
+            return fd, index
+        making = expanded.start(fd, fmt, st, index.unmapped + len(index.keys) * CLUSTER)
+        left = budget_s - (time.monotonic() - t0)
+        if making is None or left < 2:
+            return fd, index
+        stats["expanded_copies_awaited"] = stats.get("expanded_copies_awaited", 0) + 1
+        # with half of what is left (the copy is hashed after it); a cancel here leaves
+        # it running for the next migration
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(making), left / 2)
+        copy = expanded.open(st) if making.done() and not making.cancelled() and making.result() else None
+        if copy is None:
+            log.info("compressed disk image not expanded in time; its compressed clusters are sent this time",
+                     extra={"unmapped_bytes": index.unmapped})
+            return fd, index
+        os.close(fd)
+        held = copy
+        stats["expanded_copies_used"] = stats.get("expanded_copies_used", 0) + 1
+        return copy, await index_image(copy, "raw", budget_s - (time.monotonic() - t0))
+    except BaseException:
+        os.close(held)
+        raise
+
 
 async def announce(ch: Channel, status: MigrationStatus, dest: TemplateHolder,
                    disks: list[int]) -> dict[int, FrameDecoder]:
@@ -202,15 +255,11 @@ async def announce(ch: Channel, status: MigrationStatus, dest: TemplateHolder,
                 continue
             fd, fmt = template
             try:
-                index = await index_image(fd, fmt, left)
-            except (OSError, ValueError, DiskError) as exc:
-                os.close(fd)
+                fd, index = await _index_template(fd, fmt, left, dest.disk_expanded(), stats)
+            except (OSError, ValueError, DiskError) as exc:  # (fd closed there)
                 log.warning("disk image not indexed; its clusters are sent",
                             extra={"migration": status.id, "disk": i, "error": str(exc)})
                 continue
-            except BaseException:
-                os.close(fd)
-                raise
             if not len(index.keys):  # nothing to name: the disk's stream stays plain
                 os.close(fd)
                 continue

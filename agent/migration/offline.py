@@ -29,6 +29,7 @@ from novacron.agent.channel.records import CTRL, DATA, Channel, ChannelClosed, P
 from novacron.agent.migration import diskdedup, protocol
 from novacron.agent.migration.diskrelay import DestDiskRelay, SourceDiskRelay
 from novacron.agent.migration.status import MigrationStatus
+from novacron.agent.vm.expanded import Expanded
 
 log = logging.getLogger("novacron.agent.migration")
 
@@ -70,6 +71,10 @@ class OfflineDest(Protocol):
 
     def disk_template(self, index: int) -> tuple[int, str] | None:
         """As ``MirrorDest.disk_template``."""
+        ...
+
+    def disk_expanded(self) -> Expanded | None:
+        """As ``MirrorDest.disk_expanded``."""
         ...
 
     async def stop_disk_export(self) -> None:

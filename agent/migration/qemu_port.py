@@ -35,6 +35,7 @@ from novacron.agent.safefs import create_new
 from novacron.agent.vm.accel import AccelUnavailable
 from novacron.agent.vm.disks import node
 from novacron.agent.vm.errors import VMConflict, VMError
+from novacron.agent.vm.expanded import Expanded
 from novacron.agent.vm.machine import VM
 from novacron.agent.vm.manager import VMManager
 from novacron.agent.vm.qemu_args import VMPaths
@@ -468,6 +469,9 @@ class QemuDest:
     def disk_template(self, index: int) -> tuple[int, str] | None:
         return self.vms.disks.open_template(self.vm.spec, index)
 
+    def disk_expanded(self) -> Expanded | None:
+        return self.vms.disks.expanded
+
     async def stop_disk_export(self) -> None:
         await _qmp(self.vm).execute("nbd-server-stop", timeout=30)  # drops its exports and clients
         with contextlib.suppress(FileNotFoundError):
@@ -675,6 +679,9 @@ class QemuOfflineDest:
 
     def disk_template(self, index: int) -> tuple[int, str] | None:
         return self.vms.disks.open_template(self.vm.spec, index)
+
+    def disk_expanded(self) -> Expanded | None:
+        return self.vms.disks.expanded
 
     async def export_disks(self) -> str:
         folder = self.vm.paths.dir

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from novacron.agent.vm.expanded import Expanded
 
 
 class SourceVM(Protocol):
@@ -137,6 +140,10 @@ class MirrorDest(Protocol):
     def disk_template(self, index: int) -> tuple[int, str] | None:
         """A read-only descriptor (the caller closes it) of the image here that local disk
         ``index`` was copied from, and its format; None if there is none."""
+        ...
+
+    def disk_expanded(self) -> Expanded | None:
+        """Where compressed images get their uncompressed copies (vm/expanded.py); None: nowhere."""
         ...
 
 

@@ -38,10 +38,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from novacron.agent.safefs import UnsafeFile, open_regular
 from novacron.agent.vm.images import ImageDirs, refuse_external_qcow2
 from novacron.agent.vm.spec import Disk, SpecError, VMSpec
+
+if TYPE_CHECKING:  # (it runs qemu-img from here)
+    from novacron.agent.vm.expanded import Expanded
 
 log = logging.getLogger("novacron.agent.vm")
 
@@ -157,8 +161,9 @@ def content_digest(fd: int) -> str:
 class DiskStore:
     """Creates, opens and describes the disks of VMs; images come from ``images``."""
 
-    def __init__(self, images: ImageDirs) -> None:
+    def __init__(self, images: ImageDirs, expanded: Expanded | None = None) -> None:
         self.images = images
+        self.expanded = expanded  # uncompressed copies of compressed images, for migrations' indexes
 
     # ----- checks ----------------------------------------------------------
     def check(self, spec: VMSpec, *, creating: bool) -> None:

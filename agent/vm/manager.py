@@ -15,6 +15,7 @@ from novacron.agent.vm.accel import AccelDetector, AccelUnavailable
 from novacron.agent.vm.cpumodels import CpuCatalog
 from novacron.agent.vm.disks import DiskStore
 from novacron.agent.vm.errors import VMConflict, VMError, VMNotFound
+from novacron.agent.vm.expanded import Expanded
 from novacron.agent.vm.images import ImageDirs
 from novacron.agent.vm.machine import CRASHED, LIVE, STOPPED, VM, load_meta
 from novacron.agent.vm.network import HostNetworks
@@ -45,7 +46,7 @@ class VMManager:
         self.images = images or ImageDirs.of([state_dir / "images"])
         self.networks = networks or HostNetworks()
         self.cpus = cpus or CpuCatalog(qemu)  # the CPU models QEMU can run here
-        self.disks = DiskStore(self.images)
+        self.disks = DiskStore(self.images, Expanded(state_dir / "disk-index"))
         self.vms: dict[str, VM] = {}
         self._lock = asyncio.Lock()  # guards the name table (create/delete)
         self.resume_fence: ResumeFence | None = None  # set when migrations are attached

@@ -19,6 +19,7 @@ from novacron.agent.channel.records import ProtocolError
 from novacron.agent.migration import diskdedup as dd
 from novacron.agent.migration import nbdwire as nw
 from novacron.agent.migration.nbdwire import NbdTracker
+from novacron.agent.vm.expanded import Expanded
 from tests.disks.test_nbdwire import greeting, opt_reply, option
 
 C = dd.CLUSTER
@@ -353,3 +354,66 @@ def test_offline_relay_failing_drops_framed_connections() -> None:
     src.trackers[0].client_bytes(write_req(1, 0, b"x" * 10))
     src.peer_eof(0)  # the destination's export hung up
     assert src.failing and w.closed and w.out == b"" and "closed its NBD export" in (src.error or "")
+
+
+def compressible_cluster() -> bytes:
+    """64 KiB that zlib shrinks (so qemu-img -c stores it compressed), unlike any other."""
+    return os.urandom(C // 8) + bytes(C - C // 8 - 16) + os.urandom(16)
+
+
+def test_a_compressed_image_is_indexed_through_its_uncompressed_copy(tmp_path: Path) -> None:
+    """A compressed qcow2 cluster has no file offset (qemu-img map): without a copy
+    nothing of such an image is named; with one (vm/expanded.py), every non-zero
+    cluster is, read back from the copy, and the next migration finds the copy made."""
+    clusters: list[bytes | None] = [compressible_cluster() for _ in range(40)] + [None] * 8 + [os.urandom(C)]
+    raw = image(tmp_path, clusters)
+    tpl = tmp_path / "tpl.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(tpl)], check=True)
+    mapped = subprocess.run(["qemu-img", "map", "--output=json", str(tpl)], capture_output=True, text=True,
+                            check=True).stdout
+    assert '"offset"' in mapped and mapped.count('"data": true') >= 2  # some compressed, the random one not
+
+    async def index(expanded: Expanded | None) -> tuple[int, dd.ClusterIndex, dict[str, int]]:
+        stats: dict[str, int] = {}
+        fd, ix = await dd._index_template(os.open(tpl, os.O_RDONLY), "qcow2", 20.0, expanded, stats)
+        return fd, ix, stats
+
+    fd, plain, _ = asyncio.run(index(None))
+    os.close(fd)
+    assert len(plain.keys) == 1 and plain.unmapped >= 40 * C  # only the stored (random) cluster
+
+    expanded = Expanded(tmp_path / "disk-index", keep=2)
+    fd, ix, stats = asyncio.run(index(expanded))
+    try:
+        assert stats == {"expanded_copies_awaited": 1, "expanded_copies_used": 1} and expanded.made == 1
+        assert len(ix.keys) == 41 and not ix.unmapped
+        for c in clusters:
+            if c is not None:  # each named cluster reads back from the copy
+                off = ix.offset_of(blake3.blake3(c).digest())
+                assert off is not None and os.pread(fd, C, off) == c
+    finally:
+        os.close(fd)
+    fd, again, stats = asyncio.run(index(expanded))
+    os.close(fd)
+    assert stats == {"expanded_copies_used": 1} and expanded.made == 1 and again is ix  # made once, index kept
+
+    # a changed image is a new copy; beyond ``keep`` the least recently used goes
+    for n in range(2):
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {0x30 + n} 0 64k", str(tpl)], check=True,
+                       capture_output=True)
+        fd, ix, stats = asyncio.run(index(expanded))
+        os.close(fd)
+        assert stats["expanded_copies_used"] == 1 and len(ix.keys) == 41, stats
+    assert expanded.made == 3 and expanded.as_dict()["copies"] == 2 and expanded.as_dict()["making"] == 0
+
+
+def test_no_copy_where_it_would_not_fit(tmp_path: Path) -> None:
+    raw = image(tmp_path, [compressible_cluster() for _ in range(8)])
+    tpl = tmp_path / "tpl.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(tpl)], check=True)
+    expanded = Expanded(tmp_path / "disk-index", max_bytes=4 * C)  # the image holds 8 clusters
+    stats: dict[str, int] = {}
+    fd, ix = asyncio.run(dd._index_template(os.open(tpl, os.O_RDONLY), "qcow2", 20.0, expanded, stats))
+    os.close(fd)
+    assert len(ix.keys) == 0 and ix.unmapped == 8 * C and stats == {} and expanded.made == 0
+    assert not (tmp_path / "disk-index").exists()

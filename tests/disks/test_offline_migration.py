@@ -280,6 +280,41 @@ async def test_copy_of_an_image_both_hosts_hold_moves_offline_by_digest(images: 
         before.unlink()
 
 
+async def test_copy_of_a_compressed_image_moves_offline_by_digest(images: Path) -> None:
+    """Cloud images ship as compressed qcow2, whose clusters have no file offset to index
+    or read back: the target makes an uncompressed copy of its image once
+    (vm/expanded.py) and names every cluster of the disk from it."""
+    tpl = images / "ocmp.qcow2"
+    raw = images / "ocmp.raw"
+    with raw.open("wb") as f:  # 256 clusters zlib shrinks, no two alike, no 4 KiB of zeroes
+        for _ in range(256):
+            f.write(os.urandom(8192) + b"novacron" * ((65536 - 8192) // 8))
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(tpl)], check=True)
+    raw.unlink()
+    assert '"offset"' not in subprocess.run(["qemu-img", "map", "--output=json", str(tpl)], capture_output=True,
+                                            text=True, check=True).stdout  # all compressed
+    doc = {**spec(images, ref=False, seed=tpl.name), "start": False}
+    async with agent("oxa", images) as a, agent("oxb", images) as b:
+        await Api(a).ok("POST", "/v1/vms", doc, want=201)
+        before = images / "ocmp-before.qcow2"
+        shutil.copyfile(disk_of(a), before)
+        mig = await Api(a).migrate(VM, b, offline=True)
+        st = await Api(a).wait_migration(mig["id"], timeout=120)
+        assert st["phase"] == "completed", st["error"]
+        m = st["metrics"]
+        print(f"offline copy of a compressed image: {m['disk_bytes']} B sent ({m['disk_dedup']})")
+        assert m["disk_dedup"].get("clusters_named") == 256, m["disk_dedup"]
+        assert m["disk_bytes"] < 1 << 20, m["disk_bytes"]  # of 16 MiB
+        theirs = next(x for x in (await Api(b).ok("GET", "/v1/migrations"))["migrations"] if x["id"] == mig["id"])
+        assert theirs["metrics"]["disk_dedup"]["expanded_copies_used"] == 1, theirs["metrics"]["disk_dedup"]
+        assert (await Api(b).ok("GET", "/v1/host"))["disk_index_copies"]["copies"] == 1
+        copies = list((b.state_dir / "disk-index").glob("*.raw"))
+        assert len(copies) == 1 and copies[0].stat().st_blocks * 512 <= 17 << 20, copies
+        done = same(before, disk_of(b))
+        assert done.returncode == 0 and "identical" in done.stdout, (done.stdout, done.stderr)
+        before.unlink()
+
+
 async def test_clusters_of_an_image_changed_since_it_was_indexed_are_repaired(images: Path) -> None:
     """The target indexed the image on a first copy and keeps that index (by the file's
     inode, size and mtime). The image is then rewritten in place with its mtime put back,
