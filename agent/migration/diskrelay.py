@@ -170,17 +170,21 @@ class SourceDiskRelay(_Streams):
             return
         try:
             while chunk := await reader.read(min(READ_CHUNK, MAX_DATA_CHUNK)):
+                handshake = not tracker.transmission  # (the client waits for GO's answer)
                 received = tracker.client_bytes(chunk)
-                items = tracker.take() if tracker.capture else []
+                self._reply(stream, tracker.take_local())  # an option refused here (nbdwire)
+                items = tracker.take() if tracker.capture or handshake else []
                 if self.failing:
                     self._reply(stream, tracker.local_replies(received))
                     continue
                 try:
                     if tracker.capture:
                         await self._send_framed(stream, items)
-                    else:
-                        self.ch.write_data(stream, chunk)
-                        self._count(len(chunk))
+                    else:  # whole options in the handshake, then the bytes as they come
+                        data = b"".join(i for i in items if isinstance(i, bytes)) if handshake else chunk
+                        if data:
+                            self.ch.write_data(stream, data)
+                            self._count(len(data))
                     await self._drain()
                 except (ChannelClosed, ConnectionError, OSError) as exc:
                     self.error = self.error or f"disk stream {stream}: {exc}"

@@ -13,6 +13,11 @@ unanswered: :class:`NbdTracker` parses both directions (fixed newstyle handshake
 ``NBD_OPT_GO``, compact 28-byte requests, simple and structured replies; what QEMU 7.2
 speaks). Replies reach QEMU only as whole frames, so a channel that dies mid-reply never
 leaves QEMU with half a frame that no local answer could complete.
+
+A client that asks for extended headers (``NBD_OPT_EXTENDED_HEADERS``: QEMU 8.2 and
+later) is answered here that they are unsupported, and the option never reaches the
+server: the client then falls back to compact requests, as with any older server. So
+the relay holds the client's handshake bytes until each option is whole (``take``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ STRUCTURED_REPLY_MAGIC = 0x668E33EF
 OPT_EXPORT_NAME, OPT_GO, OPT_STRUCTURED_REPLY, OPT_EXTENDED_HEADERS = 1, 7, 8, 11
 REP_ACK = 1
 REP_ERROR_BIT = 1 << 31
+REP_ERR_UNSUP = REP_ERROR_BIT | 1
 
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
 CMD_RESIZE = 8
@@ -75,8 +81,11 @@ class NbdTracker:
 
     def __init__(self, *, capture: bool = False) -> None:
         # capture: the client's bytes are kept for :meth:`take` as runs of other bytes and
-        # whole writes (header, payload), for a relay that rewrites writes (diskdedup.py)
+        # whole writes (header, payload), for a relay that rewrites writes (diskdedup.py).
+        # Without it, only the handshake's (see the module notes)
         self.capture = capture
+        self.local = bytearray()  # answers to the client from here (a refused option), in order
+        self._dropping = False  # the data of a refused option is being skipped
         self._out = bytearray()
         self._items: list[bytes | tuple[bytes, bytes]] = []
         self._w_header = b""
@@ -106,10 +115,14 @@ class NbdTracker:
         while view:
             if self._c_skip:
                 n = min(self._c_skip, len(view))
-                if self.capture:
+                if self._dropping:
+                    pass
+                elif self.capture or not self.transmission:
                     (self._w_payload if self._c_writing is not None else self._out).extend(view[:n])
                 self._c_skip -= n
                 view = view[n:]
+                if not self._c_skip:
+                    self._dropping = False
                 if not self._c_skip and self._c_writing is not None:
                     self.requests[self._c_writing].received = True
                     done.append(self._c_writing)
@@ -143,9 +156,12 @@ class NbdTracker:
         raise NbdError(f"client sent magic {magic:#010x}, neither an option nor a request")
 
     def take(self) -> list[bytes | tuple[bytes, bytes]]:
-        """(``capture``) The client's bytes followed since the last call, in order: runs
-        of bytes to pass on as they are, and each write received whole as (its 28-byte
-        header, its payload). A write still arriving is kept for a later call."""
+        """The client's bytes to pass on, followed since the last call, in order: runs of
+        bytes to pass on as they are, and (``capture``) each write received whole as (its
+        28-byte header, its payload). A write still arriving is kept for a later call.
+        Without ``capture``, only the handshake's bytes (whole options, a refused one left
+        out); from the server's NBD_OPT_GO acknowledgement on, the client's bytes go as
+        they come."""
         self._flush_out()
         items, self._items = self._items, []
         return items
@@ -161,9 +177,25 @@ class NbdTracker:
         _, _flags, cmd, _handle, _offset, length = _REQUEST.unpack(buf)
         return cmd == CMD_WRITE and length > 0
 
+    def _refused(self, buf: bytes) -> bool:
+        """``buf`` is an option header the relay answers itself (never the server)."""
+        if self.transmission or not self._c_flags or len(buf) != _OPTION.size:
+            return False
+        magic, option, _length = _OPTION.unpack(buf)
+        return magic == IHAVEOPT and option == OPT_EXTENDED_HEADERS
+
+    def take_local(self) -> bytes:
+        """What to answer the client from here, since the last call (see ``local``)."""
+        out, self.local = bytes(self.local), bytearray()
+        return out
+
     def _client_frame(self) -> int | None:
         buf, self._c = bytes(self._c), bytearray()
-        if self.capture:
+        if self._refused(buf):
+            pass  # neither passed on nor captured
+        elif not self.capture and not self.transmission:
+            self._out += buf
+        elif self.capture:
             if self._is_write_with_payload(buf):
                 self._w_header = buf  # the payload follows; the write is one item
             else:
@@ -179,11 +211,15 @@ class NbdTracker:
                 raise NbdError("client sent an option after the handshake")
             if option == OPT_EXPORT_NAME:
                 raise NbdError("client uses NBD_OPT_EXPORT_NAME; the relay follows NBD_OPT_GO only")
-            if option == OPT_EXTENDED_HEADERS:  # QEMU >= 8.2 asks for them
-                raise NbdError("client asks for NBD extended headers; the relay follows compact "
-                               "requests only (QEMU 7.2's)")
             if length > MAX_OPTION_DATA:
                 raise NbdError(f"client option {option} carries {length} bytes (at most {MAX_OPTION_DATA})")
+            if option == OPT_EXTENDED_HEADERS:  # QEMU >= 8.2 asks; compact requests it gets
+                if self._options:  # a reply from here would overtake the server's
+                    raise NbdError("client asks for NBD extended headers before the server answered "
+                                   f"option {self._options[0]}")
+                self.local += _OPT_REPLY.pack(OPT_REPLY_MAGIC, OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, 0)
+                self._c_skip, self._dropping = length, length > 0
+                return None
             self._options.append(option)
             self._c_skip = length
             return None

@@ -118,7 +118,8 @@ def test_handshake_replies_pass_whole_and_an_option_error_is_no_go() -> None:
 @pytest.mark.parametrize("client, match", [
     (struct.pack(">I", 0) + b"GARBAGE!" + bytes(20), "neither an option nor a request"),
     (struct.pack(">I", 0) + option(nw.OPT_EXPORT_NAME, b"disk0"), "NBD_OPT_GO only"),
-    (struct.pack(">I", 0) + option(nw.OPT_EXTENDED_HEADERS), "extended headers"),
+    (struct.pack(">I", 0) + option(nw.OPT_STRUCTURED_REPLY) + option(nw.OPT_EXTENDED_HEADERS),
+     "extended headers before the server answered option 8"),
     (struct.pack(">I", 0) + struct.pack(">QII", nw.IHAVEOPT, nw.OPT_GO, 1 << 20), "carries"),
     (struct.pack(">I", 0) + request(nw.CMD_FLUSH, 1), "before the server acknowledged"),
 ])
@@ -179,3 +180,36 @@ def test_bad_handshake_from_the_server() -> None:
     t.server_bytes(greeting())
     assert t.server_bytes(opt_reply(nw.OPT_GO, nw.REP_ACK)) == b""
     assert "did not send" in str(t.server_error)
+
+
+@pytest.mark.parametrize("capture", [False, True])
+@pytest.mark.parametrize("step", [1, 7, 1000])
+def test_extended_headers_are_refused_here_and_never_reach_the_server(capture: bool, step: int) -> None:
+    """QEMU >= 8.2 asks for extended headers first; the relay answers NBD_REP_ERR_UNSUP
+    itself (the client then falls back to compact requests, as with an older server) and
+    passes on everything else of the handshake, whole options only, in order."""
+    t = NbdTracker(capture=capture)
+    assert t.server_bytes(greeting()) == greeting()
+    asked = struct.pack(">I", 3) + option(nw.OPT_EXTENDED_HEADERS, b"x" * 5)  # (data: skipped too)
+    passed = bytearray()
+
+    def feed(data: bytes) -> None:
+        for i in range(0, len(data), step):
+            t.client_bytes(data[i:i + step])
+            passed.extend(b"".join(x for x in t.take() if isinstance(x, bytes)))
+
+    feed(asked)
+    assert t.take_local() == opt_reply(nw.OPT_EXTENDED_HEADERS, nw.REP_ERR_UNSUP)
+    assert t.take_local() == b""
+    rest = option(nw.OPT_STRUCTURED_REPLY) + option(nw.OPT_GO, b"\0\0\0\x05disk0\0\0")
+    feed(rest[:16])  # the client waits for each answer; the server's pass through whole
+    assert t.server_bytes(opt_reply(nw.OPT_STRUCTURED_REPLY, nw.REP_ACK)) == opt_reply(nw.OPT_STRUCTURED_REPLY,
+                                                                                        nw.REP_ACK)
+    feed(rest[16:])
+    assert bytes(passed) == struct.pack(">I", 3) + rest  # the refused option is nowhere
+    t.server_bytes(opt_reply(nw.OPT_GO, nw.REP_ACK))
+    assert t.transmission and t.structured
+    # then compact requests, followed as ever
+    assert t.client_bytes(request(nw.CMD_FLUSH, 9)) == [9]
+    assert t.take() == ([request(nw.CMD_FLUSH, 9)] if capture else [])  # (plain: passed on as they come)
+    assert t.server_bytes(simple(9)) == simple(9) and t.take_local() == b""
