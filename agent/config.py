@@ -76,6 +76,9 @@ class AgentConfig:
     audit_file: Path | None = setting(None, help="append-only audit log (empty: <state_dir>/audit.log;"
                                       " a tmpfs state_dir loses it at reboot)")
     audit_fsync: bool = setting(False, help="fsync each audit line before replying (survives power loss)")
+    disk_index_dir: Path | None = setting(
+        None, help="uncompressed copies of compressed store images, for migrations' disk cluster indexes "
+        "(empty: <state_dir>/disk-index; none are made on tmpfs or hugetlbfs)")
     http: HttpLimits = field(default_factory=HttpLimits)  # [http]: deadlines and connection cap
     qemu_user: str = setting("", help='the unprivileged user QEMU runs as when the agent is root '
                              '(empty: novacron-qemu if that user exists; "root": no drop, not recommended)')

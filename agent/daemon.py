@@ -186,7 +186,7 @@ async def serve(cfg: AgentConfig) -> None:
             log.warning("bridges named in [networks] do not exist", extra={"bridges": networks.missing_bridges()})
         cpus = CpuCatalog(cfg.qemu_binary, list(cfg.cpu_models), host=host_name(cfg.name))
         vms = VMManager(cfg.state_dir, accel, qemu=cfg.qemu_binary, images=make_images(cfg),
-                        networks=networks, cpus=cpus)
+                        networks=networks, cpus=cpus, disk_index_dir=cfg.disk_index_dir)
         cleanup.push_async_callback(vms.shutdown, stop_vms=cfg.vms_on_exit == "stop")
         await vms.load()
         # warm the answers for /v1/host: the accelerator, then the CPU models it runs

@@ -91,6 +91,7 @@ class ClusterIndex:
     offsets: np.ndarray  # int64, the file offset of keys[i]'s cluster
     truncated: bool = False  # the image had more than MAX_CLUSTERS non-zero clusters
     unmapped: int = 0  # guest bytes of data with no file offset (compressed or encrypted clusters)
+    data_bytes: int = 0  # guest bytes of data in all (qemu-img map)
 
     @property
     def index_bytes(self) -> int:
@@ -110,10 +111,11 @@ def _hash_extents(fd: int, extents: list[dict[str, Any]], budget_s: float = INDE
     keys: list[int] = []
     offs: list[int] = []
     truncated = False
-    unmapped = 0
+    unmapped = data_bytes = 0
     for e in extents:
         if not (e.get("data") and e.get("depth", 0) == 0):
             continue
+        data_bytes += int(e.get("length", 0))
         if not isinstance(e.get("offset"), int):
             unmapped += int(e.get("length", 0))
             continue
@@ -142,7 +144,7 @@ def _hash_extents(fd: int, extents: list[dict[str, Any]], budget_s: float = INDE
     k = np.array(keys, dtype=np.uint64)
     o = np.array(offs, dtype=np.int64)
     k, first = np.unique(k, return_index=True)  # sorted; one offset per key will do
-    return ClusterIndex(k, o[first], truncated, unmapped)
+    return ClusterIndex(k, o[first], truncated, unmapped, data_bytes)
 
 
 _cache: OrderedDict[tuple[int, int, int, int, str], ClusterIndex] = OrderedDict()
@@ -210,7 +212,7 @@ async def _index_template(fd: int, fmt: str, budget_s: float, expanded: Expanded
         index = await index_image(fd, fmt, budget_s)
         if not index.unmapped or expanded is None:
             return fd, index
-        making = expanded.start(fd, fmt, st, index.unmapped + len(index.keys) * CLUSTER)
+        making = expanded.start(fd, fmt, st, index.data_bytes)
         left = budget_s - (time.monotonic() - t0)
         if making is None or left < 2:
             return fd, index
@@ -219,7 +221,8 @@ async def _index_template(fd: int, fmt: str, budget_s: float, expanded: Expanded
         # it running for the next migration
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(making), left / 2)
-        copy = expanded.open(st) if making.done() and not making.cancelled() and making.result() else None
+        made = making.done() and not making.cancelled() and making.exception() is None and making.result()
+        copy = expanded.open(st) if made else None
         if copy is None:
             log.info("compressed disk image not expanded in time; its compressed clusters are sent this time",
                      extra={"unmapped_bytes": index.unmapped})

@@ -112,7 +112,8 @@ def supports_direct(fd: int) -> bool:
     return True
 
 
-async def qemu_img(*args: str, pass_fds: tuple[int, ...] = (), cwd: Path | None = None) -> str:
+async def qemu_img(*args: str, pass_fds: tuple[int, ...] = (), cwd: Path | None = None,
+                   timeout_s: float = QEMU_IMG_TIMEOUT_S) -> str:
     """Run qemu-img (never through a shell); DiskError with its last line on failure."""
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -121,7 +122,7 @@ async def qemu_img(*args: str, pass_fds: tuple[int, ...] = (), cwd: Path | None 
     except FileNotFoundError:
         raise DiskError(f"{QEMU_IMG} not found (install qemu-utils)") from None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), QEMU_IMG_TIMEOUT_S)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

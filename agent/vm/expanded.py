@@ -7,13 +7,16 @@ reads the named ones back by offset. A compressed qcow2 cluster (how distributio
 cloud images ship) has no such offset, so an image made of them would name nothing.
 
 For those, the agent keeps a sparse raw copy of the image's guest-visible data in
-``<state_dir>/disk-index/``: made once by ``qemu-img convert`` (in the background,
-so a migration waits for it only while its index budget allows and the next one
-finds it ready), named by the image's device, inode, size and mtime, so a changed
-image gets a new copy (and a stale one costs misses, repaired by the digest check,
-never wrong data). Bounds: at most ``KEEP`` copies and ``MAX_BYTES`` of allocated
-space, least recently used dropped first, and never past ``RESERVE`` of the file
-system's free space.
+``disk_index_dir`` (default ``<state_dir>/disk-index``): made once by ``qemu-img
+convert`` in the background, so a migration waits for it only while its index
+budget allows and the next one finds it ready; named by the image's device, inode,
+size and mtime, so a changed image gets a new copy (and a stale one costs misses,
+repaired by the digest check, never wrong data). Bounds: one copy made at a time;
+at most ``KEEP`` copies and ``MAX_BYTES`` of them (the one being made counted), least
+recently used dropped first, never past ``RESERVE`` of the file system's free space,
+and never on a memory-backed file system (a tmpfs ``state_dir`` holds guest RAM:
+copies there would take the host's memory). A copy that failed is not tried again
+for ``RETRY_S``.
 """
 
 from __future__ import annotations
@@ -27,19 +30,24 @@ from pathlib import Path
 from typing import Any
 
 from novacron.agent.vm.disks import DiskError, qemu_img
+from novacron.agent.vm.ramfile import MEMORY_FILESYSTEMS, filesystem_type
 
 log = logging.getLogger("novacron.agent.disks")
 
 KEEP = 4  # copies kept
 MAX_BYTES = 64 << 30  # allocated bytes of all copies
 RESERVE = 0.10  # of the file system, left free
+RETRY_S = 3600.0  # after a failed copy of an image
+MIN_RATE = 50e6  # bytes/s a copy is given at least (qemu-img's time limit)
 _SUFFIX = ".raw"
 
 
 class Expanded:
     def __init__(self, folder: Path, keep: int = KEEP, max_bytes: int = MAX_BYTES) -> None:
         self.folder, self.keep, self.max_bytes = folder, keep, max_bytes
-        self._making: dict[str, asyncio.Task[bool]] = {}
+        self._making: tuple[str, int, asyncio.Task[bool]] | None = None  # (name, bytes, task)
+        self._failed: dict[str, float] = {}  # name -> when
+        self._warned = ""
         self.made = 0  # copies finished by this agent (for tests and the status)
 
     @staticmethod
@@ -48,37 +56,49 @@ class Expanded:
 
     def open(self, st: os.stat_result) -> int | None:
         """A read-only descriptor of the finished copy of the image ``st`` describes, or None."""
-        path = self.folder / self.name_of(st)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = os.open(self.folder / self.name_of(st), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        # last use, for the eviction order (the access time: the mtime keys its index)
-        with contextlib.suppress(OSError):
-            os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))
+        _used(fd)
         return fd
 
-    def making(self, st: os.stat_result) -> asyncio.Task[bool] | None:
-        return self._making.get(self.name_of(st))
-
-    def start(self, fd: int, fmt: str, st: os.stat_result, data_bytes: int) -> asyncio.Task[bool] | None:
+    def start(self, fd: int, fmt: str, st: os.stat_result, data_bytes: int) -> asyncio.Future[bool] | None:
         """Begin (or join) the copy of the image open on ``fd`` (not closed here: the copy
-        keeps its own descriptor); its task says whether it finished. None where it
-        would not fit the bounds."""
+        keeps its own descriptor), ``data_bytes`` of guest data; the future says whether
+        it finished. None where it may not be made now (see the module notes)."""
         name = self.name_of(st)
-        if (task := self._making.get(name)) is not None:
-            return task
-        if why := self._no_room(data_bytes):
-            log.warning("compressed disk image not expanded for indexing; its compressed clusters are sent",
-                        extra={"reason": why})
+        if self._making is not None and self._making[0] == name:
+            return self._making[2]
+        if (self.folder / name).exists():  # made meanwhile (by a copy another migration started)
+            done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            done.set_result(True)
+            return done
+        why = ""
+        if self._making is not None:
+            why = "another image's copy is being made"
+        elif time.monotonic() - self._failed.get(name, -RETRY_S) < RETRY_S:
+            why = "its copy failed within the last hour"
+        else:
+            why = self._no_room(data_bytes)
+        if why:
+            if why != self._warned:  # once per reason, not once per migration
+                log.warning("compressed disk image not expanded for indexing; its compressed clusters are sent",
+                            extra={"reason": why})
+                self._warned = why
             return None
         own = os.dup(fd)
-        task = asyncio.ensure_future(self._make(own, fmt, name))
-        self._making[name] = task
-        task.add_done_callback(lambda _t: self._making.pop(name, None))
+        task = asyncio.ensure_future(self._make(own, fmt, name, data_bytes))
+        self._making = (name, data_bytes, task)
+        task.add_done_callback(self._made)
         return task
 
-    async def _make(self, fd: int, fmt: str, name: str) -> bool:
+    def _made(self, task: asyncio.Task[bool]) -> None:
+        self._making = None
+        if not task.cancelled() and (exc := task.exception()) is not None:  # (retrieved: logged here)
+            log.error("disk image copy failed", extra={"error": repr(exc)})
+
+    async def _make(self, fd: int, fmt: str, name: str, data_bytes: int) -> bool:
         part = self.folder / f".{name}.part"
         t0 = time.monotonic()
         try:
@@ -87,9 +107,12 @@ class Expanded:
                 part.unlink()  # an earlier agent's, cut short
             # -S: runs of zeroes stay holes; -U: the image may be open elsewhere (read-only)
             await qemu_img("convert", "-U", "-f", fmt, "-O", "raw", "-S", "64k",
-                           f"/proc/self/fd/{fd}", str(part), pass_fds=(fd,))
+                           f"/proc/self/fd/{fd}", str(part), pass_fds=(fd,),
+                           timeout_s=max(600.0, data_bytes / MIN_RATE))
             os.rename(part, self.folder / name)
-        except (OSError, DiskError) as exc:
+            self._evict(keep=name)
+        except (OSError, DiskError) as exc:  # (a timeout too)
+            self._failed[name] = time.monotonic()
             log.warning("compressed disk image not expanded for indexing; its compressed clusters are sent",
                         extra={"error": str(exc)})
             with contextlib.suppress(OSError):
@@ -104,13 +127,12 @@ class Expanded:
         self.made += 1
         log.info("compressed disk image expanded for indexing",
                  extra={"copy": name, "seconds": round(time.monotonic() - t0, 2)})
-        self._evict()
         return True
 
     def _copies(self) -> list[tuple[float, int, Path]]:
         """(last use, allocated bytes, path) of the finished copies, least recent first."""
         out = []
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             for entry in os.scandir(self.folder):
                 if entry.name.endswith(_SUFFIX) and not entry.name.startswith("."):
                     with contextlib.suppress(OSError):
@@ -119,35 +141,47 @@ class Expanded:
         return sorted(out)
 
     def _no_room(self, need: int) -> str:
-        """Empty when a copy of ``need`` allocated bytes fits (dropping old copies), else why not."""
+        """Empty when a copy of ``need`` allocated bytes fits once old copies are dropped
+        (they are then), else why not (and nothing is dropped)."""
         if need > self.max_bytes:
             return f"the image holds {need} bytes of data, more than the {self.max_bytes} kept for copies"
-        with contextlib.suppress(FileNotFoundError):  # copies cut short by an earlier agent
+        at = self.folder
+        while not at.exists() and at != at.parent:
+            at = at.parent
+        if (kind := filesystem_type(at)) in MEMORY_FILESYSTEMS:
+            return (f"{self.folder} is on {kind}: a copy would take the host's memory "
+                    "(set disk_index_dir to a folder on disk)")
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # copies cut short by an earlier agent
             for entry in os.scandir(self.folder):
-                if entry.name.startswith(".") and entry.name.endswith(".part") \
-                        and entry.name[1:-5] not in self._making:
+                if entry.name.startswith(".") and entry.name.endswith(".part"):
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
         copies = self._copies()
+        drop: list[tuple[float, int, Path]] = []
         held = sum(b for _, b, _ in copies)
         while copies and (len(copies) >= self.keep or held + need > self.max_bytes):
-            _, b, path = copies.pop(0)
-            with contextlib.suppress(OSError):
-                path.unlink()
-                held -= b
+            drop.append(copies.pop(0))
+            held -= drop[-1][1]
         try:
-            fs = os.statvfs(self.folder if self.folder.exists() else self.folder.parent)
+            fs = os.statvfs(at)
         except OSError as exc:
             return f"cannot tell the free space: {exc}"
         free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
-        if free - need < RESERVE * total:
+        if free + sum(b for _, b, _ in drop) - need < RESERVE * total:
             return f"{need} bytes would leave less than {RESERVE:.0%} of the file system free"
+        for _, _, path in drop:
+            with contextlib.suppress(OSError):
+                path.unlink()  # (one a migration still reads frees its space when it closes it)
         return ""
 
-    def _evict(self) -> None:
-        copies = self._copies()
+    def _evict(self, keep: str) -> None:
+        copies = [c for c in self._copies() if c[2].name != keep]  # never the copy just made
         held = sum(b for _, b, _ in copies)
-        while len(copies) > self.keep or (copies and held > self.max_bytes):
+        with contextlib.suppress(OSError):
+            path = self.folder / keep
+            _used(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), close=True)
+            held += path.stat().st_blocks * 512
+        while copies and (len(copies) + 1 > self.keep or held > self.max_bytes):
             _, b, path = copies.pop(0)
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -155,4 +189,15 @@ class Expanded:
 
     def as_dict(self) -> dict[str, Any]:
         copies = self._copies()
-        return {"copies": len(copies), "bytes": sum(b for _, b, _ in copies), "making": len(self._making)}
+        return {"folder": str(self.folder), "copies": len(copies), "bytes": sum(b for _, b, _ in copies),
+                "making": self._making[0] if self._making else None}
+
+
+def _used(fd: int, close: bool = False) -> None:
+    """Mark a copy used now (its access time orders eviction; its mtime keys its index)."""
+    try:
+        with contextlib.suppress(OSError):
+            os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))
+    finally:
+        if close:
+            os.close(fd)

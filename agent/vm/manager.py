@@ -38,7 +38,7 @@ class ResumeFence(Protocol):
 class VMManager:
     def __init__(self, state_dir: Path, accel: AccelDetector, qemu: str = QEMU_BINARY,
                  images: ImageDirs | None = None, networks: HostNetworks | None = None,
-                 cpus: CpuCatalog | None = None) -> None:
+                 cpus: CpuCatalog | None = None, disk_index_dir: Path | None = None) -> None:
         self.state_dir = state_dir
         self.vms_dir = state_dir / "vms"
         self.accel = accel
@@ -46,7 +46,7 @@ class VMManager:
         self.images = images or ImageDirs.of([state_dir / "images"])
         self.networks = networks or HostNetworks()
         self.cpus = cpus or CpuCatalog(qemu)  # the CPU models QEMU can run here
-        self.disks = DiskStore(self.images, Expanded(state_dir / "disk-index"))
+        self.disks = DiskStore(self.images, Expanded(disk_index_dir or state_dir / "disk-index"))
         self.vms: dict[str, VM] = {}
         self._lock = asyncio.Lock()  # guards the name table (create/delete)
         self.resume_fence: ResumeFence | None = None  # set when migrations are attached

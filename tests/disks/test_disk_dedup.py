@@ -395,6 +395,7 @@ def test_a_compressed_image_is_indexed_through_its_uncompressed_copy(tmp_path: P
         os.close(fd)
     fd, again, stats = asyncio.run(index(expanded))
     os.close(fd)
+    first = os.stat(tpl)
     assert stats == {"expanded_copies_used": 1} and expanded.made == 1 and again is ix  # made once, index kept
 
     # a changed image is a new copy; beyond ``keep`` the least recently used goes
@@ -404,7 +405,9 @@ def test_a_compressed_image_is_indexed_through_its_uncompressed_copy(tmp_path: P
         fd, ix, stats = asyncio.run(index(expanded))
         os.close(fd)
         assert stats["expanded_copies_used"] == 1 and len(ix.keys) == 41, stats
-    assert expanded.made == 3 and expanded.as_dict()["copies"] == 2 and expanded.as_dict()["making"] == 0
+    assert expanded.made == 3 and expanded.as_dict()["copies"] == 2 and expanded.as_dict()["making"] is None
+    assert expanded.open(os.stat(tpl)) is not None  # the newest kept, the oldest dropped
+    assert not (tmp_path / "disk-index" / Expanded.name_of(first)).exists()
 
 
 def test_no_copy_where_it_would_not_fit(tmp_path: Path) -> None:
@@ -417,3 +420,41 @@ def test_no_copy_where_it_would_not_fit(tmp_path: Path) -> None:
     os.close(fd)
     assert len(ix.keys) == 0 and ix.unmapped == 8 * C and stats == {} and expanded.made == 0
     assert not (tmp_path / "disk-index").exists()
+
+
+def compressed_image(tmp: Path, name: str, clusters: int = 8) -> Path:
+    raw = tmp / f"{name}.raw"
+    raw.write_bytes(b"".join(compressible_cluster() for _ in range(clusters)))
+    tpl = tmp / f"{name}.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(tpl)], check=True)
+    return tpl
+
+
+def test_one_copy_at_a_time_none_in_memory_and_a_failed_one_not_retried(tmp_path: Path) -> None:
+    a, b = compressed_image(tmp_path, "a"), compressed_image(tmp_path, "b")
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb" + bytes(C))  # a qcow2 header qemu-img cannot read
+
+    async def run() -> None:
+        expanded = Expanded(tmp_path / "disk-index")
+        fa, fb, fbad = (os.open(p, os.O_RDONLY) for p in (a, b, bad))
+        try:
+            making = expanded.start(fa, "qcow2", os.fstat(fa), 8 * C)
+            assert making is not None and expanded.start(fa, "qcow2", os.fstat(fa), 8 * C) is making
+            assert expanded.start(fb, "qcow2", os.fstat(fb), 8 * C) is None  # another is being made
+            assert await making and expanded.made == 1
+            done = expanded.start(fa, "qcow2", os.fstat(fa), 8 * C)  # made already
+            assert done is not None and done.done() and done.result() and expanded.made == 1
+            failing = expanded.start(fbad, "qcow2", os.fstat(fbad), C)
+            assert failing is not None and not await failing
+            assert expanded.start(fbad, "qcow2", os.fstat(fbad), C) is None  # not again within the hour
+            assert not [p for p in (tmp_path / "disk-index").iterdir() if p.name.endswith(".part")]
+            # guest RAM lives on tmpfs: no copy there
+            in_memory = Expanded(Path("/dev/shm") / f"nc-test-index-{os.getpid()}")
+            assert in_memory.start(fb, "qcow2", os.fstat(fb), 8 * C) is None
+            assert not in_memory.folder.exists()
+        finally:
+            for fd in (fa, fb, fbad):
+                os.close(fd)
+
+    asyncio.run(run())

@@ -294,7 +294,10 @@ async def test_copy_of_a_compressed_image_moves_offline_by_digest(images: Path) 
     assert '"offset"' not in subprocess.run(["qemu-img", "map", "--output=json", str(tpl)], capture_output=True,
                                             text=True, check=True).stdout  # all compressed
     doc = {**spec(images, ref=False, seed=tpl.name), "start": False}
-    async with agent("oxa", images) as a, agent("oxb", images) as b:
+    index_dir = images / "oxb-index"  # on disk
+    in_memory = Path("/dev/shm") / f"nc-oxa-index-{os.getpid()}"  # tmpfs, where guest RAM lives
+    async with agent("oxa", images, settings={"disk_index_dir": str(in_memory)}) as a, \
+            agent("oxb", images, settings={"disk_index_dir": str(index_dir)}) as b:
         await Api(a).ok("POST", "/v1/vms", doc, want=201)
         before = images / "ocmp-before.qcow2"
         shutil.copyfile(disk_of(a), before)
@@ -308,9 +311,20 @@ async def test_copy_of_a_compressed_image_moves_offline_by_digest(images: Path) 
         theirs = next(x for x in (await Api(b).ok("GET", "/v1/migrations"))["migrations"] if x["id"] == mig["id"])
         assert theirs["metrics"]["disk_dedup"]["expanded_copies_used"] == 1, theirs["metrics"]["disk_dedup"]
         assert (await Api(b).ok("GET", "/v1/host"))["disk_index_copies"]["copies"] == 1
-        copies = list((b.state_dir / "disk-index").glob("*.raw"))
+        copies = list(index_dir.glob("*.raw"))
         assert len(copies) == 1 and copies[0].stat().st_blocks * 512 <= 17 << 20, copies
         done = same(before, disk_of(b))
+        assert done.returncode == 0 and "identical" in done.stdout, (done.stdout, done.stderr)
+        # and back to oxa, whose disk_index_dir is on tmpfs: no copy there (it would take
+        # the host's memory), so every cluster of the image crosses
+        await Api(a).ok("DELETE", f"/v1/vms/{VM}")
+        mig = await Api(b).migrate(VM, a, offline=True)
+        st = await Api(b).wait_migration(mig["id"], timeout=120)
+        assert st["phase"] == "completed", st["error"]
+        assert st["metrics"]["disk_dedup"] == {} and st["metrics"]["disk_bytes"] >= 16 << 20, st["metrics"]
+        assert (await Api(a).ok("GET", "/v1/host"))["disk_index_copies"]["copies"] == 0
+        assert not in_memory.exists()
+        done = same(before, disk_of(a))
         assert done.returncode == 0 and "identical" in done.stdout, (done.stdout, done.stderr)
         before.unlink()
 
