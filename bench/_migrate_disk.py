@@ -2,7 +2,8 @@
 
 The guest (TCG, 128 MiB) has one local qcow2 data disk of N GiB that starts as a
 copy of N GiB of incompressible data (so every cluster is allocated and must be
-copied), and its disk workload rewrites checksummed 4 KiB blocks over the first
+copied; ``--disk-seed compressed``: a compressed qcow2 image, as distribution cloud
+images ship, of clusters an eighth random, the rest text), and its disk workload rewrites checksummed 4 KiB blocks over the first
 ``--disk-blocks`` blocks at ``--disk-rate-kb`` KiB/s throughout. It migrates once
 per engine, between two hosts on loopback:
 
@@ -71,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KiB/s the guest's disk workload rewrites during the disk case (default 512)")
     parser.add_argument("--disk-blocks", type=int, default=2048,
                         help="4 KiB blocks the disk workload rewrites and verifies (default 2048 = 8 MiB)")
+    parser.add_argument("--disk-seed", choices=("random", "compressed"), default="random",
+                        help="the image the disk is a copy of: random data in a plain qcow2, or a compressed "
+                             "qcow2 of clusters an eighth random, the rest text (as a cloud image ships: the "
+                             "destination indexes it through an uncompressed copy, agent/vm/expanded.py)")
     parser.add_argument("--disk-image", choices=("both", "held", "absent"), default="both",
                         help="whether the destination holds the image the disk was copied from: held (our "
                              "engine names its clusters by digest), absent (every cluster is sent), or both, "
@@ -93,21 +98,27 @@ def run(args: argparse.Namespace) -> Report:
     # the seed image lives on disk: agents refuse image dirs under /dev (so not /dev/shm)
     images = Path(tempfile.mkdtemp(prefix="nc-bench-disk-"))
     try:
-        _seed(images / SEED, size)
+        _seed(images / SEED, size, compressed=getattr(args, "disk_seed", "random") == "compressed")
         rows = asyncio.run(_run_all(args, images, size, wanted))
     finally:
         shutil.rmtree(images, ignore_errors=True)
     return _report(args, size, rows)
 
 
-def _seed(path: Path, size: int) -> None:
-    """A qcow2 image of ``size`` bytes of random data: every cluster allocated, nothing compressible."""
+def _seed(path: Path, size: int, compressed: bool = False) -> None:
+    """A qcow2 image of ``size`` bytes: random data (every cluster allocated, nothing
+    compressible), or (``compressed``) a compressed qcow2 of 64 KiB clusters an eighth
+    random and the rest text, no two alike and no 4 KiB of zeroes."""
     raw = path.with_suffix(".raw")
+    text = b"NovaCron moves running VMs between hosts. " * 1600
     with raw.open("wb") as f:
         for _ in range(size >> 20):
-            f.write(os.urandom(1 << 20))
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True,
-                   timeout=1800)
+            if compressed:
+                f.write(b"".join(os.urandom(8192) + text[:65536 - 8192] for _ in range(16)))
+            else:
+                f.write(os.urandom(1 << 20))
+    subprocess.run(["qemu-img", "convert", *(["-c"] if compressed else []), "-f", "raw", "-O", "qcow2",
+                    str(raw), str(path)], check=True, timeout=1800)
     raw.unlink()
 
 
@@ -184,8 +195,11 @@ async def _ours(args: argparse.Namespace, images: Path, held: bool) -> dict[str,
     # absent: the destination does not list the seed's image dir (its disk is a copy made
     # at the source, so nothing else there needs the image)
     dest_dirs = [cache_root(), images] if held else [cache_root()]
+    # a compressed seed is indexed through an uncompressed copy, made on disk (the agents'
+    # state dirs are on tmpfs, where none is made)
+    index = {"disk_index_dir": str(images / "disk-index-b")}
     async with LocalAgent("bench-da", cluster_secret=secret, accel="tcg", image_dirs=[cache_root(), images]) as a, \
-            LocalAgent("bench-db", cluster_secret=secret, accel="tcg", image_dirs=dest_dirs) as b:
+            LocalAgent("bench-db", cluster_secret=secret, accel="tcg", image_dirs=dest_dirs, settings=index) as b:
         status, doc = await a.request("POST", "/v1/vms", _spec(name, args))
         if status != 201:
             raise RuntimeError(f"cannot create the guest: {doc}")
@@ -207,6 +221,7 @@ async def _ours(args: argparse.Namespace, images: Path, held: bool) -> dict[str,
             _, offset = await _agent_console(landed, name, 0)
             ok, detail = await disk_verdict(lambda off: _agent_console(landed, name, off), offset, boot)
             await watch.beat_after(t0 + total_s)
+            theirs = await _dest_disk_dedup(b, doc["id"])
         finally:
             await watch.stop()
     m = st["metrics"]
@@ -217,8 +232,18 @@ async def _ours(args: argparse.Namespace, images: Path, held: bool) -> dict[str,
             "wire_bytes": m["bytes_wire"] + m.get("disk_bytes", 0), "disk_bytes": m.get("disk_bytes"),
             "disk_ready_s": m.get("disk_ready_s"), "downtime_parts": m.get("downtime_parts"),
             "disk_named_bytes": (m.get("disk_dedup") or {}).get("bytes_named", 0),
+            "dest_disk_dedup": theirs,
             "phase_seconds": m.get("phase_seconds"), "verify": "ok" if ok else "FAILED",
             "verify_detail": detail, "failed": not ok}
+
+
+async def _dest_disk_dedup(b: Any, mid: str) -> dict[str, Any]:
+    """The destination's side of the disk cluster exchange (its index, the copy of a
+    compressed image it used or waited for)."""
+    status, doc = await b.request("GET", "/v1/migrations")
+    if status != 200:
+        return {}
+    return next((dict(x["metrics"].get("disk_dedup") or {}) for x in doc["migrations"] if x["id"] == mid), {})
 
 
 # -- QEMU's own path ------------------------------------------------------------
@@ -382,7 +407,8 @@ def _event_time(event: dict[str, Any]) -> float:
 def _report(args: argparse.Namespace, size: int, rows: list[dict[str, Any]]) -> Report:
     report = Report("migrate")
     table = report.table(
-        f"Live migration with a local qcow2 disk of {size / GIB:g} GiB (all written; the guest rewrites "
+        f"Live migration with a local qcow2 disk of {size / GIB:g} GiB (all written, a copy of a "
+        f"{getattr(args, 'disk_seed', 'random')} image; the guest rewrites "
         f"{args.disk_blocks * 4} KiB at {args.disk_rate_kb} KiB/s), TCG guest, 128 MiB, loopback",
         ["engine", "image at destination", "disk check", "total s", "disk ready s", "pause ms (guest)",
          "engine downtime ms", "wire MB", "disk MB", "named MB", "load", "time vs qemu-nbd", "wire vs qemu-nbd"])
@@ -397,7 +423,7 @@ def _report(args: argparse.Namespace, size: int, rows: list[dict[str, Any]]) -> 
                   (r["disk_bytes"] or 0) / MB, (r.get("disk_named_bytes") or 0) / MB, r["load_1m"],
                   r["time_vs_qemu_nbd"], r["wire_vs_qemu_nbd"])
     report.data = {"disk_bytes": size, "disk_rate_kb": args.disk_rate_kb, "disk_blocks": args.disk_blocks,
-                   "results": rows}
+                   "disk_seed": getattr(args, "disk_seed", "random"), "results": rows}
     report.notes.append(
         "total: wall clock from destination preparation to the guest running there. disk ready: from then "
         "until the mirror had copied the disk once (ours: the engine's disk_ready_s; QEMU: the job 'ready'). pause: the guest's own heartbeat gap; engine "
