@@ -17,7 +17,8 @@ leaves QEMU with half a frame that no local answer could complete.
 A client that asks for extended headers (``NBD_OPT_EXTENDED_HEADERS``: QEMU 8.2 and
 later) is answered here that they are unsupported, and the option never reaches the
 server: the client then falls back to compact requests, as with any older server. So
-the relay holds the client's handshake bytes until each option is whole (``take``).
+the relay holds each option header of the client's handshake until it is whole (its
+data then passes as it comes; ``take``).
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ class NbdTracker:
         """The client's bytes to pass on, followed since the last call, in order: runs of
         bytes to pass on as they are, and (``capture``) each write received whole as (its
         28-byte header, its payload). A write still arriving is kept for a later call.
-        Without ``capture``, only the handshake's bytes (whole options, a refused one left
-        out); from the server's NBD_OPT_GO acknowledgement on, the client's bytes go as
-        they come."""
+        Without ``capture``, only the handshake's bytes (an option's header once whole, a
+        refused option left out); from the server's NBD_OPT_GO acknowledgement on, the
+        client's bytes go as they come."""
         self._flush_out()
         items, self._items = self._items, []
         return items

@@ -340,6 +340,50 @@ def test_relays_repair_each_named_cluster_once_and_forget_answered_writes(tmp_pa
         os.fstat(fd)  # the destination relay closed the image with its decoders
 
 
+@pytest.mark.parametrize("framed", [False, True])
+def test_the_relay_refuses_extended_headers_and_passes_the_rest_of_the_handshake(framed: bool) -> None:
+    """A QEMU >= 8.2 client asks for NBD extended headers first: the source relay's pump
+    answers it NBD_REP_ERR_UNSUP itself (these exact bytes) and sends the destination
+    every other byte of the handshake, in order, however the client's bytes are split."""
+    from novacron.agent.migration.diskrelay import SourceDiskRelay
+    from novacron.agent.migration.status import MigrationStatus
+
+    ch = RecordingChannel()
+    keys = {0: np.array([1], dtype=np.uint64)} if framed else {}
+    src = SourceDiskRelay(ch, MigrationStatus(id="m", vm="v", role="source", peer="b"),  # type: ignore[arg-type]
+                          Path("/nonexistent"), [0], follow_nbd=True, keys=keys)
+    qemu_side = RecordingWriter()
+    src.writers[0] = qemu_side  # type: ignore[assignment]
+    src.trackers[0] = NbdTracker(capture=framed)
+    src.deliver(0, greeting())
+    flags = struct.pack(">I", 3)
+    ext = option(nw.OPT_EXTENDED_HEADERS)
+    rest = option(nw.OPT_STRUCTURED_REPLY) + option(nw.OPT_GO, b"\0\0\0\x05disk0\0\0")
+
+    async def go() -> None:
+        reader = asyncio.StreamReader()
+
+        async def client() -> None:
+            for b in flags + ext + rest:  # a byte at a time: every option straddles reads
+                reader.feed_data(bytes([b]))
+                await asyncio.sleep(0)
+            reader.feed_eof()
+
+        await asyncio.gather(client(), src._pump(0, reader))
+
+    asyncio.run(go())
+    unsup = bytes.fromhex("0003e889045565a9" "0000000b" "80000001" "00000000")  # the spec's option reply
+    assert bytes(qemu_side.out) == greeting() + unsup
+    sent = b"".join(d for s, d in ch.data if s == 0)
+    if framed:  # T_RAW frames around the same bytes
+        dec = dd.FrameDecoder(0, -1, dd.ClusterIndex(np.array([], dtype=np.uint64), np.array([], dtype=np.int64)))
+        got, need = dec.feed(sent)
+        sent = b"".join(got)
+        assert not need
+    assert sent == flags + rest  # the refused option never reaches the destination
+    assert ch.ctrl == [{"op": "disk_eof", "stream": 0}] and src.error is None
+
+
 def test_offline_relay_failing_drops_framed_connections() -> None:
     """Offline (qemu-img, no mirror job to keep alive): failing closes the connection so
     qemu-img fails at once, instead of being answered 'done' for the whole disk."""
