@@ -202,13 +202,18 @@ async def _index_template(fd: int, fmt: str, budget_s: float, expanded: Expanded
     ``fd`` over: closed here on failure."""
     t0 = time.monotonic()
     held = fd
+
+    async def use(copy: int) -> tuple[int, ClusterIndex]:
+        nonlocal held
+        os.close(fd)
+        held = copy
+        stats["expanded_copies_used"] = stats.get("expanded_copies_used", 0) + 1
+        return copy, await index_image(copy, "raw", budget_s - (time.monotonic() - t0))
+
     try:
         st = os.fstat(fd)
         if expanded is not None and (copy := expanded.open(st)) is not None:
-            os.close(fd)
-            held = copy
-            stats["expanded_copies_used"] = stats.get("expanded_copies_used", 0) + 1
-            return copy, await index_image(copy, "raw", budget_s)
+            return await use(copy)
         index = await index_image(fd, fmt, budget_s)
         if not index.unmapped or expanded is None:
             return fd, index
@@ -227,10 +232,7 @@ async def _index_template(fd: int, fmt: str, budget_s: float, expanded: Expanded
             log.info("compressed disk image not expanded in time; its compressed clusters are sent this time",
                      extra={"unmapped_bytes": index.unmapped})
             return fd, index
-        os.close(fd)
-        held = copy
-        stats["expanded_copies_used"] = stats.get("expanded_copies_used", 0) + 1
-        return copy, await index_image(copy, "raw", budget_s - (time.monotonic() - t0))
+        return await use(copy)
     except BaseException:
         os.close(held)
         raise

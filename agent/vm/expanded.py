@@ -12,8 +12,8 @@ convert`` in the background, so a migration waits for it only while its index
 budget allows and the next one finds it ready; named by the image's device, inode,
 size and mtime, so a changed image gets a new copy (and a stale one costs misses,
 repaired by the digest check, never wrong data). Bounds: one copy made at a time;
-at most ``KEEP`` copies and ``MAX_BYTES`` of them (the one being made counted), least
-recently used dropped first, never past ``RESERVE`` of the file system's free space,
+at most ``KEEP`` copies and ``MAX_BYTES`` of them, room made (least recently used
+dropped first) before a copy starts, never past ``RESERVE`` of the file system's free space,
 and never on a memory-backed file system (a tmpfs ``state_dir`` holds guest RAM:
 copies there would take the host's memory). A copy that failed is not tried again
 for ``RETRY_S``.
@@ -45,7 +45,7 @@ _SUFFIX = ".raw"
 class Expanded:
     def __init__(self, folder: Path, keep: int = KEEP, max_bytes: int = MAX_BYTES) -> None:
         self.folder, self.keep, self.max_bytes = folder, keep, max_bytes
-        self._making: tuple[str, int, asyncio.Task[bool]] | None = None  # (name, bytes, task)
+        self._making: tuple[str, asyncio.Task[bool]] | None = None  # (name, task): one at a time
         self._failed: dict[str, float] = {}  # name -> when
         self._warned = ""
         self.made = 0  # copies finished by this agent (for tests and the status)
@@ -60,7 +60,8 @@ class Expanded:
             fd = os.open(self.folder / self.name_of(st), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        _used(fd)
+        with contextlib.suppress(OSError):  # used now: the access time orders eviction (the mtime keys its index)
+            os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))
         return fd
 
     def start(self, fd: int, fmt: str, st: os.stat_result, data_bytes: int) -> asyncio.Future[bool] | None:
@@ -69,7 +70,7 @@ class Expanded:
         it finished. None where it may not be made now (see the module notes)."""
         name = self.name_of(st)
         if self._making is not None and self._making[0] == name:
-            return self._making[2]
+            return self._making[1]
         if (self.folder / name).exists():  # made meanwhile (by a copy another migration started)
             done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             done.set_result(True)
@@ -89,7 +90,7 @@ class Expanded:
             return None
         own = os.dup(fd)
         task = asyncio.ensure_future(self._make(own, fmt, name, data_bytes))
-        self._making = (name, data_bytes, task)
+        self._making = (name, task)
         task.add_done_callback(self._made)
         return task
 
@@ -179,8 +180,9 @@ class Expanded:
         held = sum(b for _, b, _ in copies)
         with contextlib.suppress(OSError):
             path = self.folder / keep
-            _used(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), close=True)
-            held += path.stat().st_blocks * 512
+            s = path.stat(follow_symlinks=False)
+            os.utime(path, ns=(time.time_ns(), s.st_mtime_ns), follow_symlinks=False)  # used now
+            held += s.st_blocks * 512
         while copies and (len(copies) + 1 > self.keep or held > self.max_bytes):
             _, b, path = copies.pop(0)
             with contextlib.suppress(OSError):
@@ -192,12 +194,3 @@ class Expanded:
         return {"folder": str(self.folder), "copies": len(copies), "bytes": sum(b for _, b, _ in copies),
                 "making": self._making[0] if self._making else None}
 
-
-def _used(fd: int, close: bool = False) -> None:
-    """Mark a copy used now (its access time orders eviction; its mtime keys its index)."""
-    try:
-        with contextlib.suppress(OSError):
-            os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))
-    finally:
-        if close:
-            os.close(fd)
