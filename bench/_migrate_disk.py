@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disk-seed", choices=("random", "compressed"), default="random",
                         help="the image the disk is a copy of: random data in a plain qcow2, or a compressed "
                              "qcow2 of clusters an eighth random, the rest text (as a cloud image ships: the "
-                             "destination indexes it through an uncompressed copy, agent/vm/expanded.py)")
+                             "destination indexes it through an uncompressed copy, agent/vm/expanded.py; "
+                             "default random)")
     parser.add_argument("--disk-image", choices=("both", "held", "absent"), default="both",
                         help="whether the destination holds the image the disk was copied from: held (our "
                              "engine names its clusters by digest), absent (every cluster is sent), or both, "

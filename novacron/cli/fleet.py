@@ -279,12 +279,21 @@ def _fmt_metric(key: str, value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+# nested metrics an operator reads beside the totals: the pause's parts and what the
+# destination already held (RAM pages, disk clusters)
+SHOWN_PARTS = ("downtime_parts", "dest_dedup", "disk_dedup")
+
+
 def metrics_table(mig: dict[str, Any]) -> Table | None:
     """The migration's metrics; for one that did not complete only those that are not zero."""
     ok = mig.get("phase") == "completed"
     rows = [("rounds", str(mig.get("round", 0)))] if ok or mig.get("round") else []
     for key, value in sorted(mig.get("metrics", {}).items()):
-        if isinstance(value, (dict, list)):  # nested detail is in --json
+        if key in SHOWN_PARTS and isinstance(value, dict):  # one level of these, as "part.figure"
+            rows += [(f"{key}.{k}", _fmt_metric(k, v)) for k, v in sorted(value.items())
+                     if not isinstance(v, (dict, list)) and (ok or v not in (0, 0.0, None, "", False))]
+            continue
+        if isinstance(value, (dict, list)):  # the rest of the nested detail is in --json
             continue
         if ok or (value not in (0, 0.0, None, "", False)):
             rows.append((key, _fmt_metric(key, value)))

@@ -89,3 +89,20 @@ def test_api_field_paths_are_named_as_flags() -> None:
     assert name_flags("body.labels: 'Tier' does not match", flags) == "--label: 'Tier' does not match"
     assert name_flags("body.placement.region: too long", flags) == "--region: too long"
     assert name_flags("body.unknown: x", flags) == "body.unknown: x"  # no flag: the path stays
+
+
+def test_metrics_show_the_pause_parts_and_what_the_destination_held() -> None:
+    from novacron.cli.fleet import metrics_table
+
+    mig = {"id": "m1", "phase": "completed", "round": 3, "metrics": {
+        "bytes_wire": 2_000_000, "downtime_parts": {"final_ms": 4.5, "device_ms": 2.0},
+        "dest_dedup": {"hits": 120, "have_bytes": 4096, "first_round_reason": "capped link"},
+        "disk_dedup": {"clusters_named": 256, "bytes_named": 16 << 20},
+        "pipeline": {"batches": 9}, "round_log": [{"seconds": 0.1}]}}
+    table = metrics_table(mig)
+    assert table is not None
+    rows = dict(zip(table.columns[0]._cells, table.columns[1]._cells, strict=True))
+    assert rows["downtime_parts.final_ms"] == "4.5 ms" and rows["dest_dedup.hits"] == "120"
+    assert rows["disk_dedup.bytes_named"] == "16.0 MiB" and rows["dest_dedup.first_round_reason"] == "capped link"
+    assert rows["dest_dedup.have_bytes"] == "4.0 KiB" and rows["bytes_wire"] == "1.9 MiB"
+    assert not any(k.startswith(("pipeline", "round_log")) for k in rows)  # those stay in --json
