@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from novacron import __version__
-from novacron.agent.api.common import json_error
+from novacron.agent.api.common import json_error, read_json_object
 from novacron.agent.appkeys import ACCEL, CONFIG, VMS
 
 
@@ -91,7 +91,47 @@ async def warm_dedup_index(request: web.Request) -> web.Response:
     return web.json_response(await index.warm())
 
 
+async def warm_disk_index(request: web.Request) -> web.Response:
+    """``POST /v1/host/disk-index`` ``{"image": NAME}``: before a drain to this host, make
+    its uncompressed copy of a compressed store image now (agent/vm/expanded.py) rather
+    than during the first migration of a disk copied from it; also indexes the image.
+    202 while the copy is being made (``GET /v1/host`` -> ``disk_index_copies``), 200 when
+    it is there or not needed, 409 when none may be made here (and why)."""
+    from novacron.agent.migration.diskdedup import index_image
+    from novacron.agent.vm.disks import DiskError
+    from novacron.agent.vm.spec import SpecError
+
+    body = await read_json_object(request)
+    ref = body.get("image")
+    if set(body) != {"image"} or not isinstance(ref, str) or not ref:
+        return json_error(400, 'request body: expected {"image": NAME}, a store image\'s name')
+    disks = request.app[VMS].disks
+    try:
+        fd, fmt = disks.open_store_image(ref)
+    except SpecError as exc:
+        return json_error(400, str(exc))
+    try:
+        index = await index_image(fd, fmt)
+        st = os.fstat(fd)
+        done = {"image": ref, "clusters_indexed": len(index.keys), "compressed_bytes": index.unmapped}
+        if not index.unmapped:
+            return web.json_response({**done, "copy": "not needed"})
+        if disks.expanded is None:
+            return json_error(409, "this agent makes no copies of compressed images")
+        if (copy := disks.expanded.open(st)) is not None:
+            os.close(copy)
+            return web.json_response({**done, "copy": "ready"})
+        if disks.expanded.start(fd, fmt, st, index.data_bytes) is None:  # (it keeps its own descriptor)
+            return json_error(409, f"no copy of {ref} made here: {disks.expanded.refusal}")
+        return web.json_response({**done, "copy": "making"}, status=202)
+    except (OSError, DiskError) as exc:
+        return json_error(422, f"image {ref}: {exc}")
+    finally:
+        os.close(fd)
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/host", host)
     app.router.add_post("/v1/host/dedup-index", warm_dedup_index)
+    app.router.add_post("/v1/host/disk-index", warm_disk_index)

@@ -272,6 +272,19 @@ class DiskStore:
             plan.append(item)
         return plan
 
+    def open_store_image(self, ref: str) -> tuple[int, str]:
+        """A read-only descriptor of store image ``ref`` (the caller closes it) and its format
+        (by its name), with the checks of any image a spec names; SpecError if refused."""
+        fmt = "qcow2" if ref.endswith(".qcow2") else "raw"
+        fd = self.images.open_ref("image", ref, os.O_RDONLY)
+        try:
+            if fmt == "qcow2":
+                refuse_external_qcow2(ref, fd, "image")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, fmt
+
     def open_template(self, spec: VMSpec, i: int) -> tuple[int, str] | None:
         """A read-only descriptor of the store image local disk ``i`` was copied from, and
         its format, if this host has it (a migration names its clusters: diskdedup.py)."""

@@ -48,6 +48,7 @@ class Expanded:
         self._making: tuple[str, asyncio.Task[bool]] | None = None  # (name, task): one at a time
         self._failed: dict[str, float] = {}  # name -> when
         self._warned = ""
+        self.refusal = ""  # why the last start() made no copy
         self.made = 0  # copies finished by this agent (for tests and the status)
 
     @staticmethod
@@ -82,6 +83,7 @@ class Expanded:
             why = "its copy failed within the last hour"
         else:
             why = self._no_room(data_bytes)
+        self.refusal = why
         if why:
             if why != self._warned:  # once per reason, not once per migration
                 log.warning("compressed disk image not expanded for indexing; its compressed clusters are sent",

@@ -61,7 +61,8 @@ async def test_bad_token_refused_and_nothing_changes(agent: LocalAgent, spec: di
     body = json.dumps(spec).encode()
     for method, path, data in [("GET", "/v1/vms", None), ("GET", "/v1/host", None), ("POST", "/v1/vms", body),
                                ("DELETE", "/v1/vms/vm1", None), ("POST", "/v1/migrations", b"{}"),
-                               ("POST", "/v1/host/dedup-index", None)]:  # fmt: skip
+                               ("POST", "/v1/host/dedup-index", None),
+                               ("POST", "/v1/host/disk-index", b'{"image": "KERNEL"}')]:  # fmt: skip
         status, doc = await raw(agent, method, path, data=data, token=token)
         assert status == 401 and doc == {"error": "missing or invalid bearer token"}, (method, path)
     await assert_nothing_there(agent)

@@ -329,6 +329,42 @@ async def test_copy_of_a_compressed_image_moves_offline_by_digest(images: Path) 
         before.unlink()
 
 
+async def test_a_compressed_image_is_expanded_on_request_before_a_drain(images: Path) -> None:
+    """``POST /v1/host/disk-index``: an operator has a host make its copy of a compressed
+    image before migrations arrive; bad requests change nothing."""
+    tpl = images / "owarm.qcow2"
+    raw = images / "owarm.raw"
+    with raw.open("wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(8192) + b"novacron" * ((65536 - 8192) // 8))
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(tpl)], check=True)
+    raw.write_bytes(os.urandom(1 << 20))  # a plain image: nothing to copy
+    index_dir = images / "owarm-index"
+    async with agent("owa", images, settings={"disk_index_dir": str(index_dir)}) as a:
+        for bad in ({}, {"image": 7}, {"image": tpl.name, "more": 1}, {"image": "../owarm.qcow2"},
+                    {"image": "/etc/passwd"}, {"image": "absent.qcow2"}):
+            status, doc = await a.request("POST", "/v1/host/disk-index", bad)
+            assert status == 400 and doc["error"], (bad, status, doc)
+        assert not index_dir.exists()
+        status, doc = await a.request("POST", "/v1/host/disk-index", {"image": tpl.name})
+        assert status == 202 and doc["copy"] == "making" and doc["compressed_bytes"] == 4 << 20, doc
+        for _ in range(300):
+            copies = (await Api(a).ok("GET", "/v1/host"))["disk_index_copies"]
+            if copies["copies"] == 1 and copies["making"] is None:
+                break
+            await asyncio.sleep(0.1)
+        assert copies["copies"] == 1 and copies["making"] is None, copies
+        status, doc = await a.request("POST", "/v1/host/disk-index", {"image": tpl.name})
+        assert (status, doc["copy"]) == (200, "ready"), doc
+        status, doc = await a.request("POST", "/v1/host/disk-index", {"image": raw.name})
+        assert (status, doc["copy"], doc["clusters_indexed"]) == (200, "not needed", 16), doc
+    in_memory = Path("/dev/shm") / f"nc-owb-index-{os.getpid()}"
+    async with agent("owb", images, settings={"disk_index_dir": str(in_memory)}) as b:
+        status, doc = await b.request("POST", "/v1/host/disk-index", {"image": tpl.name})
+        assert status == 409 and "tmpfs" in doc["error"], doc
+    assert not in_memory.exists()
+
+
 async def test_clusters_of_an_image_changed_since_it_was_indexed_are_repaired(images: Path) -> None:
     """The target indexed the image on a first copy and keeps that index (by the file's
     inode, size and mtime). The image is then rewritten in place with its mtime put back,
