@@ -288,14 +288,14 @@ def metrics_table(mig: dict[str, Any]) -> Table | None:
     """The migration's metrics; for one that did not complete only those that are not zero."""
     ok = mig.get("phase") == "completed"
     rows = [("rounds", str(mig.get("round", 0)))] if ok or mig.get("round") else []
+
+    def shown(value: Any) -> bool:
+        return not isinstance(value, (dict, list)) and (ok or value not in (0, 0.0, None, "", False))
+
     for key, value in sorted(mig.get("metrics", {}).items()):
         if key in SHOWN_PARTS and isinstance(value, dict):  # one level of these, as "part.figure"
-            rows += [(f"{key}.{k}", _fmt_metric(k, v)) for k, v in sorted(value.items())
-                     if not isinstance(v, (dict, list)) and (ok or v not in (0, 0.0, None, "", False))]
-            continue
-        if isinstance(value, (dict, list)):  # the rest of the nested detail is in --json
-            continue
-        if ok or (value not in (0, 0.0, None, "", False)):
+            rows += [(f"{key}.{k}", _fmt_metric(k, v)) for k, v in sorted(value.items()) if shown(v)]
+        elif shown(value):  # (the rest of the nested detail is in --json)
             rows.append((key, _fmt_metric(key, value)))
     if not rows:
         return None
